@@ -1,0 +1,130 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// An address in the guest's physical address space.
+public struct GuestPhysicalAddress: RawRepresentable, Hashable, Comparable, Sendable, CustomStringConvertible {
+    public var rawValue: UInt64
+    public init(rawValue: UInt64) { self.rawValue = rawValue }
+    public init(_ value: UInt64) { self.rawValue = value }
+
+    public static func < (lhs: Self, rhs: Self) -> Bool { lhs.rawValue < rhs.rawValue }
+    public static func + (lhs: Self, rhs: UInt64) -> Self { Self(lhs.rawValue &+ rhs) }
+
+    public var description: String { "0x" + String(rawValue, radix: 16) }
+}
+
+public enum GuestMemoryError: Error, CustomStringConvertible, Sendable, Equatable {
+    /// `[address, address+length)` is not wholly inside one RAM region.
+    case outOfBounds(address: GuestPhysicalAddress, length: UInt64)
+    case mappingFailed(size: UInt64, errno: Int32)
+    case overlappingRegions(GuestPhysicalAddress)
+
+    public var description: String {
+        switch self {
+        case let .outOfBounds(address, length):
+            return "guest memory access of \(length) bytes at \(address) is outside guest RAM"
+        case let .mappingFailed(size, code):
+            return "cannot map \(size) bytes of guest memory: \(String(cString: strerror(code))) (errno \(code))"
+        case let .overlappingRegions(address):
+            return "guest memory regions overlap at \(address)"
+        }
+    }
+}
+
+/// One contiguous stretch of guest RAM backed by one host mapping.
+public struct GuestMemoryRegion: @unchecked Sendable {
+    public let start: GuestPhysicalAddress
+    public let size: UInt64
+    public let host: UnsafeMutableRawPointer
+
+    public var end: UInt64 { start.rawValue + size }
+
+    func contains(_ address: UInt64, length: UInt64) -> Bool {
+        address >= start.rawValue && length <= size && address - start.rawValue <= size - length
+    }
+}
+
+/// Guest RAM: anonymous mappings placed at guest-physical addresses. Every access is bounds-checked
+/// against the regions, because addresses and lengths often come from the guest itself.
+public final class GuestMemory: @unchecked Sendable {
+    public let regions: [GuestMemoryRegion]
+    private let ownsMappings: Bool
+
+    /// Maps anonymous, private, lazily-populated memory for each `(start, size)`.
+    public init(anonymousRegions layout: [(start: GuestPhysicalAddress, size: UInt64)]) throws(GuestMemoryError) {
+        let sorted = layout.sorted { $0.start < $1.start }
+        for index in sorted.indices.dropFirst() where sorted[index - 1].start.rawValue + sorted[index - 1].size > sorted[index].start.rawValue {
+            throw .overlappingRegions(sorted[index].start)
+        }
+        var regions: [GuestMemoryRegion] = []
+        for (start, size) in sorted where size > 0 {
+            guard let host = mmap(nil, Int(size), PROT_READ | PROT_WRITE,
+                                  MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0),
+                  host != MAP_FAILED else {
+                let code = errno
+                for region in regions { munmap(region.host, Int(region.size)) }
+                throw .mappingFailed(size: size, errno: code)
+            }
+            regions.append(GuestMemoryRegion(start: start, size: size, host: host))
+        }
+        self.regions = regions
+        self.ownsMappings = true
+    }
+
+    deinit {
+        if ownsMappings { for region in regions { munmap(region.host, Int(region.size)) } }
+    }
+
+    public var totalSize: UInt64 { regions.reduce(0) { $0 + $1.size } }
+
+    /// The host pointer for `[address, address+length)`, which must lie inside one region.
+    public func hostPointer(_ address: GuestPhysicalAddress, length: UInt64) throws(GuestMemoryError) -> UnsafeMutableRawPointer {
+        for region in regions where region.contains(address.rawValue, length: length) {
+            return region.host.advanced(by: Int(address.rawValue - region.start.rawValue))
+        }
+        throw .outOfBounds(address: address, length: length)
+    }
+
+    public func contains(_ address: GuestPhysicalAddress, length: UInt64) -> Bool {
+        regions.contains { $0.contains(address.rawValue, length: length) }
+    }
+
+    public func read<T: FixedWidthInteger>(_ type: T.Type, at address: GuestPhysicalAddress) throws(GuestMemoryError) -> T {
+        let pointer = try hostPointer(address, length: UInt64(MemoryLayout<T>.size))
+        return T(littleEndian: pointer.loadUnaligned(as: T.self))
+    }
+
+    public func write<T: FixedWidthInteger>(_ value: T, at address: GuestPhysicalAddress) throws(GuestMemoryError) {
+        let pointer = try hostPointer(address, length: UInt64(MemoryLayout<T>.size))
+        pointer.storeBytes(of: value.littleEndian, as: T.self)
+    }
+
+    public func write(_ bytes: UnsafeRawBufferPointer, at address: GuestPhysicalAddress) throws(GuestMemoryError) {
+        guard !bytes.isEmpty, let source = bytes.baseAddress else { return }
+        let pointer = try hostPointer(address, length: UInt64(bytes.count))
+        pointer.copyMemory(from: source, byteCount: bytes.count)
+    }
+
+    public func write(_ bytes: [UInt8], at address: GuestPhysicalAddress) throws(GuestMemoryError) {
+        try write(bytes[...], at: address)
+    }
+
+    public func write(_ bytes: ArraySlice<UInt8>, at address: GuestPhysicalAddress) throws(GuestMemoryError) {
+        guard !bytes.isEmpty else { return }
+        let pointer = try hostPointer(address, length: UInt64(bytes.count))
+        bytes.withUnsafeBytes { buffer in
+            if let source = buffer.baseAddress { pointer.copyMemory(from: source, byteCount: buffer.count) }
+        }
+    }
+
+    public func readBytes(count: Int, at address: GuestPhysicalAddress) throws(GuestMemoryError) -> [UInt8] {
+        let pointer = try hostPointer(address, length: UInt64(count))
+        return Array(UnsafeRawBufferPointer(start: pointer, count: count))
+    }
+
+    public func fill(_ value: UInt8, count: Int, at address: GuestPhysicalAddress) throws(GuestMemoryError) {
+        let pointer = try hostPointer(address, length: UInt64(count))
+        pointer.initializeMemory(as: UInt8.self, repeating: value, count: count)
+    }
+}

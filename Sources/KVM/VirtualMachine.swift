@@ -1,0 +1,70 @@
+import CKVM
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A KVM VM file descriptor: memory slots, the in-kernel interrupt controllers and vCPU creation.
+public final class VirtualMachine: @unchecked Sendable {
+    public let fd: Int32
+    let vcpuMappingSize: Int
+
+    init(fd: Int32, vcpuMappingSize: Int) {
+        self.fd = fd
+        self.vcpuMappingSize = vcpuMappingSize
+    }
+
+    deinit { close(fd) }
+
+    public func setUserMemoryRegion(slot: UInt32, guestPhysicalAddress: UInt64, size: UInt64,
+                                    hostAddress: UnsafeMutableRawPointer) throws(KVMError) {
+        var region = kvm_userspace_memory_region(
+            slot: slot, flags: 0, guest_phys_addr: guestPhysicalAddress,
+            memory_size: size, userspace_addr: UInt64(UInt(bitPattern: hostAddress)))
+        _ = try systemCall("KVM_SET_USER_MEMORY_REGION slot \(slot)") {
+            vireo_ioctl_pointer(fd, VIREO_KVM_SET_USER_MEMORY_REGION, &region)
+        }
+    }
+
+    /// Intel VMX needs three pages for a real-mode TSS and one for an identity map, somewhere the
+    /// guest never uses; callers put them just below 4 GiB, in the MMIO hole.
+    public func setTSSAddress(_ address: UInt64) throws(KVMError) {
+        _ = try systemCall("KVM_SET_TSS_ADDR") { vireo_ioctl_value(fd, VIREO_KVM_SET_TSS_ADDR, UInt(address)) }
+    }
+
+    public func setIdentityMapAddress(_ address: UInt64) throws(KVMError) {
+        var value = address
+        _ = try systemCall("KVM_SET_IDENTITY_MAP_ADDR") {
+            vireo_ioctl_pointer(fd, VIREO_KVM_SET_IDENTITY_MAP_ADDR, &value)
+        }
+    }
+
+    /// In-kernel PIC pair, IOAPIC and per-vCPU LAPICs.
+    public func createInterruptController() throws(KVMError) {
+        _ = try systemCall("KVM_CREATE_IRQCHIP") { vireo_ioctl_none(fd, VIREO_KVM_CREATE_IRQCHIP) }
+    }
+
+    /// In-kernel i8254 PIT. `KVM_PIT_SPEAKER_DUMMY` makes port 0x61 read sanely without a speaker.
+    public func createProgrammableIntervalTimer() throws(KVMError) {
+        var config = kvm_pit_config()
+        config.flags = UInt32(KVM_PIT_SPEAKER_DUMMY)
+        _ = try systemCall("KVM_CREATE_PIT2") { vireo_ioctl_pointer(fd, VIREO_KVM_CREATE_PIT2, &config) }
+    }
+
+    /// Drives an interrupt line (GSI) of the in-kernel PIC/IOAPIC.
+    public func setInterruptLine(_ line: UInt32, level: Bool) throws(KVMError) {
+        var irq = kvm_irq_level()
+        irq.irq = line
+        irq.level = level ? 1 : 0
+        _ = try systemCall("KVM_IRQ_LINE \(line)") { vireo_ioctl_pointer(fd, VIREO_KVM_IRQ_LINE, &irq) }
+    }
+
+    public func createVCPU(id: UInt32) throws(KVMError) -> VCPU {
+        let vcpufd = try systemCall("KVM_CREATE_VCPU \(id)") { vireo_ioctl_value(fd, VIREO_KVM_CREATE_VCPU, UInt(id)) }
+        do throws(KVMError) {
+            return try VCPU(fd: vcpufd, id: id, mappingSize: vcpuMappingSize)
+        } catch {
+            close(vcpufd)
+            throw error
+        }
+    }
+}

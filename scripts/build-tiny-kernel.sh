@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Builds the tiny test kernel (vmlinux + bzImage) from Debian's linux-source-6.1 and caches it
+# outside git. Guest kernel mode is emulated on the development machines (see design.md), so the
+# config is tinyconfig plus only what the tests assert on, and the one boot self-test the
+# emulator cannot run (INT3 delivery) is removed.
+#
+# Usage: scripts/build-tiny-kernel.sh          prints the cache directory holding vmlinux, bzImage
+# Env:   VIREO_CACHE (default ~/.cache/vireo)
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")" && pwd)
+cache_root=${VIREO_CACHE:-$HOME/.cache/vireo}
+# The cache key is this script itself: changing the recipe rebuilds the kernel.
+key=$(sha256sum "$here/build-tiny-kernel.sh" | cut -c1-16)
+out="$cache_root/tiny-kernel-$key"
+if [[ -f "$out/vmlinux" && -f "$out/bzImage" ]]; then
+  echo "$out"
+  exit 0
+fi
+
+src_tar=$(ls /usr/src/linux-source-6.1.tar.* 2>/dev/null | head -n1 || true)
+if [[ -z "$src_tar" ]]; then
+  echo "build-tiny-kernel: /usr/src/linux-source-6.1.tar.* missing; run scripts/setup.sh first" >&2
+  exit 1
+fi
+
+work=$(mktemp -d "$cache_root.build.XXXXXX" 2>/dev/null || { mkdir -p "$cache_root"; mktemp -d "$cache_root/build.XXXXXX"; })
+trap 'rm -rf "$work"' EXIT
+echo "build-tiny-kernel: unpacking $src_tar" >&2
+tar -C "$work" -xf "$src_tar"
+cd "$work"/linux-source-6.1
+
+# The emulator cannot deliver INT3, so the boot-time self-test would hang the guest.
+sed -i 's/^\(\s*\)int3_selftest();/\1\/\* int3_selftest() removed for the emulated test hosts \*\//' \
+  arch/x86/kernel/alternative.c
+grep -q 'int3_selftest() removed' arch/x86/kernel/alternative.c
+
+make -s tinyconfig >&2
+enable=(64BIT PRINTK EARLY_PRINTK TTY SERIAL_8250 SERIAL_8250_CONSOLE BLK_DEV_INITRD RD_GZIP
+        BINFMT_ELF PROC_FS SYSFS DEVTMPFS HYPERVISOR_GUEST PARAVIRT KVM_GUEST KERNEL_LZ4
+        SMP X86_MPPARSE)
+disable=(KERNEL_XZ KERNEL_GZIP KERNEL_BZIP2 KERNEL_LZMA KERNEL_LZO KERNEL_ZSTD)
+args=()
+for o in "${enable[@]}"; do args+=(--enable "$o"); done
+for o in "${disable[@]}"; do args+=(--disable "$o"); done
+scripts/config "${args[@]}" --set-val NR_CPUS 8
+make -s olddefconfig >&2
+for o in "${enable[@]}"; do
+  grep -q "^CONFIG_$o=y" .config || { echo "build-tiny-kernel: CONFIG_$o did not stick" >&2; exit 1; }
+done
+
+echo "build-tiny-kernel: building (a few minutes on 2 cores)" >&2
+make -s -j"$(nproc)" vmlinux bzImage >&2
+
+mkdir -p "$out.tmp"
+cp vmlinux "$out.tmp/vmlinux"
+cp arch/x86/boot/bzImage "$out.tmp/bzImage"
+cp .config "$out.tmp/config"
+rm -rf "$out"
+mv "$out.tmp" "$out"
+echo "$out"
