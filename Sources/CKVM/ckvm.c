@@ -1,5 +1,8 @@
+#define _GNU_SOURCE
 #include "ckvm.h"
 #include <sys/ioctl.h>
+#include <pthread.h>
+#include <sys/eventfd.h>
 
 const unsigned long VIREO_KVM_GET_API_VERSION = KVM_GET_API_VERSION;
 const unsigned long VIREO_KVM_CREATE_VM = KVM_CREATE_VM;
@@ -87,3 +90,6 @@ size_t vireo_msrs_size(uint32_t count) {
 }
 struct kvm_cpuid_entry2 *_Nonnull vireo_cpuid2_entries(struct kvm_cpuid2 *_Nonnull cpuid) { return cpuid->entries; }
 struct kvm_msr_entry *_Nonnull vireo_msrs_entries(struct kvm_msrs *_Nonnull msrs) { return msrs->entries; }
+
+int vireo_set_thread_name(const char *name) { return pthread_setname_np(pthread_self(), name); }
+int vireo_eventfd_cloexec(unsigned int initial) { return eventfd(initial, EFD_CLOEXEC); }

@@ -1,1 +1,5 @@
-print("x")
+import CLI
+import VMM
+
+VMMClock.markStart()
+Vireo.main()

@@ -83,6 +83,11 @@ size_t vireo_msrs_size(uint32_t count);
 struct kvm_cpuid_entry2 *_Nonnull vireo_cpuid2_entries(struct kvm_cpuid2 *_Nonnull cpuid);
 struct kvm_msr_entry *_Nonnull vireo_msrs_entries(struct kvm_msrs *_Nonnull msrs);
 
+// pthread_setname_np is a GNU extension that Swift's Glibc module does not export.
+int vireo_set_thread_name(const char *name);
+// eventfd(2) lives in <sys/eventfd.h>, which the Glibc module does not include.
+int vireo_eventfd_cloexec(unsigned int initial);
+
 #pragma clang assume_nonnull end
 
 #endif

@@ -1,0 +1,56 @@
+import ArgumentParser
+import VMM
+
+struct Run: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Boot a throwaway VM from a Linux kernel and watch its serial console.",
+        discussion: """
+            The guest's serial console (COM1) is this terminal, in raw mode: everything you type \
+            goes to the guest. Press Ctrl-A then x to power the VM off and quit; Ctrl-A Ctrl-A \
+            sends a literal Ctrl-A.
+
+            Exit status: 0 when the guest powers off or reboots (a reboot ends the run) or you \
+            quit from the console; 1 when a vCPU triple-faults, KVM reports an internal error or \
+            the VMM fails (a one-line reason is printed); 2 for invalid input, refused before \
+            anything starts; 128+N when stopped by signal N.
+            """)
+
+    @Option(help: "Kernel to boot: an ELF vmlinux (64-bit or PVH entry) or a bzImage.")
+    var kernel: String
+
+    @Option(help: "Initial RAM disk, loaded as high in guest RAM as the kernel allows.")
+    var initrd: String?
+
+    @Option(help: "Kernel command line.")
+    var cmdline: String = "console=ttyS0"
+
+    @Option(help: "Number of vCPUs.")
+    var cpus: Int = 1
+
+    @Option(help: "Guest RAM: a number with K, M, G or T (binary units); a bare number is MiB.")
+    var memory: String = "512M"
+
+    @Option(help: "Serial console: stdio, none, file:PATH (output only) or socket:PATH (a Unix socket to connect to).")
+    var console: String = "stdio"
+
+    func run() throws {
+        let machine: Machine
+        do {
+            let configuration = VMConfiguration(
+                kernelPath: kernel, initrdPath: initrd, commandLine: cmdline, cpuCount: cpus,
+                memorySize: try Size.parse(memory, field: "--memory"),
+                console: try ConsoleConfiguration(parsing: console))
+            machine = try Machine(configuration: configuration)
+        } catch {
+            throw fail(error)
+        }
+        let exit: MachineExit
+        do {
+            exit = try machine.run()
+        } catch {
+            throw fail(error)
+        }
+        vmmLog(exit.summary)
+        if exit.exitCode != 0 { throw ExitCode(exit.exitCode) }
+    }
+}

@@ -1,0 +1,26 @@
+import ArgumentParser
+import VMM
+#if canImport(Glibc)
+import Glibc
+#endif
+
+public struct Vireo: ParsableCommand {
+    public static let configuration = CommandConfiguration(
+        commandName: "vireo",
+        abstract: "A hosted hypervisor for Linux, on KVM.",
+        subcommands: [Run.self])
+
+    public init() {}
+}
+
+/// Reports a failure on stderr and chooses the exit status: 2 for input the user can fix,
+/// 1 for a host or VMM failure.
+func fail(_ error: VMMError) -> ExitCode {
+    let message = "vireo: error: \(error)\n"
+    var bytes = Array(message.utf8)
+    _ = bytes.withUnsafeMutableBytes { write(STDERR_FILENO, $0.baseAddress, $0.count) }
+    switch error {
+    case .invalidConfiguration, .boot: return ExitCode(2)
+    case .kvm, .memory, .bus, .host: return ExitCode(1)
+    }
+}

@@ -1,0 +1,223 @@
+import CKVM
+import Devices
+import GuestMemory
+import KVM
+import Synchronization
+import X86Boot
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Time since the VMM process began, the reference for the boot marker. `markStart()` is the
+/// first thing `main` does.
+public enum VMMClock {
+    private static let start = Atomic<UInt64>(0)
+
+    public static func now() -> UInt64 {
+        var spec = timespec()
+        clock_gettime(CLOCK_MONOTONIC, &spec)
+        return UInt64(spec.tv_sec) * 1_000_000_000 + UInt64(spec.tv_nsec)
+    }
+
+    public static func markStart() { start.store(now(), ordering: .relaxed) }
+
+    public static var elapsedNanoseconds: UInt64 { now() - start.load(ordering: .relaxed) }
+}
+
+/// One line to stderr, prefixed, with a carriage return when stderr is a (possibly raw) terminal.
+public func vmmLog(_ message: String) {
+    let line = "vireo: " + message + (isatty(STDERR_FILENO) == 1 ? "\r\n" : "\n")
+    var bytes = Array(line.utf8)
+    _ = bytes.withUnsafeMutableBytes { writeAll(STDERR_FILENO, UnsafeRawBufferPointer($0)) }
+}
+
+final class ExitCounter: Sendable {
+    let value = Atomic<UInt64>(0)
+}
+
+/// Drives one GSI of KVM's in-kernel PIC/IOAPIC.
+struct KVMInterruptLine: InterruptLine {
+    let vm: VirtualMachine
+    let line: UInt32
+    func setLevel(_ high: Bool) {
+        do { try vm.setInterruptLine(line, level: high) } catch { vmmLog("interrupt line \(line): \(error)") }
+    }
+}
+
+/// A complete x86_64 virtual machine: KVM VM, guest RAM, the booted kernel, vCPUs and devices.
+public final class Machine: @unchecked Sendable {
+    public let boot: BootConfiguration
+    let kvm: KVMSystem
+    let vm: VirtualMachine
+    let memory: GuestMemory
+    let vcpus: [VCPU]
+    let portBus: PortIOBus
+    let mmioBus: MMIOBus
+    let serial: Serial8250
+    let console: Console
+    let stop: StopController
+    /// Exits handled per vCPU, for benchmarks and `info`.
+    let exitCounts: [ExitCounter]
+
+    /// Validates `configuration` against this host and builds the machine; the guest does not run
+    /// until `run()`.
+    public init(configuration: VMConfiguration) throws(VMMError) {
+        do {
+            kvm = try KVMSystem()
+            try kvm.requireCapabilities()
+        } catch {
+            throw .kvm(error)
+        }
+        boot = try configuration.validated(maximumVCPUs: kvm.maximumVCPUs)
+        console = try Console(configuration.console)
+        stop = try StopController()
+
+        do {
+            vm = try kvm.createVM()
+            try vm.setTSSAddress(MachineLayout.kvmTSSAddress)
+            try vm.createInterruptController()
+            try vm.createProgrammableIntervalTimer()
+        } catch {
+            throw .kvm(error)
+        }
+
+        do {
+            memory = try GuestMemory(anonymousRegions: MachineLayout.ramRegions(memorySize: boot.memorySize))
+        } catch {
+            throw .memory(error)
+        }
+        for (slot, region) in memory.regions.enumerated() {
+            do {
+                try vm.setUserMemoryRegion(slot: UInt32(slot), guestPhysicalAddress: region.start.rawValue,
+                                           size: region.size, hostAddress: region.host)
+            } catch {
+                throw .kvm(error)
+            }
+        }
+
+        let prepared: PreparedBoot
+        do {
+            prepared = try boot.load(into: memory)
+        } catch {
+            throw .boot(error)
+        }
+
+        var vcpus: [VCPU] = []
+        do {
+            let supported = try kvm.supportedCPUID()
+            for index in 0..<boot.cpuCount {
+                let vcpu = try vm.createVCPU(id: UInt32(index))
+                try vcpu.configureCommon(cpuid: CPUIDTemplate.entries(for: index, of: boot.cpuCount, supported: supported))
+                // Application processors wait in the in-kernel LAPIC for the guest's INIT/SIPI.
+                if index == 0 { try vcpu.configureEntry(prepared.cpuState) }
+                vcpus.append(vcpu)
+            }
+        } catch {
+            throw .kvm(error)
+        }
+        self.vcpus = vcpus
+        exitCounts = (0..<boot.cpuCount).map { _ in ExitCounter() }
+
+        let stop = self.stop
+        serial = Serial8250(output: console.output, interrupt: KVMInterruptLine(vm: vm, line: Serial8250.defaultInterrupt))
+        var ports = PortIOBus()
+        var mmio = MMIOBus()
+        do {
+            try ports.register(serial, name: "serial 8250 (COM1)", base: UInt64(Serial8250.defaultBase), length: 8)
+            try ports.register(I8042 { stop.request(.guestReset) }, name: "i8042", base: UInt64(I8042.dataPort), length: 5)
+            try ports.register(RTC(), name: "CMOS RTC", base: UInt64(RTC.basePort), length: 2)
+            try mmio.register(BootMarker {
+                let elapsed = VMMClock.elapsedNanoseconds
+                vmmLog("guest boot marker reached \(elapsed / 1000) us (\(elapsed / 1_000_000) ms) after VMM start")
+            }, name: "boot marker", base: MachineLayout.bootMarkerAddress, length: 0x1000)
+        } catch {
+            throw .bus(error)
+        }
+        portBus = ports
+        mmioBus = mmio
+    }
+
+    /// Runs the guest until it stops, then tears down every vCPU thread.
+    public func run() throws(VMMError) -> MachineExit {
+        installKickHandler()
+        var stopSignals = sigset_t()
+        sigemptyset(&stopSignals)
+        for signal in [SIGINT, SIGTERM, SIGHUP] { sigaddset(&stopSignals, signal) }
+        // Blocked here, so every thread spawned below inherits the mask and only the waiter takes them.
+        pthread_sigmask(SIG_BLOCK, &stopSignals, nil)
+        let signalSet = stopSignals
+        let stop = self.stop
+        _ = try HostThread.spawn(name: "signals") {
+            var set = signalSet
+            var received: Int32 = 0
+            while sigwait(&set, &received) == 0 { stop.request(.signal(received)) }
+        }
+
+        defer { console.finish() }
+        try console.startInput(to: serial, stop: stop)
+        var threads: [HostThread] = []
+        for index in vcpus.indices {
+            do {
+                threads.append(try HostThread.spawn(name: "vcpu\(index)") { [self] in runVCPU(index) })
+            } catch {
+                stop.request(.vmmFault(error.description))
+                break
+            }
+        }
+        let exit = stop.wait()
+        for (index, thread) in threads.enumerated() {
+            vcpus[index].requestImmediateExit()
+            thread.kick()
+        }
+        for thread in threads { thread.join() }
+        return exit
+    }
+
+    /// Requests a stop from outside (the control socket, tests).
+    public func requestStop(_ reason: MachineExit) { stop.request(reason) }
+
+    public func exitCount(vcpu: Int) -> UInt64 { exitCounts[vcpu].value.load(ordering: .relaxed) }
+
+    private func runVCPU(_ index: Int) {
+        let vcpu = vcpus[index]
+        var handled: UInt64 = 0
+        defer {
+            exitCounts[index].value.store(handled, ordering: .relaxed)
+            if getenv("VIREO_DUMP_REGISTERS") != nil, let regs = try? vcpu.registers() {
+                vmmLog("vCPU \(index): rip=0x\(String(regs.rip, radix: 16)) rsp=0x\(String(regs.rsp, radix: 16)) exits=\(handled)")
+            }
+        }
+        while !stop.isStopping {
+            let exit: VCPUExit
+            do {
+                exit = try vcpu.runOnce()
+            } catch {
+                stop.request(.vmmFault(error.description))
+                return
+            }
+            handled &+= 1
+            switch exit {
+            case let .portIO(port, isWrite, size, count, data):
+                for item in 0..<count {
+                    portBus.access(port: port, isWrite: isWrite,
+                                   data: UnsafeMutableRawBufferPointer(start: data + item * size, count: size))
+                }
+            case let .mmio(address, isWrite, length, data):
+                mmioBus.access(address: address, isWrite: isWrite,
+                               data: UnsafeMutableRawBufferPointer(start: data, count: min(length, 8)))
+            case .halt, .interrupted:
+                continue
+            case .shutdown:
+                stop.request(.tripleFault(vcpu: index))
+            case let .systemEvent(type):
+                stop.request(type == UInt32(KVM_SYSTEM_EVENT_RESET) ? .guestReset : .guestPowerOff)
+            case let .internalError(suberror, data):
+                stop.request(.internalError(vcpu: index, suberror: suberror, data: data))
+            case let .failEntry(reason):
+                stop.request(.failedEntry(vcpu: index, hardwareReason: reason))
+            case let .unhandled(reason):
+                stop.request(.vmmFault("vCPU \(index): unhandled KVM exit reason \(reason)"))
+            }
+        }
+    }
+}

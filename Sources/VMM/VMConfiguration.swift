@@ -1,0 +1,126 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import X86Boot
+
+/// Where the guest's serial console goes.
+public enum ConsoleConfiguration: Equatable, Sendable {
+    /// This process's stdin/stdout; raw mode when stdin is a terminal.
+    case stdio
+    /// Output appended to a file; no input.
+    case file(path: String)
+    /// A Unix socket the VMM listens on; one client at a time reads and writes the console.
+    case socket(path: String)
+    /// Output discarded, no input.
+    case none
+
+    /// Parses `stdio`, `none`, `file:PATH` or `socket:PATH`.
+    public init(parsing text: String) throws(VMMError) {
+        if text == "stdio" { self = .stdio; return }
+        if text == "none" { self = .none; return }
+        if text.hasPrefix("file:"), text.count > 5 { self = .file(path: String(text.dropFirst(5))); return }
+        if text.hasPrefix("socket:"), text.count > 7 { self = .socket(path: String(text.dropFirst(7))); return }
+        throw .invalidConfiguration(field: "--console", reason: "'\(text)' is not one of stdio, none, file:PATH, socket:PATH")
+    }
+}
+
+/// What `vireo run` asks for, before anything is validated against the host.
+public struct VMConfiguration: Sendable {
+    public var kernelPath: String
+    public var initrdPath: String?
+    public var commandLine: String
+    public var cpuCount: Int
+    public var memorySize: UInt64
+    public var console: ConsoleConfiguration
+
+    public init(kernelPath: String, initrdPath: String? = nil, commandLine: String = "console=ttyS0",
+                cpuCount: Int = 1, memorySize: UInt64 = 512 << 20, console: ConsoleConfiguration = .stdio) {
+        self.kernelPath = kernelPath
+        self.initrdPath = initrdPath
+        self.commandLine = commandLine
+        self.cpuCount = cpuCount
+        self.memorySize = memorySize
+        self.console = console
+    }
+
+    /// Host RAM in bytes, the ceiling for `--memory`.
+    public static var hostMemory: UInt64 {
+        UInt64(max(0, sysconf(Int32(_SC_PHYS_PAGES)))) * UInt64(max(0, sysconf(Int32(_SC_PAGESIZE))))
+    }
+
+    /// Checks every field against the host and reads the kernel and initrd, so that nothing is
+    /// started for input that cannot boot.
+    public func validated(maximumVCPUs: Int) throws(VMMError) -> BootConfiguration {
+        let cpuLimit = min(maximumVCPUs, BootConfiguration.maximumCPUs)
+        guard cpuCount >= 1 else {
+            throw .invalidConfiguration(field: "--cpus", reason: "\(cpuCount) is not allowed; a VM needs at least 1 vCPU")
+        }
+        guard cpuCount <= cpuLimit else {
+            throw .invalidConfiguration(field: "--cpus", reason: "\(cpuCount) is more than this host's KVM allows for one VM (at most \(cpuLimit))")
+        }
+        guard memorySize >= MachineLayout.minimumMemory else {
+            throw .invalidConfiguration(field: "--memory", reason: "\(Size.describe(memorySize)) is below the minimum of \(Size.describe(MachineLayout.minimumMemory))")
+        }
+        guard memorySize % 4096 == 0 else {
+            throw .invalidConfiguration(field: "--memory", reason: "\(memorySize) bytes is not a whole number of 4 KiB pages")
+        }
+        let host = Self.hostMemory
+        guard memorySize <= host else {
+            throw .invalidConfiguration(field: "--memory", reason: "\(Size.describe(memorySize)) is more than this host's \(Size.describe(host)) of RAM")
+        }
+        if commandLine.utf8.contains(0) {
+            throw .invalidConfiguration(field: "--cmdline", reason: "contains a NUL byte")
+        }
+        do {
+            let kernel = try KernelImage.load(path: kernelPath)
+            let initrd = try initrdPath.map { (path) throws(BootError) in try readWholeFile(path, field: "--initrd") }
+            return try BootConfiguration(kernel: kernel, initrd: initrd, initrdPath: initrdPath, commandLine: commandLine,
+                                         memorySize: memorySize, cpuCount: cpuCount)
+        } catch {
+            throw .boot(error)
+        }
+    }
+}
+
+/// Human sizes in binary units, as `--memory` takes them (`512M`, `2G`, `1048576K`, plain MiB).
+public enum Size {
+    public static func parse(_ text: String, field: String) throws(VMMError) -> UInt64 {
+        let trimmed = text.trimmingSuffix("iB").trimmingSuffix("B")
+        guard let last = trimmed.last else {
+            throw .invalidConfiguration(field: field, reason: "empty size; use a number with K, M, G or T (e.g. 512M)")
+        }
+        let shift: UInt64
+        var digits = Substring(trimmed)
+        switch last {
+        case "K", "k": shift = 10; digits = digits.dropLast()
+        case "M", "m": shift = 20; digits = digits.dropLast()
+        case "G", "g": shift = 30; digits = digits.dropLast()
+        case "T", "t": shift = 40; digits = digits.dropLast()
+        case "0"..."9": shift = 20    // a bare number means MiB, as in QEMU's -m
+        default:
+            throw .invalidConfiguration(field: field, reason: "'\(text)' has unknown unit '\(last)'; use K, M, G or T (e.g. 512M)")
+        }
+        guard let value = UInt64(digits), value > 0 else {
+            throw .invalidConfiguration(field: field, reason: "'\(text)' is not a positive whole number with K, M, G or T (e.g. 512M)")
+        }
+        guard value <= UInt64.max >> shift else {
+            throw .invalidConfiguration(field: field, reason: "'\(text)' is too large")
+        }
+        return value << shift
+    }
+
+    public static func describe(_ bytes: UInt64) -> String {
+        for (shift, unit) in [(UInt64(40), "TiB"), (30, "GiB"), (20, "MiB"), (10, "KiB")] where bytes >= 1 << shift {
+            let whole = bytes >> shift
+            let tenth = ((bytes & ((1 << shift) - 1)) * 10) >> shift
+            return tenth == 0 ? "\(whole) \(unit)" : "\(whole).\(tenth) \(unit)"
+        }
+        return "\(bytes) bytes"
+    }
+}
+
+extension String {
+    func trimmingSuffix(_ suffix: String) -> String {
+        hasSuffix(suffix) ? String(dropLast(suffix.count)) : self
+    }
+}

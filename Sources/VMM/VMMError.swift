@@ -1,0 +1,26 @@
+import KVM
+import GuestMemory
+import X86Boot
+import Devices
+
+/// Everything that can stop a VM from being built or run, keeping the underlying cause.
+public enum VMMError: Error, CustomStringConvertible, Sendable {
+    /// A user-supplied value was refused; `field` is the flag it came from.
+    case invalidConfiguration(field: String, reason: String)
+    case kvm(KVMError)
+    case boot(BootError)
+    case memory(GuestMemoryError)
+    case bus(BusError)
+    case host(operation: String, errno: Int32)
+
+    public var description: String {
+        switch self {
+        case let .invalidConfiguration(field, reason): return "\(field): \(reason)"
+        case let .kvm(error): return error.description
+        case let .boot(error): return error.description
+        case let .memory(error): return error.description
+        case let .bus(error): return error.description
+        case let .host(operation, code): return KVMError(operation: operation, errno: code).description
+        }
+    }
+}

@@ -1,0 +1,313 @@
+/* Vireo probe guest: a freestanding program that reports, over COM1, what the VMM gave it.
+ * The command line picks the test: probe=info|smp|irq|triple|ports|hello. Output lines are
+ * "key: value" so the host test can assert them; the probe ends by pulsing the reset line
+ * (i8042 0xFE), which Vireo reports as a clean reboot, or by writing QEMU's isa-debug-exit port. */
+#include <stdint.h>
+#include <stddef.h>
+
+#define MODE_LINUX64 0
+#define MODE_PVH 1
+
+#define COM1 0x3f8
+#define LAPIC_BASE 0xfee00000UL
+#define IOAPIC_BASE 0xfec00000UL
+#define BOOT_MARKER ((volatile uint8_t *)0xd0000000UL)
+
+static inline void outb(uint16_t port, uint8_t v) { __asm__ volatile("outb %0, %1" :: "a"(v), "Nd"(port)); }
+static inline uint8_t inb(uint16_t port) { uint8_t v; __asm__ volatile("inb %1, %0" : "=a"(v) : "Nd"(port)); return v; }
+static inline uint32_t mmio_read32(uintptr_t a) { return *(volatile uint32_t *)a; }
+static inline void mmio_write32(uintptr_t a, uint32_t v) { *(volatile uint32_t *)a = v; }
+
+static void cpuid(uint32_t leaf, uint32_t sub, uint32_t r[4]) {
+    __asm__ volatile("cpuid" : "=a"(r[0]), "=b"(r[1]), "=c"(r[2]), "=d"(r[3]) : "a"(leaf), "c"(sub));
+}
+
+/* ---- serial output ---- */
+static volatile int print_lock;
+static void lock(void) { while (__atomic_exchange_n(&print_lock, 1, __ATOMIC_ACQUIRE)) __asm__ volatile("pause"); }
+static void unlock(void) { __atomic_store_n(&print_lock, 0, __ATOMIC_RELEASE); }
+
+static void putc_raw(char c) {
+    while (!(inb(COM1 + 5) & 0x20)) {}
+    outb(COM1, (uint8_t)c);
+}
+static void puts_raw(const char *s) { while (*s) { if (*s == '\n') putc_raw('\r'); putc_raw(*s++); } }
+static void put_hex(uint64_t v) {
+    char buf[19]; int i = 18; buf[i] = 0;
+    do { buf[--i] = "0123456789abcdef"[v & 15]; v >>= 4; } while (v && i > 2);
+    buf[--i] = 'x'; buf[--i] = '0';
+    puts_raw(&buf[i]);
+}
+static void put_dec(uint64_t v) {
+    char buf[21]; int i = 20; buf[i] = 0;
+    do { buf[--i] = (char)('0' + v % 10); v /= 10; } while (v);
+    puts_raw(&buf[i]);
+}
+
+/* ---- boot information, normalised over the two entry protocols ---- */
+struct e820 { uint64_t addr, size; uint32_t type; };
+static int boot_mode;
+static const char *cmdline = "";
+static uint64_t initrd_addr, initrd_size;
+static struct e820 memmap[32];
+static int memmap_count;
+
+static void read_boot_info(int mode, uintptr_t info) {
+    boot_mode = mode;
+    if (mode == MODE_LINUX64) {
+        const uint8_t *zp = (const uint8_t *)info;
+        uint64_t cl = *(const uint32_t *)(zp + 0x228) | ((uint64_t)*(const uint32_t *)(zp + 0xc8) << 32);
+        if (cl) cmdline = (const char *)cl;
+        initrd_addr = *(const uint32_t *)(zp + 0x218) | ((uint64_t)*(const uint32_t *)(zp + 0xc0) << 32);
+        initrd_size = *(const uint32_t *)(zp + 0x21c);
+        memmap_count = zp[0x1e8];
+        if (memmap_count > 32) memmap_count = 32;
+        for (int i = 0; i < memmap_count; i++) {
+            const uint8_t *e = zp + 0x2d0 + i * 20;
+            memmap[i].addr = *(const uint64_t *)e;
+            memmap[i].size = *(const uint64_t *)(e + 8);
+            memmap[i].type = *(const uint32_t *)(e + 16);
+        }
+    } else {
+        const uint8_t *si = (const uint8_t *)info;
+        if (*(const uint32_t *)si != 0x336ec578) { puts_raw("error: bad hvm_start_info magic\n"); return; }
+        uint64_t cl = *(const uint64_t *)(si + 24);
+        if (cl) cmdline = (const char *)cl;
+        if (*(const uint32_t *)(si + 12) > 0) {
+            const uint8_t *mod = (const uint8_t *)*(const uint64_t *)(si + 16);
+            initrd_addr = *(const uint64_t *)mod;
+            initrd_size = *(const uint64_t *)(mod + 8);
+        }
+        const uint8_t *mm = (const uint8_t *)*(const uint64_t *)(si + 40);
+        memmap_count = (int)*(const uint32_t *)(si + 48);
+        if (memmap_count > 32) memmap_count = 32;
+        for (int i = 0; i < memmap_count; i++) {
+            memmap[i].addr = *(const uint64_t *)(mm + i * 24);
+            memmap[i].size = *(const uint64_t *)(mm + i * 24 + 8);
+            memmap[i].type = *(const uint32_t *)(mm + i * 24 + 16);
+        }
+    }
+}
+
+static size_t str_len(const char *s) { size_t n = 0; while (s[n]) n++; return n; }
+static int starts_with(const char *s, const char *p) { while (*p) if (*s++ != *p++) return 0; return 1; }
+
+/* Value of "key=" in the command line, copied into out (space-terminated). */
+static int cmdline_value(const char *key, char *out, int cap) {
+    const char *s = cmdline;
+    while (*s) {
+        while (*s == ' ') s++;
+        if (starts_with(s, key) && s[str_len(key)] == '=') {
+            s += str_len(key) + 1;
+            int n = 0;
+            while (*s && *s != ' ' && n < cap - 1) out[n++] = *s++;
+            out[n] = 0;
+            return 1;
+        }
+        while (*s && *s != ' ') s++;
+    }
+    return 0;
+}
+static uint64_t parse_dec(const char *s) { uint64_t v = 0; while (*s >= '0' && *s <= '9') v = v * 10 + (uint64_t)(*s++ - '0'); return v; }
+static int str_eq(const char *a, const char *b) { while (*a && *a == *b) { a++; b++; } return *a == *b; }
+
+/* ---- ending the run ---- */
+static void __attribute__((noreturn)) finish(void) {
+    puts_raw("probe: done\n");
+    outb(0x64, 0xfe);           /* i8042 reset: Vireo stops with status 0 */
+    outb(0xf4, 0x00);           /* QEMU isa-debug-exit, for side-by-side runs */
+    for (;;) __asm__ volatile("cli; hlt");
+}
+
+/* ---- MP table ---- */
+static uint8_t checksum(const uint8_t *p, size_t n) { uint8_t s = 0; while (n--) s += *p++; return s; }
+static int mp_apic_ids[64];
+static int mp_cpu_count;
+static uint32_t mp_ioapic_addr;
+
+static int parse_mp_table(void) {
+    for (uintptr_t a = 0xf0000; a < 0x100000; a += 16) {
+        const uint8_t *fp = (const uint8_t *)a;
+        if (!starts_with((const char *)fp, "_MP_")) continue;
+        if (checksum(fp, 16) != 0) { puts_raw("mptable: floating pointer checksum bad\n"); return 0; }
+        const uint8_t *ct = (const uint8_t *)(uintptr_t)*(const uint32_t *)(fp + 4);
+        if (!starts_with((const char *)ct, "PCMP")) { puts_raw("mptable: no PCMP\n"); return 0; }
+        uint16_t len = *(const uint16_t *)(ct + 4);
+        if (checksum(ct, len) != 0) { puts_raw("mptable: table checksum bad\n"); return 0; }
+        uint16_t count = *(const uint16_t *)(ct + 34);
+        const uint8_t *e = ct + 44;
+        for (int i = 0; i < count; i++) {
+            if (e[0] == 0) { if ((e[3] & 1) && mp_cpu_count < 64) mp_apic_ids[mp_cpu_count++] = e[1]; e += 20; }
+            else { if (e[0] == 2) mp_ioapic_addr = *(const uint32_t *)(e + 4); e += 8; }
+        }
+        return 1;
+    }
+    puts_raw("mptable: not found\n");
+    return 0;
+}
+
+/* ---- probe=info ---- */
+static void probe_info(void) {
+    puts_raw("cmdline: "); puts_raw(cmdline); puts_raw("\n");
+    for (int i = 0; i < memmap_count; i++) {
+        puts_raw("e820: "); put_hex(memmap[i].addr); puts_raw(" "); put_hex(memmap[i].size);
+        puts_raw(" "); put_dec(memmap[i].type); puts_raw("\n");
+    }
+    if (initrd_size) {
+        uint32_t h = 2166136261u;   /* FNV-1a over every initrd byte */
+        const uint8_t *p = (const uint8_t *)initrd_addr;
+        for (uint64_t i = 0; i < initrd_size; i++) { h ^= p[i]; h *= 16777619u; }
+        puts_raw("initrd: size="); put_dec(initrd_size); puts_raw(" fnv1a="); put_hex(h);
+        puts_raw(" aligned="); put_dec((initrd_addr & 0xfff) == 0); puts_raw("\n");
+    } else {
+        puts_raw("initrd: none\n");
+    }
+    if (boot_mode == MODE_LINUX64) {
+        extern uintptr_t probe_zero_page;
+        const uint8_t *zp = (const uint8_t *)probe_zero_page;
+        puts_raw("zeropage: loader="); put_hex(zp[0x210]);
+        puts_raw(" boot_flag="); put_hex(*(const uint16_t *)(zp + 0x1fe));
+        puts_raw(" header="); put_hex(*(const uint32_t *)(zp + 0x202)); puts_raw("\n");
+    }
+    uint32_t r[4], v[4];
+    cpuid(0, 0, r);
+    char vendor[13];
+    *(uint32_t *)&vendor[0] = r[1]; *(uint32_t *)&vendor[4] = r[3]; *(uint32_t *)&vendor[8] = r[2]; vendor[12] = 0;
+    cpuid(1, 0, v);
+    puts_raw("cpuid: vendor="); puts_raw(vendor);
+    puts_raw(" hypervisor="); put_dec(v[2] >> 31);
+    puts_raw(" apic="); put_dec(v[1] >> 24);
+    cpuid(0x40000000, 0, r);
+    char sig[13];
+    *(uint32_t *)&sig[0] = r[1]; *(uint32_t *)&sig[4] = r[2]; *(uint32_t *)&sig[8] = r[3]; sig[12] = 0;
+    puts_raw(" hv_signature="); puts_raw(sig); puts_raw("\n");
+    if (parse_mp_table()) {
+        puts_raw("mptable: cpus="); put_dec((uint64_t)mp_cpu_count);
+        puts_raw(" ioapic="); put_hex(mp_ioapic_addr); puts_raw("\n");
+    }
+}
+
+/* ---- probe=smp: start every AP the MP table lists through INIT/SIPI ---- */
+extern char trampoline_start[], trampoline_end[], trampoline_load[];
+static volatile int aps_online;
+
+void ap_main(int index) {
+    uint32_t apic = mmio_read32(LAPIC_BASE + 0x20) >> 24;
+    lock();
+    puts_raw("cpu: index="); put_dec((uint64_t)index + 1); puts_raw(" apic="); put_dec(apic); puts_raw(" online\n");
+    unlock();
+    __atomic_add_fetch(&aps_online, 1, __ATOMIC_SEQ_CST);
+    for (;;) __asm__ volatile("cli; hlt");
+}
+
+static void icr_send(uint32_t apic, uint32_t low) {
+    mmio_write32(LAPIC_BASE + 0x310, apic << 24);
+    mmio_write32(LAPIC_BASE + 0x300, low);
+    while (mmio_read32(LAPIC_BASE + 0x300) & (1 << 12)) {}
+}
+
+static void probe_smp(void) {
+    if (!parse_mp_table()) return;
+    uint8_t *dst = (uint8_t *)0x10000;
+    for (char *s = trampoline_load; s < trampoline_load + (trampoline_end - trampoline_start); s++) *dst++ = (uint8_t)*s;
+    mmio_write32(LAPIC_BASE + 0xf0, mmio_read32(LAPIC_BASE + 0xf0) | 0x100);
+    uint32_t self = mmio_read32(LAPIC_BASE + 0x20) >> 24;
+    lock(); puts_raw("cpu: index=0 apic="); put_dec(self); puts_raw(" online\n"); unlock();
+    int expected = 0;
+    for (int i = 0; i < mp_cpu_count; i++) {
+        if ((uint32_t)mp_apic_ids[i] == self) continue;
+        expected++;
+        icr_send((uint32_t)mp_apic_ids[i], 0x4500);           /* INIT */
+        icr_send((uint32_t)mp_apic_ids[i], 0x4600 | 0x10);    /* SIPI, vector 0x10 → 0x10000 */
+        icr_send((uint32_t)mp_apic_ids[i], 0x4600 | 0x10);
+    }
+    for (uint64_t spins = 0; aps_online < expected && spins < 2000000000ull; spins++) __asm__ volatile("pause");
+    lock(); puts_raw("smp: online="); put_dec((uint64_t)aps_online + 1); puts_raw(" of "); put_dec((uint64_t)mp_cpu_count); puts_raw("\n"); unlock();
+}
+
+/* ---- probe=irq: PIT timer and serial receive interrupts through the IOAPIC ---- */
+struct interrupt_frame;
+static volatile uint64_t timer_ticks;
+static volatile int serial_byte = -1;
+static void lapic_eoi(void) { mmio_write32(LAPIC_BASE + 0xb0, 0); }
+
+__attribute__((interrupt)) static void timer_isr(struct interrupt_frame *f) { (void)f; timer_ticks++; lapic_eoi(); }
+__attribute__((interrupt)) static void serial_isr(struct interrupt_frame *f) {
+    (void)f;
+    while (inb(COM1 + 5) & 1) serial_byte = inb(COM1);
+    lapic_eoi();
+}
+__attribute__((interrupt)) static void spurious_isr(struct interrupt_frame *f) { (void)f; lapic_eoi(); }
+
+static uint64_t idt[256 * 2] __attribute__((aligned(16)));
+static void set_gate(int vector, void (*handler)(struct interrupt_frame *)) {
+    uint64_t a = (uint64_t)handler;
+    idt[vector * 2] = (a & 0xffff) | (0x18ull << 16) | (0x8eull << 40) | ((a >> 16 & 0xffff) << 48);
+    idt[vector * 2 + 1] = a >> 32;
+}
+static void ioapic_route(int pin, int vector) {
+    mmio_write32(IOAPIC_BASE, 0x10 + 2 * pin + 1); mmio_write32(IOAPIC_BASE + 0x10, 0);   /* dest APIC 0 */
+    mmio_write32(IOAPIC_BASE, 0x10 + 2 * pin);     mmio_write32(IOAPIC_BASE + 0x10, (uint32_t)vector);
+}
+
+static void probe_irq(void) {
+    for (int v = 0; v < 256; v++) set_gate(v, spurious_isr);
+    set_gate(0x20, timer_isr);
+    set_gate(0x24, serial_isr);
+    struct { uint16_t limit; uint64_t base; } __attribute__((packed)) idtr = { sizeof(idt) - 1, (uint64_t)idt };
+    __asm__ volatile("lidt %0" :: "m"(idtr));
+    outb(0x21, 0xff); outb(0xa1, 0xff);                        /* mask the 8259s: IOAPIC only */
+    mmio_write32(LAPIC_BASE + 0xf0, 0x1ff);                    /* LAPIC on, spurious vector 0xff */
+    mmio_write32(LAPIC_BASE + 0x80, 0);                        /* TPR: accept everything */
+    ioapic_route(0, 0x20);
+    ioapic_route(4, 0x24);
+    outb(0x43, 0x34); outb(0x40, 0x9c); outb(0x40, 0x2e);      /* PIT ch0, rate generator, 100 Hz */
+    __asm__ volatile("sti");
+    while (timer_ticks < 3) __asm__ volatile("hlt");
+    puts_raw("irq: timer ticks>=3 vector=0x20\n");
+    outb(COM1 + 4, 0x0b);                                      /* DTR, RTS, OUT2 */
+    outb(COM1 + 1, 0x01);                                      /* IER: received data available */
+    puts_raw("irq: waiting for serial input\n");
+    while (serial_byte < 0) __asm__ volatile("hlt");
+    __asm__ volatile("cli");
+    puts_raw("irq: serial rx="); putc_raw((char)serial_byte); puts_raw(" vector=0x24\n");
+}
+
+/* ---- probe=triple: an exception with no IDT shuts the CPU down ---- */
+static void probe_triple(void) {
+    puts_raw("triple: faulting now\n");
+    struct { uint16_t limit; uint64_t base; } __attribute__((packed)) idtr = { 0, 0 };
+    __asm__ volatile("lidt %0; ud2" :: "m"(idtr));
+    puts_raw("triple: still alive (unexpected)\n");
+}
+
+/* ---- probe=ports count=N: N port writes from ring 3, where this host runs guests natively ---- */
+extern void enter_user_mode(void (*fn)(uint64_t), uint64_t arg) __attribute__((noreturn));
+static void user_port_loop(uint64_t count) {
+    puts_raw("ports: start\n");
+    for (uint64_t i = 0; i < count; i++) outb(COM1 + 7, (uint8_t)i);   /* UART scratch register */
+    puts_raw("ports: done count="); put_dec(count); puts_raw("\n");
+    finish();
+}
+
+uintptr_t probe_zero_page;
+
+void probe_main(int mode, uintptr_t info) {
+    *BOOT_MARKER = 123;
+    puts_raw("probe: mode="); puts_raw(mode == MODE_PVH ? "pvh" : "linux64"); puts_raw("\n");
+    probe_zero_page = info;
+    read_boot_info(mode, info);
+    char what[32];
+    if (!cmdline_value("probe", what, sizeof what)) { puts_raw("probe: no probe= on the command line\n"); finish(); }
+    if (str_eq(what, "info")) probe_info();
+    else if (str_eq(what, "smp")) probe_smp();
+    else if (str_eq(what, "irq")) probe_irq();
+    else if (str_eq(what, "triple")) probe_triple();
+    else if (str_eq(what, "ports")) {
+        char n[24];
+        uint64_t count = cmdline_value("count", n, sizeof n) ? parse_dec(n) : 100000;
+        enter_user_mode(user_port_loop, count);
+    } else if (str_eq(what, "hello")) puts_raw("hello from the probe\n");
+    else { puts_raw("probe: unknown probe "); puts_raw(what); puts_raw("\n"); }
+    finish();
+}
