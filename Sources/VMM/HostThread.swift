@@ -50,3 +50,12 @@ func installKickHandler() {
     action.sa_flags = 0
     sigaction(vcpuKickSignal, &action, nil)
 }
+
+/// Unblocks the kick signal in the calling thread. A parent may have started us with it blocked
+/// (signal masks survive exec), and a vCPU that cannot be kicked cannot be stopped.
+func acceptKicks() {
+    var set = sigset_t()
+    sigemptyset(&set)
+    sigaddset(&set, vcpuKickSignal)
+    pthread_sigmask(SIG_UNBLOCK, &set, nil)
+}

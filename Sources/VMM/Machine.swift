@@ -142,7 +142,11 @@ public final class Machine: @unchecked Sendable {
         installKickHandler()
         var stopSignals = sigset_t()
         sigemptyset(&stopSignals)
-        for signal in [SIGINT, SIGTERM, SIGHUP] { sigaddset(&stopSignals, signal) }
+        for signal in [SIGINT, SIGTERM, SIGHUP] {
+            sigaddset(&stopSignals, signal)
+            // An inherited SIG_IGN would discard the signal before sigwait could take it.
+            Glibc.signal(signal, SIG_DFL)
+        }
         // Blocked here, so every thread spawned below inherits the mask and only the waiter takes them.
         pthread_sigmask(SIG_BLOCK, &stopSignals, nil)
         let signalSet = stopSignals
@@ -179,6 +183,7 @@ public final class Machine: @unchecked Sendable {
     public func exitCount(vcpu: Int) -> UInt64 { exitCounts[vcpu].value.load(ordering: .relaxed) }
 
     private func runVCPU(_ index: Int) {
+        acceptKicks()
         let vcpu = vcpus[index]
         var handled: UInt64 = 0
         defer {

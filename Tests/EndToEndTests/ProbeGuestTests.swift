@@ -1,0 +1,189 @@
+import Foundation
+import Testing
+import X86Boot
+
+/// Boots the probe guests through `vireo run` and checks what they report seeing.
+@Suite(.serialized)
+struct ProbeGuestTests {
+    /// The e820 map the probe prints for a VM of `memory` bytes.
+    func expectedE820Lines(memory: UInt64) -> [String] {
+        E820Entry.map(memorySize: memory).map {
+            "e820: 0x\(String($0.address, radix: 16)) 0x\(String($0.size, radix: 16)) \($0.kind.rawValue)"
+        }
+    }
+
+    func lines(_ text: String) -> [String] {
+        // Serial output ends lines with "\r\n", which Swift counts as one Character.
+        text.replacingOccurrences(of: "\r", with: "").split(separator: "\n").map(String.init)
+    }
+
+    @Test("Linux 64-bit entry: zero page, e820, command line, initrd bytes, CPUID and MP table", arguments: ["linux64", "pvh"])
+    func bootInformation(variant: String) throws {
+        try Harness.requireKVM()
+        let directory = try Harness.temporaryDirectory()
+        let initrd = randomBytes(300_001)
+        let initrdPath = directory.appendingPathComponent("initrd.bin")
+        try Data(initrd).write(to: initrdPath)
+        // Above 3 GiB, so RAM is split around the 32-bit MMIO hole.
+        let memory: UInt64 = 3584 << 20
+        let commandLine = "probe=info some.option=1 quoted=\"a b\""
+        let result = Harness.vireoRun(["--kernel", try Harness.probe(variant), "--initrd", initrdPath.path,
+                                       "--cmdline", commandLine, "--memory", "3584M"], timeout: 60)
+        #expect(result.status == 0, "stderr: \(result.stderr)")
+        let output = lines(result.stdout)
+        #expect(output.contains("probe: mode=\(variant)"))
+        #expect(output.contains("cmdline: \(commandLine)"))
+        let e820 = output.filter { $0.hasPrefix("e820: ") }
+        #expect(e820 == expectedE820Lines(memory: memory))
+        #expect(e820.contains("e820: 0x100000000 0x20000000 1"))
+        let hash = "0x" + String(fnv1a(initrd), radix: 16)
+        #expect(output.contains("initrd: size=\(initrd.count) fnv1a=\(hash) aligned=1"))
+        if variant == "linux64" {
+            #expect(output.contains("zeropage: loader=0xff boot_flag=0xaa55 header=0x53726448"))
+        }
+        let cpuid = try #require(output.first { $0.hasPrefix("cpuid: ") })
+        #expect(cpuid.contains("hypervisor=1"))
+        #expect(cpuid.contains("apic=0"))
+        #expect(cpuid.contains("hv_signature=KVMKVMKVM"))
+        #expect(output.contains("mptable: cpus=1 ioapic=0xfec00000"))
+        #expect(output.last == "probe: done")
+        #expect(result.stderr.contains("guest boot marker reached"))
+        #expect(result.stderr.contains("guest requested a reset"))
+    }
+
+    @Test("No initrd: the probe sees none")
+    func noInitrd() throws {
+        try Harness.requireKVM()
+        let result = Harness.vireoRun(["--kernel", try Harness.probe("linux64"), "--cmdline", "probe=info", "--memory", "64M"])
+        #expect(result.status == 0, "stderr: \(result.stderr)")
+        #expect(lines(result.stdout).contains("initrd: none"))
+        #expect(lines(result.stdout).filter { $0.hasPrefix("e820: ") } == expectedE820Lines(memory: 64 << 20))
+    }
+
+    @Test("Every vCPU runs: the guest starts the APs through INIT/SIPI on the in-kernel LAPIC")
+    func multipleVCPUs() throws {
+        try Harness.requireKVM()
+        let result = Harness.vireoRun(["--kernel", try Harness.probe("pvh"), "--cmdline", "probe=smp", "--cpus", "4", "--memory", "128M"],
+                                      timeout: 120)
+        #expect(result.status == 0, "stderr: \(result.stderr)")
+        let output = lines(result.stdout)
+        #expect(output.contains("smp: online=4 of 4"))
+        let apics = Set(output.filter { $0.hasPrefix("cpu: ") }.compactMap { $0.split(separator: " ").first { $0.hasPrefix("apic=") } })
+        #expect(apics == ["apic=0", "apic=1", "apic=2", "apic=3"])
+    }
+
+    @Test("Interrupts: PIT ticks and a serial receive interrupt arrive through the IOAPIC")
+    func interrupts() throws {
+        try Harness.requireKVM()
+        let running = RunningProcess([Harness.vireo, "run", "--kernel", try Harness.probe("linux64"),
+                                      "--cmdline", "probe=irq", "--memory", "64M"])
+        #expect(running.waitForOutput("irq: waiting for serial input", timeout: 60))
+        running.send(Data("Q".utf8))
+        let status = running.wait(timeout: 60)
+        #expect(status == 0, "stderr: \(running.stderr)")
+        #expect(running.stdout.contains("irq: timer ticks>=3 vector=0x20"))
+        #expect(running.stdout.contains("irq: serial rx=Q vector=0x24"))
+    }
+
+    @Test("A triple fault stops the VM with status 1 and a one-line reason")
+    func tripleFault() throws {
+        try Harness.requireKVM()
+        let result = Harness.vireoRun(["--kernel", try Harness.probe("pvh"), "--cmdline", "probe=triple", "--memory", "64M"])
+        #expect(result.status == 1)
+        #expect(result.stdout.contains("triple: faulting now"))
+        #expect(!result.stdout.contains("still alive"))
+        #expect(result.stderr.contains("vCPU 0 shut down (triple fault, KVM_EXIT_SHUTDOWN)"))
+    }
+
+    @Test("Port I/O from guest ring 3 reaches the VMM's devices")
+    func userModePortIO() throws {
+        try Harness.requireKVM()
+        let result = Harness.vireoRun(["--kernel", try Harness.probe("pvh"), "--cmdline", "probe=ports count=5000", "--memory", "64M"])
+        #expect(result.status == 0, "stderr: \(result.stderr)")
+        #expect(result.stdout.contains("ports: done count=5000"))
+    }
+
+    @Test("Console escape Ctrl-A x quits and powers the VM off")
+    func consoleEscape() throws {
+        try Harness.requireKVM()
+        let running = RunningProcess([Harness.vireo, "run", "--kernel", try Harness.probe("linux64"),
+                                      "--cmdline", "probe=irq", "--memory", "64M"])
+        #expect(running.waitForOutput("irq: waiting for serial input", timeout: 60))
+        running.send(Data([0x01, UInt8(ascii: "x")]))
+        #expect(running.wait(timeout: 30) == 0)
+        #expect(running.stderr.contains("console quit (Ctrl-A x)"))
+        #expect(!running.stdout.contains("serial rx="))
+    }
+
+    @Test("SIGTERM stops a running VM cleanly with status 143")
+    func terminateSignal() throws {
+        try Harness.requireKVM()
+        let running = RunningProcess([Harness.vireo, "run", "--kernel", try Harness.probe("linux64"),
+                                      "--cmdline", "probe=irq", "--memory", "64M"])
+        #expect(running.waitForOutput("irq: waiting for serial input", timeout: 60))
+        running.signal(SIGTERM)
+        #expect(running.wait(timeout: 30) == 143)
+        #expect(running.stderr.contains("stopped by signal 15"))
+    }
+
+    @Test("--console file:PATH appends the guest's output to a file")
+    func fileConsole() throws {
+        try Harness.requireKVM()
+        let directory = try Harness.temporaryDirectory()
+        let log = directory.appendingPathComponent("console.log")
+        try Data("previous run\n".utf8).write(to: log)
+        let result = Harness.vireoRun(["--kernel", try Harness.probe("pvh"), "--cmdline", "probe=hello",
+                                       "--memory", "64M", "--console", "file:\(log.path)"])
+        #expect(result.status == 0, "stderr: \(result.stderr)")
+        let text = try String(contentsOf: log, encoding: .utf8)
+        #expect(text.hasPrefix("previous run\n"))
+        #expect(text.contains("hello from the probe"))
+        #expect(!result.stdout.contains("hello from the probe"))
+    }
+
+    @Test("--console socket:PATH serves the console over a Unix socket, input included")
+    func socketConsole() throws {
+        try Harness.requireKVM()
+        let directory = try Harness.temporaryDirectory()
+        let socketPath = directory.appendingPathComponent("console.sock").path
+        let running = RunningProcess([Harness.vireo, "run", "--kernel", try Harness.probe("linux64"),
+                                      "--cmdline", "probe=irq", "--memory", "64M", "--console", "socket:\(socketPath)"])
+        let fd = try connectUnixSocket(socketPath, timeout: 30)
+        defer { close(fd) }
+        var attributes = stat()
+        #expect(stat(socketPath, &attributes) == 0 && attributes.st_mode & 0o777 == 0o600)
+        // The probe waits for input; anything it printed before we connected was dropped.
+        Thread.sleep(forTimeInterval: 1)
+        _ = "K".withCString { write(fd, $0, 1) }
+        var received = ""
+        let deadline = Date().addingTimeInterval(60)
+        var buffer = [UInt8](repeating: 0, count: 4096)
+        while Date() < deadline, !received.contains("probe: done") {
+            let count = read(fd, &buffer, buffer.count)
+            if count <= 0 { break }
+            received += String(decoding: buffer[0..<count], as: UTF8.self)
+        }
+        #expect(received.contains("irq: serial rx=K vector=0x24"))
+        #expect(running.wait(timeout: 30) == 0)
+        #expect(!FileManager.default.fileExists(atPath: socketPath))
+    }
+}
+
+func connectUnixSocket(_ path: String, timeout: TimeInterval) throws -> Int32 {
+    let deadline = Date().addingTimeInterval(timeout)
+    while Date() < deadline {
+        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
+        var address = sockaddr_un()
+        address.sun_family = sa_family_t(AF_UNIX)
+        withUnsafeMutableBytes(of: &address.sun_path) { buffer in
+            for (index, byte) in path.utf8.enumerated() where index < buffer.count - 1 { buffer[index] = byte }
+        }
+        let connected = withUnsafePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+        }
+        if connected == 0 { return fd }
+        close(fd)
+        Thread.sleep(forTimeInterval: 0.05)
+    }
+    throw HarnessError("could not connect to \(path) within \(timeout) s")
+}
