@@ -1,0 +1,153 @@
+#!/usr/bin/env python3
+"""Side-by-side VMM benchmark: Vireo vs QEMU microvm vs a minimal C KVM loop, all booting the same
+PVH probe guest in one run. Prints a Markdown table of medians and ratios.
+
+  bench/run.py [--runs N] [--port-writes N]
+
+Needs: a release build (swift build -c release), gcc, qemu-system-x86_64, /dev/kvm.
+"""
+import argparse
+import os
+import select
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OUT = os.path.join(ROOT, ".build", "bench")
+MEMORY_MIB = 128
+
+
+def build():
+    os.makedirs(OUT, exist_ok=True)
+    subprocess.run(["make", "-s", "-C", os.path.join(ROOT, "probes"), f"OUT={OUT}"], check=True)
+    subprocess.run(["gcc", "-O2", "-o", os.path.join(OUT, "kvm-baseline"), os.path.join(ROOT, "bench", "kvm-baseline.c")], check=True)
+    subprocess.run(["swift", "build", "-c", "release", "--package-path", ROOT], check=True, stdout=subprocess.DEVNULL)
+
+
+def commands(cmdline):
+    probe = os.path.join(OUT, "probe-pvh.elf")
+    vireo = os.path.join(ROOT, ".build", "release", "vireo")
+    return {
+        "vireo": [vireo, "run", "--kernel", probe, "--memory", f"{MEMORY_MIB}M", "--cmdline", cmdline],
+        # -cpu host minus arch-capabilities: this host's KVM refuses MSR 0x10a, which QEMU asserts on.
+        "qemu-microvm": ["qemu-system-x86_64", "-M", "microvm,x-option-roms=off,rtc=off,isa-serial=on", "-accel", "kvm",
+                         "-cpu", "host,-arch-capabilities", "-m", f"{MEMORY_MIB}M", "-smp", "1", "-nodefaults",
+                         "-no-user-config", "-nographic", "-serial", "stdio", "-no-reboot",
+                         "-device", "isa-debug-exit,iobase=0xf4,iosize=0x4", "-kernel", probe, "-append", cmdline],
+        "c-kvm-loop": [os.path.join(OUT, "kvm-baseline"), probe, cmdline],
+    }
+
+
+class Guest:
+    """A VMM process whose stdout (the guest console) is read with arrival timestamps."""
+
+    def __init__(self, argv):
+        self.start = time.perf_counter()
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        self.buffer = b""
+        self.first_byte = None
+
+    def wait_for(self, text, timeout=60):
+        deadline = time.perf_counter() + timeout
+        needle = text.encode()
+        while needle not in self.buffer:
+            remaining = deadline - time.perf_counter()
+            if remaining <= 0:
+                raise TimeoutError(f"{text!r} not seen; got {self.buffer[-300:]!r}")
+            ready, _, _ = select.select([self.proc.stdout], [], [], remaining)
+            if ready:
+                chunk = os.read(self.proc.stdout.fileno(), 65536)
+                now = time.perf_counter()
+                if not chunk:
+                    raise EOFError(f"exited before {text!r}; got {self.buffer[-300:]!r}")
+                if self.first_byte is None:
+                    self.first_byte = now - self.start
+                self.buffer += chunk
+        return time.perf_counter()
+
+    def finish(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+
+def first_byte_ms(argv):
+    guest = Guest(argv)
+    try:
+        guest.wait_for("probe: done")
+        return guest.first_byte * 1000
+    finally:
+        guest.finish()
+
+
+def vmm_rss_kib(argv):
+    """RSS of the VMM process minus its guest-RAM mapping, while the guest idles in HLT."""
+    guest = Guest(argv)
+    try:
+        guest.wait_for("irq: waiting for serial input")
+        time.sleep(0.3)
+        total = guest_ram = 0
+        size = 0
+        with open(f"/proc/{guest.proc.pid}/smaps") as smaps:
+            for line in smaps:
+                parts = line.split()
+                if parts[0] == "Size:":
+                    size = int(parts[1])
+                elif parts[0] == "Rss:":
+                    rss = int(parts[1])
+                    total += rss
+                    if size >= MEMORY_MIB * 1024:
+                        guest_ram += rss
+        return total - guest_ram
+    finally:
+        guest.finish()
+
+
+def exits_per_second(argv, count):
+    guest = Guest(argv)
+    try:
+        start = guest.wait_for("ports: start")
+        end = guest.wait_for(f"ports: done count={count}", timeout=600)
+        return count / (end - start)
+    finally:
+        guest.finish()
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--runs", type=int, default=15)
+    parser.add_argument("--port-writes", type=int, default=100000)
+    args = parser.parse_args()
+    build()
+    names = list(commands("").keys())
+    results = {name: {} for name in names}
+    for name in names:
+        samples = [first_byte_ms(commands("probe=hello")[name]) for _ in range(args.runs)]
+        results[name]["first_byte_ms"] = statistics.median(samples)
+        if name != "c-kvm-loop":   # the C loop has no interrupt controller, so it cannot run probe=irq
+            results[name]["rss_kib"] = statistics.median(vmm_rss_kib(commands("probe=irq")[name]) for _ in range(3))
+    # Interleave the exit runs so background load hits all three alike.
+    exit_samples = {name: [] for name in names}
+    for _ in range(3):
+        for name in names:
+            exit_samples[name].append(exits_per_second(commands(f"probe=ports count={args.port_writes}")[name], args.port_writes))
+    for name in names:
+        results[name]["exits_per_s"] = statistics.median(exit_samples[name])
+
+    base = results["c-kvm-loop"]
+    print(f"| VMM | first serial byte (ms, median of {args.runs}) | VMM RSS excl. guest RAM (KiB) | port exits/s (median of 3) | exits vs C loop |")
+    print("|---|---|---|---|---|")
+    for name in names:
+        r = results[name]
+        rss = f"{r['rss_kib']:.0f}" if "rss_kib" in r else "n/a"
+        print(f"| {name} | {r['first_byte_ms']:.1f} | {rss} | {r['exits_per_s']:.0f} | {r['exits_per_s'] / base['exits_per_s']:.2f} |")
+    v, q = results["vireo"], results["qemu-microvm"]
+    print()
+    print(f"vireo/qemu first byte: {v['first_byte_ms'] / q['first_byte_ms']:.2f}x; "
+          f"RSS: {v['rss_kib'] / q['rss_kib']:.2f}x; exits: {v['exits_per_s'] / q['exits_per_s']:.2f}x")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The README's "boot a VM" command: sets everything up, builds the tiny Linux kernel (cached after
+# the first time) and boots it with two vCPUs on the serial console of this terminal.
+# Extra arguments go to `vireo run` (e.g. --cpus 4 --memory 1G).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh release
+kernel_dir=$(scripts/build-tiny-kernel.sh)
+initramfs=$(scripts/make-initramfs.sh)
+# noxsave, clearcpuid and nopv only matter on hosts whose KVM emulates guest kernel mode (like the
+# project's CI); they are harmless elsewhere.
+exec .build/release/vireo run --kernel "$kernel_dir/vmlinux" --initrd "$initramfs" --cpus 2 --memory 256M \
+  --cmdline "console=ttyS0 noxsave clearcpuid=smap,popcnt nopv panic=-1 reboot=k" "$@"

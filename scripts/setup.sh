@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Installs what Vireo needs on a fresh Debian 12 machine and builds it. Idempotent: packages
+# already present are not reinstalled.
+#   scripts/setup.sh            build in debug (what the tests use)
+#   scripts/setup.sh release    build in release as well
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+packages=(
+  build-essential          # gcc/make: probe guests and the tiny kernel
+  linux-source-6.1         # the tiny test kernel's source
+  flex bison bc libelf-dev libssl-dev cpio lz4 xz-utils gzip   # kernel build and initramfs
+  qemu-system-x86 qemu-utils                                   # peers for benchmarks and image checks
+)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  echo "setup: installing ${missing[*]}" >&2
+  sudo=""; [[ $(id -u) -eq 0 ]] || sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
+fi
+
+if ! command -v swift >/dev/null; then
+  echo "setup: swift is not on PATH; install the Swift 6 toolchain (swift.org) first" >&2
+  exit 1
+fi
+
+swift build >&2
+if [[ "${1:-}" == "release" ]]; then swift build -c release >&2; fi
