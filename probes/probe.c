@@ -259,7 +259,8 @@ static void probe_irq(void) {
     outb(0x21, 0xff); outb(0xa1, 0xff);                        /* mask the 8259s: IOAPIC only */
     mmio_write32(LAPIC_BASE + 0xf0, 0x1ff);                    /* LAPIC on, spurious vector 0xff */
     mmio_write32(LAPIC_BASE + 0x80, 0);                        /* TPR: accept everything */
-    ioapic_route(0, 0x20);
+    ioapic_route(0, 0x20);                                     /* Vireo/KVM default: ISA IRQ0 on pin 0 */
+    ioapic_route(2, 0x20);                                     /* PC convention (QEMU): IRQ0 on pin 2 */
     ioapic_route(4, 0x24);
     outb(0x43, 0x34); outb(0x40, 0x9c); outb(0x40, 0x2e);      /* PIT ch0, rate generator, 100 Hz */
     __asm__ volatile("sti");

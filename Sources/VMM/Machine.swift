@@ -75,8 +75,6 @@ public final class Machine: @unchecked Sendable {
         do {
             vm = try kvm.createVM()
             try vm.setTSSAddress(MachineLayout.kvmTSSAddress)
-            try vm.createInterruptController()
-            try vm.createProgrammableIntervalTimer()
         } catch {
             throw .kvm(error)
         }
@@ -93,6 +91,14 @@ public final class Machine: @unchecked Sendable {
             } catch {
                 throw .kvm(error)
             }
+        }
+        // After the memory slots: once an irqchip exists, every slot change waits for KVM to
+        // resynchronise (measured: 5 ms per slot here, against 0.1 ms before it).
+        do {
+            try vm.createInterruptController()
+            try vm.createProgrammableIntervalTimer()
+        } catch {
+            throw .kvm(error)
         }
 
         let prepared: PreparedBoot
