@@ -6,6 +6,7 @@ let package = Package(
     platforms: [.macOS(.v15)],
     products: [
         .executable(name: "vireo", targets: ["vireo"]),
+        .executable(name: "vireo-vmm", targets: ["vireo-vmm"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
@@ -22,6 +23,10 @@ let package = Package(
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
         .executableTarget(name: "vireo", dependencies: ["CLI"]),
+        // The per-VM process: its start-up time and memory are headline numbers, so the Swift
+        // runtime is linked in statically (2.7 ms vs 5.8 ms to start a trivial program here).
+        .executableTarget(name: "vireo-vmm", dependencies: ["VMM"],
+                          linkerSettings: [.unsafeFlags(["-static-stdlib"])]),
         .testTarget(name: "X86BootTests", dependencies: ["X86Boot", "GuestMemory"]),
         .testTarget(name: "DevicesTests", dependencies: ["Devices", "GuestMemory"]),
         .testTarget(name: "EndToEndTests", dependencies: ["X86Boot"]),

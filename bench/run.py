@@ -29,8 +29,10 @@ def build():
 def commands(cmdline):
     probe = os.path.join(OUT, "probe-pvh.elf")
     vireo = os.path.join(ROOT, ".build", "release", "vireo")
+    vmm = os.path.join(ROOT, ".build", "release", "vireo-vmm")
     return {
-        "vireo": [vireo, "run", "--kernel", probe, "--memory", f"{MEMORY_MIB}M", "--cmdline", cmdline],
+        "vireo-vmm": [vmm, "--kernel", probe, "--memory", f"{MEMORY_MIB}M", "--cmdline", cmdline],
+        "vireo run": [vireo, "run", "--kernel", probe, "--memory", f"{MEMORY_MIB}M", "--cmdline", cmdline],
         # -cpu host minus arch-capabilities: this host's KVM refuses MSR 0x10a, which QEMU asserts on.
         "qemu-microvm": ["qemu-system-x86_64", "-M", "microvm,x-option-roms=off,rtc=off,isa-serial=on", "-accel", "kvm",
                          "-cpu", "host,-arch-capabilities", "-m", f"{MEMORY_MIB}M", "-smp", "1", "-nodefaults",
@@ -148,9 +150,9 @@ def main():
         rss = f"{r['rss_kib']:.0f}" if "rss_kib" in r else "n/a"
         dirty = f"{r['dirty_kib']:.0f}" if "dirty_kib" in r else "n/a"
         print(f"| {name} | {r['first_byte_ms']:.1f} | {rss} | {dirty} | {r['exits_per_s']:.0f} | {r['exits_per_s'] / base['exits_per_s']:.2f} |")
-    v, q = results["vireo"], results["qemu-microvm"]
+    v, q = results["vireo-vmm"], results["qemu-microvm"]
     print()
-    print(f"vireo/qemu first byte: {v['first_byte_ms'] / q['first_byte_ms']:.2f}x; "
+    print(f"vireo-vmm/qemu first byte: {v['first_byte_ms'] / q['first_byte_ms']:.2f}x; "
           f"RSS: {v['rss_kib'] / q['rss_kib']:.2f}x; private dirty: {v['dirty_kib'] / q['dirty_kib']:.2f}x; "
           f"exits: {v['exits_per_s'] / q['exits_per_s']:.2f}x")
 

@@ -13,6 +13,11 @@ enum Harness {
         return packageRoot.appendingPathComponent(".build/debug/vireo").path
     }
 
+    /// The lean per-VM executable, next to `vireo`.
+    static var vireoVMM: String {
+        URL(fileURLWithPath: vireo).deletingLastPathComponent().appendingPathComponent("vireo-vmm").path
+    }
+
     /// A fresh temporary directory for one test.
     static func temporaryDirectory() throws -> URL {
         let url = FileManager.default.temporaryDirectory.appendingPathComponent("vireo-test-\(UUID().uuidString)")

@@ -85,6 +85,22 @@ struct ProbeGuestTests {
         #expect(running.stdout.contains("irq: serial rx=Q vector=0x24"))
     }
 
+    @Test("vireo-vmm, the lean per-VM process, boots the same guest with the same flags")
+    func leanVMMProcess() throws {
+        try Harness.requireKVM()
+        let result = Harness.run([Harness.vireoVMM, "--kernel", try Harness.probe("linux64"), "--cmdline=probe=smp",
+                                  "--cpus", "2", "--memory", "64M"], timeout: 60)
+        #expect(result.status == 0, "stderr: \(result.stderr)")
+        #expect(result.stdout.contains("smp: online=2 of 2"))
+        #expect(result.stderr.contains("guest requested a reset"))
+        let refused = Harness.run([Harness.vireoVMM, "--kernel", try Harness.probe("linux64"), "--cpus", "two"])
+        #expect(refused.status == 2)
+        #expect(refused.stderr.contains("--cpus: 'two' is not a whole number"))
+        let unknown = Harness.run([Harness.vireoVMM, "--kernal", "x"])
+        #expect(unknown.status == 2)
+        #expect(unknown.stderr.contains("--kernal: unknown argument"))
+    }
+
     @Test("A triple fault stops the VM with status 1 and a one-line reason")
     func tripleFault() throws {
         try Harness.requireKVM()

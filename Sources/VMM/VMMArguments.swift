@@ -1,0 +1,57 @@
+/// The command line of `vireo-vmm`, the lean one-VM process. It takes the same flags as
+/// `vireo run` but is parsed here, without swift-argument-parser, because that library brings
+/// FoundationEssentials, whose loading alone costs more than the whole VMM start-up budget
+/// (bench/README.md). `--flag value` and `--flag=value` are both accepted.
+public enum VMMArguments {
+    public static let usage = """
+        usage: vireo-vmm --kernel PATH [--initrd PATH] [--cmdline TEXT] [--cpus N] [--memory SIZE]
+                         [--console stdio|none|file:PATH|socket:PATH]
+        Boots one VM and runs it until it powers off or reboots. Ctrl-A x quits the stdio console.
+        """
+
+    public enum Parsed {
+        case run(VMConfiguration)
+        case help
+    }
+
+    public static func parse(_ arguments: [String]) throws(VMMError) -> Parsed {
+        var values: [String: String] = [:]
+        var index = 0
+        let known: Set<String> = ["--kernel", "--initrd", "--cmdline", "--cpus", "--memory", "--console"]
+        while index < arguments.count {
+            let argument = arguments[index]
+            if argument == "--help" || argument == "-h" { return .help }
+            var name = argument
+            var value: String?
+            if let equals = argument.firstIndex(of: "=") {
+                name = String(argument[..<equals])
+                value = String(argument[argument.index(after: equals)...])
+            }
+            guard known.contains(name) else {
+                throw .invalidConfiguration(field: argument, reason: "unknown argument; expected one of \(known.sorted().joined(separator: ", "))")
+            }
+            if value == nil {
+                index += 1
+                guard index < arguments.count else { throw .invalidConfiguration(field: name, reason: "missing value") }
+                value = arguments[index]
+            }
+            guard values[name] == nil else { throw .invalidConfiguration(field: name, reason: "given more than once") }
+            values[name] = value
+            index += 1
+        }
+        guard let kernel = values["--kernel"] else {
+            throw .invalidConfiguration(field: "--kernel", reason: "missing; a kernel image is required")
+        }
+        var configuration = VMConfiguration(kernelPath: kernel, initrdPath: values["--initrd"])
+        if let commandLine = values["--cmdline"] { configuration.commandLine = commandLine }
+        if let cpus = values["--cpus"] {
+            guard let count = Int(cpus) else {
+                throw .invalidConfiguration(field: "--cpus", reason: "'\(cpus)' is not a whole number")
+            }
+            configuration.cpuCount = count
+        }
+        if let memory = values["--memory"] { configuration.memorySize = try Size.parse(memory, field: "--memory") }
+        if let console = values["--console"] { configuration.console = try ConsoleConfiguration(parsing: console) }
+        return .run(configuration)
+    }
+}
