@@ -90,31 +90,37 @@ public final class VCPU: @unchecked Sendable {
         vireo_run_set_immediate_exit(run, value ? 1 : 0)
     }
 
+    /// `KVM_GET_*` of a fixed-size state structure.
+    private func getState<State: BitwiseCopyable>(_ request: UInt, _ name: String, _ empty: State) throws(KVMError) -> State {
+        var state = empty
+        _ = try systemCall("\(name) on vCPU \(id)") { vireo_ioctl_pointer(fd, request, &state) }
+        return state
+    }
+
+    /// `KVM_SET_*` of a fixed-size state structure.
+    private func setState<State: BitwiseCopyable>(_ request: UInt, _ name: String, _ state: State) throws(KVMError) {
+        var state = state
+        _ = try systemCall("\(name) on vCPU \(id)") { vireo_ioctl_pointer(fd, request, &state) }
+    }
+
     public func registers() throws(KVMError) -> kvm_regs {
-        var regs = kvm_regs()
-        _ = try systemCall("KVM_GET_REGS") { vireo_ioctl_pointer(fd, VIREO_KVM_GET_REGS, &regs) }
-        return regs
+        try getState(VIREO_KVM_GET_REGS, "KVM_GET_REGS", kvm_regs())
     }
 
     public func setRegisters(_ regs: kvm_regs) throws(KVMError) {
-        var regs = regs
-        _ = try systemCall("KVM_SET_REGS") { vireo_ioctl_pointer(fd, VIREO_KVM_SET_REGS, &regs) }
+        try setState(VIREO_KVM_SET_REGS, "KVM_SET_REGS", regs)
     }
 
     public func specialRegisters() throws(KVMError) -> kvm_sregs {
-        var sregs = kvm_sregs()
-        _ = try systemCall("KVM_GET_SREGS") { vireo_ioctl_pointer(fd, VIREO_KVM_GET_SREGS, &sregs) }
-        return sregs
+        try getState(VIREO_KVM_GET_SREGS, "KVM_GET_SREGS", kvm_sregs())
     }
 
     public func setSpecialRegisters(_ sregs: kvm_sregs) throws(KVMError) {
-        var sregs = sregs
-        _ = try systemCall("KVM_SET_SREGS") { vireo_ioctl_pointer(fd, VIREO_KVM_SET_SREGS, &sregs) }
+        try setState(VIREO_KVM_SET_SREGS, "KVM_SET_SREGS", sregs)
     }
 
     public func setFPU(_ fpu: kvm_fpu) throws(KVMError) {
-        var fpu = fpu
-        _ = try systemCall("KVM_SET_FPU") { vireo_ioctl_pointer(fd, VIREO_KVM_SET_FPU, &fpu) }
+        try setState(VIREO_KVM_SET_FPU, "KVM_SET_FPU", fpu)
     }
 
     public func setCPUID(_ entries: [CPUIDEntry]) throws(KVMError) {
@@ -151,8 +157,7 @@ public final class VCPU: @unchecked Sendable {
 
     /// The LAPIC register page (1 KiB), as `KVM_GET_LAPIC` returns it.
     public func localAPICRegisters() throws(KVMError) -> [UInt8] {
-        var state = kvm_lapic_state()
-        _ = try systemCall("KVM_GET_LAPIC") { vireo_ioctl_pointer(fd, VIREO_KVM_GET_LAPIC, &state) }
+        var state = try getState(VIREO_KVM_GET_LAPIC, "KVM_GET_LAPIC", kvm_lapic_state())
         return withUnsafeBytes(of: &state.regs) { Array($0) }
     }
 
@@ -161,6 +166,6 @@ public final class VCPU: @unchecked Sendable {
         withUnsafeMutableBytes(of: &state.regs) { destination in
             for index in 0..<min(destination.count, bytes.count) { destination[index] = bytes[index] }
         }
-        _ = try systemCall("KVM_SET_LAPIC") { vireo_ioctl_pointer(fd, VIREO_KVM_SET_LAPIC, &state) }
+        try setState(VIREO_KVM_SET_LAPIC, "KVM_SET_LAPIC", state)
     }
 }
