@@ -29,7 +29,7 @@ let package = Package(
                           linkerSettings: [.unsafeFlags(["-static-stdlib"])]),
         .testTarget(name: "X86BootTests", dependencies: ["X86Boot", "GuestMemory"]),
         .testTarget(name: "DevicesTests", dependencies: ["Devices", "GuestMemory"]),
-        .testTarget(name: "EndToEndTests", dependencies: ["X86Boot"]),
+        .testTarget(name: "EndToEndTests", dependencies: ["X86Boot", "GuestMemory"]),
     ],
     swiftLanguageModes: [.v6]
 )

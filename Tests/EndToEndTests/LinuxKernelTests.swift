@@ -1,4 +1,6 @@
 import Foundation
+import GuestMemory
+import X86Boot
 import Testing
 
 /// Boots the tiny Linux kernel built from Debian's linux-source (scripts/build-tiny-kernel.sh).
@@ -69,5 +71,60 @@ struct LinuxKernelTests {
         #expect(reached, "console: \(running.stdout.suffix(3000)) stderr: \(running.stderr)")
         #expect(running.stdout.contains("Linux version 6.1"))
         #expect(status == 143)
+    }
+}
+
+/// The loaders against real kernel files: the tiny kernel's vmlinux and bzImage, and Debian's
+/// stock bzImage (downloaded once by scripts/fetch-debian-kernel.sh). No KVM needed.
+@Suite struct RealKernelFileTests {
+    static let debianKernel: Result<String, HarnessError> = {
+        let script = Harness.packageRoot.appendingPathComponent("scripts/fetch-debian-kernel.sh").path
+        let result = Harness.run(["bash", script], timeout: 900)
+        guard result.status == 0, let last = result.stdout.split(separator: "\n").last else {
+            return .failure(HarnessError("fetch-debian-kernel.sh failed (\(result.status)): \(result.stderr.suffix(2000))"))
+        }
+        return .success(String(last))
+    }()
+
+    @Test func debianStockBzImage() throws {
+        let path = try Self.debianKernel.get()
+        let kernel = try KernelImage.load(path: path)
+        #expect(kernel.format == .bzImage)
+        #expect(kernel.bootProtocolVersion >= 0x020f)
+        #expect(kernel.commandLineLimit == 2047)
+        #expect(kernel.initrdAddressMax == 0x7fff_ffff)
+        #expect(kernel.entryProtocol == .linux64)
+        // Debian's kernel decompresses in place: it needs tens of MiB above 16 MiB.
+        #expect(kernel.loadedEnd > 0x100_0000 + (8 << 20))
+        let initrd = [UInt8](repeating: 0xab, count: 3 << 20)
+        let boot = try BootConfiguration(kernel: kernel, initrd: initrd, initrdPath: "initrd", commandLine: "console=ttyS0 quiet",
+                                         memorySize: 512 << 20, cpuCount: 2)
+        let memory = try GuestMemory(anonymousRegions: MachineLayout.ramRegions(memorySize: 512 << 20))
+        let prepared = try boot.load(into: memory)
+        #expect(prepared.cpuState.rip == 0x100_0000 + 0x200)
+        let zeroPage = try memory.readBytes(count: 4096, at: MachineLayout.zeroPageAddress)
+        let file = try readWholeFile(path, field: "--kernel")
+        // The setup header is copied verbatim, then the loader's fields are filled in.
+        #expect(zeroPage[0x202..<0x210] == file[0x202..<0x210])
+        #expect(zeroPage[0x210] == 0xff)
+        let initrdAddress = try #require(prepared.initrdAddress)
+        let ramdiskImage = zeroPage[0x218..<0x21c].reversed().reduce(UInt64(0)) { $0 << 8 | UInt64($1) }
+        #expect(ramdiskImage == initrdAddress.rawValue)
+        #expect(initrdAddress.rawValue >= kernel.loadedEnd)
+        // The protected-mode kernel is in guest RAM at 16 MiB, byte for byte.
+        let setupSectors = Int(file[0x1f1] == 0 ? 4 : file[0x1f1])
+        let payload = (setupSectors + 1) * 512
+        #expect(try memory.readBytes(count: 4096, at: GuestPhysicalAddress(0x100_0000)) == Array(file[payload..<payload + 4096]))
+    }
+
+    @Test func tinyKernelFiles() throws {
+        let directory = try LinuxKernelTests.kernelDirectory.get()
+        let vmlinux = try KernelImage.load(path: directory.appendingPathComponent("vmlinux").path)
+        #expect(vmlinux.format == .elf)
+        #expect(vmlinux.entryProtocol == .linux64)
+        #expect(vmlinux.loadedEnd > 0x100_0000)
+        let bzImage = try KernelImage.load(path: directory.appendingPathComponent("bzImage").path)
+        #expect(bzImage.format == .bzImage)
+        #expect(bzImage.bootProtocolVersion == 0x020f)
     }
 }
