@@ -17,9 +17,10 @@ let package = Package(
         .target(name: "GuestMemory"),
         .target(name: "X86Boot", dependencies: ["GuestMemory"]),
         .target(name: "Devices", dependencies: ["GuestMemory"]),
+        .target(name: "DiskImage"),
         .target(name: "VMM", dependencies: ["KVM", "GuestMemory", "X86Boot", "Devices"]),
         .target(name: "CLI", dependencies: [
-            "VMM", "X86Boot",
+            "VMM", "X86Boot", "DiskImage",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
         .executableTarget(name: "vireo", dependencies: ["CLI"]),
@@ -29,6 +30,7 @@ let package = Package(
                           linkerSettings: [.unsafeFlags(["-static-stdlib"])]),
         .testTarget(name: "X86BootTests", dependencies: ["X86Boot", "GuestMemory"]),
         .testTarget(name: "DevicesTests", dependencies: ["Devices", "GuestMemory"]),
+        .testTarget(name: "DiskImageTests", dependencies: ["DiskImage"]),
         .testTarget(name: "EndToEndTests", dependencies: ["X86Boot", "GuestMemory"]),
     ],
     swiftLanguageModes: [.v6]

@@ -8,7 +8,7 @@ public struct Vireo: ParsableCommand {
     public static let configuration = CommandConfiguration(
         commandName: "vireo",
         abstract: "A hosted hypervisor for Linux, on KVM.",
-        subcommands: [Run.self])
+        subcommands: [Run.self, Disk.self])
 
     public init() {}
 }

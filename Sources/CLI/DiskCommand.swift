@@ -1,0 +1,134 @@
+import ArgumentParser
+import DiskImage
+import FoundationEssentials
+import VMM
+#if canImport(Glibc)
+import Glibc
+#endif
+
+struct Disk: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Create, inspect and grow disk images (qcow2 or raw).",
+        subcommands: [Create.self, Info.self, Resize.self])
+
+    /// Disk errors are the user's to fix (status 2) unless the host failed (status 1).
+    static func reportDiskError(_ error: DiskImageError) -> ExitCode {
+        let message = "vireo: error: \(error)\n"
+        var bytes = Array(message.utf8)
+        _ = bytes.withUnsafeMutableBytes { write(STDERR_FILENO, $0.baseAddress, $0.count) }
+        if case .io = error { return ExitCode(1) }
+        return ExitCode(2)
+    }
+
+    struct Create: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Create a new, thin-provisioned disk image. Never overwrites an existing file.")
+
+        @Argument(help: "Path of the new image.")
+        var path: String
+
+        @Option(help: "Virtual size (K, M, G, T; a bare number is MiB). Defaults to the backing file's size.")
+        var size: String?
+
+        @Option(help: "Image format: qcow2 or raw.")
+        var format: String = "qcow2"
+
+        @Option(help: "Backing file (qcow2 only): reads fall through to it, writes stay in the new image.")
+        var backing: String?
+
+        @Flag(help: "Allocate every byte now (raw only).")
+        var preallocate = false
+
+        @Option(help: "qcow2 cluster size in bytes (or with K/M), a power of two from 512 to 2M.")
+        var clusterSize: String = "64K"
+
+        func run() throws {
+            guard let diskFormat = DiskFormat(rawValue: format) else {
+                throw Disk.reportDiskError(.invalidArgument(field: "--format", reason: "'\(format)' is not one of qcow2, raw"))
+            }
+            let cluster: UInt64
+            var bytes: UInt64?
+            do throws(VMMError) {
+                // A bare number is bytes here (cluster sizes are small), unlike --size.
+                if let plain = UInt64(clusterSize) { cluster = plain } else { cluster = try Size.parse(clusterSize, field: "--cluster-size") }
+                if let size { bytes = try Size.parse(size, field: "--size") }
+            } catch {
+                throw fail(error)
+            }
+            do throws(DiskImageError) {
+                if bytes == nil, let backing {
+                    let base = backing.hasPrefix("/") ? backing : QCOW2Directory.of(path) + "/" + backing
+                    bytes = try DiskImages.open(path: base, readOnly: true).virtualSize
+                }
+                guard let bytes else {
+                    throw .invalidArgument(field: "--size", reason: "missing; give a size such as 20G (or a --backing file to take it from)")
+                }
+                try DiskImages.create(path: path, format: diskFormat, size: bytes, backing: backing,
+                                      preallocate: preallocate, clusterSize: cluster)
+                print("created \(path): \(diskFormat.rawValue), \(Size.describe(bytes))" + (backing.map { ", backed by \($0)" } ?? ""))
+            } catch {
+                throw Disk.reportDiskError(error)
+            }
+        }
+    }
+
+    struct Info: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Show an image's format, sizes and backing chain.")
+
+        @Argument(help: "Image to inspect.")
+        var path: String
+
+        @Flag(help: "Machine-readable output.")
+        var json = false
+
+        func run() throws {
+            let info: DiskInfo
+            do { info = try DiskImages.open(path: path, readOnly: true).info() } catch { throw Disk.reportDiskError(error) }
+            if json {
+                let encoder = JSONEncoder()
+                encoder.outputFormatting = [.prettyPrinted, .sortedKeys, .withoutEscapingSlashes]
+                print(String(decoding: try encoder.encode(info), as: UTF8.self))
+                return
+            }
+            print("path:          \(info.path)")
+            print("format:        \(info.format.rawValue)")
+            print("virtual size:  \(Size.describe(info.virtualSize)) (\(info.virtualSize) bytes)")
+            print("allocated:     \(Size.describe(info.allocatedBytes)) (\(info.allocatedBytes) bytes)")
+            if let cluster = info.clusterSize { print("cluster size:  \(cluster)") }
+            for (depth, backing) in info.backingChain.enumerated() { print("backing[\(depth)]:    \(backing)") }
+        }
+    }
+
+    struct Resize: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Grow a disk image (shrinking is refused: it would destroy data).")
+
+        @Argument(help: "Image to grow.")
+        var path: String
+
+        @Option(help: "New virtual size.")
+        var size: String
+
+        func run() throws {
+            let bytes: UInt64
+            do { bytes = try Size.parse(size, field: "--size") } catch { throw fail(error) }
+            do throws(DiskImageError) {
+                let image = try DiskImages.open(path: path)
+                switch image {
+                case let qcow2 as QCOW2Image: try qcow2.resize(to: bytes)
+                case let raw as RawImage: try raw.resize(to: bytes)
+                default: throw DiskImageError.unsupported(path: path, feature: "resizing this format")
+                }
+            } catch {
+                throw Disk.reportDiskError(error)
+            }
+            print("resized \(path) to \(Size.describe(bytes))")
+        }
+    }
+}
+
+enum QCOW2Directory {
+    static func of(_ path: String) -> String {
+        guard let slash = path.lastIndex(of: "/") else { return "." }
+        return slash == path.startIndex ? "/" : String(path[..<slash])
+    }
+}

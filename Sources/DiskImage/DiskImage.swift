@@ -1,0 +1,138 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+
+public enum DiskFormat: String, Sendable, CaseIterable, Codable {
+    case raw
+    case qcow2
+}
+
+/// A virtual disk: a byte-addressable device of fixed size backed by an image file.
+/// Implementations bounds-check every access against `virtualSize`; offsets come from guests.
+public protocol DiskImage: AnyObject, Sendable {
+    var path: String { get }
+    var format: DiskFormat { get }
+    var virtualSize: UInt64 { get }
+    var isReadOnly: Bool { get }
+    func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws(DiskImageError)
+    func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws(DiskImageError)
+    /// Makes every completed write durable.
+    func flush() throws(DiskImageError)
+    /// What `vireo disk info` shows.
+    func info() throws(DiskImageError) -> DiskInfo
+}
+
+public struct DiskInfo: Sendable, Equatable, Codable {
+    public var path: String
+    public var format: DiskFormat
+    public var virtualSize: UInt64
+    /// Host bytes the image file occupies.
+    public var allocatedBytes: UInt64
+    public var clusterSize: UInt64?
+    /// The chain below this image, nearest first.
+    public var backingChain: [String]
+}
+
+extension DiskImage {
+    func checkRange(_ offset: UInt64, _ length: Int) throws(DiskImageError) {
+        guard offset <= virtualSize, UInt64(length) <= virtualSize - offset else {
+            throw .outOfRange(path: path, offset: offset, length: length, size: virtualSize)
+        }
+    }
+
+    public func readBytes(count: Int, at offset: UInt64) throws(DiskImageError) -> [UInt8] {
+        var bytes = [UInt8](repeating: 0, count: count)
+        let outcome: Result<Void, DiskImageError> = bytes.withUnsafeMutableBytes { buffer in
+            do throws(DiskImageError) { try read(into: buffer, at: offset); return .success(()) } catch { return .failure(error) }
+        }
+        try outcome.get()
+        return bytes
+    }
+
+    public func write(_ bytes: [UInt8], at offset: UInt64) throws(DiskImageError) {
+        let outcome: Result<Void, DiskImageError> = bytes.withUnsafeBytes { buffer in
+            do throws(DiskImageError) { try write(buffer, at: offset); return .success(()) } catch { return .failure(error) }
+        }
+        try outcome.get()
+    }
+}
+
+public enum DiskImages {
+    /// Opens an image, detecting the format from its first bytes unless `format` is given.
+    public static func open(path: String, format: DiskFormat? = nil, readOnly: Bool = false) throws(DiskImageError) -> any DiskImage {
+        let file = try ImageFile(path: path, writable: !readOnly)
+        let detected: DiskFormat
+        if let format {
+            detected = format
+        } else {
+            let magic = try file.readBytes(count: 4, at: 0)
+            detected = magic == QCOW2Image.magic ? .qcow2 : .raw
+        }
+        switch detected {
+        case .raw: return try RawImage(file: file)
+        case .qcow2: return try QCOW2Image(file: file)
+        }
+    }
+
+    /// Creates a new image; refuses to touch an existing file.
+    public static func create(path: String, format: DiskFormat, size: UInt64, backing: String? = nil,
+                              preallocate: Bool = false, clusterSize: UInt64 = 65536) throws(DiskImageError) {
+        guard size > 0 else { throw .invalidArgument(field: "--size", reason: "must be greater than zero") }
+        switch format {
+        case .raw:
+            guard backing == nil else { throw .invalidArgument(field: "--backing", reason: "raw images cannot have a backing file; use --format qcow2") }
+            try RawImage.create(path: path, size: size, preallocate: preallocate)
+        case .qcow2:
+            guard !preallocate else { throw .invalidArgument(field: "--preallocate", reason: "only raw images can be preallocated") }
+            try QCOW2Image.create(path: path, size: size, backing: backing, clusterSize: clusterSize)
+        }
+    }
+}
+
+/// A raw image: the file is the disk. Created sparse (thin) unless preallocated.
+public final class RawImage: DiskImage, @unchecked Sendable {
+    let file: ImageFile
+    public let virtualSize: UInt64
+    public var path: String { file.path }
+    public var format: DiskFormat { .raw }
+    public var isReadOnly: Bool { !file.writable }
+
+    init(file: ImageFile) throws(DiskImageError) {
+        self.file = file
+        self.virtualSize = try file.size
+    }
+
+    static func create(path: String, size: UInt64, preallocate: Bool) throws(DiskImageError) {
+        let file = try ImageFile(creating: path)
+        do {
+            if preallocate { try file.allocate(size) } else { try file.truncate(to: size) }
+        } catch {
+            unlink(path)   // ours, just made: never leave a half-made image behind
+            throw error
+        }
+    }
+
+    public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws(DiskImageError) {
+        try checkRange(offset, buffer.count)
+        try file.read(into: buffer, at: offset)
+    }
+
+    public func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws(DiskImageError) {
+        try checkRange(offset, buffer.count)
+        try file.write(buffer, at: offset)
+    }
+
+    public func flush() throws(DiskImageError) { try file.sync() }
+
+    public func resize(to size: UInt64) throws(DiskImageError) {
+        guard size >= virtualSize else {
+            throw .invalidArgument(field: "--size", reason: "shrinking would destroy data; \(size) is below the current \(virtualSize) bytes")
+        }
+        try file.truncate(to: size)
+    }
+
+    public func info() throws(DiskImageError) -> DiskInfo {
+        DiskInfo(path: path, format: .raw, virtualSize: virtualSize, allocatedBytes: try file.allocatedBytes,
+                 clusterSize: nil, backingChain: [])
+    }
+}

@@ -1,0 +1,31 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Why a disk image could not be opened, created, read or written. Keeps the path and, for host
+/// failures, the errno.
+public enum DiskImageError: Error, CustomStringConvertible, Sendable, Equatable {
+    case io(operation: String, path: String, errno: Int32)
+    /// The file is not a valid image of its format; `reason` says what was wrong.
+    case invalidImage(path: String, reason: String)
+    /// Valid, but uses something Vireo does not implement.
+    case unsupported(path: String, feature: String)
+    case outOfRange(path: String, offset: UInt64, length: Int, size: UInt64)
+    case alreadyExists(path: String)
+    case readOnly(path: String)
+    case invalidArgument(field: String, reason: String)
+
+    public var description: String {
+        switch self {
+        case let .io(operation, path, code):
+            return "\(path): \(operation) failed: \(String(cString: strerror(code))) (errno \(code))"
+        case let .invalidImage(path, reason): return "\(path): not a valid disk image: \(reason)"
+        case let .unsupported(path, feature): return "\(path): \(feature) is not supported"
+        case let .outOfRange(path, offset, length, size):
+            return "\(path): access of \(length) bytes at offset \(offset) is beyond the disk's \(size) bytes"
+        case let .alreadyExists(path): return "\(path) already exists; refusing to overwrite it"
+        case let .readOnly(path): return "\(path) is open read-only"
+        case let .invalidArgument(field, reason): return "\(field): \(reason)"
+        }
+    }
+}

@@ -1,0 +1,242 @@
+import DiskImage
+import Foundation
+import Testing
+
+/// Runs a peer tool (qemu-img, qemu-io); the peer is the oracle for every image Vireo writes.
+@discardableResult
+func tool(_ arguments: [String]) throws -> (status: Int32, output: String) {
+    let process = Process()
+    process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+    process.arguments = arguments
+    let pipe = Pipe()
+    process.standardOutput = pipe
+    process.standardError = pipe
+    try process.run()
+    let data = pipe.fileHandleForReading.readDataToEndOfFile()
+    process.waitUntilExit()
+    return (process.terminationStatus, String(decoding: data, as: UTF8.self))
+}
+
+func scratchDirectory() throws -> URL {
+    let url = FileManager.default.temporaryDirectory.appendingPathComponent("vireo-disk-\(UUID().uuidString)")
+    try FileManager.default.createDirectory(at: url, withIntermediateDirectories: true)
+    return url
+}
+
+func qemuCheck(_ path: String) throws {
+    let result = try tool(["qemu-img", "check", path])
+    #expect(result.status == 0, "qemu-img check \(path): \(result.output)")
+    #expect(result.output.contains("No errors were found"), "\(result.output)")
+}
+
+/// The image's content as QEMU sees it, through `qemu-img convert -O raw`.
+func contentAccordingToQEMU(_ path: String, in directory: URL) throws -> [UInt8] {
+    let raw = directory.appendingPathComponent("qemu-view-\(UUID().uuidString).raw").path
+    let result = try tool(["qemu-img", "convert", "-O", "raw", path, raw])
+    #expect(result.status == 0, "\(result.output)")
+    return Array(try Data(contentsOf: URL(fileURLWithPath: raw)))
+}
+
+func pattern(_ count: Int, seed: UInt8) -> [UInt8] {
+    (0..<count).map { UInt8(truncatingIfNeeded: $0 &* 31 &+ Int(seed)) }
+}
+
+@Suite struct QCOW2Tests {
+    @Test("Images Vireo creates and writes pass qemu-img check and hold exactly what was written",
+          arguments: [UInt64(512), 4096, 65536, 2 << 20])
+    func writeThenCheckWithQEMU(clusterSize: UInt64) throws {
+        let directory = try scratchDirectory()
+        let path = directory.appendingPathComponent("disk.qcow2").path
+        let size: UInt64 = 8 << 20
+        try DiskImages.create(path: path, format: .qcow2, size: size, clusterSize: clusterSize)
+        try qemuCheck(path)
+        var model = [UInt8](repeating: 0, count: Int(size))
+        let image = try DiskImages.open(path: path)
+        #expect(image.format == .qcow2)
+        #expect(image.virtualSize == size)
+        let writes: [(UInt64, Int)] = [(0, 512), (4095, 3000), (65536 * 3 + 17, 200_000), (size - 1000, 1000), (1 << 20, 1)]
+        for (index, (offset, length)) in writes.enumerated() {
+            let data = pattern(length, seed: UInt8(index + 1))
+            try image.write(data, at: offset)
+            model.replaceSubrange(Int(offset)..<Int(offset) + length, with: data)
+        }
+        // Overwrite inside an allocated cluster.
+        try image.write([0xee, 0xee], at: 10)
+        model[10] = 0xee; model[11] = 0xee
+        try image.flush()
+        #expect(try image.readBytes(count: Int(size), at: 0) == model)
+        try qemuCheck(path)
+        #expect(try contentAccordingToQEMU(path, in: directory) == model)
+        let info = try tool(["qemu-img", "info", path])
+        #expect(info.output.contains("cluster_size: \(clusterSize)"))
+    }
+
+    @Test("Images qemu-img creates and qemu-io writes read back byte-exact", arguments: [UInt64(512), 4096, 65536, 2 << 20])
+    func readQEMUWrittenImages(clusterSize: UInt64) throws {
+        let directory = try scratchDirectory()
+        let path = directory.appendingPathComponent("q.qcow2").path
+        #expect(try tool(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=\(clusterSize)", path, "6M"]).status == 0)
+        let io = try tool(["qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 0 100k", "-c", "write -P 0xa5 3000k 7k",
+                           "-c", "write -z 20k 40k", "-c", "write -P 0x11 5119k 1k", path])
+        #expect(io.status == 0, "\(io.output)")
+        let expected = try contentAccordingToQEMU(path, in: directory)
+        let image = try DiskImages.open(path: path)
+        #expect(try image.readBytes(count: expected.count, at: 0) == expected)
+        // And Vireo's writes into QEMU's image keep it consistent.
+        try image.write(pattern(70_000, seed: 9), at: 50_000)
+        try image.flush()
+        try qemuCheck(path)
+        var model = expected
+        model.replaceSubrange(50_000..<120_000, with: pattern(70_000, seed: 9))
+        #expect(try contentAccordingToQEMU(path, in: directory) == model)
+    }
+
+    @Test("A qcow2 overlay reads through to its backing file and copies on write; the base is untouched",
+          arguments: ["raw", "qcow2"])
+    func backingFileCopyOnWrite(baseFormat: String) throws {
+        let directory = try scratchDirectory()
+        let base = directory.appendingPathComponent("base.\(baseFormat)").path
+        #expect(try tool(["qemu-img", "create", "-q", "-f", baseFormat, base, "4M"]).status == 0)
+        #expect(try tool(["qemu-io", "-f", baseFormat, "-c", "write -P 0x42 0 4M", base]).status == 0)
+        let baseBefore = try contentAccordingToQEMU(base, in: directory)
+        let overlay = directory.appendingPathComponent("overlay.qcow2").path
+        try DiskImages.create(path: overlay, format: .qcow2, size: 4 << 20, backing: "base.\(baseFormat)")
+        let image = try DiskImages.open(path: overlay)
+        #expect(try image.readBytes(count: 4 << 20, at: 0) == baseBefore)
+        try image.write([1, 2, 3], at: 70_000)
+        try image.flush()
+        var model = baseBefore
+        model.replaceSubrange(70_000..<70_003, with: [1, 2, 3])
+        #expect(try image.readBytes(count: 4 << 20, at: 0) == model)
+        try qemuCheck(overlay)
+        #expect(try contentAccordingToQEMU(overlay, in: directory) == model)
+        #expect(try contentAccordingToQEMU(base, in: directory) == baseBefore)
+        let info = try image.info()
+        #expect(info.backingChain == [directory.path + "/base.\(baseFormat)"])
+        let qemuInfo = try tool(["qemu-img", "info", overlay])
+        #expect(qemuInfo.output.contains("backing file: base.\(baseFormat)"))
+        #expect(qemuInfo.output.contains("backing file format: \(baseFormat)"))
+    }
+
+    @Test("Thin provisioning: a new 1 TiB image takes a few clusters, and grows only where written")
+    func thinProvisioning() throws {
+        let directory = try scratchDirectory()
+        let path = directory.appendingPathComponent("big.qcow2").path
+        try DiskImages.create(path: path, format: .qcow2, size: 1 << 40)
+        let image = try DiskImages.open(path: path)
+        let before = try image.info().allocatedBytes
+        #expect(before < 2 << 20)
+        try image.write(pattern(4096, seed: 3), at: 700 << 30)
+        try image.flush()
+        #expect(try image.info().allocatedBytes - before <= 3 * 65536)
+        try qemuCheck(path)
+    }
+
+    @Test("Resize grows the disk; qemu-img agrees; shrinking is refused")
+    func resize() throws {
+        let directory = try scratchDirectory()
+        let path = directory.appendingPathComponent("r.qcow2").path
+        try DiskImages.create(path: path, format: .qcow2, size: 1 << 30)
+        let image = try #require(try DiskImages.open(path: path) as? QCOW2Image)
+        try image.write([7], at: (1 << 30) - 1)
+        try image.resize(to: 3 << 30)
+        #expect(throws: DiskImageError.self) { try image.resize(to: 1 << 20) }
+        try qemuCheck(path)
+        #expect(try tool(["qemu-img", "info", path]).output.contains("virtual size: 3 GiB"))
+        let reopened = try DiskImages.open(path: path)
+        #expect(reopened.virtualSize == 3 << 30)
+        #expect(try reopened.readBytes(count: 1, at: (1 << 30) - 1) == [7])
+    }
+
+    @Test("Out-of-range accesses are refused, never performed")
+    func boundsChecked() throws {
+        let directory = try scratchDirectory()
+        let path = directory.appendingPathComponent("b.qcow2").path
+        try DiskImages.create(path: path, format: .qcow2, size: 1 << 20)
+        let image = try DiskImages.open(path: path)
+        #expect(throws: DiskImageError.outOfRange(path: path, offset: (1 << 20) - 1, length: 2, size: 1 << 20)) {
+            try image.write([1, 2], at: (1 << 20) - 1)
+        }
+        #expect(throws: DiskImageError.self) { try image.readBytes(count: 1, at: UInt64.max) }
+        try qemuCheck(path)
+    }
+
+    @Test("Compressed clusters are reported as unsupported, clearly")
+    func compressedClusters() throws {
+        let directory = try scratchDirectory()
+        let raw = directory.appendingPathComponent("src.raw").path
+        let compressed = directory.appendingPathComponent("c.qcow2").path
+        #expect(try tool(["qemu-img", "create", "-q", "-f", "raw", raw, "1M"]).status == 0)
+        #expect(try tool(["qemu-io", "-f", "raw", "-c", "write -P 0x33 0 1M", raw]).status == 0)
+        #expect(try tool(["qemu-img", "convert", "-c", "-O", "qcow2", raw, compressed]).status == 0)
+        let image = try DiskImages.open(path: compressed)
+        #expect(throws: DiskImageError.unsupported(path: compressed, feature: "reading compressed clusters")) {
+            try image.readBytes(count: 512, at: 0)
+        }
+    }
+
+    @Test("Malformed images give an error, never a crash: every header byte mutated")
+    func malformedHeaders() throws {
+        let directory = try scratchDirectory()
+        let good = directory.appendingPathComponent("good.qcow2").path
+        try DiskImages.create(path: good, format: .qcow2, size: 4 << 20, clusterSize: 4096)
+        let original = Array(try Data(contentsOf: URL(fileURLWithPath: good)))
+        var generator = SystemRandomNumberGenerator()
+        for position in 0..<112 {
+            for value: UInt8 in [0x00, 0xff, UInt8.random(in: 0...255, using: &generator)] {
+                var bytes = original
+                bytes[position] = value
+                let path = directory.appendingPathComponent("m.qcow2").path
+                try? FileManager.default.removeItem(atPath: path)
+                try Data(bytes).write(to: URL(fileURLWithPath: path))
+                do {
+                    let image = try DiskImages.open(path: path, format: .qcow2)
+                    _ = try? image.readBytes(count: 65536, at: 0)
+                    _ = try? image.write(pattern(5000, seed: 1), at: 100)
+                } catch {
+                    #expect(!String(describing: error).isEmpty)
+                }
+            }
+        }
+        let truncated = directory.appendingPathComponent("t.qcow2").path
+        try Data(original.prefix(50)).write(to: URL(fileURLWithPath: truncated))
+        #expect(throws: DiskImageError.self) { try DiskImages.open(path: truncated, format: .qcow2) }
+    }
+}
+
+@Suite struct RawImageTests {
+    @Test func sparseByDefaultPreallocatedOnRequest() throws {
+        let directory = try scratchDirectory()
+        let thin = directory.appendingPathComponent("thin.raw").path
+        try DiskImages.create(path: thin, format: .raw, size: 256 << 20)
+        #expect(try DiskImages.open(path: thin).info().allocatedBytes < 1 << 20)
+        let full = directory.appendingPathComponent("full.raw").path
+        try DiskImages.create(path: full, format: .raw, size: 16 << 20, preallocate: true)
+        #expect(try DiskImages.open(path: full).info().allocatedBytes >= 16 << 20)
+    }
+
+    @Test func neverOverwritesAnExistingFile() throws {
+        let directory = try scratchDirectory()
+        let path = directory.appendingPathComponent("precious.img").path
+        try Data("user data".utf8).write(to: URL(fileURLWithPath: path))
+        for format in DiskFormat.allCases {
+            #expect(throws: DiskImageError.alreadyExists(path: path)) {
+                try DiskImages.create(path: path, format: format, size: 1 << 20)
+            }
+        }
+        #expect(try String(contentsOfFile: path, encoding: .utf8) == "user data")
+    }
+
+    @Test func readWriteAndBounds() throws {
+        let directory = try scratchDirectory()
+        let path = directory.appendingPathComponent("r.raw").path
+        try DiskImages.create(path: path, format: .raw, size: 1 << 20)
+        let image = try DiskImages.open(path: path)
+        #expect(image.format == .raw)
+        try image.write(pattern(3000, seed: 5), at: 1000)
+        #expect(try image.readBytes(count: 3000, at: 1000) == pattern(3000, seed: 5))
+        #expect(throws: DiskImageError.self) { try image.write([1], at: 1 << 20) }
+        let readOnly = try DiskImages.open(path: path, readOnly: true)
+        #expect(throws: DiskImageError.readOnly(path: path)) { try readOnly.write([1], at: 0) }
+    }
+}
