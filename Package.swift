@@ -17,7 +17,8 @@ let package = Package(
         .target(name: "GuestMemory"),
         .target(name: "X86Boot", dependencies: ["GuestMemory"]),
         .target(name: "Devices", dependencies: ["GuestMemory"]),
-        .target(name: "DiskImage"),
+        .target(name: "CZlib", linkerSettings: [.linkedLibrary("z")]),
+        .target(name: "DiskImage", dependencies: ["CZlib"]),
         .target(name: "VMM", dependencies: ["KVM", "GuestMemory", "X86Boot", "Devices"]),
         .target(name: "CLI", dependencies: [
             "VMM", "X86Boot", "DiskImage",

@@ -11,6 +11,7 @@ packages=(
   linux-source-6.1         # the tiny test kernel's source
   flex bison bc libelf-dev libssl-dev cpio lz4 xz-utils gzip   # kernel build and initramfs
   qemu-system-x86 qemu-utils                                   # peers for benchmarks and image checks
+  zlib1g-dev                                                   # qcow2 compressed clusters
 )
 missing=()
 for p in "${packages[@]}"; do

@@ -1,3 +1,4 @@
+import CZlib
 import Synchronization
 #if canImport(Glibc)
 import Glibc
@@ -136,7 +137,8 @@ public final class QCOW2Image: DiskImage, @unchecked Sendable {
         case unallocated          // read from the backing file, or zeros
         case zero(preallocated: UInt64?)   // v3 zero cluster, possibly keeping its host cluster
         case data(UInt64, copied: Bool)
-        case compressed
+        /// Deflated data at a byte offset, in `sectors` 512-byte sectors.
+        case compressed(offset: UInt64, sectors: UInt64)
     }
 
     private func checkedMetadataOffset(_ offset: UInt64, _ what: String) throws(DiskImageError) -> UInt64 {
@@ -154,7 +156,13 @@ public final class QCOW2Image: DiskImage, @unchecked Sendable {
         if l2Table == 0 { return .unallocated }
         let entryBytes = try file.readBytes(count: 8, at: l2Table + (clusterIndex % l2Entries) * 8)
         let entry = entryBytes.be(UInt64.self, at: 0)
-        if entry & Self.compressedFlag != 0 { return .compressed }
+        if entry & Self.compressedFlag != 0 {
+            // Offset in the low 62-(cluster_bits-8) bits, then the count of extra sectors.
+            let offsetBits = 62 - (clusterBits - 8)
+            let offset = entry & ((1 << offsetBits) - 1)
+            let sectors = ((entry >> offsetBits) & ((1 << (clusterBits - 8)) - 1)) + 1
+            return .compressed(offset: offset, sectors: sectors)
+        }
         let host = entry & Self.offsetMask
         if version >= 3 && entry & Self.zeroFlag != 0 {
             let keeps = host != 0 && entry & Self.copiedFlag != 0
@@ -198,9 +206,30 @@ public final class QCOW2Image: DiskImage, @unchecked Sendable {
             }
         case let .data(host, _):
             try file.read(into: target, at: host + within)
-        case .compressed:
-            throw .unsupported(path: path, feature: "reading compressed clusters")
+        case let .compressed(offset, sectors):
+            let cluster = try decompressCluster(offset: offset, sectors: sectors)
+            cluster.withUnsafeBytes { whole in
+                target.copyMemory(from: UnsafeRawBufferPointer(rebasing: whole[Int(within)..<Int(within) + target.count]))
+            }
         }
+    }
+
+    private func decompressCluster(offset: UInt64, sectors: UInt64) throws(DiskImageError) -> [UInt8] {
+        let length = sectors * 512 - (offset & 511)
+        guard length <= 2 * clusterSize + 512 else {
+            throw .invalidImage(path: path, reason: "compressed cluster at \(offset) claims \(length) bytes")
+        }
+        let compressed = try file.readBytes(count: Int(length), at: offset)
+        var cluster = [UInt8](repeating: 0, count: Int(clusterSize))
+        let produced = compressed.withUnsafeBytes { source in
+            cluster.withUnsafeMutableBytes { destination in
+                vireo_inflate_raw(source.baseAddress, source.count, destination.baseAddress, destination.count)
+            }
+        }
+        guard produced == Int(clusterSize) else {
+            throw .invalidImage(path: path, reason: "compressed cluster at \(offset) does not inflate to \(clusterSize) bytes")
+        }
+        return cluster
     }
 
     // MARK: Writing
@@ -255,6 +284,27 @@ public final class QCOW2Image: DiskImage, @unchecked Sendable {
         let host = try allocateCluster(state: &state)
         try file.write(contents, at: host)
         try setL2Entry(for: position, to: host | Self.copiedFlag, state: &state)
+        if case let .compressed(offset, sectors) = current {
+            // The old compressed data no longer has this reference (it may share host clusters
+            // with other compressed clusters, so each host cluster it touches drops by one).
+            let first = offset & ~(clusterSize - 1)
+            let last = (offset + sectors * 512 - (offset & 511) - 1) & ~(clusterSize - 1)
+            var hostCluster = first
+            while hostCluster <= last {
+                let count = try refcount(of: hostCluster, state: &state)
+                if count > 0 { try setRefcount(of: hostCluster, to: count - 1, state: &state) }
+                hostCluster += clusterSize
+            }
+        }
+    }
+
+    private func refcount(of hostOffset: UInt64, state: inout State) throws(DiskImageError) -> UInt16 {
+        let clusterIndex = hostOffset >> clusterBits
+        let tableIndex = Int(clusterIndex / refcountsPerBlock)
+        guard tableIndex < state.refcountTable.count else { return 0 }
+        let block = state.refcountTable[tableIndex] & Self.offsetMask
+        if block == 0 { return 0 }
+        return try file.readBytes(count: 2, at: block + (clusterIndex % refcountsPerBlock) * 2).be(UInt16.self, at: 0)
     }
 
     private func setL2Entry(for position: UInt64, to value: UInt64, state: inout State) throws(DiskImageError) {

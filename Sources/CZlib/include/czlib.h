@@ -1,0 +1,11 @@
+// The one zlib call qcow2 needs: inflating a raw deflate stream (QEMU writes compressed clusters
+// with window bits -12, no zlib header).
+#ifndef VIREO_CZLIB_H
+#define VIREO_CZLIB_H
+#include <stddef.h>
+
+// Inflates `source` into `destination`. Returns the bytes produced, or -1 if the stream is
+// malformed. Never writes past `destination_length`.
+long vireo_inflate_raw(const void *source, size_t source_length, void *destination, size_t destination_length);
+
+#endif
