@@ -1,0 +1,131 @@
+import GuestMemory
+import Synchronization
+
+/// A driver mistake or a hostile guest, found while reading a virtqueue. The transport answers it
+/// by marking the device NEEDS_RESET; the VMM itself carries on.
+public enum VirtioError: Error, Equatable, Sendable, CustomStringConvertible {
+    case invalidQueueSize(UInt16, maximum: UInt16)
+    case ringOutsideMemory(String, GuestPhysicalAddress)
+    case misalignedRing(String, GuestPhysicalAddress)
+    case availableIndexJump(from: UInt16, to: UInt16, size: UInt16)
+    case descriptorIndexOutOfRange(UInt16, size: UInt16)
+    case descriptorChainTooLong(head: UInt16)
+    case indirectDescriptorNotNegotiated(head: UInt16)
+    case bufferOutsideMemory(GuestPhysicalAddress, length: UInt32)
+    case malformedRequest(String)
+
+    public var description: String {
+        switch self {
+        case let .invalidQueueSize(size, maximum): return "queue size \(size) is not a power of two up to \(maximum)"
+        case let .ringOutsideMemory(ring, address): return "\(ring) at \(address) is outside guest RAM"
+        case let .misalignedRing(ring, address): return "\(ring) at \(address) is misaligned"
+        case let .availableIndexJump(from, to, size): return "available index jumped from \(from) to \(to) on a queue of \(size)"
+        case let .descriptorIndexOutOfRange(index, size): return "descriptor \(index) is outside a queue of \(size)"
+        case let .descriptorChainTooLong(head): return "descriptor chain from \(head) is longer than the queue (a loop?)"
+        case let .indirectDescriptorNotNegotiated(head): return "descriptor chain from \(head) uses indirect descriptors, which were not offered"
+        case let .bufferOutsideMemory(address, length): return "buffer of \(length) bytes at \(address) is outside guest RAM"
+        case let .malformedRequest(reason): return "malformed request: \(reason)"
+        }
+    }
+}
+
+/// One buffer of a descriptor chain, already checked to lie inside guest RAM.
+public struct VirtqBuffer: Sendable, Equatable {
+    public let address: GuestPhysicalAddress
+    public let length: UInt32
+    public let deviceWritable: Bool
+}
+
+/// A request the driver made available: its head index and its buffers in order.
+public struct DescriptorChain: Sendable, Equatable {
+    public let head: UInt16
+    public let buffers: [VirtqBuffer]
+
+    public var readable: [VirtqBuffer] { buffers.filter { !$0.deviceWritable } }
+    public var writable: [VirtqBuffer] { buffers.filter { $0.deviceWritable } }
+}
+
+/// A split virtqueue (virtio 1.x §2.7) in guest memory. Every index and address the guest wrote is
+/// checked before use: the guest is not trusted.
+public final class VirtQueue: @unchecked Sendable {
+    static let nextFlag: UInt16 = 1
+    static let writeFlag: UInt16 = 2
+    static let indirectFlag: UInt16 = 4
+
+    let memory: GuestMemory
+    public let size: UInt16
+    let descriptorTable: GuestPhysicalAddress
+    let availableRing: GuestPhysicalAddress
+    let usedRing: GuestPhysicalAddress
+    private(set) var nextAvailable: UInt16 = 0
+    private(set) var nextUsed: UInt16 = 0
+
+    public init(memory: GuestMemory, size: UInt16, maximumSize: UInt16, descriptorTable: GuestPhysicalAddress,
+                availableRing: GuestPhysicalAddress, usedRing: GuestPhysicalAddress) throws(VirtioError) {
+        guard size > 0, size <= maximumSize, size.nonzeroBitCount == 1 else { throw .invalidQueueSize(size, maximum: maximumSize) }
+        let rings: [(String, GuestPhysicalAddress, UInt64, UInt64)] = [
+            ("descriptor table", descriptorTable, 16 * UInt64(size), 16),
+            ("available ring", availableRing, 6 + 2 * UInt64(size), 2),
+            ("used ring", usedRing, 6 + 8 * UInt64(size), 4),
+        ]
+        for (name, address, length, alignment) in rings {
+            guard address.rawValue % alignment == 0 else { throw .misalignedRing(name, address) }
+            guard memory.contains(address, length: length) else { throw .ringOutsideMemory(name, address) }
+        }
+        self.memory = memory
+        self.size = size
+        self.descriptorTable = descriptorTable
+        self.availableRing = availableRing
+        self.usedRing = usedRing
+    }
+
+    /// The next chain the driver made available, or nil when there is none.
+    public func popChain() throws(VirtioError) -> DescriptorChain? {
+        let availableIndex = try read(UInt16.self, availableRing + 2)
+        if availableIndex == nextAvailable { return nil }
+        guard availableIndex &- nextAvailable <= size else {
+            throw .availableIndexJump(from: nextAvailable, to: availableIndex, size: size)
+        }
+        // Ring entries are read only after the index that published them.
+        atomicMemoryFence(ordering: .acquiring)
+        let head = try read(UInt16.self, availableRing + 4 + 2 * UInt64(nextAvailable % size))
+        nextAvailable &+= 1
+
+        var buffers: [VirtqBuffer] = []
+        var index = head
+        while true {
+            guard index < size else { throw .descriptorIndexOutOfRange(index, size: size) }
+            guard buffers.count < Int(size) else { throw .descriptorChainTooLong(head: head) }
+            let entry = descriptorTable + 16 * UInt64(index)
+            let address = GuestPhysicalAddress(try read(UInt64.self, entry))
+            let length = try read(UInt32.self, entry + 8)
+            let flags = try read(UInt16.self, entry + 12)
+            let next = try read(UInt16.self, entry + 14)
+            guard flags & Self.indirectFlag == 0 else { throw .indirectDescriptorNotNegotiated(head: head) }
+            guard memory.contains(address, length: UInt64(length)) else { throw .bufferOutsideMemory(address, length: length) }
+            buffers.append(VirtqBuffer(address: address, length: length, deviceWritable: flags & Self.writeFlag != 0))
+            guard flags & Self.nextFlag != 0 else { break }
+            index = next
+        }
+        return DescriptorChain(head: head, buffers: buffers)
+    }
+
+    /// Returns a finished chain to the driver with the number of bytes the device wrote.
+    public func pushUsed(head: UInt16, written: UInt32) throws(VirtioError) {
+        let slot = usedRing + 4 + 8 * UInt64(nextUsed % size)
+        try write(UInt32(head), slot)
+        try write(written, slot + 4)
+        nextUsed &+= 1
+        // The element must be visible before the index that publishes it.
+        atomicMemoryFence(ordering: .releasing)
+        try write(nextUsed, usedRing + 2)
+    }
+
+    private func read<T: FixedWidthInteger>(_ type: T.Type, _ address: GuestPhysicalAddress) throws(VirtioError) -> T {
+        do { return try memory.read(type, at: address) } catch { throw .ringOutsideMemory("virtqueue", address) }
+    }
+
+    private func write<T: FixedWidthInteger>(_ value: T, _ address: GuestPhysicalAddress) throws(VirtioError) {
+        do { try memory.write(value, at: address) } catch { throw .ringOutsideMemory("virtqueue", address) }
+    }
+}

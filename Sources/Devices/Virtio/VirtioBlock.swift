@@ -1,0 +1,159 @@
+import DiskImage
+import GuestMemory
+import Synchronization
+
+/// virtio-blk (virtio 1.x §5.2) over a `DiskImage`: read, write, flush and get-id. Guest buffers
+/// are read and written in place (no bounce copies); disk errors become VIRTIO_BLK_S_IOERR for
+/// that request, never a VMM failure.
+public final class VirtioBlock: VirtioDevice, @unchecked Sendable {
+    public static let sectorSize: UInt64 = 512
+    public static let queueSize: UInt16 = 256
+
+    enum RequestType {
+        static let read: UInt32 = 0
+        static let write: UInt32 = 1
+        static let flush: UInt32 = 4
+        static let getID: UInt32 = 8
+    }
+    enum RequestStatus {
+        static let ok: UInt8 = 0
+        static let ioError: UInt8 = 1
+        static let unsupported: UInt8 = 2
+    }
+    enum Feature {
+        static let segmentMaximum: UInt64 = 1 << 2
+        static let readOnly: UInt64 = 1 << 5
+        static let flush: UInt64 = 1 << 9
+    }
+
+    public let disk: any DiskImage
+    public let readOnly: Bool
+    public let serial: [UInt8]
+    /// Completed requests, for counters and tests.
+    public let completed = Atomic<UInt64>(0)
+
+    public init(disk: any DiskImage, readOnly: Bool, serial: String?) {
+        self.disk = disk
+        self.readOnly = readOnly || disk.isReadOnly
+        self.serial = Array((serial ?? "").utf8.prefix(20))
+    }
+
+    public var deviceType: UInt32 { 2 }
+    public var deviceFeatures: UInt64 {
+        VirtioFeature.version1 | Feature.segmentMaximum | Feature.flush | (readOnly ? Feature.readOnly : 0)
+    }
+    public var queueMaximumSizes: [UInt16] { [Self.queueSize] }
+
+    public func readConfiguration(offset: Int, into data: UnsafeMutableRawBufferPointer) {
+        var configuration = [UInt8](repeating: 0, count: 24)
+        let capacity = disk.virtualSize / Self.sectorSize
+        for index in 0..<8 { configuration[index] = UInt8(truncatingIfNeeded: capacity >> (8 * index)) }
+        let segments = UInt32(Self.queueSize - 2)
+        for index in 0..<4 { configuration[12 + index] = UInt8(truncatingIfNeeded: segments >> (8 * index)) }
+        for index in data.indices {
+            let position = offset + index
+            data[index] = position >= 0 && position < configuration.count ? configuration[position] : 0
+        }
+    }
+
+    public func process(queue index: Int, _ queue: VirtQueue, memory: GuestMemory) throws(VirtioError) -> Bool {
+        var used = false
+        while let chain = try queue.popChain() {
+            let written = try handle(chain, memory: memory)
+            try queue.pushUsed(head: chain.head, written: written)
+            completed.add(1, ordering: .relaxed)
+            used = true
+        }
+        return used
+    }
+
+    /// Executes one request; returns the bytes written into guest buffers (status byte included).
+    private func handle(_ chain: DescriptorChain, memory: GuestMemory) throws(VirtioError) -> UInt32 {
+        // Layout: a 16-byte header the device reads, data buffers, then one status byte it writes.
+        guard let statusBuffer = chain.buffers.last, statusBuffer.deviceWritable, statusBuffer.length >= 1 else {
+            throw .malformedRequest("the last buffer must be a device-writable status byte")
+        }
+        let header = try gather(chain.readable, count: 16, memory: memory)
+        let type = UInt32(header[0]) | UInt32(header[1]) << 8 | UInt32(header[2]) << 16 | UInt32(header[3]) << 24
+        let sector = header[8..<16].reversed().reduce(UInt64(0)) { $0 << 8 | UInt64($1) }
+        var dataBuffers = Array(chain.buffers.dropLast())
+        var status = RequestStatus.ok
+        var written: UInt32 = 0
+        let statusAddress = statusBuffer.address + UInt64(statusBuffer.length - 1)
+        if statusBuffer.length > 1 {
+            // Status shares its buffer with data: the data part is everything before the last byte.
+            dataBuffers.append(VirtqBuffer(address: statusBuffer.address, length: statusBuffer.length - 1, deviceWritable: true))
+        }
+
+        switch type {
+        case RequestType.read, RequestType.write:
+            let isRead = type == RequestType.read
+            // Skip the header bytes among the readable buffers for writes.
+            let payload = isRead ? dataBuffers.filter(\.deviceWritable) : try skipping(16, in: dataBuffers.filter { !$0.deviceWritable })
+            let length = payload.reduce(UInt64(0)) { $0 + UInt64($1.length) }
+            if !isRead && readOnly {
+                status = RequestStatus.ioError
+            } else if length % Self.sectorSize != 0 || sector > UInt64.max / Self.sectorSize
+                        || sector * Self.sectorSize > disk.virtualSize || length > disk.virtualSize - sector * Self.sectorSize {
+                status = RequestStatus.ioError
+            } else {
+                var offset = sector * Self.sectorSize
+                do {
+                    for buffer in payload where buffer.length > 0 {
+                        let host = try memory.hostPointer(buffer.address, length: UInt64(buffer.length))
+                        if isRead {
+                            try disk.read(into: UnsafeMutableRawBufferPointer(start: host, count: Int(buffer.length)), at: offset)
+                            written += buffer.length
+                        } else {
+                            try disk.write(UnsafeRawBufferPointer(start: host, count: Int(buffer.length)), at: offset)
+                        }
+                        offset += UInt64(buffer.length)
+                    }
+                } catch {
+                    status = RequestStatus.ioError
+                }
+            }
+        case RequestType.flush:
+            do { try disk.flush() } catch { status = RequestStatus.ioError }
+        case RequestType.getID:
+            var identifier = serial
+            identifier.append(contentsOf: [UInt8](repeating: 0, count: 20 - identifier.count))
+            written += try scatter(identifier, into: dataBuffers.filter(\.deviceWritable), memory: memory)
+        default:
+            status = RequestStatus.unsupported
+        }
+        do { try memory.write(status, at: statusAddress) } catch { throw .bufferOutsideMemory(statusAddress, length: 1) }
+        return written + 1
+    }
+
+    private func gather(_ buffers: [VirtqBuffer], count: Int, memory: GuestMemory) throws(VirtioError) -> [UInt8] {
+        var bytes: [UInt8] = []
+        for buffer in buffers where bytes.count < count {
+            let take = min(Int(buffer.length), count - bytes.count)
+            do { bytes += try memory.readBytes(count: take, at: buffer.address) } catch { throw .bufferOutsideMemory(buffer.address, length: buffer.length) }
+        }
+        guard bytes.count == count else { throw .malformedRequest("request header is \(bytes.count) bytes, expected \(count)") }
+        return bytes
+    }
+
+    private func scatter(_ bytes: [UInt8], into buffers: [VirtqBuffer], memory: GuestMemory) throws(VirtioError) -> UInt32 {
+        var done = 0
+        for buffer in buffers where done < bytes.count {
+            let take = min(Int(buffer.length), bytes.count - done)
+            do { try memory.write(bytes[done..<done + take], at: buffer.address) } catch { throw .bufferOutsideMemory(buffer.address, length: buffer.length) }
+            done += take
+        }
+        return UInt32(done)
+    }
+
+    private func skipping(_ count: UInt32, in buffers: [VirtqBuffer]) throws(VirtioError) -> [VirtqBuffer] {
+        var remaining = count
+        var result: [VirtqBuffer] = []
+        for buffer in buffers {
+            if remaining >= buffer.length { remaining -= buffer.length; continue }
+            result.append(VirtqBuffer(address: buffer.address + UInt64(remaining), length: buffer.length - remaining, deviceWritable: false))
+            remaining = 0
+        }
+        return result
+    }
+}

@@ -1,0 +1,199 @@
+import GuestMemory
+import Synchronization
+
+/// What a virtio device does; the transport handles discovery, feature negotiation and queues.
+public protocol VirtioDevice: AnyObject, Sendable {
+    /// Virtio device ID (2 = block, 1 = network, 4 = entropy, ...).
+    var deviceType: UInt32 { get }
+    /// Offered feature bits, VIRTIO_F_VERSION_1 (bit 32) included.
+    var deviceFeatures: UInt64 { get }
+    var queueMaximumSizes: [UInt16] { get }
+    func readConfiguration(offset: Int, into data: UnsafeMutableRawBufferPointer)
+    /// Handles the driver's notification for queue `index`. Returns true when it used buffers
+    /// (the transport then interrupts the driver).
+    func process(queue index: Int, _ queue: VirtQueue, memory: GuestMemory) throws(VirtioError) -> Bool
+}
+
+public enum VirtioFeature {
+    public static let version1: UInt64 = 1 << 32
+}
+
+/// The virtio-mmio transport (virtio 1.x §4.2, "version 2", no legacy interface), as Firecracker
+/// uses it. Linux finds it through `virtio_mmio.device=4K@ADDRESS:IRQ` on the command line.
+public final class VirtioMMIOTransport: MMIODevice {
+    public static let magic: UInt32 = 0x7472_6976         // "virt"
+    public static let vendor: UInt32 = 0x4f52_4956        // "VIRO"
+    public static let windowSize: UInt64 = 0x1000
+
+    enum Status {
+        static let acknowledge: UInt32 = 1
+        static let driver: UInt32 = 2
+        static let driverOK: UInt32 = 4
+        static let featuresOK: UInt32 = 8
+        static let needsReset: UInt32 = 0x40
+        static let failed: UInt32 = 0x80
+    }
+
+    struct QueueRegisters {
+        var size: UInt16
+        var ready = false
+        var descriptor: UInt64 = 0
+        var driver: UInt64 = 0
+        var device: UInt64 = 0
+        var queue: VirtQueue?
+    }
+
+    struct State {
+        var status: UInt32 = 0
+        var deviceFeaturesSelect: UInt32 = 0
+        var driverFeaturesSelect: UInt32 = 0
+        var driverFeatures: UInt64 = 0
+        var queueSelect: UInt32 = 0
+        var queues: [QueueRegisters]
+        var interruptStatus: UInt32 = 0
+        var configurationGeneration: UInt32 = 0
+        /// The last thing that went wrong, for logs and tests.
+        var lastError: VirtioError?
+    }
+
+    public let device: any VirtioDevice
+    let memory: GuestMemory
+    let interrupt: any InterruptLine
+    private let state: Mutex<State>
+
+    public init(device: any VirtioDevice, memory: GuestMemory, interrupt: any InterruptLine) {
+        self.device = device
+        self.memory = memory
+        self.interrupt = interrupt
+        state = Mutex(State(queues: device.queueMaximumSizes.map { QueueRegisters(size: $0) }))
+    }
+
+    public var lastError: VirtioError? { state.withLock { $0.lastError } }
+    public var status: UInt32 { state.withLock { $0.status } }
+
+    public func read(offset: UInt64, into data: UnsafeMutableRawBufferPointer) {
+        if offset >= 0x100 {
+            device.readConfiguration(offset: Int(offset - 0x100), into: data)
+            return
+        }
+        let value: UInt32 = state.withLock { state in
+            let selected = Int(state.queueSelect)
+            let queue = selected < state.queues.count ? state.queues[selected] : nil
+            switch offset {
+            case 0x000: return Self.magic
+            case 0x004: return 2
+            case 0x008: return device.deviceType
+            case 0x00c: return Self.vendor
+            case 0x010:
+                return state.deviceFeaturesSelect < 2 ? UInt32(truncatingIfNeeded: device.deviceFeatures >> (32 * UInt64(state.deviceFeaturesSelect))) : 0
+            case 0x034: return UInt32(selected < device.queueMaximumSizes.count ? device.queueMaximumSizes[selected] : 0)
+            case 0x044: return queue?.ready == true ? 1 : 0
+            case 0x060: return state.interruptStatus
+            case 0x070: return state.status
+            case 0x0fc: return state.configurationGeneration
+            default: return 0
+            }
+        }
+        withUnsafeBytes(of: value.littleEndian) { source in
+            for index in data.indices { data[index] = index < source.count ? source[index] : 0 }
+        }
+    }
+
+    public func write(offset: UInt64, data: UnsafeRawBufferPointer) {
+        guard offset < 0x100, data.count == 4 else { return }   // config space is read-only here
+        let value = data.loadUnaligned(as: UInt32.self).littleEndian
+        var notify: Int?
+        state.withLock { state in
+            let selected = Int(state.queueSelect)
+            let valid = selected < state.queues.count
+            switch offset {
+            case 0x014: state.deviceFeaturesSelect = value
+            case 0x020:
+                if state.driverFeaturesSelect < 2 {
+                    let shift = 32 * UInt64(state.driverFeaturesSelect)
+                    state.driverFeatures = (state.driverFeatures & ~(0xffff_ffff << shift)) | (UInt64(value) << shift)
+                }
+            case 0x024: state.driverFeaturesSelect = value
+            case 0x030: state.queueSelect = value
+            case 0x038: if valid, !state.queues[selected].ready { state.queues[selected].size = UInt16(truncatingIfNeeded: value) }
+            case 0x044: if valid { setQueueReady(value == 1, index: selected, state: &state) }
+            case 0x050: notify = Int(value)
+            case 0x064: state.interruptStatus &= ~value
+            case 0x070: setStatus(value, state: &state)
+            case 0x080: if valid { state.queues[selected].descriptor.setLow(value) }
+            case 0x084: if valid { state.queues[selected].descriptor.setHigh(value) }
+            case 0x090: if valid { state.queues[selected].driver.setLow(value) }
+            case 0x094: if valid { state.queues[selected].driver.setHigh(value) }
+            case 0x0a0: if valid { state.queues[selected].device.setLow(value) }
+            case 0x0a4: if valid { state.queues[selected].device.setHigh(value) }
+            default: break
+            }
+            if let index = notify { process(queue: index, state: &state) }
+        }
+    }
+
+    private func setStatus(_ value: UInt32, state: inout State) {
+        if value == 0 {
+            // Device reset: forget everything the driver set up.
+            state = State(queues: device.queueMaximumSizes.map { QueueRegisters(size: $0) },
+                          configurationGeneration: state.configurationGeneration)
+            return
+        }
+        var accepted = value
+        if value & Status.featuresOK != 0 && state.status & Status.featuresOK == 0 {
+            // The driver may only accept what was offered, and a modern device needs VERSION_1.
+            let offered = device.deviceFeatures
+            if state.driverFeatures & ~offered != 0 || state.driverFeatures & VirtioFeature.version1 == 0 {
+                accepted &= ~Status.featuresOK
+            }
+        }
+        state.status = accepted | (state.status & Status.needsReset)
+    }
+
+    private func setQueueReady(_ ready: Bool, index: Int, state: inout State) {
+        guard ready else {
+            state.queues[index].ready = false
+            state.queues[index].queue = nil
+            return
+        }
+        let registers = state.queues[index]
+        do {
+            state.queues[index].queue = try VirtQueue(
+                memory: memory, size: registers.size, maximumSize: device.queueMaximumSizes[index],
+                descriptorTable: GuestPhysicalAddress(registers.descriptor), availableRing: GuestPhysicalAddress(registers.driver),
+                usedRing: GuestPhysicalAddress(registers.device))
+            state.queues[index].ready = true
+        } catch {
+            fail(error, state: &state)
+        }
+    }
+
+    private func process(queue index: Int, state: inout State) {
+        // Notifications before DRIVER_OK, for unknown queues or after a failure are ignored.
+        guard state.status & Status.driverOK != 0, state.status & Status.needsReset == 0,
+              index >= 0, index < state.queues.count, let queue = state.queues[index].queue else { return }
+        do {
+            if try device.process(queue: index, queue, memory: memory) { raise(0x1, state: &state) }
+        } catch {
+            fail(error, state: &state)
+        }
+    }
+
+    /// The device stops using its queues until the driver resets it, and tells the driver so.
+    private func fail(_ error: VirtioError, state: inout State) {
+        state.lastError = error
+        state.status |= Status.needsReset
+        raise(0x2, state: &state)
+    }
+
+    private func raise(_ reason: UInt32, state: inout State) {
+        state.interruptStatus |= reason
+        interrupt.setLevel(true)
+        interrupt.setLevel(false)   // ISA lines are edge-triggered: a pulse is one interrupt
+    }
+}
+
+extension UInt64 {
+    mutating func setLow(_ value: UInt32) { self = (self & 0xffff_ffff_0000_0000) | UInt64(value) }
+    mutating func setHigh(_ value: UInt32) { self = (self & 0xffff_ffff) | (UInt64(value) << 32) }
+}

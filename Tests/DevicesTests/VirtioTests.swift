@@ -1,0 +1,229 @@
+import DiskImage
+import Foundation
+import GuestMemory
+import Synchronization
+import Testing
+@testable import Devices
+
+final class PulseCounter: InterruptLine, Sendable {
+    let rises = Mutex(0)
+    func setLevel(_ high: Bool) { if high { rises.withLock { $0 += 1 } } }
+    var count: Int { rises.withLock { $0 } }
+}
+
+/// A minimal virtio driver, as a guest would be, poking the transport's registers and laying out
+/// a split queue in guest memory: descriptors at 0x1000, available ring at 0x2000, used at 0x3000.
+struct TestDriver {
+    let memory: GuestMemory
+    let transport: VirtioMMIOTransport
+    let queueSize: UInt16
+    var nextDescriptor: UInt16 = 0
+    var availableIndex: UInt16 = 0
+    static let descriptors: UInt64 = 0x1000, available: UInt64 = 0x2000, used: UInt64 = 0x3000
+
+    func register(_ offset: UInt64) -> UInt32 {
+        var value: UInt32 = 0
+        withUnsafeMutableBytes(of: &value) { transport.read(offset: offset, into: $0) }
+        return value
+    }
+    func set(_ offset: UInt64, _ value: UInt32) {
+        withUnsafeBytes(of: value.littleEndian) { transport.write(offset: offset, data: $0) }
+    }
+
+    /// The driver initialisation sequence of virtio 1.x §3.1.1.
+    func initialise(features: UInt64 = VirtioFeature.version1, size: UInt16? = nil) {
+        set(0x70, 0)
+        set(0x70, 1)
+        set(0x70, 3)
+        set(0x24, 0); set(0x20, UInt32(truncatingIfNeeded: features))
+        set(0x24, 1); set(0x20, UInt32(truncatingIfNeeded: features >> 32))
+        set(0x70, 0xb)
+        set(0x30, 0)
+        set(0x38, UInt32(size ?? queueSize))
+        set(0x80, UInt32(Self.descriptors)); set(0x84, 0)
+        set(0x90, UInt32(Self.available)); set(0x94, 0)
+        set(0xa0, UInt32(Self.used)); set(0xa4, 0)
+        set(0x44, 1)
+        set(0x70, 0xf)
+    }
+
+    mutating func descriptor(_ address: UInt64, _ length: UInt32, writable: Bool, next: UInt16?) throws -> UInt16 {
+        let index = nextDescriptor
+        nextDescriptor += 1
+        let entry = GuestPhysicalAddress(Self.descriptors + 16 * UInt64(index))
+        try memory.write(address, at: entry)
+        try memory.write(length, at: entry + 8)
+        try memory.write(UInt16((writable ? 2 : 0) | (next != nil ? 1 : 0)), at: entry + 12)
+        try memory.write(next ?? 0, at: entry + 14)
+        return index
+    }
+
+    mutating func submit(_ head: UInt16) throws {
+        try memory.write(head, at: GuestPhysicalAddress(Self.available + 4 + 2 * UInt64(availableIndex % queueSize)))
+        availableIndex &+= 1
+        try memory.write(availableIndex, at: GuestPhysicalAddress(Self.available + 2))
+        set(0x50, 0)
+    }
+
+    /// A block request: header at 0x10000, data at 0x20000, status at 0x30000.
+    mutating func blockRequest(type: UInt32, sector: UInt64, dataLength: UInt32, dataWritable: Bool) throws -> UInt16 {
+        try memory.write(type, at: GuestPhysicalAddress(0x10000))
+        try memory.write(UInt32(0), at: GuestPhysicalAddress(0x10004))
+        try memory.write(sector, at: GuestPhysicalAddress(0x10008))
+        try memory.write(UInt8(0xff), at: GuestPhysicalAddress(0x30000))
+        let status = try descriptor(0x30000, 1, writable: true, next: nil)
+        let data = dataLength > 0 ? try descriptor(0x20000, dataLength, writable: dataWritable, next: status) : status
+        return try descriptor(0x10000, 16, writable: false, next: data)
+    }
+
+    var usedIndex: UInt16 { (try? memory.read(UInt16.self, at: GuestPhysicalAddress(Self.used + 2))) ?? 0 }
+    var status: UInt8 { (try? memory.read(UInt8.self, at: GuestPhysicalAddress(0x30000))) ?? 0xee }
+}
+
+func makeBlockDevice(size: UInt64 = 1 << 20, readOnly: Bool = false) throws -> (TestDriver, PulseCounter, any DiskImage) {
+    let directory = FileManager.default.temporaryDirectory.appendingPathComponent("vireo-blk-\(UUID().uuidString)")
+    try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
+    let path = directory.appendingPathComponent("disk.qcow2").path
+    try DiskImages.create(path: path, format: .qcow2, size: size)
+    let disk = try DiskImages.open(path: path)
+    let memory = try GuestMemory(anonymousRegions: [(GuestPhysicalAddress(0), 1 << 20)])
+    let line = PulseCounter()
+    let transport = VirtioMMIOTransport(device: VirtioBlock(disk: disk, readOnly: readOnly, serial: "vireo-serial-1"),
+                                        memory: memory, interrupt: line)
+    return (TestDriver(memory: memory, transport: transport, queueSize: 16), line, disk)
+}
+
+@Suite struct VirtioBlockTests {
+    @Test func discoveryRegisters() throws {
+        let (driver, _, _) = try makeBlockDevice(size: 8 << 20)
+        #expect(driver.register(0x000) == 0x7472_6976)
+        #expect(driver.register(0x004) == 2)
+        #expect(driver.register(0x008) == 2)
+        #expect(driver.register(0x034) == UInt32(VirtioBlock.queueSize))
+        driver.set(0x14, 1)
+        #expect(driver.register(0x010) & 1 == 1)           // VERSION_1 is bit 32
+        #expect(driver.register(0x100) == UInt32((8 << 20) / 512))
+    }
+
+    @Test func writeReadFlushAndGetID() throws {
+        var (driver, line, disk) = try makeBlockDevice()
+        driver.initialise()
+        #expect(driver.register(0x70) == 0xf)
+        let pattern = (0..<1024).map { UInt8(truncatingIfNeeded: $0 * 7) }
+        try driver.memory.write(pattern, at: GuestPhysicalAddress(0x20000))
+        try driver.submit(try driver.blockRequest(type: 1, sector: 3, dataLength: 1024, dataWritable: false))
+        #expect(driver.usedIndex == 1)
+        #expect(driver.status == 0)
+        #expect(try disk.readBytes(count: 1024, at: 3 * 512) == pattern)
+        #expect(line.count == 1)
+        #expect(driver.register(0x60) & 1 == 1)
+        driver.set(0x64, 1)
+        #expect(driver.register(0x60) == 0)
+
+        try driver.memory.fill(0, count: 1024, at: GuestPhysicalAddress(0x20000))
+        try driver.submit(try driver.blockRequest(type: 0, sector: 3, dataLength: 1024, dataWritable: true))
+        #expect(driver.status == 0)
+        #expect(try driver.memory.readBytes(count: 1024, at: GuestPhysicalAddress(0x20000)) == pattern)
+        let usedLength = try driver.memory.read(UInt32.self, at: GuestPhysicalAddress(TestDriver.used + 4 + 8 + 4))
+        #expect(usedLength == 1025)
+
+        try driver.submit(try driver.blockRequest(type: 4, sector: 0, dataLength: 0, dataWritable: false))
+        #expect(driver.status == 0)
+        try driver.submit(try driver.blockRequest(type: 8, sector: 0, dataLength: 20, dataWritable: true))
+        #expect(driver.status == 0)
+        #expect(try driver.memory.readBytes(count: 14, at: GuestPhysicalAddress(0x20000)) == Array("vireo-serial-1".utf8))
+        try driver.submit(try driver.blockRequest(type: 99, sector: 0, dataLength: 0, dataWritable: false))
+        #expect(driver.status == 2)
+        #expect(driver.usedIndex == 5)
+    }
+
+    @Test func outOfRangeAndReadOnlyRequestsFailWithIOError() throws {
+        var (driver, _, _) = try makeBlockDevice(size: 64 << 10)
+        driver.initialise()
+        try driver.submit(try driver.blockRequest(type: 0, sector: 127, dataLength: 1024, dataWritable: true))
+        #expect(driver.status == 1)
+        try driver.submit(try driver.blockRequest(type: 0, sector: UInt64.max / 2, dataLength: 512, dataWritable: true))
+        #expect(driver.status == 1)
+        try driver.submit(try driver.blockRequest(type: 1, sector: 0, dataLength: 100, dataWritable: false))
+        #expect(driver.status == 1)                           // not a whole sector
+        var (readOnly, _, _) = try makeBlockDevice(readOnly: true)
+        readOnly.set(0x14, 0)
+        #expect(readOnly.register(0x010) & (1 << 5) != 0)
+        readOnly.initialise(features: VirtioFeature.version1 | (1 << 5))
+        try readOnly.submit(try readOnly.blockRequest(type: 1, sector: 0, dataLength: 512, dataWritable: false))
+        #expect(readOnly.status == 1)
+    }
+
+    @Test func featureNegotiationRefusesUnofferedOrLegacy() throws {
+        let (driver, _, _) = try makeBlockDevice()
+        driver.initialise(features: 0)                         // no VERSION_1
+        #expect(driver.register(0x70) & 0x8 == 0)
+        driver.initialise(features: VirtioFeature.version1 | (1 << 40))
+        #expect(driver.register(0x70) & 0x8 == 0)
+    }
+
+    @Test func descriptorLoopMarksNeedsReset() throws {
+        var (driver, line, _) = try makeBlockDevice()
+        driver.initialise()
+        let first = try driver.descriptor(0x10000, 16, writable: false, next: 1)
+        _ = try driver.descriptor(0x20000, 16, writable: false, next: 0)       // 1 → 0 → 1 → …
+        try driver.submit(first)
+        #expect(driver.register(0x70) & 0x40 != 0)
+        #expect(driver.transport.lastError == .descriptorChainTooLong(head: 0))
+        #expect(driver.register(0x60) & 2 != 0)
+        #expect(line.count == 1)
+        // Further notifications are ignored until the driver resets the device.
+        try driver.submit(first)
+        #expect(driver.usedIndex == 0)
+        driver.initialise()
+        #expect(driver.register(0x70) == 0xf)
+    }
+
+    @Test func hostileAddressesAndSizesNeverCrash() throws {
+        var (driver, _, _) = try makeBlockDevice()
+        driver.initialise()
+        try driver.submit(try driver.descriptor(0xffff_ffff_ffff_0000, 4096, writable: true, next: nil))
+        #expect(driver.transport.lastError == .bufferOutsideMemory(GuestPhysicalAddress(0xffff_ffff_ffff_0000), length: 4096))
+
+        let (badSize, _, _) = try makeBlockDevice()
+        badSize.initialise(size: 12)
+        #expect(badSize.register(0x70) & 0x40 != 0)
+        #expect(badSize.transport.lastError == .invalidQueueSize(12, maximum: VirtioBlock.queueSize))
+
+        let (jump, _, _) = try makeBlockDevice()
+        jump.initialise()
+        try jump.memory.write(UInt16(500), at: GuestPhysicalAddress(TestDriver.available + 2))
+        jump.set(0x50, 0)
+        #expect(jump.transport.lastError == .availableIndexJump(from: 0, to: 500, size: 16))
+    }
+
+    @Test func notificationsBeforeDriverOKAreIgnored() throws {
+        let (driver, line, _) = try makeBlockDevice()
+        driver.set(0x50, 0)
+        driver.set(0x50, 7)
+        #expect(line.count == 0)
+        #expect(driver.register(0x70) == 0)
+        driver.initialise()
+        driver.set(0x50, 9)                                    // a queue that does not exist
+        #expect(driver.register(0x70) == 0xf)
+    }
+
+    @Test("Random descriptor tables: every outcome is a used buffer or NEEDS_RESET, never a crash")
+    func fuzzDescriptorTables() throws {
+        var generator = SystemRandomNumberGenerator()
+        for _ in 0..<300 {
+            var (driver, _, _) = try makeBlockDevice(size: 64 << 10)
+            driver.initialise()
+            for index in 0..<16 {
+                let entry = GuestPhysicalAddress(TestDriver.descriptors + 16 * UInt64(index))
+                let address: UInt64 = Bool.random(using: &generator) ? UInt64.random(in: 0..<(1 << 20), using: &generator) : UInt64.random(in: 0...UInt64.max, using: &generator)
+                try driver.memory.write(address, at: entry)
+                try driver.memory.write(UInt32.random(in: 0...UInt32.max, using: &generator) >> UInt32.random(in: 0...31, using: &generator), at: entry + 8)
+                try driver.memory.write(UInt16.random(in: 0...7, using: &generator), at: entry + 12)
+                try driver.memory.write(UInt16.random(in: 0...20, using: &generator), at: entry + 14)
+            }
+            for _ in 0..<4 { try driver.submit(UInt16.random(in: 0...20, using: &generator)) }
+            #expect(driver.usedIndex <= 4)
+        }
+    }
+}
