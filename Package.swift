@@ -19,7 +19,7 @@ let package = Package(
         .target(name: "Devices", dependencies: ["GuestMemory", "DiskImage"]),
         .target(name: "CZlib", linkerSettings: [.linkedLibrary("z")]),
         .target(name: "DiskImage", dependencies: ["CZlib"]),
-        .target(name: "VMM", dependencies: ["KVM", "GuestMemory", "X86Boot", "Devices"]),
+        .target(name: "VMM", dependencies: ["KVM", "GuestMemory", "X86Boot", "Devices", "DiskImage"]),
         .target(name: "CLI", dependencies: [
             "VMM", "X86Boot", "DiskImage",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),

@@ -291,6 +291,112 @@ static void user_port_loop(uint64_t count) {
     finish();
 }
 
+/* ---- probe=blk: a minimal virtio-mmio block driver (polled), per virtio 1.x §3.1 and §5.2 ---- */
+#define VQ_SIZE 8
+struct vq_desc { uint64_t addr; uint32_t len; uint16_t flags, next; };
+static struct vq_desc vq_descs[VQ_SIZE] __attribute__((aligned(16)));
+static struct { uint16_t flags, idx, ring[VQ_SIZE], used_event; } vq_avail __attribute__((aligned(2)));
+static struct { uint16_t flags, idx; struct { uint32_t id, len; } ring[VQ_SIZE]; uint16_t avail_event; } vq_used __attribute__((aligned(4)));
+static struct { uint32_t type, reserved; uint64_t sector; } blk_header;
+static uint8_t blk_data[4096] __attribute__((aligned(4096)));
+static volatile uint8_t blk_status;
+
+static uint64_t parse_hex(const char *s) {
+    uint64_t v = 0;
+    if (s[0] == '0' && s[1] == 'x') s += 2;
+    for (;; s++) {
+        if (*s >= '0' && *s <= '9') v = v * 16 + (uint64_t)(*s - '0');
+        else if (*s >= 'a' && *s <= 'f') v = v * 16 + (uint64_t)(*s - 'a' + 10);
+        else return v;
+    }
+}
+
+static uint8_t blk_request(uintptr_t base, uint32_t type, uint64_t sector, uint32_t len, int device_writes) {
+    blk_header.type = type; blk_header.reserved = 0; blk_header.sector = sector;
+    blk_status = 0xff;
+    vq_descs[0] = (struct vq_desc){ (uint64_t)&blk_header, 16, 1, 1 };
+    if (len) {
+        vq_descs[1] = (struct vq_desc){ (uint64_t)blk_data, len, (uint16_t)(1 | (device_writes ? 2 : 0)), 2 };
+    } else {
+        vq_descs[0].next = 2;
+    }
+    vq_descs[2] = (struct vq_desc){ (uint64_t)&blk_status, 1, 2, 0 };
+    uint16_t seen = vq_used.idx;
+    vq_avail.ring[vq_avail.idx % VQ_SIZE] = 0;
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    vq_avail.idx++;
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    mmio_write32(base + 0x50, 0);
+    while (*(volatile uint16_t *)&vq_used.idx == seen) {}
+    mmio_write32(base + 0x64, mmio_read32(base + 0x60));     /* acknowledge the interrupt */
+    return blk_status;
+}
+
+static void probe_blk_device(int index, uintptr_t base) {
+    lock();
+    puts_raw("blk: dev="); put_dec((uint64_t)index);
+    if (mmio_read32(base) != 0x74726976 || mmio_read32(base + 4) != 2 || mmio_read32(base + 8) != 2) {
+        puts_raw(" not a virtio-blk device\n"); unlock(); return;
+    }
+    mmio_write32(base + 0x70, 0);
+    mmio_write32(base + 0x70, 1 | 2);
+    mmio_write32(base + 0x14, 0); uint32_t f0 = mmio_read32(base + 0x10);
+    mmio_write32(base + 0x14, 1); uint32_t f1 = mmio_read32(base + 0x10);
+    int read_only = (f0 >> 5) & 1;
+    mmio_write32(base + 0x24, 0); mmio_write32(base + 0x20, f0 & ((1u << 5) | (1u << 9)));
+    mmio_write32(base + 0x24, 1); mmio_write32(base + 0x20, f1 & 1);   /* VERSION_1 */
+    mmio_write32(base + 0x70, 1 | 2 | 8);
+    if (!(mmio_read32(base + 0x70) & 8)) { puts_raw(" features refused\n"); unlock(); return; }
+    mmio_write32(base + 0x30, 0);
+    mmio_write32(base + 0x38, VQ_SIZE);
+    vq_avail.idx = 0; vq_used.idx = 0;
+    mmio_write32(base + 0x80, (uint32_t)(uintptr_t)vq_descs); mmio_write32(base + 0x84, 0);
+    mmio_write32(base + 0x90, (uint32_t)(uintptr_t)&vq_avail); mmio_write32(base + 0x94, 0);
+    mmio_write32(base + 0xa0, (uint32_t)(uintptr_t)&vq_used); mmio_write32(base + 0xa4, 0);
+    mmio_write32(base + 0x44, 1);
+    mmio_write32(base + 0x70, 1 | 2 | 8 | 4);
+    uint64_t capacity = mmio_read32(base + 0x100) | ((uint64_t)mmio_read32(base + 0x104) << 32);
+    puts_raw(" capacity="); put_dec(capacity); puts_raw(" ro="); put_dec((uint64_t)read_only);
+
+    for (int i = 0; i < 21; i++) blk_data[i] = 0;
+    uint8_t st = blk_request(base, 8, 0, 20, 1);
+    blk_data[20] = 0;
+    puts_raw(" id_status="); put_dec(st); puts_raw(" serial="); puts_raw((const char *)blk_data);
+
+    char arg[24];
+    uint64_t sector = cmdline_value("sector", arg, sizeof arg) ? parse_dec(arg) : 8;
+    uint8_t seed = cmdline_value("seed", arg, sizeof arg) ? (uint8_t)parse_dec(arg) : 0x5a;
+    for (int i = 0; i < 4096; i++) blk_data[i] = (uint8_t)(i * 13 + seed);
+    st = blk_request(base, 1, sector, 4096, 0);
+    puts_raw(" write_status="); put_dec(st);
+    st = blk_request(base, 4, 0, 0, 0);
+    puts_raw(" flush_status="); put_dec(st);
+    for (int i = 0; i < 4096; i++) blk_data[i] = 0;
+    st = blk_request(base, 0, sector, 4096, 1);
+    int match = 1;
+    for (int i = 0; i < 4096; i++) if (blk_data[i] != (uint8_t)(i * 13 + seed)) match = 0;
+    puts_raw(" read_status="); put_dec(st); puts_raw(" match="); put_dec((uint64_t)match);
+    st = blk_request(base, 0, capacity, 512, 1);
+    puts_raw(" beyond_end_status="); put_dec(st);
+    puts_raw("\n");
+    unlock();
+}
+
+static void probe_blk(void) {
+    const char *s = cmdline;
+    int index = 0;
+    while (*s) {
+        while (*s == ' ') s++;
+        if (starts_with(s, "virtio_mmio.device=")) {
+            const char *at = s;
+            while (*at && *at != '@' && *at != ' ') at++;
+            if (*at == '@') probe_blk_device(index++, (uintptr_t)parse_hex(at + 1));
+        }
+        while (*s && *s != ' ') s++;
+    }
+    puts_raw("blk: devices="); put_dec((uint64_t)index); puts_raw("\n");
+}
+
 uintptr_t probe_zero_page;
 
 void probe_main(int mode, uintptr_t info) {
@@ -304,6 +410,7 @@ void probe_main(int mode, uintptr_t info) {
     else if (str_eq(what, "smp")) probe_smp();
     else if (str_eq(what, "irq")) probe_irq();
     else if (str_eq(what, "triple")) probe_triple();
+    else if (str_eq(what, "blk")) probe_blk();
     else if (str_eq(what, "ports")) {
         char n[24];
         uint64_t count = cmdline_value("count", n, sizeof n) ? parse_dec(n) : 100000;

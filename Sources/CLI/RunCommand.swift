@@ -33,13 +33,18 @@ struct Run: ParsableCommand {
     @Option(help: "Serial console: stdio, none, file:PATH (output only) or socket:PATH (a Unix socket to connect to).")
     var console: String = "stdio"
 
+    @Option(help: ArgumentHelp("A virtio-blk disk: PATH[,readonly][,format=raw|qcow2][,serial=ID]. Repeat for more disks.",
+                               valueName: "disk"))
+    var disk: [String] = []
+
     func run() throws {
         let machine: Machine
         do {
-            let configuration = VMConfiguration(
+            var configuration = VMConfiguration(
                 kernelPath: kernel, initrdPath: initrd, commandLine: cmdline, cpuCount: cpus,
                 memorySize: try Size.parse(memory, field: "--memory"),
                 console: try ConsoleConfiguration(parsing: console))
+            for text in disk { configuration.disks.append(try DiskConfiguration(parsing: text)) }
             machine = try Machine(configuration: configuration)
         } catch {
             throw fail(error)

@@ -13,6 +13,9 @@ public enum DiskImageError: Error, CustomStringConvertible, Sendable, Equatable 
     case outOfRange(path: String, offset: UInt64, length: Int, size: UInt64)
     case alreadyExists(path: String)
     case readOnly(path: String)
+    /// Another open of the image (another VM, another disk of this VM, `vireo disk`) holds a
+    /// conflicting lock.
+    case inUse(path: String)
     case invalidArgument(field: String, reason: String)
 
     public var description: String {
@@ -25,6 +28,7 @@ public enum DiskImageError: Error, CustomStringConvertible, Sendable, Equatable 
             return "\(path): access of \(length) bytes at offset \(offset) is beyond the disk's \(size) bytes"
         case let .alreadyExists(path): return "\(path) already exists; refusing to overwrite it"
         case let .readOnly(path): return "\(path) is open read-only"
+        case let .inUse(path): return "\(path) is in use (locked by another VM or disk); attach it once, or read-only everywhere"
         case let .invalidArgument(field, reason): return "\(field): \(reason)"
         }
     }

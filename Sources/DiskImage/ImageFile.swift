@@ -11,6 +11,22 @@ final class ImageFile: @unchecked Sendable {
     init(path: String, writable: Bool) throws(DiskImageError) {
         let fd = open(path, (writable ? O_RDWR : O_RDONLY) | O_CLOEXEC)
         guard fd >= 0 else { throw .io(operation: "open", path: path, errno: errno) }
+        // A writer excludes everyone; readers share. Two writers (or a writer and a reader that
+        // caches metadata) on one image would corrupt it or see stale data.
+        // A conflict is retried for ~100 ms: a process that forked while another opener held the
+        // image keeps the lock alive until it execs, which is brief but real.
+        var attempts = 0
+        while flock(fd, (writable ? LOCK_EX : LOCK_SH) | LOCK_NB) != 0 {
+            let code = errno
+            attempts += 1
+            if code == EWOULDBLOCK && attempts < 20 {
+                usleep(5000)
+                continue
+            }
+            close(fd)
+            if code == EWOULDBLOCK { throw .inUse(path: path) }
+            throw .io(operation: "lock", path: path, errno: code)
+        }
         self.path = path
         self.fd = fd
         self.writable = writable
@@ -23,6 +39,7 @@ final class ImageFile: @unchecked Sendable {
             if errno == EEXIST { throw .alreadyExists(path: path) }
             throw .io(operation: "create", path: path, errno: errno)
         }
+        _ = flock(fd, LOCK_EX | LOCK_NB)
         self.path = path
         self.fd = fd
         self.writable = true

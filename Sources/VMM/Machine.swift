@@ -1,5 +1,6 @@
 import CKVM
 import Devices
+import DiskImage
 import GuestMemory
 import KVM
 import Synchronization
@@ -56,6 +57,7 @@ public final class Machine: @unchecked Sendable {
     let serial: Serial8250
     let console: Console
     let stop: StopController
+    let blockDevices: [VirtioBlock]
     /// Exits handled per vCPU, for benchmarks and `info`.
     let exitCounts: [ExitCounter]
 
@@ -69,6 +71,14 @@ public final class Machine: @unchecked Sendable {
             throw .kvm(error)
         }
         boot = try configuration.validated(maximumVCPUs: kvm.maximumVCPUs)
+        var disks: [(image: any DiskImage, configuration: DiskConfiguration)] = []
+        for disk in configuration.disks {
+            do {
+                disks.append((try DiskImages.open(path: disk.path, format: disk.format, readOnly: disk.readOnly), disk))
+            } catch {
+                throw .invalidConfiguration(field: "--disk", reason: error.description)
+            }
+        }
         console = try Console(configuration.console)
         stop = try StopController()
 
@@ -136,6 +146,17 @@ public final class Machine: @unchecked Sendable {
                 let elapsed = VMMClock.elapsedNanoseconds
                 vmmLog("guest boot marker reached \(elapsed / 1000) us (\(elapsed / 1_000_000) ms) after VMM start")
             }, name: "boot marker", base: MachineLayout.bootMarkerAddress, length: 0x1000)
+            var blocks: [VirtioBlock] = []
+            for (index, disk) in disks.enumerated() {
+                guard let slot = MachineLayout.virtioSlot(index) else { break }
+                let block = VirtioBlock(disk: disk.image, readOnly: disk.configuration.readOnly, serial: disk.configuration.serial)
+                blocks.append(block)
+                let transport = VirtioMMIOTransport(device: block, memory: memory,
+                                                    interrupt: KVMInterruptLine(vm: vm, line: slot.interrupt))
+                try mmio.register(transport, name: "virtio-blk \(disk.configuration.path)", base: slot.address,
+                                  length: VirtioMMIOTransport.windowSize)
+            }
+            blockDevices = blocks
         } catch {
             throw .bus(error)
         }

@@ -1,6 +1,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import DiskImage
 import X86Boot
 
 /// Where the guest's serial console goes.
@@ -24,6 +25,46 @@ public enum ConsoleConfiguration: Equatable, Sendable {
     }
 }
 
+/// One `--disk PATH[,readonly][,format=raw|qcow2][,serial=ID]`.
+public struct DiskConfiguration: Equatable, Sendable {
+    public var path: String
+    public var readOnly = false
+    public var format: DiskFormat?
+    public var serial: String?
+
+    public init(path: String, readOnly: Bool = false, format: DiskFormat? = nil, serial: String? = nil) {
+        self.path = path; self.readOnly = readOnly; self.format = format; self.serial = serial
+    }
+
+    public init(parsing text: String) throws(VMMError) {
+        let parts = text.split(separator: ",", omittingEmptySubsequences: false).map(String.init)
+        guard let path = parts.first, !path.isEmpty else {
+            throw .invalidConfiguration(field: "--disk", reason: "'\(text)' has no path; expected PATH[,readonly][,format=raw|qcow2][,serial=ID]")
+        }
+        self.path = path
+        for option in parts.dropFirst() {
+            if option == "readonly" || option == "ro" { readOnly = true; continue }
+            if option.hasPrefix("format=") {
+                let name = String(option.dropFirst(7))
+                guard let format = DiskFormat(rawValue: name) else {
+                    throw .invalidConfiguration(field: "--disk", reason: "format '\(name)' is not one of raw, qcow2")
+                }
+                self.format = format
+                continue
+            }
+            if option.hasPrefix("serial=") {
+                let serial = String(option.dropFirst(7))
+                guard serial.utf8.count <= 20, serial.utf8.allSatisfy({ $0 >= 0x20 && $0 < 0x7f }) else {
+                    throw .invalidConfiguration(field: "--disk", reason: "serial '\(serial)' must be at most 20 printable ASCII characters")
+                }
+                self.serial = serial
+                continue
+            }
+            throw .invalidConfiguration(field: "--disk", reason: "unknown option '\(option)' in '\(text)'; allowed: readonly, format=raw|qcow2, serial=ID")
+        }
+    }
+}
+
 /// What `vireo run` asks for, before anything is validated against the host.
 public struct VMConfiguration: Sendable {
     public var kernelPath: String
@@ -32,6 +73,7 @@ public struct VMConfiguration: Sendable {
     public var cpuCount: Int
     public var memorySize: UInt64
     public var console: ConsoleConfiguration
+    public var disks: [DiskConfiguration] = []
 
     public init(kernelPath: String, initrdPath: String? = nil, commandLine: String = "console=ttyS0",
                 cpuCount: Int = 1, memorySize: UInt64 = 512 << 20, console: ConsoleConfiguration = .stdio) {
@@ -41,6 +83,17 @@ public struct VMConfiguration: Sendable {
         self.cpuCount = cpuCount
         self.memorySize = memorySize
         self.console = console
+    }
+
+    /// The command line the guest gets: the user's, then where each virtio-mmio device is, the way
+    /// Linux's `virtio_mmio.device=` parameter (and Firecracker) describe them.
+    public var guestCommandLine: String {
+        var line = commandLine
+        for index in disks.indices {
+            guard let slot = MachineLayout.virtioSlot(index) else { break }
+            line += " virtio_mmio.device=4K@0x\(String(slot.address, radix: 16)):\(slot.interrupt)"
+        }
+        return line
     }
 
     /// Host RAM in bytes, the ceiling for `--memory`.
@@ -71,10 +124,13 @@ public struct VMConfiguration: Sendable {
         if commandLine.utf8.contains(0) {
             throw .invalidConfiguration(field: "--cmdline", reason: "contains a NUL byte")
         }
+        guard disks.count <= MachineLayout.virtioInterrupts.count else {
+            throw .invalidConfiguration(field: "--disk", reason: "\(disks.count) disks is more than this machine has device slots for (\(MachineLayout.virtioInterrupts.count))")
+        }
         do {
             let kernel = try KernelImage.load(path: kernelPath)
             let initrd = try initrdPath.map { (path) throws(BootError) in try readWholeFile(path, field: "--initrd") }
-            return try BootConfiguration(kernel: kernel, initrd: initrd, initrdPath: initrdPath, commandLine: commandLine,
+            return try BootConfiguration(kernel: kernel, initrd: initrd, initrdPath: initrdPath, commandLine: guestCommandLine,
                                          memorySize: memorySize, cpuCount: cpuCount)
         } catch {
             throw .boot(error)

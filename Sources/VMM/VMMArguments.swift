@@ -5,7 +5,7 @@
 public enum VMMArguments {
     public static let usage = """
         usage: vireo-vmm --kernel PATH [--initrd PATH] [--cmdline TEXT] [--cpus N] [--memory SIZE]
-                         [--console stdio|none|file:PATH|socket:PATH]
+                         [--console stdio|none|file:PATH|socket:PATH] [--disk PATH[,readonly][,format=raw|qcow2][,serial=ID]]...
         Boots one VM and runs it until it powers off or reboots. Ctrl-A x quits the stdio console.
         """
 
@@ -16,8 +16,9 @@ public enum VMMArguments {
 
     public static func parse(_ arguments: [String]) throws(VMMError) -> Parsed {
         var values: [String: String] = [:]
+        var disks: [DiskConfiguration] = []
         var index = 0
-        let known: Set<String> = ["--kernel", "--initrd", "--cmdline", "--cpus", "--memory", "--console"]
+        let known: Set<String> = ["--kernel", "--initrd", "--cmdline", "--cpus", "--memory", "--console", "--disk"]
         while index < arguments.count {
             let argument = arguments[index]
             if argument == "--help" || argument == "-h" { return .help }
@@ -35,6 +36,11 @@ public enum VMMArguments {
                 guard index < arguments.count else { throw .invalidConfiguration(field: name, reason: "missing value") }
                 value = arguments[index]
             }
+            if name == "--disk", let value {
+                disks.append(try DiskConfiguration(parsing: value))
+                index += 1
+                continue
+            }
             guard values[name] == nil else { throw .invalidConfiguration(field: name, reason: "given more than once") }
             values[name] = value
             index += 1
@@ -43,6 +49,7 @@ public enum VMMArguments {
             throw .invalidConfiguration(field: "--kernel", reason: "missing; a kernel image is required")
         }
         var configuration = VMConfiguration(kernelPath: kernel, initrdPath: values["--initrd"])
+        configuration.disks = disks
         if let commandLine = values["--cmdline"] { configuration.commandLine = commandLine }
         if let cpus = values["--cpus"] {
             guard let count = Int(cpus) else {

@@ -35,6 +35,18 @@ public enum MachineLayout {
     public static let bootMarkerAddress: UInt64 = 0xd000_0000
     public static let bootMarkerMagic: UInt8 = 123
 
+    /// virtio-mmio devices: one 4 KiB window each, right above the boot marker, each on its own
+    /// ISA interrupt line (avoiding the timer, keyboard, cascade, COM1 and RTC lines), then the
+    /// IOAPIC's upper pins.
+    public static let virtioMMIOBase: UInt64 = 0xd000_1000
+    public static let virtioMMIOWindow: UInt64 = 0x1000
+    public static let virtioInterrupts: [UInt32] = [5, 6, 7, 9, 10, 11, 12, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23]
+
+    public static func virtioSlot(_ index: Int) -> (address: UInt64, interrupt: UInt32)? {
+        guard index >= 0, index < virtioInterrupts.count else { return nil }
+        return (virtioMMIOBase + UInt64(index) * virtioMMIOWindow, virtioInterrupts[index])
+    }
+
     /// Linux's x86 `COMMAND_LINE_SIZE`, including the terminating NUL: the limit for ELF kernels,
     /// which carry no header that says otherwise.
     public static let elfCommandLineLimit = 2048

@@ -137,10 +137,12 @@ func pattern(_ count: Int, seed: UInt8) -> [UInt8] {
         let directory = try scratchDirectory()
         let path = directory.appendingPathComponent("r.qcow2").path
         try DiskImages.create(path: path, format: .qcow2, size: 1 << 30)
-        let image = try #require(try DiskImages.open(path: path) as? QCOW2Image)
-        try image.write([7], at: (1 << 30) - 1)
-        try image.resize(to: 3 << 30)
-        #expect(throws: DiskImageError.self) { try image.resize(to: 1 << 20) }
+        do {
+            let image = try #require(try DiskImages.open(path: path) as? QCOW2Image)
+            try image.write([7], at: (1 << 30) - 1)
+            try image.resize(to: 3 << 30)
+            #expect(throws: DiskImageError.self) { try image.resize(to: 1 << 20) }
+        }
         try qemuCheck(path)
         #expect(try tool(["qemu-img", "info", path]).output.contains("virtual size: 3 GiB"))
         let reopened = try DiskImages.open(path: path)
@@ -239,12 +241,19 @@ func pattern(_ count: Int, seed: UInt8) -> [UInt8] {
         let directory = try scratchDirectory()
         let path = directory.appendingPathComponent("r.raw").path
         try DiskImages.create(path: path, format: .raw, size: 1 << 20)
-        let image = try DiskImages.open(path: path)
-        #expect(image.format == .raw)
-        try image.write(pattern(3000, seed: 5), at: 1000)
-        #expect(try image.readBytes(count: 3000, at: 1000) == pattern(3000, seed: 5))
-        #expect(throws: DiskImageError.self) { try image.write([1], at: 1 << 20) }
+        do {
+            let image = try DiskImages.open(path: path)
+            #expect(image.format == .raw)
+            try image.write(pattern(3000, seed: 5), at: 1000)
+            #expect(try image.readBytes(count: 3000, at: 1000) == pattern(3000, seed: 5))
+            #expect(throws: DiskImageError.self) { try image.write([1], at: 1 << 20) }
+            // A second opener conflicts with the writer, whether it wants to read or write.
+            #expect(throws: DiskImageError.inUse(path: path)) { try DiskImages.open(path: path, readOnly: true) }
+            #expect(throws: DiskImageError.inUse(path: path)) { try DiskImages.open(path: path) }
+        }
         let readOnly = try DiskImages.open(path: path, readOnly: true)
+        let alsoReadOnly = try DiskImages.open(path: path, readOnly: true)
         #expect(throws: DiskImageError.readOnly(path: path)) { try readOnly.write([1], at: 0) }
+        #expect(try alsoReadOnly.readBytes(count: 3000, at: 1000) == pattern(3000, seed: 5))
     }
 }
