@@ -17,6 +17,14 @@ if [[ -f "$out/vmlinux" && -f "$out/bzImage" ]]; then
   echo "$out"
   exit 0
 fi
+# One build at a time (tests and scripts may ask concurrently); the winner's result is reused.
+mkdir -p "$cache_root"
+exec 9>"$cache_root/.tiny-kernel.lock"
+flock 9
+if [[ -f "$out/vmlinux" && -f "$out/bzImage" ]]; then
+  echo "$out"
+  exit 0
+fi
 
 src_tar=$(ls /usr/src/linux-source-6.1.tar.* 2>/dev/null | head -n1 || true)
 if [[ -z "$src_tar" ]]; then

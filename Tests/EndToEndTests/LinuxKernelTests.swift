@@ -59,6 +59,29 @@ struct LinuxKernelTests {
         #expect(result.stderr.contains("guest requested a reset"))
     }
 
+    @Test("virtio-blk root: Linux probes the disk, mounts an ext4 image made on the host and runs /init from it",
+          .timeLimit(.minutes(20)))
+    func ext4RootOnVirtioBlock() throws {
+        try Harness.requireKVM()
+        let kernel = try Self.kernelDirectory.get().appendingPathComponent("vmlinux")
+        let directory = try Harness.temporaryDirectory()
+        _ = try Self.makeInitramfs(in: directory)          // builds root/init and root/payload
+        let image = directory.appendingPathComponent("root.ext4").path
+        let made = Harness.run(["mkfs.ext4", "-q", "-F", "-d", directory.appendingPathComponent("root").path, image, "32M"])
+        #expect(made.status == 0, "\(made.stderr)")
+        let result = Harness.vireoRun(["--kernel", kernel.path, "--memory", "256M", "--disk", "\(image),format=raw,serial=rootdisk",
+                                       "--cmdline", "console=ttyS0 \(Self.emulatorSafeOptions) root=/dev/vda rootfstype=ext4 ro init=/init panic=-1 reboot=k"],
+                                      timeout: 900)
+        let console = result.stdout
+        #expect(result.status == 0, "status \(result.status); stderr: \(result.stderr); console tail: \(console.suffix(3000))")
+        #expect(console.contains("virtio_blk virtio0: [vda] 65536 512-byte logical blocks (33.6 MB/32.0 MiB)"), "console tail: \(console.suffix(3000))")
+        #expect(console.contains("EXT4-fs (vda): mounted filesystem"))
+        #expect(console.contains("VFS: Mounted root (ext4 filesystem) readonly on device 254:0."))
+        #expect(console.contains("Run /init as init process"))
+        let check = Harness.run(["e2fsck", "-n", "-f", image])
+        #expect(check.status == 0, "\(check.stdout)")
+    }
+
     @Test("bzImage: the decompressor runs and hands over to the kernel, which reads our command line", .timeLimit(.minutes(10)))
     func bzImageBoots() throws {
         try Harness.requireKVM()
