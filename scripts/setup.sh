@@ -12,6 +12,7 @@ packages=(
   flex bison bc libelf-dev libssl-dev cpio lz4 xz-utils gzip   # kernel build and initramfs
   qemu-system-x86 qemu-utils                                   # peers for benchmarks and image checks
   zlib1g-dev                                                   # qcow2 compressed clusters
+  e2fsprogs                                                    # ext4 root images for the Linux tests
 )
 missing=()
 for p in "${packages[@]}"; do
