@@ -332,21 +332,20 @@ static uint8_t blk_request(uintptr_t base, uint32_t type, uint64_t sector, uint3
     return blk_status;
 }
 
-static void probe_blk_device(int index, uintptr_t base) {
-    lock();
-    puts_raw("blk: dev="); put_dec((uint64_t)index);
+/* Brings a virtio-blk device up with one queue; returns its capacity in sectors, or 0. */
+static uint64_t blk_init(uintptr_t base, int *read_only) {
     if (mmio_read32(base) != 0x74726976 || mmio_read32(base + 4) != 2 || mmio_read32(base + 8) != 2) {
-        puts_raw(" not a virtio-blk device\n"); unlock(); return;
+        puts_raw(" not a virtio-blk device\n"); return 0;
     }
     mmio_write32(base + 0x70, 0);
     mmio_write32(base + 0x70, 1 | 2);
     mmio_write32(base + 0x14, 0); uint32_t f0 = mmio_read32(base + 0x10);
     mmio_write32(base + 0x14, 1); uint32_t f1 = mmio_read32(base + 0x10);
-    int read_only = (f0 >> 5) & 1;
+    *read_only = (f0 >> 5) & 1;
     mmio_write32(base + 0x24, 0); mmio_write32(base + 0x20, f0 & ((1u << 5) | (1u << 9)));
     mmio_write32(base + 0x24, 1); mmio_write32(base + 0x20, f1 & 1);   /* VERSION_1 */
     mmio_write32(base + 0x70, 1 | 2 | 8);
-    if (!(mmio_read32(base + 0x70) & 8)) { puts_raw(" features refused\n"); unlock(); return; }
+    if (!(mmio_read32(base + 0x70) & 8)) { puts_raw(" features refused\n"); return 0; }
     mmio_write32(base + 0x30, 0);
     mmio_write32(base + 0x38, VQ_SIZE);
     vq_avail.idx = 0; vq_used.idx = 0;
@@ -355,7 +354,15 @@ static void probe_blk_device(int index, uintptr_t base) {
     mmio_write32(base + 0xa0, (uint32_t)(uintptr_t)&vq_used); mmio_write32(base + 0xa4, 0);
     mmio_write32(base + 0x44, 1);
     mmio_write32(base + 0x70, 1 | 2 | 8 | 4);
-    uint64_t capacity = mmio_read32(base + 0x100) | ((uint64_t)mmio_read32(base + 0x104) << 32);
+    return mmio_read32(base + 0x100) | ((uint64_t)mmio_read32(base + 0x104) << 32);
+}
+
+static void probe_blk_device(int index, uintptr_t base) {
+    lock();
+    puts_raw("blk: dev="); put_dec((uint64_t)index);
+    int read_only = 0;
+    uint64_t capacity = blk_init(base, &read_only);
+    if (!capacity) { unlock(); return; }
     puts_raw(" capacity="); put_dec(capacity); puts_raw(" ro="); put_dec((uint64_t)read_only);
 
     for (int i = 0; i < 21; i++) blk_data[i] = 0;
@@ -397,6 +404,32 @@ static void probe_blk(void) {
     puts_raw("blk: devices="); put_dec((uint64_t)index); puts_raw("\n");
 }
 
+/* probe=blkloop count=N: writes 4 KiB block i (pattern seeded by i) at sector 8*i, flushing after
+ * every 8 blocks and reporting each flush, so a test can kill the VMM mid-stream and check that
+ * everything acknowledged by a flush is in the image. */
+static void probe_blkloop(void) {
+    char arg[24];
+    uint64_t count = cmdline_value("count", arg, sizeof arg) ? parse_dec(arg) : 1000;
+    const char *at = cmdline;
+    while (*at && !starts_with(at, "virtio_mmio.device=")) at++;
+    while (*at && *at != '@') at++;
+    if (!*at) { puts_raw("blkloop: no disk\n"); return; }
+    uintptr_t base = (uintptr_t)parse_hex(at + 1);
+    int read_only = 0;
+    puts_raw("blkloop:");
+    if (!blk_init(base, &read_only)) return;
+    puts_raw(" ready\n");
+    for (uint64_t i = 0; i < count; i++) {
+        for (int j = 0; j < 4096; j++) blk_data[j] = (uint8_t)(j * 13 + (int)i);
+        if (blk_request(base, 1, 8 * i, 4096, 0) != 0) { puts_raw("blkloop: write failed\n"); return; }
+        if (i % 8 == 7) {
+            if (blk_request(base, 4, 0, 0, 0) != 0) { puts_raw("blkloop: flush failed\n"); return; }
+            puts_raw("blkloop: flushed "); put_dec(i + 1); puts_raw("\n");
+        }
+    }
+    puts_raw("blkloop: finished\n");
+}
+
 uintptr_t probe_zero_page;
 
 void probe_main(int mode, uintptr_t info) {
@@ -411,6 +444,7 @@ void probe_main(int mode, uintptr_t info) {
     else if (str_eq(what, "irq")) probe_irq();
     else if (str_eq(what, "triple")) probe_triple();
     else if (str_eq(what, "blk")) probe_blk();
+    else if (str_eq(what, "blkloop")) probe_blkloop();
     else if (str_eq(what, "ports")) {
         char n[24];
         uint64_t count = cmdline_value("count", n, sizeof n) ? parse_dec(n) : 100000;
