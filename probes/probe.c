@@ -332,11 +332,9 @@ static uint8_t blk_request(uintptr_t base, uint32_t type, uint64_t sector, uint3
     return blk_status;
 }
 
-/* Brings a virtio-blk device up with one queue; returns its capacity in sectors, or 0. */
-static uint64_t blk_init(uintptr_t base, int *read_only) {
-    if (mmio_read32(base) != 0x74726976 || mmio_read32(base + 4) != 2 || mmio_read32(base + 8) != 2) {
-        puts_raw(" not a virtio-blk device\n"); return 0;
-    }
+/* Brings a virtio device of type `device_id` up with one queue (the shared vq_* rings). */
+static int virtio_init(uintptr_t base, uint32_t device_id, int *read_only) {
+    if (mmio_read32(base) != 0x74726976 || mmio_read32(base + 4) != 2 || mmio_read32(base + 8) != device_id) return 0;
     mmio_write32(base + 0x70, 0);
     mmio_write32(base + 0x70, 1 | 2);
     mmio_write32(base + 0x14, 0); uint32_t f0 = mmio_read32(base + 0x10);
@@ -345,7 +343,7 @@ static uint64_t blk_init(uintptr_t base, int *read_only) {
     mmio_write32(base + 0x24, 0); mmio_write32(base + 0x20, f0 & ((1u << 5) | (1u << 9)));
     mmio_write32(base + 0x24, 1); mmio_write32(base + 0x20, f1 & 1);   /* VERSION_1 */
     mmio_write32(base + 0x70, 1 | 2 | 8);
-    if (!(mmio_read32(base + 0x70) & 8)) { puts_raw(" features refused\n"); return 0; }
+    if (!(mmio_read32(base + 0x70) & 8)) { puts_raw(" features refused"); return 0; }
     mmio_write32(base + 0x30, 0);
     mmio_write32(base + 0x38, VQ_SIZE);
     vq_avail.idx = 0; vq_used.idx = 0;
@@ -354,7 +352,52 @@ static uint64_t blk_init(uintptr_t base, int *read_only) {
     mmio_write32(base + 0xa0, (uint32_t)(uintptr_t)&vq_used); mmio_write32(base + 0xa4, 0);
     mmio_write32(base + 0x44, 1);
     mmio_write32(base + 0x70, 1 | 2 | 8 | 4);
+    return 1;
+}
+
+/* A virtio-blk device's capacity in sectors once it is up, or 0. */
+static uint64_t blk_init(uintptr_t base, int *read_only) {
+    if (!virtio_init(base, 2, read_only)) { puts_raw(" not a usable virtio-blk device\n"); return 0; }
     return mmio_read32(base + 0x100) | ((uint64_t)mmio_read32(base + 0x104) << 32);
+}
+
+/* probe=rng: two 64-byte reads from every virtio-rng device on the command line. */
+static void probe_rng(void) {
+    const char *s = cmdline;
+    int found = 0;
+    while (*s) {
+        while (*s == ' ') s++;
+        if (starts_with(s, "virtio_mmio.device=")) {
+            const char *at = s;
+            while (*at && *at != '@' && *at != ' ') at++;
+            uintptr_t base = (uintptr_t)parse_hex(at + 1);
+            int unused;
+            if (*at == '@' && virtio_init(base, 4, &unused)) {
+                static uint8_t first[64];
+                uint32_t lengths[2];
+                for (int round = 0; round < 2; round++) {
+                    for (int i = 0; i < 64; i++) blk_data[i] = 0;
+                    vq_descs[0] = (struct vq_desc){ (uint64_t)blk_data, 64, 2, 0 };
+                    uint16_t seen = vq_used.idx;
+                    vq_avail.ring[vq_avail.idx % VQ_SIZE] = 0;
+                    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+                    vq_avail.idx++;
+                    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+                    mmio_write32(base + 0x50, 0);
+                    while (*(volatile uint16_t *)&vq_used.idx == seen) {}
+                    lengths[round] = vq_used.ring[seen % VQ_SIZE].len;
+                    if (round == 0) for (int i = 0; i < 64; i++) first[i] = blk_data[i];
+                }
+                int differ = 0, nonzero = 0;
+                for (int i = 0; i < 64; i++) { if (first[i] != blk_data[i]) differ = 1; if (blk_data[i]) nonzero = 1; }
+                puts_raw("rng: read="); put_dec(lengths[0]); puts_raw(" read2="); put_dec(lengths[1]);
+                puts_raw(" differ="); put_dec((uint64_t)differ); puts_raw(" nonzero="); put_dec((uint64_t)nonzero); puts_raw("\n");
+                found++;
+            }
+        }
+        while (*s && *s != ' ') s++;
+    }
+    puts_raw("rng: devices="); put_dec((uint64_t)found); puts_raw("\n");
 }
 
 static void probe_blk_device(int index, uintptr_t base) {
@@ -445,6 +488,7 @@ void probe_main(int mode, uintptr_t info) {
     else if (str_eq(what, "triple")) probe_triple();
     else if (str_eq(what, "blk")) probe_blk();
     else if (str_eq(what, "blkloop")) probe_blkloop();
+    else if (str_eq(what, "rng")) probe_rng();
     else if (str_eq(what, "ports")) {
         char n[24];
         uint64_t count = cmdline_value("count", n, sizeof n) ? parse_dec(n) : 100000;

@@ -37,6 +37,9 @@ struct Run: ParsableCommand {
                                valueName: "disk"))
     var disk: [String] = []
 
+    @Flag(help: "Attach a virtio-rng device fed from the host's getrandom(2).")
+    var rng = false
+
     func run() throws {
         let machine: Machine
         do {
@@ -45,6 +48,7 @@ struct Run: ParsableCommand {
                 memorySize: try Size.parse(memory, field: "--memory"),
                 console: try ConsoleConfiguration(parsing: console))
             for text in disk { configuration.disks.append(try DiskConfiguration(parsing: text)) }
+            configuration.entropyDevice = rng
             machine = try Machine(configuration: configuration)
         } catch {
             throw fail(error)

@@ -134,6 +134,10 @@ public final class Machine: @unchecked Sendable {
         self.vcpus = vcpus
         exitCounts = (0..<boot.cpuCount).map { _ in ExitCounter() }
 
+        var entropy: VirtioEntropy?
+        if configuration.entropyDevice {
+            do { entropy = try VirtioEntropy() } catch { throw .invalidConfiguration(field: "--rng", reason: error.description) }
+        }
         let stop = self.stop
         serial = Serial8250(output: console.output, interrupt: KVMInterruptLine(vm: vm, line: Serial8250.defaultInterrupt))
         var ports = PortIOBus()
@@ -157,6 +161,10 @@ public final class Machine: @unchecked Sendable {
                                   length: VirtioMMIOTransport.windowSize)
             }
             blockDevices = blocks
+            if let entropy, let slot = MachineLayout.virtioSlot(disks.count) {
+                try mmio.register(VirtioMMIOTransport(device: entropy, memory: memory, interrupt: KVMInterruptLine(vm: vm, line: slot.interrupt)),
+                                  name: "virtio-rng", base: slot.address, length: VirtioMMIOTransport.windowSize)
+            }
         } catch {
             throw .bus(error)
         }

@@ -74,6 +74,11 @@ public struct VMConfiguration: Sendable {
     public var memorySize: UInt64
     public var console: ConsoleConfiguration
     public var disks: [DiskConfiguration] = []
+    /// Attach a virtio-rng device fed from the host's getrandom(2).
+    public var entropyDevice = false
+
+    /// virtio devices in slot order: disks first, then the entropy device.
+    public var virtioDeviceCount: Int { disks.count + (entropyDevice ? 1 : 0) }
 
     public init(kernelPath: String, initrdPath: String? = nil, commandLine: String = "console=ttyS0",
                 cpuCount: Int = 1, memorySize: UInt64 = 512 << 20, console: ConsoleConfiguration = .stdio) {
@@ -89,7 +94,7 @@ public struct VMConfiguration: Sendable {
     /// Linux's `virtio_mmio.device=` parameter (and Firecracker) describe them.
     public var guestCommandLine: String {
         var line = commandLine
-        for index in disks.indices {
+        for index in 0..<virtioDeviceCount {
             guard let slot = MachineLayout.virtioSlot(index) else { break }
             line += " virtio_mmio.device=4K@0x\(String(slot.address, radix: 16)):\(slot.interrupt)"
         }
@@ -124,8 +129,8 @@ public struct VMConfiguration: Sendable {
         if commandLine.utf8.contains(0) {
             throw .invalidConfiguration(field: "--cmdline", reason: "contains a NUL byte")
         }
-        guard disks.count <= MachineLayout.virtioInterrupts.count else {
-            throw .invalidConfiguration(field: "--disk", reason: "\(disks.count) disks is more than this machine has device slots for (\(MachineLayout.virtioInterrupts.count))")
+        guard virtioDeviceCount <= MachineLayout.virtioInterrupts.count else {
+            throw .invalidConfiguration(field: "--disk", reason: "\(virtioDeviceCount) virtio devices is more than this machine has slots for (\(MachineLayout.virtioInterrupts.count))")
         }
         do {
             let kernel = try KernelImage.load(path: kernelPath)

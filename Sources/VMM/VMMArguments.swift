@@ -5,7 +5,7 @@
 public enum VMMArguments {
     public static let usage = """
         usage: vireo-vmm --kernel PATH [--initrd PATH] [--cmdline TEXT] [--cpus N] [--memory SIZE]
-                         [--console stdio|none|file:PATH|socket:PATH] [--disk PATH[,readonly][,format=raw|qcow2][,serial=ID]]...
+                         [--console stdio|none|file:PATH|socket:PATH] [--disk PATH[,readonly][,format=raw|qcow2][,serial=ID]]... [--rng]
         Boots one VM and runs it until it powers off or reboots. Ctrl-A x quits the stdio console.
         """
 
@@ -22,6 +22,7 @@ public enum VMMArguments {
         while index < arguments.count {
             let argument = arguments[index]
             if argument == "--help" || argument == "-h" { return .help }
+            if argument == "--rng" { values["--rng"] = ""; index += 1; continue }
             var name = argument
             var value: String?
             if let equals = argument.firstIndex(of: "=") {
@@ -50,6 +51,7 @@ public enum VMMArguments {
         }
         var configuration = VMConfiguration(kernelPath: kernel, initrdPath: values["--initrd"])
         configuration.disks = disks
+        configuration.entropyDevice = values["--rng"] != nil
         if let commandLine = values["--cmdline"] { configuration.commandLine = commandLine }
         if let cpus = values["--cpus"] {
             guard let count = Int(cpus) else {

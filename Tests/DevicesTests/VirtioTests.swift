@@ -227,3 +227,21 @@ func makeBlockDevice(size: UInt64 = 1 << 20, readOnly: Bool = false) throws -> (
         }
     }
 }
+
+@Suite struct VirtioEntropyTests {
+    @Test func fillsWritableBuffersAndRefusesWildOnes() throws {
+        let memory = try GuestMemory(anonymousRegions: [(GuestPhysicalAddress(0), 1 << 20)])
+        let line = PulseCounter()
+        let transport = VirtioMMIOTransport(device: try VirtioEntropy(), memory: memory, interrupt: line)
+        var driver = TestDriver(memory: memory, transport: transport, queueSize: 16)
+        #expect(driver.register(0x008) == 4)
+        driver.initialise()
+        try driver.submit(try driver.descriptor(0x20000, 4096, writable: true, next: nil))
+        #expect(driver.usedIndex == 1)
+        #expect(try memory.read(UInt32.self, at: GuestPhysicalAddress(TestDriver.used + 8)) == 4096)
+        #expect(try memory.readBytes(count: 4096, at: GuestPhysicalAddress(0x20000)).contains { $0 != 0 })
+        #expect(line.count == 1)
+        try driver.submit(try driver.descriptor(0xffff_0000_0000, 64, writable: true, next: nil))
+        #expect(driver.register(0x70) & 0x40 != 0)
+    }
+}

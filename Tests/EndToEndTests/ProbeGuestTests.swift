@@ -285,3 +285,16 @@ func connectUnixSocket(_ path: String, timeout: TimeInterval) throws -> Int32 {
         #expect(missing.stderr.contains("nope.img: open failed: No such file or directory"))
     }
 }
+
+@Suite struct VirtioEntropyGuestTests {
+    @Test("--rng: the guest's virtio-rng driver gets random bytes, different on each read")
+    func entropyDevice() throws {
+        try Harness.requireKVM()
+        let result = Harness.vireoRun(["--kernel", try Harness.probe("linux64"), "--memory", "64M", "--cmdline", "probe=rng", "--rng"])
+        #expect(result.status == 0, "stderr: \(result.stderr)")
+        #expect(result.stdout.contains("rng: read=64 read2=64 differ=1 nonzero=1"), "\(result.stdout)")
+        #expect(result.stdout.contains("rng: devices=1"))
+        let without = Harness.vireoRun(["--kernel", try Harness.probe("linux64"), "--memory", "64M", "--cmdline", "probe=rng"])
+        #expect(without.stdout.contains("rng: devices=0"))
+    }
+}
