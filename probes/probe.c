@@ -311,6 +311,20 @@ static uint64_t parse_hex(const char *s) {
     }
 }
 
+/* Makes the chain starting at descriptor 0 available, notifies queue 0 and polls until the device
+ * has used it; returns the length the device reported. */
+static uint32_t vq_submit_and_wait(uintptr_t base) {
+    uint16_t seen = vq_used.idx;
+    vq_avail.ring[vq_avail.idx % VQ_SIZE] = 0;
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    vq_avail.idx++;
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    mmio_write32(base + 0x50, 0);
+    while (*(volatile uint16_t *)&vq_used.idx == seen) {}
+    mmio_write32(base + 0x64, mmio_read32(base + 0x60));     /* acknowledge the interrupt */
+    return vq_used.ring[seen % VQ_SIZE].len;
+}
+
 static uint8_t blk_request(uintptr_t base, uint32_t type, uint64_t sector, uint32_t len, int device_writes) {
     blk_header.type = type; blk_header.reserved = 0; blk_header.sector = sector;
     blk_status = 0xff;
@@ -321,14 +335,7 @@ static uint8_t blk_request(uintptr_t base, uint32_t type, uint64_t sector, uint3
         vq_descs[0].next = 2;
     }
     vq_descs[2] = (struct vq_desc){ (uint64_t)&blk_status, 1, 2, 0 };
-    uint16_t seen = vq_used.idx;
-    vq_avail.ring[vq_avail.idx % VQ_SIZE] = 0;
-    __atomic_thread_fence(__ATOMIC_SEQ_CST);
-    vq_avail.idx++;
-    __atomic_thread_fence(__ATOMIC_SEQ_CST);
-    mmio_write32(base + 0x50, 0);
-    while (*(volatile uint16_t *)&vq_used.idx == seen) {}
-    mmio_write32(base + 0x64, mmio_read32(base + 0x60));     /* acknowledge the interrupt */
+    vq_submit_and_wait(base);
     return blk_status;
 }
 
@@ -361,43 +368,47 @@ static uint64_t blk_init(uintptr_t base, int *read_only) {
     return mmio_read32(base + 0x100) | ((uint64_t)mmio_read32(base + 0x104) << 32);
 }
 
-/* probe=rng: two 64-byte reads from every virtio-rng device on the command line. */
-static void probe_rng(void) {
+/* Calls visit(base) for every virtio_mmio.device=SIZE@BASE:IRQ on the command line, in order;
+ * returns how many there were. */
+static int for_each_virtio_device(void (*visit)(int index, uintptr_t base)) {
     const char *s = cmdline;
-    int found = 0;
+    int index = 0;
     while (*s) {
         while (*s == ' ') s++;
         if (starts_with(s, "virtio_mmio.device=")) {
             const char *at = s;
             while (*at && *at != '@' && *at != ' ') at++;
-            uintptr_t base = (uintptr_t)parse_hex(at + 1);
-            int unused;
-            if (*at == '@' && virtio_init(base, 4, &unused)) {
-                static uint8_t first[64];
-                uint32_t lengths[2];
-                for (int round = 0; round < 2; round++) {
-                    for (int i = 0; i < 64; i++) blk_data[i] = 0;
-                    vq_descs[0] = (struct vq_desc){ (uint64_t)blk_data, 64, 2, 0 };
-                    uint16_t seen = vq_used.idx;
-                    vq_avail.ring[vq_avail.idx % VQ_SIZE] = 0;
-                    __atomic_thread_fence(__ATOMIC_SEQ_CST);
-                    vq_avail.idx++;
-                    __atomic_thread_fence(__ATOMIC_SEQ_CST);
-                    mmio_write32(base + 0x50, 0);
-                    while (*(volatile uint16_t *)&vq_used.idx == seen) {}
-                    lengths[round] = vq_used.ring[seen % VQ_SIZE].len;
-                    if (round == 0) for (int i = 0; i < 64; i++) first[i] = blk_data[i];
-                }
-                int differ = 0, nonzero = 0;
-                for (int i = 0; i < 64; i++) { if (first[i] != blk_data[i]) differ = 1; if (blk_data[i]) nonzero = 1; }
-                puts_raw("rng: read="); put_dec(lengths[0]); puts_raw(" read2="); put_dec(lengths[1]);
-                puts_raw(" differ="); put_dec((uint64_t)differ); puts_raw(" nonzero="); put_dec((uint64_t)nonzero); puts_raw("\n");
-                found++;
-            }
+            if (*at == '@') visit(index++, (uintptr_t)parse_hex(at + 1));
         }
         while (*s && *s != ' ') s++;
     }
-    puts_raw("rng: devices="); put_dec((uint64_t)found); puts_raw("\n");
+    return index;
+}
+
+/* probe=rng: two 64-byte reads from every virtio-rng device on the command line. */
+static int rng_found;
+static void probe_rng_device(int index, uintptr_t base) {
+    (void)index;
+    int unused;
+    if (!virtio_init(base, 4, &unused)) return;
+    static uint8_t first[64];
+    uint32_t lengths[2];
+    for (int round = 0; round < 2; round++) {
+        for (int i = 0; i < 64; i++) blk_data[i] = 0;
+        vq_descs[0] = (struct vq_desc){ (uint64_t)blk_data, 64, 2, 0 };
+        lengths[round] = vq_submit_and_wait(base);
+        if (round == 0) for (int i = 0; i < 64; i++) first[i] = blk_data[i];
+    }
+    int differ = 0, nonzero = 0;
+    for (int i = 0; i < 64; i++) { if (first[i] != blk_data[i]) differ = 1; if (blk_data[i]) nonzero = 1; }
+    puts_raw("rng: read="); put_dec(lengths[0]); puts_raw(" read2="); put_dec(lengths[1]);
+    puts_raw(" differ="); put_dec((uint64_t)differ); puts_raw(" nonzero="); put_dec((uint64_t)nonzero); puts_raw("\n");
+    rng_found++;
+}
+
+static void probe_rng(void) {
+    for_each_virtio_device(probe_rng_device);
+    puts_raw("rng: devices="); put_dec((uint64_t)rng_found); puts_raw("\n");
 }
 
 static void probe_blk_device(int index, uintptr_t base) {
@@ -433,18 +444,8 @@ static void probe_blk_device(int index, uintptr_t base) {
 }
 
 static void probe_blk(void) {
-    const char *s = cmdline;
-    int index = 0;
-    while (*s) {
-        while (*s == ' ') s++;
-        if (starts_with(s, "virtio_mmio.device=")) {
-            const char *at = s;
-            while (*at && *at != '@' && *at != ' ') at++;
-            if (*at == '@') probe_blk_device(index++, (uintptr_t)parse_hex(at + 1));
-        }
-        while (*s && *s != ' ') s++;
-    }
-    puts_raw("blk: devices="); put_dec((uint64_t)index); puts_raw("\n");
+    int count = for_each_virtio_device(probe_blk_device);
+    puts_raw("blk: devices="); put_dec((uint64_t)count); puts_raw("\n");
 }
 
 /* probe=blkloop count=N: writes 4 KiB block i (pattern seeded by i) at sector 8*i, flushing after

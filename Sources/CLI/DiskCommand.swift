@@ -13,9 +13,7 @@ struct Disk: ParsableCommand {
 
     /// Disk errors are the user's to fix (status 2) unless the host failed (status 1).
     static func reportDiskError(_ error: DiskImageError) -> ExitCode {
-        let message = "vireo: error: \(error)\n"
-        var bytes = Array(message.utf8)
-        _ = bytes.withUnsafeMutableBytes { write(STDERR_FILENO, $0.baseAddress, $0.count) }
+        printError(error)
         if case .io = error { return ExitCode(1) }
         return ExitCode(2)
     }

@@ -13,12 +13,16 @@ public struct Vireo: ParsableCommand {
     public init() {}
 }
 
+/// One "vireo: error: ..." line on stderr.
+func printError(_ error: some Error) {
+    var bytes = Array("vireo: error: \(error)\n".utf8)
+    _ = bytes.withUnsafeMutableBytes { write(STDERR_FILENO, $0.baseAddress, $0.count) }
+}
+
 /// Reports a failure on stderr and chooses the exit status: 2 for input the user can fix,
 /// 1 for a host or VMM failure.
 func fail(_ error: VMMError) -> ExitCode {
-    let message = "vireo: error: \(error)\n"
-    var bytes = Array(message.utf8)
-    _ = bytes.withUnsafeMutableBytes { write(STDERR_FILENO, $0.baseAddress, $0.count) }
+    printError(error)
     switch error {
     case .invalidConfiguration, .boot: return ExitCode(2)
     case .kvm, .memory, .bus, .host: return ExitCode(1)

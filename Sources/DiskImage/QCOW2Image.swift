@@ -174,17 +174,25 @@ public final class QCOW2Image: DiskImage, @unchecked Sendable {
 
     // MARK: Reading
 
+    /// Splits `[offset, offset+count)` at cluster boundaries: `body(position, within, range)` gets
+    /// each piece's disk offset, its offset inside the cluster, and its range in the caller's buffer.
+    private func forEachClusterPiece(offset: UInt64, count: Int,
+                                     _ body: (UInt64, UInt64, Range<Int>) throws(DiskImageError) -> Void) throws(DiskImageError) {
+        var done = 0
+        while done < count {
+            let position = offset + UInt64(done)
+            let within = position & (clusterSize - 1)
+            let piece = min(count - done, Int(clusterSize - within))
+            try body(position, within, done..<done + piece)
+            done += piece
+        }
+    }
+
     public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws(DiskImageError) {
         try checkRange(offset, buffer.count)
         try state.withLock { (state) throws(DiskImageError) in
-            var done = 0
-            while done < buffer.count {
-                let position = offset + UInt64(done)
-                let within = position & (clusterSize - 1)
-                let chunk = min(buffer.count - done, Int(clusterSize - within))
-                let target = UnsafeMutableRawBufferPointer(rebasing: buffer[done..<done + chunk])
-                try readChunk(into: target, at: position, within: within, state: &state)
-                done += chunk
+            try forEachClusterPiece(offset: offset, count: buffer.count) { (position, within, range) throws(DiskImageError) in
+                try readChunk(into: UnsafeMutableRawBufferPointer(rebasing: buffer[range]), at: position, within: within, state: &state)
             }
         }
     }
@@ -238,13 +246,8 @@ public final class QCOW2Image: DiskImage, @unchecked Sendable {
         guard file.writable else { throw .readOnly(path: path) }
         try checkRange(offset, buffer.count)
         try state.withLock { (state) throws(DiskImageError) in
-            var done = 0
-            while done < buffer.count {
-                let position = offset + UInt64(done)
-                let within = position & (clusterSize - 1)
-                let chunk = min(buffer.count - done, Int(clusterSize - within))
-                try writeChunk(UnsafeRawBufferPointer(rebasing: buffer[done..<done + chunk]), at: position, within: within, state: &state)
-                done += chunk
+            try forEachClusterPiece(offset: offset, count: buffer.count) { (position, within, range) throws(DiskImageError) in
+                try writeChunk(UnsafeRawBufferPointer(rebasing: buffer[range]), at: position, within: within, state: &state)
             }
         }
     }
