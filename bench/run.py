@@ -8,6 +8,7 @@ Needs: a release build (swift build -c release), gcc, qemu-system-x86_64, /dev/k
 """
 import argparse
 import os
+import shutil
 import select
 import statistics
 import subprocess
@@ -119,12 +120,102 @@ def exits_per_second(argv, count):
         guest.finish()
 
 
+def blk_commands(image, image_format, cmdline):
+    probe = os.path.join(OUT, "probe-pvh.elf")
+    vmm = os.path.join(ROOT, ".build", "release", "vireo-vmm")
+    return {
+        "vireo-vmm": [vmm, "--kernel", probe, "--memory", f"{MEMORY_MIB}M", "--cmdline", cmdline,
+                      "--disk", f"{image},format={image_format}"],
+        # acpi=off makes microvm announce its virtio-mmio devices on the command line, as Vireo does;
+        # force-legacy=false gives the virtio 1.x interface the probe's driver speaks.
+        "qemu-microvm": ["qemu-system-x86_64", "-M", "microvm,x-option-roms=off,rtc=off,isa-serial=on,acpi=off",
+                         "-global", "virtio-mmio.force-legacy=false", "-accel", "kvm", "-cpu", "host,-arch-capabilities",
+                         "-m", f"{MEMORY_MIB}M", "-smp", "1", "-nodefaults", "-no-user-config", "-nographic",
+                         "-serial", "stdio", "-no-reboot", "-device", "isa-debug-exit,iobase=0xf4,iosize=0x4",
+                         "-drive", f"id=d0,file={image},format={image_format},if=none,cache=writeback,aio=threads",
+                         "-device", "virtio-blk-device,drive=d0", "-kernel", probe, "-append", cmdline],
+    }
+
+
+def blk_phases(argv, disk_mib, count):
+    """Seconds per phase of probe=blkbench, from the guest's start/done lines."""
+    guest = Guest(argv)
+    try:
+        guest.wait_for("blkbench: ready")
+        results = {}
+        for phase in ("seqwrite", "seqread", "randwrite", "randread"):
+            start = guest.wait_for(f"blkbench: {phase} start")
+            end = guest.wait_for(f"blkbench: {phase} done", timeout=600)
+            seconds = end - start
+            results[phase] = disk_mib / seconds if phase.startswith("seq") else count / seconds
+        return results
+    finally:
+        guest.finish()
+
+
+def host_ceiling(image, disk_mib):
+    """fio on the image file itself: buffered (page cache, as both VMMs use it) 1 MiB sequential
+    write and read, one job, psync, cache not dropped first."""
+    ceiling = {}
+    for rw in ("write", "read"):
+        out = subprocess.run(["fio", "--name=ceiling", f"--filename={image}", f"--rw={rw}", "--bs=1M", f"--size={disk_mib}M",
+                              "--ioengine=psync", "--direct=0", "--invalidate=0", "--output-format=terse", "--terse-version=3"],
+                             check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1].split(";")
+        # terse v3: read bandwidth (KiB/s) is field 7, write bandwidth field 48.
+        ceiling["seq" + rw] = int(out[47 if rw == "write" else 6]) / 1024
+    return ceiling
+
+
+def blk_benchmark(runs, count):
+    disk_mib = 256
+    raw = os.path.join(OUT, "bench.raw")
+    qcow2 = os.path.join(OUT, "bench.qcow2")
+    for path in (raw, qcow2):
+        if os.path.exists(path):
+            os.remove(path)
+    with open(raw, "wb") as f:
+        f.write(os.urandom(disk_mib << 20))
+    subprocess.run(["qemu-img", "convert", "-O", "qcow2", raw, qcow2], check=True)
+    cmdline = f"probe=blkbench count={count}"
+    print()
+    print(f"virtio-blk, one request in flight, {disk_mib} MiB image, median of {runs}:")
+    print()
+    print("| image | VMM | seq write MiB/s | seq read MiB/s | rand write IOPS | rand read IOPS |")
+    print("|---|---|---|---|---|---|")
+    table = {}
+    for image, image_format in ((raw, "raw"), (qcow2, "qcow2")):
+        samples = {name: [] for name in ("vireo-vmm", "qemu-microvm")}
+        for _ in range(runs):
+            for name, argv in blk_commands(image, image_format, cmdline).items():
+                samples[name].append(blk_phases(argv, disk_mib, count))
+        for name, rows in samples.items():
+            medians = {phase: statistics.median(r[phase] for r in rows) for phase in rows[0]}
+            table[(image_format, name)] = medians
+            print(f"| {image_format} | {name} | {medians['seqwrite']:.0f} | {medians['seqread']:.0f} | "
+                  f"{medians['randwrite']:.0f} | {medians['randread']:.0f} |")
+    if shutil.which("fio"):
+        ceiling = host_ceiling(raw, disk_mib)
+        print(f"| raw | host fio (ceiling) | {ceiling['seqwrite']:.0f} | {ceiling['seqread']:.0f} | | |")
+        v = table[("raw", "vireo-vmm")]
+        print()
+        print(f"vireo-vmm vs host ceiling, 1 MiB sequential: write {v['seqwrite'] / ceiling['seqwrite']:.2f}, "
+              f"read {v['seqread'] / ceiling['seqread']:.2f}")
+    for image_format in ("raw", "qcow2"):
+        v, q = table[(image_format, "vireo-vmm")], table[(image_format, "qemu-microvm")]
+        print(f"{image_format}: vireo-vmm/qemu " + ", ".join(f"{k} {v[k] / q[k]:.2f}" for k in v))
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=15)
     parser.add_argument("--port-writes", type=int, default=100000)
+    parser.add_argument("--only", choices=["vmm", "blk"], help="run one part only")
+    parser.add_argument("--random-requests", type=int, default=5000)
     args = parser.parse_args()
     build()
+    if args.only == "blk":
+        blk_benchmark(3, args.random_requests)
+        return
     names = list(commands("").keys())
     results = {name: {} for name in names}
     for name in names:
@@ -155,6 +246,8 @@ def main():
     print(f"vireo-vmm/qemu first byte: {v['first_byte_ms'] / q['first_byte_ms']:.2f}x; "
           f"RSS: {v['rss_kib'] / q['rss_kib']:.2f}x; private dirty: {v['dirty_kib'] / q['dirty_kib']:.2f}x; "
           f"exits: {v['exits_per_s'] / q['exits_per_s']:.2f}x")
+    if args.only != "vmm":
+        blk_benchmark(3, args.random_requests)
 
 
 if __name__ == "__main__":
