@@ -4,7 +4,8 @@ PVH probe guest in one run. Prints a Markdown table of medians and ratios.
 
   bench/run.py [--runs N] [--port-writes N]
 
-Needs: a release build (swift build -c release), gcc, qemu-system-x86_64, /dev/kvm.
+Needs: a release build (swift build -c release), gcc, qemu-system-x86_64, qemu-img, /dev/kvm, and fio
+(apt-get install fio) for the host ceiling row.
 """
 import argparse
 import os
