@@ -37,7 +37,7 @@ struct Run: ParsableCommand {
                                valueName: "disk"))
     var disk: [String] = []
 
-    @Flag(help: "Attach a virtio-rng device fed from the host's getrandom(2).")
+    @Flag(help: "Attach a virtio-rng device fed from the host's /dev/urandom.")
     var rng = false
 
     func run() throws {

@@ -74,7 +74,7 @@ public struct VMConfiguration: Sendable {
     public var memorySize: UInt64
     public var console: ConsoleConfiguration
     public var disks: [DiskConfiguration] = []
-    /// Attach a virtio-rng device fed from the host's getrandom(2).
+    /// Attach a virtio-rng device fed from the host's /dev/urandom.
     public var entropyDevice = false
 
     /// virtio devices in slot order: disks first, then the entropy device.
