@@ -18,7 +18,8 @@ let package = Package(
         .target(name: "X86Boot", dependencies: ["GuestMemory"]),
         .target(name: "Devices", dependencies: ["GuestMemory", "DiskImage"]),
         .target(name: "CZlib", linkerSettings: [.linkedLibrary("z")]),
-        .target(name: "DiskImage", dependencies: ["CZlib"]),
+        .target(name: "CDiskHost"),
+        .target(name: "DiskImage", dependencies: ["CZlib", "CDiskHost"]),
         .target(name: "VMM", dependencies: ["KVM", "GuestMemory", "X86Boot", "Devices", "DiskImage"]),
         .target(name: "CLI", dependencies: [
             "VMM", "X86Boot", "DiskImage",

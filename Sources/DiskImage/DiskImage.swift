@@ -18,6 +18,10 @@ public protocol DiskImage: AnyObject, Sendable {
     func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws(DiskImageError)
     /// Makes every completed write durable.
     func flush() throws(DiskImageError)
+    /// Makes a range read as zeros, freeing host space where whole units (clusters, blocks) allow.
+    /// Discard (the guest no longer needs the data) is served the same way: reads after it return
+    /// zeros, never stale or backing-file data.
+    func writeZeroes(at offset: UInt64, length: UInt64) throws(DiskImageError)
     /// What `vireo disk info` shows.
     func info() throws(DiskImageError) -> DiskInfo
 }
@@ -123,6 +127,12 @@ public final class RawImage: DiskImage, @unchecked Sendable {
     }
 
     public func flush() throws(DiskImageError) { try file.sync() }
+
+    public func writeZeroes(at offset: UInt64, length: UInt64) throws(DiskImageError) {
+        guard length <= UInt64(Int.max) else { throw .outOfRange(path: path, offset: offset, length: Int.max, size: virtualSize) }
+        try checkRange(offset, Int(length))
+        try file.punchHole(at: offset, length: length)
+    }
 
     public func resize(to size: UInt64) throws(DiskImageError) {
         guard size >= virtualSize else {

@@ -1,3 +1,4 @@
+import CDiskHost
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -120,6 +121,13 @@ final class ImageFile: @unchecked Sendable {
     func allocate(_ size: UInt64) throws(DiskImageError) {
         let result = posix_fallocate(fd, 0, off_t(size))
         guard result == 0 else { throw .io(operation: "fallocate \(size) bytes", path: path, errno: result) }
+    }
+
+    /// Frees the host blocks behind a range; it then reads as zeros.
+    func punchHole(at offset: UInt64, length: UInt64) throws(DiskImageError) {
+        guard writable else { throw .readOnly(path: path) }
+        let result = vireo_punch_hole(fd, Int64(offset), Int64(length))
+        guard result == 0 else { throw .io(operation: "punch hole at \(offset)", path: path, errno: result) }
     }
 
     func sync() throws(DiskImageError) {

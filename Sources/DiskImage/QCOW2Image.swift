@@ -287,16 +287,60 @@ public final class QCOW2Image: DiskImage, @unchecked Sendable {
         let host = try allocateCluster(state: &state)
         try file.write(contents, at: host)
         try setL2Entry(for: position, to: host | Self.copiedFlag, state: &state)
-        if case let .compressed(offset, sectors) = current {
-            // The old compressed data no longer has this reference (it may share host clusters
-            // with other compressed clusters, so each host cluster it touches drops by one).
+        if case .compressed = current { try release(current, state: &state) }
+    }
+
+    /// Drops the reference a just-replaced L2 entry held on its host clusters. Called only after
+    /// the new entry is written, so a crash in between leaks a cluster instead of sharing one.
+    /// Clusters nobody references any more are punched out of the file.
+    private func release(_ mapping: ClusterMapping, state: inout State) throws(DiskImageError) {
+        var clusters: [UInt64] = []
+        switch mapping {
+        case let .data(host, _), let .zero(preallocated: host?):
+            clusters = [host]
+        case let .compressed(offset, sectors):
+            // Compressed data may share host clusters with its neighbours: each cluster it touches
+            // loses one reference.
             let first = offset & ~(clusterSize - 1)
             let last = (offset + sectors * 512 - (offset & 511) - 1) & ~(clusterSize - 1)
-            var hostCluster = first
-            while hostCluster <= last {
-                let count = try refcount(of: hostCluster, state: &state)
-                if count > 0 { try setRefcount(of: hostCluster, to: count - 1, state: &state) }
-                hostCluster += clusterSize
+            clusters = Array(stride(from: first, through: last, by: Int(clusterSize)))
+        case .unallocated, .zero(preallocated: nil):
+            return
+        }
+        for host in clusters {
+            let count = try refcount(of: host, state: &state)
+            guard count > 0 else { continue }
+            try setRefcount(of: host, to: count - 1, state: &state)
+            if count == 1 { try file.punchHole(at: host, length: clusterSize) }
+        }
+    }
+
+    public func writeZeroes(at offset: UInt64, length: UInt64) throws(DiskImageError) {
+        guard file.writable else { throw .readOnly(path: path) }
+        guard length <= UInt64(Int.max) else { throw .outOfRange(path: path, offset: offset, length: Int.max, size: virtualSize) }
+        try checkRange(offset, Int(length))
+        let zeros = [UInt8](repeating: 0, count: Int(clusterSize))
+        try state.withLock { (state) throws(DiskImageError) in
+            try forEachClusterPiece(offset: offset, count: Int(length)) { (position, within, range) throws(DiskImageError) in
+                let current = try mapping(for: position, in: &state)
+                // Partial clusters, and v2 images over a backing file (no zero flag to hide it), get zeros written.
+                guard range.count == Int(clusterSize), version >= 3 || backing == nil else {
+                    let outcome: Result<Void, DiskImageError> = zeros.withUnsafeBytes { buffer in
+                        do throws(DiskImageError) {
+                            try writeChunk(UnsafeRawBufferPointer(rebasing: buffer[0..<range.count]), at: position, within: within, state: &state)
+                            return .success(())
+                        } catch { return .failure(error) }
+                    }
+                    try outcome.get()
+                    return
+                }
+                if case let .data(_, copied) = current, !copied {
+                    throw .unsupported(path: path, feature: "zeroing clusters shared with an internal snapshot")
+                }
+                if current == .zero(preallocated: nil) { return }
+                if current == .unallocated && backing == nil { return }
+                try setL2Entry(for: position, to: version >= 3 ? Self.zeroFlag : 0, state: &state)
+                try release(current, state: &state)
             }
         }
     }

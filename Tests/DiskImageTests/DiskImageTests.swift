@@ -257,3 +257,85 @@ func pattern(_ count: Int, seed: UInt8) -> [UInt8] {
         #expect(try alsoReadOnly.readBytes(count: 3000, at: 1000) == pattern(3000, seed: 5))
     }
 }
+
+@Suite struct WriteZeroesTests {
+    @Test("qcow2: zeroing whole and partial clusters reads back zeros, frees clusters, and stays clean",
+          arguments: [UInt64(4096), 65536])
+    func qcow2WriteZeroes(clusterSize: UInt64) throws {
+        let directory = try scratchDirectory()
+        let path = directory.appendingPathComponent("z.qcow2").path
+        let size: UInt64 = 4 << 20
+        try DiskImages.create(path: path, format: .qcow2, size: size, clusterSize: clusterSize)
+        let image = try DiskImages.open(path: path)
+        var model = pattern(Int(size), seed: 3)
+        try image.write(model, at: 0)
+        try image.flush()
+        let before = try image.info().allocatedBytes
+        let start = Int(clusterSize) + 100, length = 5 * Int(clusterSize)
+        try image.writeZeroes(at: UInt64(start), length: UInt64(length))
+        model.replaceSubrange(start..<start + length, with: [UInt8](repeating: 0, count: length))
+        try image.writeZeroes(at: size - clusterSize, length: clusterSize)
+        model.replaceSubrange(Int(size - clusterSize)..<Int(size), with: [UInt8](repeating: 0, count: Int(clusterSize)))
+        try image.flush()
+        #expect(try image.readBytes(count: Int(size), at: 0) == model)
+        #expect(try image.info().allocatedBytes < before)
+        try qemuCheck(path)
+        #expect(try contentAccordingToQEMU(path, in: directory) == model)
+        // A zeroed cluster can be written again.
+        try image.write([1, 2, 3], at: size - clusterSize + 10)
+        model.replaceSubrange(Int(size - clusterSize) + 10..<Int(size - clusterSize) + 13, with: [1, 2, 3])
+        try image.flush()
+        try qemuCheck(path)
+        #expect(try contentAccordingToQEMU(path, in: directory) == model)
+    }
+
+    @Test("qcow2 overlay: zeroed clusters hide the backing file instead of exposing it")
+    func zeroesHideTheBackingFile() throws {
+        let directory = try scratchDirectory()
+        let base = directory.appendingPathComponent("base.raw").path
+        try Data(pattern(1 << 20, seed: 9)).write(to: URL(fileURLWithPath: base))
+        let overlay = directory.appendingPathComponent("o.qcow2").path
+        try DiskImages.create(path: overlay, format: .qcow2, size: 1 << 20, backing: "base.raw")
+        let image = try DiskImages.open(path: overlay)
+        try image.writeZeroes(at: 65536, length: 65536)
+        var model = pattern(1 << 20, seed: 9)
+        model.replaceSubrange(65536..<131072, with: [UInt8](repeating: 0, count: 65536))
+        try image.flush()
+        #expect(try image.readBytes(count: 1 << 20, at: 0) == model)
+        try qemuCheck(overlay)
+        #expect(try contentAccordingToQEMU(overlay, in: directory) == model)
+    }
+
+    @Test("Zeroing a compressed cluster drops its references; qemu-img check stays clean")
+    func zeroCompressedCluster() throws {
+        let directory = try scratchDirectory()
+        let raw = directory.appendingPathComponent("src.raw").path
+        let compressed = directory.appendingPathComponent("c.qcow2").path
+        try Data((0..<(1 << 20)).map { UInt8(truncatingIfNeeded: ($0 / 5) ^ ($0 >> 11)) }).write(to: URL(fileURLWithPath: raw))
+        #expect(try tool(["qemu-img", "convert", "-c", "-O", "qcow2", raw, compressed]).status == 0)
+        var model = Array(try Data(contentsOf: URL(fileURLWithPath: raw)))
+        let image = try DiskImages.open(path: compressed)
+        try image.writeZeroes(at: 0, length: 3 * 65536)
+        model.replaceSubrange(0..<3 * 65536, with: [UInt8](repeating: 0, count: 3 * 65536))
+        try image.flush()
+        #expect(try image.readBytes(count: 1 << 20, at: 0) == model)
+        try qemuCheck(compressed)
+        #expect(try contentAccordingToQEMU(compressed, in: directory) == model)
+    }
+
+    @Test("raw: zeroing punches a hole; the file gets smaller on the host and reads zeros")
+    func rawPunchesHoles() throws {
+        let directory = try scratchDirectory()
+        let path = directory.appendingPathComponent("r.raw").path
+        try DiskImages.create(path: path, format: .raw, size: 8 << 20, preallocate: true)
+        let image = try DiskImages.open(path: path)
+        try image.write(pattern(8 << 20, seed: 1), at: 0)
+        try image.flush()
+        let before = try image.info().allocatedBytes
+        try image.writeZeroes(at: 1 << 20, length: 4 << 20)
+        #expect(try image.info().allocatedBytes <= before - (4 << 20))
+        #expect(try image.readBytes(count: 4 << 20, at: 1 << 20).allSatisfy { $0 == 0 })
+        #expect(try image.readBytes(count: 100, at: 0) == Array(pattern(8 << 20, seed: 1)[0..<100]))
+        #expect(throws: DiskImageError.self) { try image.writeZeroes(at: 8 << 20, length: 1) }
+    }
+}

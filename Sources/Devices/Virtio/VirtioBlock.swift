@@ -14,6 +14,8 @@ public final class VirtioBlock: VirtioDevice, @unchecked Sendable {
         static let write: UInt32 = 1
         static let flush: UInt32 = 4
         static let getID: UInt32 = 8
+        static let discard: UInt32 = 11
+        static let writeZeroes: UInt32 = 13
     }
     enum RequestStatus {
         static let ok: UInt8 = 0
@@ -24,7 +26,12 @@ public final class VirtioBlock: VirtioDevice, @unchecked Sendable {
         static let segmentMaximum: UInt64 = 1 << 2
         static let readOnly: UInt64 = 1 << 5
         static let flush: UInt64 = 1 << 9
+        static let discard: UInt64 = 1 << 13
+        static let writeZeroes: UInt64 = 1 << 14
     }
+    /// Segments one discard or write-zeroes request may carry, and sectors per segment.
+    static let maximumSegments: UInt32 = 32
+    static let maximumSegmentSectors: UInt32 = 1 << 22
 
     public let disk: any DiskImage
     public let readOnly: Bool
@@ -40,16 +47,25 @@ public final class VirtioBlock: VirtioDevice, @unchecked Sendable {
 
     public var deviceType: UInt32 { 2 }
     public var deviceFeatures: UInt64 {
-        VirtioFeature.version1 | Feature.segmentMaximum | Feature.flush | (readOnly ? Feature.readOnly : 0)
+        VirtioFeature.version1 | Feature.segmentMaximum | Feature.flush
+            | (readOnly ? Feature.readOnly : Feature.discard | Feature.writeZeroes)
     }
     public var queueMaximumSizes: [UInt16] { [Self.queueSize] }
 
     public func readConfiguration(offset: Int, into data: UnsafeMutableRawBufferPointer) {
-        var configuration = [UInt8](repeating: 0, count: 24)
-        let capacity = disk.virtualSize / Self.sectorSize
-        for index in 0..<8 { configuration[index] = UInt8(truncatingIfNeeded: capacity >> (8 * index)) }
-        let segments = UInt32(Self.queueSize - 2)
-        for index in 0..<4 { configuration[12 + index] = UInt8(truncatingIfNeeded: segments >> (8 * index)) }
+        // struct virtio_blk_config up to write_zeroes_may_unmap (virtio 1.x §5.2.4).
+        var configuration = [UInt8](repeating: 0, count: 60)
+        func put(_ value: UInt64, at offset: Int, size: Int) {
+            for index in 0..<size { configuration[offset + index] = UInt8(truncatingIfNeeded: value >> (8 * index)) }
+        }
+        put(disk.virtualSize / Self.sectorSize, at: 0, size: 8)          // capacity
+        put(UInt64(Self.queueSize - 2), at: 12, size: 4)                 // seg_max
+        put(UInt64(Self.maximumSegmentSectors), at: 36, size: 4)         // max_discard_sectors
+        put(UInt64(Self.maximumSegments), at: 40, size: 4)               // max_discard_seg
+        put(1, at: 44, size: 4)                                          // discard_sector_alignment
+        put(UInt64(Self.maximumSegmentSectors), at: 48, size: 4)         // max_write_zeroes_sectors
+        put(UInt64(Self.maximumSegments), at: 52, size: 4)               // max_write_zeroes_seg
+        put(1, at: 56, size: 1)                                          // write_zeroes_may_unmap
         for index in data.indices {
             let position = offset + index
             data[index] = position >= 0 && position < configuration.count ? configuration[position] : 0
@@ -111,6 +127,35 @@ public final class VirtioBlock: VirtioDevice, @unchecked Sendable {
                     }
                 } catch {
                     status = RequestStatus.ioError
+                }
+            }
+        case RequestType.discard, RequestType.writeZeroes:
+            // The readable payload after the header is an array of {sector u64, sectors u32, flags u32}.
+            let payload = try skipping(16, in: dataBuffers.filter { !$0.deviceWritable })
+            let length = payload.reduce(0) { $0 + Int($1.length) }
+            if readOnly {
+                status = RequestStatus.ioError
+            } else if length == 0 || length % 16 != 0 || length / 16 > Int(Self.maximumSegments) {
+                status = RequestStatus.unsupported
+            } else {
+                let segments = try gather(payload, count: length, memory: memory)
+                for start in stride(from: 0, to: segments.count, by: 16) {
+                    let sector = segments[start..<start + 8].reversed().reduce(UInt64(0)) { $0 << 8 | UInt64($1) }
+                    let count = segments[start + 8..<start + 12].reversed().reduce(UInt64(0)) { $0 << 8 | UInt64($1) }
+                    let flags = segments[start + 12..<start + 16].reversed().reduce(UInt64(0)) { $0 << 8 | UInt64($1) }
+                    // Only the unmap flag is defined, and only for write-zeroes.
+                    guard flags & ~(type == RequestType.writeZeroes ? 1 : 0) == 0, count <= UInt64(Self.maximumSegmentSectors) else {
+                        status = RequestStatus.unsupported
+                        break
+                    }
+                    guard sector <= disk.virtualSize / Self.sectorSize, count <= disk.virtualSize / Self.sectorSize - sector else {
+                        status = RequestStatus.ioError
+                        break
+                    }
+                    do { try disk.writeZeroes(at: sector * Self.sectorSize, length: count * Self.sectorSize) } catch {
+                        status = RequestStatus.ioError
+                        break
+                    }
                 }
             }
         case RequestType.flush:
