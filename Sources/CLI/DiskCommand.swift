@@ -14,7 +14,8 @@ struct Disk: ParsableCommand {
     /// Disk errors are the user's to fix (status 2) unless the host failed (status 1).
     static func reportDiskError(_ error: DiskImageError) -> ExitCode {
         printError(error)
-        if case .io = error { return ExitCode(1) }
+        // A path that does not exist or cannot be opened is the user's to fix; other I/O is the host's.
+        if case let .io(_, _, code) = error, ![ENOENT, EACCES, EISDIR, ENOTDIR].contains(code) { return ExitCode(1) }
         return ExitCode(2)
     }
 

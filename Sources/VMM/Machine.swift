@@ -57,7 +57,6 @@ public final class Machine: @unchecked Sendable {
     let serial: Serial8250
     let console: Console
     let stop: StopController
-    let blockDevices: [VirtioBlock]
     /// Exits handled per vCPU, for benchmarks and `info`.
     let exitCounts: [ExitCounter]
 
@@ -150,17 +149,14 @@ public final class Machine: @unchecked Sendable {
                 let elapsed = VMMClock.elapsedNanoseconds
                 vmmLog("guest boot marker reached \(elapsed / 1000) us (\(elapsed / 1_000_000) ms) after VMM start")
             }, name: "boot marker", base: MachineLayout.bootMarkerAddress, length: 0x1000)
-            var blocks: [VirtioBlock] = []
             for (index, disk) in disks.enumerated() {
                 guard let slot = MachineLayout.virtioSlot(index) else { break }
                 let block = VirtioBlock(disk: disk.image, readOnly: disk.configuration.readOnly, serial: disk.configuration.serial)
-                blocks.append(block)
                 let transport = VirtioMMIOTransport(device: block, memory: memory,
                                                     interrupt: KVMInterruptLine(vm: vm, line: slot.interrupt))
                 try mmio.register(transport, name: "virtio-blk \(disk.configuration.path)", base: slot.address,
                                   length: VirtioMMIOTransport.windowSize)
             }
-            blockDevices = blocks
             if let entropy, let slot = MachineLayout.virtioSlot(disks.count) {
                 try mmio.register(VirtioMMIOTransport(device: entropy, memory: memory, interrupt: KVMInterruptLine(vm: vm, line: slot.interrupt)),
                                   name: "virtio-rng", base: slot.address, length: VirtioMMIOTransport.windowSize)

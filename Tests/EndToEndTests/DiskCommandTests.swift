@@ -38,6 +38,9 @@ import Testing
         #expect(noSize.stderr.contains("--size: missing"))
         #expect(!FileManager.default.fileExists(atPath: directory.appendingPathComponent("y").path))
         #expect(Harness.run(["qemu-img", "check", base]).status == 0)
+        let missing = vireo(["info", directory.appendingPathComponent("absent.qcow2").path])
+        #expect(missing.status == 2)
+        #expect(missing.stderr.contains("absent.qcow2: open failed: No such file or directory"))
     }
 
     @Test func rawSparseAndPreallocated() throws {
