@@ -529,6 +529,32 @@ static void probe_blkbench(void) {
     enter_user_mode(user_blkbench, count);
 }
 
+/* ---- probe=ticker: prints "tick N" forever from ring 3 (native speed here), so a test can see
+ * whether the guest makes progress (pause/resume); polls the i8042 and resets the machine when
+ * Ctrl-Alt-Del arrives, as a guest that honours a graceful shutdown request would ---- */
+static void user_ticker(uint64_t spin) {
+    int ctrl = 0, alt = 0, extended = 0, release = 0;
+    for (uint64_t tick = 0;; tick++) {
+        for (volatile uint64_t i = 0; i < spin; i++) {}
+        puts_raw("tick "); put_dec(tick); puts_raw("\n");
+        while (inb(0x64) & 1) {
+            uint8_t code = inb(0x60);
+            /* Set 1 (translated) and set 2 codes for Ctrl, Alt and Delete. */
+            if (code == 0xe0) { extended = 1; continue; }
+            if (code == 0xf0) { release = 1; continue; }
+            int up = release || (code & 0x80);
+            uint8_t key = code & 0x7f;
+            if (!extended && (key == 0x1d || code == 0x14)) ctrl = !up;
+            else if (!extended && (key == 0x38 || code == 0x11)) alt = !up;
+            else if (extended && (key == 0x53 || code == 0x71) && !up && ctrl && alt) {
+                puts_raw("ticker: ctrl-alt-del, resetting\n");
+                outb(0x64, 0xfe);
+            }
+            extended = 0; release = 0;
+        }
+    }
+}
+
 uintptr_t probe_zero_page;
 
 void probe_main(int mode, uintptr_t info) {
@@ -550,6 +576,10 @@ void probe_main(int mode, uintptr_t info) {
         char n[24];
         uint64_t count = cmdline_value("count", n, sizeof n) ? parse_dec(n) : 100000;
         enter_user_mode(user_port_loop, count);
+    } else if (str_eq(what, "ticker")) {
+        char n[24];
+        uint64_t spin = cmdline_value("spin", n, sizeof n) ? parse_dec(n) : 20000000;
+        enter_user_mode(user_ticker, spin);
     } else if (str_eq(what, "hello")) puts_raw("hello from the probe\n");
     else { puts_raw("probe: unknown probe "); puts_raw(what); puts_raw("\n"); }
     finish();

@@ -1,7 +1,8 @@
 import Synchronization
 
 /// Enough of the PC keyboard controller for guests to reset the machine (command 0xFE, which is
-/// what Linux's `reboot=k` uses) and for probes of the controller to get sane answers.
+/// what Linux's `reboot=k` uses), for probes of the controller to get sane answers, and for the
+/// host to press Ctrl-Alt-Del, the graceful-shutdown request Firecracker also sends this way.
 public final class I8042: PortIODevice {
     public static let dataPort: UInt16 = 0x60
     public static let commandPort: UInt16 = 0x64
@@ -13,17 +14,44 @@ public final class I8042: PortIODevice {
     }
     private let state = Mutex(State())
     private let resetRequested: @Sendable () -> Void
+    private let interrupt: (any InterruptLine)?
+    public static let defaultInterrupt: UInt32 = 1
 
     /// Registered at 0x60 with length 5, so offsets are 0 (data) and 4 (command/status).
-    public init(resetRequested: @escaping @Sendable () -> Void) {
+    public init(interrupt: (any InterruptLine)? = nil, resetRequested: @escaping @Sendable () -> Void) {
+        self.interrupt = interrupt
         self.resetRequested = resetRequested
     }
 
+    /// Queues the scan codes of Ctrl and Alt and Delete pressed and released, in the code set
+    /// the guest reads: set 1 when the controller translates (command byte bit 6, the PC default
+    /// and Linux's), set 2 otherwise.
+    public func pressCtrlAltDel() {
+        let raise = state.withLock { state -> Bool in
+            let translated = state.commandByte & 0x40 != 0
+            state.output += translated
+                ? [0x1d, 0x38, 0xe0, 0x53, 0xe0, 0xd3, 0xb8, 0x9d]
+                : [0x14, 0x11, 0xe0, 0x71, 0xe0, 0xf0, 0x71, 0xf0, 0x11, 0xf0, 0x14]
+            return state.commandByte & 0x01 != 0
+        }
+        if raise { pulseInterrupt() }
+    }
+
+    /// IRQ 1 is edge-triggered: one pulse per byte waiting, the way Linux's handler reads one
+    /// byte per interrupt.
+    private func pulseInterrupt() {
+        interrupt?.setLevel(true)
+        interrupt?.setLevel(false)
+    }
+
     public func read(offset: UInt16, into data: UnsafeMutableRawBufferPointer) {
+        var more = false
         let value: UInt8 = state.withLock { state in
             switch offset {
             case 0:
-                return state.output.isEmpty ? 0 : state.output.removeFirst()
+                let byte = state.output.isEmpty ? 0 : state.output.removeFirst()
+                more = !state.output.isEmpty && state.commandByte & 0x01 != 0
+                return byte
             case 4:
                 // Status: output buffer full when a reply waits; input buffer always empty.
                 return state.output.isEmpty ? 0x00 : 0x01
@@ -32,6 +60,7 @@ public final class I8042: PortIODevice {
             }
         }
         for index in data.indices { data[index] = index == 0 ? value : 0 }
+        if more { pulseInterrupt() }
     }
 
     public func write(offset: UInt16, data: UnsafeRawBufferPointer) {

@@ -27,6 +27,16 @@ struct FileDescriptorOutput: SerialOutput {
     func write(_ bytes: UnsafeRawBufferPointer) { writeAll(fd, bytes) }
 }
 
+/// The console log file and, while one is attached, a control-socket client.
+struct TeeOutput: SerialOutput {
+    let first: any SerialOutput
+    let second: any SerialOutput
+    func write(_ bytes: UnsafeRawBufferPointer) {
+        first.write(bytes)
+        second.write(bytes)
+    }
+}
+
 struct DiscardOutput: SerialOutput {
     func write(_ bytes: UnsafeRawBufferPointer) {}
 }
@@ -95,44 +105,16 @@ final class Console: @unchecked Sendable {
             guard fd >= 0 else {
                 throw .invalidConfiguration(field: "--console", reason: "cannot open \(path) for writing: \(String(cString: strerror(errno)))")
             }
-            output = FileDescriptorOutput(fd: fd)
+            // A managed VM logs here and lets `vireo console` attach through the control socket.
+            output = TeeOutput(first: FileDescriptorOutput(fd: fd), second: SocketOutput(client: client))
         case let .socket(path):
             output = SocketOutput(client: client)
             listener = try Self.listen(path: path)
         }
     }
 
-    /// Binds a listening Unix socket. An existing socket file is replaced (a previous run's);
-    /// anything else at the path is left alone and refused.
     private static func listen(path: String) throws(VMMError) -> Int32 {
-        var info = stat()
-        if lstat(path, &info) == 0 {
-            guard (info.st_mode & S_IFMT) == S_IFSOCK else {
-                throw .invalidConfiguration(field: "--console", reason: "\(path) exists and is not a socket; refusing to replace it")
-            }
-            unlink(path)
-        }
-        var address = sockaddr_un()
-        address.sun_family = sa_family_t(AF_UNIX)
-        let capacity = MemoryLayout.size(ofValue: address.sun_path)
-        guard path.utf8.count < capacity else {
-            throw .invalidConfiguration(field: "--console", reason: "socket path \(path) is longer than \(capacity - 1) bytes")
-        }
-        withUnsafeMutableBytes(of: &address.sun_path) { buffer in
-            for (index, byte) in path.utf8.enumerated() { buffer[index] = byte }
-        }
-        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-        guard fd >= 0 else { throw .host(operation: "socket", errno: errno) }
-        let bound = withUnsafePointer(to: &address) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
-        }
-        guard bound == 0, Glibc.listen(fd, 1) == 0 else {
-            let code = errno
-            close(fd)
-            throw .invalidConfiguration(field: "--console", reason: "cannot listen on \(path): \(String(cString: strerror(code)))")
-        }
-        chmod(path, 0o600)
-        return fd
+        try listenUnixSocket(path: path, field: "--console")
     }
 
     /// Starts delivering host input to `serial` on a thread of its own.
@@ -155,27 +137,50 @@ final class Console: @unchecked Sendable {
             }
         case .socket:
             let listener = self.listener
-            let client = self.client
-            _ = try HostThread.spawn(name: "console-sock") {
-                var buffer = [UInt8](repeating: 0, count: 256)
+            _ = try HostThread.spawn(name: "console-sock") { [self] in
                 while !stop.isStopping {
                     let fd = accept(listener, nil, nil)
                     if fd < 0 { if errno == EINTR { continue }; return }
                     _ = fcntl(fd, F_SETFD, FD_CLOEXEC)
-                    let previous = client.fd.withLock { current -> Int32 in defer { current = fd }; return current }
-                    if previous >= 0 { shutdown(previous, Int32(SHUT_RDWR)) }
-                    while true {
-                        let count = buffer.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
-                        if count < 0 && errno == EINTR { continue }
-                        if count <= 0 { break }
-                        serial.receive(buffer[0..<count])
-                    }
-                    client.fd.withLock { current in if current == fd { current = -1 } }
+                    serve(client: fd, serial: serial)
                     close(fd)
                 }
             }
         case .file, .none:
             break
+        }
+    }
+
+    /// Makes `fd` the console client until it hangs up: guest output goes to it (as well as to the
+    /// log, if any) and what it sends is typed into the guest. A newer client replaces an older one,
+    /// as with a serial line. Runs on the caller's thread; the caller closes `fd`.
+    func serve(client fd: Int32, serial: Serial8250) {
+        let previous = client.fd.withLock { current -> Int32 in defer { current = fd }; return current }
+        if previous >= 0 { shutdown(previous, Int32(SHUT_RDWR)) }
+        var buffer = [UInt8](repeating: 0, count: 256)
+        while true {
+            let count = buffer.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
+            if count < 0 && errno == EINTR { continue }
+            if count <= 0 { break }
+            serial.receive(buffer[0..<count])
+        }
+        client.fd.withLock { current in if current == fd { current = -1 } }
+    }
+
+    var kind: String {
+        switch configuration {
+        case .stdio: return "stdio"
+        case .none: return "none"
+        case .file: return "a log file"
+        case .socket: return "a socket"
+        }
+    }
+
+    /// Whether `serve(client:)` can attach to this console: a socket or a log file.
+    var acceptsClients: Bool {
+        switch configuration {
+        case .socket, .file: return true
+        case .stdio, .none: return false
         }
     }
 
@@ -204,4 +209,37 @@ struct SocketOutput: SerialOutput {
             if fd >= 0, !writeAll(fd, bytes, flags: Int32(MSG_NOSIGNAL)) { shutdown(fd, Int32(SHUT_RDWR)) }
         }
     }
+}
+
+/// Binds a listening Unix socket readable only by its owner. An existing socket file is replaced
+/// (a previous run's); anything else at the path is left alone and refused.
+func listenUnixSocket(path: String, field: String, backlog: Int32 = 1) throws(VMMError) -> Int32 {
+    var info = stat()
+    if lstat(path, &info) == 0 {
+        guard (info.st_mode & S_IFMT) == S_IFSOCK else {
+            throw .invalidConfiguration(field: field, reason: "\(path) exists and is not a socket; refusing to replace it")
+        }
+        unlink(path)
+    }
+    var address = sockaddr_un()
+    address.sun_family = sa_family_t(AF_UNIX)
+    let capacity = MemoryLayout.size(ofValue: address.sun_path)
+    guard path.utf8.count < capacity else {
+        throw .invalidConfiguration(field: field, reason: "socket path \(path) is longer than \(capacity - 1) bytes")
+    }
+    withUnsafeMutableBytes(of: &address.sun_path) { buffer in
+        for (index, byte) in path.utf8.enumerated() { buffer[index] = byte }
+    }
+    let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+    guard fd >= 0 else { throw .host(operation: "socket", errno: errno) }
+    let bound = withUnsafePointer(to: &address) {
+        $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+    }
+    guard bound == 0, Glibc.listen(fd, backlog) == 0 else {
+        let code = errno
+        close(fd)
+        throw .invalidConfiguration(field: field, reason: "cannot listen on \(path): \(String(cString: strerror(code)))")
+    }
+    chmod(path, 0o600)
+    return fd
 }

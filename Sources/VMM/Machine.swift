@@ -55,10 +55,21 @@ public final class Machine: @unchecked Sendable {
     let portBus: PortIOBus
     let mmioBus: MMIOBus
     let serial: Serial8250
+    let keyboardController: I8042
     let console: Console
     let stop: StopController
+    let pauseGate: PauseGate
     /// Exits handled per vCPU, for benchmarks and `info`.
     let exitCounts: [ExitCounter]
+    let blockDevices: [(path: String, device: VirtioBlock)]
+    /// Set once a graceful shutdown was asked for; the guest decides when it happens.
+    let shutdownRequested = Atomic<Bool>(false)
+    /// Wall-clock seconds since the epoch when the machine was built, for `describe`.
+    public let startedAt = UInt64(time(nil))
+    let startedNanoseconds = VMMClock.now()
+    private var control: ControlServer?
+    /// vCPU threads, once `run()` has started them; guarded by `threadsLock`.
+    private let threadsLock = Mutex<[HostThread]>([])
 
     /// Validates `configuration` against this host and builds the machine; the guest does not run
     /// until `run()`.
@@ -132,6 +143,7 @@ public final class Machine: @unchecked Sendable {
         }
         self.vcpus = vcpus
         exitCounts = (0..<boot.cpuCount).map { _ in ExitCounter() }
+        pauseGate = PauseGate(vcpuCount: boot.cpuCount)
 
         var entropy: VirtioEntropy?
         if configuration.entropyDevice {
@@ -139,11 +151,13 @@ public final class Machine: @unchecked Sendable {
         }
         let stop = self.stop
         serial = Serial8250(output: console.output, interrupt: KVMInterruptLine(vm: vm, line: Serial8250.defaultInterrupt))
+        keyboardController = I8042(interrupt: KVMInterruptLine(vm: vm, line: I8042.defaultInterrupt)) { stop.request(.guestReset) }
         var ports = PortIOBus()
         var mmio = MMIOBus()
+        var blockDevices: [(path: String, device: VirtioBlock)] = []
         do {
             try ports.register(serial, name: "serial 8250 (COM1)", base: UInt64(Serial8250.defaultBase), length: 8)
-            try ports.register(I8042 { stop.request(.guestReset) }, name: "i8042", base: UInt64(I8042.dataPort), length: 5)
+            try ports.register(keyboardController, name: "i8042", base: UInt64(I8042.dataPort), length: 5)
             try ports.register(RTC(), name: "CMOS RTC", base: UInt64(RTC.basePort), length: 2)
             try mmio.register(BootMarker {
                 let elapsed = VMMClock.elapsedNanoseconds
@@ -152,6 +166,7 @@ public final class Machine: @unchecked Sendable {
             for (index, disk) in disks.enumerated() {
                 guard let slot = MachineLayout.virtioSlot(index) else { break }
                 let block = VirtioBlock(disk: disk.image, readOnly: disk.configuration.readOnly, serial: disk.configuration.serial)
+                blockDevices.append((disk.configuration.path, block))
                 let transport = VirtioMMIOTransport(device: block, memory: memory,
                                                     interrupt: KVMInterruptLine(vm: vm, line: slot.interrupt))
                 try mmio.register(transport, name: "virtio-blk \(disk.configuration.path)", base: slot.address,
@@ -166,6 +181,15 @@ public final class Machine: @unchecked Sendable {
         }
         portBus = ports
         mmioBus = mmio
+        self.blockDevices = blockDevices
+    }
+
+    var consoleDescription: String { console.kind }
+
+    /// Creates the control socket at `path` (docs/control-socket.md); requests are served once
+    /// `run()` starts. Call before `run()`.
+    public func listenForControl(path: String, identity: VMIdentity?) throws(VMMError) {
+        control = try ControlServer(path: path, machine: self, identity: identity)
     }
 
     /// Runs the guest until it stops, then tears down every vCPU thread.
@@ -190,6 +214,8 @@ public final class Machine: @unchecked Sendable {
 
         defer { console.finish() }
         try console.startInput(to: serial, stop: stop)
+        defer { control?.finish() }
+        try control?.start()
         var threads: [HostThread] = []
         for index in vcpus.indices {
             do {
@@ -199,13 +225,19 @@ public final class Machine: @unchecked Sendable {
                 break
             }
         }
+        threadsLock.withLock { $0 = threads }
         let exit = stop.wait()
+        pauseGate.release()
+        kickAll(threads)
+        for thread in threads { thread.join() }
+        return exit
+    }
+
+    private func kickAll(_ threads: [HostThread]) {
         for (index, thread) in threads.enumerated() {
             vcpus[index].requestImmediateExit()
             thread.kick()
         }
-        for thread in threads { thread.join() }
-        return exit
     }
 
     /// Requests a stop from outside (the control socket, tests).
@@ -213,17 +245,44 @@ public final class Machine: @unchecked Sendable {
 
     public func exitCount(vcpu: Int) -> UInt64 { exitCounts[vcpu].value.load(ordering: .relaxed) }
 
+    public var vcpuCount: Int { vcpus.count }
+    public var isPaused: Bool { pauseGate.isPaused }
+    public var isStopping: Bool { stop.isStopping }
+    public var isShuttingDown: Bool { shutdownRequested.load(ordering: .relaxed) }
+    public var uptimeNanoseconds: UInt64 { VMMClock.now() - startedNanoseconds }
+
+    /// Stops every vCPU between instructions; returns once none runs. False if already paused.
+    public func pause() -> Bool {
+        pauseGate.pause { kickAll(threadsLock.withLock { $0 }) }
+    }
+
+    /// False if it was not paused.
+    public func resume() -> Bool { pauseGate.resume() }
+
+    /// Presses Ctrl-Alt-Del on the guest's keyboard controller: a guest that handles it shuts
+    /// down (or reboots, which ends the VM the same way); one that does not, keeps running.
+    public func requestShutdown() {
+        shutdownRequested.store(true, ordering: .relaxed)
+        keyboardController.pressCtrlAltDel()
+    }
+
     private func runVCPU(_ index: Int) {
         acceptKicks()
         let vcpu = vcpus[index]
-        var handled: UInt64 = 0
+        let counter = exitCounts[index]
         defer {
-            exitCounts[index].value.store(handled, ordering: .relaxed)
+            pauseGate.vcpuExited()
             if getenv("VIREO_DUMP_REGISTERS") != nil, let regs = try? vcpu.registers() {
-                vmmLog("vCPU \(index): rip=0x\(String(regs.rip, radix: 16)) rsp=0x\(String(regs.rsp, radix: 16)) exits=\(handled)")
+                vmmLog("vCPU \(index): rip=0x\(String(regs.rip, radix: 16)) rsp=0x\(String(regs.rsp, radix: 16)) exits=\(counter.value.load(ordering: .relaxed))")
             }
         }
         while !stop.isStopping {
+            // The pause request set immediate_exit to get here; clear it only after parking, so a
+            // pause that lands between this check and KVM_RUN still takes effect.
+            if pauseGate.checkpoint() {
+                vcpu.requestImmediateExit(false)
+                continue
+            }
             let exit: VCPUExit
             do {
                 exit = try vcpu.runOnce()
@@ -231,7 +290,7 @@ public final class Machine: @unchecked Sendable {
                 stop.request(.vmmFault(error.description))
                 return
             }
-            handled &+= 1
+            counter.value.add(1, ordering: .relaxed)
             switch exit {
             case let .portIO(port, isWrite, size, count, data):
                 for item in 0..<count {

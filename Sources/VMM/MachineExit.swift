@@ -12,6 +12,8 @@ public enum MachineExit: Equatable, Sendable {
     case guestPowerOff
     /// The user typed the console escape (Ctrl-A x).
     case consoleQuit
+    /// A power-off request arrived on the control socket.
+    case powerOffRequested
     /// The VMM received SIGINT, SIGTERM or SIGHUP.
     case signal(Int32)
     /// A vCPU shut down: a triple fault, or guest state KVM could not continue from.
@@ -24,7 +26,7 @@ public enum MachineExit: Equatable, Sendable {
     /// 0 for stops the guest or the user asked for; 128+N for a signal; 1 for every failure.
     public var exitCode: Int32 {
         switch self {
-        case .guestReset, .guestPowerOff, .consoleQuit: return 0
+        case .guestReset, .guestPowerOff, .consoleQuit, .powerOffRequested: return 0
         case let .signal(number): return 128 + number
         case .tripleFault, .internalError, .failedEntry, .vmmFault: return 1
         }
@@ -35,6 +37,7 @@ public enum MachineExit: Equatable, Sendable {
         case .guestReset: return "guest requested a reset; the VM has stopped"
         case .guestPowerOff: return "guest powered off"
         case .consoleQuit: return "console quit (Ctrl-A x); the VM has been powered off"
+        case .powerOffRequested: return "powered off on request (control socket)"
         case let .signal(number): return "stopped by signal \(number) (\(String(cString: strsignal(number))))"
         case let .tripleFault(vcpu): return "vCPU \(vcpu) shut down (triple fault, KVM_EXIT_SHUTDOWN)"
         case let .internalError(vcpu, suberror, data):

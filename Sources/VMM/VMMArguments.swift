@@ -1,3 +1,7 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+
 /// The command line of `vireo-vmm`, the lean one-VM process. It takes the same flags as
 /// `vireo run` but is parsed here, without swift-argument-parser, because that library brings
 /// FoundationEssentials, whose loading alone costs more than the whole VMM start-up budget
@@ -6,11 +10,23 @@ public enum VMMArguments {
     public static let usage = """
         usage: vireo-vmm --kernel PATH [--initrd PATH] [--cmdline TEXT] [--cpus N] [--memory SIZE]
                          [--console stdio|none|file:PATH|socket:PATH] [--disk PATH[,readonly][,format=raw|qcow2][,serial=ID]]... [--rng]
+                         [--control PATH] [--name NAME --uuid UUID] [--lock-fd N] [--ready-fd N]
         Boots one VM and runs it until it powers off or reboots. Ctrl-A x quits the stdio console.
+        --control PATH   serve the control socket (docs/control-socket.md) at PATH
+        --lock-fd N      an inherited descriptor whose flock marks the VM running; held until exit
+        --ready-fd N     write "ready" (or "error: ...") there once the VM runs, then close it
         """
 
+    /// How the process around the machine behaves; `vireo start` sets these.
+    public struct ProcessOptions: Sendable {
+        public var controlPath: String?
+        public var identity: VMIdentity?
+        public var lockDescriptor: Int32?
+        public var readyDescriptor: Int32?
+    }
+
     public enum Parsed {
-        case run(VMConfiguration)
+        case run(VMConfiguration, ProcessOptions)
         case help
     }
 
@@ -18,7 +34,8 @@ public enum VMMArguments {
         var values: [String: String] = [:]
         var disks: [DiskConfiguration] = []
         var index = 0
-        let known: Set<String> = ["--kernel", "--initrd", "--cmdline", "--cpus", "--memory", "--console", "--disk"]
+        let known: Set<String> = ["--kernel", "--initrd", "--cmdline", "--cpus", "--memory", "--console", "--disk",
+                                  "--control", "--name", "--uuid", "--lock-fd", "--ready-fd"]
         while index < arguments.count {
             let argument = arguments[index]
             if argument == "--help" || argument == "-h" { return .help }
@@ -61,6 +78,22 @@ public enum VMMArguments {
         }
         if let memory = values["--memory"] { configuration.memorySize = try Size.parse(memory, field: "--memory") }
         if let console = values["--console"] { configuration.console = try ConsoleConfiguration(parsing: console) }
-        return .run(configuration)
+        var options = ProcessOptions()
+        options.controlPath = values["--control"]
+        if let name = values["--name"] {
+            guard let uuid = values["--uuid"] else { throw .invalidConfiguration(field: "--uuid", reason: "missing; --name needs --uuid") }
+            options.identity = VMIdentity(name: name, uuid: uuid)
+        }
+        options.lockDescriptor = try descriptor(values["--lock-fd"], field: "--lock-fd")
+        options.readyDescriptor = try descriptor(values["--ready-fd"], field: "--ready-fd")
+        return .run(configuration, options)
+    }
+
+    private static func descriptor(_ text: String?, field: String) throws(VMMError) -> Int32? {
+        guard let text else { return nil }
+        guard let fd = Int32(text), fd > 2, fcntl(fd, F_GETFD) >= 0 else {
+            throw .invalidConfiguration(field: field, reason: "'\(text)' is not an open file descriptor above 2")
+        }
+        return fd
     }
 }

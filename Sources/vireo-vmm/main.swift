@@ -7,20 +7,48 @@ import Glibc
 // Swift runtime linked statically (see Package.swift). Exit statuses match `vireo run`.
 VMMClock.markStart()
 
+/// Where `vireo start` waits to learn whether the VM came up.
+nonisolated(unsafe) var readyDescriptor: Int32 = -1
+
+func tellStarter(_ text: String) {
+    guard readyDescriptor >= 0 else { return }
+    var bytes = Array((text + "\n").utf8)
+    _ = bytes.withUnsafeMutableBytes { write(readyDescriptor, $0.baseAddress, $0.count) }
+    close(readyDescriptor)
+    readyDescriptor = -1
+}
+
 func report(_ error: VMMError) -> Never {
     vmmLog("error: \(error)")
+    let status: Int32
     switch error {
-    case .invalidConfiguration, .boot: exit(2)
-    case .kvm, .memory, .bus, .host: exit(1)
+    case .invalidConfiguration, .boot: status = 2
+    case .kvm, .memory, .bus, .host: status = 1
     }
+    tellStarter("error \(status) \(error)")
+    exit(status)
 }
 
 do throws(VMMError) {
     switch try VMMArguments.parse(Array(CommandLine.arguments.dropFirst())) {
     case .help:
         print(VMMArguments.usage)
-    case let .run(configuration):
+    case let .run(configuration, options):
+        if let ready = options.readyDescriptor {
+            readyDescriptor = ready
+            _ = fcntl(ready, F_SETFD, FD_CLOEXEC)
+        }
+        if let lock = options.lockDescriptor {
+            // Normally already held: the starter locked it and handed it over. Taking it again on
+            // the same open file is a no-op; failing means someone else runs this VM.
+            _ = fcntl(lock, F_SETFD, FD_CLOEXEC)
+            guard flock(lock, LOCK_EX | LOCK_NB) == 0 else {
+                throw VMMError.invalidConfiguration(field: "--lock-fd", reason: "the VM's lock is held by another process; is it already running?")
+            }
+        }
         let machine = try Machine(configuration: configuration)
+        if let path = options.controlPath { try machine.listenForControl(path: path, identity: options.identity) }
+        tellStarter("ready \(getpid())")
         let outcome = try machine.run()
         vmmLog(outcome.summary)
         exit(outcome.exitCode)

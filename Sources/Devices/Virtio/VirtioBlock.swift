@@ -38,6 +38,9 @@ public final class VirtioBlock: VirtioDevice, @unchecked Sendable {
     public let serial: [UInt8]
     /// Completed requests, for counters and tests.
     public let completed = Atomic<UInt64>(0)
+    /// Guest data moved, for `vireo info`.
+    public let bytesRead = Atomic<UInt64>(0)
+    public let bytesWritten = Atomic<UInt64>(0)
 
     public init(disk: any DiskImage, readOnly: Bool, serial: String?) {
         self.disk = disk
@@ -120,8 +123,10 @@ public final class VirtioBlock: VirtioDevice, @unchecked Sendable {
                         if isRead {
                             try disk.read(into: UnsafeMutableRawBufferPointer(start: host, count: Int(buffer.length)), at: offset)
                             written += buffer.length
+                            bytesRead.add(UInt64(buffer.length), ordering: .relaxed)
                         } else {
                             try disk.write(UnsafeRawBufferPointer(start: host, count: Int(buffer.length)), at: offset)
+                            bytesWritten.add(UInt64(buffer.length), ordering: .relaxed)
                         }
                         offset += UInt64(buffer.length)
                     }

@@ -1,0 +1,196 @@
+import Synchronization
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Who this VM is, as the VM library knows it.
+public struct VMIdentity: Sendable {
+    public var name: String
+    public var uuid: String
+    public init(name: String, uuid: String) { self.name = name; self.uuid = uuid }
+}
+
+/// The running VM's control socket: one request per line, one JSON object per reply line.
+/// docs/control-socket.md is the protocol's reference; keep the two in step.
+final class ControlServer: @unchecked Sendable {
+    static let maximumRequestLength = 1024
+    static let maximumConnections = 16
+
+    let path: String
+    private let listener: Int32
+    private let machine: Machine
+    private let identity: VMIdentity?
+    private let connections = Atomic<Int>(0)
+
+    init(path: String, machine: Machine, identity: VMIdentity?) throws(VMMError) {
+        self.path = path
+        self.machine = machine
+        self.identity = identity
+        listener = try listenUnixSocket(path: path, field: "--control", backlog: 16)
+    }
+
+    func start() throws(VMMError) {
+        _ = try HostThread.spawn(name: "control") { [self] in
+            while true {
+                let fd = accept(listener, nil, nil)
+                if fd < 0 {
+                    if errno == EINTR || errno == ECONNABORTED || errno == EMFILE || errno == ENFILE { continue }
+                    return
+                }
+                // No child processes exist to inherit it, but keep descriptors private by habit.
+                _ = fcntl(fd, F_SETFD, FD_CLOEXEC)
+                guard connections.add(1, ordering: .relaxed).newValue <= Self.maximumConnections else {
+                    connections.subtract(1, ordering: .relaxed)
+                    reply(fd, Self.failure("busy", "more than \(Self.maximumConnections) control connections are open"))
+                    close(fd)
+                    continue
+                }
+                do {
+                    _ = try HostThread.spawn(name: "control-conn") { [self] in
+                        serve(fd)
+                        close(fd)
+                        connections.subtract(1, ordering: .relaxed)
+                    }
+                } catch {
+                    close(fd)
+                    connections.subtract(1, ordering: .relaxed)
+                }
+            }
+        }
+    }
+
+    /// Removes the socket file so nobody connects to a VM that has gone.
+    func finish() { unlink(path) }
+
+    private func serve(_ fd: Int32) {
+        var pending: [UInt8] = []
+        var buffer = [UInt8](repeating: 0, count: 512)
+        while true {
+            let count = buffer.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
+            if count < 0 && errno == EINTR { continue }
+            if count <= 0 { return }
+            pending += buffer[0..<count]
+            while let newline = pending.firstIndex(of: UInt8(ascii: "\n")) {
+                let line = String(decoding: pending[..<newline], as: UTF8.self)
+                pending.removeSubrange(...newline)
+                let request = line.hasSuffix("\r") ? String(line.dropLast()) : line
+                if request == "console" {
+                    guard machine.console.acceptsClients else {
+                        reply(fd, Self.failure("no-console", "this VM's console is \(machine.consoleDescription); it cannot be attached"))
+                        continue
+                    }
+                    reply(fd, Self.success())
+                    // Bytes that arrived with the request line belong to the guest.
+                    if !pending.isEmpty { machine.serial.receive(pending) }
+                    machine.console.serve(client: fd, serial: machine.serial)
+                    return
+                }
+                reply(fd, handle(request))
+            }
+            if pending.count > Self.maximumRequestLength {
+                reply(fd, Self.failure("bad-request", "request longer than \(Self.maximumRequestLength) bytes"))
+                return
+            }
+        }
+    }
+
+    private func reply(_ fd: Int32, _ object: JSONObject) {
+        var bytes = Array((object.text + "\n").utf8)
+        _ = bytes.withUnsafeMutableBytes { writeAll(fd, UnsafeRawBufferPointer($0), flags: Int32(MSG_NOSIGNAL)) }
+    }
+
+    static func success() -> JSONObject {
+        var object = JSONObject()
+        object.add("ok", true)
+        return object
+    }
+
+    static func failure(_ code: String, _ message: String) -> JSONObject {
+        var object = JSONObject()
+        object.add("ok", false)
+        object.add("error", code)
+        object.add("message", message)
+        return object
+    }
+
+    private var vmName: String { identity.map { "VM '\($0.name)'" } ?? "the VM" }
+
+    private var state: String {
+        if machine.isStopping { return "stopping" }
+        if machine.isPaused { return "paused" }
+        if machine.isShuttingDown { return "shutting-down" }
+        return "running"
+    }
+
+    func handle(_ request: String) -> JSONObject {
+        switch request {
+        case "describe":
+            var object = Self.success()
+            if let identity {
+                object.add("name", identity.name)
+                object.add("uuid", identity.uuid)
+            }
+            object.add("pid", getpid())
+            object.add("state", state)
+            object.add("cpus", machine.vcpuCount)
+            object.add("memory_bytes", machine.boot.memorySize)
+            object.add("started_at", machine.startedAt)
+            object.add("uptime_ms", machine.uptimeNanoseconds / 1_000_000)
+            return object
+        case "counters":
+            var object = Self.success()
+            object.add("uptime_ms", machine.uptimeNanoseconds / 1_000_000)
+            object.add("vcpu_exits", (0..<machine.vcpuCount).map { machine.exitCount(vcpu: $0) })
+            object.add("rss_bytes", Self.residentBytes())
+            object.add("disks", machine.blockDevices.map { disk in
+                var entry = JSONObject()
+                entry.add("path", disk.path)
+                entry.add("requests", disk.device.completed.load(ordering: .relaxed))
+                entry.add("read_bytes", disk.device.bytesRead.load(ordering: .relaxed))
+                entry.add("written_bytes", disk.device.bytesWritten.load(ordering: .relaxed))
+                return entry
+            })
+            return object
+        case "pause":
+            if machine.isStopping { return Self.failure("stopping", "\(vmName) is stopping; there is nothing to pause") }
+            guard machine.pause() else { return Self.failure("paused", "\(vmName) is already paused; resume it with `resume`") }
+            var object = Self.success()
+            object.add("state", state)
+            return object
+        case "resume":
+            guard machine.resume() else { return Self.failure("not-paused", "\(vmName) is \(state), not paused; there is nothing to resume") }
+            var object = Self.success()
+            object.add("state", state)
+            return object
+        case "shutdown":
+            if machine.isPaused {
+                return Self.failure("paused", "\(vmName) is paused and cannot act on a shutdown request; resume it first, or power it off")
+            }
+            if machine.isStopping { return Self.failure("stopping", "\(vmName) is already stopping") }
+            machine.requestShutdown()
+            var object = Self.success()
+            object.add("state", state)
+            return object
+        case "power-off":
+            machine.requestStop(.powerOffRequested)
+            var object = Self.success()
+            object.add("state", "stopping")
+            return object
+        default:
+            return Self.failure("unknown-request", "'\(request.prefix(64))' is not a request; expected one of describe, counters, pause, resume, shutdown, power-off, console")
+        }
+    }
+
+    /// Resident memory of this process (guest RAM the guest has touched included), from statm.
+    static func residentBytes() -> UInt64 {
+        let fd = open("/proc/self/statm", O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { return 0 }
+        defer { close(fd) }
+        var buffer = [UInt8](repeating: 0, count: 128)
+        let count = buffer.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
+        guard count > 0 else { return 0 }
+        let fields = buffer[0..<count].split(separator: UInt8(ascii: " "))
+        guard fields.count > 1, let pages = UInt64(String(decoding: fields[1], as: UTF8.self)) else { return 0 }
+        return pages * UInt64(sysconf(Int32(_SC_PAGESIZE)))
+    }
+}

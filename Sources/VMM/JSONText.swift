@@ -1,0 +1,35 @@
+/// Builds one JSON object as text. `vireo-vmm` answers the control socket in JSON without
+/// Foundation's encoder, whose loading would cost more than the VMM's whole start-up.
+struct JSONObject {
+    private var members: [String] = []
+
+    mutating func add(_ key: String, _ value: String) { members.append(Self.quote(key) + ":" + Self.quote(value)) }
+    mutating func add(_ key: String, _ value: Bool) { members.append(Self.quote(key) + ":" + (value ? "true" : "false")) }
+    mutating func add<Number: BinaryInteger>(_ key: String, _ value: Number) { members.append(Self.quote(key) + ":" + String(value)) }
+    mutating func add<Number: BinaryInteger>(_ key: String, _ values: [Number]) {
+        members.append(Self.quote(key) + ":[" + values.map { String($0) }.joined(separator: ",") + "]")
+    }
+    mutating func add(_ key: String, _ objects: [JSONObject]) {
+        members.append(Self.quote(key) + ":[" + objects.map(\.text).joined(separator: ",") + "]")
+    }
+
+    var text: String { "{" + members.joined(separator: ",") + "}" }
+
+    static func quote(_ string: String) -> String {
+        var out = "\""
+        for scalar in string.unicodeScalars {
+            switch scalar {
+            case "\"": out += "\\\""
+            case "\\": out += "\\\\"
+            case "\n": out += "\\n"
+            case "\r": out += "\\r"
+            case "\t": out += "\\t"
+            case let s where s.value < 0x20:
+                let hex = String(s.value, radix: 16)
+                out += "\\u" + String(repeating: "0", count: 4 - hex.count) + hex
+            default: out.unicodeScalars.append(scalar)
+            }
+        }
+        return out + "\""
+    }
+}
