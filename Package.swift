@@ -21,8 +21,12 @@ let package = Package(
         .target(name: "CDiskHost"),
         .target(name: "DiskImage", dependencies: ["CZlib", "CDiskHost"]),
         .target(name: "VMM", dependencies: ["KVM", "GuestMemory", "X86Boot", "Devices", "DiskImage"]),
+        .target(name: "CHostSupport"),
+        .target(name: "API"),
+        .target(name: "Library", dependencies: ["API", "CHostSupport", "DiskImage", "X86Boot"]),
+        .target(name: "Engines", dependencies: ["API", "Library", "CHostSupport"]),
         .target(name: "CLI", dependencies: [
-            "VMM", "X86Boot", "DiskImage",
+            "VMM", "X86Boot", "DiskImage", "API", "Library", "Engines",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
         .executableTarget(name: "vireo", dependencies: ["CLI"]),

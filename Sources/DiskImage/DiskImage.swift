@@ -146,3 +146,31 @@ public final class RawImage: DiskImage, @unchecked Sendable {
                  clusterSize: nil, backingChain: [])
     }
 }
+
+extension DiskImages {
+    /// The backing files an image's header names, nearest first, read without taking the image's
+    /// lock (a running VM holds it): what the VM library needs to know which images rest on which.
+    /// Stops at the first file that is missing or not qcow2.
+    public static func recordedBackingChain(path: String) -> [String] {
+        var chain: [String] = []
+        var current = path
+        while chain.count < 16 {
+            let fd = Glibc.open(current, O_RDONLY | O_CLOEXEC)
+            guard fd >= 0 else { break }
+            defer { close(fd) }
+            var header = [UInt8](repeating: 0, count: 20)
+            guard header.withUnsafeMutableBytes({ pread(fd, $0.baseAddress, 20, 0) }) == 20,
+                  Array(header[0..<4]) == QCOW2Image.magic else { break }
+            let offset = header[8..<16].reduce(UInt64(0)) { $0 << 8 | UInt64($1) }
+            let length = header[16..<20].reduce(UInt64(0)) { $0 << 8 | UInt64($1) }
+            guard offset != 0, length > 0, length <= 1023, offset < 1 << 21 else { break }
+            var name = [UInt8](repeating: 0, count: Int(length))
+            guard name.withUnsafeMutableBytes({ pread(fd, $0.baseAddress, Int(length), off_t(offset)) }) == Int(length) else { break }
+            let text = String(decoding: name, as: UTF8.self)
+            let next = text.hasPrefix("/") ? text : QCOW2Image.directory(of: current) + "/" + text
+            chain.append(next)
+            current = next
+        }
+        return chain
+    }
+}

@@ -1,0 +1,77 @@
+#define _GNU_SOURCE
+#include "chostsupport.h"
+#include <errno.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <spawn.h>
+#include <stdio.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+int vireo_spawn_detached(const char *path, char *const argv[], int log_fd, int lock_fd, int ready_fd, pid_t *pid) {
+    // Move the descriptors well above 4 first, so no dup2 below has source == target (which
+    // would leave close-on-exec set).
+    int log_high = fcntl(log_fd, F_DUPFD_CLOEXEC, 10);
+    int lock_high = fcntl(lock_fd, F_DUPFD_CLOEXEC, 10);
+    int ready_high = fcntl(ready_fd, F_DUPFD_CLOEXEC, 10);
+    int result = 0;
+    posix_spawn_file_actions_t actions;
+    posix_spawnattr_t attributes;
+    if (log_high < 0 || lock_high < 0 || ready_high < 0) { result = errno; goto out; }
+    posix_spawn_file_actions_init(&actions);
+    posix_spawnattr_init(&attributes);
+    posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0);
+    posix_spawn_file_actions_adddup2(&actions, log_high, 1);
+    posix_spawn_file_actions_adddup2(&actions, log_high, 2);
+    posix_spawn_file_actions_adddup2(&actions, lock_high, 3);
+    posix_spawn_file_actions_adddup2(&actions, ready_high, 4);
+    posix_spawn_file_actions_addclosefrom_np(&actions, 5);
+    sigset_t empty, all;
+    sigemptyset(&empty);
+    sigfillset(&all);
+    posix_spawnattr_setsigmask(&attributes, &empty);
+    posix_spawnattr_setsigdefault(&attributes, &all);
+    posix_spawnattr_setflags(&attributes, POSIX_SPAWN_SETSID | POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF);
+    result = posix_spawn(pid, path, &actions, &attributes, argv, environ);
+    posix_spawn_file_actions_destroy(&actions);
+    posix_spawnattr_destroy(&attributes);
+out:
+    if (log_high >= 0) close(log_high);
+    if (lock_high >= 0) close(lock_high);
+    if (ready_high >= 0) close(ready_high);
+    return result;
+}
+
+int vireo_rename_noreplace(const char *from, const char *to) {
+    return renameat2(AT_FDCWD, from, AT_FDCWD, to, RENAME_NOREPLACE) == 0 ? 0 : errno;
+}
+
+int vireo_copy_sparse(const char *from, const char *to) {
+    int in = open(from, O_RDONLY | O_CLOEXEC);
+    if (in < 0) return errno;
+    struct stat info;
+    if (fstat(in, &info) != 0) { int e = errno; close(in); return e; }
+    int out = open(to, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, info.st_mode & 0777);
+    if (out < 0) { int e = errno; close(in); return e; }
+    int result = 0;
+    off_t position = 0;
+    while (position < info.st_size) {
+        off_t data = lseek(in, position, SEEK_DATA);
+        if (data < 0) { if (errno == ENXIO) break; result = errno; goto done; }
+        off_t hole = lseek(in, data, SEEK_HOLE);
+        if (hole < 0) { result = errno; goto done; }
+        off_t source = data, target = data;
+        while (source < hole) {
+            ssize_t copied = copy_file_range(in, &source, out, &target, (size_t)(hole - source), 0);
+            if (copied < 0) { if (errno == EINTR) continue; result = errno; goto done; }
+            if (copied == 0) break;
+        }
+        position = hole;
+    }
+    if (ftruncate(out, info.st_size) != 0 || fsync(out) != 0) result = errno;
+done:
+    close(in);
+    close(out);
+    if (result != 0) unlink(to);
+    return result;
+}

@@ -1,0 +1,21 @@
+// Host process and file operations the VM library needs that Swift's Glibc module does not
+// export (they need _GNU_SOURCE or are Linux-specific).
+#ifndef VIREO_CHOSTSUPPORT_H
+#define VIREO_CHOSTSUPPORT_H
+
+#include <sys/types.h>
+
+// Starts `path` in a new session with default signal dispositions and an empty signal mask:
+// stdin /dev/null, stdout and stderr to `log_fd`, `lock_fd` as descriptor 3 and `ready_fd` as
+// descriptor 4; every other descriptor closed. Returns 0 and the child's pid, or an errno value.
+int vireo_spawn_detached(const char *path, char *const argv[], int log_fd, int lock_fd, int ready_fd, pid_t *pid);
+
+// rename(2) that fails with EEXIST instead of replacing an existing target (RENAME_NOREPLACE).
+// Returns 0 or an errno value.
+int vireo_rename_noreplace(const char *from, const char *to);
+
+// Copies `from` to the new file `to` (which must not exist), keeping holes: only data ranges
+// are copied, so a thin image stays thin. Returns 0 or an errno value.
+int vireo_copy_sparse(const char *from, const char *to);
+
+#endif

@@ -1,0 +1,64 @@
+import DiskImage
+import FoundationEssentials
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// One VM's directory and the typed paths inside it (tart's layout):
+/// `config.json`, `vm.lock`, `control.sock`, `console.log`, `vmm.log`, `vmm.pid`, `kernel`,
+/// `initrd` and the VM's own disks.
+public struct VMBundle: Sendable {
+    public let directory: String
+    public var name: String { HostFiles.lastComponent(of: directory) }
+
+    public init(directory: String) { self.directory = directory }
+
+    public var configPath: String { directory + "/config.json" }
+    public var lockPath: String { directory + "/vm.lock" }
+    public var controlPath: String { directory + "/control.sock" }
+    public var consoleLogPath: String { directory + "/console.log" }
+    public var vmmLogPath: String { directory + "/vmm.log" }
+    public var pidPath: String { directory + "/vmm.pid" }
+
+    /// Where a path stored in the config points on the host.
+    public func resolve(_ stored: String) -> String {
+        stored.hasPrefix("/") ? stored : directory + "/" + stored
+    }
+
+    public func load() throws(LibraryError) -> VMDefinition {
+        let bytes = try HostFiles.readAll(configPath)
+        let definition: VMDefinition
+        do {
+            definition = try JSONDecoder().decode(VMDefinition.self, from: Data(bytes))
+        } catch {
+            throw .corrupt(path: configPath, reason: "not a valid VM configuration (\(error)); restore it or delete the VM")
+        }
+        guard definition.version <= VMDefinition.currentVersion else {
+            throw .corrupt(path: configPath, reason: "written by a newer Vireo (configuration version \(definition.version), this one reads up to \(VMDefinition.currentVersion))")
+        }
+        return definition
+    }
+
+    public func save(_ definition: VMDefinition) throws(LibraryError) {
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
+        let data: Data
+        do { data = try encoder.encode(definition) } catch {
+            throw .corrupt(path: configPath, reason: "cannot encode the configuration: \(error)")
+        }
+        try HostFiles.writeAtomically(Array(data) + [0x0a], to: configPath)
+    }
+
+    /// Whether the VM process (or a command changing the VM) holds the lock.
+    public var isLocked: Bool { VMLock.isHeld(path: lockPath) }
+
+    /// The pid `vireo start` recorded, if the process still runs and is a vireo-vmm for this VM.
+    func recordedPID(uuid: String) -> pid_t? {
+        guard let bytes = try? HostFiles.readAll(pidPath),
+              let pid = pid_t(String(decoding: bytes.filter { $0 >= 0x30 && $0 <= 0x39 }, as: UTF8.self)), pid > 1,
+              let command = try? HostFiles.readAll("/proc/\(pid)/cmdline") else { return nil }
+        let words = command.split(separator: 0).map { String(decoding: $0, as: UTF8.self) }
+        guard words.first.map({ HostFiles.lastComponent(of: $0) }) == "vireo-vmm", words.contains(uuid) else { return nil }
+        return pid
+    }
+}
