@@ -1,5 +1,6 @@
 import ArgumentParser
 import DiskImage
+import Library
 import FoundationEssentials
 import VMM
 #if canImport(Glibc)
@@ -9,7 +10,7 @@ import Glibc
 struct Disk: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Create, inspect and grow disk images (qcow2 or raw).",
-        subcommands: [Create.self, Info.self, Resize.self])
+        subcommands: [Create.self, Info.self, Resize.self, Attach.self, Detach.self])
 
     /// Disk errors are the user's to fix (status 2) unless the host failed (status 1).
     static func reportDiskError(_ error: DiskImageError) -> ExitCode {
@@ -123,6 +124,39 @@ struct Disk: ParsableCommand {
             print("resized \(path) to \(Size.describe(bytes))")
         }
     }
+    struct Attach: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Attach an existing image to a stopped VM as its next virtio disk.")
+
+        @Argument(help: "VM name.")
+        var name: String
+
+        @Argument(help: "Image to attach (raw or qcow2). It stays where it is and is not deleted with the VM.")
+        var path: String
+
+        @Flag(help: "Attach read-only.")
+        var readonly = false
+
+        func run() throws {
+            do throws(LibraryError) { _ = try openLibrary().attachDisk(name, path: path, readOnly: readonly) } catch { throw fail(error) }
+            printLine("Attached \(path) to VM '\(name)'")
+        }
+    }
+
+    struct Detach: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Detach a disk from a stopped VM; the image file is kept.")
+
+        @Argument(help: "VM name.")
+        var name: String
+
+        @Argument(help: "The disk's path (as `vireo info` shows it, or as stored in the VM).")
+        var path: String
+
+        func run() throws {
+            let removed: DiskAttachment
+            do throws(LibraryError) { (_, removed) = try openLibrary().detachDisk(name, path: path) } catch { throw fail(error) }
+            printLine("Detached \(removed.path) from VM '\(name)'" + (removed.isOwned ? " (the file stays in the VM's directory until the VM is deleted)" : ""))
+        }
+    }
 }
 
 enum QCOW2Directory {
@@ -130,4 +164,5 @@ enum QCOW2Directory {
         guard let slash = path.lastIndex(of: "/") else { return "." }
         return slash == path.startIndex ? "/" : String(path[..<slash])
     }
+
 }

@@ -8,7 +8,8 @@ public struct Vireo: ParsableCommand {
     public static let configuration = CommandConfiguration(
         commandName: "vireo",
         abstract: "A hosted hypervisor for Linux, on KVM.",
-        subcommands: [Run.self, Disk.self])
+        subcommands: [Create.self, List.self, Info.self, Start.self, Stop.self, Restart.self, Pause.self, Resume.self,
+                      ConsoleCommand.self, Logs.self, Set.self, Rename.self, Clone.self, Delete.self, Disk.self, OSTypes.self, Run.self])
 
     public init() {}
 }

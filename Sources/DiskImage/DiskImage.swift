@@ -148,6 +148,21 @@ public final class RawImage: DiskImage, @unchecked Sendable {
 }
 
 extension DiskImages {
+    /// The virtual size an image's header records (qcow2) or its length (raw), read without the
+    /// image's lock, for listings of VMs that may be running. Nil if the file cannot be read.
+    public static func recordedVirtualSize(path: String) -> UInt64? {
+        let fd = Glibc.open(path, O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { return nil }
+        defer { close(fd) }
+        var header = [UInt8](repeating: 0, count: 32)
+        let count = header.withUnsafeMutableBytes { pread(fd, $0.baseAddress, 32, 0) }
+        if count == 32, Array(header[0..<4]) == QCOW2Image.magic {
+            return header[24..<32].reduce(UInt64(0)) { $0 << 8 | UInt64($1) }
+        }
+        var info = stat()
+        return fstat(fd, &info) == 0 ? UInt64(info.st_size) : nil
+    }
+
     /// The backing files an image's header names, nearest first, read without taking the image's
     /// lock (a running VM holds it): what the VM library needs to know which images rest on which.
     /// Stops at the first file that is missing or not qcow2.

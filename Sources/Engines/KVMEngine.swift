@@ -51,7 +51,7 @@ public struct KVMEngine: Sendable {
             let state = library.status(of: bundle).state
             if state == .busy { throw .busy(name: name) }
             throw .wrongState(name: name, state: state.rawValue, action: "start",
-                              hint: state == .paused ? "resume it with `vireo resume \(name)`" : "it is already running; see `vireo info \(name)`")
+                              hint: state == .paused ? "resume it with `vireo resume \(name)`" : "see `vireo info \(name)`, or attach with `vireo console \(name)`")
         }
         guard lock.isCurrent else { throw .notFound(name: name, root: library.root) }
         let definition = try bundle.load()

@@ -53,7 +53,7 @@ public struct VMBundle: Sendable {
     public var isLocked: Bool { VMLock.isHeld(path: lockPath) }
 
     /// The pid `vireo start` recorded, if the process still runs and is a vireo-vmm for this VM.
-    func recordedPID(uuid: String) -> pid_t? {
+    public func recordedPID(uuid: String) -> pid_t? {
         guard let bytes = try? HostFiles.readAll(pidPath),
               let pid = pid_t(String(decoding: bytes.filter { $0 >= 0x30 && $0 <= 0x39 }, as: UTF8.self)), pid > 1,
               let command = try? HostFiles.readAll("/proc/\(pid)/cmdline") else { return nil }

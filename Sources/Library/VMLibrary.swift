@@ -113,7 +113,7 @@ public struct VMLibrary: Sendable {
             let state = status(of: bundle).state
             if state == .busy { throw .busy(name: name) }
             throw .wrongState(name: name, state: state.rawValue, action: action,
-                              hint: "stop it first (`vireo stop \(name)`, or `--force` to power it off)")
+                              hint: "stop it first with `vireo stop \(name)` (add --force to power it off)")
         }
         defer { lock.unlock() }
         guard lock.isCurrent, HostFiles.exists(bundle.configPath) else { throw .notFound(name: name, root: root) }
@@ -187,13 +187,13 @@ public struct VMLibrary: Sendable {
 
     // MARK: validation shared by create and set
 
-    static func validate(cpus: Int) throws(LibraryError) {
+    public static func validate(cpus: Int) throws(LibraryError) {
         guard cpus >= 1, cpus <= BootConfiguration.maximumCPUs else {
             throw .invalidValue(field: "--cpus", reason: "\(cpus) is not allowed; use 1 to \(BootConfiguration.maximumCPUs)")
         }
     }
 
-    static func validate(memoryBytes: UInt64) throws(LibraryError) {
+    public static func validate(memoryBytes: UInt64) throws(LibraryError) {
         guard memoryBytes >= MachineLayout.minimumMemory else {
             throw .invalidValue(field: "--memory", reason: "\(memoryBytes >> 20) MiB is below the minimum of \(MachineLayout.minimumMemory >> 20) MiB")
         }
@@ -202,24 +202,24 @@ public struct VMLibrary: Sendable {
         }
     }
 
-    static func validate(commandLine: String) throws(LibraryError) {
+    public static func validate(commandLine: String) throws(LibraryError) {
         guard !commandLine.utf8.contains(0) else { throw .invalidValue(field: "--cmdline", reason: "contains a NUL byte") }
     }
 
-    static func validate(kernel: String) throws(LibraryError) {
+    public static func validate(kernel: String) throws(LibraryError) {
         do { _ = try KernelImage.load(path: HostFiles.absolute(kernel)) } catch {
             throw .invalidValue(field: "--kernel", reason: error.description)
         }
     }
 
-    static func validateReadable(_ path: String, field: String) throws(LibraryError) {
+    public static func validateReadable(_ path: String, field: String) throws(LibraryError) {
         guard access(HostFiles.absolute(path), R_OK) == 0, !HostFiles.isDirectory(path) else {
             throw .invalidValue(field: field, reason: "\(path) is not a readable file")
         }
     }
 
     /// Opens an image read-only to learn its format (and that it is one).
-    static func inspectDisk(_ path: String, field: String, readOnly: Bool = false) throws(LibraryError) -> DiskAttachment {
+    public static func inspectDisk(_ path: String, field: String, readOnly: Bool = false) throws(LibraryError) -> DiskAttachment {
         guard HostFiles.exists(path) else { throw .invalidValue(field: field, reason: "\(path) does not exist") }
         do {
             let image = try DiskImages.open(path: path, readOnly: true)
@@ -340,13 +340,21 @@ public struct VMLibrary: Sendable {
             let doomed = root + "/.deleting-" + definition.uuid
             try HostFiles.renameNoReplace(bundle.directory, doomed)
             if keepDisks {
-                let owned = definition.disks.filter(\.isOwned)
-                if !owned.isEmpty {
+                // A kept overlay needs the bases in this directory it rests on; they move along,
+                // and its relative reference to them stays valid.
+                var files: [String] = []
+                for disk in definition.disks where disk.isOwned {
+                    files.append(disk.path)
+                    for base in DiskImages.recordedBackingChain(path: doomed + "/" + disk.path) where base.hasPrefix(doomed + "/") {
+                        files.append(String(base.dropFirst(doomed.count + 1)))
+                    }
+                }
+                if !files.isEmpty {
                     let keep = root + "/kept-disks/" + name + "-" + definition.uuid.prefix(8)
                     try HostFiles.makeDirectories(keep)
-                    for disk in owned {
-                        let target = keep + "/" + HostFiles.lastComponent(of: disk.path)
-                        try HostFiles.renameNoReplace(doomed + "/" + disk.path, target)
+                    for file in files where HostFiles.exists(doomed + "/" + file) {
+                        let target = keep + "/" + HostFiles.lastComponent(of: file)
+                        try HostFiles.renameNoReplace(doomed + "/" + file, target)
                         report.keptDisks.append(target)
                     }
                 }

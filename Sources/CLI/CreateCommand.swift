@@ -1,0 +1,78 @@
+import ArgumentParser
+import DiskImage
+import Library
+import VMM
+
+struct Create: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Create a VM in the library: a directory with its configuration, kernel and a thin-provisioned disk.",
+        discussion: """
+            The OS type (see `vireo ostypes`) sets the default CPUs, memory, disk size and kernel \
+            command line; every default can be overridden here and changed later with `vireo set`. \
+            The kernel and initrd are copied into the VM's directory, so the VM keeps working if \
+            the originals move. Unless told otherwise a qcow2 disk is created, thin: it takes host \
+            space only as the guest writes.
+            """)
+
+    @Argument(help: ArgumentHelp("Name of the new VM (\(VMName.rule)).", valueName: "name"))
+    var name: String
+
+    @Option(help: "OS type preset (default linux-64; see `vireo ostypes`).")
+    var ostype: String?
+
+    @Option(help: "Number of vCPUs.")
+    var cpus: Int?
+
+    @Option(help: "Guest RAM (K, M, G; a bare number is MiB).")
+    var memory: String?
+
+    @Option(help: "Size of the new thin qcow2 disk (K, M, G, T).")
+    var disk: String?
+
+    @Option(help: "Use this existing image (raw or qcow2) as the VM's disk instead of creating one.")
+    var attachDisk: String?
+
+    @Flag(help: "Create the VM without a disk.")
+    var noDisk = false
+
+    @Option(help: "Linux kernel to boot (ELF vmlinux or bzImage); copied into the VM.")
+    var kernel: String?
+
+    @Option(help: "Initial RAM disk; copied into the VM.")
+    var initrd: String?
+
+    @Option(help: "Kernel command line (replaces the OS type's).")
+    var cmdline: String?
+
+    @Flag(inversion: .prefixedNo, help: "Attach a virtio-rng device (default on).")
+    var rng = true
+
+    @Flag(help: "Print the new VM's configuration as JSON.")
+    var json = false
+
+    func run() throws {
+        var request = CreateRequest(name: name)
+        request.osType = ostype
+        request.cpus = cpus
+        request.memoryBytes = try memory.map { try parseSize($0, field: "--memory") }
+        request.diskBytes = try disk.map { try parseSize($0, field: "--disk") }
+        request.attachDisk = attachDisk
+        request.withoutDisk = noDisk
+        request.kernel = kernel
+        request.initrd = initrd
+        request.commandLine = cmdline
+        request.entropyDevice = rng
+        let library = openLibrary()
+        let definition: VMDefinition
+        do throws(LibraryError) { definition = try library.create(request) } catch { throw fail(error) }
+        if json { try printJSON(definition); return }
+        let bundle = VMBundle(directory: library.root + "/" + name)
+        printLine("Created VM '\(name)' (\(definition.osType), \(definition.cpus) vCPU, \(Size.describe(definition.memoryBytes)) RAM) in \(bundle.directory)")
+        for disk in definition.disks {
+            printLine("  disk \(bundle.resolve(disk.path)) (\(disk.format.rawValue), \(Size.describe(DiskImages.recordedVirtualSize(path: bundle.resolve(disk.path)) ?? 0)))")
+        }
+        if definition.kernel == nil { printLine("  no kernel yet: add one with `vireo set \(name) --kernel PATH`") }
+        printLine("Start it with: vireo start \(name)")
+    }
+}
+

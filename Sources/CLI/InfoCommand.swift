@@ -1,0 +1,85 @@
+import API
+import ArgumentParser
+import DiskImage
+import Library
+import VMM
+
+struct Info: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Show everything about a VM: configuration, files and, when it runs, its process and counters.")
+
+    @Argument(help: "VM name.")
+    var name: String
+
+    @Flag(help: "Print JSON.")
+    var json = false
+
+    struct Disk: Encodable {
+        var path: String, format: String, readOnly: Bool, serial: String?, virtualBytes: UInt64?, allocatedBytes: UInt64, backingChain: [String]
+    }
+    struct Report: Encodable {
+        var name: String, uuid: String, state: String, osType: String, cpus: Int, memoryBytes: UInt64
+        var kernel: String?, initrd: String?, commandLine: String, entropyDevice: Bool, createdAt: Int64
+        var directory: String, configPath: String, consoleLog: String, vmmLog: String, controlSocket: String
+        var disks: [Disk]
+        var process: VMDescription?
+        var counters: VMCounters?
+    }
+
+    func run() throws {
+        let library = openLibrary()
+        let report: Report
+        do throws(LibraryError) {
+            let bundle = try library.bundle(named: name)
+            let definition = try bundle.load()
+            let status = library.status(of: bundle)
+            var counters: VMCounters?
+            if status.description != nil, let connection = try? ControlConnection(path: bundle.controlPath, timeoutSeconds: 2) {
+                counters = try? connection.call("counters", as: VMCounters.self)
+            }
+            report = Report(
+                name: definition.name, uuid: definition.uuid, state: status.state.rawValue, osType: definition.osType,
+                cpus: definition.cpus, memoryBytes: definition.memoryBytes,
+                kernel: definition.kernel.map(bundle.resolve), initrd: definition.initrd.map(bundle.resolve),
+                commandLine: definition.commandLine, entropyDevice: definition.entropyDevice, createdAt: definition.createdAt,
+                directory: bundle.directory, configPath: bundle.configPath, consoleLog: bundle.consoleLogPath,
+                vmmLog: bundle.vmmLogPath, controlSocket: bundle.controlPath,
+                disks: definition.disks.map { disk in
+                    let path = bundle.resolve(disk.path)
+                    return Disk(path: path, format: disk.format.rawValue, readOnly: disk.readOnly, serial: disk.serial,
+                                virtualBytes: DiskImages.recordedVirtualSize(path: path), allocatedBytes: HostFiles.allocatedBytes(path),
+                                backingChain: DiskImages.recordedBackingChain(path: path))
+                },
+                process: status.description, counters: counters)
+        } catch {
+            throw fail(error)
+        }
+        if json { try printJSON(report); return }
+        var lines: [[String]] = [
+            ["Name:", report.name], ["UUID:", report.uuid], ["State:", report.state], ["OS type:", report.osType],
+            ["CPUs:", String(report.cpus)], ["Memory:", Size.describe(report.memoryBytes)],
+            ["Kernel:", report.kernel ?? "(none)"], ["Initrd:", report.initrd ?? "(none)"],
+            ["Command line:", report.commandLine], ["virtio-rng:", report.entropyDevice ? "on" : "off"],
+        ]
+        for (index, disk) in report.disks.enumerated() {
+            var text = "\(disk.path) (\(disk.format), \(disk.virtualBytes.map(Size.describe) ?? "unreadable"), \(Size.describe(disk.allocatedBytes)) used"
+            if disk.readOnly { text += ", read-only" }
+            text += ")"
+            if !disk.backingChain.isEmpty { text += " on " + disk.backingChain.joined(separator: " on ") }
+            lines.append(["Disk \(index):", text])
+        }
+        lines += [["Directory:", report.directory], ["Console log:", report.consoleLog], ["VMM log:", report.vmmLog],
+                  ["Control socket:", report.controlSocket]]
+        if let process = report.process {
+            lines += [["PID:", String(process.pid)], ["Uptime:", "\(process.uptimeMs / 1000).\(process.uptimeMs % 1000 / 100) s"]]
+        }
+        if let counters = report.counters {
+            lines.append(["vCPU exits:", counters.vcpuExits.map(String.init).joined(separator: ", ")])
+            lines.append(["Resident memory:", Size.describe(counters.rssBytes)])
+            for disk in counters.disks {
+                lines.append(["Disk I/O:", "\(disk.path): \(disk.requests) requests, \(Size.describe(disk.readBytes)) read, \(Size.describe(disk.writtenBytes)) written"])
+            }
+        }
+        printTable(lines)
+    }
+}

@@ -1,0 +1,143 @@
+import API
+import ArgumentParser
+import Library
+#if canImport(Glibc)
+import Glibc
+#endif
+
+struct Start: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Start a VM in the background (its own vireo-vmm process); it keeps running after this returns.",
+        discussion: "Console output goes to the VM's console log (`vireo logs`); attach with `vireo console`.")
+
+    @Argument(help: "VM name.")
+    var name: String
+
+    @Flag(help: "Attach to the serial console once it runs (detach with Ctrl-]).")
+    var console = false
+
+    func run() throws {
+        let library = openLibrary()
+        let pid: Int32
+        do throws(LibraryError) { pid = try kvmEngine().start(name, library: library) } catch { throw fail(error) }
+        if console {
+            try attachConsole(name, library: library)
+            return
+        }
+        printLine("Started VM '\(name)' (pid \(pid)). Console: vireo console \(name); log: vireo logs \(name)")
+    }
+}
+
+struct Stop: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Shut a VM down: ask the guest (Ctrl-Alt-Del) and wait, or power it off with --force.",
+        discussion: """
+            Without --force the guest decides: Linux reboots or halts on Ctrl-Alt-Del (systemd's \
+            ctrl-alt-del.target; a VM's reboot ends its run). A guest that ignores it keeps running \
+            and this command fails after --timeout, leaving it running.
+            """)
+
+    @Argument(help: "VM name.")
+    var name: String
+
+    @Flag(help: "Power off at once, like pulling the plug. The guest gets no chance to flush its caches.")
+    var force = false
+
+    @Option(help: "Seconds to wait for the guest to shut down.")
+    var timeout: Double = 30
+
+    func run() throws {
+        do throws(LibraryError) {
+            let library = openLibrary()
+            try stopVM(name, force: force, timeout: timeout, library: library)
+        } catch {
+            throw fail(error)
+        }
+    }
+}
+
+/// Stops a VM; returns normally once its process has exited.
+func stopVM(_ name: String, force: Bool, timeout: Double, library: VMLibrary) throws(LibraryError) {
+    let bundle = try library.bundle(named: name)
+    guard guardTimeout(timeout) else { throw .invalidValue(field: "--timeout", reason: "\(timeout) is not a number of seconds above 0") }
+    if library.status(of: bundle).state == .stopped {
+        printLine("VM '\(name)' is already stopped")
+        return
+    }
+    if force {
+        _ = try? control(name, "power-off", as: ControlStatus.self, library: library, action: "power off")
+        if !waitUntilStopped(bundle, seconds: min(timeout, 10)) {
+            // The VMM no longer answers: end its process.
+            if let definition = try? bundle.load(), let pid = bundle.recordedPID(uuid: definition.uuid) { kill(pid, SIGKILL) }
+            guard waitUntilStopped(bundle, seconds: 10) else {
+                throw .engine(name: name, reason: "did not stop after power-off and SIGKILL; its lock \(bundle.lockPath) is still held", exitStatus: 1)
+            }
+        }
+        printLine("VM '\(name)' powered off")
+        return
+    }
+    _ = try control(name, "shutdown", as: ControlStatus.self, library: library, action: "shut down")
+    guard waitUntilStopped(bundle, seconds: timeout) else {
+        throw .engine(name: name, reason: "did not shut down within \(Int(timeout)) s (the guest may not act on Ctrl-Alt-Del) and is still running; `vireo stop \(name) --force` powers it off", exitStatus: 1)
+    }
+    printLine("VM '\(name)' shut down")
+}
+
+func guardTimeout(_ value: Double) -> Bool { value > 0 && value.isFinite }
+
+struct Restart: ParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Stop a VM (gracefully, or with --force) and start it again.")
+
+    @Argument(help: "VM name.")
+    var name: String
+
+    @Flag(help: "Power off instead of asking the guest.")
+    var force = false
+
+    @Option(help: "Seconds to wait for the guest to shut down.")
+    var timeout: Double = 30
+
+    func run() throws {
+        let library = openLibrary()
+        do throws(LibraryError) {
+            try stopVM(name, force: force, timeout: timeout, library: library)
+            let pid = try kvmEngine().start(name, library: library)
+            printLine("Started VM '\(name)' (pid \(pid))")
+        } catch {
+            throw fail(error)
+        }
+    }
+}
+
+struct Pause: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Freeze a running VM: its vCPUs stop between instructions; memory and devices stay as they are.")
+
+    @Argument(help: "VM name.")
+    var name: String
+
+    func run() throws {
+        do throws(LibraryError) {
+            _ = try control(name, "pause", as: ControlStatus.self, library: openLibrary(), action: "pause")
+        } catch {
+            throw fail(error)
+        }
+        printLine("VM '\(name)' paused")
+    }
+}
+
+struct Resume: ParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Let a paused VM run again.")
+
+    @Argument(help: "VM name.")
+    var name: String
+
+    func run() throws {
+        do throws(LibraryError) {
+            _ = try control(name, "resume", as: ControlStatus.self, library: openLibrary(), action: "resume")
+        } catch {
+            throw fail(error)
+        }
+        printLine("VM '\(name)' resumed")
+    }
+}
