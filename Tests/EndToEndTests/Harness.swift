@@ -55,8 +55,9 @@ enum Harness {
 
     /// Runs a command to completion (or kills it at `timeout`).
     @discardableResult
-    static func run(_ arguments: [String], stdin: Data? = nil, timeout: TimeInterval = 60) -> Completed {
-        let running = RunningProcess(arguments)
+    static func run(_ arguments: [String], stdin: Data? = nil, timeout: TimeInterval = 60,
+                    environment: [String: String] = [:]) -> Completed {
+        let running = RunningProcess(arguments, environment: environment)
         if let stdin { running.send(stdin) }
         running.closeInput()
         let status = running.wait(timeout: timeout)
@@ -86,7 +87,10 @@ final class RunningProcess: @unchecked Sendable {
     }
     private let collected = Collected()
 
-    init(_ arguments: [String]) {
+    init(_ arguments: [String], environment: [String: String] = [:]) {
+        if !environment.isEmpty {
+            process.environment = ProcessInfo.processInfo.environment.merging(environment) { $1 }
+        }
         process.executableURL = URL(fileURLWithPath: arguments[0].hasPrefix("/") ? arguments[0] : "/usr/bin/env")
         process.arguments = arguments[0].hasPrefix("/") ? Array(arguments.dropFirst()) : arguments
         process.standardInput = input

@@ -82,6 +82,35 @@ struct LinuxKernelTests {
         #expect(check.status == 0, "\(check.stdout)")
     }
 
+    @Test("a library VM running Linux: vireo start, pause freezes the boot, resume finishes it to /init",
+          .timeLimit(.minutes(20)))
+    func managedLinuxVM() throws {
+        let library = try TestLibrary()
+        let kernel = try Self.kernelDirectory.get().appendingPathComponent("vmlinux")
+        let initramfs = try Self.makeInitramfs(in: try Harness.temporaryDirectory())
+        let created = library.vireo("create", "tux", "--ostype", "linux-64", "--kernel", kernel.path, "--initrd", initramfs.path,
+                                    "--memory", "256M", "--no-disk", "--no-rng",
+                                    "--cmdline", "console=ttyS0 \(Self.emulatorSafeOptions) panic=-1 reboot=k")
+        #expect(created.status == 0, "\(created.stderr)")
+        let started = library.vireo("start", "tux")
+        #expect(started.status == 0, "\(started.stderr)")
+        #expect(library.waitFor(300) { library.consoleLog("tux").contains("Linux version") }, "\(library.consoleLog("tux").suffix(2000))")
+
+        #expect(library.vireo("pause", "tux").status == 0)
+        let frozen = library.consoleLog("tux")
+        Thread.sleep(forTimeInterval: 3)
+        #expect(library.consoleLog("tux") == frozen, "the kernel printed while paused")
+        #expect(library.state("tux") == "paused")
+        #expect(library.vireo("resume", "tux").status == 0)
+
+        #expect(library.waitFor(600) { library.consoleLog("tux").contains("Run /init as init process") },
+                "\(library.consoleLog("tux").suffix(3000))")
+        // init dies (no system calls here), the kernel panics and reboots, and a reboot ends the VM.
+        #expect(library.waitFor(120) { library.state("tux") == "stopped" })
+        let vmmLog = (try? String(contentsOf: library.root.appendingPathComponent("tux/vmm.log"), encoding: .utf8)) ?? ""
+        #expect(vmmLog.contains("guest requested a reset"), "\(vmmLog)")
+    }
+
     @Test("bzImage: the decompressor runs and hands over to the kernel, which reads our command line", .timeLimit(.minutes(10)))
     func bzImageBoots() throws {
         try Harness.requireKVM()

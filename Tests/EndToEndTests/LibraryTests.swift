@@ -1,0 +1,300 @@
+import Foundation
+import Testing
+
+/// A VM library in a temporary directory, driven through the real `vireo` binary.
+final class TestLibrary: @unchecked Sendable {
+    let root: URL
+
+    init() throws {
+        try Harness.requireKVM()
+        root = try Harness.temporaryDirectory().appendingPathComponent("library")
+    }
+
+    /// Powers off whatever a test left running, so no VMM outlives the test.
+    deinit {
+        for name in (try? FileManager.default.contentsOfDirectory(atPath: root.path)) ?? [] where !name.hasPrefix(".") {
+            _ = Harness.run([Harness.vireo, "stop", name, "--force"], timeout: 30, environment: ["VIREO_HOME": root.path])
+        }
+    }
+
+    @discardableResult
+    func vireo(_ arguments: String..., timeout: TimeInterval = 60) -> Harness.Completed {
+        Harness.run([Harness.vireo] + arguments, timeout: timeout, environment: ["VIREO_HOME": root.path])
+    }
+
+    func vireo(arguments: [String], timeout: TimeInterval = 60) -> Harness.Completed {
+        Harness.run([Harness.vireo] + arguments, timeout: timeout, environment: ["VIREO_HOME": root.path])
+    }
+
+    func start(_ arguments: [String]) -> RunningProcess {
+        RunningProcess([Harness.vireo] + arguments, environment: ["VIREO_HOME": root.path])
+    }
+
+    func consoleLog(_ name: String) -> String {
+        (try? String(contentsOf: root.appendingPathComponent(name).appendingPathComponent("console.log"), encoding: .utf8)) ?? ""
+    }
+
+    func ticks(_ name: String) -> Int { consoleLog(name).components(separatedBy: "tick ").count - 1 }
+
+    /// Polls until `condition` holds; false at the time-out.
+    func waitFor(_ seconds: TimeInterval, _ condition: () -> Bool) -> Bool {
+        let deadline = Date().addingTimeInterval(seconds)
+        while Date() < deadline {
+            if condition() { return true }
+            Thread.sleep(forTimeInterval: 0.1)
+        }
+        return condition()
+    }
+
+    func state(_ name: String) -> String? {
+        let listed = vireo("list", "--json")
+        guard let rows = try? JSONSerialization.jsonObject(with: Data(listed.stdout.utf8)) as? [[String: Any]] else { return nil }
+        return rows.first { $0["name"] as? String == name }?["state"] as? String
+    }
+
+    func createTicker(_ name: String, extra: [String] = []) throws {
+        let created = vireo(arguments: ["create", name, "--kernel", try Harness.probe("pvh"), "--memory", "64M", "--disk", "32M",
+                                        "--cmdline", "console=ttyS0 probe=ticker spin=5000000"] + extra)
+        #expect(created.status == 0, "\(created.stderr)")
+    }
+}
+
+@Suite(.serialized)
+struct LibraryLifecycleTests {
+    @Test("create → start → console output → pause (no progress) → resume → graceful stop → start → clone → delete")
+    func fullLifecycle() throws {
+        let library = try TestLibrary()
+        try library.createTicker("web")
+        #expect(library.state("web") == "stopped")
+
+        let started = library.vireo("start", "web")
+        #expect(started.status == 0, "\(started.stderr)")
+        #expect(started.stdout.contains("Started VM 'web'"))
+        #expect(library.waitFor(20) { library.ticks("web") >= 3 }, "console log: \(library.consoleLog("web").suffix(500))")
+        #expect(library.state("web") == "running")
+
+        // Paused: the guest's counter stops, and so do its exits.
+        #expect(library.vireo("pause", "web").status == 0)
+        #expect(library.state("web") == "paused")
+        let frozen = library.ticks("web")
+        Thread.sleep(forTimeInterval: 1.5)
+        #expect(library.ticks("web") == frozen, "ticks moved while paused")
+        let info = library.vireo("info", "web", "--json")
+        #expect(info.stdout.contains("\"state\" : \"paused\""), "\(info.stdout)")
+        #expect(info.stdout.contains("\"vcpu_exits\""))
+
+        #expect(library.vireo("resume", "web").status == 0)
+        #expect(library.waitFor(20) { library.ticks("web") >= frozen + 3 }, "no progress after resume")
+
+        // Graceful stop: the probe resets when it sees Ctrl-Alt-Del, so the VM ends on its own.
+        let stopped = library.vireo("stop", "web", "--timeout", "30")
+        #expect(stopped.status == 0, "\(stopped.stderr)")
+        #expect(library.consoleLog("web").contains("ticker: ctrl-alt-del, resetting"))
+        #expect(library.state("web") == "stopped")
+
+        // Starts again; the previous run's output moved to console.log.1.
+        #expect(library.vireo("start", "web").status == 0)
+        #expect(library.waitFor(20) { library.ticks("web") >= 1 })
+        #expect(FileManager.default.fileExists(atPath: library.root.appendingPathComponent("web/console.log.1").path))
+        let forced = library.vireo("stop", "web", "--force")
+        #expect(forced.status == 0 && forced.stdout.contains("powered off"), "\(forced.stderr)")
+
+        // Clones: full and linked both boot; the linked one rests on the source's frozen disk.
+        #expect(library.vireo("clone", "web", "web-full").status == 0)
+        let linked = library.vireo("clone", "web", "web-linked", "--linked")
+        #expect(linked.status == 0, "\(linked.stderr)")
+        let linkedInfo = library.vireo("info", "web-linked")
+        #expect(linkedInfo.stdout.contains(" on \(library.root.path)/web/base-"), "\(linkedInfo.stdout)")
+        #expect(library.vireo("start", "web-linked").status == 0)
+        #expect(library.waitFor(20) { library.ticks("web-linked") >= 2 })
+        #expect(library.vireo("stop", "web-linked", "--force").status == 0)
+        for disk in ["web/disk0.qcow2", "web-full/disk0.qcow2", "web-linked/disk0.qcow2"] {
+            let check = Harness.run(["qemu-img", "check", library.root.appendingPathComponent(disk).path])
+            #expect(check.status == 0, "\(disk): \(check.stdout) \(check.stderr)")
+        }
+
+        // The source protects its base while a linked clone rests on it.
+        let refused = library.vireo("delete", "web")
+        #expect(refused.status == 2)
+        #expect(refused.stderr.contains("cannot delete VM 'web': it is the base of linked clone(s) web-linked; delete those clones first"), "\(refused.stderr)")
+        for name in ["web-linked", "web-full", "web"] {
+            let deleted = library.vireo("delete", name)
+            #expect(deleted.status == 0, "\(name): \(deleted.stderr)")
+        }
+        #expect(library.vireo("list").stdout.split(separator: "\n").count == 1)
+        let leftovers = try FileManager.default.contentsOfDirectory(atPath: library.root.path)
+        #expect(leftovers.isEmpty, "left in the library: \(leftovers)")
+    }
+
+    @Test("kill -9 of the VMM: the VM shows stopped, its disk checks clean, and it starts again")
+    func crashedVMMLeavesConsistentLibrary() throws {
+        let library = try TestLibrary()
+        try library.createTicker("crashy")
+        #expect(library.vireo("start", "crashy").status == 0)
+        let pidText = try String(contentsOf: library.root.appendingPathComponent("crashy/vmm.pid"), encoding: .utf8)
+        let pid = try #require(Int32(pidText.trimmingCharacters(in: .whitespacesAndNewlines)))
+        #expect(kill(pid, SIGKILL) == 0)
+        #expect(library.waitFor(10) { library.state("crashy") == "stopped" })
+        let check = Harness.run(["qemu-img", "check", library.root.appendingPathComponent("crashy/disk0.qcow2").path])
+        #expect(check.status == 0, "\(check.stdout)")
+        let again = library.vireo("start", "crashy")
+        #expect(again.status == 0, "\(again.stderr)")
+        #expect(library.state("crashy") == "running")
+        #expect(library.vireo("stop", "crashy", "--force").status == 0)
+    }
+
+    @Test("two starts race: exactly one wins; start against delete: never both")
+    func racingCommands() throws {
+        let library = try TestLibrary()
+        try library.createTicker("race")
+        let first = library.start(["start", "race"])
+        let second = library.start(["start", "race"])
+        let statuses = [first.wait(timeout: 60), second.wait(timeout: 60)]
+        #expect(statuses.sorted() == [0, 2], "statuses \(statuses); \(first.stderr) \(second.stderr)")
+        let loser = statuses[0] == 0 ? second : first
+        #expect(loser.stderr.contains("cannot start VM 'race': it is"), "\(loser.stderr)")
+        #expect(library.vireo("stop", "race", "--force").status == 0)
+
+        let start = library.start(["start", "race"])
+        let delete = library.start(["delete", "race"])
+        let startStatus = start.wait(timeout: 60)
+        let deleteStatus = delete.wait(timeout: 60)
+        #expect((startStatus == 0) != (deleteStatus == 0), "start \(startStatus) \(start.stderr); delete \(deleteStatus) \(delete.stderr)")
+        if startStatus == 0 {
+            #expect(library.state("race") == "running")
+        } else {
+            #expect(library.state("race") == nil)
+            #expect(library.vireo("info", "race").status == 2)
+        }
+    }
+
+    @Test("create killed at random moments never leaves a half-made VM holding the name")
+    func interruptedCreate() throws {
+        let library = try TestLibrary()
+        let kernel = try Harness.probe("pvh")
+        // A create takes some tens of milliseconds here; the kills land before, during and after.
+        for attempt in 0..<10 {
+            let name = "half\(attempt)"
+            let create = library.start(["create", name, "--kernel", kernel, "--disk", "64M"])
+            Thread.sleep(forTimeInterval: Double(attempt) * 0.008)
+            create.signal(SIGKILL)
+            _ = create.wait(timeout: 30)
+            let info = library.vireo("info", name)
+            if info.status == 0 {
+                // Complete: a usable VM.
+                #expect(info.stdout.contains("disk0.qcow2"), "\(info.stdout)")
+            } else {
+                // Absent: the name is free again.
+                #expect(info.stderr.contains("no VM named '\(name)'"), "\(info.stderr)")
+                let again = library.vireo("create", name, "--kernel", kernel, "--disk", "64M")
+                #expect(again.status == 0, "\(again.stderr)")
+            }
+        }
+        // Whatever the kills left, and exactly what a create killed after writing everything
+        // but before its final rename leaves: a hidden staging directory whose lock is free.
+        let staging = library.root.appendingPathComponent(".creating-0000")
+        try FileManager.default.createDirectory(at: staging, withIntermediateDirectories: true)
+        try FileManager.default.copyItem(at: library.root.appendingPathComponent("half9/config.json"), to: staging.appendingPathComponent("config.json"))
+        _ = FileManager.default.createFile(atPath: staging.appendingPathComponent("vm.lock").path, contents: nil)
+        let listed = library.vireo("list")
+        #expect(!listed.stdout.contains(".creating"))
+        let hidden = try FileManager.default.contentsOfDirectory(atPath: library.root.path).filter { $0.hasPrefix(".") }
+        #expect(hidden.isEmpty, "left behind: \(hidden)")
+    }
+
+    @Test("vireo console attaches to the running guest's serial port and ends when the VM stops")
+    func consoleAttach() throws {
+        let library = try TestLibrary()
+        try library.createTicker("talk")
+        #expect(library.vireo("start", "talk").status == 0)
+        let console = library.start(["console", "talk"])
+        #expect(console.waitForOutput("tick", timeout: 20), "\(console.stderr)")
+        #expect(library.vireo("stop", "talk", "--force").status == 0)
+        #expect(console.wait(timeout: 20) == 0, "\(console.stderr)")
+        let logs = library.vireo("logs", "talk")
+        #expect(logs.stdout.contains("probe: mode=pvh"))
+    }
+
+    @Test("refusals name the VM, its state and what to do instead; bad input changes nothing")
+    func refusalsAndValidation() throws {
+        let library = try TestLibrary()
+        let badName = library.vireo("create", "-x")
+        #expect(badName.status != 0)
+        let badName2 = library.vireo("create", "a/b")
+        #expect(badName2.status == 2)
+        #expect(badName2.stderr.contains("invalid VM name 'a/b': must be 1 to 64 characters: letters, digits, '.', '_' and '-'"), "\(badName2.stderr)")
+        let badType = library.vireo("create", "x", "--ostype", "windows-11")
+        #expect(badType.status == 2)
+        #expect(badType.stderr.contains("--ostype: 'windows-11' is not an OS type; choose one of ubuntu-64"), "\(badType.stderr)")
+        let badMemory = library.vireo("create", "x", "--memory", "1M")
+        #expect(badMemory.stderr.contains("--memory: 1 MiB is below the minimum"), "\(badMemory.stderr)")
+        let badKernel = library.vireo("create", "x", "--kernel", "/etc/hostname")
+        #expect(badKernel.status == 2)
+        #expect(badKernel.stderr.contains("--kernel:"), "\(badKernel.stderr)")
+        #expect(library.vireo("list", "--json").stdout.trimmingCharacters(in: .whitespacesAndNewlines) == "[\n\n]"
+                || library.vireo("list", "--json").stdout.trimmingCharacters(in: .whitespacesAndNewlines) == "[]")
+
+        try library.createTicker("busy")
+        let duplicate = library.vireo("create", "busy")
+        #expect(duplicate.status == 2)
+        #expect(duplicate.stderr.contains("a VM named 'busy' already exists"))
+        let missing = library.vireo("start", "nope")
+        #expect(missing.status == 2)
+        #expect(missing.stderr.contains("no VM named 'nope'"))
+        let notRunning = library.vireo("pause", "busy")
+        #expect(notRunning.stderr.contains("cannot pause VM 'busy': it is stopped; start it first with `vireo start busy`"), "\(notRunning.stderr)")
+        let noKernel = library.vireo("create", "bare", "--no-disk")
+        #expect(noKernel.status == 0)
+        let cannotStart = library.vireo("start", "bare")
+        #expect(cannotStart.status == 2)
+        #expect(cannotStart.stderr.contains("cannot start VM 'bare': it is without a kernel; give it one with `vireo set bare --kernel PATH`"), "\(cannotStart.stderr)")
+
+        #expect(library.vireo("start", "busy").status == 0)
+        let config = library.root.appendingPathComponent("busy/config.json")
+        let before = try Data(contentsOf: config)
+        let set = library.vireo("set", "busy", "--cpus", "2")
+        #expect(set.status == 2)
+        #expect(set.stderr.contains("cannot change --cpus of VM 'busy': it is running; stop it first with `vireo stop busy`"), "\(set.stderr)")
+        let delete = library.vireo("delete", "busy")
+        #expect(delete.status == 2)
+        #expect(delete.stderr.contains("cannot delete VM 'busy': it is running"))
+        let again = library.vireo("start", "busy")
+        #expect(again.stderr.contains("cannot start VM 'busy': it is running"), "\(again.stderr)")
+        #expect(try Data(contentsOf: config) == before, "a refused command changed the configuration")
+
+        #expect(library.vireo("stop", "busy", "--force").status == 0)
+        let badSet = library.vireo("set", "busy", "--cpus", "0")
+        #expect(badSet.status == 2)
+        #expect(badSet.stderr.contains("--cpus: 0 is not allowed; use 1 to"), "\(badSet.stderr)")
+        #expect(try Data(contentsOf: config) == before)
+        let goodSet = library.vireo("set", "busy", "--cpus", "2", "--memory", "96M")
+        #expect(goodSet.status == 0, "\(goodSet.stderr)")
+        let shown = library.vireo("info", "busy", "--json").stdout
+        #expect(shown.contains("\"cpus\" : 2") && shown.contains("\"memory_bytes\" : 100663296"), "\(shown)")
+        #expect(library.vireo("rename", "busy", "calm").status == 0)
+        #expect(library.vireo("start", "calm").status == 0)
+        #expect(library.waitFor(20) { library.ticks("calm") >= 1 })
+        #expect(library.vireo("delete", "calm", "--force").status == 0)
+    }
+
+    @Test("disk attach and detach on a stopped VM; the guest sees the attached disk")
+    func diskAttachDetach() throws {
+        let library = try TestLibrary()
+        let created = library.vireo("create", "disks", "--kernel", try Harness.probe("pvh"), "--memory", "64M", "--no-disk",
+                                    "--no-rng", "--cmdline", "console=ttyS0 probe=blk")
+        #expect(created.status == 0, "\(created.stderr)")
+        let image = library.root.deletingLastPathComponent().appendingPathComponent("extra.qcow2").path
+        #expect(Harness.run([Harness.vireo, "disk", "create", image, "--size", "8M"]).status == 0)
+        let attached = library.vireo("disk", "attach", "disks", image)
+        #expect(attached.status == 0, "\(attached.stderr)")
+        #expect(library.vireo("disk", "attach", "disks", image).stderr.contains("is already attached to VM 'disks'"))
+        #expect(library.vireo("start", "disks").status == 0)
+        #expect(library.waitFor(30) { library.consoleLog("disks").contains("probe: done") }, "\(library.consoleLog("disks").suffix(800))")
+        #expect(library.consoleLog("disks").contains("blk: dev=0 capacity=16384 ro=0 id_status=0 serial= write_status=0 flush_status=0 read_status=0 match=1"), "\(library.consoleLog("disks").suffix(800))")
+        _ = library.vireo("stop", "disks", "--force")
+        let detached = library.vireo("disk", "detach", "disks", image)
+        #expect(detached.status == 0, "\(detached.stderr)")
+        #expect(library.vireo("delete", "disks").stdout.contains("left attached disk") == false)
+        #expect(FileManager.default.fileExists(atPath: image), "an attached disk from outside the VM was deleted")
+    }
+}
