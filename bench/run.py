@@ -206,16 +206,82 @@ def blk_benchmark(runs, count):
         print(f"{image_format}: vireo-vmm/qemu " + ", ".join(f"{k} {v[k] / q[k]:.2f}" for k in v))
 
 
+def lifecycle_benchmark(runs, vm_count):
+    """The manager's overhead: start-to-first-guest-byte through `vireo start` vs `vireo run` vs
+    `vireo-vmm`, and VMs created-and-started per second (two workers, one per core here)."""
+    import tempfile
+    import concurrent.futures
+    vireo = os.path.join(ROOT, ".build", "release", "vireo")
+    probe = os.path.join(OUT, "probe-pvh.elf")
+    home = tempfile.mkdtemp(prefix="vireo-bench-")
+    env = dict(os.environ, VIREO_HOME=home)
+
+    def cli(*arguments):
+        subprocess.run([vireo, *arguments], env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    # probe=irq idles in HLT waiting for serial input, so started VMs cost no CPU.
+    cli("create", "fb", "--kernel", probe, "--memory", f"{MEMORY_MIB}M", "--no-disk", "--no-rng", "--cmdline", "console=ttyS0 probe=irq")
+    log = os.path.join(home, "fb", "console.log")
+    start_samples = []
+    for _ in range(runs):
+        begin = time.perf_counter()
+        cli("start", "fb")
+        while not (os.path.exists(log) and os.path.getsize(log) > 0):
+            time.sleep(0.0002)
+        start_samples.append((time.perf_counter() - begin) * 1000)
+        cli("stop", "fb", "--force")
+    run_samples = [first_byte_ms(commands("probe=hello")["vireo run"]) for _ in range(runs)]
+    vmm_samples = [first_byte_ms(commands("probe=hello")["vireo-vmm"]) for _ in range(runs)]
+
+    def create_and_start(index):
+        cli("create", f"vm{index}", "--kernel", probe, "--memory", "32M", "--disk", "1G", "--no-rng", "--cmdline", "console=ttyS0 probe=irq")
+        cli("start", f"vm{index}")
+
+    workers = os.cpu_count() or 1
+    begin = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        list(pool.map(create_and_start, range(vm_count)))
+    managed_rate = vm_count / (time.perf_counter() - begin)
+    for index in range(vm_count):
+        cli("delete", f"vm{index}", "--force")
+
+    # The same number of throwaway VMs through `vireo run`, each counted once its guest printed.
+    def run_one(_):
+        guest = Guest(commands("probe=irq")["vireo run"])
+        guest.wait_for("irq: waiting")
+        return guest
+    begin = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        guests = list(pool.map(run_one, range(vm_count)))
+    run_rate = vm_count / (time.perf_counter() - begin)
+    for guest in guests:
+        guest.finish()
+    shutil.rmtree(home, ignore_errors=True)
+
+    start_ms, run_ms, vmm_ms = (statistics.median(x) for x in (start_samples, run_samples, vmm_samples))
+    print(f"| path | start to first guest byte (ms, median of {runs}) | VMs created+started per second ({vm_count} VMs, {workers} workers) | per core |")
+    print("|---|---|---|---|")
+    print(f"| vireo create + vireo start | {start_ms:.1f} | {managed_rate:.1f} | {managed_rate / workers:.1f} |")
+    print(f"| vireo run (no library) | {run_ms:.1f} | {run_rate:.1f} | {run_rate / workers:.1f} |")
+    print(f"| vireo-vmm alone | {vmm_ms:.1f} | | |")
+    print()
+    print(f"vireo start / vireo run first byte: {start_ms / run_ms:.2f}x; managed / run VMs per second: {managed_rate / run_rate:.2f}x")
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=15)
     parser.add_argument("--port-writes", type=int, default=100000)
-    parser.add_argument("--only", choices=["vmm", "blk"], help="run one part only")
+    parser.add_argument("--only", choices=["vmm", "blk", "lifecycle"], help="run one part only")
+    parser.add_argument("--vm-count", type=int, default=20, help="VMs created and started in the lifecycle benchmark")
     parser.add_argument("--random-requests", type=int, default=5000)
     args = parser.parse_args()
     build()
     if args.only == "blk":
         blk_benchmark(3, args.random_requests)
+        return
+    if args.only == "lifecycle":
+        lifecycle_benchmark(args.runs, args.vm_count)
         return
     names = list(commands("").keys())
     results = {name: {} for name in names}
@@ -249,6 +315,7 @@ def main():
           f"exits: {v['exits_per_s'] / q['exits_per_s']:.2f}x")
     if args.only != "vmm":
         blk_benchmark(3, args.random_requests)
+        lifecycle_benchmark(args.runs, args.vm_count)
 
 
 if __name__ == "__main__":
