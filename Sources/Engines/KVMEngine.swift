@@ -24,6 +24,10 @@ public struct KVMEngine: Sendable {
 
     /// The `vireo-vmm` arguments for a definition (everything but the process plumbing).
     public static func machineArguments(_ definition: VMDefinition, bundle: VMBundle) throws(LibraryError) -> [String] {
+        guard definition.engine == "kvm" else {
+            throw .wrongState(name: definition.name, state: "configured for the '\(definition.engine)' engine", action: "start",
+                              hint: "this Vireo only has the kvm engine")
+        }
         guard let kernel = definition.kernel else {
             throw .wrongState(name: definition.name, state: "without a kernel", action: "start",
                               hint: "give it one with `vireo set \(definition.name) --kernel PATH` (the kvm engine boots Linux kernels directly)")

@@ -10,6 +10,8 @@ public struct VMDefinition: Codable, Sendable, Equatable {
     public var uuid: String
     public var name: String
     public var osType: String
+    /// Which engine runs the VM; only "kvm" (Vireo's own VMM) exists so far.
+    public var engine: String
     public var cpus: Int
     public var memoryBytes: UInt64
     public var kernel: String?
@@ -25,6 +27,7 @@ public struct VMDefinition: Codable, Sendable, Equatable {
         self.uuid = uuid
         self.name = name
         self.osType = osType.identifier
+        engine = "kvm"
         cpus = osType.cpus
         memoryBytes = osType.memoryBytes
         commandLine = osType.commandLine
