@@ -332,25 +332,31 @@ public struct VMLibrary: Sendable {
                 throw .wrongState(name: name, state: "the base of linked clone(s) \(dependents.joined(separator: ", "))", action: "delete",
                                   hint: "delete those clones first")
             }
-            let definition = try bundle.load()
+            // A VM whose configuration cannot be read is still deletable; its disks are then
+            // recognised by their file names.
+            let loaded = try? bundle.load()
+            let uuid = loaded?.uuid ?? UUID().uuidString.lowercased()
+            let disks = loaded?.disks ?? ((try? HostFiles.entries(of: bundle.directory)) ?? [])
+                .filter { $0.hasSuffix(".qcow2") || $0.hasSuffix(".raw") || $0.hasSuffix(".img") }
+                .map { DiskAttachment(path: $0, format: $0.hasSuffix(".qcow2") ? .qcow2 : .raw) }
             var report = DeleteReport()
-            report.untouchedDisks = definition.disks.filter { !$0.isOwned }.map(\.path)
+            report.untouchedDisks = disks.filter { !$0.isOwned }.map(\.path)
             // Renamed away first: the name is free at once and a crash mid-delete leaves a hidden
             // directory that the next `vireo list` sweeps.
-            let doomed = root + "/.deleting-" + definition.uuid
+            let doomed = root + "/.deleting-" + uuid
             try HostFiles.renameNoReplace(bundle.directory, doomed)
             if keepDisks {
                 // A kept overlay needs the bases in this directory it rests on; they move along,
                 // and its relative reference to them stays valid.
                 var files: [String] = []
-                for disk in definition.disks where disk.isOwned {
+                for disk in disks where disk.isOwned {
                     files.append(disk.path)
                     for base in DiskImages.recordedBackingChain(path: doomed + "/" + disk.path) where base.hasPrefix(doomed + "/") {
                         files.append(String(base.dropFirst(doomed.count + 1)))
                     }
                 }
                 if !files.isEmpty {
-                    let keep = root + "/kept-disks/" + name + "-" + definition.uuid.prefix(8)
+                    let keep = root + "/kept-disks/" + name + "-" + uuid.prefix(8)
                     try HostFiles.makeDirectories(keep)
                     for file in files where HostFiles.exists(doomed + "/" + file) {
                         let target = keep + "/" + HostFiles.lastComponent(of: file)
