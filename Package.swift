@@ -16,7 +16,7 @@ let package = Package(
         .target(name: "KVM", dependencies: ["CKVM"]),
         .target(name: "GuestMemory"),
         .target(name: "X86Boot", dependencies: ["GuestMemory"]),
-        .target(name: "Devices", dependencies: ["GuestMemory", "DiskImage"]),
+        .target(name: "Devices", dependencies: ["GuestMemory", "DiskImage", "CHostSupport"]),
         .target(name: "CZlib", linkerSettings: [.linkedLibrary("z")]),
         .target(name: "CDiskHost"),
         .target(name: "DiskImage", dependencies: ["CZlib", "CDiskHost"]),
@@ -26,7 +26,7 @@ let package = Package(
         .target(name: "Library", dependencies: ["API", "CHostSupport", "DiskImage", "X86Boot"]),
         .target(name: "Engines", dependencies: ["API", "Library", "CHostSupport"]),
         .target(name: "CLI", dependencies: [
-            "VMM", "X86Boot", "DiskImage", "API", "Library", "Engines",
+            "VMM", "X86Boot", "DiskImage", "Devices", "API", "Library", "Engines",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
         .executableTarget(name: "vireo", dependencies: ["CLI"]),

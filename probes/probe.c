@@ -529,6 +529,116 @@ static void probe_blkbench(void) {
     enter_user_mode(user_blkbench, count);
 }
 
+/* ---- probe=net count=N: a minimal polled virtio-net driver (virtio 1.x §5.1). From ring 3 it
+ * broadcasts Ethernet frames of type 0x88b5 ("vireo-ping N") until a frame of that type comes
+ * back saying "vireo-pong", and reports what came back. ---- */
+#define NQ 8
+static struct vq_desc net_rx_desc[NQ] __attribute__((aligned(16)));
+static struct { uint16_t flags, idx, ring[NQ], used_event; } net_rx_avail __attribute__((aligned(2)));
+static struct { uint16_t flags, idx; struct { uint32_t id, len; } ring[NQ]; uint16_t avail_event; } net_rx_used __attribute__((aligned(4)));
+static struct vq_desc net_tx_desc[NQ] __attribute__((aligned(16)));
+static struct { uint16_t flags, idx, ring[NQ], used_event; } net_tx_avail __attribute__((aligned(2)));
+static struct { uint16_t flags, idx; struct { uint32_t id, len; } ring[NQ]; uint16_t avail_event; } net_tx_used __attribute__((aligned(4)));
+static uint8_t net_rx_buffers[NQ][2048] __attribute__((aligned(4096)));
+static uint8_t net_tx_buffer[2048] __attribute__((aligned(64)));
+static uint8_t net_mac[6];
+static uintptr_t net_base;
+
+static void net_queue(uintptr_t base, uint32_t index, void *desc, void *avail, void *used) {
+    mmio_write32(base + 0x30, index);
+    mmio_write32(base + 0x38, NQ);
+    mmio_write32(base + 0x80, (uint32_t)(uintptr_t)desc); mmio_write32(base + 0x84, 0);
+    mmio_write32(base + 0x90, (uint32_t)(uintptr_t)avail); mmio_write32(base + 0x94, 0);
+    mmio_write32(base + 0xa0, (uint32_t)(uintptr_t)used); mmio_write32(base + 0xa4, 0);
+    mmio_write32(base + 0x44, 1);
+}
+
+static void put_mac(const uint8_t *m) {
+    static const char hex[] = "0123456789abcdef";
+    for (int i = 0; i < 6; i++) { if (i) putc_raw(':'); putc_raw(hex[m[i] >> 4]); putc_raw(hex[m[i] & 15]); }
+}
+
+static void probe_net_device(int index, uintptr_t base) {
+    (void)index;
+    if (net_base || mmio_read32(base) != 0x74726976 || mmio_read32(base + 8) != 1) return;
+    mmio_write32(base + 0x70, 0);
+    mmio_write32(base + 0x70, 1 | 2);
+    mmio_write32(base + 0x14, 0); uint32_t f0 = mmio_read32(base + 0x10);
+    mmio_write32(base + 0x14, 1); uint32_t f1 = mmio_read32(base + 0x10);
+    mmio_write32(base + 0x24, 0); mmio_write32(base + 0x20, f0 & ((1u << 5) | (1u << 16)));
+    mmio_write32(base + 0x24, 1); mmio_write32(base + 0x20, f1 & 1);
+    mmio_write32(base + 0x70, 1 | 2 | 8);
+    if (!(mmio_read32(base + 0x70) & 8)) { puts_raw("net: features refused\n"); return; }
+    net_queue(base, 0, net_rx_desc, &net_rx_avail, &net_rx_used);
+    net_queue(base, 1, net_tx_desc, &net_tx_avail, &net_tx_used);
+    mmio_write32(base + 0x70, 1 | 2 | 8 | 4);
+    for (int i = 0; i < 6; i++) net_mac[i] = *(volatile uint8_t *)(base + 0x100 + i);
+    uint16_t link = *(volatile uint16_t *)(base + 0x106);
+    for (int i = 0; i < NQ; i++) {
+        net_rx_desc[i] = (struct vq_desc){ (uint64_t)net_rx_buffers[i], sizeof net_rx_buffers[i], 2, 0 };
+        net_rx_avail.ring[i] = (uint16_t)i;
+    }
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    net_rx_avail.idx = NQ;
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    mmio_write32(base + 0x50, 0);
+    puts_raw("net: mac="); put_mac(net_mac); puts_raw(" link="); put_dec(link & 1); puts_raw("\n");
+    net_base = base;
+}
+
+static void user_net(uint64_t count) {
+    uintptr_t base = net_base;
+    static const char ping[] = "vireo-ping ";
+    uint16_t rx_seen = 0;
+    for (uint64_t attempt = 0; attempt < count; attempt++) {
+        uint8_t *f = net_tx_buffer;
+        for (int i = 0; i < 12; i++) f[i] = 0;
+        uint8_t *eth = f + 12;
+        for (int i = 0; i < 6; i++) { eth[i] = 0xff; eth[6 + i] = net_mac[i]; }
+        eth[12] = 0x88; eth[13] = 0xb5;
+        int n = 0;
+        for (; ping[n]; n++) eth[14 + n] = (uint8_t)ping[n];
+        eth[14 + n++] = (uint8_t)('0' + attempt % 10);
+        uint16_t tx_seen = net_tx_used.idx;
+        net_tx_desc[0] = (struct vq_desc){ (uint64_t)f, (uint32_t)(12 + 14 + n), 0, 0 };
+        net_tx_avail.ring[net_tx_avail.idx % NQ] = 0;
+        __atomic_thread_fence(__ATOMIC_SEQ_CST);
+        net_tx_avail.idx++;
+        __atomic_thread_fence(__ATOMIC_SEQ_CST);
+        mmio_write32(base + 0x50, 1);
+        while (*(volatile uint16_t *)&net_tx_used.idx == tx_seen) {}
+        for (volatile uint64_t spin = 0; spin < 30000000; spin++) {
+            if (*(volatile uint16_t *)&net_rx_used.idx == rx_seen) continue;
+            uint32_t id = net_rx_used.ring[rx_seen % NQ].id, len = net_rx_used.ring[rx_seen % NQ].len;
+            rx_seen++;
+            uint8_t *r = net_rx_buffers[id % NQ] + 12;
+            int pong = len > 12 + 14 + 10 && r[12] == 0x88 && r[13] == 0xb5 && starts_with((const char *)r + 14, "vireo-pong");
+            if (pong) {
+                r[len - 12 < 200 ? len - 12 : 200] = 0;
+                puts_raw("net: reply from "); put_mac(r + 6); puts_raw(" to "); put_mac(r);
+                puts_raw(" payload="); puts_raw((const char *)r + 14); puts_raw(" after "); put_dec(attempt + 1); puts_raw(" pings\n");
+                finish();
+            }
+            /* Not ours (IPv6 router solicitations and the like): give the buffer back. */
+            net_rx_avail.ring[net_rx_avail.idx % NQ] = (uint16_t)id;
+            __atomic_thread_fence(__ATOMIC_SEQ_CST);
+            net_rx_avail.idx++;
+            __atomic_thread_fence(__ATOMIC_SEQ_CST);
+            mmio_write32(base + 0x50, 0);
+        }
+    }
+    puts_raw("net: no reply after "); put_dec(count); puts_raw(" pings\n");
+    finish();
+}
+
+static void probe_net(void) {
+    for_each_virtio_device(probe_net_device);
+    if (!net_base) { puts_raw("net: no virtio-net device\n"); return; }
+    char n[24];
+    uint64_t count = cmdline_value("count", n, sizeof n) ? parse_dec(n) : 200;
+    enter_user_mode(user_net, count);
+}
+
 /* ---- probe=ticker: prints "tick N" forever from ring 3 (native speed here), so a test can see
  * whether the guest makes progress (pause/resume); polls the i8042 and resets the machine when
  * Ctrl-Alt-Del arrives, as a guest that honours a graceful shutdown request would ---- */
@@ -571,6 +681,7 @@ void probe_main(int mode, uintptr_t info) {
     else if (str_eq(what, "blk")) probe_blk();
     else if (str_eq(what, "blkloop")) probe_blkloop();
     else if (str_eq(what, "rng")) probe_rng();
+    else if (str_eq(what, "net")) probe_net();
     else if (str_eq(what, "blkbench")) probe_blkbench();
     else if (str_eq(what, "ports")) {
         char n[24];

@@ -13,6 +13,7 @@ packages=(
   qemu-system-x86 qemu-utils                                   # peers for benchmarks and image checks
   zlib1g-dev                                                   # qcow2 compressed clusters
   e2fsprogs                                                    # ext4 root images for the Linux tests
+  iproute2 python3 dnsmasq-base                                # network namespaces, taps, the frame echo and DHCP in the net tests
 )
 missing=()
 for p in "${packages[@]}"; do

@@ -30,10 +30,20 @@ public struct VMCounters: Codable, Sendable {
         public var readBytes: UInt64
         public var writtenBytes: UInt64
     }
+    public struct Network: Codable, Sendable {
+        public var tap: String
+        public var mac: String
+        public var rxFrames: UInt64
+        public var rxBytes: UInt64
+        public var txFrames: UInt64
+        public var txBytes: UInt64
+        public var droppedFrames: UInt64
+    }
     public var uptimeMs: UInt64
     public var vcpuExits: [UInt64]
     public var rssBytes: UInt64
     public var disks: [Disk]
+    public var networks: [Network]
 }
 
 public enum ControlError: Error, CustomStringConvertible, Sendable {

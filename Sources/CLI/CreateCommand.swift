@@ -1,4 +1,5 @@
 import ArgumentParser
+import Devices
 import DiskImage
 import Library
 import VMM
@@ -44,6 +45,9 @@ struct Create: ParsableCommand {
     @Option(help: "Kernel command line (replaces the OS type's).")
     var cmdline: String?
 
+    @Option(help: ArgumentHelp("A virtio-net card on a host tap device: tap:NAME[,mac=XX:XX:XX:XX:XX:XX]; the MAC is generated once if absent. Repeatable.", valueName: "net"))
+    var net: [String] = []
+
     @Flag(inversion: .prefixedNo, help: "Attach a virtio-rng device (default on).")
     var rng = true
 
@@ -62,12 +66,14 @@ struct Create: ParsableCommand {
         request.initrd = initrd
         request.commandLine = cmdline
         request.entropyDevice = rng
+        request.networks = try net.map(parseNetwork)
         let library = openLibrary()
         let definition: VMDefinition
         do throws(LibraryError) { definition = try library.create(request) } catch { throw fail(error) }
         if json { try printJSON(definition); return }
         let bundle = VMBundle(directory: library.root + "/" + name)
         printLine("Created VM '\(name)' (\(definition.osType), \(definition.cpus) vCPU, \(Size.describe(definition.memoryBytes)) RAM) in \(bundle.directory)")
+        for network in definition.networks { printLine("  network card \(network.mac) on tap \(network.tap)") }
         for disk in definition.disks {
             printLine("  disk \(bundle.resolve(disk.path)) (\(disk.format.rawValue), \(Size.describe(DiskImages.recordedVirtualSize(path: bundle.resolve(disk.path)) ?? 0)))")
         }
@@ -76,3 +82,13 @@ struct Create: ParsableCommand {
     }
 }
 
+
+/// `tap:NAME[,mac=...]` as `vireo run` reads it, with the MAC fixed now if none was given.
+func parseNetwork(_ text: String) throws -> NetworkAttachment {
+    do throws(VMMError) {
+        let parsed = try NetworkConfiguration(parsing: text)
+        return NetworkAttachment(tap: parsed.tap, mac: parsed.mac ?? MACAddress.random().description)
+    } catch {
+        throw fail(error)
+    }
+}

@@ -22,6 +22,7 @@ struct Info: ParsableCommand {
         var kernel: String?, initrd: String?, commandLine: String, entropyDevice: Bool, createdAt: Int64
         var directory: String, configPath: String, consoleLog: String, vmmLog: String, controlSocket: String
         var disks: [Disk]
+        var networks: [NetworkAttachment]
         var process: VMDescription?
         var counters: VMCounters?
     }
@@ -50,7 +51,7 @@ struct Info: ParsableCommand {
                                 virtualBytes: DiskImages.recordedVirtualSize(path: path), allocatedBytes: HostFiles.allocatedBytes(path),
                                 backingChain: DiskImages.recordedBackingChain(path: path))
                 },
-                process: status.description, counters: counters)
+                networks: definition.networks, process: status.description, counters: counters)
         } catch {
             throw fail(error)
         }
@@ -68,6 +69,9 @@ struct Info: ParsableCommand {
             if !disk.backingChain.isEmpty { text += " on " + disk.backingChain.joined(separator: " on ") }
             lines.append(["Disk \(index):", text])
         }
+        for (index, network) in report.networks.enumerated() {
+            lines.append(["Network \(index):", "virtio-net \(network.mac) on tap \(network.tap)"])
+        }
         lines += [["Directory:", report.directory], ["Console log:", report.consoleLog], ["VMM log:", report.vmmLog],
                   ["Control socket:", report.controlSocket]]
         if let process = report.process {
@@ -76,6 +80,9 @@ struct Info: ParsableCommand {
         if let counters = report.counters {
             lines.append(["vCPU exits:", counters.vcpuExits.map(String.init).joined(separator: ", ")])
             lines.append(["Resident memory:", Size.describe(counters.rssBytes)])
+            for network in counters.networks {
+                lines.append(["Network I/O:", "\(network.tap): \(network.rxFrames) frames (\(Size.describe(network.rxBytes))) in, \(network.txFrames) frames (\(Size.describe(network.txBytes))) out, \(network.droppedFrames) dropped"])
+            }
             for disk in counters.disks {
                 lines.append(["Disk I/O:", "\(disk.path): \(disk.requests) requests, \(Size.describe(disk.readBytes)) read, \(Size.describe(disk.writtenBytes)) written"])
             }

@@ -1,5 +1,6 @@
 import ArgumentParser
 import Library
+import Devices
 import VMM
 
 struct Set: ParsableCommand {
@@ -34,16 +35,26 @@ struct Set: ParsableCommand {
     @Flag(inversion: .prefixedNo, help: "Attach a virtio-rng device.")
     var rng: Bool?
 
+    @Option(help: ArgumentHelp("Replace the VM's network cards: tap:NAME[,mac=...]. Repeatable; a card whose tap is unchanged keeps its MAC.", valueName: "net"))
+    var net: [String] = []
+
+    @Flag(help: "Remove every network card.")
+    var noNet = false
+
     func run() throws {
         let fields = [cpus != nil ? "--cpus" : nil, memory != nil ? "--memory" : nil, cmdline != nil ? "--cmdline" : nil,
                       kernel != nil ? "--kernel" : nil, initrd != nil || noInitrd ? "--initrd" : nil,
-                      ostype != nil ? "--ostype" : nil, rng != nil ? "--rng" : nil].compactMap { $0 }
+                      ostype != nil ? "--ostype" : nil, rng != nil ? "--rng" : nil,
+                      !net.isEmpty || noNet ? "--net" : nil].compactMap { $0 }
         guard !fields.isEmpty else {
-            throw fail(LibraryError.invalidValue(field: "vireo set", reason: "nothing to change; give at least one of --cpus, --memory, --cmdline, --kernel, --initrd, --no-initrd, --ostype, --rng/--no-rng"))
+            throw fail(LibraryError.invalidValue(field: "vireo set", reason: "nothing to change; give at least one of --cpus, --memory, --cmdline, --kernel, --initrd, --no-initrd, --ostype, --rng/--no-rng, --net, --no-net"))
         }
         let memoryBytes = try memory.map { try parseSize($0, field: "--memory") }
+        let explicitMACs = net.map { $0.contains("mac=") }
+        let networks = try net.map(parseNetwork)
         do throws(LibraryError) {
             if initrd != nil && noInitrd { throw LibraryError.invalidValue(field: "--initrd", reason: "--initrd and --no-initrd contradict each other") }
+            if !net.isEmpty && noNet { throw LibraryError.invalidValue(field: "--net", reason: "--net and --no-net contradict each other") }
             if let kernel { try VMLibrary.validate(kernel: kernel) }
             if let initrd { try VMLibrary.validateReadable(initrd, field: "--initrd") }
             if let ostype { _ = try OSType.named(ostype) }
@@ -63,6 +74,14 @@ struct Set: ParsableCommand {
                     definition.initrd = "initrd"
                 }
                 if noInitrd { definition.initrd = nil }
+                if noNet { definition.networks = [] }
+                if !networks.isEmpty {
+                    let previous = definition.networks
+                    definition.networks = zip(networks, explicitMACs).map { card, explicit in
+                        guard !explicit, let kept = previous.first(where: { $0.tap == card.tap }) else { return card }
+                        return kept
+                    }
+                }
             }
         } catch {
             throw fail(error)

@@ -37,6 +37,10 @@ struct Run: ParsableCommand {
                                valueName: "disk"))
     var disk: [String] = []
 
+    @Option(help: ArgumentHelp("A virtio-net card on a host tap device: tap:NAME[,mac=XX:XX:XX:XX:XX:XX]. Repeat for more cards.",
+                               valueName: "net"))
+    var net: [String] = []
+
     @Flag(help: "Attach a virtio-rng device fed from the host's /dev/urandom.")
     var rng = false
 
@@ -48,6 +52,7 @@ struct Run: ParsableCommand {
                 memorySize: try Size.parse(memory, field: "--memory"),
                 console: try ConsoleConfiguration(parsing: console))
             for text in disk { configuration.disks.append(try DiskConfiguration(parsing: text)) }
+            for text in net { configuration.networks.append(try NetworkConfiguration(parsing: text)) }
             configuration.entropyDevice = rng
             machine = try Machine(configuration: configuration)
         } catch {

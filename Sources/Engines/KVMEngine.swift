@@ -41,6 +41,7 @@ public struct KVMEngine: Sendable {
             if let serial = disk.serial { text += ",serial=" + serial }
             arguments += ["--disk", text]
         }
+        for network in definition.networks { arguments += ["--net", "tap:\(network.tap),mac=\(network.mac)"] }
         if definition.entropyDevice { arguments.append("--rng") }
         return arguments
     }

@@ -18,6 +18,8 @@ public struct VMDefinition: Codable, Sendable, Equatable {
     public var initrd: String?
     public var commandLine: String
     public var disks: [DiskAttachment]
+    /// virtio-net cards; each keeps the MAC it was given at creation, as a real NIC would.
+    public var networks: [NetworkAttachment]
     public var entropyDevice: Bool
     /// Seconds since the epoch.
     public var createdAt: Int64
@@ -32,6 +34,7 @@ public struct VMDefinition: Codable, Sendable, Equatable {
         memoryBytes = osType.memoryBytes
         commandLine = osType.commandLine
         disks = []
+        networks = []
         entropyDevice = true
         self.createdAt = createdAt
     }
@@ -49,6 +52,14 @@ public struct DiskAttachment: Codable, Sendable, Equatable {
 
     /// Inside the VM's directory: created, copied and deleted with the VM.
     public var isOwned: Bool { !path.hasPrefix("/") }
+}
+
+public struct NetworkAttachment: Codable, Sendable, Equatable {
+    /// The host tap device the card is plugged into.
+    public var tap: String
+    public var mac: String
+
+    public init(tap: String, mac: String) { self.tap = tap; self.mac = mac }
 }
 
 /// VirtualBox-style presets for the New VM wizard: what a guest of this kind usually needs.

@@ -27,6 +27,7 @@ public struct CreateRequest: Sendable {
     public var initrd: String?
     public var commandLine: String?
     public var entropyDevice: Bool?
+    public var networks: [NetworkAttachment] = []
 
     public init(name: String) { self.name = name }
 }
@@ -131,6 +132,7 @@ public struct VMLibrary: Sendable {
         if let memory = request.memoryBytes { definition.memoryBytes = memory }
         if let line = request.commandLine { definition.commandLine = line }
         if let rng = request.entropyDevice { definition.entropyDevice = rng }
+        definition.networks = request.networks
         try Self.validate(cpus: definition.cpus)
         try Self.validate(memoryBytes: definition.memoryBytes)
         try Self.validate(commandLine: definition.commandLine)

@@ -150,6 +150,17 @@ final class ControlServer: @unchecked Sendable {
                 entry.add("written_bytes", disk.device.bytesWritten.load(ordering: .relaxed))
                 return entry
             })
+            object.add("networks", machine.networkCards.map { card in
+                var entry = JSONObject()
+                entry.add("tap", card.tap.name)
+                entry.add("mac", card.mac.description)
+                entry.add("rx_frames", card.receivedFrames.load(ordering: .relaxed))
+                entry.add("rx_bytes", card.receivedBytes.load(ordering: .relaxed))
+                entry.add("tx_frames", card.transmittedFrames.load(ordering: .relaxed))
+                entry.add("tx_bytes", card.transmittedBytes.load(ordering: .relaxed))
+                entry.add("dropped_frames", card.droppedFrames.load(ordering: .relaxed))
+                return entry
+            })
             return object
         case "pause":
             if machine.isStopping { return Self.failure("stopping", "\(vmName) is stopping; there is nothing to pause") }

@@ -62,6 +62,7 @@ public final class Machine: @unchecked Sendable {
     /// Exits handled per vCPU, for benchmarks and `info`.
     let exitCounts: [ExitCounter]
     let blockDevices: [(path: String, device: VirtioBlock)]
+    let networkCards: [VirtioNet]
     /// Set once a graceful shutdown was asked for; the guest decides when it happens.
     let shutdownRequested = Atomic<Bool>(false)
     /// Wall-clock seconds since the epoch when the machine was built, for `describe`.
@@ -89,6 +90,16 @@ public final class Machine: @unchecked Sendable {
                 throw .invalidConfiguration(field: "--disk", reason: error.description)
             }
         }
+        var networkCards: [VirtioNet] = []
+        for network in configuration.networks {
+            let mac = network.mac.flatMap(MACAddress.init) ?? MACAddress.random()
+            do {
+                networkCards.append(try VirtioNet(tap: try TapDevice(name: network.tap), mac: mac))
+            } catch {
+                throw .invalidConfiguration(field: "--net", reason: error.description)
+            }
+        }
+        self.networkCards = networkCards
         console = try Console(configuration.console)
         stop = try StopController()
 
@@ -172,7 +183,12 @@ public final class Machine: @unchecked Sendable {
                 try mmio.register(transport, name: "virtio-blk \(disk.configuration.path)", base: slot.address,
                                   length: VirtioMMIOTransport.windowSize)
             }
-            if let entropy, let slot = MachineLayout.virtioSlot(disks.count) {
+            for (index, card) in networkCards.enumerated() {
+                guard let slot = MachineLayout.virtioSlot(disks.count + index) else { break }
+                try mmio.register(VirtioMMIOTransport(device: card, memory: memory, interrupt: KVMInterruptLine(vm: vm, line: slot.interrupt)),
+                                  name: "virtio-net \(card.tap.name)", base: slot.address, length: VirtioMMIOTransport.windowSize)
+            }
+            if let entropy, let slot = MachineLayout.virtioSlot(disks.count + networkCards.count) {
                 try mmio.register(VirtioMMIOTransport(device: entropy, memory: memory, interrupt: KVMInterruptLine(vm: vm, line: slot.interrupt)),
                                   name: "virtio-rng", base: slot.address, length: VirtioMMIOTransport.windowSize)
             }
@@ -216,6 +232,14 @@ public final class Machine: @unchecked Sendable {
         try console.startInput(to: serial, stop: stop)
         defer { control?.finish() }
         try control?.start()
+        var receivers: [HostThread] = []
+        for card in networkCards {
+            receivers.append(try HostThread.spawn(name: "net-rx \(card.tap.name)") { card.runReceiveLoop() })
+        }
+        defer {
+            for card in networkCards { card.stopReceiving() }
+            for thread in receivers { thread.join() }
+        }
         var threads: [HostThread] = []
         for index in vcpus.indices {
             do {

@@ -1,6 +1,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import Devices
 import DiskImage
 import X86Boot
 
@@ -65,6 +66,37 @@ public struct DiskConfiguration: Equatable, Sendable {
     }
 }
 
+/// One `--net tap:NAME[,mac=XX:XX:XX:XX:XX:XX]`: a virtio-net card on a host tap device.
+public struct NetworkConfiguration: Equatable, Sendable {
+    public var tap: String
+    /// Nil: a random locally administered address for this run.
+    public var mac: String?
+
+    public init(tap: String, mac: String? = nil) { self.tap = tap; self.mac = mac }
+
+    public init(parsing text: String) throws(VMMError) {
+        let parts = text.split(separator: ",", omittingEmptySubsequences: false).map(String.init)
+        guard let first = parts.first, first.hasPrefix("tap:"), first.count > 4 else {
+            throw .invalidConfiguration(field: "--net", reason: "'\(text)' is not tap:NAME[,mac=XX:XX:XX:XX:XX:XX] (only tap backends exist)")
+        }
+        tap = String(first.dropFirst(4))
+        guard tap.utf8.count <= 15, tap.utf8.allSatisfy({ $0 > 0x20 && $0 < 0x7f && $0 != UInt8(ascii: "/") }) else {
+            throw .invalidConfiguration(field: "--net", reason: "tap name '\(tap)' must be 1 to 15 printable characters without '/' or spaces")
+        }
+        for option in parts.dropFirst() {
+            if option.hasPrefix("mac=") {
+                let value = String(option.dropFirst(4))
+                guard MACAddress(value) != nil else {
+                    throw .invalidConfiguration(field: "--net", reason: "mac '\(value)' is not six hex pairs like 52:54:00:12:34:56 with an even (unicast) first byte")
+                }
+                mac = value
+                continue
+            }
+            throw .invalidConfiguration(field: "--net", reason: "unknown option '\(option)' in '\(text)'; allowed: mac=XX:XX:XX:XX:XX:XX")
+        }
+    }
+}
+
 /// What `vireo run` asks for, before anything is validated against the host.
 public struct VMConfiguration: Sendable {
     public var kernelPath: String
@@ -74,11 +106,12 @@ public struct VMConfiguration: Sendable {
     public var memorySize: UInt64
     public var console: ConsoleConfiguration
     public var disks: [DiskConfiguration] = []
+    public var networks: [NetworkConfiguration] = []
     /// Attach a virtio-rng device fed from the host's /dev/urandom.
     public var entropyDevice = false
 
-    /// virtio devices in slot order: disks first, then the entropy device.
-    public var virtioDeviceCount: Int { disks.count + (entropyDevice ? 1 : 0) }
+    /// virtio devices in slot order: disks first, then network cards, then the entropy device.
+    public var virtioDeviceCount: Int { disks.count + networks.count + (entropyDevice ? 1 : 0) }
 
     public init(kernelPath: String, initrdPath: String? = nil, commandLine: String = "console=ttyS0",
                 cpuCount: Int = 1, memorySize: UInt64 = 512 << 20, console: ConsoleConfiguration = .stdio) {
@@ -130,7 +163,7 @@ public struct VMConfiguration: Sendable {
             throw .invalidConfiguration(field: "--cmdline", reason: "contains a NUL byte")
         }
         guard virtioDeviceCount <= MachineLayout.virtioInterrupts.count else {
-            throw .invalidConfiguration(field: "--disk", reason: "\(virtioDeviceCount) virtio devices is more than this machine has slots for (\(MachineLayout.virtioInterrupts.count))")
+            throw .invalidConfiguration(field: networks.isEmpty ? "--disk" : "--net", reason: "\(virtioDeviceCount) virtio devices is more than this machine has slots for (\(MachineLayout.virtioInterrupts.count))")
         }
         do {
             let kernel = try KernelImage.load(path: kernelPath)

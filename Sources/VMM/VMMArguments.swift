@@ -9,7 +9,7 @@ import Glibc
 public enum VMMArguments {
     public static let usage = """
         usage: vireo-vmm --kernel PATH [--initrd PATH] [--cmdline TEXT] [--cpus N] [--memory SIZE]
-                         [--console stdio|none|file:PATH|socket:PATH] [--disk PATH[,readonly][,format=raw|qcow2][,serial=ID]]... [--rng]
+                         [--console stdio|none|file:PATH|socket:PATH] [--disk PATH[,readonly][,format=raw|qcow2][,serial=ID]]... [--net tap:NAME[,mac=MAC]]... [--rng]
                          [--control PATH] [--name NAME --uuid UUID] [--lock-fd N] [--ready-fd N]
         Boots one VM and runs it until it powers off or reboots. Ctrl-A x quits the stdio console.
         --control PATH   serve the control socket (docs/control-socket.md) at PATH
@@ -33,8 +33,9 @@ public enum VMMArguments {
     public static func parse(_ arguments: [String]) throws(VMMError) -> Parsed {
         var values: [String: String] = [:]
         var disks: [DiskConfiguration] = []
+        var networks: [NetworkConfiguration] = []
         var index = 0
-        let known: Set<String> = ["--kernel", "--initrd", "--cmdline", "--cpus", "--memory", "--console", "--disk",
+        let known: Set<String> = ["--kernel", "--initrd", "--cmdline", "--cpus", "--memory", "--console", "--disk", "--net",
                                   "--control", "--name", "--uuid", "--lock-fd", "--ready-fd"]
         while index < arguments.count {
             let argument = arguments[index]
@@ -54,6 +55,11 @@ public enum VMMArguments {
                 guard index < arguments.count else { throw .invalidConfiguration(field: name, reason: "missing value") }
                 value = arguments[index]
             }
+            if name == "--net", let value {
+                networks.append(try NetworkConfiguration(parsing: value))
+                index += 1
+                continue
+            }
             if name == "--disk", let value {
                 disks.append(try DiskConfiguration(parsing: value))
                 index += 1
@@ -68,6 +74,7 @@ public enum VMMArguments {
         }
         var configuration = VMConfiguration(kernelPath: kernel, initrdPath: values["--initrd"])
         configuration.disks = disks
+        configuration.networks = networks
         configuration.entropyDevice = values["--rng"] != nil
         if let commandLine = values["--cmdline"] { configuration.commandLine = commandLine }
         if let cpus = values["--cpus"] {

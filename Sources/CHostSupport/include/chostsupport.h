@@ -18,4 +18,12 @@ int vireo_rename_noreplace(const char *from, const char *to);
 // are copied, so a thin image stays thin. Returns 0 or an errno value.
 int vireo_copy_sparse(const char *from, const char *to);
 
+
+
+// Opens (or creates, with CAP_NET_ADMIN) the tap device `name` without packet information
+// headers, non-blocking and close-on-exec. Returns the descriptor, or -errno.
+int vireo_tap_open(const char *name);
+
+// A non-blocking, close-on-exec eventfd(2) starting at 0; -1 with errno on failure.
+int vireo_eventfd_nonblocking(void);
 #endif

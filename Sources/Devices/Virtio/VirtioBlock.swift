@@ -177,23 +177,13 @@ public final class VirtioBlock: VirtioDevice, @unchecked Sendable {
     }
 
     private func gather(_ buffers: [VirtqBuffer], count: Int, memory: GuestMemory) throws(VirtioError) -> [UInt8] {
-        var bytes: [UInt8] = []
-        for buffer in buffers where bytes.count < count {
-            let take = min(Int(buffer.length), count - bytes.count)
-            do { bytes += try memory.readBytes(count: take, at: buffer.address) } catch { throw .bufferOutsideMemory(buffer.address, length: buffer.length) }
-        }
+        let bytes = try memory.gather(buffers, limit: count)
         guard bytes.count == count else { throw .malformedRequest("request header is \(bytes.count) bytes, expected \(count)") }
         return bytes
     }
 
     private func scatter(_ bytes: [UInt8], into buffers: [VirtqBuffer], memory: GuestMemory) throws(VirtioError) -> UInt32 {
-        var done = 0
-        for buffer in buffers where done < bytes.count {
-            let take = min(Int(buffer.length), bytes.count - done)
-            do { try memory.write(bytes[done..<done + take], at: buffer.address) } catch { throw .bufferOutsideMemory(buffer.address, length: buffer.length) }
-            done += take
-        }
-        return UInt32(done)
+        try memory.scatter(bytes[...], into: buffers)
     }
 
     private func skipping(_ count: UInt32, in buffers: [VirtqBuffer]) throws(VirtioError) -> [VirtqBuffer] {

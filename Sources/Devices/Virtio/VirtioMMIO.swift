@@ -12,6 +12,20 @@ public protocol VirtioDevice: AnyObject, Sendable {
     /// Handles the driver's notification for queue `index`. Returns true when it used buffers
     /// (the transport then interrupts the driver).
     func process(queue index: Int, _ queue: VirtQueue, memory: GuestMemory) throws(VirtioError) -> Bool
+    /// Called once by the transport, for devices that fill queues on their own (network receive).
+    func attach(_ access: any VirtioQueueAccess)
+}
+
+extension VirtioDevice {
+    public func attach(_ access: any VirtioQueueAccess) {}
+}
+
+/// A device's way to its queues from a thread of its own, under the same lock as notifications.
+public protocol VirtioQueueAccess: AnyObject, Sendable {
+    /// Runs `body` with queue `index` if the driver has it ready and the device is live; raises the
+    /// used-buffer interrupt when `body` returns true. Returns what `body` returned, or false if the
+    /// queue could not be used. An error from `body` fails the device (NEEDS_RESET).
+    func withQueue(_ index: Int, _ body: (VirtQueue, GuestMemory) throws(VirtioError) -> Bool) -> Bool
 }
 
 public enum VirtioFeature {
@@ -20,7 +34,7 @@ public enum VirtioFeature {
 
 /// The virtio-mmio transport (virtio 1.x §4.2, "version 2", no legacy interface), as Firecracker
 /// uses it. Linux finds it through `virtio_mmio.device=4K@ADDRESS:IRQ` on the command line.
-public final class VirtioMMIOTransport: MMIODevice {
+public final class VirtioMMIOTransport: MMIODevice, VirtioQueueAccess {
     public static let magic: UInt32 = 0x7472_6976         // "virt"
     public static let vendor: UInt32 = 0x4f52_4956        // "VIRO"
     public static let windowSize: UInt64 = 0x1000
@@ -66,6 +80,7 @@ public final class VirtioMMIOTransport: MMIODevice {
         self.memory = memory
         self.interrupt = interrupt
         state = Mutex(State(queues: device.queueMaximumSizes.map { QueueRegisters(size: $0) }))
+        device.attach(self)
     }
 
     public var lastError: VirtioError? { state.withLock { $0.lastError } }
@@ -165,6 +180,21 @@ public final class VirtioMMIOTransport: MMIODevice {
             state.queues[index].ready = true
         } catch {
             fail(error, state: &state)
+        }
+    }
+
+    public func withQueue(_ index: Int, _ body: (VirtQueue, GuestMemory) throws(VirtioError) -> Bool) -> Bool {
+        state.withLock { state in
+            guard state.status & Status.driverOK != 0, state.status & Status.needsReset == 0,
+                  index >= 0, index < state.queues.count, let queue = state.queues[index].queue else { return false }
+            do throws(VirtioError) {
+                guard try body(queue, memory) else { return false }
+                raise(0x1, state: &state)
+                return true
+            } catch {
+                fail(error, state: &state)
+                return false
+            }
         }
     }
 

@@ -1,0 +1,108 @@
+import Foundation
+import Testing
+
+/// A network namespace with one tap device, up, so guests' frames have somewhere to go that
+/// touches nothing on the host. Removed (with its tap) when released.
+final class NetworkNamespace: @unchecked Sendable {
+    let name = "vireo-\(UInt32.random(in: 0...UInt32.max))"
+    let tap: String
+
+    init(tap: String = "vtap0", address: String? = nil) throws {
+        self.tap = tap
+        var commands = [["ip", "netns", "add", name],
+                        ["ip", "netns", "exec", name, "ip", "link", "set", "lo", "up"],
+                        ["ip", "netns", "exec", name, "ip", "tuntap", "add", tap, "mode", "tap"],
+                        ["ip", "netns", "exec", name, "ip", "link", "set", tap, "up"]]
+        if let address { commands.append(["ip", "netns", "exec", name, "ip", "address", "add", address, "dev", tap]) }
+        for command in commands {
+            let result = Harness.run(command)
+            guard result.status == 0 else { throw HarnessError("\(command.joined(separator: " ")) failed: \(result.stderr)") }
+        }
+    }
+
+    deinit { Harness.run(["ip", "netns", "del", name]) }
+
+    /// `arguments` run inside the namespace.
+    func inside(_ arguments: [String]) -> [String] { ["ip", "netns", "exec", name] + arguments }
+}
+
+@Suite(.serialized)
+struct VirtioNetGuestTests {
+    @Test("a probe's virtio-net driver sends a frame through a tap to a host socket and gets one back")
+    func frameRoundTrip() throws {
+        try Harness.requireKVM()
+        let namespace = try NetworkNamespace()
+        let echo = RunningProcess(namespace.inside(["python3", Harness.packageRoot.appendingPathComponent("probes/ether-echo.py").path, namespace.tap]))
+        defer { echo.signal(SIGKILL); _ = echo.wait(timeout: 5) }
+        #expect(echo.waitForOutput("ready", timeout: 10), "\(echo.stderr)")
+        let result = Harness.run(namespace.inside([Harness.vireo, "run", "--kernel", try Harness.probe("pvh"), "--memory", "64M",
+                                                   "--net", "tap:\(namespace.tap),mac=02:11:22:33:44:55",
+                                                   "--cmdline", "console=ttyS0 probe=net"]), timeout: 60)
+        #expect(result.status == 0, "\(result.stderr)")
+        #expect(result.stdout.contains("net: mac=02:11:22:33:44:55 link=1"), "\(result.stdout)")
+        #expect(result.stdout.contains("net: reply from "), "\(result.stdout)")
+        #expect(result.stdout.contains(" to 02:11:22:33:44:55 payload=vireo-pong vireo-ping"), "\(result.stdout)")
+        #expect(echo.stdout.contains("answered 02:11:22:33:44:55 vireo-ping"), "\(echo.stdout)")
+    }
+
+    @Test("without mac= the card gets a random unicast, locally administered address")
+    func generatedMAC() throws {
+        try Harness.requireKVM()
+        let namespace = try NetworkNamespace()
+        let result = Harness.run(namespace.inside([Harness.vireo, "run", "--kernel", try Harness.probe("pvh"), "--memory", "64M",
+                                                   "--net", "tap:\(namespace.tap)", "--cmdline", "console=ttyS0 probe=net count=1"]), timeout: 60)
+        let line = try #require(result.stdout.replacingOccurrences(of: "\r", with: "").split(separator: "\n").first { $0.hasPrefix("net: mac=") }, "\(result.stdout)")
+        let first = try #require(UInt8(line.dropFirst("net: mac=".count).prefix(2), radix: 16))
+        #expect(first & 0x01 == 0, "multicast bit set in \(line)")
+        #expect(first & 0x02 == 0x02, "not locally administered: \(line)")
+    }
+
+    @Test("bad --net values and a busy tap are refused with the reason")
+    func refusals() throws {
+        try Harness.requireKVM()
+        let probe = try Harness.probe("pvh")
+        let cases: [(String, String)] = [
+            ("bridge:br0", "--net: 'bridge:br0' is not tap:NAME[,mac=XX:XX:XX:XX:XX:XX] (only tap backends exist)"),
+            ("tap:x,mac=01:00:00:00:00:01", "--net: mac '01:00:00:00:00:01' is not six hex pairs like 52:54:00:12:34:56 with an even (unicast) first byte"),
+            ("tap:x,mac=zz", "--net: mac 'zz' is not six hex pairs"),
+            ("tap:averyveryverylongname", "--net: tap name 'averyveryverylongname' must be 1 to 15 printable characters"),
+            ("tap:x,speed=10", "--net: unknown option 'speed=10' in 'tap:x,speed=10'; allowed: mac="),
+        ]
+        for (value, message) in cases {
+            let result = Harness.vireoRun(["--kernel", probe, "--net", value])
+            #expect(result.status == 2, "\(value): \(result.stderr)")
+            #expect(result.stderr.contains(message), "\(value): \(result.stderr)")
+        }
+        let namespace = try NetworkNamespace()
+        let first = RunningProcess(namespace.inside([Harness.vireo, "run", "--kernel", probe, "--memory", "64M", "--console", "none",
+                                                     "--net", "tap:\(namespace.tap)", "--cmdline", "console=ttyS0 probe=ticker"]))
+        defer { first.signal(SIGKILL); _ = first.wait(timeout: 5) }
+        Thread.sleep(forTimeInterval: 1)
+        let second = Harness.run(namespace.inside([Harness.vireo, "run", "--kernel", probe, "--net", "tap:\(namespace.tap)"]))
+        #expect(second.status == 2)
+        #expect(second.stderr.contains("--net: cannot open tap device '\(namespace.tap)': Device or resource busy (another process has it open)"), "\(second.stderr)")
+    }
+
+    @Test("a library VM keeps the MAC it was created with, and its card works after vireo start")
+    func libraryVMNetwork() throws {
+        let library = try TestLibrary()
+        let namespace = try NetworkNamespace()
+        let echo = RunningProcess(namespace.inside(["python3", Harness.packageRoot.appendingPathComponent("probes/ether-echo.py").path, namespace.tap]))
+        defer { echo.signal(SIGKILL); _ = echo.wait(timeout: 5) }
+        #expect(echo.waitForOutput("ready", timeout: 10))
+        let created = library.vireo("create", "netvm", "--kernel", try Harness.probe("pvh"), "--memory", "64M", "--no-disk",
+                                    "--net", "tap:\(namespace.tap)", "--cmdline", "console=ttyS0 probe=net")
+        #expect(created.status == 0, "\(created.stderr)")
+        let info = library.vireo("info", "netvm", "--json").stdout
+        let mac = try #require(info.range(of: #"[0-9a-f]{2}(:[0-9a-f]{2}){5}"#, options: .regularExpression).map { String(info[$0]) }, "\(info)")
+        for run in 0..<2 {
+            let started = Harness.run(namespace.inside([Harness.vireo, "start", "netvm"]), environment: ["VIREO_HOME": library.root.path])
+            #expect(started.status == 0, "\(started.stderr)")
+            // The probe resets once answered, which ends the VM.
+            #expect(library.waitFor(30) { library.state("netvm") == "stopped" }, "run \(run)")
+            let console = library.consoleLog("netvm")
+            #expect(console.contains("net: mac=\(mac) link=1"), "run \(run): \(console)")
+            #expect(console.contains("payload=vireo-pong vireo-ping"), "run \(run): \(console)")
+        }
+    }
+}
