@@ -33,11 +33,11 @@ struct Run: ParsableCommand {
     @Option(help: "Serial console: stdio, none, file:PATH (output only) or socket:PATH (a Unix socket to connect to).")
     var console: String = "stdio"
 
-    @Option(help: ArgumentHelp("A virtio-blk disk: PATH[,readonly][,format=raw|qcow2][,serial=ID]. Repeat for more disks.",
+    @Option(help: ArgumentHelp("A virtio-blk disk: PATH[,readonly][,format=raw|qcow2][,serial=ID][,bps=N[,bps-burst=N]][,iops=N[,iops-burst=N]]. Repeat for more disks.",
                                valueName: "disk"))
     var disk: [String] = []
 
-    @Option(help: ArgumentHelp("A virtio-net card on a host tap device: tap:NAME[,mac=XX:XX:XX:XX:XX:XX]. Repeat for more cards.",
+    @Option(help: ArgumentHelp("A virtio-net card on a host tap device: tap:NAME[,mac=XX:XX:XX:XX:XX:XX][,bps=N[,bps-burst=N]][,pps=N[,pps-burst=N]]. Repeat for more cards.",
                                valueName: "net"))
     var net: [String] = []
 

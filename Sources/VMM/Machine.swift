@@ -94,7 +94,7 @@ public final class Machine: @unchecked Sendable {
         for network in configuration.networks {
             let mac = network.mac.flatMap(MACAddress.init) ?? MACAddress.random()
             do {
-                networkCards.append(try VirtioNet(tap: try TapDevice(name: network.tap), mac: mac))
+                networkCards.append(try VirtioNet(tap: try TapDevice(name: network.tap), mac: mac, rateLimit: network.rateLimit))
             } catch {
                 throw .invalidConfiguration(field: "--net", reason: error.description)
             }
@@ -176,7 +176,8 @@ public final class Machine: @unchecked Sendable {
             }, name: "boot marker", base: MachineLayout.bootMarkerAddress, length: 0x1000)
             for (index, disk) in disks.enumerated() {
                 guard let slot = MachineLayout.virtioSlot(index) else { break }
-                let block = VirtioBlock(disk: disk.image, readOnly: disk.configuration.readOnly, serial: disk.configuration.serial)
+                let block = VirtioBlock(disk: disk.image, readOnly: disk.configuration.readOnly, serial: disk.configuration.serial,
+                                        rateLimit: disk.configuration.rateLimit)
                 blockDevices.append((disk.configuration.path, block))
                 let transport = VirtioMMIOTransport(device: block, memory: memory,
                                                     interrupt: KVMInterruptLine(vm: vm, line: slot.interrupt))
@@ -232,13 +233,16 @@ public final class Machine: @unchecked Sendable {
         try console.startInput(to: serial, stop: stop)
         defer { control?.finish() }
         try control?.start()
-        var receivers: [HostThread] = []
-        for card in networkCards {
-            receivers.append(try HostThread.spawn(name: "net-rx \(card.tap.name)") { card.runReceiveLoop() })
-        }
+        // Network receive and throttled queues work on threads of their own, never on a vCPU's.
+        let background: [any BackgroundDevice] = (blockDevices.map(\.device) as [any BackgroundDevice] + networkCards)
+            .filter(\.needsBackgroundThread)
+        var workers: [HostThread] = []
         defer {
-            for card in networkCards { card.stopReceiving() }
-            for thread in receivers { thread.join() }
+            for device in background { device.stopBackground() }
+            for thread in workers { thread.join() }
+        }
+        for (index, device) in background.enumerated() {
+            workers.append(try HostThread.spawn(name: "device\(index)") { device.runBackground() })
         }
         var threads: [HostThread] = []
         for index in vcpus.indices {

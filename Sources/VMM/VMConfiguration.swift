@@ -32,6 +32,7 @@ public struct DiskConfiguration: Equatable, Sendable {
     public var readOnly = false
     public var format: DiskFormat?
     public var serial: String?
+    public var rateLimit = RateLimit()
 
     public init(path: String, readOnly: Bool = false, format: DiskFormat? = nil, serial: String? = nil) {
         self.path = path; self.readOnly = readOnly; self.format = format; self.serial = serial
@@ -40,7 +41,7 @@ public struct DiskConfiguration: Equatable, Sendable {
     public init(parsing text: String) throws(VMMError) {
         let parts = text.split(separator: ",", omittingEmptySubsequences: false).map(String.init)
         guard let path = parts.first, !path.isEmpty else {
-            throw .invalidConfiguration(field: "--disk", reason: "'\(text)' has no path; expected PATH[,readonly][,format=raw|qcow2][,serial=ID]")
+            throw .invalidConfiguration(field: "--disk", reason: "'\(text)' has no path; expected PATH[,readonly][,format=raw|qcow2][,serial=ID][,bps=N][,iops=N]")
         }
         self.path = path
         for option in parts.dropFirst() {
@@ -61,8 +62,10 @@ public struct DiskConfiguration: Equatable, Sendable {
                 self.serial = serial
                 continue
             }
-            throw .invalidConfiguration(field: "--disk", reason: "unknown option '\(option)' in '\(text)'; allowed: readonly, format=raw|qcow2, serial=ID")
+            if try rateLimit.parse(option, field: "--disk", operations: "iops") { continue }
+            throw .invalidConfiguration(field: "--disk", reason: "unknown option '\(option)' in '\(text)'; allowed: readonly, format=raw|qcow2, serial=ID, bps=, bps-burst=, iops=, iops-burst=")
         }
+        try rateLimit.validate(field: "--disk", operations: "iops")
     }
 }
 
@@ -71,6 +74,7 @@ public struct NetworkConfiguration: Equatable, Sendable {
     public var tap: String
     /// Nil: a random locally administered address for this run.
     public var mac: String?
+    public var rateLimit = RateLimit()
 
     public init(tap: String, mac: String? = nil) { self.tap = tap; self.mac = mac }
 
@@ -92,8 +96,10 @@ public struct NetworkConfiguration: Equatable, Sendable {
                 mac = value
                 continue
             }
-            throw .invalidConfiguration(field: "--net", reason: "unknown option '\(option)' in '\(text)'; allowed: mac=XX:XX:XX:XX:XX:XX")
+            if try rateLimit.parse(option, field: "--net", operations: "pps") { continue }
+            throw .invalidConfiguration(field: "--net", reason: "unknown option '\(option)' in '\(text)'; allowed: mac=XX:XX:XX:XX:XX:XX, bps=, bps-burst=, pps=, pps-burst=")
         }
+        try rateLimit.validate(field: "--net", operations: "pps")
     }
 }
 
@@ -216,5 +222,40 @@ public enum Size {
 extension String {
     func trimmingSuffix(_ suffix: String) -> String {
         hasSuffix(suffix) ? String(dropLast(suffix.count)) : self
+    }
+}
+
+extension RateLimit {
+    /// Reads one `bps=`, `bps-burst=` (bytes, with K/M/G) or `<operations>=`, `<operations>-burst=`
+    /// (a count) option; false if `option` is none of them.
+    mutating func parse(_ option: String, field: String, operations: String) throws(VMMError) -> Bool {
+        guard let equals = option.firstIndex(of: "=") else { return false }
+        let key = String(option[..<equals])
+        let value = String(option[option.index(after: equals)...])
+        switch key {
+        case "bps", "bps-burst":
+            // Byte counts: a bare number is bytes here (unlike --memory).
+            let bytes: UInt64
+            if let plain = UInt64(value), plain > 0 { bytes = plain } else { bytes = try Size.parse(value, field: "\(field) \(key)") }
+            if key == "bps" { bytesPerSecond = bytes } else { bytesBurst = bytes }
+        case operations, operations + "-burst":
+            guard let count = UInt64(value), count > 0 else {
+                throw .invalidConfiguration(field: field, reason: "\(key) '\(value)' is not a positive whole number")
+            }
+            if key == operations { operationsPerSecond = count } else { operationsBurst = count }
+        default:
+            return false
+        }
+        return true
+    }
+
+    /// A burst without its rate means nothing; called once every option is read.
+    func validate(field: String, operations: String) throws(VMMError) {
+        if bytesBurst != nil && bytesPerSecond == nil {
+            throw .invalidConfiguration(field: field, reason: "bps-burst needs bps (the rate the burst refills at)")
+        }
+        if operationsBurst != nil && operationsPerSecond == nil {
+            throw .invalidConfiguration(field: field, reason: "\(operations)-burst needs \(operations)")
+        }
     }
 }

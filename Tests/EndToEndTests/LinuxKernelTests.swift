@@ -59,7 +59,7 @@ struct LinuxKernelTests {
         #expect(result.stderr.contains("guest requested a reset"))
     }
 
-    @Test("virtio-blk root: Linux probes the disk, mounts an ext4 image made on the host and runs /init from it",
+    @Test("virtio-blk root and virtio-net: Linux probes both, gets an address by DHCP through the tap, mounts an ext4 image made on the host and runs /init from it",
           .timeLimit(.minutes(20)))
     func ext4RootOnVirtioBlock() throws {
         try Harness.requireKVM()
@@ -69,10 +69,20 @@ struct LinuxKernelTests {
         let image = directory.appendingPathComponent("root.ext4").path
         let made = Harness.run(["mkfs.ext4", "-q", "-F", "-d", directory.appendingPathComponent("root").path, image, "32M"])
         #expect(made.status == 0, "\(made.stderr)")
-        let result = Harness.vireoRun(["--kernel", kernel.path, "--memory", "256M", "--disk", "\(image),format=raw,serial=rootdisk",
-                                       "--cmdline", "console=ttyS0 \(Self.emulatorSafeOptions) root=/dev/vda rootfstype=ext4 ro init=/init panic=-1 reboot=k"],
-                                      timeout: 900)
+        // The network: a tap in a namespace of its own, with dnsmasq answering DHCP on it.
+        let namespace = try NetworkNamespace(address: "10.0.2.1/24")
+        let dhcp = RunningProcess(namespace.inside([
+            "dnsmasq", "--no-daemon", "--conf-file=/dev/null", "--interface=\(namespace.tap)", "--bind-interfaces", "--port=0",
+            "--dhcp-range=10.0.2.15,10.0.2.15,255.255.255.0,1h", "--dhcp-leasefile=\(directory.path)/leases", "--log-dhcp"]))
+        defer { dhcp.signal(SIGTERM); _ = dhcp.wait(timeout: 5) }
+        let result = Harness.run(namespace.inside([
+            Harness.vireo, "run", "--kernel", kernel.path, "--memory", "256M", "--disk", "\(image),format=raw,serial=rootdisk",
+            "--net", "tap:\(namespace.tap),mac=02:00:00:0a:00:0f",
+            "--cmdline", "console=ttyS0 \(Self.emulatorSafeOptions) root=/dev/vda rootfstype=ext4 ro init=/init ip=dhcp panic=-1 reboot=k"]),
+            timeout: 900)
         let console = result.stdout
+        #expect(console.contains("IP-Config: Got DHCP answer from 10.0.2.1, my address is 10.0.2.15"), "console tail: \(console.suffix(3000)); dnsmasq: \(dhcp.stderr.suffix(1000))")
+        #expect(console.contains("device=eth0, hwaddr=02:00:00:0a:00:0f, ipaddr=10.0.2.15, mask=255.255.255.0"), "console tail: \(console.suffix(3000))")
         #expect(result.status == 0, "status \(result.status); stderr: \(result.stderr); console tail: \(console.suffix(3000))")
         #expect(console.contains("virtio_blk virtio0: [vda] 65536 512-byte logical blocks (33.6 MB/32.0 MiB)"), "console tail: \(console.suffix(3000))")
         #expect(console.contains("EXT4-fs (vda): mounted filesystem"))

@@ -284,6 +284,31 @@ func connectUnixSocket(_ path: String, timeout: TimeInterval) throws -> Int32 {
         #expect(missing.status == 2)
         #expect(missing.stderr.contains("nope.img: open failed: No such file or directory"))
     }
+
+    @Test("a disk limited to 10 operations per second makes the guest wait, and every block still arrives")
+    func rateLimitedDisk() throws {
+        try Harness.requireKVM()
+        let directory = try Harness.temporaryDirectory()
+        let disk = directory.appendingPathComponent("limited.qcow2").path
+        #expect(Harness.run(["qemu-img", "create", "-f", "qcow2", disk, "16M"]).status == 0)
+        let started = Date()
+        // 40 writes and 5 flushes at 10/s with a burst of 1: at least 4.4 s, however fast the host.
+        let result = Harness.vireoRun(["--kernel", try Harness.probe("pvh"), "--memory", "64M", "--disk", "\(disk),iops=10,iops-burst=1",
+                                       "--cmdline", "probe=blkloop count=40"], timeout: 120)
+        let elapsed = Date().timeIntervalSince(started)
+        #expect(result.status == 0, "\(result.stderr)")
+        #expect(result.stdout.contains("blkloop: finished"), "\(result.stdout.suffix(300))")
+        #expect(elapsed >= 4.0, "45 requests at 10/s took only \(elapsed) s")
+        let raw = directory.appendingPathComponent("view.raw").path
+        #expect(Harness.run(["qemu-img", "convert", "-O", "raw", disk, raw]).status == 0)
+        let bytes = Array(try Data(contentsOf: URL(fileURLWithPath: raw)))
+        for block in [0, 17, 39] {
+            #expect(Array(bytes[block * 4096..<(block + 1) * 4096]) == expectedPattern(seed: block), "block \(block)")
+        }
+        let refused = Harness.vireoRun(["--kernel", try Harness.probe("pvh"), "--disk", "\(disk),iops-burst=5"])
+        #expect(refused.status == 2)
+        #expect(refused.stderr.contains("--disk: iops-burst needs iops"), "\(refused.stderr)")
+    }
 }
 
 @Suite struct VirtioEntropyGuestTests {

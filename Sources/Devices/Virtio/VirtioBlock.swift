@@ -5,7 +5,7 @@ import Synchronization
 /// virtio-blk (virtio 1.x §5.2) over a `DiskImage`: read, write, flush and get-id. Guest buffers
 /// are read and written in place (no bounce copies); disk errors become VIRTIO_BLK_S_IOERR for
 /// that request, never a VMM failure.
-public final class VirtioBlock: VirtioDevice, @unchecked Sendable {
+public final class VirtioBlock: VirtioDevice, BackgroundDevice, @unchecked Sendable {
     public static let sectorSize: UInt64 = 512
     public static let queueSize: UInt16 = 256
 
@@ -42,10 +42,29 @@ public final class VirtioBlock: VirtioDevice, @unchecked Sendable {
     public let bytesRead = Atomic<UInt64>(0)
     public let bytesWritten = Atomic<UInt64>(0)
 
-    public init(disk: any DiskImage, readOnly: Bool, serial: String?) {
+    /// Requests wait here when the disk's rate limit is reached.
+    public let limiter: RateLimiter?
+    private let deferred = DeferredWork()
+    private let access = Mutex<(any VirtioQueueAccess)?>(nil)
+
+    public init(disk: any DiskImage, readOnly: Bool, serial: String?, rateLimit: RateLimit = RateLimit()) {
         self.disk = disk
         self.readOnly = readOnly || disk.isReadOnly
         self.serial = Array((serial ?? "").utf8.prefix(20))
+        limiter = rateLimit.isUnlimited ? nil : RateLimiter(rateLimit)
+    }
+
+    public func attach(_ access: any VirtioQueueAccess) { self.access.withLock { $0 = access } }
+
+    // A throttled disk finishes its queue on a thread of its own once the limiter allows.
+    public var needsBackgroundThread: Bool { limiter != nil }
+    public func stopBackground() { deferred.stop() }
+    public func runBackground() {
+        deferred.run {
+            _ = access.withLock { $0 }?.withQueue(0) { (queue, memory) throws(VirtioError) -> Bool in
+                try self.process(queue: 0, queue, memory: memory)
+            }
+        }
     }
 
     public var deviceType: UInt32 { 2 }
@@ -77,10 +96,24 @@ public final class VirtioBlock: VirtioDevice, @unchecked Sendable {
 
     public func process(queue index: Int, _ queue: VirtQueue, memory: GuestMemory) throws(VirtioError) -> Bool {
         var used = false
-        while let chain = try queue.popChain() {
+        while true {
+            if let limiter {
+                let wait = limiter.delay()
+                if wait > 0 {
+                    // Left on the ring; the deferred pass picks it up.
+                    deferred.schedule(after: wait)
+                    break
+                }
+            }
+            guard let chain = try queue.popChain() else { break }
+            let moved = (bytesRead.load(ordering: .relaxed), bytesWritten.load(ordering: .relaxed))
             let written = try handle(chain, memory: memory)
             try queue.pushUsed(head: chain.head, written: written)
             completed.add(1, ordering: .relaxed)
+            if let limiter {
+                let bytes = bytesRead.load(ordering: .relaxed) &- moved.0 &+ bytesWritten.load(ordering: .relaxed) &- moved.1
+                limiter.consume(bytes: bytes)
+            }
             used = true
         }
         return used

@@ -74,7 +74,7 @@ public final class TapDevice: Sendable {
 /// virtio-net (virtio 1.x §5.1) on a tap device: one receive and one transmit queue, no
 /// offloads, so every frame is at most 1514 bytes plus the 12-byte virtio-net header.
 /// Transmit runs on the notifying vCPU; receive runs on a thread of its own (`runReceiveLoop`).
-public final class VirtioNet: VirtioDevice, @unchecked Sendable {
+public final class VirtioNet: VirtioDevice, BackgroundDevice, @unchecked Sendable {
     public static let queueSize: UInt16 = 256
     static let headerLength = 12
     /// Largest frame accepted either way: 64 KiB is what a tap can hand over.
@@ -98,9 +98,17 @@ public final class VirtioNet: VirtioDevice, @unchecked Sendable {
     /// Frames that could not be delivered (guest buffers too small, host tap refused them).
     public let droppedFrames = Atomic<UInt64>(0)
 
-    public init(tap: TapDevice, mac: MACAddress) throws(NetworkBackendError) {
+    /// Each direction has its own buckets with the same limits.
+    public let receiveLimiter: RateLimiter?
+    public let transmitLimiter: RateLimiter?
+    /// When throttled transmission may go on; the receive thread does it.
+    private let transmitRetry = Mutex<UInt64?>(nil)
+
+    public init(tap: TapDevice, mac: MACAddress, rateLimit: RateLimit = RateLimit()) throws(NetworkBackendError) {
         self.tap = tap
         self.mac = mac
+        receiveLimiter = rateLimit.isUnlimited ? nil : RateLimiter(rateLimit)
+        transmitLimiter = rateLimit.isUnlimited ? nil : RateLimiter(rateLimit)
         wake = vireo_eventfd_nonblocking()
         guard wake >= 0 else { throw .tap(name: tap.name, errno: errno) }
     }
@@ -137,8 +145,19 @@ public final class VirtioNet: VirtioDevice, @unchecked Sendable {
 
     private func transmit(_ queue: VirtQueue, memory: GuestMemory) throws(VirtioError) -> Bool {
         var used = false
-        while let chain = try queue.popChain() {
+        while true {
+            if let transmitLimiter {
+                let wait = transmitLimiter.delay()
+                if wait > 0 {
+                    let due = RateLimiter.now() + wait
+                    transmitRetry.withLock { $0 = min($0 ?? due, due) }
+                    signalWake()
+                    break
+                }
+            }
+            guard let chain = try queue.popChain() else { break }
             let bytes = try memory.gather(chain.readable, limit: Self.headerLength + Self.maximumFrame)
+            transmitLimiter?.consume(bytes: UInt64(max(0, bytes.count - Self.headerLength)))
             if bytes.count > Self.headerLength + 14 {
                 let frameLength = bytes.count - Self.headerLength
                 let written = bytes.withUnsafeBytes { buffer in
@@ -164,8 +183,10 @@ public final class VirtioNet: VirtioDevice, @unchecked Sendable {
         _ = write(wake, &one, 8)
     }
 
-    /// Ends `runReceiveLoop`.
-    public func stopReceiving() {
+    public var needsBackgroundThread: Bool { true }
+
+    /// Ends `runBackground`.
+    public func stopBackground() {
         stopping.store(true, ordering: .releasing)
         signalWake()
     }
@@ -173,13 +194,25 @@ public final class VirtioNet: VirtioDevice, @unchecked Sendable {
     /// Moves frames from the tap into the guest's receive buffers until `stopReceiving()`. Holds
     /// one frame while the guest has no buffer for it and reads no more meanwhile, so the tap's
     /// own queue absorbs bursts (and drops, as a full NIC would).
-    public func runReceiveLoop() {
+    /// Also resumes throttled transmission when its time comes.
+    public func runBackground() {
         var frame = [UInt8](repeating: 0, count: Self.headerLength + Self.maximumFrame)
         var pending = 0
+        var receiveDue: UInt64?
         while !stopping.load(ordering: .acquiring) {
+            let now = RateLimiter.now()
+            if let due = transmitRetry.withLock({ $0 }), due <= now {
+                transmitRetry.withLock { $0 = nil }
+                _ = access.withLock { $0 }?.withQueue(1) { (queue, memory) throws(VirtioError) -> Bool in
+                    try self.transmit(queue, memory: memory)
+                }
+                continue
+            }
+            let deadlines = [transmitRetry.withLock { $0 }, receiveDue].compactMap { $0 }
+            let timeout = deadlines.min().map { Int32(min(($0 > now ? $0 - now : 0) / 1_000_000 + 1, 60_000)) } ?? -1
             var descriptors = [pollfd(fd: wake, events: Int16(POLLIN), revents: 0),
                                pollfd(fd: pending == 0 ? tap.fd : -1, events: Int16(POLLIN), revents: 0)]
-            if poll(&descriptors, 2, -1) < 0 { if errno == EINTR { continue }; return }
+            if poll(&descriptors, 2, timeout) < 0 { if errno == EINTR { continue }; return }
             if descriptors[0].revents != 0 {
                 var value: UInt64 = 0
                 _ = read(wake, &value, 8)
@@ -194,6 +227,11 @@ public final class VirtioNet: VirtioDevice, @unchecked Sendable {
                 pending = Self.headerLength + count
             }
             guard pending > 0 else { continue }
+            if let receiveLimiter {
+                let wait = receiveLimiter.delay()
+                if wait > 0 { receiveDue = RateLimiter.now() + wait; continue }
+                receiveDue = nil
+            }
             let length = pending
             var outcome = Delivery.noBuffer
             _ = access.withLock { $0 }?.withQueue(0) { (queue, memory) throws(VirtioError) -> Bool in
@@ -202,6 +240,7 @@ public final class VirtioNet: VirtioDevice, @unchecked Sendable {
             }
             switch outcome {
             case .delivered:
+                receiveLimiter?.consume(bytes: UInt64(length - Self.headerLength))
                 receivedFrames.add(1, ordering: .relaxed)
                 receivedBytes.add(UInt64(length - Self.headerLength), ordering: .relaxed)
                 pending = 0
