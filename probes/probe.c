@@ -639,6 +639,128 @@ static void probe_net(void) {
     enter_user_mode(user_net, count);
 }
 
+/* ---- probe=vsock: a minimal polled virtio-vsock driver (virtio 1.x §5.10). Listens on port 1234
+ * and echoes what the host sends there ("echo:" + data); connects to host port 5000 and sends
+ * "hello from the guest"; finishes once both directions have carried data. ---- */
+struct vsock_hdr { uint64_t src_cid, dst_cid; uint32_t src_port, dst_port, len; uint16_t type, op; uint32_t flags, buf_alloc, fwd_cnt; } __attribute__((packed));
+static struct vq_desc vs_rx_desc[NQ] __attribute__((aligned(16)));
+static struct { uint16_t flags, idx, ring[NQ], used_event; } vs_rx_avail __attribute__((aligned(2)));
+static struct { uint16_t flags, idx; struct { uint32_t id, len; } ring[NQ]; uint16_t avail_event; } vs_rx_used __attribute__((aligned(4)));
+static struct vq_desc vs_tx_desc[NQ] __attribute__((aligned(16)));
+static struct { uint16_t flags, idx, ring[NQ], used_event; } vs_tx_avail __attribute__((aligned(2)));
+static struct { uint16_t flags, idx; struct { uint32_t id, len; } ring[NQ]; uint16_t avail_event; } vs_tx_used __attribute__((aligned(4)));
+static struct vq_desc vs_ev_desc[NQ] __attribute__((aligned(16)));
+static struct { uint16_t flags, idx, ring[NQ], used_event; } vs_ev_avail __attribute__((aligned(2)));
+static struct { uint16_t flags, idx; struct { uint32_t id, len; } ring[NQ]; uint16_t avail_event; } vs_ev_used __attribute__((aligned(4)));
+static uint8_t vs_rx_buffers[NQ][4096] __attribute__((aligned(4096)));
+static uint8_t vs_tx_buffer[4096] __attribute__((aligned(64)));
+static uint8_t vs_ev_buffer[64];
+static uintptr_t vs_base;
+static uint64_t vs_cid;
+static uint32_t vs_fwd_cnt;
+
+static void probe_vsock_device(int index, uintptr_t base) {
+    (void)index;
+    if (vs_base || mmio_read32(base) != 0x74726976 || mmio_read32(base + 8) != 19) return;
+    mmio_write32(base + 0x70, 0);
+    mmio_write32(base + 0x70, 1 | 2);
+    mmio_write32(base + 0x14, 1); uint32_t f1 = mmio_read32(base + 0x10);
+    mmio_write32(base + 0x24, 0); mmio_write32(base + 0x20, 0);
+    mmio_write32(base + 0x24, 1); mmio_write32(base + 0x20, f1 & 1);
+    mmio_write32(base + 0x70, 1 | 2 | 8);
+    if (!(mmio_read32(base + 0x70) & 8)) { puts_raw("vsock: features refused\n"); return; }
+    net_queue(base, 0, vs_rx_desc, &vs_rx_avail, &vs_rx_used);
+    net_queue(base, 1, vs_tx_desc, &vs_tx_avail, &vs_tx_used);
+    net_queue(base, 2, vs_ev_desc, &vs_ev_avail, &vs_ev_used);
+    mmio_write32(base + 0x70, 1 | 2 | 8 | 4);
+    vs_cid = mmio_read32(base + 0x100) | ((uint64_t)mmio_read32(base + 0x104) << 32);
+    for (int i = 0; i < NQ; i++) {
+        vs_rx_desc[i] = (struct vq_desc){ (uint64_t)vs_rx_buffers[i], sizeof vs_rx_buffers[i], 2, 0 };
+        vs_rx_avail.ring[i] = (uint16_t)i;
+    }
+    vs_ev_desc[0] = (struct vq_desc){ (uint64_t)vs_ev_buffer, sizeof vs_ev_buffer, 2, 0 };
+    vs_ev_avail.ring[0] = 0;
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    vs_rx_avail.idx = NQ;
+    vs_ev_avail.idx = 1;
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    mmio_write32(base + 0x50, 0);
+    mmio_write32(base + 0x50, 2);
+    puts_raw("vsock: cid="); put_dec(vs_cid); puts_raw(" listening on 1234\n");
+    vs_base = base;
+}
+
+static void vsock_send(uint16_t op, uint32_t src_port, uint32_t dst_port, const char *data, uint32_t len) {
+    struct vsock_hdr *h = (struct vsock_hdr *)vs_tx_buffer;
+    *h = (struct vsock_hdr){ vs_cid, 2, src_port, dst_port, len, 1, op, 0, 65536, vs_fwd_cnt };
+    for (uint32_t i = 0; i < len; i++) vs_tx_buffer[sizeof *h + i] = (uint8_t)data[i];
+    uint16_t seen = vs_tx_used.idx;
+    vs_tx_desc[0] = (struct vq_desc){ (uint64_t)vs_tx_buffer, (uint32_t)sizeof *h + len, 0, 0 };
+    vs_tx_avail.ring[vs_tx_avail.idx % NQ] = 0;
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    vs_tx_avail.idx++;
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    mmio_write32(vs_base + 0x50, 1);
+    while (*(volatile uint16_t *)&vs_tx_used.idx == seen) {}
+}
+
+static void user_vsock(uint64_t unused) {
+    (void)unused;
+    int echoed = 0, acknowledged = 0;
+    uint16_t seen = 0;
+    vsock_send(1, 49152, 5000, 0, 0);                          /* REQUEST to host port 5000 */
+    while (!(echoed && acknowledged)) {
+        if (*(volatile uint16_t *)&vs_rx_used.idx == seen) continue;
+        uint32_t id = vs_rx_used.ring[seen % NQ].id;
+        seen++;
+        struct vsock_hdr *h = (struct vsock_hdr *)vs_rx_buffers[id % NQ];
+        char *data = (char *)vs_rx_buffers[id % NQ] + sizeof *h;
+        uint32_t len = h->len < 1000 ? h->len : 1000;
+        if (h->op == 5) vs_fwd_cnt += h->len;
+        if (h->op == 1 && h->dst_port == 1234) {
+            vsock_send(2, 1234, h->src_port, 0, 0);
+            puts_raw("vsock: accepted host port "); put_dec(h->src_port); puts_raw("\n");
+        } else if (h->op == 5 && h->dst_port == 1234) {
+            static char reply[1100];
+            const char *prefix = "echo:";
+            uint32_t n = 0;
+            for (; prefix[n]; n++) reply[n] = prefix[n];
+            for (uint32_t i = 0; i < len; i++) reply[n + i] = data[i];
+            vsock_send(5, 1234, h->src_port, reply, n + len);
+            data[len] = 0;
+            puts_raw("vsock: host sent "); puts_raw(data); puts_raw("\n");
+            echoed = 1;
+        } else if (h->op == 2 && h->dst_port == 49152) {
+            puts_raw("vsock: connected to host port 5000\n");
+            const char *hello = "hello from the guest\n";
+            vsock_send(5, 49152, 5000, hello, (uint32_t)str_len(hello));
+        } else if (h->op == 5 && h->dst_port == 49152) {
+            data[len] = 0;
+            puts_raw("vsock: host port 5000 replied "); puts_raw(data); puts_raw("\n");
+            acknowledged = 1;
+        } else if (h->op == 4) {
+            vsock_send(3, h->dst_port, h->src_port, 0, 0);
+            puts_raw("vsock: shutdown on port "); put_dec(h->dst_port); puts_raw("\n");
+        } else if (h->op == 3) {
+            puts_raw("vsock: reset on port "); put_dec(h->dst_port); puts_raw("\n");
+            if (h->dst_port == 49152) { puts_raw("vsock: host port 5000 refused\n"); finish(); }
+        }
+        vs_rx_avail.ring[vs_rx_avail.idx % NQ] = (uint16_t)id;
+        __atomic_thread_fence(__ATOMIC_SEQ_CST);
+        vs_rx_avail.idx++;
+        __atomic_thread_fence(__ATOMIC_SEQ_CST);
+        mmio_write32(vs_base + 0x50, 0);
+    }
+    puts_raw("vsock: both directions done\n");
+    finish();
+}
+
+static void probe_vsock(void) {
+    for_each_virtio_device(probe_vsock_device);
+    if (!vs_base) { puts_raw("vsock: no virtio-vsock device\n"); return; }
+    enter_user_mode(user_vsock, 0);
+}
+
 /* ---- probe=ticker: prints "tick N" forever from ring 3 (native speed here), so a test can see
  * whether the guest makes progress (pause/resume); polls the i8042 and resets the machine when
  * Ctrl-Alt-Del arrives, as a guest that honours a graceful shutdown request would ---- */
@@ -682,6 +804,7 @@ void probe_main(int mode, uintptr_t info) {
     else if (str_eq(what, "blkloop")) probe_blkloop();
     else if (str_eq(what, "rng")) probe_rng();
     else if (str_eq(what, "net")) probe_net();
+    else if (str_eq(what, "vsock")) probe_vsock();
     else if (str_eq(what, "blkbench")) probe_blkbench();
     else if (str_eq(what, "ports")) {
         char n[24];

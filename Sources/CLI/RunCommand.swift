@@ -41,6 +41,9 @@ struct Run: ParsableCommand {
                                valueName: "net"))
     var net: [String] = []
 
+    @Option(help: ArgumentHelp("A virtio-vsock device: PATH[,cid=N] (default cid 3). The host reaches guest port P by connecting to PATH and sending \"CONNECT P\\n\"; the guest reaches host port P at PATH_P.", valueName: "vsock"))
+    var vsock: String?
+
     @Flag(help: "Attach a virtio-rng device fed from the host's /dev/urandom.")
     var rng = false
 
@@ -53,6 +56,7 @@ struct Run: ParsableCommand {
                 console: try ConsoleConfiguration(parsing: console))
             for text in disk { configuration.disks.append(try DiskConfiguration(parsing: text)) }
             for text in net { configuration.networks.append(try NetworkConfiguration(parsing: text)) }
+            if let vsock { configuration.vsock = try VsockConfiguration(parsing: vsock) }
             configuration.entropyDevice = rng
             machine = try Machine(configuration: configuration)
         } catch {

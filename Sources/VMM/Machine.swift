@@ -63,6 +63,7 @@ public final class Machine: @unchecked Sendable {
     let exitCounts: [ExitCounter]
     let blockDevices: [(path: String, device: VirtioBlock)]
     let networkCards: [VirtioNet]
+    let vsock: VirtioVsock?
     /// Set once a graceful shutdown was asked for; the guest decides when it happens.
     let shutdownRequested = Atomic<Bool>(false)
     /// Wall-clock seconds since the epoch when the machine was built, for `describe`.
@@ -100,6 +101,17 @@ public final class Machine: @unchecked Sendable {
             }
         }
         self.networkCards = networkCards
+        if let socket = configuration.vsock {
+            let listener = try listenUnixSocket(path: socket.socketPath, field: "--vsock", backlog: 64)
+            do {
+                vsock = try VirtioVsock(guestCID: socket.guestCID, socketPath: socket.socketPath, listener: listener)
+            } catch {
+                close(listener)
+                throw .invalidConfiguration(field: "--vsock", reason: error.description)
+            }
+        } else {
+            vsock = nil
+        }
         console = try Console(configuration.console)
         stop = try StopController()
 
@@ -189,7 +201,11 @@ public final class Machine: @unchecked Sendable {
                 try mmio.register(VirtioMMIOTransport(device: card, memory: memory, interrupt: KVMInterruptLine(vm: vm, line: slot.interrupt)),
                                   name: "virtio-net \(card.tap.name)", base: slot.address, length: VirtioMMIOTransport.windowSize)
             }
-            if let entropy, let slot = MachineLayout.virtioSlot(disks.count + networkCards.count) {
+            if let vsock, let slot = MachineLayout.virtioSlot(disks.count + networkCards.count) {
+                try mmio.register(VirtioMMIOTransport(device: vsock, memory: memory, interrupt: KVMInterruptLine(vm: vm, line: slot.interrupt)),
+                                  name: "virtio-vsock", base: slot.address, length: VirtioMMIOTransport.windowSize)
+            }
+            if let entropy, let slot = MachineLayout.virtioSlot(disks.count + networkCards.count + (vsock == nil ? 0 : 1)) {
                 try mmio.register(VirtioMMIOTransport(device: entropy, memory: memory, interrupt: KVMInterruptLine(vm: vm, line: slot.interrupt)),
                                   name: "virtio-rng", base: slot.address, length: VirtioMMIOTransport.windowSize)
             }
@@ -234,8 +250,8 @@ public final class Machine: @unchecked Sendable {
         defer { control?.finish() }
         try control?.start()
         // Network receive and throttled queues work on threads of their own, never on a vCPU's.
-        let background: [any BackgroundDevice] = (blockDevices.map(\.device) as [any BackgroundDevice] + networkCards)
-            .filter(\.needsBackgroundThread)
+        let background: [any BackgroundDevice] = (blockDevices.map(\.device) as [any BackgroundDevice] + networkCards
+                                                   + (vsock.map { [$0] } ?? [])).filter(\.needsBackgroundThread)
         var workers: [HostThread] = []
         defer {
             for device in background { device.stopBackground() }

@@ -103,6 +103,33 @@ public struct NetworkConfiguration: Equatable, Sendable {
     }
 }
 
+/// `--vsock PATH[,cid=N]`: a virtio-vsock device whose host side is the Unix socket PATH
+/// (Firecracker's model; docs/vsock.md).
+public struct VsockConfiguration: Equatable, Sendable {
+    public var socketPath: String
+    public var guestCID: UInt64 = 3
+
+    public init(socketPath: String, guestCID: UInt64 = 3) { self.socketPath = socketPath; self.guestCID = guestCID }
+
+    public init(parsing text: String) throws(VMMError) {
+        let parts = text.split(separator: ",", omittingEmptySubsequences: false).map(String.init)
+        guard let path = parts.first, !path.isEmpty, !path.hasPrefix("cid=") else {
+            throw .invalidConfiguration(field: "--vsock", reason: "'\(text)' has no socket path; expected PATH[,cid=N]")
+        }
+        socketPath = path
+        for option in parts.dropFirst() {
+            guard option.hasPrefix("cid=") else {
+                throw .invalidConfiguration(field: "--vsock", reason: "unknown option '\(option)' in '\(text)'; allowed: cid=N")
+            }
+            // 0-2 are reserved (hypervisor, local, host); 0xffffffff is VMADDR_CID_ANY.
+            guard let cid = UInt64(option.dropFirst(4)), cid >= 3, cid < 0xffff_ffff else {
+                throw .invalidConfiguration(field: "--vsock", reason: "cid '\(option.dropFirst(4))' must be a whole number from 3 to 4294967294")
+            }
+            guestCID = cid
+        }
+    }
+}
+
 /// What `vireo run` asks for, before anything is validated against the host.
 public struct VMConfiguration: Sendable {
     public var kernelPath: String
@@ -113,11 +140,12 @@ public struct VMConfiguration: Sendable {
     public var console: ConsoleConfiguration
     public var disks: [DiskConfiguration] = []
     public var networks: [NetworkConfiguration] = []
+    public var vsock: VsockConfiguration?
     /// Attach a virtio-rng device fed from the host's /dev/urandom.
     public var entropyDevice = false
 
-    /// virtio devices in slot order: disks first, then network cards, then the entropy device.
-    public var virtioDeviceCount: Int { disks.count + networks.count + (entropyDevice ? 1 : 0) }
+    /// virtio devices in slot order: disks, network cards, vsock, then the entropy device.
+    public var virtioDeviceCount: Int { disks.count + networks.count + (vsock == nil ? 0 : 1) + (entropyDevice ? 1 : 0) }
 
     public init(kernelPath: String, initrdPath: String? = nil, commandLine: String = "console=ttyS0",
                 cpuCount: Int = 1, memorySize: UInt64 = 512 << 20, console: ConsoleConfiguration = .stdio) {
