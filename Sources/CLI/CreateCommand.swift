@@ -48,6 +48,9 @@ struct Create: ParsableCommand {
     @Option(help: ArgumentHelp("A virtio-net card on a host tap device: tap:NAME[,mac=XX:XX:XX:XX:XX:XX]; the MAC is generated once if absent. Repeatable.", valueName: "net"))
     var net: [String] = []
 
+    @Option(help: "Give the VM a virtio-vsock device with this guest CID (3 or more); its host side is vsock.sock in the VM's directory.")
+    var vsockCid: UInt64?
+
     @Flag(inversion: .prefixedNo, help: "Attach a virtio-rng device (default on).")
     var rng = true
 
@@ -67,6 +70,12 @@ struct Create: ParsableCommand {
         request.commandLine = cmdline
         request.entropyDevice = rng
         request.networks = try net.map(parseNetwork)
+        if let vsockCid {
+            guard vsockCid >= 3, vsockCid < 0xffff_ffff else {
+                throw fail(LibraryError.invalidValue(field: "--vsock-cid", reason: "\(vsockCid) must be a whole number from 3 to 4294967294"))
+            }
+            request.vsockCID = vsockCid
+        }
         let library = openLibrary()
         let definition: VMDefinition
         do throws(LibraryError) { definition = try library.create(request) } catch { throw fail(error) }
@@ -74,6 +83,7 @@ struct Create: ParsableCommand {
         let bundle = VMBundle(directory: library.root + "/" + name)
         printLine("Created VM '\(name)' (\(definition.osType), \(definition.cpus) vCPU, \(Size.describe(definition.memoryBytes)) RAM) in \(bundle.directory)")
         for network in definition.networks { printLine("  network card \(network.mac) on tap \(network.tap)") }
+        if let cid = definition.vsockCID { printLine("  vsock cid \(cid), host side \(bundle.vsockPath)") }
         for disk in definition.disks {
             printLine("  disk \(bundle.resolve(disk.path)) (\(disk.format.rawValue), \(Size.describe(DiskImages.recordedVirtualSize(path: bundle.resolve(disk.path)) ?? 0)))")
         }

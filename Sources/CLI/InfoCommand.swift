@@ -23,6 +23,8 @@ struct Info: ParsableCommand {
         var directory: String, configPath: String, consoleLog: String, vmmLog: String, controlSocket: String
         var disks: [Disk]
         var networks: [NetworkAttachment]
+        var vsockCid: UInt64?
+        var vsockSocket: String?
         var process: VMDescription?
         var counters: VMCounters?
     }
@@ -51,7 +53,8 @@ struct Info: ParsableCommand {
                                 virtualBytes: DiskImages.recordedVirtualSize(path: path), allocatedBytes: HostFiles.allocatedBytes(path),
                                 backingChain: DiskImages.recordedBackingChain(path: path))
                 },
-                networks: definition.networks, process: status.description, counters: counters)
+                networks: definition.networks, vsockCid: definition.vsockCID,
+                vsockSocket: definition.vsockCID == nil ? nil : bundle.vsockPath, process: status.description, counters: counters)
         } catch {
             throw fail(error)
         }
@@ -71,6 +74,9 @@ struct Info: ParsableCommand {
         }
         for (index, network) in report.networks.enumerated() {
             lines.append(["Network \(index):", "virtio-net \(network.mac) on tap \(network.tap)"])
+        }
+        if let cid = report.vsockCid, let socket = report.vsockSocket {
+            lines.append(["vsock:", "guest CID \(cid); host side \(socket) (send \"CONNECT <port>\\n\"), guest connections to \(socket)_<port>"])
         }
         lines += [["Directory:", report.directory], ["Console log:", report.consoleLog], ["VMM log:", report.vmmLog],
                   ["Control socket:", report.controlSocket]]

@@ -41,13 +41,19 @@ struct Set: ParsableCommand {
     @Flag(help: "Remove every network card.")
     var noNet = false
 
+    @Option(help: "Give the VM a virtio-vsock device with this guest CID (3 or more).")
+    var vsockCid: UInt64?
+
+    @Flag(help: "Remove the vsock device.")
+    var noVsock = false
+
     func run() throws {
         let fields = [cpus != nil ? "--cpus" : nil, memory != nil ? "--memory" : nil, cmdline != nil ? "--cmdline" : nil,
                       kernel != nil ? "--kernel" : nil, initrd != nil || noInitrd ? "--initrd" : nil,
                       ostype != nil ? "--ostype" : nil, rng != nil ? "--rng" : nil,
-                      !net.isEmpty || noNet ? "--net" : nil].compactMap { $0 }
+                      !net.isEmpty || noNet ? "--net" : nil, vsockCid != nil || noVsock ? "--vsock-cid" : nil].compactMap { $0 }
         guard !fields.isEmpty else {
-            throw fail(LibraryError.invalidValue(field: "vireo set", reason: "nothing to change; give at least one of --cpus, --memory, --cmdline, --kernel, --initrd, --no-initrd, --ostype, --rng/--no-rng, --net, --no-net"))
+            throw fail(LibraryError.invalidValue(field: "vireo set", reason: "nothing to change; give at least one of --cpus, --memory, --cmdline, --kernel, --initrd, --no-initrd, --ostype, --rng/--no-rng, --net, --no-net, --vsock-cid, --no-vsock"))
         }
         let memoryBytes = try memory.map { try parseSize($0, field: "--memory") }
         let explicitMACs = net.map { $0.contains("mac=") }
@@ -55,6 +61,10 @@ struct Set: ParsableCommand {
         do throws(LibraryError) {
             if initrd != nil && noInitrd { throw LibraryError.invalidValue(field: "--initrd", reason: "--initrd and --no-initrd contradict each other") }
             if !net.isEmpty && noNet { throw LibraryError.invalidValue(field: "--net", reason: "--net and --no-net contradict each other") }
+            if vsockCid != nil && noVsock { throw LibraryError.invalidValue(field: "--vsock-cid", reason: "--vsock-cid and --no-vsock contradict each other") }
+            if let vsockCid, vsockCid < 3 || vsockCid >= 0xffff_ffff {
+                throw LibraryError.invalidValue(field: "--vsock-cid", reason: "\(vsockCid) must be a whole number from 3 to 4294967294")
+            }
             if let kernel { try VMLibrary.validate(kernel: kernel) }
             if let initrd { try VMLibrary.validateReadable(initrd, field: "--initrd") }
             if let ostype { _ = try OSType.named(ostype) }
@@ -75,6 +85,8 @@ struct Set: ParsableCommand {
                 }
                 if noInitrd { definition.initrd = nil }
                 if noNet { definition.networks = [] }
+                if let vsockCid { definition.vsockCID = vsockCid }
+                if noVsock { definition.vsockCID = nil }
                 if !networks.isEmpty {
                     let previous = definition.networks
                     definition.networks = zip(networks, explicitMACs).map { card, explicit in

@@ -42,6 +42,7 @@ public struct KVMEngine: Sendable {
             arguments += ["--disk", text]
         }
         for network in definition.networks { arguments += ["--net", "tap:\(network.tap),mac=\(network.mac)"] }
+        if let cid = definition.vsockCID { arguments += ["--vsock", "\(bundle.vsockPath),cid=\(cid)"] }
         if definition.entropyDevice { arguments.append("--rng") }
         return arguments
     }

@@ -19,6 +19,8 @@ public struct VMBundle: Sendable {
     public var consoleLogPath: String { directory + "/console.log" }
     public var vmmLogPath: String { directory + "/vmm.log" }
     public var pidPath: String { directory + "/vmm.pid" }
+    /// The host side of the VM's vsock device (connect and send `CONNECT <port>`).
+    public var vsockPath: String { directory + "/vsock.sock" }
 
     /// Where a path stored in the config points on the host.
     public func resolve(_ stored: String) -> String {

@@ -20,6 +20,9 @@ public struct VMDefinition: Codable, Sendable, Equatable {
     public var disks: [DiskAttachment]
     /// virtio-net cards; each keeps the MAC it was given at creation, as a real NIC would.
     public var networks: [NetworkAttachment]
+    /// The guest CID of a virtio-vsock device whose host side is `vsock.sock` in the VM's
+    /// directory; nil for none.
+    public var vsockCID: UInt64?
     public var entropyDevice: Bool
     /// Seconds since the epoch.
     public var createdAt: Int64

@@ -28,6 +28,7 @@ public struct CreateRequest: Sendable {
     public var commandLine: String?
     public var entropyDevice: Bool?
     public var networks: [NetworkAttachment] = []
+    public var vsockCID: UInt64?
 
     public init(name: String) { self.name = name }
 }
@@ -133,6 +134,7 @@ public struct VMLibrary: Sendable {
         if let line = request.commandLine { definition.commandLine = line }
         if let rng = request.entropyDevice { definition.entropyDevice = rng }
         definition.networks = request.networks
+        definition.vsockCID = request.vsockCID
         try Self.validate(cpus: definition.cpus)
         try Self.validate(memoryBytes: definition.memoryBytes)
         try Self.validate(commandLine: definition.commandLine)

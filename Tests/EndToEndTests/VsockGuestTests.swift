@@ -41,4 +41,21 @@ import Testing
             #expect(result.stderr.contains(message), "\(value): \(result.stderr)")
         }
     }
+
+    @Test("a library VM's vsock lives in its directory and works after vireo start")
+    func libraryVM() throws {
+        let library = try TestLibrary()
+        let created = library.vireo("create", "agent", "--kernel", try Harness.probe("pvh"), "--memory", "64M", "--no-disk",
+                                    "--vsock-cid", "7", "--cmdline", "console=ttyS0 probe=vsock")
+        #expect(created.status == 0, "\(created.stderr)")
+        let socket = library.root.appendingPathComponent("agent/vsock.sock").path
+        #expect(library.vireo("info", "agent").stdout.contains("guest CID 7; host side \(socket)"))
+        let host = RunningProcess(["python3", Harness.packageRoot.appendingPathComponent("probes/vsock-host.py").path, socket])
+        defer { host.signal(SIGKILL); _ = host.wait(timeout: 5) }
+        #expect(host.waitForOutput("ready", timeout: 10))
+        #expect(library.vireo("start", "agent").status == 0)
+        #expect(library.waitFor(30) { library.state("agent") == "stopped" })
+        #expect(library.consoleLog("agent").contains("vsock: cid=7 listening on 1234"))
+        #expect(library.consoleLog("agent").contains("vsock: both directions done"), "\(library.consoleLog("agent"))")
+    }
 }
