@@ -761,6 +761,107 @@ static void probe_vsock(void) {
     enter_user_mode(user_vsock, 0);
 }
 
+/* ---- probe=balloon: a minimal virtio-balloon driver. Dirties a 16 MiB region, then from ring 3
+ * follows the host's target: inflates with that region's page frames (up to all 4096), deflates
+ * (and touches the pages again) when the target drops, reports statistics, and finishes once the
+ * target is back to 0 after an inflation. ---- */
+struct vring8 {
+    struct vq_desc desc[NQ];
+    struct { uint16_t flags, idx, ring[NQ], used_event; } avail;
+    struct { uint16_t flags, idx; struct { uint32_t id, len; } ring[NQ]; uint16_t avail_event; } used __attribute__((aligned(4)));
+} __attribute__((aligned(16)));
+static struct vring8 bl_q[3];
+static uint8_t bl_region[16 << 20] __attribute__((aligned(4096)));
+static uint32_t bl_pfns[256];
+static struct { uint16_t tag; uint64_t value; } __attribute__((packed)) bl_stats[2];
+static uintptr_t bl_base;
+static int bl_has_stats;
+
+static void bl_submit(int q, void *buffer, uint32_t len) {
+    uint16_t seen = bl_q[q].used.idx;
+    bl_q[q].desc[0] = (struct vq_desc){ (uint64_t)buffer, len, 0, 0 };
+    bl_q[q].avail.ring[bl_q[q].avail.idx % NQ] = 0;
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    bl_q[q].avail.idx++;
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    mmio_write32(bl_base + 0x50, (uint32_t)q);
+    if (q < 2) while (*(volatile uint16_t *)&bl_q[q].used.idx == seen) {}
+}
+
+static void probe_balloon_device(int index, uintptr_t base) {
+    (void)index;
+    if (bl_base || mmio_read32(base) != 0x74726976 || mmio_read32(base + 8) != 5) return;
+    mmio_write32(base + 0x70, 0);
+    mmio_write32(base + 0x70, 1 | 2);
+    mmio_write32(base + 0x14, 0); uint32_t f0 = mmio_read32(base + 0x10);
+    mmio_write32(base + 0x14, 1); uint32_t f1 = mmio_read32(base + 0x10);
+    mmio_write32(base + 0x24, 0); mmio_write32(base + 0x20, f0 & 6);
+    mmio_write32(base + 0x24, 1); mmio_write32(base + 0x20, f1 & 1);
+    mmio_write32(base + 0x70, 1 | 2 | 8);
+    if (!(mmio_read32(base + 0x70) & 8)) { puts_raw("balloon: features refused\n"); return; }
+    bl_has_stats = (f0 >> 1) & 1;
+    for (int q = 0; q < 2 + bl_has_stats; q++) {
+        mmio_write32(base + 0x30, (uint32_t)q);
+        mmio_write32(base + 0x38, q == 2 ? 1 : NQ);
+        mmio_write32(base + 0x80, (uint32_t)(uintptr_t)bl_q[q].desc); mmio_write32(base + 0x84, 0);
+        mmio_write32(base + 0x90, (uint32_t)(uintptr_t)&bl_q[q].avail); mmio_write32(base + 0x94, 0);
+        mmio_write32(base + 0xa0, (uint32_t)(uintptr_t)&bl_q[q].used); mmio_write32(base + 0xa4, 0);
+        mmio_write32(base + 0x44, 1);
+    }
+    mmio_write32(base + 0x70, 1 | 2 | 8 | 4);
+    bl_base = base;
+    for (uint64_t page = 0; page < sizeof bl_region; page += 4096) bl_region[page] = 1;
+    if (bl_has_stats) {
+        bl_stats[0].tag = 4; bl_stats[0].value = 111 << 20;     /* free memory */
+        bl_stats[1].tag = 5; bl_stats[1].value = 128 << 20;     /* total memory */
+        bl_submit(2, bl_stats, sizeof bl_stats);
+    }
+    puts_raw("balloon: ready stats="); put_dec((uint64_t)bl_has_stats); puts_raw(" deflate_on_oom="); put_dec((f0 >> 2) & 1); puts_raw("\n");
+}
+
+static void user_balloon(uint64_t unused) {
+    (void)unused;
+    uint32_t actual = 0, inflated_once = 0;
+    uint16_t stats_seen = 0;
+    const uint32_t capacity = sizeof bl_region / 4096;
+    uint64_t region_pfn = (uint64_t)(uintptr_t)bl_region >> 12;
+    for (;;) {
+        uint32_t target = mmio_read32(bl_base + 0x100);
+        if (target > capacity) target = capacity;
+        if (target > actual) {
+            uint32_t n = target - actual > 256 ? 256 : target - actual;
+            for (uint32_t i = 0; i < n; i++) bl_pfns[i] = (uint32_t)(region_pfn + actual + i);
+            bl_submit(0, bl_pfns, n * 4);
+            actual += n;
+            mmio_write32(bl_base + 0x104, actual);
+            if (actual == target) { puts_raw("balloon: inflated "); put_dec(actual); puts_raw(" pages\n"); inflated_once = 1; }
+        } else if (target < actual) {
+            uint32_t n = actual - target > 256 ? 256 : actual - target;
+            for (uint32_t i = 0; i < n; i++) bl_pfns[i] = (uint32_t)(region_pfn + actual - n + i);
+            bl_submit(1, bl_pfns, n * 4);
+            actual -= n;
+            for (uint32_t i = 0; i < n; i++) bl_region[(uint64_t)(actual + i) * 4096] = 2;   /* the guest uses them again */
+            mmio_write32(bl_base + 0x104, actual);
+            if (actual == target) { puts_raw("balloon: deflated to "); put_dec(actual); puts_raw(" pages\n"); }
+        } else if (inflated_once && target == 0) {
+            puts_raw("balloon: done\n");
+            finish();
+        }
+        if (bl_has_stats && *(volatile uint16_t *)&bl_q[2].used.idx != stats_seen) {
+            stats_seen = bl_q[2].used.idx;
+            bl_stats[0].value = (uint64_t)(capacity - actual) * 4096;
+            bl_submit(2, bl_stats, sizeof bl_stats);
+            if (stats_seen == 1) puts_raw("balloon: statistics refreshed\n");
+        }
+    }
+}
+
+static void probe_balloon(void) {
+    for_each_virtio_device(probe_balloon_device);
+    if (!bl_base) { puts_raw("balloon: no virtio-balloon device\n"); return; }
+    enter_user_mode(user_balloon, 0);
+}
+
 /* ---- probe=ticker: prints "tick N" forever from ring 3 (native speed here), so a test can see
  * whether the guest makes progress (pause/resume); polls the i8042 and resets the machine when
  * Ctrl-Alt-Del arrives, as a guest that honours a graceful shutdown request would ---- */
@@ -805,6 +906,7 @@ void probe_main(int mode, uintptr_t info) {
     else if (str_eq(what, "rng")) probe_rng();
     else if (str_eq(what, "net")) probe_net();
     else if (str_eq(what, "vsock")) probe_vsock();
+    else if (str_eq(what, "balloon")) probe_balloon();
     else if (str_eq(what, "blkbench")) probe_blkbench();
     else if (str_eq(what, "ports")) {
         char n[24];

@@ -39,11 +39,19 @@ public struct VMCounters: Codable, Sendable {
         public var txBytes: UInt64
         public var droppedFrames: UInt64
     }
+    public struct Balloon: Codable, Sendable {
+        public var targetBytes: UInt64
+        public var actualBytes: UInt64
+        public var inflatedPages: UInt64
+        public var deflatedPages: UInt64
+        public var statistics: [String: UInt64]
+    }
     public var uptimeMs: UInt64
     public var vcpuExits: [UInt64]
     public var rssBytes: UInt64
     public var disks: [Disk]
     public var networks: [Network]
+    public var balloon: Balloon?
 }
 
 public enum ControlError: Error, CustomStringConvertible, Sendable {

@@ -51,6 +51,9 @@ struct Create: ParsableCommand {
     @Option(help: "Give the VM a virtio-vsock device with this guest CID (3 or more); its host side is vsock.sock in the VM's directory.")
     var vsockCid: UInt64?
 
+    @Flag(inversion: .prefixedNo, help: "Attach a virtio-balloon device, so `vireo balloon` can reclaim guest memory (default on).")
+    var balloon = true
+
     @Flag(inversion: .prefixedNo, help: "Attach a virtio-rng device (default on).")
     var rng = true
 
@@ -70,6 +73,7 @@ struct Create: ParsableCommand {
         request.commandLine = cmdline
         request.entropyDevice = rng
         request.networks = try net.map(parseNetwork)
+        request.balloon = balloon
         if let vsockCid {
             guard vsockCid >= 3, vsockCid < 0xffff_ffff else {
                 throw fail(LibraryError.invalidValue(field: "--vsock-cid", reason: "\(vsockCid) must be a whole number from 3 to 4294967294"))

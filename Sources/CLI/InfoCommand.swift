@@ -86,6 +86,16 @@ struct Info: ParsableCommand {
         if let counters = report.counters {
             lines.append(["vCPU exits:", counters.vcpuExits.map(String.init).joined(separator: ", ")])
             lines.append(["Resident memory:", Size.describe(counters.rssBytes)])
+            if let balloon = counters.balloon {
+                var text = "\(Size.describe(balloon.actualBytes)) of \(Size.describe(balloon.targetBytes)) target"
+                let figures = balloon.statistics.sorted { $0.key < $1.key }.map { entry in
+                    // Memory figures are bytes; the rest (faults, swap, hugetlb) are counts.
+                    "\(entry.key) " + (entry.key.lowercased().hasSuffix("memory") || entry.key.lowercased().hasSuffix("caches")
+                                        ? Size.describe(entry.value) : String(entry.value))
+                }
+                if !figures.isEmpty { text += "; guest reports " + figures.joined(separator: ", ") }
+                lines.append(["Balloon:", text])
+            }
             for network in counters.networks {
                 lines.append(["Network I/O:", "\(network.tap): \(network.rxFrames) frames (\(Size.describe(network.rxBytes))) in, \(network.txFrames) frames (\(Size.describe(network.txBytes))) out, \(network.droppedFrames) dropped"])
             }

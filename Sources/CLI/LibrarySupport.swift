@@ -52,7 +52,8 @@ func printJSON<T: Encodable>(_ value: T) throws {
 }
 
 /// Sizes in the CLI's units, through the same parser as `vireo run`.
-func parseSize(_ text: String, field: String) throws -> UInt64 {
+func parseSize(_ text: String, field: String, allowZero: Bool = false) throws -> UInt64 {
+    if allowZero, text == "0" { return 0 }
     do throws(VMMError) { return try Size.parse(text, field: field) } catch { throw fail(error) }
 }
 
@@ -77,6 +78,9 @@ func control<Reply: Decodable>(_ name: String, _ request: String, as type: Reply
                                       : "resume it first (`vireo resume \(name)`) or power it off (`vireo stop \(name) --force`)")
             case "not-paused":
                 throw .wrongState(name: name, state: status.state.rawValue, action: action, hint: "only a paused VM can be resumed")
+            case "no-balloon":
+                throw .wrongState(name: name, state: "without a balloon device", action: action,
+                                  hint: "stop it and add one with `vireo set \(name) --balloon`")
             case "stopping":
                 throw .wrongState(name: name, state: "stopping", action: action, hint: "wait for it to stop, then `vireo start \(name)`")
             default:

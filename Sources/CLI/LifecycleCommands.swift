@@ -141,3 +141,30 @@ struct Resume: ParsableCommand {
         printLine("VM '\(name)' resumed")
     }
 }
+
+struct Balloon: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Take memory back from a running guest: set its balloon to SIZE (0 gives it all back).",
+        discussion: """
+            The guest's balloon driver hands over that much of its RAM, which the VMM returns to \
+            the host; the guest can use it again when the balloon shrinks (or, with \
+            deflate-on-oom, when it runs short). `vireo info` shows the balloon's size and the \
+            guest's memory statistics.
+            """)
+
+    @Argument(help: "VM name.")
+    var name: String
+
+    @Argument(help: "Balloon size: K, M or G (a bare number is MiB); at most the VM's memory.")
+    var size: String
+
+    func run() throws {
+        let bytes = try parseSize(size, field: "SIZE", allowZero: true)
+        do throws(LibraryError) {
+            _ = try control(name, "balloon \(bytes >> 20)", as: ControlStatus.self, library: openLibrary(), action: "set the balloon of")
+        } catch {
+            throw fail(error)
+        }
+        printLine("VM '\(name)': balloon target \(bytes >> 20) MiB")
+    }
+}

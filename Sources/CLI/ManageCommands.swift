@@ -47,13 +47,16 @@ struct Set: ParsableCommand {
     @Flag(help: "Remove the vsock device.")
     var noVsock = false
 
+    @Flag(inversion: .prefixedNo, help: "Attach a virtio-balloon device.")
+    var balloon: Bool?
+
     func run() throws {
         let fields = [cpus != nil ? "--cpus" : nil, memory != nil ? "--memory" : nil, cmdline != nil ? "--cmdline" : nil,
                       kernel != nil ? "--kernel" : nil, initrd != nil || noInitrd ? "--initrd" : nil,
                       ostype != nil ? "--ostype" : nil, rng != nil ? "--rng" : nil,
-                      !net.isEmpty || noNet ? "--net" : nil, vsockCid != nil || noVsock ? "--vsock-cid" : nil].compactMap { $0 }
+                      !net.isEmpty || noNet ? "--net" : nil, vsockCid != nil || noVsock ? "--vsock-cid" : nil, balloon != nil ? "--balloon" : nil].compactMap { $0 }
         guard !fields.isEmpty else {
-            throw fail(LibraryError.invalidValue(field: "vireo set", reason: "nothing to change; give at least one of --cpus, --memory, --cmdline, --kernel, --initrd, --no-initrd, --ostype, --rng/--no-rng, --net, --no-net, --vsock-cid, --no-vsock"))
+            throw fail(LibraryError.invalidValue(field: "vireo set", reason: "nothing to change; give at least one of --cpus, --memory, --cmdline, --kernel, --initrd, --no-initrd, --ostype, --rng/--no-rng, --net, --no-net, --vsock-cid, --no-vsock, --balloon/--no-balloon"))
         }
         let memoryBytes = try memory.map { try parseSize($0, field: "--memory") }
         let explicitMACs = net.map { $0.contains("mac=") }
@@ -87,6 +90,7 @@ struct Set: ParsableCommand {
                 if noNet { definition.networks = [] }
                 if let vsockCid { definition.vsockCID = vsockCid }
                 if noVsock { definition.vsockCID = nil }
+                if let balloon { definition.balloon = balloon }
                 if !networks.isEmpty {
                     let previous = definition.networks
                     definition.networks = zip(networks, explicitMACs).map { card, explicit in

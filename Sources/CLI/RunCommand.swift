@@ -44,6 +44,9 @@ struct Run: ParsableCommand {
     @Option(help: ArgumentHelp("A virtio-vsock device: PATH[,cid=N] (default cid 3). The host reaches guest port P by connecting to PATH and sending \"CONNECT P\\n\"; the guest reaches host port P at PATH_P.", valueName: "vsock"))
     var vsock: String?
 
+    @Option(help: ArgumentHelp("A virtio-balloon device: on, deflate-on-oom and/or stats=SECONDS, comma-separated.", valueName: "options"))
+    var balloon: String?
+
     @Flag(help: "Attach a virtio-rng device fed from the host's /dev/urandom.")
     var rng = false
 
@@ -57,6 +60,7 @@ struct Run: ParsableCommand {
             for text in disk { configuration.disks.append(try DiskConfiguration(parsing: text)) }
             for text in net { configuration.networks.append(try NetworkConfiguration(parsing: text)) }
             if let vsock { configuration.vsock = try VsockConfiguration(parsing: vsock) }
+            if let balloon { configuration.balloon = try BalloonConfiguration(parsing: balloon) }
             configuration.entropyDevice = rng
             machine = try Machine(configuration: configuration)
         } catch {

@@ -43,6 +43,7 @@ public struct KVMEngine: Sendable {
         }
         for network in definition.networks { arguments += ["--net", "tap:\(network.tap),mac=\(network.mac)"] }
         if let cid = definition.vsockCID { arguments += ["--vsock", "\(bundle.vsockPath),cid=\(cid)"] }
+        if definition.balloon { arguments += ["--balloon", "deflate-on-oom,stats=5"] }
         if definition.entropyDevice { arguments.append("--rng") }
         return arguments
     }

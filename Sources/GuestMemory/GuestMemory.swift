@@ -86,6 +86,14 @@ public final class GuestMemory: @unchecked Sendable {
         throw .outOfBounds(address: address, length: length)
     }
 
+    /// Gives `[address, address+length)` back to the host (the balloon's inflate): the pages are
+    /// freed now and read as zeros when the guest touches them again. Page-aligned ranges only.
+    public func discard(_ address: GuestPhysicalAddress, length: UInt64) throws(GuestMemoryError) {
+        guard address.rawValue % 4096 == 0, length % 4096 == 0 else { throw .outOfBounds(address: address, length: length) }
+        let pointer = try hostPointer(address, length: length)
+        _ = madvise(pointer, Int(length), MADV_DONTNEED)
+    }
+
     public func contains(_ address: GuestPhysicalAddress, length: UInt64) -> Bool {
         regions.contains { $0.contains(address.rawValue, length: length) }
     }

@@ -23,6 +23,9 @@ public struct VMDefinition: Codable, Sendable, Equatable {
     /// The guest CID of a virtio-vsock device whose host side is `vsock.sock` in the VM's
     /// directory; nil for none.
     public var vsockCID: UInt64?
+    /// A virtio-balloon device (deflate on OOM, statistics every 5 s), so `vireo balloon` can
+    /// take memory back from a running guest.
+    public var balloon: Bool
     public var entropyDevice: Bool
     /// Seconds since the epoch.
     public var createdAt: Int64
@@ -38,6 +41,7 @@ public struct VMDefinition: Codable, Sendable, Equatable {
         commandLine = osType.commandLine
         disks = []
         networks = []
+        balloon = true
         entropyDevice = true
         self.createdAt = createdAt
     }

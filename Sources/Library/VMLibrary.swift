@@ -29,6 +29,7 @@ public struct CreateRequest: Sendable {
     public var entropyDevice: Bool?
     public var networks: [NetworkAttachment] = []
     public var vsockCID: UInt64?
+    public var balloon: Bool?
 
     public init(name: String) { self.name = name }
 }
@@ -135,6 +136,7 @@ public struct VMLibrary: Sendable {
         if let rng = request.entropyDevice { definition.entropyDevice = rng }
         definition.networks = request.networks
         definition.vsockCID = request.vsockCID
+        if let balloon = request.balloon { definition.balloon = balloon }
         try Self.validate(cpus: definition.cpus)
         try Self.validate(memoryBytes: definition.memoryBytes)
         try Self.validate(commandLine: definition.commandLine)

@@ -1,3 +1,4 @@
+import Devices
 import Synchronization
 #if canImport(Glibc)
 import Glibc
@@ -161,6 +162,20 @@ final class ControlServer: @unchecked Sendable {
                 entry.add("dropped_frames", card.droppedFrames.load(ordering: .relaxed))
                 return entry
             })
+            if let balloon = machine.balloon {
+                let report = balloon.report
+                var entry = JSONObject()
+                entry.add("target_bytes", UInt64(report.targetPages) * 4096)
+                entry.add("actual_bytes", UInt64(report.actualPages) * 4096)
+                entry.add("inflated_pages", report.inflatedPages)
+                entry.add("deflated_pages", report.deflatedPages)
+                var statistics = JSONObject()
+                for (tag, value) in report.statistics.sorted(by: { $0.key < $1.key }) {
+                    statistics.add(VirtioBalloon.statisticNames[tag] ?? "tag_\(tag)", value)
+                }
+                entry.add("statistics", statistics)
+                object.add("balloon", entry)
+            }
             return object
         case "pause":
             if machine.isStopping { return Self.failure("stopping", "\(vmName) is stopping; there is nothing to pause") }
@@ -187,8 +202,19 @@ final class ControlServer: @unchecked Sendable {
             var object = Self.success()
             object.add("state", "stopping")
             return object
+        case let text where text.hasPrefix("balloon "):
+            guard let balloon = machine.balloon else {
+                return Self.failure("no-balloon", "\(vmName) has no balloon device; add one (--balloon) while it is stopped")
+            }
+            guard let mebibytes = UInt64(text.dropFirst(8)), mebibytes << 20 <= machine.boot.memorySize else {
+                return Self.failure("bad-request", "balloon size '\(text.dropFirst(8))' must be a whole number of MiB from 0 to the VM's \(machine.boot.memorySize >> 20) MiB")
+            }
+            balloon.setTarget(pages: UInt32(mebibytes << 8))
+            var object = Self.success()
+            object.add("target_bytes", mebibytes << 20)
+            return object
         default:
-            return Self.failure("unknown-request", "'\(request.prefix(64))' is not a request; expected one of describe, counters, pause, resume, shutdown, power-off, console")
+            return Self.failure("unknown-request", "'\(request.prefix(64))' is not a request; expected one of describe, counters, pause, resume, shutdown, power-off, balloon MIB, console")
         }
     }
 

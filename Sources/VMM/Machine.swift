@@ -64,6 +64,7 @@ public final class Machine: @unchecked Sendable {
     let blockDevices: [(path: String, device: VirtioBlock)]
     let networkCards: [VirtioNet]
     let vsock: VirtioVsock?
+    let balloon: VirtioBalloon?
     /// Set once a graceful shutdown was asked for; the guest decides when it happens.
     let shutdownRequested = Atomic<Bool>(false)
     /// Wall-clock seconds since the epoch when the machine was built, for `describe`.
@@ -112,6 +113,7 @@ public final class Machine: @unchecked Sendable {
         } else {
             vsock = nil
         }
+        balloon = configuration.balloon.map { VirtioBalloon(deflateOnOOM: $0.deflateOnOOM, statisticsInterval: $0.statisticsInterval) }
         console = try Console(configuration.console)
         stop = try StopController()
 
@@ -205,7 +207,13 @@ public final class Machine: @unchecked Sendable {
                 try mmio.register(VirtioMMIOTransport(device: vsock, memory: memory, interrupt: KVMInterruptLine(vm: vm, line: slot.interrupt)),
                                   name: "virtio-vsock", base: slot.address, length: VirtioMMIOTransport.windowSize)
             }
-            if let entropy, let slot = MachineLayout.virtioSlot(disks.count + networkCards.count + (vsock == nil ? 0 : 1)) {
+            var nextSlot = disks.count + networkCards.count + (vsock == nil ? 0 : 1)
+            if let balloon, let slot = MachineLayout.virtioSlot(nextSlot) {
+                try mmio.register(VirtioMMIOTransport(device: balloon, memory: memory, interrupt: KVMInterruptLine(vm: vm, line: slot.interrupt)),
+                                  name: "virtio-balloon", base: slot.address, length: VirtioMMIOTransport.windowSize)
+                nextSlot += 1
+            }
+            if let entropy, let slot = MachineLayout.virtioSlot(nextSlot) {
                 try mmio.register(VirtioMMIOTransport(device: entropy, memory: memory, interrupt: KVMInterruptLine(vm: vm, line: slot.interrupt)),
                                   name: "virtio-rng", base: slot.address, length: VirtioMMIOTransport.windowSize)
             }
@@ -251,7 +259,7 @@ public final class Machine: @unchecked Sendable {
         try control?.start()
         // Network receive and throttled queues work on threads of their own, never on a vCPU's.
         let background: [any BackgroundDevice] = (blockDevices.map(\.device) as [any BackgroundDevice] + networkCards
-                                                   + (vsock.map { [$0] } ?? [])).filter(\.needsBackgroundThread)
+                                                   + (vsock.map { [$0] } ?? []) + (balloon.map { [$0] } ?? [])).filter(\.needsBackgroundThread)
         var workers: [HostThread] = []
         defer {
             for device in background { device.stopBackground() }

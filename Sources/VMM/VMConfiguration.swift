@@ -130,6 +130,33 @@ public struct VsockConfiguration: Equatable, Sendable {
     }
 }
 
+/// `--balloon on|deflate-on-oom|stats=SECONDS[,...]`: a virtio-balloon device (docs/balloon.md).
+public struct BalloonConfiguration: Equatable, Sendable {
+    public var deflateOnOOM = false
+    /// Seconds between statistics refreshes; nil: no statistics queue.
+    public var statisticsInterval: UInt64?
+
+    public init(deflateOnOOM: Bool = false, statisticsInterval: UInt64? = nil) {
+        self.deflateOnOOM = deflateOnOOM
+        self.statisticsInterval = statisticsInterval
+    }
+
+    public init(parsing text: String) throws(VMMError) {
+        for option in text.split(separator: ",").map(String.init) {
+            if option == "on" { continue }
+            if option == "deflate-on-oom" { deflateOnOOM = true; continue }
+            if option.hasPrefix("stats=") {
+                guard let seconds = UInt64(option.dropFirst(6)), seconds >= 1, seconds <= 3600 else {
+                    throw .invalidConfiguration(field: "--balloon", reason: "stats interval '\(option.dropFirst(6))' must be 1 to 3600 seconds")
+                }
+                statisticsInterval = seconds
+                continue
+            }
+            throw .invalidConfiguration(field: "--balloon", reason: "unknown option '\(option)'; allowed: on, deflate-on-oom, stats=SECONDS")
+        }
+    }
+}
+
 /// What `vireo run` asks for, before anything is validated against the host.
 public struct VMConfiguration: Sendable {
     public var kernelPath: String
@@ -141,11 +168,14 @@ public struct VMConfiguration: Sendable {
     public var disks: [DiskConfiguration] = []
     public var networks: [NetworkConfiguration] = []
     public var vsock: VsockConfiguration?
+    public var balloon: BalloonConfiguration?
     /// Attach a virtio-rng device fed from the host's /dev/urandom.
     public var entropyDevice = false
 
-    /// virtio devices in slot order: disks, network cards, vsock, then the entropy device.
-    public var virtioDeviceCount: Int { disks.count + networks.count + (vsock == nil ? 0 : 1) + (entropyDevice ? 1 : 0) }
+    /// virtio devices in slot order: disks, network cards, vsock, balloon, then the entropy device.
+    public var virtioDeviceCount: Int {
+        disks.count + networks.count + (vsock == nil ? 0 : 1) + (balloon == nil ? 0 : 1) + (entropyDevice ? 1 : 0)
+    }
 
     public init(kernelPath: String, initrdPath: String? = nil, commandLine: String = "console=ttyS0",
                 cpuCount: Int = 1, memorySize: UInt64 = 512 << 20, console: ConsoleConfiguration = .stdio) {

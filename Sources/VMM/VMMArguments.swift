@@ -9,7 +9,7 @@ import Glibc
 public enum VMMArguments {
     public static let usage = """
         usage: vireo-vmm --kernel PATH [--initrd PATH] [--cmdline TEXT] [--cpus N] [--memory SIZE]
-                         [--console stdio|none|file:PATH|socket:PATH] [--disk PATH[,readonly][,format=raw|qcow2][,serial=ID]]... [--net tap:NAME[,mac=MAC]]... [--vsock PATH[,cid=N]] [--rng]
+                         [--console stdio|none|file:PATH|socket:PATH] [--disk PATH[,readonly][,format=raw|qcow2][,serial=ID]]... [--net tap:NAME[,mac=MAC]]... [--vsock PATH[,cid=N]] [--balloon on|deflate-on-oom|stats=S] [--rng]
                          [--control PATH] [--name NAME --uuid UUID] [--lock-fd N] [--ready-fd N]
         Boots one VM and runs it until it powers off or reboots. Ctrl-A x quits the stdio console.
         --control PATH   serve the control socket (docs/control-socket.md) at PATH
@@ -35,7 +35,7 @@ public enum VMMArguments {
         var disks: [DiskConfiguration] = []
         var networks: [NetworkConfiguration] = []
         var index = 0
-        let known: Set<String> = ["--kernel", "--initrd", "--cmdline", "--cpus", "--memory", "--console", "--disk", "--net", "--vsock",
+        let known: Set<String> = ["--kernel", "--initrd", "--cmdline", "--cpus", "--memory", "--console", "--disk", "--net", "--vsock", "--balloon",
                                   "--control", "--name", "--uuid", "--lock-fd", "--ready-fd"]
         while index < arguments.count {
             let argument = arguments[index]
@@ -76,6 +76,7 @@ public enum VMMArguments {
         configuration.disks = disks
         configuration.networks = networks
         if let vsock = values["--vsock"] { configuration.vsock = try VsockConfiguration(parsing: vsock) }
+        if let balloon = values["--balloon"] { configuration.balloon = try BalloonConfiguration(parsing: balloon) }
         configuration.entropyDevice = values["--rng"] != nil
         if let commandLine = values["--cmdline"] { configuration.commandLine = commandLine }
         if let cpus = values["--cpus"] {

@@ -297,4 +297,40 @@ struct LibraryLifecycleTests {
         #expect(library.vireo("delete", "disks").stdout.contains("left attached disk") == false)
         #expect(FileManager.default.fileExists(atPath: image), "an attached disk from outside the VM was deleted")
     }
+
+    @Test("vireo balloon takes 16 MiB back from a guest (the VMM's RSS drops) and gives it back")
+    func balloonReclaimsMemory() throws {
+        let library = try TestLibrary()
+        let created = library.vireo("create", "squeeze", "--kernel", try Harness.probe("pvh"), "--memory", "128M", "--no-disk",
+                                    "--cmdline", "console=ttyS0 probe=balloon")
+        #expect(created.status == 0, "\(created.stderr)")
+        #expect(library.vireo("start", "squeeze").status == 0)
+        #expect(library.waitFor(20) { library.consoleLog("squeeze").contains("balloon: statistics refreshed") },
+                "\(library.consoleLog("squeeze"))")
+        func counters() throws -> [String: Any] {
+            let info = library.vireo("info", "squeeze", "--json").stdout
+            let object = try JSONSerialization.jsonObject(with: Data(info.utf8)) as? [String: Any]
+            return try #require(object?["counters"] as? [String: Any], "\(info)")
+        }
+        let before = try #require(try counters()["rss_bytes"] as? Int)
+        let set = library.vireo("balloon", "squeeze", "16M")
+        #expect(set.status == 0, "\(set.stderr)")
+        #expect(library.waitFor(20) { library.consoleLog("squeeze").contains("balloon: inflated 4096 pages") })
+        let after = try counters()
+        let rss = try #require(after["rss_bytes"] as? Int)
+        #expect(before - rss >= 12 << 20, "RSS \(before >> 20) MiB -> \(rss >> 20) MiB after inflating 16 MiB")
+        let balloon = try #require(after["balloon"] as? [String: Any])
+        #expect(balloon["actual_bytes"] as? Int == 16 << 20 && balloon["inflated_pages"] as? Int == 4096, "\(balloon)")
+        #expect(library.vireo("info", "squeeze").stdout.contains("Balloon:          16 MiB of 16 MiB target; guest reports"),
+                "\(library.vireo("info", "squeeze").stdout)")
+        let tooBig = library.vireo("balloon", "squeeze", "1G")
+        #expect(tooBig.status == 2)
+        #expect(tooBig.stderr.contains("balloon size '1024' must be a whole number of MiB from 0 to the VM's 128 MiB"), "\(tooBig.stderr)")
+        #expect(library.vireo("balloon", "squeeze", "0").status == 0)
+        #expect(library.waitFor(20) { library.state("squeeze") == "stopped" })
+        #expect(library.consoleLog("squeeze").contains("balloon: deflated to 0 pages"))
+        #expect(library.consoleLog("squeeze").contains("balloon: done"))
+        let stopped = library.vireo("balloon", "squeeze", "8M")
+        #expect(stopped.stderr.contains("cannot set the balloon of VM 'squeeze': it is stopped"), "\(stopped.stderr)")
+    }
 }

@@ -14,10 +14,13 @@ public protocol VirtioDevice: AnyObject, Sendable {
     func process(queue index: Int, _ queue: VirtQueue, memory: GuestMemory) throws(VirtioError) -> Bool
     /// Called once by the transport, for devices that fill queues on their own (network receive).
     func attach(_ access: any VirtioQueueAccess)
+    /// The driver wrote to the device's configuration space (most devices' is read-only).
+    func writeConfiguration(offset: Int, data: UnsafeRawBufferPointer)
 }
 
 extension VirtioDevice {
     public func attach(_ access: any VirtioQueueAccess) {}
+    public func writeConfiguration(offset: Int, data: UnsafeRawBufferPointer) {}
 }
 
 /// A device's way to its queues from a thread of its own, under the same lock as notifications.
@@ -26,6 +29,8 @@ public protocol VirtioQueueAccess: AnyObject, Sendable {
     /// used-buffer interrupt when `body` returns true. Returns what `body` returned, or false if the
     /// queue could not be used. An error from `body` fails the device (NEEDS_RESET).
     func withQueue(_ index: Int, _ body: (VirtQueue, GuestMemory) throws(VirtioError) -> Bool) -> Bool
+    /// Tells the driver the configuration space changed (a new balloon target).
+    func notifyConfigurationChange()
 }
 
 public enum VirtioFeature {
@@ -115,7 +120,11 @@ public final class VirtioMMIOTransport: MMIODevice, VirtioQueueAccess {
     }
 
     public func write(offset: UInt64, data: UnsafeRawBufferPointer) {
-        guard offset < 0x100, data.count == 4 else { return }   // config space is read-only here
+        if offset >= 0x100 {
+            device.writeConfiguration(offset: Int(offset - 0x100), data: data)
+            return
+        }
+        guard data.count == 4 else { return }
         let value = data.loadUnaligned(as: UInt32.self).littleEndian
         var notify: Int?
         state.withLock { state in
@@ -195,6 +204,14 @@ public final class VirtioMMIOTransport: MMIODevice, VirtioQueueAccess {
                 fail(error, state: &state)
                 return false
             }
+        }
+    }
+
+    public func notifyConfigurationChange() {
+        state.withLock { state in
+            state.configurationGeneration &+= 1
+            guard state.status & Status.driverOK != 0 else { return }
+            raise(0x2, state: &state)
         }
     }
 
