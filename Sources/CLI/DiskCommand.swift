@@ -96,6 +96,10 @@ struct Disk: ParsableCommand {
             print("allocated:     \(Size.describe(info.allocatedBytes)) (\(info.allocatedBytes) bytes)")
             if let cluster = info.clusterSize { print("cluster size:  \(cluster)") }
             for (depth, backing) in info.backingChain.enumerated() { print("backing[\(depth)]:    \(backing)") }
+            for snapshot in info.snapshots {
+                let state = snapshot.vmStateSize > 0 ? ", VM state \(Size.describe(snapshot.vmStateSize))" : ""
+                print("snapshot:      \(snapshot.id) '\(snapshot.name)' (\(Size.describe(snapshot.virtualSize))\(state))")
+            }
         }
     }
 

@@ -35,6 +35,20 @@ public struct DiskInfo: Sendable, Equatable, Codable {
     public var clusterSize: UInt64?
     /// The chain below this image, nearest first.
     public var backingChain: [String]
+    /// qcow2 internal snapshots, oldest first.
+    public var snapshots: [SnapshotInfo] = []
+}
+
+/// One qcow2 internal snapshot, as `qemu-img snapshot -l` lists it.
+public struct SnapshotInfo: Sendable, Equatable, Codable {
+    public var id: String
+    public var name: String
+    /// The disk's virtual size when the snapshot was taken.
+    public var virtualSize: UInt64
+    /// Seconds since the epoch.
+    public var date: UInt64
+    /// Bytes of saved VM state (RAM and devices) stored with it; 0 for disk-only snapshots.
+    public var vmStateSize: UInt64
 }
 
 extension DiskImage {
@@ -63,7 +77,10 @@ extension DiskImage {
 
 public enum DiskImages {
     /// Opens an image, detecting the format from its first bytes unless `format` is given.
-    public static func open(path: String, format: DiskFormat? = nil, readOnly: Bool = false) throws(DiskImageError) -> any DiskImage {
+    /// `snapshot` (an internal snapshot's name or ID, qcow2 only) opens the disk as it was then,
+    /// read-only.
+    public static func open(path: String, format: DiskFormat? = nil, readOnly: Bool = false, snapshot: String? = nil) throws(DiskImageError) -> any DiskImage {
+        if snapshot != nil && !readOnly { throw .invalidArgument(field: "snapshot", reason: "a snapshot can only be opened read-only") }
         let file = try ImageFile(path: path, writable: !readOnly)
         let detected: DiskFormat
         if let format {
@@ -73,8 +90,10 @@ public enum DiskImages {
             detected = magic == QCOW2Image.magic ? .qcow2 : .raw
         }
         switch detected {
-        case .raw: return try RawImage(file: file)
-        case .qcow2: return try QCOW2Image(file: file)
+        case .raw:
+            if let snapshot { throw .invalidArgument(field: "snapshot", reason: "raw images have no snapshots ('\(snapshot)' asked for)") }
+            return try RawImage(file: file)
+        case .qcow2: return try QCOW2Image(file: file, depth: 0, snapshot: snapshot)
         }
     }
 

@@ -29,6 +29,7 @@ public final class QCOW2Image: DiskImage, @unchecked Sendable {
     let refcountTableEntries: Int
     public let backingPath: String?
     let backing: (any DiskImage)?
+    public let snapshots: [SnapshotInfo]
 
     struct State {
         var l1: [UInt64]
@@ -47,7 +48,7 @@ public final class QCOW2Image: DiskImage, @unchecked Sendable {
         try self.init(file: file, depth: 0)
     }
 
-    init(file: ImageFile, depth: Int) throws(DiskImageError) {
+    init(file: ImageFile, depth: Int, snapshot: String? = nil) throws(DiskImageError) {
         let path = file.path
         func invalid(_ reason: String) -> DiskImageError { .invalidImage(path: path, reason: reason) }
         let fileSize = try file.size
@@ -101,13 +102,64 @@ public final class QCOW2Image: DiskImage, @unchecked Sendable {
             backingPath = name.hasPrefix("/") ? name : Self.directory(of: path) + "/" + name
         }
 
+        // Internal snapshots (qcow2 spec, "Snapshot table"): each names an L1 table of its own.
+        let snapshotCount = Int(header.be(UInt32.self, at: 60))
+        let snapshotsOffset = header.be(UInt64.self, at: 64)
+        var snapshots: [(info: SnapshotInfo, l1Offset: UInt64, l1Size: UInt64)] = []
+        if snapshotCount > 0 {
+            guard snapshotCount <= 65536, snapshotsOffset % 8 == 0, snapshotsOffset >= clusterSize, snapshotsOffset < fileSize else {
+                throw invalid("snapshot table at \(snapshotsOffset) (\(snapshotCount) snapshots) is misaligned or outside the file")
+            }
+            var cursor = snapshotsOffset
+            for _ in 0..<snapshotCount {
+                guard cursor + 40 <= fileSize else { throw invalid("snapshot table runs past the end of the file") }
+                let entry = try file.readBytes(count: 40, at: cursor)
+                let idLength = UInt64(entry.be(UInt16.self, at: 12))
+                let nameLength = UInt64(entry.be(UInt16.self, at: 14))
+                let extraLength = UInt64(entry.be(UInt32.self, at: 36))
+                guard extraLength <= 1024 else { throw invalid("snapshot extra data of \(extraLength) bytes") }
+                let total = 40 + extraLength + idLength + nameLength
+                guard cursor + total <= fileSize else { throw invalid("snapshot table runs past the end of the file") }
+                let rest = try file.readBytes(count: Int(extraLength + idLength + nameLength), at: cursor + 40)
+                let snapshotL1Offset = entry.be(UInt64.self, at: 0)
+                let snapshotL1Size = UInt64(entry.be(UInt32.self, at: 8))
+                var snapshotSize = size
+                var stateSize = UInt64(entry.be(UInt32.self, at: 32))
+                if extraLength >= 8 { stateSize = max(stateSize, rest.be(UInt64.self, at: 0)) }
+                if extraLength >= 16 { snapshotSize = rest.be(UInt64.self, at: 8) }
+                let id = String(decoding: rest[Int(extraLength)..<Int(extraLength + idLength)], as: UTF8.self)
+                let name = String(decoding: rest[Int(extraLength + idLength)...], as: UTF8.self)
+                snapshots.append((SnapshotInfo(id: id, name: name, virtualSize: snapshotSize, date: UInt64(entry.be(UInt32.self, at: 16)),
+                                               vmStateSize: stateSize), snapshotL1Offset, snapshotL1Size))
+                cursor += (total + 7) / 8 * 8
+            }
+        }
+        self.snapshots = snapshots.map(\.info)
+        var activeSize = size
+        var activeL1Offset = l1Offset
+        var activeL1Size = l1Size
+        if let snapshot {
+            guard let chosen = snapshots.first(where: { $0.info.name == snapshot }) ?? snapshots.first(where: { $0.info.id == snapshot }) else {
+                let names = snapshots.map(\.info.name).joined(separator: ", ")
+                throw .invalidArgument(field: "snapshot", reason: "\(path) has no snapshot '\(snapshot)' (it has: \(names.isEmpty ? "none" : names))")
+            }
+            let needed = (chosen.info.virtualSize + clusterSize * l2Entries - 1) / (clusterSize * l2Entries)
+            guard chosen.l1Size >= needed, chosen.l1Size <= 1 << 25, chosen.l1Offset % clusterSize == 0, chosen.l1Offset > 0,
+                  chosen.l1Offset + chosen.l1Size * 8 <= fileSize, chosen.info.virtualSize <= 1 << 55 else {
+                throw invalid("snapshot '\(snapshot)' has a bad L1 table (\(chosen.l1Size) entries at \(chosen.l1Offset))")
+            }
+            activeSize = chosen.info.virtualSize
+            activeL1Offset = chosen.l1Offset
+            activeL1Size = chosen.l1Size
+        }
+
         self.file = file
-        self.virtualSize = size
+        self.virtualSize = activeSize
         self.version = version
         self.clusterBits = clusterBits
         self.clusterSize = clusterSize
-        self.l1Offset = l1Offset
-        self.l1Capacity = Int(l1Size)
+        self.l1Offset = activeL1Offset
+        self.l1Capacity = Int(activeL1Size)
         self.refcountTableOffset = refcountTableOffset
         self.refcountTableEntries = Int(refcountTableClusters * clusterSize / 8)
         self.backingPath = backingPath
@@ -119,8 +171,8 @@ public final class QCOW2Image: DiskImage, @unchecked Sendable {
         } else {
             backing = nil
         }
-        let l1Bytes = try file.readBytes(count: Int(l1Size) * 8, at: l1Offset)
-        let l1 = (0..<Int(l1Size)).map { l1Bytes.be(UInt64.self, at: $0 * 8) }
+        let l1Bytes = try file.readBytes(count: Int(activeL1Size) * 8, at: activeL1Offset)
+        let l1 = (0..<Int(activeL1Size)).map { l1Bytes.be(UInt64.self, at: $0 * 8) }
         let tableBytes = try file.readBytes(count: refcountTableEntries * 8, at: refcountTableOffset)
         let table = (0..<refcountTableEntries).map { tableBytes.be(UInt64.self, at: $0 * 8) }
         state = Mutex(State(l1: l1, refcountTable: table, fileEnd: (fileSize + clusterSize - 1) / clusterSize * clusterSize))
@@ -514,6 +566,6 @@ public final class QCOW2Image: DiskImage, @unchecked Sendable {
             next = (image as? QCOW2Image)?.backing
         }
         return DiskInfo(path: path, format: .qcow2, virtualSize: virtualSize, allocatedBytes: try file.allocatedBytes,
-                        clusterSize: clusterSize, backingChain: chain)
+                        clusterSize: clusterSize, backingChain: chain, snapshots: snapshots)
     }
 }

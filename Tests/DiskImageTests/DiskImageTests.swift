@@ -339,3 +339,51 @@ func pattern(_ count: Int, seed: UInt8) -> [UInt8] {
         #expect(throws: DiskImageError.self) { try image.writeZeroes(at: 8 << 20, length: 1) }
     }
 }
+
+/// Internal snapshots made by qemu-img read back as they were, alongside the changed active disk.
+struct QCOW2SnapshotTests {
+    @Test func snapshotsMadeByQemuReadBackByteExact() throws {
+        let directory = FileManager.default.temporaryDirectory.appendingPathComponent("vireo-snap-\(UUID().uuidString)")
+        try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
+        let path = directory.appendingPathComponent("snap.qcow2").path
+        func run(_ arguments: [String]) throws {
+            let process = Process()
+            process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+            process.arguments = arguments
+            process.standardOutput = FileHandle.nullDevice
+            try process.run()
+            process.waitUntilExit()
+            #expect(process.terminationStatus == 0, "\(arguments.joined(separator: " "))")
+        }
+        try run(["qemu-img", "create", "-q", "-f", "qcow2", path, "4M"])
+        try run(["qemu-io", "-c", "write -P 0x11 0 64k", "-c", "write -P 0x22 1M 4k", path])
+        try run(["qemu-img", "snapshot", "-c", "before", path])
+        try run(["qemu-io", "-c", "write -P 0x33 0 4k", "-c", "write -P 0x44 2M 4k", path])
+        try run(["qemu-img", "resize", "-q", path, "8M"])
+        try run(["qemu-img", "snapshot", "-c", "after", path])
+
+        let info = try DiskImages.open(path: path, readOnly: true).info()
+        #expect(info.snapshots.map(\.name) == ["before", "after"])
+        #expect(info.snapshots.map(\.virtualSize) == [4 << 20, 8 << 20])
+        #expect(info.snapshots.allSatisfy { $0.vmStateSize == 0 && $0.date > 1_600_000_000 })
+
+        for (snapshot, size) in [("before", 4 << 20), ("after", 8 << 20), ("1", 4 << 20)] {
+            let image = try DiskImages.open(path: path, readOnly: true, snapshot: snapshot)
+            #expect(image.virtualSize == UInt64(size))
+            let name = snapshot == "1" ? "before" : snapshot
+            let expected = directory.appendingPathComponent("\(name).raw").path
+            try run(["qemu-img", "convert", "-l", "snapshot.name=\(name)", "-O", "raw", path, expected])
+            // qemu-img presents a snapshot at the active image's current size; the snapshot's own
+            // disk size (what Vireo uses) is the prefix, and the rest reads as zeros there.
+            let reference = Array(try Data(contentsOf: URL(fileURLWithPath: expected)))
+            #expect(try image.readBytes(count: size, at: 0) == Array(reference.prefix(size)), "snapshot \(snapshot) differs from qemu-img's view")
+            #expect(reference.dropFirst(size).allSatisfy { $0 == 0 })
+        }
+        let active = try DiskImages.open(path: path, readOnly: true)
+        #expect(try active.readBytes(count: 4096, at: 0) == [UInt8](repeating: 0x33, count: 4096))
+        #expect(try active.readBytes(count: 4096, at: 2 << 20) == [UInt8](repeating: 0x44, count: 4096))
+
+        #expect(throws: DiskImageError.self) { try DiskImages.open(path: path, readOnly: true, snapshot: "missing") }
+        #expect(throws: DiskImageError.self) { try DiskImages.open(path: path, readOnly: false, snapshot: "before") }
+    }
+}

@@ -1,0 +1,92 @@
+import Devices
+import DiskImage
+import GuestMemory
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Entry points that take arbitrary bytes and drive a parser that faces guests or images with
+/// them. Each must only ever return: an error is an answer, a crash is a bug. libFuzzer drives
+/// them through `vireo-fuzz` (scripts/fuzz.sh); the unit tests drive them with seeded inputs.
+public enum Fuzz {
+    /// Guest RAM for the virtqueue target: the input is laid into it, so descriptor tables and
+    /// rings are whatever the fuzzer makes them.
+    static let memorySize: UInt64 = 64 << 10
+
+    /// The input: 2 bytes queue size, 3 × 2 bytes ring page numbers (descriptor table, available
+    /// ring, used ring; 4 KiB units), then guest RAM contents.
+    public static func virtqueue(_ data: UnsafeRawBufferPointer) {
+        guard data.count >= 8, let memory = try? GuestMemory(anonymousRegions: [(GuestPhysicalAddress(0), memorySize)]) else { return }
+        let bytes = Array(data)
+        func half(_ offset: Int) -> UInt16 { UInt16(bytes[offset]) | UInt16(bytes[offset + 1]) << 8 }
+        let contents = bytes[8...].prefix(Int(memorySize))
+        try? memory.write(contents, at: GuestPhysicalAddress(0))
+        let page = { (value: UInt16) in GuestPhysicalAddress(UInt64(value % 32) * 4096 + UInt64(value >> 5) % 16) }
+        guard let queue = try? VirtQueue(memory: memory, size: half(0), maximumSize: 256, descriptorTable: page(half(2)),
+                                         availableRing: page(half(4)), usedRing: page(half(6))) else { return }
+        // The device most exposed to guests: every request type with whatever the chains hold.
+        _ = try? block.process(queue: 0, queue, memory: memory)
+        // And the bare ring walk, for chains the block device stopped at.
+        for _ in 0..<64 {
+            guard let chain = try? queue.popChain() else { break }
+            try? queue.pushUsed(head: chain.head, written: chain.buffers.first?.length ?? 0)
+        }
+    }
+
+    /// A small scratch disk for the block device the virtqueue target drives.
+    static let block: VirtioBlock = {
+        let path = "/tmp/vireo-fuzz-disk-\(getpid()).raw"
+        unlink(path)
+        // A fuzzing run without its disk has nothing to test; stop loudly.
+        guard (try? DiskImages.create(path: path, format: .raw, size: 1 << 20)) != nil,
+              let disk = try? DiskImages.open(path: path, format: .raw) else { fatalError("cannot create the fuzz scratch disk \(path)") }
+        unlink(path)   // the open descriptor keeps it alive; nothing is left behind
+        return VirtioBlock(disk: disk, readOnly: false, serial: "fuzz")
+    }()
+
+    /// The input is a whole image file: opened as qcow2 (header, L1/L2 and refcount tables,
+    /// backing name, compressed clusters), read across, described, then written and zeroed.
+    public static func qcow2(_ data: UnsafeRawBufferPointer) {
+        let path = "/tmp/vireo-fuzz-image-\(getpid()).qcow2"
+        let fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
+        guard fd >= 0 else { return }
+        _ = write(fd, data.baseAddress, data.count)
+        close(fd)
+        defer { unlink(path) }
+        guard let image = try? DiskImages.open(path: path, format: .qcow2) else { return }
+        _ = try? image.info()
+        let size = image.virtualSize
+        var buffer = [UInt8](repeating: 0, count: 65536)
+        for offset in [0, size / 3, size > 65536 ? size - 65536 : 0] {
+            _ = buffer.withUnsafeMutableBytes { try? image.read(into: $0, at: offset) }
+        }
+        _ = try? image.write([UInt8](repeating: 0xa5, count: 4096), at: 0)
+        _ = try? image.writeZeroes(at: min(size, 65536), length: 65536)
+        _ = try? image.flush()
+    }
+
+    /// Runs a target over files (a corpus, or a crash to reproduce) without libFuzzer.
+    public static func replay(_ paths: [String], _ target: (UnsafeRawBufferPointer) -> Void) {
+        for path in paths {
+            let fd = open(path, O_RDONLY | O_CLOEXEC)
+            guard fd >= 0 else { continue }
+            var bytes: [UInt8] = []
+            var chunk = [UInt8](repeating: 0, count: 65536)
+            while true {
+                let count = chunk.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
+                if count <= 0 { break }
+                bytes += chunk[0..<count]
+            }
+            close(fd)
+            bytes.withUnsafeBytes { target($0) }
+        }
+    }
+
+    public static func target(named name: String) -> ((UnsafeRawBufferPointer) -> Void)? {
+        switch name {
+        case "virtqueue": return virtqueue
+        case "qcow2": return qcow2
+        default: return nil
+        }
+    }
+}
