@@ -533,23 +533,32 @@ static void probe_blkbench(void) {
  * broadcasts Ethernet frames of type 0x88b5 ("vireo-ping N") until a frame of that type comes
  * back saying "vireo-pong", and reports what came back. ---- */
 #define NQ 8
-static struct vq_desc net_rx_desc[NQ] __attribute__((aligned(16)));
-static struct { uint16_t flags, idx, ring[NQ], used_event; } net_rx_avail __attribute__((aligned(2)));
-static struct { uint16_t flags, idx; struct { uint32_t id, len; } ring[NQ]; uint16_t avail_event; } net_rx_used __attribute__((aligned(4)));
-static struct vq_desc net_tx_desc[NQ] __attribute__((aligned(16)));
-static struct { uint16_t flags, idx, ring[NQ], used_event; } net_tx_avail __attribute__((aligned(2)));
-static struct { uint16_t flags, idx; struct { uint32_t id, len; } ring[NQ]; uint16_t avail_event; } net_tx_used __attribute__((aligned(4)));
+/* One split virtqueue of NQ entries: descriptor table, available ring, used ring. */
+struct vring8 {
+    struct vq_desc desc[NQ];
+    struct { uint16_t flags, idx, ring[NQ], used_event; } avail;
+    struct { uint16_t flags, idx; struct { uint32_t id, len; } ring[NQ]; uint16_t avail_event; } used __attribute__((aligned(4)));
+} __attribute__((aligned(16)));
+static struct vring8 net_rx, net_tx;
 static uint8_t net_rx_buffers[NQ][2048] __attribute__((aligned(4096)));
 static uint8_t net_tx_buffer[2048] __attribute__((aligned(64)));
 static uint8_t net_mac[6];
 static uintptr_t net_base;
 
-static void net_queue(uintptr_t base, uint32_t index, void *desc, void *avail, void *used) {
+/* Makes descriptor chain `head` available to the device (ordering as virtio 1.x §2.7.13). */
+static void ring_offer(struct vring8 *ring, uint16_t head) {
+    ring->avail.ring[ring->avail.idx % NQ] = head;
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    ring->avail.idx++;
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+}
+
+static void ring_setup(uintptr_t base, uint32_t index, struct vring8 *ring, uint32_t size) {
     mmio_write32(base + 0x30, index);
-    mmio_write32(base + 0x38, NQ);
-    mmio_write32(base + 0x80, (uint32_t)(uintptr_t)desc); mmio_write32(base + 0x84, 0);
-    mmio_write32(base + 0x90, (uint32_t)(uintptr_t)avail); mmio_write32(base + 0x94, 0);
-    mmio_write32(base + 0xa0, (uint32_t)(uintptr_t)used); mmio_write32(base + 0xa4, 0);
+    mmio_write32(base + 0x38, size);
+    mmio_write32(base + 0x80, (uint32_t)(uintptr_t)ring->desc); mmio_write32(base + 0x84, 0);
+    mmio_write32(base + 0x90, (uint32_t)(uintptr_t)&ring->avail); mmio_write32(base + 0x94, 0);
+    mmio_write32(base + 0xa0, (uint32_t)(uintptr_t)&ring->used); mmio_write32(base + 0xa4, 0);
     mmio_write32(base + 0x44, 1);
 }
 
@@ -569,17 +578,17 @@ static void probe_net_device(int index, uintptr_t base) {
     mmio_write32(base + 0x24, 1); mmio_write32(base + 0x20, f1 & 1);
     mmio_write32(base + 0x70, 1 | 2 | 8);
     if (!(mmio_read32(base + 0x70) & 8)) { puts_raw("net: features refused\n"); return; }
-    net_queue(base, 0, net_rx_desc, &net_rx_avail, &net_rx_used);
-    net_queue(base, 1, net_tx_desc, &net_tx_avail, &net_tx_used);
+    ring_setup(base, 0, &net_rx, NQ);
+    ring_setup(base, 1, &net_tx, NQ);
     mmio_write32(base + 0x70, 1 | 2 | 8 | 4);
     for (int i = 0; i < 6; i++) net_mac[i] = *(volatile uint8_t *)(base + 0x100 + i);
     uint16_t link = *(volatile uint16_t *)(base + 0x106);
     for (int i = 0; i < NQ; i++) {
-        net_rx_desc[i] = (struct vq_desc){ (uint64_t)net_rx_buffers[i], sizeof net_rx_buffers[i], 2, 0 };
-        net_rx_avail.ring[i] = (uint16_t)i;
+        net_rx.desc[i] = (struct vq_desc){ (uint64_t)net_rx_buffers[i], sizeof net_rx_buffers[i], 2, 0 };
+        net_rx.avail.ring[i] = (uint16_t)i;
     }
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
-    net_rx_avail.idx = NQ;
+    net_rx.avail.idx = NQ;
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
     mmio_write32(base + 0x50, 0);
     puts_raw("net: mac="); put_mac(net_mac); puts_raw(" link="); put_dec(link & 1); puts_raw("\n");
@@ -599,17 +608,14 @@ static void user_net(uint64_t count) {
         int n = 0;
         for (; ping[n]; n++) eth[14 + n] = (uint8_t)ping[n];
         eth[14 + n++] = (uint8_t)('0' + attempt % 10);
-        uint16_t tx_seen = net_tx_used.idx;
-        net_tx_desc[0] = (struct vq_desc){ (uint64_t)f, (uint32_t)(12 + 14 + n), 0, 0 };
-        net_tx_avail.ring[net_tx_avail.idx % NQ] = 0;
-        __atomic_thread_fence(__ATOMIC_SEQ_CST);
-        net_tx_avail.idx++;
-        __atomic_thread_fence(__ATOMIC_SEQ_CST);
+        uint16_t tx_seen = net_tx.used.idx;
+        net_tx.desc[0] = (struct vq_desc){ (uint64_t)f, (uint32_t)(12 + 14 + n), 0, 0 };
+        ring_offer(&net_tx, (uint16_t)0);
         mmio_write32(base + 0x50, 1);
-        while (*(volatile uint16_t *)&net_tx_used.idx == tx_seen) {}
+        while (*(volatile uint16_t *)&net_tx.used.idx == tx_seen) {}
         for (volatile uint64_t spin = 0; spin < 30000000; spin++) {
-            if (*(volatile uint16_t *)&net_rx_used.idx == rx_seen) continue;
-            uint32_t id = net_rx_used.ring[rx_seen % NQ].id, len = net_rx_used.ring[rx_seen % NQ].len;
+            if (*(volatile uint16_t *)&net_rx.used.idx == rx_seen) continue;
+            uint32_t id = net_rx.used.ring[rx_seen % NQ].id, len = net_rx.used.ring[rx_seen % NQ].len;
             rx_seen++;
             uint8_t *r = net_rx_buffers[id % NQ] + 12;
             int pong = len > 12 + 14 + 10 && r[12] == 0x88 && r[13] == 0xb5 && starts_with((const char *)r + 14, "vireo-pong");
@@ -620,10 +626,7 @@ static void user_net(uint64_t count) {
                 finish();
             }
             /* Not ours (IPv6 router solicitations and the like): give the buffer back. */
-            net_rx_avail.ring[net_rx_avail.idx % NQ] = (uint16_t)id;
-            __atomic_thread_fence(__ATOMIC_SEQ_CST);
-            net_rx_avail.idx++;
-            __atomic_thread_fence(__ATOMIC_SEQ_CST);
+            ring_offer(&net_rx, (uint16_t)id);
             mmio_write32(base + 0x50, 0);
         }
     }
@@ -643,15 +646,7 @@ static void probe_net(void) {
  * and echoes what the host sends there ("echo:" + data); connects to host port 5000 and sends
  * "hello from the guest"; finishes once both directions have carried data. ---- */
 struct vsock_hdr { uint64_t src_cid, dst_cid; uint32_t src_port, dst_port, len; uint16_t type, op; uint32_t flags, buf_alloc, fwd_cnt; } __attribute__((packed));
-static struct vq_desc vs_rx_desc[NQ] __attribute__((aligned(16)));
-static struct { uint16_t flags, idx, ring[NQ], used_event; } vs_rx_avail __attribute__((aligned(2)));
-static struct { uint16_t flags, idx; struct { uint32_t id, len; } ring[NQ]; uint16_t avail_event; } vs_rx_used __attribute__((aligned(4)));
-static struct vq_desc vs_tx_desc[NQ] __attribute__((aligned(16)));
-static struct { uint16_t flags, idx, ring[NQ], used_event; } vs_tx_avail __attribute__((aligned(2)));
-static struct { uint16_t flags, idx; struct { uint32_t id, len; } ring[NQ]; uint16_t avail_event; } vs_tx_used __attribute__((aligned(4)));
-static struct vq_desc vs_ev_desc[NQ] __attribute__((aligned(16)));
-static struct { uint16_t flags, idx, ring[NQ], used_event; } vs_ev_avail __attribute__((aligned(2)));
-static struct { uint16_t flags, idx; struct { uint32_t id, len; } ring[NQ]; uint16_t avail_event; } vs_ev_used __attribute__((aligned(4)));
+static struct vring8 vs_rx, vs_tx, vs_ev;
 static uint8_t vs_rx_buffers[NQ][4096] __attribute__((aligned(4096)));
 static uint8_t vs_tx_buffer[4096] __attribute__((aligned(64)));
 static uint8_t vs_ev_buffer[64];
@@ -669,20 +664,20 @@ static void probe_vsock_device(int index, uintptr_t base) {
     mmio_write32(base + 0x24, 1); mmio_write32(base + 0x20, f1 & 1);
     mmio_write32(base + 0x70, 1 | 2 | 8);
     if (!(mmio_read32(base + 0x70) & 8)) { puts_raw("vsock: features refused\n"); return; }
-    net_queue(base, 0, vs_rx_desc, &vs_rx_avail, &vs_rx_used);
-    net_queue(base, 1, vs_tx_desc, &vs_tx_avail, &vs_tx_used);
-    net_queue(base, 2, vs_ev_desc, &vs_ev_avail, &vs_ev_used);
+    ring_setup(base, 0, &vs_rx, NQ);
+    ring_setup(base, 1, &vs_tx, NQ);
+    ring_setup(base, 2, &vs_ev, NQ);
     mmio_write32(base + 0x70, 1 | 2 | 8 | 4);
     vs_cid = mmio_read32(base + 0x100) | ((uint64_t)mmio_read32(base + 0x104) << 32);
     for (int i = 0; i < NQ; i++) {
-        vs_rx_desc[i] = (struct vq_desc){ (uint64_t)vs_rx_buffers[i], sizeof vs_rx_buffers[i], 2, 0 };
-        vs_rx_avail.ring[i] = (uint16_t)i;
+        vs_rx.desc[i] = (struct vq_desc){ (uint64_t)vs_rx_buffers[i], sizeof vs_rx_buffers[i], 2, 0 };
+        vs_rx.avail.ring[i] = (uint16_t)i;
     }
-    vs_ev_desc[0] = (struct vq_desc){ (uint64_t)vs_ev_buffer, sizeof vs_ev_buffer, 2, 0 };
-    vs_ev_avail.ring[0] = 0;
+    vs_ev.desc[0] = (struct vq_desc){ (uint64_t)vs_ev_buffer, sizeof vs_ev_buffer, 2, 0 };
+    vs_ev.avail.ring[0] = 0;
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
-    vs_rx_avail.idx = NQ;
-    vs_ev_avail.idx = 1;
+    vs_rx.avail.idx = NQ;
+    vs_ev.avail.idx = 1;
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
     mmio_write32(base + 0x50, 0);
     mmio_write32(base + 0x50, 2);
@@ -694,14 +689,11 @@ static void vsock_send(uint16_t op, uint32_t src_port, uint32_t dst_port, const 
     struct vsock_hdr *h = (struct vsock_hdr *)vs_tx_buffer;
     *h = (struct vsock_hdr){ vs_cid, 2, src_port, dst_port, len, 1, op, 0, 65536, vs_fwd_cnt };
     for (uint32_t i = 0; i < len; i++) vs_tx_buffer[sizeof *h + i] = (uint8_t)data[i];
-    uint16_t seen = vs_tx_used.idx;
-    vs_tx_desc[0] = (struct vq_desc){ (uint64_t)vs_tx_buffer, (uint32_t)sizeof *h + len, 0, 0 };
-    vs_tx_avail.ring[vs_tx_avail.idx % NQ] = 0;
-    __atomic_thread_fence(__ATOMIC_SEQ_CST);
-    vs_tx_avail.idx++;
-    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    uint16_t seen = vs_tx.used.idx;
+    vs_tx.desc[0] = (struct vq_desc){ (uint64_t)vs_tx_buffer, (uint32_t)sizeof *h + len, 0, 0 };
+    ring_offer(&vs_tx, (uint16_t)0);
     mmio_write32(vs_base + 0x50, 1);
-    while (*(volatile uint16_t *)&vs_tx_used.idx == seen) {}
+    while (*(volatile uint16_t *)&vs_tx.used.idx == seen) {}
 }
 
 static void user_vsock(uint64_t unused) {
@@ -710,8 +702,8 @@ static void user_vsock(uint64_t unused) {
     uint16_t seen = 0;
     vsock_send(1, 49152, 5000, 0, 0);                          /* REQUEST to host port 5000 */
     while (!(echoed && acknowledged)) {
-        if (*(volatile uint16_t *)&vs_rx_used.idx == seen) continue;
-        uint32_t id = vs_rx_used.ring[seen % NQ].id;
+        if (*(volatile uint16_t *)&vs_rx.used.idx == seen) continue;
+        uint32_t id = vs_rx.used.ring[seen % NQ].id;
         seen++;
         struct vsock_hdr *h = (struct vsock_hdr *)vs_rx_buffers[id % NQ];
         char *data = (char *)vs_rx_buffers[id % NQ] + sizeof *h;
@@ -745,10 +737,7 @@ static void user_vsock(uint64_t unused) {
             puts_raw("vsock: reset on port "); put_dec(h->dst_port); puts_raw("\n");
             if (h->dst_port == 49152) { puts_raw("vsock: host port 5000 refused\n"); finish(); }
         }
-        vs_rx_avail.ring[vs_rx_avail.idx % NQ] = (uint16_t)id;
-        __atomic_thread_fence(__ATOMIC_SEQ_CST);
-        vs_rx_avail.idx++;
-        __atomic_thread_fence(__ATOMIC_SEQ_CST);
+        ring_offer(&vs_rx, (uint16_t)id);
         mmio_write32(vs_base + 0x50, 0);
     }
     puts_raw("vsock: both directions done\n");
@@ -765,11 +754,6 @@ static void probe_vsock(void) {
  * follows the host's target: inflates with that region's page frames (up to all 4096), deflates
  * (and touches the pages again) when the target drops, reports statistics, and finishes once the
  * target is back to 0 after an inflation. ---- */
-struct vring8 {
-    struct vq_desc desc[NQ];
-    struct { uint16_t flags, idx, ring[NQ], used_event; } avail;
-    struct { uint16_t flags, idx; struct { uint32_t id, len; } ring[NQ]; uint16_t avail_event; } used __attribute__((aligned(4)));
-} __attribute__((aligned(16)));
 static struct vring8 bl_q[3];
 static uint8_t bl_region[16 << 20] __attribute__((aligned(4096)));
 static uint32_t bl_pfns[256];
@@ -780,10 +764,7 @@ static int bl_has_stats;
 static void bl_submit(int q, void *buffer, uint32_t len) {
     uint16_t seen = bl_q[q].used.idx;
     bl_q[q].desc[0] = (struct vq_desc){ (uint64_t)buffer, len, 0, 0 };
-    bl_q[q].avail.ring[bl_q[q].avail.idx % NQ] = 0;
-    __atomic_thread_fence(__ATOMIC_SEQ_CST);
-    bl_q[q].avail.idx++;
-    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    ring_offer(&bl_q[q], (uint16_t)0);
     mmio_write32(bl_base + 0x50, (uint32_t)q);
     if (q < 2) while (*(volatile uint16_t *)&bl_q[q].used.idx == seen) {}
 }
@@ -800,14 +781,7 @@ static void probe_balloon_device(int index, uintptr_t base) {
     mmio_write32(base + 0x70, 1 | 2 | 8);
     if (!(mmio_read32(base + 0x70) & 8)) { puts_raw("balloon: features refused\n"); return; }
     bl_has_stats = (f0 >> 1) & 1;
-    for (int q = 0; q < 2 + bl_has_stats; q++) {
-        mmio_write32(base + 0x30, (uint32_t)q);
-        mmio_write32(base + 0x38, q == 2 ? 1 : NQ);
-        mmio_write32(base + 0x80, (uint32_t)(uintptr_t)bl_q[q].desc); mmio_write32(base + 0x84, 0);
-        mmio_write32(base + 0x90, (uint32_t)(uintptr_t)&bl_q[q].avail); mmio_write32(base + 0x94, 0);
-        mmio_write32(base + 0xa0, (uint32_t)(uintptr_t)&bl_q[q].used); mmio_write32(base + 0xa4, 0);
-        mmio_write32(base + 0x44, 1);
-    }
+    for (int q = 0; q < 2 + bl_has_stats; q++) ring_setup(base, (uint32_t)q, &bl_q[q], q == 2 ? 1 : NQ);
     mmio_write32(base + 0x70, 1 | 2 | 8 | 4);
     bl_base = base;
     for (uint64_t page = 0; page < sizeof bl_region; page += 4096) bl_region[page] = 1;

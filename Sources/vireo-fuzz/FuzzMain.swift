@@ -10,7 +10,8 @@ import Glibc
 nonisolated(unsafe) let selected: (UnsafeRawBufferPointer) -> Void = {
     let name = getenv("VIREO_FUZZ_TARGET").map { String(cString: $0) } ?? ""
     guard let target = Fuzz.target(named: name) else {
-        fputs("vireo-fuzz: set VIREO_FUZZ_TARGET to virtqueue or qcow2\n", stderr)
+        var message = Array("vireo-fuzz: set VIREO_FUZZ_TARGET to virtqueue or qcow2\n".utf8)
+        _ = message.withUnsafeMutableBytes { write(STDERR_FILENO, $0.baseAddress, $0.count) }
         exit(2)
     }
     return target
