@@ -31,7 +31,8 @@ let package = Package(
         ]),
         .executableTarget(name: "vireo", dependencies: ["CLI"]),
         .target(name: "FuzzTargets", dependencies: ["Devices", "DiskImage", "GuestMemory"]),
-        .executableTarget(name: "vireo-fuzz", dependencies: ["FuzzTargets"]),
+        .target(name: "CFuzzDriver"),
+        .executableTarget(name: "vireo-fuzz", dependencies: ["FuzzTargets", "CFuzzDriver"]),
         // The per-VM process: its start-up time and memory are headline numbers, so the Swift
         // runtime is linked in statically (2.7 ms vs 5.8 ms to start a trivial program here).
         .executableTarget(name: "vireo-vmm", dependencies: ["VMM"],

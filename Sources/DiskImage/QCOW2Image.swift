@@ -70,12 +70,13 @@ public final class QCOW2Image: DiskImage, @unchecked Sendable {
         let needed = (size + clusterSize * l2Entries - 1) / (clusterSize * l2Entries)
         guard l1Size >= needed else { throw invalid("L1 table has \(l1Size) entries; \(needed) are needed for \(size) bytes") }
         guard l1Size <= 1 << 25 else { throw invalid("L1 table size \(l1Size) is implausibly large") }
-        guard l1Offset % clusterSize == 0, l1Offset > 0, l1Offset + l1Size * 8 <= fileSize else {
+        // Offsets come from the file: compare without adding to them, so no value can overflow.
+        guard l1Offset % clusterSize == 0, l1Offset > 0, l1Offset <= fileSize, l1Size * 8 <= fileSize - l1Offset else {
             throw invalid("L1 table at \(l1Offset) (\(l1Size) entries) is misaligned or outside the file")
         }
         guard refcountTableOffset % clusterSize == 0, refcountTableOffset > 0, refcountTableClusters > 0,
               refcountTableClusters <= 1 << 16,
-              refcountTableOffset + refcountTableClusters * clusterSize <= fileSize + clusterSize else {
+              refcountTableOffset <= fileSize, refcountTableClusters * clusterSize <= fileSize + clusterSize - refcountTableOffset else {
             throw invalid("refcount table at \(refcountTableOffset) is misaligned or outside the file")
         }
         var headerLength: UInt64 = 72
@@ -95,7 +96,8 @@ public final class QCOW2Image: DiskImage, @unchecked Sendable {
         let backingOffset = header.be(UInt64.self, at: 8)
         let backingLength = UInt64(header.be(UInt32.self, at: 16))
         if backingOffset != 0 {
-            guard backingLength > 0, backingLength <= 1023, backingOffset + backingLength <= min(clusterSize, fileSize) else {
+            guard backingLength > 0, backingLength <= 1023, backingOffset <= min(clusterSize, fileSize),
+                  backingLength <= min(clusterSize, fileSize) - backingOffset else {
                 throw invalid("backing file name at \(backingOffset) (\(backingLength) bytes) is outside the header cluster")
             }
             let name = String(decoding: try file.readBytes(count: Int(backingLength), at: backingOffset), as: UTF8.self)
@@ -143,9 +145,10 @@ public final class QCOW2Image: DiskImage, @unchecked Sendable {
                 let names = snapshots.map(\.info.name).joined(separator: ", ")
                 throw .invalidArgument(field: "snapshot", reason: "\(path) has no snapshot '\(snapshot)' (it has: \(names.isEmpty ? "none" : names))")
             }
-            let needed = (chosen.info.virtualSize + clusterSize * l2Entries - 1) / (clusterSize * l2Entries)
-            guard chosen.l1Size >= needed, chosen.l1Size <= 1 << 25, chosen.l1Offset % clusterSize == 0, chosen.l1Offset > 0,
-                  chosen.l1Offset + chosen.l1Size * 8 <= fileSize, chosen.info.virtualSize <= 1 << 55 else {
+            guard chosen.info.virtualSize <= 1 << 55, chosen.l1Size <= 1 << 25,
+                  chosen.l1Size >= (chosen.info.virtualSize + clusterSize * l2Entries - 1) / (clusterSize * l2Entries),
+                  chosen.l1Offset % clusterSize == 0, chosen.l1Offset > 0, chosen.l1Offset <= fileSize,
+                  chosen.l1Size * 8 <= fileSize - chosen.l1Offset else {
                 throw invalid("snapshot '\(snapshot)' has a bad L1 table (\(chosen.l1Size) entries at \(chosen.l1Offset))")
             }
             activeSize = chosen.info.virtualSize

@@ -1,37 +1,46 @@
+import CFuzzDriver
 import FuzzTargets
 #if canImport(Glibc)
 import Glibc
 #endif
 
-// Built two ways. With -DFUZZING and -sanitize=fuzzer (scripts/fuzz.sh), libFuzzer owns main and
-// calls LLVMFuzzerTestOneInput; VIREO_FUZZ_TARGET picks the target. Otherwise this replays files:
-// `vireo-fuzz TARGET FILE...`, how a crash libFuzzer found is reproduced under a debugger.
-#if FUZZING
-nonisolated(unsafe) let selected: (UnsafeRawBufferPointer) -> Void = {
+// Built with -sanitize=fuzzer (scripts/fuzz.sh), this hands the target named by
+// VIREO_FUZZ_TARGET to libFuzzer. Built normally it replays files: `vireo-fuzz TARGET FILE...`,
+// how a crash libFuzzer found is reproduced under a debugger.
+nonisolated(unsafe) let selectedTarget: (UnsafeRawBufferPointer) -> Void = {
     let name = getenv("VIREO_FUZZ_TARGET").map { String(cString: $0) } ?? ""
-    guard let target = Fuzz.target(named: name) else {
-        var message = Array("vireo-fuzz: set VIREO_FUZZ_TARGET to virtqueue or qcow2\n".utf8)
-        _ = message.withUnsafeMutableBytes { write(STDERR_FILENO, $0.baseAddress, $0.count) }
-        exit(2)
-    }
+    guard let target = Fuzz.target(named: name) else { FuzzMain.fail("VIREO_FUZZ_TARGET must be virtqueue or qcow2") }
     return target
 }()
 
+// What libFuzzer calls, whether its own main runs (some linkers pull it in) or ours does.
 @_cdecl("LLVMFuzzerTestOneInput")
 public func fuzzerTestOneInput(_ data: UnsafePointer<UInt8>?, _ size: Int) -> Int32 {
-    selected(UnsafeRawBufferPointer(start: data, count: size))
+    selectedTarget(UnsafeRawBufferPointer(start: data, count: size))
     return 0
 }
-#else
+
 @main
-struct Replay {
+struct FuzzMain {
     static func main() {
+        let environment = getenv("VIREO_FUZZ_TARGET").map { String(cString: $0) }
+        if environment != nil {
+            let status = vireo_run_fuzzer(CommandLine.argc, CommandLine.unsafeArgv) { data, size in
+                fuzzerTestOneInput(data, size)
+            }
+            guard status >= 0 else { fail("this build has no libFuzzer; build it with scripts/fuzz.sh") }
+            exit(status)
+        }
         let arguments = Array(CommandLine.arguments.dropFirst())
         guard let name = arguments.first, let target = Fuzz.target(named: name) else {
-            print("usage: vireo-fuzz virtqueue|qcow2 FILE...   (libFuzzer builds: scripts/fuzz.sh)")
-            exit(2)
+            fail("usage: vireo-fuzz virtqueue|qcow2 FILE...   (libFuzzer builds: scripts/fuzz.sh)")
         }
         Fuzz.replay(Array(arguments.dropFirst()), target)
     }
+
+    static func fail(_ message: String) -> Never {
+        var bytes = Array("vireo-fuzz: \(message)\n".utf8)
+        _ = bytes.withUnsafeMutableBytes { write(STDERR_FILENO, $0.baseAddress, $0.count) }
+        exit(2)
+    }
 }
-#endif

@@ -387,3 +387,37 @@ struct QCOW2SnapshotTests {
         #expect(throws: DiskImageError.self) { try DiskImages.open(path: path, readOnly: false, snapshot: "before") }
     }
 }
+
+/// Header fields the fuzzer (scripts/fuzz.sh qcow2) found overflowing offset arithmetic: each
+/// is now a clear "not a valid disk image" error instead of a trap.
+struct QCOW2HostileHeaderTests {
+    func patched(_ patch: (inout [UInt8]) -> Void) throws -> String {
+        let directory = FileManager.default.temporaryDirectory.appendingPathComponent("vireo-hostile-\(UUID().uuidString)")
+        try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
+        let path = directory.appendingPathComponent("image.qcow2").path
+        try DiskImages.create(path: path, format: .qcow2, size: 1 << 20)
+        var bytes = Array(try Data(contentsOf: URL(fileURLWithPath: path)))
+        patch(&bytes)
+        try Data(bytes).write(to: URL(fileURLWithPath: path))
+        return path
+    }
+
+    func setBigEndian(_ value: UInt64, at offset: Int, width: Int, in bytes: inout [UInt8]) {
+        for index in 0..<width { bytes[offset + index] = UInt8(truncatingIfNeeded: value >> (8 * UInt64(width - 1 - index))) }
+    }
+
+    @Test(arguments: [
+        ("L1 table offset", 40, 8, UInt64(0xffff_ffff_ffff_0000)),
+        ("refcount table offset", 48, 8, UInt64(0xffff_ffff_ffff_0000)),
+        ("backing file offset", 8, 8, UInt64(0xffff_ffff_ffff_ff00)),
+        ("snapshot table offset", 64, 8, UInt64(0xffff_ffff_ffff_fff8)),
+    ])
+    func offsetsNearTheTopOfTheAddressSpace(_ field: String, _ offset: Int, _ width: Int, _ value: UInt64) throws {
+        let path = try patched { bytes in
+            setBigEndian(value, at: offset, width: width, in: &bytes)
+            if offset == 8 { setBigEndian(16, at: 16, width: 4, in: &bytes) }     // a backing name length
+            if offset == 64 { setBigEndian(1, at: 60, width: 4, in: &bytes) }     // one snapshot
+        }
+        #expect(throws: DiskImageError.self, "\(field)") { try DiskImages.open(path: path, readOnly: true) }
+    }
+}
