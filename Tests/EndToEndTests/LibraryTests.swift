@@ -333,4 +333,28 @@ struct LibraryLifecycleTests {
         let stopped = library.vireo("balloon", "squeeze", "8M")
         #expect(stopped.stderr.contains("cannot set the balloon of VM 'squeeze': it is stopped"), "\(stopped.stderr)")
     }
+
+    @Test("restart brings a VM back; logs --follow streams until the VM stops; start --console attaches")
+    func restartFollowAndStartConsole() throws {
+        let library = try TestLibrary()
+        try library.createTicker("loop")
+        #expect(library.vireo("start", "loop").status == 0)
+        #expect(library.waitFor(20) { library.ticks("loop") >= 2 })
+        let restarted = library.vireo("restart", "loop", "--force")
+        #expect(restarted.status == 0, "\(restarted.stderr)")
+        #expect(restarted.stdout.contains("powered off") && restarted.stdout.contains("Started VM 'loop'"), "\(restarted.stdout)")
+        #expect(library.state("loop") == "running")
+        #expect(FileManager.default.fileExists(atPath: library.root.appendingPathComponent("loop/console.log.1").path))
+
+        let follow = library.start(["logs", "loop", "--follow"])
+        #expect(library.waitFor(20) { follow.stdout.contains("tick 3") }, "\(follow.stdout.suffix(200))")
+        #expect(library.vireo("stop", "loop", "--force").status == 0)
+        #expect(follow.wait(timeout: 20) == 0, "logs --follow did not end with the VM")
+
+        // start --console: starts, then streams the console until the VM stops.
+        let attached = library.start(["start", "loop", "--console"])
+        #expect(attached.waitForOutput("tick 1", timeout: 20), "\(attached.stdout.suffix(200)) \(attached.stderr)")
+        #expect(library.vireo("stop", "loop", "--force").status == 0)
+        #expect(attached.wait(timeout: 20) == 0, "\(attached.stderr)")
+    }
 }
