@@ -58,6 +58,28 @@ public final class VirtualMachine: @unchecked Sendable {
         _ = try systemCall("KVM_IRQ_LINE \(line)") { vireo_ioctl_pointer(fd, VIREO_KVM_IRQ_LINE, &irq) }
     }
 
+    /// Makes guest writes to `[address, address+length)` (of `value`, if given) signal `eventFD`
+    /// inside KVM instead of exiting to this process.
+    public func registerIOEventFD(address: UInt64, length: UInt32, eventFD: Int32, value: UInt64?) throws(KVMError) {
+        var request = kvm_ioeventfd()
+        request.addr = address
+        request.len = length
+        request.fd = eventFD
+        if let value {
+            request.datamatch = value
+            request.flags = VIREO_KVM_IOEVENTFD_FLAG_DATAMATCH
+        }
+        _ = try systemCall("KVM_IOEVENTFD 0x\(String(address, radix: 16))") { vireo_ioctl_pointer(fd, VIREO_KVM_IOEVENTFD, &request) }
+    }
+
+    /// Makes each write to `eventFD` pulse interrupt line `line` (GSI) without an ioctl.
+    public func registerIRQFD(eventFD: Int32, line: UInt32) throws(KVMError) {
+        var request = kvm_irqfd()
+        request.fd = UInt32(bitPattern: eventFD)
+        request.gsi = line
+        _ = try systemCall("KVM_IRQFD \(line)") { vireo_ioctl_pointer(fd, VIREO_KVM_IRQFD, &request) }
+    }
+
     public func createVCPU(id: UInt32) throws(KVMError) -> VCPU {
         let vcpufd = try systemCall("KVM_CREATE_VCPU \(id)") { vireo_ioctl_value(fd, VIREO_KVM_CREATE_VCPU, UInt(id)) }
         do throws(KVMError) {

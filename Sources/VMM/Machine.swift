@@ -65,6 +65,7 @@ public final class Machine: @unchecked Sendable {
     let networkCards: [VirtioNet]
     let vsock: VirtioVsock?
     let balloon: VirtioBalloon?
+    let dispatcher: NotificationDispatcher
     /// Set once a graceful shutdown was asked for; the guest decides when it happens.
     let shutdownRequested = Atomic<Bool>(false)
     /// Wall-clock seconds since the epoch when the machine was built, for `describe`.
@@ -176,6 +177,11 @@ public final class Machine: @unchecked Sendable {
         }
         let stop = self.stop
         serial = Serial8250(output: console.output, interrupt: KVMInterruptLine(vm: vm, line: Serial8250.defaultInterrupt))
+        // Queue notifications through ioeventfd and interrupts through irqfd: the guest's
+        // notification does not leave the kernel, and device work runs on the dispatcher's thread.
+        let useEventFDs = getenv("VIREO_NO_IOEVENTFD") == nil
+        let dispatcher = NotificationDispatcher()
+        self.dispatcher = dispatcher
         keyboardController = I8042(interrupt: KVMInterruptLine(vm: vm, line: I8042.defaultInterrupt)) { stop.request(.guestReset) }
         var ports = PortIOBus()
         var mmio = MMIOBus()
@@ -188,34 +194,29 @@ public final class Machine: @unchecked Sendable {
                 let elapsed = VMMClock.elapsedNanoseconds
                 vmmLog("guest boot marker reached \(elapsed / 1000) us (\(elapsed / 1_000_000) ms) after VMM start")
             }, name: "boot marker", base: MachineLayout.bootMarkerAddress, length: 0x1000)
-            for (index, disk) in disks.enumerated() {
-                guard let slot = MachineLayout.virtioSlot(index) else { break }
+            // Slot order: disks, network cards, vsock, balloon, entropy (VMConfiguration.guestCommandLine agrees).
+            var virtio: [(device: any VirtioDevice, name: String)] = []
+            for disk in disks {
                 let block = VirtioBlock(disk: disk.image, readOnly: disk.configuration.readOnly, serial: disk.configuration.serial,
                                         rateLimit: disk.configuration.rateLimit)
                 blockDevices.append((disk.configuration.path, block))
-                let transport = VirtioMMIOTransport(device: block, memory: memory,
-                                                    interrupt: KVMInterruptLine(vm: vm, line: slot.interrupt))
-                try mmio.register(transport, name: "virtio-blk \(disk.configuration.path)", base: slot.address,
-                                  length: VirtioMMIOTransport.windowSize)
+                virtio.append((block, "virtio-blk \(disk.configuration.path)"))
             }
-            for (index, card) in networkCards.enumerated() {
-                guard let slot = MachineLayout.virtioSlot(disks.count + index) else { break }
-                try mmio.register(VirtioMMIOTransport(device: card, memory: memory, interrupt: KVMInterruptLine(vm: vm, line: slot.interrupt)),
-                                  name: "virtio-net \(card.tap.name)", base: slot.address, length: VirtioMMIOTransport.windowSize)
-            }
-            if let vsock, let slot = MachineLayout.virtioSlot(disks.count + networkCards.count) {
-                try mmio.register(VirtioMMIOTransport(device: vsock, memory: memory, interrupt: KVMInterruptLine(vm: vm, line: slot.interrupt)),
-                                  name: "virtio-vsock", base: slot.address, length: VirtioMMIOTransport.windowSize)
-            }
-            var nextSlot = disks.count + networkCards.count + (vsock == nil ? 0 : 1)
-            if let balloon, let slot = MachineLayout.virtioSlot(nextSlot) {
-                try mmio.register(VirtioMMIOTransport(device: balloon, memory: memory, interrupt: KVMInterruptLine(vm: vm, line: slot.interrupt)),
-                                  name: "virtio-balloon", base: slot.address, length: VirtioMMIOTransport.windowSize)
-                nextSlot += 1
-            }
-            if let entropy, let slot = MachineLayout.virtioSlot(nextSlot) {
-                try mmio.register(VirtioMMIOTransport(device: entropy, memory: memory, interrupt: KVMInterruptLine(vm: vm, line: slot.interrupt)),
-                                  name: "virtio-rng", base: slot.address, length: VirtioMMIOTransport.windowSize)
+            virtio += networkCards.map { ($0, "virtio-net \($0.tap.name)") }
+            if let vsock { virtio.append((vsock, "virtio-vsock")) }
+            if let balloon { virtio.append((balloon, "virtio-balloon")) }
+            if let entropy { virtio.append((entropy, "virtio-rng")) }
+            for (index, entry) in virtio.enumerated() {
+                guard let slot = MachineLayout.virtioSlot(index) else { break }
+                let interrupt: any InterruptLine
+                if useEventFDs, let line = try? IRQFDInterruptLine(vm: vm, line: slot.interrupt) {
+                    interrupt = line
+                } else {
+                    interrupt = KVMInterruptLine(vm: vm, line: slot.interrupt)
+                }
+                let transport = VirtioMMIOTransport(device: entry.device, memory: memory, interrupt: interrupt)
+                try mmio.register(transport, name: entry.name, base: slot.address, length: VirtioMMIOTransport.windowSize)
+                if useEventFDs { dispatcher.attach(transport, notifyAddress: slot.address + VirtioMMIOTransport.queueNotifyOffset, vm: vm) }
             }
         } catch {
             throw .bus(error)
@@ -257,6 +258,12 @@ public final class Machine: @unchecked Sendable {
         try console.startInput(to: serial, stop: stop)
         defer { control?.finish() }
         try control?.start()
+        var dispatcherThread: HostThread?
+        if dispatcher.isActive { dispatcherThread = try HostThread.spawn(name: "virtio-notify") { [dispatcher] in dispatcher.run() } }
+        defer {
+            dispatcher.stop()
+            dispatcherThread?.join()
+        }
         // Network receive and throttled queues work on threads of their own, never on a vCPU's.
         let background: [any BackgroundDevice] = (blockDevices.map(\.device) as [any BackgroundDevice] + networkCards
                                                    + (vsock.map { [$0] } ?? []) + (balloon.map { [$0] } ?? [])).filter(\.needsBackgroundThread)

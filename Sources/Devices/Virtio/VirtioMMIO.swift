@@ -43,6 +43,7 @@ public final class VirtioMMIOTransport: MMIODevice, VirtioQueueAccess {
     public static let magic: UInt32 = 0x7472_6976         // "virt"
     public static let vendor: UInt32 = 0x4f52_4956        // "VIRO"
     public static let windowSize: UInt64 = 0x1000
+    public static let queueNotifyOffset: UInt64 = 0x050
 
     enum Status {
         static let acknowledge: UInt32 = 1
@@ -206,6 +207,14 @@ public final class VirtioMMIOTransport: MMIODevice, VirtioQueueAccess {
             }
         }
     }
+
+    /// The driver's QueueNotify for `index`, when it arrives through an ioeventfd instead of an
+    /// MMIO write.
+    public func notify(queue index: Int) {
+        state.withLock { state in process(queue: index, state: &state) }
+    }
+
+    public var queueCount: Int { device.queueMaximumSizes.count }
 
     public func notifyConfigurationChange() {
         state.withLock { state in
