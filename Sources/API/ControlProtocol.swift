@@ -52,6 +52,8 @@ public struct VMCounters: Codable, Sendable {
     public var disks: [Disk]
     public var networks: [Network]
     public var balloon: Balloon?
+    /// Bytes the virtio-rng device has handed the guest.
+    public var entropyBytes: UInt64?
 }
 
 public enum ControlError: Error, CustomStringConvertible, Sendable {

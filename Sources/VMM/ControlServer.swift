@@ -162,6 +162,7 @@ final class ControlServer: @unchecked Sendable {
                 entry.add("dropped_frames", card.droppedFrames.load(ordering: .relaxed))
                 return entry
             })
+            if let entropy = machine.entropy { object.add("entropy_bytes", entropy.bytesProvided.load(ordering: .relaxed)) }
             if let balloon = machine.balloon {
                 let report = balloon.report
                 var entry = JSONObject()

@@ -92,14 +92,14 @@ struct LinuxKernelTests {
         #expect(check.status == 0, "\(check.stdout)")
     }
 
-    @Test("a library VM running Linux: vireo start, pause freezes the boot, resume finishes it to /init",
+    @Test("a library VM running Linux: vireo start, pause freezes the boot, resume finishes it to /init; its virtio-rng feeds the kernel",
           .timeLimit(.minutes(20)))
     func managedLinuxVM() throws {
         let library = try TestLibrary()
         let kernel = try Self.kernelDirectory.get().appendingPathComponent("vmlinux")
         let initramfs = try Self.makeInitramfs(in: try Harness.temporaryDirectory())
         let created = library.vireo("create", "tux", "--ostype", "linux-64", "--kernel", kernel.path, "--initrd", initramfs.path,
-                                    "--memory", "256M", "--no-disk", "--no-rng",
+                                    "--memory", "256M", "--no-disk",
                                     "--cmdline", "console=ttyS0 \(Self.emulatorSafeOptions) panic=-1 reboot=k")
         #expect(created.status == 0, "\(created.stderr)")
         let started = library.vireo("start", "tux")
@@ -119,6 +119,9 @@ struct LinuxKernelTests {
         #expect(library.waitFor(120) { library.state("tux") == "stopped" })
         let vmmLog = (try? String(contentsOf: library.root.appendingPathComponent("tux/vmm.log"), encoding: .utf8)) ?? ""
         #expect(vmmLog.contains("guest requested a reset"), "\(vmmLog)")
+        // Linux's own virtio-rng driver (hw_random, quality 1000) drew entropy from the device.
+        let provided = vmmLog.components(separatedBy: "virtio-rng: provided ").last?.prefix { $0.isNumber } ?? ""
+        #expect((Int(provided) ?? 0) > 0, "\(vmmLog)")
     }
 
     @Test("bzImage: the decompressor runs and hands over to the kernel, which reads our command line", .timeLimit(.minutes(10)))
