@@ -74,12 +74,7 @@ struct Create: ParsableCommand {
         request.entropyDevice = rng
         request.networks = try net.map(parseNetwork)
         request.balloon = balloon
-        if let vsockCid {
-            guard vsockCid >= 3, vsockCid < 0xffff_ffff else {
-                throw fail(LibraryError.invalidValue(field: "--vsock-cid", reason: "\(vsockCid) must be a whole number from 3 to 4294967294"))
-            }
-            request.vsockCID = vsockCid
-        }
+        request.vsockCID = vsockCid
         let library = openLibrary()
         let definition: VMDefinition
         do throws(LibraryError) { definition = try library.create(request) } catch { throw fail(error) }

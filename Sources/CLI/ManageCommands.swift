@@ -65,9 +65,6 @@ struct Set: ParsableCommand {
             if initrd != nil && noInitrd { throw LibraryError.invalidValue(field: "--initrd", reason: "--initrd and --no-initrd contradict each other") }
             if !net.isEmpty && noNet { throw LibraryError.invalidValue(field: "--net", reason: "--net and --no-net contradict each other") }
             if vsockCid != nil && noVsock { throw LibraryError.invalidValue(field: "--vsock-cid", reason: "--vsock-cid and --no-vsock contradict each other") }
-            if let vsockCid, vsockCid < 3 || vsockCid >= 0xffff_ffff {
-                throw LibraryError.invalidValue(field: "--vsock-cid", reason: "\(vsockCid) must be a whole number from 3 to 4294967294")
-            }
             if let kernel { try VMLibrary.validate(kernel: kernel) }
             if let initrd { try VMLibrary.validateReadable(initrd, field: "--initrd") }
             if let ostype { _ = try OSType.named(ostype) }

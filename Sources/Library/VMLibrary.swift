@@ -140,6 +140,7 @@ public struct VMLibrary: Sendable {
         try Self.validate(cpus: definition.cpus)
         try Self.validate(memoryBytes: definition.memoryBytes)
         try Self.validate(commandLine: definition.commandLine)
+        if let cid = definition.vsockCID { try Self.validate(vsockCID: cid) }
         if let kernel = request.kernel { try Self.validate(kernel: kernel) }
         if let initrd = request.initrd { try Self.validateReadable(initrd, field: "--initrd") }
         guard request.diskBytes == nil || request.attachDisk == nil, !(request.withoutDisk && (request.diskBytes != nil || request.attachDisk != nil)) else {
@@ -208,6 +209,13 @@ public struct VMLibrary: Sendable {
         }
     }
 
+    /// 0–2 are reserved (hypervisor, local, host); 0xffffffff is VMADDR_CID_ANY.
+    public static func validate(vsockCID: UInt64) throws(LibraryError) {
+        guard vsockCID >= 3, vsockCID < 0xffff_ffff else {
+            throw .invalidValue(field: "--vsock-cid", reason: "\(vsockCID) must be a whole number from 3 to 4294967294")
+        }
+    }
+
     public static func validate(commandLine: String) throws(LibraryError) {
         guard !commandLine.utf8.contains(0) else { throw .invalidValue(field: "--cmdline", reason: "contains a NUL byte") }
     }
@@ -246,6 +254,7 @@ public struct VMLibrary: Sendable {
             try Self.validate(cpus: definition.cpus)
             try Self.validate(memoryBytes: definition.memoryBytes)
             try Self.validate(commandLine: definition.commandLine)
+            if let cid = definition.vsockCID { try Self.validate(vsockCID: cid) }
             try bundle.save(definition)
             return definition
         }

@@ -64,6 +64,9 @@ struct VMDefinitionTests {
         request.memoryBytes = 4097 << 20 + 1
         #expect(throws: LibraryError.self) { try library.create(request) }
         request.memoryBytes = nil
+        request.vsockCID = 2
+        #expect(throws: LibraryError.self) { try library.create(request) }
+        request.vsockCID = nil
         request.osType = "beos"
         #expect(throws: LibraryError.self) { try library.create(request) }
         #expect(try library.names().isEmpty)
