@@ -1,3 +1,4 @@
+import Synchronization
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -13,6 +14,8 @@ final class PauseGate: @unchecked Sendable {
     private var released = false
     private var parked = 0
     private var running: Int
+    /// Mirrors `paused` so the vCPU loop's check costs one atomic load, not a mutex, per exit.
+    private let pauseRequested = Atomic<Bool>(false)
 
     init(vcpuCount: Int) {
         mutex = .allocate(capacity: 1)
@@ -40,7 +43,10 @@ final class PauseGate: @unchecked Sendable {
     /// Called by a vCPU thread between runs. Returns true if it parked (the caller then clears the
     /// immediate-exit flag that sent it here).
     func checkpoint() -> Bool {
-        locked {
+        // A pause that lands after this load still stops the vCPU: `pause()` sets immediate_exit
+        // after the flag, so the next KVM_RUN returns at once and the next pass sees it.
+        guard pauseRequested.load(ordering: .acquiring) else { return false }
+        return locked {
             guard paused, !released else { return false }
             parked += 1
             pthread_cond_broadcast(condition)
@@ -64,6 +70,7 @@ final class PauseGate: @unchecked Sendable {
         let changed = locked { () -> Bool in
             guard !paused else { return false }
             paused = true
+            pauseRequested.store(true, ordering: .releasing)
             return true
         }
         guard changed else { return false }
@@ -79,6 +86,7 @@ final class PauseGate: @unchecked Sendable {
         locked {
             guard paused else { return false }
             paused = false
+            pauseRequested.store(false, ordering: .releasing)
             pthread_cond_broadcast(condition)
             return true
         }
