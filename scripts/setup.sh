@@ -14,6 +14,7 @@ packages=(
   zlib1g-dev                                                   # qcow2 compressed clusters
   e2fsprogs                                                    # ext4 root images for the Linux tests
   iproute2 python3 dnsmasq-base                                # network namespaces, taps, the frame echo and DHCP in the net tests
+  acpica-tools                                                 # iasl: the oracle for every ACPI table the VMM builds
 )
 missing=()
 for p in "${packages[@]}"; do

@@ -15,6 +15,7 @@ public enum BootError: Error, CustomStringConvertible, Sendable, Equatable {
     case commandLineTooLong(length: Int, limit: Int)
     case initrdDoesNotFit(path: String, size: UInt64, available: UInt64)
     case tooManyCPUs(requested: Int, limit: Int)
+    case acpiTablesTooLarge(size: UInt64, limit: UInt64)
     case memory(GuestMemoryError)
 
     public var description: String {
@@ -39,6 +40,8 @@ public enum BootError: Error, CustomStringConvertible, Sendable, Equatable {
             return "--initrd: \(path) is \(size.mebibytesDescription) but only \(available.mebibytesDescription) of guest RAM is free for it; raise --memory or use a smaller initrd"
         case let .tooManyCPUs(requested, limit):
             return "--cpus: \(requested) is more than this machine model supports (at most \(limit))"
+        case let .acpiTablesTooLarge(size, limit):
+            return "--disk/--net: the ACPI tables describing these devices need \(size) bytes, more than the \(limit) the machine layout reserves; attach fewer devices"
         case let .memory(error):
             return error.description
         }

@@ -50,6 +50,17 @@ public struct PreparedBoot: Sendable {
     public let commandLineAddress: GuestPhysicalAddress
 }
 
+/// How the guest learns about its CPUs, interrupt controllers and devices.
+public enum PlatformDescription: Sendable {
+    /// An MP table, for kernels built without ACPI; the caller announces virtio devices on the
+    /// command line.
+    case mpTable
+    /// ACPI tables, and the VM generation ID (16 bytes) the VGEN device points at.
+    case acpi(ACPITables, generationID: [UInt8])
+
+    public var usesACPI: Bool { if case .acpi = self { return true } else { return false } }
+}
+
 /// Everything needed to put a kernel into guest memory, validated as a unit before any guest
 /// resource exists.
 public struct BootConfiguration: Sendable {
@@ -59,14 +70,16 @@ public struct BootConfiguration: Sendable {
     public let commandLine: String
     public let memorySize: UInt64
     public let cpuCount: Int
+    public let platform: PlatformDescription
 
     /// The most vCPUs this machine model describes: APIC IDs are 8 bits and the IOAPIC takes the
     /// ID after the last CPU.
     public static let maximumCPUs = 254
 
     public init(kernel: KernelImage, initrd: [UInt8]?, initrdPath: String?, commandLine: String,
-                memorySize: UInt64, cpuCount: Int) throws(BootError) {
+                memorySize: UInt64, cpuCount: Int, platform: PlatformDescription = .mpTable) throws(BootError) {
         self.kernel = kernel
+        self.platform = platform
         self.initrd = initrd
         self.initrdPath = initrdPath
         self.commandLine = commandLine
@@ -78,6 +91,16 @@ public struct BootConfiguration: Sendable {
         let lowEnd = MachineLayout.lowMemoryEnd(memorySize: memorySize)
         if kernel.loadedEnd > lowEnd { throw .kernelDoesNotFit(path: kernel.path, needed: kernel.loadedEnd, available: lowEnd) }
         _ = try initrdAddress()
+        if case let .acpi(tables, generationID) = platform {
+            guard generationID.count == 16 else { throw .memory(.outOfBounds(address: MachineLayout.generationIDAddress, length: UInt64(generationID.count))) }
+            try tables.validate()
+        }
+    }
+
+    /// The RSDP's address for the entry protocols that carry it; nil without ACPI.
+    var rsdpAddress: GuestPhysicalAddress? {
+        if case let .acpi(tables, _) = platform { return tables.rsdpAddress }
+        return nil
     }
 
     /// The initrd goes as high as the kernel allows, page-aligned, above the kernel's image: the
@@ -104,7 +127,13 @@ public struct BootConfiguration: Sendable {
             line.append(0)
             try memory.write(line, at: MachineLayout.commandLineAddress)
             let e820 = E820Entry.map(memorySize: memorySize)
-            try MPTable(cpuCount: cpuCount).write(into: memory)
+            switch platform {
+            case .mpTable:
+                try MPTable(cpuCount: cpuCount).write(into: memory)
+            case let .acpi(tables, generationID):
+                try tables.write(into: memory)
+                try memory.write(generationID, at: MachineLayout.generationIDAddress)
+            }
             let gdt = GlobalDescriptorTable.boot(for: kernel.entryProtocol)
             try gdt.write(into: memory)
             try memory.write(UInt64(0), at: MachineLayout.idtAddress)
@@ -115,7 +144,7 @@ public struct BootConfiguration: Sendable {
                 try IdentityPageTables.write(into: memory)
                 let zeroPage = ZeroPage(kernel: kernel, commandLineAddress: MachineLayout.commandLineAddress,
                                         commandLineSize: UInt32(line.count), initrdAddress: initrdAddress,
-                                        initrdSize: UInt32(initrd?.count ?? 0), e820: e820)
+                                        initrdSize: UInt32(initrd?.count ?? 0), e820: e820, rsdpAddress: rsdpAddress)
                 try memory.write(zeroPage.bytes, at: MachineLayout.zeroPageAddress)
                 state = EntryCPUState(rip: entry.rawValue, cr0: 0x8000_0011, cr4: 0x20, efer: 0x500,
                                       code: gdt.code, data: gdt.data, taskRegister: gdt.taskState,
@@ -126,7 +155,7 @@ public struct BootConfiguration: Sendable {
             case .pvh:
                 let startInfo = PVHStartInfo(commandLineAddress: MachineLayout.commandLineAddress,
                                              initrdAddress: initrdAddress, initrdSize: UInt64(initrd?.count ?? 0),
-                                             e820: e820)
+                                             e820: e820, rsdpAddress: rsdpAddress)
                 try startInfo.write(into: memory)
                 state = EntryCPUState(rip: entry.rawValue, cr0: 0x11, cr4: 0, efer: 0,
                                       code: gdt.code, data: gdt.data, taskRegister: gdt.taskState,
@@ -193,7 +222,8 @@ public struct ZeroPage: Sendable {
     public private(set) var bytes = [UInt8](repeating: 0, count: 4096)
 
     public init(kernel: KernelImage, commandLineAddress: GuestPhysicalAddress, commandLineSize: UInt32,
-                initrdAddress: GuestPhysicalAddress?, initrdSize: UInt32, e820: [E820Entry]) {
+                initrdAddress: GuestPhysicalAddress?, initrdSize: UInt32, e820: [E820Entry],
+                rsdpAddress: GuestPhysicalAddress? = nil) {
         if kernel.format == .bzImage {
             for (index, byte) in kernel.setupHeader.enumerated() { bytes[0x1f1 + index] = byte }
         } else {
@@ -214,6 +244,8 @@ public struct ZeroPage: Sendable {
             bytes.setLE(UInt32(truncatingIfNeeded: initrdAddress.rawValue >> 32), at: 0x0c0)
             bytes.setLE(initrdSize, at: 0x21c)
         }
+        // acpi_rsdp_addr (boot protocol 2.14+); older kernels find the RSDP by scanning the BIOS area.
+        if let rsdpAddress { bytes.setLE(rsdpAddress.rawValue, at: 0x070) }
         let entries = e820.prefix(128)
         bytes[0x1e8] = UInt8(entries.count)
         for (index, entry) in entries.enumerated() {
@@ -232,6 +264,7 @@ public struct PVHStartInfo: Sendable {
     let initrdAddress: GuestPhysicalAddress?
     let initrdSize: UInt64
     let e820: [E820Entry]
+    var rsdpAddress: GuestPhysicalAddress? = nil
 
     public func write(into memory: GuestMemory) throws(GuestMemoryError) {
         var info: [UInt8] = []
@@ -241,7 +274,7 @@ public struct PVHStartInfo: Sendable {
         info.append(le: UInt32(initrdAddress == nil ? 0 : 1))          // nr_modules
         info.append(le: MachineLayout.pvhModuleListAddress.rawValue)   // modlist_paddr
         info.append(le: commandLineAddress.rawValue)                   // cmdline_paddr
-        info.append(le: UInt64(0))                                     // rsdp_paddr
+        info.append(le: rsdpAddress?.rawValue ?? 0)                     // rsdp_paddr
         info.append(le: MachineLayout.pvhMemoryMapAddress.rawValue)    // memmap_paddr
         info.append(le: UInt32(e820.count))                            // memmap_entries
         info.append(le: UInt32(0))

@@ -57,19 +57,27 @@ public struct KernelImage: Sendable {
 
     // MARK: ELF
 
+    /// ELF64 (Linux's vmlinux, entered in 64-bit mode or through PVH) and ELF32 (PVH kernels
+    /// packaged as 32-bit files, which QEMU also loads; only their PVH entry can be used).
     static func parseELF(bytes: [UInt8], path: String) throws(BootError) -> KernelImage {
         func fail(_ reason: String) -> BootError { .malformedELF(path: path, reason: reason) }
-        guard bytes.count >= 64 else { throw fail("file is \(bytes.count) bytes, shorter than an ELF64 header") }
-        guard bytes[4] == 2 else { throw fail("ELF class \(bytes[4]); only 64-bit (ELFCLASS64) kernels boot") }
+        guard bytes.count >= 52 else { throw fail("file is \(bytes.count) bytes, shorter than an ELF header") }
+        let is64 = bytes[4] == 2
+        guard is64 || bytes[4] == 1 else { throw fail("ELF class \(bytes[4]) is neither ELFCLASS32 nor ELFCLASS64") }
+        guard !is64 || bytes.count >= 64 else { throw fail("file is \(bytes.count) bytes, shorter than an ELF64 header") }
         guard bytes[5] == 1 else { throw fail("not little-endian") }
-        guard let machine = bytes.le(UInt16.self, at: 18), machine == 62 else {
-            throw fail("machine \(bytes.le(UInt16.self, at: 18) ?? 0) is not x86-64 (62)")
+        let machine = bytes.le(UInt16.self, at: 18) ?? 0
+        guard machine == 62 || (!is64 && machine == 3) else {
+            throw fail("machine \(machine) is not x86-64 (62)\(is64 ? "" : " or i386 (3)")")
         }
-        guard let entry = bytes.le(UInt64.self, at: 24),
-              let programHeaderOffset = bytes.le(UInt64.self, at: 32),
-              let entrySize = bytes.le(UInt16.self, at: 54),
-              let programHeaderCount = bytes.le(UInt16.self, at: 56) else { throw fail("truncated header") }
-        guard entrySize >= 56 else { throw fail("program header size \(entrySize) is below 56") }
+        let header: (entry: UInt64?, programHeaders: UInt64?, entrySize: UInt16?, count: UInt16?) = is64
+            ? (bytes.le(UInt64.self, at: 24), bytes.le(UInt64.self, at: 32), bytes.le(UInt16.self, at: 54), bytes.le(UInt16.self, at: 56))
+            : (bytes.le(UInt32.self, at: 24).map(UInt64.init), bytes.le(UInt32.self, at: 28).map(UInt64.init),
+               bytes.le(UInt16.self, at: 42), bytes.le(UInt16.self, at: 44))
+        guard let entry = header.entry, let programHeaderOffset = header.programHeaders,
+              let entrySize = header.entrySize, let programHeaderCount = header.count else { throw fail("truncated header") }
+        let minimumEntrySize: UInt16 = is64 ? 56 : 32
+        guard entrySize >= minimumEntrySize else { throw fail("program header size \(entrySize) is below \(minimumEntrySize)") }
         guard programHeaderOffset < UInt64(bytes.count),
               UInt64(programHeaderCount) * UInt64(entrySize) <= UInt64(bytes.count) - programHeaderOffset else {
             throw fail("program headers lie outside the file")
@@ -78,11 +86,14 @@ public struct KernelImage: Sendable {
         var pvhEntry: UInt64?
         for index in 0..<Int(programHeaderCount) {
             let base = Int(programHeaderOffset) + index * Int(entrySize)
-            guard let type = bytes.le(UInt32.self, at: base),
-                  let offset = bytes.le(UInt64.self, at: base + 8),
-                  let physical = bytes.le(UInt64.self, at: base + 24),
-                  let fileSize = bytes.le(UInt64.self, at: base + 32),
-                  let memorySize = bytes.le(UInt64.self, at: base + 40) else { throw fail("truncated program header \(index)") }
+            let fields: (type: UInt32?, offset: UInt64?, physical: UInt64?, fileSize: UInt64?, memorySize: UInt64?) = is64
+                ? (bytes.le(UInt32.self, at: base), bytes.le(UInt64.self, at: base + 8), bytes.le(UInt64.self, at: base + 24),
+                   bytes.le(UInt64.self, at: base + 32), bytes.le(UInt64.self, at: base + 40))
+                : (bytes.le(UInt32.self, at: base), bytes.le(UInt32.self, at: base + 4).map(UInt64.init),
+                   bytes.le(UInt32.self, at: base + 12).map(UInt64.init), bytes.le(UInt32.self, at: base + 16).map(UInt64.init),
+                   bytes.le(UInt32.self, at: base + 20).map(UInt64.init))
+            guard let type = fields.type, let offset = fields.offset, let physical = fields.physical,
+                  let fileSize = fields.fileSize, let memorySize = fields.memorySize else { throw fail("truncated program header \(index)") }
             guard offset <= UInt64(bytes.count), fileSize <= UInt64(bytes.count) - offset else {
                 throw fail("segment \(index) lies outside the file")
             }
@@ -99,6 +110,9 @@ public struct KernelImage: Sendable {
             }
         }
         guard !segments.isEmpty else { throw fail("no PT_LOAD segment") }
+        guard is64 || pvhEntry != nil else {
+            throw fail("a 32-bit (ELFCLASS32) kernel boots only through PVH, and this one has no XEN_ELFNOTE_PHYS32_ENTRY note")
+        }
         let kernel = KernelImage(path: path, format: .elf, bytes: bytes, segments: segments, elfEntry: entry,
                                  pvhEntry: pvhEntry, setupHeader: [], bootProtocolVersion: 0,
                                  bzImageLoadAddress: 0, bzImageInitSize: 0, payloadOffset: 0,

@@ -17,7 +17,16 @@ public enum MachineLayout {
     public static let commandLineAddress = GuestPhysicalAddress(0x20000)
     /// Start of the extended BIOS data area: RAM below it is usable, above it is reserved.
     public static let ebdaStart: UInt64 = 0x9fc00
-    /// The MP table sits in the BIOS area, where Linux scans for `_MP_` (0xF0000–0xFFFFF).
+    /// The BIOS area (0xE0000–0xFFFFF), reserved in the e820 map: Linux and other guests scan
+    /// it for the ACPI RSDP and the MP floating pointer.
+    public static let biosAreaStart: UInt64 = 0xe0000
+    public static let biosAreaSize: UInt64 = 0x20000
+    /// ACPI tables (RSDP first, where scans find it) in the lower half of the BIOS area...
+    public static let acpiTablesAddress = GuestPhysicalAddress(0xe0000)
+    public static let acpiTablesLimit: UInt64 = 0xf000
+    /// ...then the 16-byte VM generation ID on a page of its own, which the guest maps...
+    public static let generationIDAddress = GuestPhysicalAddress(0xef000)
+    /// ...and the MP table in the upper half, where Linux scans for `_MP_` (0xF0000–0xFFFFF).
     public static let mpTableAddress = GuestPhysicalAddress(0xf0000)
     public static let mpTableLimit: UInt64 = 0x10000
     public static let highMemoryStart: UInt64 = 0x100000
@@ -81,7 +90,7 @@ public struct E820Entry: Equatable, Sendable {
         var entries = [
             E820Entry(address: 0, size: MachineLayout.ebdaStart, kind: .ram),
             E820Entry(address: MachineLayout.ebdaStart, size: 0xa0000 - MachineLayout.ebdaStart, kind: .reserved),
-            E820Entry(address: MachineLayout.mpTableAddress.rawValue, size: MachineLayout.mpTableLimit, kind: .reserved),
+            E820Entry(address: MachineLayout.biosAreaStart, size: MachineLayout.biosAreaSize, kind: .reserved),
             E820Entry(address: MachineLayout.highMemoryStart, size: lowEnd - MachineLayout.highMemoryStart, kind: .ram),
         ]
         if size > lowEnd {

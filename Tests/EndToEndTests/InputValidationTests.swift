@@ -30,14 +30,19 @@ import Testing
                                "nor a bzImage (expected \"HdrS\" at offset 0x202"])
     }
 
-    @Test func thirtyTwoBitELF() throws {
+    @Test("a 32-bit ELF kernel without a PVH note is refused, naming the note it lacks")
+    func thirtyTwoBitELFWithoutPVH() throws {
         let directory = try Harness.temporaryDirectory()
         let path = directory.appendingPathComponent("elf32")
-        var bytes = [UInt8](repeating: 0, count: 128)
+        var bytes = [UInt8](repeating: 0, count: 256)
         bytes[0...3] = [0x7f, 0x45, 0x4c, 0x46]
-        bytes[4] = 1
+        bytes[4] = 1; bytes[5] = 1; bytes[18] = 3                 // ELFCLASS32, little-endian, EM_386
+        bytes[28] = 52; bytes[42] = 32; bytes[44] = 1             // one 32-byte program header at 52
+        bytes[52] = 1                                             // PT_LOAD
+        bytes[56] = 128; bytes[66] = 0x10                         // from offset 128, to 1 MiB
+        bytes[68] = 16; bytes[72] = 16                            // 16 bytes
         try Data(bytes).write(to: path)
-        try refused(["--kernel", path.path], mentions: ["ELF class 1; only 64-bit (ELFCLASS64) kernels boot"])
+        try refused(["--kernel", path.path], mentions: ["a 32-bit (ELFCLASS32) kernel boots only through PVH", "XEN_ELFNOTE_PHYS32_ENTRY"])
     }
 
     @Test func memoryTooSmall() throws {
