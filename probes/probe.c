@@ -1,5 +1,5 @@
 /* Vireo probe guest: a freestanding program that reports, over COM1, what the VMM gave it.
- * The command line picks the test: probe=info|smp|irq|triple|ports|hello. Output lines are
+ * The command line picks the test: probe=info|smp|irq|triple|acpi|reboot|ports|hello|... Output lines are
  * "key: value" so the host test can assert them; the probe ends by pulsing the reset line
  * (i8042 0xFE), which Vireo reports as a clean reboot, or by writing QEMU's isa-debug-exit port. */
 #include <stdint.h>
@@ -47,6 +47,7 @@ static void put_dec(uint64_t v) {
 /* ---- boot information, normalised over the two entry protocols ---- */
 struct e820 { uint64_t addr, size; uint32_t type; };
 static int boot_mode;
+static uint64_t rsdp_from_boot;     /* zero page acpi_rsdp_addr or PVH rsdp_paddr; 0 if not given */
 static const char *cmdline = "";
 static uint64_t initrd_addr, initrd_size;
 static struct e820 memmap[32];
@@ -60,6 +61,7 @@ static void read_boot_info(int mode, uintptr_t info) {
         if (cl) cmdline = (const char *)cl;
         initrd_addr = *(const uint32_t *)(zp + 0x218) | ((uint64_t)*(const uint32_t *)(zp + 0xc0) << 32);
         initrd_size = *(const uint32_t *)(zp + 0x21c);
+        rsdp_from_boot = *(const uint64_t *)(zp + 0x070);
         memmap_count = zp[0x1e8];
         if (memmap_count > 32) memmap_count = 32;
         for (int i = 0; i < memmap_count; i++) {
@@ -78,6 +80,7 @@ static void read_boot_info(int mode, uintptr_t info) {
             initrd_addr = *(const uint64_t *)mod;
             initrd_size = *(const uint64_t *)(mod + 8);
         }
+        rsdp_from_boot = *(const uint64_t *)(si + 32);
         const uint8_t *mm = (const uint8_t *)*(const uint64_t *)(si + 40);
         memmap_count = (int)*(const uint32_t *)(si + 48);
         if (memmap_count > 32) memmap_count = 32;
@@ -146,6 +149,134 @@ static int parse_mp_table(void) {
     return 0;
 }
 
+/* ---- ACPI: RSDP → XSDT → FADT/MADT → DSDT, every checksum checked. The DSDT is read without
+ * an AML interpreter: named objects are found by their encodings (as small kernels find \_S5). */
+static struct {
+    int found, checksums_ok, hw_reduced;
+    uint64_t rsdp, xsdt, fadt, madt, dsdt;
+    uint16_t reset_port, sleep_port, status_port, ged_port;
+    uint8_t reset_value, s5_type;
+    uint32_t ged_gsi, dsdt_length;
+    int virtio_count, cpu_count;
+    int apic_ids[64];
+    uint32_t ioapic_addr;
+    uint64_t vmgenid_addr;
+} acpi;
+
+static int bytes_eq(const uint8_t *a, const char *b, int n) { for (int i = 0; i < n; i++) if (a[i] != (uint8_t)b[i]) return 0; return 1; }
+
+static int table_ok(uint64_t address, const char *signature) {
+    const uint8_t *t = (const uint8_t *)address;
+    if (!bytes_eq(t, signature, 4)) { puts_raw("acpi: table at "); put_hex(address); puts_raw(" is not "); puts_raw(signature); puts_raw("\n"); return 0; }
+    uint32_t length = *(const uint32_t *)(t + 4);
+    if (length < 36 || length > 0x10000 || checksum(t, length) != 0) {
+        puts_raw("acpi: "); puts_raw(signature); puts_raw(" checksum or length bad\n"); return 0;
+    }
+    return 1;
+}
+
+/* The first AML integer at p (Zero, One, Byte/Word/DWordConst). */
+static uint64_t aml_integer(const uint8_t *p) {
+    switch (p[0]) {
+    case 0x00: return 0;
+    case 0x01: return 1;
+    case 0x0a: return p[1];
+    case 0x0b: return *(const uint16_t *)(p + 1);
+    case 0x0c: return *(const uint32_t *)(p + 1);
+    default: return ~0ull;
+    }
+}
+
+static const uint8_t *find_bytes(const uint8_t *from, const uint8_t *end, const char *needle, int n) {
+    for (const uint8_t *p = from; p + n <= end; p++) if (bytes_eq(p, needle, n)) return p;
+    return 0;
+}
+
+static void parse_dsdt(void) {
+    const uint8_t *d = (const uint8_t *)acpi.dsdt;
+    const uint8_t *end = d + acpi.dsdt_length;
+    for (const uint8_t *p = d + 36; (p = find_bytes(p, end, "LNRO0005", 8)); p += 8) acpi.virtio_count++;
+    /* Name(\_S5, Package(4){type, ...}): NameOp, '\', "_S5_", PackageOp, PkgLength, count, type. */
+    const uint8_t *s5 = find_bytes(d + 36, end, "_S5_", 4);
+    if (s5 && s5[4] == 0x12) acpi.s5_type = (uint8_t)aml_integer(s5 + 7);
+    /* The GED: its _CRS interrupt descriptor (0x89) and its SystemIO operation region. */
+    const uint8_t *ged = find_bytes(d + 36, end, "ACPI0013", 8);
+    if (ged) {
+        for (const uint8_t *p = ged; p + 9 <= end; p++)
+            if (p[0] == 0x89 && p[1] == 0x06 && p[2] == 0 && p[4] == 1) { acpi.ged_gsi = *(const uint32_t *)(p + 5); break; }
+        for (const uint8_t *p = ged; p + 8 <= end; p++)
+            if (p[0] == 0x5b && p[1] == 0x80 && p[6] == 0x01) { acpi.ged_port = (uint16_t)aml_integer(p + 7); break; }
+    }
+    /* VGEN's Name(ADDR, Package(2){DWord low, DWord high}). */
+    const uint8_t *addr = find_bytes(d + 36, end, "ADDR", 4);
+    if (addr && addr[4] == 0x12 && addr[7] == 0x0c && addr[12] == 0x0c)
+        acpi.vmgenid_addr = *(const uint32_t *)(addr + 8) | ((uint64_t)*(const uint32_t *)(addr + 13) << 32);
+}
+
+static void parse_madt(void) {
+    const uint8_t *m = (const uint8_t *)acpi.madt;
+    uint32_t length = *(const uint32_t *)(m + 4);
+    for (uint32_t off = 44; off + 2 <= length && m[off + 1] >= 2; off += m[off + 1]) {
+        const uint8_t *e = m + off;
+        if (e[0] == 0 && (*(const uint32_t *)(e + 4) & 1) && acpi.cpu_count < 64) acpi.apic_ids[acpi.cpu_count++] = e[3];
+        if (e[0] == 9 && (*(const uint32_t *)(e + 8) & 1) && acpi.cpu_count < 64) acpi.apic_ids[acpi.cpu_count++] = (int)*(const uint32_t *)(e + 4);
+        if (e[0] == 1) acpi.ioapic_addr = *(const uint32_t *)(e + 4);
+    }
+}
+
+static int parse_acpi(void) {
+    if (acpi.found) return 1;
+    uint64_t rsdp = rsdp_from_boot;
+    const char *source = rsdp ? (boot_mode == MODE_PVH ? "pvh" : "zeropage") : "scan";
+    if (!rsdp)
+        for (uintptr_t a = 0xe0000; a < 0x100000; a += 16)
+            if (bytes_eq((const uint8_t *)a, "RSD PTR ", 8)) { rsdp = a; break; }
+    if (!rsdp) return 0;
+    const uint8_t *r = (const uint8_t *)rsdp;
+    acpi.rsdp = rsdp;
+    acpi.checksums_ok = checksum(r, 20) == 0 && checksum(r, 36) == 0;
+    acpi.xsdt = *(const uint64_t *)(r + 24);
+    puts_raw("acpi: rsdp="); put_hex(rsdp); puts_raw(" revision="); put_dec(r[15]); puts_raw(" source="); puts_raw(source); puts_raw("\n");
+    if (!acpi.checksums_ok || !table_ok(acpi.xsdt, "XSDT")) { acpi.checksums_ok = 0; return 0; }
+    const uint8_t *x = (const uint8_t *)acpi.xsdt;
+    uint32_t entries = (*(const uint32_t *)(x + 4) - 36) / 8;
+    for (uint32_t i = 0; i < entries; i++) {
+        uint64_t t = *(const uint64_t *)(x + 36 + i * 8);
+        if (bytes_eq((const uint8_t *)t, "FACP", 4)) acpi.fadt = t;
+        if (bytes_eq((const uint8_t *)t, "APIC", 4)) acpi.madt = t;
+    }
+    if (!acpi.fadt || !acpi.madt || !table_ok(acpi.fadt, "FACP") || !table_ok(acpi.madt, "APIC")) { acpi.checksums_ok = 0; return 0; }
+    const uint8_t *f = (const uint8_t *)acpi.fadt;
+    acpi.hw_reduced = (*(const uint32_t *)(f + 112) >> 20) & 1;
+    acpi.reset_port = (uint16_t)*(const uint64_t *)(f + 116 + 4);
+    acpi.reset_value = f[128];
+    acpi.dsdt = *(const uint64_t *)(f + 140);
+    acpi.sleep_port = (uint16_t)*(const uint64_t *)(f + 244 + 4);
+    acpi.status_port = (uint16_t)*(const uint64_t *)(f + 256 + 4);
+    if (!table_ok(acpi.dsdt, "DSDT")) { acpi.checksums_ok = 0; return 0; }
+    acpi.dsdt_length = *(const uint32_t *)((const uint8_t *)acpi.dsdt + 4);
+    parse_madt();
+    parse_dsdt();
+    acpi.found = 1;
+    return 1;
+}
+
+static void print_acpi(void) {
+    puts_raw("acpi: checksums ok\n");
+    puts_raw("acpi: madt cpus="); put_dec((uint64_t)acpi.cpu_count); puts_raw(" ioapic="); put_hex(acpi.ioapic_addr); puts_raw("\n");
+    puts_raw("acpi: fadt hw_reduced="); put_dec((uint64_t)acpi.hw_reduced);
+    puts_raw(" reset="); put_hex(acpi.reset_port); puts_raw("/"); put_hex(acpi.reset_value);
+    puts_raw(" sleep="); put_hex(acpi.sleep_port); puts_raw(" status="); put_hex(acpi.status_port); puts_raw("\n");
+    puts_raw("acpi: dsdt s5="); put_dec(acpi.s5_type); puts_raw(" virtio="); put_dec((uint64_t)acpi.virtio_count);
+    puts_raw(" ged_gsi="); put_dec(acpi.ged_gsi); puts_raw(" ged_port="); put_hex(acpi.ged_port); puts_raw("\n");
+    if (acpi.vmgenid_addr) {
+        const uint8_t *g = (const uint8_t *)acpi.vmgenid_addr;
+        puts_raw("acpi: vmgenid=");
+        for (int i = 0; i < 16; i++) { putc_raw("0123456789abcdef"[g[i] >> 4]); putc_raw("0123456789abcdef"[g[i] & 15]); }
+        puts_raw("\n");
+    }
+}
+
 /* ---- probe=info ---- */
 static void probe_info(void) {
     puts_raw("cmdline: "); puts_raw(cmdline); puts_raw("\n");
@@ -181,6 +312,8 @@ static void probe_info(void) {
     char sig[13];
     *(uint32_t *)&sig[0] = r[1]; *(uint32_t *)&sig[4] = r[2]; *(uint32_t *)&sig[8] = r[3]; sig[12] = 0;
     puts_raw(" hv_signature="); puts_raw(sig); puts_raw("\n");
+    if (parse_acpi()) print_acpi();
+    else puts_raw("acpi: none\n");
     if (parse_mp_table()) {
         puts_raw("mptable: cpus="); put_dec((uint64_t)mp_cpu_count);
         puts_raw(" ioapic="); put_hex(mp_ioapic_addr); puts_raw("\n");
@@ -207,7 +340,12 @@ static void icr_send(uint32_t apic, uint32_t low) {
 }
 
 static void probe_smp(void) {
-    if (!parse_mp_table()) return;
+    /* The CPUs the platform describes: the MADT with ACPI, the MP table without. */
+    if (parse_acpi()) {
+        mp_cpu_count = acpi.cpu_count;
+        for (int i = 0; i < acpi.cpu_count; i++) mp_apic_ids[i] = acpi.apic_ids[i];
+        puts_raw("smp: cpus from the madt\n");
+    } else if (!parse_mp_table()) return;
     uint8_t *dst = (uint8_t *)0x10000;
     for (char *s = trampoline_load; s < trampoline_load + (trampoline_end - trampoline_start); s++) *dst++ = (uint8_t)*s;
     mmio_write32(LAPIC_BASE + 0xf0, mmio_read32(LAPIC_BASE + 0xf0) | 0x100);
@@ -272,6 +410,71 @@ static void probe_irq(void) {
     while (serial_byte < 0) __asm__ volatile("hlt");
     __asm__ volatile("cli");
     puts_raw("irq: serial rx="); putc_raw((char)serial_byte); puts_raw(" vector=0x24\n");
+}
+
+/* ---- probe=acpi: read the tables, wait for the power button (the GED's interrupt through the
+ * IOAPIC), then do what acpi-action= says: s5 (power off, the default), reset, or ignore ---- */
+static volatile int ged_fired;
+__attribute__((interrupt)) static void ged_isr(struct interrupt_frame *f) { (void)f; ged_fired = 1; lapic_eoi(); }
+
+static void acpi_power_off(void) {
+    outb(acpi.sleep_port, (uint8_t)((acpi.s5_type << 2) | 0x20));
+}
+
+static void probe_acpi(void) {
+    if (!parse_acpi()) { puts_raw("acpi: none\n"); return; }
+    print_acpi();
+    char action[16] = "s5";
+    cmdline_value("acpi-action", action, sizeof action);
+    if (str_eq(action, "reset-now")) {
+        puts_raw("acpi: writing the reset register\n");
+        outb(acpi.reset_port, acpi.reset_value);
+        for (volatile int i = 0; i < 1000000; i++) {}
+        puts_raw("acpi: still running after reset (unexpected)\n");
+        return;
+    }
+    for (int v = 0; v < 256; v++) set_gate(v, spurious_isr);
+    set_gate(0x30, ged_isr);
+    struct { uint16_t limit; uint64_t base; } __attribute__((packed)) idtr = { sizeof(idt) - 1, (uint64_t)idt };
+    __asm__ volatile("lidt %0" :: "m"(idtr));
+    outb(0x21, 0xff); outb(0xa1, 0xff);
+    mmio_write32(LAPIC_BASE + 0xf0, 0x1ff);
+    mmio_write32(LAPIC_BASE + 0x80, 0);
+    ioapic_route((int)acpi.ged_gsi, 0x30);
+    puts_raw("acpi: waiting for the power button\n");
+    for (;;) {
+        __asm__ volatile("sti; hlt; cli");
+        if (!ged_fired) continue;
+        ged_fired = 0;
+        uint8_t events = inb(acpi.ged_port);
+        puts_raw("acpi: ged interrupt events="); put_hex(events); puts_raw("\n");
+        if (!(events & 1)) continue;
+        puts_raw("acpi: power button pressed\n");
+        if (str_eq(action, "ignore")) { puts_raw("acpi: ignoring it\n"); continue; }
+        if (str_eq(action, "reset")) { outb(acpi.reset_port, acpi.reset_value); continue; }
+        puts_raw("acpi: entering S5\n");
+        acpi_power_off();
+        puts_raw("acpi: still running after S5 (unexpected)\n");
+        return;
+    }
+}
+
+/* ---- probe=reboot: tells a fresh boot from one whose RAM survived, brings up every AP the
+ * platform lists, then resets through the ACPI reset register (the i8042 without ACPI) ---- */
+#define REBOOT_MARKER ((volatile uint64_t *)0x1800000UL)
+static void probe_reboot(void) {
+    if (*REBOOT_MARKER == 0x5649524545424f4full) puts_raw("reboot: marker survived, RAM was not cleared\n");
+    else puts_raw("reboot: RAM clear\n");
+    *REBOOT_MARKER = 0x5649524545424f4full;
+    probe_smp();
+    if (parse_acpi()) {
+        puts_raw("reboot: resetting through the ACPI reset register\n");
+        outb(acpi.reset_port, acpi.reset_value);
+    } else {
+        puts_raw("reboot: resetting through the i8042\n");
+        outb(0x64, 0xfe);
+    }
+    for (;;) __asm__ volatile("cli; hlt");
 }
 
 /* ---- probe=triple: an exception with no IDT shuts the CPU down ---- */
@@ -839,11 +1042,16 @@ static void probe_balloon(void) {
 /* ---- probe=ticker: prints "tick N" forever from ring 3 (native speed here), so a test can see
  * whether the guest makes progress (pause/resume); polls the i8042 and resets the machine when
  * Ctrl-Alt-Del arrives, as a guest that honours a graceful shutdown request would ---- */
+static int ticker_ignores_button;
 static void user_ticker(uint64_t spin) {
     int ctrl = 0, alt = 0, extended = 0, release = 0;
     for (uint64_t tick = 0;; tick++) {
         for (volatile uint64_t i = 0; i < spin; i++) {}
         puts_raw("tick "); put_dec(tick); puts_raw("\n");
+        if (acpi.found && (inb(acpi.ged_port) & 1)) {
+            if (ticker_ignores_button) puts_raw("ticker: power button, ignored\n");
+            else { puts_raw("ticker: power button, entering S5\n"); acpi_power_off(); }
+        }
         while (inb(0x64) & 1) {
             uint8_t code = inb(0x60);
             /* Set 1 (translated) and set 2 codes for Ctrl, Alt and Delete. */
@@ -875,6 +1083,8 @@ void probe_main(int mode, uintptr_t info) {
     else if (str_eq(what, "smp")) probe_smp();
     else if (str_eq(what, "irq")) probe_irq();
     else if (str_eq(what, "triple")) probe_triple();
+    else if (str_eq(what, "acpi")) probe_acpi();
+    else if (str_eq(what, "reboot")) probe_reboot();
     else if (str_eq(what, "blk")) probe_blk();
     else if (str_eq(what, "blkloop")) probe_blkloop();
     else if (str_eq(what, "rng")) probe_rng();
@@ -889,6 +1099,8 @@ void probe_main(int mode, uintptr_t info) {
     } else if (str_eq(what, "ticker")) {
         char n[24];
         uint64_t spin = cmdline_value("spin", n, sizeof n) ? parse_dec(n) : 20000000;
+        ticker_ignores_button = cmdline_value("ignore-button", n, sizeof n) && n[0] == '1';
+        parse_acpi();
         enter_user_mode(user_ticker, spin);
     } else if (str_eq(what, "hello")) puts_raw("hello from the probe\n");
     else { puts_raw("probe: unknown probe "); puts_raw(what); puts_raw("\n"); }

@@ -21,6 +21,10 @@ public struct VMDescription: Codable, Sendable {
     public var memoryBytes: UInt64
     public var startedAt: UInt64
     public var uptimeMs: UInt64
+    /// Boots in this process: 1, plus one per reboot in place. Absent from older VMMs.
+    public var boots: Int?
+    /// Whether the machine has ACPI (and so a power button).
+    public var acpi: Bool?
 }
 
 public struct VMCounters: Codable, Sendable {

@@ -31,6 +31,18 @@ const unsigned long VIREO_KVM_GET_MSRS = KVM_GET_MSRS;
 const unsigned long VIREO_KVM_GET_LAPIC = KVM_GET_LAPIC;
 const unsigned long VIREO_KVM_SET_LAPIC = KVM_SET_LAPIC;
 const unsigned long VIREO_KVM_GET_MP_STATE = KVM_GET_MP_STATE;
+const unsigned long VIREO_KVM_SET_MP_STATE = KVM_SET_MP_STATE;
+const unsigned long VIREO_KVM_GET_FPU = KVM_GET_FPU;
+const unsigned long VIREO_KVM_GET_VCPU_EVENTS = KVM_GET_VCPU_EVENTS;
+const unsigned long VIREO_KVM_SET_VCPU_EVENTS = KVM_SET_VCPU_EVENTS;
+const unsigned long VIREO_KVM_GET_DEBUGREGS = KVM_GET_DEBUGREGS;
+const unsigned long VIREO_KVM_SET_DEBUGREGS = KVM_SET_DEBUGREGS;
+const unsigned long VIREO_KVM_GET_XCRS = KVM_GET_XCRS;
+const unsigned long VIREO_KVM_SET_XCRS = KVM_SET_XCRS;
+const unsigned long VIREO_KVM_GET_IRQCHIP = KVM_GET_IRQCHIP;
+const unsigned long VIREO_KVM_SET_IRQCHIP = KVM_SET_IRQCHIP;
+const unsigned long VIREO_KVM_GET_PIT2 = KVM_GET_PIT2;
+const unsigned long VIREO_KVM_SET_PIT2 = KVM_SET_PIT2;
 
 const int VIREO_KVM_CAP_NR_VCPUS = KVM_CAP_NR_VCPUS;
 const int VIREO_KVM_CAP_MAX_VCPUS = KVM_CAP_MAX_VCPUS;
@@ -41,6 +53,9 @@ const int VIREO_KVM_CAP_SET_TSS_ADDR = KVM_CAP_SET_TSS_ADDR;
 const int VIREO_KVM_CAP_EXT_CPUID = KVM_CAP_EXT_CPUID;
 const int VIREO_KVM_CAP_IMMEDIATE_EXIT = KVM_CAP_IMMEDIATE_EXIT;
 const int VIREO_KVM_CAP_NR_MEMSLOTS = KVM_CAP_NR_MEMSLOTS;
+const int VIREO_KVM_CAP_XCRS = KVM_CAP_XCRS;
+const int VIREO_KVM_CAP_VCPU_EVENTS = KVM_CAP_VCPU_EVENTS;
+const int VIREO_KVM_CAP_DEBUGREGS = KVM_CAP_DEBUGREGS;
 
 int vireo_ioctl_none(int fd, unsigned long request) { return ioctl(fd, request, 0); }
 int vireo_ioctl_value(int fd, unsigned long request, unsigned long value) { return ioctl(fd, request, value); }

@@ -9,8 +9,8 @@ struct Run: ParsableCommand {
             goes to the guest. Press Ctrl-A then x to power the VM off and quit; Ctrl-A Ctrl-A \
             sends a literal Ctrl-A.
 
-            Exit status: 0 when the guest powers off or reboots (a reboot ends the run) or you \
-            quit from the console; 1 when a vCPU triple-faults, KVM reports an internal error or \
+            Exit status: 0 when the guest powers off or reboots (a reboot ends the run unless \
+            --on-reboot restart) or you quit from the console; 1 when a vCPU triple-faults, KVM reports an internal error or \
             the VMM fails (a one-line reason is printed); 2 for invalid input, refused before \
             anything starts; 128+N when stopped by signal N.
             """)
@@ -50,6 +50,12 @@ struct Run: ParsableCommand {
     @Flag(help: "Attach a virtio-rng device fed from the host's /dev/urandom.")
     var rng = false
 
+    @Option(help: ArgumentHelp("on: describe the machine with ACPI tables (CPUs, devices, power button, reset); off: an MP table and virtio_mmio.device= on the command line, for kernels built without ACPI.", valueName: "on|off"))
+    var acpi: String = "on"
+
+    @Option(name: .customLong("on-reboot"), help: ArgumentHelp("What a guest's reboot does: exit ends the run (status 0); restart boots the VM again in this process.", valueName: "restart|exit"))
+    var onReboot: String = "exit"
+
     func run() throws {
         let machine: Machine
         do {
@@ -62,6 +68,8 @@ struct Run: ParsableCommand {
             if let vsock { configuration.vsock = try VsockConfiguration(parsing: vsock) }
             if let balloon { configuration.balloon = try BalloonConfiguration(parsing: balloon) }
             configuration.entropyDevice = rng
+            configuration.acpi = try parseACPISwitch(acpi)
+            configuration.onReboot = try RebootPolicy(parsing: onReboot)
             machine = try Machine(configuration: configuration)
         } catch {
             throw fail(error)

@@ -23,6 +23,9 @@ public final class I8042: PortIODevice {
         self.resetRequested = resetRequested
     }
 
+    /// Power-on state, for a reboot in place.
+    public func resetState() { state.withLock { $0 = State() } }
+
     /// Queues the scan codes of Ctrl and Alt and Delete pressed and released, in the code set
     /// the guest reads: set 1 when the controller translates (command byte bit 6, the PC default
     /// and Linux's), set 2 otherwise.

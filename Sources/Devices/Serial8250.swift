@@ -54,6 +54,15 @@ public final class Serial8250: PortIODevice {
         self.interrupt = interrupt
     }
 
+    /// Power-on register state, for a reboot in place; bytes the host typed but the guest has not
+    /// read are dropped with the old boot, and the interrupt line goes low.
+    public func resetState() {
+        state.withLock { registers in
+            registers = Registers()
+            interrupt.setLevel(false)
+        }
+    }
+
     /// Bytes from the host side (a terminal, a socket). Drops what does not fit, as a real UART
     /// overruns, rather than growing without bound.
     public func receive(_ bytes: some Sequence<UInt8>) {

@@ -119,6 +119,44 @@ public final class VCPU: @unchecked Sendable {
         try setState(VIREO_KVM_SET_SREGS, "KVM_SET_SREGS", sregs)
     }
 
+    public func fpu() throws(KVMError) -> kvm_fpu {
+        try getState(VIREO_KVM_GET_FPU, "KVM_GET_FPU", kvm_fpu())
+    }
+
+    public func multiprocessingState() throws(KVMError) -> kvm_mp_state {
+        try getState(VIREO_KVM_GET_MP_STATE, "KVM_GET_MP_STATE", kvm_mp_state())
+    }
+
+    public func setMultiprocessingState(_ state: kvm_mp_state) throws(KVMError) {
+        try setState(VIREO_KVM_SET_MP_STATE, "KVM_SET_MP_STATE", state)
+    }
+
+    /// Pending exceptions, interrupts, NMIs and SMIs.
+    public func events() throws(KVMError) -> kvm_vcpu_events {
+        try getState(VIREO_KVM_GET_VCPU_EVENTS, "KVM_GET_VCPU_EVENTS", kvm_vcpu_events())
+    }
+
+    public func setEvents(_ events: kvm_vcpu_events) throws(KVMError) {
+        try setState(VIREO_KVM_SET_VCPU_EVENTS, "KVM_SET_VCPU_EVENTS", events)
+    }
+
+    public func debugRegisters() throws(KVMError) -> kvm_debugregs {
+        try getState(VIREO_KVM_GET_DEBUGREGS, "KVM_GET_DEBUGREGS", kvm_debugregs())
+    }
+
+    public func setDebugRegisters(_ registers: kvm_debugregs) throws(KVMError) {
+        try setState(VIREO_KVM_SET_DEBUGREGS, "KVM_SET_DEBUGREGS", registers)
+    }
+
+    /// Extended control registers (XCR0); only where KVM_CAP_XCRS is offered.
+    public func extendedControlRegisters() throws(KVMError) -> kvm_xcrs {
+        try getState(VIREO_KVM_GET_XCRS, "KVM_GET_XCRS", kvm_xcrs())
+    }
+
+    public func setExtendedControlRegisters(_ registers: kvm_xcrs) throws(KVMError) {
+        try setState(VIREO_KVM_SET_XCRS, "KVM_SET_XCRS", registers)
+    }
+
     public func setFPU(_ fpu: kvm_fpu) throws(KVMError) {
         try setState(VIREO_KVM_SET_FPU, "KVM_SET_FPU", fpu)
     }

@@ -50,6 +50,30 @@ public final class VirtualMachine: @unchecked Sendable {
         _ = try systemCall("KVM_CREATE_PIT2") { vireo_ioctl_pointer(fd, VIREO_KVM_CREATE_PIT2, &config) }
     }
 
+    /// One in-kernel interrupt controller's state: 0 and 1 are the master and slave PICs, 2 the IOAPIC.
+    public func interruptControllerState(chip: UInt32) throws(KVMError) -> kvm_irqchip {
+        var state = kvm_irqchip()
+        state.chip_id = chip
+        _ = try systemCall("KVM_GET_IRQCHIP \(chip)") { vireo_ioctl_pointer(fd, VIREO_KVM_GET_IRQCHIP, &state) }
+        return state
+    }
+
+    public func setInterruptControllerState(_ state: kvm_irqchip) throws(KVMError) {
+        var state = state
+        _ = try systemCall("KVM_SET_IRQCHIP \(state.chip_id)") { vireo_ioctl_pointer(fd, VIREO_KVM_SET_IRQCHIP, &state) }
+    }
+
+    public func timerState() throws(KVMError) -> kvm_pit_state2 {
+        var state = kvm_pit_state2()
+        _ = try systemCall("KVM_GET_PIT2") { vireo_ioctl_pointer(fd, VIREO_KVM_GET_PIT2, &state) }
+        return state
+    }
+
+    public func setTimerState(_ state: kvm_pit_state2) throws(KVMError) {
+        var state = state
+        _ = try systemCall("KVM_SET_PIT2") { vireo_ioctl_pointer(fd, VIREO_KVM_SET_PIT2, &state) }
+    }
+
     /// Drives an interrupt line (GSI) of the in-kernel PIC/IOAPIC.
     public func setInterruptLine(_ line: UInt32, level: Bool) throws(KVMError) {
         var irq = kvm_irq_level()

@@ -56,7 +56,61 @@ enum BootMSRs {
         (0xc000_0102, 0),           // KERNEL_GS_BASE
         (0x1a0, 1),                 // IA32_MISC_ENABLE: fast strings
         (0x2ff, (1 << 11) | 6),     // MTRRdefType: MTRRs on, write-back by default
+        (0x277, 0x0007_0406_0007_0406), // IA32_PAT: its power-on value
     ]
+
+    /// MSRs through which a guest makes KVM write into its memory (kvmclock, async page faults,
+    /// steal time, PV EOI) or arms a timer: a reboot turns them off, or the next boot's freshly
+    /// cleared RAM would be written by the hypervisor on the old kernel's behalf. KVM refuses
+    /// them only where the feature is absent, and then the guest cannot have turned it on.
+    static let disabledOnReset: [(index: UInt32, value: UInt64)] = [
+        (0x12, 0),                  // MSR_KVM_SYSTEM_TIME (old)
+        (0x4b56_4d01, 0),           // MSR_KVM_SYSTEM_TIME_NEW
+        (0x4b56_4d02, 0),           // MSR_KVM_ASYNC_PF_EN
+        (0x4b56_4d03, 0),           // MSR_KVM_STEAL_TIME
+        (0x4b56_4d04, 0),           // MSR_KVM_PV_EOI_EN
+        (0x4b56_4d05, 1),           // MSR_KVM_POLL_CONTROL: its reset value
+        (0x6e0, 0),                 // IA32_TSC_DEADLINE: disarmed
+    ]
+}
+
+/// A vCPU's state as built, before the guest first ran: what a reboot in place puts back, in
+/// an order KVM accepts (special registers first, since the APIC base and EFER decide how the
+/// LAPIC and the rest are read; the LAPIC after them; events last).
+struct VCPUPowerOnState {
+    let registers: kvm_regs
+    let specialRegisters: kvm_sregs
+    let fpu: kvm_fpu
+    let localAPIC: [UInt8]
+    let multiprocessing: kvm_mp_state
+    let events: kvm_vcpu_events
+    let debugRegisters: kvm_debugregs
+    /// Nil where the host has no KVM_CAP_XCRS.
+    let extendedControl: kvm_xcrs?
+
+    init(capturing vcpu: VCPU, hasExtendedControl: Bool) throws(KVMError) {
+        registers = try vcpu.registers()
+        specialRegisters = try vcpu.specialRegisters()
+        fpu = try vcpu.fpu()
+        localAPIC = try vcpu.localAPICRegisters()
+        multiprocessing = try vcpu.multiprocessingState()
+        events = try vcpu.events()
+        debugRegisters = try vcpu.debugRegisters()
+        extendedControl = hasExtendedControl ? try vcpu.extendedControlRegisters() : nil
+    }
+
+    func restore(to vcpu: VCPU) throws(KVMError) {
+        try vcpu.setSpecialRegisters(specialRegisters)
+        try vcpu.setRegisters(registers)
+        try vcpu.setFPU(fpu)
+        if let extendedControl { try vcpu.setExtendedControlRegisters(extendedControl) }
+        try vcpu.setMSRs(BootMSRs.values)
+        for msr in BootMSRs.disabledOnReset { try? vcpu.setMSRs([msr]) }
+        try vcpu.setLocalAPICRegisters(localAPIC)
+        try vcpu.setDebugRegisters(debugRegisters)
+        try vcpu.setMultiprocessingState(multiprocessing)
+        try vcpu.setEvents(events)
+    }
 }
 
 extension SegmentRegister {

@@ -137,6 +137,8 @@ final class ControlServer: @unchecked Sendable {
             object.add("memory_bytes", machine.boot.memorySize)
             object.add("started_at", machine.startedAt)
             object.add("uptime_ms", machine.uptimeNanoseconds / 1_000_000)
+            object.add("boots", machine.bootCount)
+            object.add("acpi", machine.hasACPI)
             return object
         case "counters":
             var object = Self.success()
@@ -198,6 +200,17 @@ final class ControlServer: @unchecked Sendable {
             var object = Self.success()
             object.add("state", state)
             return object
+        case "power-button":
+            if machine.isPaused {
+                return Self.failure("paused", "\(vmName) is paused and cannot act on the power button; resume it first, or power it off")
+            }
+            if machine.isStopping { return Self.failure("stopping", "\(vmName) is already stopping") }
+            guard machine.pressPowerButton() else {
+                return Self.failure("no-acpi", "\(vmName) runs without ACPI (--acpi off) and has no power button; use shutdown (Ctrl-Alt-Del) or power-off")
+            }
+            var object = Self.success()
+            object.add("state", state)
+            return object
         case "power-off":
             machine.requestStop(.powerOffRequested)
             var object = Self.success()
@@ -215,7 +228,7 @@ final class ControlServer: @unchecked Sendable {
             object.add("target_bytes", mebibytes << 20)
             return object
         default:
-            return Self.failure("unknown-request", "'\(request.prefix(64))' is not a request; expected one of describe, counters, pause, resume, shutdown, power-off, balloon MIB, console")
+            return Self.failure("unknown-request", "'\(request.prefix(64))' is not a request; expected one of describe, counters, pause, resume, shutdown, power-button, power-off, balloon MIB, console")
         }
     }
 

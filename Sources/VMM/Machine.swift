@@ -56,6 +56,9 @@ public final class Machine: @unchecked Sendable {
     let mmioBus: MMIOBus
     let serial: Serial8250
     let keyboardController: I8042
+    /// The ACPI platform's registers (sleep, reset, GED events); nil when the machine has no ACPI.
+    let acpiRegisters: ACPIRegisters?
+    let virtioTransports: [VirtioMMIOTransport]
     let console: Console
     let stop: StopController
     let pauseGate: PauseGate
@@ -69,6 +72,15 @@ public final class Machine: @unchecked Sendable {
     let dispatcher: NotificationDispatcher
     /// Set once a graceful shutdown was asked for; the guest decides when it happens.
     let shutdownRequested = Atomic<Bool>(false)
+    /// Boots of this machine in this process: 1, plus one per reboot in place.
+    let boots = Atomic<Int>(1)
+    /// What a reboot in place puts back: each vCPU's and the interrupt controllers' and PIT's
+    /// state as built, before the guest first ran.
+    private let vcpuPowerOnStates: [VCPUPowerOnState]
+    private let interruptControllersAtPowerOn: [kvm_irqchip]
+    private let timerAtPowerOn: kvm_pit_state2
+    /// Serialises pause, resume and reboot, which all park and release the vCPUs.
+    private let lifecycle = Mutex<Void>(())
     /// Wall-clock seconds since the epoch when the machine was built, for `describe`.
     public let startedAt = UInt64(time(nil))
     let startedNanoseconds = VMMClock.now()
@@ -117,7 +129,7 @@ public final class Machine: @unchecked Sendable {
         }
         balloon = configuration.balloon.map { VirtioBalloon(deflateOnOOM: $0.deflateOnOOM, statisticsInterval: $0.statisticsInterval) }
         console = try Console(configuration.console)
-        stop = try StopController()
+        stop = try StopController(rebootPolicy: configuration.onReboot)
 
         do {
             vm = try kvm.createVM()
@@ -144,6 +156,9 @@ public final class Machine: @unchecked Sendable {
         do {
             try vm.createInterruptController()
             try vm.createProgrammableIntervalTimer()
+            let vm = self.vm
+            interruptControllersAtPowerOn = try (0..<3).map { (chip) throws(KVMError) in try vm.interruptControllerState(chip: UInt32(chip)) }
+            timerAtPowerOn = try vm.timerState()
         } catch {
             throw .kvm(error)
         }
@@ -156,11 +171,14 @@ public final class Machine: @unchecked Sendable {
         }
 
         var vcpus: [VCPU] = []
+        var powerOnStates: [VCPUPowerOnState] = []
         do {
             let supported = try kvm.supportedCPUID()
+            let hasExtendedControl = kvm.extensionValue(VIREO_KVM_CAP_XCRS) > 0
             for index in 0..<boot.cpuCount {
                 let vcpu = try vm.createVCPU(id: UInt32(index))
                 try vcpu.configureCommon(cpuid: CPUIDTemplate.entries(for: index, of: boot.cpuCount, supported: supported))
+                powerOnStates.append(try VCPUPowerOnState(capturing: vcpu, hasExtendedControl: hasExtendedControl))
                 // Application processors wait in the in-kernel LAPIC for the guest's INIT/SIPI.
                 if index == 0 { try vcpu.configureEntry(prepared.cpuState) }
                 vcpus.append(vcpu)
@@ -169,6 +187,7 @@ public final class Machine: @unchecked Sendable {
             throw .kvm(error)
         }
         self.vcpus = vcpus
+        vcpuPowerOnStates = powerOnStates
         exitCounts = (0..<boot.cpuCount).map { _ in ExitCounter() }
         pauseGate = PauseGate(vcpuCount: boot.cpuCount)
 
@@ -184,13 +203,26 @@ public final class Machine: @unchecked Sendable {
         let useEventFDs = getenv("VIREO_NO_IOEVENTFD") == nil
         let dispatcher = NotificationDispatcher()
         self.dispatcher = dispatcher
-        keyboardController = I8042(interrupt: KVMInterruptLine(vm: vm, line: I8042.defaultInterrupt)) { stop.request(.guestReset) }
+        keyboardController = I8042(interrupt: KVMInterruptLine(vm: vm, line: I8042.defaultInterrupt)) { stop.requestGuestReset() }
+        if boot.platform.usesACPI {
+            acpiRegisters = ACPIRegisters(
+                eventInterrupt: KVMInterruptLine(vm: vm, line: ACPIPlatform.eventInterrupt),
+                softOffSleepType: ACPIPlatform.softOffSleepType, resetValue: ACPIPlatform.resetValue,
+                powerOff: { stop.request(.guestPowerOff) }, reset: { stop.requestGuestReset() },
+                unsupportedSleep: { type in vmmLog("guest asked for sleep state S\(type), which this machine does not offer (only S5); ignored") })
+        } else {
+            acpiRegisters = nil
+        }
         var ports = PortIOBus()
         var mmio = MMIOBus()
         var blockDevices: [(path: String, device: VirtioBlock)] = []
+        var transports: [VirtioMMIOTransport] = []
         do {
             try ports.register(serial, name: "serial 8250 (COM1)", base: UInt64(Serial8250.defaultBase), length: 8)
             try ports.register(keyboardController, name: "i8042", base: UInt64(I8042.dataPort), length: 5)
+            if let acpiRegisters {
+                try ports.register(acpiRegisters, name: "ACPI registers", base: UInt64(ACPIPlatform.sleepControlPort), length: ACPIPlatform.portCount)
+            }
             try ports.register(RTC(), name: "CMOS RTC", base: UInt64(RTC.basePort), length: 2)
             try mmio.register(BootMarker {
                 let elapsed = VMMClock.elapsedNanoseconds
@@ -218,6 +250,7 @@ public final class Machine: @unchecked Sendable {
                 }
                 let transport = VirtioMMIOTransport(device: entry.device, memory: memory, interrupt: interrupt)
                 try mmio.register(transport, name: entry.name, base: slot.address, length: VirtioMMIOTransport.windowSize)
+                transports.append(transport)
                 if useEventFDs { dispatcher.attach(transport, notifyAddress: slot.address + VirtioMMIOTransport.queueNotifyOffset, vm: vm) }
             }
         } catch {
@@ -226,6 +259,7 @@ public final class Machine: @unchecked Sendable {
         portBus = ports
         mmioBus = mmio
         self.blockDevices = blockDevices
+        virtioTransports = transports
     }
 
     var consoleDescription: String { console.kind }
@@ -287,7 +321,21 @@ public final class Machine: @unchecked Sendable {
             }
         }
         threadsLock.withLock { $0 = threads }
-        let exit = stop.wait()
+        var exit: MachineExit
+        while true {
+            switch stop.wait() {
+            case let .stop(reason):
+                exit = reason
+            case .reboot:
+                do throws(VMMError) {
+                    try rebootInPlace()
+                } catch {
+                    stop.request(.vmmFault("reboot failed: \(error)"))
+                }
+                continue
+            }
+            break
+        }
         pauseGate.release()
         kickAll(threads)
         for thread in threads { thread.join() }
@@ -332,17 +380,76 @@ public final class Machine: @unchecked Sendable {
 
     /// Stops every vCPU between instructions; returns once none runs. False if already paused.
     public func pause() -> Bool {
-        pauseGate.pause { kickAll(threadsLock.withLock { $0 }) }
+        lifecycle.withLock { _ in pauseGate.pause { kickAll(threadsLock.withLock { $0 }) } }
     }
 
     /// False if it was not paused.
-    public func resume() -> Bool { pauseGate.resume() }
+    public func resume() -> Bool { lifecycle.withLock { _ in pauseGate.resume() } }
 
-    /// Presses Ctrl-Alt-Del on the guest's keyboard controller: a guest that handles it shuts
-    /// down (or reboots, which ends the VM the same way); one that does not, keeps running.
+    public var bootCount: Int { boots.load(ordering: .relaxed) }
+    public var hasACPI: Bool { acpiRegisters != nil }
+
+    /// Asks the guest to shut down: the ACPI power button where the machine has ACPI
+    /// (VirtualBox's "ACPI Shutdown", `virsh shutdown`), else Ctrl-Alt-Del on the keyboard
+    /// controller. A guest that does not act on it keeps running.
     public func requestShutdown() {
         shutdownRequested.store(true, ordering: .relaxed)
-        keyboardController.pressCtrlAltDel()
+        if let acpiRegisters {
+            acpiRegisters.pressPowerButton(ACPIPlatform.powerButtonEvent)
+        } else {
+            keyboardController.pressCtrlAltDel()
+        }
+    }
+
+    /// Presses the ACPI power button; false when the machine has no ACPI.
+    public func pressPowerButton() -> Bool {
+        guard let acpiRegisters else { return false }
+        shutdownRequested.store(true, ordering: .relaxed)
+        acpiRegisters.pressPowerButton(ACPIPlatform.powerButtonEvent)
+        return true
+    }
+
+    /// The guest reset the machine and the policy is to restart: with every vCPU parked, put
+    /// devices, interrupt controllers, vCPUs and RAM back to power-on state, load the kernel,
+    /// initrd and tables again, and let the vCPUs go. Disks, taps and sockets stay open. A VM the
+    /// user paused meanwhile stays paused, now at the start of its next boot.
+    private func rebootInPlace() throws(VMMError) {
+        try lifecycle.withLock { (_) throws(VMMError) in
+            let started = VMMClock.now()
+            let pausedHere = pauseGate.pause { kickAll(threadsLock.withLock { $0 }) }
+            defer { if pausedHere { _ = pauseGate.resume() } }
+            guard !stop.isStopping else { return }
+            for transport in virtioTransports { transport.resetDevice() }
+            serial.resetState()
+            keyboardController.resetState()
+            acpiRegisters?.resetState()
+            shutdownRequested.store(false, ordering: .relaxed)
+            do throws(GuestMemoryError) {
+                for region in memory.regions { try memory.discard(region.start, length: region.size) }
+            } catch {
+                throw .memory(error)
+            }
+            do throws(KVMError) {
+                for chip in interruptControllersAtPowerOn { try vm.setInterruptControllerState(chip) }
+                try vm.setTimerState(timerAtPowerOn)
+                for (index, vcpu) in vcpus.enumerated() { try vcpuPowerOnStates[index].restore(to: vcpu) }
+            } catch {
+                throw .kvm(error)
+            }
+            let prepared: PreparedBoot
+            do throws(BootError) {
+                prepared = try boot.load(into: memory)
+            } catch {
+                throw .boot(error)
+            }
+            do throws(KVMError) {
+                try vcpus[0].configureEntry(prepared.cpuState)
+            } catch {
+                throw .kvm(error)
+            }
+            let count = boots.add(1, ordering: .relaxed).newValue
+            vmmLog("guest rebooted; boot \(count) starts (reset took \((VMMClock.now() - started) / 1000) us)")
+        }
     }
 
     private func runVCPU(_ index: Int) {
@@ -384,7 +491,7 @@ public final class Machine: @unchecked Sendable {
             case .shutdown:
                 stop.request(.tripleFault(vcpu: index))
             case let .systemEvent(type):
-                stop.request(type == UInt32(KVM_SYSTEM_EVENT_RESET) ? .guestReset : .guestPowerOff)
+                if type == UInt32(KVM_SYSTEM_EVENT_RESET) { stop.requestGuestReset() } else { stop.request(.guestPowerOff) }
             case let .internalError(suberror, data):
                 stop.request(.internalError(vcpu: index, suberror: suberror, data: data))
             case let .failEntry(reason):

@@ -6,7 +6,8 @@ import Glibc
 
 /// Why a VM stopped running.
 public enum MachineExit: Equatable, Sendable {
-    /// The guest pulsed the reset line (i8042 0xFE, Linux's `reboot=k`) or asked KVM for a reset.
+    /// The guest reset the machine (the ACPI reset register, i8042 0xFE, a KVM reset event) and
+    /// the reboot policy is `exit`.
     case guestReset
     /// The guest asked to power off.
     case guestPowerOff
@@ -52,17 +53,36 @@ public enum MachineExit: Equatable, Sendable {
     }
 }
 
+/// What the thread that owns the machine is woken for.
+enum MachineEvent: Equatable {
+    case stop(MachineExit)
+    /// The guest reset the machine and the policy is to boot it again in this process.
+    case reboot
+}
+
 /// Collects the first reason to stop and wakes the thread waiting for it. Later reasons are
-/// dropped: the first is the cause, the rest are consequences of stopping.
+/// dropped: the first is the cause, the rest are consequences of stopping. A guest's reset either
+/// stops the run or asks that thread for a reboot in place, as the reboot policy says.
 final class StopController: Sendable {
     private let reason = Mutex<MachineExit?>(nil)
     private let stopping = Atomic<Bool>(false)
+    private let rebootPending = Atomic<Bool>(false)
     private let eventFD: Int32
+    let rebootPolicy: RebootPolicy
 
-    init() throws(VMMError) {
+    init(rebootPolicy: RebootPolicy) throws(VMMError) {
         let fd = vireo_eventfd_cloexec(0)
         guard fd >= 0 else { throw .host(operation: "eventfd", errno: errno) }
         eventFD = fd
+        self.rebootPolicy = rebootPolicy
+    }
+
+    /// The guest reset the machine (from a vCPU or device; never blocks).
+    func requestGuestReset() {
+        guard rebootPolicy == .restart else { request(.guestReset); return }
+        guard !rebootPending.exchange(true, ordering: .acquiringAndReleasing) else { return }
+        var one: UInt64 = 1
+        _ = write(eventFD, &one, 8)
     }
 
     deinit { close(eventFD) }
@@ -81,9 +101,13 @@ final class StopController: Sendable {
         _ = write(eventFD, &one, 8)
     }
 
-    func wait() -> MachineExit {
-        var value: UInt64 = 0
-        while read(eventFD, &value, 8) < 0 && errno == EINTR {}
-        return reason.withLock { $0 } ?? .vmmFault("stop requested without a reason")
+    /// Blocks until there is a stop or a reboot to act on; a stop wins over a pending reboot.
+    func wait() -> MachineEvent {
+        while true {
+            var value: UInt64 = 0
+            while read(eventFD, &value, 8) < 0 && errno == EINTR {}
+            if let exit = reason.withLock({ $0 }) { return .stop(exit) }
+            if rebootPending.exchange(false, ordering: .acquiringAndReleasing) { return .reboot }
+        }
     }
 }

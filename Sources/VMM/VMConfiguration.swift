@@ -157,6 +157,52 @@ public struct BalloonConfiguration: Equatable, Sendable {
     }
 }
 
+/// What a guest's reboot does (libvirt's `on_reboot`): start it again in the same process, or end
+/// the run as a power-off would.
+public enum RebootPolicy: String, Sendable, CaseIterable {
+    case restart, exit
+
+    public init(parsing text: String) throws(VMMError) {
+        guard let policy = RebootPolicy(rawValue: text) else {
+            throw .invalidConfiguration(field: "--on-reboot", reason: "'\(text)' is not one of restart, exit")
+        }
+        self = policy
+    }
+}
+
+/// `--acpi on|off`.
+public func parseACPISwitch(_ text: String) throws(VMMError) -> Bool {
+    switch text {
+    case "on": return true
+    case "off": return false
+    default: throw .invalidConfiguration(field: "--acpi", reason: "'\(text)' is not one of on, off")
+    }
+}
+
+/// The 128-bit VM generation ID as 32 hex digits (the form the library stores).
+public func parseGenerationID(_ text: String) throws(VMMError) -> [UInt8] {
+    let digits = Array(text.utf8).filter { $0 != UInt8(ascii: "-") }
+    func nibble(_ byte: UInt8) -> UInt8? {
+        switch byte {
+        case UInt8(ascii: "0")...UInt8(ascii: "9"): return byte - UInt8(ascii: "0")
+        case UInt8(ascii: "a")...UInt8(ascii: "f"): return byte - UInt8(ascii: "a") + 10
+        case UInt8(ascii: "A")...UInt8(ascii: "F"): return byte - UInt8(ascii: "A") + 10
+        default: return nil
+        }
+    }
+    guard digits.count == 32 else {
+        throw .invalidConfiguration(field: "--generation-id", reason: "'\(text)' is not 32 hex digits (a UUID's 128 bits)")
+    }
+    var bytes: [UInt8] = []
+    for index in stride(from: 0, to: 32, by: 2) {
+        guard let high = nibble(digits[index]), let low = nibble(digits[index + 1]) else {
+            throw .invalidConfiguration(field: "--generation-id", reason: "'\(text)' is not 32 hex digits (a UUID's 128 bits)")
+        }
+        bytes.append(high << 4 | low)
+    }
+    return bytes
+}
+
 /// What `vireo run` asks for, before anything is validated against the host.
 public struct VMConfiguration: Sendable {
     public var kernelPath: String
@@ -171,6 +217,11 @@ public struct VMConfiguration: Sendable {
     public var balloon: BalloonConfiguration?
     /// Attach a virtio-rng device fed from the host's /dev/urandom.
     public var entropyDevice = false
+    /// Describe the machine with ACPI tables (on) or an MP table and command-line devices (off).
+    public var acpi = true
+    public var onReboot: RebootPolicy = .exit
+    /// The VM generation ID the guest sees (16 bytes); nil: a random one for this run.
+    public var generationID: [UInt8]?
 
     /// virtio devices in slot order: disks, network cards, vsock, balloon, then the entropy device.
     public var virtioDeviceCount: Int {
@@ -187,15 +238,28 @@ public struct VMConfiguration: Sendable {
         self.console = console
     }
 
-    /// The command line the guest gets: the user's, then where each virtio-mmio device is, the way
-    /// Linux's `virtio_mmio.device=` parameter (and Firecracker) describe them.
+    /// The command line the guest gets: the user's, then — only without ACPI, whose DSDT lists
+    /// them — where each virtio-mmio device is, the way Linux's `virtio_mmio.device=` parameter
+    /// (and Firecracker) describe them.
     public var guestCommandLine: String {
         var line = commandLine
+        if acpi { return line }
         for index in 0..<virtioDeviceCount {
             guard let slot = MachineLayout.virtioSlot(index) else { break }
             line += " virtio_mmio.device=4K@0x\(String(slot.address, radix: 16)):\(slot.interrupt)"
         }
         return line
+    }
+
+    /// ACPI tables for this machine's devices in their fixed slots, or the MP table.
+    var platform: PlatformDescription {
+        guard acpi else { return .mpTable }
+        let devices = (0..<virtioDeviceCount).compactMap { MachineLayout.virtioSlot($0) }
+            .map { ACPIVirtioDevice(address: $0.address, interrupt: $0.interrupt) }
+        var generator = SystemRandomNumberGenerator()
+        let identifier = generationID ?? (0..<16).map { _ in UInt8.random(in: 0...255, using: &generator) }
+        return .acpi(ACPITables(cpuCount: cpuCount, virtioDevices: devices, generationIDAddress: MachineLayout.generationIDAddress.rawValue),
+                     generationID: identifier)
     }
 
     /// Host RAM in bytes, the ceiling for `--memory`.
@@ -233,7 +297,7 @@ public struct VMConfiguration: Sendable {
             let kernel = try KernelImage.load(path: kernelPath)
             let initrd = try initrdPath.map { (path) throws(BootError) in try readWholeFile(path, field: "--initrd") }
             return try BootConfiguration(kernel: kernel, initrd: initrd, initrdPath: initrdPath, commandLine: guestCommandLine,
-                                         memorySize: memorySize, cpuCount: cpuCount)
+                                         memorySize: memorySize, cpuCount: cpuCount, platform: platform)
         } catch {
             throw .boot(error)
         }

@@ -10,8 +10,12 @@ public enum VMMArguments {
     public static let usage = """
         usage: vireo-vmm --kernel PATH [--initrd PATH] [--cmdline TEXT] [--cpus N] [--memory SIZE]
                          [--console stdio|none|file:PATH|socket:PATH] [--disk PATH[,readonly][,format=raw|qcow2][,serial=ID]]... [--net tap:NAME[,mac=MAC]]... [--vsock PATH[,cid=N]] [--balloon on|deflate-on-oom|stats=S] [--rng]
+                         [--acpi on|off] [--on-reboot restart|exit] [--generation-id HEX32]
                          [--control PATH] [--name NAME --uuid UUID] [--lock-fd N] [--ready-fd N]
         Boots one VM and runs it until it powers off or reboots. Ctrl-A x quits the stdio console.
+        --acpi on|off    describe the machine with ACPI (default) or an MP table and command-line devices
+        --on-reboot P    restart: a guest reboot restarts the VM in this process; exit (default): the run ends
+        --generation-id  the VM generation ID (32 hex digits) the guest's vmgenid device shows; random if absent
         --control PATH   serve the control socket (docs/control-socket.md) at PATH
         --lock-fd N      an inherited descriptor whose flock marks the VM running; held until exit
         --ready-fd N     write "ready" (or "error: ...") there once the VM runs, then close it
@@ -36,7 +40,7 @@ public enum VMMArguments {
         var networks: [NetworkConfiguration] = []
         var index = 0
         let known: Set<String> = ["--kernel", "--initrd", "--cmdline", "--cpus", "--memory", "--console", "--disk", "--net", "--vsock", "--balloon",
-                                  "--control", "--name", "--uuid", "--lock-fd", "--ready-fd"]
+                                  "--acpi", "--on-reboot", "--generation-id", "--control", "--name", "--uuid", "--lock-fd", "--ready-fd"]
         while index < arguments.count {
             let argument = arguments[index]
             if argument == "--help" || argument == "-h" { return .help }
@@ -78,6 +82,9 @@ public enum VMMArguments {
         if let vsock = values["--vsock"] { configuration.vsock = try VsockConfiguration(parsing: vsock) }
         if let balloon = values["--balloon"] { configuration.balloon = try BalloonConfiguration(parsing: balloon) }
         configuration.entropyDevice = values["--rng"] != nil
+        if let acpi = values["--acpi"] { configuration.acpi = try parseACPISwitch(acpi) }
+        if let policy = values["--on-reboot"] { configuration.onReboot = try RebootPolicy(parsing: policy) }
+        if let identifier = values["--generation-id"] { configuration.generationID = try parseGenerationID(identifier) }
         if let commandLine = values["--cmdline"] { configuration.commandLine = commandLine }
         if let cpus = values["--cpus"] {
             guard let count = Int(cpus) else {

@@ -36,6 +36,18 @@ extern const unsigned long VIREO_KVM_GET_MSRS;
 extern const unsigned long VIREO_KVM_GET_LAPIC;
 extern const unsigned long VIREO_KVM_SET_LAPIC;
 extern const unsigned long VIREO_KVM_GET_MP_STATE;
+extern const unsigned long VIREO_KVM_SET_MP_STATE;
+extern const unsigned long VIREO_KVM_GET_FPU;
+extern const unsigned long VIREO_KVM_GET_VCPU_EVENTS;
+extern const unsigned long VIREO_KVM_SET_VCPU_EVENTS;
+extern const unsigned long VIREO_KVM_GET_DEBUGREGS;
+extern const unsigned long VIREO_KVM_SET_DEBUGREGS;
+extern const unsigned long VIREO_KVM_GET_XCRS;
+extern const unsigned long VIREO_KVM_SET_XCRS;
+extern const unsigned long VIREO_KVM_GET_IRQCHIP;
+extern const unsigned long VIREO_KVM_SET_IRQCHIP;
+extern const unsigned long VIREO_KVM_GET_PIT2;
+extern const unsigned long VIREO_KVM_SET_PIT2;
 
 extern const int VIREO_KVM_CAP_NR_VCPUS;
 extern const int VIREO_KVM_CAP_MAX_VCPUS;
@@ -46,6 +58,9 @@ extern const int VIREO_KVM_CAP_SET_TSS_ADDR;
 extern const int VIREO_KVM_CAP_EXT_CPUID;
 extern const int VIREO_KVM_CAP_IMMEDIATE_EXIT;
 extern const int VIREO_KVM_CAP_NR_MEMSLOTS;
+extern const int VIREO_KVM_CAP_XCRS;
+extern const int VIREO_KVM_CAP_VCPU_EVENTS;
+extern const int VIREO_KVM_CAP_DEBUGREGS;
 
 // ioctl(2) is variadic, which Swift cannot call; these fix the third argument's type.
 int vireo_ioctl_none(int fd, unsigned long request);

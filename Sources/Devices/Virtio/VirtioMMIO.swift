@@ -16,11 +16,15 @@ public protocol VirtioDevice: AnyObject, Sendable {
     func attach(_ access: any VirtioQueueAccess)
     /// The driver wrote to the device's configuration space (most devices' is read-only).
     func writeConfiguration(offset: Int, data: UnsafeRawBufferPointer)
+    /// The device was reset (the driver wrote status 0, or the machine rebooted): drop whatever
+    /// belongs to the driver's old session. Called with the transport's lock held.
+    func reset()
 }
 
 extension VirtioDevice {
     public func attach(_ access: any VirtioQueueAccess) {}
     public func writeConfiguration(offset: Int, data: UnsafeRawBufferPointer) {}
+    public func reset() {}
 }
 
 /// A device's way to its queues from a thread of its own, under the same lock as notifications.
@@ -159,9 +163,7 @@ public final class VirtioMMIOTransport: MMIODevice, VirtioQueueAccess {
 
     private func setStatus(_ value: UInt32, state: inout State) {
         if value == 0 {
-            // Device reset: forget everything the driver set up.
-            state = State(queues: device.queueMaximumSizes.map { QueueRegisters(size: $0) },
-                          configurationGeneration: state.configurationGeneration)
+            resetLocked(&state)
             return
         }
         var accepted = value
@@ -192,6 +194,18 @@ public final class VirtioMMIOTransport: MMIODevice, VirtioQueueAccess {
             fail(error, state: &state)
         }
     }
+
+    /// Device reset: forget everything the driver set up, and lower the interrupt it may have left
+    /// raised.
+    private func resetLocked(_ state: inout State) {
+        state = State(queues: device.queueMaximumSizes.map { QueueRegisters(size: $0) },
+                      configurationGeneration: state.configurationGeneration)
+        device.reset()
+        interrupt.setLevel(false)
+    }
+
+    /// Resets the device as a machine reset does: the guest's next boot finds it fresh.
+    public func resetDevice() { state.withLock { resetLocked(&$0) } }
 
     public func withQueue(_ index: Int, _ body: (VirtQueue, GuestMemory) throws(VirtioError) -> Bool) -> Bool {
         state.withLock { state in

@@ -291,6 +291,18 @@ public final class VirtioVsock: VirtioDevice, BackgroundDevice, @unchecked Senda
         }
     }
 
+    /// The driver's session ended: every connection belonged to it. Host sockets are closed (by
+    /// the background thread, as everything it may poll), so host peers see the guest go away.
+    public func reset() {
+        state.withLock { state in
+            for connection in state.connections.values { state.closing.append(connection.fd) }
+            state.connections.removeAll()
+            state.control.removeAll()
+        }
+        var one: UInt64 = 1
+        _ = Glibc.write(wake, &one, 8)
+    }
+
     private func retire(_ connection: inout VsockConnection, state: inout State, resetGuest: Bool) {
         if resetGuest { state.control.append(reset(guestPort: connection.guestPort, hostPort: connection.hostPort)) }
         connection.phase = .closed
