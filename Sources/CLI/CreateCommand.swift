@@ -57,6 +57,12 @@ struct Create: ParsableCommand {
     @Flag(inversion: .prefixedNo, help: "Attach a virtio-rng device (default on).")
     var rng = true
 
+    @Option(help: ArgumentHelp("on (default): describe the machine with ACPI (devices, CPUs, power button, reset); off: an MP table and command-line devices, for kernels built without ACPI.", valueName: "on|off"))
+    var acpi: String?
+
+    @Option(name: .customLong("on-reboot"), help: ArgumentHelp("What a guest's reboot does: restart (default) boots it again in the same process; exit stops the VM.", valueName: "restart|exit"))
+    var onReboot: String?
+
     @Flag(help: "Print the new VM's configuration as JSON.")
     var json = false
 
@@ -75,6 +81,8 @@ struct Create: ParsableCommand {
         request.networks = try net.map(parseNetwork)
         request.balloon = balloon
         request.vsockCID = vsockCid
+        request.acpi = try acpi.map(parseACPIFlag)
+        request.onReboot = onReboot
         let library = openLibrary()
         let definition: VMDefinition
         do throws(LibraryError) { definition = try library.create(request) } catch { throw fail(error) }
@@ -91,6 +99,11 @@ struct Create: ParsableCommand {
     }
 }
 
+
+/// `--acpi on|off` as `vireo run` reads it.
+func parseACPIFlag(_ text: String) throws -> Bool {
+    do throws(VMMError) { return try parseACPISwitch(text) } catch { throw fail(error) }
+}
 
 /// `tap:NAME[,mac=...]` as `vireo run` reads it, with the MAC fixed now if none was given.
 func parseNetwork(_ text: String) throws -> NetworkAttachment {

@@ -20,6 +20,7 @@ struct Info: ParsableCommand {
     struct Report: Encodable {
         var name: String, uuid: String, state: String, osType: String, cpus: Int, memoryBytes: UInt64
         var kernel: String?, initrd: String?, commandLine: String, entropyDevice: Bool, createdAt: Int64
+        var acpi: Bool, onReboot: String, generationId: String?
         var directory: String, configPath: String, consoleLog: String, vmmLog: String, controlSocket: String
         var disks: [Disk]
         var networks: [NetworkAttachment]
@@ -45,6 +46,7 @@ struct Info: ParsableCommand {
                 cpus: definition.cpus, memoryBytes: definition.memoryBytes,
                 kernel: definition.kernel.map(bundle.resolve), initrd: definition.initrd.map(bundle.resolve),
                 commandLine: definition.commandLine, entropyDevice: definition.entropyDevice, createdAt: definition.createdAt,
+                acpi: definition.acpi, onReboot: definition.onReboot, generationId: definition.generationID,
                 directory: bundle.directory, configPath: bundle.configPath, consoleLog: bundle.consoleLogPath,
                 vmmLog: bundle.vmmLogPath, controlSocket: bundle.controlPath,
                 disks: definition.disks.map { disk in
@@ -64,6 +66,9 @@ struct Info: ParsableCommand {
             ["CPUs:", String(report.cpus)], ["Memory:", Size.describe(report.memoryBytes)],
             ["Kernel:", report.kernel ?? "(none)"], ["Initrd:", report.initrd ?? "(none)"],
             ["Command line:", report.commandLine], ["virtio-rng:", report.entropyDevice ? "on" : "off"],
+            ["Platform:", report.acpi ? "ACPI (power button, reset register, devices in the DSDT)" : "MP table, devices on the command line (no ACPI)"],
+            ["On reboot:", report.onReboot == "restart" ? "restart in place" : "stop the VM"],
+            ["Generation ID:", report.generationId ?? "(new on every start)"],
         ]
         for (index, disk) in report.disks.enumerated() {
             var text = "\(disk.path) (\(disk.format), \(disk.virtualBytes.map(Size.describe) ?? "unreadable"), \(Size.describe(disk.allocatedBytes)) used"
@@ -82,6 +87,7 @@ struct Info: ParsableCommand {
                   ["Control socket:", report.controlSocket]]
         if let process = report.process {
             lines += [["PID:", String(process.pid)], ["Uptime:", "\(process.uptimeMs / 1000).\(process.uptimeMs % 1000 / 100) s"]]
+            if let boots = process.boots { lines.append(["Boots:", "\(boots) (\(boots - 1) reboot\(boots == 2 ? "" : "s") in place)"]) }
         }
         if let counters = report.counters {
             lines.append(["vCPU exits:", counters.vcpuExits.map(String.init).joined(separator: ", ")])

@@ -30,11 +30,13 @@ struct Start: ParsableCommand {
 
 struct Stop: ParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Shut a VM down: ask the guest (Ctrl-Alt-Del) and wait, or power it off with --force.",
+        abstract: "Shut a VM down: press its ACPI power button and wait, or power it off with --force.",
         discussion: """
-            Without --force the guest decides: Linux reboots or halts on Ctrl-Alt-Del (systemd's \
-            ctrl-alt-del.target; a VM's reboot ends its run). A guest that ignores it keeps running \
-            and this command fails after --timeout, leaving it running.
+            Without --force the guest decides, as with VirtualBox's "ACPI Shutdown" or `virsh \
+            shutdown`: a Linux guest with acpid or systemd-logind powers off. VMs created with \
+            --acpi off get Ctrl-Alt-Del instead (systemd's ctrl-alt-del.target). A guest that \
+            ignores the request keeps running and this command fails after --timeout, leaving it \
+            running.
             """)
 
     @Argument(help: "VM name.")
@@ -78,7 +80,8 @@ func stopVM(_ name: String, force: Bool, timeout: Double, library: VMLibrary) th
     }
     _ = try control(name, "shutdown", as: ControlStatus.self, library: library, action: "shut down")
     guard waitUntilStopped(bundle, seconds: timeout) else {
-        throw .engine(name: name, reason: "did not shut down within \(Int(timeout)) s (the guest may not act on Ctrl-Alt-Del) and is still running; `vireo stop \(name) --force` powers it off", exitStatus: 1)
+        let request = (library.status(of: bundle).description?.acpi ?? true) ? "the ACPI power button" : "Ctrl-Alt-Del"
+        throw .engine(name: name, reason: "did not shut down within \(Int(timeout)) s (the guest did not act on \(request)) and is still running; `vireo stop \(name) --force` powers it off", exitStatus: 1)
     }
     printLine("VM '\(name)' shut down")
 }

@@ -50,14 +50,22 @@ struct Set: ParsableCommand {
     @Flag(inversion: .prefixedNo, help: "Attach a virtio-balloon device.")
     var balloon: Bool?
 
+    @Option(help: ArgumentHelp("Describe the machine with ACPI (on) or an MP table and command-line devices (off).", valueName: "on|off"))
+    var acpi: String?
+
+    @Option(name: .customLong("on-reboot"), help: ArgumentHelp("What a guest's reboot does: restart or exit.", valueName: "restart|exit"))
+    var onReboot: String?
+
     func run() throws {
         let fields = [cpus != nil ? "--cpus" : nil, memory != nil ? "--memory" : nil, cmdline != nil ? "--cmdline" : nil,
                       kernel != nil ? "--kernel" : nil, initrd != nil || noInitrd ? "--initrd" : nil,
                       ostype != nil ? "--ostype" : nil, rng != nil ? "--rng" : nil,
-                      !net.isEmpty || noNet ? "--net" : nil, vsockCid != nil || noVsock ? "--vsock-cid" : nil, balloon != nil ? "--balloon" : nil].compactMap { $0 }
+                      !net.isEmpty || noNet ? "--net" : nil, vsockCid != nil || noVsock ? "--vsock-cid" : nil, balloon != nil ? "--balloon" : nil,
+                      acpi != nil ? "--acpi" : nil, onReboot != nil ? "--on-reboot" : nil].compactMap { $0 }
         guard !fields.isEmpty else {
-            throw fail(LibraryError.invalidValue(field: "vireo set", reason: "nothing to change; give at least one of --cpus, --memory, --cmdline, --kernel, --initrd, --no-initrd, --ostype, --rng/--no-rng, --net, --no-net, --vsock-cid, --no-vsock, --balloon/--no-balloon"))
+            throw fail(LibraryError.invalidValue(field: "vireo set", reason: "nothing to change; give at least one of --cpus, --memory, --cmdline, --kernel, --initrd, --no-initrd, --ostype, --rng/--no-rng, --net, --no-net, --vsock-cid, --no-vsock, --balloon/--no-balloon, --acpi, --on-reboot"))
         }
+        let acpiEnabled = try acpi.map(parseACPIFlag)
         let memoryBytes = try memory.map { try parseSize($0, field: "--memory") }
         let explicitMACs = net.map { $0.contains("mac=") }
         let networks = try net.map(parseNetwork)
@@ -68,6 +76,7 @@ struct Set: ParsableCommand {
             if let kernel { try VMLibrary.validate(kernel: kernel) }
             if let initrd { try VMLibrary.validateReadable(initrd, field: "--initrd") }
             if let ostype { _ = try OSType.named(ostype) }
+            if let onReboot { try VMLibrary.validate(onReboot: onReboot) }
             let action = "change \(fields.joined(separator: ", ")) of"
             _ = try openLibrary().update(name, action: action) { (definition, bundle) throws(LibraryError) in
                 if let cpus { definition.cpus = cpus }
@@ -88,6 +97,8 @@ struct Set: ParsableCommand {
                 if let vsockCid { definition.vsockCID = vsockCid }
                 if noVsock { definition.vsockCID = nil }
                 if let balloon { definition.balloon = balloon }
+                if let acpiEnabled { definition.acpi = acpiEnabled }
+                if let onReboot { definition.onReboot = onReboot }
                 if !networks.isEmpty {
                     let previous = definition.networks
                     definition.networks = zip(networks, explicitMACs).map { card, explicit in

@@ -45,6 +45,8 @@ public struct KVMEngine: Sendable {
         if let cid = definition.vsockCID { arguments += ["--vsock", "\(bundle.vsockPath),cid=\(cid)"] }
         if definition.balloon { arguments += ["--balloon", "deflate-on-oom,stats=5"] }
         if definition.entropyDevice { arguments.append("--rng") }
+        arguments += ["--acpi", definition.acpi ? "on" : "off", "--on-reboot", definition.onReboot]
+        if let generationID = definition.generationID { arguments += ["--generation-id", generationID] }
         return arguments
     }
 

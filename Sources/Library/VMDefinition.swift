@@ -29,6 +29,26 @@ public struct VMDefinition: Codable, Sendable, Equatable {
     public var entropyDevice: Bool
     /// Seconds since the epoch.
     public var createdAt: Int64
+    /// The machine is described to the guest with ACPI (devices, CPUs, power button, reset).
+    /// VMs defined before ACPI existed read as `false` and keep the MP-table platform they had.
+    public var acpi: Bool
+    /// What a guest's reboot does: "restart" (boot again in the same process, the default) or
+    /// "exit" (the VM stops).
+    public var onReboot: String
+    /// The VM generation ID (32 hex digits) the guest's vmgenid device shows; a new one on every
+    /// clone, so guests reseed their random number generators. Nil (older VMs): random per start.
+    public var generationID: String?
+
+    public static let rebootPolicies = ["restart", "exit"]
+
+    /// A fresh 128-bit generation ID.
+    public static func newGenerationID() -> String {
+        var generator = SystemRandomNumberGenerator()
+        return (0..<16).map { _ in
+            let byte = UInt8.random(in: 0...255, using: &generator)
+            return String(byte >> 4, radix: 16) + String(byte & 0xf, radix: 16)
+        }.joined()
+    }
 
     public init(uuid: String, name: String, osType: OSType, createdAt: Int64) {
         version = Self.currentVersion
@@ -44,6 +64,39 @@ public struct VMDefinition: Codable, Sendable, Equatable {
         balloon = true
         entropyDevice = true
         self.createdAt = createdAt
+        acpi = true
+        onReboot = "restart"
+        generationID = Self.newGenerationID()
+    }
+
+    enum CodingKeys: String, CodingKey {
+        case version, uuid, name, osType, engine, cpus, memoryBytes, kernel, initrd, commandLine, disks, networks
+        case vsockCID, balloon, entropyDevice, createdAt, acpi, onReboot, generationID
+    }
+
+    /// Fields added after version 1 was first written are optional in the file, with the values
+    /// that keep an older VM behaving as it did.
+    public init(from decoder: any Decoder) throws {
+        let container = try decoder.container(keyedBy: CodingKeys.self)
+        version = try container.decode(Int.self, forKey: .version)
+        uuid = try container.decode(String.self, forKey: .uuid)
+        name = try container.decode(String.self, forKey: .name)
+        osType = try container.decode(String.self, forKey: .osType)
+        engine = try container.decode(String.self, forKey: .engine)
+        cpus = try container.decode(Int.self, forKey: .cpus)
+        memoryBytes = try container.decode(UInt64.self, forKey: .memoryBytes)
+        kernel = try container.decodeIfPresent(String.self, forKey: .kernel)
+        initrd = try container.decodeIfPresent(String.self, forKey: .initrd)
+        commandLine = try container.decode(String.self, forKey: .commandLine)
+        disks = try container.decode([DiskAttachment].self, forKey: .disks)
+        networks = try container.decode([NetworkAttachment].self, forKey: .networks)
+        vsockCID = try container.decodeIfPresent(UInt64.self, forKey: .vsockCID)
+        balloon = try container.decode(Bool.self, forKey: .balloon)
+        entropyDevice = try container.decode(Bool.self, forKey: .entropyDevice)
+        createdAt = try container.decode(Int64.self, forKey: .createdAt)
+        acpi = try container.decodeIfPresent(Bool.self, forKey: .acpi) ?? false
+        onReboot = try container.decodeIfPresent(String.self, forKey: .onReboot) ?? "restart"
+        generationID = try container.decodeIfPresent(String.self, forKey: .generationID)
     }
 }
 

@@ -30,6 +30,8 @@ public struct CreateRequest: Sendable {
     public var networks: [NetworkAttachment] = []
     public var vsockCID: UInt64?
     public var balloon: Bool?
+    public var acpi: Bool?
+    public var onReboot: String?
 
     public init(name: String) { self.name = name }
 }
@@ -137,6 +139,11 @@ public struct VMLibrary: Sendable {
         definition.networks = request.networks
         definition.vsockCID = request.vsockCID
         if let balloon = request.balloon { definition.balloon = balloon }
+        if let acpi = request.acpi { definition.acpi = acpi }
+        if let policy = request.onReboot {
+            try Self.validate(onReboot: policy)
+            definition.onReboot = policy
+        }
         try Self.validate(cpus: definition.cpus)
         try Self.validate(memoryBytes: definition.memoryBytes)
         try Self.validate(commandLine: definition.commandLine)
@@ -193,6 +200,12 @@ public struct VMLibrary: Sendable {
     }
 
     // MARK: validation shared by create and set
+
+    public static func validate(onReboot policy: String) throws(LibraryError) {
+        guard VMDefinition.rebootPolicies.contains(policy) else {
+            throw .invalidValue(field: "--on-reboot", reason: "'\(policy)' is not one of \(VMDefinition.rebootPolicies.joined(separator: ", "))")
+        }
+    }
 
     public static func validate(cpus: Int) throws(LibraryError) {
         guard cpus >= 1, cpus <= BootConfiguration.maximumCPUs else {
@@ -396,6 +409,8 @@ public struct VMLibrary: Sendable {
             definition.uuid = UUID().uuidString.lowercased()
             definition.name = name
             definition.createdAt = Int64(time(nil))
+            // A clone is a new machine to its guest: a new generation ID makes it reseed its RNG.
+            definition.generationID = VMDefinition.newGenerationID()
             if linked, let external = original.disks.first(where: { !$0.isOwned && !$0.readOnly }) {
                 throw .invalidValue(field: "--linked", reason: "VM '\(source)' has the writable disk \(external.path) outside its directory; a linked clone would freeze it. Make a full clone, or attach it read-only")
             }

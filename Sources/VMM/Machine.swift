@@ -81,6 +81,8 @@ public final class Machine: @unchecked Sendable {
     private let timerAtPowerOn: kvm_pit_state2
     /// Serialises pause, resume and reboot, which all park and release the vCPUs.
     private let lifecycle = Mutex<Void>(())
+    /// Set while a reboot has the vCPUs parked, so that is not reported as a user's pause.
+    private let rebooting = Atomic<Bool>(false)
     /// Wall-clock seconds since the epoch when the machine was built, for `describe`.
     public let startedAt = UInt64(time(nil))
     let startedNanoseconds = VMMClock.now()
@@ -373,7 +375,7 @@ public final class Machine: @unchecked Sendable {
     public func exitCount(vcpu: Int) -> UInt64 { exitCounts[vcpu].value.load(ordering: .relaxed) }
 
     public var vcpuCount: Int { vcpus.count }
-    public var isPaused: Bool { pauseGate.isPaused }
+    public var isPaused: Bool { pauseGate.isPaused && !rebooting.load(ordering: .acquiring) }
     public var isStopping: Bool { stop.isStopping }
     public var isShuttingDown: Bool { shutdownRequested.load(ordering: .relaxed) }
     public var uptimeNanoseconds: UInt64 { VMMClock.now() - startedNanoseconds }
@@ -416,8 +418,13 @@ public final class Machine: @unchecked Sendable {
     private func rebootInPlace() throws(VMMError) {
         try lifecycle.withLock { (_) throws(VMMError) in
             let started = VMMClock.now()
+            // Under the lifecycle lock nobody else pauses or resumes: a pause seen here is the user's.
+            if !pauseGate.isPaused { rebooting.store(true, ordering: .releasing) }
             let pausedHere = pauseGate.pause { kickAll(threadsLock.withLock { $0 }) }
-            defer { if pausedHere { _ = pauseGate.resume() } }
+            defer {
+                if pausedHere { _ = pauseGate.resume() }
+                rebooting.store(false, ordering: .releasing)
+            }
             guard !stop.isStopping else { return }
             for transport in virtioTransports { transport.resetDevice() }
             serial.resetState()

@@ -51,6 +51,8 @@ do throws(VMMError) {
         tellStarter("ready \(getpid())")
         let outcome = try machine.run()
         vmmLog(outcome.summary)
+        // The last line of every run, so `vireo info` and tests can tell a clean stop from a crash.
+        vmmLog("exit status \(outcome.exitCode)")
         exit(outcome.exitCode)
     }
 } catch {
