@@ -114,11 +114,17 @@ static int cmdline_value(const char *key, char *out, int cap) {
 static uint64_t parse_dec(const char *s) { uint64_t v = 0; while (*s >= '0' && *s <= '9') v = v * 10 + (uint64_t)(*s++ - '0'); return v; }
 static int str_eq(const char *a, const char *b) { while (*a && *a == *b) { a++; b++; } return *a == *b; }
 
-/* ---- ending the run ---- */
+/* ---- ending the run: power off through ACPI S5 where the FADT has an I/O sleep register (a
+ * reboot would start a library VM again), else reset through the i8042 (`vireo run` stops with
+ * status 0 either way), else QEMU's isa-debug-exit for side-by-side runs ---- */
+static int parse_acpi(void);
+static void acpi_power_off(void);
+static int acpi_sleep_is_io(void);
 static void __attribute__((noreturn)) finish(void) {
     puts_raw("probe: done\n");
-    outb(0x64, 0xfe);           /* i8042 reset: Vireo stops with status 0 */
-    outb(0xf4, 0x00);           /* QEMU isa-debug-exit, for side-by-side runs */
+    if (parse_acpi() && acpi_sleep_is_io()) acpi_power_off();
+    outb(0x64, 0xfe);
+    outb(0xf4, 0x00);
     for (;;) __asm__ volatile("cli; hlt");
 }
 
@@ -155,6 +161,7 @@ static struct {
     int found, checksums_ok, hw_reduced;
     uint64_t rsdp, xsdt, fadt, madt, dsdt;
     uint16_t reset_port, sleep_port, status_port, ged_port;
+    int sleep_io;
     uint8_t reset_value, s5_type;
     uint32_t ged_gsi, dsdt_length;
     int virtio_count, cpu_count;
@@ -252,6 +259,7 @@ static int parse_acpi(void) {
     acpi.reset_value = f[128];
     acpi.dsdt = *(const uint64_t *)(f + 140);
     acpi.sleep_port = (uint16_t)*(const uint64_t *)(f + 244 + 4);
+    acpi.sleep_io = f[244] == 1 && acpi.sleep_port != 0;
     acpi.status_port = (uint16_t)*(const uint64_t *)(f + 256 + 4);
     if (!table_ok(acpi.dsdt, "DSDT")) { acpi.checksums_ok = 0; return 0; }
     acpi.dsdt_length = *(const uint32_t *)((const uint8_t *)acpi.dsdt + 4);
@@ -420,6 +428,7 @@ __attribute__((interrupt)) static void ged_isr(struct interrupt_frame *f) { (voi
 static void acpi_power_off(void) {
     outb(acpi.sleep_port, (uint8_t)((acpi.s5_type << 2) | 0x20));
 }
+static int acpi_sleep_is_io(void) { return acpi.sleep_io; }
 
 static void probe_acpi(void) {
     if (!parse_acpi()) { puts_raw("acpi: none\n"); return; }
@@ -578,9 +587,20 @@ static uint64_t blk_init(uintptr_t base, int *read_only) {
 
 /* Calls visit(base) for every virtio_mmio.device=SIZE@BASE:IRQ on the command line, in order;
  * returns how many there were. */
+/* virtio-mmio devices from the DSDT (each LNRO0005's Memory32Fixed base) with ACPI, else from
+ * the command line's virtio_mmio.device= entries. */
 static int for_each_virtio_device(void (*visit)(int index, uintptr_t base)) {
-    const char *s = cmdline;
     int index = 0;
+    if (parse_acpi()) {
+        const uint8_t *d = (const uint8_t *)acpi.dsdt;
+        const uint8_t *end = d + acpi.dsdt_length;
+        for (const uint8_t *p = d + 36; (p = find_bytes(p, end, "LNRO0005", 8)); p += 8) {
+            for (const uint8_t *q = p; q + 12 <= end; q++)
+                if (q[0] == 0x86 && q[1] == 0x09 && q[2] == 0) { visit(index++, *(const uint32_t *)(q + 4)); break; }
+        }
+        return index;
+    }
+    const char *s = cmdline;
     while (*s) {
         while (*s == ' ') s++;
         if (starts_with(s, "virtio_mmio.device=")) {
@@ -659,14 +679,20 @@ static void probe_blk(void) {
 /* probe=blkloop count=N: writes 4 KiB block i (pattern seeded by i) at sector 8*i, flushing after
  * every 8 blocks and reporting each flush, so a test can kill the VMM mid-stream and check that
  * everything acknowledged by a flush is in the image. */
+static uintptr_t first_virtio_base;
+static void remember_first(int index, uintptr_t base) { if (index == 0) first_virtio_base = base; }
+/* The first virtio-mmio device's window (the first disk when disks are attached), or 0. */
+static uintptr_t first_virtio_device(void) {
+    first_virtio_base = 0;
+    for_each_virtio_device(remember_first);
+    return first_virtio_base;
+}
+
 static void probe_blkloop(void) {
     char arg[24];
     uint64_t count = cmdline_value("count", arg, sizeof arg) ? parse_dec(arg) : 1000;
-    const char *at = cmdline;
-    while (*at && !starts_with(at, "virtio_mmio.device=")) at++;
-    while (*at && *at != '@') at++;
-    if (!*at) { puts_raw("blkloop: no disk\n"); return; }
-    uintptr_t base = (uintptr_t)parse_hex(at + 1);
+    uintptr_t base = first_virtio_device();
+    if (!base) { puts_raw("blkloop: no disk\n"); return; }
     int read_only = 0;
     puts_raw("blkloop:");
     if (!blk_init(base, &read_only)) return;
@@ -717,11 +743,8 @@ static void user_blkbench(uint64_t count) {
 }
 
 static void probe_blkbench(void) {
-    const char *at = cmdline;
-    while (*at && !starts_with(at, "virtio_mmio.device=")) at++;
-    while (*at && *at != '@') at++;
-    if (!*at) { puts_raw("blkbench: no disk\n"); return; }
-    bench_base = (uintptr_t)parse_hex(at + 1);
+    bench_base = first_virtio_device();
+    if (!bench_base) { puts_raw("blkbench: no disk\n"); return; }
     int read_only = 0;
     puts_raw("blkbench:");
     bench_sectors = blk_init(bench_base, &read_only);

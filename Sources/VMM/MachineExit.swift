@@ -77,8 +77,9 @@ final class StopController: Sendable {
         self.rebootPolicy = rebootPolicy
     }
 
-    /// The guest reset the machine (from a vCPU or device; never blocks).
-    func requestGuestReset() {
+    /// The guest reset the machine through `source` (from a vCPU or device; never blocks).
+    func requestGuestReset(through source: String) {
+        vmmLog("guest reset the machine through \(source)")
         guard rebootPolicy == .restart else { request(.guestReset); return }
         guard !rebootPending.exchange(true, ordering: .acquiringAndReleasing) else { return }
         var one: UInt64 = 1

@@ -125,6 +125,17 @@ final class RunningProcess: @unchecked Sendable {
         return false
     }
 
+    /// Waits until stderr contains `text`; false on time-out or if the process exits first.
+    func waitForError(_ text: String, timeout: TimeInterval) -> Bool {
+        let deadline = Date().addingTimeInterval(timeout)
+        while Date() < deadline {
+            if stderr.contains(text) { return true }
+            if hasExited { return stderr.contains(text) }
+            Thread.sleep(forTimeInterval: 0.05)
+        }
+        return false
+    }
+
     func signal(_ number: Int32) { if !hasExited { kill(process.processIdentifier, number) } }
 
     /// The child's exit, seen without reaping it (waitid with WNOWAIT): Foundation's own
@@ -171,6 +182,38 @@ final class RunningProcess: @unchecked Sendable {
             state.out.append(output.fileHandleForReading.readDataToEndOfFile())
             state.err.append(errors.fileHandleForReading.readDataToEndOfFile())
         }
+    }
+}
+
+/// One request on a VMM's control socket (docs/control-socket.md), one reply line back.
+enum ControlClient {
+    static func request(_ line: String, socket path: String, timeout: TimeInterval = 10) throws -> String {
+        let fd = Glibc.socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
+        guard fd >= 0 else { throw HarnessError("socket: errno \(errno)") }
+        defer { close(fd) }
+        var address = sockaddr_un()
+        address.sun_family = sa_family_t(AF_UNIX)
+        let bytes = Array(path.utf8)
+        guard bytes.count < MemoryLayout.size(ofValue: address.sun_path) else { throw HarnessError("socket path too long: \(path)") }
+        withUnsafeMutableBytes(of: &address.sun_path) { raw in
+            for (index, byte) in bytes.enumerated() { raw[index] = byte }
+        }
+        let connected = withUnsafePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+        }
+        guard connected == 0 else { throw HarnessError("connect \(path): errno \(errno)") }
+        var seconds = timeval(tv_sec: Int(timeout), tv_usec: 0)
+        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &seconds, socklen_t(MemoryLayout<timeval>.size))
+        let request = Array((line + "\n").utf8)
+        guard request.withUnsafeBytes({ write(fd, $0.baseAddress, $0.count) }) == request.count else { throw HarnessError("write: errno \(errno)") }
+        var reply: [UInt8] = []
+        var buffer = [UInt8](repeating: 0, count: 4096)
+        while !reply.contains(0x0a) {
+            let count = buffer.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
+            guard count > 0 else { break }
+            reply += buffer[0..<count]
+        }
+        return String(decoding: reply, as: UTF8.self)
     }
 }
 

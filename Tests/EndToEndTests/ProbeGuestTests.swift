@@ -17,8 +17,9 @@ struct ProbeGuestTests {
         text.replacingOccurrences(of: "\r", with: "").split(separator: "\n").map(String.init)
     }
 
-    @Test("Linux 64-bit entry: zero page, e820, command line, initrd bytes, CPUID and MP table", arguments: ["linux64", "pvh"])
-    func bootInformation(variant: String) throws {
+    @Test("Boot information through each entry (64-bit, PVH, PVH in a 32-bit ELF): zero page, e820, command line, initrd bytes, CPUID, and the ACPI tables or the MP table",
+          arguments: ["linux64", "pvh", "pvh32"], [true, false])
+    func bootInformation(variant: String, acpi: Bool) throws {
         try Harness.requireKVM()
         let directory = try Harness.temporaryDirectory()
         let initrd = randomBytes(300_001)
@@ -28,10 +29,11 @@ struct ProbeGuestTests {
         let memory: UInt64 = 3584 << 20
         let commandLine = "probe=info some.option=1 quoted=\"a b\""
         let result = Harness.vireoRun(["--kernel", try Harness.probe(variant), "--initrd", initrdPath.path,
-                                       "--cmdline", commandLine, "--memory", "3584M"], timeout: 60)
+                                       "--cmdline", commandLine, "--memory", "3584M", "--acpi", acpi ? "on" : "off"], timeout: 60)
         #expect(result.status == 0, "stderr: \(result.stderr)")
         let output = lines(result.stdout)
-        #expect(output.contains("probe: mode=\(variant)"))
+        let mode = variant == "linux64" ? "linux64" : "pvh"
+        #expect(output.contains("probe: mode=\(mode)"))
         #expect(output.contains("cmdline: \(commandLine)"))
         let e820 = output.filter { $0.hasPrefix("e820: ") }
         #expect(e820 == expectedE820Lines(memory: memory))
@@ -45,10 +47,110 @@ struct ProbeGuestTests {
         #expect(cpuid.contains("hypervisor=1"))
         #expect(cpuid.contains("apic=0"))
         #expect(cpuid.contains("hv_signature=KVMKVMKVM"))
-        #expect(output.contains("mptable: cpus=1 ioapic=0xfec00000"))
-        #expect(output.last == "probe: done")
+        if acpi {
+            // The RSDP's address comes in the zero page (acpi_rsdp_addr) or the PVH start info.
+            #expect(output.contains("acpi: rsdp=0xe0000 revision=2 source=\(mode == "pvh" ? "pvh" : "zeropage")"), "\(output)")
+            #expect(output.contains("acpi: checksums ok"))
+            #expect(output.contains("acpi: madt cpus=1 ioapic=0xfec00000"))
+            #expect(output.contains("acpi: fadt hw_reduced=1 reset=0x602/0x1 sleep=0x600 status=0x601"))
+            #expect(output.contains("acpi: dsdt s5=5 virtio=0 ged_gsi=13 ged_port=0x603"))
+            #expect(output.contains { $0.hasPrefix("acpi: vmgenid=") && $0.count == "acpi: vmgenid=".count + 32 })
+            #expect(output.contains("mptable: not found"))
+            // The probe ends with S5 where the FADT offers it.
+            #expect(result.stderr.contains("guest powered off"))
+        } else {
+            #expect(output.contains("acpi: none"))
+            #expect(output.contains("mptable: cpus=1 ioapic=0xfec00000"))
+            #expect(result.stderr.contains("guest reset the machine through the i8042 (0xFE)"))
+            #expect(result.stderr.contains("guest requested a reset"))
+        }
+        #expect(output.contains("probe: done"))
         #expect(result.stderr.contains("guest boot marker reached"))
-        #expect(result.stderr.contains("guest requested a reset"))
+    }
+
+    @Test("virtio devices appear in the DSDT with ACPI and on the command line without it, in the same slots")
+    func devicesAnnouncedOncePerPlatform() throws {
+        try Harness.requireKVM()
+        let directory = try Harness.temporaryDirectory()
+        let disk = directory.appendingPathComponent("d.raw").path
+        #expect(Harness.run([Harness.vireo, "disk", "create", disk, "--size", "1M", "--format", "raw"]).status == 0)
+        let withACPI = Harness.vireoRun(["--kernel", try Harness.probe("pvh"), "--cmdline", "probe=info", "--memory", "64M",
+                                         "--disk", disk, "--rng"])
+        #expect(withACPI.status == 0, "\(withACPI.stderr)")
+        #expect(lines(withACPI.stdout).contains("acpi: dsdt s5=5 virtio=2 ged_gsi=13 ged_port=0x603"), "\(withACPI.stdout)")
+        #expect(lines(withACPI.stdout).contains("cmdline: probe=info"), "no virtio_mmio.device= with ACPI")
+        let withoutACPI = Harness.vireoRun(["--kernel", try Harness.probe("pvh"), "--cmdline", "probe=info", "--memory", "64M",
+                                            "--disk", disk, "--rng", "--acpi", "off"])
+        #expect(withoutACPI.status == 0, "\(withoutACPI.stderr)")
+        #expect(lines(withoutACPI.stdout).contains("cmdline: probe=info virtio_mmio.device=4K@0xd0001000:5 virtio_mmio.device=4K@0xd0002000:6"),
+                "\(withoutACPI.stdout)")
+    }
+
+    @Test("The ACPI power button: the GED's interrupt reaches the guest, which reads the event and enters S5; the VMM exits 0")
+    func powerButtonAndSoftOff() throws {
+        try Harness.requireKVM()
+        let directory = try Harness.temporaryDirectory()
+        let socket = directory.appendingPathComponent("control.sock").path
+        let running = RunningProcess([Harness.vireoVMM, "--kernel", try Harness.probe("pvh"), "--cmdline", "probe=acpi",
+                                      "--memory", "64M", "--control", socket])
+        #expect(running.waitForOutput("acpi: waiting for the power button", timeout: 60), "\(running.stdout) \(running.stderr)")
+        let reply = try ControlClient.request("power-button", socket: socket)
+        #expect(reply.contains("\"ok\":true"), "\(reply)")
+        let status = running.wait(timeout: 30)
+        #expect(status == 0, "\(running.stderr)")
+        #expect(running.stdout.contains("acpi: ged interrupt events=0x1"))
+        #expect(running.stdout.contains("acpi: power button pressed"))
+        #expect(running.stdout.contains("acpi: entering S5"))
+        #expect(!running.stdout.contains("still running after S5"))
+        #expect(running.stderr.contains("guest powered off"))
+        #expect(running.stderr.contains("exit status 0"))
+
+        // Without ACPI there is no button to press, and the request says so.
+        let plain = RunningProcess([Harness.vireoVMM, "--kernel", try Harness.probe("pvh"), "--cmdline", "probe=ticker spin=5000000",
+                                    "--memory", "64M", "--control", socket, "--acpi", "off"])
+        #expect(plain.waitForOutput("tick 1", timeout: 60))
+        let refused = try ControlClient.request("power-button", socket: socket)
+        #expect(refused.contains("\"error\":\"no-acpi\""), "\(refused)")
+        _ = try ControlClient.request("power-off", socket: socket)
+        #expect(plain.wait(timeout: 30) == 0)
+    }
+
+    @Test("Reboot in place: RAM cleared, every AP started again from the MADT, the same process; --on-reboot exit ends the run instead")
+    func rebootInPlace() throws {
+        try Harness.requireKVM()
+        let running = RunningProcess([Harness.vireo, "run", "--kernel", try Harness.probe("linux64"), "--cmdline", "probe=reboot",
+                                      "--cpus", "2", "--memory", "64M", "--on-reboot", "restart"])
+        let rebooted = running.waitForError("boot 4 starts", timeout: 60)   // three whole boots behind it
+        running.signal(SIGTERM)
+        let status = running.wait(timeout: 30)
+        #expect(rebooted, "\(running.stderr)")
+        #expect(status == 143)
+        let output = lines(running.stdout)
+        #expect(output.filter { $0 == "reboot: RAM clear" }.count >= 3, "\(output)")
+        #expect(!output.contains("reboot: marker survived, RAM was not cleared"))
+        #expect(output.filter { $0 == "smp: online=2 of 2" }.count >= 3, "\(output)")
+        #expect(running.stderr.contains("guest reset the machine through the ACPI reset register"))
+        #expect(!running.stderr.contains("requested a reset"), "a reboot in place must not end the run")
+
+        let exits = Harness.vireoRun(["--kernel", try Harness.probe("linux64"), "--cmdline", "probe=reboot", "--cpus", "2", "--memory", "64M"])
+        #expect(exits.status == 0, "\(exits.stderr)")
+        #expect(lines(exits.stdout).filter { $0 == "reboot: RAM clear" }.count == 1)
+        #expect(exits.stderr.contains("guest reset the machine through the ACPI reset register"))
+        #expect(exits.stderr.contains("guest requested a reset; the VM has stopped"))
+    }
+
+    @Test("The VM generation ID the guest reads is the one given, and a different one each run when none is")
+    func generationID() throws {
+        try Harness.requireKVM()
+        let given = Harness.run([Harness.vireoVMM, "--kernel", try Harness.probe("pvh"), "--cmdline", "probe=info", "--memory", "64M",
+                                 "--generation-id", "00112233-4455-6677-8899-AABBCCDDEEFF"])
+        #expect(given.status == 0, "\(given.stderr)")
+        #expect(lines(given.stdout).contains("acpi: vmgenid=00112233445566778899aabbccddeeff"), "\(given.stdout)")
+        let first = lines(Harness.vireoRun(["--kernel", try Harness.probe("pvh"), "--cmdline", "probe=info", "--memory", "64M"]).stdout)
+            .first { $0.hasPrefix("acpi: vmgenid=") }
+        let second = lines(Harness.vireoRun(["--kernel", try Harness.probe("pvh"), "--cmdline", "probe=info", "--memory", "64M"]).stdout)
+            .first { $0.hasPrefix("acpi: vmgenid=") }
+        #expect(first != nil && second != nil && first != second)
     }
 
     @Test("No initrd: the probe sees none")
@@ -63,13 +165,17 @@ struct ProbeGuestTests {
     @Test("Every vCPU runs: the guest starts the APs through INIT/SIPI on the in-kernel LAPIC")
     func multipleVCPUs() throws {
         try Harness.requireKVM()
-        let result = Harness.vireoRun(["--kernel", try Harness.probe("pvh"), "--cmdline", "probe=smp", "--cpus", "4", "--memory", "128M"],
-                                      timeout: 120)
-        #expect(result.status == 0, "stderr: \(result.stderr)")
-        let output = lines(result.stdout)
-        #expect(output.contains("smp: online=4 of 4"))
-        let apics = Set(output.filter { $0.hasPrefix("cpu: ") }.compactMap { $0.split(separator: " ").first { $0.hasPrefix("apic=") } })
-        #expect(apics == ["apic=0", "apic=1", "apic=2", "apic=3"])
+        for acpi in ["on", "off"] {
+            let result = Harness.vireoRun(["--kernel", try Harness.probe("pvh"), "--cmdline", "probe=smp", "--cpus", "4", "--memory", "128M",
+                                           "--acpi", acpi], timeout: 120)
+            #expect(result.status == 0, "stderr: \(result.stderr)")
+            let output = lines(result.stdout)
+            #expect(output.contains("smp: online=4 of 4"))
+            // With ACPI the CPUs come from the MADT, without it from the MP table.
+            #expect(output.contains("smp: cpus from the madt") == (acpi == "on"))
+            let apics = Set(output.filter { $0.hasPrefix("cpu: ") }.compactMap { $0.split(separator: " ").first { $0.hasPrefix("apic=") } })
+            #expect(apics == ["apic=0", "apic=1", "apic=2", "apic=3"])
+        }
     }
 
     @Test("Interrupts: PIT ticks and a serial receive interrupt arrive through the IOAPIC")
@@ -92,7 +198,7 @@ struct ProbeGuestTests {
                                   "--cpus", "2", "--memory", "64M"], timeout: 60)
         #expect(result.status == 0, "stderr: \(result.stderr)")
         #expect(result.stdout.contains("smp: online=2 of 2"))
-        #expect(result.stderr.contains("guest requested a reset"))
+        #expect(result.stderr.contains("guest powered off"))
         let refused = Harness.run([Harness.vireoVMM, "--kernel", try Harness.probe("linux64"), "--cpus", "two"])
         #expect(refused.status == 2)
         #expect(refused.stderr.contains("--cpus: 'two' is not a whole number"))

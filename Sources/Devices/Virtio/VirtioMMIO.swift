@@ -197,15 +197,18 @@ public final class VirtioMMIOTransport: MMIODevice, VirtioQueueAccess {
 
     /// Device reset: forget everything the driver set up, and lower the interrupt it may have left
     /// raised.
-    private func resetLocked(_ state: inout State) {
+    /// A device that never left status 0 had no driver session, so the device keeps what it has
+    /// (a host's vsock connection waiting for the guest's driver, say).
+    private func resetLocked(_ state: inout State, always: Bool = false) {
+        let hadSession = state.status != 0
         state = State(queues: device.queueMaximumSizes.map { QueueRegisters(size: $0) },
                       configurationGeneration: state.configurationGeneration)
-        device.reset()
+        if hadSession || always { device.reset() }
         interrupt.setLevel(false)
     }
 
     /// Resets the device as a machine reset does: the guest's next boot finds it fresh.
-    public func resetDevice() { state.withLock { resetLocked(&$0) } }
+    public func resetDevice() { state.withLock { resetLocked(&$0, always: true) } }
 
     public func withQueue(_ index: Int, _ body: (VirtQueue, GuestMemory) throws(VirtioError) -> Bool) -> Bool {
         state.withLock { state in
