@@ -86,11 +86,13 @@ struct LibraryLifecycleTests {
         #expect(library.vireo("resume", "web").status == 0)
         #expect(library.waitFor(20) { library.ticks("web") >= frozen + 3 }, "no progress after resume")
 
-        // Graceful stop: the probe resets when it sees Ctrl-Alt-Del, so the VM ends on its own.
+        // Graceful stop: the ACPI power button; the probe answers it by entering S5.
         let stopped = library.vireo("stop", "web", "--timeout", "30")
         #expect(stopped.status == 0, "\(stopped.stderr)")
-        #expect(library.consoleLog("web").contains("ticker: ctrl-alt-del, resetting"))
+        #expect(library.consoleLog("web").contains("ticker: power button, entering S5"))
         #expect(library.state("web") == "stopped")
+        let vmmLog = (try? String(contentsOf: library.root.appendingPathComponent("web/vmm.log"), encoding: .utf8)) ?? ""
+        #expect(vmmLog.contains("guest powered off") && vmmLog.hasSuffix("exit status 0\n"), "\(vmmLog)")
 
         // Starts again; the previous run's output moved to console.log.1.
         #expect(library.vireo("start", "web").status == 0)
@@ -332,6 +334,80 @@ struct LibraryLifecycleTests {
         #expect(library.consoleLog("squeeze").contains("balloon: done"))
         let stopped = library.vireo("balloon", "squeeze", "8M")
         #expect(stopped.stderr.contains("cannot set the balloon of VM 'squeeze': it is stopped"), "\(stopped.stderr)")
+    }
+
+    @Test("vireo stop against a guest that ignores the power button times out naming the VM and --force; the VM keeps running")
+    func ignoredPowerButton() throws {
+        let library = try TestLibrary()
+        let created = library.vireo("create", "deaf", "--kernel", try Harness.probe("pvh"), "--memory", "64M", "--no-disk",
+                                    "--cmdline", "console=ttyS0 probe=ticker spin=5000000 ignore-button=1")
+        #expect(created.status == 0, "\(created.stderr)")
+        #expect(library.vireo("start", "deaf").status == 0)
+        #expect(library.waitFor(20) { library.ticks("deaf") >= 2 })
+        let refused = library.vireo("stop", "deaf", "--timeout", "3")
+        #expect(refused.status == 1)
+        #expect(refused.stderr.contains("VM 'deaf': did not shut down within 3 s (the guest did not act on the ACPI power button) and is still running; `vireo stop deaf --force` powers it off"),
+                "\(refused.stderr)")
+        #expect(library.consoleLog("deaf").contains("ticker: power button, ignored"))
+        #expect(library.state("deaf") == "shutting-down", "asked to shut down, still running")
+        #expect(library.vireo("stop", "deaf", "--force").status == 0)
+        #expect(library.state("deaf") == "stopped")
+    }
+
+    @Test("a library VM reboots in place by default (boots counted, the same process, RAM cleared, APs back); --on-reboot exit stops it instead; clones get a new generation ID")
+    func rebootInPlaceAndGenerationID() throws {
+        let library = try TestLibrary()
+        let created = library.vireo("create", "phoenix", "--kernel", try Harness.probe("linux64"), "--cpus", "2", "--memory", "64M",
+                                    "--no-disk", "--cmdline", "console=ttyS0 probe=reboot")
+        #expect(created.status == 0, "\(created.stderr)")
+        #expect(library.vireo("start", "phoenix").status == 0)
+        func boots() -> Int {
+            let info = library.vireo("info", "phoenix", "--json").stdout
+            let object = try? JSONSerialization.jsonObject(with: Data(info.utf8)) as? [String: Any]
+            return (object?["process"] as? [String: Any])?["boots"] as? Int ?? 0
+        }
+        let pid = (try? JSONSerialization.jsonObject(with: Data(library.vireo("info", "phoenix", "--json").stdout.utf8)) as? [String: Any])
+            .flatMap { ($0["process"] as? [String: Any])?["pid"] as? Int }
+        #expect(library.waitFor(30) { boots() >= 4 }, "\(library.consoleLog("phoenix").suffix(500))")
+        let info = library.vireo("info", "phoenix", "--json").stdout
+        let samePID = (try? JSONSerialization.jsonObject(with: Data(info.utf8)) as? [String: Any])
+            .flatMap { ($0["process"] as? [String: Any])?["pid"] as? Int }
+        #expect(pid != nil && pid == samePID, "rebooting must not start a new process")
+        #expect(library.state("phoenix") == "running")
+        let console = library.consoleLog("phoenix")
+        #expect(console.components(separatedBy: "reboot: RAM clear").count - 1 >= 3)
+        #expect(!console.contains("marker survived"))
+        #expect(console.components(separatedBy: "smp: online=2 of 2").count - 1 >= 3)
+        #expect(library.vireo("info", "phoenix").stdout.contains("reboots in place)"))
+        #expect(library.vireo("stop", "phoenix", "--force").status == 0)
+
+        // --on-reboot exit: the first reset ends the VM, cleanly.
+        let set = library.vireo("set", "phoenix", "--on-reboot", "exit")
+        #expect(set.status == 0, "\(set.stderr)")
+        #expect(library.vireo("start", "phoenix").status == 0)
+        #expect(library.waitFor(30) { library.state("phoenix") == "stopped" })
+        let vmmLog = (try? String(contentsOf: library.root.appendingPathComponent("phoenix/vmm.log"), encoding: .utf8)) ?? ""
+        #expect(vmmLog.hasSuffix("guest requested a reset; the VM has stopped\nvireo: exit status 0\n"), "\(vmmLog.suffix(400))")
+        #expect(library.consoleLog("phoenix").components(separatedBy: "reboot: RAM clear").count - 1 == 1)
+
+        let badPolicy = library.vireo("set", "phoenix", "--on-reboot", "sometimes")
+        #expect(badPolicy.status == 2 && badPolicy.stderr.contains("--on-reboot: 'sometimes' is not one of restart, exit"), "\(badPolicy.stderr)")
+        let badACPI = library.vireo("set", "phoenix", "--acpi", "maybe")
+        #expect(badACPI.status == 2 && badACPI.stderr.contains("--acpi: 'maybe' is not one of on, off"), "\(badACPI.stderr)")
+
+        // A clone is a new machine to its guest: a new generation ID, which the guest sees.
+        #expect(library.vireo("clone", "phoenix", "chick").status == 0)
+        func generationID(_ name: String) -> String? {
+            let info = library.vireo("info", name, "--json").stdout
+            return (try? JSONSerialization.jsonObject(with: Data(info.utf8)) as? [String: Any])?["generation_id"] as? String
+        }
+        let parent = try #require(generationID("phoenix"))
+        let child = try #require(generationID("chick"))
+        #expect(parent.count == 32 && child.count == 32 && parent != child)
+        #expect(library.vireo("set", "chick", "--cmdline", "console=ttyS0 probe=info").status == 0)
+        #expect(library.vireo("start", "chick").status == 0)
+        #expect(library.waitFor(30) { library.state("chick") == "stopped" })
+        #expect(library.consoleLog("chick").contains("acpi: vmgenid=\(child)"), "\(library.consoleLog("chick"))")
     }
 
     @Test("restart brings a VM back; logs --follow streams until the VM stops; start --console attaches")

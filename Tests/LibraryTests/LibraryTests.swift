@@ -55,6 +55,31 @@ struct VMDefinitionTests {
         #expect(try library.names().isEmpty)
     }
 
+    @Test("a VM defined before ACPI existed keeps its MP-table platform; new VMs get ACPI, reboot in place and a generation ID")
+    func configurationsFromBeforeACPI() throws {
+        let library = try temporaryLibrary()
+        var request = CreateRequest(name: "old")
+        request.withoutDisk = true
+        let made = try library.create(request)
+        #expect(made.acpi && made.onReboot == "restart")
+        #expect(made.generationID?.count == 32 && made.generationID?.allSatisfy(\.isHexDigit) == true)
+        let bundle = try library.bundle(named: "old")
+        var object = try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: bundle.configPath))) as? [String: Any] ?? [:]
+        for key in ["acpi", "onReboot", "generationID"] { object[key] = nil }
+        try JSONSerialization.data(withJSONObject: object).write(to: URL(fileURLWithPath: bundle.configPath))
+        let loaded = try bundle.load()
+        #expect(!loaded.acpi)
+        #expect(loaded.onReboot == "restart")
+        #expect(loaded.generationID == nil)
+        var bad = CreateRequest(name: "bad-policy")
+        bad.withoutDisk = true
+        bad.onReboot = "never"
+        #expect { try library.create(bad) } throws: { error in
+            (error as? LibraryError)?.description.contains("--on-reboot: 'never' is not one of restart, exit") == true
+        }
+        #expect(try library.names() == ["old"])
+    }
+
     @Test func invalidValuesCreateNothing() throws {
         let library = try temporaryLibrary()
         var request = CreateRequest(name: "bad")
