@@ -273,11 +273,86 @@ def lifecycle_benchmark(runs, vm_count):
     print(f"vireo start / vireo run first byte: {start_ms / run_ms:.2f}x; managed / run VMs per second: {managed_rate / run_rate:.2f}x")
 
 
+def acpi_benchmark(runs, reboots=10):
+    """What ACPI costs at start-up (first serial byte with --acpi on vs off, beside QEMU microvm with
+    and without its own ACPI), and how long a reboot in place takes (the guest's line just before
+    it writes the reset register to the next boot's first line) beside a fresh vireo-vmm start."""
+    probe = os.path.join(OUT, "probe-pvh.elf")
+    vmm = os.path.join(ROOT, ".build", "release", "vireo-vmm")
+
+    def qemu(acpi, cmdline, reboot=False):
+        return ["qemu-system-x86_64", "-M", f"microvm,x-option-roms=off,rtc=off,isa-serial=on,acpi={acpi}", "-accel", "kvm",
+                "-cpu", "host,-arch-capabilities", "-m", f"{MEMORY_MIB}M", "-smp", "1", "-nodefaults", "-no-user-config",
+                "-nographic", "-serial", "stdio"] + ([] if reboot else ["-no-reboot"]) + [
+                "-device", "isa-debug-exit,iobase=0xf4,iosize=0x4", "-kernel", probe, "-append", cmdline]
+
+    variants = {
+        "vireo-vmm --acpi on": [vmm, "--kernel", probe, "--memory", f"{MEMORY_MIB}M", "--cmdline", "probe=hello", "--acpi", "on"],
+        "vireo-vmm --acpi off": [vmm, "--kernel", probe, "--memory", f"{MEMORY_MIB}M", "--cmdline", "probe=hello", "--acpi", "off"],
+        "qemu-microvm acpi=on": qemu("on", "probe=hello"),
+        "qemu-microvm acpi=off": qemu("off", "probe=hello"),
+    }
+    samples = {name: [] for name in variants}
+    for _ in range(runs):          # interleaved, so background load hits every variant alike
+        for name, argv in variants.items():
+            samples[name].append(first_byte_ms(argv))
+    first = {name: statistics.median(values) for name, values in samples.items()}
+
+    def reboot_intervals(argv):
+        guest = Guest(argv)
+        intervals = []
+        try:
+            guest.wait_for("probe: mode=")
+            while len(intervals) < reboots:
+                # The guest prints this line just before it writes the reset register.
+                resets = guest.buffer.count(b"reboot: resetting")
+                while guest.buffer.count(b"reboot: resetting") == resets:
+                    _read_more(guest)
+                reset_at = time.perf_counter()
+                boots = guest.buffer.count(b"probe: mode=")
+                while guest.buffer.count(b"probe: mode=") == boots:
+                    _read_more(guest)
+                intervals.append((time.perf_counter() - reset_at) * 1000)
+        finally:
+            guest.finish()
+        return intervals
+
+    vireo_reboot = reboot_intervals([vmm, "--kernel", probe, "--memory", f"{MEMORY_MIB}M", "--cmdline", "probe=reboot", "--on-reboot", "restart"])
+    qemu_reboot = reboot_intervals(qemu("on", "probe=reboot", reboot=True))
+    print(f"| start-up (first serial byte, ms, median of {runs}, interleaved) | ms | vs vireo-vmm --acpi off |")
+    print("|---|---|---|")
+    for name, value in first.items():
+        print(f"| {name} | {value:.1f} | {value / first['vireo-vmm --acpi off']:.2f} |")
+    print()
+    print(f"ACPI's start-up cost in vireo-vmm: {first['vireo-vmm --acpi on'] - first['vireo-vmm --acpi off']:+.2f} ms "
+          f"(QEMU microvm's: {first['qemu-microvm acpi=on'] - first['qemu-microvm acpi=off']:+.2f} ms)")
+    print()
+    print(f"| reboot in place (reset request → next boot's first line, ms, median of {reboots}) | ms |")
+    print("|---|---|")
+    vr, qr = statistics.median(vireo_reboot), statistics.median(qemu_reboot)
+    print(f"| vireo-vmm --on-reboot restart | {vr:.1f} |")
+    print(f"| qemu-microvm (reset in place) | {qr:.1f} |")
+    print(f"| vireo-vmm fresh start (first byte) | {first['vireo-vmm --acpi on']:.1f} |")
+    print()
+    print(f"vireo/qemu reboot: {vr / qr:.2f}x; vireo reboot vs fresh start: {vr / first['vireo-vmm --acpi on']:.2f}x")
+
+
+def _read_more(guest, timeout=30):
+    """Blocks until more console output arrives (or fails after `timeout`)."""
+    ready, _, _ = select.select([guest.proc.stdout], [], [], timeout)
+    if not ready:
+        raise TimeoutError(f"no output for {timeout} s; got {guest.buffer[-300:]!r}")
+    chunk = os.read(guest.proc.stdout.fileno(), 65536)
+    if not chunk:
+        raise EOFError(f"exited; got {guest.buffer[-300:]!r}")
+    guest.buffer += chunk
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=15)
     parser.add_argument("--port-writes", type=int, default=100000)
-    parser.add_argument("--only", choices=["vmm", "blk", "lifecycle"], help="run one part only")
+    parser.add_argument("--only", choices=["vmm", "blk", "lifecycle", "acpi"], help="run one part only")
     parser.add_argument("--vm-count", type=int, default=20, help="VMs created and started in the lifecycle benchmark")
     parser.add_argument("--random-requests", type=int, default=5000)
     args = parser.parse_args()
@@ -287,6 +362,9 @@ def main():
         return
     if args.only == "lifecycle":
         lifecycle_benchmark(args.runs, args.vm_count)
+        return
+    if args.only == "acpi":
+        acpi_benchmark(args.runs)
         return
     names = list(commands("").keys())
     results = {name: {} for name in names}
@@ -321,6 +399,7 @@ def main():
     if args.only != "vmm":
         blk_benchmark(3, args.random_requests)
         lifecycle_benchmark(args.runs, args.vm_count)
+        acpi_benchmark(args.runs)
 
 
 if __name__ == "__main__":

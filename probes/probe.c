@@ -162,6 +162,8 @@ static struct {
     uint64_t rsdp, xsdt, fadt, madt, dsdt;
     uint16_t reset_port, sleep_port, status_port, ged_port;
     int sleep_io;
+    uint8_t reset_space;            /* 0: system memory, 1: system I/O (the GAS address space) */
+    uint64_t reset_address;
     uint8_t reset_value, s5_type;
     uint32_t ged_gsi, dsdt_length;
     int virtio_count, cpu_count;
@@ -255,7 +257,9 @@ static int parse_acpi(void) {
     if (!acpi.fadt || !acpi.madt || !table_ok(acpi.fadt, "FACP") || !table_ok(acpi.madt, "APIC")) { acpi.checksums_ok = 0; return 0; }
     const uint8_t *f = (const uint8_t *)acpi.fadt;
     acpi.hw_reduced = (*(const uint32_t *)(f + 112) >> 20) & 1;
-    acpi.reset_port = (uint16_t)*(const uint64_t *)(f + 116 + 4);
+    acpi.reset_space = f[116];
+    acpi.reset_address = *(const uint64_t *)(f + 116 + 4);
+    acpi.reset_port = (uint16_t)acpi.reset_address;
     acpi.reset_value = f[128];
     acpi.dsdt = *(const uint64_t *)(f + 140);
     acpi.sleep_port = (uint16_t)*(const uint64_t *)(f + 244 + 4);
@@ -476,9 +480,11 @@ static void probe_reboot(void) {
     else puts_raw("reboot: RAM clear\n");
     *REBOOT_MARKER = 0x5649524545424f4full;
     probe_smp();
-    if (parse_acpi()) {
+    if (parse_acpi() && (acpi.reset_space == 0 || acpi.reset_space == 1) && acpi.reset_address) {
         puts_raw("reboot: resetting through the ACPI reset register\n");
-        outb(acpi.reset_port, acpi.reset_value);
+        /* Vireo's is an I/O port; QEMU microvm's sits in its GED's MMIO window. */
+        if (acpi.reset_space == 1) outb(acpi.reset_port, acpi.reset_value);
+        else *(volatile uint8_t *)(uintptr_t)acpi.reset_address = acpi.reset_value;
     } else {
         puts_raw("reboot: resetting through the i8042\n");
         outb(0x64, 0xfe);

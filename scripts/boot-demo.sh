@@ -5,9 +5,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh release
-kernel_dir=$(scripts/build-tiny-kernel.sh)
+# The ACPI flavour: it finds its CPUs, devices and power button in Vireo's ACPI tables, as a
+# distribution kernel does.
+kernel_dir=$(scripts/build-tiny-kernel.sh acpi)
 initramfs=$(scripts/make-initramfs.sh)
 # noxsave, clearcpuid and nopv only matter on hosts whose KVM emulates guest kernel mode (like the
 # project's CI); they are harmless elsewhere.
 exec .build/release/vireo run --kernel "$kernel_dir/vmlinux" --initrd "$initramfs" --cpus 2 --memory 256M \
-  --cmdline "console=ttyS0 noxsave clearcpuid=smap,popcnt nopv panic=-1 reboot=k" "$@"
+  --cmdline "console=ttyS0 noxsave clearcpuid=smap,popcnt nopv panic=-1 reboot=acpi" "$@"

@@ -8,6 +8,7 @@ if [[ ! -c /dev/kvm ]]; then
   echo "test: /dev/kvm is missing; the VMM tests will fail (they never skip)" >&2
 fi
 # Built here once so its minutes show up on their own, not inside one test's time limit.
-scripts/build-tiny-kernel.sh >/dev/null
+scripts/build-tiny-kernel.sh plain >/dev/null
+scripts/build-tiny-kernel.sh acpi >/dev/null
 swift build --build-tests
 swift test --skip-build "$@"

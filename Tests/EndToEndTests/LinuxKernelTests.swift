@@ -12,14 +12,25 @@ struct LinuxKernelTests {
     /// emulator lacks, no paravirt hypercalls it mishandles. Real hosts need none of them.
     static let emulatorSafeOptions = "noxsave clearcpuid=smap,popcnt nopv"
 
-    static let kernelDirectory: Result<URL, HarnessError> = {
+    /// The plain flavour: no ACPI (MP table, command-line devices), booted with `--acpi off`.
+    static let kernelDirectory = buildKernel("plain")
+    /// The ACPI flavour: CPUs, devices and the power button only from Vireo's ACPI tables.
+    static let acpiKernelDirectory = buildKernel("acpi")
+
+    static func buildKernel(_ flavour: String) -> Result<URL, HarnessError> {
         let script = Harness.packageRoot.appendingPathComponent("scripts/build-tiny-kernel.sh").path
-        let result = Harness.run(["bash", script], timeout: 1800)
+        let result = Harness.run(["bash", script, flavour], timeout: 1800)
         guard result.status == 0, let last = result.stdout.split(separator: "\n").last else {
-            return .failure(HarnessError("build-tiny-kernel.sh failed (\(result.status)): \(result.stderr.suffix(2000))"))
+            return .failure(HarnessError("build-tiny-kernel.sh \(flavour) failed (\(result.status)): \(result.stderr.suffix(2000))"))
         }
         return .success(URL(fileURLWithPath: String(last)))
-    }()
+    }
+
+    /// Lines no kernel should print on Vireo's ACPI tables.
+    static func acpiComplaints(_ console: String) -> [String] {
+        console.split(separator: "\n").map(String.init)
+            .filter { $0.contains("ACPI Error") || $0.contains("ACPI BIOS Error") || $0.contains("ACPI Warning") || $0.contains("ACPI BIOS Warning") }
+    }
 
     /// An initramfs whose /init is a static program; guest user space cannot make system calls
     /// here, so init dies and the kernel panics and reboots (`panic=-1 reboot=k`).
@@ -38,13 +49,14 @@ struct LinuxKernelTests {
         return archive
     }
 
-    @Test("vmlinux with 2 vCPUs: both CPUs up, initramfs unpacked, /init run, reboot ends the run", .timeLimit(.minutes(20)))
+    @Test("without ACPI (--acpi off, the plain kernel): 2 vCPUs from the MP table, initramfs unpacked, /init run, an i8042 reboot ends the run",
+          .timeLimit(.minutes(20)))
     func elfKernelBootsToInit() throws {
         try Harness.requireKVM()
         let kernel = try Self.kernelDirectory.get().appendingPathComponent("vmlinux")
         let directory = try Harness.temporaryDirectory()
         let initramfs = try Self.makeInitramfs(in: directory)
-        let result = Harness.vireoRun(["--kernel", kernel.path, "--initrd", initramfs.path, "--cpus", "2", "--memory", "256M",
+        let result = Harness.vireoRun(["--kernel", kernel.path, "--initrd", initramfs.path, "--cpus", "2", "--memory", "256M", "--acpi", "off",
                                        "--cmdline", "console=ttyS0 \(Self.emulatorSafeOptions) panic=-1 reboot=k"],
                                       timeout: 900)
         let console = result.stdout
@@ -56,14 +68,15 @@ struct LinuxKernelTests {
         #expect(console.contains("Freeing initrd memory: \((archiveSize + 4095) / 4096 * 4)K"), "initramfs is \(archiveSize) bytes")
         #expect(console.contains("Run /init as init process"))
         #expect(console.contains("Kernel panic - not syncing: Attempted to kill init!"))
+        #expect(result.stderr.contains("guest reset the machine through the i8042 (0xFE)"))
         #expect(result.stderr.contains("guest requested a reset"))
     }
 
-    @Test("virtio-blk root and virtio-net: Linux probes both, gets an address by DHCP through the tap, mounts an ext4 image made on the host and runs /init from it",
+    @Test("ACPI only (the acpi kernel, no virtio_mmio.device=): 2 vCPUs from the MADT, virtio-blk and virtio-net from the DSDT, DHCP through the tap, the ext4 root mounted, the power button bound, no ACPI complaint, and a reboot through the ACPI reset register",
           .timeLimit(.minutes(20)))
     func ext4RootOnVirtioBlock() throws {
         try Harness.requireKVM()
-        let kernel = try Self.kernelDirectory.get().appendingPathComponent("vmlinux")
+        let kernel = try Self.acpiKernelDirectory.get().appendingPathComponent("vmlinux")
         let directory = try Harness.temporaryDirectory()
         _ = try Self.makeInitramfs(in: directory)          // builds root/init and root/payload
         let image = directory.appendingPathComponent("root.ext4").path
@@ -76,31 +89,39 @@ struct LinuxKernelTests {
             "--dhcp-range=10.0.2.15,10.0.2.15,255.255.255.0,1h", "--dhcp-leasefile=\(directory.path)/leases", "--log-dhcp"]))
         defer { dhcp.signal(SIGTERM); _ = dhcp.wait(timeout: 5) }
         let result = Harness.run(namespace.inside([
-            Harness.vireo, "run", "--kernel", kernel.path, "--memory", "256M", "--disk", "\(image),format=raw,serial=rootdisk",
+            Harness.vireo, "run", "--kernel", kernel.path, "--cpus", "2", "--memory", "256M", "--disk", "\(image),format=raw,serial=rootdisk",
             "--net", "tap:\(namespace.tap),mac=02:00:00:0a:00:0f",
-            "--cmdline", "console=ttyS0 \(Self.emulatorSafeOptions) root=/dev/vda rootfstype=ext4 ro init=/init ip=dhcp panic=-1 reboot=k"]),
-            timeout: 900)
+            "--cmdline", "console=ttyS0 \(Self.emulatorSafeOptions) root=/dev/vda rootfstype=ext4 ro init=/init ip=dhcp panic=1 reboot=acpi"]),
+            timeout: 1200)
         let console = result.stdout
+        #expect(console.contains("Command line: console=ttyS0") && !console.contains("virtio_mmio.device="), "console head: \(console.prefix(2000))")
+        #expect(console.contains("ACPI: Interpreter enabled"), "console: \(console.prefix(6000))")
+        #expect(console.contains("smp: Brought up 1 node, 2 CPUs"), "console tail: \(console.suffix(3000))")
+        #expect(console.contains("ACPI: button: Power Button [PWRB]"), "console: \(console.prefix(8000))")
+        #expect(Self.acpiComplaints(console).isEmpty, "\(Self.acpiComplaints(console))")
         #expect(console.contains("IP-Config: Got DHCP answer from 10.0.2.1, my address is 10.0.2.15"), "console tail: \(console.suffix(3000)); dnsmasq: \(dhcp.stderr.suffix(1000))")
         #expect(console.contains("device=eth0, hwaddr=02:00:00:0a:00:0f, ipaddr=10.0.2.15, mask=255.255.255.0"), "console tail: \(console.suffix(3000))")
-        #expect(result.status == 0, "status \(result.status); stderr: \(result.stderr); console tail: \(console.suffix(3000))")
         #expect(console.contains("virtio_blk virtio0: [vda] 65536 512-byte logical blocks (33.6 MB/32.0 MiB)"), "console tail: \(console.suffix(3000))")
         #expect(console.contains("EXT4-fs (vda): mounted filesystem"))
         #expect(console.contains("VFS: Mounted root (ext4 filesystem) readonly on device 254:0."))
         #expect(console.contains("Run /init as init process"))
+        #expect(console.contains("Kernel panic - not syncing: Attempted to kill init!"))
+        // reboot=acpi: the kernel's own acpi_reboot() writes the FADT's reset register.
+        #expect(result.stderr.contains("guest reset the machine through the ACPI reset register"), "\(result.stderr)")
+        #expect(result.status == 0, "status \(result.status); stderr: \(result.stderr); console tail: \(console.suffix(3000))")
         let check = Harness.run(["e2fsck", "-n", "-f", image])
         #expect(check.status == 0, "\(check.stdout)")
     }
 
-    @Test("a library VM running Linux: vireo start, pause freezes the boot, resume finishes it to /init; its virtio-rng feeds the kernel",
-          .timeLimit(.minutes(20)))
+    @Test("a library VM running Linux with ACPI: pause freezes the boot, resume finishes it to /init; its virtio-rng feeds the kernel; the panic's reboot (ACPI reset register) boots it again in the same process",
+          .timeLimit(.minutes(25)))
     func managedLinuxVM() throws {
         let library = try TestLibrary()
-        let kernel = try Self.kernelDirectory.get().appendingPathComponent("vmlinux")
+        let kernel = try Self.acpiKernelDirectory.get().appendingPathComponent("vmlinux")
         let initramfs = try Self.makeInitramfs(in: try Harness.temporaryDirectory())
         let created = library.vireo("create", "tux", "--ostype", "linux-64", "--kernel", kernel.path, "--initrd", initramfs.path,
                                     "--memory", "256M", "--no-disk",
-                                    "--cmdline", "console=ttyS0 \(Self.emulatorSafeOptions) panic=-1 reboot=k")
+                                    "--cmdline", "console=ttyS0 \(Self.emulatorSafeOptions) panic=1 reboot=acpi")
         #expect(created.status == 0, "\(created.stderr)")
         let started = library.vireo("start", "tux")
         #expect(started.status == 0, "\(started.stderr)")
@@ -113,22 +134,32 @@ struct LinuxKernelTests {
         #expect(library.state("tux") == "paused")
         #expect(library.vireo("resume", "tux").status == 0)
 
-        #expect(library.waitFor(600) { library.consoleLog("tux").contains("Run /init as init process") },
+        #expect(library.waitFor(900) { library.consoleLog("tux").contains("Run /init as init process") },
                 "\(library.consoleLog("tux").suffix(3000))")
-        // init dies (no system calls here), the kernel panics and reboots, and a reboot ends the VM.
-        #expect(library.waitFor(120) { library.state("tux") == "stopped" })
+        // init dies (no system calls here), the kernel panics and reboots through the ACPI reset
+        // register, and the VM boots again in the same process: a second banner, boot 2.
+        #expect(library.waitFor(300) { library.consoleLog("tux").components(separatedBy: "Linux version").count - 1 >= 2 },
+                "\(library.consoleLog("tux").suffix(3000))")
+        #expect(library.state("tux") == "running")
+        let info = library.vireo("info", "tux", "--json").stdout
+        let process = (try? JSONSerialization.jsonObject(with: Data(info.utf8)) as? [String: Any])?["process"] as? [String: Any]
+        #expect(process?["boots"] as? Int == 2, "\(info)")
         let vmmLog = (try? String(contentsOf: library.root.appendingPathComponent("tux/vmm.log"), encoding: .utf8)) ?? ""
-        #expect(vmmLog.contains("guest requested a reset"), "\(vmmLog)")
+        #expect(vmmLog.contains("guest reset the machine through the ACPI reset register"), "\(vmmLog)")
+        #expect(vmmLog.contains("guest rebooted; boot 2 starts"), "\(vmmLog)")
+        #expect(Self.acpiComplaints(library.consoleLog("tux")).isEmpty, "\(Self.acpiComplaints(library.consoleLog("tux")))")
+        #expect(library.vireo("stop", "tux", "--force").status == 0)
         // Linux's own virtio-rng driver (hw_random, quality 1000) drew entropy from the device.
-        let provided = vmmLog.components(separatedBy: "virtio-rng: provided ").last?.prefix { $0.isNumber } ?? ""
-        #expect((Int(provided) ?? 0) > 0, "\(vmmLog)")
+        let finalLog = (try? String(contentsOf: library.root.appendingPathComponent("tux/vmm.log"), encoding: .utf8)) ?? ""
+        let provided = finalLog.components(separatedBy: "virtio-rng: provided ").last?.prefix { $0.isNumber } ?? ""
+        #expect((Int(provided) ?? 0) > 0, "\(finalLog)")
     }
 
     @Test("bzImage: the decompressor runs and hands over to the kernel, which reads our command line", .timeLimit(.minutes(10)))
     func bzImageBoots() throws {
         try Harness.requireKVM()
         let kernel = try Self.kernelDirectory.get().appendingPathComponent("bzImage")
-        let running = RunningProcess([Harness.vireo, "run", "--kernel", kernel.path, "--memory", "128M",
+        let running = RunningProcess([Harness.vireo, "run", "--kernel", kernel.path, "--memory", "128M", "--acpi", "off",
                                       "--cmdline", "console=ttyS0 earlyprintk=serial \(Self.emulatorSafeOptions) bzimage.marker=1"])
         let reached = running.waitForOutput("Command line: console=ttyS0 earlyprintk=serial", timeout: 420)
         running.signal(SIGTERM)
