@@ -56,8 +56,9 @@ public final class I8042: PortIODevice {
                 more = !state.output.isEmpty && state.commandByte & 0x01 != 0
                 return byte
             case 4:
-                // Status: output buffer full when a reply waits; input buffer always empty.
-                return state.output.isEmpty ? 0x00 : 0x01
+                // Status: output buffer full when a reply waits; input buffer always empty; the
+                // keyboard not inhibited (bit 4 set: Linux warns "Keylock active" otherwise).
+                return (state.output.isEmpty ? 0x00 : 0x01) | 0x10
             default:
                 return 0xff
             }

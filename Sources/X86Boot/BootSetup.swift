@@ -92,7 +92,8 @@ public struct BootConfiguration: Sendable {
         if kernel.loadedEnd > lowEnd { throw .kernelDoesNotFit(path: kernel.path, needed: kernel.loadedEnd, available: lowEnd) }
         _ = try initrdAddress()
         if case let .acpi(tables, generationID) = platform {
-            guard generationID.count == 16 else { throw .memory(.outOfBounds(address: MachineLayout.generationIDAddress, length: UInt64(generationID.count))) }
+            // Callers build it from 32 hex digits or 16 random bytes; anything else is a bug here.
+            precondition(generationID.count == 16, "a VM generation ID is 16 bytes")
             try tables.validate()
         }
     }

@@ -115,22 +115,16 @@ final class RunningProcess: @unchecked Sendable {
     func closeInput() { try? input.fileHandleForWriting.close() }
 
     /// Waits until stdout contains `text`; false on time-out or if the process exits first.
-    func waitForOutput(_ text: String, timeout: TimeInterval) -> Bool {
-        let deadline = Date().addingTimeInterval(timeout)
-        while Date() < deadline {
-            if stdout.contains(text) { return true }
-            if hasExited { return stdout.contains(text) }
-            Thread.sleep(forTimeInterval: 0.05)
-        }
-        return false
-    }
+    func waitForOutput(_ text: String, timeout: TimeInterval) -> Bool { waitFor(text, in: \.stdout, timeout: timeout) }
 
     /// Waits until stderr contains `text`; false on time-out or if the process exits first.
-    func waitForError(_ text: String, timeout: TimeInterval) -> Bool {
+    func waitForError(_ text: String, timeout: TimeInterval) -> Bool { waitFor(text, in: \.stderr, timeout: timeout) }
+
+    private func waitFor(_ text: String, in stream: KeyPath<RunningProcess, String>, timeout: TimeInterval) -> Bool {
         let deadline = Date().addingTimeInterval(timeout)
         while Date() < deadline {
-            if stderr.contains(text) { return true }
-            if hasExited { return stderr.contains(text) }
+            if self[keyPath: stream].contains(text) { return true }
+            if hasExited { return self[keyPath: stream].contains(text) }
             Thread.sleep(forTimeInterval: 0.05)
         }
         return false

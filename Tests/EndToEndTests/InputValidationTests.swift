@@ -45,6 +45,15 @@ import Testing
         try refused(["--kernel", path.path], mentions: ["a 32-bit (ELFCLASS32) kernel boots only through PVH", "XEN_ELFNOTE_PHYS32_ENTRY"])
     }
 
+    @Test("--acpi and --on-reboot take only the values they list")
+    func platformSwitches() throws {
+        try refused(["--kernel", try Harness.probe("pvh"), "--acpi", "yes"], mentions: ["--acpi: 'yes' is not one of on, off"])
+        try refused(["--kernel", try Harness.probe("pvh"), "--on-reboot", "reset"], mentions: ["--on-reboot: 'reset' is not one of restart, exit"])
+        let vmm = Harness.run([Harness.vireoVMM, "--kernel", try Harness.probe("pvh"), "--generation-id", "12345"])
+        #expect(vmm.status == 2)
+        #expect(vmm.stderr.contains("--generation-id: '12345' is not 32 hex digits (a UUID's 128 bits)"), "\(vmm.stderr)")
+    }
+
     @Test func memoryTooSmall() throws {
         try refused(["--kernel", try Harness.probe("pvh"), "--memory", "16M"],
                     mentions: ["--memory: 16 MiB is below the minimum of 32 MiB"])

@@ -53,8 +53,13 @@ final class TestLibrary: @unchecked Sendable {
     }
 
     func createTicker(_ name: String, extra: [String] = []) throws {
-        let created = vireo(arguments: ["create", name, "--kernel", try Harness.probe("pvh"), "--memory", "64M", "--disk", "32M",
-                                        "--cmdline", "console=ttyS0 probe=ticker spin=5000000"] + extra)
+        try createProbe(name, command: "probe=ticker spin=5000000", extra: ["--disk", "32M"] + extra)
+    }
+
+    /// A VM booting the probe guest `variant` with `command` on its command line.
+    func createProbe(_ name: String, variant: String = "pvh", command: String, extra: [String] = ["--no-disk"]) throws {
+        let created = vireo(arguments: ["create", name, "--kernel", try Harness.probe(variant), "--memory", "64M",
+                                        "--cmdline", "console=ttyS0 " + command] + extra)
         #expect(created.status == 0, "\(created.stderr)")
     }
 }
@@ -339,9 +344,7 @@ struct LibraryLifecycleTests {
     @Test("vireo stop against a guest that ignores the power button times out naming the VM and --force; the VM keeps running")
     func ignoredPowerButton() throws {
         let library = try TestLibrary()
-        let created = library.vireo("create", "deaf", "--kernel", try Harness.probe("pvh"), "--memory", "64M", "--no-disk",
-                                    "--cmdline", "console=ttyS0 probe=ticker spin=5000000 ignore-button=1")
-        #expect(created.status == 0, "\(created.stderr)")
+        try library.createProbe("deaf", command: "probe=ticker spin=5000000 ignore-button=1")
         #expect(library.vireo("start", "deaf").status == 0)
         #expect(library.waitFor(20) { library.ticks("deaf") >= 2 })
         let refused = library.vireo("stop", "deaf", "--timeout", "3")
@@ -357,9 +360,7 @@ struct LibraryLifecycleTests {
     @Test("a library VM reboots in place by default (boots counted, the same process, RAM cleared, APs back); --on-reboot exit stops it instead; clones get a new generation ID")
     func rebootInPlaceAndGenerationID() throws {
         let library = try TestLibrary()
-        let created = library.vireo("create", "phoenix", "--kernel", try Harness.probe("linux64"), "--cpus", "2", "--memory", "64M",
-                                    "--no-disk", "--cmdline", "console=ttyS0 probe=reboot")
-        #expect(created.status == 0, "\(created.stderr)")
+        try library.createProbe("phoenix", variant: "linux64", command: "probe=reboot", extra: ["--no-disk", "--cpus", "2"])
         #expect(library.vireo("start", "phoenix").status == 0)
         func boots() -> Int {
             let info = library.vireo("info", "phoenix", "--json").stdout

@@ -12,6 +12,23 @@ struct LinuxKernelTests {
     /// emulator lacks, no paravirt hypercalls it mishandles. Real hosts need none of them.
     static let emulatorSafeOptions = "noxsave clearcpuid=smap,popcnt nopv"
 
+    /// `nopv` also turns off kvmclock, which is where a guest on a hardware-reduced ACPI platform
+    /// learns its TSC frequency (there is no PIT calibration without the legacy PIC, and no HPET or
+    /// PM timer to calibrate against). So the ACPI tests hand the frequency over; on a real host
+    /// kvmclock does, and no option is needed.
+    static func acpiEmulatorSafeOptions() throws -> String {
+        guard hostTSCKilohertz > 0 else { throw HarnessError("no 'cpu MHz' in /proc/cpuinfo: cannot tell the ACPI guest its TSC frequency") }
+        return emulatorSafeOptions + " tsc_early_khz=\(hostTSCKilohertz)"
+    }
+
+    /// The host's TSC frequency, which KVM gives guests by default, from /proc/cpuinfo.
+    static let hostTSCKilohertz: Int = {
+        let cpuinfo = (try? String(contentsOfFile: "/proc/cpuinfo", encoding: .utf8)) ?? ""
+        let line = cpuinfo.split(separator: "\n").first { $0.hasPrefix("cpu MHz") }
+        let megahertz = line.flatMap { Double($0.split(separator: ":").last?.trimmingCharacters(in: .whitespaces) ?? "") } ?? 0
+        return Int(megahertz * 1000)
+    }()
+
     /// The plain flavour: no ACPI (MP table, command-line devices), booted with `--acpi off`.
     static let kernelDirectory = buildKernel("plain")
     /// The ACPI flavour: CPUs, devices and the power button only from Vireo's ACPI tables.
@@ -91,11 +108,13 @@ struct LinuxKernelTests {
         let result = Harness.run(namespace.inside([
             Harness.vireo, "run", "--kernel", kernel.path, "--cpus", "2", "--memory", "256M", "--disk", "\(image),format=raw,serial=rootdisk",
             "--net", "tap:\(namespace.tap),mac=02:00:00:0a:00:0f",
-            "--cmdline", "console=ttyS0 \(Self.emulatorSafeOptions) root=/dev/vda rootfstype=ext4 ro init=/init ip=dhcp panic=1 reboot=acpi"]),
+            "--cmdline", "console=ttyS0 \(try Self.acpiEmulatorSafeOptions()) root=/dev/vda rootfstype=ext4 ro init=/init ip=dhcp panic=1 reboot=acpi"]),
             timeout: 1200)
         let console = result.stdout
         #expect(console.contains("Command line: console=ttyS0") && !console.contains("virtio_mmio.device="), "console head: \(console.prefix(2000))")
         #expect(console.contains("ACPI: Interpreter enabled"), "console: \(console.prefix(6000))")
+        #expect(console.contains("ACPI: Using ACPI (MADT) for SMP configuration information"), "console: \(console.prefix(4000))")
+        #expect(console.contains("ACPI: PM: (supports S0 S5)"), "console: \(console.prefix(6000))")
         #expect(console.contains("smp: Brought up 1 node, 2 CPUs"), "console tail: \(console.suffix(3000))")
         #expect(console.contains("ACPI: button: Power Button [PWRB]"), "console: \(console.prefix(8000))")
         #expect(Self.acpiComplaints(console).isEmpty, "\(Self.acpiComplaints(console))")
@@ -121,7 +140,7 @@ struct LinuxKernelTests {
         let initramfs = try Self.makeInitramfs(in: try Harness.temporaryDirectory())
         let created = library.vireo("create", "tux", "--ostype", "linux-64", "--kernel", kernel.path, "--initrd", initramfs.path,
                                     "--memory", "256M", "--no-disk",
-                                    "--cmdline", "console=ttyS0 \(Self.emulatorSafeOptions) panic=1 reboot=acpi")
+                                    "--cmdline", "console=ttyS0 \(try Self.acpiEmulatorSafeOptions()) panic=1 reboot=acpi")
         #expect(created.status == 0, "\(created.stderr)")
         let started = library.vireo("start", "tux")
         #expect(started.status == 0, "\(started.stderr)")
