@@ -133,6 +133,21 @@ public final class GuestMemory: @unchecked Sendable {
 
     public func fill(_ value: UInt8, count: Int, at address: GuestPhysicalAddress) throws(GuestMemoryError) {
         let pointer = try hostPointer(address, length: UInt64(count))
-        pointer.initializeMemory(as: UInt8.self, repeating: value, count: count)
+        // Zeroing whole pages of our own anonymous mappings: drop them instead, and they read as
+        // zeros when touched. Writing zeros would fault in every page (a kernel's 17 MiB .bss cost
+        // 15 ms at boot that way).
+        let pageSize = 4096
+        let start = Int(bitPattern: pointer)
+        let firstPage = (start + pageSize - 1) & ~(pageSize - 1)
+        let endPage = (start + count) & ~(pageSize - 1)
+        guard value == 0, ownsMappings, endPage - firstPage >= 16 * pageSize else {
+            pointer.initializeMemory(as: UInt8.self, repeating: value, count: count)
+            return
+        }
+        pointer.initializeMemory(as: UInt8.self, repeating: 0, count: firstPage - start)
+        if madvise(UnsafeMutableRawPointer(bitPattern: firstPage), endPage - firstPage, MADV_DONTNEED) != 0 {
+            pointer.advanced(by: firstPage - start).initializeMemory(as: UInt8.self, repeating: 0, count: endPage - firstPage)
+        }
+        pointer.advanced(by: endPage - start).initializeMemory(as: UInt8.self, repeating: 0, count: start + count - endPage)
     }
 }

@@ -182,3 +182,20 @@ struct HarnessFailure: Error, CustomStringConvertible {
     let description: String
     init(_ description: String) { self.description = description }
 }
+
+@Suite struct GuestMemoryFillTests {
+    /// Large zero fills drop whole pages instead of writing them; what the guest reads must be the
+    /// same as a byte-by-byte fill, up to the unaligned edges and not a byte beyond.
+    @Test func zeroFillOfManyPagesReadsAsZerosAndStopsAtItsEdges() throws {
+        let memory = try GuestMemory(anonymousRegions: [(GuestPhysicalAddress(0), 4 << 20)])
+        try memory.fill(0xab, count: 4 << 20, at: GuestPhysicalAddress(0))
+        let start: UInt64 = 0x1_0123, count = (1 << 20) + 0x345
+        try memory.fill(0, count: Int(count), at: GuestPhysicalAddress(start))
+        let view = try memory.readBytes(count: Int(count) + 2, at: GuestPhysicalAddress(start - 1))
+        #expect(view.first == 0xab && view.last == 0xab)
+        #expect(view.dropFirst().dropLast().allSatisfy { $0 == 0 })
+        // Pages the fill dropped are ordinary memory again afterwards.
+        try memory.write(UInt64(0x1122_3344_5566_7788), at: GuestPhysicalAddress(0x4_0000))
+        #expect(try memory.read(UInt64.self, at: GuestPhysicalAddress(0x4_0000)) == 0x1122_3344_5566_7788)
+    }
+}
