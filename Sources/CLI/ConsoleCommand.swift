@@ -29,8 +29,9 @@ func attachConsole(_ name: String, library: VMLibrary) throws {
     let connection: ControlConnection
     do throws(LibraryError) {
         let bundle = try library.bundle(named: name)
-        guard library.status(of: bundle).state != .stopped else {
-            throw LibraryError.wrongState(name: name, state: "stopped", action: "attach to the console of",
+        let state = library.status(of: bundle).state
+        guard !state.isOff else {
+            throw LibraryError.wrongState(name: name, state: state.rawValue, action: "attach to the console of",
                                           hint: "start it with `vireo start \(name) --console`; past output: `vireo logs \(name)`")
         }
         do {

@@ -18,7 +18,7 @@ struct Info: ParsableCommand {
         var path: String, format: String, readOnly: Bool, serial: String?, virtualBytes: UInt64?, allocatedBytes: UInt64, backingChain: [String]
     }
     struct Report: Encodable {
-        var name: String, uuid: String, state: String, osType: String, cpus: Int, memoryBytes: UInt64
+        var name: String, uuid: String, state: String, crashReason: String?, osType: String, cpus: Int, memoryBytes: UInt64
         var kernel: String?, initrd: String?, commandLine: String, entropyDevice: Bool, createdAt: Int64
         var acpi: Bool, onReboot: String, generationId: String?
         var directory: String, configPath: String, consoleLog: String, vmmLog: String, controlSocket: String
@@ -42,7 +42,7 @@ struct Info: ParsableCommand {
                 counters = try? connection.call("counters", as: VMCounters.self)
             }
             report = Report(
-                name: definition.name, uuid: definition.uuid, state: status.state.rawValue, osType: definition.osType,
+                name: definition.name, uuid: definition.uuid, state: status.state.rawValue, crashReason: status.crashReason, osType: definition.osType,
                 cpus: definition.cpus, memoryBytes: definition.memoryBytes,
                 kernel: definition.kernel.map(bundle.resolve), initrd: definition.initrd.map(bundle.resolve),
                 commandLine: definition.commandLine, entropyDevice: definition.entropyDevice, createdAt: definition.createdAt,
@@ -62,7 +62,8 @@ struct Info: ParsableCommand {
         }
         if json { try printJSON(report); return }
         var lines: [[String]] = [
-            ["Name:", report.name], ["UUID:", report.uuid], ["State:", report.state], ["OS type:", report.osType],
+            ["Name:", report.name], ["UUID:", report.uuid],
+            ["State:", report.crashReason.map { "\(report.state): \($0)" } ?? report.state], ["OS type:", report.osType],
             ["CPUs:", String(report.cpus)], ["Memory:", Size.describe(report.memoryBytes)],
             ["Kernel:", report.kernel ?? "(none)"], ["Initrd:", report.initrd ?? "(none)"],
             ["Command line:", report.commandLine], ["virtio-rng:", report.entropyDevice ? "on" : "off"],

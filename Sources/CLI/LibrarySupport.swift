@@ -62,8 +62,8 @@ func control<Reply: Decodable>(_ name: String, _ request: String, as type: Reply
                                library: VMLibrary, action: String) throws(LibraryError) -> Reply {
     let bundle = try library.bundle(named: name)
     let status = library.status(of: bundle)
-    guard status.state != .stopped else {
-        throw .wrongState(name: name, state: "stopped", action: action, hint: "start it first with `vireo start \(name)`")
+    guard !status.state.isOff else {
+        throw .wrongState(name: name, state: status.state.rawValue, action: action, hint: "start it first with `vireo start \(name)`")
     }
     do {
         let connection = try ControlConnection(path: bundle.controlPath)

@@ -62,8 +62,9 @@ struct Stop: ParsableCommand {
 func stopVM(_ name: String, force: Bool, timeout: Double, library: VMLibrary) throws(LibraryError) {
     let bundle = try library.bundle(named: name)
     guard guardTimeout(timeout) else { throw .invalidValue(field: "--timeout", reason: "\(timeout) is not a number of seconds above 0") }
-    if library.status(of: bundle).state == .stopped {
-        printLine("VM '\(name)' is already stopped")
+    let state = library.status(of: bundle).state
+    if state.isOff {
+        printLine("VM '\(name)' is already \(state.rawValue)")
         return
     }
     if force {

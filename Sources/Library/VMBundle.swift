@@ -51,6 +51,26 @@ public struct VMBundle: Sendable {
         try HostFiles.writeAtomically(Array(data) + [0x0a], to: configPath)
     }
 
+    /// Why the VM's last run failed, from the end of `vmm.log`: `vireo-vmm` ends every run with
+    /// `exit status N` after the reason; status 1 is a failure (triple fault, KVM internal error,
+    /// VMM fault). Nil for a clean stop (0), a signal (128+N), a refused start (2), or a run that
+    /// left no last line (SIGKILL: the user's or the host's doing, not the guest's).
+    public func lastRunFailure() -> String? {
+        let fd = open(vmmLogPath, O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { return nil }
+        defer { close(fd) }
+        let size = lseek(fd, 0, SEEK_END)
+        guard size > 0 else { return nil }
+        let length = Int(min(size, 4096))
+        var tail = [UInt8](repeating: 0, count: length)
+        let count = tail.withUnsafeMutableBytes { pread(fd, $0.baseAddress, length, off_t(size) - off_t(length)) }
+        guard count == length else { return nil }
+        let lines = tail.split(separator: 0x0a).map { String(decoding: $0, as: UTF8.self) }
+        guard lines.count >= 2, lines[lines.count - 1] == "vireo: exit status 1" else { return nil }
+        let reason = lines[lines.count - 2]
+        return reason.hasPrefix("vireo: ") ? String(reason.dropFirst(7)) : reason
+    }
+
     /// Whether the VM process (or a command changing the VM) holds the lock.
     public var isLocked: Bool { VMLock.isHeld(path: lockPath) }
 

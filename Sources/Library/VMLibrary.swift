@@ -10,8 +10,14 @@ import Glibc
 public enum VMState: String, Codable, Sendable {
     case stopped, starting, running, paused, stopping
     case shuttingDown = "shutting-down"
+    /// Not running, and its last run ended in a failure (a triple fault, a KVM internal error, a
+    /// VMM fault: `vireo-vmm` exited with status 1). VirtualBox calls this "Aborted".
+    case crashed
     /// Locked by another vireo command that is changing it.
     case busy
+
+    /// No VMM runs it: it can be started, changed or deleted.
+    public var isOff: Bool { self == .stopped || self == .crashed }
 }
 
 /// What `vireo create` asks for; nil means "the OS type's default".
@@ -94,10 +100,15 @@ public struct VMLibrary: Sendable {
     public struct Status: Sendable {
         public var state: VMState
         public var description: VMDescription?
+        /// Why the last run crashed, when `state` is `.crashed`.
+        public var crashReason: String?
     }
 
     public func status(of bundle: VMBundle) -> Status {
-        guard bundle.isLocked else { return Status(state: .stopped) }
+        guard bundle.isLocked else {
+            if let reason = bundle.lastRunFailure() { return Status(state: .crashed, crashReason: reason) }
+            return Status(state: .stopped)
+        }
         if let connection = try? ControlConnection(path: bundle.controlPath, timeoutSeconds: 2),
            let description = try? connection.call("describe", as: VMDescription.self) {
             return Status(state: VMState(rawValue: description.state) ?? .running, description: description)

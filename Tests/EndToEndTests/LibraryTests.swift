@@ -357,6 +357,23 @@ struct LibraryLifecycleTests {
         #expect(library.state("deaf") == "stopped")
     }
 
+    @Test("a guest that triple-faults leaves its VM crashed, with the reason; a guest's own power-off (S5) leaves it stopped; a crashed VM starts again")
+    func crashedIsNotStopped() throws {
+        let library = try TestLibrary()
+        try library.createProbe("fragile", command: "probe=triple")
+        #expect(library.vireo("start", "fragile").status == 0)
+        #expect(library.waitFor(30) { library.state("fragile") == "crashed" }, "\(library.state("fragile") ?? "?")")
+        let info = library.vireo("info", "fragile").stdout
+        #expect(info.contains("crashed: vCPU 0 shut down (triple fault, KVM_EXIT_SHUTDOWN)"), "\(info)")
+        let stop = library.vireo("stop", "fragile")
+        #expect(stop.status == 0 && stop.stdout.contains("VM 'fragile' is already crashed"), "\(stop.stdout) \(stop.stderr)")
+        // Crashed is not running: it can be changed and started again.
+        #expect(library.vireo("set", "fragile", "--cmdline", "console=ttyS0 probe=hello").status == 0)
+        #expect(library.vireo("start", "fragile").status == 0)
+        #expect(library.waitFor(30) { library.state("fragile") == "stopped" })
+        #expect(library.consoleLog("fragile").contains("hello from the probe"))
+    }
+
     @Test("a library VM reboots in place by default (boots counted, the same process, RAM cleared, APs back); --on-reboot exit stops it instead; clones get a new generation ID")
     func rebootInPlaceAndGenerationID() throws {
         let library = try TestLibrary()
