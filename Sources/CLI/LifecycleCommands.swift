@@ -146,6 +146,28 @@ struct Resume: ParsableCommand {
     }
 }
 
+struct Reset: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Press a running VM's reset button: the machine restarts at once, without asking the guest.",
+        discussion: """
+            Like VirtualBox's Reset and `virsh reset`: the guest gets no chance to flush its \
+            caches. What follows is the VM's reboot policy (`--on-reboot`): restart (the default) \
+            boots it again in the same process; exit stops it.
+            """)
+
+    @Argument(help: "VM name.")
+    var name: String
+
+    func run() throws {
+        do throws(LibraryError) {
+            _ = try control(name, "reset", as: ControlStatus.self, library: openLibrary(), action: "reset")
+        } catch {
+            throw fail(error)
+        }
+        printLine("VM '\(name)' reset")
+    }
+}
+
 struct Balloon: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Take memory back from a running guest: set its balloon to SIZE (0 gives it all back).",

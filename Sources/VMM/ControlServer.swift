@@ -211,6 +211,12 @@ final class ControlServer: @unchecked Sendable {
             var object = Self.success()
             object.add("state", state)
             return object
+        case "reset":
+            if machine.isStopping { return Self.failure("stopping", "\(vmName) is already stopping") }
+            machine.requestReset()
+            var object = Self.success()
+            object.add("state", machine.rebootPolicy == .restart ? "running" : "stopping")
+            return object
         case "power-off":
             machine.requestStop(.powerOffRequested)
             var object = Self.success()
@@ -228,7 +234,7 @@ final class ControlServer: @unchecked Sendable {
             object.add("target_bytes", mebibytes << 20)
             return object
         default:
-            return Self.failure("unknown-request", "'\(request.prefix(64))' is not a request; expected one of describe, counters, pause, resume, shutdown, power-button, power-off, balloon MIB, console")
+            return Self.failure("unknown-request", "'\(request.prefix(64))' is not a request; expected one of describe, counters, pause, resume, shutdown, power-button, reset, power-off, balloon MIB, console")
         }
     }
 

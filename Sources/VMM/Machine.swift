@@ -205,12 +205,12 @@ public final class Machine: @unchecked Sendable {
         let useEventFDs = getenv("VIREO_NO_IOEVENTFD") == nil
         let dispatcher = NotificationDispatcher()
         self.dispatcher = dispatcher
-        keyboardController = I8042(interrupt: KVMInterruptLine(vm: vm, line: I8042.defaultInterrupt)) { stop.requestGuestReset(through: "the i8042 (0xFE)") }
+        keyboardController = I8042(interrupt: KVMInterruptLine(vm: vm, line: I8042.defaultInterrupt)) { stop.requestReset("guest reset the machine through the i8042 (0xFE)") }
         if boot.platform.usesACPI {
             acpiRegisters = ACPIRegisters(
                 eventInterrupt: KVMInterruptLine(vm: vm, line: ACPIPlatform.eventInterrupt),
                 softOffSleepType: ACPIPlatform.softOffSleepType, resetValue: ACPIPlatform.resetValue,
-                powerOff: { stop.request(.guestPowerOff) }, reset: { stop.requestGuestReset(through: "the ACPI reset register") },
+                powerOff: { stop.request(.guestPowerOff) }, reset: { stop.requestReset("guest reset the machine through the ACPI reset register") },
                 unsupportedSleep: { type in vmmLog("guest asked for sleep state S\(type), which this machine does not offer (only S5); ignored") })
         } else {
             acpiRegisters = nil
@@ -403,6 +403,12 @@ public final class Machine: @unchecked Sendable {
         }
     }
 
+    /// The reset button: the machine resets as if the guest had asked, and the reboot policy
+    /// decides what follows. Works while paused too (a paused VM restarts paused).
+    public func requestReset() { stop.requestReset("reset button pressed (control socket)") }
+
+    public var rebootPolicy: RebootPolicy { stop.rebootPolicy }
+
     /// Presses the ACPI power button; false when the machine has no ACPI.
     public func pressPowerButton() -> Bool {
         guard let acpiRegisters else { return false }
@@ -498,7 +504,7 @@ public final class Machine: @unchecked Sendable {
             case .shutdown:
                 stop.request(.tripleFault(vcpu: index))
             case let .systemEvent(type):
-                if type == UInt32(KVM_SYSTEM_EVENT_RESET) { stop.requestGuestReset(through: "a KVM reset event") } else { stop.request(.guestPowerOff) }
+                if type == UInt32(KVM_SYSTEM_EVENT_RESET) { stop.requestReset("guest reset the machine through a KVM reset event") } else { stop.request(.guestPowerOff) }
             case let .internalError(suberror, data):
                 stop.request(.internalError(vcpu: index, suberror: suberror, data: data))
             case let .failEntry(reason):

@@ -77,9 +77,10 @@ final class StopController: Sendable {
         self.rebootPolicy = rebootPolicy
     }
 
-    /// The guest reset the machine through `source` (from a vCPU or device; never blocks).
-    func requestGuestReset(through source: String) {
-        vmmLog("guest reset the machine through \(source)")
+    /// The machine was reset (`event` says how, for the log); from a vCPU, a device or the control
+    /// socket, never blocking.
+    func requestReset(_ event: String) {
+        vmmLog(event)
         guard rebootPolicy == .restart else { request(.guestReset); return }
         guard !rebootPending.exchange(true, ordering: .acquiringAndReleasing) else { return }
         var one: UInt64 = 1

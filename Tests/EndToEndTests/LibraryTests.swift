@@ -341,7 +341,7 @@ struct LibraryLifecycleTests {
         #expect(stopped.stderr.contains("cannot set the balloon of VM 'squeeze': it is stopped"), "\(stopped.stderr)")
     }
 
-    @Test("vireo stop against a guest that ignores the power button times out naming the VM and --force; the VM keeps running")
+    @Test("vireo stop against a guest that ignores the power button times out naming the VM and --force; the VM keeps running; vireo reset restarts it in place")
     func ignoredPowerButton() throws {
         let library = try TestLibrary()
         try library.createProbe("deaf", command: "probe=ticker spin=5000000 ignore-button=1")
@@ -353,6 +353,13 @@ struct LibraryLifecycleTests {
                 "\(refused.stderr)")
         #expect(library.consoleLog("deaf").contains("ticker: power button, ignored"))
         #expect(library.state("deaf") == "shutting-down", "asked to shut down, still running")
+        // The reset button works where the power button is ignored: the machine restarts in place.
+        let reset = library.vireo("reset", "deaf")
+        #expect(reset.status == 0 && reset.stdout.contains("VM 'deaf' reset"), "\(reset.stderr)")
+        #expect(library.waitFor(20) { library.consoleLog("deaf").components(separatedBy: "probe: mode=pvh").count - 1 == 2 },
+                "\(library.consoleLog("deaf").suffix(300))")
+        #expect(library.state("deaf") == "running")
+        #expect(library.vireo("info", "deaf").stdout.contains("Boots:            2 (1 reboot in place)"), "\(library.vireo("info", "deaf").stdout)")
         #expect(library.vireo("stop", "deaf", "--force").status == 0)
         #expect(library.state("deaf") == "stopped")
     }
