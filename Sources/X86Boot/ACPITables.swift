@@ -227,20 +227,32 @@ public struct ACPITables: Sendable {
 
     public var rsdpAddress: GuestPhysicalAddress { MachineLayout.acpiTablesAddress }
 
-    /// Refuses tables that outgrow their area (checked once, before anything is built).
-    public func validate() throws(BootError) {
-        let end = placed.map { $0.address + UInt64($0.bytes.count) }.max() ?? 0
+    /// Every table placed, refused if they outgrow their area. Built once, before anything starts
+    /// (building them costs ~0.15 ms, a visible share of a 3 ms start), then written at each boot.
+    public func validatedPlacement() throws(BootError) -> [PlacedTable] {
+        let tables = placed.map { PlacedTable(name: $0.name, address: $0.address, bytes: $0.bytes) }
+        let end = tables.map { $0.address + UInt64($0.bytes.count) }.max() ?? 0
         let limit = MachineLayout.acpiTablesAddress.rawValue + MachineLayout.acpiTablesLimit
         guard end <= limit else {
             throw .acpiTablesTooLarge(size: end - MachineLayout.acpiTablesAddress.rawValue, limit: MachineLayout.acpiTablesLimit)
         }
+        return tables
     }
 
-    /// Writes every table. The area's bound is checked again here, so no table ever spills into
+    public func validate() throws(BootError) { _ = try validatedPlacement() }
+}
+
+/// One ACPI table (or the RSDP) and where it goes in guest memory.
+public struct PlacedTable: Sendable {
+    public let name: String
+    public let address: UInt64
+    public let bytes: [UInt8]
+
+    /// Writes the tables. The area's bound is checked again here, so no table ever spills into
     /// the generation ID or the MP table area.
-    public func write(into memory: GuestMemory) throws(GuestMemoryError) {
+    public static func write(_ tables: [PlacedTable], into memory: GuestMemory) throws(GuestMemoryError) {
         let limit = MachineLayout.acpiTablesAddress.rawValue + MachineLayout.acpiTablesLimit
-        for table in placed {
+        for table in tables {
             guard table.address + UInt64(table.bytes.count) <= limit else {
                 throw .outOfBounds(address: GuestPhysicalAddress(table.address), length: UInt64(table.bytes.count))
             }

@@ -71,6 +71,8 @@ public struct BootConfiguration: Sendable {
     public let memorySize: UInt64
     public let cpuCount: Int
     public let platform: PlatformDescription
+    /// The ACPI tables, built and checked once; empty without ACPI.
+    let acpiTables: [PlacedTable]
 
     /// The most vCPUs this machine model describes: APIC IDs are 8 bits and the IOAPIC takes the
     /// ID after the last CPU.
@@ -90,12 +92,14 @@ public struct BootConfiguration: Sendable {
         if cpuCount > Self.maximumCPUs { throw .tooManyCPUs(requested: cpuCount, limit: Self.maximumCPUs) }
         let lowEnd = MachineLayout.lowMemoryEnd(memorySize: memorySize)
         if kernel.loadedEnd > lowEnd { throw .kernelDoesNotFit(path: kernel.path, needed: kernel.loadedEnd, available: lowEnd) }
-        _ = try initrdAddress()
         if case let .acpi(tables, generationID) = platform {
             // Callers build it from 32 hex digits or 16 random bytes; anything else is a bug here.
             precondition(generationID.count == 16, "a VM generation ID is 16 bytes")
-            try tables.validate()
+            acpiTables = try tables.validatedPlacement()
+        } else {
+            acpiTables = []
         }
+        _ = try initrdAddress()
     }
 
     /// The RSDP's address for the entry protocols that carry it; nil without ACPI.
@@ -131,8 +135,8 @@ public struct BootConfiguration: Sendable {
             switch platform {
             case .mpTable:
                 try MPTable(cpuCount: cpuCount).write(into: memory)
-            case let .acpi(tables, generationID):
-                try tables.write(into: memory)
+            case let .acpi(_, generationID):
+                try PlacedTable.write(acpiTables, into: memory)
                 try memory.write(generationID, at: MachineLayout.generationIDAddress)
             }
             let gdt = GlobalDescriptorTable.boot(for: kernel.entryProtocol)
