@@ -323,26 +323,29 @@ public final class Machine: @unchecked Sendable {
             }
         }
         threadsLock.withLock { $0 = threads }
-        var exit: MachineExit
+        let exit = serveUntilStopped()
+        pauseGate.release()
+        kickAll(threads)
+        for thread in threads { thread.join() }
+        logDeviceTotals()
+        return exit
+    }
+
+    /// Waits for the reason to stop, rebooting the machine in place whenever the guest resets it
+    /// under the `restart` policy. A reboot that fails stops the VM as a VMM fault.
+    private func serveUntilStopped() -> MachineExit {
         while true {
             switch stop.wait() {
             case let .stop(reason):
-                exit = reason
+                return reason
             case .reboot:
                 do throws(VMMError) {
                     try rebootInPlace()
                 } catch {
                     stop.request(.vmmFault("reboot failed: \(error)"))
                 }
-                continue
             }
-            break
         }
-        pauseGate.release()
-        kickAll(threads)
-        for thread in threads { thread.join() }
-        logDeviceTotals()
-        return exit
     }
 
     /// One line per virtio device with what it moved, for the VMM log (as Firecracker flushes
@@ -427,8 +430,11 @@ public final class Machine: @unchecked Sendable {
             // Under the lifecycle lock nobody else pauses or resumes: a pause seen here is the user's.
             if !pauseGate.isPaused { rebooting.store(true, ordering: .releasing) }
             let pausedHere = pauseGate.pause { kickAll(threadsLock.withLock { $0 }) }
+            // A reset that fails half-way leaves the vCPUs parked: the VM stops with the error and
+            // never runs on half-reset state.
+            var resetCompleted = false
             defer {
-                if pausedHere { _ = pauseGate.resume() }
+                if pausedHere && resetCompleted { _ = pauseGate.resume() }
                 rebooting.store(false, ordering: .releasing)
             }
             guard !stop.isStopping else { return }
@@ -460,6 +466,7 @@ public final class Machine: @unchecked Sendable {
             } catch {
                 throw .kvm(error)
             }
+            resetCompleted = true
             let count = boots.add(1, ordering: .relaxed).newValue
             vmmLog("guest rebooted; boot \(count) starts (reset took \((VMMClock.now() - started) / 1000) us)")
         }
