@@ -13,24 +13,43 @@ public enum Fuzz {
     /// rings are whatever the fuzzer makes them.
     static let memorySize: UInt64 = 64 << 10
 
+    /// What one input made a target do, so seeded runs can assert that they exercised the parser
+    /// (and not only that the process survived).
+    public struct Outcome: Sendable, Equatable {
+        /// virtqueue: the ring layout was accepted; qcow2: the image opened.
+        public var accepted = false
+        /// virtqueue: descriptor chains walked; qcow2: reads and writes that succeeded.
+        public var operations = 0
+
+        public init(accepted: Bool = false, operations: Int = 0) { self.accepted = accepted; self.operations = operations }
+    }
+
     /// The input: 2 bytes queue size, 3 × 2 bytes ring page numbers (descriptor table, available
     /// ring, used ring; 4 KiB units), then guest RAM contents.
-    public static func virtqueue(_ data: UnsafeRawBufferPointer) {
-        guard data.count >= 8, let memory = try? GuestMemory(anonymousRegions: [(GuestPhysicalAddress(0), memorySize)]) else { return }
+    public static func virtqueue(_ data: UnsafeRawBufferPointer) { _ = virtqueueOutcome(data) }
+
+    public static func virtqueueOutcome(_ data: UnsafeRawBufferPointer) -> Outcome {
+        var outcome = Outcome()
+        guard data.count >= 8, let memory = try? GuestMemory(anonymousRegions: [(GuestPhysicalAddress(0), memorySize)]) else { return outcome }
         let bytes = Array(data)
         func half(_ offset: Int) -> UInt16 { UInt16(bytes[offset]) | UInt16(bytes[offset + 1]) << 8 }
         let contents = bytes[8...].prefix(Int(memorySize))
         try? memory.write(contents, at: GuestPhysicalAddress(0))
         let page = { (value: UInt16) in GuestPhysicalAddress(UInt64(value % 32) * 4096 + UInt64(value >> 5) % 16) }
         guard let queue = try? VirtQueue(memory: memory, size: half(0), maximumSize: 256, descriptorTable: page(half(2)),
-                                         availableRing: page(half(4)), usedRing: page(half(6))) else { return }
+                                         availableRing: page(half(4)), usedRing: page(half(6))) else { return outcome }
+        outcome.accepted = true
         // The device most exposed to guests: every request type with whatever the chains hold.
+        let completedBefore = block.completed.load(ordering: .relaxed)
         _ = try? block.process(queue: 0, queue, memory: memory)
+        outcome.operations += Int(block.completed.load(ordering: .relaxed) &- completedBefore)
         // And the bare ring walk, for chains the block device stopped at.
         for _ in 0..<64 {
             guard let chain = try? queue.popChain() else { break }
             try? queue.pushUsed(head: chain.head, written: chain.buffers.first?.length ?? 0)
+            outcome.operations += 1
         }
+        return outcome
     }
 
     /// A small scratch disk for the block device the virtqueue target drives.
@@ -46,23 +65,29 @@ public enum Fuzz {
 
     /// The input is a whole image file: opened as qcow2 (header, L1/L2 and refcount tables,
     /// backing name, compressed clusters), read across, described, then written and zeroed.
-    public static func qcow2(_ data: UnsafeRawBufferPointer) {
+    public static func qcow2(_ data: UnsafeRawBufferPointer) { _ = qcow2Outcome(data) }
+
+    public static func qcow2Outcome(_ data: UnsafeRawBufferPointer) -> Outcome {
+        var outcome = Outcome()
         let path = "/tmp/vireo-fuzz-image-\(getpid()).qcow2"
         let fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
-        guard fd >= 0 else { return }
+        guard fd >= 0 else { return outcome }
         _ = write(fd, data.baseAddress, data.count)
         close(fd)
         defer { unlink(path) }
-        guard let image = try? DiskImages.open(path: path, format: .qcow2) else { return }
+        guard let image = try? DiskImages.open(path: path, format: .qcow2) else { return outcome }
+        outcome.accepted = true
         _ = try? image.info()
         let size = image.virtualSize
         var buffer = [UInt8](repeating: 0, count: 65536)
         for offset in [0, size / 3, size > 65536 ? size - 65536 : 0] {
-            _ = buffer.withUnsafeMutableBytes { try? image.read(into: $0, at: offset) }
+            let read: Void? = buffer.withUnsafeMutableBytes { try? image.read(into: $0, at: offset) }
+            if read != nil { outcome.operations += 1 }
         }
-        _ = try? image.write([UInt8](repeating: 0xa5, count: 4096), at: 0)
-        _ = try? image.writeZeroes(at: min(size, 65536), length: 65536)
+        if (try? image.write([UInt8](repeating: 0xa5, count: 4096), at: 0)) != nil { outcome.operations += 1 }
+        if (try? image.writeZeroes(at: min(size, 65536), length: 65536)) != nil { outcome.operations += 1 }
         _ = try? image.flush()
+        return outcome
     }
 
     /// Runs a target over files (a corpus, or a crash to reproduce) without libFuzzer.
