@@ -113,6 +113,16 @@ struct Restart: ParsableCommand {
     }
 }
 
+/// One control request to a running VM, for the commands that are nothing more; says `done` after.
+func sendRequest(_ name: String, _ request: String, action: String, done: String) throws {
+    do throws(LibraryError) {
+        _ = try control(name, request, as: ControlStatus.self, library: openLibrary(), action: action)
+    } catch {
+        throw fail(error)
+    }
+    printLine("VM '\(name)' \(done)")
+}
+
 struct Pause: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Freeze a running VM: its vCPUs stop between instructions; memory and devices stay as they are.")
@@ -120,14 +130,7 @@ struct Pause: ParsableCommand {
     @Argument(help: "VM name.")
     var name: String
 
-    func run() throws {
-        do throws(LibraryError) {
-            _ = try control(name, "pause", as: ControlStatus.self, library: openLibrary(), action: "pause")
-        } catch {
-            throw fail(error)
-        }
-        printLine("VM '\(name)' paused")
-    }
+    func run() throws { try sendRequest(name, "pause", action: "pause", done: "paused") }
 }
 
 struct Resume: ParsableCommand {
@@ -136,14 +139,7 @@ struct Resume: ParsableCommand {
     @Argument(help: "VM name.")
     var name: String
 
-    func run() throws {
-        do throws(LibraryError) {
-            _ = try control(name, "resume", as: ControlStatus.self, library: openLibrary(), action: "resume")
-        } catch {
-            throw fail(error)
-        }
-        printLine("VM '\(name)' resumed")
-    }
+    func run() throws { try sendRequest(name, "resume", action: "resume", done: "resumed") }
 }
 
 struct Reset: ParsableCommand {
@@ -158,14 +154,7 @@ struct Reset: ParsableCommand {
     @Argument(help: "VM name.")
     var name: String
 
-    func run() throws {
-        do throws(LibraryError) {
-            _ = try control(name, "reset", as: ControlStatus.self, library: openLibrary(), action: "reset")
-        } catch {
-            throw fail(error)
-        }
-        printLine("VM '\(name)' reset")
-    }
+    func run() throws { try sendRequest(name, "reset", action: "reset", done: "reset") }
 }
 
 struct Balloon: ParsableCommand {
