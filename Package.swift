@@ -40,7 +40,7 @@ let package = Package(
         .testTarget(name: "X86BootTests", dependencies: ["X86Boot", "GuestMemory"]),
         .testTarget(name: "DevicesTests", dependencies: ["Devices", "GuestMemory", "DiskImage", "FuzzTargets"]),
         .testTarget(name: "DiskImageTests", dependencies: ["DiskImage"]),
-        .testTarget(name: "LibraryTests", dependencies: ["Library"]),
+        .testTarget(name: "LibraryTests", dependencies: ["Library", "Engines"]),
         .testTarget(name: "EndToEndTests", dependencies: ["X86Boot", "GuestMemory"]),
     ],
     swiftLanguageModes: [.v6]

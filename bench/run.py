@@ -354,6 +354,103 @@ def acpi_benchmark(runs, reboots=10):
     print(f"vireo/qemu reboot: {vr / qr:.2f}x; vireo reboot vs fresh start: {vr / first['vireo-vmm --acpi on']:.2f}x")
 
 
+def smaps_excluding_guest_ram(pid):
+    """(RSS, private dirty) in KiB of a process outside its guest-RAM mapping."""
+    rss = dirty = 0
+    in_guest_ram = False
+    with open(f"/proc/{pid}/smaps") as smaps:
+        for line in smaps:
+            parts = line.split()
+            if parts[0] == "Size:":
+                in_guest_ram = int(parts[1]) >= MEMORY_MIB * 1024
+            elif in_guest_ram:
+                continue
+            elif parts[0] == "Rss:":
+                rss += int(parts[1])
+            elif parts[0] == "Private_Dirty:":
+                dirty += int(parts[1])
+    return rss, dirty
+
+
+def qemu_engine_benchmark(runs):
+    """The qemu engine: `vireo start` to the guest's first serial byte against the same QEMU
+    command line started by hand (the line vireo logged), the time to first output through the
+    firmware (SeaBIOS, then QEMU's linuxboot ROM loads the probe), and the QEMU process's memory
+    beside vireo-vmm's for the same guest. The kvm engine's `vireo start` first byte is measured in
+    the same run, to show it did not move."""
+    import tempfile
+    vireo = os.path.join(ROOT, ".build", "release", "vireo")
+    probe = os.path.join(OUT, "probe-pvh.elf")
+    home = tempfile.mkdtemp(prefix="vireo-bench-")
+    env = dict(os.environ, VIREO_HOME=home)
+
+    def cli(*arguments):
+        return subprocess.run([vireo, *arguments], env=env, check=True, capture_output=True, text=True)
+
+    def wait_first_byte(log, begin, timeout=120):
+        while not (os.path.exists(log) and os.path.getsize(log) > 0):
+            if time.perf_counter() - begin > timeout:
+                raise TimeoutError(f"no console output in {log}")
+            time.sleep(0.001)
+        return (time.perf_counter() - begin) * 1000
+
+    # One word on the command line, so the logged QEMU line splits back into its arguments.
+    common = ["--kernel", probe, "--memory", f"{MEMORY_MIB}M", "--no-disk", "--no-rng", "--no-balloon", "--cmdline", "probe=irq"]
+    cli("create", "q", "--engine", "qemu", *common)
+    cli("create", "k", *common)
+    qdir, kdir = os.path.join(home, "q"), os.path.join(home, "k")
+    samples = {"vireo start (qemu engine)": [], "same QEMU line by hand": [], "vireo start (kvm engine)": []}
+    memory = {}
+    warnings = ""
+    for run in range(runs):
+        begin = time.perf_counter()
+        warnings = cli("start", "q").stderr
+        samples["vireo start (qemu engine)"].append(wait_first_byte(os.path.join(qdir, "console.log"), begin))
+        if run == 0:
+            time.sleep(1)
+            pid = int(open(os.path.join(qdir, "vmm.pid")).read())
+            memory["qemu (q35, SeaBIOS)"] = smaps_excluding_guest_ram(pid)
+        cli("stop", "q", "--force")
+        line = [l for l in open(os.path.join(qdir, "vmm.log")) if l.startswith("vireo: starting ")][-1]
+        argv = line[len("vireo: starting "):].split()
+        for name in ("qmp.sock", "vnc.sock", "console.sock", "console.log"):
+            try:
+                os.unlink(os.path.join(qdir, name))
+            except FileNotFoundError:
+                pass
+        begin = time.perf_counter()
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        samples["same QEMU line by hand"].append(wait_first_byte(os.path.join(qdir, "console.log"), begin))
+        proc.kill()
+        proc.wait()
+        begin = time.perf_counter()
+        cli("start", "k")
+        samples["vireo start (kvm engine)"].append(wait_first_byte(os.path.join(kdir, "console.log"), begin))
+        if run == 0:
+            time.sleep(1)
+            pid = int(open(os.path.join(kdir, "vmm.pid")).read())
+            memory["vireo-vmm"] = smaps_excluding_guest_ram(pid)
+        cli("stop", "k", "--force")
+    shutil.rmtree(home, ignore_errors=True)
+    medians = {name: statistics.median(values) for name, values in samples.items()}
+    if "arch-capabilities" in warnings:
+        print("(this host's KVM refuses the ARCH_CAPABILITIES MSR: every qemu-engine start launches QEMU twice)")
+    print(f"| path | start to first guest byte, through the firmware for QEMU (ms, median of {runs}) |")
+    print("|---|---|")
+    for name, value in medians.items():
+        print(f"| {name} | {value:.1f} |")
+    print()
+    print("| process (guest idle, 128 MiB RAM) | RSS excl. guest RAM (KiB) | private dirty excl. guest RAM (KiB) |")
+    print("|---|---|---|")
+    for name, (rss, dirty) in memory.items():
+        print(f"| {name} | {rss} | {dirty} |")
+    print()
+    q, h = medians["vireo start (qemu engine)"], medians["same QEMU line by hand"]
+    print(f"vireo start / QEMU by hand: {q / h:.2f}x (target <= 1.1x); "
+          f"vireo-vmm / QEMU RSS: {memory['vireo-vmm'][0] / memory['qemu (q35, SeaBIOS)'][0]:.2f}x, "
+          f"private dirty: {memory['vireo-vmm'][1] / memory['qemu (q35, SeaBIOS)'][1]:.2f}x")
+
+
 def _read_more(guest, timeout=30):
     """Blocks until more console output arrives (or fails after `timeout`)."""
     ready, _, _ = select.select([guest.proc.stdout], [], [], timeout)
@@ -369,7 +466,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=15)
     parser.add_argument("--port-writes", type=int, default=100000)
-    parser.add_argument("--only", choices=["vmm", "blk", "lifecycle", "acpi"], help="run one part only")
+    parser.add_argument("--only", choices=["vmm", "blk", "lifecycle", "acpi", "qemu-engine"], help="run one part only")
     parser.add_argument("--vm-count", type=int, default=20, help="VMs created and started in the lifecycle benchmark")
     parser.add_argument("--random-requests", type=int, default=5000)
     args = parser.parse_args()
@@ -382,6 +479,9 @@ def main():
         return
     if args.only == "acpi":
         acpi_benchmark(args.runs)
+        return
+    if args.only == "qemu-engine":
+        qemu_engine_benchmark(min(args.runs, 7))
         return
     names = list(commands("").keys())
     results = {name: {} for name in names}
@@ -417,6 +517,7 @@ def main():
         blk_benchmark(3, args.random_requests)
         lifecycle_benchmark(args.runs, args.vm_count)
         acpi_benchmark(args.runs)
+        qemu_engine_benchmark(min(args.runs, 7))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,10 @@ packages=(
   build-essential          # gcc/make: probe guests and the tiny kernel
   linux-source-6.1         # the tiny test kernel's source
   flex bison bc libelf-dev libssl-dev cpio lz4 xz-utils gzip   # kernel build and initramfs
-  qemu-system-x86 qemu-utils                                   # peers for benchmarks and image checks
+  qemu-system-x86 qemu-utils                                   # the qemu engine; peers for benchmarks and image checks
+  seabios ovmf                                                 # the qemu engine's BIOS and UEFI firmware
+  debian-installer-12-netboot-amd64 grub-pc-bin grub-efi-amd64-bin xorriso mtools   # the installer ISO the qemu tests make
+  tesseract-ocr tesseract-ocr-eng                              # reads the installer's screens in the qemu tests
   zlib1g-dev                                                   # qcow2 compressed clusters
   e2fsprogs                                                    # ext4 root images for the Linux tests
   iproute2 python3 dnsmasq-base                                # network namespaces, taps, the frame echo and DHCP in the net tests

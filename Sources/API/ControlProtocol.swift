@@ -25,6 +25,18 @@ public struct VMDescription: Codable, Sendable {
     public var boots: Int?
     /// Whether the machine has ACPI (and so a power button).
     public var acpi: Bool?
+    /// Which engine runs it ("kvm" when absent: `vireo-vmm` does not say).
+    public var engine: String?
+    /// qemu engine: "kvm" or "tcg" (software emulation).
+    public var accelerator: String?
+
+    public init(name: String?, uuid: String?, pid: Int32, state: String, cpus: Int, memoryBytes: UInt64,
+                startedAt: UInt64, uptimeMs: UInt64, boots: Int? = nil, acpi: Bool? = nil,
+                engine: String? = nil, accelerator: String? = nil) {
+        self.name = name; self.uuid = uuid; self.pid = pid; self.state = state; self.cpus = cpus
+        self.memoryBytes = memoryBytes; self.startedAt = startedAt; self.uptimeMs = uptimeMs; self.boots = boots
+        self.acpi = acpi; self.engine = engine; self.accelerator = accelerator
+    }
 }
 
 public struct VMCounters: Codable, Sendable {
@@ -33,6 +45,10 @@ public struct VMCounters: Codable, Sendable {
         public var requests: UInt64
         public var readBytes: UInt64
         public var writtenBytes: UInt64
+
+        public init(path: String, requests: UInt64, readBytes: UInt64, writtenBytes: UInt64) {
+            self.path = path; self.requests = requests; self.readBytes = readBytes; self.writtenBytes = writtenBytes
+        }
     }
     public struct Network: Codable, Sendable {
         public var tap: String
@@ -42,6 +58,11 @@ public struct VMCounters: Codable, Sendable {
         public var txFrames: UInt64
         public var txBytes: UInt64
         public var droppedFrames: UInt64
+
+        public init(tap: String, mac: String, rxFrames: UInt64, rxBytes: UInt64, txFrames: UInt64, txBytes: UInt64, droppedFrames: UInt64) {
+            self.tap = tap; self.mac = mac; self.rxFrames = rxFrames; self.rxBytes = rxBytes
+            self.txFrames = txFrames; self.txBytes = txBytes; self.droppedFrames = droppedFrames
+        }
     }
     public struct Balloon: Codable, Sendable {
         public var targetBytes: UInt64
@@ -49,6 +70,11 @@ public struct VMCounters: Codable, Sendable {
         public var inflatedPages: UInt64
         public var deflatedPages: UInt64
         public var statistics: [String: UInt64]
+
+        public init(targetBytes: UInt64, actualBytes: UInt64, inflatedPages: UInt64, deflatedPages: UInt64, statistics: [String: UInt64]) {
+            self.targetBytes = targetBytes; self.actualBytes = actualBytes; self.inflatedPages = inflatedPages
+            self.deflatedPages = deflatedPages; self.statistics = statistics
+        }
     }
     public var uptimeMs: UInt64
     public var vcpuExits: [UInt64]
@@ -58,6 +84,12 @@ public struct VMCounters: Codable, Sendable {
     public var balloon: Balloon?
     /// Bytes the virtio-rng device has handed the guest.
     public var entropyBytes: UInt64?
+
+    public init(uptimeMs: UInt64, vcpuExits: [UInt64], rssBytes: UInt64, disks: [Disk], networks: [Network],
+                balloon: Balloon?, entropyBytes: UInt64?) {
+        self.uptimeMs = uptimeMs; self.vcpuExits = vcpuExits; self.rssBytes = rssBytes; self.disks = disks
+        self.networks = networks; self.balloon = balloon; self.entropyBytes = entropyBytes
+    }
 }
 
 public enum ControlError: Error, CustomStringConvertible, Sendable {
@@ -82,6 +114,12 @@ public final class ControlConnection {
     private var pending: [UInt8] = []
 
     public init(path: String, timeoutSeconds: Int = 10) throws(ControlError) {
+        fd = try Self.connectUnix(path: path, timeoutSeconds: timeoutSeconds)
+    }
+
+    /// A connected, close-on-exec stream socket to `path` whose reads time out after
+    /// `timeoutSeconds` (0: never), so a VM that stops answering cannot hang its caller.
+    public static func connectUnix(path: String, timeoutSeconds: Int) throws(ControlError) -> Int32 {
         var address = sockaddr_un()
         address.sun_family = sa_family_t(AF_UNIX)
         guard path.utf8.count < MemoryLayout.size(ofValue: address.sun_path) else { throw .unreachable(path: path, errno: ENAMETOOLONG) }
@@ -98,10 +136,9 @@ public final class ControlConnection {
             close(fd)
             throw .unreachable(path: path, errno: code)
         }
-        // A VM that stops answering must not hang the CLI.
         var timeout = timeval(tv_sec: timeoutSeconds, tv_usec: 0)
         setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
-        self.fd = fd
+        return fd
     }
 
     deinit { close(fd) }

@@ -12,19 +12,19 @@ int vireo_spawn_detached(const char *path, char *const argv[], int log_fd, int l
     // Move the descriptors well above 4 first, so no dup2 below has source == target (which
     // would leave close-on-exec set).
     int log_high = fcntl(log_fd, F_DUPFD_CLOEXEC, 10);
-    int lock_high = fcntl(lock_fd, F_DUPFD_CLOEXEC, 10);
-    int ready_high = fcntl(ready_fd, F_DUPFD_CLOEXEC, 10);
+    int lock_high = lock_fd < 0 ? -1 : fcntl(lock_fd, F_DUPFD_CLOEXEC, 10);
+    int ready_high = ready_fd < 0 ? -1 : fcntl(ready_fd, F_DUPFD_CLOEXEC, 10);
     int result = 0;
     posix_spawn_file_actions_t actions;
     posix_spawnattr_t attributes;
-    if (log_high < 0 || lock_high < 0 || ready_high < 0) { result = errno; goto out; }
+    if (log_high < 0 || (lock_fd >= 0 && lock_high < 0) || (ready_fd >= 0 && ready_high < 0)) { result = errno; goto out; }
     posix_spawn_file_actions_init(&actions);
     posix_spawnattr_init(&attributes);
     posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0);
     posix_spawn_file_actions_adddup2(&actions, log_high, 1);
     posix_spawn_file_actions_adddup2(&actions, log_high, 2);
-    posix_spawn_file_actions_adddup2(&actions, lock_high, 3);
-    posix_spawn_file_actions_adddup2(&actions, ready_high, 4);
+    if (lock_high >= 0) posix_spawn_file_actions_adddup2(&actions, lock_high, 3);
+    if (ready_high >= 0) posix_spawn_file_actions_adddup2(&actions, ready_high, 4);
     posix_spawn_file_actions_addclosefrom_np(&actions, 5);
     sigset_t empty, all;
     sigemptyset(&empty);

@@ -1,5 +1,6 @@
 import API
 import ArgumentParser
+import Engines
 import Library
 #if canImport(Glibc)
 import Glibc
@@ -19,34 +20,16 @@ struct ConsoleCommand: ParsableCommand {
     @Argument(help: "VM name.")
     var name: String
 
-    func run() throws { try attachConsole(name, library: openLibrary()) }
+    func run() throws { try attachConsole(name, manager: openManager()) }
 }
 
 /// The detach key, virsh's: Ctrl-].
 let consoleDetachByte: UInt8 = 0x1d
 
-func attachConsole(_ name: String, library: VMLibrary) throws {
-    let connection: ControlConnection
-    do throws(LibraryError) {
-        let bundle = try library.bundle(named: name)
-        let state = library.status(of: bundle).state
-        guard !state.isOff else {
-            throw LibraryError.wrongState(name: name, state: state.rawValue, action: "attach to the console of",
-                                          hint: "start it with `vireo start \(name) --console`; past output: `vireo logs \(name)`")
-        }
-        do {
-            connection = try ControlConnection(path: bundle.controlPath)
-            _ = try connection.call("console", as: ControlStatus.self)
-        } catch {
-            throw LibraryError.engine(name: name, reason: error.description, exitStatus: 1)
-        }
-    } catch {
-        throw fail(error)
-    }
-    // The console streams indefinitely; only the request had a time-out.
-    var never = timeval(tv_sec: 0, tv_usec: 0)
-    setsockopt(connection.fd, SOL_SOCKET, SO_RCVTIMEO, &never, socklen_t(MemoryLayout<timeval>.size))
-    var early = connection.takePending()
+func attachConsole(_ name: String, manager: VMManager) throws {
+    let connection: ConsoleStream
+    do throws(LibraryError) { connection = try manager.openConsole(name) } catch { throw fail(error) }
+    var early = connection.early
     if !early.isEmpty { early.withUnsafeMutableBytes { _ = writeAll(STDOUT_FILENO, $0) } }
 
     let interactive = isatty(STDIN_FILENO) == 1

@@ -63,6 +63,18 @@ struct Create: ParsableCommand {
     @Option(name: .customLong("on-reboot"), help: ArgumentHelp("What a guest's reboot does: restart (default) boots it again in the same process; exit stops the VM.", valueName: "restart|exit"))
     var onReboot: String?
 
+    @Option(help: ArgumentHelp("Installer ISO for the CD-ROM drive (qemu engine); the VM boots from it until it is ejected (`vireo eject`).", valueName: "path"))
+    var iso: String?
+
+    @Option(help: ArgumentHelp("Firmware (qemu engine): bios (SeaBIOS) or uefi (OVMF). Default: the OS type's.", valueName: "bios|uefi"))
+    var firmware: String?
+
+    @Option(help: ArgumentHelp("Which engine runs the VM: kvm (Vireo's VMM, direct-kernel Linux) or qemu (firmware, installers, a display). Default: qemu with --iso or --firmware, else kvm.", valueName: "kvm|qemu"))
+    var engine: String?
+
+    @Option(help: ArgumentHelp("qemu engine: kvm, tcg (software emulation, slow) or auto (KVM when /dev/kvm works; the default).", valueName: "auto|kvm|tcg"))
+    var accel: String?
+
     @Flag(help: "Print the new VM's configuration as JSON.")
     var json = false
 
@@ -83,18 +95,30 @@ struct Create: ParsableCommand {
         request.vsockCID = vsockCid
         request.acpi = try acpi.map(parseACPIFlag)
         request.onReboot = onReboot
+        request.iso = iso
         let library = openLibrary()
         let definition: VMDefinition
-        do throws(LibraryError) { definition = try library.create(request) } catch { throw fail(error) }
+        let notes: [String]
+        do throws(LibraryError) {
+            request.engine = try engine.map { (text) throws(LibraryError) in try EngineKind.parse(text, field: "--engine") }
+            request.firmware = try firmware.map { (text) throws(LibraryError) in try Firmware.parse(text, field: "--firmware") }
+            request.accelerator = try accel.map { (text) throws(LibraryError) in try Accelerator.parse(text, field: "--accel") }
+            (definition, notes) = try library.createReporting(request)
+        } catch { throw fail(error) }
+        for note in notes { printNote(note) }
         if json { try printJSON(definition); return }
         let bundle = VMBundle(directory: library.root + "/" + name)
-        printLine("Created VM '\(name)' (\(definition.osType), \(definition.cpus) vCPU, \(Size.describe(definition.memoryBytes)) RAM) in \(bundle.directory)")
+        printLine("Created VM '\(name)' (\(definition.osType), \(definition.cpus) vCPU, \(Size.describe(definition.memoryBytes)) RAM, \(definition.engine.rawValue) engine) in \(bundle.directory)")
+        if definition.engine == .qemu {
+            printLine("  firmware \(definition.firmware?.rawValue ?? "none (direct kernel boot)"), acceleration \(definition.accelerator.rawValue)")
+            if let iso = definition.iso { printLine("  CD-ROM \(iso) (boots first; `vireo eject \(name)` once installed)") }
+        }
         for network in definition.networks { printLine("  network card \(network.mac) on tap \(network.tap)") }
         if let cid = definition.vsockCID { printLine("  vsock cid \(cid), host side \(bundle.vsockPath)") }
         for disk in definition.disks {
             printLine("  disk \(bundle.resolve(disk.path)) (\(disk.format.rawValue), \(Size.describe(DiskImages.recordedVirtualSize(path: bundle.resolve(disk.path)) ?? 0)))")
         }
-        if definition.kernel == nil { printLine("  no kernel yet: add one with `vireo set \(name) --kernel PATH`") }
+        if definition.kernel == nil && definition.engine == .kvm { printLine("  no kernel yet: add one with `vireo set \(name) --kernel PATH`") }
         printLine("Start it with: vireo start \(name)")
     }
 }

@@ -1,6 +1,7 @@
 import API
 import ArgumentParser
 import DiskImage
+import Engines
 import Library
 import VMM
 
@@ -21,6 +22,8 @@ struct Info: ParsableCommand {
         var name: String, uuid: String, state: String, crashReason: String?, osType: String, cpus: Int, memoryBytes: UInt64
         var kernel: String?, initrd: String?, commandLine: String, entropyDevice: Bool, createdAt: Int64
         var acpi: Bool, onReboot: String, generationId: String?
+        var engine: String, firmware: String?, iso: String?, accelerator: String, runningAccelerator: String?, diskBus: String
+        var displaySocket: String?
         var directory: String, configPath: String, consoleLog: String, vmmLog: String, controlSocket: String
         var disks: [Disk]
         var networks: [NetworkAttachment]
@@ -31,24 +34,25 @@ struct Info: ParsableCommand {
     }
 
     func run() throws {
-        let library = openLibrary()
+        let manager = openManager()
+        let library = manager.library
         let report: Report
         do throws(LibraryError) {
             let bundle = try library.bundle(named: name)
             let definition = try bundle.load()
             let status = library.status(of: bundle)
-            var counters: VMCounters?
-            if status.description != nil, let connection = try? ControlConnection(path: bundle.controlPath, timeoutSeconds: 2) {
-                counters = try? connection.call("counters", as: VMCounters.self)
-            }
+            let counters = status.description == nil ? nil : try? manager.counters(name)
             report = Report(
                 name: definition.name, uuid: definition.uuid, state: status.state.rawValue, crashReason: status.crashReason, osType: definition.osType,
                 cpus: definition.cpus, memoryBytes: definition.memoryBytes,
                 kernel: definition.kernel.map(bundle.resolve), initrd: definition.initrd.map(bundle.resolve),
                 commandLine: definition.commandLine, entropyDevice: definition.entropyDevice, createdAt: definition.createdAt,
                 acpi: definition.acpi, onReboot: definition.onReboot, generationId: definition.generationID,
+                engine: definition.engine.rawValue, firmware: definition.firmware?.rawValue, iso: definition.iso,
+                accelerator: definition.accelerator.rawValue, runningAccelerator: status.description?.accelerator,
+                diskBus: definition.diskBus.rawValue, displaySocket: definition.engine == .qemu ? bundle.vncPath : nil,
                 directory: bundle.directory, configPath: bundle.configPath, consoleLog: bundle.consoleLogPath,
-                vmmLog: bundle.vmmLogPath, controlSocket: bundle.controlPath,
+                vmmLog: bundle.vmmLogPath, controlSocket: definition.engine == .qemu ? bundle.qmpPath : bundle.controlPath,
                 disks: definition.disks.map { disk in
                     let path = bundle.resolve(disk.path)
                     return Disk(path: path, format: disk.format.rawValue, readOnly: disk.readOnly, serial: disk.serial,
@@ -65,9 +69,21 @@ struct Info: ParsableCommand {
             ["Name:", report.name], ["UUID:", report.uuid],
             ["State:", report.crashReason.map { "\(report.state): \($0)" } ?? report.state], ["OS type:", report.osType],
             ["CPUs:", String(report.cpus)], ["Memory:", Size.describe(report.memoryBytes)],
-            ["Kernel:", report.kernel ?? "(none)"], ["Initrd:", report.initrd ?? "(none)"],
-            ["Command line:", report.commandLine], ["virtio-rng:", report.entropyDevice ? "on" : "off"],
-            ["Platform:", report.acpi ? "ACPI (power button, reset register, devices in the DSDT)" : "MP table, devices on the command line (no ACPI)"],
+            ["Engine:", report.engine == "qemu" ? "qemu (QEMU q35 machine, controlled over QMP)" : "kvm (vireo-vmm)"],
+        ]
+        if report.engine == "qemu" {
+            var acceleration = report.accelerator
+            if let running = report.runningAccelerator { acceleration += " (running: \(running)\(running == "tcg" ? ", software emulation: slow" : ""))" }
+            lines.append(["Firmware:", report.firmware ?? "none (direct kernel boot)"])
+            if report.firmware != nil { lines.append(["CD-ROM:", report.iso ?? "(empty)"]) }
+            lines += [["Acceleration:", acceleration], ["Disk bus:", report.diskBus == "sata" ? "SATA (AHCI), e1000 network" : "virtio"]]
+        }
+        if report.kernel != nil || report.engine == "kvm" {
+            lines += [["Kernel:", report.kernel ?? "(none)"], ["Initrd:", report.initrd ?? "(none)"], ["Command line:", report.commandLine]]
+        }
+        lines += [
+            ["virtio-rng:", report.entropyDevice ? "on" : "off"],
+            ["Platform:", report.engine == "qemu" ? "ACPI (QEMU's q35)" : report.acpi ? "ACPI (power button, reset register, devices in the DSDT)" : "MP table, devices on the command line (no ACPI)"],
             ["On reboot:", report.onReboot == "restart" ? "restart in place" : "stop the VM"],
             ["Generation ID:", report.generationId ?? "(new on every start)"],
         ]
@@ -86,12 +102,13 @@ struct Info: ParsableCommand {
         }
         lines += [["Directory:", report.directory], ["Console log:", report.consoleLog], ["VMM log:", report.vmmLog],
                   ["Control socket:", report.controlSocket]]
+        if let display = report.displaySocket { lines.append(["Display:", "VNC on \(display) (`vireo display \(report.name)`)"]) }
         if let process = report.process {
             lines += [["PID:", String(process.pid)], ["Uptime:", "\(process.uptimeMs / 1000).\(process.uptimeMs % 1000 / 100) s"]]
             if let boots = process.boots { lines.append(["Boots:", "\(boots) (\(boots - 1) reboot\(boots == 2 ? "" : "s") in place)"]) }
         }
         if let counters = report.counters {
-            lines.append(["vCPU exits:", counters.vcpuExits.map(String.init).joined(separator: ", ")])
+            if !counters.vcpuExits.isEmpty { lines.append(["vCPU exits:", counters.vcpuExits.map(String.init).joined(separator: ", ")]) }
             lines.append(["Resident memory:", Size.describe(counters.rssBytes)])
             if let balloon = counters.balloon {
                 var text = "\(Size.describe(balloon.actualBytes)) of \(Size.describe(balloon.targetBytes)) target"

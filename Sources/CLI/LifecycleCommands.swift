@@ -1,5 +1,6 @@
 import API
 import ArgumentParser
+import Engines
 import Library
 #if canImport(Glibc)
 import Glibc
@@ -17,14 +18,15 @@ struct Start: ParsableCommand {
     var console = false
 
     func run() throws {
-        let library = openLibrary()
-        let pid: Int32
-        do throws(LibraryError) { pid = try kvmEngine().start(name, library: library) } catch { throw fail(error) }
+        let manager = openManager()
+        let started: StartedVM
+        do throws(LibraryError) { started = try manager.start(name) } catch { throw fail(error) }
+        for warning in started.warnings { printNote("warning: \(warning)") }
         if console {
-            try attachConsole(name, library: library)
+            try attachConsole(name, manager: manager)
             return
         }
-        printLine("Started VM '\(name)' (pid \(pid)). Console: vireo console \(name); log: vireo logs \(name)")
+        printLine("Started VM '\(name)' (pid \(started.pid)). Console: vireo console \(name); log: vireo logs \(name)")
     }
 }
 
@@ -49,45 +51,18 @@ struct Stop: ParsableCommand {
     var timeout: Double = 30
 
     func run() throws {
-        do throws(LibraryError) {
-            let library = openLibrary()
-            try stopVM(name, force: force, timeout: timeout, library: library)
-        } catch {
-            throw fail(error)
-        }
+        do throws(LibraryError) { try stopVM(name, force: force, timeout: timeout, manager: openManager()) } catch { throw fail(error) }
     }
 }
 
-/// Stops a VM; returns normally once its process has exited.
-func stopVM(_ name: String, force: Bool, timeout: Double, library: VMLibrary) throws(LibraryError) {
-    let bundle = try library.bundle(named: name)
-    guard guardTimeout(timeout) else { throw .invalidValue(field: "--timeout", reason: "\(timeout) is not a number of seconds above 0") }
-    let state = library.status(of: bundle).state
-    if state.isOff {
-        printLine("VM '\(name)' is already \(state.rawValue)")
-        return
+/// Stops a VM and says how it went.
+func stopVM(_ name: String, force: Bool, timeout: Double, manager: VMManager) throws(LibraryError) {
+    switch try manager.stop(name, force: force, timeout: timeout) {
+    case let .alreadyOff(state): printLine("VM '\(name)' is already \(state.rawValue)")
+    case .poweredOff: printLine("VM '\(name)' powered off")
+    case .shutDown: printLine("VM '\(name)' shut down")
     }
-    if force {
-        _ = try? control(name, "power-off", as: ControlStatus.self, library: library, action: "power off")
-        if !waitUntilStopped(bundle, seconds: min(timeout, 10)) {
-            // The VMM no longer answers: end its process.
-            if let definition = try? bundle.load(), let pid = bundle.recordedPID(uuid: definition.uuid) { kill(pid, SIGKILL) }
-            guard waitUntilStopped(bundle, seconds: 10) else {
-                throw .engine(name: name, reason: "did not stop after power-off and SIGKILL; its lock \(bundle.lockPath) is still held", exitStatus: 1)
-            }
-        }
-        printLine("VM '\(name)' powered off")
-        return
-    }
-    _ = try control(name, "shutdown", as: ControlStatus.self, library: library, action: "shut down")
-    guard waitUntilStopped(bundle, seconds: timeout) else {
-        let request = (library.status(of: bundle).description?.acpi ?? true) ? "the ACPI power button" : "Ctrl-Alt-Del"
-        throw .engine(name: name, reason: "did not shut down within \(Int(timeout)) s (the guest did not act on \(request)) and is still running; `vireo stop \(name) --force` powers it off", exitStatus: 1)
-    }
-    printLine("VM '\(name)' shut down")
 }
-
-func guardTimeout(_ value: Double) -> Bool { value > 0 && value.isFinite }
 
 struct Restart: ParsableCommand {
     static let configuration = CommandConfiguration(abstract: "Stop a VM (gracefully, or with --force) and start it again.")
@@ -102,24 +77,21 @@ struct Restart: ParsableCommand {
     var timeout: Double = 30
 
     func run() throws {
-        let library = openLibrary()
+        let manager = openManager()
         do throws(LibraryError) {
-            try stopVM(name, force: force, timeout: timeout, library: library)
-            let pid = try kvmEngine().start(name, library: library)
-            printLine("Started VM '\(name)' (pid \(pid))")
+            try stopVM(name, force: force, timeout: timeout, manager: manager)
+            let started = try manager.start(name)
+            for warning in started.warnings { printNote("warning: \(warning)") }
+            printLine("Started VM '\(name)' (pid \(started.pid))")
         } catch {
             throw fail(error)
         }
     }
 }
 
-/// One control request to a running VM, for the commands that are nothing more; says `done` after.
-func sendRequest(_ name: String, _ request: String, action: String, done: String) throws {
-    do throws(LibraryError) {
-        _ = try control(name, request, as: ControlStatus.self, library: openLibrary(), action: action)
-    } catch {
-        throw fail(error)
-    }
+/// One verb on a running VM that returns nothing; says `done` after.
+func perform(_ name: String, done: String, _ verb: (VMManager) throws(LibraryError) -> Void) throws {
+    do throws(LibraryError) { try verb(openManager()) } catch { throw fail(error) }
     printLine("VM '\(name)' \(done)")
 }
 
@@ -130,7 +102,7 @@ struct Pause: ParsableCommand {
     @Argument(help: "VM name.")
     var name: String
 
-    func run() throws { try sendRequest(name, "pause", action: "pause", done: "paused") }
+    func run() throws { try perform(name, done: "paused") { (manager) throws(LibraryError) in try manager.pause(name) } }
 }
 
 struct Resume: ParsableCommand {
@@ -139,7 +111,7 @@ struct Resume: ParsableCommand {
     @Argument(help: "VM name.")
     var name: String
 
-    func run() throws { try sendRequest(name, "resume", action: "resume", done: "resumed") }
+    func run() throws { try perform(name, done: "resumed") { (manager) throws(LibraryError) in try manager.resume(name) } }
 }
 
 struct Reset: ParsableCommand {
@@ -154,7 +126,7 @@ struct Reset: ParsableCommand {
     @Argument(help: "VM name.")
     var name: String
 
-    func run() throws { try sendRequest(name, "reset", action: "reset", done: "reset") }
+    func run() throws { try perform(name, done: "reset") { (manager) throws(LibraryError) in try manager.reset(name) } }
 }
 
 struct Balloon: ParsableCommand {
@@ -175,11 +147,7 @@ struct Balloon: ParsableCommand {
 
     func run() throws {
         let bytes = try parseSize(size, field: "SIZE", allowZero: true)
-        do throws(LibraryError) {
-            _ = try control(name, "balloon \(bytes >> 20)", as: ControlStatus.self, library: openLibrary(), action: "set the balloon of")
-        } catch {
-            throw fail(error)
-        }
+        do throws(LibraryError) { try openManager().setBalloon(name, bytes: bytes) } catch { throw fail(error) }
         printLine("VM '\(name)': balloon target \(bytes >> 20) MiB")
     }
 }

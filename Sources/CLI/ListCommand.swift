@@ -13,6 +13,7 @@ struct List: ParsableCommand {
         var name: String
         var uuid: String?
         var state: String
+        var engine: String?
         var cpus: Int?
         var memoryBytes: UInt64?
         var diskAllocatedBytes: UInt64
@@ -31,7 +32,7 @@ struct List: ParsableCommand {
             do throws(LibraryError) {
                 let definition = try bundle.load()
                 let paths = definition.disks.map { bundle.resolve($0.path) }
-                rows.append(Row(name: name, uuid: definition.uuid, state: state, cpus: definition.cpus, memoryBytes: definition.memoryBytes,
+                rows.append(Row(name: name, uuid: definition.uuid, state: state, engine: definition.engine.rawValue, cpus: definition.cpus, memoryBytes: definition.memoryBytes,
                                 diskAllocatedBytes: paths.reduce(0) { $0 + HostFiles.allocatedBytes($1) },
                                 diskVirtualBytes: paths.reduce(0) { $0 + (DiskImages.recordedVirtualSize(path: $1) ?? 0) }))
             } catch {
@@ -40,8 +41,8 @@ struct List: ParsableCommand {
             }
         }
         if json { try printJSON(rows); return }
-        let table = [["NAME", "STATE", "CPUS", "MEMORY", "DISK USED / SIZE"]] + rows.map { row in
-            [row.name, row.error == nil ? row.state : "broken", row.cpus.map(String.init) ?? "-",
+        let table = [["NAME", "STATE", "ENGINE", "CPUS", "MEMORY", "DISK USED / SIZE"]] + rows.map { row in
+            [row.name, row.error == nil ? row.state : "broken", row.engine ?? "-", row.cpus.map(String.init) ?? "-",
              row.memoryBytes.map(Size.describe) ?? "-",
              row.error == nil ? "\(Size.describe(row.diskAllocatedBytes)) / \(Size.describe(row.diskVirtualBytes))" : row.error ?? ""]
         }
@@ -69,14 +70,17 @@ struct OSTypes: ParsableCommand {
 
     struct Row: Encodable {
         var identifier: String, description: String, cpus: Int, memoryBytes: UInt64, diskBytes: UInt64, commandLine: String
+        var firmware: String, installMemoryBytes: UInt64, diskBus: String
     }
 
     func run() throws {
         let rows = OSType.all.map { Row(identifier: $0.identifier, description: $0.description, cpus: $0.cpus,
-                                         memoryBytes: $0.memoryBytes, diskBytes: $0.diskBytes, commandLine: $0.commandLine) }
+                                         memoryBytes: $0.memoryBytes, diskBytes: $0.diskBytes, commandLine: $0.commandLine,
+                                         firmware: $0.firmware.rawValue, installMemoryBytes: $0.installMemoryBytes, diskBus: $0.diskBus.rawValue) }
         if json { try printJSON(rows); return }
-        printTable([["ID", "CPUS", "MEMORY", "DISK", "COMMAND LINE", "DESCRIPTION"]] + rows.map {
-            [$0.identifier, String($0.cpus), Size.describe($0.memoryBytes), Size.describe($0.diskBytes), $0.commandLine, $0.description]
+        printTable([["ID", "CPUS", "MEMORY", "DISK", "INSTALLER (qemu)", "COMMAND LINE", "DESCRIPTION"]] + rows.map {
+            [$0.identifier, String($0.cpus), Size.describe($0.memoryBytes), Size.describe($0.diskBytes),
+             "\($0.firmware), \(Size.describe($0.installMemoryBytes)), \($0.diskBus)", $0.commandLine, $0.description]
         })
     }
 }

@@ -1,4 +1,5 @@
 import ArgumentParser
+import Engines
 import Library
 import Devices
 import VMM
@@ -56,61 +57,69 @@ struct Set: ParsableCommand {
     @Option(name: .customLong("on-reboot"), help: ArgumentHelp("What a guest's reboot does: restart or exit.", valueName: "restart|exit"))
     var onReboot: String?
 
+    @Option(help: ArgumentHelp("Move the VM to another engine.", valueName: "kvm|qemu"))
+    var engine: String?
+
+    @Option(help: ArgumentHelp("Put an installer ISO in the CD-ROM drive (qemu engine), or `none` to eject it.", valueName: "path|none"))
+    var iso: String?
+
+    @Option(help: ArgumentHelp("Firmware (qemu engine).", valueName: "bios|uefi"))
+    var firmware: String?
+
+    @Option(help: ArgumentHelp("qemu engine acceleration.", valueName: "auto|kvm|tcg"))
+    var accel: String?
+
     func run() throws {
-        let fields = [cpus != nil ? "--cpus" : nil, memory != nil ? "--memory" : nil, cmdline != nil ? "--cmdline" : nil,
-                      kernel != nil ? "--kernel" : nil, initrd != nil || noInitrd ? "--initrd" : nil,
-                      ostype != nil ? "--ostype" : nil, rng != nil ? "--rng" : nil,
-                      !net.isEmpty || noNet ? "--net" : nil, vsockCid != nil || noVsock ? "--vsock-cid" : nil, balloon != nil ? "--balloon" : nil,
-                      acpi != nil ? "--acpi" : nil, onReboot != nil ? "--on-reboot" : nil].compactMap { $0 }
-        guard !fields.isEmpty else {
-            throw fail(LibraryError.invalidValue(field: "vireo set", reason: "nothing to change; give at least one of --cpus, --memory, --cmdline, --kernel, --initrd, --no-initrd, --ostype, --rng/--no-rng, --net, --no-net, --vsock-cid, --no-vsock, --balloon/--no-balloon, --acpi, --on-reboot"))
+        var request = ChangeRequest()
+        request.cpus = cpus
+        request.memoryBytes = try memory.map { try parseSize($0, field: "--memory") }
+        request.commandLine = cmdline
+        request.kernel = kernel
+        request.initrd = initrd
+        request.removeInitrd = noInitrd
+        request.osType = ostype
+        request.entropyDevice = rng
+        if !net.isEmpty || noNet {
+            request.networks = try net.map(parseNetwork)
+            request.explicitMACs = net.map { $0.contains("mac=") }
         }
-        let acpiEnabled = try acpi.map(parseACPIFlag)
-        let memoryBytes = try memory.map { try parseSize($0, field: "--memory") }
-        let explicitMACs = net.map { $0.contains("mac=") }
-        let networks = try net.map(parseNetwork)
+        if vsockCid != nil || noVsock { request.vsockCID = .some(vsockCid) }
+        request.balloon = balloon
+        request.acpi = try acpi.map(parseACPIFlag)
+        request.onReboot = onReboot
+        if let iso { request.iso = .some(iso == "none" ? nil : iso) }
+        let changed: VMDefinition
         do throws(LibraryError) {
-            if initrd != nil && noInitrd { throw LibraryError.invalidValue(field: "--initrd", reason: "--initrd and --no-initrd contradict each other") }
             if !net.isEmpty && noNet { throw LibraryError.invalidValue(field: "--net", reason: "--net and --no-net contradict each other") }
             if vsockCid != nil && noVsock { throw LibraryError.invalidValue(field: "--vsock-cid", reason: "--vsock-cid and --no-vsock contradict each other") }
-            if let kernel { try VMLibrary.validate(kernel: kernel) }
-            if let initrd { try VMLibrary.validateReadable(initrd, field: "--initrd") }
-            if let ostype { _ = try OSType.named(ostype) }
-            if let onReboot { try VMLibrary.validate(onReboot: onReboot) }
-            let action = "change \(fields.joined(separator: ", ")) of"
-            _ = try openLibrary().update(name, action: action) { (definition, bundle) throws(LibraryError) in
-                if let cpus { definition.cpus = cpus }
-                if let memoryBytes { definition.memoryBytes = memoryBytes }
-                if let cmdline { definition.commandLine = cmdline }
-                if let ostype { definition.osType = ostype }
-                if let rng { definition.entropyDevice = rng }
-                if let kernel {
-                    try VMLibrary.installFile(kernel, as: "kernel", in: bundle)
-                    definition.kernel = "kernel"
-                }
-                if let initrd {
-                    try VMLibrary.installFile(initrd, as: "initrd", in: bundle)
-                    definition.initrd = "initrd"
-                }
-                if noInitrd { definition.initrd = nil }
-                if noNet { definition.networks = [] }
-                if let vsockCid { definition.vsockCID = vsockCid }
-                if noVsock { definition.vsockCID = nil }
-                if let balloon { definition.balloon = balloon }
-                if let acpiEnabled { definition.acpi = acpiEnabled }
-                if let onReboot { definition.onReboot = onReboot }
-                if !networks.isEmpty {
-                    let previous = definition.networks
-                    definition.networks = zip(networks, explicitMACs).map { card, explicit in
-                        guard !explicit, let kept = previous.first(where: { $0.tap == card.tap }) else { return card }
-                        return kept
-                    }
-                }
-            }
+            request.engine = try engine.map { (text) throws(LibraryError) in try EngineKind.parse(text, field: "--engine") }
+            request.firmware = try firmware.map { (text) throws(LibraryError) in try Firmware.parse(text, field: "--firmware") }
+            request.accelerator = try accel.map { (text) throws(LibraryError) in try Accelerator.parse(text, field: "--accel") }
+            changed = try openLibrary().change(name, request)
         } catch {
             throw fail(error)
         }
-        printLine("VM '\(name)' updated: \(fields.joined(separator: ", "))")
+        printLine("VM '\(name)' updated: \(request.fields.joined(separator: ", "))")
+        if changed.engine == .qemu, changed.iso == nil, iso == "none" { printLine("  the CD-ROM drive is empty; the VM boots from its disk") }
+    }
+}
+
+struct Eject: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Take the installer ISO out of a VM's CD-ROM drive, so it boots from its disk.",
+        discussion: "Works on a stopped VM and on a running qemu VM (the disc leaves the drive at once), like `vireo set NAME --iso none`.")
+
+    @Argument(help: "VM name.")
+    var name: String
+
+    func run() throws {
+        let outcome: VMManager.EjectOutcome
+        do throws(LibraryError) { outcome = try openManager().eject(name) } catch { throw fail(error) }
+        switch outcome {
+        case .wasEmpty: printLine("VM '\(name)' has no ISO in its CD-ROM drive")
+        case .ejectedStopped: printLine("VM '\(name)': ISO ejected; it boots from its disk next time")
+        case .ejectedRunning: printLine("VM '\(name)': ISO ejected from the running VM; it boots from its disk from now on")
+        }
     }
 }
 
@@ -147,11 +156,11 @@ struct Delete: ParsableCommand {
     var force = false
 
     func run() throws {
-        let library = openLibrary()
+        let manager = openManager()
         let report: DeleteReport
         do throws(LibraryError) {
-            if force { try stopVM(name, force: true, timeout: 10, library: library) }
-            report = try library.delete(name, keepDisks: keepDisks)
+            if force { try stopVM(name, force: true, timeout: 10, manager: manager) }
+            report = try manager.library.delete(name, keepDisks: keepDisks)
         } catch {
             if case let .wrongState(_, state, _, _) = error, !force, ["running", "paused", "starting", "shutting-down"].contains(state) {
                 printError(error)

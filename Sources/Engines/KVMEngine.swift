@@ -6,8 +6,9 @@ import Glibc
 #endif
 
 /// Runs library VMs on Vireo's own VMM: each one a detached `vireo-vmm` process that holds the
-/// VM's lock for as long as it lives.
-public struct KVMEngine: Sendable {
+/// VM's lock for as long as it lives, answering on its control socket (docs/control-socket.md).
+public struct KVMEngine: Engine {
+    public var kind: EngineKind { .kvm }
     /// The `vireo-vmm` executable: `$VIREO_VMM`, else the one beside the running `vireo`.
     public let vmmPath: String
 
@@ -24,10 +25,6 @@ public struct KVMEngine: Sendable {
 
     /// The `vireo-vmm` arguments for a definition (everything but the process plumbing).
     public static func machineArguments(_ definition: VMDefinition, bundle: VMBundle) throws(LibraryError) -> [String] {
-        guard definition.engine == "kvm" else {
-            throw .wrongState(name: definition.name, state: "configured for the '\(definition.engine)' engine", action: "start",
-                              hint: "this Vireo only has the kvm engine")
-        }
         guard let kernel = definition.kernel else {
             throw .wrongState(name: definition.name, state: "without a kernel", action: "start",
                               hint: "give it one with `vireo set \(definition.name) --kernel PATH` (the kvm engine boots Linux kernels directly)")
@@ -50,20 +47,9 @@ public struct KVMEngine: Sendable {
         return arguments
     }
 
-    /// Starts the VM and returns its pid once it runs. The lock is taken here and handed to the
-    /// VM process, so two starts (or a start and a delete) cannot both win; when this returns
-    /// normally, the VM is running and answering on its control socket.
-    public func start(_ name: String, library: VMLibrary) throws(LibraryError) -> Int32 {
-        let bundle = try library.bundle(named: name)
-        let lock = try VMLock(path: bundle.lockPath, create: true)
-        guard lock.tryExclusive() else {
-            let state = library.status(of: bundle).state
-            if state == .busy { throw .busy(name: name) }
-            throw .wrongState(name: name, state: state.rawValue, action: "start",
-                              hint: state == .paused ? "resume it with `vireo resume \(name)`" : "see `vireo info \(name)`, or attach with `vireo console \(name)`")
-        }
-        guard lock.isCurrent else { throw .notFound(name: name, root: library.root) }
-        let definition = try bundle.load()
+    /// Starts the VM and returns its pid once it runs and answers on its control socket.
+    public func start(_ vm: EngineVM, lock: VMLock) throws(LibraryError) -> StartedVM {
+        let (bundle, definition, name) = (vm.bundle, vm.definition, vm.name)
         var arguments = [vmmPath] + (try Self.machineArguments(definition, bundle: bundle))
         arguments += ["--console", "file:" + bundle.consoleLogPath, "--control", bundle.controlPath,
                       "--name", definition.name, "--uuid", definition.uuid, "--lock-fd", "3", "--ready-fd", "4"]
@@ -89,7 +75,7 @@ public struct KVMEngine: Sendable {
         try? HostFiles.writeAtomically(Array("\(pid)\n".utf8), to: bundle.pidPath)
 
         let answer = Self.readLine(pipeEnds[0], timeoutMilliseconds: 120_000)
-        if answer.hasPrefix("ready") { return pid }
+        if answer.hasPrefix("ready") { return StartedVM(pid: pid) }
         var status: Int32 = 0
         if waitpid(pid, &status, WNOHANG) == 0 && answer.isEmpty {
             // Alive but silent for two minutes: do not leave a half-started VM behind.
@@ -104,6 +90,70 @@ public struct KVMEngine: Sendable {
             throw .engine(name: name, reason: "did not start: \(message)", exitStatus: code)
         }
         throw .engine(name: name, reason: "vireo-vmm exited before the VM was ready; see \(bundle.vmmLogPath)", exitStatus: 1)
+    }
+
+    // MARK: control requests
+
+    public func describe(_ vm: EngineVM) -> VMDescription? {
+        guard let connection = try? ControlConnection(path: vm.bundle.controlPath, timeoutSeconds: 2) else { return nil }
+        return try? connection.call("describe", as: VMDescription.self)
+    }
+
+    public func counters(_ vm: EngineVM) throws(LibraryError) -> VMCounters {
+        try call(vm, "counters", as: VMCounters.self, action: "read the counters of")
+    }
+    public func requestShutdown(_ vm: EngineVM) throws(LibraryError) { _ = try call(vm, "shutdown", action: "shut down") }
+    public func powerOff(_ vm: EngineVM) throws(LibraryError) { _ = try call(vm, "power-off", action: "power off") }
+    public func pause(_ vm: EngineVM) throws(LibraryError) { _ = try call(vm, "pause", action: "pause") }
+    public func resume(_ vm: EngineVM) throws(LibraryError) { _ = try call(vm, "resume", action: "resume") }
+    public func reset(_ vm: EngineVM) throws(LibraryError) { _ = try call(vm, "reset", action: "reset") }
+    public func setBalloon(_ vm: EngineVM, bytes: UInt64) throws(LibraryError) {
+        _ = try call(vm, "balloon \(bytes >> 20)", action: "set the balloon of")
+    }
+
+    public func openConsole(_ vm: EngineVM) throws(LibraryError) -> ConsoleStream {
+        let connection: ControlConnection
+        do {
+            connection = try ControlConnection(path: vm.bundle.controlPath)
+            _ = try connection.call("console", as: ControlStatus.self)
+        } catch {
+            throw Self.translate(error, vm: vm, action: "attach to the console of")
+        }
+        // The console streams indefinitely; only the request had a time-out.
+        var never = timeval(tv_sec: 0, tv_usec: 0)
+        setsockopt(connection.fd, SOL_SOCKET, SO_RCVTIMEO, &never, socklen_t(MemoryLayout<timeval>.size))
+        return ConsoleStream(fd: connection.fd, early: connection.takePending(), owner: connection)
+    }
+
+    /// One request on the VM's control socket, its refusals turned into the library's errors.
+    func call<Reply: Decodable>(_ vm: EngineVM, _ request: String, as type: Reply.Type = ControlStatus.self,
+                                action: String) throws(LibraryError) -> Reply {
+        do {
+            let connection = try ControlConnection(path: vm.bundle.controlPath)
+            return try connection.call(request, as: type)
+        } catch {
+            throw Self.translate(error, vm: vm, action: action)
+        }
+    }
+
+    static func translate(_ error: ControlError, vm: EngineVM, action: String) -> LibraryError {
+        let name = vm.name
+        guard case let .refused(code, message) = error else { return .engine(name: name, reason: error.description, exitStatus: 1) }
+        switch code {
+        case "paused":
+            return .wrongState(name: name, state: "paused", action: action,
+                               hint: action == "pause" ? "`vireo resume \(name)` continues it"
+                                   : "resume it first (`vireo resume \(name)`) or power it off (`vireo stop \(name) --force`)")
+        case "not-paused":
+            return .wrongState(name: name, state: "running", action: action, hint: "only a paused VM can be resumed")
+        case "no-balloon":
+            return .wrongState(name: name, state: "without a balloon device", action: action,
+                               hint: "stop it and add one with `vireo set \(name) --balloon`")
+        case "stopping":
+            return .wrongState(name: name, state: "stopping", action: action, hint: "wait for it to stop, then `vireo start \(name)`")
+        default:
+            return .control(name: name, code: code, message: message)
+        }
     }
 
     static func readLine(_ fd: Int32, timeoutMilliseconds: Int32) -> String {

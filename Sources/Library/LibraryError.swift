@@ -20,6 +20,8 @@ public enum LibraryError: Error, CustomStringConvertible, Sendable {
     /// The VM process failed to start or to answer.
     case engine(name: String, reason: String, exitStatus: Int32)
     case control(name: String, code: String, message: String)
+    /// The VM's engine cannot do `action` at all (not in this state: for any VM it runs).
+    case unsupported(name: String, engine: String, action: String, hint: String)
 
     public var description: String {
         switch self {
@@ -34,13 +36,14 @@ public enum LibraryError: Error, CustomStringConvertible, Sendable {
         case let .disk(error): return error.description
         case let .engine(name, reason, _): return "VM '\(name)': \(reason)"
         case let .control(name, _, message): return "VM '\(name)': \(message)"
+        case let .unsupported(name, engine, action, hint): return "cannot \(action) VM '\(name)': the \(engine) engine cannot do that; \(hint)"
         }
     }
 
     /// 2 for input the user can fix (names, values, states), 1 for host failures.
     public var exitStatus: Int32 {
         switch self {
-        case .invalidName, .invalidValue, .notFound, .alreadyExists, .wrongState, .busy, .control: return 2
+        case .invalidName, .invalidValue, .notFound, .alreadyExists, .wrongState, .busy, .control, .unsupported: return 2
         case let .engine(_, _, status): return status == 2 ? 2 : 1
         case let .disk(error):
             switch error {

@@ -21,6 +21,10 @@ public struct VMBundle: Sendable {
     public var pidPath: String { directory + "/vmm.pid" }
     /// The host side of the VM's vsock device (connect and send `CONNECT <port>`).
     public var vsockPath: String { directory + "/vsock.sock" }
+    /// qemu engine: QEMU's QMP control socket, its serial console and its VNC display.
+    public var qmpPath: String { directory + "/qmp.sock" }
+    public var consoleSocketPath: String { directory + "/console.sock" }
+    public var vncPath: String { directory + "/vnc.sock" }
 
     /// Where a path stored in the config points on the host.
     public func resolve(_ stored: String) -> String {
@@ -74,13 +78,17 @@ public struct VMBundle: Sendable {
     /// Whether the VM process (or a command changing the VM) holds the lock.
     public var isLocked: Bool { VMLock.isHeld(path: lockPath) }
 
-    /// The pid `vireo start` recorded, if the process still runs and is a vireo-vmm for this VM.
+    /// The processes an engine runs a VM in.
+    static let engineProcesses: Set<String> = ["vireo-vmm", "qemu-system-x86_64"]
+
+    /// The pid `vireo start` recorded, if the process still runs and is an engine process for this VM.
     public func recordedPID(uuid: String) -> pid_t? {
         guard let bytes = try? HostFiles.readAll(pidPath),
               let pid = pid_t(String(decoding: bytes.filter { $0 >= 0x30 && $0 <= 0x39 }, as: UTF8.self)), pid > 1,
               let command = try? HostFiles.readAll("/proc/\(pid)/cmdline") else { return nil }
         let words = command.split(separator: 0).map { String(decoding: $0, as: UTF8.self) }
-        guard words.first.map({ HostFiles.lastComponent(of: $0) }) == "vireo-vmm", words.contains(uuid) else { return nil }
+        guard let program = words.first.map({ HostFiles.lastComponent(of: $0) }), Self.engineProcesses.contains(program),
+              words.contains(where: { $0.contains(uuid) }) else { return nil }
         return pid
     }
 }

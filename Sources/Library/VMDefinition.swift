@@ -10,8 +10,9 @@ public struct VMDefinition: Codable, Sendable, Equatable {
     public var uuid: String
     public var name: String
     public var osType: String
-    /// Which engine runs the VM; only "kvm" (Vireo's own VMM) exists so far.
-    public var engine: String
+    /// Which engine runs the VM: Vireo's own VMM (direct-kernel Linux) or QEMU (firmware,
+    /// installers, displays).
+    public var engine: EngineKind
     public var cpus: Int
     public var memoryBytes: UInt64
     public var kernel: String?
@@ -38,6 +39,18 @@ public struct VMDefinition: Codable, Sendable, Equatable {
     /// The VM generation ID (32 hex digits) the guest's vmgenid device shows; a new one on every
     /// clone, so guests reseed their random number generators. Nil (older VMs): random per start.
     public var generationID: String?
+    /// qemu engine: the firmware that boots the machine (nil for a direct kernel boot).
+    public var firmware: Firmware?
+    /// qemu engine: the UEFI variable store (a copy of OVMF_VARS, owned by the VM) for `uefi`.
+    public var nvram: String?
+    /// qemu engine: an installer ISO in the CD-ROM drive, referred to by absolute path (ISOs are
+    /// large and shared; it is never copied or deleted). The machine boots from it while present.
+    public var iso: String?
+    /// qemu engine: hardware acceleration (KVM) or software emulation (TCG).
+    public var accelerator: Accelerator
+    /// qemu engine: how disks (and the network card's model) reach the guest: virtio, or SATA and
+    /// an e1000 for guests without virtio drivers.
+    public var diskBus: DiskBus
 
     public static let rebootPolicies = ["restart", "exit"]
 
@@ -55,7 +68,7 @@ public struct VMDefinition: Codable, Sendable, Equatable {
         self.uuid = uuid
         self.name = name
         self.osType = osType.identifier
-        engine = "kvm"
+        engine = .kvm
         cpus = osType.cpus
         memoryBytes = osType.memoryBytes
         commandLine = osType.commandLine
@@ -67,11 +80,14 @@ public struct VMDefinition: Codable, Sendable, Equatable {
         acpi = true
         onReboot = "restart"
         generationID = Self.newGenerationID()
+        accelerator = .auto
+        diskBus = osType.diskBus
     }
 
     enum CodingKeys: String, CodingKey {
         case version, uuid, name, osType, engine, cpus, memoryBytes, kernel, initrd, commandLine, disks, networks
         case vsockCID, balloon, entropyDevice, createdAt, acpi, onReboot, generationID
+        case firmware, nvram, iso, accelerator, diskBus
     }
 
     /// Fields added after version 1 was first written are optional in the file, with the values
@@ -82,7 +98,7 @@ public struct VMDefinition: Codable, Sendable, Equatable {
         uuid = try container.decode(String.self, forKey: .uuid)
         name = try container.decode(String.self, forKey: .name)
         osType = try container.decode(String.self, forKey: .osType)
-        engine = try container.decode(String.self, forKey: .engine)
+        engine = try container.decode(EngineKind.self, forKey: .engine)
         cpus = try container.decode(Int.self, forKey: .cpus)
         memoryBytes = try container.decode(UInt64.self, forKey: .memoryBytes)
         kernel = try container.decodeIfPresent(String.self, forKey: .kernel)
@@ -97,6 +113,50 @@ public struct VMDefinition: Codable, Sendable, Equatable {
         acpi = try container.decodeIfPresent(Bool.self, forKey: .acpi) ?? false
         onReboot = try container.decodeIfPresent(String.self, forKey: .onReboot) ?? "restart"
         generationID = try container.decodeIfPresent(String.self, forKey: .generationID)
+        firmware = try container.decodeIfPresent(Firmware.self, forKey: .firmware)
+        nvram = try container.decodeIfPresent(String.self, forKey: .nvram)
+        iso = try container.decodeIfPresent(String.self, forKey: .iso)
+        accelerator = try container.decodeIfPresent(Accelerator.self, forKey: .accelerator) ?? .auto
+        diskBus = try container.decodeIfPresent(DiskBus.self, forKey: .diskBus) ?? .virtio
+    }
+}
+
+/// The engines that can run a VM.
+public enum EngineKind: String, Codable, Sendable, CaseIterable {
+    /// `vireo-vmm`: Vireo's own VMM on KVM, direct-kernel Linux guests.
+    case kvm
+    /// QEMU: firmware (BIOS, UEFI), CD-ROM installers, a display, keyboard and pointer.
+    case qemu
+}
+
+public enum Firmware: String, Codable, Sendable, CaseIterable {
+    /// SeaBIOS (Debian's `seabios`).
+    case bios
+    /// OVMF (Debian's `ovmf`), with a variable store per VM.
+    case uefi
+}
+
+public enum Accelerator: String, Codable, Sendable, CaseIterable {
+    /// KVM when /dev/kvm can be opened, TCG otherwise.
+    case auto
+    case kvm
+    /// QEMU's software emulation: works everywhere, many times slower.
+    case tcg
+}
+
+public enum DiskBus: String, Codable, Sendable, CaseIterable {
+    case virtio
+    /// AHCI disks and an e1000 NIC: what any OS has drivers for.
+    case sata
+}
+
+extension CaseIterable where Self: RawRepresentable, RawValue == String {
+    /// Parses a command-line value, or names the field and the values allowed.
+    public static func parse(_ text: String, field: String) throws(LibraryError) -> Self {
+        guard let value = Self(rawValue: text) else {
+            throw .invalidValue(field: field, reason: "'\(text)' is not one of \(allCases.map(\.rawValue).joined(separator: ", "))")
+        }
+        return value
     }
 }
 
@@ -131,21 +191,42 @@ public struct OSType: Sendable, Equatable {
     public var memoryBytes: UInt64
     public var diskBytes: UInt64
     public var commandLine: String
+    /// What an installer ISO of this kind boots with (the qemu engine), VirtualBox's wizard's choice.
+    public var firmware: Firmware
+    /// Installers and desktops want more memory than a direct-boot guest.
+    public var installMemoryBytes: UInt64
+    /// Whether the OS has virtio drivers; `.sata` gives it AHCI disks and an e1000 instead.
+    public var diskBus: DiskBus
+    /// Words of an ISO's volume label that mark an installer of this kind, lower case.
+    public var labelWords: [String]
 
     public static let all: [OSType] = [
         OSType(identifier: "ubuntu-64", description: "Ubuntu (64-bit), root file system on the first disk",
-               cpus: 2, memoryBytes: 2 << 30, diskBytes: 25 << 30, commandLine: "console=ttyS0 root=/dev/vda rw"),
+               cpus: 2, memoryBytes: 2 << 30, diskBytes: 25 << 30, commandLine: "console=ttyS0 root=/dev/vda rw",
+               firmware: .uefi, installMemoryBytes: 4 << 30, diskBus: .virtio, labelWords: ["ubuntu", "kubuntu", "xubuntu", "lubuntu"]),
         OSType(identifier: "debian-64", description: "Debian (64-bit), root file system on the first disk",
-               cpus: 1, memoryBytes: 1 << 30, diskBytes: 20 << 30, commandLine: "console=ttyS0 root=/dev/vda rw"),
+               cpus: 1, memoryBytes: 1 << 30, diskBytes: 20 << 30, commandLine: "console=ttyS0 root=/dev/vda rw",
+               firmware: .uefi, installMemoryBytes: 2 << 30, diskBus: .virtio, labelWords: ["debian"]),
         OSType(identifier: "fedora-64", description: "Fedora (64-bit), root file system on the first disk",
-               cpus: 2, memoryBytes: 2 << 30, diskBytes: 20 << 30, commandLine: "console=ttyS0 root=/dev/vda rw"),
+               cpus: 2, memoryBytes: 2 << 30, diskBytes: 20 << 30, commandLine: "console=ttyS0 root=/dev/vda rw",
+               firmware: .uefi, installMemoryBytes: 4 << 30, diskBus: .virtio, labelWords: ["fedora"]),
         OSType(identifier: "alpine-64", description: "Alpine Linux (64-bit), small footprint",
-               cpus: 1, memoryBytes: 256 << 20, diskBytes: 2 << 30, commandLine: "console=ttyS0 root=/dev/vda rw"),
+               cpus: 1, memoryBytes: 256 << 20, diskBytes: 2 << 30, commandLine: "console=ttyS0 root=/dev/vda rw",
+               firmware: .bios, installMemoryBytes: 512 << 20, diskBus: .virtio, labelWords: ["alpine"]),
         OSType(identifier: "linux-64", description: "Other Linux (64-bit)",
-               cpus: 1, memoryBytes: 512 << 20, diskBytes: 8 << 30, commandLine: "console=ttyS0"),
-        OSType(identifier: "other", description: "Other or unknown: a kernel and nothing assumed",
-               cpus: 1, memoryBytes: 256 << 20, diskBytes: 2 << 30, commandLine: "console=ttyS0"),
+               cpus: 1, memoryBytes: 512 << 20, diskBytes: 8 << 30, commandLine: "console=ttyS0",
+               firmware: .bios, installMemoryBytes: 2 << 30, diskBus: .virtio, labelWords: ["linux", "arch", "opensuse", "centos", "rocky", "alma", "mint"]),
+        OSType(identifier: "other", description: "Other or unknown: nothing assumed (SATA disks, an e1000 network card, BIOS)",
+               cpus: 1, memoryBytes: 256 << 20, diskBytes: 2 << 30, commandLine: "console=ttyS0",
+               firmware: .bios, installMemoryBytes: 1 << 30, diskBus: .sata, labelWords: []),
     ]
+
+    /// VirtualBox's guess from an installer's volume label ("Ubuntu 24.04 LTS amd64" is
+    /// ubuntu-64); nil when no word matches.
+    public static func guess(fromVolumeLabel label: String) -> OSType? {
+        let words = label.lowercased().split(whereSeparator: { !$0.isLetter }).map(String.init)
+        return all.first { type in type.labelWords.contains { words.contains($0) } }
+    }
 
     public static let defaultIdentifier = "linux-64"
 

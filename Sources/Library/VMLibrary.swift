@@ -38,8 +38,50 @@ public struct CreateRequest: Sendable {
     public var balloon: Bool?
     public var acpi: Bool?
     public var onReboot: String?
+    /// nil: chosen from the rest (an ISO or firmware means qemu, otherwise kvm).
+    public var engine: EngineKind?
+    public var iso: String?
+    public var firmware: Firmware?
+    public var accelerator: Accelerator?
 
     public init(name: String) { self.name = name }
+}
+
+/// What `vireo set` asks to change on a stopped VM; nil leaves a setting as it is.
+public struct ChangeRequest: Sendable {
+    public var cpus: Int?
+    public var memoryBytes: UInt64?
+    public var commandLine: String?
+    public var kernel: String?
+    public var initrd: String?
+    public var removeInitrd = false
+    public var osType: String?
+    public var entropyDevice: Bool?
+    /// Replaces every card; a card without an explicit MAC on a tap the VM already used keeps
+    /// that card's MAC, as a reconfigured NIC would.
+    public var networks: [NetworkAttachment]?
+    public var explicitMACs: [Bool] = []
+    public var vsockCID: UInt64??
+    public var balloon: Bool?
+    public var acpi: Bool?
+    public var onReboot: String?
+    public var engine: EngineKind?
+    /// `.some(nil)` ejects the ISO.
+    public var iso: String??
+    public var firmware: Firmware?
+    public var accelerator: Accelerator?
+
+    public init() {}
+
+    /// The options this request changes, as the user typed them, for messages.
+    public var fields: [String] {
+        [cpus != nil ? "--cpus" : nil, memoryBytes != nil ? "--memory" : nil, commandLine != nil ? "--cmdline" : nil,
+         kernel != nil ? "--kernel" : nil, initrd != nil || removeInitrd ? "--initrd" : nil,
+         osType != nil ? "--ostype" : nil, entropyDevice != nil ? "--rng" : nil, networks != nil ? "--net" : nil,
+         vsockCID != nil ? "--vsock-cid" : nil, balloon != nil ? "--balloon" : nil, acpi != nil ? "--acpi" : nil,
+         onReboot != nil ? "--on-reboot" : nil, engine != nil ? "--engine" : nil, iso != nil ? "--iso" : nil,
+         firmware != nil ? "--firmware" : nil, accelerator != nil ? "--accel" : nil].compactMap { $0 }
+    }
 }
 
 /// What `vireo delete` did, so the CLI can say it.
@@ -51,8 +93,14 @@ public struct DeleteReport: Sendable {
 /// The VM library: one directory per VM under `root`.
 public struct VMLibrary: Sendable {
     public let root: String
+    /// Asks the engine running a locked VM what it is doing; nil when it does not answer. The
+    /// engines module supplies it (the library knows no engine's protocol).
+    public let describeRunning: @Sendable (VMBundle) -> VMDescription?
 
-    public init(root: String) { self.root = root }
+    public init(root: String, describeRunning: @escaping @Sendable (VMBundle) -> VMDescription? = { _ in nil }) {
+        self.root = root
+        self.describeRunning = describeRunning
+    }
 
     /// `$VIREO_HOME`, else `/var/lib/vireo` for root, else `$XDG_DATA_HOME/vireo` (or
     /// `~/.local/share/vireo`).
@@ -109,8 +157,7 @@ public struct VMLibrary: Sendable {
             if let reason = bundle.lastRunFailure() { return Status(state: .crashed, crashReason: reason) }
             return Status(state: .stopped)
         }
-        if let connection = try? ControlConnection(path: bundle.controlPath, timeoutSeconds: 2),
-           let description = try? connection.call("describe", as: VMDescription.self) {
+        if let description = describeRunning(bundle) {
             return Status(state: VMState(rawValue: description.state) ?? .running, description: description)
         }
         if let definition = try? bundle.load(), bundle.recordedPID(uuid: definition.uuid) != nil {
@@ -139,10 +186,37 @@ public struct VMLibrary: Sendable {
     // MARK: create
 
     public func create(_ request: CreateRequest) throws(LibraryError) -> VMDefinition {
+        try createReporting(request).definition
+    }
+
+    /// Creates a VM and says what was chosen for the user (an OS type guessed from the ISO).
+    public func createReporting(_ request: CreateRequest) throws(LibraryError) -> (definition: VMDefinition, notes: [String]) {
         try VMName.validate(request.name)
-        let type = try OSType.named(request.osType ?? OSType.defaultIdentifier)
+        var notes: [String] = []
+        let medium = try request.iso.map { (path) throws(LibraryError) in try InstallMedium.inspect(path) }
+        let engine = try Self.chooseEngine(request)
+        let type: OSType
+        if let identifier = request.osType {
+            type = try OSType.named(identifier)
+        } else if let medium {
+            let guessed = OSType.guess(fromVolumeLabel: medium.volumeLabel)
+            type = try OSType.named(guessed?.identifier ?? "other")
+            notes.append("OS type \(type.identifier), guessed from the ISO's volume label '\(medium.volumeLabel)'\(guessed == nil ? " (nothing recognised)" : ""); change it with --ostype")
+        } else {
+            type = try OSType.named(OSType.defaultIdentifier)
+        }
         var definition = VMDefinition(uuid: UUID().uuidString.lowercased(), name: request.name, osType: type,
                                       createdAt: Int64(time(nil)))
+        definition.engine = engine
+        if engine == .qemu {
+            definition.accelerator = request.accelerator ?? .auto
+            definition.iso = medium?.path
+            // A firmware boot unless the user boots a kernel directly.
+            if request.kernel == nil || request.firmware != nil { definition.firmware = request.firmware ?? type.firmware }
+            if medium != nil { definition.memoryBytes = type.installMemoryBytes }
+            // QEMU's own i8042, PIT and RTC are always there; the ACPI setting is the kvm VMM's.
+            definition.acpi = true
+        }
         if let cpus = request.cpus { definition.cpus = cpus }
         if let memory = request.memoryBytes { definition.memoryBytes = memory }
         if let line = request.commandLine { definition.commandLine = line }
@@ -155,10 +229,6 @@ public struct VMLibrary: Sendable {
             try Self.validate(onReboot: policy)
             definition.onReboot = policy
         }
-        try Self.validate(cpus: definition.cpus)
-        try Self.validate(memoryBytes: definition.memoryBytes)
-        try Self.validate(commandLine: definition.commandLine)
-        if let cid = definition.vsockCID { try Self.validate(vsockCID: cid) }
         if let kernel = request.kernel { try Self.validate(kernel: kernel) }
         if let initrd = request.initrd { try Self.validateReadable(initrd, field: "--initrd") }
         guard request.diskBytes == nil || request.attachDisk == nil, !(request.withoutDisk && (request.diskBytes != nil || request.attachDisk != nil)) else {
@@ -166,6 +236,11 @@ public struct VMLibrary: Sendable {
         }
         var attached: DiskAttachment?
         if let path = request.attachDisk { attached = try Self.inspectDisk(HostFiles.absolute(path), field: "--attach-disk") }
+        // Every rule, checked on what would be saved (the disks as they will be).
+        var planned = definition
+        if request.kernel != nil { planned.kernel = "kernel" }
+        if let attached { planned.disks = [attached] } else if !request.withoutDisk { planned.disks = [DiskAttachment(path: "disk0.qcow2", format: .qcow2)] }
+        try Self.validate(planned)
 
         try prepareRoot()
         let final = root + "/" + request.name
@@ -192,6 +267,10 @@ public struct VMLibrary: Sendable {
                 try HostFiles.copySparse(HostFiles.absolute(initrd), bundle.resolve("initrd"))
                 definition.initrd = "initrd"
             }
+            if definition.firmware == .uefi {
+                try HostFiles.copySparse(FirmwareFiles.uefiVariables, bundle.resolve("nvram.fd"))
+                definition.nvram = "nvram.fd"
+            }
             if let attached {
                 definition.disks.append(attached)
             } else if !request.withoutDisk {
@@ -207,10 +286,67 @@ public struct VMLibrary: Sendable {
             throw error
         }
         lock.unlock()
-        return definition
+        return (definition, notes)
+    }
+
+    static func chooseEngine(_ request: CreateRequest) throws(LibraryError) -> EngineKind {
+        if request.engine == .kvm {
+            if request.iso != nil {
+                throw .invalidValue(field: "--iso", reason: "an installer ISO needs firmware and a CD-ROM drive, which the kvm engine does not have; leave out --engine (or give --engine qemu)")
+            }
+            if request.firmware != nil {
+                throw .invalidValue(field: "--firmware", reason: "the kvm engine boots Linux kernels directly, without firmware; leave out --engine (or give --engine qemu)")
+            }
+            if request.accelerator != nil {
+                throw .invalidValue(field: "--accel", reason: "the kvm engine always uses KVM; --accel is for the qemu engine")
+            }
+        }
+        if let engine = request.engine { return engine }
+        return request.iso != nil || request.firmware != nil ? .qemu : .kvm
     }
 
     // MARK: validation shared by create and set
+
+    /// The kvm VMM's virtio slots: disks, network cards, vsock, balloon and rng each take one.
+    public static let kvmDeviceSlots = MachineLayout.virtioInterrupts.count
+    /// The qemu machine's disks: six AHCI ports less the CD-ROM's, or PCI slots for virtio.
+    public static func qemuDiskLimit(_ bus: DiskBus) -> Int { bus == .sata ? 5 : 16 }
+
+    /// Every rule a VM definition must meet, checked once, wherever a definition is made or
+    /// changed, so nothing saved can be refused at start.
+    public static func validate(_ definition: VMDefinition) throws(LibraryError) {
+        try validate(cpus: definition.cpus)
+        try validate(memoryBytes: definition.memoryBytes)
+        try validate(commandLine: definition.commandLine)
+        try validate(onReboot: definition.onReboot)
+        if let cid = definition.vsockCID { try validate(vsockCID: cid) }
+        switch definition.engine {
+        case .kvm:
+            if definition.iso != nil {
+                throw .invalidValue(field: "--iso", reason: "the kvm engine has no CD-ROM drive; eject the ISO (--iso none) or use --engine qemu")
+            }
+            if definition.firmware != nil {
+                throw .invalidValue(field: "--firmware", reason: "the kvm engine boots Linux kernels directly, without firmware; use --engine qemu for firmware")
+            }
+            let devices = definition.disks.count + definition.networks.count + (definition.vsockCID == nil ? 0 : 1)
+                + (definition.balloon ? 1 : 0) + (definition.entropyDevice ? 1 : 0)
+            guard devices <= kvmDeviceSlots else {
+                throw .invalidValue(field: "disks and devices", reason: "\(definition.disks.count) disk(s), \(definition.networks.count) network card(s) and the vsock, balloon and rng devices need \(devices) virtio slots; the kvm engine has \(kvmDeviceSlots). Detach a disk or remove a device (--no-balloon, --no-rng)")
+            }
+        case .qemu:
+            if definition.vsockCID != nil {
+                throw .invalidValue(field: "--vsock-cid", reason: "the qemu engine has no vsock device like the kvm engine's; remove it (--no-vsock) or use --engine kvm")
+            }
+            if definition.kernel == nil && definition.firmware == nil {
+                throw .invalidValue(field: "--firmware", reason: "a qemu VM without a kernel boots through firmware; give --firmware bios or uefi")
+            }
+            if let firmware = definition.firmware { try FirmwareFiles.check(firmware) }
+            let limit = qemuDiskLimit(definition.diskBus)
+            guard definition.disks.count <= limit else {
+                throw .invalidValue(field: "disks", reason: "\(definition.disks.count) disks is more than the \(limit) a qemu VM with \(definition.diskBus.rawValue) disks takes")
+            }
+        }
+    }
 
     public static func validate(onReboot policy: String) throws(LibraryError) {
         guard VMDefinition.rebootPolicies.contains(policy) else {
@@ -275,12 +411,68 @@ public struct VMLibrary: Sendable {
         try withStoppedVM(name, action: action) { (bundle, _) throws(LibraryError) -> VMDefinition in
             var definition = try bundle.load()
             try change(&definition, bundle)
-            try Self.validate(cpus: definition.cpus)
-            try Self.validate(memoryBytes: definition.memoryBytes)
-            try Self.validate(commandLine: definition.commandLine)
-            if let cid = definition.vsockCID { try Self.validate(vsockCID: cid) }
+            try Self.validate(definition)
             try bundle.save(definition)
             return definition
+        }
+    }
+
+    /// `vireo set`: every value is checked as `create` checks it, on the definition as it would
+    /// be saved, before any file is touched; a refused change changes nothing.
+    public func change(_ name: String, _ request: ChangeRequest) throws(LibraryError) -> VMDefinition {
+        let fields = request.fields
+        guard !fields.isEmpty else {
+            throw .invalidValue(field: "vireo set", reason: "nothing to change; give at least one of --cpus, --memory, --cmdline, --kernel, --initrd, --no-initrd, --ostype, --rng/--no-rng, --net, --no-net, --vsock-cid, --no-vsock, --balloon/--no-balloon, --acpi, --on-reboot, --engine, --iso, --firmware, --accel")
+        }
+        if request.initrd != nil && request.removeInitrd { throw .invalidValue(field: "--initrd", reason: "--initrd and --no-initrd contradict each other") }
+        if let kernel = request.kernel { try Self.validate(kernel: kernel) }
+        if let initrd = request.initrd { try Self.validateReadable(initrd, field: "--initrd") }
+        if let type = request.osType { _ = try OSType.named(type) }
+        let medium = try request.iso.flatMap { $0 }.map { (path) throws(LibraryError) in try InstallMedium.inspect(path) }
+        return try update(name, action: "change \(fields.joined(separator: ", ")) of") { (definition, bundle) throws(LibraryError) in
+            var changed = definition
+            if let cpus = request.cpus { changed.cpus = cpus }
+            if let memory = request.memoryBytes { changed.memoryBytes = memory }
+            if let line = request.commandLine { changed.commandLine = line }
+            if let type = request.osType { changed.osType = type }
+            if let rng = request.entropyDevice { changed.entropyDevice = rng }
+            if request.kernel != nil { changed.kernel = "kernel" }
+            if request.initrd != nil { changed.initrd = "initrd" }
+            if request.removeInitrd { changed.initrd = nil }
+            if let cid = request.vsockCID { changed.vsockCID = cid }
+            if let balloon = request.balloon { changed.balloon = balloon }
+            if let acpi = request.acpi { changed.acpi = acpi }
+            if let policy = request.onReboot { changed.onReboot = policy }
+            if let networks = request.networks {
+                let previous = definition.networks
+                changed.networks = networks.enumerated().map { index, card in
+                    let explicit = index < request.explicitMACs.count && request.explicitMACs[index]
+                    guard !explicit, let kept = previous.first(where: { $0.tap == card.tap }) else { return card }
+                    return kept
+                }
+            }
+            if let engine = request.engine {
+                changed.engine = engine
+                if engine == .kvm, request.firmware == nil { changed.firmware = nil }
+                if engine == .qemu, changed.firmware == nil, changed.kernel == nil {
+                    changed.firmware = try OSType.named(changed.osType).firmware
+                }
+            }
+            if let iso = request.iso { changed.iso = iso == nil ? nil : medium?.path }
+            if let firmware = request.firmware { changed.firmware = firmware }
+            if let accelerator = request.accelerator { changed.accelerator = accelerator }
+            if changed.engine == .kvm, request.accelerator != nil {
+                throw .invalidValue(field: "--accel", reason: "the kvm engine always uses KVM; --accel is for the qemu engine")
+            }
+            try Self.validate(changed)
+            // Now the files: the kernel and initrd copies, and a variable store for UEFI.
+            if let kernel = request.kernel { try Self.installFile(kernel, as: "kernel", in: bundle) }
+            if let initrd = request.initrd { try Self.installFile(initrd, as: "initrd", in: bundle) }
+            if changed.firmware == .uefi, changed.nvram == nil || !HostFiles.exists(bundle.resolve(changed.nvram ?? "")) {
+                try Self.installFile(FirmwareFiles.uefiVariables, as: "nvram.fd", in: bundle)
+                changed.nvram = "nvram.fd"
+            }
+            definition = changed
         }
     }
 
@@ -304,9 +496,6 @@ public struct VMLibrary: Sendable {
             if absolute.hasPrefix(bundle.directory + "/") { attachment.path = String(absolute.dropFirst(bundle.directory.count + 1)) }
             guard !definition.disks.contains(where: { bundle.resolve($0.path) == absolute }) else {
                 throw .invalidValue(field: "PATH", reason: "\(absolute) is already attached to VM '\(name)'")
-            }
-            guard definition.disks.count < MachineLayout.virtioInterrupts.count - 1 else {
-                throw .invalidValue(field: "PATH", reason: "VM '\(name)' already has \(definition.disks.count) disks, the most it can take")
             }
             definition.disks.append(attachment)
         }
@@ -434,7 +623,8 @@ public struct VMLibrary: Sendable {
             var frozen: [(base: String, original: String, overlay: String?)] = []
             do throws(LibraryError) {
                 let target = VMBundle(directory: staging)
-                for file in [original.kernel, original.initrd].compactMap({ $0 }) where !file.hasPrefix("/") {
+                // The kernel, initrd and UEFI variable store are the VM's own: each clone gets a copy.
+                for file in [original.kernel, original.initrd, original.nvram].compactMap({ $0 }) where !file.hasPrefix("/") {
                     try HostFiles.copySparse(bundle.resolve(file), target.resolve(file))
                 }
                 definition.disks = []

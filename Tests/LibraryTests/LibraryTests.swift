@@ -25,7 +25,7 @@ struct VMDefinitionTests {
         request.osType = "debian-64"
         let made = try library.create(request)
         #expect(made.cpus == 1 && made.memoryBytes == 1 << 30 && made.commandLine.contains("root=/dev/vda"))
-        #expect(made.engine == "kvm")
+        #expect(made.engine == .kvm)
         let loaded = try library.bundle(named: "plain").load()
         #expect(loaded == made)
         #expect(try library.names() == ["plain"])

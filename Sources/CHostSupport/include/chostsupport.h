@@ -7,7 +7,7 @@
 
 // Starts `path` in a new session with default signal dispositions and an empty signal mask:
 // stdin /dev/null, stdout and stderr to `log_fd`, `lock_fd` as descriptor 3 and `ready_fd` as
-// descriptor 4; every other descriptor closed. Returns 0 and the child's pid, or an errno value.
+// descriptor 4 (either may be -1: not passed); every other descriptor closed. Returns 0 and the child's pid, or an errno value.
 int vireo_spawn_detached(const char *path, char *const argv[], int log_fd, int lock_fd, int ready_fd, pid_t *pid);
 
 // rename(2) that fails with EEXIST instead of replacing an existing target (RENAME_NOREPLACE).

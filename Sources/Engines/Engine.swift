@@ -1,0 +1,168 @@
+import API
+import Library
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// One VM as an engine sees it: its directory and its definition as loaded under the lock.
+public struct EngineVM: Sendable {
+    public var bundle: VMBundle
+    public var definition: VMDefinition
+    public var name: String { definition.name }
+
+    public init(bundle: VMBundle, definition: VMDefinition) { self.bundle = bundle; self.definition = definition }
+}
+
+/// What a start produced, for the user.
+public struct StartedVM: Sendable {
+    public var pid: Int32
+    /// Advice the user should see (software emulation, say).
+    public var warnings: [String] = []
+}
+
+/// A live serial console stream: bytes from the guest arrive on `fd`, bytes written to it go to
+/// the guest. Whatever arrived with the attach reply is in `early`.
+public final class ConsoleStream {
+    public let fd: Int32
+    public let early: [UInt8]
+    /// Keeps the connection that owns `fd` alive (the kvm engine's control connection).
+    private let owner: AnyObject?
+
+    init(fd: Int32, early: [UInt8], owner: AnyObject?) { self.fd = fd; self.early = early; self.owner = owner }
+
+    deinit { if owner == nil { close(fd) } }
+}
+
+/// How a VM's screen can be reached.
+public struct DisplayAccess: Sendable, Encodable {
+    /// A VNC server on a Unix socket (no TCP port is opened).
+    public var vncSocket: String
+}
+
+/// An engine: something that runs a library VM as one detached process holding the VM's lock.
+/// Everything an engine cannot do has a default that refuses with `.unsupported`, naming the
+/// engine and what to do instead; engines override what they can.
+public protocol Engine: Sendable {
+    var kind: EngineKind { get }
+
+    /// Starts the VM and returns once it runs. `lock` is held exclusively by the caller and is
+    /// handed to the VM process, which keeps it for as long as it lives.
+    func start(_ vm: EngineVM, lock: VMLock) throws(LibraryError) -> StartedVM
+    /// What the running VM says about itself; nil when it does not answer.
+    func describe(_ vm: EngineVM) -> VMDescription?
+    func counters(_ vm: EngineVM) throws(LibraryError) -> VMCounters
+    /// Asks the guest to shut down (ACPI power button); returns at once.
+    func requestShutdown(_ vm: EngineVM) throws(LibraryError)
+    /// Ends the VM at once; returns at once.
+    func powerOff(_ vm: EngineVM) throws(LibraryError)
+    func pause(_ vm: EngineVM) throws(LibraryError)
+    func resume(_ vm: EngineVM) throws(LibraryError)
+    func reset(_ vm: EngineVM) throws(LibraryError)
+    func setBalloon(_ vm: EngineVM, bytes: UInt64) throws(LibraryError)
+    func openConsole(_ vm: EngineVM) throws(LibraryError) -> ConsoleStream
+    func display(_ vm: EngineVM) throws(LibraryError) -> DisplayAccess
+    /// Saves the screen as a PNG at `path` (absolute).
+    func screenshot(_ vm: EngineVM, to path: String) throws(LibraryError)
+    func sendKeys(_ vm: EngineVM, _ chords: [KeyChord]) throws(LibraryError)
+    /// Takes the ISO out of a running VM's CD-ROM drive.
+    func ejectMedium(_ vm: EngineVM) throws(LibraryError)
+    func saveState(_ vm: EngineVM, to path: String) throws(LibraryError)
+    func migrate(_ vm: EngineVM, to destination: String) throws(LibraryError)
+}
+
+extension Engine {
+    func unsupported(_ vm: EngineVM, _ action: String, _ hint: String) -> LibraryError {
+        .unsupported(name: vm.name, engine: kind.rawValue, action: action, hint: hint)
+    }
+
+    public func counters(_ vm: EngineVM) throws(LibraryError) -> VMCounters {
+        throw unsupported(vm, "read the counters of", "see `vireo info \(vm.name)`")
+    }
+    public func reset(_ vm: EngineVM) throws(LibraryError) {
+        throw unsupported(vm, "reset", "stop and start it: `vireo restart \(vm.name) --force`")
+    }
+    public func setBalloon(_ vm: EngineVM, bytes: UInt64) throws(LibraryError) {
+        throw unsupported(vm, "set the balloon of", "change its memory while stopped: `vireo set \(vm.name) --memory SIZE`")
+    }
+    public func openConsole(_ vm: EngineVM) throws(LibraryError) -> ConsoleStream {
+        throw unsupported(vm, "attach to the console of", "its output is in `vireo logs \(vm.name)`")
+    }
+    public func display(_ vm: EngineVM) throws(LibraryError) -> DisplayAccess {
+        throw unsupported(vm, "show the display of", "its guests have a serial console only: `vireo console \(vm.name)`; VMs on the qemu engine (`--engine qemu`) have a screen")
+    }
+    public func screenshot(_ vm: EngineVM, to path: String) throws(LibraryError) {
+        throw unsupported(vm, "take a screenshot of", "it has no display, only a serial console: `vireo logs \(vm.name)` shows its output")
+    }
+    public func sendKeys(_ vm: EngineVM, _ chords: [KeyChord]) throws(LibraryError) {
+        throw unsupported(vm, "send keys to", "it has no keyboard, only a serial console: type into `vireo console \(vm.name)`")
+    }
+    public func ejectMedium(_ vm: EngineVM) throws(LibraryError) {
+        throw unsupported(vm, "eject the CD-ROM of", "it has no CD-ROM drive")
+    }
+    public func saveState(_ vm: EngineVM, to path: String) throws(LibraryError) {
+        throw unsupported(vm, "save the state of", "saved states are not built yet; stop it with `vireo stop \(vm.name)`")
+    }
+    public func migrate(_ vm: EngineVM, to destination: String) throws(LibraryError) {
+        throw unsupported(vm, "migrate", "live migration is not built yet")
+    }
+}
+
+/// One key combination as QEMU's `send-key` takes it: keys pressed together, by QEMU key code
+/// name ("ctrl-alt-delete" is ctrl, alt and delete).
+public struct KeyChord: Sendable, Equatable {
+    public var keys: [String]
+
+    public static let names: Set<String> = {
+        var names: Set<String> = ["shift", "shift_r", "alt", "alt_r", "ctrl", "ctrl_r", "meta_l", "meta_r", "menu",
+                                  "esc", "ret", "kp_enter", "spc", "tab", "backspace", "delete", "insert", "home", "end",
+                                  "pgup", "pgdn", "up", "down", "left", "right", "caps_lock", "minus", "equal",
+                                  "bracket_left", "bracket_right", "backslash", "semicolon", "apostrophe", "grave_accent",
+                                  "comma", "dot", "slash", "sysrq", "print", "pause", "num_lock", "scroll_lock"]
+        for letter in "abcdefghijklmnopqrstuvwxyz" { names.insert(String(letter)) }
+        for digit in 0...9 { names.insert(String(digit)) }
+        for function in 1...12 { names.insert("f\(function)") }
+        return names
+    }()
+
+    /// Friendlier spellings people type.
+    static let aliases = ["enter": "ret", "return": "ret", "space": "spc", "escape": "esc", "del": "delete",
+                          "control": "ctrl", "pageup": "pgup", "pagedown": "pgdn", "super": "meta_l", "win": "meta_l"]
+
+    public init(keys: [String]) { self.keys = keys }
+
+    /// `ctrl-alt-delete`, `ret`, `f2`; errors name the word that is not a key.
+    public static func parse(_ text: String) throws(LibraryError) -> KeyChord {
+        let parts = text.lowercased().split(separator: "-", omittingEmptySubsequences: false).map { aliases[String($0)] ?? String($0) }
+        for part in parts where !names.contains(part) {
+            throw .invalidValue(field: "KEYS", reason: "'\(part)' in '\(text)' is not a key; use QEMU key names joined by '-', such as ctrl-alt-delete, ret, esc, tab, spc, up, f2, a, 1 (letters, digits, f1–f12, \(names.filter { $0.count > 3 && !$0.hasPrefix("f") }.sorted().prefix(12).joined(separator: ", ")), ...)")
+        }
+        return KeyChord(keys: parts)
+    }
+
+    /// The chords that type `text` on a US keyboard; errors name a character that has no key.
+    public static func typing(_ text: String) throws(LibraryError) -> [KeyChord] {
+        let plain: [Character: String] = [" ": "spc", "\n": "ret", "\t": "tab", "-": "minus", "=": "equal", "[": "bracket_left",
+                                          "]": "bracket_right", "\\": "backslash", ";": "semicolon", "'": "apostrophe",
+                                          "`": "grave_accent", ",": "comma", ".": "dot", "/": "slash"]
+        let shifted: [Character: String] = ["!": "1", "@": "2", "#": "3", "$": "4", "%": "5", "^": "6", "&": "7", "*": "8",
+                                            "(": "9", ")": "0", "_": "minus", "+": "equal", "{": "bracket_left",
+                                            "}": "bracket_right", "|": "backslash", ":": "semicolon", "\"": "apostrophe",
+                                            "~": "grave_accent", "<": "comma", ">": "dot", "?": "slash"]
+        var chords: [KeyChord] = []
+        for character in text {
+            if let key = plain[character] {
+                chords.append(KeyChord(keys: [key]))
+            } else if let key = shifted[character] {
+                chords.append(KeyChord(keys: ["shift", key]))
+            } else if character.isASCII, character.isLetter {
+                let lower = character.lowercased()
+                chords.append(KeyChord(keys: character.isUppercase ? ["shift", lower] : [lower]))
+            } else if character.isASCII, character.isNumber {
+                chords.append(KeyChord(keys: [String(character)]))
+            } else {
+                throw .invalidValue(field: "--text", reason: "'\(character)' has no key on a US keyboard; type ASCII only")
+            }
+        }
+        return chords
+    }
+}

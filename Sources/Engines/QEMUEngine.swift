@@ -1,0 +1,405 @@
+import API
+import CHostSupport
+import Library
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Runs library VMs that need firmware, a CD-ROM, a display, keyboard and pointer on QEMU (a q35
+/// machine), controlled over QMP. QEMU itself holds the VM's lock: the locked descriptor is
+/// inherited as descriptor 3, which QEMU never touches, so "running" means what it means for the
+/// kvm engine, and `kill -9` of QEMU leaves the VM stopped. (Not `-add-fd`: QEMU closes fd-set
+/// descriptors nobody uses once no monitor is connected, and the lock went with them.) No supervisor process sits beside it (docs/qemu-engine.md says why).
+public struct QEMUEngine: Engine {
+    public var kind: EngineKind { .qemu }
+    /// `$VIREO_QEMU`, else `qemu-system-x86_64` on the PATH.
+    public let binary: String?
+    /// The oldest QEMU whose QMP has everything used here (`screendump` to PNG came in 7.1).
+    static let minimumVersion = (7, 1)
+
+    public init(environment: [String: String]) {
+        if let path = environment["VIREO_QEMU"], !path.isEmpty {
+            binary = path
+        } else {
+            let directories = (environment["PATH"] ?? "/usr/local/bin:/usr/bin:/bin").split(separator: ":").map(String.init) + ["/usr/bin"]
+            binary = directories.map { $0 + "/qemu-system-x86_64" }.first { access($0, X_OK) == 0 }
+        }
+    }
+
+    /// The QEMU binary, checked to run and to be new enough; errors name the package to install.
+    func checkedBinary(for name: String) throws(LibraryError) -> String {
+        guard let binary, access(binary, X_OK) == 0 else {
+            throw .engine(name: name, reason: "the qemu engine needs QEMU, which is not installed: install Debian's `qemu-system-x86` package (apt install qemu-system-x86), or point $VIREO_QEMU at qemu-system-x86_64", exitStatus: 2)
+        }
+        let output = HostCommand.output(binary, ["--version"])
+        // "QEMU emulator version 7.2.22 (Debian 1:7.2+dfsg-7+deb12u18)"
+        let words = output.split(separator: " ")
+        guard let index = words.firstIndex(of: "version"), index + 1 < words.count else {
+            throw .engine(name: name, reason: "\(binary) --version did not say which QEMU it is (\(output.prefix(120))); reinstall `qemu-system-x86`", exitStatus: 1)
+        }
+        let numbers = words[index + 1].prefix(while: { $0.isNumber || $0 == "." }).split(separator: ".").compactMap { Int($0) }
+        guard numbers.count >= 2 else {
+            throw .engine(name: name, reason: "cannot read the QEMU version in '\(output.prefix(120))'", exitStatus: 1)
+        }
+        guard (numbers[0], numbers[1]) >= Self.minimumVersion else {
+            throw .engine(name: name, reason: "\(binary) is QEMU \(numbers[0]).\(numbers[1]); the qemu engine needs \(Self.minimumVersion.0).\(Self.minimumVersion.1) or newer (Debian 12's `qemu-system-x86` is 7.2)", exitStatus: 2)
+        }
+        return binary
+    }
+
+    /// What `auto` means on this host: KVM when /dev/kvm opens for reading and writing.
+    public static func resolve(_ accelerator: Accelerator) -> Accelerator {
+        guard accelerator == .auto else { return accelerator }
+        let fd = open("/dev/kvm", O_RDWR | O_CLOEXEC)
+        guard fd >= 0 else { return .tcg }
+        close(fd)
+        return .kvm
+    }
+
+    /// A value inside a QEMU option list: commas are doubled.
+    static func quoted(_ value: String) -> String { value.split(separator: ",", omittingEmptySubsequences: false).joined(separator: ",,") }
+
+    /// QEMU's command line for a definition (without the binary), descriptor 3 being the lock.
+    public static func arguments(_ definition: VMDefinition, bundle: VMBundle, accelerator: Accelerator, cpuModel: String? = nil) -> [String] {
+        let accel = accelerator == .tcg ? "tcg" : "kvm"
+        var arguments = [
+            "-name", quoted(definition.name), "-uuid", definition.uuid,
+            "-machine", "q35,accel=\(accel)", "-cpu", cpuModel ?? (accelerator == .tcg ? "max" : "host"),
+            "-smp", String(definition.cpus), "-m", "\(definition.memoryBytes >> 20)M",
+            "-nodefaults", "-no-user-config", "-msg", "timestamp=on",
+            "-qmp", "unix:\(quoted(bundle.qmpPath)),server=on,wait=off",
+            "-display", "none", "-vga", "std", "-vnc", "unix:\(quoted(bundle.vncPath))",
+            "-device", "qemu-xhci,id=usb", "-device", "usb-tablet,bus=usb.0",
+            "-chardev", "socket,id=serial0,path=\(quoted(bundle.consoleSocketPath)),server=on,wait=off,logfile=\(quoted(bundle.consoleLogPath))",
+            "-serial", "chardev:serial0",
+        ]
+        if definition.firmware == .uefi {
+            arguments += ["-drive", "if=pflash,format=raw,unit=0,readonly=on,file=\(quoted(FirmwareFiles.uefiCode))",
+                          "-drive", "if=pflash,format=raw,unit=1,file=\(quoted(bundle.resolve(definition.nvram ?? "nvram.fd")))"]
+        }
+        if let kernel = definition.kernel {
+            arguments += ["-kernel", bundle.resolve(kernel), "-append", definition.commandLine]
+            if let initrd = definition.initrd { arguments += ["-initrd", bundle.resolve(initrd)] }
+        }
+        // The CD-ROM drive is always there for firmware VMs, so an ISO can be ejected and the
+        // drive stays; it boots first while it holds a disc.
+        if definition.firmware != nil {
+            var drive = "if=none,id=cd0,media=cdrom,readonly=on"
+            if let iso = definition.iso { drive += ",file=\(quoted(iso)),format=raw" }
+            arguments += ["-drive", drive, "-device", "ide-cd,drive=cd0,bus=ide.0,id=cdrom0" + (definition.iso != nil ? ",bootindex=0" : "")]
+        }
+        for (index, disk) in definition.disks.enumerated() {
+            var drive = "if=none,id=disk\(index),file=\(quoted(bundle.resolve(disk.path))),format=\(disk.format.rawValue),discard=unmap"
+            if disk.readOnly { drive += ",readonly=on" }
+            var device: String
+            switch definition.diskBus {
+            case .virtio: device = "virtio-blk-pci,drive=disk\(index),id=vd\(index)"
+            case .sata: device = "ide-hd,drive=disk\(index),bus=ide.\(index + 1),id=vd\(index)"
+            }
+            if let serial = disk.serial { device += ",serial=\(quoted(serial))" }
+            device += ",bootindex=\(index + 1)"
+            arguments += ["-drive", drive, "-device", device]
+        }
+        for (index, network) in definition.networks.enumerated() {
+            let model = definition.diskBus == .sata ? "e1000" : "virtio-net-pci"
+            arguments += ["-netdev", "tap,id=net\(index),ifname=\(quoted(network.tap)),script=no,downscript=no",
+                          "-device", "\(model),netdev=net\(index),mac=\(network.mac)"]
+        }
+        if definition.balloon { arguments += ["-device", "virtio-balloon-pci,id=balloon0,deflate-on-oom=on"] }
+        if definition.entropyDevice { arguments += ["-device", "virtio-rng-pci"] }
+        if let generationID = definition.generationID, generationID.count == 32 {
+            let hex = Array(generationID)
+            let guid = [0..<8, 8..<12, 12..<16, 16..<20, 20..<32].map { String(hex[$0]) }.joined(separator: "-")
+            arguments += ["-device", "vmgenid,guid=\(guid)"]
+        }
+        if definition.onReboot == "exit" { arguments.append("-no-reboot") }
+        return arguments
+    }
+
+    public func start(_ vm: EngineVM, lock: VMLock) throws(LibraryError) -> StartedVM {
+        let (bundle, definition, name) = (vm.bundle, vm.definition, vm.name)
+        let binary = try checkedBinary(for: name)
+        if let firmware = definition.firmware { try FirmwareFiles.check(firmware) }
+        if let iso = definition.iso {
+            do { _ = try InstallMedium.inspect(iso) } catch {
+                throw .engine(name: name, reason: "its ISO cannot be used: \(error.description); eject it with `vireo set \(name) --iso none` or give another with --iso", exitStatus: 2)
+            }
+        }
+        for path in [bundle.qmpPath, bundle.vncPath, bundle.consoleSocketPath, bundle.consoleLogPath] where path.utf8.count >= 108 {
+            throw .engine(name: name, reason: "\(path) is longer than a Unix socket path may be (107 bytes); use a shorter library path ($VIREO_HOME) or VM name", exitStatus: 2)
+        }
+        let accelerator = Self.resolve(definition.accelerator)
+        var warnings: [String] = []
+        if accelerator == .tcg {
+            warnings.append(definition.accelerator == .tcg
+                ? "VM '\(name)' runs under TCG, QEMU's software emulation, as configured: many times slower than KVM"
+                : "VM '\(name)' runs under TCG, QEMU's software emulation, because /dev/kvm cannot be opened: many times slower than KVM")
+        }
+        if HostFiles.size(bundle.consoleLogPath) > 0 { _ = rename(bundle.consoleLogPath, bundle.consoleLogPath + ".1") }
+        do {
+            let pid = try launch(binary, Self.arguments(definition, bundle: bundle, accelerator: accelerator), vm: vm, lock: lock)
+            return StartedVM(pid: pid, warnings: warnings)
+        } catch let .engine(_, reason, _) where accelerator != .tcg && reason.contains("MSR 0x10a") {
+            // Some hosts' KVM (nested ones, this project's CI) refuse the ARCH_CAPABILITIES MSR
+            // that `-cpu host` sets, and QEMU aborts. The guest then does without it (and assumes
+            // the CPU vulnerable, enabling mitigations), which beats not starting.
+            let pid = try launch(binary, Self.arguments(definition, bundle: bundle, accelerator: accelerator, cpuModel: "host,-arch-capabilities"),
+                                 vm: vm, lock: lock)
+            warnings.append("this host's KVM refuses the ARCH_CAPABILITIES MSR; VM '\(name)' runs with `-cpu host,-arch-capabilities`")
+            return StartedVM(pid: pid, warnings: warnings)
+        }
+    }
+
+    /// Runs QEMU detached, holding the lock, and returns its pid once QMP says the machine runs.
+    func launch(_ binary: String, _ machine: [String], vm: EngineVM, lock: VMLock) throws(LibraryError) -> pid_t {
+        let (bundle, name) = (vm.bundle, vm.name)
+        let arguments = [binary] + machine
+        // Sockets of a run that was killed would make QEMU's bind fail.
+        for path in [bundle.qmpPath, bundle.vncPath, bundle.consoleSocketPath] { unlink(path) }
+        let log = open(bundle.vmmLogPath, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0o600)
+        guard log >= 0 else { throw .io(operation: "open", path: bundle.vmmLogPath, errno: errno) }
+        defer { close(log) }
+        let logStart = lseek(log, 0, SEEK_END)
+        var header = Array("vireo: starting \(arguments.joined(separator: " "))\n".utf8)
+        _ = header.withUnsafeMutableBytes { write(log, $0.baseAddress, $0.count) }
+
+        var pid: pid_t = 0
+        let spawned = withCStrings(arguments) { argv in vireo_spawn_detached(binary, argv, log, lock.fd, -1, &pid) }
+        guard spawned == 0 else {
+            throw .engine(name: name, reason: "cannot run \(binary): \(String(cString: strerror(spawned)))", exitStatus: 1)
+        }
+        try? HostFiles.writeAtomically(Array("\(pid)\n".utf8), to: bundle.pidPath)
+
+        // Ready once QMP answers and the machine runs; a QEMU that exits first explains why in
+        // its log.
+        let deadline = time(nil) + 60
+        while true {
+            var status: Int32 = 0
+            if waitpid(pid, &status, WNOHANG) == pid {
+                let reason = Self.logTail(bundle.vmmLogPath, from: Int64(logStart) + Int64(header.count))
+                throw .engine(name: name, reason: "QEMU exited before the VM ran: \(reason.isEmpty ? "no message" : reason) (full log: \(bundle.vmmLogPath))",
+                              exitStatus: 1)
+            }
+            if let connection = try? QMPConnection(path: bundle.qmpPath, timeoutSeconds: 5),
+               let state = try? connection.execute("query-status", as: QMPReplies.Status.self),
+               state.status == "running" || state.status == "paused" {
+                return pid
+            }
+            if time(nil) > deadline {
+                kill(pid, SIGKILL)
+                waitpid(pid, &status, 0)
+                throw .engine(name: name, reason: "QEMU did not answer on \(bundle.qmpPath) within 60 s and was killed; see \(bundle.vmmLogPath)", exitStatus: 1)
+            }
+            usleep(20_000)
+        }
+    }
+
+    /// QEMU's own words from its log, after this run's header line.
+    static func logTail(_ path: String, from offset: Int64) -> String {
+        guard let bytes = try? HostFiles.readAll(path), Int64(bytes.count) > offset else { return "" }
+        let text = String(decoding: bytes[Int(max(offset, 0))...].suffix(2000), as: UTF8.self)
+        return text.split(separator: "\n").suffix(4).joined(separator: "; ")
+    }
+
+    // MARK: QMP requests
+
+    func connect(_ vm: EngineVM, action: String, timeoutSeconds: Int = 10) throws(LibraryError) -> QMPConnection {
+        do { return try QMPConnection(path: vm.bundle.qmpPath, timeoutSeconds: timeoutSeconds) } catch {
+            throw .engine(name: vm.name, reason: "cannot \(action) it: QEMU does not answer on \(vm.bundle.qmpPath): \(error)", exitStatus: 1)
+        }
+    }
+
+    /// A command that returns nothing, refusals turned into the library's errors.
+    func run(_ vm: EngineVM, _ command: String, action: String) throws(LibraryError) {
+        try run(vm, command, arguments: Optional<QMPConnection.Empty>.none, action: action)
+    }
+
+    func run<Arguments: Encodable>(_ vm: EngineVM, _ command: String, arguments: Arguments?, action: String) throws(LibraryError) {
+        let connection = try connect(vm, action: action)
+        do { _ = try connection.execute(command, arguments: arguments) } catch {
+            throw .engine(name: vm.name, reason: "cannot \(action) it: \(error)", exitStatus: 1)
+        }
+    }
+
+    func status(_ vm: EngineVM, action: String) throws(LibraryError) -> String {
+        let connection = try connect(vm, action: action)
+        do { return try connection.execute("query-status", as: QMPReplies.Status.self).status } catch {
+            throw .engine(name: vm.name, reason: "cannot \(action) it: \(error)", exitStatus: 1)
+        }
+    }
+
+    /// QEMU's run states in Vireo's words.
+    static func state(_ status: String) -> String {
+        switch status {
+        case "running", "debug": return "running"
+        case "paused", "suspended", "save-vm", "restore-vm", "io-error", "watchdog", "guest-panicked", "internal-error": return "paused"
+        case "shutdown": return "stopping"
+        case "prelaunch", "inmigrate", "postmigrate", "finish-migrate": return "starting"
+        default: return "running"
+        }
+    }
+
+    public func describe(_ vm: EngineVM) -> VMDescription? {
+        guard let connection = try? QMPConnection(path: vm.bundle.qmpPath, timeoutSeconds: 2),
+              let status = try? connection.execute("query-status", as: QMPReplies.Status.self) else { return nil }
+        let kvm = try? connection.execute("query-kvm", as: QMPReplies.KVM.self)
+        let pid = vm.bundle.recordedPID(uuid: vm.definition.uuid) ?? 0
+        let uptime = pid > 0 ? ProcessFacts.uptimeMilliseconds(pid) : 0
+        return VMDescription(name: vm.definition.name, uuid: vm.definition.uuid, pid: pid, state: Self.state(status.status),
+                             cpus: vm.definition.cpus, memoryBytes: vm.definition.memoryBytes,
+                             startedAt: UInt64(time(nil)) - uptime / 1000, uptimeMs: uptime, acpi: true,
+                             engine: "qemu", accelerator: kvm.map { $0.enabled ? "kvm" : "tcg" })
+    }
+
+    public func counters(_ vm: EngineVM) throws(LibraryError) -> VMCounters {
+        let connection = try connect(vm, action: "read the counters of")
+        let blocks: [QMPReplies.BlockStats]
+        do { blocks = try connection.execute("query-blockstats", as: [QMPReplies.BlockStats].self) } catch {
+            throw .engine(name: vm.name, reason: "cannot read the counters: \(error)", exitStatus: 1)
+        }
+        let disks = vm.definition.disks.enumerated().compactMap { index, disk -> VMCounters.Disk? in
+            guard let entry = blocks.first(where: { $0.device == "disk\(index)" }) else { return nil }
+            return VMCounters.Disk(path: vm.bundle.resolve(disk.path), requests: entry.stats.rd_operations + entry.stats.wr_operations,
+                                   readBytes: entry.stats.rd_bytes, writtenBytes: entry.stats.wr_bytes)
+        }
+        // The tap's counters, turned round: what the host sends is what the guest receives.
+        let networks = vm.definition.networks.map { card in
+            let value = { (name: String) in ProcessFacts.number("/sys/class/net/\(card.tap)/statistics/\(name)") }
+            return VMCounters.Network(tap: card.tap, mac: card.mac, rxFrames: value("tx_packets"), rxBytes: value("tx_bytes"),
+                                      txFrames: value("rx_packets"), txBytes: value("rx_bytes"), droppedFrames: value("tx_dropped"))
+        }
+        var balloon: VMCounters.Balloon?
+        if vm.definition.balloon, let reply = try? connection.execute("query-balloon", as: QMPReplies.Balloon.self) {
+            let held = vm.definition.memoryBytes > reply.actual ? vm.definition.memoryBytes - reply.actual : 0
+            balloon = VMCounters.Balloon(targetBytes: held, actualBytes: held, inflatedPages: 0, deflatedPages: 0, statistics: [:])
+        }
+        let pid = vm.bundle.recordedPID(uuid: vm.definition.uuid) ?? 0
+        return VMCounters(uptimeMs: pid > 0 ? ProcessFacts.uptimeMilliseconds(pid) : 0, vcpuExits: [],
+                          rssBytes: pid > 0 ? ProcessFacts.residentBytes(pid) : 0, disks: disks, networks: networks,
+                          balloon: balloon, entropyBytes: nil)
+    }
+
+    public func requestShutdown(_ vm: EngineVM) throws(LibraryError) {
+        if try status(vm, action: "shut down") == "paused" {
+            throw .wrongState(name: vm.name, state: "paused", action: "shut down",
+                              hint: "resume it first (`vireo resume \(vm.name)`) or power it off (`vireo stop \(vm.name) --force`)")
+        }
+        try run(vm, "system_powerdown", action: "shut down")
+    }
+
+    public func powerOff(_ vm: EngineVM) throws(LibraryError) { try run(vm, "quit", action: "power off") }
+
+    public func pause(_ vm: EngineVM) throws(LibraryError) {
+        if try status(vm, action: "pause") == "paused" {
+            throw .wrongState(name: vm.name, state: "paused", action: "pause", hint: "`vireo resume \(vm.name)` continues it")
+        }
+        try run(vm, "stop", action: "pause")
+    }
+
+    public func resume(_ vm: EngineVM) throws(LibraryError) {
+        guard try status(vm, action: "resume") == "paused" else {
+            throw .wrongState(name: vm.name, state: "running", action: "resume", hint: "only a paused VM can be resumed")
+        }
+        try run(vm, "cont", action: "resume")
+    }
+
+    public func reset(_ vm: EngineVM) throws(LibraryError) { try run(vm, "system_reset", action: "reset") }
+
+    public func setBalloon(_ vm: EngineVM, bytes: UInt64) throws(LibraryError) {
+        guard vm.definition.balloon else {
+            throw .wrongState(name: vm.name, state: "without a balloon device", action: "set the balloon of",
+                              hint: "stop it and add one with `vireo set \(vm.name) --balloon`")
+        }
+        struct Target: Encodable { var value: UInt64 }
+        // QEMU's balloon takes the memory the guest keeps, not the balloon's size.
+        try run(vm, "balloon", arguments: Target(value: vm.definition.memoryBytes - min(bytes, vm.definition.memoryBytes)),
+                action: "set the balloon of")
+    }
+
+    public func openConsole(_ vm: EngineVM) throws(LibraryError) -> ConsoleStream {
+        do {
+            let fd = try ControlConnection.connectUnix(path: vm.bundle.consoleSocketPath, timeoutSeconds: 0)
+            return ConsoleStream(fd: fd, early: [], owner: nil)
+        } catch {
+            throw .engine(name: vm.name, reason: "cannot attach to its console: \(error)", exitStatus: 1)
+        }
+    }
+
+    public func display(_ vm: EngineVM) throws(LibraryError) -> DisplayAccess { DisplayAccess(vncSocket: vm.bundle.vncPath) }
+
+    public func screenshot(_ vm: EngineVM, to path: String) throws(LibraryError) {
+        struct Arguments: Encodable { var filename: String; var format: String }
+        try run(vm, "screendump", arguments: Arguments(filename: path, format: "png"), action: "take a screenshot of")
+    }
+
+    public func sendKeys(_ vm: EngineVM, _ chords: [KeyChord]) throws(LibraryError) {
+        struct Key: Encodable { var type = "qcode"; var data: String }
+        struct Arguments: Encodable {
+            var keys: [Key]
+            var holdTime: Int
+            enum CodingKeys: String, CodingKey { case keys, holdTime = "hold-time" }
+        }
+        let connection = try connect(vm, action: "send keys to")
+        for chord in chords {
+            do {
+                _ = try connection.execute("send-key", arguments: Arguments(keys: chord.keys.map { Key(data: $0) }, holdTime: 50))
+            } catch {
+                throw .engine(name: vm.name, reason: "cannot send \(chord.keys.joined(separator: "-")): \(error)", exitStatus: 1)
+            }
+            // Keys typed faster than a guest polls its keyboard get lost (firmware menus, installers).
+            usleep(30_000)
+        }
+    }
+
+    public func ejectMedium(_ vm: EngineVM) throws(LibraryError) {
+        struct Arguments: Encodable { var id: String; var force: Bool }
+        try run(vm, "eject", arguments: Arguments(id: "cdrom0", force: true), action: "eject the CD-ROM of")
+    }
+}
+
+/// Facts about a process and the host from /proc and /sys.
+enum ProcessFacts {
+    static func number(_ path: String) -> UInt64 {
+        guard let bytes = try? HostFiles.readAll(path) else { return 0 }
+        return UInt64(String(decoding: bytes.filter { $0 >= 0x30 && $0 <= 0x39 }, as: UTF8.self)) ?? 0
+    }
+
+    static func residentBytes(_ pid: pid_t) -> UInt64 {
+        guard let bytes = try? HostFiles.readAll("/proc/\(pid)/statm") else { return 0 }
+        let fields = String(decoding: bytes, as: UTF8.self).split(separator: " ")
+        guard fields.count > 1, let pages = UInt64(fields[1]) else { return 0 }
+        return pages * UInt64(sysconf(Int32(_SC_PAGESIZE)))
+    }
+
+    /// How long the process has run: its start (field 22 of /proc/PID/stat, in clock ticks since
+    /// boot) against the system's uptime.
+    static func uptimeMilliseconds(_ pid: pid_t) -> UInt64 {
+        guard let stat = try? HostFiles.readAll("/proc/\(pid)/stat"), let uptime = try? HostFiles.readAll("/proc/uptime") else { return 0 }
+        let text = String(decoding: stat, as: UTF8.self)
+        // The command name (field 2) may hold spaces; the fields after its ')' do not.
+        guard let close = text.lastIndex(of: ")") else { return 0 }
+        let fields = text[text.index(after: close)...].split(separator: " ")
+        guard fields.count > 19, let started = Double(fields[19]),
+              let now = Double(String(decoding: uptime, as: UTF8.self).split(separator: " ").first ?? "") else { return 0 }
+        let ticks = Double(sysconf(Int32(_SC_CLK_TCK)))
+        return UInt64(max(0, now - started / ticks) * 1000)
+    }
+}
+
+/// Runs a short host command and returns what it printed.
+enum HostCommand {
+    static func output(_ path: String, _ arguments: [String]) -> String {
+        var ends: [Int32] = [-1, -1]
+        guard pipe(&ends) == 0 else { return "" }
+        for end in ends { _ = fcntl(end, F_SETFD, FD_CLOEXEC) }
+        var pid: pid_t = 0
+        let spawned = withCStrings([path] + arguments) { argv in vireo_spawn_detached(path, argv, ends[1], -1, -1, &pid) }
+        close(ends[1])
+        defer { close(ends[0]) }
+        guard spawned == 0 else { return "" }
+        let text = KVMEngine.readLine(ends[0], timeoutMilliseconds: 10_000)
+        var status: Int32 = 0
+        waitpid(pid, &status, 0)
+        return text
+    }
+}

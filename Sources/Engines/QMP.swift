@@ -1,0 +1,116 @@
+import API
+import FoundationEssentials
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A QMP client (QEMU's JSON control protocol, docs/interop/qmp-spec): one connection to the
+/// socket in the VM's directory, capabilities negotiated, then one command at a time. Events
+/// QEMU sends in between are skipped.
+final class QMPConnection {
+    enum Failure: Error, CustomStringConvertible {
+        case unreachable(ControlError)
+        /// QEMU answered with an error: its class ("GenericError", "DeviceNotFound") and text.
+        case refused(errorClass: String, description: String)
+        case protocolError(String)
+
+        var description: String {
+            switch self {
+            case let .unreachable(error): return error.description
+            case let .refused(errorClass, description): return "QEMU refused: \(description) (\(errorClass))"
+            case let .protocolError(reason): return "unexpected QMP traffic: \(reason)"
+            }
+        }
+    }
+
+    struct Empty: Codable {}
+    private struct Request<Arguments: Encodable>: Encodable {
+        var execute: String
+        var arguments: Arguments?
+    }
+    private struct ErrorBody: Decodable { var `class`: String; var desc: String }
+    private struct Envelope<Reply: Decodable>: Decodable {
+        var `return`: Reply?
+        var error: ErrorBody?
+        var event: String?
+        var QMP: Empty?
+    }
+
+    let fd: Int32
+    private var pending: [UInt8] = []
+
+    init(path: String, timeoutSeconds: Int = 10) throws(Failure) {
+        do { fd = try ControlConnection.connectUnix(path: path, timeoutSeconds: timeoutSeconds) } catch { throw .unreachable(error) }
+        do throws(Failure) {
+            let greeting = try readLine()
+            guard String(decoding: greeting, as: UTF8.self).contains("\"QMP\"") else {
+                throw Failure.protocolError("no QMP greeting: \(String(decoding: greeting.prefix(120), as: UTF8.self))")
+            }
+            _ = try execute("qmp_capabilities", as: Empty.self)
+        } catch {
+            close(fd)
+            throw error
+        }
+    }
+
+    deinit { close(fd) }
+
+    func execute<Reply: Decodable>(_ command: String, as type: Reply.Type = Empty.self) throws(Failure) -> Reply {
+        try execute(command, arguments: Optional<Empty>.none, as: type)
+    }
+
+    func execute<Arguments: Encodable, Reply: Decodable>(_ command: String, arguments: Arguments?,
+                                                         as type: Reply.Type = Empty.self) throws(Failure) -> Reply {
+        let line: Data
+        do { line = try JSONEncoder().encode(Request(execute: command, arguments: arguments)) } catch {
+            throw .protocolError("cannot encode \(command): \(error)")
+        }
+        var bytes = Array(line) + [0x0a]
+        let sent = bytes.withUnsafeMutableBytes { send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
+        guard sent == bytes.count else { throw .protocolError("QEMU closed the connection") }
+        while true {
+            let reply = try readLine()
+            let envelope: Envelope<Reply>
+            do { envelope = try JSONDecoder().decode(Envelope<Reply>.self, from: Data(reply)) } catch {
+                throw .protocolError("\(command): \(String(decoding: reply.prefix(200), as: UTF8.self)) (\(error))")
+            }
+            if envelope.event != nil { continue }
+            if let error = envelope.error { throw .refused(errorClass: error.class, description: error.desc) }
+            if let value = envelope.return { return value }
+            throw .protocolError("\(command): a reply without a result")
+        }
+    }
+
+    private func readLine() throws(Failure) -> [UInt8] {
+        var buffer = [UInt8](repeating: 0, count: 8192)
+        while true {
+            if let newline = pending.firstIndex(of: 0x0a) {
+                let line = Array(pending[..<newline])
+                pending.removeSubrange(...newline)
+                return line
+            }
+            let count = buffer.withUnsafeMutableBytes { recv(fd, $0.baseAddress, $0.count, 0) }
+            if count < 0 && errno == EINTR { continue }
+            guard count > 0 else { throw .protocolError(count == 0 ? "QEMU closed the connection" : "no reply in time") }
+            pending += buffer[0..<count]
+            guard pending.count < 4 << 20 else { throw .protocolError("reply too long") }
+        }
+    }
+}
+
+/// The QMP replies the engine reads.
+enum QMPReplies {
+    struct Status: Decodable { var status: String; var running: Bool }
+    struct KVM: Decodable { var enabled: Bool; var present: Bool }
+    struct Balloon: Decodable { var actual: UInt64 }
+    struct BlockStats: Decodable {
+        struct Stats: Decodable {
+            var rd_bytes: UInt64
+            var wr_bytes: UInt64
+            var rd_operations: UInt64
+            var wr_operations: UInt64
+        }
+        var device: String?
+        var stats: Stats
+    }
+}

@@ -1,0 +1,161 @@
+import Engines
+import Foundation
+import Library
+import Testing
+
+/// ISO images built byte by byte: volume descriptors at sector 16 on.
+enum SyntheticISO {
+    static func descriptor(type: UInt8, body: (inout [UInt8]) -> Void = { _ in }) -> [UInt8] {
+        var sector = [UInt8](repeating: 0, count: 2048)
+        sector[0] = type
+        sector.replaceSubrange(1..<6, with: Array("CD001".utf8))
+        sector[6] = 1
+        body(&sector)
+        return sector
+    }
+
+    static func make(label: String, bootable: Bool) -> [UInt8] {
+        var image = [UInt8](repeating: 0, count: 16 * 2048)
+        image += descriptor(type: 1) { sector in
+            let padded = Array((label + String(repeating: " ", count: 32)).utf8.prefix(32))
+            sector.replaceSubrange(40..<72, with: padded)
+        }
+        if bootable {
+            image += descriptor(type: 0) { $0.replaceSubrange(7..<30, with: Array("EL TORITO SPECIFICATION".utf8)) }
+        }
+        image += descriptor(type: 255)
+        return image
+    }
+
+    static func write(_ bytes: [UInt8]) throws -> String {
+        let url = FileManager.default.temporaryDirectory.appendingPathComponent("vireo-iso-\(UUID().uuidString).iso")
+        try Data(bytes).write(to: url)
+        return url.path
+    }
+}
+
+struct InstallMediumTests {
+    @Test func bootableISOReadsItsLabel() throws {
+        let path = try SyntheticISO.write(SyntheticISO.make(label: "Ubuntu 24.04 LTS amd64", bootable: true))
+        let medium = try InstallMedium.inspect(path)
+        #expect(medium.volumeLabel == "Ubuntu 24.04 LTS amd64")
+        #expect(OSType.guess(fromVolumeLabel: medium.volumeLabel)?.identifier == "ubuntu-64")
+    }
+
+    @Test func isoWithoutElToritoIsRefused() throws {
+        let path = try SyntheticISO.write(SyntheticISO.make(label: "DATA", bootable: false))
+        #expect { try InstallMedium.inspect(path) } throws: { error in
+            "\(error)".contains("--iso: \(path) is an ISO 9660 image without an El Torito boot record")
+        }
+    }
+
+    @Test("hostile images: truncated, garbage, a descriptor set that never ends", arguments: [0, 100, 16 * 2048 + 5, 40 * 2048])
+    func malformedImagesAreRefused(size: Int) throws {
+        var bytes = [UInt8](repeating: 0x43, count: size)
+        // Past sector 16, valid-looking descriptors of an unknown type forever: the scan must stop.
+        var offset = 16 * 2048
+        while offset + 2048 <= size {
+            bytes.replaceSubrange(offset..<offset + 2048, with: SyntheticISO.descriptor(type: 7))
+            offset += 2048
+        }
+        let path = try SyntheticISO.write(bytes)
+        #expect { try InstallMedium.inspect(path) } throws: { error in
+            "\(error)".contains("is not an ISO 9660 image")
+        }
+    }
+
+    @Test(arguments: [("Debian 12.5.0 amd64 n", "debian-64"), ("Fedora-WS-Live-40-1-14", "fedora-64"),
+                      ("alpine-virt 3.20.0 x86_64", "alpine-64"), ("CDROM", nil)])
+    func volumeLabelGuesses(label: String, expected: String?) {
+        #expect(OSType.guess(fromVolumeLabel: label)?.identifier == expected)
+    }
+}
+
+struct EngineChoiceTests {
+    func temporaryLibrary() -> VMLibrary {
+        VMLibrary(root: FileManager.default.temporaryDirectory.appendingPathComponent("vireo-lib-\(UUID().uuidString)").path)
+    }
+
+    @Test func anISOMeansQEMUWithTheOSTypesFirmwareAndMemory() throws {
+        let library = temporaryLibrary()
+        let iso = try SyntheticISO.write(SyntheticISO.make(label: "Ubuntu 24.04 LTS amd64", bootable: true))
+        var request = CreateRequest(name: "inst")
+        request.iso = iso
+        request.diskBytes = 1 << 30
+        let (made, notes) = try library.createReporting(request)
+        #expect(made.engine == .qemu && made.firmware == .uefi && made.osType == "ubuntu-64")
+        #expect(made.cpus == 2 && made.memoryBytes == 4 << 30 && made.iso == iso)
+        #expect(made.nvram == "nvram.fd")
+        #expect(FileManager.default.fileExists(atPath: library.root + "/inst/nvram.fd"))
+        #expect(notes.contains { $0.contains("guessed from the ISO's volume label 'Ubuntu 24.04 LTS amd64'") })
+        // Reloads as saved, and a VM saved before the engine fields existed reads as kvm/virtio.
+        #expect(try library.bundle(named: "inst").load() == made)
+    }
+
+    @Test func aKernelMeansKVMAndTheKVMEngineRefusesAnISO() throws {
+        let library = temporaryLibrary()
+        let iso = try SyntheticISO.write(SyntheticISO.make(label: "Debian", bootable: true))
+        var request = CreateRequest(name: "x")
+        request.iso = iso
+        request.engine = .kvm
+        #expect { try library.create(request) } throws: { "\($0)".contains("--iso: an installer ISO needs firmware") }
+        #expect(!FileManager.default.fileExists(atPath: library.root + "/x"))
+        request.iso = nil
+        request.firmware = .bios
+        #expect { try library.create(request) } throws: { "\($0)".contains("--firmware: the kvm engine boots Linux kernels directly") }
+    }
+
+    @Test func theKVMEnginesSlotsAreCheckedWhereTheVMIsDefined() throws {
+        var definition = VMDefinition(uuid: "u", name: "many", osType: try OSType.named("linux-64"), createdAt: 0)
+        definition.disks = (0..<15).map { DiskAttachment(path: "/d\($0).raw", format: .raw) }
+        try VMLibrary.validate(definition)   // 15 disks + balloon + rng = 17 slots
+        definition.disks.append(DiskAttachment(path: "/d15.raw", format: .raw))
+        #expect { try VMLibrary.validate(definition) } throws: { "\($0)".contains("need 18 virtio slots; the kvm engine has 17") }
+        definition.balloon = false
+        try VMLibrary.validate(definition)
+    }
+
+    @Test func theQEMUEngineHasNoVsock() throws {
+        var definition = VMDefinition(uuid: "u", name: "q", osType: try OSType.named("linux-64"), createdAt: 0)
+        definition.engine = .qemu
+        definition.firmware = .bios
+        definition.vsockCID = 3
+        #expect { try VMLibrary.validate(definition) } throws: { "\($0)".contains("--vsock-cid: the qemu engine has no vsock device") }
+    }
+}
+
+struct QEMUCommandLineTests {
+    @Test func aUEFIInstallerMachine() throws {
+        var definition = VMDefinition(uuid: "6c1d2f4e-0000-4000-8000-000000000001", name: "inst", osType: try OSType.named("other"), createdAt: 0)
+        definition.engine = .qemu
+        definition.firmware = .uefi
+        definition.nvram = "nvram.fd"
+        definition.iso = "/isos/a,b.iso"
+        definition.disks = [DiskAttachment(path: "disk0.qcow2", format: .qcow2)]
+        definition.networks = [NetworkAttachment(tap: "tap0", mac: "52:54:00:12:34:56")]
+        definition.generationID = "00112233445566778899aabbccddeeff"
+        let bundle = VMBundle(directory: "/lib/inst")
+        let arguments = QEMUEngine.arguments(definition, bundle: bundle, accelerator: .tcg)
+        let line = arguments.joined(separator: " ")
+        #expect(line.contains("-machine q35,accel=tcg -cpu max"))
+        #expect(line.contains("if=pflash,format=raw,unit=0,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd"))
+        #expect(line.contains("if=pflash,format=raw,unit=1,file=/lib/inst/nvram.fd"))
+        // Commas in a path are doubled, so a file name cannot add options.
+        #expect(line.contains("file=/isos/a,,b.iso,format=raw"))
+        #expect(line.contains("ide-cd,drive=cd0,bus=ide.0,id=cdrom0,bootindex=0"))
+        // "other" has no virtio drivers: SATA disk, e1000 NIC.
+        #expect(line.contains("ide-hd,drive=disk0,bus=ide.1,id=vd0,bootindex=1"))
+        #expect(line.contains("e1000,netdev=net0,mac=52:54:00:12:34:56"))
+        #expect(line.contains("vmgenid,guid=00112233-4455-6677-8899-aabbccddeeff"))
+        #expect(line.contains("-vnc unix:/lib/inst/vnc.sock") && !line.contains("-vnc :"))
+        #expect(line.contains("-qmp unix:/lib/inst/qmp.sock,server=on,wait=off"))
+    }
+
+    @Test func keys() throws {
+        #expect(try KeyChord.parse("ctrl-alt-delete").keys == ["ctrl", "alt", "delete"])
+        #expect(try KeyChord.parse("Enter").keys == ["ret"])
+        #expect { try KeyChord.parse("ctrl-alt-foo") } throws: { "\($0)".contains("'foo' in 'ctrl-alt-foo' is not a key") }
+        #expect(try KeyChord.typing("Hi!\n").map(\.keys) == [["shift", "h"], ["i"], ["shift", "1"], ["ret"]])
+        #expect { try KeyChord.typing("é") } throws: { "\($0)".contains("--text: 'é' has no key") }
+    }
+}
