@@ -93,20 +93,7 @@ def vmm_memory_kib(argv):
     try:
         guest.wait_for("irq: waiting for serial input")
         time.sleep(0.3)
-        rss = dirty = 0
-        in_guest_ram = False
-        with open(f"/proc/{guest.proc.pid}/smaps") as smaps:
-            for line in smaps:
-                parts = line.split()
-                if parts[0] == "Size:":
-                    in_guest_ram = int(parts[1]) >= MEMORY_MIB * 1024
-                elif in_guest_ram:
-                    continue
-                elif parts[0] == "Rss:":
-                    rss += int(parts[1])
-                elif parts[0] == "Private_Dirty:":
-                    dirty += int(parts[1])
-        return rss, dirty
+        return smaps_excluding_guest_ram(guest.proc.pid)
     finally:
         guest.finish()
 
