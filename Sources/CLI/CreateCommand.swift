@@ -63,17 +63,7 @@ struct Create: ParsableCommand {
     @Option(name: .customLong("on-reboot"), help: ArgumentHelp("What a guest's reboot does: restart (default) boots it again in the same process; exit stops the VM.", valueName: "restart|exit"))
     var onReboot: String?
 
-    @Option(help: ArgumentHelp("Installer ISO for the CD-ROM drive (qemu engine); the VM boots from it until it is ejected (`vireo eject`).", valueName: "path"))
-    var iso: String?
-
-    @Option(help: ArgumentHelp("Firmware (qemu engine): bios (SeaBIOS) or uefi (OVMF). Default: the OS type's.", valueName: "bios|uefi"))
-    var firmware: String?
-
-    @Option(help: ArgumentHelp("Which engine runs the VM: kvm (Vireo's VMM, direct-kernel Linux) or qemu (firmware, installers, a display). Default: qemu with --iso or --firmware, else kvm.", valueName: "kvm|qemu"))
-    var engine: String?
-
-    @Option(help: ArgumentHelp("qemu engine: kvm, tcg (software emulation, slow) or auto (KVM when /dev/kvm works; the default).", valueName: "auto|kvm|tcg"))
-    var accel: String?
+    @OptionGroup var engineOptions: EngineOptions
 
     @Flag(help: "Print the new VM's configuration as JSON.")
     var json = false
@@ -95,14 +85,12 @@ struct Create: ParsableCommand {
         request.vsockCID = vsockCid
         request.acpi = try acpi.map(parseACPIFlag)
         request.onReboot = onReboot
-        request.iso = iso
+        request.iso = engineOptions.iso
         let library = openLibrary()
         let definition: VMDefinition
         let notes: [String]
         do throws(LibraryError) {
-            request.engine = try engine.map { (text) throws(LibraryError) in try EngineKind.parse(text, field: "--engine") }
-            request.firmware = try firmware.map { (text) throws(LibraryError) in try Firmware.parse(text, field: "--firmware") }
-            request.accelerator = try accel.map { (text) throws(LibraryError) in try Accelerator.parse(text, field: "--accel") }
+            (request.engine, request.firmware, request.accelerator) = try engineOptions.parsed()
             (definition, notes) = try library.createReporting(request)
         } catch { throw fail(error) }
         for note in notes { printNote(note) }
@@ -136,5 +124,27 @@ func parseNetwork(_ text: String) throws -> NetworkAttachment {
         return NetworkAttachment(tap: parsed.tap, mac: parsed.mac ?? MACAddress.random().description)
     } catch {
         throw fail(error)
+    }
+}
+
+/// The engine options `create` and `set` share.
+struct EngineOptions: ParsableArguments {
+    @Option(help: ArgumentHelp("Which engine runs the VM: kvm (Vireo's VMM, direct-kernel Linux) or qemu (firmware, installers, a display). At create: qemu with --iso or --firmware, else kvm.", valueName: "kvm|qemu"))
+    var engine: String?
+
+    @Option(help: ArgumentHelp("Installer ISO for the CD-ROM drive (qemu engine); the VM boots from it until it is ejected (`vireo eject`, or `vireo set NAME --iso none`).", valueName: "path"))
+    var iso: String?
+
+    @Option(help: ArgumentHelp("Firmware (qemu engine): bios (SeaBIOS) or uefi (OVMF). At create: the OS type's.", valueName: "bios|uefi"))
+    var firmware: String?
+
+    @Option(help: ArgumentHelp("qemu engine: kvm, tcg (software emulation, slow) or auto (KVM when /dev/kvm works; the default).", valueName: "auto|kvm|tcg"))
+    var accel: String?
+
+    /// The choices as the library's types; an unknown value names its option and what is allowed.
+    func parsed() throws(LibraryError) -> (EngineKind?, Firmware?, Accelerator?) {
+        (try engine.map { (text) throws(LibraryError) in try EngineKind.parse(text, field: "--engine") },
+         try firmware.map { (text) throws(LibraryError) in try Firmware.parse(text, field: "--firmware") },
+         try accel.map { (text) throws(LibraryError) in try Accelerator.parse(text, field: "--accel") })
     }
 }

@@ -57,17 +57,7 @@ struct Set: ParsableCommand {
     @Option(name: .customLong("on-reboot"), help: ArgumentHelp("What a guest's reboot does: restart or exit.", valueName: "restart|exit"))
     var onReboot: String?
 
-    @Option(help: ArgumentHelp("Move the VM to another engine.", valueName: "kvm|qemu"))
-    var engine: String?
-
-    @Option(help: ArgumentHelp("Put an installer ISO in the CD-ROM drive (qemu engine), or `none` to eject it.", valueName: "path|none"))
-    var iso: String?
-
-    @Option(help: ArgumentHelp("Firmware (qemu engine).", valueName: "bios|uefi"))
-    var firmware: String?
-
-    @Option(help: ArgumentHelp("qemu engine acceleration.", valueName: "auto|kvm|tcg"))
-    var accel: String?
+    @OptionGroup var engineOptions: EngineOptions
 
     func run() throws {
         var request = ChangeRequest()
@@ -87,14 +77,13 @@ struct Set: ParsableCommand {
         request.balloon = balloon
         request.acpi = try acpi.map(parseACPIFlag)
         request.onReboot = onReboot
+        let iso = engineOptions.iso
         if let iso { request.iso = .some(iso == "none" ? nil : iso) }
         let changed: VMDefinition
         do throws(LibraryError) {
             if !net.isEmpty && noNet { throw LibraryError.invalidValue(field: "--net", reason: "--net and --no-net contradict each other") }
             if vsockCid != nil && noVsock { throw LibraryError.invalidValue(field: "--vsock-cid", reason: "--vsock-cid and --no-vsock contradict each other") }
-            request.engine = try engine.map { (text) throws(LibraryError) in try EngineKind.parse(text, field: "--engine") }
-            request.firmware = try firmware.map { (text) throws(LibraryError) in try Firmware.parse(text, field: "--firmware") }
-            request.accelerator = try accel.map { (text) throws(LibraryError) in try Accelerator.parse(text, field: "--accel") }
+            (request.engine, request.firmware, request.accelerator) = try engineOptions.parsed()
             changed = try openLibrary().change(name, request)
         } catch {
             throw fail(error)

@@ -39,11 +39,23 @@ public struct DisplayAccess: Sendable, Encodable {
     public var vncSocket: String
 }
 
+/// What an engine's machines may have at all, whatever state a VM is in.
+public enum EngineCapability: String, Sendable {
+    /// A screen (display access, screenshots).
+    case display
+    /// A keyboard keys can be sent to.
+    case keyboard
+    /// A CD-ROM drive.
+    case cdrom
+}
+
 /// An engine: something that runs a library VM as one detached process holding the VM's lock.
 /// Everything an engine cannot do has a default that refuses with `.unsupported`, naming the
 /// engine and what to do instead; engines override what they can.
 public protocol Engine: Sendable {
     var kind: EngineKind { get }
+    /// Hardware its machines have; what is missing is refused before a VM's state is asked.
+    var capabilities: Set<EngineCapability> { get }
 
     /// Starts the VM and returns once it runs. `lock` is held exclusively by the caller and is
     /// handed to the VM process, which keeps it for as long as it lives.
@@ -71,8 +83,23 @@ public protocol Engine: Sendable {
 }
 
 extension Engine {
+    public var capabilities: Set<EngineCapability> { [] }
+
     func unsupported(_ vm: EngineVM, _ action: String, _ hint: String) -> LibraryError {
         .unsupported(name: vm.name, engine: kind.rawValue, action: action, hint: hint)
+    }
+
+    /// Refuses `action` when this engine's machines lack `capability`.
+    public func require(_ capability: EngineCapability, _ vm: EngineVM, action: String) throws(LibraryError) {
+        guard !capabilities.contains(capability) else { return }
+        switch capability {
+        case .display:
+            throw unsupported(vm, action, "it has no display, only a serial console: `vireo console \(vm.name)` or `vireo logs \(vm.name)`; VMs on the qemu engine (`--engine qemu`) have a screen")
+        case .keyboard:
+            throw unsupported(vm, action, "it has no keyboard, only a serial console: type into `vireo console \(vm.name)`")
+        case .cdrom:
+            throw unsupported(vm, action, "it has no CD-ROM drive")
+        }
     }
 
     public func counters(_ vm: EngineVM) throws(LibraryError) -> VMCounters {
@@ -88,16 +115,20 @@ extension Engine {
         throw unsupported(vm, "attach to the console of", "its output is in `vireo logs \(vm.name)`")
     }
     public func display(_ vm: EngineVM) throws(LibraryError) -> DisplayAccess {
-        throw unsupported(vm, "show the display of", "its guests have a serial console only: `vireo console \(vm.name)`; VMs on the qemu engine (`--engine qemu`) have a screen")
+        try require(.display, vm, action: "show the display of")
+        throw unsupported(vm, "show the display of", "this engine does not say how to reach its display")
     }
     public func screenshot(_ vm: EngineVM, to path: String) throws(LibraryError) {
-        throw unsupported(vm, "take a screenshot of", "it has no display, only a serial console: `vireo logs \(vm.name)` shows its output")
+        try require(.display, vm, action: "take a screenshot of")
+        throw unsupported(vm, "take a screenshot of", "this engine cannot capture its display")
     }
     public func sendKeys(_ vm: EngineVM, _ chords: [KeyChord]) throws(LibraryError) {
-        throw unsupported(vm, "send keys to", "it has no keyboard, only a serial console: type into `vireo console \(vm.name)`")
+        try require(.keyboard, vm, action: "send keys to")
+        throw unsupported(vm, "send keys to", "this engine cannot press its keys")
     }
     public func ejectMedium(_ vm: EngineVM) throws(LibraryError) {
-        throw unsupported(vm, "eject the CD-ROM of", "it has no CD-ROM drive")
+        try require(.cdrom, vm, action: "eject the CD-ROM of")
+        throw unsupported(vm, "eject the CD-ROM of", "this engine cannot change media while the VM runs; stop it and `vireo set \(vm.name) --iso none`")
     }
     public func saveState(_ vm: EngineVM, to path: String) throws(LibraryError) {
         throw unsupported(vm, "save the state of", "saved states are not built yet; stop it with `vireo stop \(vm.name)`")

@@ -12,6 +12,7 @@ import Glibc
 /// descriptors nobody uses once no monitor is connected, and the lock went with them.) No supervisor process sits beside it (docs/qemu-engine.md says why).
 public struct QEMUEngine: Engine {
     public var kind: EngineKind { .qemu }
+    public var capabilities: Set<EngineCapability> { [.display, .keyboard, .cdrom] }
     /// `$VIREO_QEMU`, else `qemu-system-x86_64` on the PATH.
     public let binary: String?
     /// The oldest QEMU whose QMP has everything used here (`screendump` to PNG came in 7.1).

@@ -35,13 +35,20 @@ public struct VMManager: Sendable {
         }
     }
 
+    /// A VM as defined, in whatever state, and its engine.
+    func defined(_ name: String) throws(LibraryError) -> (EngineVM, any Engine) {
+        let bundle = try library.bundle(named: name)
+        let definition = try bundle.load()
+        return (EngineVM(bundle: bundle, definition: definition), engine(definition.engine))
+    }
+
     /// A running (or paused) VM and its engine; a VM that is off gets a refusal naming `action`.
-    func running(_ name: String, action: String) throws(LibraryError) -> (EngineVM, any Engine) {
+    func running(_ name: String, action: String, hint: String? = nil) throws(LibraryError) -> (EngineVM, any Engine) {
         let bundle = try library.bundle(named: name)
         let definition = try bundle.load()
         let status = library.status(of: bundle)
         guard !status.state.isOff else {
-            throw .wrongState(name: name, state: status.state.rawValue, action: action, hint: "start it first with `vireo start \(name)`")
+            throw .wrongState(name: name, state: status.state.rawValue, action: action, hint: hint ?? "start it first with `vireo start \(name)`")
         }
         return (EngineVM(bundle: bundle, definition: definition), engine(definition.engine))
     }
@@ -144,24 +151,17 @@ public struct VMManager: Sendable {
     }
 
     public func openConsole(_ name: String) throws(LibraryError) -> ConsoleStream {
-        let bundle = try library.bundle(named: name)
-        let state = library.status(of: bundle).state
-        guard !state.isOff else {
-            throw .wrongState(name: name, state: state.rawValue, action: "attach to the console of",
-                              hint: "start it with `vireo start \(name) --console`; past output: `vireo logs \(name)`")
-        }
-        let (vm, engine) = try running(name, action: "attach to the console of")
+        let (vm, engine) = try running(name, action: "attach to the console of",
+                                       hint: "start it with `vireo start \(name) --console`; past output: `vireo logs \(name)`")
         return try engine.openConsole(vm)
     }
 
     public func display(_ name: String) throws(LibraryError) -> DisplayAccess {
-        let bundle = try library.bundle(named: name)
-        let definition = try bundle.load()
-        let vm = EngineVM(bundle: bundle, definition: definition)
-        // The kvm engine's refusal says there is no display at all; only then whether it runs.
-        let access = try engine(definition.engine).display(vm)
+        // What the engine lacks altogether is said first; only then whether the VM runs.
+        let (vm, engine) = try defined(name)
+        try engine.require(.display, vm, action: "show the display of")
         _ = try running(name, action: "show the display of")
-        return access
+        return try engine.display(vm)
     }
 
     public func screenshot(_ name: String, to path: String) throws(LibraryError) {
@@ -171,11 +171,8 @@ public struct VMManager: Sendable {
         guard HostFiles.isDirectory(directory), access(directory, W_OK) == 0 else {
             throw .invalidValue(field: "FILE", reason: "\(directory) is not a writable directory")
         }
-        let bundle = try library.bundle(named: name)
-        let definition = try bundle.load()
-        let vm = EngineVM(bundle: bundle, definition: definition)
-        let engine = engine(definition.engine)
-        if definition.engine == .kvm { try engine.screenshot(vm, to: absolute) }
+        let (vm, engine) = try defined(name)
+        try engine.require(.display, vm, action: "take a screenshot of")
         _ = try running(name, action: "take a screenshot of")
         // Written next to the target and renamed, so a failed screendump leaves no half a file.
         let temporary = absolute + ".vireo-tmp.png"
@@ -192,12 +189,10 @@ public struct VMManager: Sendable {
     }
 
     public func sendKeys(_ name: String, _ chords: [KeyChord]) throws(LibraryError) {
-        let bundle = try library.bundle(named: name)
-        let definition = try bundle.load()
-        let vm = EngineVM(bundle: bundle, definition: definition)
-        if definition.engine == .kvm { try engine(.kvm).sendKeys(vm, chords) }
-        let (running, engine) = try running(name, action: "send keys to")
-        try engine.sendKeys(running, chords)
+        let (vm, engine) = try defined(name)
+        try engine.require(.keyboard, vm, action: "send keys to")
+        _ = try running(name, action: "send keys to")
+        try engine.sendKeys(vm, chords)
     }
 
     public enum EjectOutcome: Sendable { case wasEmpty, ejectedStopped, ejectedRunning }
