@@ -774,6 +774,7 @@ struct vring8 {
 static struct vring8 net_rx, net_tx;
 static uint8_t net_rx_buffers[NQ][2048] __attribute__((aligned(4096)));
 static uint8_t net_tx_buffer[2048] __attribute__((aligned(64)));
+static uint32_t net_features;
 static uint8_t net_mac[6];
 static uintptr_t net_base;
 
@@ -806,7 +807,12 @@ static void probe_net_device(int index, uintptr_t base) {
     mmio_write32(base + 0x70, 1 | 2);
     mmio_write32(base + 0x14, 0); uint32_t f0 = mmio_read32(base + 0x10);
     mmio_write32(base + 0x14, 1); uint32_t f1 = mmio_read32(base + 0x10);
-    mmio_write32(base + 0x24, 0); mmio_write32(base + 0x20, f0 & ((1u << 5) | (1u << 16)));
+    /* tso=1: checksum and TCP segmentation offloads both ways and mergeable receive buffers. */
+    char tso[4];
+    uint32_t want = (1u << 5) | (1u << 16);
+    if (cmdline_value("tso", tso, sizeof tso) && tso[0] == '1') want |= (1u << 0) | (1u << 1) | (1u << 7) | (1u << 11) | (1u << 15);
+    net_features = f0 & want;
+    mmio_write32(base + 0x24, 0); mmio_write32(base + 0x20, net_features);
     mmio_write32(base + 0x24, 1); mmio_write32(base + 0x20, f1 & 1);
     mmio_write32(base + 0x70, 1 | 2 | 8);
     if (!(mmio_read32(base + 0x70) & 8)) { puts_raw("net: features refused\n"); return; }
@@ -824,6 +830,7 @@ static void probe_net_device(int index, uintptr_t base) {
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
     mmio_write32(base + 0x50, 0);
     puts_raw("net: mac="); put_mac(net_mac); puts_raw(" link="); put_dec(link & 1); puts_raw("\n");
+    if (want != ((1u << 5) | (1u << 16))) { puts_raw("net: features="); put_hex(net_features); puts_raw("\n"); }
     net_base = base;
 }
 
@@ -872,6 +879,580 @@ static void probe_net(void) {
     char n[24];
     uint64_t count = cmdline_value("count", n, sizeof n) ? parse_dec(n) : 200;
     enter_user_mode(user_net, count);
+}
+
+/* ---- probe=ip: ARP, IPv4, UDP, a DHCP client and a small TCP echo server at ring 3, on the
+ * virtio-net driver above, so network tests need no guest user space (which cannot make system
+ * calls on this host). Command line:
+ *   addr=A.B.C.D/N [gw=G]    a static address; without it, DHCP (prints the lease)
+ *   send=IP:PORT             send "vireo-udp N" there over UDP until an answer comes back
+ *   serve=PORT               echo UDP datagrams and TCP data on PORT ("echo:" + data), forever
+ *   tries=N                  attempts for send= (one a second) ---- */
+static uint32_t ip_self, ip_mask, ip_gateway, ip_server;
+static uint16_t ip_id;
+static uint16_t ip_rx_seen;
+
+static uint64_t rdtsc_now(void) { uint32_t lo, hi; __asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi)); return ((uint64_t)hi << 32) | lo; }
+/* Roughly one second of TSC: the probe only needs "a while", not exact time. */
+#define TSC_SECOND 2000000000ull
+
+static uint16_t be16(const uint8_t *p) { return (uint16_t)(p[0] << 8 | p[1]); }
+static uint32_t be32(const uint8_t *p) { return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3]; }
+static void put16(uint8_t *p, uint16_t v) { p[0] = (uint8_t)(v >> 8); p[1] = (uint8_t)v; }
+static void put32(uint8_t *p, uint32_t v) { p[0] = (uint8_t)(v >> 24); p[1] = (uint8_t)(v >> 16); p[2] = (uint8_t)(v >> 8); p[3] = (uint8_t)v; }
+
+static void put_ip(uint32_t a) { put_dec(a >> 24); putc_raw('.'); put_dec(a >> 16 & 255); putc_raw('.'); put_dec(a >> 8 & 255); putc_raw('.'); put_dec(a & 255); }
+static int parse_ip(const char *s, uint32_t *out, const char **end) {
+    uint32_t a = 0;
+    for (int i = 0; i < 4; i++) {
+        if (*s < '0' || *s > '9') return 0;
+        uint32_t part = 0;
+        while (*s >= '0' && *s <= '9') part = part * 10 + (uint32_t)(*s++ - '0');
+        if (part > 255) return 0;
+        a = a << 8 | part;
+        if (i < 3) { if (*s != '.') return 0; s++; }
+    }
+    *out = a; if (end) *end = s;
+    return 1;
+}
+
+static uint32_t csum_add(uint32_t sum, const uint8_t *p, uint32_t n) {
+    for (uint32_t i = 0; i + 1 < n; i += 2) sum += (uint32_t)(p[i] << 8 | p[i + 1]);
+    if (n & 1) sum += (uint32_t)(p[n - 1] << 8);
+    return sum;
+}
+static uint16_t csum_fold(uint32_t sum) { while (sum >> 16) sum = (sum & 0xffff) + (sum >> 16); return (uint16_t)~sum; }
+
+/* Sends the Ethernet frame of `len` bytes already in net_tx_buffer + 12. */
+/* Sends `buffer`: a 12-byte virtio-net header, then an Ethernet frame of `len` bytes. */
+static void eth_send_buffer(uint8_t *buffer, uint32_t len) {
+    uint16_t tx_seen = net_tx.used.idx;
+    net_tx.desc[0] = (struct vq_desc){ (uint64_t)buffer, 12 + len, 0, 0 };
+    ring_offer(&net_tx, 0);
+    mmio_write32(net_base + 0x50, 1);
+    while (*(volatile uint16_t *)&net_tx.used.idx == tx_seen) {}
+}
+static void eth_send(uint32_t len) {
+    for (int i = 0; i < 12; i++) net_tx_buffer[i] = 0;
+    eth_send_buffer(net_tx_buffer, len);
+}
+
+/* The next received frame (Ethernet header on), or 0 when none arrives before `deadline`. The
+ * caller hands the buffer back with rx_release. */
+#define RX_MERGED 0xffffu
+/* A frame that came in several mergeable buffers, put back together; and the largest seen. */
+static uint8_t rx_merged[NQ * 2048];
+static uint32_t rx_largest_frame, rx_largest_buffers;
+static void rx_release(uint32_t id) { if (id != RX_MERGED) { ring_offer(&net_rx, (uint16_t)id); mmio_write32(net_base + 0x50, 0); } }
+static uint8_t *rx_next(uint32_t *len, uint32_t *id, uint64_t deadline) {
+    while (rdtsc_now() < deadline) {
+        if (*(volatile uint16_t *)&net_rx.used.idx == ip_rx_seen) continue;
+        *id = net_rx.used.ring[ip_rx_seen % NQ].id % NQ;
+        uint32_t l = net_rx.used.ring[ip_rx_seen % NQ].len;
+        ip_rx_seen++;
+        if (l > sizeof net_rx_buffers[0]) l = sizeof net_rx_buffers[0];
+        *len = l > 12 ? l - 12 : 0;
+        uint16_t buffers = (uint16_t)(net_rx_buffers[*id][10] | net_rx_buffers[*id][11] << 8);
+        if (!(net_features & (1u << 15)) || buffers <= 1) {
+            if (*len > rx_largest_frame) { rx_largest_frame = *len; rx_largest_buffers = 1; }
+            return net_rx_buffers[*id] + 12;
+        }
+        /* num_buffers > 1: the rest of the frame follows in the next used buffers. */
+        uint32_t total = *len;
+        for (uint32_t i = 0; i < *len; i++) rx_merged[i] = net_rx_buffers[*id][12 + i];
+        rx_release(*id);
+        for (uint16_t k = 1; k < buffers && k < NQ; k++) {
+            while (*(volatile uint16_t *)&net_rx.used.idx == ip_rx_seen) {}
+            uint32_t next = net_rx.used.ring[ip_rx_seen % NQ].id % NQ, more = net_rx.used.ring[ip_rx_seen % NQ].len;
+            ip_rx_seen++;
+            if (more > sizeof net_rx_buffers[0]) more = sizeof net_rx_buffers[0];
+            for (uint32_t i = 0; i < more && total < sizeof rx_merged; i++) rx_merged[total++] = net_rx_buffers[next][i];
+            rx_release(next);
+        }
+        if (total > rx_largest_frame) { rx_largest_frame = total; rx_largest_buffers = buffers; }
+        *len = total;
+        *id = RX_MERGED;
+        return rx_merged;
+    }
+    return 0;
+}
+
+static void eth_header(uint8_t *f, const uint8_t *dst, uint16_t type) {
+    for (int i = 0; i < 6; i++) { f[i] = dst[i]; f[6 + i] = net_mac[i]; }
+    put16(f + 12, type);
+}
+
+/* Answers ARP requests for our address; true if the frame was ARP (handled). */
+static int arp_handle(const uint8_t *f, uint32_t len) {
+    if (len < 42 || be16(f + 12) != 0x0806) return 0;
+    const uint8_t *a = f + 14;
+    if (be16(a + 6) == 1 && ip_self && be32(a + 24) == ip_self) {
+        uint8_t *o = net_tx_buffer + 12;
+        eth_header(o, a + 8, 0x0806);
+        uint8_t *r = o + 14;
+        put16(r, 1); put16(r + 2, 0x0800); r[4] = 6; r[5] = 4; put16(r + 6, 2);
+        for (int i = 0; i < 6; i++) { r[8 + i] = net_mac[i]; r[18 + i] = a[8 + i]; }
+        put32(r + 14, ip_self); put32(r + 24, be32(a + 14));
+        eth_send(42);
+    }
+    return 1;
+}
+
+/* The MAC of `ip` (or of the gateway, off-link), by ARP; 0 if nobody answers. */
+static int arp_resolve(uint32_t ip, uint8_t *mac) {
+    uint32_t hop = ((ip ^ ip_self) & ip_mask) && ip_gateway ? ip_gateway : ip;
+    static const uint8_t broadcast[6] = { 255, 255, 255, 255, 255, 255 };
+    for (int attempt = 0; attempt < 5; attempt++) {
+        uint8_t *o = net_tx_buffer + 12;
+        eth_header(o, broadcast, 0x0806);
+        uint8_t *r = o + 14;
+        put16(r, 1); put16(r + 2, 0x0800); r[4] = 6; r[5] = 4; put16(r + 6, 1);
+        for (int i = 0; i < 6; i++) { r[8 + i] = net_mac[i]; r[18 + i] = 0; }
+        put32(r + 14, ip_self); put32(r + 24, hop);
+        eth_send(42);
+        uint64_t deadline = rdtsc_now() + TSC_SECOND;
+        uint32_t len, id;
+        uint8_t *f;
+        while ((f = rx_next(&len, &id, deadline))) {
+            int reply = len >= 42 && be16(f + 12) == 0x0806 && be16(f + 20) == 2 && be32(f + 28) == hop;
+            if (reply) for (int i = 0; i < 6; i++) mac[i] = f[22 + i];
+            if (!reply) arp_handle(f, len);
+            rx_release(id);
+            if (reply) return 1;
+        }
+    }
+    return 0;
+}
+
+/* Builds IPv4 + UDP/TCP around `payload` in net_tx_buffer and sends it to `dst_mac`. */
+static void ip_send(const uint8_t *dst_mac, uint32_t dst, uint8_t proto, const uint8_t *l4, uint32_t l4_len) {
+    uint8_t *o = net_tx_buffer + 12;
+    eth_header(o, dst_mac, 0x0800);
+    uint8_t *h = o + 14;
+    h[0] = 0x45; h[1] = 0; put16(h + 2, (uint16_t)(20 + l4_len)); put16(h + 4, ip_id++); put16(h + 6, 0x4000);
+    h[8] = 64; h[9] = proto; put16(h + 10, 0); put32(h + 12, ip_self); put32(h + 16, dst);
+    put16(h + 10, csum_fold(csum_add(0, h, 20)));
+    uint8_t *t = h + 20;
+    for (uint32_t i = 0; i < l4_len; i++) t[i] = l4[i];
+    /* Checksum over the pseudo header and the segment; its field sits at 6 (UDP) or 16 (TCP). */
+    uint32_t at = proto == 17 ? 6 : 16;
+    put16(t + at, 0);
+    uint8_t pseudo[12];
+    put32(pseudo, ip_self); put32(pseudo + 4, dst); pseudo[8] = 0; pseudo[9] = proto; put16(pseudo + 10, (uint16_t)l4_len);
+    uint16_t sum = csum_fold(csum_add(csum_add(0, pseudo, 12), t, l4_len));
+    put16(t + at, proto == 17 && sum == 0 ? 0xffff : sum);
+    eth_send(14 + 20 + l4_len);
+}
+
+static void udp_send(const uint8_t *mac, uint32_t dst, uint16_t sport, uint16_t dport, const uint8_t *data, uint32_t n) {
+    static uint8_t seg[1500];
+    put16(seg, sport); put16(seg + 2, dport); put16(seg + 4, (uint16_t)(8 + n)); put16(seg + 6, 0);
+    for (uint32_t i = 0; i < n; i++) seg[8 + i] = data[i];
+    ip_send(mac, dst, 17, seg, 8 + n);
+}
+
+/* An IPv4 packet for us (or broadcast): its header, or 0. */
+static const uint8_t *ip_packet(const uint8_t *f, uint32_t len, uint8_t proto) {
+    if (len < 34 || be16(f + 12) != 0x0800) return 0;
+    const uint8_t *h = f + 14;
+    if ((h[0] >> 4) != 4 || h[9] != proto || (uint32_t)(h[0] & 15) * 4 + 8 > len - 14) return 0;
+    uint32_t dst = be32(h + 16);
+    if (ip_self && dst != ip_self && dst != 0xffffffff) return 0;
+    return h;
+}
+
+/* ---- DHCP (RFC 2131): DISCOVER, OFFER, REQUEST, ACK ---- */
+static uint32_t dhcp_exchange(uint8_t type, uint32_t xid, uint32_t requested, uint32_t server, uint8_t want) {
+    static const uint8_t broadcast[6] = { 255, 255, 255, 255, 255, 255 };
+    static uint8_t m[300];
+    for (int i = 0; i < 300; i++) m[i] = 0;
+    m[0] = 1; m[1] = 1; m[2] = 6; put32(m + 4, xid); put16(m + 10, 0x8000);
+    for (int i = 0; i < 6; i++) m[28 + i] = net_mac[i];
+    put32(m + 236, 0x63825363);
+    uint8_t *o = m + 240;
+    *o++ = 53; *o++ = 1; *o++ = type;
+    if (requested) { *o++ = 50; *o++ = 4; put32(o, requested); o += 4; }
+    if (server) { *o++ = 54; *o++ = 4; put32(o, server); o += 4; }
+    *o++ = 55; *o++ = 3; *o++ = 1; *o++ = 3; *o++ = 6;
+    *o++ = 255;
+    for (int attempt = 0; attempt < 8; attempt++) {
+        udp_send(broadcast, 0xffffffff, 68, 67, m, (uint32_t)(o - m));
+        uint64_t deadline = rdtsc_now() + 2 * TSC_SECOND;
+        uint32_t len, id;
+        uint8_t *f;
+        while ((f = rx_next(&len, &id, deadline))) {
+            const uint8_t *h = ip_packet(f, len, 17);
+            uint32_t answer = 0;
+            if (h) {
+                const uint8_t *u = h + (h[0] & 15) * 4;
+                const uint8_t *b = u + 8;
+                uint32_t blen = (uint32_t)(f + len - b);
+                if (be16(u + 2) == 68 && blen >= 240 && b[0] == 2 && be32(b + 4) == xid && be32(b + 236) == 0x63825363) {
+                    uint8_t kind = 0;
+                    uint32_t mask = 0, router = 0, id54 = 0;
+                    for (uint32_t i = 240; i < blen && b[i] != 255;) {
+                        if (b[i] == 0) { i++; continue; }
+                        if (i + 1 >= blen || i + 2 + b[i + 1] > blen) break;
+                        const uint8_t *v = b + i + 2;
+                        if (b[i] == 53) kind = v[0];
+                        if (b[i] == 1 && b[i + 1] >= 4) mask = be32(v);
+                        if (b[i] == 3 && b[i + 1] >= 4) router = be32(v);
+                        if (b[i] == 54 && b[i + 1] >= 4) id54 = be32(v);
+                        i += 2 + b[i + 1];
+                    }
+                    if (kind == want) { answer = be32(b + 16); ip_mask = mask; ip_gateway = router; ip_server = id54; }
+                }
+            }
+            rx_release(id);
+            if (answer) return answer;
+        }
+    }
+    return 0;
+}
+
+static int dhcp_client(void) {
+    uint32_t xid = (uint32_t)rdtsc_now() ^ be32(net_mac + 2);
+    uint32_t offered = dhcp_exchange(1, xid, 0, 0, 2);
+    if (!offered) { puts_raw("ip: no DHCP offer\n"); return 0; }
+    uint32_t server = ip_server;
+    uint32_t acked = dhcp_exchange(3, xid, offered, server, 5);
+    if (!acked) { puts_raw("ip: no DHCP ack\n"); return 0; }
+    ip_self = acked;
+    puts_raw("ip: dhcp address="); put_ip(ip_self); puts_raw(" mask="); put_ip(ip_mask);
+    puts_raw(" router="); put_ip(ip_gateway); puts_raw(" server="); put_ip(ip_server); puts_raw("\n");
+    return 1;
+}
+
+/* ---- send=IP:PORT ---- */
+static void ip_udp_ping(uint32_t dst, uint16_t port, uint64_t tries) {
+    uint8_t mac[6];
+    if (!arp_resolve(dst, mac)) { puts_raw("ip: no ARP answer for the next hop to "); put_ip(dst); puts_raw("\n"); return; }
+    for (uint64_t attempt = 0; attempt < tries; attempt++) {
+        static const char text[] = "vireo-udp ";
+        uint8_t data[16];
+        int n = 0;
+        for (; text[n]; n++) data[n] = (uint8_t)text[n];
+        data[n++] = (uint8_t)('0' + attempt % 10);
+        udp_send(mac, dst, 40000, port, data, (uint32_t)n);
+        uint64_t deadline = rdtsc_now() + TSC_SECOND;
+        uint32_t len, id;
+        uint8_t *f;
+        while ((f = rx_next(&len, &id, deadline))) {
+            if (arp_handle(f, len)) { rx_release(id); continue; }
+            const uint8_t *h = ip_packet(f, len, 17);
+            if (h && be32(h + 12) == dst) {
+                const uint8_t *u = h + (h[0] & 15) * 4;
+                uint32_t ulen = be16(u + 4);
+                if (be16(u) == port && be16(u + 2) == 40000 && ulen >= 8 && ulen - 8 < 200 && u + ulen <= f + len) {
+                    char reply[208];
+                    for (uint32_t i = 0; i < ulen - 8; i++) reply[i] = (char)u[8 + i];
+                    reply[ulen - 8] = 0;
+                    puts_raw("ip: udp reply from "); put_ip(dst); putc_raw(':'); put_dec(port); puts_raw(" payload="); puts_raw(reply);
+                    puts_raw(" after "); put_dec(attempt + 1); puts_raw(" tries\n");
+                    rx_release(id);
+                    return;
+                }
+            }
+            rx_release(id);
+        }
+    }
+    puts_raw("ip: no udp reply from "); put_ip(dst); putc_raw(':'); put_dec(port); puts_raw(" after "); put_dec(tries); puts_raw(" tries\n");
+}
+
+/* ---- offloads (tso=1): one TCP segment of many MSS handed over whole, with a partial checksum ---- */
+static uint8_t net_big_tx[12 + 14 + 20 + 20 + 65536] __attribute__((aligned(64)));
+
+/* Builds IPv4 + TCP with `n` payload bytes ('a'..'z') in net_big_tx behind a virtio-net header
+ * asking the device for checksum (NEEDS_CSUM) and segmentation (GSO_TCPV4, 1400-byte segments),
+ * or, without tso, an ordinary header and a complete checksum. Returns the frame's length. */
+static uint32_t tcp_build(const uint8_t *mac, uint32_t dst, uint16_t sport, uint16_t dport, uint32_t seq, uint32_t ack, uint32_t n, int tso) {
+    uint8_t *b = net_big_tx;
+    for (int i = 0; i < 12; i++) b[i] = 0;
+    if (tso) {
+        b[0] = 1; b[1] = 1;                  /* flags NEEDS_CSUM, gso_type TCPV4 */
+        b[2] = 54;                           /* hdr_len */
+        b[4] = 1400 & 255; b[5] = 1400 >> 8; /* gso_size */
+        b[6] = 34; b[8] = 16;                /* csum_start, csum_offset */
+    }
+    uint8_t *o = b + 12;
+    eth_header(o, mac, 0x0800);
+    uint8_t *h = o + 14;
+    h[0] = 0x45; h[1] = 0; put16(h + 2, (uint16_t)(40 + n)); put16(h + 4, ip_id++); put16(h + 6, 0x4000);
+    h[8] = 64; h[9] = 6; put16(h + 10, 0); put32(h + 12, ip_self); put32(h + 16, dst);
+    put16(h + 10, csum_fold(csum_add(0, h, 20)));
+    uint8_t *t = h + 20;
+    put16(t, sport); put16(t + 2, dport); put32(t + 4, seq); put32(t + 8, ack);
+    t[12] = 5 << 4; t[13] = 0x18; put16(t + 14, 8192); put16(t + 16, 0); put16(t + 18, 0);
+    for (uint32_t i = 0; i < n; i++) t[20 + i] = (uint8_t)('a' + i % 26);
+    uint8_t pseudo[12];
+    put32(pseudo, ip_self); put32(pseudo + 4, dst); pseudo[8] = 0; pseudo[9] = 6; put16(pseudo + 10, (uint16_t)(20 + n));
+    uint32_t sum = csum_add(0, pseudo, 12);
+    /* Partial: the pseudo header's sum, not complemented; the device finishes it. */
+    put16(t + 16, tso ? (uint16_t)~csum_fold(sum) : csum_fold(csum_add(sum, t, 20 + n)));
+    return 14 + 40 + n;
+}
+
+static uint32_t append_dec(uint8_t *p, uint32_t v) {
+    char digits[12]; int n = 0;
+    do { digits[n++] = (char)('0' + v % 10); v /= 10; } while (v);
+    for (int i = 0; i < n; i++) p[i] = (uint8_t)digits[n - 1 - i];
+    return (uint32_t)n;
+}
+static uint32_t append_hex8(uint8_t *p, uint32_t v) {
+    for (int i = 0; i < 8; i++) p[i] = (uint8_t)"0123456789abcdef"[(v >> (28 - 4 * i)) & 15];
+    return 8;
+}
+
+/* ---- blast=count size=N [tso=1]: frames to a MAC nobody has, as fast as the device takes them
+ * (bench/: the VMM's transmit path alone). With tso=1, each is one TCP segment of `size` bytes
+ * that the host side cuts into 1400-byte segments. ---- */
+static void ip_blast(uint64_t count, uint32_t size, int tso) {
+    static const uint8_t nobody[6] = { 0x02, 0, 0, 0, 0, 0x99 };
+    uint32_t length;
+    if (tso) {
+        if (size > 65000) size = 65000;
+        length = tcp_build(nobody, 0xc0000201, 40000, 9, 1, 1, size, 1);
+    } else {
+        if (size > 1472) size = 1472;
+        uint8_t *o = net_big_tx + 12;
+        for (int i = 0; i < 12; i++) net_big_tx[i] = 0;
+        eth_header(o, nobody, 0x0800);
+        uint8_t *h = o + 14;
+        h[0] = 0x45; h[1] = 0; put16(h + 2, (uint16_t)(28 + size)); put16(h + 4, 0); put16(h + 6, 0x4000);
+        h[8] = 64; h[9] = 17; put16(h + 10, 0); put32(h + 12, ip_self); put32(h + 16, 0xc0000201);
+        put16(h + 10, csum_fold(csum_add(0, h, 20)));
+        put16(h + 20, 40000); put16(h + 22, 9); put16(h + 24, (uint16_t)(8 + size)); put16(h + 26, 0);
+        for (uint32_t i = 0; i < size; i++) h[28 + i] = (uint8_t)i;
+        length = 14 + 28 + size;
+    }
+    puts_raw("blast: start\n");
+    uint16_t done = net_tx.used.idx;
+    uint64_t offered = 0, completed = 0;
+    while (completed < count) {
+        while (offered - completed < NQ && offered < count) {
+            uint16_t slot = (uint16_t)(offered % NQ);
+            net_tx.desc[slot] = (struct vq_desc){ (uint64_t)net_big_tx, 12 + length, 0, 0 };
+            ring_offer(&net_tx, slot);
+            offered++;
+        }
+        mmio_write32(net_base + 0x50, 1);
+        while (*(volatile uint16_t *)&net_tx.used.idx == done) {}
+        uint16_t now = *(volatile uint16_t *)&net_tx.used.idx;
+        completed += (uint16_t)(now - done);
+        done = now;
+    }
+    puts_raw("blast: done count="); put_dec(count); puts_raw(" bytes="); put_dec(count * (uint64_t)length); puts_raw("\n");
+}
+
+/* ---- sink=count: counts frames arriving until `count`, or until none for 2 s ---- */
+static void ip_sink(uint64_t count) {
+    puts_raw("sink: ready\n");
+    uint64_t got = 0, bytes = 0;
+    while (got < count) {
+        uint32_t len, id;
+        uint8_t *f = rx_next(&len, &id, rdtsc_now() + 2 * TSC_SECOND);
+        if (!f) break;
+        got++; bytes += len;
+        rx_release(id);
+    }
+    puts_raw("sink: got "); put_dec(got); puts_raw(" frames, "); put_dec(bytes); puts_raw(" bytes\n");
+}
+
+/* ---- rtt=IP:PORT count=N: N UDP round trips, one at a time ---- */
+static void ip_rtt(uint32_t dst, uint16_t port, uint64_t count) {
+    uint8_t mac[6];
+    if (!arp_resolve(dst, mac)) { puts_raw("rtt: no ARP answer\n"); return; }
+    uint64_t lost = 0;
+    puts_raw("rtt: start\n");
+    for (uint64_t i = 0; i < count; i++) {
+        uint8_t data[8];
+        put32(data, (uint32_t)i); put32(data + 4, 0x76697265);
+        udp_send(mac, dst, 40001, port, data, 8);
+        uint64_t deadline = rdtsc_now() + TSC_SECOND;
+        int answered = 0;
+        while (!answered) {
+            uint32_t len, id;
+            uint8_t *f = rx_next(&len, &id, deadline);
+            if (!f) break;
+            if (!arp_handle(f, len)) {
+                const uint8_t *h = ip_packet(f, len, 17);
+                if (h && be32(h + 12) == dst) answered = 1;
+            }
+            rx_release(id);
+        }
+        if (!answered) lost++;
+    }
+    puts_raw("rtt: done count="); put_dec(count); puts_raw(" lost="); put_dec(lost); puts_raw("\n");
+}
+
+/* ---- serve=PORT: UDP and TCP echo, one TCP connection at a time ---- */
+static void ip_serve(uint16_t port) {
+    uint32_t peer = 0, snd_next = 0, rcv_next = 0;
+    uint32_t bulk_bytes = 0, bulk_hash = 0;
+    int bulk_started = 0;
+    uint16_t peer_port = 0;
+    uint8_t peer_mac[6];
+    puts_raw("ip: serving tcp and udp port "); put_dec(port); puts_raw("\n");
+    for (;;) {
+        uint32_t len, id;
+        uint8_t *f = rx_next(&len, &id, ~0ull);
+        if (!f) continue;
+        if (arp_handle(f, len)) { rx_release(id); continue; }
+        const uint8_t *h = ip_packet(f, len, 17);
+        if (h && be32(h + 16) == ip_self) {
+            const uint8_t *u = h + (h[0] & 15) * 4;
+            uint32_t ulen = be16(u + 4);
+            if (be16(u + 2) == port && ulen >= 8 && ulen - 8 < 1000 && u + ulen <= f + len) {
+                static uint8_t reply[1100];
+                const char *tag = "echo:";
+                uint32_t n = 0;
+                for (; tag[n]; n++) reply[n] = (uint8_t)tag[n];
+                for (uint32_t i = 0; i < ulen - 8; i++) reply[n++] = u[8 + i];
+                uint8_t mac[6];
+                for (int i = 0; i < 6; i++) mac[i] = f[6 + i];
+                uint32_t src = be32(h + 12);
+                uint16_t sport = be16(u);
+                rx_release(id);
+                udp_send(mac, src, port, sport, reply, n);
+                puts_raw("ip: udp echo to "); put_ip(src); puts_raw("\n");
+                continue;
+            }
+        }
+        h = ip_packet(f, len, 6);
+        if (!h || be32(h + 16) != ip_self) { rx_release(id); continue; }
+        const uint8_t *t = h + (h[0] & 15) * 4;
+        uint32_t total = be16(h + 2), hl = (uint32_t)(h[0] & 15) * 4, off = (uint32_t)(t[12] >> 4) * 4;
+        if (be16(t + 2) != port || total < hl + off || off < 20 || h + total > f + len) { rx_release(id); continue; }
+        uint8_t flags = t[13];
+        uint32_t seq = be32(t + 4), data_len = total - hl - off;
+        uint32_t src = be32(h + 12);
+        uint16_t sport = be16(t);
+        static uint8_t seg[1100];
+        static uint8_t data[1000];
+        uint32_t n = data_len < 900 ? data_len : 900;
+        for (uint32_t i = 0; i < n; i++) data[i] = t[off + i];
+        for (int i = 0; i < 6; i++) peer_mac[i] = f[6 + i];
+        int big = data_len >= 3 && t[off] == 'b' && t[off + 1] == 'i' && t[off + 2] == 'g';
+        /* The bulk the host sends after "big": hashed as it comes, in order. */
+        if (bulk_started && src == peer && sport == peer_port && data_len && seq == rcv_next) {
+            for (uint32_t i = 0; i < data_len; i++) bulk_hash = (bulk_hash ^ t[off + i]) * 16777619u;
+            bulk_bytes += data_len;
+        }
+        rx_release(id);
+        uint8_t out_flags = 0;
+        uint32_t payload = 0;
+        if (flags & 0x04) { peer = 0; continue; }                       /* RST */
+        if (flags & 0x02) {                                             /* SYN: a new connection */
+            peer = src; peer_port = sport; rcv_next = seq + 1; snd_next = (uint32_t)rdtsc_now();
+            out_flags = 0x12;
+            bulk_started = 0;
+        } else if (src == peer && sport == peer_port) {
+            if (data_len && seq == rcv_next && big && !bulk_started) {
+                /* tso=1's test: 4000 bytes back as one TSO segment, then count what comes. */
+                rcv_next += data_len;
+                bulk_started = 1; bulk_bytes = 0; bulk_hash = 2166136261u;
+                if (net_features & (1u << 11)) {
+                    eth_send_buffer(net_big_tx, tcp_build(peer_mac, src, port, sport, snd_next, rcv_next, 4000, 1));
+                    snd_next += 4000;
+                    puts_raw("ip: sent 4000 bytes in one segment\n");
+                } else {
+                    /* Without TSO, segments of at most the MTU, each checksummed here. The
+                     * pattern restarts in each, so the host sees 'a'.. every 1400 bytes too. */
+                    for (uint32_t sent = 0; sent < 4000; sent += 1400) {
+                        uint32_t n = 4000 - sent < 1400 ? 4000 - sent : 1400;
+                        eth_send_buffer(net_big_tx, tcp_build(peer_mac, src, port, sport, snd_next, rcv_next, n, 0));
+                        snd_next += n;
+                    }
+                    puts_raw("ip: sent 4000 bytes in 3 segments\n");
+                }
+                continue;
+            } else if (data_len && seq == rcv_next && bulk_started) {
+                rcv_next += data_len;
+                out_flags = 0x10;
+                if (bulk_bytes >= 4000) {
+                    const char *tag = "ok:";
+                    for (; tag[payload]; payload++) seg[20 + payload] = (uint8_t)tag[payload];
+                    payload += append_dec(seg + 20 + payload, bulk_bytes);
+                    seg[20 + payload++] = ':';
+                    payload += append_hex8(seg + 20 + payload, bulk_hash);
+                    out_flags = 0x18;
+                    bulk_started = 0;
+                    puts_raw("ip: bulk received "); put_dec(bulk_bytes); puts_raw(" bytes, largest frame "); put_dec(rx_largest_frame);
+                    puts_raw(" in "); put_dec(rx_largest_buffers); puts_raw(" buffers\n");
+                }
+            } else if (data_len && seq == rcv_next) {
+                rcv_next += data_len;
+                const char *tag = "echo:";
+                for (; tag[payload]; payload++) seg[20 + payload] = (uint8_t)tag[payload];
+                for (uint32_t i = 0; i < n; i++) seg[20 + payload++] = data[i];
+                out_flags = 0x18;
+                puts_raw("ip: tcp echo to "); put_ip(src); puts_raw("\n");
+            } else if (flags & 0x01) {                                  /* FIN */
+                rcv_next = seq + data_len + 1;
+                out_flags = 0x11;
+            } else if (data_len) {
+                out_flags = 0x10;                                       /* out of order: re-ACK */
+            } else {
+                continue;                                               /* a bare ACK */
+            }
+        } else {
+            continue;
+        }
+        put16(seg, port); put16(seg + 2, sport); put32(seg + 4, snd_next); put32(seg + 8, rcv_next);
+        seg[12] = 5 << 4; seg[13] = out_flags; put16(seg + 14, 8192); put16(seg + 16, 0); put16(seg + 18, 0);
+        if (out_flags & 0x02) {
+            /* MSS 1460, so the host's segments are full-sized (536 without it). */
+            seg[12] = 6 << 4; seg[20] = 2; seg[21] = 4; put16(seg + 22, 1460);
+            ip_send(peer_mac, src, 6, seg, 24);
+        } else {
+            ip_send(peer_mac, src, 6, seg, 20 + payload);
+        }
+        snd_next += payload + ((out_flags & 0x03) ? 1 : 0);
+    }
+}
+
+static void user_ip(uint64_t unused) {
+    (void)unused;
+    char arg[48];
+    if (cmdline_value("addr", arg, sizeof arg)) {
+        const char *end;
+        if (!parse_ip(arg, &ip_self, &end) || *end != '/') { puts_raw("ip: bad addr=\n"); finish(); }
+        uint64_t prefix = parse_dec(end + 1);
+        ip_mask = prefix ? ~0u << (32 - prefix) : 0;
+        if (cmdline_value("gw", arg, sizeof arg)) parse_ip(arg, &ip_gateway, 0);
+        puts_raw("ip: static address="); put_ip(ip_self); puts_raw("\n");
+    } else if (!dhcp_client()) {
+        finish();
+    }
+    uint64_t tries = cmdline_value("tries", arg, sizeof arg) ? parse_dec(arg) : 10;
+    if (cmdline_value("send", arg, sizeof arg)) {
+        uint32_t dst;
+        const char *end;
+        if (!parse_ip(arg, &dst, &end) || *end != ':') { puts_raw("ip: bad send=\n"); finish(); }
+        ip_udp_ping(dst, (uint16_t)parse_dec(end + 1), tries);
+    }
+    if (cmdline_value("serve", arg, sizeof arg)) ip_serve((uint16_t)parse_dec(arg));
+    if (cmdline_value("blast", arg, sizeof arg)) {
+        uint64_t count = parse_dec(arg);
+        uint32_t size = cmdline_value("size", arg, sizeof arg) ? (uint32_t)parse_dec(arg) : 1472;
+        int tso = cmdline_value("tso", arg, sizeof arg) && arg[0] == '1' && (net_features & (1u << 11));
+        ip_blast(count, size, tso);
+    }
+    if (cmdline_value("sink", arg, sizeof arg)) ip_sink(parse_dec(arg));
+    if (cmdline_value("rtt", arg, sizeof arg)) {
+        uint32_t dst;
+        const char *end;
+        if (!parse_ip(arg, &dst, &end) || *end != ':') { puts_raw("ip: bad rtt=\n"); finish(); }
+        uint16_t port = (uint16_t)parse_dec(end + 1);
+        ip_rtt(dst, port, cmdline_value("count", arg, sizeof arg) ? parse_dec(arg) : 1000);
+    }
+    finish();
+}
+
+static void probe_ip(void) {
+    for_each_virtio_device(probe_net_device);
+    if (!net_base) { puts_raw("net: no virtio-net device\n"); return; }
+    enter_user_mode(user_ip, 0);
 }
 
 /* ---- probe=vsock: a minimal polled virtio-vsock driver (virtio 1.x §5.10). Listens on port 1234
@@ -1118,6 +1699,7 @@ void probe_main(int mode, uintptr_t info) {
     else if (str_eq(what, "blkloop")) probe_blkloop();
     else if (str_eq(what, "rng")) probe_rng();
     else if (str_eq(what, "net")) probe_net();
+    else if (str_eq(what, "ip")) probe_ip();
     else if (str_eq(what, "vsock")) probe_vsock();
     else if (str_eq(what, "balloon")) probe_balloon();
     else if (str_eq(what, "blkbench")) probe_blkbench();

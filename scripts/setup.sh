@@ -16,7 +16,8 @@ packages=(
   tesseract-ocr tesseract-ocr-eng                              # reads the installer's screens in the qemu tests
   zlib1g-dev                                                   # qcow2 compressed clusters
   e2fsprogs                                                    # ext4 root images for the Linux tests
-  iproute2 python3 dnsmasq-base                                # network namespaces, taps, the frame echo and DHCP in the net tests
+  iproute2 dnsmasq-base nftables passt                         # networks: bridges and taps, DHCP and DNS, NAT and forwards, user mode
+  python3 acl                                                  # the net tests' echo servers; an ACL grants an unprivileged test user /dev/kvm
   acpica-tools                                                 # iasl: the oracle for every ACPI table the VMM builds
 )
 missing=()

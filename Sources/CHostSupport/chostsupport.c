@@ -9,15 +9,29 @@
 #include <unistd.h>
 
 int vireo_spawn_detached(const char *path, char *const argv[], int log_fd, int lock_fd, int ready_fd, pid_t *pid) {
-    // Move the descriptors well above 4 first, so no dup2 below has source == target (which
-    // would leave close-on-exec set).
-    int log_high = fcntl(log_fd, F_DUPFD_CLOEXEC, 10);
-    int lock_high = lock_fd < 0 ? -1 : fcntl(lock_fd, F_DUPFD_CLOEXEC, 10);
-    int ready_high = ready_fd < 0 ? -1 : fcntl(ready_fd, F_DUPFD_CLOEXEC, 10);
+    return vireo_spawn_detached_inheriting(path, argv, log_fd, lock_fd, ready_fd, NULL, 0, pid);
+}
+
+int vireo_spawn_detached_inheriting(const char *path, char *const argv[], int log_fd, int lock_fd, int ready_fd,
+                                    const int *inherit, int inherit_count, pid_t *pid) {
+    enum { MAX_INHERIT = 64 };
+    if (inherit_count < 0 || inherit_count > MAX_INHERIT) return EINVAL;
+    // Move the descriptors well above every target first, so no dup2 below has source == target
+    // (which would leave close-on-exec set).
+    int floor = 10 + inherit_count;
+    int log_high = fcntl(log_fd, F_DUPFD_CLOEXEC, floor);
+    int lock_high = lock_fd < 0 ? -1 : fcntl(lock_fd, F_DUPFD_CLOEXEC, floor);
+    int ready_high = ready_fd < 0 ? -1 : fcntl(ready_fd, F_DUPFD_CLOEXEC, floor);
+    int high[MAX_INHERIT];
+    int made = 0;
     int result = 0;
     posix_spawn_file_actions_t actions;
     posix_spawnattr_t attributes;
     if (log_high < 0 || (lock_fd >= 0 && lock_high < 0) || (ready_fd >= 0 && ready_high < 0)) { result = errno; goto out; }
+    for (; made < inherit_count; made++) {
+        high[made] = fcntl(inherit[made], F_DUPFD_CLOEXEC, floor);
+        if (high[made] < 0) { result = errno; goto out; }
+    }
     posix_spawn_file_actions_init(&actions);
     posix_spawnattr_init(&attributes);
     posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0);
@@ -25,7 +39,9 @@ int vireo_spawn_detached(const char *path, char *const argv[], int log_fd, int l
     posix_spawn_file_actions_adddup2(&actions, log_high, 2);
     if (lock_high >= 0) posix_spawn_file_actions_adddup2(&actions, lock_high, 3);
     if (ready_high >= 0) posix_spawn_file_actions_adddup2(&actions, ready_high, 4);
-    posix_spawn_file_actions_addclosefrom_np(&actions, 5);
+    // Inherited descriptors land on 5, 6, ... in the order given.
+    for (int i = 0; i < inherit_count; i++) posix_spawn_file_actions_adddup2(&actions, high[i], 5 + i);
+    posix_spawn_file_actions_addclosefrom_np(&actions, 5 + inherit_count);
     sigset_t empty, all;
     sigemptyset(&empty);
     sigfillset(&all);
@@ -36,6 +52,7 @@ int vireo_spawn_detached(const char *path, char *const argv[], int log_fd, int l
     posix_spawn_file_actions_destroy(&actions);
     posix_spawnattr_destroy(&attributes);
 out:
+    for (int i = 0; i < made; i++) close(high[i]);
     if (log_high >= 0) close(log_high);
     if (lock_high >= 0) close(lock_high);
     if (ready_high >= 0) close(ready_high);
@@ -89,9 +106,41 @@ int vireo_tap_open(const char *name) {
     struct ifreq request;
     memset(&request, 0, sizeof request);
     strncpy(request.ifr_name, name, IFNAMSIZ - 1);
-    request.ifr_flags = IFF_TAP | IFF_NO_PI;
+    request.ifr_flags = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR;
     if (ioctl(fd, TUNSETIFF, &request) != 0) { int e = errno; close(fd); return -e; }
+    /* The virtio 1.x header: virtio_net_hdr_v1, 12 bytes with num_buffers. */
+    int size = 12;
+    if (ioctl(fd, TUNSETVNETHDRSZ, &size) != 0) { int e = errno; close(fd); return -e; }
     return fd;
+}
+
+int vireo_tap_name(int fd, char *name, int capacity) {
+    struct ifreq request;
+    memset(&request, 0, sizeof request);
+    if (ioctl(fd, TUNGETIFF, &request) != 0) return -errno;
+    if (!(request.ifr_flags & IFF_TAP)) return -EINVAL;
+    snprintf(name, (size_t)capacity, "%s", request.ifr_name);
+    return 0;
+}
+
+int vireo_tap_has_vnet_header(int fd) {
+    struct ifreq request;
+    memset(&request, 0, sizeof request);
+    if (ioctl(fd, TUNGETIFF, &request) != 0) return -errno;
+    if (!(request.ifr_flags & IFF_VNET_HDR)) return 0;
+    int size = 12;
+    if (ioctl(fd, TUNSETVNETHDRSZ, &size) != 0) return -errno;
+    return 1;
+}
+
+int vireo_tap_set_offloads(int fd, int checksum, int tso4, int tso6, int ecn) {
+    unsigned flags = 0;
+    if (checksum) flags |= TUN_F_CSUM;
+    /* Segmentation offloads need checksum offload (the kernel refuses them alone). */
+    if (checksum && tso4) flags |= TUN_F_TSO4;
+    if (checksum && tso6) flags |= TUN_F_TSO6;
+    if (checksum && ecn && (tso4 || tso6)) flags |= TUN_F_TSO_ECN;
+    return ioctl(fd, TUNSETOFFLOAD, flags) == 0 ? 0 : -errno;
 }
 
 int vireo_eventfd_nonblocking(void) { return eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC); }

@@ -45,8 +45,7 @@ struct Create: ParsableCommand {
     @Option(help: "Kernel command line (replaces the OS type's).")
     var cmdline: String?
 
-    @Option(help: ArgumentHelp("A virtio-net card on a host tap device: tap:NAME[,mac=XX:XX:XX:XX:XX:XX]; the MAC is generated once if absent. Repeatable.", valueName: "net"))
-    var net: [String] = []
+    @OptionGroup var nicOptions: NICOptions
 
     @Option(help: "Give the VM a virtio-vsock device with this guest CID (3 or more); its host side is vsock.sock in the VM's directory.")
     var vsockCid: UInt64?
@@ -80,7 +79,7 @@ struct Create: ParsableCommand {
         request.initrd = initrd
         request.commandLine = cmdline
         request.entropyDevice = rng
-        request.networks = try net.map(parseNetwork)
+        request.networks = try nicOptions.cards(kept: nil)?.map(\.card)
         request.balloon = balloon
         request.vsockCID = vsockCid
         request.acpi = try acpi.map(parseACPIFlag)
@@ -101,7 +100,7 @@ struct Create: ParsableCommand {
             printLine("  firmware \(definition.firmware?.rawValue ?? "none (direct kernel boot)"), acceleration \(definition.accelerator.rawValue)")
             if let iso = definition.iso { printLine("  CD-ROM \(iso) (boots first; `vireo eject \(name)` once installed)") }
         }
-        for network in definition.networks { printLine("  network card \(network.mac) on tap \(network.tap)") }
+        for network in definition.networks { printLine("  network card \(network.mac) on \(describeAttachment(network))") }
         if let cid = definition.vsockCID { printLine("  vsock cid \(cid), host side \(bundle.vsockPath)") }
         for disk in definition.disks {
             printLine("  disk \(bundle.resolve(disk.path)) (\(disk.format.rawValue), \(Size.describe(DiskImages.recordedVirtualSize(path: bundle.resolve(disk.path)) ?? 0)))")
@@ -117,14 +116,75 @@ func parseACPIFlag(_ text: String) throws -> Bool {
     do throws(VMMError) { return try parseACPISwitch(text) } catch { throw fail(error) }
 }
 
-/// `tap:NAME[,mac=...]` as `vireo run` reads it, with the MAC fixed now if none was given.
-func parseNetwork(_ text: String) throws -> NetworkAttachment {
-    do throws(VMMError) {
-        let parsed = try NetworkConfiguration(parsing: text)
-        return NetworkAttachment(tap: parsed.tap, mac: parsed.mac ?? MACAddress.random().description)
-    } catch {
-        throw fail(error)
+/// A card for people: where it is plugged in and what is forwarded to it.
+func describeAttachment(_ card: NetworkAttachment) -> String {
+    var text: String
+    switch card.attachment {
+    case .nat: text = "the default NAT network"
+    case let .network(name): text = "network '\(name)'"
+    case let .bridge(name): text = "host bridge \(name)"
+    case .user: text = "user-mode networking (passt)"
+    case let .tap(name): text = "tap \(name)"
     }
+    if !card.forwards.isEmpty { text += ", forwarding " + card.forwards.map(\.description).joined(separator: " ") }
+    return text
+}
+
+/// The network card options `create` and `set` share.
+struct NICOptions: ParsableArguments {
+    @Option(name: [.customLong("nic"), .customLong("net")],
+            help: ArgumentHelp("A network card: \(NICAttachment.syntax), then [,mac=XX:XX:XX:XX:XX:XX]. Repeatable. New VMs get one `nat` card unless told otherwise.", valueName: "nic"))
+    var nic: [String] = []
+
+    @Flag(name: [.customLong("no-nic"), .customLong("no-net")], help: "No network card at all.")
+    var noNic = false
+
+    @Option(help: ArgumentHelp("Forward a host port to the guest: tcp|udp:HOSTPORT:GUESTPORT, on the first nat, network or user card. Repeatable.", valueName: "forward"))
+    var forward: [String] = []
+
+    var isEmpty: Bool { nic.isEmpty && !noNic && forward.isEmpty }
+
+    /// The cards asked for (nil: none asked for, keep `kept`), each with whether its MAC was given.
+    func cards(kept: [NetworkAttachment]?) throws -> [(card: NetworkAttachment, explicitMAC: Bool)]? {
+        do throws(LibraryError) {
+            if noNic && (!nic.isEmpty || !forward.isEmpty) {
+                throw .invalidValue(field: "--no-nic", reason: "contradicts \(nic.isEmpty ? "--forward" : "--nic")")
+            }
+            if noNic { return [] }
+            var cards: [(card: NetworkAttachment, explicitMAC: Bool)]
+            if !nic.isEmpty {
+                cards = try nic.map(parseNIC)
+            } else if !forward.isEmpty {
+                cards = (kept ?? [NetworkAttachment(.nat, mac: NetworkAttachment.randomMAC())]).map { ($0, true) }
+            } else {
+                return nil
+            }
+            if !forward.isEmpty {
+                let forwards = try forward.map { (text) throws(LibraryError) in try PortForward.parse(text, field: "--forward") }
+                guard let index = cards.firstIndex(where: { $0.card.attachment.acceptsForwards }) else {
+                    throw .invalidValue(field: "--forward", reason: "the VM has no nat, network or user card to forward ports to")
+                }
+                cards[index].card.forwards = forwards
+            }
+            return cards
+        } catch {
+            throw fail(error)
+        }
+    }
+}
+
+/// `nat|network:NAME|bridge:BR|user|tap:NAME[,mac=...]`, with a MAC made now if none was given.
+func parseNIC(_ text: String) throws(LibraryError) -> (card: NetworkAttachment, explicitMAC: Bool) {
+    let parts = text.split(separator: ",", omittingEmptySubsequences: false).map(String.init)
+    let attachment = try NICAttachment.parse(parts[0], field: "--nic")
+    var mac: String?
+    for option in parts.dropFirst() {
+        guard option.hasPrefix("mac=") else {
+            throw .invalidValue(field: "--nic", reason: "unknown option '\(option)' in '\(text)'; allowed: mac=XX:XX:XX:XX:XX:XX")
+        }
+        mac = String(option.dropFirst(4)).lowercased()
+    }
+    return (NetworkAttachment(attachment, mac: mac ?? NetworkAttachment.randomMAC()), mac != nil)
 }
 
 /// The engine options `create` and `set` share.

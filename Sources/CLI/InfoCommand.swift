@@ -18,6 +18,9 @@ struct Info: ParsableCommand {
     struct Disk: Encodable {
         var path: String, format: String, readOnly: Bool, serial: String?, virtualBytes: UInt64?, allocatedBytes: UInt64, backingChain: [String]
     }
+    struct Card: Encodable {
+        var attachment: String, mac: String, forwards: [String], hostInterface: String?, address: String?
+    }
     struct Report: Encodable {
         var name: String, uuid: String, state: String, crashReason: String?, osType: String, cpus: Int, memoryBytes: UInt64
         var kernel: String?, initrd: String?, commandLine: String, entropyDevice: Bool, createdAt: Int64
@@ -26,7 +29,7 @@ struct Info: ParsableCommand {
         var displaySocket: String?
         var directory: String, configPath: String, consoleLog: String, vmmLog: String, controlSocket: String
         var disks: [Disk]
-        var networks: [NetworkAttachment]
+        var networks: [Card]
         var vsockCid: UInt64?
         var vsockSocket: String?
         var process: VMDescription?
@@ -59,7 +62,11 @@ struct Info: ParsableCommand {
                                 virtualBytes: DiskImages.recordedVirtualSize(path: path), allocatedBytes: HostFiles.allocatedBytes(path),
                                 backingChain: DiskImages.recordedBackingChain(path: path))
                 },
-                networks: definition.networks, vsockCid: definition.vsockCID,
+                networks: zip(definition.networks.indices, HostNetworks(library: library).addresses(of: definition)).map { index, address in
+                    let card = definition.networks[index]
+                    return Card(attachment: card.attachment.description, mac: card.mac, forwards: card.forwards.map(\.description),
+                                hostInterface: HostNetworks.hostInterface(of: definition, card: index), address: address?.description)
+                }, vsockCid: definition.vsockCID,
                 vsockSocket: definition.vsockCID == nil ? nil : bundle.vsockPath, process: status.description, counters: counters)
         } catch {
             throw fail(error)
@@ -94,8 +101,12 @@ struct Info: ParsableCommand {
             if !disk.backingChain.isEmpty { text += " on " + disk.backingChain.joined(separator: " on ") }
             lines.append(["Disk \(index):", text])
         }
-        for (index, network) in report.networks.enumerated() {
-            lines.append(["Network \(index):", "virtio-net \(network.mac) on tap \(network.tap)"])
+        for (index, card) in report.networks.enumerated() {
+            var text = "\(report.engine == "qemu" && report.diskBus == "sata" ? "e1000" : "virtio-net") \(card.mac) on \(card.attachment)"
+            if let interface = card.hostInterface { text += " (host interface \(interface))" }
+            if let address = card.address { text += ", address \(address)" }
+            if !card.forwards.isEmpty { text += ", forwarding " + card.forwards.joined(separator: " ") }
+            lines.append(["Network \(index):", text])
         }
         if let cid = report.vsockCid, let socket = report.vsockSocket {
             lines.append(["vsock:", "guest CID \(cid); host side \(socket) (send \"CONNECT <port>\\n\"), guest connections to \(socket)_<port>"])

@@ -57,11 +57,13 @@ struct Stop: ParsableCommand {
 
 /// Stops a VM and says how it went.
 func stopVM(_ name: String, force: Bool, timeout: Double, manager: VMManager) throws(LibraryError) {
-    switch try manager.stop(name, force: force, timeout: timeout) {
+    let stopped = try manager.stop(name, force: force, timeout: timeout)
+    switch stopped.outcome {
     case let .alreadyOff(state): printLine("VM '\(name)' is already \(state.rawValue)")
     case .poweredOff: printLine("VM '\(name)' powered off")
     case .shutDown: printLine("VM '\(name)' shut down")
     }
+    for warning in stopped.warnings { printNote("warning: \(warning)") }
 }
 
 struct Restart: ParsableCommand {

@@ -1,5 +1,6 @@
 import ArgumentParser
 import DiskImage
+import Engines
 import Library
 import VMM
 
@@ -18,11 +19,14 @@ struct List: ParsableCommand {
         var memoryBytes: UInt64?
         var diskAllocatedBytes: UInt64
         var diskVirtualBytes: UInt64
+        /// IPv4 addresses the VM's cards were leased, in card order.
+        var addresses: [String] = []
         var error: String?
     }
 
     func run() throws {
         let library = openLibrary()
+        let networks = HostNetworks(library: library)
         let names: [String]
         do throws(LibraryError) { names = try library.names() } catch { throw fail(error) }
         var rows: [Row] = []
@@ -34,16 +38,17 @@ struct List: ParsableCommand {
                 let paths = definition.disks.map { bundle.resolve($0.path) }
                 rows.append(Row(name: name, uuid: definition.uuid, state: state, engine: definition.engine.rawValue, cpus: definition.cpus, memoryBytes: definition.memoryBytes,
                                 diskAllocatedBytes: paths.reduce(0) { $0 + HostFiles.allocatedBytes($1) },
-                                diskVirtualBytes: paths.reduce(0) { $0 + (DiskImages.recordedVirtualSize(path: $1) ?? 0) }))
+                                diskVirtualBytes: paths.reduce(0) { $0 + (DiskImages.recordedVirtualSize(path: $1) ?? 0) },
+                                addresses: networks.addresses(of: definition).compactMap { $0?.description }))
             } catch {
                 // A VM whose configuration cannot be read is shown, not hidden: it can be deleted.
                 rows.append(Row(name: name, state: state, diskAllocatedBytes: 0, diskVirtualBytes: 0, error: error.description))
             }
         }
         if json { try printJSON(rows); return }
-        let table = [["NAME", "STATE", "ENGINE", "CPUS", "MEMORY", "DISK USED / SIZE"]] + rows.map { row in
+        let table = [["NAME", "STATE", "ENGINE", "CPUS", "MEMORY", "IP", "DISK USED / SIZE"]] + rows.map { row in
             [row.name, row.error == nil ? row.state : "broken", row.engine ?? "-", row.cpus.map(String.init) ?? "-",
-             row.memoryBytes.map(Size.describe) ?? "-",
+             row.memoryBytes.map(Size.describe) ?? "-", row.addresses.isEmpty ? "-" : row.addresses.joined(separator: ","),
              row.error == nil ? "\(Size.describe(row.diskAllocatedBytes)) / \(Size.describe(row.diskVirtualBytes))" : row.error ?? ""]
         }
         printTable(table)

@@ -36,11 +36,7 @@ struct Set: ParsableCommand {
     @Flag(inversion: .prefixedNo, help: "Attach a virtio-rng device.")
     var rng: Bool?
 
-    @Option(help: ArgumentHelp("Replace the VM's network cards: tap:NAME[,mac=...]. Repeatable; a card whose tap is unchanged keeps its MAC.", valueName: "net"))
-    var net: [String] = []
-
-    @Flag(help: "Remove every network card.")
-    var noNet = false
+    @OptionGroup var nicOptions: NICOptions
 
     @Option(help: "Give the VM a virtio-vsock device with this guest CID (3 or more).")
     var vsockCid: UInt64?
@@ -69,9 +65,12 @@ struct Set: ParsableCommand {
         request.removeInitrd = noInitrd
         request.osType = ostype
         request.entropyDevice = rng
-        if !net.isEmpty || noNet {
-            request.networks = try net.map(parseNetwork)
-            request.explicitMACs = net.map { $0.contains("mac=") }
+        if !nicOptions.isEmpty {
+            let kept = try? openLibrary().bundle(named: name).load().networks
+            if let cards = try nicOptions.cards(kept: kept) {
+                request.networks = cards.map(\.card)
+                request.explicitMACs = cards.map(\.explicitMAC)
+            }
         }
         if vsockCid != nil || noVsock { request.vsockCID = .some(vsockCid) }
         request.balloon = balloon
@@ -81,7 +80,6 @@ struct Set: ParsableCommand {
         if let iso { request.iso = .some(iso == "none" ? nil : iso) }
         let changed: VMDefinition
         do throws(LibraryError) {
-            if !net.isEmpty && noNet { throw LibraryError.invalidValue(field: "--net", reason: "--net and --no-net contradict each other") }
             if vsockCid != nil && noVsock { throw LibraryError.invalidValue(field: "--vsock-cid", reason: "--vsock-cid and --no-vsock contradict each other") }
             (request.engine, request.firmware, request.accelerator) = try engineOptions.parsed()
             changed = try openLibrary().change(name, request)

@@ -59,7 +59,7 @@ public protocol Engine: Sendable {
 
     /// Starts the VM and returns once it runs. `lock` is held exclusively by the caller and is
     /// handed to the VM process, which keeps it for as long as it lives.
-    func start(_ vm: EngineVM, lock: VMLock) throws(LibraryError) -> StartedVM
+    func start(_ vm: EngineVM, lock: VMLock, networking: PreparedNetworking) throws(LibraryError) -> StartedVM
     /// What the running VM says about itself; nil when it does not answer.
     func describe(_ vm: EngineVM) -> VMDescription?
     func counters(_ vm: EngineVM) throws(LibraryError) -> VMCounters

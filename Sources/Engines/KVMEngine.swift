@@ -24,7 +24,7 @@ public struct KVMEngine: Engine {
     }
 
     /// The `vireo-vmm` arguments for a definition (everything but the process plumbing).
-    public static func machineArguments(_ definition: VMDefinition, bundle: VMBundle) throws(LibraryError) -> [String] {
+    public static func machineArguments(_ definition: VMDefinition, bundle: VMBundle, cards: [PreparedCard]) throws(LibraryError) -> [String] {
         guard let kernel = definition.kernel else {
             throw .wrongState(name: definition.name, state: "without a kernel", action: "start",
                               hint: "give it one with `vireo set \(definition.name) --kernel PATH` (the kvm engine boots Linux kernels directly)")
@@ -38,7 +38,15 @@ public struct KVMEngine: Engine {
             if let serial = disk.serial { text += ",serial=" + serial }
             arguments += ["--disk", text]
         }
-        for network in definition.networks { arguments += ["--net", "tap:\(network.tap),mac=\(network.mac)"] }
+        for card in cards {
+            let backend: String
+            switch card.backend {
+            case let .tapName(name): backend = "tap:" + name
+            case let .tapDescriptor(slot, _): backend = "tap-fd:\(PreparedNetworking.inherited(slot))"
+            case let .streamDescriptor(slot): backend = "stream-fd:\(PreparedNetworking.inherited(slot))"
+            }
+            arguments += ["--net", "\(backend),mac=\(card.mac)"]
+        }
         if let cid = definition.vsockCID { arguments += ["--vsock", "\(bundle.vsockPath),cid=\(cid)"] }
         if definition.balloon { arguments += ["--balloon", "deflate-on-oom,stats=5"] }
         if definition.entropyDevice { arguments.append("--rng") }
@@ -48,9 +56,9 @@ public struct KVMEngine: Engine {
     }
 
     /// Starts the VM and returns its pid once it runs and answers on its control socket.
-    public func start(_ vm: EngineVM, lock: VMLock) throws(LibraryError) -> StartedVM {
+    public func start(_ vm: EngineVM, lock: VMLock, networking: PreparedNetworking) throws(LibraryError) -> StartedVM {
         let (bundle, definition, name) = (vm.bundle, vm.definition, vm.name)
-        var arguments = [vmmPath] + (try Self.machineArguments(definition, bundle: bundle))
+        var arguments = [vmmPath] + (try Self.machineArguments(definition, bundle: bundle, cards: networking.cards))
         arguments += ["--console", "file:" + bundle.consoleLogPath, "--control", bundle.controlPath,
                       "--name", definition.name, "--uuid", definition.uuid, "--lock-fd", "3", "--ready-fd", "4"]
 
@@ -65,10 +73,15 @@ public struct KVMEngine: Engine {
         defer { close(pipeEnds[0]) }
 
         var pid: pid_t = 0
+        let inherit = networking.descriptors
         let spawned = withCStrings(arguments) { argv in
-            vireo_spawn_detached(vmmPath, argv, log, lock.fd, pipeEnds[1], &pid)
+            inherit.withUnsafeBufferPointer {
+                vireo_spawn_detached_inheriting(vmmPath, argv, log, lock.fd, pipeEnds[1], $0.baseAddress, Int32($0.count), &pid)
+            }
         }
         close(pipeEnds[1])
+        // The VMM has its own copies now; ours would keep taps and passt alive after it exits.
+        networking.close()
         guard spawned == 0 else {
             throw .engine(name: name, reason: "cannot run \(vmmPath): \(String(cString: strerror(spawned)))", exitStatus: 1)
         }

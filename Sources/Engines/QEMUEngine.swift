@@ -61,7 +61,8 @@ public struct QEMUEngine: Engine {
     static func quoted(_ value: String) -> String { value.split(separator: ",", omittingEmptySubsequences: false).joined(separator: ",,") }
 
     /// QEMU's command line for a definition (without the binary), descriptor 3 being the lock.
-    public static func arguments(_ definition: VMDefinition, bundle: VMBundle, accelerator: Accelerator, cpuModel: String? = nil) -> [String] {
+    public static func arguments(_ definition: VMDefinition, bundle: VMBundle, accelerator: Accelerator, cards: [PreparedCard],
+                                 cpuModel: String? = nil) -> [String] {
         let accel = accelerator == .tcg ? "tcg" : "kvm"
         var arguments = [
             "-name", quoted(definition.name), "-uuid", definition.uuid,
@@ -101,10 +102,15 @@ public struct QEMUEngine: Engine {
             device += ",bootindex=\(index + 1)"
             arguments += ["-drive", drive, "-device", device]
         }
-        for (index, network) in definition.networks.enumerated() {
+        for (index, card) in cards.enumerated() {
             let model = definition.diskBus == .sata ? "e1000" : "virtio-net-pci"
-            arguments += ["-netdev", "tap,id=net\(index),ifname=\(quoted(network.tap)),script=no,downscript=no",
-                          "-device", "\(model),netdev=net\(index),mac=\(network.mac)"]
+            let netdev: String
+            switch card.backend {
+            case let .tapName(name): netdev = "tap,id=net\(index),ifname=\(quoted(name)),script=no,downscript=no"
+            case let .tapDescriptor(slot, _): netdev = "tap,id=net\(index),fd=\(PreparedNetworking.inherited(slot))"
+            case let .streamDescriptor(slot): netdev = "stream,id=net\(index),server=off,addr.type=fd,addr.str=\(PreparedNetworking.inherited(slot))"
+            }
+            arguments += ["-netdev", netdev, "-device", "\(model),netdev=net\(index),mac=\(card.mac)"]
         }
         if definition.balloon { arguments += ["-device", "virtio-balloon-pci,id=balloon0,deflate-on-oom=on"] }
         if definition.entropyDevice { arguments += ["-device", "virtio-rng-pci"] }
@@ -117,7 +123,7 @@ public struct QEMUEngine: Engine {
         return arguments
     }
 
-    public func start(_ vm: EngineVM, lock: VMLock) throws(LibraryError) -> StartedVM {
+    public func start(_ vm: EngineVM, lock: VMLock, networking: PreparedNetworking) throws(LibraryError) -> StartedVM {
         let (bundle, definition, name) = (vm.bundle, vm.definition, vm.name)
         let binary = try checkedBinary(for: name)
         if let firmware = definition.firmware { try FirmwareFiles.check(firmware) }
@@ -138,21 +144,23 @@ public struct QEMUEngine: Engine {
         }
         if HostFiles.size(bundle.consoleLogPath) > 0 { _ = rename(bundle.consoleLogPath, bundle.consoleLogPath + ".1") }
         do {
-            let pid = try launch(binary, Self.arguments(definition, bundle: bundle, accelerator: accelerator), vm: vm, lock: lock)
+            let pid = try launch(binary, Self.arguments(definition, bundle: bundle, accelerator: accelerator, cards: networking.cards),
+                                 vm: vm, lock: lock, networking: networking)
             return StartedVM(pid: pid, warnings: warnings)
         } catch let .engine(_, reason, _) where accelerator != .tcg && reason.contains("MSR 0x10a") {
             // Some hosts' KVM (nested ones, this project's CI) refuse the ARCH_CAPABILITIES MSR
             // that `-cpu host` sets, and QEMU aborts. The guest then does without it (and assumes
             // the CPU vulnerable, enabling mitigations), which beats not starting.
-            let pid = try launch(binary, Self.arguments(definition, bundle: bundle, accelerator: accelerator, cpuModel: "host,-arch-capabilities"),
-                                 vm: vm, lock: lock)
+            let pid = try launch(binary, Self.arguments(definition, bundle: bundle, accelerator: accelerator, cards: networking.cards,
+                                                        cpuModel: "host,-arch-capabilities"),
+                                 vm: vm, lock: lock, networking: networking)
             warnings.append("this host's KVM refuses the ARCH_CAPABILITIES MSR; VM '\(name)' runs with `-cpu host,-arch-capabilities`")
             return StartedVM(pid: pid, warnings: warnings)
         }
     }
 
     /// Runs QEMU detached, holding the lock, and returns its pid once QMP says the machine runs.
-    func launch(_ binary: String, _ machine: [String], vm: EngineVM, lock: VMLock) throws(LibraryError) -> pid_t {
+    func launch(_ binary: String, _ machine: [String], vm: EngineVM, lock: VMLock, networking: PreparedNetworking) throws(LibraryError) -> pid_t {
         let (bundle, name) = (vm.bundle, vm.name)
         let arguments = [binary] + machine
         // Sockets of a run that was killed would make QEMU's bind fail.
@@ -165,7 +173,12 @@ public struct QEMUEngine: Engine {
         _ = header.withUnsafeMutableBytes { write(log, $0.baseAddress, $0.count) }
 
         var pid: pid_t = 0
-        let spawned = withCStrings(arguments) { argv in vireo_spawn_detached(binary, argv, log, lock.fd, -1, &pid) }
+        let inherit = networking.descriptors
+        let spawned = withCStrings(arguments) { argv in
+            inherit.withUnsafeBufferPointer {
+                vireo_spawn_detached_inheriting(binary, argv, log, lock.fd, -1, $0.baseAddress, Int32($0.count), &pid)
+            }
+        }
         guard spawned == 0 else {
             throw .engine(name: name, reason: "cannot run \(binary): \(String(cString: strerror(spawned)))", exitStatus: 1)
         }
@@ -264,9 +277,11 @@ public struct QEMUEngine: Engine {
                                    readBytes: entry.stats.rd_bytes, writtenBytes: entry.stats.wr_bytes)
         }
         // The tap's counters, turned round: what the host sends is what the guest receives.
-        let networks = vm.definition.networks.map { card in
-            let value = { (name: String) in ProcessFacts.number("/sys/class/net/\(card.tap)/statistics/\(name)") }
-            return VMCounters.Network(tap: card.tap, mac: card.mac, rxFrames: value("tx_packets"), rxBytes: value("tx_bytes"),
+        // passt's stream has no host interface to count on: it shows zeros.
+        let networks = vm.definition.networks.enumerated().map { index, card in
+            let interface = HostNetworks.hostInterface(of: vm.definition, card: index) ?? "passt"
+            let value = { (name: String) in ProcessFacts.number("/sys/class/net/\(interface)/statistics/\(name)") }
+            return VMCounters.Network(tap: interface, mac: card.mac, rxFrames: value("tx_packets"), rxBytes: value("tx_bytes"),
                                       txFrames: value("rx_packets"), txBytes: value("rx_bytes"), droppedFrames: value("tx_dropped"))
         }
         var balloon: VMCounters.Balloon?

@@ -70,7 +70,19 @@ public struct VMManager: Sendable {
         let definition = try bundle.load()
         // A definition from an older Vireo (or edited by hand) meets today's rules before it runs.
         try VMLibrary.validate(definition)
-        return try engine(definition.engine).start(EngineVM(bundle: bundle, definition: definition), lock: lock)
+        let vm = EngineVM(bundle: bundle, definition: definition)
+        let networks = HostNetworks(library: library)
+        do {
+            let networking = try networks.prepare(vm)
+            var started = try engine(definition.engine).start(vm, lock: lock, networking: networking)
+            // Networks left up by VMs that powered themselves off since (no daemon saw them go).
+            started.warnings += networks.releaseIdle()
+            return started
+        } catch {
+            // Whatever this start brought up for nothing goes down again (its taps already have).
+            networks.releaseIdle(failedStart: definition.uuid)
+            throw error
+        }
     }
 
     public enum StopOutcome: Sendable, Equatable {
@@ -82,7 +94,14 @@ public struct VMManager: Sendable {
     /// Stops a VM: asks the guest (the ACPI power button; Ctrl-Alt-Del for kvm VMs without ACPI)
     /// and waits `timeout` seconds, or with `force` powers it off, killing the engine process if
     /// it does not go. A guest that ignores the request keeps running and this throws.
-    public func stop(_ name: String, force: Bool, timeout: Double) throws(LibraryError) -> StopOutcome {
+    public func stop(_ name: String, force: Bool, timeout: Double) throws(LibraryError) -> (outcome: StopOutcome, warnings: [String]) {
+        let outcome = try stopEngine(name, force: force, timeout: timeout)
+        // Networks nothing uses any more go down, and the VM's forwards leave the firewall; the
+        // VM is stopped whatever happens there, so failures are warnings.
+        return (outcome, HostNetworks(library: library).releaseIdle())
+    }
+
+    func stopEngine(_ name: String, force: Bool, timeout: Double) throws(LibraryError) -> StopOutcome {
         guard timeout > 0, timeout.isFinite else { throw .invalidValue(field: "--timeout", reason: "\(timeout) is not a number of seconds above 0") }
         let bundle = try library.bundle(named: name)
         let status = library.status(of: bundle)
@@ -217,4 +236,96 @@ public struct VMManager: Sendable {
         try bundle.save(definition)
         return .ejectedRunning
     }
+
+    // MARK: network cards and forwards
+
+    /// Adds a card to a stopped VM.
+    public func addCard(_ name: String, _ card: NetworkAttachment) throws(LibraryError) -> VMDefinition {
+        try library.update(name, action: "add a network card to") { (definition, _) throws(LibraryError) in
+            var changed = definition
+            changed.networks.append(card)
+            try VMLibrary.validate(changed)
+            try library.checkNetworks(changed, previous: definition)
+            definition = changed
+        }
+    }
+
+    /// Removes a stopped VM's card, by index or MAC.
+    public func removeCard(_ name: String, _ which: String) throws(LibraryError) -> NetworkAttachment {
+        var removed: NetworkAttachment?
+        _ = try library.update(name, action: "remove a network card from") { (definition, _) throws(LibraryError) in
+            let index = Int(which).flatMap { definition.networks.indices.contains($0) ? $0 : nil }
+                ?? definition.networks.firstIndex { $0.mac.lowercased() == which.lowercased() }
+            guard let index else {
+                throw .invalidValue(field: "CARD", reason: "VM '\(name)' has no card \(which) (its cards: \(definition.networks.enumerated().map { "\($0.offset) \($0.element.mac)" }.joined(separator: ", ").nonEmpty ?? "none"))")
+            }
+            removed = definition.networks.remove(at: index)
+        }
+        guard let removed else { throw .invalidValue(field: "CARD", reason: "nothing removed") }
+        return removed
+    }
+
+    public enum ForwardChange: Sendable { case add(PortForward, card: Int?), remove(PortForward) }
+
+    /// Adds or removes a port forward on a stopped VM, or on a running one whose card is on a
+    /// Vireo network (the firewall changes at once). passt takes its forwards when it starts, so
+    /// a running VM's user card is refused.
+    public func changeForward(_ name: String, _ change: ForwardChange) throws(LibraryError) -> VMDefinition {
+        let bundle = try library.bundle(named: name)
+        let apply = { (definition: VMDefinition) throws(LibraryError) -> VMDefinition in
+            var changed = definition
+            switch change {
+            case let .add(forward, card):
+                let index: Int
+                if let card {
+                    guard changed.networks.indices.contains(card) else {
+                        throw .invalidValue(field: "--nic", reason: "VM '\(name)' has no card \(card) (it has \(changed.networks.count))")
+                    }
+                    index = card
+                } else {
+                    guard let first = changed.networks.firstIndex(where: { $0.attachment.acceptsForwards }) else {
+                        throw .invalidValue(field: "FORWARD", reason: "VM '\(name)' has no nat, network or user card to forward ports to")
+                    }
+                    index = first
+                }
+                changed.networks[index].forwards.append(forward)
+            case let .remove(forward):
+                guard let index = changed.networks.firstIndex(where: { $0.forwards.contains(forward) }) else {
+                    let all = changed.networks.flatMap(\.forwards).map(\.description).joined(separator: ", ")
+                    throw .invalidValue(field: "FORWARD", reason: "VM '\(name)' does not forward \(forward) (it forwards: \(all.isEmpty ? "nothing" : all))")
+                }
+                changed.networks[index].forwards.removeAll { $0 == forward }
+            }
+            try VMLibrary.validate(changed)
+            return changed
+        }
+        if library.status(of: bundle).state.isOff {
+            return try library.update(name, action: "change the forwards of") { (definition, _) throws(LibraryError) in
+                let changed = try apply(definition)
+                try library.checkNetworks(changed, previous: definition)
+                definition = changed
+            }
+        }
+        // Running: the definition is rewritten beside the running process (which never reads it
+        // again), under the network lock that also orders firewall changes.
+        let networks = HostNetworks(library: library)
+        return try networks.store.locked { () throws(LibraryError) -> VMDefinition in
+            let definition = try bundle.load()
+            let changed = try apply(definition)
+            for (before, after) in zip(definition.networks, changed.networks) where before.forwards != after.forwards && after.attachment == .user {
+                throw .wrongState(name: name, state: "running", action: "change the forwards of a user-mode card of", hint: "passt takes its forwards when the VM starts; stop the VM, change them, and start it again")
+            }
+            try library.checkNetworks(changed, previous: definition)
+            try bundle.save(changed)
+            do throws(LibraryError) { try networks.applyFirewall() } catch {
+                try? bundle.save(definition)
+                throw error
+            }
+            return changed
+        }
+    }
+}
+
+extension String {
+    var nonEmpty: String? { isEmpty ? nil : self }
 }

@@ -62,6 +62,17 @@ public enum HostFiles {
         syncDirectory(of: path)
     }
 
+    /// Writes a kernel setting (a /proc/sys or /sys file), which cannot be replaced by rename.
+    public static func writeInPlace(_ text: String, to path: String) throws(LibraryError) {
+        let fd = open(path, O_WRONLY | O_TRUNC | O_CLOEXEC)
+        guard fd >= 0 else { throw .io(operation: "open", path: path, errno: errno) }
+        defer { close(fd) }
+        let bytes = Array(text.utf8)
+        guard bytes.withUnsafeBytes({ write(fd, $0.baseAddress, $0.count) }) == bytes.count else {
+            throw .io(operation: "write", path: path, errno: errno)
+        }
+    }
+
     public static func syncDirectory(of path: String) {
         let directory = parent(of: path)
         let fd = open(directory, O_RDONLY | O_DIRECTORY | O_CLOEXEC)

@@ -22,6 +22,9 @@ public enum LibraryError: Error, CustomStringConvertible, Sendable {
     case control(name: String, code: String, message: String)
     /// The VM's engine cannot do `action` at all (not in this state: for any VM it runs).
     case unsupported(name: String, engine: String, action: String, hint: String)
+    /// The host side of a network could not be made or changed (a bridge, dnsmasq, nftables,
+    /// passt); `exitStatus` 2 when the user can fix it (a missing tool, a bridge that is not there).
+    case network(name: String, reason: String, exitStatus: Int32)
 
     public var description: String {
         switch self {
@@ -37,6 +40,7 @@ public enum LibraryError: Error, CustomStringConvertible, Sendable {
         case let .engine(name, reason, _): return "VM '\(name)': \(reason)"
         case let .control(name, _, message): return "VM '\(name)': \(message)"
         case let .unsupported(name, engine, action, hint): return "cannot \(action) VM '\(name)': the \(engine) engine cannot do that; \(hint)"
+        case let .network(name, reason, _): return "network '\(name)': \(reason)"
         }
     }
 
@@ -44,7 +48,7 @@ public enum LibraryError: Error, CustomStringConvertible, Sendable {
     public var exitStatus: Int32 {
         switch self {
         case .invalidName, .invalidValue, .notFound, .alreadyExists, .wrongState, .busy, .control, .unsupported: return 2
-        case let .engine(_, _, status): return status == 2 ? 2 : 1
+        case let .engine(_, _, status), let .network(_, _, status): return status == 2 ? 2 : 1
         case let .disk(error):
             switch error {
             case .invalidArgument, .alreadyExists, .inUse, .unsupported, .invalidImage: return 2

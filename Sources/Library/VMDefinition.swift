@@ -174,12 +174,39 @@ public struct DiskAttachment: Codable, Sendable, Equatable {
     public var isOwned: Bool { !path.hasPrefix("/") }
 }
 
+/// One network card: what it is plugged into, its MAC (kept for the card's life, as a real NIC's)
+/// and the host ports forwarded to it.
 public struct NetworkAttachment: Codable, Sendable, Equatable {
-    /// The host tap device the card is plugged into.
-    public var tap: String
+    public var attachment: NICAttachment
     public var mac: String
+    public var forwards: [PortForward]
 
-    public init(tap: String, mac: String) { self.tap = tap; self.mac = mac }
+    public init(_ attachment: NICAttachment, mac: String, forwards: [PortForward] = []) {
+        self.attachment = attachment; self.mac = mac; self.forwards = forwards
+    }
+
+    enum CodingKeys: String, CodingKey { case attachment, mac, forwards, tap }
+
+    public init(from decoder: any Decoder) throws {
+        let container = try decoder.container(keyedBy: CodingKeys.self)
+        mac = try container.decode(String.self, forKey: .mac)
+        forwards = try container.decodeIfPresent([PortForward].self, forKey: .forwards) ?? []
+        if let text = try container.decodeIfPresent(String.self, forKey: .attachment) {
+            do { attachment = try NICAttachment.parse(text, field: "attachment") } catch {
+                throw DecodingError.dataCorruptedError(forKey: .attachment, in: container, debugDescription: error.description)
+            }
+        } else {
+            // VMs defined before networks existed had only a tap.
+            attachment = .tap(try container.decode(String.self, forKey: .tap))
+        }
+    }
+
+    public func encode(to encoder: any Encoder) throws {
+        var container = encoder.container(keyedBy: CodingKeys.self)
+        try container.encode(attachment.description, forKey: .attachment)
+        try container.encode(mac, forKey: .mac)
+        if !forwards.isEmpty { try container.encode(forwards, forKey: .forwards) }
+    }
 }
 
 /// VirtualBox-style presets for the New VM wizard: what a guest of this kind usually needs.
@@ -242,6 +269,8 @@ public struct OSType: Sendable, Equatable {
 public enum VMName {
     public static let maximumLength = 64
     public static let rule = "1 to 64 characters: letters, digits, '.', '_' and '-', starting with a letter or digit"
+    /// Directories of the library that are not VMs.
+    public static let reserved: Set<String> = ["networks", "images"]
 
     public static func validate(_ name: String) throws(LibraryError) {
         guard !name.isEmpty, name.utf8.count <= maximumLength else {
@@ -253,6 +282,9 @@ public enum VMName {
         }
         guard allowed, let first = name.unicodeScalars.first, first != ".", first != "_", first != "-" else {
             throw .invalidName(name, reason: "must be \(rule)")
+        }
+        guard !reserved.contains(name) else {
+            throw .invalidName(name, reason: "'\(name)' is the name of the library's own \(name) directory; choose another")
         }
     }
 }

@@ -33,7 +33,8 @@ public struct CreateRequest: Sendable {
     public var initrd: String?
     public var commandLine: String?
     public var entropyDevice: Bool?
-    public var networks: [NetworkAttachment] = []
+    /// nil: one card on the `default` NAT network, as VirtualBox and libvirt give new VMs.
+    public var networks: [NetworkAttachment]?
     public var vsockCID: UInt64?
     public var balloon: Bool?
     public var acpi: Bool?
@@ -57,8 +58,8 @@ public struct ChangeRequest: Sendable {
     public var removeInitrd = false
     public var osType: String?
     public var entropyDevice: Bool?
-    /// Replaces every card; a card without an explicit MAC on a tap the VM already used keeps
-    /// that card's MAC, as a reconfigured NIC would.
+    /// Replaces every card; a card without an explicit MAC on an attachment the VM already used
+    /// keeps that card's MAC (and its forwards unless new ones are given), as a reconfigured NIC would.
     public var networks: [NetworkAttachment]?
     public var explicitMACs: [Bool] = []
     public var vsockCID: UInt64??
@@ -77,7 +78,7 @@ public struct ChangeRequest: Sendable {
     public var fields: [String] {
         [cpus != nil ? "--cpus" : nil, memoryBytes != nil ? "--memory" : nil, commandLine != nil ? "--cmdline" : nil,
          kernel != nil ? "--kernel" : nil, initrd != nil || removeInitrd ? "--initrd" : nil,
-         osType != nil ? "--ostype" : nil, entropyDevice != nil ? "--rng" : nil, networks != nil ? "--net" : nil,
+         osType != nil ? "--ostype" : nil, entropyDevice != nil ? "--rng" : nil, networks != nil ? "--nic" : nil,
          vsockCID != nil ? "--vsock-cid" : nil, balloon != nil ? "--balloon" : nil, acpi != nil ? "--acpi" : nil,
          onReboot != nil ? "--on-reboot" : nil, engine != nil ? "--engine" : nil, iso != nil ? "--iso" : nil,
          firmware != nil ? "--firmware" : nil, accelerator != nil ? "--accel" : nil].compactMap { $0 }
@@ -221,7 +222,7 @@ public struct VMLibrary: Sendable {
         if let memory = request.memoryBytes { definition.memoryBytes = memory }
         if let line = request.commandLine { definition.commandLine = line }
         if let rng = request.entropyDevice { definition.entropyDevice = rng }
-        definition.networks = request.networks
+        definition.networks = request.networks ?? [NetworkAttachment(.nat, mac: NetworkAttachment.randomMAC())]
         definition.vsockCID = request.vsockCID
         if let balloon = request.balloon { definition.balloon = balloon }
         if let acpi = request.acpi { definition.acpi = acpi }
@@ -241,6 +242,7 @@ public struct VMLibrary: Sendable {
         if request.kernel != nil { planned.kernel = "kernel" }
         if let attached { planned.disks = [attached] } else if !request.withoutDisk { planned.disks = [DiskAttachment(path: "disk0.qcow2", format: .qcow2)] }
         try Self.validate(planned)
+        try checkNetworks(planned, previous: nil)
 
         try prepareRoot()
         let final = root + "/" + request.name
@@ -320,6 +322,7 @@ public struct VMLibrary: Sendable {
         try validate(commandLine: definition.commandLine)
         try validate(onReboot: definition.onReboot)
         if let cid = definition.vsockCID { try validate(vsockCID: cid) }
+        try validate(networks: definition.networks)
         switch definition.engine {
         case .kvm:
             if definition.iso != nil {
@@ -345,6 +348,69 @@ public struct VMLibrary: Sendable {
             guard definition.disks.count <= limit else {
                 throw .invalidValue(field: "disks", reason: "\(definition.disks.count) disks is more than the \(limit) a qemu VM with \(definition.diskBus.rawValue) disks takes")
             }
+        }
+    }
+
+    /// Each card's MAC (unicast, unique in the VM) and forwards (only where the host can forward,
+    /// each host port once, privileged ports only for root).
+    public static func validate(networks: [NetworkAttachment]) throws(LibraryError) {
+        var macs = Set<String>(), ports = Set<String>()
+        for (index, card) in networks.enumerated() {
+            guard let bytes = NetworkAttachment.macBytes(card.mac), bytes[0] & 1 == 0, bytes != [0, 0, 0, 0, 0, 0] else {
+                throw .invalidValue(field: "--nic", reason: "card \(index): '\(card.mac)' is not a unicast MAC address like 52:54:00:12:34:56")
+            }
+            guard macs.insert(card.mac.lowercased()).inserted else {
+                throw .invalidValue(field: "--nic", reason: "card \(index): MAC \(card.mac) is already another card's")
+            }
+            if !card.forwards.isEmpty, !card.attachment.acceptsForwards {
+                throw .invalidValue(field: "--forward", reason: "card \(index) is on \(card.attachment); ports can be forwarded only to nat, network:NAME and user cards (a bridged or tap card is reached directly)")
+            }
+            for forward in card.forwards {
+                guard ports.insert("\(forward.proto.rawValue):\(forward.hostPort)").inserted else {
+                    throw .invalidValue(field: "--forward", reason: "host port \(forward.proto.rawValue) \(forward.hostPort) is forwarded twice")
+                }
+                if forward.hostPort < 1024, geteuid() != 0 {
+                    throw .invalidValue(field: "--forward", reason: "\(forward): host ports below 1024 need root; choose a port from 1024 up")
+                }
+            }
+        }
+    }
+
+    /// The rules that need the rest of the library: the networks cards name exist, no other VM
+    /// has a card with the same MAC, no other VM forwards the same host port, and ports newly
+    /// forwarded are free on this host.
+    public func checkNetworks(_ definition: VMDefinition, previous: VMDefinition?) throws(LibraryError) {
+        let store = NetworkStore(libraryRoot: root)
+        for card in definition.networks {
+            if case let .network(name) = card.attachment, !store.exists(name) {
+                throw .invalidValue(field: "--nic", reason: "no network named '\(name)' (see `vireo network list`; `vireo network create \(name)` makes one)")
+            }
+            if case let .bridge(name) = card.attachment, !HostFiles.isDirectory("/sys/class/net/\(name)/bridge") {
+                throw .invalidValue(field: "--nic", reason: HostFiles.exists("/sys/class/net/\(name)")
+                    ? "\(name) is not a bridge; bridge:NAME needs a host bridge (see `ip -d link show type bridge`)"
+                    : "no bridge named \(name) on this host; make one (`ip link add \(name) type bridge`, with the LAN's interface in it) or use --nic nat")
+            }
+            if case .user = card.attachment, HostTools.find("passt") == nil {
+                throw .invalidValue(field: "--nic", reason: "user-mode networking needs passt, which is not installed; install Debian's `passt` package, or use --nic nat")
+            }
+            if case let .network(name) = card.attachment, !card.forwards.isEmpty, (try? store.load(name))?.mode == .internal {
+                throw .invalidValue(field: "--forward", reason: "network '\(name)' is internal: the host has no address on it to forward from")
+            }
+        }
+        let mine = Set(definition.networks.map { $0.mac.lowercased() })
+        let myPorts = Set(definition.networks.flatMap(\.forwards).map { "\($0.proto.rawValue):\($0.hostPort)" })
+        for other in (try? names()) ?? [] where other != definition.name {
+            guard let theirs = try? VMBundle(directory: root + "/" + other).load() else { continue }
+            if let card = theirs.networks.first(where: { mine.contains($0.mac.lowercased()) }) {
+                throw .invalidValue(field: "--nic", reason: "MAC \(card.mac) is already VM '\(other)''s; leave out mac= to get a new one")
+            }
+            if let forward = theirs.networks.flatMap(\.forwards).first(where: { myPorts.contains("\($0.proto.rawValue):\($0.hostPort)") }) {
+                throw .invalidValue(field: "--forward", reason: "host port \(forward.proto.rawValue) \(forward.hostPort) is already forwarded to VM '\(other)'")
+            }
+        }
+        let before = Set(previous?.networks.flatMap(\.forwards) ?? [])
+        for forward in definition.networks.flatMap(\.forwards) where !before.contains(forward) {
+            try PortForward.checkFree(forward)
         }
     }
 
@@ -422,7 +488,7 @@ public struct VMLibrary: Sendable {
     public func change(_ name: String, _ request: ChangeRequest) throws(LibraryError) -> VMDefinition {
         let fields = request.fields
         guard !fields.isEmpty else {
-            throw .invalidValue(field: "vireo set", reason: "nothing to change; give at least one of --cpus, --memory, --cmdline, --kernel, --initrd, --no-initrd, --ostype, --rng/--no-rng, --net, --no-net, --vsock-cid, --no-vsock, --balloon/--no-balloon, --acpi, --on-reboot, --engine, --iso, --firmware, --accel")
+            throw .invalidValue(field: "vireo set", reason: "nothing to change; give at least one of --cpus, --memory, --cmdline, --kernel, --initrd, --no-initrd, --ostype, --rng/--no-rng, --nic, --no-nic, --forward, --vsock-cid, --no-vsock, --balloon/--no-balloon, --acpi, --on-reboot, --engine, --iso, --firmware, --accel")
         }
         if request.initrd != nil && request.removeInitrd { throw .invalidValue(field: "--initrd", reason: "--initrd and --no-initrd contradict each other") }
         if let kernel = request.kernel { try Self.validate(kernel: kernel) }
@@ -447,8 +513,8 @@ public struct VMLibrary: Sendable {
                 let previous = definition.networks
                 changed.networks = networks.enumerated().map { index, card in
                     let explicit = index < request.explicitMACs.count && request.explicitMACs[index]
-                    guard !explicit, let kept = previous.first(where: { $0.tap == card.tap }) else { return card }
-                    return kept
+                    guard !explicit, let kept = previous.first(where: { $0.attachment == card.attachment }) else { return card }
+                    return NetworkAttachment(card.attachment, mac: kept.mac, forwards: card.forwards.isEmpty ? kept.forwards : card.forwards)
                 }
             }
             if let engine = request.engine {
@@ -465,6 +531,7 @@ public struct VMLibrary: Sendable {
                 throw .invalidValue(field: "--accel", reason: "the kvm engine always uses KVM; --accel is for the qemu engine")
             }
             try Self.validate(changed)
+            try checkNetworks(changed, previous: definition)
             // Now the files: the kernel and initrd copies, and a variable store for UEFI.
             if let kernel = request.kernel { try Self.installFile(kernel, as: "kernel", in: bundle) }
             if let initrd = request.initrd { try Self.installFile(initrd, as: "initrd", in: bundle) }
@@ -611,6 +678,10 @@ public struct VMLibrary: Sendable {
             definition.createdAt = Int64(time(nil))
             // A clone is a new machine to its guest: a new generation ID makes it reseed its RNG.
             definition.generationID = VMDefinition.newGenerationID()
+            // ... and new network cards on the same networks, as VirtualBox's clone gives by
+            // default: two VMs with one MAC confuse every switch and DHCP server. Host ports stay
+            // the original's (one port cannot be forwarded to two VMs).
+            definition.networks = original.networks.map { NetworkAttachment($0.attachment, mac: NetworkAttachment.randomMAC()) }
             if linked, let external = original.disks.first(where: { !$0.isOwned && !$0.readOnly }) {
                 throw .invalidValue(field: "--linked", reason: "VM '\(source)' has the writable disk \(external.path) outside its directory; a linked clone would freeze it. Make a full clone, or attach it read-only")
             }

@@ -155,7 +155,7 @@ final class ControlServer: @unchecked Sendable {
             })
             object.add("networks", machine.networkCards.map { card in
                 var entry = JSONObject()
-                entry.add("tap", card.tap.name)
+                entry.add("tap", card.backend.name)
                 entry.add("mac", card.mac.description)
                 entry.add("rx_frames", card.receivedFrames.load(ordering: .relaxed))
                 entry.add("rx_bytes", card.receivedBytes.load(ordering: .relaxed))

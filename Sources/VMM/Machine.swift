@@ -112,7 +112,13 @@ public final class Machine: @unchecked Sendable {
         for network in configuration.networks {
             let mac = network.mac.flatMap(MACAddress.init) ?? MACAddress.random()
             do {
-                networkCards.append(try VirtioNet(tap: try TapDevice(name: network.tap), mac: mac, rateLimit: network.rateLimit))
+                let backend: any FrameBackend
+                switch network.backend {
+                case let .tap(name): backend = try TapDevice(name: name)
+                case let .tapDescriptor(fd): backend = try TapDevice(descriptor: fd)
+                case let .streamDescriptor(fd): backend = try StreamFrameBackend(descriptor: fd, name: "stream")
+                }
+                networkCards.append(try VirtioNet(backend: backend, mac: mac, rateLimit: network.rateLimit, offloads: network.offloads))
             } catch {
                 throw .invalidConfiguration(field: "--net", reason: error.description)
             }
@@ -238,7 +244,7 @@ public final class Machine: @unchecked Sendable {
                 blockDevices.append((disk.configuration.path, block))
                 virtio.append((block, "virtio-blk \(disk.configuration.path)"))
             }
-            virtio += networkCards.map { ($0, "virtio-net \($0.tap.name)") }
+            virtio += networkCards.map { ($0, "virtio-net \($0.backend.name)") }
             if let vsock { virtio.append((vsock, "virtio-vsock")) }
             if let balloon { virtio.append((balloon, "virtio-balloon")) }
             if let entropy { virtio.append((entropy, "virtio-rng")) }
@@ -356,7 +362,7 @@ public final class Machine: @unchecked Sendable {
                    + "\(disk.device.bytesRead.load(ordering: .relaxed)) bytes read, \(disk.device.bytesWritten.load(ordering: .relaxed)) bytes written")
         }
         for card in networkCards {
-            vmmLog("virtio-net \(card.tap.name): \(card.receivedFrames.load(ordering: .relaxed)) frames in, "
+            vmmLog("virtio-net \(card.backend.name): \(card.receivedFrames.load(ordering: .relaxed)) frames in, "
                    + "\(card.transmittedFrames.load(ordering: .relaxed)) frames out, \(card.droppedFrames.load(ordering: .relaxed)) dropped")
         }
         if let vsock {

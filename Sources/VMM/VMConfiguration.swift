@@ -69,23 +69,52 @@ public struct DiskConfiguration: Equatable, Sendable {
     }
 }
 
-/// One `--net tap:NAME[,mac=XX:XX:XX:XX:XX:XX]`: a virtio-net card on a host tap device.
+/// One `--net BACKEND[,mac=XX:XX:XX:XX:XX:XX]`: a virtio-net card on a host tap device (by name,
+/// or a descriptor the parent opened) or on a frame stream (passt's socket, by descriptor).
 public struct NetworkConfiguration: Equatable, Sendable {
-    public var tap: String
+    public enum Backend: Equatable, Sendable, CustomStringConvertible {
+        case tap(String)
+        case tapDescriptor(Int32)
+        case streamDescriptor(Int32)
+
+        public var description: String {
+            switch self {
+            case let .tap(name): return "tap:" + name
+            case let .tapDescriptor(fd): return "tap-fd:\(fd)"
+            case let .streamDescriptor(fd): return "stream-fd:\(fd)"
+            }
+        }
+    }
+
+    public var backend: Backend
     /// Nil: a random locally administered address for this run.
     public var mac: String?
     public var rateLimit = RateLimit()
+    /// Checksum and segmentation offloads offered to the guest (where the backend can carry them).
+    public var offloads = true
 
-    public init(tap: String, mac: String? = nil) { self.tap = tap; self.mac = mac }
+    public init(tap: String, mac: String? = nil) { backend = .tap(tap); self.mac = mac }
+    public init(backend: Backend, mac: String? = nil) { self.backend = backend; self.mac = mac }
+
+    static let syntax = "tap:NAME, tap-fd:N or stream-fd:N, then [,mac=XX:XX:XX:XX:XX:XX]"
 
     public init(parsing text: String) throws(VMMError) {
         let parts = text.split(separator: ",", omittingEmptySubsequences: false).map(String.init)
-        guard let first = parts.first, first.hasPrefix("tap:"), first.count > 4 else {
-            throw .invalidConfiguration(field: "--net", reason: "'\(text)' is not tap:NAME[,mac=XX:XX:XX:XX:XX:XX] (only tap backends exist)")
-        }
-        tap = String(first.dropFirst(4))
-        guard tap.utf8.count <= 15, tap.utf8.allSatisfy({ $0 > 0x20 && $0 < 0x7f && $0 != UInt8(ascii: "/") }) else {
-            throw .invalidConfiguration(field: "--net", reason: "tap name '\(tap)' must be 1 to 15 printable characters without '/' or spaces")
+        let first = parts.first ?? ""
+        if first.hasPrefix("tap:"), first.count > 4 {
+            let tap = String(first.dropFirst(4))
+            guard tap.utf8.count <= 15, tap.utf8.allSatisfy({ $0 > 0x20 && $0 < 0x7f && $0 != UInt8(ascii: "/") }) else {
+                throw .invalidConfiguration(field: "--net", reason: "tap name '\(tap)' must be 1 to 15 printable characters without '/' or spaces")
+            }
+            backend = .tap(tap)
+        } else if first.hasPrefix("tap-fd:") || first.hasPrefix("stream-fd:") {
+            let number = first.drop(while: { $0 != ":" }).dropFirst()
+            guard let fd = Int32(number), fd >= 3, fd < 65536 else {
+                throw .invalidConfiguration(field: "--net", reason: "'\(first)' needs an inherited descriptor number from 3 up")
+            }
+            backend = first.hasPrefix("tap-fd:") ? .tapDescriptor(fd) : .streamDescriptor(fd)
+        } else {
+            throw .invalidConfiguration(field: "--net", reason: "'\(text)' is not \(Self.syntax)")
         }
         for option in parts.dropFirst() {
             if option.hasPrefix("mac=") {
@@ -96,8 +125,12 @@ public struct NetworkConfiguration: Equatable, Sendable {
                 mac = value
                 continue
             }
+            if option == "offload=on" || option == "offload=off" {
+                offloads = option == "offload=on"
+                continue
+            }
             if try rateLimit.parse(option, field: "--net", operations: "pps") { continue }
-            throw .invalidConfiguration(field: "--net", reason: "unknown option '\(option)' in '\(text)'; allowed: mac=XX:XX:XX:XX:XX:XX, bps=, bps-burst=, pps=, pps-burst=")
+            throw .invalidConfiguration(field: "--net", reason: "unknown option '\(option)' in '\(text)'; allowed: mac=XX:XX:XX:XX:XX:XX, offload=on|off, bps=, bps-burst=, pps=, pps-burst=")
         }
         try rateLimit.validate(field: "--net", operations: "pps")
     }

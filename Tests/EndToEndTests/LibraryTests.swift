@@ -19,15 +19,25 @@ final class TestLibrary: @unchecked Sendable {
 
     @discardableResult
     func vireo(_ arguments: String..., timeout: TimeInterval = 60) -> Harness.Completed {
-        Harness.run([Harness.vireo] + arguments, timeout: timeout, environment: ["VIREO_HOME": root.path])
+        Harness.run([Harness.vireo] + Self.withoutDefaultNetwork(arguments), timeout: timeout, environment: ["VIREO_HOME": root.path])
     }
 
     func vireo(arguments: [String], timeout: TimeInterval = 60) -> Harness.Completed {
-        Harness.run([Harness.vireo] + arguments, timeout: timeout, environment: ["VIREO_HOME": root.path])
+        Harness.run([Harness.vireo] + Self.withoutDefaultNetwork(arguments), timeout: timeout, environment: ["VIREO_HOME": root.path])
     }
 
     func start(_ arguments: [String]) -> RunningProcess {
-        RunningProcess([Harness.vireo] + arguments, environment: ["VIREO_HOME": root.path])
+        RunningProcess([Harness.vireo] + Self.withoutDefaultNetwork(arguments), environment: ["VIREO_HOME": root.path])
+    }
+
+    /// These tests run in the host's own network namespace, where no test may bring up a network:
+    /// a VM created without a word about cards gets none (instead of the default NAT card).
+    /// NetworkTests say what they want, inside namespaces they make.
+    static func withoutDefaultNetwork(_ arguments: [String]) -> [String] {
+        guard arguments.first == "create", !arguments.contains(where: { ["--nic", "--net", "--no-nic", "--no-net", "--forward"].contains($0) }) else {
+            return arguments
+        }
+        return arguments + ["--no-nic"]
     }
 
     func consoleLog(_ name: String) -> String {

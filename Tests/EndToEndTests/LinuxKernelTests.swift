@@ -132,42 +132,51 @@ struct LinuxKernelTests {
         #expect(check.status == 0, "\(check.stdout)")
     }
 
-    @Test("a library VM running Linux with ACPI: pause freezes the boot, resume finishes it to /init; its virtio-rng feeds the kernel; the panic's reboot (ACPI reset register) boots it again in the same process",
+    @Test("a library VM running Linux with ACPI on the default NAT network: pause freezes the boot, resume finishes it; the kernel's ip=dhcp gets its address from the network's dnsmasq and `vireo list` shows it; its virtio-rng feeds the kernel; the panic's reboot (ACPI reset register) boots it again in the same process",
           .timeLimit(.minutes(25)))
     func managedLinuxVM() throws {
-        let library = try TestLibrary()
+        // In namespaces of its own (NetworkTests' lab): the VM's nat card brings up the default
+        // network there, never on the host.
+        let lab = try NetworkLab()
+        let library = lab.library
         let kernel = try Self.acpiKernelDirectory.get().appendingPathComponent("vmlinux")
         let initramfs = try Self.makeInitramfs(in: try Harness.temporaryDirectory())
-        let created = library.vireo("create", "tux", "--ostype", "linux-64", "--kernel", kernel.path, "--initrd", initramfs.path,
-                                    "--memory", "256M", "--no-disk",
-                                    "--cmdline", "console=ttyS0 \(try Self.acpiEmulatorSafeOptions()) panic=1 reboot=acpi")
+        let created = lab.vireo("create", "tux", "--ostype", "linux-64", "--kernel", kernel.path, "--initrd", initramfs.path,
+                                "--memory", "256M", "--no-disk", "--nic", "nat",
+                                "--cmdline", "console=ttyS0 \(try Self.acpiEmulatorSafeOptions()) ip=dhcp panic=1 reboot=acpi")
         #expect(created.status == 0, "\(created.stderr)")
-        let started = library.vireo("start", "tux")
+        let started = lab.vireo("start", "tux")
         #expect(started.status == 0, "\(started.stderr)")
         #expect(library.waitFor(300) { library.consoleLog("tux").contains("Linux version") }, "\(library.consoleLog("tux").suffix(2000))")
 
-        #expect(library.vireo("pause", "tux").status == 0)
+        #expect(lab.vireo("pause", "tux").status == 0)
         let frozen = library.consoleLog("tux")
         Thread.sleep(forTimeInterval: 3)
         #expect(library.consoleLog("tux") == frozen, "the kernel printed while paused")
         #expect(library.state("tux") == "paused")
-        #expect(library.vireo("resume", "tux").status == 0)
+        #expect(lab.vireo("resume", "tux").status == 0)
 
         #expect(library.waitFor(900) { library.consoleLog("tux").contains("Run /init as init process") },
                 "\(library.consoleLog("tux").suffix(3000))")
+        // Linux's own DHCP client, through the tap, the bridge and the network's dnsmasq.
+        let console = library.consoleLog("tux")
+        let answer = try #require(console.range(of: "IP-Config: Got DHCP answer from 192.168.122.1, my address is "), "\(console.suffix(3000))")
+        let address = String(console[answer.upperBound...].prefix { $0.isNumber || $0 == "." })
+        #expect(address.hasPrefix("192.168.122."), "\(address)")
+        #expect(lab.listedAddresses()["tux"] == [address], "\(lab.listedAddresses())")
         // init dies (no system calls here), the kernel panics and reboots through the ACPI reset
         // register, and the VM boots again in the same process: a second banner, boot 2.
         #expect(library.waitFor(300) { library.consoleLog("tux").components(separatedBy: "Linux version").count - 1 >= 2 },
                 "\(library.consoleLog("tux").suffix(3000))")
         #expect(library.state("tux") == "running")
-        let info = library.vireo("info", "tux", "--json").stdout
+        let info = lab.vireo("info", "tux", "--json").stdout
         let process = (try? JSONSerialization.jsonObject(with: Data(info.utf8)) as? [String: Any])?["process"] as? [String: Any]
         #expect(process?["boots"] as? Int == 2, "\(info)")
         let vmmLog = (try? String(contentsOf: library.root.appendingPathComponent("tux/vmm.log"), encoding: .utf8)) ?? ""
         #expect(vmmLog.contains("guest reset the machine through the ACPI reset register"), "\(vmmLog)")
         #expect(vmmLog.contains("guest rebooted; boot 2 starts"), "\(vmmLog)")
         #expect(Self.acpiComplaints(library.consoleLog("tux")).isEmpty, "\(Self.acpiComplaints(library.consoleLog("tux")))")
-        #expect(library.vireo("stop", "tux", "--force").status == 0)
+        #expect(lab.vireo("stop", "tux", "--force").status == 0)
         // Linux's own virtio-rng driver (hw_random, quality 1000) drew entropy from the device.
         let finalLog = (try? String(contentsOf: library.root.appendingPathComponent("tux/vmm.log"), encoding: .utf8)) ?? ""
         let provided = finalLog.components(separatedBy: "virtio-rng: provided ").last?.prefix { $0.isNumber } ?? ""

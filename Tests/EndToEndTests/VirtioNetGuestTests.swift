@@ -62,7 +62,7 @@ struct VirtioNetGuestTests {
         try Harness.requireKVM()
         let probe = try Harness.probe("pvh")
         let cases: [(String, String)] = [
-            ("bridge:br0", "--net: 'bridge:br0' is not tap:NAME[,mac=XX:XX:XX:XX:XX:XX] (only tap backends exist)"),
+            ("bridge:br0", "--net: 'bridge:br0' is not tap:NAME, tap-fd:N or stream-fd:N, then [,mac=XX:XX:XX:XX:XX:XX]"),
             ("tap:x,mac=01:00:00:00:00:01", "--net: mac '01:00:00:00:00:01' is not six hex pairs like 52:54:00:12:34:56 with an even (unicast) first byte"),
             ("tap:x,mac=zz", "--net: mac 'zz' is not six hex pairs"),
             ("tap:averyveryverylongname", "--net: tap name 'averyveryverylongname' must be 1 to 15 printable characters"),
@@ -104,5 +104,69 @@ struct VirtioNetGuestTests {
             #expect(console.contains("net: mac=\(mac) link=1"), "run \(run): \(console)")
             #expect(console.contains("payload=vireo-pong vireo-ping"), "run \(run): \(console)")
         }
+    }
+
+    /// The probe's TCP server with tso=1 through a tap: it answers "big" with 4000 bytes handed
+    /// over as one segment (partial checksum, GSO_TCPV4), and reports how the host's 4000 bytes
+    /// arrived. Returns the probe's console and what the host received.
+    func offloadExchange(offloads: Bool) throws -> (console: String, fromGuest: Data, reply: String, expected: String) {
+        let namespace = try NetworkNamespace(address: "10.0.9.1/24")
+        let guest = RunningProcess(namespace.inside([Harness.vireo, "run", "--kernel", try Harness.probe("pvh"), "--memory", "64M",
+                                                     "--net", "tap:\(namespace.tap)" + (offloads ? "" : ",offload=off"),
+                                                     "--cmdline", "console=ttyS0 probe=ip addr=10.0.9.2/24 serve=9000 tso=1"]))
+        defer { guest.signal(SIGKILL); _ = guest.wait(timeout: 5) }
+        #expect(guest.waitForOutput("ip: serving tcp and udp port 9000", timeout: 30), "\(guest.stdout) \(guest.stderr)")
+        let script = """
+            import socket, sys
+            s = socket.create_connection(("10.0.9.2", 9000), timeout=10)
+            s.sendall(b"big")
+            got = b""
+            while len(got) < 4000:
+                chunk = s.recv(65536)
+                if not chunk: break
+                got += chunk
+            sys.stdout.buffer.write(got[:4000].hex().encode() + b"\\n")
+            bulk = bytes((i * 7 + 3) % 256 for i in range(4000))
+            h = 2166136261
+            for b in bulk: h = ((h ^ b) * 16777619) & 0xffffffff
+            s.sendall(bulk)
+            print(s.recv(100).decode())
+            print("ok:4000:%08x" % h)
+            """
+        let host = Harness.run(namespace.inside(["python3", "-c", script]), timeout: 30)
+        let lines = host.stdout.split(separator: "\n").map(String.init)
+        #expect(lines.count == 3, "\(host.stdout) \(host.stderr)")
+        let fromGuest = lines.first.flatMap { hex in
+            Data(stride(from: 0, to: hex.count - 1, by: 2).compactMap { UInt8(hex.dropFirst($0).prefix(2), radix: 16) })
+        } ?? Data()
+        _ = guest.waitForOutput("ip: bulk received", timeout: 10)
+        return (guest.stdout, fromGuest, lines.count > 1 ? lines[1] : "", lines.count > 2 ? lines[2] : "-")
+    }
+
+    @Test("offloads: with a Linux-like driver's features (checksum, TSO, mergeable buffers) a 4000-byte segment goes to the host whole with a partial checksum, and the host's segments arrive in one frame over several receive buffers")
+    func offloadsThroughTheTap() throws {
+        try Harness.requireKVM()
+        let pattern = Data((0..<4000).map { UInt8(ascii: "a") + UInt8($0 % 26) })
+        // Without TSO the probe sends 1400-byte segments, the pattern restarting in each.
+        let segmented = Data((0..<4000).map { UInt8(ascii: "a") + UInt8(($0 % 1400) % 26) })
+        let on = try offloadExchange(offloads: true)
+        // CSUM | GUEST_CSUM | GUEST_TSO4 | HOST_TSO4 | MRG_RXBUF, with MAC and STATUS.
+        #expect(on.console.contains("net: features=0x188a3"), "\(on.console)")
+        #expect(on.console.contains("ip: sent 4000 bytes in one segment"))
+        #expect(on.fromGuest == pattern, "the host got \(on.fromGuest.count) bytes")
+        #expect(on.reply == on.expected, "guest: \(on.reply), host: \(on.expected)")
+        let merged = try #require(on.console.range(of: #"largest frame (\d+) in (\d+) buffers"#, options: .regularExpression).map { String(on.console[$0]) })
+        let numbers = merged.split(separator: " ").compactMap { Int($0) }
+        #expect(numbers.count == 2 && numbers[0] > 1514 && numbers[1] >= 2, "\(merged): the host's segments should come as one big frame")
+
+        // offload=off: only mergeable buffers are offered; the host segments to the MTU itself.
+        let off = try offloadExchange(offloads: false)
+        #expect(off.console.contains("net: features=0x18020"), "\(off.console)")
+        #expect(off.console.contains("ip: sent 4000 bytes in 3 segments"))
+        #expect(off.fromGuest == segmented, "the host got \(off.fromGuest.count) bytes")
+        #expect(off.reply == off.expected, "guest: \(off.reply), host: \(off.expected)")
+        let plain = try #require(off.console.range(of: #"largest frame (\d+) in (\d+) buffers"#, options: .regularExpression).map { String(off.console[$0]) })
+        let sizes = plain.split(separator: " ").compactMap { Int($0) }
+        #expect(sizes.count == 2 && sizes[0] <= 1514 && sizes[1] == 1, "\(plain)")
     }
 }

@@ -132,10 +132,14 @@ struct QEMUCommandLineTests {
         definition.nvram = "nvram.fd"
         definition.iso = "/isos/a,b.iso"
         definition.disks = [DiskAttachment(path: "disk0.qcow2", format: .qcow2)]
-        definition.networks = [NetworkAttachment(tap: "tap0", mac: "52:54:00:12:34:56")]
+        definition.networks = [NetworkAttachment(.tap("tap0"), mac: "52:54:00:12:34:56"), NetworkAttachment(.nat, mac: "52:54:00:12:34:57"),
+                               NetworkAttachment(.user, mac: "52:54:00:12:34:58")]
         definition.generationID = "00112233445566778899aabbccddeeff"
         let bundle = VMBundle(directory: "/lib/inst")
-        let arguments = QEMUEngine.arguments(definition, bundle: bundle, accelerator: .tcg)
+        let cards = [PreparedCard(mac: "52:54:00:12:34:56", backend: .tapName("tap0")),
+                     PreparedCard(mac: "52:54:00:12:34:57", backend: .tapDescriptor(slot: 0, tap: "vt00000000")),
+                     PreparedCard(mac: "52:54:00:12:34:58", backend: .streamDescriptor(slot: 1))]
+        let arguments = QEMUEngine.arguments(definition, bundle: bundle, accelerator: .tcg, cards: cards)
         let line = arguments.joined(separator: " ")
         #expect(line.contains("-machine q35,accel=tcg -cpu max"))
         #expect(line.contains("if=pflash,format=raw,unit=0,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd"))
@@ -146,6 +150,10 @@ struct QEMUCommandLineTests {
         // "other" has no virtio drivers: SATA disk, e1000 NIC.
         #expect(line.contains("ide-hd,drive=disk0,bus=ide.1,id=vd0,bootindex=1"))
         #expect(line.contains("e1000,netdev=net0,mac=52:54:00:12:34:56"))
+        // Vireo's own taps and passt's socket arrive as inherited descriptors 5, 6, ...
+        #expect(line.contains("-netdev tap,id=net0,ifname=tap0,script=no,downscript=no"))
+        #expect(line.contains("-netdev tap,id=net1,fd=5 -device e1000,netdev=net1,mac=52:54:00:12:34:57"))
+        #expect(line.contains("-netdev stream,id=net2,server=off,addr.type=fd,addr.str=6"))
         #expect(line.contains("vmgenid,guid=00112233-4455-6677-8899-aabbccddeeff"))
         #expect(line.contains("-vnc unix:/lib/inst/vnc.sock") && !line.contains("-vnc :"))
         #expect(line.contains("-qmp unix:/lib/inst/qmp.sock,server=on,wait=off"))

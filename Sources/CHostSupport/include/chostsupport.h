@@ -9,6 +9,9 @@
 // stdin /dev/null, stdout and stderr to `log_fd`, `lock_fd` as descriptor 3 and `ready_fd` as
 // descriptor 4 (either may be -1: not passed); every other descriptor closed. Returns 0 and the child's pid, or an errno value.
 int vireo_spawn_detached(const char *path, char *const argv[], int log_fd, int lock_fd, int ready_fd, pid_t *pid);
+/// As vireo_spawn_detached, and the child also gets `inherit[i]` as descriptor 5 + i.
+int vireo_spawn_detached_inheriting(const char *path, char *const argv[], int log_fd, int lock_fd, int ready_fd,
+                                    const int *inherit, int inherit_count, pid_t *pid);
 
 // rename(2) that fails with EEXIST instead of replacing an existing target (RENAME_NOREPLACE).
 // Returns 0 or an errno value.
@@ -21,8 +24,17 @@ int vireo_copy_sparse(const char *from, const char *to);
 
 
 // Opens (or creates, with CAP_NET_ADMIN) the tap device `name` without packet information
-// headers, non-blocking and close-on-exec. Returns the descriptor, or -errno.
+// headers, with the 12-byte virtio-net header on every frame, non-blocking and close-on-exec.
+// Returns the descriptor, or -errno.
 int vireo_tap_open(const char *name);
+// 1 if the tap open on `fd` carries virtio-net headers (then sized to 12 bytes), 0 if not, -errno.
+int vireo_tap_has_vnet_header(int fd);
+// What the kernel may hand the tap's reader: partial checksums and TCP segments up to 64 KiB
+// (TUNSETOFFLOAD). 0 or -errno.
+int vireo_tap_set_offloads(int fd, int checksum, int tso4, int tso6, int ecn);
+// The name of the tap device open on `fd` (a handed-over descriptor). 0, or -errno (-EINVAL: a
+// tun device, not a tap).
+int vireo_tap_name(int fd, char *name, int capacity);
 
 // A non-blocking, close-on-exec eventfd(2) starting at 0; -1 with errno on failure.
 int vireo_eventfd_nonblocking(void);

@@ -110,6 +110,27 @@ public final class VirtQueue: @unchecked Sendable {
         return DescriptorChain(head: head, buffers: buffers)
     }
 
+    /// Gives back the last `count` chains popped and not used, to be popped again later (a frame
+    /// that needs more receive buffers than the driver has made available yet).
+    public func unpop(_ count: Int) {
+        nextAvailable &-= UInt16(truncatingIfNeeded: count)
+    }
+
+    /// Returns several finished chains and publishes them with one index update, so the driver
+    /// sees all of a frame's buffers at once (mergeable receive buffers) or none.
+    public func pushUsed(_ chains: [(head: UInt16, written: UInt32)]) throws(VirtioError) {
+        var index = nextUsed
+        for chain in chains {
+            let slot = usedRing + 4 + 8 * UInt64(index % size)
+            try write(UInt32(chain.head), slot)
+            try write(chain.written, slot + 4)
+            index &+= 1
+        }
+        nextUsed = index
+        atomicMemoryFence(ordering: .releasing)
+        try write(nextUsed, usedRing + 2)
+    }
+
     /// Returns a finished chain to the driver with the number of bytes the device wrote.
     public func pushUsed(head: UInt16, written: UInt32) throws(VirtioError) {
         let slot = usedRing + 4 + 8 * UInt64(nextUsed % size)

@@ -12,6 +12,8 @@ public protocol VirtioDevice: AnyObject, Sendable {
     /// Handles the driver's notification for queue `index`. Returns true when it used buffers
     /// (the transport then interrupts the driver).
     func process(queue index: Int, _ queue: VirtQueue, memory: GuestMemory) throws(VirtioError) -> Bool
+    /// The driver accepted these features (FEATURES_OK): the device may now use what they allow.
+    func acceptFeatures(_ features: UInt64)
     /// Called once by the transport, for devices that fill queues on their own (network receive).
     func attach(_ access: any VirtioQueueAccess)
     /// The driver wrote to the device's configuration space (most devices' is read-only).
@@ -22,6 +24,7 @@ public protocol VirtioDevice: AnyObject, Sendable {
 }
 
 extension VirtioDevice {
+    public func acceptFeatures(_ features: UInt64) {}
     public func attach(_ access: any VirtioQueueAccess) {}
     public func writeConfiguration(offset: Int, data: UnsafeRawBufferPointer) {}
     public func reset() {}
@@ -172,6 +175,8 @@ public final class VirtioMMIOTransport: MMIODevice, VirtioQueueAccess {
             let offered = device.deviceFeatures
             if state.driverFeatures & ~offered != 0 || state.driverFeatures & VirtioFeature.version1 == 0 {
                 accepted &= ~Status.featuresOK
+            } else {
+                device.acceptFeatures(state.driverFeatures)
             }
         }
         state.status = accepted | (state.status & Status.needsReset)

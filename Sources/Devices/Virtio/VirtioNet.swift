@@ -39,6 +39,7 @@ public struct MACAddress: Equatable, Sendable, CustomStringConvertible {
 
 public enum NetworkBackendError: Error, CustomStringConvertible, Sendable {
     case tap(name: String, errno: Int32)
+    case descriptor(Int32, reason: String)
 
     public var description: String {
         switch self {
@@ -52,44 +53,237 @@ public enum NetworkBackendError: Error, CustomStringConvertible, Sendable {
                 text += " (interface names are at most 15 characters)"
             }
             return text
+        case let .descriptor(fd, reason):
+            return "descriptor \(fd): \(reason)"
         }
     }
 }
 
+/// Where a card's Ethernet frames go and come from. `receive` never blocks: it returns 0 when no
+/// whole frame is there yet; the receive thread polls `fd` (and asks `hasBufferedFrame` first,
+/// since a stream may hold more frames than poll can tell).
+public protocol FrameBackend: AnyObject, Sendable {
+    /// For messages and counters: a tap's name, or what the stream is.
+    var name: String { get }
+    var fd: Int32 { get }
+    /// False once the other end is gone for good (a stream's peer closed it).
+    var isConnected: Bool { get }
+    var hasBufferedFrame: Bool { get }
+    /// Sends one whole frame; false if it was refused or dropped.
+    func send(_ frame: UnsafeRawBufferPointer) -> Bool
+    /// Copies the next whole frame into `buffer` and returns its length, or 0.
+    func receive(into buffer: UnsafeMutableRawBufferPointer) -> Int
+    /// Whether every frame sent and received starts with the 12-byte virtio-net header (a tap
+    /// with IFF_VNET_HDR): then checksum and segmentation offloads can pass through.
+    var carriesVirtioHeader: Bool { get }
+    /// What the host may hand the guest (the guest's GUEST_* features); only with the header.
+    func setOffloads(checksum: Bool, tso4: Bool, tso6: Bool, ecn: Bool)
+}
+
+extension FrameBackend {
+    public var carriesVirtioHeader: Bool { false }
+    public func setOffloads(checksum: Bool, tso4: Bool, tso6: Bool, ecn: Bool) {}
+}
+
 /// A host tap device: Ethernet frames in and out, without packet-information headers.
-public final class TapDevice: Sendable {
+public final class TapDevice: FrameBackend {
     public let name: String
     public let fd: Int32
+    public let carriesVirtioHeader: Bool
 
     public init(name: String) throws(NetworkBackendError) {
         let result = vireo_tap_open(name)
         guard result >= 0 else { throw .tap(name: name, errno: -result) }
         self.name = name
         fd = result
+        carriesVirtioHeader = true
+    }
+
+    /// A tap another process opened and handed over (Vireo's manager makes a VM's taps, plugs
+    /// them into bridges and passes the descriptors, so a tap lives exactly as long as its VM).
+    public init(descriptor: Int32) throws(NetworkBackendError) {
+        var buffer = [CChar](repeating: 0, count: 32)
+        let result = vireo_tap_name(descriptor, &buffer, Int32(buffer.count))
+        guard result == 0 else {
+            throw .descriptor(descriptor, reason: "not an open tap device (\(String(cString: strerror(-result))))")
+        }
+        name = String(decoding: buffer.prefix(while: { $0 != 0 }).map { UInt8(bitPattern: $0) }, as: UTF8.self)
+        // Vireo's manager opens taps with the header; one opened without keeps plain frames.
+        let header = vireo_tap_has_vnet_header(descriptor)
+        guard header >= 0 else { throw .descriptor(descriptor, reason: "cannot size its virtio-net header (\(String(cString: strerror(-header))))") }
+        carriesVirtioHeader = header == 1
+        _ = fcntl(descriptor, F_SETFL, fcntl(descriptor, F_GETFL) | O_NONBLOCK)
+        _ = fcntl(descriptor, F_SETFD, FD_CLOEXEC)
+        fd = descriptor
     }
 
     deinit { close(fd) }
+
+    public var isConnected: Bool { true }
+    public var hasBufferedFrame: Bool { false }
+    public func send(_ frame: UnsafeRawBufferPointer) -> Bool { write(fd, frame.baseAddress, frame.count) == frame.count }
+    public func setOffloads(checksum: Bool, tso4: Bool, tso6: Bool, ecn: Bool) {
+        guard carriesVirtioHeader else { return }
+        _ = vireo_tap_set_offloads(fd, checksum ? 1 : 0, tso4 ? 1 : 0, tso6 ? 1 : 0, ecn ? 1 : 0)
+    }
+    public func receive(into buffer: UnsafeMutableRawBufferPointer) -> Int { max(0, read(fd, buffer.baseAddress, buffer.count)) }
 }
 
-/// virtio-net (virtio 1.x §5.1) on a tap device: one receive and one transmit queue, no
-/// offloads, so every frame is at most 1514 bytes plus the 12-byte virtio-net header.
-/// Transmit runs on the notifying vCPU; receive runs on a thread of its own (`runReceiveLoop`).
+/// Frames on a stream socket, each preceded by its length as 4 big-endian bytes: what passt
+/// speaks and QEMU's `-netdev stream` carries. The peer is not trusted: a length above the
+/// largest frame ends the stream (it cannot be resynchronised), never a read out of bounds.
+public final class StreamFrameBackend: FrameBackend, @unchecked Sendable {
+    public let name: String
+    public let fd: Int32
+    /// Whole frames are written under this lock, so two vCPUs' frames never interleave.
+    private let sending = Mutex<Void>(())
+    // Receive state: touched only by whoever holds the card's receive turn (one at a time).
+    private var pending: [UInt8]
+    private var start = 0, end = 0
+    private let connected = Atomic<Bool>(true)
+    public let maximumFrame: Int
+
+    public init(descriptor: Int32, name: String, maximumFrame: Int = 65536) throws(NetworkBackendError) {
+        var type: Int32 = 0
+        var length = socklen_t(MemoryLayout<Int32>.size)
+        guard getsockopt(descriptor, SOL_SOCKET, SO_TYPE, &type, &length) == 0, type == Int32(SOCK_STREAM.rawValue) else {
+            throw .descriptor(descriptor, reason: "not a stream socket")
+        }
+        _ = fcntl(descriptor, F_SETFL, fcntl(descriptor, F_GETFL) | O_NONBLOCK)
+        _ = fcntl(descriptor, F_SETFD, FD_CLOEXEC)
+        fd = descriptor
+        self.name = name
+        self.maximumFrame = maximumFrame
+        pending = [UInt8](repeating: 0, count: 4 * (maximumFrame + 4))
+    }
+
+    deinit { close(fd) }
+
+    public var isConnected: Bool { connected.load(ordering: .relaxed) }
+
+    public var hasBufferedFrame: Bool {
+        guard end - start >= 4 else { return false }
+        return end - start >= 4 + frameLength(at: start)
+    }
+
+    private func frameLength(at offset: Int) -> Int {
+        Int(pending[offset]) << 24 | Int(pending[offset + 1]) << 16 | Int(pending[offset + 2]) << 8 | Int(pending[offset + 3])
+    }
+
+    public func send(_ frame: UnsafeRawBufferPointer) -> Bool {
+        guard isConnected, frame.count <= maximumFrame else { return false }
+        var header = UInt32(frame.count).bigEndian
+        return sending.withLock { _ in
+            withUnsafeBytes(of: &header) { head in
+                var parts = [iovec(iov_base: UnsafeMutableRawPointer(mutating: head.baseAddress), iov_len: 4),
+                             iovec(iov_base: UnsafeMutableRawPointer(mutating: frame.baseAddress), iov_len: frame.count)]
+                var remaining = 4 + frame.count
+                var first = true
+                while remaining > 0 {
+                    let sent = parts.withUnsafeMutableBufferPointer { writev(fd, $0.baseAddress, Int32($0.count)) }
+                    if sent < 0 {
+                        if errno == EINTR { continue }
+                        // Nothing of this frame went out yet: drop it, as a full tap would.
+                        if errno == EAGAIN && first { return false }
+                        if errno == EAGAIN {
+                            // Part of it went: the rest must follow or the stream is torn.
+                            var wait = pollfd(fd: fd, events: Int16(POLLOUT), revents: 0)
+                            _ = poll(&wait, 1, 1000)
+                            continue
+                        }
+                        connected.store(false, ordering: .relaxed)
+                        return false
+                    }
+                    first = false
+                    remaining -= sent
+                    var advance = sent
+                    for index in parts.indices where advance > 0 {
+                        let take = min(advance, parts[index].iov_len)
+                        parts[index].iov_base = parts[index].iov_base.map { $0 + take }
+                        parts[index].iov_len -= take
+                        advance -= take
+                    }
+                }
+                return true
+            }
+        }
+    }
+
+    public func receive(into buffer: UnsafeMutableRawBufferPointer) -> Int {
+        if !hasBufferedFrame && isConnected {
+            if start > 0 && (pending.count - end) < maximumFrame + 4 {
+                // Move what is left to the front to make room.
+                pending.withUnsafeMutableBytes { bytes in
+                    if end > start, let base = bytes.baseAddress { memmove(base, base + start, end - start) }
+                }
+                end -= start
+                start = 0
+            }
+            let space = pending.count - end
+            let count = space == 0 ? -1 : pending.withUnsafeMutableBytes { recv(fd, $0.baseAddress.map { $0 + end }, space, Int32(MSG_DONTWAIT)) }
+            if space > 0 && (count == 0 || (count < 0 && errno != EAGAIN && errno != EINTR)) {
+                connected.store(false, ordering: .relaxed)
+            } else if count > 0 {
+                end += count
+            }
+        }
+        guard end - start >= 4 else { return 0 }
+        let length = frameLength(at: start)
+        guard length <= maximumFrame, length <= buffer.count else {
+            // A peer that sends an impossible length has lost the framing; nothing after it can
+            // be trusted.
+            connected.store(false, ordering: .relaxed)
+            start = 0; end = 0
+            return 0
+        }
+        guard end - start >= 4 + length else { return 0 }
+        pending.withUnsafeBytes { bytes in
+            if let base = bytes.baseAddress, let target = buffer.baseAddress { memcpy(target, base + start + 4, length) }
+        }
+        start += 4 + length
+        if start == end { start = 0; end = 0 }
+        return length
+    }
+}
+
+/// virtio-net (virtio 1.x §5.1) on a tap or a frame stream: one receive and one transmit queue.
+/// On a tap with virtio-net headers the guest's checksum and segmentation offloads pass straight
+/// through (the header goes to the tap as the guest wrote it, and comes from the tap as the
+/// kernel wrote it), so a TCP stream moves in frames of up to 64 KiB; mergeable receive buffers
+/// spread such a frame over as many of the guest's buffers as it needs.
+/// Transmit runs on the notifying vCPU; receive runs on a thread of its own (`runBackground`).
 public final class VirtioNet: VirtioDevice, BackgroundDevice, @unchecked Sendable {
     public static let queueSize: UInt16 = 256
     static let headerLength = 12
-    /// Largest frame accepted either way: 64 KiB is what a tap can hand over.
-    static let maximumFrame = 65536
+    /// Largest frame either way: a 64 KiB TCP segment with its Ethernet, IP and TCP headers.
+    static let maximumFrame = 65536 + 14 + 60 + 60
+    /// Frames delivered per receive interrupt at most: batching without starving transmit.
+    static let receiveBatch = 64
 
     enum Feature {
+        static let checksum: UInt64 = 1 << 0
+        static let guestChecksum: UInt64 = 1 << 1
         static let mac: UInt64 = 1 << 5
+        static let guestTSO4: UInt64 = 1 << 7
+        static let guestTSO6: UInt64 = 1 << 8
+        static let guestECN: UInt64 = 1 << 9
+        static let hostTSO4: UInt64 = 1 << 11
+        static let hostTSO6: UInt64 = 1 << 12
+        static let hostECN: UInt64 = 1 << 13
+        static let mergeableReceiveBuffers: UInt64 = 1 << 15
         static let status: UInt64 = 1 << 16
+        static let offloads: UInt64 = checksum | guestChecksum | guestTSO4 | guestTSO6 | guestECN | hostTSO4 | hostTSO6 | hostECN
     }
 
-    public let tap: TapDevice
+    public let backend: any FrameBackend
     public let mac: MACAddress
+    /// Offloads offered (only where the backend carries headers, and unless turned off).
+    public let offloadsOffered: Bool
     private let wake: Int32
     private let stopping = Atomic<Bool>(false)
     private let access = Mutex<(any VirtioQueueAccess)?>(nil)
+    /// What the driver accepted; 0 until FEATURES_OK and after a reset.
+    private let negotiated = Atomic<UInt64>(0)
 
     public let receivedFrames = Atomic<UInt64>(0)
     public let receivedBytes = Atomic<UInt64>(0)
@@ -104,22 +298,40 @@ public final class VirtioNet: VirtioDevice, BackgroundDevice, @unchecked Sendabl
     /// When throttled transmission may go on; the receive thread does it.
     private let transmitRetry = Mutex<UInt64?>(nil)
 
-    public init(tap: TapDevice, mac: MACAddress, rateLimit: RateLimit = RateLimit()) throws(NetworkBackendError) {
-        self.tap = tap
+    public init(backend: any FrameBackend, mac: MACAddress, rateLimit: RateLimit = RateLimit(), offloads: Bool = true) throws(NetworkBackendError) {
+        self.backend = backend
         self.mac = mac
+        offloadsOffered = offloads && backend.carriesVirtioHeader
         receiveLimiter = rateLimit.isUnlimited ? nil : RateLimiter(rateLimit)
         transmitLimiter = rateLimit.isUnlimited ? nil : RateLimiter(rateLimit)
         wake = vireo_eventfd_nonblocking()
-        guard wake >= 0 else { throw .tap(name: tap.name, errno: errno) }
+        guard wake >= 0 else { throw .tap(name: backend.name, errno: errno) }
     }
 
     deinit { close(wake) }
 
     public var deviceType: UInt32 { 1 }
-    public var deviceFeatures: UInt64 { VirtioFeature.version1 | Feature.mac | Feature.status }
+    public var deviceFeatures: UInt64 {
+        VirtioFeature.version1 | Feature.mac | Feature.status | Feature.mergeableReceiveBuffers | (offloadsOffered ? Feature.offloads : 0)
+    }
     public var queueMaximumSizes: [UInt16] { [Self.queueSize, Self.queueSize] }
 
     public func attach(_ access: any VirtioQueueAccess) { self.access.withLock { $0 = access } }
+
+    public func acceptFeatures(_ features: UInt64) {
+        negotiated.store(features, ordering: .releasing)
+        // What the host may now send the guest: partial checksums, big TCP segments.
+        backend.setOffloads(checksum: features & Feature.guestChecksum != 0, tso4: features & Feature.guestTSO4 != 0,
+                            tso6: features & Feature.guestTSO6 != 0, ecn: features & Feature.guestECN != 0)
+    }
+
+    public func reset() {
+        negotiated.store(0, ordering: .releasing)
+        backend.setOffloads(checksum: false, tso4: false, tso6: false, ecn: false)
+    }
+
+    /// The features the driver accepted (for tests and `vireo info`).
+    public var negotiatedFeatures: UInt64 { negotiated.load(ordering: .acquiring) }
 
     public func readConfiguration(offset: Int, into data: UnsafeMutableRawBufferPointer) {
         // mac[6], status u16 (link up), max_virtqueue_pairs u16.
@@ -133,9 +345,7 @@ public final class VirtioNet: VirtioDevice, BackgroundDevice, @unchecked Sendabl
     public func process(queue index: Int, _ queue: VirtQueue, memory: GuestMemory) throws(VirtioError) -> Bool {
         switch index {
         case 0:
-            // New receive buffers: the receive thread may deliver what it holds.
-            signalWake()
-            return false
+            return try receiveOnNotify(queue, memory: memory)
         case 1:
             return try transmit(queue, memory: memory)
         default:
@@ -145,6 +355,7 @@ public final class VirtioNet: VirtioDevice, BackgroundDevice, @unchecked Sendabl
 
     private func transmit(_ queue: VirtQueue, memory: GuestMemory) throws(VirtioError) -> Bool {
         var used = false
+        let withHeader = backend.carriesVirtioHeader
         while true {
             if let transmitLimiter {
                 let wait = transmitLimiter.delay()
@@ -160,10 +371,12 @@ public final class VirtioNet: VirtioDevice, BackgroundDevice, @unchecked Sendabl
             transmitLimiter?.consume(bytes: UInt64(max(0, bytes.count - Self.headerLength)))
             if bytes.count > Self.headerLength + 14 {
                 let frameLength = bytes.count - Self.headerLength
-                let written = bytes.withUnsafeBytes { buffer in
-                    write(tap.fd, UnsafeRawBufferPointer(rebasing: buffer[Self.headerLength...]).baseAddress, frameLength)
+                // A tap with headers takes the guest's header (checksum and segmentation
+                // requests) with the frame; anything else gets the bare frame.
+                let sent = bytes.withUnsafeBytes { buffer in
+                    backend.send(withHeader ? UnsafeRawBufferPointer(buffer) : UnsafeRawBufferPointer(rebasing: buffer[Self.headerLength...]))
                 }
-                if written == frameLength {
+                if sent {
                     transmittedFrames.add(1, ordering: .relaxed)
                     transmittedBytes.add(UInt64(frameLength), ordering: .relaxed)
                 } else {
@@ -191,13 +404,97 @@ public final class VirtioNet: VirtioDevice, BackgroundDevice, @unchecked Sendabl
         signalWake()
     }
 
-    /// Moves frames from the tap into the guest's receive buffers until `stopReceiving()`. Holds
-    /// one frame while the guest has no buffer for it and reads no more meanwhile, so the tap's
-    /// own queue absorbs bursts (and drops, as a full NIC would).
+    /// Reads the next frame from the backend into `frame` (its header first: the tap's own, or a
+    /// zeroed one) and returns the whole length, or 0 if none is there.
+    private func readFrame(into frame: inout [UInt8]) -> Int {
+        let withHeader = backend.carriesVirtioHeader
+        let count = frame.withUnsafeMutableBytes { buffer in
+            backend.receive(into: withHeader ? buffer : UnsafeMutableRawBufferPointer(rebasing: buffer[Self.headerLength...]))
+        }
+        if withHeader { return count > Self.headerLength ? count : 0 }
+        guard count > 0 else { return 0 }
+        for index in 0..<Self.headerLength { frame[index] = 0 }
+        return Self.headerLength + count
+    }
+
+    /// The frame held for the guest and how long it is. Whoever holds the receive turn owns it:
+    /// the receive thread, or a vCPU whose notification brought new receive buffers.
+    private final class ReceiveSlot: @unchecked Sendable {
+        var frame = [UInt8](repeating: 0, count: VirtioNet.headerLength + VirtioNet.maximumFrame)
+        var pending = 0
+    }
+    private let slot = ReceiveSlot()
+    private let receiving = Atomic<Bool>(false)
+    /// Whether a frame is held (slot.pending > 0), readable without the turn: the receive thread
+    /// decides what to wait for even while a vCPU has the turn.
+    private let holding = Atomic<Bool>(false)
+
+    /// Sets the held frame's length (holding the turn).
+    private func setPending(_ length: Int) {
+        slot.pending = length
+        holding.store(length > 0, ordering: .releasing)
+    }
+
+    /// A try-lock, never a wait: the vCPU side holds the transport's lock when it asks, and the
+    /// receive thread takes the transport's lock while it holds the turn.
+    private func takeReceiveTurn() -> Bool {
+        receiving.compareExchange(expected: false, desired: true, ordering: .acquiring).exchanged
+    }
+    private func endReceiveTurn() { receiving.store(false, ordering: .releasing) }
+
+    /// New receive buffers from the driver (on the notifying vCPU, the transport's lock held):
+    /// the frame the receive thread holds goes in now, with whatever else the backend has,
+    /// instead of waiting for that thread to wake (QEMU flushes its queue the same way).
+    private func receiveOnNotify(_ queue: VirtQueue, memory: GuestMemory) throws(VirtioError) -> Bool {
+        guard receiveLimiter == nil, takeReceiveTurn() else {
+            signalWake()
+            return false
+        }
+        defer { endReceiveTurn() }
+        guard slot.pending > 0 else {
+            // The receive thread may have looked while this turn was taken and missed frames a
+            // stream already holds.
+            if backend.hasBufferedFrame { signalWake() }
+            return false
+        }
+        let delivered = try deliverBatch(queue, memory: memory)
+        // The receive thread sleeps without watching the backend while it holds a frame.
+        if slot.pending == 0 { signalWake() }
+        return delivered
+    }
+
+    /// Delivers the held frame and then, while the guest has room and the backend has frames,
+    /// up to `receiveBatch` more; true if any buffer was used. Called holding the receive turn.
+    private func deliverBatch(_ queue: VirtQueue, memory: GuestMemory) throws(VirtioError) -> Bool {
+        var progressed = false
+        for _ in 0..<Self.receiveBatch {
+            let length = slot.pending
+            switch try deliver(&slot.frame, length: length, queue: queue, memory: memory) {
+            case .delivered:
+                receiveLimiter?.consume(bytes: UInt64(length - Self.headerLength))
+                receivedFrames.add(1, ordering: .relaxed)
+                receivedBytes.add(UInt64(length - Self.headerLength), ordering: .relaxed)
+            case .dropped:
+                droppedFrames.add(1, ordering: .relaxed)
+            case .noBuffer:
+                return progressed
+            }
+            progressed = true
+            setPending(0)
+            // Throttled cards take one frame per turn, so the limiter sees each.
+            guard receiveLimiter == nil else { break }
+            setPending(readFrame(into: &slot.frame))
+            if slot.pending == 0 { break }
+        }
+        return progressed
+    }
+
+    /// Moves frames from the backend into the guest's receive buffers until `stopBackground()`.
+    /// Holds one frame while the guest has no buffer for it and reads no more meanwhile, so the
+    /// tap's own queue absorbs bursts (and drops, as a full NIC would). Frames already waiting
+    /// are delivered together, with one interrupt.
     /// Also resumes throttled transmission when its time comes.
     public func runBackground() {
-        var frame = [UInt8](repeating: 0, count: Self.headerLength + Self.maximumFrame)
-        var pending = 0
         var receiveDue: UInt64?
         while !stopping.load(ordering: .acquiring) {
             let now = RateLimiter.now()
@@ -210,63 +507,77 @@ public final class VirtioNet: VirtioDevice, BackgroundDevice, @unchecked Sendabl
             }
             let deadlines = [transmitRetry.withLock { $0 }, receiveDue].compactMap { $0 }
             let timeout = deadlines.min().map { Int32(min(($0 > now ? $0 - now : 0) / 1_000_000 + 1, 60_000)) } ?? -1
+            var buffered = false
+            if takeReceiveTurn() {
+                buffered = slot.pending == 0 && backend.hasBufferedFrame
+                endReceiveTurn()
+            }
+            // A vCPU may hold the turn for a moment: the backend is watched all the same
+            // whenever no frame is held, so a frame arriving meanwhile is not left waiting.
+            let watchBackend = !holding.load(ordering: .acquiring) && !buffered && backend.isConnected
             var descriptors = [pollfd(fd: wake, events: Int16(POLLIN), revents: 0),
-                               pollfd(fd: pending == 0 ? tap.fd : -1, events: Int16(POLLIN), revents: 0)]
-            if poll(&descriptors, 2, timeout) < 0 { if errno == EINTR { continue }; return }
+                               pollfd(fd: watchBackend ? backend.fd : -1, events: Int16(POLLIN), revents: 0)]
+            if poll(&descriptors, 2, buffered ? 0 : timeout) < 0 { if errno == EINTR { continue }; return }
             if descriptors[0].revents != 0 {
                 var value: UInt64 = 0
                 _ = read(wake, &value, 8)
             }
-            if pending == 0 && descriptors[1].revents & Int16(POLLIN) != 0 {
-                let count = frame.withUnsafeMutableBytes { buffer in
-                    read(tap.fd, UnsafeMutableRawBufferPointer(rebasing: buffer[Self.headerLength...]).baseAddress, Self.maximumFrame)
-                }
-                guard count > 0 else { continue }
-                for index in 0..<Self.headerLength { frame[index] = 0 }
-                frame[10] = 1    // num_buffers: the whole frame sits in one chain
-                pending = Self.headerLength + count
+            guard takeReceiveTurn() else { continue }
+            if slot.pending == 0 && (buffered || descriptors[1].revents & Int16(POLLIN | POLLHUP | POLLERR) != 0) {
+                setPending(readFrame(into: &slot.frame))
             }
-            guard pending > 0 else { continue }
-            if let receiveLimiter {
+            if slot.pending > 0, let receiveLimiter {
                 let wait = receiveLimiter.delay()
-                if wait > 0 { receiveDue = RateLimiter.now() + wait; continue }
+                if wait > 0 {
+                    receiveDue = RateLimiter.now() + wait
+                    endReceiveTurn()
+                    continue
+                }
                 receiveDue = nil
             }
-            let length = pending
-            var outcome = Delivery.noBuffer
-            _ = access.withLock { $0 }?.withQueue(0) { (queue, memory) throws(VirtioError) -> Bool in
-                outcome = try self.deliver(frame[0..<length], queue: queue, memory: memory)
-                return outcome != .noBuffer
+            if slot.pending > 0 {
+                _ = access.withLock { $0 }?.withQueue(0) { (queue, memory) throws(VirtioError) -> Bool in
+                    try self.deliverBatch(queue, memory: memory)
+                }
             }
-            switch outcome {
-            case .delivered:
-                receiveLimiter?.consume(bytes: UInt64(length - Self.headerLength))
-                receivedFrames.add(1, ordering: .relaxed)
-                receivedBytes.add(UInt64(length - Self.headerLength), ordering: .relaxed)
-                pending = 0
-            case .dropped:
-                droppedFrames.add(1, ordering: .relaxed)
-                pending = 0
-            case .noBuffer:
-                break
-            }
+            endReceiveTurn()
         }
     }
 
     enum Delivery { case delivered, dropped, noBuffer }
 
-    /// Puts one frame (header included) into the next receive chain. A chain too small for the
-    /// frame is returned empty and the frame dropped.
-    func deliver(_ bytes: ArraySlice<UInt8>, queue: VirtQueue, memory: GuestMemory) throws(VirtioError) -> Delivery {
-        guard let chain = try queue.popChain() else { return .noBuffer }
-        guard chain.readable.isEmpty else { throw .malformedRequest("a receive buffer must be device-writable") }
-        let capacity = chain.writable.reduce(0) { $0 + Int($1.length) }
-        guard capacity >= bytes.count else {
-            try queue.pushUsed(head: chain.head, written: 0)
+    /// Puts one frame (header included) into the guest's receive buffers: with mergeable buffers
+    /// as many chains as it needs (their count in the header's num_buffers), otherwise one chain
+    /// big enough for it. A frame too big for what the guest can ever offer is dropped.
+    func deliver(_ frame: inout [UInt8], length: Int, queue: VirtQueue, memory: GuestMemory) throws(VirtioError) -> Delivery {
+        let mergeable = negotiated.load(ordering: .acquiring) & Feature.mergeableReceiveBuffers != 0
+        var chains: [(chain: DescriptorChain, capacity: Int)] = []
+        var capacity = 0
+        repeat {
+            guard let chain = try queue.popChain() else {
+                queue.unpop(chains.count)
+                return .noBuffer
+            }
+            guard chain.readable.isEmpty else { throw .malformedRequest("a receive buffer must be device-writable") }
+            let room = chain.writable.reduce(0) { $0 + Int($1.length) }
+            chains.append((chain, room))
+            capacity += room
+        } while mergeable && capacity < length && chains.count < Int(queue.size)
+        guard capacity >= length, chains[0].capacity >= Self.headerLength else {
+            try queue.pushUsed(chains.map { ($0.chain.head, UInt32(0)) })
             return .dropped
         }
-        let written = try memory.scatter(bytes, into: chain.writable)
-        try queue.pushUsed(head: chain.head, written: written)
+        frame[10] = UInt8(chains.count & 0xff)     // num_buffers, little-endian
+        frame[11] = UInt8(chains.count >> 8)
+        var used: [(head: UInt16, written: UInt32)] = []
+        var offset = 0
+        for (chain, room) in chains {
+            let take = min(room, length - offset)
+            let written = try memory.scatter(frame[offset..<(offset + take)], into: chain.writable)
+            used.append((chain.head, written))
+            offset += take
+        }
+        try queue.pushUsed(used)
         return .delivered
     }
 }

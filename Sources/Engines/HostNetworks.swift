@@ -1,0 +1,618 @@
+import CHostSupport
+import Library
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A card whose host side is ready: what the engine's process is told to use.
+public struct PreparedCard: Sendable {
+    public enum Backend: Sendable, Equatable {
+        /// A tap the user manages, opened by name.
+        case tapName(String)
+        /// A tap Vireo made and plugged in; `slot` indexes `PreparedNetworking.descriptors`.
+        case tapDescriptor(slot: Int, tap: String)
+        /// One end of a stream socket whose other end passt holds.
+        case streamDescriptor(slot: Int)
+    }
+    public var mac: String
+    public var backend: Backend
+
+    public init(mac: String, backend: Backend) { self.mac = mac; self.backend = backend }
+}
+
+/// The host side of a starting VM's cards: descriptors the engine's process inherits (as 5, 6,
+/// ... in this order). Vireo's own taps are not persistent, so they vanish with the last
+/// descriptor: when the VM's process exits, however it exits, nothing is left behind.
+public final class PreparedNetworking: @unchecked Sendable {
+    public private(set) var cards: [PreparedCard] = []
+    public private(set) var descriptors: [Int32] = []
+    /// The first descriptor number the child sees them at.
+    public static let firstInheritedDescriptor: Int32 = 5
+
+    public init() {}
+
+    func append(_ card: PreparedCard) { cards.append(card) }
+    func adopt(_ fd: Int32) -> Int {
+        descriptors.append(fd)
+        return descriptors.count - 1
+    }
+
+    /// The descriptor number a slot has in the engine's process.
+    public static func inherited(_ slot: Int) -> Int32 { firstInheritedDescriptor + Int32(slot) }
+
+    /// Closes this process's copies (after the engine's process has its own, or on failure).
+    public func close() {
+        for fd in descriptors { Glibc.close(fd) }
+        descriptors = []
+    }
+
+    deinit { close() }
+}
+
+/// The host side of Vireo's networks, built from what Linux ships: bridges and taps (iproute2),
+/// one dnsmasq per network for DHCP and DNS, and an nftables table of Vireo's own (`ip vireo`)
+/// for masquerading, isolation and port forwards; passt for user-mode cards. No daemon: each
+/// command brings up what it needs, idempotently, and takes down what nothing uses.
+public struct HostNetworks: Sendable {
+    public let library: VMLibrary
+    public let store: NetworkStore
+
+    public init(library: VMLibrary) {
+        self.library = library
+        store = NetworkStore(libraryRoot: library.root)
+    }
+
+    // MARK: what the host has
+
+    /// IPv4 subnets this host routes (not default routes, not Vireo's own bridges), so a new
+    /// network does not shadow a LAN.
+    public static func hostRoutes() -> [IPv4Subnet] {
+        guard let bytes = try? HostFiles.readAll("/proc/net/route") else { return [] }
+        return String(decoding: bytes, as: UTF8.self).split(separator: "\n").dropFirst().compactMap { line in
+            let fields = line.split(whereSeparator: { $0 == "\t" || $0 == " " })
+            guard fields.count >= 8, !fields[0].hasPrefix("vireo-"),
+                  let destination = UInt32(fields[1], radix: 16), let mask = UInt32(fields[7], radix: 16), mask != 0 else { return nil }
+            // The kernel prints them in host (little-endian) order.
+            let prefix = mask.nonzeroBitCount
+            return IPv4Subnet(network: IPv4Address(destination.byteSwapped), prefixLength: prefix)
+        }
+    }
+
+    static func tool(_ name: String) -> String? { HostTools.find(name) }
+
+    static func requireTool(_ name: String, package: String, network: String) throws(LibraryError) -> String {
+        guard let path = tool(name) else {
+            throw .network(name: network, reason: "\(name) is not installed; install Debian's `\(package)` package", exitStatus: 2)
+        }
+        return path
+    }
+
+    /// Runs `ip ARGS...`; a failure carries what ip said.
+    static func ip(_ arguments: [String], network: String) throws(LibraryError) {
+        let binary = try requireTool("ip", package: "iproute2", network: network)
+        let (status, output) = HostCommand.run(binary, arguments)
+        guard status == 0 else {
+            throw .network(name: network, reason: "`ip \(arguments.joined(separator: " "))` failed: \(output.trimmed)", exitStatus: 1)
+        }
+    }
+
+    /// Whether this process holds CAP_NET_ADMIN (bit 12 of CapEff), which taps, bridges,
+    /// addresses and nftables need.
+    static func mayAdministerNetworks() -> Bool {
+        guard let bytes = try? HostFiles.readAll("/proc/self/status") else { return geteuid() == 0 }
+        let line = String(decoding: bytes, as: UTF8.self).split(separator: "\n").first { $0.hasPrefix("CapEff:") }
+        guard let hex = line?.split(separator: "\t").last, let mask = UInt64(String(hex).trimmed, radix: 16) else { return geteuid() == 0 }
+        return mask & (1 << 12) != 0
+    }
+
+    static func linkExists(_ name: String) -> Bool { HostFiles.exists("/sys/class/net/\(name)") }
+    static func isBridge(_ name: String) -> Bool { HostFiles.isDirectory("/sys/class/net/\(name)/bridge") }
+
+    public func isUp(_ network: NetworkDefinition) -> Bool { Self.linkExists(network.bridge) }
+
+    // MARK: bringing networks up and down
+
+    /// Makes the network's bridge, address, dnsmasq and firewall rules exist, whatever part of
+    /// them already does (a host reboot leaves the definition and none of the rest). Call with
+    /// the store locked.
+    func bringUp(_ network: NetworkDefinition) throws(LibraryError) {
+        let name = network.name
+        if !Self.linkExists(network.bridge) {
+            try Self.ip(["link", "add", network.bridge, "type", "bridge"], network: name)
+        } else if !Self.isBridge(network.bridge) {
+            throw .network(name: name, reason: "\(network.bridge) exists on this host and is not a bridge; delete it or recreate the network under another name", exitStatus: 2)
+        }
+        if let address = network.hostAddress {
+            try Self.ip(["address", "replace", "\(address)/\(network.subnet.prefixLength)", "dev", network.bridge], network: name)
+        }
+        try Self.ip(["link", "set", network.bridge, "up"], network: name)
+        if network.mode == .nat {
+            // Forwarded host ports reached from 127.0.0.1 leave through the bridge.
+            try? HostFiles.writeInPlace("1\n", to: "/proc/sys/net/ipv4/conf/\(network.bridge)/route_localnet")
+            try enableForwarding()
+        }
+        if network.dhcp != nil { try startDNSMasq(network) }
+    }
+
+    /// Stops the network's dnsmasq and deletes its bridge (which unplugs whatever taps remain).
+    func bringDown(_ network: NetworkDefinition) {
+        stopDNSMasq(network)
+        if Self.linkExists(network.bridge), Self.isBridge(network.bridge) {
+            try? Self.ip(["link", "delete", network.bridge], network: network.name)
+        }
+    }
+
+    /// IP forwarding is turned on while a NAT network is up, and back off (if it was off) when
+    /// the last one goes down.
+    func enableForwarding() throws(LibraryError) {
+        let path = "/proc/sys/net/ipv4/ip_forward"
+        let current = ((try? HostFiles.readAll(path)).map { String(decoding: $0, as: UTF8.self) } ?? "0").trimmed
+        let saved = forwardingRecord
+        if !HostFiles.exists(saved) { try HostFiles.writeAtomically(Array("\(current) \(Self.namespaceID)\n".utf8), to: saved) }
+        if current != "1" {
+            do { try HostFiles.writeInPlace("1\n", to: path) } catch {
+                throw .network(name: "ip_forward", reason: "cannot turn on IPv4 forwarding (\(error)); NAT networks need root", exitStatus: 1)
+            }
+        }
+    }
+
+    /// What forwarding was before Vireo turned it on, and in which network namespace (a library
+    /// used from another namespace must not touch this one's setting).
+    var forwardingRecord: String { store.directory + "/.ip_forward-before" }
+
+    /// This process's network namespace, as the inode of /proc/self/ns/net.
+    static var namespaceID: String {
+        var info = stat()
+        return stat("/proc/self/ns/net", &info) == 0 ? String(info.st_ino) : "unknown"
+    }
+
+    func restoreForwarding() {
+        guard let bytes = try? HostFiles.readAll(forwardingRecord) else { return }
+        let fields = String(decoding: bytes, as: UTF8.self).trimmed.split(separator: " ")
+        guard fields.count == 2, fields[1] == Self.namespaceID else { return }
+        if fields[0] == "0" { try? HostFiles.writeInPlace("0\n", to: "/proc/sys/net/ipv4/ip_forward") }
+        unlink(forwardingRecord)
+    }
+
+    // MARK: dnsmasq
+
+    func dnsmasqConfiguration(_ network: NetworkDefinition) -> String {
+        let name = network.name
+        var lines = [
+            "# Written by vireo for network '\(name)' at every start; edits are lost.",
+            "interface=\(network.bridge)", "bind-interfaces", "except-interface=lo",
+            "pid-file=\(store.dnsmasqPIDPath(of: name))",
+            "dhcp-leasefile=\(store.leasesPath(of: name))",
+            "dhcp-authoritative", "dhcp-no-override", "domain-needed", "bogus-priv",
+        ]
+        if let range = network.dhcp {
+            lines.append("dhcp-range=\(range.first),\(range.last),\(network.subnet.netmask),1h")
+            lines.append("dhcp-lease-max=\(range.count)")
+        }
+        // Only NAT networks lead anywhere: the others get no default route, and no upstream DNS.
+        if network.mode != .nat {
+            lines.append("dhcp-option=option:router")
+            lines.append("no-resolv")
+        }
+        // Reservations live in the configuration (read as root at start) rather than a hosts
+        // file dnsmasq would re-read after dropping privileges from a directory it cannot enter.
+        for (mac, entry) in store.reservations(of: name).sorted(by: { $0.value.address < $1.value.address }) {
+            let hostname = Self.hostname(forVM: entry.vm)
+            lines.append("dhcp-host=\(mac),\(entry.address)" + (hostname.isEmpty ? "" : ",\(hostname)"))
+        }
+        return lines.joined(separator: "\n") + "\n"
+    }
+
+    /// A DNS label for a VM's name (VM names may hold '.' and '_', which host names may not).
+    static func hostname(forVM name: String) -> String {
+        let mapped = String(name.map { $0.isASCII && ($0.isLetter || $0.isNumber || $0 == "-") ? $0 : "-" })
+        return String(mapped.drop(while: { $0 == "-" }).reversed().drop(while: { $0 == "-" }).reversed().prefix(63))
+    }
+
+    func dnsmasqPID(_ network: NetworkDefinition) -> pid_t? {
+        guard let bytes = try? HostFiles.readAll(store.dnsmasqPIDPath(of: network.name)),
+              let pid = pid_t(String(decoding: bytes, as: UTF8.self).trimmed), pid > 1,
+              let comm = try? HostFiles.readAll("/proc/\(pid)/comm"),
+              String(decoding: comm, as: UTF8.self).trimmed == "dnsmasq" else { return nil }
+        return pid
+    }
+
+    /// (Re)starts dnsmasq when it is not running or its configuration changed. Its leases stay
+    /// in the lease file across restarts.
+    func startDNSMasq(_ network: NetworkDefinition) throws(LibraryError) {
+        let name = network.name
+        let binary = try Self.requireTool("dnsmasq", package: "dnsmasq-base", network: name)
+        let text = dnsmasqConfiguration(network)
+        let path = store.dnsmasqConfigPath(of: name)
+        let previous = (try? HostFiles.readAll(path)).map { String(decoding: $0, as: UTF8.self) }
+        if previous == text, dnsmasqPID(network) != nil { return }
+        stopDNSMasq(network)
+        try HostFiles.writeAtomically(Array(text.utf8), to: path)
+        if !HostFiles.exists(store.leasesPath(of: name)) { try HostFiles.writeAtomically([], to: store.leasesPath(of: name)) }
+        // dnsmasq checks its configuration and binds before it detaches, and says why it cannot.
+        let (status, output) = HostCommand.run(binary, ["--conf-file=\(path)"])
+        guard status == 0 else {
+            throw .network(name: name, reason: "dnsmasq did not start: \(output.trimmed)", exitStatus: 1)
+        }
+    }
+
+    func stopDNSMasq(_ network: NetworkDefinition) {
+        if let pid = dnsmasqPID(network) {
+            kill(pid, SIGTERM)
+            for _ in 0..<100 where kill(pid, 0) == 0 { usleep(20_000) }
+        }
+        unlink(store.dnsmasqPIDPath(of: network.name))
+    }
+
+    // MARK: the firewall
+
+    /// One forward in effect: a host port to a guest's address.
+    struct ActiveForward {
+        var network: NetworkDefinition
+        var address: IPv4Address
+        var forward: PortForward
+        var vm: String
+    }
+
+    /// The `ip vireo` table for the networks that are up and the forwards of running VMs.
+    static func ruleset(networks: [NetworkDefinition], forwards: [ActiveForward]) -> String {
+        func q(_ name: String) -> String { "\"\(name)\"" }
+        var forward: [String] = [], input: [String] = [], prerouting: [String] = [], postrouting: [String] = []
+        // Guests of one network talk to each other: hosts with br_netfilter (Docker loads it)
+        // pass bridged frames through these hooks too, with the bridge as both interfaces.
+        for network in networks {
+            forward.append("iifname \(q(network.bridge)) oifname \(q(network.bridge)) accept")
+        }
+        // Then traffic into a network (replies, forwarded ports; nothing else), then out of it,
+        // so one network's guests cannot open connections into another.
+        for network in networks {
+            let bridge = q(network.bridge)
+            switch network.mode {
+            case .nat, .hostOnly:
+                forward.append("oifname \(bridge) ct state established,related accept")
+                forward.append("oifname \(bridge) ct status dnat accept")
+                forward.append("oifname \(bridge) drop")
+            case .internal:
+                forward.append("oifname \(bridge) drop")
+            }
+        }
+        for network in networks {
+            let bridge = q(network.bridge)
+            switch network.mode {
+            case .nat:
+                forward.append("iifname \(bridge) ip saddr \(network.subnet) accept")
+                forward.append("iifname \(bridge) drop")
+                postrouting.append("ip saddr \(network.subnet) ip daddr != { \(network.subnet), 224.0.0.0/4, 255.255.255.255 } masquerade")
+                postrouting.append("oifname \(bridge) ip saddr 127.0.0.0/8 masquerade")
+            case .hostOnly:
+                forward.append("iifname \(bridge) drop")
+            case .internal:
+                forward.append("iifname \(bridge) drop")
+                // The host is not on an internal network, whatever a guest sends it.
+                input.append("iifname \(bridge) drop")
+            }
+        }
+        for active in forwards {
+            let proto = active.forward.proto.rawValue
+            prerouting.append("fib daddr type local \(proto) dport \(active.forward.hostPort) dnat to \(active.address):\(active.forward.guestPort) comment \(q("vm " + active.vm))")
+        }
+        var text = "table ip vireo\ndelete table ip vireo\n"
+        guard !networks.isEmpty else { return text }
+        text += "table ip vireo {\n"
+        text += "  chain forward {\n    type filter hook forward priority filter; policy accept;\n" + forward.map { "    \($0)\n" }.joined() + "  }\n"
+        text += "  chain input {\n    type filter hook input priority filter; policy accept;\n" + input.map { "    \($0)\n" }.joined() + "  }\n"
+        text += "  chain prerouting {\n    type nat hook prerouting priority dstnat; policy accept;\n" + prerouting.map { "    \($0)\n" }.joined() + "  }\n"
+        // Connections the host itself opens to a forwarded port (on any of its addresses).
+        text += "  chain output {\n    type nat hook output priority -100; policy accept;\n" + prerouting.map { "    \($0)\n" }.joined() + "  }\n"
+        text += "  chain postrouting {\n    type nat hook postrouting priority srcnat; policy accept;\n" + postrouting.map { "    \($0)\n" }.joined() + "  }\n"
+        text += "}\n"
+        return text
+    }
+
+    /// The VMs whose process runs (or is being started, holding the lock), with definitions.
+    func runningVMs() -> [VMDefinition] {
+        ((try? library.names()) ?? []).compactMap { name in
+            let bundle = VMBundle(directory: library.root + "/" + name)
+            guard bundle.isLocked, let definition = try? bundle.load() else { return nil }
+            return definition
+        }
+    }
+
+    /// Replaces the `ip vireo` table in one nftables transaction. Call with the store locked.
+    func applyFirewall() throws(LibraryError) {
+        let networks = ((try? store.all()) ?? []).filter(isUp)
+        var forwards: [ActiveForward] = []
+        for vm in runningVMs() {
+            for card in vm.networks where !card.forwards.isEmpty {
+                guard let name = card.attachment.networkName, let network = networks.first(where: { $0.name == name }),
+                      let address = store.reservations(of: name)[card.mac.lowercased()]?.address else { continue }
+                forwards += card.forwards.map { ActiveForward(network: network, address: address, forward: $0, vm: vm.name) }
+            }
+        }
+        let text = Self.ruleset(networks: networks, forwards: forwards)
+        guard let nft = Self.tool("nft") else {
+            if networks.isEmpty { return }
+            throw .network(name: networks[0].name, reason: "nft is not installed; install Debian's `nftables` package", exitStatus: 2)
+        }
+        // Nothing up and no table here (this namespace never had Vireo's networks): leave the
+        // ruleset alone rather than make and delete a table.
+        if networks.isEmpty, HostCommand.run(nft, ["list", "table", "ip", "vireo"]).status != 0 { return }
+        let path = store.directory + "/.ruleset.nft"
+        try HostFiles.writeAtomically(Array(text.utf8), to: path)
+        let (status, output) = HostCommand.run(nft, ["-f", path])
+        guard status == 0 else {
+            throw .network(name: networks.first?.name ?? "vireo", reason: "nft refused Vireo's table (\(path)): \(output.trimmed)", exitStatus: 1)
+        }
+    }
+
+    // MARK: a VM's cards
+
+    /// Vireo's taps for a VM: `vt`, 8 hex digits of its UUID's hash, the card's index.
+    static func tapName(uuid: String, index: Int) -> String {
+        "vt" + String(format8hex(StableHash.fnv1a(uuid))) + String(index)
+    }
+
+    /// The host interface a card's frames cross: the user's tap, Vireo's tap, or nil (passt).
+    public static func hostInterface(of definition: VMDefinition, card index: Int) -> String? {
+        guard definition.networks.indices.contains(index) else { return nil }
+        switch definition.networks[index].attachment {
+        case let .tap(name): return name
+        case .user: return nil
+        case .nat, .network, .bridge: return tapName(uuid: definition.uuid, index: index)
+        }
+    }
+
+    static func format8hex(_ value: UInt64) -> String {
+        let text = String(value & 0xffff_ffff, radix: 16)
+        return String(repeating: "0", count: 8 - text.count) + text
+    }
+
+    /// Readies every card of a starting VM (whose lock the caller holds): networks up, addresses
+    /// reserved, taps made and plugged in, passt started, forwards in the firewall.
+    public func prepare(_ vm: EngineVM) throws(LibraryError) -> PreparedNetworking {
+        let prepared = PreparedNetworking()
+        let definition = vm.definition
+        for forward in definition.networks.flatMap(\.forwards) { try PortForward.checkFree(forward) }
+        if let card = definition.networks.first(where: { $0.attachment.isVireoTap }), !Self.mayAdministerNetworks() {
+            throw .network(name: card.attachment.networkName ?? card.attachment.description,
+                           reason: "VM '\(definition.name)' has a card on \(card.attachment), which needs a tap and a bridge, and only root (or CAP_NET_ADMIN) may make them; without them use --nic user (`vireo set \(definition.name) --nic user`)", exitStatus: 2)
+        }
+        var usesLibraryNetworks = false
+        for (index, card) in definition.networks.enumerated() {
+            switch card.attachment {
+            case let .tap(name):
+                prepared.append(PreparedCard(mac: card.mac, backend: .tapName(name)))
+            case .nat, .network:
+                usesLibraryNetworks = true
+                let network: NetworkDefinition
+                if case .nat = card.attachment {
+                    network = try store.ensureDefault(hostRoutes: Self.hostRoutes())
+                } else {
+                    network = try store.load(card.attachment.networkName ?? "")
+                }
+                try store.locked { () throws(LibraryError) in
+                    let live = Set(((try? library.names()) ?? []).flatMap { name in
+                        ((try? VMBundle(directory: library.root + "/" + name).load())?.networks ?? []).map { $0.mac.lowercased() }
+                    })
+                    _ = try store.reserve(network: network, mac: card.mac, vm: definition.name, liveMACs: live.union([card.mac.lowercased()]))
+                    try bringUp(network)
+                }
+                let tap = Self.tapName(uuid: definition.uuid, index: index)
+                let slot = prepared.adopt(try makeTap(tap, bridge: network.bridge, network: network.name, vm: definition.name))
+                prepared.append(PreparedCard(mac: card.mac, backend: .tapDescriptor(slot: slot, tap: tap)))
+            case let .bridge(bridge):
+                guard Self.isBridge(bridge) else {
+                    throw .network(name: bridge, reason: Self.linkExists(bridge)
+                        ? "\(bridge) is not a bridge; `--nic bridge:NAME` needs a host bridge (see `ip -d link show type bridge`)"
+                        : "no bridge named \(bridge) on this host; make one (`ip link add \(bridge) type bridge`) or use --nic nat", exitStatus: 2)
+                }
+                let tap = Self.tapName(uuid: definition.uuid, index: index)
+                let slot = prepared.adopt(try makeTap(tap, bridge: bridge, network: bridge, vm: definition.name))
+                prepared.append(PreparedCard(mac: card.mac, backend: .tapDescriptor(slot: slot, tap: tap)))
+            case .user:
+                let slot = prepared.adopt(try startPasst(vm, card: card, index: index))
+                prepared.append(PreparedCard(mac: card.mac, backend: .streamDescriptor(slot: slot)))
+            }
+        }
+        if usesLibraryNetworks { try store.locked { () throws(LibraryError) in try applyFirewall() } }
+        return prepared
+    }
+
+    /// Makes a tap that lives only as long as its descriptors (not persistent) and plugs it into
+    /// `bridge`.
+    func makeTap(_ name: String, bridge: String, network: String, vm: String) throws(LibraryError) -> Int32 {
+        let fd = vireo_tap_open(name)
+        guard fd >= 0 else {
+            let code = -fd
+            var reason = "cannot make tap \(name) for VM '\(vm)': \(String(cString: strerror(code)))"
+            if code == EPERM || code == EACCES { reason += " (taps and bridges need root or CAP_NET_ADMIN; without them use --nic user)" }
+            if code == EBUSY { reason += " (another process holds a tap of that name)" }
+            throw .network(name: network, reason: reason, exitStatus: code == EPERM || code == EACCES ? 2 : 1)
+        }
+        do {
+            try Self.ip(["link", "set", "dev", name, "master", bridge], network: network)
+            try Self.ip(["link", "set", "dev", name, "up"], network: network)
+        } catch {
+            close(fd)
+            throw error
+        }
+        return fd
+    }
+
+    /// passt on one end of a socket pair (its log in the VM's directory); the VM gets the other
+    /// end. passt quits when the VM's end closes, so it lives exactly as long as the VM.
+    func startPasst(_ vm: EngineVM, card: NetworkAttachment, index: Int) throws(LibraryError) -> Int32 {
+        guard let passt = Self.tool("passt") else {
+            throw .network(name: "user", reason: "--nic user needs passt; install Debian's `passt` package", exitStatus: 2)
+        }
+        var ends: [Int32] = [-1, -1]
+        guard socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0, &ends) == 0 else {
+            throw .io(operation: "socketpair", path: vm.bundle.directory, errno: errno)
+        }
+        defer { close(ends[1]) }
+        var arguments = [passt, "--foreground", "--stderr", "--fd", "5"]
+        let tcp = card.forwards.filter { $0.proto == .tcp }.map { "\($0.hostPort):\($0.guestPort)" }
+        let udp = card.forwards.filter { $0.proto == .udp }.map { "\($0.hostPort):\($0.guestPort)" }
+        arguments += tcp.isEmpty ? ["-t", "none"] : ["-t", tcp.joined(separator: ",")]
+        arguments += udp.isEmpty ? ["-u", "none"] : ["-u", udp.joined(separator: ",")]
+        let logPath = vm.bundle.directory + "/passt\(index).log"
+        let log = open(logPath, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
+        guard log >= 0 else {
+            close(ends[0])
+            throw .io(operation: "open", path: logPath, errno: errno)
+        }
+        defer { close(log) }
+        var pid: pid_t = 0
+        let inherit = [ends[1]]
+        let spawned = withCStrings(arguments) { argv in
+            inherit.withUnsafeBufferPointer { vireo_spawn_detached_inheriting(passt, argv, log, -1, -1, $0.baseAddress, 1, &pid) }
+        }
+        guard spawned == 0 else {
+            close(ends[0])
+            throw .network(name: "user", reason: "cannot run \(passt): \(String(cString: strerror(spawned)))", exitStatus: 1)
+        }
+        return ends[0]
+    }
+
+    // MARK: taking down what nothing uses
+
+    /// Takes down every network no running VM uses (unless it is `autostart`), and brings the
+    /// firewall up to date with the VMs that still run. Errors are not the caller's: a stop
+    /// succeeded even if a bridge could not be deleted.
+    /// `failedStart`: the UUID of a VM whose start just failed (its lock is still held here).
+    /// Returns what could not be done, for the user to see.
+    @discardableResult
+    public func releaseIdle(failedStart: String? = nil) -> [String] {
+        guard HostFiles.isDirectory(store.directory) else { return [] }
+        var warnings: [String] = []
+        do {
+            try store.locked { () throws(LibraryError) in
+                let running = runningVMs().filter { $0.uuid != failedStart }
+                let used = Set(running.flatMap { $0.networks.compactMap(\.attachment.networkName) })
+                let networks = (try? store.all()) ?? []
+                for network in networks where isUp(network) && !network.autostart && !used.contains(network.name) {
+                    bringDown(network)
+                    if isUp(network) { warnings.append("network '\(network.name)': its bridge \(network.bridge) could not be deleted") }
+                }
+                do throws(LibraryError) { try applyFirewall() } catch { warnings.append(error.description) }
+                if !networks.contains(where: { $0.mode == .nat && isUp($0) }) { restoreForwarding() }
+            }
+        } catch {
+            warnings.append(error.description)
+        }
+        return warnings
+    }
+
+    /// Brings a network up now (`vireo network start`), with its firewall.
+    public func start(_ name: String) throws(LibraryError) {
+        let network = try store.load(name)
+        try store.locked { () throws(LibraryError) in
+            try bringUp(network)
+            try applyFirewall()
+        }
+    }
+
+    /// Takes a network down (`vireo network stop`); refused while a running VM uses it.
+    public func stop(_ name: String) throws(LibraryError) {
+        let network = try store.load(name)
+        try store.locked { () throws(LibraryError) in
+            let users = runningVMs().filter { $0.networks.contains { $0.attachment.networkName == name } }.map(\.name)
+            guard users.isEmpty else {
+                throw .network(name: name, reason: "running VMs use it: \(users.joined(separator: ", ")); stop them first", exitStatus: 2)
+            }
+            bringDown(network)
+            try applyFirewall()
+            if !((try? store.all()) ?? []).contains(where: { $0.mode == .nat && isUp($0) }) { restoreForwarding() }
+        }
+    }
+
+    /// Deletes a network: refused while any VM's card names it; takes it down first.
+    public func delete(_ name: String) throws(LibraryError) {
+        let network = try store.load(name)
+        let users = ((try? library.names()) ?? []).filter { vm in
+            ((try? VMBundle(directory: library.root + "/" + vm).load())?.networks ?? []).contains { $0.attachment.networkName == name }
+        }
+        guard users.isEmpty else {
+            throw .network(name: name, reason: "VMs have cards on it: \(users.joined(separator: ", ")); remove them (`vireo nic remove VM N`) or delete the VMs first", exitStatus: 2)
+        }
+        try store.locked { () throws(LibraryError) in
+            bringDown(network)
+            try store.remove(name)
+            try applyFirewall()
+            if !((try? store.all()) ?? []).contains(where: { $0.mode == .nat && isUp($0) }) { restoreForwarding() }
+        }
+    }
+
+    /// Applies a running VM's changed forwards (the definition is already saved).
+    public func refreshForwards() throws(LibraryError) {
+        try store.locked { () throws(LibraryError) in try applyFirewall() }
+    }
+
+    // MARK: addresses
+
+    /// Each card's IPv4 address as its network's DHCP server leased it (nil when unknown:
+    /// no lease yet, or a card outside Vireo's networks).
+    public func addresses(of definition: VMDefinition) -> [IPv4Address?] {
+        var leases: [String: [NetworkStore.Lease]] = [:]
+        return definition.networks.map { card in
+            guard let name = card.attachment.networkName else { return nil }
+            if leases[name] == nil { leases[name] = store.leases(of: name) }
+            let now = Int64(time(nil))
+            return leases[name]?.filter { $0.mac == card.mac.lowercased() && ($0.expires == 0 || $0.expires > now) }
+                .max { $0.expires < $1.expires }?.address
+        }
+    }
+}
+
+extension String {
+    var trimmed: String {
+        var text = Substring(self)
+        while let last = text.last, last.isWhitespace { text = text.dropLast() }
+        while let first = text.first, first.isWhitespace { text = text.dropFirst() }
+        return String(text)
+    }
+}
+
+extension HostCommand {
+    /// Runs a host command to completion (10 s at most) and returns its exit status and what it
+    /// printed on stdout and stderr together.
+    static func run(_ path: String, _ arguments: [String]) -> (status: Int32, output: String) {
+        var ends: [Int32] = [-1, -1]
+        guard pipe(&ends) == 0 else { return (-1, "pipe: \(String(cString: strerror(errno)))") }
+        for end in ends { _ = fcntl(end, F_SETFD, FD_CLOEXEC) }
+        var pid: pid_t = 0
+        let spawned = withCStrings([path] + arguments) { argv in vireo_spawn_detached(path, argv, ends[1], -1, -1, &pid) }
+        close(ends[1])
+        defer { close(ends[0]) }
+        guard spawned == 0 else { return (-1, "cannot run \(path): \(String(cString: strerror(spawned)))") }
+        var collected: [UInt8] = []
+        var buffer = [UInt8](repeating: 0, count: 4096)
+        var descriptor = pollfd(fd: ends[0], events: Int16(POLLIN), revents: 0)
+        var status: Int32 = 0
+        var exited = false, open = true
+        // Until the process exits (a daemon's detached child may keep the pipe open for good),
+        // then whatever it left in the pipe.
+        for _ in 0..<100 {
+            if open, poll(&descriptor, 1, 100) > 0 {
+                let count = buffer.withUnsafeMutableBytes { read(ends[0], $0.baseAddress, $0.count) }
+                if count > 0, collected.count < 65536 { collected += buffer[0..<count] }
+                if count == 0 { open = false }
+            } else if !open {
+                usleep(20_000)
+            }
+            if waitpid(pid, &status, WNOHANG) == pid { exited = true; break }
+        }
+        while open, poll(&descriptor, 1, 0) > 0 {
+            let count = buffer.withUnsafeMutableBytes { read(ends[0], $0.baseAddress, $0.count) }
+            guard count > 0 else { break }
+            if collected.count < 65536 { collected += buffer[0..<count] }
+        }
+        if !exited {
+            kill(pid, SIGKILL)
+            waitpid(pid, &status, 0)
+            return (-1, String(decoding: collected, as: UTF8.self) + " (did not finish within 10 s and was killed)")
+        }
+        let normal = status & 0x7f == 0
+        return (normal ? (status >> 8) & 0xff : 128 + (status & 0x7f), String(decoding: collected, as: UTF8.self))
+    }
+}

@@ -1,0 +1,79 @@
+import Foundation
+import Testing
+@testable import Engines
+@testable import Library
+
+struct NetworkModelTests {
+    @Test func subnets() throws {
+        let subnet = try IPv4Subnet.parse("10.20.0.0/24", field: "--subnet")
+        #expect(subnet.gateway.description == "10.20.0.1" && subnet.broadcast.description == "10.20.0.255")
+        #expect(subnet.netmask.description == "255.255.255.0")
+        #expect(subnet.overlaps(try IPv4Subnet.parse("10.0.0.0/8", field: "x")))
+        #expect(!subnet.overlaps(try IPv4Subnet.parse("10.21.0.0/24", field: "x")))
+        #expect(IPv4Address("10.1.2.03") == nil && IPv4Address("256.1.1.1") == nil && IPv4Address("1.2.3") == nil)
+        for bad in ["127.0.0.0/8", "224.0.0.0/24", "169.254.0.0/16", "0.0.0.0/8"] {
+            #expect { try IPv4Subnet.parse(bad, field: "--subnet") } throws: { "\($0)".contains("is not usable for a network") }
+        }
+        // The upper half of a /24 for DHCP, as libvirt's default network hands out the rest.
+        #expect(NetworkStore.defaultRange(subnet).description == "10.20.0.127-10.20.0.254")
+        #expect(try NetworkStore.freeSubnet(avoiding: [IPv4Subnet.parse("192.168.122.0/24", field: "x")]).description == "192.168.123.0/24")
+    }
+
+    @Test func cardsKeepTheirOldFormAndParseTheNew() throws {
+        let old = #"{"tap":"vtap0","mac":"02:00:00:00:00:01"}"#
+        let card = try JSONDecoder().decode(NetworkAttachment.self, from: Data(old.utf8))
+        #expect(card.attachment == .tap("vtap0") && card.forwards.isEmpty)
+        let new = NetworkAttachment(.network("lan"), mac: "02:00:00:00:00:02", forwards: [PortForward(proto: .tcp, hostPort: 8022, guestPort: 22)])
+        let text = String(decoding: try JSONEncoder().encode(new), as: UTF8.self)
+        #expect(text.contains(#""attachment":"network:lan""#) && text.contains(#""forwards":["tcp:8022:22"]"#), "\(text)")
+        #expect(try JSONDecoder().decode(NetworkAttachment.self, from: Data(text.utf8)) == new)
+        #expect(try NICAttachment.parse("bridge:br0", field: "--nic") == .bridge("br0"))
+        #expect { try NICAttachment.parse("network:", field: "--nic") } throws: { "\($0)".contains("network name") || "\($0)".contains("must be") }
+    }
+
+    @Test func reservationsAreStableAndSkipOthersLeases() throws {
+        let root = FileManager.default.temporaryDirectory.appendingPathComponent("vireo-net-\(UUID().uuidString)").path
+        defer { try? FileManager.default.removeItem(atPath: root) }
+        let store = NetworkStore(libraryRoot: root)
+        var request = NetworkCreateRequest(name: "lan")
+        request.subnet = "10.30.0.0/29"
+        let network = try store.create(request, hostRoutes: [])
+        #expect(network.dhcp?.description == "10.30.0.2-10.30.0.6")
+        // dnsmasq leased .2 to a machine Vireo does not know.
+        try Data("0 aa:aa:aa:aa:aa:aa 10.30.0.2 other *\n".utf8).write(to: URL(fileURLWithPath: store.leasesPath(of: "lan")))
+        let live: Set<String> = ["02:00:00:00:00:01", "02:00:00:00:00:02"]
+        let first = try store.reserve(network: network, mac: "02:00:00:00:00:01", vm: "a", liveMACs: live)
+        let second = try store.reserve(network: network, mac: "02:00:00:00:00:02", vm: "b", liveMACs: live)
+        #expect(first?.description == "10.30.0.3" && second?.description == "10.30.0.4")
+        #expect(try store.reserve(network: network, mac: "02:00:00:00:00:01", vm: "a", liveMACs: live) == first)
+        // A VM that is gone gives its address back.
+        let again = try store.reserve(network: network, mac: "02:00:00:00:00:03", vm: "c", liveMACs: ["02:00:00:00:00:03"])
+        #expect(again?.description == "10.30.0.3")
+    }
+
+    @Test func namesForTheHost() {
+        #expect(NetworkStore.bridgeName(for: "lan") == "vireo-lan")
+        let long = NetworkStore.bridgeName(for: "a-rather-long-network-name")
+        #expect(long.count == 15 && long.hasPrefix("vireo-"), "\(long)")
+        #expect(HostNetworks.hostname(forVM: "web_1.example") == "web-1-example")
+        #expect(HostNetworks.hostname(forVM: "_x_") == "x")
+        #expect(HostNetworks.tapName(uuid: "6c1d2f4e-0000-4000-8000-000000000001", index: 3).count <= 15)
+    }
+
+    @Test func theFirewallTable() throws {
+        let nat = NetworkDefinition(version: 1, name: "default", mode: .nat, subnet: try IPv4Subnet.parse("192.168.122.0/24", field: "x"),
+                                    dhcp: nil, autostart: false, bridge: "vireo-default", createdAt: 0)
+        var wire = nat
+        wire.name = "wire"; wire.mode = .internal; wire.bridge = "vireo-wire"; wire.subnet = try IPv4Subnet.parse("10.9.0.0/24", field: "x")
+        let forward = HostNetworks.ActiveForward(network: nat, address: IPv4Address("192.168.122.130")!,
+                                                 forward: PortForward(proto: .tcp, hostPort: 8022, guestPort: 22), vm: "web")
+        let text = HostNetworks.ruleset(networks: [nat, wire], forwards: [forward])
+        #expect(text.hasPrefix("table ip vireo\ndelete table ip vireo\ntable ip vireo {"))
+        #expect(text.contains("ip saddr 192.168.122.0/24 ip daddr != { 192.168.122.0/24, 224.0.0.0/4, 255.255.255.255 } masquerade"))
+        #expect(text.contains("fib daddr type local tcp dport 8022 dnat to 192.168.122.130:22"))
+        #expect(text.contains("iifname \"vireo-wire\" drop"))
+        #expect(!text.contains("10.9.0.0/24 accept"))
+        // Nothing up: the table goes.
+        #expect(HostNetworks.ruleset(networks: [], forwards: []) == "table ip vireo\ndelete table ip vireo\n")
+    }
+}
