@@ -117,7 +117,8 @@ public struct HostNetworks: Sendable {
     /// the store locked.
     func bringUp(_ network: NetworkDefinition) throws(LibraryError) {
         let name = network.name
-        if !Self.linkExists(network.bridge) {
+        let madeBridge = !Self.linkExists(network.bridge)
+        if madeBridge {
             try Self.ip(["link", "add", network.bridge, "type", "bridge"], network: name)
         } else if !Self.isBridge(network.bridge) {
             throw .network(name: name, reason: "\(network.bridge) exists on this host and is not a bridge; delete it or recreate the network under another name", exitStatus: 2)
@@ -131,7 +132,8 @@ public struct HostNetworks: Sendable {
             try? HostFiles.writeInPlace("1\n", to: "/proc/sys/net/ipv4/conf/\(network.bridge)/route_localnet")
             try enableForwarding()
         }
-        if network.dhcp != nil { try startDNSMasq(network) }
+        // A dnsmasq bound to a bridge that was deleted and made again serves nothing: restart it.
+        if network.dhcp != nil { try startDNSMasq(network, restart: madeBridge) }
     }
 
     /// Stops the network's dnsmasq and deletes its bridge (which unplugs whatever taps remain).
@@ -209,23 +211,28 @@ public struct HostNetworks: Sendable {
         return String(mapped.drop(while: { $0 == "-" }).reversed().drop(while: { $0 == "-" }).reversed().prefix(63))
     }
 
+    /// The network's dnsmasq if it is alive: the pid file's process, not a zombie, started with
+    /// this network's configuration (a reused pid is someone else).
     func dnsmasqPID(_ network: NetworkDefinition) -> pid_t? {
         guard let bytes = try? HostFiles.readAll(store.dnsmasqPIDPath(of: network.name)),
               let pid = pid_t(String(decoding: bytes, as: UTF8.self).trimmed), pid > 1,
-              let comm = try? HostFiles.readAll("/proc/\(pid)/comm"),
-              String(decoding: comm, as: UTF8.self).trimmed == "dnsmasq" else { return nil }
+              let stat = try? HostFiles.readAll("/proc/\(pid)/stat"),
+              let arguments = try? HostFiles.readAll("/proc/\(pid)/cmdline") else { return nil }
+        let state = String(decoding: stat, as: UTF8.self).split(separator: ")").last?.split(separator: " ").first
+        guard state != "Z", state != "X",
+              String(decoding: arguments, as: UTF8.self).contains("--conf-file=\(store.dnsmasqConfigPath(of: network.name))") else { return nil }
         return pid
     }
 
     /// (Re)starts dnsmasq when it is not running or its configuration changed. Its leases stay
     /// in the lease file across restarts.
-    func startDNSMasq(_ network: NetworkDefinition) throws(LibraryError) {
+    func startDNSMasq(_ network: NetworkDefinition, restart: Bool) throws(LibraryError) {
         let name = network.name
         let binary = try Self.requireTool("dnsmasq", package: "dnsmasq-base", network: name)
         let text = dnsmasqConfiguration(network)
         let path = store.dnsmasqConfigPath(of: name)
         let previous = (try? HostFiles.readAll(path)).map { String(decoding: $0, as: UTF8.self) }
-        if previous == text, dnsmasqPID(network) != nil { return }
+        if !restart, previous == text, dnsmasqPID(network) != nil { return }
         stopDNSMasq(network)
         try HostFiles.writeAtomically(Array(text.utf8), to: path)
         if !HostFiles.exists(store.leasesPath(of: name)) { try HostFiles.writeAtomically([], to: store.leasesPath(of: name)) }

@@ -123,7 +123,7 @@ final class NetworkLab: @unchecked Sendable {
 
 @Suite(.serialized)
 struct NetworkTests {
-    @Test("NAT (the default network): two probes get distinct DHCP leases from its dnsmasq, `vireo list` shows them, a lease holds across restarts, guests reach 'the internet' masqueraded; after deleting everything the links and ruleset are as before",
+    @Test("NAT (the default network): two probes get distinct DHCP leases from its dnsmasq, `vireo list` shows them, guests reach 'the internet' masqueraded; after a simulated host reboot the network is rebuilt and the lease holds; after deleting everything the links and ruleset are as before",
           .timeLimit(.minutes(5)))
     func natNetwork() throws {
         let lab = try NetworkLab()
@@ -148,14 +148,21 @@ struct NetworkTests {
         let info = lab.vireo("network", "info", "default")
         #expect(info.stdout.contains("-> \(first) -> VM 'n1'") && info.stdout.contains("-> \(second) -> VM 'n2'"), "\(info.stdout)")
         #expect(lab.vireo("network", "list").stdout.contains("default  nat   192.168.122.0/24"))
-        // The probes finished (powered off); the network went down with... no: n1 and n2 have
-        // stopped by themselves, so the next vireo command that looks sees an idle network.
+        // The probes power off when done; their network stays up until a vireo command looks.
         #expect(lab.library.waitFor(20) { lab.library.state("n1") == "stopped" && lab.library.state("n2") == "stopped" })
 
-        // Restart n1: the same address (its reservation), a fresh tap.
+        // As after a host reboot: only the definitions are left, no bridge, dnsmasq or table.
+        let pidFile = lab.library.root.appendingPathComponent("networks/default/dnsmasq.pid")
+        if let text = try? String(contentsOf: pidFile, encoding: .utf8), let pid = Int32(text.trimmingCharacters(in: .whitespacesAndNewlines)) {
+            kill(pid, SIGKILL)
+        }
+        #expect(lab.inHost(["ip", "link", "delete", "vireo-default"]).status == 0)
+        #expect(lab.inHost(["nft", "delete", "table", "ip", "vireo"]).status == 0)
+        // Restart n1: everything comes back; the same address (its reservation), a fresh tap.
         lab.start("n1")
         #expect(lab.library.waitFor(20) { lab.library.consoleLog("n1").contains("probe: done") })
         #expect(lab.dhcpAddress("n1") == first, "\(lab.library.consoleLog("n1"))")
+        #expect(lab.library.consoleLog("n1").contains("|from:\(NetworkLab.hostAddress) after"), "\(lab.library.consoleLog("n1"))")
 
         // Stop (already off) takes the idle network down; delete everything: host as before.
         #expect(lab.vireo("stop", "n1").status == 0)
@@ -199,7 +206,7 @@ struct NetworkTests {
         #expect(refused.status == 2 && refused.stderr.contains("network 'wire': VMs have cards on it: i1, i2, i3"), "\(refused.stderr)")
     }
 
-    @Test("port forwards: TCP and UDP from the host's loopback, its own address and from outside reach a guest service and bring its answer back; added and removed while the VM runs",
+    @Test("port forwards: TCP and UDP from the host's loopback, its own address and from outside reach a guest service and bring its answer back; added and removed while the VM runs; a killed VM leaves no tap and starts again",
           .timeLimit(.minutes(5)))
     func portForwards() throws {
         let lab = try NetworkLab()
@@ -221,6 +228,17 @@ struct NetworkTests {
         #expect(lab.vireo("forward", "list", "web").stdout.contains("tcp    8080       9000"))
         let info = lab.vireo("info", "web").stdout
         #expect(info.contains("on nat (host interface vt") && info.contains("forwarding tcp:8080:9000 udp:8081:9000"), "\(info)")
+
+        // Killed, as a crash would end it: its tap goes with it, and it starts again at once.
+        let described = lab.vireo("info", "web", "--json").stdout
+        let process = (try? JSONSerialization.jsonObject(with: Data(described.utf8)) as? [String: Any])?["process"] as? [String: Any]
+        let pid = try #require(process?["pid"] as? Int, "\(described)")
+        kill(Int32(pid), SIGKILL)
+        #expect(lab.library.waitFor(10) { ["stopped", "crashed"].contains(lab.library.state("web") ?? "") })
+        #expect(!lab.inHost(["ip", "-br", "link"]).stdout.contains("vt"), "\(lab.inHost(["ip", "-br", "link"]).stdout)")
+        lab.start("web")
+        #expect(lab.library.waitFor(20) { lab.library.consoleLog("web").contains("ip: serving tcp and udp port 9000") })
+        #expect(lab.exchange("tcp", from: lab.host, to: "127.0.0.1", port: 8080) == "echo:hello")
 
         // Stopped: the forwards leave the firewall with the VM.
         #expect(lab.vireo("stop", "web", "--force").status == 0)
