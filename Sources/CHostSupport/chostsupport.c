@@ -5,7 +5,9 @@
 #include <signal.h>
 #include <spawn.h>
 #include <stdio.h>
+#include <string.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 int vireo_spawn_detached(const char *path, char *const argv[], int log_fd, int lock_fd, int ready_fd, pid_t *pid) {
@@ -57,6 +59,53 @@ out:
     if (lock_high >= 0) close(lock_high);
     if (ready_high >= 0) close(ready_high);
     return result;
+}
+
+int vireo_spawn_piped(const char *file, char *const argv[], char *const envp[], int in_fd, int out_fd, int err_fd, pid_t *pid) {
+    posix_spawn_file_actions_t actions;
+    posix_spawnattr_t attributes;
+    posix_spawn_file_actions_init(&actions);
+    posix_spawnattr_init(&attributes);
+    posix_spawn_file_actions_adddup2(&actions, in_fd, 0);
+    posix_spawn_file_actions_adddup2(&actions, out_fd, 1);
+    posix_spawn_file_actions_adddup2(&actions, err_fd, 2);
+    posix_spawn_file_actions_addclosefrom_np(&actions, 3);
+    sigset_t empty, all;
+    sigemptyset(&empty);
+    sigfillset(&all);
+    posix_spawnattr_setsigmask(&attributes, &empty);
+    posix_spawnattr_setsigdefault(&attributes, &all);
+    posix_spawnattr_setflags(&attributes, POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF);
+    int result = posix_spawnp(pid, file, &actions, &attributes, argv, envp ? envp : environ);
+    posix_spawn_file_actions_destroy(&actions);
+    posix_spawnattr_destroy(&attributes);
+    return result;
+}
+
+int vireo_run_collecting(const char *file, char *const argv[], unsigned char *buffer, size_t capacity, size_t *length) {
+    int ends[2];
+    *length = 0;
+    if (pipe2(ends, O_CLOEXEC) != 0) return -errno;
+    int in = open("/dev/null", O_RDONLY | O_CLOEXEC);
+    pid_t pid = 0;
+    int spawned = vireo_spawn_piped(file, argv, NULL, in < 0 ? 0 : in, ends[1], ends[1], &pid);
+    if (in >= 0) close(in);
+    close(ends[1]);
+    if (spawned != 0) { close(ends[0]); return -spawned; }
+    unsigned char scratch[4096];
+    for (;;) {
+        ssize_t count = read(ends[0], scratch, sizeof scratch);
+        if (count < 0 && errno == EINTR) continue;
+        if (count <= 0) break;
+        size_t take = (size_t)count;
+        if (take > capacity - *length) take = capacity - *length;
+        memcpy(buffer + *length, scratch, take);
+        *length += take;
+    }
+    close(ends[0]);
+    int status = 0;
+    while (waitpid(pid, &status, 0) < 0) { if (errno != EINTR) return -errno; }
+    return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
 }
 
 int vireo_rename_noreplace(const char *from, const char *to) {

@@ -1,3 +1,4 @@
+import CHostSupport
 import Foundation
 import Synchronization
 import Testing
@@ -75,44 +76,103 @@ struct HarnessError: Error, CustomStringConvertible {
 }
 
 /// A child process whose output is collected as it arrives, so a test can wait for a line and
-/// then react (type into the console, connect to a socket).
+/// then react (type into the console, connect to a socket). Spawned with posix_spawn, not
+/// Foundation's Process, whose Swift 6.3 version crashes now and then while listing
+/// /proc/self/fd (swift-corelibs-foundation #5472; it took a whole suite down here).
 final class RunningProcess: @unchecked Sendable {
-    private let process = Process()
-    private let input = Pipe()
-    private let output = Pipe()
-    private let errors = Pipe()
+    let processIdentifier: Int32
+    private let input: Int32
+    private let inputOpen = Mutex(true)
     private final class Collected: Sendable {
         let state = Mutex<(out: Data, err: Data)>((Data(), Data()))
         func withLock<T>(_ body: (inout (out: Data, err: Data)) -> T) -> T { state.withLock { body(&$0) } }
     }
     private let collected = Collected()
+    /// Signalled when the reader has seen both pipes end.
+    private let readersDone = DispatchSemaphore(value: 0)
+    private let reaped = Mutex<Int32?>(nil)
+
+    /// A child that exits before reading its input must not take the test process with it.
+    private static let ignoreBrokenPipes: Void = { _ = Glibc.signal(SIGPIPE, SIG_IGN) }()
 
     init(_ arguments: [String], environment: [String: String] = [:]) {
+        _ = Self.ignoreBrokenPipes
+        func pipePair() -> (read: Int32, write: Int32) {
+            // Close-on-exec is belt and braces: vireo_spawn_piped closes everything above 2.
+            var ends: [Int32] = [-1, -1]
+            _ = pipe(&ends)
+            for end in ends { _ = fcntl(end, F_SETFD, FD_CLOEXEC) }
+            return (ends[0], ends[1])
+        }
+        let stdinPipe = pipePair(), stdoutPipe = pipePair(), stderrPipe = pipePair()
+        var environmentLines: [String]?
         if !environment.isEmpty {
-            process.environment = ProcessInfo.processInfo.environment.merging(environment) { $1 }
+            environmentLines = ProcessInfo.processInfo.environment.merging(environment) { $1 }.map { "\($0.key)=\($0.value)" }
         }
-        process.executableURL = URL(fileURLWithPath: arguments[0].hasPrefix("/") ? arguments[0] : "/usr/bin/env")
-        process.arguments = arguments[0].hasPrefix("/") ? Array(arguments.dropFirst()) : arguments
-        process.standardInput = input
-        process.standardOutput = output
-        process.standardError = errors
-        output.fileHandleForReading.readabilityHandler = { [collected] handle in
-            let data = handle.availableData
-            collected.withLock { $0.out.append(data) }
+        var pid: pid_t = 0
+        let argv = arguments.map { strdup($0) } + [nil]
+        let envp = environmentLines.map { $0.map { strdup($0) } + [nil] }
+        let result = argv.withUnsafeBufferPointer { argvBuffer in
+            if let envp {
+                return envp.withUnsafeBufferPointer { envBuffer in
+                    vireo_spawn_piped(arguments[0], argvBuffer.baseAddress, envBuffer.baseAddress, stdinPipe.read, stdoutPipe.write, stderrPipe.write, &pid)
+                }
+            }
+            return vireo_spawn_piped(arguments[0], argvBuffer.baseAddress, nil, stdinPipe.read, stdoutPipe.write, stderrPipe.write, &pid)
         }
-        errors.fileHandleForReading.readabilityHandler = { [collected] handle in
-            let data = handle.availableData
-            collected.withLock { $0.err.append(data) }
+        for pointer in argv { free(pointer) }
+        for pointer in envp ?? [] { free(pointer) }
+        close(stdinPipe.read); close(stdoutPipe.write); close(stderrPipe.write)
+        processIdentifier = result == 0 ? pid : -1
+        input = stdinPipe.write
+        if result != 0 {
+            collected.withLock { $0.err.append(Data("spawn failed: \(String(cString: strerror(result)))".utf8)) }
+            reaped.withLock { $0 = 127 }
         }
-        do { try process.run() } catch { collected.withLock { $0.err.append(Data("spawn failed: \(error)".utf8)) } }
+        // One thread reads both pipes until both end.
+        let (out, err, collected, done) = (stdoutPipe.read, stderrPipe.read, collected, readersDone)
+        let reader = Thread {
+            var descriptors = [pollfd(fd: out, events: Int16(POLLIN), revents: 0), pollfd(fd: err, events: Int16(POLLIN), revents: 0)]
+            var buffer = [UInt8](repeating: 0, count: 65536)
+            while descriptors.contains(where: { $0.fd >= 0 }) {
+                if poll(&descriptors, 2, -1) < 0 { if errno == EINTR { continue }; break }
+                for index in 0..<2 where descriptors[index].fd >= 0 && descriptors[index].revents != 0 {
+                    let count = buffer.withUnsafeMutableBytes { read(descriptors[index].fd, $0.baseAddress, $0.count) }
+                    if count > 0 {
+                        let data = Data(buffer[0..<count])
+                        collected.withLock { if index == 0 { $0.out.append(data) } else { $0.err.append(data) } }
+                    } else if count == 0 || (errno != EINTR && errno != EAGAIN) {
+                        close(descriptors[index].fd)
+                        descriptors[index].fd = -1
+                    }
+                }
+            }
+            done.signal()
+        }
+        reader.start()
+    }
+
+    deinit {
+        inputOpen.withLock { if $0 { close(input); $0 = false } }
     }
 
     var stdout: String { collected.withLock { String(decoding: $0.out, as: UTF8.self) } }
     var stderr: String { collected.withLock { String(decoding: $0.err, as: UTF8.self) } }
-    var processIdentifier: Int32 { process.processIdentifier }
 
-    func send(_ data: Data) { try? input.fileHandleForWriting.write(contentsOf: data) }
-    func closeInput() { try? input.fileHandleForWriting.close() }
+    func send(_ data: Data) {
+        inputOpen.withLock { open in
+            guard open else { return }
+            var remaining = data[...]
+            while !remaining.isEmpty {
+                let written = remaining.withUnsafeBytes { write(input, $0.baseAddress, $0.count) }
+                if written < 0 && errno == EINTR { continue }
+                guard written > 0 else { return }
+                remaining = remaining.dropFirst(written)
+            }
+        }
+    }
+
+    func closeInput() { inputOpen.withLock { if $0 { close(input); $0 = false } } }
 
     /// Waits until stdout contains `text`; false on time-out or if the process exits first.
     func waitForOutput(_ text: String, timeout: TimeInterval) -> Bool { waitFor(text, in: \.stdout, timeout: timeout) }
@@ -124,27 +184,24 @@ final class RunningProcess: @unchecked Sendable {
         let deadline = Date().addingTimeInterval(timeout)
         while Date() < deadline {
             if self[keyPath: stream].contains(text) { return true }
-            if hasExited { return self[keyPath: stream].contains(text) }
+            if hasExited { drain(); return self[keyPath: stream].contains(text) }
             Thread.sleep(forTimeInterval: 0.05)
         }
         return false
     }
 
-    func signal(_ number: Int32) { if !hasExited { kill(process.processIdentifier, number) } }
+    func signal(_ number: Int32) { if !hasExited { kill(processIdentifier, number) } }
 
-    /// The child's exit, seen without reaping it (waitid with WNOWAIT): Foundation's own
-    /// bookkeeping has been seen to miss a child's exit while others run, so tests ask the kernel.
+    /// The child's exit status (or 128+signal), reaping it once it has exited.
     private func exitStatus() -> Int32? {
-        let pid = process.processIdentifier
-        guard pid > 0 else { return process.isRunning ? nil : process.terminationStatus }
-        var info = siginfo_t()
-        guard waitid(P_PID, id_t(pid), &info, WEXITED | WNOHANG | WNOWAIT) == 0 else {
-            // Already reaped by Foundation.
-            return process.isRunning ? nil : (process.terminationReason == .uncaughtSignal ? 128 + process.terminationStatus : process.terminationStatus)
+        reaped.withLock { known in
+            if let known { return known }
+            var status: Int32 = 0
+            guard waitpid(processIdentifier, &status, WNOHANG) == processIdentifier else { return nil }
+            let code = status & 0x7f == 0 ? (status >> 8) & 0xff : 128 + (status & 0x7f)
+            known = code
+            return code
         }
-        guard info._sifields._sigchld.si_pid == pid else { return nil }
-        let status = info._sifields._sigchld.si_status
-        return info.si_code == Int32(CLD_EXITED) ? status : 128 + status
     }
 
     var hasExited: Bool { exitStatus() != nil }
@@ -158,7 +215,7 @@ final class RunningProcess: @unchecked Sendable {
             status = exitStatus()
         }
         guard let status else {
-            kill(process.processIdentifier, SIGKILL)
+            kill(processIdentifier, SIGKILL)
             while exitStatus() == nil { Thread.sleep(forTimeInterval: 0.02) }
             drain()
             return -1
@@ -167,15 +224,10 @@ final class RunningProcess: @unchecked Sendable {
         return status
     }
 
-    /// Collects what the child wrote last. Its pipes end when it has exited (nothing else holds them).
+    /// Waits (briefly) for the reader to collect what the child wrote last: its pipes end when
+    /// it has exited, unless something it started still holds them.
     private func drain() {
-        Thread.sleep(forTimeInterval: 0.1)
-        output.fileHandleForReading.readabilityHandler = nil
-        errors.fileHandleForReading.readabilityHandler = nil
-        collected.withLock { state in
-            state.out.append(output.fileHandleForReading.readDataToEndOfFile())
-            state.err.append(errors.fileHandleForReading.readDataToEndOfFile())
-        }
+        if readersDone.wait(timeout: .now() + 2) == .success { readersDone.signal() }
     }
 }
 

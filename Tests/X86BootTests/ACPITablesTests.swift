@@ -1,3 +1,4 @@
+import CHostSupport
 import Foundation
 import GuestMemory
 import Testing
@@ -19,18 +20,17 @@ import Testing
         defer { try? FileManager.default.removeItem(at: directory) }
         let file = directory.appendingPathComponent("\(signature.lowercased()).dat")
         try Data(bytes).write(to: file)
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
-        process.arguments = ["iasl", "-d", file.path]
-        process.currentDirectoryURL = directory
-        let output = Pipe()
-        process.standardOutput = output
-        process.standardError = output
-        try process.run()
-        let log = String(decoding: output.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-        process.waitUntilExit()
-        guard process.terminationStatus == 0 else {
-            throw HarnessFailure("iasl -d \(signature) exited \(process.terminationStatus) (is acpica-tools installed? scripts/setup.sh installs it): \(log)")
+        // Through posix_spawn, not Foundation's Process (which crashes now and then on Linux in
+        // Swift 6.3, swift-corelibs-foundation #5472); iasl writes the .dsl in its directory.
+        let arguments = ["sh", "-c", "cd \"$0\" && exec iasl -d \"$1\"", directory.path, file.path]
+        var output = [UInt8](repeating: 0, count: 1 << 16)
+        var length = 0
+        let argv = arguments.map { strdup($0) } + [nil]
+        defer { for pointer in argv { free(pointer) } }
+        let status = argv.withUnsafeBufferPointer { vireo_run_collecting("sh", $0.baseAddress, &output, output.count, &length) }
+        let log = String(decoding: output[0..<length], as: UTF8.self)
+        guard status == 0 else {
+            throw HarnessFailure("iasl -d \(signature) exited \(status) (is acpica-tools installed? scripts/setup.sh installs it): \(log)")
         }
         let asl = try String(contentsOf: directory.appendingPathComponent("\(signature.lowercased()).dsl"), encoding: .utf8)
         return asl

@@ -9,6 +9,14 @@
 // stdin /dev/null, stdout and stderr to `log_fd`, `lock_fd` as descriptor 3 and `ready_fd` as
 // descriptor 4 (either may be -1: not passed); every other descriptor closed. Returns 0 and the child's pid, or an errno value.
 int vireo_spawn_detached(const char *path, char *const argv[], int log_fd, int lock_fd, int ready_fd, pid_t *pid);
+/// Runs `file` (searched in PATH) with stdin, stdout and stderr on the given descriptors and
+/// nothing else open, default signal handling, `envp` (NULL: this process's). 0 or an errno.
+/// Foundation's Process is avoided: Swift 6.3's reads past a buffer while listing /proc/self/fd
+/// and crashes now and then (swift-corelibs-foundation #5472).
+int vireo_spawn_piped(const char *file, char *const argv[], char *const envp[], int in_fd, int out_fd, int err_fd, pid_t *pid);
+/// Runs `file` (PATH searched) to completion with stdin from /dev/null, collecting stdout and
+/// stderr together (up to `capacity` bytes kept). Exit status, 128+signal, or -errno.
+int vireo_run_collecting(const char *file, char *const argv[], unsigned char *buffer, size_t capacity, size_t *length);
 /// As vireo_spawn_detached, and the child also gets `inherit[i]` as descriptor 5 + i.
 int vireo_spawn_detached_inheriting(const char *path, char *const argv[], int log_fd, int lock_fd, int ready_fd,
                                     const int *inherit, int inherit_count, pid_t *pid);
