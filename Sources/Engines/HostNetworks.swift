@@ -342,13 +342,24 @@ public struct HostNetworks: Sendable {
             throw .network(name: networks[0].name, reason: "nft is not installed; install Debian's `nftables` package", exitStatus: 2)
         }
         // Nothing up and no table here (this namespace never had Vireo's networks): leave the
-        // ruleset alone rather than make and delete a table.
-        if networks.isEmpty, HostCommand.run(nft, ["list", "table", "ip", "vireo"]).status != 0 { return }
+        // ruleset alone rather than make and delete a table. Only "no such table" means absent.
+        if networks.isEmpty {
+            let listed = HostCommand.run(nft, ["list", "table", "ip", "vireo"])
+            if listed.status != 0 && listed.output.contains("No such file or directory") { return }
+        }
         let path = store.directory + "/.ruleset.nft"
         try HostFiles.writeAtomically(Array(text.utf8), to: path)
-        let (status, output) = HostCommand.run(nft, ["-f", path])
-        guard status == 0 else {
-            throw .network(name: networks.first?.name ?? "vireo", reason: "nft refused Vireo's table (\(path)): \(output.trimmed)", exitStatus: 1)
+        // nft can fail for a moment while other rulesets change (its cache is rebuilt under a
+        // generation that moved); the table is all or nothing, so trying again is safe.
+        var attempt = 0
+        while true {
+            let (status, output) = HostCommand.run(nft, ["-f", path])
+            if status == 0 { return }
+            attempt += 1
+            guard attempt < 3 else {
+                throw .network(name: networks.first?.name ?? "vireo", reason: "nft refused Vireo's table (\(path)): \(output.trimmed)", exitStatus: 1)
+            }
+            usleep(100_000)
         }
     }
 

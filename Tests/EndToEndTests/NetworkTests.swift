@@ -241,8 +241,10 @@ struct NetworkTests {
         #expect(lab.exchange("tcp", from: lab.host, to: "127.0.0.1", port: 8080) == "echo:hello")
 
         // Stopped: the forwards leave the firewall with the VM.
-        #expect(lab.vireo("stop", "web", "--force").status == 0)
-        #expect(!lab.inHost(["nft", "list", "ruleset"]).stdout.contains("dport 8080"))
+        let stopped = lab.vireo("stop", "web", "--force")
+        #expect(stopped.status == 0 && !stopped.stderr.contains("warning"), "\(stopped.stdout) \(stopped.stderr)")
+        #expect(!lab.inHost(["nft", "list", "ruleset"]).stdout.contains("dport 8080"),
+                "stop said: \(stopped.stdout) \(stopped.stderr); links: \(lab.inHost(["ip", "-br", "link"]).stdout); state: \(lab.library.state("web") ?? "?")")
         #expect(lab.exchange("tcp", from: lab.host, to: "127.0.0.1", port: 8080) == "error: ConnectionRefusedError")
     }
 
