@@ -23,7 +23,8 @@ let package = Package(
         .target(name: "VMM", dependencies: ["KVM", "GuestMemory", "X86Boot", "Devices", "DiskImage"]),
         .target(name: "CHostSupport"),
         .target(name: "API"),
-        .target(name: "Library", dependencies: ["API", "CHostSupport", "DiskImage", "X86Boot"]),
+        .target(name: "CCrypt", linkerSettings: [.linkedLibrary("crypt")]),
+        .target(name: "Library", dependencies: ["API", "CHostSupport", "CCrypt", "DiskImage", "X86Boot"]),
         .target(name: "Engines", dependencies: ["API", "Library", "CHostSupport"]),
         .target(name: "CLI", dependencies: [
             "VMM", "X86Boot", "DiskImage", "Devices", "API", "Library", "Engines",

@@ -579,15 +579,159 @@ def _read_more(guest, timeout=30):
     guest.buffer += chunk
 
 
+def images_benchmark(runs, cold=False):
+    """Images (issue 11): `vireo image build debian-12` beside bare debootstrap of the same
+    packages (the floor: the rest is configuration, mke2fs and compression), and the same build
+    through --cache-dir; `vireo create --image` of a 20 GiB linked overlay beside `qemu-img create`
+    of the same overlay; boot to SSH on the qemu engine (TCG on these hosts) beside the same image
+    started by a plain QEMU command line, both reached over a loopback port forward. With --cold,
+    the first build also starts with an empty package cache (it downloads ~130 MiB)."""
+    import socket
+    import tempfile
+    vireo = os.path.join(ROOT, ".build", "release", "vireo")
+    work = tempfile.mkdtemp(prefix="vireo-bench-images-")
+    home = os.path.join(work, "home")
+    debs = os.path.join(work, "debs")
+    os.makedirs(os.path.join(home, "images"))
+    env = dict(os.environ, VIREO_HOME=home)
+    shared = os.path.expanduser("~/.cache/vireo/images/debs")
+    if not cold and os.path.isdir(shared):
+        shutil.copytree(shared, debs)
+    os.symlink(debs if os.path.isdir(debs) else shared, os.path.join(home, "images", ".debs"))
+    if cold:
+        os.unlink(os.path.join(home, "images", ".debs"))
+        os.makedirs(debs, exist_ok=True)
+        os.symlink(debs, os.path.join(home, "images", ".debs"))
+
+    def cli(*arguments, check=True):
+        return subprocess.run([vireo, *arguments], env=env, check=check, capture_output=True, text=True)
+
+    def timed(argv, **kwargs):
+        begin = time.perf_counter()
+        subprocess.run(argv, check=True, capture_output=True, **kwargs)
+        return time.perf_counter() - begin
+
+    rows = []
+    cache = os.path.join(work, "cache")
+    build_s = timed([vireo, "image", "build", "debian-12", "--cache-dir", cache], env=env)
+    rows.append(("vireo image build debian-12" + (" (empty package cache)" if cold else " (packages cached)"), build_s))
+    packages = ",".join(json_manifest(home)["recipe"].split("packages ")[1].split("\n")[0].split(","))
+    root = os.path.join(work, "bare-root")
+    floor_s = timed(["debootstrap", "--variant=minbase", f"--cache-dir={debs}", f"--include={packages}", "bookworm", root,
+                     "http://deb.debian.org/debian"])
+    shutil.rmtree(root, ignore_errors=True)
+    rows.append(("bare debootstrap, same packages (floor)", floor_s))
+    cli("image", "delete", "debian-12")
+    cached_s = timed([vireo, "image", "build", "debian-12", "--cache-dir", cache], env=env)
+    rows.append(("vireo image build --cache-dir (kept build)", cached_s))
+    print("| image build | seconds |")
+    print("|---|---|")
+    for name, seconds in rows:
+        print(f"| {name} | {seconds:.1f} |")
+    print(f"\nbuild / bare debootstrap: {build_s / floor_s:.2f}x; cached / build: {cached_s / build_s:.3f}x\n")
+
+    # create --image: a 20 GiB linked overlay, against qemu-img making the same overlay.
+    base = os.path.join(home, "images", "debian-12", "disk.qcow2")
+    create_ms, qemu_img_ms = [], []
+    for index in range(max(runs, 5)):
+        begin = time.perf_counter()
+        cli("create", f"c{index}", "--image", "debian-12", "--disk", "20G", "--no-nic")
+        create_ms.append((time.perf_counter() - begin) * 1000)
+        overlay = os.path.join(work, f"overlay{index}.qcow2")
+        qemu_img_ms.append(timed(["qemu-img", "create", "-q", "-f", "qcow2", "-b", base, "-F", "qcow2", overlay, "20G"]) * 1000)
+    for index in range(max(runs, 5)):
+        cli("delete", f"c{index}")
+    c, q = statistics.median(create_ms), statistics.median(qemu_img_ms)
+    print(f"| 20 GiB linked overlay | ms (median of {len(create_ms)}) |")
+    print("|---|---|")
+    print(f"| vireo create --image debian-12 --disk 20G (overlay, cloud-init seed, key, config) | {c:.1f} |")
+    print(f"| qemu-img create -b (the overlay alone) | {q:.1f} |")
+    print(f"\nvireo create / qemu-img create: {c / q:.2f}x (target: create <= 50 ms)\n")
+
+    # Boot to SSH, qemu engine (TCG here) against a plain QEMU line, alternating, fresh disks.
+    def free_port():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    key = os.path.join(home, "ssh", "id_ed25519")
+
+    def wait_ssh(port, user, timeout=1200):
+        deadline = time.perf_counter() + timeout
+        while time.perf_counter() < deadline:
+            result = subprocess.run(["ssh", "-i", key, "-p", str(port), "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+                                     "-o", "BatchMode=yes", "-o", "ConnectTimeout=5", "-o", "LogLevel=ERROR", f"{user}@127.0.0.1", "true"],
+                                    capture_output=True)
+            if result.returncode == 0:
+                return
+            time.sleep(1)
+        raise TimeoutError(f"no SSH on port {port}")
+
+    manifest = json_manifest(home)
+    image_dir = os.path.join(home, "images", "debian-12")
+    boots = {"vireo start (qemu engine, TCG)": [], "plain QEMU line (TCG)": []}
+    for run in range(runs):
+        port = free_port()
+        cli("create", "b", "--image", "debian-12", "--engine", "qemu", "--accel", "tcg", "--cpus", "2", "--nic", "user", "--forward", f"tcp:{port}:22")
+        begin = time.perf_counter()
+        cli("start", "b")
+        wait_ssh(port, "debian")
+        boots["vireo start (qemu engine, TCG)"].append(time.perf_counter() - begin)
+        cli("stop", "b", "--force")
+        cli("delete", "b")
+        # The same image, fresh: a new VM's overlay and seed (its first boot too), never started by vireo.
+        cli("create", "plain", "--image", "debian-12", "--engine", "qemu", "--accel", "tcg", "--cpus", "2", "--nic", "user")
+        plain = os.path.join(home, "plain")
+        port = free_port()
+        argv = ["qemu-system-x86_64", "-machine", "q35,accel=tcg", "-cpu", "max", "-smp", "2", "-m", "1G", "-nodefaults", "-no-user-config",
+                "-display", "none", "-serial", "file:" + os.path.join(work, "plain-console.log"),
+                "-kernel", os.path.join(image_dir, "vmlinuz"), "-initrd", os.path.join(image_dir, "initrd.img"), "-append", manifest["commandLine"],
+                "-drive", f"if=none,id=d0,file={os.path.join(plain, 'disk0.qcow2')},format=qcow2", "-device", "virtio-blk-pci,drive=d0",
+                "-drive", f"if=none,id=d1,file={os.path.join(plain, 'seed.iso')},format=raw,readonly=on", "-device", "virtio-blk-pci,drive=d1",
+                "-netdev", f"user,id=n0,hostfwd=tcp:127.0.0.1:{port}-:22", "-device", f"virtio-net-pci,netdev=n0,mac={clone_mac(plain)}"]
+        begin = time.perf_counter()
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_ssh(port, "debian")
+        boots["plain QEMU line (TCG)"].append(time.perf_counter() - begin)
+        proc.kill()
+        proc.wait()
+        cli("delete", "plain")
+    cli("image", "delete", "debian-12")
+    shutil.rmtree(work, ignore_errors=True)
+    medians = {name: statistics.median(values) for name, values in boots.items()}
+    print(f"| first boot to SSH (debian-12, 2 vCPUs, 1 GiB) | seconds (median of {runs}) |")
+    print("|---|---|")
+    for name, value in medians.items():
+        print(f"| {name} | {value:.1f} |")
+    v, p = medians["vireo start (qemu engine, TCG)"], medians["plain QEMU line (TCG)"]
+    print(f"\nvireo / plain QEMU boot to SSH: {v / p:.2f}x (target: near 1)")
+
+
+def json_manifest(home):
+    import json
+    with open(os.path.join(home, "images", "debian-12", "manifest.json")) as handle:
+        return json.load(handle)
+
+
+def clone_mac(bundle):
+    import json
+    with open(os.path.join(bundle, "config.json")) as handle:
+        return json.load(handle)["networks"][0]["mac"]
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=15)
     parser.add_argument("--port-writes", type=int, default=100000)
-    parser.add_argument("--only", choices=["vmm", "blk", "lifecycle", "acpi", "qemu-engine", "net"], help="run one part only")
+    parser.add_argument("--only", choices=["vmm", "blk", "lifecycle", "acpi", "qemu-engine", "net", "images"], help="run one part only")
     parser.add_argument("--vm-count", type=int, default=20, help="VMs created and started in the lifecycle benchmark")
     parser.add_argument("--random-requests", type=int, default=5000)
+    parser.add_argument("--cold", action="store_true", help="images: start the first build with an empty package cache")
     args = parser.parse_args()
     build()
+    if args.only == "images":
+        images_benchmark(min(args.runs, 3), cold=args.cold)
+        return
     if args.only == "blk":
         blk_benchmark(3, args.random_requests)
         return

@@ -3,6 +3,9 @@ import Devices
 import DiskImage
 import Library
 import VMM
+#if canImport(Glibc)
+import Glibc
+#endif
 
 struct Create: ParsableCommand {
     static let configuration = CommandConfiguration(
@@ -64,6 +67,24 @@ struct Create: ParsableCommand {
 
     @OptionGroup var engineOptions: EngineOptions
 
+    @Option(help: ArgumentHelp("Make the VM from this image (`vireo image list`): its disk is a thin overlay on the image's, grown to --disk, and it boots the image's kernel.", valueName: "image"))
+    var image: String?
+
+    @Flag(help: "With --image: copy the image's disk and kernel into the VM instead of resting on them.")
+    var full = false
+
+    @Option(name: .customLong("ssh-key"), help: ArgumentHelp("With a cloud-init image: a public key file the user may log in with (repeatable); the library's own key is always added for `vireo ssh`.", valueName: "file"))
+    var sshKeys: [String] = []
+
+    @Option(help: "With a cloud-init image: the user to make (default \(CloudInitSettings.defaultUser)); it may sudo.")
+    var user: String?
+
+    @Flag(help: "With a cloud-init image: give the user a password too (asked on the terminal, or one line read from stdin), for the console.")
+    var password = false
+
+    @Option(help: "With a cloud-init image: the guest's host name (default: the VM's name).")
+    var hostname: String?
+
     @Flag(help: "Print the new VM's configuration as JSON.")
     var json = false
 
@@ -85,6 +106,12 @@ struct Create: ParsableCommand {
         request.acpi = try acpi.map(parseACPIFlag)
         request.onReboot = onReboot
         request.iso = engineOptions.iso
+        request.image = image
+        request.fullCopy = full
+        request.cloudInit.keyFiles = sshKeys
+        request.cloudInit.user = user
+        request.cloudInit.hostname = hostname
+        if password { request.cloudInit.password = try readPassword() }
         let library = openLibrary()
         let definition: VMDefinition
         let notes: [String]
@@ -105,11 +132,40 @@ struct Create: ParsableCommand {
         for disk in definition.disks {
             printLine("  disk \(bundle.resolve(disk.path)) (\(disk.format.rawValue), \(Size.describe(DiskImages.recordedVirtualSize(path: bundle.resolve(disk.path)) ?? 0)))")
         }
+        if let image = definition.image { printLine("  made from image '\(image)'") }
+        if let settings = definition.cloudInit {
+            printLine("  cloud-init: user \(settings.user) (\(settings.authorizedKeys.count) SSH key\(settings.authorizedKeys.count == 1 ? "" : "s")\(settings.passwordHash == nil ? "" : ", a password")), host name \(settings.hostname); log in with `vireo ssh \(name)` once it runs")
+        }
         if definition.kernel == nil && definition.engine == .kvm { printLine("  no kernel yet: add one with `vireo set \(name) --kernel PATH`") }
         printLine("Start it with: vireo start \(name)")
     }
 }
 
+
+/// A password from the terminal (asked twice, not echoed) or one line of stdin.
+func readPassword() throws -> String {
+    if isatty(STDIN_FILENO) != 0 {
+        var first = ""
+        for attempt in 0..<2 {
+            var saved = termios()
+            tcgetattr(STDIN_FILENO, &saved)
+            var quiet = saved
+            quiet.c_lflag &= ~tcflag_t(ECHO)
+            tcsetattr(STDIN_FILENO, TCSANOW, &quiet)
+            printNote(attempt == 0 ? "password for the VM's user: " : "the same again: ")
+            let line = readLine(strippingNewline: true) ?? ""
+            tcsetattr(STDIN_FILENO, TCSANOW, &saved)
+            if attempt == 0 { first = line } else if line != first {
+                throw fail(LibraryError.invalidValue(field: "--password", reason: "the two passwords differ"))
+            }
+        }
+        return first
+    }
+    guard let line = readLine(strippingNewline: true) else {
+        throw fail(LibraryError.invalidValue(field: "--password", reason: "stdin ended before a password line"))
+    }
+    return line
+}
 
 /// `--acpi on|off` as `vireo run` reads it.
 func parseACPIFlag(_ text: String) throws -> Bool {

@@ -27,6 +27,9 @@ struct Info: ParsableCommand {
         var acpi: Bool, onReboot: String, generationId: String?
         var engine: String, firmware: String?, iso: String?, accelerator: String, runningAccelerator: String?, diskBus: String
         var displaySocket: String?
+        var image: String?
+        var cloudInitUser: String?
+        var hostname: String?
         var directory: String, configPath: String, consoleLog: String, vmmLog: String, controlSocket: String
         var disks: [Disk]
         var networks: [Card]
@@ -54,6 +57,7 @@ struct Info: ParsableCommand {
                 engine: definition.engine.rawValue, firmware: definition.firmware?.rawValue, iso: definition.iso,
                 accelerator: definition.accelerator.rawValue, runningAccelerator: status.description?.accelerator,
                 diskBus: definition.diskBus.rawValue, displaySocket: definition.engine == .qemu ? bundle.vncPath : nil,
+                image: definition.image, cloudInitUser: definition.cloudInit?.user, hostname: definition.cloudInit?.hostname,
                 directory: bundle.directory, configPath: bundle.configPath, consoleLog: bundle.consoleLogPath,
                 vmmLog: bundle.vmmLogPath, controlSocket: definition.engine == .qemu ? bundle.qmpPath : bundle.controlPath,
                 disks: definition.disks.map { disk in
@@ -84,6 +88,10 @@ struct Info: ParsableCommand {
             lines.append(["Firmware:", report.firmware ?? "none (direct kernel boot)"])
             if report.firmware != nil { lines.append(["CD-ROM:", report.iso ?? "(empty)"]) }
             lines += [["Acceleration:", acceleration], ["Disk bus:", report.diskBus == "sata" ? "SATA (AHCI), e1000 network" : "virtio"]]
+        }
+        if let image = report.image { lines.append(["Image:", image]) }
+        if let user = report.cloudInitUser {
+            lines.append(["cloud-init:", "user \(user), host name \(report.hostname ?? "-") (`vireo ssh \(report.name)`)"])
         }
         if report.kernel != nil || report.engine == "kvm" {
             lines += [["Kernel:", report.kernel ?? "(none)"], ["Initrd:", report.initrd ?? "(none)"], ["Command line:", report.commandLine]]

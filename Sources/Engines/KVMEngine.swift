@@ -186,14 +186,3 @@ public struct KVMEngine: Engine {
     }
 }
 
-/// Calls `body` with a NULL-terminated C array of the strings.
-func withCStrings<T>(_ strings: [String], _ body: (UnsafePointer<UnsafeMutablePointer<CChar>?>) -> T) -> T {
-    let array = UnsafeMutablePointer<UnsafeMutablePointer<CChar>?>.allocate(capacity: strings.count + 1)
-    for (index, string) in strings.enumerated() { array[index] = strdup(string) }
-    array[strings.count] = nil
-    defer {
-        for index in 0..<strings.count { free(array[index]) }
-        array.deallocate()
-    }
-    return body(array)
-}

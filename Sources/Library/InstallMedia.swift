@@ -57,6 +57,14 @@ extension String {
               let last = scalars.lastIndex(where: { $0 != " " && $0 != "\0" }) else { return "" }
         return String(scalars[first...last])
     }
+
+    /// Without leading and trailing white space (spaces, tabs, newlines).
+    public func trimmingWhitespace() -> String {
+        let scalars = unicodeScalars
+        let blank: (Unicode.Scalar) -> Bool = { $0 == " " || $0 == "\t" || $0 == "\n" || $0 == "\r" }
+        guard let first = scalars.firstIndex(where: { !blank($0) }), let last = scalars.lastIndex(where: { !blank($0) }) else { return "" }
+        return String(scalars[first...last])
+    }
 }
 
 /// The firmware files Debian ships, which the qemu engine boots.

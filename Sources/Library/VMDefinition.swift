@@ -51,6 +51,12 @@ public struct VMDefinition: Codable, Sendable, Equatable {
     /// qemu engine: how disks (and the network card's model) reach the guest: virtio, or SATA and
     /// an e1000 for guests without virtio drivers.
     public var diskBus: DiskBus
+    /// The image the VM was made from (`vireo create --image`), for people and `vireo info`;
+    /// what protects the image is its disk in the VM's backing chain.
+    public var image: String?
+    /// cloud-init's NoCloud settings, for VMs made from a cloud-init image; their seed is the
+    /// read-only disk `seed.iso`. `vireo ssh` logs in as `cloudInit.user`.
+    public var cloudInit: CloudInitSettings?
 
     public static let rebootPolicies = ["restart", "exit"]
 
@@ -87,7 +93,7 @@ public struct VMDefinition: Codable, Sendable, Equatable {
     enum CodingKeys: String, CodingKey {
         case version, uuid, name, osType, engine, cpus, memoryBytes, kernel, initrd, commandLine, disks, networks
         case vsockCID, balloon, entropyDevice, createdAt, acpi, onReboot, generationID
-        case firmware, nvram, iso, accelerator, diskBus
+        case firmware, nvram, iso, accelerator, diskBus, image, cloudInit
     }
 
     /// Fields added after version 1 was first written are optional in the file, with the values
@@ -118,6 +124,8 @@ public struct VMDefinition: Codable, Sendable, Equatable {
         iso = try container.decodeIfPresent(String.self, forKey: .iso)
         accelerator = try container.decodeIfPresent(Accelerator.self, forKey: .accelerator) ?? .auto
         diskBus = try container.decodeIfPresent(DiskBus.self, forKey: .diskBus) ?? .virtio
+        image = try container.decodeIfPresent(String.self, forKey: .image)
+        cloudInit = try container.decodeIfPresent(CloudInitSettings.self, forKey: .cloudInit)
     }
 }
 

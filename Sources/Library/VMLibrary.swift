@@ -44,8 +44,29 @@ public struct CreateRequest: Sendable {
     public var iso: String?
     public var firmware: Firmware?
     public var accelerator: Accelerator?
+    /// An image from the store (`vireo image list`): the disk becomes a thin overlay on it (or a
+    /// full copy), and the VM boots the image's kernel (or its firmware).
+    public var image: String?
+    /// With `image`: copy the image's disk and kernel into the VM instead of resting on them.
+    public var fullCopy = false
+    /// With a cloud-init image: the user, keys, password and host name of its NoCloud seed.
+    public var cloudInit = CloudInitRequest()
 
     public init(name: String) { self.name = name }
+}
+
+/// `vireo create --image` options for cloud-init; nil or empty: the defaults.
+public struct CloudInitRequest: Sendable {
+    public var user: String?
+    /// Public key files (`--ssh-key`); the library's own key is always added.
+    public var keyFiles: [String] = []
+    /// In clear, hashed before anything is stored.
+    public var password: String?
+    public var hostname: String?
+
+    public init() {}
+
+    public var isEmpty: Bool { user == nil && keyFiles.isEmpty && password == nil && hostname == nil }
 }
 
 /// What `vireo set` asks to change on a stopped VM; nil leaves a setting as it is.
@@ -194,11 +215,20 @@ public struct VMLibrary: Sendable {
     public func createReporting(_ request: CreateRequest) throws(LibraryError) -> (definition: VMDefinition, notes: [String]) {
         try VMName.validate(request.name)
         var notes: [String] = []
+        if let name = request.image {
+            for (given, field) in [(request.iso != nil, "--iso"), (request.attachDisk != nil, "--attach-disk"), (request.withoutDisk, "--no-disk")] where given {
+                throw .invalidValue(field: field, reason: "cannot be combined with --image: the VM's disk is made from image '\(name)'")
+            }
+        }
         let medium = try request.iso.map { (path) throws(LibraryError) in try InstallMedium.inspect(path) }
-        let engine = try Self.chooseEngine(request)
+        let images = ImageStore(libraryRoot: root)
+        let image = try request.image.map { (name) throws(LibraryError) in try images.load(name) }
+        let engine = try Self.chooseEngine(request, image: image)
         let type: OSType
         if let identifier = request.osType {
             type = try OSType.named(identifier)
+        } else if let image {
+            type = try OSType.named(image.osType)
         } else if let medium {
             let guessed = OSType.guess(fromVolumeLabel: medium.volumeLabel)
             type = try OSType.named(guessed?.identifier ?? "other")
@@ -237,16 +267,67 @@ public struct VMLibrary: Sendable {
         }
         var attached: DiskAttachment?
         if let path = request.attachDisk { attached = try Self.inspectDisk(HostFiles.absolute(path), field: "--attach-disk") }
+        if image == nil, request.fullCopy { throw .invalidValue(field: "--full", reason: "copies an image's disk; give --image NAME") }
+        if image == nil, !request.cloudInit.isEmpty {
+            throw .invalidValue(field: request.cloudInit.keyFiles.isEmpty ? "--user/--password/--hostname" : "--ssh-key",
+                                reason: "cloud-init settings are for VMs made from an image; give --image NAME")
+        }
+        var imageDiskBytes: UInt64 = 0
+        var cloudInit: CloudInitSettings?
+        if let image {
+            try Self.checkImageRequest(request, image: image)
+            imageDiskBytes = request.diskBytes ?? max(type.diskBytes, image.virtualSize)
+            guard imageDiskBytes >= image.virtualSize else {
+                throw .invalidValue(field: "--disk", reason: "\(HostFiles.describeSize(imageDiskBytes)) is smaller than image '\(image.name)''s disk (\(HostFiles.describeSize(image.virtualSize))); give --disk \(HostFiles.describeSize(image.virtualSize)) or more")
+            }
+            definition.image = image.name
+            if image.bootsDirectly {
+                // The image's kernel boots directly on either engine; no firmware unless asked for.
+                if request.firmware == nil { definition.firmware = nil }
+                if request.kernel == nil, let kernel = image.kernel {
+                    definition.kernel = images.path(of: image.name) + "/" + kernel
+                    if request.initrd == nil, let initrd = image.initrd { definition.initrd = images.path(of: image.name) + "/" + initrd }
+                }
+                if request.commandLine == nil, let line = image.commandLine { definition.commandLine = line }
+            } else if engine == .qemu, request.kernel == nil {
+                definition.firmware = request.firmware ?? image.firmware ?? type.firmware
+            }
+            if image.cloudInit {
+                cloudInit = try makeCloudInit(request.cloudInit, vmName: request.name, instanceID: definition.uuid)
+            }
+        }
         // Every rule, checked on what would be saved (the disks as they will be).
         var planned = definition
         if request.kernel != nil { planned.kernel = "kernel" }
         if let attached { planned.disks = [attached] } else if !request.withoutDisk { planned.disks = [DiskAttachment(path: "disk0.qcow2", format: .qcow2)] }
+        if cloudInit != nil { planned.disks.append(DiskAttachment(path: CloudInitSeed.fileName, format: .raw, readOnly: true, serial: CloudInitSeed.serial)) }
         try Self.validate(planned)
         try checkNetworks(planned, previous: nil)
 
         try prepareRoot()
         let final = root + "/" + request.name
         guard !HostFiles.exists(final) else { throw .alreadyExists(name: request.name) }
+        // A VM resting on an image is made under the image store's lock, so the image cannot be
+        // deleted between the check and the overlay.
+        if let image {
+            return try images.locked { () throws(LibraryError) in
+                guard images.exists(image.name) else { throw .invalidValue(field: "--image", reason: "image '\(image.name)' was deleted meanwhile") }
+                try images.verify(image)
+                return try makeBundle(request, definition: definition, type: type, attached: nil, image: image, imageDiskBytes: imageDiskBytes,
+                                      cloudInit: cloudInit, notes: notes)
+            }
+        }
+        return try makeBundle(request, definition: definition, type: type, attached: attached, image: nil, imageDiskBytes: 0,
+                              cloudInit: nil, notes: notes)
+    }
+
+    /// Makes the VM's directory and files under a hidden name and renames it into place.
+    private func makeBundle(_ request: CreateRequest, definition input: VMDefinition, type: OSType, attached: DiskAttachment?,
+                            image: ImageManifest?, imageDiskBytes: UInt64, cloudInit: CloudInitSettings?,
+                            notes: [String]) throws(LibraryError) -> (definition: VMDefinition, notes: [String]) {
+        var definition = input
+        let images = ImageStore(libraryRoot: root)
+        let final = root + "/" + request.name
         // Built under a hidden name and renamed into place in one step: a crash or ^C leaves
         // only a hidden directory (swept later), never a half-made VM holding the name.
         let staging = root + "/.creating-" + definition.uuid
@@ -273,7 +354,34 @@ public struct VMLibrary: Sendable {
                 try HostFiles.copySparse(FirmwareFiles.uefiVariables, bundle.resolve("nvram.fd"))
                 definition.nvram = "nvram.fd"
             }
-            if let attached {
+            if let image {
+                let base = images.path(of: image.name) + "/" + image.disk
+                if request.fullCopy {
+                    try HostFiles.copySparse(base, bundle.resolve("disk0.qcow2"))
+                    chmod(bundle.resolve("disk0.qcow2"), 0o644)
+                    do throws(DiskImageError) {
+                        guard let copy = try DiskImages.open(path: bundle.resolve("disk0.qcow2")) as? QCOW2Image else {
+                            throw .invalidArgument(field: "--image", reason: "the image's disk is not qcow2")
+                        }
+                        try copy.resize(to: imageDiskBytes)
+                    } catch { throw .disk(error) }
+                    // The kernel and initramfs too: a full copy does not depend on the image at all.
+                    for (field, stored) in [(definition.kernel, "kernel"), (definition.initrd, "initrd")] {
+                        guard let path = field, path.hasPrefix(images.path(of: image.name) + "/") else { continue }
+                        try HostFiles.copySparse(path, bundle.resolve(stored))
+                        chmod(bundle.resolve(stored), 0o644)
+                        if stored == "kernel" { definition.kernel = stored } else { definition.initrd = stored }
+                    }
+                } else {
+                    try Self.createDisk(bundle.resolve("disk0.qcow2"), size: imageDiskBytes, backing: base)
+                }
+                definition.disks.append(DiskAttachment(path: "disk0.qcow2", format: .qcow2))
+                if let cloudInit {
+                    try CloudInitSeed.write(cloudInit, macs: definition.networks.map(\.mac), to: bundle.resolve(CloudInitSeed.fileName))
+                    definition.cloudInit = cloudInit
+                    definition.disks.append(DiskAttachment(path: CloudInitSeed.fileName, format: .raw, readOnly: true, serial: CloudInitSeed.serial))
+                }
+            } else if let attached {
                 definition.disks.append(attached)
             } else if !request.withoutDisk {
                 let size = request.diskBytes ?? type.diskBytes
@@ -291,7 +399,47 @@ public struct VMLibrary: Sendable {
         return (definition, notes)
     }
 
-    static func chooseEngine(_ request: CreateRequest) throws(LibraryError) -> EngineKind {
+    /// cloud-init settings for an image without cloud-init.
+    static func checkImageRequest(_ request: CreateRequest, image: ImageManifest) throws(LibraryError) {
+        if !image.cloudInit, !request.cloudInit.isEmpty {
+            throw .invalidValue(field: request.cloudInit.keyFiles.isEmpty ? "--user/--password/--hostname" : "--ssh-key",
+                                reason: "image '\(image.name)' has no cloud-init to apply them; log in as the image's own user")
+        }
+    }
+
+    /// The cloud-init settings of a new VM: its user (checked), the library's key and the
+    /// user's keys, a hashed password and a host name.
+    func makeCloudInit(_ request: CloudInitRequest, vmName: String, instanceID: String) throws(LibraryError) -> CloudInitSettings {
+        let user = request.user ?? CloudInitSettings.defaultUser
+        try CloudInitSettings.validate(user: user)
+        var keys: [String] = []
+        for file in request.keyFiles { keys += try SSHPublicKey.read(file: file) }
+        let hostname: String
+        if let given = request.hostname {
+            try CloudInitSettings.validate(hostname: given)
+            hostname = given
+        } else {
+            guard let derived = CloudInitSettings.hostname(forVM: vmName) else {
+                throw .invalidValue(field: "--hostname", reason: "the VM's name '\(vmName)' is not a host name; give one with --hostname")
+            }
+            hostname = derived
+        }
+        let hash = try request.password.map { (password) throws(LibraryError) in try CloudInitSettings.hashPassword(password) }
+        let libraryKey = try LibrarySSHKey(libraryRoot: root).ensure()
+        keys = [libraryKey] + keys.filter { $0 != libraryKey }
+        return CloudInitSettings(user: user, authorizedKeys: keys, passwordHash: hash, hostname: hostname, instanceID: instanceID)
+    }
+
+    static func chooseEngine(_ request: CreateRequest, image: ImageManifest? = nil) throws(LibraryError) -> EngineKind {
+        if let image, !image.bootsDirectly {
+            if request.engine == .kvm {
+                throw .invalidValue(field: "--engine", reason: "image '\(image.name)' boots through firmware (no kernel could be taken out of it), which only the qemu engine has; leave out --engine")
+            }
+            return .qemu
+        }
+        if let image, request.engine == nil, request.kernel == nil {
+            return image.kvmEngineBootable == true ? .kvm : .qemu
+        }
         if request.engine == .kvm {
             if request.iso != nil {
                 throw .invalidValue(field: "--iso", reason: "an installer ISO needs firmware and a CD-ROM drive, which the kvm engine does not have; leave out --engine (or give --engine qemu)")
@@ -700,7 +848,17 @@ public struct VMLibrary: Sendable {
                 }
                 definition.disks = []
                 for (index, disk) in original.disks.enumerated() {
-                    if disk.readOnly {
+                    if disk.isOwned, disk.path == CloudInitSeed.fileName, var settings = original.cloudInit {
+                        // A clone is a new instance to cloud-init (new host keys; its own host name
+                        // when the original's was derived from its name): a seed of its own.
+                        settings.instanceID = definition.uuid
+                        if settings.hostname == CloudInitSettings.hostname(forVM: original.name) {
+                            settings.hostname = CloudInitSettings.hostname(forVM: name) ?? settings.hostname
+                        }
+                        try CloudInitSeed.write(settings, macs: definition.networks.map(\.mac), to: target.resolve(disk.path))
+                        definition.cloudInit = settings
+                        definition.disks.append(disk)
+                    } else if disk.readOnly {
                         var shared = disk
                         shared.path = bundle.resolve(disk.path)
                         definition.disks.append(shared)
