@@ -19,7 +19,7 @@ packages=(
   iproute2 dnsmasq-base nftables passt                         # networks: bridges and taps, DHCP and DNS, NAT and forwards, user mode
   python3 acl                                                  # the net tests' echo servers; an ACL grants an unprivileged test user /dev/kvm
   acpica-tools                                                 # iasl: the oracle for every ACPI table the VMM builds
-  debootstrap openssh-client                                   # vireo image build; vireo ssh (and the library's key pair)
+  debootstrap openssh-client genisoimage                       # vireo image build; vireo ssh (and the library's key pair); cloud-init seeds
   initramfs-tools-core fdisk                                   # lsinitramfs (what an imported initramfs holds); sfdisk for the import tests' GPT disks
 )
 missing=()

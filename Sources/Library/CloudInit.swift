@@ -203,11 +203,18 @@ public enum CloudInitSeed {
         return String(decoding: data, as: UTF8.self)
     }
 
-    /// Writes the seed volume to `path` (replacing it atomically) with xorriso (Debian's
-    /// `xorriso`): Rock Ridge and Joliet names, as cloud-init's documentation makes it.
+    /// Writes the seed volume to `path` (replacing it atomically) with genisoimage, as
+    /// cloud-init's documentation and Debian's cloud-localds make it (Rock Ridge and Joliet
+    /// names), or xorriso's mkisofs emulation where genisoimage is missing. genisoimage first:
+    /// it takes ~10 ms where xorriso takes ~100, most of a `vireo create --image`.
     public static func write(_ settings: CloudInitSettings, macs: [String], to path: String) throws(LibraryError) {
-        guard let xorriso = HostTools.find("xorriso") else {
-            throw .invalidValue(field: "--image", reason: "the cloud-init seed is made with xorriso, which is not installed; install Debian's `xorriso` package")
+        let tool: (path: String, leading: [String])
+        if let genisoimage = HostTools.find("genisoimage") {
+            tool = (genisoimage, [])
+        } else if let xorriso = HostTools.find("xorriso") {
+            tool = (xorriso, ["-as", "mkisofs"])
+        } else {
+            throw .invalidValue(field: "--image", reason: "the cloud-init seed is made with genisoimage (or xorriso), and neither is installed; install Debian's `genisoimage` package")
         }
         let staging = path + ".d-\(getpid())"
         try? HostFiles.removeTree(staging)
@@ -218,11 +225,11 @@ public enum CloudInitSeed {
         try HostFiles.writeAtomically(Array(networkConfig(macs: macs).utf8), to: staging + "/network-config")
         let temporary = path + ".new"
         unlink(temporary)
-        let (status, output) = HostTools.run(xorriso, ["-as", "mkisofs", "-quiet", "-output", temporary, "-volid", "cidata", "-joliet", "-rock",
-                                                       staging + "/user-data", staging + "/meta-data", staging + "/network-config"])
+        let (status, output) = HostTools.run(tool.path, tool.leading + ["-quiet", "-output", temporary, "-volid", "cidata", "-joliet", "-rock",
+                                                                       staging + "/user-data", staging + "/meta-data", staging + "/network-config"])
         guard status == 0, HostFiles.exists(temporary) else {
             unlink(temporary)
-            throw .io(operation: "xorriso (make the cloud-init seed, status \(status): \(output.suffix(400)))", path: temporary, errno: EIO)
+            throw .io(operation: "\(HostFiles.lastComponent(of: tool.path)) (make the cloud-init seed, status \(status): \(output.suffix(400)))", path: temporary, errno: EIO)
         }
         guard rename(temporary, path) == 0 else {
             let code = errno

@@ -341,21 +341,31 @@ struct BootFiles {
             let fields = line.split(separator: "/", omittingEmptySubsequences: false)
             return fields.count >= 7 ? String(fields[5]) : nil
         }
-        let kernels = names.filter { $0.hasPrefix("vmlinuz-") }.sorted { a, b in
+        // Names come from the image (hostile input) and go into debugfs requests: only plain
+        // version characters are taken.
+        let plain: (String) -> Bool = { name in
+            !name.isEmpty && name.utf8.count <= 128 && name.unicodeScalars.allSatisfy {
+                ($0 >= "a" && $0 <= "z") || ($0 >= "A" && $0 <= "Z") || ($0 >= "0" && $0 <= "9") || "._+-~".unicodeScalars.contains($0)
+            }
+        }
+        let kernels = names.filter { $0.hasPrefix("vmlinuz-") && plain($0) }.sorted { a, b in
             let split: (String) -> [Int] = { $0.split(whereSeparator: { !$0.isNumber }).compactMap { Int($0) } }
             return split(a).lexicographicallyPrecedes(split(b))
         }
         guard let kernel = kernels.last else { return nil }
         let version = String(kernel.dropFirst("vmlinuz-".count))
         let hasInitrd = names.contains("initrd.img-" + version)
-        _ = run("dump /boot/\(kernel) \(staging)/vmlinuz")
-        guard HostFiles.exists(staging + "/vmlinuz") else { return nil }
+        _ = run("dump /boot/\(kernel) \"\(staging)/vmlinuz\"")
+        guard HostFiles.exists(staging + "/vmlinuz"), HostFiles.size(staging + "/vmlinuz") <= 256 << 20 else {
+            unlink(staging + "/vmlinuz")
+            return nil
+        }
         do { _ = try KernelImage.load(path: staging + "/vmlinuz") } catch {
             unlink(staging + "/vmlinuz")
             return nil
         }
         if hasInitrd {
-            _ = run("dump /boot/initrd.img-\(version) \(staging)/initrd.img")
+            _ = run("dump /boot/initrd.img-\(version) \"\(staging)/initrd.img\"")
             guard HostFiles.exists(staging + "/initrd.img") else { return nil }
         }
         let uuidBytes = try ImageImporter.readBytes(path, at: offset + 1024 + 0x68, count: 16)

@@ -87,10 +87,18 @@ struct ImageTests {
         let work = try Harness.temporaryDirectory()
         let key = work.appendingPathComponent("id_test").path
         #expect(Harness.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", key]).status == 0)
-        let created = lab.vireo("create", "deb", "--image", "debian-12", "--engine", "qemu", "--accel", "tcg", "--cpus", "2",
-                                "--disk", "6G", "--user", "alice", "--ssh-key", key + ".pub", "--hostname", "bookworm-vm")
+        // One vCPU: TCG then takes one host core, and the rest of the suite keeps the other.
+        // --password reads one line from stdin when it is not a terminal.
+        let created = Harness.run(["ip", "netns", "exec", lab.host, Harness.vireo, "create", "deb", "--image", "debian-12", "--engine", "qemu",
+                                   "--accel", "tcg", "--cpus", "1", "--disk", "6G", "--user", "alice", "--ssh-key", key + ".pub",
+                                   "--hostname", "bookworm-vm", "--password"],
+                                  stdin: Data("s3cret pass\n".utf8), environment: ["VIREO_HOME": lab.library.root.path])
         #expect(created.status == 0, "\(created.stderr)")
-        #expect(created.stdout.contains("cloud-init: user alice (2 SSH keys)"), "\(created.stdout)")
+        #expect(created.stdout.contains("cloud-init: user alice (2 SSH keys, a password)"), "\(created.stdout)")
+        let config = try String(contentsOf: lab.library.root.appendingPathComponent("deb/config.json"), encoding: .utf8)
+        #expect(!config.contains("s3cret"), "only the hash is stored")
+        let storedHash = ((try JSONSerialization.jsonObject(with: Data(config.utf8)) as? [String: Any])?["cloudInit"] as? [String: Any])?["passwordHash"] as? String ?? ""
+        #expect(storedHash.hasPrefix("$y$"), "\(storedHash)")
         let overlay = lab.library.root.appendingPathComponent("deb/disk0.qcow2").path
         let chain = Harness.run(["qemu-img", "info", "--backing-chain", overlay]).stdout
         #expect(chain.contains("images/debian-12/disk.qcow2") && chain.contains("virtual size: 6 GiB"), "\(chain)")
@@ -99,6 +107,9 @@ struct ImageTests {
         #expect(refused.status == 2 && refused.stderr.contains("in use by VM(s) deb"), "\(refused.stderr)")
 
         lab.start("deb")
+        // TCG takes whole cores; at the lowest priority it leaves the suite's emulated kernels
+        // (which time out when starved) what they need, and only waits longer itself.
+        Self.deprioritise(lab.library.root.appendingPathComponent("deb/vmm.pid"))
         let ssh = { (command: [String]) -> Harness.Completed in
             lab.vireo(arguments: ["ssh", "deb", "--timeout", "1200", "--"] + command, timeout: 1300)
         }
@@ -118,6 +129,9 @@ struct ImageTests {
         // cloud-init grew the file system to the overlay's 6 GiB.
         let sizeMiB = identity.stdout.split(separator: "\n").compactMap { Int($0.trimmingCharacters(in: .whitespaces)) }.first ?? 0
         #expect(sizeMiB > 5500, "root file system \(sizeMiB) MiB: \(identity.stdout)")
+        // The account has exactly the password hash vireo made (yescrypt), not a locked one.
+        let shadow = ssh(["sudo", "getent", "shadow", "alice"])
+        #expect(shadow.stdout.split(separator: ":").dropFirst().first.map(String.init) == storedHash, "\(shadow.stdout)")
         // sshd was not restarted during the first boot (a restart would drop `vireo ssh` sessions
         // started once it first answered).
         let sshd = ssh(["sudo", "journalctl", "-b", "-u", "ssh", "--no-pager"])
@@ -138,45 +152,13 @@ struct ImageTests {
         #expect(checked.status == 0, "\(checked.stdout) \(checked.stderr)")
 
         lab.start("deb")
+        Self.deprioritise(lab.library.root.appendingPathComponent("deb/vmm.pid"))
         let marker = ssh(["cat", "marker"])
         #expect(marker.stdout == "first-boot\n", "\(marker.status) \(marker.stdout) \(marker.stderr)")
         #expect(lab.vireo("stop", "deb", timeout: 600).status == 0)
         #expect(lab.vireo("delete", "deb").status == 0)
         #expect(lab.vireo("image", "delete", "debian-12").status == 0)
         #expect(!FileManager.default.fileExists(atPath: lab.library.root.appendingPathComponent("images/debian-12").path))
-    }
-
-    @Test("the kvm engine path: a VM from the image boots the image's kernel by reference (checksums match), and the ACPI test kernel, finding the disk through ACPI, mounts the image's root file system from the VM's overlay and runs its /sbin/init",
-          .timeLimit(.minutes(25)))
-    func kvmEngineMountsImageRoot() throws {
-        let library = try TestLibrary()
-        try DebianImage.install(into: library)
-        let created = library.vireo("create", "k", "--image", "debian-12", "--memory", "512M", "--cpus", "1", "--no-balloon", "--no-rng", "--json")
-        #expect(created.status == 0, "\(created.stderr)")
-        let definition = (try? JSONSerialization.jsonObject(with: Data(created.stdout.utf8)) as? [String: Any]) ?? [:]
-        #expect(definition["engine"] as? String == "kvm", "\(created.stdout)")
-        let imageDirectory = library.root.appendingPathComponent("images/debian-12").path
-        #expect(definition["kernel"] as? String == imageDirectory + "/vmlinuz" && definition["initrd"] as? String == imageDirectory + "/initrd.img", "\(created.stdout)")
-        #expect((definition["command_line"] as? String ?? "").contains("root=UUID="), "\(created.stdout)")
-        let sums = DebianImage.fileSums(try DebianImage.manifest(in: library))
-        #expect(DebianImage.sha256(imageDirectory + "/vmlinuz") == sums["vmlinuz"])
-        // This host cannot run the Debian kernel's kernel mode (see the ACPI issue): the ACPI
-        // test kernel stands in, with the image's root file system from the VM's overlay.
-        let kernel = try LinuxKernelTests.acpiKernelDirectory.get().appendingPathComponent("vmlinux").path
-        let set = library.vireo("set", "k", "--kernel", kernel, "--no-initrd", "--on-reboot", "exit",
-                                "--cmdline", "console=ttyS0 \(try LinuxKernelTests.acpiEmulatorSafeOptions()) root=/dev/vda ro rootfstype=ext4 panic=1 reboot=acpi")
-        #expect(set.status == 0, "\(set.stderr)")
-        #expect(library.vireo("start", "k").status == 0)
-        #expect(library.waitFor(900) { library.vireo("list").stdout.contains("stopped") }, "\(library.consoleLog("k").suffix(3000))")
-        let console = library.consoleLog("k")
-        #expect(!console.contains("virtio_mmio.device="), "the disk must be found through ACPI")
-        // The overlay's 20 GiB (the OS type's default disk), not the image's 4 GiB.
-        #expect(console.contains("virtio_blk virtio0: [vda] 41943040 512-byte logical blocks"), "\(console.suffix(3000))")
-        #expect(console.contains("EXT4-fs (vda): mounted filesystem"), "\(console.suffix(3000))")
-        #expect(console.contains("VFS: Mounted root (ext4 filesystem) readonly on device 254:0."), "\(console.suffix(3000))")
-        #expect(console.contains("Run /sbin/init as init process"), "\(console.suffix(3000))")
-        let checked = Harness.run(["qemu-img", "check", library.root.appendingPathComponent("k/disk0.qcow2").path])
-        #expect(checked.status == 0, "\(checked.stdout)")
     }
 
     @Test("import and export: Vireo archives (checksums verified), qcow2 and raw disks with the kernel taken out of the root file system, a GPT disk without a kernel boots through firmware; truncated, tampered and foreign files are refused with the reason and leave nothing",
@@ -279,6 +261,13 @@ struct ImageTests {
         for name in ["from-qcow2", "from-archive", "gpt", "firmware-only"] { #expect(library.vireo("image", "delete", name).status == 0) }
     }
 
+    /// Lowest CPU priority for the VM's process (every thread of it).
+    static func deprioritise(_ pidFile: URL) {
+        guard let text = try? String(contentsOf: pidFile, encoding: .utf8), let pid = Int32(text.split(separator: "\n").first ?? "") else { return }
+        let tasks = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/task")) ?? []
+        for task in tasks { Harness.run(["renice", "-n", "19", "-p", task]) }
+    }
+
     /// A sparse 96 MiB raw disk with a GPT: a 16 MiB EFI system partition and an ext4 root
     /// made from `root` (mke2fs -d with an offset: no loop device).
     static func makeGPTDisk(_ path: String, root: String) -> Bool {
@@ -354,5 +343,42 @@ struct ImageTests {
         #expect(DebianImage.sha256(cloneSeed) != DebianImage.sha256(library.root.appendingPathComponent("v/seed.iso").path))
         #expect(library.vireo("delete", "v2").status == 0 && library.vireo("delete", "v").status == 0)
         #expect(library.vireo("image", "delete", "tiny").status == 0)
+    }
+}
+
+/// The kvm engine's image test boots the emulated test kernel, so it runs in LinuxKernelTests'
+/// serialised line: two emulated kernels at once on these 2-core hosts starve each other.
+extension LinuxKernelTests {
+    @Test("the kvm engine path: a VM from the image boots the image's kernel by reference (checksums match), and the ACPI test kernel, finding the disk through ACPI, mounts the image's root file system from the VM's overlay and runs its /sbin/init",
+          .timeLimit(.minutes(25)))
+    func kvmEngineMountsImageRoot() throws {
+        let library = try TestLibrary()
+        try DebianImage.install(into: library)
+        let created = library.vireo("create", "k", "--image", "debian-12", "--memory", "512M", "--cpus", "1", "--no-balloon", "--no-rng", "--json")
+        #expect(created.status == 0, "\(created.stderr)")
+        let definition = (try? JSONSerialization.jsonObject(with: Data(created.stdout.utf8)) as? [String: Any]) ?? [:]
+        #expect(definition["engine"] as? String == "kvm", "\(created.stdout)")
+        let imageDirectory = library.root.appendingPathComponent("images/debian-12").path
+        #expect(definition["kernel"] as? String == imageDirectory + "/vmlinuz" && definition["initrd"] as? String == imageDirectory + "/initrd.img", "\(created.stdout)")
+        #expect((definition["command_line"] as? String ?? "").contains("root=UUID="), "\(created.stdout)")
+        let sums = DebianImage.fileSums(try DebianImage.manifest(in: library))
+        #expect(DebianImage.sha256(imageDirectory + "/vmlinuz") == sums["vmlinuz"])
+        // This host cannot run the Debian kernel's kernel mode (see the ACPI issue): the ACPI
+        // test kernel stands in, with the image's root file system from the VM's overlay.
+        let kernel = try LinuxKernelTests.acpiKernelDirectory.get().appendingPathComponent("vmlinux").path
+        let set = library.vireo("set", "k", "--kernel", kernel, "--no-initrd", "--on-reboot", "exit",
+                                "--cmdline", "console=ttyS0 \(try LinuxKernelTests.acpiEmulatorSafeOptions()) root=/dev/vda ro rootfstype=ext4 panic=1 reboot=acpi")
+        #expect(set.status == 0, "\(set.stderr)")
+        #expect(library.vireo("start", "k").status == 0)
+        #expect(library.waitFor(900) { library.vireo("list").stdout.contains("stopped") }, "\(library.consoleLog("k").suffix(3000))")
+        let console = library.consoleLog("k")
+        #expect(!console.contains("virtio_mmio.device="), "the disk must be found through ACPI")
+        // The overlay's 20 GiB (the OS type's default disk), not the image's 4 GiB.
+        #expect(console.contains("virtio_blk virtio0: [vda] 41943040 512-byte logical blocks"), "\(console.suffix(3000))")
+        #expect(console.contains("EXT4-fs (vda): mounted filesystem"), "\(console.suffix(3000))")
+        #expect(console.contains("VFS: Mounted root (ext4 filesystem) readonly on device 254:0."), "\(console.suffix(3000))")
+        #expect(console.contains("Run /sbin/init as init process"), "\(console.suffix(3000))")
+        let checked = Harness.run(["qemu-img", "check", library.root.appendingPathComponent("k/disk0.qcow2").path])
+        #expect(checked.status == 0, "\(checked.stdout)")
     }
 }

@@ -124,7 +124,7 @@ final class NetworkLab: @unchecked Sendable {
 @Suite(.serialized)
 struct NetworkTests {
     @Test("NAT (the default network): two probes get distinct DHCP leases from its dnsmasq, `vireo list` shows them, guests reach 'the internet' masqueraded; after a simulated host reboot the network is rebuilt and the lease holds; after deleting everything the links and ruleset are as before",
-          .timeLimit(.minutes(5)))
+          .timeLimit(.minutes(10)))
     func natNetwork() throws {
         let lab = try NetworkLab()
         let before = lab.hostState()
@@ -173,7 +173,7 @@ struct NetworkTests {
     }
 
     @Test("host-only: a guest reaches the host but not beyond; internal: guests reach each other, the host has no address there and is not reached",
-          .timeLimit(.minutes(5)))
+          .timeLimit(.minutes(10)))
     func hostOnlyAndInternal() throws {
         let lab = try NetworkLab()
         lab.udpEcho(in: lab.internet, address: NetworkLab.internetAddress, port: 7777)
@@ -207,7 +207,7 @@ struct NetworkTests {
     }
 
     @Test("port forwards: TCP and UDP from the host's loopback, its own address and from outside reach a guest service and bring its answer back; added and removed while the VM runs; a killed VM leaves no tap and starts again",
-          .timeLimit(.minutes(5)))
+          .timeLimit(.minutes(10)))
     func portForwards() throws {
         let lab = try NetworkLab()
         lab.createProbe("web", command: "serve=9000", extra: ["--forward", "tcp:8080:9000", "--forward", "udp:8081:9000"])
@@ -249,7 +249,7 @@ struct NetworkTests {
     }
 
     @Test("--nic user: a VM started by an unprivileged user gets DHCP from passt and reaches an echo server in its namespace through passt's gateway mapping",
-          .timeLimit(.minutes(3)))
+          .timeLimit(.minutes(6)))
     func userModeWithoutRoot() throws {
         let lab = try NetworkLab()
         lab.udpEcho(in: lab.host, address: "0.0.0.0", port: 7779)
