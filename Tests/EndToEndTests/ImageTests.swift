@@ -341,8 +341,15 @@ struct ImageTests {
         let cloneSeed = library.root.appendingPathComponent("v2/seed.iso").path
         #expect(FileManager.default.fileExists(atPath: cloneSeed))
         #expect(DebianImage.sha256(cloneSeed) != DebianImage.sha256(library.root.appendingPathComponent("v/seed.iso").path))
+        // --full: the VM's own copy, grown, no backing file; the image is not held by it.
+        #expect(library.vireo("create", "v3", "--image", "tiny", "--full", "--disk", "64M", "--engine", "qemu").status == 0)
+        let copy = Harness.run(["qemu-img", "info", library.root.appendingPathComponent("v3/disk0.qcow2").path]).stdout
+        #expect(copy.contains("virtual size: 64 MiB") && !copy.contains("backing file"), "\(copy)")
         #expect(library.vireo("delete", "v2").status == 0 && library.vireo("delete", "v").status == 0)
         #expect(library.vireo("image", "delete", "tiny").status == 0)
+        let kept = Harness.run(["qemu-img", "check", library.root.appendingPathComponent("v3/disk0.qcow2").path])
+        #expect(kept.status == 0, "\(kept.stdout)")
+        #expect(library.vireo("delete", "v3").status == 0)
     }
 }
 
