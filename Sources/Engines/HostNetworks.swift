@@ -92,7 +92,7 @@ public struct HostNetworks: Sendable {
         let binary = try requireTool("ip", package: "iproute2", network: network)
         let (status, output) = HostCommand.run(binary, arguments)
         guard status == 0 else {
-            throw .network(name: network, reason: "`ip \(arguments.joined(separator: " "))` failed: \(output.trimmed)", exitStatus: 1)
+            throw .network(name: network, reason: "`ip \(arguments.joined(separator: " "))` failed: \(output.trimmingWhitespace())", exitStatus: 1)
         }
     }
 
@@ -101,7 +101,7 @@ public struct HostNetworks: Sendable {
     static func mayAdministerNetworks() -> Bool {
         guard let bytes = try? HostFiles.readAll("/proc/self/status") else { return geteuid() == 0 }
         let line = String(decoding: bytes, as: UTF8.self).split(separator: "\n").first { $0.hasPrefix("CapEff:") }
-        guard let hex = line?.split(separator: "\t").last, let mask = UInt64(String(hex).trimmed, radix: 16) else { return geteuid() == 0 }
+        guard let hex = line?.split(separator: "\t").last, let mask = UInt64(String(hex).trimmingWhitespace(), radix: 16) else { return geteuid() == 0 }
         return mask & (1 << 12) != 0
     }
 
@@ -148,7 +148,7 @@ public struct HostNetworks: Sendable {
     /// the last one goes down.
     func enableForwarding() throws(LibraryError) {
         let path = "/proc/sys/net/ipv4/ip_forward"
-        let current = ((try? HostFiles.readAll(path)).map { String(decoding: $0, as: UTF8.self) } ?? "0").trimmed
+        let current = ((try? HostFiles.readAll(path)).map { String(decoding: $0, as: UTF8.self) } ?? "0").trimmingWhitespace()
         let saved = forwardingRecord
         if !HostFiles.exists(saved) { try HostFiles.writeAtomically(Array("\(current) \(Self.namespaceID)\n".utf8), to: saved) }
         if current != "1" {
@@ -170,7 +170,7 @@ public struct HostNetworks: Sendable {
 
     func restoreForwarding() {
         guard let bytes = try? HostFiles.readAll(forwardingRecord) else { return }
-        let fields = String(decoding: bytes, as: UTF8.self).trimmed.split(separator: " ")
+        let fields = String(decoding: bytes, as: UTF8.self).trimmingWhitespace().split(separator: " ")
         guard fields.count == 2, fields[1] == Self.namespaceID else { return }
         if fields[0] == "0" { try? HostFiles.writeInPlace("0\n", to: "/proc/sys/net/ipv4/ip_forward") }
         unlink(forwardingRecord)
@@ -215,7 +215,7 @@ public struct HostNetworks: Sendable {
     /// this network's configuration (a reused pid is someone else).
     func dnsmasqPID(_ network: NetworkDefinition) -> pid_t? {
         guard let bytes = try? HostFiles.readAll(store.dnsmasqPIDPath(of: network.name)),
-              let pid = pid_t(String(decoding: bytes, as: UTF8.self).trimmed), pid > 1,
+              let pid = pid_t(String(decoding: bytes, as: UTF8.self).trimmingWhitespace()), pid > 1,
               let stat = try? HostFiles.readAll("/proc/\(pid)/stat"),
               let arguments = try? HostFiles.readAll("/proc/\(pid)/cmdline") else { return nil }
         let state = String(decoding: stat, as: UTF8.self).split(separator: ")").last?.split(separator: " ").first
@@ -239,7 +239,7 @@ public struct HostNetworks: Sendable {
         // dnsmasq checks its configuration and binds before it detaches, and says why it cannot.
         let (status, output) = HostCommand.run(binary, ["--conf-file=\(path)"])
         guard status == 0 else {
-            throw .network(name: name, reason: "dnsmasq did not start: \(output.trimmed)", exitStatus: 1)
+            throw .network(name: name, reason: "dnsmasq did not start: \(output.trimmingWhitespace())", exitStatus: 1)
         }
     }
 
@@ -357,7 +357,7 @@ public struct HostNetworks: Sendable {
             if status == 0 { return }
             attempt += 1
             guard attempt < 3 else {
-                throw .network(name: networks.first?.name ?? "vireo", reason: "nft refused Vireo's table (\(path)): \(output.trimmed)", exitStatus: 1)
+                throw .network(name: networks.first?.name ?? "vireo", reason: "nft refused Vireo's table (\(path)): \(output.trimmingWhitespace())", exitStatus: 1)
             }
             usleep(100_000)
         }
@@ -579,15 +579,6 @@ public struct HostNetworks: Sendable {
             return leases[name]?.filter { $0.mac == card.mac.lowercased() && ($0.expires == 0 || $0.expires > now) }
                 .max { $0.expires < $1.expires }?.address
         }
-    }
-}
-
-extension String {
-    var trimmed: String {
-        var text = Substring(self)
-        while let last = text.last, last.isWhitespace { text = text.dropLast() }
-        while let first = text.first, first.isWhitespace { text = text.dropFirst() }
-        return String(text)
     }
 }
 

@@ -188,7 +188,7 @@ public struct ImageBuilder: Sendable {
             throw .invalidValue(field: "vireo image build", reason: "package \(wanted) is not installed in the new system (debootstrap left it unconfigured); see \(root)/debootstrap/debootstrap.log")
         }
         let boot = try HostFiles.entries(of: root + "/boot")
-        guard let kernel = boot.filter({ $0.hasPrefix("vmlinuz-") }).sorted(by: Self.versionOrder).last else {
+        guard let kernel = boot.filter({ $0.hasPrefix("vmlinuz-") }).sorted(by: BootFiles.versionOrder).last else {
             throw .invalidValue(field: "vireo image build", reason: "the new system has no kernel in /boot")
         }
         let version = String(kernel.dropFirst("vmlinuz-".count))
@@ -292,12 +292,6 @@ public struct ImageBuilder: Sendable {
         let (status, output) = HostTools.run("du", ["-s", "-x", "-B1", root])
         guard status == 0, let first = output.split(whereSeparator: { $0 == "\t" || $0 == " " }).first, let bytes = UInt64(first) else { return 0 }
         return bytes
-    }
-
-    /// Kernel versions in Debian's order, enough for "6.1.0-9" < "6.1.0-10".
-    static func versionOrder(_ a: String, _ b: String) -> Bool {
-        let split: (String) -> [Int] = { $0.split(whereSeparator: { !$0.isNumber }).compactMap { Int($0) } }
-        return split(a).lexicographicallyPrecedes(split(b))
     }
 }
 

@@ -320,7 +320,7 @@ struct DiskLayout {
 }
 
 /// A kernel and initramfs found in an ext4 file system's /boot, taken out with debugfs.
-struct BootFiles {
+public struct BootFiles {
     var kernelVersion: String
     var hasInitrd: Bool
     var rootUUID: String
@@ -328,6 +328,13 @@ struct BootFiles {
     var virtioMMIOReady: Bool
     var prettyName: String?
     var osType: String
+
+    /// Kernel file names in Debian's version order, enough for "6.1.0-9" < "6.1.0-10": the
+    /// newest is the one a build or an import boots.
+    public static func versionOrder(_ a: String, _ b: String) -> Bool {
+        let numbers: (String) -> [Int] = { $0.split(whereSeparator: { !$0.isNumber }).compactMap { Int($0) } }
+        return numbers(a).lexicographicallyPrecedes(numbers(b))
+    }
 
     static func hasCloudInit(in path: String, offset: UInt64, debugfs: String) -> Bool {
         HostTools.run(debugfs, ["-R", "stat /usr/bin/cloud-init", "\(path)?offset=\(offset)"]).output.contains("Inode:")
@@ -348,10 +355,7 @@ struct BootFiles {
                 ($0 >= "a" && $0 <= "z") || ($0 >= "A" && $0 <= "Z") || ($0 >= "0" && $0 <= "9") || "._+-~".unicodeScalars.contains($0)
             }
         }
-        let kernels = names.filter { $0.hasPrefix("vmlinuz-") && plain($0) }.sorted { a, b in
-            let split: (String) -> [Int] = { $0.split(whereSeparator: { !$0.isNumber }).compactMap { Int($0) } }
-            return split(a).lexicographicallyPrecedes(split(b))
-        }
+        let kernels = names.filter { $0.hasPrefix("vmlinuz-") && plain($0) }.sorted(by: BootFiles.versionOrder)
         guard let kernel = kernels.last else { return nil }
         let version = String(kernel.dropFirst("vmlinuz-".count))
         let hasInitrd = names.contains("initrd.img-" + version)

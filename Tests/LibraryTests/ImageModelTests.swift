@@ -93,7 +93,7 @@ struct ImageModelTests {
         #expect(throws: LibraryError.self) { try ImageRecipe(distribution: "debian-12", size: 100 << 20) }
         #expect(throws: LibraryError.self) { try ImageRecipe(distribution: "debian-12", extraPackages: ["a"]) }
         #expect(throws: LibraryError.self) { try ImageRecipe(distribution: "debian-12", mirror: "deb.debian.org") }
-        #expect(ImageBuilder.versionOrder("vmlinuz-6.1.0-9-amd64", "vmlinuz-6.1.0-10-amd64"))
+        #expect(BootFiles.versionOrder("vmlinuz-6.1.0-9-amd64", "vmlinuz-6.1.0-10-amd64"))
     }
 
     @Test func manifestsNameOnlyFilesInTheirDirectory() throws {
