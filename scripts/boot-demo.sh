@@ -9,10 +9,10 @@ scripts/setup.sh release
 # distribution kernel does.
 kernel_dir=$(scripts/build-tiny-kernel.sh acpi)
 initramfs=$(scripts/make-initramfs.sh)
-# noxsave, clearcpuid and nopv only matter on hosts whose KVM emulates guest kernel mode (like the
+# noxsave, clearcpuid, nopv and nofsgsbase only matter on hosts whose KVM emulates guest kernel mode (like the
 # project's CI); they are harmless elsewhere. nopv also turns off kvmclock, where an ACPI guest
 # learns its TSC frequency, so that is handed over too (docs/acpi.md).
 tsc_khz=$(awk -F: '/^cpu MHz/ { printf "%d", $2 * 1000; exit }' /proc/cpuinfo)
 tsc_option=${tsc_khz:+tsc_early_khz=$tsc_khz}
 exec .build/release/vireo run --kernel "$kernel_dir/vmlinux" --initrd "$initramfs" --cpus 2 --memory 256M \
-  --cmdline "console=ttyS0 noxsave clearcpuid=smap,popcnt nopv $tsc_option panic=-1 reboot=acpi" "$@"
+  --cmdline "console=ttyS0 noxsave clearcpuid=smap,popcnt nopv nofsgsbase $tsc_option panic=-1 reboot=acpi" "$@"

@@ -44,14 +44,26 @@ final class TestLibrary: @unchecked Sendable {
         (try? String(contentsOf: root.appendingPathComponent(name).appendingPathComponent("console.log"), encoding: .utf8)) ?? ""
     }
 
+    /// The console of the run before the last (`vireo start` keeps it as console.log.1).
+    func previousConsoleLog(_ name: String) -> String {
+        (try? String(contentsOf: root.appendingPathComponent(name).appendingPathComponent("console.log.1"), encoding: .utf8)) ?? ""
+    }
+
+    func vmmLog(_ name: String) -> String {
+        (try? String(contentsOf: root.appendingPathComponent(name).appendingPathComponent("vmm.log"), encoding: .utf8)) ?? ""
+    }
+
     func ticks(_ name: String) -> Int { consoleLog(name).components(separatedBy: "tick ").count - 1 }
 
-    /// Polls until `condition` holds; false at the time-out.
+    /// Polls until `condition` holds; false at the time-out. Quickly at first, then once a second:
+    /// conditions often run `vireo`, and ten runs a second for minutes would take CPU from the
+    /// emulated guest kernels being waited for.
     func waitFor(_ seconds: TimeInterval, _ condition: () -> Bool) -> Bool {
-        let deadline = Date().addingTimeInterval(seconds)
+        let start = Date()
+        let deadline = start.addingTimeInterval(seconds)
         while Date() < deadline {
             if condition() { return true }
-            Thread.sleep(forTimeInterval: 0.1)
+            Thread.sleep(forTimeInterval: Date().timeIntervalSince(start) < 5 ? 0.1 : 1)
         }
         return condition()
     }

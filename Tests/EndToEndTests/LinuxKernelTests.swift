@@ -10,7 +10,10 @@ import Testing
 struct LinuxKernelTests {
     /// Options for the emulated test hosts only (see design.md): no XSAVE, no instructions the
     /// emulator lacks, no paravirt hypercalls it mishandles. Real hosts need none of them.
-    static let emulatorSafeOptions = "noxsave clearcpuid=smap,popcnt nopv"
+    /// `nofsgsbase`: an NMI (the RCU stall detector's backtrace request, when a loaded host starves
+    /// a vCPU) enters through paranoid_entry, which with FSGSBASE finds the per-CPU base with LSL,
+    /// an instruction the emulator lacks: the VM stopped with an emulation failure on that vCPU.
+    static let emulatorSafeOptions = "noxsave clearcpuid=smap,popcnt nopv nofsgsbase"
 
     /// `nopv` also turns off kvmclock, which is where a guest on a hardware-reduced ACPI platform
     /// learns its TSC frequency (there is no PIT calibration without the legacy PIC, and no HPET or
