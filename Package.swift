@@ -20,7 +20,7 @@ let package = Package(
         .target(name: "CZlib", linkerSettings: [.linkedLibrary("z")]),
         .target(name: "CDiskHost"),
         .target(name: "DiskImage", dependencies: ["CZlib", "CDiskHost"]),
-        .target(name: "VMM", dependencies: ["KVM", "GuestMemory", "X86Boot", "Devices", "DiskImage"]),
+        .target(name: "VMM", dependencies: ["KVM", "GuestMemory", "X86Boot", "Devices", "DiskImage", "CZlib"]),
         .target(name: "CHostSupport"),
         .target(name: "API"),
         .target(name: "CCrypt", linkerSettings: [.linkedLibrary("crypt")]),
@@ -31,7 +31,7 @@ let package = Package(
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
         .executableTarget(name: "vireo", dependencies: ["CLI"]),
-        .target(name: "FuzzTargets", dependencies: ["Devices", "DiskImage", "GuestMemory"]),
+        .target(name: "FuzzTargets", dependencies: ["Devices", "DiskImage", "GuestMemory", "VMM"]),
         .target(name: "CFuzzDriver"),
         .executableTarget(name: "vireo-fuzz", dependencies: ["FuzzTargets", "CFuzzDriver"]),
         // The per-VM process: its start-up time and memory are headline numbers, so the Swift

@@ -1,5 +1,5 @@
 /* Vireo probe guest: a freestanding program that reports, over COM1, what the VMM gave it.
- * The command line picks the test: probe=info|smp|irq|triple|acpi|reboot|ports|hello|... Output lines are
+ * The command line picks the test: probe=info|smp|irq|triple|acpi|reboot|ports|dirty|hello|... Output lines are
  * "key: value" so the host test can assert them; the probe ends by pulsing the reset line
  * (i8042 0xFE), which Vireo reports as a clean reboot, or by writing QEMU's isa-debug-exit port. */
 #include <stdint.h>
@@ -1457,7 +1457,8 @@ static void probe_ip(void) {
 
 /* ---- probe=vsock: a minimal polled virtio-vsock driver (virtio 1.x §5.10). Listens on port 1234
  * and echoes what the host sends there ("echo:" + data); connects to host port 5000 and sends
- * "hello from the guest"; finishes once both directions have carried data. ---- */
+ * "hello from the guest"; finishes once both directions have carried data. With stay=1 it only
+ * serves port 1234, forever, and reports events (a transport reset after a restore). ---- */
 struct vsock_hdr { uint64_t src_cid, dst_cid; uint32_t src_port, dst_port, len; uint16_t type, op; uint32_t flags, buf_alloc, fwd_cnt; } __attribute__((packed));
 static struct vring8 vs_rx, vs_tx, vs_ev;
 static uint8_t vs_rx_buffers[NQ][4096] __attribute__((aligned(4096)));
@@ -1466,6 +1467,7 @@ static uint8_t vs_ev_buffer[64];
 static uintptr_t vs_base;
 static uint64_t vs_cid;
 static uint32_t vs_fwd_cnt;
+static int vs_stay;
 
 static void probe_vsock_device(int index, uintptr_t base) {
     (void)index;
@@ -1512,9 +1514,16 @@ static void vsock_send(uint16_t op, uint32_t src_port, uint32_t dst_port, const 
 static void user_vsock(uint64_t unused) {
     (void)unused;
     int echoed = 0, acknowledged = 0;
-    uint16_t seen = 0;
-    vsock_send(1, 49152, 5000, 0, 0);                          /* REQUEST to host port 5000 */
-    while (!(echoed && acknowledged)) {
+    uint16_t seen = 0, events_seen = 0;
+    if (!vs_stay) vsock_send(1, 49152, 5000, 0, 0);            /* REQUEST to host port 5000 */
+    while (vs_stay || !(echoed && acknowledged)) {
+        if (*(volatile uint16_t *)&vs_ev.used.idx != events_seen) {
+            events_seen++;
+            uint32_t event = *(volatile uint32_t *)vs_ev_buffer;
+            puts_raw("vsock: event "); put_dec(event); puts_raw(event == 0 ? " (transport reset)\n" : "\n");
+            ring_offer(&vs_ev, (uint16_t)0);
+            mmio_write32(vs_base + 0x50, 2);
+        }
         if (*(volatile uint16_t *)&vs_rx.used.idx == seen) continue;
         uint32_t id = vs_rx.used.ring[seen % NQ].id;
         seen++;
@@ -1558,6 +1567,8 @@ static void user_vsock(uint64_t unused) {
 }
 
 static void probe_vsock(void) {
+    char n[8];
+    vs_stay = cmdline_value("stay", n, sizeof n) && n[0] == '1';
     for_each_virtio_device(probe_vsock_device);
     if (!vs_base) { puts_raw("vsock: no virtio-vsock device\n"); return; }
     enter_user_mode(user_vsock, 0);
@@ -1680,6 +1691,31 @@ static void user_ticker(uint64_t spin) {
     }
 }
 
+/* ---- probe=dirty: from ring 3 (native speed here) rewrites 1/stride of an 8 MiB region each
+ * round with a pseudo-random sequence, keeping the sum it expects the region to have; then reads
+ * the whole region back and prints "dirty N sum S", or "dirty N MISMATCH S" when what memory holds
+ * is not what it wrote. Saved and restored (or migrated), N goes on from where it was, and the
+ * sums keep matching only if every page came back as it was. ---- */
+static uint64_t dirty_region[(8 << 20) / 8] __attribute__((aligned(4096)));
+static uint64_t dirty_spin = 2000000, dirty_stride = 64;
+static void user_dirty(uint64_t unused) {
+    (void)unused;
+    const uint64_t words = sizeof dirty_region / 8;
+    uint64_t expected = 0, seed = 0x9e3779b97f4a7c15ULL;
+    for (uint64_t round = 0;; round++) {
+        for (uint64_t i = round % dirty_stride; i < words; i += dirty_stride) {
+            seed = seed * 6364136223846793005ULL + 1442695040888963407ULL;
+            expected -= dirty_region[i];
+            dirty_region[i] = seed;
+            expected += seed;
+        }
+        uint64_t sum = 0;
+        for (uint64_t i = 0; i < words; i++) sum += ((volatile uint64_t *)dirty_region)[i];
+        puts_raw("dirty "); put_dec(round); puts_raw(sum == expected ? " sum " : " MISMATCH "); put_hex(sum); puts_raw("\n");
+        for (volatile uint64_t i = 0; i < dirty_spin; i++) {}
+    }
+}
+
 uintptr_t probe_zero_page;
 
 void probe_main(int mode, uintptr_t info) {
@@ -1713,6 +1749,11 @@ void probe_main(int mode, uintptr_t info) {
         ticker_ignores_button = cmdline_value("ignore-button", n, sizeof n) && n[0] == '1';
         parse_acpi();
         enter_user_mode(user_ticker, spin);
+    } else if (str_eq(what, "dirty")) {
+        char n[24];
+        if (cmdline_value("spin", n, sizeof n)) dirty_spin = parse_dec(n);
+        if (cmdline_value("stride", n, sizeof n) && parse_dec(n) > 0) dirty_stride = parse_dec(n);
+        enter_user_mode(user_dirty, 0);
     } else if (str_eq(what, "hello")) puts_raw("hello from the probe\n");
     else { puts_raw("probe: unknown probe "); puts_raw(what); puts_raw("\n"); }
     finish();

@@ -43,6 +43,11 @@ const unsigned long VIREO_KVM_GET_IRQCHIP = KVM_GET_IRQCHIP;
 const unsigned long VIREO_KVM_SET_IRQCHIP = KVM_SET_IRQCHIP;
 const unsigned long VIREO_KVM_GET_PIT2 = KVM_GET_PIT2;
 const unsigned long VIREO_KVM_SET_PIT2 = KVM_SET_PIT2;
+const unsigned long VIREO_KVM_GET_MSR_INDEX_LIST = KVM_GET_MSR_INDEX_LIST;
+const unsigned long VIREO_KVM_GET_CLOCK = KVM_GET_CLOCK;
+const unsigned long VIREO_KVM_SET_CLOCK = KVM_SET_CLOCK;
+const unsigned long VIREO_KVM_GET_TSC_KHZ = KVM_GET_TSC_KHZ;
+const unsigned long VIREO_KVM_SET_TSC_KHZ = KVM_SET_TSC_KHZ;
 
 const int VIREO_KVM_CAP_NR_VCPUS = KVM_CAP_NR_VCPUS;
 const int VIREO_KVM_CAP_MAX_VCPUS = KVM_CAP_MAX_VCPUS;
@@ -56,6 +61,9 @@ const int VIREO_KVM_CAP_NR_MEMSLOTS = KVM_CAP_NR_MEMSLOTS;
 const int VIREO_KVM_CAP_XCRS = KVM_CAP_XCRS;
 const int VIREO_KVM_CAP_VCPU_EVENTS = KVM_CAP_VCPU_EVENTS;
 const int VIREO_KVM_CAP_DEBUGREGS = KVM_CAP_DEBUGREGS;
+const int VIREO_KVM_CAP_ADJUST_CLOCK = KVM_CAP_ADJUST_CLOCK;
+const int VIREO_KVM_CAP_TSC_CONTROL = KVM_CAP_TSC_CONTROL;
+const int VIREO_KVM_CAP_GET_TSC_KHZ = KVM_CAP_GET_TSC_KHZ;
 
 int vireo_ioctl_none(int fd, unsigned long request) { return ioctl(fd, request, 0); }
 int vireo_ioctl_value(int fd, unsigned long request, unsigned long value) { return ioctl(fd, request, value); }
@@ -108,6 +116,8 @@ size_t vireo_msrs_size(uint32_t count) {
 }
 struct kvm_cpuid_entry2 *_Nonnull vireo_cpuid2_entries(struct kvm_cpuid2 *_Nonnull cpuid) { return cpuid->entries; }
 struct kvm_msr_entry *_Nonnull vireo_msrs_entries(struct kvm_msrs *_Nonnull msrs) { return msrs->entries; }
+size_t vireo_msr_list_size(uint32_t count) { return sizeof(struct kvm_msr_list) + (size_t)count * sizeof(uint32_t); }
+uint32_t *_Nonnull vireo_msr_list_indices(struct kvm_msr_list *_Nonnull list) { return list->indices; }
 
 int vireo_set_thread_name(const char *name) { return pthread_setname_np(pthread_self(), name); }
 int vireo_eventfd_cloexec(unsigned int initial) { return eventfd(initial, EFD_CLOEXEC); }

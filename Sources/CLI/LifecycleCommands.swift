@@ -17,10 +17,13 @@ struct Start: ParsableCommand {
     @Flag(help: "Attach to the serial console once it runs (detach with Ctrl-]).")
     var console = false
 
+    @Flag(help: "Throw away the VM's saved state (`vireo save`) and boot it afresh, as after a power cut.")
+    var discardState = false
+
     func run() throws {
         let manager = openManager()
         let started: StartedVM
-        do throws(LibraryError) { started = try manager.start(name) } catch { throw fail(error) }
+        do throws(LibraryError) { started = try manager.start(name, discardState: discardState) } catch { throw fail(error) }
         for warning in started.warnings { printNote("warning: \(warning)") }
         if console {
             try attachConsole(name, manager: manager)
@@ -95,6 +98,25 @@ struct Restart: ParsableCommand {
 func perform(_ name: String, done: String, _ verb: (VMManager) throws(LibraryError) -> Void) throws {
     do throws(LibraryError) { try verb(openManager()) } catch { throw fail(error) }
     printLine("VM '\(name)' \(done)")
+}
+
+struct Save: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Save a running VM's state and memory to its directory and stop it; `vireo start` resumes it where it was.",
+        discussion: """
+            Like VirtualBox's "Save the machine state" and `virsh managedsave`. The VM shows as             "saved" until it is started again (resumed) or started with --discard-state (booted             afresh). Its settings cannot change while it is saved. The guest's clock is set ahead             by the time it spent saved; its vsock connections are reset and its network cards             reattach to their host side. kvm engine only, so far.
+            """)
+
+    @Argument(help: "VM name.")
+    var name: String
+
+    func run() throws {
+        let manager = openManager()
+        let warnings: [String]
+        do throws(LibraryError) { warnings = try manager.save(name) } catch { throw fail(error) }
+        for warning in warnings { printNote("warning: \(warning)") }
+        printLine("Saved VM '\(name)'. Resume it with: vireo start \(name)")
+    }
 }
 
 struct Pause: ParsableCommand {

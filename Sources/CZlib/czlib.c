@@ -18,3 +18,15 @@ long vireo_inflate_raw(const void *source, size_t source_length, void *destinati
     if (result != Z_STREAM_END && result != Z_OK && result != Z_BUF_ERROR) return -1;
     return produced;
 }
+
+unsigned long vireo_crc32(unsigned long crc, const void *data, size_t length) {
+    // zlib takes 32-bit lengths; feed large buffers (guest RAM) in slices.
+    const unsigned char *bytes = data;
+    while (length > 0) {
+        uInt slice = length > (1u << 30) ? (1u << 30) : (uInt)length;
+        crc = crc32(crc, bytes, slice);
+        bytes += slice;
+        length -= slice;
+    }
+    return crc;
+}

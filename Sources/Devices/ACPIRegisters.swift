@@ -5,7 +5,7 @@ import Synchronization
 /// event register. The guest powers off by writing SLP_TYP=5 with SLP_EN, reboots by writing the
 /// reset value, and learns of a power-button press from the event register after the GED's
 /// interrupt.
-public final class ACPIRegisters: PortIODevice {
+public final class ACPIRegisters: PortIODevice, StatefulDevice {
     public enum Offset {
         public static let sleepControl: UInt16 = 0
         public static let sleepStatus: UInt16 = 1
@@ -42,6 +42,19 @@ public final class ACPIRegisters: PortIODevice {
     }
 
     public var snapshot: State { state.withLock { $0 } }
+
+    public func saveState(into writer: inout StateWriter) {
+        let current = snapshot
+        writer.put(current.pendingEvents)
+        writer.put(current.sleepStatus)
+    }
+
+    public func restoreState(from reader: inout StateReader) throws(StateError) {
+        var restored = State()
+        restored.pendingEvents = try reader.get(UInt8.self, "ACPI pending events")
+        restored.sleepStatus = try reader.get(UInt8.self, "ACPI sleep status")
+        state.withLock { $0 = restored }
+    }
 
     /// Back to power-on state, for a reboot in place.
     public func resetState() { state.withLock { $0 = State() } }

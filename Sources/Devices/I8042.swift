@@ -3,7 +3,7 @@ import Synchronization
 /// Enough of the PC keyboard controller for guests to reset the machine (command 0xFE, which is
 /// what Linux's `reboot=k` uses), for probes of the controller to get sane answers, and for the
 /// host to press Ctrl-Alt-Del, the graceful-shutdown request Firecracker also sends this way.
-public final class I8042: PortIODevice {
+public final class I8042: PortIODevice, StatefulDevice {
     public static let dataPort: UInt16 = 0x60
     public static let commandPort: UInt16 = 0x64
 
@@ -25,6 +25,29 @@ public final class I8042: PortIODevice {
 
     /// Power-on state, for a reboot in place.
     public func resetState() { state.withLock { $0 = State() } }
+
+    /// At most this many bytes wait for the guest in a saved state (Ctrl-Alt-Del is 11).
+    static let outputLimit = 64
+
+    public func saveState(into writer: inout StateWriter) {
+        state.withLock { state in
+            writer.put(bytes: state.output.prefix(Self.outputLimit))
+            writer.put(state.commandByte)
+            writer.put(state.pendingWrite ?? 0)
+        }
+    }
+
+    public func restoreState(from reader: inout StateReader) throws(StateError) {
+        var restored = State()
+        restored.output = try reader.getBytes("i8042 output buffer", limit: Self.outputLimit)
+        restored.commandByte = try reader.get(UInt8.self, "i8042 command byte")
+        switch try reader.get(UInt8.self, "i8042 pending write") {
+        case 0: restored.pendingWrite = nil
+        case 0x60: restored.pendingWrite = 0x60
+        case let other: throw .invalid(field: "i8042 pending write", reason: "0x\(String(other, radix: 16)) is not a command this controller takes (0x60)")
+        }
+        state.withLock { $0 = restored }
+    }
 
     /// Queues the scan codes of Ctrl and Alt and Delete pressed and released, in the code set
     /// the guest reads: set 1 when the controller translates (command byte bit 6, the PC default

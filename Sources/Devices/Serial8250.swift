@@ -7,7 +7,7 @@ public protocol SerialOutput: Sendable {
 
 /// A 16550A-compatible UART (the "8250" Linux's console driver binds to at 0x3f8/IRQ 4).
 /// Transmission completes at once; received bytes wait in a FIFO until the guest reads them.
-public final class Serial8250: PortIODevice {
+public final class Serial8250: PortIODevice, StatefulDevice {
     public static let defaultBase: UInt16 = 0x3f8
     public static let defaultInterrupt: UInt32 = 4
     public static let receiveCapacity = 4096
@@ -60,6 +60,33 @@ public final class Serial8250: PortIODevice {
         state.withLock { registers in
             registers = Registers()
             interrupt.setLevel(false)
+        }
+    }
+
+    /// The registers and the bytes typed but not yet read; the line level follows from them.
+    public func saveState(into writer: inout StateWriter) {
+        state.withLock { registers in
+            for value in [registers.interruptEnable, registers.lineControl, registers.modemControl, registers.scratch,
+                          registers.divisorLow, registers.divisorHigh, registers.fifoControl] { writer.put(value) }
+            writer.put(registers.transmitInterruptPending)
+            writer.put(bytes: registers.receive[registers.receiveHead...])
+        }
+    }
+
+    public func restoreState(from reader: inout StateReader) throws(StateError) {
+        var restored = Registers()
+        restored.interruptEnable = try reader.get(UInt8.self, "serial IER") & 0x0f
+        restored.lineControl = try reader.get(UInt8.self, "serial LCR")
+        restored.modemControl = try reader.get(UInt8.self, "serial MCR") & 0x1f
+        restored.scratch = try reader.get(UInt8.self, "serial SCR")
+        restored.divisorLow = try reader.get(UInt8.self, "serial DLL")
+        restored.divisorHigh = try reader.get(UInt8.self, "serial DLM")
+        restored.fifoControl = try reader.get(UInt8.self, "serial FCR")
+        restored.transmitInterruptPending = try reader.getBool("serial THRE pending")
+        restored.receive = try reader.getBytes("serial receive buffer", limit: Self.receiveCapacity)
+        state.withLock { registers in
+            registers = restored
+            updateLine(&registers)
         }
     }
 

@@ -78,7 +78,8 @@ public protocol Engine: Sendable {
     func sendKeys(_ vm: EngineVM, _ chords: [KeyChord]) throws(LibraryError)
     /// Takes the ISO out of a running VM's CD-ROM drive.
     func ejectMedium(_ vm: EngineVM) throws(LibraryError)
-    func saveState(_ vm: EngineVM, to path: String) throws(LibraryError)
+    /// Writes the running VM's state to its bundle's saved-state file and stops it.
+    func saveState(_ vm: EngineVM) throws(LibraryError)
     func migrate(_ vm: EngineVM, to destination: String) throws(LibraryError)
 }
 
@@ -130,8 +131,8 @@ extension Engine {
         try require(.cdrom, vm, action: "eject the CD-ROM of")
         throw unsupported(vm, "eject the CD-ROM of", "this engine cannot change media while the VM runs; stop it and `vireo set \(vm.name) --iso none`")
     }
-    public func saveState(_ vm: EngineVM, to path: String) throws(LibraryError) {
-        throw unsupported(vm, "save the state of", "saved states are not built yet; stop it with `vireo stop \(vm.name)`")
+    public func saveState(_ vm: EngineVM) throws(LibraryError) {
+        throw unsupported(vm, "save the state of", "saved states are built for the kvm engine only so far; stop it with `vireo stop \(vm.name)`")
     }
     public func migrate(_ vm: EngineVM, to destination: String) throws(LibraryError) {
         throw unsupported(vm, "migrate", "live migration is not built yet")

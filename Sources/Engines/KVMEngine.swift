@@ -60,7 +60,9 @@ public struct KVMEngine: Engine {
         let (bundle, definition, name) = (vm.bundle, vm.definition, vm.name)
         var arguments = [vmmPath] + (try Self.machineArguments(definition, bundle: bundle, cards: networking.cards))
         arguments += ["--console", "file:" + bundle.consoleLogPath, "--control", bundle.controlPath,
-                      "--name", definition.name, "--uuid", definition.uuid, "--lock-fd", "3", "--ready-fd", "4"]
+                      "--name", definition.name, "--uuid", definition.uuid, "--lock-fd", "3", "--ready-fd", "4",
+                      "--state-file", bundle.savedStatePath]
+        if bundle.hasSavedState { arguments.append("--restore") }
 
         // The previous run's console output stays readable as console.log.1.
         if HostFiles.size(bundle.consoleLogPath) > 0 { _ = rename(bundle.consoleLogPath, bundle.consoleLogPath + ".1") }
@@ -120,6 +122,15 @@ public struct KVMEngine: Engine {
     public func pause(_ vm: EngineVM) throws(LibraryError) { _ = try call(vm, "pause", action: "pause") }
     public func resume(_ vm: EngineVM) throws(LibraryError) { _ = try call(vm, "resume", action: "resume") }
     public func reset(_ vm: EngineVM) throws(LibraryError) { _ = try call(vm, "reset", action: "reset") }
+    public func saveState(_ vm: EngineVM) throws(LibraryError) {
+        // Writing a large guest's RAM takes longer than the usual request time-out.
+        do {
+            let connection = try ControlConnection(path: vm.bundle.controlPath, timeoutSeconds: 600)
+            _ = try connection.call("save", as: ControlStatus.self)
+        } catch {
+            throw Self.translate(error, vm: vm, action: "save")
+        }
+    }
     public func setBalloon(_ vm: EngineVM, bytes: UInt64) throws(LibraryError) {
         _ = try call(vm, "balloon \(bytes >> 20)", action: "set the balloon of")
     }

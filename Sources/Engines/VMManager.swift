@@ -57,7 +57,7 @@ public struct VMManager: Sendable {
 
     /// Starts a stopped VM on its engine. The lock is taken here and handed to the engine's
     /// process, so two starts (or a start and a delete) cannot both win.
-    public func start(_ name: String) throws(LibraryError) -> StartedVM {
+    public func start(_ name: String, discardState: Bool = false) throws(LibraryError) -> StartedVM {
         let bundle = try library.bundle(named: name)
         let lock = try VMLock(path: bundle.lockPath, create: true)
         guard lock.tryExclusive() else {
@@ -70,6 +70,10 @@ public struct VMManager: Sendable {
         let definition = try bundle.load()
         // A definition from an older Vireo (or edited by hand) meets today's rules before it runs.
         try VMLibrary.validate(definition)
+        if discardState, bundle.hasSavedState, unlink(bundle.savedStatePath) != 0 {
+            throw .io(operation: "remove the saved state", path: bundle.savedStatePath, errno: errno)
+        }
+        let resuming = bundle.hasSavedState
         let vm = EngineVM(bundle: bundle, definition: definition)
         let networks = HostNetworks(library: library)
         do {
@@ -81,8 +85,22 @@ public struct VMManager: Sendable {
         } catch {
             // Whatever this start brought up for nothing goes down again (its taps already have).
             networks.releaseIdle(failedStart: definition.uuid)
+            if resuming, case let .engine(name, reason, status) = error, bundle.hasSavedState {
+                throw .engine(name: name, reason: reason + "; the saved state is kept: fix the cause, or boot afresh with `vireo start \(name) --discard-state`", exitStatus: status)
+            }
             throw error
         }
+    }
+
+    /// `vireo save`: the VM's state and memory go to its directory and it stops in state
+    /// "saved"; `vireo start` resumes it. A save that fails leaves it running.
+    public func save(_ name: String, timeout: Double = 600) throws(LibraryError) -> [String] {
+        let (vm, engine) = try running(name, action: "save")
+        try engine.saveState(vm)
+        guard Self.waitUntilStopped(vm.bundle, seconds: timeout) else {
+            throw .engine(name: name, reason: "saved its state but did not stop within \(Int(timeout)) s", exitStatus: 1)
+        }
+        return HostNetworks(library: library).releaseIdle()
     }
 
     public enum StopOutcome: Sendable, Equatable {

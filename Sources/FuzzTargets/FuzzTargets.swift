@@ -1,6 +1,7 @@
 import Devices
 import DiskImage
 import GuestMemory
+import VMM
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -90,6 +91,54 @@ public enum Fuzz {
         return outcome
     }
 
+    /// The input is one saved state (docs/snapshots.md): its first byte picks the decoder, the
+    /// rest is what a state file would hold for it. 0: the machine metadata (shape, CPUID, clocks,
+    /// interrupt controllers, vCPUs, device list); 1–4: the serial port, i8042, RTC and ACPI
+    /// registers; 5–7: a virtio-mmio transport with a block device, a balloon with statistics, an
+    /// entropy device, over a small guest RAM (rings must lie inside it).
+    public static func savedState(_ data: UnsafeRawBufferPointer) { _ = savedStateOutcome(data) }
+
+    /// A well-formed machine metadata block, for seeding selector 0.
+    public static var sampleMachineMetadata: [UInt8] { SavedStateInspection.sampleMetadata() }
+
+    public static func savedStateOutcome(_ data: UnsafeRawBufferPointer) -> Outcome {
+        var outcome = Outcome()
+        guard let selector = data.first else { return outcome }
+        let bytes = Array(data.dropFirst())
+        var reader = StateReader(bytes)
+        let device: (any StatefulDevice)?
+        switch selector % 8 {
+        case 0:
+            outcome.accepted = SavedStateInspection.metadataIsValid(bytes)
+            return outcome
+        case 1: device = Serial8250(output: DiscardingSerialOutput(), interrupt: SilentInterruptLine())
+        case 2: device = I8042 {}
+        case 3: device = RTC()
+        case 4: device = ACPIRegisters(eventInterrupt: SilentInterruptLine(), softOffSleepType: 5, resetValue: 0xf, powerOff: {}, reset: {})
+        default:
+            guard let memory = try? GuestMemory(anonymousRegions: [(GuestPhysicalAddress(0), memorySize)]) else { return outcome }
+            let virtio: any VirtioDevice
+            switch selector % 8 {
+            case 5: virtio = block
+            case 6: virtio = VirtioBalloon(deflateOnOOM: true, statisticsInterval: 1)
+            default:
+                guard let entropy = try? VirtioEntropy() else { return outcome }
+                virtio = entropy
+            }
+            device = VirtioMMIOTransport(device: virtio, memory: memory, interrupt: SilentInterruptLine())
+        }
+        guard let device else { return outcome }
+        if (try? device.restoreState(from: &reader)) != nil {
+            outcome.accepted = true
+            // A restored device must also save again: its state is whole.
+            var writer = StateWriter()
+            device.saveState(into: &writer)
+            outcome.operations = writer.bytes.count
+            if let transport = device as? VirtioMMIOTransport { transport.resumeQueues() }
+        }
+        return outcome
+    }
+
     /// Runs a target over files (a corpus, or a crash to reproduce) without libFuzzer.
     public static func replay(_ paths: [String], _ target: (UnsafeRawBufferPointer) -> Void) {
         for path in paths {
@@ -111,7 +160,18 @@ public enum Fuzz {
         switch name {
         case "virtqueue": return virtqueue
         case "qcow2": return qcow2
+        case "savedstate": return savedState
         default: return nil
         }
     }
+}
+
+/// Serial output nobody reads (fuzzing).
+final class DiscardingSerialOutput: SerialOutput, @unchecked Sendable {
+    func write(_ bytes: UnsafeRawBufferPointer) {}
+}
+
+/// An interrupt line wired to nothing (fuzzing).
+struct SilentInterruptLine: InterruptLine {
+    func setLevel(_ high: Bool) {}
 }

@@ -77,6 +77,27 @@ public final class KVMSystem: @unchecked Sendable {
         }
     }
 
+    /// `KVM_GET_MSR_INDEX_LIST`: the MSRs KVM saves and restores for a vCPU (the set QEMU and
+    /// Firecracker migrate), growing the buffer until KVM stops answering E2BIG.
+    public func savedMSRIndices() throws(KVMError) -> [UInt32] {
+        var capacity: UInt32 = 256
+        while true {
+            let size = vireo_msr_list_size(capacity)
+            let buffer = UnsafeMutableRawPointer.allocate(byteCount: size, alignment: 8)
+            defer { buffer.deallocate() }
+            buffer.initializeMemory(as: UInt8.self, repeating: 0, count: size)
+            let list = buffer.assumingMemoryBound(to: kvm_msr_list.self)
+            list.pointee.nmsrs = capacity
+            if vireo_ioctl_pointer(fd, VIREO_KVM_GET_MSR_INDEX_LIST, buffer) == -1 {
+                let code = Glibc.errno
+                if code == E2BIG && capacity < 16384 { capacity = max(capacity * 2, list.pointee.nmsrs); continue }
+                throw KVMError(operation: "KVM_GET_MSR_INDEX_LIST", errno: code)
+            }
+            let indices = vireo_msr_list_indices(list)
+            return (0..<Int(list.pointee.nmsrs)).map { indices[$0] }
+        }
+    }
+
     public func createVM() throws(KVMError) -> VirtualMachine {
         let vmfd = try systemCall("KVM_CREATE_VM") { vireo_ioctl_value(fd, VIREO_KVM_CREATE_VM, 0) }
         return VirtualMachine(fd: vmfd, vcpuMappingSize: vcpuMappingSize)
@@ -98,12 +119,12 @@ public struct CPUIDEntry: Sendable, Equatable {
         self.eax = eax; self.ebx = ebx; self.ecx = ecx; self.edx = edx
     }
 
-    init(_ raw: kvm_cpuid_entry2) {
+    public init(_ raw: kvm_cpuid_entry2) {
         self.init(function: raw.function, index: raw.index, flags: raw.flags,
                   eax: raw.eax, ebx: raw.ebx, ecx: raw.ecx, edx: raw.edx)
     }
 
-    var raw: kvm_cpuid_entry2 {
+    public var raw: kvm_cpuid_entry2 {
         var entry = kvm_cpuid_entry2()
         entry.function = function; entry.index = index; entry.flags = flags
         entry.eax = eax; entry.ebx = ebx; entry.ecx = ecx; entry.edx = edx

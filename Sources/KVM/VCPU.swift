@@ -193,6 +193,33 @@ public final class VCPU: @unchecked Sendable {
         }
     }
 
+    /// Reads the given MSRs; KVM stops at the first it cannot read, and only those read are
+    /// returned, in order.
+    public func msrs(_ indices: [UInt32]) throws(KVMError) -> [(index: UInt32, value: UInt64)] {
+        guard !indices.isEmpty else { return [] }
+        let size = vireo_msrs_size(UInt32(indices.count))
+        let buffer = UnsafeMutableRawPointer.allocate(byteCount: size, alignment: 8)
+        defer { buffer.deallocate() }
+        buffer.initializeMemory(as: UInt8.self, repeating: 0, count: size)
+        let header = buffer.assumingMemoryBound(to: kvm_msrs.self)
+        header.pointee.nmsrs = UInt32(indices.count)
+        let slots = vireo_msrs_entries(header)
+        for (position, index) in indices.enumerated() { slots[position].index = index }
+        let read = try systemCall("KVM_GET_MSRS on vCPU \(id)") { vireo_ioctl_pointer(fd, VIREO_KVM_GET_MSRS, buffer) }
+        return (0..<Int(read)).map { (slots[$0].index, slots[$0].data) }
+    }
+
+    /// The guest TSC frequency in kHz (`KVM_GET_TSC_KHZ`).
+    public func tscKilohertz() throws(KVMError) -> UInt32 {
+        UInt32(truncatingIfNeeded: try systemCall("KVM_GET_TSC_KHZ on vCPU \(id)") { vireo_ioctl_none(fd, VIREO_KVM_GET_TSC_KHZ) })
+    }
+
+    /// Scales the guest TSC to `kilohertz` (`KVM_SET_TSC_KHZ`), so a guest restored on a host
+    /// with another TSC rate keeps the rate it calibrated against.
+    public func setTSCKilohertz(_ kilohertz: UInt32) throws(KVMError) {
+        _ = try systemCall("KVM_SET_TSC_KHZ on vCPU \(id)") { vireo_ioctl_value(fd, VIREO_KVM_SET_TSC_KHZ, UInt(kilohertz)) }
+    }
+
     /// The LAPIC register page (1 KiB), as `KVM_GET_LAPIC` returns it.
     public func localAPICRegisters() throws(KVMError) -> [UInt8] {
         var state = try getState(VIREO_KVM_GET_LAPIC, "KVM_GET_LAPIC", kvm_lapic_state())

@@ -74,6 +74,20 @@ public final class VirtualMachine: @unchecked Sendable {
         _ = try systemCall("KVM_SET_PIT2") { vireo_ioctl_pointer(fd, VIREO_KVM_SET_PIT2, &state) }
     }
 
+    /// kvmclock's base (`KVM_GET_CLOCK`): the guest's notion of nanoseconds since it booted.
+    public func clock() throws(KVMError) -> kvm_clock_data {
+        var data = kvm_clock_data()
+        _ = try systemCall("KVM_GET_CLOCK") { vireo_ioctl_pointer(fd, VIREO_KVM_GET_CLOCK, &data) }
+        return data
+    }
+
+    /// `KVM_SET_CLOCK` with only the clock value (no realtime flags): kvmclock continues from it.
+    public func setClock(nanoseconds: UInt64) throws(KVMError) {
+        var data = kvm_clock_data()
+        data.clock = nanoseconds
+        _ = try systemCall("KVM_SET_CLOCK") { vireo_ioctl_pointer(fd, VIREO_KVM_SET_CLOCK, &data) }
+    }
+
     /// Drives an interrupt line (GSI) of the in-kernel PIC/IOAPIC.
     public func setInterruptLine(_ line: UInt32, level: Bool) throws(KVMError) {
         var irq = kvm_irq_level()

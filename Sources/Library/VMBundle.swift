@@ -19,6 +19,10 @@ public struct VMBundle: Sendable {
     public var consoleLogPath: String { directory + "/console.log" }
     public var vmmLogPath: String { directory + "/vmm.log" }
     public var pidPath: String { directory + "/vmm.pid" }
+    /// The state `vireo save` wrote (docs/snapshots.md); `vireo start` resumes from it and the
+    /// VMM removes it once restored.
+    public var savedStatePath: String { directory + "/saved.state" }
+    public var hasSavedState: Bool { HostFiles.exists(savedStatePath) }
     /// The host side of the VM's vsock device (connect and send `CONNECT <port>`).
     public var vsockPath: String { directory + "/vsock.sock" }
     /// qemu engine: QEMU's QMP control socket, its serial console and its VNC display.

@@ -15,9 +15,12 @@ public enum VMState: String, Codable, Sendable {
     case crashed
     /// Locked by another vireo command that is changing it.
     case busy
+    /// Not running, with a saved state (`vireo save`) that `vireo start` resumes. VirtualBox
+    /// calls this "Saved".
+    case saved
 
-    /// No VMM runs it: it can be started, changed or deleted.
-    public var isOff: Bool { self == .stopped || self == .crashed }
+    /// No VMM runs it: it can be started or deleted (and changed, unless it is saved).
+    public var isOff: Bool { self == .stopped || self == .crashed || self == .saved }
 }
 
 /// What `vireo create` asks for; nil means "the OS type's default".
@@ -176,6 +179,7 @@ public struct VMLibrary: Sendable {
 
     public func status(of bundle: VMBundle) -> Status {
         guard bundle.isLocked else {
+            if bundle.hasSavedState { return Status(state: .saved) }
             if let reason = bundle.lastRunFailure() { return Status(state: .crashed, crashReason: reason) }
             return Status(state: .stopped)
         }
@@ -623,6 +627,11 @@ public struct VMLibrary: Sendable {
     public func update(_ name: String, action: String = "change",
                        _ change: (inout VMDefinition, VMBundle) throws(LibraryError) -> Void) throws(LibraryError) -> VMDefinition {
         try withStoppedVM(name, action: action) { (bundle, _) throws(LibraryError) -> VMDefinition in
+            // The saved guest expects the machine it was saved on: same CPUs, memory, devices, disks.
+            guard !bundle.hasSavedState else {
+                throw .wrongState(name: name, state: VMState.saved.rawValue, action: action,
+                                  hint: "start it to resume where it was saved (`vireo start \(name)`), or boot it afresh with `vireo start \(name) --discard-state`")
+            }
             var definition = try bundle.load()
             try change(&definition, bundle)
             try Self.validate(definition)

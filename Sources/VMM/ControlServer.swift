@@ -86,7 +86,11 @@ final class ControlServer: @unchecked Sendable {
                     machine.console.serve(client: fd, serial: machine.serial)
                     return
                 }
-                reply(fd, handle(request))
+                let answer = handle(request)
+                reply(fd, answer)
+                // The VM stops only once the saver has its answer: stopping first would close
+                // this connection under the reply.
+                if request == "save", answer.isSuccess { machine.stopAfterSave() }
             }
             if pending.count > Self.maximumRequestLength {
                 reply(fd, Self.failure("bad-request", "request longer than \(Self.maximumRequestLength) bytes"))
@@ -217,6 +221,16 @@ final class ControlServer: @unchecked Sendable {
             var object = Self.success()
             object.add("state", machine.rebootPolicy == .restart ? "running" : "stopping")
             return object
+        case "save":
+            if machine.isStopping { return Self.failure("stopping", "\(vmName) is stopping; there is nothing to save") }
+            do throws(VMMError) {
+                try machine.save()
+            } catch {
+                return Self.failure("save-failed", "\(vmName) could not be saved and runs on: \(error)")
+            }
+            var object = Self.success()
+            object.add("state", "saved")
+            return object
         case "power-off":
             machine.requestStop(.powerOffRequested)
             var object = Self.success()
@@ -234,7 +248,7 @@ final class ControlServer: @unchecked Sendable {
             object.add("target_bytes", mebibytes << 20)
             return object
         default:
-            return Self.failure("unknown-request", "'\(request.prefix(64))' is not a request; expected one of describe, counters, pause, resume, shutdown, power-button, reset, power-off, balloon MIB, console")
+            return Self.failure("unknown-request", "'\(request.prefix(64))' is not a request; expected one of describe, counters, pause, resume, shutdown, power-button, reset, power-off, save, balloon MIB, console")
         }
     }
 

@@ -3,6 +3,9 @@
 struct JSONObject {
     private var members: [String] = []
 
+    /// Whether this is a success reply (`"ok":true` first, as `ControlServer.success()` makes it).
+    var isSuccess: Bool { members.first == Self.quote("ok") + ":true" }
+
     mutating func add(_ key: String, _ value: String) { members.append(Self.quote(key) + ":" + Self.quote(value)) }
     mutating func add(_ key: String, _ value: Bool) { members.append(Self.quote(key) + ":" + (value ? "true" : "false")) }
     mutating func add<Number: BinaryInteger>(_ key: String, _ value: Number) { members.append(Self.quote(key) + ":" + String(value)) }

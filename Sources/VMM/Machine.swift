@@ -56,6 +56,7 @@ public final class Machine: @unchecked Sendable {
     let mmioBus: MMIOBus
     let serial: Serial8250
     let keyboardController: I8042
+    let rtc: RTC
     /// The ACPI platform's registers (sleep, reset, GED events); nil when the machine has no ACPI.
     let acpiRegisters: ACPIRegisters?
     let virtioTransports: [VirtioMMIOTransport]
@@ -79,8 +80,10 @@ public final class Machine: @unchecked Sendable {
     private let vcpuPowerOnStates: [VCPUPowerOnState]
     private let interruptControllersAtPowerOn: [kvm_irqchip]
     private let timerAtPowerOn: kvm_pit_state2
-    /// Serialises pause, resume and reboot, which all park and release the vCPUs.
-    private let lifecycle = Mutex<Void>(())
+    /// Serialises pause, resume, reboot and save, which all park and release the vCPUs.
+    let lifecycle = Mutex<Void>(())
+    /// Set once `save()` has written the state: the machine stays parked until it stops.
+    let stateWritten = Atomic<Bool>(false)
     /// Set while a reboot has the vCPUs parked, so that is not reported as a user's pause.
     private let rebooting = Atomic<Bool>(false)
     /// Wall-clock seconds since the epoch when the machine was built, for `describe`.
@@ -88,11 +91,32 @@ public final class Machine: @unchecked Sendable {
     let startedNanoseconds = VMMClock.now()
     private var control: ControlServer?
     /// vCPU threads, once `run()` has started them; guarded by `threadsLock`.
-    private let threadsLock = Mutex<[HostThread]>([])
+    let threadsLock = Mutex<[HostThread]>([])
+
+    /// The CPUID every vCPU was made from (KVM's supported set, or a restored state's), saved
+    /// with the machine's state.
+    let cpuidBasis: [CPUIDEntry]
+    /// Where `save` writes, and a restore read from; nil when the VMM was given no state file.
+    let stateFilePath: String?
 
     /// Validates `configuration` against this host and builds the machine; the guest does not run
-    /// until `run()`.
-    public init(configuration: VMConfiguration) throws(VMMError) {
+    /// until `run()`. With `restoring`, the machine is built to the saved state's shape and
+    /// takes its state instead of booting (docs/snapshots.md); the file is left untouched if
+    /// anything fails.
+    public init(configuration: VMConfiguration, stateFile: String? = nil, restoring: Bool = false) throws(VMMError) {
+        stateFilePath = stateFile
+        var restoreFile: SavedStateFile.Opened?
+        var saved: SavedMachineState?
+        if restoring {
+            guard let stateFile else { throw .invalidConfiguration(field: "--restore", reason: "needs --state-file, the state to restore") }
+            let opened = try SavedStateFile.openFile(stateFile)
+            do throws(StateError) {
+                saved = try SavedMachineState(decoding: opened.metadata)
+            } catch {
+                throw .savedState(path: stateFile, reason: error.description)
+            }
+            restoreFile = consume opened
+        }
         do {
             kvm = try KVMSystem()
             try kvm.requireCapabilities()
@@ -171,24 +195,38 @@ public final class Machine: @unchecked Sendable {
             throw .kvm(error)
         }
 
-        let prepared: PreparedBoot
+        // A restored guest's RAM comes from the state file: nothing to load.
+        let prepared: PreparedBoot?
         do {
-            prepared = try boot.load(into: memory)
+            prepared = saved == nil ? try boot.load(into: memory) : nil
         } catch {
             throw .boot(error)
         }
 
         var vcpus: [VCPU] = []
         var powerOnStates: [VCPUPowerOnState] = []
+        let supported: [CPUIDEntry]
         do {
-            let supported = try kvm.supportedCPUID()
+            supported = try kvm.supportedCPUID()
+        } catch {
+            throw .kvm(error)
+        }
+        if let saved, let stateFile {
+            // The guest keeps the CPU it was saved on; a host that cannot offer it is refused.
+            let missing = CPUIDCompatibility.missing(saved: saved.cpuid, host: supported)
+            guard missing.isEmpty else {
+                throw .savedState(path: stateFile, reason: "this host's CPU lacks features the saved guest may use: \(missing.joined(separator: ", "))")
+            }
+        }
+        cpuidBasis = saved?.cpuid ?? supported
+        do {
             let hasExtendedControl = kvm.extensionValue(VIREO_KVM_CAP_XCRS) > 0
             for index in 0..<boot.cpuCount {
                 let vcpu = try vm.createVCPU(id: UInt32(index))
-                try vcpu.configureCommon(cpuid: CPUIDTemplate.entries(for: index, of: boot.cpuCount, supported: supported))
+                try vcpu.configureCommon(cpuid: CPUIDTemplate.entries(for: index, of: boot.cpuCount, supported: cpuidBasis))
                 powerOnStates.append(try VCPUPowerOnState(capturing: vcpu, hasExtendedControl: hasExtendedControl))
                 // Application processors wait in the in-kernel LAPIC for the guest's INIT/SIPI.
-                if index == 0 { try vcpu.configureEntry(prepared.cpuState) }
+                if index == 0, let prepared { try vcpu.configureEntry(prepared.cpuState) }
                 vcpus.append(vcpu)
             }
         } catch {
@@ -223,6 +261,7 @@ public final class Machine: @unchecked Sendable {
         }
         var ports = PortIOBus()
         var mmio = MMIOBus()
+        let rtc = RTC()
         var blockDevices: [(path: String, device: VirtioBlock)] = []
         var transports: [VirtioMMIOTransport] = []
         do {
@@ -231,7 +270,7 @@ public final class Machine: @unchecked Sendable {
             if let acpiRegisters {
                 try ports.register(acpiRegisters, name: "ACPI registers", base: UInt64(ACPIPlatform.sleepControlPort), length: ACPIPlatform.portCount)
             }
-            try ports.register(RTC(), name: "CMOS RTC", base: UInt64(RTC.basePort), length: 2)
+            try ports.register(rtc, name: "CMOS RTC", base: UInt64(RTC.basePort), length: 2)
             try mmio.register(BootMarker {
                 let elapsed = VMMClock.elapsedNanoseconds
                 vmmLog("guest boot marker reached \(elapsed / 1000) us (\(elapsed / 1_000_000) ms) after VMM start")
@@ -268,6 +307,14 @@ public final class Machine: @unchecked Sendable {
         mmioBus = mmio
         self.blockDevices = blockDevices
         virtioTransports = transports
+        self.rtc = rtc
+        if let saved, let restoreFile, let stateFile {
+            let started = VMMClock.now()
+            try restore(saved, memoryFrom: restoreFile)
+            // The guest now runs on from the state; a later save writes a new one.
+            unlink(stateFile)
+            vmmLog("restored from \(stateFile) in \((VMMClock.now() - started) / 1000) us")
+        }
     }
 
     var consoleDescription: String { console.kind }
@@ -371,7 +418,7 @@ public final class Machine: @unchecked Sendable {
         if let entropy { vmmLog("virtio-rng: provided \(entropy.bytesProvided.load(ordering: .relaxed)) bytes") }
     }
 
-    private func kickAll(_ threads: [HostThread]) {
+    func kickAll(_ threads: [HostThread]) {
         for (index, thread) in threads.enumerated() {
             vcpus[index].requestImmediateExit()
             thread.kick()
@@ -394,8 +441,11 @@ public final class Machine: @unchecked Sendable {
         lifecycle.withLock { _ in pauseGate.pause { kickAll(threadsLock.withLock { $0 }) } }
     }
 
-    /// False if it was not paused.
-    public func resume() -> Bool { lifecycle.withLock { _ in pauseGate.resume() } }
+    /// False if it was not paused, or if its state has been saved (it stops in a moment, and
+    /// must not run on past the state on disk).
+    public func resume() -> Bool {
+        lifecycle.withLock { _ in stateWritten.load(ordering: .acquiring) ? false : pauseGate.resume() }
+    }
 
     public var bootCount: Int { boots.load(ordering: .relaxed) }
     public var hasACPI: Bool { acpiRegisters != nil }
@@ -443,7 +493,7 @@ public final class Machine: @unchecked Sendable {
                 if pausedHere && resetCompleted { _ = pauseGate.resume() }
                 rebooting.store(false, ordering: .releasing)
             }
-            guard !stop.isStopping else { return }
+            guard !stop.isStopping, !stateWritten.load(ordering: .acquiring) else { return }
             for transport in virtioTransports { transport.resetDevice() }
             serial.resetState()
             keyboardController.resetState()

@@ -23,11 +23,13 @@ public enum MachineExit: Equatable, Sendable {
     case failedEntry(vcpu: Int, hardwareReason: UInt64)
     /// Something in the VMM itself failed while the guest ran.
     case vmmFault(String)
+    /// The VM's state was saved to `path` (`vireo save`); starting it again resumes from there.
+    case saved(path: String)
 
     /// 0 for stops the guest or the user asked for; 128+N for a signal; 1 for every failure.
     public var exitCode: Int32 {
         switch self {
-        case .guestReset, .guestPowerOff, .consoleQuit, .powerOffRequested: return 0
+        case .guestReset, .guestPowerOff, .consoleQuit, .powerOffRequested, .saved: return 0
         case let .signal(number): return 128 + number
         case .tripleFault, .internalError, .failedEntry, .vmmFault: return 1
         }
@@ -49,6 +51,7 @@ public enum MachineExit: Equatable, Sendable {
         case let .failedEntry(vcpu, reason):
             return "KVM could not enter vCPU \(vcpu): hardware entry failure reason 0x\(String(reason, radix: 16))"
         case let .vmmFault(message): return "VMM fault: \(message)"
+        case let .saved(path): return "state saved to \(path); the VM has stopped"
         }
     }
 }

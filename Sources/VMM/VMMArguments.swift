@@ -11,7 +11,7 @@ public enum VMMArguments {
         usage: vireo-vmm --kernel PATH [--initrd PATH] [--cmdline TEXT] [--cpus N] [--memory SIZE]
                          [--console stdio|none|file:PATH|socket:PATH] [--disk PATH[,readonly][,format=raw|qcow2][,serial=ID]]... [--net tap:NAME|tap-fd:N|stream-fd:N[,mac=MAC]]... [--vsock PATH[,cid=N]] [--balloon on|deflate-on-oom|stats=S] [--rng]
                          [--acpi on|off] [--on-reboot restart|exit] [--generation-id HEX32]
-                         [--control PATH] [--name NAME --uuid UUID] [--lock-fd N] [--ready-fd N]
+                         [--control PATH] [--name NAME --uuid UUID] [--lock-fd N] [--ready-fd N] [--state-file PATH [--restore]]
         Boots one VM and runs it until it powers off or reboots. Ctrl-A x quits the stdio console.
         --acpi on|off    describe the machine with ACPI (default) or an MP table and command-line devices
         --on-reboot P    restart: a guest reboot restarts the VM in this process; exit (default): the run ends
@@ -19,6 +19,8 @@ public enum VMMArguments {
         --control PATH   serve the control socket (docs/control-socket.md) at PATH
         --lock-fd N      an inherited descriptor whose flock marks the VM running; held until exit
         --ready-fd N     write "ready" (or "error: ...") there once the VM runs, then close it
+        --state-file P   where the control socket's `save` writes the VM's state (docs/snapshots.md)
+        --restore        resume from the state file instead of booting; it is removed once restored
         """
 
     /// How the process around the machine behaves; `vireo start` sets these.
@@ -27,6 +29,8 @@ public enum VMMArguments {
         public var identity: VMIdentity?
         public var lockDescriptor: Int32?
         public var readyDescriptor: Int32?
+        public var stateFile: String?
+        public var restore = false
     }
 
     public enum Parsed {
@@ -40,11 +44,16 @@ public enum VMMArguments {
         var networks: [NetworkConfiguration] = []
         var index = 0
         let known: Set<String> = ["--kernel", "--initrd", "--cmdline", "--cpus", "--memory", "--console", "--disk", "--net", "--vsock", "--balloon",
-                                  "--acpi", "--on-reboot", "--generation-id", "--control", "--name", "--uuid", "--lock-fd", "--ready-fd"]
+                                  "--acpi", "--on-reboot", "--generation-id", "--control", "--name", "--uuid", "--lock-fd", "--ready-fd", "--state-file"]
         while index < arguments.count {
             let argument = arguments[index]
             if argument == "--help" || argument == "-h" { return .help }
-            if argument == "--rng" { values["--rng"] = ""; index += 1; continue }
+            if argument == "--rng" || argument == "--restore" {
+                guard values[argument] == nil else { throw .invalidConfiguration(field: argument, reason: "given more than once") }
+                values[argument] = ""
+                index += 1
+                continue
+            }
             var name = argument
             var value: String?
             if let equals = argument.firstIndex(of: "=") {
@@ -102,6 +111,11 @@ public enum VMMArguments {
         }
         options.lockDescriptor = try descriptor(values["--lock-fd"], field: "--lock-fd")
         options.readyDescriptor = try descriptor(values["--ready-fd"], field: "--ready-fd")
+        options.stateFile = values["--state-file"]
+        options.restore = values["--restore"] != nil
+        if options.restore && options.stateFile == nil {
+            throw .invalidConfiguration(field: "--restore", reason: "needs --state-file, the state to restore")
+        }
         return .run(configuration, options)
     }
 

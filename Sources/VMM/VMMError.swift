@@ -12,6 +12,8 @@ public enum VMMError: Error, CustomStringConvertible, Sendable {
     case memory(GuestMemoryError)
     case bus(BusError)
     case host(operation: String, errno: Int32)
+    /// A saved state that cannot be restored: damaged, of another machine, or for another host.
+    case savedState(path: String, reason: String)
 
     public var description: String {
         switch self {
@@ -21,6 +23,7 @@ public enum VMMError: Error, CustomStringConvertible, Sendable {
         case let .memory(error): return error.description
         case let .bus(error): return error.description
         case let .host(operation, code): return KVMError(operation: operation, errno: code).description
+        case let .savedState(path, reason): return "saved state \(path): \(reason)"
         }
     }
 }

@@ -22,7 +22,7 @@ func report(_ error: VMMError) -> Never {
     vmmLog("error: \(error)")
     let status: Int32
     switch error {
-    case .invalidConfiguration, .boot: status = 2
+    case .invalidConfiguration, .boot, .savedState: status = 2
     case .kvm, .memory, .bus, .host: status = 1
     }
     tellStarter("error \(status) \(error)")
@@ -46,7 +46,7 @@ do throws(VMMError) {
                 throw VMMError.invalidConfiguration(field: "--lock-fd", reason: "the VM's lock is held by another process; is it already running?")
             }
         }
-        let machine = try Machine(configuration: configuration)
+        let machine = try Machine(configuration: configuration, stateFile: options.stateFile, restoring: options.restore)
         if let path = options.controlPath { try machine.listenForControl(path: path, identity: options.identity) }
         tellStarter("ready \(getpid())")
         let outcome = try machine.run()

@@ -135,7 +135,7 @@ struct LinuxKernelTests {
         #expect(check.status == 0, "\(check.stdout)")
     }
 
-    @Test("a library VM running Linux with ACPI on the default NAT network: pause freezes the boot, resume finishes it; the kernel's ip=dhcp gets its address from the network's dnsmasq and `vireo list` shows it; its virtio-rng feeds the kernel; the panic's reboot (ACPI reset register) boots it again in the same process",
+    @Test("a library VM running Linux with ACPI on the default NAT network: pause freezes the boot, resume goes on; saved mid-boot and started again, the kernel boots on from where it was (not from the start) and its network card works through a new tap; the kernel's ip=dhcp gets its address from the network's dnsmasq and `vireo list` shows it; its virtio-rng feeds the kernel; the panic's reboot (ACPI reset register) boots it again in the same process",
           .timeLimit(.minutes(25)))
     func managedLinuxVM() throws {
         // In namespaces of its own (NetworkTests' lab): the VM's nat card brings up the default
@@ -159,8 +159,18 @@ struct LinuxKernelTests {
         #expect(library.state("tux") == "paused")
         #expect(lab.vireo("resume", "tux").status == 0)
 
+        // Saved in the middle of its boot (kernel mode, timers armed) and started again: the
+        // restored kernel goes on without a second banner, its card reattached to the tap this
+        // start made (DHCP through it, below). docs/snapshots.md.
+        let save = lab.vireo("save", "tux", timeout: 300)
+        #expect(save.status == 0, "\(save.stderr)")
+        #expect(library.state("tux") == "saved")
+        let resumed = lab.vireo("start", "tux")
+        #expect(resumed.status == 0, "\(resumed.stderr)")
         #expect(library.waitFor(900) { library.consoleLog("tux").contains("Run /init as init process") },
                 "\(library.consoleLog("tux").suffix(3000))")
+        #expect(!library.consoleLog("tux").contains("Linux version"), "the restored VM booted from the start: \(library.consoleLog("tux").prefix(2000))")
+        #expect(library.vmmLog("tux").contains("restored from "), "\(library.vmmLog("tux"))")
         // Linux's own DHCP client, through the tap, the bridge and the network's dnsmasq.
         let console = library.consoleLog("tux")
         let answer = try #require(console.range(of: "IP-Config: Got DHCP answer from 192.168.122.1, my address is "), "\(console.suffix(3000))")
@@ -169,7 +179,7 @@ struct LinuxKernelTests {
         #expect(lab.listedAddresses()["tux"] == [address], "\(lab.listedAddresses())")
         // init dies (no system calls here), the kernel panics and reboots through the ACPI reset
         // register, and the VM boots again in the same process: a second banner, boot 2.
-        #expect(library.waitFor(300) { library.consoleLog("tux").components(separatedBy: "Linux version").count - 1 >= 2 },
+        #expect(library.waitFor(300) { library.consoleLog("tux").contains("Linux version") },
                 "\(library.consoleLog("tux").suffix(3000))")
         #expect(library.state("tux") == "running")
         let info = lab.vireo("info", "tux", "--json").stdout
@@ -178,7 +188,8 @@ struct LinuxKernelTests {
         let vmmLog = (try? String(contentsOf: library.root.appendingPathComponent("tux/vmm.log"), encoding: .utf8)) ?? ""
         #expect(vmmLog.contains("guest reset the machine through the ACPI reset register"), "\(vmmLog)")
         #expect(vmmLog.contains("guest rebooted; boot 2 starts"), "\(vmmLog)")
-        #expect(Self.acpiComplaints(library.consoleLog("tux")).isEmpty, "\(Self.acpiComplaints(library.consoleLog("tux")))")
+        let wholeConsole = library.previousConsoleLog("tux") + library.consoleLog("tux")
+        #expect(Self.acpiComplaints(wholeConsole).isEmpty, "\(Self.acpiComplaints(wholeConsole))")
         #expect(lab.vireo("stop", "tux", "--force").status == 0)
         // Linux's own virtio-rng driver (hw_random, quality 1000) drew entropy from the device.
         let finalLog = (try? String(contentsOf: library.root.appendingPathComponent("tux/vmm.log"), encoding: .utf8)) ?? ""

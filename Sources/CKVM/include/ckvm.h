@@ -48,6 +48,11 @@ extern const unsigned long VIREO_KVM_GET_IRQCHIP;
 extern const unsigned long VIREO_KVM_SET_IRQCHIP;
 extern const unsigned long VIREO_KVM_GET_PIT2;
 extern const unsigned long VIREO_KVM_SET_PIT2;
+extern const unsigned long VIREO_KVM_GET_MSR_INDEX_LIST;
+extern const unsigned long VIREO_KVM_GET_CLOCK;
+extern const unsigned long VIREO_KVM_SET_CLOCK;
+extern const unsigned long VIREO_KVM_GET_TSC_KHZ;
+extern const unsigned long VIREO_KVM_SET_TSC_KHZ;
 
 extern const int VIREO_KVM_CAP_NR_VCPUS;
 extern const int VIREO_KVM_CAP_MAX_VCPUS;
@@ -61,6 +66,9 @@ extern const int VIREO_KVM_CAP_NR_MEMSLOTS;
 extern const int VIREO_KVM_CAP_XCRS;
 extern const int VIREO_KVM_CAP_VCPU_EVENTS;
 extern const int VIREO_KVM_CAP_DEBUGREGS;
+extern const int VIREO_KVM_CAP_ADJUST_CLOCK;
+extern const int VIREO_KVM_CAP_TSC_CONTROL;
+extern const int VIREO_KVM_CAP_GET_TSC_KHZ;
 
 // ioctl(2) is variadic, which Swift cannot call; these fix the third argument's type.
 int vireo_ioctl_none(int fd, unsigned long request);
@@ -98,6 +106,8 @@ void vireo_run_set_immediate_exit(struct kvm_run *run, uint8_t value);
 // Flexible-array structures: allocated by the caller with room for `count` entries.
 size_t vireo_cpuid2_size(uint32_t count);
 size_t vireo_msrs_size(uint32_t count);
+size_t vireo_msr_list_size(uint32_t count);
+uint32_t *_Nonnull vireo_msr_list_indices(struct kvm_msr_list *_Nonnull list);
 struct kvm_cpuid_entry2 *_Nonnull vireo_cpuid2_entries(struct kvm_cpuid2 *_Nonnull cpuid);
 struct kvm_msr_entry *_Nonnull vireo_msrs_entries(struct kvm_msrs *_Nonnull msrs);
 

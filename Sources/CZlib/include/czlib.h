@@ -8,4 +8,7 @@
 // malformed. Never writes past `destination_length`.
 long vireo_inflate_raw(const void *source, size_t source_length, void *destination, size_t destination_length);
 
+// Continues a CRC-32 (zlib's, the one gzip and PNG use) over `length` bytes; start with 0.
+unsigned long vireo_crc32(unsigned long crc, const void *data, size_t length);
+
 #endif

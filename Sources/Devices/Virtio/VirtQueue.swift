@@ -79,6 +79,14 @@ public final class VirtQueue: @unchecked Sendable {
         self.usedRing = usedRing
     }
 
+    /// Where a restored queue resumes: the next available entry to read and the next used slot.
+    public func restoreIndices(nextAvailable: UInt16, nextUsed: UInt16) {
+        self.nextAvailable = nextAvailable
+        self.nextUsed = nextUsed
+    }
+
+    public var indices: (nextAvailable: UInt16, nextUsed: UInt16) { (nextAvailable, nextUsed) }
+
     /// The next chain the driver made available, or nil when there is none.
     public func popChain() throws(VirtioError) -> DescriptorChain? {
         let availableIndex = try read(UInt16.self, availableRing + 2)

@@ -142,6 +142,36 @@ public final class VirtioBalloon: VirtioDevice, BackgroundDevice, @unchecked Sen
         }
     }
 
+    public func saveDeviceState(into writer: inout StateWriter) {
+        state.withLock { state in
+            writer.put(state.targetPages)
+            writer.put(state.actualPages)
+            writer.put(state.inflatedPages)
+            writer.put(state.deflatedPages)
+            writer.put(state.statisticsHead != nil)
+            writer.put(state.statisticsHead ?? 0)
+        }
+    }
+
+    public func restoreDeviceState(from reader: inout StateReader) throws(StateError) {
+        var restored = State()
+        restored.targetPages = try reader.get(UInt32.self, "balloon target")
+        restored.actualPages = try reader.get(UInt32.self, "balloon actual")
+        restored.inflatedPages = try reader.get(UInt64.self, "balloon inflated pages")
+        restored.deflatedPages = try reader.get(UInt64.self, "balloon deflated pages")
+        let holdsStatistics = try reader.getBool("balloon statistics buffer held")
+        let head = try reader.get(UInt16.self, "balloon statistics buffer")
+        if holdsStatistics {
+            guard statisticsInterval != nil, head < queueMaximumSizes[2] else {
+                throw .invalid(field: "balloon statistics buffer", reason: "descriptor \(head) held, but this balloon has no such statistics queue entry")
+            }
+            restored.statisticsHead = head
+        }
+        state.withLock { $0 = restored }
+        // The held buffer goes back at the next refresh, as it would have without the save.
+        if holdsStatistics, let statisticsInterval { deferred.schedule(after: statisticsInterval * 1_000_000_000) }
+    }
+
     public var needsBackgroundThread: Bool { statisticsInterval != nil }
     public func stopBackground() { deferred.stop() }
 

@@ -21,6 +21,14 @@ public protocol VirtioDevice: AnyObject, Sendable {
     /// The device was reset (the driver wrote status 0, or the machine rebooted): drop whatever
     /// belongs to the driver's old session. Called with the transport's lock held.
     func reset()
+    /// The device's own state beyond what the transport keeps (queues, features, status), written
+    /// with its transport quiesced. Most devices have none.
+    func saveDeviceState(into writer: inout StateWriter)
+    /// Puts back what `saveDeviceState` wrote; called after the transport's own state, features
+    /// accepted and queues set up.
+    func restoreDeviceState(from reader: inout StateReader) throws(StateError)
+    /// Why this device cannot be saved yet, or nil when it can.
+    var saveRefusal: String? { get }
 }
 
 extension VirtioDevice {
@@ -28,6 +36,9 @@ extension VirtioDevice {
     public func attach(_ access: any VirtioQueueAccess) {}
     public func writeConfiguration(offset: Int, data: UnsafeRawBufferPointer) {}
     public func reset() {}
+    public func saveDeviceState(into writer: inout StateWriter) {}
+    public func restoreDeviceState(from reader: inout StateReader) throws(StateError) {}
+    public var saveRefusal: String? { nil }
 }
 
 /// A device's way to its queues from a thread of its own, under the same lock as notifications.
@@ -46,7 +57,7 @@ public enum VirtioFeature {
 
 /// The virtio-mmio transport (virtio 1.x §4.2, "version 2", no legacy interface), as Firecracker
 /// uses it. Linux finds it through `virtio_mmio.device=4K@ADDRESS:IRQ` on the command line.
-public final class VirtioMMIOTransport: MMIODevice, VirtioQueueAccess {
+public final class VirtioMMIOTransport: MMIODevice, VirtioQueueAccess, StatefulDevice {
     public static let magic: UInt32 = 0x7472_6976         // "virt"
     public static let vendor: UInt32 = 0x4f52_4956        // "VIRO"
     public static let windowSize: UInt64 = 0x1000
@@ -81,6 +92,9 @@ public final class VirtioMMIOTransport: MMIODevice, VirtioQueueAccess {
         var configurationGeneration: UInt32 = 0
         /// The last thing that went wrong, for logs and tests.
         var lastError: VirtioError?
+        /// While set (a snapshot is being taken) no queue work runs, so nothing touches guest
+        /// memory; notifications that arrive meanwhile are replayed by `resumeQueues()`.
+        var quiesced = false
     }
 
     public let device: any VirtioDevice
@@ -217,7 +231,7 @@ public final class VirtioMMIOTransport: MMIODevice, VirtioQueueAccess {
 
     public func withQueue(_ index: Int, _ body: (VirtQueue, GuestMemory) throws(VirtioError) -> Bool) -> Bool {
         state.withLock { state in
-            guard state.status & Status.driverOK != 0, state.status & Status.needsReset == 0,
+            guard !state.quiesced, state.status & Status.driverOK != 0, state.status & Status.needsReset == 0,
                   index >= 0, index < state.queues.count, let queue = state.queues[index].queue else { return false }
             do throws(VirtioError) {
                 guard try body(queue, memory) else { return false }
@@ -241,14 +255,14 @@ public final class VirtioMMIOTransport: MMIODevice, VirtioQueueAccess {
     public func notifyConfigurationChange() {
         state.withLock { state in
             state.configurationGeneration &+= 1
-            guard state.status & Status.driverOK != 0 else { return }
+            guard state.status & Status.driverOK != 0, !state.quiesced else { return }
             raise(0x2, state: &state)
         }
     }
 
     private func process(queue index: Int, state: inout State) {
         // Notifications before DRIVER_OK, for unknown queues or after a failure are ignored.
-        guard state.status & Status.driverOK != 0, state.status & Status.needsReset == 0,
+        guard !state.quiesced, state.status & Status.driverOK != 0, state.status & Status.needsReset == 0,
               index >= 0, index < state.queues.count, let queue = state.queues[index].queue else { return }
         do {
             if try device.process(queue: index, queue, memory: memory) { raise(0x1, state: &state) }
@@ -262,6 +276,118 @@ public final class VirtioMMIOTransport: MMIODevice, VirtioQueueAccess {
         state.lastError = error
         state.status |= Status.needsReset
         raise(0x2, state: &state)
+    }
+
+    // MARK: saved state
+
+    /// Stops queue work: once this returns no thread is inside the device's queue work (it runs
+    /// under the same lock) and none starts until `resumeQueues()`.
+    public func quiesce() { state.withLock { $0.quiesced = true } }
+
+    /// Ends `quiesce()`: every ready queue is processed once, as if notified, so work that arrived
+    /// meanwhile (a notification, a received frame) is not left waiting. Spurious notifications
+    /// are harmless to virtio devices.
+    public func resumeQueues() {
+        state.withLock { state in
+            state.quiesced = false
+            for index in state.queues.indices where state.queues[index].ready { process(queue: index, state: &state) }
+        }
+    }
+
+    /// The transport's registers, each queue's addresses and indices, then the device's own state.
+    public func saveState(into writer: inout StateWriter) {
+        state.withLock { state in
+            writer.put(device.deviceType)
+            writer.put(state.status)
+            writer.put(state.deviceFeaturesSelect)
+            writer.put(state.driverFeaturesSelect)
+            writer.put(state.driverFeatures)
+            writer.put(state.queueSelect)
+            writer.put(state.interruptStatus)
+            writer.put(state.configurationGeneration)
+            writer.put(UInt32(state.queues.count))
+            for queue in state.queues {
+                writer.put(queue.size)
+                writer.put(queue.ready)
+                writer.put(queue.descriptor)
+                writer.put(queue.driver)
+                writer.put(queue.device)
+                let indices = queue.queue?.indices ?? (nextAvailable: 0, nextUsed: 0)
+                writer.put(indices.nextAvailable)
+                writer.put(indices.nextUsed)
+            }
+            var own = StateWriter()
+            device.saveDeviceState(into: &own)
+            writer.put(bytes: own.bytes)
+        }
+    }
+
+    /// Puts back what `saveState` wrote, checking it against this device: its type, its queues,
+    /// features it offers, rings inside guest RAM. Called before the guest runs.
+    public func restoreState(from reader: inout StateReader) throws(StateError) {
+        let type = try reader.get(UInt32.self, "virtio device type")
+        guard type == device.deviceType else {
+            throw .invalid(field: "virtio device type", reason: "the state is of device type \(type), this slot holds type \(device.deviceType)")
+        }
+        var restored = State(queues: [])
+        restored.status = try reader.get(UInt32.self, "virtio status")
+        restored.deviceFeaturesSelect = try reader.get(UInt32.self, "virtio device features select")
+        restored.driverFeaturesSelect = try reader.get(UInt32.self, "virtio driver features select")
+        restored.driverFeatures = try reader.get(UInt64.self, "virtio driver features")
+        restored.queueSelect = try reader.get(UInt32.self, "virtio queue select")
+        restored.interruptStatus = try reader.get(UInt32.self, "virtio interrupt status")
+        restored.configurationGeneration = try reader.get(UInt32.self, "virtio configuration generation")
+        guard restored.status & ~UInt32(0xff) == 0 else {
+            throw .invalid(field: "virtio status", reason: "0x\(String(restored.status, radix: 16)) has bits outside the status byte")
+        }
+        guard restored.interruptStatus & ~UInt32(0x3) == 0 else {
+            throw .invalid(field: "virtio interrupt status", reason: "0x\(String(restored.interruptStatus, radix: 16)) has bits other than used-buffer and configuration")
+        }
+        let featuresAccepted = restored.status & Status.featuresOK != 0
+        if featuresAccepted, restored.driverFeatures & ~device.deviceFeatures != 0 {
+            throw .invalid(field: "virtio driver features", reason: "0x\(String(restored.driverFeatures, radix: 16)) includes features this device does not offer (0x\(String(device.deviceFeatures, radix: 16)))")
+        }
+        let count = Int(try reader.get(UInt32.self, "virtio queue count"))
+        let maximums = device.queueMaximumSizes
+        guard count == maximums.count else {
+            throw .invalid(field: "virtio queue count", reason: "\(count) queues where this device has \(maximums.count)")
+        }
+        for index in 0..<count {
+            let field = "virtio queue \(index)"
+            var queue = QueueRegisters(size: try reader.get(UInt16.self, field + " size"))
+            queue.ready = try reader.getBool(field + " ready")
+            queue.descriptor = try reader.get(UInt64.self, field + " descriptor table")
+            queue.driver = try reader.get(UInt64.self, field + " available ring")
+            queue.device = try reader.get(UInt64.self, field + " used ring")
+            let nextAvailable = try reader.get(UInt16.self, field + " next available")
+            let nextUsed = try reader.get(UInt16.self, field + " next used")
+            if queue.ready {
+                do throws(VirtioError) {
+                    let ring = try VirtQueue(memory: memory, size: queue.size, maximumSize: maximums[index],
+                                             descriptorTable: GuestPhysicalAddress(queue.descriptor),
+                                             availableRing: GuestPhysicalAddress(queue.driver), usedRing: GuestPhysicalAddress(queue.device))
+                    ring.restoreIndices(nextAvailable: nextAvailable, nextUsed: nextUsed)
+                    queue.queue = ring
+                } catch {
+                    throw .invalid(field: field, reason: error.description)
+                }
+            }
+            restored.queues.append(queue)
+        }
+        var own = StateReader(try reader.getBytes("virtio device state", limit: 1 << 20))
+        let pendingInterrupt = restored.interruptStatus != 0 && restored.status & Status.driverOK != 0
+        try state.withLock { (state) throws(StateError) in
+            if featuresAccepted { device.acceptFeatures(restored.driverFeatures) }
+            try device.restoreDeviceState(from: &own)
+            guard own.isAtEnd else { throw .invalid(field: "virtio device state", reason: "\(own.offset) bytes used, more follow") }
+            state = restored
+            // The interrupt may have been raised after the interrupt controllers were captured;
+            // once more is harmless (the driver finds nothing new), never raising could hang it.
+            if pendingInterrupt {
+                interrupt.setLevel(true)
+                interrupt.setLevel(false)
+            }
+        }
     }
 
     private func raise(_ reason: UInt32, state: inout State) {

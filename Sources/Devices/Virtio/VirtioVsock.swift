@@ -160,11 +160,38 @@ public final class VirtioVsock: VirtioDevice, BackgroundDevice, @unchecked Senda
     public func process(queue index: Int, _ queue: VirtQueue, memory: GuestMemory) throws(VirtioError) -> Bool {
         switch index {
         case 1: return try transmit(queue, memory: memory)
+        case 2: return try deliverTransportReset(queue, memory: memory)
         default:
-            // New receive buffers (0) or event buffers (2, which this device never uses).
+            // New receive buffers.
             signal()
             return false
         }
+    }
+
+    /// Set by a restore: the guest's connections ended with the VMM that saved it (its host
+    /// sockets are gone), so the driver is told to reset them all and its applications reconnect.
+    private let transportResetPending = Atomic<Bool>(false)
+
+    /// VIRTIO_VSOCK_EVENT_TRANSPORT_RESET (§5.10.6.7) in the driver's first event buffer.
+    private func deliverTransportReset(_ queue: VirtQueue, memory: GuestMemory) throws(VirtioError) -> Bool {
+        guard transportResetPending.load(ordering: .acquiring), let chain = try queue.popChain() else { return false }
+        guard let buffer = chain.writable.first, buffer.length >= 4 else {
+            throw .malformedRequest("event buffer of \(chain.writable.first?.length ?? 0) bytes, too small for an event (4)")
+        }
+        do { try memory.write(UInt32(0), at: buffer.address) } catch { throw .bufferOutsideMemory(buffer.address, length: buffer.length) }
+        try queue.pushUsed(head: chain.head, written: 4)
+        transportResetPending.store(false, ordering: .releasing)
+        return true
+    }
+
+    public func saveDeviceState(into writer: inout StateWriter) { writer.put(guestCID) }
+
+    public func restoreDeviceState(from reader: inout StateReader) throws(StateError) {
+        let saved = try reader.get(UInt64.self, "vsock guest CID")
+        guard saved == guestCID else {
+            throw .invalid(field: "vsock guest CID", reason: "the guest knows itself as CID \(saved), this VM's device has \(guestCID)")
+        }
+        transportResetPending.store(true, ordering: .releasing)
     }
 
     private func signal() {

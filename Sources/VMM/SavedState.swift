@@ -1,0 +1,662 @@
+import CKVM
+import CZlib
+import Devices
+import DiskImage
+import GuestMemory
+import KVM
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The saved-state file (docs/snapshots.md):
+///
+///     "VIREOSAV"  u32 version  u32 flags  u64 metadata length  u64 memory offset  u64 memory length
+///     metadata (StateWriter: the machine's shape, CPUID, clocks, interrupt controllers, vCPUs, devices)
+///     zero padding to the memory offset (page-aligned)
+///     guest RAM, region after region
+///     u32 CRC-32 of everything before it   u32 0   "VIREOEND"
+///
+/// A state file is hostile input: the header's numbers are checked against each other and the
+/// file's size, the checksum before anything reaches KVM, every field as it is decoded.
+enum SavedStateFile {
+    static let magic = Array("VIREOSAV".utf8)
+    static let trailerMagic = Array("VIREOEND".utf8)
+    /// Bumped whenever the layout changes; a newer file is refused with the versions named.
+    static let version: UInt32 = 1
+    static let headerSize = 40
+    static let trailerSize = 16
+    static let metadataLimit = 64 << 20
+    static let pageSize = 4096
+
+    struct Header {
+        var metadataLength: UInt64
+        var memoryOffset: UInt64
+        var memoryLength: UInt64
+    }
+}
+
+/// What must match between a saved machine and the machine built to restore it.
+struct MachineShape: Equatable {
+    var cpuCount: Int
+    var memorySize: UInt64
+    var usesACPI: Bool
+    /// Virtio device types in slot order.
+    var virtioTypes: [UInt32]
+
+    func write(into writer: inout StateWriter) {
+        writer.put(UInt32(cpuCount))
+        writer.put(memorySize)
+        writer.put(usesACPI)
+        writer.put(UInt32(virtioTypes.count))
+        for type in virtioTypes { writer.put(type) }
+    }
+
+    init(cpuCount: Int, memorySize: UInt64, usesACPI: Bool, virtioTypes: [UInt32]) {
+        self.cpuCount = cpuCount
+        self.memorySize = memorySize
+        self.usesACPI = usesACPI
+        self.virtioTypes = virtioTypes
+    }
+
+    init(from reader: inout StateReader) throws(StateError) {
+        cpuCount = Int(try reader.get(UInt32.self, "vCPU count"))
+        memorySize = try reader.get(UInt64.self, "memory size")
+        usesACPI = try reader.getBool("ACPI")
+        let count = Int(try reader.get(UInt32.self, "virtio device count"))
+        guard count <= 64 else { throw .invalid(field: "virtio device count", reason: "\(count) devices; a machine has at most 64") }
+        virtioTypes = []
+        for index in 0..<count { virtioTypes.append(try reader.get(UInt32.self, "virtio device \(index) type")) }
+    }
+
+    /// Why a machine of `self`'s shape cannot take a state saved from `saved`, or nil.
+    func mismatch(saved: MachineShape) -> String? {
+        if saved.cpuCount != cpuCount { return "the state was saved with \(saved.cpuCount) vCPUs; this VM has \(cpuCount)" }
+        if saved.memorySize != memorySize { return "the state was saved with \(saved.memorySize >> 20) MiB of memory; this VM has \(memorySize >> 20) MiB" }
+        if saved.usesACPI != usesACPI { return "the state was saved \(saved.usesACPI ? "with" : "without") ACPI; this VM is \(usesACPI ? "with" : "without")" }
+        if saved.virtioTypes != virtioTypes {
+            return "the state was saved with virtio devices \(Self.names(saved.virtioTypes)); this VM has \(Self.names(virtioTypes))"
+        }
+        return nil
+    }
+
+    static func names(_ types: [UInt32]) -> String {
+        let known: [UInt32: String] = [1: "net", 2: "blk", 4: "rng", 5: "balloon", 19: "vsock"]
+        return "[" + types.map { known[$0] ?? "type \($0)" }.joined(separator: ", ") + "]"
+    }
+}
+
+/// One vCPU's complete x86 state, in the order KVM takes it back (the anchors document it: the
+/// special registers before the LAPIC, whose base they hold; MSRs after the LAPIC, TSC before
+/// the TSC deadline; events last, since setting the rest may clear them).
+struct VCPUSavedState {
+    var registers: kvm_regs
+    var specialRegisters: kvm_sregs
+    var fpu: kvm_fpu
+    var extendedControl: kvm_xcrs?
+    var localAPIC: [UInt8]
+    var msrs: [(index: UInt32, value: UInt64)]
+    var debugRegisters: kvm_debugregs
+    var multiprocessing: kvm_mp_state
+    var events: kvm_vcpu_events
+
+    init(registers: kvm_regs, specialRegisters: kvm_sregs, fpu: kvm_fpu, extendedControl: kvm_xcrs?, localAPIC: [UInt8],
+         msrs: [(index: UInt32, value: UInt64)], debugRegisters: kvm_debugregs, multiprocessing: kvm_mp_state, events: kvm_vcpu_events) {
+        self.registers = registers
+        self.specialRegisters = specialRegisters
+        self.fpu = fpu
+        self.extendedControl = extendedControl
+        self.localAPIC = localAPIC
+        self.msrs = msrs
+        self.debugRegisters = debugRegisters
+        self.multiprocessing = multiprocessing
+        self.events = events
+    }
+
+    static let tscMSR: UInt32 = 0x10
+    static let tscDeadlineMSR: UInt32 = 0x6e0
+    static let localAPICSize = 1024
+    static let msrLimit = 4096
+
+    init(capturing vcpu: VCPU, msrIndices: [UInt32], hasExtendedControl: Bool) throws(KVMError) {
+        // Events first: reading the rest cannot change them, and they are what a pending
+        // exception or interrupt must not lose.
+        events = try vcpu.events()
+        multiprocessing = try vcpu.multiprocessingState()
+        registers = try vcpu.registers()
+        specialRegisters = try vcpu.specialRegisters()
+        fpu = try vcpu.fpu()
+        extendedControl = hasExtendedControl ? try vcpu.extendedControlRegisters() : nil
+        localAPIC = try vcpu.localAPICRegisters()
+        debugRegisters = try vcpu.debugRegisters()
+        // KVM stops at the first MSR it cannot read here; skip it and go on with the rest.
+        var read: [(index: UInt32, value: UInt64)] = []
+        var remaining = msrIndices[...]
+        while !remaining.isEmpty {
+            let batch = try vcpu.msrs(Array(remaining))
+            read += batch
+            remaining = remaining.dropFirst(batch.count + 1)
+        }
+        msrs = read
+    }
+
+    func restore(to vcpu: VCPU) throws(KVMError) {
+        try vcpu.setSpecialRegisters(specialRegisters)
+        try vcpu.setRegisters(registers)
+        try vcpu.setFPU(fpu)
+        if let extendedControl { try vcpu.setExtendedControlRegisters(extendedControl) }
+        try vcpu.setLocalAPICRegisters(localAPIC)
+        let ordered = msrs.filter { $0.index == Self.tscMSR }
+            + msrs.filter { $0.index != Self.tscMSR && $0.index != Self.tscDeadlineMSR }
+            + msrs.filter { $0.index == Self.tscDeadlineMSR }
+        try vcpu.setMSRs(ordered)
+        try vcpu.setDebugRegisters(debugRegisters)
+        try vcpu.setMultiprocessingState(multiprocessing)
+        try vcpu.setEvents(events)
+    }
+
+    func write(into writer: inout StateWriter) {
+        writer.put(raw: registers)
+        writer.put(raw: specialRegisters)
+        writer.put(raw: fpu)
+        writer.put(extendedControl != nil)
+        if let extendedControl { writer.put(raw: extendedControl) }
+        writer.put(bytes: localAPIC)
+        writer.put(UInt32(msrs.count))
+        for msr in msrs {
+            writer.put(msr.index)
+            writer.put(msr.value)
+        }
+        writer.put(raw: debugRegisters)
+        writer.put(raw: multiprocessing)
+        writer.put(raw: events)
+    }
+
+    init(from reader: inout StateReader, vcpu index: Int) throws(StateError) {
+        let prefix = "vCPU \(index) "
+        registers = try reader.get(raw: kvm_regs.self, prefix + "registers")
+        specialRegisters = try reader.get(raw: kvm_sregs.self, prefix + "special registers")
+        fpu = try reader.get(raw: kvm_fpu.self, prefix + "FPU")
+        extendedControl = try reader.getBool(prefix + "XCRs present") ? try reader.get(raw: kvm_xcrs.self, prefix + "XCRs") : nil
+        localAPIC = try reader.getBytes(prefix + "LAPIC", limit: Self.localAPICSize)
+        guard localAPIC.count == Self.localAPICSize else {
+            throw .invalid(field: prefix + "LAPIC", reason: "\(localAPIC.count) bytes; the register page is \(Self.localAPICSize)")
+        }
+        let count = Int(try reader.get(UInt32.self, prefix + "MSR count"))
+        guard count <= Self.msrLimit else { throw .invalid(field: prefix + "MSR count", reason: "\(count), more than \(Self.msrLimit)") }
+        msrs = []
+        for _ in 0..<count {
+            let msr = try reader.get(UInt32.self, prefix + "MSR index")
+            msrs.append((msr, try reader.get(UInt64.self, prefix + "MSR 0x\(String(msr, radix: 16))")))
+        }
+        debugRegisters = try reader.get(raw: kvm_debugregs.self, prefix + "debug registers")
+        multiprocessing = try reader.get(raw: kvm_mp_state.self, prefix + "MP state")
+        guard multiprocessing.mp_state <= 8 else {
+            throw .invalid(field: prefix + "MP state", reason: "\(multiprocessing.mp_state) is not a KVM MP state")
+        }
+        events = try reader.get(raw: kvm_vcpu_events.self, prefix + "events")
+    }
+}
+
+/// The CPUID a saved guest saw, checked against what this host's KVM can offer: a restore onto a
+/// host without a feature the guest may be using is refused with the features named.
+enum CPUIDCompatibility {
+    /// (leaf, subleaf, register, bits that are features rather than topology or identification)
+    static let featureWords: [(function: UInt32, index: UInt32, register: String, mask: UInt32)] = [
+        (0x1, 0, "ecx", 0x7fff_ffff),           // bit 31: hypervisor present, set by Vireo itself
+        (0x1, 0, "edx", 0xefff_ffff),           // bit 28: HTT, set by Vireo from the vCPU count
+        (0x7, 0, "ebx", 0xffff_ffff),
+        (0x7, 0, "ecx", 0xffff_ffff),
+        (0x7, 0, "edx", 0xffff_ffff),
+        (0xd, 1, "eax", 0xffff_ffff),
+        (0x8000_0001, 0, "ecx", 0xffff_ffff),
+        (0x8000_0001, 0, "edx", 0xffff_ffff),
+    ]
+
+    static func value(_ entries: [CPUIDEntry], _ function: UInt32, _ index: UInt32, _ register: String) -> UInt32 {
+        guard let entry = entries.first(where: { $0.function == function && $0.index == index }) else { return 0 }
+        switch register {
+        case "eax": return entry.eax
+        case "ebx": return entry.ebx
+        case "ecx": return entry.ecx
+        default: return entry.edx
+        }
+    }
+
+    /// The features `saved` has that `host` lacks, as "CPUID.(leaf,subleaf).register[bit]".
+    static func missing(saved: [CPUIDEntry], host: [CPUIDEntry]) -> [String] {
+        var missing: [String] = []
+        for word in featureWords {
+            let lacking = value(saved, word.function, word.index, word.register) & ~value(host, word.function, word.index, word.register) & word.mask
+            for bit in 0..<32 where lacking & (1 << bit) != 0 {
+                missing.append("CPUID.(0x\(String(word.function, radix: 16)),\(word.index)).\(word.register)[\(bit)]")
+            }
+        }
+        return missing
+    }
+}
+
+/// Everything but guest RAM: decoded from a file before the machine is built (its shape and
+/// CPUID decide how it is built), applied after.
+struct SavedMachineState {
+    var shape: MachineShape
+    /// KVM's supported CPUID on the saving host, from which each vCPU's was made.
+    var cpuid: [CPUIDEntry]
+    var tscKilohertz: UInt32
+    /// kvmclock when saved, and the host's wall clock then: a restore sets kvmclock ahead by the
+    /// wall time that passed, so the guest's clock is right and its monotonic time never goes back.
+    var clockNanoseconds: UInt64
+    var savedAtRealtimeNanoseconds: UInt64
+    var interruptControllers: [kvm_irqchip]
+    var timer: kvm_pit_state2
+    var vcpus: [VCPUSavedState]
+    /// Each device's bytes, in the machine's order: serial, i8042, RTC, ACPI (when present), then
+    /// every virtio transport.
+    var devices: [[UInt8]]
+
+    static let cpuidLimit = 512
+
+    func encoded() -> [UInt8] {
+        var writer = StateWriter()
+        writer.put("machine")
+        shape.write(into: &writer)
+        writer.put("cpuid")
+        writer.put(UInt32(cpuid.count))
+        for entry in cpuid {
+            for value in [entry.function, entry.index, entry.flags, entry.eax, entry.ebx, entry.ecx, entry.edx] { writer.put(value) }
+        }
+        writer.put("clock")
+        writer.put(tscKilohertz)
+        writer.put(clockNanoseconds)
+        writer.put(savedAtRealtimeNanoseconds)
+        writer.put("irqchip")
+        for chip in interruptControllers { writer.put(raw: chip) }
+        writer.put(raw: timer)
+        writer.put("vcpus")
+        for vcpu in vcpus { vcpu.write(into: &writer) }
+        writer.put("devices")
+        writer.put(UInt32(devices.count))
+        for device in devices { writer.put(bytes: device) }
+        return writer.bytes
+    }
+
+    init(shape: MachineShape, cpuid: [CPUIDEntry], tscKilohertz: UInt32, clockNanoseconds: UInt64, savedAtRealtimeNanoseconds: UInt64,
+         interruptControllers: [kvm_irqchip], timer: kvm_pit_state2, vcpus: [VCPUSavedState], devices: [[UInt8]]) {
+        self.shape = shape
+        self.cpuid = cpuid
+        self.tscKilohertz = tscKilohertz
+        self.clockNanoseconds = clockNanoseconds
+        self.savedAtRealtimeNanoseconds = savedAtRealtimeNanoseconds
+        self.interruptControllers = interruptControllers
+        self.timer = timer
+        self.vcpus = vcpus
+        self.devices = devices
+    }
+
+    init(decoding bytes: [UInt8]) throws(StateError) {
+        var reader = StateReader(bytes)
+        try reader.expect("machine", "section")
+        shape = try MachineShape(from: &reader)
+        guard shape.cpuCount >= 1, shape.cpuCount <= 256 else { throw .invalid(field: "vCPU count", reason: "\(shape.cpuCount) is not from 1 to 256") }
+        try reader.expect("cpuid", "section")
+        let count = Int(try reader.get(UInt32.self, "CPUID entry count"))
+        guard count <= Self.cpuidLimit else { throw .invalid(field: "CPUID entry count", reason: "\(count), more than \(Self.cpuidLimit)") }
+        cpuid = []
+        for index in 0..<count {
+            var values: [UInt32] = []
+            for _ in 0..<7 { values.append(try reader.get(UInt32.self, "CPUID entry \(index)")) }
+            cpuid.append(CPUIDEntry(function: values[0], index: values[1], flags: values[2], eax: values[3], ebx: values[4], ecx: values[5], edx: values[6]))
+        }
+        try reader.expect("clock", "section")
+        tscKilohertz = try reader.get(UInt32.self, "TSC frequency")
+        clockNanoseconds = try reader.get(UInt64.self, "kvmclock")
+        savedAtRealtimeNanoseconds = try reader.get(UInt64.self, "save time")
+        try reader.expect("irqchip", "section")
+        interruptControllers = []
+        for chip in 0..<3 {
+            let state = try reader.get(raw: kvm_irqchip.self, "interrupt controller \(chip)")
+            guard state.chip_id == UInt32(chip) else {
+                throw .invalid(field: "interrupt controller \(chip)", reason: "it says it is chip \(state.chip_id)")
+            }
+            interruptControllers.append(state)
+        }
+        timer = try reader.get(raw: kvm_pit_state2.self, "PIT")
+        try reader.expect("vcpus", "section")
+        vcpus = []
+        for index in 0..<shape.cpuCount { vcpus.append(try VCPUSavedState(from: &reader, vcpu: index)) }
+        try reader.expect("devices", "section")
+        let deviceCount = Int(try reader.get(UInt32.self, "device count"))
+        guard deviceCount <= 128 else { throw .invalid(field: "device count", reason: "\(deviceCount), more than 128") }
+        devices = []
+        for index in 0..<deviceCount { devices.append(try reader.getBytes("device \(index) state", limit: 4 << 20)) }
+        guard reader.isAtEnd else { throw .invalid(field: "metadata", reason: "bytes follow the last section") }
+    }
+}
+
+// MARK: reading and writing the file
+
+extension SavedStateFile {
+    /// Writes the state beside `path` and renames it into place only once it is complete and on
+    /// disk, so an earlier state at `path` is never half-overwritten.
+    static func write(metadata: [UInt8], memory: GuestMemory, to path: String) throws(VMMError) {
+        let temporary = path + ".partial"
+        let fd = open(temporary, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
+        guard fd >= 0 else { throw .host(operation: "create \(temporary)", errno: errno) }
+        var completed = false
+        defer {
+            close(fd)
+            if !completed { unlink(temporary) }
+        }
+        let memoryOffset = UInt64((headerSize + metadata.count + pageSize - 1) / pageSize * pageSize)
+        var header = StateWriter()
+        header.put(UInt64(0))   // room for the magic, written below
+        header.put(version)
+        header.put(UInt32(0))
+        header.put(UInt64(metadata.count))
+        header.put(memoryOffset)
+        header.put(memory.totalSize)
+        var front = magic + header.bytes.dropFirst(8) + metadata
+        front += [UInt8](repeating: 0, count: Int(memoryOffset) - front.count)
+        var crc = front.withUnsafeBytes { vireo_crc32(0, $0.baseAddress, $0.count) }
+        try writeAll(fd, front, path: temporary)
+        for region in memory.regions {
+            crc = vireo_crc32(crc, region.host, Int(region.size))
+            try writeAll(fd, UnsafeRawBufferPointer(start: region.host, count: Int(region.size)), path: temporary)
+        }
+        var trailer = StateWriter()
+        trailer.put(UInt32(truncatingIfNeeded: crc))
+        trailer.put(UInt32(0))
+        try writeAll(fd, trailer.bytes + trailerMagic, path: temporary)
+        guard fsync(fd) == 0 else { throw .host(operation: "fsync \(temporary)", errno: errno) }
+        guard rename(temporary, path) == 0 else { throw .host(operation: "rename \(temporary) to \(path)", errno: errno) }
+        completed = true
+    }
+
+    private static func writeAll(_ fd: Int32, _ bytes: [UInt8], path: String) throws(VMMError) {
+        let failure = bytes.withUnsafeBytes { writeAllReportingErrno(fd, $0) }
+        if failure != 0 { throw .host(operation: "write \(path)", errno: failure) }
+    }
+
+    private static func writeAll(_ fd: Int32, _ buffer: UnsafeRawBufferPointer, path: String) throws(VMMError) {
+        let failure = writeAllReportingErrno(fd, buffer)
+        if failure != 0 { throw .host(operation: "write \(path)", errno: failure) }
+    }
+
+    /// 0, or the errno of the write that failed.
+    private static func writeAllReportingErrno(_ fd: Int32, _ buffer: UnsafeRawBufferPointer) -> Int32 {
+        var offset = 0
+        while offset < buffer.count {
+            let written = Glibc.write(fd, buffer.baseAddress.map { $0 + offset }, buffer.count - offset)
+            if written < 0 {
+                if errno == EINTR { continue }
+                return errno
+            }
+            offset += written
+        }
+        return 0
+    }
+
+    /// An open state file whose header has been checked against its size; the metadata is read,
+    /// RAM is not yet.
+    struct Opened: ~Copyable {
+        let fd: Int32
+        let path: String
+        let header: Header
+        let metadata: [UInt8]
+
+        deinit { close(fd) }
+    }
+
+    static func openFile(_ path: String) throws(VMMError) -> Opened {
+        let fd = Glibc.open(path, O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { throw .host(operation: "open saved state \(path)", errno: errno) }
+        func refuse(_ reason: String) -> VMMError {
+            close(fd)
+            return .savedState(path: path, reason: reason)
+        }
+        var status = stat()
+        guard fstat(fd, &status) == 0 else { let code = errno; close(fd); throw .host(operation: "stat \(path)", errno: code) }
+        let fileSize = UInt64(status.st_size)
+        var front = [UInt8](repeating: 0, count: headerSize)
+        guard (front.withUnsafeMutableBytes { pread(fd, $0.baseAddress, headerSize, 0) }) == headerSize else {
+            throw refuse("shorter than its \(headerSize)-byte header (\(fileSize) bytes)")
+        }
+        guard Array(front[0..<8]) == magic else { throw refuse("not a Vireo saved state (no VIREOSAV magic)") }
+        var reader = StateReader(Array(front[8...]))
+        let header: Header
+        do throws(StateError) {
+            let version = try reader.get(UInt32.self, "version")
+            guard version <= Self.version else {
+                throw StateError.invalid(field: "version", reason: "the state is format \(version), newer than this Vireo reads (\(Self.version)); restore it with the Vireo that saved it")
+            }
+            guard version == Self.version else { throw StateError.invalid(field: "version", reason: "format \(version) is not one this Vireo reads (\(Self.version))") }
+            let flags = try reader.get(UInt32.self, "flags")
+            guard flags == 0 else { throw StateError.invalid(field: "flags", reason: "0x\(String(flags, radix: 16)) are flags this Vireo does not know") }
+            header = Header(metadataLength: try reader.get(UInt64.self, "metadata length"),
+                            memoryOffset: try reader.get(UInt64.self, "memory offset"),
+                            memoryLength: try reader.get(UInt64.self, "memory length"))
+        } catch {
+            throw refuse(error.description)
+        }
+        guard header.metadataLength <= UInt64(metadataLimit) else { throw refuse("metadata of \(header.metadataLength) bytes, more than \(metadataLimit)") }
+        guard header.memoryOffset % UInt64(pageSize) == 0, header.memoryOffset >= UInt64(headerSize) + header.metadataLength,
+              header.memoryOffset - (UInt64(headerSize) + header.metadataLength) < UInt64(pageSize) else {
+            throw refuse("memory offset \(header.memoryOffset) does not follow the metadata")
+        }
+        let (end, overflow) = header.memoryOffset.addingReportingOverflow(header.memoryLength)
+        guard !overflow, end <= UInt64.max - UInt64(trailerSize), end + UInt64(trailerSize) == fileSize else {
+            throw refuse("\(fileSize) bytes, but the header describes \(overflow ? "more than can exist" : String(end &+ UInt64(trailerSize))) (truncated or extended)")
+        }
+        var metadata = [UInt8](repeating: 0, count: Int(header.metadataLength))
+        guard (metadata.withUnsafeMutableBytes { pread(fd, $0.baseAddress, $0.count, off_t(headerSize)) }) == metadata.count else {
+            throw refuse("metadata could not be read")
+        }
+        return Opened(fd: fd, path: path, header: header, metadata: metadata)
+    }
+}
+
+extension SavedStateFile.Opened {
+    /// Reads guest RAM into `memory` and checks the whole file's CRC-32; nothing from the file may
+    /// reach KVM before this returns.
+    func readMemoryAndVerify(into memory: GuestMemory) throws(VMMError) {
+        guard header.memoryLength == memory.totalSize else {
+            throw .savedState(path: path, reason: "it holds \(header.memoryLength >> 20) MiB of memory; this VM has \(memory.totalSize >> 20) MiB")
+        }
+        var front = [UInt8](repeating: 0, count: Int(header.memoryOffset))
+        guard (front.withUnsafeMutableBytes { pread(fd, $0.baseAddress, $0.count, 0) }) == front.count else {
+            throw .savedState(path: path, reason: "its header could not be read again")
+        }
+        var crc = front.withUnsafeBytes { vireo_crc32(0, $0.baseAddress, $0.count) }
+        var offset = off_t(header.memoryOffset)
+        for region in memory.regions {
+            var done = 0
+            while done < Int(region.size) {
+                let count = pread(fd, region.host + done, min(Int(region.size) - done, 64 << 20), offset)
+                if count < 0 && errno == EINTR { continue }
+                guard count > 0 else { throw .savedState(path: path, reason: "memory could not be read at offset \(offset)") }
+                done += count
+                offset += off_t(count)
+            }
+            crc = vireo_crc32(crc, region.host, Int(region.size))
+        }
+        var trailer = [UInt8](repeating: 0, count: SavedStateFile.trailerSize)
+        guard (trailer.withUnsafeMutableBytes { pread(fd, $0.baseAddress, $0.count, offset) }) == trailer.count,
+              Array(trailer[8...]) == SavedStateFile.trailerMagic else {
+            throw .savedState(path: path, reason: "no VIREOEND trailer after the memory (truncated?)")
+        }
+        let recorded = UInt32(trailer[0]) | UInt32(trailer[1]) << 8 | UInt32(trailer[2]) << 16 | UInt32(trailer[3]) << 24
+        guard recorded == UInt32(truncatingIfNeeded: crc) else {
+            throw .savedState(path: path, reason: "checksum mismatch (recorded 0x\(String(recorded, radix: 16)), computed 0x\(String(UInt32(truncatingIfNeeded: crc), radix: 16))): the file is damaged")
+        }
+    }
+}
+
+// MARK: the machine's side
+
+extension Machine {
+    var shape: MachineShape {
+        MachineShape(cpuCount: vcpus.count, memorySize: boot.memorySize, usesACPI: acpiRegisters != nil,
+                     virtioTypes: virtioTransports.map { $0.device.deviceType })
+    }
+
+    /// Port devices in the order their states are saved; virtio transports follow.
+    private var portDevices: [any StatefulDevice] {
+        [serial, keyboardController, rtc] + (acpiRegisters.map { [$0] } ?? [])
+    }
+
+    /// Everything but RAM, with every vCPU parked and every transport quiesced.
+    func captureState() throws(KVMError) -> SavedMachineState {
+        let msrIndices = try kvm.savedMSRIndices()
+        let hasExtendedControl = kvm.extensionValue(VIREO_KVM_CAP_XCRS) > 0
+        let vm = self.vm
+        let interruptControllers = try (0..<3).map { (chip) throws(KVMError) in try vm.interruptControllerState(chip: UInt32(chip)) }
+        let timer = try vm.timerState()
+        var vcpuStates: [VCPUSavedState] = []
+        for vcpu in vcpus { vcpuStates.append(try VCPUSavedState(capturing: vcpu, msrIndices: msrIndices, hasExtendedControl: hasExtendedControl)) }
+        let tscKilohertz = kvm.extensionValue(VIREO_KVM_CAP_GET_TSC_KHZ) > 0 ? (try? vcpus[0].tscKilohertz()) ?? 0 : 0
+        var devices: [[UInt8]] = []
+        for device in portDevices {
+            var writer = StateWriter()
+            device.saveState(into: &writer)
+            devices.append(writer.bytes)
+        }
+        for transport in virtioTransports {
+            var writer = StateWriter()
+            transport.saveState(into: &writer)
+            devices.append(writer.bytes)
+        }
+        var realtime = timespec()
+        clock_gettime(CLOCK_REALTIME, &realtime)
+        return SavedMachineState(
+            shape: shape, cpuid: cpuidBasis, tscKilohertz: tscKilohertz, clockNanoseconds: try vm.clock().clock,
+            savedAtRealtimeNanoseconds: UInt64(realtime.tv_sec) * 1_000_000_000 + UInt64(realtime.tv_nsec),
+            interruptControllers: interruptControllers, timer: timer, vcpus: vcpuStates, devices: devices)
+    }
+
+    /// Applies a saved state to this freshly built machine, before any vCPU runs: RAM (checked
+    /// against the file's checksum first), the interrupt controllers and PIT, each vCPU, each
+    /// device, and last kvmclock, set ahead by the wall time the VM spent saved.
+    func restore(_ saved: SavedMachineState, memoryFrom file: borrowing SavedStateFile.Opened) throws(VMMError) {
+        if let mismatch = shape.mismatch(saved: saved.shape) { throw .savedState(path: file.path, reason: mismatch) }
+        try file.readMemoryAndVerify(into: memory)
+        let expectedDevices = portDevices.count + virtioTransports.count
+        guard saved.devices.count == expectedDevices else {
+            throw .savedState(path: file.path, reason: "\(saved.devices.count) device states where this machine has \(expectedDevices) devices")
+        }
+        do throws(KVMError) {
+            for chip in saved.interruptControllers { try vm.setInterruptControllerState(chip) }
+            try vm.setTimerState(saved.timer)
+            for (index, vcpu) in vcpus.enumerated() {
+                if saved.tscKilohertz != 0, kvm.extensionValue(VIREO_KVM_CAP_TSC_CONTROL) > 0,
+                   let current = try? vcpu.tscKilohertz(), current != saved.tscKilohertz {
+                    try vcpu.setTSCKilohertz(saved.tscKilohertz)
+                }
+                try saved.vcpus[index].restore(to: vcpu)
+            }
+        } catch {
+            throw .savedState(path: file.path, reason: "KVM refused the saved CPU state: \(error)")
+        }
+        do throws(StateError) {
+            let devices: [any StatefulDevice] = portDevices + virtioTransports
+            for (index, device) in devices.enumerated() {
+                var reader = StateReader(saved.devices[index])
+                try device.restoreState(from: &reader)
+                guard reader.isAtEnd else { throw StateError.invalid(field: "device \(index) state", reason: "bytes follow its last field") }
+            }
+        } catch {
+            throw .savedState(path: file.path, reason: error.description)
+        }
+        var realtime = timespec()
+        clock_gettime(CLOCK_REALTIME, &realtime)
+        let now = UInt64(realtime.tv_sec) * 1_000_000_000 + UInt64(realtime.tv_nsec)
+        // Never backwards: a host clock set back since the save only stops the catch-up.
+        let away = now > saved.savedAtRealtimeNanoseconds ? now - saved.savedAtRealtimeNanoseconds : 0
+        do throws(KVMError) {
+            try vm.setClock(nanoseconds: saved.clockNanoseconds &+ away)
+        } catch {
+            throw .savedState(path: file.path, reason: "KVM refused the saved clock: \(error)")
+        }
+        // Work the guest queued while the saving VMM was quiesced (a request, a frame) and the
+        // vsock transport reset are done now, before the vCPUs run.
+        for transport in virtioTransports { transport.resumeQueues() }
+    }
+
+    /// `vireo save`: parks the vCPUs, quiesces the devices, flushes the disks and writes the
+    /// machine's state and RAM to the state file, and leaves the machine parked for
+    /// `stopAfterSave()`. On any error the VM runs on as before (resumed if this paused it) and
+    /// the earlier file is untouched.
+    public func save() throws(VMMError) {
+        guard let path = stateFilePath else {
+            throw .invalidConfiguration(field: "--state-file", reason: "this VMM was started without a state file; it has nowhere to save")
+        }
+        if let refusal = virtioTransports.lazy.compactMap({ $0.device.saveRefusal }).first {
+            throw .invalidConfiguration(field: "save", reason: refusal)
+        }
+        try lifecycle.withLock { (_) throws(VMMError) in
+            guard !stop.isStopping, !stateWritten.load(ordering: .acquiring) else {
+                throw .invalidConfiguration(field: "save", reason: "the VM is stopping")
+            }
+            let started = VMMClock.now()
+            let pausedHere = pauseGate.pause { kickAll(threadsLock.withLock { $0 }) }
+            for transport in virtioTransports { transport.quiesce() }
+            var saved = false
+            defer {
+                if !saved {
+                    for transport in virtioTransports { transport.resumeQueues() }
+                    if pausedHere { _ = pauseGate.resume() }
+                }
+            }
+            let state: SavedMachineState
+            do throws(KVMError) {
+                state = try captureState()
+            } catch {
+                throw .kvm(error)
+            }
+            for disk in blockDevices {
+                do throws(DiskImageError) {
+                    try disk.device.disk.flush()
+                } catch {
+                    throw .host(operation: "flush \(disk.path) before saving: \(error)", errno: EIO)
+                }
+            }
+            try SavedStateFile.write(metadata: state.encoded(), memory: memory, to: path)
+            saved = true
+            stateWritten.store(true, ordering: .releasing)
+            vmmLog("saved to \(path) in \((VMMClock.now() - started) / 1000) us")
+        }
+    }
+
+    /// Ends the run of a machine `save()` has written out: it stays parked until it stops.
+    func stopAfterSave() {
+        guard let path = stateFilePath else { return }
+        stop.request(.saved(path: path))
+    }
+}
+
+/// The metadata decoder from outside the VMM, for the fuzz target and its seeds.
+public enum SavedStateInspection {
+    /// Whether `bytes` decode as a state file's metadata; never traps, whatever they hold.
+    public static func metadataIsValid(_ bytes: [UInt8]) -> Bool {
+        (try? SavedMachineState(decoding: bytes)) != nil
+    }
+
+    /// A well-formed metadata block (two vCPUs, three virtio devices, zeroed registers), the seed
+    /// the fuzz smoke test mutates.
+    public static func sampleMetadata() -> [UInt8] {
+        var controllers: [kvm_irqchip] = []
+        for chip in 0..<3 {
+            var state = kvm_irqchip()
+            state.chip_id = UInt32(chip)
+            controllers.append(state)
+        }
+        let vcpu = VCPUSavedState(registers: kvm_regs(), specialRegisters: kvm_sregs(), fpu: kvm_fpu(), extendedControl: kvm_xcrs(),
+                                  localAPIC: [UInt8](repeating: 0, count: VCPUSavedState.localAPICSize),
+                                  msrs: [(0x10, 12345), (0x6e0, 0)], debugRegisters: kvm_debugregs(),
+                                  multiprocessing: kvm_mp_state(), events: kvm_vcpu_events())
+        let state = SavedMachineState(
+            shape: MachineShape(cpuCount: 2, memorySize: 64 << 20, usesACPI: true, virtioTypes: [2, 1, 4]),
+            cpuid: [CPUIDEntry(function: 1, index: 0, flags: 0, eax: 0x800f11, ebx: 0, ecx: 0x7ed8320b, edx: 0x178bfbff)],
+            tscKilohertz: 2_445_406, clockNanoseconds: 1_000_000, savedAtRealtimeNanoseconds: 1_700_000_000_000_000_000,
+            interruptControllers: controllers, timer: kvm_pit_state2(), vcpus: [vcpu, vcpu], devices: [[1, 2, 3], [], [4]])
+        return state.encoded()
+    }
+}

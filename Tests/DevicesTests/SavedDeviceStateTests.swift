@@ -1,0 +1,150 @@
+import DiskImage
+import Foundation
+import FuzzTargets
+import GuestMemory
+import Testing
+@testable import Devices
+
+/// Device states saved and restored (docs/snapshots.md): what comes back must behave as the
+/// device did, and a damaged state must be refused with an error, never a trap.
+@Suite struct SavedDeviceStateTests {
+    static func saved(_ device: any StatefulDevice) -> [UInt8] {
+        var writer = StateWriter()
+        device.saveState(into: &writer)
+        return writer.bytes
+    }
+
+    @Test("a virtio-blk request the guest queued while the device was quiesced completes after a restore into a new device, and the queue goes on from its saved indices")
+    func blockRequestInFlightCompletesAfterRestore() throws {
+        var (driver, _, disk) = try makeBlockDevice()
+        driver.initialise()
+        let first = (0..<512).map { UInt8(truncatingIfNeeded: $0) }
+        try driver.memory.write(first, at: GuestPhysicalAddress(0x20000))
+        try driver.submit(try driver.blockRequest(type: 1, sector: 1, dataLength: 512, dataWritable: false))
+        #expect(driver.usedIndex == 1)
+
+        // Quiesced (a save in progress): the guest's next request waits on the ring.
+        driver.transport.quiesce()
+        let second = [UInt8](repeating: 0x5a, count: 512)
+        try driver.memory.write(second, at: GuestPhysicalAddress(0x20000))
+        try driver.submit(try driver.blockRequest(type: 1, sector: 2, dataLength: 512, dataWritable: false))
+        #expect(driver.usedIndex == 1, "a quiesced device worked on its queue")
+        let state = Self.saved(driver.transport)
+
+        // The restoring VMM: a new device on the same disk, the same RAM (as read back from the file).
+        let restored = VirtioMMIOTransport(device: VirtioBlock(disk: disk, readOnly: false, serial: "vireo-serial-1"),
+                                           memory: driver.memory, interrupt: PulseCounter())
+        var reader = StateReader(state)
+        try restored.restoreState(from: &reader)
+        #expect(reader.isAtEnd)
+        #expect(Self.saved(restored) == state, "saving the restored device gives other bytes")
+        restored.resumeQueues()
+        #expect(driver.usedIndex == 2, "the queued request did not complete after the restore")
+        #expect(try disk.readBytes(count: 512, at: 2 * 512) == second)
+
+        // The restored queue keeps counting: the next request lands in the next used slot.
+        var next = TestDriver(memory: driver.memory, transport: restored, queueSize: 16)
+        next.availableIndex = 2
+        try driver.memory.write(first, at: GuestPhysicalAddress(0x20000))
+        next.nextDescriptor = 3
+        try next.submit(try next.blockRequest(type: 1, sector: 3, dataLength: 512, dataWritable: false))
+        #expect(driver.usedIndex == 3)
+        #expect(try disk.readBytes(count: 512, at: 3 * 512) == first)
+    }
+
+    @Test("every truncation of a transport's state, another device type's state, and features the device never offered are refused with the field named")
+    func damagedTransportStateIsRefused() throws {
+        let (driver, _, disk) = try makeBlockDevice()
+        driver.initialise()
+        let state = Self.saved(driver.transport)
+        for length in 0..<state.count {
+            let fresh = VirtioMMIOTransport(device: VirtioBlock(disk: disk, readOnly: false, serial: nil), memory: driver.memory, interrupt: PulseCounter())
+            var reader = StateReader(Array(state.prefix(length)))
+            #expect(throws: StateError.self, "a state cut at \(length) bytes was accepted") { try fresh.restoreState(from: &reader) }
+        }
+        let entropy = VirtioMMIOTransport(device: try VirtioEntropy(), memory: driver.memory, interrupt: PulseCounter())
+        var reader = StateReader(state)
+        do {
+            try entropy.restoreState(from: &reader)
+            Issue.record("a block device's state was restored into an entropy device")
+        } catch {
+            #expect(error.description.contains("device type"), "\(error)")
+        }
+        // Driver features at offset 16 (after type, status and both selects): one never offered.
+        var features = state
+        features[16 + 7] |= 0x80
+        let fresh = VirtioMMIOTransport(device: VirtioBlock(disk: disk, readOnly: false, serial: nil), memory: driver.memory, interrupt: PulseCounter())
+        reader = StateReader(features)
+        do {
+            try fresh.restoreState(from: &reader)
+            Issue.record("features the device does not offer were accepted")
+        } catch {
+            #expect(error.description.contains("driver features"), "\(error)")
+        }
+    }
+
+    @Test("the UART's registers and the bytes the guest has not read yet survive a restore")
+    func serialStateRoundTrip() throws {
+        let serial = Serial8250(output: DiscardingOutput(), interrupt: PulseCounter())
+        withUnsafeBytes(of: UInt8(0x03)) { serial.write(offset: 3, data: $0) }      // 8N1
+        withUnsafeBytes(of: UInt8(0x01)) { serial.write(offset: 1, data: $0) }      // receive interrupt on
+        withUnsafeBytes(of: UInt8(0x42)) { serial.write(offset: 7, data: $0) }      // scratch
+        serial.receive(Array("typed".utf8))
+        let state = Self.saved(serial)
+        let line = PulseCounter()
+        let restored = Serial8250(output: DiscardingOutput(), interrupt: line)
+        var reader = StateReader(state)
+        try restored.restoreState(from: &reader)
+        #expect(line.count == 1, "the pending receive interrupt was not raised again")
+        var read: [UInt8] = []
+        for _ in 0..<5 {
+            var byte: UInt8 = 0
+            withUnsafeMutableBytes(of: &byte) { restored.read(offset: 0, into: $0) }
+            read.append(byte)
+        }
+        #expect(read == Array("typed".utf8))
+        var scratch: UInt8 = 0
+        withUnsafeMutableBytes(of: &scratch) { restored.read(offset: 7, into: $0) }
+        #expect(scratch == 0x42)
+    }
+
+    @Test func savedStateTargetSurvivesMutatedStates() throws {
+        let (driver, _, _) = try makeBlockDevice()
+        driver.initialise()
+        let serial = Serial8250(output: DiscardingOutput(), interrupt: PulseCounter())
+        serial.receive(Array("abc".utf8))
+        let keyboard = I8042 {}
+        keyboard.pressCtrlAltDel()
+        let acpi = ACPIRegisters(eventInterrupt: PulseCounter(), softOffSleepType: 5, resetValue: 0xf, powerOff: {}, reset: {})
+        acpi.pressPowerButton(1)
+        // (selector, a valid state for it): the target's decoders and the device states above.
+        let seeds: [(UInt8, [UInt8])] = [
+            (0, Fuzz.sampleMachineMetadata), (1, Self.saved(serial)), (2, Self.saved(keyboard)), (3, Self.saved(RTC())),
+            (4, Self.saved(acpi)), (5, Self.saved(driver.transport)),
+        ]
+        var random = FuzzSmokeTests.SeededGenerator(state: 0x5a7e)
+        for (selector, seed) in seeds {
+            let clean = ([selector] + seed).withUnsafeBytes { Fuzz.savedStateOutcome($0) }
+            #expect(clean.accepted, "the valid state for selector \(selector) was refused")
+            var accepted = 0, refused = 0
+            for _ in 0..<300 {
+                var input = seed
+                if !input.isEmpty {
+                    for _ in 0..<Int.random(in: 1...4, using: &random) {
+                        input[Int.random(in: 0..<input.count, using: &random)] = UInt8.random(in: 0...255, using: &random)
+                    }
+                }
+                if Int.random(in: 0...4, using: &random) == 0 { input = Array(input.prefix(Int.random(in: 0...input.count, using: &random))) }
+                let outcome = ([selector] + input).withUnsafeBytes { Fuzz.savedStateOutcome($0) }
+                if outcome.accepted { accepted += 1 } else { refused += 1 }
+            }
+            // Mutations are both taken (values inside the fields' ranges) and refused (seed 0x5a7e).
+            #expect(refused >= 10, "selector \(selector): only \(refused) of 300 mutations refused")
+            #expect(accepted + refused == 300)
+        }
+    }
+}
+
+final class DiscardingOutput: SerialOutput, Sendable {
+    func write(_ bytes: UnsafeRawBufferPointer) {}
+}

@@ -1,0 +1,165 @@
+import Foundation
+import Testing
+
+/// `vireo save` and resuming with `vireo start` (docs/snapshots.md), proven with the dirtying
+/// probe: it rewrites memory from ring 3 at native speed and checks, every round, that memory
+/// holds what it wrote. Across a save and a restore its round counter must go on from where it
+/// stopped and every sum must still match.
+@Suite(.serialized)
+struct SavedStateTests {
+    /// The rounds the probe completed, in order, from a console log.
+    static func rounds(_ console: String) -> [Int] {
+        // Lines end in "\r\n", one Character in Swift: split on any newline.
+        console.split(whereSeparator: \.isNewline).compactMap { line -> Int? in
+            let fields = line.split(separator: " ")
+            guard fields.count == 4, fields[0] == "dirty", fields[2] == "sum" else { return nil }
+            return Int(fields[1])
+        }
+    }
+
+    static func createDirtying(_ library: TestLibrary, _ name: String) throws {
+        // A disk (virtio-blk, qcow2) and the default entropy device come along, so their
+        // transports' queues are saved and restored too.
+        try library.createProbe(name, command: "probe=dirty spin=2000000", extra: ["--disk", "32M"])
+    }
+
+    @Test("save: the VM stops as \"saved\" with its state in its directory and cannot be changed; start resumes it: the probe's rounds go on from where they stopped, every memory sum matches, the state file is consumed and the disk is clean")
+    func saveAndResume() throws {
+        let library = try TestLibrary()
+        try Self.createDirtying(library, "keep")
+        #expect(library.vireo("start", "keep").status == 0)
+        #expect(library.waitFor(30) { Self.rounds(library.consoleLog("keep")).count >= 20 }, "\(library.consoleLog("keep").suffix(500))")
+
+        let saved = library.vireo("save", "keep", timeout: 120)
+        #expect(saved.status == 0, "\(saved.stderr)")
+        #expect(saved.stdout.contains("Saved VM 'keep'"), "\(saved.stdout)")
+        #expect(library.state("keep") == "saved")
+        let statePath = library.root.appendingPathComponent("keep/saved.state").path
+        #expect(FileManager.default.fileExists(atPath: statePath))
+        #expect(library.vmmLog("keep").contains("state saved to \(statePath); the VM has stopped"), "\(library.vmmLog("keep"))")
+        let before = Self.rounds(library.consoleLog("keep"))
+        let last = try #require(before.last)
+        // Nothing runs while it is saved.
+        Thread.sleep(forTimeInterval: 1)
+        #expect(Self.rounds(library.consoleLog("keep")).last == last)
+
+        // The saved guest expects the machine it was saved on.
+        let change = library.vireo("set", "keep", "--cpus", "2")
+        #expect(change.status == 2 && change.stderr.contains("it is saved") && change.stderr.contains("--discard-state"), "\(change.stderr)")
+
+        let resumed = library.vireo("start", "keep")
+        #expect(resumed.status == 0, "\(resumed.stderr)")
+        #expect(library.waitFor(30) { Self.rounds(library.consoleLog("keep")).count >= 20 }, "\(library.consoleLog("keep").suffix(500))")
+        let after = Self.rounds(library.consoleLog("keep"))
+        // A line the guest was half-way through at the save is finished by the restored guest, so
+        // the two runs' logs joined read as one run: every round once, in order, from 0.
+        let joined = Self.rounds(library.previousConsoleLog("keep") + library.consoleLog("keep"))
+        #expect(joined == Array(0..<joined.count), "rounds before: …\(before.suffix(3)); after: \(after.prefix(3))…")
+        #expect((after.first ?? 0) > last && (after.first ?? 0) <= last + 2, "rounds before: …\(before.suffix(3)); after: \(after.prefix(3))…")
+        #expect(!library.consoleLog("keep").contains("MISMATCH"), "\(library.consoleLog("keep").suffix(500))")
+        #expect(!FileManager.default.fileExists(atPath: statePath), "the state stays after it was restored")
+        #expect(library.vmmLog("keep").contains("restored from \(statePath)"), "\(library.vmmLog("keep"))")
+        #expect(library.state("keep") == "running")
+
+        #expect(library.vireo("stop", "keep", "--force").status == 0)
+        #expect(library.state("keep") == "stopped")
+        let checked = Harness.run(["qemu-img", "check", library.root.appendingPathComponent("keep/disk0.qcow2").path])
+        #expect(checked.status == 0, "\(checked.stdout)\(checked.stderr)")
+    }
+
+    @Test("a damaged saved state (a byte flipped in memory or metadata, truncated, another magic) is refused by start with the reason, changes nothing and is kept; --discard-state boots afresh")
+    func damagedStateIsRefused() throws {
+        let library = try TestLibrary()
+        try Self.createDirtying(library, "hurt")
+        #expect(library.vireo("start", "hurt").status == 0)
+        #expect(library.waitFor(30) { Self.rounds(library.consoleLog("hurt")).count >= 3 })
+        #expect(library.vireo("save", "hurt", timeout: 120).status == 0)
+        let last = try #require(Self.rounds(library.consoleLog("hurt")).last)
+        let statePath = library.root.appendingPathComponent("hurt/saved.state").path
+        let good = try Data(contentsOf: URL(fileURLWithPath: statePath))
+
+        var damages: [(String, Data, String)] = []
+        var flippedMemory = good
+        flippedMemory[good.count / 2] ^= 0x40
+        damages.append(("a byte of memory", flippedMemory, "checksum mismatch"))
+        var flippedMetadata = good
+        flippedMetadata[100] ^= 0x01
+        damages.append(("a byte of metadata", flippedMetadata, "saved state"))
+        damages.append(("truncated", good.prefix(good.count - 4096), "truncated"))
+        damages.append(("truncated header", good.prefix(20), "header"))
+        var otherMagic = good
+        otherMagic[0] = UInt8(ascii: "X")
+        damages.append(("another magic", otherMagic, "not a Vireo saved state"))
+        var newer = good
+        newer[8] = 99
+        damages.append(("a newer format", newer, "newer than this Vireo reads"))
+
+        for (what, bytes, reason) in damages {
+            try bytes.write(to: URL(fileURLWithPath: statePath))
+            let refused = library.vireo("start", "hurt")
+            #expect(refused.status == 2, "\(what): status \(refused.status): \(refused.stderr)")
+            #expect(refused.stderr.contains(reason) && refused.stderr.contains("--discard-state"), "\(what): \(refused.stderr)")
+            #expect(library.state("hurt") == "saved", "\(what)")
+            #expect(try Data(contentsOf: URL(fileURLWithPath: statePath)) == bytes, "\(what): the state file changed")
+        }
+
+        // The intact state still resumes after all those refusals.
+        try good.write(to: URL(fileURLWithPath: statePath))
+        #expect(library.vireo("start", "hurt").status == 0)
+        #expect(library.waitFor(30) { Self.rounds(library.consoleLog("hurt")).count >= 2 })
+        let resumedAt = Self.rounds(library.consoleLog("hurt")).first ?? 0
+        #expect(resumedAt > last && resumedAt <= last + 2, "resumed at round \(resumedAt) after \(last)")
+        #expect(library.vireo("stop", "hurt", "--force").status == 0)
+
+        // And --discard-state throws a state away and boots from the start.
+        #expect(library.vireo("start", "hurt").status == 0)
+        #expect(library.waitFor(30) { Self.rounds(library.consoleLog("hurt")).count >= 2 })
+        #expect(library.vireo("save", "hurt", timeout: 120).status == 0)
+        let fresh = library.vireo("start", "hurt", "--discard-state")
+        #expect(fresh.status == 0, "\(fresh.stderr)")
+        #expect(library.waitFor(30) { Self.rounds(library.consoleLog("hurt")).first == 0 }, "\(library.consoleLog("hurt").prefix(300))")
+        #expect(!FileManager.default.fileExists(atPath: statePath))
+    }
+
+    /// Connects to the VM's vsock socket, asks for guest port 1234 and sends `text`; prints what
+    /// the guest echoed (the probe answers "echo:" + text).
+    static func vsockEcho(_ socket: String, _ text: String) -> Harness.Completed {
+        Harness.run(["python3", "-c", """
+            import socket, sys
+            s = socket.socket(socket.AF_UNIX); s.settimeout(10); s.connect(sys.argv[1])
+            s.sendall(b"CONNECT 1234\\n")
+            reply = b""
+            while not reply.endswith(b"\\n"): reply += s.recv(1)
+            s.sendall(sys.argv[2].encode())
+            print(reply.decode().strip(), s.recv(100).decode())
+            """, socket, text], timeout: 30)
+    }
+
+    @Test("vsock across a save: the guest gets a transport reset event when it is resumed (its old connections ended with the saving VMM) and accepts new connections")
+    func vsockIsResetOnRestore() throws {
+        let library = try TestLibrary()
+        try library.createProbe("agent", command: "probe=vsock stay=1", extra: ["--no-disk", "--vsock-cid", "9"])
+        #expect(library.vireo("start", "agent").status == 0)
+        #expect(library.waitFor(30) { library.consoleLog("agent").contains("vsock: cid=9 listening on 1234") }, "\(library.consoleLog("agent"))")
+        let socket = library.root.appendingPathComponent("agent/vsock.sock").path
+        let before = Self.vsockEcho(socket, "before")
+        #expect(before.stdout.contains("OK") && before.stdout.contains("echo:before"), "\(before.stdout)\(before.stderr)")
+
+        #expect(library.vireo("save", "agent", timeout: 120).status == 0)
+        #expect(library.vireo("start", "agent").status == 0)
+        #expect(library.waitFor(30) { library.consoleLog("agent").contains("vsock: event 0 (transport reset)") }, "\(library.consoleLog("agent"))")
+        #expect(!library.consoleLog("agent").contains("listening on 1234"), "the restored guest started over")
+        let after = Self.vsockEcho(socket, "after")
+        #expect(after.stdout.contains("OK") && after.stdout.contains("echo:after"), "\(after.stdout)\(after.stderr)")
+    }
+
+    @Test("save is refused with the reason for a VM that is not running or does not exist")
+    func saveRefusals() throws {
+        let library = try TestLibrary()
+        try Self.createDirtying(library, "idle")
+        let stopped = library.vireo("save", "idle")
+        #expect(stopped.status != 0 && stopped.stderr.contains("stopped") && stopped.stderr.contains("vireo start idle"), "\(stopped.stderr)")
+        let missing = library.vireo("save", "nosuch")
+        #expect(missing.status != 0 && missing.stderr.contains("nosuch"), "\(missing.stderr)")
+    }
+}
