@@ -59,9 +59,10 @@ public final class ACPIRegisters: PortIODevice, StatefulDevice {
     /// Back to power-on state, for a reboot in place.
     public func resetState() { state.withLock { $0 = State() } }
 
-    /// Presses the power button: the event is latched until the guest reads it, and the GED's
-    /// edge-triggered interrupt fires. A guest that never looks simply never powers off.
-    public func pressPowerButton(_ events: UInt8) {
+    /// Raises GED events (the power button, a new VM generation): they are latched until the
+    /// guest reads them, and the GED's edge-triggered interrupt fires. A guest that never looks
+    /// simply never acts on them.
+    public func raiseEvents(_ events: UInt8) {
         state.withLock { $0.pendingEvents |= events }
         eventInterrupt.setLevel(true)
         eventInterrupt.setLevel(false)

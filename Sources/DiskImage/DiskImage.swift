@@ -97,6 +97,30 @@ public enum DiskImages {
         }
     }
 
+    /// Opens the qcow2 overlay at `path` whose backing file is `backing`, already open here: a
+    /// live snapshot moves a running disk onto an overlay without opening (and locking) its
+    /// image twice.
+    public static func openOverlay(path: String, on backing: any DiskImage) throws(DiskImageError) -> any DiskImage {
+        let file = try ImageFile(path: path, writable: true)
+        return try QCOW2Image(file: file, depth: 0, backingImage: backing)
+    }
+
+    /// An image's format and virtual size from its header, without opening it as a disk (no
+    /// lock, no tables read): for images a running VM holds.
+    public static func peek(path: String) throws(DiskImageError) -> (format: DiskFormat, virtualSize: UInt64) {
+        let fd = Glibc.open(path, O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { throw .io(operation: "open", path: path, errno: errno) }
+        defer { close(fd) }
+        var header = [UInt8](repeating: 0, count: 32)
+        let count = header.withUnsafeMutableBytes { pread(fd, $0.baseAddress, $0.count, 0) }
+        if count >= 32, Array(header[0..<4]) == QCOW2Image.magic {
+            return (.qcow2, header[24..<32].reduce(UInt64(0)) { $0 << 8 | UInt64($1) })
+        }
+        var info = stat()
+        guard fstat(fd, &info) == 0 else { throw .io(operation: "fstat", path: path, errno: errno) }
+        return (.raw, UInt64(info.st_size))
+    }
+
     /// Creates a new image; refuses to touch an existing file.
     public static func create(path: String, format: DiskFormat, size: UInt64, backing: String? = nil,
                               preallocate: Bool = false, clusterSize: UInt64 = 65536) throws(DiskImageError) {

@@ -48,7 +48,9 @@ public final class QCOW2Image: DiskImage, @unchecked Sendable {
         try self.init(file: file, depth: 0)
     }
 
-    init(file: ImageFile, depth: Int, snapshot: String? = nil) throws(DiskImageError) {
+    /// `backingImage`: the image the file's backing name must resolve to, already open (a live
+    /// snapshot's overlay on the disk the VM holds), used instead of opening that file again.
+    init(file: ImageFile, depth: Int, snapshot: String? = nil, backingImage: (any DiskImage)? = nil) throws(DiskImageError) {
         let path = file.path
         func invalid(_ reason: String) -> DiskImageError { .invalidImage(path: path, reason: reason) }
         let fileSize = try file.size
@@ -166,7 +168,12 @@ public final class QCOW2Image: DiskImage, @unchecked Sendable {
         self.refcountTableOffset = refcountTableOffset
         self.refcountTableEntries = Int(refcountTableClusters * clusterSize / 8)
         self.backingPath = backingPath
-        if let backingPath {
+        if let backingImage {
+            guard backingPath == backingImage.path else {
+                throw invalid("it rests on \(backingPath ?? "nothing"), not on \(backingImage.path)")
+            }
+            backing = backingImage
+        } else if let backingPath {
             guard depth < Self.maximumBackingDepth else { throw invalid("backing chain deeper than \(Self.maximumBackingDepth) (a loop?)") }
             let backingFile = try ImageFile(path: backingPath, writable: false)
             let magic = try backingFile.readBytes(count: 4, at: 0)
@@ -477,8 +484,9 @@ public final class QCOW2Image: DiskImage, @unchecked Sendable {
         }
         var backingFormat: DiskFormat?
         if let backing {
-            let image = try DiskImages.open(path: backing.hasPrefix("/") ? backing : directory(of: path) + "/" + backing, readOnly: true)
-            backingFormat = image.format
+            // Only its format is needed: peeked without a lock, since the backing file may be a
+            // running VM's disk (a live snapshot's overlay is made on it).
+            backingFormat = try DiskImages.peek(path: backing.hasPrefix("/") ? backing : directory(of: path) + "/" + backing).format
         }
         let clusterBits = UInt64(clusterSize.trailingZeroBitCount)
         let l2Entries = clusterSize / 8

@@ -81,6 +81,9 @@ public protocol Engine: Sendable {
     /// Writes the running VM's state to its bundle's saved-state file and stops it.
     func saveState(_ vm: EngineVM) throws(LibraryError)
     func migrate(_ vm: EngineVM, to destination: String) throws(LibraryError)
+    /// A live snapshot: the state to the snapshot's directory, the disks onto the overlays the
+    /// library prepared (docs/snapshots.md); the VM runs on.
+    func snapshot(_ vm: EngineVM, id: String) throws(LibraryError)
 }
 
 extension Engine {
@@ -133,6 +136,9 @@ extension Engine {
     }
     public func saveState(_ vm: EngineVM) throws(LibraryError) {
         throw unsupported(vm, "save the state of", "saved states are built for the kvm engine only so far; stop it with `vireo stop \(vm.name)`")
+    }
+    public func snapshot(_ vm: EngineVM, id: String) throws(LibraryError) {
+        throw unsupported(vm, "snapshot the running", "live snapshots are built for the kvm engine only so far; stop it (`vireo stop \(vm.name)`) and snapshot its disks")
     }
     public func migrate(_ vm: EngineVM, to destination: String) throws(LibraryError) {
         throw unsupported(vm, "migrate", "live migration is not built yet")

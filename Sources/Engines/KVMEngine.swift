@@ -61,7 +61,7 @@ public struct KVMEngine: Engine {
         var arguments = [vmmPath] + (try Self.machineArguments(definition, bundle: bundle, cards: networking.cards))
         arguments += ["--console", "file:" + bundle.consoleLogPath, "--control", bundle.controlPath,
                       "--name", definition.name, "--uuid", definition.uuid, "--lock-fd", "3", "--ready-fd", "4",
-                      "--state-file", bundle.savedStatePath]
+                      "--state-file", bundle.savedStatePath, "--snapshot-dir", bundle.snapshotsDirectory]
         if bundle.hasSavedState { arguments.append("--restore") }
 
         // The previous run's console output stays readable as console.log.1.
@@ -122,6 +122,14 @@ public struct KVMEngine: Engine {
     public func pause(_ vm: EngineVM) throws(LibraryError) { _ = try call(vm, "pause", action: "pause") }
     public func resume(_ vm: EngineVM) throws(LibraryError) { _ = try call(vm, "resume", action: "resume") }
     public func reset(_ vm: EngineVM) throws(LibraryError) { _ = try call(vm, "reset", action: "reset") }
+    public func snapshot(_ vm: EngineVM, id: String) throws(LibraryError) {
+        do {
+            let connection = try ControlConnection(path: vm.bundle.controlPath, timeoutSeconds: 600)
+            _ = try connection.call("snapshot \(id)", as: ControlStatus.self)
+        } catch {
+            throw Self.translate(error, vm: vm, action: "snapshot")
+        }
+    }
     public func saveState(_ vm: EngineVM) throws(LibraryError) {
         // Writing a large guest's RAM takes longer than the usual request time-out.
         do {

@@ -92,6 +92,19 @@ public struct VMManager: Sendable {
         }
     }
 
+    /// `vireo snapshot take`: of a running (or paused) VM live, with its memory; of one that is
+    /// off, its disks (and its saved state, when it is saved).
+    public func takeSnapshot(_ name: String, snapshot: String?, description: String?) throws(LibraryError) -> SnapshotRecord {
+        let bundle = try library.bundle(named: name)
+        if library.status(of: bundle).state.isOff {
+            return try library.takeSnapshotOffline(name, snapshot: snapshot, description: description)
+        }
+        let (vm, engine) = try running(name, action: "snapshot")
+        return try library.takeSnapshotLive(name, snapshot: snapshot, description: description) { (record) throws(LibraryError) in
+            try engine.snapshot(vm, id: record.id)
+        }
+    }
+
     /// `vireo save`: the VM's state and memory go to its directory and it stops in state
     /// "saved"; `vireo start` resumes it. A save that fails leaves it running.
     public func save(_ name: String, timeout: Double = 600) throws(LibraryError) -> [String] {

@@ -236,6 +236,17 @@ final class ControlServer: @unchecked Sendable {
             var object = Self.success()
             object.add("state", "stopping")
             return object
+        case let text where text.hasPrefix("snapshot "):
+            if machine.isStopping { return Self.failure("stopping", "\(vmName) is stopping; there is nothing to snapshot") }
+            do throws(VMMError) {
+                let taken = try machine.snapshot(id: String(text.dropFirst(9)))
+                var object = Self.success()
+                object.add("overlays", taken.overlays)
+                object.add("paused_us", taken.pausedMicroseconds)
+                return object
+            } catch {
+                return Self.failure("snapshot-failed", "\(vmName) could not be snapshotted and runs on unchanged: \(error)")
+            }
         case let text where text.hasPrefix("balloon "):
             guard let balloon = machine.balloon else {
                 return Self.failure("no-balloon", "\(vmName) has no balloon device; add one (--balloon) while it is stopped")
@@ -248,7 +259,7 @@ final class ControlServer: @unchecked Sendable {
             object.add("target_bytes", mebibytes << 20)
             return object
         default:
-            return Self.failure("unknown-request", "'\(request.prefix(64))' is not a request; expected one of describe, counters, pause, resume, shutdown, power-button, reset, power-off, save, balloon MIB, console")
+            return Self.failure("unknown-request", "'\(request.prefix(64))' is not a request; expected one of describe, counters, pause, resume, shutdown, power-button, reset, power-off, save, snapshot ID, balloon MIB, console")
         }
     }
 

@@ -12,6 +12,9 @@ struct JSONObject {
     mutating func add<Number: BinaryInteger>(_ key: String, _ values: [Number]) {
         members.append(Self.quote(key) + ":[" + values.map { String($0) }.joined(separator: ",") + "]")
     }
+    mutating func add(_ key: String, _ values: [String]) {
+        members.append(Self.quote(key) + ":[" + values.map(Self.quote).joined(separator: ",") + "]")
+    }
     mutating func add(_ key: String, _ object: JSONObject) { members.append(Self.quote(key) + ":" + object.text) }
     mutating func add(_ key: String, _ objects: [JSONObject]) {
         members.append(Self.quote(key) + ":[" + objects.map(\.text).joined(separator: ",") + "]")

@@ -98,13 +98,17 @@ public final class Machine: @unchecked Sendable {
     let cpuidBasis: [CPUIDEntry]
     /// Where `save` writes, and a restore read from; nil when the VMM was given no state file.
     let stateFilePath: String?
+    /// Where live snapshots' states go (`<dir>/<id>/state`); nil when the VMM was given none.
+    let snapshotDirectory: String?
 
     /// Validates `configuration` against this host and builds the machine; the guest does not run
     /// until `run()`. With `restoring`, the machine is built to the saved state's shape and
     /// takes its state instead of booting (docs/snapshots.md); the file is left untouched if
     /// anything fails.
-    public init(configuration: VMConfiguration, stateFile: String? = nil, restoring: Bool = false) throws(VMMError) {
+    public init(configuration: VMConfiguration, stateFile: String? = nil, restoring: Bool = false,
+                snapshotDirectory: String? = nil) throws(VMMError) {
         stateFilePath = stateFile
+        self.snapshotDirectory = snapshotDirectory
         var restoreFile: SavedStateFile.Opened?
         var saved: SavedMachineState?
         if restoring {
@@ -456,7 +460,7 @@ public final class Machine: @unchecked Sendable {
     public func requestShutdown() {
         shutdownRequested.store(true, ordering: .relaxed)
         if let acpiRegisters {
-            acpiRegisters.pressPowerButton(ACPIPlatform.powerButtonEvent)
+            acpiRegisters.raiseEvents(ACPIPlatform.powerButtonEvent)
         } else {
             keyboardController.pressCtrlAltDel()
         }
@@ -472,7 +476,7 @@ public final class Machine: @unchecked Sendable {
     public func pressPowerButton() -> Bool {
         guard let acpiRegisters else { return false }
         shutdownRequested.store(true, ordering: .relaxed)
-        acpiRegisters.pressPowerButton(ACPIPlatform.powerButtonEvent)
+        acpiRegisters.raiseEvents(ACPIPlatform.powerButtonEvent)
         return true
     }
 

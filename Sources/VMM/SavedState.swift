@@ -4,6 +4,7 @@ import Devices
 import DiskImage
 import GuestMemory
 import KVM
+import X86Boot
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -565,6 +566,19 @@ extension Machine {
         } catch {
             throw .savedState(path: file.path, reason: error.description)
         }
+        // A restored snapshot is a new generation of the VM (the library gives it a new ID): the
+        // guest's vmgenid device shows it and is notified, so the guest reseeds its RNG and tells
+        // its applications they may have been duplicated.
+        if case let .acpi(_, generationID) = boot.platform, let acpiRegisters,
+           (try? memory.readBytes(count: generationID.count, at: MachineLayout.generationIDAddress)) != generationID {
+            do throws(GuestMemoryError) {
+                try memory.write(generationID, at: MachineLayout.generationIDAddress)
+            } catch {
+                throw .memory(error)
+            }
+            acpiRegisters.raiseEvents(ACPIPlatform.generationChangeEvent)
+            vmmLog("VM generation ID changed on restore; the guest is notified")
+        }
         var realtime = timespec()
         clock_gettime(CLOCK_REALTIME, &realtime)
         let now = UInt64(realtime.tv_sec) * 1_000_000_000 + UInt64(realtime.tv_nsec)
@@ -658,5 +672,93 @@ public enum SavedStateInspection {
             tscKilohertz: 2_445_406, clockNanoseconds: 1_000_000, savedAtRealtimeNanoseconds: 1_700_000_000_000_000_000,
             interruptControllers: controllers, timer: kvm_pit_state2(), vcpus: [vcpu, vcpu], devices: [[1, 2, 3], [], [4]])
         return state.encoded()
+    }
+}
+
+// MARK: live snapshots
+
+extension Machine {
+    /// Where a live snapshot's overlay for the image at `path` goes: beside it, named after its
+    /// stem and the snapshot (`disk0.qcow2`, `disk0.1a2b3c4d.qcow2`). The library uses the same rule
+    /// to prepare it (docs/snapshots.md).
+    public static func snapshotOverlayPath(for path: String, snapshot id: String) -> String {
+        let slash = path.lastIndex(of: "/")
+        let directory = slash.map { String(path[..<$0]) + "/" } ?? ""
+        let name = slash.map { String(path[path.index(after: $0)...]) } ?? path
+        let stem = name.split(separator: ".", maxSplits: 1).first.map(String.init) ?? name
+        return directory + stem + "." + id + ".qcow2"
+    }
+
+    /// Snapshot IDs the library makes: short lowercase hex, safe in a file name.
+    static func isSnapshotID(_ id: String) -> Bool {
+        !id.isEmpty && id.utf8.count <= 32 && id.utf8.allSatisfy { ($0 >= 48 && $0 <= 57) || ($0 >= 97 && $0 <= 102) }
+    }
+
+    /// A live snapshot: with the vCPUs parked and the devices quiesced, the state and RAM go to
+    /// `<snapshot dir>/<id>/state`, and every writable qcow2 disk moves to the overlay the library
+    /// prepared on top of its current image, which from then on stays as it is (the snapshot's
+    /// disk layer). Then the VM runs on. Returns the overlays now in use and how long the guest
+    /// was paused. On any error nothing has switched and the VM runs on as before.
+    public func snapshot(id: String) throws(VMMError) -> (overlays: [String], pausedMicroseconds: UInt64) {
+        guard let directory = snapshotDirectory else {
+            throw .invalidConfiguration(field: "--snapshot-dir", reason: "this VMM was started without a snapshot directory; stop and start the VM to take live snapshots")
+        }
+        guard Self.isSnapshotID(id) else { throw .invalidConfiguration(field: "snapshot", reason: "'\(id.prefix(40))' is not a snapshot ID (hex digits)") }
+        if let refusal = virtioTransports.lazy.compactMap({ $0.device.saveRefusal }).first {
+            throw .invalidConfiguration(field: "snapshot", reason: refusal)
+        }
+        return try lifecycle.withLock { (_) throws(VMMError) -> (overlays: [String], pausedMicroseconds: UInt64) in
+            guard !stop.isStopping, !stateWritten.load(ordering: .acquiring) else {
+                throw .invalidConfiguration(field: "snapshot", reason: "the VM is stopping")
+            }
+            // Open what the library prepared before the guest is paused.
+            var switches: [(device: VirtioBlock, overlay: any DiskImage)] = []
+            for disk in blockDevices where !disk.device.readOnly && disk.device.disk.format == .qcow2 {
+                let current = disk.device.disk
+                let path = Self.snapshotOverlayPath(for: current.path, snapshot: id)
+                do throws(DiskImageError) {
+                    // On the image this VMM already holds, not a second opening of it.
+                    let overlay = try DiskImages.openOverlay(path: path, on: current)
+                    guard overlay.virtualSize == current.virtualSize else {
+                        throw DiskImageError.invalidArgument(field: "overlay", reason: "\(path) is \(overlay.virtualSize) bytes, the disk \(current.virtualSize)")
+                    }
+                    switches.append((disk.device, overlay))
+                } catch {
+                    throw .invalidConfiguration(field: "snapshot", reason: "the overlay for \(current.path): \(error)")
+                }
+            }
+            let started = VMMClock.now()
+            let pausedHere = pauseGate.pause { kickAll(threadsLock.withLock { $0 }) }
+            for transport in virtioTransports { transport.quiesce() }
+            defer {
+                for transport in virtioTransports { transport.resumeQueues() }
+                if pausedHere { _ = pauseGate.resume() }
+            }
+            let state: SavedMachineState
+            do throws(KVMError) {
+                state = try captureState()
+            } catch {
+                throw .kvm(error)
+            }
+            for entry in switches {
+                do throws(DiskImageError) {
+                    try entry.device.disk.flush()
+                } catch {
+                    throw .host(operation: "flush \(entry.device.disk.path) before the snapshot: \(error)", errno: EIO)
+                }
+            }
+            try SavedStateFile.write(metadata: state.encoded(), memory: memory, to: directory + "/" + id + "/state")
+            for entry in switches {
+                do throws(DiskImageError) {
+                    try entry.device.switchImage(to: entry.overlay)
+                } catch {
+                    // Sizes were equal when opened; an image that changed size meanwhile is not ours.
+                    throw .host(operation: "switch to \(entry.overlay.path): \(error)", errno: EIO)
+                }
+            }
+            let paused = (VMMClock.now() - started) / 1000
+            vmmLog("snapshot \(id) taken; the guest was paused \(paused) us")
+            return (switches.map { $0.overlay.path }, paused)
+        }
     }
 }

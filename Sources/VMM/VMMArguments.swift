@@ -11,7 +11,7 @@ public enum VMMArguments {
         usage: vireo-vmm --kernel PATH [--initrd PATH] [--cmdline TEXT] [--cpus N] [--memory SIZE]
                          [--console stdio|none|file:PATH|socket:PATH] [--disk PATH[,readonly][,format=raw|qcow2][,serial=ID]]... [--net tap:NAME|tap-fd:N|stream-fd:N[,mac=MAC]]... [--vsock PATH[,cid=N]] [--balloon on|deflate-on-oom|stats=S] [--rng]
                          [--acpi on|off] [--on-reboot restart|exit] [--generation-id HEX32]
-                         [--control PATH] [--name NAME --uuid UUID] [--lock-fd N] [--ready-fd N] [--state-file PATH [--restore]]
+                         [--control PATH] [--name NAME --uuid UUID] [--lock-fd N] [--ready-fd N] [--state-file PATH [--restore]] [--snapshot-dir PATH]
         Boots one VM and runs it until it powers off or reboots. Ctrl-A x quits the stdio console.
         --acpi on|off    describe the machine with ACPI (default) or an MP table and command-line devices
         --on-reboot P    restart: a guest reboot restarts the VM in this process; exit (default): the run ends
@@ -21,6 +21,7 @@ public enum VMMArguments {
         --ready-fd N     write "ready" (or "error: ...") there once the VM runs, then close it
         --state-file P   where the control socket's `save` writes the VM's state (docs/snapshots.md)
         --restore        resume from the state file instead of booting; it is removed once restored
+        --snapshot-dir P where the control socket's `snapshot ID` writes a live snapshot's state (P/ID/state)
         """
 
     /// How the process around the machine behaves; `vireo start` sets these.
@@ -31,6 +32,7 @@ public enum VMMArguments {
         public var readyDescriptor: Int32?
         public var stateFile: String?
         public var restore = false
+        public var snapshotDirectory: String?
     }
 
     public enum Parsed {
@@ -44,7 +46,7 @@ public enum VMMArguments {
         var networks: [NetworkConfiguration] = []
         var index = 0
         let known: Set<String> = ["--kernel", "--initrd", "--cmdline", "--cpus", "--memory", "--console", "--disk", "--net", "--vsock", "--balloon",
-                                  "--acpi", "--on-reboot", "--generation-id", "--control", "--name", "--uuid", "--lock-fd", "--ready-fd", "--state-file"]
+                                  "--acpi", "--on-reboot", "--generation-id", "--control", "--name", "--uuid", "--lock-fd", "--ready-fd", "--state-file", "--snapshot-dir"]
         while index < arguments.count {
             let argument = arguments[index]
             if argument == "--help" || argument == "-h" { return .help }
@@ -112,6 +114,7 @@ public enum VMMArguments {
         options.lockDescriptor = try descriptor(values["--lock-fd"], field: "--lock-fd")
         options.readyDescriptor = try descriptor(values["--ready-fd"], field: "--ready-fd")
         options.stateFile = values["--state-file"]
+        options.snapshotDirectory = values["--snapshot-dir"]
         options.restore = values["--restore"] != nil
         if options.restore && options.stateFile == nil {
             throw .invalidConfiguration(field: "--restore", reason: "needs --state-file, the state to restore")

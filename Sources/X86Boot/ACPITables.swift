@@ -17,6 +17,8 @@ public enum ACPIPlatform {
     public static let portCount: UInt64 = 4
     /// Bit 0 of the event register: the power button was pressed.
     public static let powerButtonEvent: UInt8 = 0x01
+    /// Bit 1: the VM generation ID changed (a snapshot was restored); the guest re-reads it.
+    public static let generationChangeEvent: UInt8 = 0x02
     /// The GED's interrupt: ISA IRQ 13 (the long-gone FPU error line), free on this machine.
     public static let eventInterrupt: UInt32 = 13
     /// `\_S5` sleep type: what the guest writes (shifted into SLP_TYPx) to power off.
@@ -92,7 +94,8 @@ public struct ACPITables: Sendable {
                 AMLNamed("_UID", AMLInteger(0)),
             ]),
             // The Generic Event Device: its interrupt runs _EVT, which reads (and so clears) the
-            // event register and turns the power-button bit into the button's notification.
+            // event register and turns the power-button bit into the button's notification (and
+            // the generation bit into the vmgenid device's, when there is one).
             AMLDevice("GED0", [
                 AMLNamed("_HID", AMLString("ACPI0013")),
                 AMLNamed("_UID", AMLInteger(0)),
@@ -104,7 +107,11 @@ public struct ACPITables: Sendable {
                     AMLIf(.and(.local(0), .integer(UInt64(ACPIPlatform.powerButtonEvent))), [
                         AMLNotify("PWRB", 0x80),
                     ]),
-                ]),
+                ] as [any AMLTerm] + (generationIDAddress == nil ? [] : [
+                    AMLIf(.and(.local(0), .integer(UInt64(ACPIPlatform.generationChangeEvent))), [
+                        AMLNotify("VGEN", 0x80),
+                    ]),
+                ])),
             ]),
         ]
         for (index, device) in virtioDevices.enumerated() {

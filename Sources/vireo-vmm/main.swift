@@ -46,7 +46,8 @@ do throws(VMMError) {
                 throw VMMError.invalidConfiguration(field: "--lock-fd", reason: "the VM's lock is held by another process; is it already running?")
             }
         }
-        let machine = try Machine(configuration: configuration, stateFile: options.stateFile, restoring: options.restore)
+        let machine = try Machine(configuration: configuration, stateFile: options.stateFile, restoring: options.restore,
+                                  snapshotDirectory: options.snapshotDirectory)
         if let path = options.controlPath { try machine.listenForControl(path: path, identity: options.identity) }
         tellStarter("ready \(getpid())")
         let outcome = try machine.run()

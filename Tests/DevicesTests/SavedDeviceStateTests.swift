@@ -116,7 +116,7 @@ import Testing
         let keyboard = I8042 {}
         keyboard.pressCtrlAltDel()
         let acpi = ACPIRegisters(eventInterrupt: PulseCounter(), softOffSleepType: 5, resetValue: 0xf, powerOff: {}, reset: {})
-        acpi.pressPowerButton(1)
+        acpi.raiseEvents(1)
         // (selector, a valid state for it): the target's decoders and the device states above.
         let seeds: [(UInt8, [UInt8])] = [
             (0, Fuzz.sampleMachineMetadata), (1, Self.saved(serial)), (2, Self.saved(keyboard)), (3, Self.saved(RTC())),

@@ -33,7 +33,10 @@ public final class VirtioBlock: VirtioDevice, BackgroundDevice, @unchecked Senda
     static let maximumSegments: UInt32 = 32
     static let maximumSegmentSectors: UInt32 = 1 << 22
 
-    public let disk: any DiskImage
+    /// The image requests go to; a live snapshot swaps in a new overlay whose backing file is
+    /// the old image (docs/snapshots.md), with the transport quiesced.
+    public var disk: any DiskImage { image.withLock { $0 } }
+    private let image: Mutex<any DiskImage>
     public let readOnly: Bool
     public let serial: [UInt8]
     /// Completed requests, for counters and tests.
@@ -48,13 +51,22 @@ public final class VirtioBlock: VirtioDevice, BackgroundDevice, @unchecked Senda
     private let access = Mutex<(any VirtioQueueAccess)?>(nil)
 
     public init(disk: any DiskImage, readOnly: Bool, serial: String?, rateLimit: RateLimit = RateLimit()) {
-        self.disk = disk
+        image = Mutex(disk)
         self.readOnly = readOnly || disk.isReadOnly
         self.serial = Array((serial ?? "").utf8.prefix(20))
         limiter = rateLimit.isUnlimited ? nil : RateLimiter(rateLimit)
     }
 
     public func attach(_ access: any VirtioQueueAccess) { self.access.withLock { $0 = access } }
+
+    /// Sends every later request to `overlay`, which must show the same disk (an overlay on the
+    /// current image, of the same size). Call with the transport quiesced and the old image flushed.
+    public func switchImage(to overlay: any DiskImage) throws(DiskImageError) {
+        guard overlay.virtualSize == disk.virtualSize else {
+            throw .invalidArgument(field: "overlay", reason: "\(overlay.path) is \(overlay.virtualSize) bytes, the disk \(disk.virtualSize)")
+        }
+        image.withLock { $0 = overlay }
+    }
 
     // A throttled disk finishes its queue on a thread of its own once the limiter allows.
     public var needsBackgroundThread: Bool { limiter != nil }

@@ -1,0 +1,372 @@
+import DiskImage
+import FoundationEssentials
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// One snapshot of a VM (docs/snapshots.md): its disks as they were (each writable qcow2 disk's
+/// image at that moment, frozen since: later writes go to an overlay on it), its settings, and
+/// for a running or saved VM its memory and device state.
+public struct SnapshotRecord: Codable, Sendable, Equatable {
+    /// Eight hex digits; names the snapshot's directory and its overlays.
+    public var id: String
+    public var name: String
+    public var description: String?
+    /// Seconds since the epoch.
+    public var createdAt: Int64
+    /// The snapshot this one was taken after (the tree's edge); nil for a root.
+    public var parent: String?
+    /// Whether memory and device state were saved with it (the VM ran, or was saved).
+    public var hasMemory: Bool
+    /// Per disk of the definition (same order), the frozen image it was; nil for disks a
+    /// snapshot leaves alone (read-only ones).
+    public var layers: [String?]
+}
+
+/// The snapshots of one VM as a tree (`snapshots/tree.json`) and where the VM is in it.
+public struct SnapshotTree: Codable, Sendable, Equatable {
+    public var snapshots: [SnapshotRecord] = []
+    /// The snapshot the VM's current disks rest on (the last taken or restored); nil before any.
+    public var current: String?
+
+    public init() {}
+
+    public func find(_ reference: String) -> SnapshotRecord? {
+        snapshots.first { $0.name == reference } ?? snapshots.first { $0.id == reference }
+    }
+
+    public func children(of id: String?) -> [SnapshotRecord] { snapshots.filter { $0.parent == id } }
+}
+
+extension VMBundle {
+    public var snapshotsDirectory: String { directory + "/snapshots" }
+    var snapshotTreePath: String { snapshotsDirectory + "/tree.json" }
+    func snapshotDirectory(_ id: String) -> String { snapshotsDirectory + "/" + id }
+    func snapshotStatePath(_ id: String) -> String { snapshotDirectory(id) + "/state" }
+
+    public func loadSnapshots() throws(LibraryError) -> SnapshotTree {
+        guard HostFiles.exists(snapshotTreePath) else { return SnapshotTree() }
+        let bytes = try HostFiles.readAll(snapshotTreePath)
+        do {
+            return try JSONDecoder().decode(SnapshotTree.self, from: Data(bytes))
+        } catch {
+            throw .corrupt(path: snapshotTreePath, reason: "not a valid snapshot list (\(error))")
+        }
+    }
+
+    func saveSnapshots(_ tree: SnapshotTree) throws(LibraryError) {
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
+        let data: Data
+        do { data = try encoder.encode(tree) } catch {
+            throw .corrupt(path: snapshotTreePath, reason: "cannot encode the snapshot list: \(error)")
+        }
+        try HostFiles.makeDirectories(snapshotsDirectory)
+        try HostFiles.writeAtomically(Array(data) + [0x0a], to: snapshotTreePath)
+    }
+
+    func loadSnapshotDefinition(_ id: String) throws(LibraryError) -> VMDefinition {
+        try VMBundle(directory: snapshotDirectory(id)).load()
+    }
+}
+
+/// Snapshot names: like VM names, so they are safe as command-line words.
+enum SnapshotName {
+    static func validate(_ name: String) throws(LibraryError) {
+        do {
+            try VMName.validate(name)
+        } catch {
+            throw .invalidValue(field: "SNAPSHOT", reason: "'\(name)' must be \(VMName.rule)")
+        }
+    }
+}
+
+extension VMLibrary {
+    /// The overlay a snapshot puts on a disk image: beside it, its stem and the snapshot's ID
+    /// (the VMM follows the same rule for live snapshots: Machine.snapshotOverlayPath).
+    public static func snapshotOverlayName(for path: String, snapshot id: String) -> String {
+        let name = HostFiles.lastComponent(of: path)
+        let stem = name.split(separator: ".", maxSplits: 1).first.map(String.init) ?? name
+        let directory = path.contains("/") ? String(path[..<(path.lastIndex(of: "/") ?? path.startIndex)]) + "/" : ""
+        return directory + stem + "." + id + ".qcow2"
+    }
+
+    static func newSnapshotID() -> String {
+        var generator = SystemRandomNumberGenerator()
+        return (0..<4).map { _ in
+            let byte = UInt8.random(in: 0...255, using: &generator)
+            return String(byte >> 4, radix: 16) + String(byte & 0xf, radix: 16)
+        }.joined()
+    }
+
+    /// Which disks a snapshot layers (writable qcow2 disks in the VM's directory), refusing VMs
+    /// with a writable disk it could not freeze.
+    static func snapshotLayers(_ definition: VMDefinition, name: String) throws(LibraryError) -> [String?] {
+        try definition.disks.map { (disk) throws(LibraryError) -> String? in
+            if disk.readOnly { return nil }
+            guard disk.isOwned, disk.format == .qcow2 else {
+                throw .invalidValue(field: "snapshot", reason: "VM '\(name)' has the writable \(disk.format.rawValue) disk \(disk.path)\(disk.isOwned ? "" : " outside its directory"); snapshots freeze qcow2 disks in the VM's directory. Attach it read-only, detach it, or convert it (qemu-img convert -O qcow2)")
+            }
+            return disk.path
+        }
+    }
+
+    /// Serialises snapshot changes of one VM, running or not (the VM's own lock is the VMM's while
+    /// it runs).
+    func withSnapshotLock<T>(_ bundle: VMBundle, _ body: () throws(LibraryError) -> T) throws(LibraryError) -> T {
+        try HostFiles.makeDirectories(bundle.snapshotsDirectory)
+        let lock = try VMLock(path: bundle.snapshotsDirectory + "/.lock", create: true)
+        guard lock.tryExclusive(attempts: 600) else { throw .busy(name: bundle.name) }
+        defer { lock.unlock() }
+        return try body()
+    }
+
+    /// Prepares a snapshot: new overlays on every layered disk, the snapshot's directory with the
+    /// settings as they are, the definition moved onto the overlays. `commit` records it in the
+    /// tree; `abandon` undoes all of it. Shared by the offline and the live path.
+    struct PreparedSnapshot {
+        let bundle: VMBundle
+        let record: SnapshotRecord
+        let before: VMDefinition
+        let overlays: [String]
+    }
+
+    func prepareSnapshot(_ bundle: VMBundle, name requested: String?, description: String?, hasMemory: Bool) throws(LibraryError) -> PreparedSnapshot {
+        let definition = try bundle.load()
+        var tree = try bundle.loadSnapshots()
+        let name = requested ?? "snapshot-\(tree.snapshots.count + 1)"
+        try SnapshotName.validate(name)
+        if tree.find(name) != nil {
+            throw .invalidValue(field: "SNAPSHOT", reason: "VM '\(definition.name)' already has a snapshot named '\(name)'; choose another name")
+        }
+        if let description, description.utf8.count > 1024 {
+            throw .invalidValue(field: "--description", reason: "\(description.utf8.count) bytes; at most 1024")
+        }
+        let layers = try Self.snapshotLayers(definition, name: definition.name)
+        var id = Self.newSnapshotID()
+        while tree.snapshots.contains(where: { $0.id == id }) { id = Self.newSnapshotID() }
+        tree.snapshots.append(SnapshotRecord(id: id, name: name, description: description, createdAt: Int64(time(nil)),
+                                             parent: tree.current, hasMemory: hasMemory, layers: layers))
+        var moved = definition
+        var overlays: [String] = []
+        do throws(LibraryError) {
+            try HostFiles.makeDirectory(bundle.snapshotDirectory(id))
+            // The settings as they were: what a restore puts back.
+            try VMBundle(directory: bundle.snapshotDirectory(id)).save(definition)
+            for (index, layer) in layers.enumerated() {
+                guard let layer else { continue }
+                let overlay = Self.snapshotOverlayName(for: layer, snapshot: id)
+                // Peeked: a running VM holds its disk locked.
+                let size: UInt64
+                do { size = try DiskImages.peek(path: bundle.resolve(layer)).virtualSize } catch { throw .disk(error) }
+                try Self.createDisk(bundle.resolve(overlay), size: size, backing: HostFiles.lastComponent(of: layer))
+                overlays.append(bundle.resolve(overlay))
+                moved.disks[index].path = overlay
+            }
+            try bundle.save(moved)
+        } catch {
+            for overlay in overlays { unlink(overlay) }
+            try? HostFiles.removeTree(bundle.snapshotDirectory(id))
+            try? bundle.save(definition)
+            throw error
+        }
+        return PreparedSnapshot(bundle: bundle, record: tree.snapshots[tree.snapshots.count - 1], before: definition, overlays: overlays)
+    }
+
+    func commitSnapshot(_ prepared: PreparedSnapshot) throws(LibraryError) {
+        var tree = try prepared.bundle.loadSnapshots()
+        tree.snapshots.append(prepared.record)
+        tree.current = prepared.record.id
+        try prepared.bundle.saveSnapshots(tree)
+    }
+
+    func abandonSnapshot(_ prepared: PreparedSnapshot) {
+        try? prepared.bundle.save(prepared.before)
+        for overlay in prepared.overlays { unlink(overlay) }
+        try? HostFiles.removeTree(prepared.bundle.snapshotDirectory(prepared.record.id))
+    }
+
+    /// A snapshot of a running VM: `perform` asks its engine to write the state to the snapshot's
+    /// directory and move the disks onto the overlays prepared here. A failure before that undoes
+    /// everything; once the engine has moved, the snapshot stays (recorded, or reported).
+    public func takeSnapshotLive(_ name: String, snapshot: String?, description: String?,
+                                 perform: (SnapshotRecord) throws(LibraryError) -> Void) throws(LibraryError) -> SnapshotRecord {
+        let bundle = try bundle(named: name)
+        return try withSnapshotLock(bundle) { () throws(LibraryError) -> SnapshotRecord in
+            let prepared = try prepareSnapshot(bundle, name: snapshot, description: description, hasMemory: true)
+            do throws(LibraryError) {
+                try perform(prepared.record)
+            } catch {
+                abandonSnapshot(prepared)
+                throw error
+            }
+            try commitSnapshot(prepared)
+            return prepared.record
+        }
+    }
+
+    /// A snapshot of a VM that is not running: its disks, and its saved state when it is saved.
+    public func takeSnapshotOffline(_ name: String, snapshot: String?, description: String?) throws(LibraryError) -> SnapshotRecord {
+        try withStoppedVM(name, action: "snapshot") { (bundle, _) throws(LibraryError) -> SnapshotRecord in
+            try withSnapshotLock(bundle) { () throws(LibraryError) -> SnapshotRecord in
+                let saved = bundle.hasSavedState
+                let prepared = try prepareSnapshot(bundle, name: snapshot, description: description, hasMemory: saved)
+                do throws(LibraryError) {
+                    // The saved state is immutable once written (a new one replaces it by rename),
+                    // so the snapshot shares it by a hard link.
+                    if saved, link(bundle.savedStatePath, bundle.snapshotStatePath(prepared.record.id)) != 0 {
+                        throw .io(operation: "link the saved state into the snapshot", path: bundle.snapshotStatePath(prepared.record.id), errno: errno)
+                    }
+                    try commitSnapshot(prepared)
+                } catch {
+                    abandonSnapshot(prepared)
+                    throw error
+                }
+                return prepared.record
+            }
+        }
+    }
+
+    /// Puts a VM that is not running back to `snapshot`: new overlays on the snapshot's disk
+    /// layers, its settings (keeping the VM's name and identity, with a new generation ID), and
+    /// its memory as the saved state when it has one. What the VM held since the last snapshot
+    /// is discarded, as VirtualBox's restore does.
+    public func restoreSnapshot(_ name: String, snapshot reference: String) throws(LibraryError) -> SnapshotRecord {
+        try withStoppedVM(name, action: "restore a snapshot of") { (bundle, _) throws(LibraryError) -> SnapshotRecord in
+            try withSnapshotLock(bundle) { () throws(LibraryError) -> SnapshotRecord in
+                var tree = try bundle.loadSnapshots()
+                guard let record = tree.find(reference) else { throw Self.noSnapshot(reference, of: name, in: tree) }
+                let current = try bundle.load()
+                var restored = try bundle.loadSnapshotDefinition(record.id)
+                restored.name = current.name
+                restored.uuid = current.uuid
+                restored.createdAt = current.createdAt
+                // A new generation: the guest learns it may have been duplicated (vmgenid).
+                restored.generationID = VMDefinition.newGenerationID()
+                let overlayID = Self.newSnapshotID()
+                var made: [String] = []
+                do throws(LibraryError) {
+                    for (index, layer) in record.layers.enumerated() {
+                        guard let layer else { continue }
+                        guard index < restored.disks.count else {
+                            throw .corrupt(path: bundle.snapshotDirectory(record.id), reason: "the snapshot lists more disks than its settings")
+                        }
+                        let overlay = Self.snapshotOverlayName(for: layer, snapshot: overlayID)
+                        let size = try Self.virtualSize(bundle.resolve(layer))
+                        try Self.createDisk(bundle.resolve(overlay), size: size, backing: HostFiles.lastComponent(of: layer))
+                        made.append(bundle.resolve(overlay))
+                        restored.disks[index].path = overlay
+                    }
+                    let staged = bundle.savedStatePath + ".restoring"
+                    unlink(staged)
+                    if record.hasMemory, link(bundle.snapshotStatePath(record.id), staged) != 0 {
+                        throw .io(operation: "link the snapshot's state", path: staged, errno: errno)
+                    }
+                    try bundle.save(restored)
+                    if record.hasMemory {
+                        guard Glibc.rename(staged, bundle.savedStatePath) == 0 else {
+                            let code = errno
+                            try? bundle.save(current)
+                            throw .io(operation: "rename", path: staged, errno: code)
+                        }
+                    } else {
+                        unlink(bundle.savedStatePath)
+                    }
+                } catch {
+                    for file in made { unlink(file) }
+                    throw error
+                }
+                tree.current = record.id
+                try bundle.saveSnapshots(tree)
+                // The overlays the VM wrote to since are nobody's layer: they go.
+                let layers = Set(tree.snapshots.flatMap { $0.layers.compactMap { $0 } })
+                for disk in current.disks where disk.isOwned && !layers.contains(disk.path) && !restored.disks.contains(where: { $0.path == disk.path }) {
+                    unlink(bundle.resolve(disk.path))
+                }
+                return record
+            }
+        }
+    }
+
+    /// Deletes a snapshot of a VM that is not running. Its disk layers merge into the one image
+    /// resting on them (`qemu-img rebase`), so no other snapshot and not the current state
+    /// changes; a snapshot two others rest on is refused.
+    public func deleteSnapshot(_ name: String, snapshot reference: String) throws(LibraryError) -> SnapshotRecord {
+        try withStoppedVM(name, action: "delete a snapshot of") { (bundle, _) throws(LibraryError) -> SnapshotRecord in
+            try withSnapshotLock(bundle) { () throws(LibraryError) -> SnapshotRecord in
+                var tree = try bundle.loadSnapshots()
+                guard let record = tree.find(reference) else { throw Self.noSnapshot(reference, of: name, in: tree) }
+                let definition = try bundle.load()
+                let children = tree.children(of: record.id)
+                let restsOnIt = tree.current == record.id
+                // The images resting on each of the snapshot's layers: its children's layers and,
+                // when the VM is at this snapshot, the current disks.
+                var dependents: [[String]] = record.layers.map { _ in [] }
+                for child in children {
+                    for (index, layer) in child.layers.enumerated() where index < dependents.count {
+                        if let layer { dependents[index].append(layer) }
+                    }
+                }
+                if restsOnIt {
+                    for index in dependents.indices where record.layers[index] != nil && index < definition.disks.count {
+                        dependents[index].append(definition.disks[index].path)
+                    }
+                }
+                if dependents.contains(where: { $0.count > 1 }) {
+                    let names = children.map(\.name) + (restsOnIt ? ["the current state"] : [])
+                    throw .invalidValue(field: "SNAPSHOT", reason: "'\(record.name)' has \(names.count) states resting on it (\(names.joined(separator: ", "))); delete the snapshots after it first")
+                }
+                guard let qemuImg = HostTools.find("qemu-img") else {
+                    throw .invalidValue(field: "snapshot delete", reason: "qemu-img is not installed (apt install qemu-utils); it merges the snapshot's disk layers")
+                }
+                for (index, layer) in record.layers.enumerated() {
+                    guard let layer, let dependent = dependents[index].first else { continue }
+                    // The layer's own backing, as it names it (relative names stay relative).
+                    let below = try Self.backingName(of: bundle.resolve(layer))
+                    let arguments = ["rebase", "-q", "-f", "qcow2"] + (below.map { ["-F", $0.format, "-b", $0.name] } ?? ["-b", ""])
+                        + [bundle.resolve(dependent)]
+                    let (status, output) = HostTools.run(qemuImg, arguments)
+                    guard status == 0 else {
+                        throw .engine(name: name, reason: "merging the snapshot's layer \(layer) into \(dependent) failed (qemu-img \(status)): \(output.trimmingWhitespace())", exitStatus: 1)
+                    }
+                }
+                for layer in record.layers.compactMap({ $0 }) { unlink(bundle.resolve(layer)) }
+                try HostFiles.removeTree(bundle.snapshotDirectory(record.id))
+                for index in tree.snapshots.indices where tree.snapshots[index].parent == record.id {
+                    tree.snapshots[index].parent = record.parent
+                }
+                tree.snapshots.removeAll { $0.id == record.id }
+                if restsOnIt { tree.current = record.parent }
+                try bundle.saveSnapshots(tree)
+                return record
+            }
+        }
+    }
+
+    /// The backing file name an image records, with its format; nil for a standalone image.
+    static func backingName(of path: String) throws(LibraryError) -> (name: String, format: String)? {
+        guard let qemuImg = HostTools.find("qemu-img") else { return nil }
+        let (status, output) = HostTools.run(qemuImg, ["info", "--output=json", path])
+        guard status == 0 else { throw .corrupt(path: path, reason: "qemu-img info failed: \(output.trimmingWhitespace())") }
+        struct Info: Decodable {
+            var backingFilename: String?
+            var backingFilenameFormat: String?
+            enum CodingKeys: String, CodingKey {
+                case backingFilename = "backing-filename"
+                case backingFilenameFormat = "backing-filename-format"
+            }
+        }
+        let info: Info
+        do { info = try JSONDecoder().decode(Info.self, from: Data(output.utf8)) } catch {
+            throw .corrupt(path: path, reason: "qemu-img info said something unexpected: \(error)")
+        }
+        guard let name = info.backingFilename else { return nil }
+        return (name, info.backingFilenameFormat ?? "qcow2")
+    }
+
+    static func noSnapshot(_ reference: String, of name: String, in tree: SnapshotTree) -> LibraryError {
+        let known = tree.snapshots.map(\.name)
+        return .invalidValue(field: "SNAPSHOT", reason: "VM '\(name)' has no snapshot '\(reference)'"
+                             + (known.isEmpty ? "; it has none (take one with `vireo snapshot take \(name)`)" : "; it has \(known.joined(separator: ", "))"))
+    }
+}
