@@ -319,6 +319,15 @@ extension VMLibrary {
                 guard let qemuImg = HostTools.find("qemu-img") else {
                     throw .invalidValue(field: "snapshot delete", reason: "qemu-img is not installed (apt install qemu-utils); it merges the snapshot's disk layers")
                 }
+                // Each image to merge into must rest on the layer itself (a linked clone may have
+                // put a frozen base in between): never rebase the wrong file.
+                for (index, layer) in record.layers.enumerated() {
+                    guard let layer, let dependent = dependents[index].first else { continue }
+                    let resting = try Self.backingName(of: bundle.resolve(dependent))?.name
+                    guard let resting, bundle.resolve(resting) == bundle.resolve(layer) else {
+                        throw .invalidValue(field: "SNAPSHOT", reason: "\(dependent) rests on \(resting ?? "nothing"), not on the snapshot's layer \(layer); its layers cannot be merged")
+                    }
+                }
                 for (index, layer) in record.layers.enumerated() {
                     guard let layer, let dependent = dependents[index].first else { continue }
                     // The layer's own backing, as it names it (relative names stay relative).

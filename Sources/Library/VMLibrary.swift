@@ -873,7 +873,14 @@ public struct VMLibrary: Sendable {
                         definition.disks.append(shared)
                     } else if !linked {
                         let file = HostFiles.lastComponent(of: disk.path)
-                        try HostFiles.copySparse(bundle.resolve(disk.path), target.resolve(file))
+                        switch try Self.copyPlan(bundle.resolve(disk.path)) {
+                        case .plain:
+                            try HostFiles.copySparse(bundle.resolve(disk.path), target.resolve(file))
+                        case let .flatten(base):
+                            // The disk rests on layers in the VM's directory (snapshots): the copy
+                            // holds their data itself, resting only on what lies outside (an image).
+                            try Self.copyFlattened(bundle.resolve(disk.path), to: target.resolve(file), keeping: base)
+                        }
                         var copy = disk
                         copy.path = file
                         definition.disks.append(copy)
@@ -909,6 +916,39 @@ public struct VMLibrary: Sendable {
                 throw error
             }
             return definition
+        }
+    }
+
+    enum CopyPlan {
+        /// The file alone is the disk (or rests only on absolutely named images): copy it.
+        case plain
+        /// It rests on layers named relative to it (snapshot layers in the VM's directory): copy
+        /// their data into it, resting only on `base` (the first absolutely named image below), if any.
+        case flatten(base: (name: String, format: String)?)
+    }
+
+    static func copyPlan(_ path: String) throws(LibraryError) -> CopyPlan {
+        guard var below = try backingName(of: path), !below.name.hasPrefix("/") else { return .plain }
+        var current = path
+        for _ in 0..<64 {
+            let directory = current.contains("/") ? String(current[..<(current.lastIndex(of: "/") ?? current.startIndex)]) : "."
+            current = directory + "/" + below.name
+            guard let next = try backingName(of: current) else { return .flatten(base: nil) }
+            if next.name.hasPrefix("/") { return .flatten(base: next) }
+            below = next
+        }
+        throw .corrupt(path: path, reason: "backing chain deeper than 64 images (a loop?)")
+    }
+
+    static func copyFlattened(_ source: String, to destination: String, keeping base: (name: String, format: String)?) throws(LibraryError) {
+        guard let qemuImg = HostTools.find("qemu-img") else {
+            throw .invalidValue(field: "clone", reason: "qemu-img is not installed (apt install qemu-utils); it copies disks with snapshot layers")
+        }
+        let keep = base.map { ["-B", $0.name, "-F", $0.format] } ?? []
+        let (status, output) = HostTools.run(qemuImg, ["convert", "-q", "-O", "qcow2"] + keep + [source, destination])
+        guard status == 0 else {
+            unlink(destination)
+            throw .io(operation: "qemu-img convert (\(output.trimmingWhitespace()))", path: destination, errno: EIO)
         }
     }
 

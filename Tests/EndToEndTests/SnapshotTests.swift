@@ -76,6 +76,13 @@ struct SnapshotTests {
         #expect(library.vireo("snapshot", "restore", "tree", "B").status == 0)
         #expect(Self.same(try Self.activeDisk(library, "tree"), referenceB), "restoring B did not give B's disk")
         try Self.allClean(library, "tree")
+        // A full clone holds the layers' data itself: it rests on nothing in the original's directory.
+        let cloned = library.vireo("clone", "tree", "sprout")
+        #expect(cloned.status == 0, "\(cloned.stderr)")
+        let sprout = try Self.activeDisk(library, "sprout")
+        #expect(Self.same(sprout, referenceB), "the clone's disk differs")
+        #expect(!Harness.run(["qemu-img", "info", sprout]).stdout.contains("backing file"))
+        #expect(library.vireo("delete", "sprout").status == 0)
 
         // A has one state resting on it (B): its layer merges into B's.
         let deleteA = library.vireo("snapshot", "delete", "tree", "A")
