@@ -707,6 +707,104 @@ def images_benchmark(runs, cold=False):
     print(f"\nvireo / plain QEMU boot to SSH: {v / p:.2f}x (target: near 1)")
 
 
+def _qmp(path, *commands):
+    """Sends QMP commands to QEMU's monitor socket; returns each command's reply."""
+    import json
+    import socket
+    sock = socket.socket(socket.AF_UNIX)
+    sock.connect(path)
+    stream = sock.makefile("rw")
+    json.loads(stream.readline())                      # greeting
+    replies = []
+    for command in (({"execute": "qmp_capabilities"},) + commands):
+        stream.write(json.dumps(command) + "\n")
+        stream.flush()
+        while True:
+            reply = json.loads(stream.readline())
+            if "return" in reply or "error" in reply:
+                replies.append(reply)
+                break
+    sock.close()
+    return replies[1:]
+
+
+def saved_state_benchmark(runs, sizes=(256, 2048)):
+    """Saving a running guest's state to a file and resuming from it: Vireo's `save` request and
+    `--restore` against QEMU's own migration to a file (`migrate exec:cat > FILE`, then
+    `-incoming exec:cat FILE`) of the same dirtying probe guest (it rewrites 8 MiB from ring 3 and
+    prints a line per round), for a small and a large guest. Save: from the request to the file
+    complete. Resume: from the process start to the guest's next console line (the first byte
+    after the restore). Both files' sizes too: QEMU skips zero pages."""
+    import json
+    import tempfile
+    probe = os.path.join(OUT, "probe-pvh.elf")
+    vmm = os.path.join(ROOT, ".build", "release", "vireo-vmm")
+    work = tempfile.mkdtemp(prefix="vireo-bench-state-")
+    cmdline = "probe=dirty spin=200000"
+    results = []
+    for size in sizes:
+        vireo_save, vireo_resume, qemu_save, qemu_resume = [], [], [], []
+        vireo_bytes = qemu_bytes = 0
+        for _ in range(runs):
+            state = os.path.join(work, "vireo.state")
+            control = os.path.join(work, "control.sock")
+            argv = [vmm, "--kernel", probe, "--memory", f"{size}M", "--cmdline", cmdline, "--control", control, "--state-file", state]
+            guest = Guest(argv)
+            guest.wait_for("dirty 20 ")
+            begin = time.perf_counter()
+            reply = subprocess.run(["python3", "-c", "import socket,sys; s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); "
+                                    "s.sendall(b'save\\n'); print(s.recv(200).decode())", control], capture_output=True, text=True).stdout
+            vireo_save.append((time.perf_counter() - begin) * 1000)
+            assert '"ok":true' in reply, reply
+            guest.proc.wait()
+            vireo_bytes = os.path.getsize(state)
+            resumed = Guest(argv + ["--restore"])
+            resumed.wait_for("dirty ")
+            vireo_resume.append(resumed.first_byte * 1000)
+            resumed.finish()
+
+            qmp = os.path.join(work, "qmp.sock")
+            image = os.path.join(work, "qemu.state")
+            qemu = commands(cmdline)["qemu-microvm"]
+            qemu = [a if a != f"{MEMORY_MIB}M" else f"{size}M" for a in qemu] + ["-qmp", f"unix:{qmp},server=on,wait=off"]
+            guest = Guest(qemu)
+            guest.wait_for("dirty 20 ")
+            begin = time.perf_counter()
+            _qmp(qmp, {"execute": "migrate", "arguments": {"uri": f"exec:cat > {image}"}})
+            while True:
+                status = _qmp(qmp, {"execute": "query-migrate"})[0]["return"].get("status")
+                if status in ("completed", "failed"):
+                    break
+                time.sleep(0.002)
+            qemu_save.append((time.perf_counter() - begin) * 1000)
+            assert status == "completed", status
+            guest.finish()
+            qemu_bytes = os.path.getsize(image)
+            resumed = Guest(qemu + ["-incoming", f"exec:cat {image}"])
+            # An incoming QEMU waits paused for the stream, then stays paused until told to run.
+            deadline = time.perf_counter() + 60
+            while not os.path.exists(qmp) and time.perf_counter() < deadline:
+                time.sleep(0.001)
+            while _qmp(qmp, {"execute": "query-migrate"})[0]["return"].get("status") != "completed":
+                time.sleep(0.001)
+            _qmp(qmp, {"execute": "cont"})
+            resumed.wait_for("dirty ")
+            qemu_resume.append(resumed.first_byte * 1000)
+            resumed.finish()
+            for leftover in (state, image, qmp, control):
+                try:
+                    os.unlink(leftover)
+                except FileNotFoundError:
+                    pass
+        results.append((size, statistics.median(vireo_save), statistics.median(qemu_save), statistics.median(vireo_resume),
+                        statistics.median(qemu_resume), vireo_bytes, qemu_bytes))
+    shutil.rmtree(work, ignore_errors=True)
+    print(f"| guest RAM | save: vireo / QEMU (ms, median of {runs}) | ratio | resume to first guest output: vireo / QEMU (ms) | ratio | state file: vireo / QEMU (MiB) |")
+    print("|---|---|---|---|---|---|")
+    for size, vs, qs, vr, qr, vb, qb in results:
+        print(f"| {size} MiB | {vs:.0f} / {qs:.0f} | {vs / qs:.2f}x | {vr:.0f} / {qr:.0f} | {vr / qr:.2f}x | {vb / 2**20:.0f} / {qb / 2**20:.1f} |")
+
+
 def json_manifest(home):
     import json
     with open(os.path.join(home, "images", "debian-12", "manifest.json")) as handle:
@@ -723,7 +821,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=15)
     parser.add_argument("--port-writes", type=int, default=100000)
-    parser.add_argument("--only", choices=["vmm", "blk", "lifecycle", "acpi", "qemu-engine", "net", "images"], help="run one part only")
+    parser.add_argument("--only", choices=["vmm", "blk", "lifecycle", "acpi", "qemu-engine", "net", "images", "saved-state"], help="run one part only")
     parser.add_argument("--vm-count", type=int, default=20, help="VMs created and started in the lifecycle benchmark")
     parser.add_argument("--random-requests", type=int, default=5000)
     parser.add_argument("--cold", action="store_true", help="images: start the first build with an empty package cache")
@@ -746,6 +844,9 @@ def main():
         return
     if args.only == "net":
         net_benchmark(min(args.runs, 5))
+        return
+    if args.only == "saved-state":
+        saved_state_benchmark(min(args.runs, 5))
         return
     names = list(commands("").keys())
     results = {name: {} for name in names}
@@ -783,6 +884,7 @@ def main():
         acpi_benchmark(args.runs)
         qemu_engine_benchmark(min(args.runs, 7))
         net_benchmark(min(args.runs, 5))
+        saved_state_benchmark(min(args.runs, 5))
 
 
 if __name__ == "__main__":

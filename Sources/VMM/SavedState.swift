@@ -28,6 +28,10 @@ enum SavedStateFile {
     static let trailerSize = 16
     static let metadataLimit = 64 << 20
     static let pageSize = 4096
+    /// lseek's SEEK_DATA and SEEK_HOLE (Linux), which Swift's Glibc module leaves out (they need
+    /// _GNU_SOURCE). A file system without them answers as if the file had no holes.
+    static let seekData: Int32 = 3
+    static let seekHole: Int32 = 4
 
     struct Header {
         var metadataLength: UInt64
@@ -359,14 +363,31 @@ extension SavedStateFile {
         front += [UInt8](repeating: 0, count: Int(memoryOffset) - front.count)
         var crc = front.withUnsafeBytes { vireo_crc32(0, $0.baseAddress, $0.count) }
         try writeAll(fd, front, path: temporary)
+        // RAM the guest never wrote stays a hole in the file (read back as zeros); the checksum
+        // covers it all the same.
+        var offset = off_t(memoryOffset)
         for region in memory.regions {
-            crc = vireo_crc32(crc, region.host, Int(region.size))
-            try writeAll(fd, UnsafeRawBufferPointer(start: region.host, count: Int(region.size)), path: temporary)
+            var done = 0
+            while done < Int(region.size) {
+                let length = min(chunkSize, Int(region.size) - done)
+                let chunk = region.host + done
+                if vireo_is_zero(chunk, length) != 0 {
+                    crc = vireo_crc32_zeros(crc, UInt64(length))
+                } else {
+                    crc = vireo_crc32(crc, chunk, length)
+                    let failure = writeAllReportingErrno(fd, UnsafeRawBufferPointer(start: chunk, count: length), at: offset)
+                    if failure != 0 { throw .host(operation: "write \(temporary)", errno: failure) }
+                }
+                done += length
+                offset += off_t(length)
+            }
         }
+        guard ftruncate(fd, offset) == 0 else { throw .host(operation: "extend \(temporary)", errno: errno) }
         var trailer = StateWriter()
         trailer.put(UInt32(truncatingIfNeeded: crc))
         trailer.put(UInt32(0))
-        try writeAll(fd, trailer.bytes + trailerMagic, path: temporary)
+        let failure = (trailer.bytes + trailerMagic).withUnsafeBytes { writeAllReportingErrno(fd, $0, at: offset) }
+        if failure != 0 { throw .host(operation: "write \(temporary)", errno: failure) }
         guard fsync(fd) == 0 else { throw .host(operation: "fsync \(temporary)", errno: errno) }
         guard rename(temporary, path) == 0 else { throw .host(operation: "rename \(temporary) to \(path)", errno: errno) }
         completed = true
@@ -395,6 +416,23 @@ extension SavedStateFile {
         }
         return 0
     }
+
+    /// The same at a file offset.
+    private static func writeAllReportingErrno(_ fd: Int32, _ buffer: UnsafeRawBufferPointer, at start: off_t) -> Int32 {
+        var offset = 0
+        while offset < buffer.count {
+            let written = pwrite(fd, buffer.baseAddress.map { $0 + offset }, buffer.count - offset, start + off_t(offset))
+            if written < 0 {
+                if errno == EINTR { continue }
+                return errno
+            }
+            offset += written
+        }
+        return 0
+    }
+
+    /// The unit in which RAM is checked for zeros (and left out of the file).
+    static let chunkSize = 64 << 10
 
     /// An open state file whose header has been checked against its size; the metadata is read,
     /// RAM is not yet.
@@ -469,15 +507,28 @@ extension SavedStateFile.Opened {
         var crc = front.withUnsafeBytes { vireo_crc32(0, $0.baseAddress, $0.count) }
         var offset = off_t(header.memoryOffset)
         for region in memory.regions {
+            let end = offset + off_t(region.size)
             var done = 0
             while done < Int(region.size) {
-                let count = pread(fd, region.host + done, min(Int(region.size) - done, 64 << 20), offset)
+                // Holes (RAM the guest never wrote) are zeros: the fresh guest RAM already is.
+                let data = lseek(fd, offset, SavedStateFile.seekData)
+                let dataStart = data < 0 || data > end ? end : data
+                if dataStart > offset {
+                    crc = vireo_crc32_zeros(crc, UInt64(dataStart - offset))
+                    done += Int(dataStart - offset)
+                    offset = dataStart
+                    continue
+                }
+                let hole = lseek(fd, offset, SavedStateFile.seekHole)
+                let dataEnd = hole < 0 || hole > end ? end : max(hole, offset + 1)
+                let want = min(Int(dataEnd - offset), 64 << 20)
+                let count = pread(fd, region.host + done, want, offset)
                 if count < 0 && errno == EINTR { continue }
                 guard count > 0 else { throw .savedState(path: path, reason: "memory could not be read at offset \(offset)") }
+                crc = vireo_crc32(crc, region.host + done, count)
                 done += count
                 offset += off_t(count)
             }
-            crc = vireo_crc32(crc, region.host, Int(region.size))
         }
         var trailer = [UInt8](repeating: 0, count: SavedStateFile.trailerSize)
         guard (trailer.withUnsafeMutableBytes { pread(fd, $0.baseAddress, $0.count, offset) }) == trailer.count,
