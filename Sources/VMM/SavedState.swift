@@ -364,14 +364,16 @@ extension SavedStateFile {
         var crc = front.withUnsafeBytes { vireo_crc32(0, $0.baseAddress, $0.count) }
         try writeAll(fd, front, path: temporary)
         // RAM the guest never wrote stays a hole in the file (read back as zeros); the checksum
-        // covers it all the same.
+        // covers it all the same. Pages that were never touched are known from the page map
+        // without reading them (reading would fault each one in).
+        let pages = PageMap()
         var offset = off_t(memoryOffset)
         for region in memory.regions {
             var done = 0
             while done < Int(region.size) {
                 let length = min(chunkSize, Int(region.size) - done)
                 let chunk = region.host + done
-                if vireo_is_zero(chunk, length) != 0 {
+                if pages?.neverTouched(chunk, length: length) == true || vireo_is_zero(chunk, length) != 0 {
                     crc = vireo_crc32_zeros(crc, UInt64(length))
                 } else {
                     crc = vireo_crc32(crc, chunk, length)
@@ -490,6 +492,32 @@ extension SavedStateFile {
             throw refuse("metadata could not be read")
         }
         return Opened(fd: fd, path: path, header: header, metadata: metadata)
+    }
+}
+
+/// This process's /proc/self/pagemap: which pages of an anonymous mapping were ever touched.
+/// A page neither present nor swapped out reads as zeros without having to be faulted in.
+final class PageMap {
+    private let fd: Int32
+    private let pageSize = Int(sysconf(Int32(_SC_PAGESIZE)))
+
+    init?() {
+        fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC)
+        if fd < 0 { return nil }
+    }
+
+    deinit { close(fd) }
+
+    /// True only when the page map says so for every page of the range; any doubt says false.
+    func neverTouched(_ address: UnsafeMutableRawPointer, length: Int) -> Bool {
+        let first = Int(bitPattern: address) / pageSize
+        let count = (length + pageSize - 1) / pageSize
+        var entries = [UInt64](repeating: 0, count: count)
+        let wanted = count * 8
+        let read = entries.withUnsafeMutableBytes { pread(fd, $0.baseAddress, wanted, off_t(first) * 8) }
+        guard read == wanted else { return false }
+        // Bit 63: present in RAM; bit 62: swapped out.
+        return entries.allSatisfy { $0 & (3 << 62) == 0 }
     }
 }
 
