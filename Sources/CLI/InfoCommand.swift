@@ -35,6 +35,9 @@ struct Info: ParsableCommand {
         var networks: [Card]
         var vsockCid: UInt64?
         var vsockSocket: String?
+        /// The saved state `vireo start` resumes from, when the VM is saved.
+        var savedState: String?
+        var snapshots: Int, currentSnapshot: String?
         var process: VMDescription?
         var counters: VMCounters?
     }
@@ -48,6 +51,7 @@ struct Info: ParsableCommand {
             let definition = try bundle.load()
             let status = library.status(of: bundle)
             let counters = status.description == nil ? nil : try? manager.counters(name)
+            let snapshots = try bundle.loadSnapshots()
             report = Report(
                 name: definition.name, uuid: definition.uuid, state: status.state.rawValue, crashReason: status.crashReason, osType: definition.osType,
                 cpus: definition.cpus, memoryBytes: definition.memoryBytes,
@@ -71,7 +75,10 @@ struct Info: ParsableCommand {
                     return Card(attachment: card.attachment.description, mac: card.mac, forwards: card.forwards.map(\.description),
                                 hostInterface: HostNetworks.hostInterface(of: definition, card: index), address: address?.description)
                 }, vsockCid: definition.vsockCID,
-                vsockSocket: definition.vsockCID == nil ? nil : bundle.vsockPath, process: status.description, counters: counters)
+                vsockSocket: definition.vsockCID == nil ? nil : bundle.vsockPath,
+                savedState: bundle.hasSavedState ? bundle.savedStatePath : nil,
+                snapshots: snapshots.snapshots.count, currentSnapshot: snapshots.current.flatMap { id in snapshots.snapshots.first { $0.id == id }?.name },
+                process: status.description, counters: counters)
         } catch {
             throw fail(error)
         }
@@ -88,6 +95,12 @@ struct Info: ParsableCommand {
             lines.append(["Firmware:", report.firmware ?? "none (direct kernel boot)"])
             if report.firmware != nil { lines.append(["CD-ROM:", report.iso ?? "(empty)"]) }
             lines += [["Acceleration:", acceleration], ["Disk bus:", report.diskBus == "sata" ? "SATA (AHCI), e1000 network" : "virtio"]]
+        }
+        if let saved = report.savedState {
+            lines.append(["Saved state:", "\(saved) (`vireo start \(report.name)` resumes; --discard-state boots afresh)"])
+        }
+        if report.snapshots > 0 {
+            lines.append(["Snapshots:", "\(report.snapshots), current: \(report.currentSnapshot ?? "none") (`vireo snapshot list \(report.name)`)"])
         }
         if let image = report.image { lines.append(["Image:", image]) }
         if let user = report.cloudInitUser {

@@ -37,6 +37,8 @@ struct SavedStateTests {
         let statePath = library.root.appendingPathComponent("keep/saved.state").path
         #expect(FileManager.default.fileExists(atPath: statePath))
         #expect(library.vmmLog("keep").contains("state saved to \(statePath); the VM has stopped"), "\(library.vmmLog("keep"))")
+        let info = library.vireo("info", "keep").stdout
+        #expect(info.contains("Saved state:") && info.contains("\(statePath) (`vireo start keep` resumes"), "\(info)")
         let before = Self.rounds(library.consoleLog("keep"))
         let last = try #require(before.last)
         // Nothing runs while it is saved.

@@ -64,6 +64,8 @@ struct SnapshotTests {
         #expect(lines.count == 4 && lines[1].hasPrefix("A  ") && lines[1].hasSuffix("first") && lines[2].hasPrefix("  B  ") && lines[3] == "    * current state",
                 "\(listed.stdout)")
 
+        let described = library.vireo("info", "tree").stdout
+        #expect(described.contains("Snapshots:") && described.contains(" 2, current: B (`vireo snapshot list tree`)"), "\(described)")
         let restoreA = library.vireo("snapshot", "restore", "tree", "A")
         #expect(restoreA.status == 0, "\(restoreA.stderr)")
         #expect(Self.same(try Self.activeDisk(library, "tree"), referenceA), "restoring A did not give A's disk")
