@@ -698,24 +698,30 @@ extension Machine {
                     if pausedHere { _ = pauseGate.resume() }
                 }
             }
-            let state: SavedMachineState
-            do throws(KVMError) {
-                state = try captureState()
-            } catch {
-                throw .kvm(error)
-            }
-            for disk in blockDevices {
-                do throws(DiskImageError) {
-                    try disk.device.disk.flush()
-                } catch {
-                    throw .host(operation: "flush \(disk.path) before saving: \(error)", errno: EIO)
-                }
-            }
-            try SavedStateFile.write(metadata: state.encoded(), memory: memory, to: path)
+            try writeQuiescedState(to: path)
             saved = true
             stateWritten.store(true, ordering: .releasing)
             vmmLog("saved to \(path) in \((VMMClock.now() - started) / 1000) us")
         }
+    }
+
+    /// With the vCPUs parked and the transports quiesced: captures the state, makes every disk's
+    /// writes durable (the state refers to what they hold now) and writes the state file.
+    private func writeQuiescedState(to path: String) throws(VMMError) {
+        let state: SavedMachineState
+        do throws(KVMError) {
+            state = try captureState()
+        } catch {
+            throw .kvm(error)
+        }
+        for disk in blockDevices {
+            do throws(DiskImageError) {
+                try disk.device.disk.flush()
+            } catch {
+                throw .host(operation: "flush \(disk.path) before writing the state: \(error)", errno: EIO)
+            }
+        }
+        try SavedStateFile.write(metadata: state.encoded(), memory: memory, to: path)
     }
 
     /// Ends the run of a machine `save()` has written out: it stays parked until it stops.
@@ -813,20 +819,7 @@ extension Machine {
                 for transport in virtioTransports { transport.resumeQueues() }
                 if pausedHere { _ = pauseGate.resume() }
             }
-            let state: SavedMachineState
-            do throws(KVMError) {
-                state = try captureState()
-            } catch {
-                throw .kvm(error)
-            }
-            for entry in switches {
-                do throws(DiskImageError) {
-                    try entry.device.disk.flush()
-                } catch {
-                    throw .host(operation: "flush \(entry.device.disk.path) before the snapshot: \(error)", errno: EIO)
-                }
-            }
-            try SavedStateFile.write(metadata: state.encoded(), memory: memory, to: directory + "/" + id + "/state")
+            try writeQuiescedState(to: directory + "/" + id + "/state")
             for entry in switches {
                 do throws(DiskImageError) {
                     try entry.device.switchImage(to: entry.overlay)
