@@ -783,21 +783,24 @@ def saved_state_benchmark(runs, sizes=(256, 2048)):
             qemu_bytes = os.stat(image).st_blocks * 512
             os.unlink(qmp)
             resumed = Guest(qemu + ["-incoming", f"exec:cat {image}"])
-            # An incoming QEMU waits paused for the stream, then stays paused until told to run.
-            deadline = time.perf_counter() + 60
-            while True:
-                try:
-                    if _qmp(qmp, {"execute": "query-migrate"})[0]["return"].get("status") == "completed":
-                        break
-                except (FileNotFoundError, ConnectionRefusedError):
-                    pass
-                if time.perf_counter() > deadline:
-                    raise TimeoutError("QEMU did not take the incoming state")
-                time.sleep(0.001)
-            _qmp(qmp, {"execute": "cont"})
-            resumed.wait_for("dirty ")
-            qemu_resume.append(resumed.first_byte * 1000)
-            resumed.finish()
+            try:
+                # An incoming QEMU waits paused for the stream, then stays paused until told to run.
+                deadline = time.perf_counter() + 60
+                while True:
+                    try:
+                        if _qmp(qmp, {"execute": "query-migrate"})[0]["return"].get("status") == "completed":
+                            break
+                    except (FileNotFoundError, ConnectionRefusedError):
+                        pass
+                    if time.perf_counter() > deadline:
+                        raise TimeoutError("QEMU did not take the incoming state")
+                    time.sleep(0.001)
+                _qmp(qmp, {"execute": "cont"})
+                resumed.wait_for("dirty ")
+                qemu_resume.append(resumed.first_byte * 1000)
+            finally:
+                # Never leave a guest spinning behind a failed run (it would load every later test).
+                resumed.finish()
             for leftover in (state, image, qmp, control):
                 try:
                     os.unlink(leftover)

@@ -324,6 +324,14 @@ static void probe_info(void) {
     char sig[13];
     *(uint32_t *)&sig[0] = r[1]; *(uint32_t *)&sig[4] = r[2]; *(uint32_t *)&sig[8] = r[3]; sig[12] = 0;
     puts_raw(" hv_signature="); puts_raw(sig); puts_raw("\n");
+    /* The feature words --cpu changes. */
+    uint32_t l7[4] = {0}, x1[4], kvm[4];
+    cpuid(0, 0, r);
+    if (r[0] >= 7) cpuid(7, 0, l7);
+    cpuid(0x80000001, 0, x1);
+    cpuid(0x40000001, 0, kvm);
+    puts_raw("cpuid-features: 1.ecx="); put_hex(v[2]); puts_raw(" 7.ebx="); put_hex(l7[1]); puts_raw(" 7.ecx="); put_hex(l7[2]);
+    puts_raw(" 80000001.ecx="); put_hex(x1[2]); puts_raw(" 80000001.edx="); put_hex(x1[3]); puts_raw(" 40000001.eax="); put_hex(kvm[0]); puts_raw("\n");
     if (parse_acpi()) print_acpi();
     else puts_raw("acpi: none\n");
     if (parse_mp_table()) {

@@ -2,6 +2,7 @@ import ArgumentParser
 import Devices
 import DiskImage
 import Library
+import X86Boot
 import VMM
 #if canImport(Glibc)
 import Glibc
@@ -65,6 +66,9 @@ struct Create: ParsableCommand {
     @Option(name: .customLong("on-reboot"), help: ArgumentHelp("What a guest's reboot does: restart (default) boots it again in the same process; exit stops the VM.", valueName: "restart|exit"))
     var onReboot: String?
 
+    @Option(help: ArgumentHelp("The CPU the guest sees: \(CPUModel.syntax). kvm engine; a saved or snapshotted guest keeps its own.", valueName: "model"))
+    var cpu: String?
+
     @OptionGroup var engineOptions: EngineOptions
 
     @Option(help: ArgumentHelp("Make the VM from this image (`vireo image list`): its disk is a thin overlay on the image's, grown to --disk, and it boots the image's kernel.", valueName: "image"))
@@ -105,6 +109,7 @@ struct Create: ParsableCommand {
         request.vsockCID = vsockCid
         request.acpi = try acpi.map(parseACPIFlag)
         request.onReboot = onReboot
+        request.cpuModel = cpu
         request.iso = engineOptions.iso
         request.image = image
         request.fullCopy = full

@@ -24,7 +24,7 @@ struct Info: ParsableCommand {
     struct Report: Encodable {
         var name: String, uuid: String, state: String, crashReason: String?, osType: String, cpus: Int, memoryBytes: UInt64
         var kernel: String?, initrd: String?, commandLine: String, entropyDevice: Bool, createdAt: Int64
-        var acpi: Bool, onReboot: String, generationId: String?
+        var acpi: Bool, onReboot: String, generationId: String?, cpuModel: String
         var engine: String, firmware: String?, iso: String?, accelerator: String, runningAccelerator: String?, diskBus: String
         var displaySocket: String?
         var image: String?
@@ -58,6 +58,7 @@ struct Info: ParsableCommand {
                 kernel: definition.kernel.map(bundle.resolve), initrd: definition.initrd.map(bundle.resolve),
                 commandLine: definition.commandLine, entropyDevice: definition.entropyDevice, createdAt: definition.createdAt,
                 acpi: definition.acpi, onReboot: definition.onReboot, generationId: definition.generationID,
+                cpuModel: definition.cpuModel ?? "host",
                 engine: definition.engine.rawValue, firmware: definition.firmware?.rawValue, iso: definition.iso,
                 accelerator: definition.accelerator.rawValue, runningAccelerator: status.description?.accelerator,
                 diskBus: definition.diskBus.rawValue, displaySocket: definition.engine == .qemu ? bundle.vncPath : nil,
@@ -86,7 +87,7 @@ struct Info: ParsableCommand {
         var lines: [[String]] = [
             ["Name:", report.name], ["UUID:", report.uuid],
             ["State:", report.crashReason.map { "\(report.state): \($0)" } ?? report.state], ["OS type:", report.osType],
-            ["CPUs:", String(report.cpus)], ["Memory:", Size.describe(report.memoryBytes)],
+            ["CPUs:", String(report.cpus) + (report.cpuModel == "host" ? "" : " (\(report.cpuModel))")], ["Memory:", Size.describe(report.memoryBytes)],
             ["Engine:", report.engine == "qemu" ? "qemu (QEMU q35 machine, controlled over QMP)" : "kvm (vireo-vmm)"],
         ]
         if report.engine == "qemu" {

@@ -1,6 +1,7 @@
 import ArgumentParser
 import Engines
 import Library
+import X86Boot
 import Devices
 import VMM
 
@@ -53,6 +54,9 @@ struct Set: ParsableCommand {
     @Option(name: .customLong("on-reboot"), help: ArgumentHelp("What a guest's reboot does: restart or exit.", valueName: "restart|exit"))
     var onReboot: String?
 
+    @Option(help: ArgumentHelp("The CPU the guest sees: \(CPUModel.syntax). kvm engine; a saved or snapshotted guest keeps its own.", valueName: "model"))
+    var cpu: String?
+
     @OptionGroup var engineOptions: EngineOptions
 
     func run() throws {
@@ -76,6 +80,7 @@ struct Set: ParsableCommand {
         request.balloon = balloon
         request.acpi = try acpi.map(parseACPIFlag)
         request.onReboot = onReboot
+        request.cpuModel = cpu
         let iso = engineOptions.iso
         if let iso { request.iso = .some(iso == "none" ? nil : iso) }
         let changed: VMDefinition

@@ -1,5 +1,6 @@
 import ArgumentParser
 import VMM
+import X86Boot
 
 struct Run: ParsableCommand {
     static let configuration = CommandConfiguration(
@@ -30,6 +31,9 @@ struct Run: ParsableCommand {
     @Option(help: "Guest RAM: a number with K, M, G or T (binary units); a bare number is MiB.")
     var memory: String = "512M"
 
+    @Option(help: ArgumentHelp("The CPU the guest sees: \(CPUModel.syntax).", valueName: "model"))
+    var cpu: String = "host"
+
     @Option(help: "Serial console: stdio, none, file:PATH (output only) or socket:PATH (a Unix socket to connect to).")
     var console: String = "stdio"
 
@@ -57,6 +61,12 @@ struct Run: ParsableCommand {
     var onReboot: String = "exit"
 
     func run() throws {
+        let cpuModel: CPUModel
+        do throws(CPUModel.ParseError) {
+            cpuModel = try CPUModel(parsing: cpu)
+        } catch {
+            throw fail(VMMError.invalidConfiguration(field: "--cpu", reason: error.description))
+        }
         let machine: Machine
         do {
             var configuration = VMConfiguration(
@@ -68,6 +78,7 @@ struct Run: ParsableCommand {
             if let vsock { configuration.vsock = try VsockConfiguration(parsing: vsock) }
             if let balloon { configuration.balloon = try BalloonConfiguration(parsing: balloon) }
             configuration.entropyDevice = rng
+            configuration.cpuModel = cpuModel
             configuration.acpi = try parseACPISwitch(acpi)
             configuration.onReboot = try RebootPolicy(parsing: onReboot)
             machine = try Machine(configuration: configuration)

@@ -51,6 +51,7 @@ public struct KVMEngine: Engine {
         if definition.balloon { arguments += ["--balloon", "deflate-on-oom,stats=5"] }
         if definition.entropyDevice { arguments.append("--rng") }
         arguments += ["--acpi", definition.acpi ? "on" : "off", "--on-reboot", definition.onReboot]
+        if let model = definition.cpuModel { arguments += ["--cpu", model] }
         if let generationID = definition.generationID { arguments += ["--generation-id", generationID] }
         return arguments
     }

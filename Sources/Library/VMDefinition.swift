@@ -36,6 +36,9 @@ public struct VMDefinition: Codable, Sendable, Equatable {
     /// What a guest's reboot does: "restart" (boot again in the same process, the default) or
     /// "exit" (the VM stops).
     public var onReboot: String
+    /// The CPU the guest sees (`--cpu`: host, baseline, with ±features; X86Boot.CPUModel); nil
+    /// is `host`.
+    public var cpuModel: String?
     /// The VM generation ID (32 hex digits) the guest's vmgenid device shows; a new one on every
     /// clone, so guests reseed their random number generators. Nil (older VMs): random per start.
     public var generationID: String?
@@ -92,7 +95,7 @@ public struct VMDefinition: Codable, Sendable, Equatable {
 
     enum CodingKeys: String, CodingKey {
         case version, uuid, name, osType, engine, cpus, memoryBytes, kernel, initrd, commandLine, disks, networks
-        case vsockCID, balloon, entropyDevice, createdAt, acpi, onReboot, generationID
+        case vsockCID, balloon, entropyDevice, createdAt, acpi, onReboot, generationID, cpuModel
         case firmware, nvram, iso, accelerator, diskBus, image, cloudInit
     }
 
@@ -119,6 +122,7 @@ public struct VMDefinition: Codable, Sendable, Equatable {
         acpi = try container.decodeIfPresent(Bool.self, forKey: .acpi) ?? false
         onReboot = try container.decodeIfPresent(String.self, forKey: .onReboot) ?? "restart"
         generationID = try container.decodeIfPresent(String.self, forKey: .generationID)
+        cpuModel = try container.decodeIfPresent(String.self, forKey: .cpuModel)
         firmware = try container.decodeIfPresent(Firmware.self, forKey: .firmware)
         nvram = try container.decodeIfPresent(String.self, forKey: .nvram)
         iso = try container.decodeIfPresent(String.self, forKey: .iso)

@@ -42,6 +42,8 @@ public struct CreateRequest: Sendable {
     public var balloon: Bool?
     public var acpi: Bool?
     public var onReboot: String?
+    /// `--cpu`: host, baseline, with ±features.
+    public var cpuModel: String?
     /// nil: chosen from the rest (an ISO or firmware means qemu, otherwise kvm).
     public var engine: EngineKind?
     public var iso: String?
@@ -90,6 +92,8 @@ public struct ChangeRequest: Sendable {
     public var balloon: Bool?
     public var acpi: Bool?
     public var onReboot: String?
+    /// `--cpu`: host, baseline, with ±features.
+    public var cpuModel: String?
     public var engine: EngineKind?
     /// `.some(nil)` ejects the ISO.
     public var iso: String??
@@ -104,7 +108,7 @@ public struct ChangeRequest: Sendable {
          kernel != nil ? "--kernel" : nil, initrd != nil || removeInitrd ? "--initrd" : nil,
          osType != nil ? "--ostype" : nil, entropyDevice != nil ? "--rng" : nil, networks != nil ? "--nic" : nil,
          vsockCID != nil ? "--vsock-cid" : nil, balloon != nil ? "--balloon" : nil, acpi != nil ? "--acpi" : nil,
-         onReboot != nil ? "--on-reboot" : nil, engine != nil ? "--engine" : nil, iso != nil ? "--iso" : nil,
+         onReboot != nil ? "--on-reboot" : nil, cpuModel != nil ? "--cpu" : nil, engine != nil ? "--engine" : nil, iso != nil ? "--iso" : nil,
          firmware != nil ? "--firmware" : nil, accelerator != nil ? "--accel" : nil].compactMap { $0 }
     }
 }
@@ -264,6 +268,7 @@ public struct VMLibrary: Sendable {
             try Self.validate(onReboot: policy)
             definition.onReboot = policy
         }
+        if let model = request.cpuModel { definition.cpuModel = model }
         if let kernel = request.kernel { try Self.validate(kernel: kernel) }
         if let initrd = request.initrd { try Self.validateReadable(initrd, field: "--initrd") }
         guard request.diskBytes == nil || request.attachDisk == nil, !(request.withoutDisk && (request.diskBytes != nil || request.attachDisk != nil)) else {
@@ -473,6 +478,13 @@ public struct VMLibrary: Sendable {
         try validate(memoryBytes: definition.memoryBytes)
         try validate(commandLine: definition.commandLine)
         try validate(onReboot: definition.onReboot)
+        if let model = definition.cpuModel {
+            let parsed: CPUModel
+            do { parsed = try CPUModel(parsing: model) } catch { throw .invalidValue(field: "--cpu", reason: error.description) }
+            if definition.engine == .qemu, parsed != .host {
+                throw .invalidValue(field: "--cpu", reason: "the qemu engine takes host only so far (it runs -cpu host); '\(model)' needs --engine kvm")
+            }
+        }
         if let cid = definition.vsockCID { try validate(vsockCID: cid) }
         try validate(networks: definition.networks)
         switch definition.engine {
@@ -645,7 +657,7 @@ public struct VMLibrary: Sendable {
     public func change(_ name: String, _ request: ChangeRequest) throws(LibraryError) -> VMDefinition {
         let fields = request.fields
         guard !fields.isEmpty else {
-            throw .invalidValue(field: "vireo set", reason: "nothing to change; give at least one of --cpus, --memory, --cmdline, --kernel, --initrd, --no-initrd, --ostype, --rng/--no-rng, --nic, --no-nic, --forward, --vsock-cid, --no-vsock, --balloon/--no-balloon, --acpi, --on-reboot, --engine, --iso, --firmware, --accel")
+            throw .invalidValue(field: "vireo set", reason: "nothing to change; give at least one of --cpus, --memory, --cmdline, --kernel, --initrd, --no-initrd, --ostype, --rng/--no-rng, --nic, --no-nic, --forward, --vsock-cid, --no-vsock, --balloon/--no-balloon, --acpi, --on-reboot, --cpu, --engine, --iso, --firmware, --accel")
         }
         if request.initrd != nil && request.removeInitrd { throw .invalidValue(field: "--initrd", reason: "--initrd and --no-initrd contradict each other") }
         if let kernel = request.kernel { try Self.validate(kernel: kernel) }
@@ -666,6 +678,7 @@ public struct VMLibrary: Sendable {
             if let balloon = request.balloon { changed.balloon = balloon }
             if let acpi = request.acpi { changed.acpi = acpi }
             if let policy = request.onReboot { changed.onReboot = policy }
+            if let model = request.cpuModel { changed.cpuModel = model }
             if let networks = request.networks {
                 let previous = definition.networks
                 changed.networks = networks.enumerated().map { index, card in

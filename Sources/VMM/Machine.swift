@@ -222,7 +222,11 @@ public final class Machine: @unchecked Sendable {
                 throw .savedState(path: stateFile, reason: "this host's CPU lacks features the saved guest may use: \(missing.joined(separator: ", "))")
             }
         }
-        cpuidBasis = saved?.cpuid ?? supported
+        if let saved {
+            cpuidBasis = saved.cpuid
+        } else {
+            cpuidBasis = try configuration.cpuModel.apply(to: supported)
+        }
         do {
             let hasExtendedControl = kvm.extensionValue(VIREO_KVM_CAP_XCRS) > 0
             for index in 0..<boot.cpuCount {

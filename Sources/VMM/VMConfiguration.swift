@@ -250,6 +250,8 @@ public struct VMConfiguration: Sendable {
     public var balloon: BalloonConfiguration?
     /// Attach a virtio-rng device fed from the host's /dev/urandom.
     public var entropyDevice = false
+    /// The CPU the guest sees (`--cpu`); a restored guest keeps the one it was saved with.
+    public var cpuModel = CPUModel.host
     /// Describe the machine with ACPI tables (on) or an MP table and command-line devices (off).
     public var acpi = true
     public var onReboot: RebootPolicy = .exit

@@ -1,3 +1,4 @@
+import X86Boot
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -8,11 +9,12 @@ import Glibc
 /// (bench/README.md). `--flag value` and `--flag=value` are both accepted.
 public enum VMMArguments {
     public static let usage = """
-        usage: vireo-vmm --kernel PATH [--initrd PATH] [--cmdline TEXT] [--cpus N] [--memory SIZE]
+        usage: vireo-vmm --kernel PATH [--initrd PATH] [--cmdline TEXT] [--cpus N] [--cpu MODEL] [--memory SIZE]
                          [--console stdio|none|file:PATH|socket:PATH] [--disk PATH[,readonly][,format=raw|qcow2][,serial=ID]]... [--net tap:NAME|tap-fd:N|stream-fd:N[,mac=MAC]]... [--vsock PATH[,cid=N]] [--balloon on|deflate-on-oom|stats=S] [--rng]
                          [--acpi on|off] [--on-reboot restart|exit] [--generation-id HEX32]
                          [--control PATH] [--name NAME --uuid UUID] [--lock-fd N] [--ready-fd N] [--state-file PATH [--restore]] [--snapshot-dir PATH]
         Boots one VM and runs it until it powers off or reboots. Ctrl-A x quits the stdio console.
+        --cpu MODEL      the CPU the guest sees: host (default) or baseline (x86-64-v2), then ,+FEATURE / ,-FEATURE
         --acpi on|off    describe the machine with ACPI (default) or an MP table and command-line devices
         --on-reboot P    restart: a guest reboot restarts the VM in this process; exit (default): the run ends
         --generation-id  the VM generation ID (32 hex digits) the guest's vmgenid device shows; random if absent
@@ -45,7 +47,7 @@ public enum VMMArguments {
         var disks: [DiskConfiguration] = []
         var networks: [NetworkConfiguration] = []
         var index = 0
-        let known: Set<String> = ["--kernel", "--initrd", "--cmdline", "--cpus", "--memory", "--console", "--disk", "--net", "--vsock", "--balloon",
+        let known: Set<String> = ["--kernel", "--initrd", "--cmdline", "--cpus", "--cpu", "--memory", "--console", "--disk", "--net", "--vsock", "--balloon",
                                   "--acpi", "--on-reboot", "--generation-id", "--control", "--name", "--uuid", "--lock-fd", "--ready-fd", "--state-file", "--snapshot-dir"]
         while index < arguments.count {
             let argument = arguments[index]
@@ -104,6 +106,13 @@ public enum VMMArguments {
             configuration.cpuCount = count
         }
         if let memory = values["--memory"] { configuration.memorySize = try Size.parse(memory, field: "--memory") }
+        if let model = values["--cpu"] {
+            do throws(CPUModel.ParseError) {
+                configuration.cpuModel = try CPUModel(parsing: model)
+            } catch {
+                throw .invalidConfiguration(field: "--cpu", reason: error.description)
+            }
+        }
         if let console = values["--console"] { configuration.console = try ConsoleConfiguration(parsing: console) }
         var options = ProcessOptions()
         options.controlPath = values["--control"]

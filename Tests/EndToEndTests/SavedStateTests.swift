@@ -155,6 +155,77 @@ struct SavedStateTests {
         #expect(after.stdout.contains("OK") && after.stdout.contains("echo:after"), "\(after.stdout)\(after.stderr)")
     }
 
+    /// The feature words the probe prints (`cpuid-features: 1.ecx=0x… 40000001.eax=0x…`).
+    static func features(_ console: String) -> [String: UInt64] {
+        guard let line = console.split(whereSeparator: \.isNewline).first(where: { $0.hasPrefix("cpuid-features:") }) else { return [:] }
+        var words: [String: UInt64] = [:]
+        for field in line.split(separator: " ").dropFirst() {
+            let parts = field.split(separator: "=")
+            if parts.count == 2, let value = UInt64(parts[1].dropFirst(2), radix: 16) { words[String(parts[0])] = value }
+        }
+        return words
+    }
+
+    @Test("--cpu: the guest's CPUID follows the VM's CPU model (host, -feature, baseline), bad models are refused with the reason, and a saved state whose CPU this host cannot offer is refused with the feature named")
+    func cpuModels() throws {
+        let library = try TestLibrary()
+        for (name, model) in [("plain", nil), ("noipi", "host,-kvm-pv-send-ipi"), ("base", "baseline")] as [(String, String?)] {
+            try library.createProbe(name, command: "probe=info", extra: ["--no-disk"] + (model.map { ["--cpu", $0] } ?? []))
+            #expect(library.vireo("start", name).status == 0)
+            #expect(library.waitFor(30) { library.consoleLog(name).contains("probe: done") || library.state(name) == "stopped" })
+        }
+        let host = Self.features(library.consoleLog("plain"))
+        let noIPI = Self.features(library.consoleLog("noipi"))
+        let baseline = Self.features(library.consoleLog("base"))
+        let sendIPI: UInt64 = 1 << 11
+        // (This host's KVM offers PV send-IPI, and hides 0x80000001's ABM from nobody but baseline.)
+        #expect(host["40000001.eax"].map { $0 & sendIPI != 0 } == true, "\(host)")
+        #expect(noIPI["40000001.eax"] == host["40000001.eax"].map { $0 & ~sendIPI }, "\(noIPI) vs \(host)")
+        #expect(baseline["80000001.ecx"] == host["80000001.ecx"].map { $0 & 1 }, "\(baseline) vs \(host)")
+        #expect(baseline["40000001.eax"].map { $0 & sendIPI } == 0, "\(baseline)")
+        #expect(library.vireo("info", "noipi").stdout.contains("(host,-kvm-pv-send-ipi)"))
+
+        for (model, reason) in [("fast", "must start with host or baseline"), ("host,-nosuch", "'nosuch' is not a CPU feature"),
+                                ("host,avx", "must be +FEATURE or -FEATURE"), ("host,+avx,-avx", "both added and removed")] {
+            let refused = library.vireo("set", "plain", "--cpu", model)
+            #expect(refused.status == 2 && refused.stderr.contains("--cpu") && refused.stderr.contains(reason), "\(model): \(refused.stderr)")
+        }
+
+        // A state saved on a CPU with 3DNow! (CPUID 0x80000001 edx bit 31, which no KVM offers):
+        // the saved CPUID is rewritten and the checksum made to match, so only the CPU check can refuse it.
+        try library.createProbe("moved", command: "probe=dirty spin=2000000", extra: ["--no-disk"])
+        #expect(library.vireo("start", "moved").status == 0)
+        #expect(library.waitFor(30) { Self.rounds(library.consoleLog("moved")).count >= 3 })
+        #expect(library.vireo("save", "moved", timeout: 120).status == 0)
+        let statePath = library.root.appendingPathComponent("moved/saved.state").path
+        let patched = Harness.run(["python3", "-c", """
+            import struct, sys, zlib
+            path = sys.argv[1]
+            data = bytearray(open(path, "rb").read())
+            offset = 40
+            def take(fmt):
+                global offset
+                value = struct.unpack_from("<" + fmt, data, offset); offset += struct.calcsize("<" + fmt); return value
+            def string():
+                global offset
+                (length,) = take("I"); offset += length
+            string(); cpus, memory, acpi, count = take("IQBI"); offset += 4 * count
+            string(); (entries,) = take("I")
+            for _ in range(entries):
+                function, index, flags, eax, ebx, ecx, edx = struct.unpack_from("<7I", data, offset)
+                if function == 0x80000001:
+                    struct.pack_into("<I", data, offset + 24, edx | (1 << 31))
+                offset += 28
+            struct.pack_into("<I", data, len(data) - 16, zlib.crc32(bytes(data[:-16])))
+            open(path, "wb").write(data)
+            """, statePath])
+        #expect(patched.status == 0, "\(patched.stderr)")
+        let refused = library.vireo("start", "moved")
+        #expect(refused.status == 2 && refused.stderr.contains("this host's CPU lacks features the saved guest may use: CPUID.(0x80000001,0).edx[31]"),
+                "\(refused.stderr)")
+        #expect(library.state("moved") == "saved")
+    }
+
     @Test("save is refused with the reason for a VM that is not running or does not exist")
     func saveRefusals() throws {
         let library = try TestLibrary()
