@@ -91,6 +91,13 @@ extension VMLibrary {
         return directory + stem + "." + id + ".qcow2"
     }
 
+    /// Whether `path` names an overlay a snapshot take or restore made (`STEM.<8 hex>.qcow2`).
+    static func isSnapshotOverlay(_ path: String) -> Bool {
+        let parts = HostFiles.lastComponent(of: path).split(separator: ".")
+        return parts.count == 3 && parts[2] == "qcow2" && parts[1].count == 8
+            && parts[1].utf8.allSatisfy { ($0 >= 48 && $0 <= 57) || ($0 >= 97 && $0 <= 102) }
+    }
+
     static func newSnapshotID() -> String {
         var generator = SystemRandomNumberGenerator()
         return (0..<4).map { _ in
@@ -278,9 +285,11 @@ extension VMLibrary {
                 }
                 tree.current = record.id
                 try bundle.saveSnapshots(tree)
-                // The overlays the VM wrote to since are nobody's layer: they go.
+                // The overlays the VM wrote to since are nobody's layer: they go. Only overlays a
+                // snapshot made: a disk attached after the snapshot is left in place, detached.
                 let layers = Set(tree.snapshots.flatMap { $0.layers.compactMap { $0 } })
-                for disk in current.disks where disk.isOwned && !layers.contains(disk.path) && !restored.disks.contains(where: { $0.path == disk.path }) {
+                for disk in current.disks where disk.isOwned && Self.isSnapshotOverlay(disk.path) && !layers.contains(disk.path)
+                    && !restored.disks.contains(where: { $0.path == disk.path }) {
                     unlink(bundle.resolve(disk.path))
                 }
                 return record
