@@ -133,6 +133,9 @@ public final class VirtioBlock: VirtioDevice, BackgroundDevice, @unchecked Senda
 
     /// Executes one request; returns the bytes written into guest buffers (status byte included).
     private func handle(_ chain: DescriptorChain, memory: GuestMemory) throws(VirtioError) -> UInt32 {
+        // The image once per request, not a lock per access (a live snapshot swaps it only while
+        // the queue is quiesced, so it cannot change under a request).
+        let disk = self.disk
         // Layout: a 16-byte header the device reads, data buffers, then one status byte it writes.
         guard let statusBuffer = chain.buffers.last, statusBuffer.deviceWritable, statusBuffer.length >= 1 else {
             throw .malformedRequest("the last buffer must be a device-writable status byte")
