@@ -47,9 +47,9 @@ def commands(cmdline):
 class Guest:
     """A VMM process whose stdout (the guest console) is read with arrival timestamps."""
 
-    def __init__(self, argv):
+    def __init__(self, argv, **popen):
         self.start = time.perf_counter()
-        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, **popen)
         self.buffer = b""
         self.first_byte = None
 
@@ -815,6 +815,105 @@ def saved_state_benchmark(runs, sizes=(256, 2048)):
         print(f"| {size} MiB | {vs:.0f} / {qs:.0f} | {vs / qs:.2f}x | {vr:.0f} / {qr:.0f} | {vr / qr:.2f}x | {vb / 2**20:.1f} / {qb / 2**20:.1f} |")
 
 
+def migration_benchmark(runs, memory_mib=256, downtime_ms=10):
+    """Live migration on loopback: Vireo's VMM-to-VMM stream (the control socket's `migrate` with the
+    connection attached, the destination `vireo-vmm --incoming-fd`) against QEMU's own migration
+    (`migrate tcp:` to `-incoming tcp:`) of the same dirtying probe guest, both with the same downtime
+    limit, unlimited bandwidth and auto-converge on. A lightly dirtying guest (a round every few
+    hundred ms) and a heavily dirtying one (its 8 MiB rewritten continuously). Downtime and total time
+    as each VMM reports them (QEMU's `query-migrate` in whole ms, Vireo's in us)."""
+    import json
+    import socket
+    import tempfile
+    probe = os.path.join(OUT, "probe-pvh.elf")
+    vmm = os.path.join(ROOT, ".build", "release", "vireo-vmm")
+    work = tempfile.mkdtemp(prefix="vireo-bench-migrate-")
+    kinds = [("lightly dirtying", "probe=dirty spin=400000000"), ("heavily dirtying (8 MiB rewritten continuously)", "probe=dirty spin=200000")]
+    rows = []
+    for kind, cmdline in kinds:
+        vireo_down, vireo_total, qemu_down, qemu_total = [], [], [], []
+        for _ in range(runs):
+            control = os.path.join(work, "control.sock")
+            base = [vmm, "--kernel", probe, "--memory", f"{memory_mib}M", "--cmdline", cmdline]
+            source = Guest(base + ["--control", control])
+            destination = None
+            try:
+                source.wait_for("dirty 3 ")
+                listener = socket.socket()
+                listener.bind(("127.0.0.1", 0))
+                listener.listen(1)
+                client = socket.create_connection(listener.getsockname())
+                server, _ = listener.accept()
+                listener.close()
+                destination = Guest(base + ["--incoming-fd", str(server.fileno())], pass_fds=[server.fileno()])
+                server.close()
+                ctl = socket.socket(socket.AF_UNIX)
+                ctl.connect(control)
+                socket.send_fds(ctl, [f"migrate tcp:127.0.0.1 downtime_us={downtime_ms * 1000}\n".encode()], [client.fileno()])
+                client.close()
+                stream = ctl.makefile("r")
+                while True:
+                    reply = json.loads(stream.readline())
+                    if "ok" in reply:
+                        break
+                ctl.close()
+                assert reply["ok"], reply
+                vireo_down.append(reply["downtime_us"] / 1000)
+                vireo_total.append(reply["total_ms"])
+                destination.wait_for("dirty ")             # it runs there
+                source.proc.wait(timeout=30)
+            finally:
+                source.finish()
+                if destination:
+                    destination.finish()
+                for leftover in (control,):
+                    try:
+                        os.unlink(leftover)
+                    except FileNotFoundError:
+                        pass
+
+            qmp, qmp_in = os.path.join(work, "qmp.sock"), os.path.join(work, "qmp-in.sock")
+            qemu = commands(cmdline)["qemu-microvm"]
+            qemu = [a if a != f"{MEMORY_MIB}M" else f"{memory_mib}M" for a in qemu]
+            with socket.socket() as probe_port:
+                probe_port.bind(("127.0.0.1", 0))
+                port = probe_port.getsockname()[1]
+            source = Guest(qemu + ["-qmp", f"unix:{qmp},server=on,wait=off"])
+            destination = Guest(qemu + ["-qmp", f"unix:{qmp_in},server=on,wait=off", "-incoming", f"tcp:127.0.0.1:{port}"])
+            try:
+                source.wait_for("dirty 3 ")
+                for _ in range(200):
+                    if os.path.exists(qmp_in):
+                        break
+                    time.sleep(0.01)
+                _qmp(qmp, {"execute": "migrate-set-capabilities", "arguments": {"capabilities": [{"capability": "auto-converge", "state": True}]}},
+                     {"execute": "migrate-set-parameters", "arguments": {"downtime-limit": downtime_ms, "max-bandwidth": 1 << 40}},
+                     {"execute": "migrate", "arguments": {"uri": f"tcp:127.0.0.1:{port}"}})
+                while True:
+                    info = _qmp(qmp, {"execute": "query-migrate"})[0]["return"]
+                    if info.get("status") in ("completed", "failed"):
+                        break
+                    time.sleep(0.005)
+                assert info["status"] == "completed", info
+                qemu_down.append(float(info["downtime"]))
+                qemu_total.append(float(info["total-time"]))
+                destination.wait_for("dirty ")
+            finally:
+                source.finish()
+                destination.finish()
+                for leftover in (qmp, qmp_in):
+                    try:
+                        os.unlink(leftover)
+                    except FileNotFoundError:
+                        pass
+        rows.append((kind, statistics.median(vireo_down), statistics.median(qemu_down), statistics.median(vireo_total), statistics.median(qemu_total)))
+    shutil.rmtree(work, ignore_errors=True)
+    print(f"| {memory_mib} MiB guest, loopback, downtime limit {downtime_ms} ms | downtime: vireo / QEMU (ms, median of {runs}) | ratio | total: vireo / QEMU (ms) | ratio |")
+    print("|---|---|---|---|---|")
+    for kind, vd, qd, vt, qt in rows:
+        print(f"| {kind} | {vd:.1f} / {qd:.0f} | {vd / max(qd, 1):.2f}x | {vt:.0f} / {qt:.0f} | {vt / max(qt, 1):.2f}x |")
+
+
 def json_manifest(home):
     import json
     with open(os.path.join(home, "images", "debian-12", "manifest.json")) as handle:
@@ -831,7 +930,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=15)
     parser.add_argument("--port-writes", type=int, default=100000)
-    parser.add_argument("--only", choices=["vmm", "blk", "lifecycle", "acpi", "qemu-engine", "net", "images", "saved-state"], help="run one part only")
+    parser.add_argument("--only", choices=["vmm", "blk", "lifecycle", "acpi", "qemu-engine", "net", "images", "saved-state", "migration"], help="run one part only")
     parser.add_argument("--vm-count", type=int, default=20, help="VMs created and started in the lifecycle benchmark")
     parser.add_argument("--random-requests", type=int, default=5000)
     parser.add_argument("--cold", action="store_true", help="images: start the first build with an empty package cache")
@@ -857,6 +956,9 @@ def main():
         return
     if args.only == "saved-state":
         saved_state_benchmark(min(args.runs, 5))
+        return
+    if args.only == "migration":
+        migration_benchmark(min(args.runs, 5))
         return
     names = list(commands("").keys())
     results = {name: {} for name in names}
@@ -895,6 +997,7 @@ def main():
         qemu_engine_benchmark(min(args.runs, 7))
         net_benchmark(min(args.runs, 5))
         saved_state_benchmark(min(args.runs, 5))
+        migration_benchmark(min(args.runs, 5))
 
 
 if __name__ == "__main__":

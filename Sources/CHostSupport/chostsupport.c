@@ -193,3 +193,58 @@ int vireo_tap_set_offloads(int fd, int checksum, int tso4, int tso6, int ecn) {
 }
 
 int vireo_eventfd_nonblocking(void) { return eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC); }
+
+#include <sys/socket.h>
+
+long vireo_send_with_descriptor(int socket, const void *data, size_t length, int fd) {
+    struct iovec part = { .iov_base = (void *)data, .iov_len = length };
+    union { char buffer[CMSG_SPACE(sizeof(int))]; struct cmsghdr align; } control;
+    memset(&control, 0, sizeof control);
+    struct msghdr message = { .msg_iov = &part, .msg_iovlen = 1, .msg_control = control.buffer, .msg_controllen = sizeof control.buffer };
+    struct cmsghdr *header = CMSG_FIRSTHDR(&message);
+    header->cmsg_level = SOL_SOCKET;
+    header->cmsg_type = SCM_RIGHTS;
+    header->cmsg_len = CMSG_LEN(sizeof(int));
+    memcpy(CMSG_DATA(header), &fd, sizeof(int));
+    ssize_t sent;
+    do { sent = sendmsg(socket, &message, MSG_NOSIGNAL); } while (sent < 0 && errno == EINTR);
+    return sent < 0 ? -errno : (long)sent;
+}
+
+long vireo_receive_with_descriptor(int socket, void *data, size_t capacity, int *fd) {
+    *fd = -1;
+    struct iovec part = { .iov_base = data, .iov_len = capacity };
+    union { char buffer[CMSG_SPACE(sizeof(int) * 8)]; struct cmsghdr align; } control;
+    struct msghdr message = { .msg_iov = &part, .msg_iovlen = 1, .msg_control = control.buffer, .msg_controllen = sizeof control.buffer };
+    ssize_t received;
+    do { received = recvmsg(socket, &message, MSG_CMSG_CLOEXEC); } while (received < 0 && errno == EINTR);
+    if (received < 0) return -errno;
+    for (struct cmsghdr *header = CMSG_FIRSTHDR(&message); header; header = CMSG_NXTHDR(&message, header)) {
+        if (header->cmsg_level != SOL_SOCKET || header->cmsg_type != SCM_RIGHTS) continue;
+        size_t count = (header->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+        for (size_t i = 0; i < count; i++) {
+            int passed;
+            memcpy(&passed, CMSG_DATA(header) + i * sizeof(int), sizeof(int));
+            if (*fd < 0) *fd = passed; else close(passed);
+        }
+    }
+    return (long)received;
+}
+
+void vireo_bitmap_set_range(uint64_t *words, size_t first, size_t count) {
+    while (count > 0) {
+        size_t word = first / 64, bit = first % 64;
+        size_t take = 64 - bit < count ? 64 - bit : count;
+        uint64_t mask = take == 64 ? ~(uint64_t)0 : (((uint64_t)1 << take) - 1) << bit;
+        if ((__atomic_load_n(&words[word], __ATOMIC_RELAXED) & mask) != mask) __atomic_fetch_or(&words[word], mask, __ATOMIC_RELEASE);
+        first += take;
+        count -= take;
+    }
+}
+
+void vireo_bitmap_take(uint64_t *words, uint64_t *into, size_t count) {
+    for (size_t i = 0; i < count; i++) {
+        if (__atomic_load_n(&words[i], __ATOMIC_RELAXED) == 0) continue;
+        into[i] |= __atomic_exchange_n(&words[i], 0, __ATOMIC_ACQUIRE);
+    }
+}

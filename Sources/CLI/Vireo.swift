@@ -8,7 +8,7 @@ public struct Vireo: ParsableCommand {
     public static let configuration = CommandConfiguration(
         commandName: "vireo",
         abstract: "A hosted hypervisor for Linux, on KVM.",
-        subcommands: [Create.self, ImageCommand.self, SnapshotCommand.self, SSH.self, List.self, Info.self, Start.self, Stop.self, Restart.self, Save.self, Pause.self, Resume.self, Reset.self, Balloon.self,
+        subcommands: [Create.self, ImageCommand.self, SnapshotCommand.self, SSH.self, List.self, Info.self, Start.self, Stop.self, Restart.self, Save.self, Migrate.self, Receive.self, Pause.self, Resume.self, Reset.self, Balloon.self,
                       ConsoleCommand.self, Logs.self, Display.self, Screenshot.self, SendKeys.self, Eject.self, Set.self, NetworkCommand.self, NICCommand.self, ForwardCommand.self, Rename.self, Clone.self, Delete.self, Disk.self, OSTypes.self, Run.self])
 
     public init() {}
@@ -25,7 +25,7 @@ func printError(_ error: some Error) {
 func fail(_ error: VMMError) -> ExitCode {
     printError(error)
     switch error {
-    case .invalidConfiguration, .boot, .savedState: return ExitCode(2)
+    case .invalidConfiguration, .boot, .savedState, .migration, .migrationOutcomeUnknown: return ExitCode(2)
     case .kvm, .memory, .bus, .host: return ExitCode(1)
     }
 }

@@ -80,7 +80,10 @@ public protocol Engine: Sendable {
     func ejectMedium(_ vm: EngineVM) throws(LibraryError)
     /// Writes the running VM's state to its bundle's saved-state file and stops it.
     func saveState(_ vm: EngineVM) throws(LibraryError)
-    func migrate(_ vm: EngineVM, to destination: String) throws(LibraryError)
+    /// Moves the running VM over the connected `connection` to a prepared `vireo receive`
+    /// (docs/migration.md), reporting progress; returns once the destination runs it.
+    func migrate(_ vm: EngineVM, over connection: Int32, request: MigrationRequest, progress: (MigrationReport) -> Void,
+                 cancelled: () -> Bool) throws(LibraryError) -> MigrationResult
     /// A live snapshot: the state to the snapshot's directory, the disks onto the overlays the
     /// library prepared (docs/snapshots.md); the VM runs on.
     func snapshot(_ vm: EngineVM, id: String) throws(LibraryError)
@@ -140,8 +143,9 @@ extension Engine {
     public func snapshot(_ vm: EngineVM, id: String) throws(LibraryError) {
         throw unsupported(vm, "snapshot the running", "live snapshots are built for the kvm engine only so far; stop it (`vireo stop \(vm.name)`) and snapshot its disks")
     }
-    public func migrate(_ vm: EngineVM, to destination: String) throws(LibraryError) {
-        throw unsupported(vm, "migrate", "live migration is not built yet")
+    public func migrate(_ vm: EngineVM, over connection: Int32, request: MigrationRequest, progress: (MigrationReport) -> Void,
+                        cancelled: () -> Bool) throws(LibraryError) -> MigrationResult {
+        throw unsupported(vm, "migrate", "live migration is built for the kvm engine; QEMU's own migration is not wired into Vireo yet")
     }
 }
 

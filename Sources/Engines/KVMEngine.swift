@@ -58,12 +58,24 @@ public struct KVMEngine: Engine {
 
     /// Starts the VM and returns its pid once it runs and answers on its control socket.
     public func start(_ vm: EngineVM, lock: VMLock, networking: PreparedNetworking) throws(LibraryError) -> StartedVM {
+        try start(vm, lock: lock, networking: networking, incoming: nil)
+    }
+
+    /// With `incoming` (a connected migration stream), the VMM takes the VM from it instead of
+    /// booting, and this waits for as long as the migration takes.
+    public func start(_ vm: EngineVM, lock: VMLock, networking: PreparedNetworking, incoming: Int32?) throws(LibraryError) -> StartedVM {
         let (bundle, definition, name) = (vm.bundle, vm.definition, vm.name)
         var arguments = [vmmPath] + (try Self.machineArguments(definition, bundle: bundle, cards: networking.cards))
         arguments += ["--console", "file:" + bundle.consoleLogPath, "--control", bundle.controlPath,
                       "--name", definition.name, "--uuid", definition.uuid, "--lock-fd", "3", "--ready-fd", "4",
                       "--state-file", bundle.savedStatePath, "--snapshot-dir", bundle.snapshotsDirectory]
-        if bundle.hasSavedState { arguments.append("--restore") }
+        var inherit = networking.descriptors
+        if let incoming {
+            arguments += ["--incoming-fd", String(PreparedNetworking.inherited(inherit.count))]
+            inherit.append(incoming)
+        } else if bundle.hasSavedState {
+            arguments.append("--restore")
+        }
 
         // The previous run's console output stays readable as console.log.1.
         if HostFiles.size(bundle.consoleLogPath) > 0 { _ = rename(bundle.consoleLogPath, bundle.consoleLogPath + ".1") }
@@ -76,7 +88,6 @@ public struct KVMEngine: Engine {
         defer { close(pipeEnds[0]) }
 
         var pid: pid_t = 0
-        let inherit = networking.descriptors
         let spawned = withCStrings(arguments) { argv in
             inherit.withUnsafeBufferPointer {
                 vireo_spawn_detached_inheriting(vmmPath, argv, log, lock.fd, pipeEnds[1], $0.baseAddress, Int32($0.count), &pid)
@@ -90,7 +101,9 @@ public struct KVMEngine: Engine {
         }
         try? HostFiles.writeAtomically(Array("\(pid)\n".utf8), to: bundle.pidPath)
 
-        let answer = Self.readLine(pipeEnds[0], timeoutMilliseconds: 120_000)
+        // An arriving VM is ready when the migration is done, however long that takes; a VMM that
+        // dies closes the pipe.
+        let answer = Self.readLine(pipeEnds[0], timeoutMilliseconds: incoming == nil ? 120_000 : -1)
         if answer.hasPrefix("ready") { return StartedVM(pid: pid) }
         var status: Int32 = 0
         if waitpid(pid, &status, WNOHANG) == 0 && answer.isEmpty {
@@ -182,6 +195,8 @@ public struct KVMEngine: Engine {
         case "no-balloon":
             return .wrongState(name: name, state: "without a balloon device", action: action,
                                hint: "stop it and add one with `vireo set \(name) --balloon`")
+        case "migrating":
+            return .wrongState(name: name, state: "being migrated", action: action, hint: "wait for the migration to finish, or cancel it (Ctrl-C in `vireo migrate`)")
         case "stopping":
             return .wrongState(name: name, state: "stopping", action: action, hint: "wait for it to stop, then `vireo start \(name)`")
         default:

@@ -57,7 +57,9 @@ public struct VMManager: Sendable {
 
     /// Starts a stopped VM on its engine. The lock is taken here and handed to the engine's
     /// process, so two starts (or a start and a delete) cannot both win.
-    public func start(_ name: String, discardState: Bool = false) throws(LibraryError) -> StartedVM {
+    /// With `incoming`, the VM arrives on that connected migration stream instead of booting
+    /// (`vireo receive`); this returns once it runs.
+    public func start(_ name: String, discardState: Bool = false, incoming: Int32? = nil) throws(LibraryError) -> StartedVM {
         let bundle = try library.bundle(named: name)
         let lock = try VMLock(path: bundle.lockPath, create: true)
         guard lock.tryExclusive() else {
@@ -78,7 +80,12 @@ public struct VMManager: Sendable {
         let networks = HostNetworks(library: library)
         do {
             let networking = try networks.prepare(vm)
-            var started = try engine(definition.engine).start(vm, lock: lock, networking: networking)
+            var started: StartedVM
+            if let incoming {
+                started = try kvm.start(vm, lock: lock, networking: networking, incoming: incoming)
+            } else {
+                started = try engine(definition.engine).start(vm, lock: lock, networking: networking)
+            }
             // Networks left up by VMs that powered themselves off since (no daemon saw them go).
             started.warnings += networks.releaseIdle()
             return started

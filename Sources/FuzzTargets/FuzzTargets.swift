@@ -139,6 +139,17 @@ public enum Fuzz {
         return outcome
     }
 
+    /// A destination's incoming migration stream (docs/migration.md): frames, then the machine
+    /// message and every later message through the decoders the destination VMM uses.
+    public static func migration(_ data: UnsafeRawBufferPointer) { _ = migrationAcceptedMessages(data) }
+
+    public static func migrationAcceptedMessages(_ data: UnsafeRawBufferPointer) -> Int {
+        MigrationInspection.acceptedMessages(Array(data))
+    }
+
+    /// A well-formed stream, the seed the smoke test mutates.
+    public static var sampleMigrationStream: [UInt8] { MigrationInspection.sampleStream() }
+
     /// Runs a target over files (a corpus, or a crash to reproduce) without libFuzzer.
     public static func replay(_ paths: [String], _ target: (UnsafeRawBufferPointer) -> Void) {
         for path in paths {
@@ -161,6 +172,7 @@ public enum Fuzz {
         case "virtqueue": return virtqueue
         case "qcow2": return qcow2
         case "savedstate": return savedState
+        case "migration": return migration
         default: return nil
         }
     }

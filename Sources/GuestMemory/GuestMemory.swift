@@ -1,3 +1,5 @@
+import CHostSupport
+import Synchronization
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -50,6 +52,13 @@ public struct GuestMemoryRegion: @unchecked Sendable {
 public final class GuestMemory: @unchecked Sendable {
     public let regions: [GuestMemoryRegion]
     private let ownsMappings: Bool
+    /// Pages the VMM itself wrote (device DMA, virtqueue rings, reloads) while `logsWrites` is
+    /// set, one bit per 4 KiB page per region: live migration must resend them, and KVM's dirty
+    /// log sees only the guest's own writes. Marked before the write lands, so a reader of the
+    /// log must treat a page as dirty until the writers have stopped (docs/migration.md).
+    private let writeLogs: [UnsafeMutablePointer<UInt64>]
+    private let logsWrites = Atomic<Bool>(false)
+    public static let pageSize: UInt64 = 4096
 
     /// Maps anonymous, private, lazily-populated memory for each `(start, size)`.
     public init(anonymousRegions layout: [(start: GuestPhysicalAddress, size: UInt64)]) throws(GuestMemoryError) {
@@ -70,16 +79,60 @@ public final class GuestMemory: @unchecked Sendable {
         }
         self.regions = regions
         self.ownsMappings = true
+        writeLogs = regions.map { region in
+            let words = Self.bitmapWords(region)
+            let log = UnsafeMutablePointer<UInt64>.allocate(capacity: words)
+            log.initialize(repeating: 0, count: words)
+            return log
+        }
     }
 
     deinit {
         if ownsMappings { for region in regions { munmap(region.host, Int(region.size)) } }
+        for log in writeLogs { log.deallocate() }
+    }
+
+    /// Words of a one-bit-per-page bitmap covering `region`.
+    public static func bitmapWords(_ region: GuestMemoryRegion) -> Int {
+        Int((region.size / pageSize + 63) / 64)
+    }
+
+    /// Starts (with a clean log) or stops recording the pages the VMM writes.
+    public func logWrites(_ enabled: Bool) {
+        if enabled {
+            for (index, region) in regions.enumerated() { writeLogs[index].update(repeating: 0, count: Self.bitmapWords(region)) }
+        }
+        logsWrites.store(enabled, ordering: .sequentiallyConsistent)
+    }
+
+    /// ORs the pages the VMM wrote in region `index` since the last call into `bitmap` and
+    /// clears the log.
+    public func takeWrittenPages(region index: Int, into bitmap: UnsafeMutablePointer<UInt64>) {
+        vireo_bitmap_take(writeLogs[index], bitmap, Self.bitmapWords(regions[index]))
+    }
+
+    private func noteWrite(_ address: UInt64, length: UInt64, region index: Int) {
+        guard length > 0 else { return }
+        let offset = address - regions[index].start.rawValue
+        let first = offset / Self.pageSize
+        let last = (offset + length - 1) / Self.pageSize
+        vireo_bitmap_set_range(writeLogs[index], Int(first), Int(last - first + 1))
     }
 
     public var totalSize: UInt64 { regions.reduce(0) { $0 + $1.size } }
 
-    /// The host pointer for `[address, address+length)`, which must lie inside one region.
+    /// The host pointer for `[address, address+length)`, which must lie inside one region. The
+    /// caller may write through it: while writes are logged, the range counts as written.
     public func hostPointer(_ address: GuestPhysicalAddress, length: UInt64) throws(GuestMemoryError) -> UnsafeMutableRawPointer {
+        for (index, region) in regions.enumerated() where region.contains(address.rawValue, length: length) {
+            if logsWrites.load(ordering: .relaxed) { noteWrite(address.rawValue, length: length, region: index) }
+            return region.host.advanced(by: Int(address.rawValue - region.start.rawValue))
+        }
+        throw .outOfBounds(address: address, length: length)
+    }
+
+    /// As `hostPointer`, for reading only: nothing is logged.
+    func readPointer(_ address: GuestPhysicalAddress, length: UInt64) throws(GuestMemoryError) -> UnsafeMutableRawPointer {
         for region in regions where region.contains(address.rawValue, length: length) {
             return region.host.advanced(by: Int(address.rawValue - region.start.rawValue))
         }
@@ -99,7 +152,7 @@ public final class GuestMemory: @unchecked Sendable {
     }
 
     public func read<T: FixedWidthInteger>(_ type: T.Type, at address: GuestPhysicalAddress) throws(GuestMemoryError) -> T {
-        let pointer = try hostPointer(address, length: UInt64(MemoryLayout<T>.size))
+        let pointer = try readPointer(address, length: UInt64(MemoryLayout<T>.size))
         return T(littleEndian: pointer.loadUnaligned(as: T.self))
     }
 
@@ -127,7 +180,7 @@ public final class GuestMemory: @unchecked Sendable {
     }
 
     public func readBytes(count: Int, at address: GuestPhysicalAddress) throws(GuestMemoryError) -> [UInt8] {
-        let pointer = try hostPointer(address, length: UInt64(count))
+        let pointer = try readPointer(address, length: UInt64(count))
         return Array(UnsafeRawBufferPointer(start: pointer, count: count))
     }
 

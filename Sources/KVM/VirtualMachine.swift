@@ -15,10 +15,12 @@ public final class VirtualMachine: @unchecked Sendable {
 
     deinit { close(fd) }
 
+    /// With `logDirtyPages`, KVM records every page the guest writes in the slot until
+    /// `dirtyLog(slot:into:)` fetches and clears the record (live migration's pre-copy).
     public func setUserMemoryRegion(slot: UInt32, guestPhysicalAddress: UInt64, size: UInt64,
-                                    hostAddress: UnsafeMutableRawPointer) throws(KVMError) {
+                                    hostAddress: UnsafeMutableRawPointer, logDirtyPages: Bool = false) throws(KVMError) {
         var region = kvm_userspace_memory_region(
-            slot: slot, flags: 0, guest_phys_addr: guestPhysicalAddress,
+            slot: slot, flags: logDirtyPages ? VIREO_KVM_MEM_LOG_DIRTY_PAGES : 0, guest_phys_addr: guestPhysicalAddress,
             memory_size: size, userspace_addr: UInt64(UInt(bitPattern: hostAddress)))
         _ = try systemCall("KVM_SET_USER_MEMORY_REGION slot \(slot)") {
             vireo_ioctl_pointer(fd, VIREO_KVM_SET_USER_MEMORY_REGION, &region)
@@ -72,6 +74,16 @@ public final class VirtualMachine: @unchecked Sendable {
     public func setTimerState(_ state: kvm_pit_state2) throws(KVMError) {
         var state = state
         _ = try systemCall("KVM_SET_PIT2") { vireo_ioctl_pointer(fd, VIREO_KVM_SET_PIT2, &state) }
+    }
+
+    /// `KVM_GET_DIRTY_LOG`: the pages of `slot` the guest wrote since dirty logging began or the
+    /// last call, one bit per 4 KiB page, stored into `bitmap` (at least pages/64 words, rounded
+    /// up); KVM clears its record as it hands it over.
+    public func dirtyLog(slot: UInt32, into bitmap: UnsafeMutablePointer<UInt64>) throws(KVMError) {
+        var log = kvm_dirty_log()
+        log.slot = slot
+        log.dirty_bitmap = UnsafeMutableRawPointer(bitmap)
+        _ = try systemCall("KVM_GET_DIRTY_LOG slot \(slot)") { vireo_ioctl_pointer(fd, VIREO_KVM_GET_DIRTY_LOG, &log) }
     }
 
     /// kvmclock's base (`KVM_GET_CLOCK`): the guest's notion of nanoseconds since it booted.

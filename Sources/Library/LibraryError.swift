@@ -25,6 +25,8 @@ public enum LibraryError: Error, CustomStringConvertible, Sendable {
     /// The host side of a network could not be made or changed (a bridge, dnsmasq, nftables,
     /// passt); `exitStatus` 2 when the user can fix it (a missing tool, a bridge that is not there).
     case network(name: String, reason: String, exitStatus: Int32)
+    /// A live migration failed; unless `outcomeUnknown`, the VM runs on where it was.
+    case migration(name: String, reason: String, outcomeUnknown: Bool)
 
     public var description: String {
         switch self {
@@ -41,6 +43,7 @@ public enum LibraryError: Error, CustomStringConvertible, Sendable {
         case let .control(name, _, message): return "VM '\(name)': \(message)"
         case let .unsupported(name, engine, action, hint): return "cannot \(action) VM '\(name)': the \(engine) engine cannot do that; \(hint)"
         case let .network(name, reason, _): return "network '\(name)': \(reason)"
+        case let .migration(name, reason, _): return "migrating VM '\(name)': \(reason)"
         }
     }
 
@@ -54,7 +57,7 @@ public enum LibraryError: Error, CustomStringConvertible, Sendable {
             case .invalidArgument, .alreadyExists, .inUse, .unsupported, .invalidImage: return 2
             default: return 1
             }
-        case .io, .corrupt: return 1
+        case .io, .corrupt, .migration: return 1
         }
     }
 }

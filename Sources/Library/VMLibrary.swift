@@ -932,6 +932,20 @@ public struct VMLibrary: Sendable {
         }
     }
 
+    /// After a live migration that handed the VM's disks over (not copied): the VM now lives in
+    /// another library, which uses the disk files where they are. The entry leaves this library
+    /// (its definition is kept as `config.json.migrated`, with a note) but its directory and
+    /// every file in it stay, so the destination's paths stay valid (docs/migration.md).
+    public func forgetMigrated(_ name: String, destination: String) throws(LibraryError) -> String {
+        try withStoppedVM(name, action: "forget the migrated") { (bundle, _) throws(LibraryError) -> String in
+            let note = "VM '\(name)' was migrated to \(destination) at \(time(nil)) (seconds since the epoch) with its disks handed over; "
+                + "the destination uses the disk files in this directory. Delete it only once that VM no longer needs them.\n"
+            try HostFiles.writeAtomically(Array(note.utf8), to: bundle.directory + "/MIGRATED")
+            try HostFiles.renameNoReplace(bundle.configPath, bundle.configPath + ".migrated")
+            return bundle.directory
+        }
+    }
+
     enum CopyPlan {
         /// The file alone is the disk (or rests only on absolutely named images): copy it.
         case plain

@@ -1,4 +1,6 @@
+import CHostSupport
 import Devices
+import MigrationWire
 import Synchronization
 #if canImport(Glibc)
 import Glibc
@@ -66,9 +68,16 @@ final class ControlServer: @unchecked Sendable {
     private func serve(_ fd: Int32) {
         var pending: [UInt8] = []
         var buffer = [UInt8](repeating: 0, count: 512)
+        // A descriptor that came with a request (`migrate` takes its connection this way).
+        var passed: Int32 = -1
+        defer { if passed >= 0 { close(passed) } }
         while true {
-            let count = buffer.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
-            if count < 0 && errno == EINTR { continue }
+            var received: Int32 = -1
+            let count = buffer.withUnsafeMutableBytes { vireo_receive_with_descriptor(fd, $0.baseAddress!, $0.count, &received) }
+            if received >= 0 {
+                if passed >= 0 { close(passed) }
+                passed = received
+            }
             if count <= 0 { return }
             pending += buffer[0..<count]
             while let newline = pending.firstIndex(of: UInt8(ascii: "\n")) {
@@ -86,6 +95,12 @@ final class ControlServer: @unchecked Sendable {
                     machine.console.serve(client: fd, serial: machine.serial)
                     return
                 }
+                if request.hasPrefix("migrate ") {
+                    let connection = passed
+                    passed = -1
+                    migrate(request, connection: connection, replyTo: fd)
+                    continue
+                }
                 let answer = handle(request)
                 reply(fd, answer)
                 // The VM stops only once the saver has its answer: stopping first would close
@@ -95,6 +110,70 @@ final class ControlServer: @unchecked Sendable {
             if pending.count > Self.maximumRequestLength {
                 reply(fd, Self.failure("bad-request", "request longer than \(Self.maximumRequestLength) bytes"))
                 return
+            }
+        }
+    }
+
+    /// `migrate DESTINATION [downtime_us=N] [bandwidth=BYTES_PER_S] [copy_disks=0|1]
+    /// [auto_converge=0|1]`, with the connected stream to the destination attached (SCM_RIGHTS).
+    /// Progress lines (`{"progress":{...}}`) precede the one reply; the VM stops after a success.
+    private func migrate(_ request: String, connection: Int32, replyTo fd: Int32) {
+        defer { if connection >= 0 { close(connection) } }
+        let words = request.split(separator: " ").dropFirst()
+        guard let destination = words.first, connection >= 0 else {
+            reply(fd, Self.failure("bad-request", connection < 0 ? "migrate needs the connection to the destination passed with the request (SCM_RIGHTS)" : "migrate needs a destination"))
+            return
+        }
+        var options = MigrationOptions(destination: String(destination))
+        for word in words.dropFirst() {
+            let parts = word.split(separator: "=", maxSplits: 1).map(String.init)
+            guard parts.count == 2, let value = UInt64(parts[1]) else {
+                reply(fd, Self.failure("bad-request", "'\(word.prefix(64))' is not NAME=NUMBER"))
+                return
+            }
+            switch parts[0] {
+            case "downtime_us": options.maximumDowntimeNanoseconds = value.multipliedReportingOverflow(by: 1000).partialValue
+            case "bandwidth": options.bandwidthBytesPerSecond = value == 0 ? nil : value
+            case "copy_disks": options.copyDisks = value != 0
+            case "auto_converge": options.autoConverge = value != 0
+            default:
+                reply(fd, Self.failure("bad-request", "unknown migrate option '\(parts[0].prefix(32))'; expected downtime_us, bandwidth, copy_disks, auto_converge"))
+                return
+            }
+        }
+        if machine.isStopping {
+            reply(fd, Self.failure("stopping", "\(vmName) is stopping; there is nothing to migrate"))
+            return
+        }
+        let channel = MigrationChannel(fd: connection)
+        do throws(VMMError) {
+            let outcome = try machine.migrate(over: channel, options: options) { progress in
+                var report = JSONObject()
+                report.add("iteration", progress.iteration)
+                report.add("remaining_bytes", progress.remainingBytes)
+                report.add("transferred_bytes", progress.transferredBytes)
+                report.add("rate_bytes_per_second", progress.rateBytesPerSecond)
+                report.add("expected_downtime_us", progress.expectedDowntimeNanoseconds == UInt64.max ? -1 : Int64(progress.expectedDowntimeNanoseconds / 1000))
+                report.add("throttle_percent", progress.throttlePercent)
+                var line = JSONObject()
+                line.add("progress", report)
+                reply(fd, line)
+            }
+            var object = Self.success()
+            object.add("state", "migrated")
+            object.add("downtime_us", outcome.downtimeNanoseconds / 1000)
+            object.add("total_ms", outcome.totalNanoseconds / 1_000_000)
+            object.add("transferred_bytes", outcome.transferredBytes)
+            object.add("iterations", outcome.iterations)
+            object.add("final_pages", outcome.finalPages)
+            object.add("max_throttle_percent", outcome.maximumThrottlePercent)
+            reply(fd, object)
+            machine.stopAfterMigration(destination: options.destination)
+        } catch {
+            if case .migrationOutcomeUnknown = error {
+                reply(fd, Self.failure("migration-unknown", "\(error)"))
+            } else {
+                reply(fd, Self.failure("migration-failed", "\(error)"))
             }
         }
     }
@@ -143,6 +222,7 @@ final class ControlServer: @unchecked Sendable {
             object.add("uptime_ms", machine.uptimeNanoseconds / 1_000_000)
             object.add("boots", machine.bootCount)
             object.add("acpi", machine.hasACPI)
+            if machine.isMigrating { object.add("migrating", true) }
             return object
         case "counters":
             var object = Self.success()
@@ -223,6 +303,7 @@ final class ControlServer: @unchecked Sendable {
             return object
         case "save":
             if machine.isStopping { return Self.failure("stopping", "\(vmName) is stopping; there is nothing to save") }
+            if machine.isMigrating { return Self.failure("migrating", "\(vmName) is being migrated; wait for it to finish or cancel it (`migrate-cancel`)") }
             do throws(VMMError) {
                 try machine.save()
             } catch {
@@ -231,6 +312,9 @@ final class ControlServer: @unchecked Sendable {
             var object = Self.success()
             object.add("state", "saved")
             return object
+        case "migrate-cancel":
+            guard machine.cancelMigration() else { return Self.failure("not-migrating", "\(vmName) is not being migrated") }
+            return Self.success()
         case "power-off":
             machine.requestStop(.powerOffRequested)
             var object = Self.success()
@@ -238,6 +322,7 @@ final class ControlServer: @unchecked Sendable {
             return object
         case let text where text.hasPrefix("snapshot "):
             if machine.isStopping { return Self.failure("stopping", "\(vmName) is stopping; there is nothing to snapshot") }
+            if machine.isMigrating { return Self.failure("migrating", "\(vmName) is being migrated; wait for it to finish or cancel it (`migrate-cancel`)") }
             do throws(VMMError) {
                 let taken = try machine.snapshot(id: String(text.dropFirst(9)))
                 var object = Self.success()
@@ -259,7 +344,7 @@ final class ControlServer: @unchecked Sendable {
             object.add("target_bytes", mebibytes << 20)
             return object
         default:
-            return Self.failure("unknown-request", "'\(request.prefix(64))' is not a request; expected one of describe, counters, pause, resume, shutdown, power-button, reset, power-off, save, snapshot ID, balloon MIB, console")
+            return Self.failure("unknown-request", "'\(request.prefix(64))' is not a request; expected one of describe, counters, pause, resume, shutdown, power-button, reset, power-off, save, snapshot ID, migrate DESTINATION ..., migrate-cancel, balloon MIB, console")
         }
     }
 

@@ -3,6 +3,7 @@ import Devices
 import DiskImage
 import GuestMemory
 import KVM
+import MigrationWire
 import Synchronization
 import X86Boot
 #if canImport(Glibc)
@@ -100,15 +101,38 @@ public final class Machine: @unchecked Sendable {
     let stateFilePath: String?
     /// Where live snapshots' states go (`<dir>/<id>/state`); nil when the VMM was given none.
     let snapshotDirectory: String?
+    /// Live migration (docs/migration.md): set while one runs; the user's cancel; how much of each
+    /// 10 ms the vCPUs sleep when auto-converge throttles them; per vCPU, a throttle tick to take.
+    let migrating = Atomic<Bool>(false)
+    let migrationCancelled = Atomic<Bool>(false)
+    let throttlePercent = Atomic<Int>(0)
+    let throttleTicks: [ExitCounter]
+    /// The destination side: the connection the VM arrived on, told `running` once the vCPUs go.
+    var arrivedOn: MigrationChannel?
+    /// When the arriving state was in place, to log how long the rest of the start took.
+    var arrivalFinished: UInt64 = 0
 
     /// Validates `configuration` against this host and builds the machine; the guest does not run
     /// until `run()`. With `restoring`, the machine is built to the saved state's shape and
     /// takes its state instead of booting (docs/snapshots.md); the file is left untouched if
     /// anything fails.
+    /// With `incoming`, the machine is built to the shape and CPU the migration source announces
+    /// and takes its memory, disks and state from the stream (docs/migration.md) instead of booting.
     public init(configuration: VMConfiguration, stateFile: String? = nil, restoring: Bool = false,
-                snapshotDirectory: String? = nil) throws(VMMError) {
+                snapshotDirectory: String? = nil, incoming: MigrationChannel? = nil) throws(VMMError) {
         stateFilePath = stateFile
         self.snapshotDirectory = snapshotDirectory
+        var arriving: ArrivingMachine?
+        if let incoming {
+            do throws(MigrationError) {
+                arriving = try ArrivingMachine(receivingFrom: incoming)
+            } catch {
+                throw .migration("the source's first message: \(error)")
+            }
+            guard arriving?.diskSizes.count == configuration.disks.count else {
+                throw .migration("the source has \(arriving?.diskSizes.count ?? 0) disks, this VM's definition \(configuration.disks.count)")
+            }
+        }
         var restoreFile: SavedStateFile.Opened?
         var saved: SavedMachineState?
         if restoring {
@@ -129,11 +153,27 @@ public final class Machine: @unchecked Sendable {
         }
         boot = try configuration.validated(maximumVCPUs: kvm.maximumVCPUs)
         var disks: [(image: any DiskImage, configuration: DiskConfiguration)] = []
-        for disk in configuration.disks {
+        for (index, disk) in configuration.disks.enumerated() {
             do {
-                disks.append((try DiskImages.open(path: disk.path, format: disk.format, readOnly: disk.readOnly), disk))
+                if let arriving, !arriving.copiesDisks {
+                    // Shared with the source, which holds them until it hands them over.
+                    let peeked = try DiskImages.peek(path: disk.path)
+                    guard peeked.virtualSize == arriving.diskSizes[index] else {
+                        throw VMMError.migration("disk \(disk.path) is \(peeked.virtualSize) bytes here, \(arriving.diskSizes[index]) on the source: not the same disk")
+                    }
+                    disks.append((DetachedImage(path: disk.path, format: disk.format ?? peeked.format, virtualSize: peeked.virtualSize,
+                                                readOnly: disk.readOnly), disk))
+                    continue
+                }
+                let image = try DiskImages.open(path: disk.path, format: disk.format, readOnly: disk.readOnly)
+                if let arriving, image.virtualSize != arriving.diskSizes[index] {
+                    throw VMMError.migration("disk \(disk.path) is \(image.virtualSize) bytes here, \(arriving.diskSizes[index]) on the source")
+                }
+                disks.append((image, disk))
+            } catch let error as VMMError {
+                throw error
             } catch {
-                throw .invalidConfiguration(field: "--disk", reason: error.description)
+                throw .invalidConfiguration(field: "--disk", reason: "\(error)")
             }
         }
         var networkCards: [VirtioNet] = []
@@ -202,7 +242,7 @@ public final class Machine: @unchecked Sendable {
         // A restored guest's RAM comes from the state file: nothing to load.
         let prepared: PreparedBoot?
         do {
-            prepared = saved == nil ? try boot.load(into: memory) : nil
+            prepared = saved == nil && arriving == nil ? try boot.load(into: memory) : nil
         } catch {
             throw .boot(error)
         }
@@ -222,8 +262,16 @@ public final class Machine: @unchecked Sendable {
                 throw .savedState(path: stateFile, reason: "this host's CPU lacks features the saved guest may use: \(missing.joined(separator: ", "))")
             }
         }
+        if let arriving {
+            let missing = CPUIDCompatibility.missing(saved: arriving.cpuid, host: supported)
+            guard missing.isEmpty else {
+                throw .migration("this host's CPU lacks features the guest may use: \(missing.joined(separator: ", ")); start it on the source with a CPU model both hosts offer (`vireo set NAME --cpu baseline`)")
+            }
+        }
         if let saved {
             cpuidBasis = saved.cpuid
+        } else if let arriving {
+            cpuidBasis = arriving.cpuid
         } else {
             cpuidBasis = try configuration.cpuModel.apply(to: supported)
         }
@@ -243,6 +291,7 @@ public final class Machine: @unchecked Sendable {
         self.vcpus = vcpus
         vcpuPowerOnStates = powerOnStates
         exitCounts = (0..<boot.cpuCount).map { _ in ExitCounter() }
+        throttleTicks = (0..<boot.cpuCount).map { _ in ExitCounter() }
         pauseGate = PauseGate(vcpuCount: boot.cpuCount)
 
         var entropy: VirtioEntropy?
@@ -323,6 +372,10 @@ public final class Machine: @unchecked Sendable {
             unlink(stateFile)
             vmmLog("restored from \(stateFile) in \((VMMClock.now() - started) / 1000) us")
         }
+        if let arriving, let incoming {
+            try receiveMigration(arriving, from: incoming)
+            arrivedOn = incoming
+        }
     }
 
     var consoleDescription: String { console.kind }
@@ -384,6 +437,19 @@ public final class Machine: @unchecked Sendable {
             }
         }
         threadsLock.withLock { $0 = threads }
+        if let channel = arrivedOn {
+            // The source stops only on this word: until it has it, the VM runs nowhere else.
+            do throws(MigrationError) {
+                try channel.send(.running)
+                vmmLog("migration complete: the VM runs here (\((VMMClock.now() - arrivalFinished) / 1000) us after its state was in place)")
+            } catch {
+                // The source cannot know it runs here; it keeps its copy paused, and this one stops
+                // rather than run beside it.
+                stop.request(.vmmFault("migration: the source could not be told the VM runs here (\(error)); stopped so it never runs twice"))
+            }
+            close(channel.fd)
+            arrivedOn = nil
+        }
         let exit = serveUntilStopped()
         pauseGate.release()
         kickAll(threads)
@@ -561,6 +627,10 @@ public final class Machine: @unchecked Sendable {
                 return
             }
             counter.value.add(1, ordering: .relaxed)
+            // Auto-converge (docs/migration.md): this vCPU sleeps its share of each 10 ms.
+            if throttleTicks[index].value.exchange(0, ordering: .acquiring) != 0 {
+                throttleSleep(nanoseconds: UInt64(throttlePercent.load(ordering: .relaxed)) * 10_000_000 / UInt64(max(1, 100 - throttlePercent.load(ordering: .relaxed))))
+            }
             switch exit {
             case let .portIO(port, isWrite, size, count, data):
                 for item in 0..<count {

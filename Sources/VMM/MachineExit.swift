@@ -25,11 +25,13 @@ public enum MachineExit: Equatable, Sendable {
     case vmmFault(String)
     /// The VM's state was saved to `path` (`vireo save`); starting it again resumes from there.
     case saved(path: String)
+    /// The VM moved to another VMM (`vireo migrate`), which confirmed it runs there.
+    case migrated(destination: String)
 
     /// 0 for stops the guest or the user asked for; 128+N for a signal; 1 for every failure.
     public var exitCode: Int32 {
         switch self {
-        case .guestReset, .guestPowerOff, .consoleQuit, .powerOffRequested, .saved: return 0
+        case .guestReset, .guestPowerOff, .consoleQuit, .powerOffRequested, .saved, .migrated: return 0
         case let .signal(number): return 128 + number
         case .tripleFault, .internalError, .failedEntry, .vmmFault: return 1
         }
@@ -52,6 +54,7 @@ public enum MachineExit: Equatable, Sendable {
             return "KVM could not enter vCPU \(vcpu): hardware entry failure reason 0x\(String(reason, radix: 16))"
         case let .vmmFault(message): return "VMM fault: \(message)"
         case let .saved(path): return "state saved to \(path); the VM has stopped"
+        case let .migrated(destination): return "migrated to \(destination); the VM runs there now"
         }
     }
 }

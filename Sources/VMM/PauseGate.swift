@@ -81,6 +81,18 @@ final class PauseGate: @unchecked Sendable {
         return true
     }
 
+    /// Before any vCPU runs: every vCPU parks at its first checkpoint (a migrated VM that was
+    /// paused on the source arrives paused).
+    func startPaused() {
+        locked {
+            paused = true
+            pauseRequested.store(true, ordering: .releasing)
+        }
+    }
+
+    /// Whether a pause has been asked for, without taking the lock (a throttled vCPU's sleep ends early).
+    var isPauseRequested: Bool { pauseRequested.load(ordering: .acquiring) }
+
     /// Returns false if it was not paused.
     func resume() -> Bool {
         locked {

@@ -260,15 +260,31 @@ struct SavedMachineState {
 
     static let cpuidLimit = 512
 
+    static func write(cpuid: [CPUIDEntry], into writer: inout StateWriter) {
+        writer.put(UInt32(cpuid.count))
+        for entry in cpuid {
+            for value in [entry.function, entry.index, entry.flags, entry.eax, entry.ebx, entry.ecx, entry.edx] { writer.put(value) }
+        }
+    }
+
+    static func readCPUID(from reader: inout StateReader) throws(StateError) -> [CPUIDEntry] {
+        let count = Int(try reader.get(UInt32.self, "CPUID entry count"))
+        guard count <= cpuidLimit else { throw .invalid(field: "CPUID entry count", reason: "\(count), more than \(cpuidLimit)") }
+        var cpuid: [CPUIDEntry] = []
+        for index in 0..<count {
+            var values: [UInt32] = []
+            for _ in 0..<7 { values.append(try reader.get(UInt32.self, "CPUID entry \(index)")) }
+            cpuid.append(CPUIDEntry(function: values[0], index: values[1], flags: values[2], eax: values[3], ebx: values[4], ecx: values[5], edx: values[6]))
+        }
+        return cpuid
+    }
+
     func encoded() -> [UInt8] {
         var writer = StateWriter()
         writer.put("machine")
         shape.write(into: &writer)
         writer.put("cpuid")
-        writer.put(UInt32(cpuid.count))
-        for entry in cpuid {
-            for value in [entry.function, entry.index, entry.flags, entry.eax, entry.ebx, entry.ecx, entry.edx] { writer.put(value) }
-        }
+        Self.write(cpuid: cpuid, into: &writer)
         writer.put("clock")
         writer.put(tscKilohertz)
         writer.put(clockNanoseconds)
@@ -303,14 +319,7 @@ struct SavedMachineState {
         shape = try MachineShape(from: &reader)
         guard shape.cpuCount >= 1, shape.cpuCount <= 256 else { throw .invalid(field: "vCPU count", reason: "\(shape.cpuCount) is not from 1 to 256") }
         try reader.expect("cpuid", "section")
-        let count = Int(try reader.get(UInt32.self, "CPUID entry count"))
-        guard count <= Self.cpuidLimit else { throw .invalid(field: "CPUID entry count", reason: "\(count), more than \(Self.cpuidLimit)") }
-        cpuid = []
-        for index in 0..<count {
-            var values: [UInt32] = []
-            for _ in 0..<7 { values.append(try reader.get(UInt32.self, "CPUID entry \(index)")) }
-            cpuid.append(CPUIDEntry(function: values[0], index: values[1], flags: values[2], eax: values[3], ebx: values[4], ecx: values[5], edx: values[6]))
-        }
+        cpuid = try Self.readCPUID(from: &reader)
         try reader.expect("clock", "section")
         tscKilohertz = try reader.get(UInt32.self, "TSC frequency")
         clockNanoseconds = try reader.get(UInt64.self, "kvmclock")
@@ -618,9 +627,28 @@ extension Machine {
     func restore(_ saved: SavedMachineState, memoryFrom file: borrowing SavedStateFile.Opened) throws(VMMError) {
         if let mismatch = shape.mismatch(saved: saved.shape) { throw .savedState(path: file.path, reason: mismatch) }
         try file.readMemoryAndVerify(into: memory)
+        do throws(StateApplicationError) {
+            try applyState(saved)
+        } catch {
+            switch error {
+            case let .state(reason): throw .savedState(path: file.path, reason: reason)
+            case let .other(error): throw error
+            }
+        }
+    }
+
+    enum StateApplicationError: Error {
+        /// The state itself is at fault (KVM or a device refused it).
+        case state(String)
+        case other(VMMError)
+    }
+
+    /// Everything but RAM, which is in place: the interrupt controllers and PIT, each vCPU, each
+    /// device, and last kvmclock, set ahead by the wall time since the state was captured.
+    func applyState(_ saved: SavedMachineState) throws(StateApplicationError) {
         let expectedDevices = portDevices.count + virtioTransports.count
         guard saved.devices.count == expectedDevices else {
-            throw .savedState(path: file.path, reason: "\(saved.devices.count) device states where this machine has \(expectedDevices) devices")
+            throw .state("\(saved.devices.count) device states where this machine has \(expectedDevices) devices")
         }
         do throws(KVMError) {
             for chip in saved.interruptControllers { try vm.setInterruptControllerState(chip) }
@@ -633,7 +661,7 @@ extension Machine {
                 try saved.vcpus[index].restore(to: vcpu)
             }
         } catch {
-            throw .savedState(path: file.path, reason: "KVM refused the saved CPU state: \(error)")
+            throw .state("KVM refused the saved CPU state: \(error)")
         }
         do throws(StateError) {
             let devices: [any StatefulDevice] = portDevices + virtioTransports
@@ -643,7 +671,7 @@ extension Machine {
                 guard reader.isAtEnd else { throw StateError.invalid(field: "device \(index) state", reason: "bytes follow its last field") }
             }
         } catch {
-            throw .savedState(path: file.path, reason: error.description)
+            throw .state(error.description)
         }
         // A restored snapshot is a new generation of the VM (the library gives it a new ID): the
         // guest's vmgenid device shows it and is notified, so the guest reseeds its RNG and tells
@@ -653,7 +681,7 @@ extension Machine {
             do throws(GuestMemoryError) {
                 try memory.write(generationID, at: MachineLayout.generationIDAddress)
             } catch {
-                throw .memory(error)
+                throw .other(.memory(error))
             }
             acpiRegisters.raiseEvents(ACPIPlatform.generationChangeEvent)
             vmmLog("VM generation ID changed on restore; the guest is notified")
@@ -666,7 +694,7 @@ extension Machine {
         do throws(KVMError) {
             try vm.setClock(nanoseconds: saved.clockNanoseconds &+ away)
         } catch {
-            throw .savedState(path: file.path, reason: "KVM refused the saved clock: \(error)")
+            throw .state("KVM refused the saved clock: \(error)")
         }
         // Work the guest queued while the saving VMM was quiesced (a request, a frame) and the
         // vsock transport reset are done now, before the vCPUs run.

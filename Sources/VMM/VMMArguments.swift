@@ -12,7 +12,7 @@ public enum VMMArguments {
         usage: vireo-vmm --kernel PATH [--initrd PATH] [--cmdline TEXT] [--cpus N] [--cpu MODEL] [--memory SIZE]
                          [--console stdio|none|file:PATH|socket:PATH] [--disk PATH[,readonly][,format=raw|qcow2][,serial=ID]]... [--net tap:NAME|tap-fd:N|stream-fd:N[,mac=MAC]]... [--vsock PATH[,cid=N]] [--balloon on|deflate-on-oom|stats=S] [--rng]
                          [--acpi on|off] [--on-reboot restart|exit] [--generation-id HEX32]
-                         [--control PATH] [--name NAME --uuid UUID] [--lock-fd N] [--ready-fd N] [--state-file PATH [--restore]] [--snapshot-dir PATH]
+                         [--control PATH] [--name NAME --uuid UUID] [--lock-fd N] [--ready-fd N] [--state-file PATH [--restore]] [--snapshot-dir PATH] [--incoming-fd N]
         Boots one VM and runs it until it powers off or reboots. Ctrl-A x quits the stdio console.
         --cpu MODEL      the CPU the guest sees: host (default) or baseline (x86-64-v2), then ,+FEATURE / ,-FEATURE
         --acpi on|off    describe the machine with ACPI (default) or an MP table and command-line devices
@@ -24,6 +24,7 @@ public enum VMMArguments {
         --state-file P   where the control socket's `save` writes the VM's state (docs/snapshots.md)
         --restore        resume from the state file instead of booting; it is removed once restored
         --snapshot-dir P where the control socket's `snapshot ID` writes a live snapshot's state (P/ID/state)
+        --incoming-fd N  take the VM from the live-migration stream on inherited descriptor N instead of booting
         """
 
     /// How the process around the machine behaves; `vireo start` sets these.
@@ -35,6 +36,8 @@ public enum VMMArguments {
         public var stateFile: String?
         public var restore = false
         public var snapshotDirectory: String?
+        /// A connected migration stream (docs/migration.md) the VM arrives on.
+        public var incomingDescriptor: Int32?
     }
 
     public enum Parsed {
@@ -48,7 +51,7 @@ public enum VMMArguments {
         var networks: [NetworkConfiguration] = []
         var index = 0
         let known: Set<String> = ["--kernel", "--initrd", "--cmdline", "--cpus", "--cpu", "--memory", "--console", "--disk", "--net", "--vsock", "--balloon",
-                                  "--acpi", "--on-reboot", "--generation-id", "--control", "--name", "--uuid", "--lock-fd", "--ready-fd", "--state-file", "--snapshot-dir"]
+                                  "--acpi", "--on-reboot", "--generation-id", "--control", "--name", "--uuid", "--lock-fd", "--ready-fd", "--state-file", "--snapshot-dir", "--incoming-fd"]
         while index < arguments.count {
             let argument = arguments[index]
             if argument == "--help" || argument == "-h" { return .help }
@@ -125,6 +128,10 @@ public enum VMMArguments {
         options.stateFile = values["--state-file"]
         options.snapshotDirectory = values["--snapshot-dir"]
         options.restore = values["--restore"] != nil
+        options.incomingDescriptor = try descriptor(values["--incoming-fd"], field: "--incoming-fd")
+        if options.restore && options.incomingDescriptor != nil {
+            throw .invalidConfiguration(field: "--incoming-fd", reason: "cannot be combined with --restore: the VM comes from one or the other")
+        }
         if options.restore && options.stateFile == nil {
             throw .invalidConfiguration(field: "--restore", reason: "needs --state-file, the state to restore")
         }

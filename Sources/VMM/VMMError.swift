@@ -14,6 +14,11 @@ public enum VMMError: Error, CustomStringConvertible, Sendable {
     case host(operation: String, errno: Int32)
     /// A saved state that cannot be restored: damaged, of another machine, or for another host.
     case savedState(path: String, reason: String)
+    /// A live migration that could not go on; `reason` says what happened to the VM.
+    case migration(String)
+    /// Everything was sent and the destination's answer was lost: the VM may run there, so it
+    /// stays paused here.
+    case migrationOutcomeUnknown(String)
 
     public var description: String {
         switch self {
@@ -24,6 +29,8 @@ public enum VMMError: Error, CustomStringConvertible, Sendable {
         case let .bus(error): return error.description
         case let .host(operation, code): return KVMError(operation: operation, errno: code).description
         case let .savedState(path, reason): return "saved state \(path): \(reason)"
+        case let .migration(reason): return "migration: \(reason)"
+        case let .migrationOutcomeUnknown(reason): return "migration: \(reason)"
         }
     }
 }

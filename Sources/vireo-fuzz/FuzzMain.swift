@@ -9,7 +9,7 @@ import Glibc
 // how a crash libFuzzer found is reproduced under a debugger.
 nonisolated(unsafe) let selectedTarget: (UnsafeRawBufferPointer) -> Void = {
     let name = getenv("VIREO_FUZZ_TARGET").map { String(cString: $0) } ?? ""
-    guard let target = Fuzz.target(named: name) else { FuzzMain.fail("VIREO_FUZZ_TARGET must be virtqueue, qcow2 or savedstate") }
+    guard let target = Fuzz.target(named: name) else { FuzzMain.fail("VIREO_FUZZ_TARGET must be virtqueue, qcow2, savedstate or migration") }
     return target
 }()
 
@@ -33,7 +33,7 @@ struct FuzzMain {
         }
         let arguments = Array(CommandLine.arguments.dropFirst())
         guard let name = arguments.first, let target = Fuzz.target(named: name) else {
-            fail("usage: vireo-fuzz virtqueue|qcow2|savedstate FILE...   (libFuzzer builds: scripts/fuzz.sh)")
+            fail("usage: vireo-fuzz virtqueue|qcow2|savedstate|migration FILE...   (libFuzzer builds: scripts/fuzz.sh)")
         }
         Fuzz.replay(Array(arguments.dropFirst()), target)
     }

@@ -1,3 +1,4 @@
+import MigrationWire
 import VMM
 #if canImport(Glibc)
 import Glibc
@@ -18,11 +19,18 @@ func tellStarter(_ text: String) {
     readyDescriptor = -1
 }
 
+/// The stream a migrating VM arrives on: a failure is told to the source, which then runs on.
+nonisolated(unsafe) var incomingDescriptor: Int32 = -1
+
 func report(_ error: VMMError) -> Never {
     vmmLog("error: \(error)")
+    if incomingDescriptor >= 0 {
+        try? MigrationChannel(fd: incomingDescriptor).send(.failed, text: "\(error)")
+        shutdown(incomingDescriptor, Int32(SHUT_WR))
+    }
     let status: Int32
     switch error {
-    case .invalidConfiguration, .boot, .savedState: status = 2
+    case .invalidConfiguration, .boot, .savedState, .migration, .migrationOutcomeUnknown: status = 2
     case .kvm, .memory, .bus, .host: status = 1
     }
     tellStarter("error \(status) \(error)")
@@ -46,8 +54,16 @@ do throws(VMMError) {
                 throw VMMError.invalidConfiguration(field: "--lock-fd", reason: "the VM's lock is held by another process; is it already running?")
             }
         }
+        var incoming: MigrationChannel?
+        if let fd = options.incomingDescriptor {
+            _ = fcntl(fd, F_SETFD, FD_CLOEXEC)
+            incomingDescriptor = fd
+            incoming = MigrationChannel(fd: fd)
+        }
         let machine = try Machine(configuration: configuration, stateFile: options.stateFile, restoring: options.restore,
-                                  snapshotDirectory: options.snapshotDirectory)
+                                  snapshotDirectory: options.snapshotDirectory, incoming: incoming)
+        // From here the machine owns the stream (it closes it once the source knows it runs).
+        incomingDescriptor = -1
         if let path = options.controlPath { try machine.listenForControl(path: path, identity: options.identity) }
         tellStarter("ready \(getpid())")
         let outcome = try machine.run()

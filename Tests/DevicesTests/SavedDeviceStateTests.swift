@@ -148,3 +148,26 @@ import Testing
 final class DiscardingOutput: SerialOutput, Sendable {
     func write(_ bytes: UnsafeRawBufferPointer) {}
 }
+
+/// The migration stream's destination decoders under mutation (docs/migration.md).
+struct MigrationStreamFuzzTests {
+    @Test func migrationTargetSurvivesMutatedStreams() {
+        let seed = Fuzz.sampleMigrationStream
+        let whole = seed.withUnsafeBytes { Fuzz.migrationAcceptedMessages($0) }
+        #expect(whole == 7, "the sample stream's 7 messages were not all taken: \(whole)")
+        var random = FuzzSmokeTests.SeededGenerator(state: 0x316)
+        var cutShort = 0
+        for _ in 0..<500 {
+            var input = seed
+            for _ in 0..<Int.random(in: 1...4, using: &random) {
+                input[Int.random(in: 0..<input.count, using: &random)] = UInt8.random(in: 0...255, using: &random)
+            }
+            if Int.random(in: 0...4, using: &random) == 0 { input = Array(input.prefix(Int.random(in: 0...input.count, using: &random))) }
+            let taken = input.withUnsafeBytes { Fuzz.migrationAcceptedMessages($0) }
+            #expect(taken <= 7)
+            if taken < 7 { cutShort += 1 }
+        }
+        // A flipped byte almost always breaks a frame's checksum or a field's bounds.
+        #expect(cutShort >= 400, "only \(cutShort) of 500 mutated streams were refused somewhere")
+    }
+}

@@ -4,6 +4,8 @@
 #define VIREO_CHOSTSUPPORT_H
 
 #include <sys/types.h>
+#include <stddef.h>
+#include <stdint.h>
 
 // Starts `path` in a new session with default signal dispositions and an empty signal mask:
 // stdin /dev/null, stdout and stderr to `log_fd`, `lock_fd` as descriptor 3 and `ready_fd` as
@@ -46,4 +48,18 @@ int vireo_tap_name(int fd, char *name, int capacity);
 
 // A non-blocking, close-on-exec eventfd(2) starting at 0; -1 with errno on failure.
 int vireo_eventfd_nonblocking(void);
+
+// Sends `length` bytes on the Unix socket `socket` with `fd` attached (SCM_RIGHTS). Returns the
+// bytes sent, or -errno.
+long vireo_send_with_descriptor(int socket, const void *data, size_t length, int fd);
+// Receives up to `capacity` bytes from the Unix socket `socket`; a descriptor that came with
+// them is stored (close-on-exec) in *fd, else *fd = -1. Extra descriptors are closed. Returns
+// the bytes received (0 at end of stream), or -errno.
+long vireo_receive_with_descriptor(int socket, void *data, size_t capacity, int *fd);
+
+// Atomically sets bits [first, first + count) of the bitmap `words` (dirty-page tracking, which
+// several device threads update at once).
+void vireo_bitmap_set_range(uint64_t *words, size_t first, size_t count);
+// Atomically moves `count` words of `words` into `into` (ORed in) and clears them.
+void vireo_bitmap_take(uint64_t *words, uint64_t *into, size_t count);
 #endif

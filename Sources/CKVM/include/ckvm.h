@@ -50,6 +50,8 @@ extern const unsigned long VIREO_KVM_GET_PIT2;
 extern const unsigned long VIREO_KVM_SET_PIT2;
 extern const unsigned long VIREO_KVM_GET_MSR_INDEX_LIST;
 extern const unsigned long VIREO_KVM_GET_CLOCK;
+extern const unsigned long VIREO_KVM_GET_DIRTY_LOG;
+extern const unsigned int VIREO_KVM_MEM_LOG_DIRTY_PAGES;
 extern const unsigned long VIREO_KVM_SET_CLOCK;
 extern const unsigned long VIREO_KVM_GET_TSC_KHZ;
 extern const unsigned long VIREO_KVM_SET_TSC_KHZ;

@@ -1,0 +1,546 @@
+import API
+import CHostSupport
+import DiskImage
+import FoundationEssentials
+import Library
+import MigrationWire
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// What `vireo migrate` asks for (docs/migration.md).
+public struct MigrationRequest: Sendable {
+    public var destination: TCPEndpoint
+    public var token: String
+    public var maximumDowntimeNanoseconds: UInt64 = 300_000_000
+    public var bandwidthBytesPerSecond: UInt64?
+    public var copyDisks = false
+    public var autoConverge = true
+
+    public init(destination: TCPEndpoint, token: String) { self.destination = destination; self.token = token }
+}
+
+/// One progress line of a running migration, as the source VMM reports it.
+public struct MigrationReport: Decodable, Sendable {
+    public var iteration: Int
+    public var remainingBytes: UInt64
+    public var transferredBytes: UInt64
+    public var rateBytesPerSecond: UInt64
+    /// -1 while the rate is unknown.
+    public var expectedDowntimeUs: Int64
+    public var throttlePercent: Int
+
+    enum CodingKeys: String, CodingKey {
+        case iteration, remainingBytes = "remaining_bytes", transferredBytes = "transferred_bytes"
+        case rateBytesPerSecond = "rate_bytes_per_second", expectedDowntimeUs = "expected_downtime_us", throttlePercent = "throttle_percent"
+    }
+}
+
+/// How a finished migration went.
+public struct MigrationResult: Decodable, Sendable {
+    public var downtimeUs: UInt64
+    public var totalMs: UInt64
+    public var transferredBytes: UInt64
+    public var iterations: Int
+    public var finalPages: UInt64
+    public var maxThrottlePercent: Int
+
+    enum CodingKeys: String, CodingKey {
+        case downtimeUs = "downtime_us", totalMs = "total_ms", transferredBytes = "transferred_bytes", iterations
+        case finalPages = "final_pages", maxThrottlePercent = "max_throttle_percent"
+    }
+}
+
+/// `HOST:PORT` (or `[V6]:PORT`), optionally written `tcp:HOST:PORT`.
+public struct TCPEndpoint: Sendable, CustomStringConvertible {
+    public var host: String
+    public var port: UInt16
+
+    public init(host: String, port: UInt16) { self.host = host; self.port = port }
+
+    public init(parsing text: String, field: String, defaultPort: UInt16? = nil) throws(LibraryError) {
+        var rest = Substring(text)
+        if rest.hasPrefix("tcp:") { rest = rest.dropFirst(4) }
+        var host: Substring
+        var portText: Substring?
+        if rest.hasPrefix("[") {
+            guard let close = rest.firstIndex(of: "]") else { throw .invalidValue(field: field, reason: "'\(text)': an IPv6 address needs its closing ']'") }
+            host = rest[rest.index(after: rest.startIndex)..<close]
+            let after = rest[rest.index(after: close)...]
+            if after.hasPrefix(":") { portText = after.dropFirst() } else if !after.isEmpty {
+                throw .invalidValue(field: field, reason: "'\(text)' is not [ADDRESS]:PORT")
+            }
+        } else if let colon = rest.lastIndex(of: ":") {
+            host = rest[..<colon]
+            portText = rest[rest.index(after: colon)...]
+        } else {
+            host = rest
+        }
+        guard !host.isEmpty else { throw .invalidValue(field: field, reason: "'\(text)' has no host; expected tcp:HOST:PORT") }
+        if let portText {
+            guard let port = UInt16(portText) else { throw .invalidValue(field: field, reason: "'\(portText)' is not a port number (0 to 65535)") }
+            self.port = port
+        } else if let defaultPort {
+            port = defaultPort
+        } else {
+            throw .invalidValue(field: field, reason: "'\(text)' has no port; expected tcp:HOST:PORT")
+        }
+        self.host = String(host)
+    }
+
+    public var description: String { host.contains(":") ? "tcp:[\(host)]:\(port)" : "tcp:\(host):\(port)" }
+
+    func addresses(passive: Bool) throws(LibraryError) -> UnsafeMutablePointer<addrinfo> {
+        var hints = addrinfo()
+        hints.ai_socktype = Int32(SOCK_STREAM.rawValue)
+        hints.ai_flags = passive ? AI_PASSIVE : 0
+        var result: UnsafeMutablePointer<addrinfo>?
+        let status = getaddrinfo(host, String(port), &hints, &result)
+        guard status == 0, let result else {
+            throw .invalidValue(field: "address", reason: "'\(host)' cannot be resolved: \(String(cString: gai_strerror(status)))")
+        }
+        return result
+    }
+
+    /// A connected, close-on-exec TCP socket to this endpoint.
+    func connect(timeoutSeconds: Int) throws(LibraryError) -> Int32 {
+        let list = try addresses(passive: false)
+        defer { freeaddrinfo(list) }
+        var lastError: Int32 = ECONNREFUSED
+        var entry: UnsafeMutablePointer<addrinfo>? = list
+        while let current = entry {
+            entry = current.pointee.ai_next
+            let fd = socket(current.pointee.ai_family, current.pointee.ai_socktype | Int32(SOCK_CLOEXEC.rawValue), current.pointee.ai_protocol)
+            guard fd >= 0 else { lastError = errno; continue }
+            var timeout = timeval(tv_sec: timeoutSeconds, tv_usec: 0)
+            setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
+            if Glibc.connect(fd, current.pointee.ai_addr, current.pointee.ai_addrlen) == 0 {
+                var none = timeval()
+                setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &none, socklen_t(MemoryLayout<timeval>.size))
+                var one: Int32 = 1
+                setsockopt(fd, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
+                return fd
+            }
+            lastError = errno
+            close(fd)
+        }
+        throw .io(operation: "connect to", path: description, errno: lastError)
+    }
+
+    /// A listening, close-on-exec TCP socket on this endpoint, and the port it got (port 0 picks one).
+    func listen() throws(LibraryError) -> (fd: Int32, port: UInt16) {
+        let list = try addresses(passive: true)
+        defer { freeaddrinfo(list) }
+        let current = list.pointee
+        let fd = socket(current.ai_family, current.ai_socktype | Int32(SOCK_CLOEXEC.rawValue), current.ai_protocol)
+        guard fd >= 0 else { throw .io(operation: "socket for", path: description, errno: errno) }
+        var one: Int32 = 1
+        setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, socklen_t(MemoryLayout<Int32>.size))
+        guard bind(fd, current.ai_addr, current.ai_addrlen) == 0, Glibc.listen(fd, 4) == 0 else {
+            let code = errno
+            close(fd)
+            throw .io(operation: "listen on", path: description, errno: code)
+        }
+        var bound = sockaddr_storage()
+        var length = socklen_t(MemoryLayout<sockaddr_storage>.size)
+        _ = withUnsafeMutablePointer(to: &bound) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &length) } }
+        let family = Int32(bound.ss_family)
+        let port: UInt16 = withUnsafePointer(to: &bound) { pointer in
+            if family == AF_INET6 {
+                return pointer.withMemoryRebound(to: sockaddr_in6.self, capacity: 1) { UInt16(bigEndian: $0.pointee.sin6_port) }
+            }
+            return pointer.withMemoryRebound(to: sockaddr_in.self, capacity: 1) { UInt16(bigEndian: $0.pointee.sin_port) }
+        }
+        return (fd, port)
+    }
+}
+
+/// What the source offers the receiver before any of the VM moves (JSON in an `offer` message).
+struct MigrationOffer: Codable {
+    struct Disk: Codable {
+        /// Absolute on the source: with shared disks, the same path on the destination.
+        var path: String
+        var format: DiskFormat
+        var virtualSize: UInt64
+        var readOnly: Bool
+    }
+    struct File: Codable {
+        /// `kernel` or `initrd`.
+        var role: String
+        var name: String
+        var size: UInt64
+    }
+    var definition: VMDefinition
+    var copyDisks: Bool
+    var disks: [Disk]
+    var files: [File]
+    var sourceHost: String
+
+    static let sizeLimit = 1 << 20
+    static let fileLimit: UInt64 = 1 << 30
+}
+
+extension KVMEngine {
+    /// Hands the connected stream to the VM's VMM with a `migrate` request and follows its
+    /// progress lines to the final reply (docs/control-socket.md). `cancelled` is polled; once it
+    /// says so, `migrate-cancel` goes on a second connection.
+    public func migrate(_ vm: EngineVM, over connection: Int32, request: MigrationRequest, progress: (MigrationReport) -> Void,
+                        cancelled: () -> Bool) throws(LibraryError) -> MigrationResult {
+        let control: Int32
+        do {
+            control = try ControlConnection.connectUnix(path: vm.bundle.controlPath, timeoutSeconds: 0)
+        } catch {
+            throw Self.translate(error, vm: vm, action: "migrate")
+        }
+        defer { close(control) }
+        var line = "migrate \(request.destination) downtime_us=\(request.maximumDowntimeNanoseconds / 1000)"
+        line += " bandwidth=\(request.bandwidthBytesPerSecond ?? 0) copy_disks=\(request.copyDisks ? 1 : 0) auto_converge=\(request.autoConverge ? 1 : 0)\n"
+        let bytes = Array(line.utf8)
+        let sent = bytes.withUnsafeBytes { vireo_send_with_descriptor(control, $0.baseAddress!, $0.count, connection) }
+        guard sent == bytes.count else {
+            throw .engine(name: vm.name, reason: "could not hand the migration connection to its VMM: \(String(cString: strerror(Int32(-sent))))", exitStatus: 1)
+        }
+        var pending: [UInt8] = []
+        var buffer = [UInt8](repeating: 0, count: 4096)
+        var cancelSent = false
+        let decoder = JSONDecoder()
+        while true {
+            while let newline = pending.firstIndex(of: 0x0a) {
+                let reply = Array(pending[..<newline])
+                pending.removeSubrange(...newline)
+                struct ProgressLine: Decodable { var progress: MigrationReport }
+                if let report = try? decoder.decode(ProgressLine.self, from: Data(reply)) {
+                    progress(report.progress)
+                    continue
+                }
+                let status = try? decoder.decode(ControlStatus.self, from: Data(reply))
+                guard let status else {
+                    throw .engine(name: vm.name, reason: "unreadable reply to migrate: \(String(decoding: reply.prefix(200), as: UTF8.self))", exitStatus: 1)
+                }
+                guard status.ok else {
+                    throw .migration(name: vm.name, reason: status.message ?? "the migration failed", outcomeUnknown: status.error == "migration-unknown")
+                }
+                guard let result = try? decoder.decode(MigrationResult.self, from: Data(reply)) else {
+                    throw .engine(name: vm.name, reason: "unreadable result of migrate: \(String(decoding: reply.prefix(200), as: UTF8.self))", exitStatus: 1)
+                }
+                return result
+            }
+            if !cancelSent && cancelled() {
+                cancelSent = true
+                _ = try? call(vm, "migrate-cancel", action: "cancel the migration of")
+            }
+            var descriptor = pollfd(fd: control, events: Int16(POLLIN), revents: 0)
+            let ready = poll(&descriptor, 1, 200)
+            if ready < 0 && errno == EINTR { continue }
+            guard ready > 0 else { continue }
+            let count = buffer.withUnsafeMutableBytes { recv(control, $0.baseAddress, $0.count, 0) }
+            if count < 0 && errno == EINTR { continue }
+            guard count > 0 else {
+                throw .engine(name: vm.name, reason: "its VMM closed the control connection during the migration; see \(vm.bundle.vmmLogPath)", exitStatus: 1)
+            }
+            pending += buffer[0..<count]
+            guard pending.count < 1 << 20 else { throw .engine(name: vm.name, reason: "migrate reply too long", exitStatus: 1) }
+        }
+    }
+}
+
+// MARK: the source side of the handshake
+
+extension VMManager {
+    /// `vireo migrate`: connects to a `vireo receive`, proves the token, offers the VM (its
+    /// definition, disks and kernel files), and once the receiver is ready hands the connection to
+    /// the VM's VMM, which moves the VM. Returns when the destination runs it and this copy has
+    /// stopped; on failure the VM runs on here (docs/migration.md).
+    public func migrate(_ name: String, request: MigrationRequest, progress: (MigrationReport) -> Void,
+                        cancelled: () -> Bool) throws(LibraryError) -> (MigrationResult, warnings: [String]) {
+        let (vm, engine) = try running(name, action: "migrate")
+        guard vm.definition.engine == .kvm else {
+            // Refused before anything is sent to the receiver.
+            return (try engine.migrate(vm, over: -1, request: request, progress: progress, cancelled: cancelled), [])
+        }
+        if vm.bundle.hasSavedState { throw .wrongState(name: name, state: "saved", action: "migrate", hint: "start it first") }
+        let fd = try request.destination.connect(timeoutSeconds: 10)
+        defer { close(fd) }
+        // The handshake must not hang on a silent peer.
+        var timeout = timeval(tv_sec: 60, tv_usec: 0)
+        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
+        let channel = MigrationChannel(fd: fd)
+        func fail(_ error: MigrationError) -> LibraryError {
+            if case let .refused(reason) = error { return .migration(name: name, reason: "\(request.destination) refused: \(reason)", outcomeUnknown: false) }
+            return .migration(name: name, reason: "\(request.destination): \(error)", outcomeUnknown: false)
+        }
+        var offer = MigrationOffer(definition: vm.definition, copyDisks: request.copyDisks, disks: [], files: [], sourceHost: Self.hostName())
+        for disk in vm.definition.disks {
+            let path = vm.bundle.resolve(disk.path)
+            let size: UInt64
+            do { size = try DiskImages.peek(path: path).virtualSize } catch { throw .disk(error) }
+            offer.disks.append(.init(path: path, format: disk.format, virtualSize: size, readOnly: disk.readOnly))
+        }
+        var files: [(role: String, path: String)] = []
+        if let kernel = vm.definition.kernel { files.append(("kernel", vm.bundle.resolve(kernel))) }
+        if let initrd = vm.definition.initrd { files.append(("initrd", vm.bundle.resolve(initrd))) }
+        for file in files {
+            offer.files.append(.init(role: file.role, name: HostFiles.lastComponent(of: file.path), size: HostFiles.size(file.path)))
+        }
+        let offerBytes: [UInt8]
+        do { offerBytes = Array(try JSONEncoder().encode(offer)) } catch {
+            throw .corrupt(path: vm.bundle.configPath, reason: "the definition cannot be encoded: \(error)")
+        }
+        do throws(MigrationError) {
+            try channel.send(.hello, MigrationWire.hello(token: request.token))
+            let answer = try channel.receive(limit: 64 << 10)
+            if answer.kind == .refuse { throw .refused(answer.text) }
+            guard answer.kind == .accept else { throw .protocolViolation("expected accept, got \(answer.kind)") }
+            try channel.send(.offer, offerBytes)
+            for (index, file) in files.enumerated() {
+                let source = Glibc.open(file.path, O_RDONLY | O_CLOEXEC)
+                guard source >= 0 else { throw .io(operation: "open \(file.path)", errno: errno) }
+                defer { close(source) }
+                var chunk = [UInt8](repeating: 0, count: 4 << 20)
+                while true {
+                    let count = chunk.withUnsafeMutableBytes { read(source, $0.baseAddress, $0.count) }
+                    if count < 0 && errno == EINTR { continue }
+                    guard count >= 0 else { throw .io(operation: "read \(file.path)", errno: errno) }
+                    var message = [UInt8(index)]
+                    message += chunk[0..<count]
+                    try channel.send(.file, message)
+                    if count == 0 { break }
+                }
+            }
+            let ready = try channel.receive(limit: 64 << 10)
+            if ready.kind == .refuse { throw .refused(ready.text) }
+            guard ready.kind == .prepared else { throw .protocolViolation("expected prepared, got \(ready.kind)") }
+        } catch {
+            throw fail(error)
+        }
+        // The VMM gets its own copy; closing ours (deferred) leaves the stream to it.
+        let result = try engine.migrate(vm, over: fd, request: request, progress: progress, cancelled: cancelled)
+        guard Self.waitUntilStopped(vm.bundle, seconds: 60) else {
+            throw .engine(name: name, reason: "migrated, but this copy did not stop within 60 s", exitStatus: 1)
+        }
+        var warnings = HostNetworks(library: library).releaseIdle()
+        if request.copyDisks {
+            warnings.append("VM '\(name)' stays defined here, stopped, with its disks as they were at the switch-over; `vireo delete \(name)` removes it (starting it would run a second copy with the same MAC address)")
+        } else {
+            // Its disk files are the destination's now: the entry goes, the files stay.
+            do throws(LibraryError) {
+                let directory = try library.forgetMigrated(name, destination: request.destination.description)
+                warnings.append("VM '\(name)' is no longer defined here; its directory \(directory) stays, since the destination uses the disk files in it")
+            } catch {
+                warnings.append("VM '\(name)' runs at the destination, but its entry here could not be retired: \(error); do not start it here")
+            }
+        }
+        return (result, warnings)
+    }
+
+    static func hostName() -> String {
+        var buffer = [CChar](repeating: 0, count: 256)
+        guard gethostname(&buffer, buffer.count - 1) == 0 else { return "unknown" }
+        return String(decoding: buffer.prefix(while: { $0 != 0 }).map { UInt8(bitPattern: $0) }, as: UTF8.self)
+    }
+}
+
+// MARK: the receiving side
+
+/// A new one-time token: 128 random bits as hex.
+public func newMigrationToken() -> String {
+    var generator = SystemRandomNumberGenerator()
+    return (0..<2).map { _ in
+        let value = generator.next() as UInt64
+        let text = String(value, radix: 16)
+        return String(repeating: "0", count: 16 - text.count) + text
+    }.joined()
+}
+
+public struct ReceivedVM: Sendable {
+    public var name: String
+    public var source: String
+    public var pid: Int32
+    public var warnings: [String]
+}
+
+extension VMManager {
+    /// Listens on `endpoint` for a prepared `vireo receive`; the caller gets the address really
+    /// bound before anything blocks.
+    public func listenForMigration(on endpoint: TCPEndpoint) throws(LibraryError) -> (fd: Int32, endpoint: TCPEndpoint) {
+        let (fd, port) = try endpoint.listen()
+        return (fd, TCPEndpoint(host: endpoint.host, port: port))
+    }
+
+    /// `vireo receive`: waits on `listener` for a source that shows `token` (wrong ones are
+    /// refused, and after `maximumFailures` the receiver gives up), defines the VM it offers in
+    /// this library, and starts it from the stream. Returns once it runs here. On any failure
+    /// the half-received VM is deleted (never a shared disk) and the source runs on.
+    public func receive(on listener: Int32, token: String, rename: String?, maximumFailures: Int = 5,
+                        log: (String) -> Void) throws(LibraryError) -> ReceivedVM {
+        var failures = 0
+        while true {
+            var peerAddress = sockaddr_storage()
+            var peerLength = socklen_t(MemoryLayout<sockaddr_storage>.size)
+            let fd = withUnsafeMutablePointer(to: &peerAddress) {
+                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { accept(listener, $0, &peerLength) }
+            }
+            if fd < 0 {
+                if errno == EINTR || errno == ECONNABORTED { continue }
+                throw .io(operation: "accept on", path: "the migration listener", errno: errno)
+            }
+            // Single-threaded: nothing can fork between accept and this.
+            _ = fcntl(fd, F_SETFD, FD_CLOEXEC)
+            var timeout = timeval(tv_sec: 60, tv_usec: 0)
+            setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
+            let channel = MigrationChannel(fd: fd)
+            let hello: MigrationWire.Message
+            do throws(MigrationError) {
+                hello = try channel.receive(limit: 4096)
+            } catch {
+                close(fd)
+                log("a connection sent no migration hello (\(error)); still waiting")
+                continue
+            }
+            let offered: Result<String, MigrationError> = hello.kind == .hello ? MigrationWire.token(inHello: hello.payload) : .failure(.protocolViolation("not a hello"))
+            switch offered {
+            case let .success(given) where MigrationWire.tokensMatch(given, token):
+                do throws(LibraryError) {
+                    return try receiveAccepted(channel, rename: rename, log: log)
+                } catch {
+                    close(fd)
+                    throw error
+                }
+            case let .success(given):
+                _ = given
+                failures += 1
+                try? channel.send(MigrationWire.Kind.refuse, text: "wrong token")
+                close(fd)
+                log("refused a connection with a wrong token (\(failures) of \(maximumFailures))")
+            case let .failure(error):
+                failures += 1
+                try? channel.send(MigrationWire.Kind.refuse, text: "\(error)")
+                close(fd)
+                log("refused a connection: \(error)")
+            }
+            if failures >= maximumFailures {
+                throw .migration(name: rename ?? "?", reason: "\(failures) connections came with a wrong token or no hello; the token is void, start `vireo receive` again", outcomeUnknown: false)
+            }
+        }
+    }
+
+    private func receiveAccepted(_ channel: MigrationChannel, rename: String?, log: (String) -> Void) throws(LibraryError) -> ReceivedVM {
+        func refuse(_ error: LibraryError) -> LibraryError {
+            try? channel.send(.refuse, text: error.description)
+            return error
+        }
+        let offer: MigrationOffer
+        do throws(MigrationError) {
+            try channel.send(.accept)
+            let message = try channel.receive(limit: MigrationOffer.sizeLimit)
+            guard message.kind == .offer else { throw .protocolViolation("expected the offer, got \(message.kind)") }
+            do { offer = try JSONDecoder().decode(MigrationOffer.self, from: Data(message.payload)) } catch {
+                throw .protocolViolation("the offer is not valid: \(error)")
+            }
+        } catch {
+            throw refuse(.migration(name: rename ?? "?", reason: "the source: \(error)", outcomeUnknown: false))
+        }
+        var definition = offer.definition
+        let name = rename ?? definition.name
+        log("the source \(offer.sourceHost) offers VM '\(definition.name)' (\(definition.cpus) vCPUs, \(definition.memoryBytes >> 20) MiB, \(offer.disks.count) disks, \(offer.copyDisks ? "copied" : "shared"))")
+        definition.name = name
+        let staging = library.root + "/.creating-" + definition.uuid
+        do throws(LibraryError) {
+            try VMName.validate(name)
+            guard !HostFiles.exists(library.root + "/" + name) else { throw .alreadyExists(name: name) }
+            guard definition.engine == .kvm else { throw .invalidValue(field: "engine", reason: "only kvm-engine VMs migrate") }
+            guard offer.disks.count == definition.disks.count, offer.files.count <= 2 else {
+                throw .invalidValue(field: "offer", reason: "\(offer.disks.count) disks offered for \(definition.disks.count) in the definition")
+            }
+            try library.checkNetworks(definition, previous: nil)
+            try HostFiles.makeDirectories(library.root)
+            try HostFiles.makeDirectory(staging)
+        } catch {
+            throw refuse(error)
+        }
+        var moved = false
+        defer { if !moved { try? HostFiles.removeTree(staging) } }
+        let target = VMBundle(directory: staging)
+        do throws(LibraryError) {
+            // Disks: the same files (checked to be there and the same size), or new empty images
+            // the stream fills.
+            var taken: Set<String> = []
+            for (index, disk) in offer.disks.enumerated() {
+                if offer.copyDisks {
+                    var file = HostFiles.lastComponent(of: disk.path)
+                    if file.hasSuffix(".raw") || file.hasSuffix(".img") { file = String(file.split(separator: ".").first ?? "disk") + ".qcow2" }
+                    if !file.hasSuffix(".qcow2") || taken.contains(file) || file.hasPrefix(".") { file = "disk\(index).qcow2" }
+                    taken.insert(file)
+                    do { try DiskImages.create(path: target.resolve(file), format: .qcow2, size: disk.virtualSize) } catch { throw .disk(error) }
+                    definition.disks[index].path = file
+                    definition.disks[index].format = .qcow2
+                } else {
+                    guard disk.path.hasPrefix("/") else { throw .invalidValue(field: "disk \(index)", reason: "'\(disk.path)' is not absolute") }
+                    let peeked: (format: DiskFormat, virtualSize: UInt64)
+                    do { peeked = try DiskImages.peek(path: disk.path) } catch {
+                        throw .invalidValue(field: "disk \(index)", reason: "the shared disk is not reachable here (\(error)); share the storage at the same path, or migrate with --copy-disks")
+                    }
+                    guard peeked.virtualSize == disk.virtualSize, peeked.format == disk.format else {
+                        throw .invalidValue(field: "disk \(index)", reason: "\(disk.path) here is a \(peeked.format.rawValue) disk of \(peeked.virtualSize) bytes, on the source a \(disk.format.rawValue) disk of \(disk.virtualSize): not the same disk")
+                    }
+                    definition.disks[index].path = disk.path
+                }
+            }
+            // Kernel and initrd: copies of the source's, kept in the VM's directory.
+            var remaining = offer.files
+            var stored: [String] = []
+            for file in offer.files {
+                let base = HostFiles.lastComponent(of: file.name)
+                guard file.size <= MigrationOffer.fileLimit, !base.isEmpty, !base.hasPrefix("."), !stored.contains(base),
+                      ["kernel", "initrd"].contains(file.role) else {
+                    throw .invalidValue(field: "offer", reason: "file '\(file.name.prefix(64))' (\(file.role.prefix(16)), \(file.size) bytes) is not acceptable")
+                }
+                stored.append(base)
+                if file.role == "kernel" { definition.kernel = base } else { definition.initrd = base }
+            }
+            for (index, name) in stored.enumerated() {
+                let path = target.resolve(name)
+                let out = Glibc.open(path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o600)
+                guard out >= 0 else { throw .io(operation: "create", path: path, errno: errno) }
+                defer { close(out) }
+                var received: UInt64 = 0
+                while true {
+                    let message: MigrationWire.Message
+                    do throws(MigrationError) { message = try channel.receive(limit: 8 << 20) } catch {
+                        throw .migration(name: name, reason: "receiving \(name): \(error)", outcomeUnknown: false)
+                    }
+                    guard message.kind == .file, message.payload.first == UInt8(index) else {
+                        throw .migration(name: name, reason: "expected file \(index), got \(message.kind)", outcomeUnknown: false)
+                    }
+                    if message.payload.count == 1 { break }
+                    received += UInt64(message.payload.count - 1)
+                    guard received <= remaining[index].size else { throw .invalidValue(field: "offer", reason: "\(name) is longer than offered") }
+                    let written = message.payload.withUnsafeBytes { write(out, $0.baseAddress! + 1, $0.count - 1) }
+                    guard written == message.payload.count - 1 else { throw .io(operation: "write", path: path, errno: errno) }
+                }
+                guard received == remaining[index].size else { throw .invalidValue(field: "offer", reason: "\(name): \(received) bytes arrived, \(remaining[index].size) offered") }
+            }
+            remaining = []
+            try VMLibrary.validate(definition)
+            try target.save(definition)
+            try HostFiles.renameNoReplace(staging, library.root + "/" + name)
+            moved = true
+        } catch {
+            throw refuse(error)
+        }
+        do throws(MigrationError) { try channel.send(.prepared) } catch {
+            _ = try? library.delete(name, keepDisks: false)
+            throw .migration(name: name, reason: "the source went away: \(error)", outcomeUnknown: false)
+        }
+        log("VM '\(name)' is defined here; its memory and state are arriving")
+        do {
+            let started = try start(name, incoming: channel.fd)
+            return ReceivedVM(name: name, source: offer.sourceHost, pid: started.pid, warnings: started.warnings)
+        } catch {
+            // Never ran here: the source runs on; nothing of it stays (shared disks are not ours).
+            _ = VMManager.waitUntilStopped(try library.bundle(named: name), seconds: 10)
+            _ = try? library.delete(name, keepDisks: false)
+            throw error
+        }
+    }
+}
