@@ -143,24 +143,38 @@ public struct QEMUEngine: Engine {
                 : "VM '\(name)' runs under TCG, QEMU's software emulation, because /dev/kvm cannot be opened: many times slower than KVM")
         }
         if HostFiles.size(bundle.consoleLogPath) > 0 { _ = rename(bundle.consoleLogPath, bundle.consoleLogPath + ".1") }
+        // A saved VM resumes from its state: QEMU reads it as an incoming migration from the
+        // inherited file (docs/snapshots.md), and the file is consumed once the VM runs.
+        var incoming: [String] = []
+        var stateDescriptor: Int32 = -1
+        if bundle.hasSavedState {
+            stateDescriptor = open(bundle.savedStatePath, O_RDONLY | O_CLOEXEC)
+            guard stateDescriptor >= 0 else { throw .io(operation: "open", path: bundle.savedStatePath, errno: errno) }
+            incoming = ["-incoming", "fd:\(PreparedNetworking.inherited(networking.descriptors.count))"]
+        }
+        defer { if stateDescriptor >= 0 { close(stateDescriptor) } }
+        let extra = stateDescriptor >= 0 ? [stateDescriptor] : []
         do {
-            let pid = try launch(binary, Self.arguments(definition, bundle: bundle, accelerator: accelerator, cards: networking.cards),
-                                 vm: vm, lock: lock, networking: networking)
+            let pid = try launch(binary, Self.arguments(definition, bundle: bundle, accelerator: accelerator, cards: networking.cards) + incoming,
+                                 vm: vm, lock: lock, networking: networking, extraDescriptors: extra)
+            if stateDescriptor >= 0 { unlink(bundle.savedStatePath) }
             return StartedVM(pid: pid, warnings: warnings)
         } catch let .engine(_, reason, _) where accelerator != .tcg && reason.contains("MSR 0x10a") {
             // Some hosts' KVM (nested ones, this project's CI) refuse the ARCH_CAPABILITIES MSR
             // that `-cpu host` sets, and QEMU aborts. The guest then does without it (and assumes
             // the CPU vulnerable, enabling mitigations), which beats not starting.
             let pid = try launch(binary, Self.arguments(definition, bundle: bundle, accelerator: accelerator, cards: networking.cards,
-                                                        cpuModel: "host,-arch-capabilities"),
-                                 vm: vm, lock: lock, networking: networking)
+                                                        cpuModel: "host,-arch-capabilities") + incoming,
+                                 vm: vm, lock: lock, networking: networking, extraDescriptors: extra)
+            if stateDescriptor >= 0 { unlink(bundle.savedStatePath) }
             warnings.append("this host's KVM refuses the ARCH_CAPABILITIES MSR; VM '\(name)' runs with `-cpu host,-arch-capabilities`")
             return StartedVM(pid: pid, warnings: warnings)
         }
     }
 
     /// Runs QEMU detached, holding the lock, and returns its pid once QMP says the machine runs.
-    func launch(_ binary: String, _ machine: [String], vm: EngineVM, lock: VMLock, networking: PreparedNetworking) throws(LibraryError) -> pid_t {
+    func launch(_ binary: String, _ machine: [String], vm: EngineVM, lock: VMLock, networking: PreparedNetworking,
+                extraDescriptors: [Int32] = []) throws(LibraryError) -> pid_t {
         let (bundle, name) = (vm.bundle, vm.name)
         let arguments = [binary] + machine
         // Sockets of a run that was killed would make QEMU's bind fail.
@@ -173,7 +187,7 @@ public struct QEMUEngine: Engine {
         _ = header.withUnsafeMutableBytes { write(log, $0.baseAddress, $0.count) }
 
         var pid: pid_t = 0
-        let inherit = networking.descriptors
+        let inherit = networking.descriptors + extraDescriptors
         let spawned = withCStrings(arguments) { argv in
             inherit.withUnsafeBufferPointer {
                 vireo_spawn_detached_inheriting(binary, argv, log, lock.fd, -1, $0.baseAddress, Int32($0.count), &pid)
@@ -320,6 +334,106 @@ public struct QEMUEngine: Engine {
     }
 
     public func reset(_ vm: EngineVM) throws(LibraryError) { try run(vm, "system_reset", action: "reset") }
+
+    // MARK: saved states and live snapshots (QEMU's own migration to a file)
+
+    /// `vireo save`: QEMU migrates its state into the VM's saved-state file (written aside,
+    /// fsynced, renamed), which leaves it stopped with its disks flushed; then it quits.
+    /// `start` resumes it with `-incoming fd:`.
+    public func saveState(_ vm: EngineVM) throws(LibraryError) {
+        let connection = try connect(vm, action: "save", timeoutSeconds: 600)
+        try writeState(vm, connection, to: vm.bundle.savedStatePath, action: "save")
+        do { _ = try connection.execute("quit") } catch {
+            throw .engine(name: vm.name, reason: "its state is saved, but QEMU would not quit: \(error); `vireo stop \(vm.name) --force` ends it", exitStatus: 1)
+        }
+    }
+
+    /// A live snapshot: QEMU migrates its state into the snapshot's directory, ending stopped;
+    /// then one QMP transaction moves every writable disk onto the overlay the library prepared
+    /// (all or none), and the guest runs on. A failure before the move leaves it as it was.
+    public func snapshot(_ vm: EngineVM, id: String) throws(LibraryError) {
+        let bundle = vm.bundle
+        // The library has moved the definition onto the overlays already; the running QEMU still
+        // writes the images in `vm.definition`.
+        let moved = try bundle.load()
+        var actions: [QMPReplies.TransactionAction] = []
+        for (index, disk) in vm.definition.disks.enumerated() where index < moved.disks.count && moved.disks[index].path != disk.path {
+            actions.append(.init(type: "blockdev-snapshot-sync",
+                                 data: .init(device: "disk\(index)", snapshotFile: bundle.resolve(moved.disks[index].path), format: "qcow2", mode: "existing")))
+        }
+        let connection = try connect(vm, action: "snapshot", timeoutSeconds: 600)
+        // Not stopped first: QEMU records the run state the migration starts in, and a restore
+        // brings the guest back in it (a paused guest's snapshot restores paused). QEMU stops the
+        // guest itself for the migration's last pass, and the disks move while it is stopped.
+        let wasRunning: Bool
+        do {
+            wasRunning = try connection.execute("query-status", as: QMPReplies.Status.self).running
+        } catch {
+            throw .engine(name: vm.name, reason: "cannot snapshot it: \(error)", exitStatus: 1)
+        }
+        var failure: LibraryError?
+        do throws(LibraryError) {
+            try writeState(vm, connection, to: bundle.snapshotStatePath(id), action: "snapshot")
+            if !actions.isEmpty {
+                do { _ = try connection.execute("transaction", arguments: QMPReplies.Transaction(actions: actions)) } catch {
+                    unlink(bundle.snapshotStatePath(id))
+                    throw LibraryError.engine(name: vm.name, reason: "cannot move its disks onto the snapshot's overlays (none moved): \(error)", exitStatus: 1)
+                }
+            }
+        } catch {
+            failure = error
+        }
+        // After a migration to a file QEMU is in "postmigrate" with its disks let go: `cont`
+        // takes them back, and a guest the user had paused is paused again.
+        do {
+            _ = try connection.execute("cont")
+            if !wasRunning { _ = try connection.execute("stop") }
+        } catch {
+            failure = failure ?? .engine(name: vm.name, reason: "the snapshot is taken, but the guest would not run on: \(error)", exitStatus: 1)
+        }
+        if let failure { throw failure }
+    }
+
+    /// QEMU's migration into a file: `getfd` hands it the descriptor, `migrate fd:` writes, and
+    /// `query-migrate` is polled to the end. The file is complete and synced before it is renamed
+    /// to `path`; on failure nothing is left at `path`.
+    func writeState(_ vm: EngineVM, _ connection: QMPConnection, to path: String, action: String) throws(LibraryError) {
+        let partial = path + ".partial"
+        unlink(partial)
+        let fd = open(partial, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o600)
+        guard fd >= 0 else { throw .io(operation: "create", path: partial, errno: errno) }
+        var complete = false
+        defer {
+            close(fd)
+            if !complete { unlink(partial) }
+        }
+        do {
+            _ = try connection.execute("getfd", arguments: ["fdname": "vireo-state"], passing: fd)
+            _ = try connection.execute("migrate", arguments: ["uri": "fd:vireo-state"])
+        } catch {
+            throw .engine(name: vm.name, reason: "cannot \(action) it: QEMU refused to write its state: \(error)", exitStatus: 1)
+        }
+        let deadline = time(nil) + 600
+        while true {
+            let progress: QMPReplies.Migration
+            do { progress = try connection.execute("query-migrate", as: QMPReplies.Migration.self) } catch {
+                throw .engine(name: vm.name, reason: "cannot \(action) it: \(error)", exitStatus: 1)
+            }
+            if progress.status == "completed" { break }
+            if progress.status == "failed" || progress.status == "cancelled" {
+                throw .engine(name: vm.name, reason: "cannot \(action) it: QEMU's state could not be written: \(progress.errorDescription ?? progress.status ?? "failed"); it runs on", exitStatus: 1)
+            }
+            if time(nil) > deadline {
+                _ = try? connection.execute("migrate_cancel")
+                throw .engine(name: vm.name, reason: "cannot \(action) it: writing its state took more than 600 s and was cancelled; it runs on", exitStatus: 1)
+            }
+            usleep(10_000)
+        }
+        guard fsync(fd) == 0 else { throw .io(operation: "fsync", path: partial, errno: errno) }
+        guard rename(partial, path) == 0 else { throw .io(operation: "rename to \(path)", path: partial, errno: errno) }
+        complete = true
+        HostFiles.syncDirectory(of: path)
+    }
 
     public func setBalloon(_ vm: EngineVM, bytes: UInt64) throws(LibraryError) {
         guard vm.definition.balloon else {

@@ -1,4 +1,5 @@
 import API
+import CHostSupport
 import FoundationEssentials
 #if canImport(Glibc)
 import Glibc
@@ -59,14 +60,18 @@ final class QMPConnection {
         try execute(command, arguments: Optional<Empty>.none, as: type)
     }
 
+    /// With `passing`, the descriptor goes along with the command (SCM_RIGHTS), as `getfd` wants.
     func execute<Arguments: Encodable, Reply: Decodable>(_ command: String, arguments: Arguments?,
-                                                         as type: Reply.Type = Empty.self) throws(Failure) -> Reply {
+                                                         as type: Reply.Type = Empty.self, passing descriptor: Int32? = nil) throws(Failure) -> Reply {
         let line: Data
         do { line = try JSONEncoder().encode(Request(execute: command, arguments: arguments)) } catch {
             throw .protocolError("cannot encode \(command): \(error)")
         }
         var bytes = Array(line) + [0x0a]
-        let sent = bytes.withUnsafeMutableBytes { send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
+        let sent = bytes.withUnsafeMutableBytes { raw -> Int in
+            if let descriptor { return vireo_send_with_descriptor(fd, raw.baseAddress!, raw.count, descriptor) }
+            return send(fd, raw.baseAddress, raw.count, Int32(MSG_NOSIGNAL))
+        }
         guard sent == bytes.count else { throw .protocolError("QEMU closed the connection") }
         while true {
             let reply = try readLine()
@@ -103,6 +108,23 @@ enum QMPReplies {
     struct Status: Decodable { var status: String; var running: Bool }
     struct KVM: Decodable { var enabled: Bool; var present: Bool }
     struct Balloon: Decodable { var actual: UInt64 }
+    struct Transaction: Encodable { var actions: [TransactionAction] }
+    struct TransactionAction: Encodable {
+        struct Snapshot: Encodable {
+            var device: String
+            var snapshotFile: String
+            var format: String
+            var mode: String
+            enum CodingKeys: String, CodingKey { case device, snapshotFile = "snapshot-file", format, mode }
+        }
+        var type: String
+        var data: Snapshot
+    }
+    struct Migration: Decodable {
+        var status: String?
+        var errorDescription: String?
+        enum CodingKeys: String, CodingKey { case status, errorDescription = "error-desc" }
+    }
     struct BlockStats: Decodable {
         struct Stats: Decodable {
             var rd_bytes: UInt64

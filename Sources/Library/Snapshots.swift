@@ -41,8 +41,8 @@ public struct SnapshotTree: Codable, Sendable, Equatable {
 extension VMBundle {
     public var snapshotsDirectory: String { directory + "/snapshots" }
     var snapshotTreePath: String { snapshotsDirectory + "/tree.json" }
-    func snapshotDirectory(_ id: String) -> String { snapshotsDirectory + "/" + id }
-    func snapshotStatePath(_ id: String) -> String { snapshotDirectory(id) + "/state" }
+    public func snapshotDirectory(_ id: String) -> String { snapshotsDirectory + "/" + id }
+    public func snapshotStatePath(_ id: String) -> String { snapshotDirectory(id) + "/state" }
 
     public func loadSnapshots() throws(LibraryError) -> SnapshotTree {
         guard HostFiles.exists(snapshotTreePath) else { return SnapshotTree() }

@@ -235,4 +235,45 @@ struct SavedStateTests {
         let missing = library.vireo("save", "nosuch")
         #expect(missing.status != 0 && missing.stderr.contains("nosuch"), "\(missing.stderr)")
     }
+
+    @Test("the qemu engine saves and resumes through QEMU's own migration to a file, and takes live snapshots with memory (state, then its disks onto the overlays in one QMP transaction): the probe's rounds go on after a resume and start again from the snapshot's round after a restore, every sum matching, every image clean")
+    func qemuEngineSaveAndSnapshot() throws {
+        let library = try TestLibrary()
+        let created = library.vireo("create", "qd", "--engine", "qemu", "--accel", "tcg", "--kernel", try Harness.probe("pvh"), "--memory", "128M",
+                                    "--disk", "32M", "--cmdline", "console=ttyS0 probe=dirty spin=20000000")
+        #expect(created.status == 0, "\(created.stderr)")
+        #expect(library.vireo("start", "qd").status == 0)
+        #expect(library.waitFor(60) { Self.rounds(library.consoleLog("qd")).count >= 10 }, "\(library.consoleLog("qd").suffix(500))")
+
+        let saved = library.vireo("save", "qd", timeout: 300)
+        #expect(saved.status == 0, "\(saved.stderr)")
+        #expect(library.state("qd") == "saved")
+        let last = try #require(Self.rounds(library.consoleLog("qd")).last)
+        #expect(library.vireo("start", "qd").status == 0)
+        #expect(library.waitFor(60) { Self.rounds(library.consoleLog("qd")).count >= 5 }, "\(library.consoleLog("qd").suffix(500))")
+        let joined = Self.rounds(library.previousConsoleLog("qd") + library.consoleLog("qd"))
+        #expect(joined == Array(0..<joined.count), "rounds: …\(joined.suffix(20))")
+        #expect((Self.rounds(library.consoleLog("qd")).first ?? 0) > last - 1)
+        #expect(!FileManager.default.fileExists(atPath: library.root.appendingPathComponent("qd/saved.state").path), "the state stays after it was restored")
+
+        // A live snapshot, then more rounds, then back to it.
+        let taken = library.vireo("snapshot", "take", "qd", "A", timeout: 300)
+        #expect(taken.status == 0 && taken.stdout.contains("with its memory"), "\(taken.stdout)\(taken.stderr)")
+        #expect(library.state("qd") == "running")
+        let atSnapshot = try #require(Self.rounds(library.consoleLog("qd")).last)
+        #expect(library.waitFor(60) { (Self.rounds(library.consoleLog("qd")).last ?? 0) >= atSnapshot + 10 })
+        #expect(library.vireo("stop", "qd", "--force").status == 0)
+        #expect(library.vireo("snapshot", "restore", "qd", "A").status == 0)
+        #expect(library.vireo("start", "qd").status == 0)
+        #expect(library.waitFor(60) { Self.rounds(library.consoleLog("qd")).count >= 5 }, "\(library.consoleLog("qd").suffix(500))")
+        let resumed = Self.rounds(library.consoleLog("qd"))
+        #expect(abs((resumed.first ?? -100) - atSnapshot) <= 1, "the snapshot was at round \(atSnapshot); the restored guest goes on at \(resumed.prefix(3))")
+        #expect(!library.consoleLog("qd").contains("MISMATCH"))
+        #expect(library.vireo("stop", "qd", "--force").status == 0)
+        let directory = library.root.appendingPathComponent("qd")
+        for file in try FileManager.default.contentsOfDirectory(atPath: directory.path) where file.hasSuffix(".qcow2") {
+            let checked = Harness.run(["qemu-img", "check", directory.appendingPathComponent(file).path])
+            #expect(checked.status == 0, "\(file): \(checked.stdout)\(checked.stderr)")
+        }
+    }
 }
