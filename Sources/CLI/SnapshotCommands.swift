@@ -35,7 +35,9 @@ struct SnapshotTake: ParsableCommand {
     func run() throws {
         let record: SnapshotRecord
         do throws(LibraryError) {
-            record = try openManager().takeSnapshot(name, snapshot: snapshot, description: description)
+            let (taken, warnings) = try openManager().takeSnapshot(name, snapshot: snapshot, description: description)
+            record = taken
+            for warning in warnings { printNote("warning: \(warning)") }
         } catch { throw fail(error) }
         printLine("Took snapshot '\(record.name)' of VM '\(name)'\(record.hasMemory ? " with its memory" : " (disks only)").")
     }

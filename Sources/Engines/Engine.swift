@@ -86,7 +86,9 @@ public protocol Engine: Sendable {
                  cancelled: () -> Bool) throws(LibraryError) -> MigrationResult
     /// A live snapshot: the state to the snapshot's directory, the disks onto the overlays the
     /// library prepared (docs/snapshots.md); the VM runs on.
-    func snapshot(_ vm: EngineVM, id: String) throws(LibraryError)
+    /// Returns nil, or why the snapshot's memory could not be kept (its disks were: the snapshot
+    /// is then a disk-only one).
+    func snapshot(_ vm: EngineVM, id: String) throws(LibraryError) -> String?
 }
 
 extension Engine {
@@ -140,7 +142,7 @@ extension Engine {
     public func saveState(_ vm: EngineVM) throws(LibraryError) {
         throw unsupported(vm, "save the state of", "saved states are built for the kvm engine only so far; stop it with `vireo stop \(vm.name)`")
     }
-    public func snapshot(_ vm: EngineVM, id: String) throws(LibraryError) {
+    public func snapshot(_ vm: EngineVM, id: String) throws(LibraryError) -> String? {
         throw unsupported(vm, "snapshot the running", "live snapshots are built for the kvm engine only so far; stop it (`vireo stop \(vm.name)`) and snapshot its disks")
     }
     public func migrate(_ vm: EngineVM, over connection: Int32, request: MigrationRequest, progress: (MigrationReport) -> Void,

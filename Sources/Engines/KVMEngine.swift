@@ -136,10 +136,11 @@ public struct KVMEngine: Engine {
     public func pause(_ vm: EngineVM) throws(LibraryError) { _ = try call(vm, "pause", action: "pause") }
     public func resume(_ vm: EngineVM) throws(LibraryError) { _ = try call(vm, "resume", action: "resume") }
     public func reset(_ vm: EngineVM) throws(LibraryError) { _ = try call(vm, "reset", action: "reset") }
-    public func snapshot(_ vm: EngineVM, id: String) throws(LibraryError) {
+    public func snapshot(_ vm: EngineVM, id: String) throws(LibraryError) -> String? {
+        struct Taken: Decodable { var memoryLost: String?; enum CodingKeys: String, CodingKey { case memoryLost = "memory_lost" } }
         do {
             let connection = try ControlConnection(path: vm.bundle.controlPath, timeoutSeconds: 600)
-            _ = try connection.call("snapshot \(id)", as: ControlStatus.self)
+            return try connection.call("snapshot \(id)", as: Taken.self).memoryLost
         } catch {
             throw Self.translate(error, vm: vm, action: "snapshot")
         }

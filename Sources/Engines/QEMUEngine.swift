@@ -351,7 +351,7 @@ public struct QEMUEngine: Engine {
     /// A live snapshot: QEMU migrates its state into the snapshot's directory, ending stopped;
     /// then one QMP transaction moves every writable disk onto the overlay the library prepared
     /// (all or none), and the guest runs on. A failure before the move leaves it as it was.
-    public func snapshot(_ vm: EngineVM, id: String) throws(LibraryError) {
+    public func snapshot(_ vm: EngineVM, id: String) throws(LibraryError) -> String? {
         let bundle = vm.bundle
         // The library has moved the definition onto the overlays already; the running QEMU still
         // writes the images in `vm.definition`.
@@ -392,6 +392,7 @@ public struct QEMUEngine: Engine {
             failure = failure ?? .engine(name: vm.name, reason: "the snapshot is taken, but the guest would not run on: \(error)", exitStatus: 1)
         }
         if let failure { throw failure }
+        return nil
     }
 
     /// QEMU's migration into a file: `getfd` hands it the descriptor, `migrate fd:` writes, and

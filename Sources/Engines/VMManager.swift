@@ -101,15 +101,21 @@ public struct VMManager: Sendable {
 
     /// `vireo snapshot take`: of a running (or paused) VM live, with its memory; of one that is
     /// off, its disks (and its saved state, when it is saved).
-    public func takeSnapshot(_ name: String, snapshot: String?, description: String?) throws(LibraryError) -> SnapshotRecord {
+    /// Returns the snapshot and what the user should know (a live snapshot whose memory could not
+    /// be kept is recorded as a disk-only one, and says why).
+    public func takeSnapshot(_ name: String, snapshot: String?, description: String?) throws(LibraryError) -> (SnapshotRecord, warnings: [String]) {
         let bundle = try library.bundle(named: name)
         if library.status(of: bundle).state.isOff {
-            return try library.takeSnapshotOffline(name, snapshot: snapshot, description: description)
+            return (try library.takeSnapshotOffline(name, snapshot: snapshot, description: description), [])
         }
         let (vm, engine) = try running(name, action: "snapshot")
-        return try library.takeSnapshotLive(name, snapshot: snapshot, description: description) { (record) throws(LibraryError) in
-            try engine.snapshot(vm, id: record.id)
+        var warnings: [String] = []
+        let record = try library.takeSnapshotLive(name, snapshot: snapshot, description: description) { (record) throws(LibraryError) -> Bool in
+            guard let lost = try engine.snapshot(vm, id: record.id) else { return true }
+            warnings.append("the snapshot's memory could not be kept (\(lost)); it holds the disks only")
+            return false
         }
+        return (record, warnings)
     }
 
     /// `vireo save`: the VM's state and memory go to its directory and it stops in state

@@ -133,7 +133,7 @@ extension VMLibrary {
     /// tree; `abandon` undoes all of it. Shared by the offline and the live path.
     struct PreparedSnapshot {
         let bundle: VMBundle
-        let record: SnapshotRecord
+        var record: SnapshotRecord
         let before: VMDefinition
         let overlays: [String]
     }
@@ -197,15 +197,21 @@ extension VMLibrary {
     /// directory and move the disks onto the overlays prepared here. A failure before that undoes
     /// everything; once the engine has moved, the snapshot stays (recorded, or reported).
     public func takeSnapshotLive(_ name: String, snapshot: String?, description: String?,
-                                 perform: (SnapshotRecord) throws(LibraryError) -> Void) throws(LibraryError) -> SnapshotRecord {
+                                 perform: (SnapshotRecord) throws(LibraryError) -> Bool) throws(LibraryError) -> SnapshotRecord {
         let bundle = try bundle(named: name)
         return try withSnapshotLock(bundle) { () throws(LibraryError) -> SnapshotRecord in
-            let prepared = try prepareSnapshot(bundle, name: snapshot, description: description, hasMemory: true)
+            var prepared = try prepareSnapshot(bundle, name: snapshot, description: description, hasMemory: true)
+            let keptMemory: Bool
             do throws(LibraryError) {
-                try perform(prepared.record)
+                keptMemory = try perform(prepared.record)
             } catch {
                 abandonSnapshot(prepared)
                 throw error
+            }
+            if !keptMemory {
+                // The disks moved; only the memory is missing: a disk-only snapshot.
+                prepared.record.hasMemory = false
+                unlink(bundle.snapshotStatePath(prepared.record.id))
             }
             try commitSnapshot(prepared)
             return prepared.record

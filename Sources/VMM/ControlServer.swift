@@ -328,6 +328,7 @@ final class ControlServer: @unchecked Sendable {
                 var object = Self.success()
                 object.add("overlays", taken.overlays)
                 object.add("paused_us", taken.pausedMicroseconds)
+                if let lost = taken.memoryLost { object.add("memory_lost", lost) }
                 return object
             } catch {
                 return Self.failure("snapshot-failed", "\(vmName) could not be snapshotted and runs on unchanged: \(error)")

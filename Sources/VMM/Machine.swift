@@ -104,6 +104,7 @@ public final class Machine: @unchecked Sendable {
     /// Live migration (docs/migration.md): set while one runs; the user's cancel; how much of each
     /// 10 ms the vCPUs sleep when auto-converge throttles them; per vCPU, a throttle tick to take.
     let migrating = Atomic<Bool>(false)
+    let dirtyLogClaimed = Atomic<Bool>(false)
     let migrationCancelled = Atomic<Bool>(false)
     let throttlePercent = Atomic<Int>(0)
     let throttleTicks: [ExitCounter]

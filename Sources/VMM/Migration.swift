@@ -248,6 +248,69 @@ final class PageBitmap {
     var population: Int { (0..<count).reduce(0) { $0 + words[$1].nonzeroBitCount } }
 }
 
+/// The pages of guest RAM written since the last look, from KVM's dirty log (the guest's writes)
+/// and guest memory's write log (the VMM's). Shared by live migration and live snapshots.
+final class DirtyPages {
+    let machine: Machine
+    /// Per RAM region: dirty since the last `collect`, not yet handled.
+    let dirty: [PageBitmap]
+    /// Every page the VMM wrote since logging began: a VMM write is logged before it lands, so a
+    /// final pass must take these again rather than trust the log's timing.
+    let writtenByVMM: [PageBitmap]
+    private let scratch: [PageBitmap]
+
+    init(machine: Machine) {
+        self.machine = machine
+        dirty = machine.memory.regions.map { PageBitmap(words: GuestMemory.bitmapWords($0)) }
+        writtenByVMM = machine.memory.regions.map { PageBitmap(words: GuestMemory.bitmapWords($0)) }
+        scratch = machine.memory.regions.map { PageBitmap(words: GuestMemory.bitmapWords($0)) }
+    }
+
+    /// Adds the pages written since the last call to `dirty`; returns how many pages `dirty` holds.
+    func collect() -> Int {
+        var pages = 0
+        for index in machine.memory.regions.indices {
+            let slotLog = scratch[index]
+            slotLog.clear()
+            do throws(KVMError) {
+                try machine.vm.dirtyLog(slot: UInt32(index), into: slotLog.words)
+            } catch {
+                // No log: every page must be assumed dirty.
+                slotLog.fill()
+            }
+            dirty[index].merge(slotLog)
+            slotLog.clear()
+            machine.memory.takeWrittenPages(region: index, into: slotLog.words)
+            dirty[index].merge(slotLog)
+            writtenByVMM[index].merge(slotLog)
+            pages += dirty[index].population
+        }
+        return pages
+    }
+
+    /// For the final pass, with every writer stopped: the VMM's writes count as dirty again.
+    func includeEveryVMMWrite() {
+        for (index, bitmap) in dirty.enumerated() { bitmap.merge(writtenByVMM[index]) }
+    }
+
+    var vmmWrittenPages: Int { writtenByVMM.reduce(0) { $0 + $1.population } }
+
+    /// Marks every page the guest ever touched (round 0); never-touched RAM is zero anyway.
+    func markTouched() {
+        let pageMap = PageMap()
+        for (index, region) in machine.memory.regions.enumerated() {
+            let bitmap = dirty[index]
+            for word in 0..<bitmap.count {
+                let offset = word * 64 * 4096
+                let length = min(64 * 4096, Int(region.size) - offset)
+                guard length > 0 else { break }
+                if let pageMap, pageMap.neverTouched(region.host + offset, length: length) { continue }
+                bitmap.words[word] = length == 64 * 4096 ? ~0 : (1 << UInt64(length / 4096)) - 1
+            }
+        }
+    }
+}
+
 // MARK: the source
 
 extension Machine {
@@ -266,6 +329,8 @@ extension Machine {
             throw .migration("a migration of this VM is already running")
         }
         defer { migrating.store(false, ordering: .releasing) }
+        guard claimDirtyLog() else { throw .migration("a live snapshot of this VM is being taken; try again when it is done") }
+        defer { releaseDirtyLog() }
         migrationCancelled.store(false, ordering: .releasing)
         guard !stop.isStopping, !stateWritten.load(ordering: .acquiring) else { throw .migration("the VM is stopping") }
         let session = OutgoingMigration(machine: self, channel: channel, options: options)
@@ -277,6 +342,10 @@ extension Machine {
     }
 
     public var isMigrating: Bool { migrating.load(ordering: .acquiring) }
+
+    /// Dirty logging has one user at a time: a migration or a live snapshot.
+    func claimDirtyLog() -> Bool { !dirtyLogClaimed.exchange(true, ordering: .acquiringAndReleasing) }
+    func releaseDirtyLog() { dirtyLogClaimed.store(false, ordering: .releasing) }
 
     /// Asks a running migration to stop; it does unless the switch-over has begun.
     public func cancelMigration() -> Bool {
@@ -316,11 +385,9 @@ final class OutgoingMigration {
     let channel: MigrationChannel
     let options: MigrationOptions
     let started = VMMClock.now()
-    /// Per RAM region: this round's dirty pages, and every page the VMM wrote since logging began
-    /// (sent again at the switch-over, since a VMM write is logged before it lands).
-    let dirty: [PageBitmap]
-    let writtenByVMM: [PageBitmap]
-    let scratch: [PageBitmap]
+    /// Guest RAM written since the last round.
+    let pages: DirtyPages
+    var dirty: [PageBitmap] { pages.dirty }
     /// `--copy-disks`: each writable disk's write tracker and its dirty chunks.
     var trackers: [(device: VirtioBlock, tracker: DirtyTrackingImage, dirty: PageBitmap)] = []
     /// Shared disks handed over at the switch-over, to take back if the destination fails. No
@@ -344,9 +411,7 @@ final class OutgoingMigration {
         self.machine = machine
         self.channel = channel
         self.options = options
-        dirty = machine.memory.regions.map { PageBitmap(words: GuestMemory.bitmapWords($0)) }
-        writtenByVMM = machine.memory.regions.map { PageBitmap(words: GuestMemory.bitmapWords($0)) }
-        scratch = machine.memory.regions.map { PageBitmap(words: GuestMemory.bitmapWords($0)) }
+        pages = DirtyPages(machine: machine)
     }
 
     deinit { staging.deallocate() }
@@ -360,17 +425,7 @@ final class OutgoingMigration {
         defer { stopThrottle() }
 
         // Round 0: every page the guest ever touched (a never-touched page is zero there too).
-        let pageMap = PageMap()
-        for (index, region) in machine.memory.regions.enumerated() {
-            let bitmap = dirty[index]
-            for word in 0..<bitmap.count {
-                let offset = word * 64 * 4096
-                let length = min(64 * 4096, Int(region.size) - offset)
-                guard length > 0 else { break }
-                if let pageMap, pageMap.neverTouched(region.host + offset, length: length) { continue }
-                bitmap.words[word] = length == 64 * 4096 ? ~0 : (1 << UInt64(length / 4096)) - 1
-            }
-        }
+        pages.markTouched()
         for tracked in trackers { tracked.dirty.fill() }
         var iteration = 0
         var roundStart = VMMClock.now()
@@ -456,34 +511,16 @@ final class OutgoingMigration {
     /// Gathers the pages dirtied since the last call into `dirty` (and the disks' chunks);
     /// returns how many bytes that is.
     private func collectDirty() -> UInt64 {
-        var pages = 0
-        for (index, _) in machine.memory.regions.enumerated() {
-            let slotLog = scratch[index]
-            slotLog.clear()
-            do throws(KVMError) {
-                try machine.vm.dirtyLog(slot: UInt32(index), into: slotLog.words)
-            } catch {
-                // No log: every page must be assumed dirty.
-                slotLog.fill()
-            }
-            dirty[index].merge(slotLog)
-            slotLog.clear()
-            machine.memory.takeWrittenPages(region: index, into: slotLog.words)
-            dirty[index].merge(slotLog)
-            writtenByVMM[index].merge(slotLog)
-            pages += dirty[index].population
-        }
+        let dirtyPages = pages.collect()
         var chunks = 0
         for tracked in trackers {
             tracked.tracker.takeWrittenChunks(into: tracked.dirty.words)
             chunks += tracked.dirty.population
         }
-        return UInt64(pages) * 4096 + UInt64(chunks) * DirtyTrackingImage.chunkSize
+        return UInt64(dirtyPages) * 4096 + UInt64(chunks) * DirtyTrackingImage.chunkSize
     }
 
-    private func vmmWrittenBytes() -> UInt64 {
-        UInt64(writtenByVMM.reduce(0) { $0 + $1.population }) * 4096
-    }
+    private func vmmWrittenBytes() -> UInt64 { UInt64(pages.vmmWrittenPages) * 4096 }
 
     /// Sends every page marked in `dirty` and every disk chunk marked dirty, clearing the marks.
     /// Zero pages go as a count (or, in round 0, not at all: the destination's RAM starts zeroed).
@@ -666,7 +703,7 @@ final class OutgoingMigration {
                 }
             }
             _ = collectDirty()
-            for (index, bitmap) in dirty.enumerated() { bitmap.merge(writtenByVMM[index]) }
+            pages.includeEveryVMMWrite()
             let pagesBefore = pagesSent
             _ = try sendDirty(skipZeroPages: false, paced: false)
             let state: SavedMachineState

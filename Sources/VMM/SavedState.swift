@@ -27,6 +27,8 @@ enum SavedStateFile {
     static let headerSize = 40
     static let trailerSize = 16
     static let metadataLimit = 64 << 20
+    /// The most room a live snapshot's file keeps between the metadata and RAM.
+    static let metadataRoomLimit = 16 << 20
     static let pageSize = 4096
     /// lseek's SEEK_DATA and SEEK_HOLE (Linux), which Swift's Glibc module leaves out (they need
     /// _GNU_SOURCE). A file system without them answers as if the file had no holes.
@@ -488,8 +490,9 @@ extension SavedStateFile {
             throw refuse(error.description)
         }
         guard header.metadataLength <= UInt64(metadataLimit) else { throw refuse("metadata of \(header.metadataLength) bytes, more than \(metadataLimit)") }
+        // RAM follows the metadata within a page, or within the room a live snapshot keeps for it.
         guard header.memoryOffset % UInt64(pageSize) == 0, header.memoryOffset >= UInt64(headerSize) + header.metadataLength,
-              header.memoryOffset - (UInt64(headerSize) + header.metadataLength) < UInt64(pageSize) else {
+              header.memoryOffset - (UInt64(headerSize) + header.metadataLength) < UInt64(metadataRoomLimit) else {
             throw refuse("memory offset \(header.memoryOffset) does not follow the metadata")
         }
         let (end, overflow) = header.memoryOffset.addingReportingOverflow(header.memoryLength)
@@ -812,7 +815,7 @@ extension Machine {
     /// prepared on top of its current image, which from then on stays as it is (the snapshot's
     /// disk layer). Then the VM runs on. Returns the overlays now in use and how long the guest
     /// was paused. On any error nothing has switched and the VM runs on as before.
-    public func snapshot(id: String) throws(VMMError) -> (overlays: [String], pausedMicroseconds: UInt64) {
+    public func snapshot(id: String) throws(VMMError) -> (overlays: [String], pausedMicroseconds: UInt64, memoryLost: String?) {
         guard let directory = snapshotDirectory else {
             throw .invalidConfiguration(field: "--snapshot-dir", reason: "this VMM was started without a snapshot directory; stop and start the VM to take live snapshots")
         }
@@ -820,25 +823,56 @@ extension Machine {
         if let refusal = virtioTransports.lazy.compactMap({ $0.device.saveRefusal }).first {
             throw .invalidConfiguration(field: "snapshot", reason: refusal)
         }
-        return try lifecycle.withLock { (_) throws(VMMError) -> (overlays: [String], pausedMicroseconds: UInt64) in
+        guard !stop.isStopping, !stateWritten.load(ordering: .acquiring) else {
+            throw .invalidConfiguration(field: "snapshot", reason: "the VM is stopping")
+        }
+        guard claimDirtyLog() else {
+            throw .invalidConfiguration(field: "snapshot", reason: "a migration or another snapshot of this VM is under way")
+        }
+        defer { releaseDirtyLog() }
+        // Open what the library prepared before the guest is paused.
+        var switches: [(device: VirtioBlock, overlay: any DiskImage)] = []
+        for disk in blockDevices where !disk.device.readOnly && disk.device.disk.format == .qcow2 {
+            let current = disk.device.disk
+            let path = Self.snapshotOverlayPath(for: current.path, snapshot: id)
+            do throws(DiskImageError) {
+                // On the image this VMM already holds, not a second opening of it.
+                let overlay = try DiskImages.openOverlay(path: path, on: current)
+                guard overlay.virtualSize == current.virtualSize else {
+                    throw DiskImageError.invalidArgument(field: "overlay", reason: "\(path) is \(overlay.virtualSize) bytes, the disk \(current.virtualSize)")
+                }
+                switches.append((disk.device, overlay))
+            } catch {
+                throw .invalidConfiguration(field: "snapshot", reason: "the overlay for \(current.path): \(error)")
+            }
+        }
+        let statePath = directory + "/" + id + "/state"
+        // RAM goes to the file while the guest runs; the pause then takes only what it dirtied
+        // since, and the machine's state (docs/snapshots.md).
+        let file = try StateFileInProgress(path: statePath, memory: memory, cpus: vcpus.count)
+        let pages = DirtyPages(machine: self)
+        try lifecycle.withLock { (_) throws(VMMError) in
+            // Logging starts with the guest and the devices parked: no write in flight escapes it.
+            let pausedHere = pauseGate.pause { kickAll(threadsLock.withLock { $0 }) }
+            for transport in virtioTransports { transport.quiesce() }
+            defer {
+                for transport in virtioTransports { transport.resumeQueues() }
+                if pausedHere { _ = pauseGate.resume() }
+            }
+            do throws(KVMError) { try logDirtyPages(true) } catch { throw .kvm(error) }
+        }
+        defer { try? logDirtyPages(false) }
+        pages.markTouched()
+        try file.writePages(pages.dirty, skipZeroPages: true)
+        var rounds = 1
+        while rounds < 5, pages.collect() >= 256 {
+            try file.writePages(pages.dirty, skipZeroPages: false)
+            rounds += 1
+        }
+        var wroteWholeFile = false
+        let paused = try lifecycle.withLock { (_) throws(VMMError) -> UInt64 in
             guard !stop.isStopping, !stateWritten.load(ordering: .acquiring) else {
                 throw .invalidConfiguration(field: "snapshot", reason: "the VM is stopping")
-            }
-            // Open what the library prepared before the guest is paused.
-            var switches: [(device: VirtioBlock, overlay: any DiskImage)] = []
-            for disk in blockDevices where !disk.device.readOnly && disk.device.disk.format == .qcow2 {
-                let current = disk.device.disk
-                let path = Self.snapshotOverlayPath(for: current.path, snapshot: id)
-                do throws(DiskImageError) {
-                    // On the image this VMM already holds, not a second opening of it.
-                    let overlay = try DiskImages.openOverlay(path: path, on: current)
-                    guard overlay.virtualSize == current.virtualSize else {
-                        throw DiskImageError.invalidArgument(field: "overlay", reason: "\(path) is \(overlay.virtualSize) bytes, the disk \(current.virtualSize)")
-                    }
-                    switches.append((disk.device, overlay))
-                } catch {
-                    throw .invalidConfiguration(field: "snapshot", reason: "the overlay for \(current.path): \(error)")
-                }
             }
             let started = VMMClock.now()
             let pausedHere = pauseGate.pause { kickAll(threadsLock.withLock { $0 }) }
@@ -847,7 +881,21 @@ extension Machine {
                 for transport in virtioTransports { transport.resumeQueues() }
                 if pausedHere { _ = pauseGate.resume() }
             }
-            try writeQuiescedState(to: directory + "/" + id + "/state")
+            _ = pages.collect()
+            pages.includeEveryVMMWrite()
+            try file.writePages(pages.dirty, skipZeroPages: false)
+            let state: SavedMachineState
+            do throws(KVMError) { state = try captureState() } catch { throw .kvm(error) }
+            for disk in blockDevices {
+                do throws(DiskImageError) { try disk.device.disk.flush() } catch {
+                    throw .host(operation: "flush \(disk.path) before the snapshot: \(error)", errno: EIO)
+                }
+            }
+            if try !file.writeFront(metadata: state.encoded()) {
+                // A machine state larger than the room kept for it: the whole file now, paused.
+                try SavedStateFile.write(metadata: state.encoded(), memory: memory, to: statePath)
+                wroteWholeFile = true
+            }
             for entry in switches {
                 do throws(DiskImageError) {
                     try entry.device.switchImage(to: entry.overlay)
@@ -856,9 +904,17 @@ extension Machine {
                     throw .host(operation: "switch to \(entry.overlay.path): \(error)", errno: EIO)
                 }
             }
-            let paused = (VMMClock.now() - started) / 1000
-            vmmLog("snapshot \(id) taken; the guest was paused \(paused) us")
-            return (switches.map { $0.overlay.path }, paused)
+            return (VMMClock.now() - started) / 1000
         }
+        // The disks have moved: from here a failure costs the snapshot its memory, never its disks.
+        var memoryLost: String?
+        if !wroteWholeFile {
+            do throws(VMMError) { try file.finish() } catch {
+                memoryLost = "\(error)"
+                vmmLog("snapshot \(id): its memory could not be kept (\(error)); its disks were")
+            }
+        }
+        vmmLog("snapshot \(id) taken; the guest was paused \(paused) us (\(rounds) rounds of RAM written while it ran)")
+        return (switches.map { $0.overlay.path }, paused, memoryLost)
     }
 }
