@@ -71,6 +71,8 @@ struct Create: ParsableCommand {
 
     @OptionGroup var engineOptions: EngineOptions
 
+    @OptionGroup var resourceOptions: ResourceOptions
+
     @Option(help: ArgumentHelp("Make the VM from this image (`vireo image list`): its disk is a thin overlay on the image's, grown to --disk, and it boots the image's kernel.", valueName: "image"))
     var image: String?
 
@@ -110,6 +112,7 @@ struct Create: ParsableCommand {
         request.acpi = try acpi.map(parseACPIFlag)
         request.onReboot = onReboot
         request.cpuModel = cpu
+        request.resources = try resourceOptions.limits()
         request.iso = engineOptions.iso
         request.image = image
         request.fullCopy = full

@@ -21,6 +21,12 @@ struct Info: ParsableCommand {
     struct Card: Encodable {
         var attachment: String, mac: String, forwards: [String], hostInterface: String?, address: String?
     }
+    struct Resources: Encodable {
+        var cpuCapPercent: Int?, cpuWeight: Int?, memoryLimitBytes: UInt64?, pidsLimit: Int?
+        /// The VM's control groups (controller → directory), and what they measured, while it runs.
+        var cgroups: [String: String]?
+        var cpuNanoseconds: UInt64?, memoryBytes: UInt64?
+    }
     struct Report: Encodable {
         var name: String, uuid: String, state: String, crashReason: String?, osType: String, cpus: Int, memoryBytes: UInt64
         var kernel: String?, initrd: String?, commandLine: String, entropyDevice: Bool, createdAt: Int64
@@ -40,6 +46,7 @@ struct Info: ParsableCommand {
         var snapshots: Int, currentSnapshot: String?
         var process: VMDescription?
         var counters: VMCounters?
+        var resources: Resources
     }
 
     func run() throws {
@@ -79,7 +86,14 @@ struct Info: ParsableCommand {
                 vsockSocket: definition.vsockCID == nil ? nil : bundle.vsockPath,
                 savedState: bundle.hasSavedState ? bundle.savedStatePath : nil,
                 snapshots: snapshots.snapshots.count, currentSnapshot: snapshots.current.flatMap { id in snapshots.snapshots.first { $0.id == id }?.name },
-                process: status.description, counters: counters)
+                process: status.description, counters: counters,
+                resources: {
+                    let groups = status.state.isOff ? nil : VMControlGroups.recorded(in: bundle)
+                    let limits = definition.resources
+                    return Resources(cpuCapPercent: limits.cpuCapPercent, cpuWeight: limits.cpuWeight, memoryLimitBytes: limits.memoryLimitBytes,
+                                     pidsLimit: limits.pidsLimit, cgroups: groups?.directories,
+                                     cpuNanoseconds: groups?.cpuNanoseconds, memoryBytes: groups?.memoryBytes)
+                }())
         } catch {
             throw fail(error)
         }
@@ -116,6 +130,21 @@ struct Info: ParsableCommand {
             ["On reboot:", report.onReboot == "restart" ? "restart in place" : "stop the VM"],
             ["Generation ID:", report.generationId ?? "(new on every start)"],
         ]
+        let limits = report.resources
+        var limitText: [String] = []
+        if let cap = limits.cpuCapPercent { limitText.append("CPU cap \(cap)%") }
+        if let weight = limits.cpuWeight { limitText.append("CPU weight \(weight)") }
+        if let memory = limits.memoryLimitBytes { limitText.append("memory limit \(Size.describe(memory))") }
+        if let pids = limits.pidsLimit { limitText.append("at most \(pids) processes/threads") }
+        lines.append(["Limits:", limitText.isEmpty ? "none" : limitText.joined(separator: ", ")])
+        if let groups = limits.cgroups {
+            var text = groups.keys.sorted().map { "\($0) \(groups[$0] ?? "")" }.joined(separator: ", ")
+            if let cpu = limits.cpuNanoseconds { text += "; CPU used \(cpu / 1_000_000) ms" }
+            if let memory = limits.memoryBytes { text += ", memory charged \(Size.describe(memory))" }
+            lines.append(["Control groups:", text])
+        } else if report.process != nil {
+            lines.append(["Control groups:", "none (this host gives Vireo none: not root, or no cgroup controllers)"])
+        }
         for (index, disk) in report.disks.enumerated() {
             var text = "\(disk.path) (\(disk.format), \(disk.virtualBytes.map(Size.describe) ?? "unreadable"), \(Size.describe(disk.allocatedBytes)) used"
             if disk.readOnly { text += ", read-only" }

@@ -7,8 +7,8 @@ import VMM
 
 struct Set: ParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Change a stopped VM's settings.",
-        discussion: "None of these can change while the VM runs: stop it first. Each value is checked as `vireo create` checks it.")
+        abstract: "Change a VM's settings.",
+        discussion: "Resource limits (--cpu-cap, --cpu-weight, --memory-limit, --pids-limit) change a running VM at once; everything else needs it stopped. Each value is checked as `vireo create` checks it.")
 
     @Argument(help: "VM name.")
     var name: String
@@ -59,8 +59,11 @@ struct Set: ParsableCommand {
 
     @OptionGroup var engineOptions: EngineOptions
 
+    @OptionGroup var resourceOptions: ResourceOptions
+
     func run() throws {
         var request = ChangeRequest()
+        try resourceOptions.apply(to: &request)
         request.cpus = cpus
         request.memoryBytes = try memory.map { try parseSize($0, field: "--memory") }
         request.commandLine = cmdline
@@ -87,7 +90,7 @@ struct Set: ParsableCommand {
         do throws(LibraryError) {
             if vsockCid != nil && noVsock { throw LibraryError.invalidValue(field: "--vsock-cid", reason: "--vsock-cid and --no-vsock contradict each other") }
             (request.engine, request.firmware, request.accelerator) = try engineOptions.parsed()
-            changed = try openLibrary().change(name, request)
+            changed = try openManager().change(name, request)
         } catch {
             throw fail(error)
         }
@@ -189,5 +192,44 @@ struct Clone: ParsableCommand {
         let definition: VMDefinition
         do throws(LibraryError) { definition = try openLibrary().clone(source, to: name, linked: linked) } catch { throw fail(error) }
         printLine("Cloned VM '\(source)' to '\(name)' (\(linked ? "linked" : "full") clone, uuid \(definition.uuid))")
+    }
+}
+
+/// `--cpu-cap`, `--cpu-weight`, `--memory-limit`, `--pids-limit` (docs/resources.md), for create and set.
+struct ResourceOptions: ParsableArguments {
+    @Option(help: ArgumentHelp("Cap the VM's CPU time in percent of one CPU (150% is one and a half CPUs); none removes the cap.", valueName: "N%|none"))
+    var cpuCap: String?
+
+    @Option(help: ArgumentHelp("The VM's share of contended CPU, 1 to 10000 (100 is everyone's default); none resets it.", valueName: "N|none"))
+    var cpuWeight: String?
+
+    @Option(help: ArgumentHelp("Memory limit for the VM's whole engine process, guest RAM included (K, M, G); none removes it. Past it the kernel kills the VM (\"crashed: out of memory\").", valueName: "size|none"))
+    var memoryLimit: String?
+
+    @Option(help: ArgumentHelp("Most processes and threads the VM's engine may have; none removes the limit.", valueName: "N|none"))
+    var pidsLimit: String?
+
+    var isEmpty: Bool { cpuCap == nil && cpuWeight == nil && memoryLimit == nil && pidsLimit == nil }
+
+    static func number(_ text: String, field: String, percent: Bool = false) throws -> Int? {
+        if text == "none" { return nil }
+        let digits = percent && text.hasSuffix("%") ? String(text.dropLast()) : text
+        guard let value = Int(digits) else {
+            throw fail(LibraryError.invalidValue(field: field, reason: "'\(text)' is not \(percent ? "a percentage like 50% or 150%" : "a whole number") or none"))
+        }
+        return value
+    }
+
+    func apply(to request: inout ChangeRequest) throws {
+        if let cpuCap { request.cpuCapPercent = .some(try Self.number(cpuCap, field: "--cpu-cap", percent: true)) }
+        if let cpuWeight { request.cpuWeight = .some(try Self.number(cpuWeight, field: "--cpu-weight")) }
+        if let memoryLimit { request.memoryLimitBytes = .some(memoryLimit == "none" ? nil : try parseSize(memoryLimit, field: "--memory-limit")) }
+        if let pidsLimit { request.pidsLimit = .some(try Self.number(pidsLimit, field: "--pids-limit")) }
+    }
+
+    func limits() throws -> ResourceLimits {
+        var request = ChangeRequest()
+        try apply(to: &request)
+        return request.applyingResources(to: ResourceLimits())
     }
 }

@@ -87,6 +87,7 @@ public struct KVMEngine: Engine {
         for end in pipeEnds { _ = fcntl(end, F_SETFD, FD_CLOEXEC) }
         defer { close(pipeEnds[0]) }
 
+        let groups = try VMControlGroups.prepare(definition, bundle: bundle)
         var pid: pid_t = 0
         let spawned = withCStrings(arguments) { argv in
             inherit.withUnsafeBufferPointer {
@@ -99,6 +100,7 @@ public struct KVMEngine: Engine {
         guard spawned == 0 else {
             throw .engine(name: name, reason: "cannot run \(vmmPath): \(String(cString: strerror(spawned)))", exitStatus: 1)
         }
+        try groups?.enter(pid, name: name)
         try? HostFiles.writeAtomically(Array("\(pid)\n".utf8), to: bundle.pidPath)
 
         // An arriving VM is ready when the migration is done, however long that takes; a VMM that

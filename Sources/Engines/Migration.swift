@@ -460,6 +460,16 @@ extension VMManager {
         }
         var moved = false
         defer { if !moved { try? HostFiles.removeTree(staging) } }
+        // Held while the VM is put together: `vireo list` sweeps staging directories nobody holds.
+        let stagingLock: VMLock
+        do throws(LibraryError) {
+            stagingLock = try VMLock(path: staging + "/vm.lock", create: true)
+            _ = stagingLock.tryExclusive(attempts: 1)
+        } catch {
+            throw refuse(error)
+        }
+        var locked = true
+        defer { if locked { stagingLock.unlock() } }
         let target = VMBundle(directory: staging)
         do throws(LibraryError) {
             // Disks: the same files (checked to be there and the same size), or new empty images
@@ -486,18 +496,19 @@ extension VMManager {
                     definition.disks[index].path = disk.path
                 }
             }
-            // Kernel and initrd: copies of the source's, kept in the VM's directory.
+            // Kernel and initrd: copies of the source's, kept in the VM's directory under fixed
+            // names (a name from the wire never picks a file in the directory).
             var remaining = offer.files
             var stored: [String] = []
             for file in offer.files {
-                let base = HostFiles.lastComponent(of: file.name)
-                guard file.size <= MigrationOffer.fileLimit, !base.isEmpty, !base.hasPrefix("."), !stored.contains(base),
-                      ["kernel", "initrd"].contains(file.role) else {
+                guard file.size <= MigrationOffer.fileLimit, ["kernel", "initrd"].contains(file.role), !stored.contains(file.role) else {
                     throw .invalidValue(field: "offer", reason: "file '\(file.name.prefix(64))' (\(file.role.prefix(16)), \(file.size) bytes) is not acceptable")
                 }
-                stored.append(base)
-                if file.role == "kernel" { definition.kernel = base } else { definition.initrd = base }
+                stored.append(file.role)
+                if file.role == "kernel" { definition.kernel = "kernel" } else { definition.initrd = "initrd" }
             }
+            if !stored.contains("kernel") { definition.kernel = nil }
+            if !stored.contains("initrd") { definition.initrd = nil }
             for (index, name) in stored.enumerated() {
                 let path = target.resolve(name)
                 let out = Glibc.open(path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o600)
@@ -525,6 +536,9 @@ extension VMManager {
             try target.save(definition)
             try HostFiles.renameNoReplace(staging, library.root + "/" + name)
             moved = true
+            // The start below takes the VM's lock itself.
+            stagingLock.unlock()
+            locked = false
         } catch {
             throw refuse(error)
         }

@@ -186,6 +186,7 @@ public struct QEMUEngine: Engine {
         var header = Array("vireo: starting \(arguments.joined(separator: " "))\n".utf8)
         _ = header.withUnsafeMutableBytes { write(log, $0.baseAddress, $0.count) }
 
+        let groups = try VMControlGroups.prepare(vm.definition, bundle: bundle)
         var pid: pid_t = 0
         let inherit = networking.descriptors + extraDescriptors
         let spawned = withCStrings(arguments) { argv in
@@ -196,6 +197,7 @@ public struct QEMUEngine: Engine {
         guard spawned == 0 else {
             throw .engine(name: name, reason: "cannot run \(binary): \(String(cString: strerror(spawned)))", exitStatus: 1)
         }
+        try groups?.enter(pid, name: name)
         try? HostFiles.writeAtomically(Array("\(pid)\n".utf8), to: bundle.pidPath)
 
         // Ready once QMP answers and the machine runs; a QEMU that exits first explains why in

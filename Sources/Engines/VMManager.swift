@@ -99,6 +99,25 @@ public struct VMManager: Sendable {
         }
     }
 
+    /// `vireo set`: a stopped VM's settings, or a running VM's resource limits, applied at once
+    /// to its control groups and kept in its definition (docs/resources.md).
+    public func change(_ name: String, _ request: ChangeRequest) throws(LibraryError) -> VMDefinition {
+        let bundle = try library.bundle(named: name)
+        let status = library.status(of: bundle)
+        guard !status.state.isOff, request.changesOnlyResources else { return try library.change(name, request) }
+        var definition = try bundle.load()
+        let limits = request.applyingResources(to: definition.resources)
+        try limits.validate(cpus: definition.cpus, memoryBytes: definition.memoryBytes)
+        guard let groups = VMControlGroups.recorded(in: bundle) else {
+            throw .wrongState(name: name, state: status.state.rawValue, action: "change the limits of",
+                              hint: "it was started without control groups; stop it, set the limits, and start it again")
+        }
+        try groups.apply(limits, cpus: definition.cpus)
+        definition.resources = limits
+        try bundle.save(definition)
+        return definition
+    }
+
     /// `vireo snapshot take`: of a running (or paused) VM live, with its memory; of one that is
     /// off, its disks (and its saved state, when it is saved).
     /// Returns the snapshot and what the user should know (a live snapshot whose memory could not

@@ -79,6 +79,34 @@ public struct VMBundle: Sendable {
         return reason.hasPrefix("vireo: ") ? String(reason.dropFirst(7)) : reason
     }
 
+    /// Why the last run ended, when the kernel's OOM killer ended it inside the VM's memory limit
+    /// (the control groups it ran in are listed in `cgroups`; they are made afresh at each start).
+    public func outOfMemoryEnd() -> String? {
+        guard let listing = try? HostFiles.readAll(directory + "/cgroups") else { return nil }
+        for line in String(decoding: listing, as: UTF8.self).split(separator: "\n") {
+            let parts = line.split(separator: " ", maxSplits: 1)
+            guard parts.count == 2, parts[0] == "memory" || parts[0] == "unified" else { continue }
+            let file = String(parts[1]) + (parts[0] == "unified" ? "/memory.events" : "/memory.oom_control")
+            guard let text = try? HostFiles.readAll(file) else { continue }
+            let kills = String(decoding: text, as: UTF8.self).split(separator: "\n").first { $0.hasPrefix("oom_kill ") }.flatMap { Int($0.dropFirst(9)) } ?? 0
+            if kills > 0 {
+                let limitFile = String(parts[1]) + (parts[0] == "unified" ? "/memory.max" : "/memory.limit_in_bytes")
+                let limit = (try? HostFiles.readAll(limitFile)).flatMap { UInt64(String(decoding: $0, as: UTF8.self).filter { !$0.isWhitespace }) }
+                return "out of memory: the VM's engine reached its memory limit" + (limit.map { " (\($0 >> 20) MiB)" } ?? "") + " and the kernel's OOM killer ended it"
+            }
+        }
+        return nil
+    }
+
+    /// Removes the (empty) control groups the VM's last run left, for `vireo delete`.
+    public func removeControlGroups() {
+        guard let listing = try? HostFiles.readAll(directory + "/cgroups") else { return }
+        for line in String(decoding: listing, as: UTF8.self).split(separator: "\n") {
+            let parts = line.split(separator: " ", maxSplits: 1)
+            if parts.count == 2, parts[1].hasPrefix("/sys/fs/cgroup/") { rmdir(String(parts[1])) }
+        }
+    }
+
     /// Whether the VM process (or a command changing the VM) holds the lock.
     public var isLocked: Bool { VMLock.isHeld(path: lockPath) }
 

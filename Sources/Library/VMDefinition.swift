@@ -60,6 +60,8 @@ public struct VMDefinition: Codable, Sendable, Equatable {
     /// cloud-init's NoCloud settings, for VMs made from a cloud-init image; their seed is the
     /// read-only disk `seed.iso`. `vireo ssh` logs in as `cloudInit.user`.
     public var cloudInit: CloudInitSettings?
+    /// CPU, memory and process limits of the VM's engine process (docs/resources.md).
+    public var resources = ResourceLimits()
 
     public static let rebootPolicies = ["restart", "exit"]
 
@@ -96,7 +98,7 @@ public struct VMDefinition: Codable, Sendable, Equatable {
     enum CodingKeys: String, CodingKey {
         case version, uuid, name, osType, engine, cpus, memoryBytes, kernel, initrd, commandLine, disks, networks
         case vsockCID, balloon, entropyDevice, createdAt, acpi, onReboot, generationID, cpuModel
-        case firmware, nvram, iso, accelerator, diskBus, image, cloudInit
+        case firmware, nvram, iso, accelerator, diskBus, image, cloudInit, resources
     }
 
     /// Fields added after version 1 was first written are optional in the file, with the values
@@ -130,6 +132,45 @@ public struct VMDefinition: Codable, Sendable, Equatable {
         diskBus = try container.decodeIfPresent(DiskBus.self, forKey: .diskBus) ?? .virtio
         image = try container.decodeIfPresent(String.self, forKey: .image)
         cloudInit = try container.decodeIfPresent(CloudInitSettings.self, forKey: .cloudInit)
+        resources = try container.decodeIfPresent(ResourceLimits.self, forKey: .resources) ?? ResourceLimits()
+    }
+}
+
+/// Limits on a VM's engine process, enforced with control groups (docs/resources.md); nil is
+/// unlimited. Changed on a running VM with `vireo set`, live.
+public struct ResourceLimits: Codable, Sendable, Equatable {
+    /// CPU time per wall time, in percent of one CPU (`--cpu-cap 150%`).
+    public var cpuCapPercent: Int?
+    /// Relative share under contention, 1 to 10000 (cgroup v2's weight; 100 is the default).
+    public var cpuWeight: Int?
+    /// The whole engine process's memory, guest RAM included.
+    public var memoryLimitBytes: UInt64?
+    /// Processes and threads the engine may have.
+    public var pidsLimit: Int?
+
+    public init(cpuCapPercent: Int? = nil, cpuWeight: Int? = nil, memoryLimitBytes: UInt64? = nil, pidsLimit: Int? = nil) {
+        self.cpuCapPercent = cpuCapPercent
+        self.cpuWeight = cpuWeight
+        self.memoryLimitBytes = memoryLimitBytes
+        self.pidsLimit = pidsLimit
+    }
+
+    public var isUnlimited: Bool { self == ResourceLimits() }
+
+    /// Refuses values the kernel would refuse or that cannot run a VM, naming the flag.
+    public func validate(cpus: Int, memoryBytes: UInt64) throws(LibraryError) {
+        if let cap = cpuCapPercent, cap < 1 || cap > 100 * 1024 {
+            throw .invalidValue(field: "--cpu-cap", reason: "\(cap)% is not from 1% to \(100 * 1024)% (100% is one whole CPU; this VM has \(cpus) vCPUs)")
+        }
+        if let weight = cpuWeight, weight < 1 || weight > 10000 {
+            throw .invalidValue(field: "--cpu-weight", reason: "\(weight) is not from 1 to 10000 (100 is the default)")
+        }
+        if let limit = memoryLimitBytes, limit < 8 << 20 {
+            throw .invalidValue(field: "--memory-limit", reason: "\(limit >> 20) MiB is too little for any VMM; at least 8 MiB (it counts the VMM and the guest RAM it touches; the VM has \(memoryBytes >> 20) MiB)")
+        }
+        if let pids = pidsLimit, pids < 16 || pids > 1 << 22 {
+            throw .invalidValue(field: "--pids-limit", reason: "\(pids) is not from 16 to \(1 << 22) (a VMM has a thread per vCPU and per device)")
+        }
     }
 }
 

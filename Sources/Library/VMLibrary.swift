@@ -54,6 +54,8 @@ public struct CreateRequest: Sendable {
     public var image: String?
     /// With `image`: copy the image's disk and kernel into the VM instead of resting on them.
     public var fullCopy = false
+    /// CPU, memory and process limits (docs/resources.md).
+    public var resources = ResourceLimits()
     /// With a cloud-init image: the user, keys, password and host name of its NoCloud seed.
     public var cloudInit = CloudInitRequest()
 
@@ -99,8 +101,27 @@ public struct ChangeRequest: Sendable {
     public var iso: String??
     public var firmware: Firmware?
     public var accelerator: Accelerator?
+    /// Resource limits to set (`.some(nil)` removes one): the only changes a running VM takes.
+    public var cpuCapPercent: Int??
+    public var cpuWeight: Int??
+    public var memoryLimitBytes: UInt64??
+    public var pidsLimit: Int??
 
     public init() {}
+
+    /// Whether only resource limits change (which a running VM takes live).
+    public var changesOnlyResources: Bool {
+        fields.allSatisfy { ["--cpu-cap", "--cpu-weight", "--memory-limit", "--pids-limit"].contains($0) } && !fields.isEmpty
+    }
+
+    public func applyingResources(to limits: ResourceLimits) -> ResourceLimits {
+        var changed = limits
+        if let cap = cpuCapPercent { changed.cpuCapPercent = cap }
+        if let weight = cpuWeight { changed.cpuWeight = weight }
+        if let memory = memoryLimitBytes { changed.memoryLimitBytes = memory }
+        if let pids = pidsLimit { changed.pidsLimit = pids }
+        return changed
+    }
 
     /// The options this request changes, as the user typed them, for messages.
     public var fields: [String] {
@@ -109,7 +130,9 @@ public struct ChangeRequest: Sendable {
          osType != nil ? "--ostype" : nil, entropyDevice != nil ? "--rng" : nil, networks != nil ? "--nic" : nil,
          vsockCID != nil ? "--vsock-cid" : nil, balloon != nil ? "--balloon" : nil, acpi != nil ? "--acpi" : nil,
          onReboot != nil ? "--on-reboot" : nil, cpuModel != nil ? "--cpu" : nil, engine != nil ? "--engine" : nil, iso != nil ? "--iso" : nil,
-         firmware != nil ? "--firmware" : nil, accelerator != nil ? "--accel" : nil].compactMap { $0 }
+         firmware != nil ? "--firmware" : nil, accelerator != nil ? "--accel" : nil,
+         cpuCapPercent != nil ? "--cpu-cap" : nil, cpuWeight != nil ? "--cpu-weight" : nil,
+         memoryLimitBytes != nil ? "--memory-limit" : nil, pidsLimit != nil ? "--pids-limit" : nil].compactMap { $0 }
     }
 }
 
@@ -184,7 +207,7 @@ public struct VMLibrary: Sendable {
     public func status(of bundle: VMBundle) -> Status {
         guard bundle.isLocked else {
             if bundle.hasSavedState { return Status(state: .saved) }
-            if let reason = bundle.lastRunFailure() { return Status(state: .crashed, crashReason: reason) }
+            if let reason = bundle.outOfMemoryEnd() ?? bundle.lastRunFailure() { return Status(state: .crashed, crashReason: reason) }
             return Status(state: .stopped)
         }
         if let description = describeRunning(bundle) {
@@ -269,6 +292,7 @@ public struct VMLibrary: Sendable {
             definition.onReboot = policy
         }
         if let model = request.cpuModel { definition.cpuModel = model }
+        definition.resources = request.resources
         if let kernel = request.kernel { try Self.validate(kernel: kernel) }
         if let initrd = request.initrd { try Self.validateReadable(initrd, field: "--initrd") }
         guard request.diskBytes == nil || request.attachDisk == nil, !(request.withoutDisk && (request.diskBytes != nil || request.attachDisk != nil)) else {
@@ -478,6 +502,7 @@ public struct VMLibrary: Sendable {
         try validate(memoryBytes: definition.memoryBytes)
         try validate(commandLine: definition.commandLine)
         try validate(onReboot: definition.onReboot)
+        try definition.resources.validate(cpus: definition.cpus, memoryBytes: definition.memoryBytes)
         if let model = definition.cpuModel {
             let parsed: CPUModel
             do { parsed = try CPUModel(parsing: model) } catch { throw .invalidValue(field: "--cpu", reason: error.description) }
@@ -657,7 +682,7 @@ public struct VMLibrary: Sendable {
     public func change(_ name: String, _ request: ChangeRequest) throws(LibraryError) -> VMDefinition {
         let fields = request.fields
         guard !fields.isEmpty else {
-            throw .invalidValue(field: "vireo set", reason: "nothing to change; give at least one of --cpus, --memory, --cmdline, --kernel, --initrd, --no-initrd, --ostype, --rng/--no-rng, --nic, --no-nic, --forward, --vsock-cid, --no-vsock, --balloon/--no-balloon, --acpi, --on-reboot, --cpu, --engine, --iso, --firmware, --accel")
+            throw .invalidValue(field: "vireo set", reason: "nothing to change; give at least one of --cpus, --memory, --cmdline, --kernel, --initrd, --no-initrd, --ostype, --rng/--no-rng, --nic, --no-nic, --forward, --vsock-cid, --no-vsock, --balloon/--no-balloon, --acpi, --on-reboot, --cpu, --engine, --iso, --firmware, --accel, --cpu-cap, --cpu-weight, --memory-limit, --pids-limit")
         }
         if request.initrd != nil && request.removeInitrd { throw .invalidValue(field: "--initrd", reason: "--initrd and --no-initrd contradict each other") }
         if let kernel = request.kernel { try Self.validate(kernel: kernel) }
@@ -697,6 +722,7 @@ public struct VMLibrary: Sendable {
             if let iso = request.iso { changed.iso = iso == nil ? nil : medium?.path }
             if let firmware = request.firmware { changed.firmware = firmware }
             if let accelerator = request.accelerator { changed.accelerator = accelerator }
+            changed.resources = request.applyingResources(to: changed.resources)
             if changed.engine == .kvm, request.accelerator != nil {
                 throw .invalidValue(field: "--accel", reason: "the kvm engine always uses KVM; --accel is for the qemu engine")
             }
@@ -808,6 +834,7 @@ public struct VMLibrary: Sendable {
             report.untouchedDisks = disks.filter { !$0.isOwned }.map(\.path)
             // Renamed away first: the name is free at once and a crash mid-delete leaves a hidden
             // directory that the next `vireo list` sweeps.
+            bundle.removeControlGroups()
             let doomed = root + "/.deleting-" + uuid
             try HostFiles.renameNoReplace(bundle.directory, doomed)
             if keepDisks {

@@ -166,7 +166,9 @@ public final class Machine: @unchecked Sendable {
                                                 readOnly: disk.readOnly), disk))
                     continue
                 }
-                let image = try DiskImages.open(path: disk.path, format: disk.format, readOnly: disk.readOnly)
+                // A copied disk is written by the stream, read-only or not; the guest's view of it
+                // stays as configured (VirtioBlock below).
+                let image = try DiskImages.open(path: disk.path, format: disk.format, readOnly: disk.readOnly && arriving?.copiesDisks != true)
                 if let arriving, image.virtualSize != arriving.diskSizes[index] {
                     throw VMMError.migration("disk \(disk.path) is \(image.virtualSize) bytes here, \(arriving.diskSizes[index]) on the source")
                 }

@@ -1,0 +1,185 @@
+import Library
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A VM's control groups (docs/resources.md): one per controller under the `vireo/<uuid>` group
+/// beside the starting process's own, cgroup v2 where the host has a unified hierarchy with the
+/// controllers and v1 where it mounts them separately (these machines). The engine's process is
+/// moved in right after it is spawned, before it maps guest RAM (what it allocated before stays
+/// charged where it started: v1's charge moving is deprecated); the directories are listed in the VM's bundle
+/// (`cgroups`), so later commands find them whatever cgroup they run in.
+public struct VMControlGroups: Sendable {
+    /// Controller name → the VM's directory for it (v1), or "unified" → its one directory (v2).
+    public var directories: [String: String]
+
+    public var isUnified: Bool { directories["unified"] != nil }
+
+    static let root = "/sys/fs/cgroup"
+
+    /// The directories a VM with `uuid` gets on this host, made if missing. Controllers the host
+    /// lacks are left out; a limit that needs one is refused by `apply`.
+    public static func make(uuid: String) throws(LibraryError) -> VMControlGroups {
+        var directories: [String: String] = [:]
+        let own = ownGroups()
+        if HostFiles.exists(root + "/cgroup.controllers") {
+            // v2: enable the controllers for the children of the groups on the way down.
+            let base = root + (own[""] ?? "")
+            let directory = base + "/vireo/" + uuid
+            try HostFiles.makeDirectories(directory)
+            for parent in [base, base + "/vireo"] {
+                _ = try? HostFiles.writeInPlace("+cpu +memory +pids +io", to: parent + "/cgroup.subtree_control")
+            }
+            directories["unified"] = directory
+        } else {
+            for controller in ["cpu", "cpuacct", "memory", "pids"] where HostFiles.isDirectory(root + "/" + controller) {
+                let directory = root + "/" + controller + (own[controller] ?? "") + "/vireo/" + uuid
+                try HostFiles.makeDirectories(directory)
+                directories[controller] = directory
+            }
+        }
+        return VMControlGroups(directories: directories)
+    }
+
+    /// This process's group per controller ("" for v2), from /proc/self/cgroup.
+    static func ownGroups() -> [String: String] {
+        guard let bytes = try? HostFiles.readAll("/proc/self/cgroup") else { return [:] }
+        var groups: [String: String] = [:]
+        for line in String(decoding: bytes, as: UTF8.self).split(separator: "\n") {
+            let fields = line.split(separator: ":", maxSplits: 2, omittingEmptySubsequences: false)
+            guard fields.count == 3 else { continue }
+            let path = fields[2] == "/" ? "" : String(fields[2])
+            for controller in fields[1].split(separator: ",") { groups[String(controller)] = path }
+            if fields[1].isEmpty { groups[""] = path }
+        }
+        return groups
+    }
+
+    /// Writes `limits` (nil fields: no limit) into the groups.
+    public func apply(_ limits: ResourceLimits, cpus: Int) throws(LibraryError) {
+        // A controller the host lacks is only an error when a limit needs it.
+        func write(_ value: String, _ controller: String, _ file: String, field: String, limited: Bool) throws(LibraryError) {
+            guard let directory = directories[isUnified ? "unified" : controller] else {
+                if !limited { return }
+                throw .invalidValue(field: field, reason: "this host has no \(controller) cgroup controller mounted")
+            }
+            do { try HostFiles.writeInPlace(value, to: directory + "/" + file) } catch {
+                throw .invalidValue(field: field, reason: "the kernel refused \(value) for \(directory)/\(file): \(error)")
+            }
+        }
+        let period = 100_000
+        if isUnified {
+            try write(limits.cpuCapPercent.map { "\($0 * period / 100) \(period)" } ?? "max \(period)", "cpu", "cpu.max", field: "--cpu-cap",
+                      limited: limits.cpuCapPercent != nil)
+            try write(String(limits.cpuWeight ?? 100), "cpu", "cpu.weight", field: "--cpu-weight", limited: limits.cpuWeight != nil)
+            try write(limits.memoryLimitBytes.map(String.init) ?? "max", "memory", "memory.max", field: "--memory-limit", limited: limits.memoryLimitBytes != nil)
+            try write(limits.pidsLimit.map(String.init) ?? "max", "pids", "pids.max", field: "--pids-limit", limited: limits.pidsLimit != nil)
+            return
+        }
+        try write(String(period), "cpu", "cpu.cfs_period_us", field: "--cpu-cap", limited: limits.cpuCapPercent != nil)
+        try write(limits.cpuCapPercent.map { String($0 * period / 100) } ?? "-1", "cpu", "cpu.cfs_quota_us", field: "--cpu-cap",
+                  limited: limits.cpuCapPercent != nil)
+        // v2's weight 1–10000 (default 100) onto v1's shares (default 1024).
+        try write(String(max(2, (limits.cpuWeight ?? 100) * 1024 / 100)), "cpu", "cpu.shares", field: "--cpu-weight", limited: limits.cpuWeight != nil)
+        try write(limits.memoryLimitBytes.map(String.init) ?? "-1", "memory", "memory.limit_in_bytes", field: "--memory-limit",
+                  limited: limits.memoryLimitBytes != nil)
+        try write(limits.pidsLimit.map(String.init) ?? "max", "pids", "pids.max", field: "--pids-limit", limited: limits.pidsLimit != nil)
+    }
+
+    /// Moves `pid` (with all its threads) into every group.
+    public func adopt(_ pid: pid_t) throws(LibraryError) {
+        for directory in Set(directories.values) {
+            do { try HostFiles.writeInPlace(String(pid), to: directory + "/cgroup.procs") } catch {
+                throw .io(operation: "move pid \(pid) into the cgroup", path: directory, errno: EPERM)
+            }
+        }
+    }
+
+    /// CPU time the VM's processes used, in nanoseconds.
+    public var cpuNanoseconds: UInt64? {
+        if let directory = directories["unified"] {
+            let stat = Self.read(directory + "/cpu.stat")
+            let usage = stat.split(separator: "\n").first { $0.hasPrefix("usage_usec ") }.flatMap { UInt64($0.dropFirst(11)) }
+            return usage.map { $0 * 1000 }
+        }
+        return directories["cpuacct"].flatMap { UInt64(Self.read($0 + "/cpuacct.usage").trimmed) }
+    }
+
+    public var memoryBytes: UInt64? {
+        if let directory = directories["unified"] { return UInt64(Self.read(directory + "/memory.current").trimmed) }
+        return directories["memory"].flatMap { UInt64(Self.read($0 + "/memory.usage_in_bytes").trimmed) }
+    }
+
+    /// How many times the kernel's OOM killer acted inside the VM's memory limit.
+    public var outOfMemoryKills: UInt64 {
+        let text: String
+        if let directory = directories["unified"] { text = Self.read(directory + "/memory.events") } else if let directory = directories["memory"] {
+            text = Self.read(directory + "/memory.oom_control")
+        } else { return 0 }
+        return text.split(separator: "\n").first { $0.hasPrefix("oom_kill ") }.flatMap { UInt64($0.dropFirst(9)) } ?? 0
+    }
+
+    /// Removes the groups (they must be empty: the VM stopped).
+    public func remove() {
+        for directory in Set(directories.values) { rmdir(directory) }
+    }
+
+    static func read(_ path: String) -> String {
+        (try? HostFiles.readAll(path)).map { String(decoding: $0, as: UTF8.self) } ?? ""
+    }
+
+    /// Before a start: the VM's groups afresh (an earlier run's, OOM counts and all, removed),
+    /// with its limits. Nil when this host gives none (not root, no controllers) and the VM asks
+    /// for no limit; an error when it asks for one.
+    public static func prepare(_ definition: VMDefinition, bundle: VMBundle) throws(LibraryError) -> VMControlGroups? {
+        recorded(in: bundle)?.remove()
+        unlink(bundle.directory + "/cgroups")
+        let groups: VMControlGroups
+        do throws(LibraryError) {
+            groups = try make(uuid: definition.uuid)
+            // `ip netns exec` and containers can hide the cgroup file systems altogether.
+            guard !groups.directories.isEmpty else { throw .io(operation: "find a cgroup controller under", path: root, errno: ENOENT) }
+        } catch {
+            if definition.resources.isUnlimited { return nil }
+            throw .invalidValue(field: "resource limits", reason: "VM '\(definition.name)' has limits, but its control groups cannot be made here: \(error) (Vireo must run as root with the cgroup file systems mounted)")
+        }
+        try groups.apply(definition.resources, cpus: definition.cpus)
+        try groups.record(in: bundle)
+        return groups
+    }
+
+    /// After the spawn: the engine's process goes into the groups, or is killed (a VM never runs
+    /// outside the limits it was given).
+    public func enter(_ pid: pid_t, name: String) throws(LibraryError) {
+        do throws(LibraryError) {
+            try adopt(pid)
+        } catch {
+            kill(pid, SIGKILL)
+            var status: Int32 = 0
+            waitpid(pid, &status, 0)
+            throw .engine(name: name, reason: "its process could not be moved into its control groups (\(error)); it was stopped", exitStatus: 1)
+        }
+    }
+
+    // MARK: the record in the bundle
+
+    public static func recorded(in bundle: VMBundle) -> VMControlGroups? {
+        let text = read(bundle.directory + "/cgroups")
+        var directories: [String: String] = [:]
+        for line in text.split(separator: "\n") {
+            let parts = line.split(separator: " ", maxSplits: 1)
+            guard parts.count == 2, parts[1].hasPrefix(root + "/") else { continue }
+            directories[String(parts[0])] = String(parts[1])
+        }
+        return directories.isEmpty ? nil : VMControlGroups(directories: directories)
+    }
+
+    public func record(in bundle: VMBundle) throws(LibraryError) {
+        let text = directories.sorted { $0.key < $1.key }.map { "\($0.key) \($0.value)\n" }.joined()
+        try HostFiles.writeAtomically(Array(text.utf8), to: bundle.directory + "/cgroups")
+    }
+}
+
+extension String {
+    var trimmed: String { String(self.filter { !$0.isWhitespace }) }
+}
