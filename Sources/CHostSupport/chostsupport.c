@@ -248,3 +248,23 @@ void vireo_bitmap_take(uint64_t *words, uint64_t *into, size_t count) {
         into[i] |= __atomic_exchange_n(&words[i], 0, __ATOMIC_ACQUIRE);
     }
 }
+
+#include <sched.h>
+
+int vireo_set_affinity(pid_t tid, const int *cpus, int count) {
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    for (int i = 0; i < count; i++) {
+        if (cpus[i] < 0 || cpus[i] >= CPU_SETSIZE) return EINVAL;
+        CPU_SET(cpus[i], &set);
+    }
+    return sched_setaffinity(tid, sizeof set, &set) == 0 ? 0 : errno;
+}
+
+int vireo_get_affinity(pid_t tid, int *cpus, int capacity) {
+    cpu_set_t set;
+    if (sched_getaffinity(tid, sizeof set, &set) != 0) return -errno;
+    int count = 0;
+    for (int cpu = 0; cpu < CPU_SETSIZE && count < capacity; cpu++) if (CPU_ISSET(cpu, &set)) cpus[count++] = cpu;
+    return count;
+}

@@ -23,6 +23,7 @@ struct Info: ParsableCommand {
     }
     struct Resources: Encodable {
         var cpuCapPercent: Int?, cpuWeight: Int?, memoryLimitBytes: UInt64?, pidsLimit: Int?
+        var vcpuPins: [VCPUPin]?, emulatorCpus: [Int]?
         /// The VM's control groups (controller → directory), and what they measured, while it runs.
         var cgroups: [String: String]?
         var cpuNanoseconds: UInt64?, memoryBytes: UInt64?
@@ -91,7 +92,8 @@ struct Info: ParsableCommand {
                     let groups = status.state.isOff ? nil : VMControlGroups.recorded(in: bundle)
                     let limits = definition.resources
                     return Resources(cpuCapPercent: limits.cpuCapPercent, cpuWeight: limits.cpuWeight, memoryLimitBytes: limits.memoryLimitBytes,
-                                     pidsLimit: limits.pidsLimit, cgroups: groups?.directories,
+                                     pidsLimit: limits.pidsLimit, vcpuPins: limits.vcpuPins, emulatorCpus: limits.emulatorCPUs,
+                                     cgroups: groups?.directories,
                                      cpuNanoseconds: groups?.cpuNanoseconds, memoryBytes: groups?.memoryBytes)
                 }())
         } catch {
@@ -136,6 +138,8 @@ struct Info: ParsableCommand {
         if let weight = limits.cpuWeight { limitText.append("CPU weight \(weight)") }
         if let memory = limits.memoryLimitBytes { limitText.append("memory limit \(Size.describe(memory))") }
         if let pids = limits.pidsLimit { limitText.append("at most \(pids) processes/threads") }
+        if let pins = limits.vcpuPins { limitText.append("pinned " + pins.map(\.description).joined(separator: ",")) }
+        if let emulator = limits.emulatorCpus { limitText.append("emulator on CPUs " + emulator.map(String.init).joined(separator: ",")) }
         lines.append(["Limits:", limitText.isEmpty ? "none" : limitText.joined(separator: ", ")])
         if let groups = limits.cgroups {
             var text = groups.keys.sorted().map { "\($0) \(groups[$0] ?? "")" }.joined(separator: ", ")

@@ -209,7 +209,13 @@ struct ResourceOptions: ParsableArguments {
     @Option(help: ArgumentHelp("Most processes and threads the VM's engine may have; none removes the limit.", valueName: "N|none"))
     var pidsLimit: String?
 
-    var isEmpty: Bool { cpuCap == nil && cpuWeight == nil && memoryLimit == nil && pidsLimit == nil }
+    @Option(help: ArgumentHelp("Pin vCPU threads to host CPUs: vcpu0=2,vcpu1=3 (vcpu0=2-3 for a range); none unpins.", valueName: "vcpuN=CPU,...|none"))
+    var pin: String?
+
+    @Option(help: ArgumentHelp("Host CPUs for the engine's other threads (devices, console, control): 0-1 or 0,2; none unpins.", valueName: "CPUS|none"))
+    var pinEmulator: String?
+
+    var isEmpty: Bool { cpuCap == nil && cpuWeight == nil && memoryLimit == nil && pidsLimit == nil && pin == nil && pinEmulator == nil }
 
     static func number(_ text: String, field: String, percent: Bool = false) throws -> Int? {
         if text == "none" { return nil }
@@ -225,6 +231,15 @@ struct ResourceOptions: ParsableArguments {
         if let cpuWeight { request.cpuWeight = .some(try Self.number(cpuWeight, field: "--cpu-weight")) }
         if let memoryLimit { request.memoryLimitBytes = .some(memoryLimit == "none" ? nil : try parseSize(memoryLimit, field: "--memory-limit")) }
         if let pidsLimit { request.pidsLimit = .some(try Self.number(pidsLimit, field: "--pids-limit")) }
+        if let pin {
+            do throws(LibraryError) { request.vcpuPins = .some(pin == "none" ? nil : try VCPUPin.parse(pin)) } catch { throw fail(error) }
+        }
+        if let pinEmulator {
+            guard pinEmulator == "none" || VCPUPin.parseCPUs(pinEmulator) != nil else {
+                throw fail(LibraryError.invalidValue(field: "--pin-emulator", reason: "'\(pinEmulator)' is not a CPU list like 0-1 or 0,2, or none"))
+            }
+            request.emulatorCPUs = .some(pinEmulator == "none" ? nil : VCPUPin.parseCPUs(pinEmulator))
+        }
     }
 
     func limits() throws -> ResourceLimits {

@@ -89,10 +89,16 @@ public protocol Engine: Sendable {
     /// Returns nil, or why the snapshot's memory could not be kept (its disks were: the snapshot
     /// is then a disk-only one).
     func snapshot(_ vm: EngineVM, id: String) throws(LibraryError) -> String?
+    /// The running VM's vCPU threads by vCPU index, for pinning.
+    func vcpuThreads(_ vm: EngineVM, pid: pid_t) -> [Int: pid_t]
 }
 
 extension Engine {
     public var capabilities: Set<EngineCapability> { [] }
+
+    public func vcpuThreads(_ vm: EngineVM, pid: pid_t) -> [Int: pid_t] {
+        ThreadPinning.namedVCPUThreads(pid: pid, count: vm.definition.cpus)
+    }
 
     func unsupported(_ vm: EngineVM, _ action: String, _ hint: String) -> LibraryError {
         .unsupported(name: vm.name, engine: kind.rawValue, action: action, hint: hint)

@@ -337,6 +337,18 @@ public struct QEMUEngine: Engine {
 
     public func reset(_ vm: EngineVM) throws(LibraryError) { try run(vm, "system_reset", action: "reset") }
 
+    /// QEMU names its vCPU threads only with debug-threads; QMP says which thread is which.
+    public func vcpuThreads(_ vm: EngineVM, pid: pid_t) -> [Int: pid_t] {
+        struct CPU: Decodable {
+            var index: Int
+            var thread: Int32
+            enum CodingKeys: String, CodingKey { case index = "cpu-index", thread = "thread-id" }
+        }
+        guard let connection = try? connect(vm, action: "pin"),
+              let cpus = try? connection.execute("query-cpus-fast", as: [CPU].self) else { return [:] }
+        return Dictionary(cpus.map { ($0.index, $0.thread) }, uniquingKeysWith: { first, _ in first })
+    }
+
     // MARK: saved states and live snapshots (QEMU's own migration to a file)
 
     /// `vireo save`: QEMU migrates its state into the VM's saved-state file (written aside,

@@ -1,3 +1,4 @@
+import CHostSupport
 import Library
 #if canImport(Glibc)
 import Glibc
@@ -182,4 +183,53 @@ public struct VMControlGroups: Sendable {
 
 extension String {
     var trimmed: String { String(self.filter { !$0.isWhitespace }) }
+}
+
+/// vCPU and emulator pinning (`--pin`, `--pin-emulator`), applied to the running engine's threads
+/// with sched_setaffinity from outside, so both engines and a running VM's `vireo set` work alike.
+public enum ThreadPinning {
+    /// Each pinned vCPU's thread to its CPUs; every other thread of `pid` to the emulator CPUs
+    /// (all CPUs when none are given, so `none` unpins).
+    public static func apply(_ limits: ResourceLimits, pid: pid_t, vcpuThreads: [Int: pid_t], name: String) throws(LibraryError) {
+        let all = Array(0..<ResourceLimits.hostCPUCount)
+        var pinned: [pid_t: [Int]] = [:]
+        for (vcpu, thread) in vcpuThreads {
+            pinned[thread] = limits.vcpuPins?.first { $0.vcpu == vcpu }?.cpus ?? all
+        }
+        if let pins = limits.vcpuPins {
+            for pin in pins where vcpuThreads[pin.vcpu] == nil {
+                throw .engine(name: name, reason: "its vcpu\(pin.vcpu) thread was not found in process \(pid) to pin it", exitStatus: 1)
+            }
+        }
+        for thread in tasks(of: pid) where pinned[thread] == nil { pinned[thread] = limits.emulatorCPUs ?? all }
+        for (thread, cpus) in pinned {
+            let list = cpus.map { Int32($0) }
+            let failure = list.withUnsafeBufferPointer { vireo_set_affinity(thread, $0.baseAddress!, Int32($0.count)) }
+            // A thread that ended meanwhile is nothing to pin.
+            if failure != 0 && failure != ESRCH {
+                throw .io(operation: "pin thread \(thread) of VM '\(name)' to CPUs \(cpus)", path: "/proc/\(pid)/task/\(thread)", errno: failure)
+            }
+        }
+    }
+
+    /// The thread ids of process `pid`.
+    static func tasks(of pid: pid_t) -> [pid_t] {
+        ((try? HostFiles.entries(of: "/proc/\(pid)/task")) ?? []).compactMap { pid_t($0) }
+    }
+
+    /// `vireo-vmm`'s vCPU threads (named vcpuN), waited for a moment after a start: they are
+    /// made just after the VMM reports ready.
+    public static func namedVCPUThreads(pid: pid_t, count: Int) -> [Int: pid_t] {
+        var found: [Int: pid_t] = [:]
+        for _ in 0..<100 {
+            for thread in tasks(of: pid) {
+                let comm = (try? HostFiles.readAll("/proc/\(pid)/task/\(thread)/comm")).map { String(decoding: $0, as: UTF8.self) } ?? ""
+                let name = comm.filter { !$0.isWhitespace }
+                if name.hasPrefix("vcpu"), let index = Int(name.dropFirst(4)) { found[index] = thread }
+            }
+            if found.count >= count { break }
+            usleep(20_000)
+        }
+        return found
+    }
 }

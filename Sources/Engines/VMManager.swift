@@ -78,13 +78,24 @@ public struct VMManager: Sendable {
         let resuming = bundle.hasSavedState
         let vm = EngineVM(bundle: bundle, definition: definition)
         let networks = HostNetworks(library: library)
-        do {
+        do throws(LibraryError) {
             let networking = try networks.prepare(vm)
             var started: StartedVM
             if let incoming {
                 started = try kvm.start(vm, lock: lock, networking: networking, incoming: incoming)
             } else {
                 started = try engine(definition.engine).start(vm, lock: lock, networking: networking)
+            }
+            if definition.resources.vcpuPins != nil || definition.resources.emulatorCPUs != nil {
+                do throws(LibraryError) {
+                    try ThreadPinning.apply(definition.resources, pid: started.pid,
+                                            vcpuThreads: engine(definition.engine).vcpuThreads(vm, pid: started.pid), name: name)
+                } catch {
+                    // Never left running unpinned against the user's wish.
+                    try? engine(definition.engine).powerOff(vm)
+                    _ = Self.waitUntilStopped(bundle, seconds: 10)
+                    throw error
+                }
             }
             // Networks left up by VMs that powered themselves off since (no daemon saw them go).
             started.warnings += networks.releaseIdle()
@@ -108,11 +119,17 @@ public struct VMManager: Sendable {
         var definition = try bundle.load()
         let limits = request.applyingResources(to: definition.resources)
         try limits.validate(cpus: definition.cpus, memoryBytes: definition.memoryBytes)
-        guard let groups = VMControlGroups.recorded(in: bundle) else {
+        let cgroupFields = request.fields.filter { !["--pin", "--pin-emulator"].contains($0) }
+        if let groups = VMControlGroups.recorded(in: bundle) {
+            try groups.apply(limits, cpus: definition.cpus)
+        } else if !cgroupFields.isEmpty {
             throw .wrongState(name: name, state: status.state.rawValue, action: "change the limits of",
                               hint: "it was started without control groups; stop it, set the limits, and start it again")
         }
-        try groups.apply(limits, cpus: definition.cpus)
+        if request.vcpuPins != nil || request.emulatorCPUs != nil, let pid = status.description?.pid, pid > 0 {
+            let vm = EngineVM(bundle: bundle, definition: definition)
+            try ThreadPinning.apply(limits, pid: pid, vcpuThreads: engine(definition.engine).vcpuThreads(vm, pid: pid), name: name)
+        }
         definition.resources = limits
         try bundle.save(definition)
         return definition

@@ -1,4 +1,7 @@
 import DiskImage
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// One VM as stored in its directory's `config.json`. Paths without a leading `/` are inside the
 /// VM's directory (the VM owns those files); absolute paths are files it only refers to.
@@ -147,13 +150,23 @@ public struct ResourceLimits: Codable, Sendable, Equatable {
     public var memoryLimitBytes: UInt64?
     /// Processes and threads the engine may have.
     public var pidsLimit: Int?
+    /// Host CPUs each pinned vCPU's thread may run on (`--pin vcpu0=2,vcpu1=3`).
+    public var vcpuPins: [VCPUPin]?
+    /// Host CPUs every other thread of the engine may run on (`--pin-emulator 0-1`).
+    public var emulatorCPUs: [Int]?
 
-    public init(cpuCapPercent: Int? = nil, cpuWeight: Int? = nil, memoryLimitBytes: UInt64? = nil, pidsLimit: Int? = nil) {
+    public init(cpuCapPercent: Int? = nil, cpuWeight: Int? = nil, memoryLimitBytes: UInt64? = nil, pidsLimit: Int? = nil,
+                vcpuPins: [VCPUPin]? = nil, emulatorCPUs: [Int]? = nil) {
         self.cpuCapPercent = cpuCapPercent
         self.cpuWeight = cpuWeight
         self.memoryLimitBytes = memoryLimitBytes
         self.pidsLimit = pidsLimit
+        self.vcpuPins = vcpuPins
+        self.emulatorCPUs = emulatorCPUs
     }
+
+    /// The CPUs of this host, for checking pins.
+    public static var hostCPUCount: Int { max(1, Int(sysconf(Int32(_SC_NPROCESSORS_CONF)))) }
 
     public var isUnlimited: Bool { self == ResourceLimits() }
 
@@ -171,7 +184,58 @@ public struct ResourceLimits: Codable, Sendable, Equatable {
         if let pids = pidsLimit, pids < 16 || pids > 1 << 22 {
             throw .invalidValue(field: "--pids-limit", reason: "\(pids) is not from 16 to \(1 << 22) (a VMM has a thread per vCPU and per device)")
         }
+        let host = Self.hostCPUCount
+        for pin in vcpuPins ?? [] {
+            guard pin.vcpu >= 0, pin.vcpu < cpus else {
+                throw .invalidValue(field: "--pin", reason: "vcpu\(pin.vcpu) does not exist; this VM has vcpu0 to vcpu\(cpus - 1)")
+            }
+            if let bad = pin.cpus.first(where: { $0 < 0 || $0 >= host }) ?? (pin.cpus.isEmpty ? -1 : nil) {
+                throw .invalidValue(field: "--pin", reason: "vcpu\(pin.vcpu): host CPU \(bad) does not exist; this host has CPUs 0 to \(host - 1)")
+            }
+        }
+        if Set((vcpuPins ?? []).map(\.vcpu)).count != (vcpuPins ?? []).count {
+            throw .invalidValue(field: "--pin", reason: "a vCPU is pinned twice")
+        }
+        if let emulator = emulatorCPUs, let bad = emulator.first(where: { $0 < 0 || $0 >= host }) ?? (emulator.isEmpty ? -1 : nil) {
+            throw .invalidValue(field: "--pin-emulator", reason: "host CPU \(bad) does not exist; this host has CPUs 0 to \(host - 1)")
+        }
     }
+}
+
+/// One vCPU's host CPUs.
+public struct VCPUPin: Codable, Sendable, Equatable {
+    public var vcpu: Int
+    public var cpus: [Int]
+    public init(vcpu: Int, cpus: [Int]) { self.vcpu = vcpu; self.cpus = cpus }
+
+    /// `vcpu0=2,vcpu1=3-4` (a CPU, or a range, per vCPU).
+    public static func parse(_ text: String) throws(LibraryError) -> [VCPUPin] {
+        var pins: [VCPUPin] = []
+        for entry in text.split(separator: ",") {
+            let parts = entry.split(separator: "=", maxSplits: 1)
+            guard parts.count == 2, parts[0].hasPrefix("vcpu"), let vcpu = Int(parts[0].dropFirst(4)), let cpus = parseCPUs(String(parts[1]), separator: "+") else {
+                throw .invalidValue(field: "--pin", reason: "'\(entry)' is not vcpuN=CPU (like vcpu0=2,vcpu1=3, or vcpu0=2-3 for a range)")
+            }
+            pins.append(VCPUPin(vcpu: vcpu, cpus: cpus))
+        }
+        guard !pins.isEmpty else { throw .invalidValue(field: "--pin", reason: "no vCPU given; like vcpu0=2,vcpu1=3") }
+        return pins
+    }
+
+    /// `0-1,4` (with `separator` between items).
+    public static func parseCPUs(_ text: String, separator: Character = ",") -> [Int]? {
+        var cpus: [Int] = []
+        for item in text.split(separator: separator) {
+            let bounds = item.split(separator: "-", maxSplits: 1)
+            guard let low = Int(bounds[0]), low >= 0 else { return nil }
+            let high = bounds.count == 2 ? Int(bounds[1]) : low
+            guard let high, high >= low, high - low < 4096 else { return nil }
+            cpus += Array(low...high)
+        }
+        return cpus.isEmpty ? nil : Array(Set(cpus)).sorted()
+    }
+
+    public var description: String { "vcpu\(vcpu)=" + cpus.map(String.init).joined(separator: "+") }
 }
 
 /// The engines that can run a VM.

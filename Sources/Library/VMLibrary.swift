@@ -106,12 +106,14 @@ public struct ChangeRequest: Sendable {
     public var cpuWeight: Int??
     public var memoryLimitBytes: UInt64??
     public var pidsLimit: Int??
+    public var vcpuPins: [VCPUPin]??
+    public var emulatorCPUs: [Int]??
 
     public init() {}
 
     /// Whether only resource limits change (which a running VM takes live).
     public var changesOnlyResources: Bool {
-        fields.allSatisfy { ["--cpu-cap", "--cpu-weight", "--memory-limit", "--pids-limit"].contains($0) } && !fields.isEmpty
+        fields.allSatisfy { ["--cpu-cap", "--cpu-weight", "--memory-limit", "--pids-limit", "--pin", "--pin-emulator"].contains($0) } && !fields.isEmpty
     }
 
     public func applyingResources(to limits: ResourceLimits) -> ResourceLimits {
@@ -120,6 +122,8 @@ public struct ChangeRequest: Sendable {
         if let weight = cpuWeight { changed.cpuWeight = weight }
         if let memory = memoryLimitBytes { changed.memoryLimitBytes = memory }
         if let pids = pidsLimit { changed.pidsLimit = pids }
+        if let pins = vcpuPins { changed.vcpuPins = pins }
+        if let emulator = emulatorCPUs { changed.emulatorCPUs = emulator }
         return changed
     }
 
@@ -132,7 +136,8 @@ public struct ChangeRequest: Sendable {
          onReboot != nil ? "--on-reboot" : nil, cpuModel != nil ? "--cpu" : nil, engine != nil ? "--engine" : nil, iso != nil ? "--iso" : nil,
          firmware != nil ? "--firmware" : nil, accelerator != nil ? "--accel" : nil,
          cpuCapPercent != nil ? "--cpu-cap" : nil, cpuWeight != nil ? "--cpu-weight" : nil,
-         memoryLimitBytes != nil ? "--memory-limit" : nil, pidsLimit != nil ? "--pids-limit" : nil].compactMap { $0 }
+         memoryLimitBytes != nil ? "--memory-limit" : nil, pidsLimit != nil ? "--pids-limit" : nil,
+         vcpuPins != nil ? "--pin" : nil, emulatorCPUs != nil ? "--pin-emulator" : nil].compactMap { $0 }
     }
 }
 
@@ -682,7 +687,7 @@ public struct VMLibrary: Sendable {
     public func change(_ name: String, _ request: ChangeRequest) throws(LibraryError) -> VMDefinition {
         let fields = request.fields
         guard !fields.isEmpty else {
-            throw .invalidValue(field: "vireo set", reason: "nothing to change; give at least one of --cpus, --memory, --cmdline, --kernel, --initrd, --no-initrd, --ostype, --rng/--no-rng, --nic, --no-nic, --forward, --vsock-cid, --no-vsock, --balloon/--no-balloon, --acpi, --on-reboot, --cpu, --engine, --iso, --firmware, --accel, --cpu-cap, --cpu-weight, --memory-limit, --pids-limit")
+            throw .invalidValue(field: "vireo set", reason: "nothing to change; give at least one of --cpus, --memory, --cmdline, --kernel, --initrd, --no-initrd, --ostype, --rng/--no-rng, --nic, --no-nic, --forward, --vsock-cid, --no-vsock, --balloon/--no-balloon, --acpi, --on-reboot, --cpu, --engine, --iso, --firmware, --accel, --cpu-cap, --cpu-weight, --memory-limit, --pids-limit, --pin, --pin-emulator")
         }
         if request.initrd != nil && request.removeInitrd { throw .invalidValue(field: "--initrd", reason: "--initrd and --no-initrd contradict each other") }
         if let kernel = request.kernel { try Self.validate(kernel: kernel) }

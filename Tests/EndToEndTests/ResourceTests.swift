@@ -111,4 +111,43 @@ struct ResourceTests {
         let info = library.vireo("info", "ok").stdout
         #expect(info.contains("CPU weight 200") && info.contains("at most 64 processes/threads"), "\(info)")
     }
+
+    @Test("--pin and --pin-emulator put each thread on its CPUs (changed live by `vireo set`); two VMs pinned to one CPU with --cpu-weight 100 and 300 share it about 1:3")
+    func pinningAndWeight() throws {
+        let library = try TestLibrary()
+        let probe = try Harness.probe("pvh")
+        for (name, weight) in [("light", "100"), ("heavy", "300")] {
+            let created = library.vireo("create", name, "--kernel", probe, "--memory", "64M", "--no-disk", "--cmdline", "console=ttyS0 probe=dirty spin=2000000",
+                                        "--pin", "vcpu0=1", "--pin-emulator", "0", "--cpu-weight", weight)
+            #expect(created.status == 0, "\(created.stderr)")
+            #expect(library.vireo("start", name).status == 0)
+        }
+        let info = library.vireo("info", "heavy", "--json").stdout
+        let process = (try? JSONSerialization.jsonObject(with: Data(info.utf8)) as? [String: Any])?["process"] as? [String: Any]
+        let pid = try #require(process?["pid"] as? Int, "\(info)")
+        func affinities() -> [String: String] {
+            var result: [String: String] = [:]
+            for task in (try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/task")) ?? [] {
+                let comm = ((try? String(contentsOfFile: "/proc/\(pid)/task/\(task)/comm", encoding: .utf8)) ?? "").trimmingCharacters(in: .whitespacesAndNewlines)
+                let status = (try? String(contentsOfFile: "/proc/\(pid)/task/\(task)/status", encoding: .utf8)) ?? ""
+                result[comm] = status.split(separator: "\n").first { $0.hasPrefix("Cpus_allowed_list:") }.map { $0.split(separator: "\t").last.map(String.init) ?? "" }
+            }
+            return result
+        }
+        let pinned = affinities()
+        #expect(pinned["vcpu0"] == "1" && pinned["control"] == "0" && pinned["vireo-vmm"] == "0", "\(pinned)")
+        // Both spin on CPU 1: the kernel shares it by weight.
+        let light = Self.groups(library, "light"), heavy = Self.groups(library, "heavy")
+        let beforeLight = Self.cpuNanoseconds(light) ?? 0, beforeHeavy = Self.cpuNanoseconds(heavy) ?? 0
+        Thread.sleep(forTimeInterval: 4)
+        let usedLight = Double((Self.cpuNanoseconds(light) ?? 0) - beforeLight), usedHeavy = Double((Self.cpuNanoseconds(heavy) ?? 0) - beforeHeavy)
+        let heavyShare = usedHeavy / max(usedLight + usedHeavy, 1)
+        #expect(heavyShare > 0.65 && heavyShare < 0.85, "weight 300 against 100 on one CPU: \(heavyShare) of it")
+        #expect(library.vireo("set", "heavy", "--pin", "none", "--pin-emulator", "none").status == 0)
+        let unpinned = affinities()
+        #expect(unpinned["vcpu0"] == "0-1" && unpinned["control"] == "0-1", "\(unpinned)")
+        let bad = library.vireo("set", "heavy", "--pin", "vcpu1=0")
+        #expect(bad.status == 2 && bad.stderr.contains("--pin: vcpu1 does not exist"), "\(bad.stderr)")
+        for name in ["light", "heavy"] { #expect(library.vireo("stop", name, "--force").status == 0) }
+    }
 }

@@ -62,4 +62,11 @@ long vireo_receive_with_descriptor(int socket, void *data, size_t capacity, int 
 void vireo_bitmap_set_range(uint64_t *words, size_t first, size_t count);
 // Atomically moves `count` words of `words` into `into` (ORed in) and clears them.
 void vireo_bitmap_take(uint64_t *words, uint64_t *into, size_t count);
+
+
+// Restricts thread (or process) `tid` to the `count` CPUs listed in `cpus` (sched_setaffinity).
+// Returns 0 or an errno value.
+int vireo_set_affinity(pid_t tid, const int *cpus, int count);
+// The CPUs thread `tid` may run on, written to `cpus` (up to `capacity`); the count, or -errno.
+int vireo_get_affinity(pid_t tid, int *cpus, int capacity);
 #endif
