@@ -73,6 +73,8 @@ struct Create: ParsableCommand {
 
     @OptionGroup var resourceOptions: ResourceOptions
 
+    @OptionGroup var memoryBackingFlags: MemoryBackingFlags
+
     @Option(help: ArgumentHelp("Make the VM from this image (`vireo image list`): its disk is a thin overlay on the image's, grown to --disk, and it boots the image's kernel.", valueName: "image"))
     var image: String?
 
@@ -113,6 +115,7 @@ struct Create: ParsableCommand {
         request.onReboot = onReboot
         request.cpuModel = cpu
         request.resources = try resourceOptions.limits()
+        request.memoryBacking = try memoryBackingFlags.options()
         request.iso = engineOptions.iso
         request.image = image
         request.fullCopy = full

@@ -61,9 +61,12 @@ struct Set: ParsableCommand {
 
     @OptionGroup var resourceOptions: ResourceOptions
 
+    @OptionGroup var memoryBackingFlags: MemoryBackingFlags
+
     func run() throws {
         var request = ChangeRequest()
         try resourceOptions.apply(to: &request)
+        try memoryBackingFlags.apply(to: &request)
         request.cpus = cpus
         request.memoryBytes = try memory.map { try parseSize($0, field: "--memory") }
         request.commandLine = cmdline
@@ -192,6 +195,36 @@ struct Clone: ParsableCommand {
         let definition: VMDefinition
         do throws(LibraryError) { definition = try openLibrary().clone(source, to: name, linked: linked) } catch { throw fail(error) }
         printLine("Cloned VM '\(source)' to '\(name)' (\(linked ? "linked" : "full") clone, uuid \(definition.uuid))")
+    }
+}
+
+/// `--memory-backing`, `--prealloc`, `--ksm` (docs/resources.md), for create and set.
+struct MemoryBackingFlags: ParsableArguments {
+    @Option(help: ArgumentHelp("Back guest RAM with ordinary pages or huge pages from the kernel's pool (reserve them first).", valueName: "anon|hugepages[=2M|1G]"))
+    var memoryBacking: String?
+
+    @Flag(inversion: .prefixedNo, help: "Fault all guest RAM in at start (no allocation surprises later; costs the RAM at once).")
+    var prealloc: Bool?
+
+    @Flag(inversion: .prefixedNo, help: "Offer guest RAM to KSM, which merges identical pages across VMs (off by default).")
+    var ksm: Bool?
+
+    func apply(to request: inout ChangeRequest) throws {
+        if let memoryBacking {
+            do throws(LibraryError) { request.hugePages = .some(try MemoryBackingOptions.parseBacking(memoryBacking)) } catch { throw fail(error) }
+        }
+        request.preallocate = prealloc
+        request.mergeable = ksm
+    }
+
+    func options() throws -> MemoryBackingOptions {
+        var options = MemoryBackingOptions()
+        if let memoryBacking {
+            do throws(LibraryError) { options.hugePages = try MemoryBackingOptions.parseBacking(memoryBacking) } catch { throw fail(error) }
+        }
+        options.preallocate = prealloc ?? false
+        options.mergeable = ksm ?? false
+        return options
     }
 }
 

@@ -53,6 +53,9 @@ public struct KVMEngine: Engine {
         arguments += ["--acpi", definition.acpi ? "on" : "off", "--on-reboot", definition.onReboot]
         if let model = definition.cpuModel { arguments += ["--cpu", model] }
         if let generationID = definition.generationID { arguments += ["--generation-id", generationID] }
+        if let pages = definition.memoryBacking.hugePages { arguments += ["--memory-backing", "hugepages=" + pages] }
+        if definition.memoryBacking.preallocate { arguments.append("--prealloc") }
+        if definition.memoryBacking.mergeable { arguments.append("--ksm") }
         return arguments
     }
 

@@ -66,7 +66,8 @@ public struct QEMUEngine: Engine {
         let accel = accelerator == .tcg ? "tcg" : "kvm"
         var arguments = [
             "-name", quoted(definition.name), "-uuid", definition.uuid,
-            "-machine", "q35,accel=\(accel)", "-cpu", cpuModel ?? (accelerator == .tcg ? "max" : "host"),
+            // KSM only when asked (QEMU's default merges every guest's RAM).
+            "-machine", "q35,accel=\(accel),mem-merge=\(definition.memoryBacking.mergeable ? "on" : "off")", "-cpu", cpuModel ?? (accelerator == .tcg ? "max" : "host"),
             "-smp", String(definition.cpus), "-m", "\(definition.memoryBytes >> 20)M",
             "-nodefaults", "-no-user-config", "-msg", "timestamp=on",
             "-qmp", "unix:\(quoted(bundle.qmpPath)),server=on,wait=off",
@@ -120,6 +121,13 @@ public struct QEMUEngine: Engine {
             arguments += ["-device", "vmgenid,guid=\(guid)"]
         }
         if definition.onReboot == "exit" { arguments.append("-no-reboot") }
+        if let pages = definition.memoryBacking.hugePages {
+            arguments += ["-object", "memory-backend-memfd,id=ram0,size=\(definition.memoryBytes >> 20)M,hugetlb=on,hugetlbsize=\(pages)"
+                          + (definition.memoryBacking.preallocate ? ",prealloc=on" : ""),
+                          "-machine", "memory-backend=ram0"]
+        } else if definition.memoryBacking.preallocate {
+            arguments.append("-mem-prealloc")
+        }
         return arguments
     }
 

@@ -21,9 +21,14 @@ public enum GuestMemoryError: Error, CustomStringConvertible, Sendable, Equatabl
     case outOfBounds(address: GuestPhysicalAddress, length: UInt64)
     case mappingFailed(size: UInt64, errno: Int32)
     case overlappingRegions(GuestPhysicalAddress)
+    /// The huge-page pool could not give a region its pages.
+    case hugePagesUnavailable(size: UInt64, pageSize: UInt64, errno: Int32)
 
     public var description: String {
         switch self {
+        case let .hugePagesUnavailable(size, pageSize, code):
+            return "cannot back \(size >> 20) MiB of guest memory with \(pageSize >> 20) MiB huge pages: \(String(cString: strerror(code))); "
+                + "reserve at least \(size / pageSize) of them (/proc/sys/vm/nr_hugepages, or the 1 GiB pool) and check RAM is a multiple of the page size"
         case let .outOfBounds(address, length):
             return "guest memory access of \(length) bytes at \(address) is outside guest RAM"
         case let .mappingFailed(size, code):
@@ -60,21 +65,48 @@ public final class GuestMemory: @unchecked Sendable {
     private let logsWrites = Atomic<Bool>(false)
     public static let pageSize: UInt64 = 4096
 
+    /// How guest RAM is backed (docs/resources.md).
+    public struct Backing: Sendable, Equatable {
+        /// nil: ordinary pages; else huge pages of this size (2 MiB or 1 GiB) from the kernel's pool.
+        public var hugePageSize: UInt64?
+        /// Fault every page in at start (no surprise allocation failure later).
+        public var preallocate = false
+        /// Offer the pages to KSM (MADV_MERGEABLE), which shares identical pages between VMs.
+        public var mergeable = false
+        public init(hugePageSize: UInt64? = nil, preallocate: Bool = false, mergeable: Bool = false) {
+            self.hugePageSize = hugePageSize
+            self.preallocate = preallocate
+            self.mergeable = mergeable
+        }
+    }
+
     /// Maps anonymous, private, lazily-populated memory for each `(start, size)`.
-    public init(anonymousRegions layout: [(start: GuestPhysicalAddress, size: UInt64)]) throws(GuestMemoryError) {
+    public init(anonymousRegions layout: [(start: GuestPhysicalAddress, size: UInt64)], backing: Backing = Backing()) throws(GuestMemoryError) {
         let sorted = layout.sorted { $0.start < $1.start }
         for index in sorted.indices.dropFirst() where sorted[index - 1].start.rawValue + sorted[index - 1].size > sorted[index].start.rawValue {
             throw .overlappingRegions(sorted[index].start)
         }
         var regions: [GuestMemoryRegion] = []
         for (start, size) in sorted where size > 0 {
-            guard let host = mmap(nil, Int(size), PROT_READ | PROT_WRITE,
-                                  MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0),
-                  host != MAP_FAILED else {
+            var flags = MAP_PRIVATE | MAP_ANONYMOUS
+            if let page = backing.hugePageSize {
+                guard size % page == 0 else {
+                    for region in regions { munmap(region.host, Int(region.size)) }
+                    throw .hugePagesUnavailable(size: size, pageSize: page, errno: EINVAL)
+                }
+                // MAP_HUGETLB with the page size's log2 in the bits from MAP_HUGE_SHIFT (26).
+                flags |= 0x40000 | Int32(page.trailingZeroBitCount) << 26
+            } else if !backing.preallocate {
+                flags |= MAP_NORESERVE
+            }
+            if backing.preallocate { flags |= 0x8000 }   // MAP_POPULATE
+            guard let host = mmap(nil, Int(size), PROT_READ | PROT_WRITE, flags, -1, 0), host != MAP_FAILED else {
                 let code = errno
                 for region in regions { munmap(region.host, Int(region.size)) }
+                if let page = backing.hugePageSize { throw .hugePagesUnavailable(size: size, pageSize: page, errno: code) }
                 throw .mappingFailed(size: size, errno: code)
             }
+            if backing.mergeable { _ = madvise(host, Int(size), 12) }   // MADV_MERGEABLE
             regions.append(GuestMemoryRegion(start: start, size: size, host: host))
         }
         self.regions = regions

@@ -65,6 +65,8 @@ public struct VMDefinition: Codable, Sendable, Equatable {
     public var cloudInit: CloudInitSettings?
     /// CPU, memory and process limits of the VM's engine process (docs/resources.md).
     public var resources = ResourceLimits()
+    /// How guest RAM is backed: huge pages, preallocation, KSM (docs/resources.md).
+    public var memoryBacking = MemoryBackingOptions()
 
     public static let rebootPolicies = ["restart", "exit"]
 
@@ -101,7 +103,7 @@ public struct VMDefinition: Codable, Sendable, Equatable {
     enum CodingKeys: String, CodingKey {
         case version, uuid, name, osType, engine, cpus, memoryBytes, kernel, initrd, commandLine, disks, networks
         case vsockCID, balloon, entropyDevice, createdAt, acpi, onReboot, generationID, cpuModel
-        case firmware, nvram, iso, accelerator, diskBus, image, cloudInit, resources
+        case firmware, nvram, iso, accelerator, diskBus, image, cloudInit, resources, memoryBacking
     }
 
     /// Fields added after version 1 was first written are optional in the file, with the values
@@ -136,6 +138,7 @@ public struct VMDefinition: Codable, Sendable, Equatable {
         image = try container.decodeIfPresent(String.self, forKey: .image)
         cloudInit = try container.decodeIfPresent(CloudInitSettings.self, forKey: .cloudInit)
         resources = try container.decodeIfPresent(ResourceLimits.self, forKey: .resources) ?? ResourceLimits()
+        memoryBacking = try container.decodeIfPresent(MemoryBackingOptions.self, forKey: .memoryBacking) ?? MemoryBackingOptions()
     }
 }
 
@@ -198,6 +201,57 @@ public struct ResourceLimits: Codable, Sendable, Equatable {
         }
         if let emulator = emulatorCPUs, let bad = emulator.first(where: { $0 < 0 || $0 >= host }) ?? (emulator.isEmpty ? -1 : nil) {
             throw .invalidValue(field: "--pin-emulator", reason: "host CPU \(bad) does not exist; this host has CPUs 0 to \(host - 1)")
+        }
+    }
+}
+
+/// How a VM's RAM is backed (`--memory-backing`, `--prealloc`, `--ksm`).
+public struct MemoryBackingOptions: Codable, Sendable, Equatable {
+    /// nil: ordinary pages; "2M" or "1G": huge pages of that size from the kernel's pool.
+    public var hugePages: String?
+    /// Fault all RAM in at start.
+    public var preallocate = false
+    /// Offer RAM to KSM, which merges identical pages across VMs (off by default: merging lets a
+    /// guest time another's memory).
+    public var mergeable = false
+
+    public init(hugePages: String? = nil, preallocate: Bool = false, mergeable: Bool = false) {
+        self.hugePages = hugePages
+        self.preallocate = preallocate
+        self.mergeable = mergeable
+    }
+
+    public init(from decoder: any Decoder) throws {
+        let container = try decoder.container(keyedBy: CodingKeys.self)
+        hugePages = try container.decodeIfPresent(String.self, forKey: .hugePages)
+        preallocate = try container.decodeIfPresent(Bool.self, forKey: .preallocate) ?? false
+        mergeable = try container.decodeIfPresent(Bool.self, forKey: .mergeable) ?? false
+    }
+
+    public var hugePageBytes: UInt64? {
+        switch hugePages {
+        case "2M": 2 << 20
+        case "1G": 1 << 30
+        default: nil
+        }
+    }
+
+    /// `anon`, `hugepages`, `hugepages=2M` or `hugepages=1G`.
+    public static func parseBacking(_ text: String) throws(LibraryError) -> String? {
+        switch text {
+        case "anon": return nil
+        case "hugepages", "hugepages=2M": return "2M"
+        case "hugepages=1G": return "1G"
+        default: throw .invalidValue(field: "--memory-backing", reason: "'\(text)' is not anon, hugepages, hugepages=2M or hugepages=1G")
+        }
+    }
+
+    public func validate(memoryBytes: UInt64) throws(LibraryError) {
+        if let hugePages, hugePageBytes == nil {
+            throw .invalidValue(field: "--memory-backing", reason: "huge pages of '\(hugePages)' are not 2M or 1G")
+        }
+        if let page = hugePageBytes, memoryBytes % page != 0 {
+            throw .invalidValue(field: "--memory-backing", reason: "\(memoryBytes >> 20) MiB of RAM is not a whole number of \(page >> 20) MiB huge pages")
         }
     }
 }

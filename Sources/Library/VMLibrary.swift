@@ -56,6 +56,7 @@ public struct CreateRequest: Sendable {
     public var fullCopy = false
     /// CPU, memory and process limits (docs/resources.md).
     public var resources = ResourceLimits()
+    public var memoryBacking = MemoryBackingOptions()
     /// With a cloud-init image: the user, keys, password and host name of its NoCloud seed.
     public var cloudInit = CloudInitRequest()
 
@@ -108,6 +109,10 @@ public struct ChangeRequest: Sendable {
     public var pidsLimit: Int??
     public var vcpuPins: [VCPUPin]??
     public var emulatorCPUs: [Int]??
+    /// `--memory-backing` (`.some(nil)`: ordinary pages), `--prealloc`, `--ksm`.
+    public var hugePages: String??
+    public var preallocate: Bool?
+    public var mergeable: Bool?
 
     public init() {}
 
@@ -137,7 +142,8 @@ public struct ChangeRequest: Sendable {
          firmware != nil ? "--firmware" : nil, accelerator != nil ? "--accel" : nil,
          cpuCapPercent != nil ? "--cpu-cap" : nil, cpuWeight != nil ? "--cpu-weight" : nil,
          memoryLimitBytes != nil ? "--memory-limit" : nil, pidsLimit != nil ? "--pids-limit" : nil,
-         vcpuPins != nil ? "--pin" : nil, emulatorCPUs != nil ? "--pin-emulator" : nil].compactMap { $0 }
+         vcpuPins != nil ? "--pin" : nil, emulatorCPUs != nil ? "--pin-emulator" : nil,
+         hugePages != nil ? "--memory-backing" : nil, preallocate != nil ? "--prealloc" : nil, mergeable != nil ? "--ksm" : nil].compactMap { $0 }
     }
 }
 
@@ -298,6 +304,7 @@ public struct VMLibrary: Sendable {
         }
         if let model = request.cpuModel { definition.cpuModel = model }
         definition.resources = request.resources
+        definition.memoryBacking = request.memoryBacking
         if let kernel = request.kernel { try Self.validate(kernel: kernel) }
         if let initrd = request.initrd { try Self.validateReadable(initrd, field: "--initrd") }
         guard request.diskBytes == nil || request.attachDisk == nil, !(request.withoutDisk && (request.diskBytes != nil || request.attachDisk != nil)) else {
@@ -508,6 +515,7 @@ public struct VMLibrary: Sendable {
         try validate(commandLine: definition.commandLine)
         try validate(onReboot: definition.onReboot)
         try definition.resources.validate(cpus: definition.cpus, memoryBytes: definition.memoryBytes)
+        try definition.memoryBacking.validate(memoryBytes: definition.memoryBytes)
         if let model = definition.cpuModel {
             let parsed: CPUModel
             do { parsed = try CPUModel(parsing: model) } catch { throw .invalidValue(field: "--cpu", reason: error.description) }
@@ -687,7 +695,7 @@ public struct VMLibrary: Sendable {
     public func change(_ name: String, _ request: ChangeRequest) throws(LibraryError) -> VMDefinition {
         let fields = request.fields
         guard !fields.isEmpty else {
-            throw .invalidValue(field: "vireo set", reason: "nothing to change; give at least one of --cpus, --memory, --cmdline, --kernel, --initrd, --no-initrd, --ostype, --rng/--no-rng, --nic, --no-nic, --forward, --vsock-cid, --no-vsock, --balloon/--no-balloon, --acpi, --on-reboot, --cpu, --engine, --iso, --firmware, --accel, --cpu-cap, --cpu-weight, --memory-limit, --pids-limit, --pin, --pin-emulator")
+            throw .invalidValue(field: "vireo set", reason: "nothing to change; give at least one of --cpus, --memory, --cmdline, --kernel, --initrd, --no-initrd, --ostype, --rng/--no-rng, --nic, --no-nic, --forward, --vsock-cid, --no-vsock, --balloon/--no-balloon, --acpi, --on-reboot, --cpu, --engine, --iso, --firmware, --accel, --cpu-cap, --cpu-weight, --memory-limit, --pids-limit, --pin, --pin-emulator, --memory-backing, --prealloc, --ksm")
         }
         if request.initrd != nil && request.removeInitrd { throw .invalidValue(field: "--initrd", reason: "--initrd and --no-initrd contradict each other") }
         if let kernel = request.kernel { try Self.validate(kernel: kernel) }
@@ -728,6 +736,9 @@ public struct VMLibrary: Sendable {
             if let firmware = request.firmware { changed.firmware = firmware }
             if let accelerator = request.accelerator { changed.accelerator = accelerator }
             changed.resources = request.applyingResources(to: changed.resources)
+            if let pages = request.hugePages { changed.memoryBacking.hugePages = pages }
+            if let preallocate = request.preallocate { changed.memoryBacking.preallocate = preallocate }
+            if let mergeable = request.mergeable { changed.memoryBacking.mergeable = mergeable }
             if changed.engine == .kvm, request.accelerator != nil {
                 throw .invalidValue(field: "--accel", reason: "the kvm engine always uses KVM; --accel is for the qemu engine")
             }

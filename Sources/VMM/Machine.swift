@@ -218,7 +218,7 @@ public final class Machine: @unchecked Sendable {
         }
 
         do {
-            memory = try GuestMemory(anonymousRegions: MachineLayout.ramRegions(memorySize: boot.memorySize))
+            memory = try GuestMemory(anonymousRegions: MachineLayout.ramRegions(memorySize: boot.memorySize), backing: configuration.memoryBacking)
         } catch {
             throw .memory(error)
         }

@@ -1,3 +1,4 @@
+import GuestMemory
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -257,6 +258,8 @@ public struct VMConfiguration: Sendable {
     public var onReboot: RebootPolicy = .exit
     /// The VM generation ID the guest sees (16 bytes); nil: a random one for this run.
     public var generationID: [UInt8]?
+    /// Huge pages, preallocation, KSM (`--memory-backing`, `--prealloc`, `--ksm`).
+    public var memoryBacking = GuestMemory.Backing()
 
     /// virtio devices in slot order: disks, network cards, vsock, balloon, then the entropy device.
     public var virtioDeviceCount: Int {

@@ -12,6 +12,7 @@ public enum VMMArguments {
         usage: vireo-vmm --kernel PATH [--initrd PATH] [--cmdline TEXT] [--cpus N] [--cpu MODEL] [--memory SIZE]
                          [--console stdio|none|file:PATH|socket:PATH] [--disk PATH[,readonly][,format=raw|qcow2][,serial=ID]]... [--net tap:NAME|tap-fd:N|stream-fd:N[,mac=MAC]]... [--vsock PATH[,cid=N]] [--balloon on|deflate-on-oom|stats=S] [--rng]
                          [--acpi on|off] [--on-reboot restart|exit] [--generation-id HEX32]
+                         [--memory-backing anon|hugepages[=2M|1G]] [--prealloc] [--ksm]
                          [--control PATH] [--name NAME --uuid UUID] [--lock-fd N] [--ready-fd N] [--state-file PATH [--restore]] [--snapshot-dir PATH] [--incoming-fd N]
         Boots one VM and runs it until it powers off or reboots. Ctrl-A x quits the stdio console.
         --cpu MODEL      the CPU the guest sees: host (default) or baseline (x86-64-v2), then ,+FEATURE / ,-FEATURE
@@ -24,6 +25,7 @@ public enum VMMArguments {
         --state-file P   where the control socket's `save` writes the VM's state (docs/snapshots.md)
         --restore        resume from the state file instead of booting; it is removed once restored
         --snapshot-dir P where the control socket's `snapshot ID` writes a live snapshot's state (P/ID/state)
+        --memory-backing anon (default) or hugepages (2M, or =1G) from the kernel's pool; --prealloc faults RAM in at start; --ksm offers it to KSM
         --incoming-fd N  take the VM from the live-migration stream on inherited descriptor N instead of booting
         """
 
@@ -51,11 +53,11 @@ public enum VMMArguments {
         var networks: [NetworkConfiguration] = []
         var index = 0
         let known: Set<String> = ["--kernel", "--initrd", "--cmdline", "--cpus", "--cpu", "--memory", "--console", "--disk", "--net", "--vsock", "--balloon",
-                                  "--acpi", "--on-reboot", "--generation-id", "--control", "--name", "--uuid", "--lock-fd", "--ready-fd", "--state-file", "--snapshot-dir", "--incoming-fd"]
+                                  "--acpi", "--on-reboot", "--generation-id", "--control", "--name", "--uuid", "--lock-fd", "--ready-fd", "--state-file", "--snapshot-dir", "--incoming-fd", "--memory-backing"]
         while index < arguments.count {
             let argument = arguments[index]
             if argument == "--help" || argument == "-h" { return .help }
-            if argument == "--rng" || argument == "--restore" {
+            if argument == "--rng" || argument == "--restore" || argument == "--prealloc" || argument == "--ksm" {
                 guard values[argument] == nil else { throw .invalidConfiguration(field: argument, reason: "given more than once") }
                 values[argument] = ""
                 index += 1
@@ -98,6 +100,16 @@ public enum VMMArguments {
         if let vsock = values["--vsock"] { configuration.vsock = try VsockConfiguration(parsing: vsock) }
         if let balloon = values["--balloon"] { configuration.balloon = try BalloonConfiguration(parsing: balloon) }
         configuration.entropyDevice = values["--rng"] != nil
+        configuration.memoryBacking.preallocate = values["--prealloc"] != nil
+        configuration.memoryBacking.mergeable = values["--ksm"] != nil
+        if let backing = values["--memory-backing"] {
+            switch backing {
+            case "anon": break
+            case "hugepages", "hugepages=2M": configuration.memoryBacking.hugePageSize = 2 << 20
+            case "hugepages=1G": configuration.memoryBacking.hugePageSize = 1 << 30
+            default: throw .invalidConfiguration(field: "--memory-backing", reason: "'\(backing)' is not anon, hugepages, hugepages=2M or hugepages=1G")
+            }
+        }
         if let acpi = values["--acpi"] { configuration.acpi = try parseACPISwitch(acpi) }
         if let policy = values["--on-reboot"] { configuration.onReboot = try RebootPolicy(parsing: policy) }
         if let identifier = values["--generation-id"] { configuration.generationID = try parseGenerationID(identifier) }

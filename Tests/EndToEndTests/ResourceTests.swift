@@ -150,4 +150,86 @@ struct ResourceTests {
         #expect(bad.status == 2 && bad.stderr.contains("--pin: vcpu1 does not exist"), "\(bad.stderr)")
         for name in ["light", "heavy"] { #expect(library.vireo("stop", name, "--force").status == 0) }
     }
+
+    static func meminfo(_ field: String) -> Int {
+        let text = (try? String(contentsOfFile: "/proc/meminfo", encoding: .utf8)) ?? ""
+        return text.split(separator: "\n").first { $0.hasPrefix(field + ":") }.flatMap { Int($0.split(separator: " ").dropFirst().first ?? "") } ?? -1
+    }
+
+    static func writeSetting(_ value: String, _ path: String) {
+        try? value.write(toFile: path, atomically: false, encoding: .utf8)
+    }
+
+    static func readSetting(_ path: String) -> String {
+        ((try? String(contentsOfFile: path, encoding: .utf8)) ?? "").trimmingCharacters(in: .whitespacesAndNewlines)
+    }
+
+    @Test("--memory-backing hugepages with --prealloc: a kvm-engine and a qemu-engine VM each take their RAM from a pool the test reserves (HugePages_Free falls by RAM / 2 MiB, and is back after they stop); a VM larger than the pool is refused at start, saying how many pages to reserve")
+    func hugePages() throws {
+        let library = try TestLibrary()
+        let poolPath = "/proc/sys/vm/nr_hugepages"
+        let original = Self.readSetting(poolPath)
+        defer { Self.writeSetting(original, poolPath) }
+        Self.writeSetting(String((Int(original) ?? 0) + 40), poolPath)
+        #expect(Self.meminfo("HugePages_Free") >= 40, "the pool could not be reserved: \(Self.meminfo("HugePages_Free"))")
+        let probe = try Harness.probe("pvh")
+        let created = library.vireo("create", "huge", "--kernel", probe, "--memory", "64M", "--no-disk", "--cmdline", "console=ttyS0 probe=dirty spin=2000000",
+                                    "--memory-backing", "hugepages", "--prealloc")
+        #expect(created.status == 0, "\(created.stderr)")
+        let free = Self.meminfo("HugePages_Free")
+        #expect(library.vireo("start", "huge").status == 0)
+        #expect(library.waitFor(20) { SavedStateTests.rounds(library.consoleLog("huge")).count >= 5 }, "\(library.consoleLog("huge").suffix(300))")
+        #expect(free - Self.meminfo("HugePages_Free") == 32, "free before \(free), now \(Self.meminfo("HugePages_Free"))")
+        #expect(!library.consoleLog("huge").contains("MISMATCH"))
+        #expect(library.vireo("stop", "huge", "--force").status == 0)
+        #expect(library.waitFor(10) { Self.meminfo("HugePages_Free") == free })
+
+        let qemu = library.vireo("create", "qhuge", "--engine", "qemu", "--accel", "tcg", "--kernel", probe, "--memory", "64M", "--no-disk",
+                                 "--cmdline", "console=ttyS0 probe=dirty spin=20000000", "--memory-backing", "hugepages", "--prealloc")
+        #expect(qemu.status == 0, "\(qemu.stderr)")
+        #expect(library.vireo("start", "qhuge").status == 0)
+        #expect(library.waitFor(60) { SavedStateTests.rounds(library.consoleLog("qhuge")).count >= 3 }, "\(library.consoleLog("qhuge").suffix(300))")
+        #expect(free - Self.meminfo("HugePages_Free") == 32, "free before \(free), now \(Self.meminfo("HugePages_Free"))")
+        #expect(library.vireo("stop", "qhuge", "--force").status == 0)
+
+        let big = library.vireo("create", "big", "--kernel", probe, "--memory", "256M", "--no-disk", "--memory-backing", "hugepages")
+        #expect(big.status == 0, "\(big.stderr)")
+        let refused = library.vireo("start", "big")
+        #expect(refused.status != 0 && refused.stderr.contains("reserve at least 128 of them"), "\(refused.stderr)")
+        let odd = library.vireo("create", "odd", "--kernel", probe, "--memory", "65M", "--no-disk", "--memory-backing", "hugepages")
+        #expect(odd.status == 2 && odd.stderr.contains("--memory-backing: 65 MiB of RAM is not a whole number of 2 MiB huge pages"), "\(odd.stderr)")
+    }
+
+    @Test("--ksm: KSM merges the identical pages of a VM that offers its RAM (its VMM's ksm_merging_pages climbs past 2000) and leaves a VM without --ksm alone")
+    func kernelSamePageMerging() throws {
+        let library = try TestLibrary()
+        let settings = ["run", "pages_to_scan", "sleep_millisecs"].map { "/sys/kernel/mm/ksm/" + $0 }
+        let originals = settings.map(Self.readSetting)
+        defer {
+            // Merged pages are split again when KSM was off before.
+            Self.writeSetting(originals[1], settings[1])
+            Self.writeSetting(originals[2], settings[2])
+            Self.writeSetting(originals[0] == "0" ? "2" : originals[0], settings[0])
+        }
+        Self.writeSetting("5000", settings[1])
+        Self.writeSetting("10", settings[2])
+        Self.writeSetting("1", settings[0])
+        #expect(Self.readSetting(settings[0]) == "1", "KSM could not be started here")
+        let probe = try Harness.probe("pvh")
+        // probe=balloon fills 16 MiB with identical pages (a 1, then zeros).
+        for (name, flag) in [("merged", "--ksm"), ("plain", "--no-ksm")] {
+            let created = library.vireo("create", name, "--kernel", probe, "--memory", "64M", "--no-disk", "--cmdline", "console=ttyS0 probe=balloon", flag)
+            #expect(created.status == 0, "\(created.stderr)")
+            #expect(library.vireo("start", name).status == 0)
+        }
+        func merging(_ name: String) -> Int {
+            let info = library.vireo("info", name, "--json").stdout
+            let process = (try? JSONSerialization.jsonObject(with: Data(info.utf8)) as? [String: Any])?["process"] as? [String: Any]
+            guard let pid = process?["pid"] as? Int else { return -1 }
+            return Int(Self.readSetting("/proc/\(pid)/ksm_merging_pages")) ?? -1
+        }
+        #expect(library.waitFor(90) { merging("merged") > 2000 }, "merged: \(merging("merged")) pages")
+        #expect(merging("plain") == 0, "plain: \(merging("plain")) pages")
+        for name in ["merged", "plain"] { #expect(library.vireo("stop", name, "--force").status == 0) }
+    }
 }
