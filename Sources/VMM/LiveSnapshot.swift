@@ -67,21 +67,14 @@ final class StateFileInProgress {
                 let at = off_t(memoryOffset + regionOffset + UInt64(runStart) * 4096)
                 try writeAll(UnsafeRawBufferPointer(start: buffer, count: runLength * 4096), at: at)
             }
-            for word in 0..<bitmap.count where bitmap.words[word] != 0 {
-                var bits = bitmap.words[word]
-                bitmap.words[word] = 0
-                while bits != 0 {
-                    let page = word * 64 + bits.trailingZeroBitCount
-                    bits &= bits - 1
-                    guard page < pageCount else { continue }
-                    if skipZeroPages && vireo_is_zero(region.host + page * 4096, 4096) != 0 {
-                        try flush()
-                        continue
-                    }
-                    if runStart >= 0 && (page != runStart + runLength || runLength == 256) { try flush() }
-                    if runStart < 0 { runStart = page }
-                    runLength += 1
+            try bitmap.drain(below: pageCount) { (page) throws(VMMError) in
+                if skipZeroPages && vireo_is_zero(region.host + page * 4096, 4096) != 0 {
+                    try flush()
+                    return
                 }
+                if runStart >= 0 && (page != runStart + runLength || runLength == 256) { try flush() }
+                if runStart < 0 { runStart = page }
+                runLength += 1
             }
             try flush()
             regionOffset += region.size

@@ -246,6 +246,19 @@ final class PageBitmap {
     func fill() { words.update(repeating: ~0, count: count) }
     func merge(_ other: PageBitmap) { for index in 0..<count { words[index] |= other.words[index] } }
     var population: Int { (0..<count).reduce(0) { $0 + words[$1].nonzeroBitCount } }
+
+    /// Calls `body` with every set bit's index below `limit`, in order, clearing the bits as it goes.
+    func drain<Failure: Error>(below limit: Int, _ body: (Int) throws(Failure) -> Void) throws(Failure) {
+        for word in 0..<count where words[word] != 0 {
+            var bits = words[word]
+            words[word] = 0
+            while bits != 0 {
+                let index = word * 64 + bits.trailingZeroBitCount
+                bits &= bits - 1
+                if index < limit { try body(index) }
+            }
+        }
+    }
 }
 
 /// The pages of guest RAM written since the last look, from KVM's dirty log (the guest's writes)
@@ -560,24 +573,16 @@ final class OutgoingMigration {
             }
             if paced { try pace() }
         }
-        for word in 0..<bitmap.count where bitmap.words[word] != 0 {
-            var bits = bitmap.words[word]
-            bitmap.words[word] = 0
-            while bits != 0 {
-                let bit = bits.trailingZeroBitCount
-                bits &= bits - 1
-                let page = word * 64 + bit
-                guard page < pageCount else { continue }
-                let zero = vireo_is_zero(region.host + page * 4096, 4096) != 0
-                if runStart >= 0 && (page != runStart + runLength || zero != runZero || runLength == 256) { try flush() }
-                if runStart < 0 {
-                    runStart = page
-                    runZero = zero
-                }
-                runLength += 1
+        try bitmap.drain(below: pageCount) { (page) throws(MigrationError) in
+            let zero = vireo_is_zero(region.host + page * 4096, 4096) != 0
+            if runStart >= 0 && (page != runStart + runLength || zero != runZero || runLength == 256) { try flush() }
+            if runStart < 0 {
+                runStart = page
+                runZero = zero
             }
-            // Between words, so a cancel or a stop is seen within a megabyte or so.
-            if word % 64 == 63 { try checkCancelledUnlessFinal(paced) }
+            runLength += 1
+            // Every 16 MiB, so a cancel or a stop is seen soon.
+            if page % 4096 == 4095 { try checkCancelledUnlessFinal(paced) }
         }
         try flush()
     }
@@ -590,41 +595,34 @@ final class OutgoingMigration {
         let chunk = Int(DirtyTrackingImage.chunkSize)
         var buffer = [UInt8](repeating: 0, count: chunk)
         let chunkCount = Int((image.virtualSize + UInt64(chunk) - 1) / UInt64(chunk))
-        for word in 0..<bitmap.count where bitmap.words[word] != 0 {
-            var bits = bitmap.words[word]
-            bitmap.words[word] = 0
-            while bits != 0 {
-                let index = word * 64 + bits.trailingZeroBitCount
-                bits &= bits - 1
-                guard index < chunkCount else { continue }
-                let offset = UInt64(index) * UInt64(chunk)
-                let length = Int(min(UInt64(chunk), image.virtualSize - offset))
-                do throws(DiskImageError) {
-                    try buffer.withUnsafeMutableBytes { raw in Result { () throws(DiskImageError) in
-                        try image.read(into: UnsafeMutableRawBufferPointer(rebasing: raw[0..<length]), at: offset)
+        try bitmap.drain(below: chunkCount) { (index) throws(MigrationError) in
+            let offset = UInt64(index) * UInt64(chunk)
+            let length = Int(min(UInt64(chunk), image.virtualSize - offset))
+            do throws(DiskImageError) {
+                try buffer.withUnsafeMutableBytes { raw in Result { () throws(DiskImageError) in
+                    try image.read(into: UnsafeMutableRawBufferPointer(rebasing: raw[0..<length]), at: offset)
+                } }.get()
+            } catch {
+                throw .refused("reading disk \(image.path) to copy it: \(error)")
+            }
+            var head: [UInt8] = []
+            MigrationWire.appendLittleEndian(UInt32(disk), to: &head)
+            MigrationWire.appendLittleEndian(offset, to: &head)
+            if buffer.withUnsafeBytes({ vireo_is_zero($0.baseAddress!, length) != 0 }) {
+                if skipZeroes { return }
+                MigrationWire.appendLittleEndian(UInt64(length), to: &head)
+                try channel.send(.diskZeroes, head)
+            } else {
+                try head.withUnsafeBytes { headBytes in Result { () throws(MigrationError) in
+                    try buffer.withUnsafeBytes { data in Result { () throws(MigrationError) in
+                        try channel.send(.diskData, parts: [headBytes, UnsafeRawBufferPointer(rebasing: data[0..<length])])
                     } }.get()
-                } catch {
-                    throw .refused("reading disk \(image.path) to copy it: \(error)")
-                }
-                var head: [UInt8] = []
-                MigrationWire.appendLittleEndian(UInt32(disk), to: &head)
-                MigrationWire.appendLittleEndian(offset, to: &head)
-                if buffer.withUnsafeBytes({ vireo_is_zero($0.baseAddress!, length) != 0 }) {
-                    if skipZeroes { continue }
-                    MigrationWire.appendLittleEndian(UInt64(length), to: &head)
-                    try channel.send(.diskZeroes, head)
-                } else {
-                    try head.withUnsafeBytes { headBytes in Result { () throws(MigrationError) in
-                        try buffer.withUnsafeBytes { data in Result { () throws(MigrationError) in
-                            try channel.send(.diskData, parts: [headBytes, UnsafeRawBufferPointer(rebasing: data[0..<length])])
-                        } }.get()
-                    } }.get()
-                    diskBytesSent += UInt64(length)
-                }
-                if paced {
-                    try pace()
-                    try checkCancelled()
-                }
+                } }.get()
+                diskBytesSent += UInt64(length)
+            }
+            if paced {
+                try pace()
+                try checkCancelled()
             }
         }
     }
