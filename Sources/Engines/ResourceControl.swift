@@ -18,15 +18,18 @@ public struct VMControlGroups: Sendable {
 
     static let root = "/sys/fs/cgroup"
 
-    /// The directories a VM with `uuid` gets on this host, made if missing. Controllers the host
-    /// lacks are left out; a limit that needs one is refused by `apply`.
+    /// The directories a VM with `uuid` gets on this host for one run: `vireo/<uuid>.<random>`,
+    /// since two libraries on one host can hold VMs with one UUID (a migrated VM and the copy it
+    /// left). Controllers the host lacks are left out; a limit that needs one is refused by `apply`.
     public static func make(uuid: String) throws(LibraryError) -> VMControlGroups {
         var directories: [String: String] = [:]
+        var generator = SystemRandomNumberGenerator()
+        let group = uuid + "." + String(generator.next() as UInt32, radix: 16)
         let own = ownGroups()
         if HostFiles.exists(root + "/cgroup.controllers") {
             // v2: enable the controllers for the children of the groups on the way down.
             let base = root + (own[""] ?? "")
-            let directory = base + "/vireo/" + uuid
+            let directory = base + "/vireo/" + group
             try HostFiles.makeDirectories(directory)
             for parent in [base, base + "/vireo"] {
                 _ = try? HostFiles.writeInPlace("+cpu +memory +pids +io", to: parent + "/cgroup.subtree_control")
@@ -34,7 +37,7 @@ public struct VMControlGroups: Sendable {
             directories["unified"] = directory
         } else {
             for controller in ["cpu", "cpuacct", "memory", "pids"] where HostFiles.isDirectory(root + "/" + controller) {
-                let directory = root + "/" + controller + (own[controller] ?? "") + "/vireo/" + uuid
+                let directory = root + "/" + controller + (own[controller] ?? "") + "/vireo/" + group
                 try HostFiles.makeDirectories(directory)
                 directories[controller] = directory
             }
