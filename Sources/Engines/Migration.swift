@@ -196,7 +196,7 @@ extension KVMEngine {
         var line = "migrate \(request.destination) downtime_us=\(request.maximumDowntimeNanoseconds / 1000)"
         line += " bandwidth=\(request.bandwidthBytesPerSecond ?? 0) copy_disks=\(request.copyDisks ? 1 : 0) auto_converge=\(request.autoConverge ? 1 : 0)\n"
         let bytes = Array(line.utf8)
-        let sent = bytes.withUnsafeBytes { vireo_send_with_descriptor(control, $0.baseAddress!, $0.count, connection) }
+        let sent = bytes.withUnsafeBytes { vireo_send_with_descriptor(control, $0.baseAddress, $0.count, connection) }
         guard sent == bytes.count else {
             throw .engine(name: vm.name, reason: "could not hand the migration connection to its VMM: \(String(cString: strerror(Int32(-sent))))", exitStatus: 1)
         }
@@ -526,7 +526,7 @@ extension VMManager {
                     if message.payload.count == 1 { break }
                     received += UInt64(message.payload.count - 1)
                     guard received <= remaining[index].size else { throw .invalidValue(field: "offer", reason: "\(name) is longer than offered") }
-                    let written = message.payload.withUnsafeBytes { write(out, $0.baseAddress! + 1, $0.count - 1) }
+                    let written = message.payload.withUnsafeBytes { write(out, $0.baseAddress.map { $0 + 1 }, $0.count - 1) }
                     guard written == message.payload.count - 1 else { throw .io(operation: "write", path: path, errno: errno) }
                 }
                 guard received == remaining[index].size else { throw .invalidValue(field: "offer", reason: "\(name): \(received) bytes arrived, \(remaining[index].size) offered") }

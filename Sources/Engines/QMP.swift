@@ -69,7 +69,7 @@ final class QMPConnection {
         }
         var bytes = Array(line) + [0x0a]
         let sent = bytes.withUnsafeMutableBytes { raw -> Int in
-            if let descriptor { return vireo_send_with_descriptor(fd, raw.baseAddress!, raw.count, descriptor) }
+            if let descriptor { return vireo_send_with_descriptor(fd, raw.baseAddress, raw.count, descriptor) }
             return send(fd, raw.baseAddress, raw.count, Int32(MSG_NOSIGNAL))
         }
         guard sent == bytes.count else { throw .protocolError("QEMU closed the connection") }

@@ -207,7 +207,7 @@ public enum ThreadPinning {
         for thread in tasks(of: pid) where pinned[thread] == nil { pinned[thread] = limits.emulatorCPUs ?? all }
         for (thread, cpus) in pinned {
             let list = cpus.map { Int32($0) }
-            let failure = list.withUnsafeBufferPointer { vireo_set_affinity(thread, $0.baseAddress!, Int32($0.count)) }
+            let failure = list.withUnsafeBufferPointer { vireo_set_affinity(thread, $0.baseAddress, Int32($0.count)) }
             // A thread that ended meanwhile is nothing to pin.
             if failure != 0 && failure != ESRCH {
                 throw .io(operation: "pin thread \(thread) of VM '\(name)' to CPUs \(cpus)", path: "/proc/\(pid)/task/\(thread)", errno: failure)

@@ -123,7 +123,7 @@ public enum MigrationWire {
     }
 
     static func checksum(_ payload: [UInt8]) -> UInt32 {
-        UInt32(truncatingIfNeeded: payload.withUnsafeBytes { vireo_crc32(0, $0.baseAddress ?? UnsafeRawPointer(bitPattern: 1)!, $0.count) })
+        UInt32(truncatingIfNeeded: payload.withUnsafeBytes { vireo_crc32(0, $0.baseAddress, $0.count) })
     }
 
     /// A header's kind, checksum and length, or why it is refused.
@@ -188,7 +188,7 @@ public final class MigrationChannel: @unchecked Sendable {
         var crc: UInt = 0
         var length = 0
         for part in parts where !part.isEmpty {
-            crc = vireo_crc32(crc, part.baseAddress!, part.count)
+            crc = vireo_crc32(crc, part.baseAddress, part.count)
             length += part.count
         }
         var header: [UInt8] = []
@@ -262,7 +262,7 @@ public final class MigrationChannel: @unchecked Sendable {
     private func readExactly(_ buffer: UnsafeMutableRawBufferPointer) throws(MigrationError) {
         var done = 0
         while done < buffer.count {
-            let count = recv(fd, buffer.baseAddress! + done, buffer.count - done, 0)
+            let count = recv(fd, buffer.baseAddress.map { $0 + done }, buffer.count - done, 0)
             if count < 0 {
                 if errno == EINTR { continue }
                 if errno == EAGAIN || errno == EWOULDBLOCK { throw .io(operation: "receive (timed out)", errno: errno) }

@@ -73,7 +73,7 @@ final class ControlServer: @unchecked Sendable {
         defer { if passed >= 0 { close(passed) } }
         while true {
             var received: Int32 = -1
-            let count = buffer.withUnsafeMutableBytes { vireo_receive_with_descriptor(fd, $0.baseAddress!, $0.count, &received) }
+            let count = buffer.withUnsafeMutableBytes { vireo_receive_with_descriptor(fd, $0.baseAddress, $0.count, &received) }
             if received >= 0 {
                 if passed >= 0 { close(passed) }
                 passed = received

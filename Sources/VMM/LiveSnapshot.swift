@@ -136,7 +136,7 @@ final class StateFileInProgress {
     private func writeAll(_ bytes: UnsafeRawBufferPointer, at start: off_t) throws(VMMError) {
         var done = 0
         while done < bytes.count {
-            let written = pwrite(fd, bytes.baseAddress! + done, bytes.count - done, start + off_t(done))
+            let written = pwrite(fd, bytes.baseAddress.map { $0 + done }, bytes.count - done, start + off_t(done))
             if written < 0 {
                 if errno == EINTR { continue }
                 throw .host(operation: "write \(temporary)", errno: errno)

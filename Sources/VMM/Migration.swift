@@ -608,7 +608,7 @@ final class OutgoingMigration {
             var head: [UInt8] = []
             MigrationWire.appendLittleEndian(UInt32(disk), to: &head)
             MigrationWire.appendLittleEndian(offset, to: &head)
-            if buffer.withUnsafeBytes({ vireo_is_zero($0.baseAddress!, length) != 0 }) {
+            if buffer.withUnsafeBytes({ vireo_is_zero($0.baseAddress, length) != 0 }) {
                 if skipZeroes { return }
                 MigrationWire.appendLittleEndian(UInt64(length), to: &head)
                 try channel.send(.diskZeroes, head)
