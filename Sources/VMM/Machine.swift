@@ -631,7 +631,8 @@ public final class Machine: @unchecked Sendable {
             }
             counter.value.add(1, ordering: .relaxed)
             // Auto-converge (docs/migration.md): this vCPU sleeps its share of each 10 ms.
-            if throttleTicks[index].value.exchange(0, ordering: .acquiring) != 0 {
+            // A plain load first: the exchange (a locked write) only while a migration throttles.
+            if throttleTicks[index].value.load(ordering: .relaxed) != 0, throttleTicks[index].value.exchange(0, ordering: .acquiring) != 0 {
                 throttleSleep(nanoseconds: UInt64(throttlePercent.load(ordering: .relaxed)) * 10_000_000 / UInt64(max(1, 100 - throttlePercent.load(ordering: .relaxed))))
             }
             switch exit {

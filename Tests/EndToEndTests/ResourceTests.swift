@@ -26,6 +26,13 @@ struct ResourceTests {
         return UInt64(((try? String(contentsOfFile: directory + "/cpuacct.usage", encoding: .utf8)) ?? "").trimmingCharacters(in: .whitespacesAndNewlines))
     }
 
+    /// The running VM's engine pid, from `vireo info --json`.
+    static func pid(_ library: TestLibrary, _ name: String) -> Int? {
+        let info = library.vireo("info", name, "--json").stdout
+        let process = (try? JSONSerialization.jsonObject(with: Data(info.utf8)) as? [String: Any])?["process"] as? [String: Any]
+        return process?["pid"] as? Int
+    }
+
     /// Share of one CPU the VM used over `seconds`.
     static func share(_ groups: [String: String], seconds: Double = 3) -> Double {
         let before = cpuNanoseconds(groups) ?? 0
@@ -46,9 +53,7 @@ struct ResourceTests {
         let groups = Self.groups(library, "spin")
         #expect(groups["cpuacct"] != nil || groups["unified"] != nil, "\(groups)")
         // The VMM's own pid is in its group.
-        let info = library.vireo("info", "spin", "--json").stdout
-        let process = (try? JSONSerialization.jsonObject(with: Data(info.utf8)) as? [String: Any])?["process"] as? [String: Any]
-        let pid = try #require(process?["pid"] as? Int, "\(info)")
+        let pid = try #require(Self.pid(library, "spin"))
         let procs = (try? String(contentsOfFile: (groups["cpu"] ?? groups["unified"] ?? "") + "/cgroup.procs", encoding: .utf8)) ?? ""
         #expect(procs.split(separator: "\n").contains(Substring(String(pid))), "\(procs)")
 
@@ -122,9 +127,7 @@ struct ResourceTests {
             #expect(created.status == 0, "\(created.stderr)")
             #expect(library.vireo("start", name).status == 0)
         }
-        let info = library.vireo("info", "heavy", "--json").stdout
-        let process = (try? JSONSerialization.jsonObject(with: Data(info.utf8)) as? [String: Any])?["process"] as? [String: Any]
-        let pid = try #require(process?["pid"] as? Int, "\(info)")
+        let pid = try #require(Self.pid(library, "heavy"))
         func affinities() -> [String: String] {
             var result: [String: String] = [:]
             for task in (try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/task")) ?? [] {
@@ -223,9 +226,7 @@ struct ResourceTests {
             #expect(library.vireo("start", name).status == 0)
         }
         func merging(_ name: String) -> Int {
-            let info = library.vireo("info", name, "--json").stdout
-            let process = (try? JSONSerialization.jsonObject(with: Data(info.utf8)) as? [String: Any])?["process"] as? [String: Any]
-            guard let pid = process?["pid"] as? Int else { return -1 }
+            guard let pid = Self.pid(library, name) else { return -1 }
             return Int(Self.readSetting("/proc/\(pid)/ksm_merging_pages")) ?? -1
         }
         #expect(library.waitFor(90) { merging("merged") > 2000 }, "merged: \(merging("merged")) pages")
