@@ -15,6 +15,7 @@ packages=(
   debian-installer-12-netboot-amd64 grub-pc-bin grub-efi-amd64-bin xorriso mtools   # the installer ISO the qemu tests make
   tesseract-ocr tesseract-ocr-eng                              # reads the installer's screens in the qemu tests
   zlib1g-dev                                                   # qcow2 compressed clusters
+  libseccomp-dev                                               # the VMM's seccomp filters (docs/isolation.md)
   e2fsprogs                                                    # ext4 root images for the Linux tests
   iproute2 dnsmasq-base nftables passt                         # networks: bridges and taps, DHCP and DNS, NAT and forwards, user mode
   python3 acl                                                  # the net tests' echo servers; an ACL grants an unprivileged test user /dev/kvm

@@ -6,6 +6,7 @@
 #include <spawn.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -267,4 +268,12 @@ int vireo_get_affinity(pid_t tid, int *cpus, int capacity) {
     int count = 0;
     for (int cpu = 0; cpu < CPU_SETSIZE && count < capacity; cpu++) if (CPU_ISSET(cpu, &set)) cpus[count++] = cpu;
     return count;
+}
+
+int vireo_guest_memfd(const char *name) {
+    return memfd_create(name, MFD_CLOEXEC);
+}
+
+int vireo_file_punch_hole(int fd, long long offset, long long length) {
+    return fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)offset, (off_t)length);
 }

@@ -48,6 +48,19 @@ struct Info: ParsableCommand {
         var process: VMDescription?
         var counters: VMCounters?
         var resources: Resources
+        var isolation: Isolation?
+        var memoryBacking: MemoryBackingOptions
+    }
+    /// What confines the running VM's process (docs/isolation.md).
+    struct Isolation: Encodable {
+        var uid: UInt32?, gid: UInt32?
+        var namespaces: [String]
+        var seccomp: String
+        /// The kernel's view of the process: `Seccomp:` and `NoNewPrivs:` of /proc/PID/status.
+        var kernelSeccompMode: Int?, noNewPrivileges: Bool?
+        var landlock: String
+        var appArmor: String
+        var disabled: [String]
     }
 
     func run() throws {
@@ -95,7 +108,19 @@ struct Info: ParsableCommand {
                                      pidsLimit: limits.pidsLimit, vcpuPins: limits.vcpuPins, emulatorCpus: limits.emulatorCPUs,
                                      cgroups: groups?.directories,
                                      cpuNanoseconds: groups?.cpuNanoseconds, memoryBytes: groups?.memoryBytes)
-                }())
+                }(),
+                isolation: {
+                    guard !status.state.isOff, definition.engine == .kvm, let record = bundle.isolation() else { return nil }
+                    let processStatus = bundle.recordedPID(uuid: definition.uuid).flatMap { try? HostFiles.readAll("/proc/\($0)/status") }
+                        .map { String(decoding: $0, as: UTF8.self) }
+                    func field(_ name: String) -> Int? {
+                        processStatus?.split(separator: "\n").first { $0.hasPrefix(name + ":") }
+                            .flatMap { Int($0.dropFirst(name.count + 1).filter { !$0.isWhitespace }) }
+                    }
+                    return Isolation(uid: record.uid, gid: record.gid, namespaces: record.namespaces, seccomp: record.seccomp,
+                                     kernelSeccompMode: field("Seccomp"), noNewPrivileges: field("NoNewPrivs").map { $0 == 1 },
+                                     landlock: record.landlock, appArmor: HostSecurity.appArmorState, disabled: record.disabled)
+                }(), memoryBacking: definition.memoryBacking)
         } catch {
             throw fail(error)
         }
@@ -141,6 +166,14 @@ struct Info: ParsableCommand {
         if let pins = limits.vcpuPins { limitText.append("pinned " + pins.map(\.description).joined(separator: ",")) }
         if let emulator = limits.emulatorCpus { limitText.append("emulator on CPUs " + emulator.map(String.init).joined(separator: ",")) }
         lines.append(["Limits:", limitText.isEmpty ? "none" : limitText.joined(separator: ", ")])
+        let backing = report.memoryBacking
+        var backingText = [backing.hugePages.map { "\($0) huge pages" }
+                           ?? backing.file.map { ($0 == "memfd" ? "a memfd" : "file \($0)") + (backing.shared ? ", shared" : ", private") }
+                           ?? "ordinary pages"]
+        if backing.preallocate { backingText.append("preallocated") }
+        if backing.mergeable { backingText.append("offered to KSM") }
+        if backing.locked { backingText.append("locked in RAM") }
+        lines.append(["Memory backing:", backingText.joined(separator: ", ")])
         if let groups = limits.cgroups {
             var text = groups.keys.sorted().map { "\($0) \(groups[$0] ?? "")" }.joined(separator: ", ")
             if let cpu = limits.cpuNanoseconds { text += "; CPU used \(cpu / 1_000_000) ms" }
@@ -148,6 +181,39 @@ struct Info: ParsableCommand {
             lines.append(["Control groups:", text])
         } else if report.process != nil {
             lines.append(["Control groups:", "none (this host gives Vireo none: not root, or no cgroup controllers)"])
+        }
+        if let isolation = report.isolation {
+            var jail: String
+            if let uid = isolation.uid {
+                jail = "namespaces \(isolation.namespaces.joined(separator: ",")); uid \(uid) gid \(isolation.gid.map(String.init) ?? "-"); root holds only the VM's files"
+            } else if isolation.disabled.contains("no-jail") {
+                jail = "off (started with --no-jail)"
+            } else {
+                jail = "off (vireo was not run as root; the jail needs root)"
+            }
+            if isolation.noNewPrivileges == true { jail += "; no_new_privs" }
+            lines.append(["Jail:", jail])
+            let seccomp: String
+            switch isolation.seccomp {
+            case "on": seccomp = "filter per thread kind (vcpu, device, control, main); a forbidden call ends the VMM"
+            case "log": seccomp = "log only (VIREO_SECCOMP=log): forbidden calls are allowed and logged by the kernel"
+            default: seccomp = isolation.disabled.contains("no-seccomp") ? "off (started with --no-seccomp)" : "off"
+            }
+            lines.append(["Seccomp:", seccomp + (isolation.kernelSeccompMode.map { " [kernel: mode \($0)]" } ?? "")])
+            let landlock: String
+            switch isolation.landlock {
+            case "off": landlock = "off"
+            case "unavailable": landlock = "not available on this kernel"
+            default: landlock = "on (ABI \(isolation.landlock.dropFirst(3))): file access limited to the VM's files"
+            }
+            lines.append(["Landlock:", landlock])
+            lines.append(["AppArmor:", isolation.appArmor])
+        } else if let process = report.process, report.engine == "qemu" {
+            lines.append(["Jail:", "none: the qemu engine's process is not jailed by Vireo (QEMU runs as started)"])
+            let mode = (try? HostFiles.readAll("/proc/\(process.pid)/status")).flatMap { bytes in
+                String(decoding: bytes, as: UTF8.self).split(separator: "\n").first { $0.hasPrefix("Seccomp:") }?.filter(\.isNumber)
+            }
+            lines.append(["Seccomp:", "QEMU's own -sandbox (obsolete, elevateprivileges, spawn, resourcecontrol denied)" + (mode.map { " [kernel: mode \($0)]" } ?? "")])
         }
         for (index, disk) in report.disks.enumerated() {
             var text = "\(disk.path) (\(disk.format), \(disk.virtualBytes.map(Size.describe) ?? "unreadable"), \(Size.describe(disk.allocatedBytes)) used"

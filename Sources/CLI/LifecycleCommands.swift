@@ -20,10 +20,18 @@ struct Start: ParsableCommand {
     @Flag(help: "Throw away the VM's saved state (`vireo save`) and boot it afresh, as after a power cut.")
     var discardState = false
 
+    @Flag(help: "Debugging: run the VMM without its jail (namespaces, per-VM uid, Landlock). `vireo list` marks the VM.")
+    var noJail = false
+
+    @Flag(help: "Debugging: run the VMM without its seccomp filters. `vireo list` marks the VM.")
+    var noSeccomp = false
+
     func run() throws {
         let manager = openManager()
         let started: StartedVM
-        do throws(LibraryError) { started = try manager.start(name, discardState: discardState) } catch { throw fail(error) }
+        do throws(LibraryError) {
+            started = try manager.start(name, discardState: discardState, isolation: IsolationRequest(jail: !noJail, seccomp: !noSeccomp))
+        } catch { throw fail(error) }
         for warning in started.warnings { printNote("warning: \(warning)") }
         if console {
             try attachConsole(name, manager: manager)

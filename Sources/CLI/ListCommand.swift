@@ -32,7 +32,10 @@ struct List: ParsableCommand {
         var rows: [Row] = []
         for name in names {
             let bundle = VMBundle(directory: library.root + "/" + name)
-            let state = library.status(of: bundle).state.rawValue
+            let status = library.status(of: bundle).state
+            var state = status.rawValue
+            // A VM started with its isolation turned off says so wherever it is listed.
+            if !status.isOff, let mark = bundle.isolation()?.mark { state += " (\(mark))" }
             do throws(LibraryError) {
                 let definition = try bundle.load()
                 let paths = definition.disks.map { bundle.resolve($0.path) }

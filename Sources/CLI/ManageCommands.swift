@@ -200,7 +200,7 @@ struct Clone: ParsableCommand {
 
 /// `--memory-backing`, `--prealloc`, `--ksm` (docs/resources.md), for create and set.
 struct MemoryBackingFlags: ParsableArguments {
-    @Option(help: ArgumentHelp("Back guest RAM with ordinary pages or huge pages from the kernel's pool (reserve them first).", valueName: "anon|hugepages[=2M|1G]"))
+    @Option(help: ArgumentHelp("Back guest RAM with ordinary pages, huge pages from the kernel's pool (reserve them first), a memfd or a file (zeroed at each start); ',shared' maps the file shared, so the guest's writes land in it.", valueName: "anon|hugepages[=2M|1G]|memfd[,shared]|file:PATH[,shared]"))
     var memoryBacking: String?
 
     @Flag(inversion: .prefixedNo, help: "Fault all guest RAM in at start (no allocation surprises later; costs the RAM at once).")
@@ -209,21 +209,26 @@ struct MemoryBackingFlags: ParsableArguments {
     @Flag(inversion: .prefixedNo, help: "Offer guest RAM to KSM, which merges identical pages across VMs (off by default).")
     var ksm: Bool?
 
+    @Flag(inversion: .prefixedNo, help: "Lock guest RAM in host memory: never swapped, all of it taken at start.")
+    var lockMemory: Bool?
+
     func apply(to request: inout ChangeRequest) throws {
         if let memoryBacking {
-            do throws(LibraryError) { request.hugePages = .some(try MemoryBackingOptions.parseBacking(memoryBacking)) } catch { throw fail(error) }
+            do throws(LibraryError) { request.memoryBackingChoice = try MemoryBackingOptions.parseBacking(memoryBacking) } catch { throw fail(error) }
         }
         request.preallocate = prealloc
         request.mergeable = ksm
+        request.lockMemory = lockMemory
     }
 
     func options() throws -> MemoryBackingOptions {
         var options = MemoryBackingOptions()
         if let memoryBacking {
-            do throws(LibraryError) { options.hugePages = try MemoryBackingOptions.parseBacking(memoryBacking) } catch { throw fail(error) }
+            do throws(LibraryError) { options.apply(try MemoryBackingOptions.parseBacking(memoryBacking)) } catch { throw fail(error) }
         }
         options.preallocate = prealloc ?? false
         options.mergeable = ksm ?? false
+        options.locked = lockMemory ?? false
         return options
     }
 }
@@ -248,7 +253,10 @@ struct ResourceOptions: ParsableArguments {
     @Option(help: ArgumentHelp("Host CPUs for the engine's other threads (devices, console, control): 0-1 or 0,2; none unpins.", valueName: "CPUS|none"))
     var pinEmulator: String?
 
-    var isEmpty: Bool { cpuCap == nil && cpuWeight == nil && memoryLimit == nil && pidsLimit == nil && pin == nil && pinEmulator == nil }
+    @Option(help: ArgumentHelp("Run vCPU threads real-time (SCHED_FIFO, 1-99) with the VM's memory locked, inside a real-time budget that leaves the host most of each CPU; none for normal scheduling. Taken at the next start.", valueName: "N|none"))
+    var rtPriority: String?
+
+    var isEmpty: Bool { cpuCap == nil && cpuWeight == nil && memoryLimit == nil && pidsLimit == nil && pin == nil && pinEmulator == nil && rtPriority == nil }
 
     static func number(_ text: String, field: String, percent: Bool = false) throws -> Int? {
         if text == "none" { return nil }
@@ -264,6 +272,7 @@ struct ResourceOptions: ParsableArguments {
         if let cpuWeight { request.cpuWeight = .some(try Self.number(cpuWeight, field: "--cpu-weight")) }
         if let memoryLimit { request.memoryLimitBytes = .some(memoryLimit == "none" ? nil : try parseSize(memoryLimit, field: "--memory-limit")) }
         if let pidsLimit { request.pidsLimit = .some(try Self.number(pidsLimit, field: "--pids-limit")) }
+        if let rtPriority { request.rtPriority = .some(try Self.number(rtPriority, field: "--rt-priority")) }
         if let pin {
             do throws(LibraryError) { request.vcpuPins = .some(pin == "none" ? nil : try VCPUPin.parse(pin)) } catch { throw fail(error) }
         }

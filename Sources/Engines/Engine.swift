@@ -9,6 +9,8 @@ public struct EngineVM: Sendable {
     public var bundle: VMBundle
     public var definition: VMDefinition
     public var name: String { definition.name }
+    /// What confines the engine's process at start (docs/isolation.md).
+    public var isolation = IsolationRequest()
 
     public init(bundle: VMBundle, definition: VMDefinition) { self.bundle = bundle; self.definition = definition }
 }

@@ -1,5 +1,6 @@
 import API
 import CHostSupport
+import CSandbox
 import Library
 #if canImport(Glibc)
 import Glibc
@@ -11,8 +12,11 @@ public struct KVMEngine: Engine {
     public var kind: EngineKind { .kvm }
     /// The `vireo-vmm` executable: `$VIREO_VMM`, else the one beside the running `vireo`.
     public let vmmPath: String
+    /// `$VIREO_SECCOMP=log`: filters allow and the kernel logs what they would refuse.
+    let seccompLogOnly: Bool
 
     public init(environment: [String: String]) {
+        seccompLogOnly = environment["VIREO_SECCOMP"] == "log"
         if let path = environment["VIREO_VMM"], !path.isEmpty {
             vmmPath = path
         } else {
@@ -53,9 +57,13 @@ public struct KVMEngine: Engine {
         arguments += ["--acpi", definition.acpi ? "on" : "off", "--on-reboot", definition.onReboot]
         if let model = definition.cpuModel { arguments += ["--cpu", model] }
         if let generationID = definition.generationID { arguments += ["--generation-id", generationID] }
-        if let pages = definition.memoryBacking.hugePages { arguments += ["--memory-backing", "hugepages=" + pages] }
+        if definition.memoryBacking.hugePages != nil || definition.memoryBacking.file != nil {
+            arguments += ["--memory-backing", definition.memoryBacking.backingArgument]
+        }
         if definition.memoryBacking.preallocate { arguments.append("--prealloc") }
         if definition.memoryBacking.mergeable { arguments.append("--ksm") }
+        if definition.memoryBacking.locked { arguments.append("--lock-memory") }
+        if let priority = definition.resources.rtPriority { arguments += ["--rt-priority", String(priority)] }
         return arguments
     }
 
@@ -71,8 +79,31 @@ public struct KVMEngine: Engine {
         var arguments = [vmmPath] + (try Self.machineArguments(definition, bundle: bundle, cards: networking.cards))
         arguments += ["--console", "file:" + bundle.consoleLogPath, "--control", bundle.controlPath,
                       "--name", definition.name, "--uuid", definition.uuid, "--lock-fd", "3", "--ready-fd", "4",
-                      "--state-file", bundle.savedStatePath, "--snapshot-dir", bundle.snapshotsDirectory]
+                      "--state-file", bundle.savedStatePath, "--snapshot-dir", bundle.vmmDirectory]
         var inherit = networking.descriptors
+        // The jail (docs/isolation.md): only root can build it; without root the VMM runs as
+        // the user, seccomp-filtered all the same.
+        var disabled: [String] = []
+        if !vm.isolation.jail { disabled.append("no-jail") } else if geteuid() != 0 { disabled.append("not-root") }
+        if !vm.isolation.seccomp { disabled.append("no-seccomp") }
+        var identity: JailIdentity?
+        defer { if let identity { close(identity.descriptor) } }
+        if vm.isolation.jail && geteuid() == 0 {
+            let allocated = try JailIdentity.allocate(for: definition.uuid)
+            identity = allocated
+            try allocated.grant(vm)
+            arguments += ["--jail", "uid=\(allocated.uid),gid=\(allocated.gid)"]
+            // Held by the VMM for its whole life; never named, never used.
+            inherit.append(allocated.descriptor)
+        } else {
+            try bundle.prepareVMMDirectory()
+        }
+        if vm.isolation.seccomp {
+            // `log` (allow, and have the kernel log what the filter would refuse) is how the
+            // allow lists are checked against a whole test run.
+            let mode = seccompLogOnly ? "log" : "on"
+            arguments += ["--seccomp", mode]
+        }
         if let incoming {
             arguments += ["--incoming-fd", String(PreparedNetworking.inherited(inherit.count))]
             inherit.append(incoming)
@@ -94,7 +125,9 @@ public struct KVMEngine: Engine {
         var pid: pid_t = 0
         let spawned = withCStrings(arguments) { argv in
             inherit.withUnsafeBufferPointer {
-                vireo_spawn_detached_inheriting(vmmPath, argv, log, lock.fd, pipeEnds[1], $0.baseAddress, Int32($0.count), &pid)
+                identity != nil
+                    ? vireo_spawn_namespaced(vmmPath, argv, log, lock.fd, pipeEnds[1], $0.baseAddress, Int32($0.count), &pid)
+                    : vireo_spawn_detached_inheriting(vmmPath, argv, log, lock.fd, pipeEnds[1], $0.baseAddress, Int32($0.count), &pid)
             }
         }
         close(pipeEnds[1])
@@ -109,7 +142,13 @@ public struct KVMEngine: Engine {
         // An arriving VM is ready when the migration is done, however long that takes; a VMM that
         // dies closes the pipe.
         let answer = Self.readLine(pipeEnds[0], timeoutMilliseconds: incoming == nil ? 120_000 : -1)
-        if answer.hasPrefix("ready") { return StartedVM(pid: pid) }
+        if answer.hasPrefix("ready") {
+            // "ready PID uid=... seccomp=..." : what actually confines the VMM, as it reports it.
+            var record = IsolationRecord(parsing: answer) ?? IsolationRecord()
+            record.disabled = disabled
+            try? HostFiles.writeAtomically(Array((record.line + "\n").utf8), to: bundle.isolationPath)
+            return StartedVM(pid: pid)
+        }
         var status: Int32 = 0
         if waitpid(pid, &status, WNOHANG) == 0 && answer.isEmpty {
             // Alive but silent for two minutes: do not leave a half-started VM behind.
@@ -145,7 +184,16 @@ public struct KVMEngine: Engine {
         struct Taken: Decodable { var memoryLost: String?; enum CodingKeys: String, CodingKey { case memoryLost = "memory_lost" } }
         do {
             let connection = try ControlConnection(path: vm.bundle.controlPath, timeoutSeconds: 600)
-            return try connection.call("snapshot \(id)", as: Taken.self).memoryLost
+            let lost = try connection.call("snapshot \(id)", as: Taken.self).memoryLost
+            // The VMM writes only in its own directory (docs/isolation.md); the state joins the
+            // snapshot here.
+            let written = vm.bundle.vmmDirectory + "/" + id + ".state"
+            if lost == nil, rename(written, vm.bundle.snapshotStatePath(id)) != 0 {
+                let code = errno
+                unlink(written)
+                return "its state was written but could not be moved into the snapshot (\(String(cString: strerror(code))))"
+            }
+            return lost
         } catch {
             throw Self.translate(error, vm: vm, action: "snapshot")
         }

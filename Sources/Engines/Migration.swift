@@ -259,6 +259,12 @@ extension VMManager {
             return (try engine.migrate(vm, over: -1, request: request, progress: progress, cancelled: cancelled), [])
         }
         if vm.bundle.hasSavedState { throw .wrongState(name: name, state: "saved", action: "migrate", hint: "start it first") }
+        if let file = vm.definition.memoryBacking.file, file != "memfd" {
+            // The destination would zero and fill the same path: on this host, the running
+            // source's own RAM.
+            throw .wrongState(name: name, state: "backed by the RAM file \(file)", action: "migrate",
+                              hint: "stop it and change its backing (`vireo set \(name) --memory-backing memfd,shared`), or move it stopped")
+        }
         let fd = try request.destination.connect(timeoutSeconds: 10)
         defer { close(fd) }
         // The handshake must not hang on a silent peer.

@@ -70,6 +70,8 @@ public struct QEMUEngine: Engine {
             "-machine", "q35,accel=\(accel),mem-merge=\(definition.memoryBacking.mergeable ? "on" : "off")", "-cpu", cpuModel ?? (accelerator == .tcg ? "max" : "host"),
             "-smp", String(definition.cpus), "-m", "\(definition.memoryBytes >> 20)M",
             "-nodefaults", "-no-user-config", "-msg", "timestamp=on",
+            // QEMU's own seccomp filter, as libvirt turns it on (docs/isolation.md).
+            "-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
             "-qmp", "unix:\(quoted(bundle.qmpPath)),server=on,wait=off",
             "-display", "none", "-vga", "std", "-vnc", "unix:\(quoted(bundle.vncPath))",
             "-device", "qemu-xhci,id=usb", "-device", "usb-tablet,bus=usb.0",
@@ -125,15 +127,25 @@ public struct QEMUEngine: Engine {
             arguments += ["-object", "memory-backend-memfd,id=ram0,size=\(definition.memoryBytes >> 20)M,hugetlb=on,hugetlbsize=\(pages)"
                           + (definition.memoryBacking.preallocate ? ",prealloc=on" : ""),
                           "-machine", "memory-backend=ram0"]
+        } else if let file = definition.memoryBacking.file {
+            let share = definition.memoryBacking.shared ? "on" : "off"
+            let backend = file == "memfd" ? "memory-backend-memfd,id=ram0" : "memory-backend-file,id=ram0,mem-path=\(file)"
+            arguments += ["-object", backend + ",size=\(definition.memoryBytes >> 20)M,share=\(share)"
+                          + (definition.memoryBacking.preallocate ? ",prealloc=on" : ""),
+                          "-machine", "memory-backend=ram0"]
         } else if definition.memoryBacking.preallocate {
             arguments.append("-mem-prealloc")
         }
+        if definition.memoryBacking.locked { arguments += ["-overcommit", "mem-lock=on"] }
         return arguments
     }
 
     public func start(_ vm: EngineVM, lock: VMLock, networking: PreparedNetworking) throws(LibraryError) -> StartedVM {
         let (bundle, definition, name) = (vm.bundle, vm.definition, vm.name)
         let binary = try checkedBinary(for: name)
+        if definition.resources.rtPriority != nil {
+            throw .invalidValue(field: "--rt-priority", reason: "real-time vCPUs are built for the kvm engine only; `vireo set \(name) --rt-priority none`, or --engine kvm")
+        }
         if let firmware = definition.firmware { try FirmwareFiles.check(firmware) }
         if let iso = definition.iso {
             do { _ = try InstallMedium.inspect(iso) } catch {
@@ -364,6 +376,7 @@ public struct QEMUEngine: Engine {
     /// `start` resumes it with `-incoming fd:`.
     public func saveState(_ vm: EngineVM) throws(LibraryError) {
         let connection = try connect(vm, action: "save", timeoutSeconds: 600)
+        try vm.bundle.prepareVMMDirectory()
         try writeState(vm, connection, to: vm.bundle.savedStatePath, action: "save")
         do { _ = try connection.execute("quit") } catch {
             throw .engine(name: vm.name, reason: "its state is saved, but QEMU would not quit: \(error); `vireo stop \(vm.name) --force` ends it", exitStatus: 1)

@@ -32,13 +32,23 @@ public struct VMControlGroups: Sendable {
             let directory = base + "/vireo/" + group
             try HostFiles.makeDirectories(directory)
             for parent in [base, base + "/vireo"] {
-                _ = try? HostFiles.writeInPlace("+cpu +memory +pids +io", to: parent + "/cgroup.subtree_control")
+                _ = try? HostFiles.writeInPlace("+cpu +memory +pids +io +cpuset", to: parent + "/cgroup.subtree_control")
             }
             directories["unified"] = directory
         } else {
-            for controller in ["cpu", "cpuacct", "memory", "pids"] where HostFiles.isDirectory(root + "/" + controller) {
-                let directory = root + "/" + controller + (own[controller] ?? "") + "/vireo/" + group
+            for controller in ["cpu", "cpuacct", "memory", "pids", "cpuset"] where HostFiles.isDirectory(root + "/" + controller) {
+                let base = root + "/" + controller + (own[controller] ?? "")
+                let directory = base + "/vireo/" + group
                 try HostFiles.makeDirectories(directory)
+                if controller == "cpuset" {
+                    // v1 makes cpuset groups empty, and a task cannot join a group with no CPUs or
+                    // memory nodes: each level takes its parent's until `apply` narrows the VM's.
+                    for (parent, child) in [(base, base + "/vireo"), (base + "/vireo", directory)] {
+                        for file in ["cpuset.mems", "cpuset.cpus"] where read(child + "/" + file).trimmed.isEmpty {
+                            try HostFiles.writeInPlace(read(parent + "/" + file).trimmed, to: child + "/" + file)
+                        }
+                    }
+                }
                 directories[controller] = directory
             }
         }
@@ -88,6 +98,59 @@ public struct VMControlGroups: Sendable {
         try write(limits.memoryLimitBytes.map(String.init) ?? "-1", "memory", "memory.limit_in_bytes", field: "--memory-limit",
                   limited: limits.memoryLimitBytes != nil)
         try write(limits.pidsLimit.map(String.init) ?? "max", "pids", "pids.max", field: "--pids-limit", limited: limits.pidsLimit != nil)
+        // Pinning's cpuset: every CPU the pins and the emulator name (affinity does the per-thread
+        // part); all of the parent's while some threads may run anywhere.
+        if let directory = directories[isUnified ? "unified" : "cpuset"], HostFiles.exists(directory + "/cpuset.cpus") {
+            let pinned = Set((limits.vcpuPins ?? []).flatMap(\.cpus) + (limits.emulatorCPUs ?? []))
+            let everything = limits.vcpuPins == nil || limits.emulatorCPUs == nil
+            let cpus = everything
+                ? Self.read(HostFiles.parent(of: directory) + "/cpuset.cpus").trimmed
+                : pinned.sorted().map(String.init).joined(separator: ",")
+            // v2's parents may leave it empty (meaning "the parent's"): then write nothing.
+            if !cpus.isEmpty {
+                do { try HostFiles.writeInPlace(cpus, to: directory + "/cpuset.cpus") } catch {
+                    throw .invalidValue(field: "--pin", reason: "the kernel refused CPUs \(cpus) for \(directory)/cpuset.cpus: \(error)")
+                }
+            }
+        }
+        if let directory = directories["cpu"], HostFiles.exists(directory + "/cpu.rt_runtime_us") {
+            try Self.grantRealTime(limits.rtPriority == nil ? 0 : Self.realTimeBudget, to: directory)
+        }
+    }
+
+    /// Real-time microseconds per second a real-time VM's group may use on each CPU: 40 %, so a
+    /// vCPU spinning at SCHED_FIFO is throttled and the host keeps the rest (the watchdog against
+    /// starving it, enforced by the kernel).
+    public static let realTimeBudget = 400_000
+
+    /// With RT group scheduling (v1's cpu.rt_runtime_us), a group may run SCHED_FIFO threads
+    /// only within a budget carved out of its parent's: the `vireo` parent is raised to what its
+    /// live children hold plus this one's (stopped VMs' leftover groups give theirs back first).
+    static func grantRealTime(_ budget: Int, to directory: String) throws(LibraryError) {
+        let file = directory + "/cpu.rt_runtime_us"
+        guard budget > 0 else {
+            _ = try? HostFiles.writeInPlace("0", to: file)
+            return
+        }
+        if let text = try? HostFiles.readAll("/proc/sys/kernel/sched_rt_runtime_us"), String(decoding: text, as: UTF8.self).trimmed == "-1" {
+            throw .invalidValue(field: "--rt-priority", reason: "the kernel's real-time throttling is off (/proc/sys/kernel/sched_rt_runtime_us is -1), so a spinning vCPU could starve the host; set it back (950000 is the default) or drop --rt-priority")
+        }
+        let parent = HostFiles.parent(of: directory)
+        var held = 0
+        for entry in (try? HostFiles.entries(of: parent)) ?? [] {
+            let sibling = parent + "/" + entry
+            guard sibling != directory, HostFiles.isDirectory(sibling) else { continue }
+            if read(sibling + "/cgroup.procs").trimmed.isEmpty { _ = try? HostFiles.writeInPlace("0", to: sibling + "/cpu.rt_runtime_us") }
+            held += Int(read(sibling + "/cpu.rt_runtime_us").trimmed) ?? 0
+        }
+        let needed = held + budget
+        let parentFile = parent + "/cpu.rt_runtime_us"
+        do {
+            if (Int(read(parentFile).trimmed) ?? 0) < needed { try HostFiles.writeInPlace(String(needed), to: parentFile) }
+            try HostFiles.writeInPlace(String(budget), to: file)
+        } catch {
+            throw .invalidValue(field: "--rt-priority", reason: "the host's real-time budget has no room for this VM's \(budget) µs per second (\(parentFile) would need \(needed); the kernel allows 950000 in all by default): \(error)")
+        }
     }
 
     /// Moves `pid` (with all its threads) into every group.
@@ -125,6 +188,11 @@ public struct VMControlGroups: Sendable {
 
     /// Removes the groups (they must be empty: the VM stopped).
     public func remove() {
+        // A removed group's real-time budget goes back to its parent only when the kernel frees
+        // the group, some time after rmdir: given back first, the next start can have it at once.
+        if let cpu = directories["cpu"], HostFiles.exists(cpu + "/cpu.rt_runtime_us") {
+            _ = try? HostFiles.writeInPlace("0", to: cpu + "/cpu.rt_runtime_us")
+        }
         for directory in Set(directories.values) { rmdir(directory) }
     }
 

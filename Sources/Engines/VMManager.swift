@@ -59,7 +59,8 @@ public struct VMManager: Sendable {
     /// process, so two starts (or a start and a delete) cannot both win.
     /// With `incoming`, the VM arrives on that connected migration stream instead of booting
     /// (`vireo receive`); this returns once it runs.
-    public func start(_ name: String, discardState: Bool = false, incoming: Int32? = nil) throws(LibraryError) -> StartedVM {
+    public func start(_ name: String, discardState: Bool = false, incoming: Int32? = nil,
+                      isolation: IsolationRequest = IsolationRequest()) throws(LibraryError) -> StartedVM {
         let bundle = try library.bundle(named: name)
         let lock = try VMLock(path: bundle.lockPath, create: true)
         guard lock.tryExclusive() else {
@@ -76,7 +77,8 @@ public struct VMManager: Sendable {
             throw .io(operation: "remove the saved state", path: bundle.savedStatePath, errno: errno)
         }
         let resuming = bundle.hasSavedState
-        let vm = EngineVM(bundle: bundle, definition: definition)
+        var vm = EngineVM(bundle: bundle, definition: definition)
+        vm.isolation = isolation
         let networks = HostNetworks(library: library)
         do throws(LibraryError) {
             let networking = try networks.prepare(vm)

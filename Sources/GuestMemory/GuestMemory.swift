@@ -23,9 +23,19 @@ public enum GuestMemoryError: Error, CustomStringConvertible, Sendable, Equatabl
     case overlappingRegions(GuestPhysicalAddress)
     /// The huge-page pool could not give a region its pages.
     case hugePagesUnavailable(size: UInt64, pageSize: UInt64, errno: Int32)
+    /// `--lock-memory`: the kernel would not lock guest RAM in memory.
+    case lockFailed(size: UInt64, errno: Int32)
+    /// `--memory-backing file:PATH|memfd`: the backing file could not be made ready.
+    case backingFileFailed(path: String, operation: String, errno: Int32)
 
     public var description: String {
         switch self {
+        case let .backingFileFailed(path, operation, code):
+            return "--memory-backing: \(operation) \(path): \(String(cString: strerror(code)))"
+                + (code == EWOULDBLOCK ? " (another running VM backs its RAM with this file)" : "")
+        case let .lockFailed(size, code):
+            return "--lock-memory: cannot lock \(size >> 20) MiB of guest memory in RAM: \(String(cString: strerror(code))); "
+                + "the VMM's RLIMIT_MEMLOCK (ulimit -l) or the host's free memory is too small"
         case let .hugePagesUnavailable(size, pageSize, code):
             return "cannot back \(size >> 20) MiB of guest memory with \(pageSize >> 20) MiB huge pages: \(String(cString: strerror(code))); "
                 + "reserve at least \(size / pageSize) of them (/proc/sys/vm/nr_hugepages, or the 1 GiB pool) and check RAM is a multiple of the page size"
@@ -57,6 +67,9 @@ public struct GuestMemoryRegion: @unchecked Sendable {
 public final class GuestMemory: @unchecked Sendable {
     public let regions: [GuestMemoryRegion]
     private let ownsMappings: Bool
+    /// A MAP_SHARED backing file and each region's offset in it.
+    private let sharedFile: (descriptor: Int32, offsets: [UInt64])?
+    private let privateFileDescriptor: Int32
     /// Pages the VMM itself wrote (device DMA, virtqueue rings, reloads) while `logsWrites` is
     /// set, one bit per 4 KiB page per region: live migration must resend them, and KVM's dirty
     /// log sees only the guest's own writes. Marked before the write lands, so a reader of the
@@ -73,10 +86,23 @@ public final class GuestMemory: @unchecked Sendable {
         public var preallocate = false
         /// Offer the pages to KSM (MADV_MERGEABLE), which shares identical pages between VMs.
         public var mergeable = false
-        public init(hugePageSize: UInt64? = nil, preallocate: Bool = false, mergeable: Bool = false) {
+        /// Lock every page in RAM (mlock): never swapped, faulted in at start.
+        public var locked = false
+        /// RAM in a file instead of anonymous memory: a memfd, or a file at a path (zeroed at
+        /// start and locked against a second VM); `shared` maps it MAP_SHARED, so the guest's
+        /// writes land in the file (what passing RAM to another process needs).
+        public var file: FileBacking?
+        public var shared = false
+
+        public enum FileBacking: Sendable, Equatable {
+            case memfd
+            case path(String)
+        }
+        public init(hugePageSize: UInt64? = nil, preallocate: Bool = false, mergeable: Bool = false, locked: Bool = false) {
             self.hugePageSize = hugePageSize
             self.preallocate = preallocate
             self.mergeable = mergeable
+            self.locked = locked
         }
     }
 
@@ -87,8 +113,36 @@ public final class GuestMemory: @unchecked Sendable {
             throw .overlappingRegions(sorted[index].start)
         }
         var regions: [GuestMemoryRegion] = []
+        var backingDescriptor: Int32 = -1
+        var fileOffsets: [UInt64] = []
+        if let file = backing.file {
+            let total = sorted.reduce(UInt64(0)) { $0 + $1.size }
+            let name: String
+            switch file {
+            case .memfd:
+                name = "memfd"
+                backingDescriptor = vireo_guest_memfd("vireo-guest-ram")
+            case let .path(path):
+                name = path
+                backingDescriptor = open(path, O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0o600)
+            }
+            guard backingDescriptor >= 0 else { throw .backingFileFailed(path: name, operation: "open", errno: errno) }
+            // One VM per file: two guests in one RAM file would read each other's memory.
+            guard flock(backingDescriptor, LOCK_EX | LOCK_NB) == 0 else {
+                let code = errno
+                close(backingDescriptor)
+                throw .backingFileFailed(path: name, operation: "lock", errno: code)
+            }
+            // Guest RAM starts as zeros, whatever the file held.
+            guard ftruncate(backingDescriptor, 0) == 0, ftruncate(backingDescriptor, off_t(total)) == 0 else {
+                let code = errno
+                close(backingDescriptor)
+                throw .backingFileFailed(path: name, operation: "size", errno: code)
+            }
+        }
+        var nextOffset: UInt64 = 0
         for (start, size) in sorted where size > 0 {
-            var flags = MAP_PRIVATE | MAP_ANONYMOUS
+            var flags = backing.file == nil ? MAP_PRIVATE | MAP_ANONYMOUS : (backing.shared ? MAP_SHARED : MAP_PRIVATE)
             if let page = backing.hugePageSize {
                 guard size % page == 0 else {
                     for region in regions { munmap(region.host, Int(region.size)) }
@@ -100,17 +154,37 @@ public final class GuestMemory: @unchecked Sendable {
                 flags |= MAP_NORESERVE
             }
             if backing.preallocate { flags |= 0x8000 }   // MAP_POPULATE
-            guard let host = mmap(nil, Int(size), PROT_READ | PROT_WRITE, flags, -1, 0), host != MAP_FAILED else {
+            guard let host = mmap(nil, Int(size), PROT_READ | PROT_WRITE, flags, backingDescriptor, off_t(nextOffset)), host != MAP_FAILED else {
                 let code = errno
                 for region in regions { munmap(region.host, Int(region.size)) }
+                if backingDescriptor >= 0 { close(backingDescriptor) }
                 if let page = backing.hugePageSize { throw .hugePagesUnavailable(size: size, pageSize: page, errno: code) }
                 throw .mappingFailed(size: size, errno: code)
             }
             if backing.mergeable { _ = madvise(host, Int(size), 12) }   // MADV_MERGEABLE
+            // Before the jail drops root: an unprivileged uid's RLIMIT_MEMLOCK is a few MiB.
+            if backing.locked, mlock(host, Int(size)) != 0 {
+                let code = errno
+                munmap(host, Int(size))
+                for region in regions { munmap(region.host, Int(region.size)) }
+                if backingDescriptor >= 0 { close(backingDescriptor) }
+                throw .lockFailed(size: size, errno: code)
+            }
             regions.append(GuestMemoryRegion(start: start, size: size, host: host))
+            fileOffsets.append(nextOffset)
+            nextOffset += size
         }
         self.regions = regions
         self.ownsMappings = true
+        // Pages of a shared file mapping keep their contents when dropped from the mapping: they
+        // are zeroed by punching holes in the file instead.
+        if backing.shared, backingDescriptor >= 0 {
+            sharedFile = (backingDescriptor, fileOffsets)
+        } else {
+            sharedFile = nil
+        }
+        // A private file mapping reads the (zeroed, never written) file where pages are dropped.
+        if !backing.shared, backingDescriptor >= 0 { privateFileDescriptor = backingDescriptor } else { privateFileDescriptor = -1 }
         writeLogs = regions.map { region in
             let words = Self.bitmapWords(region)
             let log = UnsafeMutablePointer<UInt64>.allocate(capacity: words)
@@ -121,6 +195,8 @@ public final class GuestMemory: @unchecked Sendable {
 
     deinit {
         if ownsMappings { for region in regions { munmap(region.host, Int(region.size)) } }
+        if let sharedFile { close(sharedFile.descriptor) }
+        if privateFileDescriptor >= 0 { close(privateFileDescriptor) }
         for log in writeLogs { log.deallocate() }
     }
 
@@ -176,7 +252,22 @@ public final class GuestMemory: @unchecked Sendable {
     public func discard(_ address: GuestPhysicalAddress, length: UInt64) throws(GuestMemoryError) {
         guard address.rawValue % 4096 == 0, length % 4096 == 0 else { throw .outOfBounds(address: address, length: length) }
         let pointer = try hostPointer(address, length: length)
-        _ = madvise(pointer, Int(length), MADV_DONTNEED)
+        dropPages(pointer, length: Int(length))
+    }
+
+    /// Frees whole pages so they read as zeros: MADV_DONTNEED, or a hole punched in a shared
+    /// backing file (whose pages would otherwise come back with their old contents).
+    @discardableResult
+    private func dropPages(_ pointer: UnsafeMutableRawPointer, length: Int) -> Bool {
+        guard let sharedFile else { return madvise(pointer, length, MADV_DONTNEED) == 0 }
+        let address = UInt(bitPattern: pointer)
+        for (index, region) in regions.enumerated() {
+            let base = UInt(bitPattern: region.host)
+            guard address >= base, address + UInt(length) <= base + UInt(region.size) else { continue }
+            let offset = sharedFile.offsets[index] + UInt64(address - base)
+            return vireo_file_punch_hole(sharedFile.descriptor, Int64(offset), Int64(length)) == 0
+        }
+        return false
     }
 
     public func contains(_ address: GuestPhysicalAddress, length: UInt64) -> Bool {
@@ -230,7 +321,7 @@ public final class GuestMemory: @unchecked Sendable {
             return
         }
         pointer.initializeMemory(as: UInt8.self, repeating: 0, count: firstPage - start)
-        if madvise(UnsafeMutableRawPointer(bitPattern: firstPage), endPage - firstPage, MADV_DONTNEED) != 0 {
+        if let pages = UnsafeMutableRawPointer(bitPattern: firstPage), !dropPages(pages, length: endPage - firstPage) {
             pointer.advanced(by: firstPage - start).initializeMemory(as: UInt8.self, repeating: 0, count: endPage - firstPage)
         }
         pointer.advanced(by: endPage - start).initializeMemory(as: UInt8.self, repeating: 0, count: start + count - endPage)

@@ -203,6 +203,9 @@ extension VMLibrary {
             var prepared = try prepareSnapshot(bundle, name: snapshot, description: description, hasMemory: true)
             let keptMemory: Bool
             do throws(LibraryError) {
+                // A jailed VMM opens the overlays as its own uid (and writes the state in its own
+                // directory; the engine moves it into the snapshot's).
+                try bundle.grantToRunningVMM(prepared.overlays)
                 keptMemory = try perform(prepared.record)
             } catch {
                 abandonSnapshot(prepared)
@@ -270,6 +273,7 @@ extension VMLibrary {
                         made.append(bundle.resolve(overlay))
                         restored.disks[index].path = overlay
                     }
+                    try bundle.prepareVMMDirectory()
                     let staged = bundle.savedStatePath + ".restoring"
                     unlink(staged)
                     if record.hasMemory, link(bundle.snapshotStatePath(record.id), staged) != 0 {

@@ -21,7 +21,7 @@ public struct VMBundle: Sendable {
     public var pidPath: String { directory + "/vmm.pid" }
     /// The state `vireo save` wrote (docs/snapshots.md); `vireo start` resumes from it and the
     /// VMM removes it once restored.
-    public var savedStatePath: String { directory + "/saved.state" }
+    public var savedStatePath: String { directory + "/vmm/saved.state" }
     public var hasSavedState: Bool { HostFiles.exists(savedStatePath) }
     /// The host side of the VM's vsock device (connect and send `CONNECT <port>`).
     public var vsockPath: String { directory + "/vsock.sock" }
@@ -103,7 +103,10 @@ public struct VMBundle: Sendable {
         guard let listing = try? HostFiles.readAll(directory + "/cgroups") else { return }
         for line in String(decoding: listing, as: UTF8.self).split(separator: "\n") {
             let parts = line.split(separator: " ", maxSplits: 1)
-            if parts.count == 2, parts[1].hasPrefix("/sys/fs/cgroup/") { rmdir(String(parts[1])) }
+            guard parts.count == 2, parts[1].hasPrefix("/sys/fs/cgroup/") else { continue }
+            // Its real-time budget, if any, back to the parent now rather than when the kernel frees it.
+            if parts[0] == "cpu" { _ = try? HostFiles.writeInPlace("0", to: String(parts[1]) + "/cpu.rt_runtime_us") }
+            rmdir(String(parts[1]))
         }
     }
 

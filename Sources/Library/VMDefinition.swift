@@ -157,6 +157,8 @@ public struct ResourceLimits: Codable, Sendable, Equatable {
     public var vcpuPins: [VCPUPin]?
     /// Host CPUs every other thread of the engine may run on (`--pin-emulator 0-1`).
     public var emulatorCPUs: [Int]?
+    /// vCPU threads run SCHED_FIFO at this priority (1–99), with the engine's memory locked.
+    public var rtPriority: Int?
 
     public init(cpuCapPercent: Int? = nil, cpuWeight: Int? = nil, memoryLimitBytes: UInt64? = nil, pidsLimit: Int? = nil,
                 vcpuPins: [VCPUPin]? = nil, emulatorCPUs: [Int]? = nil) {
@@ -183,6 +185,9 @@ public struct ResourceLimits: Codable, Sendable, Equatable {
         }
         if let limit = memoryLimitBytes, limit < 8 << 20 {
             throw .invalidValue(field: "--memory-limit", reason: "\(limit >> 20) MiB is too little for any VMM; at least 8 MiB (it counts the VMM and the guest RAM it touches; the VM has \(memoryBytes >> 20) MiB)")
+        }
+        if let priority = rtPriority, priority < 1 || priority > 99 {
+            throw .invalidValue(field: "--rt-priority", reason: "\(priority) is not from 1 to 99 (SCHED_FIFO priorities; higher runs first)")
         }
         if let pids = pidsLimit, pids < 16 || pids > 1 << 22 {
             throw .invalidValue(field: "--pids-limit", reason: "\(pids) is not from 16 to \(1 << 22) (a VMM has a thread per vCPU and per device)")
@@ -214,11 +219,38 @@ public struct MemoryBackingOptions: Codable, Sendable, Equatable {
     /// Offer RAM to KSM, which merges identical pages across VMs (off by default: merging lets a
     /// guest time another's memory).
     public var mergeable = false
+    /// Lock guest RAM in host memory (never swapped): libvirt's `<locked/>`.
+    public var locked = false
+    /// RAM in a file: "memfd", or an absolute path (zeroed at each start). nil: anonymous memory.
+    public var file: String?
+    /// Map the file shared: the guest's writes land in it.
+    public var shared = false
 
-    public init(hugePages: String? = nil, preallocate: Bool = false, mergeable: Bool = false) {
+    public init(hugePages: String? = nil, preallocate: Bool = false, mergeable: Bool = false, locked: Bool = false) {
         self.hugePages = hugePages
         self.preallocate = preallocate
         self.mergeable = mergeable
+        self.locked = locked
+    }
+
+    /// What `--memory-backing` chooses: the page kind or the file, together.
+    public struct Choice: Sendable, Equatable {
+        public var hugePages: String?
+        public var file: String?
+        public var shared = false
+    }
+
+    public mutating func apply(_ choice: Choice) {
+        hugePages = choice.hugePages
+        file = choice.file
+        shared = choice.shared
+    }
+
+    /// The `--memory-backing` text of this backing (what `vireo-vmm` takes too).
+    public var backingArgument: String {
+        if let hugePages { return "hugepages=" + hugePages }
+        guard let file else { return "anon" }
+        return (file == "memfd" ? "memfd" : "file:" + file) + (shared ? ",shared" : "")
     }
 
     public init(from decoder: any Decoder) throws {
@@ -226,6 +258,9 @@ public struct MemoryBackingOptions: Codable, Sendable, Equatable {
         hugePages = try container.decodeIfPresent(String.self, forKey: .hugePages)
         preallocate = try container.decodeIfPresent(Bool.self, forKey: .preallocate) ?? false
         mergeable = try container.decodeIfPresent(Bool.self, forKey: .mergeable) ?? false
+        locked = try container.decodeIfPresent(Bool.self, forKey: .locked) ?? false
+        file = try container.decodeIfPresent(String.self, forKey: .file)
+        shared = try container.decodeIfPresent(Bool.self, forKey: .shared) ?? false
     }
 
     public var hugePageBytes: UInt64? {
@@ -236,14 +271,31 @@ public struct MemoryBackingOptions: Codable, Sendable, Equatable {
         }
     }
 
-    /// `anon`, `hugepages`, `hugepages=2M` or `hugepages=1G`.
-    public static func parseBacking(_ text: String) throws(LibraryError) -> String? {
+    static let backingForms = "anon, hugepages[=2M|1G], memfd[,shared] or file:PATH[,shared]"
+
+    /// `anon`, `hugepages[=2M|1G]`, `memfd[,shared]` or `file:PATH[,shared]` (PATH absolute).
+    public static func parseBacking(_ text: String) throws(LibraryError) -> Choice {
         switch text {
-        case "anon": return nil
-        case "hugepages", "hugepages=2M": return "2M"
-        case "hugepages=1G": return "1G"
-        default: throw .invalidValue(field: "--memory-backing", reason: "'\(text)' is not anon, hugepages, hugepages=2M or hugepages=1G")
+        case "anon": return Choice()
+        case "hugepages", "hugepages=2M": return Choice(hugePages: "2M")
+        case "hugepages=1G": return Choice(hugePages: "1G")
+        default: break
         }
+        var words = text.split(separator: ",", omittingEmptySubsequences: false).map(String.init)
+        let shared = words.count == 2 && words[1] == "shared"
+        if shared { words.removeLast() }
+        guard words.count == 1 else {
+            throw .invalidValue(field: "--memory-backing", reason: "'\(text)' is not \(backingForms); the only option after a comma is 'shared'")
+        }
+        if words[0] == "memfd" { return Choice(file: "memfd", shared: shared) }
+        if words[0].hasPrefix("file:") {
+            let path = String(words[0].dropFirst(5))
+            guard path.hasPrefix("/"), path.count > 1, !path.contains(",") else {
+                throw .invalidValue(field: "--memory-backing", reason: "'\(path)' is not an absolute file path")
+            }
+            return Choice(file: path, shared: shared)
+        }
+        throw .invalidValue(field: "--memory-backing", reason: "'\(text)' is not \(backingForms)")
     }
 
     public func validate(memoryBytes: UInt64) throws(LibraryError) {
@@ -252,6 +304,30 @@ public struct MemoryBackingOptions: Codable, Sendable, Equatable {
         }
         if let page = hugePageBytes, memoryBytes % page != 0 {
             throw .invalidValue(field: "--memory-backing", reason: "\(memoryBytes >> 20) MiB of RAM is not a whole number of \(page >> 20) MiB huge pages")
+        }
+        if hugePages != nil, file != nil {
+            throw .invalidValue(field: "--memory-backing", reason: "huge pages and a backing file are one choice, not both")
+        }
+        if mergeable, shared {
+            throw .invalidValue(field: "--ksm", reason: "KSM merges private pages only; a shared backing file's pages are never merged")
+        }
+        if let file, file != "memfd" {
+            guard file.hasPrefix("/") else { throw .invalidValue(field: "--memory-backing", reason: "'\(file)' is not an absolute file path") }
+            // The file is zeroed at every start: never take one that holds something else.
+            var status = stat()
+            if lstat(file, &status) == 0 {
+                guard (status.st_mode & S_IFMT) == S_IFREG else {
+                    throw .invalidValue(field: "--memory-backing", reason: "\(file) exists and is not a regular file")
+                }
+                guard status.st_size == 0 || UInt64(status.st_size) == memoryBytes else {
+                    throw .invalidValue(field: "--memory-backing", reason: "\(file) exists and holds \(status.st_size) bytes, not this VM's \(memoryBytes) bytes of RAM; it is zeroed at every start, so give a new path or an empty file")
+                }
+            } else {
+                let parent = String(file[..<(file.lastIndex(of: "/") ?? file.startIndex)])
+                guard parent.isEmpty || HostFiles.isDirectory(parent) else {
+                    throw .invalidValue(field: "--memory-backing", reason: "the directory \(parent) does not exist")
+                }
+            }
         }
     }
 }

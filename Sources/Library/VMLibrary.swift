@@ -109,8 +109,11 @@ public struct ChangeRequest: Sendable {
     public var pidsLimit: Int??
     public var vcpuPins: [VCPUPin]??
     public var emulatorCPUs: [Int]??
+    /// `--rt-priority` (`.some(nil)` removes it); taken at the next start.
+    public var rtPriority: Int??
     /// `--memory-backing` (`.some(nil)`: ordinary pages), `--prealloc`, `--ksm`.
-    public var hugePages: String??
+    public var memoryBackingChoice: MemoryBackingOptions.Choice?
+    public var lockMemory: Bool?
     public var preallocate: Bool?
     public var mergeable: Bool?
 
@@ -129,6 +132,7 @@ public struct ChangeRequest: Sendable {
         if let pids = pidsLimit { changed.pidsLimit = pids }
         if let pins = vcpuPins { changed.vcpuPins = pins }
         if let emulator = emulatorCPUs { changed.emulatorCPUs = emulator }
+        if let priority = rtPriority { changed.rtPriority = priority }
         return changed
     }
 
@@ -142,8 +146,8 @@ public struct ChangeRequest: Sendable {
          firmware != nil ? "--firmware" : nil, accelerator != nil ? "--accel" : nil,
          cpuCapPercent != nil ? "--cpu-cap" : nil, cpuWeight != nil ? "--cpu-weight" : nil,
          memoryLimitBytes != nil ? "--memory-limit" : nil, pidsLimit != nil ? "--pids-limit" : nil,
-         vcpuPins != nil ? "--pin" : nil, emulatorCPUs != nil ? "--pin-emulator" : nil,
-         hugePages != nil ? "--memory-backing" : nil, preallocate != nil ? "--prealloc" : nil, mergeable != nil ? "--ksm" : nil].compactMap { $0 }
+         vcpuPins != nil ? "--pin" : nil, emulatorCPUs != nil ? "--pin-emulator" : nil, rtPriority != nil ? "--rt-priority" : nil,
+         memoryBackingChoice != nil ? "--memory-backing" : nil, preallocate != nil ? "--prealloc" : nil, mergeable != nil ? "--ksm" : nil, lockMemory != nil ? "--lock-memory" : nil].compactMap { $0 }
     }
 }
 
@@ -218,7 +222,7 @@ public struct VMLibrary: Sendable {
     public func status(of bundle: VMBundle) -> Status {
         guard bundle.isLocked else {
             if bundle.hasSavedState { return Status(state: .saved) }
-            if let reason = bundle.outOfMemoryEnd() ?? bundle.lastRunFailure() { return Status(state: .crashed, crashReason: reason) }
+            if let reason = bundle.outOfMemoryEnd() ?? bundle.seccompEnd() ?? bundle.lastRunFailure() { return Status(state: .crashed, crashReason: reason) }
             return Status(state: .stopped)
         }
         if let description = describeRunning(bundle) {
@@ -695,7 +699,7 @@ public struct VMLibrary: Sendable {
     public func change(_ name: String, _ request: ChangeRequest) throws(LibraryError) -> VMDefinition {
         let fields = request.fields
         guard !fields.isEmpty else {
-            throw .invalidValue(field: "vireo set", reason: "nothing to change; give at least one of --cpus, --memory, --cmdline, --kernel, --initrd, --no-initrd, --ostype, --rng/--no-rng, --nic, --no-nic, --forward, --vsock-cid, --no-vsock, --balloon/--no-balloon, --acpi, --on-reboot, --cpu, --engine, --iso, --firmware, --accel, --cpu-cap, --cpu-weight, --memory-limit, --pids-limit, --pin, --pin-emulator, --memory-backing, --prealloc, --ksm")
+            throw .invalidValue(field: "vireo set", reason: "nothing to change; give at least one of --cpus, --memory, --cmdline, --kernel, --initrd, --no-initrd, --ostype, --rng/--no-rng, --nic, --no-nic, --forward, --vsock-cid, --no-vsock, --balloon/--no-balloon, --acpi, --on-reboot, --cpu, --engine, --iso, --firmware, --accel, --cpu-cap, --cpu-weight, --memory-limit, --pids-limit, --pin, --pin-emulator, --rt-priority, --memory-backing, --prealloc, --ksm, --lock-memory")
         }
         if request.initrd != nil && request.removeInitrd { throw .invalidValue(field: "--initrd", reason: "--initrd and --no-initrd contradict each other") }
         if let kernel = request.kernel { try Self.validate(kernel: kernel) }
@@ -736,8 +740,9 @@ public struct VMLibrary: Sendable {
             if let firmware = request.firmware { changed.firmware = firmware }
             if let accelerator = request.accelerator { changed.accelerator = accelerator }
             changed.resources = request.applyingResources(to: changed.resources)
-            if let pages = request.hugePages { changed.memoryBacking.hugePages = pages }
+            if let choice = request.memoryBackingChoice { changed.memoryBacking.apply(choice) }
             if let preallocate = request.preallocate { changed.memoryBacking.preallocate = preallocate }
+            if let locked = request.lockMemory { changed.memoryBacking.locked = locked }
             if let mergeable = request.mergeable { changed.memoryBacking.mergeable = mergeable }
             if changed.engine == .kvm, request.accelerator != nil {
                 throw .invalidValue(field: "--accel", reason: "the kvm engine always uses KVM; --accel is for the qemu engine")

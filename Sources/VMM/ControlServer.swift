@@ -33,6 +33,7 @@ final class ControlServer: @unchecked Sendable {
     }
 
     func start() throws(VMMError) {
+        TestHooks.read()
         _ = try HostThread.spawn(name: "control") { [self] in
             while true {
                 let fd = accept(listener, nil, nil)
@@ -214,7 +215,7 @@ final class ControlServer: @unchecked Sendable {
                 object.add("name", identity.name)
                 object.add("uuid", identity.uuid)
             }
-            object.add("pid", getpid())
+            object.add("pid", HostProcessID.value)
             object.add("state", state)
             object.add("cpus", machine.vcpuCount)
             object.add("memory_bytes", machine.boot.memorySize)
@@ -344,6 +345,23 @@ final class ControlServer: @unchecked Sendable {
             var object = Self.success()
             object.add("target_bytes", mebibytes << 20)
             return object
+        case let text where TestHooks.enabled && text.hasPrefix("test-open "):
+            // Whether this VMM can still open a host path (the jail's proof, docs/isolation.md).
+            let path = String(text.dropFirst(10))
+            let fd = open(path, O_RDONLY | O_CLOEXEC)
+            let code = errno
+            if fd >= 0 { close(fd) }
+            var object = Self.success()
+            object.add("opened", fd >= 0)
+            object.add("errno", fd >= 0 ? 0 : Int(code))
+            return object
+        case "test-forbidden-syscall" where TestHooks.enabled:
+            // A system call no thread's filter allows: an IPv4 socket (the VMM never dials).
+            // With seccomp on the VMM ends here and `vireo info` names the call.
+            let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+            var object = Self.success()
+            object.add("socket", Int(fd))
+            return object
         default:
             return Self.failure("unknown-request", "'\(request.prefix(64))' is not a request; expected one of describe, counters, pause, resume, shutdown, power-button, reset, power-off, save, snapshot ID, migrate DESTINATION ..., migrate-cancel, balloon MIB, console")
         }
@@ -360,5 +378,15 @@ final class ControlServer: @unchecked Sendable {
         let fields = buffer[0..<count].split(separator: UInt8(ascii: " "))
         guard fields.count > 1, let pages = UInt64(String(decoding: fields[1], as: UTF8.self)) else { return 0 }
         return pages * UInt64(sysconf(Int32(_SC_PAGESIZE)))
+    }
+}
+
+/// Control requests only the test suite uses (`test-open PATH`, `test-forbidden-syscall`),
+/// answered only by a VMM started with `VIREO_TEST_HOOKS=1` in its environment.
+enum TestHooks {
+    nonisolated(unsafe) private(set) static var enabled = false
+    /// Read once by the main thread before the control thread starts.
+    static func read() {
+        enabled = getenv("VIREO_TEST_HOOKS").map { String(cString: $0) } == "1"
     }
 }

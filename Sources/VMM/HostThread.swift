@@ -23,6 +23,7 @@ final class HostThread: @unchecked Sendable {
             guard let argument else { return nil }
             let body = Unmanaged<Body>.fromOpaque(argument).takeRetainedValue()
             _ = vireo_set_thread_name(String(body.name.prefix(15)))
+            Confinement.enter(ThreadKind(threadName: body.name))
             body.work()
             return nil
         }, body)

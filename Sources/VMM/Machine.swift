@@ -49,6 +49,8 @@ struct KVMInterruptLine: InterruptLine {
 /// A complete x86_64 virtual machine: KVM VM, guest RAM, the booted kernel, vCPUs and devices.
 public final class Machine: @unchecked Sendable {
     public let boot: BootConfiguration
+    /// SCHED_FIFO priority of the vCPU threads (`--rt-priority`).
+    let realTimePriority: Int32?
     let kvm: KVMSystem
     let vm: VirtualMachine
     let memory: GuestMemory
@@ -209,6 +211,7 @@ public final class Machine: @unchecked Sendable {
         balloon = configuration.balloon.map { VirtioBalloon(deflateOnOOM: $0.deflateOnOOM, statisticsInterval: $0.statisticsInterval) }
         console = try Console(configuration.console)
         stop = try StopController(rebootPolicy: configuration.onReboot)
+        realTimePriority = configuration.realTimePriority
 
         do {
             vm = try kvm.createVM()
@@ -607,6 +610,16 @@ public final class Machine: @unchecked Sendable {
 
     private func runVCPU(_ index: Int) {
         acceptKicks()
+        if let priority = realTimePriority {
+            var parameters = sched_param(sched_priority: priority)
+            let result = pthread_setschedparam(pthread_self(), SCHED_FIFO, &parameters)
+            guard result == 0 else {
+                // Never run a real-time VM at normal priority behind the user's back.
+                stop.request(.vmmFault("--rt-priority: vcpu\(index) cannot run SCHED_FIFO at \(priority): \(String(cString: strerror(result))) (the real-time rlimit or the cgroup's real-time budget forbids it)"))
+                pauseGate.vcpuExited()
+                return
+            }
+        }
         let vcpu = vcpus[index]
         let counter = exitCounts[index]
         defer {

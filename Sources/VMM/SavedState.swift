@@ -846,7 +846,7 @@ extension Machine {
                 throw .invalidConfiguration(field: "snapshot", reason: "the overlay for \(current.path): \(error)")
             }
         }
-        let statePath = directory + "/" + id + "/state"
+        let statePath = directory + "/" + id + ".state"
         // RAM goes to the file while the guest runs; the pause then takes only what it dirtied
         // since, and the machine's state (docs/snapshots.md).
         let file = try StateFileInProgress(path: statePath, memory: memory, cpus: vcpus.count)

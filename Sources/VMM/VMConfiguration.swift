@@ -260,6 +260,8 @@ public struct VMConfiguration: Sendable {
     public var generationID: [UInt8]?
     /// Huge pages, preallocation, KSM (`--memory-backing`, `--prealloc`, `--ksm`).
     public var memoryBacking = GuestMemory.Backing()
+    /// `--rt-priority N`: vCPU threads SCHED_FIFO at N, all memory locked (docs/resources.md).
+    public var realTimePriority: Int32?
 
     /// virtio devices in slot order: disks, network cards, vsock, balloon, then the entropy device.
     public var virtioDeviceCount: Int {

@@ -12,8 +12,9 @@ public enum VMMArguments {
         usage: vireo-vmm --kernel PATH [--initrd PATH] [--cmdline TEXT] [--cpus N] [--cpu MODEL] [--memory SIZE]
                          [--console stdio|none|file:PATH|socket:PATH] [--disk PATH[,readonly][,format=raw|qcow2][,serial=ID]]... [--net tap:NAME|tap-fd:N|stream-fd:N[,mac=MAC]]... [--vsock PATH[,cid=N]] [--balloon on|deflate-on-oom|stats=S] [--rng]
                          [--acpi on|off] [--on-reboot restart|exit] [--generation-id HEX32]
-                         [--memory-backing anon|hugepages[=2M|1G]] [--prealloc] [--ksm]
+                         [--memory-backing anon|hugepages[=2M|1G]|memfd[,shared]|file:PATH[,shared]] [--prealloc] [--ksm] [--lock-memory] [--rt-priority N]
                          [--control PATH] [--name NAME --uuid UUID] [--lock-fd N] [--ready-fd N] [--state-file PATH [--restore]] [--snapshot-dir PATH] [--incoming-fd N]
+                         [--jail uid=N,gid=N[,root=PATH]] [--seccomp on|off|log] [--landlock on|off]
         Boots one VM and runs it until it powers off or reboots. Ctrl-A x quits the stdio console.
         --cpu MODEL      the CPU the guest sees: host (default) or baseline (x86-64-v2), then ,+FEATURE / ,-FEATURE
         --acpi on|off    describe the machine with ACPI (default) or an MP table and command-line devices
@@ -24,9 +25,13 @@ public enum VMMArguments {
         --ready-fd N     write "ready" (or "error: ...") there once the VM runs, then close it
         --state-file P   where the control socket's `save` writes the VM's state (docs/snapshots.md)
         --restore        resume from the state file instead of booting; it is removed once restored
-        --snapshot-dir P where the control socket's `snapshot ID` writes a live snapshot's state (P/ID/state)
-        --memory-backing anon (default) or hugepages (2M, or =1G) from the kernel's pool; --prealloc faults RAM in at start; --ksm offers it to KSM
+        --snapshot-dir P where the control socket's `snapshot ID` writes a live snapshot's state (P/ID.state)
+        --memory-backing anon (default), hugepages (2M, or =1G) from the kernel's pool, memfd or file:PATH (zeroed at start; ,shared maps it MAP_SHARED); --prealloc faults RAM in at start; --ksm offers it to KSM; --lock-memory locks it in RAM (never swapped)
+        --rt-priority N  vCPU threads run SCHED_FIFO at priority N (1-99); all memory is locked (mlockall)
         --incoming-fd N  take the VM from the live-migration stream on inherited descriptor N instead of booting
+        --jail SPEC      once the machine is built: own network namespace, a root holding only the VM's files, uid/gid N (docs/isolation.md)
+        --seccomp MODE   on: a system call outside each thread's allow list ends the VMM; log: allowed and logged by the kernel; off (default)
+        --landlock on|off  with --jail, also restrict file access with Landlock where the kernel has it (default on)
         """
 
     /// How the process around the machine behaves; `vireo start` sets these.
@@ -40,6 +45,9 @@ public enum VMMArguments {
         public var snapshotDirectory: String?
         /// A connected migration stream (docs/migration.md) the VM arrives on.
         public var incomingDescriptor: Int32?
+        public var jail: JailConfiguration?
+        public var seccomp: SeccompMode = .off
+        public var landlock = true
     }
 
     public enum Parsed {
@@ -53,11 +61,11 @@ public enum VMMArguments {
         var networks: [NetworkConfiguration] = []
         var index = 0
         let known: Set<String> = ["--kernel", "--initrd", "--cmdline", "--cpus", "--cpu", "--memory", "--console", "--disk", "--net", "--vsock", "--balloon",
-                                  "--acpi", "--on-reboot", "--generation-id", "--control", "--name", "--uuid", "--lock-fd", "--ready-fd", "--state-file", "--snapshot-dir", "--incoming-fd", "--memory-backing"]
+                                  "--acpi", "--on-reboot", "--generation-id", "--control", "--name", "--uuid", "--lock-fd", "--ready-fd", "--state-file", "--snapshot-dir", "--incoming-fd", "--memory-backing", "--jail", "--seccomp", "--landlock", "--rt-priority"]
         while index < arguments.count {
             let argument = arguments[index]
             if argument == "--help" || argument == "-h" { return .help }
-            if argument == "--rng" || argument == "--restore" || argument == "--prealloc" || argument == "--ksm" {
+            if argument == "--rng" || argument == "--restore" || argument == "--prealloc" || argument == "--ksm" || argument == "--lock-memory" {
                 guard values[argument] == nil else { throw .invalidConfiguration(field: argument, reason: "given more than once") }
                 values[argument] = ""
                 index += 1
@@ -102,13 +110,31 @@ public enum VMMArguments {
         configuration.entropyDevice = values["--rng"] != nil
         configuration.memoryBacking.preallocate = values["--prealloc"] != nil
         configuration.memoryBacking.mergeable = values["--ksm"] != nil
+        configuration.memoryBacking.locked = values["--lock-memory"] != nil
         if let backing = values["--memory-backing"] {
             switch backing {
             case "anon": break
             case "hugepages", "hugepages=2M": configuration.memoryBacking.hugePageSize = 2 << 20
             case "hugepages=1G": configuration.memoryBacking.hugePageSize = 1 << 30
-            default: throw .invalidConfiguration(field: "--memory-backing", reason: "'\(backing)' is not anon, hugepages, hugepages=2M or hugepages=1G")
+            default:
+                var words = backing.split(separator: ",", omittingEmptySubsequences: false).map(String.init)
+                let shared = words.count == 2 && words[1] == "shared"
+                if shared { words.removeLast() }
+                if words.count == 1, words[0] == "memfd" {
+                    configuration.memoryBacking.file = .memfd
+                } else if words.count == 1, words[0].hasPrefix("file:/") {
+                    configuration.memoryBacking.file = .path(String(words[0].dropFirst(5)))
+                } else {
+                    throw .invalidConfiguration(field: "--memory-backing", reason: "'\(backing)' is not anon, hugepages[=2M|1G], memfd[,shared] or file:PATH[,shared] (PATH absolute)")
+                }
+                configuration.memoryBacking.shared = shared
             }
+        }
+        if let priority = values["--rt-priority"] {
+            guard let value = Int32(priority), (1...99).contains(value) else {
+                throw .invalidConfiguration(field: "--rt-priority", reason: "'\(priority)' is not a SCHED_FIFO priority from 1 to 99")
+            }
+            configuration.realTimePriority = value
         }
         if let acpi = values["--acpi"] { configuration.acpi = try parseACPISwitch(acpi) }
         if let policy = values["--on-reboot"] { configuration.onReboot = try RebootPolicy(parsing: policy) }
@@ -141,6 +167,15 @@ public enum VMMArguments {
         options.snapshotDirectory = values["--snapshot-dir"]
         options.restore = values["--restore"] != nil
         options.incomingDescriptor = try descriptor(values["--incoming-fd"], field: "--incoming-fd")
+        if let jail = values["--jail"] { options.jail = try JailConfiguration(parsing: jail) }
+        if let mode = values["--seccomp"] {
+            guard let parsed = SeccompMode(rawValue: mode) else { throw .invalidConfiguration(field: "--seccomp", reason: "'\(mode)' is not on, off or log") }
+            options.seccomp = parsed
+        }
+        if let landlock = values["--landlock"] {
+            guard landlock == "on" || landlock == "off" else { throw .invalidConfiguration(field: "--landlock", reason: "'\(landlock)' is not on or off") }
+            options.landlock = landlock == "on"
+        }
         if options.restore && options.incomingDescriptor != nil {
             throw .invalidConfiguration(field: "--incoming-fd", reason: "cannot be combined with --restore: the VM comes from one or the other")
         }

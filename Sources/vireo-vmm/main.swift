@@ -7,6 +7,7 @@ import Glibc
 // One VM per process, with nothing loaded that the VM does not need: no Foundation, and the
 // Swift runtime linked statically (see Package.swift). Exit statuses match `vireo run`.
 VMMClock.markStart()
+HostProcessID.record()
 
 /// Where `vireo start` waits to learn whether the VM came up.
 nonisolated(unsafe) var readyDescriptor: Int32 = -1
@@ -65,7 +66,19 @@ do throws(VMMError) {
         // From here the machine owns the stream (it closes it once the source knows it runs).
         incomingDescriptor = -1
         if let path = options.controlPath { try machine.listenForControl(path: path, identity: options.identity) }
-        tellStarter("ready \(getpid())")
+        if configuration.realTimePriority != nil, mlockall(MCL_CURRENT | MCL_FUTURE) != 0 {
+            // A real-time vCPU that page-faults is no longer real-time.
+            throw VMMError.host(operation: "--rt-priority: lock the VMM's memory (mlockall; RLIMIT_MEMLOCK too small?)", errno: errno)
+        }
+        var report = ConfinementReport()
+        if options.jail != nil || options.seccomp != .off {
+            report = try Machine.confine(jail: options.jail, seccomp: options.seccomp, landlock: options.landlock,
+                                         realTimePriority: configuration.realTimePriority,
+                                         configuration: configuration, controlPath: options.controlPath,
+                                         stateFile: options.stateFile, snapshotDirectory: options.snapshotDirectory)
+            vmmLog("isolation: " + report.summary)
+        }
+        tellStarter("ready \(HostProcessID.value) \(report.summary)")
         let outcome = try machine.run()
         vmmLog(outcome.summary)
         // The last line of every run, so `vireo info` and tests can tell a clean stop from a crash.

@@ -146,9 +146,15 @@ struct ResourceTests {
         let usedLight = Double((Self.cpuNanoseconds(light) ?? 0) - beforeLight), usedHeavy = Double((Self.cpuNanoseconds(heavy) ?? 0) - beforeHeavy)
         let heavyShare = usedHeavy / max(usedLight + usedHeavy, 1)
         #expect(heavyShare > 0.65 && heavyShare < 0.85, "weight 300 against 100 on one CPU: \(heavyShare) of it")
+        // Every thread on CPU 1: the VM's cpuset group narrows to it as well.
+        #expect(library.vireo("set", "heavy", "--pin", "vcpu0=1", "--pin-emulator", "1").status == 0)
+        let cpuset = heavy["cpuset"] ?? heavy["unified"]
+        if let cpuset { #expect(Self.readSetting(cpuset + "/cpuset.cpus") == "1") }
+        #expect(affinities()["control"] == "1")
         #expect(library.vireo("set", "heavy", "--pin", "none", "--pin-emulator", "none").status == 0)
         let unpinned = affinities()
         #expect(unpinned["vcpu0"] == "0-1" && unpinned["control"] == "0-1", "\(unpinned)")
+        if let cpuset { #expect(Self.readSetting(cpuset + "/cpuset.cpus") == "0-1") }
         let bad = library.vireo("set", "heavy", "--pin", "vcpu1=0")
         #expect(bad.status == 2 && bad.stderr.contains("--pin: vcpu1 does not exist"), "\(bad.stderr)")
         for name in ["light", "heavy"] { #expect(library.vireo("stop", name, "--force").status == 0) }
@@ -232,5 +238,107 @@ struct ResourceTests {
         #expect(library.waitFor(90) { merging("merged") > 2000 }, "merged: \(merging("merged")) pages")
         #expect(merging("plain") == 0, "plain: \(merging("plain")) pages")
         for name in ["merged", "plain"] { #expect(library.vireo("stop", name, "--force").status == 0) }
+    }
+
+    @Test("--lock-memory: the jailed VMM's guest RAM is locked in host memory (VmLck covers it although the VM's uid could lock only a few MiB itself), and `vireo info` says so")
+    func lockedMemory() throws {
+        let library = try TestLibrary()
+        let created = library.vireo("create", "pinned", "--kernel", try Harness.probe("pvh"), "--memory", "64M", "--no-disk",
+                                    "--cmdline", "console=ttyS0 probe=ticker", "--lock-memory")
+        #expect(created.status == 0, "\(created.stderr)")
+        #expect(library.vireo("start", "pinned").status == 0)
+        let pid = try #require(Self.pid(library, "pinned"))
+        let status = IsolationTests.status(pid)
+        let locked = status["VmLck"].flatMap { Int($0.split(separator: " ").first ?? "") } ?? 0
+        #expect(locked >= 64 * 1024, "VmLck \(status["VmLck"] ?? "missing")")
+        #expect(status["Uid"]?.hasPrefix("0\t") == false, "\(status["Uid"] ?? "")")
+        #expect(library.vireo("info", "pinned").stdout.contains("locked in RAM"))
+        #expect(library.vireo("stop", "pinned", "--force").status == 0)
+    }
+
+    @Test("--memory-backing file:PATH,shared puts guest RAM in the file (the probe's writes show up in it, zeroed again at the next start), memfd,shared maps a memfd, and files that hold something else, directories and relative paths are refused naming the field")
+    func fileBackedMemory() throws {
+        let library = try TestLibrary()
+        let directory = try Harness.temporaryDirectory()
+        let ram = directory.appendingPathComponent("guest.ram").path
+        let probe = try Harness.probe("pvh")
+        let created = library.vireo("create", "filed", "--kernel", probe, "--memory", "64M", "--no-disk",
+                                    "--cmdline", "console=ttyS0 probe=dirty spin=2000000", "--memory-backing", "file:\(ram),shared")
+        #expect(created.status == 0, "\(created.stderr)")
+        #expect(library.vireo("info", "filed").stdout.contains("file \(ram), shared"))
+        #expect(library.vireo("start", "filed").status == 0)
+        #expect(library.waitFor(30) { SavedStateTests.rounds(library.consoleLog("filed")).count >= 3 })
+        // The probe rewrites 8 MiB of pages: they are in the file, written through the shared mapping.
+        func touchedPages() -> Int {
+            guard let handle = FileHandle(forReadingAtPath: ram) else { return -1 }
+            defer { try? handle.close() }
+            var count = 0
+            while let chunk = try? handle.read(upToCount: 1 << 20), !chunk.isEmpty {
+                for page in stride(from: 0, to: chunk.count, by: 4096) where chunk[page..<min(page + 4096, chunk.count)].contains(where: { $0 != 0 }) {
+                    count += 1
+                }
+            }
+            return count
+        }
+        #expect(touchedPages() > 2000, "\(touchedPages()) non-zero pages in \(ram)")
+        #expect((try? FileManager.default.attributesOfItem(atPath: ram)[.size] as? Int) == 64 << 20)
+        #expect(library.vireo("stop", "filed", "--force").status == 0)
+
+        #expect(library.vireo("set", "filed", "--memory-backing", "memfd,shared").status == 0)
+        #expect(library.vireo("start", "filed").status == 0)
+        let pid = try #require(Self.pid(library, "filed"))
+        let maps = (try? String(contentsOfFile: "/proc/\(pid)/maps", encoding: .utf8)) ?? ""
+        #expect(maps.contains("memfd:vireo-guest-ram"), "\(maps.prefix(2000))")
+        #expect(library.vireo("stop", "filed", "--force").status == 0)
+
+        let other = directory.appendingPathComponent("notes.txt").path
+        try Data("keep me".utf8).write(to: URL(fileURLWithPath: other))
+        for (backing, message) in [("file:\(other),shared", "holds 7 bytes"), ("file:\(directory.path),shared", "not a regular file"),
+                                   ("file:relative", "not an absolute file path"), ("memfd,private", "the only option after a comma is 'shared'"),
+                                   ("file:\(directory.path)/missing/ram", "does not exist")] {
+            let result = library.vireo("create", "bad", "--kernel", probe, "--memory", "64M", "--no-disk", "--memory-backing", backing)
+            #expect(result.status != 0 && result.stderr.contains("--memory-backing") && result.stderr.contains(message), "\(backing): \(result.stderr)")
+        }
+        #expect((try? String(contentsOfFile: other, encoding: .utf8)) == "keep me")
+    }
+
+    @Test("--rt-priority: the jailed VMM's vCPU thread runs SCHED_FIFO at the priority with all its memory locked, inside a real-time budget in its cpu group; a priority outside 1-99 is refused naming the field")
+    func realTimeVCPUs() throws {
+        let library = try TestLibrary()
+        let probe = try Harness.probe("pvh")
+        for bad in ["0", "100", "x"] {
+            let result = library.vireo("create", "bad", "--kernel", probe, "--memory", "64M", "--no-disk", "--rt-priority", bad)
+            #expect(result.status != 0 && result.stderr.contains("--rt-priority"), "\(bad): \(result.stderr)")
+        }
+        // A ticker idles in HLT between ticks: real-time, but not spinning.
+        let created = library.vireo("create", "rt", "--kernel", probe, "--memory", "64M", "--no-disk",
+                                    "--cmdline", "console=ttyS0 probe=ticker", "--rt-priority", "10")
+        #expect(created.status == 0, "\(created.stderr)")
+        let started = library.vireo("start", "rt")
+        #expect(started.status == 0, "\(started.stderr)")
+        #expect(library.waitFor(20) { library.ticks("rt") >= 2 })
+        let pid = try #require(Self.pid(library, "rt"))
+        var policies: [String: (policy: Int, priority: Int)] = [:]
+        for task in (try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/task")) ?? [] {
+            let name = ((try? String(contentsOfFile: "/proc/\(pid)/task/\(task)/comm", encoding: .utf8)) ?? "").trimmingCharacters(in: .whitespacesAndNewlines)
+            let stat = (try? String(contentsOfFile: "/proc/\(pid)/task/\(task)/stat", encoding: .utf8)) ?? ""
+            // Fields after the command's closing parenthesis: rt_priority is the 40th, policy the 41st.
+            guard let close = stat.lastIndex(of: ")") else { continue }
+            let fields = stat[stat.index(after: close)...].split(separator: " ")
+            guard fields.count > 39, let priority = Int(fields[37]), let policy = Int(fields[38]) else { continue }
+            policies[name] = (policy, priority)
+        }
+        #expect(policies["vcpu0"]?.policy == 1 && policies["vcpu0"]?.priority == 10, "\(policies)")
+        #expect(policies["control"]?.policy == 0, "only vCPUs are real-time: \(policies)")
+        let status = IsolationTests.status(pid)
+        let locked = status["VmLck"].flatMap { Int($0.split(separator: " ").first ?? "") } ?? 0
+        #expect(locked >= 64 * 1024, "VmLck \(status["VmLck"] ?? "missing")")
+        if let cpu = Self.groups(library, "rt")["cpu"], FileManager.default.fileExists(atPath: cpu + "/cpu.rt_runtime_us") {
+            let budget = (try? String(contentsOfFile: cpu + "/cpu.rt_runtime_us", encoding: .utf8))?.trimmingCharacters(in: .whitespacesAndNewlines)
+            #expect(budget == "400000", "\(budget ?? "missing")")
+        }
+        #expect(library.vireo("set", "rt", "--rt-priority", "20").status != 0, "a running VM's priority changes at its next start only")
+        #expect(library.vireo("stop", "rt", "--force").status == 0)
+        #expect(library.vireo("set", "rt", "--rt-priority", "none").status == 0)
     }
 }

@@ -34,7 +34,7 @@ struct SavedStateTests {
         #expect(saved.status == 0, "\(saved.stderr)")
         #expect(saved.stdout.contains("Saved VM 'keep'"), "\(saved.stdout)")
         #expect(library.state("keep") == "saved")
-        let statePath = library.root.appendingPathComponent("keep/saved.state").path
+        let statePath = library.root.appendingPathComponent("keep/vmm/saved.state").path
         #expect(FileManager.default.fileExists(atPath: statePath))
         #expect(library.vmmLog("keep").contains("state saved to \(statePath); the VM has stopped"), "\(library.vmmLog("keep"))")
         let info = library.vireo("info", "keep").stdout
@@ -77,7 +77,7 @@ struct SavedStateTests {
         #expect(library.waitFor(30) { Self.rounds(library.consoleLog("hurt")).count >= 3 })
         #expect(library.vireo("save", "hurt", timeout: 120).status == 0)
         let last = try #require(Self.rounds(library.consoleLog("hurt")).last)
-        let statePath = library.root.appendingPathComponent("hurt/saved.state").path
+        let statePath = library.root.appendingPathComponent("hurt/vmm/saved.state").path
         let good = try Data(contentsOf: URL(fileURLWithPath: statePath))
 
         var damages: [(String, Data, String)] = []
@@ -197,7 +197,7 @@ struct SavedStateTests {
         #expect(library.vireo("start", "moved").status == 0)
         #expect(library.waitFor(30) { Self.rounds(library.consoleLog("moved")).count >= 3 })
         #expect(library.vireo("save", "moved", timeout: 120).status == 0)
-        let statePath = library.root.appendingPathComponent("moved/saved.state").path
+        let statePath = library.root.appendingPathComponent("moved/vmm/saved.state").path
         let patched = Harness.run(["python3", "-c", """
             import struct, sys, zlib
             path = sys.argv[1]
@@ -244,6 +244,9 @@ struct SavedStateTests {
         #expect(created.status == 0, "\(created.stderr)")
         #expect(library.vireo("start", "qd").status == 0)
         #expect(library.waitFor(60) { Self.rounds(library.consoleLog("qd")).count >= 10 }, "\(library.consoleLog("qd").suffix(500))")
+        // QEMU runs under its own seccomp sandbox (docs/isolation.md).
+        let info = library.vireo("info", "qd").stdout
+        #expect(info.contains("QEMU's own -sandbox") && info.contains("[kernel: mode 2]"), "\(info)")
 
         let saved = library.vireo("save", "qd", timeout: 300)
         #expect(saved.status == 0, "\(saved.stderr)")
@@ -254,7 +257,7 @@ struct SavedStateTests {
         let joined = Self.rounds(library.previousConsoleLog("qd") + library.consoleLog("qd"))
         #expect(joined == Array(0..<joined.count), "rounds: …\(joined.suffix(20))")
         #expect((Self.rounds(library.consoleLog("qd")).first ?? 0) > last - 1)
-        #expect(!FileManager.default.fileExists(atPath: library.root.appendingPathComponent("qd/saved.state").path), "the state stays after it was restored")
+        #expect(!FileManager.default.fileExists(atPath: library.root.appendingPathComponent("qd/vmm/saved.state").path), "the state stays after it was restored")
 
         // A live snapshot, then more rounds, then back to it.
         let taken = library.vireo("snapshot", "take", "qd", "A", timeout: 300)

@@ -142,6 +142,7 @@ struct QEMUCommandLineTests {
         let arguments = QEMUEngine.arguments(definition, bundle: bundle, accelerator: .tcg, cards: cards)
         let line = arguments.joined(separator: " ")
         #expect(line.contains("-machine q35,accel=tcg,mem-merge=off -cpu max"), "KSM only when asked: \(line)")
+        #expect(line.contains("-sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"), "\(line)")
         #expect(line.contains("if=pflash,format=raw,unit=0,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd"))
         #expect(line.contains("if=pflash,format=raw,unit=1,file=/lib/inst/nvram.fd"))
         // Commas in a path are doubled, so a file name cannot add options.

@@ -69,4 +69,10 @@ void vireo_bitmap_take(uint64_t *words, uint64_t *into, size_t count);
 int vireo_set_affinity(pid_t tid, const int *cpus, int count);
 // The CPUs thread `tid` may run on, written to `cpus` (up to `capacity`); the count, or -errno.
 int vireo_get_affinity(pid_t tid, int *cpus, int capacity);
+/// A close-on-exec memfd for guest RAM, or -1 with errno.
+int vireo_guest_memfd(const char *name);
+
+/// Frees [offset, offset+length) of a file, keeping its size (the range reads as zeros). 0 or -1 with errno.
+int vireo_file_punch_hole(int fd, long long offset, long long length);
+
 #endif
