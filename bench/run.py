@@ -926,11 +926,77 @@ def clone_mac(bundle):
         return json.load(handle)["networks"][0]["mac"]
 
 
+def isolation_benchmark(runs, port_writes):
+    """What the jail and seccomp cost a library VM: `vireo start` to the first console byte, port
+    exits per second and the VMM's private memory, with both on (the default) and with
+    --no-jail --no-seccomp, interleaved so background load hits both alike."""
+    import tempfile
+    vireo = os.path.join(ROOT, ".build", "release", "vireo")
+    probe = os.path.join(OUT, "probe-pvh.elf")
+    home = tempfile.mkdtemp(prefix="vireo-bench-")
+    env = dict(os.environ, VIREO_HOME=home)
+
+    def cli(*arguments):
+        subprocess.run([vireo, *arguments], env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def wait_console(name, text, timeout=120):
+        log = os.path.join(home, name, "console.log")
+        deadline = time.perf_counter() + timeout
+        while time.perf_counter() < deadline:
+            try:
+                with open(log, "rb") as f:
+                    if text.encode() in f.read():
+                        return time.perf_counter()
+            except FileNotFoundError:
+                pass
+            time.sleep(0.0005)
+        raise TimeoutError(f"{name}: {text!r} not seen")
+
+    modes = {"jail + seccomp": [], "--no-jail --no-seccomp": ["--no-jail", "--no-seccomp"]}
+    cli("create", "fb", "--kernel", probe, "--memory", f"{MEMORY_MIB}M", "--no-disk", "--no-rng", "--no-nic", "--cmdline", "console=ttyS0 probe=irq")
+    cli("create", "ex", "--kernel", probe, "--memory", f"{MEMORY_MIB}M", "--no-disk", "--no-rng", "--no-nic",
+        "--cmdline", f"console=ttyS0 probe=ports count={port_writes}")
+    first = {mode: [] for mode in modes}
+    memory = {mode: [] for mode in modes}
+    exits = {mode: [] for mode in modes}
+    for index in range(runs):
+        for mode, flags in modes.items():
+            log = os.path.join(home, "fb", "console.log")
+            begin = time.perf_counter()
+            cli("start", "fb", *flags)
+            while not (os.path.exists(log) and os.path.getsize(log) > 0):
+                time.sleep(0.0002)
+            first[mode].append((time.perf_counter() - begin) * 1000)
+            if index < 3:
+                wait_console("fb", "irq: waiting for serial input")
+                time.sleep(0.3)
+                with open(os.path.join(home, "fb", "vmm.pid")) as f:
+                    memory[mode].append(smaps_excluding_guest_ram(int(f.read().strip()))[1])
+            cli("stop", "fb", "--force")
+            if index < 5:
+                cli("start", "ex", *flags)
+                start = wait_console("ex", "ports: start")
+                end = wait_console("ex", f"ports: done count={port_writes}", timeout=600)
+                exits[mode].append(port_writes / (end - start))
+                cli("stop", "ex", "--force")
+    shutil.rmtree(home, ignore_errors=True)
+    on, off = list(modes)
+    print(f"| library VM | start to first console byte (ms, median of {runs}) | port exits/s (median of 5) | VMM private dirty excl. guest RAM (KiB) |")
+    print("|---|---|---|---|")
+    for mode in modes:
+        print(f"| {mode} | {statistics.median(first[mode]):.1f} | {statistics.median(exits[mode]):.0f} | {statistics.median(memory[mode]):.0f} |")
+    print()
+    print(f"isolation cost: start +{statistics.median(first[on]) - statistics.median(first[off]):.1f} ms "
+          f"({statistics.median(first[on]) / statistics.median(first[off]):.2f}x); "
+          f"exits {statistics.median(exits[on]) / statistics.median(exits[off]):.3f}x; "
+          f"private memory {statistics.median(memory[on]) / statistics.median(memory[off]):.2f}x")
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=15)
     parser.add_argument("--port-writes", type=int, default=100000)
-    parser.add_argument("--only", choices=["vmm", "blk", "lifecycle", "acpi", "qemu-engine", "net", "images", "saved-state", "migration"], help="run one part only")
+    parser.add_argument("--only", choices=["vmm", "blk", "lifecycle", "acpi", "qemu-engine", "net", "images", "saved-state", "migration", "isolation"], help="run one part only")
     parser.add_argument("--vm-count", type=int, default=20, help="VMs created and started in the lifecycle benchmark")
     parser.add_argument("--random-requests", type=int, default=5000)
     parser.add_argument("--cold", action="store_true", help="images: start the first build with an empty package cache")
@@ -959,6 +1025,9 @@ def main():
         return
     if args.only == "migration":
         migration_benchmark(min(args.runs, 5))
+        return
+    if args.only == "isolation":
+        isolation_benchmark(args.runs, args.port_writes)
         return
     names = list(commands("").keys())
     results = {name: {} for name in names}
@@ -998,6 +1067,7 @@ def main():
         net_benchmark(min(args.runs, 5))
         saved_state_benchmark(min(args.runs, 5))
         migration_benchmark(min(args.runs, 5))
+        isolation_benchmark(args.runs, args.port_writes)
 
 
 if __name__ == "__main__":
