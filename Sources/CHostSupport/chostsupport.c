@@ -8,6 +8,7 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -276,4 +277,12 @@ int vireo_guest_memfd(const char *name) {
 
 int vireo_file_punch_hole(int fd, long long offset, long long length) {
     return fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)offset, (off_t)length);
+}
+
+int vireo_bind_to_numa_node(void *address, unsigned long length, int node) {
+    enum { MPOL_BIND_MODE = 2, MF_MOVE = 1 << 1 };
+    if (node < 0 || node >= 1024) { errno = EINVAL; return -1; }
+    unsigned long mask[1024 / (8 * sizeof(unsigned long))] = {0};
+    mask[node / (8 * sizeof(unsigned long))] = 1UL << (node % (8 * sizeof(unsigned long)));
+    return (int)syscall(SYS_mbind, address, length, MPOL_BIND_MODE, mask, 1024UL, MF_MOVE);
 }

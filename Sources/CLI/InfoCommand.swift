@@ -169,10 +169,11 @@ struct Info: ParsableCommand {
         let backing = report.memoryBacking
         var backingText = [backing.hugePages.map { "\($0) huge pages" }
                            ?? backing.file.map { ($0 == "memfd" ? "a memfd" : "file \($0)") + (backing.shared ? ", shared" : ", private") }
-                           ?? "ordinary pages"]
+                           ?? (backing.transparentHugePages && !backing.mergeable ? "ordinary pages, offered to transparent huge pages" : "ordinary 4 KiB pages")]
         if backing.preallocate { backingText.append("preallocated") }
         if backing.mergeable { backingText.append("offered to KSM") }
         if backing.locked { backingText.append("locked in RAM") }
+        if let node = backing.numaNode { backingText.append("bound to host NUMA node \(node)") }
         lines.append(["Memory backing:", backingText.joined(separator: ", ")])
         if let groups = limits.cgroups {
             var text = groups.keys.sorted().map { "\($0) \(groups[$0] ?? "")" }.joined(separator: ", ")

@@ -212,6 +212,21 @@ struct MemoryBackingFlags: ParsableArguments {
     @Flag(inversion: .prefixedNo, help: "Lock guest RAM in host memory: never swapped, all of it taken at start.")
     var lockMemory: Bool?
 
+    @Flag(inversion: .prefixedNo, help: "Offer ordinary guest RAM to transparent huge pages (on by default: fewer faults as the guest touches memory).")
+    var thp: Bool?
+
+    @Option(help: ArgumentHelp("Bind guest RAM to this host NUMA node (none: no binding).", valueName: "N|none"))
+    var numaNode: String?
+
+    func parsedNUMANode() throws -> Int?? {
+        guard let numaNode else { return nil }
+        if numaNode == "none" { return .some(nil) }
+        guard let node = Int(numaNode), node >= 0 else {
+            throw fail(LibraryError.invalidValue(field: "--numa-node", reason: "'\(numaNode)' is not a node number (0, 1, ...) or none"))
+        }
+        return .some(node)
+    }
+
     func apply(to request: inout ChangeRequest) throws {
         if let memoryBacking {
             do throws(LibraryError) { request.memoryBackingChoice = try MemoryBackingOptions.parseBacking(memoryBacking) } catch { throw fail(error) }
@@ -219,6 +234,8 @@ struct MemoryBackingFlags: ParsableArguments {
         request.preallocate = prealloc
         request.mergeable = ksm
         request.lockMemory = lockMemory
+        request.transparentHugePages = thp
+        request.numaNode = try parsedNUMANode()
     }
 
     func options() throws -> MemoryBackingOptions {
@@ -229,6 +246,8 @@ struct MemoryBackingFlags: ParsableArguments {
         options.preallocate = prealloc ?? false
         options.mergeable = ksm ?? false
         options.locked = lockMemory ?? false
+        options.transparentHugePages = thp ?? true
+        options.numaNode = try parsedNUMANode() ?? nil
         return options
     }
 }

@@ -63,6 +63,8 @@ public struct KVMEngine: Engine {
         if definition.memoryBacking.preallocate { arguments.append("--prealloc") }
         if definition.memoryBacking.mergeable { arguments.append("--ksm") }
         if definition.memoryBacking.locked { arguments.append("--lock-memory") }
+        if !definition.memoryBacking.transparentHugePages { arguments += ["--thp", "off"] }
+        if let node = definition.memoryBacking.numaNode { arguments += ["--numa-node", String(node)] }
         if let priority = definition.resources.rtPriority { arguments += ["--rt-priority", String(priority)] }
         return arguments
     }

@@ -123,15 +123,21 @@ public struct QEMUEngine: Engine {
             arguments += ["-device", "vmgenid,guid=\(guid)"]
         }
         if definition.onReboot == "exit" { arguments.append("-no-reboot") }
+        // --numa-node: QEMU binds the backend's memory itself.
+        let numa = definition.memoryBacking.numaNode.map { ",host-nodes=\($0),policy=bind" } ?? ""
         if let pages = definition.memoryBacking.hugePages {
             arguments += ["-object", "memory-backend-memfd,id=ram0,size=\(definition.memoryBytes >> 20)M,hugetlb=on,hugetlbsize=\(pages)"
-                          + (definition.memoryBacking.preallocate ? ",prealloc=on" : ""),
+                          + (definition.memoryBacking.preallocate ? ",prealloc=on" : "") + numa,
                           "-machine", "memory-backend=ram0"]
         } else if let file = definition.memoryBacking.file {
             let share = definition.memoryBacking.shared ? "on" : "off"
             let backend = file == "memfd" ? "memory-backend-memfd,id=ram0" : "memory-backend-file,id=ram0,mem-path=\(file)"
             arguments += ["-object", backend + ",size=\(definition.memoryBytes >> 20)M,share=\(share)"
-                          + (definition.memoryBacking.preallocate ? ",prealloc=on" : ""),
+                          + (definition.memoryBacking.preallocate ? ",prealloc=on" : "") + numa,
+                          "-machine", "memory-backend=ram0"]
+        } else if !numa.isEmpty {
+            arguments += ["-object", "memory-backend-ram,id=ram0,size=\(definition.memoryBytes >> 20)M"
+                          + (definition.memoryBacking.preallocate ? ",prealloc=on" : "") + numa,
                           "-machine", "memory-backend=ram0"]
         } else if definition.memoryBacking.preallocate {
             arguments.append("-mem-prealloc")

@@ -225,6 +225,10 @@ public struct MemoryBackingOptions: Codable, Sendable, Equatable {
     public var file: String?
     /// Map the file shared: the guest's writes land in it.
     public var shared = false
+    /// Offer ordinary RAM to transparent huge pages (the default; `--no-thp` turns it off).
+    public var transparentHugePages = true
+    /// Host NUMA node guest RAM is bound to (libvirt's `<numatune><memory mode="strict">`).
+    public var numaNode: Int?
 
     public init(hugePages: String? = nil, preallocate: Bool = false, mergeable: Bool = false, locked: Bool = false) {
         self.hugePages = hugePages
@@ -238,6 +242,11 @@ public struct MemoryBackingOptions: Codable, Sendable, Equatable {
         public var hugePages: String?
         public var file: String?
         public var shared = false
+        public init(hugePages: String? = nil, file: String? = nil, shared: Bool = false) {
+            self.hugePages = hugePages
+            self.file = file
+            self.shared = shared
+        }
     }
 
     public mutating func apply(_ choice: Choice) {
@@ -261,6 +270,8 @@ public struct MemoryBackingOptions: Codable, Sendable, Equatable {
         locked = try container.decodeIfPresent(Bool.self, forKey: .locked) ?? false
         file = try container.decodeIfPresent(String.self, forKey: .file)
         shared = try container.decodeIfPresent(Bool.self, forKey: .shared) ?? false
+        transparentHugePages = try container.decodeIfPresent(Bool.self, forKey: .transparentHugePages) ?? true
+        numaNode = try container.decodeIfPresent(Int.self, forKey: .numaNode)
     }
 
     public var hugePageBytes: UInt64? {
@@ -298,12 +309,24 @@ public struct MemoryBackingOptions: Codable, Sendable, Equatable {
         throw .invalidValue(field: "--memory-backing", reason: "'\(text)' is not \(backingForms)")
     }
 
+    /// The host's NUMA nodes with memory (`/sys/devices/system/node/has_memory`, like `0-1,3`).
+    public static func hostNUMANodes() -> [Int] {
+        let text = (try? HostFiles.readAll("/sys/devices/system/node/has_memory")).map { String(decoding: $0, as: UTF8.self) } ?? "0"
+        return VCPUPin.parseCPUs(text.filter { !$0.isWhitespace }) ?? [0]
+    }
+
     public func validate(memoryBytes: UInt64) throws(LibraryError) {
         if let hugePages, hugePageBytes == nil {
             throw .invalidValue(field: "--memory-backing", reason: "huge pages of '\(hugePages)' are not 2M or 1G")
         }
         if let page = hugePageBytes, memoryBytes % page != 0 {
             throw .invalidValue(field: "--memory-backing", reason: "\(memoryBytes >> 20) MiB of RAM is not a whole number of \(page >> 20) MiB huge pages")
+        }
+        if let node = numaNode {
+            let nodes = Self.hostNUMANodes()
+            guard nodes.contains(node) else {
+                throw .invalidValue(field: "--numa-node", reason: "host node \(node) does not exist; this host has node\(nodes.count == 1 ? "" : "s") \(nodes.map(String.init).joined(separator: ", "))")
+            }
         }
         if hugePages != nil, file != nil {
             throw .invalidValue(field: "--memory-backing", reason: "huge pages and a backing file are one choice, not both")

@@ -114,6 +114,9 @@ public struct ChangeRequest: Sendable {
     /// `--memory-backing` (`.some(nil)`: ordinary pages), `--prealloc`, `--ksm`.
     public var memoryBackingChoice: MemoryBackingOptions.Choice?
     public var lockMemory: Bool?
+    public var transparentHugePages: Bool?
+    /// `--numa-node` (`.some(nil)`: no binding).
+    public var numaNode: Int??
     public var preallocate: Bool?
     public var mergeable: Bool?
 
@@ -147,7 +150,7 @@ public struct ChangeRequest: Sendable {
          cpuCapPercent != nil ? "--cpu-cap" : nil, cpuWeight != nil ? "--cpu-weight" : nil,
          memoryLimitBytes != nil ? "--memory-limit" : nil, pidsLimit != nil ? "--pids-limit" : nil,
          vcpuPins != nil ? "--pin" : nil, emulatorCPUs != nil ? "--pin-emulator" : nil, rtPriority != nil ? "--rt-priority" : nil,
-         memoryBackingChoice != nil ? "--memory-backing" : nil, preallocate != nil ? "--prealloc" : nil, mergeable != nil ? "--ksm" : nil, lockMemory != nil ? "--lock-memory" : nil].compactMap { $0 }
+         memoryBackingChoice != nil ? "--memory-backing" : nil, preallocate != nil ? "--prealloc" : nil, mergeable != nil ? "--ksm" : nil, lockMemory != nil ? "--lock-memory" : nil, transparentHugePages != nil ? "--thp" : nil, numaNode != nil ? "--numa-node" : nil].compactMap { $0 }
     }
 }
 
@@ -699,7 +702,7 @@ public struct VMLibrary: Sendable {
     public func change(_ name: String, _ request: ChangeRequest) throws(LibraryError) -> VMDefinition {
         let fields = request.fields
         guard !fields.isEmpty else {
-            throw .invalidValue(field: "vireo set", reason: "nothing to change; give at least one of --cpus, --memory, --cmdline, --kernel, --initrd, --no-initrd, --ostype, --rng/--no-rng, --nic, --no-nic, --forward, --vsock-cid, --no-vsock, --balloon/--no-balloon, --acpi, --on-reboot, --cpu, --engine, --iso, --firmware, --accel, --cpu-cap, --cpu-weight, --memory-limit, --pids-limit, --pin, --pin-emulator, --rt-priority, --memory-backing, --prealloc, --ksm, --lock-memory")
+            throw .invalidValue(field: "vireo set", reason: "nothing to change; give at least one of --cpus, --memory, --cmdline, --kernel, --initrd, --no-initrd, --ostype, --rng/--no-rng, --nic, --no-nic, --forward, --vsock-cid, --no-vsock, --balloon/--no-balloon, --acpi, --on-reboot, --cpu, --engine, --iso, --firmware, --accel, --cpu-cap, --cpu-weight, --memory-limit, --pids-limit, --pin, --pin-emulator, --rt-priority, --memory-backing, --prealloc, --ksm, --lock-memory, --thp/--no-thp, --numa-node")
         }
         if request.initrd != nil && request.removeInitrd { throw .invalidValue(field: "--initrd", reason: "--initrd and --no-initrd contradict each other") }
         if let kernel = request.kernel { try Self.validate(kernel: kernel) }
@@ -743,6 +746,8 @@ public struct VMLibrary: Sendable {
             if let choice = request.memoryBackingChoice { changed.memoryBacking.apply(choice) }
             if let preallocate = request.preallocate { changed.memoryBacking.preallocate = preallocate }
             if let locked = request.lockMemory { changed.memoryBacking.locked = locked }
+            if let thp = request.transparentHugePages { changed.memoryBacking.transparentHugePages = thp }
+            if let node = request.numaNode { changed.memoryBacking.numaNode = node }
             if let mergeable = request.mergeable { changed.memoryBacking.mergeable = mergeable }
             if changed.engine == .kvm, request.accelerator != nil {
                 throw .invalidValue(field: "--accel", reason: "the kvm engine always uses KVM; --accel is for the qemu engine")

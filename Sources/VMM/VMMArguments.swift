@@ -12,7 +12,7 @@ public enum VMMArguments {
         usage: vireo-vmm --kernel PATH [--initrd PATH] [--cmdline TEXT] [--cpus N] [--cpu MODEL] [--memory SIZE]
                          [--console stdio|none|file:PATH|socket:PATH] [--disk PATH[,readonly][,format=raw|qcow2][,serial=ID]]... [--net tap:NAME|tap-fd:N|stream-fd:N[,mac=MAC]]... [--vsock PATH[,cid=N]] [--balloon on|deflate-on-oom|stats=S] [--rng]
                          [--acpi on|off] [--on-reboot restart|exit] [--generation-id HEX32]
-                         [--memory-backing anon|hugepages[=2M|1G]|memfd[,shared]|file:PATH[,shared]] [--prealloc] [--ksm] [--lock-memory] [--rt-priority N]
+                         [--memory-backing anon|hugepages[=2M|1G]|memfd[,shared]|file:PATH[,shared]] [--prealloc] [--ksm] [--lock-memory] [--thp on|off] [--numa-node N] [--rt-priority N]
                          [--control PATH] [--name NAME --uuid UUID] [--lock-fd N] [--ready-fd N] [--state-file PATH [--restore]] [--snapshot-dir PATH] [--incoming-fd N]
                          [--jail uid=N,gid=N[,root=PATH]] [--seccomp on|off|log] [--landlock on|off]
         Boots one VM and runs it until it powers off or reboots. Ctrl-A x quits the stdio console.
@@ -27,6 +27,8 @@ public enum VMMArguments {
         --restore        resume from the state file instead of booting; it is removed once restored
         --snapshot-dir P where the control socket's `snapshot ID` writes a live snapshot's state (P/ID.state)
         --memory-backing anon (default), hugepages (2M, or =1G) from the kernel's pool, memfd or file:PATH (zeroed at start; ,shared maps it MAP_SHARED); --prealloc faults RAM in at start; --ksm offers it to KSM; --lock-memory locks it in RAM (never swapped)
+        --thp on|off     offer anonymous guest RAM to transparent huge pages (default on; off without anon backing or with --ksm)
+        --numa-node N    bind guest RAM to host NUMA node N (mbind)
         --rt-priority N  vCPU threads run SCHED_FIFO at priority N (1-99); all memory is locked (mlockall)
         --incoming-fd N  take the VM from the live-migration stream on inherited descriptor N instead of booting
         --jail SPEC      once the machine is built: own network namespace, a root holding only the VM's files, uid/gid N (docs/isolation.md)
@@ -61,7 +63,7 @@ public enum VMMArguments {
         var networks: [NetworkConfiguration] = []
         var index = 0
         let known: Set<String> = ["--kernel", "--initrd", "--cmdline", "--cpus", "--cpu", "--memory", "--console", "--disk", "--net", "--vsock", "--balloon",
-                                  "--acpi", "--on-reboot", "--generation-id", "--control", "--name", "--uuid", "--lock-fd", "--ready-fd", "--state-file", "--snapshot-dir", "--incoming-fd", "--memory-backing", "--jail", "--seccomp", "--landlock", "--rt-priority"]
+                                  "--acpi", "--on-reboot", "--generation-id", "--control", "--name", "--uuid", "--lock-fd", "--ready-fd", "--state-file", "--snapshot-dir", "--incoming-fd", "--memory-backing", "--jail", "--seccomp", "--landlock", "--rt-priority", "--thp", "--numa-node"]
         while index < arguments.count {
             let argument = arguments[index]
             if argument == "--help" || argument == "-h" { return .help }
@@ -129,6 +131,16 @@ public enum VMMArguments {
                 }
                 configuration.memoryBacking.shared = shared
             }
+        }
+        if let node = values["--numa-node"] {
+            guard let value = Int32(node), (0..<1024).contains(value) else {
+                throw .invalidConfiguration(field: "--numa-node", reason: "'\(node)' is not a NUMA node number")
+            }
+            configuration.memoryBacking.numaNode = value
+        }
+        if let thp = values["--thp"] {
+            guard thp == "on" || thp == "off" else { throw .invalidConfiguration(field: "--thp", reason: "'\(thp)' is not on or off") }
+            configuration.memoryBacking.transparentHugePages = thp == "on"
         }
         if let priority = values["--rt-priority"] {
             guard let value = Int32(priority), (1...99).contains(value) else {

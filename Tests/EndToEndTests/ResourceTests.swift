@@ -341,4 +341,52 @@ struct ResourceTests {
         #expect(library.vireo("stop", "rt", "--force").status == 0)
         #expect(library.vireo("set", "rt", "--rt-priority", "none").status == 0)
     }
+
+    /// Whether the VMM's guest-RAM mapping (the one of `megabytes` MiB) is eligible for THP.
+    static func guestRAMIsTHPEligible(_ pid: Int, megabytes: Int) -> Bool? {
+        // Read to its end: a /proc file reports no size, and smaps is longer than one read.
+        let smaps = FileHandle(forReadingAtPath: "/proc/\(pid)/smaps").map { String(decoding: $0.readDataToEndOfFile(), as: UTF8.self) } ?? ""
+        var inGuestRAM = false
+        for line in smaps.split(separator: "\n") {
+            let fields = line.split(separator: " ", omittingEmptySubsequences: true)
+            if fields.first == "Size:", fields.count >= 2 { inGuestRAM = Int(fields[1]) == megabytes * 1024 }
+            if inGuestRAM, fields.first == "THPeligible:", fields.count >= 2 { return fields[1] == "1" }
+        }
+        return nil
+    }
+
+    @Test("Ordinary guest RAM is offered to transparent huge pages by default (THPeligible in the VMM's smaps), not with --no-thp, and `vireo info` says which")
+    func transparentHugePages() throws {
+        let library = try TestLibrary()
+        let probe = try Harness.probe("pvh")
+        #expect(library.vireo("create", "thp", "--kernel", probe, "--memory", "96M", "--no-disk", "--cmdline", "console=ttyS0 probe=ticker").status == 0)
+        #expect(library.vireo("info", "thp").stdout.contains("offered to transparent huge pages"))
+        #expect(library.vireo("start", "thp").status == 0)
+        let pid = try #require(Self.pid(library, "thp"))
+        #expect(Self.guestRAMIsTHPEligible(pid, megabytes: 96) == true)
+        #expect(library.vireo("stop", "thp", "--force").status == 0)
+        #expect(library.vireo("set", "thp", "--no-thp").status == 0)
+        #expect(library.vireo("info", "thp").stdout.contains("ordinary 4 KiB pages"))
+        #expect(library.vireo("start", "thp").status == 0)
+        let plain = try #require(Self.pid(library, "thp"))
+        #expect(Self.guestRAMIsTHPEligible(plain, megabytes: 96) == false)
+        #expect(library.vireo("stop", "thp", "--force").status == 0)
+    }
+
+    @Test("--numa-node binds guest RAM to a host node (numa_maps shows bind:N on the guest RAM mapping); a node the host lacks is refused naming the field and the nodes it has")
+    func numaNode() throws {
+        let library = try TestLibrary()
+        let probe = try Harness.probe("pvh")
+        let missing = library.vireo("create", "far", "--kernel", probe, "--memory", "64M", "--no-disk", "--numa-node", "63")
+        #expect(missing.status == 2 && missing.stderr.contains("--numa-node: host node 63 does not exist; this host has node"), "\(missing.stderr)")
+        #expect(library.vireo("create", "near", "--kernel", probe, "--memory", "80M", "--no-disk", "--cmdline", "console=ttyS0 probe=ticker", "--numa-node", "0").status == 0)
+        #expect(library.vireo("info", "near").stdout.contains("bound to host NUMA node 0"))
+        #expect(library.vireo("start", "near").status == 0)
+        let pid = try #require(Self.pid(library, "near"))
+        let maps = FileHandle(forReadingAtPath: "/proc/\(pid)/numa_maps").map { String(decoding: $0.readDataToEndOfFile(), as: UTF8.self) } ?? ""
+        // The only mapping with a binding is guest RAM.
+        let bound = maps.split(separator: "\n").filter { $0.contains(" bind:0") }
+        #expect(bound.count == 1, "\(maps.prefix(3000))")
+        #expect(library.vireo("stop", "near", "--force").status == 0)
+    }
 }

@@ -160,6 +160,23 @@ struct QEMUCommandLineTests {
         #expect(line.contains("-qmp unix:/lib/inst/qmp.sock,server=on,wait=off"))
     }
 
+    @Test func qemuMemoryBackends() throws {
+        var definition = VMDefinition(uuid: "6c1d2f4e-0000-4000-8000-000000000002", name: "mem", osType: try OSType.named("other"), createdAt: 0)
+        definition.engine = .qemu
+        definition.memoryBytes = 256 << 20
+        let bundle = VMBundle(directory: "/lib/mem")
+        func line() -> String { QEMUEngine.arguments(definition, bundle: bundle, accelerator: .tcg, cards: []).joined(separator: " ") }
+        definition.memoryBacking.numaNode = 0
+        #expect(line().contains("-object memory-backend-ram,id=ram0,size=256M,host-nodes=0,policy=bind -machine memory-backend=ram0"), "\(line())")
+        definition.memoryBacking.apply(.init(file: "/ram/mem.ram", shared: true))
+        #expect(line().contains("-object memory-backend-file,id=ram0,mem-path=/ram/mem.ram,size=256M,share=on,host-nodes=0,policy=bind"), "\(line())")
+        definition.memoryBacking.numaNode = nil
+        definition.memoryBacking.apply(.init(file: "memfd", shared: false))
+        #expect(line().contains("-object memory-backend-memfd,id=ram0,size=256M,share=off -machine memory-backend=ram0"), "\(line())")
+        definition.memoryBacking.locked = true
+        #expect(line().contains("-overcommit mem-lock=on"))
+    }
+
     @Test func keys() throws {
         #expect(try KeyChord.parse("ctrl-alt-delete").keys == ["ctrl", "alt", "delete"])
         #expect(try KeyChord.parse("Enter").keys == ["ret"])

@@ -75,4 +75,8 @@ int vireo_guest_memfd(const char *name);
 /// Frees [offset, offset+length) of a file, keeping its size (the range reads as zeros). 0 or -1 with errno.
 int vireo_file_punch_hole(int fd, long long offset, long long length);
 
+/// Binds [address, address+length) to NUMA node `node` (mbind MPOL_BIND, pages already there
+/// moved). 0 or -1 with errno.
+int vireo_bind_to_numa_node(void *address, unsigned long length, int node);
+
 #endif
