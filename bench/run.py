@@ -198,18 +198,24 @@ def blk_benchmark(runs, count):
         print(f"{image_format}: ioeventfd/MMIO exits " + ", ".join(f"{k} {v[k] / m[k]:.2f}" for k in v))
 
 
-def lifecycle_benchmark(runs, vm_count):
-    """The manager's overhead: start-to-first-guest-byte through `vireo start` vs `vireo run` vs
-    `vireo-vmm`, and VMs created-and-started per second (two workers, one per core here)."""
+def bench_library():
+    """A throwaway VM library and a function running the release `vireo` on it."""
     import tempfile
-    import concurrent.futures
     vireo = os.path.join(ROOT, ".build", "release", "vireo")
-    probe = os.path.join(OUT, "probe-pvh.elf")
     home = tempfile.mkdtemp(prefix="vireo-bench-")
     env = dict(os.environ, VIREO_HOME=home)
 
     def cli(*arguments):
         subprocess.run([vireo, *arguments], env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return home, cli
+
+
+def lifecycle_benchmark(runs, vm_count):
+    """The manager's overhead: start-to-first-guest-byte through `vireo start` vs `vireo run` vs
+    `vireo-vmm`, and VMs created-and-started per second (two workers, one per core here)."""
+    import concurrent.futures
+    probe = os.path.join(OUT, "probe-pvh.elf")
+    home, cli = bench_library()
 
     # probe=irq idles in HLT waiting for serial input, so started VMs cost no CPU.
     cli("create", "fb", "--kernel", probe, "--memory", f"{MEMORY_MIB}M", "--no-disk", "--no-rng", "--no-nic", "--cmdline", "console=ttyS0 probe=irq")
@@ -930,14 +936,8 @@ def isolation_benchmark(runs, port_writes):
     """What the jail and seccomp cost a library VM: `vireo start` to the first console byte, port
     exits per second and the VMM's private memory, with both on (the default) and with
     --no-jail --no-seccomp, interleaved so background load hits both alike."""
-    import tempfile
-    vireo = os.path.join(ROOT, ".build", "release", "vireo")
     probe = os.path.join(OUT, "probe-pvh.elf")
-    home = tempfile.mkdtemp(prefix="vireo-bench-")
-    env = dict(os.environ, VIREO_HOME=home)
-
-    def cli(*arguments):
-        subprocess.run([vireo, *arguments], env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    home, cli = bench_library()
 
     def wait_console(name, text, timeout=120):
         log = os.path.join(home, name, "console.log")

@@ -1724,6 +1724,30 @@ static void user_dirty(uint64_t unused) {
     }
 }
 
+/* Writes one word in every 4 KiB page of RAM from the end of the probe's image (linker symbol) to
+ * the top of the highest e820 RAM range, and of the image's own idle buffers: a guest that really
+ * uses all its memory. */
+extern char image_end[];
+static void probe_fill(void) {
+    uint64_t top = 0;
+    for (int i = 0; i < memmap_count; i++) {
+        if (memmap[i].type == 1 && memmap[i].addr + memmap[i].size > top) top = memmap[i].addr + memmap[i].size;
+    }
+    if (top > (4ULL << 30)) top = 4ULL << 30;   /* the identity map's end */
+    puts_raw("fill: top="); put_hex(top); puts_raw("\n");
+    uint64_t pages = 0;
+    /* The image's own big buffers, unused in this mode, are RAM the guest uses too. */
+    for (uint64_t offset = 0; offset < sizeof bl_region; offset += 4096, pages++) bl_region[offset] = 1;
+    for (uint64_t word = 0; word < sizeof dirty_region / 8; word += 512, pages++) dirty_region[word] = 1;
+    for (uint64_t offset = 0; offset < sizeof bench_buffer; offset += 4096, pages++) bench_buffer[offset] = 1;
+    /* Between the first MiB (boot data, ACPI tables) and the image at 2 MiB nothing lives. */
+    for (uint64_t address = 1ULL << 20; address < 2ULL << 20; address += 4096, pages++) *(volatile uint64_t *)address = address | 1;
+    for (uint64_t address = ((uint64_t)image_end + 4095) & ~4095ULL; address + 4096 <= top; address += 4096, pages++) {
+        *(volatile uint64_t *)address = address | 1;
+    }
+    puts_raw("fill: done pages="); put_dec(pages); puts_raw("\n");
+}
+
 uintptr_t probe_zero_page;
 
 void probe_main(int mode, uintptr_t info) {
@@ -1747,6 +1771,7 @@ void probe_main(int mode, uintptr_t info) {
     else if (str_eq(what, "vsock")) probe_vsock();
     else if (str_eq(what, "balloon")) probe_balloon();
     else if (str_eq(what, "blkbench")) probe_blkbench();
+    else if (str_eq(what, "fill")) probe_fill();
     else if (str_eq(what, "ports")) {
         char n[24];
         uint64_t count = cmdline_value("count", n, sizeof n) ? parse_dec(n) : 100000;

@@ -24,6 +24,7 @@ struct Info: ParsableCommand {
     struct Resources: Encodable {
         var cpuCapPercent: Int?, cpuWeight: Int?, memoryLimitBytes: UInt64?, pidsLimit: Int?
         var vcpuPins: [VCPUPin]?, emulatorCpus: [Int]?
+        var rtPriority: Int?, ioLimits: IOLimits?
         /// The VM's control groups (controller → directory), and what they measured, while it runs.
         var cgroups: [String: String]?
         var cpuNanoseconds: UInt64?, memoryBytes: UInt64?
@@ -105,7 +106,7 @@ struct Info: ParsableCommand {
                     let groups = status.state.isOff ? nil : VMControlGroups.recorded(in: bundle)
                     let limits = definition.resources
                     return Resources(cpuCapPercent: limits.cpuCapPercent, cpuWeight: limits.cpuWeight, memoryLimitBytes: limits.memoryLimitBytes,
-                                     pidsLimit: limits.pidsLimit, vcpuPins: limits.vcpuPins, emulatorCpus: limits.emulatorCPUs,
+                                     pidsLimit: limits.pidsLimit, vcpuPins: limits.vcpuPins, emulatorCpus: limits.emulatorCPUs, rtPriority: limits.rtPriority, ioLimits: limits.ioLimits,
                                      cgroups: groups?.directories,
                                      cpuNanoseconds: groups?.cpuNanoseconds, memoryBytes: groups?.memoryBytes)
                 }(),
@@ -165,6 +166,8 @@ struct Info: ParsableCommand {
         if let pids = limits.pidsLimit { limitText.append("at most \(pids) processes/threads") }
         if let pins = limits.vcpuPins { limitText.append("pinned " + pins.map(\.description).joined(separator: ",")) }
         if let emulator = limits.emulatorCpus { limitText.append("emulator on CPUs " + emulator.map(String.init).joined(separator: ",")) }
+        if let priority = limits.rtPriority { limitText.append("real-time vCPUs (SCHED_FIFO \(priority))") }
+        if let io = limits.ioLimits { limitText.append("I/O " + io.description) }
         lines.append(["Limits:", limitText.isEmpty ? "none" : limitText.joined(separator: ", ")])
         let backing = report.memoryBacking
         var backingText = [backing.hugePages.map { "\($0) huge pages" }

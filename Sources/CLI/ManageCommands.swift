@@ -275,7 +275,10 @@ struct ResourceOptions: ParsableArguments {
     @Option(help: ArgumentHelp("Run vCPU threads real-time (SCHED_FIFO, 1-99) with the VM's memory locked, inside a real-time budget that leaves the host most of each CPU; none for normal scheduling. Taken at the next start.", valueName: "N|none"))
     var rtPriority: String?
 
-    var isEmpty: Bool { cpuCap == nil && cpuWeight == nil && memoryLimit == nil && pidsLimit == nil && pin == nil && pinEmulator == nil && rtPriority == nil }
+    @Option(help: ArgumentHelp("Block I/O limits for the VM's engine on the host devices its disks are on, on top of each disk's own rate limit: read=10M,write=5M,read-iops=200,write-iops=100 (per second); none removes them.", valueName: "KEY=VALUE,...|none"))
+    var ioLimit: String?
+
+    var isEmpty: Bool { cpuCap == nil && cpuWeight == nil && memoryLimit == nil && pidsLimit == nil && pin == nil && pinEmulator == nil && rtPriority == nil && ioLimit == nil }
 
     static func number(_ text: String, field: String, percent: Bool = false) throws -> Int? {
         if text == "none" { return nil }
@@ -292,6 +295,9 @@ struct ResourceOptions: ParsableArguments {
         if let memoryLimit { request.memoryLimitBytes = .some(memoryLimit == "none" ? nil : try parseSize(memoryLimit, field: "--memory-limit")) }
         if let pidsLimit { request.pidsLimit = .some(try Self.number(pidsLimit, field: "--pids-limit")) }
         if let rtPriority { request.rtPriority = .some(try Self.number(rtPriority, field: "--rt-priority")) }
+        if let ioLimit {
+            do throws(LibraryError) { request.ioLimits = .some(ioLimit == "none" ? nil : try IOLimits.parse(ioLimit)) } catch { throw fail(error) }
+        }
         if let pin {
             do throws(LibraryError) { request.vcpuPins = .some(pin == "none" ? nil : try VCPUPin.parse(pin)) } catch { throw fail(error) }
         }

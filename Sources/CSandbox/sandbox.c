@@ -327,11 +327,22 @@ struct spawn_arguments {
     int log_fd, lock_fd, ready_fd;
     const int *inherit;
     int inherit_count;
+    char *const *cgroup_procs;
+    int cgroup_count;
     int exec_error;
 };
 
 static int spawned_child(void *opaque) {
     struct spawn_arguments *arguments = opaque;
+    // Into the VM's groups first ("0": the writing task), before exec allocates anything.
+    for (int i = 0; i < arguments->cgroup_count; i++) {
+        int fd = open(arguments->cgroup_procs[i], O_WRONLY | O_CLOEXEC);
+        if (fd < 0 || write(fd, "0", 1) != 1) {
+            arguments->exec_error = errno ? errno : EIO;
+            _exit(127);
+        }
+        close(fd);
+    }
     setsid();
     int null = open("/dev/null", O_RDONLY);
     if (null >= 0 && null != 0) { dup2(null, 0); close(null); }
@@ -354,7 +365,8 @@ static int spawned_child(void *opaque) {
 }
 
 int vireo_spawn_namespaced(const char *path, char *const argv[], int log_fd, int lock_fd, int ready_fd,
-                           const int *inherit, int inherit_count, pid_t *pid) {
+                           const int *inherit, int inherit_count, char *const *cgroup_procs, int cgroup_count,
+                           pid_t *pid) {
     enum { MAX_INHERIT = 64, STACK = 256 * 1024 };
     if (inherit_count < 0 || inherit_count > MAX_INHERIT) return EINVAL;
     // As in vireo_spawn_detached_inheriting: every source above every target first.
@@ -372,7 +384,8 @@ int vireo_spawn_namespaced(const char *path, char *const argv[], int log_fd, int
     }
     stack = malloc(STACK);
     if (!stack) { result = ENOMEM; goto out; }
-    struct spawn_arguments arguments = { path, argv, log_high, lock_high, ready_high, high, inherit_count, 0 };
+    struct spawn_arguments arguments = { path, argv, log_high, lock_high, ready_high, high, inherit_count,
+                                         cgroup_procs, cgroup_count, 0 };
     // The child shares this memory until it execs (CLONE_VM | CLONE_VFORK, as posix_spawn does);
     // no handler of ours may run on it meanwhile.
     sigset_t all, previous;

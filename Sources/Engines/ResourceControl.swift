@@ -36,7 +36,7 @@ public struct VMControlGroups: Sendable {
             }
             directories["unified"] = directory
         } else {
-            for controller in ["cpu", "cpuacct", "memory", "pids", "cpuset"] where HostFiles.isDirectory(root + "/" + controller) {
+            for controller in ["cpu", "cpuacct", "memory", "pids", "cpuset", "blkio"] where HostFiles.isDirectory(root + "/" + controller) {
                 let base = root + "/" + controller + (own[controller] ?? "")
                 let directory = base + "/vireo/" + group
                 try HostFiles.makeDirectories(directory)
@@ -70,7 +70,7 @@ public struct VMControlGroups: Sendable {
     }
 
     /// Writes `limits` (nil fields: no limit) into the groups.
-    public func apply(_ limits: ResourceLimits, cpus: Int) throws(LibraryError) {
+    public func apply(_ limits: ResourceLimits, cpus: Int, disks: [String] = []) throws(LibraryError) {
         // A controller the host lacks is only an error when a limit needs it.
         func write(_ value: String, _ controller: String, _ file: String, field: String, limited: Bool) throws(LibraryError) {
             guard let directory = directories[isUnified ? "unified" : controller] else {
@@ -113,9 +113,81 @@ public struct VMControlGroups: Sendable {
                 }
             }
         }
+        try applyIOLimits(limits.ioLimits, disks: disks)
         if let directory = directories["cpu"], HostFiles.exists(directory + "/cpu.rt_runtime_us") {
             try Self.grantRealTime(limits.rtPriority == nil ? 0 : Self.realTimeBudget, to: directory)
         }
+    }
+
+    /// `--io-limit` on every host block device holding one of `disks`: v1's
+    /// `blkio.throttle.*_device` files (0 removes a rule), v2's `io.max` ("max" removes one). On
+    /// v1 buffered writes are throttled only when they are flushed from the VM's own process (the
+    /// VMM's fdatasync on a guest flush); reads and v2's writeback are throttled as they happen.
+    func applyIOLimits(_ limits: IOLimits?, disks: [String]) throws(LibraryError) {
+        let devices: [String]
+        if limits == nil {
+            // Removing: whatever devices can still be found.
+            devices = (try? Self.blockDevices(holding: disks)) ?? []
+        } else {
+            devices = try Self.blockDevices(holding: disks)
+        }
+        guard !devices.isEmpty else { return }
+        if let directory = directories["unified"] {
+            func value(_ number: UInt64?) -> String { number.map(String.init) ?? "max" }
+            for device in devices {
+                let line = "\(device) rbps=\(value(limits?.readBytesPerSecond)) wbps=\(value(limits?.writeBytesPerSecond)) riops=\(value(limits?.readOperationsPerSecond)) wiops=\(value(limits?.writeOperationsPerSecond))"
+                do { try HostFiles.writeInPlace(line, to: directory + "/io.max") } catch {
+                    if limits == nil { continue }
+                    throw .invalidValue(field: "--io-limit", reason: "the kernel refused '\(line)' in \(directory)/io.max: \(error)")
+                }
+            }
+            return
+        }
+        guard let directory = directories["blkio"] else {
+            if limits == nil { return }
+            throw .invalidValue(field: "--io-limit", reason: "this host has no blkio (block I/O) cgroup controller mounted")
+        }
+        let files: [(String, UInt64?)] = [("read_bps_device", limits?.readBytesPerSecond), ("write_bps_device", limits?.writeBytesPerSecond),
+                                          ("read_iops_device", limits?.readOperationsPerSecond), ("write_iops_device", limits?.writeOperationsPerSecond)]
+        for device in devices {
+            for (file, number) in files {
+                let line = "\(device) \(number ?? 0)"
+                do { try HostFiles.writeInPlace(line, to: directory + "/blkio.throttle." + file) } catch {
+                    // Clearing a rule that never was is no reason to refuse a start.
+                    if limits == nil { continue }
+                    throw .invalidValue(field: "--io-limit", reason: "the kernel refused '\(line)' in \(directory)/blkio.throttle.\(file): \(error)")
+                }
+            }
+        }
+    }
+
+    /// The whole-disk block devices (`MAJ:MIN`) of the file systems holding `paths`: the block
+    /// controller throttles disks, not partitions or files.
+    static func blockDevices(holding paths: [String]) throws(LibraryError) -> [String] {
+        var devices: [String] = []
+        for path in paths {
+            var status = stat()
+            guard stat(path, &status) == 0 else { throw .io(operation: "stat", path: path, errno: errno) }
+            let device = UInt64(status.st_dev)
+            let major = ((device >> 8) & 0xfff) | ((device >> 32) & ~UInt64(0xfff))
+            let minor = (device & 0xff) | ((device >> 12) & ~UInt64(0xff))
+            var name = "\(major):\(minor)"
+            let sys = "/sys/dev/block/" + name
+            guard HostFiles.exists(sys) else {
+                throw .invalidValue(field: "--io-limit", reason: "\(path) is on a file system with no block device (\(name): tmpfs, overlay, NFS...); the block controller cannot limit it")
+            }
+            if HostFiles.exists(sys + "/partition") {
+                // …/block/vda/vda1: the disk is the partition's parent directory.
+                var buffer = [CChar](repeating: 0, count: Int(PATH_MAX))
+                if realpath(sys, &buffer) != nil {
+                    let parent = HostFiles.parent(of: String(decoding: buffer.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self))
+                    let text = read(parent + "/dev").trimmed
+                    if !text.isEmpty { name = text }
+                }
+            }
+            if !devices.contains(name) { devices.append(name) }
+        }
+        return devices
     }
 
     /// Real-time microseconds per second a real-time VM's group may use on each CPU: 40 %, so a
@@ -152,6 +224,9 @@ public struct VMControlGroups: Sendable {
             throw .invalidValue(field: "--rt-priority", reason: "the host's real-time budget has no room for this VM's \(budget) µs per second (\(parentFile) would need \(needed); the kernel allows 950000 in all by default): \(error)")
         }
     }
+
+    /// Each group's `cgroup.procs`, for a spawn that joins them before exec.
+    public var processFiles: [String] { Set(directories.values).sorted().map { $0 + "/cgroup.procs" } }
 
     /// Moves `pid` (with all its threads) into every group.
     public func adopt(_ pid: pid_t) throws(LibraryError) {
@@ -215,7 +290,7 @@ public struct VMControlGroups: Sendable {
             if definition.resources.isUnlimited { return nil }
             throw .invalidValue(field: "resource limits", reason: "VM '\(definition.name)' has limits, but its control groups cannot be made here: \(error) (Vireo must run as root with the cgroup file systems mounted)")
         }
-        try groups.apply(definition.resources, cpus: definition.cpus)
+        try groups.apply(definition.resources, cpus: definition.cpus, disks: definition.disks.map { bundle.resolve($0.path) })
         try groups.record(in: bundle)
         return groups
     }

@@ -123,7 +123,7 @@ public struct VMManager: Sendable {
         try limits.validate(cpus: definition.cpus, memoryBytes: definition.memoryBytes)
         let cgroupFields = request.fields.filter { !["--pin", "--pin-emulator"].contains($0) }
         if let groups = VMControlGroups.recorded(in: bundle) {
-            try groups.apply(limits, cpus: definition.cpus)
+            try groups.apply(limits, cpus: definition.cpus, disks: definition.disks.map { bundle.resolve($0.path) })
         } else if !cgroupFields.isEmpty {
             throw .wrongState(name: name, state: status.state.rawValue, action: "change the limits of",
                               hint: "it was started without control groups; stop it, set the limits, and start it again")

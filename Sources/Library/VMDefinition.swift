@@ -159,6 +159,8 @@ public struct ResourceLimits: Codable, Sendable, Equatable {
     public var emulatorCPUs: [Int]?
     /// vCPU threads run SCHED_FIFO at this priority (1–99), with the engine's memory locked.
     public var rtPriority: Int?
+    /// Block I/O limits on the host devices holding the VM's disks (`--io-limit`).
+    public var ioLimits: IOLimits?
 
     public init(cpuCapPercent: Int? = nil, cpuWeight: Int? = nil, memoryLimitBytes: UInt64? = nil, pidsLimit: Int? = nil,
                 vcpuPins: [VCPUPin]? = nil, emulatorCPUs: [Int]? = nil) {
@@ -168,6 +170,10 @@ public struct ResourceLimits: Codable, Sendable, Equatable {
         self.pidsLimit = pidsLimit
         self.vcpuPins = vcpuPins
         self.emulatorCPUs = emulatorCPUs
+    }
+
+    static func mebibytes(_ bytes: UInt64) -> String {
+        bytes % (1 << 20) == 0 ? "\(bytes >> 20) MiB" : "\(bytes) bytes"
     }
 
     /// The CPUs of this host, for checking pins.
@@ -183,8 +189,8 @@ public struct ResourceLimits: Codable, Sendable, Equatable {
         if let weight = cpuWeight, weight < 1 || weight > 10000 {
             throw .invalidValue(field: "--cpu-weight", reason: "\(weight) is not from 1 to 10000 (100 is the default)")
         }
-        if let limit = memoryLimitBytes, limit < 8 << 20 {
-            throw .invalidValue(field: "--memory-limit", reason: "\(limit >> 20) MiB is too little for any VMM; at least 8 MiB (it counts the VMM and the guest RAM it touches; the VM has \(memoryBytes >> 20) MiB)")
+        if let limit = memoryLimitBytes, limit < memoryBytes {
+            throw .invalidValue(field: "--memory-limit", reason: "\(Self.mebibytes(limit)) is below the VM's \(memoryBytes >> 20) MiB of RAM: the guest would be killed once it used its memory; give at least \(memoryBytes >> 20)M (the limit counts the whole engine: RAM the guest touched and the VMM's own few MiB)")
         }
         if let priority = rtPriority, priority < 1 || priority > 99 {
             throw .invalidValue(field: "--rt-priority", reason: "\(priority) is not from 1 to 99 (SCHED_FIFO priorities; higher runs first)")
@@ -352,6 +358,62 @@ public struct MemoryBackingOptions: Codable, Sendable, Equatable {
                 }
             }
         }
+    }
+}
+
+/// `--io-limit read=10M,write=5M,read-iops=200,write-iops=100`: the block controller's throttle
+/// for the engine's I/O to each host block device its disks live on (libvirt's `<blkiotune>`).
+public struct IOLimits: Codable, Sendable, Equatable {
+    public var readBytesPerSecond: UInt64?
+    public var writeBytesPerSecond: UInt64?
+    public var readOperationsPerSecond: UInt64?
+    public var writeOperationsPerSecond: UInt64?
+
+    public init() {}
+
+    public static func parse(_ text: String) throws(LibraryError) -> IOLimits {
+        var limits = IOLimits()
+        for item in text.split(separator: ",") {
+            let parts = item.split(separator: "=", maxSplits: 1).map(String.init)
+            guard parts.count == 2 else {
+                throw .invalidValue(field: "--io-limit", reason: "'\(item)' is not KEY=VALUE; keys: read, write (bytes per second, K/M/G), read-iops, write-iops")
+            }
+            let value: UInt64?
+            switch parts[0] {
+            case "read", "write": value = Self.bytes(parts[1])
+            case "read-iops", "write-iops": value = UInt64(parts[1])
+            default:
+                throw .invalidValue(field: "--io-limit", reason: "unknown key '\(parts[0])'; keys: read, write (bytes per second, K/M/G), read-iops, write-iops")
+            }
+            guard let value, value > 0 else {
+                throw .invalidValue(field: "--io-limit", reason: "\(parts[0])=\(parts[1]) is not a positive \(parts[0].hasSuffix("iops") ? "number of operations" : "size like 512K or 10M") per second")
+            }
+            switch parts[0] {
+            case "read": limits.readBytesPerSecond = value
+            case "write": limits.writeBytesPerSecond = value
+            case "read-iops": limits.readOperationsPerSecond = value
+            default: limits.writeOperationsPerSecond = value
+            }
+        }
+        guard limits != IOLimits() else { throw .invalidValue(field: "--io-limit", reason: "no limit given; like read=10M,write=5M or none") }
+        return limits
+    }
+
+    /// `512K`, `10M`, `1G` (powers of 1024) or plain bytes.
+    static func bytes(_ text: String) -> UInt64? {
+        let units: [Character: UInt64] = ["K": 1 << 10, "M": 1 << 20, "G": 1 << 30]
+        guard let last = text.last?.uppercased().first else { return nil }
+        if let unit = units[last] {
+            guard let number = UInt64(text.dropLast()) else { return nil }
+            let (product, overflow) = number.multipliedReportingOverflow(by: unit)
+            return overflow ? nil : product
+        }
+        return UInt64(text)
+    }
+
+    public var description: String {
+        [readBytesPerSecond.map { "read \(HostFiles.describeSize($0))/s" }, writeBytesPerSecond.map { "write \(HostFiles.describeSize($0))/s" },
+         readOperationsPerSecond.map { "read \($0) IOPS" }, writeOperationsPerSecond.map { "write \($0) IOPS" }].compactMap { $0 }.joined(separator: ", ")
     }
 }
 

@@ -111,6 +111,8 @@ public struct ChangeRequest: Sendable {
     public var emulatorCPUs: [Int]??
     /// `--rt-priority` (`.some(nil)` removes it); taken at the next start.
     public var rtPriority: Int??
+    /// `--io-limit` (`.some(nil)` removes the limits).
+    public var ioLimits: IOLimits??
     /// `--memory-backing` (`.some(nil)`: ordinary pages), `--prealloc`, `--ksm`.
     public var memoryBackingChoice: MemoryBackingOptions.Choice?
     public var lockMemory: Bool?
@@ -124,7 +126,7 @@ public struct ChangeRequest: Sendable {
 
     /// Whether only resource limits change (which a running VM takes live).
     public var changesOnlyResources: Bool {
-        fields.allSatisfy { ["--cpu-cap", "--cpu-weight", "--memory-limit", "--pids-limit", "--pin", "--pin-emulator"].contains($0) } && !fields.isEmpty
+        fields.allSatisfy { ["--cpu-cap", "--cpu-weight", "--memory-limit", "--pids-limit", "--pin", "--pin-emulator", "--io-limit"].contains($0) } && !fields.isEmpty
     }
 
     public func applyingResources(to limits: ResourceLimits) -> ResourceLimits {
@@ -136,6 +138,7 @@ public struct ChangeRequest: Sendable {
         if let pins = vcpuPins { changed.vcpuPins = pins }
         if let emulator = emulatorCPUs { changed.emulatorCPUs = emulator }
         if let priority = rtPriority { changed.rtPriority = priority }
+        if let io = ioLimits { changed.ioLimits = io }
         return changed
     }
 
@@ -149,7 +152,7 @@ public struct ChangeRequest: Sendable {
          firmware != nil ? "--firmware" : nil, accelerator != nil ? "--accel" : nil,
          cpuCapPercent != nil ? "--cpu-cap" : nil, cpuWeight != nil ? "--cpu-weight" : nil,
          memoryLimitBytes != nil ? "--memory-limit" : nil, pidsLimit != nil ? "--pids-limit" : nil,
-         vcpuPins != nil ? "--pin" : nil, emulatorCPUs != nil ? "--pin-emulator" : nil, rtPriority != nil ? "--rt-priority" : nil,
+         vcpuPins != nil ? "--pin" : nil, emulatorCPUs != nil ? "--pin-emulator" : nil, rtPriority != nil ? "--rt-priority" : nil, ioLimits != nil ? "--io-limit" : nil,
          memoryBackingChoice != nil ? "--memory-backing" : nil, preallocate != nil ? "--prealloc" : nil, mergeable != nil ? "--ksm" : nil, lockMemory != nil ? "--lock-memory" : nil, transparentHugePages != nil ? "--thp" : nil, numaNode != nil ? "--numa-node" : nil].compactMap { $0 }
     }
 }
@@ -702,7 +705,7 @@ public struct VMLibrary: Sendable {
     public func change(_ name: String, _ request: ChangeRequest) throws(LibraryError) -> VMDefinition {
         let fields = request.fields
         guard !fields.isEmpty else {
-            throw .invalidValue(field: "vireo set", reason: "nothing to change; give at least one of --cpus, --memory, --cmdline, --kernel, --initrd, --no-initrd, --ostype, --rng/--no-rng, --nic, --no-nic, --forward, --vsock-cid, --no-vsock, --balloon/--no-balloon, --acpi, --on-reboot, --cpu, --engine, --iso, --firmware, --accel, --cpu-cap, --cpu-weight, --memory-limit, --pids-limit, --pin, --pin-emulator, --rt-priority, --memory-backing, --prealloc, --ksm, --lock-memory, --thp/--no-thp, --numa-node")
+            throw .invalidValue(field: "vireo set", reason: "nothing to change; give at least one of --cpus, --memory, --cmdline, --kernel, --initrd, --no-initrd, --ostype, --rng/--no-rng, --nic, --no-nic, --forward, --vsock-cid, --no-vsock, --balloon/--no-balloon, --acpi, --on-reboot, --cpu, --engine, --iso, --firmware, --accel, --cpu-cap, --cpu-weight, --memory-limit, --pids-limit, --pin, --pin-emulator, --rt-priority, --io-limit, --memory-backing, --prealloc, --ksm, --lock-memory, --thp/--no-thp, --numa-node")
         }
         if request.initrd != nil && request.removeInitrd { throw .invalidValue(field: "--initrd", reason: "--initrd and --no-initrd contradict each other") }
         if let kernel = request.kernel { try Self.validate(kernel: kernel) }

@@ -62,8 +62,11 @@ int vireo_jail_limit_resources(unsigned long files);
 int vireo_jail_drop_privileges(uid_t uid, gid_t gid, int keep_realtime);
 
 /// Like vireo_spawn_detached_inheriting (chostsupport.h), but the child starts in new PID, mount,
-/// IPC and UTS namespaces (so it is PID 1 of its own namespace). Returns 0 or an errno.
+/// IPC and UTS namespaces (so it is PID 1 of its own namespace), and joins the control groups
+/// whose `cgroup.procs` files are given before it execs, so everything it ever allocates is
+/// charged to them. Returns 0 or an errno.
 int vireo_spawn_namespaced(const char *path, char *const argv[], int log_fd, int lock_fd, int ready_fd,
-                           const int *inherit, int inherit_count, pid_t *pid);
+                           const int *inherit, int inherit_count, char *const *cgroup_procs, int cgroup_count,
+                           pid_t *pid);
 
 #endif
