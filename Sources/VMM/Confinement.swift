@@ -78,13 +78,11 @@ enum SyscallPolicy {
         // A thread installs its own, narrower filter as its first act.
         "seccomp",
     ]
-    /// A vCPU runs the guest (KVM ioctls only) and emulates devices on its exits: disk and
-    /// network I/O, eventfds, interrupt injection, kicks of other threads.
+    /// A vCPU runs the guest (KVM_RUN) and emulates devices on its exits: disk and network I/O,
+    /// eventfds, interrupt injection, kicks of other threads.
     static let vcpu = common + ["ioctl", "fdatasync", "fsync", "fallocate", "recvfrom", "sendto", "recvmsg", "sendmsg",
                                 // --rt-priority: each vCPU makes itself SCHED_FIFO as it starts.
                                 "sched_setscheduler", "sched_setparam"]
-    /// KVM's ioctls; and tty ones, since the first log line a thread writes has stdio ask
-    /// whether stderr is a terminal (TCGETS).
     /// `ioctl` is allowed whatever its request on vCPU threads (and in the process-wide filter
     /// they inherit): a syscall every filter allows unconditionally skips BPF altogether (the
     /// kernel's seccomp action cache), and checking KVM_RUN's request on every exit cost 1.5–2 %
@@ -98,7 +96,8 @@ enum SyscallPolicy {
     /// notifications (ioeventfds).
     static let device = vcpu.filter { $0 != "ioctl" } + ["accept4", "accept", "connect", "shutdown", "getsockopt", "setsockopt", "timerfd_create", "timerfd_settime",
                                 "epoll_create1", "eventfd2", "pipe2", "dup", "unlink", "openat", "open"]
-    /// Device threads' ioctls are checked: KVM's (interrupts) and tty/tun ones only.
+    /// Device threads' ioctls are checked: KVM's (interrupts), and tty/tun ones — the first log
+    /// line a thread writes has stdio ask whether stderr is a terminal (TCGETS).
     static let deviceRules: UInt32 = UInt32(VIREO_SECCOMP_IOCTL_KVM | VIREO_SECCOMP_IOCTL_TTY_TUN | VIREO_SECCOMP_SIGNAL_SELF
                                             | VIREO_SECCOMP_SOCKET_UNIX)
     /// Control threads serve the control socket: pause, save, snapshots, migration, console
@@ -107,7 +106,7 @@ enum SyscallPolicy {
                                    "ftruncate", "flock", "getdents64", "sched_getaffinity", "sched_setaffinity",
                                    "getrusage", "getuid", "geteuid", "getgid", "getegid", "sysinfo", "uname", "statfs", "fstatfs",
                                    "sync_file_range", "copy_file_range", "sendfile", "memfd_create", "mlock", "munlock",
-                                   "getsockname", "getpeername", "socketpair", "statx", "faccessat", "faccessat2", "access",
+                                   "getsockname", "getpeername", "statx", "faccessat", "faccessat2", "access",
                                    "readlink", "readlinkat", "sched_getparam", "sched_getscheduler", "sched_setscheduler", "getpriority",
                                    "setpriority", "timer_create", "timer_settime", "timer_delete",
                                    "rt_sigtimedwait", "rt_sigsuspend", "pause", "select", "pselect6"]
