@@ -265,8 +265,15 @@ public struct VMControlGroups: Sendable {
     public func remove() {
         // A removed group's real-time budget goes back to its parent only when the kernel frees
         // the group, some time after rmdir: given back first, the next start can have it at once.
-        if let cpu = directories["cpu"], HostFiles.exists(cpu + "/cpu.rt_runtime_us") {
+        if let cpu = directories["cpu"], HostFiles.exists(cpu + "/cpu.rt_runtime_us"), Int(Self.read(cpu + "/cpu.rt_runtime_us").trimmed) != 0 {
             _ = try? HostFiles.writeInPlace("0", to: cpu + "/cpu.rt_runtime_us")
+            // And the `vireo` parent down to what its other children still hold, so stopped
+            // real-time VMs leave no budget reserved from the rest of the host.
+            let parent = HostFiles.parent(of: cpu)
+            let held = ((try? HostFiles.entries(of: parent)) ?? []).reduce(0) { sum, entry in
+                sum + (Int(Self.read(parent + "/" + entry + "/cpu.rt_runtime_us").trimmed) ?? 0)
+            }
+            _ = try? HostFiles.writeInPlace(String(held), to: parent + "/cpu.rt_runtime_us")
         }
         for directory in Set(directories.values) { rmdir(directory) }
     }
