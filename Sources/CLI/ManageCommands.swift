@@ -296,7 +296,7 @@ struct ResourceOptions: ParsableArguments {
         if let pidsLimit { request.pidsLimit = .some(try Self.number(pidsLimit, field: "--pids-limit")) }
         if let rtPriority { request.rtPriority = .some(try Self.number(rtPriority, field: "--rt-priority")) }
         if let ioLimit {
-            do throws(LibraryError) { request.ioLimits = .some(ioLimit == "none" ? nil : try IOLimits.parse(ioLimit)) } catch { throw fail(error) }
+            do throws(LibraryError) { request.ioLimits = .some(ioLimit == "none" ? nil : try IOLimits.parse(ioLimit) { try? Size.parse($0, field: "--io-limit") }) } catch { throw fail(error) }
         }
         if let pin {
             do throws(LibraryError) { request.vcpuPins = .some(pin == "none" ? nil : try VCPUPin.parse(pin)) } catch { throw fail(error) }

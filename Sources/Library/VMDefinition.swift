@@ -371,7 +371,8 @@ public struct IOLimits: Codable, Sendable, Equatable {
 
     public init() {}
 
-    public static func parse(_ text: String) throws(LibraryError) -> IOLimits {
+    /// `bytes` is the CLI's size parser (`--memory`'s units), nil for a value it refuses.
+    public static func parse(_ text: String, bytes: (String) -> UInt64?) throws(LibraryError) -> IOLimits {
         var limits = IOLimits()
         for item in text.split(separator: ",") {
             let parts = item.split(separator: "=", maxSplits: 1).map(String.init)
@@ -380,7 +381,7 @@ public struct IOLimits: Codable, Sendable, Equatable {
             }
             let value: UInt64?
             switch parts[0] {
-            case "read", "write": value = Self.bytes(parts[1])
+            case "read", "write": value = bytes(parts[1])
             case "read-iops", "write-iops": value = UInt64(parts[1])
             default:
                 throw .invalidValue(field: "--io-limit", reason: "unknown key '\(parts[0])'; keys: read, write (bytes per second, K/M/G), read-iops, write-iops")
@@ -397,18 +398,6 @@ public struct IOLimits: Codable, Sendable, Equatable {
         }
         guard limits != IOLimits() else { throw .invalidValue(field: "--io-limit", reason: "no limit given; like read=10M,write=5M or none") }
         return limits
-    }
-
-    /// `512K`, `10M`, `1G` (powers of 1024) or plain bytes.
-    static func bytes(_ text: String) -> UInt64? {
-        let units: [Character: UInt64] = ["K": 1 << 10, "M": 1 << 20, "G": 1 << 30]
-        guard let last = text.last?.uppercased().first else { return nil }
-        if let unit = units[last] {
-            guard let number = UInt64(text.dropLast()) else { return nil }
-            let (product, overflow) = number.multipliedReportingOverflow(by: unit)
-            return overflow ? nil : product
-        }
-        return UInt64(text)
     }
 
     public var description: String {

@@ -147,13 +147,13 @@ struct ResourceTests {
         #expect(heavyShare > 0.65 && heavyShare < 0.85, "weight 300 against 100 on one CPU: \(heavyShare) of it")
         // Every thread on CPU 1: the VM's cpuset group narrows to it as well.
         #expect(library.vireo("set", "heavy", "--pin", "vcpu0=1", "--pin-emulator", "1").status == 0)
-        let cpuset = heavy["cpuset"] ?? heavy["unified"]
-        if let cpuset { #expect(Self.readSetting(cpuset + "/cpuset.cpus") == "1") }
+        let cpuset = try #require(heavy["cpuset"] ?? heavy["unified"], "the VM has no cpuset group: \(heavy)")
+        #expect(Self.readSetting(cpuset + "/cpuset.cpus") == "1")
         #expect(affinities()["control"] == "1")
         #expect(library.vireo("set", "heavy", "--pin", "none", "--pin-emulator", "none").status == 0)
         let unpinned = affinities()
         #expect(unpinned["vcpu0"] == "0-1" && unpinned["control"] == "0-1", "\(unpinned)")
-        if let cpuset { #expect(Self.readSetting(cpuset + "/cpuset.cpus") == "0-1") }
+        #expect(Self.readSetting(cpuset + "/cpuset.cpus") == "0-1")
         let bad = library.vireo("set", "heavy", "--pin", "vcpu1=0")
         #expect(bad.status == 2 && bad.stderr.contains("--pin: vcpu1 does not exist"), "\(bad.stderr)")
         for name in ["light", "heavy"] { #expect(library.vireo("stop", name, "--force").status == 0) }
