@@ -1,4 +1,4 @@
-// swift-tools-version: 6.0
+// swift-tools-version: 6.1
 import PackageDescription
 
 let package = Package(
@@ -10,6 +10,11 @@ let package = Package(
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
+        // `vireo serve`: HTTP/1.1 with WebSocket upgrades on SwiftNIO. Hummingbird's default traits
+        // pull in swift-configuration and full Foundation, which Vireo does not use.
+        .package(url: "https://github.com/hummingbird-project/hummingbird", from: "2.28.1", traits: []),
+        .package(url: "https://github.com/hummingbird-project/hummingbird-websocket", from: "2.8.1"),
+        .package(url: "https://github.com/apple/swift-nio", from: "2.101.2"),
     ],
     targets: [
         .target(name: "CKVM"),
@@ -28,8 +33,15 @@ let package = Package(
         .target(name: "CCrypt", linkerSettings: [.linkedLibrary("crypt")]),
         .target(name: "Library", dependencies: ["API", "CHostSupport", "CCrypt", "CSandbox", "DiskImage", "X86Boot"]),
         .target(name: "Engines", dependencies: ["API", "Library", "CHostSupport", "CSandbox", "MigrationWire", "DiskImage"]),
+        .target(name: "Server", dependencies: [
+            "API", "Library", "Engines", "DiskImage", "X86Boot",
+            .product(name: "Hummingbird", package: "hummingbird"),
+            .product(name: "HummingbirdWebSocket", package: "hummingbird-websocket"),
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "NIOPosix", package: "swift-nio"),
+        ], resources: [.embedInCode("Web/index.html"), .embedInCode("Web/app.js"), .embedInCode("Web/app.css"), .embedInCode("Web/openapi.json")]),
         .target(name: "CLI", dependencies: [
-            "VMM", "X86Boot", "DiskImage", "Devices", "API", "Library", "Engines", "MigrationWire",
+            "VMM", "X86Boot", "DiskImage", "Devices", "API", "Library", "Engines", "MigrationWire", "Server",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
         .executableTarget(name: "vireo", dependencies: ["CLI"]),

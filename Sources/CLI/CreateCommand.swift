@@ -242,16 +242,7 @@ struct NICOptions: ParsableArguments {
 
 /// `nat|network:NAME|bridge:BR|user|tap:NAME[,mac=...]`, with a MAC made now if none was given.
 func parseNIC(_ text: String) throws(LibraryError) -> (card: NetworkAttachment, explicitMAC: Bool) {
-    let parts = text.split(separator: ",", omittingEmptySubsequences: false).map(String.init)
-    let attachment = try NICAttachment.parse(parts[0], field: "--nic")
-    var mac: String?
-    for option in parts.dropFirst() {
-        guard option.hasPrefix("mac=") else {
-            throw .invalidValue(field: "--nic", reason: "unknown option '\(option)' in '\(text)'; allowed: mac=XX:XX:XX:XX:XX:XX")
-        }
-        mac = String(option.dropFirst(4)).lowercased()
-    }
-    return (NetworkAttachment(attachment, mac: mac ?? NetworkAttachment.randomMAC()), mac != nil)
+    try NetworkAttachment.parseCard(text, field: "--nic")
 }
 
 /// The engine options `create` and `set` share.

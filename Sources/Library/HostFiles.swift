@@ -93,6 +93,47 @@ public enum HostFiles {
         }
     }
 
+    /// The first `count` bytes of a file (random bytes from /dev/urandom).
+    public static func readExactly(_ path: String, count: Int) throws(LibraryError) -> [UInt8] {
+        let fd = open(path, O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { throw .io(operation: "open", path: path, errno: errno) }
+        defer { close(fd) }
+        var bytes = [UInt8](repeating: 0, count: count)
+        var filled = 0
+        while filled < count {
+            let got = bytes.withUnsafeMutableBytes { read(fd, $0.baseAddress.map { $0 + filled }, count - filled) }
+            if got < 0, errno == EINTR { continue }
+            guard got > 0 else { throw .io(operation: "read", path: path, errno: got < 0 ? errno : EIO) }
+            filled += got
+        }
+        return bytes
+    }
+
+    /// A small text file (a /proc entry), nil when it cannot be read.
+    public static func readSmall(_ path: String) -> String? {
+        guard let bytes = try? readAll(path) else { return nil }
+        return String(decoding: bytes, as: UTF8.self)
+    }
+
+    /// The last `bytes` bytes of a file (a console log) as text; empty when there is none.
+    public static func tail(_ path: String, bytes limit: Int) -> String {
+        let fd = open(path, O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { return "" }
+        defer { close(fd) }
+        let end = lseek(fd, 0, SEEK_END)
+        guard end > 0, limit > 0 else { return "" }
+        let start = max(0, end - off_t(limit))
+        var bytes = [UInt8](repeating: 0, count: Int(end - start))
+        var filled = 0
+        while filled < bytes.count {
+            let count = bytes.withUnsafeMutableBytes { pread(fd, $0.baseAddress.map { $0 + filled }, $0.count - filled, start + off_t(filled)) }
+            if count < 0, errno == EINTR { continue }
+            if count <= 0 { break }
+            filled += count
+        }
+        return String(decoding: bytes[0..<filled], as: UTF8.self)
+    }
+
     /// Renames, failing rather than replacing anything at `to`.
     public static func renameNoReplace(_ from: String, _ to: String) throws(LibraryError) {
         let code = vireo_rename_noreplace(from, to)

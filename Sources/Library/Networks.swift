@@ -572,3 +572,20 @@ public enum HostTools {
         return nil
     }
 }
+
+extension NetworkAttachment {
+    /// A card as the CLI's `--nic` and the API's `nics` write it:
+    /// `nat|network:NAME|bridge:BR|user|tap:NAME[,mac=...]`, with a MAC made now if none was given.
+    public static func parseCard(_ text: String, field: String) throws(LibraryError) -> (card: NetworkAttachment, explicitMAC: Bool) {
+        let parts = text.split(separator: ",", omittingEmptySubsequences: false).map(String.init)
+        let attachment = try NICAttachment.parse(parts[0], field: field)
+        var mac: String?
+        for option in parts.dropFirst() {
+            guard option.hasPrefix("mac=") else {
+                throw .invalidValue(field: field, reason: "unknown option '\(option)' in '\(text)'; allowed: mac=XX:XX:XX:XX:XX:XX")
+            }
+            mac = String(option.dropFirst(4)).lowercased()
+        }
+        return (NetworkAttachment(attachment, mac: mac ?? NetworkAttachment.randomMAC()), mac != nil)
+    }
+}

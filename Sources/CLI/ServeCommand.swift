@@ -1,0 +1,84 @@
+import ArgumentParser
+import Dispatch
+import Engines
+import Library
+import Server
+import Synchronization
+#if canImport(Glibc)
+import Glibc
+#endif
+
+struct Serve: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Serve the REST API and the web manager for this library.",
+        discussion: """
+            The API is described by /api/openapi.json (docs/api.md); the manager is at / \
+            (docs/web-ui.md). Over TCP every /api request needs the library's API token (made on \
+            first start in the library's api-token file, mode 0600) as 'Authorization: Bearer \
+            TOKEN'; the printed address carries it for the browser. The Unix socket, if asked for, \
+            needs no token: its file mode (0600) limits it to this user. VMs run in their own \
+            processes: stopping the server leaves them running.
+            """)
+
+    @Option(help: ArgumentHelp("TCP address to listen on, HOST:PORT, or 'none' for the Unix socket only.", valueName: "host:port"))
+    var listen = "127.0.0.1:8006"
+
+    @Option(help: ArgumentHelp("Also listen on this Unix socket (no token; mode 0600).", valueName: "path"))
+    var socket: String?
+
+    func run() throws {
+        var configuration = APIServer.Configuration()
+        if listen != "none" {
+            guard let colon = listen.lastIndex(of: ":"), let port = Int(listen[listen.index(after: colon)...]), (1...65535).contains(port) else {
+                throw fail(LibraryError.invalidValue(field: "--listen", reason: "'\(listen)' is not HOST:PORT (port 1 to 65535) or none"))
+            }
+            var host = String(listen[..<colon])
+            if host.hasPrefix("["), host.hasSuffix("]") { host = String(host.dropFirst().dropLast()) }
+            guard !host.isEmpty else { throw fail(LibraryError.invalidValue(field: "--listen", reason: "'\(listen)' has no host; use 127.0.0.1:\(port)")) }
+            configuration.host = host
+            configuration.port = port
+        }
+        configuration.socketPath = socket.map(HostFiles.absolute)
+        guard configuration.host != nil || configuration.socketPath != nil else {
+            throw fail(LibraryError.invalidValue(field: "--listen", reason: "none given and no --socket: nothing to serve on"))
+        }
+        let manager = openManager()
+        let server: APIServer
+        do throws(LibraryError) { server = try APIServer(manager: manager, configuration: configuration) } catch { throw fail(error) }
+        if let host = configuration.host, !["127.0.0.1", "::1", "localhost"].contains(host) {
+            printNote("warning: listening on \(host), not loopback: the token and everything else travel unencrypted")
+        }
+        let tokenPath = APIServer.tokenPath(libraryRoot: manager.library.root)
+        let token = (try? HostFiles.readAll(tokenPath)).map { String(decoding: $0, as: UTF8.self).trimmingWhitespace() } ?? ""
+        let finished = DispatchSemaphore(value: 0)
+        let outcome = ServeOutcome()
+        // The server is async (SwiftNIO); this command is not, so its main thread waits here.
+        Task {
+            do {
+                try await server.run { addresses in
+                    for address in addresses.split(separator: " ") {
+                        if address.hasPrefix("http") {
+                            printLine("Vireo manager: \(address)/#token=\(token)")
+                        } else {
+                            printLine("API on \(address) (no token needed)")
+                        }
+                    }
+                    printLine("API token file: \(tokenPath)")
+                }
+            } catch {
+                outcome.set("\(error)")
+            }
+            finished.signal()
+        }
+        finished.wait()
+        if let failure = outcome.get() {
+            throw fail(LibraryError.invalidValue(field: "--listen", reason: "the server stopped: \(failure)"))
+        }
+    }
+}
+
+private final class ServeOutcome: Sendable {
+    private let failure = Mutex<String?>(nil)
+    func set(_ text: String) { failure.withLock { $0 = text } }
+    func get() -> String? { failure.withLock { $0 } }
+}

@@ -1,0 +1,131 @@
+import FoundationEssentials
+import Hummingbird
+import NIOCore
+
+/// JSON in and out, in snake_case as `vireo ... --json` prints it.
+enum APIJSON {
+    static func encode<T: Encodable>(_ value: T) -> [UInt8] {
+        let encoder = JSONEncoder()
+        encoder.keyEncodingStrategy = .convertToSnakeCase
+        encoder.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
+        // Every value the API sends is plain data; failing to encode one is a programming error
+        // reported as such rather than a crash.
+        guard let data = try? encoder.encode(value) else { return Array(#"{"error":"unencodable response"}"#.utf8) }
+        return Array(data)
+    }
+
+    static func response<T: Encodable>(_ value: T, status: HTTPResponse.Status = .ok, headers: HTTPFields = [:]) -> Response {
+        var fields = headers
+        fields[.contentType] = "application/json"
+        return Response(status: status, headers: fields, body: .init(byteBuffer: ByteBuffer(bytes: encode(value))))
+    }
+
+    /// The largest request body taken: every request is a small JSON object.
+    static let maximumBody = 64 * 1024
+
+    /// Reads a JSON object body of at most `maximumBody` bytes, refusing keys outside `allowed`
+    /// (a misspelt field is an error, not silently ignored), then decodes it as `T`.
+    static func decode<T: Decodable>(_ type: T.Type, from request: Request, allowed: Set<String>,
+                                     nested: [String: Set<String>] = [:]) async throws -> T {
+        let buffer: ByteBuffer
+        do {
+            buffer = try await request.body.collect(upTo: maximumBody)
+        } catch {
+            throw APIProblem(.contentTooLarge, kind: "body-too-large", detail: "the request body is over \(maximumBody) bytes")
+        }
+        if let type = request.headers[.contentType], !type.lowercased().hasPrefix("application/json") {
+            throw APIProblem(.unsupportedMediaType, kind: "unsupported-media-type", detail: "send the body as application/json, not \(type)")
+        }
+        let bytes = buffer.readableBytesView.isEmpty ? Array("{}".utf8) : Array(buffer.readableBytesView)
+        let value: JSONValue
+        do { value = try JSONDecoder().decode(JSONValue.self, from: Data(bytes)) } catch {
+            throw APIProblem.malformed("the body is not valid JSON")
+        }
+        guard case let .object(members) = value else { throw APIProblem.malformed("the body must be a JSON object") }
+        for key in members.keys.sorted() where !allowed.contains(key) {
+            throw APIProblem(.unprocessableContent, kind: "unknown-field", detail: "unknown field '\(key)'; allowed: \(allowed.sorted().joined(separator: ", "))", field: key)
+        }
+        // Every number the API takes is a non-negative integer but for timeouts; saying which
+        // field is out of range here beats the decoder's "not valid JSON".
+        for (key, member) in members.sorted(by: { $0.key < $1.key }) {
+            guard case let .number(number) = member else { continue }
+            if number < 0 { throw APIProblem.invalid(key, "must not be negative") }
+            if number > 9.0e18 { throw APIProblem.invalid(key, "is too large") }
+            if !key.hasSuffix("_seconds"), number.rounded() != number { throw APIProblem.invalid(key, "must be a whole number") }
+        }
+        for (key, keys) in nested {
+            guard let inner = members[key] else { continue }
+            if case .null = inner { continue }
+            guard case let .object(innerMembers) = inner else { throw APIProblem.invalid(key, "must be an object") }
+            for innerKey in innerMembers.keys.sorted() where !keys.contains(innerKey) {
+                throw APIProblem(.unprocessableContent, kind: "unknown-field", detail: "unknown field '\(key).\(innerKey)'; allowed: \(keys.sorted().joined(separator: ", "))", field: "\(key).\(innerKey)")
+            }
+        }
+        let decoder = JSONDecoder()
+        decoder.keyDecodingStrategy = .convertFromSnakeCase
+        do {
+            return try decoder.decode(T.self, from: Data(bytes))
+        } catch let error as DecodingError {
+            throw problem(error)
+        } catch let error as APIProblem {
+            throw error
+        }
+    }
+
+    /// A decoding failure named by its JSON path, as the client wrote it.
+    static func problem(_ error: DecodingError) -> APIProblem {
+        func path(_ keys: [any CodingKey], _ last: (any CodingKey)? = nil) -> String {
+            let all = keys + (last.map { [$0] } ?? [])
+            let text = all.map { key in key.intValue.map { "[\($0)]" } ?? snake(key.stringValue) }
+                .reduce("") { $0.isEmpty || $1.hasPrefix("[") ? $0 + $1 : $0 + "." + $1 }
+            return text.isEmpty ? "body" : text
+        }
+        switch error {
+        case let .typeMismatch(type, context):
+            return .invalid(path(context.codingPath), "must be \(describe(type))")
+        case let .valueNotFound(type, context):
+            return .invalid(path(context.codingPath), "must be \(describe(type)), not null")
+        case let .keyNotFound(key, context):
+            let field = path(context.codingPath, key)
+            return APIProblem(.unprocessableContent, kind: "missing-field", detail: "\(field): required", field: field)
+        case let .dataCorrupted(context):
+            return .invalid(path(context.codingPath), context.debugDescription)
+        @unknown default:
+            return .malformed("the body could not be read")
+        }
+    }
+
+    static func describe(_ type: Any.Type) -> String {
+        switch type {
+        case is String.Type: return "a string"
+        case is Bool.Type: return "true or false"
+        case is Int.Type, is UInt64.Type, is Int64.Type, is UInt32.Type: return "an integer in range"
+        case is [String].Type: return "an array of strings"
+        default: return "of type \(type)"
+        }
+    }
+
+    /// camelCase back to the snake_case the client sent.
+    static func snake(_ name: String) -> String {
+        var out = ""
+        for character in name {
+            if character.isUppercase { out += "_" + character.lowercased() } else { out.append(character) }
+        }
+        return out
+    }
+}
+
+/// Any JSON value: the body is first read as one of these to check its keys.
+enum JSONValue: Decodable, Sendable {
+    case null, bool(Bool), number(Double), string(String), array([JSONValue]), object([String: JSONValue])
+
+    init(from decoder: any Decoder) throws {
+        let container = try decoder.singleValueContainer()
+        if container.decodeNil() { self = .null }
+        else if let value = try? container.decode(Bool.self) { self = .bool(value) }
+        else if let value = try? container.decode(Double.self) { self = .number(value) }
+        else if let value = try? container.decode(String.self) { self = .string(value) }
+        else if let value = try? container.decode([JSONValue].self) { self = .array(value) }
+        else { self = .object(try container.decode([String: JSONValue].self)) }
+    }
+}

@@ -1,0 +1,520 @@
+import API
+import DiskImage
+import Engines
+import FoundationEssentials
+import Hummingbird
+import Library
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// One VM as the list shows it: what VirtualBox's machine list and `vireo list` show, plus the
+/// actions its state allows (the UI's toolbar is enabled from these).
+struct VMSummary: Encodable, Sendable {
+    var name: String
+    var uuid: String?
+    var state: String
+    /// `--no-jail --no-seccomp` when a running VM was started with its isolation off.
+    var isolationOff: String?
+    var engine: String?
+    var osType: String?
+    var cpus: Int?
+    var memoryBytes: UInt64?
+    var addresses: [String] = []
+    var diskAllocatedBytes: UInt64 = 0
+    var diskVirtualBytes: UInt64 = 0
+    var actions: [String] = []
+    /// Why a configuration cannot be read (the VM is listed so it can be deleted).
+    var error: String?
+}
+
+/// The actions a VM in `state` takes, as the API's action names.
+func allowedActions(_ state: VMState, engine: EngineKind?) -> [String] {
+    switch state {
+    case .stopped, .crashed: return ["start", "clone", "rename", "snapshot", "set", "delete"]
+    case .saved: return ["start", "start-fresh", "snapshot", "delete"]
+    case .running:
+        return ["stop", "force-stop", "pause", "restart", "reset", "snapshot", "console", "set"]
+            + (engine == .qemu ? ["display"] : []) + ["save"]
+    case .paused: return ["resume", "stop", "force-stop", "snapshot", "console", "save", "set"] + (engine == .qemu ? ["display"] : [])
+    case .starting, .stopping, .shuttingDown, .busy: return state == .shuttingDown ? ["force-stop"] : []
+    }
+}
+
+extension APIServer {
+    func summary(_ name: String, networks: HostNetworks) -> VMSummary {
+        let bundle = VMBundle(directory: manager.library.root + "/" + name)
+        let status = manager.library.status(of: bundle).state
+        var row = VMSummary(name: name, state: status.rawValue)
+        if !status.isOff { row.isolationOff = bundle.isolation()?.mark }
+        do throws(LibraryError) {
+            let definition = try bundle.load()
+            let paths = definition.disks.map { bundle.resolve($0.path) }
+            row.uuid = definition.uuid
+            row.engine = definition.engine.rawValue
+            row.osType = definition.osType
+            row.cpus = definition.cpus
+            row.memoryBytes = definition.memoryBytes
+            row.addresses = networks.addresses(of: definition).compactMap { $0?.description }
+            row.diskAllocatedBytes = paths.reduce(0) { $0 + HostFiles.allocatedBytes($1) }
+            row.diskVirtualBytes = paths.reduce(0) { $0 + (DiskImages.recordedVirtualSize(path: $1) ?? 0) }
+            row.actions = allowedActions(status, engine: definition.engine)
+        } catch {
+            row.error = error.description
+            row.actions = status.isOff ? ["delete"] : []
+        }
+        return row
+    }
+
+    /// Every VM's state, read from the library now (no cache): what `vireo list` would print.
+    func summaries() throws(LibraryError) -> [VMSummary] {
+        let networks = HostNetworks(library: manager.library)
+        return try manager.library.names().map { summary($0, networks: networks) }
+    }
+
+    struct VMDetails: Encodable, Sendable {
+        var summary: VMSummary
+        var definition: VMDefinition?
+        var crashReason: String?
+        var runtime: VMDescription?
+        var snapshots: [SnapshotRecord]
+        var currentSnapshot: String?
+        var directory: String
+    }
+
+    func details(_ name: String) throws(LibraryError) -> VMDetails {
+        let bundle = try manager.library.bundle(named: name)
+        let status = manager.library.status(of: bundle)
+        let tree = try? bundle.loadSnapshots()
+        return VMDetails(summary: summary(name, networks: HostNetworks(library: manager.library)),
+                         definition: try? bundle.load(), crashReason: status.crashReason, runtime: status.description,
+                         snapshots: tree?.snapshots ?? [], currentSnapshot: tree?.current, directory: bundle.directory)
+    }
+
+    // MARK: bodies
+
+    struct CreateBody: Decodable, Sendable {
+        var name: String
+        var osType: String?
+        var cpus: Int?
+        var memoryBytes: UInt64?
+        var diskBytes: UInt64?
+        var attachDisk: String?
+        var withoutDisk: Bool?
+        var kernel: String?
+        var initrd: String?
+        var commandLine: String?
+        var nics: [String]?
+        var forwards: [String]?
+        var vsockCid: UInt64?
+        var balloon: Bool?
+        var entropyDevice: Bool?
+        var acpi: Bool?
+        var onReboot: String?
+        var cpuModel: String?
+        var engine: String?
+        var iso: String?
+        var firmware: String?
+        var accelerator: String?
+        var image: String?
+        var fullCopy: Bool?
+        var sshKeyFiles: [String]?
+        var user: String?
+        var hostname: String?
+        var password: String?
+        var cpuCapPercent: Int?
+        var cpuWeight: Int?
+        var memoryLimitBytes: UInt64?
+        var pidsLimit: Int?
+
+        static let keys: Set<String> = ["name", "os_type", "cpus", "memory_bytes", "disk_bytes", "attach_disk", "without_disk", "kernel",
+                                        "initrd", "command_line", "nics", "forwards", "vsock_cid", "balloon", "entropy_device", "acpi",
+                                        "on_reboot", "cpu_model", "engine", "iso", "firmware", "accelerator", "image", "full_copy",
+                                        "ssh_key_files", "user", "hostname", "password", "cpu_cap_percent", "cpu_weight",
+                                        "memory_limit_bytes", "pids_limit"]
+
+        func request() throws(LibraryError) -> CreateRequest {
+            var request = CreateRequest(name: name)
+            request.osType = osType
+            request.cpus = cpus
+            request.memoryBytes = memoryBytes
+            request.diskBytes = diskBytes
+            request.attachDisk = attachDisk
+            request.withoutDisk = withoutDisk ?? false
+            request.kernel = kernel
+            request.initrd = initrd
+            request.commandLine = commandLine
+            request.networks = try APIServer.cards(nics: nics, forwards: forwards, kept: nil)
+            request.vsockCID = vsockCid
+            request.balloon = balloon
+            request.entropyDevice = entropyDevice
+            request.acpi = acpi
+            request.onReboot = onReboot
+            request.cpuModel = cpuModel
+            request.engine = try engine.map { (text) throws(LibraryError) in try EngineKind.parse(text, field: "engine") }
+            request.iso = iso
+            request.firmware = try firmware.map { (text) throws(LibraryError) in try Firmware.parse(text, field: "firmware") }
+            request.accelerator = try accelerator.map { (text) throws(LibraryError) in try Accelerator.parse(text, field: "accelerator") }
+            request.image = image
+            request.fullCopy = fullCopy ?? false
+            request.cloudInit.keyFiles = sshKeyFiles ?? []
+            request.cloudInit.user = user
+            request.cloudInit.hostname = hostname
+            request.cloudInit.password = password
+            request.resources.cpuCapPercent = cpuCapPercent
+            request.resources.cpuWeight = cpuWeight
+            request.resources.memoryLimitBytes = memoryLimitBytes
+            request.resources.pidsLimit = pidsLimit
+            return request
+        }
+    }
+
+    /// Cards from the API's `nics` (the CLI's `--nic` syntax) and `forwards` (`tcp:8080:80`).
+    static func cards(nics: [String]?, forwards: [String]?, kept: [NetworkAttachment]?) throws(LibraryError) -> [NetworkAttachment]? {
+        guard nics != nil || forwards != nil else { return nil }
+        var cards: [NetworkAttachment]
+        if let nics {
+            cards = []
+            for (index, text) in nics.enumerated() { cards.append(try NetworkAttachment.parseCard(text, field: "nics[\(index)]").card) }
+        } else {
+            cards = kept ?? [NetworkAttachment(.nat, mac: NetworkAttachment.randomMAC())]
+        }
+        if let forwards, !forwards.isEmpty {
+            var parsed: [PortForward] = []
+            for (index, text) in forwards.enumerated() { parsed.append(try PortForward.parse(text, field: "forwards[\(index)]")) }
+            guard let index = cards.firstIndex(where: { $0.attachment.acceptsForwards }) else {
+                throw LibraryError.invalidValue(field: "forwards", reason: "the VM has no nat, network or user card to forward ports to")
+            }
+            cards[index].forwards = parsed
+        }
+        return cards
+    }
+
+    /// `PATCH /api/vms/{name}`: a field present changes, `null` removes a limit, absent keeps.
+    struct ChangeBody: Decodable, Sendable {
+        var request = ChangeRequest()
+        static let keys: Set<String> = ["cpus", "memory_bytes", "command_line", "os_type", "kernel", "initrd", "entropy_device", "balloon",
+                                        "acpi", "on_reboot", "cpu_model", "engine", "iso", "firmware", "accelerator", "nics", "forwards",
+                                        "vsock_cid", "cpu_cap_percent", "cpu_weight", "memory_limit_bytes", "pids_limit"]
+
+        enum Keys: String, CodingKey {
+            case cpus, memoryBytes, commandLine, osType, kernel, initrd, entropyDevice, balloon, acpi, onReboot, cpuModel, engine, iso
+            case firmware, accelerator, nics, forwards, vsockCid, cpuCapPercent, cpuWeight, memoryLimitBytes, pidsLimit
+        }
+
+        var nics: [String]?
+        var forwards: [String]?
+
+        init(from decoder: any Decoder) throws {
+            let c = try decoder.container(keyedBy: Keys.self)
+            func optional<T: Decodable>(_ key: Keys) throws -> T?? {
+                guard c.contains(key) else { return nil }
+                if try c.decodeNil(forKey: key) { return .some(nil) }
+                return .some(try c.decode(T.self, forKey: key))
+            }
+            func required<T: Decodable>(_ key: Keys) throws -> T? {
+                guard c.contains(key) else { return nil }
+                if try c.decodeNil(forKey: key) { throw APIProblem.invalid(JSONKeys.snake(key.rawValue), "cannot be null") }
+                return try c.decode(T.self, forKey: key)
+            }
+            request.cpus = try required(.cpus)
+            request.memoryBytes = try required(.memoryBytes)
+            request.commandLine = try required(.commandLine)
+            request.osType = try required(.osType)
+            request.kernel = try required(.kernel)
+            let initrd: String?? = try optional(.initrd)
+            if let initrd { if let path = initrd { request.initrd = path } else { request.removeInitrd = true } }
+            request.entropyDevice = try required(.entropyDevice)
+            request.balloon = try required(.balloon)
+            request.acpi = try required(.acpi)
+            request.onReboot = try required(.onReboot)
+            request.cpuModel = try required(.cpuModel)
+            let engine: String? = try required(.engine)
+            let firmware: String? = try required(.firmware)
+            let accelerator: String? = try required(.accelerator)
+            do throws(LibraryError) {
+                request.engine = try engine.map { (text) throws(LibraryError) in try EngineKind.parse(text, field: "engine") }
+                request.firmware = try firmware.map { (text) throws(LibraryError) in try Firmware.parse(text, field: "firmware") }
+                request.accelerator = try accelerator.map { (text) throws(LibraryError) in try Accelerator.parse(text, field: "accelerator") }
+            } catch { throw APIProblem(error) }
+            request.iso = try optional(.iso)
+            request.vsockCID = try optional(.vsockCid)
+            request.cpuCapPercent = try optional(.cpuCapPercent)
+            request.cpuWeight = try optional(.cpuWeight)
+            request.memoryLimitBytes = try optional(.memoryLimitBytes)
+            request.pidsLimit = try optional(.pidsLimit)
+            nics = try required(.nics)
+            forwards = try required(.forwards)
+        }
+    }
+
+    // MARK: routes
+
+    func addVMRoutes(to api: RouterGroup<APIContext>) {
+        api.get("vms") { _, _ in APIJSON.response(try await blocking { try self.summaries() }) }
+        api.post("vms") { request, _ in
+            let body = try await APIJSON.decode(CreateBody.self, from: request, allowed: CreateBody.keys)
+            let (definition, notes) = try await blocking { () throws in
+                try self.manager.library.createReporting(try body.request())
+            }
+            self.events.touch()
+            struct Created: Encodable { var definition: VMDefinition; var notes: [String] }
+            return APIJSON.response(Created(definition: definition, notes: notes), status: .created,
+                                    headers: [.location: "/api/vms/\(definition.name)"])
+        }
+        api.get("vms/:name") { _, context in
+            let name = try context.parameters.require("name")
+            return APIJSON.response(try await blocking { try self.details(name) })
+        }
+        api.patch("vms/:name") { request, context in
+            let name = try context.parameters.require("name")
+            let body = try await APIJSON.decode(ChangeBody.self, from: request, allowed: ChangeBody.keys)
+            let definition = try await blocking { () throws -> VMDefinition in
+                var change = body.request
+                if body.nics != nil || body.forwards != nil {
+                    let current = try self.manager.library.bundle(named: name).load()
+                    change.networks = try APIServer.cards(nics: body.nics, forwards: body.forwards, kept: current.networks)
+                    change.explicitMACs = (change.networks ?? []).map { _ in body.nics?.contains { $0.contains("mac=") } ?? true }
+                }
+                return try self.manager.change(name, change)
+            }
+            self.events.touch()
+            return APIJSON.response(definition)
+        }
+        api.delete("vms/:name") { request, context in
+            let name = try context.parameters.require("name")
+            let keep = try Self.flag(request, "keep_disks")
+            let report = try await blocking { try self.manager.library.delete(name, keepDisks: keep) }
+            self.events.touch()
+            struct Deleted: Encodable { var name: String; var keptDisks: [String]; var untouchedDisks: [String] }
+            return APIJSON.response(Deleted(name: name, keptDisks: report.keptDisks, untouchedDisks: report.untouchedDisks))
+        }
+        struct StartBody: Decodable { var discardState: Bool?; var noJail: Bool?; var noSeccomp: Bool? }
+        api.post("vms/:name/start") { request, context in
+            let name = try context.parameters.require("name")
+            let body = try await APIJSON.decode(StartBody.self, from: request, allowed: ["discard_state", "no_jail", "no_seccomp"])
+            let started = try await blocking {
+                try self.manager.start(name, discardState: body.discardState ?? false,
+                                       isolation: IsolationRequest(jail: !(body.noJail ?? false), seccomp: !(body.noSeccomp ?? false)))
+            }
+            self.events.touch()
+            struct Started: Encodable { var name: String; var pid: Int32; var warnings: [String] }
+            return APIJSON.response(Started(name: name, pid: started.pid, warnings: started.warnings))
+        }
+        struct StopBody: Decodable { var force: Bool?; var timeoutSeconds: Double? }
+        api.post("vms/:name/stop") { request, context in
+            let name = try context.parameters.require("name")
+            let body = try await APIJSON.decode(StopBody.self, from: request, allowed: ["force", "timeout_seconds"])
+            let timeout = body.timeoutSeconds ?? 30
+            guard timeout > 0, timeout <= 600 else { throw APIProblem.invalid("timeout_seconds", "must be more than 0 and at most 600") }
+            let stopped = try await blocking { try self.manager.stop(name, force: body.force ?? false, timeout: timeout) }
+            self.events.touch()
+            struct Stopped: Encodable { var name: String; var outcome: String; var warnings: [String] }
+            let outcome: String
+            switch stopped.outcome {
+            case let .alreadyOff(state): outcome = "already-\(state.rawValue)"
+            case .poweredOff: outcome = "powered-off"
+            case .shutDown: outcome = "shut-down"
+            }
+            return APIJSON.response(Stopped(name: name, outcome: outcome, warnings: stopped.warnings))
+        }
+        for action in ["pause", "resume", "reset"] {
+            api.post(RouterPath("vms/:name/\(action)")) { request, context in
+                let name = try context.parameters.require("name")
+                _ = try await APIJSON.decode(EmptyBody.self, from: request, allowed: [])
+                try await blocking { () throws in
+                    switch action {
+                    case "pause": try self.manager.pause(name)
+                    case "resume": try self.manager.resume(name)
+                    default: try self.manager.reset(name)
+                    }
+                }
+                self.events.touch()
+                return APIJSON.response(try await blocking { self.summary(name, networks: HostNetworks(library: self.manager.library)) })
+            }
+        }
+        api.post("vms/:name/restart") { request, context in
+            let name = try context.parameters.require("name")
+            let body = try await APIJSON.decode(StopBody.self, from: request, allowed: ["force", "timeout_seconds"])
+            let timeout = body.timeoutSeconds ?? 30
+            guard timeout > 0, timeout <= 600 else { throw APIProblem.invalid("timeout_seconds", "must be more than 0 and at most 600") }
+            let started = try await blocking { () throws -> StartedVM in
+                _ = try self.manager.stop(name, force: body.force ?? false, timeout: timeout)
+                return try self.manager.start(name)
+            }
+            self.events.touch()
+            struct Started: Encodable { var name: String; var pid: Int32; var warnings: [String] }
+            return APIJSON.response(Started(name: name, pid: started.pid, warnings: started.warnings))
+        }
+        api.post("vms/:name/save") { request, context in
+            let name = try context.parameters.require("name")
+            _ = try await APIJSON.decode(EmptyBody.self, from: request, allowed: [])
+            // Refused at once when the VM cannot be saved, rather than as a failed task.
+            _ = try await blocking { () throws -> Bool in
+                let status = self.manager.library.status(of: try self.manager.library.bundle(named: name)).state
+                guard status == .running || status == .paused else {
+                    throw LibraryError.wrongState(name: name, state: status.rawValue, action: "save", hint: "only a running or paused VM can be saved")
+                }
+                return true
+            }
+            let task = self.tasks.start(kind: "save", target: name) { progress throws(LibraryError) in
+                progress(nil, "saving state and memory")
+                let warnings = try self.manager.save(name)
+                return ["vm": name, "warnings": warnings.joined(separator: "; ")]
+            }
+            return APIJSON.response(task, status: .accepted, headers: [.location: "/api/tasks/\(task.id)"])
+        }
+        struct RenameBody: Decodable { var name: String }
+        api.post("vms/:name/rename") { request, context in
+            let name = try context.parameters.require("name")
+            let body = try await APIJSON.decode(RenameBody.self, from: request, allowed: ["name"])
+            try await blocking { try self.manager.library.rename(name, to: body.name) }
+            self.events.touch()
+            return APIJSON.response(try await blocking { try self.details(body.name) }, headers: [.location: "/api/vms/\(body.name)"])
+        }
+        struct CloneBody: Decodable { var name: String; var linked: Bool? }
+        api.post("vms/:name/clone") { request, context in
+            let name = try context.parameters.require("name")
+            let body = try await APIJSON.decode(CloneBody.self, from: request, allowed: ["name", "linked"])
+            // What can be refused at once is (name, source, state); the copy itself is a task.
+            _ = try await blocking { () throws -> Bool in
+                try VMName.validate(body.name)
+                let bundle = try self.manager.library.bundle(named: name)
+                if try self.manager.library.names().contains(body.name) { throw LibraryError.alreadyExists(name: body.name) }
+                let state = self.manager.library.status(of: bundle).state
+                guard state.isOff else {
+                    throw LibraryError.wrongState(name: name, state: state.rawValue, action: "clone", hint: "stop it first (a running VM's disks are changing)")
+                }
+                return true
+            }
+            let task = self.tasks.start(kind: "clone", target: name) { progress throws(LibraryError) in
+                progress(nil, body.linked == true ? "making linked overlays" : "copying disks")
+                let definition = try self.manager.library.clone(name, to: body.name, linked: body.linked ?? false)
+                self.events.touch()
+                return ["vm": definition.name]
+            }
+            return APIJSON.response(task, status: .accepted, headers: [.location: "/api/tasks/\(task.id)"])
+        }
+        api.get("vms/:name/stats") { _, context in
+            let name = try context.parameters.require("name")
+            return APIJSON.response(try await blocking { try self.statistics(name) })
+        }
+        api.get("vms/:name/console-log") { request, context in
+            let name = try context.parameters.require("name")
+            let limit = try Self.integer(request, "tail_bytes", default: 65536, range: 0...(16 << 20))
+            let text = try await blocking { () throws -> String in
+                let bundle = try self.manager.library.bundle(named: name)
+                return HostFiles.tail(bundle.consoleLogPath, bytes: limit)
+            }
+            return Response(status: .ok, headers: [.contentType: "text/plain; charset=utf-8"], body: .init(byteBuffer: .init(string: text)))
+        }
+        api.get("vms/:name/snapshots") { _, context in
+            let name = try context.parameters.require("name")
+            let tree = try await blocking { try self.manager.library.bundle(named: name).loadSnapshots() }
+            struct Tree: Encodable { var current: String?; var snapshots: [SnapshotRecord] }
+            return APIJSON.response(Tree(current: tree.current, snapshots: tree.snapshots))
+        }
+        struct SnapshotBody: Decodable { var name: String?; var description: String? }
+        api.post("vms/:name/snapshots") { request, context in
+            let name = try context.parameters.require("name")
+            let body = try await APIJSON.decode(SnapshotBody.self, from: request, allowed: ["name", "description"])
+            if let description = body.description, description.utf8.count > 4096 { throw APIProblem.invalid("description", "is over 4096 bytes") }
+            let (record, warnings) = try await blocking { try self.manager.takeSnapshot(name, snapshot: body.name, description: body.description) }
+            self.events.touch()
+            struct Taken: Encodable { var snapshot: SnapshotRecord; var warnings: [String] }
+            return APIJSON.response(Taken(snapshot: record, warnings: warnings), status: .created,
+                                    headers: [.location: "/api/vms/\(name)/snapshots/\(record.id)"])
+        }
+        api.post("vms/:name/snapshots/:snapshot/restore") { request, context in
+            let name = try context.parameters.require("name")
+            let snapshot = try context.parameters.require("snapshot")
+            _ = try await APIJSON.decode(EmptyBody.self, from: request, allowed: [])
+            let record = try await blocking { try self.manager.library.restoreSnapshot(name, snapshot: snapshot) }
+            self.events.touch()
+            return APIJSON.response(record)
+        }
+        api.delete("vms/:name/snapshots/:snapshot") { _, context in
+            let name = try context.parameters.require("name")
+            let snapshot = try context.parameters.require("snapshot")
+            let record = try await blocking { try self.manager.library.deleteSnapshot(name, snapshot: snapshot) }
+            self.events.touch()
+            return APIJSON.response(record)
+        }
+    }
+
+    struct Statistics: Encodable, Sendable {
+        var name: String
+        var state: String
+        /// Seconds since the epoch when these were read; rates are differences between reads.
+        var sampledAt: Double
+        /// Host CPU time the VM's process has used, in seconds (all vCPUs and devices).
+        var cpuSeconds: Double?
+        var rssBytes: UInt64?
+        var memoryBytes: UInt64?
+        var diskReadBytes: UInt64?
+        var diskWrittenBytes: UInt64?
+        var networkReceivedBytes: UInt64?
+        var networkTransmittedBytes: UInt64?
+    }
+
+    func statistics(_ name: String) throws(LibraryError) -> Statistics {
+        let bundle = try manager.library.bundle(named: name)
+        let status = manager.library.status(of: bundle)
+        var stats = Statistics(name: name, state: status.state.rawValue, sampledAt: Date().timeIntervalSince1970)
+        guard let description = status.description else { return stats }
+        stats.memoryBytes = description.memoryBytes
+        stats.cpuSeconds = ProcessCPU.seconds(pid: description.pid)
+        if let counters = try? manager.counters(name) {
+            stats.rssBytes = counters.rssBytes
+            stats.diskReadBytes = counters.disks.reduce(0) { $0 + $1.readBytes }
+            stats.diskWrittenBytes = counters.disks.reduce(0) { $0 + $1.writtenBytes }
+            // The tap's receive is the guest's transmit: counted as the guest sees them.
+            stats.networkReceivedBytes = counters.networks.reduce(0) { $0 + $1.rxBytes }
+            stats.networkTransmittedBytes = counters.networks.reduce(0) { $0 + $1.txBytes }
+        } else {
+            stats.rssBytes = ProcessCPU.residentBytes(pid: description.pid)
+        }
+        return stats
+    }
+
+    static func flag(_ request: Request, _ name: String) throws -> Bool {
+        guard let value = request.uri.queryParameters[Substring(name)] else { return false }
+        switch value {
+        case "true", "1": return true
+        case "false", "0": return false
+        default: throw APIProblem.invalid(name, "'\(value)' is not true or false")
+        }
+    }
+
+    static func integer(_ request: Request, _ name: String, default value: Int, range: ClosedRange<Int>) throws -> Int {
+        guard let text = request.uri.queryParameters[Substring(name)] else { return value }
+        guard let number = Int(text), range.contains(number) else {
+            throw APIProblem.invalid(name, "'\(text)' is not an integer from \(range.lowerBound) to \(range.upperBound)")
+        }
+        return number
+    }
+}
+
+struct EmptyBody: Decodable {}
+
+enum JSONKeys {
+    static func snake(_ name: String) -> String { APIJSON.snake(name) }
+}
+
+/// The host's view of a VM's process: CPU time from `/proc/PID/stat`, as `top` reads it.
+enum ProcessCPU {
+    static func seconds(pid: Int32) -> Double? {
+        guard let text = HostFiles.readSmall("/proc/\(pid)/stat"), let close = text.lastIndex(of: ")") else { return nil }
+        let fields = text[text.index(after: close)...].split(separator: " ")
+        // After the command: state is field 3, utime 14 and stime 15 (1-based over the whole line).
+        guard fields.count > 13, let user = Double(fields[11]), let system = Double(fields[12]) else { return nil }
+        return (user + system) / Double(sysconf(Int32(_SC_CLK_TCK)))
+    }
+
+    static func residentBytes(pid: Int32) -> UInt64? {
+        guard let text = HostFiles.readSmall("/proc/\(pid)/statm") else { return nil }
+        let fields = text.split(separator: " ")
+        guard fields.count > 1, let pages = UInt64(fields[1]) else { return nil }
+        return pages * UInt64(sysconf(Int32(_SC_PAGESIZE)))
+    }
+}

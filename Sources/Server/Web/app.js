@@ -1,0 +1,542 @@
+// The Vireo manager: VirtualBox Manager's layout over the REST API (docs/web-ui.md).
+// Plain modules and Debian's libraries (xterm.js, noVNC, Chart.js); no build step.
+import RFB from '/static/novnc/core/rfb.js';
+
+const $ = (id) => document.getElementById(id);
+const state = { token: null, vms: [], selected: null, host: null, tasks: new Map(),
+                terminal: null, consoleSocket: null, rfb: null, charts: null, statsTimer: null,
+                lastStats: null, selectedSnapshot: null };
+
+// ---- the token: from the address `vireo serve` prints (#token=...), kept for this tab only
+
+function takeToken() {
+  const match = location.hash.match(/token=([0-9a-f]+)/);
+  if (match) {
+    sessionStorage.setItem('vireo-token', match[1]);
+    history.replaceState(null, '', location.pathname);
+  }
+  state.token = sessionStorage.getItem('vireo-token');
+}
+
+async function askToken() {
+  $('login').showModal();
+  await new Promise((resolve) => $('login').addEventListener('close', resolve, { once: true }));
+  state.token = $('login-token').value.trim();
+  sessionStorage.setItem('vireo-token', state.token);
+}
+
+// ---- the API
+
+class Problem extends Error {
+  constructor(body) { super(body.detail || body.title); this.body = body; }
+}
+
+async function api(method, path, body) {
+  const headers = { 'Authorization': `Bearer ${state.token}` };
+  if (body !== undefined) headers['Content-Type'] = 'application/json';
+  const response = await fetch(path, { method, headers, body: body === undefined ? undefined : JSON.stringify(body) });
+  if (response.status === 401) { await askToken(); return api(method, path, body); }
+  const type = response.headers.get('Content-Type') || '';
+  const data = type.includes('json') ? await response.json() : await response.text();
+  if (!response.ok) throw new Problem(typeof data === 'object' ? data : { detail: String(data) });
+  return data;
+}
+
+function say(text, isError = false) {
+  const status = $('status');
+  status.textContent = text;
+  status.className = isError ? 'error' : '';
+}
+
+const gib = 1024 * 1024 * 1024, mib = 1024 * 1024;
+function size(bytes) {
+  if (bytes === undefined || bytes === null) return '-';
+  if (bytes >= gib) return `${(bytes / gib).toFixed(bytes % gib ? 1 : 0)} GiB`;
+  return `${Math.round(bytes / mib)} MiB`;
+}
+
+// ---- the machine list
+
+function renderList() {
+  const body = document.querySelector('#vm-list tbody');
+  body.replaceChildren();
+  $('vm-empty').hidden = state.vms.length > 0;
+  for (const vm of state.vms) {
+    const row = document.createElement('tr');
+    row.dataset.name = vm.name;
+    row.className = vm.name === state.selected ? 'selected' : '';
+    const cells = [vm.name, vm.state + (vm.isolation_off ? ` (${vm.isolation_off})` : ''), vm.os_type || '-',
+                   vm.cpus ?? '-', size(vm.memory_bytes), vm.addresses.join(', ') || '-'];
+    cells.forEach((text, index) => {
+      const cell = document.createElement('td');
+      cell.textContent = text;
+      if (index === 1) cell.className = `state state-${vm.state}`;
+      row.append(cell);
+    });
+    row.addEventListener('click', () => select(vm.name));
+    body.append(row);
+  }
+  renderToolbar();
+}
+
+function selectedVM() { return state.vms.find((vm) => vm.name === state.selected); }
+
+function renderToolbar() {
+  const vm = selectedVM();
+  const actions = new Set(vm ? vm.actions : []);
+  for (const button of document.querySelectorAll('#toolbar button[data-action]')) {
+    button.disabled = !actions.has(button.dataset.action);
+  }
+}
+
+async function refresh() {
+  try {
+    state.vms = await api('GET', '/api/vms');
+  } catch (error) { say(error.message, true); return; }
+  if (state.selected && !selectedVM()) { state.selected = null; renderDetails(null); }
+  renderList();
+}
+
+async function select(name) {
+  if (state.selected !== name) disconnectConsoles();
+  state.selected = name;
+  state.lastStats = null;
+  resetCharts();
+  renderList();
+  await showDetails();
+}
+
+async function showDetails() {
+  if (!state.selected) return;
+  try {
+    const details = await api('GET', `/api/vms/${encodeURIComponent(state.selected)}`);
+    renderDetails(details);
+    renderSnapshots(details);
+  } catch (error) { say(error.message, true); }
+}
+
+function renderDetails(details) {
+  const target = $('tab-details');
+  target.replaceChildren();
+  if (!details) { target.innerHTML = '<p class="hint">Select a VM.</p>'; return; }
+  const d = details.definition || {};
+  const rows = [
+    ['Name', details.summary.name], ['State', details.summary.state + (details.crash_reason ? ` — ${details.crash_reason}` : '')],
+    ['OS type', d.os_type], ['Engine', d.engine], ['CPUs', d.cpus], ['Memory', size(d.memory_bytes)],
+    ['Kernel', d.kernel || (d.firmware ? `firmware ${d.firmware}` : '-')], ['Command line', d.command_line],
+    ['ISO', d.iso || '-'], ['Disks', (d.disks || []).map((disk) => `${disk.path} (${disk.format})`).join(', ') || 'none'],
+    ['Disk use', `${size(details.summary.disk_allocated_bytes)} of ${size(details.summary.disk_virtual_bytes)}`],
+    ['Network', (d.networks || []).map((card) => `${card.mac} ${JSON.stringify(card.attachment)}`).join('; ') || 'none'],
+    ['IP', details.summary.addresses.join(', ') || '-'],
+    ['Running', details.runtime ? `pid ${details.runtime.pid}, up ${Math.round(details.runtime.uptime_ms / 1000)} s` : '-'],
+    ['Snapshots', String(details.snapshots.length)], ['Directory', details.directory],
+  ];
+  const table = document.createElement('table');
+  table.className = 'properties';
+  for (const [key, value] of rows) {
+    const row = table.insertRow();
+    row.insertCell().textContent = key;
+    row.insertCell().textContent = value ?? '-';
+  }
+  target.append(table);
+}
+
+// ---- toolbar actions
+
+async function confirmDialog(text, inputCaption, initial = '') {
+  $('confirm-text').textContent = text;
+  $('confirm-input-label').hidden = !inputCaption;
+  $('confirm-input-caption').textContent = inputCaption || '';
+  $('confirm-input').value = initial;
+  $('confirm').showModal();
+  await new Promise((resolve) => $('confirm').addEventListener('close', resolve, { once: true }));
+  if ($('confirm').returnValue !== 'ok') return null;
+  return inputCaption ? $('confirm-input').value.trim() : true;
+}
+
+async function act(action) {
+  const name = state.selected;
+  if (!name) return;
+  const path = `/api/vms/${encodeURIComponent(name)}`;
+  try {
+    switch (action) {
+      case 'start': say(`Starting ${name}…`); await api('POST', `${path}/start`, {}); break;
+      case 'stop': say(`Shutting ${name} down…`); await api('POST', `${path}/stop`, {}); break;
+      case 'force-stop': say(`Powering ${name} off…`); await api('POST', `${path}/stop`, { force: true }); break;
+      case 'pause': await api('POST', `${path}/pause`, {}); break;
+      case 'resume': await api('POST', `${path}/resume`, {}); break;
+      case 'reset': await api('POST', `${path}/reset`, {}); break;
+      case 'save': await api('POST', `${path}/save`, {}); break;
+      case 'snapshot': await takeSnapshot(); break;
+      case 'clone': {
+        const target = await confirmDialog(`Clone ${name} (full copy of its disks):`, 'New name', `${name}-clone`);
+        if (!target) return;
+        await api('POST', `${path}/clone`, { name: target });
+        break;
+      }
+      case 'delete': {
+        if (!await confirmDialog(`Delete VM ${name} and its disks? This cannot be undone.`)) return;
+        await api('DELETE', path);
+        state.selected = null;
+        renderDetails(null);
+        break;
+      }
+    }
+    say(`${name}: ${action} done`);
+  } catch (error) {
+    say(error.message, true);
+  }
+  await refresh();
+  await showDetails();
+}
+
+// ---- the New wizard
+
+async function openWizard() {
+  state.host = state.host || await api('GET', '/api/host');
+  const host = state.host;
+  const types = $('wz-ostype');
+  if (!types.options.length) {
+    for (const type of host.os_types) types.add(new Option(`${type.identifier} — ${type.description}`, type.identifier));
+    types.value = host.os_types.some((t) => t.identifier === 'linux-64') ? 'linux-64' : host.os_types[0].identifier;
+  }
+  $('wz-cpus').max = Math.min(host.cpus * 4, host.maximum_vcpus);
+  $('wz-memory').max = Math.max(256, Math.floor(host.memory_bytes / mib / 2 / 64) * 64);
+  const images = await api('GET', '/api/images');
+  $('wz-image').replaceChildren(...images.map((image) => new Option(`${image.manifest.name} — ${image.manifest.description}`, image.manifest.name)));
+  if (!images.length) $('wz-image').add(new Option('(no images: `vireo image build debian-12`)', ''));
+  const networks = await api('GET', '/api/networks');
+  $('wz-network').replaceChildren(new Option('NAT (default)', 'nat'), new Option('None', 'none'),
+    ...networks.filter((n) => n.network.name !== 'default').map((n) => new Option(`${n.network.name} (${n.network.mode})`, `network:${n.network.name}`)));
+  applyOSDefaults();
+  $('wz-error').textContent = '';
+  $('wizard').showModal();
+}
+
+function applyOSDefaults() {
+  const type = state.host.os_types.find((t) => t.identifier === $('wz-ostype').value);
+  if (!type) return;
+  $('wz-cpus').value = type.cpus;
+  $('wz-memory').value = Math.round(type.memory_bytes / mib);
+  $('wz-disk').value = Math.round(type.disk_bytes / gib);
+  updatePreview();
+}
+
+function wizardRequest() {
+  const source = document.querySelector('input[name="wz-source"]:checked').value;
+  const request = { name: $('wz-name').value.trim(), os_type: $('wz-ostype').value, cpus: Number($('wz-cpus').value),
+                    memory_bytes: Number($('wz-memory').value) * mib };
+  const disk = Number($('wz-disk').value);
+  if (disk > 0) request.disk_bytes = disk * gib; else request.without_disk = true;
+  if (source === 'image' && $('wz-image').value) request.image = $('wz-image').value;
+  if (source === 'kernel' && $('wz-kernel').value.trim()) request.kernel = $('wz-kernel').value.trim();
+  if (source === 'iso' && $('wz-iso').value.trim()) request.iso = $('wz-iso').value.trim();
+  if ($('wz-cmdline').value.trim()) request.command_line = $('wz-cmdline').value.trim();
+  const network = $('wz-network').value;
+  request.nics = network === 'none' ? [] : [network];
+  if ($('wz-firmware').value) request.firmware = $('wz-firmware').value;
+  return request;
+}
+
+function updatePreview() {
+  $('wz-cpus-out').value = $('wz-cpus').value;
+  $('wz-memory-out').value = `${$('wz-memory').value} MiB`;
+  const request = wizardRequest();
+  const lines = [`VM "${request.name || '?'}", ${request.os_type}`, `${request.cpus} vCPU, ${size(request.memory_bytes)} RAM`,
+    request.disk_bytes ? `a thin ${size(request.disk_bytes)} qcow2 disk` : 'no disk',
+    request.image ? `from image ${request.image}` : request.kernel ? `booting ${request.kernel}` : request.iso ? `installer ${request.iso} (qemu engine)` : 'no boot source yet',
+    request.nics.length ? `network card on ${request.nics[0]}` : 'no network card'];
+  $('wz-preview').textContent = `Will create:\n  ${lines.join('\n  ')}`;
+}
+
+async function submitWizard(event) {
+  event.preventDefault();
+  if (!$('wizard-form').reportValidity()) return;
+  try {
+    const created = await api('POST', '/api/vms', wizardRequest());
+    $('wizard').close();
+    say(`Created ${created.definition.name}` + (created.notes.length ? ` (${created.notes.join('; ')})` : ''));
+    await refresh();
+    await select(created.definition.name);
+  } catch (error) {
+    $('wz-error').textContent = error.message;
+  }
+}
+
+// ---- the serial console (xterm.js over a WebSocket)
+
+function socketURL(kind) {
+  const scheme = location.protocol === 'https:' ? 'wss' : 'ws';
+  return `${scheme}://${location.host}/api/vms/${encodeURIComponent(state.selected)}/${kind}`;
+}
+
+function connectConsole() {
+  if (!state.selected) return;
+  disconnectConsole();
+  if (!state.terminal) {
+    // The DOM renderer keeps the text in the page (selectable, and readable by tests).
+    state.terminal = new Terminal({ cols: 80, rows: 30, rendererType: 'dom', convertEol: false });
+    state.terminal.open($('terminal'));
+    window.vireoTerminal = state.terminal;
+    state.terminal.on('data', (data) => {
+      if (state.consoleSocket && state.consoleSocket.readyState === WebSocket.OPEN) state.consoleSocket.send(new TextEncoder().encode(data));
+    });
+  }
+  state.terminal.reset();
+  const socket = new WebSocket(socketURL('console'), ['vireo.console', `vireo.token.${state.token}`]);
+  socket.binaryType = 'arraybuffer';
+  const decoder = new TextDecoder('utf-8');
+  socket.onopen = () => { $('console-state').textContent = `connected to ${state.selected}`; state.terminal.focus(); };
+  socket.onmessage = (event) => {
+    state.terminal.write(typeof event.data === 'string' ? event.data : decoder.decode(event.data, { stream: true }));
+  };
+  socket.onclose = (event) => { $('console-state').textContent = `disconnected${event.reason ? `: ${event.reason}` : ''}`; };
+  state.consoleSocket = socket;
+}
+
+function disconnectConsole() {
+  if (state.consoleSocket) { state.consoleSocket.onclose = null; state.consoleSocket.close(); state.consoleSocket = null; }
+  $('console-state').textContent = '';
+}
+
+async function pasteIntoConsole() {
+  const text = await navigator.clipboard.readText();
+  if (state.consoleSocket) state.consoleSocket.send(new TextEncoder().encode(text.replace(/\r?\n/g, '\r')));
+}
+
+// ---- the graphical console (noVNC)
+
+function connectDisplay() {
+  if (!state.selected) return;
+  disconnectDisplay();
+  $('display-state').textContent = 'connecting…';
+  const rfb = new RFB($('screen'), socketURL('display'), { wsProtocols: ['binary', `vireo.token.${state.token}`] });
+  rfb.scaleViewport = true;
+  rfb.addEventListener('connect', () => { $('display-state').textContent = `connected to ${state.selected}`; });
+  rfb.addEventListener('disconnect', (event) => {
+    $('display-state').textContent = event.detail.clean ? 'disconnected' : 'the display could not be reached (is the VM running on the qemu engine?)';
+  });
+  state.rfb = rfb;
+  window.vireoDisplay = rfb;
+}
+
+function disconnectDisplay() {
+  if (state.rfb) { try { state.rfb.disconnect(); } catch (_) { /* already gone */ } state.rfb = null; }
+}
+
+// Pasted text is typed as key presses: guests at a login prompt or an installer have no clipboard.
+function typeText(text) {
+  if (!state.rfb) return;
+  for (const character of text) {
+    const code = character.codePointAt(0);
+    const keysym = character === '\n' ? 0xff0d : character === '\t' ? 0xff09 : code < 0x100 ? code : 0x01000000 + code;
+    state.rfb.sendKey(keysym, null);
+  }
+}
+
+function disconnectConsoles() { disconnectConsole(); disconnectDisplay(); }
+
+// ---- live charts (Chart.js)
+
+const palette = ['#2f6fdf', '#e0782b'];
+function makeChart(id, title, labels, unit) {
+  return new Chart($(id), {
+    type: 'line',
+    data: { labels: [], datasets: labels.map((label, index) => ({ label, data: [], pointRadius: 0, borderWidth: 2, tension: 0.2,
+                                                                  borderColor: palette[index], backgroundColor: palette[index] })) },
+    options: { animation: false, responsive: true, maintainAspectRatio: false,
+               plugins: { title: { display: true, text: title } },
+               scales: { y: { beginAtZero: true, title: { display: true, text: unit } }, x: { display: false } } },
+  });
+}
+
+function resetCharts() {
+  if (!state.charts) return;
+  for (const chart of Object.values(state.charts)) {
+    chart.data.labels = [];
+    chart.data.datasets.forEach((set) => { set.data = []; });
+    chart.update();
+  }
+}
+
+async function sampleStats() {
+  if (!state.selected || !document.getElementById('tab-charts').classList.contains('active')) return;
+  if (!state.charts) {
+    state.charts = { cpu: makeChart('chart-cpu', 'CPU', ['host CPU used'], '%'),
+                     memory: makeChart('chart-memory', 'Memory', ['resident', 'guest RAM'], 'MiB'),
+                     disk: makeChart('chart-disk', 'Disk', ['read', 'written'], 'KiB/s'),
+                     network: makeChart('chart-network', 'Network', ['received', 'sent'], 'KiB/s') };
+  }
+  let stats;
+  try { stats = await api('GET', `/api/vms/${encodeURIComponent(state.selected)}/stats`); } catch (_) { return; }
+  const last = state.lastStats;
+  state.lastStats = stats;
+  if (!last || last.name !== stats.name) return;
+  const seconds = stats.sampled_at - last.sampled_at;
+  if (seconds <= 0) return;
+  const rate = (key) => (stats[key] !== undefined && last[key] !== undefined) ? Math.max(0, (stats[key] - last[key]) / seconds / 1024) : null;
+  const push = (chart, values) => {
+    chart.data.labels.push(new Date(stats.sampled_at * 1000).toLocaleTimeString());
+    values.forEach((value, index) => chart.data.datasets[index].data.push(value));
+    if (chart.data.labels.length > 60) { chart.data.labels.shift(); chart.data.datasets.forEach((set) => set.data.shift()); }
+    chart.update();
+  };
+  const cpu = stats.cpu_seconds !== undefined && last.cpu_seconds !== undefined ? (stats.cpu_seconds - last.cpu_seconds) / seconds * 100 : null;
+  push(state.charts.cpu, [cpu]);
+  push(state.charts.memory, [stats.rss_bytes !== undefined ? stats.rss_bytes / mib : null, stats.memory_bytes !== undefined ? stats.memory_bytes / mib : null]);
+  push(state.charts.disk, [rate('disk_read_bytes'), rate('disk_written_bytes')]);
+  push(state.charts.network, [rate('network_received_bytes'), rate('network_transmitted_bytes')]);
+}
+
+// ---- snapshots
+
+function renderSnapshots(details) {
+  const target = $('snapshot-tree');
+  target.replaceChildren();
+  state.selectedSnapshot = null;
+  $('snapshot-restore').disabled = $('snapshot-delete').disabled = true;
+  const children = (parent) => details.snapshots.filter((s) => (s.parent ?? null) === parent);
+  const build = (parent) => {
+    const list = document.createElement('ul');
+    for (const snapshot of children(parent)) {
+      const item = document.createElement('li');
+      const label = document.createElement('span');
+      label.className = 'snapshot' + (snapshot.id === details.current_snapshot ? ' current' : '');
+      label.dataset.id = snapshot.id;
+      label.textContent = `${snapshot.name}${snapshot.has_memory ? ' (with memory)' : ''} — ${new Date(snapshot.created_at * 1000).toLocaleString()}`;
+      label.addEventListener('click', () => {
+        document.querySelectorAll('.snapshot.selected').forEach((node) => node.classList.remove('selected'));
+        label.classList.add('selected');
+        state.selectedSnapshot = snapshot.id;
+        $('snapshot-restore').disabled = $('snapshot-delete').disabled = false;
+      });
+      item.append(label);
+      const nested = build(snapshot.id);
+      if (nested.children.length) item.append(nested);
+      list.append(item);
+    }
+    return list;
+  };
+  const tree = build(null);
+  if (!tree.children.length) target.innerHTML = '<p class="hint">No snapshots.</p>'; else target.append(tree);
+  const now = document.createElement('p');
+  now.className = 'hint';
+  now.textContent = details.current_snapshot ? 'The VM now runs on from the snapshot marked in bold.' : '';
+  target.append(now);
+}
+
+async function takeSnapshot() {
+  const name = await confirmDialog(`Take a snapshot of ${state.selected}:`, 'Snapshot name', `snapshot-${state.vms.length ? new Date().toISOString().slice(0, 19).replace(/[:T]/g, '-') : '1'}`);
+  if (!name) return;
+  await api('POST', `/api/vms/${encodeURIComponent(state.selected)}/snapshots`, { name });
+}
+
+async function snapshotAction(kind) {
+  if (!state.selectedSnapshot) return;
+  const path = `/api/vms/${encodeURIComponent(state.selected)}/snapshots/${state.selectedSnapshot}`;
+  try {
+    if (kind === 'restore') {
+      if (!await confirmDialog('Restore this snapshot? The VM\'s current state is lost unless snapshotted.')) return;
+      await api('POST', `${path}/restore`, {});
+    } else {
+      if (!await confirmDialog('Delete this snapshot?')) return;
+      await api('DELETE', path);
+    }
+    say(`snapshot ${kind} done`);
+  } catch (error) { say(error.message, true); }
+  await refresh();
+  await showDetails();
+}
+
+// ---- tasks and the event stream
+
+function renderTasks() {
+  const list = $('task-list');
+  list.replaceChildren();
+  const recent = [...state.tasks.values()].sort((a, b) => b.created_at - a.created_at).slice(0, 6);
+  for (const task of recent) {
+    const item = document.createElement('li');
+    item.className = `task task-${task.state}`;
+    item.dataset.id = task.id;
+    const progress = document.createElement('progress');
+    progress.max = 1;
+    if (task.progress !== undefined) progress.value = task.progress;
+    if (task.state !== 'running') progress.value = 1;
+    const text = document.createElement('span');
+    text.textContent = ` ${task.kind} ${task.target}: ${task.state}` + (task.message && task.state === 'running' ? ` — ${task.message}` : '')
+      + (task.error ? ` — ${task.error.detail}` : '') + (task.result && task.result.vm && task.kind === 'clone' ? ` → ${task.result.vm}` : '');
+    item.append(progress, text);
+    list.append(item);
+  }
+}
+
+async function followEvents() {
+  // EventSource cannot send the Authorization header, so the stream is read with fetch.
+  for (;;) {
+    try {
+      const response = await fetch('/api/events', { headers: { 'Authorization': `Bearer ${state.token}` } });
+      if (!response.ok) throw new Error(`events: ${response.status}`);
+      const reader = response.body.getReader();
+      const decoder = new TextDecoder();
+      let buffer = '';
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done) break;
+        buffer += decoder.decode(value, { stream: true });
+        let end;
+        while ((end = buffer.indexOf('\n\n')) >= 0) {
+          const block = buffer.slice(0, end);
+          buffer = buffer.slice(end + 2);
+          const kind = (block.match(/^event: (.*)$/m) || [])[1];
+          const data = (block.match(/^data: (.*)$/m) || [])[1];
+          if (!kind || !data) continue;
+          const payload = JSON.parse(data);
+          if (kind === 'vm') { await refresh(); if (payload.name === state.selected) await showDetails(); }
+          if (kind === 'task') {
+            state.tasks.set(payload.id, payload);
+            renderTasks();
+            if (payload.state !== 'running') await refresh();
+          }
+        }
+      }
+    } catch (_) { /* the server went away: try again shortly */ }
+    await new Promise((resolve) => setTimeout(resolve, 2000));
+  }
+}
+
+// ---- wiring
+
+function showTab(name) {
+  document.querySelectorAll('#tabs button').forEach((button) => button.classList.toggle('active', button.dataset.tab === name));
+  document.querySelectorAll('.tab').forEach((tab) => tab.classList.toggle('active', tab.id === `tab-${name}`));
+  if (name === 'charts') sampleStats();
+}
+
+async function main() {
+  takeToken();
+  if (!state.token) await askToken();
+  $('btn-new').addEventListener('click', () => openWizard().catch((error) => say(error.message, true)));
+  for (const button of document.querySelectorAll('#toolbar button[data-action]')) button.addEventListener('click', () => act(button.dataset.action));
+  document.querySelectorAll('#tabs button').forEach((button) => button.addEventListener('click', () => showTab(button.dataset.tab)));
+  $('wz-ostype').addEventListener('change', applyOSDefaults);
+  $('wizard-form').addEventListener('input', updatePreview);
+  $('wz-create').addEventListener('click', submitWizard);
+  $('console-connect').addEventListener('click', connectConsole);
+  $('console-copy').addEventListener('click', () => state.terminal && navigator.clipboard.writeText(state.terminal.getSelection()));
+  $('console-paste').addEventListener('click', () => pasteIntoConsole().catch((error) => say(error.message, true)));
+  $('display-connect').addEventListener('click', connectDisplay);
+  $('display-type').addEventListener('click', () => typeText($('display-text').value));
+  $('display-paste').addEventListener('click', () => navigator.clipboard.readText().then(typeText).catch((error) => say(error.message, true)));
+  $('display-cad').addEventListener('click', () => state.rfb && state.rfb.sendCtrlAltDel());
+  $('snapshot-take').addEventListener('click', async () => { try { await takeSnapshot(); } catch (error) { say(error.message, true); } await refresh(); await showDetails(); });
+  $('snapshot-restore').addEventListener('click', () => snapshotAction('restore'));
+  $('snapshot-delete').addEventListener('click', () => snapshotAction('delete'));
+  await refresh();
+  for (const task of await api('GET', '/api/tasks')) state.tasks.set(task.id, task);
+  renderTasks();
+  setInterval(sampleStats, 2000);
+  document.body.dataset.ready = 'true';
+  followEvents();
+}
+
+main().catch((error) => say(error.message, true));

@@ -1,0 +1,151 @@
+#!/usr/bin/python3
+"""Drives the Vireo manager in headless Chromium (Debian's chromium, chromium-driver and
+python3-selenium): creates a VM through the New wizard, starts it, reads its serial output in
+the xterm.js console, pauses, resumes, stops and deletes it; then shows a qemu-engine VM's screen
+in noVNC. Screenshots of every step go to the artifacts directory. Exits non-zero, saying which
+step failed, on any failure.
+
+usage: manager_ui.py URL_WITH_TOKEN PROBE_KERNEL ARTIFACTS_DIR [QEMU_VM_NAME]
+"""
+import os
+import sys
+import time
+
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import WebDriverWait
+
+url, kernel, artifacts = sys.argv[1], sys.argv[2], sys.argv[3]
+qemu_vm = sys.argv[4] if len(sys.argv) > 4 else None
+os.makedirs(artifacts, exist_ok=True)
+
+options = webdriver.ChromeOptions()
+options.binary_location = "/usr/bin/chromium"
+for argument in ["--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1400,1000",
+                 "--disable-dev-shm-usage", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--metrics-recording-only"]:
+    options.add_argument(argument)
+driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
+step_number = 0
+
+
+def shot(name):
+    global step_number
+    step_number += 1
+    driver.save_screenshot(os.path.join(artifacts, f"{step_number:02d}-{name}.png"))
+
+
+def wait(description, condition, timeout=60):
+    try:
+        return WebDriverWait(driver, timeout, poll_frequency=0.25).until(lambda d: condition())
+    except Exception:
+        shot("failed-" + description.replace(" ", "-")[:40])
+        status = driver.find_element(By.ID, "status").text
+        logs = "\n".join(str(entry) for entry in driver.get_log("browser"))[-3000:]
+        raise SystemExit(f"step failed: {description} (status line: {status!r})\nbrowser log:\n{logs}")
+
+
+def row_state(name):
+    # Read in one script: the list is re-rendered on every event, so elements go stale.
+    text = driver.execute_script(
+        "const row = Array.from(document.querySelectorAll('#vm-list tbody tr')).find(r => r.dataset.name === arguments[0]);"
+        "return row ? row.children[1].textContent : null;", name)
+    return text.split(" ")[0] if text else None
+
+
+def click(element_id):
+    wait(f"{element_id} enabled", lambda: driver.find_element(By.ID, element_id).is_enabled(), 30)
+    driver.find_element(By.ID, element_id).click()
+
+
+def terminal_text():
+    return driver.execute_script(
+        "return Array.from(document.querySelectorAll('#terminal .xterm-rows > div')).map(r => r.textContent).join('\\n')")
+
+
+try:
+    started = time.time()
+    driver.get(url)
+    wait("page ready", lambda: driver.find_element(By.TAG_NAME, "body").get_attribute("data-ready") == "true", 30)
+    print(f"page interactive after {time.time() - started:.2f} s")
+    shot("manager")
+
+    # The New wizard: a direct-kernel VM booting the probe guest.
+    click("btn-new")
+    wait("wizard open", lambda: driver.find_element(By.ID, "wizard").get_attribute("open") is not None)
+    driver.find_element(By.ID, "wz-name").send_keys("ui-vm")
+    driver.find_element(By.CSS_SELECTOR, "input[name='wz-source'][value='kernel']").click()
+    driver.find_element(By.ID, "wz-kernel").send_keys(kernel)
+    driver.find_element(By.ID, "wz-cmdline").send_keys("console=ttyS0 probe=ticker spin=5000000")
+    disk = driver.find_element(By.ID, "wz-disk")
+    disk.clear()
+    disk.send_keys("0")
+    driver.execute_script("const m = document.getElementById('wz-memory'); m.value = 128; m.dispatchEvent(new Event('input', {bubbles: true}));")
+    driver.find_element(By.CSS_SELECTOR, "#wz-network option[value='none']").click()
+    driver.execute_script("document.getElementById('wizard-form').dispatchEvent(new Event('input'))")
+    preview = driver.find_element(By.ID, "wz-preview").text
+    assert "ui-vm" in preview and "128 MiB" in preview and "no disk" in preview, preview
+    shot("wizard")
+    click("wz-create")
+    wait("VM listed as stopped", lambda: row_state("ui-vm") == "stopped")
+    shot("created")
+
+    click("btn-start")
+    wait("VM running", lambda: row_state("ui-vm") == "running")
+    shot("running")
+
+    driver.find_element(By.CSS_SELECTOR, "#tabs button[data-tab='console']").click()
+    click("console-connect")
+    wait("serial output in the console", lambda: "tick" in terminal_text(), 60)
+    shot("console")
+
+    click("btn-pause")
+    wait("VM paused", lambda: row_state("ui-vm") == "paused")
+    before = terminal_text().count("tick")
+    time.sleep(1.5)
+    assert terminal_text().count("tick") == before, "the console moved while paused"
+    shot("paused")
+    click("btn-resume")
+    wait("VM running again", lambda: row_state("ui-vm") == "running")
+    wait("output after resume", lambda: terminal_text().count("tick") > before, 30)
+    shot("resumed")
+
+    driver.find_element(By.CSS_SELECTOR, "#tabs button[data-tab='charts']").click()
+    time.sleep(5)
+    points = driver.execute_script("return window.Chart ? Object.values(Chart.instances).map(c => c.data.labels.length) : []")
+    assert points and min(points) >= 1, f"charts have no points: {points}"
+    shot("charts")
+
+    click("btn-stop")
+    wait("VM stopped", lambda: row_state("ui-vm") == "stopped", 60)
+    shot("stopped")
+
+    click("btn-delete")
+    wait("confirmation", lambda: driver.find_element(By.ID, "confirm").get_attribute("open") is not None)
+    shot("delete-confirm")
+    driver.find_element(By.ID, "confirm-ok").click()
+    wait("VM gone", lambda: row_state("ui-vm") is None)
+    shot("deleted")
+
+    if qemu_vm:
+        wait("qemu VM listed", lambda: row_state(qemu_vm) == "running")
+        driver.execute_script("Array.from(document.querySelectorAll('#vm-list tbody tr')).find(r => r.dataset.name === arguments[0]).click()", qemu_vm)
+        driver.find_element(By.CSS_SELECTOR, "#tabs button[data-tab='display']").click()
+        click("display-connect")
+        wait("noVNC connected", lambda: driver.find_element(By.ID, "display-state").text.startswith("connected"), 60)
+        # The screen is drawn: the canvas has the guest's size and is not one flat colour.
+        wait("screen drawn", lambda: driver.execute_script("""
+            const canvas = document.querySelector('#screen canvas');
+            if (!canvas || canvas.width < 300) return false;
+            const data = canvas.getContext('2d').getImageData(0, 0, canvas.width, canvas.height).data;
+            const seen = new Set();
+            for (let i = 0; i < data.length; i += 4 * 97) seen.add(data[i] << 16 | data[i + 1] << 8 | data[i + 2]);
+            return seen.size > 1;"""), 60)
+        shot("display")
+        driver.find_element(By.ID, "display-text").send_keys("vireo")
+        click("display-type")
+        shot("display-typed")
+    print("manager UI: every step passed")
+finally:
+    driver.quit()
