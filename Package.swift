@@ -55,7 +55,7 @@ let package = Package(
         .testTarget(name: "X86BootTests", dependencies: ["X86Boot", "GuestMemory", "CHostSupport"]),
         .testTarget(name: "DevicesTests", dependencies: ["Devices", "GuestMemory", "DiskImage", "FuzzTargets"]),
         .testTarget(name: "DiskImageTests", dependencies: ["DiskImage", "CHostSupport"]),
-        .testTarget(name: "LibraryTests", dependencies: ["Library", "Engines"]),
+        .testTarget(name: "LibraryTests", dependencies: ["Library", "Engines", "Server"]),
         .testTarget(name: "EndToEndTests", dependencies: ["X86Boot", "GuestMemory", "CHostSupport"]),
     ],
     swiftLanguageModes: [.v6]

@@ -29,8 +29,8 @@ struct Serve: ParsableCommand {
     func run() throws {
         var configuration = APIServer.Configuration()
         if listen != "none" {
-            guard let colon = listen.lastIndex(of: ":"), let port = Int(listen[listen.index(after: colon)...]), (1...65535).contains(port) else {
-                throw fail(LibraryError.invalidValue(field: "--listen", reason: "'\(listen)' is not HOST:PORT (port 1 to 65535) or none"))
+            guard let colon = listen.lastIndex(of: ":"), let port = Int(listen[listen.index(after: colon)...]), (0...65535).contains(port) else {
+                throw fail(LibraryError.invalidValue(field: "--listen", reason: "'\(listen)' is not HOST:PORT (port 0 to 65535; 0 picks a free one) or none"))
             }
             var host = String(listen[..<colon])
             if host.hasPrefix("["), host.hasSuffix("]") { host = String(host.dropFirst().dropLast()) }
@@ -49,36 +49,35 @@ struct Serve: ParsableCommand {
             printNote("warning: listening on \(host), not loopback: the token and everything else travel unencrypted")
         }
         let tokenPath = APIServer.tokenPath(libraryRoot: manager.library.root)
-        let token = (try? HostFiles.readAll(tokenPath)).map { String(decoding: $0, as: UTF8.self).trimmingWhitespace() } ?? ""
+        let token = server.apiToken
         let finished = DispatchSemaphore(value: 0)
         let outcome = ServeOutcome()
         // The server is async (SwiftNIO); this command is not, so its main thread waits here.
         Task {
             do {
-                try await server.run { addresses in
-                    for address in addresses.split(separator: " ") {
-                        if address.hasPrefix("http") {
-                            printLine("Vireo manager: \(address)/#token=\(token)")
-                        } else {
-                            printLine("API on \(address) (no token needed)")
-                        }
+                try await server.run { address in
+                    if address.hasPrefix("http") {
+                        printLine("Vireo manager: \(address)/#token=\(token)")
+                        printLine("API: \(address)/api (token in \(tokenPath))")
+                    } else {
+                        printLine("API on \(address) (no token needed)")
                     }
-                    printLine("API token file: \(tokenPath)")
                 }
+            } catch let error as LibraryError {
+                outcome.set(fail(error))
             } catch {
-                outcome.set("\(error)")
+                printNote("error: the server stopped: \(error)")
+                outcome.set(ExitCode(1))
             }
             finished.signal()
         }
         finished.wait()
-        if let failure = outcome.get() {
-            throw fail(LibraryError.invalidValue(field: "--listen", reason: "the server stopped: \(failure)"))
-        }
+        if let failure = outcome.get() { throw failure }
     }
 }
 
 private final class ServeOutcome: Sendable {
-    private let failure = Mutex<String?>(nil)
-    func set(_ text: String) { failure.withLock { $0 = text } }
-    func get() -> String? { failure.withLock { $0 } }
+    private let failure = Mutex<ExitCode?>(nil)
+    func set(_ code: ExitCode) { failure.withLock { $0 = code } }
+    func get() -> ExitCode? { failure.withLock { $0 } }
 }

@@ -44,6 +44,21 @@ public struct APIServer: Sendable {
 
     public static func tokenPath(libraryRoot: String) -> String { APIToken.path(libraryRoot: libraryRoot) }
 
+    /// The bearer token TCP clients must send.
+    public var apiToken: String { token }
+
+    /// Every API route this server answers, as `METHOD /api/path/{param}` (OpenAPI's syntax), so
+    /// a test can hold the OpenAPI document to the server; WebSocket routes are listed as GET.
+    public func routeTable() -> [String] {
+        let routes = router(requireToken: true).routes + webSocketRouter(requireToken: true).routes
+        return routes.map { route in
+            let path = "/" + route.path.description.split(separator: "/").map { part in
+                part.hasPrefix(":") ? "{\(part.dropFirst())}" : String(part)
+            }.joined(separator: "/")
+            return "\(route.method) \(path)"
+        }.filter { $0.contains(" /api/") }.sorted()
+    }
+
     /// The router for one listener: TCP requires the bearer token on `/api`; the Unix socket is
     /// guarded by its file mode instead.
     func router(requireToken: Bool) -> Router<APIContext> {
@@ -121,34 +136,34 @@ public struct APIServer: Sendable {
     }
 
     /// Serves until the process is signalled (SIGINT/SIGTERM end it; VMs keep running).
+    /// `ready` is called once per listener as it starts: `http://HOST:PORT` (the port the kernel
+    /// chose when 0 was asked for) or `unix:PATH`.
     public func run(ready: @escaping @Sendable (String) -> Void) async throws {
         var applications: [Application<RouterResponder<APIContext>>] = []
-        var addresses: [String] = []
         if let host = configuration.host {
             applications.append(Application(router: router(requireToken: true),
                                             server: .http1WebSocketUpgrade(webSocketRouter: webSocketRouter(requireToken: true)),
                                             configuration: .init(address: .hostname(host, port: configuration.port), serverName: nil),
+                                            onServerRunning: { channel in
+                                                let port = channel.localAddress?.port ?? self.configuration.port
+                                                ready("http://\(host.contains(":") ? "[\(host)]" : host):\(port)")
+                                            },
                                             logger: Self.logger))
-            addresses.append("http://\(host.contains(":") ? "[\(host)]" : host):\(configuration.port)")
         }
         if let socket = configuration.socketPath {
             try UnixSocket.prepare(socket)
             applications.append(Application(router: router(requireToken: false),
                                             server: .http1WebSocketUpgrade(webSocketRouter: webSocketRouter(requireToken: false)),
                                             configuration: .init(address: .unixDomainSocket(path: socket), serverName: nil),
-                                            onServerRunning: { _ in chmod(socket, 0o600) },
+                                            onServerRunning: { _ in
+                                                chmod(socket, 0o600)
+                                                ready("unix:\(socket)")
+                                            },
                                             logger: Self.logger))
-            addresses.append("unix:\(socket)")
         }
-        let announce = addresses.joined(separator: " ")
         try await withThrowingTaskGroup(of: Void.self) { group in
             for application in applications {
                 group.addTask { try await application.runService(gracefulShutdownSignals: [.sigterm, .sigint]) }
-            }
-            group.addTask {
-                // Both listeners bind within a moment; say so once, for scripts waiting on it.
-                try await Task.sleep(for: .milliseconds(200))
-                ready(announce)
             }
             try await group.waitForAll()
         }
@@ -176,6 +191,11 @@ struct ServerHeaders: RouterMiddleware {
             response = try await next(request, context)
         } catch let error as HTTPResponseError {
             response = try error.response(from: request, context: context)
+        }
+        // A path no route matches gets a problem too, not an empty 404.
+        if response.status == .notFound, response.headers[.contentType] == nil {
+            response = try APIProblem(.notFound, kind: "not-found", detail: "no such resource: \(request.method) \(request.uri.path)")
+                .response(from: request, context: context)
         }
         response.headers[.xContentTypeOptions] = "nosniff"
         if let frameOptions = HTTPField.Name("X-Frame-Options") { response.headers[frameOptions] = "DENY" }

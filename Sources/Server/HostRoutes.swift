@@ -92,6 +92,9 @@ extension APIServer {
         }
         api.delete("networks/:network") { _, context in
             let name = try context.parameters.require("network")
+            guard try await blocking({ NetworkStore(libraryRoot: self.manager.library.root).exists(name) }) else {
+                throw APIProblem(.notFound, kind: "not-found", detail: "no network named '\(name)' (see GET /api/networks)")
+            }
             try await blocking { try HostNetworks(library: self.manager.library).delete(name) }
             struct Deleted: Encodable { var name: String }
             return APIJSON.response(Deleted(name: name))
@@ -116,6 +119,7 @@ extension APIServer {
         }
         api.get("images/:image") { _, context in
             let name = try context.parameters.require("image")
+            try await self.requireImage(name)
             let row = try await blocking { () throws -> ImageRow in
                 let store = ImageStore(libraryRoot: self.manager.library.root)
                 let manifest = try store.load(name)
@@ -126,6 +130,7 @@ extension APIServer {
         }
         api.delete("images/:image") { _, context in
             let name = try context.parameters.require("image")
+            try await self.requireImage(name)
             try await blocking { try ImageStore(libraryRoot: self.manager.library.root).delete(name, library: self.manager.library) }
             struct Deleted: Encodable { var name: String }
             return APIJSON.response(Deleted(name: name))
@@ -143,6 +148,12 @@ extension APIServer {
                 return ["image": manifest.name]
             }
             return APIJSON.response(task, status: .accepted, headers: [.location: "/api/tasks/\(task.id)"])
+        }
+    }
+
+    func requireImage(_ name: String) async throws {
+        guard try await blocking({ ImageStore(libraryRoot: self.manager.library.root).exists(name) }) else {
+            throw APIProblem(.notFound, kind: "not-found", detail: "no image named '\(name)' (see GET /api/images)")
         }
     }
 

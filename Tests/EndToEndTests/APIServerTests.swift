@@ -1,0 +1,194 @@
+import Foundation
+import Testing
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// `vireo serve` on a test library: TCP on a port the kernel picks, and a Unix socket.
+final class Served: @unchecked Sendable {
+    let library: TestLibrary
+    let process: RunningProcess
+    let port: UInt16
+    let token: String
+    var socketPath: String { library.root.path + "/api.sock" }
+
+    init(_ library: TestLibrary) throws {
+        self.library = library
+        try FileManager.default.createDirectory(at: library.root, withIntermediateDirectories: true)
+        process = RunningProcess([Harness.vireo, "serve", "--listen", "127.0.0.1:0", "--socket", library.root.path + "/api.sock"],
+                                 environment: ["VIREO_HOME": library.root.path])
+        guard process.waitForOutput("/#token=", timeout: 30), process.waitForOutput("API on unix:", timeout: 10) else {
+            throw HarnessError("vireo serve did not start: \(process.stdout) \(process.stderr)")
+        }
+        let line = try #require(process.stdout.components(separatedBy: "\n").first { $0.hasPrefix("Vireo manager: ") })
+        let address = try #require(line.split(separator: " ").last)
+        let afterPort = try #require(address.split(separator: ":").dropFirst(2).first)
+        port = try #require(UInt16(afterPort.prefix { $0.isNumber }))
+        token = try #require(address.components(separatedBy: "#token=").last)
+    }
+
+    deinit { kill() }
+
+    /// SIGKILL: the server gets no chance to tidy up, as in a crash.
+    func kill() { process.signal(SIGKILL); _ = process.wait(timeout: 10) }
+
+    var url: String { "http://127.0.0.1:\(port)/#token=\(token)" }
+    var api: APIClient { APIClient(address: .tcp(port: port), token: token) }
+    var anonymous: APIClient { APIClient(address: .tcp(port: port), token: nil) }
+    var unix: APIClient { APIClient(address: .unix(path: socketPath), token: nil) }
+}
+
+@Suite(.serialized)
+struct APIServerTests {
+    @Test("the API against real VMs: auth, every VM verb, bad input changes nothing, a second client and the CLI agree, events, console, the server's death leaves VMs running")
+    func apiWithRealVMs() throws {
+        let library = try TestLibrary()
+        let server = try Served(library)
+        let api = server.api
+
+        // Security: TCP needs the token; the Unix socket is 0600 and needs none.
+        let refused = try server.anonymous.request("GET", "/api/vms")
+        #expect(refused.status == 401 && refused.headers["content-type"] == "application/problem+json", "\(refused.status) \(refused.text)")
+        #expect(refused.headers["www-authenticate"]?.hasPrefix("Bearer") == true)
+        #expect(try APIClient(address: .tcp(port: server.port), token: String(repeating: "0", count: 64)).request("GET", "/api/host").status == 401)
+        #expect(try server.unix.request("GET", "/api/vms").status == 200)
+        let socketMode = try FileManager.default.attributesOfItem(atPath: server.socketPath)[.posixPermissions] as? Int
+        #expect(socketMode == 0o600)
+        let tokenMode = try FileManager.default.attributesOfItem(atPath: library.root.path + "/api-token")[.posixPermissions] as? Int
+        #expect(tokenMode == 0o600)
+        // The page and its libraries need no token (they hold no data); the API does.
+        #expect(try server.anonymous.request("GET", "/").status == 200)
+        #expect(try server.anonymous.request("GET", "/static/xterm.js").text.contains("window.Terminal"))
+        let host = try api.request("GET", "/api/host")
+        #expect(host.status == 200 && host.object["kvm_usable"] as? Bool == true, "\(host.text)")
+        #expect(try api.request("GET", "/api/openapi.json").object["openapi"] as? String == "3.1.0")
+
+        // Create through the API; the CLI and a second client see it at once.
+        let probe = try Harness.probe("pvh")
+        let vm: [String: Any] = ["name": "api-vm", "kernel": probe, "memory_bytes": 64 << 20, "without_disk": true, "nics": [] as [String],
+                                 "command_line": "console=ttyS0 probe=ticker spin=5000000"]
+        let created = try api.request("POST", "/api/vms", json: vm)
+        #expect(created.status == 201, "\(created.text)")
+        #expect(created.headers["location"] == "/api/vms/api-vm")
+        #expect(library.state("api-vm") == "stopped")
+        #expect(try server.unix.request("GET", "/api/vms").array.map { $0["name"] as? String } == ["api-vm"])
+
+        // Bad input: a clear problem naming the field, and nothing changed.
+        func problem(_ reply: APIClient.Reply, _ status: Int, field: String? = nil, _ comment: Comment? = nil) {
+            #expect(reply.status == status, "\(reply.text)")
+            #expect(reply.headers["content-type"] == "application/problem+json", "\(reply.headers)")
+            if let field { #expect(reply.object["field"] as? String == field, "\(reply.text)") }
+            #expect((reply.object["detail"] as? String)?.isEmpty == false)
+        }
+        problem(try api.request("POST", "/api/vms", json: vm), 409, field: "name")
+        problem(try api.request("POST", "/api/vms", json: ["name": "x", "cpus": 2, "colour": "red"]), 422, field: "colour")
+        problem(try api.request("POST", "/api/vms", json: ["name": "x", "cpus": "two"]), 422, field: "cpus")
+        problem(try api.request("POST", "/api/vms", json: ["name": "x", "memory_bytes": -1]), 422, field: "memory_bytes")
+        problem(try api.request("POST", "/api/vms", json: ["name": "x", "cpus": 999]), 422, field: "cpus")
+        problem(try api.request("POST", "/api/vms", json: ["name": "bad name!"]), 422, field: "name")
+        problem(try api.request("POST", "/api/vms", json: ["name": "x", "nics": ["carrier-pigeon"]]), 422, field: "nics[0]")
+        problem(try api.request("POST", "/api/vms", json: ["cpus": 1]), 422, field: "name")
+        problem(try api.request("POST", "/api/vms", raw: Array("{\"name\":".utf8)), 400)
+        problem(try api.request("POST", "/api/vms", raw: Array("[1,2]".utf8)), 400)
+        problem(try api.request("POST", "/api/vms", raw: Array("name=x".utf8), contentType: "application/x-www-form-urlencoded"), 415)
+        problem(try api.request("POST", "/api/vms", raw: Array("{\"name\":\"\(String(repeating: "a", count: 70_000))\"}".utf8)), 413)
+        problem(try api.request("GET", "/api/vms/no-such-vm"), 404)
+        problem(try api.request("GET", "/api/no-such-route"), 404)
+        problem(try api.request("POST", "/api/vms/api-vm/stop", json: ["timeout_seconds": 0]), 422, field: "timeout_seconds")
+        problem(try api.request("GET", "/api/vms/api-vm/console-log?tail_bytes=lots"), 422, field: "tail_bytes")
+        #expect(try api.request("GET", "/api/vms").array.count == 1)
+        #expect(library.vireo("list").stdout.components(separatedBy: "\n").filter { $0.hasPrefix("x ") }.isEmpty)
+
+        // Events: state changes by the API and by the CLI reach an open stream.
+        let events = try OpenStream.events(api)
+        #expect(events.waitFor(10) { $0.contains("event: ready") }, "\(events.text)")
+
+        let started = try api.request("POST", "/api/vms/api-vm/start", json: [:] as [String: Any])
+        #expect(started.status == 200, "\(started.text)")
+        #expect((started.object["pid"] as? Int ?? 0) > 0)
+        #expect(library.waitFor(20) { library.ticks("api-vm") >= 3 })
+        #expect(library.state("api-vm") == "running")
+        #expect(events.waitFor(10) { $0.contains(#""name":"api-vm","previous":"stopped","state":"running""#) }, "\(events.text)")
+        let listed = try api.request("GET", "/api/vms").array.first
+        #expect(listed?["state"] as? String == "running")
+        #expect((listed?["actions"] as? [String])?.contains("pause") == true && (listed?["actions"] as? [String])?.contains("delete") == false)
+
+        // The state decides: a running VM cannot be deleted or take new CPUs; the problem says why and what to do.
+        let deleteRunning = try api.request("DELETE", "/api/vms/api-vm")
+        problem(deleteRunning, 409)
+        #expect(deleteRunning.object["state"] as? String == "running" && (deleteRunning.object["hint"] as? String)?.contains("stop") == true, "\(deleteRunning.text)")
+        problem(try api.request("PATCH", "/api/vms/api-vm", json: ["cpus": 2]), 409)
+        let capped = try api.request("PATCH", "/api/vms/api-vm", json: ["cpu_cap_percent": 50])
+        #expect(capped.status == 200, "\(capped.text)")
+        #expect(try api.request("PATCH", "/api/vms/api-vm", json: ["cpu_cap_percent": NSNull()]).status == 200)
+
+        // Pause and resume; pausing twice is refused with the state.
+        #expect(try api.request("POST", "/api/vms/api-vm/pause", json: [:] as [String: Any]).object["state"] as? String == "paused")
+        let again = try api.request("POST", "/api/vms/api-vm/pause", json: [:] as [String: Any])
+        problem(again, 409)
+        #expect(again.object["state"] as? String == "paused", "\(again.text)")
+        #expect(library.state("api-vm") == "paused")
+        #expect(try api.request("POST", "/api/vms/api-vm/resume").object["state"] as? String == "running")
+
+        // Counters for the charts; the console log's end.
+        let stats = try api.request("GET", "/api/vms/api-vm/stats")
+        #expect((stats.object["cpu_seconds"] as? Double ?? 0) > 0 && (stats.object["rss_bytes"] as? Int ?? 0) > 0, "\(stats.text)")
+        #expect(try api.request("GET", "/api/vms/api-vm/console-log?tail_bytes=200").text.contains("tick"))
+
+        // The serial console over a WebSocket: the token as a subprotocol, output as it comes.
+        let console = try OpenStream.webSocket(api, path: "/api/vms/api-vm/console", protocols: ["vireo.console", "vireo.token.\(server.token)"])
+        #expect(console.waitFor(10) { _ in console.upgraded }, "\(console.text.prefix(300))")
+        let ticksBefore = library.ticks("api-vm")
+        #expect(console.waitFor(20) { _ in console.payloads.contains("tick \(ticksBefore + 2)") }, "\(console.payloads.suffix(200))")
+        let noToken = try OpenStream.webSocket(api, path: "/api/vms/api-vm/console", protocols: ["vireo.console"])
+        #expect(noToken.waitFor(10) { !$0.isEmpty }); #expect(!noToken.upgraded, "\(noToken.text.prefix(200))")
+
+        // A live snapshot with memory.
+        let snapshot = try api.request("POST", "/api/vms/api-vm/snapshots", json: ["name": "first", "description": "from the API"])
+        #expect(snapshot.status == 201, "\(snapshot.text)")
+        #expect((snapshot.object["snapshot"] as? [String: Any])?["has_memory"] as? Bool == true)
+        #expect((try api.request("GET", "/api/vms/api-vm/snapshots").object["snapshots"] as? [Any])?.count == 1)
+
+        // The server is not in the data path: killed, the VM runs on; a new server sees it.
+        server.kill()
+        let ticksAtKill = library.ticks("api-vm")
+        #expect(library.waitFor(20) { library.ticks("api-vm") >= ticksAtKill + 3 }, "the VM stopped with the server")
+        #expect(library.state("api-vm") == "running")
+        let second = try Served(library)
+        #expect(second.token == server.token, "the token changed across servers")
+        #expect(try second.api.request("GET", "/api/vms/api-vm").object["summary"].flatMap { ($0 as? [String: Any])?["state"] as? String } == "running")
+
+        // The CLI stops it; the new server's stream sees that change too.
+        let secondEvents = try OpenStream.events(second.api)
+        #expect(secondEvents.waitFor(10) { $0.contains("event: ready") })
+        #expect(library.vireo("stop", "api-vm", "--force").status == 0)
+        #expect(secondEvents.waitFor(10) { $0.contains(#""name":"api-vm","previous":"running","state":"stopped""#) }, "\(secondEvents.text)")
+
+        // Long work is a task: a clone, polled to its end.
+        let clone = try second.api.request("POST", "/api/vms/api-vm/clone", json: ["name": "api-clone"])
+        #expect(clone.status == 202, "\(clone.text)")
+        let task = try #require(clone.headers["location"])
+        var finished: [String: Any] = [:]
+        #expect(library.waitFor(60) {
+            finished = (try? second.api.request("GET", task).object) ?? [:]
+            return finished["state"] as? String != "running"
+        })
+        #expect(finished["state"] as? String == "succeeded" && (finished["result"] as? [String: String])?["vm"] == "api-clone", "\(finished)")
+        #expect(library.state("api-clone") == "stopped")
+        #expect(secondEvents.waitFor(10) { $0.contains("event: task") && $0.contains(#""state":"succeeded""#) })
+        problem(try second.api.request("POST", "/api/vms/api-vm/clone", json: ["name": "api-clone"]), 409, field: "name")
+
+        // Rename, restore the snapshot, delete; each refusal and success as the CLI would see it.
+        #expect(try second.api.request("POST", "/api/vms/api-clone/rename", json: ["name": "api-renamed"]).status == 200)
+        #expect(library.state("api-renamed") == "stopped" && library.state("api-clone") == nil)
+        let snapshotID = try #require((snapshot.object["snapshot"] as? [String: Any])?["id"] as? String)
+        let restored = try second.api.request("POST", "/api/vms/api-vm/snapshots/\(snapshotID)/restore", json: [:] as [String: Any])
+        #expect(restored.status == 200, "\(restored.text)")
+        #expect(library.state("api-vm") == "saved", "a snapshot with memory restores as saved")
+        let deleted = try second.api.request("DELETE", "/api/vms/api-renamed")
+        #expect(deleted.status == 200, "\(deleted.text)")
+        problem(try second.api.request("GET", "/api/vms/api-renamed"), 404)
+        #expect(try second.api.request("DELETE", "/api/vms/api-vm").status == 200)
+        #expect(try second.api.request("GET", "/api/vms").array.isEmpty)
+    }
+}
