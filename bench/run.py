@@ -1037,11 +1037,122 @@ def memory_backing_benchmark(runs, rounds=300):
               f"rounds per second {statistics.median(rate[mode]) / statistics.median(rate[small]):.2f}x")
 
 
+def api_benchmark(runs, vm_count=100, seconds=10):
+    """`vireo serve` with 100 VMs in the library: list and show latency under a bounded wrk load
+    (2 connections), beside the CLI doing the same (`vireo list --json`, a fresh process per
+    answer, what scripts do without the API); a full page load in headless Chromium until the
+    manager is interactive; the server's memory at rest and after the load."""
+    import json as json_module
+    import re
+    import urllib.request
+    vireo = os.path.join(ROOT, ".build", "release", "vireo")
+    home, cli = bench_library()
+    env = dict(os.environ, VIREO_HOME=home)
+    server = subprocess.Popen([vireo, "serve", "--listen", "127.0.0.1:0"], env=env, stdout=subprocess.PIPE, text=True)
+    line = ""
+    while "#token=" not in line:
+        line = server.stdout.readline()
+        if not line:
+            raise SystemExit("vireo serve did not start")
+    url = line.split()[-1]
+    base, token = url.split("/#token=")
+
+    def call(method, path, body=None):
+        request = urllib.request.Request(base + path, method=method, data=None if body is None else json_module.dumps(body).encode(),
+                                         headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+        with urllib.request.urlopen(request) as response:
+            return response.read()
+
+    def rss_kib():
+        with open(f"/proc/{server.pid}/status") as status:
+            return int(next(l for l in status if l.startswith("VmRSS:")).split()[1])
+
+    time.sleep(1)
+    rest_empty = rss_kib()
+    probe = os.path.join(OUT, "probe-pvh.elf")
+    for index in range(vm_count):
+        # Every tenth with a thin disk and a NAT card, as a real library has (nothing runs).
+        body = {"name": f"vm-{index:03d}", "kernel": probe, "memory_bytes": 64 << 20, "nics": []}
+        if index % 10 == 0:
+            body.update(disk_bytes=1 << 30, nics=["nat"])
+        else:
+            body.update(without_disk=True)
+        call("POST", "/api/vms", body)
+    time.sleep(1)
+    rest_full = rss_kib()
+
+    def wrk(path):
+        output = subprocess.run(["wrk", "-t1", "-c2", f"-d{seconds}s", "--latency", "-H", f"Authorization: Bearer {token}", base + path],
+                                check=True, capture_output=True, text=True).stdout
+        def percentile(name):
+            match = re.search(rf"^\s*{name}\s+([0-9.]+)(us|ms|s)\s*$", output, re.M)
+            value, unit = float(match.group(1)), match.group(2)
+            return value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
+        rate = float(re.search(r"Requests/sec:\s+([0-9.]+)", output).group(1))
+        errors = "Non-2xx" in output or "Socket errors" in output
+        return percentile("50%"), percentile("99%"), rate, errors
+
+    results = {}
+    for label, path in [("list (100 VMs)", "/api/vms"), ("show one VM", "/api/vms/vm-050")]:
+        samples = [wrk(path) for _ in range(max(1, runs // 5))]
+        results[label] = tuple(statistics.median(s[i] for s in samples) for i in range(3)) + (any(s[3] for s in samples),)
+    after_load = rss_kib()
+
+    cli_samples = []
+    for _ in range(runs):
+        begin = time.perf_counter()
+        subprocess.run([vireo, "list", "--json"], env=env, check=True, stdout=subprocess.DEVNULL)
+        cli_samples.append((time.perf_counter() - begin) * 1000)
+    cli_samples.sort()
+    cli_p50 = statistics.median(cli_samples)
+    cli_p99 = cli_samples[min(len(cli_samples) - 1, int(len(cli_samples) * 0.99))]
+
+    # The page: navigation start until the manager says it is ready (list drawn, buttons wired).
+    page_ms = []
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+        options = webdriver.ChromeOptions()
+        options.binary_location = "/usr/bin/chromium"
+        for argument in ["--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1400,1000", "--disable-dev-shm-usage"]:
+            options.add_argument(argument)
+        driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
+        try:
+            for _ in range(runs):
+                driver.get("about:blank")
+                driver.get(url)
+                deadline = time.time() + 30
+                while driver.execute_script("return document.body && document.body.dataset.ready") != "true":
+                    if time.time() > deadline:
+                        raise SystemExit("the page never became ready")
+                    time.sleep(0.005)
+                page_ms.append(driver.execute_script("return Number(document.body.dataset.readyMs)"))
+        finally:
+            driver.quit()
+    except ImportError:
+        print("(no python3-selenium: page load not measured)")
+    server.terminate()
+    server.wait()
+    shutil.rmtree(home, ignore_errors=True)
+
+    print(f"| request (wrk, 2 connections, {seconds} s) | p50 (ms) | p99 (ms) | requests/s | errors |")
+    print("|---|---|---|---|---|")
+    for label, (p50, p99, rate, errors) in results.items():
+        print(f"| {label} | {p50:.2f} | {p99:.2f} | {rate:.0f} | {'yes' if errors else 'none'} |")
+    print(f"| peer: `vireo list --json` (new process each, {runs} runs) | {cli_p50:.2f} | {cli_p99:.2f} | {1000 / cli_p50:.0f} | |")
+    print()
+    list_p50, list_p99 = results["list (100 VMs)"][0], results["list (100 VMs)"][1]
+    print(f"API list / CLI list p50: {list_p50 / cli_p50:.2f}x; list p99 {list_p99:.2f} ms (target <= 20)")
+    if page_ms:
+        print(f"page interactive: median {statistics.median(page_ms):.0f} ms of {len(page_ms)} loads (target <= 300)")
+    print(f"vireo serve RSS: {rest_empty} KiB at rest with an empty library, {rest_full} KiB with {vm_count} VMs, {after_load} KiB after the load")
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=15)
     parser.add_argument("--port-writes", type=int, default=100000)
-    parser.add_argument("--only", choices=["vmm", "blk", "lifecycle", "acpi", "qemu-engine", "net", "images", "saved-state", "migration", "isolation", "memory-backing"], help="run one part only")
+    parser.add_argument("--only", choices=["vmm", "blk", "lifecycle", "acpi", "qemu-engine", "net", "images", "saved-state", "migration", "isolation", "memory-backing", "api"], help="run one part only")
     parser.add_argument("--vm-count", type=int, default=20, help="VMs created and started in the lifecycle benchmark")
     parser.add_argument("--random-requests", type=int, default=5000)
     parser.add_argument("--cold", action="store_true", help="images: start the first build with an empty package cache")
@@ -1076,6 +1187,9 @@ def main():
         return
     if args.only == "memory-backing":
         memory_backing_benchmark(min(args.runs, 7))
+        return
+    if args.only == "api":
+        api_benchmark(args.runs)
         return
     names = list(commands("").keys())
     results = {name: {} for name in names}
@@ -1117,6 +1231,7 @@ def main():
         migration_benchmark(min(args.runs, 5))
         isolation_benchmark(args.runs, args.port_writes)
         memory_backing_benchmark(min(args.runs, 7))
+        api_benchmark(args.runs)
 
 
 if __name__ == "__main__":

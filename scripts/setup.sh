@@ -22,6 +22,8 @@ packages=(
   acpica-tools                                                 # iasl: the oracle for every ACPI table the VMM builds
   debootstrap openssh-client genisoimage                       # vireo image build; vireo ssh (and the library's key pair); cloud-init seeds
   initramfs-tools-core fdisk                                   # lsinitramfs (what an imported initramfs holds); sfdisk for the import tests' GPT disks
+  node-xterm libjs-xterm novnc libjs-chart.js                  # the web manager's consoles and charts, served by `vireo serve` (docs/web-ui.md)
+  chromium chromium-driver python3-selenium python3-venv curl wrk   # the manager's browser test, schemathesis's venv, the API load test
 )
 missing=()
 for p in "${packages[@]}"; do
@@ -37,6 +39,16 @@ fi
 if ! command -v swift >/dev/null; then
   echo "setup: swift is not on PATH; install the Swift 6 toolchain (swift.org) first" >&2
   exit 1
+fi
+
+# schemathesis (PyPI; not in Debian) checks the API against its OpenAPI document. Kept in a venv
+# under ~/.cache/vireo, pinned, made once.
+schemathesis_version=4.32.5
+venv="${HOME}/.cache/vireo/venv"
+if ! "$venv/bin/schemathesis" --version 2>/dev/null | grep -q "$schemathesis_version"; then
+  echo "setup: installing schemathesis $schemathesis_version into $venv" >&2
+  /usr/bin/python3 -m venv "$venv"
+  "$venv/bin/pip" install -q "schemathesis==$schemathesis_version" >&2
 fi
 
 swift build >&2

@@ -72,6 +72,7 @@ public struct APIServer: Sendable {
         }
         addHostRoutes(to: api)
         addVMRoutes(to: api)
+        addDeviceRoutes(to: api)
         addNetworkRoutes(to: api)
         addImageRoutes(to: api)
         addTaskRoutes(to: api)

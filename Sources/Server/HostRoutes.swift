@@ -142,8 +142,8 @@ extension APIServer {
                 try ImageRecipe(distribution: body.distribution, extraPackages: body.packages ?? [], mirror: body.mirror, size: body.sizeBytes)
             }
             let name = body.name ?? body.distribution
-            let task = self.tasks.start(kind: "image-build", target: name) { progress throws(LibraryError) in
-                let builder = ImageBuilder(store: ImageStore(libraryRoot: self.manager.library.root)) { step in progress(nil, step) }
+            let task = self.tasks.start(kind: "image-build", target: name) { task throws(LibraryError) in
+                let builder = ImageBuilder(store: ImageStore(libraryRoot: self.manager.library.root)) { step in task.progress(nil, step) }
                 let manifest = try builder.build(recipe, name: name, cacheDirectory: nil)
                 return ["image": manifest.name]
             }
@@ -161,6 +161,17 @@ extension APIServer {
 
     func addTaskRoutes(to api: RouterGroup<APIContext>) {
         api.get("tasks") { _, _ in APIJSON.response(self.tasks.all()) }
+        api.delete("tasks/:task") { _, context in
+            let id = try context.parameters.require("task")
+            guard let task = self.tasks.find(id) else {
+                throw APIProblem(.notFound, kind: "not-found", detail: "no task '\(id)' on this server (tasks last as long as the server)")
+            }
+            guard self.tasks.cancel(id) else {
+                throw APIProblem(.conflict, kind: "wrong-state", detail: "task \(id) (\(task.kind)) cannot be cancelled: \(task.state == "running" ? "its work has no safe point to stop at" : "it has ended")",
+                                 state: task.state, hint: task.state == "running" ? "wait for it to end" : "nothing to do")
+            }
+            return APIJSON.response(self.tasks.find(id) ?? task, status: .accepted)
+        }
         api.get("tasks/:task") { _, context in
             let id = try context.parameters.require("task")
             guard let task = self.tasks.find(id) else {

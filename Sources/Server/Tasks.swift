@@ -24,8 +24,22 @@ public final class TaskRegistry: Sendable {
         /// What the work made (the clone's name, the image's name).
         public var result: [String: String]?
         public var error: APIProblem.Body?
+        /// Whether `DELETE /api/tasks/{id}` can stop it (a migration can; a copy cannot).
+        public var cancellable: Bool
+        /// A cancel was asked for; the work stops at its next safe point.
+        public var cancelRequested: Bool?
         /// Bumped on every change, so a stream sends only what changed.
         public var revision: Int
+    }
+
+    /// What running work sees of its task: where to report, and whether to stop.
+    public struct Context: Sendable {
+        let registry: TaskRegistry
+        let id: String
+        public func progress(_ fraction: Double?, _ message: String) {
+            registry.update(id) { $0.progress = fraction.map { min(max($0, 0), 1) } ?? $0.progress; $0.message = message }
+        }
+        public var isCancelled: Bool { registry.find(id)?.cancelRequested == true }
     }
 
     private struct State {
@@ -50,13 +64,13 @@ public final class TaskRegistry: Sendable {
 
     /// Starts `work` on its own thread; it reports progress through the closure it is given and
     /// returns its result, or throws the library's error.
-    func start(kind: String, target: String,
-               _ work: @escaping @Sendable (_ progress: @escaping @Sendable (Double?, String) -> Void) throws(LibraryError) -> [String: String]) -> Record {
+    func start(kind: String, target: String, cancellable: Bool = false,
+               _ work: @escaping @Sendable (Context) throws(LibraryError) -> [String: String]) -> Record {
         let id = UUID().uuidString.lowercased()
         let now = Date().timeIntervalSince1970
         let record = state.withLock { state -> Record in
             state.revision += 1
-            let record = Record(id: id, kind: kind, target: target, state: "running", createdAt: now, revision: state.revision)
+            let record = Record(id: id, kind: kind, target: target, state: "running", createdAt: now, cancellable: cancellable, revision: state.revision)
             state.records[id] = record
             state.order.append(id)
             let finished = state.order.filter { state.records[$0]?.state != "running" }
@@ -69,9 +83,7 @@ public final class TaskRegistry: Sendable {
         let started = spawnReaderThread { [self] in
             let result: Result<[String: String], LibraryError>
             do throws(LibraryError) {
-                result = .success(try work { fraction, message in
-                    self.update(id) { $0.progress = fraction.map { min(max($0, 0), 1) } ?? $0.progress; $0.message = message }
-                })
+                result = .success(try work(Context(registry: self, id: id)))
             } catch { result = .failure(error) }
             self.update(id) { record in
                 record.finishedAt = Date().timeIntervalSince1970
@@ -88,7 +100,14 @@ public final class TaskRegistry: Sendable {
         return find(id) ?? record
     }
 
-    private func update(_ id: String, _ change: (inout Record) -> Void) {
+    /// Asks cancellable running work to stop; false when the task cannot be cancelled (or ended).
+    func cancel(_ id: String) -> Bool {
+        guard let record = find(id), record.cancellable, record.state == "running" else { return false }
+        update(id) { $0.cancelRequested = true }
+        return true
+    }
+
+    fileprivate func update(_ id: String, _ change: (inout Record) -> Void) {
         state.withLock { state in
             guard var record = state.records[id] else { return }
             change(&record)

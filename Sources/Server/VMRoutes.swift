@@ -357,8 +357,8 @@ extension APIServer {
                 }
                 return true
             }
-            let task = self.tasks.start(kind: "save", target: name) { progress throws(LibraryError) in
-                progress(nil, "saving state and memory")
+            let task = self.tasks.start(kind: "save", target: name) { task throws(LibraryError) in
+                task.progress(nil, "saving state and memory")
                 let warnings = try self.manager.save(name)
                 return ["vm": name, "warnings": warnings.joined(separator: "; ")]
             }
@@ -387,8 +387,8 @@ extension APIServer {
                 }
                 return true
             }
-            let task = self.tasks.start(kind: "clone", target: name) { progress throws(LibraryError) in
-                progress(nil, body.linked == true ? "making linked overlays" : "copying disks")
+            let task = self.tasks.start(kind: "clone", target: name) { task throws(LibraryError) in
+                task.progress(nil, body.linked == true ? "making linked overlays" : "copying disks")
                 let definition = try self.manager.library.clone(name, to: body.name, linked: body.linked ?? false)
                 self.events.touch()
                 return ["vm": definition.name]

@@ -130,6 +130,16 @@ struct APIServerTests {
         #expect(library.state("api-vm") == "paused")
         #expect(try api.request("POST", "/api/vms/api-vm/resume").object["state"] as? String == "running")
 
+        // The balloon takes a target while running; stats show the VM's memory.
+        let ballooned = try api.request("POST", "/api/vms/api-vm/balloon", json: ["target_bytes": 16 << 20])
+        #expect(ballooned.status == 200, "\(ballooned.text)")
+        problem(try api.request("POST", "/api/vms/api-vm/balloon", json: ["target_bytes": "lots"]), 422, field: "target_bytes")
+        // A kvm-engine VM has no screen or keyboard: refused as such, naming the engine.
+        let noScreen = try api.request("GET", "/api/vms/api-vm/screenshot")
+        problem(noScreen, 409)
+        #expect((noScreen.object["detail"] as? String)?.contains("kvm engine") == true, "\(noScreen.text)")
+        problem(try api.request("POST", "/api/vms/api-vm/send-keys", json: ["keys": ["no-such-key-at-all"]]), 422, field: "keys[0]")
+
         // Counters for the charts; the console log's end.
         let stats = try api.request("GET", "/api/vms/api-vm/stats")
         #expect((stats.object["cpu_seconds"] as? Double ?? 0) > 0 && (stats.object["rss_bytes"] as? Int ?? 0) > 0, "\(stats.text)")
@@ -190,5 +200,49 @@ struct APIServerTests {
         problem(try second.api.request("GET", "/api/vms/api-renamed"), 404)
         #expect(try second.api.request("DELETE", "/api/vms/api-vm").status == 200)
         #expect(try second.api.request("GET", "/api/vms").array.isEmpty)
+    }
+
+    @Test("a migration through the API is a task with progress; the destination library runs the VM")
+    func apiMigration() throws {
+        let source = try TestLibrary()
+        let destination = try TestLibrary()
+        let served = try Served(source)
+        let created = try served.api.request("POST", "/api/vms", json: ["name": "mover", "kernel": try Harness.probe("pvh"), "memory_bytes": 64 << 20,
+                                                                        "without_disk": true, "nics": [] as [String],
+                                                                        "command_line": "console=ttyS0 probe=ticker spin=5000000"])
+        #expect(created.status == 201, "\(created.text)")
+        #expect(try served.api.request("POST", "/api/vms/mover/start").status == 200)
+        #expect(source.waitFor(20) { source.ticks("mover") >= 2 })
+        // Refused before any task: a stopped VM, a malformed destination.
+        let badDestination = try served.api.request("POST", "/api/vms/mover/migrate", json: ["destination": "somewhere", "token": "x"])
+        #expect(badDestination.status == 422 && badDestination.object["field"] as? String == "destination", "\(badDestination.text)")
+
+        try FileManager.default.createDirectory(at: destination.root, withIntermediateDirectories: true)
+        let receiver = RunningProcess([Harness.vireo, "receive", "--listen", "127.0.0.1:0"], environment: ["VIREO_HOME": destination.root.path])
+        defer { receiver.signal(SIGKILL); _ = receiver.wait(timeout: 10) }
+        #expect(receiver.waitForOutput("Token: ", timeout: 20) && receiver.waitForOutput("On the source", timeout: 5), "\(receiver.stderr)")
+        let lines = receiver.stdout.split(separator: "\n")
+        let endpoint = try #require(lines.first { $0.hasPrefix("Listening on ") }.map { String($0.dropFirst(13)) })
+        let token = try #require(lines.first { $0.hasPrefix("Token: ") }.map { String($0.dropFirst(7)) })
+
+        let started = try served.api.request("POST", "/api/vms/mover/migrate", json: ["destination": endpoint, "token": token, "max_downtime_ms": 100])
+        #expect(started.status == 202 && started.object["cancellable"] as? Bool == true, "\(started.text)")
+        let location = try #require(started.headers["location"])
+        var task: [String: Any] = [:]
+        #expect(source.waitFor(60) {
+            task = (try? served.api.request("GET", location).object) ?? [:]
+            return task["state"] as? String != "running"
+        })
+        #expect(task["state"] as? String == "succeeded", "\(task)")
+        #expect((task["progress"] as? Double) == 1)
+        #expect(destination.waitFor(20) { destination.state("mover") == "running" }, "\(destination.vireo("list").stdout)")
+        let ticks = destination.ticks("mover")
+        #expect(destination.waitFor(20) { destination.ticks("mover") >= ticks + 2 }, "the migrated guest does not run")
+        #expect(source.state("mover") == nil, "the source still lists the VM")
+        // An ended task cannot be cancelled; an unknown one is not found.
+        let cancel = try served.api.request("DELETE", location)
+        #expect(cancel.status == 409 && cancel.object["state"] as? String == "succeeded", "\(cancel.text)")
+        #expect(try served.api.request("DELETE", "/api/tasks/no-such-task").status == 404)
+        #expect(destination.vireo("stop", "mover", "--force").status == 0)
     }
 }

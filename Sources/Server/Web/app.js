@@ -535,6 +535,7 @@ async function main() {
   for (const task of await api('GET', '/api/tasks')) state.tasks.set(task.id, task);
   renderTasks();
   setInterval(sampleStats, 2000);
+  document.body.dataset.readyMs = String(Math.round(performance.now()));
   document.body.dataset.ready = 'true';
   followEvents();
 }
