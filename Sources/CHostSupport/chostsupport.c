@@ -7,6 +7,7 @@
 #include <stdio.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/prctl.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
@@ -285,4 +286,23 @@ int vireo_bind_to_numa_node(void *address, unsigned long length, int node) {
     unsigned long mask[1024 / (8 * sizeof(unsigned long))] = {0};
     mask[node / (8 * sizeof(unsigned long))] = 1UL << (node % (8 * sizeof(unsigned long)));
     return (int)syscall(SYS_mbind, address, length, MPOL_BIND_MODE, mask, 1024UL, MF_MOVE);
+}
+
+/* A helper process that must not outlive its parent (stunnel in front of `vireo serve`): the
+ * kernel sends it SIGTERM when the parent dies, however it dies. stdout/stderr go to log_fd;
+ * every other descriptor is closed. Only async-signal-safe calls between fork and exec. */
+int vireo_spawn_tied(const char *path, char *const argv[], int log_fd, pid_t *pid) {
+    pid_t parent = getpid();
+    pid_t child = fork();
+    if (child < 0) return errno;
+    if (child == 0) {
+        if (prctl(PR_SET_PDEATHSIG, SIGTERM) != 0 || getppid() != parent) _exit(127);
+        int devnull = open("/dev/null", O_RDONLY);
+        if (devnull < 0 || dup2(devnull, 0) < 0 || dup2(log_fd, 1) < 0 || dup2(log_fd, 2) < 0) _exit(127);
+        for (int fd = 3; fd < 4096; fd++) close(fd);
+        execv(path, argv);
+        _exit(127);
+    }
+    *pid = child;
+    return 0;
 }

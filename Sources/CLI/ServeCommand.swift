@@ -26,6 +26,12 @@ struct Serve: ParsableCommand {
     @Option(help: ArgumentHelp("Also listen on this Unix socket (no token; mode 0600).", valueName: "path"))
     var socket: String?
 
+    @Option(name: .customLong("tls-cert"), help: ArgumentHelp("PEM certificate chain: serve HTTPS on the TCP address (with --tls-key).", valueName: "file"))
+    var tlsCertificate: String?
+
+    @Option(name: .customLong("tls-key"), help: ArgumentHelp("PEM private key of --tls-cert.", valueName: "file"))
+    var tlsKey: String?
+
     func run() throws {
         var configuration = APIServer.Configuration()
         if listen != "none" {
@@ -39,13 +45,15 @@ struct Serve: ParsableCommand {
             configuration.port = port
         }
         configuration.socketPath = socket.map(HostFiles.absolute)
+        configuration.tlsCertificate = tlsCertificate.map(HostFiles.absolute)
+        configuration.tlsKey = tlsKey.map(HostFiles.absolute)
         guard configuration.host != nil || configuration.socketPath != nil else {
             throw fail(LibraryError.invalidValue(field: "--listen", reason: "none given and no --socket: nothing to serve on"))
         }
         let manager = openManager()
         let server: APIServer
         do throws(LibraryError) { server = try APIServer(manager: manager, configuration: configuration) } catch { throw fail(error) }
-        if let host = configuration.host, !["127.0.0.1", "::1", "localhost"].contains(host) {
+        if let host = configuration.host, !["127.0.0.1", "::1", "localhost"].contains(host), tlsCertificate == nil {
             printNote("warning: listening on \(host), not loopback: the token and everything else travel unencrypted")
         }
         let tokenPath = APIServer.tokenPath(libraryRoot: manager.library.root)
@@ -56,7 +64,11 @@ struct Serve: ParsableCommand {
         Task {
             do {
                 try await server.run { address in
-                    if address.hasPrefix("http") {
+                    if address.hasPrefix("error: ") {
+                        printNote(address)
+                        Glibc.exit(2)
+                    }
+                    if address.hasPrefix("http") {  // http:// or https://
                         printLine("Vireo manager: \(address)/#token=\(token)")
                         printLine("API: \(address)/api (token in \(tokenPath))")
                     } else {

@@ -25,6 +25,9 @@ public struct APIServer: Sendable {
         public var host: String?
         public var port: Int = 8006
         public var socketPath: String?
+        /// PEM files; with both, TCP serves HTTPS (and WSS) only.
+        public var tlsCertificate: String?
+        public var tlsKey: String?
         public init() {}
     }
 
@@ -141,15 +144,36 @@ public struct APIServer: Sendable {
     /// chose when 0 was asked for) or `unix:PATH`.
     public func run(ready: @escaping @Sendable (String) -> Void) async throws {
         var applications: [Application<RouterResponder<APIContext>>] = []
+        var terminator: TLSTerminator?
+        defer { terminator?.remove() }
         if let host = configuration.host {
-            applications.append(Application(router: router(requireToken: true),
-                                            server: .http1WebSocketUpgrade(webSocketRouter: webSocketRouter(requireToken: true)),
-                                            configuration: .init(address: .hostname(host, port: configuration.port), serverName: nil),
-                                            onServerRunning: { channel in
-                                                let port = channel.localAddress?.port ?? self.configuration.port
-                                                ready("http://\(host.contains(":") ? "[\(host)]" : host):\(port)")
-                                            },
-                                            logger: Self.logger))
+            if let tls = try TLSTerminator.prepare(configuration: configuration, libraryRoot: manager.library.root) {
+                terminator = tls
+                // HTTPS: stunnel holds the TCP port and hands the decrypted stream to a private
+                // Unix socket, which asks for the token as TCP does (docs/api.md, "TLS").
+                applications.append(Application(router: router(requireToken: true),
+                                                server: .http1WebSocketUpgrade(webSocketRouter: webSocketRouter(requireToken: true)),
+                                                configuration: .init(address: .unixDomainSocket(path: tls.backendSocket), serverName: nil),
+                                                onServerRunning: { _ in
+                                                    chmod(tls.backendSocket, 0o600)
+                                                    do throws(LibraryError) {
+                                                        try tls.start()
+                                                        ready("https://\(host.contains(":") ? "[\(host)]" : host):\(tls.port)")
+                                                    } catch {
+                                                        ready("error: \(error)")
+                                                    }
+                                                },
+                                                logger: Self.logger))
+            } else {
+                applications.append(Application(router: router(requireToken: true),
+                                                server: .http1WebSocketUpgrade(webSocketRouter: webSocketRouter(requireToken: true)),
+                                                configuration: .init(address: .hostname(host, port: configuration.port), serverName: nil),
+                                                onServerRunning: { channel in
+                                                    let port = channel.localAddress?.port ?? self.configuration.port
+                                                    ready("http://\(host.contains(":") ? "[\(host)]" : host):\(port)")
+                                                },
+                                                logger: Self.logger))
+            }
         }
         if let socket = configuration.socketPath {
             try UnixSocket.prepare(socket)

@@ -245,4 +245,43 @@ struct APIServerTests {
         #expect(try served.api.request("DELETE", "/api/tasks/no-such-task").status == 404)
         #expect(destination.vireo("stop", "mover", "--force").status == 0)
     }
+
+    @Test("HTTPS with --tls-cert/--tls-key: the API answers over TLS only, still asks for the token, and the TLS side dies with the server")
+    func apiOverTLS() throws {
+        let library = try TestLibrary()
+        let directory = try Harness.temporaryDirectory()
+        let certificate = directory.appendingPathComponent("cert.pem").path, key = directory.appendingPathComponent("key.pem").path
+        let made = Harness.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", certificate, "-days", "2",
+                                "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"])
+        #expect(made.status == 0, "\(made.stderr)")
+        try FileManager.default.createDirectory(at: library.root, withIntermediateDirectories: true)
+        // Wrong files are refused before anything listens, naming the option.
+        let wrong = library.vireo("serve", "--listen", "127.0.0.1:0", "--tls-cert", key, "--tls-key", key)
+        #expect(wrong.status == 2 && wrong.stderr.contains("--tls-cert"), "\(wrong.stderr)")
+        let half = library.vireo("serve", "--listen", "127.0.0.1:0", "--tls-key", key)
+        #expect(half.status == 2 && half.stderr.contains("--tls-cert: required"), "\(half.stderr)")
+
+        let server = RunningProcess([Harness.vireo, "serve", "--listen", "127.0.0.1:0", "--tls-cert", certificate, "--tls-key", key],
+                                    environment: ["VIREO_HOME": library.root.path])
+        defer { server.signal(SIGKILL); _ = server.wait(timeout: 10) }
+        #expect(server.waitForOutput("/#token=", timeout: 30), "\(server.stderr)")
+        let line = try #require(server.stdout.components(separatedBy: "\n").first { $0.hasPrefix("Vireo manager: https://") }, "\(server.stdout)")
+        let url = try #require(line.split(separator: " ").last.map(String.init))
+        let base = try #require(url.components(separatedBy: "/#token=").first)
+        let token = try #require(url.components(separatedBy: "#token=").last)
+        let answered = Harness.run(["curl", "-sS", "--cacert", certificate, "-H", "Authorization: Bearer \(token)", "-w", "\n%{http_code}", base + "/api/host"])
+        #expect(answered.stdout.hasSuffix("\n200") && answered.stdout.contains("kvm_usable"), "\(answered.stdout) \(answered.stderr)")
+        let anonymous = Harness.run(["curl", "-sS", "--cacert", certificate, "-o", "/dev/null", "-w", "%{http_code}", base + "/api/vms"])
+        #expect(anonymous.stdout == "401", "\(anonymous.stdout) \(anonymous.stderr)")
+        let plain = Harness.run(["curl", "-sS", "-m", "5", "-o", "/dev/null", "-w", "%{http_code}", base.replacingOccurrences(of: "https://", with: "http://") + "/api/vms"])
+        #expect(plain.status != 0 && plain.stdout != "200", "plain HTTP was answered on the TLS port: \(plain.stdout)")
+        // The page over HTTPS too (its console then uses wss://).
+        #expect(Harness.run(["curl", "-sSf", "--cacert", certificate, base + "/"]).stdout.contains("Vireo Manager"))
+
+        server.signal(SIGKILL)
+        _ = server.wait(timeout: 10)
+        #expect(library.waitFor(10) {
+            Harness.run(["curl", "-sS", "-m", "2", "--cacert", certificate, "-o", "/dev/null", base + "/"]).status != 0
+        }, "the TLS side outlived the server")
+    }
 }
