@@ -452,7 +452,7 @@ extension VMManager {
         definition.name = name
         let staging = library.root + "/.creating-" + definition.uuid
         do throws(LibraryError) {
-            try VMName.validate(name)
+            try VMName.validate(name, in: library.root)
             guard !HostFiles.exists(library.root + "/" + name) else { throw .alreadyExists(name: name) }
             guard definition.engine == .kvm else { throw .invalidValue(field: "engine", reason: "only kvm-engine VMs migrate") }
             guard offer.disks.count == definition.disks.count, offer.files.count <= 2 else {

@@ -154,8 +154,15 @@ public enum HostFiles {
             throw .io(operation: "stat", path: path, errno: errno)
         }
         if (info.st_mode & S_IFMT) == S_IFDIR {
-            for entry in try entries(of: path) { try removeTree(path + "/" + entry) }
-            guard rmdir(path) == 0 else { throw .io(operation: "rmdir", path: path, errno: errno) }
+            // Entries vanishing meanwhile are not errors: another remover of the same tree
+            // (a library sweep of an abandoned delete) got there first.
+            let names: [String]
+            do throws(LibraryError) { names = try entries(of: path) } catch {
+                if case .io(_, _, ENOENT) = error { return }
+                throw error
+            }
+            for entry in names { try removeTree(path + "/" + entry) }
+            guard rmdir(path) == 0 || errno == ENOENT else { throw .io(operation: "rmdir", path: path, errno: errno) }
         } else {
             guard unlink(path) == 0 || errno == ENOENT else { throw .io(operation: "unlink", path: path, errno: errno) }
         }

@@ -608,4 +608,22 @@ public enum VMName {
             throw .invalidName(name, reason: "'\(name)' is the name of the library's own \(name) directory; choose another")
         }
     }
+
+    /// The longest file name a VM's directory holds a Unix socket under (`control.sock`, `console.sock`).
+    static let longestSocketName = "/control.sock".utf8.count
+    /// What `sun_path` holds, less its terminating zero.
+    static let maximumSocketPath = 107
+
+    /// A new VM's name in `root`: valid, and short enough that its sockets' paths fit a Unix
+    /// socket address (found by schemathesis: a 64-character name under a long library path made a
+    /// VM no engine could ever reach).
+    public static func validate(_ name: String, in root: String) throws(LibraryError) {
+        try validate(name)
+        let room = maximumSocketPath - root.utf8.count - 1 - longestSocketName
+        guard name.utf8.count <= room else {
+            throw .invalidName(name, reason: room > 0
+                ? "must be at most \(room) characters in the library \(root): its sockets' paths must fit in \(maximumSocketPath) bytes"
+                : "the library \(root) is too deep for any VM's sockets (\(maximumSocketPath) bytes at most); move $VIREO_HOME higher")
+        }
+    }
 }

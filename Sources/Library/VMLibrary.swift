@@ -209,10 +209,17 @@ public struct VMLibrary: Sendable {
         return names
     }
 
-    /// Removes a staging directory whose creator is gone (its lock is free).
+    /// Removes a staging directory whose creator is gone (its lock is free). Without a lock file
+    /// it may be a delete in progress that has just removed it: such a directory is left alone
+    /// for a minute (found when `vireo serve`'s event stream listed the library during deletes).
     private func sweepAbandoned(_ directory: String) {
         let lock = directory + "/vm.lock"
-        if HostFiles.exists(lock), VMLock.isHeld(path: lock) { return }
+        if HostFiles.exists(lock) {
+            if VMLock.isHeld(path: lock) { return }
+        } else {
+            var info = stat()
+            guard stat(directory, &info) == 0, time(nil) - info.st_ctim.tv_sec > 60 else { return }
+        }
         try? HostFiles.removeTree(directory)
     }
 
@@ -265,7 +272,7 @@ public struct VMLibrary: Sendable {
 
     /// Creates a VM and says what was chosen for the user (an OS type guessed from the ISO).
     public func createReporting(_ request: CreateRequest) throws(LibraryError) -> (definition: VMDefinition, notes: [String]) {
-        try VMName.validate(request.name)
+        try VMName.validate(request.name, in: root)
         var notes: [String] = []
         if let name = request.image {
             for (given, field) in [(request.iso != nil, "--iso"), (request.attachDisk != nil, "--attach-disk"), (request.withoutDisk, "--no-disk")] where given {
@@ -827,7 +834,7 @@ public struct VMLibrary: Sendable {
     // MARK: rename, delete
 
     public func rename(_ name: String, to newName: String) throws(LibraryError) {
-        try VMName.validate(newName)
+        try VMName.validate(newName, in: root)
         try withStoppedVM(name, action: "rename") { (bundle, _) throws(LibraryError) in
             let dependents = dependents(of: bundle)
             guard dependents.isEmpty else {
@@ -894,7 +901,7 @@ public struct VMLibrary: Sendable {
     // MARK: clone
 
     public func clone(_ source: String, to name: String, linked: Bool) throws(LibraryError) -> VMDefinition {
-        try VMName.validate(name)
+        try VMName.validate(name, in: root)
         guard !HostFiles.exists(root + "/" + name) else { throw .alreadyExists(name: name) }
         return try withStoppedVM(source, action: "clone") { (bundle, _) throws(LibraryError) -> VMDefinition in
             let original = try bundle.load()

@@ -36,6 +36,7 @@ public struct APIServer: Sendable {
     let token: String
     let tasks: TaskRegistry
     let events: EventSignal
+    let definitions = DefinitionCache()
 
     public init(manager: VMManager, configuration: Configuration) throws(LibraryError) {
         self.manager = manager

@@ -81,6 +81,11 @@ enum SyscallPolicy {
     /// A vCPU runs the guest (KVM_RUN) and emulates devices on its exits: disk and network I/O,
     /// eventfds, interrupt injection, kicks of other threads.
     static let vcpu = common + ["ioctl", "fdatasync", "fsync", "fallocate", "recvfrom", "sendto", "recvmsg", "sendmsg",
+                                // The guest's UART output goes out on a vCPU: when it finds a console
+                                // client gone it shuts that socket down (found by the API's test that kills
+                                // `vireo serve` while it bridges the console: trapped, the VM died).
+                                // vsock's half-close of a host stream can run here too.
+                                "shutdown",
                                 // --rt-priority: each vCPU makes itself SCHED_FIFO as it starts.
                                 "sched_setscheduler", "sched_setparam"]
     /// `ioctl` is allowed whatever its request on vCPU threads (and in the process-wide filter

@@ -45,7 +45,7 @@ struct WebManagerTests {
         let report = try Harness.temporaryDirectory().appendingPathComponent("schemathesis.xml").path
         let result = Harness.run(["ip", "netns", "exec", namespace, tool, "run", base + "/api/openapi.json",
                                   "-H", "Authorization: Bearer \(token)",
-                                  "--max-examples", "6", "--seed", "20261130", "--request-timeout", "60",
+                                  "--max-examples", "4", "--seed", "20261130", "--request-timeout", "60",
                                   // Image builds fetch from a mirror, network creation starts dnsmasq; the event
                                   // stream never ends. Those three are tested by their own tests.
                                   "--exclude-operation-id", "getEvents", "--exclude-operation-id", "postImages",

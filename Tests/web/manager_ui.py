@@ -108,7 +108,7 @@ try:
     shot("paused")
     click("btn-resume")
     wait("VM running again", lambda: row_state("ui-vm") == "running")
-    wait("output after resume", lambda: terminal_text().count("tick") > before, 30)
+    wait("output after resume", lambda: terminal_text().count("tick") > before, 60)
     shot("resumed")
 
     driver.find_element(By.CSS_SELECTOR, "#tabs button[data-tab='charts']").click()

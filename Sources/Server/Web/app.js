@@ -1,8 +1,21 @@
 // The Vireo manager: VirtualBox Manager's layout over the REST API (docs/web-ui.md).
-// Plain modules and Debian's libraries (xterm.js, noVNC, Chart.js); no build step.
-import RFB from '/static/novnc/core/rfb.js';
+// Plain modules and Debian's libraries (xterm.js, noVNC, Chart.js); no build step. The libraries
+// are loaded when a tab first needs them, so the list is up before 1 MB of script is parsed.
 
 const $ = (id) => document.getElementById(id);
+const loaded = new Map();
+function loadScript(url) {
+  if (!loaded.has(url)) {
+    loaded.set(url, new Promise((resolve, reject) => {
+      const script = document.createElement('script');
+      script.src = url;
+      script.onload = resolve;
+      script.onerror = () => reject(new Error(`could not load ${url}`));
+      document.head.append(script);
+    }));
+  }
+  return loaded.get(url);
+}
 const state = { token: null, vms: [], selected: null, host: null, tasks: new Map(),
                 terminal: null, consoleSocket: null, rfb: null, charts: null, statsTimer: null,
                 lastStats: null, selectedSnapshot: null };
@@ -270,9 +283,10 @@ function socketURL(kind) {
   return `${scheme}://${location.host}/api/vms/${encodeURIComponent(state.selected)}/${kind}`;
 }
 
-function connectConsole() {
+async function connectConsole() {
   if (!state.selected) return;
   disconnectConsole();
+  await loadScript('/static/xterm.js');
   if (!state.terminal) {
     // The DOM renderer keeps the text in the page (selectable, and readable by tests).
     state.terminal = new Terminal({ cols: 80, rows: 30, rendererType: 'dom', convertEol: false });
@@ -306,10 +320,11 @@ async function pasteIntoConsole() {
 
 // ---- the graphical console (noVNC)
 
-function connectDisplay() {
+async function connectDisplay() {
   if (!state.selected) return;
   disconnectDisplay();
   $('display-state').textContent = 'connecting…';
+  const { default: RFB } = await import('/static/novnc/core/rfb.js');
   const rfb = new RFB($('screen'), socketURL('display'), { wsProtocols: ['binary', `vireo.token.${state.token}`] });
   rfb.scaleViewport = true;
   rfb.addEventListener('connect', () => { $('display-state').textContent = `connected to ${state.selected}`; });
@@ -362,6 +377,8 @@ function resetCharts() {
 async function sampleStats() {
   if (!state.selected || !document.getElementById('tab-charts').classList.contains('active')) return;
   if (!state.charts) {
+    await loadScript('/static/chart.js');
+    if (state.charts) return;
     state.charts = { cpu: makeChart('chart-cpu', 'CPU', ['host CPU used'], '%'),
                      memory: makeChart('chart-memory', 'Memory', ['resident', 'guest RAM'], 'MiB'),
                      disk: makeChart('chart-disk', 'Disk', ['read', 'written'], 'KiB/s'),
@@ -521,10 +538,10 @@ async function main() {
   $('wz-ostype').addEventListener('change', applyOSDefaults);
   $('wizard-form').addEventListener('input', updatePreview);
   $('wz-create').addEventListener('click', submitWizard);
-  $('console-connect').addEventListener('click', connectConsole);
+  $('console-connect').addEventListener('click', () => connectConsole().catch((error) => say(error.message, true)));
   $('console-copy').addEventListener('click', () => state.terminal && navigator.clipboard.writeText(state.terminal.getSelection()));
   $('console-paste').addEventListener('click', () => pasteIntoConsole().catch((error) => say(error.message, true)));
-  $('display-connect').addEventListener('click', connectDisplay);
+  $('display-connect').addEventListener('click', () => connectDisplay().catch((error) => say(error.message, true)));
   $('display-type').addEventListener('click', () => typeText($('display-text').value));
   $('display-paste').addEventListener('click', () => navigator.clipboard.readText().then(typeText).catch((error) => say(error.message, true)));
   $('display-cad').addEventListener('click', () => state.rfb && state.rfb.sendCtrlAltDel());
