@@ -289,14 +289,15 @@ int vireo_bind_to_numa_node(void *address, unsigned long length, int node) {
 }
 
 /* A helper process that must not outlive its parent (stunnel in front of `vireo serve`): the
- * kernel sends it SIGTERM when the parent dies, however it dies. stdout/stderr go to log_fd;
+ * kernel sends it SIGKILL when the parent dies, however it dies (stunnel blocks SIGTERM in
+ * every thread but one and was seen to outlive it). stdout/stderr go to log_fd;
  * every other descriptor is closed. Only async-signal-safe calls between fork and exec. */
 int vireo_spawn_tied(const char *path, char *const argv[], int log_fd, pid_t *pid) {
     pid_t parent = getpid();
     pid_t child = fork();
     if (child < 0) return errno;
     if (child == 0) {
-        if (prctl(PR_SET_PDEATHSIG, SIGTERM) != 0 || getppid() != parent) _exit(127);
+        if (prctl(PR_SET_PDEATHSIG, SIGKILL) != 0 || getppid() != parent) _exit(127);
         int devnull = open("/dev/null", O_RDONLY);
         if (devnull < 0 || dup2(devnull, 0) < 0 || dup2(log_fd, 1) < 0 || dup2(log_fd, 2) < 0) _exit(127);
         for (int fd = 3; fd < 4096; fd++) close(fd);

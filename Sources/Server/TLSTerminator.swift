@@ -1,6 +1,7 @@
 import CHostSupport
 import FoundationEssentials
 import Library
+import Synchronization
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -11,6 +12,7 @@ import Glibc
 /// ships for exactly this, and OpenSSL is the host's, patched with it. The backend socket sits
 /// in a 0700 directory and asks for the token as TCP does, so the tunnel grants nothing by itself.
 final class TLSTerminator: Sendable {
+    private let process = Mutex<pid_t>(0)
     let host: String
     let port: Int
     let certificate: String
@@ -75,8 +77,12 @@ final class TLSTerminator: Sendable {
         return Int(UInt16(bigEndian: address.sin_port))
     }
 
-    /// Removes the private directory (the socket, stunnel's configuration and log).
-    func remove() { try? HostFiles.removeTree(directory) }
+    /// Ends stunnel and removes the private directory (the socket, its configuration and log).
+    func remove() {
+        let pid = process.withLock { $0 }
+        if pid > 0 { kill(pid, SIGKILL); var status: Int32 = 0; waitpid(pid, &status, 0) }
+        try? HostFiles.removeTree(directory)
+    }
 
     /// Starts stunnel once the backend socket listens; returns when it accepts on the port, or
     /// throws with stunnel's own words.
@@ -108,6 +114,7 @@ final class TLSTerminator: Sendable {
             vireo_spawn_tied(Self.stunnel, argv, log, &pid)
         }
         guard result == 0 else { throw .io(operation: "spawn", path: Self.stunnel, errno: result) }
+        process.withLock { $0 = pid }
         // Ready when the port accepts; stunnel exiting first means it refused the files or the port.
         for _ in 0..<100 {
             var status: Int32 = 0
@@ -118,7 +125,7 @@ final class TLSTerminator: Sendable {
             if accepts() { return }
             usleep(50_000)
         }
-        kill(pid, SIGTERM)
+        kill(pid, SIGKILL)
         throw .invalidValue(field: "--listen", reason: "stunnel did not listen on \(host):\(port) within 5 s")
     }
 

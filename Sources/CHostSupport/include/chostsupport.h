@@ -15,7 +15,7 @@ int vireo_spawn_detached(const char *path, char *const argv[], int log_fd, int l
 /// nothing else open, default signal handling, `envp` (NULL: this process's). 0 or an errno.
 /// Foundation's Process is avoided: Swift 6.3's reads past a buffer while listing /proc/self/fd
 /// and crashes now and then (swift-corelibs-foundation #5472).
-/// Forks and execs `path`, which gets SIGTERM when this process dies (PR_SET_PDEATHSIG); its
+/// Forks and execs `path`, which gets SIGKILL when this process dies (PR_SET_PDEATHSIG); its
 /// stdout and stderr go to `log_fd`, stdin is /dev/null, nothing else is inherited.
 int vireo_spawn_tied(const char *path, char *const argv[], int log_fd, pid_t *pid);
 
