@@ -70,6 +70,7 @@ public struct APIServer: Sendable {
         router.add(middleware: ServerHeaders())
         let api = router.group("api")
         if requireToken { api.add(middleware: BearerTokenCheck(token: token)) }
+        api.add(middleware: RunningTaskCheck(tasks: tasks))
         api.get("openapi.json") { _, _ in
             Response(status: .ok, headers: [.contentType: "application/json"],
                      body: .init(byteBuffer: ByteBuffer(bytes: PackageResources.openapi_json)))
@@ -227,6 +228,25 @@ struct ServerHeaders: RouterMiddleware {
         if let frameOptions = HTTPField.Name("X-Frame-Options") { response.headers[frameOptions] = "DENY" }
         if request.uri.path.hasPrefix("/api/") { response.headers[.cacheControl] = "no-store" }
         return response
+    }
+}
+
+/// Changes to a VM while one of this server's tasks works on it (a save writing its memory, a
+/// migration, a clone copying its disks) are refused as busy, naming the task, rather than racing
+/// it (schemathesis found a stop sent during a save waiting out the VMM's reply time: a 500).
+struct RunningTaskCheck: RouterMiddleware {
+    typealias Context = APIContext
+    let tasks: TaskRegistry
+    func handle(_ request: Request, context: Context, next: (Request, Context) async throws -> Response) async throws -> Response {
+        let parts = request.uri.path.split(separator: "/")
+        if request.method != .get, parts.count >= 3, parts[0] == "api", parts[1] == "vms" {
+            let name = String(parts[2])
+            if let task = tasks.running(onVM: name) {
+                throw APIProblem(.conflict, kind: "busy", detail: "VM '\(name)' has a \(task.kind) task running (\(task.id)); wait for it to end",
+                                 vm: name, state: "busy", hint: "follow GET /api/tasks/\(task.id) or /api/events")
+            }
+        }
+        return try await next(request, context)
     }
 }
 

@@ -100,6 +100,11 @@ public final class TaskRegistry: Sendable {
         return find(id) ?? record
     }
 
+    /// The running task that works on VM `name` (a save, clone or migration), if any.
+    func running(onVM name: String) -> Record? {
+        all().first { $0.state == "running" && $0.target == name && ["save", "clone", "migrate"].contains($0.kind) }
+    }
+
     /// Asks cancellable running work to stop; false when the task cannot be cancelled (or ended).
     func cancel(_ id: String) -> Bool {
         guard let record = find(id), record.cancellable, record.state == "running" else { return false }

@@ -225,6 +225,38 @@ struct APIServerTests {
         let badDestination = try served.api.request("POST", "/api/vms/mover/migrate", json: ["destination": "somewhere", "token": "x"])
         #expect(badDestination.status == 422 && badDestination.object["field"] as? String == "destination", "\(badDestination.text)")
 
+        // A "receiver" that takes the connection and says nothing for 3 s, then hangs up: the
+        // task runs meanwhile, so a stop is refused as busy, naming the task; then the migration
+        // fails and the VM runs on here.
+        let silent = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        var address = sockaddr_in()
+        address.sin_family = sa_family_t(AF_INET)
+        address.sin_addr.s_addr = inet_addr("127.0.0.1")
+        var length = socklen_t(MemoryLayout<sockaddr_in>.size)
+        _ = withUnsafeMutablePointer(to: &address) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(silent, $0, length) } }
+        _ = withUnsafeMutablePointer(to: &address) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(silent, $0, &length) } }
+        listen(silent, 1)
+        let hangUp = Thread {
+            let connection = accept(silent, nil, nil)
+            Thread.sleep(forTimeInterval: 3)
+            close(connection)
+            close(silent)
+        }
+        hangUp.start()
+        let doomed = try served.api.request("POST", "/api/vms/mover/migrate",
+                                            json: ["destination": "tcp:127.0.0.1:\(UInt16(bigEndian: address.sin_port))", "token": "nobody-checks"])
+        #expect(doomed.status == 202, "\(doomed.text)")
+        let busy = try served.api.request("POST", "/api/vms/mover/stop", json: ["force": true])
+        #expect(busy.status == 409 && busy.object["state"] as? String == "busy" && (busy.object["detail"] as? String)?.contains("migrate task") == true, "\(busy.text)")
+        let doomedTask = try #require(doomed.headers["location"])
+        var failed: [String: Any] = [:]
+        #expect(source.waitFor(30) {
+            failed = (try? served.api.request("GET", doomedTask).object) ?? [:]
+            return failed["state"] as? String != "running"
+        })
+        #expect(failed["state"] as? String == "failed" && failed["error"] != nil, "\(failed)")
+        #expect(source.state("mover") == "running", "a failed migration left the VM \(source.state("mover") ?? "gone")")
+
         try FileManager.default.createDirectory(at: destination.root, withIntermediateDirectories: true)
         let receiver = RunningProcess([Harness.vireo, "receive", "--listen", "127.0.0.1:0"], environment: ["VIREO_HOME": destination.root.path])
         defer { receiver.signal(SIGKILL); _ = receiver.wait(timeout: 10) }
