@@ -24,7 +24,7 @@ packages=(
   initramfs-tools-core fdisk                                   # lsinitramfs (what an imported initramfs holds); sfdisk for the import tests' GPT disks
   node-xterm libjs-xterm novnc libjs-chart.js                  # the web manager's consoles and charts, served by `vireo serve` (docs/web-ui.md)
   chromium chromium-driver python3-selenium python3-venv curl wrk   # the manager's browser test, schemathesis's venv, the API load test
-  stunnel4 openssl                                             # `vireo serve --tls-cert`: TLS in front of the API (docs/api.md); test certificates
+  stunnel4 openssl procps                                      # `vireo serve --tls-cert`: TLS in front of the API (docs/api.md); test certificates; pgrep in its test
 )
 missing=()
 for p in "${packages[@]}"; do
