@@ -202,12 +202,30 @@ public struct VMManager: Sendable {
             }
             return .poweredOff
         }
-        try engine.requestShutdown(vm)
+        do {
+            try engine.requestShutdown(vm)
+        } catch {
+            // The guest may have powered off between the look above and the request (its control
+            // socket is gone, or its engine is already stopping): then it is off, as asked.
+            if Self.stoppedMeanwhile(bundle, after: error, timeout: timeout) { return .alreadyOff(library.status(of: bundle).state) }
+            throw error
+        }
         guard Self.waitUntilStopped(bundle, seconds: timeout) else {
             let request = definition.engine == .kvm && !(status.description?.acpi ?? definition.acpi) ? "Ctrl-Alt-Del" : "the ACPI power button"
             throw .engine(name: name, reason: "did not shut down within \(Int(timeout)) s (the guest did not act on \(request)) and is still running; `vireo stop \(name) --force` powers it off", exitStatus: 1)
         }
         return .shutDown
+    }
+
+    /// After a failed shutdown request: whether the VM stopped on its own meanwhile. A refusal
+    /// for its state ("paused") is answered at once; one saying it is already stopping waits.
+    static func stoppedMeanwhile(_ bundle: VMBundle, after error: LibraryError, timeout: Double) -> Bool {
+        var wait = 2.0
+        if case let .wrongState(_, state, _, _) = error {
+            guard state == "stopping" else { return false }
+            wait = timeout
+        }
+        return waitUntilStopped(bundle, seconds: wait)
     }
 
     /// Waits until nothing holds the VM's lock (its process has exited). False on time-out.

@@ -124,6 +124,39 @@ struct EngineChoiceTests {
     }
 }
 
+struct StopRaceTests {
+    @Test("stop asks a VM that powers off on its own at that moment (its control socket already gone): it is off, as asked, not an error")
+    func stopWhileTheGuestPowersOff() throws {
+        let root = FileManager.default.temporaryDirectory.appendingPathComponent("vireo-lib-\(UUID().uuidString)").path
+        defer { try? FileManager.default.removeItem(atPath: root) }
+        var request = CreateRequest(name: "leaving")
+        request.withoutDisk = true
+        _ = try VMLibrary(root: root).create(request)
+        let lockPath = try VMLibrary(root: root).bundle(named: "leaving").lockPath
+        // Stands in for the VM process in its last moments: the lock held, no control socket.
+        let holder = Process()
+        holder.executableURL = URL(fileURLWithPath: "/usr/bin/flock")
+        holder.arguments = ["--exclusive", "--close", lockPath, "sleep", "0.7"]
+        try holder.run()
+        defer { holder.waitUntilExit() }
+        let manager = VMManager(root: root, environment: [:])
+        let locked = Date().addingTimeInterval(5)
+        while !(try manager.library.bundle(named: "leaving").isLocked), Date() < locked { usleep(10_000) }
+        let stopped = try manager.stop("leaving", force: false, timeout: 5)
+        #expect(stopped.outcome == .alreadyOff(.stopped))
+        // A VM that is still there keeps its error (and is answered without waiting long).
+        holder.waitUntilExit()
+        let again = Process()
+        again.executableURL = URL(fileURLWithPath: "/usr/bin/flock")
+        again.arguments = ["--exclusive", "--close", lockPath, "sleep", "5"]
+        try again.run()
+        defer { again.terminate(); again.waitUntilExit() }
+        let held = Date().addingTimeInterval(5)
+        while !(try manager.library.bundle(named: "leaving").isLocked), Date() < held { usleep(10_000) }
+        #expect(throws: LibraryError.self) { try manager.stop("leaving", force: false, timeout: 5) }
+    }
+}
+
 struct QEMUCommandLineTests {
     @Test func aUEFIInstallerMachine() throws {
         var definition = VMDefinition(uuid: "6c1d2f4e-0000-4000-8000-000000000001", name: "inst", osType: try OSType.named("other"), createdAt: 0)
