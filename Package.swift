@@ -34,7 +34,7 @@ let package = Package(
         .target(name: "Library", dependencies: ["API", "CHostSupport", "CCrypt", "CSandbox", "DiskImage", "X86Boot"]),
         .target(name: "Engines", dependencies: ["API", "Library", "CHostSupport", "CSandbox", "MigrationWire", "DiskImage"]),
         .target(name: "Server", dependencies: [
-            "API", "Library", "Engines", "DiskImage", "X86Boot", "CHostSupport",
+            "API", "Library", "Engines", "DiskImage", "MigrationWire", "X86Boot", "CHostSupport",
             .product(name: "Hummingbird", package: "hummingbird"),
             .product(name: "HummingbirdWebSocket", package: "hummingbird-websocket"),
             .product(name: "NIOCore", package: "swift-nio"),

@@ -80,6 +80,7 @@ public struct APIServer: Sendable {
         addDeviceRoutes(to: api)
         addNetworkRoutes(to: api)
         addImageRoutes(to: api)
+        addManageRoutes(to: api)
         addTaskRoutes(to: api)
         addEventRoutes(to: api)
         addStaticRoutes(to: router)

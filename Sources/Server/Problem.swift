@@ -92,7 +92,9 @@ extension APIProblem {
                                        "--accel": "accelerator", "--vsock-cid": "vsock_cid", "--ssh-key": "ssh_key_files",
                                        "--attach-disk": "attach_disk", "--memory-limit": "memory_limit_bytes",
                                        "--cpu-cap": "cpu_cap_percent", "--cpu-weight": "cpu_weight", "--pids-limit": "pids_limit",
-                                       "--on-reboot": "on_reboot", "--rng": "entropy_device"]
+                                       "--on-reboot": "on_reboot", "--rng": "entropy_device", "--pin": "vcpu_pins",
+                                       "--pin-emulator": "emulator_cpus", "--io-limit": "io_limits", "--prealloc": "preallocate",
+                                       "--thp": "transparent_huge_pages"]
         return known[option] ?? String(option.dropFirst(2)).replacing("-", with: "_")
     }
 }

@@ -9,7 +9,7 @@ import Synchronization
 public final class TaskRegistry: Sendable {
     public struct Record: Encodable, Sendable {
         public var id: String
-        /// `clone`, `save`, `image-build`.
+        /// `clone`, `save`, `migrate`, `receive`, `image-build`, `image-import`, `image-export`.
         public var kind: String
         /// The VM or image it works on.
         public var target: String
@@ -46,6 +46,8 @@ public final class TaskRegistry: Sendable {
         var records: [String: Record] = [:]
         var order: [String] = []
         var revision = 0
+        /// What stops a running task's wait at once (a listener to shut down), by task id.
+        var cancelHooks: [String: @Sendable () -> Void] = [:]
     }
 
     private let state = Mutex(State())
@@ -64,7 +66,7 @@ public final class TaskRegistry: Sendable {
 
     /// Starts `work` on its own thread; it reports progress through the closure it is given and
     /// returns its result, or throws the library's error.
-    func start(kind: String, target: String, cancellable: Bool = false,
+    func start(kind: String, target: String, cancellable: Bool = false, onCancel: (@Sendable () -> Void)? = nil,
                _ work: @escaping @Sendable (Context) throws(LibraryError) -> [String: String]) -> Record {
         let id = UUID().uuidString.lowercased()
         let now = Date().timeIntervalSince1970
@@ -73,6 +75,7 @@ public final class TaskRegistry: Sendable {
             let record = Record(id: id, kind: kind, target: target, state: "running", createdAt: now, cancellable: cancellable, revision: state.revision)
             state.records[id] = record
             state.order.append(id)
+            state.cancelHooks[id] = onCancel
             let finished = state.order.filter { state.records[$0]?.state != "running" }
             for old in finished.dropLast(Self.keptFinished) {
                 state.records[old] = nil
@@ -85,6 +88,7 @@ public final class TaskRegistry: Sendable {
             do throws(LibraryError) {
                 result = .success(try work(Context(registry: self, id: id)))
             } catch { result = .failure(error) }
+            _ = self.state.withLock { $0.cancelHooks.removeValue(forKey: id) }
             self.update(id) { record in
                 record.finishedAt = Date().timeIntervalSince1970
                 switch result {
@@ -109,6 +113,7 @@ public final class TaskRegistry: Sendable {
     func cancel(_ id: String) -> Bool {
         guard let record = find(id), record.cancellable, record.state == "running" else { return false }
         update(id) { $0.cancelRequested = true }
+        state.withLock { $0.cancelHooks[id] }?()
         return true
     }
 

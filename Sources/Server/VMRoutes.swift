@@ -223,11 +223,33 @@ extension APIServer {
         var request = ChangeRequest()
         static let keys: Set<String> = ["cpus", "memory_bytes", "command_line", "os_type", "kernel", "initrd", "entropy_device", "balloon",
                                         "acpi", "on_reboot", "cpu_model", "engine", "iso", "firmware", "accelerator", "nics", "forwards",
-                                        "vsock_cid", "cpu_cap_percent", "cpu_weight", "memory_limit_bytes", "pids_limit"]
+                                        "vsock_cid", "cpu_cap_percent", "cpu_weight", "memory_limit_bytes", "pids_limit",
+                                        "vcpu_pins", "emulator_cpus", "rt_priority", "io_limits", "memory_backing", "preallocate",
+                                        "ksm", "lock_memory", "transparent_huge_pages", "numa_node"]
+        static let nested: [String: Set<String>] = ["io_limits": ["read_bytes_per_second", "write_bytes_per_second", "read_iops", "write_iops"]]
 
         enum Keys: String, CodingKey {
             case cpus, memoryBytes, commandLine, osType, kernel, initrd, entropyDevice, balloon, acpi, onReboot, cpuModel, engine, iso
             case firmware, accelerator, nics, forwards, vsockCid, cpuCapPercent, cpuWeight, memoryLimitBytes, pidsLimit
+            case vcpuPins, emulatorCpus, rtPriority, ioLimits, memoryBacking, preallocate, ksm, lockMemory, transparentHugePages, numaNode
+        }
+
+        /// `io_limits` as an object: bytes and operations per second, each optional.
+        struct IOLimitsBody: Decodable {
+            var readBytesPerSecond: UInt64?, writeBytesPerSecond: UInt64?, readIops: UInt64?, writeIops: UInt64?
+            func limits() throws -> IOLimits {
+                var limits = IOLimits()
+                for (key, value) in [("read_bytes_per_second", readBytesPerSecond), ("write_bytes_per_second", writeBytesPerSecond),
+                                     ("read_iops", readIops), ("write_iops", writeIops)] where value == 0 {
+                    throw APIProblem.invalid("io_limits.\(key)", "must be above 0 (leave it out for no limit)")
+                }
+                limits.readBytesPerSecond = readBytesPerSecond
+                limits.writeBytesPerSecond = writeBytesPerSecond
+                limits.readOperationsPerSecond = readIops
+                limits.writeOperationsPerSecond = writeIops
+                guard limits != IOLimits() else { throw APIProblem.invalid("io_limits", "give at least one limit, or null to remove them") }
+                return limits
+            }
         }
 
         var nics: [String]?
@@ -242,7 +264,7 @@ extension APIServer {
             }
             func required<T: Decodable>(_ key: Keys) throws -> T? {
                 guard c.contains(key) else { return nil }
-                if try c.decodeNil(forKey: key) { throw APIProblem.invalid(JSONKeys.snake(key.rawValue), "cannot be null") }
+                if try c.decodeNil(forKey: key) { throw APIProblem.invalid(APIJSON.snakeCase(key.rawValue), "cannot be null") }
                 return try c.decode(T.self, forKey: key)
             }
             request.cpus = try required(.cpus)
@@ -273,6 +295,31 @@ extension APIServer {
             request.pidsLimit = try optional(.pidsLimit)
             nics = try required(.nics)
             forwards = try required(.forwards)
+            // The resource and memory options of `vireo set`, in the CLI's syntax where it is a
+            // small language of its own (pins, a backing); null removes what can be removed.
+            let pins: String?? = try optional(.vcpuPins)
+            let emulator: String?? = try optional(.emulatorCpus)
+            let ioLimits: IOLimitsBody?? = try optional(.ioLimits)
+            let backing: String? = try required(.memoryBacking)
+            do throws(LibraryError) {
+                if let pins { request.vcpuPins = .some(try pins.map { (text) throws(LibraryError) in try VCPUPin.parse(text) }) }
+                if let backing { request.memoryBackingChoice = try MemoryBackingOptions.parseBacking(backing) }
+            } catch { throw APIProblem(error) }
+            if let emulator {
+                if let text = emulator {
+                    guard let cpus = VCPUPin.parseCPUs(text) else { throw APIProblem.invalid("emulator_cpus", "'\(text)' is not a CPU list like 0-1 or 0,2") }
+                    request.emulatorCPUs = .some(cpus)
+                } else {
+                    request.emulatorCPUs = .some(nil)
+                }
+            }
+            if let ioLimits { request.ioLimits = .some(try ioLimits.map { try $0.limits() }) }
+            request.rtPriority = try optional(.rtPriority)
+            request.numaNode = try optional(.numaNode)
+            request.preallocate = try required(.preallocate)
+            request.mergeable = try required(.ksm)
+            request.lockMemory = try required(.lockMemory)
+            request.transparentHugePages = try required(.transparentHugePages)
         }
     }
 
@@ -300,7 +347,7 @@ extension APIServer {
         }
         api.patch("vms/:name") { request, context in
             let name = try context.parameters.require("name")
-            let body = try await APIJSON.decode(ChangeBody.self, from: request, allowed: ChangeBody.keys)
+            let body = try await APIJSON.decode(ChangeBody.self, from: request, allowed: ChangeBody.keys, nested: ChangeBody.nested)
             let definition = try await blocking { () throws -> VMDefinition in
                 var change = body.request
                 if body.nics != nil || body.forwards != nil {
@@ -340,7 +387,7 @@ extension APIServer {
             let body = try await APIJSON.decode(StopBody.self, from: request, allowed: ["force", "timeout_seconds"])
             let timeout = body.timeoutSeconds ?? 30
             guard timeout > 0, timeout <= 600 else { throw APIProblem.invalid("timeout_seconds", "must be more than 0 and at most 600") }
-            let stopped = try await blocking { try self.manager.stop(name, force: body.force ?? false, timeout: timeout) }
+            let stopped = try await blocking { try self.stop(name, force: body.force ?? false, timeout: timeout) }
             self.events.touch()
             struct Stopped: Encodable { var name: String; var outcome: String; var warnings: [String] }
             let outcome: String
@@ -372,7 +419,7 @@ extension APIServer {
             let timeout = body.timeoutSeconds ?? 30
             guard timeout > 0, timeout <= 600 else { throw APIProblem.invalid("timeout_seconds", "must be more than 0 and at most 600") }
             let started = try await blocking { () throws -> StartedVM in
-                _ = try self.manager.stop(name, force: body.force ?? false, timeout: timeout)
+                _ = try self.stop(name, force: body.force ?? false, timeout: timeout)
                 return try self.manager.start(name)
             }
             self.events.touch()
@@ -528,11 +575,23 @@ extension APIServer {
     }
 }
 
-struct EmptyBody: Decodable {}
-
-enum JSONKeys {
-    static func snake(_ name: String) -> String { APIJSON.snake(name) }
+extension APIServer {
+    /// A stop whose guest ignored the request is the caller's to decide on (wait longer, or
+    /// force it), a conflict with the VM's state rather than a failure of the server.
+    func stop(_ name: String, force: Bool, timeout: Double) throws -> (outcome: VMManager.StopOutcome, warnings: [String]) {
+        do throws(LibraryError) {
+            return try manager.stop(name, force: force, timeout: timeout)
+        } catch {
+            guard case .engine = error, !force, let bundle = try? manager.library.bundle(named: name) else { throw error }
+            let state = manager.library.status(of: bundle).state
+            guard !state.isOff else { throw error }
+            throw APIProblem(.conflict, kind: "still-running", detail: error.description, vm: name, state: state.rawValue,
+                             hint: "the guest did not act on the request in time: wait longer (timeout_seconds) or send {\"force\": true}")
+        }
+    }
 }
+
+struct EmptyBody: Decodable {}
 
 /// The host's view of a VM's process: CPU time from `/proc/PID/stat`, as `top` reads it.
 enum ProcessCPU {

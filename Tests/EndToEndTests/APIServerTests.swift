@@ -210,8 +210,11 @@ struct APIServerTests {
         #expect(try second.api.request("GET", "/api/vms").array.isEmpty)
     }
 
-    @Test("a migration through the API is a task with progress; the destination library runs the VM")
+    @Test("a migration through the API is a task with progress; the destination server's receive task takes it (one cancelled while waiting frees its port); the destination library runs the VM")
     func apiMigration() throws {
+        func problem(_ reply: APIClient.Reply, field: String) {
+            #expect(reply.status == 422 && reply.object["field"] as? String == field, "\(reply.text)")
+        }
         let source = try TestLibrary()
         let destination = try TestLibrary()
         let served = try Served(source)
@@ -257,13 +260,27 @@ struct APIServerTests {
         #expect(failed["state"] as? String == "failed" && failed["error"] != nil, "\(failed)")
         #expect(source.state("mover") == "running", "a failed migration left the VM \(source.state("mover") ?? "gone")")
 
-        try FileManager.default.createDirectory(at: destination.root, withIntermediateDirectories: true)
-        let receiver = RunningProcess([Harness.vireo, "receive", "--listen", "127.0.0.1:0"], environment: ["VIREO_HOME": destination.root.path])
-        defer { receiver.signal(SIGKILL); _ = receiver.wait(timeout: 10) }
-        #expect(receiver.waitForOutput("Token: ", timeout: 20) && receiver.waitForOutput("On the source", timeout: 5), "\(receiver.stderr)")
-        let lines = receiver.stdout.split(separator: "\n")
-        let endpoint = try #require(lines.first { $0.hasPrefix("Listening on ") }.map { String($0.dropFirst(13)) })
-        let token = try #require(lines.first { $0.hasPrefix("Token: ") }.map { String($0.dropFirst(7)) })
+        // The destination is another server's library: its receive is a task with the address
+        // and token to give the source. One cancelled while it waits frees its port.
+        let arrivals = try Served(destination)
+        let waiting = try arrivals.api.request("POST", "/api/migrations/receive", json: ["listen": "127.0.0.1:0"])
+        #expect(waiting.status == 202 && waiting.object["token"] is String, "\(waiting.text)")
+        let waitingTask = try #require(waiting.headers["location"])
+        let waitingPort = try #require((waiting.object["address"] as? String)?.split(separator: ":").last.map(String.init))
+        #expect(try arrivals.api.request("DELETE", waitingTask).status == 202)
+        var abandoned: [String: Any] = [:]
+        #expect(destination.waitFor(10) {
+            abandoned = (try? arrivals.api.request("GET", waitingTask).object) ?? [:]
+            return abandoned["state"] as? String != "running"
+        })
+        #expect(abandoned["state"] as? String == "failed" && ((abandoned["error"] as? [String: Any])?["detail"] as? String)?.contains("cancelled") == true, "\(abandoned)")
+        #expect(Harness.run(["ss", "-Hltn", "sport = :\(waitingPort)"]).stdout.isEmpty, "the cancelled receive still listens on \(waitingPort)")
+        problem(try arrivals.api.request("POST", "/api/migrations/receive", json: ["listen": "127.0.0.1:99999"]), field: "listen")
+        problem(try arrivals.api.request("POST", "/api/migrations/receive", json: ["name": "../x"]), field: "name")
+        let receiving = try arrivals.api.request("POST", "/api/migrations/receive", json: ["listen": "127.0.0.1:0"])
+        #expect(receiving.status == 202, "\(receiving.text)")
+        let endpoint = try #require(receiving.object["address"] as? String)
+        let token = try #require(receiving.object["token"] as? String)
 
         let started = try served.api.request("POST", "/api/vms/mover/migrate", json: ["destination": endpoint, "token": token, "max_downtime_ms": 100])
         #expect(started.status == 202 && started.object["cancellable"] as? Bool == true, "\(started.text)")
@@ -275,7 +292,15 @@ struct APIServerTests {
         })
         #expect(task["state"] as? String == "succeeded", "\(task)")
         #expect((task["progress"] as? Double) == 1)
+        let arrived = try #require(receiving.headers["location"])
+        var received: [String: Any] = [:]
+        #expect(destination.waitFor(30) {
+            received = (try? arrivals.api.request("GET", arrived).object) ?? [:]
+            return received["state"] as? String != "running"
+        })
+        #expect(received["state"] as? String == "succeeded" && (received["result"] as? [String: Any])?["vm"] as? String == "mover", "\(received)")
         #expect(destination.waitFor(20) { destination.state("mover") == "running" }, "\(destination.vireo("list").stdout)")
+        #expect((try arrivals.api.request("GET", "/api/vms/mover").object["summary"] as? [String: Any])?["state"] as? String == "running")
         let ticks = destination.ticks("mover")
         #expect(destination.waitFor(20) { destination.ticks("mover") >= ticks + 2 }, "the migrated guest does not run")
         #expect(source.state("mover") == nil, "the source still lists the VM")

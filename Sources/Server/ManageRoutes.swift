@@ -1,0 +1,244 @@
+import DiskImage
+import Engines
+import FoundationEssentials
+import Hummingbird
+import Library
+import MigrationWire
+import NIOCore
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// What the CLI does beside a VM's life cycle: its port forwards, a network's autostart, disk
+/// images on their own (`vireo disk create/info/resize`), exporting an image, and receiving a
+/// VM another host migrates here (`vireo receive`).
+extension APIServer {
+    func addManageRoutes(to api: RouterGroup<APIContext>) {
+        addForwardRoutes(to: api)
+        addDiskRoutes(to: api)
+
+        struct NetworkChange: Decodable { var autostart: Bool }
+        api.patch("networks/:network") { request, context in
+            let name = try context.parameters.require("network")
+            let body = try await APIJSON.decode(NetworkChange.self, from: request, allowed: ["autostart"])
+            guard try await blocking({ NetworkStore(libraryRoot: self.manager.library.root).exists(name) }) else {
+                throw APIProblem(.notFound, kind: "not-found", detail: "no network named '\(name)' (see GET /api/networks)")
+            }
+            // As `vireo network autostart`: on brings it up now, off lets it go down if idle.
+            let warnings = try await blocking { () throws -> [String] in
+                try NetworkStore(libraryRoot: self.manager.library.root).setAutostart(name, body.autostart)
+                let networks = HostNetworks(library: self.manager.library)
+                if body.autostart { try networks.start(name); return [] }
+                return networks.releaseIdle()
+            }
+            guard let row = try await blocking({ try self.networkRows().first { $0.network.name == name } }) else {
+                throw APIProblem(.notFound, kind: "not-found", detail: "network '\(name)' was deleted meanwhile")
+            }
+            struct Changed: Encodable { var network: NetworkDefinition; var up: Bool; var vms: [String]; var warnings: [String] }
+            return APIJSON.response(Changed(network: row.network, up: row.up, vms: row.vms, warnings: warnings))
+        }
+
+        struct ExportBody: Decodable { var path: String }
+        api.post("images/:image/export") { request, context in
+            let name = try context.parameters.require("image")
+            let body = try await APIJSON.decode(ExportBody.self, from: request, allowed: ["path"])
+            try await self.requireImage(name)
+            let path = try Self.absolutePath(body.path, field: "path")
+            // Checked before the task, so a path that cannot be written is a 422, not a failed task.
+            try await blocking { () throws in
+                guard !HostFiles.exists(path) else { throw LibraryError.invalidValue(field: "path", reason: "\(path) already exists; exports never overwrite") }
+                let directory = HostFiles.parent(of: path)
+                guard HostFiles.isDirectory(directory), access(directory, W_OK) == 0 else {
+                    throw LibraryError.invalidValue(field: "path", reason: "\(directory) is not a writable directory")
+                }
+            }
+            let task = self.tasks.start(kind: "image-export", target: name) { task throws(LibraryError) in
+                let store = ImageStore(libraryRoot: self.manager.library.root)
+                task.progress(nil, "checking image '\(name)'")
+                let manifest = try store.load(name)
+                try store.verify(manifest)
+                task.progress(nil, "writing \(path)")
+                try ImageArchive.export(manifest, from: store.path(of: name), to: path)
+                return ["image": name, "path": path, "bytes": String(HostFiles.size(path))]
+            }
+            return APIJSON.response(task, status: .accepted, headers: [.location: "/api/tasks/\(task.id)"])
+        }
+
+        struct ReceiveBody: Decodable { var listen: String?; var name: String? }
+        api.post("migrations/receive") { request, _ in
+            let body = try await APIJSON.decode(ReceiveBody.self, from: request, allowed: ["listen", "name"])
+            let root = self.manager.library.root
+            let (listener, bound) = try await blocking { () throws -> (Int32, TCPEndpoint) in
+                if let name = body.name { try VMName.validate(name, in: root) }
+                let endpoint = try TCPEndpoint(parsing: body.listen ?? "0.0.0.0:\(MigrationWire.defaultPort)", field: "listen",
+                                               defaultPort: MigrationWire.defaultPort)
+                do throws(LibraryError) {
+                    return try self.manager.listenForMigration(on: endpoint)
+                } catch {
+                    // A port someone holds, or an address not on this host, is the caller's to change.
+                    guard case let .io(_, _, code) = error, [EADDRINUSE, EADDRNOTAVAIL, EACCES].contains(code) else { throw error }
+                    throw APIProblem(code == EADDRINUSE ? .conflict : .unprocessableContent, kind: code == EADDRINUSE ? "in-use" : "invalid-value",
+                                     detail: "listen: cannot listen on \(endpoint): \(String(cString: strerror(code)))", field: "listen",
+                                     hint: code == EADDRINUSE ? "another receive (or program) holds it; give another port, or 0 for any" : nil)
+                }
+            }
+            let token = newMigrationToken()
+            // Cancelling shuts the listener down, which ends the wait in accept(); a migration
+            // already accepted goes on to its end (the source decides when it is done).
+            let task = self.tasks.start(kind: "receive", target: body.name ?? "", cancellable: true, onCancel: { shutdown(listener, Int32(SHUT_RDWR)) }) { task throws(LibraryError) in
+                defer { close(listener) }
+                task.progress(nil, "waiting on \(bound) for `vireo migrate` or POST /api/vms/{name}/migrate")
+                do throws(LibraryError) {
+                    let received = try self.manager.receive(on: listener, token: token, rename: body.name) { task.progress(nil, $0) }
+                    self.events.touch()
+                    return ["vm": received.name, "source": received.source, "pid": String(received.pid),
+                            "warnings": received.warnings.joined(separator: "; ")]
+                } catch {
+                    if task.isCancelled { throw LibraryError.migration(name: body.name ?? "(incoming)", reason: "cancelled before a source connected", outcomeUnknown: false) }
+                    throw error
+                }
+            }
+            struct Receiving: Encodable { var task: TaskRegistry.Record; var address: String; var token: String }
+            return APIJSON.response(Receiving(task: task, address: bound.description, token: token), status: .accepted,
+                                    headers: [.location: "/api/tasks/\(task.id)"])
+        }
+    }
+
+    // MARK: port forwards
+
+    struct ForwardRow: Encodable, Sendable { var forward: String; var proto: String; var hostPort: UInt16; var guestPort: UInt16; var nic: Int; var attachment: String }
+
+    static func forwardRows(_ definition: VMDefinition) -> [ForwardRow] {
+        definition.networks.enumerated().flatMap { index, card in
+            card.forwards.map { ForwardRow(forward: $0.description, proto: $0.proto.rawValue, hostPort: $0.hostPort, guestPort: $0.guestPort,
+                                           nic: index, attachment: card.attachment.description) }
+        }
+    }
+
+    func addForwardRoutes(to api: RouterGroup<APIContext>) {
+        api.get("vms/:name/forwards") { _, context in
+            let name = try context.parameters.require("name")
+            return APIJSON.response(Self.forwardRows(try await blocking { try self.manager.library.bundle(named: name).load() }))
+        }
+        struct ForwardBody: Decodable { var forward: String; var nic: Int? }
+        api.post("vms/:name/forwards") { request, context in
+            let name = try context.parameters.require("name")
+            let body = try await APIJSON.decode(ForwardBody.self, from: request, allowed: ["forward", "nic"])
+            if let nic = body.nic, nic < 0 { throw APIProblem.invalid("nic", "\(nic) is not a card index (0, 1, ...)") }
+            let definition = try await blocking { () throws -> VMDefinition in
+                do throws(LibraryError) {
+                    let forward = try PortForward.parse(body.forward, field: "forward")
+                    return try self.manager.changeForward(name, .add(forward, card: body.nic))
+                } catch {
+                    // The library names the CLI's options; this route's fields are these two.
+                    if case let .invalidValue(field, reason) = error {
+                        let name = ["--nic": "nic"][field] ?? "forward"
+                        throw APIProblem.invalid(name, reason.hasPrefix(field + ": ") ? String(reason.dropFirst(field.count + 2)) : reason)
+                    }
+                    throw error
+                }
+            }
+            return APIJSON.response(Self.forwardRows(definition), status: .created)
+        }
+        api.delete("vms/:name/forwards/:forward") { _, context in
+            let name = try context.parameters.require("name")
+            let text = try context.parameters.require("forward")
+            let definition = try await blocking { () throws -> VMDefinition in
+                let forward = try PortForward.parse(text, field: "forward")
+                guard try self.manager.library.bundle(named: name).load().networks.contains(where: { $0.forwards.contains(forward) }) else {
+                    throw APIProblem(.notFound, kind: "not-found", detail: "VM '\(name)' does not forward \(forward) (see GET /api/vms/\(name)/forwards)", vm: name)
+                }
+                return try self.manager.changeForward(name, .remove(forward))
+            }
+            return APIJSON.response(Self.forwardRows(definition))
+        }
+    }
+
+    // MARK: disk images
+
+    static func absolutePath(_ path: String, field: String) throws -> String {
+        guard path.hasPrefix("/"), path.count <= 4096, !path.contains("\u{0}") else {
+            throw APIProblem.invalid(field, "'\(path.prefix(200))' is not an absolute path (the server's working directory is not yours)")
+        }
+        return path
+    }
+
+    /// `vireo disk`'s errors as problems: what the caller can fix is 4xx and names the field.
+    static func diskProblem(_ error: DiskImageError) -> APIProblem {
+        let detail = error.description
+        switch error {
+        case let .invalidArgument(field, reason):
+            let known = ["--size": "size_bytes", "--format": "format", "--backing": "backing", "--preallocate": "preallocate", "--cluster-size": "cluster_size"]
+            let name = known[field] ?? APIProblem.apiField(field)
+            return APIProblem(.unprocessableContent, kind: "invalid-value", detail: "\(name): \(reason)", field: name)
+        case .alreadyExists:
+            return APIProblem(.conflict, kind: "already-exists", detail: detail, field: "path", hint: "choose another path; disks are never overwritten")
+        case .inUse:
+            return APIProblem(.conflict, kind: "in-use", detail: detail, field: "path", hint: "stop the VM that uses it first")
+        case let .io(_, _, code) where [ENOENT, ENOTDIR, EACCES, EISDIR, ELOOP, ENAMETOOLONG].contains(code):
+            return APIProblem(.unprocessableContent, kind: "invalid-value", detail: detail, field: "path")
+        case .invalidImage, .unsupported:
+            return APIProblem(.unprocessableContent, kind: "invalid-image", detail: detail, field: "path")
+        case .io, .outOfRange, .readOnly:
+            return APIProblem(.internalServerError, kind: "disk", detail: detail)
+        }
+    }
+
+    static func diskWork<T: Sendable>(_ body: @escaping @Sendable () throws(DiskImageError) -> T) async throws -> T {
+        try await blocking { () throws -> T in
+            do throws(DiskImageError) { return try body() } catch { throw diskProblem(error) }
+        }
+    }
+
+    /// Grows the image; its lock goes with the image when this returns.
+    static func grow(_ path: String, to size: UInt64) throws(DiskImageError) {
+        switch try DiskImages.open(path: path) {
+        case let qcow2 as QCOW2Image: try qcow2.resize(to: size)
+        case let raw as RawImage: try raw.resize(to: size)
+        default: throw .unsupported(path: path, feature: "resizing this format")
+        }
+    }
+
+    func addDiskRoutes(to api: RouterGroup<APIContext>) {
+        struct CreateDisk: Decodable {
+            var path: String; var sizeBytes: UInt64?; var format: String?; var backing: String?; var preallocate: Bool?; var clusterSize: UInt64?
+        }
+        api.post("disks") { request, _ in
+            let body = try await APIJSON.decode(CreateDisk.self, from: request, allowed: ["path", "size_bytes", "format", "backing", "preallocate", "cluster_size"])
+            let path = try Self.absolutePath(body.path, field: "path")
+            guard let format = DiskFormat(rawValue: body.format ?? "qcow2") else {
+                throw APIProblem.invalid("format", "'\(body.format ?? "")' is not one of qcow2, raw")
+            }
+            let backing = try body.backing.map { try Self.absolutePath($0, field: "backing") }
+            let info = try await Self.diskWork { () throws(DiskImageError) -> DiskInfo in
+                var size = body.sizeBytes
+                if size == nil, let backing { size = try DiskImages.open(path: backing, readOnly: true).virtualSize }
+                guard let size else {
+                    throw .invalidArgument(field: "--size", reason: "required (in bytes), unless a backing file gives it")
+                }
+                try DiskImages.create(path: path, format: format, size: size, backing: backing,
+                                      preallocate: body.preallocate ?? false, clusterSize: body.clusterSize ?? 65536)
+                return try DiskImages.open(path: path, readOnly: true).info()
+            }
+            return APIJSON.response(info, status: .created)
+        }
+        api.get("disks/info") { request, _ in
+            guard let given = request.uri.queryParameters["path"].map(String.init), !given.isEmpty else {
+                throw APIProblem(.unprocessableContent, kind: "missing-field", detail: "path: required (the image's absolute path)", field: "path")
+            }
+            let path = try Self.absolutePath(given, field: "path")
+            return APIJSON.response(try await Self.diskWork { () throws(DiskImageError) -> DiskInfo in try DiskImages.open(path: path, readOnly: true).info() })
+        }
+        struct ResizeDisk: Decodable { var path: String; var sizeBytes: UInt64 }
+        api.post("disks/resize") { request, _ in
+            let body = try await APIJSON.decode(ResizeDisk.self, from: request, allowed: ["path", "size_bytes"])
+            let path = try Self.absolutePath(body.path, field: "path")
+            let info = try await Self.diskWork { () throws(DiskImageError) -> DiskInfo in
+                try Self.grow(path, to: body.sizeBytes)
+                // Read again: an open image keeps the size it was opened with.
+                return try DiskImages.open(path: path, readOnly: true).info()
+            }
+            return APIJSON.response(info)
+        }
+    }
+}
