@@ -15,17 +15,22 @@ extension APIServer {
     static let xtermModules = "/usr/share/nodejs/xterm/lib"
 
     func addStaticRoutes(to router: Router<APIContext>) {
-        router.get("/") { _, _ in Self.file(PackageResources.index_html, type: "text/html; charset=utf-8") }
-        router.get("/favicon.ico") { _, _ in Response(status: .noContent) }
-        router.get("/app.js") { _, _ in Self.file(PackageResources.app_js, type: "text/javascript; charset=utf-8") }
-        router.get("/app.css") { _, _ in Self.file(PackageResources.app_css, type: "text/css; charset=utf-8") }
-        router.get("/static/xterm.js") { _, _ in
-            Self.file(try await blocking { try XtermBundle.shared.bundle() }, type: "text/javascript; charset=utf-8")
+        router.get("/") { request, _ in Self.file(Self.indexPage, type: "text/html; charset=utf-8", tag: Self.assetVersion, request: request) }
+        router.get("/app.js") { request, _ in
+            Self.file(PackageResources.app_js, type: "text/javascript; charset=utf-8", tag: Self.assetVersion, request: request, versioned: true)
         }
-        router.get("/static/:file") { _, context in
+        router.get("/app.css") { request, _ in
+            Self.file(PackageResources.app_css, type: "text/css; charset=utf-8", tag: Self.assetVersion, request: request, versioned: true)
+        }
+        router.get("/static/xterm.js") { request, _ in
+            let bytes = try await blocking { try XtermBundle.shared.bundle() }
+            return Self.file(bytes, type: "text/javascript; charset=utf-8", tag: Self.contentTag(bytes), request: request)
+        }
+        router.get("/static/:file") { request, context in
             let name = try context.parameters.require("file")
             guard let path = Self.debianFiles[name] else { throw APIProblem(.notFound, kind: "not-found", detail: "no static file '\(name)'") }
-            return Self.file(try await blocking { try Self.packageFile(path) }, type: Self.contentType(path))
+            let bytes = try await blocking { try Self.packageFile(path) }
+            return Self.file(bytes, type: Self.contentType(path), tag: Self.contentTag(bytes), request: request)
         }
         router.get("/static/novnc/**") { request, _ in
             let relative = String(request.uri.path.dropFirst("/static/novnc/".count))
@@ -35,12 +40,39 @@ extension APIServer {
                 throw APIProblem(.notFound, kind: "not-found", detail: "no such noVNC file")
             }
             let path = Self.novncRoot + "/" + parts.joined(separator: "/")
-            return Self.file(try await blocking { try Self.packageFile(path) }, type: Self.contentType(path))
+            let bytes = try await blocking { try Self.packageFile(path) }
+            return Self.file(bytes, type: Self.contentType(path), tag: Self.contentTag(bytes), request: request)
         }
     }
 
-    static func file(_ bytes: [UInt8], type: String) -> Response {
-        Response(status: .ok, headers: [.contentType: type, .cacheControl: "no-cache"], body: .init(byteBuffer: ByteBuffer(bytes: bytes)))
+    /// The page's own files change only with the binary: the page names them with this version
+    /// (`/app.js?v=...`), so a browser keeps them for good and a new binary's page asks anew.
+    static let assetVersion = contentTag(PackageResources.app_js + PackageResources.app_css + PackageResources.index_html)
+
+    static let indexPage: [UInt8] = Array(String(decoding: PackageResources.index_html, as: UTF8.self)
+        .replacing("\"/app.js\"", with: "\"/app.js?v=\(assetVersion)\"")
+        .replacing("\"/app.css\"", with: "\"/app.css?v=\(assetVersion)\"").utf8)
+
+    /// A validator for `If-None-Match`: FNV-1a over the bytes, which are small (at most a few
+    /// hundred KiB) and read anyway.
+    static func contentTag(_ bytes: [UInt8]) -> String {
+        var hash: UInt64 = 0xcbf2_9ce4_8422_2325
+        for byte in bytes { hash = (hash ^ UInt64(byte)) &* 0x100_0000_01b3 }
+        let text = String(hash, radix: 16)
+        return String(repeating: "0", count: 16 - text.count) + text
+    }
+
+    /// A static file: 304 when the browser's copy is current; `versioned` files asked for by
+    /// this binary's version are cached for good, everything else revalidated on each use.
+    static func file(_ bytes: [UInt8], type: String, tag: String, request: Request, versioned: Bool = false) -> Response {
+        let etag = "\"\(tag)\""
+        let lasting = versioned && request.uri.queryParameters["v"].map(String.init) == assetVersion
+        let headers: HTTPFields = [.contentType: type, .eTag: etag,
+                                   .cacheControl: lasting ? "public, max-age=31536000, immutable" : "no-cache"]
+        if let given = request.headers[.ifNoneMatch], given.split(separator: ",").contains(where: { String($0).trimmingWhitespace() == etag }) {
+            return Response(status: .notModified, headers: headers)
+        }
+        return Response(status: .ok, headers: headers, body: .init(byteBuffer: ByteBuffer(bytes: bytes)))
     }
 
     /// A file from a Debian package; missing means the package is not installed (setup.sh

@@ -59,6 +59,17 @@ struct APIServerTests {
         // The page and its libraries need no token (they hold no data); the API does.
         #expect(try server.anonymous.request("GET", "/").status == 200)
         #expect(try server.anonymous.request("GET", "/static/xterm.js").text.contains("window.Terminal"))
+        // The page names its own files by the binary's version, so browsers keep them; every
+        // static answer has a validator, and a current copy costs a 304.
+        let page = try server.anonymous.request("GET", "/").text
+        let version = try #require(page.range(of: "/app.js?v=").map { String(page[$0.upperBound...].prefix { $0.isHexDigit }) })
+        let script = try server.anonymous.request("GET", "/app.js?v=\(version)")
+        #expect(script.headers["cache-control"]?.contains("immutable") == true, "\(script.headers)")
+        let etag = try #require(script.headers["etag"])
+        #expect(try server.anonymous.request("GET", "/app.js?v=\(version)", headers: ["If-None-Match": etag]).status == 304)
+        #expect(try server.anonymous.request("GET", "/app.js?v=old").headers["cache-control"] == "no-cache")
+        let chart = try server.anonymous.request("GET", "/static/chart.js")
+        #expect(try server.anonymous.request("GET", "/static/chart.js", headers: ["If-None-Match": chart.headers["etag"] ?? "none"]).status == 304)
         let host = try api.request("GET", "/api/host")
         #expect(host.status == 200 && host.object["kvm_usable"] as? Bool == true, "\(host.text)")
         #expect(try api.request("GET", "/api/openapi.json").object["openapi"] as? String == "3.1.0")

@@ -16,6 +16,15 @@ function loadScript(url) {
   }
   return loaded.get(url);
 }
+function loadStyle(url) {
+  if (!loaded.has(url)) {
+    const link = document.createElement('link');
+    link.rel = 'stylesheet';
+    link.href = url;
+    document.head.append(link);
+    loaded.set(url, Promise.resolve());
+  }
+}
 const state = { token: null, vms: [], selected: null, host: null, tasks: new Map(),
                 terminal: null, consoleSocket: null, rfb: null, charts: null, statsTimer: null,
                 lastStats: null, selectedSnapshot: null };
@@ -286,6 +295,7 @@ function socketURL(kind) {
 async function connectConsole() {
   if (!state.selected) return;
   disconnectConsole();
+  loadStyle('/static/xterm.css');
   await loadScript('/static/xterm.js');
   if (!state.terminal) {
     // The DOM renderer keeps the text in the page (selectable, and readable by tests).
@@ -488,10 +498,16 @@ function renderTasks() {
 }
 
 async function followEvents() {
-  // EventSource cannot send the Authorization header, so the stream is read with fetch.
+  // EventSource cannot send the Authorization header, so the stream is read with fetch. The
+  // stream is aborted when the page goes away: browsers keep six connections per server, and a
+  // page left (or kept in the back-forward cache) must not hold one of them.
+  const leaving = new AbortController();
+  window.addEventListener('pagehide', () => leaving.abort());
+  window.addEventListener('pageshow', (event) => { if (event.persisted) location.reload(); });
   for (;;) {
+    if (leaving.signal.aborted) return;
     try {
-      const response = await fetch('/api/events', { headers: { 'Authorization': `Bearer ${state.token}` } });
+      const response = await fetch('/api/events', { headers: { 'Authorization': `Bearer ${state.token}` }, signal: leaving.signal });
       if (!response.ok) throw new Error(`events: ${response.status}`);
       const reader = response.body.getReader();
       const decoder = new TextDecoder();
@@ -548,8 +564,10 @@ async function main() {
   $('snapshot-take').addEventListener('click', async () => { try { await takeSnapshot(); } catch (error) { say(error.message, true); } await refresh(); await showDetails(); });
   $('snapshot-restore').addEventListener('click', () => snapshotAction('restore'));
   $('snapshot-delete').addEventListener('click', () => snapshotAction('delete'));
+  // The list and the tasks are asked for together: the page is ready after one round trip.
+  const tasks = api('GET', '/api/tasks').catch(() => []);
   await refresh();
-  for (const task of await api('GET', '/api/tasks')) state.tasks.set(task.id, task);
+  for (const task of await tasks) state.tasks.set(task.id, task);
   renderTasks();
   setInterval(sampleStats, 2000);
   document.body.dataset.readyMs = String(Math.round(performance.now()));
