@@ -116,6 +116,13 @@ int vireo_rename_noreplace(const char *from, const char *to) {
 }
 
 int vireo_copy_sparse(const char *from, const char *to) {
+    return vireo_copy_sparse_reporting(from, to, NULL, NULL);
+}
+
+int vireo_copy_sparse_reporting(const char *from, const char *to,
+                                void (*report)(void *context, uint64_t done, uint64_t total), void *context) {
+    /* Copies in steps of at most this much, so a caller hears about a long extent as it goes. */
+    const size_t step = 64u << 20;
     int in = open(from, O_RDONLY | O_CLOEXEC);
     if (in < 0) return errno;
     struct stat info;
@@ -131,12 +138,15 @@ int vireo_copy_sparse(const char *from, const char *to) {
         if (hole < 0) { result = errno; goto done; }
         off_t source = data, target = data;
         while (source < hole) {
-            ssize_t copied = copy_file_range(in, &source, out, &target, (size_t)(hole - source), 0);
+            size_t wanted = (size_t)(hole - source) < step ? (size_t)(hole - source) : step;
+            ssize_t copied = copy_file_range(in, &source, out, &target, wanted, 0);
             if (copied < 0) { if (errno == EINTR) continue; result = errno; goto done; }
             if (copied == 0) break;
+            if (report) report(context, (uint64_t)source, (uint64_t)info.st_size);
         }
         position = hole;
     }
+    if (report) report(context, (uint64_t)info.st_size, (uint64_t)info.st_size);
     if (ftruncate(out, info.st_size) != 0 || fsync(out) != 0) result = errno;
 done:
     close(in);

@@ -146,6 +146,22 @@ public enum HostFiles {
         guard code == 0 else { throw .io(operation: "copy \(from) to", path: to, errno: code) }
     }
 
+    /// `copySparse`, telling `progress` how far through the file it is (bytes done, of the
+    /// file's size) every 64 MiB or so.
+    public static func copySparse(_ from: String, _ to: String, progress: (UInt64, UInt64) -> Void) throws(LibraryError) {
+        final class Reporter { let report: (UInt64, UInt64) -> Void; init(_ report: @escaping (UInt64, UInt64) -> Void) { self.report = report } }
+        // The C copy calls back only while it runs, so the closure does not outlive this call.
+        let code = withoutActuallyEscaping(progress) { report in
+            let reporter = Unmanaged.passRetained(Reporter(report))
+            defer { reporter.release() }
+            return vireo_copy_sparse_reporting(from, to, { context, done, total in
+                guard let context else { return }
+                Unmanaged<Reporter>.fromOpaque(context).takeUnretainedValue().report(done, total)
+            }, reporter.toOpaque())
+        }
+        guard code == 0 else { throw .io(operation: "copy \(from) to", path: to, errno: code) }
+    }
+
     /// Deletes a directory tree without following symbolic links out of it.
     public static func removeTree(_ path: String) throws(LibraryError) {
         var info = stat()

@@ -900,7 +900,10 @@ public struct VMLibrary: Sendable {
 
     // MARK: clone
 
-    public func clone(_ source: String, to name: String, linked: Bool) throws(LibraryError) -> VMDefinition {
+    /// Copies a stopped VM under a new name: a full copy of its own disks, or with `linked`,
+    /// overlays on a frozen base. `progress` hears the fraction of the disks' bytes copied.
+    public func clone(_ source: String, to name: String, linked: Bool,
+                      progress: (Double) -> Void = { _ in }) throws(LibraryError) -> VMDefinition {
         try VMName.validate(name, in: root)
         guard !HostFiles.exists(root + "/" + name) else { throw .alreadyExists(name: name) }
         return try withStoppedVM(source, action: "clone") { (bundle, _) throws(LibraryError) -> VMDefinition in
@@ -925,6 +928,11 @@ public struct VMLibrary: Sendable {
             defer { lock.unlock() }
             var sourceDefinition = original
             var frozen: [(base: String, original: String, overlay: String?)] = []
+            // What a full clone copies, by the size of each disk's file (holes count as they
+            // are passed over, so a thin disk moves on quickly).
+            let copied = linked ? [] : original.disks.filter { !$0.readOnly && !($0.isOwned && $0.path == CloudInitSeed.fileName) }
+            let total = max(copied.reduce(UInt64(0)) { $0 + HostFiles.size(bundle.resolve($1.path)) }, 1)
+            var finished: UInt64 = 0
             do throws(LibraryError) {
                 let target = VMBundle(directory: staging)
                 // The kernel, initrd and UEFI variable store are the VM's own: each clone gets a copy.
@@ -949,14 +957,19 @@ public struct VMLibrary: Sendable {
                         definition.disks.append(shared)
                     } else if !linked {
                         let file = HostFiles.lastComponent(of: disk.path)
+                        let before = finished
                         switch try Self.copyPlan(bundle.resolve(disk.path)) {
                         case .plain:
-                            try HostFiles.copySparse(bundle.resolve(disk.path), target.resolve(file))
+                            try HostFiles.copySparse(bundle.resolve(disk.path), target.resolve(file)) { done, _ in
+                                progress(min(Double(before + done) / Double(total), 1))
+                            }
                         case let .flatten(base):
                             // The disk rests on layers in the VM's directory (snapshots): the copy
                             // holds their data itself, resting only on what lies outside (an image).
                             try Self.copyFlattened(bundle.resolve(disk.path), to: target.resolve(file), keeping: base)
                         }
+                        finished += HostFiles.size(bundle.resolve(disk.path))
+                        progress(min(Double(finished) / Double(total), 1))
                         var copy = disk
                         copy.path = file
                         definition.disks.append(copy)

@@ -109,23 +109,14 @@ extension APIServer {
         api.get("images") { _, _ in
             let rows = try await blocking { () throws -> [ImageRow] in
                 let store = ImageStore(libraryRoot: self.manager.library.root)
-                return store.names().compactMap { name in
-                    guard let manifest = try? store.load(name) else { return nil }
-                    return ImageRow(manifest: manifest, diskBytes: HostFiles.size(store.path(of: name) + "/" + manifest.disk),
-                                    usedBy: store.users(of: name, library: self.manager.library))
-                }
+                return store.names().compactMap { name in try? self.imageRow(name, store: store) }
             }
             return APIJSON.response(rows)
         }
         api.get("images/:image") { _, context in
             let name = try context.parameters.require("image")
             try await self.requireImage(name)
-            let row = try await blocking { () throws -> ImageRow in
-                let store = ImageStore(libraryRoot: self.manager.library.root)
-                let manifest = try store.load(name)
-                return ImageRow(manifest: manifest, diskBytes: HostFiles.size(store.path(of: name) + "/" + manifest.disk),
-                                usedBy: store.users(of: name, library: self.manager.library))
-            }
+            let row = try await blocking { try self.imageRow(name, store: ImageStore(libraryRoot: self.manager.library.root)) }
             return APIJSON.response(row)
         }
         api.delete("images/:image") { _, context in
@@ -149,6 +140,12 @@ extension APIServer {
             }
             return APIJSON.response(task, status: .accepted, headers: [.location: "/api/tasks/\(task.id)"])
         }
+    }
+
+    func imageRow(_ name: String, store: ImageStore) throws(LibraryError) -> ImageRow {
+        let manifest = try store.load(name)
+        return ImageRow(manifest: manifest, diskBytes: HostFiles.size(store.path(of: name) + "/" + manifest.disk),
+                        usedBy: store.users(of: name, library: manager.library))
     }
 
     func requireImage(_ name: String) async throws {

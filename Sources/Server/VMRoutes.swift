@@ -469,7 +469,9 @@ extension APIServer {
             }
             let task = self.tasks.start(kind: "clone", target: name) { task throws(LibraryError) in
                 task.progress(nil, body.linked == true ? "making linked overlays" : "copying disks")
-                let definition = try self.manager.library.clone(name, to: body.name, linked: body.linked ?? false)
+                let definition = try self.manager.library.clone(name, to: body.name, linked: body.linked ?? false) { fraction in
+                    task.progress(fraction, "copying disks: \(Int(fraction * 100))%")
+                }
                 self.events.touch()
                 return ["vm": definition.name]
             }

@@ -110,6 +110,30 @@ struct VMDefinitionTests {
         let leftovers = try FileManager.default.contentsOfDirectory(atPath: library.root + "/vm").filter { $0.contains(".tmp") }
         #expect(leftovers.isEmpty)
     }
+
+    @Test("a full clone reports how far through its disks' bytes it is, rising to 1, and copies them exactly")
+    func cloneReportsProgress() throws {
+        let library = try temporaryLibrary()
+        defer { try? FileManager.default.removeItem(atPath: library.root) }
+        var request = CreateRequest(name: "big")
+        request.withoutDisk = true
+        _ = try library.create(request)
+        // 200 MiB of data with no holes: several of the copy's 64 MiB steps.
+        let disk = library.root + "/big-disk.raw"
+        var block = [UInt8](repeating: 0, count: 1 << 20)
+        for index in block.indices { block[index] = UInt8(truncatingIfNeeded: index &* 31 &+ 7) }
+        #expect(FileManager.default.createFile(atPath: disk, contents: nil))
+        let handle = try FileHandle(forWritingTo: URL(fileURLWithPath: disk))
+        for _ in 0..<200 { handle.write(Data(block)) }
+        try handle.close()
+        _ = try library.attachDisk("big", path: disk, readOnly: false)
+        var fractions: [Double] = []
+        let clone = try library.clone("big", to: "copy", linked: false) { fractions.append($0) }
+        #expect(fractions.count >= 4, "\(fractions)")
+        #expect(fractions == fractions.sorted() && fractions.last == 1 && (fractions.first ?? 1) < 0.5, "\(fractions)")
+        let copied = try library.bundle(named: "copy").resolve(try #require(clone.disks.first).path)
+        #expect(FileManager.default.contentsEqual(atPath: disk, andPath: copied))
+    }
 }
 
 @Suite struct VMNameSocketRoomTests {

@@ -34,6 +34,9 @@ int vireo_rename_noreplace(const char *from, const char *to);
 // Copies `from` to the new file `to` (which must not exist), keeping holes: only data ranges
 // are copied, so a thin image stays thin. Returns 0 or an errno value.
 int vireo_copy_sparse(const char *from, const char *to);
+/* The same, calling `report` with how far through the file it is (bytes, of its size). */
+int vireo_copy_sparse_reporting(const char *from, const char *to,
+                                void (*report)(void *context, uint64_t done, uint64_t total), void *context);
 
 
 
