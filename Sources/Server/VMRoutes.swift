@@ -274,9 +274,15 @@ extension APIServer {
             request.kernel = try required(.kernel)
             let initrd: String?? = try optional(.initrd)
             if let initrd { if let path = initrd { request.initrd = path } else { request.removeInitrd = true } }
-            request.entropyDevice = try required(.entropyDevice)
-            request.balloon = try required(.balloon)
-            request.acpi = try required(.acpi)
+            // Switches: absent leaves them, null is refused. Limits: absent leaves them, null removes.
+            let switches: [(Keys, WritableKeyPath<ChangeRequest, Bool?>)] = [
+                (.entropyDevice, \.entropyDevice), (.balloon, \.balloon), (.acpi, \.acpi), (.preallocate, \.preallocate),
+                (.ksm, \.mergeable), (.lockMemory, \.lockMemory), (.transparentHugePages, \.transparentHugePages)]
+            for (key, path) in switches { request[keyPath: path] = try required(key) }
+            let limits: [(Keys, WritableKeyPath<ChangeRequest, Int??>)] = [
+                (.cpuCapPercent, \.cpuCapPercent), (.cpuWeight, \.cpuWeight), (.pidsLimit, \.pidsLimit),
+                (.rtPriority, \.rtPriority), (.numaNode, \.numaNode)]
+            for (key, path) in limits { request[keyPath: path] = try optional(key) }
             request.onReboot = try required(.onReboot)
             request.cpuModel = try required(.cpuModel)
             let engine: String? = try required(.engine)
@@ -289,14 +295,11 @@ extension APIServer {
             } catch { throw APIProblem(error) }
             request.iso = try optional(.iso)
             request.vsockCID = try optional(.vsockCid)
-            request.cpuCapPercent = try optional(.cpuCapPercent)
-            request.cpuWeight = try optional(.cpuWeight)
             request.memoryLimitBytes = try optional(.memoryLimitBytes)
-            request.pidsLimit = try optional(.pidsLimit)
             nics = try required(.nics)
             forwards = try required(.forwards)
-            // The resource and memory options of `vireo set`, in the CLI's syntax where it is a
-            // small language of its own (pins, a backing); null removes what can be removed.
+            // What `vireo set` takes in a small syntax of its own (pins, a backing) is taken in
+            // that syntax here too; null removes what can be removed.
             let pins: String?? = try optional(.vcpuPins)
             let emulator: String?? = try optional(.emulatorCpus)
             let ioLimits: IOLimitsBody?? = try optional(.ioLimits)
@@ -314,12 +317,6 @@ extension APIServer {
                 }
             }
             if let ioLimits { request.ioLimits = .some(try ioLimits.map { try $0.limits() }) }
-            request.rtPriority = try optional(.rtPriority)
-            request.numaNode = try optional(.numaNode)
-            request.preallocate = try required(.preallocate)
-            request.mergeable = try required(.ksm)
-            request.lockMemory = try required(.lockMemory)
-            request.transparentHugePages = try required(.transparentHugePages)
         }
     }
 
