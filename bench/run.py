@@ -1144,7 +1144,9 @@ def api_benchmark(runs, vm_count=100, seconds=10):
     list_p50, list_p99 = results["list (100 VMs)"][0], results["list (100 VMs)"][1]
     print(f"API list / CLI list p50: {list_p50 / cli_p50:.2f}x; list p99 {list_p99:.2f} ms (target <= 20)")
     if page_ms:
-        print(f"page interactive: median {statistics.median(page_ms):.0f} ms of {len(page_ms)} loads (target <= 300)")
+        # The first load fills the browser's cache; the later ones are what a returning user sees.
+        print(f"page interactive: median {statistics.median(page_ms):.0f} ms of {len(page_ms)} loads (target <= 300); "
+              f"first load (empty cache) {page_ms[0]:.0f} ms, slowest {max(page_ms):.0f} ms")
     print(f"vireo serve RSS: {rest_empty} KiB at rest with an empty library, {rest_full} KiB with {vm_count} VMs, {after_load} KiB after the load")
 
 

@@ -46,6 +46,9 @@ struct APIManageTests {
         #expect(try api.request("POST", "/api/networks/lan/start").object["up"] as? Bool == true)
         #expect(links().contains("vireo-lan"))
         #expect(try api.request("POST", "/api/networks/lan/stop").object["up"] as? Bool == false)
+        let lan = try api.request("GET", "/api/networks/lan")
+        #expect(lan.status == 200 && (lan.object["network"] as? [String: Any])?["subnet"] as? String == "10.44.0.0/24", "\(lan.text)")
+        #expect(try api.request("GET", "/api/networks").array.compactMap { ($0["network"] as? [String: Any])?["name"] as? String }.contains("lan"))
         #expect(try api.request("DELETE", "/api/networks/lan").status == 200)
 
         // Port forwards added and removed while the guest's echo service runs.
@@ -69,6 +72,25 @@ struct APIManageTests {
         #expect(lab.exchange("tcp", from: lab.host, to: "127.0.0.1", port: 8090) == "error: ConnectionRefusedError")
         problem(try api.request("DELETE", "/api/vms/web/forwards/tcp:8090:9000"), 404)
         problem(try api.request("DELETE", "/api/vms/web/forwards/sctp:1:2"), 422, field: "forward")
+
+        // Reset, restart, save and start again: the guest's service is back each time, and after
+        // the restore a new forward reaches it through the VM's new tap.
+        // (A start begins a new console log; a reset goes on in the same one.)
+        func servings() -> Int { lab.library.consoleLog("web").components(separatedBy: "ip: serving tcp and udp port 9000").count - 1 }
+        let before = servings()
+        #expect(try api.request("POST", "/api/vms/web/reset").status == 200)
+        #expect(lab.library.waitFor(30) { servings() > before }, "the reset guest did not come back: \(lab.library.consoleLog("web").suffix(1500))")
+        let restarted1 = try api.request("POST", "/api/vms/web/restart", json: ["force": true])
+        #expect(restarted1.status == 200 && (restarted1.object["pid"] as? Int ?? 0) > 0, "\(restarted1.text)")
+        #expect(lab.library.waitFor(30) { servings() == 1 }, "\(lab.library.consoleLog("web").suffix(1500))")
+        let save = try api.request("POST", "/api/vms/web/save")
+        #expect(save.status == 202, "\(save.text)")
+        #expect(try waitForTask(api, save.headers["location"] ?? "")["state"] as? String == "succeeded")
+        #expect((try api.request("GET", "/api/vms/web").object["summary"] as? [String: Any])?["state"] as? String == "saved")
+        #expect(try api.request("POST", "/api/vms/web/start").status == 200)
+        #expect(try api.request("POST", "/api/vms/web/forwards", json: ["forward": "tcp:8091:9000"]).status == 201)
+        #expect(lab.exchange("tcp", from: lab.host, to: "127.0.0.1", port: 8091) == "echo:hello", "the restored guest does not answer")
+        #expect(try api.request("DELETE", "/api/vms/web/forwards/tcp:8091:9000").status == 200)
 
         // `vireo set`'s resource and memory options: checked field by field; the backing waits
         // for a stop; a memfd-backed guest then really runs on a memfd. (Pins are unset before
@@ -154,6 +176,13 @@ struct APIManageTests {
         problem(try api.request("POST", "/api/images/deb/export", json: ["path": exported]), 422, field: "path")
         problem(try api.request("POST", "/api/images/deb/export", json: ["path": "deb.qcow2"]), 422, field: "path")
         problem(try api.request("POST", "/api/images/nothing/export", json: ["path": disks + "/n.qcow2"]), 404)
+        #expect(try api.request("GET", "/api/tasks").array.contains { $0["kind"] as? String == "image-export" && $0["state"] as? String == "succeeded" })
+        #expect(try api.request("GET", "/api/images").array.compactMap { ($0["manifest"] as? [String: Any])?["name"] as? String } == ["deb"])
+        let image = try api.request("GET", "/api/images/deb")
+        #expect(image.status == 200 && (image.object["disk_bytes"] as? Int ?? 0) > 0 && image.object["used_by"] as? [String] == [], "\(image.text)")
+        #expect(try api.request("DELETE", "/api/images/deb").status == 200)
+        problem(try api.request("GET", "/api/images/deb"), 404)
+        #expect(!FileManager.default.fileExists(atPath: lab.library.root.path + "/images/deb"))
         #expect(try api.request("DELETE", "/api/vms/web").status == 200)
     }
 

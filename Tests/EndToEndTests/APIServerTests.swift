@@ -206,6 +206,10 @@ struct APIServerTests {
         let restored = try second.api.request("POST", "/api/vms/api-vm/snapshots/\(snapshotID)/restore", json: [:] as [String: Any])
         #expect(restored.status == 200, "\(restored.text)")
         #expect(library.state("api-vm") == "saved", "a snapshot with memory restores as saved")
+        let dropped = try second.api.request("DELETE", "/api/vms/api-vm/snapshots/\(snapshotID)")
+        #expect(dropped.status == 200, "\(dropped.text)")
+        #expect((try second.api.request("GET", "/api/vms/api-vm/snapshots").object["snapshots"] as? [Any])?.isEmpty == true)
+        problem(try second.api.request("DELETE", "/api/vms/api-vm/snapshots/\(snapshotID)"), 404)
         // Cards: a card given again without a MAC keeps the one it had, as `vireo set --nic` does.
         let carded = try second.api.request("PATCH", "/api/vms/api-renamed", json: ["nics": ["nat"]])
         let mac = ((carded.object["networks"] as? [[String: Any]])?.first?["mac"] as? String) ?? ""
