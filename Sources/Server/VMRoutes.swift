@@ -508,6 +508,7 @@ extension APIServer {
             let name = try context.parameters.require("name")
             let snapshot = try context.parameters.require("snapshot")
             _ = try await APIJSON.decode(EmptyBody.self, from: request, allowed: [])
+            try await self.requireSnapshot(snapshot, of: name)
             let record = try await blocking { try self.manager.library.restoreSnapshot(name, snapshot: snapshot) }
             self.events.touch()
             return APIJSON.response(record)
@@ -515,9 +516,19 @@ extension APIServer {
         api.delete("vms/:name/snapshots/:snapshot") { _, context in
             let name = try context.parameters.require("name")
             let snapshot = try context.parameters.require("snapshot")
+            try await self.requireSnapshot(snapshot, of: name)
             let record = try await blocking { try self.manager.library.deleteSnapshot(name, snapshot: snapshot) }
             self.events.touch()
             return APIJSON.response(record)
+        }
+    }
+
+    /// A snapshot the path names but the VM lacks is not found (the library, answering the
+    /// CLI, calls it a bad argument).
+    func requireSnapshot(_ reference: String, of name: String) async throws {
+        let known = try await blocking { try self.manager.library.bundle(named: name).loadSnapshots().find(reference) != nil }
+        guard known else {
+            throw APIProblem(.notFound, kind: "not-found", detail: "VM '\(name)' has no snapshot '\(reference)' (see GET /api/vms/\(name)/snapshots)", vm: name)
         }
     }
 
