@@ -70,9 +70,18 @@ struct WebManagerTests {
         _ = try Self.tool("/usr/bin/chromedriver", "scripts/setup.sh installs chromium and chromium-driver")
         let library = try TestLibrary()
         let served = try Served(library)
-        // A qemu-engine VM with SeaBIOS and nothing to boot: its screen says so, under TCG.
-        let gfx = try served.api.request("POST", "/api/vms", json: ["name": "gfx", "engine": "qemu", "firmware": "bios", "accelerator": "tcg",
-                                                                    "without_disk": true, "nics": [] as [String], "memory_bytes": 128 << 20])
+        // A qemu-engine VM under TCG whose CD boots a four-byte loop (cli; hlt; jmp back) that
+        // leaves SeaBIOS's text on the screen.
+        let media = try Harness.temporaryDirectory()
+        let root = media.appendingPathComponent("cd")
+        try FileManager.default.createDirectory(at: root, withIntermediateDirectories: true)
+        try Data([0xfa, 0xf4, 0xeb, 0xfd] + [UInt8](repeating: 0, count: 2044)).write(to: root.appendingPathComponent("loop.bin"))
+        let iso = media.appendingPathComponent("loop.iso").path
+        let madeISO = Harness.run(["genisoimage", "-quiet", "-V", "LOOP", "-b", "loop.bin", "-no-emul-boot", "-boot-load-size", "4",
+                                   "-o", iso, root.path])
+        #expect(madeISO.status == 0, "\(madeISO.stderr)")
+        let gfx = try served.api.request("POST", "/api/vms", json: ["name": "gfx", "engine": "qemu", "firmware": "bios", "accelerator": "tcg", "iso": iso,
+                                                                    "os_type": "other", "without_disk": true, "nics": [] as [String], "memory_bytes": 128 << 20])
         #expect(gfx.status == 201, "\(gfx.text)")
         let started = try served.api.request("POST", "/api/vms/gfx/start", json: [:] as [String: Any])
         #expect(started.status == 200, "\(started.text)")
@@ -94,6 +103,11 @@ struct WebManagerTests {
         #expect(screen.status == 200 && screen.headers["content-type"] == "image/png" && Array(screen.body.prefix(4)) == [0x89, 0x50, 0x4e, 0x47], "\(screen.status) \(screen.text.prefix(300))")
         let keys = try served.api.request("POST", "/api/vms/gfx/send-keys", json: ["keys": ["v", "i", "r", "e", "o", "ret"]])
         #expect(keys.status == 200 && keys.object["chords"] as? Int == 6, "\(keys.text)")
+        // The CD comes out of the running VM's drive, and the definition forgets it.
+        let ejected = try served.api.request("POST", "/api/vms/gfx/eject")
+        #expect(ejected.status == 200 && ejected.object["outcome"] as? String == "ejected-running", "\(ejected.text)")
+        #expect((try served.api.request("GET", "/api/vms/gfx").object["definition"] as? [String: Any])?["iso"] == nil)
+        #expect(try served.api.request("POST", "/api/vms/gfx/eject").object["outcome"] as? String == "was-empty")
         #expect(library.vireo("stop", "gfx", "--force").status == 0)
     }
 
