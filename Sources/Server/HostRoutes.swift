@@ -126,16 +126,19 @@ extension APIServer {
             struct Deleted: Encodable { var name: String }
             return APIJSON.response(Deleted(name: name))
         }
-        struct BuildBody: Decodable { var distribution: String; var name: String?; var sizeBytes: UInt64?; var packages: [String]?; var mirror: String? }
+        struct BuildBody: Decodable {
+            var distribution: String; var name: String?; var sizeBytes: UInt64?; var packages: [String]?; var mirror: String?; var cacheDir: String?
+        }
         api.post("images") { request, _ in
-            let body = try await APIJSON.decode(BuildBody.self, from: request, allowed: ["distribution", "name", "size_bytes", "packages", "mirror"])
+            let body = try await APIJSON.decode(BuildBody.self, from: request, allowed: ["distribution", "name", "size_bytes", "packages", "mirror", "cache_dir"])
+            let cache = try body.cacheDir.map { try Self.absolutePath($0, field: "cache_dir") }
             let recipe = try await blocking { () throws -> ImageRecipe in
                 try ImageRecipe(distribution: body.distribution, extraPackages: body.packages ?? [], mirror: body.mirror, size: body.sizeBytes)
             }
             let name = body.name ?? body.distribution
             let task = self.tasks.start(kind: "image-build", target: name) { task throws(LibraryError) in
                 let builder = ImageBuilder(store: ImageStore(libraryRoot: self.manager.library.root)) { step in task.progress(nil, step) }
-                let manifest = try builder.build(recipe, name: name, cacheDirectory: nil)
+                let manifest = try builder.build(recipe, name: name, cacheDirectory: cache)
                 return ["image": manifest.name]
             }
             return APIJSON.response(task, status: .accepted, headers: [.location: "/api/tasks/\(task.id)"])
