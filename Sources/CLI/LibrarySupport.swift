@@ -46,7 +46,7 @@ func printNote(_ text: String) {
 func printJSON<T: Encodable>(_ value: T) throws {
     let encoder = JSONEncoder()
     encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
-    encoder.keyEncodingStrategy = .convertToSnakeCase
+    encoder.keyEncodingStrategy = JSONStyle.keyEncoding()
     printLine(String(decoding: try encoder.encode(value), as: UTF8.self))
 }
 

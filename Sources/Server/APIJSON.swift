@@ -1,12 +1,13 @@
 import FoundationEssentials
 import Hummingbird
+import Library
 import NIOCore
 
 /// JSON in and out, in snake_case as `vireo ... --json` prints it.
 enum APIJSON {
     static func encode<T: Encodable>(_ value: T) -> [UInt8] {
         let encoder = JSONEncoder()
-        encoder.keyEncodingStrategy = .custom { path in SnakeKey(stringValue: snakeCase(path.last?.stringValue ?? "")) }
+        encoder.keyEncodingStrategy = JSONStyle.keyEncoding()
         encoder.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
         // Every value the API sends is plain data; failing to encode one is a programming error
         // reported as such rather than a crash.
@@ -96,7 +97,7 @@ enum APIJSON {
     static func problem(_ error: DecodingError) -> APIProblem {
         func path(_ keys: [any CodingKey], _ last: (any CodingKey)? = nil) -> String {
             let all = keys + (last.map { [$0] } ?? [])
-            let text = all.map { key in key.intValue.map { "[\($0)]" } ?? snakeCase(key.stringValue) }
+            let text = all.map { key in key.intValue.map { "[\($0)]" } ?? JSONStyle.snakeCase(key.stringValue) }
                 .reduce("") { $0.isEmpty || $1.hasPrefix("[") ? $0 + $1 : $0 + "." + $1 }
             return text.isEmpty ? "body" : text
         }
@@ -123,32 +124,6 @@ enum APIJSON {
         case is [String].Type: return "an array of strings"
         default: return "of type \(type)"
         }
-    }
-
-    /// A key the encoder writes, named by `snakeCase`.
-    struct SnakeKey: CodingKey {
-        var stringValue: String
-        var intValue: Int? { nil }
-        init(stringValue: String) { self.stringValue = stringValue }
-        init?(intValue: Int) { nil }
-    }
-
-    /// Foundation's snake case, but an acronym's plural stays one word: `emulatorCPUs` is
-    /// `emulator_cpus` (Foundation writes `emulator_cp_us`), `vsockCID` is `vsock_cid`.
-    static func snakeCase(_ name: String) -> String {
-        let characters = Array(name)
-        var out = ""
-        for (index, character) in characters.enumerated() {
-            if index > 0, character.isUppercase {
-                let previous = characters[index - 1]
-                let next: Character? = index + 1 < characters.count ? characters[index + 1] : nil
-                let afterNext: Character? = index + 2 < characters.count ? characters[index + 2] : nil
-                let pluralS = next == "s" && !(afterNext?.isLowercase ?? false)
-                if previous.isLowercase || previous.isNumber || (previous.isUppercase && (next?.isLowercase ?? false) && !pluralS) { out += "_" }
-            }
-            out += character.lowercased()
-        }
-        return out
     }
 }
 

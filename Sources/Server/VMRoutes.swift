@@ -264,7 +264,7 @@ extension APIServer {
             }
             func required<T: Decodable>(_ key: Keys) throws -> T? {
                 guard c.contains(key) else { return nil }
-                if try c.decodeNil(forKey: key) { throw APIProblem.invalid(APIJSON.snakeCase(key.rawValue), "cannot be null") }
+                if try c.decodeNil(forKey: key) { throw APIProblem.invalid(JSONStyle.snakeCase(key.rawValue), "cannot be null") }
                 return try c.decode(T.self, forKey: key)
             }
             request.cpus = try required(.cpus)
