@@ -150,3 +150,13 @@ struct VMDefinitionTests {
         }
     }
 }
+
+@Suite struct JSONStyleTests {
+    @Test("JSON names: Foundation's snake case, but an acronym's plural stays one word", arguments: [
+        ("emulatorCPUs", "emulator_cpus"), ("vsockCID", "vsock_cid"), ("IPAddress", "ip_address"), ("generationID", "generation_id"),
+        ("memoryLimitBytes", "memory_limit_bytes"), ("uuid", "uuid"), ("readIOPs", "read_iops"), ("l2Entries", "l2_entries"),
+    ])
+    func names(_ name: String, _ expected: String) {
+        #expect(JSONStyle.snakeCase(name) == expected)
+    }
+}
