@@ -5,6 +5,7 @@ import Hummingbird
 import Library
 import MigrationWire
 import NIOCore
+import Synchronization
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -85,8 +86,9 @@ extension APIServer {
             let token = newMigrationToken()
             // Cancelling shuts the listener down, which ends the wait in accept(); a migration
             // already accepted goes on to its end (the source decides when it is done).
-            let task = self.tasks.start(kind: "receive", target: body.name ?? "", cancellable: true, onCancel: { shutdown(listener, Int32(SHUT_RDWR)) }) { task throws(LibraryError) in
-                defer { close(listener) }
+            let socket = ListeningSocket(listener)
+            let task = self.tasks.start(kind: "receive", target: body.name ?? "", cancellable: true, onCancel: { socket.shutDown() }) { task throws(LibraryError) in
+                defer { socket.close() }
                 task.progress(nil, "waiting on \(bound) for `vireo migrate` or POST /api/vms/{name}/migrate")
                 do throws(LibraryError) {
                     let received = try self.manager.receive(on: listener, token: token, rename: body.name) { task.progress(nil, $0) }
@@ -102,6 +104,15 @@ extension APIServer {
             return APIJSON.response(Receiving(task: task, address: bound.description, token: token), status: .accepted,
                                     headers: [.location: "/api/tasks/\(task.id)"])
         }
+    }
+
+    /// A listening socket a cancel may shut down from another thread: once closed, its number
+    /// may belong to someone else's socket, so shutting down and closing take turns.
+    final class ListeningSocket: Sendable {
+        private let descriptor: Mutex<Int32?>
+        init(_ fd: Int32) { descriptor = Mutex(fd) }
+        func shutDown() { descriptor.withLock { if let fd = $0 { _ = Glibc.shutdown(fd, Int32(SHUT_RDWR)) } } }
+        func close() { descriptor.withLock { if let fd = $0 { _ = Glibc.close(fd); $0 = nil } } }
     }
 
     // MARK: port forwards
