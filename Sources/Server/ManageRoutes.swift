@@ -188,6 +188,9 @@ extension APIServer {
             return APIProblem(.conflict, kind: "in-use", detail: detail, field: "path", hint: "stop the VM that uses it first")
         case let .io(_, _, code) where [ENOENT, ENOTDIR, EACCES, EISDIR, ELOOP, ENAMETOOLONG].contains(code):
             return APIProblem(.unprocessableContent, kind: "invalid-value", detail: detail, field: "path")
+        case .io(_, _, EFBIG):
+            // A size beyond what the host's file system can hold is the caller's to lower.
+            return APIProblem(.unprocessableContent, kind: "invalid-value", detail: detail, field: "size_bytes")
         case .invalidImage, .unsupported:
             return APIProblem(.unprocessableContent, kind: "invalid-image", detail: detail, field: "path")
         case .io, .outOfRange, .readOnly:

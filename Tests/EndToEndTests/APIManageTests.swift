@@ -137,6 +137,7 @@ struct APIManageTests {
         problem(try api.request("POST", "/api/disks", json: ["path": disks + "/x.qcow2", "size_bytes": 1 << 20, "format": "vdi"]), 422, field: "format")
         problem(try api.request("POST", "/api/disks", json: ["path": disks + "/x.raw", "format": "raw", "backing": base]), 422, field: "backing")
         problem(try api.request("POST", "/api/disks", json: ["path": disks + "/x.qcow2", "size_bytes": 1 << 20, "preallocate": true]), 422, field: "preallocate")
+        problem(try api.request("POST", "/api/disks", json: ["path": disks + "/x.raw", "format": "raw", "size_bytes": 9_000_000_000_000_000_000 as UInt64]), 422, field: "size_bytes")
         #expect(!FileManager.default.fileExists(atPath: disks + "/x.qcow2") && !FileManager.default.fileExists(atPath: disks + "/x.raw"))
         let layered = try api.request("POST", "/api/disks", json: ["path": overlay, "backing": base])
         #expect(layered.status == 201 && layered.object["backing_chain"] as? [String] == [base] && layered.object["virtual_size"] as? Int == 1 << 30, "\(layered.text)")
