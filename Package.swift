@@ -45,7 +45,7 @@ let package = Package(
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
         .executableTarget(name: "vireo", dependencies: ["CLI"]),
-        .target(name: "FuzzTargets", dependencies: ["Devices", "DiskImage", "GuestMemory", "VMM"]),
+        .target(name: "FuzzTargets", dependencies: ["Devices", "DiskImage", "GuestMemory", "VMM", "Library", "Engines", "Server"]),
         .target(name: "CFuzzDriver"),
         .executableTarget(name: "vireo-fuzz", dependencies: ["FuzzTargets", "CFuzzDriver"]),
         // The per-VM process: its start-up time and memory are headline numbers, so the Swift
@@ -53,7 +53,7 @@ let package = Package(
         .executableTarget(name: "vireo-vmm", dependencies: ["VMM", "MigrationWire"],
                           linkerSettings: [.unsafeFlags(["-static-stdlib"])]),
         .testTarget(name: "X86BootTests", dependencies: ["X86Boot", "GuestMemory", "CHostSupport"]),
-        .testTarget(name: "DevicesTests", dependencies: ["Devices", "GuestMemory", "DiskImage", "FuzzTargets"]),
+        .testTarget(name: "DevicesTests", dependencies: ["Devices", "GuestMemory", "DiskImage", "FuzzTargets", "Engines", "Server"]),
         .testTarget(name: "DiskImageTests", dependencies: ["DiskImage", "CHostSupport"]),
         .testTarget(name: "LibraryTests", dependencies: ["Library", "Engines", "Server"]),
         .testTarget(name: "EndToEndTests", dependencies: ["X86Boot", "GuestMemory", "CHostSupport"]),

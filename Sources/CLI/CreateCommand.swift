@@ -37,6 +37,9 @@ struct Create: ParsableCommand {
     @Option(help: "Use this existing image (raw or qcow2) as the VM's disk instead of creating one.")
     var attachDisk: String?
 
+    @Option(name: .customLong("disk-format"), help: "The format of --attach-disk (raw or qcow2); needed unless its name ends in .qcow2 or .raw. Never read from the disk's content.")
+    var diskFormat: String?
+
     @Flag(help: "Create the VM without a disk.")
     var noDisk = false
 
@@ -103,6 +106,7 @@ struct Create: ParsableCommand {
         request.memoryBytes = try memory.map { try parseSize($0, field: "--memory") }
         request.diskBytes = try disk.map { try parseSize($0, field: "--disk") }
         request.attachDisk = attachDisk
+        request.attachDiskFormat = try diskFormat.map { (text) throws(LibraryError) in try DiskFormat.parse(text, field: "--disk-format") }
         request.withoutDisk = noDisk
         request.kernel = kernel
         request.initrd = initrd
@@ -141,7 +145,7 @@ struct Create: ParsableCommand {
         for network in definition.networks { printLine("  network card \(network.mac) on \(describeAttachment(network))") }
         if let cid = definition.vsockCID { printLine("  vsock cid \(cid), host side \(bundle.vsockPath)") }
         for disk in definition.disks {
-            printLine("  disk \(bundle.resolve(disk.path)) (\(disk.format.rawValue), \(Size.describe(DiskImages.recordedVirtualSize(path: bundle.resolve(disk.path)) ?? 0)))")
+            printLine("  disk \(bundle.resolve(disk.path)) (\(disk.format.rawValue), \(Size.describe(DiskImages.recordedVirtualSize(path: bundle.resolve(disk.path), format: disk.format) ?? 0)))")
         }
         if let image = definition.image { printLine("  made from image '\(image)'") }
         if let settings = definition.cloudInit {

@@ -12,6 +12,19 @@ struct Disk: ParsableCommand {
         abstract: "Create, inspect and grow disk images (qcow2 or raw).",
         subcommands: [Create.self, Info.self, Resize.self, Attach.self, Detach.self])
 
+    /// The format the user gives, else the one the file's name declares; never the one its
+    /// content claims (a guest writes what it likes into a raw disk).
+    static func declaredFormat(_ given: String?, of path: String, option: String = "--format") throws(DiskImageError) -> DiskFormat {
+        if let given {
+            guard let format = DiskFormat(rawValue: given) else { throw .invalidArgument(field: option, reason: "'\(given)' is not one of qcow2, raw") }
+            return format
+        }
+        guard let format = DiskFormat.declared(byName: path) else {
+            throw .invalidArgument(field: option, reason: "the name of \(path) does not say whether it is raw or qcow2; give \(option) raw or \(option) qcow2 (Vireo never takes a format from a disk's content)")
+        }
+        return format
+    }
+
     /// Disk errors are the user's to fix (status 2) unless the host failed (status 1).
     static func reportDiskError(_ error: DiskImageError) -> ExitCode {
         printError(error)
@@ -36,6 +49,9 @@ struct Disk: ParsableCommand {
         @Option(help: "Backing file (qcow2 only): reads fall through to it, writes stay in the new image.")
         var backing: String?
 
+        @Option(name: .customLong("backing-format"), help: "The backing file's format (raw or qcow2); needed unless its name ends in .qcow2 or .raw.")
+        var backingFormat: String?
+
         @Flag(help: "Allocate every byte now (raw only).")
         var preallocate = false
 
@@ -56,14 +72,17 @@ struct Disk: ParsableCommand {
                 throw fail(error)
             }
             do throws(DiskImageError) {
-                if bytes == nil, let backing {
-                    let base = backing.hasPrefix("/") ? backing : QCOW2Directory.of(path) + "/" + backing
-                    bytes = try DiskImages.open(path: base, readOnly: true).virtualSize
+                let layer = try backing.map { (name) throws(DiskImageError) in
+                    BackingLayer(path: name, format: try Disk.declaredFormat(backingFormat, of: name, option: "--backing-format"))
+                }
+                if bytes == nil, let layer {
+                    let base = layer.path.hasPrefix("/") ? layer.path : QCOW2Directory.of(path) + "/" + layer.path
+                    bytes = try DiskImages.open(path: base, format: layer.format, readOnly: true, backing: .fromHeader).virtualSize
                 }
                 guard let bytes else {
                     throw .invalidArgument(field: "--size", reason: "missing; give a size such as 20G (or a --backing file to take it from)")
                 }
-                try DiskImages.create(path: path, format: diskFormat, size: bytes, backing: backing,
+                try DiskImages.create(path: path, format: diskFormat, size: bytes, backing: layer,
                                       preallocate: preallocate, clusterSize: cluster)
                 print("created \(path): \(diskFormat.rawValue), \(Size.describe(bytes))" + (backing.map { ", backed by \($0)" } ?? ""))
             } catch {
@@ -78,12 +97,19 @@ struct Disk: ParsableCommand {
         @Argument(help: "Image to inspect.")
         var path: String
 
+        @Option(help: "The image's format (raw or qcow2); needed unless its name ends in .qcow2 or .raw.")
+        var format: String?
+
         @Flag(help: "Machine-readable output.")
         var json = false
 
         func run() throws {
             let info: DiskInfo
-            do { info = try DiskImages.open(path: path, readOnly: true).info() } catch { throw Disk.reportDiskError(error) }
+            do throws(DiskImageError) {
+                info = try DiskImages.open(path: path, format: try Disk.declaredFormat(format, of: path), readOnly: true, backing: .fromHeader).info()
+            } catch {
+                throw Disk.reportDiskError(error)
+            }
             if json {
                 let encoder = JSONEncoder()
                 encoder.outputFormatting = [.prettyPrinted, .sortedKeys, .withoutEscapingSlashes]
@@ -112,11 +138,14 @@ struct Disk: ParsableCommand {
         @Option(help: "New virtual size.")
         var size: String
 
+        @Option(help: "The image's format (raw or qcow2); needed unless its name ends in .qcow2 or .raw.")
+        var format: String?
+
         func run() throws {
             let bytes: UInt64
             do { bytes = try Size.parse(size, field: "--size") } catch { throw fail(error) }
             do throws(DiskImageError) {
-                let image = try DiskImages.open(path: path)
+                let image = try DiskImages.open(path: path, format: try Disk.declaredFormat(format, of: path), backing: .fromHeader)
                 switch image {
                 case let qcow2 as QCOW2Image: try qcow2.resize(to: bytes)
                 case let raw as RawImage: try raw.resize(to: bytes)
@@ -140,8 +169,14 @@ struct Disk: ParsableCommand {
         @Flag(help: "Attach read-only.")
         var readonly = false
 
+        @Option(help: "The image's format (raw or qcow2); needed unless its name ends in .qcow2 or .raw. Never read from its content.")
+        var format: String?
+
         func run() throws {
-            do throws(LibraryError) { _ = try openLibrary().attachDisk(name, path: path, readOnly: readonly) } catch { throw fail(error) }
+            do throws(LibraryError) {
+                let declared = try format.map { (text) throws(LibraryError) in try DiskFormat.parse(text, field: "--format") }
+                _ = try openLibrary().attachDisk(name, path: path, readOnly: readonly, format: declared)
+            } catch { throw fail(error) }
             printLine("Attached \(path) to VM '\(name)'")
         }
     }

@@ -90,13 +90,13 @@ struct Info: ParsableCommand {
                 disks: definition.disks.map { disk in
                     let path = bundle.resolve(disk.path)
                     return Disk(path: path, format: disk.format.rawValue, readOnly: disk.readOnly, serial: disk.serial,
-                                virtualBytes: DiskImages.recordedVirtualSize(path: path), allocatedBytes: HostFiles.allocatedBytes(path),
-                                backingChain: DiskImages.recordedBackingChain(path: path))
+                                virtualBytes: DiskImages.recordedVirtualSize(path: path, format: disk.format), allocatedBytes: HostFiles.allocatedBytes(path),
+                                backingChain: bundle.chain(of: disk).map(\.path))
                 },
                 networks: zip(definition.networks.indices, HostNetworks(library: library).addresses(of: definition)).map { index, address in
                     let card = definition.networks[index]
                     return Card(attachment: card.attachment.description, mac: card.mac, forwards: card.forwards.map(\.description),
-                                hostInterface: HostNetworks.hostInterface(of: definition, card: index), address: address?.description)
+                                hostInterface: HostNetworks.hostInterface(of: definition, card: index, libraryRoot: library.root), address: address?.description)
                 }, vsockCid: definition.vsockCID,
                 vsockSocket: definition.vsockCID == nil ? nil : bundle.vsockPath,
                 savedState: bundle.hasSavedState ? bundle.savedStatePath : nil,
@@ -111,7 +111,7 @@ struct Info: ParsableCommand {
                                      cpuNanoseconds: groups?.cpuNanoseconds, memoryBytes: groups?.memoryBytes)
                 }(),
                 isolation: {
-                    guard !status.state.isOff, definition.engine == .kvm, let record = bundle.isolation() else { return nil }
+                    guard !status.state.isOff, let record = bundle.isolation() else { return nil }
                     let processStatus = bundle.recordedPID(uuid: definition.uuid).flatMap { try? HostFiles.readAll("/proc/\($0)/status") }
                         .map { String(decoding: $0, as: UTF8.self) }
                     func field(_ name: String) -> Int? {
@@ -201,6 +201,7 @@ struct Info: ParsableCommand {
             switch isolation.seccomp {
             case "on": seccomp = "filter per thread kind (vcpu, device, control, main); a forbidden call ends the VMM"
             case "log": seccomp = "log only (VIREO_SECCOMP=log): forbidden calls are allowed and logged by the kernel"
+            case "qemu": seccomp = "QEMU's own -sandbox (obsolete, elevateprivileges, spawn, resourcecontrol denied)"
             default: seccomp = isolation.disabled.contains("no-seccomp") ? "off (started with --no-seccomp)" : "off"
             }
             lines.append(["Seccomp:", seccomp + (isolation.kernelSeccompMode.map { " [kernel: mode \($0)]" } ?? "")])

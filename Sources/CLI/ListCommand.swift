@@ -38,10 +38,10 @@ struct List: ParsableCommand {
             if !status.isOff, let mark = bundle.isolation()?.mark { state += " (\(mark))" }
             do throws(LibraryError) {
                 let definition = try bundle.load()
-                let paths = definition.disks.map { bundle.resolve($0.path) }
+                let paths = definition.disks.map { (path: bundle.resolve($0.path), format: $0.format) }
                 rows.append(Row(name: name, uuid: definition.uuid, state: state, engine: definition.engine.rawValue, cpus: definition.cpus, memoryBytes: definition.memoryBytes,
-                                diskAllocatedBytes: paths.reduce(0) { $0 + HostFiles.allocatedBytes($1) },
-                                diskVirtualBytes: paths.reduce(0) { $0 + (DiskImages.recordedVirtualSize(path: $1) ?? 0) },
+                                diskAllocatedBytes: paths.reduce(0) { $0 + HostFiles.allocatedBytes($1.path) },
+                                diskVirtualBytes: paths.reduce(0) { $0 + (DiskImages.recordedVirtualSize(path: $1.path, format: $1.format) ?? 0) },
                                 addresses: networks.addresses(of: definition).compactMap { $0?.description }))
             } catch {
                 // A VM whose configuration cannot be read is shown, not hidden: it can be deleted.

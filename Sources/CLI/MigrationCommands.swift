@@ -14,15 +14,24 @@ struct Receive: ParsableCommand {
             Prints the address it listens on and a one-time token; give both to `vireo migrate` on \
             the source. The VM is defined here under its own name (or --name) and runs here once the \
             migration completes; if it fails, nothing of it stays here and it runs on at the source. \
-            Shared disks must be reachable at the same paths here; otherwise the source uses \
-            --copy-disks. See docs/migration.md.
+            Shared disks must be reachable at the same paths here, inside this library or a \
+            directory given with --allow-disks; otherwise the source uses --copy-disks. The source \
+            holds the token, not this host: its VM's memory is anonymous or a memfd here, its cards \
+            go on this library's networks, and real-time priorities need --allow-rt. Listens on \
+            loopback unless --listen says otherwise. See docs/migration.md and docs/security.md.
             """)
 
-    @Option(help: "Address and port to listen on (port 0 picks a free one).")
-    var listen = "0.0.0.0:\(MigrationWire.defaultPort)"
+    @Option(help: "Address and port to listen on (port 0 picks a free one); other hosts reach it only on an address they can route to, e.g. 0.0.0.0:\(MigrationWire.defaultPort).")
+    var listen = "127.0.0.1:\(MigrationWire.defaultPort)"
 
     @Option(help: "Name for the VM here (default: its name on the source).")
     var name: String?
+
+    @Option(name: .customLong("allow-disks"), help: ArgumentHelp("A directory where shared disks may lie besides the library (repeatable).", valueName: "dir"))
+    var allowDisks: [String] = []
+
+    @Flag(name: .customLong("allow-rt"), help: "Take a VM whose vCPUs run at a real-time priority.")
+    var allowRealTime = false
 
     func run() throws {
         let manager = openManager()
@@ -35,7 +44,14 @@ struct Receive: ParsableCommand {
             printLine("Listening on \(bound)")
             printLine("Token: \(token)")
             printLine("On the source: vireo migrate NAME \(bound) --token \(token)")
-            let received = try manager.receive(on: listener, token: token, rename: name) { printNote($0) }
+            var policy = ReceivePolicy(allowRealTime: allowRealTime)
+            for directory in allowDisks {
+                guard let real = HostPath.real(HostFiles.absolute(directory)), HostFiles.isDirectory(real) else {
+                    throw LibraryError.invalidValue(field: "--allow-disks", reason: "\(directory) is not a directory")
+                }
+                policy.allowedDiskDirectories.append(real)
+            }
+            let received = try manager.receive(on: listener, token: token, rename: name, policy: policy) { printNote($0) }
             for warning in received.warnings { printNote("warning: \(warning)") }
             printLine("VM '\(received.name)' arrived from \(received.source) and runs here (pid \(received.pid)).")
         } catch {

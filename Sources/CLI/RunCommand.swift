@@ -37,7 +37,7 @@ struct Run: ParsableCommand {
     @Option(help: "Serial console: stdio, none, file:PATH (output only) or socket:PATH (a Unix socket to connect to).")
     var console: String = "stdio"
 
-    @Option(help: ArgumentHelp("A virtio-blk disk: PATH[,readonly][,format=raw|qcow2][,serial=ID][,bps=N[,bps-burst=N]][,iops=N[,iops-burst=N]]. Repeat for more disks.",
+    @Option(help: ArgumentHelp("A virtio-blk disk: PATH[,readonly][,format=raw|qcow2][,backing=FORMAT:PATH|header][,serial=ID][,bps=N[,bps-burst=N]][,iops=N[,iops-burst=N]]. The format is never read from the disk's content: give format= unless the name ends in .qcow2 or .raw. A qcow2 overlay rests only on the layers backing= names (backing=header: what its header names). Repeat for more disks.",
                                valueName: "disk"))
     var disk: [String] = []
 
@@ -82,6 +82,8 @@ struct Run: ParsableCommand {
             configuration.acpi = try parseACPISwitch(acpi)
             configuration.onReboot = try RebootPolicy(parsing: onReboot)
             machine = try Machine(configuration: configuration)
+            // A foreground run is not jailed: its disks are read at once.
+            try machine.finishAssembly()
         } catch {
             throw fail(error)
         }

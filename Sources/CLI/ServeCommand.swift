@@ -17,7 +17,10 @@ struct Serve: ParsableCommand {
             first start in the library's api-token file, mode 0600) as 'Authorization: Bearer \
             TOKEN'; the printed address carries it for the browser. The Unix socket, if asked for, \
             needs no token: its file mode (0600) limits it to this user. VMs run in their own \
-            processes: stopping the server leaves them running.
+            processes: stopping the server leaves them running. Whoever holds the token (or can \
+            open the socket) is root on this host in effect: API requests name host files only \
+            inside the library and the directories given with --allow-path, and may not start VMs \
+            unconfined unless --allow-unconfined says so (docs/security.md).
             """)
 
     @Option(help: ArgumentHelp("TCP address to listen on, HOST:PORT, or 'none' for the Unix socket only.", valueName: "host:port"))
@@ -31,6 +34,12 @@ struct Serve: ParsableCommand {
 
     @Option(name: .customLong("tls-key"), help: ArgumentHelp("PEM private key of --tls-cert.", valueName: "file"))
     var tlsKey: String?
+
+    @Option(name: .customLong("allow-path"), help: ArgumentHelp("A directory whose files API clients may name (kernels, ISOs, disks, exports) besides the library's (repeatable).", valueName: "dir"))
+    var allowPath: [String] = []
+
+    @Flag(name: .customLong("allow-unconfined"), help: "Let API clients start VMs without the jail or seccomp (no_jail, no_seccomp).")
+    var allowUnconfined = false
 
     func run() throws {
         var configuration = APIServer.Configuration()
@@ -47,6 +56,13 @@ struct Serve: ParsableCommand {
         configuration.socketPath = socket.map(HostFiles.absolute)
         configuration.tlsCertificate = tlsCertificate.map(HostFiles.absolute)
         configuration.tlsKey = tlsKey.map(HostFiles.absolute)
+        configuration.allowUnconfined = allowUnconfined
+        for directory in allowPath {
+            guard let real = HostPath.real(HostFiles.absolute(directory)), HostFiles.isDirectory(real) else {
+                throw fail(LibraryError.invalidValue(field: "--allow-path", reason: "\(directory) is not a directory"))
+            }
+            configuration.allowedPaths.append(real)
+        }
         guard configuration.host != nil || configuration.socketPath != nil else {
             throw fail(LibraryError.invalidValue(field: "--listen", reason: "none given and no --socket: nothing to serve on"))
         }

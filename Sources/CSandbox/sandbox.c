@@ -190,6 +190,10 @@ int vireo_landlock_abi(void) {
 }
 
 int vireo_landlock_restrict(const char *const *paths, const int *writable, int count, int *failed) {
+    return vireo_landlock_restrict_exec(paths, writable, NULL, count, failed);
+}
+
+int vireo_landlock_restrict_exec(const char *const *paths, const int *writable, const int *executable, int count, int *failed) {
     int abi = vireo_landlock_abi();
     if (abi <= 0) return errno ? errno : EOPNOTSUPP;
     const __u64 file_read = LANDLOCK_ACCESS_FS_READ_FILE;
@@ -211,10 +215,11 @@ int vireo_landlock_restrict(const char *const *paths, const int *writable, int c
         struct stat status;
         if (fd < 0 || fstat(fd, &status) != 0) { result = errno; *failed = i; if (fd >= 0) close(fd); goto out; }
         struct landlock_path_beneath_attr rule = { .parent_fd = fd };
+        __u64 execute = executable && executable[i] ? LANDLOCK_ACCESS_FS_EXECUTE : 0;
         if (S_ISDIR(status.st_mode)) {
-            rule.allowed_access = file_read | dir_read | (writable[i] ? file_write | dir_write : 0);
+            rule.allowed_access = file_read | dir_read | execute | (writable[i] ? file_write | dir_write : 0);
         } else {
-            rule.allowed_access = file_read | (writable[i] ? file_write : 0);
+            rule.allowed_access = file_read | execute | (writable[i] ? file_write : 0);
         }
         long added = syscall(SYS_landlock_add_rule, ruleset, LANDLOCK_RULE_PATH_BENEATH, &rule, 0);
         int saved = errno;
@@ -242,7 +247,10 @@ static int make_parents(char *path) {
 
 int vireo_jail_pivot(const char *root, const char *const *paths, const int *writable, int count,
                      char *error, int error_size) {
-#define FAIL(...) do { int saved = errno; snprintf(error, error_size, __VA_ARGS__); return saved ? saved : EINVAL; } while (0)
+#define FAIL(...) do { int saved = errno; snprintf(error, error_size, __VA_ARGS__); umask(mask); return saved ? saved : EINVAL; } while (0)
+    // The jail's own directories (mount points in its tmpfs) are traversable by its uid, whatever
+    // umask the process keeps for the files it makes.
+    mode_t mask = umask(022);
     // Nothing mounted here may propagate back to the host's namespace.
     if (mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL) != 0) FAIL("making / private");
     char target[4096];
@@ -278,6 +286,7 @@ int vireo_jail_pivot(const char *root, const char *const *paths, const int *writ
     if (umount2(".", MNT_DETACH) != 0) FAIL("detaching the host's root");
     if (chdir("/") != 0) FAIL("chdir /");
     if (mount(NULL, "/", NULL, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID, NULL) != 0) FAIL("making the jail's root read-only");
+    umask(mask);
     return 0;
 #undef FAIL
 }
@@ -330,7 +339,36 @@ struct spawn_arguments {
     char *const *cgroup_procs;
     int cgroup_count;
     int exec_error;
+    const struct vireo_jail_spec *jail;
+    char *error;
+    int error_size;
 };
+
+/// The jail of vireo_spawn_jailed, in the child (which shares its parent's memory until it execs:
+/// no malloc here, and no glibc set*id wrappers, which would signal the parent's threads).
+static int confine_child(struct spawn_arguments *arguments) {
+    const struct vireo_jail_spec *jail = arguments->jail;
+    int result = vireo_jail_pivot(jail->root, jail->paths, jail->writable, jail->count, arguments->error, arguments->error_size);
+    if (result) return result;
+    sethostname("vireo-qemu", 10);
+    result = vireo_jail_limit_resources(4096);
+    if (result) { snprintf(arguments->error, arguments->error_size, "setrlimit"); return result; }
+    gid_t groups[1] = { jail->group };
+    if (syscall(SYS_setgroups, jail->group ? 1 : 0, groups) != 0) { snprintf(arguments->error, arguments->error_size, "setgroups"); return errno; }
+    if (syscall(SYS_setresgid, jail->gid, jail->gid, jail->gid) != 0) { snprintf(arguments->error, arguments->error_size, "setresgid %u", jail->gid); return errno; }
+    if (syscall(SYS_setresuid, jail->uid, jail->uid, jail->uid) != 0) { snprintf(arguments->error, arguments->error_size, "setresuid %u", jail->uid); return errno; }
+    prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0);
+    if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0) { snprintf(arguments->error, arguments->error_size, "no_new_privs"); return errno; }
+    if (jail->landlock && vireo_landlock_abi() > 0) {
+        int failed = -1;
+        result = vireo_landlock_restrict_exec(jail->paths, jail->writable, jail->executable, jail->count, &failed);
+        if (result) {
+            snprintf(arguments->error, arguments->error_size, "Landlock rule for %s", failed >= 0 && failed < jail->count ? jail->paths[failed] : "restrict_self");
+            return result;
+        }
+    }
+    return 0;
+}
 
 static int spawned_child(void *opaque) {
     struct spawn_arguments *arguments = opaque;
@@ -344,6 +382,13 @@ static int spawned_child(void *opaque) {
         close(fd);
     }
     setsid();
+    if (arguments->jail) {
+        int confined = confine_child(arguments);
+        if (confined) {
+            arguments->exec_error = confined;
+            _exit(127);
+        }
+    }
     int null = open("/dev/null", O_RDONLY);
     if (null >= 0 && null != 0) { dup2(null, 0); close(null); }
     dup2(arguments->log_fd, 1);
@@ -364,9 +409,28 @@ static int spawned_child(void *opaque) {
     _exit(127);
 }
 
+static int spawn_namespaced(const char *path, char *const argv[], int log_fd, int lock_fd, int ready_fd,
+                            const int *inherit, int inherit_count, char *const *cgroup_procs, int cgroup_count,
+                            const struct vireo_jail_spec *jail, char *error, int error_size, pid_t *pid);
+
 int vireo_spawn_namespaced(const char *path, char *const argv[], int log_fd, int lock_fd, int ready_fd,
                            const int *inherit, int inherit_count, char *const *cgroup_procs, int cgroup_count,
                            pid_t *pid) {
+    return spawn_namespaced(path, argv, log_fd, lock_fd, ready_fd, inherit, inherit_count, cgroup_procs, cgroup_count,
+                            NULL, NULL, 0, pid);
+}
+
+int vireo_spawn_jailed(const char *path, char *const argv[], int log_fd, int lock_fd,
+                       const int *inherit, int inherit_count, char *const *cgroup_procs, int cgroup_count,
+                       const struct vireo_jail_spec *jail, char *error, int error_size, pid_t *pid) {
+    if (error_size > 0) error[0] = 0;
+    return spawn_namespaced(path, argv, log_fd, lock_fd, -1, inherit, inherit_count, cgroup_procs, cgroup_count,
+                            jail, error, error_size, pid);
+}
+
+static int spawn_namespaced(const char *path, char *const argv[], int log_fd, int lock_fd, int ready_fd,
+                            const int *inherit, int inherit_count, char *const *cgroup_procs, int cgroup_count,
+                            const struct vireo_jail_spec *jail, char *error, int error_size, pid_t *pid) {
     enum { MAX_INHERIT = 64, STACK = 256 * 1024 };
     if (inherit_count < 0 || inherit_count > MAX_INHERIT) return EINVAL;
     // As in vireo_spawn_detached_inheriting: every source above every target first.
@@ -385,14 +449,16 @@ int vireo_spawn_namespaced(const char *path, char *const argv[], int log_fd, int
     stack = malloc(STACK);
     if (!stack) { result = ENOMEM; goto out; }
     struct spawn_arguments arguments = { path, argv, log_high, lock_high, ready_high, high, inherit_count,
-                                         cgroup_procs, cgroup_count, 0 };
+                                         cgroup_procs, cgroup_count, 0, jail, error, error_size };
     // The child shares this memory until it execs (CLONE_VM | CLONE_VFORK, as posix_spawn does);
     // no handler of ours may run on it meanwhile.
     sigset_t all, previous;
     sigfillset(&all);
     pthread_sigmask(SIG_SETMASK, &all, &previous);
+    // A jailed program gets its own network namespace too: everything it needs of the network
+    // (taps, passt's socket) it inherits as descriptors.
     pid_t child = clone(spawned_child, stack + STACK,
-                        CLONE_VM | CLONE_VFORK | CLONE_NEWPID | CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS | SIGCHLD,
+                        CLONE_VM | CLONE_VFORK | CLONE_NEWPID | CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS | (jail ? CLONE_NEWNET : 0) | SIGCHLD,
                         &arguments);
     int clone_error = errno;
     pthread_sigmask(SIG_SETMASK, &previous, NULL);

@@ -75,25 +75,132 @@ extension DiskImage {
     }
 }
 
+/// One image a disk rests on, as the VM's definition records it: where it is and its format.
+/// A disk's chain is what its definition says; no header and no content is believed beyond it.
+public struct BackingLayer: Sendable, Equatable, Codable {
+    public var path: String
+    public var format: DiskFormat
+
+    public init(path: String, format: DiskFormat) { self.path = path; self.format = format }
+}
+
+extension DiskFormat {
+    /// The format a file's name declares (`.qcow2`, `.raw`); nil when the name does not say
+    /// (`.img` is either). A format is never read from a file's content: a guest can write any
+    /// header into a raw disk it owns.
+    public static func declared(byName path: String) -> DiskFormat? {
+        let name = path.split(separator: "/").last.map { $0.lowercased() } ?? ""
+        if name.hasSuffix(".qcow2") { return .qcow2 }
+        if name.hasSuffix(".raw") { return .raw }
+        return nil
+    }
+}
+
 public enum DiskImages {
-    /// Opens an image, detecting the format from its first bytes unless `format` is given.
-    /// `snapshot` (an internal snapshot's name or ID, qcow2 only) opens the disk as it was then,
-    /// read-only.
-    public static func open(path: String, format: DiskFormat? = nil, readOnly: Bool = false, snapshot: String? = nil) throws(DiskImageError) -> any DiskImage {
-        if snapshot != nil && !readOnly { throw .invalidArgument(field: "snapshot", reason: "a snapshot can only be opened read-only") }
-        let file = try ImageFile(path: path, writable: !readOnly)
-        let detected: DiskFormat
-        if let format {
-            detected = format
-        } else {
-            let magic = try file.readBytes(count: 4, at: 0)
-            detected = magic == QCOW2Image.magic ? .qcow2 : .raw
+    /// Which backing files a qcow2 image may rest on.
+    public enum Backing: Sendable, Equatable {
+        /// Exactly this chain, nearest first, absolute paths with their formats: what a VM's
+        /// definition records. `[]`: the image rests on nothing, whatever its header says.
+        case recorded([BackingLayer])
+        /// Whatever the header names, in the format it records (a missing format is refused,
+        /// never probed): for images a person names directly, not for a VM's disks.
+        case fromHeader
+
+        public static let standalone = Backing.recorded([])
+    }
+
+    /// Opens an image in the format the caller knows (a definition, a declaration), never the
+    /// one its bytes claim. `snapshot` (an internal snapshot's name or ID, qcow2 only) opens the
+    /// disk as it was then, read-only.
+    public static func open(path: String, format: DiskFormat, readOnly: Bool = false, snapshot: String? = nil,
+                            backing: Backing = .standalone) throws(DiskImageError) -> any DiskImage {
+        switch backing {
+        case let .recorded(layers):
+            return try openFiles(path: path, format: format, readOnly: readOnly, snapshot: snapshot, backing: layers).decode()
+        case .fromHeader:
+            if snapshot != nil && !readOnly { throw .invalidArgument(field: "snapshot", reason: "a snapshot can only be opened read-only") }
+            let file = try ImageFile(path: path, writable: !readOnly)
+            switch format {
+            case .raw:
+                if let snapshot { throw .invalidArgument(field: "snapshot", reason: "raw images have no snapshots ('\(snapshot)' asked for)") }
+                return try RawImage(file: file)
+            case .qcow2: return try QCOW2Image(file: file, snapshot: snapshot, backing: .header(depth: 0))
+            }
         }
-        switch detected {
-        case .raw:
-            if let snapshot { throw .invalidArgument(field: "snapshot", reason: "raw images have no snapshots ('\(snapshot)' asked for)") }
-            return try RawImage(file: file)
-        case .qcow2: return try QCOW2Image(file: file, depth: 0, snapshot: snapshot)
+    }
+
+    /// A disk's files, opened (and locked) but not yet read: the image and each layer of the chain
+    /// its definition records. A VMM opens these while it may still reach the host and decodes
+    /// them once it is confined, since a VM's writable image is its own uid's to write
+    /// (docs/isolation.md).
+    public struct OpenedFiles: @unchecked Sendable {
+        /// Nil when only the layers were opened (`openFiles(layersOf:)`).
+        let image: ImageFile?
+        let path: String
+        let format: DiskFormat
+        let snapshot: String?
+        let layers: [(file: ImageFile, format: DiskFormat)]
+
+        /// Reads the headers and tables: each layer from the bottom up, each one's header held to
+        /// the layer below it.
+        public func decode() throws(DiskImageError) -> any DiskImage {
+            guard let image else { throw .invalidArgument(field: "disk", reason: "\(path) was not opened, only what it rests on") }
+            return try DiskImages.decode(image, format: format, snapshot: snapshot, resting: try decodeLayers())
+        }
+
+        /// The layers alone, read: what the image rests on (nil: nothing).
+        public func decodeLayers() throws(DiskImageError) -> (any DiskImage)? {
+            var below: (any DiskImage)?
+            for layer in layers.reversed() {
+                below = try DiskImages.decode(layer.file, format: layer.format, snapshot: nil, resting: below)
+            }
+            return below
+        }
+    }
+
+    /// The layers a disk rests on, opened read-only, without the image itself: another process
+    /// (a migration's source) holds it until it hands it over.
+    public static func openFiles(layersOf path: String, format: DiskFormat, backing layers: [BackingLayer]) throws(DiskImageError) -> OpenedFiles {
+        let checked = try openFiles(path: nil, displayPath: path, format: format, readOnly: true, snapshot: nil, backing: layers)
+        return checked
+    }
+
+    /// Opens the image at `path` again, on layers still open: after a migration's handover.
+    public static func reopen(path: String, format: DiskFormat, readOnly: Bool, on below: (any DiskImage)?) throws(DiskImageError) -> any DiskImage {
+        try decode(try ImageFile(path: path, writable: !readOnly), format: format, snapshot: nil, resting: below)
+    }
+
+    public static func openFiles(path: String, format: DiskFormat, readOnly: Bool = false, snapshot: String? = nil,
+                                 backing layers: [BackingLayer]) throws(DiskImageError) -> OpenedFiles {
+        try openFiles(path: path, displayPath: path, format: format, readOnly: readOnly, snapshot: snapshot, backing: layers)
+    }
+
+    static func openFiles(path openImage: String?, displayPath path: String, format: DiskFormat, readOnly: Bool, snapshot: String?,
+                          backing layers: [BackingLayer]) throws(DiskImageError) -> OpenedFiles {
+        if snapshot != nil && !readOnly { throw .invalidArgument(field: "snapshot", reason: "a snapshot can only be opened read-only") }
+        if format == .raw, !layers.isEmpty {
+            throw .invalidArgument(field: "backing", reason: "\(path) is a raw disk, and a raw disk rests on nothing")
+        }
+        if format == .raw, let snapshot { throw .invalidArgument(field: "snapshot", reason: "raw images have no snapshots ('\(snapshot)' asked for)") }
+        guard layers.count <= QCOW2Image.maximumBackingDepth else {
+            throw .invalidArgument(field: "backing", reason: "\(path) rests on \(layers.count) images; at most \(QCOW2Image.maximumBackingDepth)")
+        }
+        for (index, layer) in layers.enumerated() where index + 1 < layers.count && layer.format == .raw {
+            throw .invalidArgument(field: "backing", reason: "\(layer.path) is raw, and a raw image cannot rest on \(layers[index + 1].path)")
+        }
+        var opened: [(file: ImageFile, format: DiskFormat)] = []
+        for layer in layers {
+            guard layer.path.hasPrefix("/") else { throw .invalidArgument(field: "backing", reason: "\(layer.path) is not an absolute path") }
+            opened.append((try ImageFile(path: layer.path, writable: false), layer.format))
+        }
+        let image = try openImage.map { (top) throws(DiskImageError) in try ImageFile(path: top, writable: !readOnly) }
+        return OpenedFiles(image: image, path: path, format: format, snapshot: snapshot, layers: opened)
+    }
+
+    static func decode(_ file: ImageFile, format: DiskFormat, snapshot: String?, resting below: (any DiskImage)?) throws(DiskImageError) -> any DiskImage {
+        switch format {
+        case .raw: return try RawImage(file: file)
+        case .qcow2: return try QCOW2Image(file: file, snapshot: snapshot, backing: below.map { QCOW2Image.BackingSource.image($0) } ?? .nothing)
         }
     }
 
@@ -102,27 +209,34 @@ public enum DiskImages {
     /// image twice.
     public static func openOverlay(path: String, on backing: any DiskImage) throws(DiskImageError) -> any DiskImage {
         let file = try ImageFile(path: path, writable: true)
-        return try QCOW2Image(file: file, depth: 0, backingImage: backing)
+        return try QCOW2Image(file: file, backing: .image(backing))
     }
 
-    /// An image's format and virtual size from its header, without opening it as a disk (no
-    /// lock, no tables read): for images a running VM holds.
-    public static func peek(path: String) throws(DiskImageError) -> (format: DiskFormat, virtualSize: UInt64) {
+    /// An image's virtual size from its header (qcow2) or its length (raw), read in the format
+    /// given, without opening it as a disk (no lock, no tables read): for images a running VM
+    /// holds.
+    public static func peek(path: String, format: DiskFormat) throws(DiskImageError) -> UInt64 {
         let fd = Glibc.open(path, O_RDONLY | O_CLOEXEC)
         guard fd >= 0 else { throw .io(operation: "open", path: path, errno: errno) }
         defer { close(fd) }
-        var header = [UInt8](repeating: 0, count: 32)
-        let count = header.withUnsafeMutableBytes { pread(fd, $0.baseAddress, $0.count, 0) }
-        if count >= 32, Array(header[0..<4]) == QCOW2Image.magic {
-            return (.qcow2, header[24..<32].reduce(UInt64(0)) { $0 << 8 | UInt64($1) })
+        switch format {
+        case .qcow2:
+            var header = [UInt8](repeating: 0, count: 32)
+            let count = header.withUnsafeMutableBytes { pread(fd, $0.baseAddress, $0.count, 0) }
+            guard count >= 32, Array(header[0..<4]) == QCOW2Image.magic else {
+                throw .invalidImage(path: path, reason: "recorded as qcow2, but it has no qcow2 header")
+            }
+            return header[24..<32].reduce(UInt64(0)) { $0 << 8 | UInt64($1) }
+        case .raw:
+            var info = stat()
+            guard fstat(fd, &info) == 0 else { throw .io(operation: "fstat", path: path, errno: errno) }
+            return UInt64(info.st_size)
         }
-        var info = stat()
-        guard fstat(fd, &info) == 0 else { throw .io(operation: "fstat", path: path, errno: errno) }
-        return (.raw, UInt64(info.st_size))
     }
 
-    /// Creates a new image; refuses to touch an existing file.
-    public static func create(path: String, format: DiskFormat, size: UInt64, backing: String? = nil,
+    /// Creates a new image (private to its owner); refuses to touch an existing file. `backing`
+    /// is written into the header as given, name and format: nothing is read from it.
+    public static func create(path: String, format: DiskFormat, size: UInt64, backing: BackingLayer? = nil,
                               preallocate: Bool = false, clusterSize: UInt64 = 65536) throws(DiskImageError) {
         guard size > 0 else { throw .invalidArgument(field: "--size", reason: "must be greater than zero") }
         switch format {
@@ -133,6 +247,18 @@ public enum DiskImages {
             guard !preallocate else { throw .invalidArgument(field: "--preallocate", reason: "only raw images can be preallocated") }
             try QCOW2Image.create(path: path, size: size, backing: backing, clusterSize: clusterSize)
         }
+    }
+
+    /// `path` with `.` and empty components dropped and `..` applied, without asking the file
+    /// system: how two names of one backing file are compared.
+    public static func normalized(_ path: String) -> String {
+        var parts: [Substring] = []
+        for part in path.split(separator: "/", omittingEmptySubsequences: true) {
+            if part == "." { continue }
+            if part == ".." { if !parts.isEmpty { parts.removeLast() }; continue }
+            parts.append(part)
+        }
+        return (path.hasPrefix("/") ? "/" : "") + parts.joined(separator: "/")
     }
 }
 
@@ -191,44 +317,9 @@ public final class RawImage: DiskImage, @unchecked Sendable {
 }
 
 extension DiskImages {
-    /// The virtual size an image's header records (qcow2) or its length (raw), read without the
+    /// The virtual size of an image in the format its definition records, read without the
     /// image's lock, for listings of VMs that may be running. Nil if the file cannot be read.
-    public static func recordedVirtualSize(path: String) -> UInt64? {
-        let fd = Glibc.open(path, O_RDONLY | O_CLOEXEC)
-        guard fd >= 0 else { return nil }
-        defer { close(fd) }
-        var header = [UInt8](repeating: 0, count: 32)
-        let count = header.withUnsafeMutableBytes { pread(fd, $0.baseAddress, 32, 0) }
-        if count == 32, Array(header[0..<4]) == QCOW2Image.magic {
-            return header[24..<32].reduce(UInt64(0)) { $0 << 8 | UInt64($1) }
-        }
-        var info = stat()
-        return fstat(fd, &info) == 0 ? UInt64(info.st_size) : nil
-    }
-
-    /// The backing files an image's header names, nearest first, read without taking the image's
-    /// lock (a running VM holds it): what the VM library needs to know which images rest on which.
-    /// Stops at the first file that is missing or not qcow2.
-    public static func recordedBackingChain(path: String) -> [String] {
-        var chain: [String] = []
-        var current = path
-        while chain.count < 16 {
-            let fd = Glibc.open(current, O_RDONLY | O_CLOEXEC)
-            guard fd >= 0 else { break }
-            defer { close(fd) }
-            var header = [UInt8](repeating: 0, count: 20)
-            guard header.withUnsafeMutableBytes({ pread(fd, $0.baseAddress, 20, 0) }) == 20,
-                  Array(header[0..<4]) == QCOW2Image.magic else { break }
-            let offset = header[8..<16].reduce(UInt64(0)) { $0 << 8 | UInt64($1) }
-            let length = header[16..<20].reduce(UInt64(0)) { $0 << 8 | UInt64($1) }
-            guard offset != 0, length > 0, length <= 1023, offset < 1 << 21 else { break }
-            var name = [UInt8](repeating: 0, count: Int(length))
-            guard name.withUnsafeMutableBytes({ pread(fd, $0.baseAddress, Int(length), off_t(offset)) }) == Int(length) else { break }
-            let text = String(decoding: name, as: UTF8.self)
-            let next = text.hasPrefix("/") ? text : QCOW2Image.directory(of: current) + "/" + text
-            chain.append(next)
-            current = next
-        }
-        return chain
+    public static func recordedVirtualSize(path: String, format: DiskFormat) -> UInt64? {
+        try? peek(path: path, format: format)
     }
 }

@@ -17,6 +17,10 @@ public enum DiskImageError: Error, CustomStringConvertible, Sendable, Equatable 
     /// conflicting lock.
     case inUse(path: String)
     case invalidArgument(field: String, reason: String)
+    /// A qcow2 header names a backing file its disk's definition does not record (`recorded`:
+    /// what it does record, if anything). The chain is what the definition says; a header is
+    /// never followed past it (docs/security.md).
+    case unrecordedBacking(path: String, named: String, recorded: String?)
 
     public var description: String {
         switch self {
@@ -30,6 +34,10 @@ public enum DiskImageError: Error, CustomStringConvertible, Sendable, Equatable 
         case let .readOnly(path): return "\(path) is open read-only"
         case let .inUse(path): return "\(path) is in use (locked by another VM or disk); attach it once, or read-only everywhere"
         case let .invalidArgument(field, reason): return "\(field): \(reason)"
+        case let .unrecordedBacking(path, named, recorded?):
+            return "\(path) names the backing file \(named), but its definition records \(recorded): its header was changed outside Vireo (by the VM's own process?), so it is not opened"
+        case let .unrecordedBacking(path, named, nil):
+            return "\(path) names the backing file \(named), which its definition does not record (a disk rests only on what its definition says), so it is not opened; if you made this chain yourself, detach the disk and attach it again"
         }
     }
 }

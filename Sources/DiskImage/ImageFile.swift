@@ -33,9 +33,19 @@ final class ImageFile: @unchecked Sendable {
         self.writable = writable
     }
 
-    /// Creates a new file; never replaces an existing one (O_EXCL).
+    /// Opens for reading only what a header says, without a lock: a running VM may hold it.
+    init(unlockedReadingAt path: String) throws(DiskImageError) {
+        let fd = open(path, O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { throw .io(operation: "open", path: path, errno: errno) }
+        self.path = path
+        self.fd = fd
+        self.writable = false
+    }
+
+    /// Creates a new file, private to its owner (guest data is nobody else's); never replaces an
+    /// existing one (O_EXCL, and O_NOFOLLOW: not through a link someone planted).
     init(creating path: String) throws(DiskImageError) {
-        let fd = open(path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0o644)
+        let fd = open(path, O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0o600)
         guard fd >= 0 else {
             if errno == EEXIST { throw .alreadyExists(path: path) }
             throw .io(operation: "create", path: path, errno: errno)

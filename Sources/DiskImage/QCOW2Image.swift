@@ -29,6 +29,8 @@ public final class QCOW2Image: DiskImage, @unchecked Sendable {
     let refcountTableEntries: Int
     public let backingPath: String?
     let backing: (any DiskImage)?
+    /// The image this one rests on, as it was opened (the chain its definition records).
+    public var backingImage: (any DiskImage)? { backing }
     public let snapshots: [SnapshotInfo]
 
     struct State {
@@ -44,13 +46,19 @@ public final class QCOW2Image: DiskImage, @unchecked Sendable {
     var l2Entries: UInt64 { clusterSize / 8 }
     var refcountsPerBlock: UInt64 { clusterSize / 2 }
 
-    convenience init(file: ImageFile) throws(DiskImageError) {
-        try self.init(file: file, depth: 0)
+    /// What the header may name beyond the image, and where that comes from.
+    enum BackingSource {
+        /// Nothing: the image rests on nothing, whatever its header says.
+        case nothing
+        /// The image below, already open: the header must name exactly its path (resolved
+        /// against this image's directory) and, where it records a format, that image's format.
+        case image(any DiskImage)
+        /// Whatever the header names, in the format it records (never probed): only for images a
+        /// person names directly (`vireo run`, `vireo disk info`), never for a VM's disks.
+        case header(depth: Int)
     }
 
-    /// `backingImage`: the image the file's backing name must resolve to, already open (a live
-    /// snapshot's overlay on the disk the VM holds), used instead of opening that file again.
-    init(file: ImageFile, depth: Int, snapshot: String? = nil, backingImage: (any DiskImage)? = nil) throws(DiskImageError) {
+    init(file: ImageFile, snapshot: String? = nil, backing source: BackingSource) throws(DiskImageError) {
         let path = file.path
         func invalid(_ reason: String) -> DiskImageError { .invalidImage(path: path, reason: reason) }
         let fileSize = try file.size
@@ -94,6 +102,7 @@ public final class QCOW2Image: DiskImage, @unchecked Sendable {
             if headerLength > 104, header[104] != 0 { throw .unsupported(path: path, feature: "compression type \(header[104]) (only zlib)") }
         }
 
+        let references = try QCOW2References(header: header, file: file, version: version, headerLength: headerLength, clusterSize: clusterSize)
         var backingPath: String?
         let backingOffset = header.be(UInt64.self, at: 8)
         let backingLength = UInt64(header.be(UInt32.self, at: 16))
@@ -168,18 +177,37 @@ public final class QCOW2Image: DiskImage, @unchecked Sendable {
         self.refcountTableOffset = refcountTableOffset
         self.refcountTableEntries = Int(refcountTableClusters * clusterSize / 8)
         self.backingPath = backingPath
-        if let backingImage {
-            guard backingPath == backingImage.path else {
-                throw invalid("it rests on \(backingPath ?? "nothing"), not on \(backingImage.path)")
+        switch source {
+        case .nothing:
+            if let backingPath {
+                throw .unrecordedBacking(path: path, named: backingPath, recorded: nil)
             }
-            backing = backingImage
-        } else if let backingPath {
-            guard depth < Self.maximumBackingDepth else { throw invalid("backing chain deeper than \(Self.maximumBackingDepth) (a loop?)") }
-            let backingFile = try ImageFile(path: backingPath, writable: false)
-            let magic = try backingFile.readBytes(count: 4, at: 0)
-            backing = magic == Self.magic ? try QCOW2Image(file: backingFile, depth: depth + 1) : try RawImage(file: backingFile)
-        } else {
             backing = nil
+        case let .image(below):
+            guard let backingPath else {
+                throw invalid("it names no backing file, but its definition says it rests on \(below.path)")
+            }
+            guard DiskImages.normalized(backingPath) == DiskImages.normalized(below.path) else {
+                throw .unrecordedBacking(path: path, named: backingPath, recorded: below.path)
+            }
+            if let recordedFormat = references.backingFormat, recordedFormat != below.format {
+                throw invalid("it records its backing file \(backingPath) as \(recordedFormat.rawValue), but its definition says \(below.format.rawValue)")
+            }
+            backing = below
+        case let .header(depth):
+            if let backingPath {
+                guard depth < Self.maximumBackingDepth else { throw invalid("backing chain deeper than \(Self.maximumBackingDepth) (a loop?)") }
+                guard let format = references.backingFormat else {
+                    throw invalid("it names its backing file \(backingPath) without recording the file's format, and a format is never guessed from content; record it with `qemu-img rebase -u -b \(backingPath) -F raw|qcow2 \(path)`")
+                }
+                let backingFile = try ImageFile(path: backingPath, writable: false)
+                switch format {
+                case .raw: backing = try RawImage(file: backingFile)
+                case .qcow2: backing = try QCOW2Image(file: backingFile, backing: .header(depth: depth + 1))
+                }
+            } else {
+                backing = nil
+            }
         }
         let l1Bytes = try file.readBytes(count: Int(activeL1Size) * 8, at: activeL1Offset)
         let l1 = (0..<Int(activeL1Size)).map { l1Bytes.be(UInt64.self, at: $0 * 8) }
@@ -478,16 +506,15 @@ public final class QCOW2Image: DiskImage, @unchecked Sendable {
 
     // MARK: Creating and resizing
 
-    static func create(path: String, size: UInt64, backing: String?, clusterSize: UInt64) throws(DiskImageError) {
+    /// `backing` is written as given: its name (relative names are relative to the new image's
+    /// directory) and its format, which the caller knows from the definition; nothing is read
+    /// from the backing file.
+    static func create(path: String, size: UInt64, backing layer: BackingLayer?, clusterSize: UInt64) throws(DiskImageError) {
         guard clusterSize.nonzeroBitCount == 1, (512...(2 << 20)).contains(clusterSize) else {
             throw .invalidArgument(field: "--cluster-size", reason: "\(clusterSize) is not a power of two from 512 to 2 MiB")
         }
-        var backingFormat: DiskFormat?
-        if let backing {
-            // Only its format is needed: peeked without a lock, since the backing file may be a
-            // running VM's disk (a live snapshot's overlay is made on it).
-            backingFormat = try DiskImages.peek(path: backing.hasPrefix("/") ? backing : directory(of: path) + "/" + backing).format
-        }
+        let backing = layer?.path
+        let backingFormat = layer?.format
         let clusterBits = UInt64(clusterSize.trailingZeroBitCount)
         let l2Entries = clusterSize / 8
         let l1Size = max(1, (size + clusterSize * l2Entries - 1) / (clusterSize * l2Entries))

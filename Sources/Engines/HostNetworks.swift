@@ -56,10 +56,31 @@ public final class PreparedNetworking: @unchecked Sendable {
 public struct HostNetworks: Sendable {
     public let library: VMLibrary
     public let store: NetworkStore
+    /// The host's record of every library's bridges and subnets in this network namespace (nil
+    /// without root, who alone makes bridges).
+    let registry: HostNetworkRegistry?
+    /// This library's nftables table: each library has its own, so one library's rules never
+    /// replace or remove another's.
+    public let firewallTable: String
 
     public init(library: VMLibrary) {
         self.library = library
         store = NetworkStore(libraryRoot: library.root)
+        registry = HostNetworkRegistry()
+        firewallTable = Self.firewallTable(libraryRoot: library.root)
+    }
+
+    /// `vireo_` and 8 hex digits of the library's path.
+    public static func firewallTable(libraryRoot: String) -> String {
+        let digits = String(StableHash.fnv1a(libraryRoot) & 0xffff_ffff, radix: 16)
+        return "vireo_" + String(repeating: "0", count: 8 - digits.count) + digits
+    }
+
+    /// Records that this library's `network` holds its bridge and subnet on this host, or says
+    /// which other library's network does. Taken before the library's own lock (one order).
+    func claimOnHost(_ network: NetworkDefinition) throws(LibraryError) {
+        guard let registry else { return }
+        try registry.locked { () throws(LibraryError) in try registry.claim(network, library: library.root) }
     }
 
     // MARK: what the host has
@@ -139,6 +160,9 @@ public struct HostNetworks: Sendable {
     /// Stops the network's dnsmasq and deletes its bridge (which unplugs whatever taps remain).
     func bringDown(_ network: NetworkDefinition) {
         stopDNSMasq(network)
+        // A bridge of that name another library claims is that library's (two libraries made
+        // before bridges were allocated per library may share a name): never delete it.
+        if registry?.others(than: library.root).contains(where: { $0.bridge == network.bridge }) == true { return }
         if Self.linkExists(network.bridge), Self.isBridge(network.bridge) {
             try? Self.ip(["link", "delete", network.bridge], network: network.name)
         }
@@ -150,6 +174,8 @@ public struct HostNetworks: Sendable {
         let path = "/proc/sys/net/ipv4/ip_forward"
         let current = ((try? HostFiles.readAll(path)).map { String(decoding: $0, as: UTF8.self) } ?? "0").trimmingWhitespace()
         let saved = forwardingRecord
+        // Another library turned it on and keeps the setting from before: that one stands.
+        if current == "1", otherLibrariesUseNAT() { return }
         if !HostFiles.exists(saved) { try HostFiles.writeAtomically(Array("\(current) \(Self.namespaceID)\n".utf8), to: saved) }
         if current != "1" {
             do { try HostFiles.writeInPlace("1\n", to: path) } catch {
@@ -159,8 +185,15 @@ public struct HostNetworks: Sendable {
     }
 
     /// What forwarding was before Vireo turned it on, and in which network namespace (a library
-    /// used from another namespace must not touch this one's setting).
-    var forwardingRecord: String { store.directory + "/.ip_forward-before" }
+    /// used from another namespace must not touch this one's setting). One record for all the
+    /// libraries of a namespace, in the host's registry, so the last NAT network of any library
+    /// puts it back, and no other.
+    var forwardingRecord: String { registry?.forwardingRecord ?? store.directory + "/.ip_forward-before" }
+
+    /// Whether another library has a NAT network up in this namespace.
+    func otherLibrariesUseNAT() -> Bool {
+        (registry?.others(than: library.root) ?? []).contains { $0.mode == .nat && Self.linkExists($0.bridge) }
+    }
 
     /// This process's network namespace, as the inode of /proc/self/ns/net.
     static var namespaceID: String {
@@ -169,7 +202,7 @@ public struct HostNetworks: Sendable {
     }
 
     func restoreForwarding() {
-        guard let bytes = try? HostFiles.readAll(forwardingRecord) else { return }
+        guard !otherLibrariesUseNAT(), let bytes = try? HostFiles.readAll(forwardingRecord) else { return }
         let fields = String(decoding: bytes, as: UTF8.self).trimmingWhitespace().split(separator: " ")
         guard fields.count == 2, fields[1] == Self.namespaceID else { return }
         if fields[0] == "0" { try? HostFiles.writeInPlace("0\n", to: "/proc/sys/net/ipv4/ip_forward") }
@@ -261,10 +294,19 @@ public struct HostNetworks: Sendable {
         var vm: String
     }
 
-    /// The `ip vireo` table for the networks that are up and the forwards of running VMs.
-    static func ruleset(networks: [NetworkDefinition], forwards: [ActiveForward]) -> String {
+    /// The library's table for the networks that are up and the forwards of running VMs.
+    static func ruleset(table: String, networks: [NetworkDefinition], forwards: [ActiveForward]) -> String {
         func q(_ name: String) -> String { "\"\(name)\"" }
         var forward: [String] = [], input: [String] = [], prerouting: [String] = [], postrouting: [String] = []
+        var early: [String] = []
+        // Nothing from a guest reaches the host's loopback: NAT bridges accept 127.0.0.0/8 as a
+        // destination (route_localnet, for forwards from 127.0.0.1), so a guest could address
+        // services bound to loopback only through its gateway (Kubernetes' CVE-2020-8558). Only
+        // replies of connections a forward DNATed pass.
+        for network in networks {
+            early.append("iifname \(q(network.bridge)) ip daddr 127.0.0.0/8 ct status dnat accept")
+            early.append("iifname \(q(network.bridge)) ip daddr 127.0.0.0/8 drop")
+        }
         // Guests of one network talk to each other: hosts with br_netfilter (Docker loads it)
         // pass bridged frames through these hooks too, with the bridge as both interfaces.
         for network in networks {
@@ -291,6 +333,12 @@ public struct HostNetworks: Sendable {
                 forward.append("iifname \(bridge) drop")
                 postrouting.append("ip saddr \(network.subnet) ip daddr != { \(network.subnet), 224.0.0.0/4, 255.255.255.255 } masquerade")
                 postrouting.append("oifname \(bridge) ip saddr 127.0.0.0/8 masquerade")
+                // The host is a NAT guest's DHCP and DNS server and its way out, nothing more:
+                // replies to what the host opened come back; nothing else the guest opens does.
+                input.append("iifname \(bridge) ct state established,related accept")
+                input.append("iifname \(bridge) udp dport { 53, 67 } accept")
+                input.append("iifname \(bridge) tcp dport 53 accept")
+                input.append("iifname \(bridge) drop")
             case .hostOnly:
                 forward.append("iifname \(bridge) drop")
             case .internal:
@@ -303,9 +351,11 @@ public struct HostNetworks: Sendable {
             let proto = active.forward.proto.rawValue
             prerouting.append("fib daddr type local \(proto) dport \(active.forward.hostPort) dnat to \(active.address):\(active.forward.guestPort) comment \(q("vm " + active.vm))")
         }
-        var text = "table ip vireo\ndelete table ip vireo\n"
+        var text = "table ip \(table)\ndelete table ip \(table)\n"
         guard !networks.isEmpty else { return text }
-        text += "table ip vireo {\n"
+        text += "table ip \(table) {\n"
+        // After destination NAT (priority dstnat), so forwarded packets are judged where they go.
+        text += "  chain prerouting_filter {\n    type filter hook prerouting priority filter; policy accept;\n" + early.map { "    \($0)\n" }.joined() + "  }\n"
         text += "  chain forward {\n    type filter hook forward priority filter; policy accept;\n" + forward.map { "    \($0)\n" }.joined() + "  }\n"
         text += "  chain input {\n    type filter hook input priority filter; policy accept;\n" + input.map { "    \($0)\n" }.joined() + "  }\n"
         text += "  chain prerouting {\n    type nat hook prerouting priority dstnat; policy accept;\n" + prerouting.map { "    \($0)\n" }.joined() + "  }\n"
@@ -325,7 +375,7 @@ public struct HostNetworks: Sendable {
         }
     }
 
-    /// Replaces the `ip vireo` table in one nftables transaction. Call with the store locked.
+    /// Replaces the library's table in one nftables transaction. Call with the store locked.
     func applyFirewall() throws(LibraryError) {
         let networks = ((try? store.all()) ?? []).filter(isUp)
         var forwards: [ActiveForward] = []
@@ -336,7 +386,7 @@ public struct HostNetworks: Sendable {
                 forwards += card.forwards.map { ActiveForward(network: network, address: address, forward: $0, vm: vm.name) }
             }
         }
-        let text = Self.ruleset(networks: networks, forwards: forwards)
+        let text = Self.ruleset(table: firewallTable, networks: networks, forwards: forwards)
         guard let nft = Self.tool("nft") else {
             if networks.isEmpty { return }
             throw .network(name: networks[0].name, reason: "nft is not installed; install Debian's `nftables` package", exitStatus: 2)
@@ -344,7 +394,7 @@ public struct HostNetworks: Sendable {
         // Nothing up and no table here (this namespace never had Vireo's networks): leave the
         // ruleset alone rather than make and delete a table. Only "no such table" means absent.
         if networks.isEmpty {
-            let listed = HostCommand.run(nft, ["list", "table", "ip", "vireo"])
+            let listed = HostCommand.run(nft, ["list", "table", "ip", firewallTable])
             if listed.status != 0 && listed.output.contains("No such file or directory") { return }
         }
         let path = store.directory + "/.ruleset.nft"
@@ -366,17 +416,19 @@ public struct HostNetworks: Sendable {
     // MARK: a VM's cards
 
     /// Vireo's taps for a VM: `vt`, 8 hex digits of its UUID's hash, the card's index.
-    static func tapName(uuid: String, index: Int) -> String {
-        "vt" + String(format8hex(StableHash.fnv1a(uuid))) + String(index)
+    /// Unique on the host: a VM's UUID is the same in two libraries while it migrates between
+    /// them on one host, so the library is part of the name.
+    static func tapName(uuid: String, index: Int, libraryRoot: String) -> String {
+        "vt" + String(format8hex(StableHash.fnv1a(libraryRoot + "\u{0}" + uuid))) + String(index)
     }
 
     /// The host interface a card's frames cross: the user's tap, Vireo's tap, or nil (passt).
-    public static func hostInterface(of definition: VMDefinition, card index: Int) -> String? {
+    public static func hostInterface(of definition: VMDefinition, card index: Int, libraryRoot: String) -> String? {
         guard definition.networks.indices.contains(index) else { return nil }
         switch definition.networks[index].attachment {
         case let .tap(name): return name
         case .user: return nil
-        case .nat, .network, .bridge: return tapName(uuid: definition.uuid, index: index)
+        case .nat, .network, .bridge: return tapName(uuid: definition.uuid, index: index, libraryRoot: libraryRoot)
         }
     }
 
@@ -404,10 +456,11 @@ public struct HostNetworks: Sendable {
                 usesLibraryNetworks = true
                 let network: NetworkDefinition
                 if case .nat = card.attachment {
-                    network = try store.ensureDefault(hostRoutes: Self.hostRoutes())
+                    network = try store.ensureDefault(hostRoutes: Self.hostRoutes(), registry: registry)
                 } else {
                     network = try store.load(card.attachment.networkName ?? "")
                 }
+                try claimOnHost(network)
                 try store.locked { () throws(LibraryError) in
                     let live = Set(((try? library.names()) ?? []).flatMap { name in
                         ((try? VMBundle(directory: library.root + "/" + name).load())?.networks ?? []).map { $0.mac.lowercased() }
@@ -415,7 +468,7 @@ public struct HostNetworks: Sendable {
                     _ = try store.reserve(network: network, mac: card.mac, vm: definition.name, liveMACs: live.union([card.mac.lowercased()]))
                     try bringUp(network)
                 }
-                let tap = Self.tapName(uuid: definition.uuid, index: index)
+                let tap = Self.tapName(uuid: definition.uuid, index: index, libraryRoot: library.root)
                 let slot = prepared.adopt(try makeTap(tap, bridge: network.bridge, network: network.name, vm: definition.name))
                 prepared.append(PreparedCard(mac: card.mac, backend: .tapDescriptor(slot: slot, tap: tap)))
             case let .bridge(bridge):
@@ -424,7 +477,7 @@ public struct HostNetworks: Sendable {
                         ? "\(bridge) is not a bridge; `--nic bridge:NAME` needs a host bridge (see `ip -d link show type bridge`)"
                         : "no bridge named \(bridge) on this host; make one (`ip link add \(bridge) type bridge`) or use --nic nat", exitStatus: 2)
                 }
-                let tap = Self.tapName(uuid: definition.uuid, index: index)
+                let tap = Self.tapName(uuid: definition.uuid, index: index, libraryRoot: library.root)
                 let slot = prepared.adopt(try makeTap(tap, bridge: bridge, network: bridge, vm: definition.name))
                 prepared.append(PreparedCard(mac: card.mac, backend: .tapDescriptor(slot: slot, tap: tap)))
             case .user:
@@ -524,6 +577,7 @@ public struct HostNetworks: Sendable {
     /// Brings a network up now (`vireo network start`), with its firewall.
     public func start(_ name: String) throws(LibraryError) {
         let network = try store.load(name)
+        try claimOnHost(network)
         try store.locked { () throws(LibraryError) in
             try bringUp(network)
             try applyFirewall()
@@ -559,6 +613,7 @@ public struct HostNetworks: Sendable {
             try applyFirewall()
             if !((try? store.all()) ?? []).contains(where: { $0.mode == .nat && isUp($0) }) { restoreForwarding() }
         }
+        if let registry { try? registry.locked { () throws(LibraryError) in registry.release(bridge: network.bridge, library: library.root) } }
     }
 
     /// Applies a running VM's changed forwards (the definition is already saved).

@@ -48,7 +48,9 @@ struct JailIdentity {
     /// snapshot its overlays): its own directory and the VM's writable disks become its uid's;
     /// the read-only layers inside the VM's directory become readable by its group only (libvirt's
     /// DAC relabelling does the same for qemu:qemu). The VM's directory itself stays root's: a
-    /// compromised VMM must not rewrite the definition the next start trusts.
+    /// compromised VMM must not rewrite the definition the next start trusts. Only files the
+    /// definition names are touched, and of those in the VM's directory only what really lies in
+    /// it (HostPath): a name never leads root's chown out of the directory.
     func grant(_ vm: EngineVM) throws(LibraryError) {
         let bundle = vm.bundle
         // The VM's directory stays root's and 0700 to everyone else; its group (the VM's gid)
@@ -58,16 +60,17 @@ struct JailIdentity {
         }
         try bundle.prepareVMMDirectory(owner: (uid, gid))
         for disk in vm.definition.disks {
-            let path = bundle.resolve(disk.path)
+            let path = disk.isOwned ? try HostPath.resolve(bundle.resolve(disk.path), inside: bundle.directory, field: "disk") : disk.path
             if !disk.readOnly, chown(path, uid, gid) != 0 {
                 throw .io(operation: "chown to the VM's uid \(uid)", path: path, errno: errno)
             }
-            let layers = (disk.readOnly ? [path] : []) + DiskImages.recordedBackingChain(path: path)
-            for layer in layers where layer.hasPrefix(bundle.directory + "/") {
+            let layers = (disk.readOnly ? [path] : []) + bundle.chain(of: disk).map(\.path)
+            for layer in layers {
+                guard let inside = HostPath.inside(layer, bundle.directory) else { continue }
                 var status = stat()
-                guard stat(layer, &status) == 0 else { continue }
-                if chown(layer, 0, gid) != 0 || chmod(layer, (status.st_mode & 0o7777 & ~0o022) | 0o040) != 0 {
-                    throw .io(operation: "give the VM's gid \(gid) read access", path: layer, errno: errno)
+                guard lstat(inside, &status) == 0, (status.st_mode & S_IFMT) == S_IFREG else { continue }
+                if chown(inside, 0, gid) != 0 || chmod(inside, (status.st_mode & 0o7777 & ~0o022) | 0o040) != 0 {
+                    throw .io(operation: "give the VM's gid \(gid) read access", path: inside, errno: errno)
                 }
             }
         }

@@ -6,6 +6,13 @@ import Library
 import Glibc
 #endif
 
+/// A connected migration stream a VM arrives on, and how its disks come (docs/migration.md).
+public struct IncomingMigration: Sendable {
+    public var fd: Int32
+    public var copiesDisks: Bool
+    public init(fd: Int32, copiesDisks: Bool) { self.fd = fd; self.copiesDisks = copiesDisks }
+}
+
 /// Runs library VMs on Vireo's own VMM: each one a detached `vireo-vmm` process that holds the
 /// VM's lock for as long as it lives, answering on its control socket (docs/control-socket.md).
 public struct KVMEngine: Engine {
@@ -37,7 +44,9 @@ public struct KVMEngine: Engine {
                          "--cpus", String(definition.cpus), "--memory", String(definition.memoryBytes >> 10) + "K"]
         if let initrd = definition.initrd { arguments += ["--initrd", bundle.resolve(initrd)] }
         for disk in definition.disks {
+            // The format and the chain the definition records: the VMM opens nothing else.
             var text = bundle.resolve(disk.path) + ",format=" + disk.format.rawValue
+            for layer in bundle.chain(of: disk) { text += ",backing=\(layer.format.rawValue):\(layer.path)" }
             if disk.readOnly { text += ",readonly" }
             if let serial = disk.serial { text += ",serial=" + serial }
             arguments += ["--disk", text]
@@ -76,7 +85,7 @@ public struct KVMEngine: Engine {
 
     /// With `incoming` (a connected migration stream), the VMM takes the VM from it instead of
     /// booting, and this waits for as long as the migration takes.
-    public func start(_ vm: EngineVM, lock: VMLock, networking: PreparedNetworking, incoming: Int32?) throws(LibraryError) -> StartedVM {
+    public func start(_ vm: EngineVM, lock: VMLock, networking: PreparedNetworking, incoming: IncomingMigration?) throws(LibraryError) -> StartedVM {
         let (bundle, definition, name) = (vm.bundle, vm.definition, vm.name)
         var arguments = [vmmPath] + (try Self.machineArguments(definition, bundle: bundle, cards: networking.cards))
         arguments += ["--console", "file:" + bundle.consoleLogPath, "--control", bundle.controlPath,
@@ -107,8 +116,9 @@ public struct KVMEngine: Engine {
             arguments += ["--seccomp", mode]
         }
         if let incoming {
-            arguments += ["--incoming-fd", String(PreparedNetworking.inherited(inherit.count))]
-            inherit.append(incoming)
+            arguments += ["--incoming-fd", String(PreparedNetworking.inherited(inherit.count)),
+                          "--incoming-disks", incoming.copiesDisks ? "copied" : "shared"]
+            inherit.append(incoming.fd)
         } else if bundle.hasSavedState {
             arguments.append("--restore")
         }

@@ -163,6 +163,8 @@ struct MigrationOffer: Codable {
         var format: DiskFormat
         var virtualSize: UInt64
         var readOnly: Bool
+        /// With shared disks, the chain the disk rests on, absolute (nil from an older source).
+        var backing: [BackingLayer]?
     }
     struct File: Codable {
         /// `kernel` or `initrd`.
@@ -279,8 +281,8 @@ extension VMManager {
         for disk in vm.definition.disks {
             let path = vm.bundle.resolve(disk.path)
             let size: UInt64
-            do { size = try DiskImages.peek(path: path).virtualSize } catch { throw .disk(error) }
-            offer.disks.append(.init(path: path, format: disk.format, virtualSize: size, readOnly: disk.readOnly))
+            do { size = try DiskImages.peek(path: path, format: disk.format) } catch { throw .disk(error) }
+            offer.disks.append(.init(path: path, format: disk.format, virtualSize: size, readOnly: disk.readOnly, backing: vm.bundle.chain(of: disk)))
         }
         var files: [(role: String, path: String)] = []
         if let kernel = vm.definition.kernel { files.append(("kernel", vm.bundle.resolve(kernel))) }
@@ -358,6 +360,51 @@ public func newMigrationToken() -> String {
     }.joined()
 }
 
+/// What `vireo receive` accepts from a migration source (docs/security.md): the peer holds the
+/// token, not the host. By default the VM's memory is anonymous or a memfd, its shared disks lie
+/// in the library, its cards go on this library's networks, and it has no real-time priority;
+/// the person running the receiver widens that with `--allow-disks DIR` and `--allow-rt`.
+public struct ReceivePolicy: Sendable {
+    /// Directories besides the library where a shared disk (and what it rests on) may lie.
+    public var allowedDiskDirectories: [String] = []
+    /// Whether an offered real-time vCPU priority is taken.
+    public var allowRealTime = false
+
+    public init(allowedDiskDirectories: [String] = [], allowRealTime: Bool = false) {
+        self.allowedDiskDirectories = allowedDiskDirectories
+        self.allowRealTime = allowRealTime
+    }
+
+    /// How long a connection has to send its hello, and the source its offer.
+    static let helloSeconds: UInt64 = 10
+    static let offerSeconds: UInt64 = 60
+
+    /// Refuses, naming the field, what the offered definition asks of this host beyond the policy.
+    func check(_ definition: VMDefinition, shared disks: [MigrationOffer.Disk]?, libraryRoot: String) throws(LibraryError) {
+        if let file = definition.memoryBacking.file, file != "memfd" {
+            throw .invalidValue(field: "memory_backing", reason: "the source asks for its memory in the host file \(file.prefix(200)); a migrated VM's memory is anonymous or a memfd here (a peer never names a host file)")
+        }
+        if let priority = definition.resources.rtPriority, !allowRealTime {
+            throw .invalidValue(field: "rt_priority", reason: "the source asks for real-time vCPUs at priority \(priority); start `vireo receive` with --allow-rt to take real-time VMs")
+        }
+        for (index, card) in definition.networks.enumerated() {
+            switch card.attachment {
+            case .nat, .network, .user: continue
+            case .bridge, .tap:
+                throw .invalidValue(field: "nic", reason: "card \(index) is on \(String(card.attachment.description.prefix(64))), a host interface the source named; a migrated VM's cards go on this library's networks (nat, network:NAME) or user")
+            }
+        }
+        for (index, disk) in (disks ?? []).enumerated() {
+            let allowed = [libraryRoot] + allowedDiskDirectories
+            for path in [disk.path] + (disk.backing ?? []).map(\.path) {
+                guard path.hasPrefix("/"), HostPath.isInside(path, anyOf: allowed) else {
+                    throw .invalidValue(field: "disk \(index)", reason: "the shared disk \(path.prefix(300)) is outside the library \(libraryRoot)\(allowedDiskDirectories.isEmpty ? "" : " and " + allowedDiskDirectories.joined(separator: ", ")); start `vireo receive` with --allow-disks DIR for shared storage there, or migrate with --copy-disks")
+                }
+            }
+        }
+    }
+}
+
 public struct ReceivedVM: Sendable {
     public var name: String
     public var source: String
@@ -377,7 +424,7 @@ extension VMManager {
     /// refused, and after `maximumFailures` the receiver gives up), defines the VM it offers in
     /// this library, and starts it from the stream. Returns once it runs here. On any failure
     /// the half-received VM is deleted (never a shared disk) and the source runs on.
-    public func receive(on listener: Int32, token: String, rename: String?, maximumFailures: Int = 5,
+    public func receive(on listener: Int32, token: String, rename: String?, policy: ReceivePolicy = ReceivePolicy(), maximumFailures: Int = 5,
                         log: (String) -> Void) throws(LibraryError) -> ReceivedVM {
         var failures = 0
         while true {
@@ -395,6 +442,8 @@ extension VMManager {
             var timeout = timeval(tv_sec: 60, tv_usec: 0)
             setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
             let channel = MigrationChannel(fd: fd)
+            // One connection at a time: each has a few seconds to show its hello.
+            channel.deadline = MigrationChannel.monotonicNanoseconds() + ReceivePolicy.helloSeconds * 1_000_000_000
             let hello: MigrationWire.Message
             do throws(MigrationError) {
                 hello = try channel.receive(limit: 4096)
@@ -407,7 +456,7 @@ extension VMManager {
             switch offered {
             case let .success(given) where MigrationWire.tokensMatch(given, token):
                 do throws(LibraryError) {
-                    return try receiveAccepted(channel, rename: rename, log: log)
+                    return try receiveAccepted(channel, rename: rename, policy: policy, log: log)
                 } catch {
                     close(fd)
                     throw error
@@ -430,7 +479,7 @@ extension VMManager {
         }
     }
 
-    private func receiveAccepted(_ channel: MigrationChannel, rename: String?, log: (String) -> Void) throws(LibraryError) -> ReceivedVM {
+    private func receiveAccepted(_ channel: MigrationChannel, rename: String?, policy: ReceivePolicy, log: (String) -> Void) throws(LibraryError) -> ReceivedVM {
         func refuse(_ error: LibraryError) -> LibraryError {
             try? channel.send(.refuse, text: error.description)
             return error
@@ -438,7 +487,9 @@ extension VMManager {
         let offer: MigrationOffer
         do throws(MigrationError) {
             try channel.send(.accept)
+            channel.deadline = MigrationChannel.monotonicNanoseconds() + ReceivePolicy.offerSeconds * 1_000_000_000
             let message = try channel.receive(limit: MigrationOffer.sizeLimit)
+            channel.deadline = nil
             guard message.kind == .offer else { throw .protocolViolation("expected the offer, got \(message.kind)") }
             do { offer = try JSONDecoder().decode(MigrationOffer.self, from: Data(message.payload)) } catch {
                 throw .protocolViolation("the offer is not valid: \(error)")
@@ -457,6 +508,13 @@ extension VMManager {
             guard definition.engine == .kvm else { throw .invalidValue(field: "engine", reason: "only kvm-engine VMs migrate") }
             guard offer.disks.count == definition.disks.count, offer.files.count <= 2 else {
                 throw .invalidValue(field: "offer", reason: "\(offer.disks.count) disks offered for \(definition.disks.count) in the definition")
+            }
+            try policy.check(definition, shared: offer.copyDisks ? nil : offer.disks, libraryRoot: library.root)
+            // Fields only another engine reads, and the chains below, are this host's to decide.
+            definition.nvram = nil
+            definition.iso = nil
+            for other in (try? library.names()) ?? [] where (try? library.bundle(named: other).load())?.uuid == definition.uuid {
+                throw .invalidValue(field: "uuid", reason: "VM '\(other)' here already has the offered VM's UUID \(definition.uuid); is it already here?")
             }
             try library.checkNetworks(definition, previous: nil)
             try HostFiles.makeDirectories(library.root)
@@ -490,16 +548,19 @@ extension VMManager {
                     do { try DiskImages.create(path: target.resolve(file), format: .qcow2, size: disk.virtualSize) } catch { throw .disk(error) }
                     definition.disks[index].path = file
                     definition.disks[index].format = .qcow2
+                    definition.disks[index].backing = []
                 } else {
                     guard disk.path.hasPrefix("/") else { throw .invalidValue(field: "disk \(index)", reason: "'\(disk.path)' is not absolute") }
-                    let peeked: (format: DiskFormat, virtualSize: UInt64)
-                    do { peeked = try DiskImages.peek(path: disk.path) } catch {
+                    let size: UInt64
+                    do { size = try DiskImages.peek(path: disk.path, format: disk.format) } catch {
                         throw .invalidValue(field: "disk \(index)", reason: "the shared disk is not reachable here (\(error)); share the storage at the same path, or migrate with --copy-disks")
                     }
-                    guard peeked.virtualSize == disk.virtualSize, peeked.format == disk.format else {
-                        throw .invalidValue(field: "disk \(index)", reason: "\(disk.path) here is a \(peeked.format.rawValue) disk of \(peeked.virtualSize) bytes, on the source a \(disk.format.rawValue) disk of \(disk.virtualSize): not the same disk")
+                    guard size == disk.virtualSize else {
+                        throw .invalidValue(field: "disk \(index)", reason: "\(disk.path) here is a \(disk.format.rawValue) disk of \(size) bytes, on the source one of \(disk.virtualSize): not the same disk")
                     }
                     definition.disks[index].path = disk.path
+                    definition.disks[index].format = disk.format
+                    definition.disks[index].backing = disk.backing ?? []
                 }
             }
             // Kernel and initrd: copies of the source's, kept in the VM's directory under fixed
@@ -554,13 +615,46 @@ extension VMManager {
         }
         log("VM '\(name)' is defined here; its memory and state are arriving")
         do {
-            let started = try start(name, incoming: channel.fd)
+            let started = try start(name, incoming: IncomingMigration(fd: channel.fd, copiesDisks: offer.copyDisks))
             return ReceivedVM(name: name, source: offer.sourceHost, pid: started.pid, warnings: started.warnings)
         } catch {
+            // The source hears why (its VMM reads a `failed` message), unless the VMM here told it
+            // already; the write side is closed and what the source sent is drained, so the
+            // reason arrives rather than a reset.
+            try? channel.send(.failed, text: "\(error)")
+            shutdown(channel.fd, Int32(SHUT_WR))
+            var sink = [UInt8](repeating: 0, count: 65536)
+            let drainUntil = MigrationChannel.monotonicNanoseconds() + 2_000_000_000
+            while MigrationChannel.monotonicNanoseconds() < drainUntil, channel.waitReadable(milliseconds: 200) {
+                if sink.withUnsafeMutableBytes({ recv(channel.fd, $0.baseAddress, $0.count, Int32(MSG_DONTWAIT)) }) <= 0 { break }
+            }
             // Never ran here: the source runs on; nothing of it stays (shared disks are not ours).
             _ = VMManager.waitUntilStopped(try library.bundle(named: name), seconds: 10)
             _ = try? library.delete(name, keepDisks: false)
             throw error
         }
+    }
+}
+
+/// A migration offer as hostile input, for the fuzzer (docs/fuzzing.md): decoded as the receiver
+/// decodes it and held to the default receive policy. Only ever returns.
+public enum MigrationOfferInspection {
+    /// Whether the bytes decoded as an offer, and whether the policy then accepted it.
+    public static func check(_ bytes: [UInt8]) -> (decoded: Bool, accepted: Bool) {
+        guard bytes.count <= MigrationOffer.sizeLimit, let offer = try? JSONDecoder().decode(MigrationOffer.self, from: Data(bytes)) else { return (false, false) }
+        let accepted = (try? ReceivePolicy().check(offer.definition, shared: offer.copyDisks ? nil : offer.disks, libraryRoot: "/nonexistent-vireo-library")) != nil
+            && (try? VMLibrary.validate(offer.definition)) != nil
+        return (true, accepted)
+    }
+
+    /// A well-formed offer, the fuzzer's seed.
+    public static var sample: [UInt8] {
+        var definition = VMDefinition(uuid: "6c1d2f4e-0000-4000-8000-000000000001", name: "moved", osType: OSType.all[0], createdAt: 0)
+        definition.kernel = "kernel"
+        definition.disks = [DiskAttachment(path: "disk0.qcow2", format: .qcow2)]
+        let offer = MigrationOffer(definition: definition, copyDisks: true,
+                                   disks: [.init(path: "/var/lib/vireo/moved/disk0.qcow2", format: .qcow2, virtualSize: 1 << 30, readOnly: false, backing: [])],
+                                   files: [.init(role: "kernel", name: "kernel", size: 4096)], sourceHost: "source")
+        return (try? JSONEncoder().encode(offer)).map { Array($0) } ?? []
     }
 }

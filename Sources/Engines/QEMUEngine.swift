@@ -1,5 +1,6 @@
 import API
 import CHostSupport
+import DiskImage
 import Library
 #if canImport(Glibc)
 import Glibc
@@ -60,9 +61,41 @@ public struct QEMUEngine: Engine {
     /// A value inside a QEMU option list: commas are doubled.
     static func quoted(_ value: String) -> String { value.split(separator: ",", omittingEmptySubsequences: false).joined(separator: ",,") }
 
+    /// A JSON string literal.
+    static func jsonString(_ text: String) -> String {
+        var out = "\""
+        for scalar in text.unicodeScalars {
+            switch scalar {
+            case "\"": out += "\\\""
+            case "\\": out += "\\\\"
+            case _ where scalar.value < 0x20:
+                let hex = String(scalar.value, radix: 16)
+                out += "\\u" + String(repeating: "0", count: 4 - hex.count) + hex
+            default: out.unicodeScalars.append(scalar)
+            }
+        }
+        return out + "\""
+    }
+
+    /// A block node as QEMU's JSON describes it: the image in `format` on the file `path`,
+    /// resting on exactly `chain` (nearest first), or on nothing ("backing": null).
+    static func blockNode(path: String, format: DiskFormat, chain: [BackingLayer], readOnly: Bool, locking: Bool = true) -> String {
+        var node = "{\"driver\":\"\(format.rawValue)\",\"read-only\":\(readOnly),\"file\":{\"driver\":\"file\",\"filename\":\(jsonString(path))"
+        node += locking ? "}" : ",\"locking\":\"off\"}"
+        if format == .qcow2 {
+            node += ",\"backing\":" + (chain.first.map { blockNode(path: $0.path, format: $0.format, chain: Array(chain.dropFirst()), readOnly: true, locking: locking) } ?? "null")
+        }
+        return node + "}"
+    }
+
     /// QEMU's command line for a definition (without the binary), descriptor 3 being the lock.
     public static func arguments(_ definition: VMDefinition, bundle: VMBundle, accelerator: Accelerator, cards: [PreparedCard],
                                  cpuModel: String? = nil) -> [String] {
+        arguments(definition, bundle: bundle, accelerator: accelerator, cards: cards, cpuModel: cpuModel, files: .byPath)
+    }
+
+    static func arguments(_ definition: VMDefinition, bundle: VMBundle, accelerator: Accelerator, cards: [PreparedCard],
+                          cpuModel: String? = nil, files: QEMUFiles) -> [String] {
         let accel = accelerator == .tcg ? "tcg" : "kvm"
         var arguments = [
             "-name", quoted(definition.name), "-uuid", definition.uuid,
@@ -77,10 +110,11 @@ public struct QEMUEngine: Engine {
             "-device", "qemu-xhci,id=usb", "-device", "usb-tablet,bus=usb.0",
             "-chardev", "socket,id=serial0,path=\(quoted(bundle.consoleSocketPath)),server=on,wait=off,logfile=\(quoted(bundle.consoleLogPath))",
             "-serial", "chardev:serial0",
-        ]
+        ] + files.arguments
         if definition.firmware == .uefi {
             arguments += ["-drive", "if=pflash,format=raw,unit=0,readonly=on,file=\(quoted(FirmwareFiles.uefiCode))",
-                          "-drive", "if=pflash,format=raw,unit=1,file=\(quoted(bundle.resolve(definition.nvram ?? "nvram.fd")))"]
+                          "-drive", "if=pflash,format=raw,unit=1,file=\(quoted(files.name(bundle.resolve(definition.nvram ?? "nvram.fd"))))"
+                            + (files.usesDescriptors ? ",file.locking=off" : "")]
         }
         if let kernel = definition.kernel {
             arguments += ["-kernel", bundle.resolve(kernel), "-append", definition.commandLine]
@@ -90,11 +124,16 @@ public struct QEMUEngine: Engine {
         // drive stays; it boots first while it holds a disc.
         if definition.firmware != nil {
             var drive = "if=none,id=cd0,media=cdrom,readonly=on"
-            if let iso = definition.iso { drive += ",file=\(quoted(iso)),format=raw" }
+            if let iso = definition.iso { drive += ",file=\(quoted(files.name(iso))),format=raw" + (files.usesDescriptors ? ",file.locking=off" : "") }
             arguments += ["-drive", drive, "-device", "ide-cd,drive=cd0,bus=ide.0,id=cdrom0" + (definition.iso != nil ? ",bootindex=0" : "")]
         }
         for (index, disk) in definition.disks.enumerated() {
-            var drive = "if=none,id=disk\(index),file=\(quoted(bundle.resolve(disk.path))),format=\(disk.format.rawValue),discard=unmap"
+            // The whole chain spelled out, each layer in the format the definition records: QEMU
+            // opens nothing a header names and guesses no format (libvirt passes its chains so).
+            let chain = bundle.chain(of: disk).map { BackingLayer(path: files.name($0.path), format: $0.format) }
+            var drive = "if=none,id=disk\(index),discard=unmap,file=json:" + quoted(blockNode(path: files.name(bundle.resolve(disk.path)), format: disk.format,
+                                                                                                 chain: chain, readOnly: disk.readOnly,
+                                                                                                 locking: !files.usesDescriptors))
             if disk.readOnly { drive += ",readonly=on" }
             var device: String
             switch definition.diskBus {
@@ -179,19 +218,39 @@ public struct QEMUEngine: Engine {
             incoming = ["-incoming", "fd:\(PreparedNetworking.inherited(networking.descriptors.count))"]
         }
         defer { if stateDescriptor >= 0 { close(stateDescriptor) } }
-        let extra = stateDescriptor >= 0 ? [stateDescriptor] : []
+        // The jail (docs/isolation.md): only root can build it; without root QEMU runs as the user.
+        var jail: QEMUJail?
+        defer { if let jail { close(jail.identity.descriptor) } }
+        var disabled: [String] = []
+        if !vm.isolation.jail { disabled.append("no-jail") } else if geteuid() != 0 { disabled.append("not-root") }
+        if vm.isolation.jail && geteuid() == 0 { jail = try QEMUJail(vm) } else { try bundle.prepareVMMDirectory() }
+        var extra = stateDescriptor >= 0 ? [stateDescriptor] : []
+        let files = try QEMUFiles(opening: definition, bundle: bundle, firstSlot: networking.descriptors.count + extra.count)
+        defer { files.close() }
+        extra += files.descriptors
+        // Held by QEMU for its whole life, so its uid stays its own; never named.
+        if let jail { extra.append(jail.identity.descriptor) }
+        func arguments(cpuModel: String? = nil) -> [String] {
+            Self.arguments(definition, bundle: bundle, accelerator: accelerator, cards: networking.cards, cpuModel: cpuModel, files: files) + incoming
+        }
+        func recordIsolation() {
+            var record = jail?.record ?? IsolationRecord()
+            if jail == nil { record.seccomp = "qemu" }
+            record.disabled = disabled
+            try? HostFiles.writeAtomically(Array((record.line + "\n").utf8), to: bundle.isolationPath)
+        }
         do {
-            let pid = try launch(binary, Self.arguments(definition, bundle: bundle, accelerator: accelerator, cards: networking.cards) + incoming,
-                                 vm: vm, lock: lock, networking: networking, extraDescriptors: extra)
+            let pid = try launch(binary, arguments(), vm: vm, lock: lock, networking: networking, extraDescriptors: extra, jail: jail)
+            recordIsolation()
             if stateDescriptor >= 0 { unlink(bundle.savedStatePath) }
             return StartedVM(pid: pid, warnings: warnings)
         } catch let .engine(_, reason, _) where accelerator != .tcg && reason.contains("MSR 0x10a") {
             // Some hosts' KVM (nested ones, this project's CI) refuse the ARCH_CAPABILITIES MSR
             // that `-cpu host` sets, and QEMU aborts. The guest then does without it (and assumes
             // the CPU vulnerable, enabling mitigations), which beats not starting.
-            let pid = try launch(binary, Self.arguments(definition, bundle: bundle, accelerator: accelerator, cards: networking.cards,
-                                                        cpuModel: "host,-arch-capabilities") + incoming,
-                                 vm: vm, lock: lock, networking: networking, extraDescriptors: extra)
+            let pid = try launch(binary, arguments(cpuModel: "host,-arch-capabilities"), vm: vm, lock: lock, networking: networking,
+                                 extraDescriptors: extra, jail: jail)
+            recordIsolation()
             if stateDescriptor >= 0 { unlink(bundle.savedStatePath) }
             warnings.append("this host's KVM refuses the ARCH_CAPABILITIES MSR; VM '\(name)' runs with `-cpu host,-arch-capabilities`")
             return StartedVM(pid: pid, warnings: warnings)
@@ -200,7 +259,7 @@ public struct QEMUEngine: Engine {
 
     /// Runs QEMU detached, holding the lock, and returns its pid once QMP says the machine runs.
     func launch(_ binary: String, _ machine: [String], vm: EngineVM, lock: VMLock, networking: PreparedNetworking,
-                extraDescriptors: [Int32] = []) throws(LibraryError) -> pid_t {
+                extraDescriptors: [Int32] = [], jail: QEMUJail? = nil) throws(LibraryError) -> pid_t {
         let (bundle, name) = (vm.bundle, vm.name)
         let arguments = [binary] + machine
         // Sockets of a run that was killed would make QEMU's bind fail.
@@ -215,13 +274,23 @@ public struct QEMUEngine: Engine {
         let groups = try VMControlGroups.prepare(vm.definition, bundle: bundle)
         var pid: pid_t = 0
         let inherit = networking.descriptors + extraDescriptors
-        let spawned = withCStrings(arguments) { argv in
-            inherit.withUnsafeBufferPointer {
-                vireo_spawn_detached_inheriting(binary, argv, log, lock.fd, -1, $0.baseAddress, Int32($0.count), &pid)
+        if let jail {
+            // A memory limit must cover everything QEMU touches: it joins its groups before it execs.
+            let processFiles = vm.definition.resources.memoryLimitBytes == nil ? [] : groups?.processFiles ?? []
+            do throws(LibraryError) {
+                pid = try jail.spawn(binary, arguments, log: log, lock: lock.fd, inherit: inherit, cgroupFiles: processFiles)
+            } catch let .engine(_, reason, status) {
+                throw .engine(name: name, reason: reason, exitStatus: status)
             }
-        }
-        guard spawned == 0 else {
-            throw .engine(name: name, reason: "cannot run \(binary): \(String(cString: strerror(spawned)))", exitStatus: 1)
+        } else {
+            let spawned = withCStrings(arguments) { argv in
+                inherit.withUnsafeBufferPointer {
+                    vireo_spawn_detached_inheriting(binary, argv, log, lock.fd, -1, $0.baseAddress, Int32($0.count), &pid)
+                }
+            }
+            guard spawned == 0 else {
+                throw .engine(name: name, reason: "cannot run \(binary): \(String(cString: strerror(spawned)))", exitStatus: 1)
+            }
         }
         try groups?.enter(pid, name: name)
         try? HostFiles.writeAtomically(Array("\(pid)\n".utf8), to: bundle.pidPath)
@@ -321,7 +390,7 @@ public struct QEMUEngine: Engine {
         // The tap's counters, turned round: what the host sends is what the guest receives.
         // passt's stream has no host interface to count on: it shows zeros.
         let networks = vm.definition.networks.enumerated().map { index, card in
-            let interface = HostNetworks.hostInterface(of: vm.definition, card: index) ?? "passt"
+            let interface = HostNetworks.hostInterface(of: vm.definition, card: index, libraryRoot: HostFiles.parent(of: vm.bundle.directory)) ?? "passt"
             let value = { (name: String) in ProcessFacts.number("/sys/class/net/\(interface)/statistics/\(name)") }
             return VMCounters.Network(tap: interface, mac: card.mac, rxFrames: value("tx_packets"), rxBytes: value("tx_bytes"),
                                       txFrames: value("rx_packets"), txBytes: value("rx_bytes"), droppedFrames: value("tx_dropped"))
@@ -372,7 +441,21 @@ public struct QEMUEngine: Engine {
         }
         guard let connection = try? connect(vm, action: "pin"),
               let cpus = try? connection.execute("query-cpus-fast", as: [CPU].self) else { return [:] }
-        return Dictionary(cpus.map { ($0.index, $0.thread) }, uniquingKeysWith: { first, _ in first })
+        // A jailed QEMU reports thread ids of its own PID namespace; the host's are in NSpid.
+        let hostIDs = Self.hostThreadIDs(pid)
+        return Dictionary(cpus.map { ($0.index, hostIDs[$0.thread] ?? $0.thread) }, uniquingKeysWith: { first, _ in first })
+    }
+
+    /// Thread ids as `pid`'s own PID namespace numbers them, to the host's.
+    static func hostThreadIDs(_ pid: pid_t) -> [pid_t: pid_t] {
+        var map: [pid_t: pid_t] = [:]
+        for task in (try? HostFiles.entries(of: "/proc/\(pid)/task")) ?? [] {
+            guard let status = HostFiles.readSmall("/proc/\(pid)/task/\(task)/status"),
+                  let line = status.split(separator: "\n").first(where: { $0.hasPrefix("NSpid:") }) else { continue }
+            let ids = line.dropFirst(6).split(whereSeparator: { $0 == " " || $0 == "\t" }).compactMap { pid_t($0) }
+            if let host = ids.first, let inner = ids.last { map[inner] = host }
+        }
+        return map
     }
 
     // MARK: saved states and live snapshots (QEMU's own migration to a file)
@@ -499,9 +582,20 @@ public struct QEMUEngine: Engine {
 
     public func display(_ vm: EngineVM) throws(LibraryError) -> DisplayAccess { DisplayAccess(vncSocket: vm.bundle.vncPath) }
 
+    /// QEMU writes the picture into the VM's own directory (the only place a jailed QEMU can
+    /// write, and never a path someone else chose as root); it is then copied to `path`.
     public func screenshot(_ vm: EngineVM, to path: String) throws(LibraryError) {
         struct Arguments: Encodable { var filename: String; var format: String }
-        try run(vm, "screendump", arguments: Arguments(filename: path, format: "png"), action: "take a screenshot of")
+        let scratch = vm.bundle.vmmDirectory + "/screen-\(getpid())-\(UInt32.random(in: 0...UInt32.max)).png"
+        unlink(scratch)
+        defer { unlink(scratch) }
+        try run(vm, "screendump", arguments: Arguments(filename: scratch, format: "png"), action: "take a screenshot of")
+        let bytes = try HostFiles.readAll(scratch)
+        let fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0o600)
+        guard fd >= 0 else { throw .io(operation: "create", path: path, errno: errno) }
+        defer { close(fd) }
+        let written = bytes.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
+        guard written == bytes.count else { throw .io(operation: "write", path: path, errno: errno) }
     }
 
     public func sendKeys(_ vm: EngineVM, _ chords: [KeyChord]) throws(LibraryError) {

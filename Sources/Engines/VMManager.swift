@@ -59,7 +59,7 @@ public struct VMManager: Sendable {
     /// process, so two starts (or a start and a delete) cannot both win.
     /// With `incoming`, the VM arrives on that connected migration stream instead of booting
     /// (`vireo receive`); this returns once it runs.
-    public func start(_ name: String, discardState: Bool = false, incoming: Int32? = nil,
+    public func start(_ name: String, discardState: Bool = false, incoming: IncomingMigration? = nil,
                       isolation: IsolationRequest = IsolationRequest()) throws(LibraryError) -> StartedVM {
         let bundle = try library.bundle(named: name)
         let lock = try VMLock(path: bundle.lockPath, create: true)

@@ -1,6 +1,9 @@
 import Devices
 import DiskImage
+import Engines
 import GuestMemory
+import Library
+import Server
 import VMM
 #if canImport(Glibc)
 import Glibc
@@ -76,6 +79,8 @@ public enum Fuzz {
         _ = write(fd, data.baseAddress, data.count)
         close(fd)
         defer { unlink(path) }
+        // What an image import checks first: the header's references, read without following them.
+        _ = try? QCOW2References.read(path: path)
         guard let image = try? DiskImages.open(path: path, format: .qcow2) else { return outcome }
         outcome.accepted = true
         _ = try? image.info()
@@ -167,12 +172,88 @@ public enum Fuzz {
         }
     }
 
+    /// Writes the input to a scratch file, for parsers that read files; removed afterwards.
+    static func withScratchFile<T>(_ data: UnsafeRawBufferPointer, suffix: String, _ body: (String) -> T) -> T? {
+        let path = "/tmp/vireo-fuzz-\(getpid())\(suffix)"
+        let fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
+        guard fd >= 0 else { return nil }
+        _ = write(fd, data.baseAddress, data.count)
+        close(fd)
+        defer { unlink(path) }
+        return body(path)
+    }
+
+    /// The input is the start of an ISO image (sectors 16 onwards hold its volume descriptors):
+    /// what `vireo create --iso` reads of an installer before anything boots it.
+    public static func iso9660(_ data: UnsafeRawBufferPointer) { _ = iso9660Outcome(data) }
+
+    public static func iso9660Outcome(_ data: UnsafeRawBufferPointer) -> Outcome {
+        let accepted = withScratchFile(data, suffix: ".iso") { path in (try? InstallMedium.inspect(path)) != nil } ?? false
+        return Outcome(accepted: accepted, operations: accepted ? 1 : 0)
+    }
+
+    /// The input is an image archive's manifest.json: decoded and checked as an import does.
+    public static func manifest(_ data: UnsafeRawBufferPointer) { _ = manifestOutcome(data) }
+
+    public static func manifestOutcome(_ data: UnsafeRawBufferPointer) -> Outcome {
+        let accepted = (try? ImageStore.decodeManifest(Array(data), path: "fuzz/manifest.json")) != nil
+        return Outcome(accepted: accepted, operations: accepted ? 1 : 0)
+    }
+
+    /// The input is a REST API request body, decoded as the largest bodies the API takes.
+    public static func apiBody(_ data: UnsafeRawBufferPointer) { _ = apiBodyOutcome(data) }
+
+    public static func apiBodyOutcome(_ data: UnsafeRawBufferPointer) -> Outcome {
+        let decoded = APIBodyInspection.decodeEveryBody(Array(data))
+        return Outcome(accepted: decoded > 0, operations: decoded)
+    }
+
+    /// The input is a migration source's offer (JSON), decoded and held to the receive policy.
+    public static func offer(_ data: UnsafeRawBufferPointer) { _ = offerOutcome(data) }
+
+    public static func offerOutcome(_ data: UnsafeRawBufferPointer) -> Outcome {
+        let (decoded, accepted) = MigrationOfferInspection.check(Array(data))
+        return Outcome(accepted: decoded, operations: accepted ? 1 : 0)
+    }
+
+    public static let targetNames = ["virtqueue", "qcow2", "savedstate", "migration", "iso9660", "manifest", "apibody", "offer"]
+
+    /// Well-formed inputs a corpus starts from, so the search begins past the magic numbers.
+    public static func seeds(named name: String) -> [[UInt8]] {
+        switch name {
+        case "savedstate": return [[0] + sampleMachineMetadata]
+        case "migration": return [sampleMigrationStream]
+        case "iso9660":
+            var image = [UInt8](repeating: 0, count: 19 * 2048)
+            func descriptor(_ sector: Int, type: UInt8, _ body: [UInt8], at offset: Int) {
+                let base = sector * 2048
+                image[base] = type
+                image.replaceSubrange(base + 1..<base + 6, with: Array("CD001".utf8))
+                image[base + 6] = 1
+                image.replaceSubrange(base + offset..<base + offset + body.count, with: body)
+            }
+            descriptor(16, type: 1, Array("VIREO SEED".utf8), at: 40)
+            descriptor(17, type: 0, Array("EL TORITO SPECIFICATION".utf8), at: 7)
+            descriptor(18, type: 255, [], at: 7)
+            return [image]
+        case "manifest":
+            return [Array(#"{"version":1,"name":"debian-12","description":"d","origin":"build","osType":"debian-64","createdAt":0,"disk":"disk.qcow2","virtualSize":1073741824,"kernel":"vmlinuz","initrd":"initrd.img","commandLine":"root=UUID=x ro","cloudInit":true,"packages":[{"name":"a","version":"1"}],"files":[{"path":"disk.qcow2","size":1,"sha256":"00"},{"path":"vmlinuz","size":1,"sha256":"00"},{"path":"initrd.img","size":1,"sha256":"00"}]}"#.utf8)]
+        case "apibody": return [APIBodyInspection.sample]
+        case "offer": return [MigrationOfferInspection.sample]
+        default: return []
+        }
+    }
+
     public static func target(named name: String) -> ((UnsafeRawBufferPointer) -> Void)? {
         switch name {
         case "virtqueue": return virtqueue
         case "qcow2": return qcow2
         case "savedstate": return savedState
         case "migration": return migration
+        case "iso9660": return iso9660
+        case "manifest": return manifest
+        case "apibody": return apiBody
+        case "offer": return offer
         default: return nil
         }
     }

@@ -35,7 +35,7 @@ public enum HostFiles {
     /// syncs the directory: a crash leaves the old file or the new one, never a mixture.
     public static func writeAtomically(_ bytes: [UInt8], to path: String) throws(LibraryError) {
         let temporary = path + ".tmp-\(getpid())"
-        let fd = open(temporary, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
+        let fd = open(temporary, O_WRONLY | O_CREAT | O_TRUNC | O_NOFOLLOW | O_CLOEXEC, 0o600)
         guard fd >= 0 else { throw .io(operation: "create", path: temporary, errno: errno) }
         var written = 0
         while written < bytes.count {

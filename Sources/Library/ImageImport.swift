@@ -19,8 +19,15 @@ public enum ImageArchive {
         guard HostFiles.isDirectory(HostFiles.parent(of: target)) else {
             throw .invalidValue(field: "FILE", reason: "\(HostFiles.parent(of: target)) is not a directory")
         }
-        let temporary = HostFiles.parent(of: target) + "/." + HostFiles.lastComponent(of: target) + ".partial-\(getpid())"
-        unlink(temporary)
+        // Written in a directory of its own (0700, a name no one can predict or plant a link at:
+        // tar and qemu-img open what they write by name), then renamed into place.
+        var template = Array((HostFiles.parent(of: target) + "/.vireo-export-XXXXXX").utf8CString)
+        guard template.withUnsafeMutableBufferPointer({ buffer in buffer.baseAddress.flatMap { mkdtemp($0) } }) != nil else {
+            throw .io(operation: "make a private directory for the export beside", path: target, errno: errno)
+        }
+        let privateDirectory = String(decoding: template.dropLast().map { UInt8(bitPattern: $0) }, as: UTF8.self)
+        defer { try? HostFiles.removeTree(privateDirectory) }
+        let temporary = privateDirectory + "/" + HostFiles.lastComponent(of: target)
         let lower = target.lowercased()
         let status: Int32
         let output: String
@@ -118,10 +125,14 @@ public enum ImageImporter {
         guard let debugfs = HostTools.find("debugfs") else { throw .invalidValue(field: "FILE", reason: "importing a disk needs debugfs; install Debian's `e2fsprogs`") }
         if format == .qcow2 {
             do throws(DiskImageError) {
-                let image = try DiskImages.open(path: path, format: .qcow2, readOnly: true)
-                if let qcow2 = image as? QCOW2Image, let backing = qcow2.backingPath {
-                    throw .invalidArgument(field: "FILE", reason: "\(file) is an overlay on \(backing); import a standalone image (qemu-img convert -O qcow2 \(file) flat.qcow2)")
+                let references = try QCOW2References.read(path: path)
+                if let backing = references.backingName {
+                    throw .invalidArgument(field: "FILE", reason: "\(file) is an overlay on the backing file \(backing); import a standalone image (qemu-img convert -O qcow2 \(file) flat.qcow2)")
                 }
+                if references.hasExternalData {
+                    throw .invalidArgument(field: "FILE", reason: "\(file) keeps its data in the external data file \(references.dataFile ?? "(unnamed)"); import a standalone image (qemu-img convert -O qcow2 \(file) flat.qcow2)")
+                }
+                _ = try DiskImages.open(path: path, format: .qcow2, readOnly: true)
             } catch {
                 throw .invalidValue(field: "FILE", reason: error.description)
             }

@@ -129,7 +129,13 @@ public struct ImageStore: Sendable {
     }
 
     public static func readManifest(_ path: String) throws(LibraryError) -> ImageManifest {
-        let bytes = try HostFiles.readAll(path)
+        try decodeManifest(try HostFiles.readAll(path), path: path)
+    }
+
+    /// A manifest's bytes (an archive's, so hostile input), checked: a newer version is refused,
+    /// and every file it names is a plain name in the image's directory with a checksum.
+    public static func decodeManifest(_ bytes: [UInt8], path: String) throws(LibraryError) -> ImageManifest {
+        guard bytes.count <= 1 << 20 else { throw .corrupt(path: path, reason: "a manifest of \(bytes.count) bytes is not one Vireo wrote") }
         let manifest: ImageManifest
         do { manifest = try JSONDecoder().decode(ImageManifest.self, from: Data(bytes)) } catch {
             throw .corrupt(path: path, reason: "not a valid image manifest (\(error))")
@@ -200,9 +206,27 @@ public struct ImageStore: Sendable {
         if !needsHash.isEmpty { try? HostFiles.writeAtomically(Array((stamps.joined(separator: "\n") + "\n").utf8), to: stampPath) }
     }
 
+    /// An image's disk must be a qcow2 image that names nothing beyond itself: VMs rest on it,
+    /// and whatever its header named would be read (as root, before any jail) by every VM made
+    /// from it. Checked on every image before it is installed, whatever it came from (a build,
+    /// the build cache, an archive, an import).
+    public static func checkStandaloneDisk(_ path: String, image: String) throws(LibraryError) {
+        let references: QCOW2References
+        do { references = try QCOW2References.read(path: path) } catch {
+            throw .invalidValue(field: "image disk", reason: "image '\(image)': \(error)")
+        }
+        if let backing = references.backingName {
+            throw .invalidValue(field: "image disk", reason: "image '\(image)': its disk names the backing file \(backing); an image's disk must stand alone (an image from elsewhere never names a host file). Flatten it first: qemu-img convert -O qcow2 DISK flat.qcow2")
+        }
+        if references.hasExternalData {
+            throw .invalidValue(field: "image disk", reason: "image '\(image)': its disk keeps its data in the external data file \(references.dataFile ?? "(unnamed)"); an image's disk must stand alone. Convert it first: qemu-img convert -O qcow2 DISK flat.qcow2")
+        }
+    }
+
     /// Writes the manifest (with checksums of `fileNames`) into `staging` and moves it into place
     /// as image `manifest.name`, in one rename; the files become read-only.
     public func install(staging: String, manifest input: ImageManifest, fileNames: [String], verified: [ImageFile]? = nil) throws(LibraryError) -> ImageManifest {
+        try Self.checkStandaloneDisk(staging + "/" + input.disk, image: input.name)
         var manifest = input
         if let verified { manifest.files = verified } else { manifest.files = try Self.describeFiles(fileNames, in: staging) }
         for file in fileNames { chmod(staging + "/" + file, 0o444) }
@@ -252,8 +276,7 @@ public struct ImageStore: Sendable {
             let bundle = VMBundle(directory: library.root + "/" + vm)
             guard let definition = try? bundle.load() else { continue }
             let rests = definition.disks.contains { disk in
-                let path = bundle.resolve(disk.path)
-                return path.hasPrefix(prefix) || DiskImages.recordedBackingChain(path: path).contains { $0.hasPrefix(prefix) }
+                ([bundle.resolve(disk.path)] + bundle.chain(of: disk).map(\.path)).contains { DiskImages.normalized($0).hasPrefix(prefix) }
             } || [definition.kernel, definition.initrd].compactMap { $0 }.contains { $0.hasPrefix(prefix) }
             if rests { found.append(vm) }
         }

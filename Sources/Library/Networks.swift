@@ -286,8 +286,12 @@ public enum NetworkName {
 public struct NetworkStore: Sendable {
     public static let defaultName = "default"
     public let directory: String
+    public let libraryRoot: String
 
-    public init(libraryRoot: String) { directory = libraryRoot + "/networks" }
+    public init(libraryRoot: String) {
+        self.libraryRoot = libraryRoot
+        directory = libraryRoot + "/networks"
+    }
 
     public func path(of name: String) -> String { directory + "/" + name }
     public func configPath(of name: String) -> String { path(of: name) + "/network.json" }
@@ -358,26 +362,49 @@ public struct NetworkStore: Sendable {
         return "vireo-" + String(repeating: "0", count: 9 - digits.count) + digits
     }
 
+    /// A bridge name of this library's own: `vireo-` and 9 hex digits of the library's path and
+    /// the network's name, for when `bridgeName(for:)` is another library's.
+    static func libraryBridgeName(for name: String, libraryRoot: String, salt: Int) -> String {
+        let digits = String(StableHash.fnv1a(libraryRoot + "\u{0}" + name + (salt == 0 ? "" : "\u{0}\(salt)")) & 0xf_ffff_ffff, radix: 16)
+        return "vireo-" + String(repeating: "0", count: 9 - digits.count) + digits
+    }
+
     /// Creates a network after checking every field: `hostRoutes` are subnets the host already
-    /// reaches (a new network must not shadow them).
-    public func create(_ request: NetworkCreateRequest, hostRoutes: [IPv4Subnet]) throws(LibraryError) -> NetworkDefinition {
+    /// reaches (a new network must not shadow them). With the host's `registry`, the bridge name
+    /// and subnet are ones no other library on this host holds, and they are claimed.
+    public func create(_ request: NetworkCreateRequest, hostRoutes: [IPv4Subnet],
+                       registry: HostNetworkRegistry? = HostNetworkRegistry()) throws(LibraryError) -> NetworkDefinition {
         try NetworkName.validate(request.name)
-        return try locked { () throws(LibraryError) -> NetworkDefinition in
+        guard let registry else { return try create(request, hostRoutes: hostRoutes, otherLibraries: []) }
+        return try registry.locked { () throws(LibraryError) -> NetworkDefinition in
+            let definition = try create(request, hostRoutes: hostRoutes, otherLibraries: registry.others(than: libraryRoot))
+            try registry.claim(definition, library: libraryRoot)
+            return definition
+        }
+    }
+
+    func create(_ request: NetworkCreateRequest, hostRoutes: [IPv4Subnet], otherLibraries: [HostNetworkRegistry.Claim]) throws(LibraryError) -> NetworkDefinition {
+        try locked { () throws(LibraryError) -> NetworkDefinition in
             guard !exists(request.name) else {
                 throw .invalidValue(field: "network name", reason: "a network named '\(request.name)' already exists")
             }
             let others = try all()
+            // Subnets other libraries' networks hold are taken as if this host routed them.
+            let elsewhere = otherLibraries.filter { $0.mode != .internal }
             let subnet: IPv4Subnet
             if let text = request.subnet {
                 subnet = try IPv4Subnet.parse(text, field: "--subnet")
                 if let clash = others.first(where: { $0.subnet.overlaps(subnet) }) {
                     throw .invalidValue(field: "--subnet", reason: "\(subnet) overlaps network '\(clash.name)' (\(clash.subnet))")
                 }
+                if request.mode != .internal, let clash = elsewhere.first(where: { $0.subnet.overlaps(subnet) }) {
+                    throw .invalidValue(field: "--subnet", reason: "\(subnet) overlaps \(clash.subnet) of network '\(clash.network)' in the library \(clash.library) on this host; choose another")
+                }
                 if let route = hostRoutes.first(where: { $0.overlaps(subnet) }) {
                     throw .invalidValue(field: "--subnet", reason: "\(subnet) overlaps \(route), which this host already routes; choose another")
                 }
             } else {
-                subnet = try Self.freeSubnet(avoiding: others.map(\.subnet) + hostRoutes)
+                subnet = try Self.freeSubnet(avoiding: others.map(\.subnet) + elsewhere.map(\.subnet) + hostRoutes)
             }
             var dhcp: DHCPRange?
             if request.mode == .internal {
@@ -394,9 +421,17 @@ public struct NetworkStore: Sendable {
             } else if !request.withoutDHCP {
                 dhcp = Self.defaultRange(subnet)
             }
+            // `vireo-NAME` unless another library on this host holds that name.
+            var bridge = Self.bridgeName(for: request.name)
+            var salt = 0
+            while otherLibraries.contains(where: { $0.bridge == bridge }) || others.contains(where: { $0.bridge == bridge }) {
+                bridge = Self.libraryBridgeName(for: request.name, libraryRoot: libraryRoot, salt: salt)
+                salt += 1
+                guard salt < 64 else { throw .invalidValue(field: "network name", reason: "no free bridge name for it on this host; choose another name") }
+            }
             let definition = NetworkDefinition(version: NetworkDefinition.currentVersion, name: request.name, mode: request.mode,
                                                subnet: subnet, dhcp: dhcp, autostart: request.autostart,
-                                               bridge: Self.bridgeName(for: request.name), createdAt: Int64(time(nil)))
+                                               bridge: bridge, createdAt: Int64(time(nil)))
             if let clash = others.first(where: { $0.bridge == definition.bridge }) {
                 throw .invalidValue(field: "network name", reason: "its bridge name \(definition.bridge) is taken by network '\(clash.name)'; choose another name")
             }
@@ -424,10 +459,10 @@ public struct NetworkStore: Sendable {
     }
 
     /// The `default` NAT network, made on first use like libvirt's.
-    public func ensureDefault(hostRoutes: [IPv4Subnet]) throws(LibraryError) -> NetworkDefinition {
+    public func ensureDefault(hostRoutes: [IPv4Subnet], registry: HostNetworkRegistry? = HostNetworkRegistry()) throws(LibraryError) -> NetworkDefinition {
         if exists(Self.defaultName) { return try load(Self.defaultName) }
         do {
-            return try create(NetworkCreateRequest(name: Self.defaultName), hostRoutes: hostRoutes)
+            return try create(NetworkCreateRequest(name: Self.defaultName), hostRoutes: hostRoutes, registry: registry)
         } catch let .invalidValue(field, _) where field == "network name" && exists(Self.defaultName) {
             return try load(Self.defaultName)   // another command made it meanwhile
         }

@@ -66,7 +66,11 @@ extension VMBundle {
     }
 
     func loadSnapshotDefinition(_ id: String) throws(LibraryError) -> VMDefinition {
-        try VMBundle(directory: snapshotDirectory(id)).load()
+        try VMBundle(directory: snapshotDirectory(id)).load(vmDirectory: directory)
+    }
+
+    func saveSnapshotDefinition(_ definition: VMDefinition, id: String) throws(LibraryError) {
+        try VMBundle(directory: snapshotDirectory(id)).save(definition)
     }
 }
 
@@ -79,6 +83,10 @@ enum SnapshotName {
             throw .invalidValue(field: "SNAPSHOT", reason: "'\(name)' must be \(VMName.rule)")
         }
     }
+}
+
+extension Array {
+    subscript(safe index: Int) -> Element? { indices.contains(index) ? self[index] : nil }
 }
 
 extension VMLibrary {
@@ -164,11 +172,11 @@ extension VMLibrary {
                 guard let layer else { continue }
                 let overlay = Self.snapshotOverlayName(for: layer, snapshot: id)
                 // Peeked: a running VM holds its disk locked.
-                let size: UInt64
-                do { size = try DiskImages.peek(path: bundle.resolve(layer)).virtualSize } catch { throw .disk(error) }
-                try Self.createDisk(bundle.resolve(overlay), size: size, backing: HostFiles.lastComponent(of: layer))
+                let size = try Self.virtualSize(bundle.resolve(layer), format: .qcow2)
+                try Self.createDisk(bundle.resolve(overlay), size: size, backing: BackingLayer(path: HostFiles.lastComponent(of: layer), format: .qcow2))
                 overlays.append(bundle.resolve(overlay))
                 moved.disks[index].path = overlay
+                moved.disks[index].backing = [BackingLayer(path: layer, format: .qcow2)] + definition.disks[index].backing
             }
             try bundle.save(moved)
         } catch {
@@ -268,9 +276,11 @@ extension VMLibrary {
                             throw .corrupt(path: bundle.snapshotDirectory(record.id), reason: "the snapshot lists more disks than its settings")
                         }
                         let overlay = Self.snapshotOverlayName(for: layer, snapshot: overlayID)
-                        let size = try Self.virtualSize(bundle.resolve(layer))
-                        try Self.createDisk(bundle.resolve(overlay), size: size, backing: HostFiles.lastComponent(of: layer))
+                        let size = try Self.virtualSize(bundle.resolve(layer), format: .qcow2)
+                        try Self.createDisk(bundle.resolve(overlay), size: size, backing: BackingLayer(path: HostFiles.lastComponent(of: layer), format: .qcow2))
                         made.append(bundle.resolve(overlay))
+                        // The snapshot's settings recorded the layer as the disk, with its chain.
+                        restored.disks[index].backing = [BackingLayer(path: layer, format: .qcow2)] + restored.disks[index].backing
                         restored.disks[index].path = overlay
                     }
                     try bundle.prepareVMMDirectory()
@@ -338,25 +348,58 @@ extension VMLibrary {
                 guard let qemuImg = HostTools.find("qemu-img") else {
                     throw .invalidValue(field: "snapshot delete", reason: "qemu-img is not installed (apt install qemu-utils); it merges the snapshot's disk layers")
                 }
-                // Each image to merge into must rest on the layer itself (a linked clone may have
-                // put a frozen base in between): never rebase the wrong file.
-                for (index, layer) in record.layers.enumerated() {
-                    guard let layer, let dependent = dependents[index].first else { continue }
-                    let resting = try Self.backingName(of: bundle.resolve(dependent))?.name
-                    guard let resting, bundle.resolve(resting) == bundle.resolve(layer) else {
-                        throw .invalidValue(field: "SNAPSHOT", reason: "\(dependent) rests on \(resting ?? "nothing"), not on the snapshot's layer \(layer); its layers cannot be merged")
-                    }
+                // What each image rests on is what the definitions record: the snapshot's own
+                // settings (taken when the layer was the disk), its children's, the current ones.
+                let own = try bundle.loadSnapshotDefinition(record.id)
+                var childDefinitions: [String: VMDefinition] = [:]
+                for child in children { childDefinitions[child.id] = try bundle.loadSnapshotDefinition(child.id) }
+                func recorded(_ path: String, index: Int) -> DiskAttachment? {
+                    if path == definition.disks[safe: index]?.path { return definition.disks[index] }
+                    for child in children where child.layers[safe: index] == path { return childDefinitions[child.id]?.disks[safe: index] }
+                    return nil
                 }
+                // Each image to merge into must rest on the layer itself (a linked clone may have
+                // put a frozen base in between): never rebase the wrong file. Its headers must
+                // still say what the definitions record (the VM may have rewritten them).
+                var merges: [(dependent: DiskAttachment, layer: DiskAttachment)] = []
                 for (index, layer) in record.layers.enumerated() {
-                    guard let layer, let dependent = dependents[index].first else { continue }
-                    // The layer's own backing, as it names it (relative names stay relative).
-                    let below = try Self.backingName(of: bundle.resolve(layer))
-                    let arguments = ["rebase", "-q", "-f", "qcow2"] + (below.map { ["-F", $0.format, "-b", $0.name] } ?? ["-b", ""])
-                        + [bundle.resolve(dependent)]
+                    guard let layer, let dependentPath = dependents[index].first else { continue }
+                    guard let dependent = recorded(dependentPath, index: index), let below = own.disks[safe: index], below.path == layer,
+                          dependent.backing.first?.path == layer else {
+                        throw .invalidValue(field: "SNAPSHOT", reason: "\(dependentPath) does not rest on the snapshot's layer \(layer) in its definition; its layers cannot be merged")
+                    }
+                    try DiskChains.verify(dependent, in: bundle)
+                    try DiskChains.verify(below, in: bundle)
+                    merges.append((dependent, below))
+                }
+                for (dependent, layer) in merges {
+                    // The layer's own backing, named as the layer's header names it (relative
+                    // names stay relative, so the VM's directory can still be renamed).
+                    let next = layer.backing.first
+                    let backingName = next.map { below -> String in
+                        if below.path.hasPrefix("/") { return below.path }
+                        return HostFiles.parent(of: bundle.resolve(dependent.path)) == HostFiles.parent(of: bundle.resolve(below.path))
+                            ? HostFiles.lastComponent(of: below.path) : bundle.resolve(below.path)
+                    }
+                    let arguments = ["rebase", "-q", "-f", "qcow2"] + (next.map { ["-F", $0.format.rawValue, "-b", backingName ?? $0.path] } ?? ["-b", ""])
+                        + [bundle.resolve(dependent.path)]
                     let (status, output) = HostTools.run(qemuImg, arguments)
                     guard status == 0 else {
-                        throw .engine(name: name, reason: "merging the snapshot's layer \(layer) into \(dependent) failed (qemu-img \(status)): \(output.trimmingWhitespace())", exitStatus: 1)
+                        throw .engine(name: name, reason: "merging the snapshot's layer \(layer.path) into \(dependent.path) failed (qemu-img \(status)): \(output.trimmingWhitespace())", exitStatus: 1)
                     }
+                }
+                // The merged layers leave every chain that recorded them.
+                let gone = Set(record.layers.compactMap { $0 })
+                func dropping(_ definition: VMDefinition) -> VMDefinition {
+                    var changed = definition
+                    for index in changed.disks.indices { changed.disks[index].backing.removeAll { gone.contains($0.path) } }
+                    return changed
+                }
+                try bundle.save(dropping(definition))
+                for other in tree.snapshots where other.id != record.id {
+                    let saved = try bundle.loadSnapshotDefinition(other.id)
+                    let changed = dropping(saved)
+                    if changed != saved { try bundle.saveSnapshotDefinition(changed, id: other.id) }
                 }
                 for layer in record.layers.compactMap({ $0 }) { unlink(bundle.resolve(layer)) }
                 try HostFiles.removeTree(bundle.snapshotDirectory(record.id))
@@ -369,27 +412,6 @@ extension VMLibrary {
                 return record
             }
         }
-    }
-
-    /// The backing file name an image records, with its format; nil for a standalone image.
-    static func backingName(of path: String) throws(LibraryError) -> (name: String, format: String)? {
-        guard let qemuImg = HostTools.find("qemu-img") else { return nil }
-        let (status, output) = HostTools.run(qemuImg, ["info", "--output=json", path])
-        guard status == 0 else { throw .corrupt(path: path, reason: "qemu-img info failed: \(output.trimmingWhitespace())") }
-        struct Info: Decodable {
-            var backingFilename: String?
-            var backingFilenameFormat: String?
-            enum CodingKeys: String, CodingKey {
-                case backingFilename = "backing-filename"
-                case backingFilenameFormat = "backing-filename-format"
-            }
-        }
-        let info: Info
-        do { info = try JSONDecoder().decode(Info.self, from: Data(output.utf8)) } catch {
-            throw .corrupt(path: path, reason: "qemu-img info said something unexpected: \(error)")
-        }
-        guard let name = info.backingFilename else { return nil }
-        return (name, info.backingFilenameFormat ?? "qcow2")
     }
 
     static func noSnapshot(_ reference: String, of name: String, in tree: SnapshotTree) -> LibraryError {

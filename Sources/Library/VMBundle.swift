@@ -25,19 +25,22 @@ public struct VMBundle: Sendable {
     public var hasSavedState: Bool { HostFiles.exists(savedStatePath) }
     /// The host side of the VM's vsock device (connect and send `CONNECT <port>`).
     public var vsockPath: String { directory + "/vsock.sock" }
-    /// qemu engine: QEMU's QMP control socket, its serial console and its VNC display.
-    public var qmpPath: String { directory + "/qmp.sock" }
-    public var consoleSocketPath: String { directory + "/console.sock" }
-    public var vncPath: String { directory + "/vnc.sock" }
+    /// qemu engine: QEMU's QMP control socket, its serial console and its VNC display, in the
+    /// directory its (jailed) uid may write (`vmm/`).
+    public var qmpPath: String { directory + "/vmm/qmp.sock" }
+    public var consoleSocketPath: String { directory + "/vmm/console.sock" }
+    public var vncPath: String { directory + "/vmm/vnc.sock" }
 
     /// Where a path stored in the config points on the host.
     public func resolve(_ stored: String) -> String {
         stored.hasPrefix("/") ? stored : directory + "/" + stored
     }
 
-    public func load() throws(LibraryError) -> VMDefinition {
+    /// The definition in this directory. `vmDirectory`: where its relative disk paths are (a
+    /// snapshot's saved definition lives below its VM's directory).
+    public func load(vmDirectory: String? = nil) throws(LibraryError) -> VMDefinition {
         let bytes = try HostFiles.readAll(configPath)
-        let definition: VMDefinition
+        var definition: VMDefinition
         do {
             definition = try JSONDecoder().decode(VMDefinition.self, from: Data(bytes))
         } catch {
@@ -46,7 +49,25 @@ public struct VMBundle: Sendable {
         guard definition.version <= VMDefinition.currentVersion else {
             throw .corrupt(path: configPath, reason: "written by a newer Vireo (configuration version \(definition.version), this one reads up to \(VMDefinition.currentVersion))")
         }
+        if definition.version < 2 { definition = Self.adoptingChains(definition, vmDirectory: vmDirectory ?? directory) }
         return definition
+    }
+
+    /// A version-1 definition recorded no chains: its qcow2 disks adopt, once, the chains their
+    /// headers name (in the formats each records; layers in the VM's directory stay relative).
+    /// Raw disks rest on nothing, whatever their bytes say. The next save writes version 2.
+    static func adoptingChains(_ definition: VMDefinition, vmDirectory: String) -> VMDefinition {
+        var adopted = definition
+        adopted.version = VMDefinition.currentVersion
+        for index in adopted.disks.indices where adopted.disks[index].format == .qcow2 {
+            let disk = adopted.disks[index]
+            let path = disk.isOwned ? vmDirectory + "/" + disk.path : disk.path
+            guard let chain = try? DiskChains.adopt(path, format: .qcow2, field: "disk") else { continue }
+            adopted.disks[index].backing = chain.map { layer in
+                layer.path.hasPrefix(vmDirectory + "/") ? BackingLayer(path: String(layer.path.dropFirst(vmDirectory.count + 1)), format: layer.format) : layer
+            }
+        }
+        return adopted
     }
 
     public func save(_ definition: VMDefinition) throws(LibraryError) {

@@ -6,8 +6,10 @@ import Glibc
 /// One VM as stored in its directory's `config.json`. Paths without a leading `/` are inside the
 /// VM's directory (the VM owns those files); absolute paths are files it only refers to.
 public struct VMDefinition: Codable, Sendable, Equatable {
-    /// Bumped when the layout changes incompatibly; older Vireos refuse newer files.
-    public static let currentVersion = 1
+    /// Bumped when the layout changes incompatibly; older Vireos refuse newer files. Version 2
+    /// records every disk's backing chain (`DiskAttachment.backing`); a version-1 definition
+    /// adopts the chains its images' headers name when it is loaded (VMBundle.load).
+    public static let currentVersion = 2
 
     public var version: Int
     public var uuid: String
@@ -483,16 +485,43 @@ extension CaseIterable where Self: RawRepresentable, RawValue == String {
 
 public struct DiskAttachment: Codable, Sendable, Equatable {
     public var path: String
+    /// What the disk is: the only format anything opens it as. Never read from its content.
     public var format: DiskFormat
     public var readOnly: Bool
     public var serial: String?
+    /// The images the disk rests on, nearest first, each with its format (a relative path is in
+    /// the VM's directory): recorded when the library makes or accepts the chain (an image's
+    /// disk, a linked clone's base, a snapshot's layers, an attached image's own chain) and the
+    /// only chain anything opens. A raw disk rests on nothing.
+    public var backing: [BackingLayer]
 
-    public init(path: String, format: DiskFormat, readOnly: Bool = false, serial: String? = nil) {
-        self.path = path; self.format = format; self.readOnly = readOnly; self.serial = serial
+    public init(path: String, format: DiskFormat, readOnly: Bool = false, serial: String? = nil, backing: [BackingLayer] = []) {
+        self.path = path; self.format = format; self.readOnly = readOnly; self.serial = serial; self.backing = backing
     }
 
     /// Inside the VM's directory: created, copied and deleted with the VM.
     public var isOwned: Bool { !path.hasPrefix("/") }
+
+    enum CodingKeys: String, CodingKey { case path, format, readOnly, serial, backing }
+
+    public init(from decoder: any Decoder) throws {
+        let container = try decoder.container(keyedBy: CodingKeys.self)
+        path = try container.decode(String.self, forKey: .path)
+        format = try container.decode(DiskFormat.self, forKey: .format)
+        readOnly = try container.decode(Bool.self, forKey: .readOnly)
+        serial = try container.decodeIfPresent(String.self, forKey: .serial)
+        // Definitions of version 1 did not record chains: VMBundle.load adopts them once.
+        backing = try container.decodeIfPresent([BackingLayer].self, forKey: .backing) ?? []
+    }
+
+    public func encode(to encoder: any Encoder) throws {
+        var container = encoder.container(keyedBy: CodingKeys.self)
+        try container.encode(path, forKey: .path)
+        try container.encode(format, forKey: .format)
+        try container.encode(readOnly, forKey: .readOnly)
+        try container.encodeIfPresent(serial, forKey: .serial)
+        if !backing.isEmpty { try container.encode(backing, forKey: .backing) }
+    }
 }
 
 /// One network card: what it is plugged into, its MAC (kept for the card's life, as a real NIC's)
@@ -609,8 +638,8 @@ public enum VMName {
         }
     }
 
-    /// The longest file name a VM's directory holds a Unix socket under (`control.sock`, `console.sock`).
-    static let longestSocketName = "/control.sock".utf8.count
+    /// The longest name of a Unix socket below a VM's directory (`control.sock`; QEMU's `vmm/console.sock`).
+    static let longestSocketName = "/vmm/console.sock".utf8.count
     /// What `sun_path` holds, less its terminating zero.
     static let maximumSocketPath = 107
 

@@ -31,6 +31,8 @@ public struct CreateRequest: Sendable {
     public var memoryBytes: UInt64?
     public var diskBytes: UInt64?
     public var attachDisk: String?
+    /// The attached disk's format (`--disk-format`); nil: what its file name declares.
+    public var attachDiskFormat: DiskFormat?
     public var withoutDisk = false
     public var kernel: String?
     public var initrd: String?
@@ -328,7 +330,10 @@ public struct VMLibrary: Sendable {
             throw .invalidValue(field: "--disk", reason: "choose one of --disk SIZE, --attach-disk PATH and --no-disk")
         }
         var attached: DiskAttachment?
-        if let path = request.attachDisk { attached = try Self.inspectDisk(HostFiles.absolute(path), field: "--attach-disk") }
+        if let path = request.attachDisk { attached = try Self.inspectDisk(HostFiles.absolute(path), format: request.attachDiskFormat, field: "--attach-disk") }
+        if request.attachDisk == nil, request.attachDiskFormat != nil {
+            throw .invalidValue(field: "--disk-format", reason: "declares the format of --attach-disk, which is not given")
+        }
         if image == nil, request.fullCopy { throw .invalidValue(field: "--full", reason: "copies an image's disk; give --image NAME") }
         if image == nil, !request.cloudInit.isEmpty {
             throw .invalidValue(field: request.cloudInit.keyFiles.isEmpty ? "--user/--password/--hostname" : "--ssh-key",
@@ -420,9 +425,10 @@ public struct VMLibrary: Sendable {
                 let base = images.path(of: image.name) + "/" + image.disk
                 if request.fullCopy {
                     try HostFiles.copySparse(base, bundle.resolve("disk0.qcow2"))
-                    chmod(bundle.resolve("disk0.qcow2"), 0o644)
+                    chmod(bundle.resolve("disk0.qcow2"), 0o600)
                     do throws(DiskImageError) {
-                        guard let copy = try DiskImages.open(path: bundle.resolve("disk0.qcow2")) as? QCOW2Image else {
+                        // The store holds standalone qcow2 disks only (ImageStore.install checks).
+                        guard let copy = try DiskImages.open(path: bundle.resolve("disk0.qcow2"), format: .qcow2) as? QCOW2Image else {
                             throw .invalidArgument(field: "--image", reason: "the image's disk is not qcow2")
                         }
                         try copy.resize(to: imageDiskBytes)
@@ -431,13 +437,15 @@ public struct VMLibrary: Sendable {
                     for (field, stored) in [(definition.kernel, "kernel"), (definition.initrd, "initrd")] {
                         guard let path = field, path.hasPrefix(images.path(of: image.name) + "/") else { continue }
                         try HostFiles.copySparse(path, bundle.resolve(stored))
-                        chmod(bundle.resolve(stored), 0o644)
+                        chmod(bundle.resolve(stored), 0o600)
                         if stored == "kernel" { definition.kernel = stored } else { definition.initrd = stored }
                     }
+                    definition.disks.append(DiskAttachment(path: "disk0.qcow2", format: .qcow2))
                 } else {
-                    try Self.createDisk(bundle.resolve("disk0.qcow2"), size: imageDiskBytes, backing: base)
+                    let layer = BackingLayer(path: base, format: .qcow2)
+                    try Self.createDisk(bundle.resolve("disk0.qcow2"), size: imageDiskBytes, backing: layer)
+                    definition.disks.append(DiskAttachment(path: "disk0.qcow2", format: .qcow2, backing: [layer]))
                 }
-                definition.disks.append(DiskAttachment(path: "disk0.qcow2", format: .qcow2))
                 if let cloudInit {
                     try CloudInitSeed.write(cloudInit, macs: definition.networks.map(\.mac), to: bundle.resolve(CloudInitSeed.fileName))
                     definition.cloudInit = cloudInit
@@ -542,6 +550,10 @@ public struct VMLibrary: Sendable {
         }
         if let cid = definition.vsockCID { try validate(vsockCID: cid) }
         try validate(networks: definition.networks)
+        try validate(disks: definition.disks)
+        for (field, path) in [("--kernel", definition.kernel), ("--initrd", definition.initrd), ("nvram", definition.nvram)] {
+            if let path { try validate(path: path, field: field) }
+        }
         switch definition.engine {
         case .kvm:
             if definition.iso != nil {
@@ -633,6 +645,37 @@ public struct VMLibrary: Sendable {
         }
     }
 
+    /// A path a definition records: absolute, or relative to the VM's directory and inside it
+    /// (no `..` or empty components), and without what the VMM's argument syntax reserves.
+    public static func validate(path: String, field: String) throws(LibraryError) {
+        guard !path.isEmpty, path.utf8.count <= 4096, !path.utf8.contains(0), !path.contains(",") else {
+            throw .invalidValue(field: field, reason: "'\(path.prefix(200))' is not a usable path (empty, too long, or with a NUL byte or a comma)")
+        }
+        if !path.hasPrefix("/"), path.split(separator: "/", omittingEmptySubsequences: false).contains(where: { $0.isEmpty || $0 == "." || $0 == ".." }) {
+            throw .invalidValue(field: field, reason: "'\(path.prefix(200))' is relative to the VM's directory and must stay inside it (no '.', '..' or empty components)")
+        }
+    }
+
+    /// Each disk: its path and chain's paths, the chain's shape (a raw image rests on nothing;
+    /// at most 16 layers) and its serial (what the VMM and QEMU accept).
+    public static func validate(disks: [DiskAttachment]) throws(LibraryError) {
+        for (index, disk) in disks.enumerated() {
+            let field = "disk \(index)"
+            try validate(path: disk.path, field: field)
+            for layer in disk.backing { try validate(path: layer.path, field: field) }
+            if disk.format == .raw, !disk.backing.isEmpty {
+                throw .invalidValue(field: field, reason: "\(disk.path) is raw, and a raw disk rests on nothing (its definition lists \(disk.backing.count) backing image(s))")
+            }
+            guard disk.backing.count <= 16 else { throw .invalidValue(field: field, reason: "\(disk.path) rests on \(disk.backing.count) images; at most 16") }
+            if let raw = disk.backing.dropLast().firstIndex(where: { $0.format == .raw }) {
+                throw .invalidValue(field: field, reason: "\(disk.backing[raw].path) is raw and cannot rest on \(disk.backing[raw + 1].path)")
+            }
+            if let serial = disk.serial, serial.utf8.count > 20 || !serial.utf8.allSatisfy({ $0 >= 0x20 && $0 < 0x7f && $0 != UInt8(ascii: ",") }) {
+                throw .invalidValue(field: field, reason: "serial '\(serial.prefix(40))' must be at most 20 printable ASCII characters without commas")
+            }
+        }
+    }
+
     public static func validate(onReboot policy: String) throws(LibraryError) {
         guard VMDefinition.rebootPolicies.contains(policy) else {
             throw .invalidValue(field: "--on-reboot", reason: "'\(policy)' is not one of \(VMDefinition.rebootPolicies.joined(separator: ", "))")
@@ -677,15 +720,23 @@ public struct VMLibrary: Sendable {
         }
     }
 
-    /// Opens an image read-only to learn its format (and that it is one).
-    public static func inspectDisk(_ path: String, field: String, readOnly: Bool = false) throws(LibraryError) -> DiskAttachment {
-        guard HostFiles.exists(path) else { throw .invalidValue(field: field, reason: "\(path) does not exist") }
+    /// A disk a person attaches: its format is the one they declare (or its file name does),
+    /// never the one its bytes claim — a guest can write any header into a raw disk it owns. A
+    /// qcow2 image's own chain is recorded as its headers name it (the person made it); the image
+    /// is then opened read-only through that chain to check it.
+    public static func inspectDisk(_ path: String, format declared: DiskFormat?, field: String, readOnly: Bool = false) throws(LibraryError) -> DiskAttachment {
+        guard HostFiles.exists(path), !HostFiles.isDirectory(path) else { throw .invalidValue(field: field, reason: "\(path) does not exist or is not a file") }
+        guard let format = declared ?? DiskFormat.declared(byName: path) else {
+            throw .invalidValue(field: field == "--attach-disk" ? "--disk-format" : "--format",
+                                reason: "the name of \(path) does not say whether it is raw or qcow2; give --format raw or --format qcow2 (Vireo never takes a disk's format from its content, which a guest may have written)")
+        }
+        let chain = try DiskChains.adopt(path, format: format, field: field)
         do {
-            let image = try DiskImages.open(path: path, readOnly: true)
-            return DiskAttachment(path: path, format: image.format, readOnly: readOnly)
+            _ = try DiskImages.open(path: path, format: format, readOnly: true, backing: .recorded(chain))
         } catch {
             throw .invalidValue(field: field, reason: error.description)
         }
+        return DiskAttachment(path: path, format: format, readOnly: readOnly, backing: chain)
     }
 
     // MARK: set, attach, detach
@@ -788,11 +839,16 @@ public struct VMLibrary: Sendable {
         }
     }
 
-    public func attachDisk(_ name: String, path: String, readOnly: Bool) throws(LibraryError) -> VMDefinition {
+    public func attachDisk(_ name: String, path: String, readOnly: Bool, format: DiskFormat? = nil) throws(LibraryError) -> VMDefinition {
         try update(name, action: "attach a disk to") { (definition, bundle) throws(LibraryError) in
-            let absolute = HostFiles.absolute(path)
-            var attachment = try Self.inspectDisk(absolute, field: "PATH", readOnly: readOnly)
-            if absolute.hasPrefix(bundle.directory + "/") { attachment.path = String(absolute.dropFirst(bundle.directory.count + 1)) }
+            let absolute = DiskImages.normalized(HostFiles.absolute(path))
+            var attachment = try Self.inspectDisk(absolute, format: format, field: "PATH", readOnly: readOnly)
+            // What lies in the VM's directory is recorded relative to it (it moves with a rename).
+            let prefix = bundle.directory + "/"
+            if absolute.hasPrefix(prefix) { attachment.path = String(absolute.dropFirst(prefix.count)) }
+            attachment.backing = attachment.backing.map { layer in
+                layer.path.hasPrefix(prefix) ? BackingLayer(path: String(layer.path.dropFirst(prefix.count)), format: layer.format) : layer
+            }
             guard !definition.disks.contains(where: { bundle.resolve($0.path) == absolute }) else {
                 throw .invalidValue(field: "PATH", reason: "\(absolute) is already attached to VM '\(name)'")
             }
@@ -824,7 +880,7 @@ public struct VMLibrary: Sendable {
             let otherBundle = VMBundle(directory: root + "/" + other)
             guard let definition = try? otherBundle.load() else { continue }
             let rests = definition.disks.contains { disk in
-                DiskImages.recordedBackingChain(path: otherBundle.resolve(disk.path)).contains { $0.hasPrefix(prefix) }
+                otherBundle.chain(of: disk).contains { DiskImages.normalized($0.path).hasPrefix(prefix) }
             }
             if rests { found.append(other) }
         }
@@ -874,21 +930,26 @@ public struct VMLibrary: Sendable {
             let doomed = root + "/.deleting-" + uuid
             try HostFiles.renameNoReplace(bundle.directory, doomed)
             if keepDisks {
-                // A kept overlay needs the bases in this directory it rests on; they move along,
-                // and its relative reference to them stays valid.
+                // A kept overlay needs the bases in this directory it rests on (its definition
+                // records them, relative); they move along, and its relative reference to them
+                // stays valid. Only files inside the directory move: nothing a header names.
                 var files: [String] = []
                 for disk in disks where disk.isOwned {
                     files.append(disk.path)
-                    for base in DiskImages.recordedBackingChain(path: doomed + "/" + disk.path) where base.hasPrefix(doomed + "/") {
-                        files.append(String(base.dropFirst(doomed.count + 1)))
-                    }
+                    files += disk.backing.filter { !$0.path.hasPrefix("/") }.map(\.path)
                 }
-                if !files.isEmpty {
-                    let keep = root + "/kept-disks/" + name + "-" + uuid.prefix(8)
-                    try HostFiles.makeDirectories(keep)
-                    for file in files where HostFiles.exists(doomed + "/" + file) {
+                let inside = files.filter { HostPath.inside(doomed + "/" + $0, doomed) != nil }
+                if !inside.isEmpty {
+                    let kept = root + "/kept-disks"
+                    try HostFiles.makeDirectory(kept, mode: 0o700)
+                    let keep = kept + "/" + name + "-" + uuid.prefix(8)
+                    try HostFiles.makeDirectory(keep, mode: 0o700)
+                    for file in inside where HostFiles.exists(doomed + "/" + file) {
                         let target = keep + "/" + HostFiles.lastComponent(of: file)
                         try HostFiles.renameNoReplace(doomed + "/" + file, target)
+                        // Root's again, and nobody else's: the VM's jail uid owned it while it ran.
+                        _ = lchown(target, 0, 0)
+                        _ = chmod(target, 0o600)
                         report.keptDisks.append(target)
                     }
                 }
@@ -954,40 +1015,51 @@ public struct VMLibrary: Sendable {
                     } else if disk.readOnly {
                         var shared = disk
                         shared.path = bundle.resolve(disk.path)
+                        shared.backing = bundle.chain(of: disk)
                         definition.disks.append(shared)
                     } else if !linked {
+                        // What anything reads of the disk follows the chain its definition records,
+                        // checked against the headers first: the VM may have rewritten them.
+                        try DiskChains.verify(disk, in: bundle)
                         let file = HostFiles.lastComponent(of: disk.path)
                         let before = finished
-                        switch try Self.copyPlan(bundle.resolve(disk.path)) {
-                        case .plain:
+                        var copy = disk
+                        copy.path = file
+                        // Layers in the VM's directory (snapshots) are folded into the copy, which
+                        // rests only on the first layer outside it (an image), if any.
+                        let chain = bundle.chain(of: disk)
+                        if let firstOwned = disk.backing.firstIndex(where: { !$0.path.hasPrefix("/") }) {
+                            let kept = disk.backing[firstOwned...].firstIndex(where: { $0.path.hasPrefix("/") })
+                            try Self.copyFlattened(bundle.resolve(disk.path), to: target.resolve(file), keeping: kept.map { chain[$0] })
+                            copy.backing = kept.map { Array(chain[$0...]) } ?? []
+                        } else {
                             try HostFiles.copySparse(bundle.resolve(disk.path), target.resolve(file)) { done, _ in
                                 progress(min(Double(before + done) / Double(total), 1))
                             }
-                        case let .flatten(base):
-                            // The disk rests on layers in the VM's directory (snapshots): the copy
-                            // holds their data itself, resting only on what lies outside (an image).
-                            try Self.copyFlattened(bundle.resolve(disk.path), to: target.resolve(file), keeping: base)
+                            copy.backing = chain
                         }
                         finished += HostFiles.size(bundle.resolve(disk.path))
                         progress(min(Double(finished) / Double(total), 1))
-                        var copy = disk
-                        copy.path = file
                         definition.disks.append(copy)
                     } else {
                         // Freeze the source's disk as a base both VMs' new overlays rest on: the
                         // source keeps writing to its overlay, and the base never changes again.
+                        // The base keeps the format its definition records: a raw disk becomes a
+                        // raw base, whatever its bytes look like.
+                        try DiskChains.verify(disk, in: bundle)
                         let base = "base-\(definition.uuid.prefix(8))-\(index).\(disk.format.rawValue)"
                         try HostFiles.renameNoReplace(bundle.resolve(disk.path), bundle.resolve(base))
                         frozen.append((bundle.resolve(base), bundle.resolve(disk.path), nil))
                         let overlayName = disk.format == .qcow2 ? disk.path : Self.stem(disk.path) + ".qcow2"
-                        let size = try Self.virtualSize(bundle.resolve(base))
-                        try Self.createDisk(bundle.resolve(overlayName), size: size, backing: base)
+                        let size = try Self.virtualSize(bundle.resolve(base), format: disk.format)
+                        try Self.createDisk(bundle.resolve(overlayName), size: size, backing: BackingLayer(path: base, format: disk.format))
                         frozen[frozen.count - 1].overlay = bundle.resolve(overlayName)
                         let cloneDisk = "disk\(index).qcow2"
-                        try Self.createDisk(target.resolve(cloneDisk), size: size, backing: bundle.resolve(base))
-                        sourceDefinition.disks[index].path = overlayName
-                        sourceDefinition.disks[index].format = .qcow2
-                        definition.disks.append(DiskAttachment(path: cloneDisk, format: .qcow2, readOnly: false, serial: disk.serial))
+                        try Self.createDisk(target.resolve(cloneDisk), size: size, backing: BackingLayer(path: bundle.resolve(base), format: disk.format))
+                        sourceDefinition.disks[index] = DiskAttachment(path: overlayName, format: .qcow2, readOnly: false, serial: disk.serial,
+                                                                       backing: [BackingLayer(path: base, format: disk.format)] + disk.backing)
+                        definition.disks.append(DiskAttachment(path: cloneDisk, format: .qcow2, readOnly: false, serial: disk.serial,
+                                                               backing: [BackingLayer(path: bundle.resolve(base), format: disk.format)] + bundle.chain(of: disk)))
                     }
                 }
                 try target.save(definition)
@@ -1022,33 +1094,15 @@ public struct VMLibrary: Sendable {
         }
     }
 
-    enum CopyPlan {
-        /// The file alone is the disk (or rests only on absolutely named images): copy it.
-        case plain
-        /// It rests on layers named relative to it (snapshot layers in the VM's directory): copy
-        /// their data into it, resting only on `base` (the first absolutely named image below), if any.
-        case flatten(base: (name: String, format: String)?)
-    }
-
-    static func copyPlan(_ path: String) throws(LibraryError) -> CopyPlan {
-        guard var below = try backingName(of: path), !below.name.hasPrefix("/") else { return .plain }
-        var current = path
-        for _ in 0..<64 {
-            let directory = current.contains("/") ? String(current[..<(current.lastIndex(of: "/") ?? current.startIndex)]) : "."
-            current = directory + "/" + below.name
-            guard let next = try backingName(of: current) else { return .flatten(base: nil) }
-            if next.name.hasPrefix("/") { return .flatten(base: next) }
-            below = next
-        }
-        throw .corrupt(path: path, reason: "backing chain deeper than 64 images (a loop?)")
-    }
-
-    static func copyFlattened(_ source: String, to destination: String, keeping base: (name: String, format: String)?) throws(LibraryError) {
+    /// Copies the qcow2 disk at `source` (its chain verified) into a new image holding every
+    /// layer's data above `base`, which the copy rests on (nil: on nothing). qemu-img is told
+    /// every format: nothing is probed.
+    static func copyFlattened(_ source: String, to destination: String, keeping base: BackingLayer?) throws(LibraryError) {
         guard let qemuImg = HostTools.find("qemu-img") else {
             throw .invalidValue(field: "clone", reason: "qemu-img is not installed (apt install qemu-utils); it copies disks with snapshot layers")
         }
-        let keep = base.map { ["-B", $0.name, "-F", $0.format] } ?? []
-        let (status, output) = HostTools.run(qemuImg, ["convert", "-q", "-O", "qcow2"] + keep + [source, destination])
+        let keep = base.map { ["-B", $0.path, "-F", $0.format.rawValue] } ?? []
+        let (status, output) = HostTools.run(qemuImg, ["convert", "-q", "-f", "qcow2", "-O", "qcow2"] + keep + [source, destination])
         guard status == 0 else {
             unlink(destination)
             throw .io(operation: "qemu-img convert (\(output.trimmingWhitespace()))", path: destination, errno: EIO)
@@ -1060,11 +1114,11 @@ public struct VMLibrary: Sendable {
         return String(path[..<dot])
     }
 
-    static func createDisk(_ path: String, size: UInt64, backing: String? = nil) throws(LibraryError) {
+    static func createDisk(_ path: String, size: UInt64, backing: BackingLayer? = nil) throws(LibraryError) {
         do { try DiskImages.create(path: path, format: .qcow2, size: size, backing: backing) } catch { throw .disk(error) }
     }
 
-    static func virtualSize(_ path: String) throws(LibraryError) -> UInt64 {
-        do { return try DiskImages.open(path: path, readOnly: true).virtualSize } catch { throw .disk(error) }
+    static func virtualSize(_ path: String, format: DiskFormat) throws(LibraryError) -> UInt64 {
+        do { return try DiskImages.peek(path: path, format: format) } catch { throw .disk(error) }
     }
 }

@@ -181,7 +181,18 @@ public final class MigrationChannel: @unchecked Sendable {
     public private(set) var bytesSent: UInt64 = 0
     public private(set) var bytesReceived: UInt64 = 0
 
+    /// When set (CLOCK_MONOTONIC nanoseconds), a message that has not fully arrived by then is
+    /// an error, however the peer paces its bytes: a peer trickling a byte at a time cannot hold
+    /// a receiver that serves one connection at a time.
+    public var deadline: UInt64?
+
     public init(fd: Int32) { self.fd = fd }
+
+    public static func monotonicNanoseconds() -> UInt64 {
+        var spec = timespec()
+        clock_gettime(CLOCK_MONOTONIC, &spec)
+        return UInt64(spec.tv_sec) * 1_000_000_000 + UInt64(spec.tv_nsec)
+    }
 
     /// Sends one message whose payload is the concatenation of `parts` (no copy is made of them).
     public func send(_ kind: MigrationWire.Kind, parts: [UnsafeRawBufferPointer]) throws(MigrationError) {
@@ -262,6 +273,14 @@ public final class MigrationChannel: @unchecked Sendable {
     private func readExactly(_ buffer: UnsafeMutableRawBufferPointer) throws(MigrationError) {
         var done = 0
         while done < buffer.count {
+            if let deadline {
+                var readable = false
+                while !readable {
+                    let now = Self.monotonicNanoseconds()
+                    guard now < deadline else { throw .io(operation: "receive (no whole message in the time allowed)", errno: ETIMEDOUT) }
+                    readable = waitReadable(milliseconds: Int32(min((deadline - now) / 1_000_000 + 1, 10_000)))
+                }
+            }
             let count = recv(fd, buffer.baseAddress.map { $0 + done }, buffer.count - done, 0)
             if count < 0 {
                 if errno == EINTR { continue }

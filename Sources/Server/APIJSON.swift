@@ -57,7 +57,16 @@ enum APIJSON {
         if let type = request.headers[.contentType], !type.lowercased().hasPrefix("application/json") {
             throw APIProblem(.unsupportedMediaType, kind: "unsupported-media-type", detail: "send the body as application/json, not \(type)")
         }
-        let bytes = buffer.readableBytesView.isEmpty ? Array("{}".utf8) : Array(buffer.readableBytesView)
+        return try decode(type, bytes: buffer.readableBytesView.isEmpty ? Array("{}".utf8) : Array(buffer.readableBytesView),
+                          allowed: allowed, nested: nested)
+    }
+
+    /// The body's bytes, checked and decoded as `decode(_:from:allowed:nested:)` says.
+    static func decode<T: Decodable>(_ type: T.Type, bytes: [UInt8], allowed: Set<String>,
+                                     nested: [String: Set<String>] = [:]) throws -> T {
+        guard bytes.count <= maximumBody else {
+            throw APIProblem(.contentTooLarge, kind: "body-too-large", detail: "the request body is over \(maximumBody) bytes")
+        }
         let value: JSONValue
         do { value = try JSONDecoder().decode(JSONValue.self, from: Data(bytes)) } catch {
             throw APIProblem.malformed("the body is not valid JSON")
@@ -140,4 +149,26 @@ enum JSONValue: Decodable, Sendable {
         else if let value = try? container.decode([JSONValue].self) { self = .array(value) }
         else { self = .object(try container.decode([String: JSONValue].self)) }
     }
+}
+
+/// The API's request bodies as hostile input, for the fuzzer (docs/fuzzing.md): the bytes are
+/// decoded as the largest bodies the API takes (a new VM, a change), and what decodes is turned
+/// into the library's requests as the routes do. Only ever returns.
+public enum APIBodyInspection {
+    /// How many of the bodies decoded and converted.
+    public static func decodeEveryBody(_ bytes: [UInt8]) -> Int {
+        var decoded = 0
+        if let body = try? APIJSON.decode(APIServer.CreateBody.self, bytes: bytes, allowed: APIServer.CreateBody.keys) {
+            decoded += 1
+            if (try? body.request()) != nil { decoded += 1 }
+        }
+        if let body = try? APIJSON.decode(APIServer.ChangeBody.self, bytes: bytes, allowed: APIServer.ChangeBody.keys, nested: APIServer.ChangeBody.nested) {
+            decoded += 1
+            if (try? APIServer.cardsWithMACs(nics: body.nics, forwards: body.forwards, kept: nil)) != nil { decoded += 1 }
+        }
+        return decoded
+    }
+
+    /// A body every check accepts, the fuzzer's seed.
+    public static let sample = Array(#"{"name":"web","cpus":2,"memory_bytes":268435456,"nics":["nat","user,mac=52:54:00:12:34:56"],"forwards":["tcp:8022:22"],"cpu_cap_percent":50,"attach_disk_format":"raw"}"#.utf8)
 }

@@ -28,6 +28,11 @@ public struct APIServer: Sendable {
         /// PEM files; with both, TCP serves HTTPS (and WSS) only.
         public var tlsCertificate: String?
         public var tlsKey: String?
+        /// Directories besides the library whose files API clients may name (`--allow-path`),
+        /// resolved.
+        public var allowedPaths: [String] = []
+        /// Whether API clients may start VMs without the jail or seccomp (`--allow-unconfined`).
+        public var allowUnconfined = false
         public init() {}
     }
 
@@ -37,6 +42,7 @@ public struct APIServer: Sendable {
     let tasks: TaskRegistry
     let events: EventSignal
     let definitions = DefinitionCache()
+    let paths: APIPathPolicy
 
     public init(manager: VMManager, configuration: Configuration) throws(LibraryError) {
         self.manager = manager
@@ -44,6 +50,7 @@ public struct APIServer: Sendable {
         self.token = try APIToken.loadOrCreate(libraryRoot: manager.library.root)
         self.tasks = TaskRegistry()
         self.events = EventSignal()
+        self.paths = APIPathPolicy(libraryRoot: manager.library.root, allowed: configuration.allowedPaths)
     }
 
     public static func tokenPath(libraryRoot: String) -> String { APIToken.path(libraryRoot: libraryRoot) }
@@ -184,6 +191,7 @@ public struct APIServer: Sendable {
                                             server: .http1WebSocketUpgrade(webSocketRouter: webSocketRouter(requireToken: false)),
                                             configuration: .init(address: .unixDomainSocket(path: socket), serverName: nil),
                                             onServerRunning: { _ in
+                                                // Made 0600 by the process umask already (set at start); said again.
                                                 chmod(socket, 0o600)
                                                 ready("unix:\(socket)")
                                             },

@@ -1,4 +1,5 @@
 import API
+import DiskImage
 import Engines
 import FoundationEssentials
 import Hummingbird
@@ -61,11 +62,15 @@ extension APIServer {
             }
             return Response(status: .ok, headers: [.contentType: "image/png"], body: .init(byteBuffer: ByteBuffer(bytes: png)))
         }
-        struct DiskBody: Decodable { var path: String; var readOnly: Bool? }
+        struct DiskBody: Decodable { var path: String; var readOnly: Bool?; var format: String? }
         api.post("vms/:name/disks") { request, context in
             let name = try context.parameters.require("name")
-            let body = try await APIJSON.decode(DiskBody.self, from: request, allowed: ["path", "read_only"])
-            let definition = try await blocking { try self.manager.library.attachDisk(name, path: body.path, readOnly: body.readOnly ?? false) }
+            let body = try await APIJSON.decode(DiskBody.self, from: request, allowed: ["path", "read_only", "format"])
+            try self.paths.check(body.path, field: "path")
+            let definition = try await blocking { () throws -> VMDefinition in
+                let format = try body.format.map { (text) throws(LibraryError) in try DiskFormat.parse(text, field: "format") }
+                return try self.manager.library.attachDisk(name, path: body.path, readOnly: body.readOnly ?? false, format: format)
+            }
             return APIJSON.response(definition, status: .created)
         }
         api.delete("vms/:name/disks") { request, context in
@@ -122,6 +127,7 @@ extension APIServer {
         struct ImportBody: Decodable { var path: String; var name: String }
         api.post("images/import") { request, _ in
             let body = try await APIJSON.decode(ImportBody.self, from: request, allowed: ["path", "name"])
+            try self.paths.check(body.path, field: "path")
             let task = self.tasks.start(kind: "image-import", target: body.name) { task throws(LibraryError) in
                 let manifest = try ImageImporter.importFile(body.path, as: body.name, store: ImageStore(libraryRoot: self.manager.library.root)) { step in
                     task.progress(nil, step)

@@ -131,7 +131,7 @@ extension APIServer {
         }
         api.post("images") { request, _ in
             let body = try await APIJSON.decode(BuildBody.self, from: request, allowed: ["distribution", "name", "size_bytes", "packages", "mirror", "cache_dir"])
-            let cache = try body.cacheDir.map { try Self.absolutePath($0, field: "cache_dir") }
+            let cache = try body.cacheDir.map { try self.paths.check($0, field: "cache_dir") }
             let recipe = try await blocking { () throws -> ImageRecipe in
                 try ImageRecipe(distribution: body.distribution, extraPackages: body.packages ?? [], mirror: body.mirror, size: body.sizeBytes)
             }

@@ -44,7 +44,7 @@ extension APIServer {
             let name = try context.parameters.require("image")
             let body = try await APIJSON.decode(ExportBody.self, from: request, allowed: ["path"])
             try await self.requireImage(name)
-            let path = try Self.absolutePath(body.path, field: "path")
+            let path = try self.paths.check(body.path, field: "path")
             // Checked before the task, so a path that cannot be written is a 422, not a failed task.
             try await blocking { () throws in
                 guard !HostFiles.exists(path) else { throw LibraryError.invalidValue(field: "path", reason: "\(path) already exists; exports never overwrite") }
@@ -65,13 +65,23 @@ extension APIServer {
             return APIJSON.response(task, status: .accepted, headers: [.location: "/api/tasks/\(task.id)"])
         }
 
-        struct ReceiveBody: Decodable { var listen: String?; var name: String? }
+        struct ReceiveBody: Decodable { var listen: String?; var name: String?; var allowDisks: [String]?; var allowRt: Bool? }
         api.post("migrations/receive") { request, _ in
-            let body = try await APIJSON.decode(ReceiveBody.self, from: request, allowed: ["listen", "name"])
+            let body = try await APIJSON.decode(ReceiveBody.self, from: request, allowed: ["listen", "name", "allow_disks", "allow_rt"])
             let root = self.manager.library.root
+            var allowed: [String] = []
+            for (index, directory) in (body.allowDisks ?? []).enumerated() {
+                let field = "allow_disks[\(index)]"
+                guard directory.hasPrefix("/"), let real = HostPath.real(directory), HostFiles.isDirectory(real) else {
+                    throw APIProblem.invalid(field, "\(directory) is not an absolute path of a directory")
+                }
+                try self.paths.check(real, field: field)
+                allowed.append(real)
+            }
+            let policy = ReceivePolicy(allowedDiskDirectories: allowed, allowRealTime: body.allowRt ?? false)
             let (listener, bound) = try await blocking { () throws -> (Int32, TCPEndpoint) in
                 if let name = body.name { try VMName.validate(name, in: root) }
-                let endpoint = try TCPEndpoint(parsing: body.listen ?? "0.0.0.0:\(MigrationWire.defaultPort)", field: "listen",
+                let endpoint = try TCPEndpoint(parsing: body.listen ?? "127.0.0.1:\(MigrationWire.defaultPort)", field: "listen",
                                                defaultPort: MigrationWire.defaultPort)
                 do throws(LibraryError) {
                     return try self.manager.listenForMigration(on: endpoint)
@@ -91,7 +101,7 @@ extension APIServer {
                 defer { socket.close() }
                 task.progress(nil, "waiting on \(bound) for `vireo migrate` or POST /api/vms/{name}/migrate")
                 do throws(LibraryError) {
-                    let received = try self.manager.receive(on: listener, token: token, rename: body.name) { task.progress(nil, $0) }
+                    let received = try self.manager.receive(on: listener, token: token, rename: body.name, policy: policy) { task.progress(nil, $0) }
                     self.events.touch()
                     return ["vm": received.name, "source": received.source, "pid": String(received.pid),
                             "warnings": received.warnings.joined(separator: "; ")]
@@ -167,13 +177,6 @@ extension APIServer {
 
     // MARK: disk images
 
-    static func absolutePath(_ path: String, field: String) throws -> String {
-        guard path.hasPrefix("/"), path.count <= 4096, !path.contains("\u{0}") else {
-            throw APIProblem.invalid(field, "'\(path.prefix(200))' is not an absolute path (the server's working directory is not yours)")
-        }
-        return path
-    }
-
     /// `vireo disk`'s errors as problems: what the caller can fix is 4xx and names the field.
     static func diskProblem(_ error: DiskImageError) -> APIProblem {
         let detail = error.description
@@ -191,7 +194,7 @@ extension APIServer {
         case .io(_, _, EFBIG):
             // A size beyond what the host's file system can hold is the caller's to lower.
             return APIProblem(.unprocessableContent, kind: "invalid-value", detail: detail, field: "size_bytes")
-        case .invalidImage, .unsupported:
+        case .invalidImage, .unsupported, .unrecordedBacking:
             return APIProblem(.unprocessableContent, kind: "invalid-image", detail: detail, field: "path")
         case .io, .outOfRange, .readOnly:
             return APIProblem(.internalServerError, kind: "disk", detail: detail)
@@ -204,9 +207,32 @@ extension APIServer {
         }
     }
 
+    /// The format an API client declares for an image, or the one its name does; never its content.
+    static func format(_ given: String?, of path: String, field: String = "format") throws(DiskImageError) -> DiskFormat {
+        if let given {
+            guard let format = DiskFormat(rawValue: given) else { throw .invalidArgument(field: field, reason: "'\(given)' is not one of qcow2, raw") }
+            return format
+        }
+        guard let format = DiskFormat.declared(byName: path) else {
+            throw .invalidArgument(field: field, reason: "required: the name of \(path) does not say whether it is raw or qcow2, and a format is never read from a disk's content")
+        }
+        return format
+    }
+
+    /// What a qcow2 image an API client names rests on must lie where the client may name files
+    /// too: the server follows its header only that far.
+    func checkChain(_ path: String, declared: String?, field: String = "path") async throws {
+        try await blocking { () throws in
+            let format: DiskFormat
+            do throws(DiskImageError) { format = try Self.format(declared, of: path) } catch { throw Self.diskProblem(error) }
+            guard HostFiles.exists(path) else { return }
+            for layer in try DiskChains.adopt(path, format: format, field: field) { try self.paths.check(layer.path, field: field) }
+        }
+    }
+
     /// Grows the image; its lock goes with the image when this returns.
-    static func grow(_ path: String, to size: UInt64) throws(DiskImageError) {
-        switch try DiskImages.open(path: path) {
+    static func grow(_ path: String, format: DiskFormat, to size: UInt64) throws(DiskImageError) {
+        switch try DiskImages.open(path: path, format: format, backing: .fromHeader) {
         case let qcow2 as QCOW2Image: try qcow2.resize(to: size)
         case let raw as RawImage: try raw.resize(to: size)
         default: throw .unsupported(path: path, feature: "resizing this format")
@@ -215,24 +241,30 @@ extension APIServer {
 
     func addDiskRoutes(to api: RouterGroup<APIContext>) {
         struct CreateDisk: Decodable {
-            var path: String; var sizeBytes: UInt64?; var format: String?; var backing: String?; var preallocate: Bool?; var clusterSize: UInt64?
+            var path: String; var sizeBytes: UInt64?; var format: String?; var backing: String?; var backingFormat: String?
+            var preallocate: Bool?; var clusterSize: UInt64?
         }
         api.post("disks") { request, _ in
-            let body = try await APIJSON.decode(CreateDisk.self, from: request, allowed: ["path", "size_bytes", "format", "backing", "preallocate", "cluster_size"])
-            let path = try Self.absolutePath(body.path, field: "path")
+            let body = try await APIJSON.decode(CreateDisk.self, from: request,
+                                                allowed: ["path", "size_bytes", "format", "backing", "backing_format", "preallocate", "cluster_size"])
+            let path = try self.paths.check(body.path, field: "path")
             guard let format = DiskFormat(rawValue: body.format ?? "qcow2") else {
                 throw APIProblem.invalid("format", "'\(body.format ?? "")' is not one of qcow2, raw")
             }
-            let backing = try body.backing.map { try Self.absolutePath($0, field: "backing") }
+            let backing = try body.backing.map { try self.paths.check($0, field: "backing") }
+            if let backing { try await self.checkChain(backing, declared: body.backingFormat, field: "backing") }
             let info = try await Self.diskWork { () throws(DiskImageError) -> DiskInfo in
+                let layer = try backing.map { (name) throws(DiskImageError) in
+                    BackingLayer(path: name, format: try Self.format(body.backingFormat, of: name, field: "backing_format"))
+                }
                 var size = body.sizeBytes
-                if size == nil, let backing { size = try DiskImages.open(path: backing, readOnly: true).virtualSize }
+                if size == nil, let layer { size = try DiskImages.open(path: layer.path, format: layer.format, readOnly: true, backing: .fromHeader).virtualSize }
                 guard let size else {
                     throw .invalidArgument(field: "--size", reason: "required (in bytes), unless a backing file gives it")
                 }
-                try DiskImages.create(path: path, format: format, size: size, backing: backing,
+                try DiskImages.create(path: path, format: format, size: size, backing: layer,
                                       preallocate: body.preallocate ?? false, clusterSize: body.clusterSize ?? 65536)
-                return try DiskImages.open(path: path, readOnly: true).info()
+                return try DiskImages.open(path: path, format: format, readOnly: true, backing: .fromHeader).info()
             }
             return APIJSON.response(info, status: .created)
         }
@@ -240,17 +272,23 @@ extension APIServer {
             guard let given = request.uri.queryParameters["path"].map(String.init), !given.isEmpty else {
                 throw APIProblem(.unprocessableContent, kind: "missing-field", detail: "path: required (the image's absolute path)", field: "path")
             }
-            let path = try Self.absolutePath(given, field: "path")
-            return APIJSON.response(try await Self.diskWork { () throws(DiskImageError) -> DiskInfo in try DiskImages.open(path: path, readOnly: true).info() })
+            let path = try self.paths.check(given, field: "path")
+            let declared = request.uri.queryParameters["format"].map(String.init)
+            try await self.checkChain(path, declared: declared)
+            return APIJSON.response(try await Self.diskWork { () throws(DiskImageError) -> DiskInfo in
+                try DiskImages.open(path: path, format: try Self.format(declared, of: path), readOnly: true, backing: .fromHeader).info()
+            })
         }
-        struct ResizeDisk: Decodable { var path: String; var sizeBytes: UInt64 }
+        struct ResizeDisk: Decodable { var path: String; var sizeBytes: UInt64; var format: String? }
         api.post("disks/resize") { request, _ in
-            let body = try await APIJSON.decode(ResizeDisk.self, from: request, allowed: ["path", "size_bytes"])
-            let path = try Self.absolutePath(body.path, field: "path")
+            let body = try await APIJSON.decode(ResizeDisk.self, from: request, allowed: ["path", "size_bytes", "format"])
+            let path = try self.paths.check(body.path, field: "path")
+            try await self.checkChain(path, declared: body.format)
             let info = try await Self.diskWork { () throws(DiskImageError) -> DiskInfo in
-                try Self.grow(path, to: body.sizeBytes)
+                let format = try Self.format(body.format, of: path)
+                try Self.grow(path, format: format, to: body.sizeBytes)
                 // Read again: an open image keeps the size it was opened with.
-                return try DiskImages.open(path: path, readOnly: true).info()
+                return try DiskImages.open(path: path, format: format, readOnly: true, backing: .fromHeader).info()
             }
             return APIJSON.response(info)
         }

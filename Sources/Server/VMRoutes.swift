@@ -69,15 +69,15 @@ extension APIServer {
         if !status.isOff { row.isolationOff = bundle.isolation()?.mark }
         do throws(LibraryError) {
             let definition = try definitions.load(bundle)
-            let paths = definition.disks.map { bundle.resolve($0.path) }
+            let paths = definition.disks.map { (path: bundle.resolve($0.path), format: $0.format) }
             row.uuid = definition.uuid
             row.engine = definition.engine.rawValue
             row.osType = definition.osType
             row.cpus = definition.cpus
             row.memoryBytes = definition.memoryBytes
             row.addresses = networks.addresses(of: definition).compactMap { $0?.description }
-            row.diskAllocatedBytes = paths.reduce(0) { $0 + HostFiles.allocatedBytes($1) }
-            row.diskVirtualBytes = paths.reduce(0) { $0 + (DiskImages.recordedVirtualSize(path: $1) ?? 0) }
+            row.diskAllocatedBytes = paths.reduce(0) { $0 + HostFiles.allocatedBytes($1.path) }
+            row.diskVirtualBytes = paths.reduce(0) { $0 + (DiskImages.recordedVirtualSize(path: $1.path, format: $1.format) ?? 0) }
             row.actions = allowedActions(status, engine: definition.engine)
         } catch {
             row.error = error.description
@@ -122,6 +122,7 @@ extension APIServer {
         var memoryBytes: UInt64?
         var diskBytes: UInt64?
         var attachDisk: String?
+        var attachDiskFormat: String?
         var withoutDisk: Bool?
         var kernel: String?
         var initrd: String?
@@ -149,7 +150,7 @@ extension APIServer {
         var memoryLimitBytes: UInt64?
         var pidsLimit: Int?
 
-        static let keys: Set<String> = ["name", "os_type", "cpus", "memory_bytes", "disk_bytes", "attach_disk", "without_disk", "kernel",
+        static let keys: Set<String> = ["name", "os_type", "cpus", "memory_bytes", "disk_bytes", "attach_disk", "attach_disk_format", "without_disk", "kernel",
                                         "initrd", "command_line", "nics", "forwards", "vsock_cid", "balloon", "entropy_device", "acpi",
                                         "on_reboot", "cpu_model", "engine", "iso", "firmware", "accelerator", "image", "full_copy",
                                         "ssh_key_files", "user", "hostname", "password", "cpu_cap_percent", "cpu_weight",
@@ -162,6 +163,7 @@ extension APIServer {
             request.memoryBytes = memoryBytes
             request.diskBytes = diskBytes
             request.attachDisk = attachDisk
+            request.attachDiskFormat = try attachDiskFormat.map { (text) throws(LibraryError) in try DiskFormat.parse(text, field: "attach_disk_format") }
             request.withoutDisk = withoutDisk ?? false
             request.kernel = kernel
             request.initrd = initrd
@@ -330,6 +332,10 @@ extension APIServer {
         }
         api.post("vms") { request, _ in
             let body = try await APIJSON.decode(CreateBody.self, from: request, allowed: CreateBody.keys)
+            for (field, path) in [("kernel", body.kernel), ("initrd", body.initrd), ("attach_disk", body.attachDisk), ("iso", body.iso)] {
+                if let path { try self.paths.check(path, field: field) }
+            }
+            for (index, path) in (body.sshKeyFiles ?? []).enumerated() { try self.paths.check(path, field: "ssh_key_files[\(index)]") }
             let (definition, notes) = try await blocking { () throws in
                 try self.manager.library.createReporting(try body.request())
             }
@@ -345,6 +351,10 @@ extension APIServer {
         api.patch("vms/:name") { request, context in
             let name = try context.parameters.require("name")
             let body = try await APIJSON.decode(ChangeBody.self, from: request, allowed: ChangeBody.keys, nested: ChangeBody.nested)
+            for (field, path) in [("kernel", body.request.kernel), ("initrd", body.request.initrd), ("iso", body.request.iso ?? nil)] {
+                if let path { try self.paths.check(path, field: field) }
+            }
+            if let file = body.request.memoryBackingChoice?.file, file != "memfd" { try self.paths.check(file, field: "memory_backing") }
             let definition = try await blocking { () throws -> VMDefinition in
                 var change = body.request
                 if body.nics != nil || body.forwards != nil {
@@ -370,6 +380,9 @@ extension APIServer {
         api.post("vms/:name/start") { request, context in
             let name = try context.parameters.require("name")
             let body = try await APIJSON.decode(StartBody.self, from: request, allowed: ["discard_state", "no_jail", "no_seccomp"])
+            for (field, asked) in [("no_jail", body.noJail), ("no_seccomp", body.noSeccomp)] where asked == true && !self.configuration.allowUnconfined {
+                throw APIProblem(.forbidden, kind: "forbidden", detail: "\(field): an API client may not start a VM unconfined; start `vireo serve` with --allow-unconfined to allow it (or use `vireo start --\(field == "no_jail" ? "no-jail" : "no-seccomp")` as root)", field: field)
+            }
             let started = try await blocking {
                 try self.manager.start(name, discardState: body.discardState ?? false,
                                        isolation: IsolationRequest(jail: !(body.noJail ?? false), seccomp: !(body.noSeccomp ?? false)))

@@ -236,8 +236,9 @@ extension Machine {
             let path = absolute(disk.path)
             candidates.append((path, !disk.readOnly))
             // A snapshot's overlays land beside the disk: its directory must be writable when the
-            // disk is, which the library's own disks (in the VM's directory) already are.
-            for backing in DiskImages.recordedBackingChain(path: path) { candidates.append((absolute(backing), false)) }
+            // disk is, which the library's own disks (in the VM's directory) already are. Beneath
+            // it, only the chain its definition records (never what a header names).
+            for layer in disk.backing { candidates.append((absolute(layer.path), false)) }
         }
         for device in ["/dev/kvm", "/dev/net/tun", "/dev/null", "/dev/urandom"] where access(device, F_OK) == 0 {
             candidates.append((device, true))

@@ -101,7 +101,7 @@ final class Console: @unchecked Sendable {
         case .none:
             output = DiscardOutput()
         case let .file(path):
-            let fd = open(path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0o644)
+            let fd = open(path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0o600)
             guard fd >= 0 else {
                 throw .invalidConfiguration(field: "--console", reason: "cannot open \(path) for writing: \(String(cString: strerror(errno)))")
             }

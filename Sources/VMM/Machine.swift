@@ -96,9 +96,21 @@ public final class Machine: @unchecked Sendable {
     /// vCPU threads, once `run()` has started them; guarded by `threadsLock`.
     let threadsLock = Mutex<[HostThread]>([])
 
-    /// The CPUID every vCPU was made from (KVM's supported set, or a restored state's), saved
-    /// with the machine's state.
-    let cpuidBasis: [CPUIDEntry]
+    /// The CPUID every vCPU has (the configured model over KVM's supported set, or a restored or
+    /// arrived state's), saved with the machine's state. Set before any vCPU runs.
+    var cpuidBasis: [CPUIDEntry]
+    /// What KVM offers on this host, which a saved or arriving guest's CPU must fit in.
+    let supportedCPUID: [CPUIDEntry]
+    /// Each disk's files, opened before the jail and read after it (`decodeDisks`): a VM's
+    /// writable images are its own uid's to write, so their bytes are read only once confined.
+    private var pendingDisks: [DiskFiles?]
+    /// Shared disks of an arriving VM: the layers beneath each image, open and read; the image
+    /// itself is the source's until it hands it over.
+    var arrivingLayers: [(any DiskImage)?] = []
+    /// How an arriving VM's disks come (nil: the VM boots or restores).
+    let arrival: ArrivalMode?
+    /// The state file to restore, open but not yet read (`restoreSavedState`), or -1.
+    private var pendingState: Int32 = -1
     /// Where `save` writes, and a restore read from; nil when the VMM was given no state file.
     let stateFilePath: String?
     /// Where live snapshots' states go (`<dir>/<id>/state`); nil when the VMM was given none.
@@ -115,38 +127,28 @@ public final class Machine: @unchecked Sendable {
     /// When the arriving state was in place, to log how long the rest of the start took.
     var arrivalFinished: UInt64 = 0
 
-    /// Validates `configuration` against this host and builds the machine; the guest does not run
-    /// until `run()`. With `restoring`, the machine is built to the saved state's shape and
-    /// takes its state instead of booting (docs/snapshots.md); the file is left untouched if
-    /// anything fails.
-    /// With `incoming`, the machine is built to the shape and CPU the migration source announces
-    /// and takes its memory, disks and state from the stream (docs/migration.md) instead of booting.
+    /// How an arriving VM's disks come: copied in the stream, or shared storage the source hands
+    /// over (docs/migration.md). `vireo receive` knows which from the offer.
+    public enum ArrivalMode: String, Sendable {
+        case copiedDisks = "copied"
+        case sharedDisks = "shared"
+    }
+
+    /// Validates `configuration` against this host and opens everything the machine needs of it
+    /// — KVM, memory, the disks' files, taps, sockets — without reading anything a guest, a
+    /// jailed VMM or a peer could have written: those are read by `finishAssembly` once the VMM
+    /// is confined (docs/isolation.md). The guest does not run until `run()`. With `restoring`,
+    /// the state file is opened here and restored from in `finishAssembly` instead of booting
+    /// (docs/snapshots.md); with `arrival`, the VM comes from a migration stream (docs/migration.md).
     public init(configuration: VMConfiguration, stateFile: String? = nil, restoring: Bool = false,
-                snapshotDirectory: String? = nil, incoming: MigrationChannel? = nil) throws(VMMError) {
+                snapshotDirectory: String? = nil, arrival: ArrivalMode? = nil) throws(VMMError) {
         stateFilePath = stateFile
         self.snapshotDirectory = snapshotDirectory
-        var arriving: ArrivingMachine?
-        if let incoming {
-            do throws(MigrationError) {
-                arriving = try ArrivingMachine(receivingFrom: incoming)
-            } catch {
-                throw .migration("the source's first message: \(error)")
-            }
-            guard arriving?.diskSizes.count == configuration.disks.count else {
-                throw .migration("the source has \(arriving?.diskSizes.count ?? 0) disks, this VM's definition \(configuration.disks.count)")
-            }
-        }
-        var restoreFile: SavedStateFile.Opened?
-        var saved: SavedMachineState?
+        self.arrival = arrival
         if restoring {
             guard let stateFile else { throw .invalidConfiguration(field: "--restore", reason: "needs --state-file, the state to restore") }
-            let opened = try SavedStateFile.openFile(stateFile)
-            do throws(StateError) {
-                saved = try SavedMachineState(decoding: opened.metadata)
-            } catch {
-                throw .savedState(path: stateFile, reason: error.description)
-            }
-            restoreFile = consume opened
+            pendingState = Glibc.open(stateFile, O_RDONLY | O_CLOEXEC)
+            guard pendingState >= 0 else { throw .host(operation: "open saved state \(stateFile)", errno: errno) }
         }
         do {
             kvm = try KVMSystem()
@@ -155,32 +157,26 @@ public final class Machine: @unchecked Sendable {
             throw .kvm(error)
         }
         boot = try configuration.validated(maximumVCPUs: kvm.maximumVCPUs)
+        // Each disk stands in detached until its files are read (`decodeDisks`).
         var disks: [(image: any DiskImage, configuration: DiskConfiguration)] = []
-        for (index, disk) in configuration.disks.enumerated() {
-            do {
-                if let arriving, !arriving.copiesDisks {
-                    // Shared with the source, which holds them until it hands them over.
-                    let peeked = try DiskImages.peek(path: disk.path)
-                    guard peeked.virtualSize == arriving.diskSizes[index] else {
-                        throw VMMError.migration("disk \(disk.path) is \(peeked.virtualSize) bytes here, \(arriving.diskSizes[index]) on the source: not the same disk")
-                    }
-                    disks.append((DetachedImage(path: disk.path, format: disk.format ?? peeked.format, virtualSize: peeked.virtualSize,
-                                                readOnly: disk.readOnly), disk))
-                    continue
+        var pending: [DiskFiles?] = []
+        for disk in configuration.disks {
+            do throws(DiskImageError) {
+                if arrival == .sharedDisks {
+                    // The image is the source's until it hands it over; what it rests on is
+                    // opened now, read-only, beside the source.
+                    pending.append(.opened(try DiskImages.openFiles(layersOf: disk.path, format: disk.format, backing: disk.backing)))
+                } else {
+                    // A copied disk is written by the stream, read-only or not; the guest's view
+                    // of it stays as configured (VirtioBlock below).
+                    pending.append(try disk.openFiles(writable: !disk.readOnly || arrival == .copiedDisks))
                 }
-                // A copied disk is written by the stream, read-only or not; the guest's view of it
-                // stays as configured (VirtioBlock below).
-                let image = try DiskImages.open(path: disk.path, format: disk.format, readOnly: disk.readOnly && arriving?.copiesDisks != true)
-                if let arriving, image.virtualSize != arriving.diskSizes[index] {
-                    throw VMMError.migration("disk \(disk.path) is \(image.virtualSize) bytes here, \(arriving.diskSizes[index]) on the source")
-                }
-                disks.append((image, disk))
-            } catch let error as VMMError {
-                throw error
             } catch {
                 throw .invalidConfiguration(field: "--disk", reason: "\(error)")
             }
+            disks.append((DetachedImage(path: disk.path, format: disk.format, virtualSize: 0, readOnly: disk.readOnly), disk))
         }
+        pendingDisks = pending
         var networkCards: [VirtioNet] = []
         for network in configuration.networks {
             let mac = network.mac.flatMap(MACAddress.init) ?? MACAddress.random()
@@ -245,10 +241,10 @@ public final class Machine: @unchecked Sendable {
             throw .kvm(error)
         }
 
-        // A restored guest's RAM comes from the state file: nothing to load.
+        // A restored or arriving guest's RAM comes from the state file or the stream: nothing to load.
         let prepared: PreparedBoot?
         do {
-            prepared = saved == nil && arriving == nil ? try boot.load(into: memory) : nil
+            prepared = !restoring && arrival == nil ? try boot.load(into: memory) : nil
         } catch {
             throw .boot(error)
         }
@@ -261,26 +257,9 @@ public final class Machine: @unchecked Sendable {
         } catch {
             throw .kvm(error)
         }
-        if let saved, let stateFile {
-            // The guest keeps the CPU it was saved on; a host that cannot offer it is refused.
-            let missing = CPUIDCompatibility.missing(saved: saved.cpuid, host: supported)
-            guard missing.isEmpty else {
-                throw .savedState(path: stateFile, reason: "this host's CPU lacks features the saved guest may use: \(missing.joined(separator: ", "))")
-            }
-        }
-        if let arriving {
-            let missing = CPUIDCompatibility.missing(saved: arriving.cpuid, host: supported)
-            guard missing.isEmpty else {
-                throw .migration("this host's CPU lacks features the guest may use: \(missing.joined(separator: ", ")); start it on the source with a CPU model both hosts offer (`vireo set NAME --cpu baseline`)")
-            }
-        }
-        if let saved {
-            cpuidBasis = saved.cpuid
-        } else if let arriving {
-            cpuidBasis = arriving.cpuid
-        } else {
-            cpuidBasis = try configuration.cpuModel.apply(to: supported)
-        }
+        supportedCPUID = supported
+        // A restored or arriving guest gets the CPU it ran on once its state is read (`useCPUID`).
+        cpuidBasis = try configuration.cpuModel.apply(to: supported)
         do {
             let hasExtendedControl = kvm.extensionValue(VIREO_KVM_CAP_XCRS) > 0
             for index in 0..<boot.cpuCount {
@@ -371,17 +350,100 @@ public final class Machine: @unchecked Sendable {
         self.blockDevices = blockDevices
         virtioTransports = transports
         self.rtc = rtc
-        if let saved, let restoreFile, let stateFile {
-            let started = VMMClock.now()
-            try restore(saved, memoryFrom: restoreFile)
-            // The guest now runs on from the state; a later save writes a new one.
-            unlink(stateFile)
-            vmmLog("restored from \(stateFile) in \((VMMClock.now() - started) / 1000) us")
-        }
-        if let arriving, let incoming {
-            try receiveMigration(arriving, from: incoming)
+    }
+
+    deinit { if pendingState >= 0 { close(pendingState) } }
+
+    /// Reads what the machine's own files and its arrival hold, once the VMM is confined (or at
+    /// once, for a VMM that is not): the disks' headers and tables, then the saved state or the
+    /// migration stream. Single-threaded, before `run()`.
+    public func finishAssembly(incoming: MigrationChannel? = nil) throws(VMMError) {
+        try decodeDisks()
+        if pendingState >= 0 { try restoreSavedState() }
+        if let incoming {
+            try receive(from: incoming)
             arrivedOn = incoming
         }
+    }
+
+    /// Each disk's image read through the chain it was opened with, put in its device's place.
+    private func decodeDisks() throws(VMMError) {
+        for (index, files) in pendingDisks.enumerated() {
+            guard let files else { continue }
+            let device = blockDevices[index].device
+            do throws(DiskImageError) {
+                if arrival == .sharedDisks, case let .opened(opened) = files {
+                    arrivingLayers.append(try opened.decodeLayers())
+                    continue
+                }
+                try device.bind(try files.decode())
+            } catch {
+                throw .invalidConfiguration(field: "--disk", reason: "\(error)")
+            }
+        }
+        pendingDisks = []
+    }
+
+    /// Gives every vCPU the CPU a saved or arriving guest ran on, refusing one this host cannot
+    /// offer. Before any vCPU runs.
+    func useCPUID(_ entries: [CPUIDEntry], refuse: (String) -> VMMError) throws(VMMError) {
+        let missing = CPUIDCompatibility.missing(saved: entries, host: supportedCPUID)
+        guard missing.isEmpty else { throw refuse(missing.joined(separator: ", ")) }
+        do throws(KVMError) {
+            for (index, vcpu) in vcpus.enumerated() {
+                try vcpu.setCPUID(CPUIDTemplate.entries(for: index, of: vcpus.count, supported: entries))
+            }
+        } catch {
+            throw .kvm(error)
+        }
+        cpuidBasis = entries
+    }
+
+    /// Restores the state file opened at build: its header and metadata read now, in the jail.
+    private func restoreSavedState() throws(VMMError) {
+        guard let stateFile = stateFilePath else { return }
+        let descriptor = pendingState
+        pendingState = -1
+        let opened = try SavedStateFile.read(descriptor: descriptor, path: stateFile)
+        let saved: SavedMachineState
+        do throws(StateError) {
+            saved = try SavedMachineState(decoding: opened.metadata)
+        } catch {
+            throw .savedState(path: stateFile, reason: error.description)
+        }
+        // The guest keeps the CPU it was saved on; a host that cannot offer it is refused.
+        try useCPUID(saved.cpuid) { missing in .savedState(path: stateFile, reason: "this host's CPU lacks features the saved guest may use: \(missing)") }
+        let started = VMMClock.now()
+        try restore(saved, memoryFrom: opened)
+        // The guest now runs on from the state; a later save writes a new one.
+        unlink(stateFile)
+        vmmLog("restored from \(stateFile) in \((VMMClock.now() - started) / 1000) us")
+    }
+
+    /// Takes the VM from the migration stream: the source's description of it first, checked
+    /// against this machine, then RAM, disks and state (`receiveMigration`).
+    private func receive(from channel: MigrationChannel) throws(VMMError) {
+        let arriving: ArrivingMachine
+        do throws(MigrationError) {
+            arriving = try ArrivingMachine(receivingFrom: channel)
+        } catch {
+            throw .migration("the source's first message: \(error)")
+        }
+        guard arriving.diskSizes.count == blockDevices.count else {
+            throw .migration("the source has \(arriving.diskSizes.count) disks, this VM's definition \(blockDevices.count)")
+        }
+        if !blockDevices.isEmpty, arriving.copiesDisks != (arrival == .copiedDisks) {
+            throw .migration("the source \(arriving.copiesDisks ? "copies its disks" : "shares its disks"), but this VM was prepared for \(arrival == .copiedDisks ? "copied" : "shared") disks")
+        }
+        if arriving.copiesDisks {
+            for (index, disk) in blockDevices.enumerated() where disk.device.disk.virtualSize != arriving.diskSizes[index] {
+                throw .migration("disk \(disk.path) is \(disk.device.disk.virtualSize) bytes here, \(arriving.diskSizes[index]) on the source")
+            }
+        }
+        try useCPUID(arriving.cpuid) { missing in
+            .migration("this host's CPU lacks features the guest may use: \(missing); start it on the source with a CPU model both hosts offer (`vireo set NAME --cpu baseline`)")
+        }
+        try receiveMigration(arriving, from: channel)
     }
 
     var consoleDescription: String { console.kind }

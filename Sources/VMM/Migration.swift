@@ -405,7 +405,7 @@ final class OutgoingMigration {
     var trackers: [(device: VirtioBlock, tracker: DirtyTrackingImage, dirty: PageBitmap)] = []
     /// Shared disks handed over at the switch-over, to take back if the destination fails. No
     /// reference to the image stays: closing it is what frees its lock for the destination.
-    var released: [(device: VirtioBlock, path: String, format: DiskFormat, readOnly: Bool)] = []
+    var released: [(device: VirtioBlock, path: String, format: DiskFormat, readOnly: Bool, below: (any DiskImage)?)] = []
     var logging = false
     var pagesSent: UInt64 = 0
     var diskBytesSent: UInt64 = 0
@@ -714,13 +714,17 @@ final class OutgoingMigration {
             if !options.copyDisks {
                 // Hand the disks over: closing them drops their locks for the destination to take.
                 for disk in machine.blockDevices {
-                    let (path, format, size, readOnly) = { (image: any DiskImage) in (image.path, image.format, image.virtualSize, image.isReadOnly) }(disk.device.disk)
+                    let image = disk.device.disk
+                    let (path, format, size, readOnly) = (image.path, image.format, image.virtualSize, image.isReadOnly)
+                    // What the image rests on stays open here (shared locks, read-only): taking the
+                    // VM back after a failure reopens only the image itself.
+                    let below = (image as? QCOW2Image)?.backingImage
                     do throws(DiskImageError) {
                         try disk.device.switchImage(to: DetachedImage(path: path, format: format, virtualSize: size, readOnly: readOnly))
                     } catch {
                         throw .refused("handing over \(path): \(error)")
                     }
-                    released.append((disk.device, path, format, readOnly))
+                    released.append((disk.device, path, format, readOnly, below))
                 }
                 flags |= ArrivalFlags.disksReleased
             }
@@ -797,7 +801,7 @@ final class OutgoingMigration {
             var lastError = ""
             for _ in 0..<100 {
                 do throws(DiskImageError) {
-                    reopened = try DiskImages.open(path: entry.path, format: entry.format, readOnly: entry.readOnly)
+                    reopened = try DiskImages.reopen(path: entry.path, format: entry.format, readOnly: entry.readOnly, on: entry.below)
                     break
                 } catch {
                     lastError = error.description
@@ -886,11 +890,16 @@ extension Machine {
         if arrivedState.state.shape != arriving.shape { throw .migration("the state's machine differs from the one announced") }
         if !arriving.copiesDisks {
             guard arrivedState.flags & ArrivalFlags.disksReleased != 0 else { throw .migration("the source did not hand its disks over") }
-            for disk in blockDevices {
+            for (index, disk) in blockDevices.enumerated() {
                 let stand = disk.device.disk
                 do throws(DiskImageError) {
-                    let image = try DiskImages.open(path: stand.path, format: stand.format, readOnly: stand.isReadOnly)
-                    try disk.device.switchImage(to: image)
+                    // On the layers opened before the jail; the image itself is this VM's uid's.
+                    let image = try DiskImages.reopen(path: stand.path, format: stand.format, readOnly: stand.isReadOnly,
+                                                      on: index < arrivingLayers.count ? arrivingLayers[index] : nil)
+                    guard image.virtualSize == arriving.diskSizes[index] else {
+                        throw DiskImageError.invalidArgument(field: "size", reason: "\(image.virtualSize) bytes here, \(arriving.diskSizes[index]) on the source: not the same disk")
+                    }
+                    try disk.device.bind(image)
                 } catch {
                     throw .migration("opening the shared disk \(stand.path): \(error)")
                 }

@@ -461,6 +461,12 @@ extension SavedStateFile {
     static func openFile(_ path: String) throws(VMMError) -> Opened {
         let fd = Glibc.open(path, O_RDONLY | O_CLOEXEC)
         guard fd >= 0 else { throw .host(operation: "open saved state \(path)", errno: errno) }
+        return try read(descriptor: fd, path: path)
+    }
+
+    /// Checks the header of the state file open on `fd` (which it then owns) against its size
+    /// and reads the metadata; RAM is read later.
+    static func read(descriptor fd: Int32, path: String) throws(VMMError) -> Opened {
         func refuse(_ reason: String) -> VMMError {
             close(fd)
             return .savedState(path: path, reason: reason)

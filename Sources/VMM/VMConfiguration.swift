@@ -27,32 +27,52 @@ public enum ConsoleConfiguration: Equatable, Sendable {
     }
 }
 
-/// One `--disk PATH[,readonly][,format=raw|qcow2][,serial=ID]`.
+/// One `--disk PATH[,readonly][,format=raw|qcow2][,backing=FORMAT:PATH]...[,serial=ID]`.
 public struct DiskConfiguration: Equatable, Sendable {
     public var path: String
     public var readOnly = false
-    public var format: DiskFormat?
+    /// What the disk is; never read from its content.
+    public var format: DiskFormat
     public var serial: String?
     public var rateLimit = RateLimit()
+    /// The chain the disk rests on, nearest first (`backing=FORMAT:PATH` each): the only files
+    /// opened beneath it, each header checked against it.
+    public var backing: [BackingLayer] = []
+    /// `backing=header`: follow what the qcow2 header names instead (a person's own image, for
+    /// `vireo run`); library VMs always pass their recorded chain.
+    public var followsHeader = false
 
-    public init(path: String, readOnly: Bool = false, format: DiskFormat? = nil, serial: String? = nil) {
-        self.path = path; self.readOnly = readOnly; self.format = format; self.serial = serial
+    public init(path: String, readOnly: Bool = false, format: DiskFormat, serial: String? = nil, backing: [BackingLayer] = []) {
+        self.path = path; self.readOnly = readOnly; self.format = format; self.serial = serial; self.backing = backing
     }
+
+    static let syntax = "PATH[,readonly][,format=raw|qcow2][,backing=FORMAT:PATH]...[,backing=header][,serial=ID][,bps=N][,iops=N]"
 
     public init(parsing text: String) throws(VMMError) {
         let parts = text.split(separator: ",", omittingEmptySubsequences: false).map(String.init)
         guard let path = parts.first, !path.isEmpty else {
-            throw .invalidConfiguration(field: "--disk", reason: "'\(text)' has no path; expected PATH[,readonly][,format=raw|qcow2][,serial=ID][,bps=N][,iops=N]")
+            throw .invalidConfiguration(field: "--disk", reason: "'\(text)' has no path; expected \(Self.syntax)")
         }
         self.path = path
+        var format: DiskFormat?
         for option in parts.dropFirst() {
             if option == "readonly" || option == "ro" { readOnly = true; continue }
             if option.hasPrefix("format=") {
                 let name = String(option.dropFirst(7))
-                guard let format = DiskFormat(rawValue: name) else {
+                guard let given = DiskFormat(rawValue: name) else {
                     throw .invalidConfiguration(field: "--disk", reason: "format '\(name)' is not one of raw, qcow2")
                 }
-                self.format = format
+                format = given
+                continue
+            }
+            if option == "backing=header" { followsHeader = true; continue }
+            if option.hasPrefix("backing=") {
+                let value = option.dropFirst(8)
+                guard let colon = value.firstIndex(of: ":"), let layerFormat = DiskFormat(rawValue: String(value[..<colon])),
+                      value[value.index(after: colon)...].hasPrefix("/") else {
+                    throw .invalidConfiguration(field: "--disk", reason: "backing '\(value)' is not FORMAT:/ABSOLUTE/PATH (raw or qcow2) or header")
+                }
+                backing.append(BackingLayer(path: String(value[value.index(after: colon)...]), format: layerFormat))
                 continue
             }
             if option.hasPrefix("serial=") {
@@ -64,9 +84,28 @@ public struct DiskConfiguration: Equatable, Sendable {
                 continue
             }
             if try rateLimit.parse(option, field: "--disk", operations: "iops") { continue }
-            throw .invalidConfiguration(field: "--disk", reason: "unknown option '\(option)' in '\(text)'; allowed: readonly, format=raw|qcow2, serial=ID, bps=, bps-burst=, iops=, iops-burst=")
+            throw .invalidConfiguration(field: "--disk", reason: "unknown option '\(option)' in '\(text)'; allowed: readonly, format=raw|qcow2, backing=FORMAT:PATH, backing=header, serial=ID, bps=, bps-burst=, iops=, iops-burst=")
         }
         try rateLimit.validate(field: "--disk", operations: "iops")
+        guard let format = format ?? DiskFormat.declared(byName: path) else {
+            throw .invalidConfiguration(field: "--disk", reason: "'\(path)' does not say whether it is raw or qcow2; add format=raw or format=qcow2 (a format is never read from a disk's content)")
+        }
+        self.format = format
+        if followsHeader, !backing.isEmpty {
+            throw .invalidConfiguration(field: "--disk", reason: "backing=header and backing=FORMAT:PATH contradict each other")
+        }
+        if format == .raw, followsHeader || !backing.isEmpty {
+            throw .invalidConfiguration(field: "--disk", reason: "'\(path)' is raw, and a raw disk rests on nothing")
+        }
+    }
+
+    /// Opens the disk's files (the image and each recorded layer) without reading them; a chain
+    /// followed from the header is opened and read in one go (only `vireo run` asks for that).
+    func openFiles(writable: Bool) throws(DiskImageError) -> DiskFiles {
+        if followsHeader {
+            return .decoded(try DiskImages.open(path: path, format: format, readOnly: !writable, backing: .fromHeader))
+        }
+        return .opened(try DiskImages.openFiles(path: path, format: format, readOnly: !writable, backing: backing))
     }
 }
 
@@ -134,6 +173,19 @@ public struct NetworkConfiguration: Equatable, Sendable {
             throw .invalidConfiguration(field: "--net", reason: "unknown option '\(option)' in '\(text)'; allowed: mac=XX:XX:XX:XX:XX:XX, offload=on|off, bps=, bps-burst=, pps=, pps-burst=")
         }
         try rateLimit.validate(field: "--net", operations: "pps")
+    }
+}
+
+/// A disk's files as the VMM holds them between opening (before the jail) and reading (after).
+enum DiskFiles {
+    case opened(DiskImages.OpenedFiles)
+    case decoded(any DiskImage)
+
+    func decode() throws(DiskImageError) -> any DiskImage {
+        switch self {
+        case let .opened(files): return try files.decode()
+        case let .decoded(image): return image
+        }
     }
 }
 

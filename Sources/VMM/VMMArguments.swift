@@ -10,10 +10,10 @@ import Glibc
 public enum VMMArguments {
     public static let usage = """
         usage: vireo-vmm --kernel PATH [--initrd PATH] [--cmdline TEXT] [--cpus N] [--cpu MODEL] [--memory SIZE]
-                         [--console stdio|none|file:PATH|socket:PATH] [--disk PATH[,readonly][,format=raw|qcow2][,serial=ID]]... [--net tap:NAME|tap-fd:N|stream-fd:N[,mac=MAC]]... [--vsock PATH[,cid=N]] [--balloon on|deflate-on-oom|stats=S] [--rng]
+                         [--console stdio|none|file:PATH|socket:PATH] [--disk PATH[,readonly][,format=raw|qcow2][,backing=FORMAT:PATH]...[,serial=ID]]... [--net tap:NAME|tap-fd:N|stream-fd:N[,mac=MAC]]... [--vsock PATH[,cid=N]] [--balloon on|deflate-on-oom|stats=S] [--rng]
                          [--acpi on|off] [--on-reboot restart|exit] [--generation-id HEX32]
                          [--memory-backing anon|hugepages[=2M|1G]|memfd[,shared]|file:PATH[,shared]] [--prealloc] [--ksm] [--lock-memory] [--thp on|off] [--numa-node N] [--rt-priority N]
-                         [--control PATH] [--name NAME --uuid UUID] [--lock-fd N] [--ready-fd N] [--state-file PATH [--restore]] [--snapshot-dir PATH] [--incoming-fd N]
+                         [--control PATH] [--name NAME --uuid UUID] [--lock-fd N] [--ready-fd N] [--state-file PATH [--restore]] [--snapshot-dir PATH] [--incoming-fd N [--incoming-disks copied|shared]]
                          [--jail uid=N,gid=N[,root=PATH]] [--seccomp on|off|log] [--landlock on|off]
         Boots one VM and runs it until it powers off or reboots. Ctrl-A x quits the stdio console.
         --cpu MODEL      the CPU the guest sees: host (default) or baseline (x86-64-v2), then ,+FEATURE / ,-FEATURE
@@ -31,6 +31,9 @@ public enum VMMArguments {
         --numa-node N    bind guest RAM to host NUMA node N (mbind)
         --rt-priority N  vCPU threads run SCHED_FIFO at priority N (1-99); all memory is locked (mlockall)
         --incoming-fd N  take the VM from the live-migration stream on inherited descriptor N instead of booting
+        --incoming-disks copied (default): the stream carries the disks; shared: the source hands its disk files over
+        --disk ...       format= is what the disk is (never read from its content; .qcow2/.raw names say it too);
+                         backing=FORMAT:PATH, once per layer nearest first, is the only chain opened (backing=header follows the image's own header)
         --jail SPEC      once the machine is built: own network namespace, a root holding only the VM's files, uid/gid N (docs/isolation.md)
         --seccomp MODE   on: a system call outside each thread's allow list ends the VMM; log: allowed and logged by the kernel; off (default)
         --landlock on|off  with --jail, also restrict file access with Landlock where the kernel has it (default on)
@@ -47,6 +50,7 @@ public enum VMMArguments {
         public var snapshotDirectory: String?
         /// A connected migration stream (docs/migration.md) the VM arrives on.
         public var incomingDescriptor: Int32?
+        public var incomingDisks: Machine.ArrivalMode = .copiedDisks
         public var jail: JailConfiguration?
         public var seccomp: SeccompMode = .off
         public var landlock = true
@@ -63,7 +67,7 @@ public enum VMMArguments {
         var networks: [NetworkConfiguration] = []
         var index = 0
         let known: Set<String> = ["--kernel", "--initrd", "--cmdline", "--cpus", "--cpu", "--memory", "--console", "--disk", "--net", "--vsock", "--balloon",
-                                  "--acpi", "--on-reboot", "--generation-id", "--control", "--name", "--uuid", "--lock-fd", "--ready-fd", "--state-file", "--snapshot-dir", "--incoming-fd", "--memory-backing", "--jail", "--seccomp", "--landlock", "--rt-priority", "--thp", "--numa-node"]
+                                  "--acpi", "--on-reboot", "--generation-id", "--control", "--name", "--uuid", "--lock-fd", "--ready-fd", "--state-file", "--snapshot-dir", "--incoming-fd", "--incoming-disks", "--memory-backing", "--jail", "--seccomp", "--landlock", "--rt-priority", "--thp", "--numa-node"]
         while index < arguments.count {
             let argument = arguments[index]
             if argument == "--help" || argument == "-h" { return .help }
@@ -179,6 +183,13 @@ public enum VMMArguments {
         options.snapshotDirectory = values["--snapshot-dir"]
         options.restore = values["--restore"] != nil
         options.incomingDescriptor = try descriptor(values["--incoming-fd"], field: "--incoming-fd")
+        if let mode = values["--incoming-disks"] {
+            guard let parsed = Machine.ArrivalMode(rawValue: mode) else {
+                throw .invalidConfiguration(field: "--incoming-disks", reason: "'\(mode)' is not copied or shared")
+            }
+            guard options.incomingDescriptor != nil else { throw .invalidConfiguration(field: "--incoming-disks", reason: "needs --incoming-fd") }
+            options.incomingDisks = parsed
+        }
         if let jail = values["--jail"] { options.jail = try JailConfiguration(parsing: jail) }
         if let mode = values["--seccomp"] {
             guard let parsed = SeccompMode(rawValue: mode) else { throw .invalidConfiguration(field: "--seccomp", reason: "'\(mode)' is not on, off or log") }

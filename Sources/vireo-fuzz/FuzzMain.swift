@@ -9,7 +9,7 @@ import Glibc
 // how a crash libFuzzer found is reproduced under a debugger.
 nonisolated(unsafe) let selectedTarget: (UnsafeRawBufferPointer) -> Void = {
     let name = getenv("VIREO_FUZZ_TARGET").map { String(cString: $0) } ?? ""
-    guard let target = Fuzz.target(named: name) else { FuzzMain.fail("VIREO_FUZZ_TARGET must be virtqueue, qcow2, savedstate or migration") }
+    guard let target = Fuzz.target(named: name) else { FuzzMain.fail("VIREO_FUZZ_TARGET must be one of \(Fuzz.targetNames.joined(separator: ", "))") }
     return target
 }()
 
@@ -32,8 +32,18 @@ struct FuzzMain {
             exit(status)
         }
         let arguments = Array(CommandLine.arguments.dropFirst())
+        // `vireo-fuzz seed TARGET DIR`: writes the target's seeds into a corpus directory.
+        if arguments.count == 3, arguments[0] == "seed" {
+            for (index, seed) in Fuzz.seeds(named: arguments[1]).enumerated() {
+                let fd = open(arguments[2] + "/seed-\(index)", O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
+                guard fd >= 0 else { fail("cannot write a seed into \(arguments[2])") }
+                _ = seed.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
+                close(fd)
+            }
+            return
+        }
         guard let name = arguments.first, let target = Fuzz.target(named: name) else {
-            fail("usage: vireo-fuzz virtqueue|qcow2|savedstate|migration FILE...   (libFuzzer builds: scripts/fuzz.sh)")
+            fail("usage: vireo-fuzz \(Fuzz.targetNames.joined(separator: "|")) FILE...   (libFuzzer builds: scripts/fuzz.sh)")
         }
         Fuzz.replay(Array(arguments.dropFirst()), target)
     }

@@ -8,6 +8,8 @@ import Glibc
 // Swift runtime linked statically (see Package.swift). Exit statuses match `vireo run`.
 VMMClock.markStart()
 HostProcessID.record()
+// Its sockets, logs and saved states are its owner's alone.
+umask(0o077)
 
 /// Where `vireo start` waits to learn whether the VM came up.
 nonisolated(unsafe) var readyDescriptor: Int32 = -1
@@ -61,10 +63,10 @@ do throws(VMMError) {
             incomingDescriptor = fd
             incoming = MigrationChannel(fd: fd)
         }
+        // Everything of the host the VM needs is opened here; nothing a guest, the VM's own
+        // (jailed) process or a peer wrote is read before the jail closes (finishAssembly).
         let machine = try Machine(configuration: configuration, stateFile: options.stateFile, restoring: options.restore,
-                                  snapshotDirectory: options.snapshotDirectory, incoming: incoming)
-        // From here the machine owns the stream (it closes it once the source knows it runs).
-        incomingDescriptor = -1
+                                  snapshotDirectory: options.snapshotDirectory, arrival: incoming == nil ? nil : options.incomingDisks)
         if let path = options.controlPath { try machine.listenForControl(path: path, identity: options.identity) }
         if configuration.realTimePriority != nil, mlockall(MCL_CURRENT | MCL_FUTURE) != 0 {
             // A real-time vCPU that page-faults is no longer real-time.
@@ -78,6 +80,9 @@ do throws(VMMError) {
                                          stateFile: options.stateFile, snapshotDirectory: options.snapshotDirectory)
             vmmLog("isolation: " + report.summary)
         }
+        try machine.finishAssembly(incoming: incoming)
+        // From here the machine owns the stream (it closes it once the source knows it runs).
+        incomingDescriptor = -1
         tellStarter("ready \(HostProcessID.value) \(report.summary)")
         let outcome = try machine.run()
         vmmLog(outcome.summary)

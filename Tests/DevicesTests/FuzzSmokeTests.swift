@@ -1,6 +1,8 @@
 import DiskImage
+import Engines
 import Foundation
 import FuzzTargets
+import Server
 import Testing
 
 /// The fuzz targets (scripts/fuzz.sh runs them under libFuzzer) with seeded pseudo-random
@@ -73,7 +75,7 @@ struct FuzzSmokeTests {
         let seedPath = directory.appendingPathComponent("seed.qcow2").path
         try DiskImages.create(path: seedPath, format: .qcow2, size: 8 << 20, clusterSize: 4096)
         do {
-            let image = try DiskImages.open(path: seedPath)
+            let image = try DiskImages.open(path: seedPath, format: .qcow2)
             try image.write([UInt8](repeating: 7, count: 20000), at: 12345)
             try image.flush()
         }
@@ -100,4 +102,57 @@ struct FuzzSmokeTests {
         #expect(opened >= 40 && refused >= 40, "opened \(opened), refused \(refused) of 400")
         #expect(operations >= 100, "only \(operations) reads and writes on mutated images")
     }
+
+    /// Flips bytes of `seed` and runs `target`; returns how many mutants it accepted.
+    static func mutants(of seed: [UInt8], count: Int, state: UInt64, _ target: (UnsafeRawBufferPointer) -> Fuzz.Outcome) -> (accepted: Int, refused: Int) {
+        var random = SeededGenerator(state: state)
+        var accepted = 0, refused = 0
+        for _ in 0..<count {
+            var input = seed
+            for _ in 0..<Int.random(in: 1...8, using: &random) where !input.isEmpty {
+                input[Int.random(in: 0..<input.count, using: &random)] = UInt8.random(in: 0...255, using: &random)
+            }
+            if Int.random(in: 0...9, using: &random) == 0 { input = Array(input.prefix(Int.random(in: 0...input.count, using: &random))) }
+            if input.withUnsafeBytes({ target($0) }).accepted { accepted += 1 } else { refused += 1 }
+        }
+        return (accepted, refused)
+    }
+
+    @Test func iso9660TargetSurvivesMutatedDescriptors() {
+        // Sectors 16 on: a primary volume descriptor, an El Torito boot record, the terminator.
+        var seed = [UInt8](repeating: 0, count: 19 * 2048)
+        func descriptor(_ sector: Int, type: UInt8, _ body: [UInt8], at offset: Int) {
+            let base = sector * 2048
+            seed[base] = type
+            seed.replaceSubrange(base + 1..<base + 6, with: Array("CD001".utf8))
+            seed[base + 6] = 1
+            seed.replaceSubrange(base + offset..<base + offset + body.count, with: body)
+        }
+        descriptor(16, type: 1, Array("VIREO FUZZ                      ".utf8), at: 40)
+        descriptor(17, type: 0, Array("EL TORITO SPECIFICATION".utf8), at: 7)
+        descriptor(18, type: 255, [], at: 7)
+        #expect(seed.withUnsafeBytes { Fuzz.iso9660Outcome($0) }.accepted)
+        let (accepted, refused) = Self.mutants(of: seed, count: 300, state: 0x150, Fuzz.iso9660Outcome)
+        #expect(accepted > 0 && refused > 0, "accepted \(accepted), refused \(refused)")
+    }
+
+    @Test func manifestAPIBodyAndOfferTargetsSurviveMutations() {
+        let manifest = Array(#"{"version":1,"name":"debian-12","description":"d","origin":"build","osType":"debian-64","createdAt":0,"disk":"disk.qcow2","virtualSize":1073741824,"kernel":"vmlinuz","cloudInit":true,"packages":[],"files":[{"path":"disk.qcow2","size":1,"sha256":"00"},{"path":"vmlinuz","size":1,"sha256":"00"}]}"#.utf8)
+        #expect(manifest.withUnsafeBytes { Fuzz.manifestOutcome($0) }.accepted)
+        let manifests = Self.mutants(of: manifest, count: 300, state: 0x3a1, Fuzz.manifestOutcome)
+        #expect(manifests.refused > 0, "\(manifests)")
+        // A manifest naming a file outside the image's directory is refused.
+        let escaping = Array(String(decoding: manifest, as: UTF8.self).replacingOccurrences(of: "\"vmlinuz\"", with: "\"../vmlinuz\"").utf8)
+        #expect(!escaping.withUnsafeBytes { Fuzz.manifestOutcome($0) }.accepted)
+
+        #expect(APIBodyInspection.sample.withUnsafeBytes { Fuzz.apiBodyOutcome($0) }.operations >= 2)
+        let bodies = Self.mutants(of: APIBodyInspection.sample, count: 300, state: 0xa91, Fuzz.apiBodyOutcome)
+        #expect(bodies.accepted > 0 && bodies.refused > 0, "\(bodies)")
+
+        let offer = MigrationOfferInspection.sample
+        #expect(offer.withUnsafeBytes { Fuzz.offerOutcome($0) } == Fuzz.Outcome(accepted: true, operations: 1))
+        let offers = Self.mutants(of: offer, count: 300, state: 0x0ff, Fuzz.offerOutcome)
+        #expect(offers.refused > 0, "\(offers)")
+    }
 }
+

@@ -85,7 +85,7 @@ func makeBlockDevice(size: UInt64 = 1 << 20, readOnly: Bool = false) throws -> (
     try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
     let path = directory.appendingPathComponent("disk.qcow2").path
     try DiskImages.create(path: path, format: .qcow2, size: size)
-    let disk = try DiskImages.open(path: path)
+    let disk = try DiskImages.open(path: path, format: .qcow2)
     let memory = try GuestMemory(anonymousRegions: [(GuestPhysicalAddress(0), 1 << 20)])
     let line = PulseCounter()
     let transport = VirtioMMIOTransport(device: VirtioBlock(disk: disk, readOnly: readOnly, serial: "vireo-serial-1"),

@@ -99,7 +99,7 @@ func pattern(_ count: Int, seed: UInt8) -> [UInt8] {
         #expect(try tool(["qemu-io", "-f", baseFormat, "-c", "write -P 0x42 0 4M", base]).status == 0)
         let baseBefore = try contentAccordingToQEMU(base, in: directory)
         let overlay = directory.appendingPathComponent("overlay.qcow2").path
-        try DiskImages.create(path: overlay, format: .qcow2, size: 4 << 20, backing: "base.\(baseFormat)")
+        try DiskImages.create(path: overlay, format: .qcow2, size: 4 << 20, backing: BackingLayer(path: "base.\(baseFormat)", format: DiskFormat(rawValue: baseFormat)!))
         let image = try DiskImages.open(path: overlay)
         #expect(try image.readBytes(count: 4 << 20, at: 0) == baseBefore)
         try image.write([1, 2, 3], at: 70_000)
@@ -311,7 +311,7 @@ func pattern(_ count: Int, seed: UInt8) -> [UInt8] {
         let base = directory.appendingPathComponent("base.raw").path
         try Data(pattern(1 << 20, seed: 9)).write(to: URL(fileURLWithPath: base))
         let overlay = directory.appendingPathComponent("o.qcow2").path
-        try DiskImages.create(path: overlay, format: .qcow2, size: 1 << 20, backing: "base.raw")
+        try DiskImages.create(path: overlay, format: .qcow2, size: 1 << 20, backing: BackingLayer(path: "base.raw", format: .raw))
         let image = try DiskImages.open(path: overlay)
         try image.writeZeroes(at: 65536, length: 65536)
         var model = pattern(1 << 20, seed: 9)
@@ -442,5 +442,141 @@ struct SeededBytes {
         z = (z ^ (z >> 30)) &* 0xbf58_476d_1ce4_e5b9
         z = (z ^ (z >> 27)) &* 0x94d0_49bb_1331_11eb
         return UInt8(truncatingIfNeeded: z ^ (z >> 31))
+    }
+}
+
+extension DiskImages {
+    /// The tests name their images by extension; overlays follow the chain their headers name.
+    static func open(path: String, readOnly: Bool = false, snapshot: String? = nil) throws(DiskImageError) -> any DiskImage {
+        try open(path: path, format: DiskFormat.declared(byName: path) ?? .qcow2, readOnly: readOnly, snapshot: snapshot, backing: .fromHeader)
+    }
+}
+
+/// A disk's format and chain are what its definition says (docs/security.md): the bytes of an
+/// image never choose them.
+@Suite struct RecordedChainTests {
+    /// A qcow2 header naming `backing` (format `format`), as qemu-img writes one.
+    static func header(in directory: URL, backing: String, format: String = "raw") throws -> [UInt8] {
+        let path = directory.appendingPathComponent("h-\(UUID().uuidString).qcow2").path
+        #expect(try tool(["qemu-img", "create", "-q", "-f", "qcow2", "-u", "-F", format, "-b", backing, path, "1M"]).status == 0)
+        defer { unlink(path) }
+        return Array(try Data(contentsOf: URL(fileURLWithPath: path)))
+    }
+
+    @Test("a raw disk whose bytes are a qcow2 header is read as raw: its bytes, nothing the header names")
+    func rawStaysRaw() throws {
+        let directory = try scratchDirectory()
+        let secret = directory.appendingPathComponent("secret").path
+        try Data(repeating: 0x5a, count: 4096).write(to: URL(fileURLWithPath: secret))
+        let raw = directory.appendingPathComponent("guest.raw").path
+        try DiskImages.create(path: raw, format: .raw, size: 1 << 20)
+        let bytes = try Self.header(in: directory, backing: secret)
+        let image = try DiskImages.open(path: raw, format: .raw)
+        try image.write(bytes, at: 0)
+        try image.flush()
+        #expect(try image.readBytes(count: 4096, at: 0) == Array(bytes.prefix(4096)))
+        #expect(try image.info().backingChain.isEmpty)
+        // Recorded raw, opened with a chain: refused before anything is opened.
+        #expect(throws: DiskImageError.self) {
+            try DiskImages.open(path: raw, format: .raw, backing: .recorded([BackingLayer(path: secret, format: .raw)]))
+        }
+    }
+
+    @Test("a qcow2 image is opened only on the chain recorded for it: a header naming anything else, or naming nothing when a layer is recorded, is refused with both named")
+    func headerHeldToRecord() throws {
+        let directory = try scratchDirectory()
+        let base = directory.appendingPathComponent("base.raw").path
+        let other = directory.appendingPathComponent("other.raw").path
+        for path in [base, other] { try DiskImages.create(path: path, format: .raw, size: 1 << 20) }
+        let overlay = directory.appendingPathComponent("overlay.qcow2").path
+        try DiskImages.create(path: overlay, format: .qcow2, size: 1 << 20, backing: BackingLayer(path: "base.raw", format: .raw))
+        // What it records: opens, and rests on the base.
+        do {
+            let opened = try DiskImages.open(path: overlay, format: .qcow2, backing: .recorded([BackingLayer(path: base, format: .raw)]))
+            #expect(try opened.info().backingChain == [base])
+        }
+        // Recorded as resting on nothing, or on another file: refused, naming both.
+        do {
+            _ = try DiskImages.open(path: overlay, format: .qcow2, readOnly: true)
+            Issue.record("a header naming an unrecorded backing file was followed")
+        } catch {
+            #expect(error == .unrecordedBacking(path: overlay, named: directory.path + "/base.raw", recorded: nil), "\(error)")
+        }
+        do {
+            _ = try DiskImages.open(path: overlay, format: .qcow2, readOnly: true, backing: .recorded([BackingLayer(path: other, format: .raw)]))
+            Issue.record("a header naming another file was followed")
+        } catch {
+            #expect(error == .unrecordedBacking(path: overlay, named: directory.path + "/base.raw", recorded: other), "\(error)")
+        }
+        // The format the header records must agree with the definition's.
+        #expect(throws: DiskImageError.self) {
+            try DiskImages.open(path: overlay, format: .qcow2, readOnly: true, backing: .recorded([BackingLayer(path: base, format: .qcow2)]))
+        }
+        // A standalone image recorded as resting on a layer: refused too.
+        let standalone = directory.appendingPathComponent("standalone.qcow2").path
+        try DiskImages.create(path: standalone, format: .qcow2, size: 1 << 20)
+        #expect(throws: DiskImageError.self) {
+            try DiskImages.open(path: standalone, format: .qcow2, readOnly: true, backing: .recorded([BackingLayer(path: base, format: .raw)]))
+        }
+    }
+
+    @Test("following a header needs the format it records: a backing file without one is refused, never probed")
+    func headerWithoutFormat() throws {
+        let directory = try scratchDirectory()
+        let base = directory.appendingPathComponent("base.img").path
+        try DiskImages.create(path: base, format: .qcow2, size: 1 << 20)
+        let overlay = directory.appendingPathComponent("overlay.qcow2").path
+        try DiskImages.create(path: overlay, format: .qcow2, size: 1 << 20, backing: BackingLayer(path: "base.img", format: .qcow2))
+        let references = try QCOW2References.read(path: overlay)
+        #expect(references.backingName == "base.img" && references.backingFormat == .qcow2)
+        // Drop the recorded format, as images made by an old qemu-img lack it:
+        var bytes = Array(try Data(contentsOf: URL(fileURLWithPath: overlay)))
+        // the backing-format extension's type field, zeroed, ends the extension list before it.
+        if let at = (104..<4096).first(where: { bytes[$0] == 0xe2 && bytes[$0 + 1] == 0x79 && bytes[$0 + 2] == 0x2a && bytes[$0 + 3] == 0xca }) {
+            for index in at..<at + 8 { bytes[index] = 0 }
+        }
+        try Data(bytes).write(to: URL(fileURLWithPath: overlay))
+        #expect(try QCOW2References.read(path: overlay).backingFormat == nil)
+        #expect(throws: DiskImageError.self) { try DiskImages.open(path: overlay, format: .qcow2, readOnly: true, backing: .fromHeader) }
+    }
+
+    @Test("the references of a qcow2 header are read without following them: backing file and format, external data file")
+    func references() throws {
+        let directory = try scratchDirectory()
+        let plain = directory.appendingPathComponent("plain.qcow2").path
+        #expect(try tool(["qemu-img", "create", "-q", "-f", "qcow2", plain, "1M"]).status == 0)
+        #expect(try QCOW2References.read(path: plain).isStandalone)
+        let backed = directory.appendingPathComponent("backed.qcow2").path
+        #expect(try tool(["qemu-img", "create", "-q", "-f", "qcow2", "-u", "-F", "raw", "-b", "/nonexistent/x", backed, "1M"]).status == 0)
+        let references = try QCOW2References.read(path: backed)
+        #expect(references.backingName == "/nonexistent/x" && references.backingFormat == .raw && !references.hasExternalData)
+        let external = directory.appendingPathComponent("external.qcow2").path
+        let data = directory.appendingPathComponent("external.data").path
+        #expect(try tool(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "data_file=\(data)", external, "1M"]).status == 0)
+        let externalReferences = try QCOW2References.read(path: external)
+        #expect(externalReferences.hasExternalData && externalReferences.dataFile == data && !externalReferences.isStandalone)
+        // Vireo's own reader refuses an external data file rather than ignore it.
+        #expect(throws: DiskImageError.self) { try DiskImages.open(path: external, format: .qcow2, readOnly: true) }
+    }
+
+    @Test("a name declares a format only when it says it: .qcow2 and .raw; .img and others do not")
+    func declaredFormats() {
+        #expect(DiskFormat.declared(byName: "/a/b.qcow2") == .qcow2)
+        #expect(DiskFormat.declared(byName: "/a/B.RAW") == .raw)
+        #expect(DiskFormat.declared(byName: "/a/b.img") == nil)
+        #expect(DiskFormat.declared(byName: "/a/qcow2") == nil)
+        #expect(DiskImages.normalized("/a/./b/../c//d") == "/a/c/d")
+        #expect(DiskImages.normalized("/a/b/../../../etc") == "/etc")
+    }
+
+    @Test("new images are private to their owner")
+    func privateMode() throws {
+        let directory = try scratchDirectory()
+        for format in DiskFormat.allCases {
+            let path = directory.appendingPathComponent("new.\(format.rawValue)").path
+            try DiskImages.create(path: path, format: format, size: 1 << 20)
+            var status = stat()
+            #expect(stat(path, &status) == 0 && status.st_mode & 0o777 == 0o600, "\(format): \(String(status.st_mode & 0o777, radix: 8))")
+        }
     }
 }

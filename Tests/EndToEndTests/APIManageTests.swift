@@ -17,7 +17,8 @@ struct APIManageTests {
         let lab = try NetworkLab()
         let socket = lab.library.root.path + "/api.sock"
         try FileManager.default.createDirectory(at: lab.library.root, withIntermediateDirectories: true)
-        let server = RunningProcess(["ip", "netns", "exec", lab.host, Harness.vireo, "serve", "--listen", "none", "--socket", socket],
+        let server = RunningProcess(["ip", "netns", "exec", lab.host, Harness.vireo, "serve", "--listen", "none", "--socket", socket, "--allow-path", FileManager.default.temporaryDirectory.path,
+                                     "--allow-path", FileManager.default.homeDirectoryForCurrentUser.path + "/.cache/vireo"],
                                     environment: ["VIREO_HOME": lab.library.root.path])
         defer { server.signal(SIGKILL); _ = server.wait(timeout: 10) }
         #expect(server.waitForOutput("API on unix:", timeout: 30), "\(server.stdout) \(server.stderr)")

@@ -15,7 +15,7 @@ final class Served: @unchecked Sendable {
     init(_ library: TestLibrary) throws {
         self.library = library
         try FileManager.default.createDirectory(at: library.root, withIntermediateDirectories: true)
-        process = RunningProcess([Harness.vireo, "serve", "--listen", "127.0.0.1:0", "--socket", library.root.path + "/api.sock"],
+        process = RunningProcess([Harness.vireo, "serve", "--listen", "127.0.0.1:0", "--socket", library.root.path + "/api.sock", "--allow-path", FileManager.default.temporaryDirectory.path],
                                  environment: ["VIREO_HOME": library.root.path])
         guard process.waitForOutput("/#token=", timeout: 30), process.waitForOutput("API on unix:", timeout: 10) else {
             throw HarnessError("vireo serve did not start: \(process.stdout) \(process.stderr)")
@@ -292,7 +292,8 @@ struct APIServerTests {
         #expect(Harness.run(["ss", "-Hltn", "sport = :\(waitingPort)"]).stdout.isEmpty, "the cancelled receive still listens on \(waitingPort)")
         problem(try arrivals.api.request("POST", "/api/migrations/receive", json: ["listen": "127.0.0.1:99999"]), field: "listen")
         problem(try arrivals.api.request("POST", "/api/migrations/receive", json: ["name": "../x"]), field: "name")
-        let receiving = try arrivals.api.request("POST", "/api/migrations/receive", json: ["listen": "127.0.0.1:0"])
+        // The source library's directory is the storage both share; the receiver names it.
+        let receiving = try arrivals.api.request("POST", "/api/migrations/receive", json: ["listen": "127.0.0.1:0", "allow_disks": [source.root.path]])
         #expect(receiving.status == 202, "\(receiving.text)")
         let endpoint = try #require(receiving.object["address"] as? String)
         let token = try #require(receiving.object["token"] as? String)
@@ -341,7 +342,7 @@ struct APIServerTests {
         let half = library.vireo("serve", "--listen", "127.0.0.1:0", "--tls-key", key)
         #expect(half.status == 2 && half.stderr.contains("--tls-cert: required"), "\(half.stderr)")
 
-        let server = RunningProcess([Harness.vireo, "serve", "--listen", "127.0.0.1:0", "--tls-cert", certificate, "--tls-key", key],
+        let server = RunningProcess([Harness.vireo, "serve", "--listen", "127.0.0.1:0", "--tls-cert", certificate, "--tls-key", key, "--allow-path", FileManager.default.temporaryDirectory.path],
                                     environment: ["VIREO_HOME": library.root.path])
         defer { server.signal(SIGKILL); _ = server.wait(timeout: 10) }
         #expect(server.waitForOutput("/#token=", timeout: 30), "\(server.stderr)")

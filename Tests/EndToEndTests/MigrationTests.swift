@@ -49,7 +49,9 @@ final class MigrationLab: @unchecked Sendable {
 
     /// `vireo receive` in the destination namespace; returns it with the address and token it printed.
     func receive(_ extra: [String] = []) throws -> (process: RunningProcess, endpoint: String, token: String) {
-        let process = RunningProcess(["ip", "netns", "exec", destination, Harness.vireo, "receive", "--listen", "\(Self.destinationAddress):0"] + extra,
+        // The source library's directory is the shared storage both "hosts" see.
+        let process = RunningProcess(["ip", "netns", "exec", destination, Harness.vireo, "receive", "--listen", "\(Self.destinationAddress):0",
+                                      "--allow-disks", from.root.path] + extra,
                                      environment: ["VIREO_HOME": to.root.path])
         receivers.append(process)
         guard process.waitForOutput("Token: ", timeout: 20), process.waitForOutput("On the source", timeout: 5) else {

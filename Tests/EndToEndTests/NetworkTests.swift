@@ -157,7 +157,9 @@ struct NetworkTests {
             kill(pid, SIGKILL)
         }
         #expect(lab.inHost(["ip", "link", "delete", "vireo-default"]).status == 0)
-        #expect(lab.inHost(["nft", "delete", "table", "ip", "vireo"]).status == 0)
+        // The library's own table (each library has one: vireo_ and a hash of its path).
+        let table = lab.inHost(["nft", "list", "tables"]).stdout.split(separator: "\n").first { $0.hasPrefix("table ip vireo_") }.map { String($0.dropFirst(9)) } ?? "?"
+        #expect(lab.inHost(["nft", "delete", "table", "ip", table]).status == 0)
         // Restart n1: everything comes back; the same address (its reservation), a fresh tap.
         lab.start("n1")
         #expect(lab.library.waitFor(20) { lab.library.consoleLog("n1").contains("probe: done") })
@@ -314,6 +316,169 @@ struct NetworkTests {
         #expect(lab.vireo("stop", "di", "--force").status == 0)
         let links = lab.inHost(["ip", "-br", "link"]).stdout
         #expect(!links.contains("vt") && !links.contains("vireo-default"), "\(links)")
+    }
+
+    /// A "guest" that is only a network namespace on a veth plugged into `bridge`: it can send
+    /// any frame a guest could.
+    static func plugGuest(_ lab: NetworkLab, bridge: String, address: String) throws -> String {
+        let guest = "vireo-guest-\(UInt32.random(in: 0...UInt32.max))"
+        let device = "vg\(UInt16.random(in: 0...UInt16.max))"
+        for command in [["ip", "netns", "add", guest], ["ip", "-n", guest, "link", "set", "lo", "up"],
+                        ["ip", "-n", lab.host, "link", "add", device, "type", "veth", "peer", "name", "eth0", "netns", guest],
+                        ["ip", "-n", lab.host, "link", "set", device, "master", bridge], ["ip", "-n", lab.host, "link", "set", device, "up"],
+                        ["ip", "-n", guest, "address", "add", address, "dev", "eth0"], ["ip", "-n", guest, "link", "set", "eth0", "up"]] {
+            let result = Harness.run(command)
+            guard result.status == 0 else { throw HarnessError("\(command.joined(separator: " ")) failed: \(result.stderr)") }
+        }
+        // The bridge forwards from a new port once it is in the forwarding state (3).
+        let deadline = Date().addingTimeInterval(10)
+        while Date() < deadline, lab.inHost(["cat", "/sys/class/net/\(device)/brport/state"]).stdout.trimmingCharacters(in: .whitespacesAndNewlines) != "3" {
+            Thread.sleep(forTimeInterval: 0.1)
+        }
+        return guest
+    }
+
+    /// A UDP listener in the lab's host namespace that prints every datagram it gets.
+    static func udpListener(_ lab: NetworkLab, address: String, port: Int) -> RunningProcess {
+        let listener = RunningProcess(["ip", "netns", "exec", lab.host, "python3", "-c", """
+            import socket, sys
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            s.bind((sys.argv[1], int(sys.argv[2])))
+            print("ready", flush=True)
+            while True:
+                d, a = s.recvfrom(2048)
+                print("got", d.decode(errors="replace"), "from", a[0], flush=True)
+            """, address, String(port)])
+        return listener
+    }
+
+    /// Sends one UDP datagram as a raw Ethernet frame from the guest's eth0 to `mac`, addressed to
+    /// `destination`: what a guest can put on the wire whatever its routes say.
+    static func craftedFrame(from guest: String, source: String, toMAC mac: String, destination: String, port: Int, payload: String) -> Harness.Completed {
+        Harness.run(["ip", "netns", "exec", guest, "python3", "-c", """
+            import socket, struct, sys, time
+            src, dst, mac, port, payload = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5].encode()
+            s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+            s.bind(("eth0", 0))
+            own = s.getsockname()[4]
+            udp = struct.pack("!HHHH", 40000, port, 8 + len(payload), 0) + payload
+            header = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 1, 0, 64, 17, 0, socket.inet_aton(src), socket.inet_aton(dst))
+            total = sum(struct.unpack("!10H", header))
+            while total >> 16: total = (total & 0xffff) + (total >> 16)
+            header = header[:10] + struct.pack("!H", ~total & 0xffff) + header[12:]
+            frame = bytes.fromhex(mac.replace(":", "")) + own + b"\\x08\\x00" + header + udp
+            for _ in range(3):
+                s.send(frame)
+                time.sleep(0.3)
+            print("sent", flush=True)
+            """, source, destination, mac, String(port), payload])
+    }
+
+    @Test("a NAT guest reaches only DHCP and DNS on the host: a frame it crafts to 127.0.0.1 through its gateway reaches no loopback-only listener, nor does one to a host service on the gateway's address; a forward from 127.0.0.1 still reaches the guest",
+          .timeLimit(.minutes(5)))
+    func natGuestsDoNotReachHostServices() throws {
+        let lab = try NetworkLab()
+        lab.createProbe("web", command: "serve=9000", extra: ["--forward", "tcp:8080:9000"])
+        lab.start("web")
+        #expect(lab.console("web", contains: "ip: serving tcp and udp port 9000"), "\(lab.library.consoleLog("web"))")
+        let network = try JSONSerialization.jsonObject(with: Data(contentsOf: lab.library.root.appendingPathComponent("networks/default/network.json"))) as? [String: Any]
+        let bridge = try #require(network?["bridge"] as? String)
+        let mac = lab.inHost(["cat", "/sys/class/net/\(bridge)/address"]).stdout.trimmingCharacters(in: .whitespacesAndNewlines)
+        let guest = try Self.plugGuest(lab, bridge: bridge, address: "192.168.122.250/24")
+        defer { Harness.run(["ip", "netns", "del", guest]) }
+        let loopback = Self.udpListener(lab, address: "127.0.0.1", port: 7901)
+        let anywhere = Self.udpListener(lab, address: "0.0.0.0", port: 7902)
+        defer { for listener in [loopback, anywhere] { listener.signal(SIGKILL); _ = listener.wait(timeout: 5) } }
+        #expect(loopback.waitForOutput("ready", timeout: 10) && anywhere.waitForOutput("ready", timeout: 10))
+
+        // The host's own loopback traffic works, so a silent listener below means a dropped frame.
+        #expect(lab.exchange("udp", from: lab.host, to: "127.0.0.1", port: 7901).contains("error"), "a sanity send")
+        #expect(loopback.waitForOutput("got hello", timeout: 5), "the loopback listener hears the host itself")
+        #expect(Self.craftedFrame(from: guest, source: "192.168.122.250", toMAC: mac, destination: "127.0.0.1", port: 7901, payload: "from-guest").status == 0)
+        #expect(Self.craftedFrame(from: guest, source: "192.168.122.250", toMAC: mac, destination: "192.168.122.1", port: 7902, payload: "from-guest").status == 0)
+        Thread.sleep(forTimeInterval: 2)
+        #expect(!loopback.stdout.contains("from-guest"), "a guest reached a loopback-only host service: \(loopback.stdout)")
+        #expect(!anywhere.stdout.contains("from-guest"), "a NAT guest reached a host service on its gateway: \(anywhere.stdout)")
+
+        // DNS on the gateway still answers the guest, and a forward from 127.0.0.1 reaches it.
+        let dns = Harness.run(["ip", "netns", "exec", guest, "python3", "-c", """
+            import socket
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(5)
+            s.sendto(bytes.fromhex("12340100000100000000000003776562000001" + "0001"), ("192.168.122.1", 53))
+            print("dns answered", len(s.recvfrom(512)[0]))
+            """])
+        #expect(dns.stdout.contains("dns answered"), "\(dns.stdout) \(dns.stderr)")
+        #expect(lab.exchange("tcp", from: lab.host, to: "127.0.0.1", port: 8080) == "echo:hello")
+    }
+
+    @Test("two libraries on one host: each runs NAT VMs at once on its own bridge, subnet and firewall table; stopping and deleting in one leaves the other's bridge, DHCP server and rules working; a same-host migration of a NAT VM works, and a destination that cannot start it tells the source why",
+          .timeLimit(.minutes(8)))
+    func twoLibrariesOnOneHost() throws {
+        let lab = try NetworkLab()
+        let other = try TestLibrary()
+        func inOther(_ arguments: [String], timeout: TimeInterval = 60) -> Harness.Completed {
+            Harness.run(["ip", "netns", "exec", lab.host, Harness.vireo] + arguments, timeout: timeout, environment: ["VIREO_HOME": other.root.path])
+        }
+        defer { for name in ["b1", "a1"] { _ = inOther(["stop", name, "--force"]) } }
+        let probe = try Harness.probe("pvh")
+        lab.createProbe("a1", command: "serve=9000", extra: [])
+        lab.start("a1")
+        #expect(lab.console("a1", contains: "ip: serving tcp and udp port 9000"), "\(lab.library.consoleLog("a1"))")
+        let createdB = inOther(["create", "b1", "--kernel", probe, "--memory", "64M", "--no-disk", "--cmdline", "console=ttyS0 probe=ip serve=9000"])
+        #expect(createdB.status == 0, "\(createdB.stderr)")
+        let startedB = inOther(["start", "b1"])
+        #expect(startedB.status == 0, "\(startedB.stderr)")
+        #expect(other.waitFor(30) { other.consoleLog("b1").contains("ip: serving tcp and udp port 9000") }, "\(other.consoleLog("b1"))")
+        let a = try #require(lab.dhcpAddress("a1"), "\(lab.library.consoleLog("a1"))")
+        let bLog = other.consoleLog("b1")
+        let b = try #require(bLog.range(of: "ip: dhcp address=").map { String(bLog[$0.upperBound...].prefix { $0 != " " }) }, "\(bLog)")
+        #expect(a.split(separator: ".").prefix(3) != b.split(separator: ".").prefix(3), "both libraries' guests are on one subnet: \(a) \(b)")
+        #expect(lab.exchange("tcp", from: lab.host, to: a, port: 9000) == "echo:hello")
+        #expect(lab.exchange("tcp", from: lab.host, to: b, port: 9000) == "echo:hello")
+        let bridgeOf = { (library: TestLibrary) -> String in
+            let data = (try? Data(contentsOf: library.root.appendingPathComponent("networks/default/network.json"))) ?? Data()
+            return ((try? JSONSerialization.jsonObject(with: data)) as? [String: Any])?["bridge"] as? String ?? "?"
+        }
+        let bridgeA = bridgeOf(lab.library), bridgeB = bridgeOf(other)
+        #expect(bridgeA != bridgeB, "\(bridgeA) \(bridgeB)")
+
+        // B goes away entirely; A's bridge, dnsmasq and rules stay and keep working.
+        #expect(inOther(["stop", "b1", "--force"]).status == 0)
+        #expect(inOther(["delete", "b1"]).status == 0)
+        let deletedNetwork = inOther(["network", "delete", "default"])
+        #expect(deletedNetwork.status == 0, "\(deletedNetwork.stderr)")
+        #expect(lab.inHost(["ip", "link", "show", bridgeA]).status == 0, "A's bridge went with B's network")
+        let pidText = (try? String(contentsOf: lab.library.root.appendingPathComponent("networks/default/dnsmasq.pid"), encoding: .utf8)) ?? ""
+        let dnsmasq = Int32(pidText.trimmingCharacters(in: .whitespacesAndNewlines)) ?? 0
+        #expect(dnsmasq > 0 && kill(dnsmasq, 0) == 0, "A's dnsmasq is gone")
+        #expect(lab.inHost(["nft", "list", "ruleset"]).stdout.contains(bridgeA), "A's firewall rules went with B's network")
+        #expect(lab.exchange("tcp", from: lab.host, to: a, port: 9000) == "echo:hello")
+
+        // A destination that cannot start the VM says why, at the source.
+        #expect(inOther(["network", "create", "default"]).status == 0)
+        let blockedBridge = bridgeOf(other)
+        // Something that is not a bridge holds the name (this kernel has no dummy links: a veth).
+        #expect(lab.inHost(["ip", "link", "add", blockedBridge, "type", "veth", "peer", "name", "vblock0"]).status == 0)
+        func migrate() -> (source: Harness.Completed, receiver: RunningProcess) {
+            let receiver = RunningProcess(["ip", "netns", "exec", lab.host, Harness.vireo, "receive", "--listen", "127.0.0.1:0"],
+                                          environment: ["VIREO_HOME": other.root.path])
+            _ = receiver.waitForOutput("On the source", timeout: 20)
+            let lines = receiver.stdout.split(separator: "\n")
+            let endpoint = lines.first { $0.hasPrefix("Listening on ") }.map { String($0.dropFirst(13)) } ?? ""
+            let token = lines.first { $0.hasPrefix("Token: ") }.map { String($0.dropFirst(7)) } ?? ""
+            let source = lab.vireo("migrate", "a1", endpoint, "--token", token, timeout: 120)
+            return (source, receiver)
+        }
+        let refused = migrate()
+        #expect(refused.source.status != 0 && refused.source.stderr.contains("not a bridge"), "\(refused.source.stdout) \(refused.source.stderr) \(refused.receiver.stderr)")
+        refused.receiver.signal(SIGKILL); _ = refused.receiver.wait(timeout: 5)
+        #expect(lab.library.state("a1") == "running")
+        #expect(lab.inHost(["ip", "link", "delete", blockedBridge]).status == 0)
+        let moved = migrate()
+        #expect(moved.source.status == 0, "\(moved.source.stdout) \(moved.source.stderr) \(moved.receiver.stderr)")
+        _ = moved.receiver.wait(timeout: 30)
+        #expect(inOther(["list"]).stdout.contains("a1"), "\(inOther(["list"]).stdout)")
+        #expect(other.waitFor(10) { other.state("a1") == "running" })
     }
 
     @Test("bad network input is refused before anything changes, naming the field")

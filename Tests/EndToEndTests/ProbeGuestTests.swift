@@ -386,9 +386,12 @@ func connectUnixSocket(_ path: String, timeout: TimeInterval) throws -> Int32 {
         #expect(result.stdout.isEmpty)
         let bad = Harness.vireoRun(["--kernel", try Harness.probe("pvh"), "--disk", "\(disk),cache=none"])
         #expect(bad.stderr.contains("--disk: unknown option 'cache=none'"))
-        let missing = Harness.vireoRun(["--kernel", try Harness.probe("pvh"), "--disk", directory.appendingPathComponent("nope.img").path])
+        let missing = Harness.vireoRun(["--kernel", try Harness.probe("pvh"), "--disk", directory.appendingPathComponent("nope.raw").path])
         #expect(missing.status == 2)
-        #expect(missing.stderr.contains("nope.img: open failed: No such file or directory"))
+        #expect(missing.stderr.contains("nope.raw: open failed: No such file or directory"))
+        // A name that does not say its format needs format=: a disk's bytes never choose it.
+        let undeclared = Harness.vireoRun(["--kernel", try Harness.probe("pvh"), "--disk", directory.appendingPathComponent("d.img").path])
+        #expect(undeclared.status == 2 && undeclared.stderr.contains("add format=raw or format=qcow2"), "\(undeclared.stderr)")
     }
 
     @Test("a disk limited to 10 operations per second makes the guest wait, and every block still arrives")

@@ -33,7 +33,7 @@ struct WebManagerTests {
         defer { Harness.run(["ip", "netns", "del", namespace]) }
         Harness.run(["ip", "-n", namespace, "link", "set", "lo", "up"])
         try FileManager.default.createDirectory(at: library.root, withIntermediateDirectories: true)
-        let server = RunningProcess(["ip", "netns", "exec", namespace, Harness.vireo, "serve", "--listen", "127.0.0.1:0"],
+        let server = RunningProcess(["ip", "netns", "exec", namespace, Harness.vireo, "serve", "--listen", "127.0.0.1:0", "--allow-path", FileManager.default.temporaryDirectory.path],
                                     environment: ["VIREO_HOME": library.root.path])
         defer { server.signal(SIGKILL); _ = server.wait(timeout: 10) }
         #expect(server.waitForOutput("/#token=", timeout: 30), "\(server.stderr)")

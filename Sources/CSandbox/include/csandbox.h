@@ -41,6 +41,10 @@ int vireo_landlock_abi(void);
 /// or written (a file). Needs no_new_privs. Returns 0 or an errno, `failed` the index of the path.
 int vireo_landlock_restrict(const char *const *paths, const int *writable, int count, int *failed);
 
+/// Like vireo_landlock_restrict, and paths with `executable[i]` may also be executed (their
+/// programs and libraries: a confined process that still has to exec one).
+int vireo_landlock_restrict_exec(const char *const *paths, const int *writable, const int *executable, int count, int *failed);
+
 /// The jail step of the VMM, for a single-threaded process already in its own mount namespace:
 /// mounts a tmpfs at `root`, bind-mounts each of `paths` at the same path inside it (read-only
 /// unless `writable[i]`), a private /proc, then pivot_root()s into it and drops the old root.
@@ -68,5 +72,29 @@ int vireo_jail_drop_privileges(uid_t uid, gid_t gid, int keep_realtime);
 int vireo_spawn_namespaced(const char *path, char *const argv[], int log_fd, int lock_fd, int ready_fd,
                            const int *inherit, int inherit_count, char *const *cgroup_procs, int cgroup_count,
                            pid_t *pid);
+
+/// What a program that cannot confine itself (QEMU) is confined with before it execs: new PID,
+/// mount, IPC, UTS and network namespaces, a root holding only `paths` (read-only unless
+/// `writable[i]`; `executable[i]` also for Landlock), no core dumps, `uid`/`gid` with the single
+/// supplementary group `group` (e.g. kvm's; 0 for none), no capabilities, no_new_privs, and
+/// Landlock over the same paths when the kernel has it.
+struct vireo_jail_spec {
+    const char *root;
+    const char *const *paths;
+    const int *writable;
+    const int *executable;
+    int count;
+    uid_t uid;
+    gid_t gid;
+    gid_t group;
+    int landlock;
+};
+
+/// vireo_spawn_namespaced, confining the child with `jail` before it execs `path` (which must be
+/// among the jail's executable paths). A failure to confine ends the child before the exec, and
+/// its errno is returned with `error` saying which step failed.
+int vireo_spawn_jailed(const char *path, char *const argv[], int log_fd, int lock_fd,
+                       const int *inherit, int inherit_count, char *const *cgroup_procs, int cgroup_count,
+                       const struct vireo_jail_spec *jail, char *error, int error_size, pid_t *pid);
 
 #endif

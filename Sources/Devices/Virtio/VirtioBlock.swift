@@ -59,6 +59,15 @@ public final class VirtioBlock: VirtioDevice, BackgroundDevice, @unchecked Senda
 
     public func attach(_ access: any VirtioQueueAccess) { self.access.withLock { $0 = access } }
 
+    /// Puts the disk's image in place of the stand-in it was built with (a VMM reads its disks
+    /// only once it is confined, after the machine is assembled). Before the guest runs.
+    public func bind(_ disk: any DiskImage) throws(DiskImageError) {
+        guard !(readOnly == false && disk.isReadOnly) else {
+            throw .invalidArgument(field: "disk", reason: "\(disk.path) is open read-only for a writable disk")
+        }
+        image.withLock { $0 = disk }
+    }
+
     /// Sends every later request to `overlay`, which must show the same disk (an overlay on the
     /// current image, of the same size). Call with the transport quiesced and the old image flushed.
     public func switchImage(to overlay: any DiskImage) throws(DiskImageError) {
