@@ -140,7 +140,9 @@ public struct HostNetworks: Sendable {
         let name = network.name
         let madeBridge = !Self.linkExists(network.bridge)
         if madeBridge {
-            try Self.ip(["link", "add", network.bridge, "type", "bridge"], network: name)
+            // A fixed address: a bridge otherwise takes the lowest of its ports' MACs, so the
+            // guests' gateway would change its MAC whenever a VM with a lower tap joined.
+            try Self.ip(["link", "add", network.bridge, "address", bridgeMAC(network), "type", "bridge"], network: name)
         } else if !Self.isBridge(network.bridge) {
             throw .network(name: name, reason: "\(network.bridge) exists on this host and is not a bridge; delete it or recreate the network under another name", exitStatus: 2)
         }
@@ -155,6 +157,14 @@ public struct HostNetworks: Sendable {
         }
         // A dnsmasq bound to a bridge that was deleted and made again serves nothing: restart it.
         if network.dhcp != nil { try startDNSMasq(network, restart: madeBridge) }
+    }
+
+    /// A locally administered unicast MAC for the network's bridge, stable for the library and
+    /// network.
+    func bridgeMAC(_ network: NetworkDefinition) -> String {
+        let hash = StableHash.fnv1a(library.root + "\u{0}" + network.name)
+        let bytes = [UInt8(0x02)] + (0..<5).map { UInt8(truncatingIfNeeded: hash >> (8 * UInt64($0))) }
+        return bytes.map { String(repeating: "0", count: $0 < 16 ? 1 : 0) + String($0, radix: 16) }.joined(separator: ":")
     }
 
     /// Stops the network's dnsmasq and deletes its bridge (which unplugs whatever taps remain).

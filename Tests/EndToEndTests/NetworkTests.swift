@@ -354,10 +354,10 @@ struct NetworkTests {
 
     /// Sends one UDP datagram as a raw Ethernet frame from the guest's eth0 to `mac`, addressed to
     /// `destination`: what a guest can put on the wire whatever its routes say.
-    static func craftedFrame(from guest: String, source: String, toMAC mac: String, destination: String, port: Int, payload: String) -> Harness.Completed {
+    static func craftedFrame(from guest: String, source: String, toMAC mac: String, destination: String, port: Int, payload: [UInt8]) -> Harness.Completed {
         Harness.run(["ip", "netns", "exec", guest, "python3", "-c", """
             import socket, struct, sys, time
-            src, dst, mac, port, payload = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5].encode()
+            src, dst, mac, port, payload = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), bytes.fromhex(sys.argv[5])
             s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
             s.bind(("eth0", 0))
             own = s.getsockname()[4]
@@ -371,7 +371,7 @@ struct NetworkTests {
                 s.send(frame)
                 time.sleep(0.3)
             print("sent", flush=True)
-            """, source, destination, mac, String(port), payload])
+            """, source, destination, mac, String(port), payload.map { String(format: "%02x", $0) }.joined()])
     }
 
     @Test("a NAT guest reaches only DHCP and DNS on the host: a frame it crafts to 127.0.0.1 through its gateway reaches no loopback-only listener, nor does one to a host service on the gateway's address; a forward from 127.0.0.1 still reaches the guest",
@@ -383,9 +383,10 @@ struct NetworkTests {
         #expect(lab.console("web", contains: "ip: serving tcp and udp port 9000"), "\(lab.library.consoleLog("web"))")
         let network = try JSONSerialization.jsonObject(with: Data(contentsOf: lab.library.root.appendingPathComponent("networks/default/network.json"))) as? [String: Any]
         let bridge = try #require(network?["bridge"] as? String)
-        let mac = lab.inHost(["cat", "/sys/class/net/\(bridge)/address"]).stdout.trimmingCharacters(in: .whitespacesAndNewlines)
         let guest = try Self.plugGuest(lab, bridge: bridge, address: "192.168.122.250/24")
         defer { Harness.run(["ip", "netns", "del", guest]) }
+        // Read after the guest's port joined: a bridge takes the lowest MAC of its ports.
+        let mac = lab.inHost(["cat", "/sys/class/net/\(bridge)/address"]).stdout.trimmingCharacters(in: .whitespacesAndNewlines)
         let loopback = Self.udpListener(lab, address: "127.0.0.1", port: 7901)
         let anywhere = Self.udpListener(lab, address: "0.0.0.0", port: 7902)
         defer { for listener in [loopback, anywhere] { listener.signal(SIGKILL); _ = listener.wait(timeout: 5) } }
@@ -394,8 +395,21 @@ struct NetworkTests {
         // The host's own loopback traffic works, so a silent listener below means a dropped frame.
         #expect(lab.exchange("udp", from: lab.host, to: "127.0.0.1", port: 7901).contains("error"), "a sanity send")
         #expect(loopback.waitForOutput("got hello", timeout: 5), "the loopback listener hears the host itself")
-        #expect(Self.craftedFrame(from: guest, source: "192.168.122.250", toMAC: mac, destination: "127.0.0.1", port: 7901, payload: "from-guest").status == 0)
-        #expect(Self.craftedFrame(from: guest, source: "192.168.122.250", toMAC: mac, destination: "192.168.122.1", port: 7902, payload: "from-guest").status == 0)
+        // The control: a crafted frame the host must take (a DNS query to the gateway) gets its
+        // answer, so a silent listener below means a dropped frame, not a lost one.
+        let answers = RunningProcess(["ip", "netns", "exec", guest, "python3", "-c", """
+            import socket
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("0.0.0.0", 40000)); s.settimeout(10)
+            print("listening", flush=True)
+            print("answered", len(s.recvfrom(512)[0]), flush=True)
+            """])
+        defer { answers.signal(SIGKILL); _ = answers.wait(timeout: 5) }
+        #expect(answers.waitForOutput("listening", timeout: 10))
+        let query = Array(Data(hexString: "12340100000100000000000003776562000001" + "0001"))
+        #expect(Self.craftedFrame(from: guest, source: "192.168.122.250", toMAC: mac, destination: "192.168.122.1", port: 53, payload: query).status == 0)
+        #expect(answers.waitForOutput("answered", timeout: 10), "a crafted frame to the gateway's DNS got no answer: \(answers.stdout) \(answers.stderr)")
+        #expect(Self.craftedFrame(from: guest, source: "192.168.122.250", toMAC: mac, destination: "127.0.0.1", port: 7901, payload: Array("from-guest".utf8)).status == 0)
+        #expect(Self.craftedFrame(from: guest, source: "192.168.122.250", toMAC: mac, destination: "192.168.122.1", port: 7902, payload: Array("from-guest".utf8)).status == 0)
         Thread.sleep(forTimeInterval: 2)
         #expect(!loopback.stdout.contains("from-guest"), "a guest reached a loopback-only host service: \(loopback.stdout)")
         #expect(!anywhere.stdout.contains("from-guest"), "a NAT guest reached a host service on its gateway: \(anywhere.stdout)")
@@ -541,5 +555,17 @@ struct NetworkTests {
         let noPasst = Harness.run(["env", "PATH=/nonexistent", "VIREO_HOME=\(lab.library.root.path)", Harness.vireo,
                                    "create", "v", "--no-disk", "--nic", "user"])
         #expect(noPasst.status == 2 && noPasst.stderr.contains("--nic: user-mode networking needs passt, which is not installed"), "\(noPasst.stderr)")
+    }
+}
+
+extension Data {
+    init(hexString: String) {
+        var bytes: [UInt8] = []
+        var index = hexString.startIndex
+        while index < hexString.endIndex, let next = hexString.index(index, offsetBy: 2, limitedBy: hexString.endIndex) {
+            bytes.append(UInt8(hexString[index..<next], radix: 16) ?? 0)
+            index = next
+        }
+        self.init(bytes)
     }
 }
