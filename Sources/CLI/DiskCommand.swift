@@ -12,17 +12,9 @@ struct Disk: ParsableCommand {
         abstract: "Create, inspect and grow disk images (qcow2 or raw).",
         subcommands: [Create.self, Info.self, Resize.self, Attach.self, Detach.self])
 
-    /// The format the user gives, else the one the file's name declares; never the one its
-    /// content claims (a guest writes what it likes into a raw disk).
+    /// The format the user gives, else the one the file's name declares; never its content's.
     static func declaredFormat(_ given: String?, of path: String, option: String = "--format") throws(DiskImageError) -> DiskFormat {
-        if let given {
-            guard let format = DiskFormat(rawValue: given) else { throw .invalidArgument(field: option, reason: "'\(given)' is not one of qcow2, raw") }
-            return format
-        }
-        guard let format = DiskFormat.declared(byName: path) else {
-            throw .invalidArgument(field: option, reason: "the name of \(path) does not say whether it is raw or qcow2; give \(option) raw or \(option) qcow2 (Vireo never takes a format from a disk's content)")
-        }
-        return format
+        try DiskFormat.declared(given, of: path, option: option)
     }
 
     /// Disk errors are the user's to fix (status 2) unless the host failed (status 1).

@@ -94,6 +94,19 @@ extension DiskFormat {
         if name.hasSuffix(".raw") { return .raw }
         return nil
     }
+
+    /// The format a person gives (`option`'s value), else the one `path`'s name declares, else
+    /// an error saying to give it.
+    public static func declared(_ given: String?, of path: String, option: String) throws(DiskImageError) -> DiskFormat {
+        if let given {
+            guard let format = DiskFormat(rawValue: given) else { throw .invalidArgument(field: option, reason: "'\(given)' is not one of qcow2, raw") }
+            return format
+        }
+        guard let format = declared(byName: path) else {
+            throw .invalidArgument(field: option, reason: "the name of \(path) does not say whether it is raw or qcow2; give \(option) raw or \(option) qcow2 (a format is never read from a disk's content, which a guest may have written)")
+        }
+        return format
+    }
 }
 
 public enum DiskImages {

@@ -242,9 +242,19 @@ public struct ImageBuilder: Sendable {
 
     /// The files that make the system fit Vireo's VMs.
     private func configure(_ root: String, recipe: ImageRecipe, rootUUID: String) throws(LibraryError) {
+        // The guest's files have the guest's modes (readable by its users), whatever private
+        // umask vireo itself keeps for the host's files.
         func write(_ path: String, _ text: String) throws(LibraryError) {
-            try HostFiles.makeDirectories(HostFiles.parent(of: root + path))
+            var directory = root
+            for component in HostFiles.parent(of: path).split(separator: "/") {
+                directory += "/" + component
+                if !HostFiles.isDirectory(directory) {
+                    try HostFiles.makeDirectory(directory, mode: 0o755)
+                    chmod(directory, 0o755)
+                }
+            }
             try HostFiles.writeAtomically(Array(text.utf8), to: root + path)
+            chmod(root + path, 0o644)
         }
         try write("/etc/fstab", "# The root file system, by the UUID `vireo image build` gave it.\nUUID=\(rootUUID) / ext4 errors=remount-ro 0 1\n")
         try write("/etc/hostname", "debian\n")
@@ -350,7 +360,14 @@ struct DebootstrapProgress {
 /// Runs a command with its output read line by line as it comes (stdout and stderr together),
 /// keeping the last lines for error messages.
 enum StreamingCommand {
+    /// `path` with `arguments`, under the umask a system being built expects (022), not vireo's
+    /// own private one: debootstrap and maintainer scripts make the guest's files.
+    static func withSystemUmask(_ path: String, _ arguments: [String]) -> (String, [String]) {
+        ("/bin/sh", ["-c", "umask 022 && exec \"$0\" \"$@\"", path] + arguments)
+    }
+
     static func run(_ path: String, _ arguments: [String], environment: [String]?, onLine: (String) -> Void) -> (status: Int32, tail: [String]) {
+        let (path, arguments) = withSystemUmask(path, arguments)
         var ends: [Int32] = [-1, -1]
         guard pipe(&ends) == 0 else { return (-1, ["pipe: \(String(cString: strerror(errno)))"]) }
         for end in ends { _ = fcntl(end, F_SETFD, FD_CLOEXEC) }

@@ -61,26 +61,10 @@ public struct QEMUEngine: Engine {
     /// A value inside a QEMU option list: commas are doubled.
     static func quoted(_ value: String) -> String { value.split(separator: ",", omittingEmptySubsequences: false).joined(separator: ",,") }
 
-    /// A JSON string literal.
-    static func jsonString(_ text: String) -> String {
-        var out = "\""
-        for scalar in text.unicodeScalars {
-            switch scalar {
-            case "\"": out += "\\\""
-            case "\\": out += "\\\\"
-            case _ where scalar.value < 0x20:
-                let hex = String(scalar.value, radix: 16)
-                out += "\\u" + String(repeating: "0", count: 4 - hex.count) + hex
-            default: out.unicodeScalars.append(scalar)
-            }
-        }
-        return out + "\""
-    }
-
     /// A block node as QEMU's JSON describes it: the image in `format` on the file `path`,
     /// resting on exactly `chain` (nearest first), or on nothing ("backing": null).
     static func blockNode(path: String, format: DiskFormat, chain: [BackingLayer], readOnly: Bool, locking: Bool = true) -> String {
-        var node = "{\"driver\":\"\(format.rawValue)\",\"read-only\":\(readOnly),\"file\":{\"driver\":\"file\",\"filename\":\(jsonString(path))"
+        var node = "{\"driver\":\"\(format.rawValue)\",\"read-only\":\(readOnly),\"file\":{\"driver\":\"file\",\"filename\":\(JSONString.quote(path))"
         node += locking ? "}" : ",\"locking\":\"off\"}"
         if format == .qcow2 {
             node += ",\"backing\":" + (chain.first.map { blockNode(path: $0.path, format: $0.format, chain: Array(chain.dropFirst()), readOnly: true, locking: locking) } ?? "null")

@@ -72,13 +72,11 @@ public enum Fuzz {
     public static func qcow2(_ data: UnsafeRawBufferPointer) { _ = qcow2Outcome(data) }
 
     public static func qcow2Outcome(_ data: UnsafeRawBufferPointer) -> Outcome {
+        withScratchFile(data, suffix: ".qcow2") { path in qcow2Outcome(path: path) } ?? Outcome()
+    }
+
+    static func qcow2Outcome(path: String) -> Outcome {
         var outcome = Outcome()
-        let path = "/tmp/vireo-fuzz-image-\(getpid()).qcow2"
-        let fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
-        guard fd >= 0 else { return outcome }
-        _ = write(fd, data.baseAddress, data.count)
-        close(fd)
-        defer { unlink(path) }
         // What an image import checks first: the header's references, read without following them.
         _ = try? QCOW2References.read(path: path)
         guard let image = try? DiskImages.open(path: path, format: .qcow2) else { return outcome }

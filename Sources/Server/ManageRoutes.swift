@@ -209,14 +209,7 @@ extension APIServer {
 
     /// The format an API client declares for an image, or the one its name does; never its content.
     static func format(_ given: String?, of path: String, field: String = "format") throws(DiskImageError) -> DiskFormat {
-        if let given {
-            guard let format = DiskFormat(rawValue: given) else { throw .invalidArgument(field: field, reason: "'\(given)' is not one of qcow2, raw") }
-            return format
-        }
-        guard let format = DiskFormat.declared(byName: path) else {
-            throw .invalidArgument(field: field, reason: "required: the name of \(path) does not say whether it is raw or qcow2, and a format is never read from a disk's content")
-        }
-        return format
+        try DiskFormat.declared(given, of: path, option: field)
     }
 
     /// What a qcow2 image an API client names rests on must lie where the client may name files

@@ -120,24 +120,14 @@ struct FuzzSmokeTests {
 
     @Test func iso9660TargetSurvivesMutatedDescriptors() {
         // Sectors 16 on: a primary volume descriptor, an El Torito boot record, the terminator.
-        var seed = [UInt8](repeating: 0, count: 19 * 2048)
-        func descriptor(_ sector: Int, type: UInt8, _ body: [UInt8], at offset: Int) {
-            let base = sector * 2048
-            seed[base] = type
-            seed.replaceSubrange(base + 1..<base + 6, with: Array("CD001".utf8))
-            seed[base + 6] = 1
-            seed.replaceSubrange(base + offset..<base + offset + body.count, with: body)
-        }
-        descriptor(16, type: 1, Array("VIREO FUZZ                      ".utf8), at: 40)
-        descriptor(17, type: 0, Array("EL TORITO SPECIFICATION".utf8), at: 7)
-        descriptor(18, type: 255, [], at: 7)
+        let seed = Fuzz.seeds(named: "iso9660")[0]
         #expect(seed.withUnsafeBytes { Fuzz.iso9660Outcome($0) }.accepted)
         let (accepted, refused) = Self.mutants(of: seed, count: 300, state: 0x150, Fuzz.iso9660Outcome)
         #expect(accepted > 0 && refused > 0, "accepted \(accepted), refused \(refused)")
     }
 
     @Test func manifestAPIBodyAndOfferTargetsSurviveMutations() {
-        let manifest = Array(#"{"version":1,"name":"debian-12","description":"d","origin":"build","osType":"debian-64","createdAt":0,"disk":"disk.qcow2","virtualSize":1073741824,"kernel":"vmlinuz","cloudInit":true,"packages":[],"files":[{"path":"disk.qcow2","size":1,"sha256":"00"},{"path":"vmlinuz","size":1,"sha256":"00"}]}"#.utf8)
+        let manifest = Fuzz.seeds(named: "manifest")[0]
         #expect(manifest.withUnsafeBytes { Fuzz.manifestOutcome($0) }.accepted)
         let manifests = Self.mutants(of: manifest, count: 300, state: 0x3a1, Fuzz.manifestOutcome)
         #expect(manifests.refused > 0, "\(manifests)")

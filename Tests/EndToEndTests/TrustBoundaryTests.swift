@@ -32,6 +32,15 @@ struct TrustBoundaryTests {
         try handle.close()
     }
 
+    /// A new raw disk at `path` attached to `vm` while it is all zeros; then its guest writes a
+    /// qcow2 header naming `backing` into it.
+    static func attachRawDisk(_ library: TestLibrary, _ vm: String, _ path: String, header: Data) throws {
+        #expect(Harness.run([Harness.vireo, "disk", "create", path, "--format", "raw", "--size", "16M"]).status == 0)
+        let attached = library.vireo("disk", "attach", vm, path)
+        #expect(attached.status == 0, "\(attached.stderr)")
+        try guestWrites(header, to: path)
+    }
+
     static func ownership(_ path: String) -> String {
         var info = stat()
         guard lstat(path, &info) == 0 else { return "missing" }
@@ -76,13 +85,7 @@ struct TrustBoundaryTests {
         }
         let outsidePath = work.appendingPathComponent("outside.raw").path
         rawDisks.append(("outside", outsidePath, try Self.hostileHeader(backing: secret.path, scratch: work)))
-        for disk in rawDisks {
-            #expect(Harness.run([Harness.vireo, "disk", "create", disk.path, "--format", "raw", "--size", "16M"]).status == 0)
-            let attached = library.vireo("disk", "attach", disk.vm, disk.path)
-            #expect(attached.status == 0, "\(attached.stderr)")
-            // Attached while all zeros; then the guest writes its header.
-            try Self.guestWrites(disk.header, to: disk.path)
-        }
+        for disk in rawDisks { try Self.attachRawDisk(library, disk.vm, disk.path, header: disk.header) }
         let config = try String(contentsOf: inside.appendingPathComponent("config.json"), encoding: .utf8)
         #expect(config.contains("\"format\" : \"raw\""), "\(config)")
 
@@ -102,9 +105,7 @@ struct TrustBoundaryTests {
         let cloned = library.vireo("create", "cloned", "--kernel", probe, "--memory", "64M", "--no-disk", "--cmdline", "console=ttyS0 probe=ticker")
         #expect(cloned.status == 0, "\(cloned.stderr)")
         let clonedDisk = library.root.appendingPathComponent("cloned/data.raw").path
-        #expect(Harness.run([Harness.vireo, "disk", "create", clonedDisk, "--format", "raw", "--size", "16M"]).status == 0)
-        #expect(library.vireo("disk", "attach", "cloned", clonedDisk).status == 0)
-        try Self.guestWrites(try Self.hostileHeader(backing: "../../secret", scratch: work), to: clonedDisk)
+        try Self.attachRawDisk(library, "cloned", clonedDisk, header: try Self.hostileHeader(backing: "../../secret", scratch: work))
         let full = library.vireo("clone", "cloned", "full")
         #expect(full.status == 0, "\(full.stderr)")
         let original = try Data(contentsOf: URL(fileURLWithPath: clonedDisk))
@@ -137,9 +138,7 @@ struct TrustBoundaryTests {
         let keeper = library.vireo("create", "keeper", "--kernel", probe, "--memory", "64M", "--no-disk")
         #expect(keeper.status == 0, "\(keeper.stderr)")
         let keptRaw = library.root.appendingPathComponent("keeper/keep.raw").path
-        #expect(Harness.run([Harness.vireo, "disk", "create", keptRaw, "--format", "raw", "--size", "16M"]).status == 0)
-        #expect(library.vireo("disk", "attach", "keeper", keptRaw).status == 0)
-        try Self.guestWrites(try Self.hostileHeader(backing: "../victim", scratch: work), to: keptRaw)
+        try Self.attachRawDisk(library, "keeper", keptRaw, header: try Self.hostileHeader(backing: "../victim", scratch: work))
         let deleted = library.vireo("delete", "keeper", "--keep-disks")
         #expect(deleted.status == 0, "\(deleted.stderr)")
         #expect(FileManager.default.fileExists(atPath: victim), "delete --keep-disks moved \(victim) away: \(deleted.stdout)")
