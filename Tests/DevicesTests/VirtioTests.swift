@@ -283,3 +283,33 @@ func makeBlockDevice(size: UInt64 = 1 << 20, readOnly: Bool = false) throws -> (
         #expect(driver.register(0x70) & 0x40 != 0)
     }
 }
+
+@Suite struct VirtioOwnershipTests {
+    /// The savedstate fuzzer's LeakSanitizer report: a device held its transport strongly while
+    /// the transport held the device, so a dropped pair (with its guest memory and the device's
+    /// host descriptors) was never freed.
+    @Test func droppedTransportFreesItsDeviceAndMemory() throws {
+        weak var droppedTransport: VirtioMMIOTransport?
+        weak var droppedBalloon: VirtioBalloon?
+        weak var droppedBlock: VirtioBlock?
+        weak var droppedMemory: GuestMemory?
+        do {
+            let memory = try GuestMemory(anonymousRegions: [(GuestPhysicalAddress(0), 1 << 20)])
+            let balloon = VirtioBalloon(deflateOnOOM: true, statisticsInterval: 1)
+            let transport = VirtioMMIOTransport(device: balloon, memory: memory, interrupt: PulseCounter())
+            let driver = TestDriver(memory: memory, transport: transport, queueSize: 16)
+            driver.initialise(features: VirtioFeature.version1 | 1 << 1)
+            let (blockDriver, _, _) = try makeBlockDevice()
+            blockDriver.initialise()
+            droppedTransport = transport
+            droppedBalloon = balloon
+            droppedBlock = blockDriver.transport.device as? VirtioBlock
+            droppedMemory = memory
+            #expect(droppedBlock != nil)
+        }
+        #expect(droppedTransport == nil)
+        #expect(droppedBalloon == nil)
+        #expect(droppedBlock == nil)
+        #expect(droppedMemory == nil)
+    }
+}

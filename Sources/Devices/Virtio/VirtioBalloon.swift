@@ -35,7 +35,7 @@ public final class VirtioBalloon: VirtioDevice, BackgroundDevice, @unchecked Sen
         var statisticsHead: UInt16?
     }
     private let state = Mutex(State())
-    private let access = Mutex<(any VirtioQueueAccess)?>(nil)
+    private let access = VirtioQueueAccessLink()
     private let deferred = DeferredWork()
 
     public init(deflateOnOOM: Bool, statisticsInterval: UInt64?) {
@@ -51,7 +51,7 @@ public final class VirtioBalloon: VirtioDevice, BackgroundDevice, @unchecked Sen
         statisticsInterval == nil ? [Self.queueSize, Self.queueSize] : [Self.queueSize, Self.queueSize, 1]
     }
 
-    public func attach(_ access: any VirtioQueueAccess) { self.access.withLock { $0 = access } }
+    public func attach(_ access: any VirtioQueueAccess) { self.access.attach(access) }
 
     public func readConfiguration(offset: Int, into data: UnsafeMutableRawBufferPointer) {
         // num_pages, actual (both little-endian u32), then fields this device does not offer.
@@ -77,7 +77,7 @@ public final class VirtioBalloon: VirtioDevice, BackgroundDevice, @unchecked Sen
     /// Asks the guest to hold `pages` 4 KiB pages in its balloon.
     public func setTarget(pages: UInt32) {
         state.withLock { $0.targetPages = pages }
-        access.withLock { $0 }?.notifyConfigurationChange()
+        access.current?.notifyConfigurationChange()
     }
 
     public struct Report: Sendable {
@@ -178,7 +178,7 @@ public final class VirtioBalloon: VirtioDevice, BackgroundDevice, @unchecked Sen
     /// Returns the held statistics buffer every interval, which asks the guest for new figures.
     public func runBackground() {
         deferred.run {
-            _ = access.withLock { $0 }?.withQueue(2) { (queue, _) throws(VirtioError) -> Bool in
+            _ = access.current?.withQueue(2) { (queue, _) throws(VirtioError) -> Bool in
                 guard let head = state.withLock({ state -> UInt16? in defer { state.statisticsHead = nil }; return state.statisticsHead }) else {
                     return false
                 }

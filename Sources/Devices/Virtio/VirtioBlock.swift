@@ -48,7 +48,7 @@ public final class VirtioBlock: VirtioDevice, BackgroundDevice, @unchecked Senda
     /// Requests wait here when the disk's rate limit is reached.
     public let limiter: RateLimiter?
     private let deferred = DeferredWork()
-    private let access = Mutex<(any VirtioQueueAccess)?>(nil)
+    private let access = VirtioQueueAccessLink()
 
     public init(disk: any DiskImage, readOnly: Bool, serial: String?, rateLimit: RateLimit = RateLimit()) {
         image = Mutex(disk)
@@ -57,7 +57,7 @@ public final class VirtioBlock: VirtioDevice, BackgroundDevice, @unchecked Senda
         limiter = rateLimit.isUnlimited ? nil : RateLimiter(rateLimit)
     }
 
-    public func attach(_ access: any VirtioQueueAccess) { self.access.withLock { $0 = access } }
+    public func attach(_ access: any VirtioQueueAccess) { self.access.attach(access) }
 
     /// Puts the disk's image in place of the stand-in it was built with (a VMM reads its disks
     /// only once it is confined, after the machine is assembled). Before the guest runs.
@@ -82,7 +82,7 @@ public final class VirtioBlock: VirtioDevice, BackgroundDevice, @unchecked Senda
     public func stopBackground() { deferred.stop() }
     public func runBackground() {
         deferred.run {
-            _ = access.withLock { $0 }?.withQueue(0) { (queue, memory) throws(VirtioError) -> Bool in
+            _ = access.current?.withQueue(0) { (queue, memory) throws(VirtioError) -> Bool in
                 try self.process(queue: 0, queue, memory: memory)
             }
         }

@@ -51,6 +51,21 @@ public protocol VirtioQueueAccess: AnyObject, Sendable {
     func notifyConfigurationChange()
 }
 
+/// A device's link back to its transport. Weak because the transport owns the device: a strong
+/// link both ways is a cycle that would keep a dropped transport, its device, the guest memory and
+/// the device's host descriptors alive for the life of the process.
+public final class VirtioQueueAccessLink: Sendable {
+    private struct WeakAccess { weak var access: (any VirtioQueueAccess)? }
+    private let slot = Mutex(WeakAccess())
+
+    public init() {}
+
+    public func attach(_ access: any VirtioQueueAccess) { slot.withLock { $0.access = access } }
+
+    /// The transport, while it is alive.
+    public var current: (any VirtioQueueAccess)? { slot.withLock { $0.access } }
+}
+
 public enum VirtioFeature {
     public static let version1: UInt64 = 1 << 32
 }

@@ -281,7 +281,7 @@ public final class VirtioNet: VirtioDevice, BackgroundDevice, @unchecked Sendabl
     public let offloadsOffered: Bool
     private let wake: Int32
     private let stopping = Atomic<Bool>(false)
-    private let access = Mutex<(any VirtioQueueAccess)?>(nil)
+    private let access = VirtioQueueAccessLink()
     /// What the driver accepted; 0 until FEATURES_OK and after a reset.
     private let negotiated = Atomic<UInt64>(0)
 
@@ -316,7 +316,7 @@ public final class VirtioNet: VirtioDevice, BackgroundDevice, @unchecked Sendabl
     }
     public var queueMaximumSizes: [UInt16] { [Self.queueSize, Self.queueSize] }
 
-    public func attach(_ access: any VirtioQueueAccess) { self.access.withLock { $0 = access } }
+    public func attach(_ access: any VirtioQueueAccess) { self.access.attach(access) }
 
     public func acceptFeatures(_ features: UInt64) {
         negotiated.store(features, ordering: .releasing)
@@ -500,7 +500,7 @@ public final class VirtioNet: VirtioDevice, BackgroundDevice, @unchecked Sendabl
             let now = RateLimiter.now()
             if let due = transmitRetry.withLock({ $0 }), due <= now {
                 transmitRetry.withLock { $0 = nil }
-                _ = access.withLock { $0 }?.withQueue(1) { (queue, memory) throws(VirtioError) -> Bool in
+                _ = access.current?.withQueue(1) { (queue, memory) throws(VirtioError) -> Bool in
                     try self.transmit(queue, memory: memory)
                 }
                 continue
@@ -536,7 +536,7 @@ public final class VirtioNet: VirtioDevice, BackgroundDevice, @unchecked Sendabl
                 receiveDue = nil
             }
             if slot.pending > 0 {
-                _ = access.withLock { $0 }?.withQueue(0) { (queue, memory) throws(VirtioError) -> Bool in
+                _ = access.current?.withQueue(0) { (queue, memory) throws(VirtioError) -> Bool in
                     try self.deliverBatch(queue, memory: memory)
                 }
             }

@@ -111,7 +111,7 @@ public final class VirtioVsock: VirtioDevice, BackgroundDevice, @unchecked Senda
     private let listener: Int32
     private let wake: Int32
     private let stopping = Atomic<Bool>(false)
-    private let access = Mutex<(any VirtioQueueAccess)?>(nil)
+    private let access = VirtioQueueAccessLink()
 
     struct State {
         var connections: [VsockKey: VsockConnection] = [:]
@@ -148,7 +148,7 @@ public final class VirtioVsock: VirtioDevice, BackgroundDevice, @unchecked Senda
     public var queueMaximumSizes: [UInt16] { [Self.queueSize, Self.queueSize, Self.queueSize] }
     public var needsBackgroundThread: Bool { true }
 
-    public func attach(_ access: any VirtioQueueAccess) { self.access.withLock { $0 = access } }
+    public func attach(_ access: any VirtioQueueAccess) { self.access.attach(access) }
 
     public func readConfiguration(offset: Int, into data: UnsafeMutableRawBufferPointer) {
         for index in data.indices {
@@ -485,7 +485,7 @@ public final class VirtioVsock: VirtioDevice, BackgroundDevice, @unchecked Senda
 
     /// Fills receive buffers: control packets first, then data within each guest's credit.
     private func deliverToGuest() {
-        guard let access = access.withLock({ $0 }) else { return }
+        guard let access = access.current else { return }
         _ = access.withQueue(0) { (queue, memory) throws(VirtioError) -> Bool in
             try state.withLock { (state) throws(VirtioError) -> Bool in
                 var delivered = false
