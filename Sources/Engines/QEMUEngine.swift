@@ -1,6 +1,7 @@
 import API
 import CHostSupport
 import DiskImage
+import JSONQuoting
 import Library
 #if canImport(Glibc)
 import Glibc

@@ -1,6 +1,7 @@
 import API
 import FoundationEssentials
 import Hummingbird
+import JSONQuoting
 import Library
 import NIOCore
 

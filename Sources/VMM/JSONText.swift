@@ -1,3 +1,5 @@
+import JSONQuoting
+
 /// Builds one JSON object as text. `vireo-vmm` answers the control socket in JSON without
 /// Foundation's encoder, whose loading would cost more than the VMM's whole start-up.
 struct JSONObject {
@@ -22,21 +24,5 @@ struct JSONObject {
 
     var text: String { "{" + members.joined(separator: ",") + "}" }
 
-    static func quote(_ string: String) -> String {
-        var out = "\""
-        for scalar in string.unicodeScalars {
-            switch scalar {
-            case "\"": out += "\\\""
-            case "\\": out += "\\\\"
-            case "\n": out += "\\n"
-            case "\r": out += "\\r"
-            case "\t": out += "\\t"
-            case let s where s.value < 0x20:
-                let hex = String(s.value, radix: 16)
-                out += "\\u" + String(repeating: "0", count: 4 - hex.count) + hex
-            default: out.unicodeScalars.append(scalar)
-            }
-        }
-        return out + "\""
-    }
+    static func quote(_ string: String) -> String { JSONString.quote(string) }
 }

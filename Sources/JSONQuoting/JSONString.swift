@@ -1,5 +1,6 @@
 /// JSON string literals for text assembled by hand (the API's fast list, QEMU's block-node
-/// options): one quoter for every module above this one.
+/// options, the VMM's control replies): one quoter for all of them. A module of its own, without
+/// Foundation: `vireo-vmm` uses it too, and loading Foundation would cost more than its whole start-up.
 public enum JSONString {
     /// `text` as a JSON string literal, quotes and control characters escaped.
     public static func quote(_ text: String) -> String {
