@@ -50,7 +50,7 @@ public final class PreparedNetworking: @unchecked Sendable {
 }
 
 /// The host side of Vireo's networks, built from what Linux ships: bridges and taps (iproute2),
-/// one dnsmasq per network for DHCP and DNS, and an nftables table of Vireo's own (`ip vireo`)
+/// one dnsmasq per network for DHCP and DNS, and an nftables table per library (`ip vireo_<hash>`)
 /// for masquerading, isolation and port forwards; passt for user-mode cards. No daemon: each
 /// command brings up what it needs, idempotently, and takes down what nothing uses.
 public struct HostNetworks: Sendable {
