@@ -70,7 +70,7 @@ public struct VMManager: Sendable {
                               hint: state == .paused ? "resume it with `vireo resume \(name)`" : "see `vireo info \(name)`, or attach with `vireo console \(name)`")
         }
         guard lock.isCurrent else { throw .notFound(name: name, root: library.root) }
-        let definition = try bundle.load()
+        let definition = try bundle.loadRecordingChains()
         // A definition from an older Vireo (or edited by hand) meets today's rules before it runs.
         try VMLibrary.validate(definition)
         if discardState, bundle.hasSavedState, unlink(bundle.savedStatePath) != 0 {

@@ -39,8 +39,25 @@ public struct VMBundle: Sendable {
     /// The definition in this directory. `vmDirectory`: where its relative disk paths are (a
     /// snapshot's saved definition lives below its VM's directory).
     public func load(vmDirectory: String? = nil) throws(LibraryError) -> VMDefinition {
+        let recorded = try loadAsRecorded()
+        return recorded.version < 2 ? Self.adoptingChains(recorded, vmDirectory: vmDirectory ?? directory) : recorded
+    }
+
+    /// The definition, for a caller that holds the VM's lock exclusively (a start, a change). A
+    /// version-1 definition's adopted chains are written down here, so they are adopted once:
+    /// a header the VM's own process rewrites afterwards meets the record instead of becoming it.
+    public func loadRecordingChains() throws(LibraryError) -> VMDefinition {
+        let recorded = try loadAsRecorded()
+        guard recorded.version < 2 else { return recorded }
+        let adopted = Self.adoptingChains(recorded, vmDirectory: directory)
+        try save(adopted)
+        return adopted
+    }
+
+    /// The definition as its file holds it.
+    private func loadAsRecorded() throws(LibraryError) -> VMDefinition {
         let bytes = try HostFiles.readAll(configPath)
-        var definition: VMDefinition
+        let definition: VMDefinition
         do {
             definition = try JSONDecoder().decode(VMDefinition.self, from: Data(bytes))
         } catch {
@@ -49,7 +66,6 @@ public struct VMBundle: Sendable {
         guard definition.version <= VMDefinition.currentVersion else {
             throw .corrupt(path: configPath, reason: "written by a newer Vireo (configuration version \(definition.version), this one reads up to \(VMDefinition.currentVersion))")
         }
-        if definition.version < 2 { definition = Self.adoptingChains(definition, vmDirectory: vmDirectory ?? directory) }
         return definition
     }
 

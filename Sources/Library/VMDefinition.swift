@@ -8,7 +8,8 @@ import Glibc
 public struct VMDefinition: Codable, Sendable, Equatable {
     /// Bumped when the layout changes incompatibly; older Vireos refuse newer files. Version 2
     /// records every disk's backing chain (`DiskAttachment.backing`); a version-1 definition
-    /// adopts the chains its images' headers name when it is loaded (VMBundle.load).
+    /// adopts the chains its images' headers name, written down by the first operation that
+    /// locks the VM (VMBundle.loadRecordingChains).
     public static let currentVersion = 2
 
     public var version: Int
@@ -510,7 +511,7 @@ public struct DiskAttachment: Codable, Sendable, Equatable {
         format = try container.decode(DiskFormat.self, forKey: .format)
         readOnly = try container.decode(Bool.self, forKey: .readOnly)
         serial = try container.decodeIfPresent(String.self, forKey: .serial)
-        // Definitions of version 1 did not record chains: VMBundle.load adopts them once.
+        // Definitions of version 1 did not record chains: VMBundle adopts them, once.
         backing = try container.decodeIfPresent([BackingLayer].self, forKey: .backing) ?? []
     }
 

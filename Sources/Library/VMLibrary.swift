@@ -263,6 +263,11 @@ public struct VMLibrary: Sendable {
         }
         defer { lock.unlock() }
         guard lock.isCurrent, HostFiles.exists(bundle.configPath) else { throw .notFound(name: name, root: root) }
+        do {
+            _ = try bundle.loadRecordingChains()
+        } catch .corrupt(let path, _) where path == bundle.configPath {
+            // An unreadable definition is the body's to judge: delete still removes it.
+        }
         return try body(bundle, lock)
     }
 

@@ -178,6 +178,34 @@ struct TrustBoundaryTests {
         #expect(Self.ownership(secret.path) == before)
     }
 
+    @Test("a definition from before chains were recorded adopts its disks' chains once, at the first operation that locks the VM, and writes them down: a header the VMM rewrites afterwards stops the next start")
+    func olderDefinitionAdoptsOnce() throws {
+        let library = try TestLibrary()
+        let work = library.root.deletingLastPathComponent()
+        let secret = try Self.secret(work.appendingPathComponent("secret"))
+        let created = library.vireo("create", "older", "--kernel", try Harness.probe("pvh"), "--memory", "64M", "--disk", "16M", "--cmdline", "console=ttyS0 probe=ticker")
+        #expect(created.status == 0, "\(created.stderr)")
+        // As a version-1 Vireo wrote it: no chains recorded.
+        let config = library.root.appendingPathComponent("older/config.json")
+        var object = try #require(try JSONSerialization.jsonObject(with: Data(contentsOf: config)) as? [String: Any])
+        object["version"] = 1
+        object["disks"] = (object["disks"] as? [[String: Any]] ?? []).map { disk in disk.filter { $0.key != "backing" } }
+        try JSONSerialization.data(withJSONObject: object).write(to: config)
+
+        #expect(library.vireo("start", "older").status == 0)
+        #expect(library.vireo("stop", "older", "--force").status == 0)
+        let written = try #require(try JSONSerialization.jsonObject(with: Data(contentsOf: config)) as? [String: Any])
+        #expect(written["version"] as? Int == 2, "the adopted chains were not written down: \(written)")
+
+        // The VM's own uid rewrites its overlay's header afterwards: the record stands.
+        let disk = library.root.appendingPathComponent("older/disk0.qcow2").path
+        #expect(Harness.run(["qemu-img", "rebase", "-u", "-f", "qcow2", "-F", "raw", "-b", secret.path, disk]).status == 0)
+        let started = library.vireo("start", "older")
+        #expect(started.status != 0, "the rewritten header was adopted: \(started.stdout)")
+        #expect(started.stderr.contains("disk0.qcow2") && started.stderr.contains(secret.path), "\(started.stderr)")
+        if started.status == 0 { _ = library.vireo("stop", "older", "--force") }
+    }
+
     @Test("a saved state is decoded only once the VMM is confined: the restore follows the jail in the VMM's log")
     func stateDecodedAfterConfinement() throws {
         let library = try TestLibrary()
