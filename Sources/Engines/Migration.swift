@@ -395,13 +395,31 @@ public struct ReceivePolicy: Sendable {
             }
         }
         for (index, disk) in (disks ?? []).enumerated() {
-            let allowed = [libraryRoot] + allowedDiskDirectories
             for path in [disk.path] + (disk.backing ?? []).map(\.path) {
-                guard path.hasPrefix("/"), HostPath.isInside(path, anyOf: allowed) else {
+                guard path.hasPrefix("/") else {
+                    throw .invalidValue(field: "disk \(index)", reason: "the shared disk \(path.prefix(300)) is not an absolute path")
+                }
+                if HostPath.inside(path, libraryRoot) != nil {
+                    if let owner = Self.libraryOwner(of: path, libraryRoot: libraryRoot) {
+                        throw .invalidValue(field: "disk \(index)", reason: "the shared disk \(path.prefix(300)) belongs to \(owner) in this library; a peer's shared disks lie in a directory of their own, or migrate with --copy-disks")
+                    }
+                } else if !HostPath.isInside(path, anyOf: allowedDiskDirectories) {
                     throw .invalidValue(field: "disk \(index)", reason: "the shared disk \(path.prefix(300)) is outside the library \(libraryRoot)\(allowedDiskDirectories.isEmpty ? "" : " and " + allowedDiskDirectories.joined(separator: ", ")); start `vireo receive` with --allow-disks DIR for shared storage there, or migrate with --copy-disks")
                 }
             }
         }
+    }
+
+    /// What already owns `path` in the receiving library, if anything: a VM's directory, the
+    /// library's own directories (images, networks, its SSH key, kept disks) or its top-level
+    /// files (the API token). A peer must not hand its VM another VM's disk or an image's base.
+    static func libraryOwner(of path: String, libraryRoot: String) -> String? {
+        guard let root = HostPath.real(libraryRoot), let resolved = HostPath.inside(path, libraryRoot) else { return nil }
+        let components = resolved.dropFirst(root == "/" ? 1 : root.count + 1).split(separator: "/")
+        guard components.count > 1, let first = components.first.map(String.init) else { return "the library itself" }
+        if VMName.reserved.contains(first) { return "the library's \(first) directory" }
+        if HostFiles.exists(root + "/" + first + "/config.json") { return "VM '\(first)'" }
+        return nil
     }
 }
 

@@ -304,7 +304,7 @@ struct TrustBoundaryTests {
         s.close()
         """
 
-    @Test("a migration offer is held to the receiver's policy: a file memory backing, a shared disk outside the library and --allow-disks, a host tap or bridge, a real-time priority without --allow-rt are refused with the reason and nothing is created; an acceptable one is decoded by a VMM that is already confined")
+    @Test("a migration offer is held to the receiver's policy: a file memory backing, a shared disk outside the library and --allow-disks or in another VM of the library, a host tap or bridge, a real-time priority without --allow-rt are refused with the reason and nothing is created; an acceptable one is decoded by a VMM that is already confined")
     func migrationOfferPolicy() throws {
         let library = try TestLibrary()
         let work = library.root.deletingLastPathComponent()
@@ -317,9 +317,15 @@ struct TrustBoundaryTests {
         #expect(Harness.run(["qemu-img", "create", "-q", "-f", "raw", outside, "16M"]).status == 0)
         let planted = work.appendingPathComponent("planted-ram").path
         let outsideDisk = "[{\"path\": \"\(outside)\", \"format\": \"raw\", \"virtualSize\": \(16 << 20), \"readOnly\": false}]"
+        // A VM the receiving library already has: its disk is inside the library, but it is not the peer's.
+        let neighbour = library.vireo("create", "neighbour", "--kernel", try Harness.probe("pvh"), "--memory", "64M", "--disk", "16M", "--cmdline", "console=ttyS0 probe=ticker")
+        #expect(neighbour.status == 0, "\(neighbour.stderr)")
+        let neighbourPath = library.root.appendingPathComponent("neighbour/disk0.qcow2").path
+        let neighbourDisk = "[{\"path\": \"\(neighbourPath)\", \"format\": \"qcow2\", \"virtualSize\": \(16 << 20), \"readOnly\": false}]"
         let cases: [(name: String, disks: String, change: String, reason: String)] = [
             ("memory file", "[]", "{\"memoryBacking\": {\"file\": \"\(planted)\", \"shared\": true}}", "memory"),
             ("disk outside", outsideDisk, "{}", "--allow-disks"),
+            ("another VM's disk", neighbourDisk, "{}", "VM 'neighbour'"),
             ("host tap", "[]", "{\"networks\": [{\"attachment\": \"tap:vt0000000a0\", \"mac\": \"52:54:00:aa:bb:01\"}]}", "tap:vt0000000a0"),
             ("real-time", "[]", "{\"resources\": {\"rtPriority\": 50}}", "--allow-rt"),
         ]
@@ -333,7 +339,7 @@ struct TrustBoundaryTests {
             let source = Harness.run(["python3", "-c", Self.hostileSource, port, token, config, entry.disks, entry.change], timeout: 60)
             #expect(source.stdout.contains("answer 3 ") && source.stdout.contains(entry.reason), "\(entry.name): \(source.stdout) \(source.stderr)")
             _ = receiver.wait(timeout: 20)
-            let entries = ((try? FileManager.default.contentsOfDirectory(atPath: library.root.path)) ?? []).filter { !$0.hasPrefix(".") && $0 != "networks" }
+            let entries = ((try? FileManager.default.contentsOfDirectory(atPath: library.root.path)) ?? []).filter { !$0.hasPrefix(".") && $0 != "networks" && $0 != "neighbour" }
             #expect(entries.isEmpty, "\(entry.name): the receiver left \(entries)")
         }
         #expect(!FileManager.default.fileExists(atPath: planted), "a peer's memory file was created")
