@@ -178,6 +178,10 @@ public struct KVMEngine: Engine {
             waitpid(pid, &status, 0)
             throw .engine(name: name, reason: "vireo-vmm did not report ready within 120 s and was killed; see \(bundle.vmmLogPath)", exitStatus: 1)
         }
+        // A VMM that said why it failed is still exiting, and holds the VM's lock until it has:
+        // wait for that (bounded), so that `vireo start` returning means the VM is at rest again
+        // (CI saw `vireo list` call the VM "busy" right after a refused start).
+        Self.reapExiting(pid)
         if answer.hasPrefix("error ") {
             let rest = answer.dropFirst(6)
             let code = Int32(rest.prefix(while: { $0 != " " })) ?? 1
@@ -185,6 +189,18 @@ public struct KVMEngine: Engine {
             throw .engine(name: name, reason: "did not start: \(message)", exitStatus: code)
         }
         throw .engine(name: name, reason: "vireo-vmm exited before the VM was ready; see \(bundle.vmmLogPath)", exitStatus: 1)
+    }
+
+    /// Waits up to ten seconds for a VMM that has given up to exit, then kills it.
+    static func reapExiting(_ pid: pid_t) {
+        var status: Int32 = 0
+        for _ in 0..<1000 {
+            let reaped = waitpid(pid, &status, WNOHANG)
+            if reaped == pid || (reaped < 0 && errno != EINTR) { return }
+            usleep(10_000)
+        }
+        kill(pid, SIGKILL)
+        waitpid(pid, &status, 0)
     }
 
     // MARK: control requests

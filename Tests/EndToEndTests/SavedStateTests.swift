@@ -105,6 +105,15 @@ struct SavedStateTests {
             #expect(try Data(contentsOf: URL(fileURLWithPath: statePath)) == bytes, "\(what): the state file changed")
         }
 
+        // A refused start returns only once the VMM that refused has exited and let go of the
+        // VM's lock: right after it the VM is "saved", never "busy" (about one in ten times it
+        // was, before `vireo start` waited for that exit).
+        try flippedMetadata.write(to: URL(fileURLWithPath: statePath))
+        for attempt in 0..<10 {
+            #expect(library.vireo("start", "hurt").status == 2)
+            #expect(library.state("hurt") == "saved", "refused start \(attempt)")
+        }
+
         // The intact state still resumes after all those refusals.
         try good.write(to: URL(fileURLWithPath: statePath))
         #expect(library.vireo("start", "hurt").status == 0)
