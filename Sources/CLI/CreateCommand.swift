@@ -1,11 +1,11 @@
 import ArgumentParser
-import Devices
 import DiskImage
 import Library
 import X86Boot
 import VMM
 #if canImport(Glibc)
 import Glibc
+import MachineSpec
 #endif
 
 struct Create: ParsableCommand {

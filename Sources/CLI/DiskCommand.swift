@@ -5,6 +5,7 @@ import FoundationEssentials
 import VMM
 #if canImport(Glibc)
 import Glibc
+import MachineSpec
 #endif
 
 struct Disk: ParsableCommand {

@@ -4,6 +4,7 @@ import DiskImage
 import Engines
 import Library
 import VMM
+import MachineSpec
 
 struct Info: ParsableCommand {
     static let configuration = CommandConfiguration(

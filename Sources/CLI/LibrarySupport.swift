@@ -6,6 +6,7 @@ import Library
 import VMM
 #if canImport(Glibc)
 import Glibc
+import MachineSpec
 #endif
 
 /// Every VM verb goes through the manager (the library and the engines behind it).

@@ -3,6 +3,7 @@ import DiskImage
 import Engines
 import Library
 import VMM
+import MachineSpec
 
 struct List: ParsableCommand {
     static let configuration = CommandConfiguration(abstract: "List the VMs in the library with their state and size.")

@@ -2,8 +2,8 @@ import ArgumentParser
 import Engines
 import Library
 import X86Boot
-import Devices
 import VMM
+import MachineSpec
 
 struct Set: ParsableCommand {
     static let configuration = CommandConfiguration(

@@ -1,6 +1,7 @@
 import ArgumentParser
 import VMM
 import X86Boot
+import MachineSpec
 
 struct Run: ParsableCommand {
     static let configuration = CommandConfiguration(

@@ -1,11 +1,7 @@
 #if canImport(Glibc)
 import Glibc
+import MachineSpec
 #endif
-
-public enum DiskFormat: String, Sendable, CaseIterable, Codable {
-    case raw
-    case qcow2
-}
 
 /// A virtual disk: a byte-addressable device of fixed size backed by an image file.
 /// Implementations bounds-check every access against `virtualSize`; offsets come from guests.
@@ -77,24 +73,7 @@ extension DiskImage {
 
 /// One image a disk rests on, as the VM's definition records it: where it is and its format.
 /// A disk's chain is what its definition says; no header and no content is believed beyond it.
-public struct BackingLayer: Sendable, Equatable, Codable {
-    public var path: String
-    public var format: DiskFormat
-
-    public init(path: String, format: DiskFormat) { self.path = path; self.format = format }
-}
-
 extension DiskFormat {
-    /// The format a file's name declares (`.qcow2`, `.raw`); nil when the name does not say
-    /// (`.img` is either). A format is never read from a file's content: a guest can write any
-    /// header into a raw disk it owns.
-    public static func declared(byName path: String) -> DiskFormat? {
-        let name = path.split(separator: "/").last.map { $0.lowercased() } ?? ""
-        if name.hasSuffix(".qcow2") { return .qcow2 }
-        if name.hasSuffix(".raw") { return .raw }
-        return nil
-    }
-
     /// The format a person gives (`option`'s value), else the one `path`'s name declares, else
     /// an error saying to give it.
     public static func declared(_ given: String?, of path: String, option: String) throws(DiskImageError) -> DiskFormat {

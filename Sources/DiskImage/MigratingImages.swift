@@ -2,6 +2,7 @@ import CHostSupport
 import Synchronization
 #if canImport(Glibc)
 import Glibc
+import MachineSpec
 #endif
 
 /// Stands in for an image another process holds: the destination of a live migration before the

@@ -626,11 +626,6 @@ public struct HostNetworks: Sendable {
         if let registry { try? registry.locked { () throws(LibraryError) in registry.release(bridge: network.bridge, library: library.root) } }
     }
 
-    /// Applies a running VM's changed forwards (the definition is already saved).
-    public func refreshForwards() throws(LibraryError) {
-        try store.locked { () throws(LibraryError) in try applyFirewall() }
-    }
-
     // MARK: addresses
 
     /// Each card's IPv4 address as its network's DHCP server leased it (nil when unknown:

@@ -6,6 +6,7 @@ import Library
 import MigrationWire
 #if canImport(Glibc)
 import Glibc
+import MachineSpec
 #endif
 
 /// What `vireo migrate` asks for (docs/migration.md).

@@ -5,6 +5,7 @@ import JSONQuoting
 import Library
 #if canImport(Glibc)
 import Glibc
+import MachineSpec
 #endif
 
 /// Runs library VMs that need firmware, a CD-ROM, a display, keyboard and pointer on QEMU (a q35

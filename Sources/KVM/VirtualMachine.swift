@@ -33,13 +33,6 @@ public final class VirtualMachine: @unchecked Sendable {
         _ = try systemCall("KVM_SET_TSS_ADDR") { vireo_ioctl_value(fd, VIREO_KVM_SET_TSS_ADDR, UInt(address)) }
     }
 
-    public func setIdentityMapAddress(_ address: UInt64) throws(KVMError) {
-        var value = address
-        _ = try systemCall("KVM_SET_IDENTITY_MAP_ADDR") {
-            vireo_ioctl_pointer(fd, VIREO_KVM_SET_IDENTITY_MAP_ADDR, &value)
-        }
-    }
-
     /// In-kernel PIC pair, IOAPIC and per-vCPU LAPICs.
     public func createInterruptController() throws(KVMError) {
         _ = try systemCall("KVM_CREATE_IRQCHIP") { vireo_ioctl_none(fd, VIREO_KVM_CREATE_IRQCHIP) }

@@ -1,4 +1,5 @@
 import DiskImage
+import MachineSpec
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -59,5 +60,13 @@ public enum LibraryError: Error, CustomStringConvertible, Sendable {
             }
         case .io, .corrupt, .migration: return 1
         }
+    }
+}
+
+extension LibraryError {
+    /// A machine rule's refusal, named by the `vireo create`/`set` flag (the API turns it into
+    /// the JSON key through the same table, MachineField).
+    public init(_ error: MachineSpecError) {
+        self = .invalidValue(field: error.field.flag, reason: error.reason)
     }
 }

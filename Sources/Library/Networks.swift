@@ -1,6 +1,7 @@
 import FoundationEssentials
 #if canImport(Glibc)
 import Glibc
+import MachineSpec
 #endif
 
 /// An IPv4 address (host byte order inside, dotted quad outside).
@@ -554,24 +555,7 @@ public enum StableHash {
 
 extension NetworkAttachment {
     /// A random unicast, locally administered MAC (`x2:...`).
-    public static func randomMAC() -> String {
-        var generator = SystemRandomNumberGenerator()
-        var bytes = (0..<6).map { _ in UInt8.random(in: 0...255, using: &generator) }
-        bytes[0] = bytes[0] & 0xfe | 0x02
-        return bytes.map { ($0 < 16 ? "0" : "") + String($0, radix: 16) }.joined(separator: ":")
-    }
-
-    /// The six bytes of `XX:XX:XX:XX:XX:XX`, or nil.
-    public static func macBytes(_ text: String) -> [UInt8]? {
-        let parts = text.split(separator: ":", omittingEmptySubsequences: false)
-        guard parts.count == 6 else { return nil }
-        var bytes: [UInt8] = []
-        for part in parts {
-            guard part.count == 2, let byte = UInt8(part, radix: 16) else { return nil }
-            bytes.append(byte)
-        }
-        return bytes
-    }
+    public static func randomMAC() -> String { MachineRules.macText(MachineRules.randomMAC()) }
 }
 
 extension PortForward {

@@ -2,6 +2,7 @@ import DiskImage
 import FoundationEssentials
 #if canImport(Glibc)
 import Glibc
+import MachineSpec
 #endif
 
 /// One snapshot of a VM (docs/snapshots.md): its disks as they were (each writable qcow2 disk's

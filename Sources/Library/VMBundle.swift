@@ -2,6 +2,7 @@ import DiskImage
 import FoundationEssentials
 #if canImport(Glibc)
 import Glibc
+import MachineSpec
 #endif
 
 /// One VM's directory and the typed paths inside it (tart's layout):

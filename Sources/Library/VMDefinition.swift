@@ -1,6 +1,7 @@
 import DiskImage
 #if canImport(Glibc)
 import Glibc
+import MachineSpec
 #endif
 
 /// One VM as stored in its directory's `config.json`. Paths without a leading `/` are inside the
@@ -71,7 +72,6 @@ public struct VMDefinition: Codable, Sendable, Equatable {
     /// How guest RAM is backed: huge pages, preallocation, KSM (docs/resources.md).
     public var memoryBacking = MemoryBackingOptions()
 
-    public static let rebootPolicies = ["restart", "exit"]
 
     /// A fresh 128-bit generation ID.
     public static func newGenerationID() -> String {
@@ -195,8 +195,8 @@ public struct ResourceLimits: Codable, Sendable, Equatable {
         if let limit = memoryLimitBytes, limit < memoryBytes {
             throw .invalidValue(field: "--memory-limit", reason: "\(Self.mebibytes(limit)) is below the VM's \(memoryBytes >> 20) MiB of RAM: the guest would be killed once it used its memory; give at least \(memoryBytes >> 20)M (the limit counts the whole engine: RAM the guest touched and the VMM's own few MiB)")
         }
-        if let priority = rtPriority, priority < 1 || priority > 99 {
-            throw .invalidValue(field: "--rt-priority", reason: "\(priority) is not from 1 to 99 (SCHED_FIFO priorities; higher runs first)")
+        if let priority = rtPriority {
+            do { try MachineRules.realTimePriority(priority) } catch { throw LibraryError(error) }
         }
         if let pids = pidsLimit, pids < 16 || pids > 1 << 22 {
             throw .invalidValue(field: "--pids-limit", reason: "\(pids) is not from 16 to \(1 << 22) (a VMM has a thread per vCPU and per device)")

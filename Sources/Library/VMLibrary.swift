@@ -4,6 +4,7 @@ import FoundationEssentials
 import X86Boot
 #if canImport(Glibc)
 import Glibc
+import MachineSpec
 #endif
 
 /// What a VM is doing, as `vireo list` shows it.
@@ -322,10 +323,7 @@ public struct VMLibrary: Sendable {
         definition.vsockCID = request.vsockCID
         if let balloon = request.balloon { definition.balloon = balloon }
         if let acpi = request.acpi { definition.acpi = acpi }
-        if let policy = request.onReboot {
-            try Self.validate(onReboot: policy)
-            definition.onReboot = policy
-        }
+        if let policy = request.onReboot { definition.onReboot = policy }
         if let model = request.cpuModel { definition.cpuModel = model }
         definition.resources = request.resources
         definition.memoryBacking = request.memoryBacking
@@ -533,17 +531,21 @@ public struct VMLibrary: Sendable {
     // MARK: validation shared by create and set
 
     /// The kvm VMM's virtio slots: disks, network cards, vsock, balloon and rng each take one.
-    public static let kvmDeviceSlots = MachineLayout.virtioInterrupts.count
     /// The qemu machine's disks: six AHCI ports less the CD-ROM's, or PCI slots for virtio.
     public static func qemuDiskLimit(_ bus: DiskBus) -> Int { bus == .sata ? 5 : 16 }
 
     /// Every rule a VM definition must meet, checked once, wherever a definition is made or
     /// changed, so nothing saved can be refused at start.
     public static func validate(_ definition: VMDefinition) throws(LibraryError) {
-        try validate(cpus: definition.cpus)
-        try validate(memoryBytes: definition.memoryBytes)
-        try validate(commandLine: definition.commandLine)
-        try validate(onReboot: definition.onReboot)
+        do throws(MachineSpecError) {
+            try MachineRules.cpus(definition.cpus)
+            try MachineRules.memory(definition.memoryBytes)
+            try MachineRules.commandLine(definition.commandLine)
+            try MachineRules.onReboot(definition.onReboot)
+            if let cid = definition.vsockCID { try MachineRules.vsockCID(cid) }
+        } catch {
+            throw LibraryError(error)
+        }
         try definition.resources.validate(cpus: definition.cpus, memoryBytes: definition.memoryBytes)
         try definition.memoryBacking.validate(memoryBytes: definition.memoryBytes)
         if let model = definition.cpuModel {
@@ -553,7 +555,6 @@ public struct VMLibrary: Sendable {
                 throw .invalidValue(field: "--cpu", reason: "the qemu engine takes host only so far (it runs -cpu host); '\(model)' needs --engine kvm")
             }
         }
-        if let cid = definition.vsockCID { try validate(vsockCID: cid) }
         try validate(networks: definition.networks)
         try validate(disks: definition.disks)
         for (field, path) in [("--kernel", definition.kernel), ("--initrd", definition.initrd), ("nvram", definition.nvram)] {
@@ -567,11 +568,10 @@ public struct VMLibrary: Sendable {
             if definition.firmware != nil {
                 throw .invalidValue(field: "--firmware", reason: "the kvm engine boots Linux kernels directly, without firmware; use --engine qemu for firmware")
             }
-            let devices = definition.disks.count + definition.networks.count + (definition.vsockCID == nil ? 0 : 1)
-                + (definition.balloon ? 1 : 0) + (definition.entropyDevice ? 1 : 0)
-            guard devices <= kvmDeviceSlots else {
-                throw .invalidValue(field: "disks and devices", reason: "\(definition.disks.count) disk(s), \(definition.networks.count) network card(s) and the vsock, balloon and rng devices need \(devices) virtio slots; the kvm engine has \(kvmDeviceSlots). Detach a disk or remove a device (--no-balloon, --no-rng)")
-            }
+            do {
+                try MachineRules.virtioDevices(disks: definition.disks.count, nics: definition.networks.count, vsock: definition.vsockCID != nil,
+                                               balloon: definition.balloon, entropy: definition.entropyDevice)
+            } catch { throw LibraryError(error) }
         case .qemu:
             if definition.vsockCID != nil {
                 throw .invalidValue(field: "--vsock-cid", reason: "the qemu engine has no vsock device like the kvm engine's; remove it (--no-vsock) or use --engine kvm")
@@ -592,9 +592,7 @@ public struct VMLibrary: Sendable {
     public static func validate(networks: [NetworkAttachment]) throws(LibraryError) {
         var macs = Set<String>(), ports = Set<String>()
         for (index, card) in networks.enumerated() {
-            guard let bytes = NetworkAttachment.macBytes(card.mac), bytes[0] & 1 == 0, bytes != [0, 0, 0, 0, 0, 0] else {
-                throw .invalidValue(field: "--nic", reason: "card \(index): '\(card.mac)' is not a unicast MAC address like 52:54:00:12:34:56")
-            }
+            do { _ = try MachineRules.mac(card.mac, card: index) } catch { throw LibraryError(error) }
             guard macs.insert(card.mac.lowercased()).inserted else {
                 throw .invalidValue(field: "--nic", reason: "card \(index): MAC \(card.mac) is already another card's")
             }
@@ -668,49 +666,13 @@ public struct VMLibrary: Sendable {
             let field = "disk \(index)"
             try validate(path: disk.path, field: field)
             for layer in disk.backing { try validate(path: layer.path, field: field) }
-            if disk.format == .raw, !disk.backing.isEmpty {
-                throw .invalidValue(field: field, reason: "\(disk.path) is raw, and a raw disk rests on nothing (its definition lists \(disk.backing.count) backing image(s))")
-            }
-            guard disk.backing.count <= 16 else { throw .invalidValue(field: field, reason: "\(disk.path) rests on \(disk.backing.count) images; at most 16") }
-            if let raw = disk.backing.dropLast().firstIndex(where: { $0.format == .raw }) {
-                throw .invalidValue(field: field, reason: "\(disk.backing[raw].path) is raw and cannot rest on \(disk.backing[raw + 1].path)")
-            }
-            if let serial = disk.serial, serial.utf8.count > 20 || !serial.utf8.allSatisfy({ $0 >= 0x20 && $0 < 0x7f && $0 != UInt8(ascii: ",") }) {
-                throw .invalidValue(field: field, reason: "serial '\(serial.prefix(40))' must be at most 20 printable ASCII characters without commas")
+            do throws(MachineSpecError) {
+                try MachineRules.diskChain(path: disk.path, format: disk.format, backing: disk.backing, disk: index)
+                if let serial = disk.serial { try MachineRules.diskSerial(serial, disk: index) }
+            } catch {
+                throw LibraryError(error)
             }
         }
-    }
-
-    public static func validate(onReboot policy: String) throws(LibraryError) {
-        guard VMDefinition.rebootPolicies.contains(policy) else {
-            throw .invalidValue(field: "--on-reboot", reason: "'\(policy)' is not one of \(VMDefinition.rebootPolicies.joined(separator: ", "))")
-        }
-    }
-
-    public static func validate(cpus: Int) throws(LibraryError) {
-        guard cpus >= 1, cpus <= BootConfiguration.maximumCPUs else {
-            throw .invalidValue(field: "--cpus", reason: "\(cpus) is not allowed; use 1 to \(BootConfiguration.maximumCPUs)")
-        }
-    }
-
-    public static func validate(memoryBytes: UInt64) throws(LibraryError) {
-        guard memoryBytes >= MachineLayout.minimumMemory else {
-            throw .invalidValue(field: "--memory", reason: "\(memoryBytes >> 20) MiB is below the minimum of \(MachineLayout.minimumMemory >> 20) MiB")
-        }
-        guard memoryBytes % 4096 == 0 else {
-            throw .invalidValue(field: "--memory", reason: "\(memoryBytes) bytes is not a whole number of 4 KiB pages")
-        }
-    }
-
-    /// 0–2 are reserved (hypervisor, local, host); 0xffffffff is VMADDR_CID_ANY.
-    public static func validate(vsockCID: UInt64) throws(LibraryError) {
-        guard vsockCID >= 3, vsockCID < 0xffff_ffff else {
-            throw .invalidValue(field: "--vsock-cid", reason: "\(vsockCID) must be a whole number from 3 to 4294967294")
-        }
-    }
-
-    public static func validate(commandLine: String) throws(LibraryError) {
-        guard !commandLine.utf8.contains(0) else { throw .invalidValue(field: "--cmdline", reason: "contains a NUL byte") }
     }
 
     public static func validate(kernel: String) throws(LibraryError) {

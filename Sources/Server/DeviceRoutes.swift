@@ -7,6 +7,7 @@ import Library
 import NIOCore
 #if canImport(Glibc)
 import Glibc
+import MachineSpec
 #endif
 
 /// The rest of what the CLI does to one VM: its balloon, CD-ROM, keyboard, screen and disks, and

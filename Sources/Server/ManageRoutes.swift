@@ -8,6 +8,7 @@ import NIOCore
 import Synchronization
 #if canImport(Glibc)
 import Glibc
+import MachineSpec
 #endif
 
 /// What the CLI does beside a VM's life cycle: its port forwards, a network's autostart, disk

@@ -1,6 +1,7 @@
 import Engines
 import Hummingbird
 import Library
+import MachineSpec
 import NIOCore
 
 /// An API error as RFC 9457 `application/problem+json`: what was refused, which field and why,
@@ -84,17 +85,17 @@ extension APIProblem {
         }
     }
 
-    /// The library names fields as the CLI's options (`--memory`); the API's are JSON keys.
+    /// The library names fields as the CLI's options (`--memory`); the API's are JSON keys. A
+    /// machine setting's key comes from MachineField's table; the rest are the CLI's own options.
     static func apiField(_ option: String) -> String {
         guard option.hasPrefix("--") else { return option }
-        let known: [String: String] = ["--memory": "memory_bytes", "--disk": "disk_bytes", "--cmdline": "command_line",
-                                       "--ostype": "os_type", "--nic": "nics", "--forward": "forwards", "--cpu": "cpu_model",
-                                       "--accel": "accelerator", "--vsock-cid": "vsock_cid", "--ssh-key": "ssh_key_files",
+        // `vireo create --disk SIZE` makes the first disk; a machine's disks are `--attach-disk`.
+        let known: [String: String] = ["--disk": "disk_bytes", "--ostype": "os_type", "--forward": "forwards",
+                                       "--accel": "accelerator", "--ssh-key": "ssh_key_files",
                                        "--attach-disk": "attach_disk", "--memory-limit": "memory_limit_bytes",
                                        "--cpu-cap": "cpu_cap_percent", "--cpu-weight": "cpu_weight", "--pids-limit": "pids_limit",
-                                       "--on-reboot": "on_reboot", "--rng": "entropy_device", "--pin": "vcpu_pins",
-                                       "--pin-emulator": "emulator_cpus", "--io-limit": "io_limits", "--prealloc": "preallocate",
-                                       "--thp": "transparent_huge_pages"]
-        return known[option] ?? String(option.dropFirst(2)).replacing("-", with: "_")
+                                       "--pin": "vcpu_pins", "--pin-emulator": "emulator_cpus", "--io-limit": "io_limits",
+                                       "--prealloc": "preallocate", "--thp": "transparent_huge_pages"]
+        return known[option] ?? MachineField(flag: option)?.key ?? String(option.dropFirst(2)).replacing("-", with: "_")
     }
 }

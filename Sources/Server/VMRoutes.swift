@@ -6,6 +6,7 @@ import Hummingbird
 import Library
 #if canImport(Glibc)
 import Glibc
+import MachineSpec
 #endif
 
 /// One VM as the list shows it: what VirtualBox's machine list and `vireo list` show, plus the

@@ -9,6 +9,7 @@ import Synchronization
 import X86Boot
 #if canImport(Glibc)
 import Glibc
+import MachineSpec
 #endif
 
 /// How `vireo migrate` wants the VM moved (docs/migration.md).
@@ -335,9 +336,6 @@ extension Machine {
     /// is lost after everything was sent does the VM stay paused here (it may run there).
     public func migrate(over channel: MigrationChannel, options: MigrationOptions,
                         progress: (MigrationProgress) -> Void) throws(VMMError) -> MigrationOutcome {
-        if let refusal = virtioTransports.lazy.compactMap({ $0.device.saveRefusal }).first {
-            throw .invalidConfiguration(field: "migrate", reason: refusal)
-        }
         guard !migrating.exchange(true, ordering: .acquiringAndReleasing) else {
             throw .migration("a migration of this VM is already running")
         }

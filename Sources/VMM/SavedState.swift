@@ -718,9 +718,6 @@ extension Machine {
         guard let path = stateFilePath else {
             throw .invalidConfiguration(field: "--state-file", reason: "this VMM was started without a state file; it has nowhere to save")
         }
-        if let refusal = virtioTransports.lazy.compactMap({ $0.device.saveRefusal }).first {
-            throw .invalidConfiguration(field: "save", reason: refusal)
-        }
         try lifecycle.withLock { (_) throws(VMMError) in
             guard !stop.isStopping, !stateWritten.load(ordering: .acquiring) else {
                 throw .invalidConfiguration(field: "save", reason: "the VM is stopping")
@@ -826,9 +823,6 @@ extension Machine {
             throw .invalidConfiguration(field: "--snapshot-dir", reason: "this VMM was started without a snapshot directory; stop and start the VM to take live snapshots")
         }
         guard Self.isSnapshotID(id) else { throw .invalidConfiguration(field: "snapshot", reason: "'\(id.prefix(40))' is not a snapshot ID (hex digits)") }
-        if let refusal = virtioTransports.lazy.compactMap({ $0.device.saveRefusal }).first {
-            throw .invalidConfiguration(field: "snapshot", reason: refusal)
-        }
         guard !stop.isStopping, !stateWritten.load(ordering: .acquiring) else {
             throw .invalidConfiguration(field: "snapshot", reason: "the VM is stopping")
         }

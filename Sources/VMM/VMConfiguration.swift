@@ -4,6 +4,7 @@ import Glibc
 #endif
 import Devices
 import DiskImage
+import MachineSpec
 import X86Boot
 
 /// Where the guest's serial console goes.
@@ -77,9 +78,7 @@ public struct DiskConfiguration: Equatable, Sendable {
             }
             if option.hasPrefix("serial=") {
                 let serial = String(option.dropFirst(7))
-                guard serial.utf8.count <= 20, serial.utf8.allSatisfy({ $0 >= 0x20 && $0 < 0x7f }) else {
-                    throw .invalidConfiguration(field: "--disk", reason: "serial '\(serial)' must be at most 20 printable ASCII characters")
-                }
+                do { try MachineRules.diskSerial(serial, disk: 0) } catch { throw VMMError(error) }
                 self.serial = serial
                 continue
             }
@@ -94,9 +93,10 @@ public struct DiskConfiguration: Equatable, Sendable {
         if followsHeader, !backing.isEmpty {
             throw .invalidConfiguration(field: "--disk", reason: "backing=header and backing=FORMAT:PATH contradict each other")
         }
-        if format == .raw, followsHeader || !backing.isEmpty {
+        if format == .raw, followsHeader {
             throw .invalidConfiguration(field: "--disk", reason: "'\(path)' is raw, and a raw disk rests on nothing")
         }
+        do { try MachineRules.diskChain(path: path, format: format, backing: backing, disk: 0) } catch { throw VMMError(error) }
     }
 
     /// Opens the disk's files (the image and each recorded layer) without reading them; a chain
@@ -159,9 +159,7 @@ public struct NetworkConfiguration: Equatable, Sendable {
         for option in parts.dropFirst() {
             if option.hasPrefix("mac=") {
                 let value = String(option.dropFirst(4))
-                guard MACAddress(value) != nil else {
-                    throw .invalidConfiguration(field: "--net", reason: "mac '\(value)' is not six hex pairs like 52:54:00:12:34:56 with an even (unicast) first byte")
-                }
+                do { _ = try MachineRules.mac(value, card: 0) } catch { throw VMMError(error) }
                 mac = value
                 continue
             }
@@ -207,10 +205,10 @@ public struct VsockConfiguration: Equatable, Sendable {
             guard option.hasPrefix("cid=") else {
                 throw .invalidConfiguration(field: "--vsock", reason: "unknown option '\(option)' in '\(text)'; allowed: cid=N")
             }
-            // 0-2 are reserved (hypervisor, local, host); 0xffffffff is VMADDR_CID_ANY.
-            guard let cid = UInt64(option.dropFirst(4)), cid >= 3, cid < 0xffff_ffff else {
-                throw .invalidConfiguration(field: "--vsock", reason: "cid '\(option.dropFirst(4))' must be a whole number from 3 to 4294967294")
+            guard let cid = UInt64(option.dropFirst(4)) else {
+                throw .invalidConfiguration(field: "--vsock", reason: "cid '\(option.dropFirst(4))' is not a whole number")
             }
+            do { try MachineRules.vsockCID(cid) } catch { throw VMMError(error) }
             guestCID = cid
         }
     }
@@ -232,9 +230,10 @@ public struct BalloonConfiguration: Equatable, Sendable {
             if option == "on" { continue }
             if option == "deflate-on-oom" { deflateOnOOM = true; continue }
             if option.hasPrefix("stats=") {
-                guard let seconds = UInt64(option.dropFirst(6)), seconds >= 1, seconds <= 3600 else {
-                    throw .invalidConfiguration(field: "--balloon", reason: "stats interval '\(option.dropFirst(6))' must be 1 to 3600 seconds")
+                guard let seconds = UInt64(option.dropFirst(6)) else {
+                    throw .invalidConfiguration(field: "--balloon", reason: "stats interval '\(option.dropFirst(6))' is not a whole number of seconds")
                 }
+                do { try MachineRules.balloonStatisticsInterval(seconds) } catch { throw VMMError(error) }
                 statisticsInterval = seconds
                 continue
             }
@@ -249,10 +248,8 @@ public enum RebootPolicy: String, Sendable, CaseIterable {
     case restart, exit
 
     public init(parsing text: String) throws(VMMError) {
-        guard let policy = RebootPolicy(rawValue: text) else {
-            throw .invalidConfiguration(field: "--on-reboot", reason: "'\(text)' is not one of restart, exit")
-        }
-        self = policy
+        do { try MachineRules.onReboot(text) } catch { throw VMMError(error) }
+        self = RebootPolicy(rawValue: text) ?? .exit
     }
 }
 
@@ -362,28 +359,13 @@ public struct VMConfiguration: Sendable {
     /// Checks every field against the host and reads the kernel and initrd, so that nothing is
     /// started for input that cannot boot.
     public func validated(maximumVCPUs: Int) throws(VMMError) -> BootConfiguration {
-        let cpuLimit = min(maximumVCPUs, BootConfiguration.maximumCPUs)
-        guard cpuCount >= 1 else {
-            throw .invalidConfiguration(field: "--cpus", reason: "\(cpuCount) is not allowed; a VM needs at least 1 vCPU")
-        }
-        guard cpuCount <= cpuLimit else {
-            throw .invalidConfiguration(field: "--cpus", reason: "\(cpuCount) is more than this host's KVM allows for one VM (at most \(cpuLimit))")
-        }
-        guard memorySize >= MachineLayout.minimumMemory else {
-            throw .invalidConfiguration(field: "--memory", reason: "\(Size.describe(memorySize)) is below the minimum of \(Size.describe(MachineLayout.minimumMemory))")
-        }
-        guard memorySize % 4096 == 0 else {
-            throw .invalidConfiguration(field: "--memory", reason: "\(memorySize) bytes is not a whole number of 4 KiB pages")
-        }
-        let host = Self.hostMemory
-        guard memorySize <= host else {
-            throw .invalidConfiguration(field: "--memory", reason: "\(Size.describe(memorySize)) is more than this host's \(Size.describe(host)) of RAM")
-        }
-        if commandLine.utf8.contains(0) {
-            throw .invalidConfiguration(field: "--cmdline", reason: "contains a NUL byte")
-        }
-        guard virtioDeviceCount <= MachineLayout.virtioInterrupts.count else {
-            throw .invalidConfiguration(field: networks.isEmpty ? "--disk" : "--net", reason: "\(virtioDeviceCount) virtio devices is more than this machine has slots for (\(MachineLayout.virtioInterrupts.count))")
+        do throws(MachineSpecError) {
+            try MachineRules.cpus(cpuCount, hostLimit: maximumVCPUs)
+            try MachineRules.memory(memorySize, hostBytes: Self.hostMemory)
+            try MachineRules.commandLine(commandLine)
+            try MachineRules.virtioDevices(disks: disks.count, nics: networks.count, vsock: vsock != nil, balloon: balloon != nil, entropy: entropyDevice)
+        } catch {
+            throw VMMError(error)
         }
         do {
             let kernel = try KernelImage.load(path: kernelPath)
@@ -393,49 +375,6 @@ public struct VMConfiguration: Sendable {
         } catch {
             throw .boot(error)
         }
-    }
-}
-
-/// Human sizes in binary units, as `--memory` takes them (`512M`, `2G`, `1048576K`, plain MiB).
-public enum Size {
-    public static func parse(_ text: String, field: String) throws(VMMError) -> UInt64 {
-        let trimmed = text.trimmingSuffix("iB").trimmingSuffix("B")
-        guard let last = trimmed.last else {
-            throw .invalidConfiguration(field: field, reason: "empty size; use a number with K, M, G or T (e.g. 512M)")
-        }
-        let shift: UInt64
-        var digits = Substring(trimmed)
-        switch last {
-        case "K", "k": shift = 10; digits = digits.dropLast()
-        case "M", "m": shift = 20; digits = digits.dropLast()
-        case "G", "g": shift = 30; digits = digits.dropLast()
-        case "T", "t": shift = 40; digits = digits.dropLast()
-        case "0"..."9": shift = 20    // a bare number means MiB, as in QEMU's -m
-        default:
-            throw .invalidConfiguration(field: field, reason: "'\(text)' has unknown unit '\(last)'; use K, M, G or T (e.g. 512M)")
-        }
-        guard let value = UInt64(digits), value > 0 else {
-            throw .invalidConfiguration(field: field, reason: "'\(text)' is not a positive whole number with K, M, G or T (e.g. 512M)")
-        }
-        guard value <= UInt64.max >> shift else {
-            throw .invalidConfiguration(field: field, reason: "'\(text)' is too large")
-        }
-        return value << shift
-    }
-
-    public static func describe(_ bytes: UInt64) -> String {
-        for (shift, unit) in [(UInt64(40), "TiB"), (30, "GiB"), (20, "MiB"), (10, "KiB")] where bytes >= 1 << shift {
-            let whole = bytes >> shift
-            let tenth = ((bytes & ((1 << shift) - 1)) * 10) >> shift
-            return tenth == 0 ? "\(whole) \(unit)" : "\(whole).\(tenth) \(unit)"
-        }
-        return "\(bytes) bytes"
-    }
-}
-
-extension String {
-    func trimmingSuffix(_ suffix: String) -> String {
-        hasSuffix(suffix) ? String(dropLast(suffix.count)) : self
     }
 }
 

@@ -1,6 +1,7 @@
 import X86Boot
 #if canImport(Glibc)
 import Glibc
+import MachineSpec
 #endif
 
 /// The command line of `vireo-vmm`, the lean one-VM process. It takes the same flags as
@@ -147,9 +148,10 @@ public enum VMMArguments {
             configuration.memoryBacking.transparentHugePages = thp == "on"
         }
         if let priority = values["--rt-priority"] {
-            guard let value = Int32(priority), (1...99).contains(value) else {
-                throw .invalidConfiguration(field: "--rt-priority", reason: "'\(priority)' is not a SCHED_FIFO priority from 1 to 99")
+            guard let value = Int32(priority) else {
+                throw .invalidConfiguration(field: "--rt-priority", reason: "'\(priority)' is not a whole number")
             }
+            do { try MachineRules.realTimePriority(Int(value)) } catch { throw VMMError(error) }
             configuration.realTimePriority = value
         }
         if let acpi = values["--acpi"] { configuration.acpi = try parseACPISwitch(acpi) }

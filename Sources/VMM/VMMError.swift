@@ -2,6 +2,7 @@ import KVM
 import GuestMemory
 import X86Boot
 import Devices
+import MachineSpec
 
 /// Everything that can stop a VM from being built or run, keeping the underlying cause.
 public enum VMMError: Error, CustomStringConvertible, Sendable {
@@ -32,5 +33,19 @@ public enum VMMError: Error, CustomStringConvertible, Sendable {
         case let .migration(reason): return "migration: \(reason)"
         case let .migrationOutcomeUnknown(reason): return "migration: \(reason)"
         }
+    }
+}
+
+extension VMMError {
+    /// A machine rule's refusal, named by the flag `vireo-vmm` and `vireo run` take.
+    public init(_ error: MachineSpecError) {
+        self = .invalidConfiguration(field: error.field.runFlag, reason: error.reason)
+    }
+}
+
+extension Size {
+    /// `Size.parse`, with the refusal naming `field`.
+    public static func parse(_ text: String, field: String) throws(VMMError) -> UInt64 {
+        do { return try parse(text) } catch { throw .invalidConfiguration(field: field, reason: error.description) }
     }
 }

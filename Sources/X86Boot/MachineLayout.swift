@@ -1,4 +1,5 @@
 import GuestMemory
+import MachineSpec
 
 /// Where things live in the guest-physical address space of a Vireo x86_64 machine. The low
 /// addresses follow Firecracker's layout (which Linux and PVH guests are known to accept); the
@@ -37,7 +38,8 @@ public enum MachineLayout {
     public static let fourGiB: UInt64 = 0x1_0000_0000
     public static let ioapicAddress: UInt64 = 0xfec0_0000
     public static let lapicAddress: UInt64 = 0xfee0_0000
-    /// Three pages KVM on Intel needs for the real-mode TSS, and one for its identity map.
+    /// Three pages KVM on Intel needs for the real-mode TSS, and below them the page of its
+    /// identity map, which KVM places there by default (so it is never set).
     public static let kvmTSSAddress: UInt64 = 0xfffb_d000
     public static let kvmIdentityMapAddress: UInt64 = 0xfffb_c000
     /// Firecracker's boot-timer device: the guest writes `bootMarkerMagic` here when it is up.
@@ -60,7 +62,7 @@ public enum MachineLayout {
     /// which carry no header that says otherwise.
     public static let elfCommandLineLimit = 2048
 
-    public static let minimumMemory: UInt64 = 32 << 20
+    public static let minimumMemory = MachineLimits.minimumMemory
 
     /// The RAM regions for a VM of `size` bytes: below the MMIO hole, then from 4 GiB upward.
     public static func ramRegions(memorySize size: UInt64) -> [(start: GuestPhysicalAddress, size: UInt64)] {

@@ -33,7 +33,7 @@ import Testing
         try Harness.requireKVM()
         let probe = try Harness.probe("pvh")
         for (value, message) in [("cid=5", "--vsock: 'cid=5' has no socket path; expected PATH[,cid=N]"),
-                                 ("/tmp/x.sock,cid=2", "--vsock: cid '2' must be a whole number from 3 to 4294967294"),
+                                 ("/tmp/x.sock,cid=2", "--vsock: cid 2 must be a whole number from 3 to 4294967294"),
                                  ("/tmp/x.sock,port=3", "--vsock: unknown option 'port=3'"),
                                  ("/etc/hostname", "--vsock: /etc/hostname exists and is not a socket; refusing to replace it")] {
             let result = Harness.vireoRun(["--kernel", probe, "--vsock", value])

@@ -17,7 +17,6 @@ extern const unsigned long VIREO_KVM_GET_SUPPORTED_CPUID;
 extern const unsigned long VIREO_KVM_CREATE_VCPU;
 extern const unsigned long VIREO_KVM_SET_USER_MEMORY_REGION;
 extern const unsigned long VIREO_KVM_SET_TSS_ADDR;
-extern const unsigned long VIREO_KVM_SET_IDENTITY_MAP_ADDR;
 extern const unsigned long VIREO_KVM_CREATE_IRQCHIP;
 extern const unsigned long VIREO_KVM_CREATE_PIT2;
 extern const unsigned long VIREO_KVM_IRQ_LINE;

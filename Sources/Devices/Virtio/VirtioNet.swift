@@ -1,5 +1,6 @@
 import CHostSupport
 import GuestMemory
+import MachineSpec
 import Synchronization
 #if canImport(Glibc)
 import Glibc
@@ -9,32 +10,18 @@ import Glibc
 public struct MACAddress: Equatable, Sendable, CustomStringConvertible {
     public let bytes: [UInt8]
 
-    /// Parses `52:54:00:12:34:56`; refuses multicast addresses (a NIC cannot have one).
+    /// Parses `52:54:00:12:34:56`; refuses what a card cannot own (MachineRules.mac).
     public init?(_ text: String) {
-        let parts = text.split(separator: ":", omittingEmptySubsequences: false)
-        guard parts.count == 6 else { return nil }
-        var bytes: [UInt8] = []
-        for part in parts {
-            guard part.count == 2, let byte = UInt8(part, radix: 16) else { return nil }
-            bytes.append(byte)
-        }
-        guard bytes[0] & 1 == 0 else { return nil }
+        guard let bytes = try? MachineRules.mac(text, card: 0) else { return nil }
         self.bytes = bytes
     }
 
     public init(bytes: [UInt8]) { self.bytes = bytes }
 
     /// A random unicast, locally administered address (02:xx:xx:xx:xx:xx style).
-    public static func random() -> MACAddress {
-        var generator = SystemRandomNumberGenerator()
-        var bytes = (0..<6).map { _ in UInt8.random(in: 0...255, using: &generator) }
-        bytes[0] = (bytes[0] & 0xfc) | 0x02
-        return MACAddress(bytes: bytes)
-    }
+    public static func random() -> MACAddress { MACAddress(bytes: MachineRules.randomMAC()) }
 
-    public var description: String {
-        bytes.map { ($0 < 16 ? "0" : "") + String($0, radix: 16) }.joined(separator: ":")
-    }
+    public var description: String { MachineRules.macText(bytes) }
 }
 
 public enum NetworkBackendError: Error, CustomStringConvertible, Sendable {

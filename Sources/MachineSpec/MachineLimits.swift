@@ -1,0 +1,22 @@
+/// The fixed shape of a Vireo machine that its rules are written against. The boot code's layout
+/// (X86Boot's `MachineLayout`, `BootConfiguration`) takes its limits from here, so a rule and the
+/// machine it protects cannot disagree.
+public enum MachineLimits {
+    /// vCPUs one machine can describe (the MADT's and MP table's 8-bit APIC IDs, 255 broadcast).
+    public static let maximumCPUs = 254
+    /// Below this the kernel, its page tables and the boot data do not fit.
+    public static let minimumMemory: UInt64 = 32 << 20
+    /// virtio-mmio slots: one interrupt line each (MachineLayout.virtioInterrupts).
+    public static let virtioSlots = 17
+    /// A virtio-blk serial is 20 bytes (VIRTIO_BLK_ID_BYTES); QEMU's IDE and SCSI take the same.
+    public static let diskSerialLength = 20
+    /// Backing layers under one disk: deeper chains are refused, not followed.
+    public static let backingLayers = 16
+    /// Guest vsock CIDs: 0-2 are reserved (hypervisor, local, host), 0xffffffff is VMADDR_CID_ANY.
+    public static let vsockCIDs: ClosedRange<UInt64> = 3...0xffff_fffe
+    /// SCHED_FIFO priorities.
+    public static let realTimePriorities: ClosedRange<Int> = 1...99
+    /// Seconds between balloon statistics refreshes.
+    public static let balloonStatisticsIntervals: ClosedRange<UInt64> = 1...3600
+    public static let rebootPolicies = ["restart", "exit"]
+}

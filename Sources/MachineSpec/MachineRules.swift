@@ -1,0 +1,117 @@
+/// The rules a machine's settings obey, written once. The library applies them when a VM is
+/// created, changed or arrives by migration; the VMM applies them to its flags (`vireo-vmm`,
+/// `vireo run`) before it opens anything. Rules that need the host (its RAM, its KVM's vCPU limit,
+/// its NUMA nodes) take the host's figure as an argument, so each caller says what it knows.
+public enum MachineRules {
+    public static func cpus(_ count: Int, hostLimit: Int? = nil) throws(MachineSpecError) {
+        guard count >= 1, count <= MachineLimits.maximumCPUs else {
+            throw MachineSpecError(.cpus, "\(count) is not allowed; use 1 to \(MachineLimits.maximumCPUs)")
+        }
+        if let hostLimit, count > hostLimit {
+            throw MachineSpecError(.cpus, "\(count) is more than this host's KVM allows for one VM (at most \(hostLimit))")
+        }
+    }
+
+    public static func memory(_ bytes: UInt64, hostBytes: UInt64? = nil) throws(MachineSpecError) {
+        guard bytes >= MachineLimits.minimumMemory else {
+            throw MachineSpecError(.memoryBytes, "\(Size.describe(bytes)) is below the minimum of \(Size.describe(MachineLimits.minimumMemory))")
+        }
+        guard bytes % 4096 == 0 else {
+            throw MachineSpecError(.memoryBytes, "\(bytes) bytes is not a whole number of 4 KiB pages")
+        }
+        if let hostBytes, bytes > hostBytes {
+            throw MachineSpecError(.memoryBytes, "\(Size.describe(bytes)) is more than this host's \(Size.describe(hostBytes)) of RAM")
+        }
+    }
+
+    public static func commandLine(_ text: String) throws(MachineSpecError) {
+        guard !text.utf8.contains(0) else { throw MachineSpecError(.commandLine, "contains a NUL byte") }
+    }
+
+    public static func vsockCID(_ cid: UInt64) throws(MachineSpecError) {
+        guard MachineLimits.vsockCIDs.contains(cid) else {
+            throw MachineSpecError(.vsockCID, "cid \(cid) must be a whole number from \(MachineLimits.vsockCIDs.lowerBound) to \(MachineLimits.vsockCIDs.upperBound)")
+        }
+    }
+
+    public static func onReboot(_ policy: String) throws(MachineSpecError) {
+        guard MachineLimits.rebootPolicies.contains(policy) else {
+            throw MachineSpecError(.onReboot, "'\(policy)' is not one of \(MachineLimits.rebootPolicies.joined(separator: ", "))")
+        }
+    }
+
+    public static func realTimePriority(_ priority: Int) throws(MachineSpecError) {
+        guard MachineLimits.realTimePriorities.contains(priority) else {
+            throw MachineSpecError(.rtPriority, "\(priority) is not from 1 to 99 (SCHED_FIFO priorities; higher runs first)")
+        }
+    }
+
+    public static func balloonStatisticsInterval(_ seconds: UInt64) throws(MachineSpecError) {
+        guard MachineLimits.balloonStatisticsIntervals.contains(seconds) else {
+            throw MachineSpecError(.balloon, "stats interval \(seconds) must be 1 to 3600 seconds")
+        }
+    }
+
+    /// All virtio devices share the machine's slots, one interrupt line each.
+    public static func virtioDevices(disks: Int, nics: Int, vsock: Bool, balloon: Bool, entropy: Bool) throws(MachineSpecError) {
+        let count = disks + nics + (vsock ? 1 : 0) + (balloon ? 1 : 0) + (entropy ? 1 : 0)
+        guard count <= MachineLimits.virtioSlots else {
+            throw MachineSpecError(.disks, "\(disks) disk(s), \(nics) network card(s) and the vsock, balloon and rng devices need \(count) virtio slots; the kvm engine has \(MachineLimits.virtioSlots). Detach a disk or remove a device (--no-balloon, --no-rng)")
+        }
+    }
+
+    /// What a guest reads as the disk's serial: at most 20 printable ASCII characters, and no
+    /// comma (the VMM's `--disk` and QEMU's `-drive` are comma-separated).
+    public static func diskSerial(_ serial: String, disk index: Int) throws(MachineSpecError) {
+        guard serial.utf8.count <= MachineLimits.diskSerialLength,
+              serial.utf8.allSatisfy({ $0 >= 0x20 && $0 < 0x7f && $0 != UInt8(ascii: ",") }) else {
+            throw MachineSpecError(.disks, "disk \(index): serial '\(serial.prefix(40))' must be at most \(MachineLimits.diskSerialLength) printable ASCII characters without commas")
+        }
+    }
+
+    /// A disk's chain: a raw image rests on nothing, a raw layer only at the bottom, at most 16.
+    public static func diskChain(path: String, format: DiskFormat, backing: [BackingLayer], disk index: Int) throws(MachineSpecError) {
+        if format == .raw, !backing.isEmpty {
+            throw MachineSpecError(.disks, "disk \(index): \(path) is raw, and a raw disk rests on nothing (its definition lists \(backing.count) backing image(s))")
+        }
+        guard backing.count <= MachineLimits.backingLayers else {
+            throw MachineSpecError(.disks, "disk \(index): \(path) rests on \(backing.count) images; at most \(MachineLimits.backingLayers)")
+        }
+        if let raw = backing.dropLast().firstIndex(where: { $0.format == .raw }) {
+            throw MachineSpecError(.disks, "disk \(index): \(backing[raw].path) is raw and cannot rest on \(backing[raw + 1].path)")
+        }
+    }
+
+    /// The six bytes of a card's MAC `XX:XX:XX:XX:XX:XX`: unicast (a card cannot own a multicast
+    /// address) and not all zeros.
+    public static func mac(_ text: String, card index: Int) throws(MachineSpecError) -> [UInt8] {
+        guard let bytes = macBytes(text), bytes[0] & 1 == 0, bytes != [0, 0, 0, 0, 0, 0] else {
+            throw MachineSpecError(.nics, "card \(index): '\(text.prefix(40))' is not a unicast MAC address like 52:54:00:12:34:56")
+        }
+        return bytes
+    }
+
+    /// Parses six colon-separated hex pairs; no rule applied.
+    public static func macBytes(_ text: String) -> [UInt8]? {
+        let parts = text.split(separator: ":", omittingEmptySubsequences: false)
+        guard parts.count == 6 else { return nil }
+        var bytes: [UInt8] = []
+        for part in parts {
+            guard part.count == 2, let byte = UInt8(part, radix: 16) else { return nil }
+            bytes.append(byte)
+        }
+        return bytes
+    }
+
+    /// A random unicast, locally administered MAC (`x2:...`).
+    public static func randomMAC() -> [UInt8] {
+        var generator = SystemRandomNumberGenerator()
+        var bytes = (0..<6).map { _ in UInt8.random(in: 0...255, using: &generator) }
+        bytes[0] = bytes[0] & 0xfc | 0x02
+        return bytes
+    }
+
+    public static func macText(_ bytes: [UInt8]) -> String {
+        bytes.map { ($0 < 16 ? "0" : "") + String($0, radix: 16) }.joined(separator: ":")
+    }
+}
