@@ -109,6 +109,8 @@ public final class Machine: @unchecked Sendable {
     var arrivingLayers: [(any DiskImage)?] = []
     /// How an arriving VM's disks come (nil: the VM boots or restores).
     let arrival: ArrivalMode?
+    /// The guest started from its kernel here (not restored, not arrived): it probes its devices.
+    let bootedHere: Bool
     /// The state file to restore, open but not yet read (`restoreSavedState`), or -1.
     private var pendingState: Int32 = -1
     /// Where `save` writes, and a restore read from; nil when the VMM was given no state file.
@@ -145,6 +147,7 @@ public final class Machine: @unchecked Sendable {
         stateFilePath = stateFile
         self.snapshotDirectory = snapshotDirectory
         self.arrival = arrival
+        bootedHere = !restoring && arrival == nil
         if restoring {
             guard let stateFile else { throw .invalidConfiguration(field: "--restore", reason: "needs --state-file, the state to restore") }
             pendingState = Glibc.open(stateFile, O_RDONLY | O_CLOEXEC)
@@ -523,7 +526,17 @@ public final class Machine: @unchecked Sendable {
         kickAll(threads)
         for thread in threads { thread.join() }
         logDeviceTotals()
+        noteUnprobedDevices()
         return exit
+    }
+
+    /// A kernel built without ACPI never learns of devices the DSDT lists; it boots with every
+    /// CPU (the MP table) and then finds no disk. Say so, and what to do, when a booted guest
+    /// never looked at any of its virtio devices.
+    private func noteUnprobedDevices() {
+        guard bootedHere, boot.platform.usesACPI, !virtioTransports.isEmpty, !virtioTransports.contains(where: \.wasProbed) else { return }
+        vmmLog("hint: the guest never looked for its \(virtioTransports.count) virtio device(s); a kernel built without ACPI "
+               + "(CONFIG_ACPI off) finds them only with --acpi off, which names them on its command line")
     }
 
     /// Waits for the reason to stop, rebooting the machine in place whenever the guest resets it

@@ -1,4 +1,5 @@
 import GuestMemory
+import MachineSpec
 
 /// A flat segment as the vCPU's hidden descriptor cache holds it after a load from the GDT.
 public struct SegmentRegister: Equatable, Sendable {
@@ -52,10 +53,11 @@ public struct PreparedBoot: Sendable {
 
 /// How the guest learns about its CPUs, interrupt controllers and devices.
 public enum PlatformDescription: Sendable {
-    /// An MP table, for kernels built without ACPI; the caller announces virtio devices on the
-    /// command line.
+    /// An MP table only, for kernels built without ACPI; the caller announces virtio devices on
+    /// the command line.
     case mpTable
-    /// ACPI tables, and the VM generation ID (16 bytes) the VGEN device points at.
+    /// ACPI tables, and the VM generation ID (16 bytes) the VGEN device points at; the MP table
+    /// is written beside them (its own region of the BIOS area).
     case acpi(ACPITables, generationID: [UInt8])
 
     public var usesACPI: Bool { if case .acpi = self { return true } else { return false } }
@@ -75,8 +77,8 @@ public struct BootConfiguration: Sendable {
     let acpiTables: [PlacedTable]
 
     /// The most vCPUs this machine model describes: APIC IDs are 8 bits and the IOAPIC takes the
-    /// ID after the last CPU.
-    public static let maximumCPUs = 254
+    /// ID after the last CPU. The rule lives with the machine's other rules.
+    public static let maximumCPUs = MachineLimits.maximumCPUs
 
     public init(kernel: KernelImage, initrd: [UInt8]?, initrdPath: String?, commandLine: String,
                 memorySize: UInt64, cpuCount: Int, platform: PlatformDescription = .mpTable) throws(BootError) {
@@ -138,6 +140,9 @@ public struct BootConfiguration: Sendable {
             case let .acpi(_, generationID):
                 try PlacedTable.write(acpiTables, into: memory)
                 try memory.write(generationID, at: MachineLayout.generationIDAddress)
+                // The MP table too, as Firecracker and QEMU write it: a kernel built without ACPI
+                // still finds every CPU (one with ACPI takes the MADT and ignores this).
+                try MPTable(cpuCount: cpuCount).write(into: memory)
             }
             let gdt = GlobalDescriptorTable.boot(for: kernel.entryProtocol)
             try gdt.write(into: memory)

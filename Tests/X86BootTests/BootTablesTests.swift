@@ -1,4 +1,5 @@
 import GuestMemory
+import MachineSpec
 import Testing
 @testable import X86Boot
 
@@ -97,5 +98,25 @@ import Testing
         #expect(try memory.read(UInt64.self, at: MachineLayout.pml4Address) == 0xa003)
         #expect(try memory.read(UInt64.self, at: MachineLayout.pageDirectoryAddress + 8 * 511) == (511 << 21) | 0x83)
         #expect(try memory.readBytes(count: 4, at: MachineLayout.mpTableAddress) == Array("_MP_".utf8))
+    }
+
+    /// A kernel built without ACPI must still find every CPU when ACPI is on (the default), as on
+    /// Firecracker and QEMU: the MP table is written beside the ACPI tables.
+    @Test func acpiMachinesCarryTheMPTableToo() throws {
+        let kernel = try KernelImage.parse(bytes: makeELF(segments: [(0x100_0000, [0xf4], 1)]), path: "k")
+        let tables = ACPITables(cpuCount: 3, virtioDevices: [], generationIDAddress: MachineLayout.generationIDAddress.rawValue)
+        let configuration = try BootConfiguration(kernel: kernel, initrd: nil, initrdPath: nil, commandLine: "hello", memorySize: 64 << 20,
+                                                  cpuCount: 3, platform: .acpi(tables, generationID: Array(repeating: 7, count: 16)))
+        let memory = try GuestMemory(anonymousRegions: MachineLayout.ramRegions(memorySize: 64 << 20))
+        _ = try configuration.load(into: memory)
+        #expect(try memory.readBytes(count: 8, at: MachineLayout.acpiTablesAddress) == Array("RSD PTR ".utf8))
+        let expected = MPTable(cpuCount: 3).bytes
+        #expect(try memory.readBytes(count: expected.count, at: MachineLayout.mpTableAddress) == expected)
+    }
+
+    /// The rules' slot count is the layout's: one interrupt line per virtio-mmio slot.
+    @Test func virtioSlotsMatchTheLayout() {
+        #expect(MachineLimits.virtioSlots == MachineLayout.virtioInterrupts.count)
+        #expect(MachineLayout.virtioSlot(MachineLimits.virtioSlots - 1) != nil && MachineLayout.virtioSlot(MachineLimits.virtioSlots) == nil)
     }
 }

@@ -27,8 +27,6 @@ public protocol VirtioDevice: AnyObject, Sendable {
     /// Puts back what `saveDeviceState` wrote; called after the transport's own state, features
     /// accepted and queues set up.
     func restoreDeviceState(from reader: inout StateReader) throws(StateError)
-    /// Why this device cannot be saved yet, or nil when it can.
-    var saveRefusal: String? { get }
 }
 
 extension VirtioDevice {
@@ -38,7 +36,6 @@ extension VirtioDevice {
     public func reset() {}
     public func saveDeviceState(into writer: inout StateWriter) {}
     public func restoreDeviceState(from reader: inout StateReader) throws(StateError) {}
-    public var saveRefusal: String? { nil }
 }
 
 /// A device's way to its queues from a thread of its own, under the same lock as notifications.
@@ -116,6 +113,10 @@ public final class VirtioMMIOTransport: MMIODevice, VirtioQueueAccess, StatefulD
     let memory: GuestMemory
     let interrupt: any InterruptLine
     private let state: Mutex<State>
+    private let probed = Atomic<Bool>(false)
+
+    /// Whether the guest has read the transport's magic value: a driver looked for the device.
+    public var wasProbed: Bool { probed.load(ordering: .relaxed) }
 
     public init(device: any VirtioDevice, memory: GuestMemory, interrupt: any InterruptLine) {
         self.device = device
@@ -133,6 +134,7 @@ public final class VirtioMMIOTransport: MMIODevice, VirtioQueueAccess, StatefulD
             device.readConfiguration(offset: Int(offset - 0x100), into: data)
             return
         }
+        if offset == 0 { probed.store(true, ordering: .relaxed) }
         let value: UInt32 = state.withLock { state in
             let selected = Int(state.queueSelect)
             let queue = selected < state.queues.count ? state.queues[selected] : nil
