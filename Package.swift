@@ -19,7 +19,7 @@ let package = Package(
     targets: [
         .target(name: "CKVM"),
         .target(name: "KVM", dependencies: ["CKVM"]),
-        .target(name: "GuestMemory", dependencies: ["CHostSupport"]),
+        .target(name: "GuestMemory", dependencies: ["MachineSpec", "CHostSupport"]),
         .target(name: "X86Boot", dependencies: ["MachineSpec", "GuestMemory"]),
         .target(name: "Devices", dependencies: ["MachineSpec", "GuestMemory", "DiskImage", "CHostSupport"]),
         .target(name: "CZlib", linkerSettings: [.linkedLibrary("z")]),
@@ -59,7 +59,7 @@ let package = Package(
         .testTarget(name: "X86BootTests", dependencies: ["MachineSpec", "X86Boot", "GuestMemory", "CHostSupport"]),
         .testTarget(name: "DevicesTests", dependencies: ["MachineSpec", "Devices", "GuestMemory", "DiskImage", "FuzzTargets", "Engines", "Server"]),
         .testTarget(name: "DiskImageTests", dependencies: ["MachineSpec", "DiskImage", "CHostSupport"]),
-        .testTarget(name: "MachineSpecTests", dependencies: ["MachineSpec", "VMM", "Library", "Server"]),
+        .testTarget(name: "MachineSpecTests", dependencies: ["MachineSpec", "VMM", "Library", "Engines", "Server"]),
         .testTarget(name: "LibraryTests", dependencies: ["MachineSpec", "Library", "Engines", "Server"]),
         .testTarget(name: "EndToEndTests", dependencies: ["X86Boot", "GuestMemory", "CHostSupport"]),
     ],

@@ -182,9 +182,9 @@ func readPassword() throws -> String {
     return line
 }
 
-/// `--acpi on|off` as `vireo run` reads it.
+/// `--acpi on|off`, the machine's rule.
 func parseACPIFlag(_ text: String) throws -> Bool {
-    do throws(VMMError) { return try parseACPISwitch(text) } catch { throw fail(error) }
+    do throws(MachineSpecError) { return try MachineRules.acpiSwitch(text) } catch { throw fail(LibraryError(error)) }
 }
 
 /// A card for people: where it is plugged in and what is forwarded to it.

@@ -1,26 +1,9 @@
 import CHostSupport
+import MachineSpec
 import Synchronization
 #if canImport(Glibc)
 import Glibc
 #endif
-
-/// Limits for one device, Firecracker's and Cloud Hypervisor's model: a token bucket for bytes
-/// and one for operations (requests or frames), each with a sustained rate and a burst size.
-public struct RateLimit: Equatable, Sendable {
-    public var bytesPerSecond: UInt64?
-    public var bytesBurst: UInt64?
-    public var operationsPerSecond: UInt64?
-    public var operationsBurst: UInt64?
-
-    public init(bytesPerSecond: UInt64? = nil, bytesBurst: UInt64? = nil, operationsPerSecond: UInt64? = nil, operationsBurst: UInt64? = nil) {
-        self.bytesPerSecond = bytesPerSecond
-        self.bytesBurst = bytesBurst
-        self.operationsPerSecond = operationsPerSecond
-        self.operationsBurst = operationsBurst
-    }
-
-    public var isUnlimited: Bool { bytesPerSecond == nil && operationsPerSecond == nil }
-}
 
 /// A token bucket that may be overdrawn: a request is served whole once the bucket holds a
 /// token, and its cost is taken afterwards. The long-run rate is exact; a single request can

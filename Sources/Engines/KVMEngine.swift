@@ -2,6 +2,7 @@ import API
 import CHostSupport
 import CSandbox
 import Library
+import MachineSpec
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -34,48 +35,51 @@ public struct KVMEngine: Engine {
         }
     }
 
-    /// The `vireo-vmm` arguments for a definition (everything but the process plumbing).
-    public static func machineArguments(_ definition: VMDefinition, bundle: VMBundle, cards: [PreparedCard]) throws(LibraryError) -> [String] {
+    /// The machine a definition describes, as the VMM will build it: paths resolved against the
+    /// VM's directory, each disk's recorded chain, each card on the backend prepared for it.
+    /// Every machine rule is checked here, before anything is spawned.
+    public static func machineSpec(_ definition: VMDefinition, bundle: VMBundle, cards: [PreparedCard]) throws(LibraryError) -> MachineSpec {
         guard let kernel = definition.kernel else {
             throw .wrongState(name: definition.name, state: "without a kernel", action: "start",
                               hint: "give it one with `vireo set \(definition.name) --kernel PATH` (the kvm engine boots Linux kernels directly)")
         }
-        var arguments = ["--kernel", bundle.resolve(kernel), "--cmdline", definition.commandLine,
-                         "--cpus", String(definition.cpus), "--memory", String(definition.memoryBytes >> 10) + "K"]
-        if let initrd = definition.initrd { arguments += ["--initrd", bundle.resolve(initrd)] }
-        for disk in definition.disks {
-            // The format and the chain the definition records: the VMM opens nothing else.
-            var text = bundle.resolve(disk.path) + ",format=" + disk.format.rawValue
-            for layer in bundle.chain(of: disk) { text += ",backing=\(layer.format.rawValue):\(layer.path)" }
-            if disk.readOnly { text += ",readonly" }
-            if let serial = disk.serial { text += ",serial=" + serial }
-            arguments += ["--disk", text]
+        var spec = MachineSpec(kernel: bundle.resolve(kernel))
+        spec.initrd = definition.initrd.map(bundle.resolve)
+        spec.commandLine = definition.commandLine
+        spec.cpus = definition.cpus
+        spec.cpuModel = definition.cpuModel ?? "host"
+        spec.memoryBytes = definition.memoryBytes
+        // The format and the chain the definition records: the VMM opens nothing else.
+        spec.disks = definition.disks.map { disk in
+            MachineSpec.Disk(path: bundle.resolve(disk.path), format: disk.format, readOnly: disk.readOnly, serial: disk.serial,
+                             backing: bundle.chain(of: disk))
         }
-        for card in cards {
-            let backend: String
+        spec.nics = cards.map { card in
             switch card.backend {
-            case let .tapName(name): backend = "tap:" + name
-            case let .tapDescriptor(slot, _): backend = "tap-fd:\(PreparedNetworking.inherited(slot))"
-            case let .streamDescriptor(slot): backend = "stream-fd:\(PreparedNetworking.inherited(slot))"
+            case let .tapName(name): return MachineSpec.NIC(backend: .tap(name), mac: card.mac)
+            case let .tapDescriptor(slot, _): return MachineSpec.NIC(backend: .tapDescriptor(PreparedNetworking.inherited(slot)), mac: card.mac)
+            case let .streamDescriptor(slot): return MachineSpec.NIC(backend: .streamDescriptor(PreparedNetworking.inherited(slot)), mac: card.mac)
             }
-            arguments += ["--net", "\(backend),mac=\(card.mac)"]
         }
-        if let cid = definition.vsockCID { arguments += ["--vsock", "\(bundle.vsockPath),cid=\(cid)"] }
-        if definition.balloon { arguments += ["--balloon", "deflate-on-oom,stats=5"] }
-        if definition.entropyDevice { arguments.append("--rng") }
-        arguments += ["--acpi", definition.acpi ? "on" : "off", "--on-reboot", definition.onReboot]
-        if let model = definition.cpuModel { arguments += ["--cpu", model] }
-        if let generationID = definition.generationID { arguments += ["--generation-id", generationID] }
-        if definition.memoryBacking.hugePages != nil || definition.memoryBacking.file != nil {
-            arguments += ["--memory-backing", definition.memoryBacking.backingArgument]
-        }
-        if definition.memoryBacking.preallocate { arguments.append("--prealloc") }
-        if definition.memoryBacking.mergeable { arguments.append("--ksm") }
-        if definition.memoryBacking.locked { arguments.append("--lock-memory") }
-        if !definition.memoryBacking.transparentHugePages { arguments += ["--thp", "off"] }
-        if let node = definition.memoryBacking.numaNode { arguments += ["--numa-node", String(node)] }
-        if let priority = definition.resources.rtPriority { arguments += ["--rt-priority", String(priority)] }
-        return arguments
+        spec.vsock = definition.vsockCID.map { MachineSpec.Vsock(socketPath: bundle.vsockPath, guestCID: $0) }
+        if definition.balloon { spec.balloon = MachineSpec.Balloon(deflateOnOOM: true, statisticsInterval: 5) }
+        spec.entropyDevice = definition.entropyDevice
+        spec.acpi = definition.acpi
+        spec.onReboot = MachineSpec.RebootPolicy(rawValue: definition.onReboot) ?? .exit
+        spec.generationID = definition.generationID
+        let backing = definition.memoryBacking
+        if let huge = backing.hugePageBytes { spec.memory.hugePageSize = huge }
+        if let file = backing.file { spec.memory.file = file == "memfd" ? .memfd : .path(file) }
+        spec.memory.shared = backing.shared
+        spec.memory.preallocate = backing.preallocate
+        spec.memory.mergeable = backing.mergeable
+        spec.memory.locked = backing.locked
+        spec.memory.transparentHugePages = backing.transparentHugePages
+        spec.memory.numaNode = backing.numaNode.map { Int32(truncatingIfNeeded: $0) }
+        spec.realTimePriority = definition.resources.rtPriority.map { Int32(truncatingIfNeeded: $0) }
+        spec.console = "file:" + bundle.consoleLogPath
+        do { try MachineRules.check(spec) } catch { throw LibraryError(error) }
+        return spec
     }
 
     /// Starts the VM and returns its pid once it runs and answers on its control socket.
@@ -87,8 +91,8 @@ public struct KVMEngine: Engine {
     /// booting, and this waits for as long as the migration takes.
     public func start(_ vm: EngineVM, lock: VMLock, networking: PreparedNetworking, incoming: IncomingMigration?) throws(LibraryError) -> StartedVM {
         let (bundle, definition, name) = (vm.bundle, vm.definition, vm.name)
-        var arguments = [vmmPath] + (try Self.machineArguments(definition, bundle: bundle, cards: networking.cards))
-        arguments += ["--console", "file:" + bundle.consoleLogPath, "--control", bundle.controlPath,
+        var arguments = [vmmPath] + (try Self.machineSpec(definition, bundle: bundle, cards: networking.cards)).arguments
+        arguments += ["--control", bundle.controlPath,
                       "--name", definition.name, "--uuid", definition.uuid, "--lock-fd", "3", "--ready-fd", "4",
                       "--state-file", bundle.savedStatePath, "--snapshot-dir", bundle.vmmDirectory]
         var inherit = networking.descriptors

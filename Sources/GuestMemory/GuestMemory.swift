@@ -1,3 +1,4 @@
+import MachineSpec
 import CHostSupport
 import Synchronization
 #if canImport(Glibc)
@@ -83,38 +84,8 @@ public final class GuestMemory: @unchecked Sendable {
     public static let pageSize: UInt64 = 4096
 
     /// How guest RAM is backed (docs/resources.md).
-    public struct Backing: Sendable, Equatable {
-        /// nil: ordinary pages; else huge pages of this size (2 MiB or 1 GiB) from the kernel's pool.
-        public var hugePageSize: UInt64?
-        /// Fault every page in at start (no surprise allocation failure later).
-        public var preallocate = false
-        /// Offer the pages to KSM (MADV_MERGEABLE), which shares identical pages between VMs.
-        public var mergeable = false
-        /// Lock every page in RAM (mlock): never swapped, faulted in at start.
-        public var locked = false
-        /// RAM in a file instead of anonymous memory: a memfd, or a file at a path (zeroed at
-        /// start and locked against a second VM); `shared` maps it MAP_SHARED, so the guest's
-        /// writes land in the file (what passing RAM to another process needs).
-        public var file: FileBacking?
-        public var shared = false
-        /// Ordinary anonymous RAM is offered to transparent huge pages (MADV_HUGEPAGE): a guest
-        /// touching memory takes one EPT fault per 2 MiB instead of 512 (bench/README.md).
-        /// Not with KSM (it merges 4 KiB pages) nor with huge pages or files.
-        public var transparentHugePages = true
-        /// Bind guest RAM to this host NUMA node (mbind MPOL_BIND).
-        public var numaNode: Int32?
-
-        public enum FileBacking: Sendable, Equatable {
-            case memfd
-            case path(String)
-        }
-        public init(hugePageSize: UInt64? = nil, preallocate: Bool = false, mergeable: Bool = false, locked: Bool = false) {
-            self.hugePageSize = hugePageSize
-            self.preallocate = preallocate
-            self.mergeable = mergeable
-            self.locked = locked
-        }
-    }
+    /// How the RAM is backed: the machine spec's own value, mapped as it says.
+    public typealias Backing = MemoryBacking
 
     /// Maps anonymous, private, lazily-populated memory for each `(start, size)`.
     public init(anonymousRegions layout: [(start: GuestPhysicalAddress, size: UInt64)], backing: Backing = Backing()) throws(GuestMemoryError) {

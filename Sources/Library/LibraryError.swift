@@ -67,6 +67,6 @@ extension LibraryError {
     /// A machine rule's refusal, named by the `vireo create`/`set` flag (the API turns it into
     /// the JSON key through the same table, MachineField).
     public init(_ error: MachineSpecError) {
-        self = .invalidValue(field: error.field.flag, reason: error.reason)
+        self = .invalidValue(field: error.flag, reason: error.reason)
     }
 }

@@ -264,13 +264,6 @@ public struct MemoryBackingOptions: Codable, Sendable, Equatable {
         shared = choice.shared
     }
 
-    /// The `--memory-backing` text of this backing (what `vireo-vmm` takes too).
-    public var backingArgument: String {
-        if let hugePages { return "hugepages=" + hugePages }
-        guard let file else { return "anon" }
-        return (file == "memfd" ? "memfd" : "file:" + file) + (shared ? ",shared" : "")
-    }
-
     public init(from decoder: any Decoder) throws {
         let container = try decoder.container(keyedBy: CodingKeys.self)
         hugePages = try container.decodeIfPresent(String.self, forKey: .hugePages)
@@ -291,34 +284,19 @@ public struct MemoryBackingOptions: Codable, Sendable, Equatable {
         }
     }
 
-    static let backingForms = "anon, hugepages[=2M|1G], memfd[,shared] or file:PATH[,shared]"
-
-    /// `anon`, `hugepages[=2M|1G]`, `memfd[,shared]` or `file:PATH[,shared]` (PATH absolute).
+    /// `--memory-backing` read by the machine's own reader (MemoryBacking), kept in the
+    /// definition's words.
     public static func parseBacking(_ text: String) throws(LibraryError) -> Choice {
-        switch text {
-        case "anon": return Choice()
-        case "hugepages", "hugepages=2M": return Choice(hugePages: "2M")
-        case "hugepages=1G": return Choice(hugePages: "1G")
-        default: break
+        var backing = MemoryBacking()
+        do { try backing.parseBacking(text) } catch { throw LibraryError(error) }
+        switch (backing.hugePageSize, backing.file) {
+        case let (size?, _): return Choice(hugePages: size == 1 << 30 ? "1G" : "2M")
+        case (nil, .memfd?): return Choice(file: "memfd", shared: backing.shared)
+        case let (nil, .path(path)?): return Choice(file: path, shared: backing.shared)
+        case (nil, nil): return Choice()
         }
-        var words = text.split(separator: ",", omittingEmptySubsequences: false).map(String.init)
-        let shared = words.count == 2 && words[1] == "shared"
-        if shared { words.removeLast() }
-        guard words.count == 1 else {
-            throw .invalidValue(field: "--memory-backing", reason: "'\(text)' is not \(backingForms); the only option after a comma is 'shared'")
-        }
-        if words[0] == "memfd" { return Choice(file: "memfd", shared: shared) }
-        if words[0].hasPrefix("file:") {
-            let path = String(words[0].dropFirst(5))
-            guard path.hasPrefix("/"), path.count > 1, !path.contains(",") else {
-                throw .invalidValue(field: "--memory-backing", reason: "'\(path)' is not an absolute file path")
-            }
-            return Choice(file: path, shared: shared)
-        }
-        throw .invalidValue(field: "--memory-backing", reason: "'\(text)' is not \(backingForms)")
     }
 
-    /// The host's NUMA nodes with memory (`/sys/devices/system/node/has_memory`, like `0-1,3`).
     public static func hostNUMANodes() -> [Int] {
         let text = (try? HostFiles.readAll("/sys/devices/system/node/has_memory")).map { String(decoding: $0, as: UTF8.self) } ?? "0"
         return VCPUPin.parseCPUs(text.filter { !$0.isWhitespace }) ?? [0]

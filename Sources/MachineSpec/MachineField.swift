@@ -7,6 +7,10 @@ public enum MachineField: String, Sendable, CaseIterable {
     case cpuModel = "cpu_model"
     case memoryBytes = "memory_bytes"
     case memoryBacking = "memory_backing"
+    case preallocate
+    case ksm
+    case lockMemory = "lock_memory"
+    case transparentHugePages = "transparent_huge_pages"
     case numaNode = "numa_node"
     case rtPriority = "rt_priority"
     case kernel
@@ -20,6 +24,7 @@ public enum MachineField: String, Sendable, CaseIterable {
     case acpi
     case onReboot = "on_reboot"
     case generationID = "generation_id"
+    case console
 
     /// The JSON key.
     public var key: String { rawValue }
@@ -31,6 +36,10 @@ public enum MachineField: String, Sendable, CaseIterable {
         case .cpuModel: return "--cpu"
         case .memoryBytes: return "--memory"
         case .memoryBacking: return "--memory-backing"
+        case .preallocate: return "--prealloc"
+        case .ksm: return "--ksm"
+        case .lockMemory: return "--lock-memory"
+        case .transparentHugePages: return "--thp"
         case .numaNode: return "--numa-node"
         case .rtPriority: return "--rt-priority"
         case .kernel: return "--kernel"
@@ -44,6 +53,7 @@ public enum MachineField: String, Sendable, CaseIterable {
         case .acpi: return "--acpi"
         case .onReboot: return "--on-reboot"
         case .generationID: return "--generation-id"
+        case .console: return "--console"
         }
     }
 
@@ -64,13 +74,22 @@ public enum MachineField: String, Sendable, CaseIterable {
     }
 }
 
-/// A machine setting that breaks a rule: which one, and why, in words meant for the person who
+/// A machine setting that breaks a rule, or a command line the spec cannot be read from: which
+/// setting (or, for a flag that is none, the flag), and why, in words meant for the person who
 /// gave it.
 public struct MachineSpecError: Error, Sendable, Equatable, CustomStringConvertible {
-    public var field: MachineField
+    /// nil when the trouble is a flag that names no setting (unknown, or missing its value).
+    public var field: MachineField?
+    public var argument: String?
     public var reason: String
 
     public init(_ field: MachineField, _ reason: String) { self.field = field; self.reason = reason }
+    public init(argument: String, _ reason: String) { self.argument = argument; self.reason = reason }
 
-    public var description: String { "\(field.flag): \(reason)" }
+    /// The `vireo create`/`set` flag.
+    public var flag: String { field?.flag ?? argument ?? "" }
+    /// The `vireo run`/`vireo-vmm` flag.
+    public var runFlag: String { field?.runFlag ?? argument ?? "" }
+
+    public var description: String { "\(flag): \(reason)" }
 }

@@ -3,6 +3,25 @@
 /// `vireo run`) before it opens anything. Rules that need the host (its RAM, its KVM's vCPU limit,
 /// its NUMA nodes) take the host's figure as an argument, so each caller says what it knows.
 public enum MachineRules {
+    /// Every rule over a whole spec, as the VMM applies it before it opens anything and the kvm
+    /// engine before it starts one; `hostVCPUs` and `hostMemory` are the host's limits when the
+    /// caller knows them.
+    public static func check(_ spec: MachineSpec, hostVCPUs: Int? = nil, hostMemory: UInt64? = nil) throws(MachineSpecError) {
+        try cpus(spec.cpus, hostLimit: hostVCPUs)
+        try memory(spec.memoryBytes, hostBytes: hostMemory)
+        try commandLine(spec.commandLine)
+        try virtioDevices(disks: spec.disks.count, nics: spec.nics.count, vsock: spec.vsock != nil, balloon: spec.balloon != nil, entropy: spec.entropyDevice)
+        for (index, disk) in spec.disks.enumerated() {
+            if let serial = disk.serial { try diskSerial(serial, disk: index) }
+            try diskChain(path: disk.path, format: disk.format, backing: disk.backing, disk: index)
+        }
+        for (index, nic) in spec.nics.enumerated() { if let text = nic.mac { _ = try Self.mac(text, card: index) } }
+        if let vsock = spec.vsock { try vsockCID(vsock.guestCID) }
+        if let interval = spec.balloon?.statisticsInterval { try balloonStatisticsInterval(interval) }
+        if let priority = spec.realTimePriority { try realTimePriority(Int(priority)) }
+        if let identifier = spec.generationID { _ = try generationID(identifier) }
+    }
+
     public static func cpus(_ count: Int, hostLimit: Int? = nil) throws(MachineSpecError) {
         guard count >= 1, count <= MachineLimits.maximumCPUs else {
             throw MachineSpecError(.cpus, "\(count) is not allowed; use 1 to \(MachineLimits.maximumCPUs)")
@@ -40,6 +59,12 @@ public enum MachineRules {
         }
     }
 
+    /// `--acpi on|off`.
+    public static func acpiSwitch(_ text: String) throws(MachineSpecError) -> Bool {
+        guard text == "on" || text == "off" else { throw MachineSpecError(.acpi, "'\(text)' is not one of on, off") }
+        return text == "on"
+    }
+
     public static func realTimePriority(_ priority: Int) throws(MachineSpecError) {
         guard MachineLimits.realTimePriorities.contains(priority) else {
             throw MachineSpecError(.rtPriority, "\(priority) is not from 1 to 99 (SCHED_FIFO priorities; higher runs first)")
@@ -72,7 +97,7 @@ public enum MachineRules {
     /// A disk's chain: a raw image rests on nothing, a raw layer only at the bottom, at most 16.
     public static func diskChain(path: String, format: DiskFormat, backing: [BackingLayer], disk index: Int) throws(MachineSpecError) {
         if format == .raw, !backing.isEmpty {
-            throw MachineSpecError(.disks, "disk \(index): \(path) is raw, and a raw disk rests on nothing (its definition lists \(backing.count) backing image(s))")
+            throw MachineSpecError(.disks, "disk \(index): \(path) is raw, and a raw disk rests on nothing (\(backing.count) backing image(s) given)")
         }
         guard backing.count <= MachineLimits.backingLayers else {
             throw MachineSpecError(.disks, "disk \(index): \(path) rests on \(backing.count) images; at most \(MachineLimits.backingLayers)")
@@ -80,6 +105,30 @@ public enum MachineRules {
         if let raw = backing.dropLast().firstIndex(where: { $0.format == .raw }) {
             throw MachineSpecError(.disks, "disk \(index): \(backing[raw].path) is raw and cannot rest on \(backing[raw + 1].path)")
         }
+    }
+
+    /// The 128-bit VM generation ID from 32 hex digits (dashes allowed: a UUID's form).
+    public static func generationID(_ text: String) throws(MachineSpecError) -> [UInt8] {
+        let digits = Array(text.utf8).filter { $0 != UInt8(ascii: "-") }
+        func nibble(_ byte: UInt8) -> UInt8? {
+            switch byte {
+            case UInt8(ascii: "0")...UInt8(ascii: "9"): return byte - UInt8(ascii: "0")
+            case UInt8(ascii: "a")...UInt8(ascii: "f"): return byte - UInt8(ascii: "a") + 10
+            case UInt8(ascii: "A")...UInt8(ascii: "F"): return byte - UInt8(ascii: "A") + 10
+            default: return nil
+            }
+        }
+        var bytes: [UInt8] = []
+        if digits.count == 32 {
+            for index in stride(from: 0, to: 32, by: 2) {
+                guard let high = nibble(digits[index]), let low = nibble(digits[index + 1]) else { break }
+                bytes.append(high << 4 | low)
+            }
+        }
+        guard bytes.count == 16 else {
+            throw MachineSpecError(.generationID, "'\(text.prefix(80))' is not 32 hex digits (a UUID's 128 bits)")
+        }
+        return bytes
     }
 
     /// The six bytes of a card's MAC `XX:XX:XX:XX:XX:XX`: unicast (a card cannot own a multicast

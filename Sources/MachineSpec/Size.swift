@@ -6,6 +6,13 @@ public enum Size {
     }
 
     public static func parse(_ text: String) throws(ParseError) -> UInt64 {
+        // `4096B`: a plain byte count (without the B a bare number means MiB).
+        if text.hasSuffix("B"), text.dropLast().last?.isNumber == true {
+            guard let bytes = UInt64(text.dropLast()), bytes > 0 else {
+                throw ParseError(description: "'\(text)' is not a positive whole number of bytes")
+            }
+            return bytes
+        }
         var trimmed = Substring(text)
         if trimmed.hasSuffix("iB") { trimmed = trimmed.dropLast(2) } else if trimmed.hasSuffix("B") { trimmed = trimmed.dropLast() }
         guard let last = trimmed.last else {

@@ -94,8 +94,7 @@ extension APIProblem {
                                        "--accel": "accelerator", "--ssh-key": "ssh_key_files",
                                        "--attach-disk": "attach_disk", "--memory-limit": "memory_limit_bytes",
                                        "--cpu-cap": "cpu_cap_percent", "--cpu-weight": "cpu_weight", "--pids-limit": "pids_limit",
-                                       "--pin": "vcpu_pins", "--pin-emulator": "emulator_cpus", "--io-limit": "io_limits",
-                                       "--prealloc": "preallocate", "--thp": "transparent_huge_pages"]
+                                       "--pin": "vcpu_pins", "--pin-emulator": "emulator_cpus", "--io-limit": "io_limits"]
         return known[option] ?? MachineField(flag: option)?.key ?? String(option.dropFirst(2)).replacing("-", with: "_")
     }
 }

@@ -1,5 +1,6 @@
 import CSandbox
 import DiskImage
+import MachineSpec
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -216,7 +217,7 @@ extension Machine {
     /// Every host path the running VM may still open: the directories of its sockets, state
     /// and snapshots (written), its disks and their backing files. Directories nested in an
     /// exposed directory are covered by it.
-    static func jailPaths(_ configuration: VMConfiguration, controlPath: String?, stateFile: String?, snapshotDirectory: String?) -> [(path: String, writable: Bool)] {
+    static func jailPaths(_ spec: MachineSpec, controlPath: String?, stateFile: String?, snapshotDirectory: String?) -> [(path: String, writable: Bool)] {
         func directory(_ path: String) -> String {
             guard let slash = path.lastIndex(of: "/"), slash != path.startIndex else { return "/" }
             return String(path[..<slash])
@@ -228,11 +229,11 @@ extension Machine {
             return cwd + "/" + path
         }
         var candidates: [(String, Bool)] = []
-        for path in [controlPath, stateFile, configuration.vsock?.socketPath].compactMap({ $0 }) {
+        for path in [controlPath, stateFile, spec.vsock?.socketPath].compactMap({ $0 }) {
             candidates.append((directory(absolute(path)), true))
         }
         if let snapshotDirectory { candidates.append((absolute(snapshotDirectory), true)) }
-        for disk in configuration.disks {
+        for disk in spec.disks {
             let path = absolute(disk.path)
             candidates.append((path, !disk.readOnly))
             // A snapshot's overlays land beside the disk: its directory must be writable when the
@@ -264,7 +265,7 @@ extension Machine {
     /// per-VM uid, no_new_privs, rlimits, Landlock, then the process-wide seccomp filter. Must
     /// run while the VMM has a single thread.
     public static func confine(jail: JailConfiguration?, seccomp: SeccompMode, landlock: Bool, realTimePriority: Int32? = nil,
-                               configuration: VMConfiguration, controlPath: String?, stateFile: String?,
+                               spec: MachineSpec, controlPath: String?, stateFile: String?,
                                snapshotDirectory: String?) throws(VMMError) -> ConfinementReport {
         var report = ConfinementReport()
         let threads = threadCount()
@@ -272,7 +273,7 @@ extension Machine {
             throw .host(operation: "confine the VMM (it has \(threads) threads; the jail must close before the first)", errno: EBUSY)
         }
         if let jail {
-            let paths = jailPaths(configuration, controlPath: controlPath, stateFile: stateFile, snapshotDirectory: snapshotDirectory)
+            let paths = jailPaths(spec, controlPath: controlPath, stateFile: stateFile, snapshotDirectory: snapshotDirectory)
             // Taps and sockets are open already; the VMM never dials or listens on a network.
             let unshared = vireo_jail_unshare()
             guard unshared == 0 else { throw .host(operation: "unshare(mount, IPC, UTS, network namespaces)", errno: unshared) }

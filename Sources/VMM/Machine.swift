@@ -3,6 +3,7 @@ import Devices
 import DiskImage
 import GuestMemory
 import KVM
+import MachineSpec
 import MigrationWire
 import Synchronization
 import X86Boot
@@ -136,13 +137,13 @@ public final class Machine: @unchecked Sendable {
         case sharedDisks = "shared"
     }
 
-    /// Validates `configuration` against this host and opens everything the machine needs of it
+    /// Validates `spec` against this host and opens everything the machine needs of it
     /// — KVM, memory, the disks' files, taps, sockets — without reading anything a guest, a
     /// jailed VMM or a peer could have written: those are read by `finishAssembly` once the VMM
     /// is confined (docs/isolation.md). The guest does not run until `run()`. With `restoring`,
     /// the state file is opened here and restored from in `finishAssembly` instead of booting
     /// (docs/snapshots.md); with `arrival`, the VM comes from a migration stream (docs/migration.md).
-    public init(configuration: VMConfiguration, stateFile: String? = nil, restoring: Bool = false,
+    public init(spec: MachineSpec, stateFile: String? = nil, restoring: Bool = false,
                 snapshotDirectory: String? = nil, arrival: ArrivalMode? = nil) throws(VMMError) {
         stateFilePath = stateFile
         self.snapshotDirectory = snapshotDirectory
@@ -159,11 +160,11 @@ public final class Machine: @unchecked Sendable {
         } catch {
             throw .kvm(error)
         }
-        boot = try configuration.validated(maximumVCPUs: kvm.maximumVCPUs)
+        boot = try spec.validated(maximumVCPUs: kvm.maximumVCPUs)
         // Each disk stands in detached until its files are read (`decodeDisks`).
-        var disks: [(image: any DiskImage, configuration: DiskConfiguration)] = []
+        var disks: [(image: any DiskImage, configuration: MachineSpec.Disk)] = []
         var pending: [DiskFiles?] = []
-        for disk in configuration.disks {
+        for disk in spec.disks {
             do throws(DiskImageError) {
                 if arrival == .sharedDisks {
                     // The image is the source's until it hands it over; what it rests on is
@@ -181,7 +182,7 @@ public final class Machine: @unchecked Sendable {
         }
         pendingDisks = pending
         var networkCards: [VirtioNet] = []
-        for network in configuration.networks {
+        for network in spec.nics {
             let mac = network.mac.flatMap(MACAddress.init) ?? MACAddress.random()
             do {
                 let backend: any FrameBackend
@@ -196,7 +197,7 @@ public final class Machine: @unchecked Sendable {
             }
         }
         self.networkCards = networkCards
-        if let socket = configuration.vsock {
+        if let socket = spec.vsock {
             let listener = try listenUnixSocket(path: socket.socketPath, field: "--vsock", backlog: 64)
             do {
                 vsock = try VirtioVsock(guestCID: socket.guestCID, socketPath: socket.socketPath, listener: listener)
@@ -207,10 +208,10 @@ public final class Machine: @unchecked Sendable {
         } else {
             vsock = nil
         }
-        balloon = configuration.balloon.map { VirtioBalloon(deflateOnOOM: $0.deflateOnOOM, statisticsInterval: $0.statisticsInterval) }
-        console = try Console(configuration.console)
-        stop = try StopController(rebootPolicy: configuration.onReboot)
-        realTimePriority = configuration.realTimePriority
+        balloon = spec.balloon.map { VirtioBalloon(deflateOnOOM: $0.deflateOnOOM, statisticsInterval: $0.statisticsInterval) }
+        console = try Console(try ConsoleConfiguration(parsing: spec.console))
+        stop = try StopController(rebootPolicy: spec.onReboot)
+        realTimePriority = spec.realTimePriority
 
         do {
             vm = try kvm.createVM()
@@ -220,7 +221,7 @@ public final class Machine: @unchecked Sendable {
         }
 
         do {
-            memory = try GuestMemory(anonymousRegions: MachineLayout.ramRegions(memorySize: boot.memorySize), backing: configuration.memoryBacking)
+            memory = try GuestMemory(anonymousRegions: MachineLayout.ramRegions(memorySize: boot.memorySize), backing: spec.memory)
         } catch {
             throw .memory(error)
         }
@@ -262,7 +263,7 @@ public final class Machine: @unchecked Sendable {
         }
         supportedCPUID = supported
         // A restored or arriving guest gets the CPU it ran on once its state is read (`useCPUID`).
-        cpuidBasis = try configuration.cpuModel.apply(to: supported)
+        cpuidBasis = try spec.parsedCPUModel().apply(to: supported)
         do {
             let hasExtendedControl = kvm.extensionValue(VIREO_KVM_CAP_XCRS) > 0
             for index in 0..<boot.cpuCount {
@@ -283,7 +284,7 @@ public final class Machine: @unchecked Sendable {
         pauseGate = PauseGate(vcpuCount: boot.cpuCount)
 
         var entropy: VirtioEntropy?
-        if configuration.entropyDevice {
+        if spec.entropyDevice {
             do { entropy = try VirtioEntropy() } catch { throw .invalidConfiguration(field: "--rng", reason: error.description) }
         }
         self.entropy = entropy
@@ -320,7 +321,7 @@ public final class Machine: @unchecked Sendable {
                 let elapsed = VMMClock.elapsedNanoseconds
                 vmmLog("guest boot marker reached \(elapsed / 1000) us (\(elapsed / 1_000_000) ms) after VMM start")
             }, name: "boot marker", base: MachineLayout.bootMarkerAddress, length: 0x1000)
-            // Slot order: disks, network cards, vsock, balloon, entropy (VMConfiguration.guestCommandLine agrees).
+            // Slot order: disks, network cards, vsock, balloon, entropy (MachineSpec.guestCommandLine agrees).
             var virtio: [(device: any VirtioDevice, name: String)] = []
             for disk in disks {
                 let block = VirtioBlock(disk: disk.image, readOnly: disk.configuration.readOnly, serial: disk.configuration.serial,
@@ -621,7 +622,7 @@ public final class Machine: @unchecked Sendable {
     /// decides what follows. Works while paused too (a paused VM restarts paused).
     public func requestReset() { stop.requestReset("reset button pressed (control socket)") }
 
-    public var rebootPolicy: RebootPolicy { stop.rebootPolicy }
+    public var rebootPolicy: MachineSpec.RebootPolicy { stop.rebootPolicy }
 
     /// Presses the ACPI power button; false when the machine has no ACPI.
     public func pressPowerButton() -> Bool {

@@ -1,4 +1,5 @@
 import CKVM
+import MachineSpec
 import Synchronization
 #if canImport(Glibc)
 import Glibc
@@ -74,9 +75,9 @@ final class StopController: Sendable {
     private let stopping = Atomic<Bool>(false)
     private let rebootPending = Atomic<Bool>(false)
     private let eventFD: Int32
-    let rebootPolicy: RebootPolicy
+    let rebootPolicy: MachineSpec.RebootPolicy
 
-    init(rebootPolicy: RebootPolicy) throws(VMMError) {
+    init(rebootPolicy: MachineSpec.RebootPolicy) throws(VMMError) {
         let fd = vireo_eventfd_cloexec(0)
         guard fd >= 0 else { throw .host(operation: "eventfd", errno: errno) }
         eventFD = fd

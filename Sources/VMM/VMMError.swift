@@ -39,7 +39,7 @@ public enum VMMError: Error, CustomStringConvertible, Sendable {
 extension VMMError {
     /// A machine rule's refusal, named by the flag `vireo-vmm` and `vireo run` take.
     public init(_ error: MachineSpecError) {
-        self = .invalidConfiguration(field: error.field.runFlag, reason: error.reason)
+        self = .invalidConfiguration(field: error.runFlag, reason: error.reason)
     }
 }
 

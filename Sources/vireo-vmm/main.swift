@@ -44,7 +44,7 @@ do throws(VMMError) {
     switch try VMMArguments.parse(Array(CommandLine.arguments.dropFirst())) {
     case .help:
         print(VMMArguments.usage)
-    case let .run(configuration, options):
+    case let .run(spec, options):
         if let ready = options.readyDescriptor {
             readyDescriptor = ready
             _ = fcntl(ready, F_SETFD, FD_CLOEXEC)
@@ -65,18 +65,18 @@ do throws(VMMError) {
         }
         // Everything of the host the VM needs is opened here; nothing a guest, the VM's own
         // (jailed) process or a peer wrote is read before the jail closes (finishAssembly).
-        let machine = try Machine(configuration: configuration, stateFile: options.stateFile, restoring: options.restore,
+        let machine = try Machine(spec: spec, stateFile: options.stateFile, restoring: options.restore,
                                   snapshotDirectory: options.snapshotDirectory, arrival: incoming == nil ? nil : options.incomingDisks)
         if let path = options.controlPath { try machine.listenForControl(path: path, identity: options.identity) }
-        if configuration.realTimePriority != nil, mlockall(MCL_CURRENT | MCL_FUTURE) != 0 {
+        if spec.realTimePriority != nil, mlockall(MCL_CURRENT | MCL_FUTURE) != 0 {
             // A real-time vCPU that page-faults is no longer real-time.
             throw VMMError.host(operation: "--rt-priority: lock the VMM's memory (mlockall; RLIMIT_MEMLOCK too small?)", errno: errno)
         }
         var report = ConfinementReport()
         if options.jail != nil || options.seccomp != .off {
             report = try Machine.confine(jail: options.jail, seccomp: options.seccomp, landlock: options.landlock,
-                                         realTimePriority: configuration.realTimePriority,
-                                         configuration: configuration, controlPath: options.controlPath,
+                                         realTimePriority: spec.realTimePriority,
+                                         spec: spec, controlPath: options.controlPath,
                                          stateFile: options.stateFile, snapshotDirectory: options.snapshotDirectory)
             vmmLog("isolation: " + report.summary)
         }

@@ -1,3 +1,4 @@
+import MachineSpec
 import Testing
 @testable import Devices
 

@@ -63,8 +63,8 @@ struct VirtioNetGuestTests {
         let probe = try Harness.probe("pvh")
         let cases: [(String, String)] = [
             ("bridge:br0", "--net: 'bridge:br0' is not tap:NAME, tap-fd:N or stream-fd:N, then [,mac=XX:XX:XX:XX:XX:XX]"),
-            ("tap:x,mac=01:00:00:00:00:01", "--net: mac '01:00:00:00:00:01' is not six hex pairs like 52:54:00:12:34:56 with an even (unicast) first byte"),
-            ("tap:x,mac=zz", "--net: mac 'zz' is not six hex pairs"),
+            ("tap:x,mac=01:00:00:00:00:01", "--net: card 0: '01:00:00:00:00:01' is not a unicast MAC address like 52:54:00:12:34:56"),
+            ("tap:x,mac=zz", "--net: card 0: 'zz' is not a unicast MAC address"),
             ("tap:averyveryverylongname", "--net: tap name 'averyveryverylongname' must be 1 to 15 printable characters"),
             ("tap:x,speed=10", "--net: unknown option 'speed=10' in 'tap:x,speed=10'; allowed: mac="),
         ]

@@ -1,5 +1,6 @@
 import DiskImage
 import GuestMemory
+import MachineSpec
 import Synchronization
 
 /// virtio-blk (virtio 1.x §5.2) over a `DiskImage`: read, write, flush and get-id. Guest buffers
