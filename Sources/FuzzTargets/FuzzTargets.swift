@@ -15,7 +15,7 @@ import Glibc
 public enum Fuzz {
     /// Guest RAM for the virtqueue target: the input is laid into it, so descriptor tables and
     /// rings are whatever the fuzzer makes them.
-    static let memorySize: UInt64 = 64 << 10
+    static let memoryBytes: UInt64 = 64 << 10
 
     /// What one input made a target do, so seeded runs can assert that they exercised the parser
     /// (and not only that the process survived).
@@ -34,10 +34,10 @@ public enum Fuzz {
 
     public static func virtqueueOutcome(_ data: UnsafeRawBufferPointer) -> Outcome {
         var outcome = Outcome()
-        guard data.count >= 8, let memory = try? GuestMemory(anonymousRegions: [(GuestPhysicalAddress(0), memorySize)]) else { return outcome }
+        guard data.count >= 8, let memory = try? GuestMemory(anonymousRegions: [(GuestPhysicalAddress(0), memoryBytes)]) else { return outcome }
         let bytes = Array(data)
         func half(_ offset: Int) -> UInt16 { UInt16(bytes[offset]) | UInt16(bytes[offset + 1]) << 8 }
-        let contents = bytes[8...].prefix(Int(memorySize))
+        let contents = bytes[8...].prefix(Int(memoryBytes))
         try? memory.write(contents, at: GuestPhysicalAddress(0))
         let page = { (value: UInt16) in GuestPhysicalAddress(UInt64(value % 32) * 4096 + UInt64(value >> 5) % 16) }
         guard let queue = try? VirtQueue(memory: memory, size: half(0), maximumSize: 256, descriptorTable: page(half(2)),
@@ -119,7 +119,7 @@ public enum Fuzz {
         case 3: device = RTC()
         case 4: device = ACPIRegisters(eventInterrupt: SilentInterruptLine(), softOffSleepType: 5, resetValue: 0xf, powerOff: {}, reset: {})
         default:
-            guard let memory = try? GuestMemory(anonymousRegions: [(GuestPhysicalAddress(0), memorySize)]) else { return outcome }
+            guard let memory = try? GuestMemory(anonymousRegions: [(GuestPhysicalAddress(0), memoryBytes)]) else { return outcome }
             let virtio: any VirtioDevice
             switch selector % 8 {
             case 5: virtio = block

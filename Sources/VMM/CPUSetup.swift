@@ -5,32 +5,32 @@ import X86Boot
 /// The per-vCPU view of CPUID: KVM's supported set, with each vCPU's APIC ID and the machine's
 /// topology written in, and the hypervisor bit set so the guest knows to look for KVM's leaves.
 enum CPUIDTemplate {
-    static func entries(for vcpu: Int, of cpuCount: Int, supported: [CPUIDEntry]) -> [CPUIDEntry] {
+    static func entries(for vcpu: Int, of cpus: Int, supported: [CPUIDEntry]) -> [CPUIDEntry] {
         let apicID = UInt32(vcpu)
         // Bits of APIC ID that number CPUs in the package: each vCPU is its own core.
         var coreBits: UInt32 = 0
-        while (1 << coreBits) < cpuCount { coreBits += 1 }
+        while (1 << coreBits) < cpus { coreBits += 1 }
         return supported.map { original in
             var entry = original
             switch entry.function {
             case 0x1:
-                entry.ebx = (entry.ebx & 0x0000_ffff) | (apicID << 24) | (UInt32(min(cpuCount, 255)) << 16)
+                entry.ebx = (entry.ebx & 0x0000_ffff) | (apicID << 24) | (UInt32(min(cpus, 255)) << 16)
                 entry.ecx |= 1 << 31                            // hypervisor present
-                if cpuCount > 1 { entry.edx |= 1 << 28 } else { entry.edx &= ~(1 << 28) }  // HTT
+                if cpus > 1 { entry.edx |= 1 << 28 } else { entry.edx &= ~(1 << 28) }  // HTT
             case 0x4:
-                entry.eax = (entry.eax & 0x03ff_ffff) | (UInt32(cpuCount - 1) << 26)
+                entry.eax = (entry.eax & 0x03ff_ffff) | (UInt32(cpus - 1) << 26)
             case 0xb:
                 switch entry.index {
                 case 0:
                     entry.eax = 0; entry.ebx = 1; entry.ecx = (1 << 8) | 0
                 case 1:
-                    entry.eax = coreBits; entry.ebx = UInt32(cpuCount); entry.ecx = (2 << 8) | 1
+                    entry.eax = coreBits; entry.ebx = UInt32(cpus); entry.ecx = (2 << 8) | 1
                 default:
                     entry.eax = 0; entry.ebx = 0; entry.ecx = entry.index
                 }
                 entry.edx = apicID
             case 0x8000_0008:
-                entry.ecx = (entry.ecx & ~0xf0ff) | (coreBits << 12) | UInt32(cpuCount - 1)
+                entry.ecx = (entry.ecx & ~0xf0ff) | (coreBits << 12) | UInt32(cpus - 1)
             case 0x8000_001e:
                 entry.eax = apicID
             default:

@@ -218,7 +218,7 @@ final class ControlServer: @unchecked Sendable {
             object.add("pid", HostProcessID.value)
             object.add("state", state)
             object.add("cpus", machine.vcpuCount)
-            object.add("memory_bytes", machine.boot.memorySize)
+            object.add("memory_bytes", machine.boot.memoryBytes)
             object.add("started_at", machine.startedAt)
             object.add("uptime_ms", machine.uptimeNanoseconds / 1_000_000)
             object.add("boots", machine.bootCount)
@@ -338,8 +338,8 @@ final class ControlServer: @unchecked Sendable {
             guard let balloon = machine.balloon else {
                 return Self.failure("no-balloon", "\(vmName) has no balloon device; add one (--balloon) while it is stopped")
             }
-            guard let mebibytes = UInt64(text.dropFirst(8)), mebibytes << 20 <= machine.boot.memorySize else {
-                return Self.failure("bad-request", "balloon size '\(text.dropFirst(8))' must be a whole number of MiB from 0 to the VM's \(machine.boot.memorySize >> 20) MiB")
+            guard let mebibytes = UInt64(text.dropFirst(8)), mebibytes << 20 <= machine.boot.memoryBytes else {
+                return Self.failure("bad-request", "balloon size '\(text.dropFirst(8))' must be a whole number of MiB from 0 to the VM's \(machine.boot.memoryBytes >> 20) MiB")
             }
             balloon.setTarget(pages: UInt32(mebibytes << 8))
             var object = Self.success()

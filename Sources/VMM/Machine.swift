@@ -221,7 +221,7 @@ public final class Machine: @unchecked Sendable {
         }
 
         do {
-            memory = try GuestMemory(anonymousRegions: MachineLayout.ramRegions(memorySize: boot.memorySize), backing: spec.memory)
+            memory = try GuestMemory(anonymousRegions: MachineLayout.ramRegions(memoryBytes: boot.memoryBytes), backing: spec.memory)
         } catch {
             throw .memory(error)
         }
@@ -266,9 +266,9 @@ public final class Machine: @unchecked Sendable {
         cpuidBasis = try spec.parsedCPUModel().apply(to: supported)
         do {
             let hasExtendedControl = kvm.extensionValue(VIREO_KVM_CAP_XCRS) > 0
-            for index in 0..<boot.cpuCount {
+            for index in 0..<boot.cpus {
                 let vcpu = try vm.createVCPU(id: UInt32(index))
-                try vcpu.configureCommon(cpuid: CPUIDTemplate.entries(for: index, of: boot.cpuCount, supported: cpuidBasis))
+                try vcpu.configureCommon(cpuid: CPUIDTemplate.entries(for: index, of: boot.cpus, supported: cpuidBasis))
                 powerOnStates.append(try VCPUPowerOnState(capturing: vcpu, hasExtendedControl: hasExtendedControl))
                 // Application processors wait in the in-kernel LAPIC for the guest's INIT/SIPI.
                 if index == 0, let prepared { try vcpu.configureEntry(prepared.cpuState) }
@@ -279,9 +279,9 @@ public final class Machine: @unchecked Sendable {
         }
         self.vcpus = vcpus
         vcpuPowerOnStates = powerOnStates
-        exitCounts = (0..<boot.cpuCount).map { _ in ExitCounter() }
-        throttleTicks = (0..<boot.cpuCount).map { _ in ExitCounter() }
-        pauseGate = PauseGate(vcpuCount: boot.cpuCount)
+        exitCounts = (0..<boot.cpus).map { _ in ExitCounter() }
+        throttleTicks = (0..<boot.cpus).map { _ in ExitCounter() }
+        pauseGate = PauseGate(vcpuCount: boot.cpus)
 
         var entropy: VirtioEntropy?
         if spec.entropyDevice {

@@ -81,7 +81,7 @@ extension MachineSpec {
         } else {
             identifier = (0..<16).map { _ in UInt8.random(in: 0...255, using: &generator) }
         }
-        return .acpi(ACPITables(cpuCount: cpus, virtioDevices: devices, generationIDAddress: MachineLayout.generationIDAddress.rawValue),
+        return .acpi(ACPITables(cpus: cpus, virtioDevices: devices, generationIDAddress: MachineLayout.generationIDAddress.rawValue),
                      generationID: identifier)
     }
 
@@ -107,7 +107,7 @@ extension MachineSpec {
             let kernel = try KernelImage.load(path: kernel)
             let initrd = try initrd.map { (path) throws(BootError) in try readWholeFile(path, field: "--initrd") }
             return try BootConfiguration(kernel: kernel, initrd: initrd, initrdPath: self.initrd, commandLine: guestCommandLine,
-                                         memorySize: memoryBytes, cpuCount: cpus, platform: platform)
+                                         memoryBytes: memoryBytes, cpus: cpus, platform: platform)
         } catch {
             throw .boot(error)
         }

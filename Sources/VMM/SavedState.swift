@@ -4,6 +4,7 @@ import Devices
 import DiskImage
 import GuestMemory
 import KVM
+import MachineSpec
 import X86Boot
 #if canImport(Glibc)
 import Glibc
@@ -44,41 +45,51 @@ enum SavedStateFile {
 
 /// What must match between a saved machine and the machine built to restore it.
 struct MachineShape: Equatable {
-    var cpuCount: Int
-    var memorySize: UInt64
+    var cpus: Int
+    var memoryBytes: UInt64
     var usesACPI: Bool
     /// Virtio device types in slot order.
     var virtioTypes: [UInt32]
 
     func write(into writer: inout StateWriter) {
-        writer.put(UInt32(cpuCount))
-        writer.put(memorySize)
+        writer.put(UInt32(cpus))
+        writer.put(memoryBytes)
         writer.put(usesACPI)
         writer.put(UInt32(virtioTypes.count))
         for type in virtioTypes { writer.put(type) }
     }
 
-    init(cpuCount: Int, memorySize: UInt64, usesACPI: Bool, virtioTypes: [UInt32]) {
-        self.cpuCount = cpuCount
-        self.memorySize = memorySize
+    init(cpus: Int, memoryBytes: UInt64, usesACPI: Bool, virtioTypes: [UInt32]) {
+        self.cpus = cpus
+        self.memoryBytes = memoryBytes
         self.usesACPI = usesACPI
         self.virtioTypes = virtioTypes
     }
 
+    /// Read from a saved state or a migration stream, under the machine's own rules: a shape no
+    /// `MachineSpec` could have is refused before anything is built from it.
     init(from reader: inout StateReader) throws(StateError) {
-        cpuCount = Int(try reader.get(UInt32.self, "vCPU count"))
-        memorySize = try reader.get(UInt64.self, "memory size")
+        cpus = Int(try reader.get(UInt32.self, "vCPU count"))
+        memoryBytes = try reader.get(UInt64.self, "memory size")
+        do throws(MachineSpecError) {
+            try MachineRules.cpus(cpus)
+            try MachineRules.memory(memoryBytes)
+        } catch {
+            throw .invalid(field: error.field == .cpus ? "vCPU count" : "memory size", reason: error.reason)
+        }
         usesACPI = try reader.getBool("ACPI")
         let count = Int(try reader.get(UInt32.self, "virtio device count"))
-        guard count <= 64 else { throw .invalid(field: "virtio device count", reason: "\(count) devices; a machine has at most 64") }
+        guard count <= MachineLimits.virtioSlots else {
+            throw .invalid(field: "virtio device count", reason: "\(count) devices; a machine has at most \(MachineLimits.virtioSlots)")
+        }
         virtioTypes = []
         for index in 0..<count { virtioTypes.append(try reader.get(UInt32.self, "virtio device \(index) type")) }
     }
 
     /// Why a machine of `self`'s shape cannot take a state saved from `saved`, or nil.
     func mismatch(saved: MachineShape) -> String? {
-        if saved.cpuCount != cpuCount { return "the state was saved with \(saved.cpuCount) vCPUs; this VM has \(cpuCount)" }
-        if saved.memorySize != memorySize { return "the state was saved with \(saved.memorySize >> 20) MiB of memory; this VM has \(memorySize >> 20) MiB" }
+        if saved.cpus != cpus { return "the state was saved with \(saved.cpus) vCPUs; this VM has \(cpus)" }
+        if saved.memoryBytes != memoryBytes { return "the state was saved with \(saved.memoryBytes >> 20) MiB of memory; this VM has \(memoryBytes >> 20) MiB" }
         if saved.usesACPI != usesACPI { return "the state was saved \(saved.usesACPI ? "with" : "without") ACPI; this VM is \(usesACPI ? "with" : "without")" }
         if saved.virtioTypes != virtioTypes {
             return "the state was saved with virtio devices \(Self.names(saved.virtioTypes)); this VM has \(Self.names(virtioTypes))"
@@ -319,7 +330,6 @@ struct SavedMachineState {
         var reader = StateReader(bytes)
         try reader.expect("machine", "section")
         shape = try MachineShape(from: &reader)
-        guard shape.cpuCount >= 1, shape.cpuCount <= 256 else { throw .invalid(field: "vCPU count", reason: "\(shape.cpuCount) is not from 1 to 256") }
         try reader.expect("cpuid", "section")
         cpuid = try Self.readCPUID(from: &reader)
         try reader.expect("clock", "section")
@@ -338,7 +348,7 @@ struct SavedMachineState {
         timer = try reader.get(raw: kvm_pit_state2.self, "PIT")
         try reader.expect("vcpus", "section")
         vcpus = []
-        for index in 0..<shape.cpuCount { vcpus.append(try VCPUSavedState(from: &reader, vcpu: index)) }
+        for index in 0..<shape.cpus { vcpus.append(try VCPUSavedState(from: &reader, vcpu: index)) }
         try reader.expect("devices", "section")
         let deviceCount = Int(try reader.get(UInt32.self, "device count"))
         guard deviceCount <= 128 else { throw .invalid(field: "device count", reason: "\(deviceCount), more than 128") }
@@ -592,7 +602,7 @@ extension SavedStateFile.Opened {
 
 extension Machine {
     var shape: MachineShape {
-        MachineShape(cpuCount: vcpus.count, memorySize: boot.memorySize, usesACPI: acpiRegisters != nil,
+        MachineShape(cpus: vcpus.count, memoryBytes: boot.memoryBytes, usesACPI: acpiRegisters != nil,
                      virtioTypes: virtioTransports.map { $0.device.deviceType })
     }
 
@@ -786,7 +796,7 @@ public enum SavedStateInspection {
                                   msrs: [(0x10, 12345), (0x6e0, 0)], debugRegisters: kvm_debugregs(),
                                   multiprocessing: kvm_mp_state(), events: kvm_vcpu_events())
         let state = SavedMachineState(
-            shape: MachineShape(cpuCount: 2, memorySize: 64 << 20, usesACPI: true, virtioTypes: [2, 1, 4]),
+            shape: MachineShape(cpus: 2, memoryBytes: 64 << 20, usesACPI: true, virtioTypes: [2, 1, 4]),
             cpuid: [CPUIDEntry(function: 1, index: 0, flags: 0, eax: 0x800f11, ebx: 0, ecx: 0x7ed8320b, edx: 0x178bfbff)],
             tscKilohertz: 2_445_406, clockNanoseconds: 1_000_000, savedAtRealtimeNanoseconds: 1_700_000_000_000_000_000,
             interruptControllers: controllers, timer: kvm_pit_state2(), vcpus: [vcpu, vcpu], devices: [[1, 2, 3], [], [4]])

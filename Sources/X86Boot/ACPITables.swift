@@ -34,7 +34,7 @@ public struct ACPIVirtioDevice: Sendable, Equatable {
 
 /// Builds every table from the machine's shape and places them at `MachineLayout.acpiTablesAddress`.
 public struct ACPITables: Sendable {
-    public let cpuCount: Int
+    public let cpus: Int
     public let virtioDevices: [ACPIVirtioDevice]
     /// Where the 16-byte VM generation ID lives in guest memory; nil for no vmgenid device.
     public let generationIDAddress: UInt64?
@@ -43,13 +43,13 @@ public struct ACPITables: Sendable {
     static let oemTableID = Array("VIREOVM ".utf8)
     static let creatorID = Array("VIRO".utf8)
 
-    public init(cpuCount: Int, virtioDevices: [ACPIVirtioDevice], generationIDAddress: UInt64?) {
-        self.cpuCount = cpuCount
+    public init(cpus: Int, virtioDevices: [ACPIVirtioDevice], generationIDAddress: UInt64?) {
+        self.cpus = cpus
         self.virtioDevices = virtioDevices
         self.generationIDAddress = generationIDAddress
     }
 
-    public var ioapicID: UInt8 { UInt8(cpuCount) }
+    public var ioapicID: UInt8 { UInt8(cpus) }
 
     /// A table: the 36-byte header with its checksum, then `body`.
     static func table(_ signature: String, revision: UInt8, body: [UInt8]) -> [UInt8] {
@@ -170,7 +170,7 @@ public struct ACPITables: Sendable {
         var body: [UInt8] = []
         body.append(le: UInt32(MachineLayout.lapicAddress))
         body.append(le: UInt32(1))                          // PCAT_COMPAT: the 8259s exist
-        for cpu in 0..<cpuCount {
+        for cpu in 0..<cpus {
             if cpu < 255 {
                 body += [0, 8, UInt8(cpu), UInt8(cpu)]      // Processor Local APIC: UID, APIC ID
                 body.append(le: UInt32(1))                  // enabled

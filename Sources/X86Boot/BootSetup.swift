@@ -70,8 +70,8 @@ public struct BootConfiguration: Sendable {
     public let initrd: [UInt8]?
     public let initrdPath: String?
     public let commandLine: String
-    public let memorySize: UInt64
-    public let cpuCount: Int
+    public let memoryBytes: UInt64
+    public let cpus: Int
     public let platform: PlatformDescription
     /// The ACPI tables, built and checked once; empty without ACPI.
     let acpiTables: [PlacedTable]
@@ -81,18 +81,18 @@ public struct BootConfiguration: Sendable {
     public static let maximumCPUs = MachineLimits.maximumCPUs
 
     public init(kernel: KernelImage, initrd: [UInt8]?, initrdPath: String?, commandLine: String,
-                memorySize: UInt64, cpuCount: Int, platform: PlatformDescription = .mpTable) throws(BootError) {
+                memoryBytes: UInt64, cpus: Int, platform: PlatformDescription = .mpTable) throws(BootError) {
         self.kernel = kernel
         self.platform = platform
         self.initrd = initrd
         self.initrdPath = initrdPath
         self.commandLine = commandLine
-        self.memorySize = memorySize
-        self.cpuCount = cpuCount
+        self.memoryBytes = memoryBytes
+        self.cpus = cpus
         let length = commandLine.utf8.count
         if length > kernel.commandLineLimit { throw .commandLineTooLong(length: length, limit: kernel.commandLineLimit) }
-        if cpuCount > Self.maximumCPUs { throw .tooManyCPUs(requested: cpuCount, limit: Self.maximumCPUs) }
-        let lowEnd = MachineLayout.lowMemoryEnd(memorySize: memorySize)
+        if cpus > Self.maximumCPUs { throw .tooManyCPUs(requested: cpus, limit: Self.maximumCPUs) }
+        let lowEnd = MachineLayout.lowMemoryEnd(memoryBytes: memoryBytes)
         if kernel.loadedEnd > lowEnd { throw .kernelDoesNotFit(path: kernel.path, needed: kernel.loadedEnd, available: lowEnd) }
         if case let .acpi(tables, generationID) = platform {
             // Callers build it from 32 hex digits or 16 random bytes; anything else is a bug here.
@@ -115,7 +115,7 @@ public struct BootConfiguration: Sendable {
     public func initrdAddress() throws(BootError) -> GuestPhysicalAddress? {
         guard let initrd else { return nil }
         let size = UInt64(initrd.count)
-        let top = min(MachineLayout.lowMemoryEnd(memorySize: memorySize), kernel.initrdAddressMax &+ 1)
+        let top = min(MachineLayout.lowMemoryEnd(memoryBytes: memoryBytes), kernel.initrdAddressMax &+ 1)
         let floor = (kernel.loadedEnd + 0xfff) & ~0xfff
         let available = top > floor ? top - floor : 0
         guard size <= available else {
@@ -133,16 +133,16 @@ public struct BootConfiguration: Sendable {
             var line = Array(commandLine.utf8)
             line.append(0)
             try memory.write(line, at: MachineLayout.commandLineAddress)
-            let e820 = E820Entry.map(memorySize: memorySize)
+            let e820 = E820Entry.map(memoryBytes: memoryBytes)
             switch platform {
             case .mpTable:
-                try MPTable(cpuCount: cpuCount).write(into: memory)
+                try MPTable(cpus: cpus).write(into: memory)
             case let .acpi(_, generationID):
                 try PlacedTable.write(acpiTables, into: memory)
                 try memory.write(generationID, at: MachineLayout.generationIDAddress)
                 // The MP table too, as Firecracker and QEMU write it: a kernel built without ACPI
                 // still finds every CPU (one with ACPI takes the MADT and ignores this).
-                try MPTable(cpuCount: cpuCount).write(into: memory)
+                try MPTable(cpus: cpus).write(into: memory)
             }
             let gdt = GlobalDescriptorTable.boot(for: kernel.entryProtocol)
             try gdt.write(into: memory)

@@ -16,7 +16,7 @@ public struct KernelImage: Sendable {
     struct Segment: Sendable {
         let fileOffset: Int
         let fileSize: Int
-        let memorySize: UInt64
+        let memoryBytes: UInt64
         let physicalAddress: UInt64
     }
 
@@ -86,23 +86,23 @@ public struct KernelImage: Sendable {
         var pvhEntry: UInt64?
         for index in 0..<Int(programHeaderCount) {
             let base = Int(programHeaderOffset) + index * Int(entrySize)
-            let fields: (type: UInt32?, offset: UInt64?, physical: UInt64?, fileSize: UInt64?, memorySize: UInt64?) = is64
+            let fields: (type: UInt32?, offset: UInt64?, physical: UInt64?, fileSize: UInt64?, memoryBytes: UInt64?) = is64
                 ? (bytes.le(UInt32.self, at: base), bytes.le(UInt64.self, at: base + 8), bytes.le(UInt64.self, at: base + 24),
                    bytes.le(UInt64.self, at: base + 32), bytes.le(UInt64.self, at: base + 40))
                 : (bytes.le(UInt32.self, at: base), bytes.le(UInt32.self, at: base + 4).map(UInt64.init),
                    bytes.le(UInt32.self, at: base + 12).map(UInt64.init), bytes.le(UInt32.self, at: base + 16).map(UInt64.init),
                    bytes.le(UInt32.self, at: base + 20).map(UInt64.init))
             guard let type = fields.type, let offset = fields.offset, let physical = fields.physical,
-                  let fileSize = fields.fileSize, let memorySize = fields.memorySize else { throw fail("truncated program header \(index)") }
+                  let fileSize = fields.fileSize, let memoryBytes = fields.memoryBytes else { throw fail("truncated program header \(index)") }
             guard offset <= UInt64(bytes.count), fileSize <= UInt64(bytes.count) - offset else {
                 throw fail("segment \(index) lies outside the file")
             }
             switch type {
             case 1: // PT_LOAD
-                guard fileSize <= memorySize else { throw fail("segment \(index) has p_filesz > p_memsz") }
-                guard physical <= UInt64.max - memorySize else { throw fail("segment \(index) wraps the address space") }
+                guard fileSize <= memoryBytes else { throw fail("segment \(index) has p_filesz > p_memsz") }
+                guard physical <= UInt64.max - memoryBytes else { throw fail("segment \(index) wraps the address space") }
                 segments.append(Segment(fileOffset: Int(offset), fileSize: Int(fileSize),
-                                        memorySize: memorySize, physicalAddress: physical))
+                                        memoryBytes: memoryBytes, physicalAddress: physical))
             case 4: // PT_NOTE
                 if let found = pvhEntryNote(bytes: bytes, offset: Int(offset), size: Int(fileSize)) { pvhEntry = found }
             default:
@@ -193,14 +193,14 @@ public struct KernelImage: Sendable {
     /// it decompresses itself).
     public var loadedEnd: UInt64 {
         switch format {
-        case .elf: return segments.map { $0.physicalAddress + $0.memorySize }.max() ?? 0
+        case .elf: return segments.map { $0.physicalAddress + $0.memoryBytes }.max() ?? 0
         case .bzImage: return bzImageLoadAddress + bzImageInitSize
         }
     }
 
     /// Copies the kernel into guest memory and returns its entry point.
     public func load(into memory: GuestMemory) throws(BootError) -> GuestPhysicalAddress {
-        let ramEnd = MachineLayout.lowMemoryEnd(memorySize: memory.totalSize)
+        let ramEnd = MachineLayout.lowMemoryEnd(memoryBytes: memory.totalSize)
         guard loadedEnd <= ramEnd else { throw .kernelDoesNotFit(path: path, needed: loadedEnd, available: ramEnd) }
         switch format {
         case .elf:
@@ -208,10 +208,10 @@ public struct KernelImage: Sendable {
                 let start = GuestPhysicalAddress(segment.physicalAddress)
                 do {
                     try memory.write(bytes[segment.fileOffset..<segment.fileOffset + segment.fileSize], at: start)
-                    let bssSize = segment.memorySize - UInt64(segment.fileSize)
+                    let bssSize = segment.memoryBytes - UInt64(segment.fileSize)
                     if bssSize > 0 { try memory.fill(0, count: Int(bssSize), at: start + UInt64(segment.fileSize)) }
                 } catch {
-                    throw .kernelDoesNotFit(path: path, needed: segment.physicalAddress + segment.memorySize, available: ramEnd)
+                    throw .kernelDoesNotFit(path: path, needed: segment.physicalAddress + segment.memoryBytes, available: ramEnd)
                 }
             }
             if let pvhEntry, entryProtocol == .pvh { return GuestPhysicalAddress(pvhEntry) }

@@ -3,14 +3,14 @@ import GuestMemory
 /// The Intel MultiProcessor Specification 1.4 table: how a guest without ACPI finds its CPUs, the
 /// IOAPIC and how ISA interrupts reach it. Modelled on what Firecracker and kvmtool give Linux.
 public struct MPTable: Sendable {
-    public let cpuCount: Int
+    public let cpus: Int
     public static let ioapicPinCount = 24
     static let localAPICVersion: UInt8 = 0x14
     static let ioapicVersion: UInt8 = 0x11
 
-    public init(cpuCount: Int) { self.cpuCount = cpuCount }
+    public init(cpus: Int) { self.cpus = cpus }
 
-    public var ioapicID: UInt8 { UInt8(cpuCount) }
+    public var ioapicID: UInt8 { UInt8(cpus) }
 
     /// The floating pointer followed by the configuration table, as placed at `mpTableAddress`.
     public var bytes: [UInt8] {
@@ -19,7 +19,7 @@ public struct MPTable: Sendable {
 
         var entries: [UInt8] = []
         var entryCount: UInt16 = 0
-        for cpu in 0..<cpuCount {
+        for cpu in 0..<cpus {
             entries.append(0)                                   // processor entry
             entries.append(UInt8(cpu))                          // local APIC id
             entries.append(Self.localAPICVersion)

@@ -65,7 +65,7 @@ public enum MachineLayout {
     public static let minimumMemory = MachineLimits.minimumMemory
 
     /// The RAM regions for a VM of `size` bytes: below the MMIO hole, then from 4 GiB upward.
-    public static func ramRegions(memorySize size: UInt64) -> [(start: GuestPhysicalAddress, size: UInt64)] {
+    public static func ramRegions(memoryBytes size: UInt64) -> [(start: GuestPhysicalAddress, size: UInt64)] {
         let low = min(size, mmioHoleStart)
         var regions: [(start: GuestPhysicalAddress, size: UInt64)] = [(GuestPhysicalAddress(0), low)]
         if size > low { regions.append((GuestPhysicalAddress(fourGiB), size - low)) }
@@ -73,7 +73,7 @@ public enum MachineLayout {
     }
 
     /// The end of RAM below the MMIO hole.
-    public static func lowMemoryEnd(memorySize size: UInt64) -> UInt64 { min(size, mmioHoleStart) }
+    public static func lowMemoryEnd(memoryBytes size: UInt64) -> UInt64 { min(size, mmioHoleStart) }
 }
 
 /// One entry of the BIOS e820 map, the memory map Linux and PVH guests trust.
@@ -87,8 +87,8 @@ public struct E820Entry: Equatable, Sendable {
         self.address = address; self.size = size; self.kind = kind
     }
 
-    public static func map(memorySize size: UInt64) -> [E820Entry] {
-        let lowEnd = MachineLayout.lowMemoryEnd(memorySize: size)
+    public static func map(memoryBytes size: UInt64) -> [E820Entry] {
+        let lowEnd = MachineLayout.lowMemoryEnd(memoryBytes: size)
         var entries = [
             E820Entry(address: 0, size: MachineLayout.ebdaStart, kind: .ram),
             E820Entry(address: MachineLayout.ebdaStart, size: 0xa0000 - MachineLayout.ebdaStart, kind: .reserved),

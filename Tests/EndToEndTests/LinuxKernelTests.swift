@@ -242,8 +242,8 @@ struct LinuxKernelTests {
         #expect(kernel.loadedEnd > 0x100_0000 + (8 << 20))
         let initrd = [UInt8](repeating: 0xab, count: 3 << 20)
         let boot = try BootConfiguration(kernel: kernel, initrd: initrd, initrdPath: "initrd", commandLine: "console=ttyS0 quiet",
-                                         memorySize: 512 << 20, cpuCount: 2)
-        let memory = try GuestMemory(anonymousRegions: MachineLayout.ramRegions(memorySize: 512 << 20))
+                                         memoryBytes: 512 << 20, cpus: 2)
+        let memory = try GuestMemory(anonymousRegions: MachineLayout.ramRegions(memoryBytes: 512 << 20))
         let prepared = try boot.load(into: memory)
         #expect(prepared.cpuState.rip == 0x100_0000 + 0x200)
         let zeroPage = try memory.readBytes(count: 4096, at: MachineLayout.zeroPageAddress)

@@ -7,7 +7,7 @@ import X86Boot
 struct ProbeGuestTests {
     /// The e820 map the probe prints for a VM of `memory` bytes.
     func expectedE820Lines(memory: UInt64) -> [String] {
-        E820Entry.map(memorySize: memory).map {
+        E820Entry.map(memoryBytes: memory).map {
             "e820: 0x\(String($0.address, radix: 16)) 0x\(String($0.size, radix: 16)) \($0.kind.rawValue)"
         }
     }

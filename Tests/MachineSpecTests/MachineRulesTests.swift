@@ -1,8 +1,9 @@
+import Devices
 import Library
 import MachineSpec
 @testable import Server
 import Testing
-import VMM
+@testable import VMM
 
 /// The machine's rules are written once (MachineSpec) and every path applies them: these tests
 /// hold the boundaries, the one table of names, and — the point of having one rule set — that the
@@ -97,6 +98,34 @@ import VMM
             let library = libraryReason(change)
             let vmm = vmmReason(arguments)
             #expect(library != nil && library == vmm?.replacing("/d.raw", with: "d.raw"), "\(what): library '\(library ?? "accepted")', VMM '\(vmm ?? "accepted")'")
+        }
+    }
+}
+
+/// A saved state's or a migration stream's machine shape is read under the same rules: a state
+/// file or a peer cannot describe a machine no spec could.
+@Suite struct SavedShapeRulesTests {
+    static func shapeBytes(cpus: UInt32, memory: UInt64, devices: Int) -> [UInt8] {
+        var writer = StateWriter()
+        writer.put(cpus)
+        writer.put(memory)
+        writer.put(true)
+        writer.put(UInt32(devices))
+        for _ in 0..<devices { writer.put(UInt32(2)) }
+        return writer.bytes
+    }
+
+    @Test func theShapeObeysTheMachineRules() throws {
+        var good = StateReader(Self.shapeBytes(cpus: 2, memory: 64 << 20, devices: 3))
+        let shape = try MachineShape(from: &good)
+        #expect(shape.cpus == 2 && shape.memoryBytes == 64 << 20 && shape.virtioTypes == [2, 2, 2])
+        for (what, bytes) in [("no vCPU", Self.shapeBytes(cpus: 0, memory: 64 << 20, devices: 0)),
+                              ("255 vCPUs", Self.shapeBytes(cpus: 255, memory: 64 << 20, devices: 0)),
+                              ("16 MiB", Self.shapeBytes(cpus: 1, memory: 16 << 20, devices: 0)),
+                              ("a partial page", Self.shapeBytes(cpus: 1, memory: (64 << 20) + 1, devices: 0)),
+                              ("18 devices", Self.shapeBytes(cpus: 1, memory: 64 << 20, devices: MachineLimits.virtioSlots + 1))] {
+            var reader = StateReader(bytes)
+            #expect(throws: StateError.self, "\(what)") { _ = try MachineShape(from: &reader) }
         }
     }
 }

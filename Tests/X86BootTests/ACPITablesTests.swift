@@ -9,7 +9,7 @@ import Testing
 /// warning. iasl is installed by scripts/setup.sh; without it these fail, never skip.
 @Suite struct ACPITablesTests {
     static let machine = ACPITables(
-        cpuCount: 3,
+        cpus: 3,
         virtioDevices: (0..<4).compactMap { MachineLayout.virtioSlot($0) }.map { ACPIVirtioDevice(address: $0.address, interrupt: $0.interrupt) },
         generationIDAddress: MachineLayout.generationIDAddress.rawValue)
 
@@ -135,7 +135,7 @@ import Testing
 
     @Test("the largest machine (every virtio slot, 254 vCPUs) still fits the ACPI area")
     func largestMachineFits() throws {
-        let tables = ACPITables(cpuCount: BootConfiguration.maximumCPUs,
+        let tables = ACPITables(cpus: BootConfiguration.maximumCPUs,
                                 virtioDevices: MachineLayout.virtioInterrupts.indices.compactMap { MachineLayout.virtioSlot($0) }
                                     .map { ACPIVirtioDevice(address: $0.address, interrupt: $0.interrupt) },
                                 generationIDAddress: MachineLayout.generationIDAddress.rawValue)
@@ -166,9 +166,9 @@ import Testing
     }
 
     @Test func zeroPageAndPVHCarryTheRSDP() throws {
-        let memory = try GuestMemory(anonymousRegions: MachineLayout.ramRegions(memorySize: 64 << 20))
+        let memory = try GuestMemory(anonymousRegions: MachineLayout.ramRegions(memoryBytes: 64 << 20))
         try PVHStartInfo(commandLineAddress: MachineLayout.commandLineAddress, initrdAddress: nil, initrdSize: 0,
-                         e820: E820Entry.map(memorySize: 64 << 20), rsdpAddress: MachineLayout.acpiTablesAddress).write(into: memory)
+                         e820: E820Entry.map(memoryBytes: 64 << 20), rsdpAddress: MachineLayout.acpiTablesAddress).write(into: memory)
         #expect(try memory.read(UInt64.self, at: MachineLayout.pvhStartInfoAddress + 32) == 0xe0000)
     }
 }

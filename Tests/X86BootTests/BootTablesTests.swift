@@ -5,7 +5,7 @@ import Testing
 
 @Suite struct BootTablesTests {
     @Test func e820SplitsAroundTheMMIOHole() {
-        let map = E820Entry.map(memorySize: 4 << 30)
+        let map = E820Entry.map(memoryBytes: 4 << 30)
         #expect(map.first == E820Entry(address: 0, size: 0x9fc00, kind: .ram))
         #expect(map.contains(E820Entry(address: 0x10_0000, size: 0xc000_0000 - 0x10_0000, kind: .ram)))
         #expect(map.last == E820Entry(address: 0x1_0000_0000, size: 1 << 30, kind: .ram))
@@ -14,13 +14,13 @@ import Testing
     }
 
     @Test func smallVMHasNoHighRegion() {
-        let map = E820Entry.map(memorySize: 256 << 20)
+        let map = E820Entry.map(memoryBytes: 256 << 20)
         #expect(map.last == E820Entry(address: 0x10_0000, size: (256 << 20) - 0x10_0000, kind: .ram))
-        #expect(MachineLayout.ramRegions(memorySize: 256 << 20).count == 1)
+        #expect(MachineLayout.ramRegions(memoryBytes: 256 << 20).count == 1)
     }
 
     @Test func mpTableChecksumsAndEntries() {
-        let table = MPTable(cpuCount: 3).bytes
+        let table = MPTable(cpus: 3).bytes
         #expect(Array(table[0..<4]) == Array("_MP_".utf8))
         #expect(table[0..<16].reduce(UInt8(0), &+) == 0)
         #expect(table.le(UInt32.self, at: 4) == UInt32(MachineLayout.mpTableAddress.rawValue + 16))
@@ -39,7 +39,7 @@ import Testing
     }
 
     @Test func mpTableFitsTheLargestMachine() {
-        #expect(UInt64(MPTable(cpuCount: BootConfiguration.maximumCPUs).bytes.count) <= MachineLayout.mpTableLimit)
+        #expect(UInt64(MPTable(cpus: BootConfiguration.maximumCPUs).bytes.count) <= MachineLayout.mpTableLimit)
     }
 
     @Test func gdtDescriptorsMatchTheClassicEncodings() {
@@ -53,7 +53,7 @@ import Testing
 
     @Test func zeroPageForBzImageCarriesHeaderAndBootData() throws {
         let kernel = try KernelImage.parse(bytes: makeBzImage(), path: "bz")
-        let e820 = E820Entry.map(memorySize: 128 << 20)
+        let e820 = E820Entry.map(memoryBytes: 128 << 20)
         let page = ZeroPage(kernel: kernel, commandLineAddress: GuestPhysicalAddress(0x20000), commandLineSize: 12,
                             initrdAddress: GuestPhysicalAddress(0x7f0_0000), initrdSize: 4096, e820: e820).bytes
         #expect(page.le(UInt32.self, at: 0x202) == 0x5372_6448)
@@ -70,7 +70,7 @@ import Testing
     @Test func bootConfigurationPlacesInitrdHighAndAligned() throws {
         let kernel = try KernelImage.parse(bytes: makeELF(segments: [(0x100_0000, [1], 0x10_0000)]), path: "k")
         let configuration = try BootConfiguration(kernel: kernel, initrd: [UInt8](repeating: 7, count: 5000), initrdPath: "i",
-                                                  commandLine: "console=ttyS0", memorySize: 64 << 20, cpuCount: 1)
+                                                  commandLine: "console=ttyS0", memoryBytes: 64 << 20, cpus: 1)
         let address = try #require(try configuration.initrdAddress())
         #expect(address.rawValue % 4096 == 0)
         #expect(address.rawValue + 5000 <= 64 << 20)
@@ -81,15 +81,15 @@ import Testing
         let kernel = try KernelImage.parse(bytes: makeELF(segments: [(0x100_0000, [1], 1)]), path: "k")
         #expect(throws: BootError.commandLineTooLong(length: 2048, limit: 2047)) {
             try BootConfiguration(kernel: kernel, initrd: nil, initrdPath: nil, commandLine: String(repeating: "x", count: 2048),
-                                  memorySize: 64 << 20, cpuCount: 1)
+                                  memoryBytes: 64 << 20, cpus: 1)
         }
     }
 
     @Test func loadWritesPageTablesAndCommandLine() throws {
         let kernel = try KernelImage.parse(bytes: makeELF(segments: [(0x100_0000, [0xf4], 1)]), path: "k")
         let configuration = try BootConfiguration(kernel: kernel, initrd: nil, initrdPath: nil, commandLine: "hello",
-                                                  memorySize: 64 << 20, cpuCount: 2)
-        let memory = try GuestMemory(anonymousRegions: MachineLayout.ramRegions(memorySize: 64 << 20))
+                                                  memoryBytes: 64 << 20, cpus: 2)
+        let memory = try GuestMemory(anonymousRegions: MachineLayout.ramRegions(memoryBytes: 64 << 20))
         let boot = try configuration.load(into: memory)
         #expect(boot.entryProtocol == .linux64)
         #expect(boot.cpuState.rip == 0x100_0000)
@@ -104,13 +104,13 @@ import Testing
     /// Firecracker and QEMU: the MP table is written beside the ACPI tables.
     @Test func acpiMachinesCarryTheMPTableToo() throws {
         let kernel = try KernelImage.parse(bytes: makeELF(segments: [(0x100_0000, [0xf4], 1)]), path: "k")
-        let tables = ACPITables(cpuCount: 3, virtioDevices: [], generationIDAddress: MachineLayout.generationIDAddress.rawValue)
-        let configuration = try BootConfiguration(kernel: kernel, initrd: nil, initrdPath: nil, commandLine: "hello", memorySize: 64 << 20,
-                                                  cpuCount: 3, platform: .acpi(tables, generationID: Array(repeating: 7, count: 16)))
-        let memory = try GuestMemory(anonymousRegions: MachineLayout.ramRegions(memorySize: 64 << 20))
+        let tables = ACPITables(cpus: 3, virtioDevices: [], generationIDAddress: MachineLayout.generationIDAddress.rawValue)
+        let configuration = try BootConfiguration(kernel: kernel, initrd: nil, initrdPath: nil, commandLine: "hello", memoryBytes: 64 << 20,
+                                                  cpus: 3, platform: .acpi(tables, generationID: Array(repeating: 7, count: 16)))
+        let memory = try GuestMemory(anonymousRegions: MachineLayout.ramRegions(memoryBytes: 64 << 20))
         _ = try configuration.load(into: memory)
         #expect(try memory.readBytes(count: 8, at: MachineLayout.acpiTablesAddress) == Array("RSD PTR ".utf8))
-        let expected = MPTable(cpuCount: 3).bytes
+        let expected = MPTable(cpus: 3).bytes
         #expect(try memory.readBytes(count: expected.count, at: MachineLayout.mpTableAddress) == expected)
     }
 

@@ -4,7 +4,7 @@ import X86Boot
 
 @Suite struct GuestMemoryTests {
     @Test func accessesAreBoundsChecked() throws {
-        let memory = try GuestMemory(anonymousRegions: MachineLayout.ramRegions(memorySize: 3584 << 20))
+        let memory = try GuestMemory(anonymousRegions: MachineLayout.ramRegions(memoryBytes: 3584 << 20))
         #expect(memory.regions.count == 2)
         let end = GuestPhysicalAddress(MachineLayout.mmioHoleStart)
         #expect(throws: GuestMemoryError.outOfBounds(address: GuestPhysicalAddress(end.rawValue - 4), length: 8)) {

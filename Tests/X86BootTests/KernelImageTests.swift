@@ -102,7 +102,7 @@ func makeELF(entry: UInt64 = 0x100_0000, segments: [(paddr: UInt64, data: [UInt8
         #expect(kernel.format == .elf)
         #expect(kernel.entryProtocol == .linux64)
         #expect(kernel.commandLineLimit == 2047)
-        let memory = try GuestMemory(anonymousRegions: MachineLayout.ramRegions(memorySize: 64 << 20))
+        let memory = try GuestMemory(anonymousRegions: MachineLayout.ramRegions(memoryBytes: 64 << 20))
         try memory.fill(0xcc, count: 0x2000, at: GuestPhysicalAddress(0x20_0000))
         let entry = try kernel.load(into: memory)
         #expect(entry == GuestPhysicalAddress(0x20_0000))
@@ -140,7 +140,7 @@ func makeELF(entry: UInt64 = 0x100_0000, segments: [(paddr: UInt64, data: [UInt8
 
     @Test func elfLoadedAboveRAMIsRefused() throws {
         let kernel = try KernelImage.parse(bytes: makeELF(segments: [(0x800_0000, [1], 0x1000)]), path: "big")
-        let memory = try GuestMemory(anonymousRegions: MachineLayout.ramRegions(memorySize: 64 << 20))
+        let memory = try GuestMemory(anonymousRegions: MachineLayout.ramRegions(memoryBytes: 64 << 20))
         #expect(throws: BootError.kernelDoesNotFit(path: "big", needed: 0x800_1000, available: 64 << 20)) {
             try kernel.load(into: memory)
         }
