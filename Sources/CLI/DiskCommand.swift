@@ -65,19 +65,14 @@ struct Disk: ParsableCommand {
                 throw fail(error)
             }
             do throws(DiskImageError) {
-                let layer = try backing.map { (name) throws(DiskImageError) in
+                var request = StandaloneDisks.CreateRequest(path: path, format: diskFormat, sizeBytes: bytes)
+                request.backing = try backing.map { (name) throws(DiskImageError) in
                     BackingLayer(path: name, format: try Disk.declaredFormat(backingFormat, of: name, option: "--backing-format"))
                 }
-                if bytes == nil, let layer {
-                    let base = layer.path.hasPrefix("/") ? layer.path : QCOW2Directory.of(path) + "/" + layer.path
-                    bytes = try DiskImages.open(path: base, format: layer.format, readOnly: true, backing: .fromHeader).virtualSize
-                }
-                guard let bytes else {
-                    throw .invalidArgument(field: "--size", reason: "missing; give a size such as 20G (or a --backing file to take it from)")
-                }
-                try DiskImages.create(path: path, format: diskFormat, size: bytes, backing: layer,
-                                      preallocate: preallocate, clusterSize: cluster)
-                print("created \(path): \(diskFormat.rawValue), \(Size.describe(bytes))" + (backing.map { ", backed by \($0)" } ?? ""))
+                request.preallocate = preallocate
+                request.clusterSize = cluster
+                let info = try StandaloneDisks.create(request)
+                print("created \(path): \(diskFormat.rawValue), \(Size.describe(info.virtualSize))" + (backing.map { ", backed by \($0)" } ?? ""))
             } catch {
                 throw Disk.reportDiskError(error)
             }
@@ -99,7 +94,7 @@ struct Disk: ParsableCommand {
         func run() throws {
             let info: DiskInfo
             do throws(DiskImageError) {
-                info = try DiskImages.open(path: path, format: try Disk.declaredFormat(format, of: path), readOnly: true, backing: .fromHeader).info()
+                info = try StandaloneDisks.info(path: path, format: try Disk.declaredFormat(format, of: path))
             } catch {
                 throw Disk.reportDiskError(error)
             }
@@ -138,12 +133,7 @@ struct Disk: ParsableCommand {
             let bytes: UInt64
             do { bytes = try Size.parse(size, field: "--size") } catch { throw fail(error) }
             do throws(DiskImageError) {
-                let image = try DiskImages.open(path: path, format: try Disk.declaredFormat(format, of: path), backing: .fromHeader)
-                switch image {
-                case let qcow2 as QCOW2Image: try qcow2.resize(to: bytes)
-                case let raw as RawImage: try raw.resize(to: bytes)
-                default: throw DiskImageError.unsupported(path: path, feature: "resizing this format")
-                }
+                _ = try StandaloneDisks.resize(path: path, format: try Disk.declaredFormat(format, of: path), to: bytes)
             } catch {
                 throw Disk.reportDiskError(error)
             }
@@ -191,10 +181,3 @@ struct Disk: ParsableCommand {
     }
 }
 
-enum QCOW2Directory {
-    static func of(_ path: String) -> String {
-        guard let slash = path.lastIndex(of: "/") else { return "." }
-        return slash == path.startIndex ? "/" : String(path[..<slash])
-    }
-
-}

@@ -20,6 +20,8 @@ public protocol DiskImage: AnyObject, Sendable {
     func writeZeroes(at offset: UInt64, length: UInt64) throws(DiskImageError)
     /// What `vireo disk info` shows.
     func info() throws(DiskImageError) -> DiskInfo
+    /// Grows the image to `size` bytes; shrinking is refused (it would destroy data).
+    func resize(to size: UInt64) throws(DiskImageError)
 }
 
 public struct DiskInfo: Sendable, Equatable, Codable {
@@ -48,6 +50,11 @@ public struct SnapshotInfo: Sendable, Equatable, Codable {
 }
 
 extension DiskImage {
+    /// Formats and wrappers that cannot grow say so.
+    public func resize(to size: UInt64) throws(DiskImageError) {
+        throw .unsupported(path: path, feature: "resizing this image")
+    }
+
     func checkRange(_ offset: UInt64, _ length: Int) throws(DiskImageError) {
         guard offset <= virtualSize, UInt64(length) <= virtualSize - offset else {
             throw .outOfRange(path: path, offset: offset, length: length, size: virtualSize)

@@ -224,15 +224,6 @@ extension APIServer {
         }
     }
 
-    /// Grows the image; its lock goes with the image when this returns.
-    static func grow(_ path: String, format: DiskFormat, to size: UInt64) throws(DiskImageError) {
-        switch try DiskImages.open(path: path, format: format, backing: .fromHeader) {
-        case let qcow2 as QCOW2Image: try qcow2.resize(to: size)
-        case let raw as RawImage: try raw.resize(to: size)
-        default: throw .unsupported(path: path, feature: "resizing this format")
-        }
-    }
-
     func addDiskRoutes(to api: RouterGroup<APIContext>) {
         struct CreateDisk: Decodable {
             var path: String; var sizeBytes: UInt64?; var format: String?; var backing: String?; var backingFormat: String?
@@ -248,17 +239,13 @@ extension APIServer {
             let backing = try body.backing.map { try self.paths.check($0, field: "backing") }
             if let backing { try await self.checkChain(backing, declared: body.backingFormat, field: "backing") }
             let info = try await Self.diskWork { () throws(DiskImageError) -> DiskInfo in
-                let layer = try backing.map { (name) throws(DiskImageError) in
+                var create = StandaloneDisks.CreateRequest(path: path, format: format, sizeBytes: body.sizeBytes)
+                create.backing = try backing.map { (name) throws(DiskImageError) in
                     BackingLayer(path: name, format: try Self.format(body.backingFormat, of: name, field: "backing_format"))
                 }
-                var size = body.sizeBytes
-                if size == nil, let layer { size = try DiskImages.open(path: layer.path, format: layer.format, readOnly: true, backing: .fromHeader).virtualSize }
-                guard let size else {
-                    throw .invalidArgument(field: "--size", reason: "required (in bytes), unless a backing file gives it")
-                }
-                try DiskImages.create(path: path, format: format, size: size, backing: layer,
-                                      preallocate: body.preallocate ?? false, clusterSize: body.clusterSize ?? 65536)
-                return try DiskImages.open(path: path, format: format, readOnly: true, backing: .fromHeader).info()
+                create.preallocate = body.preallocate ?? false
+                create.clusterSize = body.clusterSize ?? 65536
+                return try StandaloneDisks.create(create)
             }
             return APIJSON.response(info, status: .created)
         }
@@ -270,7 +257,7 @@ extension APIServer {
             let declared = request.uri.queryParameters["format"].map(String.init)
             try await self.checkChain(path, declared: declared)
             return APIJSON.response(try await Self.diskWork { () throws(DiskImageError) -> DiskInfo in
-                try DiskImages.open(path: path, format: try Self.format(declared, of: path), readOnly: true, backing: .fromHeader).info()
+                try StandaloneDisks.info(path: path, format: try Self.format(declared, of: path))
             })
         }
         struct ResizeDisk: Decodable { var path: String; var sizeBytes: UInt64; var format: String? }
@@ -279,10 +266,7 @@ extension APIServer {
             let path = try self.paths.check(body.path, field: "path")
             try await self.checkChain(path, declared: body.format)
             let info = try await Self.diskWork { () throws(DiskImageError) -> DiskInfo in
-                let format = try Self.format(body.format, of: path)
-                try Self.grow(path, format: format, to: body.sizeBytes)
-                // Read again: an open image keeps the size it was opened with.
-                return try DiskImages.open(path: path, format: format, readOnly: true, backing: .fromHeader).info()
+                try StandaloneDisks.resize(path: path, format: try Self.format(body.format, of: path), to: body.sizeBytes)
             }
             return APIJSON.response(info)
         }
