@@ -111,7 +111,7 @@ public struct HostNetworks: Sendable {
     /// Runs `ip ARGS...`; a failure carries what ip said.
     static func ip(_ arguments: [String], network: String) throws(LibraryError) {
         let binary = try requireTool("ip", package: "iproute2", network: network)
-        let (status, output) = HostCommand.run(binary, arguments)
+        let (status, output) = HostCommand.run(binary, arguments, timeoutSeconds: 10)
         guard status == 0 else {
             throw .network(name: network, reason: "`ip \(arguments.joined(separator: " "))` failed: \(output.trimmingWhitespace())", exitStatus: 1)
         }
@@ -280,7 +280,7 @@ public struct HostNetworks: Sendable {
         try HostFiles.writeAtomically(Array(text.utf8), to: path)
         if !HostFiles.exists(store.leasesPath(of: name)) { try HostFiles.writeAtomically([], to: store.leasesPath(of: name)) }
         // dnsmasq checks its configuration and binds before it detaches, and says why it cannot.
-        let (status, output) = HostCommand.run(binary, ["--conf-file=\(path)"])
+        let (status, output) = HostCommand.run(binary, ["--conf-file=\(path)"], timeoutSeconds: 10)
         guard status == 0 else {
             throw .network(name: name, reason: "dnsmasq did not start: \(output.trimmingWhitespace())", exitStatus: 1)
         }
@@ -404,7 +404,7 @@ public struct HostNetworks: Sendable {
         // Nothing up and no table here (this namespace never had Vireo's networks): leave the
         // ruleset alone rather than make and delete a table. Only "no such table" means absent.
         if networks.isEmpty {
-            let listed = HostCommand.run(nft, ["list", "table", "ip", firewallTable])
+            let listed = HostCommand.run(nft, ["list", "table", "ip", firewallTable], timeoutSeconds: 10)
             if listed.status != 0 && listed.output.contains("No such file or directory") { return }
         }
         let path = store.directory + "/.ruleset.nft"
@@ -413,7 +413,7 @@ public struct HostNetworks: Sendable {
         // generation that moved); the table is all or nothing, so trying again is safe.
         var attempt = 0
         while true {
-            let (status, output) = HostCommand.run(nft, ["-f", path])
+            let (status, output) = HostCommand.run(nft, ["-f", path], timeoutSeconds: 10)
             if status == 0 { return }
             attempt += 1
             guard attempt < 3 else {
@@ -642,46 +642,3 @@ public struct HostNetworks: Sendable {
     }
 }
 
-extension HostCommand {
-    /// Runs a host command to completion (10 s at most) and returns its exit status and what it
-    /// printed on stdout and stderr together.
-    static func run(_ path: String, _ arguments: [String]) -> (status: Int32, output: String) {
-        var ends: [Int32] = [-1, -1]
-        guard pipe(&ends) == 0 else { return (-1, "pipe: \(String(cString: strerror(errno)))") }
-        for end in ends { _ = fcntl(end, F_SETFD, FD_CLOEXEC) }
-        var pid: pid_t = 0
-        let spawned = withCStrings([path] + arguments) { argv in vireo_spawn_detached(path, argv, ends[1], -1, -1, &pid) }
-        close(ends[1])
-        defer { close(ends[0]) }
-        guard spawned == 0 else { return (-1, "cannot run \(path): \(String(cString: strerror(spawned)))") }
-        var collected: [UInt8] = []
-        var buffer = [UInt8](repeating: 0, count: 4096)
-        var descriptor = pollfd(fd: ends[0], events: Int16(POLLIN), revents: 0)
-        var status: Int32 = 0
-        var exited = false, open = true
-        // Until the process exits (a daemon's detached child may keep the pipe open for good),
-        // then whatever it left in the pipe.
-        for _ in 0..<100 {
-            if open, poll(&descriptor, 1, 100) > 0 {
-                let count = buffer.withUnsafeMutableBytes { read(ends[0], $0.baseAddress, $0.count) }
-                if count > 0, collected.count < 65536 { collected += buffer[0..<count] }
-                if count == 0 { open = false }
-            } else if !open {
-                usleep(20_000)
-            }
-            if waitpid(pid, &status, WNOHANG) == pid { exited = true; break }
-        }
-        while open, poll(&descriptor, 1, 0) > 0 {
-            let count = buffer.withUnsafeMutableBytes { read(ends[0], $0.baseAddress, $0.count) }
-            guard count > 0 else { break }
-            if collected.count < 65536 { collected += buffer[0..<count] }
-        }
-        if !exited {
-            kill(pid, SIGKILL)
-            waitpid(pid, &status, 0)
-            return (-1, String(decoding: collected, as: UTF8.self) + " (did not finish within 10 s and was killed)")
-        }
-        let normal = status & 0x7f == 0
-        return (normal ? (status >> 8) & 0xff : 128 + (status & 0x7f), String(decoding: collected, as: UTF8.self))
-    }
-}

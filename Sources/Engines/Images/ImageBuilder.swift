@@ -177,7 +177,7 @@ public struct ImageBuilder: Sendable {
         guard initramfs.status == 0 else {
             throw .invalidValue(field: "vireo image build", reason: "update-initramfs in the new system failed (status \(initramfs.status)): \(initramfs.tail.suffix(6).joined(separator: " | "))")
         }
-        let listed = HostTools.run(tools["chroot"] ?? "chroot", [root, "dpkg-query", "-W", "-f", "${Package}\t${Version}\t${db:Status-Status}\n"])
+        let listed = HostCommand.run(tools["chroot"] ?? "chroot", [root, "dpkg-query", "-W", "-f", "${Package}\t${Version}\t${db:Status-Status}\n"])
         guard listed.status == 0 else { throw .invalidValue(field: "vireo image build", reason: "dpkg-query in the new system failed: \(listed.output.suffix(400))") }
         let packages = listed.output.split(separator: "\n").compactMap { line -> ImagePackage? in
             let fields = line.split(separator: "\t", omittingEmptySubsequences: false)
@@ -196,7 +196,7 @@ public struct ImageBuilder: Sendable {
             throw .invalidValue(field: "vireo image build", reason: "the new system has no initramfs for kernel \(version)")
         }
         // Proven, not assumed: the kvm engine's disks are virtio-mmio devices.
-        let contents = HostTools.run(tools["chroot"] ?? "chroot", [root, "lsinitramfs", "/boot/initrd.img-" + version], capacity: 16 << 20)
+        let contents = HostCommand.run(tools["chroot"] ?? "chroot", [root, "lsinitramfs", "/boot/initrd.img-" + version], capacity: 16 << 20)
         for module in ["virtio_mmio.ko", "virtio_blk.ko", "virtio_net.ko", "virtio_pci.ko"] where !contents.output.contains(module) {
             throw .invalidValue(field: "vireo image build", reason: "the initramfs lacks \(module) (lsinitramfs status \(contents.status))")
         }
@@ -212,13 +212,13 @@ public struct ImageBuilder: Sendable {
         }
         progress("[3/5] making an ext4 file system of \(HostFiles.describeSize(recipe.sizeBytes)) from \(HostFiles.describeSize(used)) of files")
         let raw = staging + "/root.raw"
-        let made = HostTools.run(tools["mkfs.ext4"] ?? "mkfs.ext4", ["-q", "-F", "-t", "ext4", "-L", "vireo-root", "-U", uuid, "-d", root, raw, "\(recipe.sizeBytes / 1024)k"])
+        let made = HostCommand.run(tools["mkfs.ext4"] ?? "mkfs.ext4", ["-q", "-F", "-t", "ext4", "-L", "vireo-root", "-U", uuid, "-d", root, raw, "\(recipe.sizeBytes / 1024)k"])
         guard made.status == 0 else { throw .invalidValue(field: "vireo image build", reason: "mkfs.ext4 failed (status \(made.status)): \(made.output.suffix(600))") }
         try HostFiles.removeTree(root)
 
         // 4. Compressed qcow2: what the store keeps and VMs' overlays rest on.
         progress("[4/5] compressing into qcow2")
-        let converted = HostTools.run(tools["qemu-img"] ?? "qemu-img", ["convert", "-c", "-f", "raw", "-O", "qcow2", "-o", "compression_type=zlib", raw, staging + "/disk.qcow2"])
+        let converted = HostCommand.run(tools["qemu-img"] ?? "qemu-img", ["convert", "-c", "-f", "raw", "-O", "qcow2", "-o", "compression_type=zlib", raw, staging + "/disk.qcow2"])
         guard converted.status == 0 else { throw .invalidValue(field: "vireo image build", reason: "qemu-img convert failed (status \(converted.status)): \(converted.output.suffix(600))") }
         unlink(raw)
 
@@ -299,7 +299,7 @@ public struct ImageBuilder: Sendable {
 
     /// Bytes the tree takes on disk (du, without following links or crossing mounts).
     static func usedBytes(_ root: String) -> UInt64 {
-        let (status, output) = HostTools.run("du", ["-s", "-x", "-B1", root])
+        let (status, output) = HostCommand.run("du", ["-s", "-x", "-B1", root])
         guard status == 0, let first = output.split(whereSeparator: { $0 == "\t" || $0 == " " }).first, let bytes = UInt64(first) else { return 0 }
         return bytes
     }
@@ -368,46 +368,14 @@ enum StreamingCommand {
 
     static func run(_ path: String, _ arguments: [String], environment: [String]?, onLine: (String) -> Void) -> (status: Int32, tail: [String]) {
         let (path, arguments) = withSystemUmask(path, arguments)
-        var ends: [Int32] = [-1, -1]
-        guard pipe(&ends) == 0 else { return (-1, ["pipe: \(String(cString: strerror(errno)))"]) }
-        for end in ends { _ = fcntl(end, F_SETFD, FD_CLOEXEC) }
-        let input = open("/dev/null", O_RDONLY | O_CLOEXEC)
-        var pid: pid_t = 0
-        let spawned: Int32
-        if let environment {
-            spawned = withCStrings([path] + arguments) { argv in
-                withCStrings(environment) { envp in vireo_spawn_piped(path, argv, envp, input, ends[1], ends[1], &pid) }
-            }
-        } else {
-            spawned = withCStrings([path] + arguments) { argv in vireo_spawn_piped(path, argv, nil, input, ends[1], ends[1], &pid) }
-        }
-        close(input)
-        close(ends[1])
-        defer { close(ends[0]) }
-        guard spawned == 0 else { return (-1, ["cannot run \(path): \(String(cString: strerror(spawned)))"]) }
         var tail: [String] = []
-        var pending: [UInt8] = []
-        var buffer = [UInt8](repeating: 0, count: 16384)
-        func emit(_ bytes: ArraySlice<UInt8>) {
-            let line = String(decoding: bytes, as: UTF8.self)
-            onLine(line)
-            tail.append(line)
-            if tail.count > 40 { tail.removeFirst() }
-        }
-        while true {
-            let count = buffer.withUnsafeMutableBytes { read(ends[0], $0.baseAddress, $0.count) }
-            if count < 0 { if errno == EINTR { continue }; break }
-            if count == 0 { break }
-            pending += buffer[0..<count]
-            while let newline = pending.firstIndex(of: 10) {
-                emit(pending[pending.startIndex..<newline])
-                pending.removeSubrange(pending.startIndex...newline)
+        let (status, output) = withoutActuallyEscaping(onLine) { onLine in
+            HostCommand.run(path, arguments, capacity: 0, environment: environment) { line in
+                onLine(line)
+                tail.append(line)
+                if tail.count > 40 { tail.removeFirst() }
             }
         }
-        if !pending.isEmpty { emit(pending[...]) }
-        var status: Int32 = 0
-        while waitpid(pid, &status, 0) < 0 { if errno != EINTR { return (-1, tail) } }
-        let exit = (status & 0x7f) == 0 ? (status >> 8) & 0xff : 128 + (status & 0x7f)
-        return (exit, tail)
+        return (status, status < 0 && tail.isEmpty ? [output] : tail)
     }
 }

@@ -35,7 +35,7 @@ public struct QEMUEngine: Engine {
         guard let binary, access(binary, X_OK) == 0 else {
             throw .engine(name: name, reason: "the qemu engine needs QEMU, which is not installed: install Debian's `qemu-system-x86` package (apt install qemu-system-x86), or point $VIREO_QEMU at qemu-system-x86_64", exitStatus: 2)
         }
-        let output = HostCommand.output(binary, ["--version"])
+        let output = String(HostCommand.run(binary, ["--version"], timeoutSeconds: 10).output.prefix { $0 != "\n" })
         // "QEMU emulator version 7.2.22 (Debian 1:7.2+dfsg-7+deb12u18)"
         let words = output.split(separator: " ")
         guard let index = words.firstIndex(of: "version"), index + 1 < words.count else {
@@ -638,20 +638,3 @@ enum ProcessFacts {
     }
 }
 
-/// Runs a short host command and returns what it printed.
-enum HostCommand {
-    static func output(_ path: String, _ arguments: [String]) -> String {
-        var ends: [Int32] = [-1, -1]
-        guard pipe(&ends) == 0 else { return "" }
-        for end in ends { _ = fcntl(end, F_SETFD, FD_CLOEXEC) }
-        var pid: pid_t = 0
-        let spawned = withCStrings([path] + arguments) { argv in vireo_spawn_detached(path, argv, ends[1], -1, -1, &pid) }
-        close(ends[1])
-        defer { close(ends[0]) }
-        guard spawned == 0 else { return "" }
-        let text = KVMEngine.readLine(ends[0], timeoutMilliseconds: 10_000)
-        var status: Int32 = 0
-        waitpid(pid, &status, 0)
-        return text
-    }
-}

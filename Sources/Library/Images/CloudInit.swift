@@ -225,7 +225,7 @@ public enum CloudInitSeed {
         try HostFiles.writeAtomically(Array(networkConfig(macs: macs).utf8), to: staging + "/network-config")
         let temporary = path + ".new"
         unlink(temporary)
-        let (status, output) = HostTools.run(tool.path, tool.leading + ["-quiet", "-output", temporary, "-volid", "cidata", "-joliet", "-rock",
+        let (status, output) = HostCommand.run(tool.path, tool.leading + ["-quiet", "-output", temporary, "-volid", "cidata", "-joliet", "-rock",
                                                                        staging + "/user-data", staging + "/meta-data", staging + "/network-config"])
         guard status == 0, HostFiles.exists(temporary) else {
             unlink(temporary)
@@ -262,7 +262,7 @@ public struct LibrarySSHKey: Sendable {
             var host = [CChar](repeating: 0, count: 256)
             gethostname(&host, host.count - 1)
             let hostname = String(decoding: host.prefix(while: { $0 != 0 }).map { UInt8(bitPattern: $0) }, as: UTF8.self)
-            let (status, output) = HostTools.run(keygen, ["-q", "-t", "ed25519", "-N", "", "-C", "vireo@\(hostname)", "-f", temporary])
+            let (status, output) = HostCommand.run(keygen, ["-q", "-t", "ed25519", "-N", "", "-C", "vireo@\(hostname)", "-f", temporary])
             guard status == 0 else {
                 throw .io(operation: "ssh-keygen (status \(status): \(output.trimmingWhitespace()))", path: temporary, errno: EIO)
             }

@@ -34,11 +34,11 @@ public enum ImageArchive {
         let output: String
         if lower.hasSuffix(".qcow2") || lower.hasSuffix(".raw") || lower.hasSuffix(".img") {
             guard let qemuImg = HostTools.find("qemu-img") else { throw .invalidValue(field: "FILE", reason: "exporting a disk needs qemu-img; install Debian's `qemu-utils`") }
-            (status, output) = HostTools.run(qemuImg, ["convert", "-f", "qcow2", "-O", lower.hasSuffix(".qcow2") ? "qcow2" : "raw",
+            (status, output) = HostCommand.run(qemuImg, ["convert", "-f", "qcow2", "-O", lower.hasSuffix(".qcow2") ? "qcow2" : "raw",
                                                        directory + "/" + manifest.disk, temporary])
         } else {
             guard let tar = HostTools.find("tar") else { throw .invalidValue(field: "FILE", reason: "exporting needs tar; install Debian's `tar`") }
-            (status, output) = HostTools.run(tar, ["--format=gnu", "--sparse", "-cf", temporary, "-C", directory, "--", "manifest.json"] + manifest.files.map(\.path))
+            (status, output) = HostCommand.run(tar, ["--format=gnu", "--sparse", "-cf", temporary, "-C", directory, "--", "manifest.json"] + manifest.files.map(\.path))
         }
         guard status == 0 else {
             unlink(temporary)
@@ -57,7 +57,7 @@ public enum ImageArchive {
     /// Imports a Vireo image archive as image `name`.
     public static func importArchive(_ path: String, as name: String?, store: ImageStore) throws(LibraryError) -> ImageManifest {
         guard let tar = HostTools.find("tar") else { throw .invalidValue(field: "FILE", reason: "importing an archive needs tar; install Debian's `tar`") }
-        let listing = HostTools.run(tar, ["-tvf", path])
+        let listing = HostCommand.run(tar, ["-tvf", path])
         guard listing.status == 0 else {
             throw .invalidValue(field: "FILE", reason: "\(path) is not a complete image archive (tar: \(listing.output.trimmingWhitespace().suffix(300))); a truncated download? Fetch or export it again")
         }
@@ -75,7 +75,7 @@ public enum ImageArchive {
         let (staging, lock) = try store.makeStaging("importing")
         defer { lock.unlock() }
         do throws(LibraryError) {
-            let manifestOnly = HostTools.run(tar, ["-xf", path, "-C", staging, "--no-same-owner", "--no-same-permissions", "--", "manifest.json"])
+            let manifestOnly = HostCommand.run(tar, ["-xf", path, "-C", staging, "--no-same-owner", "--no-same-permissions", "--", "manifest.json"])
             guard manifestOnly.status == 0 else { throw .invalidValue(field: "FILE", reason: "cannot read manifest.json from \(path): \(manifestOnly.output.suffix(300))") }
             var manifest = try ImageStore.readManifest(staging + "/manifest.json")
             let wanted = manifest.files.map(\.path)
@@ -85,7 +85,7 @@ public enum ImageArchive {
             for file in wanted where !members.contains(file) {
                 throw .invalidValue(field: "FILE", reason: "\(path) lacks \(file), which its manifest lists (truncated?)")
             }
-            let extracted = HostTools.run(tar, ["-xf", path, "-C", staging, "--no-same-owner", "--no-same-permissions", "--"] + wanted)
+            let extracted = HostCommand.run(tar, ["-xf", path, "-C", staging, "--no-same-owner", "--no-same-permissions", "--"] + wanted)
             guard extracted.status == 0 else {
                 throw .invalidValue(field: "FILE", reason: "\(path) could not be unpacked (tar: \(extracted.output.trimmingWhitespace().suffix(300))); truncated?")
             }
@@ -138,7 +138,7 @@ public enum ImageImporter {
                 throw .invalidValue(field: "FILE", reason: error.description)
             }
             progress("checking \(file) with qemu-img check")
-            let check = HostTools.run(qemuImg, ["check", "-f", "qcow2", "--output=json", path])
+            let check = HostCommand.run(qemuImg, ["check", "-f", "qcow2", "--output=json", path])
             let corruptions = jsonNumber("corruptions", in: check.output) ?? 0
             let errors = jsonNumber("check-errors", in: check.output) ?? 0
             guard check.status == 0 || check.status == 3, corruptions == 0, errors == 0 else {
@@ -152,7 +152,7 @@ public enum ImageImporter {
             var rawView = path
             if format == .qcow2 {
                 rawView = staging + "/inspect.raw"
-                let converted = HostTools.run(qemuImg, ["convert", "-f", "qcow2", "-O", "raw", path, rawView])
+                let converted = HostCommand.run(qemuImg, ["convert", "-f", "qcow2", "-O", "raw", path, rawView])
                 guard converted.status == 0 else { throw .invalidValue(field: "FILE", reason: "qemu-img could not read \(file): \(converted.output.suffix(400))") }
             }
             let layout = try DiskLayout.read(rawView, displayName: file)
@@ -162,7 +162,7 @@ public enum ImageImporter {
                 if let boot = try BootFiles.find(in: rawView, offset: fileSystem, debugfs: debugfs, into: staging) { found = boot; break }
             }
             progress("copying the disk into the store as qcow2")
-            let copied = HostTools.run(qemuImg, ["convert", "-f", format.rawValue, "-O", "qcow2", path, staging + "/disk.qcow2"])
+            let copied = HostCommand.run(qemuImg, ["convert", "-f", format.rawValue, "-O", "qcow2", path, staging + "/disk.qcow2"])
             guard copied.status == 0 else { throw .invalidValue(field: "FILE", reason: "qemu-img could not copy \(file): \(copied.output.suffix(400))") }
             unlink(staging + "/inspect.raw")
             var manifest = ImageManifest(name: name, description: found?.prettyName ?? "imported from \(HostFiles.lastComponent(of: path))",
@@ -349,12 +349,12 @@ public struct BootFiles {
     }
 
     static func hasCloudInit(in path: String, offset: UInt64, debugfs: String) -> Bool {
-        HostTools.run(debugfs, ["-R", "stat /usr/bin/cloud-init", "\(path)?offset=\(offset)"]).output.contains("Inode:")
+        HostCommand.run(debugfs, ["-R", "stat /usr/bin/cloud-init", "\(path)?offset=\(offset)"]).output.contains("Inode:")
     }
 
     static func find(in path: String, offset: UInt64, debugfs: String, into staging: String) throws(LibraryError) -> BootFiles? {
         let device = "\(path)?offset=\(offset)"
-        func run(_ request: String) -> String { HostTools.run(debugfs, ["-R", request, device]).output }
+        func run(_ request: String) -> String { HostCommand.run(debugfs, ["-R", request, device]).output }
         // `ls -p`: /inode/mode/uid/gid/name/size/ per entry.
         let names = run("ls -p /boot").split(separator: "\n").compactMap { line -> String? in
             let fields = line.split(separator: "/", omittingEmptySubsequences: false)
@@ -401,7 +401,7 @@ public struct BootFiles {
         let builtin = run("cat /usr/lib/modules/\(version)/modules.builtin") + run("cat /lib/modules/\(version)/modules.builtin")
         var ready = builtin.contains("virtio_mmio.ko")
         if !ready, hasInitrd, let lister = HostTools.find("lsinitramfs") {
-            ready = HostTools.run(lister, [staging + "/initrd.img"], capacity: 8 << 20).output.contains("virtio_mmio.ko")
+            ready = HostCommand.run(lister, [staging + "/initrd.img"], capacity: 8 << 20).output.contains("virtio_mmio.ko")
         }
         return BootFiles(kernelVersion: version, hasInitrd: hasInitrd, rootUUID: uuid, cloudInit: cloudInit, virtioMMIOReady: ready,
                          prettyName: field("PRETTY_NAME"), osType: osType)

@@ -166,7 +166,7 @@ public struct ImageStore: Sendable {
 
     public static func sha256(of path: String) throws(LibraryError) -> String {
         guard let tool = HostTools.find("sha256sum") else { throw .invalidValue(field: "sha256sum", reason: "not found; install Debian's coreutils") }
-        let (status, output) = HostTools.run(tool, ["--", path])
+        let (status, output) = HostCommand.run(tool, ["--", path])
         let digest = output.split(separator: " ").first.map(String.init) ?? ""
         guard status == 0, digest.count == 64, digest.allSatisfy(\.isHexDigit) else {
             throw .corrupt(path: path, reason: "cannot checksum it: \(output.trimmingWhitespace())")
@@ -328,22 +328,6 @@ public enum HostMounts {
 
     public static func hasMount(under directory: String) -> Bool {
         mountPoints().contains { $0 == directory || $0.hasPrefix(directory + "/") }
-    }
-}
-
-extension HostTools {
-    /// Runs a tool to completion with stdin from /dev/null; its stdout and stderr together (the
-    /// first `capacity` bytes) and its exit status (128+N for signal N, negative when it could not
-    /// be started).
-    public static func run(_ path: String, _ arguments: [String], capacity: Int = 1 << 20) -> (status: Int32, output: String) {
-        var output = [UInt8](repeating: 0, count: capacity)
-        var length = 0
-        let status = withCStrings([path] + arguments) { argv in
-            vireo_run_collecting(path, argv, &output, output.count, &length)
-        }
-        let text = String(decoding: output[0..<length], as: UTF8.self)
-        if status < 0 { return (status, "cannot run \(path): \(String(cString: strerror(-status)))") }
-        return (status, text)
     }
 }
 

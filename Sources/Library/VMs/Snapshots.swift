@@ -384,7 +384,7 @@ extension VMLibrary {
                     }
                     let arguments = ["rebase", "-q", "-f", "qcow2"] + (next.map { ["-F", $0.format.rawValue, "-b", backingName ?? $0.path] } ?? ["-b", ""])
                         + [bundle.resolve(dependent.path)]
-                    let (status, output) = HostTools.run(qemuImg, arguments)
+                    let (status, output) = HostCommand.run(qemuImg, arguments)
                     guard status == 0 else {
                         throw .engine(name: name, reason: "merging the snapshot's layer \(layer.path) into \(dependent.path) failed (qemu-img \(status)): \(output.trimmingWhitespace())", exitStatus: 1)
                     }

@@ -1069,7 +1069,7 @@ public struct VMLibrary: Sendable {
             throw .invalidValue(field: "clone", reason: "qemu-img is not installed (apt install qemu-utils); it copies disks with snapshot layers")
         }
         let keep = base.map { ["-B", $0.path, "-F", $0.format.rawValue] } ?? []
-        let (status, output) = HostTools.run(qemuImg, ["convert", "-q", "-f", "qcow2", "-O", "qcow2"] + keep + [source, destination])
+        let (status, output) = HostCommand.run(qemuImg, ["convert", "-q", "-f", "qcow2", "-O", "qcow2"] + keep + [source, destination])
         guard status == 0 else {
             unlink(destination)
             throw .io(operation: "qemu-img convert (\(output.trimmingWhitespace()))", path: destination, errno: EIO)
