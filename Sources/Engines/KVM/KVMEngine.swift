@@ -16,7 +16,7 @@ public struct IncomingMigration: Sendable {
 
 /// Runs library VMs on Vireo's own VMM: each one a detached `vireo-vmm` process that holds the
 /// VM's lock for as long as it lives, answering on its control socket (docs/control-socket.md).
-public struct KVMEngine: Engine {
+public struct KVMEngine: MigratingEngine {
     public var kind: EngineKind { .kvm }
     /// The `vireo-vmm` executable: `$VIREO_VMM`, else the one beside the running `vireo`.
     public let vmmPath: String

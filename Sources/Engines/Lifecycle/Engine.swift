@@ -41,23 +41,12 @@ public struct DisplayAccess: Sendable, Encodable {
     public var vncSocket: String
 }
 
-/// What an engine's machines may have at all, whatever state a VM is in.
-public enum EngineCapability: String, Sendable {
-    /// A screen (display access, screenshots).
-    case display
-    /// A keyboard keys can be sent to.
-    case keyboard
-    /// A CD-ROM drive.
-    case cdrom
-}
-
 /// An engine: something that runs a library VM as one detached process holding the VM's lock.
-/// Everything an engine cannot do has a default that refuses with `.unsupported`, naming the
-/// engine and what to do instead; engines override what they can.
+/// This is what every engine does; what only some can do is a protocol of its own below, so what
+/// an engine can do is its conformance (VMManager asks `as? any DisplayEngine`), not a runtime
+/// refusal.
 public protocol Engine: Sendable {
     var kind: EngineKind { get }
-    /// Hardware its machines have; what is missing is refused before a VM's state is asked.
-    var capabilities: Set<EngineCapability> { get }
 
     /// Starts the VM and returns once it runs. `lock` is held exclusively by the caller and is
     /// handed to the VM process, which keeps it for as long as it lives.
@@ -73,89 +62,72 @@ public protocol Engine: Sendable {
     func resume(_ vm: EngineVM) throws(LibraryError)
     func reset(_ vm: EngineVM) throws(LibraryError)
     func setBalloon(_ vm: EngineVM, bytes: UInt64) throws(LibraryError)
+    /// The serial console, live.
     func openConsole(_ vm: EngineVM) throws(LibraryError) -> ConsoleStream
-    func display(_ vm: EngineVM) throws(LibraryError) -> DisplayAccess
-    /// Saves the screen as a PNG at `path` (absolute).
-    func screenshot(_ vm: EngineVM, to path: String) throws(LibraryError)
-    func sendKeys(_ vm: EngineVM, _ chords: [KeyChord]) throws(LibraryError)
-    /// Takes the ISO out of a running VM's CD-ROM drive.
-    func ejectMedium(_ vm: EngineVM) throws(LibraryError)
-    /// Writes the running VM's state to its bundle's saved-state file and stops it.
-    func saveState(_ vm: EngineVM) throws(LibraryError)
-    /// Moves the running VM over the connected `connection` to a prepared `vireo receive`
-    /// (docs/migration.md), reporting progress; returns once the destination runs it.
-    func migrate(_ vm: EngineVM, over connection: Int32, request: MigrationRequest, progress: (MigrationReport) -> Void,
-                 cancelled: () -> Bool) throws(LibraryError) -> MigrationResult
-    /// A live snapshot: the state to the snapshot's directory, the disks onto the overlays the
-    /// library prepared (docs/snapshots.md); the VM runs on.
-    /// Returns nil, or why the snapshot's memory could not be kept (its disks were: the snapshot
-    /// is then a disk-only one).
-    func snapshot(_ vm: EngineVM, id: String) throws(LibraryError) -> String?
     /// The running VM's vCPU threads by vCPU index, for pinning.
     func vcpuThreads(_ vm: EngineVM, pid: pid_t) -> [Int: pid_t]
 }
 
 extension Engine {
-    public var capabilities: Set<EngineCapability> { [] }
-
     public func vcpuThreads(_ vm: EngineVM, pid: pid_t) -> [Int: pid_t] {
         ThreadPinning.namedVCPUThreads(pid: pid, count: vm.definition.cpus)
     }
+}
 
-    func unsupported(_ vm: EngineVM, _ action: String, _ hint: String) -> LibraryError {
-        .unsupported(name: vm.name, engine: kind.rawValue, action: action, hint: hint)
-    }
+/// A screen and a keyboard (the qemu engine's VGA and keyboard, reached over VNC and QMP).
+public protocol DisplayEngine: Engine {
+    func display(_ vm: EngineVM) throws(LibraryError) -> DisplayAccess
+    /// Saves the screen as a PNG at `path` (absolute).
+    func screenshot(_ vm: EngineVM, to path: String) throws(LibraryError)
+    func sendKeys(_ vm: EngineVM, _ chords: [KeyChord]) throws(LibraryError)
+}
 
-    /// Refuses `action` when this engine's machines lack `capability`.
-    public func require(_ capability: EngineCapability, _ vm: EngineVM, action: String) throws(LibraryError) {
-        guard !capabilities.contains(capability) else { return }
-        switch capability {
-        case .display:
-            throw unsupported(vm, action, "it has no display, only a serial console: `vireo console \(vm.name)` or `vireo logs \(vm.name)`; VMs on the qemu engine (`--engine qemu`) have a screen")
-        case .keyboard:
-            throw unsupported(vm, action, "it has no keyboard, only a serial console: type into `vireo console \(vm.name)`")
-        case .cdrom:
-            throw unsupported(vm, action, "it has no CD-ROM drive")
-        }
-    }
+/// A CD-ROM drive whose medium can be taken out while the VM runs.
+public protocol RemovableMediaEngine: Engine {
+    /// Takes the ISO out of a running VM's CD-ROM drive.
+    func ejectMedium(_ vm: EngineVM) throws(LibraryError)
+}
 
-    public func counters(_ vm: EngineVM) throws(LibraryError) -> VMCounters {
-        throw unsupported(vm, "read the counters of", "see `vireo info \(vm.name)`")
+/// A running VM's state written out and read back: `vireo save`/`start` and live snapshots.
+public protocol StateTransferEngine: Engine {
+    /// Writes the running VM's state to its bundle's saved-state file and stops it.
+    func saveState(_ vm: EngineVM) throws(LibraryError)
+    /// A live snapshot: the state to the snapshot's directory, the disks onto the overlays the
+    /// library prepared (docs/snapshots.md); the VM runs on.
+    /// Returns nil, or why the snapshot's memory could not be kept (its disks were: the snapshot
+    /// is then a disk-only one).
+    func snapshot(_ vm: EngineVM, id: String) throws(LibraryError) -> String?
+}
+
+/// Live migration, both ways (docs/migration.md).
+public protocol MigratingEngine: StateTransferEngine {
+    /// Moves the running VM over the connected `connection` to a prepared `vireo receive`,
+    /// reporting progress; returns once the destination runs it.
+    func migrate(_ vm: EngineVM, over connection: Int32, request: MigrationRequest, progress: (MigrationReport) -> Void,
+                 cancelled: () -> Bool) throws(LibraryError) -> MigrationResult
+    /// Starts a VM that arrives on the connected migration stream `incoming` instead of booting.
+    func start(_ vm: EngineVM, lock: VMLock, networking: PreparedNetworking, incoming: IncomingMigration?) throws(LibraryError) -> StartedVM
+}
+
+/// What to say when a VM's engine lacks a capability: what it has instead, and what to do.
+enum EngineRefusal {
+    static func unsupported(_ vm: EngineVM, _ action: String, _ hint: String) -> LibraryError {
+        .unsupported(name: vm.name, engine: vm.definition.engine.rawValue, action: action, hint: hint)
     }
-    public func reset(_ vm: EngineVM) throws(LibraryError) {
-        throw unsupported(vm, "reset", "stop and start it: `vireo restart \(vm.name) --force`")
+    static func noDisplay(_ vm: EngineVM, action: String) -> LibraryError {
+        unsupported(vm, action, "it has no display, only a serial console: `vireo console \(vm.name)` or `vireo logs \(vm.name)`; VMs on the qemu engine (`--engine qemu`) have a screen")
     }
-    public func setBalloon(_ vm: EngineVM, bytes: UInt64) throws(LibraryError) {
-        throw unsupported(vm, "set the balloon of", "change its memory while stopped: `vireo set \(vm.name) --memory SIZE`")
+    static func noKeyboard(_ vm: EngineVM) -> LibraryError {
+        unsupported(vm, "send keys to", "it has no keyboard, only a serial console: type into `vireo console \(vm.name)`")
     }
-    public func openConsole(_ vm: EngineVM) throws(LibraryError) -> ConsoleStream {
-        throw unsupported(vm, "attach to the console of", "its output is in `vireo logs \(vm.name)`")
+    static func noCDROM(_ vm: EngineVM) -> LibraryError {
+        unsupported(vm, "eject the CD-ROM of", "it has no CD-ROM drive")
     }
-    public func display(_ vm: EngineVM) throws(LibraryError) -> DisplayAccess {
-        try require(.display, vm, action: "show the display of")
-        throw unsupported(vm, "show the display of", "this engine does not say how to reach its display")
+    static func noStateTransfer(_ vm: EngineVM, action: String) -> LibraryError {
+        unsupported(vm, action, "this engine cannot write a running VM's state; stop it with `vireo stop \(vm.name)`")
     }
-    public func screenshot(_ vm: EngineVM, to path: String) throws(LibraryError) {
-        try require(.display, vm, action: "take a screenshot of")
-        throw unsupported(vm, "take a screenshot of", "this engine cannot capture its display")
-    }
-    public func sendKeys(_ vm: EngineVM, _ chords: [KeyChord]) throws(LibraryError) {
-        try require(.keyboard, vm, action: "send keys to")
-        throw unsupported(vm, "send keys to", "this engine cannot press its keys")
-    }
-    public func ejectMedium(_ vm: EngineVM) throws(LibraryError) {
-        try require(.cdrom, vm, action: "eject the CD-ROM of")
-        throw unsupported(vm, "eject the CD-ROM of", "this engine cannot change media while the VM runs; stop it and `vireo set \(vm.name) --iso none`")
-    }
-    public func saveState(_ vm: EngineVM) throws(LibraryError) {
-        throw unsupported(vm, "save the state of", "saved states are built for the kvm engine only so far; stop it with `vireo stop \(vm.name)`")
-    }
-    public func snapshot(_ vm: EngineVM, id: String) throws(LibraryError) -> String? {
-        throw unsupported(vm, "snapshot the running", "live snapshots are built for the kvm engine only so far; stop it (`vireo stop \(vm.name)`) and snapshot its disks")
-    }
-    public func migrate(_ vm: EngineVM, over connection: Int32, request: MigrationRequest, progress: (MigrationReport) -> Void,
-                        cancelled: () -> Bool) throws(LibraryError) -> MigrationResult {
-        throw unsupported(vm, "migrate", "live migration is built for the kvm engine; QEMU's own migration is not wired into Vireo yet")
+    static func noMigration(_ vm: EngineVM) -> LibraryError {
+        unsupported(vm, "migrate", "live migration is built for the kvm engine; QEMU's own migration is not wired into Vireo yet")
     }
 }
 

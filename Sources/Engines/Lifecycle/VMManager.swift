@@ -84,7 +84,8 @@ public struct VMManager: Sendable {
             let networking = try networks.prepare(vm)
             var started: StartedVM
             if let incoming {
-                started = try kvm.start(vm, lock: lock, networking: networking, incoming: incoming)
+                guard let arriving = engine(definition.engine) as? any MigratingEngine else { throw EngineRefusal.noMigration(vm) }
+                started = try arriving.start(vm, lock: lock, networking: networking, incoming: incoming)
             } else {
                 started = try engine(definition.engine).start(vm, lock: lock, networking: networking)
             }
@@ -146,7 +147,8 @@ public struct VMManager: Sendable {
         if library.status(of: bundle).state.isOff {
             return (try library.takeSnapshotOffline(name, snapshot: snapshot, description: description), [])
         }
-        let (vm, engine) = try running(name, action: "snapshot")
+        let (vm, running) = try running(name, action: "snapshot")
+        guard let engine = running as? any StateTransferEngine else { throw EngineRefusal.noStateTransfer(vm, action: "snapshot the running") }
         var warnings: [String] = []
         let record = try library.takeSnapshotLive(name, snapshot: snapshot, description: description) { (record) throws(LibraryError) -> Bool in
             guard let lost = try engine.snapshot(vm, id: record.id) else { return true }
@@ -160,7 +162,8 @@ public struct VMManager: Sendable {
     /// "saved"; `vireo start` resumes it. A save that fails leaves it running.
     public func save(_ name: String, timeout: Double = 600) throws(LibraryError) -> [String] {
         let (vm, engine) = try running(name, action: "save")
-        try engine.saveState(vm)
+        guard let saving = engine as? any StateTransferEngine else { throw EngineRefusal.noStateTransfer(vm, action: "save the state of") }
+        try saving.saveState(vm)
         guard Self.waitUntilStopped(vm.bundle, seconds: timeout) else {
             throw .engine(name: name, reason: "saved its state but did not stop within \(Int(timeout)) s", exitStatus: 1)
         }
@@ -278,9 +281,9 @@ public struct VMManager: Sendable {
     public func display(_ name: String) throws(LibraryError) -> DisplayAccess {
         // What the engine lacks altogether is said first; only then whether the VM runs.
         let (vm, engine) = try defined(name)
-        try engine.require(.display, vm, action: "show the display of")
+        guard let screen = engine as? any DisplayEngine else { throw EngineRefusal.noDisplay(vm, action: "show the display of") }
         _ = try running(name, action: "show the display of")
-        return try engine.display(vm)
+        return try screen.display(vm)
     }
 
     public func screenshot(_ name: String, to path: String) throws(LibraryError) {
@@ -291,12 +294,12 @@ public struct VMManager: Sendable {
             throw .invalidValue(field: "FILE", reason: "\(directory) is not a writable directory")
         }
         let (vm, engine) = try defined(name)
-        try engine.require(.display, vm, action: "take a screenshot of")
+        guard let screen = engine as? any DisplayEngine else { throw EngineRefusal.noDisplay(vm, action: "take a screenshot of") }
         _ = try running(name, action: "take a screenshot of")
         // Written next to the target and renamed, so a failed screendump leaves no half a file.
         let temporary = absolute + ".vireo-tmp.png"
         unlink(temporary)
-        do { try engine.screenshot(vm, to: temporary) } catch {
+        do { try screen.screenshot(vm, to: temporary) } catch {
             unlink(temporary)
             throw error
         }
@@ -309,9 +312,9 @@ public struct VMManager: Sendable {
 
     public func sendKeys(_ name: String, _ chords: [KeyChord]) throws(LibraryError) {
         let (vm, engine) = try defined(name)
-        try engine.require(.keyboard, vm, action: "send keys to")
+        guard let keyboard = engine as? any DisplayEngine else { throw EngineRefusal.noKeyboard(vm) }
         _ = try running(name, action: "send keys to")
-        try engine.sendKeys(vm, chords)
+        try keyboard.sendKeys(vm, chords)
     }
 
     public enum EjectOutcome: Sendable { case wasEmpty, ejectedStopped, ejectedRunning }
@@ -331,7 +334,8 @@ public struct VMManager: Sendable {
             return .ejectedStopped
         }
         let vm = EngineVM(bundle: bundle, definition: definition)
-        try engine(definition.engine).ejectMedium(vm)
+        guard let drive = engine(definition.engine) as? any RemovableMediaEngine else { throw EngineRefusal.noCDROM(vm) }
+        try drive.ejectMedium(vm)
         definition.iso = nil
         try bundle.save(definition)
         return .ejectedRunning

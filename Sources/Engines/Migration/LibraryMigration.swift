@@ -256,11 +256,9 @@ extension VMManager {
     /// stopped; on failure the VM runs on here (docs/migration.md).
     public func migrate(_ name: String, request: MigrationRequest, progress: (MigrationReport) -> Void,
                         cancelled: () -> Bool) throws(LibraryError) -> (MigrationResult, warnings: [String]) {
-        let (vm, engine) = try running(name, action: "migrate")
-        guard vm.definition.engine == .kvm else {
-            // Refused before anything is sent to the receiver.
-            return (try engine.migrate(vm, over: -1, request: request, progress: progress, cancelled: cancelled), [])
-        }
+        let (vm, running) = try running(name, action: "migrate")
+        // Refused before anything is sent to the receiver.
+        guard let engine = running as? any MigratingEngine else { throw EngineRefusal.noMigration(vm) }
         if vm.bundle.hasSavedState { throw .wrongState(name: name, state: "saved", action: "migrate", hint: "start it first") }
         if let file = vm.definition.memoryBacking.file, file != "memfd" {
             // The destination would zero and fill the same path: on this host, the running

@@ -13,9 +13,8 @@ import MachineSpec
 /// inherited as descriptor 3, which QEMU never touches, so "running" means what it means for the
 /// kvm engine, and `kill -9` of QEMU leaves the VM stopped. (Not `-add-fd`: QEMU closes fd-set
 /// descriptors nobody uses once no monitor is connected, and the lock went with them.) No supervisor process sits beside it (docs/qemu-engine.md says why).
-public struct QEMUEngine: Engine {
+public struct QEMUEngine: DisplayEngine, RemovableMediaEngine, StateTransferEngine {
     public var kind: EngineKind { .qemu }
-    public var capabilities: Set<EngineCapability> { [.display, .keyboard, .cdrom] }
     /// `$VIREO_QEMU`, else `qemu-system-x86_64` on the PATH.
     public let binary: String?
     /// The oldest QEMU whose QMP has everything used here (`screendump` to PNG came in 7.1).
