@@ -1,11 +1,11 @@
 import ArgumentParser
 import DiskImage
 import Library
+import MachineSpec
 import X86Boot
 import VMM
 #if canImport(Glibc)
 import Glibc
-import MachineSpec
 #endif
 
 struct Create: ParsableCommand {

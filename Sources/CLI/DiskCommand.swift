@@ -2,10 +2,10 @@ import ArgumentParser
 import DiskImage
 import Library
 import FoundationEssentials
+import MachineSpec
 import VMM
 #if canImport(Glibc)
 import Glibc
-import MachineSpec
 #endif
 
 struct Disk: ParsableCommand {

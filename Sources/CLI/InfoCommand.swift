@@ -3,8 +3,8 @@ import ArgumentParser
 import DiskImage
 import Engines
 import Library
-import VMM
 import MachineSpec
+import VMM
 
 struct Info: ParsableCommand {
     static let configuration = CommandConfiguration(

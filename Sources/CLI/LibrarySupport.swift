@@ -3,10 +3,10 @@ import ArgumentParser
 import Engines
 import FoundationEssentials
 import Library
+import MachineSpec
 import VMM
 #if canImport(Glibc)
 import Glibc
-import MachineSpec
 #endif
 
 /// Every VM verb goes through the manager (the library and the engines behind it).

@@ -2,8 +2,8 @@ import ArgumentParser
 import DiskImage
 import Engines
 import Library
-import VMM
 import MachineSpec
+import VMM
 
 struct List: ParsableCommand {
     static let configuration = CommandConfiguration(abstract: "List the VMs in the library with their state and size.")

@@ -1,9 +1,9 @@
 import ArgumentParser
 import Engines
 import Library
+import MachineSpec
 import X86Boot
 import VMM
-import MachineSpec
 
 struct Set: ParsableCommand {
     static let configuration = CommandConfiguration(

@@ -1,6 +1,6 @@
+import MachineSpec
 #if canImport(Glibc)
 import Glibc
-import MachineSpec
 #endif
 
 /// A virtual disk: a byte-addressable device of fixed size backed by an image file.

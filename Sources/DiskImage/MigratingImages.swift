@@ -1,8 +1,8 @@
 import CHostSupport
+import MachineSpec
 import Synchronization
 #if canImport(Glibc)
 import Glibc
-import MachineSpec
 #endif
 
 /// Stands in for an image another process holds: the destination of a live migration before the

@@ -1,8 +1,8 @@
 import CZlib
+import MachineSpec
 import Synchronization
 #if canImport(Glibc)
 import Glibc
-import MachineSpec
 #endif
 
 /// QEMU's qcow2 format (versions 2 and 3, 16-bit refcounts): thin provisioning through cluster

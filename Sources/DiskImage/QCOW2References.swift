@@ -1,6 +1,6 @@
+import MachineSpec
 #if canImport(Glibc)
 import Glibc
-import MachineSpec
 #endif
 
 /// What a qcow2 header names beyond the image itself — a backing file (and the format it

@@ -1,5 +1,5 @@
-import MachineSpec
 import CHostSupport
+import MachineSpec
 import Synchronization
 #if canImport(Glibc)
 import Glibc

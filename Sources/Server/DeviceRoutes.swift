@@ -4,10 +4,10 @@ import Engines
 import FoundationEssentials
 import Hummingbird
 import Library
+import MachineSpec
 import NIOCore
 #if canImport(Glibc)
 import Glibc
-import MachineSpec
 #endif
 
 /// The rest of what the CLI does to one VM: its balloon, CD-ROM, keyboard, screen and disks, and

@@ -3,12 +3,12 @@ import Engines
 import FoundationEssentials
 import Hummingbird
 import Library
+import MachineSpec
 import MigrationWire
 import NIOCore
 import Synchronization
 #if canImport(Glibc)
 import Glibc
-import MachineSpec
 #endif
 
 /// What the CLI does beside a VM's life cycle: its port forwards, a network's autostart, disk

@@ -4,9 +4,9 @@ import Engines
 import FoundationEssentials
 import Hummingbird
 import Library
+import MachineSpec
 #if canImport(Glibc)
 import Glibc
-import MachineSpec
 #endif
 
 /// One VM as the list shows it: what VirtualBox's machine list and `vireo list` show, plus the

@@ -4,12 +4,12 @@ import Devices
 import DiskImage
 import GuestMemory
 import KVM
+import MachineSpec
 import MigrationWire
 import Synchronization
 import X86Boot
 #if canImport(Glibc)
 import Glibc
-import MachineSpec
 #endif
 
 /// How `vireo migrate` wants the VM moved (docs/migration.md).

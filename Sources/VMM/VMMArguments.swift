@@ -1,8 +1,8 @@
 import MachineSpec
+import MachineSpec
 import X86Boot
 #if canImport(Glibc)
 import Glibc
-import MachineSpec
 #endif
 
 /// The command line of `vireo-vmm`, the lean one-VM process. It takes the same flags as

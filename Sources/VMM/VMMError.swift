@@ -1,8 +1,8 @@
 import KVM
 import GuestMemory
+import MachineSpec
 import X86Boot
 import Devices
-import MachineSpec
 
 /// Everything that can stop a VM from being built or run, keeping the underlying cause.
 public enum VMMError: Error, CustomStringConvertible, Sendable {

@@ -1,8 +1,8 @@
 import CHostSupport
 import DiskImage
 import Foundation
-import Testing
 import MachineSpec
+import Testing
 
 /// Runs a peer tool (qemu-img, qemu-io); the peer is the oracle for every image Vireo writes.
 /// Not through Foundation's Process, whose Swift 6.3 version crashes now and then on Linux

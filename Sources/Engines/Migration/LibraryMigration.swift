@@ -3,10 +3,10 @@ import CHostSupport
 import DiskImage
 import FoundationEssentials
 import Library
+import MachineSpec
 import MigrationWire
 #if canImport(Glibc)
 import Glibc
-import MachineSpec
 #endif
 
 /// What `vireo migrate` asks for (docs/migration.md).

@@ -3,9 +3,9 @@ import CHostSupport
 import DiskImage
 import JSONQuoting
 import Library
+import MachineSpec
 #if canImport(Glibc)
 import Glibc
-import MachineSpec
 #endif
 
 /// Runs library VMs that need firmware, a CD-ROM, a display, keyboard and pointer on QEMU (a q35

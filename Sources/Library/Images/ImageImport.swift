@@ -1,9 +1,9 @@
 import DiskImage
 import FoundationEssentials
+import MachineSpec
 import X86Boot
 #if canImport(Glibc)
 import Glibc
-import MachineSpec
 #endif
 
 /// `vireo image export` and `import` of Vireo's own image archives: a tar of the manifest and

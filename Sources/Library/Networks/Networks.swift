@@ -1,7 +1,7 @@
 import FoundationEssentials
+import MachineSpec
 #if canImport(Glibc)
 import Glibc
-import MachineSpec
 #endif
 
 /// An IPv4 address (host byte order inside, dotted quad outside).

@@ -1,7 +1,7 @@
 import DiskImage
+import MachineSpec
 #if canImport(Glibc)
 import Glibc
-import MachineSpec
 #endif
 
 /// Where a path may be. Every path the library touches as root on behalf of a definition, a guest

@@ -1,8 +1,8 @@
 import DiskImage
 import FoundationEssentials
+import MachineSpec
 #if canImport(Glibc)
 import Glibc
-import MachineSpec
 #endif
 
 /// One snapshot of a VM (docs/snapshots.md): its disks as they were (each writable qcow2 disk's

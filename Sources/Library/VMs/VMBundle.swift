@@ -1,8 +1,8 @@
 import DiskImage
 import FoundationEssentials
+import MachineSpec
 #if canImport(Glibc)
 import Glibc
-import MachineSpec
 #endif
 
 /// One VM's directory and the typed paths inside it (tart's layout):

@@ -1,7 +1,7 @@
 import DiskImage
+import MachineSpec
 #if canImport(Glibc)
 import Glibc
-import MachineSpec
 #endif
 
 /// One VM as stored in its directory's `config.json`. Paths without a leading `/` are inside the

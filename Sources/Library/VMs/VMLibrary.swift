@@ -1,10 +1,10 @@
 import API
 import DiskImage
 import FoundationEssentials
+import MachineSpec
 import X86Boot
 #if canImport(Glibc)
 import Glibc
-import MachineSpec
 #endif
 
 /// What a VM is doing, as `vireo list` shows it.
