@@ -1,0 +1,265 @@
+import API
+import DiskImage
+import FoundationEssentials
+import MachineSpec
+import X86Boot
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Creating a VM: from a kernel, an ISO, an image or a disk; the bundle made all or nothing.
+extension VMLibrary {
+    public func create(_ request: CreateRequest) throws(LibraryError) -> VMDefinition {
+        try createReporting(request).definition
+    }
+
+    /// Creates a VM and says what was chosen for the user (an OS type guessed from the ISO).
+    public func createReporting(_ request: CreateRequest) throws(LibraryError) -> (definition: VMDefinition, notes: [String]) {
+        try VMName.validate(request.name, in: root)
+        var notes: [String] = []
+        if let name = request.image {
+            for (given, field) in [(request.iso != nil, "--iso"), (request.attachDisk != nil, "--attach-disk"), (request.withoutDisk, "--no-disk")] where given {
+                throw .invalidValue(field: field, reason: "cannot be combined with --image: the VM's disk is made from image '\(name)'")
+            }
+        }
+        let medium = try request.iso.map { (path) throws(LibraryError) in try InstallMedium.inspect(path) }
+        let images = ImageStore(libraryRoot: root)
+        let image = try request.image.map { (name) throws(LibraryError) in try images.load(name) }
+        let engine = try Self.chooseEngine(request, image: image)
+        let type: OSType
+        if let identifier = request.osType {
+            type = try OSType.named(identifier)
+        } else if let image {
+            type = try OSType.named(image.osType)
+        } else if let medium {
+            let guessed = OSType.guess(fromVolumeLabel: medium.volumeLabel)
+            type = try OSType.named(guessed?.identifier ?? "other")
+            notes.append("OS type \(type.identifier), guessed from the ISO's volume label '\(medium.volumeLabel)'\(guessed == nil ? " (nothing recognised)" : ""); change it with --ostype")
+        } else {
+            type = try OSType.named(OSType.defaultIdentifier)
+        }
+        var definition = VMDefinition(uuid: UUID().uuidString.lowercased(), name: request.name, osType: type,
+                                      createdAt: Int64(time(nil)))
+        definition.engine = engine
+        if engine == .qemu {
+            definition.accelerator = request.accelerator ?? .auto
+            definition.iso = medium?.path
+            // A firmware boot unless the user boots a kernel directly.
+            if request.kernel == nil || request.firmware != nil { definition.firmware = request.firmware ?? type.firmware }
+            if medium != nil { definition.memoryBytes = type.installMemoryBytes }
+            // QEMU's own i8042, PIT and RTC are always there; the ACPI setting is the kvm VMM's.
+            definition.acpi = true
+        }
+        if let cpus = request.cpus { definition.cpus = cpus }
+        if let memory = request.memoryBytes { definition.memoryBytes = memory }
+        if let line = request.commandLine { definition.commandLine = line }
+        if let rng = request.entropyDevice { definition.entropyDevice = rng }
+        definition.networks = request.networks ?? [NetworkAttachment(.nat, mac: NetworkAttachment.randomMAC())]
+        definition.vsockCID = request.vsockCID
+        if let balloon = request.balloon { definition.balloon = balloon }
+        if let acpi = request.acpi { definition.acpi = acpi }
+        if let policy = request.onReboot { definition.onReboot = policy }
+        if let model = request.cpuModel { definition.cpuModel = model }
+        definition.resources = request.resources
+        definition.memoryBacking = request.memoryBacking
+        if let kernel = request.kernel { try Self.validate(kernel: kernel) }
+        if let initrd = request.initrd { try Self.validateReadable(initrd, field: "--initrd") }
+        guard request.diskBytes == nil || request.attachDisk == nil, !(request.withoutDisk && (request.diskBytes != nil || request.attachDisk != nil)) else {
+            throw .invalidValue(field: "--disk", reason: "choose one of --disk SIZE, --attach-disk PATH and --no-disk")
+        }
+        var attached: DiskAttachment?
+        if let path = request.attachDisk { attached = try Self.inspectDisk(HostFiles.absolute(path), format: request.attachDiskFormat, field: "--attach-disk") }
+        if request.attachDisk == nil, request.attachDiskFormat != nil {
+            throw .invalidValue(field: "--disk-format", reason: "declares the format of --attach-disk, which is not given")
+        }
+        if image == nil, request.fullCopy { throw .invalidValue(field: "--full", reason: "copies an image's disk; give --image NAME") }
+        if image == nil, !request.cloudInit.isEmpty {
+            throw .invalidValue(field: request.cloudInit.keyFiles.isEmpty ? "--user/--password/--hostname" : "--ssh-key",
+                                reason: "cloud-init settings are for VMs made from an image; give --image NAME")
+        }
+        var imageDiskBytes: UInt64 = 0
+        var cloudInit: CloudInitSettings?
+        if let image {
+            try Self.checkImageRequest(request, image: image)
+            imageDiskBytes = request.diskBytes ?? max(type.diskBytes, image.virtualSize)
+            guard imageDiskBytes >= image.virtualSize else {
+                throw .invalidValue(field: "--disk", reason: "\(HostFiles.describeSize(imageDiskBytes)) is smaller than image '\(image.name)''s disk (\(HostFiles.describeSize(image.virtualSize))); give --disk \(HostFiles.describeSize(image.virtualSize)) or more")
+            }
+            definition.image = image.name
+            if image.bootsDirectly {
+                // The image's kernel boots directly on either engine; no firmware unless asked for.
+                if request.firmware == nil { definition.firmware = nil }
+                if request.kernel == nil, let kernel = image.kernel {
+                    definition.kernel = images.path(of: image.name) + "/" + kernel
+                    if request.initrd == nil, let initrd = image.initrd { definition.initrd = images.path(of: image.name) + "/" + initrd }
+                }
+                if request.commandLine == nil, let line = image.commandLine { definition.commandLine = line }
+            } else if engine == .qemu, request.kernel == nil {
+                definition.firmware = request.firmware ?? image.firmware ?? type.firmware
+            }
+            if image.cloudInit {
+                cloudInit = try makeCloudInit(request.cloudInit, vmName: request.name, instanceID: definition.uuid)
+            }
+        }
+        // Every rule, checked on what would be saved (the disks as they will be).
+        var planned = definition
+        if request.kernel != nil { planned.kernel = "kernel" }
+        if let attached { planned.disks = [attached] } else if !request.withoutDisk { planned.disks = [DiskAttachment(path: "disk0.qcow2", format: .qcow2)] }
+        if cloudInit != nil { planned.disks.append(DiskAttachment(path: CloudInitSeed.fileName, format: .raw, readOnly: true, serial: CloudInitSeed.serial)) }
+        try Self.validate(planned)
+        try checkNetworks(planned, previous: nil)
+
+        try prepareRoot()
+        let final = root + "/" + request.name
+        guard !HostFiles.exists(final) else { throw .alreadyExists(name: request.name) }
+        // A VM resting on an image is made under the image store's lock, so the image cannot be
+        // deleted between the check and the overlay.
+        if let image {
+            return try images.locked { () throws(LibraryError) in
+                guard images.exists(image.name) else { throw .invalidValue(field: "--image", reason: "image '\(image.name)' was deleted meanwhile") }
+                try images.verify(image)
+                return try makeBundle(request, definition: definition, type: type, attached: nil, image: image, imageDiskBytes: imageDiskBytes,
+                                      cloudInit: cloudInit, notes: notes)
+            }
+        }
+        return try makeBundle(request, definition: definition, type: type, attached: attached, image: nil, imageDiskBytes: 0,
+                              cloudInit: nil, notes: notes)
+    }
+
+    /// Makes the VM's directory and files under a hidden name and renames it into place.
+    fileprivate func makeBundle(_ request: CreateRequest, definition input: VMDefinition, type: OSType, attached: DiskAttachment?,
+                            image: ImageManifest?, imageDiskBytes: UInt64, cloudInit: CloudInitSettings?,
+                            notes: [String]) throws(LibraryError) -> (definition: VMDefinition, notes: [String]) {
+        var definition = input
+        let images = ImageStore(libraryRoot: root)
+        let final = root + "/" + request.name
+        // Built under a hidden name and renamed into place in one step: a crash or ^C leaves
+        // only a hidden directory (swept later), never a half-made VM holding the name.
+        let staging = root + "/.creating-" + definition.uuid
+        try HostFiles.makeDirectory(staging)
+        let lock: VMLock
+        do {
+            lock = try VMLock(path: staging + "/vm.lock", create: true)
+            _ = lock.tryExclusive(attempts: 1)
+        } catch {
+            try? HostFiles.removeTree(staging)
+            throw error
+        }
+        do throws(LibraryError) {
+            let bundle = VMBundle(directory: staging)
+            if let kernel = request.kernel {
+                try HostFiles.copySparse(HostFiles.absolute(kernel), bundle.resolve("kernel"))
+                definition.kernel = "kernel"
+            }
+            if let initrd = request.initrd {
+                try HostFiles.copySparse(HostFiles.absolute(initrd), bundle.resolve("initrd"))
+                definition.initrd = "initrd"
+            }
+            if definition.firmware == .uefi {
+                try HostFiles.copySparse(FirmwareFiles.uefiVariables, bundle.resolve("nvram.fd"))
+                definition.nvram = "nvram.fd"
+            }
+            if let image {
+                let base = images.path(of: image.name) + "/" + image.disk
+                if request.fullCopy {
+                    try HostFiles.copySparse(base, bundle.resolve("disk0.qcow2"))
+                    chmod(bundle.resolve("disk0.qcow2"), 0o600)
+                    do throws(DiskImageError) {
+                        // The store holds standalone qcow2 disks only (ImageStore.install checks).
+                        guard let copy = try DiskImages.open(path: bundle.resolve("disk0.qcow2"), format: .qcow2) as? QCOW2Image else {
+                            throw .invalidArgument(field: "--image", reason: "the image's disk is not qcow2")
+                        }
+                        try copy.resize(to: imageDiskBytes)
+                    } catch { throw .disk(error) }
+                    // The kernel and initramfs too: a full copy does not depend on the image at all.
+                    for (field, stored) in [(definition.kernel, "kernel"), (definition.initrd, "initrd")] {
+                        guard let path = field, path.hasPrefix(images.path(of: image.name) + "/") else { continue }
+                        try HostFiles.copySparse(path, bundle.resolve(stored))
+                        chmod(bundle.resolve(stored), 0o600)
+                        if stored == "kernel" { definition.kernel = stored } else { definition.initrd = stored }
+                    }
+                    definition.disks.append(DiskAttachment(path: "disk0.qcow2", format: .qcow2))
+                } else {
+                    let layer = BackingLayer(path: base, format: .qcow2)
+                    try Self.createDisk(bundle.resolve("disk0.qcow2"), size: imageDiskBytes, backing: layer)
+                    definition.disks.append(DiskAttachment(path: "disk0.qcow2", format: .qcow2, backing: [layer]))
+                }
+                if let cloudInit {
+                    try CloudInitSeed.write(cloudInit, macs: definition.networks.map(\.mac), to: bundle.resolve(CloudInitSeed.fileName))
+                    definition.cloudInit = cloudInit
+                    definition.disks.append(DiskAttachment(path: CloudInitSeed.fileName, format: .raw, readOnly: true, serial: CloudInitSeed.serial))
+                }
+            } else if let attached {
+                definition.disks.append(attached)
+            } else if !request.withoutDisk {
+                let size = request.diskBytes ?? type.diskBytes
+                try Self.createDisk(bundle.resolve("disk0.qcow2"), size: size)
+                definition.disks.append(DiskAttachment(path: "disk0.qcow2", format: .qcow2))
+            }
+            try bundle.save(definition)
+            try HostFiles.renameNoReplace(staging, final)
+        } catch {
+            try? HostFiles.removeTree(staging)
+            if case let .io(_, _, code) = error, code == EEXIST || code == ENOTEMPTY { throw .alreadyExists(name: request.name) }
+            throw error
+        }
+        lock.unlock()
+        return (definition, notes)
+    }
+
+    /// cloud-init settings for an image without cloud-init.
+    static func checkImageRequest(_ request: CreateRequest, image: ImageManifest) throws(LibraryError) {
+        if !image.cloudInit, !request.cloudInit.isEmpty {
+            throw .invalidValue(field: request.cloudInit.keyFiles.isEmpty ? "--user/--password/--hostname" : "--ssh-key",
+                                reason: "image '\(image.name)' has no cloud-init to apply them; log in as the image's own user")
+        }
+    }
+
+    /// The cloud-init settings of a new VM: its user (checked), the library's key and the
+    /// user's keys, a hashed password and a host name.
+    func makeCloudInit(_ request: CloudInitRequest, vmName: String, instanceID: String) throws(LibraryError) -> CloudInitSettings {
+        let user = request.user ?? CloudInitSettings.defaultUser
+        try CloudInitSettings.validate(user: user)
+        var keys: [String] = []
+        for file in request.keyFiles { keys += try SSHPublicKey.read(file: file) }
+        let hostname: String
+        if let given = request.hostname {
+            try CloudInitSettings.validate(hostname: given)
+            hostname = given
+        } else {
+            guard let derived = CloudInitSettings.hostname(forVM: vmName) else {
+                throw .invalidValue(field: "--hostname", reason: "the VM's name '\(vmName)' is not a host name; give one with --hostname")
+            }
+            hostname = derived
+        }
+        let hash = try request.password.map { (password) throws(LibraryError) in try CloudInitSettings.hashPassword(password) }
+        let libraryKey = try LibrarySSHKey(libraryRoot: root).ensure()
+        keys = [libraryKey] + keys.filter { $0 != libraryKey }
+        return CloudInitSettings(user: user, authorizedKeys: keys, passwordHash: hash, hostname: hostname, instanceID: instanceID)
+    }
+
+    static func chooseEngine(_ request: CreateRequest, image: ImageManifest? = nil) throws(LibraryError) -> EngineKind {
+        if let image, !image.bootsDirectly {
+            if request.engine == .kvm {
+                throw .invalidValue(field: "--engine", reason: "image '\(image.name)' boots through firmware (no kernel could be taken out of it), which only the qemu engine has; leave out --engine")
+            }
+            return .qemu
+        }
+        if let image, request.engine == nil, request.kernel == nil {
+            return image.kvmEngineBootable == true ? .kvm : .qemu
+        }
+        if request.engine == .kvm {
+            if request.iso != nil {
+                throw .invalidValue(field: "--iso", reason: "an installer ISO needs firmware and a CD-ROM drive, which the kvm engine does not have; leave out --engine (or give --engine qemu)")
+            }
+            if request.firmware != nil {
+                throw .invalidValue(field: "--firmware", reason: "the kvm engine boots Linux kernels directly, without firmware; leave out --engine (or give --engine qemu)")
+            }
+            if request.accelerator != nil {
+                throw .invalidValue(field: "--accel", reason: "the kvm engine always uses KVM; --accel is for the qemu engine")
+            }
+        }
+        if let engine = request.engine { return engine }
+        return request.iso != nil || request.firmware != nil ? .qemu : .kvm
+    }
+}
