@@ -2,6 +2,7 @@ import ArgumentParser
 import Engines
 import FoundationEssentials
 import Library
+import MachineSpec
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -104,7 +105,7 @@ struct ImageList: ParsableCommand {
         if json { try printJSON(rows); return }
         guard !rows.isEmpty else { printLine("No images. `vireo image build debian-12` makes one; `vireo image import FILE` takes one you have."); return }
         printTable([["NAME", "BOOT", "SIZE", "FILE", "VMS", "DESCRIPTION"]] + rows.map { row in
-            [row.name, row.boot, HostFiles.describeSize(row.virtualSize), HostFiles.describeSize(row.diskBytes),
+            [row.name, row.boot, Size.describe(row.virtualSize), Size.describe(row.diskBytes),
              row.usedBy.isEmpty ? "-" : row.usedBy.joined(separator: ","), row.description]
         })
     }
@@ -141,7 +142,7 @@ struct ImageInfo: ParsableCommand {
             ["Name:", manifest.name], ["Description:", manifest.description],
             ["Origin:", manifest.origin + (manifest.release.map { " (\($0))" } ?? "")],
             ["Created:", Self.date(manifest.createdAt)], ["OS type:", manifest.osType],
-            ["Disk:", "\(directory)/\(manifest.disk) (qcow2, \(HostFiles.describeSize(manifest.virtualSize)), file \(HostFiles.describeSize(HostFiles.size(directory + "/" + manifest.disk))))"],
+            ["Disk:", "\(directory)/\(manifest.disk) (qcow2, \(Size.describe(manifest.virtualSize)), file \(Size.describe(HostFiles.size(directory + "/" + manifest.disk))))"],
         ]
         if manifest.bootsDirectly {
             lines.append(["Boot:", "the image's own kernel, directly: " + (manifest.kvmEngineBootable == true

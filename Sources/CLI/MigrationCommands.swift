@@ -1,6 +1,7 @@
 import ArgumentParser
 import Engines
 import Library
+import MachineSpec
 import MigrationWire
 import Synchronization
 #if canImport(Glibc)
@@ -117,8 +118,8 @@ struct Migrate: ParsableCommand {
         do throws(LibraryError) {
             let (result, warnings) = try manager.migrate(name, request: request, progress: { report in
                 let expected = report.expectedDowntimeUs < 0 ? "?" : Self.describe(microseconds: UInt64(report.expectedDowntimeUs))
-                var line = "round \(report.iteration): \(HostFiles.describeSize(report.remainingBytes)) dirty, "
-                    + "\(HostFiles.describeSize(report.transferredBytes)) sent at \(HostFiles.describeSize(report.rateBytesPerSecond))/s, "
+                var line = "round \(report.iteration): \(Size.describe(report.remainingBytes)) dirty, "
+                    + "\(Size.describe(report.transferredBytes)) sent at \(Size.describe(report.rateBytesPerSecond))/s, "
                     + "expected downtime \(expected)"
                 if report.throttlePercent > 0 { line += ", guest throttled \(report.throttlePercent) %" }
                 if terminal {
@@ -132,7 +133,7 @@ struct Migrate: ParsableCommand {
             if shown { printNote("") }
             for warning in warnings { printNote("warning: \(warning)") }
             printLine("VM '\(name)' migrated to \(request.destination) in \(result.totalMs) ms: \(result.iterations) rounds, "
-                      + "\(HostFiles.describeSize(result.transferredBytes)) sent, downtime \(Self.describe(microseconds: result.downtimeUs))"
+                      + "\(Size.describe(result.transferredBytes)) sent, downtime \(Self.describe(microseconds: result.downtimeUs))"
                       + (result.maxThrottlePercent > 0 ? ", guest throttled up to \(result.maxThrottlePercent) %" : "") + ".")
         } catch {
             if shown { printNote("") }

@@ -197,16 +197,6 @@ public enum HostFiles {
         return names.sorted()
     }
 
-    /// Sizes for people in binary units ("20 GiB", "1.5 GiB").
-    public static func describeSize(_ bytes: UInt64) -> String {
-        for (shift, unit) in [(UInt64(40), "TiB"), (30, "GiB"), (20, "MiB"), (10, "KiB")] where bytes >= 1 << shift {
-            let whole = bytes >> shift
-            let tenth = ((bytes & ((1 << shift) - 1)) * 10) >> shift
-            return tenth == 0 ? "\(whole) \(unit)" : "\(whole).\(tenth) \(unit)"
-        }
-        return "\(bytes) bytes"
-    }
-
     public static func parent(of path: String) -> String {
         guard let slash = path.lastIndex(of: "/") else { return "." }
         return slash == path.startIndex ? "/" : String(path[..<slash])

@@ -117,7 +117,7 @@ extension APIServer {
                 let (result, warnings) = try self.manager.migrate(name, request: migration, progress: { report in
                     let total = report.transferredBytes + report.remainingBytes
                     task.progress(total == 0 ? nil : Double(report.transferredBytes) / Double(total),
-                                  "round \(report.iteration): \(HostFiles.describeSize(report.remainingBytes)) dirty, \(HostFiles.describeSize(report.transferredBytes)) sent")
+                                  "round \(report.iteration): \(Size.describe(report.remainingBytes)) dirty, \(Size.describe(report.transferredBytes)) sent")
                 }, cancelled: { task.isCancelled })
                 self.events.touch()
                 return ["vm": name, "destination": migration.destination.description, "downtime_us": String(result.downtimeUs),

@@ -1,6 +1,7 @@
 import CHostSupport
 import FoundationEssentials
 import Library
+import MachineSpec
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -65,7 +66,7 @@ public struct ImageRecipe: Sendable, Equatable {
         self.mirror = mirror
         let size = size ?? Self.defaultSize
         guard size >= Self.minimumSize else {
-            throw .invalidValue(field: "--size", reason: "\(HostFiles.describeSize(size)) is smaller than the \(HostFiles.describeSize(Self.minimumSize)) a \(identifier) image needs at the least (about 1 GiB of files); give --size 2G or more")
+            throw .invalidValue(field: "--size", reason: "\(Size.describe(size)) is smaller than the \(Size.describe(Self.minimumSize)) a \(identifier) image needs at the least (about 1 GiB of files); give --size 2G or more")
         }
         guard size % 512 == 0, size <= 16 << 40 else {
             throw .invalidValue(field: "--size", reason: "\(size) bytes must be a whole number of 512-byte sectors, at most 16 TiB")
@@ -208,9 +209,9 @@ public struct ImageBuilder: Sendable {
         let used = Self.usedBytes(root)
         let needed = used + used / 6 + (160 << 20)
         guard recipe.sizeBytes >= needed else {
-            throw .invalidValue(field: "--size", reason: "\(HostFiles.describeSize(recipe.sizeBytes)) is smaller than the \(HostFiles.describeSize(needed)) this image needs (its files take \(HostFiles.describeSize(used)), plus room for the file system); give --size \((needed >> 30) + 1)G or more")
+            throw .invalidValue(field: "--size", reason: "\(Size.describe(recipe.sizeBytes)) is smaller than the \(Size.describe(needed)) this image needs (its files take \(Size.describe(used)), plus room for the file system); give --size \((needed >> 30) + 1)G or more")
         }
-        progress("[3/5] making an ext4 file system of \(HostFiles.describeSize(recipe.sizeBytes)) from \(HostFiles.describeSize(used)) of files")
+        progress("[3/5] making an ext4 file system of \(Size.describe(recipe.sizeBytes)) from \(Size.describe(used)) of files")
         let raw = staging + "/root.raw"
         let made = HostCommand.run(tools["mkfs.ext4"] ?? "mkfs.ext4", ["-q", "-F", "-t", "ext4", "-L", "vireo-root", "-U", uuid, "-d", root, raw, "\(recipe.sizeBytes / 1024)k"])
         guard made.status == 0 else { throw .invalidValue(field: "vireo image build", reason: "mkfs.ext4 failed (status \(made.status)): \(made.output.suffix(600))") }
@@ -236,7 +237,7 @@ public struct ImageBuilder: Sendable {
         manifest.recipe = recipe.canonical
         let installed = try store.install(staging: staging, manifest: manifest, fileNames: ["disk.qcow2", "vmlinuz", "initrd.img"])
         let seconds = Int(Date().timeIntervalSince(started))
-        progress("built image '\(name)' in \(seconds / 60) min \(seconds % 60) s: \(packages.count) packages, kernel \(version), disk \(HostFiles.describeSize(HostFiles.size(store.path(of: name) + "/disk.qcow2"))) compressed")
+        progress("built image '\(name)' in \(seconds / 60) min \(seconds % 60) s: \(packages.count) packages, kernel \(version), disk \(Size.describe(HostFiles.size(store.path(of: name) + "/disk.qcow2"))) compressed")
         return installed
     }
 
@@ -324,9 +325,9 @@ struct DebootstrapProgress {
     mutating func consume(_ line: String) {
         if line.hasPrefix("I: Validating ") && !line.hasPrefix("I: Validating Packages") {
             validated += 1
-            if validated % 50 == 0 { report("  fetched \(validated) packages (\(HostFiles.describeSize(downloadedBytes())) in the package cache)") }
+            if validated % 50 == 0 { report("  fetched \(validated) packages (\(Size.describe(downloadedBytes())) in the package cache)") }
         } else if line.hasPrefix("I: Extracting ") {
-            enter("extracting the essential packages (\(validated) fetched, \(HostFiles.describeSize(downloadedBytes())))")
+            enter("extracting the essential packages (\(validated) fetched, \(Size.describe(downloadedBytes())))")
             extracted += 1
         } else if line.hasPrefix("I: Unpacking ") && !line.hasPrefix("I: Unpacking the base system") {
             enter("installing")
@@ -349,7 +350,7 @@ struct DebootstrapProgress {
     }
 
     func finish() {
-        report("  installed \(validated) packages (\(HostFiles.describeSize(downloadedBytes())) of packages in \(cache))")
+        report("  installed \(validated) packages (\(Size.describe(downloadedBytes())) of packages in \(cache))")
     }
 
     func downloadedBytes() -> UInt64 {

@@ -156,7 +156,7 @@ public enum ImageImporter {
                 guard converted.status == 0 else { throw .invalidValue(field: "FILE", reason: "qemu-img could not read \(file): \(converted.output.suffix(400))") }
             }
             let layout = try DiskLayout.read(rawView, displayName: file)
-            progress("\(file): \(format.rawValue), \(HostFiles.describeSize(layout.size)), \(layout.summary)")
+            progress("\(file): \(format.rawValue), \(Size.describe(layout.size)), \(layout.summary)")
             var found: BootFiles?
             for fileSystem in layout.ext4Offsets {
                 if let boot = try BootFiles.find(in: rawView, offset: fileSystem, debugfs: debugfs, into: staging) { found = boot; break }

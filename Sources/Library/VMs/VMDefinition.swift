@@ -382,7 +382,7 @@ public struct IOLimits: Codable, Sendable, Equatable {
     }
 
     public var description: String {
-        [readBytesPerSecond.map { "read \(HostFiles.describeSize($0))/s" }, writeBytesPerSecond.map { "write \(HostFiles.describeSize($0))/s" },
+        [readBytesPerSecond.map { "read \(Size.describe($0))/s" }, writeBytesPerSecond.map { "write \(Size.describe($0))/s" },
          readOperationsPerSecond.map { "read \($0) IOPS" }, writeOperationsPerSecond.map { "write \($0) IOPS" }].compactMap { $0 }.joined(separator: ", ")
     }
 }

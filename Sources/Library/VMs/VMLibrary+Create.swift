@@ -83,7 +83,7 @@ extension VMLibrary {
             try Self.checkImageRequest(request, image: image)
             imageDiskBytes = request.diskBytes ?? max(type.diskBytes, image.virtualSize)
             guard imageDiskBytes >= image.virtualSize else {
-                throw .invalidValue(field: "--disk", reason: "\(HostFiles.describeSize(imageDiskBytes)) is smaller than image '\(image.name)''s disk (\(HostFiles.describeSize(image.virtualSize))); give --disk \(HostFiles.describeSize(image.virtualSize)) or more")
+                throw .invalidValue(field: "--disk", reason: "\(Size.describe(imageDiskBytes)) is smaller than image '\(image.name)''s disk (\(Size.describe(image.virtualSize))); give --disk \(Size.describe(image.virtualSize)) or more")
             }
             definition.image = image.name
             if image.bootsDirectly {
