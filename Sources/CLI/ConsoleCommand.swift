@@ -99,6 +99,9 @@ struct Logs: ParsableCommand {
             throw fail(LibraryError.io(operation: "open", path: bundle.consoleLogPath, errno: errno))
         }
         defer { close(fd) }
+        // What the VMM noticed about the run that ended (a guest that never found its devices)
+        // belongs beside its output; on stderr, so the output itself stays the guest's.
+        defer { if !bundle.isLocked { for hint in Self.lastRunHints(bundle) { printNote(hint) } } }
         var buffer = [UInt8](repeating: 0, count: 65536)
         while true {
             let count = buffer.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
@@ -116,5 +119,15 @@ struct Logs: ParsableCommand {
             }
             usleep(100_000)
         }
+    }
+
+    /// The VMM's `hint:` lines from the last run that ended: between the last two `exit status`
+    /// lines of its log (the log is appended to at every start).
+    static func lastRunHints(_ bundle: VMBundle) -> [String] {
+        guard let bytes = try? HostFiles.readAll(bundle.vmmLogPath) else { return [] }
+        let lines = String(decoding: bytes.suffix(256 << 10), as: UTF8.self).split(separator: "\n")
+        guard let end = lines.lastIndex(where: { $0.hasPrefix("vireo: exit status") }) else { return [] }
+        let start = lines[..<end].lastIndex(where: { $0.hasPrefix("vireo: exit status") }).map { $0 + 1 } ?? lines.startIndex
+        return lines[start..<end].filter { $0.hasPrefix("vireo: hint: ") }.map { String($0.dropFirst("vireo: ".count)) }
     }
 }
