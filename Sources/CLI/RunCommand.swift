@@ -35,7 +35,7 @@ struct Run: ParsableCommand {
         }
         let machine: Machine
         do {
-            machine = try Machine(spec: spec)
+            machine = try Machine.boot(spec)
             // A foreground run is not jailed: its disks are read at once.
             try machine.finishAssembly()
         } catch {

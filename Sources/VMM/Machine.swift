@@ -108,10 +108,12 @@ public final class Machine: @unchecked Sendable {
     /// Shared disks of an arriving VM: the layers beneath each image, open and read; the image
     /// itself is the source's until it hands it over.
     var arrivingLayers: [(any DiskImage)?] = []
+    /// Booted, restored or arriving: which of the three entries built it.
+    let start: MachineStart
     /// How an arriving VM's disks come (nil: the VM boots or restores).
-    let arrival: ArrivalMode?
+    var arrival: ArrivalMode? { if case let .receive(mode) = start { mode } else { nil } }
     /// The guest started from its kernel here (not restored, not arrived): it probes its devices.
-    let bootedHere: Bool
+    var bootedHere: Bool { start == .boot }
     /// The state file to restore, open but not yet read (`restoreSavedState`), or -1.
     private var pendingState: Int32 = -1
     /// Where `save` writes, and a restore read from; nil when the VMM was given no state file.
@@ -137,68 +139,57 @@ public final class Machine: @unchecked Sendable {
         case sharedDisks = "shared"
     }
 
-    /// Validates `spec` against this host and opens everything the machine needs of it
-    /// — KVM, memory, the disks' files, taps, sockets — without reading anything a guest, a
-    /// jailed VMM or a peer could have written: those are read by `finishAssembly` once the VMM
-    /// is confined (docs/isolation.md). The guest does not run until `run()`. With `restoring`,
-    /// the state file is opened here and restored from in `finishAssembly` instead of booting
-    /// (docs/snapshots.md); with `arrival`, the VM comes from a migration stream (docs/migration.md).
-    public init(spec: MachineSpec, stateFile: String? = nil, restoring: Bool = false,
-                snapshotDirectory: String? = nil, arrival: ArrivalMode? = nil) throws(VMMError) {
+    /// A machine that boots the spec's kernel. `stateFile`: where a later `save` writes;
+    /// `snapshotDirectory`: where live snapshots go.
+    public static func boot(_ spec: MachineSpec, stateFile: String? = nil, snapshotDirectory: String? = nil) throws(VMMError) -> Machine {
+        try Machine(spec: spec, start: .boot, stateFile: stateFile, snapshotDirectory: snapshotDirectory)
+    }
+
+    /// A machine that resumes the guest saved in `stateFile` (read by `finishAssembly`).
+    public static func restore(_ spec: MachineSpec, stateFile: String, snapshotDirectory: String? = nil) throws(VMMError) -> Machine {
+        try Machine(spec: spec, start: .restore(stateFile: stateFile), stateFile: stateFile, snapshotDirectory: snapshotDirectory)
+    }
+
+    /// A machine that takes the guest from a live-migration stream (given to `finishAssembly`).
+    public static func receive(_ spec: MachineSpec, disks: ArrivalMode, stateFile: String? = nil, snapshotDirectory: String? = nil) throws(VMMError) -> Machine {
+        try Machine(spec: spec, start: .receive(disks), stateFile: stateFile, snapshotDirectory: snapshotDirectory)
+    }
+
+    /// Opens what the machine needs of the host (`HostResources`), then builds it. Nothing a
+    /// guest, a jailed VMM or a peer could have written is read here: `finishAssembly` does that
+    /// once the VMM is confined (docs/isolation.md). The guest does not run until `run()`.
+    private convenience init(spec: MachineSpec, start: MachineStart, stateFile: String?, snapshotDirectory: String?) throws(VMMError) {
+        try self.init(spec: spec, resources: try HostResources.open(spec, for: start), start: start,
+                      stateFile: stateFile, snapshotDirectory: snapshotDirectory)
+    }
+
+    /// The build the three entries share: the KVM VM, its memory slots and interrupt
+    /// controllers, the vCPUs, and every device on the host resources opened for it.
+    private init(spec: MachineSpec, resources: HostResources, start: MachineStart, stateFile: String?, snapshotDirectory: String?) throws(VMMError) {
         stateFilePath = stateFile
         self.snapshotDirectory = snapshotDirectory
-        self.arrival = arrival
-        bootedHere = !restoring && arrival == nil
-        if restoring {
-            guard let stateFile else { throw .invalidConfiguration(field: "--restore", reason: "needs --state-file, the state to restore") }
-            pendingState = Glibc.open(stateFile, O_RDONLY | O_CLOEXEC)
-            guard pendingState >= 0 else { throw .host(operation: "open saved state \(stateFile)", errno: errno) }
-        }
-        do {
-            kvm = try KVMSystem()
-            try kvm.requireCapabilities()
-        } catch {
-            throw .kvm(error)
-        }
-        boot = try spec.validated(maximumVCPUs: kvm.maximumVCPUs)
+        self.start = start
+        pendingState = resources.stateDescriptor
+        kvm = resources.kvm
+        boot = resources.boot
+        memory = resources.memory
+        console = resources.console
         // Each disk stands in detached until its files are read (`decodeDisks`).
-        var disks: [(image: any DiskImage, configuration: MachineSpec.Disk)] = []
-        var pending: [DiskFiles?] = []
-        for disk in spec.disks {
-            do throws(DiskImageError) {
-                if arrival == .sharedDisks {
-                    // The image is the source's until it hands it over; what it rests on is
-                    // opened now, read-only, beside the source.
-                    pending.append(.opened(try DiskImages.openFiles(layersOf: disk.path, format: disk.format, backing: disk.backing)))
-                } else {
-                    // A copied disk is written by the stream, read-only or not; the guest's view
-                    // of it stays as configured (VirtioBlock below).
-                    pending.append(try disk.openFiles(writable: !disk.readOnly || arrival == .copiedDisks))
-                }
-            } catch {
-                throw .invalidConfiguration(field: "--disk", reason: "\(error)")
-            }
-            disks.append((DetachedImage(path: disk.path, format: disk.format, virtualSize: 0, readOnly: disk.readOnly), disk))
+        let disks = spec.disks.map { disk in
+            (image: DetachedImage(path: disk.path, format: disk.format, virtualSize: 0, readOnly: disk.readOnly) as any DiskImage, configuration: disk)
         }
-        pendingDisks = pending
+        pendingDisks = resources.diskFiles.map { $0 }
         var networkCards: [VirtioNet] = []
-        for network in spec.nics {
-            let mac = network.mac.flatMap(MACAddress.init) ?? MACAddress.random()
+        for (card, backend) in zip(spec.nics, resources.frameBackends) {
+            let mac = card.mac.flatMap(MACAddress.init) ?? MACAddress.random()
             do {
-                let backend: any FrameBackend
-                switch network.backend {
-                case let .tap(name): backend = try TapDevice(name: name)
-                case let .tapDescriptor(fd): backend = try TapDevice(descriptor: fd)
-                case let .streamDescriptor(fd): backend = try StreamFrameBackend(descriptor: fd, name: "stream")
-                }
-                networkCards.append(try VirtioNet(backend: backend, mac: mac, rateLimit: network.rateLimit, offloads: network.offloads))
+                networkCards.append(try VirtioNet(backend: backend, mac: mac, rateLimit: card.rateLimit, offloads: card.offloads))
             } catch {
                 throw .invalidConfiguration(field: "--net", reason: error.description)
             }
         }
         self.networkCards = networkCards
-        if let socket = spec.vsock {
-            let listener = try listenUnixSocket(path: socket.socketPath, field: "--vsock", backlog: 64)
+        if let socket = spec.vsock, let listener = resources.vsockListener {
             do {
                 vsock = try VirtioVsock(guestCID: socket.guestCID, socketPath: socket.socketPath, listener: listener)
             } catch {
@@ -209,7 +200,6 @@ public final class Machine: @unchecked Sendable {
             vsock = nil
         }
         balloon = spec.balloon.map { VirtioBalloon(deflateOnOOM: $0.deflateOnOOM, statisticsInterval: $0.statisticsInterval) }
-        console = try Console(try ConsoleConfiguration(parsing: spec.console))
         stop = try StopController(rebootPolicy: spec.onReboot)
         realTimePriority = spec.realTimePriority
 
@@ -220,11 +210,6 @@ public final class Machine: @unchecked Sendable {
             throw .kvm(error)
         }
 
-        do {
-            memory = try GuestMemory(anonymousRegions: MachineLayout.ramRegions(memoryBytes: boot.memoryBytes), backing: spec.memory)
-        } catch {
-            throw .memory(error)
-        }
         for (slot, region) in memory.regions.enumerated() {
             do {
                 try vm.setUserMemoryRegion(slot: UInt32(slot), guestPhysicalAddress: region.start.rawValue,
@@ -248,7 +233,7 @@ public final class Machine: @unchecked Sendable {
         // A restored or arriving guest's RAM comes from the state file or the stream: nothing to load.
         let prepared: PreparedBoot?
         do {
-            prepared = !restoring && arrival == nil ? try boot.load(into: memory) : nil
+            prepared = start == .boot ? try boot.load(into: memory) : nil
         } catch {
             throw .boot(error)
         }

@@ -65,8 +65,14 @@ do throws(VMMError) {
         }
         // Everything of the host the VM needs is opened here; nothing a guest, the VM's own
         // (jailed) process or a peer wrote is read before the jail closes (finishAssembly).
-        let machine = try Machine(spec: spec, stateFile: options.stateFile, restoring: options.restore,
-                                  snapshotDirectory: options.snapshotDirectory, arrival: incoming == nil ? nil : options.incomingDisks)
+        let machine: Machine
+        if options.restore, let stateFile = options.stateFile {
+            machine = try Machine.restore(spec, stateFile: stateFile, snapshotDirectory: options.snapshotDirectory)
+        } else if incoming != nil {
+            machine = try Machine.receive(spec, disks: options.incomingDisks, stateFile: options.stateFile, snapshotDirectory: options.snapshotDirectory)
+        } else {
+            machine = try Machine.boot(spec, stateFile: options.stateFile, snapshotDirectory: options.snapshotDirectory)
+        }
         if let path = options.controlPath { try machine.listenForControl(path: path, identity: options.identity) }
         if spec.realTimePriority != nil, mlockall(MCL_CURRENT | MCL_FUTURE) != 0 {
             // A real-time vCPU that page-faults is no longer real-time.

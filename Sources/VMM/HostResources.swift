@@ -1,0 +1,106 @@
+import Devices
+import DiskImage
+import GuestMemory
+import KVM
+import MachineSpec
+import X86Boot
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// How a machine gets its guest. The three entries (`Machine.boot`, `Machine.restore`,
+/// `Machine.receive`) share one build; they differ in what fills guest RAM and the vCPUs, which
+/// `finishAssembly` reads once the VMM is confined.
+public enum MachineStart: Sendable, Equatable {
+    /// From the spec's kernel.
+    case boot
+    /// From the state file `vireo save` wrote (docs/snapshots.md); it is removed once restored.
+    case restore(stateFile: String)
+    /// From a live-migration stream, with its disks copied in it or shared (docs/migration.md).
+    case receive(Machine.ArrivalMode)
+}
+
+/// What a machine needs of the host, opened before the VMM is confined (docs/isolation.md):
+/// KVM, guest RAM and its backing, the kernel and initrd, each disk's files, each card's host
+/// side, the vsock's listening socket, the console and the state file to restore. Nothing here
+/// reads what a guest, a jailed VMM or a peer could have written: the disks' headers and the
+/// state wait for `Machine.finishAssembly`.
+struct HostResources {
+    let kvm: KVMSystem
+    /// The spec checked against this host, with the kernel and initrd read.
+    let boot: BootConfiguration
+    let memory: GuestMemory
+    /// One per disk, in the spec's order: opened, not read.
+    let diskFiles: [DiskFiles]
+    /// One per card, in the spec's order.
+    let frameBackends: [any FrameBackend]
+    let vsockListener: Int32?
+    let console: Console
+    /// The state file to restore, open but not read; -1 when the machine does not restore.
+    let stateDescriptor: Int32
+
+    static func open(_ spec: MachineSpec, for start: MachineStart) throws(VMMError) -> HostResources {
+        let kvm: KVMSystem
+        do {
+            kvm = try KVMSystem()
+            try kvm.requireCapabilities()
+        } catch {
+            throw .kvm(error)
+        }
+        let boot = try spec.validated(maximumVCPUs: kvm.maximumVCPUs)
+        var stateDescriptor: Int32 = -1
+        if case let .restore(stateFile) = start {
+            stateDescriptor = Glibc.open(stateFile, O_RDONLY | O_CLOEXEC)
+            guard stateDescriptor >= 0 else { throw .host(operation: "open saved state \(stateFile)", errno: errno) }
+        }
+        // Everything opened so far is closed again if a later step fails (vireo run goes on
+        // living after a refusal it prints).
+        var vsockListener: Int32?
+        var opened = false
+        defer {
+            if !opened {
+                if stateDescriptor >= 0 { close(stateDescriptor) }
+                if let vsockListener { close(vsockListener) }
+            }
+        }
+        let memory: GuestMemory
+        do {
+            memory = try GuestMemory(anonymousRegions: MachineLayout.ramRegions(memoryBytes: boot.memoryBytes), backing: spec.memory)
+        } catch {
+            throw .memory(error)
+        }
+        var diskFiles: [DiskFiles] = []
+        for disk in spec.disks {
+            do throws(DiskImageError) {
+                if start == .receive(.sharedDisks) {
+                    // The image is the source's until it hands it over; what it rests on is
+                    // opened now, read-only, beside the source.
+                    diskFiles.append(.opened(try DiskImages.openFiles(layersOf: disk.path, format: disk.format, backing: disk.backing)))
+                } else {
+                    // A copied disk is written by the stream, read-only or not; the guest's view
+                    // of it stays as configured (VirtioBlock).
+                    diskFiles.append(try disk.openFiles(writable: !disk.readOnly || start == .receive(.copiedDisks)))
+                }
+            } catch {
+                throw .invalidConfiguration(field: "--disk", reason: "\(error)")
+            }
+        }
+        var frameBackends: [any FrameBackend] = []
+        for card in spec.nics {
+            do {
+                switch card.backend {
+                case let .tap(name): frameBackends.append(try TapDevice(name: name))
+                case let .tapDescriptor(fd): frameBackends.append(try TapDevice(descriptor: fd))
+                case let .streamDescriptor(fd): frameBackends.append(try StreamFrameBackend(descriptor: fd, name: "stream"))
+                }
+            } catch {
+                throw .invalidConfiguration(field: "--net", reason: error.description)
+            }
+        }
+        if let socket = spec.vsock { vsockListener = try listenUnixSocket(path: socket.socketPath, field: "--vsock", backlog: 64) }
+        let console = try Console(try ConsoleConfiguration(parsing: spec.console))
+        opened = true
+        return HostResources(kvm: kvm, boot: boot, memory: memory, diskFiles: diskFiles, frameBackends: frameBackends,
+                             vsockListener: vsockListener, console: console, stateDescriptor: stateDescriptor)
+    }
+}
