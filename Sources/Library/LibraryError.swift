@@ -67,6 +67,8 @@ extension LibraryError {
     /// A machine rule's refusal, named by the `vireo create`/`set` flag (the API turns it into
     /// the JSON key through the same table, MachineField).
     public init(_ error: MachineSpecError) {
-        self = .invalidValue(field: error.flag, reason: error.reason)
+        // A disk rule concerns the VM's disks, not `vireo create --disk SIZE` (the API's
+        // `disk_bytes`): its reason names which disk.
+        self = .invalidValue(field: error.field == .disks ? "disks" : error.flag, reason: error.reason)
     }
 }

@@ -58,7 +58,13 @@ public enum VMMArguments {
                                             "--incoming-fd", "--incoming-disks", "--jail", "--seccomp", "--landlock"]
 
     public static func parse(_ arguments: [String]) throws(VMMError) -> Parsed {
-        if arguments.contains("--help") || arguments.contains("-h") { return .help }
+        // Help only where a flag stands, not as a flag's value (`--cmdline --help`).
+        var index = 0
+        while index < arguments.count {
+            let argument = arguments[index]
+            if argument == "--help" || argument == "-h" { return .help }
+            index += MachineSpec.valueFlags.contains(argument) || processFlags.contains(argument) ? 2 : 1
+        }
         let spec: MachineSpec
         let values: [String: String]
         do {

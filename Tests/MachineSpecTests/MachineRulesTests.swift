@@ -129,3 +129,23 @@ import Testing
         }
     }
 }
+
+@Suite struct ArgumentEdgeTests {
+    @Test func helpOnlyWhereAFlagStands() throws {
+        guard case .help = try VMMArguments.parse(["--kernel", "/k", "--help"]) else { Issue.record("--help as a flag"); return }
+        guard case let .run(spec, _) = try VMMArguments.parse(["--kernel", "/k", "--cmdline", "--help"]) else { Issue.record("--help as a value"); return }
+        #expect(spec.commandLine == "--help")
+    }
+
+    /// A disk rule names the VM's disks, in the library and so in the API (not `disk_bytes`).
+    @Test func diskRulesNameTheDisks() {
+        var definition = VMDefinition(uuid: "00000000-0000-4000-8000-000000000003", name: "d", osType: OSType.all[0], createdAt: 0)
+        definition.engine = .kvm
+        definition.kernel = "/k"
+        definition.disks = [DiskAttachment(path: "d.raw", format: .raw, serial: String(repeating: "s", count: 30))]
+        #expect { try VMLibrary.validate(definition) } throws: { error in
+            guard case let .invalidValue(field, reason) = error as? LibraryError else { return false }
+            return field == "disks" && reason.hasPrefix("disk 0: serial") && APIProblem(error as! LibraryError).field == "disks"
+        }
+    }
+}
