@@ -17,7 +17,8 @@ struct Run: ParsableCommand {
             anything starts; 128+N when stopped by signal N.
 
             Flags (the same as vireo-vmm's machine flags and a library VM's settings):
-            \(MachineSpec.flagHelp)
+
+            \(MachineSpec.flagDescriptions.map { "\($0.flag): \($0.meaning)" }.joined(separator: "\n\n"))
             """)
 
     @Argument(parsing: .allUnrecognized, help: ArgumentHelp("The machine's flags (see the discussion above).", valueName: "flags"))

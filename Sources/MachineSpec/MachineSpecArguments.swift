@@ -10,29 +10,32 @@ extension MachineSpec {
                                                  "--rt-priority", "--thp", "--numa-node"]
 
     /// What each flag means, for `vireo run --help` and `vireo-vmm --help`.
-    public static let flagHelp = """
-          --kernel PATH        the kernel: an ELF vmlinux (64-bit or PVH entry) or a bzImage (required)
-          --initrd PATH        an initial RAM disk, loaded as high in guest RAM as the kernel allows
-          --cmdline TEXT       the kernel command line (default console=ttyS0)
-          --cpus N             vCPUs (default 1)
-          --cpu MODEL          the CPU the guest sees: host (default) or baseline (x86-64-v2), then ,+FEATURE / ,-FEATURE
-          --memory SIZE        guest RAM with K, M, G or T (binary units); a bare number is MiB (default 512M)
-          --console C          the serial console: stdio (default), none, file:PATH or socket:PATH
-          --disk SPEC          a virtio-blk disk: \(Disk.syntax); repeat for more.
-                               format= is what the disk is (never read from its content; .qcow2/.raw names say it too);
-                               backing=FORMAT:PATH, once per layer nearest first, is the only chain opened (backing=header follows the image's own header)
-          --net SPEC           a virtio-net card: \(NIC.syntax)[,offload=on|off][,bps=N[,bps-burst=N]][,pps=N[,pps-burst=N]]; repeat for more
-          --vsock PATH[,cid=N] a virtio-vsock device; the host reaches guest port P by connecting to PATH and sending "CONNECT P\\n"
-          --balloon OPTIONS    a virtio-balloon device: on, deflate-on-oom and/or stats=SECONDS
-          --rng                a virtio-rng device fed from the host's /dev/urandom
-          --acpi on|off        describe the machine with ACPI tables and an MP table (default), or the MP table and command-line devices only
-          --on-reboot P        exit (default): a guest reboot ends the run; restart: boots the VM again in this process
-          --generation-id HEX  the VM generation ID (32 hex digits) the guest's vmgenid device shows; random if absent
-          --memory-backing B   \(MemoryBacking.backingForms); --prealloc faults RAM in at start; --ksm offers it to KSM; --lock-memory locks it in RAM
-          --thp on|off         offer anonymous guest RAM to transparent huge pages (default on)
-          --numa-node N        bind guest RAM to host NUMA node N
-          --rt-priority N      vCPU threads run SCHED_FIFO at priority N (1-99); all memory is locked
-        """
+    public static let flagDescriptions: [(flag: String, meaning: String)] = [
+        ("--kernel PATH", "the kernel: an ELF vmlinux (64-bit or PVH entry) or a bzImage (required)"),
+        ("--initrd PATH", "an initial RAM disk, loaded as high in guest RAM as the kernel allows"),
+        ("--cmdline TEXT", "the kernel command line (default console=ttyS0)"),
+        ("--cpus N", "vCPUs (default 1)"),
+        ("--cpu MODEL", "the CPU the guest sees: host (default) or baseline (x86-64-v2), then ,+FEATURE / ,-FEATURE"),
+        ("--memory SIZE", "guest RAM with K, M, G or T (binary units); a bare number is MiB (default 512M)"),
+        ("--console C", "the serial console: stdio (default), none, file:PATH or socket:PATH"),
+        ("--disk SPEC", "a virtio-blk disk: \(Disk.syntax); repeat for more. format= is what the disk is (never read from its content; .qcow2/.raw names say it too); backing=FORMAT:PATH, once per layer nearest first, is the only chain opened (backing=header follows the image's own header)"),
+        ("--net SPEC", "a virtio-net card: \(NIC.syntax)[,offload=on|off][,bps=N[,bps-burst=N]][,pps=N[,pps-burst=N]]; repeat for more"),
+        ("--vsock PATH[,cid=N]", "a virtio-vsock device; the host reaches guest port P by connecting to PATH and sending \"CONNECT P\\n\""),
+        ("--balloon OPTIONS", "a virtio-balloon device: on, deflate-on-oom and/or stats=SECONDS"),
+        ("--rng", "a virtio-rng device fed from the host's /dev/urandom"),
+        ("--acpi on|off", "describe the machine with ACPI tables and an MP table (default), or the MP table and command-line devices only"),
+        ("--on-reboot P", "exit (default): a guest reboot ends the run; restart: boots the VM again in this process"),
+        ("--generation-id HEX", "the VM generation ID (32 hex digits) the guest's vmgenid device shows; random if absent"),
+        ("--memory-backing B", "\(MemoryBacking.backingForms); --prealloc faults RAM in at start; --ksm offers it to KSM; --lock-memory locks it in RAM"),
+        ("--thp on|off", "offer anonymous guest RAM to transparent huge pages (default on)"),
+        ("--numa-node N", "bind guest RAM to host NUMA node N"),
+        ("--rt-priority N", "vCPU threads run SCHED_FIFO at priority N (1-99); all memory is locked"),
+    ]
+
+    /// The flags as an aligned list (vireo-vmm's usage, printed as it is).
+    public static var flagHelp: String {
+        flagDescriptions.map { "  " + $0.flag + String(repeating: " ", count: max(1, 22 - $0.flag.count)) + $0.meaning }.joined(separator: "\n")
+    }
 
     public var arguments: [String] {
         var arguments = ["--kernel", kernel, "--cmdline", commandLine, "--cpus", String(cpus), "--memory", Self.sizeArgument(memoryBytes)]
