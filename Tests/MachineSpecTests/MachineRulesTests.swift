@@ -1,9 +1,13 @@
 import Devices
+@testable import Engines
 import Library
 import MachineSpec
 @testable import Server
 import Testing
 @testable import VMM
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// The machine's rules are written once (MachineSpec) and every path applies them: these tests
 /// hold the boundaries, the one table of names, and — the point of having one rule set — that the
@@ -147,5 +151,23 @@ import Testing
             guard case let .invalidValue(field, reason) = error as? LibraryError else { return false }
             return field == "disks" && reason.hasPrefix("disk 0: serial") && APIProblem(error as! LibraryError).field == "disks"
         }
+    }
+}
+
+/// A running VM whose process does not answer (it is starting or stopping) is a conflict to retry,
+/// never a server error: the API's fuzzing raced a stop and got a 500 here.
+@Suite struct NotAnsweringTests {
+    @Test func aSilentVMIsAConflict() {
+        var definition = VMDefinition(uuid: "00000000-0000-4000-8000-000000000004", name: "quiet", osType: OSType.all[0], createdAt: 0)
+        definition.engine = .kvm
+        let vm = EngineVM(bundle: VMBundle(directory: "/nonexistent/quiet"), definition: definition)
+        for code in [ECONNREFUSED, ENOENT] {
+            let error = KVMEngine.translate(.unreachable(path: "/nonexistent/quiet/control.sock", errno: code), vm: vm, action: "resume")
+            guard case let .wrongState(name, state, action, _) = error else { Issue.record("\(error)"); continue }
+            #expect(name == "quiet" && state == "starting or stopping" && action == "resume")
+            #expect(APIProblem(error).status == .conflict)
+        }
+        // Anything else stays the host's failure.
+        guard case .engine = KVMEngine.translate(.unreachable(path: "/x", errno: EACCES), vm: vm, action: "resume") else { Issue.record("EACCES"); return }
     }
 }

@@ -280,6 +280,7 @@ public struct KVMEngine: MigratingEngine {
 
     static func translate(_ error: ControlError, vm: EngineVM, action: String) -> LibraryError {
         let name = vm.name
+        if case let .unreachable(_, code) = error, let conflict = EngineRefusal.notAnswering(vm, action: action, errno: code) { return conflict }
         guard case let .refused(code, message) = error else { return .engine(name: name, reason: error.description, exitStatus: 1) }
         switch code {
         case "paused":

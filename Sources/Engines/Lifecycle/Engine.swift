@@ -126,6 +126,14 @@ enum EngineRefusal {
     static func noStateTransfer(_ vm: EngineVM, action: String) -> LibraryError {
         unsupported(vm, action, "this engine cannot write a running VM's state; stop it with `vireo stop \(vm.name)`")
     }
+    /// A VM whose lock is held but whose process does not answer is starting or stopping: a
+    /// conflict to retry, not a failure of the host (the API's fuzzing raced a stop this way).
+    static let notAnsweringState = "starting or stopping"
+    static func notAnswering(_ vm: EngineVM, action: String, errno code: Int32) -> LibraryError? {
+        guard code == ECONNREFUSED || code == ENOENT else { return nil }
+        return .wrongState(name: vm.name, state: notAnsweringState, action: action,
+                           hint: "its process is not answering yet or any more; try again, or see `vireo list`")
+    }
     static func noMigration(_ vm: EngineVM) -> LibraryError {
         unsupported(vm, "migrate", "live migration is built for the kvm engine; QEMU's own migration is not wired into Vireo yet")
     }

@@ -225,8 +225,12 @@ public struct VMManager: Sendable {
     static func stoppedMeanwhile(_ bundle: VMBundle, after error: LibraryError, timeout: Double) -> Bool {
         var wait = 2.0
         if case let .wrongState(_, state, _, _) = error {
-            guard state == "stopping" else { return false }
-            wait = timeout
+            switch state {
+            case "stopping": wait = timeout
+            // Its process does not answer: on its way out (or still starting), as before.
+            case EngineRefusal.notAnsweringState: break
+            default: return false
+            }
         }
         return waitUntilStopped(bundle, seconds: wait)
     }

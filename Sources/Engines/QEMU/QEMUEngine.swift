@@ -315,6 +315,7 @@ public struct QEMUEngine: DisplayEngine, RemovableMediaEngine, StateTransferEngi
 
     func connect(_ vm: EngineVM, action: String, timeoutSeconds: Int = 10) throws(LibraryError) -> QMPConnection {
         do { return try QMPConnection(path: vm.bundle.qmpPath, timeoutSeconds: timeoutSeconds) } catch {
+            if case let .unreachable(.unreachable(_, code)) = error, let conflict = EngineRefusal.notAnswering(vm, action: action, errno: code) { throw conflict }
             throw .engine(name: vm.name, reason: "cannot \(action) it: QEMU does not answer on \(vm.bundle.qmpPath): \(error)", exitStatus: 1)
         }
     }
