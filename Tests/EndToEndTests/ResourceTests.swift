@@ -66,7 +66,14 @@ struct ResourceTests {
         let shown = library.vireo("info", "spin").stdout
         #expect(shown.contains("CPU cap 25%") && shown.contains("Control groups:"), "\(shown)")
         #expect(library.vireo("set", "spin", "--cpu-cap", "none").status == 0)
-        let whole = Self.share(groups)
+        // The kernel's own knob says unlimited.
+        let quota = groups["cpu"].flatMap { try? String(contentsOfFile: $0 + "/cpu.cfs_quota_us", encoding: .utf8) }
+            ?? groups["unified"].flatMap { try? String(contentsOfFile: $0 + "/cpu.max", encoding: .utf8) } ?? ""
+        #expect(quota.hasPrefix("-1") || quota.hasPrefix("max"), "quota after removing the cap: \(quota)")
+        // A whole CPU, in one of up to three windows: the rest of the suite shares this 2-core
+        // machine, and one window once measured 0.66 while a TCG guest ran beside it.
+        var whole = 0.0
+        for _ in 0..<3 where whole <= 0.75 { whole = max(whole, Self.share(groups)) }
         #expect(whole > 0.75, "uncapped: \(whole)")
         // Anything but a limit still needs the VM stopped.
         let refused = library.vireo("set", "spin", "--cpus", "2", "--cpu-cap", "50%")
