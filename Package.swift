@@ -61,7 +61,7 @@ let package = Package(
         .testTarget(name: "DiskImageTests", dependencies: ["MachineSpec", "DiskImage", "CHostSupport"]),
         .testTarget(name: "MachineSpecTests", dependencies: ["MachineSpec", "Devices", "DiskImage", "GuestMemory", "VMM", "Library", "Engines", "Server"]),
         .testTarget(name: "LibraryTests", dependencies: ["MachineSpec", "Library", "Engines", "Server"]),
-        .testTarget(name: "EndToEndTests", dependencies: ["X86Boot", "GuestMemory", "CHostSupport"]),
+        .testTarget(name: "EndToEndTests", dependencies: ["X86Boot", "GuestMemory", "CHostSupport", "MigrationWire"]),
     ],
     swiftLanguageModes: [.v6]
 )

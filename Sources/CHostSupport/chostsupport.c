@@ -286,6 +286,22 @@ int vireo_guest_memfd(const char *name) {
     return memfd_create(name, MFD_CLOEXEC);
 }
 
+int vireo_sealed_memfd(const char *name, const void *bytes, size_t length) {
+    int fd = memfd_create(name, MFD_CLOEXEC | MFD_ALLOW_SEALING);
+    if (fd < 0) return -1;
+    size_t done = 0;
+    while (done < length) {
+        ssize_t written = write(fd, (const char *)bytes + done, length - done);
+        if (written < 0 && errno == EINTR) continue;
+        if (written <= 0) { int saved = errno; close(fd); errno = saved ? saved : EIO; return -1; }
+        done += (size_t)written;
+    }
+    if (fcntl(fd, F_ADD_SEALS, F_SEAL_WRITE | F_SEAL_GROW | F_SEAL_SHRINK | F_SEAL_SEAL) != 0) {
+        int saved = errno; close(fd); errno = saved; return -1;
+    }
+    return fd;
+}
+
 int vireo_file_punch_hole(int fd, long long offset, long long length) {
     return fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)offset, (off_t)length);
 }

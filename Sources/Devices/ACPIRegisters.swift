@@ -1,3 +1,4 @@
+import MachineSpec
 import Synchronization
 
 /// The registers of Vireo's hardware-reduced ACPI platform (docs/acpi.md), four I/O ports the

@@ -1,3 +1,4 @@
+import MachineSpec
 import Synchronization
 
 /// Enough of the PC keyboard controller for guests to reset the machine (command 0xFE, which is

@@ -1,3 +1,4 @@
+import MachineSpec
 #if canImport(Glibc)
 import Glibc
 #endif

@@ -1,3 +1,4 @@
+import MachineSpec
 import Synchronization
 
 /// Where a serial port's transmitted bytes go.

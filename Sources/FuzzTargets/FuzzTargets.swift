@@ -3,6 +3,7 @@ import DiskImage
 import Engines
 import GuestMemory
 import Library
+import MachineSpec
 import Server
 import VMM
 #if canImport(Glibc)

@@ -18,5 +18,9 @@ public enum MachineLimits {
     public static let realTimePriorities: ClosedRange<Int> = 1...99
     /// Seconds between balloon statistics refreshes.
     public static let balloonStatisticsIntervals: ClosedRange<UInt64> = 1...3600
+    /// NUMA node numbers (Linux's MAX_NUMNODES is at most 1024).
+    public static let numaNodes: ClosedRange<Int> = 0...1023
+    /// Descriptors a VMM inherits (above stdin, stdout and stderr).
+    public static let inheritedDescriptors: ClosedRange<Int32> = 3...65535
     public static let rebootPolicies = ["restart", "exit"]
 }

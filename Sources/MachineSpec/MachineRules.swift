@@ -10,12 +10,27 @@ public enum MachineRules {
         try cpus(spec.cpus, hostLimit: hostVCPUs)
         try memory(spec.memoryBytes, hostBytes: hostMemory)
         try commandLine(spec.commandLine)
+        try path(spec.kernel, .kernel)
+        if let initrd = spec.initrd { try path(initrd, .initrd) }
+        if let socket = spec.vsock?.socketPath { try path(socket, .vsockCID) }
+        try path(spec.console, .console)
+        try memoryBacking(spec.memory, memoryBytes: spec.memoryBytes)
         try virtioDevices(disks: spec.disks.count, nics: spec.nics.count, vsock: spec.vsock != nil, balloon: spec.balloon != nil, entropy: spec.entropyDevice)
         for (index, disk) in spec.disks.enumerated() {
+            try path(disk.path, .disks)
+            // A spec's paths are resolved (a definition's may be relative to the VM's directory).
+            if let relative = disk.backing.first(where: { !$0.path.hasPrefix("/") || $0.path.utf8.contains(0) }) {
+                throw MachineSpecError(.disks, "disk \(index): backing image '\(relative.path.prefix(200))' is not an absolute path")
+            }
+            try disk.rateLimit.validate(field: .disks, operations: "iops")
             if let serial = disk.serial { try diskSerial(serial, disk: index) }
             try diskChain(path: disk.path, format: disk.format, backing: disk.backing, disk: index)
         }
-        for (index, nic) in spec.nics.enumerated() { if let text = nic.mac { _ = try Self.mac(text, card: index) } }
+        for (index, nic) in spec.nics.enumerated() {
+            try nicBackend(nic.backend)
+            try nic.rateLimit.validate(field: .nics, operations: "pps")
+            if let text = nic.mac { _ = try Self.mac(text, card: index) }
+        }
         if let vsock = spec.vsock { try vsockCID(vsock.guestCID) }
         if let interval = spec.balloon?.statisticsInterval { try balloonStatisticsInterval(interval) }
         if let priority = spec.realTimePriority { try realTimePriority(Int(priority)) }
@@ -40,6 +55,56 @@ public enum MachineRules {
         }
         if let hostBytes, bytes > hostBytes {
             throw MachineSpecError(.memoryBytes, "\(Size.describe(bytes)) is more than this host's \(Size.describe(hostBytes)) of RAM")
+        }
+    }
+
+    /// How RAM is backed: huge pages of a size the kernel has and that divide the RAM, or a file
+    /// at an absolute path, not both; KSM only on private pages; a NUMA node number Linux could have.
+    public static func memoryBacking(_ backing: MemoryBacking, memoryBytes: UInt64) throws(MachineSpecError) {
+        if let page = backing.hugePageSize {
+            guard page == 2 << 20 || page == 1 << 30 else {
+                throw MachineSpecError(.memoryBacking, "huge pages of \(page) bytes are not 2M or 1G")
+            }
+            guard memoryBytes % page == 0 else {
+                throw MachineSpecError(.memoryBacking, "\(memoryBytes >> 20) MiB of RAM is not a whole number of \(page >> 20) MiB huge pages")
+            }
+            guard backing.file == nil else {
+                throw MachineSpecError(.memoryBacking, "huge pages and a backing file are one choice, not both")
+            }
+        }
+        if case let .path(path) = backing.file, !path.hasPrefix("/") || path.count < 2 || path.utf8.contains(0) {
+            throw MachineSpecError(.memoryBacking, "'\(path.prefix(200))' is not an absolute file path")
+        }
+        if backing.shared, backing.file == nil {
+            throw MachineSpecError(.memoryBacking, "only a memfd or a file can be shared")
+        }
+        if backing.mergeable, backing.shared {
+            throw MachineSpecError(.ksm, "KSM merges private pages only; a shared backing file's pages are never merged")
+        }
+        if let node = backing.numaNode, !MachineLimits.numaNodes.contains(Int(node)) {
+            throw MachineSpecError(.numaNode, "\(node) is not a NUMA node number (0 to \(MachineLimits.numaNodes.upperBound))")
+        }
+    }
+
+    /// A card's host side: a tap's name as the kernel takes it, or a descriptor above stdio.
+    public static func nicBackend(_ backend: MachineSpec.NIC.Backend) throws(MachineSpecError) {
+        switch backend {
+        case let .tap(name):
+            guard (1...15).contains(name.utf8.count), name.utf8.allSatisfy({ $0 > 0x20 && $0 < 0x7f && $0 != UInt8(ascii: "/") }) else {
+                throw MachineSpecError(.nics, "tap name '\(name.prefix(40))' must be 1 to 15 printable characters without '/' or spaces")
+            }
+        case let .tapDescriptor(fd), let .streamDescriptor(fd):
+            guard MachineLimits.inheritedDescriptors.contains(fd) else {
+                throw MachineSpecError(.nics, "'\(backend)' needs an inherited descriptor number from \(MachineLimits.inheritedDescriptors.lowerBound) up")
+            }
+        }
+    }
+
+    /// A path the VMM will hand to the kernel: not empty, no NUL (which would cut it short), and
+    /// no longer than PATH_MAX.
+    public static func path(_ text: String, _ field: MachineField) throws(MachineSpecError) {
+        guard !text.isEmpty, text.utf8.count < 4096, !text.utf8.contains(0) else {
+            throw MachineSpecError(field, "'\(text.prefix(200))' is not a usable path (empty, longer than 4095 bytes, or with a NUL byte)")
         }
     }
 

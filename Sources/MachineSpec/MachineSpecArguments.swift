@@ -59,6 +59,38 @@ extension MachineSpec {
         return arguments
     }
 
+    /// The command line as (flag, value) pairs in order, a switch's value empty: `--flag value`
+    /// and `--flag=value` both read; a flag that is neither kind is refused, naming it.
+    public static func flags(_ arguments: [String], valueFlags: Set<String>, switches: Set<String>) throws(MachineSpecError)
+        -> [(name: String, value: String)] {
+        var pairs: [(name: String, value: String)] = []
+        var index = 0
+        while index < arguments.count {
+            let argument = arguments[index]
+            index += 1
+            if switches.contains(argument) {
+                pairs.append((argument, ""))
+                continue
+            }
+            var name = argument
+            var value: String?
+            if let equals = argument.firstIndex(of: "=") {
+                name = String(argument[..<equals])
+                value = String(argument[argument.index(after: equals)...])
+            }
+            guard valueFlags.contains(name) else {
+                throw MachineSpecError(argument: argument, "unknown argument; expected one of \(valueFlags.union(switches).sorted().joined(separator: ", "))")
+            }
+            if value == nil {
+                guard index < arguments.count else { throw MachineSpecError(argument: name, "missing value") }
+                value = arguments[index]
+                index += 1
+            }
+            pairs.append((name, value ?? ""))
+        }
+        return pairs
+    }
+
     /// A byte count as `--memory` reads it back exactly (a bare number would mean MiB).
     static func sizeArgument(_ bytes: UInt64) -> String {
         bytes % 1024 == 0 ? "\(bytes >> 10)K" : "\(bytes)B"
@@ -73,36 +105,11 @@ extension MachineSpec {
         var others: [String: String] = [:]
         var disks: [Disk] = []
         var nics: [NIC] = []
-        var index = 0
-        let known = valueFlags.union(otherFlags)
-        while index < arguments.count {
-            let argument = arguments[index]
-            if switches.contains(argument) || otherSwitches.contains(argument) {
-                guard values[argument] == nil, others[argument] == nil else { throw MachineSpecError(argument: argument, "given more than once") }
-                if switches.contains(argument) { values[argument] = "" } else { others[argument] = "" }
-                index += 1
-                continue
-            }
-            var name = argument
-            var value: String?
-            if let equals = argument.firstIndex(of: "=") {
-                name = String(argument[..<equals])
-                value = String(argument[argument.index(after: equals)...])
-            }
-            guard known.contains(name) else {
-                throw MachineSpecError(argument: argument, "unknown argument; expected one of \(known.union(switches).union(otherSwitches).sorted().joined(separator: ", "))")
-            }
-            if value == nil {
-                index += 1
-                guard index < arguments.count else { throw MachineSpecError(argument: name, "missing value") }
-                value = arguments[index]
-            }
-            index += 1
-            guard let value else { continue }
+        for (name, value) in try flags(arguments, valueFlags: valueFlags.union(otherFlags), switches: switches.union(otherSwitches)) {
             if name == "--net" { nics.append(try NIC(parsing: value, index: nics.count)); continue }
             if name == "--disk" { disks.append(try Disk(parsing: value, index: disks.count)); continue }
             guard values[name] == nil, others[name] == nil else { throw MachineSpecError(argument: name, "given more than once") }
-            if valueFlags.contains(name) { values[name] = value } else { others[name] = value }
+            if valueFlags.contains(name) || switches.contains(name) { values[name] = value } else { others[name] = value }
         }
         guard let kernel = values["--kernel"] else { throw MachineSpecError(.kernel, "missing; a kernel image is required") }
         var spec = MachineSpec(kernel: kernel)
@@ -139,7 +146,7 @@ extension MachineSpec {
             spec.memory.transparentHugePages = text == "on"
         }
         if let text = values["--numa-node"] {
-            guard let node = Int32(text), (0..<1024).contains(node) else { throw MachineSpecError(.numaNode, "'\(text)' is not a NUMA node number") }
+            guard let node = Int32(text) else { throw MachineSpecError(.numaNode, "'\(text)' is not a NUMA node number") }
             spec.memory.numaNode = node
         }
         if let text = values["--rt-priority"] {
@@ -148,6 +155,7 @@ extension MachineSpec {
             spec.realTimePriority = priority
         }
         if let text = values["--console"] { spec.console = text }
+        try MachineRules.memoryBacking(spec.memory, memoryBytes: spec.memoryBytes)
         return (spec, others)
     }
 }
@@ -235,20 +243,17 @@ extension MachineSpec.NIC {
         let first = parts.first ?? ""
         let backend: Backend
         if first.hasPrefix("tap:"), first.count > 4 {
-            let tap = String(first.dropFirst(4))
-            guard tap.utf8.count <= 15, tap.utf8.allSatisfy({ $0 > 0x20 && $0 < 0x7f && $0 != UInt8(ascii: "/") }) else {
-                throw MachineSpecError(.nics, "tap name '\(tap)' must be 1 to 15 printable characters without '/' or spaces")
-            }
-            backend = .tap(tap)
+            backend = .tap(String(first.dropFirst(4)))
         } else if first.hasPrefix("tap-fd:") || first.hasPrefix("stream-fd:") {
             let number = first.drop(while: { $0 != ":" }).dropFirst()
-            guard let fd = Int32(number), fd >= 3, fd < 65536 else {
+            guard let fd = Int32(number) else {
                 throw MachineSpecError(.nics, "'\(first)' needs an inherited descriptor number from 3 up")
             }
             backend = first.hasPrefix("tap-fd:") ? .tapDescriptor(fd) : .streamDescriptor(fd)
         } else {
             throw MachineSpecError(.nics, "'\(text)' is not \(Self.syntax)")
         }
+        try MachineRules.nicBackend(backend)
         var nic = MachineSpec.NIC(backend: backend)
         for option in parts.dropFirst() {
             if option.hasPrefix("mac=") {
@@ -356,7 +361,7 @@ extension RateLimit {
     }
 
     /// A burst without its rate means nothing; called once every option is read.
-    func validate(field: MachineField, operations: String) throws(MachineSpecError) {
+    public func validate(field: MachineField, operations: String) throws(MachineSpecError) {
         if bytesBurst != nil && bytesPerSecond == nil {
             throw MachineSpecError(field, "bps-burst needs bps (the rate the burst refills at)")
         }

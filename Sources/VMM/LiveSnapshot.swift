@@ -1,6 +1,7 @@
 import CZlib
 import Devices
 import GuestMemory
+import MachineSpec
 #if canImport(Glibc)
 import Glibc
 #endif

@@ -50,8 +50,11 @@ struct KVMInterruptLine: InterruptLine {
 /// A complete x86_64 virtual machine: KVM VM, guest RAM, the booted kernel, vCPUs and devices.
 public final class Machine: @unchecked Sendable {
     public let boot: BootConfiguration
+    /// What the machine was built from; a save or a migration carries it, for the other side to
+    /// check its own against.
+    let spec: MachineSpec
     /// SCHED_FIFO priority of the vCPU threads (`--rt-priority`).
-    let realTimePriority: Int32?
+    var realTimePriority: Int32? { spec.realTimePriority }
     let kvm: KVMSystem
     let vm: VirtualMachine
     let memory: GuestMemory
@@ -201,7 +204,7 @@ public final class Machine: @unchecked Sendable {
         }
         balloon = spec.balloon.map { VirtioBalloon(deflateOnOOM: $0.deflateOnOOM, statisticsInterval: $0.statisticsInterval) }
         stop = try StopController(rebootPolicy: spec.onReboot)
-        realTimePriority = spec.realTimePriority
+        self.spec = spec
 
         do {
             vm = try kvm.createVM()

@@ -54,7 +54,8 @@ public struct MigrationOutcome: Sendable {
 /// What a migration source announces first (`machine`): enough for the destination to build the
 /// same machine and to refuse early, before any memory crosses.
 struct ArrivingMachine {
-    var shape: MachineShape
+    /// The spec of the machine the source runs.
+    var machine: MachineSpec
     var cpuid: [CPUIDEntry]
     var copiesDisks: Bool
     var diskSizes: [UInt64]
@@ -64,7 +65,7 @@ struct ArrivingMachine {
     func encoded() -> [UInt8] {
         var writer = StateWriter()
         writer.put("machine")
-        shape.write(into: &writer)
+        machine.write(into: &writer)
         SavedMachineState.write(cpuid: cpuid, into: &writer)
         writer.put(copiesDisks)
         writer.put(UInt32(diskSizes.count))
@@ -72,8 +73,8 @@ struct ArrivingMachine {
         return writer.bytes
     }
 
-    init(shape: MachineShape, cpuid: [CPUIDEntry], copiesDisks: Bool, diskSizes: [UInt64]) {
-        self.shape = shape
+    init(machine: MachineSpec, cpuid: [CPUIDEntry], copiesDisks: Bool, diskSizes: [UInt64]) {
+        self.machine = machine
         self.cpuid = cpuid
         self.copiesDisks = copiesDisks
         self.diskSizes = diskSizes
@@ -92,7 +93,7 @@ struct ArrivingMachine {
     init(decoding bytes: [UInt8]) throws(StateError) {
         var reader = StateReader(bytes)
         try reader.expect("machine", "section")
-        shape = try MachineShape(from: &reader)
+        machine = try MachineSpec.readCarried(from: &reader)
         cpuid = try SavedMachineState.readCPUID(from: &reader)
         copiesDisks = try reader.getBool("disk mode")
         let count = Int(try reader.get(UInt32.self, "disk count"))
@@ -194,8 +195,7 @@ public enum MigrationInspection {
 
     /// A well-formed stream: machine, a run of pages, zero pages, disk data and zeroes, state, end.
     public static func sampleStream() -> [UInt8] {
-        let shape = MachineShape(cpus: 2, memoryBytes: 64 << 20, usesACPI: true, virtioTypes: [2, 1, 4])
-        let machine = ArrivingMachine(shape: shape, cpuid: [CPUIDEntry(function: 1, index: 0, flags: 0, eax: 0x800f11, ebx: 0, ecx: 0, edx: 0)],
+        let machine = ArrivingMachine(machine: SavedStateInspection.sampleMachine(), cpuid: [CPUIDEntry(function: 1, index: 0, flags: 0, eax: 0x800f11, ebx: 0, ecx: 0, edx: 0)],
                                       copiesDisks: true, diskSizes: [1 << 20])
         var stream = MigrationWire.encodeFrame(.machine, machine.encoded())
         var pages: [UInt8] = []
@@ -428,7 +428,7 @@ final class OutgoingMigration {
 
     func run(progress: (MigrationProgress) -> Void) throws(MigrationError) -> MigrationOutcome {
         let disks = machine.blockDevices.map(\.device)
-        let announce = ArrivingMachine(shape: machine.shape, cpuid: machine.cpuidBasis, copiesDisks: options.copyDisks,
+        let announce = ArrivingMachine(machine: machine.spec, cpuid: machine.cpuidBasis, copiesDisks: options.copyDisks,
                                        diskSizes: disks.map { $0.disk.virtualSize })
         try channel.send(.machine, announce.encoded())
         try startTracking()
@@ -833,7 +833,7 @@ extension Machine {
     /// then (shared disks) the images the source has let go of. Every message is checked; any
     /// failure is told to the source, which then runs on.
     func receiveMigration(_ arriving: ArrivingMachine, from channel: MigrationChannel) throws(VMMError) {
-        if let mismatch = shape.mismatch(saved: arriving.shape) { throw .migration(mismatch) }
+        if let mismatch = shape.mismatch(saved: MachineShape(arriving.machine)) { throw .migration(mismatch) }
         // A source that goes silent for a minute is gone; its VM runs on there.
         var timeout = timeval(tv_sec: 60, tv_usec: 0)
         setsockopt(channel.fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
@@ -884,7 +884,7 @@ extension Machine {
         }
         guard let arrivedState else { throw .migration("no state arrived") }
         let switchStarted = VMMClock.now()
-        if arrivedState.state.shape != arriving.shape { throw .migration("the state's machine differs from the one announced") }
+        if MachineShape(arrivedState.state.machine) != MachineShape(arriving.machine) { throw .migration("the state's machine differs from the one announced") }
         if !arriving.copiesDisks {
             guard arrivedState.flags & ArrivalFlags.disksReleased != 0 else { throw .migration("the source did not hand its disks over") }
             for (index, disk) in blockDevices.enumerated() {

@@ -24,7 +24,7 @@ enum SavedStateFile {
     static let magic = Array("VIREOSAV".utf8)
     static let trailerMagic = Array("VIREOEND".utf8)
     /// Bumped whenever the layout changes; a newer file is refused with the versions named.
-    static let version: UInt32 = 1
+    static let version: UInt32 = 2
     static let headerSize = 40
     static let trailerSize = 16
     static let metadataLimit = 64 << 20
@@ -43,21 +43,15 @@ enum SavedStateFile {
     }
 }
 
-/// What must match between a saved machine and the machine built to restore it.
+/// What must match between a saved machine and the machine built to restore it. Saved states
+/// and migration streams carry the whole `MachineSpec` they were taken from; this is the part of
+/// it a restore or an arrival depends on, read off that spec and off the machine built here.
 struct MachineShape: Equatable {
     var cpus: Int
     var memoryBytes: UInt64
     var usesACPI: Bool
     /// Virtio device types in slot order.
     var virtioTypes: [UInt32]
-
-    func write(into writer: inout StateWriter) {
-        writer.put(UInt32(cpus))
-        writer.put(memoryBytes)
-        writer.put(usesACPI)
-        writer.put(UInt32(virtioTypes.count))
-        for type in virtioTypes { writer.put(type) }
-    }
 
     init(cpus: Int, memoryBytes: UInt64, usesACPI: Bool, virtioTypes: [UInt32]) {
         self.cpus = cpus
@@ -66,24 +60,13 @@ struct MachineShape: Equatable {
         self.virtioTypes = virtioTypes
     }
 
-    /// Read from a saved state or a migration stream, under the machine's own rules: a shape no
-    /// `MachineSpec` could have is refused before anything is built from it.
-    init(from reader: inout StateReader) throws(StateError) {
-        cpus = Int(try reader.get(UInt32.self, "vCPU count"))
-        memoryBytes = try reader.get(UInt64.self, "memory size")
-        do throws(MachineSpecError) {
-            try MachineRules.cpus(cpus)
-            try MachineRules.memory(memoryBytes)
-        } catch {
-            throw .invalid(field: error.field == .cpus ? "vCPU count" : "memory size", reason: error.reason)
-        }
-        usesACPI = try reader.getBool("ACPI")
-        let count = Int(try reader.get(UInt32.self, "virtio device count"))
-        guard count <= MachineLimits.virtioSlots else {
-            throw .invalid(field: "virtio device count", reason: "\(count) devices; a machine has at most \(MachineLimits.virtioSlots)")
-        }
-        virtioTypes = []
-        for index in 0..<count { virtioTypes.append(try reader.get(UInt32.self, "virtio device \(index) type")) }
+    /// The shape a spec builds: its virtio devices in the slot order Machine gives them.
+    init(_ spec: MachineSpec) {
+        var types = [UInt32](repeating: 2, count: spec.disks.count) + [UInt32](repeating: 1, count: spec.nics.count)
+        if spec.vsock != nil { types.append(19) }
+        if spec.balloon != nil { types.append(5) }
+        if spec.entropyDevice { types.append(4) }
+        self.init(cpus: spec.cpus, memoryBytes: spec.memoryBytes, usesACPI: spec.acpi, virtioTypes: types)
     }
 
     /// Why a machine of `self`'s shape cannot take a state saved from `saved`, or nil.
@@ -100,6 +83,20 @@ struct MachineShape: Equatable {
     static func names(_ types: [UInt32]) -> String {
         let known: [UInt32: String] = [1: "net", 2: "blk", 4: "rng", 5: "balloon", 19: "vsock"]
         return "[" + types.map { known[$0] ?? "type \($0)" }.joined(separator: ", ") + "]"
+    }
+}
+
+extension MachineSpec {
+    /// The spec a saved state or a migration stream carries, read under every machine rule: a
+    /// machine no `MachineSpec` could describe is refused before anything is built from it.
+    static func readCarried(from reader: inout StateReader) throws(StateError) -> MachineSpec {
+        let spec = try MachineSpec(from: &reader)
+        do throws(MachineSpecError) {
+            try MachineRules.check(spec)
+        } catch {
+            throw .invalid(field: "machine spec " + (error.field?.key ?? error.argument ?? ""), reason: error.reason)
+        }
+        return spec
     }
 }
 
@@ -256,7 +253,8 @@ enum CPUIDCompatibility {
 /// Everything but guest RAM: decoded from a file before the machine is built (its shape and
 /// CPUID decide how it is built), applied after.
 struct SavedMachineState {
-    var shape: MachineShape
+    /// The spec of the machine that was saved.
+    var machine: MachineSpec
     /// KVM's supported CPUID on the saving host, from which each vCPU's was made.
     var cpuid: [CPUIDEntry]
     var tscKilohertz: UInt32
@@ -295,7 +293,7 @@ struct SavedMachineState {
     func encoded() -> [UInt8] {
         var writer = StateWriter()
         writer.put("machine")
-        shape.write(into: &writer)
+        machine.write(into: &writer)
         writer.put("cpuid")
         Self.write(cpuid: cpuid, into: &writer)
         writer.put("clock")
@@ -313,9 +311,9 @@ struct SavedMachineState {
         return writer.bytes
     }
 
-    init(shape: MachineShape, cpuid: [CPUIDEntry], tscKilohertz: UInt32, clockNanoseconds: UInt64, savedAtRealtimeNanoseconds: UInt64,
+    init(machine: MachineSpec, cpuid: [CPUIDEntry], tscKilohertz: UInt32, clockNanoseconds: UInt64, savedAtRealtimeNanoseconds: UInt64,
          interruptControllers: [kvm_irqchip], timer: kvm_pit_state2, vcpus: [VCPUSavedState], devices: [[UInt8]]) {
-        self.shape = shape
+        self.machine = machine
         self.cpuid = cpuid
         self.tscKilohertz = tscKilohertz
         self.clockNanoseconds = clockNanoseconds
@@ -329,7 +327,7 @@ struct SavedMachineState {
     init(decoding bytes: [UInt8]) throws(StateError) {
         var reader = StateReader(bytes)
         try reader.expect("machine", "section")
-        shape = try MachineShape(from: &reader)
+        machine = try MachineSpec.readCarried(from: &reader)
         try reader.expect("cpuid", "section")
         cpuid = try Self.readCPUID(from: &reader)
         try reader.expect("clock", "section")
@@ -348,7 +346,7 @@ struct SavedMachineState {
         timer = try reader.get(raw: kvm_pit_state2.self, "PIT")
         try reader.expect("vcpus", "section")
         vcpus = []
-        for index in 0..<shape.cpus { vcpus.append(try VCPUSavedState(from: &reader, vcpu: index)) }
+        for index in 0..<machine.cpus { vcpus.append(try VCPUSavedState(from: &reader, vcpu: index)) }
         try reader.expect("devices", "section")
         let deviceCount = Int(try reader.get(UInt32.self, "device count"))
         guard deviceCount <= 128 else { throw .invalid(field: "device count", reason: "\(deviceCount), more than 128") }
@@ -635,7 +633,7 @@ extension Machine {
         var realtime = timespec()
         clock_gettime(CLOCK_REALTIME, &realtime)
         return SavedMachineState(
-            shape: shape, cpuid: cpuidBasis, tscKilohertz: tscKilohertz, clockNanoseconds: try vm.clock().clock,
+            machine: spec, cpuid: cpuidBasis, tscKilohertz: tscKilohertz, clockNanoseconds: try vm.clock().clock,
             savedAtRealtimeNanoseconds: UInt64(realtime.tv_sec) * 1_000_000_000 + UInt64(realtime.tv_nsec),
             interruptControllers: interruptControllers, timer: timer, vcpus: vcpuStates, devices: devices)
     }
@@ -644,7 +642,7 @@ extension Machine {
     /// against the file's checksum first), the interrupt controllers and PIT, each vCPU, each
     /// device, and last kvmclock, set ahead by the wall time the VM spent saved.
     func restore(_ saved: SavedMachineState, memoryFrom file: borrowing SavedStateFile.Opened) throws(VMMError) {
-        if let mismatch = shape.mismatch(saved: saved.shape) { throw .savedState(path: file.path, reason: mismatch) }
+        if let mismatch = shape.mismatch(saved: MachineShape(saved.machine)) { throw .savedState(path: file.path, reason: mismatch) }
         try file.readMemoryAndVerify(into: memory)
         do throws(StateApplicationError) {
             try applyState(saved)
@@ -777,6 +775,17 @@ extension Machine {
 
 /// The metadata decoder from outside the VMM, for the fuzz target and its seeds.
 public enum SavedStateInspection {
+    /// A machine with two vCPUs, 64 MiB and three virtio devices (a disk, a card, the rng).
+    static func sampleMachine() -> MachineSpec {
+        var spec = MachineSpec(kernel: "/vm/vmlinux")
+        spec.cpus = 2
+        spec.memoryBytes = 64 << 20
+        spec.disks = [MachineSpec.Disk(path: "/vm/disk0.qcow2", format: .qcow2)]
+        spec.nics = [MachineSpec.NIC(backend: .tap("vireo-t0"), mac: "52:54:00:12:34:56")]
+        spec.entropyDevice = true
+        return spec
+    }
+
     /// Whether `bytes` decode as a state file's metadata; never traps, whatever they hold.
     public static func metadataIsValid(_ bytes: [UInt8]) -> Bool {
         (try? SavedMachineState(decoding: bytes)) != nil
@@ -796,7 +805,7 @@ public enum SavedStateInspection {
                                   msrs: [(0x10, 12345), (0x6e0, 0)], debugRegisters: kvm_debugregs(),
                                   multiprocessing: kvm_mp_state(), events: kvm_vcpu_events())
         let state = SavedMachineState(
-            shape: MachineShape(cpus: 2, memoryBytes: 64 << 20, usesACPI: true, virtioTypes: [2, 1, 4]),
+            machine: sampleMachine(),
             cpuid: [CPUIDEntry(function: 1, index: 0, flags: 0, eax: 0x800f11, ebx: 0, ecx: 0x7ed8320b, edx: 0x178bfbff)],
             tscKilohertz: 2_445_406, clockNanoseconds: 1_000_000, savedAtRealtimeNanoseconds: 1_700_000_000_000_000_000,
             interruptControllers: controllers, timer: kvm_pit_state2(), vcpus: [vcpu, vcpu], devices: [[1, 2, 3], [], [4]])

@@ -1,5 +1,4 @@
 import MachineSpec
-import MachineSpec
 import X86Boot
 #if canImport(Glibc)
 import Glibc
@@ -11,12 +10,14 @@ import Glibc
 /// (bench/README.md). `--flag value` and `--flag=value` are both accepted.
 public enum VMMArguments {
     public static let usage = """
-        usage: vireo-vmm MACHINE-FLAGS [--control PATH] [--name NAME --uuid UUID] [--lock-fd N] [--ready-fd N]
+        usage: vireo-vmm MACHINE-FLAGS|--spec-fd N [--control PATH] [--name NAME --uuid UUID] [--lock-fd N] [--ready-fd N]
                          [--state-file PATH [--restore]] [--snapshot-dir PATH] [--incoming-fd N [--incoming-disks copied|shared]]
                          [--jail uid=N,gid=N[,root=PATH]] [--seccomp on|off|log] [--landlock on|off]
         Boots one VM and runs it until it powers off or reboots. Ctrl-A x quits the stdio console.
         The machine (MachineSpec; the same flags as `vireo run`):
         \(MachineSpec.flagHelp)
+          --spec-fd N      the whole machine in MachineSpec's binary form, read from inherited descriptor N
+                           (how `vireo start` passes it; no machine flag may be given with it)
         The process around it:
           --control PATH   serve the control socket (docs/control-socket.md) at PATH
           --lock-fd N      an inherited descriptor whose flock marks the VM running; held until exit
@@ -66,9 +67,22 @@ public enum VMMArguments {
             index += MachineSpec.valueFlags.contains(argument) || processFlags.contains(argument) ? 2 : 1
         }
         let spec: MachineSpec
-        let values: [String: String]
-        do {
-            (spec, values) = try MachineSpec.parse(arguments, otherFlags: processFlags, otherSwitches: ["--restore"])
+        var values: [String: String] = [:]
+        do throws(MachineSpecError) {
+            if arguments.contains(where: { $0 == "--spec-fd" || $0.hasPrefix("--spec-fd=") }) {
+                // The engine's way: the machine whole, from a descriptor; only the process's flags beside it.
+                for (name, value) in try MachineSpec.flags(arguments, valueFlags: MachineSpec.valueFlags.union(processFlags).union(["--spec-fd"]),
+                                                           switches: MachineSpec.switches.union(["--restore"])) {
+                    guard !MachineSpec.valueFlags.contains(name), !MachineSpec.switches.contains(name) else {
+                        throw MachineSpecError(argument: name, "a machine flag cannot be given with --spec-fd, which carries the whole machine")
+                    }
+                    guard values[name] == nil else { throw MachineSpecError(argument: name, "given more than once") }
+                    values[name] = value
+                }
+                spec = try readSpec(values["--spec-fd"] ?? "")
+            } else {
+                (spec, values) = try MachineSpec.parse(arguments, otherFlags: processFlags, otherSwitches: ["--restore"])
+            }
         } catch {
             throw VMMError(error)
         }
@@ -107,6 +121,28 @@ public enum VMMArguments {
             throw .invalidConfiguration(field: "--restore", reason: "needs --state-file, the state to restore")
         }
         return .run(spec, options)
+    }
+
+    /// The spec from an inherited descriptor (a sealed memfd or a regular file: read from offset 0
+    /// whatever the shared offset is), read whole and closed.
+    static func readSpec(_ text: String) throws(MachineSpecError) -> MachineSpec {
+        guard let fd = Int32(text), fd > 2, fcntl(fd, F_GETFD) >= 0 else {
+            throw MachineSpecError(argument: "--spec-fd", "'\(text)' is not an open file descriptor above 2")
+        }
+        defer { close(fd) }
+        var bytes: [UInt8] = []
+        var chunk = [UInt8](repeating: 0, count: 64 << 10)
+        while true {
+            let count = chunk.withUnsafeMutableBytes { pread(fd, $0.baseAddress, $0.count, off_t(bytes.count)) }
+            if count < 0, errno == EINTR { continue }
+            guard count >= 0 else { throw MachineSpecError(argument: "--spec-fd", "cannot read descriptor \(fd): \(String(cString: strerror(errno)))") }
+            if count == 0 { break }
+            bytes += chunk[0..<count]
+            guard bytes.count <= MachineSpec.encodedLimit else {
+                throw MachineSpecError(argument: "--spec-fd", "more than the \(MachineSpec.encodedLimit) bytes a spec can take")
+            }
+        }
+        return try MachineSpec(decoding: bytes)
     }
 
     private static func descriptor(_ text: String?, field: String) throws(VMMError) -> Int32? {

@@ -2,6 +2,7 @@ import DiskImage
 import Foundation
 import FuzzTargets
 import GuestMemory
+import MachineSpec
 import Testing
 @testable import Devices
 

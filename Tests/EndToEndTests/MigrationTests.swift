@@ -1,4 +1,5 @@
 import Foundation
+import MigrationWire
 import Testing
 
 /// Two libraries in two network namespaces this test makes ("source" and "destination", one veth
@@ -212,11 +213,11 @@ struct MigrationTests {
         let port = receiver.stdout.split(separator: "\n").first { $0.hasPrefix("Listening on ") }?.split(separator: ":").last.map(String.init) ?? ""
         let handshake = Harness.run(["python3", "-c", """
             import socket, struct, sys, zlib
-            port = int(sys.argv[1])
+            port, version = int(sys.argv[1]), int(sys.argv[2])
             def frame(kind, payload):
                 return struct.pack("<IIQ", kind, zlib.crc32(payload), len(payload)) + payload
             for name, data in [("garbage", b"\\x00" * 64), ("magic", frame(1, b"NOTVIREO" + struct.pack("<I", 1) + b"x" * 32)),
-                               ("version", frame(1, b"VIREOMIG" + struct.pack("<I", 99) + b"x" * 32)), ("token", frame(1, b"VIREOMIG" + struct.pack("<I", 1) + b"0" * 32))]:
+                               ("version", frame(1, b"VIREOMIG" + struct.pack("<I", 99) + b"x" * 32)), ("token", frame(1, b"VIREOMIG" + struct.pack("<I", version) + b"0" * 32))]:
                 s = socket.create_connection(("127.0.0.1", port), timeout=10)
                 s.sendall(data)
                 try:
@@ -225,7 +226,7 @@ struct MigrationTests {
                     reply = repr(e).encode()
                 print(name, reply[16:].decode(errors="replace"))
                 s.close()
-            """, port])
+            """, port, String(MigrationWire.version)])
         #expect(handshake.stdout.contains("magic malformed migration stream: the peer is not a Vireo migration source"), "\(handshake.stdout)\(handshake.stderr)")
         #expect(handshake.stdout.contains("version malformed migration stream: the source speaks migration stream version 99"), "\(handshake.stdout)")
         #expect(handshake.stdout.contains("token wrong token"), "\(handshake.stdout)")

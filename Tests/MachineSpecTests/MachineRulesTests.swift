@@ -106,30 +106,54 @@ import Glibc
     }
 }
 
-/// A saved state's or a migration stream's machine shape is read under the same rules: a state
-/// file or a peer cannot describe a machine no spec could.
-@Suite struct SavedShapeRulesTests {
-    static func shapeBytes(cpus: UInt32, memory: UInt64, devices: Int) -> [UInt8] {
+/// A saved state and a migration stream carry the whole spec they were taken from, read under
+/// the same rules: a state file or a peer cannot describe a machine no spec could.
+@Suite struct CarriedSpecRulesTests {
+    static func carried(_ change: (inout MachineSpec) -> Void) -> [UInt8] {
+        var spec = SavedStateInspection.sampleMachine()
+        change(&spec)
         var writer = StateWriter()
-        writer.put(cpus)
-        writer.put(memory)
-        writer.put(true)
-        writer.put(UInt32(devices))
-        for _ in 0..<devices { writer.put(UInt32(2)) }
+        spec.write(into: &writer)
         return writer.bytes
     }
 
-    @Test func theShapeObeysTheMachineRules() throws {
-        var good = StateReader(Self.shapeBytes(cpus: 2, memory: 64 << 20, devices: 3))
-        let shape = try MachineShape(from: &good)
-        #expect(shape.cpus == 2 && shape.memoryBytes == 64 << 20 && shape.virtioTypes == [2, 2, 2])
-        for (what, bytes) in [("no vCPU", Self.shapeBytes(cpus: 0, memory: 64 << 20, devices: 0)),
-                              ("255 vCPUs", Self.shapeBytes(cpus: 255, memory: 64 << 20, devices: 0)),
-                              ("16 MiB", Self.shapeBytes(cpus: 1, memory: 16 << 20, devices: 0)),
-                              ("a partial page", Self.shapeBytes(cpus: 1, memory: (64 << 20) + 1, devices: 0)),
-                              ("18 devices", Self.shapeBytes(cpus: 1, memory: 64 << 20, devices: MachineLimits.virtioSlots + 1))] {
-            var reader = StateReader(bytes)
-            #expect(throws: StateError.self, "\(what)") { _ = try MachineShape(from: &reader) }
+    @Test func theCarriedSpecObeysTheMachineRules() throws {
+        var good = StateReader(Self.carried { _ in })
+        let spec = try MachineSpec.readCarried(from: &good)
+        #expect(spec == SavedStateInspection.sampleMachine() && good.isAtEnd)
+        #expect(MachineShape(spec) == MachineShape(cpus: 2, memoryBytes: 64 << 20, usesACPI: true, virtioTypes: [2, 1, 4]))
+        let cases: [(String, (inout MachineSpec) -> Void)] = [
+            ("no vCPU", { $0.cpus = 0 }), ("255 vCPUs", { $0.cpus = 255 }), ("16 MiB", { $0.memoryBytes = 16 << 20 }),
+            ("a partial page", { $0.memoryBytes = (64 << 20) + 1 }),
+            ("18 devices", { $0.disks = Array(repeating: MachineSpec.Disk(path: "/d.raw", format: .raw), count: MachineLimits.virtioSlots + 1) }),
+            ("a NUL in a disk path", { $0.disks[0].path = "/vm/disk\u{0}.raw" }),
+            ("a relative backing image", { $0.disks[0].backing = [BackingLayer(path: "base.qcow2", format: .qcow2)] }),
+            ("a multicast MAC", { $0.nics[0].mac = "01:00:5e:00:00:01" }),
+            ("stdin as a tap", { $0.nics[0].backend = .tapDescriptor(0) }),
+            ("vsock CID 2", { $0.vsock = MachineSpec.Vsock(socketPath: "/vm/v.sock", guestCID: 2) }),
+        ]
+        for (what, change) in cases {
+            var reader = StateReader(Self.carried(change))
+            #expect(throws: StateError.self, "\(what)") { _ = try MachineSpec.readCarried(from: &reader) }
+        }
+    }
+
+    /// A saved state's metadata names the spec's field that broke a rule.
+    @Test func aSavedStateWithAnImpossibleMachineIsRefusedNamingTheField() throws {
+        var metadata = StateReader(SavedStateInspection.sampleMetadata())
+        try metadata.expect("machine", "section")
+        #expect(try MachineSpec.readCarried(from: &metadata) == SavedStateInspection.sampleMachine())
+        var bytes = SavedStateInspection.sampleMetadata()
+        // The vCPU count sits right after the tags, kernel, initrd and command line: find it by
+        // writing the same spec with 0 vCPUs and splicing the difference in.
+        var zero = StateWriter()
+        zero.put("machine")
+        var spec = SavedStateInspection.sampleMachine()
+        spec.cpus = 0
+        spec.write(into: &zero)
+        bytes.replaceSubrange(0..<zero.bytes.count, with: zero.bytes)
+        #expect(throws: StateError.invalid(field: "machine spec cpus", reason: "0 is not allowed; use 1 to \(MachineLimits.maximumCPUs)")) {
+            _ = try SavedMachineState(decoding: bytes)
         }
     }
 }

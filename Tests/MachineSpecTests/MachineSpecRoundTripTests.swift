@@ -3,9 +3,13 @@ import Library
 import MachineSpec
 import Testing
 import VMM
+#if canImport(Glibc)
+import Glibc
+#endif
 
-/// A setting travels definition → MachineSpec → flags → the VMM's MachineSpec. These tests hold
-/// that nothing is lost or changed on the way, for every field.
+/// A setting travels definition → MachineSpec → its binary form on an inherited descriptor → the
+/// VMM's MachineSpec (and, for `vireo run` and a hand-run `vireo-vmm`, flags → MachineSpec).
+/// These tests hold that nothing is lost or changed on either way, for every field.
 @Suite struct MachineSpecRoundTripTests {
     /// A spec with every field away from its default.
     static var everything: MachineSpec {
@@ -57,9 +61,54 @@ import VMM
         #expect(try MachineSpec.parse(huge.arguments).spec == huge)
     }
 
-    /// The VMM reads the same spec from the whole command line the kvm engine gives it, process
-    /// flags and all.
-    @Test func theVMMReadsTheSpecTheEngineWrote() throws {
+    @Test func everyFieldSurvivesItsBinaryForm() throws {
+        var huge = MachineSpec(kernel: "/k")
+        huge.memory.hugePageSize = 1 << 30
+        huge.memory.mergeable = true
+        huge.memoryBytes = 2 << 30
+        for spec in [Self.everything, MachineSpec(kernel: "/k"), huge] {
+            #expect(try MachineSpec(decoding: spec.encoded()) == spec)
+        }
+    }
+
+    /// The binary form is hostile input once it has been anywhere: every truncation and any
+    /// trailing byte is refused, naming the spec, and nothing traps.
+    @Test func aDamagedBinaryFormIsRefused() {
+        let bytes = Self.everything.encoded()
+        for length in 0..<bytes.count {
+            #expect(throws: MachineSpecError.self, "\(length) of \(bytes.count) bytes") { _ = try MachineSpec(decoding: Array(bytes[0..<length])) }
+        }
+        #expect(throws: MachineSpecError.self) { _ = try MachineSpec(decoding: bytes + [0]) }
+        var zeroCPUs = Self.everything
+        zeroCPUs.cpus = 0
+        #expect(throws: MachineSpecError(.cpus, "0 is not allowed; use 1 to \(MachineLimits.maximumCPUs)")) { _ = try MachineSpec(decoding: zeroCPUs.encoded()) }
+    }
+
+    /// How `vireo start` hands the VMM its machine: whole, on a descriptor; machine flags beside
+    /// it are refused rather than merged.
+    @Test func theVMMReadsTheSpecFromItsDescriptor() throws {
+        let spec = Self.everything
+        let path = "/tmp/vireo-spec-\(getpid())"
+        let bytes = spec.encoded()
+        let written = open(path, O_RDWR | O_CREAT | O_TRUNC, 0o600)
+        #expect(written >= 0)
+        _ = bytes.withUnsafeBytes { write(written, $0.baseAddress, $0.count) }
+        close(written)
+        defer { unlink(path) }
+        let fd = open(path, O_RDONLY)
+        let arguments = ["--spec-fd", String(fd), "--control", "/vm/control.sock", "--name", "v", "--uuid", "u", "--state-file", "/vm/saved.state", "--restore"]
+        guard case let .run(parsed, options) = try VMMArguments.parse(arguments) else { Issue.record("help"); return }
+        #expect(parsed == spec)
+        #expect(options.controlPath == "/vm/control.sock" && options.stateFile == "/vm/saved.state" && options.restore)
+        #expect(fcntl(fd, F_GETFD) < 0, "the VMM closes the spec's descriptor once read")
+        let again = open(path, O_RDONLY)
+        defer { close(again) }
+        let refusal = #expect(throws: VMMError.self) { _ = try VMMArguments.parse(["--spec-fd", String(again), "--cpus", "2"]) }
+        #expect(refusal?.description == "--cpus: a machine flag cannot be given with --spec-fd, which carries the whole machine")
+    }
+
+    /// `vireo-vmm` run by hand reads the same spec from flags, process flags and all.
+    @Test func theVMMReadsTheSpecFromFlags() throws {
         let spec = Self.everything
         let arguments = spec.arguments + ["--control", "/vm/control.sock", "--name", "v", "--uuid", "u", "--state-file", "/vm/saved.state", "--restore"]
         guard case let .run(parsed, options) = try VMMArguments.parse(arguments) else { Issue.record("help"); return }
@@ -96,8 +145,10 @@ import VMM
         let cards = [PreparedCard(mac: "52:54:00:aa:bb:cc", backend: .tapDescriptor(slot: 0, tap: "vireo-t0"))]
 
         let spec = try KVMEngine.machineSpec(definition, bundle: bundle, cards: cards)
-        guard case let .run(read, _) = try VMMArguments.parse(spec.arguments) else { Issue.record("help"); return }
+        let read = try MachineSpec(decoding: spec.encoded())
         #expect(read == spec)
+        guard case let .run(fromFlags, _) = try VMMArguments.parse(spec.arguments) else { Issue.record("help"); return }
+        #expect(fromFlags == spec)
         #expect(read.kernel == "/library/trip/vmlinux" && read.initrd == "/boot/initrd.img" && read.commandLine == "console=ttyS0 quiet")
         #expect(read.cpus == 3 && read.cpuModel == "baseline" && read.memoryBytes == 768 << 20)
         #expect(read.disks == [MachineSpec.Disk(path: "/library/trip/disk0.qcow2", format: .qcow2, serial: "S0",

@@ -79,6 +79,10 @@ int vireo_get_affinity(pid_t tid, int *cpus, int capacity);
 /// A close-on-exec memfd for guest RAM, or -1 with errno.
 int vireo_guest_memfd(const char *name);
 
+/// A close-on-exec memfd holding `length` bytes, sealed against any change (write, grow, shrink,
+/// more seals): what a child inherits and reads, knowing nobody can alter it. -1 with errno.
+int vireo_sealed_memfd(const char *name, const void *bytes, size_t length);
+
 /// Frees [offset, offset+length) of a file, keeping its size (the range reads as zeros). 0 or -1 with errno.
 int vireo_file_punch_hole(int fd, long long offset, long long length);
 

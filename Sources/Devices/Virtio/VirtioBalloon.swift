@@ -1,4 +1,5 @@
 import GuestMemory
+import MachineSpec
 import Synchronization
 
 /// virtio-balloon (virtio 1.x §5.5): the host asks for memory back by setting a target; the

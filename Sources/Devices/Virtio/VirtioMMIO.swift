@@ -1,4 +1,5 @@
 import GuestMemory
+import MachineSpec
 import Synchronization
 
 /// What a virtio device does; the transport handles discovery, feature negotiation and queues.

@@ -1,5 +1,6 @@
 import CHostSupport
 import GuestMemory
+import MachineSpec
 import Synchronization
 #if canImport(Glibc)
 import Glibc

@@ -67,15 +67,7 @@ public struct KVMEngine: MigratingEngine {
         spec.acpi = definition.acpi
         spec.onReboot = MachineSpec.RebootPolicy(rawValue: definition.onReboot) ?? .exit
         spec.generationID = definition.generationID
-        let backing = definition.memoryBacking
-        if let huge = backing.hugePageBytes { spec.memory.hugePageSize = huge }
-        if let file = backing.file { spec.memory.file = file == "memfd" ? .memfd : .path(file) }
-        spec.memory.shared = backing.shared
-        spec.memory.preallocate = backing.preallocate
-        spec.memory.mergeable = backing.mergeable
-        spec.memory.locked = backing.locked
-        spec.memory.transparentHugePages = backing.transparentHugePages
-        spec.memory.numaNode = backing.numaNode.map { Int32(truncatingIfNeeded: $0) }
+        spec.memory = definition.memoryBacking.machineBacking
         spec.realTimePriority = definition.resources.rtPriority.map { Int32(truncatingIfNeeded: $0) }
         spec.console = "file:" + bundle.consoleLogPath
         do { try MachineRules.check(spec) } catch { throw LibraryError(error) }
@@ -91,11 +83,18 @@ public struct KVMEngine: MigratingEngine {
     /// booting, and this waits for as long as the migration takes.
     public func start(_ vm: EngineVM, lock: VMLock, networking: PreparedNetworking, incoming: IncomingMigration?) throws(LibraryError) -> StartedVM {
         let (bundle, definition, name) = (vm.bundle, vm.definition, vm.name)
-        var arguments = [vmmPath] + (try Self.machineSpec(definition, bundle: bundle, cards: networking.cards)).arguments
+        var inherit = networking.descriptors
+        // The machine goes whole, in its binary form, on a sealed memfd the VMM inherits: no
+        // setting is rendered as text and read back, and nobody can change it on the way.
+        let encoded = (try Self.machineSpec(definition, bundle: bundle, cards: networking.cards)).encoded()
+        let specDescriptor = encoded.withUnsafeBytes { vireo_sealed_memfd("vireo-machine-spec", $0.baseAddress, $0.count) }
+        guard specDescriptor >= 0 else { throw .io(operation: "memfd_create (machine spec)", path: bundle.directory, errno: errno) }
+        defer { close(specDescriptor) }
+        var arguments = [vmmPath, "--spec-fd", String(PreparedNetworking.inherited(inherit.count))]
+        inherit.append(specDescriptor)
         arguments += ["--control", bundle.controlPath,
                       "--name", definition.name, "--uuid", definition.uuid, "--lock-fd", "3", "--ready-fd", "4",
                       "--state-file", bundle.savedStatePath, "--snapshot-dir", bundle.vmmDirectory]
-        var inherit = networking.descriptors
         // The jail (docs/isolation.md): only root can build it; without root the VMM runs as
         // the user, seccomp-filtered all the same.
         var disabled: [String] = []

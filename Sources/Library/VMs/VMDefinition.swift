@@ -302,27 +302,32 @@ public struct MemoryBackingOptions: Codable, Sendable, Equatable {
         return VCPUPin.parseCPUs(text.filter { !$0.isWhitespace }) ?? [0]
     }
 
+    /// The backing as the machine spec holds it (an unknown huge page size stays unknown, for
+    /// the rule to refuse).
+    public var machineBacking: MemoryBacking {
+        var backing = MemoryBacking(hugePageSize: hugePages == nil ? nil : hugePageBytes ?? 0, preallocate: preallocate, mergeable: mergeable, locked: locked)
+        backing.file = file.map { name -> MemoryBacking.FileBacking in name == "memfd" ? .memfd : .path(name) }
+        backing.shared = shared
+        backing.transparentHugePages = transparentHugePages
+        backing.numaNode = numaNode.map { Int32(truncatingIfNeeded: $0) }
+        return backing
+    }
+
+    /// The machine's backing rule, then what only this host can say: whether the NUMA node
+    /// exists, and what is at the file's path now.
     public func validate(memoryBytes: UInt64) throws(LibraryError) {
+        // The definition's words first: its page size is text.
         if let hugePages, hugePageBytes == nil {
             throw .invalidValue(field: "--memory-backing", reason: "huge pages of '\(hugePages)' are not 2M or 1G")
         }
-        if let page = hugePageBytes, memoryBytes % page != 0 {
-            throw .invalidValue(field: "--memory-backing", reason: "\(memoryBytes >> 20) MiB of RAM is not a whole number of \(page >> 20) MiB huge pages")
-        }
+        do { try MachineRules.memoryBacking(machineBacking, memoryBytes: memoryBytes) } catch { throw LibraryError(error) }
         if let node = numaNode {
             let nodes = Self.hostNUMANodes()
             guard nodes.contains(node) else {
                 throw .invalidValue(field: "--numa-node", reason: "host node \(node) does not exist; this host has node\(nodes.count == 1 ? "" : "s") \(nodes.map(String.init).joined(separator: ", "))")
             }
         }
-        if hugePages != nil, file != nil {
-            throw .invalidValue(field: "--memory-backing", reason: "huge pages and a backing file are one choice, not both")
-        }
-        if mergeable, shared {
-            throw .invalidValue(field: "--ksm", reason: "KSM merges private pages only; a shared backing file's pages are never merged")
-        }
         if let file, file != "memfd" {
-            guard file.hasPrefix("/") else { throw .invalidValue(field: "--memory-backing", reason: "'\(file)' is not an absolute file path") }
             // The file is zeroed at every start: never take one that holds something else.
             var status = stat()
             if lstat(file, &status) == 0 {
