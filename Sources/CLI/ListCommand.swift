@@ -11,47 +11,16 @@ struct List: ParsableCommand {
     @Flag(help: "Print JSON.")
     var json = false
 
-    struct Row: Encodable {
-        var name: String
-        var uuid: String?
-        var state: String
-        var engine: String?
-        var cpus: Int?
-        var memoryBytes: UInt64?
-        var diskAllocatedBytes: UInt64
-        var diskVirtualBytes: UInt64
-        /// IPv4 addresses the VM's cards were leased, in card order.
-        var addresses: [String] = []
-        var error: String?
-    }
-
     func run() throws {
-        let library = openLibrary()
-        let networks = HostNetworks(library: library)
+        let manager = openManager()
+        let networks = HostNetworks(library: manager.library)
         let names: [String]
-        do throws(LibraryError) { names = try library.names() } catch { throw fail(error) }
-        var rows: [Row] = []
-        for name in names {
-            let bundle = VMBundle(directory: library.root + "/" + name)
-            let status = library.status(of: bundle).state
-            var state = status.rawValue
-            // A VM started with its isolation turned off says so wherever it is listed.
-            if !status.isOff, let mark = bundle.isolation()?.mark { state += " (\(mark))" }
-            do throws(LibraryError) {
-                let definition = try bundle.load()
-                let paths = definition.disks.map { (path: bundle.resolve($0.path), format: $0.format) }
-                rows.append(Row(name: name, uuid: definition.uuid, state: state, engine: definition.engine.rawValue, cpus: definition.cpus, memoryBytes: definition.memoryBytes,
-                                diskAllocatedBytes: paths.reduce(0) { $0 + HostFiles.allocatedBytes($1.path) },
-                                diskVirtualBytes: paths.reduce(0) { $0 + (DiskImages.recordedVirtualSize(path: $1.path, format: $1.format) ?? 0) },
-                                addresses: networks.addresses(of: definition).compactMap { $0?.description }))
-            } catch {
-                // A VM whose configuration cannot be read is shown, not hidden: it can be deleted.
-                rows.append(Row(name: name, state: state, diskAllocatedBytes: 0, diskVirtualBytes: 0, error: error.description))
-            }
-        }
+        do throws(LibraryError) { names = try manager.library.names() } catch { throw fail(error) }
+        let rows = names.map { manager.overview(of: $0, networks: networks) }
         if json { try printJSON(rows); return }
         let table = [["NAME", "STATE", "ENGINE", "CPUS", "MEMORY", "IP", "DISK USED / SIZE"]] + rows.map { row in
-            [row.name, row.error == nil ? row.state : "broken", row.engine ?? "-", row.cpus.map(String.init) ?? "-",
+            // A VM started with its isolation turned off says so wherever it is listed.
+            [row.name, row.error != nil ? "broken" : row.state + (row.isolationOff.map { " (\($0))" } ?? ""), row.engine ?? "-", row.cpus.map(String.init) ?? "-",
              row.memoryBytes.map(Size.describe) ?? "-", row.addresses.isEmpty ? "-" : row.addresses.joined(separator: ","),
              row.error == nil ? "\(Size.describe(row.diskAllocatedBytes)) / \(Size.describe(row.diskVirtualBytes))" : row.error ?? ""]
         }

@@ -9,27 +9,7 @@ import MachineSpec
 import Glibc
 #endif
 
-/// One VM as the list shows it: what VirtualBox's machine list and `vireo list` show, plus the
-/// actions its state allows (the UI's toolbar is enabled from these).
-struct VMSummary: Encodable, Sendable {
-    var name: String
-    var uuid: String?
-    var state: String
-    /// `--no-jail --no-seccomp` when a running VM was started with its isolation off.
-    var isolationOff: String?
-    var engine: String?
-    var osType: String?
-    var cpus: Int?
-    var memoryBytes: UInt64?
-    var addresses: [String] = []
-    var diskAllocatedBytes: UInt64 = 0
-    var diskVirtualBytes: UInt64 = 0
-    var actions: [String] = []
-    /// Why a configuration cannot be read (the VM is listed so it can be deleted).
-    var error: String?
-}
-
-extension VMSummary {
+extension VMOverview {
     /// The same JSON `APIJSON.encode` writes (snake_case keys, absent optionals left out).
     var jsonText: String {
         var fields: [String] = ["\"name\":" + APIJSON.quote(name)]
@@ -49,54 +29,23 @@ extension VMSummary {
     }
 }
 
-/// The actions a VM in `state` takes, as the API's action names.
-func allowedActions(_ state: VMState, engine: EngineKind?) -> [String] {
-    switch state {
-    case .stopped, .crashed: return ["start", "clone", "rename", "snapshot", "set", "delete"]
-    case .saved: return ["start", "start-fresh", "snapshot", "delete"]
-    case .running:
-        return ["stop", "force-stop", "pause", "restart", "reset", "snapshot", "console", "set"]
-            + (engine == .qemu ? ["display"] : []) + ["save"]
-    case .paused: return ["resume", "stop", "force-stop", "snapshot", "console", "save", "set"] + (engine == .qemu ? ["display"] : [])
-    case .starting, .stopping, .shuttingDown, .busy: return state == .shuttingDown ? ["force-stop"] : []
-    }
-}
-
 extension APIServer {
-    func summary(_ name: String, networks: HostNetworks) -> VMSummary {
-        let bundle = VMBundle(directory: manager.library.root + "/" + name)
-        let status = manager.library.status(of: bundle).state
-        var row = VMSummary(name: name, state: status.rawValue)
-        if !status.isOff { row.isolationOff = bundle.isolation()?.mark }
-        do throws(LibraryError) {
-            let definition = try definitions.load(bundle)
-            let paths = definition.disks.map { (path: bundle.resolve($0.path), format: $0.format) }
-            row.uuid = definition.uuid
-            row.engine = definition.engine.rawValue
-            row.osType = definition.osType
-            row.cpus = definition.cpus
-            row.memoryBytes = definition.memoryBytes
-            row.addresses = networks.addresses(of: definition).compactMap { $0?.description }
-            row.diskAllocatedBytes = paths.reduce(0) { $0 + HostFiles.allocatedBytes($1.path) }
-            row.diskVirtualBytes = paths.reduce(0) { $0 + (DiskImages.recordedVirtualSize(path: $1.path, format: $1.format) ?? 0) }
-            row.actions = allowedActions(status, engine: definition.engine)
-        } catch {
-            row.error = error.description
-            row.actions = status.isOff ? ["delete"] : []
-        }
-        return row
+    func summary(_ name: String, networks: HostNetworks) -> VMOverview {
+        manager.overview(of: name, networks: networks, load: { bundle throws(LibraryError) in try definitions.load(bundle) })
     }
 
     /// Every VM's state, read from the library now (no cache): what `vireo list` would print.
-    func summaries() throws(LibraryError) -> [VMSummary] {
+    func summaries() throws(LibraryError) -> [VMOverview] {
         let networks = HostNetworks(library: manager.library)
         let names = try manager.library.names()
         definitions.keep(only: Set(names.map { manager.library.root + "/" + $0 + "/config.json" }))
         return names.map { summary($0, networks: networks) }
     }
 
+    /// A VM as the web UI's details pane reads it: its row, its definition (the edit forms'
+    /// values) and its snapshot tree, from the same report `vireo info` prints.
     struct VMDetails: Encodable, Sendable {
-        var summary: VMSummary
+        var summary: VMOverview
         var definition: VMDefinition?
         var crashReason: String?
         var runtime: VMDescription?
@@ -106,12 +55,18 @@ extension APIServer {
     }
 
     func details(_ name: String) throws(LibraryError) -> VMDetails {
-        let bundle = try manager.library.bundle(named: name)
-        let status = manager.library.status(of: bundle)
-        let tree = try? bundle.loadSnapshots()
-        return VMDetails(summary: summary(name, networks: HostNetworks(library: manager.library)),
-                         definition: try? bundle.load(), crashReason: status.crashReason, runtime: status.description,
-                         snapshots: tree?.snapshots ?? [], currentSnapshot: tree?.current, directory: bundle.directory)
+        do throws(LibraryError) {
+            let report = try manager.report(of: name, withCounters: false)
+            return VMDetails(summary: report.overview, definition: report.definition, crashReason: report.crashReason, runtime: report.process,
+                             snapshots: report.snapshotTree.snapshots, currentSnapshot: report.snapshotTree.current, directory: report.directory)
+        } catch {
+            // A VM whose definition or snapshot tree cannot be read is still shown, with why, so it can be deleted.
+            guard case .corrupt = error else { throw error }
+            let bundle = try manager.library.bundle(named: name)
+            let status = manager.library.status(of: bundle)
+            return VMDetails(summary: summary(name, networks: HostNetworks(library: manager.library)), definition: nil,
+                             crashReason: status.crashReason, runtime: status.description, snapshots: [], currentSnapshot: nil, directory: bundle.directory)
+        }
     }
 
     // MARK: bodies

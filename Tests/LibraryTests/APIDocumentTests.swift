@@ -84,12 +84,12 @@ import Testing
 
     @Test("the list's hand-written JSON is the JSON the encoder writes, for awkward text too")
     func summaryJSONMatchesEncoder() throws {
-        var summary = VMSummary(name: "web-1", state: "running")
+        var summary = VMOverview(name: "web-1", state: "running")
         summary.uuid = "0a"; summary.isolationOff = "--no-jail"; summary.engine = "kvm"; summary.osType = "debian-64"
         summary.cpus = 2; summary.memoryBytes = 1 << 30; summary.addresses = ["192.168.122.10"]; summary.diskAllocatedBytes = 12
         summary.diskVirtualBytes = 1 << 34; summary.actions = ["stop", "pause"]
         summary.error = "quote \" backslash \\ newline \n tab \t bell \u{07} é 🦉"
-        for value in [summary, VMSummary(name: "bare", state: "stopped")] {
+        for value in [summary, VMOverview(name: "bare", state: "stopped")] {
             let manual = try JSONSerialization.jsonObject(with: Data(value.jsonText.utf8)) as? NSDictionary
             let encoded = try JSONSerialization.jsonObject(with: Data(APIJSON.encode(value))) as? NSDictionary
             #expect(manual != nil && manual == encoded, "\(value.jsonText)")

@@ -1,0 +1,204 @@
+import API
+import DiskImage
+import Library
+import MachineSpec
+#if canImport(Glibc)
+import Glibc
+#endif
+
+// What a VM is now, assembled once for both front ends: `vireo list` and `GET /api/vms` show
+// the overview, `vireo info` and `GET /api/vms/NAME` the report. Each front end only renders.
+
+/// One VM as a list shows it: what VirtualBox's machine list shows, plus the actions its state
+/// allows (the web UI's toolbar is enabled from these).
+public struct VMOverview: Encodable, Sendable {
+    public var name: String
+    public var uuid: String?
+    public var state: String
+    /// `--no-jail --no-seccomp` when a running VM was started with its isolation off.
+    public var isolationOff: String?
+    public var engine: String?
+    public var osType: String?
+    public var cpus: Int?
+    public var memoryBytes: UInt64?
+    /// IPv4 addresses the VM's cards were leased, in card order.
+    public var addresses: [String] = []
+    public var diskAllocatedBytes: UInt64 = 0
+    public var diskVirtualBytes: UInt64 = 0
+    public var actions: [String] = []
+    /// Why a configuration cannot be read (the VM is listed so it can be deleted).
+    public var error: String?
+
+    public init(name: String, state: String) { self.name = name; self.state = state }
+}
+
+/// The actions a VM in `state` takes, as the API names them.
+public func allowedActions(_ state: VMState, engine: EngineKind?) -> [String] {
+    switch state {
+    case .stopped, .crashed: return ["start", "clone", "rename", "snapshot", "set", "delete"]
+    case .saved: return ["start", "start-fresh", "snapshot", "delete"]
+    case .running:
+        return ["stop", "force-stop", "pause", "restart", "reset", "snapshot", "console", "set"]
+            + (engine == .qemu ? ["display"] : []) + ["save"]
+    case .paused: return ["resume", "stop", "force-stop", "snapshot", "console", "save", "set"] + (engine == .qemu ? ["display"] : [])
+    case .starting, .stopping, .shuttingDown, .busy: return state == .shuttingDown ? ["force-stop"] : []
+    }
+}
+
+/// Everything about one VM: its configuration, files and, when it runs, its process, counters,
+/// control groups and confinement. Its JSON is `vireo info --json`.
+public struct VMReport: Encodable, Sendable {
+    public struct Disk: Encodable, Sendable {
+        public var path: String, format: String, readOnly: Bool, serial: String?, virtualBytes: UInt64?, allocatedBytes: UInt64, backingChain: [String]
+    }
+    public struct Card: Encodable, Sendable {
+        public var attachment: String, mac: String, forwards: [String], hostInterface: String?, address: String?
+    }
+    public struct Resources: Encodable, Sendable {
+        public var cpuCapPercent: Int?, cpuWeight: Int?, memoryLimitBytes: UInt64?, pidsLimit: Int?
+        public var vcpuPins: [VCPUPin]?, emulatorCpus: [Int]?
+        public var rtPriority: Int?, ioLimits: IOLimits?
+        /// The VM's control groups (controller → directory), and what they measured, while it runs.
+        public var cgroups: [String: String]?
+        public var cpuNanoseconds: UInt64?, memoryBytes: UInt64?
+    }
+    /// What confines the running VM's process (docs/isolation.md).
+    public struct Isolation: Encodable, Sendable {
+        public var uid: UInt32?, gid: UInt32?
+        public var namespaces: [String]
+        public var seccomp: String
+        /// The kernel's view of the process: `Seccomp:` and `NoNewPrivs:` of /proc/PID/status.
+        public var kernelSeccompMode: Int?, noNewPrivileges: Bool?
+        public var landlock: String
+        public var appArmor: String
+        public var disabled: [String]
+    }
+
+    public var name: String, uuid: String, state: String, crashReason: String?, osType: String, cpus: Int, memoryBytes: UInt64
+    public var kernel: String?, initrd: String?, commandLine: String, entropyDevice: Bool, createdAt: Int64
+    public var acpi: Bool, onReboot: String, generationId: String?, cpuModel: String
+    public var engine: String, firmware: String?, iso: String?, accelerator: String, runningAccelerator: String?, diskBus: String
+    public var displaySocket: String?
+    public var image: String?
+    public var cloudInitUser: String?
+    public var hostname: String?
+    public var directory: String, configPath: String, consoleLog: String, vmmLog: String, controlSocket: String
+    public var disks: [Disk]
+    public var networks: [Card]
+    public var vsockCid: UInt64?
+    public var vsockSocket: String?
+    /// The saved state `vireo start` resumes from, when the VM is saved.
+    public var savedState: String?
+    public var snapshots: Int, currentSnapshot: String?
+    public var process: VMDescription?
+    public var counters: VMCounters?
+    public var resources: Resources
+    public var isolation: Isolation?
+    public var memoryBacking: MemoryBackingOptions
+
+    /// What the report was read from, for a front end that shows it in its own shape (the API's
+    /// VM details); not part of `vireo info --json`.
+    public var definition: VMDefinition
+    public var snapshotTree: SnapshotTree
+    public var overview: VMOverview
+
+    enum CodingKeys: String, CodingKey {
+        case name, uuid, state, crashReason, osType, cpus, memoryBytes, kernel, initrd, commandLine, entropyDevice, createdAt
+        case acpi, onReboot, generationId, cpuModel, engine, firmware, iso, accelerator, runningAccelerator, diskBus, displaySocket
+        case image, cloudInitUser, hostname, directory, configPath, consoleLog, vmmLog, controlSocket, disks, networks
+        case vsockCid, vsockSocket, savedState, snapshots, currentSnapshot, process, counters, resources, isolation, memoryBacking
+    }
+}
+
+extension VMManager {
+    /// A VM's row in a list. `load` reads its definition (the API passes its cache); a VM whose
+    /// definition cannot be read is shown with the reason, so it can be deleted.
+    public func overview(of name: String, networks: HostNetworks,
+                         load: (VMBundle) throws(LibraryError) -> VMDefinition = { bundle throws(LibraryError) in try bundle.load() }) -> VMOverview {
+        let bundle = VMBundle(directory: library.root + "/" + name)
+        let status = library.status(of: bundle).state
+        var row = VMOverview(name: name, state: status.rawValue)
+        if !status.isOff { row.isolationOff = bundle.isolation()?.mark }
+        do throws(LibraryError) {
+            let definition = try load(bundle)
+            let paths = definition.disks.map { (path: bundle.resolve($0.path), format: $0.format) }
+            row.uuid = definition.uuid
+            row.engine = definition.engine.rawValue
+            row.osType = definition.osType
+            row.cpus = definition.cpus
+            row.memoryBytes = definition.memoryBytes
+            row.addresses = networks.addresses(of: definition).compactMap { $0?.description }
+            row.diskAllocatedBytes = paths.reduce(0) { $0 + HostFiles.allocatedBytes($1.path) }
+            row.diskVirtualBytes = paths.reduce(0) { $0 + (DiskImages.recordedVirtualSize(path: $1.path, format: $1.format) ?? 0) }
+            row.actions = allowedActions(status, engine: definition.engine)
+        } catch {
+            row.error = error.description
+            row.actions = status.isOff ? ["delete"] : []
+        }
+        return row
+    }
+
+    /// Everything about one VM. `withCounters`: ask a running VM's process for its counters
+    /// (a round trip to it; the API's details leave it to the statistics route).
+    public func report(of name: String, withCounters: Bool = true) throws(LibraryError) -> VMReport {
+        let bundle = try library.bundle(named: name)
+        let definition = try bundle.load()
+        let status = library.status(of: bundle)
+        let counters = withCounters && status.description != nil ? try? counters(name) : nil
+        let tree = try bundle.loadSnapshots()
+        let networks = HostNetworks(library: library)
+        let groups = status.state.isOff ? nil : VMControlGroups.recorded(in: bundle)
+        let limits = definition.resources
+        return VMReport(
+            name: definition.name, uuid: definition.uuid, state: status.state.rawValue, crashReason: status.crashReason, osType: definition.osType,
+            cpus: definition.cpus, memoryBytes: definition.memoryBytes,
+            kernel: definition.kernel.map(bundle.resolve), initrd: definition.initrd.map(bundle.resolve),
+            commandLine: definition.commandLine, entropyDevice: definition.entropyDevice, createdAt: definition.createdAt,
+            acpi: definition.acpi, onReboot: definition.onReboot, generationId: definition.generationID,
+            cpuModel: definition.cpuModel ?? "host",
+            engine: definition.engine.rawValue, firmware: definition.firmware?.rawValue, iso: definition.iso,
+            accelerator: definition.accelerator.rawValue, runningAccelerator: status.description?.accelerator,
+            diskBus: definition.diskBus.rawValue, displaySocket: definition.engine == .qemu ? bundle.vncPath : nil,
+            image: definition.image, cloudInitUser: definition.cloudInit?.user, hostname: definition.cloudInit?.hostname,
+            directory: bundle.directory, configPath: bundle.configPath, consoleLog: bundle.consoleLogPath,
+            vmmLog: bundle.vmmLogPath, controlSocket: definition.engine == .qemu ? bundle.qmpPath : bundle.controlPath,
+            disks: definition.disks.map { disk in
+                let path = bundle.resolve(disk.path)
+                return VMReport.Disk(path: path, format: disk.format.rawValue, readOnly: disk.readOnly, serial: disk.serial,
+                                     virtualBytes: DiskImages.recordedVirtualSize(path: path, format: disk.format), allocatedBytes: HostFiles.allocatedBytes(path),
+                                     backingChain: bundle.chain(of: disk).map(\.path))
+            },
+            networks: zip(definition.networks.indices, networks.addresses(of: definition)).map { index, address in
+                let card = definition.networks[index]
+                return VMReport.Card(attachment: card.attachment.description, mac: card.mac, forwards: card.forwards.map(\.description),
+                                     hostInterface: HostNetworks.hostInterface(of: definition, card: index, libraryRoot: library.root), address: address?.description)
+            },
+            vsockCid: definition.vsockCID,
+            vsockSocket: definition.vsockCID == nil ? nil : bundle.vsockPath,
+            savedState: bundle.hasSavedState ? bundle.savedStatePath : nil,
+            snapshots: tree.snapshots.count, currentSnapshot: tree.current.flatMap { id in tree.snapshots.first { $0.id == id }?.name },
+            process: status.description, counters: counters,
+            resources: VMReport.Resources(cpuCapPercent: limits.cpuCapPercent, cpuWeight: limits.cpuWeight, memoryLimitBytes: limits.memoryLimitBytes,
+                                          pidsLimit: limits.pidsLimit, vcpuPins: limits.vcpuPins, emulatorCpus: limits.emulatorCPUs,
+                                          rtPriority: limits.rtPriority, ioLimits: limits.ioLimits,
+                                          cgroups: groups?.directories, cpuNanoseconds: groups?.cpuNanoseconds, memoryBytes: groups?.memoryBytes),
+            isolation: Self.isolation(of: bundle, definition: definition, state: status.state),
+            memoryBacking: definition.memoryBacking,
+            definition: definition, snapshotTree: tree,
+            overview: overview(of: name, networks: networks, load: { _ throws(LibraryError) in definition }))
+    }
+
+    /// What the VMM reported confines it, and what the kernel says of its process.
+    static func isolation(of bundle: VMBundle, definition: VMDefinition, state: VMState) -> VMReport.Isolation? {
+        guard !state.isOff, let record = bundle.isolation() else { return nil }
+        let processStatus = bundle.recordedPID(uuid: definition.uuid).flatMap { try? HostFiles.readAll("/proc/\($0)/status") }
+            .map { String(decoding: $0, as: UTF8.self) }
+        func field(_ name: String) -> Int? {
+            processStatus?.split(separator: "\n").first { $0.hasPrefix(name + ":") }
+                .flatMap { Int($0.dropFirst(name.count + 1).filter { !$0.isWhitespace }) }
+        }
+        return VMReport.Isolation(uid: record.uid, gid: record.gid, namespaces: record.namespaces, seccomp: record.seccomp,
+                                  kernelSeccompMode: field("Seccomp"), noNewPrivileges: field("NoNewPrivs").map { $0 == 1 },
+                                  landlock: record.landlock, appArmor: HostSecurity.appArmorState, disabled: record.disabled)
+    }
+}
