@@ -59,7 +59,7 @@ let package = Package(
         .testTarget(name: "X86BootTests", dependencies: ["MachineSpec", "X86Boot", "GuestMemory", "CHostSupport"]),
         .testTarget(name: "DevicesTests", dependencies: ["MachineSpec", "Devices", "GuestMemory", "DiskImage", "FuzzTargets", "Engines", "Server"]),
         .testTarget(name: "DiskImageTests", dependencies: ["MachineSpec", "DiskImage", "CHostSupport"]),
-        .testTarget(name: "MachineSpecTests", dependencies: ["MachineSpec", "Devices", "DiskImage", "GuestMemory", "VMM", "Library", "Engines", "Server"]),
+        .testTarget(name: "MachineSpecTests", dependencies: ["MachineSpec", "Devices", "DiskImage", "GuestMemory", "VMM", "Library", "Engines", "Server", "CLI"]),
         .testTarget(name: "LibraryTests", dependencies: ["MachineSpec", "Library", "Engines", "Server"]),
         .testTarget(name: "EndToEndTests", dependencies: ["X86Boot", "GuestMemory", "CHostSupport", "MigrationWire"]),
     ],

@@ -17,7 +17,7 @@ func openLibrary() -> VMLibrary { openManager().library }
 
 /// Reports a library failure on stderr: status 2 for what the user can fix, 1 for the host's.
 func fail(_ error: LibraryError) -> ExitCode {
-    printError(error)
+    printError(text: FieldFlags.describe(error))
     return ExitCode(error.exitStatus)
 }
 

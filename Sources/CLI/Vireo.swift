@@ -15,8 +15,10 @@ public struct Vireo: ParsableCommand {
 }
 
 /// One "vireo: error: ..." line on stderr.
-func printError(_ error: some Error) {
-    var bytes = Array("vireo: error: \(error)\n".utf8)
+func printError(_ error: some Error) { printError(text: "\(error)") }
+
+func printError(text: String) {
+    var bytes = Array("vireo: error: \(text)\n".utf8)
     _ = bytes.withUnsafeMutableBytes { write(STDERR_FILENO, $0.baseAddress, $0.count) }
 }
 

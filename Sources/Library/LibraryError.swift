@@ -8,6 +8,9 @@ import Glibc
 /// which path and errno. Refusals say what state the VM is in and what to do instead.
 public enum LibraryError: Error, CustomStringConvertible, Sendable {
     case invalidName(String, reason: String)
+    /// `field` is the setting's JSON key (`memory_bytes`, `io_limits`), what definitions and the
+    /// REST API call it; the CLI shows its own flag for it (CLI/FieldFlags.swift). A field that is
+    /// no setting (`FILE`, `disk 0`) is named as the person would see it.
     case invalidValue(field: String, reason: String)
     case notFound(name: String, root: String)
     case alreadyExists(name: String)
@@ -64,11 +67,8 @@ public enum LibraryError: Error, CustomStringConvertible, Sendable {
 }
 
 extension LibraryError {
-    /// A machine rule's refusal, named by the `vireo create`/`set` flag (the API turns it into
-    /// the JSON key through the same table, MachineField).
+    /// A machine rule's refusal, named by the setting's JSON key (the CLI shows its flag).
     public init(_ error: MachineSpecError) {
-        // A disk rule concerns the VM's disks, not `vireo create --disk SIZE` (the API's
-        // `disk_bytes`): its reason names which disk.
-        self = .invalidValue(field: error.field == .disks ? "disks" : error.flag, reason: error.reason)
+        self = .invalidValue(field: error.field?.key ?? error.argument ?? "", reason: error.reason)
     }
 }

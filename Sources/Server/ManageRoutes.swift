@@ -184,7 +184,8 @@ extension APIServer {
         switch error {
         case let .invalidArgument(field, reason):
             let known = ["--size": "size_bytes", "--format": "format", "--backing": "backing", "--preallocate": "preallocate", "--cluster-size": "cluster_size"]
-            let name = known[field] ?? APIProblem.apiField(field)
+            // DiskImage names its arguments as `vireo disk` takes them.
+            let name = known[field] ?? String(field.drop { $0 == "-" }).replacing("-", with: "_")
             return APIProblem(.unprocessableContent, kind: "invalid-value", detail: "\(name): \(reason)", field: name)
         case .alreadyExists:
             return APIProblem(.conflict, kind: "already-exists", detail: detail, field: "path", hint: "choose another path; disks are never overwritten")

@@ -55,11 +55,9 @@ extension APIProblem {
         switch error {
         case let .invalidName(name, reason):
             self.init(.unprocessableContent, kind: "invalid-name", detail: text, field: "name", vm: name, hint: reason)
-        case let .invalidValue(field, reason):
-            // The library words its reasons for the CLI; the API names its own field once.
-            let name = APIProblem.apiField(field)
-            let trimmed = reason.hasPrefix(field + ": ") ? String(reason.dropFirst(field.count + 2)) : reason
-            self.init(.unprocessableContent, kind: "invalid-value", detail: "\(name): \(trimmed)", field: name)
+        case let .invalidValue(field, _):
+            // The library names the field by its JSON key, the API's own name for it.
+            self.init(.unprocessableContent, kind: "invalid-value", detail: text, field: field)
         case let .notFound(name, _):
             self.init(.notFound, kind: "not-found", detail: "no VM named '\(name)' in the library", vm: name)
         case let .alreadyExists(name):
@@ -83,18 +81,5 @@ extension APIProblem {
         case let .migration(name, _, _):
             self.init(.internalServerError, kind: "migration", detail: text, vm: name)
         }
-    }
-
-    /// The library names fields as the CLI's options (`--memory`); the API's are JSON keys. A
-    /// machine setting's key comes from MachineField's table; the rest are the CLI's own options.
-    static func apiField(_ option: String) -> String {
-        guard option.hasPrefix("--") else { return option }
-        // `vireo create --disk SIZE` makes the first disk; a machine's disks are `--attach-disk`.
-        let known: [String: String] = ["--disk": "disk_bytes", "--ostype": "os_type", "--forward": "forwards",
-                                       "--accel": "accelerator", "--ssh-key": "ssh_key_files",
-                                       "--attach-disk": "attach_disk", "--memory-limit": "memory_limit_bytes",
-                                       "--cpu-cap": "cpu_cap_percent", "--cpu-weight": "cpu_weight", "--pids-limit": "pids_limit",
-                                       "--pin": "vcpu_pins", "--pin-emulator": "emulator_cpus", "--io-limit": "io_limits"]
-        return known[option] ?? MachineField(flag: option)?.key ?? String(option.dropFirst(2)).replacing("-", with: "_")
     }
 }

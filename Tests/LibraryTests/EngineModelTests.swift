@@ -45,7 +45,7 @@ struct InstallMediumTests {
     @Test func isoWithoutElToritoIsRefused() throws {
         let path = try SyntheticISO.write(SyntheticISO.make(label: "DATA", bootable: false))
         #expect { try InstallMedium.inspect(path) } throws: { error in
-            "\(error)".contains("--iso: \(path) is an ISO 9660 image without an El Torito boot record")
+            "\(error)".contains("iso: \(path) is an ISO 9660 image without an El Torito boot record")
         }
     }
 
@@ -98,11 +98,11 @@ struct EngineChoiceTests {
         var request = CreateRequest(name: "x")
         request.iso = iso
         request.engine = .kvm
-        #expect { try library.create(request) } throws: { "\($0)".contains("--iso: an installer ISO needs firmware") }
+        #expect { try library.create(request) } throws: { "\($0)".contains("iso: an installer ISO needs firmware") }
         #expect(!FileManager.default.fileExists(atPath: library.root + "/x"))
         request.iso = nil
         request.firmware = .bios
-        #expect { try library.create(request) } throws: { "\($0)".contains("--firmware: the kvm engine boots Linux kernels directly") }
+        #expect { try library.create(request) } throws: { "\($0)".contains("firmware: the kvm engine boots Linux kernels directly") }
     }
 
     @Test func theKVMEnginesSlotsAreCheckedWhereTheVMIsDefined() throws {
@@ -120,7 +120,7 @@ struct EngineChoiceTests {
         definition.engine = .qemu
         definition.firmware = .bios
         definition.vsockCID = 3
-        #expect { try VMLibrary.validate(definition) } throws: { "\($0)".contains("--vsock-cid: the qemu engine has no vsock device") }
+        #expect { try VMLibrary.validate(definition) } throws: { "\($0)".contains("vsock_cid: the qemu engine has no vsock device") }
     }
 }
 
@@ -218,6 +218,6 @@ struct QEMUCommandLineTests {
         #expect(try KeyChord.parse("Enter").keys == ["ret"])
         #expect { try KeyChord.parse("ctrl-alt-foo") } throws: { "\($0)".contains("'foo' in 'ctrl-alt-foo' is not a key") }
         #expect(try KeyChord.typing("Hi!\n").map(\.keys) == [["shift", "h"], ["i"], ["shift", "1"], ["ret"]])
-        #expect { try KeyChord.typing("é") } throws: { "\($0)".contains("--text: 'é' has no key") }
+        #expect { try KeyChord.typing("é") } throws: { "\($0)".contains("text: 'é' has no key") }
     }
 }

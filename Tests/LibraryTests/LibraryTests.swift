@@ -75,7 +75,9 @@ struct VMDefinitionTests {
         bad.withoutDisk = true
         bad.onReboot = "never"
         #expect { try library.create(bad) } throws: { error in
-            (error as? LibraryError)?.description.contains("--on-reboot: 'never' is not one of restart, exit") == true
+            // Named by the setting's JSON key; the CLI shows it as --on-reboot (FieldFlags).
+            guard case let .invalidValue(field, reason) = error as? LibraryError else { return false }
+            return field == "on_reboot" && reason == "'never' is not one of restart, exit"
         }
         #expect(try library.names() == ["old"])
     }

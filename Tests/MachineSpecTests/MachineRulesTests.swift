@@ -1,3 +1,4 @@
+@testable import CLI
 import Devices
 @testable import Engines
 import Library
@@ -47,17 +48,19 @@ import Glibc
         }
     }
 
-    /// One table: each field has its own key and flag, a flag finds its field again, and the API
-    /// names a library refusal by the key.
+    /// One table: each field has its own key and flag, a flag finds its field again; the library
+    /// names a refusal by the key, which the API shows as it is and the CLI turns into its flag.
     @Test func oneTableOfNames() {
-        #expect(Set(MachineField.allCases.map(\.key)).count == MachineField.allCases.count)
-        #expect(Set(MachineField.allCases.map(\.flag)).count == MachineField.allCases.count)
+        #expect(Swift.Set(MachineField.allCases.map(\.key)).count == MachineField.allCases.count)
+        #expect(Swift.Set(MachineField.allCases.map(\.flag)).count == MachineField.allCases.count)
         for field in MachineField.allCases {
             #expect(MachineField(flag: field.flag) == field)
             // `vireo create --disk SIZE` is the first disk's size, the API's `disk_bytes`.
-            if field != .disks { #expect(APIProblem.apiField(field.flag) == field.key, "\(field)") }
+            if field != .disks { #expect(FieldFlags.flag(for: field.key) == field.flag, "\(field)") }
         }
-        #expect(APIProblem.apiField("--disk") == "disk_bytes")
+        #expect(FieldFlags.flag(for: "disk_bytes") == "--disk" && FieldFlags.flag(for: "io_limits") == "--io-limit")
+        #expect(FieldFlags.flag(for: "attach_disk") == "--attach-disk" && FieldFlags.flag(for: "FILE") == "FILE")
+        #expect(FieldFlags.describe(LibraryError(MachineSpecError(.memoryBytes, "too small"))) == "--memory: too small")
         let refusal = APIProblem(LibraryError(MachineSpecError(.vsockCID, "cid 2 must be a whole number from 3 to 4294967294")))
         #expect(refusal.field == "vsock_cid" && refusal.detail == "vsock_cid: cid 2 must be a whole number from 3 to 4294967294")
     }

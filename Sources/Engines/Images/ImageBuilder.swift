@@ -54,22 +54,22 @@ public struct ImageRecipe: Sendable, Equatable {
             let valid = package.utf8.count >= 2 && package.unicodeScalars.allSatisfy { ($0 >= "a" && $0 <= "z") || ($0 >= "0" && $0 <= "9") || "+-.".unicodeScalars.contains($0) }
                 && (package.first?.isLetter == true || package.first?.isNumber == true)
             guard valid else {
-                throw .invalidValue(field: "--packages", reason: "'\(package)' is not a Debian package name (lower-case letters, digits, '+', '-' and '.', starting with a letter or digit)")
+                throw .invalidValue(field: "packages", reason: "'\(package)' is not a Debian package name (lower-case letters, digits, '+', '-' and '.', starting with a letter or digit)")
             }
         }
         self.extraPackages = extraPackages
         let mirror = mirror ?? Self.defaultMirror
         guard mirror.hasPrefix("http://") || mirror.hasPrefix("https://") || mirror.hasPrefix("file:///"),
               !mirror.contains(" "), !mirror.contains(",") else {
-            throw .invalidValue(field: "--mirror", reason: "'\(mirror)' is not a Debian mirror URL (http://, https:// or file:///, like \(Self.defaultMirror))")
+            throw .invalidValue(field: "mirror", reason: "'\(mirror)' is not a Debian mirror URL (http://, https:// or file:///, like \(Self.defaultMirror))")
         }
         self.mirror = mirror
         let size = size ?? Self.defaultSize
         guard size >= Self.minimumSize else {
-            throw .invalidValue(field: "--size", reason: "\(Size.describe(size)) is smaller than the \(Size.describe(Self.minimumSize)) a \(identifier) image needs at the least (about 1 GiB of files); give --size 2G or more")
+            throw .invalidValue(field: "size", reason: "\(Size.describe(size)) is smaller than the \(Size.describe(Self.minimumSize)) a \(identifier) image needs at the least (about 1 GiB of files); give --size 2G or more")
         }
         guard size % 512 == 0, size <= 16 << 40 else {
-            throw .invalidValue(field: "--size", reason: "\(size) bytes must be a whole number of 512-byte sectors, at most 16 TiB")
+            throw .invalidValue(field: "size", reason: "\(size) bytes must be a whole number of 512-byte sectors, at most 16 TiB")
         }
         sizeBytes = size
     }
@@ -104,7 +104,7 @@ public struct ImageBuilder: Sendable {
     public func build(_ recipe: ImageRecipe, name: String, cacheDirectory: String?) throws(LibraryError) -> ImageManifest {
         try ImageName.validate(name)
         guard !store.exists(name) else {
-            throw .invalidValue(field: "--name", reason: "an image named '\(name)' already exists; delete it first (`vireo image delete \(name)`) or give another --name")
+            throw .invalidValue(field: "name", reason: "an image named '\(name)' already exists; delete it first (`vireo image delete \(name)`) or give another --name")
         }
         if let cacheDirectory {
             let cached = cacheDirectory + "/\(recipe.distribution.identifier)-\(recipe.key).tar"
@@ -209,7 +209,7 @@ public struct ImageBuilder: Sendable {
         let used = Self.usedBytes(root)
         let needed = used + used / 6 + (160 << 20)
         guard recipe.sizeBytes >= needed else {
-            throw .invalidValue(field: "--size", reason: "\(Size.describe(recipe.sizeBytes)) is smaller than the \(Size.describe(needed)) this image needs (its files take \(Size.describe(used)), plus room for the file system); give --size \((needed >> 30) + 1)G or more")
+            throw .invalidValue(field: "size", reason: "\(Size.describe(recipe.sizeBytes)) is smaller than the \(Size.describe(needed)) this image needs (its files take \(Size.describe(used)), plus room for the file system); give --size \((needed >> 30) + 1)G or more")
         }
         progress("[3/5] making an ext4 file system of \(Size.describe(recipe.sizeBytes)) from \(Size.describe(used)) of files")
         let raw = staging + "/root.raw"

@@ -192,7 +192,7 @@ public struct KeyChord: Sendable, Equatable {
             } else if character.isASCII, character.isNumber {
                 chords.append(KeyChord(keys: [String(character)]))
             } else {
-                throw .invalidValue(field: "--text", reason: "'\(character)' has no key on a US keyboard; type ASCII only")
+                throw .invalidValue(field: "text", reason: "'\(character)' has no key on a US keyboard; type ASCII only")
             }
         }
         return chords

@@ -187,7 +187,7 @@ public struct VMManager: Sendable {
     }
 
     func stopEngine(_ name: String, force: Bool, timeout: Double) throws(LibraryError) -> StopOutcome {
-        guard timeout > 0, timeout.isFinite else { throw .invalidValue(field: "--timeout", reason: "\(timeout) is not a number of seconds above 0") }
+        guard timeout > 0, timeout.isFinite else { throw .invalidValue(field: "timeout", reason: "\(timeout) is not a number of seconds above 0") }
         let bundle = try library.bundle(named: name)
         let status = library.status(of: bundle)
         if status.state.isOff { return .alreadyOff(status.state) }
@@ -387,7 +387,7 @@ public struct VMManager: Sendable {
                 let index: Int
                 if let card {
                     guard changed.networks.indices.contains(card) else {
-                        throw .invalidValue(field: "--nic", reason: "VM '\(name)' has no card \(card) (it has \(changed.networks.count))")
+                        throw .invalidValue(field: "nics", reason: "VM '\(name)' has no card \(card) (it has \(changed.networks.count))")
                     }
                     index = card
                 } else {

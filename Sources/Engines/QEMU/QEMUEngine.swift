@@ -174,7 +174,7 @@ public struct QEMUEngine: DisplayEngine, RemovableMediaEngine, StateTransferEngi
         let (bundle, definition, name) = (vm.bundle, vm.definition, vm.name)
         let binary = try checkedBinary(for: name)
         if definition.resources.rtPriority != nil {
-            throw .invalidValue(field: "--rt-priority", reason: "real-time vCPUs are built for the kvm engine only; `vireo set \(name) --rt-priority none`, or --engine kvm")
+            throw .invalidValue(field: "rt_priority", reason: "real-time vCPUs are built for the kvm engine only; `vireo set \(name) --rt-priority none`, or --engine kvm")
         }
         if let firmware = definition.firmware { try FirmwareFiles.check(firmware) }
         if let iso = definition.iso {

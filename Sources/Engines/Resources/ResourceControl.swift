@@ -83,21 +83,21 @@ public struct VMControlGroups: Sendable {
         }
         let period = 100_000
         if isUnified {
-            try write(limits.cpuCapPercent.map { "\($0 * period / 100) \(period)" } ?? "max \(period)", "cpu", "cpu.max", field: "--cpu-cap",
+            try write(limits.cpuCapPercent.map { "\($0 * period / 100) \(period)" } ?? "max \(period)", "cpu", "cpu.max", field: "cpu_cap_percent",
                       limited: limits.cpuCapPercent != nil)
-            try write(String(limits.cpuWeight ?? 100), "cpu", "cpu.weight", field: "--cpu-weight", limited: limits.cpuWeight != nil)
-            try write(limits.memoryLimitBytes.map(String.init) ?? "max", "memory", "memory.max", field: "--memory-limit", limited: limits.memoryLimitBytes != nil)
-            try write(limits.pidsLimit.map(String.init) ?? "max", "pids", "pids.max", field: "--pids-limit", limited: limits.pidsLimit != nil)
+            try write(String(limits.cpuWeight ?? 100), "cpu", "cpu.weight", field: "cpu_weight", limited: limits.cpuWeight != nil)
+            try write(limits.memoryLimitBytes.map(String.init) ?? "max", "memory", "memory.max", field: "memory_limit_bytes", limited: limits.memoryLimitBytes != nil)
+            try write(limits.pidsLimit.map(String.init) ?? "max", "pids", "pids.max", field: "pids_limit", limited: limits.pidsLimit != nil)
             return
         }
-        try write(String(period), "cpu", "cpu.cfs_period_us", field: "--cpu-cap", limited: limits.cpuCapPercent != nil)
-        try write(limits.cpuCapPercent.map { String($0 * period / 100) } ?? "-1", "cpu", "cpu.cfs_quota_us", field: "--cpu-cap",
+        try write(String(period), "cpu", "cpu.cfs_period_us", field: "cpu_cap_percent", limited: limits.cpuCapPercent != nil)
+        try write(limits.cpuCapPercent.map { String($0 * period / 100) } ?? "-1", "cpu", "cpu.cfs_quota_us", field: "cpu_cap_percent",
                   limited: limits.cpuCapPercent != nil)
         // v2's weight 1–10000 (default 100) onto v1's shares (default 1024).
-        try write(String(max(2, (limits.cpuWeight ?? 100) * 1024 / 100)), "cpu", "cpu.shares", field: "--cpu-weight", limited: limits.cpuWeight != nil)
-        try write(limits.memoryLimitBytes.map(String.init) ?? "-1", "memory", "memory.limit_in_bytes", field: "--memory-limit",
+        try write(String(max(2, (limits.cpuWeight ?? 100) * 1024 / 100)), "cpu", "cpu.shares", field: "cpu_weight", limited: limits.cpuWeight != nil)
+        try write(limits.memoryLimitBytes.map(String.init) ?? "-1", "memory", "memory.limit_in_bytes", field: "memory_limit_bytes",
                   limited: limits.memoryLimitBytes != nil)
-        try write(limits.pidsLimit.map(String.init) ?? "max", "pids", "pids.max", field: "--pids-limit", limited: limits.pidsLimit != nil)
+        try write(limits.pidsLimit.map(String.init) ?? "max", "pids", "pids.max", field: "pids_limit", limited: limits.pidsLimit != nil)
         // Pinning's cpuset: every CPU the pins and the emulator name (affinity does the per-thread
         // part); all of the parent's while some threads may run anywhere.
         if let directory = directories[isUnified ? "unified" : "cpuset"], HostFiles.exists(directory + "/cpuset.cpus") {
@@ -109,7 +109,7 @@ public struct VMControlGroups: Sendable {
             // v2's parents may leave it empty (meaning "the parent's"): then write nothing.
             if !cpus.isEmpty {
                 do { try HostFiles.writeInPlace(cpus, to: directory + "/cpuset.cpus") } catch {
-                    throw .invalidValue(field: "--pin", reason: "the kernel refused CPUs \(cpus) for \(directory)/cpuset.cpus: \(error)")
+                    throw .invalidValue(field: "vcpu_pins", reason: "the kernel refused CPUs \(cpus) for \(directory)/cpuset.cpus: \(error)")
                 }
             }
         }
@@ -138,14 +138,14 @@ public struct VMControlGroups: Sendable {
                 let line = "\(device) rbps=\(value(limits?.readBytesPerSecond)) wbps=\(value(limits?.writeBytesPerSecond)) riops=\(value(limits?.readOperationsPerSecond)) wiops=\(value(limits?.writeOperationsPerSecond))"
                 do { try HostFiles.writeInPlace(line, to: directory + "/io.max") } catch {
                     if limits == nil { continue }
-                    throw .invalidValue(field: "--io-limit", reason: "the kernel refused '\(line)' in \(directory)/io.max: \(error)")
+                    throw .invalidValue(field: "io_limits", reason: "the kernel refused '\(line)' in \(directory)/io.max: \(error)")
                 }
             }
             return
         }
         guard let directory = directories["blkio"] else {
             if limits == nil { return }
-            throw .invalidValue(field: "--io-limit", reason: "this host has no blkio (block I/O) cgroup controller mounted")
+            throw .invalidValue(field: "io_limits", reason: "this host has no blkio (block I/O) cgroup controller mounted")
         }
         let files: [(String, UInt64?)] = [("read_bps_device", limits?.readBytesPerSecond), ("write_bps_device", limits?.writeBytesPerSecond),
                                           ("read_iops_device", limits?.readOperationsPerSecond), ("write_iops_device", limits?.writeOperationsPerSecond)]
@@ -155,7 +155,7 @@ public struct VMControlGroups: Sendable {
                 do { try HostFiles.writeInPlace(line, to: directory + "/blkio.throttle." + file) } catch {
                     // Clearing a rule that never was is no reason to refuse a start.
                     if limits == nil { continue }
-                    throw .invalidValue(field: "--io-limit", reason: "the kernel refused '\(line)' in \(directory)/blkio.throttle.\(file): \(error)")
+                    throw .invalidValue(field: "io_limits", reason: "the kernel refused '\(line)' in \(directory)/blkio.throttle.\(file): \(error)")
                 }
             }
         }
@@ -174,7 +174,7 @@ public struct VMControlGroups: Sendable {
             var name = "\(major):\(minor)"
             let sys = "/sys/dev/block/" + name
             guard HostFiles.exists(sys) else {
-                throw .invalidValue(field: "--io-limit", reason: "\(path) is on a file system with no block device (\(name): tmpfs, overlay, NFS...); the block controller cannot limit it")
+                throw .invalidValue(field: "io_limits", reason: "\(path) is on a file system with no block device (\(name): tmpfs, overlay, NFS...); the block controller cannot limit it")
             }
             if HostFiles.exists(sys + "/partition") {
                 // …/block/vda/vda1: the disk is the partition's parent directory.
@@ -205,7 +205,7 @@ public struct VMControlGroups: Sendable {
             return
         }
         if let text = try? HostFiles.readAll("/proc/sys/kernel/sched_rt_runtime_us"), String(decoding: text, as: UTF8.self).trimmed == "-1" {
-            throw .invalidValue(field: "--rt-priority", reason: "the kernel's real-time throttling is off (/proc/sys/kernel/sched_rt_runtime_us is -1), so a spinning vCPU could starve the host; set it back (950000 is the default) or drop --rt-priority")
+            throw .invalidValue(field: "rt_priority", reason: "the kernel's real-time throttling is off (/proc/sys/kernel/sched_rt_runtime_us is -1), so a spinning vCPU could starve the host; set it back (950000 is the default) or drop --rt-priority")
         }
         let parent = HostFiles.parent(of: directory)
         var held = 0
@@ -221,7 +221,7 @@ public struct VMControlGroups: Sendable {
             if (Int(read(parentFile).trimmed) ?? 0) < needed { try HostFiles.writeInPlace(String(needed), to: parentFile) }
             try HostFiles.writeInPlace(String(budget), to: file)
         } catch {
-            throw .invalidValue(field: "--rt-priority", reason: "the host's real-time budget has no room for this VM's \(budget) µs per second (\(parentFile) would need \(needed); the kernel allows 950000 in all by default): \(error)")
+            throw .invalidValue(field: "rt_priority", reason: "the host's real-time budget has no room for this VM's \(budget) µs per second (\(parentFile) would need \(needed); the kernel allows 950000 in all by default): \(error)")
         }
     }
 

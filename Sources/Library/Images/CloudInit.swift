@@ -30,10 +30,10 @@ public struct CloudInitSettings: Codable, Sendable, Equatable {
         let rule = "a Debian user name is 1 to 32 characters: a lower-case letter, then lower-case letters, digits, '-' and '_'"
         guard !user.isEmpty, user.utf8.count <= 32, let first = user.unicodeScalars.first, first >= "a", first <= "z",
               user.unicodeScalars.allSatisfy({ ($0 >= "a" && $0 <= "z") || ($0 >= "0" && $0 <= "9") || $0 == "-" || $0 == "_" }) else {
-            throw .invalidValue(field: "--user", reason: "'\(user)' is not allowed: \(rule)")
+            throw .invalidValue(field: "user", reason: "'\(user)' is not allowed: \(rule)")
         }
         guard !systemAccounts.contains(user), !user.hasPrefix("systemd-") else {
-            throw .invalidValue(field: "--user", reason: "'\(user)' is an account Debian's base system already has; choose another name (the default is \(defaultUser))")
+            throw .invalidValue(field: "user", reason: "'\(user)' is an account Debian's base system already has; choose another name (the default is \(defaultUser))")
         }
     }
 
@@ -46,7 +46,7 @@ public struct CloudInitSettings: Codable, Sendable, Equatable {
 
     /// A host name (RFC 1123): dot-separated labels of letters, digits and '-', each 1 to 63
     /// characters and not starting or ending with '-', 253 characters at most.
-    public static func validate(hostname: String, field: String = "--hostname") throws(LibraryError) {
+    public static func validate(hostname: String, field: String = "hostname") throws(LibraryError) {
         let labels = hostname.split(separator: ".", omittingEmptySubsequences: false)
         let valid = !hostname.isEmpty && hostname.utf8.count <= 253 && labels.allSatisfy { label in
             !label.isEmpty && label.utf8.count <= 63 && !label.hasPrefix("-") && !label.hasSuffix("-")
@@ -67,9 +67,9 @@ public struct CloudInitSettings: Codable, Sendable, Equatable {
 
     /// crypt(3) with yescrypt and a random salt, as `passwd` on Debian 12 would store it.
     public static func hashPassword(_ password: String) throws(LibraryError) -> String {
-        guard !password.isEmpty else { throw .invalidValue(field: "--password", reason: "the password is empty") }
+        guard !password.isEmpty else { throw .invalidValue(field: "password", reason: "the password is empty") }
         guard !password.utf8.contains(0), !password.contains("\n") else {
-            throw .invalidValue(field: "--password", reason: "the password contains a NUL or newline")
+            throw .invalidValue(field: "password", reason: "the password contains a NUL or newline")
         }
         var output = [CChar](repeating: 0, count: 512)
         let code = vireo_hash_password(password, &output, output.count)
@@ -87,7 +87,7 @@ public enum SSHPublicKey {
 
     /// The key lines of a public key file (`id_ed25519.pub`, or an authorized_keys list without
     /// options); anything else is refused with what it is.
-    public static func read(file: String, field: String = "--ssh-key") throws(LibraryError) -> [String] {
+    public static func read(file: String, field: String = "ssh_key_files") throws(LibraryError) -> [String] {
         let path = HostFiles.absolute(file)
         guard HostFiles.exists(path), !HostFiles.isDirectory(path) else {
             throw .invalidValue(field: field, reason: "\(file) does not exist or is not a file")
@@ -214,7 +214,7 @@ public enum CloudInitSeed {
         } else if let xorriso = HostTools.find("xorriso") {
             tool = (xorriso, ["-as", "mkisofs"])
         } else {
-            throw .invalidValue(field: "--image", reason: "the cloud-init seed is made with genisoimage (or xorriso), and neither is installed; install Debian's `genisoimage` package")
+            throw .invalidValue(field: "image", reason: "the cloud-init seed is made with genisoimage (or xorriso), and neither is installed; install Debian's `genisoimage` package")
         }
         let staging = path + ".d-\(getpid())"
         try? HostFiles.removeTree(staging)
@@ -252,7 +252,7 @@ public struct LibrarySSHKey: Sendable {
     public func ensure() throws(LibraryError) -> String {
         if !HostFiles.exists(publicKey) || !HostFiles.exists(privateKey) {
             guard let keygen = HostTools.find("ssh-keygen") else {
-                throw .invalidValue(field: "--image", reason: "making the library's SSH key needs ssh-keygen; install Debian's `openssh-client` package")
+                throw .invalidValue(field: "image", reason: "making the library's SSH key needs ssh-keygen; install Debian's `openssh-client` package")
             }
             try HostFiles.makeDirectories(HostFiles.parent(of: directory))
             try HostFiles.makeDirectory(directory, mode: 0o700)

@@ -117,7 +117,7 @@ public enum ImageImporter {
         let path = HostFiles.absolute(file)
         guard HostFiles.exists(path), !HostFiles.isDirectory(path) else { throw .invalidValue(field: "FILE", reason: "\(file) does not exist or is not a file") }
         guard !store.exists(name) else {
-            throw .invalidValue(field: "--name", reason: "an image named '\(name)' already exists; delete it first or give another --name")
+            throw .invalidValue(field: "name", reason: "an image named '\(name)' already exists; delete it first or give another --name")
         }
         let header = try readPrefix(path, count: 0x8806)
         if ImageArchive.isArchive(header) { return try ImageArchive.importArchive(path, as: name, store: store) }

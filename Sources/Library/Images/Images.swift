@@ -123,7 +123,7 @@ public struct ImageStore: Sendable {
         try ImageName.validate(name)
         guard exists(name) else {
             let known = names()
-            throw .invalidValue(field: "--image", reason: "no image named '\(name)' in \(directory) (\(known.isEmpty ? "there are none; `vireo image build debian-12` makes one" : "images: " + known.joined(separator: ", ")))")
+            throw .invalidValue(field: "image", reason: "no image named '\(name)' in \(directory) (\(known.isEmpty ? "there are none; `vireo image build debian-12` makes one" : "images: " + known.joined(separator: ", ")))")
         }
         return try Self.readManifest(manifestPath(of: name))
     }

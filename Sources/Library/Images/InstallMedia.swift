@@ -16,7 +16,7 @@ public struct InstallMedium: Sendable, Equatable {
     static let maximumDescriptors = 64
 
     /// Checks that `path` is a bootable ISO and reads its label; errors name `field`.
-    public static func inspect(_ path: String, field: String = "--iso") throws(LibraryError) -> InstallMedium {
+    public static func inspect(_ path: String, field: String = "iso") throws(LibraryError) -> InstallMedium {
         let absolute = HostFiles.absolute(path)
         guard HostFiles.exists(absolute) else { throw .invalidValue(field: field, reason: "\(absolute) does not exist") }
         guard !HostFiles.isDirectory(absolute) else { throw .invalidValue(field: field, reason: "\(absolute) is a directory, not an ISO image") }
@@ -77,7 +77,7 @@ public enum FirmwareFiles {
     public static let bios = "/usr/share/seabios/bios-256k.bin"
 
     /// Refuses a firmware whose files are missing, naming the package that has them.
-    public static func check(_ firmware: Firmware, field: String = "--firmware") throws(LibraryError) {
+    public static func check(_ firmware: Firmware, field: String = "firmware") throws(LibraryError) {
         switch firmware {
         case .uefi:
             for file in [uefiCode, uefiVariables] where access(file, R_OK) != 0 {

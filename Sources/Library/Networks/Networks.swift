@@ -394,15 +394,15 @@ public struct NetworkStore: Sendable {
             let elsewhere = otherLibraries.filter { $0.mode != .internal }
             let subnet: IPv4Subnet
             if let text = request.subnet {
-                subnet = try IPv4Subnet.parse(text, field: "--subnet")
+                subnet = try IPv4Subnet.parse(text, field: "subnet")
                 if let clash = others.first(where: { $0.subnet.overlaps(subnet) }) {
-                    throw .invalidValue(field: "--subnet", reason: "\(subnet) overlaps network '\(clash.name)' (\(clash.subnet))")
+                    throw .invalidValue(field: "subnet", reason: "\(subnet) overlaps network '\(clash.name)' (\(clash.subnet))")
                 }
                 if request.mode != .internal, let clash = elsewhere.first(where: { $0.subnet.overlaps(subnet) }) {
-                    throw .invalidValue(field: "--subnet", reason: "\(subnet) overlaps \(clash.subnet) of network '\(clash.network)' in the library \(clash.library) on this host; choose another")
+                    throw .invalidValue(field: "subnet", reason: "\(subnet) overlaps \(clash.subnet) of network '\(clash.network)' in the library \(clash.library) on this host; choose another")
                 }
                 if let route = hostRoutes.first(where: { $0.overlaps(subnet) }) {
-                    throw .invalidValue(field: "--subnet", reason: "\(subnet) overlaps \(route), which this host already routes; choose another")
+                    throw .invalidValue(field: "subnet", reason: "\(subnet) overlaps \(route), which this host already routes; choose another")
                 }
             } else {
                 subnet = try Self.freeSubnet(avoiding: others.map(\.subnet) + elsewhere.map(\.subnet) + hostRoutes)
@@ -410,13 +410,13 @@ public struct NetworkStore: Sendable {
             var dhcp: DHCPRange?
             if request.mode == .internal {
                 if request.dhcp != nil {
-                    throw .invalidValue(field: "--dhcp", reason: "an internal network gives the host no address to serve DHCP from; give guests static addresses, or use --mode host-only")
+                    throw .invalidValue(field: "dhcp", reason: "an internal network gives the host no address to serve DHCP from; give guests static addresses, or use --mode host-only")
                 }
             } else if let text = request.dhcp {
-                if request.withoutDHCP { throw .invalidValue(field: "--dhcp", reason: "choose one of --dhcp RANGE and --no-dhcp") }
-                let range = try DHCPRange.parse(text, field: "--dhcp")
+                if request.withoutDHCP { throw .invalidValue(field: "dhcp", reason: "choose one of --dhcp RANGE and --no-dhcp") }
+                let range = try DHCPRange.parse(text, field: "dhcp")
                 guard subnet.guestAddresses.contains(range.first.value), subnet.guestAddresses.contains(range.last.value) else {
-                    throw .invalidValue(field: "--dhcp", reason: "\(range) is not inside \(subnet)'s guest addresses \(IPv4Address(subnet.guestAddresses.lowerBound))-\(IPv4Address(subnet.guestAddresses.upperBound)) (the first address is the host's)")
+                    throw .invalidValue(field: "dhcp", reason: "\(range) is not inside \(subnet)'s guest addresses \(IPv4Address(subnet.guestAddresses.lowerBound))-\(IPv4Address(subnet.guestAddresses.upperBound)) (the first address is the host's)")
                 }
                 dhcp = range
             } else if !request.withoutDHCP {
@@ -456,7 +456,7 @@ public struct NetworkStore: Sendable {
             let candidate = IPv4Subnet(network: IPv4Address(192 << 24 | 168 << 16 | third << 8), prefixLength: 24)
             if !taken.contains(where: { $0.overlaps(candidate) }) { return candidate }
         }
-        throw .invalidValue(field: "--subnet", reason: "every 192.168.122-254.0/24 is in use; give one with --subnet")
+        throw .invalidValue(field: "subnet", reason: "every 192.168.122-254.0/24 is in use; give one with --subnet")
     }
 
     /// The `default` NAT network, made on first use like libvirt's.
@@ -573,7 +573,7 @@ extension PortForward {
             $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
         }
         if bound != 0 && errno == EADDRINUSE {
-            throw .invalidValue(field: "--forward", reason: "\(forward): host \(forward.proto.rawValue) port \(forward.hostPort) is already in use on this host; choose another")
+            throw .invalidValue(field: "forwards", reason: "\(forward): host \(forward.proto.rawValue) port \(forward.hostPort) is already in use on this host; choose another")
         }
     }
 }

@@ -156,7 +156,7 @@ extension VMLibrary {
             throw .invalidValue(field: "SNAPSHOT", reason: "VM '\(definition.name)' already has a snapshot named '\(name)'; choose another name")
         }
         if let description, description.utf8.count > 1024 {
-            throw .invalidValue(field: "--description", reason: "\(description.utf8.count) bytes; at most 1024")
+            throw .invalidValue(field: "description", reason: "\(description.utf8.count) bytes; at most 1024")
         }
         let layers = try Self.snapshotLayers(definition, name: definition.name)
         var id = Self.newSnapshotID()

@@ -187,34 +187,34 @@ public struct ResourceLimits: Codable, Sendable, Equatable {
     /// Refuses values the kernel would refuse or that cannot run a VM, naming the flag.
     public func validate(cpus: Int, memoryBytes: UInt64) throws(LibraryError) {
         if let cap = cpuCapPercent, cap < 1 || cap > 100 * 1024 {
-            throw .invalidValue(field: "--cpu-cap", reason: "\(cap)% is not from 1% to \(100 * 1024)% (100% is one whole CPU; this VM has \(cpus) vCPUs)")
+            throw .invalidValue(field: "cpu_cap_percent", reason: "\(cap)% is not from 1% to \(100 * 1024)% (100% is one whole CPU; this VM has \(cpus) vCPUs)")
         }
         if let weight = cpuWeight, weight < 1 || weight > 10000 {
-            throw .invalidValue(field: "--cpu-weight", reason: "\(weight) is not from 1 to 10000 (100 is the default)")
+            throw .invalidValue(field: "cpu_weight", reason: "\(weight) is not from 1 to 10000 (100 is the default)")
         }
         if let limit = memoryLimitBytes, limit < memoryBytes {
-            throw .invalidValue(field: "--memory-limit", reason: "\(Self.mebibytes(limit)) is below the VM's \(memoryBytes >> 20) MiB of RAM: the guest would be killed once it used its memory; give at least \(memoryBytes >> 20)M (the limit counts the whole engine: RAM the guest touched and the VMM's own few MiB)")
+            throw .invalidValue(field: "memory_limit_bytes", reason: "\(Self.mebibytes(limit)) is below the VM's \(memoryBytes >> 20) MiB of RAM: the guest would be killed once it used its memory; give at least \(memoryBytes >> 20)M (the limit counts the whole engine: RAM the guest touched and the VMM's own few MiB)")
         }
         if let priority = rtPriority {
             do { try MachineRules.realTimePriority(priority) } catch { throw LibraryError(error) }
         }
         if let pids = pidsLimit, pids < 16 || pids > 1 << 22 {
-            throw .invalidValue(field: "--pids-limit", reason: "\(pids) is not from 16 to \(1 << 22) (a VMM has a thread per vCPU and per device)")
+            throw .invalidValue(field: "pids_limit", reason: "\(pids) is not from 16 to \(1 << 22) (a VMM has a thread per vCPU and per device)")
         }
         let host = Self.hostCPUCount
         for pin in vcpuPins ?? [] {
             guard pin.vcpu >= 0, pin.vcpu < cpus else {
-                throw .invalidValue(field: "--pin", reason: "vcpu\(pin.vcpu) does not exist; this VM has vcpu0 to vcpu\(cpus - 1)")
+                throw .invalidValue(field: "vcpu_pins", reason: "vcpu\(pin.vcpu) does not exist; this VM has vcpu0 to vcpu\(cpus - 1)")
             }
             if let bad = pin.cpus.first(where: { $0 < 0 || $0 >= host }) ?? (pin.cpus.isEmpty ? -1 : nil) {
-                throw .invalidValue(field: "--pin", reason: "vcpu\(pin.vcpu): host CPU \(bad) does not exist; this host has CPUs 0 to \(host - 1)")
+                throw .invalidValue(field: "vcpu_pins", reason: "vcpu\(pin.vcpu): host CPU \(bad) does not exist; this host has CPUs 0 to \(host - 1)")
             }
         }
         if Set((vcpuPins ?? []).map(\.vcpu)).count != (vcpuPins ?? []).count {
-            throw .invalidValue(field: "--pin", reason: "a vCPU is pinned twice")
+            throw .invalidValue(field: "vcpu_pins", reason: "a vCPU is pinned twice")
         }
         if let emulator = emulatorCPUs, let bad = emulator.first(where: { $0 < 0 || $0 >= host }) ?? (emulator.isEmpty ? -1 : nil) {
-            throw .invalidValue(field: "--pin-emulator", reason: "host CPU \(bad) does not exist; this host has CPUs 0 to \(host - 1)")
+            throw .invalidValue(field: "emulator_cpus", reason: "host CPU \(bad) does not exist; this host has CPUs 0 to \(host - 1)")
         }
     }
 }
@@ -318,13 +318,13 @@ public struct MemoryBackingOptions: Codable, Sendable, Equatable {
     public func validate(memoryBytes: UInt64) throws(LibraryError) {
         // The definition's words first: its page size is text.
         if let hugePages, hugePageBytes == nil {
-            throw .invalidValue(field: "--memory-backing", reason: "huge pages of '\(hugePages)' are not 2M or 1G")
+            throw .invalidValue(field: "memory_backing", reason: "huge pages of '\(hugePages)' are not 2M or 1G")
         }
         do { try MachineRules.memoryBacking(machineBacking, memoryBytes: memoryBytes) } catch { throw LibraryError(error) }
         if let node = numaNode {
             let nodes = Self.hostNUMANodes()
             guard nodes.contains(node) else {
-                throw .invalidValue(field: "--numa-node", reason: "host node \(node) does not exist; this host has node\(nodes.count == 1 ? "" : "s") \(nodes.map(String.init).joined(separator: ", "))")
+                throw .invalidValue(field: "numa_node", reason: "host node \(node) does not exist; this host has node\(nodes.count == 1 ? "" : "s") \(nodes.map(String.init).joined(separator: ", "))")
             }
         }
         if let file, file != "memfd" {
@@ -332,15 +332,15 @@ public struct MemoryBackingOptions: Codable, Sendable, Equatable {
             var status = stat()
             if lstat(file, &status) == 0 {
                 guard (status.st_mode & S_IFMT) == S_IFREG else {
-                    throw .invalidValue(field: "--memory-backing", reason: "\(file) exists and is not a regular file")
+                    throw .invalidValue(field: "memory_backing", reason: "\(file) exists and is not a regular file")
                 }
                 guard status.st_size == 0 || UInt64(status.st_size) == memoryBytes else {
-                    throw .invalidValue(field: "--memory-backing", reason: "\(file) exists and holds \(status.st_size) bytes, not this VM's \(memoryBytes) bytes of RAM; it is zeroed at every start, so give a new path or an empty file")
+                    throw .invalidValue(field: "memory_backing", reason: "\(file) exists and holds \(status.st_size) bytes, not this VM's \(memoryBytes) bytes of RAM; it is zeroed at every start, so give a new path or an empty file")
                 }
             } else {
                 let parent = String(file[..<(file.lastIndex(of: "/") ?? file.startIndex)])
                 guard parent.isEmpty || HostFiles.isDirectory(parent) else {
-                    throw .invalidValue(field: "--memory-backing", reason: "the directory \(parent) does not exist")
+                    throw .invalidValue(field: "memory_backing", reason: "the directory \(parent) does not exist")
                 }
             }
         }
@@ -363,17 +363,17 @@ public struct IOLimits: Codable, Sendable, Equatable {
         for item in text.split(separator: ",") {
             let parts = item.split(separator: "=", maxSplits: 1).map(String.init)
             guard parts.count == 2 else {
-                throw .invalidValue(field: "--io-limit", reason: "'\(item)' is not KEY=VALUE; keys: read, write (bytes per second, K/M/G), read-iops, write-iops")
+                throw .invalidValue(field: "io_limits", reason: "'\(item)' is not KEY=VALUE; keys: read, write (bytes per second, K/M/G), read-iops, write-iops")
             }
             let value: UInt64?
             switch parts[0] {
             case "read", "write": value = bytes(parts[1])
             case "read-iops", "write-iops": value = UInt64(parts[1])
             default:
-                throw .invalidValue(field: "--io-limit", reason: "unknown key '\(parts[0])'; keys: read, write (bytes per second, K/M/G), read-iops, write-iops")
+                throw .invalidValue(field: "io_limits", reason: "unknown key '\(parts[0])'; keys: read, write (bytes per second, K/M/G), read-iops, write-iops")
             }
             guard let value, value > 0 else {
-                throw .invalidValue(field: "--io-limit", reason: "\(parts[0])=\(parts[1]) is not a positive \(parts[0].hasSuffix("iops") ? "number of operations" : "size like 512K or 10M") per second")
+                throw .invalidValue(field: "io_limits", reason: "\(parts[0])=\(parts[1]) is not a positive \(parts[0].hasSuffix("iops") ? "number of operations" : "size like 512K or 10M") per second")
             }
             switch parts[0] {
             case "read": limits.readBytesPerSecond = value
@@ -382,7 +382,7 @@ public struct IOLimits: Codable, Sendable, Equatable {
             default: limits.writeOperationsPerSecond = value
             }
         }
-        guard limits != IOLimits() else { throw .invalidValue(field: "--io-limit", reason: "no limit given; like read=10M,write=5M or none") }
+        guard limits != IOLimits() else { throw .invalidValue(field: "io_limits", reason: "no limit given; like read=10M,write=5M or none") }
         return limits
     }
 
@@ -404,11 +404,11 @@ public struct VCPUPin: Codable, Sendable, Equatable {
         for entry in text.split(separator: ",") {
             let parts = entry.split(separator: "=", maxSplits: 1)
             guard parts.count == 2, parts[0].hasPrefix("vcpu"), let vcpu = Int(parts[0].dropFirst(4)), let cpus = parseCPUs(String(parts[1]), separator: "+") else {
-                throw .invalidValue(field: "--pin", reason: "'\(entry)' is not vcpuN=CPU (like vcpu0=2,vcpu1=3, or vcpu0=2-3 for a range)")
+                throw .invalidValue(field: "vcpu_pins", reason: "'\(entry)' is not vcpuN=CPU (like vcpu0=2,vcpu1=3, or vcpu0=2-3 for a range)")
             }
             pins.append(VCPUPin(vcpu: vcpu, cpus: cpus))
         }
-        guard !pins.isEmpty else { throw .invalidValue(field: "--pin", reason: "no vCPU given; like vcpu0=2,vcpu1=3") }
+        guard !pins.isEmpty else { throw .invalidValue(field: "vcpu_pins", reason: "no vCPU given; like vcpu0=2,vcpu1=3") }
         return pins
     }
 
@@ -593,7 +593,7 @@ public struct OSType: Sendable, Equatable {
 
     public static func named(_ identifier: String) throws(LibraryError) -> OSType {
         guard let type = all.first(where: { $0.identifier == identifier }) else {
-            throw .invalidValue(field: "--ostype", reason: "'\(identifier)' is not an OS type; choose one of \(all.map(\.identifier).joined(separator: ", ")) (see `vireo ostypes`)")
+            throw .invalidValue(field: "os_type", reason: "'\(identifier)' is not an OS type; choose one of \(all.map(\.identifier).joined(separator: ", ")) (see `vireo ostypes`)")
         }
         return type
     }

@@ -33,9 +33,9 @@ extension VMLibrary {
         guard !fields.isEmpty else {
             throw .invalidValue(field: "vireo set", reason: "nothing to change; give at least one of --cpus, --memory, --cmdline, --kernel, --initrd, --no-initrd, --ostype, --rng/--no-rng, --nic, --no-nic, --forward, --vsock-cid, --no-vsock, --balloon/--no-balloon, --acpi, --on-reboot, --cpu, --engine, --iso, --firmware, --accel, --cpu-cap, --cpu-weight, --memory-limit, --pids-limit, --pin, --pin-emulator, --rt-priority, --io-limit, --memory-backing, --prealloc, --ksm, --lock-memory, --thp/--no-thp, --numa-node")
         }
-        if request.initrd != nil && request.removeInitrd { throw .invalidValue(field: "--initrd", reason: "--initrd and --no-initrd contradict each other") }
+        if request.initrd != nil && request.removeInitrd { throw .invalidValue(field: "initrd", reason: "--initrd and --no-initrd contradict each other") }
         if let kernel = request.kernel { try Self.validate(kernel: kernel) }
-        if let initrd = request.initrd { try Self.validateReadable(initrd, field: "--initrd") }
+        if let initrd = request.initrd { try Self.validateReadable(initrd, field: "initrd") }
         if let type = request.osType { _ = try OSType.named(type) }
         let medium = try request.iso.flatMap { $0 }.map { (path) throws(LibraryError) in try InstallMedium.inspect(path) }
         return try update(name, action: "change \(fields.joined(separator: ", ")) of") { (definition, bundle) throws(LibraryError) in
@@ -79,7 +79,7 @@ extension VMLibrary {
             if let node = request.numaNode { changed.memoryBacking.numaNode = node }
             if let mergeable = request.mergeable { changed.memoryBacking.mergeable = mergeable }
             if changed.engine == .kvm, request.accelerator != nil {
-                throw .invalidValue(field: "--accel", reason: "the kvm engine always uses KVM; --accel is for the qemu engine")
+                throw .invalidValue(field: "accelerator", reason: "the kvm engine always uses KVM; --accel is for the qemu engine")
             }
             try Self.validate(changed)
             try checkNetworks(changed, previous: definition)

@@ -117,7 +117,7 @@ extension VMLibrary {
             // the original's (one port cannot be forwarded to two VMs).
             definition.networks = original.networks.map { NetworkAttachment($0.attachment, mac: NetworkAttachment.randomMAC()) }
             if linked, let external = original.disks.first(where: { !$0.isOwned && !$0.readOnly }) {
-                throw .invalidValue(field: "--linked", reason: "VM '\(source)' has the writable disk \(external.path) outside its directory; a linked clone would freeze it. Make a full clone, or attach it read-only")
+                throw .invalidValue(field: "linked", reason: "VM '\(source)' has the writable disk \(external.path) outside its directory; a linked clone would freeze it. Make a full clone, or attach it read-only")
             }
             let staging = root + "/.creating-" + definition.uuid
             try HostFiles.makeDirectory(staging)

@@ -18,7 +18,7 @@ extension VMLibrary {
         try VMName.validate(request.name, in: root)
         var notes: [String] = []
         if let name = request.image {
-            for (given, field) in [(request.iso != nil, "--iso"), (request.attachDisk != nil, "--attach-disk"), (request.withoutDisk, "--no-disk")] where given {
+            for (given, field) in [(request.iso != nil, "iso"), (request.attachDisk != nil, "attach_disk"), (request.withoutDisk, "no_disk")] where given {
                 throw .invalidValue(field: field, reason: "cannot be combined with --image: the VM's disk is made from image '\(name)'")
             }
         }
@@ -63,18 +63,18 @@ extension VMLibrary {
         definition.resources = request.resources
         definition.memoryBacking = request.memoryBacking
         if let kernel = request.kernel { try Self.validate(kernel: kernel) }
-        if let initrd = request.initrd { try Self.validateReadable(initrd, field: "--initrd") }
+        if let initrd = request.initrd { try Self.validateReadable(initrd, field: "initrd") }
         guard request.diskBytes == nil || request.attachDisk == nil, !(request.withoutDisk && (request.diskBytes != nil || request.attachDisk != nil)) else {
-            throw .invalidValue(field: "--disk", reason: "choose one of --disk SIZE, --attach-disk PATH and --no-disk")
+            throw .invalidValue(field: "disk_bytes", reason: "choose one of --disk SIZE, --attach-disk PATH and --no-disk")
         }
         var attached: DiskAttachment?
-        if let path = request.attachDisk { attached = try Self.inspectDisk(HostFiles.absolute(path), format: request.attachDiskFormat, field: "--attach-disk") }
+        if let path = request.attachDisk { attached = try Self.inspectDisk(HostFiles.absolute(path), format: request.attachDiskFormat, field: "attach_disk") }
         if request.attachDisk == nil, request.attachDiskFormat != nil {
-            throw .invalidValue(field: "--disk-format", reason: "declares the format of --attach-disk, which is not given")
+            throw .invalidValue(field: "disk_format", reason: "declares the format of --attach-disk, which is not given")
         }
-        if image == nil, request.fullCopy { throw .invalidValue(field: "--full", reason: "copies an image's disk; give --image NAME") }
+        if image == nil, request.fullCopy { throw .invalidValue(field: "full", reason: "copies an image's disk; give --image NAME") }
         if image == nil, !request.cloudInit.isEmpty {
-            throw .invalidValue(field: request.cloudInit.keyFiles.isEmpty ? "--user/--password/--hostname" : "--ssh-key",
+            throw .invalidValue(field: request.cloudInit.keyFiles.isEmpty ? "user" : "ssh_key_files",
                                 reason: "cloud-init settings are for VMs made from an image; give --image NAME")
         }
         var imageDiskBytes: UInt64 = 0
@@ -83,7 +83,7 @@ extension VMLibrary {
             try Self.checkImageRequest(request, image: image)
             imageDiskBytes = request.diskBytes ?? max(type.diskBytes, image.virtualSize)
             guard imageDiskBytes >= image.virtualSize else {
-                throw .invalidValue(field: "--disk", reason: "\(Size.describe(imageDiskBytes)) is smaller than image '\(image.name)''s disk (\(Size.describe(image.virtualSize))); give --disk \(Size.describe(image.virtualSize)) or more")
+                throw .invalidValue(field: "disk_bytes", reason: "\(Size.describe(imageDiskBytes)) is smaller than image '\(image.name)''s disk (\(Size.describe(image.virtualSize))); give --disk \(Size.describe(image.virtualSize)) or more")
             }
             definition.image = image.name
             if image.bootsDirectly {
@@ -116,7 +116,7 @@ extension VMLibrary {
         // deleted between the check and the overlay.
         if let image {
             return try images.locked { () throws(LibraryError) in
-                guard images.exists(image.name) else { throw .invalidValue(field: "--image", reason: "image '\(image.name)' was deleted meanwhile") }
+                guard images.exists(image.name) else { throw .invalidValue(field: "image", reason: "image '\(image.name)' was deleted meanwhile") }
                 try images.verify(image)
                 return try makeBundle(request, definition: definition, type: type, attached: nil, image: image, imageDiskBytes: imageDiskBytes,
                                       cloudInit: cloudInit, notes: notes)
@@ -167,7 +167,7 @@ extension VMLibrary {
                     do throws(DiskImageError) {
                         // The store holds standalone qcow2 disks only (ImageStore.install checks).
                         guard let copy = try DiskImages.open(path: bundle.resolve("disk0.qcow2"), format: .qcow2) as? QCOW2Image else {
-                            throw .invalidArgument(field: "--image", reason: "the image's disk is not qcow2")
+                            throw .invalidArgument(field: "image", reason: "the image's disk is not qcow2")
                         }
                         try copy.resize(to: imageDiskBytes)
                     } catch { throw .disk(error) }
@@ -210,7 +210,7 @@ extension VMLibrary {
     /// cloud-init settings for an image without cloud-init.
     static func checkImageRequest(_ request: CreateRequest, image: ImageManifest) throws(LibraryError) {
         if !image.cloudInit, !request.cloudInit.isEmpty {
-            throw .invalidValue(field: request.cloudInit.keyFiles.isEmpty ? "--user/--password/--hostname" : "--ssh-key",
+            throw .invalidValue(field: request.cloudInit.keyFiles.isEmpty ? "user" : "ssh_key_files",
                                 reason: "image '\(image.name)' has no cloud-init to apply them; log in as the image's own user")
         }
     }
@@ -228,7 +228,7 @@ extension VMLibrary {
             hostname = given
         } else {
             guard let derived = CloudInitSettings.hostname(forVM: vmName) else {
-                throw .invalidValue(field: "--hostname", reason: "the VM's name '\(vmName)' is not a host name; give one with --hostname")
+                throw .invalidValue(field: "hostname", reason: "the VM's name '\(vmName)' is not a host name; give one with --hostname")
             }
             hostname = derived
         }
@@ -241,7 +241,7 @@ extension VMLibrary {
     static func chooseEngine(_ request: CreateRequest, image: ImageManifest? = nil) throws(LibraryError) -> EngineKind {
         if let image, !image.bootsDirectly {
             if request.engine == .kvm {
-                throw .invalidValue(field: "--engine", reason: "image '\(image.name)' boots through firmware (no kernel could be taken out of it), which only the qemu engine has; leave out --engine")
+                throw .invalidValue(field: "engine", reason: "image '\(image.name)' boots through firmware (no kernel could be taken out of it), which only the qemu engine has; leave out --engine")
             }
             return .qemu
         }
@@ -250,13 +250,13 @@ extension VMLibrary {
         }
         if request.engine == .kvm {
             if request.iso != nil {
-                throw .invalidValue(field: "--iso", reason: "an installer ISO needs firmware and a CD-ROM drive, which the kvm engine does not have; leave out --engine (or give --engine qemu)")
+                throw .invalidValue(field: "iso", reason: "an installer ISO needs firmware and a CD-ROM drive, which the kvm engine does not have; leave out --engine (or give --engine qemu)")
             }
             if request.firmware != nil {
-                throw .invalidValue(field: "--firmware", reason: "the kvm engine boots Linux kernels directly, without firmware; leave out --engine (or give --engine qemu)")
+                throw .invalidValue(field: "firmware", reason: "the kvm engine boots Linux kernels directly, without firmware; leave out --engine (or give --engine qemu)")
             }
             if request.accelerator != nil {
-                throw .invalidValue(field: "--accel", reason: "the kvm engine always uses KVM; --accel is for the qemu engine")
+                throw .invalidValue(field: "accelerator", reason: "the kvm engine always uses KVM; --accel is for the qemu engine")
             }
         }
         if let engine = request.engine { return engine }

@@ -30,23 +30,23 @@ extension VMLibrary {
         try definition.memoryBacking.validate(memoryBytes: definition.memoryBytes)
         if let model = definition.cpuModel {
             let parsed: CPUModel
-            do { parsed = try CPUModel(parsing: model) } catch { throw .invalidValue(field: "--cpu", reason: error.description) }
+            do { parsed = try CPUModel(parsing: model) } catch { throw .invalidValue(field: "cpu_model", reason: error.description) }
             if definition.engine == .qemu, parsed != .host {
-                throw .invalidValue(field: "--cpu", reason: "the qemu engine takes host only so far (it runs -cpu host); '\(model)' needs --engine kvm")
+                throw .invalidValue(field: "cpu_model", reason: "the qemu engine takes host only so far (it runs -cpu host); '\(model)' needs --engine kvm")
             }
         }
         try validate(networks: definition.networks)
         try validate(disks: definition.disks)
-        for (field, path) in [("--kernel", definition.kernel), ("--initrd", definition.initrd), ("nvram", definition.nvram)] {
+        for (field, path) in [("kernel", definition.kernel), ("initrd", definition.initrd), ("nvram", definition.nvram)] {
             if let path { try validate(path: path, field: field) }
         }
         switch definition.engine {
         case .kvm:
             if definition.iso != nil {
-                throw .invalidValue(field: "--iso", reason: "the kvm engine has no CD-ROM drive; eject the ISO (--iso none) or use --engine qemu")
+                throw .invalidValue(field: "iso", reason: "the kvm engine has no CD-ROM drive; eject the ISO (--iso none) or use --engine qemu")
             }
             if definition.firmware != nil {
-                throw .invalidValue(field: "--firmware", reason: "the kvm engine boots Linux kernels directly, without firmware; use --engine qemu for firmware")
+                throw .invalidValue(field: "firmware", reason: "the kvm engine boots Linux kernels directly, without firmware; use --engine qemu for firmware")
             }
             do {
                 try MachineRules.virtioDevices(disks: definition.disks.count, nics: definition.networks.count, vsock: definition.vsockCID != nil,
@@ -54,10 +54,10 @@ extension VMLibrary {
             } catch { throw LibraryError(error) }
         case .qemu:
             if definition.vsockCID != nil {
-                throw .invalidValue(field: "--vsock-cid", reason: "the qemu engine has no vsock device like the kvm engine's; remove it (--no-vsock) or use --engine kvm")
+                throw .invalidValue(field: "vsock_cid", reason: "the qemu engine has no vsock device like the kvm engine's; remove it (--no-vsock) or use --engine kvm")
             }
             if definition.kernel == nil && definition.firmware == nil {
-                throw .invalidValue(field: "--firmware", reason: "a qemu VM without a kernel boots through firmware; give --firmware bios or uefi")
+                throw .invalidValue(field: "firmware", reason: "a qemu VM without a kernel boots through firmware; give --firmware bios or uefi")
             }
             if let firmware = definition.firmware { try FirmwareFiles.check(firmware) }
             let limit = qemuDiskLimit(definition.diskBus)
@@ -74,17 +74,17 @@ extension VMLibrary {
         for (index, card) in networks.enumerated() {
             do { _ = try MachineRules.mac(card.mac, card: index) } catch { throw LibraryError(error) }
             guard macs.insert(card.mac.lowercased()).inserted else {
-                throw .invalidValue(field: "--nic", reason: "card \(index): MAC \(card.mac) is already another card's")
+                throw .invalidValue(field: "nics", reason: "card \(index): MAC \(card.mac) is already another card's")
             }
             if !card.forwards.isEmpty, !card.attachment.acceptsForwards {
-                throw .invalidValue(field: "--forward", reason: "card \(index) is on \(card.attachment); ports can be forwarded only to nat, network:NAME and user cards (a bridged or tap card is reached directly)")
+                throw .invalidValue(field: "forwards", reason: "card \(index) is on \(card.attachment); ports can be forwarded only to nat, network:NAME and user cards (a bridged or tap card is reached directly)")
             }
             for forward in card.forwards {
                 guard ports.insert("\(forward.proto.rawValue):\(forward.hostPort)").inserted else {
-                    throw .invalidValue(field: "--forward", reason: "host port \(forward.proto.rawValue) \(forward.hostPort) is forwarded twice")
+                    throw .invalidValue(field: "forwards", reason: "host port \(forward.proto.rawValue) \(forward.hostPort) is forwarded twice")
                 }
                 if forward.hostPort < 1024, geteuid() != 0 {
-                    throw .invalidValue(field: "--forward", reason: "\(forward): host ports below 1024 need root; choose a port from 1024 up")
+                    throw .invalidValue(field: "forwards", reason: "\(forward): host ports below 1024 need root; choose a port from 1024 up")
                 }
             }
         }
@@ -97,18 +97,18 @@ extension VMLibrary {
         let store = NetworkStore(libraryRoot: root)
         for card in definition.networks {
             if case let .network(name) = card.attachment, !store.exists(name) {
-                throw .invalidValue(field: "--nic", reason: "no network named '\(name)' (see `vireo network list`; `vireo network create \(name)` makes one)")
+                throw .invalidValue(field: "nics", reason: "no network named '\(name)' (see `vireo network list`; `vireo network create \(name)` makes one)")
             }
             if case let .bridge(name) = card.attachment, !HostFiles.isDirectory("/sys/class/net/\(name)/bridge") {
-                throw .invalidValue(field: "--nic", reason: HostFiles.exists("/sys/class/net/\(name)")
+                throw .invalidValue(field: "nics", reason: HostFiles.exists("/sys/class/net/\(name)")
                     ? "\(name) is not a bridge; bridge:NAME needs a host bridge (see `ip -d link show type bridge`)"
                     : "no bridge named \(name) on this host; make one (`ip link add \(name) type bridge`, with the LAN's interface in it) or use --nic nat")
             }
             if case .user = card.attachment, HostTools.find("passt") == nil {
-                throw .invalidValue(field: "--nic", reason: "user-mode networking needs passt, which is not installed; install Debian's `passt` package, or use --nic nat")
+                throw .invalidValue(field: "nics", reason: "user-mode networking needs passt, which is not installed; install Debian's `passt` package, or use --nic nat")
             }
             if case let .network(name) = card.attachment, !card.forwards.isEmpty, (try? store.load(name))?.mode == .internal {
-                throw .invalidValue(field: "--forward", reason: "network '\(name)' is internal: the host has no address on it to forward from")
+                throw .invalidValue(field: "forwards", reason: "network '\(name)' is internal: the host has no address on it to forward from")
             }
         }
         let mine = Set(definition.networks.map { $0.mac.lowercased() })
@@ -116,10 +116,10 @@ extension VMLibrary {
         for other in (try? names()) ?? [] where other != definition.name {
             guard let theirs = try? VMBundle(directory: root + "/" + other).load() else { continue }
             if let card = theirs.networks.first(where: { mine.contains($0.mac.lowercased()) }) {
-                throw .invalidValue(field: "--nic", reason: "MAC \(card.mac) is already VM '\(other)''s; leave out mac= to get a new one")
+                throw .invalidValue(field: "nics", reason: "MAC \(card.mac) is already VM '\(other)''s; leave out mac= to get a new one")
             }
             if let forward = theirs.networks.flatMap(\.forwards).first(where: { myPorts.contains("\($0.proto.rawValue):\($0.hostPort)") }) {
-                throw .invalidValue(field: "--forward", reason: "host port \(forward.proto.rawValue) \(forward.hostPort) is already forwarded to VM '\(other)'")
+                throw .invalidValue(field: "forwards", reason: "host port \(forward.proto.rawValue) \(forward.hostPort) is already forwarded to VM '\(other)'")
             }
         }
         let before = Set(previous?.networks.flatMap(\.forwards) ?? [])
@@ -157,7 +157,7 @@ extension VMLibrary {
 
     public static func validate(kernel: String) throws(LibraryError) {
         do { _ = try KernelImage.load(path: HostFiles.absolute(kernel)) } catch {
-            throw .invalidValue(field: "--kernel", reason: error.description)
+            throw .invalidValue(field: "kernel", reason: error.description)
         }
     }
 
@@ -174,7 +174,7 @@ extension VMLibrary {
     public static func inspectDisk(_ path: String, format declared: DiskFormat?, field: String, readOnly: Bool = false) throws(LibraryError) -> DiskAttachment {
         guard HostFiles.exists(path), !HostFiles.isDirectory(path) else { throw .invalidValue(field: field, reason: "\(path) does not exist or is not a file") }
         guard let format = declared ?? DiskFormat.declared(byName: path) else {
-            throw .invalidValue(field: field == "--attach-disk" ? "--disk-format" : "--format",
+            throw .invalidValue(field: field == "attach_disk" ? "disk_format" : "format",
                                 reason: "the name of \(path) does not say whether it is raw or qcow2; give --format raw or --format qcow2 (Vireo never takes a disk's format from its content, which a guest may have written)")
         }
         let chain = try DiskChains.adopt(path, format: format, field: field)
