@@ -1,8 +1,9 @@
-/// Everything a VMM needs to build one machine, as one value: the library makes it from a VM's
+/// Everything a VMM needs to build one machine, as one value (Codable for its binary form,
+/// MachineSpecEncoding.swift; its JSON form is the library's VMDefinition, not this): the library makes it from a VM's
 /// definition, `vireo run` and `vireo-vmm` from their flags, and the VMM builds from nothing else.
 /// Its flag form (`arguments`, `parse`) is written once, here, beside the value, so a setting
 /// cannot be rendered one way and read another (docs/architecture.md).
-public struct MachineSpec: Sendable, Equatable {
+public struct MachineSpec: Sendable, Equatable, Codable {
     public var kernel: String
     public var initrd: String?
     public var commandLine = "console=ttyS0"
@@ -32,12 +33,12 @@ public struct MachineSpec: Sendable, Equatable {
 
     /// What a guest's reboot does (libvirt's `on_reboot`): start it again in the same process, or
     /// end the run as a power-off would.
-    public enum RebootPolicy: String, Sendable, CaseIterable {
+    public enum RebootPolicy: String, Sendable, CaseIterable, Codable {
         case restart, exit
     }
 
     /// One virtio-blk disk.
-    public struct Disk: Sendable, Equatable {
+    public struct Disk: Sendable, Equatable, Codable {
         public var path: String
         /// What the disk is; never read from its content.
         public var format: DiskFormat
@@ -57,8 +58,8 @@ public struct MachineSpec: Sendable, Equatable {
     }
 
     /// One virtio-net card and its host side.
-    public struct NIC: Sendable, Equatable {
-        public enum Backend: Sendable, Equatable, CustomStringConvertible {
+    public struct NIC: Sendable, Equatable, Codable {
+        public enum Backend: Sendable, Equatable, Codable, CustomStringConvertible {
             /// A host tap device by name.
             case tap(String)
             /// A tap the parent opened, inherited as this descriptor.
@@ -86,7 +87,7 @@ public struct MachineSpec: Sendable, Equatable {
     }
 
     /// A virtio-vsock device whose host side is the Unix socket `socketPath` (Firecracker's model).
-    public struct Vsock: Sendable, Equatable {
+    public struct Vsock: Sendable, Equatable, Codable {
         public var socketPath: String
         public var guestCID: UInt64 = 3
 
@@ -94,7 +95,7 @@ public struct MachineSpec: Sendable, Equatable {
     }
 
     /// A virtio-balloon device.
-    public struct Balloon: Sendable, Equatable {
+    public struct Balloon: Sendable, Equatable, Codable {
         public var deflateOnOOM = false
         /// Seconds between statistics refreshes; nil: no statistics queue.
         public var statisticsInterval: UInt64?
@@ -112,7 +113,7 @@ public struct MachineSpec: Sendable, Equatable {
 
 /// How guest RAM is backed (`--memory-backing`, `--prealloc`, `--ksm`, `--lock-memory`, `--thp`,
 /// `--numa-node`); GuestMemory maps exactly this.
-public struct MemoryBacking: Sendable, Equatable {
+public struct MemoryBacking: Sendable, Equatable, Codable {
     /// nil: ordinary pages; else huge pages of this size (2 MiB or 1 GiB) from the kernel's pool.
     public var hugePageSize: UInt64?
     /// Fault every page in at start (no surprise allocation failure later).
@@ -133,7 +134,7 @@ public struct MemoryBacking: Sendable, Equatable {
     /// Bind guest RAM to this host NUMA node (mbind MPOL_BIND).
     public var numaNode: Int32?
 
-    public enum FileBacking: Sendable, Equatable {
+    public enum FileBacking: Sendable, Equatable, Codable {
         case memfd
         case path(String)
     }
@@ -189,7 +190,7 @@ public struct MemoryBacking: Sendable, Equatable {
 
 /// Limits for one device, Firecracker's and Cloud Hypervisor's model: a token bucket for bytes
 /// and one for operations (requests or frames), each with a sustained rate and a burst size.
-public struct RateLimit: Equatable, Sendable {
+public struct RateLimit: Equatable, Sendable, Codable {
     public var bytesPerSecond: UInt64?
     public var bytesBurst: UInt64?
     public var operationsPerSecond: UInt64?

@@ -53,6 +53,8 @@ public final class Machine: @unchecked Sendable {
     /// What the machine was built from; a save or a migration carries it, for the other side to
     /// check its own against.
     let spec: MachineSpec
+    /// The spec's binary form, as saved states and migration streams carry it.
+    let specRecord: [UInt8]
     /// SCHED_FIFO priority of the vCPU threads (`--rt-priority`).
     var realTimePriority: Int32? { spec.realTimePriority }
     let kvm: KVMSystem
@@ -205,6 +207,7 @@ public final class Machine: @unchecked Sendable {
         balloon = spec.balloon.map { VirtioBalloon(deflateOnOOM: $0.deflateOnOOM, statisticsInterval: $0.statisticsInterval) }
         stop = try StopController(rebootPolicy: spec.onReboot)
         self.spec = spec
+        do { specRecord = try spec.encoded() } catch { throw VMMError(error) }
 
         do {
             vm = try kvm.createVM()

@@ -54,8 +54,9 @@ public struct MigrationOutcome: Sendable {
 /// What a migration source announces first (`machine`): enough for the destination to build the
 /// same machine and to refuse early, before any memory crosses.
 struct ArrivingMachine {
-    /// The spec of the machine the source runs.
+    /// The spec of the machine the source runs, and its binary form as sent.
     var machine: MachineSpec
+    var machineRecord: [UInt8]
     var cpuid: [CPUIDEntry]
     var copiesDisks: Bool
     var diskSizes: [UInt64]
@@ -65,7 +66,7 @@ struct ArrivingMachine {
     func encoded() -> [UInt8] {
         var writer = StateWriter()
         writer.put("machine")
-        machine.write(into: &writer)
+        writer.put(bytes: machineRecord)
         SavedMachineState.write(cpuid: cpuid, into: &writer)
         writer.put(copiesDisks)
         writer.put(UInt32(diskSizes.count))
@@ -73,8 +74,9 @@ struct ArrivingMachine {
         return writer.bytes
     }
 
-    init(machine: MachineSpec, cpuid: [CPUIDEntry], copiesDisks: Bool, diskSizes: [UInt64]) {
+    init(machine: MachineSpec, machineRecord: [UInt8], cpuid: [CPUIDEntry], copiesDisks: Bool, diskSizes: [UInt64]) {
         self.machine = machine
+        self.machineRecord = machineRecord
         self.cpuid = cpuid
         self.copiesDisks = copiesDisks
         self.diskSizes = diskSizes
@@ -93,7 +95,7 @@ struct ArrivingMachine {
     init(decoding bytes: [UInt8]) throws(StateError) {
         var reader = StateReader(bytes)
         try reader.expect("machine", "section")
-        machine = try MachineSpec.readCarried(from: &reader)
+        (machine, machineRecord) = try MachineSpec.readCarried(from: &reader)
         cpuid = try SavedMachineState.readCPUID(from: &reader)
         copiesDisks = try reader.getBool("disk mode")
         let count = Int(try reader.get(UInt32.self, "disk count"))
@@ -195,7 +197,8 @@ public enum MigrationInspection {
 
     /// A well-formed stream: machine, a run of pages, zero pages, disk data and zeroes, state, end.
     public static func sampleStream() -> [UInt8] {
-        let machine = ArrivingMachine(machine: SavedStateInspection.sampleMachine(), cpuid: [CPUIDEntry(function: 1, index: 0, flags: 0, eax: 0x800f11, ebx: 0, ecx: 0, edx: 0)],
+        let sample = SavedStateInspection.sampleMachine()
+        let machine = ArrivingMachine(machine: sample, machineRecord: (try? sample.encoded()) ?? [], cpuid: [CPUIDEntry(function: 1, index: 0, flags: 0, eax: 0x800f11, ebx: 0, ecx: 0, edx: 0)],
                                       copiesDisks: true, diskSizes: [1 << 20])
         var stream = MigrationWire.encodeFrame(.machine, machine.encoded())
         var pages: [UInt8] = []
@@ -428,7 +431,7 @@ final class OutgoingMigration {
 
     func run(progress: (MigrationProgress) -> Void) throws(MigrationError) -> MigrationOutcome {
         let disks = machine.blockDevices.map(\.device)
-        let announce = ArrivingMachine(machine: machine.spec, cpuid: machine.cpuidBasis, copiesDisks: options.copyDisks,
+        let announce = ArrivingMachine(machine: machine.spec, machineRecord: machine.specRecord, cpuid: machine.cpuidBasis, copiesDisks: options.copyDisks,
                                        diskSizes: disks.map { $0.disk.virtualSize })
         try channel.send(.machine, announce.encoded())
         try startTracking()

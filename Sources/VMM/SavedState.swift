@@ -87,16 +87,16 @@ struct MachineShape: Equatable {
 }
 
 extension MachineSpec {
-    /// The spec a saved state or a migration stream carries, read under every machine rule: a
-    /// machine no `MachineSpec` could describe is refused before anything is built from it.
-    static func readCarried(from reader: inout StateReader) throws(StateError) -> MachineSpec {
-        let spec = try MachineSpec(from: &reader)
+    /// The spec a saved state or a migration stream carries (its binary form, length-prefixed),
+    /// read under every machine rule: a machine no `MachineSpec` could describe is refused before
+    /// anything is built from it. Returns the record too, to be written again as it came.
+    static func readCarried(from reader: inout StateReader) throws(StateError) -> (spec: MachineSpec, record: [UInt8]) {
+        let record = try reader.getBytes("machine spec", limit: MachineSpec.encodedLimit)
         do throws(MachineSpecError) {
-            try MachineRules.check(spec)
+            return (try MachineSpec(decoding: record), record)
         } catch {
-            throw .invalid(field: "machine spec " + (error.field?.key ?? error.argument ?? ""), reason: error.reason)
+            throw .invalid(field: "machine spec" + (error.field.map { " " + $0.key } ?? ""), reason: error.reason)
         }
-        return spec
     }
 }
 
@@ -253,8 +253,9 @@ enum CPUIDCompatibility {
 /// Everything but guest RAM: decoded from a file before the machine is built (its shape and
 /// CPUID decide how it is built), applied after.
 struct SavedMachineState {
-    /// The spec of the machine that was saved.
+    /// The spec of the machine that was saved, and its binary form as written.
     var machine: MachineSpec
+    var machineRecord: [UInt8]
     /// KVM's supported CPUID on the saving host, from which each vCPU's was made.
     var cpuid: [CPUIDEntry]
     var tscKilohertz: UInt32
@@ -293,7 +294,7 @@ struct SavedMachineState {
     func encoded() -> [UInt8] {
         var writer = StateWriter()
         writer.put("machine")
-        machine.write(into: &writer)
+        writer.put(bytes: machineRecord)
         writer.put("cpuid")
         Self.write(cpuid: cpuid, into: &writer)
         writer.put("clock")
@@ -311,9 +312,10 @@ struct SavedMachineState {
         return writer.bytes
     }
 
-    init(machine: MachineSpec, cpuid: [CPUIDEntry], tscKilohertz: UInt32, clockNanoseconds: UInt64, savedAtRealtimeNanoseconds: UInt64,
+    init(machine: MachineSpec, machineRecord: [UInt8], cpuid: [CPUIDEntry], tscKilohertz: UInt32, clockNanoseconds: UInt64, savedAtRealtimeNanoseconds: UInt64,
          interruptControllers: [kvm_irqchip], timer: kvm_pit_state2, vcpus: [VCPUSavedState], devices: [[UInt8]]) {
         self.machine = machine
+        self.machineRecord = machineRecord
         self.cpuid = cpuid
         self.tscKilohertz = tscKilohertz
         self.clockNanoseconds = clockNanoseconds
@@ -327,7 +329,7 @@ struct SavedMachineState {
     init(decoding bytes: [UInt8]) throws(StateError) {
         var reader = StateReader(bytes)
         try reader.expect("machine", "section")
-        machine = try MachineSpec.readCarried(from: &reader)
+        (machine, machineRecord) = try MachineSpec.readCarried(from: &reader)
         try reader.expect("cpuid", "section")
         cpuid = try Self.readCPUID(from: &reader)
         try reader.expect("clock", "section")
@@ -633,7 +635,7 @@ extension Machine {
         var realtime = timespec()
         clock_gettime(CLOCK_REALTIME, &realtime)
         return SavedMachineState(
-            machine: spec, cpuid: cpuidBasis, tscKilohertz: tscKilohertz, clockNanoseconds: try vm.clock().clock,
+            machine: spec, machineRecord: specRecord, cpuid: cpuidBasis, tscKilohertz: tscKilohertz, clockNanoseconds: try vm.clock().clock,
             savedAtRealtimeNanoseconds: UInt64(realtime.tv_sec) * 1_000_000_000 + UInt64(realtime.tv_nsec),
             interruptControllers: interruptControllers, timer: timer, vcpus: vcpuStates, devices: devices)
     }
@@ -805,7 +807,7 @@ public enum SavedStateInspection {
                                   msrs: [(0x10, 12345), (0x6e0, 0)], debugRegisters: kvm_debugregs(),
                                   multiprocessing: kvm_mp_state(), events: kvm_vcpu_events())
         let state = SavedMachineState(
-            machine: sampleMachine(),
+            machine: sampleMachine(), machineRecord: (try? sampleMachine().encoded()) ?? [],
             cpuid: [CPUIDEntry(function: 1, index: 0, flags: 0, eax: 0x800f11, ebx: 0, ecx: 0x7ed8320b, edx: 0x178bfbff)],
             tscKilohertz: 2_445_406, clockNanoseconds: 1_000_000, savedAtRealtimeNanoseconds: 1_700_000_000_000_000_000,
             interruptControllers: controllers, timer: kvm_pit_state2(), vcpus: [vcpu, vcpu], devices: [[1, 2, 3], [], [4]])

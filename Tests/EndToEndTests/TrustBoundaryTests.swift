@@ -1,4 +1,5 @@
 import Foundation
+import MigrationWire
 import Testing
 
 /// The trust boundaries of docs/security.md, each attacked as the untrusted party would: bytes a
@@ -262,6 +263,7 @@ struct TrustBoundaryTests {
     static let hostileSource = """
         import json, select, socket, struct, sys, time, zlib
         port, token, config, disks, change = int(sys.argv[1]), sys.argv[2], sys.argv[3], json.loads(sys.argv[4]), json.loads(sys.argv[5])
+        version = int(sys.argv[6])
         def frame(kind, payload):
             return struct.pack("<IIQ", kind, zlib.crc32(payload), len(payload)) + payload
         def read_frame(s):
@@ -285,7 +287,7 @@ struct TrustBoundaryTests {
         if disks:
             definition["disks"] = [{"path": d["path"], "format": d["format"], "readOnly": False} for d in disks]
         s = socket.create_connection(("127.0.0.1", port), timeout=30)
-        s.sendall(frame(1, b"VIREOMIG" + struct.pack("<I", 1) + token.encode()))
+        s.sendall(frame(1, b"VIREOMIG" + struct.pack("<I", version) + token.encode()))
         kind, body = read_frame(s)
         assert kind == 2, (kind, body)
         s.sendall(frame(4, json.dumps(offer).encode()))
@@ -336,7 +338,8 @@ struct TrustBoundaryTests {
             let lines = receiver.stdout.split(separator: "\n")
             let port = lines.first { $0.hasPrefix("Listening on ") }?.split(separator: ":").last.map(String.init) ?? ""
             let token = lines.first { $0.hasPrefix("Token: ") }.map { String($0.dropFirst(7)) } ?? ""
-            let source = Harness.run(["python3", "-c", Self.hostileSource, port, token, config, entry.disks, entry.change], timeout: 60)
+            let source = Harness.run(["python3", "-c", Self.hostileSource, port, token, config, entry.disks, entry.change,
+                                      String(MigrationWire.version)], timeout: 60)
             #expect(source.stdout.contains("answer 3 ") && source.stdout.contains(entry.reason), "\(entry.name): \(source.stdout) \(source.stderr)")
             _ = receiver.wait(timeout: 20)
             let entries = ((try? FileManager.default.contentsOfDirectory(atPath: library.root.path)) ?? []).filter { !$0.hasPrefix(".") && $0 != "networks" && $0 != "neighbour" }
@@ -352,7 +355,8 @@ struct TrustBoundaryTests {
         let lines = receiver.stdout.split(separator: "\n")
         let port = lines.first { $0.hasPrefix("Listening on ") }?.split(separator: ":").last.map(String.init) ?? ""
         let token = lines.first { $0.hasPrefix("Token: ") }.map { String($0.dropFirst(7)) } ?? ""
-        let source = RunningProcess(["python3", "-c", Self.hostileSource, port, token, config, "[]", "{\"name\": \"arrived\"}"])
+        let source = RunningProcess(["python3", "-c", Self.hostileSource, port, token, config, "[]", "{\"name\": \"arrived\"}",
+                                     String(MigrationWire.version)])
         defer { source.signal(SIGKILL); _ = source.wait(timeout: 5) }
         #expect(source.waitForOutput("answer 6", timeout: 30), "\(source.stdout) \(source.stderr) \(receiver.stderr)")
         let pidFile = library.root.appendingPathComponent("arrived/vmm.pid").path

@@ -86,7 +86,9 @@ public struct KVMEngine: MigratingEngine {
         var inherit = networking.descriptors
         // The machine goes whole, in its binary form, on a sealed memfd the VMM inherits: no
         // setting is rendered as text and read back, and nobody can change it on the way.
-        let encoded = (try Self.machineSpec(definition, bundle: bundle, cards: networking.cards)).encoded()
+        let spec = try Self.machineSpec(definition, bundle: bundle, cards: networking.cards)
+        let encoded: [UInt8]
+        do throws(MachineSpecError) { encoded = try spec.encoded() } catch { throw LibraryError(error) }
         let specDescriptor = encoded.withUnsafeBytes { vireo_sealed_memfd("vireo-machine-spec", $0.baseAddress, $0.count) }
         guard specDescriptor >= 0 else { throw .io(operation: "memfd_create (machine spec)", path: bundle.directory, errno: errno) }
         defer { close(specDescriptor) }
