@@ -6,7 +6,7 @@ import Synchronization
 /// event register. The guest powers off by writing SLP_TYP=5 with SLP_EN, reboots by writing the
 /// reset value, and learns of a power-button press from the event register after the GED's
 /// interrupt.
-public final class ACPIRegisters: PortIODevice, StatefulDevice {
+public final class ACPIRegisters: PortIODevice, Snapshottable {
     public enum Offset {
         public static let sleepControl: UInt16 = 0
         public static let sleepStatus: UInt16 = 1
@@ -16,7 +16,7 @@ public final class ACPIRegisters: PortIODevice, StatefulDevice {
     static let sleepEnable: UInt8 = 1 << 5
     public static let wakeStatus: UInt8 = 1 << 7
 
-    public struct State: Sendable, Equatable {
+    public struct State: Sendable, Equatable, Codable {
         /// Events raised and not yet read by the guest.
         public var pendingEvents: UInt8 = 0
         public var sleepStatus: UInt8 = 0
@@ -44,17 +44,10 @@ public final class ACPIRegisters: PortIODevice, StatefulDevice {
 
     public var snapshot: State { state.withLock { $0 } }
 
-    public func saveState(into writer: inout StateWriter) {
-        let current = snapshot
-        writer.put(current.pendingEvents)
-        writer.put(current.sleepStatus)
-    }
+    public func captureState() -> State { snapshot }
 
-    public func restoreState(from reader: inout StateReader) throws(StateError) {
-        var restored = State()
-        restored.pendingEvents = try reader.get(UInt8.self, "ACPI pending events")
-        restored.sleepStatus = try reader.get(UInt8.self, "ACPI sleep status")
-        state.withLock { $0 = restored }
+    public func applyState(_ saved: State) throws(StateError) {
+        state.withLock { $0 = saved }
     }
 
     /// Back to power-on state, for a reboot in place.

@@ -4,7 +4,7 @@ import Synchronization
 /// Enough of the PC keyboard controller for guests to reset the machine (command 0xFE, which is
 /// what Linux's `reboot=k` uses), for probes of the controller to get sane answers, and for the
 /// host to press Ctrl-Alt-Del, the graceful-shutdown request Firecracker also sends this way.
-public final class I8042: PortIODevice, StatefulDevice {
+public final class I8042: PortIODevice, Snapshottable {
     public static let dataPort: UInt16 = 0x60
     public static let commandPort: UInt16 = 0x64
 
@@ -30,23 +30,28 @@ public final class I8042: PortIODevice, StatefulDevice {
     /// At most this many bytes wait for the guest in a saved state (Ctrl-Alt-Del is 11).
     static let outputLimit = 64
 
-    public func saveState(into writer: inout StateWriter) {
-        state.withLock { state in
-            writer.put(bytes: state.output.prefix(Self.outputLimit))
-            writer.put(state.commandByte)
-            writer.put(state.pendingWrite ?? 0)
-        }
+    /// The bytes waiting for the guest, the command byte, and a command awaiting its data byte.
+    public struct Saved: Codable, Sendable, Equatable {
+        public var output: [UInt8]
+        public var commandByte: UInt8
+        public var pendingWrite: UInt8?
     }
 
-    public func restoreState(from reader: inout StateReader) throws(StateError) {
-        var restored = State()
-        restored.output = try reader.getBytes("i8042 output buffer", limit: Self.outputLimit)
-        restored.commandByte = try reader.get(UInt8.self, "i8042 command byte")
-        switch try reader.get(UInt8.self, "i8042 pending write") {
-        case 0: restored.pendingWrite = nil
-        case 0x60: restored.pendingWrite = 0x60
-        case let other: throw .invalid(field: "i8042 pending write", reason: "0x\(String(other, radix: 16)) is not a command this controller takes (0x60)")
+    public func captureState() -> Saved {
+        state.withLock { Saved(output: Array($0.output.prefix(Self.outputLimit)), commandByte: $0.commandByte, pendingWrite: $0.pendingWrite) }
+    }
+
+    public func applyState(_ saved: Saved) throws(StateError) {
+        guard saved.output.count <= Self.outputLimit else {
+            throw .invalid(field: "output", reason: "\(saved.output.count) bytes, more than the \(Self.outputLimit) a saved controller holds")
         }
+        if let pending = saved.pendingWrite, pending != 0x60 {
+            throw .invalid(field: "pendingWrite", reason: "0x\(String(pending, radix: 16)) is not a command this controller takes (0x60)")
+        }
+        var restored = State()
+        restored.output = saved.output
+        restored.commandByte = saved.commandByte
+        restored.pendingWrite = saved.pendingWrite
         state.withLock { $0 = restored }
     }
 

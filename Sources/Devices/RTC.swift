@@ -6,7 +6,7 @@ import Synchronization
 
 /// The MC146818 CMOS real-time clock at ports 0x70/0x71, reporting the host's UTC time in BCD so the
 /// guest's wall clock starts right. Alarms and periodic interrupts are not modelled.
-public final class RTC: PortIODevice, StatefulDevice {
+public final class RTC: PortIODevice, Snapshottable {
     public static let basePort: UInt16 = 0x70
     private let index = Mutex<UInt8>(0)
     private let now: @Sendable () -> time_t
@@ -38,12 +38,15 @@ public final class RTC: PortIODevice, StatefulDevice {
     }
 
     /// Only the selected register: the time itself is the host's, read afresh after a restore.
-    public func saveState(into writer: inout StateWriter) { writer.put(index.withLock { $0 }) }
+    public struct Saved: Codable, Sendable, Equatable {
+        public var index: UInt8
+    }
 
-    public func restoreState(from reader: inout StateReader) throws(StateError) {
-        let value = try reader.get(UInt8.self, "RTC index")
-        guard value < 0x80 else { throw .invalid(field: "RTC index", reason: "\(value) is above 127") }
-        index.withLock { $0 = value }
+    public func captureState() -> Saved { Saved(index: index.withLock { $0 }) }
+
+    public func applyState(_ saved: Saved) throws(StateError) {
+        guard saved.index < 0x80 else { throw .invalid(field: "index", reason: "\(saved.index) is above 127") }
+        index.withLock { $0 = saved.index }
     }
 
     public func read(offset: UInt16, into data: UnsafeMutableRawBufferPointer) {

@@ -8,7 +8,7 @@ public protocol SerialOutput: Sendable {
 
 /// A 16550A-compatible UART (the "8250" Linux's console driver binds to at 0x3f8/IRQ 4).
 /// Transmission completes at once; received bytes wait in a FIFO until the guest reads them.
-public final class Serial8250: PortIODevice, StatefulDevice {
+public final class Serial8250: PortIODevice, Snapshottable {
     public static let defaultBase: UInt16 = 0x3f8
     public static let defaultInterrupt: UInt32 = 4
     public static let receiveCapacity = 4096
@@ -65,26 +65,36 @@ public final class Serial8250: PortIODevice, StatefulDevice {
     }
 
     /// The registers and the bytes typed but not yet read; the line level follows from them.
-    public func saveState(into writer: inout StateWriter) {
+    public struct Saved: Codable, Sendable, Equatable {
+        public var interruptEnable, lineControl, modemControl, scratch, divisorLow, divisorHigh, fifoControl: UInt8
+        public var transmitInterruptPending: Bool
+        public var receive: [UInt8]
+    }
+
+    public func captureState() -> Saved {
         state.withLock { registers in
-            for value in [registers.interruptEnable, registers.lineControl, registers.modemControl, registers.scratch,
-                          registers.divisorLow, registers.divisorHigh, registers.fifoControl] { writer.put(value) }
-            writer.put(registers.transmitInterruptPending)
-            writer.put(bytes: registers.receive[registers.receiveHead...])
+            Saved(interruptEnable: registers.interruptEnable, lineControl: registers.lineControl, modemControl: registers.modemControl,
+                  scratch: registers.scratch, divisorLow: registers.divisorLow, divisorHigh: registers.divisorHigh,
+                  fifoControl: registers.fifoControl, transmitInterruptPending: registers.transmitInterruptPending,
+                  receive: Array(registers.receive[registers.receiveHead...]))
         }
     }
 
-    public func restoreState(from reader: inout StateReader) throws(StateError) {
+    public func applyState(_ saved: Saved) throws(StateError) {
+        guard saved.receive.count <= Self.receiveCapacity else {
+            throw .invalid(field: "receive", reason: "\(saved.receive.count) bytes, more than the \(Self.receiveCapacity) the UART holds")
+        }
         var restored = Registers()
-        restored.interruptEnable = try reader.get(UInt8.self, "serial IER") & 0x0f
-        restored.lineControl = try reader.get(UInt8.self, "serial LCR")
-        restored.modemControl = try reader.get(UInt8.self, "serial MCR") & 0x1f
-        restored.scratch = try reader.get(UInt8.self, "serial SCR")
-        restored.divisorLow = try reader.get(UInt8.self, "serial DLL")
-        restored.divisorHigh = try reader.get(UInt8.self, "serial DLM")
-        restored.fifoControl = try reader.get(UInt8.self, "serial FCR")
-        restored.transmitInterruptPending = try reader.getBool("serial THRE pending")
-        restored.receive = try reader.getBytes("serial receive buffer", limit: Self.receiveCapacity)
+        // Bits the hardware does not have read back as zero.
+        restored.interruptEnable = saved.interruptEnable & 0x0f
+        restored.lineControl = saved.lineControl
+        restored.modemControl = saved.modemControl & 0x1f
+        restored.scratch = saved.scratch
+        restored.divisorLow = saved.divisorLow
+        restored.divisorHigh = saved.divisorHigh
+        restored.fifoControl = saved.fifoControl
+        restored.transmitInterruptPending = saved.transmitInterruptPending
+        restored.receive = saved.receive
         state.withLock { registers in
             registers = restored
             updateLine(&registers)

@@ -1,8 +1,25 @@
 import MachineSpec
 
-/// A device whose registers go into a saved state and come back from one. `saveState` is called
-/// with the machine paused and its devices quiesced; `restoreState` before the guest runs.
-public protocol StatefulDevice: AnyObject {
-    func saveState(into writer: inout StateWriter)
-    func restoreState(from reader: inout StateReader) throws(StateError)
+/// A component that takes part in save, live snapshot and migration through a value (Firecracker's
+/// per-device `*State`, Cloud Hypervisor's `Snapshottable`). `captureState` runs with the machine
+/// paused and the component quiesced; `applyState` before the guest runs, and refuses a value this
+/// component cannot take (naming the field), since a saved state is hostile input. `Saved` is
+/// Codable, so its binary form (BinaryRecord) is written from its declaration: no component keeps
+/// an encoder and a decoder in step by hand.
+public protocol Snapshottable: AnyObject {
+    associatedtype Saved: Codable
+    func captureState() -> Saved
+    func applyState(_ saved: Saved) throws(StateError)
+    /// The component's state as the saved state and the migration stream carry it; by default
+    /// `captureState()`'s record (a virtio transport adds its device's).
+    func savedRecord() throws(StateError) -> [UInt8]
+}
+
+extension Snapshottable {
+    public func savedRecord() throws(StateError) -> [UInt8] { try BinaryRecord.encode(captureState()) }
+
+    /// Puts back a record `savedRecord` wrote: decoded whole (nothing may follow), then applied.
+    public func restore(record: [UInt8]) throws(StateError) {
+        try applyState(try BinaryRecord.decode(Saved.self, from: record))
+    }
 }

@@ -109,8 +109,7 @@ public enum Fuzz {
         var outcome = Outcome()
         guard let selector = data.first else { return outcome }
         let bytes = Array(data.dropFirst())
-        var reader = StateReader(bytes)
-        let device: (any StatefulDevice)?
+        let device: (any Snapshottable)?
         switch selector % 8 {
         case 0:
             outcome.accepted = SavedStateInspection.metadataIsValid(bytes)
@@ -132,12 +131,10 @@ public enum Fuzz {
             device = VirtioMMIOTransport(device: virtio, memory: memory, interrupt: SilentInterruptLine())
         }
         guard let device else { return outcome }
-        if (try? device.restoreState(from: &reader)) != nil {
+        if (try? device.restore(record: bytes)) != nil {
             outcome.accepted = true
             // A restored device must also save again: its state is whole.
-            var writer = StateWriter()
-            device.saveState(into: &writer)
-            outcome.operations = writer.bytes.count
+            outcome.operations = (try? device.savedRecord())?.count ?? 0
             if let transport = device as? VirtioMMIOTransport { transport.resumeQueues() }
         }
         return outcome

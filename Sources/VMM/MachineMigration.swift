@@ -705,7 +705,7 @@ final class OutgoingMigration {
             let pagesBefore = pagesSent
             _ = try sendDirty(skipZeroPages: false, paced: false)
             let state: SavedMachineState
-            do throws(KVMError) {
+            do throws(Machine.CaptureError) {
                 state = try machine.captureState()
             } catch {
                 throw .refused("capturing the machine's state: \(error)")

@@ -607,37 +607,61 @@ extension Machine {
     }
 
     /// Port devices in the order their states are saved; virtio transports follow.
-    private var portDevices: [any StatefulDevice] {
+    private var portDevices: [any Snapshottable] {
         [serial, keyboardController, rtc] + (acpiRegisters.map { [$0] } ?? [])
     }
 
-    /// Everything but RAM, with every vCPU parked and every transport quiesced.
-    func captureState() throws(KVMError) -> SavedMachineState {
-        let msrIndices = try kvm.savedMSRIndices()
-        let hasExtendedControl = kvm.extensionValue(VIREO_KVM_CAP_XCRS) > 0
-        let vm = self.vm
-        let interruptControllers = try (0..<3).map { (chip) throws(KVMError) in try vm.interruptControllerState(chip: UInt32(chip)) }
-        let timer = try vm.timerState()
-        var vcpuStates: [VCPUSavedState] = []
-        for vcpu in vcpus { vcpuStates.append(try VCPUSavedState(capturing: vcpu, msrIndices: msrIndices, hasExtendedControl: hasExtendedControl)) }
-        let tscKilohertz = kvm.extensionValue(VIREO_KVM_CAP_GET_TSC_KHZ) > 0 ? (try? vcpus[0].tscKilohertz()) ?? 0 : 0
+    /// What capturing can fail on: KVM refusing to give a state, or a component whose state has
+    /// no binary form (a programming error, reported rather than trapped on).
+    enum CaptureError: Error, CustomStringConvertible {
+        case kvm(KVMError)
+        case state(String)
+
+        var description: String {
+            switch self {
+            case let .kvm(error): return error.description
+            case let .state(reason): return "a component's state cannot be written: \(reason)"
+            }
+        }
+
+        var vmmError: VMMError {
+            switch self {
+            case let .kvm(error): return .kvm(error)
+            case .state: return .host(operation: description, errno: EINVAL)
+            }
+        }
+    }
+
+    /// Everything but RAM, with every vCPU parked and every transport quiesced: KVM's state,
+    /// then each component's record, in the machine's order.
+    func captureState() throws(CaptureError) -> SavedMachineState {
         var devices: [[UInt8]] = []
-        for device in portDevices {
-            var writer = StateWriter()
-            device.saveState(into: &writer)
-            devices.append(writer.bytes)
+        let components: [any Snapshottable] = portDevices + virtioTransports
+        for (index, component) in components.enumerated() {
+            do throws(StateError) {
+                devices.append(try component.savedRecord())
+            } catch {
+                throw .state("device \(index): \(error)")
+            }
         }
-        for transport in virtioTransports {
-            var writer = StateWriter()
-            transport.saveState(into: &writer)
-            devices.append(writer.bytes)
+        do throws(KVMError) {
+            let msrIndices = try kvm.savedMSRIndices()
+            let hasExtendedControl = kvm.extensionValue(VIREO_KVM_CAP_XCRS) > 0
+            let vm = self.vm
+            let interruptControllers = try (0..<3).map { (chip) throws(KVMError) in try vm.interruptControllerState(chip: UInt32(chip)) }
+            let timer = try vm.timerState()
+            var vcpuStates: [VCPUSavedState] = []
+            for vcpu in vcpus { vcpuStates.append(try VCPUSavedState(capturing: vcpu, msrIndices: msrIndices, hasExtendedControl: hasExtendedControl)) }
+            let tscKilohertz = kvm.extensionValue(VIREO_KVM_CAP_GET_TSC_KHZ) > 0 ? (try? vcpus[0].tscKilohertz()) ?? 0 : 0
+            var realtime = timespec()
+            clock_gettime(CLOCK_REALTIME, &realtime)
+            return SavedMachineState(
+                machine: spec, machineRecord: specRecord, cpuid: cpuidBasis, tscKilohertz: tscKilohertz, clockNanoseconds: try vm.clock().clock,
+                savedAtRealtimeNanoseconds: UInt64(realtime.tv_sec) * 1_000_000_000 + UInt64(realtime.tv_nsec),
+                interruptControllers: interruptControllers, timer: timer, vcpus: vcpuStates, devices: devices)
+        } catch {
+            throw .kvm(error)
         }
-        var realtime = timespec()
-        clock_gettime(CLOCK_REALTIME, &realtime)
-        return SavedMachineState(
-            machine: spec, machineRecord: specRecord, cpuid: cpuidBasis, tscKilohertz: tscKilohertz, clockNanoseconds: try vm.clock().clock,
-            savedAtRealtimeNanoseconds: UInt64(realtime.tv_sec) * 1_000_000_000 + UInt64(realtime.tv_nsec),
-            interruptControllers: interruptControllers, timer: timer, vcpus: vcpuStates, devices: devices)
     }
 
     /// Applies a saved state to this freshly built machine, before any vCPU runs: RAM (checked
@@ -682,15 +706,13 @@ extension Machine {
         } catch {
             throw .state("KVM refused the saved CPU state: \(error)")
         }
-        do throws(StateError) {
-            let devices: [any StatefulDevice] = portDevices + virtioTransports
-            for (index, device) in devices.enumerated() {
-                var reader = StateReader(saved.devices[index])
-                try device.restoreState(from: &reader)
-                guard reader.isAtEnd else { throw StateError.invalid(field: "device \(index) state", reason: "bytes follow its last field") }
+        let components: [any Snapshottable] = portDevices + virtioTransports
+        for (index, component) in components.enumerated() {
+            do throws(StateError) {
+                try component.restore(record: saved.devices[index])
+            } catch {
+                throw .state("device \(index): \(error)")
             }
-        } catch {
-            throw .state(error.description)
         }
         // A restored snapshot is a new generation of the VM (the library gives it a new ID): the
         // guest's vmgenid device shows it and is notified, so the guest reseeds its RNG and tells
@@ -753,10 +775,10 @@ extension Machine {
     /// writes durable (the state refers to what they hold now) and writes the state file.
     private func writeQuiescedState(to path: String) throws(VMMError) {
         let state: SavedMachineState
-        do throws(KVMError) {
+        do throws(CaptureError) {
             state = try captureState()
         } catch {
-            throw .kvm(error)
+            throw error.vmmError
         }
         for disk in blockDevices {
             do throws(DiskImageError) {
@@ -906,7 +928,7 @@ extension Machine {
             pages.includeEveryVMMWrite()
             try file.writePages(pages.dirty, skipZeroPages: false)
             let state: SavedMachineState
-            do throws(KVMError) { state = try captureState() } catch { throw .kvm(error) }
+            do throws(CaptureError) { state = try captureState() } catch { throw error.vmmError }
             for disk in blockDevices {
                 do throws(DiskImageError) { try disk.device.disk.flush() } catch {
                     throw .host(operation: "flush \(disk.path) before the snapshot: \(error)", errno: EIO)

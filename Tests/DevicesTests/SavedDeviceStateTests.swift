@@ -9,11 +9,7 @@ import Testing
 /// Device states saved and restored (docs/snapshots.md): what comes back must behave as the
 /// device did, and a damaged state must be refused with an error, never a trap.
 @Suite struct SavedDeviceStateTests {
-    static func saved(_ device: any StatefulDevice) -> [UInt8] {
-        var writer = StateWriter()
-        device.saveState(into: &writer)
-        return writer.bytes
-    }
+    static func saved(_ device: any Snapshottable) throws -> [UInt8] { try device.savedRecord() }
 
     @Test("a virtio-blk request the guest queued while the device was quiesced completes after a restore into a new device, and the queue goes on from its saved indices")
     func blockRequestInFlightCompletesAfterRestore() throws {
@@ -30,15 +26,13 @@ import Testing
         try driver.memory.write(second, at: GuestPhysicalAddress(0x20000))
         try driver.submit(try driver.blockRequest(type: 1, sector: 2, dataLength: 512, dataWritable: false))
         #expect(driver.usedIndex == 1, "a quiesced device worked on its queue")
-        let state = Self.saved(driver.transport)
+        let state = try Self.saved(driver.transport)
 
         // The restoring VMM: a new device on the same disk, the same RAM (as read back from the file).
         let restored = VirtioMMIOTransport(device: VirtioBlock(disk: disk, readOnly: false, serial: "vireo-serial-1"),
                                            memory: driver.memory, interrupt: PulseCounter())
-        var reader = StateReader(state)
-        try restored.restoreState(from: &reader)
-        #expect(reader.isAtEnd)
-        #expect(Self.saved(restored) == state, "saving the restored device gives other bytes")
+        try restored.restore(record: state)
+        #expect(try Self.saved(restored) == state, "saving the restored device gives other bytes")
         restored.resumeQueues()
         #expect(driver.usedIndex == 2, "the queued request did not complete after the restore")
         #expect(try disk.readBytes(count: 512, at: 2 * 512) == second)
@@ -57,30 +51,28 @@ import Testing
     func damagedTransportStateIsRefused() throws {
         let (driver, _, disk) = try makeBlockDevice()
         driver.initialise()
-        let state = Self.saved(driver.transport)
+        let state = try Self.saved(driver.transport)
         for length in 0..<state.count {
             let fresh = VirtioMMIOTransport(device: VirtioBlock(disk: disk, readOnly: false, serial: nil), memory: driver.memory, interrupt: PulseCounter())
-            var reader = StateReader(Array(state.prefix(length)))
-            #expect(throws: StateError.self, "a state cut at \(length) bytes was accepted") { try fresh.restoreState(from: &reader) }
+            #expect(throws: StateError.self, "a state cut at \(length) bytes was accepted") { try fresh.restore(record: Array(state.prefix(length))) }
         }
         let entropy = VirtioMMIOTransport(device: try VirtioEntropy(), memory: driver.memory, interrupt: PulseCounter())
-        var reader = StateReader(state)
         do {
-            try entropy.restoreState(from: &reader)
+            try entropy.restore(record: state)
             Issue.record("a block device's state was restored into an entropy device")
         } catch {
             #expect(error.description.contains("device type"), "\(error)")
         }
-        // Driver features at offset 16 (after type, status and both selects): one never offered.
-        var features = state
-        features[16 + 7] |= 0x80
+        // A driver feature the device never offered, with the driver's FEATURES_OK.
+        var features = try BinaryRecord.decode(VirtioMMIOTransport.Saved.self, from: state)
+        features.status |= 0x08
+        features.driverFeatures |= 1 << 63
         let fresh = VirtioMMIOTransport(device: VirtioBlock(disk: disk, readOnly: false, serial: nil), memory: driver.memory, interrupt: PulseCounter())
-        reader = StateReader(features)
         do {
-            try fresh.restoreState(from: &reader)
+            try fresh.restore(record: try BinaryRecord.encode(features))
             Issue.record("features the device does not offer were accepted")
         } catch {
-            #expect(error.description.contains("driver features"), "\(error)")
+            #expect(error.description.hasPrefix("driverFeatures: "), "\(error)")
         }
     }
 
@@ -91,11 +83,10 @@ import Testing
         withUnsafeBytes(of: UInt8(0x01)) { serial.write(offset: 1, data: $0) }      // receive interrupt on
         withUnsafeBytes(of: UInt8(0x42)) { serial.write(offset: 7, data: $0) }      // scratch
         serial.receive(Array("typed".utf8))
-        let state = Self.saved(serial)
+        let state = try Self.saved(serial)
         let line = PulseCounter()
         let restored = Serial8250(output: DiscardingOutput(), interrupt: line)
-        var reader = StateReader(state)
-        try restored.restoreState(from: &reader)
+        try restored.restore(record: state)
         #expect(line.count == 1, "the pending receive interrupt was not raised again")
         var read: [UInt8] = []
         for _ in 0..<5 {
@@ -120,8 +111,8 @@ import Testing
         acpi.raiseEvents(1)
         // (selector, a valid state for it): the target's decoders and the device states above.
         let seeds: [(UInt8, [UInt8])] = [
-            (0, Fuzz.sampleMachineMetadata), (1, Self.saved(serial)), (2, Self.saved(keyboard)), (3, Self.saved(RTC())),
-            (4, Self.saved(acpi)), (5, Self.saved(driver.transport)),
+            (0, Fuzz.sampleMachineMetadata), (1, try Self.saved(serial)), (2, try Self.saved(keyboard)), (3, try Self.saved(RTC())),
+            (4, try Self.saved(acpi)), (5, try Self.saved(driver.transport)),
         ]
         var random = FuzzSmokeTests.SeededGenerator(state: 0x5a7e)
         for (selector, seed) in seeds {

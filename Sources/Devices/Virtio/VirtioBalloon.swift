@@ -7,7 +7,7 @@ import Synchronization
 /// MADV_DONTNEED) so the host gets the RAM; deflating returns them (they refault as zeros).
 /// With the statistics queue the guest reports its memory figures, refreshed every
 /// `statisticsInterval` seconds.
-public final class VirtioBalloon: VirtioDevice, BackgroundDevice, @unchecked Sendable {
+public final class VirtioBalloon: VirtioDevice, BackgroundDevice, Snapshottable, @unchecked Sendable {
     public static let queueSize: UInt16 = 256
     static let pageSize: UInt64 = 4096
 
@@ -143,34 +143,33 @@ public final class VirtioBalloon: VirtioDevice, BackgroundDevice, @unchecked Sen
         }
     }
 
-    public func saveDeviceState(into writer: inout StateWriter) {
-        state.withLock { state in
-            writer.put(state.targetPages)
-            writer.put(state.actualPages)
-            writer.put(state.inflatedPages)
-            writer.put(state.deflatedPages)
-            writer.put(state.statisticsHead != nil)
-            writer.put(state.statisticsHead ?? 0)
-        }
+    /// The balloon's size, its counters, and the statistics buffer it holds between refreshes.
+    public struct Saved: Codable, Sendable, Equatable {
+        public var targetPages, actualPages: UInt32
+        public var inflatedPages, deflatedPages: UInt64
+        public var statisticsHead: UInt16?
     }
 
-    public func restoreDeviceState(from reader: inout StateReader) throws(StateError) {
+    public func captureState() -> Saved {
+        state.withLock { Saved(targetPages: $0.targetPages, actualPages: $0.actualPages, inflatedPages: $0.inflatedPages,
+                               deflatedPages: $0.deflatedPages, statisticsHead: $0.statisticsHead) }
+    }
+
+    public func applyState(_ saved: Saved) throws(StateError) {
         var restored = State()
-        restored.targetPages = try reader.get(UInt32.self, "balloon target")
-        restored.actualPages = try reader.get(UInt32.self, "balloon actual")
-        restored.inflatedPages = try reader.get(UInt64.self, "balloon inflated pages")
-        restored.deflatedPages = try reader.get(UInt64.self, "balloon deflated pages")
-        let holdsStatistics = try reader.getBool("balloon statistics buffer held")
-        let head = try reader.get(UInt16.self, "balloon statistics buffer")
-        if holdsStatistics {
+        restored.targetPages = saved.targetPages
+        restored.actualPages = saved.actualPages
+        restored.inflatedPages = saved.inflatedPages
+        restored.deflatedPages = saved.deflatedPages
+        if let head = saved.statisticsHead {
             guard statisticsInterval != nil, head < queueMaximumSizes[2] else {
-                throw .invalid(field: "balloon statistics buffer", reason: "descriptor \(head) held, but this balloon has no such statistics queue entry")
+                throw .invalid(field: "statisticsHead", reason: "descriptor \(head) held, but this balloon has no such statistics queue entry")
             }
             restored.statisticsHead = head
         }
         state.withLock { $0 = restored }
         // The held buffer goes back at the next refresh, as it would have without the save.
-        if holdsStatistics, let statisticsInterval { deferred.schedule(after: statisticsInterval * 1_000_000_000) }
+        if saved.statisticsHead != nil, let statisticsInterval { deferred.schedule(after: statisticsInterval * 1_000_000_000) }
     }
 
     public var needsBackgroundThread: Bool { statisticsInterval != nil }

@@ -22,12 +22,13 @@ public protocol VirtioDevice: AnyObject, Sendable {
     /// The device was reset (the driver wrote status 0, or the machine rebooted): drop whatever
     /// belongs to the driver's old session. Called with the transport's lock held.
     func reset()
-    /// The device's own state beyond what the transport keeps (queues, features, status), written
-    /// with its transport quiesced. Most devices have none.
-    func saveDeviceState(into writer: inout StateWriter)
-    /// Puts back what `saveDeviceState` wrote; called after the transport's own state, features
+    /// The device's own state beyond what the transport keeps (queues, features, status), as a
+    /// record, captured with its transport quiesced. Most devices have none (an empty record); a
+    /// device with some is `Snapshottable` and gets both from that.
+    func savedDeviceRecord() throws(StateError) -> [UInt8]
+    /// Puts back what `savedDeviceRecord` gave; called after the transport's own state, features
     /// accepted and queues set up.
-    func restoreDeviceState(from reader: inout StateReader) throws(StateError)
+    func restoreDevice(record: [UInt8]) throws(StateError)
 }
 
 extension VirtioDevice {
@@ -35,8 +36,15 @@ extension VirtioDevice {
     public func attach(_ access: any VirtioQueueAccess) {}
     public func writeConfiguration(offset: Int, data: UnsafeRawBufferPointer) {}
     public func reset() {}
-    public func saveDeviceState(into writer: inout StateWriter) {}
-    public func restoreDeviceState(from reader: inout StateReader) throws(StateError) {}
+    public func savedDeviceRecord() throws(StateError) -> [UInt8] { [] }
+    public func restoreDevice(record: [UInt8]) throws(StateError) {
+        guard record.isEmpty else { throw .invalid(field: "device", reason: "\(record.count) bytes of state for a device that keeps none") }
+    }
+}
+
+extension VirtioDevice where Self: Snapshottable {
+    public func savedDeviceRecord() throws(StateError) -> [UInt8] { try savedRecord() }
+    public func restoreDevice(record: [UInt8]) throws(StateError) { try restore(record: record) }
 }
 
 /// A device's way to its queues from a thread of its own, under the same lock as notifications.
@@ -70,7 +78,7 @@ public enum VirtioFeature {
 
 /// The virtio-mmio transport (virtio 1.x §4.2, "version 2", no legacy interface), as Firecracker
 /// uses it. Linux finds it through `virtio_mmio.device=4K@ADDRESS:IRQ` on the command line.
-public final class VirtioMMIOTransport: MMIODevice, VirtioQueueAccess, StatefulDevice {
+public final class VirtioMMIOTransport: MMIODevice, VirtioQueueAccess, Snapshottable {
     public static let magic: UInt32 = 0x7472_6976         // "virt"
     public static let vendor: UInt32 = 0x4f52_4956        // "VIRO"
     public static let windowSize: UInt64 = 0x1000
@@ -313,91 +321,99 @@ public final class VirtioMMIOTransport: MMIODevice, VirtioQueueAccess, StatefulD
     }
 
     /// The transport's registers, each queue's addresses and indices, then the device's own state.
-    public func saveState(into writer: inout StateWriter) {
+    public struct Saved: Codable, Sendable, Equatable {
+        public struct Queue: Codable, Sendable, Equatable {
+            public var size: UInt16
+            public var ready: Bool
+            public var descriptor, driver, device: UInt64
+            public var nextAvailable, nextUsed: UInt16
+        }
+        public var deviceType: UInt32
+        public var status, deviceFeaturesSelect, driverFeaturesSelect: UInt32
+        public var driverFeatures: UInt64
+        public var queueSelect, interruptStatus, configurationGeneration: UInt32
+        public var queues: [Queue]
+        /// The device's own record (`VirtioDevice.savedDeviceRecord`).
+        public var device: [UInt8]
+    }
+
+    /// The transport's state with the device's own record. Throws only if the device's record
+    /// cannot be written.
+    public func savedRecord() throws(StateError) -> [UInt8] {
+        let own = try state.withLock { (_) throws(StateError) -> [UInt8] in try device.savedDeviceRecord() }
+        var saved = captureState()
+        saved.device = own
+        return try BinaryRecord.encode(saved)
+    }
+
+    public func captureState() -> Saved {
         state.withLock { state in
-            writer.put(device.deviceType)
-            writer.put(state.status)
-            writer.put(state.deviceFeaturesSelect)
-            writer.put(state.driverFeaturesSelect)
-            writer.put(state.driverFeatures)
-            writer.put(state.queueSelect)
-            writer.put(state.interruptStatus)
-            writer.put(state.configurationGeneration)
-            writer.put(UInt32(state.queues.count))
-            for queue in state.queues {
-                writer.put(queue.size)
-                writer.put(queue.ready)
-                writer.put(queue.descriptor)
-                writer.put(queue.driver)
-                writer.put(queue.device)
-                let indices = queue.queue?.indices ?? (nextAvailable: 0, nextUsed: 0)
-                writer.put(indices.nextAvailable)
-                writer.put(indices.nextUsed)
-            }
-            var own = StateWriter()
-            device.saveDeviceState(into: &own)
-            writer.put(bytes: own.bytes)
+            Saved(deviceType: device.deviceType, status: state.status, deviceFeaturesSelect: state.deviceFeaturesSelect,
+                  driverFeaturesSelect: state.driverFeaturesSelect, driverFeatures: state.driverFeatures, queueSelect: state.queueSelect,
+                  interruptStatus: state.interruptStatus, configurationGeneration: state.configurationGeneration,
+                  queues: state.queues.map { queue in
+                      let indices = queue.queue?.indices ?? (nextAvailable: 0, nextUsed: 0)
+                      return Saved.Queue(size: queue.size, ready: queue.ready, descriptor: queue.descriptor, driver: queue.driver,
+                                         device: queue.device, nextAvailable: indices.nextAvailable, nextUsed: indices.nextUsed)
+                  }, device: [])
         }
     }
 
-    /// Puts back what `saveState` wrote, checking it against this device: its type, its queues,
+    /// Puts back a captured state, checking it against this device: its type, its queues,
     /// features it offers, rings inside guest RAM. Called before the guest runs.
-    public func restoreState(from reader: inout StateReader) throws(StateError) {
-        let type = try reader.get(UInt32.self, "virtio device type")
-        guard type == device.deviceType else {
-            throw .invalid(field: "virtio device type", reason: "the state is of device type \(type), this slot holds type \(device.deviceType)")
+    public func applyState(_ saved: Saved) throws(StateError) {
+        guard saved.deviceType == device.deviceType else {
+            throw .invalid(field: "deviceType", reason: "the state is of device type \(saved.deviceType), this slot holds type \(device.deviceType)")
+        }
+        guard saved.status & ~UInt32(0xff) == 0 else {
+            throw .invalid(field: "status", reason: "0x\(String(saved.status, radix: 16)) has bits outside the status byte")
+        }
+        guard saved.interruptStatus & ~UInt32(0x3) == 0 else {
+            throw .invalid(field: "interruptStatus", reason: "0x\(String(saved.interruptStatus, radix: 16)) has bits other than used-buffer and configuration")
+        }
+        let featuresAccepted = saved.status & Status.featuresOK != 0
+        if featuresAccepted, saved.driverFeatures & ~device.deviceFeatures != 0 {
+            throw .invalid(field: "driverFeatures", reason: "0x\(String(saved.driverFeatures, radix: 16)) includes features this device does not offer (0x\(String(device.deviceFeatures, radix: 16)))")
+        }
+        let maximums = device.queueMaximumSizes
+        guard saved.queues.count == maximums.count else {
+            throw .invalid(field: "queues", reason: "\(saved.queues.count) queues where this device has \(maximums.count)")
         }
         var restored = State(queues: [])
-        restored.status = try reader.get(UInt32.self, "virtio status")
-        restored.deviceFeaturesSelect = try reader.get(UInt32.self, "virtio device features select")
-        restored.driverFeaturesSelect = try reader.get(UInt32.self, "virtio driver features select")
-        restored.driverFeatures = try reader.get(UInt64.self, "virtio driver features")
-        restored.queueSelect = try reader.get(UInt32.self, "virtio queue select")
-        restored.interruptStatus = try reader.get(UInt32.self, "virtio interrupt status")
-        restored.configurationGeneration = try reader.get(UInt32.self, "virtio configuration generation")
-        guard restored.status & ~UInt32(0xff) == 0 else {
-            throw .invalid(field: "virtio status", reason: "0x\(String(restored.status, radix: 16)) has bits outside the status byte")
-        }
-        guard restored.interruptStatus & ~UInt32(0x3) == 0 else {
-            throw .invalid(field: "virtio interrupt status", reason: "0x\(String(restored.interruptStatus, radix: 16)) has bits other than used-buffer and configuration")
-        }
-        let featuresAccepted = restored.status & Status.featuresOK != 0
-        if featuresAccepted, restored.driverFeatures & ~device.deviceFeatures != 0 {
-            throw .invalid(field: "virtio driver features", reason: "0x\(String(restored.driverFeatures, radix: 16)) includes features this device does not offer (0x\(String(device.deviceFeatures, radix: 16)))")
-        }
-        let count = Int(try reader.get(UInt32.self, "virtio queue count"))
-        let maximums = device.queueMaximumSizes
-        guard count == maximums.count else {
-            throw .invalid(field: "virtio queue count", reason: "\(count) queues where this device has \(maximums.count)")
-        }
-        for index in 0..<count {
-            let field = "virtio queue \(index)"
-            var queue = QueueRegisters(size: try reader.get(UInt16.self, field + " size"))
-            queue.ready = try reader.getBool(field + " ready")
-            queue.descriptor = try reader.get(UInt64.self, field + " descriptor table")
-            queue.driver = try reader.get(UInt64.self, field + " available ring")
-            queue.device = try reader.get(UInt64.self, field + " used ring")
-            let nextAvailable = try reader.get(UInt16.self, field + " next available")
-            let nextUsed = try reader.get(UInt16.self, field + " next used")
+        restored.status = saved.status
+        restored.deviceFeaturesSelect = saved.deviceFeaturesSelect
+        restored.driverFeaturesSelect = saved.driverFeaturesSelect
+        restored.driverFeatures = saved.driverFeatures
+        restored.queueSelect = saved.queueSelect
+        restored.interruptStatus = saved.interruptStatus
+        restored.configurationGeneration = saved.configurationGeneration
+        for (index, entry) in saved.queues.enumerated() {
+            var queue = QueueRegisters(size: entry.size)
+            queue.ready = entry.ready
+            queue.descriptor = entry.descriptor
+            queue.driver = entry.driver
+            queue.device = entry.device
             if queue.ready {
                 do throws(VirtioError) {
                     let ring = try VirtQueue(memory: memory, size: queue.size, maximumSize: maximums[index],
                                              descriptorTable: GuestPhysicalAddress(queue.descriptor),
                                              availableRing: GuestPhysicalAddress(queue.driver), usedRing: GuestPhysicalAddress(queue.device))
-                    ring.restoreIndices(nextAvailable: nextAvailable, nextUsed: nextUsed)
+                    ring.restoreIndices(nextAvailable: entry.nextAvailable, nextUsed: entry.nextUsed)
                     queue.queue = ring
                 } catch {
-                    throw .invalid(field: field, reason: error.description)
+                    throw .invalid(field: "queues[\(index)]", reason: error.description)
                 }
             }
             restored.queues.append(queue)
         }
-        var own = StateReader(try reader.getBytes("virtio device state", limit: 1 << 20))
         let pendingInterrupt = restored.interruptStatus != 0 && restored.status & Status.driverOK != 0
         try state.withLock { (state) throws(StateError) in
             if featuresAccepted { device.acceptFeatures(restored.driverFeatures) }
-            try device.restoreDeviceState(from: &own)
-            guard own.isAtEnd else { throw .invalid(field: "virtio device state", reason: "\(own.offset) bytes used, more follow") }
+            do throws(StateError) {
+                try device.restoreDevice(record: saved.device)
+            } catch {
+                throw .invalid(field: "device", reason: error.description)
+            }
             state = restored
             // The interrupt may have been raised after the interrupt controllers were captured;
             // once more is harmless (the driver finds nothing new), never raising could hang it.

@@ -97,7 +97,7 @@ struct VsockKey: Hashable { let guestPort: UInt32; let hostPort: UInt32 }
 /// connecting to the Unix socket at `socketPath` and writing `CONNECT <port>\n` (answered with
 /// `OK <host port>\n`); a guest connecting to the host (CID 2) on port P reaches the Unix socket
 /// `<socketPath>_P`. Stream sockets only; credit-based flow control both ways.
-public final class VirtioVsock: VirtioDevice, BackgroundDevice, @unchecked Sendable {
+public final class VirtioVsock: VirtioDevice, BackgroundDevice, Snapshottable, @unchecked Sendable {
     public static let hostCID: UInt64 = 2
     public static let queueSize: UInt16 = 256
     /// What the device advertises as its receive buffer per connection.
@@ -185,12 +185,16 @@ public final class VirtioVsock: VirtioDevice, BackgroundDevice, @unchecked Senda
         return true
     }
 
-    public func saveDeviceState(into writer: inout StateWriter) { writer.put(guestCID) }
+    /// The CID the guest knows itself by; connections end with the saving VMM.
+    public struct Saved: Codable, Sendable, Equatable {
+        public var guestCID: UInt64
+    }
 
-    public func restoreDeviceState(from reader: inout StateReader) throws(StateError) {
-        let saved = try reader.get(UInt64.self, "vsock guest CID")
-        guard saved == guestCID else {
-            throw .invalid(field: "vsock guest CID", reason: "the guest knows itself as CID \(saved), this VM's device has \(guestCID)")
+    public func captureState() -> Saved { Saved(guestCID: guestCID) }
+
+    public func applyState(_ saved: Saved) throws(StateError) {
+        guard saved.guestCID == guestCID else {
+            throw .invalid(field: "guestCID", reason: "the guest knows itself as CID \(saved.guestCID), this VM's device has \(guestCID)")
         }
         transportResetPending.store(true, ordering: .releasing)
     }
