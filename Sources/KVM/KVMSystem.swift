@@ -105,7 +105,7 @@ public final class KVMSystem: @unchecked Sendable {
 }
 
 /// One CPUID leaf/subleaf as KVM describes it.
-public struct CPUIDEntry: Sendable, Equatable {
+public struct CPUIDEntry: Sendable, Equatable, Codable {
     public var function: UInt32
     public var index: UInt32
     public var flags: UInt32

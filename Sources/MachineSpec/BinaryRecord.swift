@@ -52,7 +52,7 @@ public enum BinaryRecord {
         return value
     }
 
-    static func path(_ codingPath: [any CodingKey]) -> String {
+    public static func path(_ codingPath: [any CodingKey]) -> String {
         codingPath.isEmpty ? "record" : codingPath.map { $0.intValue.map { "[\($0)]" } ?? $0.stringValue }.joined(separator: ".")
             .replacing(".[", with: "[")
     }
@@ -133,6 +133,10 @@ func scalarBytes<T: Encodable>(_ value: T) -> [UInt8]? {
     case let value as UInt64: appendLittleEndian(value, to: &bytes)
     case let value as Double: appendLittleEndian(value.bitPattern, to: &bytes)
     case let value as Float: appendLittleEndian(value.bitPattern, to: &bytes)
+    // Byte strings (KVM structures, nested records) at once: the same bytes a list of UInt8 writes.
+    case let value as [UInt8]:
+        appendLittleEndian(UInt32(value.count), to: &bytes)
+        bytes += value
     default: return nil
     }
     return bytes
@@ -341,6 +345,10 @@ func decodeValue<T: Decodable>(_ type: T.Type, cursor: Cursor, path: [any Coding
     case is UInt64.Type: scalar = try cursor.integer(UInt64.self, path)
     case is Double.Type: scalar = Double(bitPattern: try cursor.integer(UInt64.self, path))
     case is Float.Type: scalar = Float(bitPattern: try cursor.integer(UInt32.self, path))
+    case is [UInt8].Type:
+        let count = try cursor.count(path, minimumSize: 1)
+        scalar = Array(cursor.bytes[cursor.offset..<cursor.offset + count])
+        cursor.offset += count
     default: return try T(from: RecordDecoder(cursor: cursor, codingPath: path))
     }
     guard let value = scalar as? T else { throw StateError.invalid(field: BinaryRecord.path(path), reason: "not a \(T.self)") }

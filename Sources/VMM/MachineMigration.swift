@@ -53,26 +53,18 @@ public struct MigrationOutcome: Sendable {
 
 /// What a migration source announces first (`machine`): enough for the destination to build the
 /// same machine and to refuse early, before any memory crosses.
-struct ArrivingMachine {
-    /// The spec of the machine the source runs, and its binary form as sent.
-    var machine: MachineSpec
+struct ArrivingMachine: Codable {
+    /// The spec of the machine the source runs: its record as sent, and what it decodes to.
     var machineRecord: [UInt8]
+    var machine: MachineSpec
     var cpuid: [CPUIDEntry]
     var copiesDisks: Bool
     var diskSizes: [UInt64]
 
     static let diskLimit = 64
 
-    func encoded() -> [UInt8] {
-        var writer = StateWriter()
-        writer.put("machine")
-        writer.put(bytes: machineRecord)
-        SavedMachineState.write(cpuid: cpuid, into: &writer)
-        writer.put(copiesDisks)
-        writer.put(UInt32(diskSizes.count))
-        for size in diskSizes { writer.put(size) }
-        return writer.bytes
-    }
+    /// Everything but `machine`, which is its record decoded.
+    enum CodingKeys: String, CodingKey { case machineRecord, cpuid, copiesDisks, diskSizes }
 
     init(machine: MachineSpec, machineRecord: [UInt8], cpuid: [CPUIDEntry], copiesDisks: Bool, diskSizes: [UInt64]) {
         self.machine = machine
@@ -81,6 +73,17 @@ struct ArrivingMachine {
         self.copiesDisks = copiesDisks
         self.diskSizes = diskSizes
     }
+
+    init(from decoder: any Decoder) throws {
+        let container = try decoder.container(keyedBy: CodingKeys.self)
+        machineRecord = try container.decode([UInt8].self, forKey: .machineRecord)
+        machine = try MachineSpec.carried(machineRecord)
+        cpuid = try container.decode([CPUIDEntry].self, forKey: .cpuid)
+        copiesDisks = try container.decode(Bool.self, forKey: .copiesDisks)
+        diskSizes = try container.decode([UInt64].self, forKey: .diskSizes)
+    }
+
+    func encoded() throws(StateError) -> [UInt8] { try BinaryRecord.encode(self) }
 
     init(receivingFrom channel: MigrationChannel) throws(MigrationError) {
         let message = try channel.receive()
@@ -93,16 +96,9 @@ struct ArrivingMachine {
     }
 
     init(decoding bytes: [UInt8]) throws(StateError) {
-        var reader = StateReader(bytes)
-        try reader.expect("machine", "section")
-        (machine, machineRecord) = try MachineSpec.readCarried(from: &reader)
-        cpuid = try SavedMachineState.readCPUID(from: &reader)
-        copiesDisks = try reader.getBool("disk mode")
-        let count = Int(try reader.get(UInt32.self, "disk count"))
-        guard count <= Self.diskLimit else { throw .invalid(field: "disk count", reason: "\(count), more than \(Self.diskLimit)") }
-        diskSizes = []
-        for index in 0..<count { diskSizes.append(try reader.get(UInt64.self, "disk \(index) size")) }
-        guard reader.isAtEnd else { throw .invalid(field: "machine", reason: "bytes follow the last field") }
+        self = try BinaryRecord.decode(ArrivingMachine.self, from: bytes)
+        try SavedMachineState.check(cpuid: cpuid)
+        guard diskSizes.count <= Self.diskLimit else { throw .invalid(field: "diskSizes", reason: "\(diskSizes.count), more than \(Self.diskLimit)") }
     }
 }
 
@@ -200,7 +196,7 @@ public enum MigrationInspection {
         let sample = SavedStateInspection.sampleMachine()
         let machine = ArrivingMachine(machine: sample, machineRecord: (try? sample.encoded()) ?? [], cpuid: [CPUIDEntry(function: 1, index: 0, flags: 0, eax: 0x800f11, ebx: 0, ecx: 0, edx: 0)],
                                       copiesDisks: true, diskSizes: [1 << 20])
-        var stream = MigrationWire.encodeFrame(.machine, machine.encoded())
+        var stream = MigrationWire.encodeFrame(.machine, (try? machine.encoded()) ?? [])
         var pages: [UInt8] = []
         MigrationWire.appendLittleEndian(UInt64(0x10000), to: &pages)
         pages += [UInt8](repeating: 0xab, count: 2 * 4096)
@@ -433,7 +429,9 @@ final class OutgoingMigration {
         let disks = machine.blockDevices.map(\.device)
         let announce = ArrivingMachine(machine: machine.spec, machineRecord: machine.specRecord, cpuid: machine.cpuidBasis, copiesDisks: options.copyDisks,
                                        diskSizes: disks.map { $0.disk.virtualSize })
-        try channel.send(.machine, announce.encoded())
+        let description: [UInt8]
+        do throws(StateError) { description = try announce.encoded() } catch { throw .refused("describing the machine: \(error)") }
+        try channel.send(.machine, description)
         try startTracking()
         defer { stopThrottle() }
 
@@ -729,7 +727,7 @@ final class OutgoingMigration {
                 flags |= ArrivalFlags.disksReleased
             }
             var statePayload = [flags]
-            statePayload += state.encoded()
+            do throws(StateError) { statePayload += try state.encoded() } catch { throw .refused("writing the machine's state: \(error)") }
             try channel.send(.state, statePayload)
             var end: [UInt8] = []
             MigrationWire.appendLittleEndian(pagesSent, to: &end)

@@ -87,45 +87,65 @@ struct MachineShape: Equatable {
 }
 
 extension MachineSpec {
-    /// The spec a saved state or a migration stream carries (its binary form, length-prefixed),
-    /// read under every machine rule: a machine no `MachineSpec` could describe is refused before
-    /// anything is built from it. Returns the record too, to be written again as it came.
-    static func readCarried(from reader: inout StateReader) throws(StateError) -> (spec: MachineSpec, record: [UInt8]) {
-        let record = try reader.getBytes("machine spec", limit: MachineSpec.encodedLimit)
+    /// The spec a saved state or a migration stream carries, from its record, under every
+    /// machine rule: a machine no `MachineSpec` could describe is refused before anything is
+    /// built from it.
+    static func carried(_ record: [UInt8]) throws(StateError) -> MachineSpec {
         do throws(MachineSpecError) {
-            return (try MachineSpec(decoding: record), record)
+            return try MachineSpec(decoding: record)
         } catch {
             throw .invalid(field: "machine spec" + (error.field.map { " " + $0.key } ?? ""), reason: error.reason)
         }
     }
 }
 
+/// A KVM structure in a record: its bytes, with the size this host's headers give it, so a host
+/// whose headers disagree refuses it instead of misreading it.
+struct KVMStruct<Value>: Codable {
+    var value: Value
+
+    init(_ value: Value) { self.value = value }
+
+    func encode(to encoder: any Encoder) throws {
+        var container = encoder.singleValueContainer()
+        try withUnsafeBytes(of: value) { try container.encode(Array($0)) }
+    }
+
+    init(from decoder: any Decoder) throws {
+        let bytes = try decoder.singleValueContainer().decode([UInt8].self)
+        let field = BinaryRecord.path(decoder.codingPath)
+        guard _isPOD(Value.self) else { throw StateError.invalid(field: field, reason: "\(Value.self) is not a plain structure") }
+        let size = MemoryLayout<Value>.size
+        guard bytes.count == size else {
+            throw StateError.invalid(field: field, reason: "\(bytes.count) bytes where this host's \(Value.self) has \(size)")
+        }
+        let storage = UnsafeMutablePointer<Value>.allocate(capacity: 1)
+        defer { storage.deallocate() }
+        bytes.withUnsafeBytes { source in
+            if let base = source.baseAddress { UnsafeMutableRawPointer(storage).copyMemory(from: base, byteCount: size) }
+        }
+        value = storage.move()
+    }
+}
+
 /// One vCPU's complete x86 state, in the order KVM takes it back (the anchors document it: the
 /// special registers before the LAPIC, whose base they hold; MSRs after the LAPIC, TSC before
 /// the TSC deadline; events last, since setting the rest may clear them).
-struct VCPUSavedState {
-    var registers: kvm_regs
-    var specialRegisters: kvm_sregs
-    var fpu: kvm_fpu
-    var extendedControl: kvm_xcrs?
-    var localAPIC: [UInt8]
-    var msrs: [(index: UInt32, value: UInt64)]
-    var debugRegisters: kvm_debugregs
-    var multiprocessing: kvm_mp_state
-    var events: kvm_vcpu_events
-
-    init(registers: kvm_regs, specialRegisters: kvm_sregs, fpu: kvm_fpu, extendedControl: kvm_xcrs?, localAPIC: [UInt8],
-         msrs: [(index: UInt32, value: UInt64)], debugRegisters: kvm_debugregs, multiprocessing: kvm_mp_state, events: kvm_vcpu_events) {
-        self.registers = registers
-        self.specialRegisters = specialRegisters
-        self.fpu = fpu
-        self.extendedControl = extendedControl
-        self.localAPIC = localAPIC
-        self.msrs = msrs
-        self.debugRegisters = debugRegisters
-        self.multiprocessing = multiprocessing
-        self.events = events
+struct VCPUSavedState: Codable {
+    struct MSR: Codable, Equatable {
+        var index: UInt32
+        var value: UInt64
     }
+
+    var registers: KVMStruct<kvm_regs>
+    var specialRegisters: KVMStruct<kvm_sregs>
+    var fpu: KVMStruct<kvm_fpu>
+    var extendedControl: KVMStruct<kvm_xcrs>?
+    var localAPIC: [UInt8]
+    var msrs: [MSR]
+    var debugRegisters: KVMStruct<kvm_debugregs>
+    var multiprocessing: KVMStruct<kvm_mp_state>
+    var events: KVMStruct<kvm_vcpu_events>
 
     static let tscMSR: UInt32 = 0x10
     static let tscDeadlineMSR: UInt32 = 0x6e0
@@ -135,80 +155,63 @@ struct VCPUSavedState {
     init(capturing vcpu: VCPU, msrIndices: [UInt32], hasExtendedControl: Bool) throws(KVMError) {
         // Events first: reading the rest cannot change them, and they are what a pending
         // exception or interrupt must not lose.
-        events = try vcpu.events()
-        multiprocessing = try vcpu.multiprocessingState()
-        registers = try vcpu.registers()
-        specialRegisters = try vcpu.specialRegisters()
-        fpu = try vcpu.fpu()
-        extendedControl = hasExtendedControl ? try vcpu.extendedControlRegisters() : nil
+        events = KVMStruct(try vcpu.events())
+        multiprocessing = KVMStruct(try vcpu.multiprocessingState())
+        registers = KVMStruct(try vcpu.registers())
+        specialRegisters = KVMStruct(try vcpu.specialRegisters())
+        fpu = KVMStruct(try vcpu.fpu())
+        extendedControl = hasExtendedControl ? KVMStruct(try vcpu.extendedControlRegisters()) : nil
         localAPIC = try vcpu.localAPICRegisters()
-        debugRegisters = try vcpu.debugRegisters()
+        debugRegisters = KVMStruct(try vcpu.debugRegisters())
         // KVM stops at the first MSR it cannot read here; skip it and go on with the rest.
-        var read: [(index: UInt32, value: UInt64)] = []
+        var read: [MSR] = []
         var remaining = msrIndices[...]
         while !remaining.isEmpty {
             let batch = try vcpu.msrs(Array(remaining))
-            read += batch
+            read += batch.map { MSR(index: $0.index, value: $0.value) }
             remaining = remaining.dropFirst(batch.count + 1)
         }
         msrs = read
     }
 
+    /// A state of zeroes with these MSRs (the fuzz seed's).
+    init(zeroedWith msrs: [MSR]) {
+        registers = KVMStruct(kvm_regs())
+        specialRegisters = KVMStruct(kvm_sregs())
+        fpu = KVMStruct(kvm_fpu())
+        extendedControl = KVMStruct(kvm_xcrs())
+        localAPIC = [UInt8](repeating: 0, count: Self.localAPICSize)
+        self.msrs = msrs
+        debugRegisters = KVMStruct(kvm_debugregs())
+        multiprocessing = KVMStruct(kvm_mp_state())
+        events = KVMStruct(kvm_vcpu_events())
+    }
+
+    /// What the record's layout cannot say: the LAPIC page's size, how many MSRs, a KVM MP state.
+    func check(vcpu index: Int) throws(StateError) {
+        let prefix = "vcpus[\(index)]."
+        guard localAPIC.count == Self.localAPICSize else {
+            throw .invalid(field: prefix + "localAPIC", reason: "\(localAPIC.count) bytes; the register page is \(Self.localAPICSize)")
+        }
+        guard msrs.count <= Self.msrLimit else { throw .invalid(field: prefix + "msrs", reason: "\(msrs.count), more than \(Self.msrLimit)") }
+        guard multiprocessing.value.mp_state <= 8 else {
+            throw .invalid(field: prefix + "multiprocessing", reason: "\(multiprocessing.value.mp_state) is not a KVM MP state")
+        }
+    }
+
     func restore(to vcpu: VCPU) throws(KVMError) {
-        try vcpu.setSpecialRegisters(specialRegisters)
-        try vcpu.setRegisters(registers)
-        try vcpu.setFPU(fpu)
-        if let extendedControl { try vcpu.setExtendedControlRegisters(extendedControl) }
+        try vcpu.setSpecialRegisters(specialRegisters.value)
+        try vcpu.setRegisters(registers.value)
+        try vcpu.setFPU(fpu.value)
+        if let extendedControl { try vcpu.setExtendedControlRegisters(extendedControl.value) }
         try vcpu.setLocalAPICRegisters(localAPIC)
         let ordered = msrs.filter { $0.index == Self.tscMSR }
             + msrs.filter { $0.index != Self.tscMSR && $0.index != Self.tscDeadlineMSR }
             + msrs.filter { $0.index == Self.tscDeadlineMSR }
-        try vcpu.setMSRs(ordered)
-        try vcpu.setDebugRegisters(debugRegisters)
-        try vcpu.setMultiprocessingState(multiprocessing)
-        try vcpu.setEvents(events)
-    }
-
-    func write(into writer: inout StateWriter) {
-        writer.put(raw: registers)
-        writer.put(raw: specialRegisters)
-        writer.put(raw: fpu)
-        writer.put(extendedControl != nil)
-        if let extendedControl { writer.put(raw: extendedControl) }
-        writer.put(bytes: localAPIC)
-        writer.put(UInt32(msrs.count))
-        for msr in msrs {
-            writer.put(msr.index)
-            writer.put(msr.value)
-        }
-        writer.put(raw: debugRegisters)
-        writer.put(raw: multiprocessing)
-        writer.put(raw: events)
-    }
-
-    init(from reader: inout StateReader, vcpu index: Int) throws(StateError) {
-        let prefix = "vCPU \(index) "
-        registers = try reader.get(raw: kvm_regs.self, prefix + "registers")
-        specialRegisters = try reader.get(raw: kvm_sregs.self, prefix + "special registers")
-        fpu = try reader.get(raw: kvm_fpu.self, prefix + "FPU")
-        extendedControl = try reader.getBool(prefix + "XCRs present") ? try reader.get(raw: kvm_xcrs.self, prefix + "XCRs") : nil
-        localAPIC = try reader.getBytes(prefix + "LAPIC", limit: Self.localAPICSize)
-        guard localAPIC.count == Self.localAPICSize else {
-            throw .invalid(field: prefix + "LAPIC", reason: "\(localAPIC.count) bytes; the register page is \(Self.localAPICSize)")
-        }
-        let count = Int(try reader.get(UInt32.self, prefix + "MSR count"))
-        guard count <= Self.msrLimit else { throw .invalid(field: prefix + "MSR count", reason: "\(count), more than \(Self.msrLimit)") }
-        msrs = []
-        for _ in 0..<count {
-            let msr = try reader.get(UInt32.self, prefix + "MSR index")
-            msrs.append((msr, try reader.get(UInt64.self, prefix + "MSR 0x\(String(msr, radix: 16))")))
-        }
-        debugRegisters = try reader.get(raw: kvm_debugregs.self, prefix + "debug registers")
-        multiprocessing = try reader.get(raw: kvm_mp_state.self, prefix + "MP state")
-        guard multiprocessing.mp_state <= 8 else {
-            throw .invalid(field: prefix + "MP state", reason: "\(multiprocessing.mp_state) is not a KVM MP state")
-        }
-        events = try reader.get(raw: kvm_vcpu_events.self, prefix + "events")
+        try vcpu.setMSRs(ordered.map { (index: $0.index, value: $0.value) })
+        try vcpu.setDebugRegisters(debugRegisters.value)
+        try vcpu.setMultiprocessingState(multiprocessing.value)
+        try vcpu.setEvents(events.value)
     }
 }
 
@@ -252,10 +255,11 @@ enum CPUIDCompatibility {
 
 /// Everything but guest RAM: decoded from a file before the machine is built (its shape and
 /// CPUID decide how it is built), applied after.
-struct SavedMachineState {
-    /// The spec of the machine that was saved, and its binary form as written.
-    var machine: MachineSpec
+struct SavedMachineState: Codable {
+    /// The spec of the machine that was saved: its binary form as written, and what it decodes
+    /// to (under every machine rule) once read.
     var machineRecord: [UInt8]
+    var machine: MachineSpec
     /// KVM's supported CPUID on the saving host, from which each vCPU's was made.
     var cpuid: [CPUIDEntry]
     var tscKilohertz: UInt32
@@ -263,53 +267,19 @@ struct SavedMachineState {
     /// wall time that passed, so the guest's clock is right and its monotonic time never goes back.
     var clockNanoseconds: UInt64
     var savedAtRealtimeNanoseconds: UInt64
-    var interruptControllers: [kvm_irqchip]
-    var timer: kvm_pit_state2
+    var interruptControllers: [KVMStruct<kvm_irqchip>]
+    var timer: KVMStruct<kvm_pit_state2>
     var vcpus: [VCPUSavedState]
-    /// Each device's bytes, in the machine's order: serial, i8042, RTC, ACPI (when present), then
-    /// every virtio transport.
+    /// Each component's record (`Snapshottable`), in the machine's order: serial, i8042, RTC,
+    /// ACPI (when present), then every virtio transport.
     var devices: [[UInt8]]
 
     static let cpuidLimit = 512
+    static let deviceLimit = 128
 
-    static func write(cpuid: [CPUIDEntry], into writer: inout StateWriter) {
-        writer.put(UInt32(cpuid.count))
-        for entry in cpuid {
-            for value in [entry.function, entry.index, entry.flags, entry.eax, entry.ebx, entry.ecx, entry.edx] { writer.put(value) }
-        }
-    }
-
-    static func readCPUID(from reader: inout StateReader) throws(StateError) -> [CPUIDEntry] {
-        let count = Int(try reader.get(UInt32.self, "CPUID entry count"))
-        guard count <= cpuidLimit else { throw .invalid(field: "CPUID entry count", reason: "\(count), more than \(cpuidLimit)") }
-        var cpuid: [CPUIDEntry] = []
-        for index in 0..<count {
-            var values: [UInt32] = []
-            for _ in 0..<7 { values.append(try reader.get(UInt32.self, "CPUID entry \(index)")) }
-            cpuid.append(CPUIDEntry(function: values[0], index: values[1], flags: values[2], eax: values[3], ebx: values[4], ecx: values[5], edx: values[6]))
-        }
-        return cpuid
-    }
-
-    func encoded() -> [UInt8] {
-        var writer = StateWriter()
-        writer.put("machine")
-        writer.put(bytes: machineRecord)
-        writer.put("cpuid")
-        Self.write(cpuid: cpuid, into: &writer)
-        writer.put("clock")
-        writer.put(tscKilohertz)
-        writer.put(clockNanoseconds)
-        writer.put(savedAtRealtimeNanoseconds)
-        writer.put("irqchip")
-        for chip in interruptControllers { writer.put(raw: chip) }
-        writer.put(raw: timer)
-        writer.put("vcpus")
-        for vcpu in vcpus { vcpu.write(into: &writer) }
-        writer.put("devices")
-        writer.put(UInt32(devices.count))
-        for device in devices { writer.put(bytes: device) }
-        return writer.bytes
+    /// Everything but `machine`, which is its record decoded.
+    enum CodingKeys: String, CodingKey {
+        case machineRecord, cpuid, tscKilohertz, clockNanoseconds, savedAtRealtimeNanoseconds, interruptControllers, timer, vcpus, devices
     }
 
     init(machine: MachineSpec, machineRecord: [UInt8], cpuid: [CPUIDEntry], tscKilohertz: UInt32, clockNanoseconds: UInt64, savedAtRealtimeNanoseconds: UInt64,
@@ -320,41 +290,53 @@ struct SavedMachineState {
         self.tscKilohertz = tscKilohertz
         self.clockNanoseconds = clockNanoseconds
         self.savedAtRealtimeNanoseconds = savedAtRealtimeNanoseconds
-        self.interruptControllers = interruptControllers
-        self.timer = timer
+        self.interruptControllers = interruptControllers.map { KVMStruct($0) }
+        self.timer = KVMStruct(timer)
         self.vcpus = vcpus
         self.devices = devices
     }
 
+    init(from decoder: any Decoder) throws {
+        let container = try decoder.container(keyedBy: CodingKeys.self)
+        machineRecord = try container.decode([UInt8].self, forKey: .machineRecord)
+        machine = try MachineSpec.carried(machineRecord)
+        cpuid = try container.decode([CPUIDEntry].self, forKey: .cpuid)
+        tscKilohertz = try container.decode(UInt32.self, forKey: .tscKilohertz)
+        clockNanoseconds = try container.decode(UInt64.self, forKey: .clockNanoseconds)
+        savedAtRealtimeNanoseconds = try container.decode(UInt64.self, forKey: .savedAtRealtimeNanoseconds)
+        interruptControllers = try container.decode([KVMStruct<kvm_irqchip>].self, forKey: .interruptControllers)
+        timer = try container.decode(KVMStruct<kvm_pit_state2>.self, forKey: .timer)
+        vcpus = try container.decode([VCPUSavedState].self, forKey: .vcpus)
+        devices = try container.decode([[UInt8]].self, forKey: .devices)
+    }
+
+    func encoded() throws(StateError) -> [UInt8] { try BinaryRecord.encode(self) }
+
+    /// The record as a state file's metadata; a state that has no binary form is that file's error.
+    func metadata(for path: String) throws(VMMError) -> [UInt8] {
+        do throws(StateError) { return try encoded() } catch { throw .savedState(path: path, reason: "cannot be written: \(error)") }
+    }
+
+    /// A state from its record, with what the record's layout cannot say checked: the counts
+    /// against the machine the state names, each interrupt controller in its place.
     init(decoding bytes: [UInt8]) throws(StateError) {
-        var reader = StateReader(bytes)
-        try reader.expect("machine", "section")
-        (machine, machineRecord) = try MachineSpec.readCarried(from: &reader)
-        try reader.expect("cpuid", "section")
-        cpuid = try Self.readCPUID(from: &reader)
-        try reader.expect("clock", "section")
-        tscKilohertz = try reader.get(UInt32.self, "TSC frequency")
-        clockNanoseconds = try reader.get(UInt64.self, "kvmclock")
-        savedAtRealtimeNanoseconds = try reader.get(UInt64.self, "save time")
-        try reader.expect("irqchip", "section")
-        interruptControllers = []
-        for chip in 0..<3 {
-            let state = try reader.get(raw: kvm_irqchip.self, "interrupt controller \(chip)")
-            guard state.chip_id == UInt32(chip) else {
-                throw .invalid(field: "interrupt controller \(chip)", reason: "it says it is chip \(state.chip_id)")
-            }
-            interruptControllers.append(state)
+        self = try BinaryRecord.decode(SavedMachineState.self, from: bytes)
+        try Self.check(cpuid: cpuid)
+        guard interruptControllers.count == 3 else {
+            throw .invalid(field: "interruptControllers", reason: "\(interruptControllers.count), where the machine has 3 (two PICs and the IOAPIC)")
         }
-        timer = try reader.get(raw: kvm_pit_state2.self, "PIT")
-        try reader.expect("vcpus", "section")
-        vcpus = []
-        for index in 0..<machine.cpus { vcpus.append(try VCPUSavedState(from: &reader, vcpu: index)) }
-        try reader.expect("devices", "section")
-        let deviceCount = Int(try reader.get(UInt32.self, "device count"))
-        guard deviceCount <= 128 else { throw .invalid(field: "device count", reason: "\(deviceCount), more than 128") }
-        devices = []
-        for index in 0..<deviceCount { devices.append(try reader.getBytes("device \(index) state", limit: 4 << 20)) }
-        guard reader.isAtEnd else { throw .invalid(field: "metadata", reason: "bytes follow the last section") }
+        for (chip, state) in interruptControllers.enumerated() where state.value.chip_id != UInt32(chip) {
+            throw .invalid(field: "interruptControllers[\(chip)]", reason: "it says it is chip \(state.value.chip_id)")
+        }
+        guard vcpus.count == machine.cpus else {
+            throw .invalid(field: "vcpus", reason: "\(vcpus.count) vCPU states for a machine of \(machine.cpus) vCPUs")
+        }
+        for (index, vcpu) in vcpus.enumerated() { try vcpu.check(vcpu: index) }
+        guard devices.count <= Self.deviceLimit else { throw .invalid(field: "devices", reason: "\(devices.count), more than \(Self.deviceLimit)") }
+    }
+
+    static func check(cpuid: [CPUIDEntry]) throws(StateError) {
+        guard cpuid.count <= cpuidLimit else { throw .invalid(field: "cpuid", reason: "\(cpuid.count) entries, more than \(cpuidLimit)") }
     }
 }
 
@@ -694,8 +676,8 @@ extension Machine {
             throw .state("\(saved.devices.count) device states where this machine has \(expectedDevices) devices")
         }
         do throws(KVMError) {
-            for chip in saved.interruptControllers { try vm.setInterruptControllerState(chip) }
-            try vm.setTimerState(saved.timer)
+            for chip in saved.interruptControllers { try vm.setInterruptControllerState(chip.value) }
+            try vm.setTimerState(saved.timer.value)
             for (index, vcpu) in vcpus.enumerated() {
                 if saved.tscKilohertz != 0, kvm.extensionValue(VIREO_KVM_CAP_TSC_CONTROL) > 0,
                    let current = try? vcpu.tscKilohertz(), current != saved.tscKilohertz {
@@ -787,7 +769,7 @@ extension Machine {
                 throw .host(operation: "flush \(disk.path) before writing the state: \(error)", errno: EIO)
             }
         }
-        try SavedStateFile.write(metadata: state.encoded(), memory: memory, to: path)
+        try SavedStateFile.write(metadata: state.metadata(for: path), memory: memory, to: path)
     }
 
     /// Ends the run of a machine `save()` has written out: it stays parked until it stops.
@@ -824,16 +806,13 @@ public enum SavedStateInspection {
             state.chip_id = UInt32(chip)
             controllers.append(state)
         }
-        let vcpu = VCPUSavedState(registers: kvm_regs(), specialRegisters: kvm_sregs(), fpu: kvm_fpu(), extendedControl: kvm_xcrs(),
-                                  localAPIC: [UInt8](repeating: 0, count: VCPUSavedState.localAPICSize),
-                                  msrs: [(0x10, 12345), (0x6e0, 0)], debugRegisters: kvm_debugregs(),
-                                  multiprocessing: kvm_mp_state(), events: kvm_vcpu_events())
+        let vcpu = VCPUSavedState(zeroedWith: [VCPUSavedState.MSR(index: 0x10, value: 12345), VCPUSavedState.MSR(index: 0x6e0, value: 0)])
         let state = SavedMachineState(
             machine: sampleMachine(), machineRecord: (try? sampleMachine().encoded()) ?? [],
             cpuid: [CPUIDEntry(function: 1, index: 0, flags: 0, eax: 0x800f11, ebx: 0, ecx: 0x7ed8320b, edx: 0x178bfbff)],
             tscKilohertz: 2_445_406, clockNanoseconds: 1_000_000, savedAtRealtimeNanoseconds: 1_700_000_000_000_000_000,
             interruptControllers: controllers, timer: kvm_pit_state2(), vcpus: [vcpu, vcpu], devices: [[1, 2, 3], [], [4]])
-        return state.encoded()
+        return (try? state.encoded()) ?? []
     }
 }
 
@@ -934,9 +913,10 @@ extension Machine {
                     throw .host(operation: "flush \(disk.path) before the snapshot: \(error)", errno: EIO)
                 }
             }
-            if try !file.writeFront(metadata: state.encoded()) {
+            let metadata = try state.metadata(for: statePath)
+            if try !file.writeFront(metadata: metadata) {
                 // A machine state larger than the room kept for it: the whole file now, paused.
-                try SavedStateFile.write(metadata: state.encoded(), memory: memory, to: statePath)
+                try SavedStateFile.write(metadata: metadata, memory: memory, to: statePath)
                 wroteWholeFile = true
             }
             for entry in switches {

@@ -211,18 +211,11 @@ struct SavedStateTests {
             import struct, sys, zlib
             path = sys.argv[1]
             data = bytearray(open(path, "rb").read())
-            offset = 40
-            def take(fmt):
-                global offset
-                value = struct.unpack_from("<" + fmt, data, offset); offset += struct.calcsize("<" + fmt); return value
-            # The metadata opens with the machine's whole spec; the CPUID section follows it.
-            offset = data.index(b"\\x05\\x00\\x00\\x00cpuid", offset) + 9
-            (entries,) = take("I")
-            for _ in range(entries):
-                function, index, flags, eax, ebx, ecx, edx = struct.unpack_from("<7I", data, offset)
-                if function == 0x80000001:
-                    struct.pack_into("<I", data, offset + 24, edx | (1 << 31))
-                offset += 28
+            # The metadata is a record of named fields: find CPUID leaf 0x80000001's entry, then its edx.
+            entry = data.index(b"\\x08\\x00\\x00\\x00function" + struct.pack("<I", 0x80000001) + b"\\x05\\x00\\x00\\x00index" + struct.pack("<I", 0), 40)
+            edx = data.index(b"\\x03\\x00\\x00\\x00edx", entry) + 7
+            (value,) = struct.unpack_from("<I", data, edx)
+            struct.pack_into("<I", data, edx, value | (1 << 31))
             struct.pack_into("<I", data, len(data) - 16, zlib.crc32(bytes(data[:-16])))
             open(path, "wb").write(data)
             """, statePath])
