@@ -81,7 +81,7 @@ public struct VMManager: Sendable {
         vm.isolation = isolation
         let networks = HostNetworks(library: library)
         do throws(LibraryError) {
-            let networking = try networks.prepare(vm)
+            let networking = try networks.prepare(bundle: vm.bundle, definition: vm.definition)
             var started: StartedVM
             if let incoming {
                 guard let arriving = engine(definition.engine) as? any MigratingEngine else { throw EngineRefusal.noMigration(vm) }

@@ -1,5 +1,4 @@
 import CHostSupport
-import Library
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -386,7 +385,7 @@ public struct HostNetworks: Sendable {
     }
 
     /// Replaces the library's table in one nftables transaction. Call with the store locked.
-    func applyFirewall() throws(LibraryError) {
+    public func applyFirewall() throws(LibraryError) {
         let networks = ((try? store.all()) ?? []).filter(isUp)
         var forwards: [ActiveForward] = []
         for vm in runningVMs() {
@@ -449,9 +448,8 @@ public struct HostNetworks: Sendable {
 
     /// Readies every card of a starting VM (whose lock the caller holds): networks up, addresses
     /// reserved, taps made and plugged in, passt started, forwards in the firewall.
-    public func prepare(_ vm: EngineVM) throws(LibraryError) -> PreparedNetworking {
+    public func prepare(bundle: VMBundle, definition: VMDefinition) throws(LibraryError) -> PreparedNetworking {
         let prepared = PreparedNetworking()
-        let definition = vm.definition
         for forward in definition.networks.flatMap(\.forwards) { try PortForward.checkFree(forward) }
         if let card = definition.networks.first(where: { $0.attachment.isVireoTap }), !Self.mayAdministerNetworks() {
             throw .network(name: card.attachment.networkName ?? card.attachment.description,
@@ -491,7 +489,7 @@ public struct HostNetworks: Sendable {
                 let slot = prepared.adopt(try makeTap(tap, bridge: bridge, network: bridge, vm: definition.name))
                 prepared.append(PreparedCard(mac: card.mac, backend: .tapDescriptor(slot: slot, tap: tap)))
             case .user:
-                let slot = prepared.adopt(try startPasst(vm, card: card, index: index))
+                let slot = prepared.adopt(try startPasst(bundle, card: card, index: index))
                 prepared.append(PreparedCard(mac: card.mac, backend: .streamDescriptor(slot: slot)))
             }
         }
@@ -522,13 +520,13 @@ public struct HostNetworks: Sendable {
 
     /// passt on one end of a socket pair (its log in the VM's directory); the VM gets the other
     /// end. passt quits when the VM's end closes, so it lives exactly as long as the VM.
-    func startPasst(_ vm: EngineVM, card: NetworkAttachment, index: Int) throws(LibraryError) -> Int32 {
+    func startPasst(_ bundle: VMBundle, card: NetworkAttachment, index: Int) throws(LibraryError) -> Int32 {
         guard let passt = Self.tool("passt") else {
             throw .network(name: "user", reason: "--nic user needs passt; install Debian's `passt` package", exitStatus: 2)
         }
         var ends: [Int32] = [-1, -1]
         guard socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0, &ends) == 0 else {
-            throw .io(operation: "socketpair", path: vm.bundle.directory, errno: errno)
+            throw .io(operation: "socketpair", path: bundle.directory, errno: errno)
         }
         defer { close(ends[1]) }
         var arguments = [passt, "--foreground", "--stderr", "--fd", "5"]
@@ -536,7 +534,7 @@ public struct HostNetworks: Sendable {
         let udp = card.forwards.filter { $0.proto == .udp }.map { "\($0.hostPort):\($0.guestPort)" }
         arguments += tcp.isEmpty ? ["-t", "none"] : ["-t", tcp.joined(separator: ",")]
         arguments += udp.isEmpty ? ["-u", "none"] : ["-u", udp.joined(separator: ",")]
-        let logPath = vm.bundle.directory + "/passt\(index).log"
+        let logPath = bundle.directory + "/passt\(index).log"
         let log = open(logPath, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
         guard log >= 0 else {
             close(ends[0])
