@@ -31,7 +31,7 @@ public enum StandaloneDisks {
             size = try DiskImages.open(path: base, format: layer.format, readOnly: true, backing: .fromHeader).virtualSize
         }
         guard let size else {
-            throw .invalidArgument(field: "size", reason: "missing; give a size such as 20G (or a backing image to take it from)")
+            throw .invalidArgument(field: "--size", reason: "missing; give a size such as 20G (or a backing image to take it from)")
         }
         try DiskImages.create(path: request.path, format: request.format, size: size, backing: request.backing,
                               preallocate: request.preallocate, clusterSize: request.clusterSize)

@@ -167,7 +167,7 @@ extension VMLibrary {
                     do throws(DiskImageError) {
                         // The store holds standalone qcow2 disks only (ImageStore.install checks).
                         guard let copy = try DiskImages.open(path: bundle.resolve("disk0.qcow2"), format: .qcow2) as? QCOW2Image else {
-                            throw .invalidArgument(field: "image", reason: "the image's disk is not qcow2")
+                            throw .invalidArgument(field: "--image", reason: "the image's disk is not qcow2")
                         }
                         try copy.resize(to: imageDiskBytes)
                     } catch { throw .disk(error) }
