@@ -23,3 +23,12 @@ extension Snapshottable {
         try applyState(try BinaryRecord.decode(Saved.self, from: record))
     }
 }
+
+/// A component with work of its own (queues served on device threads, timers) that save, live
+/// snapshot and migration stop before they capture state (Cloud Hypervisor's `Pausable`).
+/// `quiesce()` returns once none of that work runs and none starts; `resumeWork()` lets it go on,
+/// catching up with whatever arrived meanwhile. The vCPUs are parked by the machine's PauseGate.
+public protocol Pausable: AnyObject {
+    func quiesce()
+    func resumeWork()
+}

@@ -135,7 +135,7 @@ public enum Fuzz {
             outcome.accepted = true
             // A restored device must also save again: its state is whole.
             outcome.operations = (try? device.savedRecord())?.count ?? 0
-            if let transport = device as? VirtioMMIOTransport { transport.resumeQueues() }
+            if let transport = device as? VirtioMMIOTransport { transport.resumeWork() }
         }
         return outcome
     }

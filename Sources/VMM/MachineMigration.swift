@@ -494,9 +494,9 @@ final class OutgoingMigration {
     private func startTracking() throws(MigrationError) {
         try machine.lifecycle.withLock { (_) throws(MigrationError) in
             let pausedNow = machine.pauseGate.pause { machine.kickAll(machine.threadsLock.withLock { $0 }) }
-            for transport in machine.virtioTransports { transport.quiesce() }
+            machine.quiesceComponents()
             defer {
-                for transport in machine.virtioTransports { transport.resumeQueues() }
+                machine.resumeComponents()
                 if pausedNow { _ = machine.pauseGate.resume() }
             }
             do throws(KVMError) {
@@ -689,7 +689,7 @@ final class OutgoingMigration {
             let userPaused = machine.pauseGate.isPaused
             pausedHere = machine.pauseGate.pause { machine.kickAll(machine.threadsLock.withLock { $0 }) }
             let stoppedAt = VMMClock.now()
-            for transport in machine.virtioTransports { transport.quiesce() }
+            machine.quiesceComponents()
             quiesced = true
             for disk in machine.blockDevices {
                 do throws(DiskImageError) {
@@ -778,7 +778,7 @@ final class OutgoingMigration {
         }
         if outcomeUnknown {
             // Only devices come back: the disks may be open there, and the vCPUs stay parked.
-            for transport in machine.virtioTransports where quiesced { transport.resumeQueues() }
+            if quiesced { machine.resumeComponents() }
             vmmLog("migration to \(options.destination): \(error); the VM may run there, so it stays paused here")
             return .migrationOutcomeUnknown("\(error); the VM may be running on the destination, so it stays paused here with its disks handed over. Check the destination: if the VM runs there, power this copy off (`vireo stop NAME --force`); if not, `vireo resume NAME` here is safe only once nothing else has the disks open")
         }
@@ -812,7 +812,7 @@ final class OutgoingMigration {
                 problems.append("\(entry.path) could not be opened again: \(lastError)")
             }
         }
-        if quiesced { for transport in machine.virtioTransports { transport.resumeQueues() } }
+        if quiesced { machine.resumeComponents() }
         if pausedHere { _ = machine.pauseGate.resume() }
         let what = error == .cancelled ? "migration to \(options.destination) cancelled" : "migration to \(options.destination) failed: \(error)"
         vmmLog(what + (problems.isEmpty ? "; the VM runs on here" : "; problems putting the VM back: " + problems.joined(separator: "; ")))

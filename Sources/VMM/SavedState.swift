@@ -589,6 +589,13 @@ extension Machine {
     }
 
     /// Port devices in the order their states are saved; virtio transports follow.
+    /// The components with work of their own, stopped before a capture and let go after.
+    var pausableComponents: [any Pausable] { virtioTransports }
+
+    func quiesceComponents() { for component in pausableComponents { component.quiesce() } }
+
+    func resumeComponents() { for component in pausableComponents { component.resumeWork() } }
+
     private var portDevices: [any Snapshottable] {
         [serial, keyboardController, rtc] + (acpiRegisters.map { [$0] } ?? [])
     }
@@ -721,7 +728,7 @@ extension Machine {
         }
         // Work the guest queued while the saving VMM was quiesced (a request, a frame) and the
         // vsock transport reset are done now, before the vCPUs run.
-        for transport in virtioTransports { transport.resumeQueues() }
+        resumeComponents()
     }
 
     /// `vireo save`: parks the vCPUs, quiesces the devices, flushes the disks and writes the
@@ -738,11 +745,11 @@ extension Machine {
             }
             let started = VMMClock.now()
             let pausedHere = pauseGate.pause { kickAll(threadsLock.withLock { $0 }) }
-            for transport in virtioTransports { transport.quiesce() }
+            quiesceComponents()
             var saved = false
             defer {
                 if !saved {
-                    for transport in virtioTransports { transport.resumeQueues() }
+                    resumeComponents()
                     if pausedHere { _ = pauseGate.resume() }
                 }
             }
@@ -876,9 +883,9 @@ extension Machine {
         try lifecycle.withLock { (_) throws(VMMError) in
             // Logging starts with the guest and the devices parked: no write in flight escapes it.
             let pausedHere = pauseGate.pause { kickAll(threadsLock.withLock { $0 }) }
-            for transport in virtioTransports { transport.quiesce() }
+            quiesceComponents()
             defer {
-                for transport in virtioTransports { transport.resumeQueues() }
+                resumeComponents()
                 if pausedHere { _ = pauseGate.resume() }
             }
             do throws(KVMError) { try logDirtyPages(true) } catch { throw .kvm(error) }
@@ -898,9 +905,9 @@ extension Machine {
             }
             let started = VMMClock.now()
             let pausedHere = pauseGate.pause { kickAll(threadsLock.withLock { $0 }) }
-            for transport in virtioTransports { transport.quiesce() }
+            quiesceComponents()
             defer {
-                for transport in virtioTransports { transport.resumeQueues() }
+                resumeComponents()
                 if pausedHere { _ = pauseGate.resume() }
             }
             _ = pages.collect()

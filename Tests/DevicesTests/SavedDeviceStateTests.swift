@@ -33,7 +33,7 @@ import Testing
                                            memory: driver.memory, interrupt: PulseCounter())
         try restored.restore(record: state)
         #expect(try Self.saved(restored) == state, "saving the restored device gives other bytes")
-        restored.resumeQueues()
+        restored.resumeWork()
         #expect(driver.usedIndex == 2, "the queued request did not complete after the restore")
         #expect(try disk.readBytes(count: 512, at: 2 * 512) == second)
 

@@ -78,7 +78,7 @@ public enum VirtioFeature {
 
 /// The virtio-mmio transport (virtio 1.x §4.2, "version 2", no legacy interface), as Firecracker
 /// uses it. Linux finds it through `virtio_mmio.device=4K@ADDRESS:IRQ` on the command line.
-public final class VirtioMMIOTransport: MMIODevice, VirtioQueueAccess, Snapshottable {
+public final class VirtioMMIOTransport: MMIODevice, VirtioQueueAccess, Snapshottable, Pausable {
     public static let magic: UInt32 = 0x7472_6976         // "virt"
     public static let vendor: UInt32 = 0x4f52_4956        // "VIRO"
     public static let windowSize: UInt64 = 0x1000
@@ -114,7 +114,7 @@ public final class VirtioMMIOTransport: MMIODevice, VirtioQueueAccess, Snapshott
         /// The last thing that went wrong, for logs and tests.
         var lastError: VirtioError?
         /// While set (a snapshot is being taken) no queue work runs, so nothing touches guest
-        /// memory; notifications that arrive meanwhile are replayed by `resumeQueues()`.
+        /// memory; notifications that arrive meanwhile are replayed by `resumeWork()`.
         var quiesced = false
     }
 
@@ -307,13 +307,13 @@ public final class VirtioMMIOTransport: MMIODevice, VirtioQueueAccess, Snapshott
     // MARK: saved state
 
     /// Stops queue work: once this returns no thread is inside the device's queue work (it runs
-    /// under the same lock) and none starts until `resumeQueues()`.
+    /// under the same lock) and none starts until `resumeWork()`.
     public func quiesce() { state.withLock { $0.quiesced = true } }
 
     /// Ends `quiesce()`: every ready queue is processed once, as if notified, so work that arrived
     /// meanwhile (a notification, a received frame) is not left waiting. Spurious notifications
     /// are harmless to virtio devices.
-    public func resumeQueues() {
+    public func resumeWork() {
         state.withLock { state in
             state.quiesced = false
             for index in state.queues.indices where state.queues[index].ready { process(queue: index, state: &state) }
