@@ -152,9 +152,9 @@ extension APIServer {
                     let forward = try PortForward.parse(body.forward, field: "forward")
                     return try self.manager.changeForward(name, .add(forward, card: body.nic))
                 } catch {
-                    // The library names the CLI's options; this route's fields are these two.
+                    // This route's fields are these two; a card the VM lacks is the library's `nics`.
                     if case let .invalidValue(field, reason) = error {
-                        let name = ["--nic": "nic"][field] ?? "forward"
+                        let name = ["nics": "nic"][field] ?? "forward"
                         throw APIProblem.invalid(name, reason.hasPrefix(field + ": ") ? String(reason.dropFirst(field.count + 2)) : reason)
                     }
                     throw error
