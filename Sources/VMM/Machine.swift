@@ -175,176 +175,50 @@ public final class Machine: @unchecked Sendable {
         self.snapshotDirectory = snapshotDirectory
         self.start = start
         pendingState = resources.stateDescriptor
+        pendingDisks = resources.diskFiles.map { $0 }
         kvm = resources.kvm
         boot = resources.boot
         memory = resources.memory
         console = resources.console
-        // Each disk stands in detached until its files are read (`decodeDisks`).
-        let disks = spec.disks.map { disk in
-            (image: DetachedImage(path: disk.path, format: disk.format, virtualSize: 0, readOnly: disk.readOnly) as any DiskImage, configuration: disk)
-        }
-        pendingDisks = resources.diskFiles.map { $0 }
-        var networkCards: [VirtioNet] = []
-        for (card, backend) in zip(spec.nics, resources.frameBackends) {
-            let mac = card.mac.flatMap(MACAddress.init) ?? MACAddress.random()
-            do {
-                networkCards.append(try VirtioNet(backend: backend, mac: mac, rateLimit: card.rateLimit, offloads: card.offloads))
-            } catch {
-                throw .invalidConfiguration(field: "--net", reason: error.description)
-            }
-        }
-        self.networkCards = networkCards
-        if let socket = spec.vsock, let listener = resources.vsockListener {
-            do {
-                vsock = try VirtioVsock(guestCID: socket.guestCID, socketPath: socket.socketPath, listener: listener)
-            } catch {
-                close(listener)
-                throw .invalidConfiguration(field: "--vsock", reason: error.description)
-            }
-        } else {
-            vsock = nil
-        }
-        balloon = spec.balloon.map { VirtioBalloon(deflateOnOOM: $0.deflateOnOOM, statisticsInterval: $0.statisticsInterval) }
-        stop = try StopController(rebootPolicy: spec.onReboot)
         self.spec = spec
         do { specRecord = try spec.encoded() } catch { throw VMMError(error) }
+        let stop = try StopController(rebootPolicy: spec.onReboot)
+        self.stop = stop
 
-        do {
-            vm = try kvm.createVM()
-            try vm.setTSSAddress(MachineLayout.kvmTSSAddress)
-        } catch {
-            throw .kvm(error)
-        }
+        let devices = try VirtioDevices.create(spec, resources: resources)
+        networkCards = devices.networkCards
+        vsock = devices.vsock
+        balloon = devices.balloon
+        entropy = devices.entropy
 
-        for (slot, region) in memory.regions.enumerated() {
-            do {
-                try vm.setUserMemoryRegion(slot: UInt32(slot), guestPhysicalAddress: region.start.rawValue,
-                                           size: region.size, hostAddress: region.host)
-            } catch {
-                throw .kvm(error)
-            }
-        }
-        // After the memory slots: once an irqchip exists, every slot change waits for KVM to
-        // resynchronise (measured: 5 ms per slot here, against 0.1 ms before it).
-        do {
-            try vm.createInterruptController()
-            try vm.createProgrammableIntervalTimer()
-            let vm = self.vm
-            interruptControllersAtPowerOn = try (0..<3).map { (chip) throws(KVMError) in try vm.interruptControllerState(chip: UInt32(chip)) }
-            timerAtPowerOn = try vm.timerState()
-        } catch {
-            throw .kvm(error)
-        }
+        let platform = try KVMPlatform.create(kvm, memory: memory)
+        vm = platform.vm
+        interruptControllersAtPowerOn = platform.interruptControllersAtPowerOn
+        timerAtPowerOn = platform.timerAtPowerOn
 
         // A restored or arriving guest's RAM comes from the state file or the stream: nothing to load.
         let prepared: PreparedBoot?
-        do {
-            prepared = start == .boot ? try boot.load(into: memory) : nil
-        } catch {
-            throw .boot(error)
-        }
-
-        var vcpus: [VCPU] = []
-        var powerOnStates: [VCPUPowerOnState] = []
-        let supported: [CPUIDEntry]
-        do {
-            supported = try kvm.supportedCPUID()
-        } catch {
-            throw .kvm(error)
-        }
-        supportedCPUID = supported
-        // A restored or arriving guest gets the CPU it ran on once its state is read (`useCPUID`).
-        cpuidBasis = try spec.parsedCPUModel().apply(to: supported)
-        do {
-            let hasExtendedControl = kvm.extensionValue(VIREO_KVM_CAP_XCRS) > 0
-            for index in 0..<boot.cpus {
-                let vcpu = try vm.createVCPU(id: UInt32(index))
-                try vcpu.configureCommon(cpuid: CPUIDTemplate.entries(for: index, of: boot.cpus, supported: cpuidBasis))
-                powerOnStates.append(try VCPUPowerOnState(capturing: vcpu, hasExtendedControl: hasExtendedControl))
-                // Application processors wait in the in-kernel LAPIC for the guest's INIT/SIPI.
-                if index == 0, let prepared { try vcpu.configureEntry(prepared.cpuState) }
-                vcpus.append(vcpu)
-            }
-        } catch {
-            throw .kvm(error)
-        }
-        self.vcpus = vcpus
-        vcpuPowerOnStates = powerOnStates
+        do { prepared = start == .boot ? try boot.load(into: memory) : nil } catch { throw .boot(error) }
+        let built = try BuiltVCPUs.create(spec, kvm: kvm, vm: vm, cpus: boot.cpus, entry: prepared)
+        vcpus = built.vcpus
+        vcpuPowerOnStates = built.powerOnStates
+        supportedCPUID = built.supportedCPUID
+        cpuidBasis = built.cpuidBasis
         exitCounts = (0..<boot.cpus).map { _ in ExitCounter() }
         throttleTicks = (0..<boot.cpus).map { _ in ExitCounter() }
         pauseGate = PauseGate(vcpuCount: boot.cpus)
 
-        var entropy: VirtioEntropy?
-        if spec.entropyDevice {
-            do { entropy = try VirtioEntropy() } catch { throw .invalidConfiguration(field: "--rng", reason: error.description) }
-        }
-        self.entropy = entropy
-        let stop = self.stop
-        serial = Serial8250(output: console.output, interrupt: KVMInterruptLine(vm: vm, line: Serial8250.defaultInterrupt))
-        // Queue notifications through ioeventfd and interrupts through irqfd: the guest's
-        // notification does not leave the kernel, and device work runs on the dispatcher's thread.
-        let useEventFDs = getenv("VIREO_NO_IOEVENTFD") == nil
-        let dispatcher = NotificationDispatcher()
-        self.dispatcher = dispatcher
-        keyboardController = I8042(interrupt: KVMInterruptLine(vm: vm, line: I8042.defaultInterrupt)) { stop.requestReset("guest reset the machine through the i8042 (0xFE)") }
-        if boot.platform.usesACPI {
-            acpiRegisters = ACPIRegisters(
-                eventInterrupt: KVMInterruptLine(vm: vm, line: ACPIPlatform.eventInterrupt),
-                softOffSleepType: ACPIPlatform.softOffSleepType, resetValue: ACPIPlatform.resetValue,
-                powerOff: { stop.request(.guestPowerOff) }, reset: { stop.requestReset("guest reset the machine through the ACPI reset register") },
-                unsupportedSleep: { type in vmmLog("guest asked for sleep state S\(type), which this machine does not offer (only S5); ignored") })
-        } else {
-            acpiRegisters = nil
-        }
-        var ports = PortIOBus()
-        var mmio = MMIOBus()
-        let rtc = RTC()
-        var blockDevices: [(path: String, device: VirtioBlock)] = []
-        var transports: [VirtioMMIOTransport] = []
-        do {
-            try ports.register(serial, name: "serial 8250 (COM1)", base: UInt64(Serial8250.defaultBase), length: 8)
-            try ports.register(keyboardController, name: "i8042", base: UInt64(I8042.dataPort), length: 5)
-            if let acpiRegisters {
-                try ports.register(acpiRegisters, name: "ACPI registers", base: UInt64(ACPIPlatform.sleepControlPort), length: ACPIPlatform.portCount)
-            }
-            try ports.register(rtc, name: "CMOS RTC", base: UInt64(RTC.basePort), length: 2)
-            try mmio.register(BootMarker {
-                let elapsed = VMMClock.elapsedNanoseconds
-                vmmLog("guest boot marker reached \(elapsed / 1000) us (\(elapsed / 1_000_000) ms) after VMM start")
-            }, name: "boot marker", base: MachineLayout.bootMarkerAddress, length: 0x1000)
-            // Slot order: disks, network cards, vsock, balloon, entropy (MachineSpec.guestCommandLine agrees).
-            var virtio: [(device: any VirtioDevice, name: String)] = []
-            for disk in disks {
-                let block = VirtioBlock(disk: disk.image, readOnly: disk.configuration.readOnly, serial: disk.configuration.serial,
-                                        rateLimit: disk.configuration.rateLimit)
-                blockDevices.append((disk.configuration.path, block))
-                virtio.append((block, "virtio-blk \(disk.configuration.path)"))
-            }
-            virtio += networkCards.map { ($0, "virtio-net \($0.backend.name)") }
-            if let vsock { virtio.append((vsock, "virtio-vsock")) }
-            if let balloon { virtio.append((balloon, "virtio-balloon")) }
-            if let entropy { virtio.append((entropy, "virtio-rng")) }
-            for (index, entry) in virtio.enumerated() {
-                guard let slot = MachineLayout.virtioSlot(index) else { break }
-                let interrupt: any InterruptLine
-                if useEventFDs, let line = try? IRQFDInterruptLine(vm: vm, line: slot.interrupt) {
-                    interrupt = line
-                } else {
-                    interrupt = KVMInterruptLine(vm: vm, line: slot.interrupt)
-                }
-                let transport = VirtioMMIOTransport(device: entry.device, memory: memory, interrupt: interrupt)
-                try mmio.register(transport, name: entry.name, base: slot.address, length: VirtioMMIOTransport.windowSize)
-                transports.append(transport)
-                if useEventFDs { dispatcher.attach(transport, notifyAddress: slot.address + VirtioMMIOTransport.queueNotifyOffset, vm: vm) }
-            }
-        } catch {
-            throw .bus(error)
-        }
-        portBus = ports
-        mmioBus = mmio
-        self.blockDevices = blockDevices
-        virtioTransports = transports
-        self.rtc = rtc
+        let buses = try DeviceBuses.create(spec, vm: vm, memory: memory, console: console, usesACPI: boot.platform.usesACPI,
+                                           stop: stop, devices: devices)
+        portBus = buses.portBus
+        mmioBus = buses.mmioBus
+        serial = buses.serial
+        keyboardController = buses.keyboardController
+        rtc = buses.rtc
+        acpiRegisters = buses.acpiRegisters
+        blockDevices = buses.blockDevices
+        virtioTransports = buses.transports
+        dispatcher = buses.dispatcher
     }
 
     deinit { if pendingState >= 0 { close(pendingState) } }
