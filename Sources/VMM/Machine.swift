@@ -58,37 +58,43 @@ public final class Machine: @unchecked Sendable {
     /// SCHED_FIFO priority of the vCPU threads (`--rt-priority`).
     var realTimePriority: Int32? { spec.realTimePriority }
     let kvm: KVMSystem
-    let vm: VirtualMachine
     let memory: GuestMemory
-    let vcpus: [VCPU]
-    let portBus: PortIOBus
-    let mmioBus: MMIOBus
-    let serial: Serial8250
-    let keyboardController: I8042
-    let rtc: RTC
-    /// The ACPI platform's registers (sleep, reset, GED events); nil when the machine has no ACPI.
-    let acpiRegisters: ACPIRegisters?
-    let virtioTransports: [VirtioMMIOTransport]
     let console: Console
+    /// What the build made (MachineBuild.swift): the KVM VM and its interrupt controllers, the
+    /// vCPUs, the virtio devices, and every device on its bus.
+    let platform: KVMPlatform
+    let processors: BuiltVCPUs
+    let virtioDevices: VirtioDevices
+    let buses: DeviceBuses
+    var vm: VirtualMachine { platform.vm }
+    var vcpus: [VCPU] { processors.vcpus }
+    var portBus: PortIOBus { buses.portBus }
+    var mmioBus: MMIOBus { buses.mmioBus }
+    var serial: Serial8250 { buses.serial }
+    var keyboardController: I8042 { buses.keyboardController }
+    var rtc: RTC { buses.rtc }
+    /// The ACPI platform's registers (sleep, reset, GED events); nil when the machine has no ACPI.
+    var acpiRegisters: ACPIRegisters? { buses.acpiRegisters }
+    var virtioTransports: [VirtioMMIOTransport] { buses.transports }
     let stop: StopController
     let pauseGate: PauseGate
     /// Exits handled per vCPU, for benchmarks and `info`.
     let exitCounts: [ExitCounter]
-    let blockDevices: [(path: String, device: VirtioBlock)]
-    let networkCards: [VirtioNet]
-    let vsock: VirtioVsock?
-    let balloon: VirtioBalloon?
-    let entropy: VirtioEntropy?
-    let dispatcher: NotificationDispatcher
+    var blockDevices: [(path: String, device: VirtioBlock)] { buses.blockDevices }
+    var networkCards: [VirtioNet] { virtioDevices.networkCards }
+    var vsock: VirtioVsock? { virtioDevices.vsock }
+    var balloon: VirtioBalloon? { virtioDevices.balloon }
+    var entropy: VirtioEntropy? { virtioDevices.entropy }
+    var dispatcher: NotificationDispatcher { buses.dispatcher }
     /// Set once a graceful shutdown was asked for; the guest decides when it happens.
     let shutdownRequested = Atomic<Bool>(false)
     /// Boots of this machine in this process: 1, plus one per reboot in place.
     let boots = Atomic<Int>(1)
     /// What a reboot in place puts back: each vCPU's and the interrupt controllers' and PIT's
     /// state as built, before the guest first ran.
-    private let vcpuPowerOnStates: [VCPUPowerOnState]
-    private let interruptControllersAtPowerOn: [kvm_irqchip]
-    private let timerAtPowerOn: kvm_pit_state2
+    private var vcpuPowerOnStates: [VCPUPowerOnState] { processors.powerOnStates }
+    private var interruptControllersAtPowerOn: [kvm_irqchip] { platform.interruptControllersAtPowerOn }
+    private var timerAtPowerOn: kvm_pit_state2 { platform.timerAtPowerOn }
     /// Serialises pause, resume, reboot and save, which all park and release the vCPUs.
     let lifecycle = Mutex<Void>(())
     /// Set once `save()` has written the state: the machine stays parked until it stops.
@@ -106,7 +112,7 @@ public final class Machine: @unchecked Sendable {
     /// arrived state's), saved with the machine's state. Set before any vCPU runs.
     var cpuidBasis: [CPUIDEntry]
     /// What KVM offers on this host, which a saved or arriving guest's CPU must fit in.
-    let supportedCPUID: [CPUIDEntry]
+    var supportedCPUID: [CPUIDEntry] { processors.supportedCPUID }
     /// Each disk's files, opened before the jail and read after it (`decodeDisks`): a VM's
     /// writable images are its own uid's to write, so their bytes are read only once confined.
     private var pendingDisks: [DiskFiles?]
@@ -186,39 +192,18 @@ public final class Machine: @unchecked Sendable {
         self.stop = stop
 
         let devices = try VirtioDevices.create(spec, resources: resources)
-        networkCards = devices.networkCards
-        vsock = devices.vsock
-        balloon = devices.balloon
-        entropy = devices.entropy
-
-        let platform = try KVMPlatform.create(kvm, memory: memory)
-        vm = platform.vm
-        interruptControllersAtPowerOn = platform.interruptControllersAtPowerOn
-        timerAtPowerOn = platform.timerAtPowerOn
-
+        virtioDevices = devices
+        platform = try KVMPlatform.create(kvm, memory: memory)
         // A restored or arriving guest's RAM comes from the state file or the stream: nothing to load.
         let prepared: PreparedBoot?
         do { prepared = start == .boot ? try boot.load(into: memory) : nil } catch { throw .boot(error) }
-        let built = try BuiltVCPUs.create(spec, kvm: kvm, vm: vm, cpus: boot.cpus, entry: prepared)
-        vcpus = built.vcpus
-        vcpuPowerOnStates = built.powerOnStates
-        supportedCPUID = built.supportedCPUID
-        cpuidBasis = built.cpuidBasis
+        processors = try BuiltVCPUs.create(spec, kvm: kvm, vm: platform.vm, cpus: boot.cpus, entry: prepared)
+        cpuidBasis = processors.cpuidBasis
         exitCounts = (0..<boot.cpus).map { _ in ExitCounter() }
         throttleTicks = (0..<boot.cpus).map { _ in ExitCounter() }
         pauseGate = PauseGate(vcpuCount: boot.cpus)
-
-        let buses = try DeviceBuses.create(spec, vm: vm, memory: memory, console: console, usesACPI: boot.platform.usesACPI,
-                                           stop: stop, devices: devices)
-        portBus = buses.portBus
-        mmioBus = buses.mmioBus
-        serial = buses.serial
-        keyboardController = buses.keyboardController
-        rtc = buses.rtc
-        acpiRegisters = buses.acpiRegisters
-        blockDevices = buses.blockDevices
-        virtioTransports = buses.transports
-        dispatcher = buses.dispatcher
+        buses = try DeviceBuses.create(spec, vm: platform.vm, memory: memory, console: console, usesACPI: boot.platform.usesACPI,
+                                       stop: stop, devices: devices)
     }
 
     deinit { if pendingState >= 0 { close(pendingState) } }
