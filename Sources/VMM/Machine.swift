@@ -93,8 +93,6 @@ public final class Machine: @unchecked Sendable {
     /// What a reboot in place puts back: each vCPU's and the interrupt controllers' and PIT's
     /// state as built, before the guest first ran.
     private var vcpuPowerOnStates: [VCPUPowerOnState] { processors.powerOnStates }
-    private var interruptControllersAtPowerOn: [kvm_irqchip] { platform.interruptControllersAtPowerOn }
-    private var timerAtPowerOn: kvm_pit_state2 { platform.timerAtPowerOn }
     /// Serialises pause, resume, reboot and save, which all park and release the vCPUs.
     let lifecycle = Mutex<Void>(())
     /// Set once `save()` has written the state: the machine stays parked until it stops.
@@ -511,8 +509,7 @@ public final class Machine: @unchecked Sendable {
                 throw .memory(error)
             }
             do throws(KVMError) {
-                for chip in interruptControllersAtPowerOn { try vm.setInterruptControllerState(chip) }
-                try vm.setTimerState(timerAtPowerOn)
+                try InterruptControllerSet(vm: vm).applyState(platform.interruptControllersAtPowerOn)
                 for (index, vcpu) in vcpus.enumerated() { try vcpuPowerOnStates[index].restore(to: vcpu) }
             } catch {
                 throw .kvm(error)

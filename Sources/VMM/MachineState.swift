@@ -91,6 +91,67 @@ struct KVMStruct<Value>: Codable {
     }
 }
 
+/// A part of the machine whose state KVM holds (each vCPU; the interrupt controllers with the
+/// PIT). Like a device's `Snapshottable`, its state is a Codable value captured and applied, but
+/// through KVM's calls, which can fail; the machine sequences them (the interrupt controllers
+/// before the vCPUs, whose LAPICs they serve), since KVM takes state back only in such an order.
+protocol KVMSnapshottable {
+    associatedtype Saved: Codable
+    func captureState() throws(KVMError) -> Saved
+    func applyState(_ saved: Saved) throws(KVMError)
+}
+
+/// The in-kernel interrupt controllers (the two PICs and the IOAPIC) and the PIT.
+struct InterruptControllerSet: KVMSnapshottable {
+    let vm: VirtualMachine
+
+    struct Saved: Codable {
+        var chips: [KVMStruct<kvm_irqchip>]
+        var timer: KVMStruct<kvm_pit_state2>
+
+        /// Three chips, each in its place.
+        func check() throws(StateError) {
+            guard chips.count == 3 else {
+                throw .invalid(field: "interruptControllers.chips", reason: "\(chips.count), where the machine has 3 (two PICs and the IOAPIC)")
+            }
+            for (chip, state) in chips.enumerated() where state.value.chip_id != UInt32(chip) {
+                throw .invalid(field: "interruptControllers.chips[\(chip)]", reason: "it says it is chip \(state.value.chip_id)")
+            }
+        }
+    }
+
+    func captureState() throws(KVMError) -> Saved {
+        let vm = self.vm
+        let chips = try (0..<3).map { (chip) throws(KVMError) in KVMStruct(try vm.interruptControllerState(chip: UInt32(chip))) }
+        return Saved(chips: chips, timer: KVMStruct(try vm.timerState()))
+    }
+
+    func applyState(_ saved: Saved) throws(KVMError) {
+        for chip in saved.chips { try vm.setInterruptControllerState(chip.value) }
+        try vm.setTimerState(saved.timer.value)
+    }
+}
+
+/// One vCPU, with what capturing needs of the host (the MSRs KVM saves, whether it has XCRs) and
+/// the TSC frequency a restore sets first when it differs from this host's (0: leave it).
+struct VCPUComponent: KVMSnapshottable {
+    let vcpu: VCPU
+    var msrIndices: [UInt32] = []
+    var hasExtendedControl = false
+    var tscKilohertz: UInt32 = 0
+
+    func captureState() throws(KVMError) -> VCPUSavedState {
+        try VCPUSavedState(capturing: vcpu, msrIndices: msrIndices, hasExtendedControl: hasExtendedControl)
+    }
+
+    func applyState(_ saved: VCPUSavedState) throws(KVMError) {
+        if tscKilohertz != 0, let current = try? vcpu.tscKilohertz(), current != tscKilohertz {
+            try vcpu.setTSCKilohertz(tscKilohertz)
+        }
+        try saved.restore(to: vcpu)
+    }
+}
+
 /// One vCPU's complete x86 state, in the order KVM takes it back (the anchors document it: the
 /// special registers before the LAPIC, whose base they hold; MSRs after the LAPIC, TSC before
 /// the TSC deadline; events last, since setting the rest may clear them).
@@ -230,8 +291,7 @@ struct SavedMachineState: Codable {
     /// wall time that passed, so the guest's clock is right and its monotonic time never goes back.
     var clockNanoseconds: UInt64
     var savedAtRealtimeNanoseconds: UInt64
-    var interruptControllers: [KVMStruct<kvm_irqchip>]
-    var timer: KVMStruct<kvm_pit_state2>
+    var interruptControllers: InterruptControllerSet.Saved
     var vcpus: [VCPUSavedState]
     /// Each component's record (`Snapshottable`), in the machine's order: serial, i8042, RTC,
     /// ACPI (when present), then every virtio transport.
@@ -242,19 +302,18 @@ struct SavedMachineState: Codable {
 
     /// Everything but `machine`, which is its record decoded.
     enum CodingKeys: String, CodingKey {
-        case machineRecord, cpuid, tscKilohertz, clockNanoseconds, savedAtRealtimeNanoseconds, interruptControllers, timer, vcpus, devices
+        case machineRecord, cpuid, tscKilohertz, clockNanoseconds, savedAtRealtimeNanoseconds, interruptControllers, vcpus, devices
     }
 
     init(machine: MachineSpec, machineRecord: [UInt8], cpuid: [CPUIDEntry], tscKilohertz: UInt32, clockNanoseconds: UInt64, savedAtRealtimeNanoseconds: UInt64,
-         interruptControllers: [kvm_irqchip], timer: kvm_pit_state2, vcpus: [VCPUSavedState], devices: [[UInt8]]) {
+         interruptControllers: InterruptControllerSet.Saved, vcpus: [VCPUSavedState], devices: [[UInt8]]) {
         self.machine = machine
         self.machineRecord = machineRecord
         self.cpuid = cpuid
         self.tscKilohertz = tscKilohertz
         self.clockNanoseconds = clockNanoseconds
         self.savedAtRealtimeNanoseconds = savedAtRealtimeNanoseconds
-        self.interruptControllers = interruptControllers.map { KVMStruct($0) }
-        self.timer = KVMStruct(timer)
+        self.interruptControllers = interruptControllers
         self.vcpus = vcpus
         self.devices = devices
     }
@@ -267,8 +326,7 @@ struct SavedMachineState: Codable {
         tscKilohertz = try container.decode(UInt32.self, forKey: .tscKilohertz)
         clockNanoseconds = try container.decode(UInt64.self, forKey: .clockNanoseconds)
         savedAtRealtimeNanoseconds = try container.decode(UInt64.self, forKey: .savedAtRealtimeNanoseconds)
-        interruptControllers = try container.decode([KVMStruct<kvm_irqchip>].self, forKey: .interruptControllers)
-        timer = try container.decode(KVMStruct<kvm_pit_state2>.self, forKey: .timer)
+        interruptControllers = try container.decode(InterruptControllerSet.Saved.self, forKey: .interruptControllers)
         vcpus = try container.decode([VCPUSavedState].self, forKey: .vcpus)
         devices = try container.decode([[UInt8]].self, forKey: .devices)
     }
@@ -285,12 +343,7 @@ struct SavedMachineState: Codable {
     init(decoding bytes: [UInt8]) throws(StateError) {
         self = try BinaryRecord.decode(SavedMachineState.self, from: bytes)
         try Self.check(cpuid: cpuid)
-        guard interruptControllers.count == 3 else {
-            throw .invalid(field: "interruptControllers", reason: "\(interruptControllers.count), where the machine has 3 (two PICs and the IOAPIC)")
-        }
-        for (chip, state) in interruptControllers.enumerated() where state.value.chip_id != UInt32(chip) {
-            throw .invalid(field: "interruptControllers[\(chip)]", reason: "it says it is chip \(state.value.chip_id)")
-        }
+        try interruptControllers.check()
         guard vcpus.count == machine.cpus else {
             throw .invalid(field: "vcpus", reason: "\(vcpus.count) vCPU states for a machine of \(machine.cpus) vCPUs")
         }
@@ -334,7 +387,8 @@ public enum SavedStateInspection {
             machine: sampleMachine(), machineRecord: (try? sampleMachine().encoded()) ?? [],
             cpuid: [CPUIDEntry(function: 1, index: 0, flags: 0, eax: 0x800f11, ebx: 0, ecx: 0x7ed8320b, edx: 0x178bfbff)],
             tscKilohertz: 2_445_406, clockNanoseconds: 1_000_000, savedAtRealtimeNanoseconds: 1_700_000_000_000_000_000,
-            interruptControllers: controllers, timer: kvm_pit_state2(), vcpus: [vcpu, vcpu], devices: [[1, 2, 3], [], [4]])
+            interruptControllers: InterruptControllerSet.Saved(chips: controllers.map { KVMStruct($0) }, timer: KVMStruct(kvm_pit_state2())),
+            vcpus: [vcpu, vcpu], devices: [[1, 2, 3], [], [4]])
         return (try? state.encoded()) ?? []
     }
 }

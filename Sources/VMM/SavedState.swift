@@ -66,18 +66,18 @@ extension Machine {
         do throws(KVMError) {
             let msrIndices = try kvm.savedMSRIndices()
             let hasExtendedControl = kvm.extensionValue(VIREO_KVM_CAP_XCRS) > 0
-            let vm = self.vm
-            let interruptControllers = try (0..<3).map { (chip) throws(KVMError) in try vm.interruptControllerState(chip: UInt32(chip)) }
-            let timer = try vm.timerState()
+            let interruptControllers = try InterruptControllerSet(vm: vm).captureState()
             var vcpuStates: [VCPUSavedState] = []
-            for vcpu in vcpus { vcpuStates.append(try VCPUSavedState(capturing: vcpu, msrIndices: msrIndices, hasExtendedControl: hasExtendedControl)) }
+            for vcpu in vcpus {
+                vcpuStates.append(try VCPUComponent(vcpu: vcpu, msrIndices: msrIndices, hasExtendedControl: hasExtendedControl).captureState())
+            }
             let tscKilohertz = kvm.extensionValue(VIREO_KVM_CAP_GET_TSC_KHZ) > 0 ? (try? vcpus[0].tscKilohertz()) ?? 0 : 0
             var realtime = timespec()
             clock_gettime(CLOCK_REALTIME, &realtime)
             return SavedMachineState(
                 machine: spec, machineRecord: specRecord, cpuid: cpuidBasis, tscKilohertz: tscKilohertz, clockNanoseconds: try vm.clock().clock,
                 savedAtRealtimeNanoseconds: UInt64(realtime.tv_sec) * 1_000_000_000 + UInt64(realtime.tv_nsec),
-                interruptControllers: interruptControllers, timer: timer, vcpus: vcpuStates, devices: devices)
+                interruptControllers: interruptControllers, vcpus: vcpuStates, devices: devices)
         } catch {
             throw .kvm(error)
         }
@@ -113,14 +113,10 @@ extension Machine {
             throw .state("\(saved.devices.count) device states where this machine has \(expectedDevices) devices")
         }
         do throws(KVMError) {
-            for chip in saved.interruptControllers { try vm.setInterruptControllerState(chip.value) }
-            try vm.setTimerState(saved.timer.value)
+            try InterruptControllerSet(vm: vm).applyState(saved.interruptControllers)
+            let scalesTSC = kvm.extensionValue(VIREO_KVM_CAP_TSC_CONTROL) > 0
             for (index, vcpu) in vcpus.enumerated() {
-                if saved.tscKilohertz != 0, kvm.extensionValue(VIREO_KVM_CAP_TSC_CONTROL) > 0,
-                   let current = try? vcpu.tscKilohertz(), current != saved.tscKilohertz {
-                    try vcpu.setTSCKilohertz(saved.tscKilohertz)
-                }
-                try saved.vcpus[index].restore(to: vcpu)
+                try VCPUComponent(vcpu: vcpu, tscKilohertz: scalesTSC ? saved.tscKilohertz : 0).applyState(saved.vcpus[index])
             }
         } catch {
             throw .state("KVM refused the saved CPU state: \(error)")
