@@ -100,6 +100,11 @@ import Glibc
             ("a raw disk on a chain", { $0.disks = [DiskAttachment(path: "d.raw", format: .raw, backing: [BackingLayer(path: "/b.raw", format: .raw)])] },
              ["--disk", "/d.raw,backing=raw:/b.raw"]),
             ("an unknown reboot policy", { $0.onReboot = "reset" }, ["--on-reboot", "reset"]),
+            // The memory-backing rules were the library's alone until they moved into MachineRules.
+            ("RAM that is no whole number of huge pages", { $0.memoryBytes = 65 << 20; $0.memoryBacking.hugePages = "2M" },
+             ["--memory", "65M", "--memory-backing", "hugepages=2M"]),
+            ("KSM on shared pages", { $0.memoryBacking.file = "memfd"; $0.memoryBacking.shared = true; $0.memoryBacking.mergeable = true },
+             ["--memory-backing", "memfd,shared", "--ksm"]),
         ]
         for (what, change, arguments) in cases {
             let library = libraryReason(change)
