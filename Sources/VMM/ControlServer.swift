@@ -190,6 +190,11 @@ final class ControlServer: @unchecked Sendable {
         return object
     }
 
+    /// Another change of the machine's state (save, live snapshot, reboot, migration) is under way.
+    static func busy(_ vmName: String) -> JSONObject {
+        failure("busy", "\(vmName) is being saved, snapshotted, rebooted or migrated; try again in a moment")
+    }
+
     static func failure(_ code: String, _ message: String) -> JSONObject {
         var object = JSONObject()
         object.add("ok", false)
@@ -267,12 +272,20 @@ final class ControlServer: @unchecked Sendable {
             return object
         case "pause":
             if machine.isStopping { return Self.failure("stopping", "\(vmName) is stopping; there is nothing to pause") }
-            guard machine.pause() else { return Self.failure("paused", "\(vmName) is already paused; resume it with `resume`") }
+            switch machine.pause() {
+            case .changed: break
+            case .unchanged: return Self.failure("paused", "\(vmName) is already paused; resume it with `resume`")
+            case .busy: return Self.busy(vmName)
+            }
             var object = Self.success()
             object.add("state", state)
             return object
         case "resume":
-            guard machine.resume() else { return Self.failure("not-paused", "\(vmName) is \(state), not paused; there is nothing to resume") }
+            switch machine.resume() {
+            case .changed: break
+            case .unchanged: return Self.failure("not-paused", "\(vmName) is \(state), not paused; there is nothing to resume")
+            case .busy: return Self.busy(vmName)
+            }
             var object = Self.success()
             object.add("state", state)
             return object

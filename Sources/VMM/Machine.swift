@@ -440,15 +440,25 @@ public final class Machine: @unchecked Sendable {
     public var isShuttingDown: Bool { shutdownRequested.load(ordering: .relaxed) }
     public var uptimeNanoseconds: UInt64 { VMMClock.now() - startedNanoseconds }
 
-    /// Stops every vCPU between instructions; returns once none runs. False if already paused.
-    public func pause() -> Bool {
-        lifecycle.withLock { _ in pauseGate.pause { kickAll(threadsLock.withLock { $0 }) } }
+    /// What a pause or resume request came to.
+    public enum PauseChange: Sendable {
+        case changed
+        /// Already paused (for a pause), or not paused or already saved (for a resume).
+        case unchanged
+        /// A save, live snapshot, reboot or migration switch-over holds the machine: the request
+        /// is answered at once, to be tried again, rather than left waiting behind it.
+        case busy
     }
 
-    /// False if it was not paused, or if its state has been saved (it stops in a moment, and
+    /// Stops every vCPU between instructions; returns once none runs.
+    public func pause() -> PauseChange {
+        lifecycle.withLockIfAvailable { _ in pauseGate.pause { kickAll(threadsLock.withLock { $0 }) } ? .changed : .unchanged } ?? .busy
+    }
+
+    /// Unchanged if it was not paused, or if its state has been saved (it stops in a moment, and
     /// must not run on past the state on disk).
-    public func resume() -> Bool {
-        lifecycle.withLock { _ in stateWritten.load(ordering: .acquiring) ? false : pauseGate.resume() }
+    public func resume() -> PauseChange {
+        lifecycle.withLockIfAvailable { _ in !stateWritten.load(ordering: .acquiring) && pauseGate.resume() ? .changed : .unchanged } ?? .busy
     }
 
     public var bootCount: Int { boots.load(ordering: .relaxed) }

@@ -18,6 +18,15 @@ public enum BootError: Error, CustomStringConvertible, Sendable, Equatable {
     case acpiTablesTooLarge(size: UInt64, limit: UInt64)
     case memory(GuestMemoryError)
 
+    /// The description without the flag it begins with (`--kernel: `), for callers that name
+    /// the field themselves (the library names it by its JSON key).
+    public var reason: String {
+        let text = Array(description)
+        guard text.starts(with: ["-", "-"]),
+              let colon = text.indices.first(where: { text[$0] == ":" && $0 + 1 < text.count && text[$0 + 1] == " " }) else { return description }
+        return String(text[(colon + 2)...])
+    }
+
     public var description: String {
         switch self {
         case let .unreadable(field, path, code):

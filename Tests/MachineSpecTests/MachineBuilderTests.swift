@@ -63,6 +63,20 @@ import Glibc
         #expect(machine.blockDevices[0].device.disk.virtualSize == 1 << 20)
     }
 
+    /// A pause or resume that arrives while a save, snapshot, reboot or migration switch-over
+    /// holds the machine is answered at once as busy, not left waiting behind it (a control
+    /// client gives up after 10 s, which the API reported as a server error).
+    @Test func pauseAndResumeAreBusyWhileTheMachineIsHeld() throws {
+        let files = try Files()
+        let machine = try Machine.boot(files.spec)
+        machine.lifecycle.withLock { _ in
+            #expect(machine.pause() == .busy)
+            #expect(machine.resume() == .busy)
+        }
+        // Free again: a resume of a VM that is not paused is answered as such.
+        #expect(machine.resume() == .unchanged)
+    }
+
     @Test func receiveAndRestoreLeaveRAMToTheirSource() throws {
         let files = try Files()
         do {

@@ -297,6 +297,8 @@ public struct KVMEngine: MigratingEngine {
             return .wrongState(name: name, state: "being migrated", action: action, hint: "wait for the migration to finish, or cancel it (Ctrl-C in `vireo migrate`)")
         case "stopping":
             return .wrongState(name: name, state: "stopping", action: action, hint: "wait for it to stop, then `vireo start \(name)`")
+        case "busy":
+            return .wrongState(name: name, state: "busy with a save, snapshot, reboot or migration", action: action, hint: "try again in a moment")
         default:
             return .control(name: name, code: code, message: message)
         }

@@ -249,31 +249,44 @@ public struct VMManager: Sendable {
     // MARK: running VMs
 
     public func pause(_ name: String) throws(LibraryError) {
-        let (vm, engine) = try running(name, action: "pause")
-        try engine.pause(vm)
+        try onRunning(name, action: "pause") { (vm, engine) throws(LibraryError) in try engine.pause(vm) }
     }
 
     public func resume(_ name: String) throws(LibraryError) {
-        let (vm, engine) = try running(name, action: "resume")
-        try engine.resume(vm)
+        try onRunning(name, action: "resume") { (vm, engine) throws(LibraryError) in try engine.resume(vm) }
     }
 
     public func reset(_ name: String) throws(LibraryError) {
-        let (vm, engine) = try running(name, action: "reset")
-        try engine.reset(vm)
+        try onRunning(name, action: "reset") { (vm, engine) throws(LibraryError) in try engine.reset(vm) }
     }
 
     public func setBalloon(_ name: String, bytes: UInt64) throws(LibraryError) {
-        let (vm, engine) = try running(name, action: "set the balloon of")
-        guard bytes <= vm.definition.memoryBytes else {
-            throw .invalidValue(field: "SIZE", reason: "\(bytes >> 20) MiB is more than VM '\(name)' has (\(vm.definition.memoryBytes >> 20) MiB)")
+        try onRunning(name, action: "set the balloon of") { (vm, engine) throws(LibraryError) in
+            guard bytes <= vm.definition.memoryBytes else {
+                throw .invalidValue(field: "SIZE", reason: "\(bytes >> 20) MiB is more than VM '\(name)' has (\(vm.definition.memoryBytes >> 20) MiB)")
+            }
+            try engine.setBalloon(vm, bytes: bytes)
         }
-        try engine.setBalloon(vm, bytes: bytes)
     }
 
     public func counters(_ name: String) throws(LibraryError) -> VMCounters {
-        let (vm, engine) = try running(name, action: "read the counters of")
-        return try engine.counters(vm)
+        try onRunning(name, action: "read the counters of") { (vm, engine) throws(LibraryError) in try engine.counters(vm) }
+    }
+
+    /// A request to a running VM's process. When it fails on the way (the process closed the
+    /// connection or did not answer) and the VM has stopped meanwhile — the guest powered off as
+    /// the request arrived — the answer is the VM's state, a conflict like any other, not a
+    /// failure of the host.
+    func onRunning<Result>(_ name: String, action: String,
+                           _ body: (EngineVM, any Engine) throws(LibraryError) -> Result) throws(LibraryError) -> Result {
+        let (vm, engine) = try running(name, action: action)
+        do {
+            return try body(vm, engine)
+        } catch {
+            guard case .engine = error, Self.waitUntilStopped(vm.bundle, seconds: 2) else { throw error }
+            throw .wrongState(name: name, state: library.status(of: vm.bundle).state.rawValue, action: action,
+                              hint: "it stopped while the request was on its way (see `vireo list`)")
+        }
     }
 
     public func openConsole(_ name: String) throws(LibraryError) -> ConsoleStream {

@@ -157,7 +157,7 @@ extension VMLibrary {
 
     public static func validate(kernel: String) throws(LibraryError) {
         do { _ = try KernelImage.load(path: HostFiles.absolute(kernel)) } catch {
-            throw .invalidValue(field: "kernel", reason: error.description)
+            throw .invalidValue(field: "kernel", reason: error.reason)
         }
     }
 
