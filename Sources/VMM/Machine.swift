@@ -53,8 +53,6 @@ public final class Machine: @unchecked Sendable {
     /// What the machine was built from; a save or a migration carries it, for the other side to
     /// check its own against.
     let spec: MachineSpec
-    /// The spec's binary form, as saved states and migration streams carry it.
-    let specRecord: [UInt8]
     /// SCHED_FIFO priority of the vCPU threads (`--rt-priority`).
     var realTimePriority: Int32? { spec.realTimePriority }
     let kvm: KVMSystem
@@ -185,7 +183,6 @@ public final class Machine: @unchecked Sendable {
         memory = resources.memory
         console = resources.console
         self.spec = spec
-        do { specRecord = try spec.encoded() } catch { throw VMMError(error) }
         let stop = try StopController(rebootPolicy: spec.onReboot)
         self.stop = stop
 
@@ -205,6 +202,12 @@ public final class Machine: @unchecked Sendable {
     }
 
     deinit { if pendingState >= 0 { close(pendingState) } }
+
+    /// The spec's binary form, as saved states and migration streams carry it: made when one is
+    /// written, not at every start, which would pay for Codable's machinery in time and memory.
+    func specRecord() throws(StateError) -> [UInt8] {
+        do throws(MachineSpecError) { return try spec.encoded() } catch { throw .invalid(field: "machine spec", reason: error.reason) }
+    }
 
     /// Reads what the machine's own files and its arrival hold, once the VMM is confined (or at
     /// once, for a VMM that is not): the disks' headers and tables, then the saved state or the

@@ -427,10 +427,14 @@ final class OutgoingMigration {
 
     func run(progress: (MigrationProgress) -> Void) throws(MigrationError) -> MigrationOutcome {
         let disks = machine.blockDevices.map(\.device)
-        let announce = ArrivingMachine(machine: machine.spec, machineRecord: machine.specRecord, cpuid: machine.cpuidBasis, copiesDisks: options.copyDisks,
-                                       diskSizes: disks.map { $0.disk.virtualSize })
         let description: [UInt8]
-        do throws(StateError) { description = try announce.encoded() } catch { throw .refused("describing the machine: \(error)") }
+        do throws(StateError) {
+            let announce = ArrivingMachine(machine: machine.spec, machineRecord: try machine.specRecord(), cpuid: machine.cpuidBasis,
+                                           copiesDisks: options.copyDisks, diskSizes: disks.map { $0.disk.virtualSize })
+            description = try announce.encoded()
+        } catch {
+            throw .refused("describing the machine: \(error)")
+        }
         try channel.send(.machine, description)
         try startTracking()
         defer { stopThrottle() }

@@ -54,6 +54,8 @@ extension Machine {
     /// Everything but RAM, with every vCPU parked and every transport quiesced: KVM's state,
     /// then each component's record, in the machine's order.
     func captureState() throws(CaptureError) -> SavedMachineState {
+        let machineRecord: [UInt8]
+        do throws(StateError) { machineRecord = try specRecord() } catch { throw .state(error.description) }
         var devices: [[UInt8]] = []
         let components: [any Snapshottable] = portDevices + virtioTransports
         for (index, component) in components.enumerated() {
@@ -75,7 +77,7 @@ extension Machine {
             var realtime = timespec()
             clock_gettime(CLOCK_REALTIME, &realtime)
             return SavedMachineState(
-                machine: spec, machineRecord: specRecord, cpuid: cpuidBasis, tscKilohertz: tscKilohertz, clockNanoseconds: try vm.clock().clock,
+                machine: spec, machineRecord: machineRecord, cpuid: cpuidBasis, tscKilohertz: tscKilohertz, clockNanoseconds: try vm.clock().clock,
                 savedAtRealtimeNanoseconds: UInt64(realtime.tv_sec) * 1_000_000_000 + UInt64(realtime.tv_nsec),
                 interruptControllers: interruptControllers, vcpus: vcpuStates, devices: devices)
         } catch {
