@@ -558,6 +558,9 @@ public final class Machine: @unchecked Sendable {
         }
         let vcpu = vcpus[index]
         let counter = exitCounts[index]
+        // The buses once, not through the build's value at every exit.
+        let ports = portBus
+        let mmio = mmioBus
         defer {
             pauseGate.vcpuExited()
             if getenv("VIREO_DUMP_REGISTERS") != nil, let regs = try? vcpu.registers() {
@@ -587,11 +590,11 @@ public final class Machine: @unchecked Sendable {
             switch exit {
             case let .portIO(port, isWrite, size, count, data):
                 for item in 0..<count {
-                    portBus.access(port: port, isWrite: isWrite,
+                    ports.access(port: port, isWrite: isWrite,
                                    data: UnsafeMutableRawBufferPointer(start: data + item * size, count: size))
                 }
             case let .mmio(address, isWrite, length, data):
-                mmioBus.access(address: address, isWrite: isWrite,
+                mmio.access(address: address, isWrite: isWrite,
                                data: UnsafeMutableRawBufferPointer(start: data, count: min(length, 8)))
             case .halt, .interrupted:
                 continue

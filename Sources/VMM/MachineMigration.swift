@@ -54,35 +54,18 @@ public struct MigrationOutcome: Sendable {
 /// What a migration source announces first (`machine`): enough for the destination to build the
 /// same machine and to refuse early, before any memory crosses.
 struct ArrivingMachine: Codable {
-    /// The spec of the machine the source runs: its record as sent, and what it decodes to.
-    var machineRecord: [UInt8]
-    var machine: MachineSpec
+    /// The spec of the machine the source runs.
+    var machine: CarriedSpec
     var cpuid: [CPUIDEntry]
     var copiesDisks: Bool
     var diskSizes: [UInt64]
 
     static let diskLimit = 64
 
-    /// Everything but `machine`, which is its record decoded.
-    enum CodingKeys: String, CodingKey { case machineRecord, cpuid, copiesDisks, diskSizes }
+}
 
-    init(machine: MachineSpec, machineRecord: [UInt8], cpuid: [CPUIDEntry], copiesDisks: Bool, diskSizes: [UInt64]) {
-        self.machine = machine
-        self.machineRecord = machineRecord
-        self.cpuid = cpuid
-        self.copiesDisks = copiesDisks
-        self.diskSizes = diskSizes
-    }
-
-    init(from decoder: any Decoder) throws {
-        let container = try decoder.container(keyedBy: CodingKeys.self)
-        machineRecord = try container.decode([UInt8].self, forKey: .machineRecord)
-        machine = try MachineSpec.carried(machineRecord)
-        cpuid = try container.decode([CPUIDEntry].self, forKey: .cpuid)
-        copiesDisks = try container.decode(Bool.self, forKey: .copiesDisks)
-        diskSizes = try container.decode([UInt64].self, forKey: .diskSizes)
-    }
-
+// Outside the declaration, so the memberwise initializer stays.
+extension ArrivingMachine {
     func encoded() throws(StateError) -> [UInt8] { try BinaryRecord.encode(self) }
 
     init(receivingFrom channel: MigrationChannel) throws(MigrationError) {
@@ -194,7 +177,7 @@ public enum MigrationInspection {
     /// A well-formed stream: machine, a run of pages, zero pages, disk data and zeroes, state, end.
     public static func sampleStream() -> [UInt8] {
         let sample = SavedStateInspection.sampleMachine()
-        let machine = ArrivingMachine(machine: sample, machineRecord: (try? sample.encoded()) ?? [], cpuid: [CPUIDEntry(function: 1, index: 0, flags: 0, eax: 0x800f11, ebx: 0, ecx: 0, edx: 0)],
+        let machine = ArrivingMachine(machine: CarriedSpec(spec: sample, record: (try? sample.encoded()) ?? []), cpuid: [CPUIDEntry(function: 1, index: 0, flags: 0, eax: 0x800f11, ebx: 0, ecx: 0, edx: 0)],
                                       copiesDisks: true, diskSizes: [1 << 20])
         var stream = MigrationWire.encodeFrame(.machine, (try? machine.encoded()) ?? [])
         var pages: [UInt8] = []
@@ -429,7 +412,7 @@ final class OutgoingMigration {
         let disks = machine.blockDevices.map(\.device)
         let description: [UInt8]
         do throws(StateError) {
-            let announce = ArrivingMachine(machine: machine.spec, machineRecord: try machine.specRecord(), cpuid: machine.cpuidBasis,
+            let announce = ArrivingMachine(machine: CarriedSpec(spec: machine.spec, record: try machine.specRecord()), cpuid: machine.cpuidBasis,
                                            copiesDisks: options.copyDisks, diskSizes: disks.map { $0.disk.virtualSize })
             description = try announce.encoded()
         } catch {
@@ -838,7 +821,7 @@ extension Machine {
     /// then (shared disks) the images the source has let go of. Every message is checked; any
     /// failure is told to the source, which then runs on.
     func receiveMigration(_ arriving: ArrivingMachine, from channel: MigrationChannel) throws(VMMError) {
-        if let mismatch = shape.mismatch(saved: MachineShape(arriving.machine)) { throw .migration(mismatch) }
+        if let mismatch = shape.mismatch(saved: MachineShape(arriving.machine.spec)) { throw .migration(mismatch) }
         // A source that goes silent for a minute is gone; its VM runs on there.
         var timeout = timeval(tv_sec: 60, tv_usec: 0)
         setsockopt(channel.fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
@@ -889,7 +872,7 @@ extension Machine {
         }
         guard let arrivedState else { throw .migration("no state arrived") }
         let switchStarted = VMMClock.now()
-        if MachineShape(arrivedState.state.machine) != MachineShape(arriving.machine) { throw .migration("the state's machine differs from the one announced") }
+        if MachineShape(arrivedState.state.machine.spec) != MachineShape(arriving.machine.spec) { throw .migration("the state's machine differs from the one announced") }
         if !arriving.copiesDisks {
             guard arrivedState.flags & ArrivalFlags.disksReleased != 0 else { throw .migration("the source did not hand its disks over") }
             for (index, disk) in blockDevices.enumerated() {

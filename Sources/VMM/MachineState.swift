@@ -62,6 +62,26 @@ extension MachineSpec {
     }
 }
 
+/// The spec a saved state or a migration stream carries: its record as written (a byte string
+/// inside the enclosing record) and what that decodes to under every machine rule. Kept as it
+/// came, so a state written again carries the same bytes.
+struct CarriedSpec: Codable {
+    let record: [UInt8]
+    let spec: MachineSpec
+
+    init(spec: MachineSpec, record: [UInt8]) { self.spec = spec; self.record = record }
+
+    func encode(to encoder: any Encoder) throws {
+        var container = encoder.singleValueContainer()
+        try container.encode(record)
+    }
+
+    init(from decoder: any Decoder) throws {
+        record = try decoder.singleValueContainer().decode([UInt8].self)
+        spec = try MachineSpec.carried(record)
+    }
+}
+
 /// A KVM structure in a record: its bytes, with the size this host's headers give it, so a host
 /// whose headers disagree refuses it instead of misreading it.
 struct KVMStruct<Value>: Codable {
@@ -280,10 +300,8 @@ enum CPUIDCompatibility {
 /// Everything but guest RAM: decoded from a file before the machine is built (its shape and
 /// CPUID decide how it is built), applied after.
 struct SavedMachineState: Codable {
-    /// The spec of the machine that was saved: its binary form as written, and what it decodes
-    /// to (under every machine rule) once read.
-    var machineRecord: [UInt8]
-    var machine: MachineSpec
+    /// The spec of the machine that was saved.
+    var machine: CarriedSpec
     /// KVM's supported CPUID on the saving host, from which each vCPU's was made.
     var cpuid: [CPUIDEntry]
     var tscKilohertz: UInt32
@@ -300,37 +318,10 @@ struct SavedMachineState: Codable {
     static let cpuidLimit = 512
     static let deviceLimit = 128
 
-    /// Everything but `machine`, which is its record decoded.
-    enum CodingKeys: String, CodingKey {
-        case machineRecord, cpuid, tscKilohertz, clockNanoseconds, savedAtRealtimeNanoseconds, interruptControllers, vcpus, devices
-    }
+}
 
-    init(machine: MachineSpec, machineRecord: [UInt8], cpuid: [CPUIDEntry], tscKilohertz: UInt32, clockNanoseconds: UInt64, savedAtRealtimeNanoseconds: UInt64,
-         interruptControllers: InterruptControllerSet.Saved, vcpus: [VCPUSavedState], devices: [[UInt8]]) {
-        self.machine = machine
-        self.machineRecord = machineRecord
-        self.cpuid = cpuid
-        self.tscKilohertz = tscKilohertz
-        self.clockNanoseconds = clockNanoseconds
-        self.savedAtRealtimeNanoseconds = savedAtRealtimeNanoseconds
-        self.interruptControllers = interruptControllers
-        self.vcpus = vcpus
-        self.devices = devices
-    }
-
-    init(from decoder: any Decoder) throws {
-        let container = try decoder.container(keyedBy: CodingKeys.self)
-        machineRecord = try container.decode([UInt8].self, forKey: .machineRecord)
-        machine = try MachineSpec.carried(machineRecord)
-        cpuid = try container.decode([CPUIDEntry].self, forKey: .cpuid)
-        tscKilohertz = try container.decode(UInt32.self, forKey: .tscKilohertz)
-        clockNanoseconds = try container.decode(UInt64.self, forKey: .clockNanoseconds)
-        savedAtRealtimeNanoseconds = try container.decode(UInt64.self, forKey: .savedAtRealtimeNanoseconds)
-        interruptControllers = try container.decode(InterruptControllerSet.Saved.self, forKey: .interruptControllers)
-        vcpus = try container.decode([VCPUSavedState].self, forKey: .vcpus)
-        devices = try container.decode([[UInt8]].self, forKey: .devices)
-    }
-
+// Outside the declaration, so the memberwise initializer stays.
+extension SavedMachineState {
     func encoded() throws(StateError) -> [UInt8] { try BinaryRecord.encode(self) }
 
     /// The record as a state file's metadata; a state that has no binary form is that file's error.
@@ -344,8 +335,8 @@ struct SavedMachineState: Codable {
         self = try BinaryRecord.decode(SavedMachineState.self, from: bytes)
         try Self.check(cpuid: cpuid)
         try interruptControllers.check()
-        guard vcpus.count == machine.cpus else {
-            throw .invalid(field: "vcpus", reason: "\(vcpus.count) vCPU states for a machine of \(machine.cpus) vCPUs")
+        guard vcpus.count == machine.spec.cpus else {
+            throw .invalid(field: "vcpus", reason: "\(vcpus.count) vCPU states for a machine of \(machine.spec.cpus) vCPUs")
         }
         for (index, vcpu) in vcpus.enumerated() { try vcpu.check(vcpu: index) }
         guard devices.count <= Self.deviceLimit else { throw .invalid(field: "devices", reason: "\(devices.count), more than \(Self.deviceLimit)") }
@@ -384,7 +375,7 @@ public enum SavedStateInspection {
         }
         let vcpu = VCPUSavedState(zeroedWith: [VCPUSavedState.MSR(index: 0x10, value: 12345), VCPUSavedState.MSR(index: 0x6e0, value: 0)])
         let state = SavedMachineState(
-            machine: sampleMachine(), machineRecord: (try? sampleMachine().encoded()) ?? [],
+            machine: CarriedSpec(spec: sampleMachine(), record: (try? sampleMachine().encoded()) ?? []),
             cpuid: [CPUIDEntry(function: 1, index: 0, flags: 0, eax: 0x800f11, ebx: 0, ecx: 0x7ed8320b, edx: 0x178bfbff)],
             tscKilohertz: 2_445_406, clockNanoseconds: 1_000_000, savedAtRealtimeNanoseconds: 1_700_000_000_000_000_000,
             interruptControllers: InterruptControllerSet.Saved(chips: controllers.map { KVMStruct($0) }, timer: KVMStruct(kvm_pit_state2())),

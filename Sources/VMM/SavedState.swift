@@ -77,7 +77,7 @@ extension Machine {
             var realtime = timespec()
             clock_gettime(CLOCK_REALTIME, &realtime)
             return SavedMachineState(
-                machine: spec, machineRecord: machineRecord, cpuid: cpuidBasis, tscKilohertz: tscKilohertz, clockNanoseconds: try vm.clock().clock,
+                machine: CarriedSpec(spec: spec, record: machineRecord), cpuid: cpuidBasis, tscKilohertz: tscKilohertz, clockNanoseconds: try vm.clock().clock,
                 savedAtRealtimeNanoseconds: UInt64(realtime.tv_sec) * 1_000_000_000 + UInt64(realtime.tv_nsec),
                 interruptControllers: interruptControllers, vcpus: vcpuStates, devices: devices)
         } catch {
@@ -89,7 +89,7 @@ extension Machine {
     /// against the file's checksum first), the interrupt controllers and PIT, each vCPU, each
     /// device, and last kvmclock, set ahead by the wall time the VM spent saved.
     func restore(_ saved: SavedMachineState, memoryFrom file: borrowing SavedStateFile.Opened) throws(VMMError) {
-        if let mismatch = shape.mismatch(saved: MachineShape(saved.machine)) { throw .savedState(path: file.path, reason: mismatch) }
+        if let mismatch = shape.mismatch(saved: MachineShape(saved.machine.spec)) { throw .savedState(path: file.path, reason: mismatch) }
         try file.readMemoryAndVerify(into: memory)
         do throws(StateApplicationError) {
             try applyState(saved)

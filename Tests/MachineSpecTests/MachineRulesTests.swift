@@ -146,10 +146,10 @@ import Glibc
     /// A saved state's metadata names the spec's field that broke a rule.
     @Test func aSavedStateWithAnImpossibleMachineIsRefusedNamingTheField() throws {
         var state = try SavedMachineState(decoding: SavedStateInspection.sampleMetadata())
-        #expect(state.machine == SavedStateInspection.sampleMachine())
-        var spec = state.machine
+        #expect(state.machine.spec == SavedStateInspection.sampleMachine())
+        var spec = state.machine.spec
         spec.cpus = 0
-        state.machineRecord = try spec.encoded()
+        state.machine = CarriedSpec(spec: spec, record: try spec.encoded())
         #expect(throws: StateError.invalid(field: "machine spec cpus", reason: "0 is not allowed; use 1 to \(MachineLimits.maximumCPUs)")) {
             _ = try SavedMachineState(decoding: state.encoded())
         }
