@@ -15,17 +15,16 @@ public enum BinaryRecord {
     public static let stringLimit = 64 << 10
 
     public static func encode<T: Encodable>(_ value: T) throws(StateError) -> [UInt8] {
-        let root = EncodingNode()
+        let writer = RecordWriter()
         do {
-            try value.encode(to: RecordEncoder(node: root, codingPath: []))
+            try writer.encodeValue(value, depth: 0, place: Place(nil))
         } catch let error as StateError {
             throw error
         } catch {
             throw StateError.invalid(field: "record", reason: "\(error)")
         }
-        var bytes: [UInt8] = []
-        root.write(into: &bytes)
-        return bytes
+        if let failure = writer.failure { throw failure }
+        return writer.bytes
     }
 
     /// Decodes a whole record: bytes left over are refused.
@@ -33,7 +32,7 @@ public enum BinaryRecord {
         let cursor = Cursor(bytes)
         let value: T
         do {
-            value = try T(from: RecordDecoder(cursor: cursor, codingPath: []))
+            value = try T(from: RecordDecoder(cursor: cursor, path: nil))
         } catch let error as StateError {
             throw error
         } catch let error as DecodingError {
@@ -69,33 +68,135 @@ public enum BinaryRecord {
     }
 }
 
-// MARK: encoding
+// MARK: places
 
-/// What has been encoded, kept as a tree until the end so each list and keyed value can be
-/// written with its count in front.
-final class EncodingNode {
-    enum Content {
-        case empty
-        case scalar([UInt8])
-        case keyed([(String, EncodingNode)])
-        case unkeyed([EncodingNode])
+/// Where a value sits in the record, as a chain of keys to its root. Links are made only for
+/// values that contain others; a scalar's place is its container's link and its own key, kept
+/// apart until an error (mostly) asks for the path, so writing and reading a field allocates
+/// nothing for its name.
+final class PathLink {
+    let key: any CodingKey
+    let parent: PathLink?
+
+    init(_ key: any CodingKey, parent: PathLink?) {
+        self.key = key
+        self.parent = parent
     }
-    var content = Content.empty
 
-    func write(into bytes: inout [UInt8]) {
-        switch content {
-        case .empty: break
-        case let .scalar(value): bytes += value
-        case let .keyed(fields):
-            appendLittleEndian(UInt32(fields.count), to: &bytes)
-            for (name, node) in fields {
-                appendString(name, to: &bytes)
-                node.write(into: &bytes)
-            }
-        case let .unkeyed(elements):
-            appendLittleEndian(UInt32(elements.count), to: &bytes)
-            for element in elements { element.write(into: &bytes) }
+    static func codingPath(_ link: PathLink?) -> [any CodingKey] {
+        var keys: [any CodingKey] = []
+        var link = link
+        while let current = link {
+            keys.append(current.key)
+            link = current.parent
         }
+        return keys.reversed()
+    }
+}
+
+/// A value's place: its container's link and its own key (none for a container's own place).
+struct Place: CustomStringConvertible {
+    let parent: PathLink?
+    let key: (any CodingKey)?
+
+    init(_ parent: PathLink?, _ key: (any CodingKey)? = nil) {
+        self.parent = parent
+        self.key = key
+    }
+
+    var codingPath: [any CodingKey] { PathLink.codingPath(parent) + (key.map { [$0] } ?? []) }
+    var description: String { BinaryRecord.path(codingPath) }
+    /// The link for values inside this one.
+    var link: PathLink? { key.map { PathLink($0, parent: parent) } ?? parent }
+}
+
+struct IndexKey: CodingKey {
+    var intValue: Int?
+    var stringValue: String { "[\(intValue ?? 0)]" }
+    init(intValue: Int) { self.intValue = intValue }
+    init?(stringValue: String) { nil }
+}
+
+// MARK: scalars
+
+/// A value the record writes as bytes of its own rather than as a container: integers
+/// (little-endian at their width, `Int`/`UInt` as 64 bits), `Bool` (one byte, 0 or 1), floating
+/// point (its bit pattern), `String` (UTF-8 length, then bytes) and byte strings (count, then
+/// bytes: what a list of UInt8 writes, at once).
+protocol RecordScalar {
+    func write(into bytes: inout [UInt8])
+    static func read(_ cursor: Cursor, _ place: Place) throws(StateError) -> Self
+}
+
+extension RecordScalar where Self: FixedWidthInteger {
+    func write(into bytes: inout [UInt8]) { appendLittleEndian(self, to: &bytes) }
+    static func read(_ cursor: Cursor, _ place: Place) throws(StateError) -> Self { try cursor.integer(Self.self, place) }
+}
+
+extension Int8: RecordScalar {}
+extension Int16: RecordScalar {}
+extension Int32: RecordScalar {}
+extension Int64: RecordScalar {}
+extension UInt8: RecordScalar {}
+extension UInt16: RecordScalar {}
+extension UInt32: RecordScalar {}
+extension UInt64: RecordScalar {}
+
+extension Int: RecordScalar {
+    func write(into bytes: inout [UInt8]) { appendLittleEndian(Int64(self), to: &bytes) }
+    static func read(_ cursor: Cursor, _ place: Place) throws(StateError) -> Int {
+        let value = try cursor.integer(Int64.self, place)
+        guard let fitted = Int(exactly: value) else { throw .invalid(field: place.description, reason: "\(value) does not fit") }
+        return fitted
+    }
+}
+
+extension UInt: RecordScalar {
+    func write(into bytes: inout [UInt8]) { appendLittleEndian(UInt64(self), to: &bytes) }
+    static func read(_ cursor: Cursor, _ place: Place) throws(StateError) -> UInt {
+        let value = try cursor.integer(UInt64.self, place)
+        guard let fitted = UInt(exactly: value) else { throw .invalid(field: place.description, reason: "\(value) does not fit") }
+        return fitted
+    }
+}
+
+extension Bool: RecordScalar {
+    func write(into bytes: inout [UInt8]) { bytes.append(self ? 1 : 0) }
+    static func read(_ cursor: Cursor, _ place: Place) throws(StateError) -> Bool {
+        switch try cursor.integer(UInt8.self, place) {
+        case 0: return false
+        case 1: return true
+        case let other: throw .invalid(field: place.description, reason: "\(other) is not a boolean (0 or 1)")
+        }
+    }
+}
+
+extension Double: RecordScalar {
+    func write(into bytes: inout [UInt8]) { appendLittleEndian(bitPattern, to: &bytes) }
+    static func read(_ cursor: Cursor, _ place: Place) throws(StateError) -> Double { Double(bitPattern: try cursor.integer(UInt64.self, place)) }
+}
+
+extension Float: RecordScalar {
+    func write(into bytes: inout [UInt8]) { appendLittleEndian(bitPattern, to: &bytes) }
+    static func read(_ cursor: Cursor, _ place: Place) throws(StateError) -> Float { Float(bitPattern: try cursor.integer(UInt32.self, place)) }
+}
+
+extension String: RecordScalar {
+    func write(into bytes: inout [UInt8]) { appendString(self, to: &bytes) }
+    static func read(_ cursor: Cursor, _ place: Place) throws(StateError) -> String { try cursor.string(place) }
+}
+
+// KVM structures and nested records are byte strings: written and read whole, not byte by byte.
+extension Array: RecordScalar where Element == UInt8 {
+    func write(into bytes: inout [UInt8]) {
+        appendLittleEndian(UInt32(count), to: &bytes)
+        bytes += self
+    }
+
+    static func read(_ cursor: Cursor, _ place: Place) throws(StateError) -> [UInt8] {
+        let count = try cursor.count(place, minimumSize: 1)
+        defer { cursor.offset += count }
+        return Array(cursor.bytes[cursor.offset..<cursor.offset + count])
     }
 }
 
@@ -108,80 +209,132 @@ func appendString(_ text: String, to bytes: inout [UInt8]) {
     bytes += text.utf8
 }
 
+// MARK: encoding
+
+/// The record being written, in one pass: a container writes its count (zero) where it begins
+/// and counts up in place as items follow. Codable writes depth first, so writing an item to a
+/// container closes every container opened inside it before; writing to a container already
+/// closed (containers used out of order) is refused rather than misplaced.
+final class RecordWriter {
+    var bytes: [UInt8] = []
+    /// Where each open container's count is, outermost first.
+    var open: [Int] = []
+    /// Misuse found where Codable gives no way to throw (opening a container).
+    var failure: StateError?
+
+    init() { bytes.reserveCapacity(4096) }
+
+    func encodeValue<T: Encodable>(_ value: T, depth: Int, place: Place) throws {
+        if let scalar = value as? any RecordScalar {
+            scalar.write(into: &bytes)
+        } else {
+            try value.encode(to: RecordEncoder(writer: self, depth: depth, path: place.link))
+        }
+    }
+
+    /// A container for the value that began at `start`, opened at `depth`, or the one that value
+    /// opened already (a type may ask its encoder twice).
+    func container(at start: Int, depth: Int, place: @autoclosure () -> Place) -> Int {
+        if depth < open.count, open[depth] == start { return start }
+        if bytes.count != start || open.count < depth {
+            failure = failure ?? .invalid(field: place().description, reason: "a value began a container after writing, or out of order")
+        }
+        if open.count > depth { open.removeSubrange(depth...) }
+        open.append(bytes.count)
+        appendLittleEndian(UInt32(0), to: &bytes)
+        return bytes.count - 4
+    }
+
+    /// One more item in the container whose count is at `countAt`, opened at `depth`.
+    func addItem(to countAt: Int, depth: Int, place: @autoclosure () -> Place) throws(StateError) {
+        guard depth < open.count, open[depth] == countAt else {
+            throw .invalid(field: place().description, reason: "written to a container that a later value closed; a record is written in one pass")
+        }
+        if open.count > depth + 1 { open.removeSubrange((depth + 1)...) }
+        bytes.withUnsafeMutableBytes { raw in
+            let count = UInt32(littleEndian: raw.loadUnaligned(fromByteOffset: countAt, as: UInt32.self))
+            raw.storeBytes(of: (count + 1).littleEndian, toByteOffset: countAt, as: UInt32.self)
+        }
+    }
+
+    func itemCount(at countAt: Int) -> Int {
+        Int(bytes.withUnsafeBytes { UInt32(littleEndian: $0.loadUnaligned(fromByteOffset: countAt, as: UInt32.self)) })
+    }
+}
+
 struct RecordEncoder: Encoder {
-    let node: EncodingNode
-    var codingPath: [any CodingKey]
+    let writer: RecordWriter
+    /// How many containers enclose this value.
+    let depth: Int
+    let path: PathLink?
+    /// Where this value's bytes begin.
+    let start: Int
+
+    init(writer: RecordWriter, depth: Int, path: PathLink?) {
+        self.writer = writer
+        self.depth = depth
+        self.path = path
+        start = writer.bytes.count
+    }
+
+    var codingPath: [any CodingKey] { PathLink.codingPath(path) }
     var userInfo: [CodingUserInfoKey: Any] { [:] }
 
     func container<Key: CodingKey>(keyedBy type: Key.Type) -> KeyedEncodingContainer<Key> {
-        if case .empty = node.content { node.content = .keyed([]) }
-        return KeyedEncodingContainer(KeyedRecordEncoder<Key>(node: node, codingPath: codingPath))
+        let countAt = writer.container(at: start, depth: depth, place: Place(path))
+        return KeyedEncodingContainer(KeyedRecordEncoder<Key>(writer: writer, countAt: countAt, depth: depth, path: path))
     }
 
     func unkeyedContainer() -> any UnkeyedEncodingContainer {
-        if case .empty = node.content { node.content = .unkeyed([]) }
-        return UnkeyedRecordEncoder(node: node, codingPath: codingPath)
+        UnkeyedRecordEncoder(writer: writer, countAt: writer.container(at: start, depth: depth, place: Place(path)), depth: depth, path: path)
     }
 
-    func singleValueContainer() -> any SingleValueEncodingContainer { SingleRecordEncoder(node: node, codingPath: codingPath) }
-}
-
-/// Scalars as the record writes them; shared by the three container kinds.
-func scalarBytes<T: Encodable>(_ value: T) -> [UInt8]? {
-    var bytes: [UInt8] = []
-    switch value {
-    case let value as Bool: bytes.append(value ? 1 : 0)
-    case let value as String: appendString(value, to: &bytes)
-    case let value as Int: appendLittleEndian(Int64(value), to: &bytes)
-    case let value as UInt: appendLittleEndian(UInt64(value), to: &bytes)
-    case let value as Int8: appendLittleEndian(value, to: &bytes)
-    case let value as Int16: appendLittleEndian(value, to: &bytes)
-    case let value as Int32: appendLittleEndian(value, to: &bytes)
-    case let value as Int64: appendLittleEndian(value, to: &bytes)
-    case let value as UInt8: bytes.append(value)
-    case let value as UInt16: appendLittleEndian(value, to: &bytes)
-    case let value as UInt32: appendLittleEndian(value, to: &bytes)
-    case let value as UInt64: appendLittleEndian(value, to: &bytes)
-    case let value as Double: appendLittleEndian(value.bitPattern, to: &bytes)
-    case let value as Float: appendLittleEndian(value.bitPattern, to: &bytes)
-    // Byte strings (KVM structures, nested records) at once: the same bytes a list of UInt8 writes.
-    case let value as [UInt8]:
-        appendLittleEndian(UInt32(value.count), to: &bytes)
-        bytes += value
-    default: return nil
-    }
-    return bytes
-}
-
-func encodeValue<T: Encodable>(_ value: T, into node: EncodingNode, path: [any CodingKey]) throws {
-    if let bytes = scalarBytes(value) {
-        node.content = .scalar(bytes)
-    } else {
-        try value.encode(to: RecordEncoder(node: node, codingPath: path))
-    }
+    func singleValueContainer() -> any SingleValueEncodingContainer { SingleRecordEncoder(writer: writer, depth: depth, path: path, start: start) }
 }
 
 struct KeyedRecordEncoder<Key: CodingKey>: KeyedEncodingContainerProtocol {
-    let node: EncodingNode
-    var codingPath: [any CodingKey]
+    let writer: RecordWriter
+    let countAt: Int
+    let depth: Int
+    let path: PathLink?
 
-    private func child(_ key: Key) -> EncodingNode { child(named: key.stringValue) }
+    var codingPath: [any CodingKey] { PathLink.codingPath(path) }
 
-    private func child(named name: String) -> EncodingNode {
-        let child = EncodingNode()
-        guard case var .keyed(fields) = node.content else { return child }
-        fields.append((name, child))
-        node.content = .keyed(fields)
-        return child
+    /// Counts the field and writes its name; its value follows.
+    private func begin(_ key: Key) throws(StateError) {
+        try writer.addItem(to: countAt, depth: depth, place: Place(path, key))
+        appendString(key.stringValue, to: &writer.bytes)
     }
 
     mutating func encodeNil(forKey key: Key) throws {
-        throw StateError.invalid(field: BinaryRecord.path(codingPath + [key]), reason: "an explicit nil has no binary form; leave the field out")
+        throw StateError.invalid(field: Place(path, key).description, reason: "an explicit nil has no binary form; leave the field out")
     }
 
     mutating func encode<T: Encodable>(_ value: T, forKey key: Key) throws {
-        try encodeValue(value, into: child(key), path: codingPath + [key])
+        try begin(key)
+        try writer.encodeValue(value, depth: depth + 1, place: Place(path, key))
     }
+
+    // The standard library's scalars, each written at once: the generic path would look up a
+    // conformance for every field.
+    private func put<S: RecordScalar>(_ value: S, _ key: Key) throws(StateError) {
+        try begin(key)
+        value.write(into: &writer.bytes)
+    }
+    mutating func encode(_ value: Bool, forKey key: Key) throws { try put(value, key) }
+    mutating func encode(_ value: String, forKey key: Key) throws { try put(value, key) }
+    mutating func encode(_ value: Double, forKey key: Key) throws { try put(value, key) }
+    mutating func encode(_ value: Float, forKey key: Key) throws { try put(value, key) }
+    mutating func encode(_ value: Int, forKey key: Key) throws { try put(value, key) }
+    mutating func encode(_ value: Int8, forKey key: Key) throws { try put(value, key) }
+    mutating func encode(_ value: Int16, forKey key: Key) throws { try put(value, key) }
+    mutating func encode(_ value: Int32, forKey key: Key) throws { try put(value, key) }
+    mutating func encode(_ value: Int64, forKey key: Key) throws { try put(value, key) }
+    mutating func encode(_ value: UInt, forKey key: Key) throws { try put(value, key) }
+    mutating func encode(_ value: UInt8, forKey key: Key) throws { try put(value, key) }
+    mutating func encode(_ value: UInt16, forKey key: Key) throws { try put(value, key) }
+    mutating func encode(_ value: UInt32, forKey key: Key) throws { try put(value, key) }
+    mutating func encode(_ value: UInt64, forKey key: Key) throws { try put(value, key) }
 
     // An absent optional is left out; the reader finds its name missing.
     mutating func encodeIfPresent<T: Encodable>(_ value: T?, forKey key: Key) throws {
@@ -189,79 +342,117 @@ struct KeyedRecordEncoder<Key: CodingKey>: KeyedEncodingContainerProtocol {
     }
 
     mutating func nestedContainer<NestedKey: CodingKey>(keyedBy keyType: NestedKey.Type, forKey key: Key) -> KeyedEncodingContainer<NestedKey> {
-        let node = child(key)
-        node.content = .keyed([])
-        return KeyedEncodingContainer(KeyedRecordEncoder<NestedKey>(node: node, codingPath: codingPath + [key]))
+        let place = Place(path, key)
+        do throws(StateError) { try begin(key) } catch { writer.failure = writer.failure ?? error }
+        let countAt = writer.container(at: writer.bytes.count, depth: depth + 1, place: place)
+        return KeyedEncodingContainer(KeyedRecordEncoder<NestedKey>(writer: writer, countAt: countAt, depth: depth + 1, path: place.link))
     }
 
     mutating func nestedUnkeyedContainer(forKey key: Key) -> any UnkeyedEncodingContainer {
-        let node = child(key)
-        node.content = .unkeyed([])
-        return UnkeyedRecordEncoder(node: node, codingPath: codingPath + [key])
+        let place = Place(path, key)
+        do throws(StateError) { try begin(key) } catch { writer.failure = writer.failure ?? error }
+        let countAt = writer.container(at: writer.bytes.count, depth: depth + 1, place: place)
+        return UnkeyedRecordEncoder(writer: writer, countAt: countAt, depth: depth + 1, path: place.link)
     }
 
-    mutating func superEncoder() -> any Encoder { RecordEncoder(node: child(named: "super"), codingPath: codingPath) }
-    mutating func superEncoder(forKey key: Key) -> any Encoder { RecordEncoder(node: child(key), codingPath: codingPath + [key]) }
-}
+    mutating func superEncoder() -> any Encoder { superEncoder(named: "super", key: nil) }
+    mutating func superEncoder(forKey key: Key) -> any Encoder { superEncoder(named: key.stringValue, key: key) }
 
-struct IndexKey: CodingKey {
-    var intValue: Int?
-    var stringValue: String { "[\(intValue ?? 0)]" }
-    init(intValue: Int) { self.intValue = intValue }
-    init?(stringValue: String) { nil }
+    private func superEncoder(named name: String, key: Key?) -> any Encoder {
+        let place = Place(path, key)
+        do throws(StateError) {
+            try writer.addItem(to: countAt, depth: depth, place: place)
+        } catch {
+            writer.failure = writer.failure ?? error
+        }
+        appendString(name, to: &writer.bytes)
+        return RecordEncoder(writer: writer, depth: depth + 1, path: place.link)
+    }
 }
 
 struct UnkeyedRecordEncoder: UnkeyedEncodingContainer {
-    let node: EncodingNode
-    var codingPath: [any CodingKey]
-    var count: Int {
-        guard case let .unkeyed(elements) = node.content else { return 0 }
-        return elements.count
-    }
+    let writer: RecordWriter
+    let countAt: Int
+    let depth: Int
+    let path: PathLink?
 
-    private func next() -> EncodingNode {
-        let child = EncodingNode()
-        guard case var .unkeyed(elements) = node.content else { return child }
-        elements.append(child)
-        node.content = .unkeyed(elements)
-        return child
+    var codingPath: [any CodingKey] { PathLink.codingPath(path) }
+    var count: Int { writer.itemCount(at: countAt) }
+
+    /// Counts the next item, whose place it returns.
+    private func next() throws(StateError) -> Place {
+        let place = Place(path, IndexKey(intValue: count))
+        try writer.addItem(to: countAt, depth: depth, place: place)
+        return place
     }
 
     mutating func encodeNil() throws {
-        throw StateError.invalid(field: BinaryRecord.path(codingPath + [IndexKey(intValue: count)]), reason: "a list of optionals has no binary form")
+        throw StateError.invalid(field: Place(path, IndexKey(intValue: count)).description, reason: "a list of optionals has no binary form")
     }
 
     mutating func encode<T: Encodable>(_ value: T) throws {
-        let path = codingPath + [IndexKey(intValue: count)]
-        try encodeValue(value, into: next(), path: path)
+        try writer.encodeValue(value, depth: depth + 1, place: try next())
     }
 
+    private func put<S: RecordScalar>(_ value: S) throws(StateError) {
+        _ = try next()
+        value.write(into: &writer.bytes)
+    }
+    mutating func encode(_ value: Bool) throws { try put(value) }
+    mutating func encode(_ value: String) throws { try put(value) }
+    mutating func encode(_ value: Double) throws { try put(value) }
+    mutating func encode(_ value: Float) throws { try put(value) }
+    mutating func encode(_ value: Int) throws { try put(value) }
+    mutating func encode(_ value: Int8) throws { try put(value) }
+    mutating func encode(_ value: Int16) throws { try put(value) }
+    mutating func encode(_ value: Int32) throws { try put(value) }
+    mutating func encode(_ value: Int64) throws { try put(value) }
+    mutating func encode(_ value: UInt) throws { try put(value) }
+    mutating func encode(_ value: UInt8) throws { try put(value) }
+    mutating func encode(_ value: UInt16) throws { try put(value) }
+    mutating func encode(_ value: UInt32) throws { try put(value) }
+    mutating func encode(_ value: UInt64) throws { try put(value) }
+
     mutating func nestedContainer<NestedKey: CodingKey>(keyedBy keyType: NestedKey.Type) -> KeyedEncodingContainer<NestedKey> {
-        let path = codingPath + [IndexKey(intValue: count)]
-        let node = next()
-        node.content = .keyed([])
-        return KeyedEncodingContainer(KeyedRecordEncoder<NestedKey>(node: node, codingPath: path))
+        let place = nextOrFailure()
+        let countAt = writer.container(at: writer.bytes.count, depth: depth + 1, place: place)
+        return KeyedEncodingContainer(KeyedRecordEncoder<NestedKey>(writer: writer, countAt: countAt, depth: depth + 1, path: place.link))
     }
 
     mutating func nestedUnkeyedContainer() -> any UnkeyedEncodingContainer {
-        let path = codingPath + [IndexKey(intValue: count)]
-        let node = next()
-        node.content = .unkeyed([])
-        return UnkeyedRecordEncoder(node: node, codingPath: path)
+        let place = nextOrFailure()
+        let countAt = writer.container(at: writer.bytes.count, depth: depth + 1, place: place)
+        return UnkeyedRecordEncoder(writer: writer, countAt: countAt, depth: depth + 1, path: place.link)
     }
 
-    mutating func superEncoder() -> any Encoder { RecordEncoder(node: next(), codingPath: codingPath) }
+    mutating func superEncoder() -> any Encoder { RecordEncoder(writer: writer, depth: depth + 1, path: nextOrFailure().link) }
+
+    private func nextOrFailure() -> Place {
+        do throws(StateError) { return try next() } catch {
+            writer.failure = writer.failure ?? error
+            return Place(path, IndexKey(intValue: count))
+        }
+    }
 }
 
 struct SingleRecordEncoder: SingleValueEncodingContainer {
-    let node: EncodingNode
-    var codingPath: [any CodingKey]
+    let writer: RecordWriter
+    let depth: Int
+    let path: PathLink?
+    let start: Int
+
+    var codingPath: [any CodingKey] { PathLink.codingPath(path) }
 
     mutating func encodeNil() throws {
-        throw StateError.invalid(field: BinaryRecord.path(codingPath), reason: "an optional value on its own has no binary form")
+        throw StateError.invalid(field: Place(path).description, reason: "an optional value on its own has no binary form")
     }
 
-    mutating func encode<T: Encodable>(_ value: T) throws { try encodeValue(value, into: node, path: codingPath) }
+    mutating func encode<T: Encodable>(_ value: T) throws {
+        guard writer.bytes.count == start else {
+            throw StateError.invalid(field: Place(path).description, reason: "a single value written after others")
+        }
+        try writer.encodeValue(value, depth: depth, place: Place(path))
+    }
 }
 
 // MARK: decoding
@@ -274,37 +465,59 @@ final class Cursor {
 
     var remaining: Int { bytes.count - offset }
 
-    func integer<T: FixedWidthInteger>(_ type: T.Type, _ path: [any CodingKey]) throws(StateError) -> T {
+    func integer<T: FixedWidthInteger>(_ type: T.Type, _ place: Place) throws(StateError) -> T {
         let size = MemoryLayout<T>.size
-        guard remaining >= size else { throw .truncated(field: BinaryRecord.path(path)) }
-        var value: T = 0
-        for index in 0..<size { value |= T(truncatingIfNeeded: bytes[offset + index]) << (8 * index) }
+        guard remaining >= size else { throw .truncated(field: place.description) }
+        let value = bytes.withUnsafeBytes { T(littleEndian: $0.loadUnaligned(fromByteOffset: offset, as: T.self)) }
         offset += size
         return value
     }
 
-    func string(_ path: [any CodingKey], peek: Bool = false) throws(StateError) -> String {
-        let start = offset
-        // A peek leaves the cursor where it was, whatever it finds.
-        defer { if peek { offset = start } }
-        let count = Int(try integer(UInt32.self, path))
+    /// The length of the string at the cursor, checked against the limit and the bytes left.
+    private func stringLength(_ place: Place) throws(StateError) -> Int {
+        let count = Int(try integer(UInt32.self, place))
         guard count <= BinaryRecord.stringLimit else {
-            throw .invalid(field: BinaryRecord.path(path), reason: "a string of \(count) bytes, more than the \(BinaryRecord.stringLimit) allowed")
+            throw .invalid(field: place.description, reason: "a string of \(count) bytes, more than the \(BinaryRecord.stringLimit) allowed")
         }
-        guard remaining >= count else { throw .truncated(field: BinaryRecord.path(path)) }
+        guard remaining >= count else { throw .truncated(field: place.description) }
+        return count
+    }
+
+    func string(_ place: Place) throws(StateError) -> String {
+        let count = try stringLength(place)
         guard let text = String(validating: bytes[offset..<offset + count], as: UTF8.self) else {
-            throw .invalid(field: BinaryRecord.path(path), reason: "not UTF-8")
+            throw .invalid(field: place.description, reason: "not UTF-8")
         }
         offset += count
         return text
     }
 
+    /// Reads the string at the cursor when it is `expected`, without making a String of it; a
+    /// different one is left unread. Nil: the string's bytes are not even there.
+    func consume(_ expected: String, _ place: Place) throws(StateError) -> Bool {
+        let start = offset
+        let count = try stringLength(place)
+        var expected = expected
+        let matches = expected.withUTF8 { wanted in
+            wanted.count == count && bytes[offset..<offset + count].elementsEqual(wanted)
+        }
+        offset = matches ? offset + count : start
+        return matches
+    }
+
+    /// Whether the string at the cursor is `expected`; the cursor stays.
+    func peek(_ expected: String, _ place: Place) -> Bool {
+        let start = offset
+        defer { offset = start }
+        return (try? consume(expected, place)) ?? false
+    }
+
     /// A count of things that follow, each at least `minimumSize` bytes: never more than the
     /// bytes left can hold.
-    func count(_ path: [any CodingKey], minimumSize: Int) throws(StateError) -> Int {
-        let count = Int(try integer(UInt32.self, path))
+    func count(_ place: Place, minimumSize: Int) throws(StateError) -> Int {
+        let count = Int(try integer(UInt32.self, place))
         guard count <= remaining / max(minimumSize, 1) else {
-            throw .invalid(field: BinaryRecord.path(path), reason: "says \(count) items, more than the \(remaining) bytes left can hold")
+            throw .invalid(field: place.description, reason: "says \(count) items, more than the \(remaining) bytes left can hold")
         }
         return count
     }
@@ -312,63 +525,37 @@ final class Cursor {
 
 struct RecordDecoder: Decoder {
     let cursor: Cursor
-    var codingPath: [any CodingKey]
+    let path: PathLink?
+
+    var codingPath: [any CodingKey] { PathLink.codingPath(path) }
     var userInfo: [CodingUserInfoKey: Any] { [:] }
 
     func container<Key: CodingKey>(keyedBy type: Key.Type) throws -> KeyedDecodingContainer<Key> {
         // Each field is at least its name's length (4 bytes) and one byte of value.
-        KeyedDecodingContainer(KeyedRecordDecoder<Key>(cursor: cursor, codingPath: codingPath,
-                                                       remainingFields: try cursor.count(codingPath, minimumSize: 5)))
+        KeyedDecodingContainer(KeyedRecordDecoder<Key>(cursor: cursor, path: path,
+                                                       remainingFields: try cursor.count(Place(path), minimumSize: 5)))
     }
 
     func unkeyedContainer() throws -> any UnkeyedDecodingContainer {
-        UnkeyedRecordDecoder(cursor: cursor, codingPath: codingPath, count: try cursor.count(codingPath, minimumSize: 1))
+        UnkeyedRecordDecoder(cursor: cursor, path: path, count: try cursor.count(Place(path), minimumSize: 1))
     }
 
-    func singleValueContainer() throws -> any SingleValueDecodingContainer { SingleRecordDecoder(cursor: cursor, codingPath: codingPath) }
+    func singleValueContainer() throws -> any SingleValueDecodingContainer { SingleRecordDecoder(cursor: cursor, path: path) }
 }
 
-func decodeValue<T: Decodable>(_ type: T.Type, cursor: Cursor, path: [any CodingKey]) throws -> T {
-    let scalar: Any
-    switch type {
-    case is Bool.Type:
-        switch try cursor.integer(UInt8.self, path) {
-        case 0: scalar = false
-        case 1: scalar = true
-        case let other: throw StateError.invalid(field: BinaryRecord.path(path), reason: "\(other) is not a boolean (0 or 1)")
-        }
-    case is String.Type: scalar = try cursor.string(path)
-    case is Int.Type:
-        let value = try cursor.integer(Int64.self, path)
-        guard let fitted = Int(exactly: value) else { throw StateError.invalid(field: BinaryRecord.path(path), reason: "\(value) does not fit") }
-        scalar = fitted
-    case is UInt.Type:
-        let value = try cursor.integer(UInt64.self, path)
-        guard let fitted = UInt(exactly: value) else { throw StateError.invalid(field: BinaryRecord.path(path), reason: "\(value) does not fit") }
-        scalar = fitted
-    case is Int8.Type: scalar = try cursor.integer(Int8.self, path)
-    case is Int16.Type: scalar = try cursor.integer(Int16.self, path)
-    case is Int32.Type: scalar = try cursor.integer(Int32.self, path)
-    case is Int64.Type: scalar = try cursor.integer(Int64.self, path)
-    case is UInt8.Type: scalar = try cursor.integer(UInt8.self, path)
-    case is UInt16.Type: scalar = try cursor.integer(UInt16.self, path)
-    case is UInt32.Type: scalar = try cursor.integer(UInt32.self, path)
-    case is UInt64.Type: scalar = try cursor.integer(UInt64.self, path)
-    case is Double.Type: scalar = Double(bitPattern: try cursor.integer(UInt64.self, path))
-    case is Float.Type: scalar = Float(bitPattern: try cursor.integer(UInt32.self, path))
-    case is [UInt8].Type:
-        let count = try cursor.count(path, minimumSize: 1)
-        scalar = Array(cursor.bytes[cursor.offset..<cursor.offset + count])
-        cursor.offset += count
-    default: return try T(from: RecordDecoder(cursor: cursor, codingPath: path))
+func decodeValue<T: Decodable>(_ type: T.Type, cursor: Cursor, place: Place) throws -> T {
+    guard let scalarType = T.self as? any RecordScalar.Type else {
+        return try T(from: RecordDecoder(cursor: cursor, path: place.link))
     }
-    guard let value = scalar as? T else { throw StateError.invalid(field: BinaryRecord.path(path), reason: "not a \(T.self)") }
+    guard let value = try scalarType.read(cursor, place) as? T else {
+        throw StateError.invalid(field: place.description, reason: "not a \(T.self)")
+    }
     return value
 }
 
 struct KeyedRecordDecoder<Key: CodingKey>: KeyedDecodingContainerProtocol {
     let cursor: Cursor
-    var codingPath: [any CodingKey]
+    let path: PathLink?
     /// Fields of this value not read yet: a field name past them belongs to the enclosing value.
     let remainingFields: Counter
 
@@ -377,29 +564,31 @@ struct KeyedRecordDecoder<Key: CodingKey>: KeyedDecodingContainerProtocol {
         init(_ value: Int) { self.value = value }
     }
 
-    init(cursor: Cursor, codingPath: [any CodingKey], remainingFields: Int) {
+    init(cursor: Cursor, path: PathLink?, remainingFields: Int) {
         self.cursor = cursor
-        self.codingPath = codingPath
+        self.path = path
         self.remainingFields = Counter(remainingFields)
     }
 
-    private func nextName() -> String? {
-        guard remainingFields.value > 0 else { return nil }
-        return try? cursor.string(codingPath, peek: true)
-    }
+    var codingPath: [any CodingKey] { PathLink.codingPath(path) }
 
     /// The key of the value that follows (an enum's case has exactly one).
-    var allKeys: [Key] { nextName().flatMap { Key(stringValue: $0) }.map { [$0] } ?? [] }
+    var allKeys: [Key] {
+        guard remainingFields.value > 0 else { return [] }
+        let start = cursor.offset
+        defer { cursor.offset = start }
+        return (try? cursor.string(Place(path))).flatMap { Key(stringValue: $0) }.map { [$0] } ?? []
+    }
 
-    func contains(_ key: Key) -> Bool { nextName() == key.stringValue }
+    func contains(_ key: Key) -> Bool { remainingFields.value > 0 && cursor.peek(key.stringValue, Place(path, key)) }
 
     /// Consumes the next field's name, which must be `key`'s.
     private func enter(_ key: Key) throws(StateError) {
-        let path = codingPath + [key]
-        guard remainingFields.value > 0 else { throw .invalid(field: BinaryRecord.path(path), reason: "missing") }
-        let name = try cursor.string(path)
-        guard name == key.stringValue else {
-            throw .invalid(field: BinaryRecord.path(path), reason: "found field '\(name.prefix(64))' where '\(key.stringValue)' belongs")
+        let place = Place(path, key)
+        guard remainingFields.value > 0 else { throw .invalid(field: place.description, reason: "missing") }
+        guard try cursor.consume(key.stringValue, place) else {
+            let name = try cursor.string(place)
+            throw .invalid(field: place.description, reason: "found field '\(name.prefix(64))' where '\(key.stringValue)' belongs")
         }
         remainingFields.value -= 1
     }
@@ -408,8 +597,27 @@ struct KeyedRecordDecoder<Key: CodingKey>: KeyedDecodingContainerProtocol {
 
     func decode<T: Decodable>(_ type: T.Type, forKey key: Key) throws -> T {
         try enter(key)
-        return try decodeValue(type, cursor: cursor, path: codingPath + [key])
+        return try decodeValue(type, cursor: cursor, place: Place(path, key))
     }
+
+    private func take<S: RecordScalar>(_ type: S.Type, _ key: Key) throws(StateError) -> S {
+        try enter(key)
+        return try S.read(cursor, Place(path, key))
+    }
+    func decode(_ type: Bool.Type, forKey key: Key) throws -> Bool { try take(type, key) }
+    func decode(_ type: String.Type, forKey key: Key) throws -> String { try take(type, key) }
+    func decode(_ type: Double.Type, forKey key: Key) throws -> Double { try take(type, key) }
+    func decode(_ type: Float.Type, forKey key: Key) throws -> Float { try take(type, key) }
+    func decode(_ type: Int.Type, forKey key: Key) throws -> Int { try take(type, key) }
+    func decode(_ type: Int8.Type, forKey key: Key) throws -> Int8 { try take(type, key) }
+    func decode(_ type: Int16.Type, forKey key: Key) throws -> Int16 { try take(type, key) }
+    func decode(_ type: Int32.Type, forKey key: Key) throws -> Int32 { try take(type, key) }
+    func decode(_ type: Int64.Type, forKey key: Key) throws -> Int64 { try take(type, key) }
+    func decode(_ type: UInt.Type, forKey key: Key) throws -> UInt { try take(type, key) }
+    func decode(_ type: UInt8.Type, forKey key: Key) throws -> UInt8 { try take(type, key) }
+    func decode(_ type: UInt16.Type, forKey key: Key) throws -> UInt16 { try take(type, key) }
+    func decode(_ type: UInt32.Type, forKey key: Key) throws -> UInt32 { try take(type, key) }
+    func decode(_ type: UInt64.Type, forKey key: Key) throws -> UInt64 { try take(type, key) }
 
     func decodeIfPresent<T: Decodable>(_ type: T.Type, forKey key: Key) throws -> T? {
         contains(key) ? try decode(type, forKey: key) : nil
@@ -417,70 +625,94 @@ struct KeyedRecordDecoder<Key: CodingKey>: KeyedDecodingContainerProtocol {
 
     func nestedContainer<NestedKey: CodingKey>(keyedBy type: NestedKey.Type, forKey key: Key) throws -> KeyedDecodingContainer<NestedKey> {
         try enter(key)
-        return try RecordDecoder(cursor: cursor, codingPath: codingPath + [key]).container(keyedBy: type)
+        return try RecordDecoder(cursor: cursor, path: Place(path, key).link).container(keyedBy: type)
     }
 
     func nestedUnkeyedContainer(forKey key: Key) throws -> any UnkeyedDecodingContainer {
         try enter(key)
-        return try RecordDecoder(cursor: cursor, codingPath: codingPath + [key]).unkeyedContainer()
+        return try RecordDecoder(cursor: cursor, path: Place(path, key).link).unkeyedContainer()
     }
 
-    func superDecoder() throws -> any Decoder { RecordDecoder(cursor: cursor, codingPath: codingPath) }
+    func superDecoder() throws -> any Decoder { RecordDecoder(cursor: cursor, path: path) }
 
     func superDecoder(forKey key: Key) throws -> any Decoder {
         try enter(key)
-        return RecordDecoder(cursor: cursor, codingPath: codingPath + [key])
+        return RecordDecoder(cursor: cursor, path: Place(path, key).link)
     }
 }
 
 struct UnkeyedRecordDecoder: UnkeyedDecodingContainer {
     let cursor: Cursor
-    var codingPath: [any CodingKey]
+    let path: PathLink?
     let total: Int
     var currentIndex = 0
 
-    init(cursor: Cursor, codingPath: [any CodingKey], count: Int) {
+    init(cursor: Cursor, path: PathLink?, count: Int) {
         self.cursor = cursor
-        self.codingPath = codingPath
+        self.path = path
         total = count
     }
 
+    var codingPath: [any CodingKey] { PathLink.codingPath(path) }
     var count: Int? { total }
     var isAtEnd: Bool { currentIndex >= total }
-    private var path: [any CodingKey] { codingPath + [IndexKey(intValue: currentIndex)] }
+    private var place: Place { Place(path, IndexKey(intValue: currentIndex)) }
 
     mutating func decodeNil() throws -> Bool { false }
 
     mutating func decode<T: Decodable>(_ type: T.Type) throws -> T {
-        guard !isAtEnd else { throw StateError.invalid(field: BinaryRecord.path(path), reason: "past the list's end") }
-        let value = try decodeValue(type, cursor: cursor, path: path)
+        guard !isAtEnd else { throw StateError.invalid(field: place.description, reason: "past the list's end") }
+        let value = try decodeValue(type, cursor: cursor, place: place)
         currentIndex += 1
         return value
     }
 
+    private mutating func take<S: RecordScalar>(_ type: S.Type) throws(StateError) -> S {
+        guard !isAtEnd else { throw .invalid(field: place.description, reason: "past the list's end") }
+        let value = try S.read(cursor, place)
+        currentIndex += 1
+        return value
+    }
+    mutating func decode(_ type: Bool.Type) throws -> Bool { try take(type) }
+    mutating func decode(_ type: String.Type) throws -> String { try take(type) }
+    mutating func decode(_ type: Double.Type) throws -> Double { try take(type) }
+    mutating func decode(_ type: Float.Type) throws -> Float { try take(type) }
+    mutating func decode(_ type: Int.Type) throws -> Int { try take(type) }
+    mutating func decode(_ type: Int8.Type) throws -> Int8 { try take(type) }
+    mutating func decode(_ type: Int16.Type) throws -> Int16 { try take(type) }
+    mutating func decode(_ type: Int32.Type) throws -> Int32 { try take(type) }
+    mutating func decode(_ type: Int64.Type) throws -> Int64 { try take(type) }
+    mutating func decode(_ type: UInt.Type) throws -> UInt { try take(type) }
+    mutating func decode(_ type: UInt8.Type) throws -> UInt8 { try take(type) }
+    mutating func decode(_ type: UInt16.Type) throws -> UInt16 { try take(type) }
+    mutating func decode(_ type: UInt32.Type) throws -> UInt32 { try take(type) }
+    mutating func decode(_ type: UInt64.Type) throws -> UInt64 { try take(type) }
+
     mutating func nestedContainer<NestedKey: CodingKey>(keyedBy type: NestedKey.Type) throws -> KeyedDecodingContainer<NestedKey> {
-        let container = try RecordDecoder(cursor: cursor, codingPath: path).container(keyedBy: type)
+        let container = try RecordDecoder(cursor: cursor, path: place.link).container(keyedBy: type)
         currentIndex += 1
         return container
     }
 
     mutating func nestedUnkeyedContainer() throws -> any UnkeyedDecodingContainer {
-        let container = try RecordDecoder(cursor: cursor, codingPath: path).unkeyedContainer()
+        let container = try RecordDecoder(cursor: cursor, path: place.link).unkeyedContainer()
         currentIndex += 1
         return container
     }
 
     mutating func superDecoder() throws -> any Decoder {
         defer { currentIndex += 1 }
-        return RecordDecoder(cursor: cursor, codingPath: path)
+        return RecordDecoder(cursor: cursor, path: place.link)
     }
 }
 
 struct SingleRecordDecoder: SingleValueDecodingContainer {
     let cursor: Cursor
-    var codingPath: [any CodingKey]
+    let path: PathLink?
+
+    var codingPath: [any CodingKey] { PathLink.codingPath(path) }
 
     func decodeNil() -> Bool { false }
 
-    func decode<T: Decodable>(_ type: T.Type) throws -> T { try decodeValue(type, cursor: cursor, path: codingPath) }
+    func decode<T: Decodable>(_ type: T.Type) throws -> T { try decodeValue(type, cursor: cursor, place: Place(path)) }
 }
