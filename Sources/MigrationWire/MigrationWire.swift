@@ -13,7 +13,7 @@ import Glibc
 public enum MigrationWire {
     public static let magic = Array("VIREOMIG".utf8)
     /// Bumped whenever a message changes; a peer speaking another version is refused, both named.
-    public static let version: UInt32 = 2
+    public static let version: UInt32 = 3
     public static let headerSize = 16
     /// The largest payload either side accepts (a run of pages is at most 1 MiB and 8 bytes).
     public static let payloadLimit = 16 << 20

@@ -56,7 +56,7 @@ public struct MigrationOutcome: Sendable {
 struct ArrivingMachine: Codable {
     /// The spec of the machine the source runs.
     var machine: CarriedSpec
-    var cpuid: [CPUIDEntry]
+    @PackedList var cpuid: [CPUIDEntry]
     var copiesDisks: Bool
     var diskSizes: [UInt64]
 
@@ -398,6 +398,9 @@ final class OutgoingMigration {
     var quiesced = false
     /// Everything is sent and the answer is lost: the VM may run there, so it stays paused here.
     var outcomeUnknown = false
+    /// The spec's record as the announcement carried it: the switch-over's state carries the same
+    /// bytes, made before the pause rather than inside it.
+    var specRecord: [UInt8] = []
 
     init(machine: Machine, channel: MigrationChannel, options: MigrationOptions) {
         self.machine = machine
@@ -412,7 +415,8 @@ final class OutgoingMigration {
         let disks = machine.blockDevices.map(\.device)
         let description: [UInt8]
         do throws(StateError) {
-            let announce = ArrivingMachine(machine: CarriedSpec(spec: machine.spec, record: try machine.specRecord()), cpuid: machine.cpuidBasis,
+            specRecord = try machine.specRecord()
+            let announce = ArrivingMachine(machine: CarriedSpec(spec: machine.spec, record: specRecord), cpuid: machine.cpuidBasis,
                                            copiesDisks: options.copyDisks, diskSizes: disks.map { $0.disk.virtualSize })
             description = try announce.encoded()
         } catch {
@@ -691,7 +695,7 @@ final class OutgoingMigration {
             _ = try sendDirty(skipZeroPages: false, paced: false)
             let state: SavedMachineState
             do throws(Machine.CaptureError) {
-                state = try machine.captureState()
+                state = try machine.captureState(specRecord: specRecord)
             } catch {
                 throw .refused("capturing the machine's state: \(error)")
             }

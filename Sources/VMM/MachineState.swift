@@ -82,6 +82,20 @@ struct CarriedSpec: Codable {
     }
 }
 
+/// A CPUID entry in a record: function, index, flags, then eax, ebx, ecx and edx, each 32 bits.
+extension CPUIDEntry: PackedEntry {
+    public static let packedSize = 28
+
+    public func pack(into bytes: inout [UInt8]) {
+        for value in [function, index, flags, eax, ebx, ecx, edx] { Self.put(value, into: &bytes) }
+    }
+
+    public init(unpacking bytes: UnsafeRawBufferPointer) {
+        let word = { (field: Int) in Self.integer(UInt32.self, at: 4 * field, in: bytes) }
+        self.init(function: word(0), index: word(1), flags: word(2), eax: word(3), ebx: word(4), ecx: word(5), edx: word(6))
+    }
+}
+
 /// A KVM structure in a record: its bytes, with the size this host's headers give it, so a host
 /// whose headers disagree refuses it instead of misreading it.
 struct KVMStruct<Value>: Codable {
@@ -176,9 +190,19 @@ struct VCPUComponent: KVMSnapshottable {
 /// special registers before the LAPIC, whose base they hold; MSRs after the LAPIC, TSC before
 /// the TSC deadline; events last, since setting the rest may clear them).
 struct VCPUSavedState: Codable {
-    struct MSR: Codable, Equatable {
+    struct MSR: Codable, Equatable, PackedEntry {
         var index: UInt32
         var value: UInt64
+
+        static let packedSize = 12
+        func pack(into bytes: inout [UInt8]) {
+            Self.put(index, into: &bytes)
+            Self.put(value, into: &bytes)
+        }
+        init(index: UInt32, value: UInt64) { self.index = index; self.value = value }
+        init(unpacking bytes: UnsafeRawBufferPointer) {
+            self.init(index: Self.integer(UInt32.self, at: 0, in: bytes), value: Self.integer(UInt64.self, at: 4, in: bytes))
+        }
     }
 
     var registers: KVMStruct<kvm_regs>
@@ -186,7 +210,7 @@ struct VCPUSavedState: Codable {
     var fpu: KVMStruct<kvm_fpu>
     var extendedControl: KVMStruct<kvm_xcrs>?
     var localAPIC: [UInt8]
-    var msrs: [MSR]
+    @PackedList var msrs: [MSR]
     var debugRegisters: KVMStruct<kvm_debugregs>
     var multiprocessing: KVMStruct<kvm_mp_state>
     var events: KVMStruct<kvm_vcpu_events>
@@ -303,7 +327,7 @@ struct SavedMachineState: Codable {
     /// The spec of the machine that was saved.
     var machine: CarriedSpec
     /// KVM's supported CPUID on the saving host, from which each vCPU's was made.
-    var cpuid: [CPUIDEntry]
+    @PackedList var cpuid: [CPUIDEntry]
     var tscKilohertz: UInt32
     /// kvmclock when saved, and the host's wall clock then: a restore sets kvmclock ahead by the
     /// wall time that passed, so the guest's clock is right and its monotonic time never goes back.

@@ -52,10 +52,15 @@ extension Machine {
     }
 
     /// Everything but RAM, with every vCPU parked and every transport quiesced: KVM's state,
-    /// then each component's record, in the machine's order.
-    func captureState() throws(CaptureError) -> SavedMachineState {
+    /// then each component's record, in the machine's order. `specRecord`: the spec's record
+    /// made already (a migration's announcement), not made again inside the pause.
+    func captureState(specRecord known: [UInt8]? = nil) throws(CaptureError) -> SavedMachineState {
         let machineRecord: [UInt8]
-        do throws(StateError) { machineRecord = try specRecord() } catch { throw .state(error.description) }
+        if let known {
+            machineRecord = known
+        } else {
+            do throws(StateError) { machineRecord = try specRecord() } catch { throw .state(error.description) }
+        }
         var devices: [[UInt8]] = []
         let components: [any Snapshottable] = portDevices + virtioTransports
         for (index, component) in components.enumerated() {

@@ -20,7 +20,7 @@ enum SavedStateFile {
     static let magic = Array("VIREOSAV".utf8)
     static let trailerMagic = Array("VIREOEND".utf8)
     /// Bumped whenever the layout changes; a newer file is refused with the versions named.
-    static let version: UInt32 = 2
+    static let version: UInt32 = 3
     static let headerSize = 40
     static let trailerSize = 16
     static let metadataLimit = 64 << 20

@@ -211,9 +211,13 @@ struct SavedStateTests {
             import struct, sys, zlib
             path = sys.argv[1]
             data = bytearray(open(path, "rb").read())
-            # The metadata is a record of named fields: find CPUID leaf 0x80000001's entry, then its edx.
-            entry = data.index(b"\\x08\\x00\\x00\\x00function" + struct.pack("<I", 0x80000001) + b"\\x05\\x00\\x00\\x00index" + struct.pack("<I", 0), 40)
-            edx = data.index(b"\\x03\\x00\\x00\\x00edx", entry) + 7
+            # The metadata is a record of named fields; cpuid's value is a byte string of 28-byte
+            # entries (function, index, flags, eax, ebx, ecx, edx): find leaf 0x80000001's, then its edx.
+            table = data.index(b"\\x05\\x00\\x00\\x00cpuid", 40) + 9
+            (length,) = struct.unpack_from("<I", data, table)
+            entries = [table + 4 + 28 * n for n in range(length // 28)]
+            entry = next(e for e in entries if struct.unpack_from("<II", data, e) == (0x80000001, 0))
+            edx = entry + 24
             (value,) = struct.unpack_from("<I", data, edx)
             struct.pack_into("<I", data, edx, value | (1 << 31))
             struct.pack_into("<I", data, len(data) - 16, zlib.crc32(bytes(data[:-16])))
