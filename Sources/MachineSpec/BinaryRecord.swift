@@ -128,6 +128,38 @@ protocol RecordScalar {
     static func read(_ cursor: Cursor, _ place: Place) throws(StateError) -> Self
 }
 
+extension RecordScalar {
+    /// Writes `value` when it is of this type.
+    static func write<T>(_ value: T, into bytes: inout [UInt8]) -> Bool {
+        guard let value = value as? Self else { return false }
+        value.write(into: &bytes)
+        return true
+    }
+}
+
+/// The scalar type `type` is, found by identity: comparing metatypes is a pointer comparison,
+/// where asking whether a type conforms to `RecordScalar` (`as? any RecordScalar`) searches the
+/// process's conformance records the first time each type is asked about. A record written once
+/// (the state a migration writes inside its pause) would pay that for every type in it.
+func recordScalarType<T>(_ type: T.Type) -> (any RecordScalar.Type)? {
+    if type == [UInt8].self { return [UInt8].self }
+    if type == UInt32.self { return UInt32.self }
+    if type == UInt64.self { return UInt64.self }
+    if type == Bool.self { return Bool.self }
+    if type == String.self { return String.self }
+    if type == Int.self { return Int.self }
+    if type == UInt8.self { return UInt8.self }
+    if type == UInt16.self { return UInt16.self }
+    if type == Int32.self { return Int32.self }
+    if type == Int64.self { return Int64.self }
+    if type == UInt.self { return UInt.self }
+    if type == Int8.self { return Int8.self }
+    if type == Int16.self { return Int16.self }
+    if type == Double.self { return Double.self }
+    if type == Float.self { return Float.self }
+    return nil
+}
+
 extension RecordScalar where Self: FixedWidthInteger {
     func write(into bytes: inout [UInt8]) { appendLittleEndian(self, to: &bytes) }
     static func read(_ cursor: Cursor, _ place: Place) throws(StateError) -> Self { try cursor.integer(Self.self, place) }
@@ -225,8 +257,8 @@ final class RecordWriter {
     init() { bytes.reserveCapacity(4096) }
 
     func encodeValue<T: Encodable>(_ value: T, depth: Int, place: Place) throws {
-        if let scalar = value as? any RecordScalar {
-            scalar.write(into: &bytes)
+        if let scalar = recordScalarType(T.self), scalar.write(value, into: &bytes) {
+            return
         } else {
             try value.encode(to: RecordEncoder(writer: self, depth: depth, path: place.link))
         }
@@ -544,7 +576,7 @@ struct RecordDecoder: Decoder {
 }
 
 func decodeValue<T: Decodable>(_ type: T.Type, cursor: Cursor, place: Place) throws -> T {
-    guard let scalarType = T.self as? any RecordScalar.Type else {
+    guard let scalarType = recordScalarType(T.self) else {
         return try T(from: RecordDecoder(cursor: cursor, path: place.link))
     }
     guard let value = try scalarType.read(cursor, place) as? T else {
