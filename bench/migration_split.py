@@ -35,6 +35,8 @@ for run in range(int(sys.argv[2]) if len(sys.argv) > 2 else 3):
     src.kill(); dst.kill(); src.wait(); dst.wait(); serr.close(); derr.close()
     s = [l for l in open(os.path.join(work, f"src{run}.log")) if "migrated to" in l]
     d = [l for l in open(os.path.join(work, f"dst{run}.log")) if "migration received" in l]
-    print(tree, reply.get("downtime_us"), "|", s[0].strip()[s[0].find("downtime"):] if s else "-", "|", d[0].strip()[d[0].find("disks taken"):] if d else "-")
+    c = [l for l in open(os.path.join(work, f"dst{run}.log")) if "migration complete" in l]
+    print(tree, reply.get("downtime_us"), "|", s[0].strip()[s[0].find("downtime"):] if s else "-", "|", d[0].strip()[d[0].find("disks taken"):] if d else "-",
+          "|", c[0].strip()[c[0].find("(") + 1:c[0].find(" after")] + " to run" if c else "-")
     try: os.unlink(control)
     except FileNotFoundError: pass

@@ -106,6 +106,8 @@ enum ArrivingMessage {
     case diskZeroes(disk: Int, offset: UInt64, length: UInt64)
     case state(flags: UInt8, SavedMachineState)
     case end(pages: UInt64, diskBytes: UInt64)
+    /// Answer `synced` once everything before is in place.
+    case sync
 
     init(_ message: MigrationWire.Message, layout: ArrivalLayout) throws(MigrationError) {
         var reader = PayloadReader(message.payload)
@@ -143,6 +145,9 @@ enum ArrivingMessage {
             } catch {
                 throw .protocolViolation("the machine's state: \(error)")
             }
+        case .sync:
+            guard reader.remaining == 0 else { throw .protocolViolation("a sync carries \(reader.remaining) bytes") }
+            self = .sync
         case .end:
             let pages = try reader.get(UInt64.self, "page count")
             let diskBytes = try reader.get(UInt64.self, "disk byte count")
@@ -438,14 +443,22 @@ final class OutgoingMigration {
             iteration += 1
             try checkCancelled()
             try checkDestination()
-            let dirtyBytes = collectDirty()
+            var dirtyBytes = collectDirty()
             // What the switch-over must send: this round's dirty data and the VMM's writes again.
-            let finalBytes = dirtyBytes + vmmWrittenBytes()
-            let expected = rate == 0 ? UInt64.max : finalBytes * 1_000_000_000 / rate
+            var expected = expectedDowntime(dirtyBytes, rate: rate)
             progress(MigrationProgress(iteration: iteration, remainingBytes: dirtyBytes, transferredBytes: channel.bytesSent,
                                        rateBytesPerSecond: rate, expectedDowntimeNanoseconds: expected,
                                        throttlePercent: machine.throttlePercent.load(ordering: .relaxed)))
-            if expected <= options.maximumDowntimeNanoseconds { break }
+            if expected <= options.maximumDowntimeNanoseconds {
+                // The socket takes a round faster than the destination applies it, and whatever it
+                // still holds would be applied inside the pause. Wait until the destination has
+                // caught up, then judge again by the rate it kept and what the guest dirtied meanwhile.
+                try waitForDestination()
+                rate = max(rate / 4, rateOf(bytes: roundBytes, since: roundStart))
+                dirtyBytes = collectDirty()
+                expected = expectedDowntime(dirtyBytes, rate: rate)
+                if expected <= options.maximumDowntimeNanoseconds { break }
+            }
             // Auto-converge: the guest dirtied more than half of what went out in the last round,
             // twice running: its vCPUs give up a growing share of each 10 ms (QEMU's 20 % + 10 %).
             if options.autoConverge && iteration > 1 {
@@ -465,6 +478,27 @@ final class OutgoingMigration {
             rate = max(rate / 4, rateOf(bytes: roundBytes, since: roundStart))
         }
         return try switchOver(iterations: iteration)
+    }
+
+    private func expectedDowntime(_ dirtyBytes: UInt64, rate: UInt64) -> UInt64 {
+        rate == 0 ? UInt64.max : (dirtyBytes + vmmWrittenBytes()) * 1_000_000_000 / rate
+    }
+
+    /// Sends `sync` and waits for the destination's `synced`, which it says once everything sent
+    /// before is in place. The VM runs on meanwhile; a cancel is taken while waiting.
+    private func waitForDestination() throws(MigrationError) {
+        try channel.send(.sync)
+        let deadline = VMMClock.now() + 120_000_000_000
+        while !channel.waitReadable(milliseconds: 100) {
+            try checkCancelled()
+            guard VMMClock.now() < deadline else { throw .refused("the destination did not catch up with the stream within 120 s") }
+        }
+        let answer = try channel.receive(limit: 64 << 10)
+        switch answer.kind {
+        case .synced where answer.payload.isEmpty: return
+        case .failed: throw .refused("the destination gave up: \(String(answer.text.prefix(2000)))")
+        default: throw .protocolViolation("the destination answered a sync with \(answer.kind) (\(answer.payload.count) bytes)")
+        }
     }
 
     private func rateOf(bytes: UInt64, since start: UInt64) -> UInt64 {
@@ -693,12 +727,14 @@ final class OutgoingMigration {
             pages.includeEveryVMMWrite()
             let pagesBefore = pagesSent
             _ = try sendDirty(skipZeroPages: false, paced: false)
+            let pagesSentAt = VMMClock.now()
             let state: SavedMachineState
             do throws(Machine.CaptureError) {
                 state = try machine.captureState(specRecord: specRecord)
             } catch {
                 throw .refused("capturing the machine's state: \(error)")
             }
+            let capturedAt = VMMClock.now()
             var flags: UInt8 = userPaused ? ArrivalFlags.paused : 0
             if !options.copyDisks {
                 // Hand the disks over: closing them drops their locks for the destination to take.
@@ -719,6 +755,7 @@ final class OutgoingMigration {
             }
             var statePayload = [flags]
             do throws(StateError) { statePayload += try state.encoded() } catch { throw .refused("writing the machine's state: \(error)") }
+            let encodedAt = VMMClock.now()
             try channel.send(.state, statePayload)
             var end: [UInt8] = []
             MigrationWire.appendLittleEndian(pagesSent, to: &end)
@@ -748,7 +785,9 @@ final class OutgoingMigration {
                                                finalPages: pagesSent - pagesBefore, maximumThrottlePercent: maximumThrottle)
                 vmmLog("migrated to \(options.destination): \(iterations) rounds, \(channel.bytesSent >> 20) MiB sent, "
                        + "\(pagesSent - pagesBefore) pages at the switch-over, downtime \(downtime / 1000) us "
-                       + "(\((sentAt - stoppedAt) / 1000) us here, \((VMMClock.now() - sentAt) / 1000) us until the destination ran it)")
+                       + "(\((sentAt - stoppedAt) / 1000) us here: last pages sent after \((pagesSentAt - stoppedAt) / 1000) us, state captured in "
+                       + "\((capturedAt - pagesSentAt) / 1000) us and written in \((encodedAt - capturedAt) / 1000) us; "
+                       + "\((VMMClock.now() - sentAt) / 1000) us until the destination ran it)")
                 return outcome
             case .failed:
                 throw .refused("the destination could not take the VM: \(String(answer.text.prefix(2000)))")
@@ -860,6 +899,9 @@ extension Machine {
                     do throws(DiskImageError) { try disk.writeZeroes(at: offset, length: length) } catch {
                         throw .refused("writing the copied disk \(disk.path): \(error)")
                     }
+                case .sync:
+                    // Everything before it was applied as it came: the source may judge its switch-over.
+                    try channel.send(.synced)
                 case let .state(flags, state):
                     guard arrivedState == nil else { throw .protocolViolation("a second state") }
                     arrivedState = (flags, state)

@@ -203,7 +203,7 @@ struct MigrationTests {
         #expect(Harness.run(["qemu-img", "check", lab.from.root.appendingPathComponent("writer/disk0.qcow2").path]).status == 0)
     }
 
-    @Test("the receiver takes hostile input: garbage, another magic and a wrong token are refused and it waits on; a VMM fed a stream with a bad checksum, an unknown message, an oversized one, pages outside guest RAM, a false page count or a damaged state fails with the reason, tells the source, and exits")
+    @Test("the receiver takes hostile input: garbage, another magic and a wrong token are refused and it waits on; a VMM fed a stream with a bad checksum, an unknown message, an oversized one, pages outside guest RAM, a false page count, a damaged state or a sync with a payload fails with the reason (a sync alone is answered), tells the source, and exits")
     func hostileStreams() throws {
         let library = try TestLibrary()
         // The handshake, against a real receiver on loopback.
@@ -275,6 +275,8 @@ struct MigrationTests {
                 "unaligned": frame(16, machine) + frame(17, struct.pack("<Q", 4096) + b"\\0" * 100),
                 "count": frame(16, machine) + frame(17, struct.pack("<Q", 4096) + b"\\1" * 4096) + frame(21, b"\\0" + b"junk") ,
                 "endcount": frame(16, machine) + frame(17, struct.pack("<Q", 4096) + b"\\1" * 4096) + frame(22, struct.pack("<QQ", 7, 0)),
+                # A sync is answered (synced, 26) once what came before is in place; one with a payload is refused.
+                "sync": frame(16, machine) + frame(17, struct.pack("<Q", 4096) + b"\\1" * 4096) + frame(25, b"") + frame(25, b"x"),
             }
             for name, data in cases.items():
                 ours, theirs = socket.socketpair()
@@ -286,6 +288,10 @@ struct MigrationTests {
                 except OSError:
                     pass
                 kind, reason = read_frame(ours)
+                if name == "sync":
+                    first = kind
+                    kind, reason = read_frame(ours)
+                    reason = b"after %d: " % first + reason
                 status = dest.wait(timeout=30)
                 print(name, status, kind, reason.decode(errors="replace").replace("\\n", " "))
             """
@@ -300,6 +306,7 @@ struct MigrationTests {
         #expect(outcome("unaligned").hasPrefix("unaligned 2 24 ") && outcome("unaligned").contains("not whole pages inside guest RAM"), "\(outcome("unaligned"))")
         #expect(outcome("count").hasPrefix("count 2 24 ") && outcome("count").contains("the machine's state"), "\(outcome("count"))")
         #expect(outcome("endcount").hasPrefix("endcount 2 24 ") && outcome("endcount").contains("without the machine's state"), "\(outcome("endcount"))")
+        #expect(outcome("sync").hasPrefix("sync 2 24 after 26: ") && outcome("sync").contains("a sync carries 1 bytes"), "\(outcome("sync"))")
     }
 
     @Test("the tiny Linux kernel migrated mid-boot between two libraries reaches Run /init at the destination without booting again, and its printk clock never goes backwards",
