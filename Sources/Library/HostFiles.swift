@@ -32,11 +32,18 @@ public enum HostFiles {
     }
 
     /// Writes `bytes` to a temporary file beside `path`, syncs it, renames it over `path` and
-    /// syncs the directory: a crash leaves the old file or the new one, never a mixture.
-    public static func writeAtomically(_ bytes: [UInt8], to path: String) throws(LibraryError) {
+    /// syncs the directory: a crash leaves the old file or the new one, never a mixture. The file
+    /// is its owner's alone unless `mode` says otherwise.
+    public static func writeAtomically(_ bytes: [UInt8], to path: String, mode: mode_t = 0o600) throws(LibraryError) {
         let temporary = path + ".tmp-\(getpid())"
         let fd = open(temporary, O_WRONLY | O_CREAT | O_TRUNC | O_NOFOLLOW | O_CLOEXEC, 0o600)
         guard fd >= 0 else { throw .io(operation: "create", path: temporary, errno: errno) }
+        // fchmod, not open's mode, which the umask trims.
+        if mode != 0o600, fchmod(fd, mode) != 0 {
+            let code = errno
+            close(fd); unlink(temporary)
+            throw .io(operation: "chmod", path: temporary, errno: code)
+        }
         var written = 0
         while written < bytes.count {
             let count = bytes.withUnsafeBytes { buffer in write(fd, UnsafeRawBufferPointer(rebasing: buffer[written...]).baseAddress, bytes.count - written) }

@@ -123,7 +123,7 @@ final class NetworkLab: @unchecked Sendable {
 
 @Suite(.serialized)
 struct NetworkTests {
-    @Test("NAT (the default network): two probes get distinct DHCP leases from its dnsmasq, `vireo list` shows them, guests reach 'the internet' masqueraded; after a simulated host reboot the network is rebuilt and the lease holds; after deleting everything the links and ruleset are as before",
+    @Test("NAT (the default network): two probes get distinct DHCP leases from its dnsmasq (the second VM's reservation without restarting it), `vireo list` shows them, guests reach 'the internet' masqueraded; after a simulated host reboot the network is rebuilt and the lease holds; after deleting everything the links and ruleset are as before",
           .timeLimit(.minutes(10)))
     func natNetwork() throws {
         let lab = try NetworkLab()
@@ -131,8 +131,16 @@ struct NetworkTests {
         lab.udpEcho(in: lab.internet, address: NetworkLab.internetAddress, port: 7777)
         lab.createProbe("n1", command: "send=\(NetworkLab.internetAddress):7777", extra: [])
         lab.createProbe("n2", command: "send=\(NetworkLab.internetAddress):7777", extra: ["--nic", "nat"])
+        let pidFile = lab.library.root.appendingPathComponent("networks/default/dnsmasq.pid")
+        func dnsmasqPID() -> Int32? {
+            (try? String(contentsOf: pidFile, encoding: .utf8)).flatMap { Int32($0.trimmingCharacters(in: .whitespacesAndNewlines)) }
+        }
         lab.start("n1")
+        let served = dnsmasqPID()
         lab.start("n2")
+        // n2's reservation reached the running dnsmasq without a restart (it re-reads its hosts
+        // file on SIGHUP); the addresses below prove it serves it.
+        #expect(served != nil && dnsmasqPID() == served, "dnsmasq \(String(describing: served)) became \(String(describing: dnsmasqPID()))")
         for name in ["n1", "n2"] {
             // The masquerade: the server saw the host's outside address, not the guest's.
             #expect(lab.console(name, contains: "ip: udp reply from \(NetworkLab.internetAddress):7777 payload=pong:vireo-udp 0|from:\(NetworkLab.hostAddress)"),
@@ -152,10 +160,7 @@ struct NetworkTests {
         #expect(lab.library.waitFor(20) { lab.library.state("n1") == "stopped" && lab.library.state("n2") == "stopped" })
 
         // As after a host reboot: only the definitions are left, no bridge, dnsmasq or table.
-        let pidFile = lab.library.root.appendingPathComponent("networks/default/dnsmasq.pid")
-        if let text = try? String(contentsOf: pidFile, encoding: .utf8), let pid = Int32(text.trimmingCharacters(in: .whitespacesAndNewlines)) {
-            kill(pid, SIGKILL)
-        }
+        if let pid = dnsmasqPID() { kill(pid, SIGKILL) }
         #expect(lab.inHost(["ip", "link", "delete", "vireo-default"]).status == 0)
         // The library's own table (each library has one: vireo_ and a hash of its path).
         let table = lab.inHost(["nft", "list", "tables"]).stdout.split(separator: "\n").first { $0.hasPrefix("table ip vireo_") }.map { String($0.dropFirst(9)) } ?? "?"
