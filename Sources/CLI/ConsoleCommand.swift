@@ -82,6 +82,7 @@ private func printConsoleNote(_ text: String, interactive: Bool) {
 
 struct Logs: ParsableCommand {
     static let configuration = CommandConfiguration(
+        commandName: "logs",
         abstract: "Print a VM's console output since it last started (the run before is in console.log.1).")
 
     @Argument(help: "VM name.")

@@ -10,6 +10,7 @@ import Glibc
 
 struct Create: ParsableCommand {
     static let configuration = CommandConfiguration(
+        commandName: "create",
         abstract: "Create a VM in the library: a directory with its configuration, kernel and a thin-provisioned disk.",
         discussion: """
             The OS type (see `vireo ostypes`) sets the default CPUs, memory, disk size and kernel \

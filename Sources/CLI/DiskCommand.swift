@@ -10,6 +10,7 @@ import Glibc
 
 struct Disk: ParsableCommand {
     static let configuration = CommandConfiguration(
+        commandName: "disk",
         abstract: "Create, inspect and grow disk images (qcow2 or raw).",
         subcommands: [Create.self, Info.self, Resize.self, Attach.self, Detach.self])
 
@@ -28,6 +29,7 @@ struct Disk: ParsableCommand {
 
     struct Create: ParsableCommand {
         static let configuration = CommandConfiguration(
+            commandName: "create",
             abstract: "Create a new, thin-provisioned disk image. Never overwrites an existing file.")
 
         @Argument(help: "Path of the new image.")
@@ -80,7 +82,7 @@ struct Disk: ParsableCommand {
     }
 
     struct Info: ParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Show an image's format, sizes and backing chain.")
+        static let configuration = CommandConfiguration(commandName: "info", abstract: "Show an image's format, sizes and backing chain.")
 
         @Argument(help: "Image to inspect.")
         var path: String
@@ -118,7 +120,7 @@ struct Disk: ParsableCommand {
     }
 
     struct Resize: ParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Grow a disk image (shrinking is refused: it would destroy data).")
+        static let configuration = CommandConfiguration(commandName: "resize", abstract: "Grow a disk image (shrinking is refused: it would destroy data).")
 
         @Argument(help: "Image to grow.")
         var path: String
@@ -141,7 +143,7 @@ struct Disk: ParsableCommand {
         }
     }
     struct Attach: ParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Attach an existing image to a stopped VM as its next virtio disk.")
+        static let configuration = CommandConfiguration(commandName: "attach", abstract: "Attach an existing image to a stopped VM as its next virtio disk.")
 
         @Argument(help: "VM name.")
         var name: String
@@ -165,7 +167,7 @@ struct Disk: ParsableCommand {
     }
 
     struct Detach: ParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Detach a disk from a stopped VM; the image file is kept.")
+        static let configuration = CommandConfiguration(commandName: "detach", abstract: "Detach a disk from a stopped VM; the image file is kept.")
 
         @Argument(help: "VM name.")
         var name: String

@@ -4,6 +4,7 @@ import Library
 
 struct Display: ParsableCommand {
     static let configuration = CommandConfiguration(
+        commandName: "display",
         abstract: "Say how to see a running VM's screen (qemu engine: VNC on a Unix socket in its directory).",
         discussion: "No TCP port is opened for the display; connect through the socket, or forward it yourself.")
 
@@ -25,7 +26,7 @@ struct Display: ParsableCommand {
 }
 
 struct Screenshot: ParsableCommand {
-    static let configuration = CommandConfiguration(abstract: "Save a running VM's screen as a PNG file.")
+    static let configuration = CommandConfiguration(commandName: "screenshot", abstract: "Save a running VM's screen as a PNG file.")
 
     @Argument(help: "VM name.")
     var name: String

@@ -8,6 +8,7 @@ import VMM
 
 struct Info: ParsableCommand {
     static let configuration = CommandConfiguration(
+        commandName: "info",
         abstract: "Show everything about a VM: configuration, files and, when it runs, its process and counters.")
 
     @Argument(help: "VM name.")

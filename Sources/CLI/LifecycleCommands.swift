@@ -8,6 +8,7 @@ import Glibc
 
 struct Start: ParsableCommand {
     static let configuration = CommandConfiguration(
+        commandName: "start",
         abstract: "Start a VM in the background (its own vireo-vmm process); it keeps running after this returns.",
         discussion: "Console output goes to the VM's console log (`vireo logs`); attach with `vireo console`.")
 
@@ -43,6 +44,7 @@ struct Start: ParsableCommand {
 
 struct Stop: ParsableCommand {
     static let configuration = CommandConfiguration(
+        commandName: "stop",
         abstract: "Shut a VM down: press its ACPI power button and wait, or power it off with --force.",
         discussion: """
             Without --force the guest decides, as with VirtualBox's "ACPI Shutdown" or `virsh \
@@ -78,7 +80,7 @@ func stopVM(_ name: String, force: Bool, timeout: Double, manager: VMManager) th
 }
 
 struct Restart: ParsableCommand {
-    static let configuration = CommandConfiguration(abstract: "Stop a VM (gracefully, or with --force) and start it again.")
+    static let configuration = CommandConfiguration(commandName: "restart", abstract: "Stop a VM (gracefully, or with --force) and start it again.")
 
     @Argument(help: "VM name.")
     var name: String
@@ -110,6 +112,7 @@ func perform(_ name: String, done: String, _ verb: (VMManager) throws(LibraryErr
 
 struct Save: ParsableCommand {
     static let configuration = CommandConfiguration(
+        commandName: "save",
         abstract: "Save a running VM's state and memory to its directory and stop it; `vireo start` resumes it where it was.",
         discussion: """
             Like VirtualBox's "Save the machine state" and `virsh managedsave`. The VM shows as             "saved" until it is started again (resumed) or started with --discard-state (booted             afresh). Its settings cannot change while it is saved. The guest's clock is set ahead             by the time it spent saved; its vsock connections are reset and its network cards             reattach to their host side. kvm engine only, so far.
@@ -129,6 +132,7 @@ struct Save: ParsableCommand {
 
 struct Pause: ParsableCommand {
     static let configuration = CommandConfiguration(
+        commandName: "pause",
         abstract: "Freeze a running VM: its vCPUs stop between instructions; memory and devices stay as they are.")
 
     @Argument(help: "VM name.")
@@ -138,7 +142,7 @@ struct Pause: ParsableCommand {
 }
 
 struct Resume: ParsableCommand {
-    static let configuration = CommandConfiguration(abstract: "Let a paused VM run again.")
+    static let configuration = CommandConfiguration(commandName: "resume", abstract: "Let a paused VM run again.")
 
     @Argument(help: "VM name.")
     var name: String
@@ -148,6 +152,7 @@ struct Resume: ParsableCommand {
 
 struct Reset: ParsableCommand {
     static let configuration = CommandConfiguration(
+        commandName: "reset",
         abstract: "Press a running VM's reset button: the machine restarts at once, without asking the guest.",
         discussion: """
             Like VirtualBox's Reset and `virsh reset`: the guest gets no chance to flush its \
@@ -163,6 +168,7 @@ struct Reset: ParsableCommand {
 
 struct Balloon: ParsableCommand {
     static let configuration = CommandConfiguration(
+        commandName: "balloon",
         abstract: "Take memory back from a running guest: set its balloon to SIZE (0 gives it all back).",
         discussion: """
             The guest's balloon driver hands over that much of its RAM, which the VMM returns to \

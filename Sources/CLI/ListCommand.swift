@@ -6,7 +6,7 @@ import MachineSpec
 import VMM
 
 struct List: ParsableCommand {
-    static let configuration = CommandConfiguration(abstract: "List the VMs in the library with their state and size.")
+    static let configuration = CommandConfiguration(commandName: "list", abstract: "List the VMs in the library with their state and size.")
 
     @Flag(help: "Print JSON.")
     var json = false

@@ -7,6 +7,7 @@ import VMM
 
 struct Set: ParsableCommand {
     static let configuration = CommandConfiguration(
+        commandName: "set",
         abstract: "Change a VM's settings.",
         discussion: "Resource limits (--cpu-cap, --cpu-weight, --memory-limit, --pids-limit) change a running VM at once; everything else needs it stopped. Each value is checked as `vireo create` checks it.")
 
@@ -104,6 +105,7 @@ struct Set: ParsableCommand {
 
 struct Eject: ParsableCommand {
     static let configuration = CommandConfiguration(
+        commandName: "eject",
         abstract: "Take the installer ISO out of a VM's CD-ROM drive, so it boots from its disk.",
         discussion: "Works on a stopped VM and on a running qemu VM (the disc leaves the drive at once), like `vireo set NAME --iso none`.")
 
@@ -122,7 +124,7 @@ struct Eject: ParsableCommand {
 }
 
 struct Rename: ParsableCommand {
-    static let configuration = CommandConfiguration(abstract: "Rename a stopped VM (its directory moves with it).")
+    static let configuration = CommandConfiguration(commandName: "rename", abstract: "Rename a stopped VM (its directory moves with it).")
 
     @Argument(help: "Current name.")
     var name: String
@@ -138,6 +140,7 @@ struct Rename: ParsableCommand {
 
 struct Delete: ParsableCommand {
     static let configuration = CommandConfiguration(
+        commandName: "delete",
         abstract: "Delete a VM and the files in its directory.",
         discussion: """
             Disks attached from outside the VM's directory are never deleted. A VM whose disks \
@@ -175,6 +178,7 @@ struct Delete: ParsableCommand {
 
 struct Clone: ParsableCommand {
     static let configuration = CommandConfiguration(
+        commandName: "clone",
         abstract: "Copy a stopped VM: a full, independent copy, or a linked clone sharing the source's disks.",
         discussion: """
             A linked clone takes no space up front: the source's disks are frozen as base images \

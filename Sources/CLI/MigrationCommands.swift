@@ -10,6 +10,7 @@ import Glibc
 
 struct Receive: ParsableCommand {
     static let configuration = CommandConfiguration(
+        commandName: "receive",
         abstract: "Wait for one live migration into this library (the destination side of `vireo migrate`).",
         discussion: """
             Prints the address it listens on and a one-time token; give both to `vireo migrate` on \
@@ -66,6 +67,7 @@ let migrationCancelRequested = Atomic<Bool>(false)
 
 struct Migrate: ParsableCommand {
     static let configuration = CommandConfiguration(
+        commandName: "migrate",
         abstract: "Move a running VM to another host (or library) while it runs: live migration.",
         discussion: """
             Start `vireo receive` on the destination first; it prints the address and token to use. \

@@ -5,6 +5,7 @@ import X86Boot
 
 struct Run: ParsableCommand {
     static let configuration = CommandConfiguration(
+        commandName: "run",
         abstract: "Boot a throwaway VM from a Linux kernel and watch its serial console.",
         discussion: """
             The guest's serial console (COM1) is this terminal, in raw mode: everything you type \

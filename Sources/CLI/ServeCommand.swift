@@ -10,6 +10,7 @@ import Glibc
 
 struct Serve: ParsableCommand {
     static let configuration = CommandConfiguration(
+        commandName: "serve",
         abstract: "Serve the REST API and the web manager for this library.",
         discussion: """
             The API is described by /api/openapi.json (docs/api.md); the manager is at / \
