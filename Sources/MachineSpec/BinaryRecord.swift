@@ -174,22 +174,21 @@ extension UInt16: RecordScalar {}
 extension UInt32: RecordScalar {}
 extension UInt64: RecordScalar {}
 
+/// `Int` and `UInt` are written at 64 bits whatever the host's word, and read back only if they fit.
+func readWord<Wide: FixedWidthInteger, Word: FixedWidthInteger>(_ wide: Wide.Type, as word: Word.Type, _ cursor: Cursor, _ place: Place) throws(StateError) -> Word {
+    let value = try cursor.integer(Wide.self, place)
+    guard let fitted = Word(exactly: value) else { throw .invalid(field: place.description, reason: "\(value) does not fit") }
+    return fitted
+}
+
 extension Int: RecordScalar {
     func write(into bytes: inout [UInt8]) { appendLittleEndian(Int64(self), to: &bytes) }
-    static func read(_ cursor: Cursor, _ place: Place) throws(StateError) -> Int {
-        let value = try cursor.integer(Int64.self, place)
-        guard let fitted = Int(exactly: value) else { throw .invalid(field: place.description, reason: "\(value) does not fit") }
-        return fitted
-    }
+    static func read(_ cursor: Cursor, _ place: Place) throws(StateError) -> Int { try readWord(Int64.self, as: Int.self, cursor, place) }
 }
 
 extension UInt: RecordScalar {
     func write(into bytes: inout [UInt8]) { appendLittleEndian(UInt64(self), to: &bytes) }
-    static func read(_ cursor: Cursor, _ place: Place) throws(StateError) -> UInt {
-        let value = try cursor.integer(UInt64.self, place)
-        guard let fitted = UInt(exactly: value) else { throw .invalid(field: place.description, reason: "\(value) does not fit") }
-        return fitted
-    }
+    static func read(_ cursor: Cursor, _ place: Place) throws(StateError) -> UInt { try readWord(UInt64.self, as: UInt.self, cursor, place) }
 }
 
 extension Bool: RecordScalar {
