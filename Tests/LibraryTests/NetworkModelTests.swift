@@ -49,6 +49,9 @@ struct NetworkModelTests {
         // A VM that is gone gives its address back.
         let again = try store.reserve(network: network, mac: "02:00:00:00:00:03", vm: "c", liveMACs: ["02:00:00:00:00:03"])
         #expect(again?.description == "10.30.0.3")
+        // A damaged line never reaches dnsmasq's hosts file: a MAC with a comma would add options.
+        try Data("aa:bb,ignore 10.30.0.5 x\n02:00:00:00:00:03 10.30.0.3 c\n".utf8).write(to: URL(fileURLWithPath: store.reservationsPath(of: "lan")))
+        #expect(store.reservations(of: "lan").keys.sorted() == ["02:00:00:00:00:03"])
     }
 
     @Test func namesForTheHost() {

@@ -511,8 +511,9 @@ public struct NetworkStore: Sendable {
         var result: [String: (address: IPv4Address, vm: String)] = [:]
         for line in String(decoding: bytes, as: UTF8.self).split(separator: "\n") {
             let fields = line.split(separator: " ")
-            guard fields.count == 3, let address = IPv4Address(fields[1]) else { continue }
-            result[fields[0].lowercased()] = (address, String(fields[2]))
+            // Each line becomes a line of dnsmasq's hosts file: only a real MAC and address pass.
+            guard fields.count == 3, let address = IPv4Address(fields[1]), let mac = MachineRules.macBytes(String(fields[0])) else { continue }
+            result[MachineRules.macText(mac)] = (address, String(fields[2]))
         }
         return result
     }
