@@ -1699,7 +1699,7 @@ static void user_ticker(uint64_t spin) {
     }
 }
 
-/* ---- probe=dirty: from ring 3 (native speed here) rewrites 1/stride of an 8 MiB region each
+/* ---- probe=dirty [fill=1]: from ring 3 (native speed here) rewrites 1/stride of an 8 MiB region each
  * round with a pseudo-random sequence, keeping the sum it expects the region to have; then reads
  * the whole region back and prints "dirty N sum S", or "dirty N MISMATCH S" when what memory holds
  * is not what it wrote. Saved and restored (or migrated), N goes on from where it was, and the
@@ -1728,7 +1728,13 @@ static void user_dirty(uint64_t unused) {
  * the top of the highest e820 RAM range, and of the image's own idle buffers: a guest that really
  * uses all its memory. */
 extern char image_end[];
+static uint64_t fill_ram(int with_dirty_region);
 static void probe_fill(void) {
+    uint64_t pages = fill_ram(1);
+    puts_raw("fill: done pages="); put_dec(pages); puts_raw("\n");
+}
+/* The pages written, all but the dirtying probe's region when it is about to use it. */
+static uint64_t fill_ram(int with_dirty_region) {
     uint64_t top = 0;
     for (int i = 0; i < memmap_count; i++) {
         if (memmap[i].type == 1 && memmap[i].addr + memmap[i].size > top) top = memmap[i].addr + memmap[i].size;
@@ -1738,14 +1744,16 @@ static void probe_fill(void) {
     uint64_t pages = 0;
     /* The image's own big buffers, unused in this mode, are RAM the guest uses too. */
     for (uint64_t offset = 0; offset < sizeof bl_region; offset += 4096, pages++) bl_region[offset] = 1;
-    for (uint64_t word = 0; word < sizeof dirty_region / 8; word += 512, pages++) dirty_region[word] = 1;
+    if (with_dirty_region) {
+        for (uint64_t word = 0; word < sizeof dirty_region / 8; word += 512, pages++) dirty_region[word] = 1;
+    }
     for (uint64_t offset = 0; offset < sizeof bench_buffer; offset += 4096, pages++) bench_buffer[offset] = 1;
     /* Between the first MiB (boot data, ACPI tables) and the image at 2 MiB nothing lives. */
     for (uint64_t address = 1ULL << 20; address < 2ULL << 20; address += 4096, pages++) *(volatile uint64_t *)address = address | 1;
     for (uint64_t address = ((uint64_t)image_end + 4095) & ~4095ULL; address + 4096 <= top; address += 4096, pages++) {
         *(volatile uint64_t *)address = address | 1;
     }
-    puts_raw("fill: done pages="); put_dec(pages); puts_raw("\n");
+    return pages;
 }
 
 uintptr_t probe_zero_page;
@@ -1786,6 +1794,11 @@ void probe_main(int mode, uintptr_t info) {
         char n[24];
         if (cmdline_value("spin", n, sizeof n)) dirty_spin = parse_dec(n);
         if (cmdline_value("stride", n, sizeof n) && parse_dec(n) > 0) dirty_stride = parse_dec(n);
+        /* fill=1: every other page of RAM holds data first (and is never touched again). */
+        if (cmdline_value("fill", n, sizeof n) && n[0] == '1') {
+            uint64_t pages = fill_ram(0);
+            puts_raw("fill: done pages="); put_dec(pages); puts_raw("\n");
+        }
         enter_user_mode(user_dirty, 0);
     } else if (str_eq(what, "hello")) puts_raw("hello from the probe\n");
     else { puts_raw("probe: unknown probe "); puts_raw(what); puts_raw("\n"); }

@@ -30,6 +30,8 @@ public enum GuestMemoryError: Error, CustomStringConvertible, Sendable, Equatabl
     case numaBindFailed(node: Int32, errno: Int32)
     /// `--memory-backing file:PATH|memfd`: the backing file could not be made ready.
     case backingFileFailed(path: String, operation: String, errno: Int32)
+    /// A saved state's RAM could not be mapped in place of the anonymous RAM (`mapPrivately`).
+    case fileMappingFailed(offset: UInt64, errno: Int32)
 
     public var description: String {
         switch self {
@@ -44,6 +46,8 @@ public enum GuestMemoryError: Error, CustomStringConvertible, Sendable, Equatabl
         case let .hugePagesUnavailable(size, pageSize, code):
             return "cannot back \(size >> 20) MiB of guest memory with \(pageSize >> 20) MiB huge pages: \(String(cString: strerror(code))); "
                 + "reserve at least \(size / pageSize) of them (/proc/sys/vm/nr_hugepages, or the 1 GiB pool) and check RAM is a multiple of the page size"
+        case let .fileMappingFailed(offset, code):
+            return "cannot map guest memory from the saved state at offset \(offset): \(String(cString: strerror(code))) (errno \(code))"
         case let .outOfBounds(address, length):
             return "guest memory access of \(length) bytes at \(address) is outside guest RAM"
         case let .mappingFailed(size, code):
@@ -82,6 +86,19 @@ public final class GuestMemory: @unchecked Sendable {
     private let writeLogs: [UnsafeMutablePointer<UInt64>]
     private let logsWrites = Atomic<Bool>(false)
     public static let pageSize: UInt64 = 4096
+    /// The plain anonymous RAM a saved state's file may replace (`mapPrivately`): no backing
+    /// file, huge pages, preallocation, lock or NUMA binding, each of which asks for RAM that
+    /// is resident or placed as the spec says, which a file mapping would not be.
+    public let mayMapFile: Bool
+    /// The advice the backing asked for, given again to a mapping that replaces the first.
+    private let advisesMergeable: Bool
+    private let advisesHugePages: Bool
+    /// Set while RAM maps a saved state's file (`mapPrivately`): a page the guest never touched
+    /// may then hold data, and a dropped page reads the file again, not zeros.
+    private let mapsFile = Atomic<Bool>(false)
+    /// Opened with the RAM, before the jail: the jailed VMM runs as another uid, which makes it
+    /// undumpable, and /proc/self/pagemap of an undumpable process is root's alone.
+    private let pageMap: UntouchedPages?
 
     /// How guest RAM is backed (docs/resources.md).
     /// How the RAM is backed: the machine spec's own value, mapped as it says.
@@ -142,10 +159,8 @@ public final class GuestMemory: @unchecked Sendable {
                 if let page = backing.hugePageSize { throw .hugePagesUnavailable(size: size, pageSize: page, errno: code) }
                 throw .mappingFailed(size: size, errno: code)
             }
-            if backing.mergeable { _ = madvise(host, Int(size), 12) }   // MADV_MERGEABLE
-            if backing.transparentHugePages, !backing.mergeable, backing.hugePageSize == nil, backing.file == nil {
-                _ = madvise(host, Int(size), 14)   // MADV_HUGEPAGE; only advice: a host without THP ignores it
-            }
+            Self.advise(host, size: Int(size), mergeable: backing.mergeable,
+                        hugePages: backing.transparentHugePages && !backing.mergeable && backing.hugePageSize == nil && backing.file == nil)
             if let node = backing.numaNode, vireo_bind_to_numa_node(host, UInt(size), node) != 0 {
                 let code = errno
                 munmap(host, Int(size))
@@ -167,6 +182,10 @@ public final class GuestMemory: @unchecked Sendable {
         }
         self.regions = regions
         self.ownsMappings = true
+        mayMapFile = backing.file == nil && backing.hugePageSize == nil && !backing.preallocate && !backing.locked && backing.numaNode == nil
+        advisesMergeable = backing.mergeable
+        advisesHugePages = backing.transparentHugePages && !backing.mergeable && backing.hugePageSize == nil && backing.file == nil
+        pageMap = UntouchedPages()
         // Pages of a shared file mapping keep their contents when dropped from the mapping: they
         // are zeroed by punching holes in the file instead.
         if backing.shared, backingDescriptor >= 0 {
@@ -189,6 +208,60 @@ public final class GuestMemory: @unchecked Sendable {
         if let sharedFile { close(sharedFile.descriptor) }
         if privateFileDescriptor >= 0 { close(privateFileDescriptor) }
         for log in writeLogs { log.deallocate() }
+    }
+
+    private static func advise(_ host: UnsafeMutableRawPointer, size: Int, mergeable: Bool, hugePages: Bool) {
+        if mergeable { _ = madvise(host, size, 12) }   // MADV_MERGEABLE
+        if hugePages { _ = madvise(host, size, 14) }   // MADV_HUGEPAGE; only advice: a host without THP ignores it
+    }
+
+    /// Lazy restore (docs/snapshots.md): every region becomes a private mapping of `descriptor`
+    /// from `offset` on, region after region, in place of its anonymous memory, so the guest's
+    /// pages are read from the file when first touched and copied when first written; the file
+    /// itself never changes. Only for plain anonymous RAM (`mayMapFile`), before any vCPU runs.
+    public func mapPrivately(file descriptor: Int32, at offset: UInt64) throws(GuestMemoryError) {
+        guard mayMapFile, ownsMappings, offset % Self.pageSize == 0 else { throw .fileMappingFailed(offset: offset, errno: EINVAL) }
+        // First, so nothing reads the page map as if RAM were still anonymous.
+        mapsFile.store(true, ordering: .sequentiallyConsistent)
+        var fileOffset = offset
+        for region in regions {
+            guard region.size % Self.pageSize == 0,
+                  let mapped = mmap(region.host, Int(region.size), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_FIXED | MAP_NORESERVE,
+                                    descriptor, off_t(fileOffset)),
+                  mapped == region.host else {
+                throw .fileMappingFailed(offset: fileOffset, errno: region.size % Self.pageSize == 0 ? errno : EINVAL)
+            }
+            Self.advise(region.host, size: Int(region.size), mergeable: advisesMergeable, hugePages: advisesHugePages)
+            fileOffset += region.size
+        }
+    }
+
+    /// Whether RAM is a saved state's file mapped privately (`mapPrivately`) rather than memory
+    /// that started as zeros.
+    public var mapsSavedState: Bool { mapsFile.load(ordering: .sequentiallyConsistent) }
+
+    /// A reader of which pages were never touched, for a writer that would leave them out as
+    /// zeros without reading them; nil when that cannot be known (RAM mapped from a saved state,
+    /// where an untouched page holds the file's data; or no /proc/self/pagemap).
+    public func untouchedPages() -> UntouchedPages? {
+        mapsSavedState ? nil : pageMap
+    }
+
+    /// Every region back to zeros (a reboot): dropped pages, or fresh anonymous memory in
+    /// place of a saved state's file.
+    public func zeroAll() throws(GuestMemoryError) {
+        guard mapsSavedState else {
+            for region in regions { try discard(region.start, length: region.size) }
+            return
+        }
+        for region in regions {
+            guard let mapped = mmap(region.host, Int(region.size), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED | MAP_NORESERVE, -1, 0),
+                  mapped == region.host else {
+                throw .mappingFailed(size: region.size, errno: errno)
+            }
+            Self.advise(region.host, size: Int(region.size), mergeable: advisesMergeable, hugePages: advisesHugePages)
+        }
+        mapsFile.store(false, ordering: .sequentiallyConsistent)
     }
 
     /// Words of a one-bit-per-page bitmap covering `region`.
@@ -239,7 +312,10 @@ public final class GuestMemory: @unchecked Sendable {
     }
 
     /// Gives `[address, address+length)` back to the host (the balloon's inflate): the pages are
-    /// freed now and read as zeros when the guest touches them again. Page-aligned ranges only.
+    /// freed now and read as zeros when the guest touches them again — or, while RAM maps a saved
+    /// state, as the state had them (the guest's own data; a balloon without PAGE_POISON or page
+    /// reporting, as Vireo's is, promises the guest nothing about a returned page's contents).
+    /// Page-aligned ranges only.
     public func discard(_ address: GuestPhysicalAddress, length: UInt64) throws(GuestMemoryError) {
         guard address.rawValue % 4096 == 0, length % 4096 == 0 else { throw .outOfBounds(address: address, length: length) }
         let pointer = try hostPointer(address, length: length)
@@ -307,7 +383,8 @@ public final class GuestMemory: @unchecked Sendable {
         let start = Int(bitPattern: pointer)
         let firstPage = (start + pageSize - 1) & ~(pageSize - 1)
         let endPage = (start + count) & ~(pageSize - 1)
-        guard value == 0, ownsMappings, endPage - firstPage >= 16 * pageSize else {
+        // While RAM maps a saved state a dropped page reads the file again: zeros are written.
+        guard value == 0, ownsMappings, !mapsSavedState, endPage - firstPage >= 16 * pageSize else {
             pointer.initializeMemory(as: UInt8.self, repeating: value, count: count)
             return
         }
@@ -316,5 +393,33 @@ public final class GuestMemory: @unchecked Sendable {
             pointer.advanced(by: firstPage - start).initializeMemory(as: UInt8.self, repeating: 0, count: endPage - firstPage)
         }
         pointer.advanced(by: endPage - start).initializeMemory(as: UInt8.self, repeating: 0, count: start + count - endPage)
+    }
+}
+
+/// This process's /proc/self/pagemap: which pages of an anonymous mapping were ever touched.
+/// A page neither present nor swapped out reads as zeros without having to be faulted in — in
+/// anonymous memory only, which is why `GuestMemory.untouchedPages()` is the way to get one.
+/// Reads at offsets (pread) only, so threads share it.
+public final class UntouchedPages: Sendable {
+    private let fd: Int32
+    private let pageSize = Int(sysconf(Int32(_SC_PAGESIZE)))
+
+    fileprivate init?() {
+        fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC)
+        if fd < 0 { return nil }
+    }
+
+    deinit { close(fd) }
+
+    /// True only when the page map says so for every page of the range; any doubt says false.
+    public func neverTouched(_ address: UnsafeMutableRawPointer, length: Int) -> Bool {
+        let first = Int(bitPattern: address) / pageSize
+        let count = (length + pageSize - 1) / pageSize
+        var entries = [UInt64](repeating: 0, count: count)
+        let wanted = count * 8
+        let read = entries.withUnsafeMutableBytes { pread(fd, $0.baseAddress, wanted, off_t(first) * 8) }
+        guard read == wanted else { return false }
+        // Bit 63: present in RAM; bit 62: swapped out.
+        return entries.allSatisfy { $0 & (3 << 62) == 0 }
     }
 }

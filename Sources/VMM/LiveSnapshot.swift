@@ -8,10 +8,9 @@ import Glibc
 
 /// A state file written while the guest runs (live snapshots, docs/snapshots.md): RAM goes in
 /// first, round after round of what the guest dirtied, then — during the short pause — the last
-/// dirty pages and the machine's state into the room kept for it before RAM. The checksum is
-/// computed from the file after the guest runs on (nothing writes the file any more by then), and
-/// only then is it synced and renamed into place. Same format as `SavedStateFile.write`'s, with a
-/// wider gap between the metadata and RAM.
+/// dirty pages and the machine's state into the room kept for it before RAM. After the guest runs
+/// on, the trailer (the front's checksum) goes at the end and the file is synced and renamed into
+/// place. Same format as `SavedStateFile.write`'s, with a wider gap between the metadata and RAM.
 final class StateFileInProgress {
     let path: String
     let temporary: String
@@ -19,7 +18,8 @@ final class StateFileInProgress {
     private let memory: GuestMemory
     /// Where RAM starts: the header and the room reserved for the metadata come first.
     let memoryOffset: UInt64
-    private var frontLength = 0
+    /// The checksum of the front, once `writeFront` has written it.
+    private var frontChecksum: UInt32?
     private var finished = false
     /// A run of pages on its way to the file.
     private let buffer = UnsafeMutableRawPointer.allocate(byteCount: 256 * 4096, alignment: 4096)
@@ -95,40 +95,15 @@ final class StateFileInProgress {
         var front = SavedStateFile.magic + header.bytes + metadata
         front += [UInt8](repeating: 0, count: Int(memoryOffset) - front.count)
         try front.withUnsafeBytes { bytes in Result { () throws(VMMError) in try writeAll(bytes, at: 0) } }.get()
-        frontLength = front.count
+        frontChecksum = SavedStateFile.frontChecksum(front)
         return true
     }
 
-    /// After the pause: the checksum over everything written (holes read as zeros, without
-    /// reading them), the trailer, fsync, rename into place.
+    /// After the pause: the trailer, fsync, rename into place.
     func finish() throws(VMMError) {
+        guard let frontChecksum else { throw .host(operation: "finish \(temporary) before its metadata was written", errno: EINVAL) }
         let end = off_t(memoryOffset + memory.totalSize)
-        var crc: UInt = 0
-        var offset: off_t = 0
-        let chunk = 1 << 20
-        let scratch = UnsafeMutableRawPointer.allocate(byteCount: chunk, alignment: 4096)
-        defer { scratch.deallocate() }
-        while offset < end {
-            let data = lseek(fd, offset, SavedStateFile.seekData)
-            let dataStart = data < 0 || data > end ? end : data
-            if dataStart > offset {
-                crc = vireo_crc32_zeros(crc, UInt64(dataStart - offset))
-                offset = dataStart
-                continue
-            }
-            let hole = lseek(fd, offset, SavedStateFile.seekHole)
-            let dataEnd = hole < 0 || hole > end ? end : max(hole, offset + 1)
-            let want = min(Int(dataEnd - offset), chunk)
-            let count = pread(fd, scratch, want, offset)
-            if count < 0 && errno == EINTR { continue }
-            guard count > 0 else { throw .host(operation: "read back \(temporary)", errno: count < 0 ? errno : EIO) }
-            crc = vireo_crc32(crc, scratch, count)
-            offset += off_t(count)
-        }
-        var trailer = StateWriter()
-        trailer.put(UInt32(truncatingIfNeeded: crc))
-        trailer.put(UInt32(0))
-        try (trailer.bytes + SavedStateFile.trailerMagic).withUnsafeBytes { bytes in Result { () throws(VMMError) in try writeAll(bytes, at: end) } }.get()
+        try SavedStateFile.trailer(checksum: frontChecksum).withUnsafeBytes { bytes in Result { () throws(VMMError) in try writeAll(bytes, at: end) } }.get()
         guard fsync(fd) == 0 else { throw .host(operation: "fsync \(temporary)", errno: errno) }
         guard rename(temporary, path) == 0 else { throw .host(operation: "rename \(temporary) to \(path)", errno: errno) }
         finished = true

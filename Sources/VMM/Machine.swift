@@ -269,10 +269,11 @@ public final class Machine: @unchecked Sendable {
         // The guest keeps the CPU it was saved on; a host that cannot offer it is refused.
         try useCPUID(saved.cpuid) { missing in .savedState(path: stateFile, reason: "this host's CPU lacks features the saved guest may use: \(missing)") }
         let started = VMMClock.now()
-        try restore(saved, memoryFrom: opened)
-        // The guest now runs on from the state; a later save writes a new one.
+        let mapped = try restore(saved, memoryFrom: opened)
+        // The guest now runs on from the state; a later save writes a new one. A mapped file
+        // lives on, unnamed, until this VMM exits (docs/snapshots.md).
         unlink(stateFile)
-        vmmLog("restored from \(stateFile) in \((VMMClock.now() - started) / 1000) us")
+        vmmLog("restored from \(stateFile) in \((VMMClock.now() - started) / 1000) us (RAM \(mapped ? "mapped from the file" : "read"))")
     }
 
     /// Takes the VM from the migration stream: the source's description of it first, checked
@@ -517,7 +518,7 @@ public final class Machine: @unchecked Sendable {
             acpiRegisters?.resetState()
             shutdownRequested.store(false, ordering: .relaxed)
             do throws(GuestMemoryError) {
-                for region in memory.regions { try memory.discard(region.start, length: region.size) }
+                try memory.zeroAll()
             } catch {
                 throw .memory(error)
             }

@@ -295,9 +295,10 @@ final class DirtyPages {
 
     var vmmWrittenPages: Int { writtenByVMM.reduce(0) { $0 + $1.population } }
 
-    /// Marks every page the guest ever touched (round 0); never-touched RAM is zero anyway.
+    /// Marks every page the guest ever touched (round 0); never-touched RAM is zero anyway —
+    /// unless RAM maps a saved state, when every page counts.
     func markTouched() {
-        let pageMap = PageMap()
+        let pageMap = machine.memory.untouchedPages()
         for (index, region) in machine.memory.regions.enumerated() {
             let bitmap = dirty[index]
             for word in 0..<bitmap.count {

@@ -12,15 +12,17 @@ import Glibc
 ///     metadata (a BinaryRecord of SavedMachineState: the machine spec, CPUID, clocks, interrupt controllers, vCPUs, devices)
 ///     zero padding to the memory offset (page-aligned)
 ///     guest RAM, region after region
-///     u32 CRC-32 of everything before it   u32 0   "VIREOEND"
+///     u32 CRC-32 of everything before the memory   u32 0   "VIREOEND"
 ///
 /// A state file is hostile input: the header's numbers are checked against each other and the
-/// file's size, the checksum before anything reaches KVM, every field as it is decoded.
+/// file's size, and the checksum of all the VMM parses (header, metadata, padding) before any of
+/// it is decoded; every field as it is decoded. Guest RAM is the guest's own data, which no host
+/// code interprets: it is not checksummed, so a restore can map it instead of reading it.
 enum SavedStateFile {
     static let magic = Array("VIREOSAV".utf8)
     static let trailerMagic = Array("VIREOEND".utf8)
     /// Bumped whenever the layout changes; a newer file is refused with the versions named.
-    static let version: UInt32 = 3
+    static let version: UInt32 = 4
     static let headerSize = 40
     static let trailerSize = 16
     static let metadataLimit = 64 << 20
@@ -67,22 +69,19 @@ extension SavedStateFile {
         header.put(memory.totalSize)
         var front = magic + header.bytes.dropFirst(8) + metadata
         front += [UInt8](repeating: 0, count: Int(memoryOffset) - front.count)
-        var crc = front.withUnsafeBytes { vireo_crc32(0, $0.baseAddress, $0.count) }
+        let crc = frontChecksum(front)
         try writeAll(fd, front, path: temporary)
-        // RAM the guest never wrote stays a hole in the file (read back as zeros); the checksum
-        // covers it all the same. Pages that were never touched are known from the page map
-        // without reading them (reading would fault each one in).
-        let pages = PageMap()
+        // RAM the guest never wrote stays a hole in the file (read back as zeros). Pages that were
+        // never touched are known from the page map without reading them (reading would fault
+        // each one in).
+        let pages = memory.untouchedPages()
         var offset = off_t(memoryOffset)
         for region in memory.regions {
             var done = 0
             while done < Int(region.size) {
                 let length = min(chunkSize, Int(region.size) - done)
                 let chunk = region.host + done
-                if pages?.neverTouched(chunk, length: length) == true || vireo_is_zero(chunk, length) != 0 {
-                    crc = vireo_crc32_zeros(crc, UInt64(length))
-                } else {
-                    crc = vireo_crc32(crc, chunk, length)
+                if pages?.neverTouched(chunk, length: length) != true && vireo_is_zero(chunk, length) == 0 {
                     let failure = writeAllReportingErrno(fd, UnsafeRawBufferPointer(start: chunk, count: length), at: offset)
                     if failure != 0 { throw .host(operation: "write \(temporary)", errno: failure) }
                 }
@@ -91,14 +90,23 @@ extension SavedStateFile {
             }
         }
         guard ftruncate(fd, offset) == 0 else { throw .host(operation: "extend \(temporary)", errno: errno) }
-        var trailer = StateWriter()
-        trailer.put(UInt32(truncatingIfNeeded: crc))
-        trailer.put(UInt32(0))
-        let failure = (trailer.bytes + trailerMagic).withUnsafeBytes { writeAllReportingErrno(fd, $0, at: offset) }
+        let failure = trailer(checksum: crc).withUnsafeBytes { writeAllReportingErrno(fd, $0, at: offset) }
         if failure != 0 { throw .host(operation: "write \(temporary)", errno: failure) }
         guard fsync(fd) == 0 else { throw .host(operation: "fsync \(temporary)", errno: errno) }
         guard rename(temporary, path) == 0 else { throw .host(operation: "rename \(temporary) to \(path)", errno: errno) }
         completed = true
+    }
+
+    /// The checksum of the front: header, metadata and the padding up to RAM.
+    static func frontChecksum(_ front: [UInt8]) -> UInt32 {
+        UInt32(truncatingIfNeeded: front.withUnsafeBytes { vireo_crc32(0, $0.baseAddress, $0.count) })
+    }
+
+    static func trailer(checksum: UInt32) -> [UInt8] {
+        var trailer = StateWriter()
+        trailer.put(checksum)
+        trailer.put(UInt32(0))
+        return trailer.bytes + trailerMagic
     }
 
     private static func writeAll(_ fd: Int32, _ bytes: [UInt8], path: String) throws(VMMError) {
@@ -159,8 +167,8 @@ extension SavedStateFile {
         return try read(descriptor: fd, path: path)
     }
 
-    /// Checks the header of the state file open on `fd` (which it then owns) against its size
-    /// and reads the metadata; RAM is read later.
+    /// Checks the header of the state file open on `fd` (which it then owns) against its size,
+    /// and the front against its checksum, and reads the metadata; RAM comes later.
     static func read(descriptor fd: Int32, path: String) throws(VMMError) -> Opened {
         func refuse(_ reason: String) -> VMMError {
             close(fd)
@@ -169,12 +177,13 @@ extension SavedStateFile {
         var status = stat()
         guard fstat(fd, &status) == 0 else { let code = errno; close(fd); throw .host(operation: "stat \(path)", errno: code) }
         let fileSize = UInt64(status.st_size)
-        var front = [UInt8](repeating: 0, count: headerSize)
-        guard (front.withUnsafeMutableBytes { pread(fd, $0.baseAddress, headerSize, 0) }) == headerSize else {
+        var headerBytes = [UInt8](repeating: 0, count: headerSize)
+        guard (headerBytes.withUnsafeMutableBytes { pread(fd, $0.baseAddress, headerSize, 0) }) == headerSize else {
             throw refuse("shorter than its \(headerSize)-byte header (\(fileSize) bytes)")
         }
-        guard Array(front[0..<8]) == magic else { throw refuse("not a Vireo saved state (no VIREOSAV magic)") }
-        var reader = StateReader(Array(front[8...]))
+        guard Array(headerBytes[0..<8]) == magic else { throw refuse("not a Vireo saved state (no VIREOSAV magic)") }
+        // The header's own numbers are read before the checksum: they say where it is.
+        var reader = StateReader(Array(headerBytes[8...]))
         let header: Header
         do throws(StateError) {
             let version = try reader.get(UInt32.self, "version")
@@ -200,52 +209,43 @@ extension SavedStateFile {
         guard !overflow, end <= UInt64.max - UInt64(trailerSize), end + UInt64(trailerSize) == fileSize else {
             throw refuse("\(fileSize) bytes, but the header describes \(overflow ? "more than can exist" : String(end &+ UInt64(trailerSize))) (truncated or extended)")
         }
-        var metadata = [UInt8](repeating: 0, count: Int(header.metadataLength))
-        guard (metadata.withUnsafeMutableBytes { pread(fd, $0.baseAddress, $0.count, off_t(headerSize)) }) == metadata.count else {
+        // The whole front (header, metadata, padding) against the trailer's checksum, before
+        // anything in it is decoded.
+        var front = [UInt8](repeating: 0, count: Int(header.memoryOffset))
+        guard (front.withUnsafeMutableBytes { pread(fd, $0.baseAddress, $0.count, 0) }) == front.count else {
             throw refuse("metadata could not be read")
         }
+        var trailer = [UInt8](repeating: 0, count: trailerSize)
+        guard (trailer.withUnsafeMutableBytes { pread(fd, $0.baseAddress, $0.count, off_t(fileSize) - off_t(trailerSize)) }) == trailer.count,
+              Array(trailer[8...]) == trailerMagic else {
+            throw refuse("no VIREOEND trailer after the memory (truncated?)")
+        }
+        let recorded = UInt32(trailer[0]) | UInt32(trailer[1]) << 8 | UInt32(trailer[2]) << 16 | UInt32(trailer[3]) << 24
+        let computed = frontChecksum(front)
+        guard recorded == computed else {
+            throw refuse("checksum mismatch in its header and metadata (recorded 0x\(String(recorded, radix: 16)), computed 0x\(String(computed, radix: 16))): the file is damaged")
+        }
+        let metadata = Array(front[headerSize..<(headerSize + Int(header.metadataLength))])
         return Opened(fd: fd, path: path, header: header, metadata: metadata)
     }
 }
 
-/// This process's /proc/self/pagemap: which pages of an anonymous mapping were ever touched.
-/// A page neither present nor swapped out reads as zeros without having to be faulted in.
-final class PageMap {
-    private let fd: Int32
-    private let pageSize = Int(sysconf(Int32(_SC_PAGESIZE)))
-
-    init?() {
-        fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC)
-        if fd < 0 { return nil }
-    }
-
-    deinit { close(fd) }
-
-    /// True only when the page map says so for every page of the range; any doubt says false.
-    func neverTouched(_ address: UnsafeMutableRawPointer, length: Int) -> Bool {
-        let first = Int(bitPattern: address) / pageSize
-        let count = (length + pageSize - 1) / pageSize
-        var entries = [UInt64](repeating: 0, count: count)
-        let wanted = count * 8
-        let read = entries.withUnsafeMutableBytes { pread(fd, $0.baseAddress, wanted, off_t(first) * 8) }
-        guard read == wanted else { return false }
-        // Bit 63: present in RAM; bit 62: swapped out.
-        return entries.allSatisfy { $0 & (3 << 62) == 0 }
-    }
-}
-
 extension SavedStateFile.Opened {
-    /// Reads guest RAM into `memory` and checks the whole file's CRC-32; nothing from the file may
-    /// reach KVM before this returns.
-    func readMemoryAndVerify(into memory: GuestMemory) throws(VMMError) {
+    /// Puts the file's RAM under `memory`: mapped privately when the RAM is plain anonymous
+    /// memory (the default; pages come from the file as the guest first touches them, so the
+    /// cost does not grow with the guest), read now otherwise. True when mapped.
+    func loadMemory(into memory: GuestMemory) throws(VMMError) -> Bool {
         guard header.memoryLength == memory.totalSize else {
             throw .savedState(path: path, reason: "it holds \(header.memoryLength >> 20) MiB of memory; this VM has \(memory.totalSize >> 20) MiB")
         }
-        var front = [UInt8](repeating: 0, count: Int(header.memoryOffset))
-        guard (front.withUnsafeMutableBytes { pread(fd, $0.baseAddress, $0.count, 0) }) == front.count else {
-            throw .savedState(path: path, reason: "its header could not be read again")
+        if memory.mayMapFile {
+            do throws(GuestMemoryError) {
+                try memory.mapPrivately(file: fd, at: header.memoryOffset)
+            } catch {
+                throw .memory(error)
+            }
+            return true
         }
-        var crc = front.withUnsafeBytes { vireo_crc32(0, $0.baseAddress, $0.count) }
         var offset = off_t(header.memoryOffset)
         for region in memory.regions {
             let end = offset + off_t(region.size)
@@ -255,7 +255,6 @@ extension SavedStateFile.Opened {
                 let data = lseek(fd, offset, SavedStateFile.seekData)
                 let dataStart = data < 0 || data > end ? end : data
                 if dataStart > offset {
-                    crc = vireo_crc32_zeros(crc, UInt64(dataStart - offset))
                     done += Int(dataStart - offset)
                     offset = dataStart
                     continue
@@ -266,19 +265,10 @@ extension SavedStateFile.Opened {
                 let count = pread(fd, region.host + done, want, offset)
                 if count < 0 && errno == EINTR { continue }
                 guard count > 0 else { throw .savedState(path: path, reason: "memory could not be read at offset \(offset)") }
-                crc = vireo_crc32(crc, region.host + done, count)
                 done += count
                 offset += off_t(count)
             }
         }
-        var trailer = [UInt8](repeating: 0, count: SavedStateFile.trailerSize)
-        guard (trailer.withUnsafeMutableBytes { pread(fd, $0.baseAddress, $0.count, offset) }) == trailer.count,
-              Array(trailer[8...]) == SavedStateFile.trailerMagic else {
-            throw .savedState(path: path, reason: "no VIREOEND trailer after the memory (truncated?)")
-        }
-        let recorded = UInt32(trailer[0]) | UInt32(trailer[1]) << 8 | UInt32(trailer[2]) << 16 | UInt32(trailer[3]) << 24
-        guard recorded == UInt32(truncatingIfNeeded: crc) else {
-            throw .savedState(path: path, reason: "checksum mismatch (recorded 0x\(String(recorded, radix: 16)), computed 0x\(String(UInt32(truncatingIfNeeded: crc), radix: 16))): the file is damaged")
-        }
+        return false
     }
 }
