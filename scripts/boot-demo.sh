@@ -4,7 +4,7 @@
 # Extra arguments go to `vireo run` (e.g. --cpus 4 --memory 1G).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/setup.sh release
+scripts/setup.sh demo
 # The ACPI flavour: it finds its CPUs, devices and power button in Vireo's ACPI tables, as a
 # distribution kernel does.
 kernel_dir=$(scripts/build-tiny-kernel.sh acpi)

@@ -1,21 +1,32 @@
 #!/usr/bin/env bash
 # Installs what Vireo needs on a fresh Debian 12 machine and builds it. Idempotent: packages
 # already present are not reinstalled.
-#   scripts/setup.sh            build in debug (what the tests use)
-#   scripts/setup.sh release    build in release as well
+#   scripts/setup.sh         everything the tests use; a debug build (what the tests run)
+#   scripts/setup.sh demo    only what scripts/boot-demo.sh uses: its packages and a release
+#                            build of the two programs it runs, nothing else (the first run's time)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+profile=${1:-tests}
+case "$profile" in
+  tests|demo) ;;
+  *) echo "setup: '$profile' is not one of tests, demo" >&2; exit 2 ;;
+esac
 
-packages=(
-  build-essential          # gcc/make: probe guests and the tiny kernel
-  linux-source-6.1         # the tiny test kernel's source
+# What the demo needs: the Swift build's C libraries and the tiny kernel's build.
+demo_packages=(
+  build-essential          # gcc/make: the tiny kernel and its initramfs
+  linux-source-6.1         # the tiny kernel's source
   flex bison bc libelf-dev libssl-dev cpio lz4 xz-utils gzip   # kernel build and initramfs
+  zlib1g-dev                                                   # qcow2 compressed clusters
+  libseccomp-dev                                               # the VMM's seccomp filters (docs/isolation.md)
+)
+# The tests use all of the demo's and these.
+packages=(
+  "${demo_packages[@]}"    # gcc/make also build the probe guests
   qemu-system-x86 qemu-utils                                   # the qemu engine; peers for benchmarks and image checks
   seabios ovmf                                                 # the qemu engine's BIOS and UEFI firmware
   debian-installer-12-netboot-amd64 grub-pc-bin grub-efi-amd64-bin xorriso mtools   # the installer ISO the qemu tests make
   tesseract-ocr tesseract-ocr-eng                              # reads the installer's screens in the qemu tests
-  zlib1g-dev                                                   # qcow2 compressed clusters
-  libseccomp-dev                                               # the VMM's seccomp filters (docs/isolation.md)
   e2fsprogs                                                    # ext4 root images for the Linux tests
   iproute2 dnsmasq-base nftables passt                         # networks: bridges and taps, DHCP and DNS, NAT and forwards, user mode
   python3 acl                                                  # the net tests' echo servers; an ACL grants an unprivileged test user /dev/kvm
@@ -26,6 +37,7 @@ packages=(
   chromium chromium-driver python3-selenium python3-venv curl wrk   # the manager's browser test, schemathesis's venv, the API load test
   stunnel4 openssl procps                                      # `vireo serve --tls-cert`: TLS in front of the API (docs/api.md); test certificates; pgrep in its test
 )
+if [[ "$profile" == demo ]]; then packages=("${demo_packages[@]}"); fi
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
@@ -42,6 +54,13 @@ if ! command -v swift >/dev/null; then
   exit 1
 fi
 
+if [[ "$profile" == demo ]]; then
+  # `vireo run` and the VMM it starts; not the tests, the fuzzer or a debug build.
+  swift build -c release --product vireo >&2
+  swift build -c release --product vireo-vmm >&2
+  exit 0
+fi
+
 # schemathesis (PyPI; not in Debian) checks the API against its OpenAPI document. Kept in a venv
 # under ~/.cache/vireo, pinned, made once.
 schemathesis_version=4.32.5
@@ -53,4 +72,3 @@ if ! "$venv/bin/schemathesis" --version 2>/dev/null | grep -q "$schemathesis_ver
 fi
 
 swift build >&2
-if [[ "${1:-}" == "release" ]]; then swift build -c release >&2; fi
