@@ -424,6 +424,12 @@ public final class Machine: @unchecked Sendable {
             vmmLog("virtio-vsock: \(vsock.packetsFromGuest.load(ordering: .relaxed)) packets from the guest, \(vsock.packetsToGuest.load(ordering: .relaxed)) to it")
         }
         if let entropy { vmmLog("virtio-rng: provided \(entropy.bytesProvided.load(ordering: .relaxed)) bytes") }
+        if !virtioTransports.isEmpty {
+            let raised = virtioTransports.reduce(UInt64(0)) { $0 + $1.interruptsRaised.load(ordering: .relaxed) }
+            let suppressed = virtioTransports.reduce(UInt64(0)) { $0 + $1.interruptsSuppressed.load(ordering: .relaxed) }
+            let sessions = virtioTransports.reduce(UInt64(0)) { $0 + $1.eventIndexSessions.load(ordering: .relaxed) }
+            vmmLog("virtio: EVENT_IDX taken in \(sessions) driver sessions; \(raised) used-buffer interrupts raised, \(suppressed) left out")
+        }
     }
 
     func kickAll(_ threads: [HostThread]) {

@@ -137,6 +137,38 @@ func makeBlockDevice(size: UInt64 = 1 << 20, readOnly: Bool = false) throws -> (
         #expect(driver.usedIndex == 5)
     }
 
+    /// VIRTIO_F_EVENT_IDX (§2.7.7, §2.7.10): offered by the transport; once negotiated the
+    /// device writes `avail_event` when it has drained the queue and interrupts only when the
+    /// driver's `used_event` lies among the entries published since the last interrupt.
+    @Test func eventIndexSuppressesInterrupts() throws {
+        var (driver, line, _) = try makeBlockDevice()
+        driver.set(0x14, 0)
+        #expect(driver.register(0x010) & (1 << 29) != 0)
+        driver.initialise(features: VirtioFeature.version1 | VirtioFeature.eventIndex)
+        #expect(driver.register(0x70) == 0xf)
+        let availableEvent = GuestPhysicalAddress(TestDriver.used + 4 + 8 * 16)
+        let usedEvent = GuestPhysicalAddress(TestDriver.available + 4 + 2 * 16)
+        // The driver wants an interrupt once used entry 4 is published (the used index passes 4).
+        try driver.memory.write(UInt16(4), at: usedEvent)
+
+        try driver.submit(try driver.blockRequest(type: 4, sector: 0, dataLength: 0, dataWritable: false))
+        #expect(driver.usedIndex == 1 && driver.status == 0)
+        // The first completion of a new queue always interrupts; the drained queue asks to hear
+        // of the very next entry.
+        #expect(line.count == 1)
+        #expect(try driver.memory.read(UInt16.self, at: availableEvent) == 1)
+        var counts: [Int] = []
+        for _ in 0..<5 {
+            driver.nextDescriptor = 0
+            try driver.submit(try driver.blockRequest(type: 4, sector: 0, dataLength: 0, dataWritable: false))
+            counts.append(line.count)
+        }
+        // Used index 2, 3, 4: suppressed; 5 passes used_event 4: one interrupt; 6: suppressed.
+        #expect(counts == [1, 1, 1, 2, 2], "\(counts)")
+        #expect(driver.usedIndex == 6)
+        #expect(try driver.memory.read(UInt16.self, at: availableEvent) == 6)
+    }
+
     @Test func discardAndWriteZeroes() throws {
         var (driver, _, disk) = try makeBlockDevice()
         driver.set(0x14, 0)

@@ -59,9 +59,16 @@ public final class VirtQueue: @unchecked Sendable {
     let usedRing: GuestPhysicalAddress
     private(set) var nextAvailable: UInt16 = 0
     private(set) var nextUsed: UInt16 = 0
+    /// VIRTIO_F_EVENT_IDX was negotiated (virtio 1.x §2.7.7, §2.7.10): the driver says in
+    /// `used_event` after which used entry it wants an interrupt, and the device says in
+    /// `avail_event` after which available entry it wants a notification.
+    let usesEventIndex: Bool
+    /// The used index when the driver was last interrupted; nil when not known (a new or restored
+    /// queue), and then the next completion interrupts.
+    private var signalledUsed: UInt16?
 
     public init(memory: GuestMemory, size: UInt16, maximumSize: UInt16, descriptorTable: GuestPhysicalAddress,
-                availableRing: GuestPhysicalAddress, usedRing: GuestPhysicalAddress) throws(VirtioError) {
+                availableRing: GuestPhysicalAddress, usedRing: GuestPhysicalAddress, usesEventIndex: Bool = false) throws(VirtioError) {
         guard size > 0, size <= maximumSize, size.nonzeroBitCount == 1 else { throw .invalidQueueSize(size, maximum: maximumSize) }
         let rings: [(String, GuestPhysicalAddress, UInt64, UInt64)] = [
             ("descriptor table", descriptorTable, 16 * UInt64(size), 16),
@@ -77,7 +84,13 @@ public final class VirtQueue: @unchecked Sendable {
         self.descriptorTable = descriptorTable
         self.availableRing = availableRing
         self.usedRing = usedRing
+        self.usesEventIndex = usesEventIndex
     }
+
+    /// `used_event`, after the available ring's entries; `avail_event`, after the used ring's.
+    /// Both lie inside the rings the initialiser checked.
+    private var usedEventAddress: GuestPhysicalAddress { availableRing + 4 + 2 * UInt64(size) }
+    private var availableEventAddress: GuestPhysicalAddress { usedRing + 4 + 8 * UInt64(size) }
 
     /// Where a restored queue resumes: the next available entry to read and the next used slot.
     public func restoreIndices(nextAvailable: UInt16, nextUsed: UInt16) {
@@ -89,8 +102,16 @@ public final class VirtQueue: @unchecked Sendable {
 
     /// The next chain the driver made available, or nil when there is none.
     public func popChain() throws(VirtioError) -> DescriptorChain? {
-        let availableIndex = try read(UInt16.self, availableRing + 2)
-        if availableIndex == nextAvailable { return nil }
+        var availableIndex = try read(UInt16.self, availableRing + 2)
+        if availableIndex == nextAvailable {
+            guard usesEventIndex else { return nil }
+            // Drained: ask to be notified of the very next entry, then look once more, since the
+            // driver may have added one before it could see the request (§2.7.10).
+            try write(nextAvailable, availableEventAddress)
+            atomicMemoryFence(ordering: .sequentiallyConsistent)
+            availableIndex = try read(UInt16.self, availableRing + 2)
+            if availableIndex == nextAvailable { return nil }
+        }
         guard availableIndex &- nextAvailable <= size else {
             throw .availableIndexJump(from: nextAvailable, to: availableIndex, size: size)
         }
@@ -148,6 +169,21 @@ public final class VirtQueue: @unchecked Sendable {
         // The element must be visible before the index that publishes it.
         atomicMemoryFence(ordering: .releasing)
         try write(nextUsed, usedRing + 2)
+    }
+
+    /// Whether the used entries published since the driver's last interrupt call for one now:
+    /// always without EVENT_IDX; with it, when `used_event` lies among them (the spec's
+    /// `vring_need_event`). Called once per interrupt decision; it remembers the index.
+    public func needsInterrupt() -> Bool {
+        guard usesEventIndex else { return true }
+        let newUsed = nextUsed
+        let previous = signalledUsed
+        signalledUsed = newUsed
+        // The used index is published before `used_event` is read: the driver writes it and then
+        // reads the index, the other half of the same race.
+        atomicMemoryFence(ordering: .sequentiallyConsistent)
+        guard let previous, let event = try? read(UInt16.self, usedEventAddress) else { return true }
+        return newUsed &- event &- 1 < newUsed &- previous
     }
 
     private func read<T: FixedWidthInteger>(_ type: T.Type, _ address: GuestPhysicalAddress) throws(VirtioError) -> T {

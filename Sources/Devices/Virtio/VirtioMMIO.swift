@@ -74,6 +74,9 @@ public final class VirtioQueueAccessLink: Sendable {
 
 public enum VirtioFeature {
     public static let version1: UInt64 = 1 << 32
+    /// VIRTIO_F_EVENT_IDX: notification and interrupt suppression by ring index (§2.7.7). The
+    /// transport offers it for every device: the queue does the work.
+    public static let eventIndex: UInt64 = 1 << 29
 }
 
 /// The virtio-mmio transport (virtio 1.x §4.2, "version 2", no legacy interface), as Firecracker
@@ -123,6 +126,12 @@ public final class VirtioMMIOTransport: MMIODevice, VirtioQueueAccess, Snapshott
     let interrupt: any InterruptLine
     private let state: Mutex<State>
     private let probed = Atomic<Bool>(false)
+    /// Used-buffer interrupts raised, and those EVENT_IDX let the device leave out (the driver
+    /// had not asked for one yet), for the VMM log.
+    public let interruptsRaised = Atomic<UInt64>(0)
+    public let interruptsSuppressed = Atomic<UInt64>(0)
+    /// Driver sessions (FEATURES_OK) that took VIRTIO_F_EVENT_IDX, for the VMM log.
+    public let eventIndexSessions = Atomic<UInt64>(0)
 
     /// Whether the guest has read the transport's magic value: a driver looked for the device.
     public var wasProbed: Bool { probed.load(ordering: .relaxed) }
@@ -153,7 +162,7 @@ public final class VirtioMMIOTransport: MMIODevice, VirtioQueueAccess, Snapshott
             case 0x008: return device.deviceType
             case 0x00c: return Self.vendor
             case 0x010:
-                return state.deviceFeaturesSelect < 2 ? UInt32(truncatingIfNeeded: device.deviceFeatures >> (32 * UInt64(state.deviceFeaturesSelect))) : 0
+                return state.deviceFeaturesSelect < 2 ? UInt32(truncatingIfNeeded: offeredFeatures >> (32 * UInt64(state.deviceFeaturesSelect))) : 0
             case 0x034: return UInt32(selected < device.queueMaximumSizes.count ? device.queueMaximumSizes[selected] : 0)
             case 0x044: return queue?.ready == true ? 1 : 0
             case 0x060: return state.interruptStatus
@@ -212,15 +221,19 @@ public final class VirtioMMIOTransport: MMIODevice, VirtioQueueAccess, Snapshott
         var accepted = value
         if value & Status.featuresOK != 0 && state.status & Status.featuresOK == 0 {
             // The driver may only accept what was offered, and a modern device needs VERSION_1.
-            let offered = device.deviceFeatures
+            let offered = offeredFeatures
             if state.driverFeatures & ~offered != 0 || state.driverFeatures & VirtioFeature.version1 == 0 {
                 accepted &= ~Status.featuresOK
             } else {
                 device.acceptFeatures(state.driverFeatures)
+                if state.driverFeatures & VirtioFeature.eventIndex != 0 { eventIndexSessions.add(1, ordering: .relaxed) }
             }
         }
         state.status = accepted | (state.status & Status.needsReset)
     }
+
+    /// The device's features and the transport's own.
+    var offeredFeatures: UInt64 { device.deviceFeatures | VirtioFeature.eventIndex }
 
     private func setQueueReady(_ ready: Bool, index: Int, state: inout State) {
         guard ready else {
@@ -233,7 +246,7 @@ public final class VirtioMMIOTransport: MMIODevice, VirtioQueueAccess, Snapshott
             state.queues[index].queue = try VirtQueue(
                 memory: memory, size: registers.size, maximumSize: device.queueMaximumSizes[index],
                 descriptorTable: GuestPhysicalAddress(registers.descriptor), availableRing: GuestPhysicalAddress(registers.driver),
-                usedRing: GuestPhysicalAddress(registers.device))
+                usedRing: GuestPhysicalAddress(registers.device), usesEventIndex: state.driverFeatures & VirtioFeature.eventIndex != 0)
             state.queues[index].ready = true
         } catch {
             fail(error, state: &state)
@@ -261,12 +274,22 @@ public final class VirtioMMIOTransport: MMIODevice, VirtioQueueAccess, Snapshott
                   index >= 0, index < state.queues.count, let queue = state.queues[index].queue else { return false }
             do throws(VirtioError) {
                 guard try body(queue, memory) else { return false }
-                raise(0x1, state: &state)
+                interruptIfAsked(queue, state: &state)
                 return true
             } catch {
                 fail(error, state: &state)
                 return false
             }
+        }
+    }
+
+    /// New used entries: the used-buffer interrupt, unless EVENT_IDX says the driver has not asked.
+    private func interruptIfAsked(_ queue: VirtQueue, state: inout State) {
+        if queue.needsInterrupt() {
+            interruptsRaised.add(1, ordering: .relaxed)
+            raise(0x1, state: &state)
+        } else {
+            interruptsSuppressed.add(1, ordering: .relaxed)
         }
     }
 
@@ -291,7 +314,7 @@ public final class VirtioMMIOTransport: MMIODevice, VirtioQueueAccess, Snapshott
         guard !state.quiesced, state.status & Status.driverOK != 0, state.status & Status.needsReset == 0,
               index >= 0, index < state.queues.count, let queue = state.queues[index].queue else { return }
         do {
-            if try device.process(queue: index, queue, memory: memory) { raise(0x1, state: &state) }
+            if try device.process(queue: index, queue, memory: memory) { interruptIfAsked(queue, state: &state) }
         } catch {
             fail(error, state: &state)
         }
@@ -372,8 +395,8 @@ public final class VirtioMMIOTransport: MMIODevice, VirtioQueueAccess, Snapshott
             throw .invalid(field: "interruptStatus", reason: "0x\(String(saved.interruptStatus, radix: 16)) has bits other than used-buffer and configuration")
         }
         let featuresAccepted = saved.status & Status.featuresOK != 0
-        if featuresAccepted, saved.driverFeatures & ~device.deviceFeatures != 0 {
-            throw .invalid(field: "driverFeatures", reason: "0x\(String(saved.driverFeatures, radix: 16)) includes features this device does not offer (0x\(String(device.deviceFeatures, radix: 16)))")
+        if featuresAccepted, saved.driverFeatures & ~offeredFeatures != 0 {
+            throw .invalid(field: "driverFeatures", reason: "0x\(String(saved.driverFeatures, radix: 16)) includes features this device does not offer (0x\(String(offeredFeatures, radix: 16)))")
         }
         let maximums = device.queueMaximumSizes
         guard saved.queues.count == maximums.count else {
@@ -397,7 +420,8 @@ public final class VirtioMMIOTransport: MMIODevice, VirtioQueueAccess, Snapshott
                 do throws(VirtioError) {
                     let ring = try VirtQueue(memory: memory, size: queue.size, maximumSize: maximums[index],
                                              descriptorTable: GuestPhysicalAddress(queue.descriptor),
-                                             availableRing: GuestPhysicalAddress(queue.driver), usedRing: GuestPhysicalAddress(queue.device))
+                                             availableRing: GuestPhysicalAddress(queue.driver), usedRing: GuestPhysicalAddress(queue.device),
+                                             usesEventIndex: saved.driverFeatures & VirtioFeature.eventIndex != 0)
                     ring.restoreIndices(nextAvailable: entry.nextAvailable, nextUsed: entry.nextUsed)
                     queue.queue = ring
                 } catch {
