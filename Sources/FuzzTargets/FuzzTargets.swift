@@ -29,8 +29,8 @@ public enum Fuzz {
         public init(accepted: Bool = false, operations: Int = 0) { self.accepted = accepted; self.operations = operations }
     }
 
-    /// The input: 2 bytes queue size, 3 × 2 bytes ring page numbers (descriptor table, available
-    /// ring, used ring; 4 KiB units), then guest RAM contents.
+    /// The input: 2 bytes queue size (its top bit: EVENT_IDX negotiated), 3 × 2 bytes ring page
+    /// numbers (descriptor table, available ring, used ring; 4 KiB units), then guest RAM contents.
     public static func virtqueue(_ data: UnsafeRawBufferPointer) { _ = virtqueueOutcome(data) }
 
     public static func virtqueueOutcome(_ data: UnsafeRawBufferPointer) -> Outcome {
@@ -41,8 +41,8 @@ public enum Fuzz {
         let contents = bytes[8...].prefix(Int(memoryBytes))
         try? memory.write(contents, at: GuestPhysicalAddress(0))
         let page = { (value: UInt16) in GuestPhysicalAddress(UInt64(value % 32) * 4096 + UInt64(value >> 5) % 16) }
-        guard let queue = try? VirtQueue(memory: memory, size: half(0), maximumSize: 256, descriptorTable: page(half(2)),
-                                         availableRing: page(half(4)), usedRing: page(half(6))) else { return outcome }
+        guard let queue = try? VirtQueue(memory: memory, size: half(0) & 0x7fff, maximumSize: 256, descriptorTable: page(half(2)),
+                                         availableRing: page(half(4)), usedRing: page(half(6)), usesEventIndex: half(0) & 0x8000 != 0) else { return outcome }
         outcome.accepted = true
         // The device most exposed to guests: every request type with whatever the chains hold.
         let completedBefore = block.completed.load(ordering: .relaxed)
@@ -52,6 +52,7 @@ public enum Fuzz {
         for _ in 0..<64 {
             guard let chain = try? queue.popChain() else { break }
             try? queue.pushUsed(head: chain.head, written: chain.buffers.first?.length ?? 0)
+            _ = queue.needsInterrupt()
             outcome.operations += 1
         }
         return outcome
