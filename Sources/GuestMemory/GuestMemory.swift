@@ -98,7 +98,10 @@ public final class GuestMemory: @unchecked Sendable {
     private let mapsFile = Atomic<Bool>(false)
     /// Opened with the RAM, before the jail: the jailed VMM runs as another uid, which makes it
     /// undumpable, and /proc/self/pagemap of an undumpable process is root's alone.
-    private let pageMap: UntouchedPages?
+    private let pageMap: PageMapFile?
+    /// Where mapped RAM comes from (`mapPrivately`): kept open for the life of the memory, so a
+    /// reader can tell the state's holes (zeros) from its data.
+    private let mappedState = Mutex<SavedStateView?>(nil)
 
     /// How guest RAM is backed (docs/resources.md).
     /// How the RAM is backed: the machine spec's own value, mapped as it says.
@@ -185,7 +188,7 @@ public final class GuestMemory: @unchecked Sendable {
         mayMapFile = backing.file == nil && backing.hugePageSize == nil && !backing.preallocate && !backing.locked && backing.numaNode == nil
         advisesMergeable = backing.mergeable
         advisesHugePages = backing.transparentHugePages && !backing.mergeable && backing.hugePageSize == nil && backing.file == nil
-        pageMap = UntouchedPages()
+        pageMap = PageMapFile()
         // Pages of a shared file mapping keep their contents when dropped from the mapping: they
         // are zeroed by punching holes in the file instead.
         if backing.shared, backingDescriptor >= 0 {
@@ -205,6 +208,7 @@ public final class GuestMemory: @unchecked Sendable {
 
     deinit {
         if ownsMappings { for region in regions { munmap(region.host, Int(region.size)) } }
+        mappedState.withLock { if let view = $0 { close(view.descriptor) } }
         if let sharedFile { close(sharedFile.descriptor) }
         if privateFileDescriptor >= 0 { close(privateFileDescriptor) }
         for log in writeLogs { log.deallocate() }
@@ -221,9 +225,21 @@ public final class GuestMemory: @unchecked Sendable {
     /// itself never changes. Only for plain anonymous RAM (`mayMapFile`), before any vCPU runs.
     public func mapPrivately(file descriptor: Int32, at offset: UInt64) throws(GuestMemoryError) {
         guard mayMapFile, ownsMappings, offset % Self.pageSize == 0 else { throw .fileMappingFailed(offset: offset, errno: EINVAL) }
+        let kept = dup(descriptor)
+        guard kept >= 0 else { throw .fileMappingFailed(offset: offset, errno: errno) }
+        var view = SavedStateView(descriptor: kept, regions: [])
+        var fileOffset = offset
+        for region in regions {
+            view.regions.append((UInt(bitPattern: region.host), UInt(region.size), fileOffset))
+            fileOffset += region.size
+        }
+        mappedState.withLock { earlier in
+            if let earlier { close(earlier.descriptor) }
+            earlier = view
+        }
         // First, so nothing reads the page map as if RAM were still anonymous.
         mapsFile.store(true, ordering: .sequentiallyConsistent)
-        var fileOffset = offset
+        fileOffset = offset
         for region in regions {
             guard region.size % Self.pageSize == 0,
                   let mapped = mmap(region.host, Int(region.size), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_FIXED | MAP_NORESERVE,
@@ -240,11 +256,14 @@ public final class GuestMemory: @unchecked Sendable {
     /// that started as zeros.
     public var mapsSavedState: Bool { mapsFile.load(ordering: .sequentiallyConsistent) }
 
-    /// A reader of which pages were never touched, for a writer that would leave them out as
-    /// zeros without reading them; nil when that cannot be known (RAM mapped from a saved state,
-    /// where an untouched page holds the file's data; or no /proc/self/pagemap).
+    /// A reader of which pages read as zeros without being touched, for a writer that would
+    /// leave them out without reading them (reading would fault each one in); nil when that
+    /// cannot be known (no /proc/self/pagemap). While RAM maps a saved state an untouched page
+    /// holds the file's data, so only one over a hole in the file counts.
     public func untouchedPages() -> UntouchedPages? {
-        mapsSavedState ? nil : pageMap
+        guard let pageMap else { return nil }
+        guard mapsSavedState else { return UntouchedPages(pageMap: pageMap, savedState: nil) }
+        return mappedState.withLock { $0 }.map { UntouchedPages(pageMap: pageMap, savedState: $0) }
     }
 
     /// Every region back to zeros (a reboot): dropped pages, or fresh anonymous memory in
@@ -396,30 +415,53 @@ public final class GuestMemory: @unchecked Sendable {
     }
 }
 
-/// This process's /proc/self/pagemap: which pages of an anonymous mapping were ever touched.
-/// A page neither present nor swapped out reads as zeros without having to be faulted in — in
-/// anonymous memory only, which is why `GuestMemory.untouchedPages()` is the way to get one.
-/// Reads at offsets (pread) only, so threads share it.
-public final class UntouchedPages: Sendable {
-    private let fd: Int32
-    private let pageSize = Int(sysconf(Int32(_SC_PAGESIZE)))
+/// This process's /proc/self/pagemap, opened once. Reads at offsets (pread) only, so threads
+/// share it.
+final class PageMapFile: Sendable {
+    let fd: Int32
 
-    fileprivate init?() {
+    init?() {
         fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC)
         if fd < 0 { return nil }
     }
 
     deinit { close(fd) }
+}
 
-    /// True only when the page map says so for every page of the range; any doubt says false.
+/// The saved state RAM maps: its descriptor and, per region, the host range and file offset.
+struct SavedStateView: @unchecked Sendable {
+    let descriptor: Int32
+    var regions: [(host: UInt, size: UInt, offset: UInt64)]
+
+    /// True when `[address, address+length)` lies in one region and over a hole in the file.
+    func isHole(_ address: UInt, length: Int) -> Bool {
+        guard let region = regions.first(where: { address >= $0.host && address - $0.host + UInt(length) <= $0.size }) else { return false }
+        let start = off_t(region.offset + UInt64(address - region.host))
+        // SEEK_DATA (3): the next data at or after `start`; none (ENXIO) is a hole to the end.
+        let data = lseek(descriptor, start, 3)
+        if data < 0 { return errno == ENXIO }
+        return data >= start + off_t(length)
+    }
+}
+
+/// Which pages read as zeros without being touched: never present in RAM nor swapped out (the
+/// page map), and, while RAM maps a saved state, over a hole in its file. Get one from
+/// `GuestMemory.untouchedPages()`.
+public struct UntouchedPages: Sendable {
+    let pageMap: PageMapFile
+    let savedState: SavedStateView?
+    private static let pageSize = Int(sysconf(Int32(_SC_PAGESIZE)))
+
+    /// True only when every page of the range is known to read as zeros; any doubt says false.
     public func neverTouched(_ address: UnsafeMutableRawPointer, length: Int) -> Bool {
-        let first = Int(bitPattern: address) / pageSize
-        let count = (length + pageSize - 1) / pageSize
+        let first = Int(bitPattern: address) / Self.pageSize
+        let count = (length + Self.pageSize - 1) / Self.pageSize
         var entries = [UInt64](repeating: 0, count: count)
         let wanted = count * 8
-        let read = entries.withUnsafeMutableBytes { pread(fd, $0.baseAddress, wanted, off_t(first) * 8) }
+        let read = entries.withUnsafeMutableBytes { pread(pageMap.fd, $0.baseAddress, wanted, off_t(first) * 8) }
         guard read == wanted else { return false }
         // Bit 63: present in RAM; bit 62: swapped out.
-        return entries.allSatisfy { $0 & (3 << 62) == 0 }
+        guard entries.allSatisfy({ $0 & (3 << 62) == 0 }) else { return false }
+        return savedState?.isHole(UInt(bitPattern: address), length: length) ?? true
     }
 }
