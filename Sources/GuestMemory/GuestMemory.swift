@@ -437,8 +437,8 @@ struct SavedStateView: @unchecked Sendable {
     func isHole(_ address: UInt, length: Int) -> Bool {
         guard let region = regions.first(where: { address >= $0.host && address - $0.host + UInt(length) <= $0.size }) else { return false }
         let start = off_t(region.offset + UInt64(address - region.host))
-        // SEEK_DATA (3): the next data at or after `start`; none (ENXIO) is a hole to the end.
-        let data = lseek(descriptor, start, 3)
+        // The next data at or after `start`; none (ENXIO) is a hole to the end.
+        let data = lseek(descriptor, start, VIREO_SEEK_DATA)
         if data < 0 { return errno == ENXIO }
         return data >= start + off_t(length)
     }

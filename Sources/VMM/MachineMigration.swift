@@ -295,8 +295,8 @@ final class DirtyPages {
 
     var vmmWrittenPages: Int { writtenByVMM.reduce(0) { $0 + $1.population } }
 
-    /// Marks every page the guest ever touched (round 0); never-touched RAM is zero anyway —
-    /// unless RAM maps a saved state, when every page counts.
+    /// Marks every page the guest ever touched (round 0); never-touched RAM is zero anyway (in
+    /// RAM mapped from a saved state, only where the file has a hole: `untouchedPages()`).
     func markTouched() {
         let pageMap = machine.memory.untouchedPages()
         for (index, region) in machine.memory.regions.enumerated() {

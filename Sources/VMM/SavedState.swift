@@ -93,7 +93,6 @@ extension Machine {
     /// Applies a saved state to this freshly built machine, before any vCPU runs: RAM (mapped
     /// from the file, or read), the interrupt controllers and PIT, each vCPU, each device, and
     /// last kvmclock, set ahead by the wall time the VM spent saved. True when RAM is mapped.
-    @discardableResult
     func restore(_ saved: SavedMachineState, memoryFrom file: borrowing SavedStateFile.Opened) throws(VMMError) -> Bool {
         if let mismatch = shape.mismatch(saved: MachineShape(saved.machine.spec)) { throw .savedState(path: file.path, reason: mismatch) }
         let mapped = try file.loadMemory(into: memory)

@@ -1,3 +1,4 @@
+import CHostSupport
 import CZlib
 import GuestMemory
 import MachineSpec
@@ -29,10 +30,6 @@ enum SavedStateFile {
     /// The most room a live snapshot's file keeps between the metadata and RAM.
     static let metadataRoomLimit = 16 << 20
     static let pageSize = 4096
-    /// lseek's SEEK_DATA and SEEK_HOLE (Linux), which Swift's Glibc module leaves out (they need
-    /// _GNU_SOURCE). A file system without them answers as if the file had no holes.
-    static let seekData: Int32 = 3
-    static let seekHole: Int32 = 4
 
     struct Header {
         var metadataLength: UInt64
@@ -252,14 +249,14 @@ extension SavedStateFile.Opened {
             var done = 0
             while done < Int(region.size) {
                 // Holes (RAM the guest never wrote) are zeros: the fresh guest RAM already is.
-                let data = lseek(fd, offset, SavedStateFile.seekData)
+                let data = lseek(fd, offset, VIREO_SEEK_DATA)
                 let dataStart = data < 0 || data > end ? end : data
                 if dataStart > offset {
                     done += Int(dataStart - offset)
                     offset = dataStart
                     continue
                 }
-                let hole = lseek(fd, offset, SavedStateFile.seekHole)
+                let hole = lseek(fd, offset, VIREO_SEEK_HOLE)
                 let dataEnd = hole < 0 || hole > end ? end : max(hole, offset + 1)
                 let want = min(Int(dataEnd - offset), 64 << 20)
                 let count = pread(fd, region.host + done, want, offset)

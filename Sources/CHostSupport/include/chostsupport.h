@@ -7,6 +7,11 @@
 #include <stddef.h>
 #include <stdint.h>
 
+// lseek's SEEK_DATA and SEEK_HOLE (Linux), which Swift's Glibc module leaves out (they need
+// _GNU_SOURCE). A file system without them answers as if the file had no holes.
+#define VIREO_SEEK_DATA 3
+#define VIREO_SEEK_HOLE 4
+
 // Starts `path` in a new session with default signal dispositions and an empty signal mask:
 // stdin /dev/null, stdout and stderr to `log_fd`, `lock_fd` as descriptor 3 and `ready_fd` as
 // descriptor 4 (either may be -1: not passed); every other descriptor closed. Returns 0 and the child's pid, or an errno value.
