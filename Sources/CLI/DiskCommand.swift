@@ -110,6 +110,7 @@ struct Disk: ParsableCommand {
             print("format:        \(info.format.rawValue)")
             print("virtual size:  \(Size.describe(info.virtualSize)) (\(info.virtualSize) bytes)")
             print("allocated:     \(Size.describe(info.allocatedBytes)) (\(info.allocatedBytes) bytes)")
+            if info.blockDevice == true { print("block device:  yes (its size is the device's)") }
             if let cluster = info.clusterSize { print("cluster size:  \(cluster)") }
             for (depth, backing) in info.backingChain.enumerated() { print("backing[\(depth)]:    \(backing)") }
             for snapshot in info.snapshots {
@@ -154,13 +155,17 @@ struct Disk: ParsableCommand {
         @Flag(help: "Attach read-only.")
         var readonly = false
 
-        @Option(help: "The image's format (raw or qcow2); needed unless its name ends in .qcow2 or .raw. Never read from its content.")
+        @Option(help: "The image's format (raw or qcow2); needed unless its name ends in .qcow2 or .raw or it is a device under /dev (raw). Never read from its content.")
         var format: String?
+
+        @Option(help: "writeback (the default: through the host's page cache) or none (O_DIRECT: around it).")
+        var cache: String?
 
         func run() throws {
             do throws(LibraryError) {
                 let declared = try format.map { (text) throws(LibraryError) in try DiskFormat.parse(text, field: "--format") }
-                _ = try openLibrary().attachDisk(name, path: path, readOnly: readonly, format: declared)
+                let mode = try cache.map { (text) throws(LibraryError) in try DiskCache.parse(text, field: "--cache") }
+                _ = try openLibrary().attachDisk(name, path: path, readOnly: readonly, format: declared, cache: mode)
             } catch { throw fail(error) }
             printLine("Attached \(path) to VM '\(name)'")
         }

@@ -4,6 +4,7 @@
 #define _GNU_SOURCE
 #include "csandbox.h"
 #include <errno.h>
+#include <linux/fs.h>
 #include <fcntl.h>
 #include <grp.h>
 #include <linux/capability.h>
@@ -93,6 +94,8 @@ static scmp_filter_ctx build_filter(const char *const *names, int count, unsigne
         if (rules & VIREO_SECCOMP_IOCTL_TTY_TUN)
             RULE(seccomp_rule_add(filter, SCMP_ACT_ALLOW, SCMP_SYS(ioctl), 1, SCMP_A1(SCMP_CMP_MASKED_EQ, 0xff00, 0x5400)), "ioctl rule (tty, tun)");
     }
+    if (rules & VIREO_SECCOMP_IOCTL_DISCARD)
+        RULE(seccomp_rule_add(filter, SCMP_ACT_ALLOW, SCMP_SYS(ioctl), 1, SCMP_A1(SCMP_CMP_EQ, BLKDISCARD)), "ioctl rule (BLKDISCARD)");
     if (rules & VIREO_SECCOMP_SOCKET_UNIX) {
         RULE(seccomp_rule_add(filter, SCMP_ACT_ALLOW, SCMP_SYS(socket), 1, SCMP_A0(SCMP_CMP_EQ, AF_UNIX)), "socket rule");
         RULE(seccomp_rule_add(filter, SCMP_ACT_ALLOW, SCMP_SYS(socketpair), 1, SCMP_A0(SCMP_CMP_EQ, AF_UNIX)), "socketpair rule");

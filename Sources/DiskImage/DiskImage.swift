@@ -18,6 +18,10 @@ public protocol DiskImage: AnyObject, Sendable {
     /// Discard (the guest no longer needs the data) is served the same way: reads after it return
     /// zeros, never stale or backing-file data.
     func writeZeroes(at offset: UInt64, length: UInt64) throws(DiskImageError)
+    /// The guest no longer needs a range. Files (and every layered format) serve it as
+    /// `writeZeroes`; a raw block device passes it down as BLKDISCARD, its contents then the
+    /// device's business, as on real hardware (virtio 1.x §5.2.6: discarded data is unspecified).
+    func discard(at offset: UInt64, length: UInt64) throws(DiskImageError)
     /// What `vireo disk info` shows.
     func info() throws(DiskImageError) -> DiskInfo
     /// Grows the image to `size` bytes; shrinking is refused (it would destroy data).
@@ -35,6 +39,8 @@ public struct DiskInfo: Sendable, Equatable, Codable {
     public var backingChain: [String]
     /// qcow2 internal snapshots, oldest first.
     public var snapshots: [SnapshotInfo] = []
+    /// True for a block device (its size is the device's; it occupies all of it); nil for files.
+    public var blockDevice: Bool?
 }
 
 /// One qcow2 internal snapshot, as `qemu-img snapshot -l` lists it.
@@ -50,6 +56,10 @@ public struct SnapshotInfo: Sendable, Equatable, Codable {
 }
 
 extension DiskImage {
+    public func discard(at offset: UInt64, length: UInt64) throws(DiskImageError) {
+        try writeZeroes(at: offset, length: length)
+    }
+
     /// Formats and wrappers that cannot grow say so.
     public func resize(to size: UInt64) throws(DiskImageError) {
         throw .unsupported(path: path, feature: "resizing this image")
@@ -111,20 +121,30 @@ public enum DiskImages {
     /// Opens an image in the format the caller knows (a definition, a declaration), never the
     /// one its bytes claim. `snapshot` (an internal snapshot's name or ID, qcow2 only) opens the
     /// disk as it was then, read-only.
+    /// `direct`: O_DIRECT (`cache=none`), the whole chain.
     public static func open(path: String, format: DiskFormat, readOnly: Bool = false, snapshot: String? = nil,
-                            backing: Backing = .standalone) throws(DiskImageError) -> any DiskImage {
+                            backing: Backing = .standalone, direct: Bool = false) throws(DiskImageError) -> any DiskImage {
         switch backing {
         case let .recorded(layers):
-            return try openFiles(path: path, format: format, readOnly: readOnly, snapshot: snapshot, backing: layers).decode()
+            return try openFiles(path: path, format: format, readOnly: readOnly, snapshot: snapshot, backing: layers, direct: direct).decode()
         case .fromHeader:
             if snapshot != nil && !readOnly { throw .invalidArgument(field: "snapshot", reason: "a snapshot can only be opened read-only") }
-            let file = try ImageFile(path: path, writable: !readOnly)
+            let file = try ImageFile(path: path, writable: !readOnly, direct: direct)
             switch format {
             case .raw:
                 if let snapshot { throw .invalidArgument(field: "snapshot", reason: "raw images have no snapshots ('\(snapshot)' asked for)") }
                 return try RawImage(file: file)
-            case .qcow2: return try QCOW2Image(file: file, snapshot: snapshot, backing: .header(depth: 0))
+            case .qcow2:
+                try refuseQCOW2(on: file)
+                return try QCOW2Image(file: file, snapshot: snapshot, backing: .header(depth: 0))
             }
+        }
+    }
+
+    /// qcow2 grows its file as clusters are allocated; a block device cannot grow.
+    static func refuseQCOW2(on file: ImageFile) throws(DiskImageError) {
+        if file.isBlockDevice {
+            throw .invalidArgument(field: "format", reason: "\(file.path) is a block device, which is a raw disk (qcow2 needs a file that can grow); give format=raw")
         }
     }
 
@@ -165,17 +185,17 @@ public enum DiskImages {
     }
 
     /// Opens the image at `path` again, on layers still open: after a migration's handover.
-    public static func reopen(path: String, format: DiskFormat, readOnly: Bool, on below: (any DiskImage)?) throws(DiskImageError) -> any DiskImage {
-        try decode(try ImageFile(path: path, writable: !readOnly), format: format, snapshot: nil, resting: below)
+    public static func reopen(path: String, format: DiskFormat, readOnly: Bool, on below: (any DiskImage)?, direct: Bool = false) throws(DiskImageError) -> any DiskImage {
+        try decode(try ImageFile(path: path, writable: !readOnly, direct: direct), format: format, snapshot: nil, resting: below)
     }
 
     public static func openFiles(path: String, format: DiskFormat, readOnly: Bool = false, snapshot: String? = nil,
-                                 backing layers: [BackingLayer]) throws(DiskImageError) -> OpenedFiles {
-        try openFiles(path: path, displayPath: path, format: format, readOnly: readOnly, snapshot: snapshot, backing: layers)
+                                 backing layers: [BackingLayer], direct: Bool = false) throws(DiskImageError) -> OpenedFiles {
+        try openFiles(path: path, displayPath: path, format: format, readOnly: readOnly, snapshot: snapshot, backing: layers, direct: direct)
     }
 
     static func openFiles(path openImage: String?, displayPath path: String, format: DiskFormat, readOnly: Bool, snapshot: String?,
-                          backing layers: [BackingLayer]) throws(DiskImageError) -> OpenedFiles {
+                          backing layers: [BackingLayer], direct: Bool = false) throws(DiskImageError) -> OpenedFiles {
         if snapshot != nil && !readOnly { throw .invalidArgument(field: "snapshot", reason: "a snapshot can only be opened read-only") }
         if format == .raw, !layers.isEmpty {
             throw .invalidArgument(field: "backing", reason: "\(path) is a raw disk, and a raw disk rests on nothing")
@@ -190,24 +210,26 @@ public enum DiskImages {
         var opened: [(file: ImageFile, format: DiskFormat)] = []
         for layer in layers {
             guard layer.path.hasPrefix("/") else { throw .invalidArgument(field: "backing", reason: "\(layer.path) is not an absolute path") }
-            opened.append((try ImageFile(path: layer.path, writable: false), layer.format))
+            opened.append((try ImageFile(path: layer.path, writable: false, direct: direct), layer.format))
         }
-        let image = try openImage.map { (top) throws(DiskImageError) in try ImageFile(path: top, writable: !readOnly) }
+        let image = try openImage.map { (top) throws(DiskImageError) in try ImageFile(path: top, writable: !readOnly, direct: direct) }
         return OpenedFiles(image: image, path: path, format: format, snapshot: snapshot, layers: opened)
     }
 
     static func decode(_ file: ImageFile, format: DiskFormat, snapshot: String?, resting below: (any DiskImage)?) throws(DiskImageError) -> any DiskImage {
         switch format {
         case .raw: return try RawImage(file: file)
-        case .qcow2: return try QCOW2Image(file: file, snapshot: snapshot, backing: below.map { QCOW2Image.BackingSource.image($0) } ?? .nothing)
+        case .qcow2:
+            try refuseQCOW2(on: file)
+            return try QCOW2Image(file: file, snapshot: snapshot, backing: below.map { QCOW2Image.BackingSource.image($0) } ?? .nothing)
         }
     }
 
     /// Opens the qcow2 overlay at `path` whose backing file is `backing`, already open here: a
     /// live snapshot moves a running disk onto an overlay without opening (and locking) its
     /// image twice.
-    public static func openOverlay(path: String, on backing: any DiskImage) throws(DiskImageError) -> any DiskImage {
-        let file = try ImageFile(path: path, writable: true)
+    public static func openOverlay(path: String, on backing: any DiskImage, direct: Bool = false) throws(DiskImageError) -> any DiskImage {
+        let file = try ImageFile(path: path, writable: true, direct: direct)
         return try QCOW2Image(file: file, backing: .image(backing))
     }
 
@@ -227,9 +249,10 @@ public enum DiskImages {
             }
             return header[24..<32].reduce(UInt64(0)) { $0 << 8 | UInt64($1) }
         case .raw:
-            var info = stat()
-            guard fstat(fd, &info) == 0 else { throw .io(operation: "fstat", path: path, errno: errno) }
-            return UInt64(info.st_size)
+            // The end, not st_size: a block device's st_size is 0.
+            let end = lseek(fd, 0, SEEK_END)
+            guard end >= 0 else { throw .io(operation: "seek to the end", path: path, errno: errno) }
+            return UInt64(end)
         }
     }
 
@@ -302,6 +325,13 @@ public final class RawImage: DiskImage, @unchecked Sendable {
         try file.punchHole(at: offset, length: length)
     }
 
+    public func discard(at offset: UInt64, length: UInt64) throws(DiskImageError) {
+        guard file.isBlockDevice else { return try writeZeroes(at: offset, length: length) }
+        guard length <= UInt64(Int.max) else { throw .outOfRange(path: path, offset: offset, length: Int.max, size: virtualSize) }
+        try checkRange(offset, Int(length))
+        try file.discardOnDevice(at: offset, length: length)
+    }
+
     public func resize(to size: UInt64) throws(DiskImageError) {
         guard size >= virtualSize else {
             throw .invalidArgument(field: "--size", reason: "shrinking would destroy data; \(size) is below the current \(virtualSize) bytes")
@@ -311,7 +341,7 @@ public final class RawImage: DiskImage, @unchecked Sendable {
 
     public func info() throws(DiskImageError) -> DiskInfo {
         DiskInfo(path: path, format: .raw, virtualSize: virtualSize, allocatedBytes: try file.allocatedBytes,
-                 clusterSize: nil, backingChain: [])
+                 clusterSize: nil, backingChain: [], blockDevice: file.isBlockDevice ? true : nil)
     }
 }
 

@@ -16,6 +16,9 @@ public enum DiskImageError: Error, CustomStringConvertible, Sendable, Equatable 
     /// Another open of the image (another VM, another disk of this VM, `vireo disk`) holds a
     /// conflicting lock.
     case inUse(path: String)
+    /// A block device the host itself holds: mounted (at `mountPoint`, when the mount table names
+    /// it), swap, or part of LVM or RAID.
+    case deviceBusy(path: String, mountPoint: String?)
     case invalidArgument(field: String, reason: String)
     /// A qcow2 header names a backing file its disk's definition does not record (`recorded`:
     /// what it does record, if anything). The chain is what the definition says; a header is
@@ -33,6 +36,10 @@ public enum DiskImageError: Error, CustomStringConvertible, Sendable, Equatable 
         case let .alreadyExists(path): return "\(path) already exists; refusing to overwrite it"
         case let .readOnly(path): return "\(path) is open read-only"
         case let .inUse(path): return "\(path) is in use (locked by another VM or disk); attach it once, or read-only everywhere"
+        case let .deviceBusy(path, mountPoint?):
+            return "\(path) is mounted at \(mountPoint); a disk the host uses cannot be a VM's (unmount it first)"
+        case let .deviceBusy(path, nil):
+            return "\(path) is in use by the host (mounted, swap, or held by LVM or RAID); a disk the host uses cannot be a VM's"
         case let .invalidArgument(field, reason): return "\(field): \(reason)"
         case let .unrecordedBacking(path, named, recorded?):
             return "\(path) names the backing file \(named), but its definition records \(recorded): its header was changed outside Vireo (by the VM's own process?), so it is not opened"

@@ -201,7 +201,7 @@ public final class QCOW2Image: DiskImage, @unchecked Sendable {
                 guard let format = references.backingFormat else {
                     throw invalid("it names its backing file \(backingPath) without recording the file's format, and a format is never guessed from content; record it with `qemu-img rebase -u -b \(backingPath) -F raw|qcow2 \(path)`")
                 }
-                let backingFile = try ImageFile(path: backingPath, writable: false)
+                let backingFile = try ImageFile(path: backingPath, writable: false, direct: file.directAlignment > 0)
                 switch format {
                 case .raw: backing = try RawImage(file: backingFile)
                 case .qcow2: backing = try QCOW2Image(file: backingFile, backing: .header(depth: depth + 1))

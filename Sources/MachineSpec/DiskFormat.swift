@@ -5,13 +5,24 @@ public enum DiskFormat: String, Sendable, CaseIterable, Codable {
     case qcow2
 
     /// The format a file's name declares (`.qcow2`, `.raw`); nil when the name does not say
-    /// (`.img` is either).
+    /// (`.img` is either). A device under `/dev` (`/dev/sdb`, `/dev/loop0`, `/dev/mapper/vg-lv`)
+    /// is a raw disk: a block device cannot grow, so it holds no qcow2.
     public static func declared(byName path: String) -> DiskFormat? {
+        if path.hasPrefix("/dev/") { return .raw }
         let name = path.split(separator: "/").last.map { $0.lowercased() } ?? ""
         if name.hasSuffix(".qcow2") { return .qcow2 }
         if name.hasSuffix(".raw") { return .raw }
         return nil
     }
+}
+
+/// How a disk's I/O meets the host's page cache (QEMU's `cache=` names). `writeback`, the
+/// default: through it, made durable when the guest flushes. `none`: around it (O_DIRECT), as
+/// databases and shared or network storage want: no second copy of the guest's data in host
+/// memory, and no stale pages after another host wrote the device.
+public enum DiskCache: String, Sendable, CaseIterable, Codable {
+    case writeback
+    case none
 }
 
 /// One image a disk rests on: its path and its recorded format.

@@ -51,6 +51,11 @@ public struct MachineSpec: Sendable, Equatable, Codable {
         /// Follow what the qcow2 header names instead (a person's own image, for `vireo run`);
         /// library VMs always give their recorded chain.
         public var followsHeader = false
+        /// nil: `writeback`. Optional so that specs in saved states from before it still read.
+        public var cache: DiskCache?
+
+        /// Opened with O_DIRECT, the whole chain.
+        public var bypassesHostCache: Bool { cache == DiskCache.none }
 
         public init(path: String, format: DiskFormat, readOnly: Bool = false, serial: String? = nil, backing: [BackingLayer] = []) {
             self.path = path; self.format = format; self.readOnly = readOnly; self.serial = serial; self.backing = backing

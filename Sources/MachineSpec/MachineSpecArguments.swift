@@ -161,7 +161,7 @@ extension MachineSpec {
 }
 
 extension MachineSpec.Disk {
-    static let syntax = "PATH[,readonly][,format=raw|qcow2][,backing=FORMAT:PATH]...[,backing=header][,serial=ID][,bps=N][,iops=N]"
+    static let syntax = "PATH[,readonly][,format=raw|qcow2][,backing=FORMAT:PATH]...[,backing=header][,serial=ID][,cache=writeback|none][,bps=N][,iops=N]"
 
     /// `PATH,format=F[,backing=F:PATH]...[,readonly][,serial=ID][,bps=...][,iops=...]`.
     public var argument: String {
@@ -170,6 +170,7 @@ extension MachineSpec.Disk {
         if followsHeader { text += ",backing=header" }
         if readOnly { text += ",readonly" }
         if let serial { text += ",serial=" + serial }
+        if let cache { text += ",cache=" + cache.rawValue }
         return text + rateLimit.options(operations: "iops")
     }
 
@@ -207,12 +208,20 @@ extension MachineSpec.Disk {
                 disk.serial = serial
                 continue
             }
+            if option.hasPrefix("cache=") {
+                let name = String(option.dropFirst(6))
+                guard let cache = DiskCache(rawValue: name) else {
+                    throw MachineSpecError(.disks, "cache '\(name)' is not one of writeback, none")
+                }
+                disk.cache = cache == .writeback ? nil : cache
+                continue
+            }
             if try disk.rateLimit.parse(option, field: .disks, operations: "iops") { continue }
-            throw MachineSpecError(.disks, "unknown option '\(option)' in '\(text)'; allowed: readonly, format=raw|qcow2, backing=FORMAT:PATH, backing=header, serial=ID, bps=, bps-burst=, iops=, iops-burst=")
+            throw MachineSpecError(.disks, "unknown option '\(option)' in '\(text)'; allowed: readonly, format=raw|qcow2, backing=FORMAT:PATH, backing=header, serial=ID, cache=writeback|none, bps=, bps-burst=, iops=, iops-burst=")
         }
         try disk.rateLimit.validate(field: .disks, operations: "iops")
         guard let format = format ?? DiskFormat.declared(byName: path) else {
-            throw MachineSpecError(.disks, "'\(path)' does not say whether it is raw or qcow2; add format=raw or format=qcow2 (a format is never read from a disk's content)")
+            throw MachineSpecError(.disks, "'\(path)' does not say whether it is raw or qcow2; add format=raw or format=qcow2 (a format is never read from a disk's content; a device under /dev is raw)")
         }
         disk.format = format
         if disk.followsHeader, !disk.backing.isEmpty {

@@ -63,14 +63,15 @@ extension APIServer {
             }
             return Response(status: .ok, headers: [.contentType: "image/png"], body: .init(byteBuffer: ByteBuffer(bytes: png)))
         }
-        struct DiskBody: Decodable { var path: String; var readOnly: Bool?; var format: String? }
+        struct DiskBody: Decodable { var path: String; var readOnly: Bool?; var format: String?; var cache: String? }
         api.post("vms/:name/disks") { request, context in
             let name = try context.parameters.require("name")
-            let body = try await APIJSON.decode(DiskBody.self, from: request, allowed: ["path", "read_only", "format"])
+            let body = try await APIJSON.decode(DiskBody.self, from: request, allowed: ["path", "read_only", "format", "cache"])
             try self.paths.check(body.path, field: "path")
             let definition = try await blocking { () throws -> VMDefinition in
                 let format = try body.format.map { (text) throws(LibraryError) in try DiskFormat.parse(text, field: "format") }
-                return try self.manager.library.attachDisk(name, path: body.path, readOnly: body.readOnly ?? false, format: format)
+                let cache = try body.cache.map { (text) throws(LibraryError) in try DiskCache.parse(text, field: "cache") }
+                return try self.manager.library.attachDisk(name, path: body.path, readOnly: body.readOnly ?? false, format: format, cache: cache)
             }
             return APIJSON.response(definition, status: .created)
         }

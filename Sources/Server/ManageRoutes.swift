@@ -191,6 +191,8 @@ extension APIServer {
             return APIProblem(.conflict, kind: "already-exists", detail: detail, field: "path", hint: "choose another path; disks are never overwritten")
         case .inUse:
             return APIProblem(.conflict, kind: "in-use", detail: detail, field: "path", hint: "stop the VM that uses it first")
+        case .deviceBusy:
+            return APIProblem(.conflict, kind: "in-use", detail: detail, field: "path", hint: "unmount the device (or take it out of swap, LVM or RAID) first")
         case let .io(_, _, code) where [ENOENT, ENOTDIR, EACCES, EISDIR, ELOOP, ENAMETOOLONG].contains(code):
             return APIProblem(.unprocessableContent, kind: "invalid-value", detail: detail, field: "path")
         case .io(_, _, EFBIG):

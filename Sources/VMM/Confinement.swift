@@ -104,8 +104,9 @@ enum SyscallPolicy {
                                 "epoll_create1", "eventfd2", "pipe2", "dup", "unlink", "openat", "open"]
     /// Device threads' ioctls are checked: KVM's (interrupts), and tty/tun ones — the first log
     /// line a thread writes has stdio ask whether stderr is a terminal (TCGETS).
+    /// BLKDISCARD, exactly: a disk on a block device passes the guest's discards down.
     static let deviceRules: UInt32 = UInt32(VIREO_SECCOMP_IOCTL_KVM | VIREO_SECCOMP_IOCTL_TTY_TUN | VIREO_SECCOMP_SIGNAL_SELF
-                                            | VIREO_SECCOMP_SOCKET_UNIX)
+                                            | VIREO_SECCOMP_SOCKET_UNIX | VIREO_SECCOMP_IOCTL_DISCARD)
     /// Control threads serve the control socket: pause, save, snapshots, migration, console
     /// attachment. They start threads (connections, the throttle) and write state files.
     static let control = device + ["set_tid_address", "mkdir", "mkdirat", "rename", "renameat", "renameat2", "unlinkat",
@@ -121,7 +122,7 @@ enum SyscallPolicy {
     /// first threads, so its filter — the process-wide one — is the union: `control` with `ioctl`
     /// unchecked (for the vCPUs' sake, above); control and device threads narrow it again.
     static let main = control + ["ioctl"]
-    static let mainRules: UInt32 = controlRules & ~UInt32(VIREO_SECCOMP_IOCTL_KVM | VIREO_SECCOMP_IOCTL_TTY_TUN)
+    static let mainRules: UInt32 = controlRules & ~UInt32(VIREO_SECCOMP_IOCTL_KVM | VIREO_SECCOMP_IOCTL_TTY_TUN | VIREO_SECCOMP_IOCTL_DISCARD)
 
     static func list(_ kind: ThreadKind) -> (names: [String], rules: UInt32) {
         switch kind {

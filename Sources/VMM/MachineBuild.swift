@@ -155,7 +155,8 @@ struct DeviceBuses {
             for disk in spec.disks {
                 // Each disk stands in detached until its files are read (`decodeDisks`).
                 let image = DetachedImage(path: disk.path, format: disk.format, virtualSize: 0, readOnly: disk.readOnly)
-                let block = VirtioBlock(disk: image, readOnly: disk.readOnly, serial: disk.serial, rateLimit: disk.rateLimit)
+                let block = VirtioBlock(disk: image, readOnly: disk.readOnly, serial: disk.serial, rateLimit: disk.rateLimit,
+                                        bypassesHostCache: disk.bypassesHostCache)
                 blockDevices.append((disk.path, block))
                 virtio.append((block, "virtio-blk \(disk.path)"))
             }

@@ -830,7 +830,8 @@ final class OutgoingMigration {
             var lastError = ""
             for _ in 0..<100 {
                 do throws(DiskImageError) {
-                    reopened = try DiskImages.reopen(path: entry.path, format: entry.format, readOnly: entry.readOnly, on: entry.below)
+                    reopened = try DiskImages.reopen(path: entry.path, format: entry.format, readOnly: entry.readOnly, on: entry.below,
+                                                     direct: entry.device.bypassesHostCache)
                     break
                 } catch {
                     lastError = error.description
@@ -927,7 +928,8 @@ extension Machine {
                 do throws(DiskImageError) {
                     // On the layers opened before the jail; the image itself is this VM's uid's.
                     let image = try DiskImages.reopen(path: stand.path, format: stand.format, readOnly: stand.isReadOnly,
-                                                      on: index < arrivingLayers.count ? arrivingLayers[index] : nil)
+                                                      on: index < arrivingLayers.count ? arrivingLayers[index] : nil,
+                                                      direct: disk.device.bypassesHostCache)
                     guard image.virtualSize == arriving.diskSizes[index] else {
                         throw DiskImageError.invalidArgument(field: "size", reason: "\(image.virtualSize) bytes here, \(arriving.diskSizes[index]) on the source: not the same disk")
                     }

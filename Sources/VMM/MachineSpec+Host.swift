@@ -36,9 +36,9 @@ extension MachineSpec.Disk {
     /// followed from the header is opened and read in one go (only `vireo run` asks for that).
     func openFiles(writable: Bool) throws(DiskImageError) -> DiskFiles {
         if followsHeader {
-            return .decoded(try DiskImages.open(path: path, format: format, readOnly: !writable, backing: .fromHeader))
+            return .decoded(try DiskImages.open(path: path, format: format, readOnly: !writable, backing: .fromHeader, direct: bypassesHostCache))
         }
-        return .opened(try DiskImages.openFiles(path: path, format: format, readOnly: !writable, backing: backing))
+        return .opened(try DiskImages.openFiles(path: path, format: format, readOnly: !writable, backing: backing, direct: bypassesHostCache))
     }
 }
 

@@ -265,7 +265,7 @@ extension Machine {
             let path = Self.snapshotOverlayPath(for: current.path, snapshot: id)
             do throws(DiskImageError) {
                 // On the image this VMM already holds, not a second opening of it.
-                let overlay = try DiskImages.openOverlay(path: path, on: current)
+                let overlay = try DiskImages.openOverlay(path: path, on: current, direct: disk.device.bypassesHostCache)
                 guard overlay.virtualSize == current.virtualSize else {
                     throw DiskImageError.invalidArgument(field: "overlay", reason: "\(path) is \(overlay.virtualSize) bytes, the disk \(current.virtualSize)")
                 }

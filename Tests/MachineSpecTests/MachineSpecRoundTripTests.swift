@@ -30,7 +30,10 @@ import Glibc
         overlay.rateLimit = RateLimit(bytesPerSecond: 10 << 20, bytesBurst: 1 << 20, operationsPerSecond: 500, operationsBurst: 50)
         var own = MachineSpec.Disk(path: "/data/mine.qcow2", format: .qcow2, readOnly: true)
         own.followsHeader = true
-        spec.disks = [overlay, MachineSpec.Disk(path: "/vm/scratch.img", format: .raw), own]
+        own.cache = DiskCache.none
+        var device = MachineSpec.Disk(path: "/dev/sdb", format: .raw)
+        device.cache = DiskCache.none
+        spec.disks = [overlay, MachineSpec.Disk(path: "/vm/scratch.img", format: .raw), own, device]
         var card = MachineSpec.NIC(backend: .tapDescriptor(5), mac: "52:54:00:12:34:56")
         card.offloads = false
         card.rateLimit = RateLimit(bytesPerSecond: 1 << 20, operationsPerSecond: 1000)

@@ -11,6 +11,7 @@ enum {
     VIREO_SECCOMP_CLONE_THREAD = 8,     // clone only for threads (CLONE_THREAD); clone3 answers ENOSYS
     VIREO_SECCOMP_SIGNAL_SELF = 16,     // tgkill/kill only to this process
     VIREO_SECCOMP_OPEN_REFUSED = 32,    // open/openat fail with EACCES instead of trapping
+    VIREO_SECCOMP_IOCTL_DISCARD = 64,   // ioctl BLKDISCARD exactly: a guest's discard on a block-device disk
 };
 
 /// Compiles a seccomp filter into slot `kind` (0–7) that allows `names` plus the `rules` above,

@@ -39,6 +39,9 @@ public final class VirtioBlock: VirtioDevice, BackgroundDevice, @unchecked Senda
     public var disk: any DiskImage { image.withLock { $0 } }
     private let image: Mutex<any DiskImage>
     public let readOnly: Bool
+    /// The disk's files are opened with O_DIRECT (`cache=none`): whatever reopens them (a
+    /// migration's handover, a live snapshot's overlay) does the same.
+    public let bypassesHostCache: Bool
     public let serial: [UInt8]
     /// Completed requests, for counters and tests.
     public let completed = Atomic<UInt64>(0)
@@ -51,9 +54,10 @@ public final class VirtioBlock: VirtioDevice, BackgroundDevice, @unchecked Senda
     private let deferred = DeferredWork()
     private let access = VirtioQueueAccessLink()
 
-    public init(disk: any DiskImage, readOnly: Bool, serial: String?, rateLimit: RateLimit = RateLimit()) {
+    public init(disk: any DiskImage, readOnly: Bool, serial: String?, rateLimit: RateLimit = RateLimit(), bypassesHostCache: Bool = false) {
         image = Mutex(disk)
         self.readOnly = readOnly || disk.isReadOnly
+        self.bypassesHostCache = bypassesHostCache
         self.serial = Array((serial ?? "").utf8.prefix(20))
         limiter = rateLimit.isUnlimited ? nil : RateLimiter(rateLimit)
     }
@@ -215,7 +219,13 @@ public final class VirtioBlock: VirtioDevice, BackgroundDevice, @unchecked Senda
                         status = RequestStatus.ioError
                         break
                     }
-                    do { try disk.writeZeroes(at: sector * Self.sectorSize, length: count * Self.sectorSize) } catch {
+                    do {
+                        if type == RequestType.discard {
+                            try disk.discard(at: sector * Self.sectorSize, length: count * Self.sectorSize)
+                        } else {
+                            try disk.writeZeroes(at: sector * Self.sectorSize, length: count * Self.sectorSize)
+                        }
+                    } catch {
                         status = RequestStatus.ioError
                         break
                     }

@@ -61,7 +61,11 @@ struct JailIdentity {
         try bundle.prepareVMMDirectory(owner: (uid, gid))
         for disk in vm.definition.disks {
             let path = disk.isOwned ? try HostPath.resolve(bundle.resolve(disk.path), inside: bundle.directory, field: "disk") : disk.path
-            if !disk.readOnly, chown(path, uid, gid) != 0 {
+            // A block device keeps its owner: the VMM opens it as root before the jail closes,
+            // and a host device node is not the VM's to keep (nothing reopens it jailed).
+            var kind = stat()
+            let isDevice = stat(path, &kind) == 0 && (kind.st_mode & S_IFMT) == S_IFBLK
+            if !disk.readOnly, !isDevice, chown(path, uid, gid) != 0 {
                 throw .io(operation: "chown to the VM's uid \(uid)", path: path, errno: errno)
             }
             let layers = (disk.readOnly ? [path] : []) + bundle.chain(of: disk).map(\.path)

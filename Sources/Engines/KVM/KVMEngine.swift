@@ -51,8 +51,10 @@ public struct KVMEngine: MigratingEngine {
         spec.memoryBytes = definition.memoryBytes
         // The format and the chain the definition records: the VMM opens nothing else.
         spec.disks = definition.disks.map { disk in
-            MachineSpec.Disk(path: bundle.resolve(disk.path), format: disk.format, readOnly: disk.readOnly, serial: disk.serial,
-                             backing: bundle.chain(of: disk))
+            var machineDisk = MachineSpec.Disk(path: bundle.resolve(disk.path), format: disk.format, readOnly: disk.readOnly, serial: disk.serial,
+                                               backing: bundle.chain(of: disk))
+            machineDisk.cache = disk.cache
+            return machineDisk
         }
         spec.nics = cards.map { card in
             switch card.backend {

@@ -50,6 +50,10 @@ public func allowedActions(_ state: VMState, engine: EngineKind?) -> [String] {
 public struct VMReport: Encodable, Sendable {
     public struct Disk: Encodable, Sendable {
         public var path: String, format: String, readOnly: Bool, serial: String?, virtualBytes: UInt64?, allocatedBytes: UInt64, backingChain: [String]
+        /// "7:0" for a block device (its major and minor numbers); nil for a file.
+        public var blockDevice: String?
+        /// "none" when the disk bypasses the host's page cache; nil for writeback, the default.
+        public var cache: String?
     }
     public struct Card: Encodable, Sendable {
         public var attachment: String, mac: String, forwards: [String], hostInterface: String?, address: String?
@@ -164,9 +168,14 @@ extension VMManager {
             vmmLog: bundle.vmmLogPath, controlSocket: definition.engine == .qemu ? bundle.qmpPath : bundle.controlPath,
             disks: definition.disks.map { disk in
                 let path = bundle.resolve(disk.path)
+                var status = stat()
+                let device = stat(path, &status) == 0 && (status.st_mode & S_IFMT) == S_IFBLK
+                    ? "\(UInt64((status.st_rdev >> 8) & 0xfff) | UInt64((status.st_rdev >> 32) & ~0xfff)):\(UInt64(status.st_rdev & 0xff) | UInt64((status.st_rdev >> 12) & ~0xff))"
+                    : nil
+                let virtualBytes = DiskImages.recordedVirtualSize(path: path, format: disk.format)
                 return VMReport.Disk(path: path, format: disk.format.rawValue, readOnly: disk.readOnly, serial: disk.serial,
-                                     virtualBytes: DiskImages.recordedVirtualSize(path: path, format: disk.format), allocatedBytes: HostFiles.allocatedBytes(path),
-                                     backingChain: bundle.chain(of: disk).map(\.path))
+                                     virtualBytes: virtualBytes, allocatedBytes: device == nil ? HostFiles.allocatedBytes(path) : virtualBytes ?? 0,
+                                     backingChain: bundle.chain(of: disk).map(\.path), blockDevice: device, cache: disk.cache?.rawValue)
             },
             networks: zip(definition.networks.indices, networks.addresses(of: definition)).map { index, address in
                 let card = definition.networks[index]

@@ -64,11 +64,16 @@ public struct QEMUEngine: DisplayEngine, RemovableMediaEngine, StateTransferEngi
 
     /// A block node as QEMU's JSON describes it: the image in `format` on the file `path`,
     /// resting on exactly `chain` (nearest first), or on nothing ("backing": null).
-    static func blockNode(path: String, format: DiskFormat, chain: [BackingLayer], readOnly: Bool, locking: Bool = true) -> String {
-        var node = "{\"driver\":\"\(format.rawValue)\",\"read-only\":\(readOnly),\"file\":{\"driver\":\"file\",\"filename\":\(JSONString.quote(path))"
+    /// `hostDevice`: the image is a block device (QEMU's `host_device` protocol, which reads its
+    /// size from the device); `direct`: `cache=none`, O_DIRECT on every layer.
+    static func blockNode(path: String, format: DiskFormat, chain: [BackingLayer], readOnly: Bool, locking: Bool = true,
+                          hostDevice: Bool = false, direct: Bool = false) -> String {
+        let cache = direct ? ",\"cache\":{\"direct\":true}" : ""
+        var node = "{\"driver\":\"\(format.rawValue)\",\"read-only\":\(readOnly)\(cache),\"file\":{\"driver\":\"\(hostDevice ? "host_device" : "file")\",\"filename\":\(JSONString.quote(path))\(cache)"
         node += locking ? "}" : ",\"locking\":\"off\"}"
         if format == .qcow2 {
-            node += ",\"backing\":" + (chain.first.map { blockNode(path: $0.path, format: $0.format, chain: Array(chain.dropFirst()), readOnly: true, locking: locking) } ?? "null")
+            node += ",\"backing\":" + (chain.first.map { blockNode(path: $0.path, format: $0.format, chain: Array(chain.dropFirst()), readOnly: true, locking: locking,
+                                                                  direct: direct) } ?? "null")
         }
         return node + "}"
     }
@@ -116,9 +121,12 @@ public struct QEMUEngine: DisplayEngine, RemovableMediaEngine, StateTransferEngi
             // The whole chain spelled out, each layer in the format the definition records: QEMU
             // opens nothing a header names and guesses no format (libvirt passes its chains so).
             let chain = bundle.chain(of: disk).map { BackingLayer(path: files.name($0.path), format: $0.format) }
+            var status = stat()
+            let hostDevice = stat(bundle.resolve(disk.path), &status) == 0 && (status.st_mode & S_IFMT) == S_IFBLK
             var drive = "if=none,id=disk\(index),discard=unmap,file=json:" + quoted(blockNode(path: files.name(bundle.resolve(disk.path)), format: disk.format,
                                                                                                  chain: chain, readOnly: disk.readOnly,
-                                                                                                 locking: !files.usesDescriptors))
+                                                                                                 locking: !files.usesDescriptors, hostDevice: hostDevice,
+                                                                                                 direct: disk.cache == DiskCache.none))
             if disk.readOnly { drive += ",readonly=on" }
             var device: String
             switch definition.diskBus {

@@ -478,15 +478,19 @@ public struct DiskAttachment: Codable, Sendable, Equatable {
     /// disk, a linked clone's base, a snapshot's layers, an attached image's own chain) and the
     /// only chain anything opens. A raw disk rests on nothing.
     public var backing: [BackingLayer]
+    /// nil: `writeback` (through the host's page cache); `none`: O_DIRECT.
+    public var cache: DiskCache?
 
-    public init(path: String, format: DiskFormat, readOnly: Bool = false, serial: String? = nil, backing: [BackingLayer] = []) {
+    public init(path: String, format: DiskFormat, readOnly: Bool = false, serial: String? = nil, backing: [BackingLayer] = [],
+                cache: DiskCache? = nil) {
         self.path = path; self.format = format; self.readOnly = readOnly; self.serial = serial; self.backing = backing
+        self.cache = cache == .writeback ? nil : cache
     }
 
     /// Inside the VM's directory: created, copied and deleted with the VM.
     public var isOwned: Bool { !path.hasPrefix("/") }
 
-    enum CodingKeys: String, CodingKey { case path, format, readOnly, serial, backing }
+    enum CodingKeys: String, CodingKey { case path, format, readOnly, serial, backing, cache }
 
     public init(from decoder: any Decoder) throws {
         let container = try decoder.container(keyedBy: CodingKeys.self)
@@ -496,6 +500,8 @@ public struct DiskAttachment: Codable, Sendable, Equatable {
         serial = try container.decodeIfPresent(String.self, forKey: .serial)
         // Definitions of version 1 did not record chains: VMBundle adopts them, once.
         backing = try container.decodeIfPresent([BackingLayer].self, forKey: .backing) ?? []
+        cache = try container.decodeIfPresent(DiskCache.self, forKey: .cache)
+        if cache == .writeback { cache = nil }
     }
 
     public func encode(to encoder: any Encoder) throws {
@@ -505,6 +511,7 @@ public struct DiskAttachment: Codable, Sendable, Equatable {
         try container.encode(readOnly, forKey: .readOnly)
         try container.encodeIfPresent(serial, forKey: .serial)
         if !backing.isEmpty { try container.encode(backing, forKey: .backing) }
+        try container.encodeIfPresent(cache, forKey: .cache)
     }
 }
 

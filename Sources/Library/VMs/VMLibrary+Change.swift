@@ -107,10 +107,10 @@ extension VMLibrary {
         }
     }
 
-    public func attachDisk(_ name: String, path: String, readOnly: Bool, format: DiskFormat? = nil) throws(LibraryError) -> VMDefinition {
+    public func attachDisk(_ name: String, path: String, readOnly: Bool, format: DiskFormat? = nil, cache: DiskCache? = nil) throws(LibraryError) -> VMDefinition {
         try update(name, action: "attach a disk to") { (definition, bundle) throws(LibraryError) in
             let absolute = DiskImages.normalized(HostFiles.absolute(path))
-            var attachment = try Self.inspectDisk(absolute, format: format, field: "PATH", readOnly: readOnly)
+            var attachment = try Self.inspectDisk(absolute, format: format, field: "PATH", readOnly: readOnly, cache: cache)
             // What lies in the VM's directory is recorded relative to it (it moves with a rename).
             let prefix = bundle.directory + "/"
             if absolute.hasPrefix(prefix) { attachment.path = String(absolute.dropFirst(prefix.count)) }

@@ -171,7 +171,8 @@ extension VMLibrary {
     /// never the one its bytes claim — a guest can write any header into a raw disk it owns. A
     /// qcow2 image's own chain is recorded as its headers name it (the person made it); the image
     /// is then opened read-only through that chain to check it.
-    public static func inspectDisk(_ path: String, format declared: DiskFormat?, field: String, readOnly: Bool = false) throws(LibraryError) -> DiskAttachment {
+    public static func inspectDisk(_ path: String, format declared: DiskFormat?, field: String, readOnly: Bool = false,
+                                   cache: DiskCache? = nil) throws(LibraryError) -> DiskAttachment {
         guard HostFiles.exists(path), !HostFiles.isDirectory(path) else { throw .invalidValue(field: field, reason: "\(path) does not exist or is not a file") }
         guard let format = declared ?? DiskFormat.declared(byName: path) else {
             throw .invalidValue(field: field == "attach_disk" ? "disk_format" : "format",
@@ -179,10 +180,12 @@ extension VMLibrary {
         }
         let chain = try DiskChains.adopt(path, format: format, field: field)
         do {
-            _ = try DiskImages.open(path: path, format: format, readOnly: true, backing: .recorded(chain))
+            // Opened as the VM will open it: a block device the host holds (mounted, swap, LVM)
+            // and a file system without O_DIRECT are refused here, not at the first start.
+            _ = try DiskImages.open(path: path, format: format, readOnly: true, backing: .recorded(chain), direct: cache == DiskCache.none)
         } catch {
             throw .invalidValue(field: field, reason: error.description)
         }
-        return DiskAttachment(path: path, format: format, readOnly: readOnly, backing: chain)
+        return DiskAttachment(path: path, format: format, readOnly: readOnly, backing: chain, cache: cache)
     }
 }
