@@ -20,6 +20,8 @@ public enum DiskImageError: Error, CustomStringConvertible, Sendable, Equatable 
     /// it), swap, or part of LVM or RAID.
     case deviceBusy(path: String, mountPoint: String?)
     case invalidArgument(field: String, reason: String)
+    /// A network disk's server could not be used: unreachable, no such export, not NBD.
+    case network(path: String, reason: String)
     /// A qcow2 header names a backing file its disk's definition does not record (`recorded`:
     /// what it does record, if anything). The chain is what the definition says; a header is
     /// never followed past it (docs/security.md).
@@ -41,6 +43,7 @@ public enum DiskImageError: Error, CustomStringConvertible, Sendable, Equatable 
         case let .deviceBusy(path, nil):
             return "\(path) is in use by the host (mounted, swap, or held by LVM or RAID); a disk the host uses cannot be a VM's"
         case let .invalidArgument(field, reason): return "\(field): \(reason)"
+        case let .network(path, reason): return "\(path): \(reason)"
         case let .unrecordedBacking(path, named, recorded?):
             return "\(path) names the backing file \(named), but its definition records \(recorded): its header was changed outside Vireo (by the VM's own process?), so it is not opened"
         case let .unrecordedBacking(path, named, nil):

@@ -6,9 +6,11 @@ public enum DiskFormat: String, Sendable, CaseIterable, Codable {
 
     /// The format a file's name declares (`.qcow2`, `.raw`); nil when the name does not say
     /// (`.img` is either). A device under `/dev` (`/dev/sdb`, `/dev/loop0`, `/dev/mapper/vg-lv`)
-    /// is a raw disk: a block device cannot grow, so it holds no qcow2.
+    /// and an NBD export are raw disks: neither can grow, so neither holds qcow2.
     public static func declared(byName path: String) -> DiskFormat? {
         if path.hasPrefix("/dev/") { return .raw }
+        // An NBD export (nbd://, nbd+unix://) is the disk itself, as a device is.
+        if path.hasPrefix("nbd://") || path.hasPrefix("nbd+unix://") { return .raw }
         let name = path.split(separator: "/").last.map { $0.lowercased() } ?? ""
         if name.hasSuffix(".qcow2") { return .qcow2 }
         if name.hasSuffix(".raw") { return .raw }

@@ -198,7 +198,7 @@ extension APIServer {
         case .io(_, _, EFBIG):
             // A size beyond what the host's file system can hold is the caller's to lower.
             return APIProblem(.unprocessableContent, kind: "invalid-value", detail: detail, field: "size_bytes")
-        case .invalidImage, .unsupported, .unrecordedBacking:
+        case .invalidImage, .unsupported, .unrecordedBacking, .network:
             return APIProblem(.unprocessableContent, kind: "invalid-image", detail: detail, field: "path")
         case .io, .outOfRange, .readOnly:
             return APIProblem(.internalServerError, kind: "disk", detail: detail)

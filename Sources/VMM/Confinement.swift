@@ -88,7 +88,10 @@ enum SyscallPolicy {
                                 // vsock's half-close of a host stream can run here too.
                                 "shutdown",
                                 // --rt-priority: each vCPU makes itself SCHED_FIFO as it starts.
-                                "sched_setscheduler", "sched_setparam"]
+                                "sched_setscheduler", "sched_setparam",
+                                // An NBD disk's request may run here (a queue without an ioeventfd) and
+                                // reconnect a lost Unix-socket path (socket: AF_UNIX only, below).
+                                "connect", "setsockopt"]
     /// `ioctl` is allowed whatever its request on vCPU threads (and in the process-wide filter
     /// they inherit): a syscall every filter allows unconditionally skips BPF altogether (the
     /// kernel's seccomp action cache), and checking KVM_RUN's request on every exit cost 1.5–2 %
@@ -97,7 +100,7 @@ enum SyscallPolicy {
     /// Opening a file is refused with EACCES rather than trapped: glibc's strerror() looks for a
     /// message catalogue the first time a vCPU logs an error (seen in a `VIREO_SECCOMP=log` run),
     /// and a vCPU that cannot open anything is the point.
-    static let vcpuRules: UInt32 = UInt32(VIREO_SECCOMP_SIGNAL_SELF | VIREO_SECCOMP_OPEN_REFUSED)
+    static let vcpuRules: UInt32 = UInt32(VIREO_SECCOMP_SIGNAL_SELF | VIREO_SECCOMP_OPEN_REFUSED | VIREO_SECCOMP_SOCKET_UNIX)
     /// Device threads: network receive, throttled queues, the balloon, vsock streams, virtio
     /// notifications (ioeventfds).
     static let device = vcpu.filter { $0 != "ioctl" } + ["accept4", "accept", "connect", "shutdown", "getsockopt", "setsockopt", "timerfd_create", "timerfd_settime",
@@ -235,6 +238,14 @@ extension Machine {
         }
         if let snapshotDirectory { candidates.append((absolute(snapshotDirectory), true)) }
         for disk in spec.disks {
+            // An NBD disk's Unix sockets are reconnected through their directories (a restarted
+            // server makes a new socket there, which a bind of the old one would not show).
+            if NBDAddress.isNetworkDisk(disk.path) {
+                for address in (try? NBDAddress.paths(disk.path)) ?? [] {
+                    if case let .unix(socket) = address.endpoint { candidates.append((directory(socket), false)) }
+                }
+                continue
+            }
             let path = absolute(disk.path)
             candidates.append((path, !disk.readOnly))
             // A snapshot's overlays land beside the disk: its directory must be writable when the

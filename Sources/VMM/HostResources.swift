@@ -70,6 +70,9 @@ struct HostResources {
             throw .memory(error)
         }
         var diskFiles: [DiskFiles] = []
+        if spec.disks.contains(where: { NBDAddress.isNetworkDisk($0.path) }) {
+            NBDImage.log.withLock { $0 = { line in vmmLog(line) } }
+        }
         for disk in spec.disks {
             do throws(DiskImageError) {
                 if start == .receive(.sharedDisks) {

@@ -35,6 +35,15 @@ extension MachineSpec.Disk {
     /// Opens the disk's files (the image and each recorded layer) without reading them; a chain
     /// followed from the header is opened and read in one go (only `vireo run` asks for that).
     func openFiles(writable: Bool) throws(DiskImageError) -> DiskFiles {
+        if NBDAddress.isNetworkDisk(path) {
+            guard format == .raw, backing.isEmpty, !followsHeader else {
+                throw .invalidArgument(field: "disk", reason: "\(path) is an NBD export, which is a raw disk resting on nothing")
+            }
+            guard !bypassesHostCache else {
+                throw .invalidArgument(field: "disk", reason: "cache=none is for files and block devices; an NBD export has no host page cache here")
+            }
+            return .network(try NBDImage.connect(path: path, readOnly: !writable))
+        }
         if followsHeader {
             return .decoded(try DiskImages.open(path: path, format: format, readOnly: !writable, backing: .fromHeader, direct: bypassesHostCache))
         }
@@ -46,11 +55,14 @@ extension MachineSpec.Disk {
 enum DiskFiles {
     case opened(DiskImages.OpenedFiles)
     case decoded(any DiskImage)
+    /// An NBD export's sockets, connected; negotiated once the VMM is confined.
+    case network(NBDImage.Connecting)
 
     func decode() throws(DiskImageError) -> any DiskImage {
         switch self {
         case let .opened(files): return try files.decode()
         case let .decoded(image): return image
+        case let .network(connecting): return try connecting.decode()
         }
     }
 }

@@ -1,0 +1,595 @@
+import MachineSpec
+import Synchronization
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Where one NBD export is: `nbd://HOST[:PORT][/EXPORT]` or `nbd+unix:///EXPORT?socket=PATH`
+/// (the URI forms QEMU and libnbd take). A disk names one or more of them joined by `|`: paths to
+/// the same export, used one at a time (docs/disk-images.md, "Network disks").
+public struct NBDAddress: Sendable, Equatable, CustomStringConvertible {
+    public enum Endpoint: Sendable, Equatable {
+        case unix(path: String)
+        case tcp(host: String, port: UInt16)
+    }
+
+    public var endpoint: Endpoint
+    public var export: String
+    public static let defaultPort: UInt16 = 10809
+
+    public var description: String {
+        switch endpoint {
+        case let .unix(path): return "nbd+unix:///\(export)?socket=\(path)"
+        case let .tcp(host, port): return "nbd://\(host.contains(":") ? "[\(host)]" : host):\(port)/\(export)"
+        }
+    }
+
+    /// Whether a lost connection can be made again from inside the VMM: only to a Unix socket.
+    /// The VMM's seccomp filters allow `socket` for AF_UNIX alone and a jailed VMM has no
+    /// network, so a TCP path is connected once, at start, and stays down once it fails.
+    public var canReconnect: Bool {
+        if case .unix = endpoint { return true }
+        return false
+    }
+
+    /// Whether a disk's path names NBD exports rather than a file.
+    public static func isNetworkDisk(_ path: String) -> Bool {
+        path.hasPrefix("nbd://") || path.hasPrefix("nbd+unix://")
+    }
+
+    /// Every path of a disk's `A|B|...` text, each parsed; refused naming what is wrong.
+    public static func paths(_ text: String) throws(DiskImageError) -> [NBDAddress] {
+        let parts = text.split(separator: "|", omittingEmptySubsequences: false).map(String.init)
+        guard parts.count <= 8 else { throw .invalidArgument(field: "disk", reason: "\(parts.count) paths to one export; at most 8") }
+        var addresses: [NBDAddress] = []
+        for part in parts { addresses.append(try parse(part)) }
+        if Swift.Set(addresses.map(\.export)).count > 1 {
+            throw .invalidArgument(field: "disk", reason: "the paths of \(text) name different exports; every path must lead to the same one")
+        }
+        return addresses
+    }
+
+    public static func parse(_ text: String) throws(DiskImageError) -> NBDAddress {
+        func refuse(_ why: String) -> DiskImageError {
+            .invalidArgument(field: "disk", reason: "'\(text.prefix(300))' \(why); expected nbd://HOST[:PORT][/EXPORT] or nbd+unix:///EXPORT?socket=/PATH")
+        }
+        guard text.utf8.count <= 4096, !text.utf8.contains(0), !text.contains(",") else { throw refuse("is not a usable address") }
+        if text.hasPrefix("nbd+unix://") {
+            var rest = Substring(text.dropFirst("nbd+unix://".count))
+            guard let question = rest.firstIndex(of: "?") else { throw refuse("has no ?socket=") }
+            let query = rest[rest.index(after: question)...]
+            rest = rest[..<question]
+            guard rest.isEmpty || rest.hasPrefix("/") else { throw refuse("names a host; a Unix socket has none") }
+            guard query.hasPrefix("socket="), !query.contains("&") else { throw refuse("has a query other than socket=PATH") }
+            let socket = String(query.dropFirst("socket=".count))
+            guard socket.hasPrefix("/"), socket.utf8.count < 108 else { throw refuse("needs an absolute socket path shorter than 108 bytes") }
+            return NBDAddress(endpoint: .unix(path: socket), export: try exportName(rest.dropFirst(), refuse))
+        }
+        guard text.hasPrefix("nbd://") else { throw refuse("is not an NBD address") }
+        let rest = text.dropFirst("nbd://".count)
+        let slash = rest.firstIndex(of: "/") ?? rest.endIndex
+        let authority = rest[..<slash]
+        let export = slash == rest.endIndex ? "" : try exportName(rest[rest.index(after: slash)...], refuse)
+        var host = Substring(authority)
+        var port = defaultPort
+        if host.hasPrefix("[") {
+            guard let close = host.firstIndex(of: "]") else { throw refuse("has an unclosed [") }
+            let after = host[host.index(after: close)...]
+            host = host[host.index(after: host.startIndex)..<close]
+            if !after.isEmpty {
+                guard after.hasPrefix(":"), let given = UInt16(after.dropFirst()), given > 0 else { throw refuse("has a bad port") }
+                port = given
+            }
+        } else if let colon = host.lastIndex(of: ":") {
+            guard let given = UInt16(host[host.index(after: colon)...]), given > 0 else { throw refuse("has a bad port") }
+            port = given
+            host = host[..<colon]
+        }
+        guard !host.isEmpty, !host.contains("?"), !host.contains("@") else { throw refuse("has no usable host") }
+        return NBDAddress(endpoint: .tcp(host: String(host), port: port), export: export)
+    }
+
+    private static func exportName(_ text: Substring, _ refuse: (String) -> DiskImageError) throws(DiskImageError) -> String {
+        // NBD limits names to 4096 bytes; a query after the export is not ours to guess.
+        guard text.utf8.count <= 4096, !text.contains("?") else { throw refuse("has an unusable export name") }
+        return String(text)
+    }
+}
+
+/// One connection's socket, connected but not yet talked to (the handshake, the server's first
+/// bytes, is read only once the VMM is confined: a server is a peer like any other).
+struct NBDSocket: @unchecked Sendable {
+    let fd: Int32
+    let address: NBDAddress
+
+    /// Connects, with `timeout` seconds for the connection and for each later read or write.
+    static func connect(_ address: NBDAddress, timeout: Int) throws(DiskImageError) -> NBDSocket {
+        switch address.endpoint {
+        case let .unix(path):
+            let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+            guard fd >= 0 else { throw .io(operation: "socket", path: address.description, errno: errno) }
+            setTimeouts(fd, timeout)
+            var name = sockaddr_un()
+            name.sun_family = sa_family_t(AF_UNIX)
+            withUnsafeMutableBytes(of: &name.sun_path) { raw in
+                for (index, byte) in path.utf8.enumerated() where index < raw.count - 1 { raw[index] = byte }
+            }
+            let result = withUnsafePointer(to: &name) {
+                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+            }
+            guard result == 0 else { let code = errno; close(fd); throw .io(operation: "connect", path: address.description, errno: code) }
+            return NBDSocket(fd: fd, address: address)
+        case let .tcp(host, port):
+            var hints = addrinfo()
+            hints.ai_socktype = Int32(SOCK_STREAM.rawValue)
+            var found: UnsafeMutablePointer<addrinfo>?
+            let looked = getaddrinfo(host, String(port), &hints, &found)
+            guard looked == 0, let first = found else {
+                throw .network(path: address.description, reason: "cannot resolve \(host): \(String(cString: gai_strerror(looked)))")
+            }
+            defer { freeaddrinfo(first) }
+            var lastError = ECONNREFUSED
+            var entry: UnsafeMutablePointer<addrinfo>? = first
+            while let current = entry {
+                entry = current.pointee.ai_next
+                let fd = socket(current.pointee.ai_family, current.pointee.ai_socktype | Int32(SOCK_CLOEXEC.rawValue), current.pointee.ai_protocol)
+                guard fd >= 0 else { lastError = errno; continue }
+                setTimeouts(fd, timeout)
+                if Glibc.connect(fd, current.pointee.ai_addr, current.pointee.ai_addrlen) == 0 {
+                    var one: Int32 = 1
+                    _ = setsockopt(fd, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
+                    return NBDSocket(fd: fd, address: address)
+                }
+                lastError = errno
+                close(fd)
+            }
+            throw .io(operation: "connect", path: address.description, errno: lastError)
+        }
+    }
+
+    private static func setTimeouts(_ fd: Int32, _ seconds: Int) {
+        var limit = timeval(tv_sec: seconds, tv_usec: 0)
+        _ = setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &limit, socklen_t(MemoryLayout<timeval>.size))
+        _ = setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &limit, socklen_t(MemoryLayout<timeval>.size))
+    }
+}
+
+/// Why an NBD exchange failed: the connection (retried, on this path or another) or the server's
+/// answer to this request (the guest gets an I/O error).
+enum NBDFailure: Error {
+    case connection(String)
+    case server(String)
+}
+
+/// An NBD connection after the fixed-newstyle handshake (NBD protocol, "Fixed newstyle
+/// negotiation"): the export's size and transmission flags, and whether replies are structured.
+/// One request at a time; every length and offset the server sends is checked.
+final class NBDConnection: @unchecked Sendable {
+    let fd: Int32
+    let address: NBDAddress
+    let size: UInt64
+    let flags: UInt16
+    let structured: Bool
+    private var cookie: UInt64 = 0
+
+    enum Magic {
+        static let negotiation: UInt64 = 0x4e42_444d_4147_4943   // "NBDMAGIC"
+        static let options: UInt64 = 0x4948_4156_454f_5054       // "IHAVEOPT"
+        static let optionReply: UInt64 = 0x0003_e889_0455_65a9
+        static let request: UInt32 = 0x2560_9513
+        static let simpleReply: UInt32 = 0x6744_6698
+        static let structuredReply: UInt32 = 0x668e_33ef
+    }
+    enum Flag {
+        static let readOnly: UInt16 = 1 << 1
+        static let sendFlush: UInt16 = 1 << 2
+        static let sendTrim: UInt16 = 1 << 5
+        static let sendWriteZeroes: UInt16 = 1 << 6
+    }
+    enum Command {
+        static let read: UInt16 = 0, write: UInt16 = 1, disconnect: UInt16 = 2, flush: UInt16 = 3, trim: UInt16 = 4, writeZeroes: UInt16 = 6
+    }
+    /// The most a request carries: servers commonly refuse more than 32 MiB.
+    static let maximumRequest = 1 << 20
+
+    /// Negotiates `export` on a connected socket. Takes the socket's descriptor (closed on failure).
+    init(_ socket: NBDSocket) throws(NBDFailure) {
+        fd = socket.fd
+        address = socket.address
+        do throws(NBDFailure) {
+            guard try Self.readU64(fd) == Magic.negotiation, try Self.readU64(fd) == Magic.options else {
+                throw NBDFailure.connection("not an NBD server speaking the newstyle protocol")
+            }
+            let serverFlags = try Self.readU16(fd)
+            guard serverFlags & 1 != 0 else { throw NBDFailure.connection("the server does not offer fixed newstyle negotiation") }
+            let noZeroes = serverFlags & 2 != 0
+            try Self.write(fd, Self.be(UInt32(1 | (noZeroes ? 2 : 0))))
+            // Structured replies: reads may come back in pieces and holes (NBD_OPT_STRUCTURED_REPLY).
+            try Self.sendOption(fd, 8, [])
+            var structured = false
+            let (kind, _) = try Self.readOptionReply(fd, option: 8)
+            if kind == 1 { structured = true } else if kind & 0x8000_0000 == 0 {
+                throw NBDFailure.connection("unexpected reply \(kind) to NBD_OPT_STRUCTURED_REPLY")
+            }
+            self.structured = structured
+            // NBD_OPT_GO: the export, no extra information asked for (its size and flags always come).
+            let name = Array(address.export.utf8)
+            try Self.sendOption(fd, 7, Self.be(UInt32(name.count)) + name + Self.be(UInt16(0)))
+            var exportSize: UInt64?
+            var exportFlags: UInt16 = 0
+            while true {
+                let (kind, data) = try Self.readOptionReply(fd, option: 7)
+                if kind == 1 { break }
+                if kind & 0x8000_0000 != 0 {
+                    let message = String(decoding: data.prefix(512), as: UTF8.self)
+                    let why = kind == 0x8000_0006 ? "has no export named '\(address.export)'" : "refused the export (error \(kind & 0x7fff_ffff))"
+                    throw NBDFailure.server("the server \(why)" + (message.isEmpty ? "" : ": \(message)"))
+                }
+                // NBD_REP_INFO: NBD_INFO_EXPORT carries size and transmission flags.
+                if kind == 3, data.count >= 12, Self.u16(data, 0) == 0 {
+                    exportSize = Self.u64(data, 2)
+                    exportFlags = Self.u16(data, 10)
+                }
+            }
+            guard let exportSize else { throw NBDFailure.connection("the server never said the export's size") }
+            guard exportSize <= UInt64(Int64.max) else { throw NBDFailure.connection("the export's size \(exportSize) is out of range") }
+            size = exportSize
+            flags = exportFlags
+        } catch {
+            close(socket.fd)
+            throw error
+        }
+    }
+
+    deinit {
+        // NBD_CMD_DISC, best effort: the server then closes its side cleanly.
+        var header = Self.be(Magic.request) + Self.be(UInt16(0)) + Self.be(Command.disconnect) + Self.be(UInt64(0)) + Self.be(UInt64(0)) + Self.be(UInt32(0))
+        _ = header.withUnsafeMutableBytes { send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
+        close(fd)
+    }
+
+    /// One request: `payload` goes with writes, `into` receives reads (zeroed first: holes).
+    func request(_ command: UInt16, offset: UInt64, length: UInt32, payload: UnsafeRawBufferPointer? = nil,
+                 into buffer: UnsafeMutableRawBufferPointer? = nil) throws(NBDFailure) {
+        cookie &+= 1
+        let header = Self.be(Magic.request) + Self.be(UInt16(0)) + Self.be(command) + Self.be(cookie) + Self.be(offset) + Self.be(length)
+        try Self.write(fd, header)
+        if let payload, let base = payload.baseAddress { try Self.write(fd, base, payload.count) }
+        let magic = try Self.readU32(fd)
+        if magic == Magic.simpleReply {
+            let error = try Self.readU32(fd)
+            guard try Self.readU64(fd) == cookie else { throw NBDFailure.connection("a reply to a request never sent") }
+            if error != 0 { throw NBDFailure.server("the server answered error \(error) (\(String(cString: strerror(Int32(error)))))") }
+            if command == Command.read, let buffer, let base = buffer.baseAddress { try Self.read(fd, base, Int(length)) }
+            return
+        }
+        guard magic == Magic.structuredReply, structured else { throw NBDFailure.connection("a reply with magic 0x" + String(magic, radix: 16)) }
+        if let buffer, let base = buffer.baseAddress { base.initializeMemory(as: UInt8.self, repeating: 0, count: buffer.count) }
+        var serverError: String?
+        var chunks = 0
+        while true {
+            chunks += 1
+            guard chunks <= 1 << 16 else { throw NBDFailure.connection("more than 65536 chunks in one reply") }
+            if chunks > 1 { guard try Self.readU32(fd) == Magic.structuredReply else { throw NBDFailure.connection("a broken structured reply") } }
+            let chunkFlags = try Self.readU16(fd)
+            let type = try Self.readU16(fd)
+            guard try Self.readU64(fd) == cookie else { throw NBDFailure.connection("a reply to a request never sent") }
+            let chunkLength = Int(try Self.readU32(fd))
+            switch type {
+            case 0:   // NBD_REPLY_TYPE_NONE
+                guard chunkLength == 0 else { throw NBDFailure.connection("a NONE chunk with \(chunkLength) bytes") }
+            case 1, 2:   // OFFSET_DATA, OFFSET_HOLE: where in the request they fall is checked
+                guard command == Command.read, let base = buffer?.baseAddress, chunkLength >= 8 else {
+                    throw NBDFailure.connection("data in the reply to a request that reads nothing")
+                }
+                let at = try Self.readU64(fd)
+                let count = type == 1 ? chunkLength - 8 : Int(try Self.readU32(fd))
+                guard type == 1 || chunkLength == 12 else { throw NBDFailure.connection("a hole chunk of \(chunkLength) bytes") }
+                guard at >= offset, count <= Int(length), at - offset <= UInt64(Int(length) - count) else {
+                    throw NBDFailure.connection("a chunk for bytes \(at)+\(count), outside the request \(offset)+\(length)")
+                }
+                if type == 1 { try Self.read(fd, base + Int(at - offset), count) }
+            default:
+                guard type & 0x8000 != 0, chunkLength >= 6, chunkLength <= 4096 + 14 else {
+                    throw NBDFailure.connection("an unknown reply chunk type \(type)")
+                }
+                let data = try Self.readBytes(fd, chunkLength)
+                let code = Self.u32(data, 0)
+                let messageLength = min(Int(Self.u16(data, 4)), chunkLength - 6)
+                serverError = "the server answered error \(code): " + String(decoding: data[6..<6 + messageLength], as: UTF8.self)
+            }
+            if chunkFlags & 1 != 0 { break }
+        }
+        if let serverError { throw NBDFailure.server(serverError) }
+    }
+
+    // MARK: the wire
+
+    private static func sendOption(_ fd: Int32, _ option: UInt32, _ data: [UInt8]) throws(NBDFailure) {
+        try write(fd, be(Magic.options) + be(option) + be(UInt32(data.count)) + data)
+    }
+
+    /// One option reply: its type and data (at most 64 KiB).
+    private static func readOptionReply(_ fd: Int32, option: UInt32) throws(NBDFailure) -> (UInt32, [UInt8]) {
+        guard try readU64(fd) == Magic.optionReply, try readU32(fd) == option else {
+            throw NBDFailure.connection("a malformed reply to option \(option)")
+        }
+        let kind = try readU32(fd)
+        let length = Int(try readU32(fd))
+        guard length <= 65536 else { throw NBDFailure.connection("an option reply of \(length) bytes") }
+        return (kind, try readBytes(fd, length))
+    }
+
+    static func be<T: FixedWidthInteger>(_ value: T) -> [UInt8] {
+        withUnsafeBytes(of: value.bigEndian) { Array($0) }
+    }
+    static func u16(_ data: [UInt8], _ at: Int) -> UInt16 { data[at..<at + 2].reduce(0) { $0 << 8 | UInt16($1) } }
+    static func u32(_ data: [UInt8], _ at: Int) -> UInt32 { data[at..<at + 4].reduce(0) { $0 << 8 | UInt32($1) } }
+    static func u64(_ data: [UInt8], _ at: Int) -> UInt64 { data[at..<at + 8].reduce(0) { $0 << 8 | UInt64($1) } }
+
+    private static func readU16(_ fd: Int32) throws(NBDFailure) -> UInt16 { u16(try readBytes(fd, 2), 0) }
+    private static func readU32(_ fd: Int32) throws(NBDFailure) -> UInt32 { u32(try readBytes(fd, 4), 0) }
+    private static func readU64(_ fd: Int32) throws(NBDFailure) -> UInt64 { u64(try readBytes(fd, 8), 0) }
+
+    private static func readBytes(_ fd: Int32, _ count: Int) throws(NBDFailure) -> [UInt8] {
+        let raw = UnsafeMutableRawPointer.allocate(byteCount: max(count, 1), alignment: 8)
+        defer { raw.deallocate() }
+        try read(fd, raw, count)
+        return Array(UnsafeRawBufferPointer(start: raw, count: count))
+    }
+
+    private static func read(_ fd: Int32, _ base: UnsafeMutableRawPointer, _ count: Int) throws(NBDFailure) {
+        var done = 0
+        while done < count {
+            let got = recv(fd, base + done, count - done, 0)
+            if got < 0 && errno == EINTR { continue }
+            if got < 0 { throw NBDFailure.connection("receive: \(String(cString: strerror(errno)))") }
+            if got == 0 { throw NBDFailure.connection("the server closed the connection") }
+            done += got
+        }
+    }
+
+    private static func write(_ fd: Int32, _ bytes: [UInt8]) throws(NBDFailure) {
+        // Result rather than a typed-throws closure: the generic wrapper rethrows `any Error`.
+        let outcome: Result<Void, NBDFailure> = bytes.withUnsafeBytes { raw in
+            do throws(NBDFailure) { try write(fd, raw.baseAddress!, raw.count); return .success(()) } catch { return .failure(error) }
+        }
+        try outcome.get()
+    }
+
+    private static func write(_ fd: Int32, _ base: UnsafeRawPointer, _ count: Int) throws(NBDFailure) {
+        var done = 0
+        while done < count {
+            let put = send(fd, base + done, count - done, Int32(MSG_NOSIGNAL))
+            if put < 0 && errno == EINTR { continue }
+            if put < 0 { throw NBDFailure.connection("send: \(String(cString: strerror(errno)))") }
+            done += put
+        }
+    }
+}
+
+/// A disk that is an NBD export, reached over one or more paths. Requests go to the active path;
+/// when its connection fails they wait while the next path (or the same one, reconnected) takes
+/// over, for up to `reconnectSeconds`, and are then sent again: reads and writes of whole ranges
+/// are idempotent, so a request that may or may not have reached the server before the failure is
+/// safe to repeat. Only then does the guest see an I/O error (QEMU's `reconnect-delay`).
+public final class NBDImage: DiskImage, @unchecked Sendable {
+    public let path: String
+    public var format: DiskFormat { .raw }
+    public let virtualSize: UInt64
+    public let isReadOnly: Bool
+    public let addresses: [NBDAddress]
+    let reconnectSeconds: Int
+    private struct Paths {
+        var connections: [NBDConnection?]
+        var active: Int
+        var failovers = 0
+    }
+    private let paths: Mutex<Paths>
+    private let flags: UInt16
+
+    /// Where a disk's reconnections and failovers are told (the VMM's log).
+    public static let log = Mutex<(@Sendable (String) -> Void)?>(nil)
+    static func say(_ line: String) { log.withLock { $0 }?(line) }
+
+    /// The sockets of a disk's paths, connected before the VMM is confined (a jailed VMM has no
+    /// network); talked to only afterwards (`decode`).
+    public struct Connecting: @unchecked Sendable {
+        let path: String
+        let addresses: [NBDAddress]
+        let sockets: [NBDSocket?]
+        let readOnly: Bool
+        let reconnectSeconds: Int
+
+        public func decode() throws(DiskImageError) -> any DiskImage {
+            try NBDImage(self)
+        }
+    }
+
+    /// Connects every path it can now; at least one must answer.
+    public static func connect(path: String, readOnly: Bool, reconnectSeconds: Int = 30) throws(DiskImageError) -> Connecting {
+        let addresses = try NBDAddress.paths(path)
+        var sockets: [NBDSocket?] = []
+        var firstError: DiskImageError?
+        for address in addresses {
+            do throws(DiskImageError) { sockets.append(try NBDSocket.connect(address, timeout: 10)) } catch {
+                sockets.append(nil)
+                firstError = firstError ?? error
+            }
+        }
+        if sockets.allSatisfy({ $0 == nil }), let firstError { throw firstError }
+        return Connecting(path: path, addresses: addresses, sockets: sockets, readOnly: readOnly, reconnectSeconds: reconnectSeconds)
+    }
+
+    init(_ connecting: Connecting) throws(DiskImageError) {
+        path = connecting.path
+        addresses = connecting.addresses
+        reconnectSeconds = connecting.reconnectSeconds
+        var connections: [NBDConnection?] = []
+        var problems: [String] = []
+        for (index, socket) in connecting.sockets.enumerated() {
+            guard let socket else { connections.append(nil); continue }
+            do throws(NBDFailure) { connections.append(try NBDConnection(socket)) } catch {
+                connections.append(nil)
+                switch error {
+                case let .connection(why), let .server(why): problems.append("\(connecting.addresses[index]): \(why)")
+                }
+            }
+        }
+        guard let first = connections.firstIndex(where: { $0 != nil }), let connection = connections[first] else {
+            throw .network(path: connecting.path, reason: problems.joined(separator: "; "))
+        }
+        // Every path must show the same export: same size, and writable if the disk is.
+        for case let other? in connections where other.size != connection.size {
+            throw .network(path: connecting.path, reason: "\(other.address) is \(other.size) bytes and \(connection.address) \(connection.size): not the same export")
+        }
+        if !connecting.readOnly, connection.flags & NBDConnection.Flag.readOnly != 0 {
+            throw .network(path: connecting.path, reason: "\(connection.address) is a read-only export; use the disk read-only")
+        }
+        virtualSize = connection.size
+        isReadOnly = connecting.readOnly || connection.flags & NBDConnection.Flag.readOnly != 0
+        flags = connection.flags
+        paths = Mutex(Paths(connections: connections, active: first))
+        for problem in problems { Self.say("nbd: \(path): path down at start: \(problem)") }
+    }
+
+    /// Runs `body` on the active connection, moving to another path or reconnecting on a
+    /// connection failure until the deadline.
+    private func perform(_ what: String, _ body: (NBDConnection) throws(NBDFailure) -> Void) throws(DiskImageError) {
+        try paths.withLock { (state) throws(DiskImageError) in
+            let deadline = monotonicSeconds() + Double(reconnectSeconds)
+            var lastProblem = ""
+            var attempt = 0
+            while true {
+                if state.connections[state.active] == nil, addresses[state.active].canReconnect {
+                    // Reconnect this path: a Unix socket the VMM may still reach (docs/disk-images.md).
+                    do throws(DiskImageError) {
+                        let socket = try NBDSocket.connect(addresses[state.active], timeout: 10)
+                        do throws(NBDFailure) {
+                            let connection = try NBDConnection(socket)
+                            guard connection.size == virtualSize else {
+                                throw NBDFailure.connection("the export is now \(connection.size) bytes, was \(virtualSize)")
+                            }
+                            state.connections[state.active] = connection
+                            Self.say("nbd: \(path): connected again through \(addresses[state.active])")
+                        } catch {
+                            switch error { case let .connection(why), let .server(why): lastProblem = why }
+                        }
+                    } catch {
+                        lastProblem = error.description
+                    }
+                }
+                if let connection = state.connections[state.active] {
+                    do throws(NBDFailure) {
+                        try body(connection)
+                        return
+                    } catch {
+                        switch error {
+                        case let .server(why): throw .io(operation: "\(what): \(why)", path: path, errno: EIO)
+                        case let .connection(why):
+                            lastProblem = why
+                            state.connections[state.active] = nil
+                            Self.say("nbd: \(path): \(addresses[state.active]) failed during \(what): \(why)")
+                        }
+                    }
+                }
+                guard monotonicSeconds() < deadline else {
+                    throw .io(operation: "\(what): no path answered for \(reconnectSeconds) s (last: \(lastProblem))", path: path, errno: EIO)
+                }
+                // The next path; a path that is down is tried again in its turn.
+                let previous = state.active
+                state.active = (state.active + 1) % addresses.count
+                if state.active != previous {
+                    state.failovers += 1
+                    Self.say("nbd: \(path): now on \(addresses[state.active])")
+                }
+                attempt += 1
+                if attempt >= addresses.count { usleep(useconds_t(min(100_000 * attempt / addresses.count, 500_000))) }
+            }
+        }
+    }
+
+    private func monotonicSeconds() -> Double {
+        var now = timespec()
+        clock_gettime(CLOCK_MONOTONIC, &now)
+        return Double(now.tv_sec) + Double(now.tv_nsec) / 1e9
+    }
+
+    public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws(DiskImageError) {
+        try checkRange(offset, buffer.count)
+        guard let base = buffer.baseAddress else { return }
+        var done = 0
+        while done < buffer.count {
+            let count = min(NBDConnection.maximumRequest, buffer.count - done)
+            let piece = UnsafeMutableRawBufferPointer(start: base + done, count: count)
+            let at = offset + UInt64(done)
+            try perform("read") { (connection) throws(NBDFailure) in
+                try connection.request(NBDConnection.Command.read, offset: at, length: UInt32(count), into: piece)
+            }
+            done += count
+        }
+    }
+
+    public func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws(DiskImageError) {
+        guard !isReadOnly else { throw .readOnly(path: path) }
+        try checkRange(offset, buffer.count)
+        guard let base = buffer.baseAddress else { return }
+        var done = 0
+        while done < buffer.count {
+            let count = min(NBDConnection.maximumRequest, buffer.count - done)
+            let piece = UnsafeRawBufferPointer(start: base + done, count: count)
+            let at = offset + UInt64(done)
+            try perform("write") { (connection) throws(NBDFailure) in
+                try connection.request(NBDConnection.Command.write, offset: at, length: UInt32(count), payload: piece)
+            }
+            done += count
+        }
+    }
+
+    public func flush() throws(DiskImageError) {
+        guard flags & NBDConnection.Flag.sendFlush != 0, !isReadOnly else { return }
+        try perform("flush") { (connection) throws(NBDFailure) in
+            try connection.request(NBDConnection.Command.flush, offset: 0, length: 0)
+        }
+    }
+
+    public func writeZeroes(at offset: UInt64, length: UInt64) throws(DiskImageError) {
+        guard !isReadOnly else { throw .readOnly(path: path) }
+        guard length <= UInt64(Int.max) else { throw .outOfRange(path: path, offset: offset, length: Int.max, size: virtualSize) }
+        try checkRange(offset, Int(length))
+        var done: UInt64 = 0
+        while done < length {
+            let count = min(UInt64(NBDConnection.maximumRequest), length - done)
+            let at = offset + done
+            if flags & NBDConnection.Flag.sendWriteZeroes != 0 {
+                try perform("write zeroes") { (connection) throws(NBDFailure) in
+                    try connection.request(NBDConnection.Command.writeZeroes, offset: at, length: UInt32(count))
+                }
+            } else {
+                try write([UInt8](repeating: 0, count: Int(count)), at: at)
+            }
+            done += count
+        }
+    }
+
+    public func discard(at offset: UInt64, length: UInt64) throws(DiskImageError) {
+        guard !isReadOnly else { throw .readOnly(path: path) }
+        guard length <= UInt64(Int.max) else { throw .outOfRange(path: path, offset: offset, length: Int.max, size: virtualSize) }
+        try checkRange(offset, Int(length))
+        // A server without trim keeps the data: a discard is advice.
+        guard flags & NBDConnection.Flag.sendTrim != 0 else { return }
+        var done: UInt64 = 0
+        while done < length {
+            let count = min(UInt64(NBDConnection.maximumRequest), length - done)
+            let at = offset + done
+            try perform("trim") { (connection) throws(NBDFailure) in
+                try connection.request(NBDConnection.Command.trim, offset: at, length: UInt32(count))
+            }
+            done += count
+        }
+    }
+
+    public func info() throws(DiskImageError) -> DiskInfo {
+        DiskInfo(path: path, format: .raw, virtualSize: virtualSize, allocatedBytes: virtualSize, clusterSize: nil, backingChain: [])
+    }
+}

@@ -1,0 +1,108 @@
+import Foundation
+import Testing
+
+/// A qemu-nbd serving one raw image on a Unix socket (QEMU's own NBD server, the peer for Vireo's
+/// client), killed when the test ends.
+final class NBDServer: @unchecked Sendable {
+    let socket: String
+    let process: RunningProcess
+
+    /// `shared`: the image is opened without QEMU's lock, so a second server can serve it too
+    /// (two paths to one export).
+    init(image: String, socket: String, export: String = "exp", shared: Bool = false) throws {
+        self.socket = socket
+        unlink(socket)
+        let source = shared ? ["--image-opts", "driver=raw,file.driver=file,file.filename=\(image),file.locking=off"] : ["-f", "raw", image]
+        process = RunningProcess(["qemu-nbd", "-k", socket, "-x", export, "--persistent"] + source)
+        let deadline = Date().addingTimeInterval(10)
+        while !FileManager.default.fileExists(atPath: socket) {
+            guard Date() < deadline, !process.hasExited else { throw HarnessError("qemu-nbd did not start: \(process.stderr)") }
+            usleep(20_000)
+        }
+    }
+
+    func kill() {
+        process.signal(SIGKILL)
+        _ = process.wait(timeout: 10)
+    }
+
+    deinit { kill() }
+
+    func uri(_ export: String = "exp") -> String { "nbd+unix:///\(export)?socket=\(socket)" }
+}
+
+@Suite(.serialized) struct NetworkDiskTests {
+    /// probe=blkloop's block `index`.
+    static func block(_ index: Int) -> [UInt8] { (0..<4096).map { UInt8(truncatingIfNeeded: $0 * 13 + index) } }
+
+    /// Every block 0..<count of `image` holds what probe=blkloop wrote there.
+    static func missingBlocks(_ image: String, count: Int) throws -> [Int] {
+        let bytes = Array(try Data(contentsOf: URL(fileURLWithPath: image)))
+        return (0..<count).filter { Array(bytes[$0 * 4096..<($0 + 1) * 4096]) != block($0) }
+    }
+
+    @Test("NBD disks (the VMM's own client, qemu-nbd the server): a probe's writes land on the export; the server killed and started again mid-write loses no write and the guest sees no error; with two paths, killing the active one moves I/O to the other; a missing export, an unreachable socket and a malformed address are refused naming why")
+    func nbdDisks() throws {
+        try Harness.requireKVM()
+        let directory = try Harness.temporaryDirectory()
+        let image = directory.appendingPathComponent("export.raw").path
+        #expect(Harness.run(["truncate", "-s", "32M", image]).status == 0)
+        let probe = try Harness.probe("pvh")
+
+        // Data through NBD, in odd pieces, read back and on the export.
+        var server: NBDServer? = try NBDServer(image: image, socket: directory.appendingPathComponent("a.sock").path)
+        let uri = try #require(server).uri()
+        let written = Harness.vireoRun(["--kernel", probe, "--memory", "64M", "--cmdline", "probe=blk sector=1000 seed=77 split=1", "--disk", uri])
+        #expect(written.status == 0, "\(written.stderr)")
+        #expect(written.stdout.contains("blk: dev=0 capacity=65536 ro=0 id_status=0 serial= write_status=0 flush_status=0 read_status=0 match=1 beyond_end_status=1"),
+                "\(written.stdout) \(written.stderr)")
+        let bytes = Array(try Data(contentsOf: URL(fileURLWithPath: image)))
+        #expect(Array(bytes[512_000..<516_096]) == BlockDeviceTests.written(seed: 77), "the guest's write is not on the export")
+
+        // The server dies mid-stream and comes back: the guest's writes wait and all arrive.
+        let count = 400
+        let writer = RunningProcess([Harness.vireo, "run", "--kernel", probe, "--memory", "64M", "--cmdline", "probe=blkloop count=\(count)", "--disk", uri])
+        #expect(writer.waitForOutput("blkloop: flushed 80", timeout: 60), "\(writer.stdout.suffix(300)) \(writer.stderr)")
+        server?.kill()
+        usleep(300_000)
+        server = try NBDServer(image: image, socket: directory.appendingPathComponent("a.sock").path)
+        #expect(writer.waitForOutput("blkloop: flushed \(count)", timeout: 120), "\(writer.stdout.suffix(300)) \(writer.stderr)")
+        #expect(writer.wait(timeout: 30) == 0)
+        #expect(!writer.stdout.contains("failed"), "the guest saw an error: \(writer.stdout.suffix(300))")
+        #expect(writer.stderr.contains("failed during") && writer.stderr.contains("connected again through \(uri)"), "\(writer.stderr)")
+        let lostAcrossReconnection = try Self.missingBlocks(image, count: count)
+        #expect(lostAcrossReconnection.isEmpty, "blocks lost across the reconnection: \(lostAcrossReconnection.prefix(10))")
+
+        // Two paths to one export: the active one dies for good, the other carries on.
+        server?.kill()
+        server = nil
+        #expect(Harness.run(["truncate", "-s", "0", image]).status == 0 && Harness.run(["truncate", "-s", "32M", image]).status == 0)
+        let first = try NBDServer(image: image, socket: directory.appendingPathComponent("p1.sock").path, shared: true)
+        let second = try NBDServer(image: image, socket: directory.appendingPathComponent("p2.sock").path, shared: true)
+        let failover = RunningProcess([Harness.vireo, "run", "--kernel", probe, "--memory", "64M", "--cmdline", "probe=blkloop count=\(count)",
+                                       "--disk", first.uri() + "|" + second.uri()])
+        #expect(failover.waitForOutput("blkloop: flushed 80", timeout: 60), "\(failover.stdout.suffix(300)) \(failover.stderr)")
+        first.kill()
+        #expect(failover.waitForOutput("blkloop: flushed \(count)", timeout: 120), "\(failover.stdout.suffix(300)) \(failover.stderr)")
+        #expect(failover.wait(timeout: 30) == 0)
+        #expect(!failover.stdout.contains("failed"), "the guest saw an error: \(failover.stdout.suffix(300))")
+        #expect(failover.stderr.contains("now on \(second.uri())"), "\(failover.stderr)")
+        let lostInFailover = try Self.missingBlocks(image, count: count)
+        #expect(lostInFailover.isEmpty, "blocks lost in the failover: \(lostInFailover.prefix(10))")
+
+        // Bad input: each refused before the guest runs, naming the disk and the reason.
+        let refusals: [(String, String)] = [
+            (second.uri("nothing"), "has no export named 'nothing'"),
+            ("nbd+unix:///exp?socket=\(directory.path)/absent.sock", "absent.sock: connect failed: No such file or directory"),
+            ("nbd+unix:///exp", "has no ?socket="),
+            ("nbd://:10809/exp", "has no usable host"),
+            (second.uri() + ",format=qcow2", "is an NBD export, which is a raw disk"),
+            (second.uri() + ",cache=none", "cache=none is for files and block devices"),
+        ]
+        for (disk, reason) in refusals {
+            let refused = Harness.vireoRun(["--kernel", probe, "--memory", "64M", "--cmdline", "probe=blk", "--disk", disk])
+            #expect(refused.status != 0 && refused.stderr.contains(reason), "\(disk): \(refused.stderr)")
+            #expect(!refused.stdout.contains("blk: dev=0 capacity"), "\(disk): the guest ran")
+        }
+    }
+}
