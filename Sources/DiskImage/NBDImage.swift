@@ -593,3 +593,63 @@ public final class NBDImage: DiskImage, @unchecked Sendable {
         DiskInfo(path: path, format: .raw, virtualSize: virtualSize, allocatedBytes: virtualSize, clusterSize: nil, backingChain: [])
     }
 }
+
+/// A server's bytes, fed to the client as one connection's whole answer: what the fuzzer drives
+/// (a server is a peer, so everything it sends is hostile input) and its seed.
+public enum NBDInspection {
+    /// Negotiates and makes one request of each kind over a socket pair whose far end holds
+    /// `serverBytes` and then closes. Returns whether the handshake succeeded and how many
+    /// requests were answered without a connection failure.
+    public static func converse(serverBytes: UnsafeRawBufferPointer) -> (accepted: Bool, operations: Int) {
+        var ends: [Int32] = [0, 0]
+        guard socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0, &ends) == 0 else { return (false, 0) }
+        defer { close(ends[1]) }
+        // Bounded input (the fuzzer's max_len) fits the socket buffer; the client's few small
+        // requests fit the other direction's.
+        var limit = timeval(tv_sec: 2, tv_usec: 0)
+        _ = setsockopt(ends[0], SOL_SOCKET, SO_RCVTIMEO, &limit, socklen_t(MemoryLayout<timeval>.size))
+        _ = setsockopt(ends[0], SOL_SOCKET, SO_SNDTIMEO, &limit, socklen_t(MemoryLayout<timeval>.size))
+        var size = Int32(1 << 20)
+        _ = setsockopt(ends[1], SOL_SOCKET, SO_SNDBUF, &size, socklen_t(MemoryLayout<Int32>.size))
+        if let base = serverBytes.baseAddress, serverBytes.count > 0 { _ = send(ends[1], base, serverBytes.count, Int32(MSG_NOSIGNAL | MSG_DONTWAIT)) }
+        shutdown(ends[1], Int32(SHUT_WR))
+        let socket = NBDSocket(fd: ends[0], address: NBDAddress(endpoint: .unix(path: "/fuzz.sock"), export: "exp"))
+        guard let connection = try? NBDConnection(socket) else { return (false, 0) }
+        var operations = 0
+        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 4096, alignment: 8)
+        defer { buffer.deallocate() }
+        let requests: [(UInt16, UInt32)] = [(NBDConnection.Command.read, 4096), (NBDConnection.Command.write, 512), (NBDConnection.Command.flush, 0),
+                                            (NBDConnection.Command.writeZeroes, 4096), (NBDConnection.Command.trim, 4096)]
+        for (command, length) in requests {
+            do throws(NBDFailure) {
+                try connection.request(command, offset: 0, length: length,
+                                       payload: command == NBDConnection.Command.write ? UnsafeRawBufferPointer(start: buffer.baseAddress, count: 512) : nil,
+                                       into: command == NBDConnection.Command.read ? buffer : nil)
+                operations += 1
+            } catch {
+                if case .connection = error { break }
+                operations += 1
+            }
+        }
+        return (true, operations)
+    }
+
+    /// A well-behaved server's whole side of such a conversation (qemu-nbd's shape): the
+    /// fuzzer's seed, and a check that the conversation works at all.
+    public static var sample: [UInt8] {
+        typealias C = NBDConnection
+        var bytes = C.be(C.Magic.negotiation) + C.be(C.Magic.options) + C.be(UInt16(3))
+        func optionReply(_ option: UInt32, _ kind: UInt32, _ data: [UInt8]) -> [UInt8] {
+            C.be(C.Magic.optionReply) + C.be(option) + C.be(kind) + C.be(UInt32(data.count)) + data
+        }
+        bytes += optionReply(8, 1, [])
+        bytes += optionReply(7, 3, C.be(UInt16(0)) + C.be(UInt64(1 << 20)) + C.be(UInt16(1 | 4 | 32 | 64)))
+        bytes += optionReply(7, 1, [])
+        // The read: one data chunk, then a hole, the last chunk done.
+        bytes += C.be(C.Magic.structuredReply) + C.be(UInt16(0)) + C.be(UInt16(1)) + C.be(UInt64(1)) + C.be(UInt32(8 + 2048)) + C.be(UInt64(0))
+            + [UInt8](repeating: 0x5a, count: 2048)
+        bytes += C.be(C.Magic.structuredReply) + C.be(UInt16(1)) + C.be(UInt16(2)) + C.be(UInt64(1)) + C.be(UInt32(12)) + C.be(UInt64(2048)) + C.be(UInt32(2048))
+        for cookie in 2...5 { bytes += C.be(C.Magic.simpleReply) + C.be(UInt32(0)) + C.be(UInt64(cookie)) }
+        return bytes
+    }
+}

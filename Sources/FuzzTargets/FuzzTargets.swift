@@ -213,7 +213,15 @@ public enum Fuzz {
         return Outcome(accepted: decoded, operations: accepted ? 1 : 0)
     }
 
-    public static let targetNames = ["virtqueue", "qcow2", "savedstate", "migration", "iso9660", "manifest", "apibody", "offer"]
+    /// The input is everything an NBD server sends on one connection: handshake and replies.
+    public static func nbd(_ data: UnsafeRawBufferPointer) { _ = nbdOutcome(data) }
+
+    public static func nbdOutcome(_ data: UnsafeRawBufferPointer) -> Outcome {
+        let (accepted, operations) = NBDInspection.converse(serverBytes: data)
+        return Outcome(accepted: accepted, operations: operations)
+    }
+
+    public static let targetNames = ["virtqueue", "qcow2", "savedstate", "migration", "iso9660", "manifest", "apibody", "offer", "nbd"]
 
     /// Well-formed inputs a corpus starts from, so the search begins past the magic numbers.
     public static func seeds(named name: String) -> [[UInt8]] {
@@ -237,6 +245,7 @@ public enum Fuzz {
             return [Array(#"{"version":1,"name":"debian-12","description":"d","origin":"build","osType":"debian-64","createdAt":0,"disk":"disk.qcow2","virtualSize":1073741824,"kernel":"vmlinuz","initrd":"initrd.img","commandLine":"root=UUID=x ro","cloudInit":true,"packages":[{"name":"a","version":"1"}],"files":[{"path":"disk.qcow2","size":1,"sha256":"00"},{"path":"vmlinuz","size":1,"sha256":"00"},{"path":"initrd.img","size":1,"sha256":"00"}]}"#.utf8)]
         case "apibody": return [APIBodyInspection.sample]
         case "offer": return [MigrationOfferInspection.sample]
+        case "nbd": return [NBDInspection.sample]
         default: return []
         }
     }
@@ -251,6 +260,7 @@ public enum Fuzz {
         case "manifest": return manifest
         case "apibody": return apiBody
         case "offer": return offer
+        case "nbd": return nbd
         default: return nil
         }
     }

@@ -118,6 +118,14 @@ struct FuzzSmokeTests {
         return (accepted, refused)
     }
 
+    @Test("nbd: a well-behaved server's bytes negotiate and answer every request; mutated ones are refused or answered, never a crash or a hang")
+    func nbdTargetSurvivesMutatedServers() {
+        let seed = Fuzz.seeds(named: "nbd")[0]
+        #expect(seed.withUnsafeBytes { Fuzz.nbdOutcome($0) } == Fuzz.Outcome(accepted: true, operations: 5))
+        let (accepted, refused) = Self.mutants(of: seed, count: 300, state: 0x4bd, Fuzz.nbdOutcome)
+        #expect(accepted > 0 && refused > 0, "accepted \(accepted), refused \(refused)")
+    }
+
     @Test func iso9660TargetSurvivesMutatedDescriptors() {
         // Sectors 16 on: a primary volume descriptor, an El Torito boot record, the terminator.
         let seed = Fuzz.seeds(named: "iso9660")[0]
