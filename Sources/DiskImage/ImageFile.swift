@@ -320,7 +320,7 @@ extension Array where Element == UInt8 {
 }
 
 /// The host's mount table, read for one answer: where a block device is mounted.
-enum HostMountTable {
+public enum HostMountTable {
     /// The first mount point of the device `device` (an `st_rdev`), or nil.
     static func mountPoint(of device: dev_t) -> String? {
         let major = UInt64((device >> 8) & 0xfff) | UInt64((device >> 32) & ~0xfff)
@@ -341,17 +341,16 @@ enum HostMountTable {
         for line in bytes.split(separator: UInt8(ascii: "\n")) {
             let fields = line.split(separator: UInt8(ascii: " "), maxSplits: 5)
             guard fields.count >= 5, String(decoding: fields[2], as: UTF8.self) == wanted else { continue }
-            return String(decoding: fields[4], as: UTF8.self).replacingOctalEscapes()
+            return unescape(String(decoding: fields[4], as: UTF8.self))
         }
         return nil
     }
-}
 
-private extension String {
-    /// `\040` and its kind (the mount table's escapes) as the characters they stand for.
-    func replacingOctalEscapes() -> String {
+    /// A mount table field with its octal escapes (`\040` for a space, and tab, newline and
+    /// backslash alike) turned back into the characters they stand for.
+    public static func unescape(_ field: String) -> String {
         var out: [UInt8] = []
-        let bytes = Array(utf8)
+        let bytes = Array(field.utf8)
         var index = 0
         while index < bytes.count {
             if bytes[index] == UInt8(ascii: "\\"), index + 3 < bytes.count,

@@ -515,18 +515,25 @@ public final class NBDImage: DiskImage, @unchecked Sendable {
         return Double(now.tv_sec) + Double(now.tv_nsec) / 1e9
     }
 
+    /// Splits a transfer of `total` bytes into requests a server takes; `body` gets each piece's
+    /// start (relative to the transfer) and length.
+    private func inPieces(_ total: UInt64, _ body: (_ done: UInt64, _ count: Int) throws(DiskImageError) -> Void) throws(DiskImageError) {
+        var done: UInt64 = 0
+        while done < total {
+            let count = Int(min(UInt64(NBDConnection.maximumRequest), total - done))
+            try body(done, count)
+            done += UInt64(count)
+        }
+    }
+
     public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws(DiskImageError) {
         try checkRange(offset, buffer.count)
         guard let base = buffer.baseAddress else { return }
-        var done = 0
-        while done < buffer.count {
-            let count = min(NBDConnection.maximumRequest, buffer.count - done)
-            let piece = UnsafeMutableRawBufferPointer(start: base + done, count: count)
-            let at = offset + UInt64(done)
+        try inPieces(UInt64(buffer.count)) { (done, count) throws(DiskImageError) in
+            let piece = UnsafeMutableRawBufferPointer(start: base + Int(done), count: count)
             try perform("read") { (connection) throws(NBDFailure) in
-                try connection.request(NBDConnection.Command.read, offset: at, length: UInt32(count), into: piece)
+                try connection.request(NBDConnection.Command.read, offset: offset + done, length: UInt32(count), into: piece)
             }
-            done += count
         }
     }
 
@@ -534,15 +541,11 @@ public final class NBDImage: DiskImage, @unchecked Sendable {
         guard !isReadOnly else { throw .readOnly(path: path) }
         try checkRange(offset, buffer.count)
         guard let base = buffer.baseAddress else { return }
-        var done = 0
-        while done < buffer.count {
-            let count = min(NBDConnection.maximumRequest, buffer.count - done)
-            let piece = UnsafeRawBufferPointer(start: base + done, count: count)
-            let at = offset + UInt64(done)
+        try inPieces(UInt64(buffer.count)) { (done, count) throws(DiskImageError) in
+            let piece = UnsafeRawBufferPointer(start: base + Int(done), count: count)
             try perform("write") { (connection) throws(NBDFailure) in
-                try connection.request(NBDConnection.Command.write, offset: at, length: UInt32(count), payload: piece)
+                try connection.request(NBDConnection.Command.write, offset: offset + done, length: UInt32(count), payload: piece)
             }
-            done += count
         }
     }
 
@@ -553,39 +556,32 @@ public final class NBDImage: DiskImage, @unchecked Sendable {
         }
     }
 
-    public func writeZeroes(at offset: UInt64, length: UInt64) throws(DiskImageError) {
+    /// Checks a zeroing or discard range the guest gave.
+    private func checkWritableRange(_ offset: UInt64, _ length: UInt64) throws(DiskImageError) {
         guard !isReadOnly else { throw .readOnly(path: path) }
         guard length <= UInt64(Int.max) else { throw .outOfRange(path: path, offset: offset, length: Int.max, size: virtualSize) }
         try checkRange(offset, Int(length))
-        var done: UInt64 = 0
-        while done < length {
-            let count = min(UInt64(NBDConnection.maximumRequest), length - done)
-            let at = offset + done
-            if flags & NBDConnection.Flag.sendWriteZeroes != 0 {
-                try perform("write zeroes") { (connection) throws(NBDFailure) in
-                    try connection.request(NBDConnection.Command.writeZeroes, offset: at, length: UInt32(count))
-                }
-            } else {
-                try write([UInt8](repeating: 0, count: Int(count)), at: at)
+    }
+
+    public func writeZeroes(at offset: UInt64, length: UInt64) throws(DiskImageError) {
+        try checkWritableRange(offset, length)
+        let command = flags & NBDConnection.Flag.sendWriteZeroes != 0
+        try inPieces(length) { (done, count) throws(DiskImageError) in
+            guard command else { return try write([UInt8](repeating: 0, count: count), at: offset + done) }
+            try perform("write zeroes") { (connection) throws(NBDFailure) in
+                try connection.request(NBDConnection.Command.writeZeroes, offset: offset + done, length: UInt32(count))
             }
-            done += count
         }
     }
 
     public func discard(at offset: UInt64, length: UInt64) throws(DiskImageError) {
-        guard !isReadOnly else { throw .readOnly(path: path) }
-        guard length <= UInt64(Int.max) else { throw .outOfRange(path: path, offset: offset, length: Int.max, size: virtualSize) }
-        try checkRange(offset, Int(length))
+        try checkWritableRange(offset, length)
         // A server without trim keeps the data: a discard is advice.
         guard flags & NBDConnection.Flag.sendTrim != 0 else { return }
-        var done: UInt64 = 0
-        while done < length {
-            let count = min(UInt64(NBDConnection.maximumRequest), length - done)
-            let at = offset + done
+        try inPieces(length) { (done, count) throws(DiskImageError) in
             try perform("trim") { (connection) throws(NBDFailure) in
-                try connection.request(NBDConnection.Command.trim, offset: at, length: UInt32(count))
+                try connection.request(NBDConnection.Command.trim, offset: offset + done, length: UInt32(count))
             }
-            done += count
         }
     }
 

@@ -308,22 +308,10 @@ public enum HostMounts {
         }
     }
 
-    /// mountinfo writes space, tab, newline and backslash as octal escapes (\\040).
+    /// mountinfo writes space, tab, newline and backslash as octal escapes (\\040): read as
+    /// DiskImage reads them (one parser for the mount table's escapes).
     static func unescapeMountField(_ field: String) -> String {
-        var bytes: [UInt8] = []
-        let raw = Array(field.utf8)
-        var index = 0
-        while index < raw.count {
-            if raw[index] == UInt8(ascii: "\\"), index + 3 < raw.count,
-               let value = UInt8(String(decoding: raw[(index + 1)...(index + 3)], as: UTF8.self), radix: 8) {
-                bytes.append(value)
-                index += 4
-            } else {
-                bytes.append(raw[index])
-                index += 1
-            }
-        }
-        return String(decoding: bytes, as: UTF8.self)
+        HostMountTable.unescape(field)
     }
 
     public static func hasMount(under directory: String) -> Bool {
