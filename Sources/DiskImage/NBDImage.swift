@@ -259,7 +259,8 @@ final class NBDConnection: @unchecked Sendable {
         if magic == Magic.simpleReply {
             let error = try Self.readU32(fd)
             guard try Self.readU64(fd) == cookie else { throw NBDFailure.connection("a reply to a request never sent") }
-            if error != 0 { throw NBDFailure.server("the server answered error \(error) (\(String(cString: strerror(Int32(error)))))") }
+            // NBD's error numbers are errno values; a server may send any 32 bits.
+            if error != 0 { throw NBDFailure.server("the server answered error \(error)" + (error < 256 ? " (\(String(cString: strerror(Int32(error)))))" : "")) }
             if command == Command.read, let buffer, let base = buffer.baseAddress { try Self.read(fd, base, Int(length)) }
             return
         }

@@ -90,6 +90,30 @@ final class NBDServer: @unchecked Sendable {
         let lostInFailover = try Self.missingBlocks(image, count: count)
         #expect(lostInFailover.isEmpty, "blocks lost in the failover: \(lostInFailover.prefix(10))")
 
+        // A library VM: the export attached (checked at attach time), the VMM jailed, the export
+        // neither copied by a clone nor touched by the VM's deletion.
+        let library = try TestLibrary()
+        #expect(library.vireo("create", "nbd", "--kernel", probe, "--memory", "64M", "--no-disk",
+                              "--cmdline", "console=ttyS0 probe=blk sector=2000 seed=91").status == 0)
+        let missing = library.vireo("disk", "attach", "nbd", second.uri("nothing"))
+        #expect(missing.status != 0 && missing.stderr.contains("has no export named 'nothing'"), "\(missing.stderr)")
+        let unreachable = library.vireo("disk", "attach", "nbd", "nbd+unix:///exp?socket=\(directory.path)/absent.sock")
+        #expect(unreachable.status != 0 && unreachable.stderr.contains("connect failed"), "\(unreachable.stderr)")
+        let attached = library.vireo("disk", "attach", "nbd", second.uri())
+        #expect(attached.status == 0, "\(attached.stderr)")
+        #expect(library.vireo("start", "nbd").status == 0)
+        #expect(library.waitFor(30) { library.consoleLog("nbd").contains("blk: devices=") }, "\(library.consoleLog("nbd")) \(library.vmmLog("nbd"))")
+        #expect(library.consoleLog("nbd").contains("blk: dev=0 capacity=65536 ro=0 id_status=0 serial= write_status=0 flush_status=0 read_status=0 match=1"),
+                "\(library.consoleLog("nbd"))")
+        #expect(library.vmmLog("nbd").contains("isolation:"), "\(library.vmmLog("nbd"))")
+        let onExport = Array(try Data(contentsOf: URL(fileURLWithPath: image)))
+        #expect(Array(onExport[1_024_000..<1_028_096]) == BlockDeviceTests.written(seed: 91), "the library VM's write is not on the export")
+        #expect(library.vireo("info", "nbd").stdout.contains("\(second.uri()) (raw, NBD export, 1 path)"), "\(library.vireo("info", "nbd").stdout)")
+        let clone = library.vireo("clone", "nbd", "nbd2")
+        #expect(clone.status != 0 && clone.stderr.contains("network disk"), "\(clone.stderr)")
+        #expect(library.vireo("delete", "nbd").status == 0)
+        #expect(Array(try Data(contentsOf: URL(fileURLWithPath: image)))[1_024_000..<1_028_096] == BlockDeviceTests.written(seed: 91)[...])
+
         // Bad input: each refused before the guest runs, naming the disk and the reason.
         let refusals: [(String, String)] = [
             (second.uri("nothing"), "has no export named 'nothing'"),
