@@ -120,8 +120,13 @@ struct Info: ParsableCommand {
             lines.append(["Seccomp:", "QEMU's own -sandbox (obsolete, elevateprivileges, spawn, resourcecontrol denied)" + (mode.map { " [kernel: mode \($0)]" } ?? "")])
         }
         for (index, disk) in report.disks.enumerated() {
-            var text = "\(disk.path) (\(disk.format), \(disk.virtualBytes.map(Size.describe) ?? "unreadable")"
-            text += disk.blockDevice.map { ", block device \($0)" } ?? ", \(Size.describe(disk.allocatedBytes)) used"
+            var text: String
+            if let paths = disk.networkPaths {
+                text = "\(disk.path) (\(disk.format), NBD export, \(paths.count) path\(paths.count == 1 ? "" : "s")"
+            } else {
+                text = "\(disk.path) (\(disk.format), \(disk.virtualBytes.map(Size.describe) ?? "unreadable")"
+                text += disk.blockDevice.map { ", block device \($0)" } ?? ", \(Size.describe(disk.allocatedBytes)) used"
+            }
             if disk.readOnly { text += ", read-only" }
             if let cache = disk.cache { text += ", cache=\(cache)" }
             text += ")"

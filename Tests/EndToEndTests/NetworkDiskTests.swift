@@ -41,7 +41,7 @@ final class NBDServer: @unchecked Sendable {
         return (0..<count).filter { Array(bytes[$0 * 4096..<($0 + 1) * 4096]) != block($0) }
     }
 
-    @Test("NBD disks (the VMM's own client, qemu-nbd the server): a probe's writes land on the export; the server killed and started again mid-write loses no write and the guest sees no error; with two paths, killing the active one moves I/O to the other; a missing export, an unreachable socket and a malformed address are refused naming why")
+    @Test("NBD disks (the VMM's own client, qemu-nbd the server): a probe's writes land on the export; the server killed and started again mid-write loses no write and the guest sees no error; with two paths, killing the active one moves I/O to the other; a jailed library VM writes to an export attached with `vireo disk attach` (checked at attach time), which clones refuse and deletion leaves; a missing export, an unreachable socket and a malformed address are refused naming why")
     func nbdDisks() throws {
         try Harness.requireKVM()
         let directory = try Harness.temporaryDirectory()

@@ -59,7 +59,7 @@ struct JailIdentity {
             throw .io(operation: "give the VM's gid \(gid) passage", path: bundle.directory, errno: errno)
         }
         try bundle.prepareVMMDirectory(owner: (uid, gid))
-        for disk in vm.definition.disks {
+        for disk in vm.definition.disks where !disk.isNetwork {
             let path = disk.isOwned ? try HostPath.resolve(bundle.resolve(disk.path), inside: bundle.directory, field: "disk") : disk.path
             // A block device keeps its owner: the VMM opens it as root before the jail closes,
             // and a host device node is not the VM's to keep (nothing reopens it jailed).

@@ -54,6 +54,8 @@ public struct VMReport: Encodable, Sendable {
         public var blockDevice: String?
         /// "none" when the disk bypasses the host's page cache; nil for writeback, the default.
         public var cache: String?
+        /// An NBD disk's paths to its export; nil for files and devices.
+        public var networkPaths: [String]?
     }
     public struct Card: Encodable, Sendable {
         public var attachment: String, mac: String, forwards: [String], hostInterface: String?, address: String?
@@ -173,6 +175,11 @@ extension VMManager {
                     ? "\(UInt64((status.st_rdev >> 8) & 0xfff) | UInt64((status.st_rdev >> 32) & ~0xfff)):\(UInt64(status.st_rdev & 0xff) | UInt64((status.st_rdev >> 12) & ~0xff))"
                     : nil
                 let virtualBytes = DiskImages.recordedVirtualSize(path: path, format: disk.format)
+                if disk.isNetwork {
+                    // Not asked of the server here: a listing must not wait on the network.
+                    return VMReport.Disk(path: path, format: disk.format.rawValue, readOnly: disk.readOnly, serial: disk.serial, virtualBytes: nil,
+                                         allocatedBytes: 0, backingChain: [], networkPaths: path.split(separator: "|").map(String.init))
+                }
                 return VMReport.Disk(path: path, format: disk.format.rawValue, readOnly: disk.readOnly, serial: disk.serial,
                                      virtualBytes: virtualBytes, allocatedBytes: device == nil ? HostFiles.allocatedBytes(path) : virtualBytes ?? 0,
                                      backingChain: bundle.chain(of: disk).map(\.path), blockDevice: device, cache: disk.cache?.rawValue)

@@ -185,6 +185,9 @@ public struct QEMUEngine: DisplayEngine, RemovableMediaEngine, StateTransferEngi
             throw .invalidValue(field: "rt_priority", reason: "real-time vCPUs are built for the kvm engine only; `vireo set \(name) --rt-priority none`, or --engine kvm")
         }
         if let firmware = definition.firmware { try FirmwareFiles.check(firmware) }
+        if let network = definition.disks.first(where: \.isNetwork) {
+            throw .invalidValue(field: "engine", reason: "VM '\(name)' has the NBD disk \(network.path), which only the kvm engine connects to; `vireo set \(name) --engine kvm`, or detach it")
+        }
         if let iso = definition.iso {
             do { _ = try InstallMedium.inspect(iso) } catch {
                 throw .engine(name: name, reason: "its ISO cannot be used: \(error.description); eject it with `vireo set \(name) --iso none` or give another with --iso", exitStatus: 2)

@@ -488,7 +488,11 @@ public struct DiskAttachment: Codable, Sendable, Equatable {
     }
 
     /// Inside the VM's directory: created, copied and deleted with the VM.
-    public var isOwned: Bool { !path.hasPrefix("/") }
+    public var isOwned: Bool { !path.hasPrefix("/") && !isNetwork }
+
+    /// An NBD export (`nbd://`, `nbd+unix://`, paths joined by `|`): the VMM connects to it; no
+    /// file of the host's is the disk.
+    public var isNetwork: Bool { NBDAddress.isNetworkDisk(path) }
 
     enum CodingKeys: String, CodingKey { case path, format, readOnly, serial, backing, cache }
 

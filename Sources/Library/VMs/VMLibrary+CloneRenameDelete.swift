@@ -116,6 +116,9 @@ extension VMLibrary {
             // default: two VMs with one MAC confuse every switch and DHCP server. Host ports stay
             // the original's (one port cannot be forwarded to two VMs).
             definition.networks = original.networks.map { NetworkAttachment($0.attachment, mac: NetworkAttachment.randomMAC()) }
+            if !linked, let network = original.disks.first(where: { $0.isNetwork && !$0.readOnly }) {
+                throw .invalidValue(field: "source", reason: "VM '\(source)' has the writable network disk \(network.path), which a clone cannot copy (two VMs writing one export would corrupt it); detach it first, or attach it read-only")
+            }
             if linked, let external = original.disks.first(where: { !$0.isOwned && !$0.readOnly }) {
                 throw .invalidValue(field: "linked", reason: "VM '\(source)' has the writable disk \(external.path) outside its directory; a linked clone would freeze it. Make a full clone, or attach it read-only")
             }

@@ -144,6 +144,14 @@ extension VMLibrary {
     public static func validate(disks: [DiskAttachment]) throws(LibraryError) {
         for (index, disk) in disks.enumerated() {
             let field = "disk \(index)"
+            if disk.isNetwork {
+                // An NBD address, each path parsed as the VMM will; a raw disk on nothing.
+                do { _ = try NBDAddress.paths(disk.path) } catch { throw .invalidValue(field: field, reason: error.description) }
+                guard disk.format == .raw, disk.backing.isEmpty, disk.cache == nil else {
+                    throw .invalidValue(field: field, reason: "\(disk.path) is an NBD export: a raw disk resting on nothing, with the default cache")
+                }
+                continue
+            }
             try validate(path: disk.path, field: field)
             for layer in disk.backing { try validate(path: layer.path, field: field) }
             do throws(MachineSpecError) {
@@ -167,12 +175,31 @@ extension VMLibrary {
         }
     }
 
+    /// An NBD export a person attaches: raw, reached and negotiated now (as the VM will, so a
+    /// missing export or a dead server is refused at attach time), each path the same export.
+    static func inspectNetworkDisk(_ path: String, format declared: DiskFormat?, field: String, readOnly: Bool,
+                                   cache: DiskCache?) throws(LibraryError) -> DiskAttachment {
+        guard declared == nil || declared == .raw else {
+            throw .invalidValue(field: "format", reason: "\(path) is an NBD export, which is a raw disk")
+        }
+        guard cache == nil || cache == .writeback else {
+            throw .invalidValue(field: "cache", reason: "cache=none is for files and block devices; an NBD export has no host page cache here")
+        }
+        do {
+            _ = try NBDImage.connect(path: path, readOnly: true, reconnectSeconds: 0).decode()
+        } catch {
+            throw .invalidValue(field: field, reason: error.description)
+        }
+        return DiskAttachment(path: path, format: .raw, readOnly: readOnly)
+    }
+
     /// A disk a person attaches: its format is the one they declare (or its file name does),
     /// never the one its bytes claim — a guest can write any header into a raw disk it owns. A
     /// qcow2 image's own chain is recorded as its headers name it (the person made it); the image
     /// is then opened read-only through that chain to check it.
     public static func inspectDisk(_ path: String, format declared: DiskFormat?, field: String, readOnly: Bool = false,
                                    cache: DiskCache? = nil) throws(LibraryError) -> DiskAttachment {
+        if NBDAddress.isNetworkDisk(path) { return try inspectNetworkDisk(path, format: declared, field: field, readOnly: readOnly, cache: cache) }
         guard HostFiles.exists(path), !HostFiles.isDirectory(path) else { throw .invalidValue(field: field, reason: "\(path) does not exist or is not a file") }
         guard let format = declared ?? DiskFormat.declared(byName: path) else {
             throw .invalidValue(field: field == "attach_disk" ? "disk_format" : "format",
