@@ -96,11 +96,10 @@ final class ImageFile: @unchecked Sendable {
         self.path = path
         self.fd = fd
         self.writable = false
-        var size: UInt64 = 0
-        var logical: UInt32 = 512
-        isBlockDevice = vireo_device_geometry(fd, &size, &logical) == 0
-        deviceSize = isBlockDevice ? size : 0
-        logicalBlockSize = UInt64(logical)
+        // Only headers are read through it: no device geometry is needed.
+        isBlockDevice = false
+        deviceSize = 0
+        logicalBlockSize = 512
         directAlignment = 0
     }
 
@@ -323,9 +322,7 @@ extension Array where Element == UInt8 {
 public enum HostMountTable {
     /// The first mount point of the device `device` (an `st_rdev`), or nil.
     static func mountPoint(of device: dev_t) -> String? {
-        let major = UInt64((device >> 8) & 0xfff) | UInt64((device >> 32) & ~0xfff)
-        let minor = UInt64(device & 0xff) | UInt64((device >> 12) & ~0xff)
-        let wanted = "\(major):\(minor)"
+        let wanted = numbers(of: device)
         let fd = open("/proc/self/mountinfo", O_RDONLY | O_CLOEXEC)
         guard fd >= 0 else { return nil }
         defer { close(fd) }
@@ -344,6 +341,14 @@ public enum HostMountTable {
             return unescape(String(decoding: fields[4], as: UTF8.self))
         }
         return nil
+    }
+
+    /// `MAJOR:MINOR` of a device number (glibc's gnu_dev_major/minor), as the mount table and
+    /// `vireo info` write it.
+    public static func numbers(of device: dev_t) -> String {
+        let major = UInt64((device >> 8) & 0xfff) | UInt64((device >> 32) & ~0xfff)
+        let minor = UInt64(device & 0xff) | UInt64((device >> 12) & ~0xff)
+        return "\(major):\(minor)"
     }
 
     /// A mount table field with its octal escapes (`\040` for a space, and tab, newline and

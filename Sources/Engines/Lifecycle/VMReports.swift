@@ -170,16 +170,14 @@ extension VMManager {
             vmmLog: bundle.vmmLogPath, controlSocket: definition.engine == .qemu ? bundle.qmpPath : bundle.controlPath,
             disks: definition.disks.map { disk in
                 let path = bundle.resolve(disk.path)
-                var status = stat()
-                let device = stat(path, &status) == 0 && (status.st_mode & S_IFMT) == S_IFBLK
-                    ? "\(UInt64((status.st_rdev >> 8) & 0xfff) | UInt64((status.st_rdev >> 32) & ~0xfff)):\(UInt64(status.st_rdev & 0xff) | UInt64((status.st_rdev >> 12) & ~0xff))"
-                    : nil
-                let virtualBytes = DiskImages.recordedVirtualSize(path: path, format: disk.format)
                 if disk.isNetwork {
                     // Not asked of the server here: a listing must not wait on the network.
                     return VMReport.Disk(path: path, format: disk.format.rawValue, readOnly: disk.readOnly, serial: disk.serial, virtualBytes: nil,
                                          allocatedBytes: 0, backingChain: [], networkPaths: path.split(separator: "|").map(String.init))
                 }
+                var status = stat()
+                let device = stat(path, &status) == 0 && (status.st_mode & S_IFMT) == S_IFBLK ? HostMountTable.numbers(of: status.st_rdev) : nil
+                let virtualBytes = DiskImages.recordedVirtualSize(path: path, format: disk.format)
                 return VMReport.Disk(path: path, format: disk.format.rawValue, readOnly: disk.readOnly, serial: disk.serial,
                                      virtualBytes: virtualBytes, allocatedBytes: device == nil ? HostFiles.allocatedBytes(path) : virtualBytes ?? 0,
                                      backingChain: bundle.chain(of: disk).map(\.path), blockDevice: device, cache: disk.cache?.rawValue)
