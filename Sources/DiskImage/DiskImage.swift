@@ -124,6 +124,13 @@ public enum DiskImages {
     /// `direct`: O_DIRECT (`cache=none`), the whole chain.
     public static func open(path: String, format: DiskFormat, readOnly: Bool = false, snapshot: String? = nil,
                             backing: Backing = .standalone, direct: Bool = false) throws(DiskImageError) -> any DiskImage {
+        if NBDAddress.isNetworkDisk(path) {
+            // An export is a raw disk on nothing; connected and negotiated at once (no jail here).
+            guard format == .raw, snapshot == nil, !direct, backing == .standalone || backing == .fromHeader else {
+                throw .invalidArgument(field: "disk", reason: "\(path) is an NBD export: a raw disk resting on nothing, without snapshots or cache=none")
+            }
+            return try NBDImage.connect(path: path, readOnly: readOnly, reconnectSeconds: 0).decode()
+        }
         switch backing {
         case let .recorded(layers):
             return try openFiles(path: path, format: format, readOnly: readOnly, snapshot: snapshot, backing: layers, direct: direct).decode()

@@ -109,6 +109,8 @@ final class NBDServer: @unchecked Sendable {
         let onExport = Array(try Data(contentsOf: URL(fileURLWithPath: image)))
         #expect(Array(onExport[1_024_000..<1_028_096]) == BlockDeviceTests.written(seed: 91), "the library VM's write is not on the export")
         #expect(library.vireo("info", "nbd").stdout.contains("\(second.uri()) (raw, NBD export, 1 path)"), "\(library.vireo("info", "nbd").stdout)")
+        let described = Harness.run([Harness.vireo, "disk", "info", second.uri()])
+        #expect(described.status == 0 && described.stdout.contains("virtual size:  32 MiB (33554432 bytes)"), "\(described.stdout) \(described.stderr)")
         let clone = library.vireo("clone", "nbd", "nbd2")
         #expect(clone.status != 0 && clone.stderr.contains("network disk"), "\(clone.stderr)")
         #expect(library.vireo("delete", "nbd").status == 0)

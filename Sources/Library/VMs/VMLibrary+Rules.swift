@@ -186,7 +186,7 @@ extension VMLibrary {
             throw .invalidValue(field: "cache", reason: "cache=none is for files and block devices; an NBD export has no host page cache here")
         }
         do {
-            _ = try NBDImage.connect(path: path, readOnly: true, reconnectSeconds: 0).decode()
+            _ = try DiskImages.open(path: path, format: .raw, readOnly: true)
         } catch {
             throw .invalidValue(field: field, reason: error.description)
         }
