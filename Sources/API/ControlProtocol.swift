@@ -45,6 +45,15 @@ public struct VMCounters: Codable, Sendable {
         public var requests: UInt64
         public var readBytes: UInt64
         public var writtenBytes: UInt64
+        /// An NBD disk's paths: which is connected and which carries the requests.
+        public var nbdPaths: [NBDPath]?
+        public var nbdFailovers: Int?
+
+        public struct NBDPath: Codable, Sendable {
+            public var address: String
+            public var connected: Bool
+            public var active: Bool
+        }
 
         public init(path: String, requests: UInt64, readBytes: UInt64, writtenBytes: UInt64) {
             self.path = path; self.requests = requests; self.readBytes = readBytes; self.writtenBytes = writtenBytes

@@ -168,6 +168,10 @@ struct Info: ParsableCommand {
             }
             for disk in counters.disks {
                 lines.append(["Disk I/O:", "\(disk.path): \(disk.requests) requests, \(Size.describe(disk.readBytes)) read, \(Size.describe(disk.writtenBytes)) written"])
+                for path in disk.nbdPaths ?? [] {
+                    let state = path.active ? (path.connected ? "active" : "active, reconnecting") : (path.connected ? "standby" : "down")
+                    lines.append(["NBD path:", "\(path.address): \(state)" + (path.active ? ", \(disk.nbdFailovers ?? 0) failover(s)" : "")])
+                }
             }
         }
         printTable(lines)

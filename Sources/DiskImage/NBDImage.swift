@@ -510,6 +510,16 @@ public final class NBDImage: DiskImage, @unchecked Sendable {
         }
     }
 
+    /// Each path, whether it is connected and which one requests go to (`vireo info`).
+    public var pathStates: [(address: String, connected: Bool, active: Bool)] {
+        paths.withLock { state in
+            addresses.indices.map { (addresses[$0].description, state.connections[$0] != nil, $0 == state.active) }
+        }
+    }
+
+    /// How many times requests moved to another path.
+    public var failovers: Int { paths.withLock { $0.failovers } }
+
     private func monotonicSeconds() -> Double {
         var now = timespec()
         clock_gettime(CLOCK_MONOTONIC, &now)

@@ -1,5 +1,6 @@
 import CHostSupport
 import Devices
+import DiskImage
 import MigrationWire
 import Synchronization
 #if canImport(Glibc)
@@ -241,6 +242,16 @@ final class ControlServer: @unchecked Sendable {
                 entry.add("requests", disk.device.completed.load(ordering: .relaxed))
                 entry.add("read_bytes", disk.device.bytesRead.load(ordering: .relaxed))
                 entry.add("written_bytes", disk.device.bytesWritten.load(ordering: .relaxed))
+                if let network = disk.device.disk as? NBDImage {
+                    entry.add("nbd_paths", network.pathStates.map { path in
+                        var state = JSONObject()
+                        state.add("address", path.address)
+                        state.add("connected", path.connected)
+                        state.add("active", path.active)
+                        return state
+                    })
+                    entry.add("nbd_failovers", network.failovers)
+                }
                 return entry
             })
             object.add("networks", machine.networkCards.map { card in
