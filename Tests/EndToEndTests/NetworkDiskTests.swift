@@ -128,6 +128,13 @@ final class NBDServer: @unchecked Sendable {
         #expect(clone.status != 0 && clone.stderr.contains("network disk"), "\(clone.stderr)")
         #expect(library.vireo("delete", "nbd").status == 0)
         #expect(try Self.missingBlocks(image, count: 80).isEmpty, "deleting the VM touched the export")
+        // `vireo create --attach-disk` takes the address as it is, checked the same way.
+        let created = library.vireo("create", "nbd3", "--kernel", probe, "--memory", "64M", "--attach-disk", second.uri())
+        #expect(created.status == 0, "\(created.stderr)")
+        #expect(library.vireo("info", "nbd3").stdout.contains("\(second.uri()) (raw, NBD export, 1 path)"), "\(library.vireo("info", "nbd3").stdout)")
+        let absent = library.vireo("create", "nbd4", "--kernel", probe, "--memory", "64M", "--attach-disk", second.uri("nothing"))
+        #expect(absent.status != 0 && absent.stderr.contains("has no export named 'nothing'") && library.state("nbd4") == nil, "\(absent.stderr)")
+        #expect(library.vireo("delete", "nbd3").status == 0)
 
         // Bad input: each refused before the guest runs, naming the disk and the reason.
         let refusals: [(String, String)] = [

@@ -68,7 +68,10 @@ extension VMLibrary {
             throw .invalidValue(field: "disk_bytes", reason: "choose one of --disk SIZE, --attach-disk PATH and --no-disk")
         }
         var attached: DiskAttachment?
-        if let path = request.attachDisk { attached = try Self.inspectDisk(HostFiles.absolute(path), format: request.attachDiskFormat, field: "attach_disk") }
+        if let path = request.attachDisk {
+            // An NBD address is kept as written; a file's path is made absolute.
+            attached = try Self.inspectDisk(NBDAddress.isNetworkDisk(path) ? path : HostFiles.absolute(path), format: request.attachDiskFormat, field: "attach_disk")
+        }
         if request.attachDisk == nil, request.attachDiskFormat != nil {
             throw .invalidValue(field: "disk_format", reason: "declares the format of --attach-disk, which is not given")
         }
