@@ -242,7 +242,8 @@ extension Machine {
             // server makes a new socket there, which a bind of the old one would not show).
             if NBDAddress.isNetworkDisk(disk.path) {
                 for address in (try? NBDAddress.paths(disk.path)) ?? [] {
-                    if case let .unix(socket) = address.endpoint { candidates.append((directory(socket), false)) }
+                    // Never the host's root: a socket directly under / is not reconnected jailed.
+                    if case let .unix(socket) = address.endpoint, directory(socket) != "/" { candidates.append((directory(socket), false)) }
                 }
                 continue
             }

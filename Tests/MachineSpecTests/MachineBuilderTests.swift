@@ -108,3 +108,16 @@ import Glibc
         #expect(!FileManager.default.fileExists(atPath: files.directory + "/vsock.sock"))
     }
 }
+
+/// What the jail binds for an NBD disk: its Unix sockets' directories, read-only, and never the
+/// host's root.
+@Suite struct NBDJailPathTests {
+    @Test func socketDirectoriesAreBoundReadOnlyAndNeverTheRoot() {
+        var spec = MachineSpec(kernel: "/tmp")
+        spec.disks = [MachineSpec.Disk(path: "nbd+unix:///exp?socket=/tmp/a.sock|nbd+unix:///exp?socket=/b.sock|nbd://host/exp", format: .raw)]
+        let paths = Machine.jailPaths(spec, controlPath: nil, stateFile: nil, snapshotDirectory: nil)
+        #expect(paths.contains { $0.path == "/tmp" && !$0.writable }, "\(paths)")
+        #expect(!paths.contains { $0.path == "/" }, "the host's root would be bound: \(paths)")
+        #expect(!paths.contains { $0.path.contains("nbd") }, "\(paths)")
+    }
+}
