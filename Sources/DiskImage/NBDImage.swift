@@ -33,9 +33,7 @@ public struct NBDAddress: Sendable, Equatable, CustomStringConvertible {
     }
 
     /// Whether a disk's path names NBD exports rather than a file.
-    public static func isNetworkDisk(_ path: String) -> Bool {
-        path.hasPrefix("nbd://") || path.hasPrefix("nbd+unix://")
-    }
+    public static func isNetworkDisk(_ path: String) -> Bool { DiskFormat.isNetworkAddress(path) }
 
     /// Every path of a disk's `A|B|...` text, each parsed; refused naming what is wrong.
     public static func paths(_ text: String) throws(DiskImageError) -> [NBDAddress] {
@@ -433,7 +431,9 @@ public final class NBDImage: DiskImage, @unchecked Sendable {
             do throws(NBDFailure) { connections.append(try NBDConnection(socket)) } catch {
                 connections.append(nil)
                 switch error {
-                case let .connection(why), let .server(why): problems.append("\(connecting.addresses[index]): \(why)")
+                case let .connection(why), let .server(why):
+                    // The address only where there are several: the disk's own name says the one.
+                    problems.append(connecting.addresses.count > 1 ? "\(connecting.addresses[index]): \(why)" : why)
                 }
             }
         }
@@ -490,7 +490,7 @@ public final class NBDImage: DiskImage, @unchecked Sendable {
                         case let .connection(why):
                             lastProblem = why
                             state.connections[state.active] = nil
-                            Self.say("nbd: \(path): \(addresses[state.active]) failed during \(what): \(why)")
+                            Self.say("nbd: \(path): " + (addresses.count > 1 ? "\(addresses[state.active]) " : "") + "failed during \(what): \(why)")
                         }
                     }
                 }

@@ -7,10 +7,16 @@ public enum DiskFormat: String, Sendable, CaseIterable, Codable {
     /// The format a file's name declares (`.qcow2`, `.raw`); nil when the name does not say
     /// (`.img` is either). A device under `/dev` (`/dev/sdb`, `/dev/loop0`, `/dev/mapper/vg-lv`)
     /// and an NBD export are raw disks: neither can grow, so neither holds qcow2.
+    /// Whether a disk's path names NBD exports (`nbd://`, `nbd+unix://`, joined by `|`) rather
+    /// than a file or device.
+    public static func isNetworkAddress(_ path: String) -> Bool {
+        path.hasPrefix("nbd://") || path.hasPrefix("nbd+unix://")
+    }
+
     public static func declared(byName path: String) -> DiskFormat? {
         if path.hasPrefix("/dev/") { return .raw }
-        // An NBD export (nbd://, nbd+unix://) is the disk itself, as a device is.
-        if path.hasPrefix("nbd://") || path.hasPrefix("nbd+unix://") { return .raw }
+        // An NBD export is the disk itself, as a device is.
+        if isNetworkAddress(path) { return .raw }
         let name = path.split(separator: "/").last.map { $0.lowercased() } ?? ""
         if name.hasSuffix(".qcow2") { return .qcow2 }
         if name.hasSuffix(".raw") { return .raw }

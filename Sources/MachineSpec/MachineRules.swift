@@ -25,6 +25,7 @@ public enum MachineRules {
             try disk.rateLimit.validate(field: .disks, operations: "iops")
             if let serial = disk.serial { try diskSerial(serial, disk: index) }
             try diskChain(path: disk.path, format: disk.format, backing: disk.backing, disk: index)
+            try networkDisk(path: disk.path, format: disk.format, backing: disk.backing, cache: disk.cache, followsHeader: disk.followsHeader, disk: index)
         }
         for (index, nic) in spec.nics.enumerated() {
             try nicBackend(nic.backend)
@@ -156,6 +157,20 @@ public enum MachineRules {
         guard serial.utf8.count <= MachineLimits.diskSerialLength,
               serial.utf8.allSatisfy({ $0 >= 0x20 && $0 < 0x7f && $0 != UInt8(ascii: ",") }) else {
             throw MachineSpecError(.disks, "disk \(index): serial '\(serial.prefix(40))' must be at most \(MachineLimits.diskSerialLength) printable ASCII characters without commas")
+        }
+    }
+
+    /// An NBD export is a raw disk resting on nothing, with the default cache: the export is the
+    /// disk (it cannot grow, so it holds no qcow2), and O_DIRECT is a host-file matter. Files and
+    /// devices pass untouched.
+    public static func networkDisk(path: String, format: DiskFormat, backing: [BackingLayer], cache: DiskCache?, followsHeader: Bool,
+                                   disk index: Int) throws(MachineSpecError) {
+        guard DiskFormat.isNetworkAddress(path) else { return }
+        guard format == .raw, backing.isEmpty, !followsHeader else {
+            throw MachineSpecError(.disks, "disk \(index): \(path.prefix(300)) is an NBD export, which is a raw disk resting on nothing")
+        }
+        guard cache == nil || cache == .writeback else {
+            throw MachineSpecError(.disks, "disk \(index): cache=none is for files and block devices; an NBD export has no host page cache here")
         }
     }
 

@@ -36,12 +36,7 @@ extension MachineSpec.Disk {
     /// followed from the header is opened and read in one go (only `vireo run` asks for that).
     func openFiles(writable: Bool) throws(DiskImageError) -> DiskFiles {
         if NBDAddress.isNetworkDisk(path) {
-            guard format == .raw, backing.isEmpty, !followsHeader else {
-                throw .invalidArgument(field: "disk", reason: "\(path) is an NBD export, which is a raw disk resting on nothing")
-            }
-            guard !bypassesHostCache else {
-                throw .invalidArgument(field: "disk", reason: "cache=none is for files and block devices; an NBD export has no host page cache here")
-            }
+            // Raw, on nothing, default cache: MachineRules.networkDisk, checked with the spec.
             return .network(try NBDImage.connect(path: path, readOnly: !writable))
         }
         if followsHeader {

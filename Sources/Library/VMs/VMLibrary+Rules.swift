@@ -145,16 +145,14 @@ extension VMLibrary {
         for (index, disk) in disks.enumerated() {
             let field = "disk \(index)"
             if disk.isNetwork {
-                // An NBD address, each path parsed as the VMM will; a raw disk on nothing.
+                // An NBD address, each path parsed as the VMM will.
                 do { _ = try NBDAddress.paths(disk.path) } catch { throw .invalidValue(field: field, reason: error.description) }
-                guard disk.format == .raw, disk.backing.isEmpty, disk.cache == nil else {
-                    throw .invalidValue(field: field, reason: "\(disk.path) is an NBD export: a raw disk resting on nothing, with the default cache")
-                }
-                continue
+            } else {
+                try validate(path: disk.path, field: field)
             }
-            try validate(path: disk.path, field: field)
             for layer in disk.backing { try validate(path: layer.path, field: field) }
             do throws(MachineSpecError) {
+                try MachineRules.networkDisk(path: disk.path, format: disk.format, backing: disk.backing, cache: disk.cache, followsHeader: false, disk: index)
                 try MachineRules.diskChain(path: disk.path, format: disk.format, backing: disk.backing, disk: index)
                 if let serial = disk.serial { try MachineRules.diskSerial(serial, disk: index) }
             } catch {
@@ -179,11 +177,10 @@ extension VMLibrary {
     /// missing export or a dead server is refused at attach time), each path the same export.
     static func inspectNetworkDisk(_ path: String, format declared: DiskFormat?, field: String, readOnly: Bool,
                                    cache: DiskCache?) throws(LibraryError) -> DiskAttachment {
-        guard declared == nil || declared == .raw else {
-            throw .invalidValue(field: "format", reason: "\(path) is an NBD export, which is a raw disk")
-        }
-        guard cache == nil || cache == .writeback else {
-            throw .invalidValue(field: "cache", reason: "cache=none is for files and block devices; an NBD export has no host page cache here")
+        do throws(MachineSpecError) {
+            try MachineRules.networkDisk(path: path, format: declared ?? .raw, backing: [], cache: cache, followsHeader: false, disk: 0)
+        } catch {
+            throw .invalidValue(field: declared.map { $0 != .raw } == true ? "format" : "cache", reason: error.description)
         }
         do {
             _ = try DiskImages.open(path: path, format: .raw, readOnly: true)
