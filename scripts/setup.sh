@@ -28,6 +28,7 @@ packages=(
   debian-installer-12-netboot-amd64 grub-pc-bin grub-efi-amd64-bin xorriso mtools   # the installer ISO the qemu tests make
   tesseract-ocr tesseract-ocr-eng                              # reads the installer's screens in the qemu tests
   e2fsprogs                                                    # ext4 root images for the Linux tests
+  mount                                                        # losetup and mount: the block-device tests' loop devices
   iproute2 dnsmasq-base nftables passt                         # networks: bridges and taps, DHCP and DNS, NAT and forwards, user mode
   python3 acl                                                  # the net tests' echo servers; an ACL grants an unprivileged test user /dev/kvm
   acpica-tools                                                 # iasl: the oracle for every ACPI table the VMM builds
