@@ -24,14 +24,6 @@ public struct NBDAddress: Sendable, Equatable, CustomStringConvertible {
         }
     }
 
-    /// Whether a lost connection can be made again from inside the VMM: only to a Unix socket.
-    /// The VMM's seccomp filters allow `socket` for AF_UNIX alone and a jailed VMM has no
-    /// network, so a TCP path is connected once, at start, and stays down once it fails.
-    public var canReconnect: Bool {
-        if case .unix = endpoint { return true }
-        return false
-    }
-
     /// Whether a disk's path names NBD exports rather than a file.
     public static func isNetworkDisk(_ path: String) -> Bool { DiskFormat.isNetworkAddress(path) }
 
@@ -99,56 +91,118 @@ public struct NBDAddress: Sendable, Equatable, CustomStringConvertible {
 struct NBDSocket: @unchecked Sendable {
     let fd: Int32
     let address: NBDAddress
+    /// Whether the connection closes the descriptor when it ends: not a TCP path's, which
+    /// `NBDTCPSocket` keeps to connect again.
+    var ownsDescriptor = true
 
-    /// Connects, with `timeout` seconds for the connection and for each later read or write.
-    static func connect(_ address: NBDAddress, timeout: Int) throws(DiskImageError) -> NBDSocket {
-        switch address.endpoint {
-        case let .unix(path):
-            let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-            guard fd >= 0 else { throw .io(operation: "socket", path: address.description, errno: errno) }
-            setTimeouts(fd, timeout)
-            var name = sockaddr_un()
-            name.sun_family = sa_family_t(AF_UNIX)
-            withUnsafeMutableBytes(of: &name.sun_path) { raw in
-                for (index, byte) in path.utf8.enumerated() where index < raw.count - 1 { raw[index] = byte }
-            }
-            let result = withUnsafePointer(to: &name) {
-                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
-            }
-            guard result == 0 else { let code = errno; close(fd); throw .io(operation: "connect", path: address.description, errno: code) }
-            return NBDSocket(fd: fd, address: address)
-        case let .tcp(host, port):
-            var hints = addrinfo()
-            hints.ai_socktype = Int32(SOCK_STREAM.rawValue)
-            var found: UnsafeMutablePointer<addrinfo>?
-            let looked = getaddrinfo(host, String(port), &hints, &found)
-            guard looked == 0, let first = found else {
-                throw .network(path: address.description, reason: "cannot resolve \(host): \(String(cString: gai_strerror(looked)))")
-            }
-            defer { freeaddrinfo(first) }
-            var lastError = ECONNREFUSED
-            var entry: UnsafeMutablePointer<addrinfo>? = first
-            while let current = entry {
-                entry = current.pointee.ai_next
-                let fd = socket(current.pointee.ai_family, current.pointee.ai_socktype | Int32(SOCK_CLOEXEC.rawValue), current.pointee.ai_protocol)
-                guard fd >= 0 else { lastError = errno; continue }
-                setTimeouts(fd, timeout)
-                if Glibc.connect(fd, current.pointee.ai_addr, current.pointee.ai_addrlen) == 0 {
-                    var one: Int32 = 1
-                    _ = setsockopt(fd, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
-                    return NBDSocket(fd: fd, address: address)
-                }
-                lastError = errno
-                close(fd)
-            }
-            throw .io(operation: "connect", path: address.description, errno: lastError)
+    /// Connects a Unix-socket path, with `timeout` seconds for the connection and for each later
+    /// read or write. (A TCP path connects through its `NBDTCPSocket`.)
+    static func connect(unix path: String, _ address: NBDAddress, timeout: Int) throws(DiskImageError) -> NBDSocket {
+        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        guard fd >= 0 else { throw .io(operation: "socket", path: address.description, errno: errno) }
+        setTimeouts(fd, timeout)
+        var name = sockaddr_un()
+        name.sun_family = sa_family_t(AF_UNIX)
+        withUnsafeMutableBytes(of: &name.sun_path) { raw in
+            for (index, byte) in path.utf8.enumerated() where index < raw.count - 1 { raw[index] = byte }
         }
+        let result = withUnsafePointer(to: &name) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+        }
+        guard result == 0 else { let code = errno; close(fd); throw .io(operation: "connect", path: address.description, errno: code) }
+        return NBDSocket(fd: fd, address: address)
     }
 
-    private static func setTimeouts(_ fd: Int32, _ seconds: Int) {
+    static func setTimeouts(_ fd: Int32, _ seconds: Int) {
         var limit = timeval(tv_sec: seconds, tv_usec: 0)
         _ = setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &limit, socklen_t(MemoryLayout<timeval>.size))
         _ = setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &limit, socklen_t(MemoryLayout<timeval>.size))
+    }
+}
+
+/// A TCP path's one socket: made, resolved and first connected before the VMM is confined, and
+/// connected again in place after a failure (`connect` to AF_UNSPEC dissolves the old connection,
+/// then the same peer is dialled). A socket belongs to the network namespace it was made in, so
+/// a jailed VMM, which has no network of its own, still reaches the server through it; `socket`
+/// is never called for TCP after the jail (its seccomp filters allow AF_UNIX alone).
+final class NBDTCPSocket: @unchecked Sendable {
+    let fd: Int32
+    let address: NBDAddress
+    private let peer: [UInt8]
+    private let timeout: Int
+    /// Whether the socket is connected now: a first `connect` may have failed.
+    private var connected: Bool
+    private let firstError: Int32
+
+    /// Resolves the host (the first address of each family the resolver gives is tried in
+    /// turn) and connects. A path that does not answer now keeps its socket for later tries;
+    /// one whose name does not resolve has none.
+    init(_ address: NBDAddress, host: String, port: UInt16, timeout: Int) throws(DiskImageError) {
+        var hints = addrinfo()
+        hints.ai_socktype = Int32(SOCK_STREAM.rawValue)
+        var found: UnsafeMutablePointer<addrinfo>?
+        let looked = getaddrinfo(host, String(port), &hints, &found)
+        guard looked == 0, let first = found else {
+            throw .network(path: address.description, reason: "cannot resolve \(host): \(String(cString: gai_strerror(looked)))")
+        }
+        defer { freeaddrinfo(first) }
+        var candidates: [(family: Int32, peer: [UInt8])] = []
+        var entry: UnsafeMutablePointer<addrinfo>? = first
+        while let current = entry {
+            entry = current.pointee.ai_next
+            guard let raw = current.pointee.ai_addr else { continue }
+            candidates.append((current.pointee.ai_family, Array(UnsafeRawBufferPointer(start: raw, count: Int(current.pointee.ai_addrlen)))))
+        }
+        var chosen: (fd: Int32, peer: [UInt8])?
+        var fallback: (fd: Int32, peer: [UInt8])?
+        var lastError = ECONNREFUSED
+        for candidate in candidates {
+            let fd = socket(candidate.family, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+            guard fd >= 0 else { lastError = errno; continue }
+            NBDSocket.setTimeouts(fd, timeout)
+            if Self.dial(fd, candidate.peer) == 0 {
+                chosen = (fd, candidate.peer)
+                break
+            }
+            lastError = errno
+            if fallback == nil { fallback = (fd, candidate.peer) } else { close(fd) }
+        }
+        if chosen != nil, let fallback { close(fallback.fd) }
+        guard let kept = chosen ?? fallback else { throw .io(operation: "socket", path: address.description, errno: lastError) }
+        self.fd = kept.fd
+        self.address = address
+        self.peer = kept.peer
+        self.timeout = timeout
+        self.connected = chosen != nil
+        self.firstError = lastError
+        var one: Int32 = 1
+        _ = setsockopt(fd, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
+    }
+
+    deinit { close(fd) }
+
+    /// The socket, connected: as it is, or (`reconnect`, or never connected) dialled again.
+    func connection(reconnect: Bool) throws(DiskImageError) -> NBDSocket {
+        if reconnect || !connected {
+            connected = false
+            var unspecified = sockaddr()
+            unspecified.sa_family = sa_family_t(AF_UNSPEC)
+            _ = Glibc.connect(fd, &unspecified, socklen_t(MemoryLayout<sockaddr>.size))
+            guard Self.dial(fd, peer) == 0 else { throw .io(operation: "connect", path: address.description, errno: errno) }
+            connected = true
+        }
+        return NBDSocket(fd: fd, address: address, ownsDescriptor: false)
+    }
+
+    /// Why the first connection failed, for the start's error.
+    func startError() -> DiskImageError? {
+        connected ? nil : .io(operation: "connect", path: address.description, errno: firstError)
+    }
+
+    private static func dial(_ fd: Int32, _ peer: [UInt8]) -> Int32 {
+        peer.withUnsafeBytes { raw in
+            Glibc.connect(fd, raw.baseAddress?.assumingMemoryBound(to: sockaddr.self), socklen_t(raw.count))
+        }
     }
 }
 
@@ -165,6 +219,7 @@ enum NBDFailure: Error {
 final class NBDConnection: @unchecked Sendable {
     let fd: Int32
     let address: NBDAddress
+    private let ownsDescriptor: Bool
     let size: UInt64
     let flags: UInt16
     let structured: Bool
@@ -194,6 +249,7 @@ final class NBDConnection: @unchecked Sendable {
     init(_ socket: NBDSocket) throws(NBDFailure) {
         fd = socket.fd
         address = socket.address
+        ownsDescriptor = socket.ownsDescriptor
         do throws(NBDFailure) {
             guard try Self.readU64(fd) == Magic.negotiation, try Self.readU64(fd) == Magic.options else {
                 throw NBDFailure.connection("not an NBD server speaking the newstyle protocol")
@@ -234,7 +290,7 @@ final class NBDConnection: @unchecked Sendable {
             size = exportSize
             flags = exportFlags
         } catch {
-            close(socket.fd)
+            if socket.ownsDescriptor { close(socket.fd) }
             throw error
         }
     }
@@ -243,7 +299,7 @@ final class NBDConnection: @unchecked Sendable {
         // NBD_CMD_DISC, best effort: the server then closes its side cleanly.
         var header = Self.be(Magic.request) + Self.be(UInt16(0)) + Self.be(Command.disconnect) + Self.be(UInt64(0)) + Self.be(UInt64(0)) + Self.be(UInt32(0))
         _ = header.withUnsafeMutableBytes { send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
-        close(fd)
+        if ownsDescriptor { close(fd) }
     }
 
     /// One request: `payload` goes with writes, `into` receives reads (zeroed first: holes).
@@ -386,6 +442,7 @@ public final class NBDImage: DiskImage, @unchecked Sendable {
     }
     private let paths: Mutex<Paths>
     private let flags: UInt16
+    private let tcpSockets: [NBDTCPSocket?]
 
     /// Where a disk's reconnections and failovers are told (the VMM's log).
     public static let log = Mutex<(@Sendable (String) -> Void)?>(nil)
@@ -397,6 +454,8 @@ public final class NBDImage: DiskImage, @unchecked Sendable {
         let path: String
         let addresses: [NBDAddress]
         let sockets: [NBDSocket?]
+        /// Each TCP path's own socket, kept to connect again from inside the jail.
+        let tcpSockets: [NBDTCPSocket?]
         let readOnly: Bool
         let reconnectSeconds: Int
 
@@ -409,15 +468,28 @@ public final class NBDImage: DiskImage, @unchecked Sendable {
     public static func connect(path: String, readOnly: Bool, reconnectSeconds: Int = 30) throws(DiskImageError) -> Connecting {
         let addresses = try NBDAddress.paths(path)
         var sockets: [NBDSocket?] = []
+        var tcpSockets: [NBDTCPSocket?] = []
         var firstError: DiskImageError?
         for address in addresses {
-            do throws(DiskImageError) { sockets.append(try NBDSocket.connect(address, timeout: 10)) } catch {
+            do throws(DiskImageError) {
+                switch address.endpoint {
+                case let .unix(socketPath):
+                    tcpSockets.append(nil)
+                    sockets.append(try NBDSocket.connect(unix: socketPath, address, timeout: 10))
+                case let .tcp(host, port):
+                    let tcp = try NBDTCPSocket(address, host: host, port: port, timeout: 10)
+                    tcpSockets.append(tcp)
+                    if let error = tcp.startError() { throw error }
+                    sockets.append(try tcp.connection(reconnect: false))
+                }
+            } catch {
+                if tcpSockets.count == sockets.count { tcpSockets.append(nil) }
                 sockets.append(nil)
                 firstError = firstError ?? error
             }
         }
         if sockets.allSatisfy({ $0 == nil }), let firstError { throw firstError }
-        return Connecting(path: path, addresses: addresses, sockets: sockets, readOnly: readOnly, reconnectSeconds: reconnectSeconds)
+        return Connecting(path: path, addresses: addresses, sockets: sockets, tcpSockets: tcpSockets, readOnly: readOnly, reconnectSeconds: reconnectSeconds)
     }
 
     init(_ connecting: Connecting) throws(DiskImageError) {
@@ -451,6 +523,7 @@ public final class NBDImage: DiskImage, @unchecked Sendable {
         isReadOnly = connecting.readOnly || connection.flags & NBDConnection.Flag.readOnly != 0
         flags = connection.flags
         paths = Mutex(Paths(connections: connections, active: first))
+        tcpSockets = connecting.tcpSockets
         for problem in problems { Self.say("nbd: \(path): path down at start: \(problem)") }
     }
 
@@ -462,19 +535,21 @@ public final class NBDImage: DiskImage, @unchecked Sendable {
             var lastProblem = ""
             var attempt = 0
             while true {
-                if state.connections[state.active] == nil, addresses[state.active].canReconnect {
-                    // Reconnect this path: a Unix socket the VMM may still reach (docs/disk-images.md).
+                if state.connections[state.active] == nil {
+                    // Connect this path again: a Unix socket the VMM may still reach, or a TCP
+                    // path's own socket, dialled again in place (docs/disk-images.md).
                     do throws(DiskImageError) {
-                        let socket = try NBDSocket.connect(addresses[state.active], timeout: 10)
-                        do throws(NBDFailure) {
-                            let connection = try NBDConnection(socket)
-                            guard connection.size == virtualSize else {
-                                throw NBDFailure.connection("the export is now \(connection.size) bytes, was \(virtualSize)")
+                        if let socket = try dial(state.active) {
+                            do throws(NBDFailure) {
+                                let connection = try NBDConnection(socket)
+                                guard connection.size == virtualSize else {
+                                    throw NBDFailure.connection("the export is now \(connection.size) bytes, was \(virtualSize)")
+                                }
+                                state.connections[state.active] = connection
+                                Self.say("nbd: \(path): connected again through \(addresses[state.active])")
+                            } catch {
+                                switch error { case let .connection(why), let .server(why): lastProblem = why }
                             }
-                            state.connections[state.active] = connection
-                            Self.say("nbd: \(path): connected again through \(addresses[state.active])")
-                        } catch {
-                            switch error { case let .connection(why), let .server(why): lastProblem = why }
                         }
                     } catch {
                         lastProblem = error.description
@@ -507,6 +582,15 @@ public final class NBDImage: DiskImage, @unchecked Sendable {
                 attempt += 1
                 if attempt >= addresses.count { usleep(useconds_t(min(100_000 * attempt / addresses.count, 500_000))) }
             }
+        }
+    }
+
+    /// A new connection's socket for path `index` (nil: a TCP path that never had a socket, its
+    /// name unresolvable at start). Called with the paths' lock held.
+    private func dial(_ index: Int) throws(DiskImageError) -> NBDSocket? {
+        switch addresses[index].endpoint {
+        case let .unix(socketPath): return try NBDSocket.connect(unix: socketPath, addresses[index], timeout: 10)
+        case .tcp: return try tcpSockets[index]?.connection(reconnect: true)
         }
     }
 

@@ -1,25 +1,80 @@
 import Foundation
 import Testing
 
-/// A qemu-nbd serving one raw image on a Unix socket (QEMU's own NBD server, the peer for Vireo's
-/// client), killed when the test ends.
+/// A qemu-nbd serving one raw image on a Unix socket or a loopback TCP port (QEMU's own NBD
+/// server, the peer for Vireo's client), killed when the test ends.
 final class NBDServer: @unchecked Sendable {
     let socket: String
+    let port: UInt16?
     let process: RunningProcess
 
     /// `shared`: the image is opened without QEMU's lock, so a second server can serve it too
     /// (two paths to one export).
     init(image: String, socket: String, export: String = "exp", shared: Bool = false) throws {
         self.socket = socket
+        port = nil
+        host = ""
         unlink(socket)
-        let source = shared ? ["--image-opts", "driver=raw,file.driver=file,file.filename=\(image),file.locking=off"] : ["-f", "raw", image]
-        // -e 4: a few clients at once (qemu-nbd's default is one; a second then waits unanswered).
-        process = RunningProcess(["qemu-nbd", "-k", socket, "-x", export, "--persistent", "-e", "4"] + source)
+        process = RunningProcess(["qemu-nbd", "-k", socket] + Self.arguments(image: image, export: export, shared: shared))
         let deadline = Date().addingTimeInterval(10)
         while !FileManager.default.fileExists(atPath: socket) {
             guard Date() < deadline, !process.hasExited else { throw HarnessError("qemu-nbd did not start: \(process.stderr)") }
             usleep(20_000)
         }
+    }
+
+    let host: String
+
+    /// On `host`:`port`: 127.0.0.1 (loopback only), or an address in a network namespace the
+    /// test made (`namespace`).
+    init(image: String, port: UInt16, host: String = "127.0.0.1", namespace: String? = nil, export: String = "exp", shared: Bool = false) throws {
+        socket = ""
+        self.port = port
+        self.host = host
+        let command = ["qemu-nbd", "-b", host, "-p", String(port)] + Self.arguments(image: image, export: export, shared: shared)
+        process = RunningProcess(namespace.map { ["ip", "netns", "exec", $0] } .map { $0 + command } ?? command)
+        let deadline = Date().addingTimeInterval(10)
+        func listening() -> Bool {
+            guard let namespace else { return Self.answers(port) }
+            return Harness.run(["ip", "netns", "exec", namespace, "ss", "-Hltn", "sport = :\(port)"]).stdout.contains(":\(port)")
+        }
+        while !listening() {
+            guard Date() < deadline, !process.hasExited else { throw HarnessError("qemu-nbd did not start on port \(port): \(process.stderr)") }
+            usleep(20_000)
+        }
+    }
+
+    private static func arguments(image: String, export: String, shared: Bool) -> [String] {
+        let source = shared ? ["--image-opts", "driver=raw,file.driver=file,file.filename=\(image),file.locking=off"] : ["-f", "raw", image]
+        // -e 4: a few clients at once (qemu-nbd's default is one; a second then waits unanswered).
+        return ["-x", export, "--persistent", "-e", "4"] + source
+    }
+
+    /// Whether something listens on 127.0.0.1:`port`.
+    static func answers(_ port: UInt16) -> Bool {
+        let fd = Foundation.socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        defer { close(fd) }
+        var address = sockaddr_in()
+        address.sin_family = sa_family_t(AF_INET)
+        address.sin_port = port.bigEndian
+        address.sin_addr.s_addr = UInt32(0x7f00_0001).bigEndian
+        return withUnsafePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Foundation.connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
+        } == 0
+    }
+
+    /// A loopback port nothing listens on now.
+    static func freePort() -> UInt16 {
+        let fd = Foundation.socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        defer { close(fd) }
+        var address = sockaddr_in()
+        address.sin_family = sa_family_t(AF_INET)
+        address.sin_addr.s_addr = UInt32(0x7f00_0001).bigEndian
+        var length = socklen_t(MemoryLayout<sockaddr_in>.size)
+        _ = withUnsafeMutablePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Foundation.bind(fd, $0, length) == 0 ? getsockname(fd, $0, &length) : -1 }
+        }
+        return UInt16(bigEndian: address.sin_port)
     }
 
     func kill() {
@@ -29,7 +84,10 @@ final class NBDServer: @unchecked Sendable {
 
     deinit { kill() }
 
-    func uri(_ export: String = "exp") -> String { "nbd+unix:///\(export)?socket=\(socket)" }
+    func uri(_ export: String = "exp") -> String {
+        if let port { return "nbd://\(host):\(port)/\(export)" }
+        return "nbd+unix:///\(export)?socket=\(socket)"
+    }
 }
 
 @Suite(.serialized) struct NetworkDiskTests {
@@ -128,6 +186,28 @@ final class NBDServer: @unchecked Sendable {
         #expect(clone.status != 0 && clone.stderr.contains("network disk"), "\(clone.stderr)")
         #expect(library.vireo("delete", "nbd").status == 0)
         #expect(try Self.missingBlocks(image, count: 80).isEmpty, "deleting the VM touched the export")
+        // TCP from inside the jail: the path's socket was made before the jail, in the host's
+        // network namespace, and is dialled again in place when the server comes back.
+        let port = NBDServer.freePort()
+        var tcpServer: NBDServer? = try NBDServer(image: image, port: port)
+        let tcpURI = try #require(tcpServer).uri()
+        #expect(library.vireo("create", "tcp", "--kernel", probe, "--memory", "64M", "--no-disk",
+                              "--cmdline", "console=ttyS0 probe=blkloop count=100000000").status == 0)
+        #expect(library.vireo("disk", "attach", "tcp", tcpURI).status == 0)
+        #expect(library.vireo("start", "tcp").status == 0)
+        #expect(library.waitFor(30) { library.consoleLog("tcp").contains("blkloop: flushed 80") }, "\(library.consoleLog("tcp").suffix(500)) \(library.vmmLog("tcp"))")
+        tcpServer?.kill()
+        #expect(library.waitFor(30) { library.vmmLog("tcp").contains("failed during") }, "\(library.vmmLog("tcp"))")
+        tcpServer = try NBDServer(image: image, port: port)
+        #expect(library.waitFor(30) { library.vmmLog("tcp").contains("connected again through \(tcpURI)") }, "\(library.vmmLog("tcp"))")
+        let flushedBeforeTCP = library.consoleLog("tcp").components(separatedBy: "blkloop: flushed").count
+        #expect(library.waitFor(30) { library.consoleLog("tcp").components(separatedBy: "blkloop: flushed").count > flushedBeforeTCP + 10 },
+                "the guest's writes stopped after the reconnection: \(library.consoleLog("tcp").suffix(300))")
+        #expect(!library.consoleLog("tcp").contains("failed"), "\(library.consoleLog("tcp").suffix(300))")
+        #expect(library.vireo("info", "tcp").stdout.contains("\(tcpURI): active, 0 failover(s)"), "\(library.vireo("info", "tcp").stdout)")
+        #expect(library.vireo("stop", "tcp", "--force").status == 0 && library.vireo("delete", "tcp").status == 0)
+        tcpServer = nil
+
         // `vireo create --attach-disk` takes the address as it is, checked the same way.
         let created = library.vireo("create", "nbd3", "--kernel", probe, "--memory", "64M", "--attach-disk", second.uri())
         #expect(created.status == 0, "\(created.stderr)")
