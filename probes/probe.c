@@ -737,9 +737,10 @@ static void probe_blk(void) {
     puts_raw("blk: devices="); put_dec((uint64_t)count); puts_raw("\n");
 }
 
-/* probe=blkloop count=N: writes 4 KiB block i (pattern seeded by i) at sector 8*i, flushing after
- * every 8 blocks and reporting each flush, so a test can kill the VMM mid-stream and check that
- * everything acknowledged by a flush is in the image. */
+/* probe=blkloop count=N [readback=1]: writes 4 KiB block i (pattern seeded by i) at sector 8*i,
+ * flushing after every 8 blocks and reporting each flush, so a test can kill the VMM mid-stream and
+ * check that everything acknowledged by a flush is in the image; readback=1 also reads block i/2
+ * back after each flush and stops at a mismatch. */
 static uintptr_t first_virtio_base;
 static void remember_first(int index, uintptr_t base) { if (index == 0) first_virtio_base = base; }
 /* The first virtio-mmio device's window (the first disk when disks are attached), or 0. */
@@ -752,6 +753,7 @@ static uintptr_t first_virtio_device(void) {
 static void probe_blkloop(void) {
     char arg[24];
     uint64_t count = cmdline_value("count", arg, sizeof arg) ? parse_dec(arg) : 1000;
+    int readback = cmdline_value("readback", arg, sizeof arg) && parse_dec(arg) != 0;
     uintptr_t base = first_virtio_device();
     if (!base) { puts_raw("blkloop: no disk\n"); return; }
     int read_only = 0;
@@ -764,6 +766,14 @@ static void probe_blkloop(void) {
         if (i % 8 == 7) {
             if (blk_request(base, 4, 0, 0, 0) != 0) { puts_raw("blkloop: flush failed\n"); return; }
             puts_raw("blkloop: flushed "); put_dec(i + 1); puts_raw("\n");
+            /* readback=1: block i/2, written long before (on another host, after a migration), read back. */
+            if (readback) {
+                uint64_t old = i / 2;
+                if (blk_request(base, 0, 8 * old, 4096, 1) != 0) { puts_raw("blkloop: read failed\n"); return; }
+                for (int j = 0; j < 4096; j++) {
+                    if (blk_data[j] != (uint8_t)(j * 13 + (int)old)) { puts_raw("blkloop: readback mismatch at block "); put_dec(old); puts_raw("\n"); return; }
+                }
+            }
         }
     }
     puts_raw("blkloop: finished\n");

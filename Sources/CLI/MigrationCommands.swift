@@ -32,6 +32,9 @@ struct Receive: ParsableCommand {
     @Option(name: .customLong("allow-disks"), help: ArgumentHelp("A directory where shared disks may lie besides the library (repeatable).", valueName: "dir"))
     var allowDisks: [String] = []
 
+    @Option(name: .customLong("allow-disk-server"), help: ArgumentHelp("An NBD server a shared network disk may be on, HOST[:PORT] (repeatable; a Unix socket's directory goes to --allow-disks).", valueName: "host:port"))
+    var allowDiskServers: [String] = []
+
     @Flag(name: .customLong("allow-rt"), help: "Take a VM whose vCPUs run at a real-time priority.")
     var allowRealTime = false
 
@@ -53,6 +56,7 @@ struct Receive: ParsableCommand {
                 }
                 policy.allowedDiskDirectories.append(real)
             }
+            for server in allowDiskServers { try policy.allowDiskServer(server, field: "--allow-disk-server") }
             let received = try manager.receive(on: listener, token: token, rename: name, policy: policy) { printNote($0) }
             for warning in received.warnings { printNote("warning: \(warning)") }
             printLine("VM '\(received.name)' arrived from \(received.source) and runs here (pid \(received.pid)).")

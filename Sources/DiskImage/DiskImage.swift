@@ -244,6 +244,8 @@ public enum DiskImages {
     /// given, without opening it as a disk (no lock, no tables read): for images a running VM
     /// holds.
     public static func peek(path: String, format: DiskFormat) throws(DiskImageError) -> UInt64 {
+        // An export's size is what its server says (NBD_OPT_GO), asked read-only.
+        if NBDAddress.isNetworkDisk(path) { return try open(path: path, format: format, readOnly: true).virtualSize }
         let fd = Glibc.open(path, O_RDONLY | O_CLOEXEC)
         guard fd >= 0 else { throw .io(operation: "open", path: path, errno: errno) }
         defer { close(fd) }

@@ -57,6 +57,9 @@ public struct MachineSpec: Sendable, Equatable, Codable {
         /// Opened with O_DIRECT, the whole chain.
         public var bypassesHostCache: Bool { cache == DiskCache.none }
 
+        /// Whether the disk is an NBD export rather than a file or device.
+        public var isNetwork: Bool { DiskFormat.isNetworkAddress(path) }
+
         public init(path: String, format: DiskFormat, readOnly: Bool = false, serial: String? = nil, backing: [BackingLayer] = []) {
             self.path = path; self.format = format; self.readOnly = readOnly; self.serial = serial; self.backing = backing
         }

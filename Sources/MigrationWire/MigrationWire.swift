@@ -275,6 +275,25 @@ public final class MigrationChannel: @unchecked Sendable {
         return MigrationWire.Message(kind: kind, payload: payload)
     }
 
+    /// After a refusal: stops sending and reads (discarding) what the peer still sends until it
+    /// closes, for at most `seconds`. Closing at once, with the peer's bytes unread, would reset
+    /// the connection, and a peer still sending its files would see the reset, not the reason.
+    public func drainUntilClosed(seconds: Int) {
+        shutdown(fd, Int32(SHUT_WR))
+        let end = Self.monotonicNanoseconds() + UInt64(seconds) * 1_000_000_000
+        var scratch = [UInt8](repeating: 0, count: 64 << 10)
+        while true {
+            let now = Self.monotonicNanoseconds()
+            guard now < end, waitReadable(milliseconds: Int32(min((end - now) / 1_000_000 + 1, 1000))) else {
+                if Self.monotonicNanoseconds() < end { continue }
+                return
+            }
+            let count = scratch.withUnsafeMutableBytes { recv(fd, $0.baseAddress, $0.count, 0) }
+            if count < 0 && errno == EINTR { continue }
+            if count <= 0 { return }
+        }
+    }
+
     /// Waits up to `milliseconds` for something to read; false on time-out.
     public func waitReadable(milliseconds: Int32) -> Bool {
         var descriptor = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)

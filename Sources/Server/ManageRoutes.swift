@@ -66,9 +66,9 @@ extension APIServer {
             return APIJSON.response(task, status: .accepted, headers: [.location: "/api/tasks/\(task.id)"])
         }
 
-        struct ReceiveBody: Decodable { var listen: String?; var name: String?; var allowDisks: [String]?; var allowRt: Bool? }
+        struct ReceiveBody: Decodable { var listen: String?; var name: String?; var allowDisks: [String]?; var allowDiskServers: [String]?; var allowRt: Bool? }
         api.post("migrations/receive") { request, _ in
-            let body = try await APIJSON.decode(ReceiveBody.self, from: request, allowed: ["listen", "name", "allow_disks", "allow_rt"])
+            let body = try await APIJSON.decode(ReceiveBody.self, from: request, allowed: ["listen", "name", "allow_disks", "allow_disk_servers", "allow_rt"])
             let root = self.manager.library.root
             var allowed: [String] = []
             for (index, directory) in (body.allowDisks ?? []).enumerated() {
@@ -79,7 +79,11 @@ extension APIServer {
                 try self.paths.check(real, field: field)
                 allowed.append(real)
             }
-            let policy = ReceivePolicy(allowedDiskDirectories: allowed, allowRealTime: body.allowRt ?? false)
+            var allowing = ReceivePolicy(allowedDiskDirectories: allowed, allowRealTime: body.allowRt ?? false)
+            for (index, server) in (body.allowDiskServers ?? []).enumerated() {
+                try allowing.allowDiskServer(server, field: "allow_disk_servers[\(index)]")
+            }
+            let policy = allowing
             let (listener, bound) = try await blocking { () throws -> (Int32, TCPEndpoint) in
                 if let name = body.name { try VMName.validate(name, in: root) }
                 let endpoint = try TCPEndpoint(parsing: body.listen ?? "127.0.0.1:\(MigrationWire.defaultPort)", field: "listen",

@@ -240,7 +240,7 @@ extension Machine {
         for disk in spec.disks {
             // An NBD disk's Unix sockets are reconnected through their directories (a restarted
             // server makes a new socket there, which a bind of the old one would not show).
-            if NBDAddress.isNetworkDisk(disk.path) {
+            if disk.isNetwork {
                 for address in (try? NBDAddress.paths(disk.path)) ?? [] {
                     // Never the host's root: a socket directly under / is not reconnected jailed.
                     if case let .unix(socket) = address.endpoint, directory(socket) != "/" { candidates.append((directory(socket), false)) }

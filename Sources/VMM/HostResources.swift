@@ -70,18 +70,20 @@ struct HostResources {
             throw .memory(error)
         }
         var diskFiles: [DiskFiles] = []
-        if spec.disks.contains(where: { NBDAddress.isNetworkDisk($0.path) }) {
+        if spec.disks.contains(where: \.isNetwork) {
             NBDImage.log.withLock { $0 = { line in vmmLog(line) } }
         }
         for disk in spec.disks {
             do throws(DiskImageError) {
-                if start == .receive(.sharedDisks) {
+                if start == .receive(.sharedDisks), !disk.isNetwork {
                     // The image is the source's until it hands it over; what it rests on is
                     // opened now, read-only, beside the source.
                     diskFiles.append(.opened(try DiskImages.openFiles(layersOf: disk.path, format: disk.format, backing: disk.backing)))
                 } else {
                     // A copied disk is written by the stream, read-only or not; the guest's view
-                    // of it stays as configured (VirtioBlock).
+                    // of it stays as configured (VirtioBlock). A shared network disk is connected
+                    // now, as at any start: an export has no lock to hand over, and the guest
+                    // touches it only once the source has flushed and stopped.
                     diskFiles.append(try disk.openFiles(writable: !disk.readOnly || start == .receive(.copiedDisks)))
                 }
             } catch {

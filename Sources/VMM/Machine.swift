@@ -231,6 +231,8 @@ public final class Machine: @unchecked Sendable {
                     arrivingLayers.append(try opened.decodeLayers())
                     continue
                 }
+                // A shared network disk is the disk itself from the start (HostResources).
+                if arrival == .sharedDisks { arrivingLayers.append(nil) }
                 try device.bind(try files.decode())
             } catch {
                 throw .invalidConfiguration(field: "--disk", reason: "\(error)")

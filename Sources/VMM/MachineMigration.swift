@@ -739,7 +739,9 @@ final class OutgoingMigration {
             var flags: UInt8 = userPaused ? ArrivalFlags.paused : 0
             if !options.copyDisks {
                 // Hand the disks over: closing them drops their locks for the destination to take.
-                for disk in machine.blockDevices {
+                // A network disk stays connected: flushed above, it has no lock, the destination
+                // holds its own connection already, and this side needs it if the VM stays here.
+                for disk in machine.blockDevices where !DiskFormat.isNetworkAddress(disk.path) {
                     let image = disk.device.disk
                     let (path, format, size, readOnly) = (image.path, image.format, image.virtualSize, image.isReadOnly)
                     // What the image rests on stays open here (shared locks, read-only): taking the
@@ -923,7 +925,7 @@ extension Machine {
         if MachineShape(arrivedState.state.machine.spec) != MachineShape(arriving.machine.spec) { throw .migration("the state's machine differs from the one announced") }
         if !arriving.copiesDisks {
             guard arrivedState.flags & ArrivalFlags.disksReleased != 0 else { throw .migration("the source did not hand its disks over") }
-            for (index, disk) in blockDevices.enumerated() {
+            for (index, disk) in blockDevices.enumerated() where !DiskFormat.isNetworkAddress(disk.path) {
                 let stand = disk.device.disk
                 do throws(DiskImageError) {
                     // On the layers opened before the jail; the image itself is this VM's uid's.

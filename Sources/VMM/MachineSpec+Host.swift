@@ -35,7 +35,7 @@ extension MachineSpec.Disk {
     /// Opens the disk's files (the image and each recorded layer) without reading them; a chain
     /// followed from the header is opened and read in one go (only `vireo run` asks for that).
     func openFiles(writable: Bool) throws(DiskImageError) -> DiskFiles {
-        if NBDAddress.isNetworkDisk(path) {
+        if isNetwork {
             // Raw, on nothing, default cache: MachineRules.networkDisk, checked with the spec.
             return .network(try NBDImage.connect(path: path, readOnly: !writable))
         }

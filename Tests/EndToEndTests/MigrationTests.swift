@@ -128,6 +128,47 @@ struct MigrationTests {
         #expect(checked.status == 0, "\(checked.stdout)\(checked.stderr)")
     }
 
+    @Test("live migration with the disk on an NBD export both hosts reach (TCP, served in the source's namespace), no copy: a receiver not told the server refuses it by name and the VM runs on; with --allow-disk-server it moves, its writes go on at the destination, blocks the source wrote read back there, and every block is on the export")
+    func migrateOnNetworkDisk() throws {
+        let lab = try MigrationLab()
+        let directory = try Harness.temporaryDirectory()
+        let image = directory.appendingPathComponent("export.raw").path
+        #expect(Harness.run(["truncate", "-s", "64M", image]).status == 0)
+        let server = try NBDServer(image: image, port: 10809, host: MigrationLab.sourceAddress, namespace: lab.source)
+        let uri = server.uri()
+        #expect(lab.atSource("create", "onnbd", "--kernel", try Harness.probe("pvh"), "--memory", "64M", "--no-disk",
+                             "--cmdline", "console=ttyS0 probe=blkloop count=100000000 readback=1").status == 0)
+        let attached = lab.atSource("disk", "attach", "onnbd", uri)
+        #expect(attached.status == 0, "\(attached.stderr)")
+        #expect(lab.atSource("start", "onnbd").status == 0)
+        #expect(lab.from.waitFor(30) { lab.from.consoleLog("onnbd").contains("blkloop: flushed 160") }, "\(lab.from.consoleLog("onnbd").suffix(300)) \(lab.from.vmmLog("onnbd"))")
+
+        // The peer names the server; a receiver not told of it refuses, naming the flag.
+        let (first, firstEndpoint, firstToken) = try lab.receive()
+        let refused = lab.atSource("migrate", "onnbd", firstEndpoint, "--token", firstToken, timeout: 60)
+        #expect(refused.status != 0 && refused.stderr.contains("--allow-disk-server \(MigrationLab.sourceAddress):10809"), "\(refused.stderr)")
+        #expect(lab.from.state("onnbd") == "running")
+        first.signal(SIGKILL)
+
+        let (receiver, endpoint, token) = try lab.receive(["--allow-disk-server", "\(MigrationLab.sourceAddress):10809"])
+        let moved = lab.atSource("migrate", "onnbd", endpoint, "--token", token, timeout: 120)
+        #expect(moved.status == 0, "\(moved.stdout)\(moved.stderr)")
+        #expect(receiver.wait(timeout: 60) == 0, "\(receiver.stdout)\(receiver.stderr)")
+        #expect(lab.to.state("onnbd") == "running")
+        #expect(lab.to.vmmLog("onnbd").contains("migration complete: the VM runs here"), "\(lab.to.vmmLog("onnbd"))")
+        #expect(lab.to.vmmLog("onnbd").contains("0 disk bytes"), "the disk was copied: \(lab.to.vmmLog("onnbd"))")
+        let flushedThere = { lab.to.consoleLog("onnbd").components(separatedBy: "blkloop: flushed").count }
+        #expect(lab.to.waitFor(30) { flushedThere() > 40 }, "the guest's writes did not go on at the destination: \(lab.to.consoleLog("onnbd").suffix(300))")
+        #expect(lab.atDestination("stop", "onnbd", "--force").status == 0)
+        let console = lab.from.consoleLog("onnbd") + lab.to.consoleLog("onnbd")
+        #expect(!console.contains("mismatch") && !console.contains("failed"), "\(console.suffix(300))")
+        let last = console.components(separatedBy: "blkloop: flushed ").compactMap { Int($0.prefix { $0.isNumber }) }.max() ?? 0
+        #expect(last > 160)
+        let missing = try NetworkDiskTests.missingBlocks(image, count: last)
+        #expect(missing.isEmpty, "blocks not on the export: \(missing.prefix(10)) of \(last)")
+        #expect(lab.to.vireo("info", "onnbd").stdout.contains("\(uri) (raw, NBD export, 1 path)"), "\(lab.to.vireo("info", "onnbd").stdout)")
+    }
+
     @Test("auto-converge: a guest that dirties memory faster than the bandwidth cap is throttled step by step until it fits the downtime limit, and arrives intact; a migration cancelled with Ctrl-C leaves the source running unchanged and nothing behind at the destination")
     func autoConvergeAndCancel() throws {
         let lab = try MigrationLab()

@@ -368,10 +368,40 @@ public struct ReceivePolicy: Sendable {
     public var allowedDiskDirectories: [String] = []
     /// Whether an offered real-time vCPU priority is taken.
     public var allowRealTime = false
+    /// NBD servers a shared network disk may be on (`--allow-disk-server HOST[:PORT]`). A Unix
+    /// socket's path must lie in `allowedDiskDirectories` instead.
+    public private(set) var allowedDiskServers: [TCPEndpoint] = []
 
     public init(allowedDiskDirectories: [String] = [], allowRealTime: Bool = false) {
         self.allowedDiskDirectories = allowedDiskDirectories
         self.allowRealTime = allowRealTime
+    }
+
+    /// Adds a server from `HOST[:PORT]` (NBD's port 10809 by default), refused naming `field`.
+    public mutating func allowDiskServer(_ text: String, field: String) throws(LibraryError) {
+        let endpoint = try TCPEndpoint(parsing: text, field: field, defaultPort: NBDAddress.defaultPort)
+        guard endpoint.port != 0 else { throw .invalidValue(field: field, reason: "'\(text)': port 0 is no server's") }
+        allowedDiskServers.append(endpoint)
+    }
+
+    /// Refuses a shared network disk whose path the receiver did not allow: the peer names the
+    /// address, and root connects to it and speaks NBD there (a Unix socket of some other
+    /// service, or a host inside this network, would otherwise be the peer's to pick).
+    private func checkNetworkDisk(_ path: String, disk index: Int) throws(LibraryError) {
+        let addresses: [NBDAddress]
+        do { addresses = try NBDAddress.paths(path) } catch { throw .invalidValue(field: "disk \(index)", reason: error.description) }
+        for address in addresses {
+            switch address.endpoint {
+            case let .unix(socket):
+                guard HostPath.isInside(socket, anyOf: allowedDiskDirectories) else {
+                    throw .invalidValue(field: "disk \(index)", reason: "the shared NBD disk's socket \(socket.prefix(200)) is outside \(allowedDiskDirectories.isEmpty ? "any allowed directory" : allowedDiskDirectories.joined(separator: ", ")); start `vireo receive` with --allow-disks DIR for the socket's directory, or migrate with --copy-disks")
+                }
+            case let .tcp(host, port):
+                guard allowedDiskServers.contains(where: { $0.host.lowercased() == host.lowercased() && $0.port == port }) else {
+                    throw .invalidValue(field: "disk \(index)", reason: "the shared NBD disk is on \(host.prefix(200)):\(port), a server this host was not told to use; start `vireo receive` with --allow-disk-server \(host.prefix(200)):\(port), or migrate with --copy-disks")
+                }
+            }
+        }
     }
 
     /// How long a connection has to send its hello, and the source its offer.
@@ -394,6 +424,11 @@ public struct ReceivePolicy: Sendable {
             }
         }
         for (index, disk) in (disks ?? []).enumerated() {
+            if DiskFormat.isNetworkAddress(disk.path) {
+                // A network disk rests on nothing (MachineRules.networkDisk, with the definition).
+                try checkNetworkDisk(disk.path, disk: index)
+                continue
+            }
             for path in [disk.path] + (disk.backing ?? []).map(\.path) {
                 guard path.hasPrefix("/") else {
                     throw .invalidValue(field: "disk \(index)", reason: "the shared disk \(path.prefix(300)) is not an absolute path")
@@ -499,6 +534,8 @@ extension VMManager {
     private func receiveAccepted(_ channel: MigrationChannel, rename: String?, policy: ReceivePolicy, log: (String) -> Void) throws(LibraryError) -> ReceivedVM {
         func refuse(_ error: LibraryError) -> LibraryError {
             try? channel.send(.refuse, text: error.description)
+            // The source may still be sending its kernel and initrd: let it finish and read why.
+            channel.drainUntilClosed(seconds: 10)
             return error
         }
         let offer: MigrationOffer
@@ -567,7 +604,9 @@ extension VMManager {
                     definition.disks[index].format = .qcow2
                     definition.disks[index].backing = []
                 } else {
-                    guard disk.path.hasPrefix("/") else { throw .invalidValue(field: "disk \(index)", reason: "'\(disk.path)' is not absolute") }
+                    guard disk.path.hasPrefix("/") || DiskFormat.isNetworkAddress(disk.path) else {
+                        throw .invalidValue(field: "disk \(index)", reason: "'\(disk.path.prefix(300))' is not absolute")
+                    }
                     let size: UInt64
                     do { size = try DiskImages.peek(path: disk.path, format: disk.format) } catch {
                         throw .invalidValue(field: "disk \(index)", reason: "the shared disk is not reachable here (\(error)); share the storage at the same path, or migrate with --copy-disks")
