@@ -19,6 +19,7 @@ demo_packages=(
   flex bison bc libelf-dev libssl-dev cpio lz4 xz-utils gzip   # kernel build and initramfs
   zlib1g-dev                                                   # qcow2 compressed clusters
   libseccomp-dev                                               # the VMM's seccomp filters (docs/isolation.md)
+  libiscsi-dev                                                 # iSCSI disks: libiscsi's headers (the VMM loads the library when a disk needs it)
 )
 # The tests use all of the demo's and these.
 packages=(
@@ -29,6 +30,7 @@ packages=(
   tesseract-ocr tesseract-ocr-eng                              # reads the installer's screens in the qemu tests
   e2fsprogs                                                    # ext4 root images for the Linux tests
   mount                                                        # losetup and mount: the block-device tests' loop devices
+  tgt                                                          # tgtd, the user-space iSCSI target the iSCSI disk tests serve LUNs from
   iproute2 dnsmasq-base nftables passt                         # networks: bridges and taps, DHCP and DNS, NAT and forwards, user mode
   python3 acl                                                  # the net tests' echo servers; an ACL grants an unprivileged test user /dev/kvm
   acpica-tools                                                 # iasl: the oracle for every ACPI table the VMM builds

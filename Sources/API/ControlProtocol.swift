@@ -45,11 +45,11 @@ public struct VMCounters: Codable, Sendable {
         public var requests: UInt64
         public var readBytes: UInt64
         public var writtenBytes: UInt64
-        /// An NBD disk's paths: which is connected and which carries the requests.
-        public var nbdPaths: [NBDPath]?
-        public var nbdFailovers: Int?
+        /// A network disk's paths (NBD, iSCSI): which is connected and which carries the requests.
+        public var networkPaths: [NetworkPath]?
+        public var networkFailovers: Int?
 
-        public struct NBDPath: Codable, Sendable {
+        public struct NetworkPath: Codable, Sendable {
             public var address: String
             public var connected: Bool
             public var active: Bool

@@ -122,7 +122,7 @@ struct Info: ParsableCommand {
         for (index, disk) in report.disks.enumerated() {
             var text: String
             if let paths = disk.networkPaths {
-                text = "\(disk.path) (\(disk.format), NBD export, \(paths.count) path\(paths.count == 1 ? "" : "s")"
+                text = "\(disk.path) (\(disk.format), \(NetworkDisk.kind(of: disk.path)?.rawValue ?? "network disk"), \(paths.count) path\(paths.count == 1 ? "" : "s")"
             } else {
                 text = "\(disk.path) (\(disk.format), \(disk.virtualBytes.map(Size.describe) ?? "unreadable")"
                 text += disk.blockDevice.map { ", block device \($0)" } ?? ", \(Size.describe(disk.allocatedBytes)) used"
@@ -168,9 +168,9 @@ struct Info: ParsableCommand {
             }
             for disk in counters.disks {
                 lines.append(["Disk I/O:", "\(disk.path): \(disk.requests) requests, \(Size.describe(disk.readBytes)) read, \(Size.describe(disk.writtenBytes)) written"])
-                for path in disk.nbdPaths ?? [] {
+                for path in disk.networkPaths ?? [] {
                     let state = path.active ? (path.connected ? "active" : "active, reconnecting") : (path.connected ? "standby" : "down")
-                    lines.append(["NBD path:", "\(path.address): \(state)" + (path.active ? ", \(disk.nbdFailovers ?? 0) failover(s)" : "")])
+                    lines.append(["Disk path:", "\(path.address): \(state)" + (path.active ? ", \(disk.networkFailovers ?? 0) failover(s)" : "")])
                 }
             }
         }

@@ -32,7 +32,7 @@ struct Receive: ParsableCommand {
     @Option(name: .customLong("allow-disks"), help: ArgumentHelp("A directory where shared disks may lie besides the library (repeatable).", valueName: "dir"))
     var allowDisks: [String] = []
 
-    @Option(name: .customLong("allow-disk-server"), help: ArgumentHelp("An NBD server a shared network disk may be on, HOST[:PORT] (repeatable; a Unix socket's directory goes to --allow-disks).", valueName: "host:port"))
+    @Option(name: .customLong("allow-disk-server"), help: ArgumentHelp("A server a shared network disk (NBD, iSCSI) may be on, HOST[:PORT]; without a port, NBD's 10809 and iSCSI's 3260 (repeatable; a Unix socket's or CHAP file's directory goes to --allow-disks).", valueName: "host:port"))
     var allowDiskServers: [String] = []
 
     @Flag(name: .customLong("allow-rt"), help: "Take a VM whose vCPUs run at a real-time priority.")

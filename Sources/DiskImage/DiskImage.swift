@@ -124,12 +124,12 @@ public enum DiskImages {
     /// `direct`: O_DIRECT (`cache=none`), the whole chain.
     public static func open(path: String, format: DiskFormat, readOnly: Bool = false, snapshot: String? = nil,
                             backing: Backing = .standalone, direct: Bool = false) throws(DiskImageError) -> any DiskImage {
-        if NBDAddress.isNetworkDisk(path) {
-            // An export is a raw disk on nothing; connected and negotiated at once (no jail here).
+        if DiskFormat.isNetworkAddress(path) {
+            // A network disk is a raw disk on nothing; connected and negotiated at once (no jail here).
             guard format == .raw, snapshot == nil, !direct, backing == .standalone || backing == .fromHeader else {
-                throw .invalidArgument(field: "disk", reason: "\(path) is an NBD export: a raw disk resting on nothing, without snapshots or cache=none")
+                throw .invalidArgument(field: "disk", reason: "\(path.prefix(300)) is a network disk: a raw disk resting on nothing, without snapshots or cache=none")
             }
-            return try NBDImage.connect(path: path, readOnly: readOnly, reconnectSeconds: 0).decode()
+            return try NetworkDisk.connect(path: path, readOnly: readOnly, reconnectSeconds: 0).decode()
         }
         switch backing {
         case let .recorded(layers):
@@ -245,7 +245,7 @@ public enum DiskImages {
     /// holds.
     public static func peek(path: String, format: DiskFormat) throws(DiskImageError) -> UInt64 {
         // An export's size is what its server says (NBD_OPT_GO), asked read-only.
-        if NBDAddress.isNetworkDisk(path) { return try open(path: path, format: format, readOnly: true).virtualSize }
+        if DiskFormat.isNetworkAddress(path) { return try open(path: path, format: format, readOnly: true).virtualSize }
         let fd = Glibc.open(path, O_RDONLY | O_CLOEXEC)
         guard fd >= 0 else { throw .io(operation: "open", path: path, errno: errno) }
         defer { close(fd) }

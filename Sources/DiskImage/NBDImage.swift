@@ -24,9 +24,6 @@ public struct NBDAddress: Sendable, Equatable, CustomStringConvertible {
         }
     }
 
-    /// Whether a disk's path names NBD exports rather than a file.
-    public static func isNetworkDisk(_ path: String) -> Bool { DiskFormat.isNetworkAddress(path) }
-
     /// Every path of a disk's `A|B|...` text, each parsed; refused naming what is wrong.
     public static func paths(_ text: String) throws(DiskImageError) -> [NBDAddress] {
         let parts = text.split(separator: "|", omittingEmptySubsequences: false).map(String.init)
@@ -428,7 +425,7 @@ final class NBDConnection: @unchecked Sendable {
 /// over, for up to `reconnectSeconds`, and are then sent again: reads and writes of whole ranges
 /// are idempotent, so a request that may or may not have reached the server before the failure is
 /// safe to repeat. Only then does the guest see an I/O error (QEMU's `reconnect-delay`).
-public final class NBDImage: DiskImage, @unchecked Sendable {
+public final class NBDImage: DiskImage, MultipathDisk, @unchecked Sendable {
     public let path: String
     public var format: DiskFormat { .raw }
     public let virtualSize: UInt64
@@ -444,13 +441,11 @@ public final class NBDImage: DiskImage, @unchecked Sendable {
     private let flags: UInt16
     private let tcpSockets: [NBDTCPSocket?]
 
-    /// Where a disk's reconnections and failovers are told (the VMM's log).
-    public static let log = Mutex<(@Sendable (String) -> Void)?>(nil)
-    static func say(_ line: String) { log.withLock { $0 }?(line) }
+    static func say(_ line: String) { NetworkDisk.say(line) }
 
     /// The sockets of a disk's paths, connected before the VMM is confined (a jailed VMM has no
     /// network); talked to only afterwards (`decode`).
-    public struct Connecting: @unchecked Sendable {
+    public struct Connecting: NetworkDiskConnecting, @unchecked Sendable {
         let path: String
         let addresses: [NBDAddress]
         let sockets: [NBDSocket?]

@@ -6,16 +6,17 @@ public enum DiskFormat: String, Sendable, CaseIterable, Codable {
 
     /// The format a file's name declares (`.qcow2`, `.raw`); nil when the name does not say
     /// (`.img` is either). A device under `/dev` (`/dev/sdb`, `/dev/loop0`, `/dev/mapper/vg-lv`)
-    /// and an NBD export are raw disks: neither can grow, so neither holds qcow2.
-    /// Whether a disk's path names NBD exports (`nbd://`, `nbd+unix://`, joined by `|`) rather
-    /// than a file or device.
+    /// and a network disk (an NBD export, an iSCSI LUN) are raw disks: none can grow, so none holds
+    /// qcow2.
+    /// Whether a disk's path names a network disk — NBD exports (`nbd://`, `nbd+unix://`) or
+    /// iSCSI LUNs (`iscsi://`), joined by `|` — rather than a file or device.
     public static func isNetworkAddress(_ path: String) -> Bool {
-        path.hasPrefix("nbd://") || path.hasPrefix("nbd+unix://")
+        path.hasPrefix("nbd://") || path.hasPrefix("nbd+unix://") || path.hasPrefix("iscsi://")
     }
 
     public static func declared(byName path: String) -> DiskFormat? {
         if path.hasPrefix("/dev/") { return .raw }
-        // An NBD export is the disk itself, as a device is.
+        // A network disk is the disk itself, as a device is.
         if isNetworkAddress(path) { return .raw }
         let name = path.split(separator: "/").last.map { $0.lowercased() } ?? ""
         if name.hasSuffix(".qcow2") { return .qcow2 }

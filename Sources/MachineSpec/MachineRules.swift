@@ -160,17 +160,17 @@ public enum MachineRules {
         }
     }
 
-    /// An NBD export is a raw disk resting on nothing, with the default cache: the export is the
-    /// disk (it cannot grow, so it holds no qcow2), and O_DIRECT is a host-file matter. Files and
-    /// devices pass untouched.
+    /// A network disk (an NBD export, an iSCSI LUN) is a raw disk resting on nothing, with the
+    /// default cache: the export is the disk (it cannot grow, so it holds no qcow2), and O_DIRECT
+    /// is a host-file matter. Files and devices pass untouched.
     public static func networkDisk(path: String, format: DiskFormat, backing: [BackingLayer], cache: DiskCache?, followsHeader: Bool,
                                    disk index: Int) throws(MachineSpecError) {
         guard DiskFormat.isNetworkAddress(path) else { return }
         guard format == .raw, backing.isEmpty, !followsHeader else {
-            throw MachineSpecError(.disks, "disk \(index): \(path.prefix(300)) is an NBD export, which is a raw disk resting on nothing")
+            throw MachineSpecError(.disks, "disk \(index): \(path.prefix(300)) is a network disk (an NBD export or iSCSI LUN), which is a raw disk resting on nothing")
         }
         guard cache == nil || cache == .writeback else {
-            throw MachineSpecError(.disks, "disk \(index): cache=none is for files and block devices; an NBD export has no host page cache here")
+            throw MachineSpecError(.disks, "disk \(index): cache=none is for files and block devices; a network disk has no host page cache here")
         }
     }
 

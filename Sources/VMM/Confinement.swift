@@ -241,9 +241,9 @@ extension Machine {
             // An NBD disk's Unix sockets are reconnected through their directories (a restarted
             // server makes a new socket there, which a bind of the old one would not show).
             if disk.isNetwork {
-                for address in (try? NBDAddress.paths(disk.path)) ?? [] {
+                for endpoint in (try? NetworkDisk.endpoints(disk.path)) ?? [] {
                     // Never the host's root: a socket directly under / is not reconnected jailed.
-                    if case let .unix(socket) = address.endpoint, directory(socket) != "/" { candidates.append((directory(socket), false)) }
+                    if case let .unix(socket) = endpoint, directory(socket) != "/" { candidates.append((directory(socket), false)) }
                 }
                 continue
             }

@@ -242,15 +242,15 @@ final class ControlServer: @unchecked Sendable {
                 entry.add("requests", disk.device.completed.load(ordering: .relaxed))
                 entry.add("read_bytes", disk.device.bytesRead.load(ordering: .relaxed))
                 entry.add("written_bytes", disk.device.bytesWritten.load(ordering: .relaxed))
-                if let network = disk.device.disk as? NBDImage {
-                    entry.add("nbd_paths", network.pathStates.map { path in
+                if let network = disk.device.disk as? any MultipathDisk {
+                    entry.add("network_paths", network.pathStates.map { path in
                         var state = JSONObject()
                         state.add("address", path.address)
                         state.add("connected", path.connected)
                         state.add("active", path.active)
                         return state
                     })
-                    entry.add("nbd_failovers", network.failovers)
+                    entry.add("network_failovers", network.failovers)
                 }
                 return entry
             })

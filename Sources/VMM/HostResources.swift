@@ -71,7 +71,7 @@ struct HostResources {
         }
         var diskFiles: [DiskFiles] = []
         if spec.disks.contains(where: \.isNetwork) {
-            NBDImage.log.withLock { $0 = { line in vmmLog(line) } }
+            NetworkDisk.log.withLock { $0 = { line in vmmLog(line) } }
         }
         for disk in spec.disks {
             do throws(DiskImageError) {

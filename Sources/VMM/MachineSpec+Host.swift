@@ -37,7 +37,7 @@ extension MachineSpec.Disk {
     func openFiles(writable: Bool) throws(DiskImageError) -> DiskFiles {
         if isNetwork {
             // Raw, on nothing, default cache: MachineRules.networkDisk, checked with the spec.
-            return .network(try NBDImage.connect(path: path, readOnly: !writable))
+            return .network(try NetworkDisk.connect(path: path, readOnly: !writable))
         }
         if followsHeader {
             return .decoded(try DiskImages.open(path: path, format: format, readOnly: !writable, backing: .fromHeader, direct: bypassesHostCache))
@@ -51,7 +51,7 @@ enum DiskFiles {
     case opened(DiskImages.OpenedFiles)
     case decoded(any DiskImage)
     /// An NBD export's sockets, connected; negotiated once the VMM is confined.
-    case network(NBDImage.Connecting)
+    case network(any NetworkDiskConnecting)
 
     func decode() throws(DiskImageError) -> any DiskImage {
         switch self {

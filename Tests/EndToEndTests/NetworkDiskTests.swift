@@ -222,7 +222,7 @@ final class NBDServer: @unchecked Sendable {
             ("nbd+unix:///exp?socket=\(directory.path)/absent.sock", "absent.sock: connect failed: No such file or directory"),
             ("nbd+unix:///exp", "has no ?socket="),
             ("nbd://:10809/exp", "has no usable host"),
-            (second.uri() + ",format=qcow2", "is an NBD export, which is a raw disk"),
+            (second.uri() + ",format=qcow2", "is a network disk (an NBD export or iSCSI LUN), which is a raw disk"),
             (second.uri() + ",cache=none", "cache=none is for files and block devices"),
         ]
         for (disk, reason) in refusals {

@@ -21,4 +21,21 @@ int vireo_device_geometry(int fd, unsigned long long *size, unsigned int *logica
 // O_DIRECT, which Swift's Glibc does not export.
 int vireo_open_direct_flag(void);
 
+// iSCSI through libiscsi, loaded on first use (iscsi.c). A path is an opaque libiscsi context.
+// Each call fills `error` on failure. Results of the I/O calls: 0 done, 1 the connection failed
+// (another path may take over), 2 the target refused (an I/O error for the guest).
+#include <stddef.h>
+int vireo_iscsi_load(char *error, size_t size);
+// A TCP connection to `portal` (HOST[:PORT]) for `target`, not yet logged in; NULL on failure.
+void *vireo_iscsi_connect(const char *initiator, const char *target, const char *portal, const char *user,
+                          const char *password, int timeout, char *error, size_t size);
+// Logs in and reads the LUN's size, block size and whether it is thin-provisioned (UNMAP works).
+int vireo_iscsi_login(void *path, int lun, unsigned long long *blocks, unsigned int *block_size, int *thin,
+                      char *error, size_t size);
+int vireo_iscsi_transfer(void *path, int lun, int write, unsigned long long lba, unsigned int length, unsigned int block_size,
+                         void *buffer, char *error, size_t size);
+int vireo_iscsi_flush(void *path, int lun, char *error, size_t size);
+int vireo_iscsi_unmap(void *path, int lun, unsigned long long lba, unsigned int blocks, char *error, size_t size);
+void vireo_iscsi_close(void *path, int logout);
+
 #endif

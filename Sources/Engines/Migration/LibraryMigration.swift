@@ -368,8 +368,8 @@ public struct ReceivePolicy: Sendable {
     public var allowedDiskDirectories: [String] = []
     /// Whether an offered real-time vCPU priority is taken.
     public var allowRealTime = false
-    /// NBD servers a shared network disk may be on (`--allow-disk-server HOST[:PORT]`). A Unix
-    /// socket's path must lie in `allowedDiskDirectories` instead.
+    /// Servers a shared network disk may be on (`--allow-disk-server HOST[:PORT]`). A Unix
+    /// socket's path, and an iSCSI path's CHAP file, must lie in `allowedDiskDirectories` instead.
     public private(set) var allowedDiskServers: [TCPEndpoint] = []
 
     public init(allowedDiskDirectories: [String] = [], allowRealTime: Bool = false) {
@@ -377,28 +377,34 @@ public struct ReceivePolicy: Sendable {
         self.allowRealTime = allowRealTime
     }
 
-    /// Adds a server from `HOST[:PORT]` (NBD's port 10809 by default), refused naming `field`.
+    /// Adds a server from `HOST[:PORT]` (without a port: NBD's 10809 and iSCSI's 3260), refused
+    /// naming `field`.
     public mutating func allowDiskServer(_ text: String, field: String) throws(LibraryError) {
-        let endpoint = try TCPEndpoint(parsing: text, field: field, defaultPort: NBDAddress.defaultPort)
-        guard endpoint.port != 0 else { throw .invalidValue(field: field, reason: "'\(text)': port 0 is no server's") }
-        allowedDiskServers.append(endpoint)
+        let endpoint = try TCPEndpoint(parsing: text, field: field, defaultPort: 0)
+        guard endpoint.port == 0 else { return allowedDiskServers.append(endpoint) }
+        guard !text.hasSuffix(":0") else { throw .invalidValue(field: field, reason: "'\(text)': port 0 is no server's") }
+        for port in [NBDAddress.defaultPort, ISCSIAddress.defaultPort] { allowedDiskServers.append(TCPEndpoint(host: endpoint.host, port: port)) }
     }
 
     /// Refuses a shared network disk whose path the receiver did not allow: the peer names the
-    /// address, and root connects to it and speaks NBD there (a Unix socket of some other
-    /// service, or a host inside this network, would otherwise be the peer's to pick).
+    /// address, and root connects to it and speaks NBD or iSCSI there (a Unix socket of some
+    /// other service, or a host inside this network, would otherwise be the peer's to pick), and
+    /// reads an iSCSI path's CHAP file and sends its secret there.
     private func checkNetworkDisk(_ path: String, disk index: Int) throws(LibraryError) {
-        let addresses: [NBDAddress]
-        do { addresses = try NBDAddress.paths(path) } catch { throw .invalidValue(field: "disk \(index)", reason: error.description) }
-        for address in addresses {
-            switch address.endpoint {
+        let endpoints: [NetworkDisk.Endpoint]
+        do { endpoints = try NetworkDisk.endpoints(path) } catch { throw .invalidValue(field: "disk \(index)", reason: error.description) }
+        for endpoint in endpoints {
+            switch endpoint {
             case let .unix(socket):
                 guard HostPath.isInside(socket, anyOf: allowedDiskDirectories) else {
                     throw .invalidValue(field: "disk \(index)", reason: "the shared NBD disk's socket \(socket.prefix(200)) is outside \(allowedDiskDirectories.isEmpty ? "any allowed directory" : allowedDiskDirectories.joined(separator: ", ")); start `vireo receive` with --allow-disks DIR for the socket's directory, or migrate with --copy-disks")
                 }
-            case let .tcp(host, port):
+            case let .tcp(host, port, secretFile):
                 guard allowedDiskServers.contains(where: { $0.host.lowercased() == host.lowercased() && $0.port == port }) else {
-                    throw .invalidValue(field: "disk \(index)", reason: "the shared NBD disk is on \(host.prefix(200)):\(port), a server this host was not told to use; start `vireo receive` with --allow-disk-server \(host.prefix(200)):\(port), or migrate with --copy-disks")
+                    throw .invalidValue(field: "disk \(index)", reason: "the shared network disk is on \(host.prefix(200)):\(port), a server this host was not told to use; start `vireo receive` with --allow-disk-server \(host.prefix(200)):\(port), or migrate with --copy-disks")
+                }
+                if let secretFile, !HostPath.isInside(secretFile, anyOf: allowedDiskDirectories) {
+                    throw .invalidValue(field: "disk \(index)", reason: "the shared iSCSI disk's CHAP file \(secretFile.prefix(200)) is outside \(allowedDiskDirectories.isEmpty ? "any allowed directory" : allowedDiskDirectories.joined(separator: ", ")); start `vireo receive` with --allow-disks DIR for its directory")
                 }
             }
         }

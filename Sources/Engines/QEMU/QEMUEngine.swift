@@ -186,7 +186,7 @@ public struct QEMUEngine: DisplayEngine, RemovableMediaEngine, StateTransferEngi
         }
         if let firmware = definition.firmware { try FirmwareFiles.check(firmware) }
         if let network = definition.disks.first(where: \.isNetwork) {
-            throw .invalidValue(field: "engine", reason: "VM '\(name)' has the NBD disk \(network.path), which only the kvm engine connects to; `vireo set \(name) --engine kvm`, or detach it")
+            throw .invalidValue(field: "engine", reason: "VM '\(name)' has the network disk \(network.path.prefix(300)), which only the kvm engine connects to; `vireo set \(name) --engine kvm`, or detach it")
         }
         if let iso = definition.iso {
             do { _ = try InstallMedium.inspect(iso) } catch {

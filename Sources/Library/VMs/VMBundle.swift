@@ -34,7 +34,7 @@ public struct VMBundle: Sendable {
 
     /// Where a path stored in the config points on the host.
     public func resolve(_ stored: String) -> String {
-        stored.hasPrefix("/") || NBDAddress.isNetworkDisk(stored) ? stored : directory + "/" + stored
+        stored.hasPrefix("/") || DiskFormat.isNetworkAddress(stored) ? stored : directory + "/" + stored
     }
 
     /// The definition in this directory. `vmDirectory`: where its relative disk paths are (a

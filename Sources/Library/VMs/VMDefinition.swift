@@ -490,9 +490,9 @@ public struct DiskAttachment: Codable, Sendable, Equatable {
     /// Inside the VM's directory: created, copied and deleted with the VM.
     public var isOwned: Bool { !path.hasPrefix("/") && !isNetwork }
 
-    /// An NBD export (`nbd://`, `nbd+unix://`, paths joined by `|`): the VMM connects to it; no
-    /// file of the host's is the disk.
-    public var isNetwork: Bool { NBDAddress.isNetworkDisk(path) }
+    /// A network disk — an NBD export (`nbd://`, `nbd+unix://`) or an iSCSI LUN (`iscsi://`), paths
+    /// joined by `|`: the VMM connects to it; no file of the host's is the disk.
+    public var isNetwork: Bool { DiskFormat.isNetworkAddress(path) }
 
     enum CodingKeys: String, CodingKey { case path, format, readOnly, serial, backing, cache }
 

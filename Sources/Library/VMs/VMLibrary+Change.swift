@@ -110,7 +110,7 @@ extension VMLibrary {
     public func attachDisk(_ name: String, path: String, readOnly: Bool, format: DiskFormat? = nil, cache: DiskCache? = nil) throws(LibraryError) -> VMDefinition {
         try update(name, action: "attach a disk to") { (definition, bundle) throws(LibraryError) in
             // An NBD address is kept as written; a file's path is made absolute and normal.
-            let absolute = NBDAddress.isNetworkDisk(path) ? path : DiskImages.normalized(HostFiles.absolute(path))
+            let absolute = DiskFormat.isNetworkAddress(path) ? path : DiskImages.normalized(HostFiles.absolute(path))
             var attachment = try Self.inspectDisk(absolute, format: format, field: "PATH", readOnly: readOnly, cache: cache)
             // What lies in the VM's directory is recorded relative to it (it moves with a rename).
             let prefix = bundle.directory + "/"

@@ -70,7 +70,7 @@ extension VMLibrary {
         var attached: DiskAttachment?
         if let path = request.attachDisk {
             // An NBD address is kept as written; a file's path is made absolute.
-            attached = try Self.inspectDisk(NBDAddress.isNetworkDisk(path) ? path : HostFiles.absolute(path), format: request.attachDiskFormat, field: "attach_disk")
+            attached = try Self.inspectDisk(DiskFormat.isNetworkAddress(path) ? path : HostFiles.absolute(path), format: request.attachDiskFormat, field: "attach_disk")
         }
         if request.attachDisk == nil, request.attachDiskFormat != nil {
             throw .invalidValue(field: "disk_format", reason: "declares the format of --attach-disk, which is not given")

@@ -146,7 +146,7 @@ extension VMLibrary {
             let field = "disk \(index)"
             if disk.isNetwork {
                 // An NBD address, each path parsed as the VMM will.
-                do { _ = try NBDAddress.paths(disk.path) } catch { throw .invalidValue(field: field, reason: error.description) }
+                do { _ = try NetworkDisk.endpoints(disk.path) } catch { throw .invalidValue(field: field, reason: error.description) }
             } else {
                 try validate(path: disk.path, field: field)
             }
@@ -196,7 +196,7 @@ extension VMLibrary {
     /// is then opened read-only through that chain to check it.
     public static func inspectDisk(_ path: String, format declared: DiskFormat?, field: String, readOnly: Bool = false,
                                    cache: DiskCache? = nil) throws(LibraryError) -> DiskAttachment {
-        if NBDAddress.isNetworkDisk(path) { return try inspectNetworkDisk(path, format: declared, field: field, readOnly: readOnly, cache: cache) }
+        if DiskFormat.isNetworkAddress(path) { return try inspectNetworkDisk(path, format: declared, field: field, readOnly: readOnly, cache: cache) }
         guard HostFiles.exists(path), !HostFiles.isDirectory(path) else { throw .invalidValue(field: field, reason: "\(path) does not exist or is not a file") }
         guard let format = declared ?? DiskFormat.declared(byName: path) else {
             throw .invalidValue(field: field == "attach_disk" ? "disk_format" : "format",

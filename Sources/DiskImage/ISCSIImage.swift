@@ -1,0 +1,401 @@
+import CDiskHost
+import MachineSpec
+import Synchronization
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Where one iSCSI LUN is: `iscsi://HOST[:PORT]/TARGET-IQN/LUN[?chap=FILE]` (QEMU's and
+/// libiscsi's URL form, without credentials in it: they come from a file). A disk names one or
+/// more joined by `|`, portals to the same target and LUN (docs/disk-images.md, "iSCSI").
+public struct ISCSIAddress: Sendable, Equatable, CustomStringConvertible {
+    public var host: String
+    public var port: UInt16
+    public var target: String
+    public var lun: Int
+    /// A file holding `USER:SECRET` for CHAP, readable by its owner alone.
+    public var chapFile: String?
+    public static let defaultPort: UInt16 = 3260
+
+    public var description: String {
+        "iscsi://\(host.contains(":") ? "[\(host)]" : host):\(port)/\(target)/\(lun)" + (chapFile.map { "?chap=\($0)" } ?? "")
+    }
+
+    /// HOST:PORT as libiscsi takes a portal.
+    var portal: String { "\(host.contains(":") ? "[\(host)]" : host):\(port)" }
+
+    public static func paths(_ text: String) throws(DiskImageError) -> [ISCSIAddress] {
+        let parts = text.split(separator: "|", omittingEmptySubsequences: false).map(String.init)
+        guard parts.count <= 8 else { throw .invalidArgument(field: "disk", reason: "\(parts.count) paths to one LUN; at most 8") }
+        var addresses: [ISCSIAddress] = []
+        for part in parts { addresses.append(try parse(part)) }
+        if Swift.Set(addresses.map { "\($0.target)/\($0.lun)" }).count > 1 {
+            throw .invalidArgument(field: "disk", reason: "the paths of \(text.prefix(300)) name different targets or LUNs; every path must lead to the same one")
+        }
+        return addresses
+    }
+
+    public static func parse(_ text: String) throws(DiskImageError) -> ISCSIAddress {
+        func refuse(_ why: String) -> DiskImageError {
+            .invalidArgument(field: "disk", reason: "'\(text.prefix(300))' \(why); expected iscsi://HOST[:PORT]/TARGET-IQN/LUN[?chap=/FILE]")
+        }
+        guard text.utf8.count <= 4096, !text.utf8.contains(0), !text.contains(",") else { throw refuse("is not a usable address") }
+        guard text.hasPrefix("iscsi://") else { throw refuse("is not an iSCSI address") }
+        var rest = Substring(text.dropFirst("iscsi://".count))
+        var chapFile: String?
+        if let question = rest.firstIndex(of: "?") {
+            let query = rest[rest.index(after: question)...]
+            rest = rest[..<question]
+            guard query.hasPrefix("chap="), !query.contains("&") else { throw refuse("has a query other than chap=FILE") }
+            let file = String(query.dropFirst("chap=".count))
+            guard file.hasPrefix("/"), file.utf8.count < 4096 else { throw refuse("needs an absolute CHAP file path") }
+            chapFile = file
+        }
+        guard !rest.contains("@") else { throw refuse("carries credentials; put USER:SECRET in a file and name it with ?chap=FILE") }
+        let pieces = rest.split(separator: "/", omittingEmptySubsequences: false)
+        guard pieces.count == 3 else { throw refuse("does not name a host, a target and a LUN") }
+        var host = pieces[0]
+        var port = defaultPort
+        if host.hasPrefix("[") {
+            guard let close = host.firstIndex(of: "]") else { throw refuse("has an unclosed [") }
+            let after = host[host.index(after: close)...]
+            host = host[host.index(after: host.startIndex)..<close]
+            if !after.isEmpty {
+                guard after.hasPrefix(":"), let given = UInt16(after.dropFirst()), given > 0 else { throw refuse("has a bad port") }
+                port = given
+            }
+        } else if let colon = host.lastIndex(of: ":") {
+            guard let given = UInt16(host[host.index(after: colon)...]), given > 0 else { throw refuse("has a bad port") }
+            port = given
+            host = host[..<colon]
+        }
+        guard !host.isEmpty, host.utf8.count <= 253 else { throw refuse("has no usable host") }
+        // An iSCSI name (RFC 3720 §3.2.6): at most 223 bytes of lower-case letters, digits, '.', '-', ':'.
+        let target = String(pieces[1])
+        guard !target.isEmpty, target.utf8.count <= 223,
+              target.utf8.allSatisfy({ ($0 >= 0x61 && $0 <= 0x7a) || ($0 >= 0x30 && $0 <= 0x39) || $0 == 0x2e || $0 == 0x2d || $0 == 0x3a }) else {
+            throw refuse("has an unusable target name (an iSCSI name: lower-case letters, digits, '.', '-', ':', at most 223)")
+        }
+        guard let lun = Int(pieces[2]), lun >= 0, lun < 16384 else { throw refuse("has a LUN that is not a number from 0 to 16383") }
+        return ISCSIAddress(host: String(host), port: port, target: target, lun: lun, chapFile: chapFile)
+    }
+}
+
+/// CHAP credentials, read from their file before the VMM is confined.
+struct ISCSICredentials {
+    let user: String
+    let secret: String
+
+    /// `USER:SECRET` on the first line of a regular file that only its owner may read.
+    static func read(_ path: String, disk: String) throws(DiskImageError) -> ISCSICredentials {
+        let fd = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW)
+        guard fd >= 0 else { throw .io(operation: "open the CHAP file", path: path, errno: errno) }
+        defer { close(fd) }
+        var status = stat()
+        guard fstat(fd, &status) == 0 else { throw .io(operation: "stat the CHAP file", path: path, errno: errno) }
+        guard status.st_mode & S_IFMT == S_IFREG, status.st_size <= 4096 else {
+            throw .invalidArgument(field: "disk", reason: "\(disk.prefix(300)): the CHAP file \(path) is not a regular file of at most 4 KiB")
+        }
+        guard status.st_mode & 0o077 == 0 else {
+            throw .invalidArgument(field: "disk", reason: "\(disk.prefix(300)): the CHAP file \(path) may be read by others than its owner; chmod 600 it")
+        }
+        var bytes = [UInt8](repeating: 0, count: Int(status.st_size))
+        let count = bytes.withUnsafeMutableBytes { Glibc.read(fd, $0.baseAddress, $0.count) }
+        guard count == bytes.count else { throw .io(operation: "read the CHAP file", path: path, errno: count < 0 ? errno : EIO) }
+        let line = bytes.split(separator: UInt8(ascii: "\n"), omittingEmptySubsequences: false).first ?? []
+        guard let colon = line.firstIndex(of: UInt8(ascii: ":")), colon > line.startIndex, colon + 1 < line.endIndex,
+              !line.contains(0) else {
+            throw .invalidArgument(field: "disk", reason: "\(disk.prefix(300)): the CHAP file \(path) must hold USER:SECRET on its first line")
+        }
+        return ISCSICredentials(user: String(decoding: line[..<colon], as: UTF8.self),
+                                secret: String(decoding: line[(colon + 1)...], as: UTF8.self))
+    }
+}
+
+/// A disk that is an iSCSI LUN, through libiscsi, over one or more portals. Requests go to the
+/// active path; when its connection fails they move to the next path that is logged in, and are
+/// sent again (whole-range reads and writes are idempotent). A path that failed stays down: its
+/// connection could be made again only with a new socket, which a confined VMM cannot make
+/// (docs/disk-images.md). The guest sees an I/O error only when no path is left, or when the
+/// target refuses a command.
+public final class ISCSIImage: DiskImage, MultipathDisk, @unchecked Sendable {
+    public let path: String
+    public var format: DiskFormat { .raw }
+    public let virtualSize: UInt64
+    public let isReadOnly: Bool
+    public let addresses: [ISCSIAddress]
+    let lun: Int32
+    let blockSize: UInt32
+    /// Whether the LUN is thin-provisioned (LBPME): then UNMAP serves discards.
+    let thin: Bool
+    /// One path's libiscsi context, used under the paths' lock only.
+    struct Session: @unchecked Sendable {
+        let context: UnsafeMutableRawPointer
+    }
+    private struct Paths {
+        var sessions: [Session?]
+        var active: Int
+        var failovers = 0
+    }
+    private let paths: Mutex<Paths>
+    /// The most one command carries.
+    static let maximumTransfer = 1 << 20
+    /// The block size Vireo serves: its guests' 512-byte sectors. (A 4096-byte LUN would need
+    /// read-modify-write of partial blocks; refused by name.)
+    static let servedBlockSize: UInt32 = 512
+
+    /// Each path's TCP connection, made before the VMM is confined; logged in only afterwards.
+    public struct Connecting: NetworkDiskConnecting, @unchecked Sendable {
+        let path: String
+        let addresses: [ISCSIAddress]
+        let sessions: [Session?]
+        let problems: [String]
+        let readOnly: Bool
+
+        public func decode() throws(DiskImageError) -> any DiskImage {
+            try ISCSIImage(self)
+        }
+    }
+
+    /// The initiator's name: one per host, as open-iscsi's InitiatorName.
+    static var initiatorName: String {
+        var buffer = [CChar](repeating: 0, count: 256)
+        let host = gethostname(&buffer, buffer.count - 1) == 0 ? text(buffer).lowercased() : "host"
+        let cleaned = String(host.unicodeScalars.map { ($0 >= "a" && $0 <= "z") || ($0 >= "0" && $0 <= "9") || $0 == "-" || $0 == "." ? Character($0) : "-" })
+        return "iqn.2026-12.dev.vireo:" + cleaned.prefix(150)
+    }
+
+    /// Connects every portal it can now; at least one must answer.
+    public static func connect(path: String, readOnly: Bool) throws(DiskImageError) -> Connecting {
+        let addresses = try ISCSIAddress.paths(path)
+        var sessions: [Session?] = []
+        var problems: [String] = []
+        var error = [CChar](repeating: 0, count: 512)
+        if vireo_iscsi_load(&error, error.count) != 0 { throw .network(path: path, reason: Self.text(error)) }
+        for address in addresses {
+            let credentials = try address.chapFile.map { (file) throws(DiskImageError) in try ISCSICredentials.read(file, disk: path) }
+            let session = vireo_iscsi_connect(initiatorName, address.target, address.portal, credentials?.user, credentials?.secret,
+                                              10, &error, error.count)
+            sessions.append(session.map(Session.init))
+            if session == nil { problems.append(addresses.count > 1 ? "\(address): \(Self.text(error))" : Self.text(error)) }
+        }
+        guard sessions.contains(where: { $0 != nil }) else {
+            throw .network(path: path, reason: problems.joined(separator: "; "))
+        }
+        return Connecting(path: path, addresses: addresses, sessions: sessions, problems: problems, readOnly: readOnly)
+    }
+
+    init(_ connecting: Connecting) throws(DiskImageError) {
+        path = connecting.path
+        addresses = connecting.addresses
+        lun = Int32(connecting.addresses[0].lun)
+        var sessions = connecting.sessions
+        var problems = connecting.problems
+        var geometry: (blocks: UInt64, blockSize: UInt32, thin: Bool)?
+        var error = [CChar](repeating: 0, count: 512)
+        for index in sessions.indices {
+            guard let session = sessions[index] else { continue }
+            var blocks: UInt64 = 0
+            var size: UInt32 = 0
+            var thin: Int32 = 0
+            let result = vireo_iscsi_login(session.context, lun, &blocks, &size, &thin, &error, error.count)
+            let why = Self.text(error)
+            if result == 0, let known = geometry, known.blocks != blocks || known.blockSize != size {
+                ISCSIImage.closeAll(sessions)
+                throw .network(path: connecting.path, reason: "\(connecting.addresses[index]) has \(blocks) blocks of \(size) bytes, another path \(known.blocks) of \(known.blockSize): not the same LUN")
+            }
+            if result == 0 {
+                geometry = (blocks, size, thin != 0)
+            } else {
+                vireo_iscsi_close(session.context, 0)
+                sessions[index] = nil
+                problems.append(connecting.addresses.count > 1 ? "\(connecting.addresses[index]): \(why)" : why)
+            }
+        }
+        guard let geometry, let first = sessions.firstIndex(where: { $0 != nil }) else {
+            ISCSIImage.closeAll(sessions)
+            throw .network(path: connecting.path, reason: problems.joined(separator: "; "))
+        }
+        guard geometry.blockSize == Self.servedBlockSize else {
+            ISCSIImage.closeAll(sessions)
+            throw .network(path: connecting.path, reason: "the LUN's blocks are \(geometry.blockSize) bytes; Vireo serves LUNs with \(Self.servedBlockSize)-byte blocks")
+        }
+        let (size, overflow) = geometry.blocks.multipliedReportingOverflow(by: UInt64(geometry.blockSize))
+        guard !overflow, size <= UInt64(Int64.max) else {
+            ISCSIImage.closeAll(sessions)
+            throw .network(path: connecting.path, reason: "the LUN's size (\(geometry.blocks) blocks) is out of range")
+        }
+        virtualSize = size
+        blockSize = geometry.blockSize
+        thin = geometry.thin
+        isReadOnly = connecting.readOnly
+        paths = Mutex(Paths(sessions: sessions, active: first))
+        for problem in problems { NetworkDisk.say("iscsi: \(path): path down at start: \(problem)") }
+    }
+
+    /// A C error buffer's text.
+    static func text(_ buffer: [CChar]) -> String {
+        String(decoding: buffer.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+    }
+
+    private static func closeAll(_ sessions: [Session?]) {
+        for case let session? in sessions { vireo_iscsi_close(session.context, 1) }
+    }
+
+    deinit {
+        paths.withLock { Self.closeAll($0.sessions) }
+    }
+
+    /// Runs `body` on the active path; on a failed connection moves to the next path that is
+    /// logged in and runs it again there. `body` returns vireo_iscsi_*'s result.
+    private func perform(_ what: String, _ body: (UnsafeMutableRawPointer, UnsafeMutablePointer<CChar>, Int) -> Int32) throws(DiskImageError) {
+        try paths.withLock { (state) throws(DiskImageError) in
+            var error = [CChar](repeating: 0, count: 512)
+            var lastProblem = ""
+            for _ in 0..<addresses.count {
+                if let session = state.sessions[state.active] {
+                    let result = error.withUnsafeMutableBufferPointer { buffer -> Int32 in
+                        guard let base = buffer.baseAddress else { return 2 }
+                        return body(session.context, base, buffer.count)
+                    }
+                    if result == 0 { return }
+                    let why = Self.text(error)
+                    if result != 1 { throw .io(operation: "\(what): \(why)", path: path, errno: EIO) }
+                    lastProblem = why
+                    vireo_iscsi_close(session.context, 0)
+                    state.sessions[state.active] = nil
+                    NetworkDisk.say("iscsi: \(path): " + (addresses.count > 1 ? "\(addresses[state.active]) " : "") + "failed during \(what): \(why)")
+                }
+                guard let next = (1...addresses.count).map({ (state.active + $0) % addresses.count }).first(where: { state.sessions[$0] != nil }) else { break }
+                if next != state.active {
+                    state.active = next
+                    state.failovers += 1
+                    NetworkDisk.say("iscsi: \(path): now on \(addresses[next])")
+                }
+            }
+            throw .io(operation: "\(what): no path to the LUN is left (last: \(lastProblem))", path: path, errno: EIO)
+        }
+    }
+
+    public var pathStates: [(address: String, connected: Bool, active: Bool)] {
+        paths.withLock { state in
+            addresses.indices.map { (addresses[$0].description, state.sessions[$0] != nil, $0 == state.active) }
+        }
+    }
+
+    public var failovers: Int { paths.withLock { $0.failovers } }
+
+    /// Checks a transfer lies on whole blocks (virtio-blk's sectors always do).
+    private func checkBlocks(_ offset: UInt64, _ length: UInt64) throws(DiskImageError) {
+        guard offset % UInt64(blockSize) == 0, length % UInt64(blockSize) == 0 else {
+            throw .invalidArgument(field: "offset", reason: "\(path): \(length) bytes at \(offset) are not whole \(blockSize)-byte blocks of the LUN")
+        }
+    }
+
+    /// Whole blocks only (callers round; the LUN's size is whole blocks, so rounding stays inside).
+    private func transfer(write: Bool, _ base: UnsafeMutableRawPointer, count: Int, at offset: UInt64) throws(DiskImageError) {
+        try checkBlocks(offset, UInt64(count))
+        var done = 0
+        while done < count {
+            let piece = min(Self.maximumTransfer, count - done)
+            let lba = (offset + UInt64(done)) / UInt64(blockSize)
+            try perform(write ? "write" : "read") { session, error, size in
+                vireo_iscsi_transfer(session, lun, write ? 1 : 0, lba, UInt32(piece), blockSize, base + done, error, size)
+            }
+            done += piece
+        }
+    }
+
+    public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws(DiskImageError) {
+        guard let base = buffer.baseAddress else { return try checkRange(offset, 0) }
+        try checkRange(offset, buffer.count)
+        guard isWholeBlocks(offset, UInt64(buffer.count)) else {
+            return try throughWholeBlocks(offset, buffer.count) { (bounce, skip) throws(DiskImageError) in
+                base.copyMemory(from: bounce + skip, byteCount: buffer.count)
+            }
+        }
+        try transfer(write: false, base, count: buffer.count, at: offset)
+    }
+
+    public func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws(DiskImageError) {
+        guard !isReadOnly else { throw .readOnly(path: path) }
+        guard let base = buffer.baseAddress else { return try checkRange(offset, 0) }
+        try checkRange(offset, buffer.count)
+        guard isWholeBlocks(offset, UInt64(buffer.count)) else {
+            // Read, modify, write the blocks it touches. Only pieces of one request share a block
+            // (a guest's sectors are the LUN's blocks), and one request's pieces run in order.
+            let start = offset / UInt64(blockSize) * UInt64(blockSize)
+            return try throughWholeBlocks(offset, buffer.count) { (bounce, skip) throws(DiskImageError) in
+                (bounce + skip).copyMemory(from: base, byteCount: buffer.count)
+                try transfer(write: true, bounce, count: Self.wholeBlocks(offset, buffer.count, blockSize).count, at: start)
+            }
+        }
+        // libiscsi only reads from a write's buffer.
+        try transfer(write: true, UnsafeMutableRawPointer(mutating: base), count: buffer.count, at: offset)
+    }
+
+    private func isWholeBlocks(_ offset: UInt64, _ length: UInt64) -> Bool {
+        offset % UInt64(blockSize) == 0 && length % UInt64(blockSize) == 0
+    }
+
+    /// The whole blocks around `count` bytes at `offset`: their length, and where the bytes start in them.
+    private static func wholeBlocks(_ offset: UInt64, _ count: Int, _ blockSize: UInt32) -> (count: Int, skip: Int) {
+        let size = UInt64(blockSize)
+        let start = offset / size * size
+        let end = (offset + UInt64(count) + size - 1) / size * size
+        return (Int(end - start), Int(offset - start))
+    }
+
+    /// Reads the whole blocks around an unaligned range into a bounce buffer and hands it over.
+    private func throughWholeBlocks(_ offset: UInt64, _ count: Int,
+                                    _ body: (UnsafeMutableRawPointer, Int) throws(DiskImageError) -> Void) throws(DiskImageError) {
+        let (length, skip) = Self.wholeBlocks(offset, count, blockSize)
+        let bounce = UnsafeMutableRawPointer.allocate(byteCount: length, alignment: 16)
+        defer { bounce.deallocate() }
+        try transfer(write: false, bounce, count: length, at: offset - UInt64(skip))
+        try body(bounce, skip)
+    }
+
+    public func flush() throws(DiskImageError) {
+        guard !isReadOnly else { return }
+        try perform("flush") { session, error, size in vireo_iscsi_flush(session, lun, error, size) }
+    }
+
+    private func checkWritableRange(_ offset: UInt64, _ length: UInt64) throws(DiskImageError) {
+        guard !isReadOnly else { throw .readOnly(path: path) }
+        guard length <= UInt64(Int.max) else { throw .outOfRange(path: path, offset: offset, length: Int.max, size: virtualSize) }
+        try checkRange(offset, Int(length))
+    }
+
+    public func writeZeroes(at offset: UInt64, length: UInt64) throws(DiskImageError) {
+        try checkWritableRange(offset, length)
+        let zeros = UnsafeMutableRawBufferPointer.allocate(byteCount: Int(min(length, UInt64(Self.maximumTransfer))), alignment: 16)
+        defer { zeros.deallocate() }
+        zeros.initializeMemory(as: UInt8.self, repeating: 0)
+        var done: UInt64 = 0
+        while done < length {
+            let count = Int(min(UInt64(zeros.count), length - done))
+            try write(UnsafeRawBufferPointer(rebasing: zeros[0..<count]), at: offset + done)
+            done += UInt64(count)
+        }
+    }
+
+    /// UNMAP on a thin-provisioned LUN; elsewhere a discard is advice, and kept as data.
+    public func discard(at offset: UInt64, length: UInt64) throws(DiskImageError) {
+        try checkWritableRange(offset, length)
+        // Virtio-blk discards whole sectors, the LUN's blocks; anything else is advice not taken.
+        guard thin, isWholeBlocks(offset, length) else { return }
+        var done: UInt64 = 0
+        while done < length {
+            let count = min(length - done, UInt64(Self.maximumTransfer))
+            let lba = (offset + done) / UInt64(blockSize)
+            let blocks = UInt32(count / UInt64(blockSize))
+            try perform("unmap") { session, error, size in vireo_iscsi_unmap(session, lun, lba, blocks, error, size) }
+            done += count
+        }
+    }
+
+    public func info() throws(DiskImageError) -> DiskInfo {
+        DiskInfo(path: path, format: .raw, virtualSize: virtualSize, allocatedBytes: virtualSize, clusterSize: nil, backingChain: [])
+    }
+}

@@ -1,0 +1,69 @@
+import MachineSpec
+import Synchronization
+
+/// A network disk's paths, connected before the VMM is confined and spoken to only afterwards
+/// (`decode`, in the jail): NBD's sockets, iSCSI's TCP connections.
+public protocol NetworkDiskConnecting: Sendable {
+    func decode() throws(DiskImageError) -> any DiskImage
+}
+
+/// A disk reached over several paths, one active at a time (`vireo info`'s path lines).
+public protocol MultipathDisk: DiskImage {
+    var pathStates: [(address: String, connected: Bool, active: Bool)] { get }
+    /// How many times requests moved to another path.
+    var failovers: Int { get }
+}
+
+/// The network disks a path may name: NBD exports and iSCSI LUNs, each with up to 8 paths joined
+/// by `|`. Every caller (the VMM, `vireo disk`, the library's checks, a migration receiver)
+/// parses and connects through here.
+public enum NetworkDisk {
+    public enum Kind: String, Sendable {
+        case nbd = "NBD export"
+        case iscsi = "iSCSI LUN"
+    }
+
+    /// One path's server, as a receiver's policy and the jail see it.
+    public enum Endpoint: Sendable, Equatable {
+        case unix(socket: String)
+        /// `secretFile`: a file root reads before the jail (iSCSI's CHAP credentials).
+        case tcp(host: String, port: UInt16, secretFile: String?)
+    }
+
+    public static func kind(of path: String) -> Kind? {
+        if path.hasPrefix("nbd://") || path.hasPrefix("nbd+unix://") { return .nbd }
+        if path.hasPrefix("iscsi://") { return .iscsi }
+        return nil
+    }
+
+    /// Each path's server, parsed; refused naming what is wrong.
+    public static func endpoints(_ path: String) throws(DiskImageError) -> [Endpoint] {
+        switch kind(of: path) {
+        case .nbd:
+            return try NBDAddress.paths(path).map { address in
+                switch address.endpoint {
+                case let .unix(socket): return .unix(socket: socket)
+                case let .tcp(host, port): return .tcp(host: host, port: port, secretFile: nil)
+                }
+            }
+        case .iscsi:
+            return try ISCSIAddress.paths(path).map { .tcp(host: $0.host, port: $0.port, secretFile: $0.chapFile) }
+        case nil:
+            throw .invalidArgument(field: "disk", reason: "'\(path.prefix(300))' is not a network disk's address")
+        }
+    }
+
+    /// Connects the paths (before the VMM is confined); `reconnectSeconds` bounds how long an
+    /// NBD request waits for a path to come back.
+    public static func connect(path: String, readOnly: Bool, reconnectSeconds: Int = 30) throws(DiskImageError) -> any NetworkDiskConnecting {
+        switch kind(of: path) {
+        case .nbd: return try NBDImage.connect(path: path, readOnly: readOnly, reconnectSeconds: reconnectSeconds)
+        case .iscsi: return try ISCSIImage.connect(path: path, readOnly: readOnly)
+        case nil: throw .invalidArgument(field: "disk", reason: "'\(path.prefix(300))' is not a network disk's address")
+        }
+    }
+
+    /// Where network disks tell their failures, reconnections and failovers (the VMM's log).
+    public static let log = Mutex<(@Sendable (String) -> Void)?>(nil)
+    static func say(_ line: String) { log.withLock { $0 }?(line) }
+}
