@@ -198,6 +198,170 @@ def blk_benchmark(runs, count):
         print(f"{image_format}: ioeventfd/MMIO exits " + ", ".join(f"{k} {v[k] / m[k]:.2f}" for k in v))
 
 
+class DiskServers:
+    """qemu-nbd on a Unix socket and on a loopback TCP port, and tgtd on a loopback port, all
+    serving one raw file: the same servers for Vireo's clients and QEMU's drivers."""
+
+    TARGET = "iqn.2026-12.dev.vireo.bench:disk"
+
+    def __init__(self, image):
+        import socket as sockets
+        self.socket = os.path.join(OUT, "bench-nbd.sock")
+        if os.path.exists(self.socket):
+            os.remove(self.socket)
+
+        def free_port():
+            with sockets.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                return s.getsockname()[1]
+        self.nbd_port, self.iscsi_port = free_port(), free_port()
+        self.control = 4000 + os.getpid() % 20000
+        opts = ["--image-opts", f"driver=raw,file.driver=file,file.filename={image},file.locking=off"]
+        self.processes = [
+            subprocess.Popen(["qemu-nbd", "-k", self.socket, "-x", "exp", "--persistent", "-e", "4", "--cache=writeback"] + opts),
+            subprocess.Popen(["qemu-nbd", "-b", "127.0.0.1", "-p", str(self.nbd_port), "-x", "exp", "--persistent", "-e", "4", "--cache=writeback"] + opts),
+        ]
+        os.makedirs("/var/run/tgtd", exist_ok=True)
+        self.processes.append(subprocess.Popen(["tgtd", "-f", "-C", str(self.control), "--iscsi", f"portal=127.0.0.1:{self.iscsi_port}"],
+                                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        deadline = time.time() + 10
+        while not os.path.exists(f"/var/run/tgtd/socket.{self.control}") or not os.path.exists(self.socket):
+            if time.time() > deadline:
+                raise TimeoutError("the disk servers did not start")
+            time.sleep(0.05)
+        time.sleep(0.3)
+        for command in (["--op", "new", "--mode", "target", "--tid", "1", "-T", self.TARGET],
+                        ["--op", "new", "--mode", "logicalunit", "--tid", "1", "--lun", "1", "-b", image],
+                        ["--op", "bind", "--mode", "target", "--tid", "1", "-I", "ALL"]):
+            subprocess.run(["tgtadm", "-C", str(self.control), "--lld", "iscsi"] + command, check=True)
+
+    def addresses(self):
+        return {
+            "NBD, Unix socket": (f"nbd+unix:///exp?socket={self.socket}", f"nbd+unix:///exp?socket={self.socket}"),
+            "NBD, TCP loopback": (f"nbd://127.0.0.1:{self.nbd_port}/exp", f"nbd://127.0.0.1:{self.nbd_port}/exp"),
+            "iSCSI, TCP loopback": (f"iscsi://127.0.0.1:{self.iscsi_port}/{self.TARGET}/1", f"iscsi://127.0.0.1:{self.iscsi_port}/{self.TARGET}/1"),
+        }
+
+    def close(self):
+        for process in self.processes:
+            process.kill()
+            process.wait()
+        for suffix in ("", ".lock"):
+            try:
+                os.remove(f"/var/run/tgtd/socket.{self.control}{suffix}")
+            except FileNotFoundError:
+                pass
+
+
+def network_disk_benchmark(runs, count):
+    """probe=blkbench on an NBD export and an iSCSI LUN: Vireo's own clients (NBD) and libiscsi
+    in vireo-vmm against QEMU microvm's nbd and iscsi drivers, the same servers and file."""
+    disk_mib = 128
+    image = os.path.join(OUT, "bench-network.raw")
+    with open(image, "wb") as f:
+        f.write(os.urandom(disk_mib << 20))
+    servers = DiskServers(image)
+    probe = os.path.join(OUT, "probe-pvh.elf")
+    vmm = os.path.join(ROOT, ".build", "release", "vireo-vmm")
+    cmdline = f"probe=blkbench count={count}"
+    print()
+    print(f"virtio-blk on network disks, one request in flight, {disk_mib} MiB, servers on this host, median of {runs}:")
+    print()
+    print("| disk | VMM | seq write MiB/s | seq read MiB/s | rand write IOPS | rand read IOPS |")
+    print("|---|---|---|---|---|---|")
+    try:
+        for label, (ours, qemus) in servers.addresses().items():
+            argvs = {
+                "vireo-vmm": [vmm, "--kernel", probe, "--memory", f"{MEMORY_MIB}M", "--cmdline", cmdline, "--disk", ours],
+                "qemu-microvm": ["qemu-system-x86_64", "-M", "microvm,x-option-roms=off,rtc=off,isa-serial=on,acpi=off",
+                                 "-global", "virtio-mmio.force-legacy=false", "-accel", "kvm", "-cpu", "host,-arch-capabilities",
+                                 "-m", f"{MEMORY_MIB}M", "-smp", "1", "-nodefaults", "-no-user-config", "-nographic",
+                                 "-serial", "stdio", "-no-reboot", "-device", "isa-debug-exit,iobase=0xf4,iosize=0x4",
+                                 "-drive", f"id=d0,file={qemus},format=raw,if=none,cache=writeback",
+                                 "-device", "virtio-blk-device,drive=d0", "-kernel", probe, "-append", cmdline],
+            }
+            samples = {name: [] for name in argvs}
+            for _ in range(runs):
+                for name, argv in argvs.items():
+                    samples[name].append(blk_phases(argv, disk_mib, count))
+            medians = {}
+            for name, rows in samples.items():
+                medians[name] = {phase: statistics.median(r[phase] for r in rows) for phase in rows[0]}
+                m = medians[name]
+                print(f"| {label} | {name} | {m['seqwrite']:.0f} | {m['seqread']:.0f} | {m['randwrite']:.0f} | {m['randread']:.0f} |")
+            v, q = medians["vireo-vmm"], medians["qemu-microvm"]
+            print(f"| {label} | vireo/qemu | " + " | ".join(f"{v[k] / q[k]:.2f}" for k in ("seqwrite", "seqread", "randwrite", "randread")) + " |")
+    finally:
+        servers.close()
+    reconnect_benchmark(runs)
+
+
+def reconnect_benchmark(runs):
+    """How long a guest's writes stall when the NBD server dies and is back 0.5 s later: Vireo's
+    reconnection against QEMU's (reconnect-delay=30), and Vireo's failover to a second path."""
+    image = os.path.join(OUT, "bench-reconnect.raw")
+    with open(image, "wb") as f:
+        f.truncate(64 << 20)
+    probe = os.path.join(OUT, "probe-pvh.elf")
+    vmm = os.path.join(ROOT, ".build", "release", "vireo-vmm")
+    sockets = [os.path.join(OUT, f"bench-reconnect-{i}.sock") for i in range(2)]
+    opts = ["--image-opts", f"driver=raw,file.driver=file,file.filename={image},file.locking=off"]
+
+    def serve(path):
+        if os.path.exists(path):
+            os.remove(path)
+        process = subprocess.Popen(["qemu-nbd", "-k", path, "-x", "exp", "--persistent", "-e", "4"] + opts)
+        while not os.path.exists(path):
+            time.sleep(0.01)
+        return process
+
+    def stall(argv, restart):
+        """The longest gap between two of the guest's flush lines around the server's death."""
+        servers = [serve(sockets[0]), serve(sockets[1])]
+        guest = Guest(argv)
+        try:
+            guest.wait_for("blkloop: flushed 400")
+            servers[0].kill()
+            servers[0].wait()
+            if restart:
+                time.sleep(0.5)
+                servers[0] = serve(sockets[0])
+            marks = []
+            for n in range(408, 1600, 8):
+                marks.append(guest.wait_for(f"blkloop: flushed {n}\n", timeout=60))
+            return max(b - a for a, b in zip(marks, marks[1:])) * 1000
+        finally:
+            guest.finish()
+            for server in servers:
+                server.kill()
+                server.wait()
+
+    one = f"nbd+unix:///exp?socket={sockets[0]}"
+    two = one + "|" + f"nbd+unix:///exp?socket={sockets[1]}"
+    cmdline = "probe=blkloop count=100000000"
+    qemu = ["qemu-system-x86_64", "-M", "microvm,x-option-roms=off,rtc=off,isa-serial=on,acpi=off",
+            "-global", "virtio-mmio.force-legacy=false", "-accel", "kvm", "-cpu", "host,-arch-capabilities",
+            "-m", f"{MEMORY_MIB}M", "-smp", "1", "-nodefaults", "-no-user-config", "-nographic", "-serial", "stdio", "-no-reboot",
+            "-blockdev", f"driver=nbd,node-name=d0,server.type=unix,server.path={sockets[0]},export=exp,reconnect-delay=30",
+            "-device", "virtio-blk-device,drive=d0", "-kernel", probe, "-append", cmdline]
+    cases = {
+        "vireo-vmm, server back after 0.5 s": ([vmm, "--kernel", probe, "--memory", f"{MEMORY_MIB}M", "--cmdline", cmdline, "--disk", one], True),
+        "qemu-microvm (reconnect-delay=30), server back after 0.5 s": (qemu, True),
+        "vireo-vmm, two paths, the active one gone": ([vmm, "--kernel", probe, "--memory", f"{MEMORY_MIB}M", "--cmdline", cmdline, "--disk", two], False),
+    }
+    print()
+    print(f"The longest stall of a guest writing 4 KiB blocks when its NBD server dies, median of {runs} (ms):")
+    print()
+    print("| case | stall ms |")
+    print("|---|---|")
+    results = {}
+    for name, (argv, restart) in cases.items():
+        results[name] = statistics.median(stall(argv, restart) for _ in range(runs))
+        print(f"| {name} | {results[name]:.0f} |")
+    names = list(cases)
+    print(f"\nreconnection stall, vireo/qemu: {results[names[0]] / results[names[1]]:.2f}")
+
+
 def bench_library():
     """A throwaway VM library and a function running the release `vireo` on it."""
     import tempfile
@@ -1200,7 +1364,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=15)
     parser.add_argument("--port-writes", type=int, default=100000)
-    parser.add_argument("--only", choices=["vmm", "blk", "lifecycle", "acpi", "qemu-engine", "net", "images", "saved-state", "migration", "isolation", "memory-backing", "api", "nat-start"], help="run one part only")
+    parser.add_argument("--only", choices=["vmm", "blk", "lifecycle", "acpi", "qemu-engine", "net", "images", "saved-state", "migration", "isolation", "memory-backing", "api", "nat-start", "network-disks"], help="run one part only")
     parser.add_argument("--vm-count", type=int, default=20, help="VMs created and started in the lifecycle benchmark")
     parser.add_argument("--random-requests", type=int, default=5000)
     parser.add_argument("--cold", action="store_true", help="images: start the first build with an empty package cache")
@@ -1211,6 +1375,9 @@ def main():
         return
     if args.only == "blk":
         blk_benchmark(3, args.random_requests)
+        return
+    if args.only == "network-disks":
+        network_disk_benchmark(3, args.random_requests)
         return
     if args.only == "lifecycle":
         lifecycle_benchmark(args.runs, args.vm_count)
