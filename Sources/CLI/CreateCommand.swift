@@ -38,6 +38,9 @@ struct Create: ParsableCommand {
     @Option(help: "Use this existing image (raw or qcow2) as the VM's disk instead of creating one.")
     var attachDisk: String?
 
+    @Option(help: "Make the new disk in this dir pool (as VM-NAME.qcow2) instead of the VM's directory (docs/storage-pools.md).")
+    var pool: String?
+
     @Option(name: .customLong("disk-format"), help: "The format of --attach-disk (raw or qcow2); needed unless its name ends in .qcow2 or .raw. Never read from the disk's content.")
     var diskFormat: String?
 
@@ -109,6 +112,7 @@ struct Create: ParsableCommand {
         request.attachDisk = attachDisk
         request.attachDiskFormat = try diskFormat.map { (text) throws(LibraryError) in try DiskFormat.parse(text, field: "--disk-format") }
         request.withoutDisk = noDisk
+        request.pool = pool
         request.kernel = kernel
         request.initrd = initrd
         request.commandLine = cmdline

@@ -32,8 +32,11 @@ struct Disk: ParsableCommand {
             commandName: "create",
             abstract: "Create a new, thin-provisioned disk image. Never overwrites an existing file.")
 
-        @Argument(help: "Path of the new image.")
+        @Argument(help: "Path of the new image (with --pool: the volume's name in the pool).")
         var path: String
+
+        @Option(help: "Make the image as a volume of this dir pool (docs/storage-pools.md).")
+        var pool: String?
 
         @Option(help: "Virtual size (K, M, G, T; a bare number is MiB). Defaults to the backing file's size.")
         var size: String?
@@ -65,6 +68,16 @@ struct Disk: ParsableCommand {
                 if let size { bytes = try Size.parse(size, field: "--size") }
             } catch {
                 throw fail(error)
+            }
+            if let pool {
+                do throws(LibraryError) {
+                    guard let bytes else { throw LibraryError.invalidValue(field: "size", reason: "missing; a new volume needs a size such as 20G") }
+                    guard backing == nil, !preallocate else { throw LibraryError.invalidValue(field: backing != nil ? "backing" : "preallocate", reason: "a pool's new volume is a thin image resting on nothing") }
+                    let made = try StoragePools(library: openLibrary()).createVolume(pool: pool, volume: path, sizeBytes: bytes,
+                                                                                          format: DiskFormat.declared(byName: path) ?? diskFormat)
+                    print("created \(made.path) in pool '\(pool)': \(made.format.rawValue), \(Size.describe(bytes))")
+                } catch { throw fail(error) }
+                return
             }
             do throws(DiskImageError) {
                 var request = StandaloneDisks.CreateRequest(path: path, format: diskFormat, sizeBytes: bytes)
@@ -161,13 +174,19 @@ struct Disk: ParsableCommand {
         @Option(help: "writeback (the default: through the host's page cache) or none (O_DIRECT: around it).")
         var cache: String?
 
+        @Option(help: "Take the image from this pool: the argument is then a volume (a file in a dir pool, an export, a LUN number).")
+        var pool: String?
+
         func run() throws {
+            var attached = path
             do throws(LibraryError) {
+                let library = openLibrary()
+                if let pool { attached = try StoragePools(library: library).store.load(pool).path(ofVolume: path) }
                 let declared = try format.map { (text) throws(LibraryError) in try DiskFormat.parse(text, field: "--format") }
                 let mode = try cache.map { (text) throws(LibraryError) in try DiskCache.parse(text, field: "--cache") }
-                _ = try openLibrary().attachDisk(name, path: path, readOnly: readonly, format: declared, cache: mode)
+                _ = try library.attachDisk(name, path: attached, readOnly: readonly, format: declared, cache: mode)
             } catch { throw fail(error) }
-            printLine("Attached \(path) to VM '\(name)'")
+            printLine("Attached \(attached) to VM '\(name)'")
         }
     }
 

@@ -17,7 +17,7 @@ enum FieldFlags {
     static let sameName: Swift.Set<String> = [
         "attach_disk", "cpu_weight", "pids_limit", "disk_format", "no_disk", "description", "dhcp", "engine", "firmware", "format",
         "full", "hostname", "image", "iso", "linked", "mirror", "name", "packages", "password", "size", "subnet", "text",
-        "timeout", "user",
+        "timeout", "user", "pool", "type", "chap",
     ]
 
     static func flag(for field: String) -> String {

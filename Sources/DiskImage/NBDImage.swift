@@ -25,6 +25,9 @@ public struct NBDAddress: Sendable, Equatable, CustomStringConvertible {
     }
 
     /// Every path of a disk's `A|B|...` text, each parsed; refused naming what is wrong.
+    /// The same server's export `name` (a storage pool's volume).
+    public func naming(export name: String) -> NBDAddress { NBDAddress(endpoint: endpoint, export: name) }
+
     public static func paths(_ text: String) throws(DiskImageError) -> [NBDAddress] {
         let parts = text.split(separator: "|", omittingEmptySubsequences: false).map(String.init)
         guard parts.count <= 8 else { throw .invalidArgument(field: "disk", reason: "\(parts.count) paths to one export; at most 8") }

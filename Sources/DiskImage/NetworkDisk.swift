@@ -1,5 +1,8 @@
 import MachineSpec
 import Synchronization
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// A network disk's paths, connected before the VMM is confined and spoken to only afterwards
 /// (`decode`, in the jail): NBD's sockets, iSCSI's TCP connections.
@@ -60,6 +63,25 @@ public enum NetworkDisk {
         case .nbd: return try NBDImage.connect(path: path, readOnly: readOnly, reconnectSeconds: reconnectSeconds)
         case .iscsi: return try ISCSIImage.connect(path: path, readOnly: readOnly)
         case nil: throw .invalidArgument(field: "disk", reason: "'\(path.prefix(300))' is not a network disk's address")
+        }
+    }
+
+    /// Whether a server answers at all: one TCP or Unix connection, closed at once (a storage
+    /// pool's check when it is defined).
+    public static func reach(_ endpoint: Endpoint) throws(DiskImageError) {
+        switch endpoint {
+        case let .unix(socket):
+            let connected = try NBDSocket.connect(unix: socket, NBDAddress(endpoint: .unix(path: socket), export: ""), timeout: 10)
+            close(connected.fd)
+        case let .tcp(host, port, _):
+            let address = NBDAddress(endpoint: .tcp(host: host, port: port), export: "")
+            do throws(DiskImageError) {
+                if let error = try NBDTCPSocket(address, host: host, port: port, timeout: 10).startError() { throw error }
+            } catch {
+                // Named as the server, not as an NBD address: an iSCSI portal is checked here too.
+                guard case let .io(operation, _, code) = error else { throw error }
+                throw .io(operation: operation, path: "\(host.contains(":") ? "[\(host)]" : host):\(port)", errno: code)
+            }
         }
     }
 

@@ -371,6 +371,9 @@ public struct ReceivePolicy: Sendable {
     /// Servers a shared network disk may be on (`--allow-disk-server HOST[:PORT]`). A Unix
     /// socket's path, and an iSCSI path's CHAP file, must lie in `allowedDiskDirectories` instead.
     public private(set) var allowedDiskServers: [TCPEndpoint] = []
+    /// The receiving library's shared pools: a disk one of them holds is allowed as if its place
+    /// were named with --allow-disks or --allow-disk-server (docs/storage-pools.md).
+    public var sharedPools: [PoolDefinition] = []
 
     public init(allowedDiskDirectories: [String] = [], allowRealTime: Bool = false) {
         self.allowedDiskDirectories = allowedDiskDirectories
@@ -430,6 +433,9 @@ public struct ReceivePolicy: Sendable {
             }
         }
         for (index, disk) in (disks ?? []).enumerated() {
+            // A shared pool here holds it (and, for a file, what it rests on): the same storage.
+            let layers = [disk.path] + (disk.backing ?? []).map(\.path)
+            if layers.allSatisfy({ path in sharedPools.contains { $0.holds(path) } }) { continue }
             if DiskFormat.isNetworkAddress(disk.path) {
                 // A network disk rests on nothing (MachineRules.networkDisk, with the definition).
                 try checkNetworkDisk(disk.path, disk: index)
@@ -444,7 +450,7 @@ public struct ReceivePolicy: Sendable {
                         throw .invalidValue(field: "disk \(index)", reason: "the shared disk \(path.prefix(300)) belongs to \(owner) in this library; a peer's shared disks lie in a directory of their own, or migrate with --copy-disks")
                     }
                 } else if !HostPath.isInside(path, anyOf: allowedDiskDirectories) {
-                    throw .invalidValue(field: "disk \(index)", reason: "the shared disk \(path.prefix(300)) is outside the library \(libraryRoot)\(allowedDiskDirectories.isEmpty ? "" : " and " + allowedDiskDirectories.joined(separator: ", ")); start `vireo receive` with --allow-disks DIR for shared storage there, or migrate with --copy-disks")
+                    throw .invalidValue(field: "disk \(index)", reason: "the shared disk \(path.prefix(300)) is outside the library \(libraryRoot)\(allowedDiskDirectories.isEmpty ? "" : " and " + allowedDiskDirectories.joined(separator: ", ")); define a shared pool there (`vireo pool create NAME --type dir DIR --shared`), start `vireo receive` with --allow-disks DIR, or migrate with --copy-disks")
                 }
             }
         }
@@ -544,6 +550,8 @@ extension VMManager {
             channel.drainUntilClosed(seconds: 10)
             return error
         }
+        var policy = policy
+        policy.sharedPools = ((try? PoolStore(libraryRoot: library.root).all()) ?? []).filter(\.shared)
         let offer: MigrationOffer
         do throws(MigrationError) {
             try channel.send(.accept)

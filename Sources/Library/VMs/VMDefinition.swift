@@ -615,8 +615,8 @@ public enum VMName {
     public static let maximumLength = 64
     public static let rule = "1 to 64 characters: letters, digits, '.', '_' and '-', starting with a letter or digit"
     /// Directories of the library that are not VMs: its networks, images, the key `vireo ssh`
-    /// logs in with, and the disks `delete --keep-disks` kept.
-    public static let reserved: Set<String> = ["networks", "images", "ssh", "kept-disks"]
+    /// logs in with, the disks `delete --keep-disks` kept, and its storage pools' definitions.
+    public static let reserved: Set<String> = ["networks", "images", "ssh", "kept-disks", "pools"]
 
     public static func validate(_ name: String) throws(LibraryError) {
         guard !name.isEmpty, name.utf8.count <= maximumLength else {

@@ -67,6 +67,15 @@ extension VMLibrary {
         guard request.diskBytes == nil || request.attachDisk == nil, !(request.withoutDisk && (request.diskBytes != nil || request.attachDisk != nil)) else {
             throw .invalidValue(field: "disk_bytes", reason: "choose one of --disk SIZE, --attach-disk PATH and --no-disk")
         }
+        if let pool = request.pool {
+            guard request.attachDisk == nil, !request.withoutDisk, image == nil else {
+                throw .invalidValue(field: "pool", reason: "makes the VM's new empty disk (--disk SIZE); it does not go with --attach-disk, --no-disk or --image")
+            }
+            let definition = try PoolStore(libraryRoot: root).load(pool)
+            guard definition.type == .dir else {
+                throw .invalidValue(field: "pool", reason: "'\(pool)' is a \(definition.type.rawValue) pool, whose volumes Vireo does not make; attach one with `vireo disk attach VM VOLUME --pool \(pool)`")
+            }
+        }
         var attached: DiskAttachment?
         if let path = request.attachDisk {
             // An NBD address is kept as written; a file's path is made absolute.
@@ -148,6 +157,7 @@ extension VMLibrary {
             try? HostFiles.removeTree(staging)
             throw error
         }
+        var madeVolume: String?
         do throws(LibraryError) {
             let bundle = VMBundle(directory: staging)
             if let kernel = request.kernel {
@@ -194,6 +204,13 @@ extension VMLibrary {
                 }
             } else if let attached {
                 definition.disks.append(attached)
+            } else if let pool = request.pool {
+                // A volume of the pool, named after the VM; not the VM's own file (deleting the VM
+                // leaves it, as any disk outside its directory).
+                let made = try StoragePools(library: self).createVolume(pool: pool, volume: request.name + ".qcow2",
+                                                                        sizeBytes: request.diskBytes ?? type.diskBytes, format: .qcow2)
+                madeVolume = made.path
+                definition.disks.append(DiskAttachment(path: made.path, format: .qcow2))
             } else if !request.withoutDisk {
                 let size = request.diskBytes ?? type.diskBytes
                 try Self.createDisk(bundle.resolve("disk0.qcow2"), size: size)
@@ -203,6 +220,7 @@ extension VMLibrary {
             try HostFiles.renameNoReplace(staging, final)
         } catch {
             try? HostFiles.removeTree(staging)
+            if let madeVolume { unlink(madeVolume) }
             if case let .io(_, _, code) = error, code == EEXIST || code == ENOTEMPTY { throw .alreadyExists(name: request.name) }
             throw error
         }

@@ -18,6 +18,8 @@ public struct CreateRequest: Sendable {
     /// The attached disk's format (`--disk-format`); nil: what its file name declares.
     public var attachDiskFormat: DiskFormat?
     public var withoutDisk = false
+    /// The dir pool the new disk (`diskBytes`) is made in, as a volume named after the VM.
+    public var pool: String?
     public var kernel: String?
     public var initrd: String?
     public var commandLine: String?
