@@ -49,10 +49,10 @@ final class MigrationLab: @unchecked Sendable {
     }
 
     /// `vireo receive` in the destination namespace; returns it with the address and token it printed.
-    func receive(_ extra: [String] = []) throws -> (process: RunningProcess, endpoint: String, token: String) {
+    func receive(_ extra: [String] = [], allowSourceLibrary: Bool = true) throws -> (process: RunningProcess, endpoint: String, token: String) {
         // The source library's directory is the shared storage both "hosts" see.
-        let process = RunningProcess(["ip", "netns", "exec", destination, Harness.vireo, "receive", "--listen", "\(Self.destinationAddress):0",
-                                      "--allow-disks", from.root.path] + extra,
+        let process = RunningProcess(["ip", "netns", "exec", destination, Harness.vireo, "receive", "--listen", "\(Self.destinationAddress):0"]
+                                     + (allowSourceLibrary ? ["--allow-disks", from.root.path] : []) + extra,
                                      environment: ["VIREO_HOME": to.root.path])
         receivers.append(process)
         guard process.waitForOutput("Token: ", timeout: 20), process.waitForOutput("On the source", timeout: 5) else {
@@ -167,6 +167,40 @@ struct MigrationTests {
         let missing = try NetworkDiskTests.missingBlocks(image, count: last)
         #expect(missing.isEmpty, "blocks not on the export: \(missing.prefix(10)) of \(last)")
         #expect(lab.to.vireo("info", "onnbd").stdout.contains("\(uri) (raw, NBD export, 1 path)"), "\(lab.to.vireo("info", "onnbd").stdout)")
+    }
+
+    @Test("live migration with the disk in a shared dir pool both libraries define: no --allow-disks and no copy; a receiver whose pool of that directory is not marked shared refuses it, naming the way; with the shared pool the VM moves, its memory intact, the disk used in place")
+    func migrateOnSharedPool() throws {
+        let lab = try MigrationLab()
+        let store = try Harness.temporaryDirectory().path
+        #expect(lab.atSource("pool", "create", "san", "--type", "dir", store, "--shared").status == 0)
+        #expect(lab.atDestination("pool", "create", "san", "--type", "dir", store).status == 0)
+        let created = lab.atSource("create", "pooled", "--kernel", try Harness.probe("pvh"), "--memory", "64M", "--disk", "32M", "--pool", "san",
+                                   "--cmdline", "console=ttyS0 probe=dirty spin=2000000")
+        #expect(created.status == 0, "\(created.stderr)")
+        #expect(lab.atSource("start", "pooled").status == 0)
+        #expect(lab.from.waitFor(30) { Self.rounds(lab.from.consoleLog("pooled")).count >= 10 })
+
+        let (first, firstEndpoint, firstToken) = try lab.receive(allowSourceLibrary: false)
+        let refused = lab.atSource("migrate", "pooled", firstEndpoint, "--token", firstToken, timeout: 60)
+        #expect(refused.status != 0 && refused.stderr.contains("define a shared pool there"), "\(refused.stderr)")
+        #expect(lab.from.state("pooled") == "running")
+        first.signal(SIGKILL)
+
+        #expect(lab.atDestination("pool", "delete", "san").status == 0)
+        #expect(lab.atDestination("pool", "create", "san", "--type", "dir", store, "--shared").status == 0)
+        let (receiver, endpoint, token) = try lab.receive(allowSourceLibrary: false)
+        let moved = lab.atSource("migrate", "pooled", endpoint, "--token", token, timeout: 120)
+        #expect(moved.status == 0, "\(moved.stdout)\(moved.stderr)")
+        #expect(receiver.wait(timeout: 60) == 0, "\(receiver.stdout)\(receiver.stderr)")
+        #expect(lab.to.state("pooled") == "running")
+        #expect(lab.to.waitFor(30) { Self.rounds(lab.to.consoleLog("pooled")).count >= 10 }, "\(lab.to.consoleLog("pooled").suffix(300))")
+        #expect(!lab.to.consoleLog("pooled").contains("MISMATCH"), "\(lab.to.consoleLog("pooled").suffix(300))")
+        #expect(lab.to.vmmLog("pooled").contains("0 disk bytes"), "\(lab.to.vmmLog("pooled"))")
+        let info = lab.atDestination("pool", "info", "san").stdout
+        #expect(info.contains("pooled (\(store)/pooled.qcow2)"), "\(info)")
+        #expect(lab.atDestination("stop", "pooled", "--force").status == 0)
+        #expect(Harness.run(["qemu-img", "check", "\(store)/pooled.qcow2"]).status == 0)
     }
 
     @Test("auto-converge: a guest that dirties memory faster than the bandwidth cap is throttled step by step until it fits the downtime limit, and arrives intact; a migration cancelled with Ctrl-C leaves the source running unchanged and nothing behind at the destination")
