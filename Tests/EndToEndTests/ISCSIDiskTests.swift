@@ -10,13 +10,19 @@ final class ISCSITarget: @unchecked Sendable {
     let process: RunningProcess
 
     /// `chap`: the account the target demands; `thin`: the LUN is thin-provisioned (UNMAP frees
-    /// the file's blocks).
-    init(image: String, port: UInt16, chap: (user: String, secret: String)? = nil, thin: Bool = false) throws {
+    /// the file's blocks); `namespace`: a network namespace the test made, whose loopback it
+    /// listens on.
+    init(image: String, port: UInt16, chap: (user: String, secret: String)? = nil, thin: Bool = false, namespace: String? = nil) throws {
         self.port = port
         try FileManager.default.createDirectory(atPath: "/var/run/tgtd", withIntermediateDirectories: true)
-        process = RunningProcess(["tgtd", "-f", "-C", String(control), "--iscsi", "portal=127.0.0.1:\(port)"])
+        let command = ["tgtd", "-f", "-C", String(control), "--iscsi", "portal=127.0.0.1:\(port)"]
+        process = RunningProcess(namespace.map { ["ip", "netns", "exec", $0] + command } ?? command)
+        func listening() -> Bool {
+            guard let namespace else { return NBDServer.answers(port) }
+            return Harness.run(["ip", "netns", "exec", namespace, "ss", "-Hltn", "sport = :\(port)"]).stdout.contains(":\(port)")
+        }
         let deadline = Date().addingTimeInterval(10)
-        while !FileManager.default.fileExists(atPath: "/var/run/tgtd/socket.\(control)") || !NBDServer.answers(port) {
+        while !FileManager.default.fileExists(atPath: "/var/run/tgtd/socket.\(control)") || !listening() {
             guard Date() < deadline, !process.hasExited else { throw HarnessError("tgtd did not start on port \(port): \(process.stderr)") }
             usleep(20_000)
         }

@@ -98,7 +98,7 @@ struct LinuxKernelTests {
 
     // About 15 minutes here alone (the guest kernel runs in this host's instruction emulator);
     // a busy 2-core machine stretched it past 20, so the limits leave room for that.
-    @Test("ACPI only (the acpi kernel, no virtio_mmio.device=): 2 vCPUs from the MADT, virtio-blk and virtio-net from the DSDT, DHCP through the tap, the ext4 root mounted from an NBD export (the VMM's own client, qemu-nbd serving it), the power button bound, no ACPI complaint, and a reboot through the ACPI reset register",
+    @Test("ACPI only (the acpi kernel, no virtio_mmio.device=): 2 vCPUs from the MADT, virtio-blk and virtio-net from the DSDT, DHCP through the tap, the ext4 root mounted from an NBD export (the VMM's own client, qemu-nbd serving it) and a second disk probed on an iSCSI LUN (libiscsi, tgtd serving it), the power button bound, no ACPI complaint, and a reboot through the ACPI reset register",
           .timeLimit(.minutes(30)))
     func ext4RootOnVirtioBlock() throws {
         try Harness.requireKVM()
@@ -117,8 +117,14 @@ struct LinuxKernelTests {
         // The root file system is an NBD export (docs/disk-images.md): this boot is also the
         // proof that Linux mounts its root through Vireo's NBD client.
         let server = try NBDServer(image: image, socket: directory.appendingPathComponent("root.sock").path, export: "root")
+        // A second disk, an iSCSI LUN served by tgtd in the namespace: Linux probes it (reading
+        // its partition table) through libiscsi in the VMM, in the same boot.
+        let lun = directory.appendingPathComponent("lun.raw").path
+        #expect(Harness.run(["truncate", "-s", "4M", lun]).status == 0)
+        let target = try ISCSITarget(image: lun, port: 3260, namespace: namespace.name)
         let result = Harness.run(namespace.inside([
             Harness.vireo, "run", "--kernel", kernel.path, "--cpus", "2", "--memory", "256M", "--disk", "\(server.uri("root")),serial=rootdisk",
+            "--disk", target.uri(),
             "--net", "tap:\(namespace.tap),mac=02:00:00:0a:00:0f",
             "--cmdline", "console=ttyS0 \(try Self.acpiEmulatorSafeOptions()) root=/dev/vda rootfstype=ext4 ro init=/init ip=dhcp panic=1 reboot=acpi"]),
             timeout: 1740)
@@ -134,6 +140,8 @@ struct LinuxKernelTests {
         #expect(console.contains("device=eth0, hwaddr=02:00:00:0a:00:0f, ipaddr=10.0.2.15, mask=255.255.255.0"), "console tail: \(console.suffix(3000))")
         #expect(console.contains("virtio_blk virtio0: [vda] 65536 512-byte logical blocks (33.6 MB/32.0 MiB)"), "console tail: \(console.suffix(3000))")
         #expect(console.contains("EXT4-fs (vda): mounted filesystem"))
+        #expect(console.contains("virtio_blk virtio1: [vdb] 8192 512-byte logical blocks (4.19 MB/4.00 MiB)"), "console tail: \(console.suffix(3000))")
+        #expect(result.stderr.contains("virtio-blk \(target.uri()):"), "\(result.stderr)")
         #expect(console.contains("VFS: Mounted root (ext4 filesystem) readonly on device 254:0."))
         #expect(console.contains("Run /init as init process"))
         #expect(console.contains("Kernel panic - not syncing: Attempted to kill init!"))

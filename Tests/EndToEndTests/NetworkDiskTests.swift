@@ -100,7 +100,7 @@ final class NBDServer: @unchecked Sendable {
         return (0..<count).filter { Array(bytes[$0 * 4096..<($0 + 1) * 4096]) != block($0) }
     }
 
-    @Test("NBD disks (the VMM's own client, qemu-nbd the server): a probe's writes land on the export; the server killed and started again mid-write loses no write and the guest sees no error; with two paths, killing the active one moves I/O to the other; a jailed library VM on two paths writes to an export attached with `vireo disk attach` (checked at attach time) and `vireo info` shows each path's state before and after the active one dies; clones refuse it and deletion leaves it; a missing export, an unreachable socket and a malformed address are refused naming why")
+    @Test("NBD disks (the VMM's own client, qemu-nbd and nbdkit the servers): a probe's writes land on the export, and a discard reaches nbdkit; the server killed and started again mid-write loses no write and the guest sees no error; with two paths, killing the active one moves I/O to the other; a jailed library VM on two paths writes to an export attached with `vireo disk attach` (checked at attach time) and `vireo info` shows each path's state before and after the active one dies; clones refuse it and deletion leaves it; a missing export, an unreachable socket and a malformed address are refused naming why")
     func nbdDisks() throws {
         try Harness.requireKVM()
         let directory = try Harness.temporaryDirectory()
@@ -117,6 +117,24 @@ final class NBDServer: @unchecked Sendable {
                 "\(written.stdout) \(written.stderr)")
         let bytes = Array(try Data(contentsOf: URL(fileURLWithPath: image)))
         #expect(Array(bytes[512_000..<516_096]) == BlockDeviceTests.written(seed: 77), "the guest's write is not on the export")
+
+        // nbdkit, the other server: the same write byte-exact, and a discard that reaches it.
+        let kitImage = directory.appendingPathComponent("kit.raw").path
+        #expect(Harness.run(["truncate", "-s", "16M", kitImage]).status == 0)
+        let kitSocket = directory.appendingPathComponent("kit.sock").path
+        let kit = RunningProcess(["nbdkit", "--foreground", "-U", kitSocket, "-e", "exp", "file", kitImage])
+        let kitDeadline = Date().addingTimeInterval(10)
+        while !FileManager.default.fileExists(atPath: kitSocket), Date() < kitDeadline, !kit.hasExited { usleep(20_000) }
+        #expect(FileManager.default.fileExists(atPath: kitSocket), "nbdkit did not start: \(kit.stderr)")
+        let kitURI = "nbd+unix:///exp?socket=\(kitSocket)"
+        let kitWritten = Harness.vireoRun(["--kernel", probe, "--memory", "64M", "--cmdline", "probe=blk sector=1000 seed=79 split=1", "--disk", kitURI])
+        #expect(kitWritten.stdout.contains("blk: dev=0 capacity=32768 ro=0 id_status=0 serial= write_status=0 flush_status=0 read_status=0 match=1"),
+                "\(kitWritten.stdout) \(kitWritten.stderr)")
+        #expect(Array(try Data(contentsOf: URL(fileURLWithPath: kitImage))[512_000..<516_096]) == BlockDeviceTests.written(seed: 79), "the write is not on nbdkit's file")
+        let kitDiscarded = Harness.vireoRun(["--kernel", probe, "--memory", "64M", "--cmdline", "probe=blk sector=1000 seed=80 discard=1", "--disk", kitURI])
+        #expect(kitDiscarded.stdout.contains("discard_status=0 zero_after_discard=1"), "\(kitDiscarded.stdout) \(kitDiscarded.stderr)")
+        kit.signal(SIGKILL)
+        _ = kit.wait(timeout: 10)
 
         // The server dies mid-stream and comes back: the guest's writes wait and all arrive.
         let count = 400
