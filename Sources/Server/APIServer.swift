@@ -31,6 +31,8 @@ public struct APIServer: Sendable {
         /// Directories besides the library whose files API clients may name (`--allow-path`),
         /// resolved.
         public var allowedPaths: [String] = []
+        /// Servers a network disk an API client names may be on (`--allow-disk-server`).
+        public var allowedDiskServers: [TCPEndpoint] = []
         /// Whether API clients may start VMs without the jail or seccomp (`--allow-unconfined`).
         public var allowUnconfined = false
         public init() {}
@@ -50,7 +52,8 @@ public struct APIServer: Sendable {
         self.token = try APIToken.loadOrCreate(libraryRoot: manager.library.root)
         self.tasks = TaskRegistry()
         self.events = EventSignal()
-        self.paths = APIPathPolicy(libraryRoot: manager.library.root, allowed: configuration.allowedPaths)
+        self.paths = APIPathPolicy(libraryRoot: manager.library.root, allowed: configuration.allowedPaths,
+                                   diskServers: configuration.allowedDiskServers)
     }
 
     public static func tokenPath(libraryRoot: String) -> String { APIToken.path(libraryRoot: libraryRoot) }

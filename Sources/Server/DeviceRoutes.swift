@@ -67,7 +67,7 @@ extension APIServer {
         api.post("vms/:name/disks") { request, context in
             let name = try context.parameters.require("name")
             let body = try await APIJSON.decode(DiskBody.self, from: request, allowed: ["path", "read_only", "format", "cache"])
-            try self.paths.check(body.path, field: "path")
+            try self.paths.checkDisk(body.path, field: "path")
             let definition = try await blocking { () throws -> VMDefinition in
                 let format = try body.format.map { (text) throws(LibraryError) in try DiskFormat.parse(text, field: "format") }
                 let cache = try body.cache.map { (text) throws(LibraryError) in try DiskCache.parse(text, field: "cache") }

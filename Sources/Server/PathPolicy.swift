@@ -1,4 +1,7 @@
+import DiskImage
+import Engines
 import Library
+import MachineSpec
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -16,9 +19,12 @@ struct APIPathPolicy: Sendable {
     let secrets: [String]
     /// What the refusal tells the caller the server allows.
     let description: String
+    /// Servers a network disk may be on (`vireo serve --allow-disk-server`).
+    let diskServers: [TCPEndpoint]
 
-    init(libraryRoot: String, allowed: [String]) {
+    init(libraryRoot: String, allowed: [String], diskServers: [TCPEndpoint] = []) {
         let root = HostPath.real(libraryRoot) ?? libraryRoot
+        self.diskServers = diskServers
         directories = [root] + allowed
         secrets = [root + "/api-token", root + "/ssh"]
         description = allowed.isEmpty ? "the library \(root)" : "the library \(root) and \(allowed.joined(separator: ", "))"
@@ -45,6 +51,26 @@ struct APIPathPolicy: Sendable {
             throw APIProblem.invalid(field, "\(path.prefix(300)) is outside what this server lets API clients name (\(description)); start `vireo serve` with --allow-path DIR to allow a directory")
         }
         return path
+    }
+
+    /// A disk's path: a host path as `check` has it, or a network disk's address whose Unix
+    /// sockets and CHAP files lie where a client may name files and whose TCP servers `vireo
+    /// serve --allow-disk-server` named (root connects there and, for iSCSI, sends the secret).
+    func checkDisk(_ path: String, field: String) throws {
+        guard DiskFormat.isNetworkAddress(path) else { try check(path, field: field); return }
+        let endpoints: [NetworkDisk.Endpoint]
+        do { endpoints = try NetworkDisk.endpoints(path) } catch { throw APIProblem.invalid(field, error.description) }
+        for endpoint in endpoints {
+            switch endpoint {
+            case let .unix(socket):
+                try check(socket, field: field)
+            case let .tcp(host, port, secretFile):
+                guard TCPEndpoint.allows(diskServers, host: host, port: port) else {
+                    throw APIProblem.invalid(field, "the network disk's server \(host.prefix(200)):\(port) is not one this server lets API clients name; start `vireo serve` with --allow-disk-server \(host.prefix(200)):\(port)")
+                }
+                if let secretFile { try check(secretFile, field: field) }
+            }
+        }
     }
 
     /// `file:PATH` memory backings name a host file too.

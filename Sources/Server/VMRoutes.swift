@@ -288,9 +288,10 @@ extension APIServer {
         }
         api.post("vms") { request, _ in
             let body = try await APIJSON.decode(CreateBody.self, from: request, allowed: CreateBody.keys)
-            for (field, path) in [("kernel", body.kernel), ("initrd", body.initrd), ("attach_disk", body.attachDisk), ("iso", body.iso)] {
+            for (field, path) in [("kernel", body.kernel), ("initrd", body.initrd), ("iso", body.iso)] {
                 if let path { try self.paths.check(path, field: field) }
             }
+            if let disk = body.attachDisk { try self.paths.checkDisk(disk, field: "attach_disk") }
             for (index, path) in (body.sshKeyFiles ?? []).enumerated() { try self.paths.check(path, field: "ssh_key_files[\(index)]") }
             let (definition, notes) = try await blocking { () throws in
                 try self.manager.library.createReporting(try body.request())

@@ -12,10 +12,10 @@ final class Served: @unchecked Sendable {
     let token: String
     var socketPath: String { library.root.path + "/api.sock" }
 
-    init(_ library: TestLibrary) throws {
+    init(_ library: TestLibrary, extra: [String] = []) throws {
         self.library = library
         try FileManager.default.createDirectory(at: library.root, withIntermediateDirectories: true)
-        process = RunningProcess([Harness.vireo, "serve", "--listen", "127.0.0.1:0", "--socket", library.root.path + "/api.sock", "--allow-path", FileManager.default.temporaryDirectory.path],
+        process = RunningProcess([Harness.vireo, "serve", "--listen", "127.0.0.1:0", "--socket", library.root.path + "/api.sock", "--allow-path", FileManager.default.temporaryDirectory.path] + extra,
                                  environment: ["VIREO_HOME": library.root.path])
         guard process.waitForOutput("/#token=", timeout: 30), process.waitForOutput("API on unix:", timeout: 10) else {
             throw HarnessError("vireo serve did not start: \(process.stdout) \(process.stderr)")

@@ -249,4 +249,35 @@ final class NBDServer: @unchecked Sendable {
             #expect(!refused.stdout.contains("blk: dev=0 capacity"), "\(disk): the guest ran")
         }
     }
+
+    @Test("the REST API takes network disks where the server allows them: an NBD server `vireo serve --allow-disk-server` names is attached; another server, a Unix socket outside --allow-path and a CHAP file outside it are refused naming the flag, and the VM is unchanged")
+    func networkDisksThroughTheAPI() throws {
+        let directory = try Harness.temporaryDirectory()
+        let image = directory.appendingPathComponent("export.raw").path
+        #expect(Harness.run(["truncate", "-s", "8M", image]).status == 0)
+        let port = NBDServer.freePort()
+        let server = try NBDServer(image: image, port: port)
+        let outside = "/dev/shm/vireo-api-\(UInt32.random(in: 0...UInt32.max)).sock"
+        let hidden = try NBDServer(image: image, socket: outside, shared: true)
+        defer { hidden.kill(); unlink(outside) }
+        let library = try TestLibrary()
+        #expect(library.vireo("create", "apivm", "--kernel", try Harness.probe("pvh"), "--memory", "64M", "--no-disk", "--no-nic").status == 0)
+        let served = try Served(library, extra: ["--allow-disk-server", "127.0.0.1:\(port)"])
+        let api = served.api
+        let other = NBDServer.freePort()
+        let refusals: [(String, String)] = [
+            ("nbd://127.0.0.1:\(other)/exp", "start `vireo serve` with --allow-disk-server 127.0.0.1:\(other)"),
+            (hidden.uri(), "is outside what this server lets API clients name"),
+            ("iscsi://127.0.0.1:\(port)/iqn.2026-12.dev.vireo.test:disk/1?chap=/etc/shadow", "/etc/shadow is outside what this server lets API clients name"),
+            ("nbd://127.0.0.1:\(port)/exp|", "is not an NBD address"),
+        ]
+        for (path, reason) in refusals {
+            let refused = try api.request("POST", "/api/vms/apivm/disks", json: ["path": path])
+            #expect(refused.status == 422 && refused.text.contains(reason), "\(path): \(refused.status) \(refused.text)")
+        }
+        #expect(library.vireo("info", "apivm").stdout.contains("Disk") == false, "\(library.vireo("info", "apivm").stdout)")
+        let attached = try api.request("POST", "/api/vms/apivm/disks", json: ["path": server.uri()])
+        #expect(attached.status == 201, "\(attached.status) \(attached.text)")
+        #expect(library.vireo("info", "apivm").stdout.contains("\(server.uri()) (raw, NBD export, 1 path)"), "\(library.vireo("info", "apivm").stdout)")
+    }
 }

@@ -53,6 +53,22 @@ public struct MigrationResult: Decodable, Sendable {
 }
 
 /// `HOST:PORT` (or `[V6]:PORT`), optionally written `tcp:HOST:PORT`.
+extension TCPEndpoint {
+    /// A network disk's server as `--allow-disk-server` gives it, HOST[:PORT]; without a port,
+    /// NBD's 10809 and iSCSI's 3260. Refused naming `field`.
+    public static func diskServers(parsing text: String, field: String) throws(LibraryError) -> [TCPEndpoint] {
+        let endpoint = try TCPEndpoint(parsing: text, field: field, defaultPort: 0)
+        guard endpoint.port == 0 else { return [endpoint] }
+        guard !text.hasSuffix(":0") else { throw .invalidValue(field: field, reason: "'\(text)': port 0 is no server's") }
+        return [NBDAddress.defaultPort, ISCSIAddress.defaultPort].map { TCPEndpoint(host: endpoint.host, port: $0) }
+    }
+
+    /// Whether `servers` name this one (the host as written, case aside: no resolver is asked).
+    public static func allows(_ servers: [TCPEndpoint], host: String, port: UInt16) -> Bool {
+        servers.contains { $0.host.lowercased() == host.lowercased() && $0.port == port }
+    }
+}
+
 public struct TCPEndpoint: Sendable, CustomStringConvertible {
     public var host: String
     public var port: UInt16
@@ -383,10 +399,7 @@ public struct ReceivePolicy: Sendable {
     /// Adds a server from `HOST[:PORT]` (without a port: NBD's 10809 and iSCSI's 3260), refused
     /// naming `field`.
     public mutating func allowDiskServer(_ text: String, field: String) throws(LibraryError) {
-        let endpoint = try TCPEndpoint(parsing: text, field: field, defaultPort: 0)
-        guard endpoint.port == 0 else { return allowedDiskServers.append(endpoint) }
-        guard !text.hasSuffix(":0") else { throw .invalidValue(field: field, reason: "'\(text)': port 0 is no server's") }
-        for port in [NBDAddress.defaultPort, ISCSIAddress.defaultPort] { allowedDiskServers.append(TCPEndpoint(host: endpoint.host, port: port)) }
+        allowedDiskServers += try TCPEndpoint.diskServers(parsing: text, field: field)
     }
 
     /// Refuses a shared network disk whose path the receiver did not allow: the peer names the
@@ -403,7 +416,7 @@ public struct ReceivePolicy: Sendable {
                     throw .invalidValue(field: "disk \(index)", reason: "the shared NBD disk's socket \(socket.prefix(200)) is outside \(allowedDiskDirectories.isEmpty ? "any allowed directory" : allowedDiskDirectories.joined(separator: ", ")); start `vireo receive` with --allow-disks DIR for the socket's directory, or migrate with --copy-disks")
                 }
             case let .tcp(host, port, secretFile):
-                guard allowedDiskServers.contains(where: { $0.host.lowercased() == host.lowercased() && $0.port == port }) else {
+                guard TCPEndpoint.allows(allowedDiskServers, host: host, port: port) else {
                     throw .invalidValue(field: "disk \(index)", reason: "the shared network disk is on \(host.prefix(200)):\(port), a server this host was not told to use; start `vireo receive` with --allow-disk-server \(host.prefix(200)):\(port), or migrate with --copy-disks")
                 }
                 if let secretFile, !HostPath.isInside(secretFile, anyOf: allowedDiskDirectories) {
