@@ -117,15 +117,20 @@ def blk_commands(image, image_format, cmdline):
         # The same VMM with queue notifications as MMIO exits handled on the vCPU (no ioeventfd/irqfd).
         "vireo-vmm (MMIO exits)": ["env", "VIREO_NO_IOEVENTFD=1", vmm, "--kernel", probe, "--memory", f"{MEMORY_MIB}M",
                                    "--cmdline", cmdline, "--disk", f"{image},format={image_format}"],
-        # acpi=off makes microvm announce its virtio-mmio devices on the command line, as Vireo does;
-        # force-legacy=false gives the virtio 1.x interface the probe's driver speaks.
-        "qemu-microvm": ["qemu-system-x86_64", "-M", "microvm,x-option-roms=off,rtc=off,isa-serial=on,acpi=off",
-                         "-global", "virtio-mmio.force-legacy=false", "-accel", "kvm", "-cpu", "host,-arch-capabilities",
-                         "-m", f"{MEMORY_MIB}M", "-smp", "1", "-nodefaults", "-no-user-config", "-nographic",
-                         "-serial", "stdio", "-no-reboot", "-device", "isa-debug-exit,iobase=0xf4,iosize=0x4",
-                         "-drive", f"id=d0,file={image},format={image_format},if=none,cache=writeback,aio=threads",
-                         "-device", "virtio-blk-device,drive=d0", "-kernel", probe, "-append", cmdline],
+        "qemu-microvm": microvm_with_disk(cmdline, "-drive", f"id=d0,file={image},format={image_format},if=none,cache=writeback,aio=threads"),
     }
+
+
+def microvm_with_disk(cmdline, *drive):
+    """QEMU microvm running the PVH probe with one virtio-blk disk, its drive given by `drive`
+    (a -drive or -blockdev with id/node-name d0). acpi=off makes microvm announce its virtio-mmio
+    devices on the command line, as Vireo does; force-legacy=false gives the virtio 1.x interface
+    the probe's driver speaks."""
+    return ["qemu-system-x86_64", "-M", "microvm,x-option-roms=off,rtc=off,isa-serial=on,acpi=off",
+            "-global", "virtio-mmio.force-legacy=false", "-accel", "kvm", "-cpu", "host,-arch-capabilities",
+            "-m", f"{MEMORY_MIB}M", "-smp", "1", "-nodefaults", "-no-user-config", "-nographic",
+            "-serial", "stdio", "-no-reboot", "-device", "isa-debug-exit,iobase=0xf4,iosize=0x4", *drive,
+            "-device", "virtio-blk-device,drive=d0", "-kernel", os.path.join(OUT, "probe-pvh.elf"), "-append", cmdline]
 
 
 def blk_phases(argv, disk_mib, count):
@@ -273,12 +278,7 @@ def network_disk_benchmark(runs, count):
         for label, (ours, qemus) in servers.addresses().items():
             argvs = {
                 "vireo-vmm": [vmm, "--kernel", probe, "--memory", f"{MEMORY_MIB}M", "--cmdline", cmdline, "--disk", ours],
-                "qemu-microvm": ["qemu-system-x86_64", "-M", "microvm,x-option-roms=off,rtc=off,isa-serial=on,acpi=off",
-                                 "-global", "virtio-mmio.force-legacy=false", "-accel", "kvm", "-cpu", "host,-arch-capabilities",
-                                 "-m", f"{MEMORY_MIB}M", "-smp", "1", "-nodefaults", "-no-user-config", "-nographic",
-                                 "-serial", "stdio", "-no-reboot", "-device", "isa-debug-exit,iobase=0xf4,iosize=0x4",
-                                 "-drive", f"id=d0,file={qemus},format=raw,if=none,cache=writeback",
-                                 "-device", "virtio-blk-device,drive=d0", "-kernel", probe, "-append", cmdline],
+                "qemu-microvm": microvm_with_disk(cmdline, "-drive", f"id=d0,file={qemus},format=raw,if=none,cache=writeback"),
             }
             samples = {name: [] for name in argvs}
             for _ in range(runs):
@@ -357,11 +357,7 @@ def reconnect_benchmark(runs):
     one = f"nbd+unix:///exp?socket={sockets[0]}"
     two = one + "|" + f"nbd+unix:///exp?socket={sockets[1]}"
     cmdline = "probe=blkloop count=100000000"
-    qemu = ["qemu-system-x86_64", "-M", "microvm,x-option-roms=off,rtc=off,isa-serial=on,acpi=off",
-            "-global", "virtio-mmio.force-legacy=false", "-accel", "kvm", "-cpu", "host,-arch-capabilities",
-            "-m", f"{MEMORY_MIB}M", "-smp", "1", "-nodefaults", "-no-user-config", "-nographic", "-serial", "stdio", "-no-reboot",
-            "-blockdev", f"driver=nbd,node-name=d0,server.type=unix,server.path={sockets[0]},export=exp,reconnect-delay=30",
-            "-device", "virtio-blk-device,drive=d0", "-kernel", probe, "-append", cmdline]
+    qemu = microvm_with_disk(cmdline, "-blockdev", f"driver=nbd,node-name=d0,server.type=unix,server.path={sockets[0]},export=exp,reconnect-delay=30")
     cases = {
         "vireo-vmm, server back after 0.5 s": ([vmm, "--kernel", probe, "--memory", f"{MEMORY_MIB}M", "--cmdline", cmdline, "--disk", one], True),
         "qemu-microvm (reconnect-delay=30), server back after 0.5 s": (qemu, True),

@@ -65,6 +65,13 @@ extension DiskImage {
         throw .unsupported(path: path, feature: "resizing this image")
     }
 
+    /// Checks a zeroing or discard range the guest gave: writable, and inside the disk.
+    func checkWritableRange(_ offset: UInt64, _ length: UInt64) throws(DiskImageError) {
+        guard !isReadOnly else { throw .readOnly(path: path) }
+        guard length <= UInt64(Int.max) else { throw .outOfRange(path: path, offset: offset, length: Int.max, size: virtualSize) }
+        try checkRange(offset, Int(length))
+    }
+
     func checkRange(_ offset: UInt64, _ length: Int) throws(DiskImageError) {
         guard offset <= virtualSize, UInt64(length) <= virtualSize - offset else {
             throw .outOfRange(path: path, offset: offset, length: length, size: virtualSize)

@@ -25,14 +25,7 @@ public struct ISCSIAddress: Sendable, Equatable, CustomStringConvertible {
     var portal: String { "\(host.contains(":") ? "[\(host)]" : host):\(port)" }
 
     public static func paths(_ text: String) throws(DiskImageError) -> [ISCSIAddress] {
-        let parts = text.split(separator: "|", omittingEmptySubsequences: false).map(String.init)
-        guard parts.count <= 8 else { throw .invalidArgument(field: "disk", reason: "\(parts.count) paths to one LUN; at most 8") }
-        var addresses: [ISCSIAddress] = []
-        for part in parts { addresses.append(try parse(part)) }
-        if Swift.Set(addresses.map { "\($0.target)/\($0.lun)" }).count > 1 {
-            throw .invalidArgument(field: "disk", reason: "the paths of \(text.prefix(300)) name different targets or LUNs; every path must lead to the same one")
-        }
-        return addresses
+        try NetworkDisk.paths(text, parse, leadingTo: { "\($0.target)/\($0.lun)" }, naming: "LUN")
     }
 
     public static func parse(_ text: String) throws(DiskImageError) -> ISCSIAddress {
@@ -54,22 +47,7 @@ public struct ISCSIAddress: Sendable, Equatable, CustomStringConvertible {
         guard !rest.contains("@") else { throw refuse("carries credentials; put USER:SECRET in a file and name it with ?chap=FILE") }
         let pieces = rest.split(separator: "/", omittingEmptySubsequences: false)
         guard pieces.count == 3 else { throw refuse("does not name a host, a target and a LUN") }
-        var host = pieces[0]
-        var port = defaultPort
-        if host.hasPrefix("[") {
-            guard let close = host.firstIndex(of: "]") else { throw refuse("has an unclosed [") }
-            let after = host[host.index(after: close)...]
-            host = host[host.index(after: host.startIndex)..<close]
-            if !after.isEmpty {
-                guard after.hasPrefix(":"), let given = UInt16(after.dropFirst()), given > 0 else { throw refuse("has a bad port") }
-                port = given
-            }
-        } else if let colon = host.lastIndex(of: ":") {
-            guard let given = UInt16(host[host.index(after: colon)...]), given > 0 else { throw refuse("has a bad port") }
-            port = given
-            host = host[..<colon]
-        }
-        guard !host.isEmpty, host.utf8.count <= 253 else { throw refuse("has no usable host") }
+        let (host, port) = try NetworkDisk.hostAndPort(pieces[0], defaultPort: defaultPort, refuse)
         // An iSCSI name (RFC 3720 §3.2.6): at most 223 bytes of lower-case letters, digits, '.', '-', ':'.
         let target = String(pieces[1])
         guard !target.isEmpty, target.utf8.count <= 223,
@@ -77,7 +55,7 @@ public struct ISCSIAddress: Sendable, Equatable, CustomStringConvertible {
             throw refuse("has an unusable target name (an iSCSI name: lower-case letters, digits, '.', '-', ':', at most 223)")
         }
         guard let lun = Int(pieces[2]), lun >= 0, lun < 16384 else { throw refuse("has a LUN that is not a number from 0 to 16383") }
-        return ISCSIAddress(host: String(host), port: port, target: target, lun: lun, chapFile: chapFile)
+        return ISCSIAddress(host: host, port: port, target: target, lun: lun, chapFile: chapFile)
     }
 }
 
@@ -132,12 +110,7 @@ public final class ISCSIImage: DiskImage, MultipathDisk, @unchecked Sendable {
     struct Session: @unchecked Sendable {
         let context: UnsafeMutableRawPointer
     }
-    private struct Paths {
-        var sessions: [Session?]
-        var active: Int
-        var failovers = 0
-    }
-    private let paths: Mutex<Paths>
+    private let paths: Mutex<PathTable<Session>>
     /// The most one command carries.
     static let maximumTransfer = 1 << 20
     /// The block size Vireo serves: its guests' 512-byte sectors. (A 4096-byte LUN would need
@@ -229,7 +202,7 @@ public final class ISCSIImage: DiskImage, MultipathDisk, @unchecked Sendable {
         blockSize = geometry.blockSize
         thin = geometry.thin
         isReadOnly = connecting.readOnly
-        paths = Mutex(Paths(sessions: sessions, active: first))
+        paths = Mutex(PathTable(sessions: sessions, active: first))
         for problem in problems { NetworkDisk.say("iscsi: \(path): path down at start: \(problem)") }
     }
 
@@ -278,9 +251,7 @@ public final class ISCSIImage: DiskImage, MultipathDisk, @unchecked Sendable {
     }
 
     public var pathStates: [(address: String, connected: Bool, active: Bool)] {
-        paths.withLock { state in
-            addresses.indices.map { (addresses[$0].description, state.sessions[$0] != nil, $0 == state.active) }
-        }
+        paths.withLock { $0.states(addresses.map(\.description)) }
     }
 
     public var failovers: Int { paths.withLock { $0.failovers } }
@@ -359,12 +330,6 @@ public final class ISCSIImage: DiskImage, MultipathDisk, @unchecked Sendable {
     public func flush() throws(DiskImageError) {
         guard !isReadOnly else { return }
         try perform("flush") { session, error, size in vireo_iscsi_flush(session, lun, error, size) }
-    }
-
-    private func checkWritableRange(_ offset: UInt64, _ length: UInt64) throws(DiskImageError) {
-        guard !isReadOnly else { throw .readOnly(path: path) }
-        guard length <= UInt64(Int.max) else { throw .outOfRange(path: path, offset: offset, length: Int.max, size: virtualSize) }
-        try checkRange(offset, Int(length))
     }
 
     public func writeZeroes(at offset: UInt64, length: UInt64) throws(DiskImageError) {

@@ -29,14 +29,7 @@ public struct NBDAddress: Sendable, Equatable, CustomStringConvertible {
     public func naming(export name: String) -> NBDAddress { NBDAddress(endpoint: endpoint, export: name) }
 
     public static func paths(_ text: String) throws(DiskImageError) -> [NBDAddress] {
-        let parts = text.split(separator: "|", omittingEmptySubsequences: false).map(String.init)
-        guard parts.count <= 8 else { throw .invalidArgument(field: "disk", reason: "\(parts.count) paths to one export; at most 8") }
-        var addresses: [NBDAddress] = []
-        for part in parts { addresses.append(try parse(part)) }
-        if Swift.Set(addresses.map(\.export)).count > 1 {
-            throw .invalidArgument(field: "disk", reason: "the paths of \(text) name different exports; every path must lead to the same one")
-        }
-        return addresses
+        try NetworkDisk.paths(text, parse, leadingTo: \.export, naming: "export")
     }
 
     public static func parse(_ text: String) throws(DiskImageError) -> NBDAddress {
@@ -60,23 +53,9 @@ public struct NBDAddress: Sendable, Equatable, CustomStringConvertible {
         let slash = rest.firstIndex(of: "/") ?? rest.endIndex
         let authority = rest[..<slash]
         let export = slash == rest.endIndex ? "" : try exportName(rest[rest.index(after: slash)...], refuse)
-        var host = Substring(authority)
-        var port = defaultPort
-        if host.hasPrefix("[") {
-            guard let close = host.firstIndex(of: "]") else { throw refuse("has an unclosed [") }
-            let after = host[host.index(after: close)...]
-            host = host[host.index(after: host.startIndex)..<close]
-            if !after.isEmpty {
-                guard after.hasPrefix(":"), let given = UInt16(after.dropFirst()), given > 0 else { throw refuse("has a bad port") }
-                port = given
-            }
-        } else if let colon = host.lastIndex(of: ":") {
-            guard let given = UInt16(host[host.index(after: colon)...]), given > 0 else { throw refuse("has a bad port") }
-            port = given
-            host = host[..<colon]
-        }
-        guard !host.isEmpty, !host.contains("?"), !host.contains("@") else { throw refuse("has no usable host") }
-        return NBDAddress(endpoint: .tcp(host: String(host), port: port), export: export)
+        let (host, port) = try NetworkDisk.hostAndPort(authority, defaultPort: defaultPort, refuse)
+        guard !host.contains("?"), !host.contains("@") else { throw refuse("has no usable host") }
+        return NBDAddress(endpoint: .tcp(host: host, port: port), export: export)
     }
 
     private static func exportName(_ text: Substring, _ refuse: (String) -> DiskImageError) throws(DiskImageError) -> String {
@@ -435,12 +414,7 @@ public final class NBDImage: DiskImage, MultipathDisk, @unchecked Sendable {
     public let isReadOnly: Bool
     public let addresses: [NBDAddress]
     let reconnectSeconds: Int
-    private struct Paths {
-        var connections: [NBDConnection?]
-        var active: Int
-        var failovers = 0
-    }
-    private let paths: Mutex<Paths>
+    private let paths: Mutex<PathTable<NBDConnection>>
     private let flags: UInt16
     private let tcpSockets: [NBDTCPSocket?]
 
@@ -520,7 +494,7 @@ public final class NBDImage: DiskImage, MultipathDisk, @unchecked Sendable {
         virtualSize = connection.size
         isReadOnly = connecting.readOnly || connection.flags & NBDConnection.Flag.readOnly != 0
         flags = connection.flags
-        paths = Mutex(Paths(connections: connections, active: first))
+        paths = Mutex(PathTable(sessions: connections, active: first))
         tcpSockets = connecting.tcpSockets
         for problem in problems { Self.say("nbd: \(path): path down at start: \(problem)") }
     }
@@ -533,7 +507,7 @@ public final class NBDImage: DiskImage, MultipathDisk, @unchecked Sendable {
             var lastProblem = ""
             var attempt = 0
             while true {
-                if state.connections[state.active] == nil {
+                if state.sessions[state.active] == nil {
                     // Connect this path again: a Unix socket the VMM may still reach, or a TCP
                     // path's own socket, dialled again in place (docs/disk-images.md).
                     do throws(DiskImageError) {
@@ -543,7 +517,7 @@ public final class NBDImage: DiskImage, MultipathDisk, @unchecked Sendable {
                                 guard connection.size == virtualSize else {
                                     throw NBDFailure.connection("the export is now \(connection.size) bytes, was \(virtualSize)")
                                 }
-                                state.connections[state.active] = connection
+                                state.sessions[state.active] = connection
                                 Self.say("nbd: \(path): connected again through \(addresses[state.active])")
                             } catch {
                                 switch error { case let .connection(why), let .server(why): lastProblem = why }
@@ -553,7 +527,7 @@ public final class NBDImage: DiskImage, MultipathDisk, @unchecked Sendable {
                         lastProblem = error.description
                     }
                 }
-                if let connection = state.connections[state.active] {
+                if let connection = state.sessions[state.active] {
                     do throws(NBDFailure) {
                         try body(connection)
                         return
@@ -562,7 +536,7 @@ public final class NBDImage: DiskImage, MultipathDisk, @unchecked Sendable {
                         case let .server(why): throw .io(operation: "\(what): \(why)", path: path, errno: EIO)
                         case let .connection(why):
                             lastProblem = why
-                            state.connections[state.active] = nil
+                            state.sessions[state.active] = nil
                             Self.say("nbd: \(path): " + (addresses.count > 1 ? "\(addresses[state.active]) " : "") + "failed during \(what): \(why)")
                         }
                     }
@@ -594,9 +568,7 @@ public final class NBDImage: DiskImage, MultipathDisk, @unchecked Sendable {
 
     /// Each path, whether it is connected and which one requests go to (`vireo info`).
     public var pathStates: [(address: String, connected: Bool, active: Bool)] {
-        paths.withLock { state in
-            addresses.indices.map { (addresses[$0].description, state.connections[$0] != nil, $0 == state.active) }
-        }
+        paths.withLock { $0.states(addresses.map(\.description)) }
     }
 
     /// How many times requests moved to another path.
@@ -647,13 +619,6 @@ public final class NBDImage: DiskImage, MultipathDisk, @unchecked Sendable {
         try perform("flush") { (connection) throws(NBDFailure) in
             try connection.request(NBDConnection.Command.flush, offset: 0, length: 0)
         }
-    }
-
-    /// Checks a zeroing or discard range the guest gave.
-    private func checkWritableRange(_ offset: UInt64, _ length: UInt64) throws(DiskImageError) {
-        guard !isReadOnly else { throw .readOnly(path: path) }
-        guard length <= UInt64(Int.max) else { throw .outOfRange(path: path, offset: offset, length: Int.max, size: virtualSize) }
-        try checkRange(offset, Int(length))
     }
 
     public func writeZeroes(at offset: UInt64, length: UInt64) throws(DiskImageError) {

@@ -17,6 +17,19 @@ public protocol MultipathDisk: DiskImage {
     var failovers: Int { get }
 }
 
+/// A multipath disk's connections, one per path (nil: down), which one carries the requests, and
+/// how many times that moved. Held under the disk's lock.
+struct PathTable<Session: Sendable>: Sendable {
+    var sessions: [Session?]
+    var active: Int
+    var failovers = 0
+
+    /// `vireo info`'s view: each path's name, whether it is connected, whether it is active.
+    func states(_ names: [String]) -> [(address: String, connected: Bool, active: Bool)] {
+        names.indices.map { (names[$0], sessions[$0] != nil, $0 == active) }
+    }
+}
+
 /// The network disks a path may name: NBD exports and iSCSI LUNs, each with up to 8 paths joined
 /// by `|`. Every caller (the VMM, `vireo disk`, the library's checks, a migration receiver)
 /// parses and connects through here.
@@ -64,6 +77,42 @@ public enum NetworkDisk {
         case .iscsi: return try ISCSIImage.connect(path: path, readOnly: readOnly)
         case nil: throw .invalidArgument(field: "disk", reason: "'\(path.prefix(300))' is not a network disk's address")
         }
+    }
+
+    /// A disk's `A|B|...` text, each path parsed; at most 8, all leading to the same export or
+    /// LUN (`key`).
+    static func paths<Address>(_ text: String, _ parse: (String) throws(DiskImageError) -> Address, leadingTo key: (Address) -> String,
+                               naming what: String) throws(DiskImageError) -> [Address] {
+        let parts = text.split(separator: "|", omittingEmptySubsequences: false).map(String.init)
+        guard parts.count <= 8 else { throw .invalidArgument(field: "disk", reason: "\(parts.count) paths to one \(what); at most 8") }
+        var addresses: [Address] = []
+        for part in parts { addresses.append(try parse(part)) }
+        if Swift.Set(addresses.map(key)).count > 1 {
+            throw .invalidArgument(field: "disk", reason: "the paths of \(text.prefix(300)) lead to different \(what)s; every path must lead to the same one")
+        }
+        return addresses
+    }
+
+    /// A URI's `HOST[:PORT]` or `[IPV6][:PORT]`; `refuse` makes the error for what is wrong.
+    static func hostAndPort(_ authority: Substring, defaultPort: UInt16,
+                            _ refuse: (String) -> DiskImageError) throws(DiskImageError) -> (host: String, port: UInt16) {
+        var host = authority
+        var port = defaultPort
+        if host.hasPrefix("[") {
+            guard let close = host.firstIndex(of: "]") else { throw refuse("has an unclosed [") }
+            let after = host[host.index(after: close)...]
+            host = host[host.index(after: host.startIndex)..<close]
+            if !after.isEmpty {
+                guard after.hasPrefix(":"), let given = UInt16(after.dropFirst()), given > 0 else { throw refuse("has a bad port") }
+                port = given
+            }
+        } else if let colon = host.lastIndex(of: ":") {
+            guard let given = UInt16(host[host.index(after: colon)...]), given > 0 else { throw refuse("has a bad port") }
+            port = given
+            host = host[..<colon]
+        }
+        guard !host.isEmpty, host.utf8.count <= 253 else { throw refuse("has no usable host") }
+        return (String(host), port)
     }
 
     /// Whether a server answers at all: one TCP or Unix connection, closed at once (a storage
