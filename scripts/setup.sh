@@ -32,6 +32,7 @@ packages=(
   mount                                                        # losetup and mount: the block-device tests' loop devices
   tgt                                                          # tgtd, the user-space iSCSI target the iSCSI disk tests serve LUNs from
   nbdkit                                                       # the second NBD server the network-disk tests meet (qemu-nbd the first)
+  libxml2-utils                                                # xmllint: the appliance tests check the OVF envelopes Vireo writes
   qemu-block-extra                                             # QEMU's iscsi driver: the peer in bench/run.py --only network-disks
   iproute2 dnsmasq-base nftables passt                         # networks: bridges and taps, DHCP and DNS, NAT and forwards, user mode
   python3 acl                                                  # the net tests' echo servers; an ACL grants an unprivileged test user /dev/kvm

@@ -221,7 +221,15 @@ public enum Fuzz {
         return Outcome(accepted: accepted, operations: operations)
     }
 
-    public static let targetNames = ["virtqueue", "qcow2", "savedstate", "migration", "iso9660", "manifest", "apibody", "offer", "nbd"]
+    /// The input is an appliance's OVF envelope, parsed and planned as `vireo import` does.
+    public static func ovf(_ data: UnsafeRawBufferPointer) { _ = ovfOutcome(data) }
+
+    public static func ovfOutcome(_ data: UnsafeRawBufferPointer) -> Outcome {
+        let disks = ApplianceInspection.plan(Array(data))
+        return Outcome(accepted: disks != nil, operations: disks ?? 0)
+    }
+
+    public static let targetNames = ["virtqueue", "qcow2", "savedstate", "migration", "iso9660", "manifest", "apibody", "offer", "nbd", "ovf"]
 
     /// Well-formed inputs a corpus starts from, so the search begins past the magic numbers.
     public static func seeds(named name: String) -> [[UInt8]] {
@@ -246,6 +254,7 @@ public enum Fuzz {
         case "apibody": return [APIBodyInspection.sample]
         case "offer": return [MigrationOfferInspection.sample]
         case "nbd": return [NBDInspection.sample]
+        case "ovf": return [ApplianceInspection.sample]
         default: return []
         }
     }
@@ -261,6 +270,7 @@ public enum Fuzz {
         case "apibody": return apiBody
         case "offer": return offer
         case "nbd": return nbd
+        case "ovf": return ovf
         default: return nil
         }
     }

@@ -131,6 +131,18 @@ struct FuzzSmokeTests {
         #expect(accepted > 0 && refused > 0, "accepted \(accepted), refused \(refused)")
     }
 
+    @Test("ovf: a well-formed envelope is planned with its disk; mutated ones are refused or planned, never a crash; a DOCTYPE, an unknown entity and 65 levels are refused")
+    func ovfTargetSurvivesMutatedEnvelopes() {
+        let seed = Fuzz.seeds(named: "ovf")[0]
+        #expect(seed.withUnsafeBytes { Fuzz.ovfOutcome($0) } == Fuzz.Outcome(accepted: true, operations: 1))
+        let deep = Array(("<Envelope>" + String(repeating: "<a>", count: 65) + String(repeating: "</a>", count: 65) + "</Envelope>").utf8)
+        for hostile in [Array("<!DOCTYPE x [<!ENTITY e SYSTEM \"/etc/shadow\">]><Envelope>&e;</Envelope>".utf8), Array("<Envelope>&e;</Envelope>".utf8), deep] {
+            #expect(hostile.withUnsafeBytes { Fuzz.ovfOutcome($0) }.accepted == false)
+        }
+        let (accepted, refused) = Self.mutants(of: seed, count: 300, state: 0x0f, Fuzz.ovfOutcome)
+        #expect(accepted > 0 && refused > 0, "accepted \(accepted), refused \(refused)")
+    }
+
     @Test func iso9660TargetSurvivesMutatedDescriptors() {
         // Sectors 16 on: a primary volume descriptor, an El Torito boot record, the terminator.
         let seed = Fuzz.seeds(named: "iso9660")[0]
