@@ -263,7 +263,8 @@ extension Appliances {
         for disk in plan.disks {
             let source = staging + "/" + disk.file
             guard let tool = HostTools.find("qemu-img") else { throw .invalidValue(field: "qemu-img", reason: "not found; install Debian's qemu-utils") }
-            let (status, output) = HostCommand.run(tool, ["info", "-f", disk.format, "--output=json", source])
+            // A hostile image must not hold the import: qemu-img reads only its headers here.
+            let (status, output) = HostCommand.run(tool, ["info", "-f", disk.format, "--output=json", source], timeoutSeconds: 60)
             guard status == 0 else { throw .invalidValue(field: "disk", reason: "\(disk.file) is not a usable \(disk.format) image: \(output.trimmingWhitespace().prefix(300))") }
             if output.contains("\"backing-filename\"") {
                 throw .invalidValue(field: "disk", reason: "\(disk.file) names a parent image; an appliance's disk must stand alone (it could name any host file)")
