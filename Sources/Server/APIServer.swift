@@ -90,6 +90,7 @@ public struct APIServer: Sendable {
         addDeviceRoutes(to: api)
         addNetworkRoutes(to: api)
         addImageRoutes(to: api)
+        addStorageRoutes(to: api)
         addManageRoutes(to: api)
         addTaskRoutes(to: api)
         addEventRoutes(to: api)

@@ -99,4 +99,41 @@ import Testing
         #expect(FileManager.default.fileExists(atPath: "\(store)/pooled.qcow2"))
         #expect(library.vireo("pool", "list").stdout.split(separator: "\n").count == 1)
     }
+
+    @Test("pools and appliances through the REST API: a pool inside the allowed paths is defined and one outside refused naming the flag, a volume made and listed, a VM exported as an OVA by a task and planned back with dry_run; bad input is a 422, never a 500")
+    func poolsAndAppliancesThroughTheAPI() throws {
+        let directory = try Harness.temporaryDirectory()
+        let library = try TestLibrary()
+        #expect(library.vireo("create", "exp", "--kernel", try Harness.probe("pvh"), "--memory", "64M", "--disk", "8M", "--no-nic").status == 0)
+        let served = try Served(library)
+        let api = served.api
+        let outside = try api.request("POST", "/api/pools", json: ["name": "etc", "type": "dir", "source": "/etc"])
+        #expect(outside.status == 422 && outside.text.contains("--allow-path"), "\(outside.status) \(outside.text)")
+        for bad in [["name": "x", "type": "lvm", "source": directory.path], ["name": "x", "type": "nbd", "source": ""], ["name": "", "type": "dir", "source": directory.path]] {
+            let refused = try api.request("POST", "/api/pools", json: bad)
+            #expect(refused.status == 422, "\(bad): \(refused.status) \(refused.text)")
+        }
+        let made = try api.request("POST", "/api/pools", json: ["name": "here", "type": "dir", "source": directory.path])
+        #expect(made.status == 201, "\(made.status) \(made.text)")
+        let volume = try api.request("POST", "/api/pools/here/volumes", json: ["name": "data", "size_bytes": 8 << 20])
+        #expect(volume.status == 201 && FileManager.default.fileExists(atPath: directory.path + "/data.qcow2"), "\(volume.status) \(volume.text)")
+        let pool = try api.request("GET", "/api/pools/here")
+        #expect(pool.status == 200 && pool.text.contains("data.qcow2"), "\(pool.text)")
+        #expect(try api.request("GET", "/api/pools/nothing").status == 404)
+        let badServer = try api.request("POST", "/api/migrations/receive", json: ["allow_disk_servers": [""], "listen": "127.0.0.1:0"])
+        #expect(badServer.status == 422, "\(badServer.status) \(badServer.text)")
+
+        let ova = directory.path + "/exp.ova"
+        let export = try api.request("POST", "/api/vms/exp/export", json: ["path": ova])
+        #expect(export.status == 202, "\(export.status) \(export.text)")
+        let location = try #require(export.headers["location"] ?? export.headers["Location"])
+        var task: [String: Any] = [:]
+        let deadline = Date().addingTimeInterval(120)
+        repeat { task = try api.request("GET", location).object; Thread.sleep(forTimeInterval: 0.2) } while task["state"] as? String == "running" && Date() < deadline
+        #expect(task["state"] as? String == "succeeded", "\(task)")
+        let plan = try api.request("POST", "/api/appliances/import", json: ["path": ova, "name": "back", "dry_run": true])
+        #expect(plan.status == 200 && plan.object["name"] as? String == "back" && (plan.object["disks"] as? [Any])?.count == 1, "\(plan.status) \(plan.text)")
+        #expect(library.state("back") == nil)
+        #expect(try api.request("DELETE", "/api/pools/here").status == 200)
+    }
 }

@@ -238,6 +238,10 @@ public struct StoragePools: Sendable {
         public var format: DiskFormat
         public var virtualSize: UInt64?
         public var allocatedBytes: UInt64?
+
+        public init(name: String, path: String, format: DiskFormat, virtualSize: UInt64?, allocatedBytes: UInt64?) {
+            self.name = name; self.path = path; self.format = format; self.virtualSize = virtualSize; self.allocatedBytes = allocatedBytes
+        }
     }
 
     /// A pool's volumes Vireo can list: a dir pool's image files (`.qcow2`, `.raw`), a block
