@@ -83,7 +83,7 @@ public enum HostCommand {
         return (exit, String(decoding: collected, as: UTF8.self))
     }
 
-    private static func monotonicSeconds() -> Double {
+    public static func monotonicSeconds() -> Double {
         var now = timespec()
         clock_gettime(CLOCK_MONOTONIC, &now)
         return Double(now.tv_sec) + Double(now.tv_nsec) / 1e9

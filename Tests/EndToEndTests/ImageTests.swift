@@ -44,7 +44,7 @@ struct ImageTests {
         #expect(manifest["release"] as? String == "bookworm")
         #expect(manifest["cloudInit"] as? Bool == true && manifest["kvmEngineBootable"] as? Bool == true)
         let packages = Dictionary((manifest["packages"] as? [[String: String]] ?? []).map { ($0["name"] ?? "", $0["version"] ?? "") }, uniquingKeysWith: { a, _ in a })
-        for wanted in ["linux-image-amd64", "systemd-sysv", "openssh-server", "cloud-init", "initramfs-tools", "sudo"] {
+        for wanted in ["linux-image-amd64", "systemd-sysv", "openssh-server", "cloud-init", "initramfs-tools", "sudo", "qemu-guest-agent"] {
             #expect(!(packages[wanted] ?? "").isEmpty, "\(wanted) missing from the manifest's \(packages.count) packages")
         }
         let sums = DebianImage.fileSums(manifest)
@@ -79,7 +79,7 @@ struct ImageTests {
         #expect(info.status == 0 && info.stdout.contains("every file matches the manifest") && info.stdout.contains("linux-image-amd64"), "\(info.stdout)\(info.stderr)")
     }
 
-    @Test("a Debian VM from the image on the qemu engine (TCG) in a NAT network: boots to multi-user, cloud-init makes the user with both keys and the host name, `vireo ssh` runs commands and passes their status, `vireo stop` powers it off through ACPI, the overlay passes qemu-img check, and a second boot keeps the first one's files",
+    @Test("a Debian VM from the image on the qemu engine (TCG) in a NAT network: boots to multi-user, cloud-init makes the user with both keys and the host name, `vireo ssh` runs commands and passes their status, `vireo exec` runs one through qemu-guest-agent without SSH, `vireo stop` powers it off through ACPI, the overlay passes qemu-img check, and a second boot keeps the first one's files",
           .timeLimit(.minutes(40)))
     func debianOnQEMUEngine() throws {
         let lab = try NetworkLab()
@@ -142,6 +142,13 @@ struct ImageTests {
                               "alice@\(address)", "echo", "own-key"], timeout: 120)
         #expect(own.stdout.contains("own-key"), "\(address): \(own.stderr)")
         #expect(ssh(["sh", "-c", "'echo first-boot > ~/marker && sync'"]).status == 0)
+        // `vireo exec`: the same guest through qemu-guest-agent on its virtio-serial port, no SSH:
+        // stdout, stderr and the exit status come back; the file SSH wrote is there.
+        let executed = lab.vireo(arguments: ["exec", "deb", "--", "/bin/sh", "-c", "cat /etc/hostname /home/alice/marker; echo to-stderr >&2; exit 3"], timeout: 300)
+        #expect(executed.status == 3 && executed.stdout == "bookworm-vm\nfirst-boot\n" && executed.stderr.contains("to-stderr"),
+                "\(executed.status) \(executed.stdout) \(executed.stderr)")
+        let noCommand = lab.vireo("exec", "deb")
+        #expect(noCommand.status != 0 && noCommand.stderr.contains("give it after --"), "\(noCommand.stderr)")
 
         let stopped = lab.vireo("stop", "deb", timeout: 600)
         #expect(stopped.status == 0, "\(stopped.stdout) \(stopped.stderr)")

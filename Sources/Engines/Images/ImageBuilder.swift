@@ -25,12 +25,13 @@ public struct ImageRecipe: Sendable, Equatable {
     ]
 
     /// What every image has: its kernel and initramfs tools, systemd, SSH, cloud-init and
-    /// ifupdown with a DHCP client (cloud-init renders its network configuration for them).
+    /// ifupdown with a DHCP client (cloud-init renders its network configuration for them), and
+    /// qemu-guest-agent for `vireo exec` (its udev rule starts it when the VM has the port).
     /// python3-cffi-backend is named because debootstrap does not resolve the virtual packages
     /// python3-cryptography depends on.
     public static let basePackages = [
         "linux-image-amd64", "initramfs-tools", "systemd-sysv", "udev", "dbus", "openssh-server", "cloud-init",
-        "python3-cffi-backend", "ifupdown", "isc-dhcp-client", "iproute2", "netbase", "sudo", "ca-certificates",
+        "python3-cffi-backend", "ifupdown", "isc-dhcp-client", "iproute2", "netbase", "sudo", "ca-certificates", "qemu-guest-agent",
     ]
 
     public static let defaultMirror = "http://deb.debian.org/debian"

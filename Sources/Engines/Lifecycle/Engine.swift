@@ -82,6 +82,24 @@ public protocol DisplayEngine: Engine {
     func sendKeys(_ vm: EngineVM, _ chords: [KeyChord]) throws(LibraryError)
 }
 
+/// What a command run in the guest by its agent did.
+public struct GuestExecResult: Sendable, Encodable {
+    public var exitCode: Int32
+    /// Set when a signal ended the command.
+    public var signal: Int32?
+    public var stdout: [UInt8]
+    public var stderr: [UInt8]
+    /// The agent keeps at most 16 MiB of each stream; more is cut.
+    public var truncated: Bool
+}
+
+/// A guest agent (qemu-guest-agent) the host can ask to run commands.
+public protocol GuestAgentEngine: Engine {
+    /// Runs `command` (a path and its arguments, no shell) in the guest and waits up to
+    /// `timeoutSeconds` for it to end.
+    func exec(_ vm: EngineVM, command: [String], timeoutSeconds: Int) throws(LibraryError) -> GuestExecResult
+}
+
 /// A CD-ROM drive whose medium can be taken out while the VM runs.
 public protocol RemovableMediaEngine: Engine {
     /// Takes the ISO out of a running VM's CD-ROM drive.
@@ -119,6 +137,9 @@ enum EngineRefusal {
     }
     static func noKeyboard(_ vm: EngineVM) -> LibraryError {
         unsupported(vm, "send keys to", "it has no keyboard, only a serial console: type into `vireo console \(vm.name)`")
+    }
+    static func noGuestAgent(_ vm: EngineVM) -> LibraryError {
+        unsupported(vm, "run a command in", "its engine has no channel to a guest agent yet; VMs on the qemu engine (`--engine qemu`) reach qemu-guest-agent, otherwise use `vireo ssh \(vm.name)`")
     }
     static func noCDROM(_ vm: EngineVM) -> LibraryError {
         unsupported(vm, "eject the CD-ROM of", "it has no CD-ROM drive")

@@ -303,6 +303,15 @@ public struct VMManager: Sendable {
         return try screen.display(vm)
     }
 
+    /// Runs a command in a running VM's guest through its agent (`vireo exec`).
+    public func exec(_ name: String, command: [String], timeoutSeconds: Int = 300) throws(LibraryError) -> GuestExecResult {
+        let (vm, engine) = try defined(name)
+        guard let agent = engine as? any GuestAgentEngine else { throw EngineRefusal.noGuestAgent(vm) }
+        guard timeoutSeconds > 0, timeoutSeconds <= 86_400 else { throw .invalidValue(field: "timeout", reason: "\(timeoutSeconds) is not from 1 to 86400 seconds") }
+        _ = try running(name, action: "run a command in")
+        return try agent.exec(vm, command: command, timeoutSeconds: timeoutSeconds)
+    }
+
     public func screenshot(_ name: String, to path: String) throws(LibraryError) {
         let absolute = HostFiles.absolute(path)
         guard absolute.hasSuffix(".png") else { throw .invalidValue(field: "FILE", reason: "\(path) must end in .png (screenshots are PNG)") }

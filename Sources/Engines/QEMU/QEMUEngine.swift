@@ -100,6 +100,10 @@ public struct QEMUEngine: DisplayEngine, RemovableMediaEngine, StateTransferEngi
             "-device", "qemu-xhci,id=usb", "-device", "usb-tablet,bus=usb.0",
             "-chardev", "socket,id=serial0,path=\(quoted(bundle.consoleSocketPath)),server=on,wait=off,logfile=\(quoted(bundle.consoleLogPath))",
             "-serial", "chardev:serial0",
+            // qemu-guest-agent's port (`vireo exec`): the name its udev rule starts it on.
+            "-device", "virtio-serial-pci,id=vser0",
+            "-chardev", "socket,id=qga0,path=\(quoted(bundle.guestAgentPath)),server=on,wait=off",
+            "-device", "virtserialport,bus=vser0.0,chardev=qga0,name=org.qemu.guest_agent.0",
         ] + files.arguments
         if definition.firmware == .uefi {
             arguments += ["-drive", "if=pflash,format=raw,unit=0,readonly=on,file=\(quoted(FirmwareFiles.uefiCode))",

@@ -7,8 +7,12 @@ import Glibc
 
 /// A QMP client (QEMU's JSON control protocol, docs/interop/qmp-spec): one connection to the
 /// socket in the VM's directory, capabilities negotiated, then one command at a time. Events
-/// QEMU sends in between are skipped.
+/// QEMU sends in between are skipped. The guest agent (qemu-guest-agent, QGA) speaks the same
+/// JSON lines on its virtio-serial port, without a greeting; its connection is synchronised with
+/// `guest-sync-delimited` instead, since an earlier client may have left a reply unread.
 final class QMPConnection {
+    enum Peer { case qemu, guestAgent }
+
     enum Failure: Error, CustomStringConvertible {
         case unreachable(ControlError)
         /// QEMU answered with an error: its class ("GenericError", "DeviceNotFound") and text.
@@ -40,14 +44,18 @@ final class QMPConnection {
     let fd: Int32
     private var pending: [UInt8] = []
 
-    init(path: String, timeoutSeconds: Int = 10) throws(Failure) {
+    init(path: String, timeoutSeconds: Int = 10, peer: Peer = .qemu) throws(Failure) {
         do { fd = try ControlConnection.connectUnix(path: path, timeoutSeconds: timeoutSeconds) } catch { throw .unreachable(error) }
         do throws(Failure) {
-            let greeting = try readLine()
-            guard String(decoding: greeting, as: UTF8.self).contains("\"QMP\"") else {
-                throw Failure.protocolError("no QMP greeting: \(String(decoding: greeting.prefix(120), as: UTF8.self))")
+            if peer == .guestAgent {
+                try synchronise()
+            } else {
+                let greeting = try readLine()
+                guard String(decoding: greeting, as: UTF8.self).contains("\"QMP\"") else {
+                    throw Failure.protocolError("no QMP greeting: \(String(decoding: greeting.prefix(120), as: UTF8.self))")
+                }
+                _ = try execute("qmp_capabilities", as: Empty.self)
             }
-            _ = try execute("qmp_capabilities", as: Empty.self)
         } catch {
             close(fd)
             throw error
@@ -55,6 +63,26 @@ final class QMPConnection {
     }
 
     deinit { close(fd) }
+
+    /// QGA's resynchronisation: the reply to `guest-sync-delimited` follows a 0xFF byte, and
+    /// carries back the random id sent; everything before it is stale.
+    private func synchronise() throws(Failure) {
+        struct Sync: Encodable { var id: Int }
+        let id = Int.random(in: 1...Int(Int32.max))
+        guard let line = try? JSONEncoder().encode(Request(execute: "guest-sync-delimited", arguments: Sync(id: id))) else {
+            throw .protocolError("cannot encode guest-sync-delimited")
+        }
+        let bytes = [0xff] + Array(line) + [0x0a]
+        guard bytes.withUnsafeBytes({ send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }) == bytes.count else {
+            throw .protocolError("the guest agent's channel closed")
+        }
+        while true {
+            let reply = try readLine()
+            guard let marker = reply.lastIndex(of: 0xff) else { continue }
+            let envelope = try? JSONDecoder().decode(Envelope<Int>.self, from: Data(reply[(marker + 1)...]))
+            if envelope?.return == id { return }
+        }
+    }
 
     func execute<Reply: Decodable>(_ command: String, as type: Reply.Type = Empty.self) throws(Failure) -> Reply {
         try execute(command, arguments: Optional<Empty>.none, as: type)
@@ -96,7 +124,7 @@ final class QMPConnection {
             }
             let count = buffer.withUnsafeMutableBytes { recv(fd, $0.baseAddress, $0.count, 0) }
             if count < 0 && errno == EINTR { continue }
-            guard count > 0 else { throw .protocolError(count == 0 ? "QEMU closed the connection" : "no reply in time") }
+            guard count > 0 else { throw .protocolError(count == 0 ? "the peer closed the connection" : "no reply in time") }
             pending += buffer[0..<count]
             guard pending.count < 4 << 20 else { throw .protocolError("reply too long") }
         }

@@ -30,6 +30,8 @@ public struct VMBundle: Sendable {
     /// directory its (jailed) uid may write (`vmm/`).
     public var qmpPath: String { directory + "/vmm/qmp.sock" }
     public var consoleSocketPath: String { directory + "/vmm/console.sock" }
+    /// The qemu engine's channel to qemu-guest-agent in the guest (virtio-serial).
+    public var guestAgentPath: String { directory + "/vmm/qga.sock" }
     public var vncPath: String { directory + "/vmm/vnc.sock" }
 
     /// Where a path stored in the config points on the host.

@@ -1,0 +1,50 @@
+import Foundation
+import Library
+@testable import Engines
+import Testing
+
+/// `vireo exec`'s client against Debian's qemu-guest-agent itself, run on the host on a Unix
+/// socket (`qemu-ga -m unix-listen`): the same JSON the agent speaks inside a guest on its
+/// virtio-serial port. The guest side is covered by the Debian image's boot (ImageTests).
+@Suite(.serialized) struct GuestAgentTests {
+    @Test("the guest agent client: a command's stdout, stderr and exit status come back; a missing program and a command that outlasts its time are errors naming why; an agent that does not answer is said to be missing")
+    func execThroughQemuGuestAgent() throws {
+        let directory = FileManager.default.temporaryDirectory.appendingPathComponent("vireo-qga-\(UUID().uuidString.prefix(8))")
+        try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(at: directory) }
+        let socket = directory.appendingPathComponent("qga.sock").path
+        // Through python3, which puts SIGCHLD back to its default and unblocks every signal: a
+        // test process may ignore or block it, and qemu-ga learns that its commands ended from it.
+        let agent = Process()
+        agent.executableURL = URL(fileURLWithPath: "/usr/bin/python3")
+        agent.arguments = ["-c", "import os, signal, sys; signal.signal(signal.SIGCHLD, signal.SIG_DFL); signal.pthread_sigmask(signal.SIG_SETMASK, []); "
+                           + "os.execv('/usr/sbin/qemu-ga', ['qemu-ga'] + sys.argv[1:])", "-m", "unix-listen", "-p", socket, "-t", directory.path]
+        try agent.run()
+        defer { agent.terminate(); agent.waitUntilExit() }
+        let deadline = Date().addingTimeInterval(10)
+        while !FileManager.default.fileExists(atPath: socket), Date() < deadline { usleep(20_000) }
+        #expect(FileManager.default.fileExists(atPath: socket), "qemu-ga did not start (Debian's qemu-guest-agent is a test dependency)")
+
+        // Twice: the second connection resynchronises past whatever the first left.
+        for _ in 0..<2 {
+            let result = try QEMUEngine.guestExec(agentPath: socket, vmName: "vm", command: ["/bin/sh", "-c", "echo out; echo err >&2; exit 3"], timeoutSeconds: 30)
+            #expect(result.exitCode == 3 && result.signal == nil)
+            #expect(String(decoding: result.stdout, as: UTF8.self) == "out\n" && String(decoding: result.stderr, as: UTF8.self) == "err\n")
+        }
+        let plain = try QEMUEngine.guestExec(agentPath: socket, vmName: "vm", command: ["/bin/echo", "a b", "c"], timeoutSeconds: 30)
+        #expect(plain.exitCode == 0 && String(decoding: plain.stdout, as: UTF8.self) == "a b c\n")
+        #expect(throws: LibraryError.self) { try QEMUEngine.guestExec(agentPath: socket, vmName: "vm", command: ["/nonexistent"], timeoutSeconds: 30) }
+        do {
+            _ = try QEMUEngine.guestExec(agentPath: socket, vmName: "vm", command: ["/bin/sleep", "5"], timeoutSeconds: 1)
+            Issue.record("a command that outlasts its time must be an error")
+        } catch {
+            #expect("\(error)".contains("still runs after 1 s"), "\(error)")
+        }
+        do {
+            _ = try QEMUEngine.guestExec(agentPath: directory.appendingPathComponent("absent.sock").path, vmName: "vm", command: ["/bin/true"], timeoutSeconds: 5)
+            Issue.record("no agent must be an error")
+        } catch {
+            #expect("\(error)".contains("no guest agent answers") && "\(error)".contains("qemu-guest-agent"), "\(error)")
+        }
+    }
+}
