@@ -33,6 +33,7 @@ packages=(
   tgt                                                          # tgtd, the user-space iSCSI target the iSCSI disk tests serve LUNs from
   nbdkit                                                       # the second NBD server the network-disk tests meet (qemu-nbd the first)
   libxml2-utils                                                # xmllint: the appliance tests check the OVF envelopes Vireo writes
+  qemu-guest-agent                                             # qemu-ga on a host socket: the peer for vireo exec's client (GuestAgentTests)
   qemu-block-extra                                             # QEMU's iscsi driver: the peer in bench/run.py --only network-disks
   iproute2 dnsmasq-base nftables passt                         # networks: bridges and taps, DHCP and DNS, NAT and forwards, user mode
   python3 acl                                                  # the net tests' echo servers; an ACL grants an unprivileged test user /dev/kvm
