@@ -43,19 +43,24 @@ public enum XMLLite {
 
         var atEnd: Bool { at >= bytes.count }
 
-        func peek(_ text: String) -> Bool {
-            let pattern = Array(text.utf8)
-            return at + pattern.count <= bytes.count && Array(bytes[at..<at + pattern.count]) == pattern
+        /// Whether `text` (ASCII) comes next; compared in place, as it runs for every byte of text.
+        func peek(_ text: StaticString) -> Bool { matches(text, at: at) }
+
+        func matches(_ text: StaticString, at position: Int) -> Bool {
+            let count = text.utf8CodeUnitCount
+            guard position + count <= bytes.count else { return false }
+            let pattern = text.utf8Start
+            for index in 0..<count where bytes[position + index] != pattern[index] { return false }
+            return true
         }
 
         mutating func skipSpace() {
             while at < bytes.count, [0x20, 0x09, 0x0a, 0x0d].contains(bytes[at]) { at += 1 }
         }
 
-        mutating func skip(past end: String) throws(LibraryError) {
-            let pattern = Array(end.utf8)
-            while at + pattern.count <= bytes.count {
-                if Array(bytes[at..<at + pattern.count]) == pattern { at += pattern.count; return }
+        mutating func skip(past end: StaticString) throws(LibraryError) {
+            while at + end.utf8CodeUnitCount <= bytes.count {
+                if matches(end, at: at) { at += end.utf8CodeUnitCount; return }
                 at += 1
             }
             throw refuse("'\(end)' never comes")
