@@ -35,7 +35,7 @@ let package = Package(
         .target(name: "MachineSpec"),
         .target(name: "API"),
         .target(name: "CCrypt", linkerSettings: [.linkedLibrary("crypt")]),
-        .target(name: "Library", dependencies: ["MachineSpec", "API", "CHostSupport", "CCrypt", "CSandbox", "DiskImage", "X86Boot"]),
+        .target(name: "Library", dependencies: ["MachineSpec", "API", "CHostSupport", "CCrypt", "CSandbox", "DiskImage", "X86Boot", "JSONQuoting"]),
         .target(name: "Engines", dependencies: ["MachineSpec", "API", "JSONQuoting", "Library", "CHostSupport", "CSandbox", "MigrationWire", "DiskImage"]),
         .target(name: "Server", dependencies: [
             "MachineSpec", "API", "JSONQuoting", "Library", "Engines", "DiskImage", "MigrationWire", "X86Boot", "CHostSupport",

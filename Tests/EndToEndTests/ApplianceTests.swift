@@ -372,7 +372,29 @@ enum ApplianceFixtures {
             let refused = target.vireo("import", path, "--name", "hostile")
             #expect(refused.status != 0 && refused.stderr.contains(reason), "\(path): \(refused.stderr)")
         }
+        // An OVF's neighbours that are links to files elsewhere are not read (root reads them).
+        let linked = directory.appendingPathComponent("linked").path
+        try FileManager.default.createDirectory(atPath: linked, withIntermediateDirectories: true)
+        try FileManager.default.copyItem(atPath: vmwareDirectory + "/web-01.ovf", toPath: linked + "/web-01.ovf")
+        for disk in vmwareDisks { try FileManager.default.createSymbolicLink(atPath: linked + "/" + disk.file, withDestinationPath: vmwareDirectory + "/" + disk.file) }
+        let throughLinks = target.vireo("import", linked + "/web-01.ovf", "--name", "hostile")
+        #expect(throughLinks.status != 0 && throughLinks.stderr.contains("the file web-01-disk1.vmdk the envelope names is missing"), "\(throughLinks.stderr)")
         #expect(names() == before, "a refused import left something: \(names())")
+
+        // Export reads a disk through the chain its definition records, never a backing name
+        // written into its header (which the VM's own process can write): a header pointed at a
+        // host file does not carry that file into the appliance.
+        let secret = directory.appendingPathComponent("secret").path
+        try Data(String(repeating: "HOST-SECRET-", count: 200_000).utf8).write(to: URL(fileURLWithPath: secret))
+        #expect(Harness.run(["qemu-img", "rebase", "-u", "-b", secret, "-F", "raw", source.root.path + "/src/disk0.qcow2"]).status == 0)
+        let leaky = directory.appendingPathComponent("leaky.ova").path
+        #expect(source.vireo("export", "src", leaky).status == 0)
+        let leakyDirectory = directory.appendingPathComponent("leaky").path
+        try FileManager.default.createDirectory(atPath: leakyDirectory, withIntermediateDirectories: true)
+        #expect(Harness.run(["tar", "xf", leaky, "-C", leakyDirectory]).status == 0)
+        #expect(Harness.run(["qemu-img", "convert", "-f", "vmdk", "-O", "raw", leakyDirectory + "/src-disk1.vmdk", leakyDirectory + "/flat.raw"]).status == 0)
+        let flat = try Data(contentsOf: URL(fileURLWithPath: leakyDirectory + "/flat.raw"))
+        #expect(flat.range(of: Data("HOST-SECRET-".utf8)) == nil, "the export followed a backing name from the disk's header")
         #expect(target.state("hostile") == nil)
         let leftovers = try FileManager.default.contentsOfDirectory(atPath: target.root.path).filter { $0.hasPrefix(".importing") || $0.hasPrefix(".creating") }
         #expect(leftovers.isEmpty, "\(leftovers)")

@@ -62,22 +62,6 @@ public struct QEMUEngine: DisplayEngine, RemovableMediaEngine, StateTransferEngi
     /// A value inside a QEMU option list: commas are doubled.
     static func quoted(_ value: String) -> String { value.split(separator: ",", omittingEmptySubsequences: false).joined(separator: ",,") }
 
-    /// A block node as QEMU's JSON describes it: the image in `format` on the file `path`,
-    /// resting on exactly `chain` (nearest first), or on nothing ("backing": null).
-    /// `hostDevice`: the image is a block device (QEMU's `host_device` protocol, which reads its
-    /// size from the device); `direct`: `cache=none`, O_DIRECT on every layer.
-    static func blockNode(path: String, format: DiskFormat, chain: [BackingLayer], readOnly: Bool, locking: Bool = true,
-                          hostDevice: Bool = false, direct: Bool = false) -> String {
-        let cache = direct ? ",\"cache\":{\"direct\":true}" : ""
-        var node = "{\"driver\":\"\(format.rawValue)\",\"read-only\":\(readOnly)\(cache),\"file\":{\"driver\":\"\(hostDevice ? "host_device" : "file")\",\"filename\":\(JSONString.quote(path))\(cache)"
-        node += locking ? "}" : ",\"locking\":\"off\"}"
-        if format == .qcow2 {
-            node += ",\"backing\":" + (chain.first.map { blockNode(path: $0.path, format: $0.format, chain: Array(chain.dropFirst()), readOnly: true, locking: locking,
-                                                                  direct: direct) } ?? "null")
-        }
-        return node + "}"
-    }
-
     /// QEMU's command line for a definition (without the binary), descriptor 3 being the lock.
     public static func arguments(_ definition: VMDefinition, bundle: VMBundle, accelerator: Accelerator, cards: [PreparedCard],
                                  cpuModel: String? = nil) -> [String] {
@@ -127,7 +111,7 @@ public struct QEMUEngine: DisplayEngine, RemovableMediaEngine, StateTransferEngi
             let chain = bundle.chain(of: disk).map { BackingLayer(path: files.name($0.path), format: $0.format) }
             var status = stat()
             let hostDevice = stat(bundle.resolve(disk.path), &status) == 0 && (status.st_mode & S_IFMT) == S_IFBLK
-            var drive = "if=none,id=disk\(index),discard=unmap,file=json:" + quoted(blockNode(path: files.name(bundle.resolve(disk.path)), format: disk.format,
+            var drive = "if=none,id=disk\(index),discard=unmap,file=json:" + quoted(QEMUBlockNode.json(path: files.name(bundle.resolve(disk.path)), format: disk.format,
                                                                                                  chain: chain, readOnly: disk.readOnly,
                                                                                                  locking: !files.usesDescriptors, hostDevice: hostDevice,
                                                                                                  direct: disk.cache == DiskCache.none))

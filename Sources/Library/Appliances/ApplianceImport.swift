@@ -46,8 +46,15 @@ enum ApplianceFiles {
     func has(_ name: String) -> Bool {
         switch self {
         case let .archive(tar): return tar.member(name) != nil
-        case let .directory(directory, _): return HostFiles.exists(directory + "/" + name)
+        case let .directory(directory, _): return Self.isPlainFile(directory + "/" + name)
         }
+    }
+
+    /// A regular file itself, not a link: an OVF's neighbours are read as root, so one may not
+    /// stand for a file elsewhere.
+    static func isPlainFile(_ path: String) -> Bool {
+        var status = stat()
+        return lstat(path, &status) == 0 && status.st_mode & S_IFMT == S_IFREG
     }
 
     func read(_ name: String, limit: UInt64) throws(LibraryError) -> [UInt8] {
@@ -57,6 +64,7 @@ enum ApplianceFiles {
             return try tar.read(member, limit: limit)
         case let .directory(directory, _):
             let path = directory + "/" + name
+            guard Self.isPlainFile(path) else { throw .invalidValue(field: "file", reason: "\(path) is not a regular file (a link is not followed)") }
             guard HostFiles.size(path) <= limit else { throw .invalidValue(field: "file", reason: "\(path) is \(HostFiles.size(path)) bytes; at most \(limit) are read") }
             return try HostFiles.readAll(path)
         }
@@ -68,6 +76,7 @@ enum ApplianceFiles {
             guard let member = tar.member(name) else { throw .invalidValue(field: "file", reason: "\(name) is not in \(tar.path)") }
             try tar.extract(member, to: target)
         case let .directory(directory, _):
+            guard Self.isPlainFile(directory + "/" + name) else { throw .invalidValue(field: "file", reason: "\(directory)/\(name) is not a regular file (a link is not followed)") }
             try HostFiles.copySparse(directory + "/" + name, target)
         }
     }

@@ -44,7 +44,11 @@ public struct Appliances: Sendable {
                 progress("converting \(source) to \(file)")
                 let capacity: UInt64
                 do throws(DiskImageError) { capacity = try DiskImages.peek(path: source, format: disk.format) } catch { throw .disk(error) }
-                try Self.qemuImg(["convert", "-f", disk.format.rawValue, "-O", "vmdk", "-o", "subformat=streamOptimized", source, staging + "/" + file])
+                // The chain the definition records, spelled out: qemu-img, running as root, must not
+                // follow a backing name the VM's own process may have written into the header.
+                let node = QEMUBlockNode.json(path: source, format: disk.format, chain: bundle.chain(of: disk), readOnly: true,
+                                               hostDevice: source.hasPrefix("/dev/"))
+                try Self.qemuImg(["convert", "-O", "vmdk", "-o", "subformat=streamOptimized", "json:" + node, staging + "/" + file])
                 files.append(("file\(index + 1)", file))
                 disks.append((file, capacity))
             }

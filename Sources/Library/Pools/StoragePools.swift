@@ -253,8 +253,11 @@ public struct StoragePools: Sendable {
             for entry in try HostFiles.entries(of: pool.source).sorted() where !entry.hasPrefix(".") {
                 let path = pool.source + "/" + entry
                 guard !HostFiles.isDirectory(path), let format = DiskFormat.declared(byName: path) else { continue }
-                let info = try? StandaloneDisks.info(path: path, format: format)
-                volumes.append(Volume(name: entry, path: path, format: format, virtualSize: info?.virtualSize, allocatedBytes: info?.allocatedBytes))
+                // The header's size only, never its backing name: a VM's own process can write
+                // the header of a volume it uses, and this runs as root.
+                var status = stat()
+                let allocated = lstat(path, &status) == 0 && status.st_mode & S_IFMT == S_IFREG ? UInt64(status.st_blocks) * 512 : nil
+                volumes.append(Volume(name: entry, path: path, format: format, virtualSize: try? DiskImages.peek(path: path, format: format), allocatedBytes: allocated))
             }
             return volumes
         case .block:

@@ -1,4 +1,5 @@
 import DiskImage
+import JSONQuoting
 import MachineSpec
 #if canImport(Glibc)
 import Glibc
@@ -110,5 +111,26 @@ public enum DiskChains {
             guard let expected, expected.format == .qcow2 else { return }
             current = expected.path
         }
+    }
+}
+
+/// A disk as QEMU's tools open it: every layer named, each in the format the definition records,
+/// so neither QEMU nor qemu-img follows a header's backing name or probes a format (libvirt passes
+/// its chains so). The qemu engine's drives and `vireo export`'s conversion both use it.
+public enum QEMUBlockNode {
+    /// A block node as QEMU's JSON describes it: the image in `format` on the file `path`,
+    /// resting on exactly `chain` (nearest first), or on nothing ("backing": null).
+    /// `hostDevice`: the image is a block device (QEMU's `host_device` protocol, which reads its
+    /// size from the device); `direct`: `cache=none`, O_DIRECT on every layer.
+    public static func json(path: String, format: DiskFormat, chain: [BackingLayer], readOnly: Bool, locking: Bool = true,
+                            hostDevice: Bool = false, direct: Bool = false) -> String {
+        let cache = direct ? ",\"cache\":{\"direct\":true}" : ""
+        var node = "{\"driver\":\"\(format.rawValue)\",\"read-only\":\(readOnly)\(cache),\"file\":{\"driver\":\"\(hostDevice ? "host_device" : "file")\",\"filename\":\(JSONString.quote(path))\(cache)"
+        node += locking ? "}" : ",\"locking\":\"off\"}"
+        if format == .qcow2 {
+            node += ",\"backing\":" + (chain.first.map { json(path: $0.path, format: $0.format, chain: Array(chain.dropFirst()), readOnly: true, locking: locking,
+                                                             direct: direct) } ?? "null")
+        }
+        return node + "}"
     }
 }
