@@ -100,11 +100,15 @@ struct Create: ParsableCommand {
     @Option(help: "With a cloud-init image: the guest's host name (default: the VM's name).")
     var hostname: String?
 
+    @Option(name: .customLong("share"), help: ArgumentHelp("Share a host directory with the guest over virtio-fs (qemu engine; repeatable): HOSTDIR[:TAG][,ro]. A cloud-init image mounts it at /mnt/TAG.", valueName: "share"))
+    var shares: [String] = []
+
     @Flag(help: "Print the new VM's configuration as JSON.")
     var json = false
 
     func run() throws {
         var request = CreateRequest(name: name)
+        do throws(LibraryError) { request.shares = try shares.map(SharedFolder.parse) } catch { throw fail(error) }
         request.osType = ostype
         request.cpus = cpus
         request.memoryBytes = try memory.map { try parseSize($0, field: "--memory") }

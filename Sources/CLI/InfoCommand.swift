@@ -133,6 +133,9 @@ struct Info: ParsableCommand {
             if !disk.backingChain.isEmpty { text += " on " + disk.backingChain.joined(separator: " on ") }
             lines.append(["Disk \(index):", text])
         }
+        for share in report.shares {
+            lines.append(["Shared folder:", "\(share.path) as '\(share.tag)'\(share.readOnly ? ", read-only" : "") (virtio-fs; the guest mounts it at /mnt/\(share.tag))"])
+        }
         for (index, card) in report.networks.enumerated() {
             var text = "\(report.engine == "qemu" && report.diskBus == "sata" ? "e1000" : "virtio-net") \(card.mac) on \(card.attachment)"
             if let interface = card.hostInterface { text += " (host interface \(interface))" }

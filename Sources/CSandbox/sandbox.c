@@ -480,3 +480,165 @@ out:
     if (ready_high >= 0) close(ready_high);
     return result;
 }
+
+// MARK: shared folders
+
+#include <linux/close_range.h>
+#include <sys/statvfs.h>
+
+// What the forked child reports before it execs: 'U' when it is ready for its maps, or 'E', an
+// errno and the failed step's name. A successful exec closes the pipe (close-on-exec).
+static void share_child_fail(int report, int code, const char *step) {
+    char tag = 'E';
+    (void)!write(report, &tag, 1);
+    (void)!write(report, &code, sizeof code);
+    (void)!write(report, step, strlen(step));
+    _exit(127);
+}
+
+static int write_map(pid_t child, const char *name, const char *map) {
+    char path[64];
+    snprintf(path, sizeof path, "/proc/%d/%s", (int)child, name);
+    int fd = open(path, O_WRONLY | O_CLOEXEC);
+    if (fd < 0) return errno;
+    size_t length = strlen(map);
+    ssize_t written = write(fd, map, length);
+    int result = written == (ssize_t)length ? 0 : (written < 0 ? errno : EIO);
+    close(fd);
+    return result;
+}
+
+int vireo_spawn_share_server(const char *path, char *const argv[], int log_fd, const int *inherit, int inherit_count,
+                             const struct vireo_share_server_spec *spec, char *error, int error_size, pid_t *pid) {
+    enum { MAX_INHERIT = 16 };
+    if (error_size > 0) error[0] = 0;
+    if (inherit_count < 0 || inherit_count > MAX_INHERIT) return EINVAL;
+    int floor = 10 + inherit_count;
+    int high[MAX_INHERIT];
+    int made = 0, result = 0;
+    int to_child[2] = { -1, -1 }, from_child[2] = { -1, -1 };
+    int log_high = fcntl(log_fd, F_DUPFD_CLOEXEC, floor);
+    if (log_high < 0) return errno;
+    for (; made < inherit_count; made++) {
+        high[made] = fcntl(inherit[made], F_DUPFD_CLOEXEC, floor);
+        if (high[made] < 0) { result = errno; goto out; }
+    }
+    if (pipe2(to_child, O_CLOEXEC) != 0 || pipe2(from_child, O_CLOEXEC) != 0) { result = errno; goto out; }
+    // The mount flags a bind remount must keep (it may add, never silently drop, noexec and
+    // the atime policy of the file system the directory is on).
+    struct statvfs volume;
+    unsigned long kept = 0;
+    if (statvfs(spec->source, &volume) == 0) {
+        if (volume.f_flag & ST_NOEXEC) kept |= MS_NOEXEC;
+        if (volume.f_flag & ST_NOATIME) kept |= MS_NOATIME;
+        if (volume.f_flag & ST_NODIRATIME) kept |= MS_NODIRATIME;
+        if (volume.f_flag & ST_RELATIME) kept |= MS_RELATIME;
+    }
+    sigset_t all, previous;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &previous);
+    pid_t child = fork();
+    if (child == 0) {
+        // Only system calls from here to the exec: the parent has other threads.
+        int report = from_child[1];
+        struct sigaction standard;
+        memset(&standard, 0, sizeof standard);
+        standard.sa_handler = SIG_DFL;
+        for (int signal_number = 1; signal_number < NSIG; signal_number++) sigaction(signal_number, &standard, NULL);
+        setsid();
+        if (unshare(CLONE_NEWNS) != 0) share_child_fail(report, errno, "unshare the mount namespace");
+        if (mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL) != 0) share_child_fail(report, errno, "make mounts private");
+        if (mount(spec->source, spec->mount_point, NULL, MS_BIND, NULL) != 0) share_child_fail(report, errno, "bind the shared directory");
+        struct stat bound;
+        if (stat(spec->mount_point, &bound) != 0 || bound.st_dev != spec->source_dev || bound.st_ino != spec->source_ino) {
+            share_child_fail(report, ESTALE, "check the shared directory (it was replaced since it was checked)");
+        }
+        unsigned long flags = MS_REMOUNT | MS_BIND | MS_NOSUID | MS_NODEV | kept | (spec->read_only ? MS_RDONLY : 0);
+        if (mount(NULL, spec->mount_point, NULL, flags, NULL) != 0) share_child_fail(report, errno, "remount the shared directory nosuid, nodev");
+        if (unshare(CLONE_NEWUSER) != 0) share_child_fail(report, errno, "unshare the user namespace");
+        char byte = 'U';
+        if (write(report, &byte, 1) != 1 || read(to_child[0], &byte, 1) != 1) _exit(127);
+        // The server itself is a grandchild: this child ends at once, so the server belongs to
+        // init (or a subreaper) and never lingers as a zombie of a long-lived caller.
+        pid_t server = fork();
+        if (server < 0) share_child_fail(report, errno, "fork the server");
+        if (server > 0) {
+            char tag = 'P';
+            (void)!write(report, &tag, 1);
+            (void)!write(report, &server, sizeof server);
+            _exit(0);
+        }
+        if (setresgid(0, 0, 0) != 0) share_child_fail(report, errno, "become the namespace's root group");
+        if (setgroups(0, NULL) != 0) share_child_fail(report, errno, "drop supplementary groups");
+        if (setresuid(0, 0, 0) != 0) share_child_fail(report, errno, "become the namespace's root");
+        int null = open("/dev/null", O_RDONLY);
+        if (null < 0 || dup2(null, 0) < 0 || dup2(log_high, 1) < 0 || dup2(log_high, 2) < 0) share_child_fail(report, errno, "set up stdio");
+        for (int i = 0; i < inherit_count; i++) {
+            if (dup2(high[i], 3 + i) < 0) share_child_fail(report, errno, "pass descriptors");
+        }
+        // Everything else closes at the exec (the report pipe too, which tells the parent).
+        syscall(SYS_close_range, 3 + inherit_count, ~0U, CLOSE_RANGE_CLOEXEC);
+        sigset_t empty;
+        sigemptyset(&empty);
+        sigprocmask(SIG_SETMASK, &empty, NULL);
+        execve(path, argv, environ);
+        share_child_fail(report, errno, "exec");
+    }
+    int fork_error = errno;
+    pthread_sigmask(SIG_SETMASK, &previous, NULL);
+    if (child < 0) { result = fork_error; goto out; }
+    close(to_child[0]); to_child[0] = -1;
+    close(from_child[1]); from_child[1] = -1;
+    const char *step = NULL;
+    char tag = 0;
+    int ready = 0;
+    pid_t server = 0;
+    ssize_t got = read(from_child[0], &tag, 1);
+    if (got == 1 && tag == 'U') {
+        ready = 1;
+        if ((result = write_map(child, "uid_map", spec->uid_map)) != 0) step = "write the user namespace's uid_map";
+        else if ((result = write_map(child, "gid_map", spec->gid_map)) != 0) step = "write the user namespace's gid_map";
+        if (result == 0) {
+            char go = 'g';
+            (void)!write(to_child[1], &go, 1);
+            got = read(from_child[0], &tag, 1);
+            if (got == 1 && tag == 'P') {
+                if (read(from_child[0], &server, sizeof server) != (ssize_t)sizeof server) server = 0;
+                waitpid(child, NULL, 0);
+                child = 0;
+                got = read(from_child[0], &tag, 1);
+            }
+        }
+    }
+    if (result == 0 && got == 1 && tag == 'E') {
+        int code = 0;
+        char text[200] = { 0 };
+        if (read(from_child[0], &code, sizeof code) == (ssize_t)sizeof code) {
+            ssize_t length = read(from_child[0], text, sizeof text - 1);
+            if (length > 0) text[length] = 0;
+        }
+        result = code ? code : EIO;
+        if (error_size > 0) snprintf(error, (size_t)error_size, "%s", text);
+    } else if (result == 0 && (got != 0 || !ready || server <= 0)) {
+        result = EIO;
+        step = ready ? "hear from the server" : "start the child (it ended before its user namespace was made)";
+    }
+    if (result != 0) {
+        if (step && error_size > 0) snprintf(error, (size_t)error_size, "%s", step);
+        if (child > 0) {
+            kill(child, SIGKILL);
+            waitpid(child, NULL, 0);
+        }
+        if (server > 0) kill(server, SIGKILL);
+    } else {
+        *pid = server;
+    }
+out:
+    for (int i = 0; i < made; i++) close(high[i]);
+    close(log_high);
+    for (int i = 0; i < 2; i++) {
+        if (to_child[i] >= 0) close(to_child[i]);
+        if (from_child[i] >= 0) close(from_child[i]);
+    }
+    return result;
+}

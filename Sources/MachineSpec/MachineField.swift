@@ -25,6 +25,7 @@ public enum MachineField: String, Sendable, CaseIterable {
     case onReboot = "on_reboot"
     case generationID = "generation_id"
     case console
+    case shares
 
     /// The JSON key.
     public var key: String { rawValue }
@@ -54,6 +55,7 @@ public enum MachineField: String, Sendable, CaseIterable {
         case .onReboot: return "--on-reboot"
         case .generationID: return "--generation-id"
         case .console: return "--console"
+        case .shares: return "--share"
         }
     }
 

@@ -23,4 +23,8 @@ public enum MachineLimits {
     /// Descriptors a VMM inherits (above stdin, stdout and stderr).
     public static let inheritedDescriptors: ClosedRange<Int32> = 3...65535
     public static let rebootPolicies = ["restart", "exit"]
+    /// A virtio-fs tag fills at most 36 bytes of the device's configuration (VIRTIO spec 5.11.4).
+    public static let shareTagLength = 36
+    /// Shared folders one VM may have: each is a PCI device and a virtiofsd process.
+    public static let maximumShares = 8
 }

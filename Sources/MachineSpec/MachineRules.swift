@@ -151,6 +151,28 @@ public enum MachineRules {
         }
     }
 
+    /// A shared folder's tag, which the guest mounts by (`mount -t virtiofs TAG DIR`): 1 to 36
+    /// letters, digits, '.', '_' and '-', so it is also a safe directory name under /mnt and a
+    /// safe word in QEMU's option lists and the guest's mount script.
+    public static func shareTag(_ tag: String) throws(MachineSpecError) {
+        guard !tag.isEmpty, tag.utf8.count <= MachineLimits.shareTagLength, tag != ".", tag != "..",
+              tag.utf8.allSatisfy({ ($0 >= 0x30 && $0 <= 0x39) || ($0 >= 0x41 && $0 <= 0x5a) || ($0 >= 0x61 && $0 <= 0x7a) || $0 == 0x2e || $0 == 0x5f || $0 == 0x2d }) else {
+            throw MachineSpecError(.shares, "tag '\(tag.prefix(60))' must be 1 to \(MachineLimits.shareTagLength) letters, digits, '.', '_' or '-'")
+        }
+    }
+
+    /// Tags are unique in a VM (the guest mounts by tag) and a VM has at most 8 shares.
+    public static func shares(tags: [String]) throws(MachineSpecError) {
+        guard tags.count <= MachineLimits.maximumShares else {
+            throw MachineSpecError(.shares, "\(tags.count) shared folders is more than the \(MachineLimits.maximumShares) a VM may have")
+        }
+        var seen = Set<String>()
+        for tag in tags {
+            try shareTag(tag)
+            guard seen.insert(tag).inserted else { throw MachineSpecError(.shares, "tag '\(tag)' is used twice; each shared folder needs its own tag") }
+        }
+    }
+
     /// What a guest reads as the disk's serial: at most 20 printable ASCII characters, and no
     /// comma (the VMM's `--disk` and QEMU's `-drive` are comma-separated).
     public static func diskSerial(_ serial: String, disk index: Int) throws(MachineSpecError) {

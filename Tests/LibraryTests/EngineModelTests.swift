@@ -213,6 +213,57 @@ struct QEMUCommandLineTests {
         #expect(line().contains("-overcommit mem-lock=on"))
     }
 
+    @Test("shared folders on the qemu command line: a vhost-user-fs device per share on its virtiofsd's socket, RAM virtiofsd can map (memfd, huge pages or a shared file), the tags the guest's mount script reads in SMBIOS type 11; the server's namespace maps the guest's root to its own unprivileged uid and uid 1000 to the directory's owner, never host root")
+    func sharedFolders() throws {
+        var definition = VMDefinition(uuid: "6c1d2f4e-0000-4000-8000-000000000003", name: "fs", osType: try OSType.named("linux-64"), createdAt: 0)
+        definition.engine = .qemu
+        definition.firmware = .bios
+        definition.memoryBytes = 512 << 20
+        definition.shares = [SharedFolder(tag: "proj", path: "/home/u/proj"), SharedFolder(tag: "docs", path: "/srv/docs", readOnly: true)]
+        let bundle = VMBundle(directory: "/lib/fs")
+        func line() -> String { QEMUEngine.arguments(definition, bundle: bundle, accelerator: .tcg, cards: []).joined(separator: " ") }
+        #expect(line().contains("-chardev socket,id=fs0,path=/lib/fs/vmm/fs-proj.sock -device vhost-user-fs-pci,chardev=fs0,tag=proj,id=share0 -smbios type=11,value=vireo.share=proj"), "\(line())")
+        #expect(line().contains("-device vhost-user-fs-pci,chardev=fs1,tag=docs,id=share1 -smbios type=11,value=vireo.share=docs:ro"), "\(line())")
+        #expect(line().contains("-object memory-backend-memfd,id=ram0,size=512M,share=on -machine memory-backend=ram0"), "\(line())")
+        definition.memoryBacking.hugePages = "2M"
+        #expect(line().contains("hugetlb=on,hugetlbsize=2M,share=on"), "\(line())")
+        definition.memoryBacking.hugePages = nil
+        definition.memoryBacking.apply(.init(file: "memfd", shared: false))
+        #expect(line().contains("memory-backend-memfd,id=ram0,size=512M,share=on"), "a memfd is shared for virtiofsd: \(line())")
+        // A private RAM file cannot be mapped by virtiofsd: refused with the reason.
+        definition.memoryBacking.apply(.init(file: "/tmp/fs.ram", shared: false))
+        #expect { try VMLibrary.validate(definition) } throws: { "\($0)".contains("a private RAM file") }
+        definition.memoryBacking.apply(.init())
+        try VMLibrary.validate(definition)
+        // The rules: tags, their count, absolute paths, the engine.
+        var bad = definition
+        bad.shares.append(SharedFolder(tag: "proj", path: "/tmp"))
+        #expect { try VMLibrary.validate(bad) } throws: { "\($0)".contains("tag 'proj' is used twice") }
+        bad.shares = [SharedFolder(tag: "a b", path: "/tmp")]
+        #expect { try VMLibrary.validate(bad) } throws: { "\($0)".contains("tag 'a b' must be 1 to 36 letters, digits") }
+        bad.shares = [SharedFolder(tag: String(repeating: "x", count: 37), path: "/tmp")]
+        #expect { try VMLibrary.validate(bad) } throws: { "\($0)".contains("must be 1 to 36") }
+        bad.shares = (0..<9).map { SharedFolder(tag: "t\($0)", path: "/tmp") }
+        #expect { try VMLibrary.validate(bad) } throws: { "\($0)".contains("9 shared folders is more than the 8") }
+        bad.shares = [SharedFolder(tag: "rel", path: "relative/dir")]
+        #expect { try VMLibrary.validate(bad) } throws: { "\($0)".contains("not an absolute path") }
+        bad.shares = [SharedFolder(tag: "k", path: "/tmp")]
+        bad.engine = .kvm
+        bad.firmware = nil
+        bad.kernel = "/boot/vmlinuz"
+        #expect { try VMLibrary.validate(bad) } throws: { "\($0)".contains("shared folders run on the qemu engine so far") }
+        // --share's syntax and default tags.
+        #expect(try SharedFolder.parse("/srv/no-such-dir:data,ro") == SharedFolder(tag: "data", path: "/srv/no-such-dir", readOnly: true))
+        #expect(try SharedFolder.parse("/srv/My Project") == SharedFolder(tag: "My-Project", path: "/srv/My Project"))
+        #expect(SharedFolder.defaultTag(for: "/") == "share")
+        #expect { try SharedFolder.parse("/srv/x,rw,ro,uid=3") } throws: { "\($0)".contains("the only option is ro") }
+        // The server's user namespace.
+        let maps = QEMUShareServers.maps(owner: (uid: 1001, gid: 1002), server: 2_130_706_500)
+        #expect(maps.uid == "0 2130706500 1\n1000 1001 1\n" && maps.gid == "0 2130706500 1\n1000 1002 1\n")
+        let rootOwned = QEMUShareServers.maps(owner: (uid: 0, gid: 0), server: 2_130_706_500)
+        #expect(rootOwned.uid == "0 2130706500 1\n" && rootOwned.gid == "0 2130706500 1\n", "host root is never mapped")
+    }
+
     @Test func keys() throws {
         #expect(try KeyChord.parse("ctrl-alt-delete").keys == ["ctrl", "alt", "delete"])
         #expect(try KeyChord.parse("Enter").keys == ["ret"])

@@ -98,4 +98,26 @@ int vireo_spawn_jailed(const char *path, char *const argv[], int log_fd, int loc
                        const int *inherit, int inherit_count, char *const *cgroup_procs, int cgroup_count,
                        const struct vireo_jail_spec *jail, char *error, int error_size, pid_t *pid);
 
+/// A virtiofsd for one shared folder (docs/shared-folders.md): `source` (its real path, which must
+/// still be the directory `source_dev`/`source_ino` names when it is bound) is bound on
+/// `mount_point` in a mount namespace of its own, nosuid and nodev (and read-only when asked),
+/// then the child enters a new user namespace whose `uid_map`/`gid_map` root writes, becomes its
+/// root and execs `path`. So the server's root is an unprivileged host uid and the guest can
+/// reach nothing but the directory, whatever it asks. `inherit[i]` becomes descriptor 3 + i;
+/// stdout and stderr go to `log_fd`. The server is a grandchild (its parent ends at once), so it is
+/// not the caller's child: `pid` is for signals only. Returns 0 or an errno, with `error` naming
+/// the failed step.
+struct vireo_share_server_spec {
+    const char *source;
+    dev_t source_dev;
+    ino_t source_ino;
+    const char *mount_point;
+    int read_only;
+    const char *uid_map;
+    const char *gid_map;
+};
+
+int vireo_spawn_share_server(const char *path, char *const argv[], int log_fd, const int *inherit, int inherit_count,
+                             const struct vireo_share_server_spec *spec, char *error, int error_size, pid_t *pid);
+
 #endif

@@ -98,6 +98,17 @@ public protocol GuestAgentEngine: Engine {
     /// Runs `command` (a path and its arguments, no shell) in the guest and waits up to
     /// `timeoutSeconds` for it to end.
     func exec(_ vm: EngineVM, command: [String], timeoutSeconds: Int) throws(LibraryError) -> GuestExecResult
+    /// Sets the guest's clock from the host's (after a resume, a guest's clock is where it was
+    /// saved); nil when done or when the guest has no agent, else a warning saying why not.
+    func synchroniseClock(_ vm: EngineVM) -> String?
+}
+
+/// A guest agent that copies files in and out (`vireo cp`).
+public protocol GuestFileEngine: GuestAgentEngine {
+    /// Copies a host file to `guestPath` (absolute); `progress(done, total)` after each block.
+    func copyToGuest(_ vm: EngineVM, from hostPath: String, to guestPath: String, progress: (UInt64, UInt64) -> Void) throws(LibraryError) -> UInt64
+    /// Copies the guest's `guestPath` to a host file; `progress(done)` after each block.
+    func copyFromGuest(_ vm: EngineVM, from guestPath: String, to hostPath: String, progress: (UInt64) -> Void) throws(LibraryError) -> UInt64
 }
 
 /// A CD-ROM drive whose medium can be taken out while the VM runs.

@@ -100,6 +100,12 @@ public struct VMManager: Sendable {
                     throw error
                 }
             }
+            // A resumed guest's clock stands where it was saved: its agent sets it from the host's
+            // at once, rather than NTP slewing it (or never, offline) — as libvirt's
+            // `virsh domtime --now` after a restore.
+            if resuming, let agent = engine(definition.engine) as? any GuestAgentEngine, let warning = agent.synchroniseClock(vm) {
+                started.warnings.append(warning)
+            }
             // Networks left up by VMs that powered themselves off since (no daemon saw them go).
             started.warnings += networks.releaseIdle()
             return started
@@ -310,6 +316,16 @@ public struct VMManager: Sendable {
         guard timeoutSeconds > 0, timeoutSeconds <= 86_400 else { throw .invalidValue(field: "timeout", reason: "\(timeoutSeconds) is not from 1 to 86400 seconds") }
         _ = try running(name, action: "run a command in")
         return try agent.exec(vm, command: command, timeoutSeconds: timeoutSeconds)
+    }
+
+    /// `vireo cp`: a file into (`toGuest`) or out of a running guest through its agent.
+    public func copy(_ name: String, hostPath: String, guestPath: String, toGuest: Bool,
+                     progress: (UInt64, UInt64?) -> Void = { _, _ in }) throws(LibraryError) -> UInt64 {
+        let (vm, engine) = try defined(name)
+        guard let agent = engine as? any GuestFileEngine else { throw EngineRefusal.noGuestAgent(vm) }
+        _ = try running(name, action: "copy files to or from")
+        if toGuest { return try agent.copyToGuest(vm, from: hostPath, to: guestPath) { progress($0, $1) } }
+        return try agent.copyFromGuest(vm, from: guestPath, to: hostPath) { progress($0, nil) }
     }
 
     public func screenshot(_ name: String, to path: String) throws(LibraryError) {

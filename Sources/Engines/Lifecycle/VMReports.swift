@@ -101,6 +101,8 @@ public struct VMReport: Encodable, Sendable {
     public var resources: Resources
     public var isolation: Isolation?
     public var memoryBacking: MemoryBackingOptions
+    /// Host directories the guest mounts over virtio-fs.
+    public var shares: [SharedFolder]
 
     /// What the report was read from, for a front end that shows it in its own shape (the API's
     /// VM details); not part of `vireo info --json`.
@@ -112,7 +114,7 @@ public struct VMReport: Encodable, Sendable {
         case name, uuid, state, crashReason, osType, cpus, memoryBytes, kernel, initrd, commandLine, entropyDevice, createdAt
         case acpi, onReboot, generationId, cpuModel, engine, firmware, iso, accelerator, runningAccelerator, diskBus, displaySocket
         case image, cloudInitUser, hostname, directory, configPath, consoleLog, vmmLog, controlSocket, disks, networks
-        case vsockCid, vsockSocket, savedState, snapshots, currentSnapshot, process, counters, resources, isolation, memoryBacking
+        case vsockCid, vsockSocket, savedState, snapshots, currentSnapshot, process, counters, resources, isolation, memoryBacking, shares
     }
 }
 
@@ -197,7 +199,7 @@ extension VMManager {
                                           rtPriority: limits.rtPriority, ioLimits: limits.ioLimits,
                                           cgroups: groups?.directories, cpuNanoseconds: groups?.cpuNanoseconds, memoryBytes: groups?.memoryBytes),
             isolation: Self.isolation(of: bundle, definition: definition, state: status.state),
-            memoryBacking: definition.memoryBacking,
+            memoryBacking: definition.memoryBacking, shares: definition.shares,
             definition: definition, snapshotTree: tree,
             overview: overview(of: name, networks: networks, load: { _ throws(LibraryError) in definition }))
     }

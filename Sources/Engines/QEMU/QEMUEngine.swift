@@ -89,6 +89,13 @@ public struct QEMUEngine: DisplayEngine, RemovableMediaEngine, StateTransferEngi
             "-chardev", "socket,id=qga0,path=\(quoted(bundle.guestAgentPath)),server=on,wait=off",
             "-device", "virtserialport,bus=vser0.0,chardev=qga0,name=org.qemu.guest_agent.0",
         ] + files.arguments
+        // Shared folders: a vhost-user-fs device per share on the socket its virtiofsd listens
+        // on (QEMUShareServers), and the list the guest's mount script reads (SMBIOS type 11).
+        for (index, share) in definition.shares.enumerated() {
+            arguments += ["-chardev", "socket,id=fs\(index),path=\(quoted(QEMUShareServers.socketPath(bundle, tag: share.tag)))",
+                          "-device", "vhost-user-fs-pci,chardev=fs\(index),tag=\(share.tag),id=share\(index)",
+                          "-smbios", "type=11,value=vireo.share=\(share.tag)\(share.readOnly ? ":ro" : "")"]
+        }
         if definition.firmware == .uefi {
             arguments += ["-drive", "if=pflash,format=raw,unit=0,readonly=on,file=\(quoted(FirmwareFiles.uefiCode))",
                           "-drive", "if=pflash,format=raw,unit=1,file=\(quoted(files.name(bundle.resolve(definition.nvram ?? "nvram.fd"))))"
@@ -145,14 +152,20 @@ public struct QEMUEngine: DisplayEngine, RemovableMediaEngine, StateTransferEngi
         if definition.onReboot == "exit" { arguments.append("-no-reboot") }
         // --numa-node: QEMU binds the backend's memory itself.
         let numa = definition.memoryBacking.numaNode.map { ",host-nodes=\($0),policy=bind" } ?? ""
+        // virtiofsd maps the guest's RAM to reach its buffers: shared folders need shared RAM.
+        let sharedRAM = !definition.shares.isEmpty
         if let pages = definition.memoryBacking.hugePages {
             arguments += ["-object", "memory-backend-memfd,id=ram0,size=\(definition.memoryBytes >> 20)M,hugetlb=on,hugetlbsize=\(pages)"
-                          + (definition.memoryBacking.preallocate ? ",prealloc=on" : "") + numa,
+                          + (sharedRAM ? ",share=on" : "") + (definition.memoryBacking.preallocate ? ",prealloc=on" : "") + numa,
                           "-machine", "memory-backend=ram0"]
         } else if let file = definition.memoryBacking.file {
-            let share = definition.memoryBacking.shared ? "on" : "off"
+            let share = definition.memoryBacking.shared || sharedRAM ? "on" : "off"
             let backend = file == "memfd" ? "memory-backend-memfd,id=ram0" : "memory-backend-file,id=ram0,mem-path=\(file)"
             arguments += ["-object", backend + ",size=\(definition.memoryBytes >> 20)M,share=\(share)"
+                          + (definition.memoryBacking.preallocate ? ",prealloc=on" : "") + numa,
+                          "-machine", "memory-backend=ram0"]
+        } else if sharedRAM {
+            arguments += ["-object", "memory-backend-memfd,id=ram0,size=\(definition.memoryBytes >> 20)M,share=on"
                           + (definition.memoryBacking.preallocate ? ",prealloc=on" : "") + numa,
                           "-machine", "memory-backend=ram0"]
         } else if !numa.isEmpty {
@@ -214,6 +227,14 @@ public struct QEMUEngine: DisplayEngine, RemovableMediaEngine, StateTransferEngi
         extra += files.descriptors
         // Held by QEMU for its whole life, so its uid stays its own; never named.
         if let jail { extra.append(jail.identity.descriptor) }
+        // Their servers listen before QEMU connects; they end with QEMU's connection, or here if
+        // QEMU does not start.
+        let qemuOwner = jail.map { ($0.identity.uid, $0.identity.gid) }
+        var shareServers = try QEMUShareServers.start(vm, qemuOwner: qemuOwner)
+        var started = false
+        defer {
+            if started { shareServers.releaseIdentity() } else { shareServers.stop() }
+        }
         func arguments(cpuModel: String? = nil) -> [String] {
             Self.arguments(definition, bundle: bundle, accelerator: accelerator, cards: networking.cards, cpuModel: cpuModel, files: files) + incoming
         }
@@ -225,15 +246,20 @@ public struct QEMUEngine: DisplayEngine, RemovableMediaEngine, StateTransferEngi
         }
         do {
             let pid = try launch(binary, arguments(), vm: vm, lock: lock, networking: networking, extraDescriptors: extra, jail: jail)
+            started = true
             recordIsolation()
             if stateDescriptor >= 0 { unlink(bundle.savedStatePath) }
             return StartedVM(pid: pid, warnings: warnings)
         } catch let .engine(_, reason, _) where accelerator != .tcg && reason.contains("MSR 0x10a") {
             // Some hosts' KVM (nested ones, this project's CI) refuse the ARCH_CAPABILITIES MSR
             // that `-cpu host` sets, and QEMU aborts. The guest then does without it (and assumes
-            // the CPU vulnerable, enabling mitigations), which beats not starting.
+            // the CPU vulnerable, enabling mitigations), which beats not starting. The first QEMU's
+            // share servers ended with it: new ones serve the second.
+            shareServers.stop()
+            shareServers = try QEMUShareServers.start(vm, qemuOwner: qemuOwner)
             let pid = try launch(binary, arguments(cpuModel: "host,-arch-capabilities"), vm: vm, lock: lock, networking: networking,
                                  extraDescriptors: extra, jail: jail)
+            started = true
             recordIsolation()
             if stateDescriptor >= 0 { unlink(bundle.savedStatePath) }
             warnings.append("this host's KVM refuses the ARCH_CAPABILITIES MSR; VM '\(name)' runs with `-cpu host,-arch-capabilities`")
@@ -449,6 +475,9 @@ public struct QEMUEngine: DisplayEngine, RemovableMediaEngine, StateTransferEngi
     /// fsynced, renamed), which leaves it stopped with its disks flushed; then it quits.
     /// `start` resumes it with `-incoming fd:`.
     public func saveState(_ vm: EngineVM) throws(LibraryError) {
+        if let share = vm.definition.shares.first {
+            throw .engine(name: vm.name, reason: "it shares \(share.path) ('\(share.tag)') over virtio-fs, whose state QEMU cannot save (virtiofsd keeps the guest's open files); shut it down (`vireo stop \(vm.name)`), or remove its shared folders while it is stopped", exitStatus: 2)
+        }
         let connection = try connect(vm, action: "save", timeoutSeconds: 600)
         try vm.bundle.prepareVMMDirectory()
         try writeState(vm, connection, to: vm.bundle.savedStatePath, action: "save")
@@ -471,6 +500,22 @@ public struct QEMUEngine: DisplayEngine, RemovableMediaEngine, StateTransferEngi
                                  data: .init(device: "disk\(index)", snapshotFile: bundle.resolve(moved.disks[index].path), format: "qcow2", mode: "existing")))
         }
         let connection = try connect(vm, action: "snapshot", timeoutSeconds: 600)
+        if !vm.definition.shares.isEmpty {
+            // QEMU cannot save a virtio-fs device's state: the disks move (all at once, as a
+            // power cut would find them) and the snapshot holds no memory, as libvirt's
+            // disk-only snapshots.
+            // The guest's agent freezes its file systems around the switch, so what is on the
+            // disks is what its applications last wrote, as libvirt's --quiesce.
+            var moveError: LibraryError?
+            let consistency = Self.withFrozenFileSystems(vm) {
+                guard !actions.isEmpty else { return }
+                do { _ = try connection.execute("transaction", arguments: QMPReplies.Transaction(actions: actions)) } catch {
+                    moveError = .engine(name: vm.name, reason: "cannot move its disks onto the snapshot's overlays (none moved): \(error)", exitStatus: 1)
+                }
+            }
+            if let moveError { throw moveError }
+            return "QEMU cannot save the state of its shared folders (virtio-fs); " + consistency
+        }
         // Not stopped first: QEMU records the run state the migration starts in, and a restore
         // brings the guest back in it (a paused guest's snapshot restores paused). QEMU stops the
         // guest itself for the migration's last pass, and the disks move while it is stopped.

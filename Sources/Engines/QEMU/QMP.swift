@@ -15,14 +15,15 @@ final class QMPConnection {
 
     enum Failure: Error, CustomStringConvertible {
         case unreachable(ControlError)
-        /// QEMU answered with an error: its class ("GenericError", "DeviceNotFound") and text.
-        case refused(errorClass: String, description: String)
+        /// The peer answered with an error: its class ("GenericError", "DeviceNotFound"), text,
+        /// and who it was (QEMU or the guest agent).
+        case refused(errorClass: String, description: String, by: String = "QEMU")
         case protocolError(String)
 
         var description: String {
             switch self {
             case let .unreachable(error): return error.description
-            case let .refused(errorClass, description): return "QEMU refused: \(description) (\(errorClass))"
+            case let .refused(errorClass, description, peer): return "\(peer) refused: \(description) (\(errorClass))"
             case let .protocolError(reason): return "unexpected QMP traffic: \(reason)"
             }
         }
@@ -42,9 +43,11 @@ final class QMPConnection {
     }
 
     let fd: Int32
+    let peer: Peer
     private var pending: [UInt8] = []
 
     init(path: String, timeoutSeconds: Int = 10, peer: Peer = .qemu) throws(Failure) {
+        self.peer = peer
         do { fd = try ControlConnection.connectUnix(path: path, timeoutSeconds: timeoutSeconds) } catch { throw .unreachable(error) }
         do throws(Failure) {
             if peer == .guestAgent {
@@ -108,20 +111,23 @@ final class QMPConnection {
                 throw .protocolError("\(command): \(String(decoding: reply.prefix(200), as: UTF8.self)) (\(error))")
             }
             if envelope.event != nil { continue }
-            if let error = envelope.error { throw .refused(errorClass: error.class, description: error.desc) }
+            if let error = envelope.error { throw .refused(errorClass: error.class, description: error.desc, by: peer == .guestAgent ? "the guest agent" : "QEMU") }
             if let value = envelope.return { return value }
             throw .protocolError("\(command): a reply without a result")
         }
     }
 
     private func readLine() throws(Failure) -> [UInt8] {
-        var buffer = [UInt8](repeating: 0, count: 8192)
+        var buffer = [UInt8](repeating: 0, count: 65536)
+        // Only bytes not yet searched are searched: a guest agent's file block is a 1.4 MB line.
+        var searched = 0
         while true {
-            if let newline = pending.firstIndex(of: 0x0a) {
+            if let newline = pending[searched...].firstIndex(of: 0x0a) {
                 let line = Array(pending[..<newline])
                 pending.removeSubrange(...newline)
                 return line
             }
+            searched = pending.count
             let count = buffer.withUnsafeMutableBytes { recv(fd, $0.baseAddress, $0.count, 0) }
             if count < 0 && errno == EINTR { continue }
             guard count > 0 else { throw .protocolError(count == 0 ? "the peer closed the connection" : "no reply in time") }

@@ -148,7 +148,20 @@ public enum CloudInitSeed {
         var users: [User]
         var disable_root: Bool
         var manage_etc_hosts: Bool
+        var bootcmd: [[String]]
     }
+
+    /// Run by cloud-init at every boot (`bootcmd`): mounts each shared folder the VM lists in its
+    /// SMBIOS OEM strings (type 11, `vireo.share=TAG` or `vireo.share=TAG:ro`, which the qemu
+    /// engine sets from the definition at each start) at /mnt/TAG. So a share added later with
+    /// `vireo share add` is mounted at the next boot too, without a new seed. Tags are letters,
+    /// digits, '.', '_' and '-' (MachineRules.shareTag); the sed keeps nothing else.
+    public static let mountSharesScript = """
+        for raw in /sys/firmware/dmi/entries/11-*/raw; do [ -r "$raw" ] || continue; \
+        tr '\\000' '\\n' < "$raw" | sed -n 's/.*vireo\\.share=\\([A-Za-z0-9._-]*\\)\\(:ro\\)\\{0,1\\}$/\\1 \\2/p' | \
+        while read -r tag ro; do mountpoint -q "/mnt/$tag" && continue; mkdir -p "/mnt/$tag"; \
+        mount -t virtiofs ${ro:+-o ro} "$tag" "/mnt/$tag" || echo "vireo: cannot mount shared folder $tag" >&2; done; done
+        """
 
     /// `#cloud-config` in JSON form (JSON is YAML), so nothing the user typed needs YAML escaping.
     /// No `ssh_pwauth`: setting it makes cloud-init restart sshd late in the first boot, after it
@@ -158,7 +171,7 @@ public enum CloudInitSeed {
         let user = User(name: settings.user, groups: ["sudo", "adm"], sudo: "ALL=(ALL) NOPASSWD:ALL", shell: "/bin/bash",
                         lock_passwd: settings.passwordHash == nil, passwd: settings.passwordHash,
                         ssh_authorized_keys: settings.authorizedKeys)
-        let data = UserData(users: [user], disable_root: true, manage_etc_hosts: true)
+        let data = UserData(users: [user], disable_root: true, manage_etc_hosts: true, bootcmd: [["sh", "-c", mountSharesScript]])
         return "#cloud-config\n" + json(data) + "\n"
     }
 

@@ -71,7 +71,8 @@ public struct VMDefinition: Codable, Sendable, Equatable {
     public var resources = ResourceLimits()
     /// How guest RAM is backed: huge pages, preallocation, KSM (docs/resources.md).
     public var memoryBacking = MemoryBackingOptions()
-
+    /// Host directories the guest mounts over virtio-fs (docs/shared-folders.md).
+    public var shares: [SharedFolder] = []
 
     /// A fresh 128-bit generation ID.
     public static func newGenerationID() -> String {
@@ -106,7 +107,7 @@ public struct VMDefinition: Codable, Sendable, Equatable {
     enum CodingKeys: String, CodingKey {
         case version, uuid, name, osType, engine, cpus, memoryBytes, kernel, initrd, commandLine, disks, networks
         case vsockCID, balloon, entropyDevice, createdAt, acpi, onReboot, generationID, cpuModel
-        case firmware, nvram, iso, accelerator, diskBus, image, cloudInit, resources, memoryBacking
+        case firmware, nvram, iso, accelerator, diskBus, image, cloudInit, resources, memoryBacking, shares
     }
 
     /// Fields added after version 1 was first written are optional in the file, with the values
@@ -142,6 +143,7 @@ public struct VMDefinition: Codable, Sendable, Equatable {
         cloudInit = try container.decodeIfPresent(CloudInitSettings.self, forKey: .cloudInit)
         resources = try container.decodeIfPresent(ResourceLimits.self, forKey: .resources) ?? ResourceLimits()
         memoryBacking = try container.decodeIfPresent(MemoryBackingOptions.self, forKey: .memoryBacking) ?? MemoryBackingOptions()
+        shares = try container.decodeIfPresent([SharedFolder].self, forKey: .shares) ?? []
     }
 }
 

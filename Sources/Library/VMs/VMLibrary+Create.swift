@@ -62,6 +62,9 @@ extension VMLibrary {
         if let model = request.cpuModel { definition.cpuModel = model }
         definition.resources = request.resources
         definition.memoryBacking = request.memoryBacking
+        var shares: [SharedFolder] = []
+        for share in request.shares { shares.append(try share.checkedOnHost(libraryRoot: root)) }
+        definition.shares = shares
         if let kernel = request.kernel { try Self.validate(kernel: kernel) }
         if let initrd = request.initrd { try Self.validateReadable(initrd, field: "initrd") }
         guard request.diskBytes == nil || request.attachDisk == nil, !(request.withoutDisk && (request.diskBytes != nil || request.attachDisk != nil)) else {
@@ -267,7 +270,8 @@ extension VMLibrary {
             return .qemu
         }
         if let image, request.engine == nil, request.kernel == nil {
-            return image.kvmEngineBootable == true ? .kvm : .qemu
+            // Shared folders are served on the qemu engine only (so far).
+            return image.kvmEngineBootable == true && request.shares.isEmpty ? .kvm : .qemu
         }
         if request.engine == .kvm {
             if request.iso != nil {
@@ -281,6 +285,6 @@ extension VMLibrary {
             }
         }
         if let engine = request.engine { return engine }
-        return request.iso != nil || request.firmware != nil ? .qemu : .kvm
+        return request.iso != nil || request.firmware != nil || !request.shares.isEmpty ? .qemu : .kvm
     }
 }

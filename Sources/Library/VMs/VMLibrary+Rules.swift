@@ -37,6 +37,7 @@ extension VMLibrary {
         }
         try validate(networks: definition.networks)
         try validate(disks: definition.disks)
+        try validate(shares: definition.shares, engine: definition.engine, memoryBacking: definition.memoryBacking)
         for (field, path) in [("kernel", definition.kernel), ("initrd", definition.initrd), ("nvram", definition.nvram)] {
             if let path { try validate(path: path, field: field) }
         }

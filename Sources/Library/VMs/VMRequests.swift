@@ -45,6 +45,8 @@ public struct CreateRequest: Sendable {
     /// CPU, memory and process limits (docs/resources.md).
     public var resources = ResourceLimits()
     public var memoryBacking = MemoryBackingOptions()
+    /// Host directories the guest mounts over virtio-fs (`--share`), checked on the host.
+    public var shares: [SharedFolder] = []
     /// With a cloud-init image: the user, keys, password and host name of its NoCloud seed.
     public var cloudInit = CloudInitRequest()
 
