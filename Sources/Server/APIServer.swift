@@ -91,6 +91,7 @@ public struct APIServer: Sendable {
         addNetworkRoutes(to: api)
         addImageRoutes(to: api)
         addStorageRoutes(to: api)
+        addGuestRoutes(to: api)
         addManageRoutes(to: api)
         addTaskRoutes(to: api)
         addEventRoutes(to: api)

@@ -105,12 +105,14 @@ extension APIServer {
         var cpuWeight: Int?
         var memoryLimitBytes: UInt64?
         var pidsLimit: Int?
+        /// `--share`'s syntax: HOSTDIR[:TAG][,ro].
+        var shares: [String]?
 
         static let keys: Set<String> = ["name", "os_type", "cpus", "memory_bytes", "disk_bytes", "attach_disk", "attach_disk_format", "without_disk", "kernel",
                                         "initrd", "command_line", "nics", "forwards", "vsock_cid", "balloon", "entropy_device", "acpi",
                                         "on_reboot", "cpu_model", "engine", "iso", "firmware", "accelerator", "image", "full_copy",
                                         "ssh_key_files", "user", "hostname", "password", "cpu_cap_percent", "cpu_weight",
-                                        "memory_limit_bytes", "pids_limit"]
+                                        "memory_limit_bytes", "pids_limit", "shares"]
 
         func request() throws(LibraryError) -> CreateRequest {
             var request = CreateRequest(name: name)
@@ -145,6 +147,7 @@ extension APIServer {
             request.resources.cpuWeight = cpuWeight
             request.resources.memoryLimitBytes = memoryLimitBytes
             request.resources.pidsLimit = pidsLimit
+            request.shares = try (shares ?? []).map(SharedFolder.parse)
             return request
         }
     }
@@ -293,6 +296,11 @@ extension APIServer {
             }
             if let disk = body.attachDisk { try self.paths.checkDisk(disk, field: "attach_disk") }
             for (index, path) in (body.sshKeyFiles ?? []).enumerated() { try self.paths.check(path, field: "ssh_key_files[\(index)]") }
+            for (index, text) in (body.shares ?? []).enumerated() {
+                let share: SharedFolder
+                do throws(LibraryError) { share = try SharedFolder.parse(text) } catch { throw APIProblem(error) }
+                try self.paths.check(share.path, field: "shares[\(index)]")
+            }
             let (definition, notes) = try await blocking { () throws in
                 try self.manager.library.createReporting(try body.request())
             }

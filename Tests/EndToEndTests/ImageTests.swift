@@ -79,7 +79,7 @@ struct ImageTests {
         #expect(info.status == 0 && info.stdout.contains("every file matches the manifest") && info.stdout.contains("linux-image-amd64"), "\(info.stdout)\(info.stderr)")
     }
 
-    @Test("a Debian VM from the image on the qemu engine (TCG) in a NAT network: boots to multi-user, cloud-init makes the user with both keys and the host name, `vireo ssh` runs commands and passes their status, `vireo exec` runs one through qemu-guest-agent without SSH, `vireo cp` copies 20 MiB both ways, a save and resume sets the guest's clock, `vireo stop` powers it off through ACPI, the overlay passes qemu-img check, and a second boot keeps the first one's files and mounts the shared folders added while stopped (ownership as documented, the read-only one refusing writes; save refused, a live snapshot disk-only)",
+    @Test("a Debian VM from the image on the qemu engine (TCG) in a NAT network: boots to multi-user, cloud-init makes the user with both keys and the host name, `vireo ssh` runs commands and passes their status, `vireo exec` runs one through qemu-guest-agent without SSH, `vireo cp` copies 20 MiB both ways, a save and resume sets the guest's clock, `vireo stop` powers it off through ACPI, the overlay passes qemu-img check, and a second boot keeps the first one's files and mounts the shared folders added while stopped (ownership as documented, the read-only one refusing writes; save refused, a live snapshot disk-only with the guest's file systems frozen through the agent)",
           .timeLimit(.minutes(40)))
     func debianOnQEMUEngine() throws {
         let lab = try NetworkLab()
@@ -156,6 +156,12 @@ struct ImageTests {
                 "\(executed.status) \(executed.stdout) \(executed.stderr)")
         let noCommand = lab.vireo("exec", "deb")
         #expect(noCommand.status != 0 && noCommand.stderr.contains("give it after --"), "\(noCommand.stderr)")
+        // The same through the REST API (POST /api/vms/{name}/exec).
+        let served = try Served(lab.library)
+        let viaAPI = try served.api.request("POST", "/api/vms/deb/exec", json: ["command": ["/bin/sh", "-c", "echo api-out; echo api-err >&2; exit 4"]])
+        #expect(viaAPI.status == 200 && viaAPI.object["exit_code"] as? Int == 4 && viaAPI.object["stdout"] as? String == "api-out\n"
+                && viaAPI.object["stderr"] as? String == "api-err\n", "\(viaAPI.status) \(viaAPI.text)")
+        served.kill()
 
         // `vireo cp` through the agent: 20 MiB in and out, byte for byte; refusals leave nothing.
         let big = work.appendingPathComponent("big").path
@@ -230,7 +236,11 @@ struct ImageTests {
         let save = lab.vireo("save", "deb")
         #expect(save.status != 0 && save.stderr.contains("over virtio-fs, whose state QEMU cannot save"), "\(save.stderr)")
         let snapshot = lab.vireo("snapshot", "take", "deb", "with-share")
-        #expect(snapshot.status == 0 && (snapshot.stdout + snapshot.stderr).contains("QEMU cannot save the state of its shared folders"), "\(snapshot.stdout) \(snapshot.stderr)")
+        #expect(snapshot.status == 0 && (snapshot.stdout + snapshot.stderr).contains("QEMU cannot save the state of its shared folders")
+                && snapshot.stderr.contains("file system(s) were frozen for the switch, so the disks are consistent"), "\(snapshot.stdout) \(snapshot.stderr)")
+        // The agent froze the guest's file systems around the disk switch, as its journal says.
+        let journal = lab.vireo(arguments: ["exec", "deb", "--", "/bin/journalctl", "-b", "-u", "qemu-guest-agent", "--no-pager"], timeout: 300)
+        #expect(journal.stdout.contains("guest-fsfreeze called"), "\(journal.stdout.suffix(1500))")
         #expect(lab.vireo("list").stdout.contains("running"))
         #expect(lab.vireo("stop", "deb", timeout: 600).status == 0)
         #expect(lab.vireo("delete", "deb").status == 0)

@@ -64,4 +64,45 @@ import Testing
         #expect(FileManager.default.fileExists(atPath: project), "the host directory is untouched")
         #expect(library.vireo("share", "list", "q").stdout.split(separator: "\n").count == 2)
     }
+
+    @Test("shared folders and exec through the REST API: a share inside the allowed paths is added, listed and removed; one outside them, a file, a duplicate tag and an unknown field are 422s; removing an unknown tag is a 404; exec on a stopped VM is a 409 and an empty command a 422; nothing is changed by a refusal")
+    func sharesThroughTheAPI() throws {
+        let library = try TestLibrary()
+        let work = try Harness.temporaryDirectory()
+        let project = work.appendingPathComponent("proj").path
+        try FileManager.default.createDirectory(atPath: project, withIntermediateDirectories: true)
+        let probe = try Harness.probe("pvh")
+        #expect(library.vireo("create", "q", "--engine", "qemu", "--accel", "tcg", "--kernel", probe, "--memory", "128M", "--no-disk", "--no-nic").status == 0)
+        let served = try Served(library)
+        let api = served.api
+        let added = try api.request("POST", "/api/vms/q/shares", json: ["path": project, "read_only": true])
+        #expect(added.status == 201 && added.text.contains("\"tag\":\"proj\"") && added.text.contains("\"read_only\":true"), "\(added.status) \(added.text)")
+        let config = library.root.appendingPathComponent("q/config.json")
+        let before = try Data(contentsOf: config)
+        let refusals: [([String: Any], String)] = [
+            (["path": "/etc"], "--allow-path"),
+            (["path": project + "/../proj", "tag": "proj"], "already shares"),
+            (["path": project, "tag": "bad tag"], "must be 1 to 36"),
+            (["path": project, "uid": 5], "uid"),
+        ]
+        for (body, reason) in refusals {
+            let refused = try api.request("POST", "/api/vms/q/shares", json: body)
+            #expect(refused.status == 422 && refused.text.contains(reason), "\(body): \(refused.status) \(refused.text)")
+        }
+        #expect(try Data(contentsOf: config) == before)
+        let listed = try api.request("GET", "/api/vms/q/shares")
+        #expect(listed.status == 200 && listed.array.count == 1, "\(listed.text)")
+        #expect(try api.request("DELETE", "/api/vms/q/shares/nope").status == 404)
+        let removed = try api.request("DELETE", "/api/vms/q/shares/proj")
+        #expect(removed.status == 200 && removed.array.isEmpty, "\(removed.status) \(removed.text)")
+        let stopped = try api.request("POST", "/api/vms/q/exec", json: ["command": ["/bin/true"]])
+        #expect(stopped.status == 409, "\(stopped.status) \(stopped.text)")
+        let empty = try api.request("POST", "/api/vms/q/exec", json: ["command": [] as [String]])
+        #expect(empty.status == 422 && empty.text.contains("command"), "\(empty.status) \(empty.text)")
+        let created = try api.request("POST", "/api/vms", json: ["name": "w", "engine": "qemu", "accelerator": "tcg", "kernel": probe, "memory_bytes": 128 << 20,
+                                                                  "without_disk": true, "nics": [] as [String], "shares": [project + ":work,ro"]])
+        #expect(created.status == 201 && created.text.contains("\"tag\":\"work\""), "\(created.status) \(created.text)")
+        let outside = try api.request("POST", "/api/vms", json: ["name": "o", "engine": "qemu", "kernel": probe, "without_disk": true, "shares": ["/etc:etc"]])
+        #expect(outside.status == 422 && outside.text.contains("shares[0]"), "\(outside.status) \(outside.text)")
+    }
 }

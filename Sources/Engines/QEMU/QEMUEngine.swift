@@ -507,7 +507,7 @@ public struct QEMUEngine: DisplayEngine, RemovableMediaEngine, StateTransferEngi
             // The guest's agent freezes its file systems around the switch, so what is on the
             // disks is what its applications last wrote, as libvirt's --quiesce.
             var moveError: LibraryError?
-            let consistency = Self.withFrozenFileSystems(vm) {
+            let consistency = Self.withFrozenFileSystems(vm, qmp: connection) {
                 guard !actions.isEmpty else { return }
                 do { _ = try connection.execute("transaction", arguments: QMPReplies.Transaction(actions: actions)) } catch {
                     moveError = .engine(name: vm.name, reason: "cannot move its disks onto the snapshot's overlays (none moved): \(error)", exitStatus: 1)

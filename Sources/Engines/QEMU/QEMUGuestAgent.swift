@@ -28,14 +28,15 @@ extension QEMUEngine: GuestAgentEngine {
         }
     }
 
-    /// Whether the guest has its agent's port open (QMP's `frontend-open` for its chardev).
-    static func agentPortOpen(_ vm: EngineVM) -> Bool {
+    /// Whether the guest has its agent's port open (QMP's `frontend-open` for its chardev), asked
+    /// on `qmp` when the caller holds QEMU's one monitor connection already.
+    static func agentPortOpen(_ vm: EngineVM, qmp given: QMPConnection? = nil) -> Bool {
         struct Chardev: Decodable {
             var label: String
             var frontendOpen: Bool?
             enum CodingKeys: String, CodingKey { case label, frontendOpen = "frontend-open" }
         }
-        guard let qmp = try? QMPConnection(path: vm.bundle.qmpPath, timeoutSeconds: 5),
+        guard let qmp = given ?? (try? QMPConnection(path: vm.bundle.qmpPath, timeoutSeconds: 5)),
               let chardevs = try? qmp.execute("query-chardev", as: [Chardev].self) else { return false }
         return chardevs.first(where: { $0.label == "qga0" })?.frontendOpen == true
     }
@@ -43,8 +44,8 @@ extension QEMUEngine: GuestAgentEngine {
     /// Runs `body` with the guest's file systems frozen (`guest-fsfreeze-freeze`, thawed after
     /// whatever happens; qemu-ga also thaws by itself if its client goes). Says what the disks
     /// hold: application-consistent, or crash-consistent and why.
-    static func withFrozenFileSystems(_ vm: EngineVM, _ body: () -> Void) -> String {
-        guard agentPortOpen(vm) else {
+    static func withFrozenFileSystems(_ vm: EngineVM, qmp: QMPConnection, _ body: () -> Void) -> String {
+        guard agentPortOpen(vm, qmp: qmp) else {
             body()
             return "no guest agent runs to freeze its file systems, so the disks are as a power cut would leave them"
         }
