@@ -34,6 +34,7 @@ packages=(
   nbdkit                                                       # the second NBD server the network-disk tests meet (qemu-nbd the first)
   libxml2-utils                                                # xmllint: the appliance tests check the OVF envelopes Vireo writes
   qemu-guest-agent                                             # qemu-ga on a host socket: the peer for vireo exec's client (GuestAgentTests)
+  swtpm swtpm-tools                                            # --tpm: the TPM 2.0 emulator beside QEMU (docs/tpm.md)
   qemu-block-extra                                             # QEMU's iscsi driver: the peer in bench/run.py --only network-disks
   iproute2 dnsmasq-base nftables passt                         # networks: bridges and taps, DHCP and DNS, NAT and forwards, user mode
   python3 acl                                                  # the net tests' echo servers; an ACL grants an unprivileged test user /dev/kvm

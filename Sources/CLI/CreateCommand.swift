@@ -100,6 +100,9 @@ struct Create: ParsableCommand {
     @Option(help: "With a cloud-init image: the guest's host name (default: the VM's name).")
     var hostname: String?
 
+    @Flag(help: "A TPM 2.0 (qemu engine): Debian's swtpm, its state in the VM's directory, carried by saves and snapshots. See docs/tpm.md.")
+    var tpm = false
+
     @Option(name: .customLong("share"), help: ArgumentHelp("Share a host directory with the guest over virtio-fs (qemu engine; repeatable): HOSTDIR[:TAG][,ro]. A cloud-init image mounts it at /mnt/TAG.", valueName: "share"))
     var shares: [String] = []
 
@@ -109,6 +112,7 @@ struct Create: ParsableCommand {
     func run() throws {
         var request = CreateRequest(name: name)
         do throws(LibraryError) { request.shares = try shares.map(SharedFolder.parse) } catch { throw fail(error) }
+        request.tpm = tpm
         request.osType = ostype
         request.cpus = cpus
         request.memoryBytes = try memory.map { try parseSize($0, field: "--memory") }

@@ -133,6 +133,7 @@ struct Info: ParsableCommand {
             if !disk.backingChain.isEmpty { text += " on " + disk.backingChain.joined(separator: " on ") }
             lines.append(["Disk \(index):", text])
         }
+        if let state = report.tpmState { lines.append(["TPM:", "2.0 (swtpm; state in \(state))"]) }
         for share in report.shares {
             lines.append(["Shared folder:", "\(share.path) as '\(share.tag)'\(share.readOnly ? ", read-only" : "") (virtio-fs; the guest mounts it at /mnt/\(share.tag))"])
         }
@@ -140,6 +141,7 @@ struct Info: ParsableCommand {
             var text = "\(report.engine == "qemu" && report.diskBus == "sata" ? "e1000" : "virtio-net") \(card.mac) on \(card.attachment)"
             if let interface = card.hostInterface { text += " (host interface \(interface))" }
             if let address = card.address { text += ", address \(address)" }
+            if let reported = card.guestAddresses, !reported.isEmpty { text += ", the guest reports \(reported.joined(separator: " "))" }
             if !card.forwards.isEmpty { text += ", forwarding " + card.forwards.joined(separator: " ") }
             lines.append(["Network \(index):", text])
         }

@@ -75,6 +75,7 @@ func stopVM(_ name: String, force: Bool, timeout: Double, manager: VMManager) th
     case let .alreadyOff(state): printLine("VM '\(name)' is already \(state.rawValue)")
     case .poweredOff: printLine("VM '\(name)' powered off")
     case .shutDown: printLine("VM '\(name)' shut down")
+    case .shutDownByAgent: printLine("VM '\(name)' shut down (through its guest agent: it did not act on the power button)")
     }
     for warning in stopped.warnings { printNote("warning: \(warning)") }
 }

@@ -49,6 +49,9 @@ struct Set: ParsableCommand {
     @Flag(inversion: .prefixedNo, help: "Attach a virtio-balloon device.")
     var balloon: Bool?
 
+    @Flag(inversion: .prefixedNo, help: "A TPM 2.0 (qemu engine; swtpm). --no-tpm removes the device and keeps its state in the VM's directory.")
+    var tpm: Bool?
+
     @Option(help: ArgumentHelp("Describe the machine with ACPI (on) or an MP table and command-line devices (off).", valueName: "on|off"))
     var acpi: String?
 
@@ -85,6 +88,7 @@ struct Set: ParsableCommand {
         }
         if vsockCid != nil || noVsock { request.vsockCID = .some(vsockCid) }
         request.balloon = balloon
+        request.tpm = tpm
         request.acpi = try acpi.map(parseACPIFlag)
         request.onReboot = onReboot
         request.cpuModel = cpu

@@ -79,7 +79,7 @@ struct ImageTests {
         #expect(info.status == 0 && info.stdout.contains("every file matches the manifest") && info.stdout.contains("linux-image-amd64"), "\(info.stdout)\(info.stderr)")
     }
 
-    @Test("a Debian VM from the image on the qemu engine (TCG) in a NAT network: boots to multi-user, cloud-init makes the user with both keys and the host name, `vireo ssh` runs commands and passes their status, `vireo exec` runs one through qemu-guest-agent without SSH, `vireo cp` copies 20 MiB both ways, a save and resume sets the guest's clock, `vireo stop` powers it off through ACPI, the overlay passes qemu-img check, and a second boot keeps the first one's files and mounts the shared folders added while stopped (ownership as documented, the read-only one refusing writes; save refused, a live snapshot disk-only with the guest's file systems frozen through the agent)",
+    @Test("a Debian VM from the image on the qemu engine (TCG) in a NAT network and on user-mode networking: boots to multi-user, cloud-init makes the user with both keys and the host name, `vireo ssh` runs commands and passes their status, `vireo exec` runs one through qemu-guest-agent without SSH (and the API), `vireo list` shows the address the agent reports on the card Vireo leased nothing, `vireo cp` copies 20 MiB both ways, a TPM 2.0 the guest finds, whose PCRs a save and resume keep, a save and resume sets the guest's clock, `vireo stop` powers it off through ACPI, the overlay passes qemu-img check, and a second boot keeps the first one's files and mounts the shared folders added while stopped (ownership as documented, the read-only one refusing writes; save refused, a live snapshot disk-only with the guest's file systems frozen through the agent), and a guest ignoring the power button is stopped through its agent",
           .timeLimit(.minutes(40)))
     func debianOnQEMUEngine() throws {
         let lab = try NetworkLab()
@@ -98,7 +98,7 @@ struct ImageTests {
         // --password reads one line from stdin when it is not a terminal.
         let created = Harness.run(["ip", "netns", "exec", lab.host, Harness.vireo, "create", "deb", "--image", "debian-12", "--engine", "qemu",
                                    "--accel", "tcg", "--cpus", "1", "--disk", "6G", "--user", "alice", "--ssh-key", key + ".pub",
-                                   "--hostname", "bookworm-vm", "--password"],
+                                   "--hostname", "bookworm-vm", "--password", "--nic", "nat", "--nic", "user", "--tpm"],
                                   stdin: Data("s3cret pass\n".utf8), environment: ["VIREO_HOME": lab.library.root.path])
         #expect(created.status == 0, "\(created.stderr)")
         #expect(created.stdout.contains("cloud-init: user alice (2 SSH keys, a password)"), "\(created.stdout)")
@@ -156,6 +156,18 @@ struct ImageTests {
                 "\(executed.status) \(executed.stdout) \(executed.stderr)")
         let noCommand = lab.vireo("exec", "deb")
         #expect(noCommand.status != 0 && noCommand.stderr.contains("give it after --"), "\(noCommand.stderr)")
+        // Card 1 is user-mode networking (passt), which Vireo leases nothing: the guest's agent
+        // reports its address (passt gives the guest the host's own), and `vireo list` and
+        // `vireo info` show it.
+        var listedAddresses: [String] = []
+        for _ in 0..<60 {
+            listedAddresses = lab.listedAddresses()["deb"] ?? []
+            if listedAddresses.count == 2 { break }
+            sleep(2)
+        }
+        #expect(listedAddresses.count == 2 && listedAddresses.last == NetworkLab.hostAddress, "\(listedAddresses)")
+        let described = lab.vireo("info", "deb").stdout
+        #expect(described.contains("the guest reports \(NetworkLab.hostAddress)"), "\(described)")
         // The same through the REST API (POST /api/vms/{name}/exec).
         let served = try Served(lab.library)
         let viaAPI = try served.api.request("POST", "/api/vms/deb/exec", json: ["command": ["/bin/sh", "-c", "echo api-out; echo api-err >&2; exit 4"]])
@@ -177,6 +189,19 @@ struct ImageTests {
                 && !FileManager.default.fileExists(atPath: work.appendingPathComponent("none.vireo-partial").path))
         let relative = lab.vireo("cp", big, "deb:home/big")
         #expect(relative.status != 0 && relative.stderr.contains("is not an absolute path in the guest"), "\(relative.stderr)")
+        // The TPM 2.0 (swtpm): the guest's kernel finds it, and PCR 16 (the debug PCR) extended
+        // by a raw TPM2_PCR_Extend is volatile state that must survive the save below.
+        var extend: [UInt8] = [0x80, 0x02, 0, 0, 0, 0x41, 0, 0, 0x01, 0x82, 0, 0, 0, 0x10, 0, 0, 0, 0x09, 0x40, 0, 0, 0x09, 0, 0, 0, 0, 0, 0, 0, 0, 0x01, 0, 0x0b]
+        extend += [UInt8](repeating: 0x41, count: 32)
+        let octal = extend.map { "\\" + String(repeating: "0", count: 3 - String($0, radix: 8).count) + String($0, radix: 8) }.joined()
+        let tpm = lab.vireo(arguments: ["exec", "deb", "--", "/bin/sh", "-c",
+                                        "cat /sys/class/tpm/tpm0/tpm_version_major && exec 3<>/dev/tpm0 && printf '\(octal)' >&3 && dd bs=64 count=1 <&3 2>/dev/null | od -An -tx1 | tr -d ' \\n' && echo && cat /sys/class/tpm/tpm0/pcr-sha256/16"],
+                            timeout: 300)
+        let tpmLines = tpm.stdout.split(separator: "\n").map(String.init)
+        #expect(tpm.status == 0 && tpmLines.count == 3 && tpmLines[0] == "2" && tpmLines[1].hasPrefix("80020000001300000000"), "\(tpm.status) \(tpm.stdout) \(tpm.stderr)")
+        let pcr16 = tpmLines.last ?? ""
+        #expect(pcr16.count == 64 && pcr16 != String(repeating: "0", count: 64), "\(pcr16)")
+        #expect(lab.vireo("info", "deb").stdout.contains("TPM:             2.0 (swtpm; state in"), "\(lab.vireo("info", "deb").stdout)")
         // A save and a resume 15 s later: the agent sets the guest's clock from the host's at
         // once (without it the guest's clock stands 15 s behind, where it was saved).
         let saved = lab.vireo("save", "deb", timeout: 600)
@@ -187,6 +212,8 @@ struct ImageTests {
         let clock = lab.vireo(arguments: ["exec", "deb", "--", "/bin/date", "+%s.%N"], timeout: 300)
         let skew = abs((Double(clock.stdout.trimmingCharacters(in: .whitespacesAndNewlines)) ?? 0) - Date().timeIntervalSince1970)
         #expect(clock.status == 0 && skew < 2, "guest clock \(clock.stdout) is \(skew) s from the host's after the resume: \(clock.stderr)")
+        let pcrAfter = lab.vireo(arguments: ["exec", "deb", "--", "/bin/cat", "/sys/class/tpm/tpm0/pcr-sha256/16"], timeout: 300)
+        #expect(pcrAfter.stdout.trimmingCharacters(in: .whitespacesAndNewlines) == pcr16, "the TPM's PCR 16 after the resume: \(pcrAfter.stdout) \(pcrAfter.stderr), before: \(pcr16)")
 
         let stopped = lab.vireo("stop", "deb", timeout: 600)
         #expect(stopped.status == 0, "\(stopped.stdout) \(stopped.stderr)")
@@ -242,7 +269,14 @@ struct ImageTests {
         let journal = lab.vireo(arguments: ["exec", "deb", "--", "/bin/journalctl", "-b", "-u", "qemu-guest-agent", "--no-pager"], timeout: 300)
         #expect(journal.stdout.contains("guest-fsfreeze called"), "\(journal.stdout.suffix(1500))")
         #expect(lab.vireo("list").stdout.contains("running"))
-        #expect(lab.vireo("stop", "deb", timeout: 600).status == 0)
+        // A guest that ignores the power button is shut down through its agent after a third of
+        // `vireo stop`'s time.
+        let ignoring = lab.vireo(arguments: ["exec", "deb", "--", "/bin/sh", "-c",
+                                             "nohup systemd-inhibit --what=handle-power-key --mode=block sleep 100000 >/dev/null 2>&1 & sleep 2; systemd-inhibit --list --no-pager | grep -c handle-power-key"],
+                                 timeout: 300)
+        #expect(ignoring.status == 0 && ignoring.stdout == "1\n", "\(ignoring.stdout) \(ignoring.stderr)")
+        let agentStop = lab.vireo(arguments: ["stop", "deb", "--timeout", "150"], timeout: 300)
+        #expect(agentStop.status == 0 && agentStop.stdout.contains("shut down (through its guest agent"), "\(agentStop.status) \(agentStop.stdout) \(agentStop.stderr)")
         #expect(lab.vireo("delete", "deb").status == 0)
         #expect(lab.vireo("image", "delete", "debian-12").status == 0)
         #expect(!FileManager.default.fileExists(atPath: lab.library.root.appendingPathComponent("images/debian-12").path))

@@ -264,6 +264,21 @@ struct QEMUCommandLineTests {
         #expect(rootOwned.uid == "0 2130706500 1\n" && rootOwned.gid == "0 2130706500 1\n", "host root is never mapped")
     }
 
+    @Test("a TPM 2.0 on the qemu command line: QEMU's tpm-emulator on swtpm's socket in the VM's vmm directory, a CRB interface; the kvm engine refuses one by name")
+    func tpmDevice() throws {
+        var definition = VMDefinition(uuid: "6c1d2f4e-0000-4000-8000-000000000004", name: "win", osType: try OSType.named("other"), createdAt: 0)
+        definition.engine = .qemu
+        definition.firmware = .bios
+        definition.tpm = true
+        let line = QEMUEngine.arguments(definition, bundle: VMBundle(directory: "/lib/win"), accelerator: .tcg, cards: []).joined(separator: " ")
+        #expect(line.contains("-chardev socket,id=tpm0char,path=/lib/win/vmm/tpm.sock -tpmdev emulator,id=tpm0,chardev=tpm0char -device tpm-crb,tpmdev=tpm0"), "\(line)")
+        try VMLibrary.validate(definition)
+        definition.engine = .kvm
+        definition.firmware = nil
+        definition.kernel = "/boot/vmlinuz"
+        #expect { try VMLibrary.validate(definition) } throws: { "\($0)".contains("the kvm engine has no TPM device") }
+    }
+
     @Test func keys() throws {
         #expect(try KeyChord.parse("ctrl-alt-delete").keys == ["ctrl", "alt", "delete"])
         #expect(try KeyChord.parse("Enter").keys == ["ret"])

@@ -101,6 +101,12 @@ public protocol GuestAgentEngine: Engine {
     /// Sets the guest's clock from the host's (after a resume, a guest's clock is where it was
     /// saved); nil when done or when the guest has no agent, else a warning saying why not.
     func synchroniseClock(_ vm: EngineVM) -> String?
+    /// The addresses the guest reports on each of its interfaces, by MAC (lower case): IPv4 and
+    /// global IPv6, no loopback or link-local; empty when no agent answers within the time.
+    func interfaceAddresses(_ vm: EngineVM, timeoutSeconds: Int) -> [String: [String]]
+    /// Asks the guest's agent to power the guest off (`guest-shutdown`); false when no agent runs
+    /// or it did not take the request.
+    func agentShutdown(_ vm: EngineVM) -> Bool
 }
 
 /// A guest agent that copies files in and out (`vireo cp`).

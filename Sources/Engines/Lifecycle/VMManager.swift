@@ -179,6 +179,8 @@ public struct VMManager: Sendable {
     public enum StopOutcome: Sendable, Equatable {
         case alreadyOff(VMState)
         case shutDown
+        /// The guest ignored the power button; its agent's guest-shutdown stopped it.
+        case shutDownByAgent
         case poweredOff
     }
 
@@ -219,11 +221,18 @@ public struct VMManager: Sendable {
             if Self.stoppedMeanwhile(bundle, after: error, timeout: timeout) { return .alreadyOff(library.status(of: bundle).state) }
             throw error
         }
-        guard Self.waitUntilStopped(bundle, seconds: timeout) else {
-            let request = definition.engine == .kvm && !(status.description?.acpi ?? definition.acpi) ? "Ctrl-Alt-Del" : "the ACPI power button"
-            throw .engine(name: name, reason: "did not shut down within \(Int(timeout)) s (the guest did not act on \(request)) and is still running; `vireo stop \(name) --force` powers it off", exitStatus: 1)
+        // A guest that ignores the power button (no acpid, a desktop asking its user) but runs
+        // an agent is asked through the agent after a third of the time, as `virsh shutdown
+        // --mode acpi,agent` falls back.
+        var viaAgent = false
+        if !Self.waitUntilStopped(bundle, seconds: timeout / 3), let agent = engine as? any GuestAgentEngine {
+            viaAgent = agent.agentShutdown(vm)
         }
-        return .shutDown
+        guard Self.waitUntilStopped(bundle, seconds: timeout * 2 / 3) else {
+            let request = definition.engine == .kvm && !(status.description?.acpi ?? definition.acpi) ? "Ctrl-Alt-Del" : "the ACPI power button"
+            throw .engine(name: name, reason: "did not shut down within \(Int(timeout)) s (the guest did not act on \(request)\(viaAgent ? " nor on its agent's guest-shutdown" : "")) and is still running; `vireo stop \(name) --force` powers it off", exitStatus: 1)
+        }
+        return viaAgent ? .shutDownByAgent : .shutDown
     }
 
     /// After a failed shutdown request: whether the VM stopped on its own meanwhile. A refusal

@@ -21,7 +21,8 @@ public struct VMOverview: Encodable, Sendable {
     public var osType: String?
     public var cpus: Int?
     public var memoryBytes: UInt64?
-    /// IPv4 addresses the VM's cards were leased, in card order.
+    /// Each card's address in card order: the one Vireo leased it, else the first its guest's
+    /// agent reports (bridged and tap cards, user-mode networking).
     public var addresses: [String] = []
     public var diskAllocatedBytes: UInt64 = 0
     public var diskVirtualBytes: UInt64 = 0
@@ -59,6 +60,8 @@ public struct VMReport: Encodable, Sendable {
     }
     public struct Card: Encodable, Sendable {
         public var attachment: String, mac: String, forwards: [String], hostInterface: String?, address: String?
+        /// What the guest's agent reports on this card (IPv4 and global IPv6); nil without an agent.
+        public var guestAddresses: [String]?
     }
     public struct Resources: Encodable, Sendable {
         public var cpuCapPercent: Int?, cpuWeight: Int?, memoryLimitBytes: UInt64?, pidsLimit: Int?
@@ -103,6 +106,8 @@ public struct VMReport: Encodable, Sendable {
     public var memoryBacking: MemoryBackingOptions
     /// Host directories the guest mounts over virtio-fs.
     public var shares: [SharedFolder]
+    /// The TPM 2.0's state directory (swtpm's), when the VM has one.
+    public var tpmState: String?
 
     /// What the report was read from, for a front end that shows it in its own shape (the API's
     /// VM details); not part of `vireo info --json`.
@@ -114,11 +119,16 @@ public struct VMReport: Encodable, Sendable {
         case name, uuid, state, crashReason, osType, cpus, memoryBytes, kernel, initrd, commandLine, entropyDevice, createdAt
         case acpi, onReboot, generationId, cpuModel, engine, firmware, iso, accelerator, runningAccelerator, diskBus, displaySocket
         case image, cloudInitUser, hostname, directory, configPath, consoleLog, vmmLog, controlSocket, disks, networks
-        case vsockCid, vsockSocket, savedState, snapshots, currentSnapshot, process, counters, resources, isolation, memoryBacking, shares
+        case vsockCid, vsockSocket, savedState, snapshots, currentSnapshot, process, counters, resources, isolation, memoryBacking, shares, tpmState
     }
 }
 
 extension VMManager {
+    /// What a running guest's agent says its cards' addresses are (by MAC); empty without one.
+    func guestAddresses(_ vm: EngineVM, timeoutSeconds: Int) -> [String: [String]] {
+        (engine(vm.definition.engine) as? any GuestAgentEngine)?.interfaceAddresses(vm, timeoutSeconds: timeoutSeconds) ?? [:]
+    }
+
     /// A VM's row in a list. `load` reads its definition (the API passes its cache); a VM whose
     /// definition cannot be read is shown with the reason, so it can be deleted.
     public func overview(of name: String, networks: HostNetworks,
@@ -135,7 +145,13 @@ extension VMManager {
             row.osType = definition.osType
             row.cpus = definition.cpus
             row.memoryBytes = definition.memoryBytes
-            row.addresses = networks.addresses(of: definition).compactMap { $0?.description }
+            // The agent is asked only for cards Vireo leased nothing (a list is polled).
+            let leases = networks.addresses(of: definition)
+            let reported = status.isOff || !leases.contains(where: { $0 == nil }) ? [:]
+                : guestAddresses(EngineVM(bundle: bundle, definition: definition), timeoutSeconds: 1)
+            row.addresses = zip(definition.networks, leases).compactMap { card, leased in
+                leased?.description ?? reported[card.mac.lowercased()]?.first
+            }
             row.diskAllocatedBytes = paths.reduce(0) { $0 + HostFiles.allocatedBytes($1.path) }
             row.diskVirtualBytes = paths.reduce(0) { $0 + (DiskImages.recordedVirtualSize(path: $1.path, format: $1.format) ?? 0) }
             row.actions = allowedActions(status, engine: definition.engine)
@@ -155,6 +171,7 @@ extension VMManager {
         let counters = withCounters && status.description != nil ? try? counters(name) : nil
         let tree = try bundle.loadSnapshots()
         let networks = HostNetworks(library: library)
+        let reported = status.state.isOff ? [:] : guestAddresses(EngineVM(bundle: bundle, definition: definition), timeoutSeconds: 3)
         let groups = status.state.isOff ? nil : VMControlGroups.recorded(in: bundle)
         let limits = definition.resources
         return VMReport(
@@ -187,7 +204,8 @@ extension VMManager {
             networks: zip(definition.networks.indices, networks.addresses(of: definition)).map { index, address in
                 let card = definition.networks[index]
                 return VMReport.Card(attachment: card.attachment.description, mac: card.mac, forwards: card.forwards.map(\.description),
-                                     hostInterface: HostNetworks.hostInterface(of: definition, card: index, libraryRoot: library.root), address: address?.description)
+                                     hostInterface: HostNetworks.hostInterface(of: definition, card: index, libraryRoot: library.root), address: address?.description,
+                                     guestAddresses: reported[card.mac.lowercased()])
             },
             vsockCid: definition.vsockCID,
             vsockSocket: definition.vsockCID == nil ? nil : bundle.vsockPath,
@@ -200,6 +218,7 @@ extension VMManager {
                                           cgroups: groups?.directories, cpuNanoseconds: groups?.cpuNanoseconds, memoryBytes: groups?.memoryBytes),
             isolation: Self.isolation(of: bundle, definition: definition, state: status.state),
             memoryBacking: definition.memoryBacking, shares: definition.shares,
+            tpmState: definition.tpm ? QEMUTPM.stateDirectory(bundle) : nil,
             definition: definition, snapshotTree: tree,
             overview: overview(of: name, networks: networks, load: { _ throws(LibraryError) in definition }))
     }

@@ -96,6 +96,12 @@ public struct QEMUEngine: DisplayEngine, RemovableMediaEngine, StateTransferEngi
                           "-device", "vhost-user-fs-pci,chardev=fs\(index),tag=\(share.tag),id=share\(index)",
                           "-smbios", "type=11,value=vireo.share=\(share.tag)\(share.readOnly ? ":ro" : "")"]
         }
+        // The TPM 2.0: QEMU's tpm-emulator on swtpm's control socket (QEMUTPM), a CRB interface
+        // as Windows 11 and Linux expect.
+        if definition.tpm {
+            arguments += ["-chardev", "socket,id=tpm0char,path=\(quoted(QEMUTPM.socketPath(bundle)))",
+                          "-tpmdev", "emulator,id=tpm0,chardev=tpm0char", "-device", "tpm-crb,tpmdev=tpm0"]
+        }
         if definition.firmware == .uefi {
             arguments += ["-drive", "if=pflash,format=raw,unit=0,readonly=on,file=\(quoted(FirmwareFiles.uefiCode))",
                           "-drive", "if=pflash,format=raw,unit=1,file=\(quoted(files.name(bundle.resolve(definition.nvram ?? "nvram.fd"))))"
@@ -231,10 +237,12 @@ public struct QEMUEngine: DisplayEngine, RemovableMediaEngine, StateTransferEngi
         // QEMU does not start.
         let qemuOwner = jail.map { ($0.identity.uid, $0.identity.gid) }
         var shareServers = try QEMUShareServers.start(vm, qemuOwner: qemuOwner)
+        var tpm = QEMUTPM()
         var started = false
         defer {
-            if started { shareServers.releaseIdentity() } else { shareServers.stop() }
+            if started { shareServers.releaseIdentity() } else { shareServers.stop(); tpm.stop() }
         }
+        tpm = try QEMUTPM.start(vm, jail: jail)
         func arguments(cpuModel: String? = nil) -> [String] {
             Self.arguments(definition, bundle: bundle, accelerator: accelerator, cards: networking.cards, cpuModel: cpuModel, files: files) + incoming
         }
@@ -256,7 +264,9 @@ public struct QEMUEngine: DisplayEngine, RemovableMediaEngine, StateTransferEngi
             // the CPU vulnerable, enabling mitigations), which beats not starting. The first QEMU's
             // share servers ended with it: new ones serve the second.
             shareServers.stop()
+            tpm.stop()
             shareServers = try QEMUShareServers.start(vm, qemuOwner: qemuOwner)
+            tpm = try QEMUTPM.start(vm, jail: jail)
             let pid = try launch(binary, arguments(cpuModel: "host,-arch-capabilities"), vm: vm, lock: lock, networking: networking,
                                  extraDescriptors: extra, jail: jail)
             started = true

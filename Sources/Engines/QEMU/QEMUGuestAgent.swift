@@ -69,6 +69,45 @@ extension QEMUEngine: GuestAgentEngine {
         return "the guest's \(frozen) file system(s) were frozen for the switch, so the disks are consistent"
     }
 
+    /// qemu-ga answers nothing to `guest-shutdown` when it works (the guest is going down), so
+    /// the request is sent and any reply or silence taken as accepted; a refusal is not.
+    public func agentShutdown(_ vm: EngineVM) -> Bool {
+        guard Self.agentPortOpen(vm), let agent = try? QMPConnection(path: vm.bundle.guestAgentPath, timeoutSeconds: 5, peer: .guestAgent) else { return false }
+        struct Mode: Encodable { var mode = "powerdown" }
+        do { _ = try agent.execute("guest-shutdown", arguments: Mode()) } catch {
+            if case .refused = error { return false }
+        }
+        return true
+    }
+
+    public func interfaceAddresses(_ vm: EngineVM, timeoutSeconds: Int) -> [String: [String]] {
+        struct Interface: Decodable {
+            struct Address: Decodable {
+                var type: String
+                var address: String
+                enum CodingKeys: String, CodingKey { case type = "ip-address-type", address = "ip-address" }
+            }
+            var name: String
+            var hardwareAddress: String?
+            var addresses: [Address]?
+            enum CodingKeys: String, CodingKey { case name, hardwareAddress = "hardware-address", addresses = "ip-addresses" }
+        }
+        guard Self.agentPortOpen(vm),
+              let agent = try? QMPConnection(path: vm.bundle.guestAgentPath, timeoutSeconds: timeoutSeconds, peer: .guestAgent),
+              let interfaces = try? agent.execute("guest-network-get-interfaces", as: [Interface].self) else { return [:] }
+        var byMAC: [String: [String]] = [:]
+        for interface in interfaces {
+            guard let mac = interface.hardwareAddress?.lowercased(), mac != "00:00:00:00:00:00" else { continue }
+            let usable = (interface.addresses ?? []).filter { address in
+                let text = address.address.lowercased()
+                return !text.hasPrefix("127.") && text != "::1" && !text.hasPrefix("fe80:")
+            }
+            // IPv4 first, as `vireo list` shows the first.
+            byMAC[mac, default: []] += usable.filter { $0.type == "ipv4" }.map(\.address) + usable.filter { $0.type != "ipv4" }.map(\.address)
+        }
+        return byMAC
+    }
+
     /// The exchange itself, on the agent's socket at `agentPath`.
     static func guestExec(agentPath: String, vmName: String, command: [String], timeoutSeconds: Int) throws(LibraryError) -> GuestExecResult {
         guard command.first?.isEmpty == false else { throw .invalidValue(field: "COMMAND", reason: "missing; give the program to run and its arguments") }

@@ -139,6 +139,18 @@ struct QEMUJail {
         group = stat("/dev/kvm", &device) == 0 && device.st_mode & 0o060 == 0o060 ? device.st_gid : 0
     }
 
+    /// The same identity confining another of the VM's processes (swtpm) to `paths` and the
+    /// system's programs and libraries, without QEMU's device group.
+    init(sharing jail: QEMUJail, writable: [String]) {
+        identity = jail.identity
+        var paths = writable.map { (path: $0, writable: true, executable: false) }
+        for system in ["/usr", "/lib", "/lib64"] where HostFiles.exists(system) { paths.append((system, false, true)) }
+        if HostFiles.exists("/etc/ld.so.cache") { paths.append(("/etc/ld.so.cache", false, false)) }
+        for device in ["/dev/null", "/dev/urandom"] where access(device, F_OK) == 0 { paths.append((device, true, false)) }
+        self.paths = paths
+        group = 0
+    }
+
     /// Spawns `binary` jailed; returns its pid (in the host's PID namespace).
     func spawn(_ binary: String, _ arguments: [String], log: Int32, lock: Int32, inherit: [Int32], cgroupFiles: [String]) throws(LibraryError) -> pid_t {
         try HostFiles.makeDirectories(Self.root)

@@ -114,7 +114,7 @@ public struct QEMUShareServers {
     }
 
     /// A listening Unix socket at `path` (a previous run's socket is replaced), QEMU's to connect to.
-    private static func listen(on path: String, owner: (uid: UInt32, gid: UInt32)?) throws(LibraryError) -> Int32 {
+    static func listen(on path: String, owner: (uid: UInt32, gid: UInt32)?) throws(LibraryError) -> Int32 {
         var info = stat()
         if lstat(path, &info) == 0 {
             guard info.st_mode & S_IFMT == S_IFSOCK else { throw .invalidValue(field: "shares", reason: "\(path) exists and is not a socket; refusing to replace it") }

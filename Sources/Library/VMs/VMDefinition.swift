@@ -73,6 +73,8 @@ public struct VMDefinition: Codable, Sendable, Equatable {
     public var memoryBacking = MemoryBackingOptions()
     /// Host directories the guest mounts over virtio-fs (docs/shared-folders.md).
     public var shares: [SharedFolder] = []
+    /// qemu engine: a TPM 2.0 (swtpm), its state in `tpm/` in the VM's directory (docs/tpm.md).
+    public var tpm = false
 
     /// A fresh 128-bit generation ID.
     public static func newGenerationID() -> String {
@@ -107,7 +109,7 @@ public struct VMDefinition: Codable, Sendable, Equatable {
     enum CodingKeys: String, CodingKey {
         case version, uuid, name, osType, engine, cpus, memoryBytes, kernel, initrd, commandLine, disks, networks
         case vsockCID, balloon, entropyDevice, createdAt, acpi, onReboot, generationID, cpuModel
-        case firmware, nvram, iso, accelerator, diskBus, image, cloudInit, resources, memoryBacking, shares
+        case firmware, nvram, iso, accelerator, diskBus, image, cloudInit, resources, memoryBacking, shares, tpm
     }
 
     /// Fields added after version 1 was first written are optional in the file, with the values
@@ -144,6 +146,7 @@ public struct VMDefinition: Codable, Sendable, Equatable {
         resources = try container.decodeIfPresent(ResourceLimits.self, forKey: .resources) ?? ResourceLimits()
         memoryBacking = try container.decodeIfPresent(MemoryBackingOptions.self, forKey: .memoryBacking) ?? MemoryBackingOptions()
         shares = try container.decodeIfPresent([SharedFolder].self, forKey: .shares) ?? []
+        tpm = try container.decodeIfPresent(Bool.self, forKey: .tpm) ?? false
     }
 }
 

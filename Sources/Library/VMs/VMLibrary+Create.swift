@@ -65,6 +65,7 @@ extension VMLibrary {
         var shares: [SharedFolder] = []
         for share in request.shares { shares.append(try share.checkedOnHost(libraryRoot: root)) }
         definition.shares = shares
+        definition.tpm = request.tpm
         if let kernel = request.kernel { try Self.validate(kernel: kernel) }
         if let initrd = request.initrd { try Self.validateReadable(initrd, field: "initrd") }
         guard request.diskBytes == nil || request.attachDisk == nil, !(request.withoutDisk && (request.diskBytes != nil || request.attachDisk != nil)) else {
@@ -271,7 +272,7 @@ extension VMLibrary {
         }
         if let image, request.engine == nil, request.kernel == nil {
             // Shared folders are served on the qemu engine only (so far).
-            return image.kvmEngineBootable == true && request.shares.isEmpty ? .kvm : .qemu
+            return image.kvmEngineBootable == true && request.shares.isEmpty && !request.tpm ? .kvm : .qemu
         }
         if request.engine == .kvm {
             if request.iso != nil {
@@ -285,6 +286,6 @@ extension VMLibrary {
             }
         }
         if let engine = request.engine { return engine }
-        return request.iso != nil || request.firmware != nil || !request.shares.isEmpty ? .qemu : .kvm
+        return request.iso != nil || request.firmware != nil || !request.shares.isEmpty || request.tpm ? .qemu : .kvm
     }
 }

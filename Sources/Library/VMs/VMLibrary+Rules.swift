@@ -49,6 +49,9 @@ extension VMLibrary {
             if definition.firmware != nil {
                 throw .invalidValue(field: "firmware", reason: "the kvm engine boots Linux kernels directly, without firmware; use --engine qemu for firmware")
             }
+            if definition.tpm {
+                throw .invalidValue(field: "tpm", reason: "the kvm engine has no TPM device; use --engine qemu, or --no-tpm")
+            }
             do {
                 try MachineRules.virtioDevices(disks: definition.disks.count, nics: definition.networks.count, vsock: definition.vsockCID != nil,
                                                balloon: definition.balloon, entropy: definition.entropyDevice)

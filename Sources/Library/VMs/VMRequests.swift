@@ -47,6 +47,8 @@ public struct CreateRequest: Sendable {
     public var memoryBacking = MemoryBackingOptions()
     /// Host directories the guest mounts over virtio-fs (`--share`), checked on the host.
     public var shares: [SharedFolder] = []
+    /// A TPM 2.0 (`--tpm`, qemu engine).
+    public var tpm = false
     /// With a cloud-init image: the user, keys, password and host name of its NoCloud seed.
     public var cloudInit = CloudInitRequest()
 
@@ -111,6 +113,8 @@ public struct ChangeRequest: Sendable {
     public var numaNode: Int??
     public var preallocate: Bool?
     public var mergeable: Bool?
+    /// `--tpm`/`--no-tpm` (the state in `tpm/` stays when the device goes).
+    public var tpm: Bool?
 
     public init() {}
 
@@ -143,7 +147,7 @@ public struct ChangeRequest: Sendable {
          cpuCapPercent != nil ? "--cpu-cap" : nil, cpuWeight != nil ? "--cpu-weight" : nil,
          memoryLimitBytes != nil ? "--memory-limit" : nil, pidsLimit != nil ? "--pids-limit" : nil,
          vcpuPins != nil ? "--pin" : nil, emulatorCPUs != nil ? "--pin-emulator" : nil, rtPriority != nil ? "--rt-priority" : nil, ioLimits != nil ? "--io-limit" : nil,
-         memoryBackingChoice != nil ? "--memory-backing" : nil, preallocate != nil ? "--prealloc" : nil, mergeable != nil ? "--ksm" : nil, lockMemory != nil ? "--lock-memory" : nil, transparentHugePages != nil ? "--thp" : nil, numaNode != nil ? "--numa-node" : nil].compactMap { $0 }
+         memoryBackingChoice != nil ? "--memory-backing" : nil, preallocate != nil ? "--prealloc" : nil, mergeable != nil ? "--ksm" : nil, lockMemory != nil ? "--lock-memory" : nil, transparentHugePages != nil ? "--thp" : nil, numaNode != nil ? "--numa-node" : nil, tpm != nil ? "--tpm" : nil].compactMap { $0 }
     }
 }
 

@@ -1,0 +1,33 @@
+import Foundation
+import Testing
+
+@Suite(.serialized) struct TPMTests {
+    @Test("a TPM without a boot: `vireo create --tpm` picks the qemu engine and `vireo info` shows the state directory; `vireo set --no-tpm` keeps the state; a clone gets no copy of it (its own TPM at its first start); a kvm-engine VM refuses one by name, changing nothing")
+    func tpmSettings() throws {
+        let library = try TestLibrary()
+        let probe = try Harness.probe("pvh")
+        let created = library.vireo("create", "t", "--accel", "tcg", "--kernel", probe, "--memory", "128M", "--no-disk", "--no-nic", "--tpm")
+        #expect(created.status == 0, "\(created.stderr)")
+        let info = library.vireo("info", "t").stdout
+        #expect(info.contains("Engine:") && info.contains("qemu") && info.contains("TPM:             2.0 (swtpm; state in \(library.root.path)/t/tpm)"), "\(info)")
+        // The state swtpm would have made at a first start.
+        let state = library.root.appendingPathComponent("t/tpm")
+        try FileManager.default.createDirectory(at: state, withIntermediateDirectories: true)
+        try Data("seeds".utf8).write(to: state.appendingPathComponent("tpm2-00.permall"))
+        #expect(library.vireo("clone", "t", "u").status == 0)
+        #expect(!FileManager.default.fileExists(atPath: library.root.appendingPathComponent("u/tpm").path), "a clone's TPM is its own")
+        #expect(library.vireo("info", "u").stdout.contains("TPM:"))
+        let removed = library.vireo("set", "t", "--no-tpm")
+        #expect(removed.status == 0 && !library.vireo("info", "t").stdout.contains("TPM:"), "\(removed.stderr)")
+        #expect(FileManager.default.fileExists(atPath: state.appendingPathComponent("tpm2-00.permall").path), "--no-tpm keeps the state")
+        #expect(library.vireo("create", "k", "--engine", "kvm", "--kernel", probe, "--no-disk", "--no-nic").status == 0)
+        let config = library.root.appendingPathComponent("k/config.json")
+        let before = try Data(contentsOf: config)
+        let refused = library.vireo("set", "k", "--tpm")
+        #expect(refused.status != 0 && refused.stderr.contains("the kvm engine has no TPM device"), "\(refused.stderr)")
+        #expect(try Data(contentsOf: config) == before)
+        let refusedCreate = library.vireo("create", "k2", "--engine", "kvm", "--kernel", probe, "--no-disk", "--no-nic", "--tpm")
+        #expect(refusedCreate.status != 0 && refusedCreate.stderr.contains("the kvm engine has no TPM device"), "\(refusedCreate.stderr)")
+        #expect(!FileManager.default.fileExists(atPath: library.root.appendingPathComponent("k2").path))
+    }
+}
