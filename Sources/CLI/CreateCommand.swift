@@ -103,6 +103,9 @@ struct Create: ParsableCommand {
     @Flag(help: "A TPM 2.0 (qemu engine): Debian's swtpm, its state in the VM's directory, carried by saves and snapshots. See docs/tpm.md.")
     var tpm = false
 
+    @Flag(name: .customLong("secure-boot"), help: "UEFI Secure Boot (--firmware uefi): OVMF's Secure Boot build with Microsoft's keys enrolled, as Windows 11 and shim-signed distributions expect.")
+    var secureBoot = false
+
     @Option(name: .customLong("share"), help: ArgumentHelp("Share a host directory with the guest over virtio-fs (qemu engine; repeatable): HOSTDIR[:TAG][,ro]. A cloud-init image mounts it at /mnt/TAG.", valueName: "share"))
     var shares: [String] = []
 
@@ -113,6 +116,7 @@ struct Create: ParsableCommand {
         var request = CreateRequest(name: name)
         do throws(LibraryError) { request.shares = try shares.map(SharedFolder.parse) } catch { throw fail(error) }
         request.tpm = tpm
+        request.secureBoot = secureBoot
         request.osType = ostype
         request.cpus = cpus
         request.memoryBytes = try memory.map { try parseSize($0, field: "--memory") }

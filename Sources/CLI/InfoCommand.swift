@@ -134,6 +134,7 @@ struct Info: ParsableCommand {
             lines.append(["Disk \(index):", text])
         }
         if let state = report.tpmState { lines.append(["TPM:", "2.0 (swtpm; state in \(state))"]) }
+        if report.secureBoot { lines.append(["Secure Boot:", "on (OVMF's Secure Boot build, Microsoft's keys enrolled)"]) }
         for share in report.shares {
             lines.append(["Shared folder:", "\(share.path) as '\(share.tag)'\(share.readOnly ? ", read-only" : "") (virtio-fs; the guest mounts it at /mnt/\(share.tag))"])
         }

@@ -52,6 +52,9 @@ struct Set: ParsableCommand {
     @Flag(inversion: .prefixedNo, help: "A TPM 2.0 (qemu engine; swtpm). --no-tpm removes the device and keeps its state in the VM's directory.")
     var tpm: Bool?
 
+    @Flag(inversion: .prefixedNo, help: "UEFI Secure Boot on or off; the variable store starts again from the matching template (Microsoft's keys, or none).")
+    var secureBoot: Bool?
+
     @Option(help: ArgumentHelp("Describe the machine with ACPI (on) or an MP table and command-line devices (off).", valueName: "on|off"))
     var acpi: String?
 
@@ -89,6 +92,7 @@ struct Set: ParsableCommand {
         if vsockCid != nil || noVsock { request.vsockCID = .some(vsockCid) }
         request.balloon = balloon
         request.tpm = tpm
+        request.secureBoot = secureBoot
         request.acpi = try acpi.map(parseACPIFlag)
         request.onReboot = onReboot
         request.cpuModel = cpu

@@ -108,12 +108,13 @@ extension APIServer {
         /// `--share`'s syntax: HOSTDIR[:TAG][,ro].
         var shares: [String]?
         var tpm: Bool?
+        var secureBoot: Bool?
 
         static let keys: Set<String> = ["name", "os_type", "cpus", "memory_bytes", "disk_bytes", "attach_disk", "attach_disk_format", "without_disk", "kernel",
                                         "initrd", "command_line", "nics", "forwards", "vsock_cid", "balloon", "entropy_device", "acpi",
                                         "on_reboot", "cpu_model", "engine", "iso", "firmware", "accelerator", "image", "full_copy",
                                         "ssh_key_files", "user", "hostname", "password", "cpu_cap_percent", "cpu_weight",
-                                        "memory_limit_bytes", "pids_limit", "shares", "tpm"]
+                                        "memory_limit_bytes", "pids_limit", "shares", "tpm", "secure_boot"]
 
         func request() throws(LibraryError) -> CreateRequest {
             var request = CreateRequest(name: name)
@@ -150,6 +151,7 @@ extension APIServer {
             request.resources.pidsLimit = pidsLimit
             request.shares = try (shares ?? []).map(SharedFolder.parse)
             request.tpm = tpm ?? false
+            request.secureBoot = secureBoot ?? false
             return request
         }
     }
@@ -188,13 +190,13 @@ extension APIServer {
                                         "acpi", "on_reboot", "cpu_model", "engine", "iso", "firmware", "accelerator", "nics", "forwards",
                                         "vsock_cid", "cpu_cap_percent", "cpu_weight", "memory_limit_bytes", "pids_limit",
                                         "vcpu_pins", "emulator_cpus", "rt_priority", "io_limits", "memory_backing", "preallocate",
-                                        "ksm", "lock_memory", "transparent_huge_pages", "numa_node", "tpm"]
+                                        "ksm", "lock_memory", "transparent_huge_pages", "numa_node", "tpm", "secure_boot"]
         static let nested: [String: Set<String>] = ["io_limits": ["read_bytes_per_second", "write_bytes_per_second", "read_iops", "write_iops"]]
 
         enum Keys: String, CodingKey {
             case cpus, memoryBytes, commandLine, osType, kernel, initrd, entropyDevice, balloon, acpi, onReboot, cpuModel, engine, iso
             case firmware, accelerator, nics, forwards, vsockCid, cpuCapPercent, cpuWeight, memoryLimitBytes, pidsLimit
-            case vcpuPins, emulatorCpus, rtPriority, ioLimits, memoryBacking, preallocate, ksm, lockMemory, transparentHugePages, numaNode, tpm
+            case vcpuPins, emulatorCpus, rtPriority, ioLimits, memoryBacking, preallocate, ksm, lockMemory, transparentHugePages, numaNode, tpm, secureBoot
         }
 
         /// `io_limits` as an object: bytes and operations per second, each optional.
@@ -240,7 +242,7 @@ extension APIServer {
             // Switches: absent leaves them, null is refused. Limits: absent leaves them, null removes.
             let switches: [(Keys, WritableKeyPath<ChangeRequest, Bool?>)] = [
                 (.entropyDevice, \.entropyDevice), (.balloon, \.balloon), (.acpi, \.acpi), (.preallocate, \.preallocate),
-                (.ksm, \.mergeable), (.lockMemory, \.lockMemory), (.transparentHugePages, \.transparentHugePages), (.tpm, \.tpm)]
+                (.ksm, \.mergeable), (.lockMemory, \.lockMemory), (.transparentHugePages, \.transparentHugePages), (.tpm, \.tpm), (.secureBoot, \.secureBoot)]
             for (key, path) in switches { request[keyPath: path] = try required(key) }
             let limits: [(Keys, WritableKeyPath<ChangeRequest, Int??>)] = [
                 (.cpuCapPercent, \.cpuCapPercent), (.cpuWeight, \.cpuWeight), (.pidsLimit, \.pidsLimit),

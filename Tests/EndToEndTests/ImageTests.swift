@@ -202,11 +202,11 @@ struct ImageTests {
         let pcr16 = tpmLines.last ?? ""
         #expect(pcr16.count == 64 && pcr16 != String(repeating: "0", count: 64), "\(pcr16)")
         #expect(lab.vireo("info", "deb").stdout.contains("2.0 (swtpm; state in"), "\(lab.vireo("info", "deb").stdout)")
-        // A save and a resume 15 s later: the agent sets the guest's clock from the host's at
-        // once (without it the guest's clock stands 15 s behind, where it was saved).
+        // A save and a resume 10 s later: the agent sets the guest's clock from the host's at
+        // once (without it the guest's clock stands 10 s behind, where it was saved).
         let saved = lab.vireo("save", "deb", timeout: 600)
         #expect(saved.status == 0, "\(saved.stdout) \(saved.stderr)")
-        sleep(15)
+        sleep(10)
         lab.start("deb")
         Self.deprioritise(lab.library.root.appendingPathComponent("deb/vmm.pid"))
         let clock = lab.vireo(arguments: ["exec", "deb", "--", "/bin/date", "+%s.%N"], timeout: 300)
@@ -275,7 +275,7 @@ struct ImageTests {
                                              "nohup systemd-inhibit --what=handle-power-key --mode=block sleep 100000 >/dev/null 2>&1 & sleep 2; systemd-inhibit --list --no-pager | grep -c handle-power-key"],
                                  timeout: 300)
         #expect(ignoring.status == 0 && ignoring.stdout == "1\n", "\(ignoring.stdout) \(ignoring.stderr)")
-        let agentStop = lab.vireo(arguments: ["stop", "deb", "--timeout", "150"], timeout: 300)
+        let agentStop = lab.vireo(arguments: ["stop", "deb", "--timeout", "90"], timeout: 300)
         #expect(agentStop.status == 0 && agentStop.stdout.contains("shut down (through its guest agent"), "\(agentStop.status) \(agentStop.stdout) \(agentStop.stderr)")
         #expect(lab.vireo("delete", "deb").status == 0)
         #expect(lab.vireo("image", "delete", "debian-12").status == 0)

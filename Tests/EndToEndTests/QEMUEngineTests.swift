@@ -133,6 +133,18 @@ struct QEMUEngineTests {
         #expect(stopped.status == 0, "\(stopped.stderr)")
         #expect(library.state(name) == "stopped")
         if firmware == "uefi" {
+            // Secure Boot on: OVMF's Secure Boot build with Microsoft's keys refuses the test
+            // ISO's GRUB, which nobody signed (docs/tpm.md).
+            #expect(library.vireo("set", name, "--secure-boot").status == 0)
+            #expect(library.vireo("start", name).status == 0)
+            var refused = false
+            for _ in 0..<90 where !refused {
+                sleep(2)
+                refused = library.consoleLog(name).contains("Access Denied")
+            }
+            let screen = Self.waitForScreen(library, name, reading: "Access Denied", prefix: "uefi-4-secure-boot", timeout: refused ? 1 : 60)
+            #expect(refused || screen.found, "OVMF did not refuse the unsigned GRUB; console: \(library.consoleLog(name).suffix(1500)); screen: \(screen.lastText)")
+            #expect(library.vireo("stop", name, "--force").status == 0)
             // A clone of a UEFI VM has a variable store of its own.
             #expect(library.vireo("clone", name, "\(name)-copy").status == 0)
             #expect(FileManager.default.fileExists(atPath: library.root.appendingPathComponent("\(name)-copy/nvram.fd").path))

@@ -279,6 +279,23 @@ struct QEMUCommandLineTests {
         #expect { try VMLibrary.validate(definition) } throws: { "\($0)".contains("the kvm engine has no TPM device") }
     }
 
+    @Test("Secure Boot on the qemu command line: OVMF's Secure Boot build, SMM on and its flash secure; only with UEFI, only on the qemu engine")
+    func secureBootMachine() throws {
+        var definition = VMDefinition(uuid: "6c1d2f4e-0000-4000-8000-000000000005", name: "sb", osType: try OSType.named("other"), createdAt: 0)
+        definition.engine = .qemu
+        definition.firmware = .uefi
+        definition.nvram = "nvram.fd"
+        definition.secureBoot = true
+        let line = QEMUEngine.arguments(definition, bundle: VMBundle(directory: "/lib/sb"), accelerator: .tcg, cards: []).joined(separator: " ")
+        #expect(line.contains("-machine q35,accel=tcg,mem-merge=off,smm=on"), "\(line)")
+        #expect(line.contains("-global driver=cfi.pflash01,property=secure,value=on -drive if=pflash,format=raw,unit=0,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.secboot.fd"), "\(line)")
+        try VMLibrary.validate(definition)
+        definition.firmware = .bios
+        #expect { try VMLibrary.validate(definition) } throws: { "\($0)".contains("Secure Boot is UEFI's; give --firmware uefi") }
+        definition.secureBoot = false
+        #expect(!QEMUEngine.arguments(definition, bundle: VMBundle(directory: "/lib/sb"), accelerator: .tcg, cards: []).joined(separator: " ").contains("smm=on"))
+    }
+
     @Test func keys() throws {
         #expect(try KeyChord.parse("ctrl-alt-delete").keys == ["ctrl", "alt", "delete"])
         #expect(try KeyChord.parse("Enter").keys == ["ret"])

@@ -108,6 +108,7 @@ public struct VMReport: Encodable, Sendable {
     public var shares: [SharedFolder]
     /// The TPM 2.0's state directory (swtpm's), when the VM has one.
     public var tpmState: String?
+    public var secureBoot: Bool
 
     /// What the report was read from, for a front end that shows it in its own shape (the API's
     /// VM details); not part of `vireo info --json`.
@@ -119,7 +120,7 @@ public struct VMReport: Encodable, Sendable {
         case name, uuid, state, crashReason, osType, cpus, memoryBytes, kernel, initrd, commandLine, entropyDevice, createdAt
         case acpi, onReboot, generationId, cpuModel, engine, firmware, iso, accelerator, runningAccelerator, diskBus, displaySocket
         case image, cloudInitUser, hostname, directory, configPath, consoleLog, vmmLog, controlSocket, disks, networks
-        case vsockCid, vsockSocket, savedState, snapshots, currentSnapshot, process, counters, resources, isolation, memoryBacking, shares, tpmState
+        case vsockCid, vsockSocket, savedState, snapshots, currentSnapshot, process, counters, resources, isolation, memoryBacking, shares, tpmState, secureBoot
     }
 }
 
@@ -218,7 +219,7 @@ extension VMManager {
                                           cgroups: groups?.directories, cpuNanoseconds: groups?.cpuNanoseconds, memoryBytes: groups?.memoryBytes),
             isolation: Self.isolation(of: bundle, definition: definition, state: status.state),
             memoryBacking: definition.memoryBacking, shares: definition.shares,
-            tpmState: definition.tpm ? QEMUTPM.stateDirectory(bundle) : nil,
+            tpmState: definition.tpm ? QEMUTPM.stateDirectory(bundle) : nil, secureBoot: definition.secureBoot,
             definition: definition, snapshotTree: tree,
             overview: overview(of: name, networks: networks, load: { _ throws(LibraryError) in definition }))
     }

@@ -74,7 +74,8 @@ public struct QEMUEngine: DisplayEngine, RemovableMediaEngine, StateTransferEngi
         var arguments = [
             "-name", quoted(definition.name), "-uuid", definition.uuid,
             // KSM only when asked (QEMU's default merges every guest's RAM).
-            "-machine", "q35,accel=\(accel),mem-merge=\(definition.memoryBacking.mergeable ? "on" : "off")", "-cpu", cpuModel ?? (accelerator == .tcg ? "max" : "host"),
+            // Secure Boot's OVMF requires SMM: the variable store is then writable from SMM only.
+            "-machine", "q35,accel=\(accel),mem-merge=\(definition.memoryBacking.mergeable ? "on" : "off")" + (definition.secureBoot ? ",smm=on" : ""), "-cpu", cpuModel ?? (accelerator == .tcg ? "max" : "host"),
             "-smp", String(definition.cpus), "-m", "\(definition.memoryBytes >> 20)M",
             "-nodefaults", "-no-user-config", "-msg", "timestamp=on",
             // QEMU's own seccomp filter, as libvirt turns it on (docs/isolation.md).
@@ -103,7 +104,8 @@ public struct QEMUEngine: DisplayEngine, RemovableMediaEngine, StateTransferEngi
                           "-tpmdev", "emulator,id=tpm0,chardev=tpm0char", "-device", "tpm-crb,tpmdev=tpm0"]
         }
         if definition.firmware == .uefi {
-            arguments += ["-drive", "if=pflash,format=raw,unit=0,readonly=on,file=\(quoted(FirmwareFiles.uefiCode))",
+            if definition.secureBoot { arguments += ["-global", "driver=cfi.pflash01,property=secure,value=on"] }
+            arguments += ["-drive", "if=pflash,format=raw,unit=0,readonly=on,file=\(quoted(definition.secureBoot ? FirmwareFiles.uefiSecureCode : FirmwareFiles.uefiCode))",
                           "-drive", "if=pflash,format=raw,unit=1,file=\(quoted(files.name(bundle.resolve(definition.nvram ?? "nvram.fd"))))"
                             + (files.usesDescriptors ? ",file.locking=off" : "")]
         }
@@ -191,7 +193,7 @@ public struct QEMUEngine: DisplayEngine, RemovableMediaEngine, StateTransferEngi
         if definition.resources.rtPriority != nil {
             throw .invalidValue(field: "rt_priority", reason: "real-time vCPUs are built for the kvm engine only; `vireo set \(name) --rt-priority none`, or --engine kvm")
         }
-        if let firmware = definition.firmware { try FirmwareFiles.check(firmware) }
+        if let firmware = definition.firmware { try FirmwareFiles.check(firmware, secureBoot: definition.secureBoot) }
         if let network = definition.disks.first(where: \.isNetwork) {
             throw .invalidValue(field: "engine", reason: "VM '\(name)' has the network disk \(network.path.prefix(300)), which only the kvm engine connects to; `vireo set \(name) --engine kvm`, or detach it")
         }

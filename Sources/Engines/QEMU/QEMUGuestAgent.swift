@@ -30,13 +30,13 @@ extension QEMUEngine: GuestAgentEngine {
 
     /// Whether the guest has its agent's port open (QMP's `frontend-open` for its chardev), asked
     /// on `qmp` when the caller holds QEMU's one monitor connection already.
-    static func agentPortOpen(_ vm: EngineVM, qmp given: QMPConnection? = nil) -> Bool {
+    static func agentPortOpen(_ vm: EngineVM, qmp given: QMPConnection? = nil, timeoutSeconds: Int = 5) -> Bool {
         struct Chardev: Decodable {
             var label: String
             var frontendOpen: Bool?
             enum CodingKeys: String, CodingKey { case label, frontendOpen = "frontend-open" }
         }
-        guard let qmp = given ?? (try? QMPConnection(path: vm.bundle.qmpPath, timeoutSeconds: 5)),
+        guard let qmp = given ?? (try? QMPConnection(path: vm.bundle.qmpPath, timeoutSeconds: timeoutSeconds)),
               let chardevs = try? qmp.execute("query-chardev", as: [Chardev].self) else { return false }
         return chardevs.first(where: { $0.label == "qga0" })?.frontendOpen == true
     }
@@ -92,7 +92,8 @@ extension QEMUEngine: GuestAgentEngine {
             var addresses: [Address]?
             enum CodingKeys: String, CodingKey { case name, hardwareAddress = "hardware-address", addresses = "ip-addresses" }
         }
-        guard Self.agentPortOpen(vm),
+        // QEMU serves one monitor client at a time: a list must not wait long behind another.
+        guard Self.agentPortOpen(vm, timeoutSeconds: timeoutSeconds),
               let agent = try? QMPConnection(path: vm.bundle.guestAgentPath, timeoutSeconds: timeoutSeconds, peer: .guestAgent),
               let interfaces = try? agent.execute("guest-network-get-interfaces", as: [Interface].self) else { return [:] }
         var byMAC: [String: [String]] = [:]

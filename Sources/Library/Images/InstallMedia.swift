@@ -73,14 +73,21 @@ public enum FirmwareFiles {
     public static let uefiCode = "/usr/share/OVMF/OVMF_CODE_4M.fd"
     /// The pristine variable store each UEFI VM gets its own copy of.
     public static let uefiVariables = "/usr/share/OVMF/OVMF_VARS_4M.fd"
+    /// OVMF's Secure Boot build (SMM required, so the variable store is out of the guest's
+    /// reach) and the variable store with Microsoft's keys enrolled (what Windows and shim need).
+    public static let uefiSecureCode = "/usr/share/OVMF/OVMF_CODE_4M.secboot.fd"
+    public static let uefiMicrosoftVariables = "/usr/share/OVMF/OVMF_VARS_4M.ms.fd"
+    /// The variable store a VM starts from: with Microsoft's keys enrolled for Secure Boot, else
+    /// empty (Secure Boot off, as on a machine whose keys were cleared).
+    public static func variables(secureBoot: Bool) -> String { secureBoot ? uefiMicrosoftVariables : uefiVariables }
     /// SeaBIOS (Debian's `seabios`); QEMU finds it itself, this is only checked for.
     public static let bios = "/usr/share/seabios/bios-256k.bin"
 
     /// Refuses a firmware whose files are missing, naming the package that has them.
-    public static func check(_ firmware: Firmware, field: String = "firmware") throws(LibraryError) {
+    public static func check(_ firmware: Firmware, secureBoot: Bool = false, field: String = "firmware") throws(LibraryError) {
         switch firmware {
         case .uefi:
-            for file in [uefiCode, uefiVariables] where access(file, R_OK) != 0 {
+            for file in [uefiCode, uefiVariables] + (secureBoot ? [uefiSecureCode, uefiMicrosoftVariables] : []) where access(file, R_OK) != 0 {
                 throw .invalidValue(field: field, reason: "UEFI needs \(file), which is missing: install Debian's `ovmf` package (apt install ovmf), or use --firmware bios")
             }
         case .bios:

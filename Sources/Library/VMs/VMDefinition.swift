@@ -75,6 +75,8 @@ public struct VMDefinition: Codable, Sendable, Equatable {
     public var shares: [SharedFolder] = []
     /// qemu engine: a TPM 2.0 (swtpm), its state in `tpm/` in the VM's directory (docs/tpm.md).
     public var tpm = false
+    /// qemu engine, UEFI: OVMF's Secure Boot build with Microsoft's keys enrolled (docs/tpm.md).
+    public var secureBoot = false
 
     /// A fresh 128-bit generation ID.
     public static func newGenerationID() -> String {
@@ -109,7 +111,7 @@ public struct VMDefinition: Codable, Sendable, Equatable {
     enum CodingKeys: String, CodingKey {
         case version, uuid, name, osType, engine, cpus, memoryBytes, kernel, initrd, commandLine, disks, networks
         case vsockCID, balloon, entropyDevice, createdAt, acpi, onReboot, generationID, cpuModel
-        case firmware, nvram, iso, accelerator, diskBus, image, cloudInit, resources, memoryBacking, shares, tpm
+        case firmware, nvram, iso, accelerator, diskBus, image, cloudInit, resources, memoryBacking, shares, tpm, secureBoot
     }
 
     /// Fields added after version 1 was first written are optional in the file, with the values
@@ -147,6 +149,7 @@ public struct VMDefinition: Codable, Sendable, Equatable {
         memoryBacking = try container.decodeIfPresent(MemoryBackingOptions.self, forKey: .memoryBacking) ?? MemoryBackingOptions()
         shares = try container.decodeIfPresent([SharedFolder].self, forKey: .shares) ?? []
         tpm = try container.decodeIfPresent(Bool.self, forKey: .tpm) ?? false
+        secureBoot = try container.decodeIfPresent(Bool.self, forKey: .secureBoot) ?? false
     }
 }
 

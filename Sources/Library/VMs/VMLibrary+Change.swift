@@ -31,7 +31,7 @@ extension VMLibrary {
     public func change(_ name: String, _ request: ChangeRequest) throws(LibraryError) -> VMDefinition {
         let fields = request.fields
         guard !fields.isEmpty else {
-            throw .invalidValue(field: "vireo set", reason: "nothing to change; give at least one of --cpus, --memory, --cmdline, --kernel, --initrd, --no-initrd, --ostype, --rng/--no-rng, --nic, --no-nic, --forward, --vsock-cid, --no-vsock, --balloon/--no-balloon, --acpi, --on-reboot, --cpu, --engine, --iso, --firmware, --accel, --cpu-cap, --cpu-weight, --memory-limit, --pids-limit, --pin, --pin-emulator, --rt-priority, --io-limit, --memory-backing, --prealloc, --ksm, --lock-memory, --thp/--no-thp, --numa-node, --tpm/--no-tpm")
+            throw .invalidValue(field: "vireo set", reason: "nothing to change; give at least one of --cpus, --memory, --cmdline, --kernel, --initrd, --no-initrd, --ostype, --rng/--no-rng, --nic, --no-nic, --forward, --vsock-cid, --no-vsock, --balloon/--no-balloon, --acpi, --on-reboot, --cpu, --engine, --iso, --firmware, --accel, --cpu-cap, --cpu-weight, --memory-limit, --pids-limit, --pin, --pin-emulator, --rt-priority, --io-limit, --memory-backing, --prealloc, --ksm, --lock-memory, --thp/--no-thp, --numa-node, --tpm/--no-tpm, --secure-boot/--no-secure-boot")
         }
         if request.initrd != nil && request.removeInitrd { throw .invalidValue(field: "initrd", reason: "--initrd and --no-initrd contradict each other") }
         if let kernel = request.kernel { try Self.validate(kernel: kernel) }
@@ -51,6 +51,7 @@ extension VMLibrary {
             if let cid = request.vsockCID { changed.vsockCID = cid }
             if let balloon = request.balloon { changed.balloon = balloon }
             if let tpm = request.tpm { changed.tpm = tpm }
+            if let secureBoot = request.secureBoot { changed.secureBoot = secureBoot }
             if let acpi = request.acpi { changed.acpi = acpi }
             if let policy = request.onReboot { changed.onReboot = policy }
             if let model = request.cpuModel { changed.cpuModel = model }
@@ -87,8 +88,11 @@ extension VMLibrary {
             // Now the files: the kernel and initrd copies, and a variable store for UEFI.
             if let kernel = request.kernel { try Self.installFile(kernel, as: "kernel", in: bundle) }
             if let initrd = request.initrd { try Self.installFile(initrd, as: "initrd", in: bundle) }
-            if changed.firmware == .uefi, changed.nvram == nil || !HostFiles.exists(bundle.resolve(changed.nvram ?? "")) {
-                try Self.installFile(FirmwareFiles.uefiVariables, as: "nvram.fd", in: bundle)
+            // Secure Boot switched: the variable store starts again from the matching template
+            // (keys enrolled, or none), which also forgets boot entries the guest made.
+            let secureBootSwitched = request.secureBoot != nil && request.secureBoot != definition.secureBoot
+            if changed.firmware == .uefi, secureBootSwitched || changed.nvram == nil || !HostFiles.exists(bundle.resolve(changed.nvram ?? "")) {
+                try Self.installFile(FirmwareFiles.variables(secureBoot: changed.secureBoot), as: "nvram.fd", in: bundle)
                 changed.nvram = "nvram.fd"
             }
             definition = changed

@@ -66,6 +66,7 @@ extension VMLibrary {
         for share in request.shares { shares.append(try share.checkedOnHost(libraryRoot: root)) }
         definition.shares = shares
         definition.tpm = request.tpm
+        definition.secureBoot = request.secureBoot
         if let kernel = request.kernel { try Self.validate(kernel: kernel) }
         if let initrd = request.initrd { try Self.validateReadable(initrd, field: "initrd") }
         guard request.diskBytes == nil || request.attachDisk == nil, !(request.withoutDisk && (request.diskBytes != nil || request.attachDisk != nil)) else {
@@ -173,7 +174,7 @@ extension VMLibrary {
                 definition.initrd = "initrd"
             }
             if definition.firmware == .uefi {
-                try HostFiles.copySparse(FirmwareFiles.uefiVariables, bundle.resolve("nvram.fd"))
+                try HostFiles.copySparse(FirmwareFiles.variables(secureBoot: definition.secureBoot), bundle.resolve("nvram.fd"))
                 definition.nvram = "nvram.fd"
             }
             if let image {

@@ -52,6 +52,9 @@ extension VMLibrary {
             if definition.tpm {
                 throw .invalidValue(field: "tpm", reason: "the kvm engine has no TPM device; use --engine qemu, or --no-tpm")
             }
+            if definition.secureBoot {
+                throw .invalidValue(field: "secure_boot", reason: "the kvm engine boots kernels directly, without firmware to enforce Secure Boot; use --engine qemu --firmware uefi, or --no-secure-boot")
+            }
             do {
                 try MachineRules.virtioDevices(disks: definition.disks.count, nics: definition.networks.count, vsock: definition.vsockCID != nil,
                                                balloon: definition.balloon, entropy: definition.entropyDevice)
@@ -63,7 +66,10 @@ extension VMLibrary {
             if definition.kernel == nil && definition.firmware == nil {
                 throw .invalidValue(field: "firmware", reason: "a qemu VM without a kernel boots through firmware; give --firmware bios or uefi")
             }
-            if let firmware = definition.firmware { try FirmwareFiles.check(firmware) }
+            if let firmware = definition.firmware { try FirmwareFiles.check(firmware, secureBoot: definition.secureBoot) }
+            if definition.secureBoot, definition.firmware != .uefi {
+                throw .invalidValue(field: "secure_boot", reason: "Secure Boot is UEFI's; give --firmware uefi (the VM has \(definition.firmware.map { "--firmware \($0.rawValue)" } ?? "a direct kernel boot"))")
+            }
             let limit = qemuDiskLimit(definition.diskBus)
             guard definition.disks.count <= limit else {
                 throw .invalidValue(field: "disks", reason: "\(definition.disks.count) disks is more than the \(limit) a qemu VM with \(definition.diskBus.rawValue) disks takes")

@@ -49,6 +49,8 @@ public struct CreateRequest: Sendable {
     public var shares: [SharedFolder] = []
     /// A TPM 2.0 (`--tpm`, qemu engine).
     public var tpm = false
+    /// `--secure-boot` (UEFI).
+    public var secureBoot = false
     /// With a cloud-init image: the user, keys, password and host name of its NoCloud seed.
     public var cloudInit = CloudInitRequest()
 
@@ -115,6 +117,9 @@ public struct ChangeRequest: Sendable {
     public var mergeable: Bool?
     /// `--tpm`/`--no-tpm` (the state in `tpm/` stays when the device goes).
     public var tpm: Bool?
+    /// `--secure-boot`/`--no-secure-boot`: the UEFI variable store starts again from the template
+    /// that matches (Microsoft's keys, or none).
+    public var secureBoot: Bool?
 
     public init() {}
 
@@ -147,7 +152,7 @@ public struct ChangeRequest: Sendable {
          cpuCapPercent != nil ? "--cpu-cap" : nil, cpuWeight != nil ? "--cpu-weight" : nil,
          memoryLimitBytes != nil ? "--memory-limit" : nil, pidsLimit != nil ? "--pids-limit" : nil,
          vcpuPins != nil ? "--pin" : nil, emulatorCPUs != nil ? "--pin-emulator" : nil, rtPriority != nil ? "--rt-priority" : nil, ioLimits != nil ? "--io-limit" : nil,
-         memoryBackingChoice != nil ? "--memory-backing" : nil, preallocate != nil ? "--prealloc" : nil, mergeable != nil ? "--ksm" : nil, lockMemory != nil ? "--lock-memory" : nil, transparentHugePages != nil ? "--thp" : nil, numaNode != nil ? "--numa-node" : nil, tpm != nil ? "--tpm" : nil].compactMap { $0 }
+         memoryBackingChoice != nil ? "--memory-backing" : nil, preallocate != nil ? "--prealloc" : nil, mergeable != nil ? "--ksm" : nil, lockMemory != nil ? "--lock-memory" : nil, transparentHugePages != nil ? "--thp" : nil, numaNode != nil ? "--numa-node" : nil, tpm != nil ? "--tpm" : nil, secureBoot != nil ? "--secure-boot" : nil].compactMap { $0 }
     }
 }
 

@@ -148,7 +148,7 @@ function renderDetails(details) {
     ['Kernel', d.kernel || (d.firmware ? `firmware ${d.firmware}` : '-')], ['Command line', d.command_line],
     ['ISO', d.iso || '-'], ['Disks', (d.disks || []).map((disk) => `${disk.path} (${disk.format})`).join(', ') || 'none'],
     ['Disk use', `${size(details.summary.disk_allocated_bytes)} of ${size(details.summary.disk_virtual_bytes)}`],
-    ['TPM', d.tpm ? 'TPM 2.0 (swtpm)' : 'none'],
+    ['TPM', d.tpm ? 'TPM 2.0 (swtpm)' : 'none'], ['Secure Boot', d.secure_boot ? 'on' : 'off'],
     ['Shared folders', (d.shares || []).map((share) => `${share.path} as ${share.tag}${share.read_only ? ' (read-only)' : ''}`).join(', ') || 'none'],
     ['Network', (d.networks || []).map((card) => `${card.mac} ${JSON.stringify(card.attachment)}`).join('; ') || 'none'],
     ['IP', details.summary.addresses.join(', ') || '-'],
