@@ -63,6 +63,18 @@ import Testing
         #expect(removed.status == 0 && removed.stdout.contains("no longer shares \(project)"), "\(removed.stdout) \(removed.stderr)")
         #expect(FileManager.default.fileExists(atPath: project), "the host directory is untouched")
         #expect(library.vireo("share", "list", "q").stdout.split(separator: "\n").count == 2)
+
+        // A directory on the share's way replaced by a link after it was added: the start is
+        // refused before any server or QEMU runs (the share would serve someone else's files).
+        let parent = work.appendingPathComponent("parent").path
+        let elsewhere = work.appendingPathComponent("elsewhere").path
+        for directory in [parent + "/data", elsewhere + "/data"] { try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true) }
+        #expect(library.vireo("share", "add", "q", parent + "/data", "--tag", "data").status == 0)
+        try FileManager.default.moveItem(atPath: parent, toPath: parent + "-old")
+        try FileManager.default.createSymbolicLink(atPath: parent, withDestinationPath: elsewhere)
+        let swapped = library.vireo("start", "q")
+        #expect(swapped.status != 0 && swapped.stderr.contains("now resolves to \(elsewhere)/data"), "\(swapped.stderr)")
+        #expect(library.state("q") == "stopped")
     }
 
     @Test("shared folders and exec through the REST API: a share inside the allowed paths is added, listed and removed; one outside them, a file, a duplicate tag and an unknown field are 422s; removing an unknown tag is a 404; exec on a stopped VM is a 409 and an empty command a 422; nothing is changed by a refusal")

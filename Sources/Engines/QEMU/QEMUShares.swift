@@ -66,10 +66,16 @@ public struct QEMUShareServers {
 
     private static func startServer(_ share: SharedFolder, vm: EngineVM, mounts: String, identity: JailIdentity,
                                      qemuOwner: (uid: UInt32, gid: UInt32)?) throws(LibraryError) -> pid_t {
-        // The directory as it is now: it must still be one, and the child binds exactly it.
+        // The directory as it is now: still a directory, still at its real path (no component
+        // became a link: whoever owns a directory on the way must not point the share at someone
+        // else's files, whose owner the guest's user would then be), and the child binds exactly
+        // this one (its device and inode are checked after the bind).
         var status = stat()
         guard lstat(share.path, &status) == 0, status.st_mode & S_IFMT == S_IFDIR else {
             throw .engine(name: vm.name, reason: "shared folder '\(share.tag)': \(share.path) is no longer a directory (\(String(cString: strerror(errno == 0 ? ENOTDIR : errno)))); `vireo share remove \(vm.name) \(share.tag)`, or put it back", exitStatus: 2)
+        }
+        guard let real = HostPath.real(share.path), real == share.path else {
+            throw .engine(name: vm.name, reason: "shared folder '\(share.tag)': \(share.path) now resolves to \(HostPath.real(share.path) ?? "nothing") (a directory on its way became a link); refusing to serve it. Put it back, or remove the share and add the directory you mean", exitStatus: 2)
         }
         let mountPoint = mounts + "/" + share.tag
         if mkdir(mountPoint, 0o700) != 0 && errno != EEXIST { throw .io(operation: "mkdir", path: mountPoint, errno: errno) }
