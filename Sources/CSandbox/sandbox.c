@@ -488,11 +488,15 @@ out:
 
 // What the forked child reports before it execs: 'U' when it is ready for its maps, or 'E', an
 // errno and the failed step's name. A successful exec closes the pipe (close-on-exec).
+// One write each (under PIPE_BUF, so atomic): the child's 'P' and the server's 'E' never
+// interleave.
 static void share_child_fail(int report, int code, const char *step) {
-    char tag = 'E';
-    (void)!write(report, &tag, 1);
-    (void)!write(report, &code, sizeof code);
-    (void)!write(report, step, strlen(step));
+    char message[1 + sizeof code + 160];
+    size_t length = strlen(step) < 160 ? strlen(step) : 160;
+    message[0] = 'E';
+    memcpy(message + 1, &code, sizeof code);
+    memcpy(message + 1 + sizeof code, step, length);
+    (void)!write(report, message, 1 + sizeof code + length);
     _exit(127);
 }
 
@@ -563,9 +567,10 @@ int vireo_spawn_share_server(const char *path, char *const argv[], int log_fd, c
         pid_t server = fork();
         if (server < 0) share_child_fail(report, errno, "fork the server");
         if (server > 0) {
-            char tag = 'P';
-            (void)!write(report, &tag, 1);
-            (void)!write(report, &server, sizeof server);
+            char message[1 + sizeof server];
+            message[0] = 'P';
+            memcpy(message + 1, &server, sizeof server);
+            (void)!write(report, message, sizeof message);
             _exit(0);
         }
         if (setresgid(0, 0, 0) != 0) share_child_fail(report, errno, "become the namespace's root group");
