@@ -48,3 +48,27 @@ import Testing
         }
     }
 }
+
+@Suite struct GuestReportedAddressTests {
+    @Test("addresses the guest agent reports are parsed, not believed: text, terminal escapes and oversized lists never reach `vireo info`/`list`; loopback and link-local are left out; IPv4 comes first")
+    func hostileInterfaceReport() throws {
+        let report = Data("""
+        [{"name": "lo", "hardware-address": "00:00:00:00:00:00", "ip-addresses": [{"ip-address-type": "ipv4", "ip-address": "127.0.0.1", "prefix": 8}]},
+         {"name": "eth0", "hardware-address": "52:54:00:AB:CD:EF", "ip-addresses": [
+            {"ip-address-type": "ipv6", "ip-address": "2001:DB8:0:0::1", "prefix": 64},
+            {"ip-address-type": "ipv6", "ip-address": "fe80::1", "prefix": 64},
+            {"ip-address-type": "ipv4", "ip-address": "10.0.0.5\\u001b[2J\\u001b]0;owned\\u0007", "prefix": 24},
+            {"ip-address-type": "ipv4", "ip-address": "not an address", "prefix": 24},
+            {"ip-address-type": "ipv6", "ip-address": "192.168.1.9", "prefix": 24},
+            {"ip-address-type": "ipv4", "ip-address": "10.0.0.7", "prefix": 24}]},
+         {"name": "eth1", "hardware-address": "52:54:00:00:00:02\\u001b[31m", "ip-addresses": [{"ip-address-type": "ipv4", "ip-address": "10.9.9.9", "prefix": 24}]},
+         {"name": "eth2", "hardware-address": "52:54:00:00:00:03", "ip-addresses": [\(Array(repeating: #"{"ip-address-type": "ipv4", "ip-address": "10.1.1.1", "prefix": 24}"#, count: 100).joined(separator: ","))]}]
+        """.utf8)
+        let interfaces = try JSONDecoder().decode([QEMUEngine.GuestInterface].self, from: report)
+        let usable = QEMUEngine.usableAddresses(interfaces)
+        #expect(usable["52:54:00:ab:cd:ef"] == ["192.168.1.9", "10.0.0.7", "2001:db8::1"])
+        #expect(usable.keys.sorted() == ["52:54:00:00:00:03", "52:54:00:ab:cd:ef"], "a MAC with an escape in it and a card with only loopback are dropped")
+        #expect(usable["52:54:00:00:00:03"]?.count == QEMUEngine.maximumAddressesPerCard)
+        #expect(usable.values.joined().allSatisfy { $0.allSatisfy { $0.isHexDigit || $0 == "." || $0 == ":" } })
+    }
+}

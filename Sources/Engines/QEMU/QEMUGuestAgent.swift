@@ -80,33 +80,51 @@ extension QEMUEngine: GuestAgentEngine {
         return true
     }
 
-    public func interfaceAddresses(_ vm: EngineVM, timeoutSeconds: Int) -> [String: [String]] {
-        struct Interface: Decodable {
-            struct Address: Decodable {
-                var type: String
-                var address: String
-                enum CodingKeys: String, CodingKey { case type = "ip-address-type", address = "ip-address" }
-            }
-            var name: String
-            var hardwareAddress: String?
-            var addresses: [Address]?
-            enum CodingKeys: String, CodingKey { case name, hardwareAddress = "hardware-address", addresses = "ip-addresses" }
+    /// One interface as `guest-network-get-interfaces` reports it.
+    struct GuestInterface: Decodable {
+        struct Address: Decodable {
+            var type: String
+            var address: String
+            enum CodingKeys: String, CodingKey { case type = "ip-address-type", address = "ip-address" }
         }
+        var name: String
+        var hardwareAddress: String?
+        var addresses: [Address]?
+        enum CodingKeys: String, CodingKey { case name, hardwareAddress = "hardware-address", addresses = "ip-addresses" }
+    }
+
+    public func interfaceAddresses(_ vm: EngineVM, timeoutSeconds: Int) -> [String: [String]] {
         // QEMU serves one monitor client at a time: a list must not wait long behind another.
         guard Self.agentPortOpen(vm, timeoutSeconds: timeoutSeconds),
               let agent = try? QMPConnection(path: vm.bundle.guestAgentPath, timeoutSeconds: timeoutSeconds, peer: .guestAgent),
-              let interfaces = try? agent.execute("guest-network-get-interfaces", as: [Interface].self) else { return [:] }
+              let interfaces = try? agent.execute("guest-network-get-interfaces", as: [GuestInterface].self) else { return [:] }
+        return Self.usableAddresses(interfaces)
+    }
+
+    /// At most this many addresses per card reach `vireo info`/`list`: the guest decides how many
+    /// it reports.
+    static let maximumAddressesPerCard = 16
+
+    /// The guest's report, keyed by MAC, kept to what can be shown: the guest writes these
+    /// strings, so each address is parsed as an IP address and shown in its canonical form (a
+    /// report carrying terminal escapes or text is dropped, never printed); loopback and
+    /// link-local addresses are left out; IPv4 first, as `vireo list` shows the first.
+    static func usableAddresses(_ interfaces: [GuestInterface]) -> [String: [String]] {
         var byMAC: [String: [String]] = [:]
         for interface in interfaces {
-            guard let mac = interface.hardwareAddress?.lowercased(), mac != "00:00:00:00:00:00" else { continue }
-            let usable = (interface.addresses ?? []).filter { address in
-                let text = address.address.lowercased()
-                return !text.hasPrefix("127.") && text != "::1" && !text.hasPrefix("fe80:")
+            guard let mac = interface.hardwareAddress.flatMap(MACAddressText.canonical), mac != "00:00:00:00:00:00" else { continue }
+            var ipv4: [String] = [], ipv6: [String] = []
+            for reported in interface.addresses ?? [] {
+                if let address = IPAddressText.canonicalIPv4(reported.address) {
+                    if !address.hasPrefix("127.") { ipv4.append(address) }
+                } else if let address = IPAddressText.canonicalIPv6(reported.address) {
+                    if address != "::1" && !address.hasPrefix("fe80:") { ipv6.append(address) }
+                }
             }
-            // IPv4 first, as `vireo list` shows the first.
-            byMAC[mac, default: []] += usable.filter { $0.type == "ipv4" }.map(\.address) + usable.filter { $0.type != "ipv4" }.map(\.address)
+            let merged = byMAC[mac, default: []] + ipv4 + ipv6
+            byMAC[mac] = Array(merged.prefix(maximumAddressesPerCard))
         }
-        return byMAC
+        return byMAC.filter { !$0.value.isEmpty }
     }
 
     /// The exchange itself, on the agent's socket at `agentPath`.
@@ -312,5 +330,38 @@ extension QEMUEngine: GuestFileEngine {
             throw copyError
         }
         return copied
+    }
+}
+
+/// Addresses a guest reports, parsed rather than believed: only what parses as an address is
+/// kept, in the form the host's own library prints it.
+enum IPAddressText {
+    static func canonicalIPv4(_ text: String) -> String? {
+        guard text.utf8.count <= 15 else { return nil }
+        var address = in_addr()
+        guard inet_pton(AF_INET, text, &address) == 1 else { return nil }
+        return withUnsafeBytes(of: &address) { format(AF_INET, $0.baseAddress, length: Int(INET_ADDRSTRLEN)) }
+    }
+
+    static func canonicalIPv6(_ text: String) -> String? {
+        guard text.utf8.count <= 45 else { return nil }
+        var address = in6_addr()
+        guard inet_pton(AF_INET6, text, &address) == 1 else { return nil }
+        return withUnsafeBytes(of: &address) { format(AF_INET6, $0.baseAddress, length: Int(INET6_ADDRSTRLEN)) }
+    }
+
+    private static func format(_ family: Int32, _ address: UnsafeRawPointer?, length: Int) -> String? {
+        var buffer = [CChar](repeating: 0, count: length)
+        guard let address, inet_ntop(family, address, &buffer, socklen_t(length)) != nil else { return nil }
+        return String(decoding: buffer.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+    }
+}
+
+enum MACAddressText {
+    /// `52:54:00:AB:cd:ef` → `52:54:00:ab:cd:ef`; anything else is nil.
+    static func canonical(_ text: String) -> String? {
+        let parts = text.split(separator: ":", omittingEmptySubsequences: false)
+        guard parts.count == 6, parts.allSatisfy({ $0.count == 2 && $0.allSatisfy(\.isHexDigit) }) else { return nil }
+        return parts.map { $0.lowercased() }.joined(separator: ":")
     }
 }
