@@ -1,0 +1,190 @@
+#define _GNU_SOURCE
+#include "ccontaineragent.h"
+#include <errno.h>
+#include <fcntl.h>
+#include <grp.h>
+#include <linux/vm_sockets.h>
+#include <net/if.h>
+#include <sched.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mount.h>
+#include <sys/signalfd.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <termios.h>
+#include <unistd.h>
+
+static void child_fail(int report, int step) {
+    int message[2] = {step, errno};
+    (void)!write(report, message, sizeof message);
+    _exit(127);
+}
+
+static int open_namespace(int pid, const char *kind) {
+    char path[64];
+    snprintf(path, sizeof path, "/proc/%d/ns/%s", pid, kind);
+    return open(path, O_RDONLY | O_CLOEXEC);
+}
+
+int agent_spawn(struct agent_spawn *s) {
+    int in[2] = {-1, -1}, out[2] = {-1, -1}, err[2] = {-1, -1}, report[2] = {-1, -1};
+    int master = -1, null_fd = -1, own_pid_ns = -1;
+    int joined[4] = {-1, -1, -1, -1};
+    char slave_name[64] = "";
+    s->pid = -1; s->stdin_fd = s->stdout_fd = s->stderr_fd = s->pty_fd = -1;
+    s->failed_step = 0; s->failed_errno = 0;
+#define FAIL(step) do { s->failed_step = (step); s->failed_errno = errno; goto cleanup; } while (0)
+    if (s->join_pid) {
+        const char *kinds[4] = {"pid", "mnt", "uts", "ipc"};
+        for (int i = 0; i < 4; i++) if ((joined[i] = open_namespace(s->join_pid, kinds[i])) < 0) FAIL(2);
+    }
+    if (s->terminal) {
+        master = posix_openpt(O_RDWR | O_NOCTTY | O_CLOEXEC);
+        if (master < 0 || grantpt(master) != 0 || unlockpt(master) != 0 || ptsname_r(master, slave_name, sizeof slave_name) != 0) FAIL(1);
+        if (s->width && s->height) agent_resize(master, s->width, s->height);
+    } else {
+        if (pipe2(in, O_CLOEXEC) || pipe2(out, O_CLOEXEC) || pipe2(err, O_CLOEXEC)) FAIL(13);
+    }
+    if (pipe2(report, O_CLOEXEC)) FAIL(13);
+    null_fd = open("/dev/null", O_RDWR | O_CLOEXEC);
+    own_pid_ns = open("/proc/self/ns/pid", O_RDONLY | O_CLOEXEC);
+    if (s->join_pid) { if (setns(joined[0], CLONE_NEWPID)) FAIL(2); }
+    else if (unshare(CLONE_NEWPID)) FAIL(2);
+    pid_t pid = fork();
+    if (pid == 0) {
+        int r = report[1];
+        setsid();
+        if (s->terminal) {
+            int slave = open(slave_name, O_RDWR);
+            if (slave < 0) child_fail(r, 1);
+            ioctl(slave, TIOCSCTTY, 0);
+            dup2(slave, 0); dup2(slave, 1); dup2(slave, 2);
+        } else {
+            dup2(s->want_stdin ? in[0] : null_fd, 0);
+            dup2(out[1], 1);
+            dup2(err[1], 2);
+        }
+        if (s->join_pid) {
+            if (setns(joined[1], CLONE_NEWNS) || setns(joined[2], CLONE_NEWUTS) || setns(joined[3], CLONE_NEWIPC)) child_fail(r, 2);
+        } else {
+            char path[4096];
+            if (unshare(CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC)) child_fail(r, 2);
+            if (mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL)) child_fail(r, 3);
+            snprintf(path, sizeof path, "%s/proc", s->root);
+            mkdir(path, 0555);
+            if (mount("proc", path, "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL)) child_fail(r, 4);
+            snprintf(path, sizeof path, "%s/dev", s->root);
+            mkdir(path, 0755);
+            if (mount("/dev", path, NULL, MS_BIND | MS_REC, NULL)) child_fail(r, 5);
+            if (s->hostname[0] && sethostname(s->hostname, strlen(s->hostname))) child_fail(r, 6);
+        }
+        if (chroot(s->root)) child_fail(r, 7);
+        if (chdir(s->cwd)) child_fail(r, 8);
+        if (setgroups((size_t)s->group_count, (const gid_t *)s->groups)) child_fail(r, 9);
+        if (setgid(s->gid)) child_fail(r, 10);
+        if (setuid(s->uid)) child_fail(r, 11);
+        sigset_t none;
+        sigemptyset(&none);
+        sigprocmask(SIG_SETMASK, &none, NULL);
+        signal(SIGPIPE, SIG_DFL);
+        int last = ENOENT;
+        for (int i = 0; i < s->candidate_count; i++) {
+            execve(s->candidates[i], s->argv, s->envp);
+            if (errno != ENOENT && errno != ENOTDIR) last = errno;
+        }
+        errno = last;
+        child_fail(r, 12);
+    }
+    int fork_errno = errno;
+    if (own_pid_ns >= 0) (void)!setns(own_pid_ns, CLONE_NEWPID);
+    if (pid < 0) { errno = fork_errno; FAIL(14); }
+    close(report[1]); report[1] = -1;
+    int message[2];
+    ssize_t got;
+    do got = read(report[0], message, sizeof message); while (got < 0 && errno == EINTR);
+    if (got == (ssize_t)sizeof message) {
+        waitpid(pid, NULL, 0);
+        s->failed_step = message[0];
+        s->failed_errno = message[1];
+        goto cleanup;
+    }
+    s->pid = pid;
+    if (s->terminal) {
+        fcntl(master, F_SETFL, fcntl(master, F_GETFL) | O_NONBLOCK);
+        s->pty_fd = master; master = -1;
+    } else {
+        close(in[0]); close(out[1]); close(err[1]);
+        in[0] = out[1] = err[1] = -1;
+        fcntl(out[0], F_SETFL, fcntl(out[0], F_GETFL) | O_NONBLOCK);
+        fcntl(err[0], F_SETFL, fcntl(err[0], F_GETFL) | O_NONBLOCK);
+        s->stdout_fd = out[0]; s->stderr_fd = err[0]; out[0] = err[0] = -1;
+        if (s->want_stdin) { s->stdin_fd = in[1]; in[1] = -1; }
+    }
+cleanup:
+    for (int i = 0; i < 2; i++) {
+        if (in[i] >= 0) close(in[i]);
+        if (out[i] >= 0) close(out[i]);
+        if (err[i] >= 0) close(err[i]);
+        if (report[i] >= 0) close(report[i]);
+    }
+    for (int i = 0; i < 4; i++) if (joined[i] >= 0) close(joined[i]);
+    if (master >= 0) close(master);
+    if (null_fd >= 0) close(null_fd);
+    if (own_pid_ns >= 0) close(own_pid_ns);
+    return s->pid > 0 ? 0 : -1;
+#undef FAIL
+}
+
+int agent_vsock_accept(uint32_t port) {
+    int listener = socket(AF_VSOCK, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (listener < 0) return -1;
+    struct sockaddr_vm address = {.svm_family = AF_VSOCK, .svm_port = port, .svm_cid = VMADDR_CID_ANY};
+    if (bind(listener, (struct sockaddr *)&address, sizeof address) || listen(listener, 1)) { close(listener); return -1; }
+    int connection = accept4(listener, NULL, NULL, SOCK_CLOEXEC | SOCK_NONBLOCK);
+    close(listener);
+    return connection;
+}
+
+int agent_child_signals(void) {
+    sigset_t mask;
+    sigemptyset(&mask);
+    sigaddset(&mask, SIGCHLD);
+    sigprocmask(SIG_BLOCK, &mask, NULL);
+    return signalfd(-1, &mask, SFD_NONBLOCK | SFD_CLOEXEC);
+}
+
+void agent_drain_signals(int fd) {
+    struct signalfd_siginfo info;
+    while (read(fd, &info, sizeof info) > 0) {}
+}
+
+void agent_loopback_up(void) {
+    int sock = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    if (sock < 0) return;
+    struct ifreq request;
+    memset(&request, 0, sizeof request);
+    strcpy(request.ifr_name, "lo");
+    if (ioctl(sock, SIOCGIFFLAGS, &request) == 0) {
+        request.ifr_flags |= IFF_UP;
+        ioctl(sock, SIOCSIFFLAGS, &request);
+    }
+    close(sock);
+}
+
+int agent_resize(int pty, uint16_t width, uint16_t height) {
+    struct winsize size = {.ws_row = height, .ws_col = width};
+    return ioctl(pty, TIOCSWINSZ, &size);
+}
+
+/* Swift's runtime finds its own path through /proc/self/exe as it starts, and aborts without
+ * it; as PID 1 of the sandbox VM nothing is mounted yet. This runs before the runtime does. */
+__attribute__((constructor(101))) static void agent_mount_proc_first(void) {
+    if (getpid() != 1) return;
+    mkdir("/proc", 0555);
+    mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL);
+}

@@ -1,0 +1,94 @@
+import Foundation
+
+/// What the shim takes from an OCI runtime spec (the bundle's config.json, or an exec's
+/// process), and what it refuses: the VM is the container's boundary, so a spec asking to reach
+/// past it (the host's PID or network namespace, every host device) cannot be honoured.
+public struct OCIProcess: Sendable, Equatable {
+    public var args: [String]
+    public var env: [String]
+    public var cwd: String
+    public var uid: UInt32
+    public var gid: UInt32
+    public var additionalGids: [UInt32]
+    public var terminal: Bool
+
+    public init(json: Any) throws(RPCError) {
+        guard let object = json as? [String: Any] else { throw RPCError(.invalidArgument, "process: not an object") }
+        guard let args = object["args"] as? [String], let first = args.first, !first.isEmpty else {
+            throw RPCError(.invalidArgument, "process.args: missing or empty; the container needs a program to run")
+        }
+        self.args = args
+        env = object["env"] as? [String] ?? []
+        cwd = object["cwd"] as? String ?? "/"
+        guard cwd.hasPrefix("/") else { throw RPCError(.invalidArgument, "process.cwd '\(cwd)' is not absolute") }
+        let user = object["user"] as? [String: Any] ?? [:]
+        func id(_ value: Any?, _ field: String) throws(RPCError) -> UInt32 {
+            guard let value else { return 0 }
+            guard let number = value as? NSNumber, let id = UInt32(exactly: number.doubleValue) else { throw RPCError(.invalidArgument, "process.user.\(field): not a uid/gid") }
+            return id
+        }
+        uid = try id(user["uid"], "uid")
+        gid = try id(user["gid"], "gid")
+        var groups: [UInt32] = []
+        for value in user["additionalGids"] as? [Any] ?? [] { groups.append(try id(value, "additionalGids")) }
+        additionalGids = groups
+        terminal = object["terminal"] as? Bool ?? false
+    }
+}
+
+public struct ContainerSpec: Sendable {
+    public var process: OCIProcess
+    public var hostname: String
+    /// The root file system when the snapshotter gave no mounts: spec.root.path, relative to the bundle.
+    public var rootPath: String
+    public var memoryLimitBytes: Int64?
+    public var cpuQuota: (quota: Int64, period: UInt64)?
+
+    public init(data: Data) throws(RPCError) {
+        let json: Any
+        do { json = try JSONSerialization.jsonObject(with: data) } catch { throw RPCError(.invalidArgument, "config.json is not JSON: \(error)") }
+        guard let spec = json as? [String: Any] else { throw RPCError(.invalidArgument, "config.json: not an object") }
+        guard let process = spec["process"] else { throw RPCError(.invalidArgument, "config.json: no process") }
+        self.process = try OCIProcess(json: process)
+        hostname = spec["hostname"] as? String ?? ""
+        rootPath = (spec["root"] as? [String: Any])?["path"] as? String ?? "rootfs"
+        let linux = spec["linux"] as? [String: Any] ?? [:]
+        let namespaces = (linux["namespaces"] as? [[String: Any]] ?? []).compactMap { $0["type"] as? String }
+        guard namespaces.contains("pid") else {
+            throw RPCError(.invalidArgument, "linux.namespaces: no pid namespace, so the container asks for the host's PID namespace; a Vireo container runs in its own VM and cannot see the host's processes")
+        }
+        guard namespaces.contains("network") else {
+            throw RPCError(.invalidArgument, "linux.namespaces: no network namespace, so the container asks for the host's network; a Vireo container runs in its own VM and cannot share the host's network stack")
+        }
+        let resources = linux["resources"] as? [String: Any] ?? [:]
+        for rule in resources["devices"] as? [[String: Any]] ?? [] where rule["allow"] as? Bool == true {
+            let type = rule["type"] as? String ?? "a"
+            if type == "a" && rule["major"] == nil && rule["minor"] == nil {
+                throw RPCError(.invalidArgument, "linux.resources.devices allows every device (a privileged container); a Vireo container runs in its own VM and cannot be given the host's devices")
+            }
+        }
+        if let memory = resources["memory"] as? [String: Any], let limit = (memory["limit"] as? NSNumber)?.int64Value, limit > 0 { memoryLimitBytes = limit }
+        if let cpu = resources["cpu"] as? [String: Any], let quota = (cpu["quota"] as? NSNumber)?.int64Value, quota > 0 {
+            cpuQuota = (quota, (cpu["period"] as? NSNumber)?.uint64Value ?? 100_000)
+        }
+    }
+
+    /// The VM's size for this container: its memory limit plus the guest's own overhead, its CPU
+    /// quota rounded up to whole vCPUs; the settings' defaults otherwise.
+    public func machineSize(defaults: ShimConfiguration) -> (cpus: Int, memory: String) {
+        var cpus = defaults.cpus
+        if let quota = cpuQuota, quota.period > 0 { cpus = max(1, min(64, Int((UInt64(quota.quota) + quota.period - 1) / quota.period))) }
+        var memory = defaults.memory
+        if let limit = memoryLimitBytes {
+            let mebibytes = (limit + (1 << 20) - 1) >> 20
+            memory = "\(mebibytes + ShimConfiguration.guestOverheadMiB)M"
+        }
+        return (cpus, memory)
+    }
+}
+
+extension ShimConfiguration {
+    /// What the guest's kernel and agent take beyond a container's own memory limit (measured in
+    /// docs/containerd.md; Kubernetes' PodOverhead).
+    public static let guestOverheadMiB: Int64 = 64
+}

@@ -1,0 +1,4 @@
+import ContainerShim
+import Foundation
+
+ShimMain.run(CommandLine.arguments)
