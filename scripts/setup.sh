@@ -44,6 +44,7 @@ packages=(
   node-xterm libjs-xterm novnc libjs-chart.js                  # the web manager's consoles and charts, served by `vireo serve` (docs/web-ui.md)
   chromium chromium-driver python3-selenium python3-venv curl wrk   # the manager's browser test, schemathesis's venv, the API load test
   stunnel4 openssl procps                                      # `vireo serve --tls-cert`: TLS in front of the API (docs/api.md); test certificates; pgrep in its test
+  containerd runc busybox-static                               # the containerd shim's tests: a private containerd and ctr, runc beside it in bench, the test image's busybox (docs/containerd.md)
 )
 if [[ "$profile" == demo ]]; then packages=("${demo_packages[@]}"); fi
 missing=()
@@ -80,3 +81,7 @@ if ! "$venv/bin/schemathesis" --version 2>/dev/null | grep -q "$schemathesis_ver
 fi
 
 swift build >&2
+# The containerd shim's guest (docs/containerd.md): the container kernel (cached) and the agent's
+# initramfs, installed where the shim looks with no settings, so `ctr run --runtime
+# io.containerd.vireo.v2` works after this script.
+scripts/build-container-guest.sh --install >/dev/null

@@ -11,6 +11,8 @@ fi
 scripts/build-tiny-kernel.sh plain >/dev/null
 scripts/build-tiny-kernel.sh acpi >/dev/null
 swift build --build-tests
+# The containerd shim's guest: its kernel (cached) and the agent's initramfs from this build.
+scripts/build-container-guest.sh >/dev/null
 # The debian-12 image, built for real by `vireo image build` and kept in ~/.cache/vireo/images
 # (keyed on its recipe): a fresh machine builds it once, before the suite, so its minutes are
 # not inside a test's time limit; the image tests then import the kept build.

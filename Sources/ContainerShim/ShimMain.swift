@@ -128,6 +128,7 @@ public enum ShimMain {
         let service = TaskService(namespace: flags.namespace, containerID: flags.id,
                                   events: EventPublisher(address: environment["TTRPC_ADDRESS"], namespace: flags.namespace),
                                   environment: environment)
+        service.socketPath = socketPath(flags)
         ShimLog.write("serving \(flags.namespace)/\(flags.id) on \(socketPath(flags))")
         let server = TTRPCServer(listener: 3, service: TaskService.serviceName) { method, payload throws(RPCError) in
             try service.handle(method: method, payload: payload)

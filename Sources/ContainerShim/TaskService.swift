@@ -45,6 +45,8 @@ public final class TaskService: AgentEvents, @unchecked Sendable {
     var nextHandle: UInt32 = 1
     var paused = false
     var deleted = false
+    /// The socket the shim serves on, removed when it shuts down.
+    public var socketPath: String?
 
     public init(namespace: String, containerID: String, events: EventPublisher, environment: [String: String]) {
         self.namespace = namespace
@@ -153,7 +155,8 @@ public final class TaskService: AgentEvents, @unchecked Sendable {
             try? FileManager.default.removeItem(atPath: rootImage)
             throw error
         }
-        hostname = spec.hostname
+        // As Docker does: a container without a host name of its own is called by its id.
+        hostname = spec.hostname.isEmpty ? String(containerID.prefix(63)) : spec.hostname
         let process = Process(execID: "", handle: nextHandle, stdin: request.string(5), stdout: request.string(6), stderr: request.string(7),
                               terminal: terminal, spec: spec.process)
         nextHandle += 1
@@ -543,8 +546,10 @@ public final class TaskService: AgentEvents, @unchecked Sendable {
         // Only once the container is gone (or never was): containerd asks after every Delete.
         if processes.isEmpty || request.bool(2) {
             if request.bool(2) { tearDown() }
+            let socket = socketPath
             Thread.detachNewThread {
                 usleep(100_000)
+                if let socket { unlink(socket) }
                 exit(0)
             }
         }

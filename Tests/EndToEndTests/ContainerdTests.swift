@@ -1,0 +1,249 @@
+import Foundation
+import Testing
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// containerd-shim-vireo-v2 under a private containerd (its own root, state and sockets in the
+/// test's directory, CRI off), driven with Debian's `ctr` as a user would: every container runs in
+/// its own Vireo VM on the qemu engine under TCG (guest user space cannot make system calls under
+/// this host's software KVM; docs/containerd.md). The image is made locally from busybox-static;
+/// nothing is pulled.
+@Suite(.serialized) struct ContainerdShimTests {
+    static let image = "docker.io/vireo/busybox:test"
+    static let runtime = "io.containerd.vireo.v2"
+
+    /// A private containerd whose PATH finds the shim beside `vireo`.
+    final class Lab {
+        let directory: URL
+        let library: String
+        let settings: String
+        var containerd: RunningProcess?
+        let socket: String
+
+        init() throws {
+            directory = try Harness.temporaryDirectory()
+            library = directory.appendingPathComponent("lib").path
+            socket = directory.appendingPathComponent("c.sock").path
+            let guest = Harness.packageRoot.appendingPathComponent(".build/container-guest-debug")
+            let kernel = guest.appendingPathComponent("bzImage").path, initrd = guest.appendingPathComponent("agent.cpio.gz").path
+            guard FileManager.default.fileExists(atPath: kernel), FileManager.default.fileExists(atPath: initrd) else {
+                throw HarnessError("the container guest is missing in \(guest.path); scripts/test.sh builds it (scripts/build-container-guest.sh)")
+            }
+            guard FileManager.default.isExecutableFile(atPath: "/usr/bin/containerd"), FileManager.default.isExecutableFile(atPath: "/usr/bin/ctr") else {
+                throw HarnessError("containerd and ctr are missing; scripts/setup.sh installs Debian's containerd")
+            }
+            settings = directory.appendingPathComponent("shim.json").path
+            try Data("""
+            {"engine": "qemu", "accel": "tcg", "kernel": "\(kernel)", "initrd": "\(initrd)", "library": "\(library)", "bootTimeoutSeconds": 180}
+            """.utf8).write(to: URL(fileURLWithPath: settings))
+            let root = directory.path
+            try Data("""
+            version = 2
+            root = "\(root)/root"
+            state = "\(root)/state"
+            disabled_plugins = ["io.containerd.grpc.v1.cri"]
+            [grpc]
+              address = "\(socket)"
+            [ttrpc]
+              address = "\(socket).ttrpc"
+            """.utf8).write(to: directory.appendingPathComponent("config.toml"))
+            try startContainerd()
+            let archive = directory.appendingPathComponent("busybox.tar").path
+            let made = Harness.run([Harness.packageRoot.appendingPathComponent("scripts/make-test-oci-image.sh").path, archive, ContainerdShimTests.image])
+            guard made.status == 0 else { throw HarnessError("make-test-oci-image.sh: \(made.stderr)") }
+            let imported = ctr(["image", "import", archive])
+            guard imported.status == 0 else { throw HarnessError("ctr image import: \(imported.stderr)") }
+        }
+
+        func startContainerd() throws {
+            let shimDirectory = URL(fileURLWithPath: Harness.vireo).deletingLastPathComponent().path
+            let process = RunningProcess(["/usr/bin/containerd", "--config", directory.appendingPathComponent("config.toml").path],
+                                         environment: ["PATH": "\(shimDirectory):/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+                                                       "VIREO_SHIM_CONFIG": settings])
+            containerd = process
+            let deadline = Date().addingTimeInterval(30)
+            while Date() < deadline {
+                if ctr(["version"], timeout: 5).status == 0 { return }
+                guard !process.hasExited else { throw HarnessError("containerd ended: \(process.stderr.suffix(2000))") }
+                usleep(100_000)
+            }
+            throw HarnessError("containerd did not answer on \(socket): \(process.stderr.suffix(2000))")
+        }
+
+        func killContainerd() {
+            guard let containerd else { return }
+            kill(containerd.processIdentifier, SIGKILL)
+            _ = containerd.wait(timeout: 10)
+            self.containerd = nil
+        }
+
+        @discardableResult
+        func ctr(_ arguments: [String], stdin: Data? = nil, timeout: TimeInterval = 240) -> Harness.Completed {
+            Harness.run(["/usr/bin/ctr", "-a", socket, "-n", "vt"] + arguments, stdin: stdin, timeout: timeout)
+        }
+
+        func vireo(_ arguments: [String]) -> Harness.Completed {
+            Harness.run([Harness.vireo] + arguments, environment: ["VIREO_HOME": library])
+        }
+
+        /// The library's VMs by name (`vireo list --json`).
+        var vmNames: [String] {
+            let listed = vireo(["list", "--json"])
+            guard let data = listed.stdout.data(using: .utf8), let array = try? JSONSerialization.jsonObject(with: data) as? [[String: Any]] else { return ["(unreadable: \(listed.stdout) \(listed.stderr))"] }
+            return array.compactMap { $0["name"] as? String }
+        }
+
+        /// Shim processes serving this lab's containerd.
+        var shimProcesses: [String] {
+            let listed = Harness.run(["/usr/bin/pgrep", "-af", "containerd-shim-vireo-v2 -namespace vt -address \(socket)"])
+            return listed.stdout.split(separator: "\n").map(String.init)
+        }
+
+        /// Waits for what `condition` says, up to `seconds`.
+        func eventually(_ seconds: TimeInterval, _ condition: () -> Bool) -> Bool {
+            let deadline = Date().addingTimeInterval(seconds)
+            while Date() < deadline {
+                if condition() { return true }
+                usleep(200_000)
+            }
+            return condition()
+        }
+
+        deinit {
+            // Whatever a failed test left: tasks killed and deleted through containerd, then the VMs.
+            if containerd != nil {
+                let tasks = ctr(["task", "ls", "-q"], timeout: 30).stdout.split(separator: "\n").map(String.init)
+                for task in tasks {
+                    ctr(["task", "kill", "-s", "SIGKILL", task], timeout: 30)
+                    ctr(["task", "rm", "-f", task], timeout: 60)
+                }
+                for container in ctr(["container", "ls", "-q"], timeout: 30).stdout.split(separator: "\n") { ctr(["container", "rm", String(container)], timeout: 30) }
+            }
+            killContainerd()
+            for name in vmNames where !name.hasPrefix("(") {
+                _ = vireo(["stop", name, "--force"])
+                _ = vireo(["delete", name])
+            }
+            for shim in shimProcesses { if let pid = Int32(shim.split(separator: " ").first ?? "") { kill(pid, SIGKILL) } }
+            Harness.run(["/bin/umount", "-R", directory.appendingPathComponent("root").path])
+            try? FileManager.default.removeItem(at: directory)
+        }
+    }
+
+    @Test("ctr run in a Vireo VM: exit statuses 0 and 3 pass through, stdout and stderr stay apart, piped stdin reaches the process, -t gives a terminal of the caller's size that follows a resize, the container has its own PID namespace and host name, containerd hears the task's events, and --rm leaves no VM, shim or root image")
+    func runToCompletion() throws {
+        let lab = try Lab()
+        let events = RunningProcess(["/usr/bin/ctr", "-a", lab.socket, "events"])
+        defer { kill(events.processIdentifier, SIGKILL); _ = events.wait(timeout: 5) }
+
+        let failed = lab.ctr(["run", "--runtime", Self.runtime, "--rm", Self.image, "exit3",
+                              "sh", "-c", "echo out; echo err >&2; cat /proc/1/cmdline | tr '\\0' ' '; echo; hostname; exit 3"])
+        #expect(failed.status == 3, "\(failed.stderr)")
+        #expect(failed.stdout == "out\nsh -c echo out; echo err >&2; cat /proc/1/cmdline | tr '\\0' ' '; echo; hostname; exit 3 \nexit3\n", "PID 1 is the container's own process")
+        #expect(failed.stderr == "err\n" || failed.stderr.hasPrefix("err\n"), "\(failed.stderr)")
+        #expect(!failed.stdout.split(separator: "\n").contains("err"), "\(failed.stdout)")
+
+        let piped = lab.ctr(["run", "--runtime", Self.runtime, "--rm", Self.image, "piped", "sh", "-c", "wc -c; id -u"], stdin: Data(repeating: 0x61, count: 100_000))
+        #expect(piped.status == 0, "\(piped.stderr)")
+        #expect(piped.stdout.split(separator: "\n") == ["100000", "0"], "\(piped.stdout)")
+
+        // A terminal: `script` gives ctr one; its size is the guest's, and a resize (once the task
+        // runs) follows.
+        let ctr = "/usr/bin/ctr -a \(lab.socket) -n vt"
+        let command = "\(ctr) run -t --runtime \(Self.runtime) --rm \(Self.image) tty sh -c 'stty size; tty; sleep 6; stty size; exit 4'"
+        let resize = "until \(ctr) task ls | grep -q 'tty.*RUNNING'; do sleep 0.2; done; sleep 1.5; stty cols 77 rows 22; kill -WINCH $!"
+        let terminal = Harness.run(["/usr/bin/script", "-qec", "stty cols 123 rows 45; \(command) & \(resize); wait $!", "/dev/null"], timeout: 240)
+        #expect(terminal.status == 4, "\(terminal.stdout) \(terminal.stderr)")
+        #expect(terminal.stdout.contains("45 123") && terminal.stdout.contains("/dev/pts/0") && terminal.stdout.contains("22 77"), "\(terminal.stdout)")
+
+        let succeeded = lab.ctr(["run", "--runtime", Self.runtime, "--rm", Self.image, "ok", "true"])
+        #expect(succeeded.status == 0 && succeeded.stdout.isEmpty, "\(succeeded.stderr)")
+
+        #expect(lab.eventually(10) { events.stdout.contains("/tasks/exit") }, "\(events.stdout)")
+        for topic in ["/tasks/create", "/tasks/start", "/tasks/exit", "/tasks/delete"] { #expect(events.stdout.contains(topic), "\(topic) in \(events.stdout)") }
+        #expect(events.stdout.contains("\"exit_status\":3"), "\(events.stdout)")
+
+        #expect(lab.eventually(10) { lab.vmNames.isEmpty && lab.shimProcesses.isEmpty }, "VMs \(lab.vmNames), shims \(lab.shimProcesses)")
+        let images = Harness.run(["/usr/bin/find", lab.directory.appendingPathComponent("state").path, "-name", "vireo-rootfs.img"])
+        #expect(images.stdout.isEmpty, "root images left: \(images.stdout)")
+    }
+
+    @Test("a running task in its VM: exec passes its exit status through, ps and metrics describe the container's processes, pause and resume stop and restart the VM, SIGTERM reaches a trapping init, SIGKILL ends it with 137, and delete leaves no VM, shim, mount or root image")
+    func runningTask() throws {
+        let lab = try Lab()
+        let started = lab.ctr(["run", "-d", "--runtime", Self.runtime, Self.image, "web",
+                               "sh", "-c", "trap 'echo bye > /tmp/term; exit 7' TERM; while true; do sleep 0.2; done"])
+        #expect(started.status == 0, "\(started.stderr)")
+        #expect(lab.vmNames == ["ctr-vt-web"], "the sandbox is an ordinary library VM: \(lab.vmNames)")
+        let info = lab.vireo(["info", "ctr-vt-web"])
+        #expect(info.stdout.contains("running"), "\(info.stdout)")
+
+        let exec = lab.ctr(["task", "exec", "--exec-id", "e1", "web", "sh", "-c", "echo in exec; ps -o pid,args; exit 5"])
+        #expect(exec.status == 5, "\(exec.stderr)")
+        #expect(exec.stdout.contains("in exec") && exec.stdout.contains("    1 sh -c trap"), "the exec sees the container's PID namespace: \(exec.stdout)")
+        let ps = lab.ctr(["task", "ps", "web"])
+        #expect(ps.status == 0 && ps.stdout.split(separator: "\n").count >= 2, "\(ps.stdout) \(ps.stderr)")
+        let metrics = lab.ctr(["task", "metrics", "web"])
+        #expect(metrics.status == 0 && metrics.stdout.contains("pids.current") && metrics.stdout.contains("cpuacct.usage"), "\(metrics.stdout) \(metrics.stderr)")
+
+        #expect(lab.ctr(["task", "pause", "web"]).status == 0)
+        #expect(lab.ctr(["task", "ls"]).stdout.contains("PAUSED"))
+        #expect(lab.vireo(["info", "ctr-vt-web"]).stdout.contains("paused"))
+        #expect(lab.ctr(["task", "resume", "web"]).status == 0)
+        #expect(lab.ctr(["task", "ls"]).stdout.contains("RUNNING"))
+
+        // SIGTERM reaches the container's init, which handles it (it is PID 1 in its namespace).
+        #expect(lab.ctr(["task", "kill", "web"]).status == 0)
+        let waited = lab.ctr(["task", "ls"])
+        #expect(lab.eventually(30) { lab.ctr(["task", "ls"]).stdout.contains("STOPPED") }, "\(waited.stdout)")
+        let deleted = lab.ctr(["task", "rm", "web"])
+        #expect(deleted.status == 0, "\(deleted.stderr)")
+        #expect(deleted.stderr.contains("exit code 7"), "the trap's exit status: \(deleted.stderr)")
+        #expect(lab.ctr(["container", "rm", "web"]).status == 0)
+
+        // SIGKILL: 137.
+        #expect(lab.ctr(["run", "-d", "--runtime", Self.runtime, Self.image, "sleeper", "sleep", "1000"]).status == 0)
+        #expect(lab.ctr(["task", "kill", "-s", "SIGKILL", "sleeper"]).status == 0)
+        #expect(lab.eventually(30) { lab.ctr(["task", "ls"]).stdout.contains("STOPPED") })
+        let killed = lab.ctr(["task", "rm", "sleeper"])
+        #expect(killed.status == 0 && killed.stderr.contains("exit code 137"), "\(killed.stderr)")
+        #expect(lab.ctr(["container", "rm", "sleeper"]).status == 0)
+        #expect(lab.eventually(10) { lab.vmNames.isEmpty && lab.shimProcesses.isEmpty }, "VMs \(lab.vmNames), shims \(lab.shimProcesses)")
+        let mounts = (try? String(contentsOfFile: "/proc/self/mounts", encoding: .utf8)) ?? ""
+        #expect(!mounts.contains(lab.directory.appendingPathComponent("state").path), "mounts left behind")
+    }
+
+    @Test("containerd killed and started again finds the running shim (Connect) and the task still execs; a shim killed with SIGKILL is cleaned up by containerd through `shim delete`, which removes its VM")
+    func restartsAndCrashes() throws {
+        let lab = try Lab()
+        #expect(lab.ctr(["run", "-d", "--runtime", Self.runtime, Self.image, "lasting", "sleep", "1000"]).status == 0)
+        lab.killContainerd()
+        try lab.startContainerd()
+        #expect(lab.eventually(20) { lab.ctr(["task", "ls"]).stdout.contains("RUNNING") }, "\(lab.ctr(["task", "ls"]).stdout)")
+        let exec = lab.ctr(["task", "exec", "--exec-id", "after", "lasting", "echo", "still here"])
+        #expect(exec.status == 0 && exec.stdout == "still here\n", "\(exec.stdout) \(exec.stderr)")
+
+        let shims = lab.shimProcesses
+        #expect(shims.count == 1, "\(shims)")
+        if let pid = Int32(shims.first?.split(separator: " ").first ?? "") { kill(pid, SIGKILL) }
+        #expect(lab.eventually(60) { lab.vmNames.isEmpty }, "the dead shim's VM is removed: \(lab.vmNames)")
+        #expect(lab.eventually(30) { lab.ctr(["task", "ls", "-q"]).stdout.isEmpty }, "\(lab.ctr(["task", "ls"]).stdout)")
+        lab.ctr(["container", "rm", "lasting"])
+    }
+
+    @Test("refused at create, with the reason containerd shows, and nothing left behind: a privileged container, the host's network namespace, a settings file that names an engine Vireo lacks")
+    func refusals() throws {
+        let lab = try Lab()
+        let privileged = lab.ctr(["run", "--privileged", "--runtime", Self.runtime, "--rm", Self.image, "priv", "true"])
+        #expect(privileged.status != 0 && privileged.stderr.contains("privileged container"), "\(privileged.stderr)")
+        let hostNetwork = lab.ctr(["run", "--net-host", "--runtime", Self.runtime, "--rm", Self.image, "hostnet", "true"])
+        #expect(hostNetwork.status != 0 && hostNetwork.stderr.contains("host's network"), "\(hostNetwork.stderr)")
+        let bad = lab.directory.appendingPathComponent("bad.json")
+        try Data(#"{"engine": "xen"}"#.utf8).write(to: bad)
+        let badSettings = lab.ctr(["run", "--runtime", Self.runtime, "--runtime-config-path", bad.path, "--rm", Self.image, "badcfg", "true"])
+        #expect(badSettings.status != 0 && badSettings.stderr.contains("engine 'xen' is not one of kvm, qemu"), "\(badSettings.stderr)")
+        for name in ["priv", "hostnet", "badcfg"] { lab.ctr(["container", "rm", name]) }
+        #expect(lab.eventually(10) { lab.vmNames.isEmpty && lab.shimProcesses.isEmpty }, "VMs \(lab.vmNames), shims \(lab.shimProcesses)")
+    }
+}
