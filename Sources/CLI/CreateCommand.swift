@@ -109,6 +109,9 @@ struct Create: ParsableCommand {
     @Option(name: .customLong("share"), help: ArgumentHelp("Share a host directory with the guest over virtio-fs (qemu engine; repeatable): HOSTDIR[:TAG][,ro]. A cloud-init image mounts it at /mnt/TAG.", valueName: "share"))
     var shares: [String] = []
 
+    @Option(name: .customLong("managed-by"), help: ArgumentHelp("Mark the VM as made and managed by another program (the containerd shim uses containerd); `vireo list` and `info` show it.", valueName: "program"))
+    var managedBy: String?
+
     @Flag(help: "Print the new VM's configuration as JSON.")
     var json = false
 
@@ -117,6 +120,7 @@ struct Create: ParsableCommand {
         do throws(LibraryError) { request.shares = try shares.map(SharedFolder.parse) } catch { throw fail(error) }
         request.tpm = tpm
         request.secureBoot = secureBoot
+        request.managedBy = managedBy
         request.osType = ostype
         request.cpus = cpus
         request.memoryBytes = try memory.map { try parseSize($0, field: "--memory") }

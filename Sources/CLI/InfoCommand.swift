@@ -133,6 +133,7 @@ struct Info: ParsableCommand {
             if !disk.backingChain.isEmpty { text += " on " + disk.backingChain.joined(separator: " on ") }
             lines.append(["Disk \(index):", text])
         }
+        if let managedBy = report.managedBy { lines.append(["Managed by:", "\(managedBy) (made by it; stop and delete it through \(managedBy))"]) }
         if let state = report.tpmState { lines.append(["TPM:", "2.0 (swtpm; state in \(state))"]) }
         if report.secureBoot { lines.append(["Secure Boot:", "on (OVMF's Secure Boot build, Microsoft's keys enrolled)"]) }
         for share in report.shares {

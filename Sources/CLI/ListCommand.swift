@@ -20,7 +20,7 @@ struct List: ParsableCommand {
         if json { try printJSON(rows); return }
         let table = [["NAME", "STATE", "ENGINE", "CPUS", "MEMORY", "IP", "DISK USED / SIZE"]] + rows.map { row in
             // A VM started with its isolation turned off says so wherever it is listed.
-            [row.name, row.error != nil ? "broken" : row.state + (row.isolationOff.map { " (\($0))" } ?? ""), row.engine ?? "-", row.cpus.map(String.init) ?? "-",
+            [row.name, row.error != nil ? "broken" : row.state + (row.isolationOff.map { " (\($0))" } ?? "") + (row.managedBy.map { " [\($0)]" } ?? ""), row.engine ?? "-", row.cpus.map(String.init) ?? "-",
              row.memoryBytes.map(Size.describe) ?? "-", row.addresses.isEmpty ? "-" : row.addresses.joined(separator: ","),
              row.error == nil ? "\(Size.describe(row.diskAllocatedBytes)) / \(Size.describe(row.diskVirtualBytes))" : row.error ?? ""]
         }

@@ -73,7 +73,7 @@ public struct SandboxVM: Sendable {
     public func create(rootImage: String, cpus: Int, memory: String) throws(RPCError) {
         var arguments = ["create", name, "--engine", configuration.engine, "--kernel", configuration.kernel, "--initrd", configuration.initrd,
                          "--cmdline", "console=ttyS0 quiet panic=-1 rdinit=/init \(configuration.kernelArguments)".trimmingCharacters(in: .whitespaces),
-                         "--cpus", String(cpus), "--memory", memory, "--attach-disk", rootImage, "--disk-format", "raw", "--no-nic", "--no-balloon"]
+                         "--cpus", String(cpus), "--memory", memory, "--attach-disk", rootImage, "--disk-format", "raw", "--no-nic", "--no-balloon", "--managed-by", "containerd"]
         if configuration.engine == "qemu" { arguments += ["--accel", configuration.accel] } else { arguments += ["--vsock-cid", "3"] }
         try vireo(arguments)
     }

@@ -177,7 +177,8 @@ import Glibc
         #expect(started.status == 0, "\(started.stderr)")
         #expect(lab.vmNames == ["ctr-vt-web"], "the sandbox is an ordinary library VM: \(lab.vmNames)")
         let info = lab.vireo(["info", "ctr-vt-web"])
-        #expect(info.stdout.contains("running"), "\(info.stdout)")
+        #expect(info.stdout.contains("running") && info.stdout.contains("Managed by:") && info.stdout.contains("containerd (made by it"), "\(info.stdout)")
+        #expect(lab.vireo(["list"]).stdout.contains("running [containerd]"), "vireo list marks the VM as containerd's")
 
         let exec = lab.ctr(["task", "exec", "--exec-id", "e1", "web", "sh", "-c", "echo in exec; ps -o pid,args; exit 5"])
         #expect(exec.status == 5, "\(exec.stderr)")

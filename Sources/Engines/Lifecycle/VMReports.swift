@@ -19,6 +19,8 @@ public struct VMOverview: Encodable, Sendable {
     public var isolationOff: String?
     public var engine: String?
     public var osType: String?
+    /// The program managing the VM (`containerd` for the shim's sandboxes).
+    public var managedBy: String?
     public var cpus: Int?
     public var memoryBytes: UInt64?
     /// Each card's address in card order: the one Vireo leased it, else the first its guest's
@@ -88,6 +90,7 @@ public struct VMReport: Encodable, Sendable {
     public var acpi: Bool, onReboot: String, generationId: String?, cpuModel: String
     public var engine: String, firmware: String?, iso: String?, accelerator: String, runningAccelerator: String?, diskBus: String
     public var displaySocket: String?
+    public var managedBy: String?
     public var image: String?
     public var cloudInitUser: String?
     public var hostname: String?
@@ -144,6 +147,7 @@ extension VMManager {
             row.uuid = definition.uuid
             row.engine = definition.engine.rawValue
             row.osType = definition.osType
+            row.managedBy = definition.managedBy
             row.cpus = definition.cpus
             row.memoryBytes = definition.memoryBytes
             // The agent is asked only for cards Vireo leased nothing (a list is polled).
@@ -184,7 +188,7 @@ extension VMManager {
             cpuModel: definition.cpuModel ?? "host",
             engine: definition.engine.rawValue, firmware: definition.firmware?.rawValue, iso: definition.iso,
             accelerator: definition.accelerator.rawValue, runningAccelerator: status.description?.accelerator,
-            diskBus: definition.diskBus.rawValue, displaySocket: definition.engine == .qemu ? bundle.vncPath : nil,
+            diskBus: definition.diskBus.rawValue, displaySocket: definition.engine == .qemu ? bundle.vncPath : nil, managedBy: definition.managedBy,
             image: definition.image, cloudInitUser: definition.cloudInit?.user, hostname: definition.cloudInit?.hostname,
             directory: bundle.directory, configPath: bundle.configPath, consoleLog: bundle.consoleLogPath,
             vmmLog: bundle.vmmLogPath, controlSocket: definition.engine == .qemu ? bundle.qmpPath : bundle.controlPath,

@@ -77,6 +77,9 @@ public struct VMDefinition: Codable, Sendable, Equatable {
     public var tpm = false
     /// qemu engine, UEFI: OVMF's Secure Boot build with Microsoft's keys enrolled (docs/tpm.md).
     public var secureBoot = false
+    /// The program that made the VM and manages its life (the containerd shim: `containerd`),
+    /// shown by `vireo list` and `info`; nil for VMs people made.
+    public var managedBy: String?
 
     /// A fresh 128-bit generation ID.
     public static func newGenerationID() -> String {
@@ -111,7 +114,7 @@ public struct VMDefinition: Codable, Sendable, Equatable {
     enum CodingKeys: String, CodingKey {
         case version, uuid, name, osType, engine, cpus, memoryBytes, kernel, initrd, commandLine, disks, networks
         case vsockCID, balloon, entropyDevice, createdAt, acpi, onReboot, generationID, cpuModel
-        case firmware, nvram, iso, accelerator, diskBus, image, cloudInit, resources, memoryBacking, shares, tpm, secureBoot
+        case firmware, nvram, iso, accelerator, diskBus, image, cloudInit, resources, memoryBacking, shares, tpm, secureBoot, managedBy
     }
 
     /// Fields added after version 1 was first written are optional in the file, with the values
@@ -150,6 +153,7 @@ public struct VMDefinition: Codable, Sendable, Equatable {
         shares = try container.decodeIfPresent([SharedFolder].self, forKey: .shares) ?? []
         tpm = try container.decodeIfPresent(Bool.self, forKey: .tpm) ?? false
         secureBoot = try container.decodeIfPresent(Bool.self, forKey: .secureBoot) ?? false
+        managedBy = try container.decodeIfPresent(String.self, forKey: .managedBy)
     }
 }
 

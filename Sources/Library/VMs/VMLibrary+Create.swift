@@ -67,6 +67,7 @@ extension VMLibrary {
         definition.shares = shares
         definition.tpm = request.tpm
         definition.secureBoot = request.secureBoot
+        definition.managedBy = try Self.validated(managedBy: request.managedBy)
         if let kernel = request.kernel { try Self.validate(kernel: kernel) }
         if let initrd = request.initrd { try Self.validateReadable(initrd, field: "initrd") }
         guard request.diskBytes == nil || request.attachDisk == nil, !(request.withoutDisk && (request.diskBytes != nil || request.attachDisk != nil)) else {
@@ -288,5 +289,16 @@ extension VMLibrary {
         }
         if let engine = request.engine { return engine }
         return request.iso != nil || request.firmware != nil || !request.shares.isEmpty || request.tpm ? .qemu : .kvm
+    }
+}
+
+extension VMLibrary {
+    /// `--managed-by`: a short, printable name (it is shown in lists and reports).
+    static func validated(managedBy: String?) throws(LibraryError) -> String? {
+        guard let managedBy else { return nil }
+        guard (1...64).contains(managedBy.count), managedBy.unicodeScalars.allSatisfy({ $0.value >= 0x21 && $0.value < 0x7f }) else {
+            throw .invalidValue(field: "managed-by", reason: "'\(managedBy)' must be 1 to 64 printable ASCII characters without spaces (for example containerd)")
+        }
+        return managedBy
     }
 }

@@ -51,6 +51,8 @@ public struct CreateRequest: Sendable {
     public var tpm = false
     /// `--secure-boot` (UEFI).
     public var secureBoot = false
+    /// `--managed-by`: the program that manages the VM (VMDefinition.managedBy).
+    public var managedBy: String?
     /// With a cloud-init image: the user, keys, password and host name of its NoCloud seed.
     public var cloudInit = CloudInitRequest()
 
