@@ -75,7 +75,7 @@ public struct ContainerSpec: Sendable {
 
     /// The VM's size for this container: its memory limit plus the guest's own overhead, its CPU
     /// quota rounded up to whole vCPUs; the settings' defaults otherwise.
-    public func machineSize(defaults: ShimConfiguration) -> (cpus: Int, memory: String) {
+    public func machineSize(defaults: ShimConfiguration) -> (cpus: Int, memory: String, cpuCapPercent: Int?) {
         var cpus = defaults.cpus
         if let quota = cpuQuota, quota.period > 0 { cpus = max(1, min(64, Int((UInt64(quota.quota) + quota.period - 1) / quota.period))) }
         var memory = defaults.memory
@@ -83,7 +83,9 @@ public struct ContainerSpec: Sendable {
             let mebibytes = (limit + (1 << 20) - 1) >> 20
             memory = "\(mebibytes + ShimConfiguration.guestOverheadMiB)M"
         }
-        return (cpus, memory)
+        // The quota also caps the VM's engine process (its cgroup), as it would the container's.
+        let cap = cpuQuota.flatMap { $0.period > 0 ? max(1, Int(UInt64($0.quota) * 100 / $0.period)) : nil }
+        return (cpus, memory, cap)
     }
 }
 

@@ -138,7 +138,7 @@ public final class TaskService: AgentEvents, @unchecked Sendable {
         let size = spec.machineSize(defaults: configuration)
         let vm = SandboxVM(name: SandboxVM.name(namespace: namespace, id: containerID), configuration: configuration)
         do {
-            try vm.create(rootImage: rootfs, cpus: size.cpus, memory: size.memory)
+            try vm.create(rootImage: rootfs, cpus: size.cpus, memory: size.memory, cpuCapPercent: size.cpuCapPercent)
             self.vm = vm
             try vm.start()
             let agent = try vm.connectAgent(events: self)

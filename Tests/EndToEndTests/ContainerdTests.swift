@@ -160,6 +160,17 @@ import Glibc
         let succeeded = lab.ctr(["run", "--runtime", Self.runtime, "--rm", Self.image, "ok", "true"])
         #expect(succeeded.status == 0 && succeeded.stdout.isEmpty, "\(succeeded.stderr)")
 
+        // The OCI spec's resources size the VM: 2 CPUs of quota are 2 vCPUs (and a 200% cap on
+        // the VM's process), a 128 MiB limit is 128 MiB plus the guest's overhead.
+        let sized = RunningProcess(["/usr/bin/ctr", "-a", lab.socket, "-n", "vt", "run", "--runtime", Self.runtime, "--rm", "--cpus", "2", "--memory-limit", "134217728",
+                                    Self.image, "sized", "sh", "-c", "nproc; grep MemTotal /proc/meminfo; sleep 3"])
+        #expect(lab.eventually(120) { lab.vireo(["info", "ctr-vt-sized"]).stdout.contains("200%") }, "\(lab.vireo(["info", "ctr-vt-sized"]).stdout)")
+        #expect(sized.wait(timeout: 240) == 0, "\(sized.stderr)")
+        let lines = sized.stdout.split(separator: "\n")
+        #expect(lines.first == "2", "\(sized.stdout)")
+        let kib = lines.dropFirst().first.flatMap { Int($0.split(separator: " ").dropFirst().first ?? "") } ?? 0
+        #expect(kib > 150_000 && kib <= 192 * 1024, "MemTotal \(kib) KiB for 128 MiB + 64 MiB of overhead")
+
         #expect(lab.eventually(10) { events.stdout.contains("/tasks/exit") }, "\(events.stdout)")
         for topic in ["/tasks/create", "/tasks/start", "/tasks/exit", "/tasks/delete"] { #expect(events.stdout.contains(topic), "\(topic) in \(events.stdout)") }
         #expect(events.stdout.contains("\"exit_status\":3"), "\(events.stdout)")
