@@ -1374,11 +1374,89 @@ def nat_start_benchmark(runs):
     print(f"| library VM, 32 MiB probe | {nat_ms:.0f} | {plain_ms:.0f} | {nat_ms / plain_ms:.2f}x |")
 
 
+def containerd_benchmark(runs):
+    """`ctr run --rm IMAGE NAME true` end to end under a private containerd (its own root, state and
+    socket; CRI off), with Debian's runc shim and with containerd-shim-vireo-v2 (a new VM per
+    container: the qemu engine under TCG here, where the kvm engine cannot run guest user space),
+    and what one running container costs in host memory (RSS of its shim, and of the container's
+    process or the VM's engine). The image is busybox-static, made locally."""
+    guest = subprocess.run([os.path.join(ROOT, "scripts", "build-container-guest.sh"), "release"], check=True,
+                           capture_output=True, text=True).stdout.strip()
+    work = subprocess.run(["mktemp", "-d", "/tmp/vireo-ctrd.XXXXXX"], check=True, capture_output=True, text=True).stdout.strip()
+    socket = os.path.join(work, "c.sock")
+    settings = os.path.join(work, "shim.json")
+    with open(settings, "w") as f:
+        f.write('{"engine": "qemu", "accel": "tcg", "kernel": "%s/bzImage", "initrd": "%s/agent.cpio.gz", "library": "%s/lib"}' % (guest, guest, work))
+    with open(os.path.join(work, "config.toml"), "w") as f:
+        f.write(f'version = 2\nroot = "{work}/root"\nstate = "{work}/state"\ndisabled_plugins = ["io.containerd.grpc.v1.cri"]\n'
+                f'[grpc]\n  address = "{socket}"\n[ttrpc]\n  address = "{socket}.ttrpc"\n')
+    env = dict(os.environ, PATH=os.path.join(ROOT, ".build", "release") + ":" + os.environ.get("PATH", "/usr/bin:/bin"), VIREO_SHIM_CONFIG=settings)
+    daemon = subprocess.Popen(["containerd", "--config", os.path.join(work, "config.toml")], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ctr = ["ctr", "-a", socket, "-n", "bench"]
+    image = "docker.io/vireo/busybox:test"
+
+    def rss_kib(pid):
+        with open(f"/proc/{pid}/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+    def tree_rss_kib(root):
+        children = subprocess.run(["pgrep", "-P", str(root)], capture_output=True, text=True).stdout.split()
+        return rss_kib(root) + sum(tree_rss_kib(int(child)) for child in children)
+
+    try:
+        for _ in range(100):
+            if subprocess.run(ctr + ["version"], capture_output=True).returncode == 0:
+                break
+            time.sleep(0.1)
+        archive = os.path.join(work, "busybox.tar")
+        subprocess.run([os.path.join(ROOT, "scripts", "make-test-oci-image.sh"), archive, image], check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(ctr + ["image", "import", archive], check=True, stdout=subprocess.DEVNULL)
+        runtimes = {"runc": "io.containerd.runc.v2", "vireo": "io.containerd.vireo.v2"}
+        samples = {name: [] for name in runtimes}
+        for index in range(runs):
+            for name, runtime in runtimes.items():
+                begin = time.perf_counter()
+                subprocess.run(ctr + ["run", "--runtime", runtime, "--rm", image, f"{name}{index}", "true"], check=True)
+                samples[name].append((time.perf_counter() - begin) * 1000)
+        memory = {}
+        for name, runtime in runtimes.items():
+            subprocess.run(ctr + ["run", "-d", "--runtime", runtime, image, f"{name}-idle", "sleep", "1000"], check=True, stdout=subprocess.DEVNULL)
+            time.sleep(2)
+            shim = int(subprocess.run(["pgrep", "-f", f"containerd-shim-.*-namespace bench -address {socket} .*-id {name}-idle"],
+                                      capture_output=True, text=True).stdout.split()[0])
+            if name == "vireo":
+                with open(os.path.join(work, "lib", "ctr-bench-vireo-idle", "vmm.pid")) as f:
+                    engine = int(f.read().strip())
+                memory[name] = (rss_kib(shim), tree_rss_kib(engine))
+            else:
+                memory[name] = (rss_kib(shim), sum(tree_rss_kib(int(child)) for child in
+                                                   subprocess.run(["pgrep", "-P", str(shim)], capture_output=True, text=True).stdout.split()))
+            subprocess.run(ctr + ["task", "kill", "-s", "SIGKILL", f"{name}-idle"], check=True)
+            time.sleep(1)
+            subprocess.run(ctr + ["task", "rm", f"{name}-idle"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            subprocess.run(ctr + ["container", "rm", f"{name}-idle"], check=True)
+    finally:
+        daemon.terminate()
+        daemon.wait()
+        subprocess.run(["umount", "-R", os.path.join(work, "root")], stderr=subprocess.DEVNULL)
+        shutil.rmtree(work, ignore_errors=True)
+    runc_ms, vireo_ms = statistics.median(samples["runc"]), statistics.median(samples["vireo"])
+    print(f"| `ctr run --rm busybox true` (ms, median of {runs}) | runc | Vireo (qemu engine, TCG) | ratio |")
+    print("|---|---|---|---|")
+    print(f"| end to end | {runc_ms:.0f} | {vireo_ms:.0f} | {vireo_ms / runc_ms:.1f}x |")
+    print()
+    print("| one idle container (`sleep 1000`), RSS in KiB | shim | container process / VM engine (QEMU) | total |")
+    print("|---|---|---|---|")
+    for name in runtimes:
+        shim, body = memory[name]
+        print(f"| {name} | {shim} | {body} | {shim + body} |")
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=15)
     parser.add_argument("--port-writes", type=int, default=100000)
-    parser.add_argument("--only", choices=["vmm", "blk", "lifecycle", "acpi", "qemu-engine", "net", "images", "saved-state", "migration", "isolation", "memory-backing", "api", "nat-start", "network-disks", "disk-stall"], help="run one part only")
+    parser.add_argument("--only", choices=["vmm", "blk", "lifecycle", "acpi", "qemu-engine", "net", "images", "saved-state", "migration", "isolation", "memory-backing", "api", "nat-start", "network-disks", "disk-stall", "containerd"], help="run one part only")
     parser.add_argument("--vm-count", type=int, default=20, help="VMs created and started in the lifecycle benchmark")
     parser.add_argument("--random-requests", type=int, default=5000)
     parser.add_argument("--cold", action="store_true", help="images: start the first build with an empty package cache")
@@ -1425,6 +1503,9 @@ def main():
         return
     if args.only == "nat-start":
         nat_start_benchmark(min(args.runs, 10))
+        return
+    if args.only == "containerd":
+        containerd_benchmark(min(args.runs, 7))
         return
     names = list(commands("").keys())
     results = {name: {} for name in names}

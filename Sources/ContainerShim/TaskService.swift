@@ -231,12 +231,14 @@ public final class TaskService: AgentEvents, @unchecked Sendable {
     }
 
     func start(_ request: ProtoMessage) throws(RPCError) -> [UInt8] {
-        lock.lock()
-        let process = try { () throws(RPCError) -> Process in
+        // The agent is asked without the lock held: its reply may queue behind output frames of
+        // the container's other processes, which the channel's reader hands over under the lock.
+        let (process, agent, start) = try { () throws(RPCError) -> (Process, AgentClient, AgentRequest) in
+            lock.lock()
             defer { lock.unlock() }
             let process = try self.process(request)
             guard process.status == .created else { throw RPCError(.failedPrecondition, "process \(process.execID.isEmpty ? containerID : process.execID) is \(process.status), not created") }
-            guard let agent else { throw RPCError(.failedPrecondition, "the sandbox VM is not running") }
+            guard let agent = self.agent else { throw RPCError(.failedPrecondition, "the sandbox VM is not running") }
             process.status = .running
             // Open the outputs before the process runs, so nothing it writes is lost.
             for (path, kind) in [(process.stdout, AgentFrameKind.stdout), (process.stderr, .stderr)] where !path.isEmpty {
@@ -255,19 +257,25 @@ public final class TaskService: AgentEvents, @unchecked Sendable {
             start.hostname = process.execID.isEmpty ? hostname : ""
             start.join = process.execID.isEmpty ? 0 : processes[""]?.handle ?? 0
             start.stdin = !process.stdin.isEmpty
-            do throws(RPCError) {
-                process.pid = try agent.request(start).pid
-            } catch {
-                process.status = .stopped
-                process.exitStatus = 127
-                process.exitedAt = Date()
-                process.outputs.values.forEach { try? $0.close() }
-                process.outputs = [:]
-                lock.broadcast()
-                throw error
-            }
-            return process
+            return (process, agent, start)
         }()
+        let pid: UInt32
+        do throws(RPCError) {
+            pid = try agent.request(start).pid
+        } catch {
+            lock.lock()
+            defer { lock.unlock() }
+            process.status = .stopped
+            process.exitStatus = 127
+            process.exitedAt = Date()
+            process.outputs.values.forEach { try? $0.close() }
+            process.outputs = [:]
+            lock.broadcast()
+            throw error
+        }
+        lock.lock()
+        process.pid = pid
+        lock.unlock()
         if !process.stdin.isEmpty { forwardStdin(process) }
         var event = ProtoWriter()
         event.string(1, containerID)
@@ -390,17 +398,24 @@ public final class TaskService: AgentEvents, @unchecked Sendable {
     }
 
     func delete(_ request: ProtoMessage) throws(RPCError) -> [UInt8] {
-        lock.lock()
-        defer { lock.unlock() }
-        let process = try self.process(request)
-        guard process.status == .stopped || process.status == .created else {
-            throw RPCError(.failedPrecondition, "process \(process.execID.isEmpty ? containerID : process.execID) is still running; kill it first")
-        }
-        if process.status == .created { finish(process, status: 0) }
-        if process.execID.isEmpty {
-            for (execID, other) in processes where !execID.isEmpty && other.status == .running {
-                throw RPCError(.failedPrecondition, "exec \(execID) is still running in container \(containerID)")
+        let process = try { () throws(RPCError) -> Process in
+            lock.lock()
+            defer { lock.unlock() }
+            let process = try self.process(request)
+            guard process.status == .stopped || process.status == .created else {
+                throw RPCError(.failedPrecondition, "process \(process.execID.isEmpty ? containerID : process.execID) is still running; kill it first")
             }
+            if process.execID.isEmpty {
+                for (execID, other) in processes where !execID.isEmpty && other.status == .running {
+                    throw RPCError(.failedPrecondition, "exec \(execID) is still running in container \(containerID)")
+                }
+                deleted = true
+            }
+            if process.status == .created { finish(process, status: 0) }
+            processes[process.execID] = nil
+            return process
+        }()
+        if process.execID.isEmpty {
             tearDown()
             var event = ProtoWriter()
             event.string(1, containerID)
@@ -410,8 +425,6 @@ public final class TaskService: AgentEvents, @unchecked Sendable {
             event.string(5, containerID)
             events.publish(topic: "/tasks/delete", type: "containerd.events.TaskDelete", event: event)
         }
-        processes[process.execID] = nil
-        if process.execID.isEmpty { deleted = true }
         var response = ProtoWriter()
         response.uint32(1, process.pid)
         response.uint32(2, process.exitStatus)
@@ -420,20 +433,25 @@ public final class TaskService: AgentEvents, @unchecked Sendable {
     }
 
     /// Removes the VM, the root image and any mount: nothing of the container stays behind.
+    /// Called without the lock: the agent's last reply may queue behind output frames.
     func tearDown() {
+        lock.lock()
+        let (agent, vm, mounted, image) = (self.agent, self.vm, mountedRootfs, rootImage)
+        self.agent = nil
+        self.vm = nil
+        mountedRootfs = nil
+        rootImage = ""
+        lock.unlock()
         if let agent {
             var remove = AgentRequest(.removeContainer)
             remove.container = containerID
             _ = try? agent.request(remove, timeoutSeconds: 5)
         }
-        agent = nil
         if let vm {
             do { try vm.remove() } catch { ShimLog.write("removing the sandbox VM: \(error.message)") }
         }
-        vm = nil
-        if let mounted = mountedRootfs { umount2(mounted, Int32(MNT_DETACH)) }
-        mountedRootfs = nil
-        if !rootImage.isEmpty { try? FileManager.default.removeItem(atPath: rootImage) }
+        if let mounted { umount2(mounted, Int32(MNT_DETACH)) }
+        if !image.isEmpty { try? FileManager.default.removeItem(atPath: image) }
     }
 
     func pids(_ request: ProtoMessage) throws(RPCError) -> [UInt8] {
@@ -542,10 +560,16 @@ public final class TaskService: AgentEvents, @unchecked Sendable {
 
     func shutdown(_ request: ProtoMessage) -> [UInt8] {
         lock.lock()
-        defer { lock.unlock() }
+        let done = processes.isEmpty
+        lock.unlock()
         // Only once the container is gone (or never was): containerd asks after every Delete.
-        if processes.isEmpty || request.bool(2) {
-            if request.bool(2) { tearDown() }
+        if done || request.bool(2) {
+            if request.bool(2) {
+                lock.lock()
+                deleted = true
+                lock.unlock()
+                tearDown()
+            }
             let socket = socketPath
             Thread.detachNewThread {
                 usleep(100_000)

@@ -184,14 +184,15 @@ import Glibc
     func runningTask() throws {
         let lab = try Lab()
         let started = lab.ctr(["run", "-d", "--runtime", Self.runtime, Self.image, "web",
-                               "sh", "-c", "trap 'echo bye > /tmp/term; exit 7' TERM; while true; do sleep 0.2; done"])
+                               "sh", "-c", "trap 'echo bye > /tmp/term; exit 7' TERM; while true; do echo tick; sleep 0.02; done"])
         #expect(started.status == 0, "\(started.stderr)")
         #expect(lab.vmNames == ["ctr-vt-web"], "the sandbox is an ordinary library VM: \(lab.vmNames)")
         let info = lab.vireo(["info", "ctr-vt-web"])
         #expect(info.stdout.contains("running") && info.stdout.contains("Managed by:") && info.stdout.contains("containerd (made by it"), "\(info.stdout)")
         #expect(lab.vireo(["list"]).stdout.contains("running [containerd]"), "vireo list marks the VM as containerd's")
 
-        let exec = lab.ctr(["task", "exec", "--exec-id", "e1", "web", "sh", "-c", "echo in exec; ps -o pid,args; exit 5"])
+        // The init writes all the while (its output frames interleave with the exec's replies).
+        let exec = lab.ctr(["task", "exec", "--exec-id", "e1", "web", "sh", "-c", "echo in exec; ps -o pid,args; exit 5"], timeout: 40)
         #expect(exec.status == 5, "\(exec.stderr)")
         #expect(exec.stdout.contains("in exec") && exec.stdout.contains("    1 sh -c trap"), "the exec sees the container's PID namespace: \(exec.stdout)")
         let ps = lab.ctr(["task", "ps", "web"])
@@ -255,7 +256,10 @@ import Glibc
         try Data(#"{"engine": "xen"}"#.utf8).write(to: bad)
         let badSettings = lab.ctr(["run", "--runtime", Self.runtime, "--runtime-config-path", bad.path, "--rm", Self.image, "badcfg", "true"])
         #expect(badSettings.status != 0 && badSettings.stderr.contains("engine 'xen' is not one of kvm, qemu"), "\(badSettings.stderr)")
-        for name in ["priv", "hostnet", "badcfg"] { lab.ctr(["container", "rm", name]) }
+        // A program the image lacks: the agent's failed step and its errno reach ctr.
+        let missing = lab.ctr(["run", "--runtime", Self.runtime, "--rm", Self.image, "nosuch", "/bin/nosuch"])
+        #expect(missing.status != 0 && missing.stderr.contains("cannot execute /bin/nosuch: No such file or directory"), "\(missing.stderr)")
+        for name in ["priv", "hostnet", "badcfg", "nosuch"] { lab.ctr(["container", "rm", name]) }
         #expect(lab.eventually(10) { lab.vmNames.isEmpty && lab.shimProcesses.isEmpty }, "VMs \(lab.vmNames), shims \(lab.shimProcesses)")
     }
 }
