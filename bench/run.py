@@ -1392,7 +1392,10 @@ def containerd_benchmark(runs):
                 f'[grpc]\n  address = "{socket}"\n[ttrpc]\n  address = "{socket}.ttrpc"\n')
     env = dict(os.environ, PATH=os.path.join(ROOT, ".build", "release") + ":" + os.environ.get("PATH", "/usr/bin:/bin"), VIREO_SHIM_CONFIG=settings)
     daemon = subprocess.Popen(["containerd", "--config", os.path.join(work, "config.toml")], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ctr = ["ctr", "-a", socket, "-n", "bench"]
+    # runc keeps its state under /run/containerd/runc/NAMESPACE whatever containerd's root is: a
+    # namespace of this run's own.
+    namespace = f"bench{os.getpid()}"
+    ctr = ["ctr", "-a", socket, "-n", namespace]
     image = "docker.io/vireo/busybox:test"
 
     def rss_kib(pid):
@@ -1422,10 +1425,10 @@ def containerd_benchmark(runs):
         for name, runtime in runtimes.items():
             subprocess.run(ctr + ["run", "-d", "--runtime", runtime, image, f"{name}-idle", "sleep", "1000"], check=True, stdout=subprocess.DEVNULL)
             time.sleep(2)
-            shim = int(subprocess.run(["pgrep", "-f", f"containerd-shim-.*-namespace bench -address {socket} .*-id {name}-idle"],
+            shim = int(subprocess.run(["pgrep", "-f", f"containerd-shim-.*-namespace {namespace} .*{name}-idle"],
                                       capture_output=True, text=True).stdout.split()[0])
             if name == "vireo":
-                with open(os.path.join(work, "lib", "ctr-bench-vireo-idle", "vmm.pid")) as f:
+                with open(os.path.join(work, "lib", f"ctr-{namespace}-vireo-idle", "vmm.pid")) as f:
                     engine = int(f.read().strip())
                 memory[name] = (rss_kib(shim), tree_rss_kib(engine))
             else:
@@ -1436,6 +1439,10 @@ def containerd_benchmark(runs):
             subprocess.run(ctr + ["task", "rm", f"{name}-idle"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             subprocess.run(ctr + ["container", "rm", f"{name}-idle"], check=True)
     finally:
+        for task in subprocess.run(ctr + ["task", "ls", "-q"], capture_output=True, text=True).stdout.split():
+            subprocess.run(ctr + ["task", "kill", "-s", "SIGKILL", task], stderr=subprocess.DEVNULL)
+            time.sleep(1)
+            subprocess.run(ctr + ["task", "rm", "-f", task], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         daemon.terminate()
         daemon.wait()
         subprocess.run(["umount", "-R", os.path.join(work, "root")], stderr=subprocess.DEVNULL)

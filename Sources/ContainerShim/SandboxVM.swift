@@ -47,6 +47,18 @@ public struct SandboxVM: Sendable {
 
     public var directory: String { libraryRoot + "/" + name }
 
+    /// The file in the bundle naming the VM's directory (`shim delete` reads it).
+    public static let recordName = "vireo-sandbox"
+
+    /// The sandbox a bundle's record names, if the record is there.
+    public static func recorded(inBundle bundle: String, configuration: ShimConfiguration) -> SandboxVM? {
+        guard let text = try? String(contentsOfFile: bundle + "/" + recordName, encoding: .utf8) else { return nil }
+        let directory = URL(fileURLWithPath: text.trimmingCharacters(in: .whitespacesAndNewlines))
+        var configuration = configuration
+        configuration.library = directory.deletingLastPathComponent().path
+        return SandboxVM(name: directory.lastPathComponent, configuration: configuration)
+    }
+
     @discardableResult
     func vireo(_ arguments: [String], timeoutSeconds: Double = 120) throws(RPCError) -> String {
         let process = Process()
@@ -106,8 +118,8 @@ public struct SandboxVM: Sendable {
                 try client.waitForAgent(timeoutSeconds: max(1, deadline.timeIntervalSinceNow))
                 return client
             } catch {
-                // The kvm engine's vsock refuses until the agent listens: try again.
-                guard Date() < deadline, configuration.engine == "kvm" else {
+                // The kvm engine's vsock refuses until the agent listens; a socket not there yet: try again.
+                guard Date() < deadline else {
                     let console = (try? String(contentsOfFile: directory + "/console.log", encoding: .utf8)) ?? ""
                     throw RPCError(error.code, "\(error.message); the VM's console ends: \(console.suffix(600))")
                 }

@@ -101,7 +101,8 @@ public enum ShimMain {
             fallback.library = environment["VIREO_HOME"]
             return fallback
         }()
-        let vm = SandboxVM(name: SandboxVM.name(namespace: flags.namespace, id: flags.id), configuration: configuration)
+        let vm = SandboxVM.recorded(inBundle: flags.bundle, configuration: configuration)
+            ?? SandboxVM(name: SandboxVM.name(namespace: flags.namespace, id: flags.id), configuration: configuration)
         do { try vm.remove() } catch { ShimLog.write("delete: \(error.message)") }
         umount2(flags.bundle + "/rootfs", Int32(MNT_DETACH))
         try? FileManager.default.removeItem(atPath: flags.bundle + "/vireo-rootfs.img")

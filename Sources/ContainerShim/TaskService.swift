@@ -137,6 +137,9 @@ public final class TaskService: AgentEvents, @unchecked Sendable {
         let rootfs = try prepareRootfs(mounts: (try? request.messages(3)) ?? [], spec: spec)
         let size = spec.machineSize(defaults: configuration)
         let vm = SandboxVM(name: SandboxVM.name(namespace: namespace, id: containerID), configuration: configuration)
+        // Where the VM lives, for `shim delete` after this process died: the settings that chose
+        // the library may have come from the runtime options, which that command is not given.
+        try? vm.directory.write(toFile: bundle + "/" + SandboxVM.recordName, atomically: true, encoding: .utf8)
         do {
             try vm.create(rootImage: rootfs, cpus: size.cpus, memory: size.memory, cpuCapPercent: size.cpuCapPercent)
             self.vm = vm

@@ -83,13 +83,15 @@ import Glibc
             Harness.run(["/usr/bin/ctr", "-a", socket, "-n", "vt"] + arguments, stdin: stdin, timeout: timeout)
         }
 
-        func vireo(_ arguments: [String]) -> Harness.Completed {
-            Harness.run([Harness.vireo] + arguments, environment: ["VIREO_HOME": library])
+        func vireo(_ arguments: [String], library: String? = nil) -> Harness.Completed {
+            Harness.run([Harness.vireo] + arguments, environment: ["VIREO_HOME": library ?? self.library])
         }
 
         /// The library's VMs by name (`vireo list --json`).
-        var vmNames: [String] {
-            let listed = vireo(["list", "--json"])
+        var vmNames: [String] { vmNames(in: library) }
+
+        func vmNames(in library: String) -> [String] {
+            let listed = vireo(["list", "--json"], library: library)
             guard let data = listed.stdout.data(using: .utf8), let array = try? JSONSerialization.jsonObject(with: data) as? [[String: Any]] else { return ["(unreadable: \(listed.stdout) \(listed.stderr))"] }
             return array.compactMap { $0["name"] as? String }
         }
@@ -121,9 +123,11 @@ import Glibc
                 for container in ctr(["container", "ls", "-q"], timeout: 30).stdout.split(separator: "\n") { ctr(["container", "rm", String(container)], timeout: 30) }
             }
             killContainerd()
-            for name in vmNames where !name.hasPrefix("(") {
-                _ = vireo(["stop", name, "--force"])
-                _ = vireo(["delete", name])
+            for library in [library, directory.appendingPathComponent("lib2").path] {
+                for name in vmNames(in: library) where !name.hasPrefix("(") {
+                    _ = vireo(["stop", name, "--force"], library: library)
+                    _ = vireo(["delete", name], library: library)
+                }
             }
             for shim in shimProcesses { if let pid = Int32(shim.split(separator: " ").first ?? "") { kill(pid, SIGKILL) } }
             Harness.run(["/bin/umount", "-R", directory.appendingPathComponent("root").path])
@@ -237,12 +241,22 @@ import Glibc
         let exec = lab.ctr(["task", "exec", "--exec-id", "after", "lasting", "echo", "still here"])
         #expect(exec.status == 0 && exec.stdout == "still here\n", "\(exec.stdout) \(exec.stderr)")
 
+        // Its settings (another library) come from the runtime options only, which `shim delete`
+        // is not given: the bundle's record names the VM.
+        let otherLibrary = lab.directory.appendingPathComponent("lib2").path
+        let otherSettings = lab.directory.appendingPathComponent("other.json")
+        try Data(try String(contentsOfFile: lab.settings, encoding: .utf8).replacingOccurrences(of: "\"\(lab.library)\"", with: "\"\(otherLibrary)\"").utf8).write(to: otherSettings)
+        #expect(lab.ctr(["run", "-d", "--runtime", Self.runtime, "--runtime-config-path", otherSettings.path, Self.image, "crashing", "sleep", "1000"]).status == 0)
+        #expect(lab.vmNames(in: otherLibrary) == ["ctr-vt-crashing"], "\(lab.vmNames(in: otherLibrary))")
         let shims = lab.shimProcesses
-        #expect(shims.count == 1, "\(shims)")
-        if let pid = Int32(shims.first?.split(separator: " ").first ?? "") { kill(pid, SIGKILL) }
-        #expect(lab.eventually(60) { lab.vmNames.isEmpty }, "the dead shim's VM is removed: \(lab.vmNames)")
+        #expect(shims.count == 2, "\(shims)")
+        for shim in shims where shim.contains("crashing") || shim.contains("lasting") {
+            if let pid = Int32(shim.split(separator: " ").first ?? "") { kill(pid, SIGKILL) }
+        }
+        #expect(lab.eventually(60) { lab.vmNames.isEmpty && lab.vmNames(in: otherLibrary).isEmpty },
+                "the dead shims' VMs are removed: \(lab.vmNames) \(lab.vmNames(in: otherLibrary))")
         #expect(lab.eventually(30) { lab.ctr(["task", "ls", "-q"]).stdout.isEmpty }, "\(lab.ctr(["task", "ls"]).stdout)")
-        lab.ctr(["container", "rm", "lasting"])
+        for name in ["lasting", "crashing"] { lab.ctr(["container", "rm", name]) }
     }
 
     @Test("refused at create, with the reason containerd shows, and nothing left behind: a privileged container, the host's network namespace, a settings file that names an engine Vireo lacks")
