@@ -57,7 +57,7 @@ let package = Package(
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
         .executableTarget(name: "vireo", dependencies: ["CLI"]),
-        .target(name: "FuzzTargets", dependencies: ["Devices", "DiskImage", "GuestMemory", "VMM", "Library", "Engines", "Server"]),
+        .target(name: "FuzzTargets", dependencies: ["Devices", "DiskImage", "GuestMemory", "VMM", "Library", "Engines", "Server", "ContainerWire"]),
         .target(name: "CFuzzDriver"),
         .executableTarget(name: "vireo-fuzz", dependencies: ["FuzzTargets", "CFuzzDriver"]),
         // The per-VM process: its start-up time and memory are headline numbers, so the Swift
@@ -70,7 +70,7 @@ let package = Package(
         .testTarget(name: "DevicesTests", dependencies: ["MachineSpec", "Devices", "GuestMemory", "DiskImage", "FuzzTargets", "Engines", "Server"]),
         .testTarget(name: "DiskImageTests", dependencies: ["MachineSpec", "DiskImage", "CHostSupport"]),
         .testTarget(name: "MachineSpecTests", dependencies: ["MachineSpec", "Devices", "DiskImage", "GuestMemory", "VMM", "Library", "Engines", "Server", "CLI"]),
-        .testTarget(name: "LibraryTests", dependencies: ["MachineSpec", "Library", "Engines", "Server"]),
+        .testTarget(name: "LibraryTests", dependencies: ["MachineSpec", "Library", "Engines", "Server", "ContainerWire", "ContainerShim"]),
         .testTarget(name: "EndToEndTests", dependencies: ["X86Boot", "GuestMemory", "CHostSupport", "MigrationWire"]),
     ],
     swiftLanguageModes: [.v6]

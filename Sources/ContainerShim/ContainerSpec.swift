@@ -42,6 +42,8 @@ public struct ContainerSpec: Sendable {
     /// The root file system when the snapshotter gave no mounts: spec.root.path, relative to the bundle.
     public var rootPath: String
     public var memoryLimitBytes: Int64?
+    /// The spec's annotations (CRI names a pod's sandbox in them).
+    public var annotations: [String: String]
     public var cpuQuota: (quota: Int64, period: UInt64)?
 
     public init(data: Data) throws(RPCError) {
@@ -51,6 +53,7 @@ public struct ContainerSpec: Sendable {
         guard let process = spec["process"] else { throw RPCError(.invalidArgument, "config.json: no process") }
         self.process = try OCIProcess(json: process)
         hostname = spec["hostname"] as? String ?? ""
+        annotations = spec["annotations"] as? [String: String] ?? [:]
         rootPath = (spec["root"] as? [String: Any])?["path"] as? String ?? "rootfs"
         let linux = spec["linux"] as? [String: Any] ?? [:]
         let namespaces = (linux["namespaces"] as? [[String: Any]] ?? []).compactMap { $0["type"] as? String }

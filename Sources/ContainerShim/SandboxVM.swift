@@ -82,13 +82,14 @@ public struct SandboxVM: Sendable {
     }
 
     /// Makes and starts the VM with the container's root file system as its disk.
-    public func create(rootImage: String, cpus: Int, memory: String, cpuCapPercent: Int?) throws(RPCError) {
+    public func create(rootImage: String, cpus: Int, memory: String, cpuCapPercent: Int?, spareDisks: [String] = []) throws(RPCError) {
         var arguments = ["create", name, "--engine", configuration.engine, "--kernel", configuration.kernel, "--initrd", configuration.initrd,
                          "--cmdline", "console=ttyS0 quiet panic=-1 rdinit=/init \(configuration.kernelArguments)".trimmingCharacters(in: .whitespaces),
                          "--cpus", String(cpus), "--memory", memory, "--attach-disk", rootImage, "--disk-format", "raw", "--no-nic", "--no-balloon", "--managed-by", "containerd"]
         if let cpuCapPercent { arguments += ["--cpu-cap", "\(cpuCapPercent)%"] }
         if configuration.engine == "qemu" { arguments += ["--accel", configuration.accel] } else { arguments += ["--vsock-cid", "3"] }
         try vireo(arguments)
+        for disk in spareDisks { try vireo(["disk", "attach", name, disk, "--format", "raw"]) }
     }
 
     public func start() throws(RPCError) { try vireo(["start", name]) }

@@ -19,13 +19,27 @@ public struct ShimConfiguration: Codable, Sendable, Equatable {
     public var bootTimeoutSeconds = 60.0
     /// Extra kernel command line for the guest.
     public var kernelArguments = ""
+    /// A pod's sandbox VM: how many more containers it can take (one spare disk each), and each
+    /// one's size (a sparse file: it takes host space only as it is written).
+    public var podSlots = 4
+    public var podDiskSize = "4G"
+
+    /// `podDiskSize` in bytes (K, M, G, T suffixes; validated at load).
+    public var podDiskBytes: UInt64 { Self.bytes(podDiskSize) ?? 4 << 30 }
+
+    static func bytes(_ text: String) -> UInt64? {
+        guard let unit = text.last else { return nil }
+        let shifts: [Character: UInt64] = ["K": 10, "M": 20, "G": 30, "T": 40]
+        if let shift = shifts[unit], let value = UInt64(text.dropLast()), value > 0, value < 1 << (64 - shift) { return value << shift }
+        return UInt64(text).flatMap { $0 > 0 ? $0 : nil }
+    }
 
     public static let installDirectory = "/usr/local/lib/vireo/containerd"
     public static let defaultPath = "/etc/vireo/containerd-shim.json"
 
     public init() {}
 
-    enum CodingKeys: String, CodingKey { case engine, accel, kernel, initrd, cpus, memory, library, bootTimeoutSeconds, kernelArguments }
+    enum CodingKeys: String, CodingKey { case engine, accel, kernel, initrd, cpus, memory, library, bootTimeoutSeconds, kernelArguments, podSlots, podDiskSize }
 
     public init(from decoder: any Decoder) throws {
         let container = try decoder.container(keyedBy: CodingKeys.self)
@@ -39,6 +53,8 @@ public struct ShimConfiguration: Codable, Sendable, Equatable {
         library = try container.decodeIfPresent(String.self, forKey: .library)
         bootTimeoutSeconds = try container.decodeIfPresent(Double.self, forKey: .bootTimeoutSeconds) ?? defaults.bootTimeoutSeconds
         kernelArguments = try container.decodeIfPresent(String.self, forKey: .kernelArguments) ?? defaults.kernelArguments
+        podSlots = try container.decodeIfPresent(Int.self, forKey: .podSlots) ?? defaults.podSlots
+        podDiskSize = try container.decodeIfPresent(String.self, forKey: .podDiskSize) ?? defaults.podDiskSize
     }
 
     /// The settings for one sandbox: the file, then the environment. An unreadable or invalid
@@ -60,6 +76,10 @@ public struct ShimConfiguration: Codable, Sendable, Equatable {
         }
         guard ["auto", "kvm", "tcg"].contains(configuration.accel) else { throw RPCError(.invalidArgument, "accel '\(configuration.accel)' is not one of auto, kvm, tcg") }
         guard (1...64).contains(configuration.cpus) else { throw RPCError(.invalidArgument, "cpus \(configuration.cpus) is not between 1 and 64") }
+        guard (0...16).contains(configuration.podSlots) else { throw RPCError(.invalidArgument, "podSlots \(configuration.podSlots) is not between 0 and 16") }
+        guard let podDisk = bytes(configuration.podDiskSize), podDisk >= 128 << 20 else {
+            throw RPCError(.invalidArgument, "podDiskSize '\(configuration.podDiskSize)' is not a size of 128M or more (K, M, G or T)")
+        }
         for (field, file) in [("kernel", configuration.kernel), ("initrd", configuration.initrd)] where !FileManager.default.fileExists(atPath: file) {
             throw RPCError(.invalidArgument, "the guest \(field) \(file) does not exist; run scripts/setup.sh (it builds and installs the container guest) or set \"\(field)\" in the shim's settings")
         }

@@ -63,6 +63,24 @@ public enum ShimMain {
 
     static func start(_ flags: Flags, arguments: [String]) -> Never {
         guard !flags.id.isEmpty else { fail("-id is missing") }
+        // A pod's containers share their sandbox's shim (and VM), as runc's shim groups them:
+        // CRI names the sandbox in the spec's annotations.
+        if let data = FileManager.default.contents(atPath: flags.bundle + "/config.json"),
+           let spec = try? JSONSerialization.jsonObject(with: data) as? [String: Any],
+           let annotations = spec["annotations"] as? [String: String],
+           annotations[TaskService.containerTypeAnnotation] == "container",
+           let sandbox = annotations[TaskService.sandboxIDAnnotation], !sandbox.isEmpty, sandbox != flags.id {
+            var sandboxFlags = flags
+            sandboxFlags.id = sandbox
+            let path = socketPath(sandboxFlags)
+            guard let fd = try? UnixSocket.connect(path) else {
+                fail("container \(flags.id) belongs to sandbox \(sandbox), whose shim is not running (no \(path))")
+            }
+            close(fd)
+            try? ("unix://" + path).write(toFile: flags.bundle + "/address", atomically: true, encoding: .utf8)
+            print("unix://" + path)
+            exit(0)
+        }
         let path = socketPath(flags)
         try? FileManager.default.createDirectory(atPath: "/run/vireo-shim", withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
         let listener: Int32

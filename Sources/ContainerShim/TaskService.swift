@@ -30,18 +30,32 @@ public final class TaskService: AgentEvents, @unchecked Sendable {
         }
     }
 
+    /// One container of the sandbox: its bundle, its processes (its first under ""), and where
+    /// its root file system came from.
+    final class Container: @unchecked Sendable {
+        let id: String
+        let bundle: String
+        var hostname = ""
+        var processes: [String: Process] = [:]
+        /// The disk image made for it (the sandbox's own, or a spare slot's file).
+        var rootImage = ""
+        /// A spare slot of the sandbox VM this container's root is written to (not the first container).
+        var slot: Int?
+        init(id: String, bundle: String) { self.id = id; self.bundle = bundle }
+    }
+
     let namespace: String
-    let containerID: String
+    /// The container the shim was started for: the sandbox, whose VM every container shares.
+    let sandboxID: String
     let events: EventPublisher
     let environment: [String: String]
     let lock = NSCondition()
-    var bundle = ""
-    var hostname = ""
     var vm: SandboxVM?
     var agent: AgentClient?
-    var rootImage = ""
-    var mountedRootfs: String?
-    var processes: [String: Process] = [:]
+    var configuration = ShimConfiguration()
+    var containers: [String: Container] = [:]
+    /// Spare disk slots of the sandbox VM: the image file of each, and the container using it.
+    var slots: [(path: String, user: String?)] = []
     var nextHandle: UInt32 = 1
     var paused = false
     var deleted = false
@@ -50,7 +64,7 @@ public final class TaskService: AgentEvents, @unchecked Sendable {
 
     public init(namespace: String, containerID: String, events: EventPublisher, environment: [String: String]) {
         self.namespace = namespace
-        self.containerID = containerID
+        self.sandboxID = containerID
         self.events = events
         self.environment = environment
     }
@@ -69,8 +83,8 @@ public final class TaskService: AgentEvents, @unchecked Sendable {
             case "Delete": return try delete(request)
             case "Exec": return try exec(request)
             case "Pids": return try pids(request)
-            case "Pause": return try pause(true)
-            case "Resume": return try pause(false)
+            case "Pause": return try pause(request, true)
+            case "Resume": return try pause(request, false)
             case "ResizePty": return try resize(request)
             case "CloseIO": return try closeIO(request)
             case "Stats": return try stats(request)
@@ -98,75 +112,71 @@ public final class TaskService: AgentEvents, @unchecked Sendable {
         return writer
     }
 
+    /// The container a request names (the lock is held).
+    func container(_ id: String) throws(RPCError) -> Container {
+        guard let container = containers[id.isEmpty ? sandboxID : id] else { throw RPCError(.notFound, "container \(id) is not created in this sandbox") }
+        return container
+    }
+
     func process(_ request: ProtoMessage) throws(RPCError) -> Process {
         try process(execID: request.string(2), id: request.string(1))
     }
 
     func process(execID: String, id: String) throws(RPCError) -> Process {
-        guard id == containerID || id.isEmpty else { throw RPCError(.notFound, "this shim serves container \(containerID), not \(id)") }
-        guard let process = processes[execID] else {
-            throw RPCError(.notFound, execID.isEmpty ? "container \(containerID) is not created" : "exec \(execID) does not exist in container \(containerID)")
+        let container = try container(id)
+        guard let process = container.processes[execID] else {
+            throw RPCError(.notFound, execID.isEmpty ? "container \(container.id) is not created" : "exec \(execID) does not exist in container \(container.id)")
         }
         return process
     }
 
+    /// Every process of every container, for the agent's events, which name a handle.
+    func process(handle: UInt32) -> (Container, Process)? {
+        for container in containers.values {
+            if let process = container.processes.values.first(where: { $0.handle == handle }) { return (container, process) }
+        }
+        return nil
+    }
+
     // MARK: - Methods
+
+    /// CRI's annotations: a pod's first container is its sandbox, the rest join its VM.
+    static let sandboxIDAnnotation = "io.kubernetes.cri.sandbox-id"
+    static let containerTypeAnnotation = "io.kubernetes.cri.container-type"
 
     func create(_ request: ProtoMessage) throws(RPCError) -> [UInt8] {
         lock.lock()
         defer { lock.unlock() }
-        guard processes[""] == nil else { throw RPCError(.alreadyExists, "container \(containerID) is already created") }
         let id = request.string(1)
-        guard id == containerID else { throw RPCError(.invalidArgument, "id \(id) is not this shim's container \(containerID)") }
-        bundle = request.string(2)
+        guard containers[id] == nil else { throw RPCError(.alreadyExists, "container \(id) is already created") }
+        let bundle = request.string(2)
         guard request.string(8).isEmpty else { throw RPCError(.unimplemented, "restoring a container from a checkpoint is not implemented") }
         let specData: Data
         do { specData = try Data(contentsOf: URL(fileURLWithPath: bundle + "/config.json")) } catch {
             throw RPCError(.invalidArgument, "the bundle's config.json cannot be read: \(error)")
         }
         let spec = try ContainerSpec(data: specData)
-        var configPath: String?
-        if let options = try? request.message(10), options.string(1).hasSuffix("runtimeoptions.v1.Options"), let inner = try? ProtoMessage(options.bytes(2)) {
-            configPath = inner.string(2)
-        }
-        let configuration = try ShimConfiguration.load(configPath: configPath, environment: environment)
         let terminal = request.bool(4)
         guard terminal == spec.process.terminal else {
             throw RPCError(.invalidArgument, "the request's terminal (\(terminal)) and config.json's process.terminal (\(spec.process.terminal)) disagree")
         }
-        let rootfs = try prepareRootfs(mounts: (try? request.messages(3)) ?? [], spec: spec)
-        let size = spec.machineSize(defaults: configuration)
-        let vm = SandboxVM(name: SandboxVM.name(namespace: namespace, id: containerID), configuration: configuration)
-        // Where the VM lives, for `shim delete` after this process died: the settings that chose
-        // the library may have come from the runtime options, which that command is not given.
-        try? vm.directory.write(toFile: bundle + "/" + SandboxVM.recordName, atomically: true, encoding: .utf8)
-        do {
-            try vm.create(rootImage: rootfs, cpus: size.cpus, memory: size.memory, cpuCapPercent: size.cpuCapPercent)
-            self.vm = vm
-            try vm.start()
-            let agent = try vm.connectAgent(events: self)
-            self.agent = agent
-            var mount = AgentRequest(.mountRootfs)
-            mount.container = containerID
-            mount.device = "/dev/vda"
-            mount.fileSystem = "ext4"
-            _ = try agent.request(mount)
-        } catch {
-            try? vm.remove()
-            self.vm = nil
-            agent = nil
-            try? FileManager.default.removeItem(atPath: rootImage)
-            throw error
-        }
+        let container = Container(id: id, bundle: bundle)
         // As Docker does: a container without a host name of its own is called by its id.
-        hostname = spec.hostname.isEmpty ? String(containerID.prefix(63)) : spec.hostname
+        container.hostname = spec.hostname.isEmpty ? String(id.prefix(63)) : spec.hostname
+        let mounts = (try? request.messages(3)) ?? []
+        if id == sandboxID {
+            try createSandbox(container, request: request, spec: spec, mounts: mounts)
+        } else {
+            try join(container, spec: spec, mounts: mounts)
+        }
         let process = Process(execID: "", handle: nextHandle, stdin: request.string(5), stdout: request.string(6), stderr: request.string(7),
                               terminal: terminal, spec: spec.process)
         nextHandle += 1
-        process.pid = vm.enginePid
-        processes[""] = process
+        process.pid = vm?.enginePid ?? 0
+        container.processes[""] = process
+        containers[id] = container
         var event = ProtoWriter()
-        event.string(1, containerID)
+        event.string(1, id)
         event.string(2, bundle)
         var io = ProtoWriter()
         io.string(1, process.stdin); io.string(2, process.stdout); io.string(3, process.stderr); io.bool(4, terminal)
@@ -178,10 +188,85 @@ public final class TaskService: AgentEvents, @unchecked Sendable {
         return response.bytes
     }
 
-    /// The container's root as a raw ext4 image made from its files (`mke2fs -d`): the guest
-    /// gets a block device of its own, and nothing in it is a host path.
-    func prepareRootfs(mounts: [ProtoMessage], spec: ContainerSpec) throws(RPCError) -> String {
+    /// The shim's own container: its VM, with spare disk slots when it is a pod's sandbox.
+    func createSandbox(_ container: Container, request: ProtoMessage, spec: ContainerSpec, mounts: [ProtoMessage]) throws(RPCError) {
+        var configPath: String?
+        if let options = try? request.message(10), options.string(1).hasSuffix("runtimeoptions.v1.Options"), let inner = try? ProtoMessage(options.bytes(2)) {
+            configPath = inner.string(2)
+        }
+        configuration = try ShimConfiguration.load(configPath: configPath, environment: environment)
+        let uuid = UUID().uuidString.lowercased()
+        container.rootImage = container.bundle + "/vireo-rootfs.img"
+        try Self.makeRootImage(container.rootImage, bundle: container.bundle, mounts: mounts, spec: spec, uuid: uuid, fixedSize: nil)
+        let isPod = spec.annotations[Self.containerTypeAnnotation] == "sandbox"
+        let size = spec.machineSize(defaults: configuration)
+        let vm = SandboxVM(name: SandboxVM.name(namespace: namespace, id: container.id), configuration: configuration)
+        // Where the VM lives, for `shim delete` after this process died: the settings that chose
+        // the library may have come from the runtime options, which that command is not given.
+        try? vm.directory.write(toFile: container.bundle + "/" + SandboxVM.recordName, atomically: true, encoding: .utf8)
+        var spares: [String] = []
+        do throws(RPCError) {
+            // A pod's other containers get their roots on spare disks made now (sparse files the
+            // shim fills when a container joins): the engines add no disks to a running VM.
+            if isPod {
+                for index in 0..<configuration.podSlots {
+                    let path = container.bundle + "/vireo-slot\(index).img"
+                    guard FileManager.default.createFile(atPath: path, contents: nil), truncate(path, off_t(configuration.podDiskBytes)) == 0 else {
+                        throw RPCError(.internal, "cannot make the pod's spare disk \(path): \(String(cString: strerror(errno)))")
+                    }
+                    spares.append(path)
+                }
+            }
+            try vm.create(rootImage: container.rootImage, cpus: size.cpus, memory: size.memory, cpuCapPercent: size.cpuCapPercent, spareDisks: spares)
+            self.vm = vm
+            try vm.start()
+            let agent = try vm.connectAgent(events: self)
+            self.agent = agent
+            try mountRoot(of: container.id, uuid: uuid, agent: agent)
+        } catch {
+            try? vm.remove()
+            self.vm = nil
+            agent = nil
+            for path in spares + [container.rootImage] { try? FileManager.default.removeItem(atPath: path) }
+            throw error
+        }
+        slots = spares.map { ($0, nil) }
+    }
+
+    /// Another container of the pod: its root written onto a free spare disk of the running VM.
+    func join(_ container: Container, spec: ContainerSpec, mounts: [ProtoMessage]) throws(RPCError) {
+        guard let agent, vm != nil, let sandbox = containers[sandboxID] else {
+            throw RPCError(.failedPrecondition, "container \(container.id) joins sandbox \(sandboxID), whose VM is not running")
+        }
+        _ = sandbox
+        guard let slot = slots.firstIndex(where: { $0.user == nil }) else {
+            throw RPCError(.failedPrecondition, slots.isEmpty
+                ? "sandbox \(sandboxID) is not a pod's sandbox (its annotation \(Self.containerTypeAnnotation) is not \"sandbox\"), so it has no room for another container"
+                : "sandbox \(sandboxID)'s \(slots.count) spare disks are all in use; raise \"podSlots\" in the shim's settings")
+        }
+        let uuid = UUID().uuidString.lowercased()
+        try Self.makeRootImage(slots[slot].path, bundle: container.bundle, mounts: mounts, spec: spec, uuid: uuid, fixedSize: configuration.podDiskBytes)
+        try mountRoot(of: container.id, uuid: uuid, agent: agent)
+        slots[slot].user = container.id
+        container.slot = slot
+        container.rootImage = slots[slot].path
+    }
+
+    func mountRoot(of id: String, uuid: String, agent: AgentClient) throws(RPCError) {
+        var mount = AgentRequest(.mountRootfs)
+        mount.container = id
+        mount.device = "uuid:" + uuid
+        mount.fileSystem = "ext4"
+        _ = try agent.request(mount)
+    }
+
+    /// A container's root as an ext4 image made from its files (`mke2fs -d`): the guest gets a
+    /// block device of its own, and nothing in it is a host path. The snapshotter's mounts are
+    /// mounted on BUNDLE/rootfs for the copy and unmounted after it. `fixedSize`: write onto an
+    /// existing disk of that size (a pod's spare slot) instead of sizing a new one.
+    static func makeRootImage(_ image: String, bundle: String, mounts: [ProtoMessage], spec: ContainerSpec, uuid: String, fixedSize: UInt64?) throws(RPCError) {
         var root = spec.rootPath.hasPrefix("/") ? spec.rootPath : bundle + "/" + spec.rootPath
+        var mounted: String?
         if !mounts.isEmpty {
             root = bundle + "/rootfs"
             try? FileManager.default.createDirectory(atPath: root, withIntermediateDirectories: true)
@@ -201,18 +286,23 @@ public final class TaskService: AgentEvents, @unchecked Sendable {
                 guard Glibc.mount(source, root, type, flags, data.joined(separator: ",")) == 0 else {
                     throw RPCError(.internal, "mount the root file system (\(type) from \(source)): \(String(cString: strerror(errno)))")
                 }
-                mountedRootfs = root
+                mounted = root
             }
         }
-        defer {
-            if let mounted = mountedRootfs, umount2(mounted, Int32(MNT_DETACH)) == 0 { mountedRootfs = nil }
+        defer { if let mounted { umount2(mounted, Int32(MNT_DETACH)) } }
+        let sizeArgument: [String]
+        if let fixedSize {
+            let used = UInt64(diskUsage(root))
+            guard used + 64 << 20 <= fixedSize else {
+                throw RPCError(.failedPrecondition, "the container's files take \(used >> 20) MiB; a pod's spare disk holds \(fixedSize >> 20) MiB (\"podDiskSize\" in the shim's settings)")
+            }
+            sizeArgument = []
+        } else {
+            sizeArgument = ["\(max(64, (diskUsage(root) * 3 / 2) >> 20 + 64))M"]
         }
-        let used = Self.diskUsage(root)
-        let sizeMiB = max(64, (used * 3 / 2) >> 20 + 64)
-        rootImage = bundle + "/vireo-rootfs.img"
         let mke2fs = Foundation.Process()
         mke2fs.executableURL = URL(fileURLWithPath: "/sbin/mke2fs")
-        mke2fs.arguments = ["-q", "-F", "-t", "ext4", "-E", "root_owner=0:0", "-O", "^has_journal", "-d", root, rootImage, "\(sizeMiB)M"]
+        mke2fs.arguments = ["-q", "-F", "-t", "ext4", "-U", uuid, "-E", "root_owner=0:0", "-O", "^has_journal", "-d", root, image] + sizeArgument
         let errors = Pipe()
         mke2fs.standardError = errors
         mke2fs.standardOutput = errors
@@ -220,7 +310,6 @@ public final class TaskService: AgentEvents, @unchecked Sendable {
         let text = String(decoding: errors.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
         mke2fs.waitUntilExit()
         guard mke2fs.terminationStatus == 0 else { throw RPCError(.internal, "mke2fs could not make the root file system image: \(text)") }
-        return rootImage
     }
 
     static func diskUsage(_ root: String) -> Int {
@@ -236,11 +325,12 @@ public final class TaskService: AgentEvents, @unchecked Sendable {
     func start(_ request: ProtoMessage) throws(RPCError) -> [UInt8] {
         // The agent is asked without the lock held: its reply may queue behind output frames of
         // the container's other processes, which the channel's reader hands over under the lock.
-        let (process, agent, start) = try { () throws(RPCError) -> (Process, AgentClient, AgentRequest) in
+        let (container, process, agent, start) = try { () throws(RPCError) -> (Container, Process, AgentClient, AgentRequest) in
             lock.lock()
             defer { lock.unlock() }
+            let container = try self.container(request.string(1))
             let process = try self.process(request)
-            guard process.status == .created else { throw RPCError(.failedPrecondition, "process \(process.execID.isEmpty ? containerID : process.execID) is \(process.status), not created") }
+            guard process.status == .created else { throw RPCError(.failedPrecondition, "process \(process.execID.isEmpty ? container.id : process.execID) is \(process.status), not created") }
             guard let agent = self.agent else { throw RPCError(.failedPrecondition, "the sandbox VM is not running") }
             process.status = .running
             // Open the outputs before the process runs, so nothing it writes is lost.
@@ -248,7 +338,7 @@ public final class TaskService: AgentEvents, @unchecked Sendable {
                 if let handle = FileHandle(forWritingAtPath: path) { process.outputs[kind] = handle }
             }
             var start = AgentRequest(.startProcess)
-            start.container = containerID
+            start.container = container.id
             start.handle = process.handle
             start.args = process.spec.args
             start.env = process.spec.env
@@ -257,10 +347,10 @@ public final class TaskService: AgentEvents, @unchecked Sendable {
             start.gid = process.spec.gid
             start.additionalGids = process.spec.additionalGids
             start.terminal = process.terminal
-            start.hostname = process.execID.isEmpty ? hostname : ""
-            start.join = process.execID.isEmpty ? 0 : processes[""]?.handle ?? 0
+            start.hostname = process.execID.isEmpty ? container.hostname : ""
+            start.join = process.execID.isEmpty ? 0 : container.processes[""]?.handle ?? 0
             start.stdin = !process.stdin.isEmpty
-            return (process, agent, start)
+            return (container, process, agent, start)
         }()
         let pid: UInt32
         do throws(RPCError) {
@@ -281,7 +371,7 @@ public final class TaskService: AgentEvents, @unchecked Sendable {
         lock.unlock()
         if !process.stdin.isEmpty { forwardStdin(process) }
         var event = ProtoWriter()
-        event.string(1, containerID)
+        event.string(1, container.id)
         if process.execID.isEmpty {
             event.uint32(2, process.pid)
             events.publish(topic: "/tasks/start", type: "containerd.events.TaskStart", event: event)
@@ -324,10 +414,11 @@ public final class TaskService: AgentEvents, @unchecked Sendable {
     func state(_ request: ProtoMessage) throws(RPCError) -> [UInt8] {
         lock.lock()
         defer { lock.unlock() }
+        let container = try self.container(request.string(1))
         let process = try self.process(request)
         var response = ProtoWriter()
-        response.string(1, containerID)
-        response.string(2, bundle)
+        response.string(1, container.id)
+        response.string(2, container.bundle)
         response.uint32(3, process.pid)
         response.varint(4, (paused && process.status == .running ? Status.paused : process.status).rawValue)
         response.string(5, process.stdin)
@@ -353,18 +444,24 @@ public final class TaskService: AgentEvents, @unchecked Sendable {
 
     func kill(_ request: ProtoMessage) throws(RPCError) -> [UInt8] {
         lock.lock()
-        let process: Process
-        do { process = try self.process(request) } catch { lock.unlock(); throw error }
+        let process: Process, container: Container
+        do throws(RPCError) {
+            container = try self.container(request.string(1))
+            process = try self.process(request)
+        } catch {
+            lock.unlock()
+            throw error
+        }
         let signal = request.uint32(3), all = request.bool(4)
         if process.status == .created {
             // Never started: it ends here, as runc's shim ends a created process.
-            finish(process, status: 128 + signal)
+            finish(process, of: container, status: 128 + signal)
             lock.unlock()
             return []
         }
         guard process.status != .stopped || all else {
             lock.unlock()
-            throw RPCError(.notFound, "process \(process.execID.isEmpty ? containerID : process.execID) has already finished")
+            throw RPCError(.notFound, "process \(process.execID.isEmpty ? container.id : process.execID) has already finished")
         }
         let agent = self.agent
         lock.unlock()
@@ -380,52 +477,61 @@ public final class TaskService: AgentEvents, @unchecked Sendable {
     func exec(_ request: ProtoMessage) throws(RPCError) -> [UInt8] {
         lock.lock()
         defer { lock.unlock() }
+        let container = try self.container(request.string(1))
         let execID = request.string(2)
         guard !execID.isEmpty else { throw RPCError(.invalidArgument, "exec_id: missing") }
-        guard let first = processes[""], first.status == .running else { throw RPCError(.failedPrecondition, "container \(containerID) is not running") }
-        guard processes[execID] == nil else { throw RPCError(.alreadyExists, "exec \(execID) already exists") }
+        guard let first = container.processes[""], first.status == .running else { throw RPCError(.failedPrecondition, "container \(container.id) is not running") }
+        guard container.processes[execID] == nil else { throw RPCError(.alreadyExists, "exec \(execID) already exists") }
         guard let any = try? request.message(7) else { throw RPCError(.invalidArgument, "spec: missing; an exec needs its process") }
         let json: Any
         do { json = try JSONSerialization.jsonObject(with: Data(any.bytes(2))) } catch { throw RPCError(.invalidArgument, "spec: not an OCI process in JSON: \(error)") }
         let spec = try OCIProcess(json: json)
-        let terminal = request.bool(3)
         let process = Process(execID: execID, handle: nextHandle, stdin: request.string(4), stdout: request.string(5), stderr: request.string(6),
-                              terminal: terminal, spec: spec)
+                              terminal: request.bool(3), spec: spec)
         nextHandle += 1
-        processes[execID] = process
+        container.processes[execID] = process
         var event = ProtoWriter()
-        event.string(1, containerID)
+        event.string(1, container.id)
         event.string(2, execID)
         events.publish(topic: "/tasks/exec-added", type: "containerd.events.TaskExecAdded", event: event)
         return []
     }
 
     func delete(_ request: ProtoMessage) throws(RPCError) -> [UInt8] {
-        let process = try { () throws(RPCError) -> Process in
+        let (container, process, last) = try { () throws(RPCError) -> (Container, Process, Bool) in
             lock.lock()
             defer { lock.unlock() }
+            let container = try self.container(request.string(1))
             let process = try self.process(request)
             guard process.status == .stopped || process.status == .created else {
-                throw RPCError(.failedPrecondition, "process \(process.execID.isEmpty ? containerID : process.execID) is still running; kill it first")
+                throw RPCError(.failedPrecondition, "process \(process.execID.isEmpty ? container.id : process.execID) is still running; kill it first")
             }
+            var last = false
             if process.execID.isEmpty {
-                for (execID, other) in processes where !execID.isEmpty && other.status == .running {
-                    throw RPCError(.failedPrecondition, "exec \(execID) is still running in container \(containerID)")
+                for (execID, other) in container.processes where !execID.isEmpty && other.status == .running {
+                    throw RPCError(.failedPrecondition, "exec \(execID) is still running in container \(container.id)")
                 }
-                deleted = true
+                if container.id == sandboxID {
+                    let others = containers.keys.filter { $0 != sandboxID }.sorted()
+                    guard others.isEmpty else {
+                        throw RPCError(.failedPrecondition, "sandbox \(sandboxID) still holds \(others.joined(separator: ", ")); delete them first")
+                    }
+                    deleted = true
+                    last = true
+                }
             }
-            if process.status == .created { finish(process, status: 0) }
-            processes[process.execID] = nil
-            return process
+            if process.status == .created { finish(process, of: container, status: 0) }
+            container.processes[process.execID] = nil
+            return (container, process, last)
         }()
         if process.execID.isEmpty {
-            tearDown()
+            if last { tearDown() } else { removeJoined(container) }
             var event = ProtoWriter()
-            event.string(1, containerID)
+            event.string(1, container.id)
             event.uint32(2, process.pid)
             event.uint32(3, process.exitStatus)
             event.message(4, Self.timestamp(process.exitedAt))
-            event.string(5, containerID)
+            event.string(5, container.id)
             events.publish(topic: "/tasks/delete", type: "containerd.events.TaskDelete", event: event)
         }
         var response = ProtoWriter()
@@ -435,35 +541,64 @@ public final class TaskService: AgentEvents, @unchecked Sendable {
         return response.bytes
     }
 
-    /// Removes the VM, the root image and any mount: nothing of the container stays behind.
+    /// A pod's container leaves: the agent unmounts its root and its spare disk is free again.
+    func removeJoined(_ container: Container) {
+        if let agent = currentAgent {
+            var remove = AgentRequest(.removeContainer)
+            remove.container = container.id
+            _ = try? agent.request(remove, timeoutSeconds: 10)
+        }
+        lock.lock()
+        if let slot = container.slot, slot < slots.count { slots[slot].user = nil }
+        containers[container.id] = nil
+        lock.unlock()
+    }
+
+    /// Removes the VM, the root images and the spare disks: nothing of the sandbox stays behind.
     /// Called without the lock: the agent's last reply may queue behind output frames.
     func tearDown() {
         lock.lock()
-        let (agent, vm, mounted, image) = (self.agent, self.vm, mountedRootfs, rootImage)
+        let (agent, vm) = (self.agent, self.vm)
+        let images = containers.values.map(\.rootImage) + slots.map(\.path)
+        let ids = Array(containers.keys)
         self.agent = nil
         self.vm = nil
-        mountedRootfs = nil
-        rootImage = ""
+        containers = [:]
+        slots = []
         lock.unlock()
         if let agent {
-            var remove = AgentRequest(.removeContainer)
-            remove.container = containerID
-            _ = try? agent.request(remove, timeoutSeconds: 5)
+            for id in ids {
+                var remove = AgentRequest(.removeContainer)
+                remove.container = id
+                _ = try? agent.request(remove, timeoutSeconds: 5)
+            }
         }
         if let vm {
             do { try vm.remove() } catch { ShimLog.write("removing the sandbox VM: \(error.message)") }
         }
-        if let mounted { umount2(mounted, Int32(MNT_DETACH)) }
-        if !image.isEmpty { try? FileManager.default.removeItem(atPath: image) }
+        for image in Set(images) where !image.isEmpty { try? FileManager.default.removeItem(atPath: image) }
+    }
+
+    /// A request's process and the agent, read under the lock; the agent is then asked without it.
+    func processAndAgent(_ request: ProtoMessage) throws(RPCError) -> (Process, AgentClient?) {
+        lock.lock()
+        defer { lock.unlock() }
+        return (try process(request), agent)
+    }
+
+    /// A request's container and the agent, read under the lock.
+    func containerAndAgent(_ request: ProtoMessage) throws(RPCError) -> (Container, AgentClient) {
+        lock.lock()
+        defer { lock.unlock() }
+        let container = try container(request.string(1))
+        guard let agent else { throw RPCError(.failedPrecondition, "the sandbox VM is not running") }
+        return (container, agent)
     }
 
     func pids(_ request: ProtoMessage) throws(RPCError) -> [UInt8] {
-        lock.lock()
-        let agent = self.agent
-        lock.unlock()
-        guard let agent else { throw RPCError(.failedPrecondition, "the sandbox VM is not running") }
+        let (container, agent) = try containerAndAgent(request)
         var query = AgentRequest(.pids)
-        query.container = containerID
+        query.container = container.id
         var response = ProtoWriter()
         for pid in try agent.request(query).pids {
             var info = ProtoWriter()
@@ -473,26 +608,26 @@ public final class TaskService: AgentEvents, @unchecked Sendable {
         return response.bytes
     }
 
-    func pause(_ pausing: Bool) throws(RPCError) -> [UInt8] {
+    func pause(_ request: ProtoMessage, _ pausing: Bool) throws(RPCError) -> [UInt8] {
         lock.lock()
         defer { lock.unlock() }
-        guard let vm, processes[""] != nil else { throw RPCError(.failedPrecondition, "container \(containerID) is not created") }
+        let container = try self.container(request.string(1))
+        guard let vm else { throw RPCError(.failedPrecondition, "the sandbox VM is not running") }
+        // The whole VM stops between instructions: every process of every container in it.
+        guard containers.count == 1 else {
+            throw RPCError(.unimplemented, "pausing one container of a pod is not implemented: the whole sandbox VM would stop")
+        }
         guard paused != pausing else { return [] }
-        // The whole VM stops between instructions: every process of the container, as a frozen cgroup.
         if pausing { try vm.pause() } else { try vm.resume() }
         paused = pausing
         var event = ProtoWriter()
-        event.string(1, containerID)
+        event.string(1, container.id)
         events.publish(topic: pausing ? "/tasks/paused" : "/tasks/resumed", type: pausing ? "containerd.events.TaskPaused" : "containerd.events.TaskResumed", event: event)
         return []
     }
 
     func resize(_ request: ProtoMessage) throws(RPCError) -> [UInt8] {
-        lock.lock()
-        let process: Process
-        do { process = try self.process(request) } catch { lock.unlock(); throw error }
-        let agent = self.agent
-        lock.unlock()
+        let (process, agent) = try processAndAgent(request)
         guard let agent, process.status == .running else { throw RPCError(.failedPrecondition, "the process is not running") }
         var resize = AgentRequest(.resize)
         resize.handle = process.handle
@@ -503,11 +638,7 @@ public final class TaskService: AgentEvents, @unchecked Sendable {
     }
 
     func closeIO(_ request: ProtoMessage) throws(RPCError) -> [UInt8] {
-        lock.lock()
-        let process: Process
-        do { process = try self.process(request) } catch { lock.unlock(); throw error }
-        let agent = self.agent
-        lock.unlock()
+        let (process, agent) = try processAndAgent(request)
         guard request.bool(3), let agent, process.status == .running else { return [] }
         var close = AgentRequest(.closeStdin)
         close.handle = process.handle
@@ -518,15 +649,12 @@ public final class TaskService: AgentEvents, @unchecked Sendable {
     /// cgroups v1 Metrics, as `ctr task metrics` reads them, from the agent's view of the
     /// container's processes (their resident memory and CPU time).
     func stats(_ request: ProtoMessage) throws(RPCError) -> [UInt8] {
-        lock.lock()
-        let agent = self.agent
-        lock.unlock()
-        guard let agent else { throw RPCError(.failedPrecondition, "the sandbox VM is not running") }
+        let (container, agent) = try containerAndAgent(request)
         var query = AgentRequest(.stats)
-        query.container = containerID
+        query.container = container.id
         let figures = try agent.request(query)
         var pidsQuery = AgentRequest(.pids)
-        pidsQuery.container = containerID
+        pidsQuery.container = container.id
         let count = try agent.request(pidsQuery).pids.count
         var metrics = ProtoWriter()
         var pidsStat = ProtoWriter()
@@ -556,16 +684,16 @@ public final class TaskService: AgentEvents, @unchecked Sendable {
         defer { lock.unlock() }
         var response = ProtoWriter()
         response.uint32(1, UInt32(getpid()))
-        response.uint32(2, processes[""]?.pid ?? 0)
+        response.uint32(2, containers[sandboxID]?.processes[""]?.pid ?? 0)
         response.string(3, "vireo")
         return response.bytes
     }
 
     func shutdown(_ request: ProtoMessage) -> [UInt8] {
         lock.lock()
-        let done = processes.isEmpty
+        let done = containers.isEmpty
         lock.unlock()
-        // Only once the container is gone (or never was): containerd asks after every Delete.
+        // Only once every container is gone (or none ever was): containerd asks after each Delete.
         if done || request.bool(2) {
             if request.bool(2) {
                 lock.lock()
@@ -585,7 +713,7 @@ public final class TaskService: AgentEvents, @unchecked Sendable {
 
     // MARK: - Agent events (the agent channel's reader thread, in the stream's order)
 
-    func finish(_ process: Process, status: UInt32) {
+    func finish(_ process: Process, of container: Container, status: UInt32) {
         guard process.status != .stopped else { return }
         process.status = .stopped
         process.exitStatus = status
@@ -594,8 +722,8 @@ public final class TaskService: AgentEvents, @unchecked Sendable {
         process.outputs = [:]
         lock.broadcast()
         var event = ProtoWriter()
-        event.string(1, containerID)
-        event.string(2, process.execID.isEmpty ? containerID : process.execID)
+        event.string(1, container.id)
+        event.string(2, process.execID.isEmpty ? container.id : process.execID)
         event.uint32(3, process.pid)
         event.uint32(4, status)
         event.message(5, Self.timestamp(process.exitedAt))
@@ -604,7 +732,7 @@ public final class TaskService: AgentEvents, @unchecked Sendable {
 
     public func output(handle: UInt32, kind: AgentFrameKind, bytes: [UInt8]) {
         lock.lock()
-        let target = processes.values.first { $0.handle == handle }?.outputs[kind]
+        let target = process(handle: handle)?.1.outputs[kind]
         lock.unlock()
         try? target?.write(contentsOf: bytes)
     }
@@ -614,8 +742,8 @@ public final class TaskService: AgentEvents, @unchecked Sendable {
     public func exited(handle: UInt32, status: UInt32) {
         lock.lock()
         defer { lock.unlock() }
-        guard let process = processes.values.first(where: { $0.handle == handle }) else { return }
-        finish(process, status: status)
+        guard let (container, process) = process(handle: handle) else { return }
+        finish(process, of: container, status: status)
     }
 
     public func channelLost(reason: String) {
@@ -623,7 +751,9 @@ public final class TaskService: AgentEvents, @unchecked Sendable {
         defer { lock.unlock() }
         guard !deleted, agent != nil else { return }
         ShimLog.write("the sandbox VM's agent is gone (\(reason)); its processes are reported killed")
-        for process in processes.values where process.status == .running { finish(process, status: 128 + UInt32(SIGKILL)) }
+        for container in containers.values {
+            for process in container.processes.values where process.status == .running { finish(process, of: container, status: 128 + UInt32(SIGKILL)) }
+        }
     }
 }
 

@@ -90,6 +90,13 @@ public struct ProtoMessage: Sendable {
                 shift += 7
             }
         }
+        func littleEndian(_ count: Int, field: Int) throws(ProtoError) -> UInt64 {
+            guard bytes.endIndex - index >= count else { throw ProtoError("field \(field) (fixed, \(count) bytes) runs past the end") }
+            var result: UInt64 = 0
+            for offset in 0..<count { result |= UInt64(bytes[index + offset]) << (8 * UInt64(offset)) }
+            index += count
+            return result
+        }
         while index < bytes.endIndex {
             let key = try varint()
             let field = Int(truncatingIfNeeded: key >> 3)
@@ -97,23 +104,13 @@ public struct ProtoMessage: Sendable {
             let value: ProtoValue
             switch key & 7 {
             case 0: value = .varint(try varint())
-            case 1:
-                guard bytes.endIndex - index >= 8 else { throw ProtoError("field \(field) (fixed64) runs past the end") }
-                var result: UInt64 = 0
-                for offset in 0..<8 { result |= UInt64(bytes[index + offset]) << (8 * UInt64(offset)) }
-                index += 8
-                value = .fixed64(result)
+            case 1: value = .fixed64(try littleEndian(8, field: field))
             case 2:
                 let length = try varint()
                 guard length <= UInt64(bytes.endIndex - index) else { throw ProtoError("field \(field)'s length \(length) runs past the end") }
                 value = .bytes(Array(bytes[index..<index + Int(length)]))
                 index += Int(length)
-            case 5:
-                guard bytes.endIndex - index >= 4 else { throw ProtoError("field \(field) (fixed32) runs past the end") }
-                var result: UInt32 = 0
-                for offset in 0..<4 { result |= UInt32(bytes[index + offset]) << (8 * UInt32(offset)) }
-                index += 4
-                value = .fixed32(result)
+            case 5: value = .fixed32(UInt32(try littleEndian(4, field: field)))
             default: throw ProtoError("field \(field) has wire type \(key & 7), which proto3 does not use")
             }
             fields[field, default: []].append(value)

@@ -1,3 +1,4 @@
+import ContainerWire
 import Devices
 import DiskImage
 import Engines
@@ -229,7 +230,40 @@ public enum Fuzz {
         return Outcome(accepted: disks != nil, operations: disks ?? 0)
     }
 
-    public static let targetNames = ["virtqueue", "qcow2", "savedstate", "migration", "iso9660", "manifest", "apibody", "offer", "nbd", "ovf"]
+    /// The input is what a sandbox VM's container agent (a guest) sends the containerd shim: its
+    /// frames, and each reply and exit in them, decoded as the shim does.
+    public static func agentStream(_ data: UnsafeRawBufferPointer) { _ = agentStreamOutcome(data) }
+
+    public static func agentStreamOutcome(_ data: UnsafeRawBufferPointer) -> Outcome {
+        var decoder = AgentFrameDecoder()
+        decoder.append(Array(data)[...])
+        var frames = 0
+        do throws(ProtoError) {
+            while let frame = try decoder.next() {
+                frames += 1
+                switch frame.kind {
+                case .reply: _ = try AgentReply(decoding: frame.payload)
+                case .exit: _ = try AgentExit(decoding: frame.payload)
+                case .request: _ = try AgentRequest(decoding: frame.payload)
+                default: break
+                }
+            }
+        } catch {
+            return Outcome(accepted: false, operations: frames)
+        }
+        return Outcome(accepted: true, operations: frames)
+    }
+
+    static var sampleAgentStream: [UInt8] {
+        var reply = AgentReply(pid: 42)
+        reply.pids = [1, 2, 300]
+        return AgentFrame(.hello, payload: [AgentFrame.protocolVersion]).encoded
+            + AgentFrame(.reply, stream: 7, payload: reply.encoded).encoded
+            + AgentFrame(.stdout, stream: 1, payload: Array("hello\n".utf8)).encoded
+            + AgentFrame(.exit, stream: 1, payload: AgentExit(status: 3).encoded).encoded
+    }
+
+    public static let targetNames = ["virtqueue", "qcow2", "savedstate", "migration", "iso9660", "manifest", "apibody", "offer", "nbd", "ovf", "agentstream"]
 
     /// Well-formed inputs a corpus starts from, so the search begins past the magic numbers.
     public static func seeds(named name: String) -> [[UInt8]] {
@@ -255,6 +289,7 @@ public enum Fuzz {
         case "offer": return [MigrationOfferInspection.sample]
         case "nbd": return [NBDInspection.sample]
         case "ovf": return [ApplianceInspection.sample]
+        case "agentstream": return [sampleAgentStream]
         default: return []
         }
     }
@@ -271,6 +306,7 @@ public enum Fuzz {
         case "offer": return offer
         case "nbd": return nbd
         case "ovf": return ovf
+        case "agentstream": return agentStream
         default: return nil
         }
     }

@@ -110,6 +110,27 @@ func hasVirtioDevice(id: Int) -> Bool {
     return false
 }
 
+/// `0123abcd-...` → its 16 bytes.
+func uuidBytes(_ text: String) -> [UInt8]? {
+    let digits = Array(text.utf8).filter { $0 != UInt8(ascii: "-") }
+    guard digits.count == 32 else { return nil }
+    var bytes: [UInt8] = []
+    for index in stride(from: 0, to: 32, by: 2) {
+        guard let high = hexValue(digits[index]), let low = hexValue(digits[index + 1]) else { return nil }
+        bytes.append(high << 4 | low)
+    }
+    return bytes
+}
+
+func hexValue(_ digit: UInt8) -> UInt8? {
+    switch digit {
+    case UInt8(ascii: "0")...UInt8(ascii: "9"): return digit - UInt8(ascii: "0")
+    case UInt8(ascii: "a")...UInt8(ascii: "f"): return digit - UInt8(ascii: "a") + 10
+    case UInt8(ascii: "A")...UInt8(ascii: "F"): return digit - UInt8(ascii: "A") + 10
+    default: return nil
+    }
+}
+
 /// The shim's channel: the qemu engine's virtio-serial port (named as qemu-guest-agent's, the
 /// port every qemu-engine VM has), else a vsock listener on port 1024 (the kvm engine).
 func openChannel() -> Int32 {
@@ -342,14 +363,24 @@ final class Agent {
         guard !request.container.isEmpty, !request.container.contains("/"), request.container != ".", request.container != ".." else {
             return AgentReply(error: "container id '\(request.container)' cannot name a directory")
         }
-        guard request.device.hasPrefix("/dev/"), !request.device.contains("..") else { return AgentReply(error: "device '\(request.device)' is not under /dev") }
-        var status = stat()
-        for _ in 0..<200 where stat(request.device, &status) != 0 { usleep(50_000) }
-        guard stat(request.device, &status) == 0 else { return AgentReply(error: "\(request.device) did not appear: \(errnoText())") }
+        // The disk is named by its file system's UUID (the shim made it): device names follow
+        // the order the guest found its disks in, which the shim does not control.
+        guard request.device.hasPrefix("uuid:"), let uuid = uuidBytes(String(request.device.dropFirst(5))) else {
+            return AgentReply(error: "device '\(request.device)' is not uuid:UUID")
+        }
+        var buffer = [CChar](repeating: 0, count: 64)
+        var found: Int32 = -1
+        for _ in 0..<100 {
+            found = uuid.withUnsafeBufferPointer { agent_find_ext4($0.baseAddress, &buffer, buffer.count) }
+            if found == 0 { break }
+            usleep(50_000)
+        }
+        guard found == 0 else { return AgentReply(error: "no disk holds the file system \(request.device.dropFirst(5))") }
+        let device = String(decoding: buffer.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
         let root = "/run/vireo/containers/\(request.container)/rootfs"
         makeDirectories(root)
-        guard mount(request.device, root, request.fileSystem.isEmpty ? "ext4" : request.fileSystem, 0, nil) == 0 else {
-            return AgentReply(error: "mount \(request.device) on \(root): \(errnoText())")
+        guard mount(device, root, request.fileSystem.isEmpty ? "ext4" : request.fileSystem, 0, nil) == 0 else {
+            return AgentReply(error: "mount \(device) on \(root): \(errnoText())")
         }
         containers[request.container] = Container(id: request.container, root: root)
         return AgentReply()

@@ -131,6 +131,18 @@ struct FuzzSmokeTests {
         #expect(accepted > 0 && refused > 0, "accepted \(accepted), refused \(refused)")
     }
 
+    @Test("agentstream: what a container agent (a guest) sends the shim: the seed's four frames decode; mutated streams are refused or decoded, never a crash; a frame over 1 MiB and an unknown kind are refused")
+    func agentStreamTargetSurvivesMutatedStreams() {
+        let seed = Fuzz.seeds(named: "agentstream")[0]
+        #expect(seed.withUnsafeBytes { Fuzz.agentStreamOutcome($0) } == Fuzz.Outcome(accepted: true, operations: 4))
+        let oversize: [UInt8] = [0x00, 0x10, 0x00, 0x01, 5, 0, 0, 0, 1]
+        #expect(oversize.withUnsafeBytes { Fuzz.agentStreamOutcome($0) }.accepted == false)
+        let unknownKind: [UInt8] = [0, 0, 0, 0, 200, 0, 0, 0, 1]
+        #expect(unknownKind.withUnsafeBytes { Fuzz.agentStreamOutcome($0) }.accepted == false)
+        let (accepted, refused) = Self.mutants(of: seed, count: 2000, state: 0xa9e7, Fuzz.agentStreamOutcome)
+        #expect(accepted > 0 && refused > 0, "accepted \(accepted), refused \(refused)")
+    }
+
     @Test("ovf: a well-formed envelope is planned with its disk; mutated ones are refused or planned, never a crash; a DOCTYPE, an unknown entity and 65 levels are refused")
     func ovfTargetSurvivesMutatedEnvelopes() {
         let seed = Fuzz.seeds(named: "ovf")[0]

@@ -259,6 +259,43 @@ import Glibc
         for name in ["lasting", "crashing"] { lab.ctr(["container", "rm", name]) }
     }
 
+    @Test("a pod: containers that name a sandbox (CRI's annotations) join its shim and VM, each with its own root, PID namespace and host name; its exit status and output pass through; the sandbox cannot go before them; deleting all leaves nothing")
+    func podSharesOneVM() throws {
+        let lab = try Lab()
+        let sandbox = ["--annotation", "io.kubernetes.cri.container-type=sandbox", "--annotation", "io.kubernetes.cri.sandbox-id=pod1"]
+        let member = ["--annotation", "io.kubernetes.cri.container-type=container", "--annotation", "io.kubernetes.cri.sandbox-id=pod1"]
+        let started = lab.ctr(["run", "-d", "--runtime", Self.runtime] + sandbox + [Self.image, "pod1", "sleep", "1000"])
+        #expect(started.status == 0, "\(started.stderr)")
+        let app = lab.ctr(["run", "-d", "--runtime", Self.runtime] + member + [Self.image, "app1",
+                           "sh", "-c", "echo mine > /root/owner; while true; do sleep 1; done"])
+        #expect(app.status == 0, "\(app.stderr)")
+        let second = lab.ctr(["run", "--rm", "--runtime", Self.runtime] + member + [Self.image, "app2",
+                              "sh", "-c", "hostname; cat /proc/1/cmdline | tr '\\0' ' '; echo; ps -o args > /tmp/ps; grep -c '^sleep' /tmp/ps; cat /root/owner 2>&1; exit 2"])
+        #expect(second.status == 2, "\(second.stderr)")
+        let lines = second.stdout.split(separator: "\n").map(String.init)
+        #expect(lines.first == "app2", "its own host name: \(second.stdout)")
+        #expect(lines.count > 2 && lines[1].hasPrefix("sh -c hostname") && lines[2] == "0", "its own PID namespace (no sleep of the others): \(second.stdout)")
+        #expect(second.stdout.contains("No such file or directory"), "its own root, without app1's file: \(second.stdout)")
+        #expect(lab.vmNames == ["ctr-vt-pod1"], "one VM for the pod: \(lab.vmNames)")
+        #expect(lab.shimProcesses.count == 1, "one shim for the pod: \(lab.shimProcesses)")
+        let exec = lab.ctr(["task", "exec", "--exec-id", "look", "app1", "cat", "/root/owner"])
+        #expect(exec.status == 0 && exec.stdout == "mine\n", "\(exec.stdout) \(exec.stderr)")
+
+        // The sandbox goes last.
+        #expect(lab.ctr(["task", "kill", "-s", "SIGKILL", "pod1"]).status == 0)
+        #expect(lab.eventually(30) { lab.ctr(["task", "ls"]).stdout.contains("pod1    ") && lab.ctr(["task", "ls"]).stdout.contains("STOPPED") })
+        let early = lab.ctr(["task", "rm", "pod1"])
+        #expect(early.status != 0 && early.stderr.contains("still holds app1"), "\(early.stderr)")
+        #expect(lab.ctr(["task", "kill", "-s", "SIGKILL", "app1"]).status == 0)
+        #expect(lab.eventually(30) { !lab.ctr(["task", "ls"]).stdout.contains("RUNNING") })
+        #expect(lab.ctr(["task", "rm", "app1"]).status == 0)
+        #expect(lab.ctr(["task", "rm", "pod1"]).status == 0)
+        for name in ["app1", "pod1"] { #expect(lab.ctr(["container", "rm", name]).status == 0) }
+        #expect(lab.eventually(10) { lab.vmNames.isEmpty && lab.shimProcesses.isEmpty }, "VMs \(lab.vmNames), shims \(lab.shimProcesses)")
+        let images = Harness.run(["/usr/bin/find", lab.directory.appendingPathComponent("state").path, "-name", "vireo-*.img"])
+        #expect(images.stdout.isEmpty, "disks left: \(images.stdout)")
+    }
+
     @Test("refused at create, with the reason containerd shows, and nothing left behind: a privileged container, the host's network namespace, a settings file that names an engine Vireo lacks")
     func refusals() throws {
         let lab = try Lab()

@@ -39,4 +39,9 @@ void agent_drain_signals(int fd);
 void agent_loopback_up(void);
 
 int agent_resize(int pty, uint16_t width, uint16_t height);
+
+/// Finds the virtio disk (/dev/vd*) holding the ext4 file system with this UUID, dropping each
+/// disk's cached blocks first (a disk the host filled after the guest's boot-time scan would
+/// otherwise read as the zeros it had then). Writes its path into `path`; 0, or -1 with errno.
+int agent_find_ext4(const uint8_t uuid[16], char *path, size_t size);
 #endif

@@ -87,7 +87,7 @@ function renderList() {
     const row = document.createElement('tr');
     row.dataset.name = vm.name;
     row.className = vm.name === state.selected ? 'selected' : '';
-    const cells = [vm.name, vm.state + (vm.isolation_off ? ` (${vm.isolation_off})` : ''), vm.os_type || '-',
+    const cells = [vm.name, vm.state + (vm.isolation_off ? ` (${vm.isolation_off})` : '') + (vm.managed_by ? ` [${vm.managed_by}]` : ''), vm.os_type || '-',
                    vm.cpus ?? '-', size(vm.memory_bytes), vm.addresses.join(', ') || '-'];
     cells.forEach((text, index) => {
       const cell = document.createElement('td');

@@ -1,0 +1,108 @@
+import ContainerShim
+import ContainerWire
+import Foundation
+import Testing
+
+/// The containerd shim's pieces without a VM: the OCI spec it accepts and refuses, the VM size a
+/// spec asks for, its settings, VM names, and the wire it speaks (the end-to-end runs are
+/// ContainerdShimTests).
+struct ContainerShimModelTests {
+    static func spec(namespaces: [String] = ["pid", "network", "ipc", "uts", "mount"], devices: String = #"[{"allow": false, "access": "rwm"}]"#,
+                     resources: String = "", process: String = #"{"args": ["sh"], "cwd": "/", "user": {"uid": 1000, "gid": 100, "additionalGids": [10]}}"#) -> Data {
+        let list = namespaces.map { #"{"type": "\#($0)"}"# }.joined(separator: ",")
+        return Data(#"{"process": \#(process), "root": {"path": "rootfs"}, "hostname": "h", "linux": {"namespaces": [\#(list)], "resources": {"devices": \#(devices)\#(resources)}}}"#.utf8)
+    }
+
+    @Test("an OCI spec: the process is taken whole; the host's PID or network namespace, every device, a relative cwd and a missing program are refused naming the field")
+    func specRules() throws {
+        let spec = try ContainerSpec(data: Self.spec())
+        #expect(spec.process.args == ["sh"] && spec.process.uid == 1000 && spec.process.gid == 100 && spec.process.additionalGids == [10])
+        #expect(spec.hostname == "h" && spec.rootPath == "rootfs")
+        for (data, words) in [(Self.spec(namespaces: ["network"]), "host's PID namespace"),
+                              (Self.spec(namespaces: ["pid"]), "host's network"),
+                              (Self.spec(devices: #"[{"allow": true, "access": "rwm"}]"#), "privileged container"),
+                              (Self.spec(process: #"{"args": ["sh"], "cwd": "tmp"}"#), "process.cwd"),
+                              (Self.spec(process: #"{"args": [], "cwd": "/"}"#), "process.args"),
+                              (Data("{".utf8), "not JSON")] {
+            do throws(RPCError) {
+                _ = try ContainerSpec(data: data)
+                Issue.record("\(words) must be refused")
+            } catch {
+                #expect(error.message.contains(words), "\(error.message)")
+                #expect(error.code == .invalidArgument)
+            }
+        }
+        // A device rule that allows one device is not a privileged container.
+        _ = try ContainerSpec(data: Self.spec(devices: #"[{"allow": false, "access": "rwm"}, {"allow": true, "type": "c", "major": 1, "minor": 3, "access": "rwm"}]"#))
+    }
+
+    @Test("the VM a spec asks for: the quota rounded up to vCPUs and a cap on the engine, the memory limit plus the guest's 64 MiB; the settings' size without limits")
+    func machineSize() throws {
+        let limited = try ContainerSpec(data: Self.spec(resources: #", "cpu": {"quota": 150000, "period": 100000}, "memory": {"limit": 134217728}"#))
+        let size = limited.machineSize(defaults: ShimConfiguration())
+        #expect(size.cpus == 2 && size.cpuCapPercent == 150 && size.memory == "192M")
+        let plain = try ContainerSpec(data: Self.spec()).machineSize(defaults: ShimConfiguration())
+        #expect(plain.cpus == 1 && plain.memory == "256M" && plain.cpuCapPercent == nil)
+    }
+
+    @Test("VM names: readable when they fit the library's rule, else a hash; always a valid name")
+    func names() {
+        #expect(SandboxVM.name(namespace: "default", id: "web") == "ctr-default-web")
+        let long = SandboxVM.name(namespace: "k8s.io", id: String(repeating: "ab", count: 32))
+        #expect(long.count <= 64 && long.hasPrefix("ctr-abababab"), "\(long)")
+        let odd = SandboxVM.name(namespace: "ns", id: "a/b c")
+        #expect(odd.allSatisfy { $0.isLetter || $0.isNumber || "._-".contains($0) }, "\(odd)")
+        #expect(SandboxVM.name(namespace: "ns", id: "a/b c") != SandboxVM.name(namespace: "ns", id: "a/b d"))
+    }
+
+    @Test("settings: the file's keys over the defaults, the environment over the file; an unknown engine, a missing kernel or a broken file is an error naming it")
+    func settings() throws {
+        let directory = FileManager.default.temporaryDirectory.appendingPathComponent("shim-settings-\(UUID().uuidString.prefix(8))")
+        try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(at: directory) }
+        let kernel = directory.appendingPathComponent("k").path, initrd = directory.appendingPathComponent("i").path
+        #expect(FileManager.default.createFile(atPath: kernel, contents: Data()))
+        #expect(FileManager.default.createFile(atPath: initrd, contents: Data()))
+        let file = directory.appendingPathComponent("s.json")
+        try Data(#"{"engine": "qemu", "kernel": "\#(kernel)", "initrd": "\#(initrd)", "memory": "512M"}"#.utf8).write(to: file)
+        let loaded = try ShimConfiguration.load(configPath: file.path, environment: ["VIREO_HOME": "/srv/lib"])
+        #expect(loaded.engine == "qemu" && loaded.memory == "512M" && loaded.cpus == 1 && loaded.library == "/srv/lib")
+        let overridden = try ShimConfiguration.load(configPath: nil, environment: ["VIREO_SHIM_CONFIG": file.path, "VIREO_SHIM_ENGINE": "kvm"])
+        #expect(overridden.engine == "kvm")
+        for (body, words) in [(#"{"engine": "xen", "kernel": "\#(kernel)", "initrd": "\#(initrd)"}"#, "engine 'xen' is not one of kvm, qemu"),
+                              (#"{"kernel": "/nonexistent"}"#, "the guest kernel /nonexistent does not exist"),
+                              (#"{"cpus": "two"}"#, "are not valid")] {
+            try Data(body.utf8).write(to: file)
+            do throws(RPCError) {
+                _ = try ShimConfiguration.load(configPath: file.path, environment: [:])
+                Issue.record("\(body) must be refused")
+            } catch {
+                #expect(error.message.contains(words), "\(error.message)")
+            }
+        }
+    }
+
+    @Test("the wire: requests, replies and exits round-trip; frames split anywhere decode the same; varints past ten bytes or lengths past the end are refused")
+    func wire() throws {
+        var request = AgentRequest(.startProcess)
+        request.container = "c"; request.handle = 9; request.args = ["sh", "-c", ""]; request.env = ["A=1"]; request.uid = 1000
+        request.additionalGids = [1, 70000]; request.terminal = true; request.width = 80; request.height = 24; request.join = 1; request.stdin = true
+        #expect(try AgentRequest(decoding: request.encoded) == request)
+        var reply = AgentReply(error: "", pid: 77)
+        reply.pids = [1, 2]; reply.memoryBytes = 1 << 40; reply.cpuNanoseconds = 5
+        #expect(try AgentReply(decoding: reply.encoded) == reply)
+        let stream = AgentFrame(.request, stream: 3, payload: request.encoded).encoded + AgentFrame(.stdout, stream: 9, payload: [1, 2, 3]).encoded
+        for split in 0...stream.count {
+            var decoder = AgentFrameDecoder()
+            decoder.append(stream[..<split])
+            var frames: [AgentFrame] = []
+            while let frame = try decoder.next() { frames.append(frame) }
+            decoder.append(stream[split...])
+            while let frame = try decoder.next() { frames.append(frame) }
+            #expect(frames.map(\.stream) == [3, 9] && frames.last?.payload == [1, 2, 3])
+        }
+        #expect(throws: ProtoError.self) { try ProtoMessage([0x08] + Array(repeating: 0xff, count: 11)) }
+        #expect(throws: ProtoError.self) { try ProtoMessage([0x0a, 0x05, 0x01]) }
+        #expect(throws: ProtoError.self) { try ProtoMessage([0x0b]) }   // wire type 3 (groups): not proto3
+    }
+}
