@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Builds vireo-fuzz with libFuzzer and AddressSanitizer (in .build-fuzz, apart from the normal
 # build) and fuzzes one target:
-#   scripts/fuzz.sh virtqueue|qcow2|savedstate|migration|iso9660|manifest|apibody|offer|nbd|ovf [SECONDS] [libFuzzer options...]
+#   scripts/fuzz.sh virtqueue|qcow2|savedstate|migration|iso9660|manifest|apibody|offer|nbd|ovf|agentstream [SECONDS] [libFuzzer options...]
 # Crashes land in fuzz/crashes/<target>/; reproduce one with `vireo-fuzz TARGET FILE`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-target=${1:?usage: scripts/fuzz.sh virtqueue|qcow2|savedstate|migration|iso9660|manifest|apibody|offer|nbd|ovf [SECONDS]}
+target=${1:?usage: scripts/fuzz.sh virtqueue|qcow2|savedstate|migration|iso9660|manifest|apibody|offer|nbd|ovf|agentstream [SECONDS]}
 seconds=${2:-60}
 shift $(( $# > 1 ? 2 : 1 ))
 swift build --build-path .build-fuzz --product vireo-fuzz -Xswiftc -sanitize=fuzzer,address -Xswiftc -use-ld=lld >&2
