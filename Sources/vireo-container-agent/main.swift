@@ -314,10 +314,9 @@ final class Agent {
             return agent_resize(process.pty, UInt16(clamping: request.width), UInt16(clamping: request.height)) == 0 ? AgentReply() : AgentReply(error: "resize: \(errnoText())")
         case .closeStdin:
             guard let process = processes[request.handle] else { return AgentReply(error: "no process \(request.handle)") }
-            if process.pty >= 0 {
-                // A terminal's end of input is its EOF character.
-                _ = writeAll(process.pty, [4])
-            } else if process.input >= 0 {
+            // A terminal's input just stops, as with runc's shim: what the end of it means is the
+            // terminal's mode's business (an EOF character typed in cooked mode, nothing in raw).
+            if process.pty < 0 && process.input >= 0 {
                 close(process.input)
                 process.input = -1
             }

@@ -157,7 +157,10 @@ import Glibc
         let ctr = "/usr/bin/ctr -a \(lab.socket) -n vt"
         let command = "\(ctr) run -t --runtime \(Self.runtime) --rm \(Self.image) tty sh -c 'stty size; tty; sleep 6; stty size; exit 4'"
         let resize = "until \(ctr) task ls | grep -q 'tty.*RUNNING'; do sleep 0.2; done; sleep 1.5; stty cols 77 rows 22; kill -WINCH $!"
-        let terminal = Harness.run(["/usr/bin/script", "-qec", "stty cols 123 rows 45; \(command) & \(resize); wait $!", "/dev/null"], timeout: 240)
+        // script's own input stays open (at its end, script types into ctr's terminal).
+        let script = RunningProcess(["/usr/bin/script", "-qec", "stty cols 123 rows 45; \(command) & \(resize); wait $!", "/dev/null"])
+        let terminal = (status: script.wait(timeout: 240), stdout: script.stdout, stderr: script.stderr)
+        script.closeInput()
         #expect(terminal.status == 4, "\(terminal.stdout) \(terminal.stderr)")
         #expect(terminal.stdout.contains("45 123") && terminal.stdout.contains("/dev/pts/0") && terminal.stdout.contains("22 77"), "\(terminal.stdout)")
 
