@@ -33,6 +33,38 @@ static int open_namespace(int pid, const char *kind) {
     return open(path, O_RDONLY | O_CLOEXEC);
 }
 
+/* The container's /dev: a tmpfs with the OCI default devices bound from the VM's, its ptys
+ * (the VM's devpts: the agent allocates a container's terminals there) and /dev/shm. Not the
+ * VM's whole /dev: the disks of a pod's other containers are in it. */
+static int setup_dev(const char *dev) {
+    char path[4200];
+    if (mount("tmpfs", dev, "tmpfs", MS_NOSUID | MS_NOEXEC, "mode=0755,size=65536k")) return -1;
+    const char *nodes[] = {"null", "zero", "full", "random", "urandom", "tty"};
+    for (size_t i = 0; i < sizeof nodes / sizeof nodes[0]; i++) {
+        char source[64];
+        snprintf(source, sizeof source, "/dev/%s", nodes[i]);
+        snprintf(path, sizeof path, "%s/%s", dev, nodes[i]);
+        int fd = open(path, O_CREAT | O_WRONLY | O_CLOEXEC, 0666);
+        if (fd < 0) return -1;
+        close(fd);
+        if (mount(source, path, NULL, MS_BIND, NULL)) return -1;
+    }
+    snprintf(path, sizeof path, "%s/pts", dev);
+    mkdir(path, 0755);
+    if (mount("/dev/pts", path, NULL, MS_BIND, NULL)) return -1;
+    snprintf(path, sizeof path, "%s/ptmx", dev);
+    if (symlink("pts/ptmx", path)) return -1;
+    snprintf(path, sizeof path, "%s/shm", dev);
+    mkdir(path, 01777);
+    if (mount("shm", path, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "mode=1777,size=65536k")) return -1;
+    const char *links[][2] = {{"/proc/self/fd", "fd"}, {"/proc/self/fd/0", "stdin"}, {"/proc/self/fd/1", "stdout"}, {"/proc/self/fd/2", "stderr"}};
+    for (size_t i = 0; i < 4; i++) {
+        snprintf(path, sizeof path, "%s/%s", dev, links[i][1]);
+        if (symlink(links[i][0], path)) return -1;
+    }
+    return 0;
+}
+
 int agent_spawn(struct agent_spawn *s) {
     int in[2] = {-1, -1}, out[2] = {-1, -1}, err[2] = {-1, -1}, report[2] = {-1, -1};
     int master = -1, null_fd = -1, own_pid_ns = -1;
@@ -82,7 +114,7 @@ int agent_spawn(struct agent_spawn *s) {
             if (mount("proc", path, "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL)) child_fail(r, 4);
             snprintf(path, sizeof path, "%s/dev", s->root);
             mkdir(path, 0755);
-            if (mount("/dev", path, NULL, MS_BIND | MS_REC, NULL)) child_fail(r, 5);
+            if (setup_dev(path)) child_fail(r, 5);
             if (s->hostname[0] && sethostname(s->hostname, strlen(s->hostname))) child_fail(r, 6);
         }
         if (chroot(s->root)) child_fail(r, 7);

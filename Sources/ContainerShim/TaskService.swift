@@ -1,3 +1,4 @@
+import CHostSupport
 import ContainerWire
 import Foundation
 #if canImport(Glibc)
@@ -245,7 +246,16 @@ public final class TaskService: AgentEvents, @unchecked Sendable {
                 : "sandbox \(sandboxID)'s \(slots.count) spare disks are all in use; raise \"podSlots\" in the shim's settings")
         }
         let uuid = UUID().uuidString.lowercased()
-        try Self.makeRootImage(slots[slot].path, bundle: container.bundle, mounts: mounts, spec: spec, uuid: uuid, fixedSize: configuration.podDiskBytes)
+        // The spare disk has been the guest's since the VM started: whatever it wrote there is
+        // never read. The image is made in a file of the host's own, then copied over the disk
+        // with everything else punched out (mke2fs would otherwise probe and re-read the guest's bytes).
+        let staging = container.bundle + "/vireo-staging.img"
+        defer { try? FileManager.default.removeItem(atPath: staging) }
+        guard FileManager.default.createFile(atPath: staging, contents: nil), truncate(staging, off_t(configuration.podDiskBytes)) == 0 else {
+            throw RPCError(.internal, "cannot make \(staging): \(String(cString: strerror(errno)))")
+        }
+        try Self.makeRootImage(staging, bundle: container.bundle, mounts: mounts, spec: spec, uuid: uuid, fixedSize: configuration.podDiskBytes)
+        try Self.overwrite(slots[slot].path, with: staging)
         try mountRoot(of: container.id, uuid: uuid, agent: agent)
         slots[slot].user = container.id
         container.slot = slot
@@ -310,6 +320,42 @@ public final class TaskService: AgentEvents, @unchecked Sendable {
         let text = String(decoding: errors.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
         mke2fs.waitUntilExit()
         guard mke2fs.terminationStatus == 0 else { throw RPCError(.internal, "mke2fs could not make the root file system image: \(text)") }
+    }
+
+    /// Writes `source`'s data ranges over `target` (same size) after punching all of `target`
+    /// out: the target ends as an exact copy, and nothing of it is read.
+    static func overwrite(_ target: String, with source: String) throws(RPCError) {
+        let input = open(source, O_RDONLY | O_CLOEXEC)
+        guard input >= 0 else { throw RPCError(.internal, "open \(source): \(String(cString: strerror(errno)))") }
+        defer { close(input) }
+        let output = open(target, O_WRONLY | O_CLOEXEC | O_NOFOLLOW)
+        guard output >= 0 else { throw RPCError(.internal, "open \(target): \(String(cString: strerror(errno)))") }
+        defer { close(output) }
+        var status = stat()
+        guard fstat(input, &status) == 0 else { throw RPCError(.internal, "stat \(source): \(String(cString: strerror(errno)))") }
+        let size = Int64(status.st_size)
+        guard vireo_file_punch_hole(output, 0, size) == 0 else { throw RPCError(.internal, "clearing \(target): \(String(cString: strerror(errno)))") }
+        var buffer = [UInt8](repeating: 0, count: 1 << 20)
+        var offset: Int64 = 0
+        while offset < size {
+            let data = lseek(input, off_t(offset), VIREO_SEEK_DATA)
+            if data < 0 { break }   // ENXIO: no data after offset
+            let hole = min(Int64(lseek(input, data, VIREO_SEEK_HOLE)), size)
+            var position = Int64(data)
+            while position < hole {
+                let count = buffer.withUnsafeMutableBytes { pread(input, $0.baseAddress, min($0.count, Int(hole - position)), off_t(position)) }
+                guard count > 0 else { throw RPCError(.internal, "read \(source): \(String(cString: strerror(errno)))") }
+                var written = 0
+                while written < count {
+                    let wrote = buffer.withUnsafeBytes { pwrite(output, $0.baseAddress! + written, count - written, off_t(position) + off_t(written)) }
+                    guard wrote > 0 else { throw RPCError(.internal, "write \(target): \(String(cString: strerror(errno)))") }
+                    written += wrote
+                }
+                position += Int64(count)
+            }
+            offset = hole
+        }
+        guard fsync(output) == 0 else { throw RPCError(.internal, "fsync \(target): \(String(cString: strerror(errno)))") }
     }
 
     static func diskUsage(_ root: String) -> Int {

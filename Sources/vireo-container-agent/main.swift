@@ -465,7 +465,7 @@ final class Agent {
             }
         }
         guard started == 0 else {
-            let steps: [Int32: String] = [1: "open its terminal", 2: "enter its namespaces", 3: "make its mounts private", 4: "mount /proc", 5: "bind /dev",
+            let steps: [Int32: String] = [1: "open its terminal", 2: "enter its namespaces", 3: "make its mounts private", 4: "mount /proc", 5: "make its /dev",
                                           6: "set the host name", 7: "enter its root file system", 8: "change to its working directory \(request.cwd)",
                                           9: "set its groups", 10: "set gid \(request.gid)", 11: "set uid \(request.uid)", 12: "execute \(program)",
                                           13: "make its pipes", 14: "fork"]
