@@ -783,6 +783,8 @@ public final class TaskService: AgentEvents, @unchecked Sendable {
         try? target?.write(contentsOf: bytes)
     }
 
+    /// Nothing to do: the FIFOs close at the process's exit, which the agent sends after the
+    /// output it had; output a leftover child writes after that has nowhere to go.
     public func outputClosed(handle: UInt32, kind: AgentFrameKind) {}
 
     public func exited(handle: UInt32, status: UInt32) {
