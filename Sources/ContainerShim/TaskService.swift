@@ -55,6 +55,8 @@ public final class TaskService: AgentEvents, @unchecked Sendable {
     var agent: AgentClient?
     var configuration = ShimConfiguration()
     var containers: [String: Container] = [:]
+    /// Containers whose Create is under way (the lock is not held through it).
+    var creating: Set<String> = []
     /// Spare disk slots of the sandbox VM: the image file of each, and the container using it.
     var slots: [(path: String, user: String?)] = []
     var nextHandle: UInt32 = 1
@@ -146,10 +148,22 @@ public final class TaskService: AgentEvents, @unchecked Sendable {
     static let containerTypeAnnotation = "io.kubernetes.cri.container-type"
 
     func create(_ request: ProtoMessage) throws(RPCError) -> [UInt8] {
-        lock.lock()
-        defer { lock.unlock() }
         let id = request.string(1)
-        guard containers[id] == nil else { throw RPCError(.alreadyExists, "container \(id) is already created") }
+        // The lock is not held while the VM starts or the root is written and mounted: the
+        // agent's replies may queue behind output frames of the pod's running containers, which
+        // the channel's reader hands over under the lock.
+        lock.lock()
+        guard containers[id] == nil, !creating.contains(id) else {
+            lock.unlock()
+            throw RPCError(.alreadyExists, "container \(id) is already created")
+        }
+        creating.insert(id)
+        lock.unlock()
+        defer {
+            lock.lock()
+            creating.remove(id)
+            lock.unlock()
+        }
         let bundle = request.string(2)
         guard request.string(8).isEmpty else { throw RPCError(.unimplemented, "restoring a container from a checkpoint is not implemented") }
         let specData: Data
@@ -170,12 +184,14 @@ public final class TaskService: AgentEvents, @unchecked Sendable {
         } else {
             try join(container, spec: spec, mounts: mounts)
         }
+        lock.lock()
         let process = Process(execID: "", handle: nextHandle, stdin: request.string(5), stdout: request.string(6), stderr: request.string(7),
                               terminal: terminal, spec: spec.process)
         nextHandle += 1
         process.pid = vm?.enginePid ?? 0
         container.processes[""] = process
         containers[id] = container
+        lock.unlock()
         var event = ProtoWriter()
         event.string(1, id)
         event.string(2, bundle)
@@ -195,7 +211,7 @@ public final class TaskService: AgentEvents, @unchecked Sendable {
         if let options = try? request.message(10), options.string(1).hasSuffix("runtimeoptions.v1.Options"), let inner = try? ProtoMessage(options.bytes(2)) {
             configPath = inner.string(2)
         }
-        configuration = try ShimConfiguration.load(configPath: configPath, environment: environment)
+        let configuration = try ShimConfiguration.load(configPath: configPath, environment: environment)
         let uuid = UUID().uuidString.lowercased()
         container.rootImage = container.bundle + "/vireo-rootfs.img"
         try Self.makeRootImage(container.rootImage, bundle: container.bundle, mounts: mounts, spec: spec, uuid: uuid, fixedSize: nil)
@@ -219,47 +235,64 @@ public final class TaskService: AgentEvents, @unchecked Sendable {
                 }
             }
             try vm.create(rootImage: container.rootImage, cpus: size.cpus, memory: size.memory, cpuCapPercent: size.cpuCapPercent, spareDisks: spares)
-            self.vm = vm
             try vm.start()
             let agent = try vm.connectAgent(events: self)
-            self.agent = agent
             try mountRoot(of: container.id, uuid: uuid, agent: agent)
+            lock.lock()
+            self.configuration = configuration
+            self.vm = vm
+            self.agent = agent
+            slots = spares.map { ($0, nil) }
+            lock.unlock()
         } catch {
             try? vm.remove()
-            self.vm = nil
-            agent = nil
             for path in spares + [container.rootImage] { try? FileManager.default.removeItem(atPath: path) }
             throw error
         }
-        slots = spares.map { ($0, nil) }
     }
 
     /// Another container of the pod: its root written onto a free spare disk of the running VM.
     func join(_ container: Container, spec: ContainerSpec, mounts: [ProtoMessage]) throws(RPCError) {
-        guard let agent, vm != nil, let sandbox = containers[sandboxID] else {
-            throw RPCError(.failedPrecondition, "container \(container.id) joins sandbox \(sandboxID), whose VM is not running")
+        // A free slot is claimed under the lock and given back if anything fails.
+        let (agent, slot, slotPath, diskBytes) = try { () throws(RPCError) -> (AgentClient, Int, String, UInt64) in
+            lock.lock()
+            defer { lock.unlock() }
+            guard let agent = self.agent, vm != nil, containers[sandboxID] != nil else {
+                throw RPCError(.failedPrecondition, "container \(container.id) joins sandbox \(sandboxID), whose VM is not running")
+            }
+            guard let slot = slots.firstIndex(where: { $0.user == nil }) else {
+                throw RPCError(.failedPrecondition, slots.isEmpty
+                    ? "sandbox \(sandboxID) is not a pod's sandbox (its annotation \(Self.containerTypeAnnotation) is not \"sandbox\"), so it has no room for another container"
+                    : "sandbox \(sandboxID)'s \(slots.count) spare disks are all in use; raise \"podSlots\" in the shim's settings")
+            }
+            slots[slot].user = container.id
+            return (agent, slot, slots[slot].path, configuration.podDiskBytes)
+        }()
+        do throws(RPCError) {
+            try write(container, spec: spec, mounts: mounts, onto: slotPath, diskBytes: diskBytes, agent: agent)
+        } catch {
+            lock.lock()
+            if slot < slots.count { slots[slot].user = nil }
+            lock.unlock()
+            throw error
         }
-        _ = sandbox
-        guard let slot = slots.firstIndex(where: { $0.user == nil }) else {
-            throw RPCError(.failedPrecondition, slots.isEmpty
-                ? "sandbox \(sandboxID) is not a pod's sandbox (its annotation \(Self.containerTypeAnnotation) is not \"sandbox\"), so it has no room for another container"
-                : "sandbox \(sandboxID)'s \(slots.count) spare disks are all in use; raise \"podSlots\" in the shim's settings")
-        }
+        container.slot = slot
+        container.rootImage = slotPath
+    }
+
+    func write(_ container: Container, spec: ContainerSpec, mounts: [ProtoMessage], onto slotPath: String, diskBytes: UInt64, agent: AgentClient) throws(RPCError) {
         let uuid = UUID().uuidString.lowercased()
         // The spare disk has been the guest's since the VM started: whatever it wrote there is
         // never read. The image is made in a file of the host's own, then copied over the disk
         // with everything else punched out (mke2fs would otherwise probe and re-read the guest's bytes).
         let staging = container.bundle + "/vireo-staging.img"
         defer { try? FileManager.default.removeItem(atPath: staging) }
-        guard FileManager.default.createFile(atPath: staging, contents: nil), truncate(staging, off_t(configuration.podDiskBytes)) == 0 else {
+        guard FileManager.default.createFile(atPath: staging, contents: nil), truncate(staging, off_t(diskBytes)) == 0 else {
             throw RPCError(.internal, "cannot make \(staging): \(String(cString: strerror(errno)))")
         }
-        try Self.makeRootImage(staging, bundle: container.bundle, mounts: mounts, spec: spec, uuid: uuid, fixedSize: configuration.podDiskBytes)
-        try Self.overwrite(slots[slot].path, with: staging)
+        try Self.makeRootImage(staging, bundle: container.bundle, mounts: mounts, spec: spec, uuid: uuid, fixedSize: diskBytes)
+        try Self.overwrite(slotPath, with: staging)
         try mountRoot(of: container.id, uuid: uuid, agent: agent)
-        slots[slot].user = container.id
-        container.slot = slot
-        container.rootImage = slots[slot].path
     }
 
     func mountRoot(of id: String, uuid: String, agent: AgentClient) throws(RPCError) {

@@ -270,8 +270,9 @@ import Glibc
         let started = lab.ctr(["run", "-d", "--runtime", Self.runtime] + sandbox + [Self.image, "pod1", "sleep", "1000"])
         #expect(started.status == 0, "\(started.stderr)")
         let app = lab.ctr(["run", "-d", "--runtime", Self.runtime] + member + [Self.image, "app1",
-                           "sh", "-c", "echo mine > /root/owner; while true; do sleep 1; done"])
+                           "sh", "-c", "echo mine > /root/owner; while true; do echo tick; sleep 0.02; done"])
         #expect(app.status == 0, "\(app.stderr)")
+        // app1 writes all the while app2 joins (its output frames interleave with the agent's replies).
         let second = lab.ctr(["run", "--rm", "--runtime", Self.runtime] + member + [Self.image, "app2",
                               "sh", "-c", "hostname; cat /proc/1/cmdline | tr '\\0' ' '; echo; ps -o args > /tmp/ps; grep -c '^sleep' /tmp/ps; cat /root/owner 2>&1; ls /dev; exit 2"])
         #expect(second.status == 2, "\(second.stderr)")
