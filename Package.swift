@@ -62,7 +62,7 @@ let package = Package(
         .executableTarget(name: "vireo-fuzz", dependencies: ["FuzzTargets", "CFuzzDriver"]),
         // The per-VM process: its start-up time and memory are headline numbers, so the Swift
         // runtime is linked in statically (2.7 ms vs 5.8 ms to start a trivial program here).
-        .target(name: "ContainerShim", dependencies: ["ContainerWire", "Library", "Engines", "MachineSpec", "CHostSupport"]),
+        .target(name: "ContainerShim", dependencies: ["API", "ContainerWire", "Library", "Engines", "MachineSpec", "CHostSupport"]),
         .executableTarget(name: "containerd-shim-vireo-v2", dependencies: ["ContainerShim"]),
         .executableTarget(name: "vireo-vmm", dependencies: ["VMM", "MigrationWire"],
                           linkerSettings: [.unsafeFlags(["-static-stdlib"])]),

@@ -6,7 +6,8 @@ set -euo pipefail
 out=${1:?usage: make-test-oci-image.sh OUT.tar [NAME]}
 name=${2:-docker.io/vireo/busybox:test}
 busybox=/bin/busybox
-[[ -x $busybox ]] && file -L "$busybox" | grep -q "statically linked" || { echo "make-test-oci-image: $busybox is missing or not static; install busybox-static" >&2; exit 1; }
+# Static: no program interpreter in its headers (readelf is binutils', which build-essential brings).
+[[ -x $busybox ]] && ! readelf -l "$busybox" | grep -q "program interpreter" || { echo "make-test-oci-image: $busybox is missing or not static; install busybox-static" >&2; exit 1; }
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 mkdir -p "$work/rootfs/bin" "$work/rootfs/etc" "$work/rootfs/tmp" "$work/rootfs/root" "$work/image/blobs/sha256"

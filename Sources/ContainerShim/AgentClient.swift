@@ -86,7 +86,7 @@ public final class AgentClient: @unchecked Sendable {
             guard lock.wait(until: deadline) || replies[id] != nil else { throw RPCError(.deadlineExceeded, "the agent did not answer \(request.operation) within \(Int(timeoutSeconds)) s") }
         }
         let reply = replies.removeValue(forKey: id) ?? AgentReply()
-        guard reply.error.isEmpty else { throw RPCError(.failedPrecondition, reply.error) }
+        guard reply.error.isEmpty else { throw RPCError(.failedPrecondition, GuestText.printable(reply.error)) }
         return reply
     }
 
@@ -142,9 +142,21 @@ public final class AgentClient: @unchecked Sendable {
         case .exit:
             if let exit = try? AgentExit(decoding: frame.payload) { events?.exited(handle: frame.stream, status: exit.status) }
         case .log:
-            ShimLog.write("agent: \(String(decoding: frame.payload, as: UTF8.self))")
+            ShimLog.write("agent: \(GuestText.printable(String(decoding: frame.payload, as: UTF8.self)))")
         case .request, .stdin:
             ShimLog.write("the agent sent a frame only the shim sends (\(frame.kind)); ignored")
         }
     }
 }
+
+/// Text the guest wrote (the agent's errors, the VM's console) on its way into an error
+/// containerd shows on someone's terminal: control characters (escape sequences) become `?`,
+/// and it is cut to `limit` characters.
+enum GuestText {
+    static func printable(_ text: String, limit: Int = 2000) -> String {
+        String(String.UnicodeScalarView(text.unicodeScalars.prefix(limit).map { scalar in
+            scalar == "\n" || (scalar.value >= 0x20 && scalar.value != 0x7f && !(0x80..<0xa0).contains(scalar.value)) ? scalar : "?"
+        }))
+    }
+}
+

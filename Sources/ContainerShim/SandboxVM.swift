@@ -122,7 +122,7 @@ public struct SandboxVM: Sendable {
                 // The kvm engine's vsock refuses until the agent listens; a socket not there yet: try again.
                 guard Date() < deadline else {
                     let console = (try? String(contentsOfFile: directory + "/console.log", encoding: .utf8)) ?? ""
-                    throw RPCError(error.code, "\(error.message); the VM's console ends: \(console.suffix(600))")
+                    throw RPCError(error.code, "\(error.message); the VM's console ends: \(GuestText.printable(String(console.suffix(600))))")
                 }
                 usleep(100_000)
             }

@@ -1,3 +1,4 @@
+import API
 import ContainerWire
 import Foundation
 #if canImport(Glibc)
@@ -195,17 +196,12 @@ enum UnixSocket {
         return address
     }
 
+    /// The control client's connect (API), its reads without a time limit.
     static func connect(_ path: String) throws(RPCError) -> Int32 {
-        var address = try address(path)
-        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-        guard fd >= 0 else { throw RPCError(.internal, "socket: \(String(cString: strerror(errno)))") }
-        let result = withUnsafePointer(to: &address) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) } }
-        guard result == 0 else {
-            let code = errno
-            close(fd)
+        do { return try ControlConnection.connectUnix(path: path, timeoutSeconds: 0) } catch {
+            guard case let .unreachable(_, code) = error else { throw RPCError(.unavailable, "connect to \(path): \(error)") }
             throw RPCError(.unavailable, "connect to \(path): \(String(cString: strerror(code)))")
         }
-        return fd
     }
 
     static func listen(_ path: String) throws(RPCError) -> Int32 {

@@ -391,12 +391,23 @@ public final class TaskService: AgentEvents, @unchecked Sendable {
         guard fsync(output) == 0 else { throw RPCError(.internal, "fsync \(target): \(String(cString: strerror(errno)))") }
     }
 
+    /// What a tree takes, walked with lstat: the image's links are never followed (a link to
+    /// `/` would otherwise have the shim, as root, walk the host).
     static func diskUsage(_ root: String) -> Int {
         var total = 0
-        guard let walker = FileManager.default.enumerator(atPath: root) else { return 0 }
-        while let path = walker.nextObject() as? String {
-            var status = stat()
-            if lstat(root + "/" + path, &status) == 0 { total += Int(status.st_blocks) * 512 + 4096 }
+        var pending = [root]
+        while let directory = pending.popLast() {
+            guard let handle = opendir(directory) else { continue }
+            defer { closedir(handle) }
+            while let entry = readdir(handle) {
+                let name = withUnsafeBytes(of: entry.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+                guard name != ".", name != ".." else { continue }
+                let path = directory + "/" + name
+                var status = stat()
+                guard lstat(path, &status) == 0 else { continue }
+                total += Int(status.st_blocks) * 512 + 4096
+                if status.st_mode & S_IFMT == S_IFDIR { pending.append(path) }
+            }
         }
         return total
     }

@@ -1,4 +1,4 @@
-import ContainerShim
+@testable import ContainerShim
 import ContainerWire
 import Foundation
 import Testing
@@ -80,6 +80,12 @@ struct ContainerShimModelTests {
                 #expect(error.message.contains(words), "\(error.message)")
             }
         }
+    }
+
+    @Test("text the guest wrote loses its control characters before it reaches an error containerd shows")
+    func guestText() {
+        #expect(GuestText.printable("ok\u{1b}]0;owned\u{07}\nnext\u{9b}2J", limit: 100) == "ok?]0;owned?\nnext?2J")
+        #expect(GuestText.printable(String(repeating: "a", count: 50), limit: 10).count == 10)
     }
 
     @Test("the wire: requests, replies and exits round-trip; frames split anywhere decode the same; varints past ten bytes or lengths past the end are refused")
