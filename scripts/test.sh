@@ -17,6 +17,9 @@ scripts/build-container-guest.sh >/dev/null
 # (keyed on its recipe): a fresh machine builds it once, before the suite, so its minutes are
 # not inside a test's time limit; the image tests then import the kept build.
 scripts/build-test-image.sh
+# The Debian archive indexes the unattended-install test serves as its mirror, fetched from
+# Debian's archive once (cached per installer version), here rather than inside the test.
+python3 scripts/make-installer-mirror.py "${HOME}/.cache/vireo/installer-mirror-$(dpkg-query -W -f='${Version}' debian-installer-12-netboot-amd64 | tr + _)/debian"
 # Every temporary file the suite makes (tests, the VMs they start, the tools they run) goes into
 # one directory for this run, removed when the run ends however it ends: the tests' own
 # directories hold disks, images and saved states, and a run that left them in /tmp filled the

@@ -88,16 +88,16 @@ struct Create: ParsableCommand {
     @Flag(help: "With --image: copy the image's disk and kernel into the VM instead of resting on them.")
     var full = false
 
-    @Option(name: .customLong("ssh-key"), help: ArgumentHelp("With a cloud-init image: a public key file the user may log in with (repeatable); the library's own key is always added for `vireo ssh`.", valueName: "file"))
+    @Option(name: .customLong("ssh-key"), help: ArgumentHelp("With a cloud-init image or --unattended: a public key file the user may log in with (repeatable); for an image the library's own key is always added for `vireo ssh`.", valueName: "file"))
     var sshKeys: [String] = []
 
-    @Option(help: "With a cloud-init image: the user to make (default \(CloudInitSettings.defaultUser)); it may sudo.")
+    @Option(help: "With a cloud-init image or --unattended: the user to make (default \(CloudInitSettings.defaultUser), or ubuntu for Ubuntu); it may sudo.")
     var user: String?
 
     @Flag(help: "With a cloud-init image: give the user a password too (asked on the terminal, or one line read from stdin), for the console.")
     var password = false
 
-    @Option(help: "With a cloud-init image: the guest's host name (default: the VM's name).")
+    @Option(help: "With a cloud-init image or --unattended: the guest's host name (default: the VM's name).")
     var hostname: String?
 
     @Flag(help: "A TPM 2.0 (qemu engine): Debian's swtpm, its state in the VM's directory, carried by saves and snapshots. See docs/tpm.md.")
@@ -111,6 +111,8 @@ struct Create: ParsableCommand {
 
     @Option(name: .customLong("managed-by"), help: ArgumentHelp("Mark the VM as made and managed by another program (the containerd shim uses containerd); `vireo list` and `info` show it.", valueName: "program"))
     var managedBy: String?
+
+    @OptionGroup var unattendedOptions: UnattendedOptions
 
     @Flag(help: "Print the new VM's configuration as JSON.")
     var json = false
@@ -144,10 +146,20 @@ struct Create: ParsableCommand {
         request.iso = engineOptions.iso
         request.image = image
         request.fullCopy = full
-        request.cloudInit.keyFiles = sshKeys
-        request.cloudInit.user = user
-        request.cloudInit.hostname = hostname
-        if password { request.cloudInit.password = try readPassword() }
+        if unattendedOptions.unattended {
+            var unattended = UnattendedRequest(password: try unattendedOptions.password())
+            unattended.user = user
+            unattended.hostname = hostname
+            unattended.keyFiles = sshKeys
+            unattendedOptions.fill(&unattended)
+            request.unattended = unattended
+        } else {
+            try unattendedOptions.refuseWithoutUnattended()
+            request.cloudInit.keyFiles = sshKeys
+            request.cloudInit.user = user
+            request.cloudInit.hostname = hostname
+            if password { request.cloudInit.password = try readPassword() }
+        }
         let library = openLibrary()
         let definition: VMDefinition
         let notes: [String]
@@ -169,6 +181,10 @@ struct Create: ParsableCommand {
             printLine("  disk \(bundle.resolve(disk.path)) (\(disk.format.rawValue), \(Size.describe(DiskImages.recordedVirtualSize(path: bundle.resolve(disk.path), format: disk.format) ?? 0)))")
         }
         if let image = definition.image { printLine("  made from image '\(image)'") }
+        if let install = definition.unattended {
+            printLine("  unattended install: \(install.installer.summary); user \(install.settings.user) (sudo), host name \(install.settings.hostname), \(install.settings.locale), \(install.settings.timezone)\(install.settings.mirror.map { ", mirror \($0)" } ?? "")")
+            printLine("  the first start runs the installer with no questions; it powers off when done, and the next start boots the installed system (progress: `vireo info \(name)`)")
+        }
         if let settings = definition.cloudInit {
             printLine("  cloud-init: user \(settings.user) (\(settings.authorizedKeys.count) SSH key\(settings.authorizedKeys.count == 1 ? "" : "s")\(settings.passwordHash == nil ? "" : ", a password")), host name \(settings.hostname); log in with `vireo ssh \(name)` once it runs")
         }

@@ -136,6 +136,17 @@ struct Info: ParsableCommand {
         if let managedBy = report.managedBy { lines.append(["Managed by:", "\(managedBy) (made by it; stop and delete it through \(managedBy))"]) }
         if let state = report.tpmState { lines.append(["TPM:", "2.0 (swtpm; state in \(state))"]) }
         if report.secureBoot { lines.append(["Secure Boot:", "on (OVMF's Secure Boot build, Microsoft's keys enrolled)"]) }
+        if let install = report.unattended {
+            let what: String
+            switch install.state {
+            case "installing": what = "installing, step: \(install.step ?? "starting")"
+            case "finished": what = "finished; the next start ejects the ISO and boots the installed system"
+            case "interrupted": what = "stopped before the installer finished (last step: \(install.step ?? "none")); the next start runs it again"
+            default: what = "not started; the first start runs the installer"
+            }
+            lines.append(["Unattended:", "\(install.installer): \(what)"])
+            for line in install.lastLines ?? [] { lines.append(["", "| " + line]) }
+        }
         for share in report.shares {
             lines.append(["Shared folder:", "\(share.path) as '\(share.tag)'\(share.readOnly ? ", read-only" : "") (virtio-fs; the guest mounts it at /mnt/\(share.tag))"])
         }

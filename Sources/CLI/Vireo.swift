@@ -9,7 +9,7 @@ public struct Vireo: ParsableCommand {
         commandName: "vireo",
         abstract: "A hosted hypervisor for Linux, on KVM.",
         subcommands: [Create.self, ImageCommand.self, SnapshotCommand.self, SSH.self, List.self, Info.self, Start.self, Stop.self, Restart.self, Save.self, Migrate.self, Receive.self, Pause.self, Resume.self, Reset.self, Balloon.self,
-                      ConsoleCommand.self, Logs.self, Display.self, Screenshot.self, SendKeys.self, Eject.self, Set.self, NetworkCommand.self, PoolCommand.self, ShareCommand.self, NICCommand.self, ForwardCommand.self, Rename.self, Clone.self, Delete.self, Exec.self, Copy.self, Export.self, Import.self, Disk.self, OSTypes.self, Run.self, Serve.self])
+                      ConsoleCommand.self, Logs.self, Display.self, Screenshot.self, SendKeys.self, Eject.self, UnattendedCommand.self, Set.self, NetworkCommand.self, PoolCommand.self, ShareCommand.self, NICCommand.self, ForwardCommand.self, Rename.self, Clone.self, Delete.self, Exec.self, Copy.self, Export.self, Import.self, Disk.self, OSTypes.self, Run.self, Serve.self])
 
     public init() {}
 }

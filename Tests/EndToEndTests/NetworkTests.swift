@@ -295,32 +295,99 @@ struct NetworkTests {
         #expect(refused.status != 0 && refused.stderr.contains("without them use --nic user"), "\(refused.stderr)")
     }
 
-    @Test("the qemu engine: Debian's installer kernel on a nat card gets its lease from the network's dnsmasq through the tap Vireo handed QEMU; `vireo list` shows it; a forced stop leaves no tap behind",
-          .timeLimit(.minutes(8)))
-    func qemuEngineOnNAT() throws {
-        let lab = try NetworkLab()
-        let images = "/usr/lib/debian-installer/images/12/amd64/text/debian-installer/amd64"
-        guard FileManager.default.fileExists(atPath: images + "/linux") else {
-            throw HarnessError("\(images)/linux is missing: scripts/setup.sh installs debian-installer-12-netboot-amd64")
+    /// The archive indexes the installer fetches, which scripts/test.sh fetched from Debian's
+    /// archive (scripts/make-installer-mirror.py, cached); served from the lab's "internet" as
+    /// its Debian mirror.
+    static func installerMirror() throws -> URL {
+        let version = Harness.run(["dpkg-query", "-W", "-f=${Version}", "debian-installer-12-netboot-amd64"]).stdout
+        let root = QEMUEngineTests.cacheDirectory.appendingPathComponent("installer-mirror-\(version.replacingOccurrences(of: "+", with: "_"))")
+        guard FileManager.default.fileExists(atPath: root.appendingPathComponent("debian/.complete").path) else {
+            throw HarnessError("\(root.path)/debian is missing: scripts/test.sh fetches it (scripts/make-installer-mirror.py)")
         }
-        // priority=critical: the installer asks nothing until it has configured the network by
-        // DHCP (it then wants a preseed file, which is where this test stops it).
-        let created = lab.vireo("create", "di", "--engine", "qemu", "--accel", "tcg", "--kernel", images + "/linux",
-                                "--initrd", images + "/initrd.gz", "--memory", "1G", "--no-disk", "--nic", "nat",
-                                "--cmdline", "auto=true priority=critical console=ttyS0,115200 DEBIAN_FRONTEND=text")
+        return root
+    }
+
+    // Shares the boot the nat test had (Debian's installer kernel getting its lease): the same
+    // installer now runs unattended, from the test ISO, and gets much further.
+    @Test("unattended install (qemu engine, TCG): Debian's installer, answered by Vireo's preseed, gets its lease on a nat card and goes through language, keyboard, network, host name and mirror with no key pressed, fetching and verifying the mirror's signed index; `vireo info` shows the step; no password on any command line or log; the finished marker ejects the ISO at the next start",
+          .timeLimit(.minutes(12)))
+    func unattendedInstallOnNAT() throws {
+        let lab = try NetworkLab()
+        let iso = try QEMUEngineTests.installerISO.get()
+        let mirror = try Self.installerMirror()
+        // The mirror, in the lab's "internet": the guest reaches it through the nat network.
+        let server = RunningProcess(["ip", "netns", "exec", lab.internet, "python3", "-m", "http.server", "--bind", NetworkLab.internetAddress,
+                                     "8080", "--directory", mirror.path])
+        defer { server.signal(SIGKILL); _ = server.wait(timeout: 5) }
+        let password = "correct horse battery staple"
+        let passwordFile = FileManager.default.temporaryDirectory.appendingPathComponent("vireo-password-\(UUID().uuidString)")
+        try Data((password + "\n").utf8).write(to: passwordFile)
+        defer { try? FileManager.default.removeItem(at: passwordFile) }
+
+        let detected = lab.vireo("unattended", "detect", "--iso", iso.path)
+        #expect(detected.status == 0 && detected.stdout.contains("Debian 12 (debian-installer") && detected.stdout.contains("from a mirror"), "\(detected.stdout)\(detected.stderr)")
+        let created = lab.vireo("create", "inst", "--iso", iso.path, "--unattended", "--user", "alice", "--password-file", passwordFile.path,
+                                "--full-name", "Alice Example", "--hostname", "box.example.org", "--locale", "de_DE", "--timezone", "Europe/Berlin",
+                                "--packages", "curl,htop", "--mirror", "http://\(NetworkLab.internetAddress):8080/debian",
+                                "--firmware", "bios", "--accel", "tcg", "--memory", "1G", "--disk", "4G", "--nic", "nat")
         #expect(created.status == 0, "\(created.stderr)")
-        lab.start("di")
-        let vmmLog = { (try? String(contentsOf: lab.library.root.appendingPathComponent("di/vmm.log"), encoding: .utf8)) ?? "" }
-        #expect(vmmLog().contains("-netdev tap,id=net0,fd=5"), "\(vmmLog().prefix(2000))")
-        #expect(lab.library.waitFor(360) { !(lab.listedAddresses()["di"] ?? []).isEmpty },
-                "no lease: \(lab.library.consoleLog("di").suffix(1500))")
-        let address = lab.listedAddresses()["di"]?.first ?? ""
-        #expect(address.hasPrefix("192.168.122."), "\(address)")
-        let leases = (try? String(contentsOf: lab.library.root.appendingPathComponent("networks/default/leases"), encoding: .utf8)) ?? ""
-        #expect(leases.contains(" \(address) di "), "the lease carries the VM's name: \(leases)")
-        #expect(lab.vireo("stop", "di", "--force").status == 0)
+        #expect(created.stderr.contains("OS type debian-64, from the installer: Debian 12"), "\(created.stderr)")
+        #expect(created.stdout.contains("unattended install: Debian 12") && created.stdout.contains("user alice (sudo)"), "\(created.stdout)")
+        // The ISO is only read; the answers went into the VM's own copy of the initrd.
+        let directory = lab.library.root.appendingPathComponent("inst")
+        let initrd = try Data(contentsOf: directory.appendingPathComponent("install-initrd"))
+        let original = try Data(contentsOf: URL(fileURLWithPath: "/usr/lib/debian-installer/images/12/amd64/text/debian-installer/amd64/initrd.gz"))
+        #expect(initrd.starts(with: original) && initrd.count > original.count, "the preseed is appended to the installer's own initrd")
+
+        lab.start("inst")
+        let console = { lab.library.consoleLog("inst") }
+        // anna asking the mirror for its first component: every question before it was answered.
+        let reached = lab.library.waitFor(540) { server.stderr.contains("GET /debian/pool/") }
+        #expect(reached, "the installer never asked the mirror for a component; the mirror saw: \(server.stderr.suffix(1500)); console: \(console().suffix(3000))")
+        let requests = server.stderr
+        #expect(requests.contains("GET /debian/dists/bookworm/Release") || requests.contains("GET /debian/dists/bookworm/InRelease"), "\(requests.suffix(1500))")
+        #expect(requests.contains("GET /debian/dists/bookworm/main/debian-installer/binary-amd64/Packages"), "\(requests.suffix(1500))")
+        for step in ["localechooser", "netcfg", "choose-mirror", "download-installer"] {
+            #expect(console().contains("Menu item '\(step)' selected"), "step \(step) missing: \(console().suffix(3000))")
+        }
+        let info = lab.vireo("info", "inst")
+        #expect(info.stdout.contains("Unattended:") && info.stdout.contains("installing, step: Download installer components"), "\(info.stdout)")
+        #expect(!(lab.listedAddresses()["inst"] ?? []).isEmpty, "no lease on the nat card")
+
+        // The password is nowhere but (hashed) in the answers: not on QEMU's command line, not in a log.
+        let vmmLog = (try? String(contentsOf: directory.appendingPathComponent("vmm.log"), encoding: .utf8)) ?? ""
+        #expect(vmmLog.contains("auto=true priority=critical") && vmmLog.contains("-netdev tap,id=net0,fd="), "\(vmmLog.prefix(2000))")
+        let processes = Harness.run(["ps", "-eo", "args"]).stdout
+        let config = (try? String(contentsOf: directory.appendingPathComponent("config.json"), encoding: .utf8)) ?? ""
+        var hash = "missing"
+        if let found = config.range(of: "$y$") { hash = String(config[found.lowerBound...].prefix { $0 != "\"" }) }
+        #expect(hash.hasPrefix("$y$"), "the hash is kept, the password is not")
+        for text in [vmmLog, processes, console(), created.stdout + created.stderr, info.stdout] {
+            #expect(!text.contains(password) && !text.contains(hash))
+        }
+
+        #expect(lab.vireo("stop", "inst", "--force").status == 0)
         let links = lab.inHost(["ip", "-br", "link"]).stdout
         #expect(!links.contains("vt") && !links.contains("vireo-default"), "\(links)")
+        let stopped = lab.vireo("info", "inst")
+        #expect(stopped.stdout.contains("stopped before the installer finished (last step: Download installer components)"), "\(stopped.stdout)")
+
+        // The installer's end, as its late command writes it: the next start ejects the ISO, drops
+        // the answers and boots the disk.
+        let log = FileHandle(forWritingAtPath: directory.appendingPathComponent("console.log").path)
+        log?.seekToEndOfFile()
+        log?.write(Data("\nVIREO-UNATTENDED-INSTALL-FINISHED\n".utf8))
+        try? log?.close()
+        #expect(lab.vireo("info", "inst").stdout.contains("finished; the next start ejects the ISO"))
+        let again = lab.vireo("start", "inst")
+        #expect(again.status == 0 && again.stderr.contains("the unattended install finished on the last run"), "\(again.stderr)")
+        let after = (try? JSONSerialization.jsonObject(with: Data(lab.vireo("info", "inst", "--json").stdout.utf8))) as? [String: Any] ?? [:]
+        #expect(after["name"] as? String == "inst" && after["iso"] == nil && after["unattended"] == nil, "\(after)")
+        #expect(!FileManager.default.fileExists(atPath: directory.appendingPathComponent("install-initrd").path))
+        let restarted = (try? String(contentsOf: directory.appendingPathComponent("vmm.log"), encoding: .utf8)) ?? ""
+        let lastStart = restarted.components(separatedBy: "vireo: starting").last ?? ""
+        #expect(!lastStart.contains("-kernel") && lastStart.contains("id=cd0,media=cdrom,readonly=on -device"), "the disk boots, the drive is empty: \(lastStart.prefix(2000))")
+        #expect(lab.vireo("stop", "inst", "--force").status == 0)
     }
 
     /// A "guest" that is only a network namespace on a veth plugged into `bridge`: it can send

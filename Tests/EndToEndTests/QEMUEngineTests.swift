@@ -26,31 +26,37 @@ struct QEMUEngineTests {
         insmod all_video
         set timeout=90
         menuentry "Install Debian 12 (Vireo test)" {
-          linux /install/vmlinuz vga=788 --- quiet
-          initrd /install/initrd.gz
+          linux /install.amd/vmlinuz vga=788 --- quiet
+          initrd /install.amd/initrd.gz
         }
 
         """
 
+    /// What the ISO's `.disk/info` says, as Debian's own ISOs say it.
+    static let installerInfo = "Debian GNU/Linux 12 \"Bookworm\" - Vireo test amd64 NETBOOT\n"
+
     /// A hybrid BIOS/UEFI installer ISO made the way the issue says: the kernel and initrd of
-    /// Debian's debian-installer-12-netboot-amd64 with grub-mkrescue. Cached by package version.
+    /// Debian's debian-installer-12-netboot-amd64 with grub-mkrescue, laid out as Debian's ISOs
+    /// are (install.amd/, .disk/info), so unattended installs recognise it. Cached by package version.
     static let installerISO: Result<URL, HarnessError> = {
         let version = Harness.run(["dpkg-query", "-W", "-f=${Version}", "debian-installer-12-netboot-amd64"])
         guard version.status == 0 else {
             return .failure(HarnessError("debian-installer-12-netboot-amd64 is not installed: scripts/setup.sh installs it"))
         }
-        let key = String(fnv1a(Array((version.stdout + installerConfig).utf8)), radix: 16)
+        let key = String(fnv1a(Array((version.stdout + installerConfig + installerInfo).utf8)), radix: 16)
         let iso = cacheDirectory.appendingPathComponent("installer-\(key).iso")
         if FileManager.default.fileExists(atPath: iso.path) { return .success(iso) }
         do {
             let work = try Harness.temporaryDirectory()
             defer { try? FileManager.default.removeItem(at: work) }
             let tree = work.appendingPathComponent("tree")
-            try FileManager.default.createDirectory(at: tree.appendingPathComponent("install"), withIntermediateDirectories: true)
-            try FileManager.default.createDirectory(at: tree.appendingPathComponent("boot/grub"), withIntermediateDirectories: true)
+            for directory in ["install.amd", "boot/grub", ".disk"] {
+                try FileManager.default.createDirectory(at: tree.appendingPathComponent(directory), withIntermediateDirectories: true)
+            }
             let images = "/usr/lib/debian-installer/images/12/amd64/text/debian-installer/amd64"
-            try FileManager.default.copyItem(atPath: images + "/linux", toPath: tree.appendingPathComponent("install/vmlinuz").path)
-            try FileManager.default.copyItem(atPath: images + "/initrd.gz", toPath: tree.appendingPathComponent("install/initrd.gz").path)
+            try FileManager.default.copyItem(atPath: images + "/linux", toPath: tree.appendingPathComponent("install.amd/vmlinuz").path)
+            try FileManager.default.copyItem(atPath: images + "/initrd.gz", toPath: tree.appendingPathComponent("install.amd/initrd.gz").path)
+            try Data(installerInfo.utf8).write(to: tree.appendingPathComponent(".disk/info"))
             try Data(installerConfig.utf8).write(to: tree.appendingPathComponent("boot/grub/grub.cfg"))
             try FileManager.default.createDirectory(at: cacheDirectory, withIntermediateDirectories: true)
             let partial = iso.path + ".partial"

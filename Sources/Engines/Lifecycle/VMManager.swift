@@ -70,7 +70,15 @@ public struct VMManager: Sendable {
                               hint: state == .paused ? "resume it with `vireo resume \(name)`" : "see `vireo info \(name)`, or attach with `vireo console \(name)`")
         }
         guard lock.isCurrent else { throw .notFound(name: name, root: library.root) }
-        let definition = try bundle.loadRecordingChains()
+        var definition = try bundle.loadRecordingChains()
+        // An unattended install that finished on the last run (its installer printed the marker
+        // and powered off): the ISO comes out and the VM boots what it installed.
+        var finishedInstall = false
+        if definition.unattended != nil, !bundle.hasSavedState, incoming == nil,
+           UnattendedProgress.read(consoleLog: bundle.consoleLogPath).finished {
+            definition = try library.finishUnattended(bundle, definition)
+            finishedInstall = true
+        }
         // A definition from an older Vireo (or edited by hand) meets today's rules before it runs.
         try VMLibrary.validate(definition)
         if discardState, bundle.hasSavedState, unlink(bundle.savedStatePath) != 0 {
@@ -105,6 +113,9 @@ public struct VMManager: Sendable {
             // `virsh domtime --now` after a restore.
             if resuming, let agent = engine(definition.engine) as? any GuestAgentEngine, let warning = agent.synchroniseClock(vm) {
                 started.warnings.append(warning)
+            }
+            if finishedInstall {
+                started.warnings.append("the unattended install finished on the last run: the ISO is ejected and VM '\(name)' boots its installed system")
             }
             // Networks left up by VMs that powered themselves off since (no daemon saw them go).
             started.warnings += networks.releaseIdle()
@@ -387,6 +398,8 @@ public struct VMManager: Sendable {
         let vm = EngineVM(bundle: bundle, definition: definition)
         guard let drive = engine(definition.engine) as? any RemovableMediaEngine else { throw EngineRefusal.noCDROM(vm) }
         try drive.ejectMedium(vm)
+        // Without its disc the installer cannot go on: the install is abandoned.
+        definition = definition.withoutUnattended()
         definition.iso = nil
         try bundle.save(definition)
         return .ejectedRunning

@@ -112,6 +112,19 @@ public struct VMReport: Encodable, Sendable {
     /// The TPM 2.0's state directory (swtpm's), when the VM has one.
     public var tpmState: String?
     public var secureBoot: Bool
+    /// An unattended install not yet finished (docs/unattended.md).
+    public var unattended: Unattended?
+
+    public struct Unattended: Encodable, Sendable {
+        public var installer: String
+        /// installing (running), finished (the next start boots the system), interrupted (off
+        /// before the installer finished; the next start runs it again), not-started.
+        public var state: String
+        /// The installer's step, as its menu names it, read from the console log.
+        public var step: String?
+        /// The console's last lines when an install was interrupted.
+        public var lastLines: [String]?
+    }
 
     /// What the report was read from, for a front end that shows it in its own shape (the API's
     /// VM details); not part of `vireo info --json`.
@@ -123,7 +136,7 @@ public struct VMReport: Encodable, Sendable {
         case name, uuid, state, crashReason, osType, cpus, memoryBytes, kernel, initrd, commandLine, entropyDevice, createdAt
         case acpi, onReboot, generationId, cpuModel, engine, firmware, iso, accelerator, runningAccelerator, diskBus, displaySocket
         case image, cloudInitUser, hostname, directory, configPath, consoleLog, vmmLog, controlSocket, disks, networks
-        case vsockCid, vsockSocket, savedState, snapshots, currentSnapshot, process, counters, resources, isolation, memoryBacking, shares, tpmState, secureBoot
+        case vsockCid, vsockSocket, savedState, snapshots, currentSnapshot, process, counters, resources, isolation, memoryBacking, shares, tpmState, secureBoot, unattended
     }
 }
 
@@ -224,8 +237,18 @@ extension VMManager {
             isolation: Self.isolation(of: bundle, definition: definition, state: status.state),
             memoryBacking: definition.memoryBacking, shares: definition.shares,
             tpmState: definition.tpm ? QEMUTPM.stateDirectory(bundle) : nil, secureBoot: definition.secureBoot,
+            unattended: definition.unattended.map { Self.unattendedReport($0, bundle: bundle, state: status.state) },
             definition: definition, snapshotTree: tree,
             overview: overview(of: name, networks: networks, load: { _ throws(LibraryError) in definition }))
+    }
+
+    /// How far the install is, from the console log (the installer's syslog streams there).
+    static func unattendedReport(_ install: UnattendedInstall, bundle: VMBundle, state: VMState) -> VMReport.Unattended {
+        let ran = HostFiles.size(bundle.consoleLogPath) > 0
+        let progress = UnattendedProgress.read(consoleLog: bundle.consoleLogPath)
+        let phase = progress.finished ? "finished" : !state.isOff ? "installing" : ran ? "interrupted" : "not-started"
+        return VMReport.Unattended(installer: install.installer.summary, state: phase, step: progress.step,
+                                   lastLines: phase == "interrupted" ? progress.lastLines : nil)
     }
 
     /// What the VMM reported confines it, and what the kernel says of its process.

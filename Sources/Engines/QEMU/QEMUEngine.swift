@@ -109,16 +109,17 @@ public struct QEMUEngine: DisplayEngine, RemovableMediaEngine, StateTransferEngi
                           "-drive", "if=pflash,format=raw,unit=1,file=\(quoted(files.name(bundle.resolve(definition.nvram ?? "nvram.fd"))))"
                             + (files.usesDescriptors ? ",file.locking=off" : "")]
         }
-        if let kernel = definition.kernel {
-            arguments += ["-kernel", bundle.resolve(kernel), "-append", definition.commandLine]
-            if let initrd = definition.initrd { arguments += ["-initrd", bundle.resolve(initrd)] }
+        if let boot = definition.directBoot {
+            arguments += ["-kernel", bundle.resolve(boot.kernel), "-append", boot.commandLine]
+            if let initrd = boot.initrd { arguments += ["-initrd", bundle.resolve(initrd)] }
         }
         // The CD-ROM drive is always there for firmware VMs, so an ISO can be ejected and the
-        // drive stays; it boots first while it holds a disc.
+        // drive stays; it boots first while it holds a disc (not during an unattended install,
+        // whose installer kernel boots directly and reads the disc as a drive).
         if definition.firmware != nil {
             var drive = "if=none,id=cd0,media=cdrom,readonly=on"
             if let iso = definition.iso { drive += ",file=\(quoted(files.name(iso))),format=raw" + (files.usesDescriptors ? ",file.locking=off" : "") }
-            arguments += ["-drive", drive, "-device", "ide-cd,drive=cd0,bus=ide.0,id=cdrom0" + (definition.iso != nil ? ",bootindex=0" : "")]
+            arguments += ["-drive", drive, "-device", "ide-cd,drive=cd0,bus=ide.0,id=cdrom0" + (definition.iso != nil && definition.unattended == nil ? ",bootindex=0" : "")]
         }
         for (index, disk) in definition.disks.enumerated() {
             // The whole chain spelled out, each layer in the format the definition records: QEMU

@@ -103,7 +103,7 @@ struct QEMUJail {
             }
             Glibc.close(console)
             var paths: [(String, Bool, Bool)] = [(bundle.directory, true, false)]
-            for file in [definition.kernel, definition.initrd].compactMap({ $0 }).map(bundle.resolve) {
+            for file in [definition.directBoot?.kernel, definition.directBoot?.initrd].compactMap({ $0 }).map(bundle.resolve) {
                 if let inside = HostPath.inside(file, bundle.directory) {
                     guard chown(inside, 0, identity.gid) == 0, chmod(inside, 0o640) == 0 else {
                         throw .io(operation: "give the VM's gid \(identity.gid) read access", path: inside, errno: errno)

@@ -57,6 +57,18 @@ public struct CloudInitSettings: Codable, Sendable, Equatable {
         }
     }
 
+    /// The guest's host name: the one given (checked), else the VM's name as one.
+    public static func hostname(given: String?, vmName: String) throws(LibraryError) -> String {
+        if let given {
+            try validate(hostname: given)
+            return given
+        }
+        guard let derived = hostname(forVM: vmName) else {
+            throw .invalidValue(field: "hostname", reason: "the VM's name '\(vmName)' is not a host name; give one with --hostname")
+        }
+        return derived
+    }
+
     /// The VM's name as a host name: '_' and '.' become '-'; nil when even that is not one.
     public static func hostname(forVM name: String) -> String? {
         var candidate = String(name.map { $0 == "_" || $0 == "." ? "-" : $0 })
@@ -221,6 +233,13 @@ public enum CloudInitSeed {
     /// names), or xorriso's mkisofs emulation where genisoimage is missing. genisoimage first:
     /// it takes ~10 ms where xorriso takes ~100, most of a `vireo create --image`.
     public static func write(_ settings: CloudInitSettings, macs: [String], to path: String) throws(LibraryError) {
+        try writeVolume([("user-data", userData(settings)), ("meta-data", metaData(settings)), ("network-config", networkConfig(macs: macs))],
+                        to: path)
+    }
+
+    /// A `cidata` volume holding `files` (name, text), as cloud-init's NoCloud source (and
+    /// Subiquity's autoinstall) find it.
+    public static func writeVolume(_ files: [(String, String)], to path: String) throws(LibraryError) {
         let tool: (path: String, leading: [String])
         if let genisoimage = HostTools.find("genisoimage") {
             tool = (genisoimage, [])
@@ -233,13 +252,11 @@ public enum CloudInitSeed {
         try? HostFiles.removeTree(staging)
         try HostFiles.makeDirectory(staging)
         defer { try? HostFiles.removeTree(staging) }
-        try HostFiles.writeAtomically(Array(userData(settings).utf8), to: staging + "/user-data")
-        try HostFiles.writeAtomically(Array(metaData(settings).utf8), to: staging + "/meta-data")
-        try HostFiles.writeAtomically(Array(networkConfig(macs: macs).utf8), to: staging + "/network-config")
+        for (name, text) in files { try HostFiles.writeAtomically(Array(text.utf8), to: staging + "/" + name) }
         let temporary = path + ".new"
         unlink(temporary)
-        let (status, output) = HostCommand.run(tool.path, tool.leading + ["-quiet", "-output", temporary, "-volid", "cidata", "-joliet", "-rock",
-                                                                       staging + "/user-data", staging + "/meta-data", staging + "/network-config"])
+        let (status, output) = HostCommand.run(tool.path, tool.leading + ["-quiet", "-output", temporary, "-volid", "cidata", "-joliet", "-rock"]
+                                                                       + files.map { staging + "/" + $0.0 })
         guard status == 0, HostFiles.exists(temporary) else {
             unlink(temporary)
             throw .io(operation: "\(HostFiles.lastComponent(of: tool.path)) (make the cloud-init seed, status \(status): \(output.suffix(400)))", path: temporary, errno: EIO)

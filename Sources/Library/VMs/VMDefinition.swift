@@ -80,6 +80,17 @@ public struct VMDefinition: Codable, Sendable, Equatable {
     /// The program that made the VM and manages its life (the containerd shim: `containerd`),
     /// shown by `vireo list` and `info`; nil for VMs people made.
     public var managedBy: String?
+    /// An unattended install in progress (docs/unattended.md): until it finishes, the VM boots
+    /// the installer's kernel with its answers instead of its disk.
+    public var unattended: UnattendedInstall?
+
+    /// The kernel a start boots directly, if any: an unfinished unattended install's installer,
+    /// else the VM's own (`--kernel`). Both engines and the jail ask here.
+    public var directBoot: (kernel: String, initrd: String?, commandLine: String)? {
+        if let unattended { return (unattended.kernel, unattended.initrd, unattended.commandLine) }
+        if let kernel { return (kernel, initrd, commandLine) }
+        return nil
+    }
 
     /// A fresh 128-bit generation ID.
     public static func newGenerationID() -> String {
@@ -114,7 +125,7 @@ public struct VMDefinition: Codable, Sendable, Equatable {
     enum CodingKeys: String, CodingKey {
         case version, uuid, name, osType, engine, cpus, memoryBytes, kernel, initrd, commandLine, disks, networks
         case vsockCID, balloon, entropyDevice, createdAt, acpi, onReboot, generationID, cpuModel
-        case firmware, nvram, iso, accelerator, diskBus, image, cloudInit, resources, memoryBacking, shares, tpm, secureBoot, managedBy
+        case firmware, nvram, iso, accelerator, diskBus, image, cloudInit, resources, memoryBacking, shares, tpm, secureBoot, managedBy, unattended
     }
 
     /// Fields added after version 1 was first written are optional in the file, with the values
@@ -154,6 +165,7 @@ public struct VMDefinition: Codable, Sendable, Equatable {
         tpm = try container.decodeIfPresent(Bool.self, forKey: .tpm) ?? false
         secureBoot = try container.decodeIfPresent(Bool.self, forKey: .secureBoot) ?? false
         managedBy = try container.decodeIfPresent(String.self, forKey: .managedBy)
+        unattended = try container.decodeIfPresent(UnattendedInstall.self, forKey: .unattended)
     }
 }
 

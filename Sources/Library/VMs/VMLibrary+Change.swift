@@ -38,7 +38,7 @@ extension VMLibrary {
         if let initrd = request.initrd { try Self.validateReadable(initrd, field: "initrd") }
         if let type = request.osType { _ = try OSType.named(type) }
         let medium = try request.iso.flatMap { $0 }.map { (path) throws(LibraryError) in try InstallMedium.inspect(path) }
-        return try update(name, action: "change \(fields.joined(separator: ", ")) of") { (definition, bundle) throws(LibraryError) in
+        let changed = try update(name, action: "change \(fields.joined(separator: ", ")) of") { (definition, bundle) throws(LibraryError) in
             var changed = definition
             if let cpus = request.cpus { changed.cpus = cpus }
             if let memory = request.memoryBytes { changed.memoryBytes = memory }
@@ -70,7 +70,11 @@ extension VMLibrary {
                     changed.firmware = try OSType.named(changed.osType).firmware
                 }
             }
-            if let iso = request.iso { changed.iso = iso == nil ? nil : medium?.path }
+            if let iso = request.iso {
+                // A different disc (or none) ends an unattended install: its answers were for this one.
+                if changed.unattended != nil, (iso == nil ? nil : medium?.path) != changed.iso { changed = changed.withoutUnattended() }
+                changed.iso = iso == nil ? nil : medium?.path
+            }
             if let firmware = request.firmware { changed.firmware = firmware }
             if let accelerator = request.accelerator { changed.accelerator = accelerator }
             changed.resources = request.applyingResources(to: changed.resources)
@@ -97,6 +101,9 @@ extension VMLibrary {
             }
             definition = changed
         }
+        // An unattended install given up (its disc changed): its answers hold the password's hash.
+        if changed.unattended == nil, let bundle = try? bundle(named: name) { Self.removeInstallerFiles(bundle) }
+        return changed
     }
 
     /// Replaces the VM's kernel (or initrd) with a copy of `source`, atomically.

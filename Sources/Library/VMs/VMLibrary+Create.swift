@@ -23,6 +23,7 @@ extension VMLibrary {
             }
         }
         let medium = try request.iso.map { (path) throws(LibraryError) in try InstallMedium.inspect(path) }
+        let installer = try Self.checkUnattendedRequest(request)
         let images = ImageStore(libraryRoot: root)
         let image = try request.image.map { (name) throws(LibraryError) in try images.load(name) }
         let engine = try Self.chooseEngine(request, image: image)
@@ -31,6 +32,9 @@ extension VMLibrary {
             type = try OSType.named(identifier)
         } else if let image {
             type = try OSType.named(image.osType)
+        } else if let installer {
+            type = try OSType.named(installer.osType)
+            notes.append("OS type \(type.identifier), from the installer: \(installer.summary)")
         } else if let medium {
             let guessed = OSType.guess(fromVolumeLabel: medium.volumeLabel)
             type = try OSType.named(guessed?.identifier ?? "other")
@@ -119,11 +123,19 @@ extension VMLibrary {
                 cloudInit = try makeCloudInit(request.cloudInit, vmName: request.name, instanceID: definition.uuid)
             }
         }
+        if let installer, let wanted = request.unattended {
+            let settings = try makeUnattendedSettings(wanted, vmName: request.name, installer: installer)
+            definition.unattended = UnattendedInstall(installer: installer, settings: settings, kernel: UnattendedInstall.kernelFile,
+                                                      initrd: UnattendedInstall.initrdFile,
+                                                      commandLine: UnattendedAnswers.commandLine(installer, settings: settings),
+                                                      seed: installer.family == .ubuntu ? UnattendedInstall.seedFile : nil)
+        }
         // Every rule, checked on what would be saved (the disks as they will be).
         var planned = definition
         if request.kernel != nil { planned.kernel = "kernel" }
         if let attached { planned.disks = [attached] } else if !request.withoutDisk { planned.disks = [DiskAttachment(path: "disk0.qcow2", format: .qcow2)] }
         if cloudInit != nil { planned.disks.append(DiskAttachment(path: CloudInitSeed.fileName, format: .raw, readOnly: true, serial: CloudInitSeed.serial)) }
+        if let seed = definition.unattended?.seed { planned.disks.append(UnattendedInstall.seedDisk(seed)) }
         try Self.validate(planned)
         try checkNetworks(planned, previous: nil)
 
@@ -222,6 +234,10 @@ extension VMLibrary {
                 try Self.createDisk(bundle.resolve("disk0.qcow2"), size: size)
                 definition.disks.append(DiskAttachment(path: "disk0.qcow2", format: .qcow2))
             }
+            if let unattended = definition.unattended {
+                try writeInstaller(unattended, definition: definition, into: bundle)
+                if let seed = unattended.seed { definition.disks.append(UnattendedInstall.seedDisk(seed)) }
+            }
             try bundle.save(definition)
             try HostFiles.renameNoReplace(staging, final)
         } catch {
@@ -249,16 +265,7 @@ extension VMLibrary {
         try CloudInitSettings.validate(user: user)
         var keys: [String] = []
         for file in request.keyFiles { keys += try SSHPublicKey.read(file: file) }
-        let hostname: String
-        if let given = request.hostname {
-            try CloudInitSettings.validate(hostname: given)
-            hostname = given
-        } else {
-            guard let derived = CloudInitSettings.hostname(forVM: vmName) else {
-                throw .invalidValue(field: "hostname", reason: "the VM's name '\(vmName)' is not a host name; give one with --hostname")
-            }
-            hostname = derived
-        }
+        let hostname = try CloudInitSettings.hostname(given: request.hostname, vmName: vmName)
         let hash = try request.password.map { (password) throws(LibraryError) in try CloudInitSettings.hashPassword(password) }
         let libraryKey = try LibrarySSHKey(libraryRoot: root).ensure()
         keys = [libraryKey] + keys.filter { $0 != libraryKey }

@@ -41,6 +41,7 @@ extension VMLibrary {
         for (field, path) in [("kernel", definition.kernel), ("initrd", definition.initrd), ("nvram", definition.nvram)] {
             if let path { try validate(path: path, field: field) }
         }
+        if let unattended = definition.unattended { try validate(unattended: unattended, definition: definition) }
         switch definition.engine {
         case .kvm:
             if definition.iso != nil {
@@ -74,6 +75,37 @@ extension VMLibrary {
             guard definition.disks.count <= limit else {
                 throw .invalidValue(field: "disks", reason: "\(definition.disks.count) disks is more than the \(limit) a qemu VM with \(definition.diskBus.rawValue) disks takes")
             }
+        }
+    }
+
+    /// An unattended install: its files are the VM's own (fixed names in its directory), the
+    /// installer boots from the qemu engine's CD drive with firmware, and its settings meet the
+    /// rules they met at create (a hand-edited definition is checked as a new one would be).
+    static func validate(unattended: UnattendedInstall, definition: VMDefinition) throws(LibraryError) {
+        guard definition.engine == .qemu, definition.firmware != nil, definition.iso != nil else {
+            throw .invalidValue(field: "unattended", reason: "an unattended install runs on the qemu engine with firmware and its installer ISO in the drive; `vireo set \(definition.name) --unattended none` drops it")
+        }
+        guard unattended.kernel == UnattendedInstall.kernelFile, unattended.initrd == UnattendedInstall.initrdFile,
+              unattended.seed == nil || unattended.seed == UnattendedInstall.seedFile else {
+            throw .invalidValue(field: "unattended", reason: "the installer's files must be the VM's own \(UnattendedInstall.kernelFile), \(UnattendedInstall.initrdFile) and \(UnattendedInstall.seedFile)")
+        }
+        if definition.secureBoot {
+            throw .invalidValue(field: "secure_boot", reason: "an unattended install boots the installer's kernel directly, which no key enrolled for Secure Boot signs; install first, then `vireo set \(definition.name) --secure-boot`")
+        }
+        do throws(MachineSpecError) { try MachineRules.commandLine(unattended.commandLine) } catch { throw LibraryError(error) }
+        let settings = unattended.settings
+        try CloudInitSettings.validate(user: settings.user)
+        try CloudInitSettings.validate(hostname: settings.hostname)
+        try UnattendedSettings.validate(locale: settings.locale)
+        try UnattendedSettings.validate(timezone: settings.timezone)
+        try UnattendedSettings.validate(packages: settings.packages)
+        if let name = settings.fullName { try UnattendedSettings.validateLine(name, field: "full_name", limit: 100, forbidden: [":", ","]) }
+        if let command = settings.postInstallCommand { try UnattendedSettings.validateLine(command, field: "post_install_command", limit: 4096) }
+        if let mirror = settings.mirror { try UnattendedSettings.validate(mirror: mirror) }
+        try UnattendedSettings.validateLine(settings.passwordHash, field: "password", limit: 256)
+        for (index, key) in settings.authorizedKeys.enumerated() {
+            try SSHPublicKey.validate(key, where: "key \(index + 1)", field: "ssh_key_files")
+            try UnattendedSettings.validateLine(key, field: "ssh_key_files", limit: 16384, forbidden: ["'"])
         }
     }
 

@@ -55,8 +55,29 @@ public struct CreateRequest: Sendable {
     public var managedBy: String?
     /// With a cloud-init image: the user, keys, password and host name of its NoCloud seed.
     public var cloudInit = CloudInitRequest()
+    /// `--unattended` (with `iso`): install the OS without questions (docs/unattended.md).
+    public var unattended: UnattendedRequest?
 
     public init(name: String) { self.name = name }
+}
+
+/// `vireo create --iso FILE --unattended` options; nil: the defaults.
+public struct UnattendedRequest: Sendable {
+    /// nil: the family's usual first user (debian, ubuntu).
+    public var user: String?
+    /// In clear only until it is hashed at create.
+    public var password: String
+    public var fullName: String?
+    public var hostname: String?
+    public var locale: String?
+    public var timezone: String?
+    public var packages: [String] = []
+    public var postInstallCommand: String?
+    public var keyFiles: [String] = []
+    /// nil: the default mirror where the ISO has no packages; "none": the disc alone.
+    public var mirror: String?
+
+    public init(password: String) { self.password = password }
 }
 
 /// `vireo create --image` options for cloud-init; nil or empty: the defaults.
