@@ -185,9 +185,22 @@ public enum Fuzz {
     /// what `vireo create --iso` reads of an installer before anything boots it.
     public static func iso9660(_ data: UnsafeRawBufferPointer) { _ = iso9660Outcome(data) }
 
+    /// Past the descriptors, the directory tree as an unattended install reads it (its root's
+    /// entries, the installer's kernel and `.disk/info` looked up, the installer detected).
     public static func iso9660Outcome(_ data: UnsafeRawBufferPointer) -> Outcome {
-        let accepted = withScratchFile(data, suffix: ".iso") { path in (try? InstallMedium.inspect(path)) != nil } ?? false
-        return Outcome(accepted: accepted, operations: accepted ? 1 : 0)
+        let steps = withScratchFile(data, suffix: ".iso") { path -> Int in
+            guard (try? InstallMedium.inspect(path)) != nil else { return 0 }
+            var steps = 1
+            guard let image = try? ISO9660Image(path: path) else { return steps }
+            defer { image.close() }
+            if (try? image.entries(of: image.rootEntry)) != nil { steps += 1 }
+            for file in ["/install.amd/vmlinuz", "/.disk/info", "/casper/initrd"] {
+                if let entry = (try? image.lookup(file)) ?? nil, !entry.isDirectory, (try? image.read(entry, limit: 1 << 16)) != nil { steps += 1 }
+            }
+            if (try? DetectedInstaller.detect(iso: path)) != nil { steps += 1 }
+            return steps
+        } ?? 0
+        return Outcome(accepted: steps > 0, operations: steps)
     }
 
     /// The input is an image archive's manifest.json: decoded and checked as an import does.
@@ -279,9 +292,39 @@ public enum Fuzz {
                 image[base + 6] = 1
                 image.replaceSubrange(base + offset..<base + offset + body.count, with: body)
             }
-            descriptor(16, type: 1, Array("VIREO SEED".utf8), at: 40)
+            // A directory record: length, extent and size (both byte orders), flags, name.
+            func record(_ name: [UInt8], sector: UInt32, size: UInt32, directory: Bool) -> [UInt8] {
+                let length = 33 + name.count + (name.count % 2 == 0 ? 1 : 0)
+                var bytes = [UInt8](repeating: 0, count: length)
+                bytes[0] = UInt8(length)
+                for (offset, value) in [(2, sector), (10, size)] {
+                    for index in 0..<4 {
+                        bytes[offset + index] = UInt8(value >> (8 * UInt32(index)) & 0xff)
+                        bytes[offset + 7 - index] = UInt8(value >> (8 * UInt32(index)) & 0xff)
+                    }
+                }
+                bytes[25] = directory ? 2 : 0
+                bytes[32] = UInt8(name.count)
+                bytes.replaceSubrange(33..<(33 + name.count), with: name)
+                return bytes
+            }
+            descriptor(16, type: 1, Array("Debian 12 VIREO SEED".utf8) + [UInt8](repeating: 0x20, count: 12), at: 40)
+            descriptor(16, type: 1, record([0], sector: 19, size: 2048, directory: true), at: 156)
             descriptor(17, type: 0, Array("EL TORITO SPECIFICATION".utf8), at: 7)
             descriptor(18, type: 255, [], at: 7)
+            // The root (sector 19), install.amd/ (20) with vmlinuz (21) and initrd.gz (22).
+            image += [UInt8](repeating: 0, count: 4 * 2048)
+            func directory(_ sector: Int, _ records: [[UInt8]]) {
+                let bytes = records.flatMap { $0 }
+                image.replaceSubrange(sector * 2048..<(sector * 2048 + bytes.count), with: bytes)
+            }
+            directory(19, [record([0], sector: 19, size: 2048, directory: true), record([1], sector: 19, size: 2048, directory: true),
+                           record(Array("INSTALL.AMD".utf8), sector: 20, size: 2048, directory: true)])
+            directory(20, [record([0], sector: 20, size: 2048, directory: true), record([1], sector: 19, size: 2048, directory: true),
+                           record(Array("VMLINUZ.;1".utf8), sector: 21, size: 6, directory: false),
+                           record(Array("INITRD.GZ;1".utf8), sector: 22, size: 6, directory: false)])
+            image.replaceSubrange(21 * 2048..<(21 * 2048 + 6), with: Array("kernel".utf8))
+            image.replaceSubrange(22 * 2048..<(22 * 2048 + 6), with: Array("initrd".utf8))
             return [image]
         case "manifest":
             return [Array(#"{"version":1,"name":"debian-12","description":"d","origin":"build","osType":"debian-64","createdAt":0,"disk":"disk.qcow2","virtualSize":1073741824,"kernel":"vmlinuz","initrd":"initrd.img","commandLine":"root=UUID=x ro","cloudInit":true,"packages":[{"name":"a","version":"1"}],"files":[{"path":"disk.qcow2","size":1,"sha256":"00"},{"path":"vmlinuz","size":1,"sha256":"00"},{"path":"initrd.img","size":1,"sha256":"00"}]}"#.utf8)]

@@ -60,6 +60,9 @@ public struct ISO9660Image {
 
     public func close() { Glibc.close(fd) }
 
+    /// The root directory, as the primary volume descriptor records it.
+    public var rootEntry: Entry { root }
+
     /// A directory record at `offset` of `bytes`: its entry and its length, nil when it is
     /// malformed (too short, running past the buffer). The name is Rock Ridge's when given.
     static func record(_ bytes: [UInt8], at offset: Int) -> (entry: Entry, length: Int)? {
