@@ -1,4 +1,5 @@
 import CHostSupport
+import Synchronization
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -87,5 +88,37 @@ public enum HostCommand {
         var now = timespec()
         clock_gettime(CLOCK_MONOTONIC, &now)
         return Double(now.tv_sec) + Double(now.tv_nsec) / 1e9
+    }
+}
+
+/// The children a VM's start leaves running and nobody waits for: QEMU, swtpm, vireo-vmm. A
+/// short `vireo start` exits and init inherits them; a long-lived `vireo serve` would keep every
+/// one that ended as a zombie until it exits itself. Their pids are kept here and `reap()` waits
+/// for exactly those pids, never for any child (-1), which would steal the waits of
+/// HostCommand.run and the engines' own start-up checks.
+public enum DetachedChildren {
+    private static let pids = Mutex<Set<pid_t>>([])
+
+    public static func adopt(_ pid: pid_t) {
+        guard pid > 0 else { return }
+        pids.withLock { _ = $0.insert(pid) }
+    }
+
+    /// Reaps the adopted children that have ended; returns how many.
+    @discardableResult
+    public static func reap() -> Int {
+        pids.withLock { set in
+            var reaped = 0
+            for pid in set {
+                var status: Int32 = 0
+                let result = waitpid(pid, &status, WNOHANG)
+                // ECHILD: not (or no longer) this process's child; someone else waited.
+                if result == pid || (result < 0 && errno == ECHILD) {
+                    set.remove(pid)
+                    reaped += 1
+                }
+            }
+            return reaped
+        }
     }
 }

@@ -202,6 +202,15 @@ public struct APIServer: Sendable {
                                             },
                                             logger: Self.logger))
         }
+        // The QEMU, swtpm and vireo-vmm processes this server's starts left running are reaped
+        // when they end (DetachedChildren), not kept as zombies for the server's life.
+        let reaper = Task.detached {
+            while !Task.isCancelled {
+                try? await Task.sleep(for: .seconds(1))
+                DetachedChildren.reap()
+            }
+        }
+        defer { reaper.cancel() }
         try await withThrowingTaskGroup(of: Void.self) { group in
             for application in applications {
                 group.addTask { try await application.runService(gracefulShutdownSignals: [.sigterm, .sigint]) }

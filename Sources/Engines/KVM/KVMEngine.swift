@@ -176,6 +176,7 @@ public struct KVMEngine: MigratingEngine {
             var record = IsolationRecord(parsing: answer) ?? IsolationRecord()
             record.disabled = disabled
             try? HostFiles.writeAtomically(Array((record.line + "\n").utf8), to: bundle.isolationPath)
+            DetachedChildren.adopt(pid)
             return StartedVM(pid: pid)
         }
         var status: Int32 = 0
