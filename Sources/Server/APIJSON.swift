@@ -143,7 +143,7 @@ public enum APIBodyInspection {
     /// How many of the bodies decoded and converted.
     public static func decodeEveryBody(_ bytes: [UInt8]) -> Int {
         var decoded = 0
-        if let body = try? APIJSON.decode(APIServer.CreateBody.self, bytes: bytes, allowed: APIServer.CreateBody.keys) {
+        if let body = try? APIJSON.decode(APIServer.CreateBody.self, bytes: bytes, allowed: APIServer.CreateBody.keys, nested: APIServer.CreateBody.nested) {
             decoded += 1
             if (try? body.request()) != nil { decoded += 1 }
         }

@@ -109,8 +109,44 @@ extension APIServer {
         var shares: [String]?
         var tpm: Bool?
         var secureBoot: Bool?
+        var hyperV: Bool?
+        /// With `iso`: install without questions (docs/unattended.md).
+        var unattended: UnattendedBody?
 
-        static let keys: Set<String> = ["name", "os_type", "cpus", "memory_bytes", "disk_bytes", "attach_disk", "attach_disk_format", "without_disk", "kernel",
+        struct UnattendedBody: Decodable {
+            var user: String?
+            var password: String
+            var fullName: String?
+            var hostname: String?
+            var locale: String?
+            var timezone: String?
+            var packages: [String]?
+            var postInstallCommand: String?
+            var sshKeyFiles: [String]?
+            /// A URL, or "none" for the disc alone.
+            var mirror: String?
+
+            static let keys: Set<String> = ["user", "password", "full_name", "hostname", "locale", "timezone", "packages", "post_install_command",
+                                            "ssh_key_files", "mirror"]
+
+            var request: UnattendedRequest {
+                var request = UnattendedRequest(password: password)
+                request.user = user
+                request.fullName = fullName
+                request.hostname = hostname
+                request.locale = locale
+                request.timezone = timezone
+                request.packages = packages ?? []
+                request.postInstallCommand = postInstallCommand
+                request.keyFiles = sshKeyFiles ?? []
+                request.mirror = mirror
+                return request
+            }
+        }
+
+        static let nested: [String: Set<String>] = ["unattended": UnattendedBody.keys]
+
+        static let keys: Set<String> = ["unattended", "hyper_v", "name", "os_type", "cpus", "memory_bytes", "disk_bytes", "attach_disk", "attach_disk_format", "without_disk", "kernel",
                                         "initrd", "command_line", "nics", "forwards", "vsock_cid", "balloon", "entropy_device", "acpi",
                                         "on_reboot", "cpu_model", "engine", "iso", "firmware", "accelerator", "image", "full_copy",
                                         "ssh_key_files", "user", "hostname", "password", "cpu_cap_percent", "cpu_weight",
@@ -150,8 +186,10 @@ extension APIServer {
             request.resources.memoryLimitBytes = memoryLimitBytes
             request.resources.pidsLimit = pidsLimit
             request.shares = try (shares ?? []).map(SharedFolder.parse)
-            request.tpm = tpm ?? false
-            request.secureBoot = secureBoot ?? false
+            request.tpm = tpm
+            request.secureBoot = secureBoot
+            request.hyperV = hyperV
+            request.unattended = unattended?.request
             return request
         }
     }
@@ -190,13 +228,13 @@ extension APIServer {
                                         "acpi", "on_reboot", "cpu_model", "engine", "iso", "firmware", "accelerator", "nics", "forwards",
                                         "vsock_cid", "cpu_cap_percent", "cpu_weight", "memory_limit_bytes", "pids_limit",
                                         "vcpu_pins", "emulator_cpus", "rt_priority", "io_limits", "memory_backing", "preallocate",
-                                        "ksm", "lock_memory", "transparent_huge_pages", "numa_node", "tpm", "secure_boot"]
+                                        "ksm", "lock_memory", "transparent_huge_pages", "numa_node", "tpm", "secure_boot", "hyper_v"]
         static let nested: [String: Set<String>] = ["io_limits": ["read_bytes_per_second", "write_bytes_per_second", "read_iops", "write_iops"]]
 
         enum Keys: String, CodingKey {
             case cpus, memoryBytes, commandLine, osType, kernel, initrd, entropyDevice, balloon, acpi, onReboot, cpuModel, engine, iso
             case firmware, accelerator, nics, forwards, vsockCid, cpuCapPercent, cpuWeight, memoryLimitBytes, pidsLimit
-            case vcpuPins, emulatorCpus, rtPriority, ioLimits, memoryBacking, preallocate, ksm, lockMemory, transparentHugePages, numaNode, tpm, secureBoot
+            case vcpuPins, emulatorCpus, rtPriority, ioLimits, memoryBacking, preallocate, ksm, lockMemory, transparentHugePages, numaNode, tpm, secureBoot, hyperV
         }
 
         /// `io_limits` as an object: bytes and operations per second, each optional.
@@ -242,7 +280,7 @@ extension APIServer {
             // Switches: absent leaves them, null is refused. Limits: absent leaves them, null removes.
             let switches: [(Keys, WritableKeyPath<ChangeRequest, Bool?>)] = [
                 (.entropyDevice, \.entropyDevice), (.balloon, \.balloon), (.acpi, \.acpi), (.preallocate, \.preallocate),
-                (.ksm, \.mergeable), (.lockMemory, \.lockMemory), (.transparentHugePages, \.transparentHugePages), (.tpm, \.tpm), (.secureBoot, \.secureBoot)]
+                (.ksm, \.mergeable), (.lockMemory, \.lockMemory), (.transparentHugePages, \.transparentHugePages), (.tpm, \.tpm), (.secureBoot, \.secureBoot), (.hyperV, \.hyperV)]
             for (key, path) in switches { request[keyPath: path] = try required(key) }
             let limits: [(Keys, WritableKeyPath<ChangeRequest, Int??>)] = [
                 (.cpuCapPercent, \.cpuCapPercent), (.cpuWeight, \.cpuWeight), (.pidsLimit, \.pidsLimit),
@@ -294,7 +332,7 @@ extension APIServer {
             return Response(status: .ok, headers: [.contentType: "application/json"], body: .init(byteBuffer: ByteBuffer(string: text)))
         }
         api.post("vms") { request, _ in
-            let body = try await APIJSON.decode(CreateBody.self, from: request, allowed: CreateBody.keys)
+            let body = try await APIJSON.decode(CreateBody.self, from: request, allowed: CreateBody.keys, nested: CreateBody.nested)
             for (field, path) in [("kernel", body.kernel), ("initrd", body.initrd), ("iso", body.iso)] {
                 if let path { try self.paths.check(path, field: field) }
             }

@@ -69,7 +69,8 @@ struct WebManagerTests {
         let python = try Self.tool("/usr/bin/python3", "install python3")
         _ = try Self.tool("/usr/bin/chromedriver", "scripts/setup.sh installs chromium and chromium-driver")
         let library = try TestLibrary()
-        let served = try Served(library)
+        // The installer ISO the wizard's unattended step names lives in the test cache.
+        let served = try Served(library, extra: ["--allow-path", QEMUEngineTests.cacheDirectory.path])
         // A qemu-engine VM under TCG whose CD boots a four-byte loop (cli; hlt; jmp back) that
         // leaves SeaBIOS's text on the screen.
         let media = try Harness.temporaryDirectory()
@@ -89,15 +90,22 @@ struct WebManagerTests {
             ?? Harness.packageRoot.appendingPathComponent(".build/test-artifacts/web-ui").path
         try? FileManager.default.removeItem(atPath: artifacts)
         let result = Harness.run([python, Harness.packageRoot.appendingPathComponent("Tests/web/manager_ui.py").path,
-                                  served.url, try Harness.probe("pvh"), artifacts, "gfx"], timeout: 400)
+                                  served.url, try Harness.probe("pvh"), artifacts, "gfx", try QEMUEngineTests.installerISO.get().path], timeout: 400)
         print("manager UI screenshots: \(artifacts)")
         #expect(result.status == 0, "\(result.stdout.suffix(3000)) \(result.stderr.suffix(3000))")
         #expect(result.stdout.contains("every step passed"))
         let shots = (try? FileManager.default.contentsOfDirectory(atPath: artifacts)) ?? []
-        for step in ["wizard", "console", "paused", "charts", "deleted", "display"] {
+        for step in ["wizard", "console", "paused", "charts", "deleted", "display", "wizard-unattended"] {
             #expect(shots.contains { $0.hasSuffix("-\(step).png") }, "no screenshot of \(step): \(shots)")
         }
         #expect(library.state("ui-vm") == nil, "the VM the browser deleted is still listed")
+        // The wizard's unattended install: the answers reached the library, the password as its hash only.
+        let install = try served.api.request("GET", "/api/vms/ui-install")
+        let unattended = (install.object["definition"] as? [String: Any])?["unattended"] as? [String: Any]
+        let settings = unattended?["settings"] as? [String: Any]
+        #expect(settings?["user"] as? String == "alice" && settings?["locale"] as? String == "de_DE" && settings?["packages"] as? [String] == ["curl", "htop"],
+                "\(install.text.prefix(3000))")
+        #expect((settings?["password_hash"] as? String)?.hasPrefix("$y$") == true && !install.text.contains("typed in the browser"))
         // The qemu VM's screen and keyboard through the API too.
         let screen = try served.api.request("GET", "/api/vms/gfx/screenshot")
         #expect(screen.status == 200 && screen.headers["content-type"] == "image/png" && Array(screen.body.prefix(4)) == [0x89, 0x50, 0x4e, 0x47], "\(screen.status) \(screen.text.prefix(300))")
@@ -109,6 +117,13 @@ struct WebManagerTests {
         #expect((try served.api.request("GET", "/api/vms/gfx").object["definition"] as? [String: Any])?["iso"] == nil)
         #expect(try served.api.request("POST", "/api/vms/gfx/eject").object["outcome"] as? String == "was-empty")
         #expect(library.vireo("stop", "gfx", "--force").status == 0)
+        // The QEMU (and swtpm) the server started and nobody waited for are reaped once they end,
+        // not kept as zombies for the server's whole life.
+        let server = served.process.processIdentifier
+        let reaped = library.waitFor(15) {
+            !Harness.run(["ps", "--ppid", String(server), "-o", "stat=,comm="]).stdout.split(separator: "\n").contains { $0.hasPrefix("Z") }
+        }
+        #expect(reaped, "zombies under vireo serve: \(Harness.run(["ps", "--ppid", String(server), "-o", "pid=,stat=,comm="]).stdout)")
     }
 
     @Test("wrk on loopback: list and show with 100 VMs in the library, every answer a success")

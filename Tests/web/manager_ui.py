@@ -19,6 +19,7 @@ from selenium.webdriver.support.ui import WebDriverWait
 
 url, kernel, artifacts = sys.argv[1], sys.argv[2], sys.argv[3]
 qemu_vm = sys.argv[4] if len(sys.argv) > 4 else None
+installer_iso = sys.argv[5] if len(sys.argv) > 5 else None
 os.makedirs(artifacts, exist_ok=True)
 
 options = webdriver.ChromeOptions()
@@ -136,6 +137,29 @@ try:
     driver.find_element(By.ID, "confirm-ok").click()
     wait("VM gone", lambda: row_state("ui-vm") is None)
     shot("deleted")
+
+    if installer_iso:
+        # The wizard's unattended step: an installer ISO, answered (created, not started).
+        click("btn-new")
+        wait("wizard open again", lambda: driver.find_element(By.ID, "wizard").get_attribute("open") is not None)
+        for field in ["wz-name", "wz-cmdline"]:
+            driver.find_element(By.ID, field).clear()
+        driver.find_element(By.ID, "wz-name").send_keys("ui-install")
+        driver.find_element(By.CSS_SELECTOR, "#wz-ostype option[value='debian-64']").click()
+        driver.find_element(By.CSS_SELECTOR, "input[name='wz-source'][value='iso']").click()
+        driver.find_element(By.ID, "wz-iso").send_keys(installer_iso)
+        driver.find_element(By.ID, "wz-unattended").click()
+        driver.find_element(By.ID, "wz-user").send_keys("alice")
+        driver.find_element(By.ID, "wz-password").send_keys("typed in the browser")
+        driver.find_element(By.ID, "wz-locale").send_keys("de_DE")
+        driver.find_element(By.ID, "wz-packages").send_keys("curl, htop")
+        driver.execute_script("document.getElementById('wizard-form').dispatchEvent(new Event('input'))")
+        preview = driver.find_element(By.ID, "wz-preview").text
+        assert "unattended install as alice" in preview and "typed in the browser" not in preview, preview
+        shot("wizard-unattended")
+        click("wz-create")
+        wait("installer VM listed", lambda: row_state("ui-install") == "stopped")
+        shot("created-unattended")
 
     if qemu_vm:
         wait("qemu VM listed", lambda: row_state(qemu_vm) == "running")

@@ -255,6 +255,17 @@ function wizardRequest() {
   if (source === 'image' && $('wz-image').value) request.image = $('wz-image').value;
   if (source === 'kernel' && $('wz-kernel').value.trim()) request.kernel = $('wz-kernel').value.trim();
   if (source === 'iso' && $('wz-iso').value.trim()) request.iso = $('wz-iso').value.trim();
+  // The installer's answers (docs/unattended.md): only with an ISO; the server keeps the
+  // password's hash only.
+  if (source === 'iso' && $('wz-unattended').checked) {
+    const unattended = { password: $('wz-password').value };
+    for (const [field, key] of [['wz-user', 'user'], ['wz-hostname', 'hostname'], ['wz-locale', 'locale'], ['wz-timezone', 'timezone']]) {
+      if ($(field).value.trim()) unattended[key] = $(field).value.trim();
+    }
+    const packages = $('wz-packages').value.split(',').map((p) => p.trim()).filter((p) => p);
+    if (packages.length) unattended.packages = packages;
+    request.unattended = unattended;
+  }
   if ($('wz-cmdline').value.trim()) request.command_line = $('wz-cmdline').value.trim();
   const network = $('wz-network').value;
   request.nics = network === 'none' ? [] : [network];
@@ -270,6 +281,7 @@ function updatePreview() {
     request.disk_bytes ? `a thin ${size(request.disk_bytes)} qcow2 disk` : 'no disk',
     request.image ? `from image ${request.image}` : request.kernel ? `booting ${request.kernel}` : request.iso ? `installer ${request.iso} (qemu engine)` : 'no boot source yet',
     request.nics.length ? `network card on ${request.nics[0]}` : 'no network card'];
+  if (request.unattended) lines.push(`unattended install as ${request.unattended.user || 'the installer\'s usual user'} (sudo); it powers off when done, the next start boots the system`);
   $('wz-preview').textContent = `Will create:\n  ${lines.join('\n  ')}`;
 }
 
