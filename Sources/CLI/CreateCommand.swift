@@ -100,11 +100,14 @@ struct Create: ParsableCommand {
     @Option(help: "With a cloud-init image or --unattended: the guest's host name (default: the VM's name).")
     var hostname: String?
 
-    @Flag(help: "A TPM 2.0 (qemu engine): Debian's swtpm, its state in the VM's directory, carried by saves and snapshots. See docs/tpm.md.")
-    var tpm = false
+    @Flag(inversion: .prefixedNo, help: "A TPM 2.0 (qemu engine): Debian's swtpm, its state in the VM's directory, carried by saves and snapshots (default: the OS type's; windows11-64 has one). See docs/tpm.md.")
+    var tpm: Bool?
 
-    @Flag(name: .customLong("secure-boot"), help: "UEFI Secure Boot (--firmware uefi): OVMF's Secure Boot build with Microsoft's keys enrolled, as Windows 11 and shim-signed distributions expect.")
-    var secureBoot = false
+    @Flag(name: .customLong("secure-boot"), inversion: .prefixedNo, help: "UEFI Secure Boot (--firmware uefi): OVMF's Secure Boot build with Microsoft's keys enrolled, as Windows 11 and shim-signed distributions expect (default: the OS type's).")
+    var secureBoot: Bool?
+
+    @Flag(name: .customLong("hyperv"), inversion: .prefixedNo, help: "Hyper-V enlightenments for Windows guests (qemu engine; default: the OS type's, on for Windows).")
+    var hyperV: Bool?
 
     @Option(name: .customLong("share"), help: ArgumentHelp("Share a host directory with the guest over virtio-fs (qemu engine; repeatable): HOSTDIR[:TAG][,ro]. A cloud-init image mounts it at /mnt/TAG.", valueName: "share"))
     var shares: [String] = []
@@ -122,6 +125,7 @@ struct Create: ParsableCommand {
         do throws(LibraryError) { request.shares = try shares.map(SharedFolder.parse) } catch { throw fail(error) }
         request.tpm = tpm
         request.secureBoot = secureBoot
+        request.hyperV = hyperV
         request.managedBy = managedBy
         request.osType = ostype
         request.cpus = cpus

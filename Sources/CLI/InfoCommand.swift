@@ -36,7 +36,7 @@ struct Info: ParsableCommand {
             if let running = report.runningAccelerator { acceleration += " (running: \(running)\(running == "tcg" ? ", software emulation: slow" : ""))" }
             lines.append(["Firmware:", report.firmware ?? "none (direct kernel boot)"])
             if report.firmware != nil { lines.append(["CD-ROM:", report.iso ?? "(empty)"]) }
-            lines += [["Acceleration:", acceleration], ["Disk bus:", report.diskBus == "sata" ? "SATA (AHCI), e1000 network" : "virtio"]]
+            lines += [["Acceleration:", acceleration], ["Disk bus:", report.diskBus == "sata" ? "SATA (AHCI), \(report.nicModel ?? "e1000") network" : "virtio"]]
         }
         if let saved = report.savedState {
             lines.append(["Saved state:", "\(saved) (`vireo start \(report.name)` resumes; --discard-state boots afresh)"])
@@ -136,6 +136,7 @@ struct Info: ParsableCommand {
         if let managedBy = report.managedBy { lines.append(["Managed by:", "\(managedBy) (made by it; stop and delete it through \(managedBy))"]) }
         if let state = report.tpmState { lines.append(["TPM:", "2.0 (swtpm; state in \(state))"]) }
         if report.secureBoot { lines.append(["Secure Boot:", "on (OVMF's Secure Boot build, Microsoft's keys enrolled)"]) }
+        if report.hyperV { lines.append(["Hyper-V:", "enlightenments on (relaxed timing, virtual APIC, spinlocks, reference time, synthetic timers; dropped with a warning where this host's KVM lacks them)"]) }
         if let install = report.unattended {
             let what: String
             switch install.state {
@@ -151,7 +152,7 @@ struct Info: ParsableCommand {
             lines.append(["Shared folder:", "\(share.path) as '\(share.tag)'\(share.readOnly ? ", read-only" : "") (virtio-fs; the guest mounts it at /mnt/\(share.tag))"])
         }
         for (index, card) in report.networks.enumerated() {
-            var text = "\(report.engine == "qemu" && report.diskBus == "sata" ? "e1000" : "virtio-net") \(card.mac) on \(card.attachment)"
+            var text = "\(report.nicModel.map { $0 == "virtio-net-pci" ? "virtio-net" : $0 } ?? "virtio-net") \(card.mac) on \(card.attachment)"
             if let interface = card.hostInterface { text += " (host interface \(interface))" }
             if let address = card.address { text += ", address \(address)" }
             if let reported = card.guestAddresses, !reported.isEmpty { text += ", the guest reports \(reported.joined(separator: " "))" }

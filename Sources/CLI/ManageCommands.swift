@@ -55,6 +55,9 @@ struct Set: ParsableCommand {
     @Flag(inversion: .prefixedNo, help: "UEFI Secure Boot on or off; the variable store starts again from the matching template (Microsoft's keys, or none).")
     var secureBoot: Bool?
 
+    @Flag(name: .customLong("hyperv"), inversion: .prefixedNo, help: "Hyper-V enlightenments for Windows guests (qemu engine).")
+    var hyperV: Bool?
+
     @Option(help: ArgumentHelp("Describe the machine with ACPI (on) or an MP table and command-line devices (off).", valueName: "on|off"))
     var acpi: String?
 
@@ -93,6 +96,7 @@ struct Set: ParsableCommand {
         request.balloon = balloon
         request.tpm = tpm
         request.secureBoot = secureBoot
+        request.hyperV = hyperV
         request.acpi = try acpi.map(parseACPIFlag)
         request.onReboot = onReboot
         request.cpuModel = cpu

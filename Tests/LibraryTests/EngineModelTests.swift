@@ -158,6 +158,40 @@ struct StopRaceTests {
 }
 
 struct QEMUCommandLineTests {
+    @Test("Windows types: an e1000e on SATA, Hyper-V enlightenments on the CPU (dropped when asked), and an unattended install's kernel booting while the CD loses its boot priority")
+    func windowsAndInstallMachines() throws {
+        var definition = VMDefinition(uuid: "6c1d2f4e-0000-4000-8000-000000000002", name: "w", osType: try OSType.named("windows11-64"), createdAt: 0)
+        definition.engine = .qemu
+        definition.firmware = .uefi
+        definition.hyperV = true
+        definition.networks = [NetworkAttachment(.tap("tap0"), mac: "52:54:00:12:34:56")]
+        let bundle = VMBundle(directory: "/lib/w")
+        let cards = [PreparedCard(mac: "52:54:00:12:34:56", backend: .tapName("tap0"))]
+        let line = QEMUEngine.arguments(definition, bundle: bundle, accelerator: .tcg, cards: cards).joined(separator: " ")
+        #expect(line.contains("-cpu max,hv-relaxed,hv-vapic,hv-spinlocks=0x1fff,hv-runtime,hv-time,hv-synic,hv-stimer,hv-frequencies,hv-reset "), "\(line)")
+        #expect(QEMUEngine.arguments(definition, bundle: bundle, accelerator: .kvm, cards: cards).joined(separator: " ")
+            .contains("-cpu host,hv-relaxed,hv-vapic,hv-spinlocks=0x1fff,hv-vpindex,hv-runtime,"))
+        #expect(line.contains("-device e1000e,netdev=net0,mac=52:54:00:12:34:56"), "\(line)")
+        definition.hyperV = false
+        #expect(QEMUEngine.arguments(definition, bundle: bundle, accelerator: .kvm, cards: cards).joined(separator: " ").contains("-cpu host -smp"))
+        let type = try OSType.named("windows11-64")
+        #expect(type.tpm && type.secureBoot && type.hyperV && type.diskBus == .sata && type.firmware == .uefi && type.memoryBytes == 4 << 30 && type.diskBytes == 64 << 30)
+        #expect(OSType.guess(fromVolumeLabel: "CCCOMA_X64FRE_EN-US_DV9")?.identifier == "windows11-64")
+
+        var install = VMDefinition(uuid: "6c1d2f4e-0000-4000-8000-000000000003", name: "d", osType: try OSType.named("debian-64"), createdAt: 0)
+        install.engine = .qemu
+        install.firmware = .bios
+        install.iso = "/isos/debian.iso"
+        install.unattended = UnattendedInstall(installer: DetectedInstaller(family: .debian, description: "Debian", version: "12", osType: "debian-64",
+                                                                            kernel: "/install.amd/vmlinuz", initrd: "/install.amd/initrd.gz",
+                                                                            packagesOnMedium: true, flavour: nil),
+                                               settings: UnattendedAnswerTests.settings, kernel: UnattendedInstall.kernelFile, initrd: UnattendedInstall.initrdFile,
+                                               commandLine: "auto=true priority=critical", seed: nil)
+        let installLine = QEMUEngine.arguments(install, bundle: VMBundle(directory: "/lib/d"), accelerator: .tcg, cards: []).joined(separator: " ")
+        #expect(installLine.contains("-kernel /lib/d/install-kernel -append auto=true priority=critical -initrd /lib/d/install-initrd"), "\(installLine)")
+        #expect(installLine.contains("ide-cd,drive=cd0,bus=ide.0,id=cdrom0 ") && !installLine.contains("cdrom0,bootindex"), "\(installLine)")
+    }
+
     @Test func aUEFIInstallerMachine() throws {
         var definition = VMDefinition(uuid: "6c1d2f4e-0000-4000-8000-000000000001", name: "inst", osType: try OSType.named("other"), createdAt: 0)
         definition.engine = .qemu

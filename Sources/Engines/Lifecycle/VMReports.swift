@@ -112,6 +112,9 @@ public struct VMReport: Encodable, Sendable {
     /// The TPM 2.0's state directory (swtpm's), when the VM has one.
     public var tpmState: String?
     public var secureBoot: Bool
+    /// qemu engine: Hyper-V enlightenments asked for; the network card model QEMU gets.
+    public var hyperV: Bool
+    public var nicModel: String?
     /// An unattended install not yet finished (docs/unattended.md).
     public var unattended: Unattended?
 
@@ -136,7 +139,7 @@ public struct VMReport: Encodable, Sendable {
         case name, uuid, state, crashReason, osType, cpus, memoryBytes, kernel, initrd, commandLine, entropyDevice, createdAt
         case acpi, onReboot, generationId, cpuModel, engine, firmware, iso, accelerator, runningAccelerator, diskBus, displaySocket
         case image, cloudInitUser, hostname, directory, configPath, consoleLog, vmmLog, controlSocket, disks, networks
-        case vsockCid, vsockSocket, savedState, snapshots, currentSnapshot, process, counters, resources, isolation, memoryBacking, shares, tpmState, secureBoot, unattended
+        case vsockCid, vsockSocket, savedState, snapshots, currentSnapshot, process, counters, resources, isolation, memoryBacking, shares, tpmState, secureBoot, hyperV, nicModel, unattended
     }
 }
 
@@ -237,6 +240,7 @@ extension VMManager {
             isolation: Self.isolation(of: bundle, definition: definition, state: status.state),
             memoryBacking: definition.memoryBacking, shares: definition.shares,
             tpmState: definition.tpm ? QEMUTPM.stateDirectory(bundle) : nil, secureBoot: definition.secureBoot,
+            hyperV: definition.hyperV, nicModel: definition.engine == .qemu ? definition.qemuNICModel : nil,
             unattended: definition.unattended.map { Self.unattendedReport($0, bundle: bundle, state: status.state) },
             definition: definition, snapshotTree: tree,
             overview: overview(of: name, networks: networks, load: { _ throws(LibraryError) in definition }))

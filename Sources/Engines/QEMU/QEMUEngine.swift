@@ -68,14 +68,23 @@ public struct QEMUEngine: DisplayEngine, RemovableMediaEngine, StateTransferEngi
         arguments(definition, bundle: bundle, accelerator: accelerator, cards: cards, cpuModel: cpuModel, files: .byPath)
     }
 
+    /// Hyper-V enlightenments, the set libvirt and Proxmox give Windows guests. Under TCG QEMU
+    /// refuses hv-vpindex ("kernel doesn't allow setting HyperV VP_INDEX": it is KVM's to
+    /// give), and acts on none of them; the rest are kept so the machine is the same one.
+    static func hyperVFlags(_ accelerator: Accelerator) -> String {
+        "hv-relaxed,hv-vapic,hv-spinlocks=0x1fff" + (accelerator == .tcg ? "" : ",hv-vpindex") + ",hv-runtime,hv-time,hv-synic,hv-stimer,hv-frequencies,hv-reset"
+    }
+
+    /// `enlightened`: false when the host's KVM refused the Hyper-V enlightenments (start's fallback).
     static func arguments(_ definition: VMDefinition, bundle: VMBundle, accelerator: Accelerator, cards: [PreparedCard],
-                          cpuModel: String? = nil, files: QEMUFiles) -> [String] {
+                          cpuModel: String? = nil, enlightened: Bool = true, files: QEMUFiles) -> [String] {
         let accel = accelerator == .tcg ? "tcg" : "kvm"
+        let cpu = (cpuModel ?? (accelerator == .tcg ? "max" : "host")) + (definition.hyperV && enlightened ? "," + hyperVFlags(accelerator) : "")
         var arguments = [
             "-name", quoted(definition.name), "-uuid", definition.uuid,
             // KSM only when asked (QEMU's default merges every guest's RAM).
             // Secure Boot's OVMF requires SMM: the variable store is then writable from SMM only.
-            "-machine", "q35,accel=\(accel),mem-merge=\(definition.memoryBacking.mergeable ? "on" : "off")" + (definition.secureBoot ? ",smm=on" : ""), "-cpu", cpuModel ?? (accelerator == .tcg ? "max" : "host"),
+            "-machine", "q35,accel=\(accel),mem-merge=\(definition.memoryBacking.mergeable ? "on" : "off")" + (definition.secureBoot ? ",smm=on" : ""), "-cpu", cpu,
             "-smp", String(definition.cpus), "-m", "\(definition.memoryBytes >> 20)M",
             "-nodefaults", "-no-user-config", "-msg", "timestamp=on",
             // QEMU's own seccomp filter, as libvirt turns it on (docs/isolation.md).
@@ -142,7 +151,7 @@ public struct QEMUEngine: DisplayEngine, RemovableMediaEngine, StateTransferEngi
             arguments += ["-drive", drive, "-device", device]
         }
         for (index, card) in cards.enumerated() {
-            let model = definition.diskBus == .sata ? "e1000" : "virtio-net-pci"
+            let model = definition.qemuNICModel
             let netdev: String
             switch card.backend {
             case let .tapName(name): netdev = "tap,id=net\(index),ifname=\(quoted(name)),script=no,downscript=no"
@@ -246,8 +255,9 @@ public struct QEMUEngine: DisplayEngine, RemovableMediaEngine, StateTransferEngi
             if started { shareServers.releaseIdentity() } else { shareServers.stop(); tpm.stop() }
         }
         tpm = try QEMUTPM.start(vm, jail: jail)
-        func arguments(cpuModel: String? = nil) -> [String] {
-            Self.arguments(definition, bundle: bundle, accelerator: accelerator, cards: networking.cards, cpuModel: cpuModel, files: files) + incoming
+        func arguments(cpuModel: String?, enlightened: Bool) -> [String] {
+            Self.arguments(definition, bundle: bundle, accelerator: accelerator, cards: networking.cards, cpuModel: cpuModel,
+                           enlightened: enlightened, files: files) + incoming
         }
         func recordIsolation() {
             var record = jail?.record ?? IsolationRecord()
@@ -255,28 +265,41 @@ public struct QEMUEngine: DisplayEngine, RemovableMediaEngine, StateTransferEngi
             record.disabled = disabled
             try? HostFiles.writeAtomically(Array((record.line + "\n").utf8), to: bundle.isolationPath)
         }
-        do {
-            let pid = try launch(binary, arguments(), vm: vm, lock: lock, networking: networking, extraDescriptors: extra, jail: jail)
-            started = true
-            recordIsolation()
-            if stateDescriptor >= 0 { unlink(bundle.savedStatePath) }
-            return StartedVM(pid: pid, warnings: warnings)
-        } catch let .engine(_, reason, _) where accelerator != .tcg && reason.contains("MSR 0x10a") {
-            // Some hosts' KVM (nested ones, this project's CI) refuse the ARCH_CAPABILITIES MSR
-            // that `-cpu host` sets, and QEMU aborts. The guest then does without it (and assumes
-            // the CPU vulnerable, enabling mitigations), which beats not starting. The first QEMU's
-            // share servers ended with it: new ones serve the second.
-            shareServers.stop()
-            tpm.stop()
-            shareServers = try QEMUShareServers.start(vm, qemuOwner: qemuOwner)
-            tpm = try QEMUTPM.start(vm, jail: jail)
-            let pid = try launch(binary, arguments(cpuModel: "host,-arch-capabilities"), vm: vm, lock: lock, networking: networking,
-                                 extraDescriptors: extra, jail: jail)
-            started = true
-            recordIsolation()
-            if stateDescriptor >= 0 { unlink(bundle.savedStatePath) }
-            warnings.append("this host's KVM refuses the ARCH_CAPABILITIES MSR; VM '\(name)' runs with `-cpu host,-arch-capabilities`")
-            return StartedVM(pid: pid, warnings: warnings)
+        // Some hosts' KVM (nested ones, this project's CI) refuse what QEMU asks of them, and
+        // QEMU aborts: the ARCH_CAPABILITIES MSR that `-cpu host` sets (the guest then assumes
+        // its CPU vulnerable and enables mitigations), or the Hyper-V enlightenments' MSRs (a
+        // Windows guest then runs without them, slower). Each is dropped once, with a warning,
+        // which beats not starting. A failed QEMU's share servers and TPM ended with it: new
+        // ones serve the next.
+        var cpuModel: String?
+        var enlightened = true
+        var attempt = 0
+        while true {
+            attempt += 1
+            do {
+                let pid = try launch(binary, arguments(cpuModel: cpuModel, enlightened: enlightened), vm: vm, lock: lock, networking: networking,
+                                     extraDescriptors: extra, jail: jail)
+                started = true
+                DetachedChildren.adopt(pid)
+                DetachedChildren.adopt(tpm.pid)
+                recordIsolation()
+                if stateDescriptor >= 0 { unlink(bundle.savedStatePath) }
+                return StartedVM(pid: pid, warnings: warnings)
+            } catch let .engine(_, reason, status) where accelerator != .tcg && attempt < 3 {
+                if cpuModel == nil, reason.contains("MSR 0x10a") {
+                    cpuModel = "host,-arch-capabilities"
+                    warnings.append("this host's KVM refuses the ARCH_CAPABILITIES MSR; VM '\(name)' runs with `-cpu host,-arch-capabilities`")
+                } else if definition.hyperV, enlightened, reason.contains("HyperV") || reason.contains("MSR 0x4000") {
+                    enlightened = false
+                    warnings.append("this host's KVM cannot give VM '\(name)' Hyper-V enlightenments; it runs without them (slower for Windows; `vireo set \(name) --no-hyperv` stops asking)")
+                } else {
+                    throw LibraryError.engine(name: name, reason: reason, exitStatus: status)
+                }
+                shareServers.stop()
+                tpm.stop()
+                shareServers = try QEMUShareServers.start(vm, qemuOwner: qemuOwner)
+                tpm = try QEMUTPM.start(vm, jail: jail)
+            }
         }
     }
 

@@ -225,6 +225,11 @@ public struct UnattendedInstall: Codable, Sendable, Equatable {
     /// Ubuntu: the `CIDATA` seed disk's file in the VM's directory (also among the disks).
     public var seed: String?
 
+    public init(installer: DetectedInstaller, settings: UnattendedSettings, kernel: String, initrd: String, commandLine: String, seed: String?) {
+        self.installer = installer; self.settings = settings; self.kernel = kernel; self.initrd = initrd
+        self.commandLine = commandLine; self.seed = seed
+    }
+
     public static let kernelFile = "install-kernel"
     public static let initrdFile = "install-initrd"
     public static let seedFile = "install-seed.iso"

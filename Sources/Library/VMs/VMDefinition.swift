@@ -80,6 +80,10 @@ public struct VMDefinition: Codable, Sendable, Equatable {
     /// The program that made the VM and manages its life (the containerd shim: `containerd`),
     /// shown by `vireo list` and `info`; nil for VMs people made.
     public var managedBy: String?
+    /// qemu engine: Hyper-V enlightenments for Windows guests (relaxed timing, virtual APIC,
+    /// spinlocks, reference time, synthetic timers…); dropped with a warning where the host's
+    /// KVM cannot provide them.
+    public var hyperV = false
     /// An unattended install in progress (docs/unattended.md): until it finishes, the VM boots
     /// the installer's kernel with its answers instead of its disk.
     public var unattended: UnattendedInstall?
@@ -125,7 +129,7 @@ public struct VMDefinition: Codable, Sendable, Equatable {
     enum CodingKeys: String, CodingKey {
         case version, uuid, name, osType, engine, cpus, memoryBytes, kernel, initrd, commandLine, disks, networks
         case vsockCID, balloon, entropyDevice, createdAt, acpi, onReboot, generationID, cpuModel
-        case firmware, nvram, iso, accelerator, diskBus, image, cloudInit, resources, memoryBacking, shares, tpm, secureBoot, managedBy, unattended
+        case firmware, nvram, iso, accelerator, diskBus, image, cloudInit, resources, memoryBacking, shares, tpm, secureBoot, managedBy, unattended, hyperV
     }
 
     /// Fields added after version 1 was first written are optional in the file, with the values
@@ -166,6 +170,14 @@ public struct VMDefinition: Codable, Sendable, Equatable {
         secureBoot = try container.decodeIfPresent(Bool.self, forKey: .secureBoot) ?? false
         managedBy = try container.decodeIfPresent(String.self, forKey: .managedBy)
         unattended = try container.decodeIfPresent(UnattendedInstall.self, forKey: .unattended)
+        hyperV = try container.decodeIfPresent(Bool.self, forKey: .hyperV) ?? false
+    }
+
+    /// The qemu engine's network card model: virtio, or for SATA machines (guests without
+    /// virtio drivers) an Intel card their installers have a driver for — e1000e for Windows
+    /// (Windows 8 and later ship its driver), e1000 for the rest.
+    public var qemuNICModel: String {
+        diskBus == .virtio ? "virtio-net-pci" : OSType.isWindows(osType) ? "e1000e" : "e1000"
     }
 }
 
@@ -595,6 +607,15 @@ public struct OSType: Sendable, Equatable {
     public var diskBus: DiskBus
     /// Words of an ISO's volume label that mark an installer of this kind, lower case.
     public var labelWords: [String]
+    /// What a new VM of this kind gets on the qemu engine without being asked: a TPM 2.0,
+    /// Secure Boot, Hyper-V enlightenments (Windows 11 refuses to install without the first two).
+    public var tpm = false
+    public var secureBoot = false
+    public var hyperV = false
+
+    /// Windows: firmware only (the qemu engine), e1000e cards on SATA machines.
+    public var isWindows: Bool { identifier.hasPrefix("windows") }
+    public static func isWindows(_ identifier: String) -> Bool { identifier.hasPrefix("windows") }
 
     public static let all: [OSType] = [
         OSType(identifier: "ubuntu-64", description: "Ubuntu (64-bit), root file system on the first disk",
@@ -609,6 +630,21 @@ public struct OSType: Sendable, Equatable {
         OSType(identifier: "alpine-64", description: "Alpine Linux (64-bit), small footprint",
                cpus: 1, memoryBytes: 256 << 20, diskBytes: 2 << 30, commandLine: "console=ttyS0 root=/dev/vda rw",
                firmware: .bios, installMemoryBytes: 512 << 20, diskBus: .virtio, labelWords: ["alpine"]),
+        // What Windows installers need without extra drivers: AHCI disks, an e1000e, the USB
+        // tablet every qemu VM has; Hyper-V enlightenments as libvirt gives Windows guests.
+        // Labels: Microsoft's ISOs are named by build, not product (CCCOMA_X64FRE_EN-US_DV9 is
+        // Windows 10 and 11 alike; SSS_X64FREE_… is Server 2022): the newest matching type wins.
+        OSType(identifier: "windows11-64", description: "Windows 11 (64-bit): UEFI with Secure Boot, TPM 2.0, SATA disk, e1000e, Hyper-V enlightenments",
+               cpus: 2, memoryBytes: 4 << 30, diskBytes: 64 << 30, commandLine: "",
+               firmware: .uefi, installMemoryBytes: 4 << 30, diskBus: .sata, labelWords: ["cccoma", "win"],
+               tpm: true, secureBoot: true, hyperV: true),
+        OSType(identifier: "windows10-64", description: "Windows 10 (64-bit): UEFI, SATA disk, e1000e, Hyper-V enlightenments",
+               cpus: 2, memoryBytes: 4 << 30, diskBytes: 64 << 30, commandLine: "",
+               firmware: .uefi, installMemoryBytes: 4 << 30, diskBus: .sata, labelWords: [], hyperV: true),
+        OSType(identifier: "windows-server-2022", description: "Windows Server 2022: UEFI with Secure Boot, TPM 2.0, SATA disk, e1000e, Hyper-V enlightenments",
+               cpus: 2, memoryBytes: 4 << 30, diskBytes: 64 << 30, commandLine: "",
+               firmware: .uefi, installMemoryBytes: 4 << 30, diskBus: .sata, labelWords: ["sss"],
+               tpm: true, secureBoot: true, hyperV: true),
         OSType(identifier: "linux-64", description: "Other Linux (64-bit)",
                cpus: 1, memoryBytes: 512 << 20, diskBytes: 8 << 30, commandLine: "console=ttyS0",
                firmware: .bios, installMemoryBytes: 2 << 30, diskBus: .virtio, labelWords: ["linux", "arch", "opensuse", "centos", "rocky", "alma", "mint"]),

@@ -31,7 +31,7 @@ extension VMLibrary {
     public func change(_ name: String, _ request: ChangeRequest) throws(LibraryError) -> VMDefinition {
         let fields = request.fields
         guard !fields.isEmpty else {
-            throw .invalidValue(field: "vireo set", reason: "nothing to change; give at least one of --cpus, --memory, --cmdline, --kernel, --initrd, --no-initrd, --ostype, --rng/--no-rng, --nic, --no-nic, --forward, --vsock-cid, --no-vsock, --balloon/--no-balloon, --acpi, --on-reboot, --cpu, --engine, --iso, --firmware, --accel, --cpu-cap, --cpu-weight, --memory-limit, --pids-limit, --pin, --pin-emulator, --rt-priority, --io-limit, --memory-backing, --prealloc, --ksm, --lock-memory, --thp/--no-thp, --numa-node, --tpm/--no-tpm, --secure-boot/--no-secure-boot")
+            throw .invalidValue(field: "vireo set", reason: "nothing to change; give at least one of --cpus, --memory, --cmdline, --kernel, --initrd, --no-initrd, --ostype, --rng/--no-rng, --nic, --no-nic, --forward, --vsock-cid, --no-vsock, --balloon/--no-balloon, --acpi, --on-reboot, --cpu, --engine, --iso, --firmware, --accel, --cpu-cap, --cpu-weight, --memory-limit, --pids-limit, --pin, --pin-emulator, --rt-priority, --io-limit, --memory-backing, --prealloc, --ksm, --lock-memory, --thp/--no-thp, --numa-node, --tpm/--no-tpm, --secure-boot/--no-secure-boot, --hyperv/--no-hyperv")
         }
         if request.initrd != nil && request.removeInitrd { throw .invalidValue(field: "initrd", reason: "--initrd and --no-initrd contradict each other") }
         if let kernel = request.kernel { try Self.validate(kernel: kernel) }
@@ -52,6 +52,7 @@ extension VMLibrary {
             if let balloon = request.balloon { changed.balloon = balloon }
             if let tpm = request.tpm { changed.tpm = tpm }
             if let secureBoot = request.secureBoot { changed.secureBoot = secureBoot }
+            if let hyperV = request.hyperV { changed.hyperV = hyperV }
             if let acpi = request.acpi { changed.acpi = acpi }
             if let policy = request.onReboot { changed.onReboot = policy }
             if let model = request.cpuModel { changed.cpuModel = model }

@@ -69,8 +69,10 @@ extension VMLibrary {
         var shares: [SharedFolder] = []
         for share in request.shares { shares.append(try share.checkedOnHost(libraryRoot: root)) }
         definition.shares = shares
-        definition.tpm = request.tpm
-        definition.secureBoot = request.secureBoot
+        // What the OS type asks for (Windows 11: TPM and Secure Boot) unless the user says otherwise.
+        definition.tpm = request.tpm ?? (engine == .qemu && type.tpm)
+        definition.secureBoot = request.secureBoot ?? (engine == .qemu && definition.firmware == .uefi && type.secureBoot)
+        definition.hyperV = request.hyperV ?? (engine == .qemu && type.hyperV)
         definition.managedBy = try Self.validated(managedBy: request.managedBy)
         if let kernel = request.kernel { try Self.validate(kernel: kernel) }
         if let initrd = request.initrd { try Self.validateReadable(initrd, field: "initrd") }
@@ -281,9 +283,13 @@ extension VMLibrary {
         }
         if let image, request.engine == nil, request.kernel == nil {
             // Shared folders are served on the qemu engine only (so far).
-            return image.kvmEngineBootable == true && request.shares.isEmpty && !request.tpm ? .kvm : .qemu
+            return image.kvmEngineBootable == true && request.shares.isEmpty && request.tpm != true ? .kvm : .qemu
         }
+        let windows = request.osType.map(OSType.isWindows) == true
         if request.engine == .kvm {
+            if windows {
+                throw .invalidValue(field: "engine", reason: "Windows boots through UEFI firmware, which only the qemu engine has; leave out --engine")
+            }
             if request.iso != nil {
                 throw .invalidValue(field: "iso", reason: "an installer ISO needs firmware and a CD-ROM drive, which the kvm engine does not have; leave out --engine (or give --engine qemu)")
             }
@@ -295,7 +301,7 @@ extension VMLibrary {
             }
         }
         if let engine = request.engine { return engine }
-        return request.iso != nil || request.firmware != nil || !request.shares.isEmpty || request.tpm ? .qemu : .kvm
+        return request.iso != nil || request.firmware != nil || !request.shares.isEmpty || request.tpm == true || windows ? .qemu : .kvm
     }
 }
 

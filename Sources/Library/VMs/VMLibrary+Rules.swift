@@ -53,6 +53,9 @@ extension VMLibrary {
             if definition.tpm {
                 throw .invalidValue(field: "tpm", reason: "the kvm engine has no TPM device; use --engine qemu, or --no-tpm")
             }
+            if definition.hyperV {
+                throw .invalidValue(field: "hyperv", reason: "Hyper-V enlightenments are the qemu engine's (for Windows guests); use --engine qemu, or --no-hyperv")
+            }
             if definition.secureBoot {
                 throw .invalidValue(field: "secure_boot", reason: "the kvm engine boots kernels directly, without firmware to enforce Secure Boot; use --engine qemu --firmware uefi, or --no-secure-boot")
             }

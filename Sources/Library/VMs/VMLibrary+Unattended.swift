@@ -14,7 +14,7 @@ extension VMLibrary {
         }
         for (given, field, what) in [(request.withoutDisk, "no_disk", "a disk to install on"), (request.kernel != nil, "kernel", "the installer's own kernel"),
                                      (request.engine == .kvm, "engine", "the qemu engine (firmware and a CD-ROM drive)"),
-                                     (request.secureBoot, "secure_boot", "no Secure Boot while it runs (the installer's kernel is booted directly, and no enrolled key signs it; turn it on after the install with `vireo set NAME --secure-boot`)")]
+                                     (request.secureBoot == true, "secure_boot", "no Secure Boot while it runs (the installer's kernel is booted directly, and no enrolled key signs it; turn it on after the install with `vireo set NAME --secure-boot`)")]
             where given {
             throw .invalidValue(field: field, reason: "an unattended install needs \(what)")
         }

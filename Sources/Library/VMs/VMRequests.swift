@@ -47,10 +47,12 @@ public struct CreateRequest: Sendable {
     public var memoryBacking = MemoryBackingOptions()
     /// Host directories the guest mounts over virtio-fs (`--share`), checked on the host.
     public var shares: [SharedFolder] = []
-    /// A TPM 2.0 (`--tpm`, qemu engine).
-    public var tpm = false
-    /// `--secure-boot` (UEFI).
-    public var secureBoot = false
+    /// A TPM 2.0 (`--tpm`, qemu engine); nil: the OS type's.
+    public var tpm: Bool?
+    /// `--secure-boot` (UEFI); nil: the OS type's.
+    public var secureBoot: Bool?
+    /// Hyper-V enlightenments (`--hyperv`, qemu engine); nil: the OS type's.
+    public var hyperV: Bool?
     /// `--managed-by`: the program that manages the VM (VMDefinition.managedBy).
     public var managedBy: String?
     /// With a cloud-init image: the user, keys, password and host name of its NoCloud seed.
@@ -143,6 +145,8 @@ public struct ChangeRequest: Sendable {
     /// `--secure-boot`/`--no-secure-boot`: the UEFI variable store starts again from the template
     /// that matches (Microsoft's keys, or none).
     public var secureBoot: Bool?
+    /// `--hyperv`/`--no-hyperv`.
+    public var hyperV: Bool?
 
     public init() {}
 
@@ -175,7 +179,7 @@ public struct ChangeRequest: Sendable {
          cpuCapPercent != nil ? "--cpu-cap" : nil, cpuWeight != nil ? "--cpu-weight" : nil,
          memoryLimitBytes != nil ? "--memory-limit" : nil, pidsLimit != nil ? "--pids-limit" : nil,
          vcpuPins != nil ? "--pin" : nil, emulatorCPUs != nil ? "--pin-emulator" : nil, rtPriority != nil ? "--rt-priority" : nil, ioLimits != nil ? "--io-limit" : nil,
-         memoryBackingChoice != nil ? "--memory-backing" : nil, preallocate != nil ? "--prealloc" : nil, mergeable != nil ? "--ksm" : nil, lockMemory != nil ? "--lock-memory" : nil, transparentHugePages != nil ? "--thp" : nil, numaNode != nil ? "--numa-node" : nil, tpm != nil ? "--tpm" : nil, secureBoot != nil ? "--secure-boot" : nil].compactMap { $0 }
+         memoryBackingChoice != nil ? "--memory-backing" : nil, preallocate != nil ? "--prealloc" : nil, mergeable != nil ? "--ksm" : nil, lockMemory != nil ? "--lock-memory" : nil, transparentHugePages != nil ? "--thp" : nil, numaNode != nil ? "--numa-node" : nil, tpm != nil ? "--tpm" : nil, secureBoot != nil ? "--secure-boot" : nil, hyperV != nil ? "--hyperv" : nil].compactMap { $0 }
     }
 }
 
