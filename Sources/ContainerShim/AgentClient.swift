@@ -8,7 +8,7 @@ import Glibc
 public protocol AgentEvents: AnyObject, Sendable {
     func output(handle: UInt32, kind: AgentFrameKind, bytes: [UInt8])
     func outputClosed(handle: UInt32, kind: AgentFrameKind)
-    func exited(handle: UInt32, status: UInt32)
+    func exited(handle: UInt32, status: UInt32, oomKilled: Bool)
     func channelLost(reason: String)
 }
 
@@ -140,7 +140,7 @@ public final class AgentClient: @unchecked Sendable {
         case .outputClosed:
             if let raw = frame.payload.first, let kind = AgentFrameKind(rawValue: raw) { events?.outputClosed(handle: frame.stream, kind: kind) }
         case .exit:
-            if let exit = try? AgentExit(decoding: frame.payload) { events?.exited(handle: frame.stream, status: exit.status) }
+            if let exit = try? AgentExit(decoding: frame.payload) { events?.exited(handle: frame.stream, status: exit.status, oomKilled: exit.oomKilled) }
         case .log:
             ShimLog.write("agent: \(GuestText.printable(String(decoding: frame.payload, as: UTF8.self)))")
         case .request, .stdin:

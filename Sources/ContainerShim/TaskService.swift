@@ -831,10 +831,16 @@ public final class TaskService: AgentEvents, @unchecked Sendable {
     /// output it had; output a leftover child writes after that has nowhere to go.
     public func outputClosed(handle: UInt32, kind: AgentFrameKind) {}
 
-    public func exited(handle: UInt32, status: UInt32) {
+    public func exited(handle: UInt32, status: UInt32, oomKilled: Bool) {
         lock.lock()
         defer { lock.unlock() }
         guard let (container, process) = process(handle: handle) else { return }
+        if oomKilled, process.status != .stopped {
+            // containerd.events.TaskOOM, before the exit, as runc's shim orders them.
+            var event = ProtoWriter()
+            event.string(1, container.id)
+            events.publish(topic: "/tasks/oom", type: "containerd.events.TaskOOM", event: event)
+        }
         finish(process, of: container, status: status)
     }
 

@@ -193,13 +193,21 @@ public struct AgentReply: Sendable, Equatable {
 /// A process ended: 1 status as containerd reports it (the exit code, or 128 + the signal).
 public struct AgentExit: Sendable, Equatable {
     public var status: UInt32
-    public init(status: UInt32) { self.status = status }
+    /// The guest kernel's OOM killer ended it, or a process under it (a SIGKILL exit, 137, with
+    /// an OOM kill in the VM since it started): what containerd's /tasks/oom reports.
+    public var oomKilled: Bool
+    public init(status: UInt32, oomKilled: Bool = false) { self.status = status; self.oomKilled = oomKilled }
     public var encoded: [UInt8] {
         var writer = ProtoWriter()
         writer.uint32(1, status)
+        if oomKilled { writer.bool(2, true) }
         return writer.bytes
     }
-    public init(decoding bytes: [UInt8]) throws(ProtoError) { status = try ProtoMessage(bytes).uint32(1) }
+    public init(decoding bytes: [UInt8]) throws(ProtoError) {
+        let message = try ProtoMessage(bytes)
+        status = message.uint32(1)
+        oomKilled = message.bool(2)
+    }
 }
 
 /// Where the agent listens: the port name on the qemu engine's virtio-serial bus (the one every

@@ -176,8 +176,11 @@ final class Process {
     var outputs: [(fd: Int32, kind: AgentFrameKind)]
     let pty: Int32
     var exitStatus: UInt32?
+    /// How many OOM kills the VM had seen when it started (KernelLog).
+    let oomKillsAtStart: UInt64
 
-    init(handle: UInt32, container: String, pid: pid_t, input: Int32, outputs: [(fd: Int32, kind: AgentFrameKind)], pty: Int32) {
+    init(handle: UInt32, container: String, pid: pid_t, input: Int32, outputs: [(fd: Int32, kind: AgentFrameKind)], pty: Int32, oomKillsAtStart: UInt64) {
+        self.oomKillsAtStart = oomKillsAtStart
         self.handle = handle
         self.container = container
         self.pid = pid
@@ -187,7 +190,39 @@ final class Process {
     }
 }
 
+/// The guest kernel's log (/dev/kmsg, read without blocking from the agent's start on), counted
+/// for the OOM killer's "Killed process" reports: this guest kernel has no VM event counters
+/// (/proc/vmstat's oom_kill), being built small.
+final class KernelLog {
+    let fd: Int32
+    private(set) var kills: UInt64 = 0
+
+    init() {
+        fd = open("/dev/kmsg", O_RDONLY | O_NONBLOCK | O_CLOEXEC)
+        if fd >= 0 { lseek(fd, 0, SEEK_END) }
+    }
+
+    /// The OOM kills reported so far, after reading what the kernel logged since the last call.
+    func oomKills() -> UInt64 {
+        guard fd >= 0 else { return kills }
+        var record = [UInt8](repeating: 0, count: 8192)
+        while true {
+            let count = record.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
+            if count < 0 {
+                // EPIPE: records were overwritten before they were read; go on with the next.
+                if errno == EPIPE || errno == EINTR { continue }
+                return kills
+            }
+            if count == 0 { return kills }
+            if record[0..<count].firstRange(of: Array("Killed process ".utf8)) != nil { kills += 1 }
+        }
+    }
+}
+
 final class Agent {
+    /// The guest kernel's log, read for its OOM killer's reports.
+    let kernelLog = KernelLog()
+
     let channel: Int32
     var decoder = AgentFrameDecoder()
     var containers: [String: Container] = [:]
@@ -276,7 +311,9 @@ final class Agent {
             process.exitStatus = code
             // What the process wrote before it ended goes first.
             for index in process.outputs.indices { pump(handle: process.handle, output: index) }
-            send(AgentFrame(.exit, stream: process.handle, payload: AgentExit(status: code).encoded))
+            // Killed (or its shell's child killed) while the OOM killer was at work: an OOM.
+            let oomKilled = code == 128 + UInt32(SIGKILL) && kernelLog.oomKills() > process.oomKillsAtStart
+            send(AgentFrame(.exit, stream: process.handle, payload: AgentExit(status: code, oomKilled: oomKilled).encoded))
             if process.input >= 0 && process.input != process.pty { close(process.input) }
             process.input = -1
         }
@@ -438,6 +475,8 @@ final class Agent {
             envp.forEach { free($0) }
             free(root); free(cwd); free(hostname)
         }
+        // Counted before the process exists, so an OOM kill of it right away is not taken for old.
+        let oomKillsBefore = kernelLog.oomKills()
         var spawn = agent_spawn()
         spawn.candidate_count = Int32(candidates.count)
         spawn.root = UnsafePointer(root)
@@ -473,10 +512,11 @@ final class Agent {
         }
         let process: Process
         if spawn.pty_fd >= 0 {
-            process = Process(handle: request.handle, container: container.id, pid: spawn.pid, input: spawn.pty_fd, outputs: [(spawn.pty_fd, .stdout)], pty: spawn.pty_fd)
+            process = Process(handle: request.handle, container: container.id, pid: spawn.pid, input: spawn.pty_fd, outputs: [(spawn.pty_fd, .stdout)], pty: spawn.pty_fd,
+                              oomKillsAtStart: oomKillsBefore)
         } else {
             process = Process(handle: request.handle, container: container.id, pid: spawn.pid, input: spawn.stdin_fd,
-                              outputs: [(spawn.stdout_fd, .stdout), (spawn.stderr_fd, .stderr)], pty: -1)
+                              outputs: [(spawn.stdout_fd, .stdout), (spawn.stderr_fd, .stderr)], pty: -1, oomKillsAtStart: oomKillsBefore)
         }
         processes[request.handle] = process
         if !joining {

@@ -135,7 +135,7 @@ import Glibc
         }
     }
 
-    @Test("ctr run in a Vireo VM: exit statuses 0 and 3 pass through, stdout and stderr stay apart, piped stdin reaches the process, -t gives a terminal of the caller's size that follows a resize, the container has its own PID namespace and host name, containerd hears the task's events, and --rm leaves no VM, shim or root image")
+    @Test("ctr run in a Vireo VM: exit statuses 0 and 3 pass through, stdout and stderr stay apart, piped stdin reaches the process, -t gives a terminal of the caller's size that follows a resize, the container has its own PID namespace and host name, the spec's limits size the VM and a container past its memory is OOM-killed (137, /tasks/oom), containerd hears the task's events, and --rm leaves no VM, shim or root image")
     func runToCompletion() throws {
         let lab = try Lab()
         let events = RunningProcess(["/usr/bin/ctr", "-a", lab.socket, "events"])
@@ -168,11 +168,14 @@ import Glibc
         #expect(succeeded.status == 0 && succeeded.stdout.isEmpty, "\(succeeded.stderr)")
 
         // The OCI spec's resources size the VM: 2 CPUs of quota are 2 vCPUs (and a 200% cap on
-        // the VM's process), a 128 MiB limit is 128 MiB plus the guest's overhead.
+        // the VM's process), a 128 MiB limit is 128 MiB plus the guest's overhead. Then the
+        // container asks for more than that (awk filling an array without end): the guest's OOM
+        // killer ends it, its exit is 137 and containerd hears /tasks/oom.
         let sized = RunningProcess(["/usr/bin/ctr", "-a", lab.socket, "-n", "vt", "run", "--runtime", Self.runtime, "--rm", "--cpus", "2", "--memory-limit", "134217728",
-                                    Self.image, "sized", "sh", "-c", "nproc; grep MemTotal /proc/meminfo; sleep 3"])
+                                    Self.image, "sized", "sh", "-c", "nproc; grep MemTotal /proc/meminfo; sleep 3; awk 'BEGIN { while (1) grow[n++] = n }'"])
         #expect(lab.eventually(120) { lab.vireo(["info", "ctr-vt-sized"]).stdout.contains("200%") }, "\(lab.vireo(["info", "ctr-vt-sized"]).stdout)")
-        #expect(sized.wait(timeout: 240) == 0, "\(sized.stderr)")
+        #expect(sized.wait(timeout: 240) == 137, "\(sized.stdout) \(sized.stderr)")
+        #expect(lab.eventually(10) { events.stdout.contains("/tasks/oom") }, "no /tasks/oom: \(events.stdout)")
         let lines = sized.stdout.split(separator: "\n")
         #expect(lines.first == "2", "\(sized.stdout)")
         let kib = lines.dropFirst().first.flatMap { Int($0.split(separator: " ").dropFirst().first ?? "") } ?? 0

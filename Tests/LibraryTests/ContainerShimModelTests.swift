@@ -97,6 +97,8 @@ struct ContainerShimModelTests {
         var reply = AgentReply(error: "", pid: 77)
         reply.pids = [1, 2]; reply.memoryBytes = 1 << 40; reply.cpuNanoseconds = 5
         #expect(try AgentReply(decoding: reply.encoded) == reply)
+        for exit in [AgentExit(status: 0), AgentExit(status: 137, oomKilled: true)] { #expect(try AgentExit(decoding: exit.encoded) == exit) }
+        #expect(AgentExit(status: 3).encoded == [0x08, 0x03], "an ordinary exit is what older agents sent")
         let stream = AgentFrame(.request, stream: 3, payload: request.encoded).encoded + AgentFrame(.stdout, stream: 9, payload: [1, 2, 3]).encoded
         for split in 0...stream.count {
             var decoder = AgentFrameDecoder()
