@@ -265,6 +265,11 @@ struct UnattendedCreateTests {
         defer { unlink(wrongDisc.iso ?? "") }
         #expect { try library.create(wrongDisc) } throws: { "\($0)".contains("carries no packages") }
 
+        // A clone of a VM not yet installed runs the same install, with its own copy of the installer.
+        let clone = try library.clone("deb", to: "deb2", linked: false)
+        #expect(clone.unattended == definition.unattended)
+        #expect(try Data(contentsOf: URL(fileURLWithPath: library.root + "/deb2/install-initrd")) == initrd)
+
         // A different disc ends the install; the answers (the password's hash) go with it.
         var eject = ChangeRequest()
         eject.iso = .some(nil)

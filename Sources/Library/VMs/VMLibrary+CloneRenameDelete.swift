@@ -136,8 +136,10 @@ extension VMLibrary {
             var finished: UInt64 = 0
             do throws(LibraryError) {
                 let target = VMBundle(directory: staging)
-                // The kernel, initrd and UEFI variable store are the VM's own: each clone gets a copy.
-                for file in [original.kernel, original.initrd, original.nvram].compactMap({ $0 }) where !file.hasPrefix("/") {
+                // The kernel, initrd and UEFI variable store are the VM's own: each clone gets a copy
+                // (and of an unfinished unattended install's installer, which the clone runs too).
+                for file in [original.kernel, original.initrd, original.nvram, original.unattended?.kernel, original.unattended?.initrd]
+                    .compactMap({ $0 }) where !file.hasPrefix("/") {
                     try HostFiles.copySparse(bundle.resolve(file), target.resolve(file))
                 }
                 definition.disks = []

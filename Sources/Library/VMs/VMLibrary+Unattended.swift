@@ -66,9 +66,14 @@ extension VMLibrary {
         guard let iso = definition.iso else { throw .invalidValue(field: "unattended", reason: "needs the installer ISO") }
         let image = try ISO9660Image(path: iso)
         defer { image.close() }
-        for (inside, file) in [(install.installer.kernel, install.kernel), (install.installer.initrd, install.initrd)] {
+        // Bounds well above any real installer's (Debian's initrds are tens of MiB, Ubuntu's
+        // casper initrd a few hundred): a crafted ISO does not fill the library with gigabytes.
+        for (inside, file, limit) in [(install.installer.kernel, install.kernel, UInt32(256 << 20)), (install.installer.initrd, install.initrd, UInt32(1 << 30))] {
             guard let entry = try image.lookup(inside), !entry.isDirectory else {
                 throw .invalidValue(field: "iso", reason: "\(iso) no longer has \(inside)")
+            }
+            guard entry.size <= limit else {
+                throw .invalidValue(field: "iso", reason: "\(iso): \(inside) is \(entry.size) bytes, more than the \(limit >> 20) MiB an installer's has; the ISO is damaged or not an installer")
             }
             try image.copy(entry, to: bundle.resolve(file))
         }
