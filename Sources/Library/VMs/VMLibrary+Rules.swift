@@ -86,7 +86,7 @@ extension VMLibrary {
     /// rules they met at create (a hand-edited definition is checked as a new one would be).
     static func validate(unattended: UnattendedInstall, definition: VMDefinition) throws(LibraryError) {
         guard definition.engine == .qemu, definition.firmware != nil, definition.iso != nil else {
-            throw .invalidValue(field: "unattended", reason: "an unattended install runs on the qemu engine with firmware and its installer ISO in the drive; `vireo set \(definition.name) --unattended none` drops it")
+            throw .invalidValue(field: "unattended", reason: "an unattended install runs on the qemu engine with firmware and its installer ISO in the drive; `vireo eject \(definition.name)` gives the install up")
         }
         guard unattended.kernel == UnattendedInstall.kernelFile, unattended.initrd == UnattendedInstall.initrdFile,
               unattended.seed == nil || unattended.seed == UnattendedInstall.seedFile else {
