@@ -106,7 +106,7 @@ struct UnattendedDetectionTests {
 struct UnattendedAnswerTests {
     static let settings = UnattendedSettings(user: "alice", fullName: "Alice Example", passwordHash: "$y$j9T$salt$hash", hostname: "box.example.org",
                                              locale: "de_DE", timezone: "Europe/Berlin", packages: ["curl", "htop"],
-                                             postInstallCommand: "echo it's done > /root/done", authorizedKeys: ["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIG9v alice@host"],
+                                             postInstallCommand: "echo it's done > /root/done", authorizedKeys: ["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIG9v alice@host", "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGJh alice@laptop"],
                                              mirror: "http://deb.example.org:8080/debian")
 
     static func installer(_ family: InstallerFamily = .debian) -> DetectedInstaller {
@@ -146,6 +146,8 @@ struct UnattendedAnswerTests {
         #expect(keys["passwd/user-default-groups"]?.1.split(separator: " ").contains("sudo") == true, "the user gets sudo")
         let late = keys["preseed/late_command"]?.1 ?? ""
         #expect(late.contains("in-target sh -c 'echo it'\\''s done > /root/done'"), "\(late)")
+        // Both keys, on the one line a preseed value is (the check below: every line is a key).
+        #expect(late.contains("alice@host") && late.contains("alice@laptop"), "\(late)")
         #expect(late.contains("authorized_keys") && late.hasSuffix("echo \(UnattendedInstall.finishedMarker) > /dev/ttyS0"), "\(late)")
         #expect(keys["preseed/early_command"]?.1.contains("/var/log/syslog") == true)
         #expect(!text.contains("\r") && text.split(separator: "\n").allSatisfy { $0.hasPrefix("d-i ") || $0.hasPrefix("popularity-contest ") })
@@ -172,7 +174,7 @@ struct UnattendedAnswerTests {
         let identity = try #require(install["identity"] as? [String: String])
         #expect(identity == ["hostname": "box.example.org", "username": "alice", "password": "$y$j9T$salt$hash", "realname": "Alice Example"])
         let ssh = try #require(install["ssh"] as? [String: Any])
-        #expect(ssh["install-server"] as? Bool == true && (ssh["authorized-keys"] as? [String])?.count == 1)
+        #expect(ssh["install-server"] as? Bool == true && (ssh["authorized-keys"] as? [String])?.count == 2)
         #expect((install["late-commands"] as? [String])?.last == "echo \(UnattendedInstall.finishedMarker) > /dev/ttyS0")
         #expect(install["packages"] as? [String] == ["curl", "htop"])
     }

@@ -334,8 +334,9 @@ public enum UnattendedAnswers {
         var steps: [String] = []
         if !settings.authorizedKeys.isEmpty {
             let home = "/home/\(settings.user)"
-            let keys = settings.authorizedKeys.joined(separator: "\n")
-            let script = "mkdir -p \(home)/.ssh && printf '%s\\n' \(shellQuoted(keys)) >> \(home)/.ssh/authorized_keys && chmod 700 \(home)/.ssh && chmod 600 \(home)/.ssh/authorized_keys && chown -R \(settings.user): \(home)/.ssh"
+            // One quoted word per key: a preseed value is one line, so no newline may be in it.
+            let keys = settings.authorizedKeys.map(shellQuoted).joined(separator: " ")
+            let script = "mkdir -p \(home)/.ssh && printf '%s\\n' \(keys) >> \(home)/.ssh/authorized_keys && chmod 700 \(home)/.ssh && chmod 600 \(home)/.ssh/authorized_keys && chown -R \(settings.user): \(home)/.ssh"
             steps.append("in-target sh -c \(shellQuoted(script))")
         }
         if let command = settings.postInstallCommand { steps.append("in-target sh -c \(shellQuoted(command))") }
