@@ -338,6 +338,10 @@ extension APIServer {
             }
             if let disk = body.attachDisk { try self.paths.checkDisk(disk, field: "attach_disk") }
             for (index, path) in (body.sshKeyFiles ?? []).enumerated() { try self.paths.check(path, field: "ssh_key_files[\(index)]") }
+            // The server reads these as root: the unattended answers' key files too.
+            for (index, path) in (body.unattended?.sshKeyFiles ?? []).enumerated() {
+                try self.paths.check(path, field: "unattended.ssh_key_files[\(index)]")
+            }
             for (index, text) in (body.shares ?? []).enumerated() {
                 let share: SharedFolder
                 do throws(LibraryError) { share = try SharedFolder.parse(text) } catch { throw APIProblem(error) }

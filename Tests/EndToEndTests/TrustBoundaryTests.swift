@@ -497,6 +497,10 @@ struct TrustBoundaryTests {
             #expect(!FileManager.default.fileExists(atPath: outside.appendingPathComponent("x.qcow2").path))
             let attached = try api.request("POST", "/api/vms", json: ["name": "b", "attach_disk": "/etc/shadow", "memory_bytes": 64 << 20, "nics": [String]()])
             #expect(attached.status == 422 && attached.text.contains("attach_disk"), "\(attached.status) \(attached.text)")
+            // An unattended install's key files are read by the server as root: the same policy.
+            let keys = try api.request("POST", "/api/vms", json: ["name": "c",
+                                                                  "unattended": ["password": "x", "ssh_key_files": ["/etc/hostname"]] as [String: Any]])
+            #expect(keys.status == 422 && keys.text.contains("unattended.ssh_key_files[0]") && keys.text.contains("--allow-path"), "\(keys.status) \(keys.text)")
         }
         let (server, api) = try serve(["--allow-path", outside.path])
         defer { server.signal(SIGTERM); _ = server.wait(timeout: 10) }
