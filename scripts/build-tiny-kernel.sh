@@ -69,8 +69,9 @@ enable=(64BIT PRINTK EARLY_PRINTK TTY SERIAL_8250 SERIAL_8250_CONSOLE BLK_DEV_IN
 disable=(KERNEL_XZ KERNEL_GZIP KERNEL_BZIP2 KERNEL_LZMA KERNEL_LZO KERNEL_ZSTD)
 if [[ "$flavour" == acpi ]]; then
   # ACPI's region setup needs PCI; the button driver (with input) shows the DSDT's power button
-  # bound; VMGENID is the driver for the generation ID device.
-  enable+=(ACPI PCI INPUT ACPI_BUTTON VIRT_DRIVERS VMGENID)
+  # bound; VMGENID is the driver for the generation ID device; FUSE and VIRTIO_FS mount a shared
+  # folder as the root file system (root=TAG rootfstype=virtiofs).
+  enable+=(ACPI PCI INPUT ACPI_BUTTON VIRT_DRIVERS VMGENID FUSE_FS VIRTIO_FS)
   disable+=(VIRTIO_MMIO_CMDLINE_DEVICES)
 else
   enable+=(VIRTIO_MMIO_CMDLINE_DEVICES)

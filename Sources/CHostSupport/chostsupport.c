@@ -224,6 +224,26 @@ long vireo_send_with_descriptor(int socket, const void *data, size_t length, int
     return sent < 0 ? -errno : (long)sent;
 }
 
+long vireo_send_with_descriptors(int socket, const void *data, size_t length, const int *fds, int count) {
+    if (count < 0 || count > 8) return -EINVAL;
+    struct iovec part = { .iov_base = (void *)data, .iov_len = length };
+    union { char buffer[CMSG_SPACE(sizeof(int) * 8)]; struct cmsghdr align; } control;
+    memset(&control, 0, sizeof control);
+    struct msghdr message = { .msg_iov = &part, .msg_iovlen = 1 };
+    if (count > 0) {
+        message.msg_control = control.buffer;
+        message.msg_controllen = CMSG_SPACE(sizeof(int) * (size_t)count);
+        struct cmsghdr *header = CMSG_FIRSTHDR(&message);
+        header->cmsg_level = SOL_SOCKET;
+        header->cmsg_type = SCM_RIGHTS;
+        header->cmsg_len = CMSG_LEN(sizeof(int) * (size_t)count);
+        memcpy(CMSG_DATA(header), fds, sizeof(int) * (size_t)count);
+    }
+    ssize_t sent;
+    do { sent = sendmsg(socket, &message, MSG_NOSIGNAL); } while (sent < 0 && errno == EINTR);
+    return sent < 0 ? -errno : (long)sent;
+}
+
 long vireo_receive_with_descriptor(int socket, void *data, size_t capacity, int *fd) {
     *fd = -1;
     struct iovec part = { .iov_base = data, .iov_len = capacity };

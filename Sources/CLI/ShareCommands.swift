@@ -5,7 +5,7 @@ import MachineSpec
 struct ShareCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "share",
-        abstract: "Shared folders: host directories a qemu-engine guest mounts over virtio-fs.",
+        abstract: "Shared folders: host directories a guest mounts over virtio-fs.",
         discussion: """
             Each share is served by Debian's virtiofsd while the VM runs, in a user namespace where \
             the guest's root is an unprivileged host uid and the guest's first user (uid 1000) is \

@@ -78,6 +78,9 @@ public final class GuestMemory: @unchecked Sendable {
     private let ownsMappings: Bool
     /// A MAP_SHARED backing file and each region's offset in it.
     private let sharedFile: (descriptor: Int32, offsets: [UInt64])?
+    /// The MAP_SHARED backing file and each region's offset in it, when RAM has one: what a
+    /// vhost-user back end maps to reach the guest's buffers (virtio-fs). Nil for private RAM.
+    public var sharedBacking: (descriptor: Int32, offsets: [UInt64])? { sharedFile }
     private let privateFileDescriptor: Int32
     /// Pages the VMM itself wrote (device DMA, virtqueue rings, reloads) while `logsWrites` is
     /// set, one bit per 4 KiB page per region: live migration must resend them, and KVM's dirty

@@ -60,11 +60,13 @@ public enum MachineField: String, Sendable, CaseIterable {
     }
 
     /// The `vireo run`/`vireo-vmm` flag, where it differs from `flag`: the VMM takes a card's
-    /// host backend (`--net tap:NAME`) and the vsock's socket with its CID (`--vsock PATH,cid=N`).
+    /// host backend (`--net tap:NAME`), the vsock's socket with its CID (`--vsock PATH,cid=N`) and
+    /// a shared folder's tag with its back end's socket (`--fs tag=T,socket=PATH`).
     public var runFlag: String {
         switch self {
         case .nics: return "--net"
         case .vsockCID: return "--vsock"
+        case .shares: return "--fs"
         default: return flag
         }
     }

@@ -15,7 +15,13 @@ public enum MachineRules {
         if let socket = spec.vsock?.socketPath { try path(socket, .vsockCID) }
         try path(spec.console, .console)
         try memoryBacking(spec.memory, memoryBytes: spec.memoryBytes)
-        try virtioDevices(disks: spec.disks.count, nics: spec.nics.count, vsock: spec.vsock != nil, balloon: spec.balloon != nil, entropy: spec.entropyDevice)
+        try virtioDevices(disks: spec.disks.count, nics: spec.nics.count, vsock: spec.vsock != nil, balloon: spec.balloon != nil, entropy: spec.entropyDevice,
+                          shares: spec.sharedFolders.count)
+        if !spec.sharedFolders.isEmpty {
+            try shares(tags: spec.sharedFolders.map(\.tag))
+            for folder in spec.sharedFolders { try path(folder.socketPath, .shares) }
+            try sharedFolderMemory(spec.memory)
+        }
         for (index, disk) in spec.disks.enumerated() {
             try path(disk.path, .disks)
             // A spec's paths are resolved (a definition's may be relative to the VM's directory).
@@ -144,10 +150,18 @@ public enum MachineRules {
     }
 
     /// All virtio devices share the machine's slots, one interrupt line each.
-    public static func virtioDevices(disks: Int, nics: Int, vsock: Bool, balloon: Bool, entropy: Bool) throws(MachineSpecError) {
-        let count = disks + nics + (vsock ? 1 : 0) + (balloon ? 1 : 0) + (entropy ? 1 : 0)
+    public static func virtioDevices(disks: Int, nics: Int, vsock: Bool, balloon: Bool, entropy: Bool, shares: Int = 0) throws(MachineSpecError) {
+        let count = disks + nics + (vsock ? 1 : 0) + (balloon ? 1 : 0) + (entropy ? 1 : 0) + shares
         guard count <= MachineLimits.virtioSlots else {
-            throw MachineSpecError(.disks, "\(disks) disk(s), \(nics) network card(s) and the vsock, balloon and rng devices need \(count) virtio slots; the kvm engine has \(MachineLimits.virtioSlots). Detach a disk or remove a device (--no-balloon, --no-rng)")
+            throw MachineSpecError(.disks, "\(disks) disk(s), \(nics) network card(s), \(shares) shared folder(s) and the vsock, balloon and rng devices need \(count) virtio slots; the kvm engine has \(MachineLimits.virtioSlots). Detach a disk or remove a device (--no-balloon, --no-rng)")
+        }
+    }
+
+    /// A shared folder's back end (virtiofsd) maps guest RAM to reach the guest's buffers, so RAM
+    /// must be a file both processes map MAP_SHARED: a memfd or a file with `,shared`.
+    public static func sharedFolderMemory(_ backing: MemoryBacking) throws(MachineSpecError) {
+        guard backing.file != nil, backing.shared else {
+            throw MachineSpecError(.memoryBacking, "shared folders need guest RAM their back end (virtiofsd) can map: memfd,shared or file:PATH,shared (not \(backing.backingArgument))")
         }
     }
 

@@ -16,6 +16,9 @@ public struct MachineSpec: Sendable, Equatable, Codable {
     public var nics: [NIC] = []
     public var vsock: Vsock?
     public var balloon: Balloon?
+    /// Shared folders: virtio-fs devices whose vhost-user back ends (virtiofsd) listen on these
+    /// sockets. Optional so that specs in saved states from before them still read.
+    public var fileSystems: [FileSystem]?
     /// A virtio-rng device fed from the host's /dev/urandom.
     public var entropyDevice = false
     /// Describe the machine with ACPI tables (and the MP table), or with the MP table and
@@ -113,9 +116,22 @@ public struct MachineSpec: Sendable, Equatable, Codable {
         }
     }
 
-    /// The virtio devices in slot order: disks, cards, vsock, balloon, then the entropy device.
+    /// A virtio-fs device: the tag the guest mounts by and the Unix socket its vhost-user back end
+    /// (virtiofsd) listens on, as Cloud Hypervisor's `--fs tag=,socket=`.
+    public struct FileSystem: Sendable, Equatable, Codable {
+        public var tag: String
+        public var socketPath: String
+
+        public init(tag: String, socketPath: String) { self.tag = tag; self.socketPath = socketPath }
+    }
+
+    /// The shared folders, none when absent.
+    public var sharedFolders: [FileSystem] { fileSystems ?? [] }
+
+    /// The virtio devices in slot order: disks, cards, vsock, balloon, the entropy device, then
+    /// the shared folders (last, so a machine without them keeps the slots it always had).
     public var virtioDeviceCount: Int {
-        disks.count + nics.count + (vsock == nil ? 0 : 1) + (balloon == nil ? 0 : 1) + (entropyDevice ? 1 : 0)
+        disks.count + nics.count + (vsock == nil ? 0 : 1) + (balloon == nil ? 0 : 1) + (entropyDevice ? 1 : 0) + sharedFolders.count
     }
 }
 

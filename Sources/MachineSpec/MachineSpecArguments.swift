@@ -4,9 +4,9 @@
 extension MachineSpec {
     /// Flags that set a machine switch (no value).
     public static let switches: Set<String> = ["--rng", "--prealloc", "--ksm", "--lock-memory"]
-    /// Flags that take a value; `--disk` and `--net` may repeat.
+    /// Flags that take a value; `--disk`, `--net` and `--fs` may repeat.
     public static let valueFlags: Set<String> = ["--kernel", "--initrd", "--cmdline", "--cpus", "--cpu", "--memory", "--console", "--disk", "--net",
-                                                 "--vsock", "--balloon", "--acpi", "--on-reboot", "--generation-id", "--memory-backing",
+                                                 "--vsock", "--fs", "--balloon", "--acpi", "--on-reboot", "--generation-id", "--memory-backing",
                                                  "--rt-priority", "--thp", "--numa-node"]
 
     /// What each flag means, for `vireo run --help` and `vireo-vmm --help`.
@@ -21,6 +21,7 @@ extension MachineSpec {
         ("--disk SPEC", "a virtio-blk disk: \(Disk.syntax); repeat for more. format= is what the disk is (never read from its content; .qcow2/.raw names say it too); backing=FORMAT:PATH, once per layer nearest first, is the only chain opened (backing=header follows the image's own header)"),
         ("--net SPEC", "a virtio-net card: \(NIC.syntax)[,offload=on|off][,bps=N[,bps-burst=N]][,pps=N[,pps-burst=N]]; repeat for more"),
         ("--vsock PATH[,cid=N]", "a virtio-vsock device; the host reaches guest port P by connecting to PATH and sending \"CONNECT P\\n\""),
+        ("--fs tag=T,socket=PATH", "a virtio-fs shared folder the guest mounts by tag T (mount -t virtiofs T DIR), served by the vhost-user back end (virtiofsd) listening on PATH; needs --memory-backing memfd,shared; repeat for more"),
         ("--balloon OPTIONS", "a virtio-balloon device: on, deflate-on-oom and/or stats=SECONDS"),
         ("--rng", "a virtio-rng device fed from the host's /dev/urandom"),
         ("--acpi on|off", "describe the machine with ACPI tables and an MP table (default), or the MP table and command-line devices only"),
@@ -44,6 +45,7 @@ extension MachineSpec {
         for disk in disks { arguments += ["--disk", disk.argument] }
         for nic in nics { arguments += ["--net", nic.argument] }
         if let vsock { arguments += ["--vsock", "\(vsock.socketPath),cid=\(vsock.guestCID)"] }
+        for folder in sharedFolders { arguments += ["--fs", folder.argument] }
         if let balloon { arguments += ["--balloon", balloon.argument] }
         if entropyDevice { arguments.append("--rng") }
         arguments += ["--acpi", acpi ? "on" : "off", "--on-reboot", onReboot.rawValue]
@@ -105,8 +107,10 @@ extension MachineSpec {
         var others: [String: String] = [:]
         var disks: [Disk] = []
         var nics: [NIC] = []
+        var folders: [FileSystem] = []
         for (name, value) in try flags(arguments, valueFlags: valueFlags.union(otherFlags), switches: switches.union(otherSwitches)) {
             if name == "--net" { nics.append(try NIC(parsing: value, index: nics.count)); continue }
+            if name == "--fs" { folders.append(try FileSystem(parsing: value)); continue }
             if name == "--disk" { disks.append(try Disk(parsing: value, index: disks.count)); continue }
             guard values[name] == nil, others[name] == nil else { throw MachineSpecError(argument: name, "given more than once") }
             if valueFlags.contains(name) || switches.contains(name) { values[name] = value } else { others[name] = value }
@@ -116,6 +120,10 @@ extension MachineSpec {
         spec.initrd = values["--initrd"]
         spec.disks = disks
         spec.nics = nics
+        if !folders.isEmpty {
+            try MachineRules.shares(tags: folders.map(\.tag))
+            spec.fileSystems = folders
+        }
         if let line = values["--cmdline"] { spec.commandLine = line }
         if let text = values["--cpus"] {
             guard let count = Int(text) else { throw MachineSpecError(.cpus, "'\(text)' is not a whole number") }
@@ -301,6 +309,25 @@ extension MachineSpec.Vsock {
             try MachineRules.vsockCID(cid)
             guestCID = cid
         }
+    }
+}
+
+extension MachineSpec.FileSystem {
+    /// `tag=T,socket=PATH`.
+    public var argument: String { "tag=\(tag),socket=\(socketPath)" }
+
+    public init(parsing text: String) throws(MachineSpecError) {
+        var tag: String?, socket: String?
+        for option in text.split(separator: ",", omittingEmptySubsequences: false).map(String.init) {
+            if option.hasPrefix("tag=") { tag = String(option.dropFirst(4)); continue }
+            if option.hasPrefix("socket=") { socket = String(option.dropFirst(7)); continue }
+            throw MachineSpecError(.shares, "unknown option '\(option.prefix(100))' in --fs '\(text.prefix(200))'; expected tag=T,socket=PATH")
+        }
+        guard let tag, let socket, !socket.isEmpty else {
+            throw MachineSpecError(.shares, "'\(text.prefix(200))' needs both tag=T and socket=PATH")
+        }
+        try MachineRules.shareTag(tag)
+        self.init(tag: tag, socketPath: socket)
     }
 }
 

@@ -35,6 +35,8 @@ struct HostResources {
     /// One per card, in the spec's order.
     let frameBackends: [any FrameBackend]
     let vsockListener: Int32?
+    /// One per shared folder, in the spec's order: connected to its virtiofsd, not yet greeted.
+    let fileSystemSockets: [Int32]
     let console: Console
     /// The state file to restore, open but not read; -1 when the machine does not restore.
     let stateDescriptor: Int32
@@ -48,6 +50,10 @@ struct HostResources {
             throw .kvm(error)
         }
         let boot = try spec.validated(maximumVCPUs: kvm.maximumVCPUs)
+        if start != .boot, let folder = spec.sharedFolders.first {
+            // Never saved or migrated (Machine.refuseStateCapture), so no state can hold one.
+            throw .invalidConfiguration(field: MachineField.shares.runFlag, reason: "shared folder '\(folder.tag)' cannot be part of a restored or arriving machine: its state lives in virtiofsd")
+        }
         var stateDescriptor: Int32 = -1
         if case let .restore(stateFile) = start {
             stateDescriptor = Glibc.open(stateFile, O_RDONLY | O_CLOEXEC)
@@ -56,11 +62,13 @@ struct HostResources {
         // Everything opened so far is closed again if a later step fails (vireo run goes on
         // living after a refusal it prints).
         var vsockListener: Int32?
+        var fileSystemSockets: [Int32] = []
         var opened = false
         defer {
             if !opened {
                 if stateDescriptor >= 0 { close(stateDescriptor) }
                 if let vsockListener { close(vsockListener) }
+                for socket in fileSystemSockets { close(socket) }
             }
         }
         let memory: GuestMemory
@@ -103,9 +111,18 @@ struct HostResources {
             }
         }
         if let socket = spec.vsock { vsockListener = try listenUnixSocket(path: socket.socketPath, field: "--vsock", backlog: 64) }
+        // Connected before the jail, which may not see the back ends' sockets; the greeting waits
+        // for the memory table (VirtioDevices).
+        for folder in spec.sharedFolders {
+            do throws(VirtioError) {
+                fileSystemSockets.append(try VhostUserFrontend.connect(path: folder.socketPath))
+            } catch {
+                throw .invalidConfiguration(field: MachineField.shares.runFlag, reason: "shared folder '\(folder.tag)': \(error)")
+            }
+        }
         let console = try Console(try ConsoleConfiguration(parsing: spec.console))
         opened = true
         return HostResources(kvm: kvm, boot: boot, memory: memory, diskFiles: diskFiles, frameBackends: frameBackends,
-                             vsockListener: vsockListener, console: console, stateDescriptor: stateDescriptor)
+                             vsockListener: vsockListener, fileSystemSockets: fileSystemSockets, console: console, stateDescriptor: stateDescriptor)
     }
 }

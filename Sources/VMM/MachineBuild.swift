@@ -21,6 +21,7 @@ struct VirtioDevices {
     let vsock: VirtioVsock?
     let balloon: VirtioBalloon?
     let entropy: VirtioEntropy?
+    let fileSystems: [VirtioFileSystem]
 
     static func create(_ spec: MachineSpec, resources: HostResources) throws(VMMError) -> VirtioDevices {
         var networkCards: [VirtioNet] = []
@@ -45,9 +46,20 @@ struct VirtioDevices {
         if spec.entropyDevice {
             do { entropy = try VirtioEntropy() } catch { throw .invalidConfiguration(field: "--rng", reason: error.description) }
         }
+        // Each back end is greeted and given guest RAM now, before the jail: from then on the
+        // device only tells it where the driver's rings are.
+        var fileSystems: [VirtioFileSystem] = []
+        for (index, (folder, socket)) in zip(spec.sharedFolders, resources.fileSystemSockets).enumerated() {
+            do throws(VirtioError) {
+                fileSystems.append(try VirtioFileSystem(tag: folder.tag, socket: socket, memory: resources.memory))
+            } catch {
+                for later in resources.fileSystemSockets.dropFirst(index + 1) { close(later) }
+                throw .invalidConfiguration(field: MachineField.shares.runFlag, reason: "shared folder '\(folder.tag)': \(error)")
+            }
+        }
         return VirtioDevices(networkCards: networkCards, vsock: vsock,
                              balloon: spec.balloon.map { VirtioBalloon(deflateOnOOM: $0.deflateOnOOM, statisticsInterval: $0.statisticsInterval) },
-                             entropy: entropy)
+                             entropy: entropy, fileSystems: fileSystems)
     }
 }
 
@@ -110,7 +122,8 @@ struct BuiltVCPUs {
 
 /// Every device on its bus: the serial port, the i8042, the ACPI registers (with ACPI) and the
 /// RTC on port I/O; the boot marker and a virtio-mmio transport per virtio device, in slot order
-/// (disks, cards, vsock, balloon, entropy: MachineSpec.guestCommandLine agrees), on MMIO.
+/// (disks, cards, vsock, balloon, entropy, shared folders: MachineSpec.guestCommandLine agrees),
+/// on MMIO.
 struct DeviceBuses {
     let portBus: PortIOBus
     let mmioBus: MMIOBus
@@ -164,6 +177,7 @@ struct DeviceBuses {
             if let vsock = devices.vsock { virtio.append((vsock, "virtio-vsock")) }
             if let balloon = devices.balloon { virtio.append((balloon, "virtio-balloon")) }
             if let entropy = devices.entropy { virtio.append((entropy, "virtio-rng")) }
+            virtio += devices.fileSystems.map { ($0, "virtio-fs '\($0.tag)'") }
             for (index, entry) in virtio.enumerated() {
                 guard let slot = MachineLayout.virtioSlot(index) else { break }
                 let interrupt: any InterruptLine
@@ -175,7 +189,13 @@ struct DeviceBuses {
                 let transport = VirtioMMIOTransport(device: entry.device, memory: memory, interrupt: interrupt)
                 try mmio.register(transport, name: entry.name, base: slot.address, length: VirtioMMIOTransport.windowSize)
                 transports.append(transport)
-                if useEventFDs { dispatcher.attach(transport, notifyAddress: slot.address + VirtioMMIOTransport.queueNotifyOffset, vm: vm) }
+                if let external = entry.device as? any VirtioExternalQueues {
+                    // The back end's own eventfds: the guest's notification goes straight to it.
+                    dispatcher.attach(external: external, transport: transport,
+                                      notifyAddress: useEventFDs ? slot.address + VirtioMMIOTransport.queueNotifyOffset : nil, vm: vm)
+                } else if useEventFDs {
+                    dispatcher.attach(transport, notifyAddress: slot.address + VirtioMMIOTransport.queueNotifyOffset, vm: vm)
+                }
             }
         } catch {
             throw .bus(error)

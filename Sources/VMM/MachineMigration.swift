@@ -323,6 +323,7 @@ extension Machine {
     /// is lost after everything was sent does the VM stay paused here (it may run there).
     public func migrate(over channel: MigrationChannel, options: MigrationOptions,
                         progress: (MigrationProgress) -> Void) throws(VMMError) -> MigrationOutcome {
+        try refuseStateCapture("migrated")
         guard !migrating.exchange(true, ordering: .acquiringAndReleasing) else {
             throw .migration("a migration of this VM is already running")
         }

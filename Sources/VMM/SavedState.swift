@@ -165,11 +165,19 @@ extension Machine {
         resumeComponents()
     }
 
+    /// A shared folder's state (the guest's open files, FUSE node IDs) lives in its virtiofsd, which
+    /// no saved state or migration stream can carry, as with QEMU: refused before anything pauses.
+    func refuseStateCapture(_ action: String) throws(VMMError) {
+        guard let folder = spec.sharedFolders.first else { return }
+        throw .invalidConfiguration(field: MachineField.shares.runFlag, reason: "this VM shares a folder as '\(folder.tag)' (virtio-fs), whose state lives in virtiofsd (the guest's open files) and cannot be \(action); shut the VM down first, or remove the shared folder while it is stopped")
+    }
+
     /// `vireo save`: parks the vCPUs, quiesces the devices, flushes the disks and writes the
     /// machine's state and RAM to the state file, and leaves the machine parked for
     /// `stopAfterSave()`. On any error the VM runs on as before (resumed if this paused it) and
     /// the earlier file is untouched.
     public func save() throws(VMMError) {
+        try refuseStateCapture("saved")
         guard let path = stateFilePath else {
             throw .invalidConfiguration(field: "--state-file", reason: "this VMM was started without a state file; it has nowhere to save")
         }
@@ -247,6 +255,7 @@ extension Machine {
     /// disk layer). Then the VM runs on. Returns the overlays now in use and how long the guest
     /// was paused. On any error nothing has switched and the VM runs on as before.
     public func snapshot(id: String) throws(VMMError) -> (overlays: [String], pausedMicroseconds: UInt64, memoryLost: String?) {
+        try refuseStateCapture("saved in a live snapshot")
         guard let directory = snapshotDirectory else {
             throw .invalidConfiguration(field: "--snapshot-dir", reason: "this VMM was started without a snapshot directory; stop and start the VM to take live snapshots")
         }

@@ -31,12 +31,16 @@ struct IRQFDInterruptLine: InterruptLine {
 /// Receives virtio queue notifications that KVM signals on ioeventfds (one per queue, matched
 /// on the queue index written to QueueNotify) and runs the device's queue work on its own thread,
 /// so a vCPU's notification costs no exit to this process and the vCPU runs on meanwhile.
-/// A queue whose ioeventfd cannot be registered keeps the ordinary MMIO path.
+/// A queue whose ioeventfd cannot be registered keeps the ordinary MMIO path. For a device whose
+/// queues another process serves (vhost-user), KVM signals that process's kick eventfds itself,
+/// and this thread only turns its call eventfds into the used-buffer interrupt.
 final class NotificationDispatcher: @unchecked Sendable {
     private struct Entry {
+        enum Kind { case notify, backendUsedBuffers }
         let fd: Int32
         let transport: VirtioMMIOTransport
         let queue: Int
+        var kind = Kind.notify
     }
     private var entries: [Entry] = []
     private let wake = vireo_eventfd_cloexec(0)
@@ -59,6 +63,24 @@ final class NotificationDispatcher: @unchecked Sendable {
         }
     }
 
+    /// A vhost-user device: each queue's kick eventfd registered as its ioeventfd (when
+    /// `notifyAddress` is given; else notifications come as MMIO exits, which the device passes
+    /// on), and each call eventfd watched here.
+    func attach(external device: any VirtioExternalQueues, transport: VirtioMMIOTransport, notifyAddress: UInt64?, vm: VirtualMachine) {
+        if let notifyAddress {
+            for (queue, fd) in device.kickDescriptors.enumerated() {
+                do {
+                    try vm.registerIOEventFD(address: notifyAddress, length: 4, eventFD: fd, value: UInt64(queue))
+                } catch {
+                    vmmLog("ioeventfd for queue \(queue) at 0x\(String(notifyAddress, radix: 16)) unavailable (\(error)); using MMIO exits")
+                }
+            }
+        }
+        for (queue, fd) in device.callDescriptors.enumerated() {
+            entries.append(Entry(fd: fd, transport: transport, queue: queue, kind: .backendUsedBuffers))
+        }
+    }
+
     func stop() {
         stopping.store(true, ordering: .releasing)
         var one: UInt64 = 1
@@ -78,7 +100,10 @@ final class NotificationDispatcher: @unchecked Sendable {
                 var count: UInt64 = 0
                 _ = read(descriptor.fd, &count, 8)
                 let entry = entries[index - 1]
-                entry.transport.notify(queue: entry.queue)
+                switch entry.kind {
+                case .notify: entry.transport.notify(queue: entry.queue)
+                case .backendUsedBuffers: entry.transport.signalUsedBuffers()
+                }
             }
         }
     }

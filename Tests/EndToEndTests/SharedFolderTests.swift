@@ -2,7 +2,7 @@ import Foundation
 import Testing
 
 @Suite(.serialized) struct SharedFolderTests {
-    @Test("shared folders without a boot: `vireo create --share` and `vireo share add/list/remove` keep the directory's real path; a missing path, a file, `/`, the library or a directory holding it, a duplicate or malformed tag, a bad --share option and a share on a kvm-engine VM are refused naming the field, and the definition is unchanged")
+    @Test("shared folders without a boot: `vireo create --share` and `vireo share add/list/remove` keep the directory's real path; a missing path, a file, `/`, the library or a directory holding it, a duplicate or malformed tag, a bad --share option and a kvm-engine VM's share on huge pages or KSM are refused naming the field, and the definition is unchanged; a kvm-engine VM takes shares")
     func sharesAndRefusals() throws {
         let library = try TestLibrary()
         let work = try Harness.temporaryDirectory()
@@ -22,7 +22,7 @@ import Testing
         let shares = (try? JSONSerialization.jsonObject(with: Data(listed.stdout.utf8))) as? [[String: Any]] ?? []
         #expect(shares.count == 1 && shares.first?["tag"] as? String == "proj" && shares.first?["path"] as? String == project
                 && shares.first?["read_only"] as? Bool == false, "\(listed.stdout)")
-        // With --share and no --engine, the qemu engine is chosen (the kvm engine has no virtio-fs).
+        // With --share and no --engine, the qemu engine is chosen (it has the guest agent's port too).
         let chosen = library.vireo("create", "auto", "--kernel", probe, "--memory", "128M", "--no-disk", "--no-nic", "--share", project)
         #expect(chosen.status == 0, "\(chosen.stderr)")
         #expect(library.vireo("info", "auto").stdout.contains("Shared folder:   \(project) as 'my-project'"), "\(library.vireo("info", "auto").stdout)")
@@ -41,7 +41,8 @@ import Testing
             (["share", "remove", "q", "nope"], "TAG: VM 'q' has no shared folder 'nope' (shares: proj (\(project)))"),
             (["share", "add", "absent-vm", project], "no VM named 'absent-vm'"),
             (["create", "bad", "--engine", "qemu", "--accel", "tcg", "--kernel", probe, "--no-disk", "--no-nic", "--share", project + ",uid=5"], "the only option is ro"),
-            (["create", "k", "--engine", "kvm", "--kernel", probe, "--no-disk", "--no-nic", "--share", project], "shared folders run on the qemu engine so far"),
+            (["create", "k", "--engine", "kvm", "--kernel", probe, "--no-disk", "--no-nic", "--memory-backing", "hugepages=2M", "--share", project], "the kvm engine's huge pages"),
+            (["create", "k", "--engine", "kvm", "--kernel", probe, "--no-disk", "--no-nic", "--ksm", "--share", project], "KSM (--ksm) merges private pages only"),
         ]
         for (arguments, reason) in refusals {
             let refused = library.vireo(arguments: arguments)
@@ -50,12 +51,14 @@ import Testing
         #expect(try Data(contentsOf: config) == before, "a refused change changes nothing")
         #expect(!FileManager.default.fileExists(atPath: library.root.appendingPathComponent("k").path))
         #expect(!FileManager.default.fileExists(atPath: library.root.appendingPathComponent("bad").path))
-        // A kvm-engine VM cannot take one either, nor be switched to kvm with one.
-        #expect(library.vireo("create", "kv", "--engine", "kvm", "--kernel", probe, "--no-disk", "--no-nic").status == 0)
+        // A kvm-engine VM takes one (its virtio-fs device, SharedFolderTests' boot below), but
+        // not on RAM virtiofsd cannot map.
+        #expect(library.vireo("create", "kv", "--engine", "kvm", "--kernel", probe, "--no-disk", "--no-nic", "--ksm").status == 0)
+        let onKSM = library.vireo("share", "add", "kv", project)
+        #expect(onKSM.status != 0 && onKSM.stderr.contains("KSM (--ksm) merges private pages only"), "\(onKSM.stderr)")
+        #expect(library.vireo("set", "kv", "--no-ksm").status == 0)
         let onKVM = library.vireo("share", "add", "kv", project)
-        #expect(onKVM.status != 0 && onKVM.stderr.contains("shared folders run on the qemu engine so far"), "\(onKVM.stderr)")
-        let toKVM = library.vireo("set", "q", "--engine", "kvm")
-        #expect(toKVM.status != 0 && toKVM.stderr.contains("shared folders run on the qemu engine so far"), "\(toKVM.stderr)")
+        #expect(onKVM.status == 0, "\(onKVM.stderr)")
 
         let readOnly = library.vireo("share", "add", "q", work.path, "--tag", "work", "--readonly")
         #expect(readOnly.status == 0 && readOnly.stdout.contains("shares \(work.path) as 'work', read-only"), "\(readOnly.stdout) \(readOnly.stderr)")
@@ -75,6 +78,55 @@ import Testing
         let swapped = library.vireo("start", "q")
         #expect(swapped.status != 0 && swapped.stderr.contains("now resolves to \(elsewhere)/data"), "\(swapped.stderr)")
         #expect(library.state("q") == "stopped")
+    }
+
+    @Test("the kvm engine's virtio-fs: a library VM boots the ACPI test kernel with its root file system on a shared folder (root=TAG rootfstype=virtiofs) served by virtiofsd in its user namespace, and runs the /init the host put there; a save while it runs is refused naming virtio-fs and changes nothing",
+          .timeLimit(.minutes(20)))
+    func kvmEngineRootOnSharedFolder() throws {
+        try Harness.requireKVM()
+        let library = try TestLibrary()
+        let kernel = try LinuxKernelTests.acpiKernelDirectory.get().appendingPathComponent("vmlinux").path
+        let work = try Harness.temporaryDirectory()
+        _ = try LinuxKernelTests.makeInitramfs(in: work)      // work/root holds init and payload
+        let root = work.appendingPathComponent("root").path
+        let created = library.vireo("create", "fs", "--engine", "kvm", "--kernel", kernel, "--memory", "128M", "--cpus", "1",
+                                    "--no-disk", "--no-nic", "--no-balloon", "--no-rng", "--on-reboot", "exit", "--share", root + ":rootfs",
+                                    "--cmdline", "console=ttyS0 \(try LinuxKernelTests.acpiEmulatorSafeOptions()) root=rootfs rootfstype=virtiofs rw init=/init panic=1 reboot=acpi")
+        #expect(created.status == 0, "\(created.stderr)")
+        let started = library.vireo("start", "fs")
+        #expect(started.status == 0, "\(started.stderr)")
+        // Refused before the VMM is asked; the guest boots on.
+        let save = library.vireo("save", "fs")
+        #expect(save.status != 0 && save.stderr.contains("over virtio-fs"), "\(save.stderr)")
+        #expect(library.state("fs") == "running", "\(library.state("fs") ?? "")")
+        // init runs (read from the share through FUSE), cannot make system calls here, dies; the
+        // panic's reboot ends the run (--on-reboot exit).
+        #expect(library.waitFor(1080) { ["stopped", "crashed"].contains(library.state("fs") ?? "") })
+        #expect(library.state("fs") == "stopped", "\(library.vmmLog("fs"))\n\(library.consoleLog("fs").suffix(3000))")
+        let console = library.consoleLog("fs")
+        #expect(console.contains("vireo.share=rootfs"), "the mount script's list on the command line: \(console.prefix(1500))")
+        #expect(console.contains("VFS: Mounted root (virtiofs filesystem) on device"), "\(console.suffix(3000))")
+        #expect(console.contains("Run /init as init process"), "\(console.suffix(3000))")
+        #expect(console.contains("Kernel panic - not syncing: Attempted to kill init!"), "\(console.suffix(3000))")
+        #expect(!library.vmmLog("fs").contains("NEEDS_RESET") && !library.vmmLog("fs").contains("back end"), "\(library.vmmLog("fs"))")
+    }
+
+    @Test("bad --fs values are refused with the reason: no socket, an unknown option, a bad or repeated tag, RAM virtiofsd cannot map, a socket nobody serves")
+    func badFileSystemFlags() throws {
+        try Harness.requireKVM()
+        let probe = try Harness.probe("pvh")
+        let cases: [([String], String)] = [
+            (["--fs", "tag=a"], "--fs: 'tag=a' needs both tag=T and socket=PATH"),
+            (["--fs", "tag=a,socket=/tmp/x.sock,cache=none"], "unknown option 'cache=none'"),
+            (["--fs", "tag=no space,socket=/tmp/x.sock"], "tag 'no space' must be 1 to 36"),
+            (["--fs", "tag=a,socket=/tmp/x.sock", "--fs", "tag=a,socket=/tmp/y.sock"], "tag 'a' is used twice"),
+            (["--fs", "tag=a,socket=/tmp/x.sock"], "shared folders need guest RAM their back end (virtiofsd) can map"),
+            (["--fs", "tag=a,socket=/nonexistent/vireo-fs.sock", "--memory-backing", "memfd,shared"], "cannot connect to the vhost-user back end at /nonexistent/vireo-fs.sock"),
+        ]
+        for (arguments, reason) in cases {
+            let result = Harness.vireoRun(["--kernel", probe, "--memory", "64M"] + arguments)
+            #expect(result.status != 0 && result.stderr.contains(reason), "\(arguments): \(result.status) \(result.stderr)")
+        }
     }
 
     @Test("shared folders and exec through the REST API: a share inside the allowed paths is added, listed and removed; one outside them, a file, a duplicate tag and an unknown field are 422s; removing an unknown tag is a 404; exec on a stopped VM is a 409 and an empty command a 422; nothing is changed by a refusal")

@@ -1,6 +1,7 @@
 import Engines
 import Foundation
 import Library
+import MachineSpec
 import Testing
 
 /// ISO images built byte by byte: volume descriptors at sector 16 on.
@@ -281,20 +282,35 @@ struct QEMUCommandLineTests {
         #expect { try VMLibrary.validate(bad) } throws: { "\($0)".contains("9 shared folders is more than the 8") }
         bad.shares = [SharedFolder(tag: "rel", path: "relative/dir")]
         #expect { try VMLibrary.validate(bad) } throws: { "\($0)".contains("not an absolute path") }
-        bad.shares = [SharedFolder(tag: "k", path: "/tmp")]
-        bad.engine = .kvm
-        bad.firmware = nil
-        bad.kernel = "/boot/vmlinuz"
-        #expect { try VMLibrary.validate(bad) } throws: { "\($0)".contains("shared folders run on the qemu engine so far") }
+        // The kvm engine: a virtio-fs device per share on its virtiofsd's socket, RAM from a shared
+        // memfd, the tags on the command line for the mount script; its huge pages and KSM are
+        // private RAM virtiofsd cannot map.
+        var kvm = definition
+        kvm.engine = .kvm
+        kvm.firmware = nil
+        kvm.kernel = "/boot/vmlinuz"
+        kvm.commandLine = "console=ttyS0"
+        try VMLibrary.validate(kvm)
+        let spec = try KVMEngine.machineSpec(kvm, bundle: bundle, cards: [])
+        #expect(spec.sharedFolders == [MachineSpec.FileSystem(tag: "proj", socketPath: "/lib/fs/vmm/fs-proj.sock"),
+                                       MachineSpec.FileSystem(tag: "docs", socketPath: "/lib/fs/vmm/fs-docs.sock")])
+        #expect(spec.memory.file == .memfd && spec.memory.shared, "\(spec.memory)")
+        #expect(spec.commandLine == "console=ttyS0 vireo.share=proj vireo.share=docs:ro", "\(spec.commandLine)")
+        #expect(try MachineSpec.parse(spec.arguments).spec == spec, "the --fs flags read back as written")
+        kvm.memoryBacking.hugePages = "2M"
+        #expect { try VMLibrary.validate(kvm) } throws: { "\($0)".contains("the kvm engine's huge pages") }
+        kvm.memoryBacking.hugePages = nil
+        kvm.memoryBacking.mergeable = true
+        #expect { try VMLibrary.validate(kvm) } throws: { "\($0)".contains("KSM (--ksm) merges private pages only") }
         // --share's syntax and default tags.
         #expect(try SharedFolder.parse("/srv/no-such-dir:data,ro") == SharedFolder(tag: "data", path: "/srv/no-such-dir", readOnly: true))
         #expect(try SharedFolder.parse("/srv/My Project") == SharedFolder(tag: "My-Project", path: "/srv/My Project"))
         #expect(SharedFolder.defaultTag(for: "/") == "share")
         #expect { try SharedFolder.parse("/srv/x,rw,ro,uid=3") } throws: { "\($0)".contains("the only option is ro") }
         // The server's user namespace.
-        let maps = QEMUShareServers.maps(owner: (uid: 1001, gid: 1002), server: 2_130_706_500)
+        let maps = ShareServers.maps(owner: (uid: 1001, gid: 1002), server: 2_130_706_500)
         #expect(maps.uid == "0 2130706500 1\n1000 1001 1\n" && maps.gid == "0 2130706500 1\n1000 1002 1\n")
-        let rootOwned = QEMUShareServers.maps(owner: (uid: 0, gid: 0), server: 2_130_706_500)
+        let rootOwned = ShareServers.maps(owner: (uid: 0, gid: 0), server: 2_130_706_500)
         #expect(rootOwned.uid == "0 2130706500 1\n" && rootOwned.gid == "0 2130706500 1\n", "host root is never mapped")
     }
 

@@ -64,6 +64,10 @@ int vireo_eventfd_nonblocking(void);
 // Sends `length` bytes on the Unix socket `socket` with `fd` attached (SCM_RIGHTS). Returns the
 // bytes sent, or -errno.
 long vireo_send_with_descriptor(int socket, const void *data, size_t length, int fd);
+// Sends `length` bytes on the Unix socket `socket` with the `count` (0 to 8) descriptors `fds`
+// attached in one SCM_RIGHTS message (vhost-user's memory table and vring descriptors). Returns
+// the bytes sent, or -errno.
+long vireo_send_with_descriptors(int socket, const void *data, size_t length, const int *fds, int count);
 // Receives up to `capacity` bytes from the Unix socket `socket`; a descriptor that came with
 // them is stored (close-on-exec) in *fd, else *fd = -1. Extra descriptors are closed. Returns
 // the bytes received (0 at end of stream), or -errno.

@@ -13,6 +13,8 @@ public enum VirtioError: Error, Equatable, Sendable, CustomStringConvertible {
     case indirectDescriptorNotNegotiated(head: UInt16)
     case bufferOutsideMemory(GuestPhysicalAddress, length: UInt32)
     case malformedRequest(String)
+    /// A vhost-user back end (virtiofsd) failed, refused or went away.
+    case backend(String)
 
     public var description: String {
         switch self {
@@ -25,6 +27,7 @@ public enum VirtioError: Error, Equatable, Sendable, CustomStringConvertible {
         case let .indirectDescriptorNotNegotiated(head): return "descriptor chain from \(head) uses indirect descriptors, which were not offered"
         case let .bufferOutsideMemory(address, length): return "buffer of \(length) bytes at \(address) is outside guest RAM"
         case let .malformedRequest(reason): return "malformed request: \(reason)"
+        case let .backend(reason): return reason
         }
     }
 }

@@ -29,6 +29,21 @@ public protocol VirtioDevice: AnyObject, Sendable {
     /// Puts back what `savedDeviceRecord` gave; called after the transport's own state, features
     /// accepted and queues set up.
     func restoreDevice(record: [UInt8]) throws(StateError)
+    /// Whether the transport may offer VIRTIO_F_EVENT_IDX: the VMM's own queue work handles it,
+    /// a back end in another process (vhost-user) only if it says so.
+    var offersEventIndex: Bool { get }
+    /// The driver set DRIVER_OK with these queues ready (after FEATURES_OK): a device whose queues
+    /// another process serves hands them over now. An error fails the device (NEEDS_RESET).
+    func driverReady(_ queues: [VirtioQueueLayout]) throws(VirtioError)
+}
+
+/// A ready queue as the driver laid it out, in guest-physical addresses.
+public struct VirtioQueueLayout: Sendable, Equatable {
+    public var index: Int
+    public var size: UInt16
+    public var descriptorTable: UInt64
+    public var availableRing: UInt64
+    public var usedRing: UInt64
 }
 
 extension VirtioDevice {
@@ -37,6 +52,8 @@ extension VirtioDevice {
     public func writeConfiguration(offset: Int, data: UnsafeRawBufferPointer) {}
     public func reset() {}
     public func savedDeviceRecord() throws(StateError) -> [UInt8] { [] }
+    public var offersEventIndex: Bool { true }
+    public func driverReady(_ queues: [VirtioQueueLayout]) throws(VirtioError) {}
     public func restoreDevice(record: [UInt8]) throws(StateError) {
         guard record.isEmpty else { throw .invalid(field: "device", reason: "\(record.count) bytes of state for a device that keeps none") }
     }
@@ -229,11 +246,20 @@ public final class VirtioMMIOTransport: MMIODevice, VirtioQueueAccess, Snapshott
                 if state.driverFeatures & VirtioFeature.eventIndex != 0 { eventIndexSessions.add(1, ordering: .relaxed) }
             }
         }
+        let startsDriver = accepted & Status.driverOK != 0 && state.status & Status.driverOK == 0
+            && accepted & Status.featuresOK != 0 && state.status & Status.needsReset == 0
         state.status = accepted | (state.status & Status.needsReset)
+        if startsDriver {
+            let ready = state.queues.enumerated().compactMap { index, queue in
+                queue.ready ? VirtioQueueLayout(index: index, size: queue.size, descriptorTable: queue.descriptor,
+                                                availableRing: queue.driver, usedRing: queue.device) : nil
+            }
+            do throws(VirtioError) { try device.driverReady(ready) } catch { fail(error, state: &state) }
+        }
     }
 
     /// The device's features and the transport's own.
-    var offeredFeatures: UInt64 { device.deviceFeatures | VirtioFeature.eventIndex }
+    var offeredFeatures: UInt64 { device.deviceFeatures | (device.offersEventIndex ? VirtioFeature.eventIndex : 0) }
 
     private func setQueueReady(_ ready: Bool, index: Int, state: inout State) {
         guard ready else {
@@ -290,6 +316,16 @@ public final class VirtioMMIOTransport: MMIODevice, VirtioQueueAccess, Snapshott
             raise(0x1, state: &state)
         } else {
             interruptsSuppressed.add(1, ordering: .relaxed)
+        }
+    }
+
+    /// A back end in another process used buffers (it signalled the queue's call eventfd, having
+    /// decided itself whether the driver asked to hear of it): the used-buffer interrupt.
+    public func signalUsedBuffers() {
+        state.withLock { state in
+            guard state.status & Status.driverOK != 0, state.status & Status.needsReset == 0 else { return }
+            interruptsRaised.add(1, ordering: .relaxed)
+            raise(0x1, state: &state)
         }
     }
 

@@ -70,6 +70,16 @@ public struct KVMEngine: MigratingEngine {
         spec.onReboot = MachineSpec.RebootPolicy(rawValue: definition.onReboot) ?? .exit
         spec.generationID = definition.generationID
         spec.memory = definition.memoryBacking.machineBacking
+        if !definition.shares.isEmpty {
+            // A virtio-fs device per share on the socket its virtiofsd listens on (ShareServers),
+            // and the list the guest's mount script reads (CloudInit.mountSharesScript) on the
+            // command line, as this engine has no SMBIOS. virtiofsd maps guest RAM to reach the
+            // guest's buffers: RAM is a memfd both map shared (QEMU's memory-backend-memfd,share=on).
+            spec.fileSystems = definition.shares.map { MachineSpec.FileSystem(tag: $0.tag, socketPath: ShareServers.socketPath(bundle, tag: $0.tag)) }
+            spec.commandLine += definition.shares.map { " vireo.share=\($0.tag)" + ($0.readOnly ? ":ro" : "") }.joined()
+            if spec.memory.file == nil { spec.memory.file = .memfd }
+            spec.memory.shared = true
+        }
         spec.realTimePriority = definition.resources.rtPriority.map { Int32(truncatingIfNeeded: $0) }
         spec.console = "file:" + bundle.consoleLogPath
         do { try MachineRules.check(spec) } catch { throw LibraryError(error) }
@@ -94,6 +104,11 @@ public struct KVMEngine: MigratingEngine {
         let specDescriptor = encoded.withUnsafeBytes { vireo_sealed_memfd("vireo-machine-spec", $0.baseAddress, $0.count) }
         guard specDescriptor >= 0 else { throw .io(operation: "memfd_create (machine spec)", path: bundle.directory, errno: errno) }
         defer { close(specDescriptor) }
+        // Their servers listen before the VMM connects; they end with its connection, or here if
+        // it does not start. The VMM connects as root, before its jail.
+        var shareServers = try ShareServers.start(vm, clientOwner: nil)
+        var ready = false
+        defer { if ready { shareServers.releaseIdentity() } else { shareServers.stop() } }
         var arguments = [vmmPath, "--spec-fd", String(PreparedNetworking.inherited(inherit.count))]
         inherit.append(specDescriptor)
         arguments += ["--control", bundle.controlPath,
@@ -177,6 +192,7 @@ public struct KVMEngine: MigratingEngine {
             record.disabled = disabled
             try? HostFiles.writeAtomically(Array((record.line + "\n").utf8), to: bundle.isolationPath)
             DetachedChildren.adopt(pid)
+            ready = true
             return StartedVM(pid: pid)
         }
         var status: Int32 = 0
@@ -213,6 +229,13 @@ public struct KVMEngine: MigratingEngine {
 
     // MARK: control requests
 
+    /// A shared folder's state (the guest's open files) lives in its virtiofsd, which no saved
+    /// state can carry (the VMM refuses too; this says so before asking it).
+    static func refuseStateCapture(_ vm: EngineVM, action: String, hint: String) throws(LibraryError) {
+        guard let share = vm.definition.shares.first else { return }
+        throw .engine(name: vm.name, reason: "cannot \(action) it: it shares \(share.path) ('\(share.tag)') over virtio-fs, whose state virtiofsd keeps (the guest's open files) and no saved state can hold; \(hint)", exitStatus: 2)
+    }
+
     public func describe(_ vm: EngineVM) -> VMDescription? {
         guard let connection = try? ControlConnection(path: vm.bundle.controlPath, timeoutSeconds: 2) else { return nil }
         return try? connection.call("describe", as: VMDescription.self)
@@ -227,6 +250,7 @@ public struct KVMEngine: MigratingEngine {
     public func resume(_ vm: EngineVM) throws(LibraryError) { _ = try call(vm, "resume", action: "resume") }
     public func reset(_ vm: EngineVM) throws(LibraryError) { _ = try call(vm, "reset", action: "reset") }
     public func snapshot(_ vm: EngineVM, id: String) throws(LibraryError) -> String? {
+        try Self.refuseStateCapture(vm, action: "take a live snapshot of", hint: "take the snapshot while it is stopped")
         struct Taken: Decodable { var memoryLost: String?; enum CodingKeys: String, CodingKey { case memoryLost = "memory_lost" } }
         do {
             let connection = try ControlConnection(path: vm.bundle.controlPath, timeoutSeconds: 600)
@@ -245,6 +269,7 @@ public struct KVMEngine: MigratingEngine {
         }
     }
     public func saveState(_ vm: EngineVM) throws(LibraryError) {
+        try Self.refuseStateCapture(vm, action: "save", hint: "shut it down (`vireo stop \(vm.name)`), or remove its shared folders while it is stopped")
         // Writing a large guest's RAM takes longer than the usual request time-out.
         do {
             let connection = try ControlConnection(path: vm.bundle.controlPath, timeoutSeconds: 600)

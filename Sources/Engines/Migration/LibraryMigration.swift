@@ -276,6 +276,10 @@ extension VMManager {
         // Refused before anything is sent to the receiver.
         guard let engine = running as? any MigratingEngine else { throw EngineRefusal.noMigration(vm) }
         if vm.bundle.hasSavedState { throw .wrongState(name: name, state: "saved", action: "migrate", hint: "start it first") }
+        if let share = vm.definition.shares.first {
+            throw .wrongState(name: name, state: "sharing \(share.path) as '\(share.tag)' (virtio-fs)", action: "migrate",
+                              hint: "virtiofsd holds the guest's open files there, which cannot move; shut it down and remove its shared folders (`vireo share remove \(name) \(share.tag)`) first")
+        }
         if let file = vm.definition.memoryBacking.file, file != "memfd" {
             // The destination would zero and fill the same path: on this host, the running
             // source's own RAM.
@@ -432,6 +436,11 @@ public struct ReceivePolicy: Sendable {
 
     /// Refuses, naming the field, what the offered definition asks of this host beyond the policy.
     func check(_ definition: VMDefinition, shared disks: [MigrationOffer.Disk]?, libraryRoot: String) throws(LibraryError) {
+        if let share = definition.shares.first {
+            // A source that shared folders never migrates (virtio-fs state cannot move), and a
+            // peer never names a host directory for this host's root to serve to its guest.
+            throw .invalidValue(field: "shares", reason: "the source asks to share the host directory \(share.path.prefix(200)) as '\(share.tag.prefix(40))'; a migrated VM brings no shared folders (a peer never names a host directory)")
+        }
         if let file = definition.memoryBacking.file, file != "memfd" {
             throw .invalidValue(field: "memory_backing", reason: "the source asks for its memory in the host file \(file.prefix(200)); a migrated VM's memory is anonymous or a memfd here (a peer never names a host file)")
         }

@@ -100,9 +100,9 @@ public struct QEMUEngine: DisplayEngine, RemovableMediaEngine, StateTransferEngi
             "-device", "virtserialport,bus=vser0.0,chardev=qga0,name=org.qemu.guest_agent.0",
         ] + files.arguments
         // Shared folders: a vhost-user-fs device per share on the socket its virtiofsd listens
-        // on (QEMUShareServers), and the list the guest's mount script reads (SMBIOS type 11).
+        // on (ShareServers), and the list the guest's mount script reads (SMBIOS type 11).
         for (index, share) in definition.shares.enumerated() {
-            arguments += ["-chardev", "socket,id=fs\(index),path=\(quoted(QEMUShareServers.socketPath(bundle, tag: share.tag)))",
+            arguments += ["-chardev", "socket,id=fs\(index),path=\(quoted(ShareServers.socketPath(bundle, tag: share.tag)))",
                           "-device", "vhost-user-fs-pci,chardev=fs\(index),tag=\(share.tag),id=share\(index)",
                           "-smbios", "type=11,value=vireo.share=\(share.tag)\(share.readOnly ? ":ro" : "")"]
         }
@@ -248,7 +248,7 @@ public struct QEMUEngine: DisplayEngine, RemovableMediaEngine, StateTransferEngi
         // Their servers listen before QEMU connects; they end with QEMU's connection, or here if
         // QEMU does not start.
         let qemuOwner = jail.map { ($0.identity.uid, $0.identity.gid) }
-        var shareServers = try QEMUShareServers.start(vm, qemuOwner: qemuOwner)
+        var shareServers = try ShareServers.start(vm, clientOwner: qemuOwner)
         var tpm = QEMUTPM()
         var started = false
         defer {
@@ -297,7 +297,7 @@ public struct QEMUEngine: DisplayEngine, RemovableMediaEngine, StateTransferEngi
                 }
                 shareServers.stop()
                 tpm.stop()
-                shareServers = try QEMUShareServers.start(vm, qemuOwner: qemuOwner)
+                shareServers = try ShareServers.start(vm, clientOwner: qemuOwner)
                 tpm = try QEMUTPM.start(vm, jail: jail)
             }
         }

@@ -37,7 +37,7 @@ struct QEMUTPM {
             // QEMU's own uid, in a jail of its own (QEMUJail): the uid may pass through the VM's
             // directory (0710, its group), and QEMU relays every guest command to the TPM anyway.
             if let owner = qemuOwner { try giveState(state, to: owner.uid) }
-            let listener = try QEMUShareServers.listen(on: socketPath(bundle), owner: qemuOwner)
+            let listener = try ShareServers.listen(on: socketPath(bundle), owner: qemuOwner)
             defer { close(listener) }
             let log = open(bundle.vmmDirectory + "/tpm.log", O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC | O_NOFOLLOW, 0o600)
             guard log >= 0 else { throw .io(operation: "open", path: bundle.vmmDirectory + "/tpm.log", errno: errno) }

@@ -163,16 +163,17 @@ public enum CloudInitSeed {
         var bootcmd: [[String]]
     }
 
-    /// Run by cloud-init at every boot (`bootcmd`): mounts each shared folder the VM lists in its
-    /// SMBIOS OEM strings (type 11, `vireo.share=TAG` or `vireo.share=TAG:ro`, which the qemu
-    /// engine sets from the definition at each start) at /mnt/TAG. So a share added later with
-    /// `vireo share add` is mounted at the next boot too, without a new seed. Tags are letters,
-    /// digits, '.', '_' and '-' (MachineRules.shareTag); the sed keeps nothing else.
+    /// Run by cloud-init at every boot (`bootcmd`): mounts each shared folder the VM lists at
+    /// /mnt/TAG — `vireo.share=TAG` or `vireo.share=TAG:ro`, which the qemu engine puts in the
+    /// SMBIOS OEM strings (type 11) and the kvm engine (which has no SMBIOS) on the kernel command
+    /// line, from the definition at each start. So a share added later with `vireo share add` is
+    /// mounted at the next boot too, without a new seed. Tags are letters, digits, '.', '_' and
+    /// '-' (MachineRules.shareTag); the sed keeps nothing else.
     public static let mountSharesScript = """
-        for raw in /sys/firmware/dmi/entries/11-*/raw; do [ -r "$raw" ] || continue; \
-        tr '\\000' '\\n' < "$raw" | sed -n 's/.*vireo\\.share=\\([A-Za-z0-9._-]*\\)\\(:ro\\)\\{0,1\\}$/\\1 \\2/p' | \
+        { for raw in /sys/firmware/dmi/entries/11-*/raw; do [ -r "$raw" ] && tr '\\000' '\\n' < "$raw"; done; \
+        tr ' ' '\\n' < /proc/cmdline; } | sed -n 's/.*vireo\\.share=\\([A-Za-z0-9._-]*\\)\\(:ro\\)\\{0,1\\}$/\\1 \\2/p' | \
         while read -r tag ro; do mountpoint -q "/mnt/$tag" && continue; mkdir -p "/mnt/$tag"; \
-        mount -t virtiofs ${ro:+-o ro} "$tag" "/mnt/$tag" || echo "vireo: cannot mount shared folder $tag" >&2; done; done
+        mount -t virtiofs ${ro:+-o ro} "$tag" "/mnt/$tag" || echo "vireo: cannot mount shared folder $tag" >&2; done
         """
 
     /// `#cloud-config` in JSON form (JSON is YAML), so nothing the user typed needs YAML escaping.

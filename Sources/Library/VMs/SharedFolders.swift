@@ -72,8 +72,8 @@ public struct SharedFolder: Codable, Sendable, Equatable {
 }
 
 extension VMLibrary {
-    /// Every share's rules that need no host: tags (MachineRules), absolute paths, an engine that
-    /// serves them, and RAM virtiofsd can map.
+    /// Every share's rules that need no host: tags (MachineRules), absolute paths, and RAM
+    /// virtiofsd can map on the engine that runs the VM.
     static func validate(shares: [SharedFolder], engine: EngineKind, memoryBacking: MemoryBackingOptions) throws(LibraryError) {
         do { try MachineRules.shares(tags: shares.map(\.tag)) } catch { throw LibraryError(error) }
         guard !shares.isEmpty else { return }
@@ -82,7 +82,14 @@ extension VMLibrary {
             guard share.path.hasPrefix("/") else { throw .invalidValue(field: "shares", reason: "'\(share.path.prefix(200))' is not an absolute path") }
         }
         if engine == .kvm {
-            throw .invalidValue(field: "shares", reason: "shared folders run on the qemu engine so far (the kvm engine has no virtio-fs device yet); use --engine qemu, or remove the share (`vireo share remove`)")
+            // The kvm engine maps RAM from a shared memfd for virtiofsd (KVMEngine.machineSpec):
+            // its huge pages are anonymous, and KSM merges private pages only.
+            if let pages = memoryBacking.hugePages {
+                throw .invalidValue(field: "shares", reason: "virtiofsd must map the guest's RAM, and the kvm engine's huge pages (--memory-backing hugepages=\(pages)) are private to the VMM; use --engine qemu for huge pages with shared folders, or the default RAM")
+            }
+            if memoryBacking.mergeable {
+                throw .invalidValue(field: "shares", reason: "virtiofsd must map the guest's RAM, which makes it shared, and KSM (--ksm) merges private pages only; drop --ksm or the shared folders")
+            }
         }
         if let file = memoryBacking.file, file != "memfd", !memoryBacking.shared {
             throw .invalidValue(field: "shares", reason: "virtiofsd must map the guest's RAM, and a private RAM file (--memory-backing \(file)) cannot be; use the default RAM, memfd or huge pages, or add ',shared'")

@@ -4,16 +4,16 @@ import Library
 import Glibc
 #endif
 
-/// The virtiofsd processes that serve a qemu-engine VM's shared folders (docs/shared-folders.md):
-/// one per share, started before QEMU on a listening socket Vireo made, ending when QEMU's
-/// connection closes (virtiofsd exits when its one client goes). Each runs in a mount namespace
+/// The virtiofsd processes that serve a VM's shared folders (docs/shared-folders.md), on either
+/// engine: one per share, started before QEMU or vireo-vmm on a listening socket Vireo made,
+/// ending when that client's connection closes (virtiofsd exits when its one client goes). Each runs in a mount namespace
 /// where the directory is bound nosuid and nodev (read-only for a read-only share) and in a user
 /// namespace where its root is an unprivileged host uid of its own (JailIdentity) and uid and gid
 /// 1000 — the guest's first user — are the directory's owner: what the guest's root creates is
 /// owned on the host by that unprivileged uid, and host root's files are nobody's to the guest.
 /// virtiofsd's own sandbox (its pid, mount and network namespaces, pivot_root into the directory,
 /// seccomp) runs inside that.
-public struct QEMUShareServers {
+public struct ShareServers {
     static let binary = "/usr/lib/qemu/virtiofsd"
     /// Outside /run/vireo (0700): virtiofsd, as an unprivileged uid, must pass through to its directory.
     static let mountRoot = "/run/vireo-shares"
@@ -23,7 +23,7 @@ public struct QEMUShareServers {
     private(set) var pids: [pid_t] = []
     private var identity: JailIdentity?
 
-    /// Where QEMU connects for share `tag`.
+    /// Where QEMU or vireo-vmm connects for share `tag`.
     static func socketPath(_ bundle: VMBundle, tag: String) -> String { bundle.vmmDirectory + "/fs-\(tag).sock" }
 
     /// The namespace's maps: root is `server`; 1000 is the directory's owner unless that owner is
@@ -35,9 +35,10 @@ public struct QEMUShareServers {
     }
 
     /// Starts a server for every share; on any failure those already started are stopped.
-    /// `qemuOwner` is the uid and gid QEMU runs as (its jail's), given the sockets.
-    static func start(_ vm: EngineVM, qemuOwner: (uid: UInt32, gid: UInt32)?) throws(LibraryError) -> QEMUShareServers {
-        var servers = QEMUShareServers()
+    /// `clientOwner` is the uid and gid the client connects as (QEMU's jail's), given the sockets;
+    /// nil leaves them root's (vireo-vmm connects before it drops root).
+    static func start(_ vm: EngineVM, clientOwner: (uid: UInt32, gid: UInt32)?) throws(LibraryError) -> ShareServers {
+        var servers = ShareServers()
         let shares = vm.definition.shares
         guard !shares.isEmpty else { return servers }
         guard geteuid() == 0 else {
@@ -55,7 +56,7 @@ public struct QEMUShareServers {
             // virtiofsd, as its namespace's root, is "other" to these root-owned directories.
             for directory in [mountRoot, mounts] { chmod(directory, 0o711) }
             for share in shares {
-                servers.pids.append(try startServer(share, vm: vm, mounts: mounts, identity: identity, qemuOwner: qemuOwner))
+                servers.pids.append(try startServer(share, vm: vm, mounts: mounts, identity: identity, clientOwner: clientOwner))
             }
         } catch {
             servers.stop()
@@ -65,7 +66,7 @@ public struct QEMUShareServers {
     }
 
     private static func startServer(_ share: SharedFolder, vm: EngineVM, mounts: String, identity: JailIdentity,
-                                     qemuOwner: (uid: UInt32, gid: UInt32)?) throws(LibraryError) -> pid_t {
+                                     clientOwner: (uid: UInt32, gid: UInt32)?) throws(LibraryError) -> pid_t {
         // The directory as it is now: still a directory, still at its real path (no component
         // became a link: whoever owns a directory on the way must not point the share at someone
         // else's files, whose owner the guest's user would then be), and the child binds exactly
@@ -83,7 +84,7 @@ public struct QEMUShareServers {
         guard socketPath.utf8.count < 108 else {
             throw .engine(name: vm.name, reason: "\(socketPath) is longer than a Unix socket path may be (107 bytes); use a shorter library path ($VIREO_HOME) or tag", exitStatus: 2)
         }
-        let listener = try listen(on: socketPath, owner: qemuOwner)
+        let listener = try listen(on: socketPath, owner: clientOwner)
         defer { close(listener) }
         let log = open(vm.bundle.vmmDirectory + "/fs-\(share.tag).log", O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC | O_NOFOLLOW, 0o600)
         guard log >= 0 else { throw .io(operation: "open", path: vm.bundle.vmmDirectory + "/fs-\(share.tag).log", errno: errno) }
@@ -119,7 +120,8 @@ public struct QEMUShareServers {
         return pid
     }
 
-    /// A listening Unix socket at `path` (a previous run's socket is replaced), QEMU's to connect to.
+    /// A listening Unix socket at `path` (a previous run's socket is replaced), for QEMU or
+    /// vireo-vmm to connect to.
     static func listen(on path: String, owner: (uid: UInt32, gid: UInt32)?) throws(LibraryError) -> Int32 {
         var info = stat()
         if lstat(path, &info) == 0 {
@@ -145,9 +147,9 @@ public struct QEMUShareServers {
         return fd
     }
 
-    /// Ends the servers (QEMU did not start) and lets their identity go.
+    /// Ends the servers (QEMU or vireo-vmm did not start) and lets their identity go.
     mutating func stop() {
-        // Not this process's children (QEMUShareServers' spawn double-forks): gone when kill fails.
+        // Not this process's children (ShareServers' spawn double-forks): gone when kill fails.
         for pid in pids where pid > 0 {
             kill(pid, SIGKILL)
             for _ in 0..<100 where kill(pid, 0) == 0 { usleep(10_000) }
