@@ -79,7 +79,7 @@ struct ImageTests {
         #expect(info.status == 0 && info.stdout.contains("every file matches the manifest") && info.stdout.contains("linux-image-amd64"), "\(info.stdout)\(info.stderr)")
     }
 
-    @Test("a Debian VM from the image on the qemu engine (TCG) in a NAT network and on user-mode networking: boots to multi-user, cloud-init makes the user with both keys and the host name, `vireo ssh` runs commands and passes their status, `vireo exec` runs one through qemu-guest-agent without SSH (and the API), `vireo list` shows the address the agent reports on the card Vireo leased nothing, `vireo cp` copies 20 MiB both ways, a TPM 2.0 the guest finds, whose PCRs a save and resume keep, a save and resume sets the guest's clock, `vireo stop` powers it off through ACPI, the overlay passes qemu-img check, and a second boot keeps the first one's files and mounts the shared folders added while stopped (ownership as documented, the read-only one refusing writes; save refused, a live snapshot disk-only with the guest's file systems frozen through the agent), and a guest ignoring the power button is stopped through its agent",
+    @Test("a Debian VM from the image on the qemu engine (TCG) in a NAT network and on user-mode networking: boots to multi-user, cloud-init makes the user with both keys and the host name, `vireo ssh` runs commands and passes their status, `vireo exec` runs one through qemu-guest-agent without SSH (and the API), files go in and out through the API, `vireo list` shows the address the agent reports on the card Vireo leased nothing, `vireo cp` copies 20 MiB both ways, a TPM 2.0 the guest finds, whose PCRs a save and resume keep, a save and resume sets the guest's clock, `vireo stop` powers it off through ACPI, the overlay passes qemu-img check, and a second boot keeps the first one's files and mounts the shared folders added while stopped (ownership as documented, the read-only one refusing writes; save refused, a live snapshot disk-only with the guest's file systems frozen through the agent), and a guest ignoring the power button is stopped through its agent",
           .timeLimit(.minutes(40)))
     func debianOnQEMUEngine() throws {
         let lab = try NetworkLab()
@@ -173,6 +173,19 @@ struct ImageTests {
         let viaAPI = try served.api.request("POST", "/api/vms/deb/exec", json: ["command": ["/bin/sh", "-c", "echo api-out; echo api-err >&2; exit 4"]])
         #expect(viaAPI.status == 200 && viaAPI.object["exit_code"] as? Int == 4 && viaAPI.object["stdout"] as? String == "api-out\n"
                 && viaAPI.object["stderr"] as? String == "api-err\n", "\(viaAPI.status) \(viaAPI.text)")
+        // Files through the API (PUT and GET /api/vms/{name}/files?path=), the bytes in the body:
+        // 3 MiB in and back byte for byte; a missing guest file and a relative path are 422s.
+        let payload = (0..<(3 << 20)).map { _ in UInt8.random(in: 0...255) }
+        let put = try served.api.request("PUT", "/api/vms/deb/files?path=/home/alice/api.bin", raw: payload, contentType: "application/octet-stream", timeout: 600)
+        #expect(put.status == 201 && put.object["bytes"] as? Int == payload.count, "\(put.status) \(put.text)")
+        let got = try served.api.request("GET", "/api/vms/deb/files?path=/home/alice/api.bin", timeout: 600)
+        #expect(got.status == 200 && Array(got.body) == payload, "\(got.status) \(got.body.count) bytes")
+        let absent = try served.api.request("GET", "/api/vms/deb/files?path=/nonexistent")
+        #expect(absent.status == 422 && absent.text.contains("failed to open file '/nonexistent'"), "\(absent.status) \(absent.text)")
+        let relativeAPI = try served.api.request("PUT", "/api/vms/deb/files?path=home/x", raw: [1, 2, 3], contentType: "application/octet-stream")
+        #expect(relativeAPI.status == 422 && relativeAPI.object["field"] as? String == "path", "\(relativeAPI.status) \(relativeAPI.text)")
+        let transfers = ((try? FileManager.default.contentsOfDirectory(atPath: lab.library.root.path)) ?? []).filter { $0.hasPrefix(".transfer-") }
+        #expect(transfers.isEmpty, "the transfers' files stay behind: \(transfers)")
         served.kill()
 
         // `vireo cp` through the agent: 20 MiB in and out, byte for byte; refusals leave nothing.

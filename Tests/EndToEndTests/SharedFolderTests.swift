@@ -129,7 +129,7 @@ import Testing
         }
     }
 
-    @Test("shared folders and exec through the REST API: a share inside the allowed paths is added, listed and removed; one outside them, a file, a duplicate tag and an unknown field are 422s; removing an unknown tag is a 404; exec on a stopped VM is a 409 and an empty command a 422; nothing is changed by a refusal")
+    @Test("shared folders and exec through the REST API: a share inside the allowed paths is added, listed and removed; one outside them, a file, a duplicate tag and an unknown field are 422s; removing an unknown tag is a 404; exec on a stopped VM is a 409 and an empty command a 422; a file copy on a stopped or unknown VM or to a relative path is refused; nothing is changed by a refusal")
     func sharesThroughTheAPI() throws {
         let library = try TestLibrary()
         let work = try Harness.temporaryDirectory()
@@ -161,6 +161,15 @@ import Testing
         #expect(removed.status == 200 && removed.array.isEmpty, "\(removed.status) \(removed.text)")
         let stopped = try api.request("POST", "/api/vms/q/exec", json: ["command": ["/bin/true"]])
         #expect(stopped.status == 409, "\(stopped.status) \(stopped.text)")
+        // Files: refused before a byte is staged when the VM is stopped, unknown, or the path is not absolute.
+        let putStopped = try api.request("PUT", "/api/vms/q/files?path=/root/x", raw: [1, 2, 3], contentType: "application/octet-stream")
+        #expect(putStopped.status == 409 && putStopped.text.contains("stopped"), "\(putStopped.status) \(putStopped.text)")
+        #expect(try api.request("GET", "/api/vms/q/files?path=/etc/hostname").status == 409)
+        #expect(try api.request("GET", "/api/vms/nope/files?path=/etc/hostname").status == 404)
+        let noPath = try api.request("GET", "/api/vms/q/files")
+        #expect(noPath.status == 422 && noPath.object["field"] as? String == "path", "\(noPath.status) \(noPath.text)")
+        let relativeFile = try api.request("PUT", "/api/vms/q/files?path=etc/x", raw: [1], contentType: "application/octet-stream")
+        #expect(relativeFile.status == 422 && relativeFile.object["field"] as? String == "path", "\(relativeFile.status) \(relativeFile.text)")
         let empty = try api.request("POST", "/api/vms/q/exec", json: ["command": [] as [String]])
         #expect(empty.status == 422 && empty.text.contains("command"), "\(empty.status) \(empty.text)")
         let created = try api.request("POST", "/api/vms", json: ["name": "w", "engine": "qemu", "accelerator": "tcg", "kernel": probe, "memory_bytes": 128 << 20,

@@ -42,6 +42,10 @@ public struct VMManager: Sendable {
         return (EngineVM(bundle: bundle, definition: definition), engine(definition.engine))
     }
 
+    /// Refuses, naming `action`, unless the VM is running or paused (a caller about to do
+    /// something costly first, as the API's upload before it stages a file).
+    public func requireRunning(_ name: String, action: String) throws(LibraryError) { _ = try running(name, action: action) }
+
     /// A running (or paused) VM and its engine; a VM that is off gets a refusal naming `action`.
     func running(_ name: String, action: String, hint: String? = nil) throws(LibraryError) -> (EngineVM, any Engine) {
         let bundle = try library.bundle(named: name)

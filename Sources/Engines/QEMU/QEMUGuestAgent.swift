@@ -294,6 +294,8 @@ extension QEMUEngine: GuestFileEngine {
         struct Handle: Decodable { var value: Int; init(from decoder: any Decoder) throws { value = try decoder.singleValueContainer().decode(Int.self) } }
         let handle: Int
         do { handle = try agent.execute("guest-file-open", arguments: FileOpen(path: guestPath, mode: "r"), as: Handle.self).value } catch {
+            // The agent's refusal (no such file, no permission) is the caller's to fix: status 2.
+            if case .refused = error { throw .engine(name: vmName, reason: "cannot read \(guestPath) in the guest: \(error)", exitStatus: 2) }
             throw .engine(name: vmName, reason: "cannot read \(guestPath) in the guest: \(error)", exitStatus: 1)
         }
         let partial = HostFiles.absolute(hostPath) + ".vireo-partial"
