@@ -24,6 +24,10 @@ public final class TaskService: AgentEvents, @unchecked Sendable {
         var exitStatus: UInt32 = 0
         var exitedAt = Date(timeIntervalSince1970: 0)
         var outputs: [AgentFrameKind: FileHandle] = [:]
+        /// containerd's stdin FIFO being passed on to the process (`forwardStdin`).
+        var stdinForwarder = StdinForwarder.none
+
+        enum StdinForwarder { case none, running, finished }
 
         init(execID: String, handle: UInt32, stdin: String, stdout: String, stderr: String, terminal: Bool, spec: OCIProcess) {
             self.execID = execID; self.handle = handle; self.stdin = stdin; self.stdout = stdout; self.stderr = stderr
@@ -478,7 +482,16 @@ public final class TaskService: AgentEvents, @unchecked Sendable {
     /// containerd's stdin FIFO to the process, then its end (CloseIO may end it sooner).
     func forwardStdin(_ process: Process) {
         let path = process.stdin
+        lock.lock()
+        process.stdinForwarder = .running
+        lock.unlock()
         Thread.detachNewThread { [self] in
+            defer {
+                lock.lock()
+                process.stdinForwarder = .finished
+                lock.broadcast()
+                lock.unlock()
+            }
             let fd = open(path, O_RDONLY | O_CLOEXEC)
             guard fd >= 0 else { return }
             defer { close(fd) }
@@ -730,6 +743,16 @@ public final class TaskService: AgentEvents, @unchecked Sendable {
     func closeIO(_ request: ProtoMessage) throws(RPCError) -> [UInt8] {
         let (process, agent) = try processAndAgent(request)
         guard request.bool(3), let agent, process.status == .running else { return [] }
+        // containerd closes its end of the stdin FIFO before it asks: what the FIFO still holds
+        // is the process's too, and the forwarder ends stdin itself once it has passed that on
+        // (closing stdin here at once cut off the tail: `wc -c` counted 98304 of 100000 bytes).
+        // A writer that keeps the FIFO open is not waited for longer than a few seconds.
+        lock.lock()
+        let deadline = Date().addingTimeInterval(5)
+        while process.stdinForwarder == .running && lock.wait(until: deadline) {}
+        let forwarded = process.stdinForwarder == .finished
+        lock.unlock()
+        if forwarded { return [] }
         var close = AgentRequest(.closeStdin)
         close.handle = process.handle
         _ = try agent.request(close)
