@@ -81,6 +81,8 @@ struct PoolInfo: ParsableCommand {
     struct Report: Encodable {
         var pool: PoolDefinition
         var volumes: [StoragePools.Volume]
+        /// Why the volumes could not be listed (an NBD server that does not answer).
+        var volumesError: String?
         var users: [[String: String]]
     }
 
@@ -89,7 +91,10 @@ struct PoolInfo: ParsableCommand {
         do throws(LibraryError) {
             let pools = StoragePools(library: openLibrary())
             let pool = try pools.store.load(name)
-            report = Report(pool: pool, volumes: try pools.volumes(of: pool), users: try pools.users(of: pool).map { ["vm": $0.vm, "disk": $0.disk] })
+            var listingError: String?
+            var volumes: [StoragePools.Volume] = []
+            do throws(LibraryError) { volumes = try pools.volumes(of: pool) } catch { listingError = error.description }
+            report = Report(pool: pool, volumes: volumes, volumesError: listingError, users: try pools.users(of: pool).map { ["vm": $0.vm, "disk": $0.disk] })
         } catch { throw fail(error) }
         if json { try printJSON(report); return }
         let pool = report.pool
@@ -98,14 +103,15 @@ struct PoolInfo: ParsableCommand {
         if let chap = pool.chapFile { rows.append(["CHAP file:", chap]) }
         rows.append(["Shared:", pool.shared ? "yes (migrations may bring disks that lie in it)" : "no"])
         switch pool.type {
-        case .dir, .block:
-            if report.volumes.isEmpty { rows.append(["Volumes:", "none"]) }
+        case .dir, .block, .nbd:
+            if let error = report.volumesError { rows.append(["Volumes:", "cannot be listed: \(error)"]) } else if report.volumes.isEmpty { rows.append(["Volumes:", "none"]) }
             for volume in report.volumes {
                 let size = volume.virtualSize.map(Size.describe) ?? "unreadable"
-                rows.append(["Volume:", "\(volume.name) (\(volume.format.rawValue), \(size)" + (volume.allocatedBytes.map { ", \(Size.describe($0)) used" } ?? "") + ")"])
+                rows.append(["Volume:", "\(volume.name.isEmpty ? "(the default export, \"\")" : volume.name) (\(volume.format.rawValue), \(size)" + (volume.allocatedBytes.map { ", \(Size.describe($0)) used" } ?? "") + ")"])
             }
-        case .nbd:
-            rows.append(["Volumes:", "the server's exports, by name (`vireo disk attach VM EXPORT --pool \(pool.name)`)"])
+            if pool.type == .nbd, !report.volumes.isEmpty {
+                rows.append(["", "attach one by name: `vireo disk attach VM EXPORT --pool \(pool.name)`"])
+            }
         case .iscsi:
             rows.append(["Volumes:", "the target's LUNs, by number (`vireo disk attach VM LUN --pool \(pool.name)`)"])
         }

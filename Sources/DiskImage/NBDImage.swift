@@ -230,13 +230,7 @@ final class NBDConnection: @unchecked Sendable {
         address = socket.address
         ownsDescriptor = socket.ownsDescriptor
         do throws(NBDFailure) {
-            guard try Self.readU64(fd) == Magic.negotiation, try Self.readU64(fd) == Magic.options else {
-                throw NBDFailure.connection("not an NBD server speaking the newstyle protocol")
-            }
-            let serverFlags = try Self.readU16(fd)
-            guard serverFlags & 1 != 0 else { throw NBDFailure.connection("the server does not offer fixed newstyle negotiation") }
-            let noZeroes = serverFlags & 2 != 0
-            try Self.write(fd, Self.be(UInt32(1 | (noZeroes ? 2 : 0))))
+            try Self.greet(fd)
             // Structured replies: reads may come back in pieces and holes (NBD_OPT_STRUCTURED_REPLY).
             try Self.sendOption(fd, 8, [])
             var structured = false
@@ -337,6 +331,61 @@ final class NBDConnection: @unchecked Sendable {
         if let serverError { throw NBDFailure.server(serverError) }
     }
 
+    /// The fixed-newstyle greeting: the server's magic and flags, the client's flags.
+    private static func greet(_ fd: Int32) throws(NBDFailure) {
+        guard try readU64(fd) == Magic.negotiation, try readU64(fd) == Magic.options else {
+            throw NBDFailure.connection("not an NBD server speaking the newstyle protocol")
+        }
+        let serverFlags = try readU16(fd)
+        guard serverFlags & 1 != 0 else { throw NBDFailure.connection("the server does not offer fixed newstyle negotiation") }
+        let noZeroes = serverFlags & 2 != 0
+        try write(fd, be(UInt32(1 | (noZeroes ? 2 : 0))))
+    }
+
+    /// The most exports a listing takes from a server.
+    static let maximumListedExports = 256
+
+    /// The server's exports (NBD_OPT_LIST) with each one's size where the server says it
+    /// (NBD_OPT_INFO), then NBD_OPT_ABORT. The server's answers are read as a peer's: names of
+    /// at most 4096 bytes of UTF-8 without control characters, at most 256 of them.
+    static func listExports(_ socket: NBDSocket) throws(NBDFailure) -> [(name: String, size: UInt64?)] {
+        let fd = socket.fd
+        defer { if socket.ownsDescriptor { close(fd) } }
+        try greet(fd)
+        try sendOption(fd, 3, [])
+        var names: [String] = []
+        while true {
+            let (kind, data) = try readOptionReply(fd, option: 3)
+            if kind == 1 { break }
+            if kind & 0x8000_0000 != 0 {
+                throw NBDFailure.server("the server does not list its exports (error \(kind & 0x7fff_ffff))")
+            }
+            guard kind == 2, data.count >= 4 else { throw NBDFailure.connection("an unexpected reply \(kind) to NBD_OPT_LIST") }
+            let length = Int(u32(data, 0))
+            guard length <= 4096, 4 + length <= data.count, let name = String(validating: data[4..<4 + length], as: UTF8.self),
+                  !name.unicodeScalars.contains(where: { $0.value < 0x20 || $0.value == 0x7f }) else {
+                throw NBDFailure.connection("an export name that is not printable UTF-8")
+            }
+            guard names.count < maximumListedExports else { throw NBDFailure.connection("more than \(maximumListedExports) exports") }
+            names.append(name)
+        }
+        var exports: [(name: String, size: UInt64?)] = []
+        for name in names {
+            let bytes = Array(name.utf8)
+            try sendOption(fd, 6, be(UInt32(bytes.count)) + bytes + be(UInt16(0)))
+            var size: UInt64?
+            while true {
+                let (kind, data) = try readOptionReply(fd, option: 6)
+                if kind == 1 || kind & 0x8000_0000 != 0 { break }
+                if kind == 3, data.count >= 12, u16(data, 0) == 0, u64(data, 2) <= UInt64(Int64.max) { size = u64(data, 2) }
+            }
+            exports.append((name, size))
+        }
+        // NBD_OPT_ABORT: the server answers (or just closes); either ends it.
+        try? sendOption(fd, 2, [])
+        return exports
+    }
+
     // MARK: the wire
 
     private static func sendOption(_ fd: Int32, _ option: UInt32, _ data: [UInt8]) throws(NBDFailure) {
@@ -433,6 +482,30 @@ public final class NBDImage: DiskImage, MultipathDisk, @unchecked Sendable {
 
         public func decode() throws(DiskImageError) -> any DiskImage {
             try NBDImage(self)
+        }
+    }
+
+    /// The exports of the server `text` names (`nbd://HOST[:PORT]` or `nbd+unix:///?socket=PATH`,
+    /// no export): a storage pool's volumes (`vireo pool info`), each with its size.
+    public static func listExports(server text: String) throws(DiskImageError) -> [(name: String, size: UInt64?)] {
+        let address = try NBDAddress.parse(text)
+        let socket: NBDSocket
+        var tcp: NBDTCPSocket?
+        switch address.endpoint {
+        case let .unix(path): socket = try NBDSocket.connect(unix: path, address, timeout: 10)
+        case let .tcp(host, port):
+            let made = try NBDTCPSocket(address, host: host, port: port, timeout: 10)
+            if let error = made.startError() { throw error }
+            tcp = made
+            socket = try made.connection(reconnect: false)
+        }
+        defer { withExtendedLifetime(tcp) {} }
+        do throws(NBDFailure) {
+            return try NBDConnection.listExports(socket)
+        } catch {
+            switch error {
+            case let .connection(reason), let .server(reason): throw .network(path: address.description, reason: reason)
+            }
         }
     }
 

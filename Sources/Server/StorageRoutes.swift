@@ -29,7 +29,13 @@ extension APIServer {
     }
 
     func addStorageRoutes(to api: RouterGroup<APIContext>) {
-        struct PoolReport: Encodable { var pool: PoolDefinition; var volumes: [StoragePools.Volume]; var users: [[String: String]] }
+        struct PoolReport: Encodable {
+            var pool: PoolDefinition
+            var volumes: [StoragePools.Volume]
+            /// Why the volumes could not be listed (an NBD server that does not answer).
+            var volumesError: String?
+            var users: [[String: String]]
+        }
         api.get("pools") { _, _ in
             APIJSON.response(try await blocking { try StoragePools(library: self.manager.library).store.all() })
         }
@@ -37,7 +43,10 @@ extension APIServer {
             let pool = try await self.requirePool(try context.parameters.require("pool"))
             let report = try await blocking { () throws -> PoolReport in
                 let pools = StoragePools(library: self.manager.library)
-                return PoolReport(pool: pool, volumes: try pools.volumes(of: pool), users: try pools.users(of: pool).map { ["vm": $0.vm, "disk": $0.disk] })
+                var volumes: [StoragePools.Volume] = []
+                var listingError: String?
+                do throws(LibraryError) { volumes = try pools.volumes(of: pool) } catch { listingError = error.description }
+                return PoolReport(pool: pool, volumes: volumes, volumesError: listingError, users: try pools.users(of: pool).map { ["vm": $0.vm, "disk": $0.disk] })
             }
             return APIJSON.response(report)
         }

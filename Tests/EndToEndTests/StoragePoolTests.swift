@@ -2,7 +2,7 @@ import Foundation
 import Testing
 
 @Suite(.serialized) struct StoragePoolTests {
-    @Test("storage pools: a dir pool makes thin qcow2 volumes (vireo disk create --pool, vireo create --disk --pool) a VM writes to; block, nbd and iscsi pools attach a device, an export and a LUN by name; pool info lists volumes and users; a pool in use is not deleted and deleting one leaves its volumes; a missing directory, a directory in the library, a non-device, a server that does not answer, an export in an nbd pool's URI, a volume name with a path and a volume of a pool Vireo cannot make are refused naming the field, and nothing is made")
+    @Test("storage pools: a dir pool makes thin qcow2 volumes (vireo disk create --pool, vireo create --disk --pool) a VM writes to; block, nbd and iscsi pools attach a device, an export and a LUN by name; pool info lists volumes (an NBD server's exports with their sizes, or why they cannot be listed) and users; a pool in use is not deleted and deleting one leaves its volumes; a missing directory, a directory in the library, a non-device, a server that does not answer, an export in an nbd pool's URI, a volume name with a path and a volume of a pool Vireo cannot make are refused naming the field, and nothing is made")
     func pools() throws {
         try Harness.requireKVM()
         let directory = try Harness.temporaryDirectory()
@@ -88,6 +88,15 @@ import Testing
         let list = library.vireo("pool", "list").stdout
         #expect(list.contains("san") && list.contains("127.0.0.1:\(target.port) \(ISCSITarget.targetName)") && list.contains("yes"), "\(list)")
         #expect(library.vireo("pool", "info", "exports").stdout.contains("Used by:  many (nbd+unix:///exp?socket=\(server.socket))"), "\(library.vireo("pool", "info", "exports").stdout)")
+        // The server's exports, as it lists them (NBD_OPT_LIST), with their sizes (NBD_OPT_INFO).
+        #expect(library.vireo("pool", "info", "exports").stdout.contains("Volume:   exp (raw, 8 MiB)"), "\(library.vireo("pool", "info", "exports").stdout)")
+        let listed = (try? JSONSerialization.jsonObject(with: Data(library.vireo("pool", "info", "exports", "--json").stdout.utf8))) as? [String: Any]
+        let exports = listed?["volumes"] as? [[String: Any]] ?? []
+        #expect(exports.count == 1 && exports.first?["name"] as? String == "exp" && exports.first?["virtual_size"] as? Int == 8 << 20
+                && exports.first?["path"] as? String == "nbd+unix:///exp?socket=\(server.socket)", "\(String(describing: listed))")
+        server.kill()
+        let gone = library.vireo("pool", "info", "exports")
+        #expect(gone.status == 0 && gone.stdout.contains("Volumes:  cannot be listed:"), "\(gone.stdout) \(gone.stderr)")
 
         // Deleting: the VMs go, their pool volumes stay; then the pools go, their volumes stay.
         #expect(library.vireo("delete", "pooled").status == 0 && library.vireo("delete", "many").status == 0)

@@ -244,8 +244,9 @@ public struct StoragePools: Sendable {
         }
     }
 
-    /// A pool's volumes Vireo can list: a dir pool's image files (`.qcow2`, `.raw`), a block
-    /// pool's device. An NBD server's exports and an iSCSI target's LUNs are the server's to list.
+    /// A pool's volumes: a dir pool's image files (`.qcow2`, `.raw`), a block pool's device, an NBD
+    /// server's exports as it lists them (NBD_OPT_LIST, with sizes). An iSCSI target's LUNs are
+    /// not listed (docs/storage-pools.md).
     public func volumes(of pool: PoolDefinition) throws(LibraryError) -> [Volume] {
         switch pool.type {
         case .dir:
@@ -263,7 +264,16 @@ public struct StoragePools: Sendable {
         case .block:
             let size = try? DiskImages.peek(path: pool.source, format: .raw)
             return [Volume(name: HostFiles.lastComponent(of: pool.source), path: pool.source, format: .raw, virtualSize: size, allocatedBytes: size)]
-        case .nbd, .iscsi:
+        case .nbd:
+            do throws(DiskImageError) {
+                let server = try NBDAddress.parse(pool.source)
+                return try NBDImage.listExports(server: pool.source).map { export in
+                    Volume(name: export.name, path: server.naming(export: export.name).description, format: .raw, virtualSize: export.size, allocatedBytes: nil)
+                }
+            } catch {
+                throw .disk(error)
+            }
+        case .iscsi:
             return []
         }
     }
