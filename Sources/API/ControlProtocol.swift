@@ -137,6 +137,13 @@ public final class ControlConnection {
         }
         let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
         guard fd >= 0 else { throw .unreachable(path: path, errno: errno) }
+        // Before the connect: a listener that serves one client at a time (QEMU's QMP and agent
+        // sockets) leaves later connections in its backlog, and once that is full a connect
+        // waits (for the send time-out) until the first client goes. Without one, `vireo info`
+        // of a VM whose QMP the containerd shim held waited forever.
+        var timeout = timeval(tv_sec: timeoutSeconds, tv_usec: 0)
+        setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
+        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
         let connected = withUnsafePointer(to: &address) {
             $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
         }
@@ -145,8 +152,6 @@ public final class ControlConnection {
             close(fd)
             throw .unreachable(path: path, errno: code)
         }
-        var timeout = timeval(tv_sec: timeoutSeconds, tv_usec: 0)
-        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
         return fd
     }
 

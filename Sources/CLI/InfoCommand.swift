@@ -148,6 +148,15 @@ struct Info: ParsableCommand {
             lines.append(["Unattended:", "\(install.installer): \(what)"])
             for line in install.lastLines ?? [] { lines.append(["", "| " + line]) }
         }
+        if let agent = report.guestAgent {
+            switch agent.answers {
+            case true?: lines.append(["Guest agent:", "qemu-guest-agent \(agent.version ?? "unknown") answers on its \(agent.channel)"])
+            case false?: lines.append(["Guest agent:", "none answers on its \(agent.channel) (install and start qemu-guest-agent in the guest for `vireo exec` and `vireo cp`)"])
+            case nil: lines.append(["Guest agent:", "reached on its \(agent.channel) while the VM runs"])
+            }
+        } else {
+            lines.append(["Guest agent:", "none (the \(report.engine) engine has no agent channel yet; docs/guest-agent.md)"])
+        }
         for share in report.shares {
             lines.append(["Shared folder:", "\(share.path) as '\(share.tag)'\(share.readOnly ? ", read-only" : "") (virtio-fs; the guest mounts it at /mnt/\(share.tag))"])
         }

@@ -52,13 +52,15 @@ extension APIServer {
         var snapshots: [SnapshotRecord]
         var currentSnapshot: String?
         var directory: String
+        var guestAgent: VMReport.GuestAgent?
     }
 
     func details(_ name: String) throws(LibraryError) -> VMDetails {
         do throws(LibraryError) {
             let report = try manager.report(of: name, withCounters: false)
             return VMDetails(summary: report.overview, definition: report.definition, crashReason: report.crashReason, runtime: report.process,
-                             snapshots: report.snapshotTree.snapshots, currentSnapshot: report.snapshotTree.current, directory: report.directory)
+                             snapshots: report.snapshotTree.snapshots, currentSnapshot: report.snapshotTree.current, directory: report.directory,
+                             guestAgent: report.guestAgent)
         } catch {
             // A VM whose definition or snapshot tree cannot be read is still shown, with why, so it can be deleted.
             guard case .corrupt = error else { throw error }

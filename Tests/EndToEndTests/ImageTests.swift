@@ -184,6 +184,11 @@ struct ImageTests {
         #expect(absent.status == 422 && absent.text.contains("failed to open file '/nonexistent'"), "\(absent.status) \(absent.text)")
         let relativeAPI = try served.api.request("PUT", "/api/vms/deb/files?path=home/x", raw: [1, 2, 3], contentType: "application/octet-stream")
         #expect(relativeAPI.status == 422 && relativeAPI.object["field"] as? String == "path", "\(relativeAPI.status) \(relativeAPI.text)")
+        // The agent's status: answering, with its version, in `vireo info` and the API's details.
+        let details = try served.api.request("GET", "/api/vms/deb")
+        let agent = details.object["guest_agent"] as? [String: Any] ?? [:]
+        #expect(agent["answers"] as? Bool == true && (agent["version"] as? String ?? "").hasPrefix("7."), "\(details.text.prefix(600))")
+        #expect(lab.vireo("info", "deb").stdout.contains("Guest agent:     qemu-guest-agent 7."), "\(lab.vireo("info", "deb").stdout)")
         let transfers = ((try? FileManager.default.contentsOfDirectory(atPath: lab.library.root.path)) ?? []).filter { $0.hasPrefix(".transfer-") }
         #expect(transfers.isEmpty, "the transfers' files stay behind: \(transfers)")
         served.kill()

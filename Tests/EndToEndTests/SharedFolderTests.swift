@@ -59,6 +59,9 @@ import Testing
         #expect(library.vireo("set", "kv", "--no-ksm").status == 0)
         let onKVM = library.vireo("share", "add", "kv", project)
         #expect(onKVM.status == 0, "\(onKVM.stderr)")
+        // Where each engine's agent is (or is not) reached, as `vireo info` says it.
+        #expect(library.vireo("info", "kv").stdout.contains("Guest agent:     none (the kvm engine has no agent channel yet"), "\(library.vireo("info", "kv").stdout)")
+        #expect(library.vireo("info", "q").stdout.contains("Guest agent:     reached on its virtio-serial port org.qemu.guest_agent.0 while the VM runs"), "\(library.vireo("info", "q").stdout)")
 
         let readOnly = library.vireo("share", "add", "q", work.path, "--tag", "work", "--readonly")
         #expect(readOnly.status == 0 && readOnly.stdout.contains("shares \(work.path) as 'work', read-only"), "\(readOnly.stdout) \(readOnly.stderr)")

@@ -1,4 +1,5 @@
 import Foundation
+import API
 import Library
 @testable import Engines
 import Testing
@@ -50,6 +51,14 @@ import Testing
 }
 
 @Suite struct GuestReportedAddressTests {
+    @Test("the agent's version the guest reports is shown only as digits and dots")
+    func agentVersionIsParsed() {
+        #expect(QEMUEngine.versionText("7.2.19") == "7.2.19")
+        for hostile in ["", "7.2\u{1b}[31m", "8.0.0-rc1", String(repeating: "9", count: 40), "7.2\n"] {
+            #expect(QEMUEngine.versionText(hostile) == "unknown", "\(hostile.debugDescription)")
+        }
+    }
+
     @Test("addresses the guest agent reports are parsed, not believed: text, terminal escapes and oversized lists never reach `vireo info`/`list`; loopback and link-local are left out; IPv4 comes first")
     func hostileInterfaceReport() throws {
         let report = Data("""
@@ -70,5 +79,37 @@ import Testing
         #expect(usable.keys.sorted() == ["52:54:00:00:00:03", "52:54:00:ab:cd:ef"], "a MAC with an escape in it and a card with only loopback are dropped")
         #expect(usable["52:54:00:00:00:03"]?.count == QEMUEngine.maximumAddressesPerCard)
         #expect(usable.values.joined().allSatisfy { $0.allSatisfy { $0.isHexDigit || $0 == "." || $0 == ":" } })
+    }
+}
+
+/// A socket that serves one client at a time (QEMU's QMP and agent sockets) and a client already
+/// served: later connections wait in the listener's backlog, and once it is full a connect waits.
+@Suite struct BusySocketTests {
+    @Test("a connect to a socket whose backlog is full gives up after its time-out instead of waiting for the first client to go (`vireo info` of a VM whose QMP the containerd shim held waited forever)", .timeLimit(.minutes(1)))
+    func connectGivesUp() throws {
+        let directory = FileManager.default.temporaryDirectory.appendingPathComponent("vireo-busy-\(UUID().uuidString.prefix(8))")
+        try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(at: directory) }
+        let path = directory.appendingPathComponent("one.sock").path
+        let listener = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
+        defer { close(listener) }
+        var address = sockaddr_un()
+        address.sun_family = sa_family_t(AF_UNIX)
+        withUnsafeMutableBytes(of: &address.sun_path) { buffer in for (index, byte) in path.utf8.enumerated() { buffer[index] = byte } }
+        let bound = withUnsafePointer(to: &address) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(listener, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) } }
+        #expect(bound == 0 && listen(listener, 0) == 0)
+        // Never accepted: the first connections fill the backlog.
+        var waiting: [Int32] = []
+        defer { for fd in waiting { close(fd) } }
+        let started = Date()
+        var refused: ControlError?
+        for _ in 0..<4 {
+            do { waiting.append(try ControlConnection.connectUnix(path: path, timeoutSeconds: 1)) } catch {
+                refused = error
+                break
+            }
+        }
+        #expect(refused != nil, "every connect went through a backlog of one")
+        #expect(Date().timeIntervalSince(started) < 10, "the connects waited \(Date().timeIntervalSince(started)) s")
     }
 }

@@ -107,6 +107,11 @@ public protocol GuestAgentEngine: Engine {
     /// Asks the guest's agent to power the guest off (`guest-shutdown`); false when no agent runs
     /// or it did not take the request.
     func agentShutdown(_ vm: EngineVM) -> Bool
+    /// The agent's own version (`guest-info`), parsed as digits and dots; nil when no agent
+    /// answers within the time.
+    func agentVersion(_ vm: EngineVM, timeoutSeconds: Int) -> String?
+    /// Where the agent is reached, for people: "virtio-serial port org.qemu.guest_agent.0".
+    var agentChannel: String { get }
 }
 
 /// A guest agent that copies files in and out (`vireo cp`).

@@ -117,6 +117,17 @@ public struct VMReport: Encodable, Sendable {
     public var nicModel: String?
     /// An unattended install not yet finished (docs/unattended.md).
     public var unattended: Unattended?
+    /// The guest agent (`vireo exec`, `vireo cp`): where the engine reaches it and, while the VM
+    /// runs, whether it answers; nil on an engine without an agent channel.
+    public var guestAgent: GuestAgent?
+
+    public struct GuestAgent: Encodable, Sendable {
+        public var channel: String
+        /// nil while the VM is off.
+        public var answers: Bool?
+        /// qemu-guest-agent's version, as digits and dots ("unknown" if it sent anything else).
+        public var version: String?
+    }
 
     public struct Unattended: Encodable, Sendable {
         public var installer: String
@@ -140,6 +151,7 @@ public struct VMReport: Encodable, Sendable {
         case acpi, onReboot, generationId, cpuModel, engine, firmware, iso, accelerator, runningAccelerator, diskBus, displaySocket
         case image, cloudInitUser, hostname, directory, configPath, consoleLog, vmmLog, controlSocket, disks, networks
         case vsockCid, vsockSocket, savedState, snapshots, currentSnapshot, process, counters, resources, isolation, memoryBacking, shares, tpmState, secureBoot, hyperV, nicModel, unattended
+        case guestAgent
     }
 }
 
@@ -192,7 +204,10 @@ extension VMManager {
         let counters = withCounters && status.description != nil ? try? counters(name) : nil
         let tree = try bundle.loadSnapshots()
         let networks = HostNetworks(library: library)
-        let reported = status.state.isOff ? [:] : guestAddresses(EngineVM(bundle: bundle, definition: definition), timeoutSeconds: 3)
+        // The agent is asked for addresses only if it answered at all: each question is a
+        // connection to a socket that serves one client at a time.
+        let guestAgent = guestAgentStatus(EngineVM(bundle: bundle, definition: definition), running: !status.state.isOff)
+        let reported = guestAgent?.answers == true ? guestAddresses(EngineVM(bundle: bundle, definition: definition), timeoutSeconds: 3) : [:]
         let groups = status.state.isOff ? nil : VMControlGroups.recorded(in: bundle)
         let limits = definition.resources
         return VMReport(
@@ -242,8 +257,17 @@ extension VMManager {
             tpmState: definition.tpm ? QEMUTPM.stateDirectory(bundle) : nil, secureBoot: definition.secureBoot,
             hyperV: definition.hyperV, nicModel: definition.engine == .qemu ? definition.qemuNICModel : nil,
             unattended: definition.unattended.map { Self.unattendedReport($0, bundle: bundle, state: status.state) },
+            guestAgent: guestAgent,
             definition: definition, snapshotTree: tree,
             overview: overview(of: name, networks: networks, load: { _ throws(LibraryError) in definition }))
+    }
+
+    /// The agent's channel and, for a running VM, whether it answers (2 s at most).
+    func guestAgentStatus(_ vm: EngineVM, running: Bool) -> VMReport.GuestAgent? {
+        guard let agent = engine(vm.definition.engine) as? any GuestAgentEngine else { return nil }
+        guard running else { return VMReport.GuestAgent(channel: agent.agentChannel) }
+        let version = agent.agentVersion(vm, timeoutSeconds: 2)
+        return VMReport.GuestAgent(channel: agent.agentChannel, answers: version != nil, version: version)
     }
 
     /// How far the install is, from the console log (the installer's syslog streams there).

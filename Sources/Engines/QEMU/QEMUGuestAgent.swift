@@ -93,6 +93,24 @@ extension QEMUEngine: GuestAgentEngine {
         enum CodingKeys: String, CodingKey { case name, hardwareAddress = "hardware-address", addresses = "ip-addresses" }
     }
 
+    public var agentChannel: String { "virtio-serial port org.qemu.guest_agent.0" }
+
+    struct GuestInfo: Decodable { var version: String }
+
+    public func agentVersion(_ vm: EngineVM, timeoutSeconds: Int) -> String? {
+        guard Self.agentPortOpen(vm, timeoutSeconds: timeoutSeconds),
+              let agent = try? QMPConnection(path: vm.bundle.guestAgentPath, timeoutSeconds: timeoutSeconds, peer: .guestAgent),
+              let info = try? agent.execute("guest-info", as: GuestInfo.self) else { return nil }
+        return Self.versionText(info.version)
+    }
+
+    /// The guest writes its agent's version: shown only if it is digits and dots (and short), and
+    /// as "unknown" otherwise, never printed as the guest wrote it.
+    static func versionText(_ text: String) -> String {
+        guard !text.isEmpty, text.utf8.count <= 32, text.utf8.allSatisfy({ ($0 >= 0x30 && $0 <= 0x39) || $0 == 0x2e }) else { return "unknown" }
+        return text
+    }
+
     public func interfaceAddresses(_ vm: EngineVM, timeoutSeconds: Int) -> [String: [String]] {
         // QEMU serves one monitor client at a time: a list must not wait long behind another.
         guard Self.agentPortOpen(vm, timeoutSeconds: timeoutSeconds),
