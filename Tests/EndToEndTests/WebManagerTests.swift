@@ -64,13 +64,16 @@ struct WebManagerTests {
         #expect(Harness.run(["ip", "netns", "exec", namespace, "curl", "-sf", "-H", "Authorization: Bearer \(token)", base + "/api/host"]).status == 0)
     }
 
-    @Test("the manager in headless Chromium: the New wizard, start, serial output in xterm.js, pause, resume, charts, stop, delete; a qemu VM's screen in noVNC")
+    @Test("the manager in headless Chromium: the New wizard, start, serial output in xterm.js, pause, resume, charts, stop, a shared folder added and removed on the Guest tab, delete; a qemu VM's screen in noVNC")
     func managerInBrowser() throws {
         let python = try Self.tool("/usr/bin/python3", "install python3")
         _ = try Self.tool("/usr/bin/chromedriver", "scripts/setup.sh installs chromium and chromium-driver")
         let library = try TestLibrary()
         // The installer ISO the wizard's unattended step names lives in the test cache.
-        let served = try Served(library, extra: ["--allow-path", QEMUEngineTests.cacheDirectory.path])
+        // A directory the Guest tab shares, inside a path the server allows.
+        let shareDirectory = try Harness.temporaryDirectory().appendingPathComponent("web-share")
+        try FileManager.default.createDirectory(at: shareDirectory, withIntermediateDirectories: true)
+        let served = try Served(library, extra: ["--allow-path", QEMUEngineTests.cacheDirectory.path, "--allow-path", shareDirectory.path])
         // A qemu-engine VM under TCG whose CD boots a four-byte loop (cli; hlt; jmp back) that
         // leaves SeaBIOS's text on the screen.
         let media = try Harness.temporaryDirectory()
@@ -90,12 +93,13 @@ struct WebManagerTests {
             ?? Harness.packageRoot.appendingPathComponent(".build/test-artifacts/web-ui").path
         try? FileManager.default.removeItem(atPath: artifacts)
         let result = Harness.run([python, Harness.packageRoot.appendingPathComponent("Tests/web/manager_ui.py").path,
-                                  served.url, try Harness.probe("pvh"), artifacts, "gfx", try QEMUEngineTests.installerISO.get().path], timeout: 400)
+                                  served.url, try Harness.probe("pvh"), artifacts, "gfx", try QEMUEngineTests.installerISO.get().path,
+                                  shareDirectory.path], timeout: 400)
         print("manager UI screenshots: \(artifacts)")
         #expect(result.status == 0, "\(result.stdout.suffix(3000)) \(result.stderr.suffix(3000))")
         #expect(result.stdout.contains("every step passed"))
         let shots = (try? FileManager.default.contentsOfDirectory(atPath: artifacts)) ?? []
-        for step in ["wizard", "console", "paused", "charts", "deleted", "display", "wizard-unattended"] {
+        for step in ["wizard", "console", "paused", "charts", "share-added", "share-removed", "deleted", "display", "wizard-unattended"] {
             #expect(shots.contains { $0.hasSuffix("-\(step).png") }, "no screenshot of \(step): \(shots)")
         }
         #expect(library.state("ui-vm") == nil, "the VM the browser deleted is still listed")

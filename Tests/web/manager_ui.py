@@ -2,10 +2,10 @@
 """Drives the Vireo manager in headless Chromium (Debian's chromium, chromium-driver and
 python3-selenium): creates a VM through the New wizard, starts it, reads its serial output in
 the xterm.js console, pauses, resumes, stops and deletes it; then shows a qemu-engine VM's screen
-in noVNC. Screenshots of every step go to the artifacts directory. Exits non-zero, saying which
+in noVNC; on the Guest tab adds a shared folder to the stopped VM and removes it. Screenshots of every step go to the artifacts directory. Exits non-zero, saying which
 step failed, on any failure.
 
-usage: manager_ui.py URL_WITH_TOKEN PROBE_KERNEL ARTIFACTS_DIR [QEMU_VM_NAME]
+usage: manager_ui.py URL_WITH_TOKEN PROBE_KERNEL ARTIFACTS_DIR [QEMU_VM_NAME [INSTALLER_ISO [SHARE_DIR]]]
 """
 import os
 import re
@@ -20,6 +20,7 @@ from selenium.webdriver.support.ui import WebDriverWait
 url, kernel, artifacts = sys.argv[1], sys.argv[2], sys.argv[3]
 qemu_vm = sys.argv[4] if len(sys.argv) > 4 else None
 installer_iso = sys.argv[5] if len(sys.argv) > 5 else None
+share_dir = sys.argv[6] if len(sys.argv) > 6 else None
 os.makedirs(artifacts, exist_ok=True)
 
 options = webdriver.ChromeOptions()
@@ -130,6 +131,27 @@ try:
     click("btn-stop")
     wait("VM stopped", lambda: row_state("ui-vm") == "stopped", 60)
     shot("stopped")
+
+    if share_dir:
+        # The Guest tab: a shared folder added to the stopped VM, shown in its details, removed;
+        # commands and files wait for a running VM.
+        driver.find_element(By.CSS_SELECTOR, "#tabs button[data-tab='guest']").click()
+        wait("guest tab ready", lambda: driver.find_element(By.ID, "share-add").is_enabled())
+        assert not driver.find_element(By.ID, "exec-run").is_enabled(), "Run is enabled on a stopped VM"
+        driver.find_element(By.ID, "share-path").send_keys(share_dir)
+        driver.find_element(By.ID, "share-tag").send_keys("webshare")
+        driver.find_element(By.ID, "share-readonly").click()
+        click("share-add")
+        wait("share listed", lambda: len(driver.find_elements(By.CSS_SELECTOR, "#share-list tr[data-tag='webshare']")) == 1)
+        row = driver.find_element(By.CSS_SELECTOR, "#share-list tr[data-tag='webshare']").text
+        assert share_dir in row and "read-only" in row, row
+        details = driver.find_element(By.ID, "tab-details").get_attribute("textContent")
+        assert f"{share_dir} as webshare (read-only)" in details, details
+        shot("share-added")
+        driver.find_element(By.CSS_SELECTOR, "#share-list tr[data-tag='webshare'] button").click()
+        wait("share removed", lambda: len(driver.find_elements(By.CSS_SELECTOR, "#share-list tr[data-tag='webshare']")) == 0)
+        shot("share-removed")
+        driver.find_element(By.CSS_SELECTOR, "#tabs button[data-tab='details']").click()
 
     click("btn-delete")
     wait("confirmation", lambda: driver.find_element(By.ID, "confirm").get_attribute("open") is not None)

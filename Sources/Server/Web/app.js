@@ -134,7 +134,15 @@ async function showDetails() {
     const details = await api('GET', `/api/vms/${encodeURIComponent(state.selected)}`);
     renderDetails(details);
     renderSnapshots(details);
+    renderGuest(details);
   } catch (error) { say(error.message, true); }
+}
+
+function agentText(agent) {
+  if (!agent) return 'none (this engine has no agent channel yet)';
+  if (agent.answers === true) return `qemu-guest-agent ${agent.version || 'unknown'} answers (${agent.channel})`;
+  if (agent.answers === false) return `none answers on its ${agent.channel}`;
+  return `reached on its ${agent.channel} while the VM runs`;
 }
 
 function renderDetails(details) {
@@ -150,6 +158,7 @@ function renderDetails(details) {
     ['Disk use', `${size(details.summary.disk_allocated_bytes)} of ${size(details.summary.disk_virtual_bytes)}`],
     ['TPM', d.tpm ? 'TPM 2.0 (swtpm)' : 'none'], ['Secure Boot', d.secure_boot ? 'on' : 'off'],
     ['Shared folders', (d.shares || []).map((share) => `${share.path} as ${share.tag}${share.read_only ? ' (read-only)' : ''}`).join(', ') || 'none'],
+    ['Guest agent', agentText(details.guest_agent)],
     ['Network', (d.networks || []).map((card) => `${card.mac} ${JSON.stringify(card.attachment)}`).join('; ') || 'none'],
     ['IP', details.summary.addresses.join(', ') || '-'],
     ['Running', details.runtime ? `pid ${details.runtime.pid}, up ${Math.round(details.runtime.uptime_ms / 1000)} s` : '-'],
@@ -489,6 +498,90 @@ async function snapshotAction(kind) {
   await showDetails();
 }
 
+// ---- the guest: shared folders, commands, files
+
+function renderGuest(details) {
+  const table = $('share-list');
+  table.replaceChildren();
+  const shares = (details.definition || {}).shares || [];
+  const stopped = ['stopped', 'crashed'].includes(details.summary.state);
+  if (!shares.length) table.insertRow().insertCell().textContent = 'No shared folders.';
+  for (const share of shares) {
+    const row = table.insertRow();
+    row.dataset.tag = share.tag;
+    row.insertCell().textContent = share.tag;
+    row.insertCell().textContent = share.path + (share.read_only ? ' (read-only)' : '');
+    const remove = document.createElement('button');
+    remove.textContent = 'Remove';
+    remove.disabled = !stopped;
+    remove.addEventListener('click', () => guestAction(async (vm) => {
+      await api('DELETE', `${vm}/shares/${encodeURIComponent(share.tag)}`);
+      say(`${state.selected} no longer shares ${share.path}`);
+    }));
+    row.insertCell().append(remove);
+  }
+  $('share-add').disabled = !stopped;
+  const running = ['running', 'paused'].includes(details.summary.state);
+  for (const id of ['exec-run', 'file-upload-go', 'file-download-go']) $(id).disabled = !running;
+}
+
+// Runs `body` with the selected VM's API path, then shows what changed or what went wrong.
+async function guestAction(body) {
+  if (!state.selected) return;
+  try { await body(`/api/vms/${encodeURIComponent(state.selected)}`); } catch (error) { say(error.message, true); }
+  await showDetails();
+}
+
+async function addShare() {
+  await guestAction(async (vm) => {
+    const body = { path: $('share-path').value.trim(), read_only: $('share-readonly').checked };
+    if ($('share-tag').value.trim()) body.tag = $('share-tag').value.trim();
+    await api('POST', `${vm}/shares`, body);
+    say(`${state.selected} shares ${body.path}; the guest mounts it at its next boot`);
+    $('share-path').value = $('share-tag').value = '';
+  });
+}
+
+async function runCommand() {
+  const output = $('exec-output');
+  output.textContent = 'Running…';
+  await guestAction(async (vm) => {
+    try {
+      const result = await api('POST', `${vm}/exec`, { command: ['/bin/sh', '-c', $('exec-command').value] });
+      output.textContent = `exit status ${result.exit_code}${result.truncated ? ' (output truncated)' : ''}\n${result.stdout}${result.stderr ? '\n--- stderr\n' + result.stderr : ''}`;
+    } catch (error) { output.textContent = error.message; throw error; }
+  });
+}
+
+// Files go as the request's body and come back as the answer's: the server never takes a host path.
+async function uploadFile() {
+  const file = $('file-upload').files[0];
+  const path = $('file-upload-path').value.trim();
+  if (!file || !path) { say('Choose a file and the guest path to write it to', true); return; }
+  await guestAction(async (vm) => {
+    $('file-state').textContent = `Uploading ${file.name}…`;
+    const response = await fetch(`${vm}/files?path=${encodeURIComponent(path)}`, {
+      method: 'PUT', headers: { 'Authorization': `Bearer ${state.token}`, 'Content-Type': 'application/octet-stream' }, body: file });
+    const data = await response.json();
+    if (!response.ok) throw new Problem(data);
+    $('file-state').textContent = `${data.bytes} bytes written to ${data.path}`;
+  });
+}
+
+async function downloadFile() {
+  const path = $('file-download-path').value.trim();
+  await guestAction(async (vm) => {
+    $('file-state').textContent = `Reading ${path}…`;
+    const response = await fetch(`${vm}/files?path=${encodeURIComponent(path)}`, { headers: { 'Authorization': `Bearer ${state.token}` } });
+    if (!response.ok) throw new Problem(await response.json());
+    const link = document.createElement('a');
+    link.href = URL.createObjectURL(await response.blob());
+    link.download = path.split('/').pop() || 'download';
+    link.click();
+    $('file-state').textContent = `${path} downloaded`;
+  });
+}
+
 // ---- tasks and the event stream
 
 function renderTasks() {
@@ -578,6 +671,10 @@ async function main() {
   $('snapshot-take').addEventListener('click', async () => { try { await takeSnapshot(); } catch (error) { say(error.message, true); } await refresh(); await showDetails(); });
   $('snapshot-restore').addEventListener('click', () => snapshotAction('restore'));
   $('snapshot-delete').addEventListener('click', () => snapshotAction('delete'));
+  $('share-add').addEventListener('click', addShare);
+  $('exec-run').addEventListener('click', runCommand);
+  $('file-upload-go').addEventListener('click', uploadFile);
+  $('file-download-go').addEventListener('click', downloadFile);
   // The list and the tasks are asked for together: the page is ready after one round trip.
   const tasks = api('GET', '/api/tasks').catch(() => []);
   await refresh();
