@@ -85,10 +85,7 @@ extension APIServer {
             let name = try context.parameters.require("name")
             let guestPath = try Self.guestPath(request)
             // Refused before the body is staged: an unknown VM (404), one that is not running (409).
-            let transfer = try await blocking { () throws -> String in
-                do throws(LibraryError) { try self.manager.requireRunning(name, action: "copy files to or from") } catch { throw APIProblem(error) }
-                return try Self.transferDirectory(in: self.manager.library.root)
-            }
+            let transfer = try await self.transferDirectory(for: name)
             defer { try? HostFiles.removeTree(transfer) }
             let upload = transfer + "/upload"
             let fd = open(upload, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, 0o600)
@@ -116,10 +113,7 @@ extension APIServer {
         api.get("vms/:name/files") { request, context in
             let name = try context.parameters.require("name")
             let guestPath = try Self.guestPath(request)
-            let transfer = try await blocking { () throws -> String in
-                do throws(LibraryError) { try self.manager.requireRunning(name, action: "copy files to or from") } catch { throw APIProblem(error) }
-                return try Self.transferDirectory(in: self.manager.library.root)
-            }
+            let transfer = try await self.transferDirectory(for: name)
             let download = transfer + "/download"
             let fd: Int32
             do {
@@ -176,11 +170,15 @@ extension APIServer {
         return path
     }
 
-    /// A fresh directory for one transfer's file, root's alone, inside the library.
-    static func transferDirectory(in root: String) throws -> String {
-        let directory = root + "/.transfer-" + UUID().uuidString.lowercased()
-        guard mkdir(directory, 0o700) == 0 else { throw APIProblem(LibraryError.io(operation: "mkdir", path: directory, errno: errno)) }
-        return directory
+    /// A fresh directory for one transfer's file, root's alone, inside the library, once the VM
+    /// is known to run: an unknown VM is a 404, one that is off a 409, before anything is staged.
+    func transferDirectory(for name: String) async throws -> String {
+        try await blocking { () throws -> String in
+            do throws(LibraryError) { try self.manager.requireRunning(name, action: "copy files to or from") } catch { throw APIProblem(error) }
+            let directory = self.manager.library.root + "/.transfer-" + UUID().uuidString.lowercased()
+            guard mkdir(directory, 0o700) == 0 else { throw APIProblem(LibraryError.io(operation: "mkdir", path: directory, errno: errno)) }
+            return directory
+        }
     }
 
     /// The copy's refusals in this route's terms: the guest's file is `path`; the host side is
