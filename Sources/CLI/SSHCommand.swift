@@ -120,6 +120,12 @@ struct SSH: ParsableCommand {
         var failure: Int32 = 0
         var length = socklen_t(MemoryLayout<Int32>.size)
         guard getsockopt(fd, SOL_SOCKET, SO_ERROR, &failure, &length) == 0, failure == 0 else { return false }
+        // Our identification first (RFC 4253 §4.2 has both sides send one, in either order): a
+        // user-mode card's forward (passt) reaches the guest's sshd only once the client has
+        // sent something, so a probe that only listened never heard a banner there, and
+        // `vireo ssh` waited out its whole time-out while `ssh` itself got in.
+        let identification = Array("SSH-2.0-vireo-probe\r\n".utf8)
+        guard identification.withUnsafeBytes({ send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }) == identification.count else { return false }
         poller = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
         guard poll(&poller, 1, 5000) == 1 else { return false }
         var banner = [UInt8](repeating: 0, count: 4)
