@@ -1100,6 +1100,149 @@ def migration_benchmark(runs, memory_mib=256, downtime_ms=10):
         print(f"| {kind} | {vd:.1f} / {qd:.0f} | {vd / max(qd, 1):.2f}x | {vt:.0f} / {qt:.0f} | {vt / max(qt, 1):.2f}x |")
 
 
+def guest_benchmark(runs):
+    """Guest integration (issue 26) on the qemu engine, TCG on these hosts: one plain QEMU boot of
+    the Debian image with the same host directory's contents reached three ways at once, a
+    virtio-fs share (Debian's virtiofsd, as Vireo serves shares), an ext4 file system on a
+    virtio-blk disk and QEMU's 9p (`-virtfs`): sequential write (64 MiB, fsync) and read (64 MiB
+    after dropping the guest's caches) and small-file creation (300 files, then sync), each in
+    the same guest, run by one SSH command. Then a Vireo VM from the image: `vireo exec` of
+    /bin/true against `vireo ssh` of `true` (each a whole CLI round trip), alternating."""
+    import json
+    import socket
+    import tempfile
+    vireo = os.path.join(ROOT, ".build", "release", "vireo")
+    work = tempfile.mkdtemp(prefix="vireo-bench-guest-")
+    home = os.path.join(work, "home")
+    os.makedirs(os.path.join(home, "images"))
+    env = dict(os.environ, VIREO_HOME=home)
+
+    def cli(*arguments, check=True, timeout=None):
+        # No terminal and no input: `vireo ssh` execs ssh, which would otherwise wait on them.
+        return subprocess.run([vireo, *arguments], env=env, check=check, capture_output=True, text=True, timeout=timeout,
+                              stdin=subprocess.DEVNULL)
+
+    def free_port():
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            return sock.getsockname()[1]
+
+    cli("image", "build", "debian-12", "--cache-dir", os.path.expanduser("~/.cache/vireo/images"))
+    key = os.path.join(home, "ssh", "id_ed25519")
+    ssh_options = ["-i", key, "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes",
+                   "-o", "ConnectTimeout=5", "-o", "LogLevel=ERROR"]
+
+    def ssh(port, command, timeout=600):
+        return subprocess.run(["ssh", *ssh_options, "-p", str(port), "debian@127.0.0.1", command], capture_output=True, text=True, timeout=timeout)
+
+    def wait_ssh(port, timeout=1500):
+        deadline = time.perf_counter() + timeout
+        while time.perf_counter() < deadline:
+            if ssh(port, "true", timeout=30).returncode == 0:
+                return
+            time.sleep(2)
+        raise TimeoutError(f"no SSH on port {port}")
+
+    # The plain QEMU boot: the image's kernel, a fresh overlay and seed (a Vireo VM's, never started).
+    manifest = json_manifest(home)
+    image_dir = os.path.join(home, "images", "debian-12")
+    cli("create", "plain", "--image", "debian-12", "--engine", "qemu", "--accel", "tcg", "--cpus", "2", "--nic", "user")
+    plain = os.path.join(home, "plain")
+    shared, ninep, blk = (os.path.join(work, name) for name in ("virtiofs-dir", "9p-dir", "blk.raw"))
+    os.makedirs(shared)
+    os.makedirs(ninep)
+    subprocess.run(["truncate", "-s", "1G", blk], check=True)
+    socket_path = os.path.join(work, "fs.sock")
+    virtiofsd = subprocess.Popen(["/usr/lib/qemu/virtiofsd", f"--socket-path={socket_path}", "-o", f"source={shared}", "-o", "cache=auto"],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(100):
+        if os.path.exists(socket_path):
+            break
+        time.sleep(0.05)
+    port = free_port()
+    argv = ["qemu-system-x86_64", "-machine", "q35,accel=tcg", "-cpu", "max", "-smp", "2", "-m", "1G", "-nodefaults", "-no-user-config",
+            "-display", "none", "-serial", "file:" + os.path.join(work, "plain-console.log"),
+            "-object", "memory-backend-memfd,id=ram0,size=1G,share=on", "-machine", "memory-backend=ram0",
+            "-kernel", os.path.join(image_dir, "vmlinuz"), "-initrd", os.path.join(image_dir, "initrd.img"), "-append", manifest["commandLine"],
+            "-drive", f"if=none,id=d0,file={os.path.join(plain, 'disk0.qcow2')},format=qcow2", "-device", "virtio-blk-pci,drive=d0",
+            "-drive", f"if=none,id=d1,file={os.path.join(plain, 'seed.iso')},format=raw,readonly=on", "-device", "virtio-blk-pci,drive=d1",
+            "-drive", f"if=none,id=d2,file={blk},format=raw,cache=none", "-device", "virtio-blk-pci,drive=d2,serial=benchblk",
+            "-chardev", f"socket,id=fs0,path={socket_path}", "-device", "vhost-user-fs-pci,chardev=fs0,tag=benchfs",
+            "-virtfs", f"local,path={ninep},mount_tag=bench9p,security_model=none,id=p9",
+            "-netdev", f"user,id=n0,hostfwd=tcp:127.0.0.1:{port}-:22", "-device", f"virtio-net-pci,netdev=n0,mac={clone_mac(plain)}"]
+    qemu = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    rows = {}
+    try:
+        wait_ssh(port)
+        prepared = ssh(port, "sudo sh -c 'set -e; mkdir -p /mnt/fs /mnt/blk /mnt/p9; mount -t virtiofs benchfs /mnt/fs; "
+                             "mkfs.ext4 -q /dev/disk/by-id/virtio-benchblk; mount /dev/disk/by-id/virtio-benchblk /mnt/blk; "
+                             "mount -t 9p -o trans=virtio,version=9p2000.L,msize=524288 bench9p /mnt/p9'")
+        if prepared.returncode != 0:
+            raise RuntimeError(f"guest mounts failed: {prepared.stderr}")
+        script = ("for m in /mnt/fs /mnt/blk /mnt/p9; do sync; echo 3 > /proc/sys/vm/drop_caches; "
+                  "a=$(date +%s%N); dd if=/dev/zero of=$m/big bs=1M count=64 conv=fsync status=none; b=$(date +%s%N); "
+                  "echo 3 > /proc/sys/vm/drop_caches; dd if=$m/big of=/dev/null bs=1M status=none; c=$(date +%s%N); "
+                  "mkdir $m/small; d=$(date +%s%N); for i in $(seq 1 300); do echo x > $m/small/$i; done; sync; e=$(date +%s%N); "
+                  "rm -rf $m/small $m/big; echo $m $((b-a)) $((c-b)) $((e-d)); done")
+        samples = {}
+        for _ in range(runs):
+            result = ssh(port, f"sudo sh -c '{script}'")
+            if result.returncode != 0:
+                raise RuntimeError(f"guest measurement failed: {result.stderr}")
+            for line in result.stdout.split("\n"):
+                words = line.split()
+                if len(words) == 4:
+                    samples.setdefault(words[0], []).append(tuple(int(w) / 1e9 for w in words[1:]))
+        for mount, values in samples.items():
+            rows[mount] = tuple(statistics.median(v[i] for v in values) for i in range(3))
+    finally:
+        qemu.kill()
+        qemu.wait()
+        virtiofsd.kill()
+        virtiofsd.wait()
+        cli("delete", "plain", check=False)
+    names = {"/mnt/fs": "virtio-fs (virtiofsd, cache=auto)", "/mnt/blk": "virtio-blk, ext4 (cache=none)", "/mnt/p9": "9p (QEMU -virtfs, msize 512 KiB)"}
+    print(f"| file system in one TCG guest (median of {runs}) | write 64 MiB + fsync (MiB/s) | read 64 MiB, cold (MiB/s) | 300 small files + sync (files/s) |")
+    print("|---|---|---|---|")
+    for mount, (write_s, read_s, small_s) in rows.items():
+        print(f"| {names[mount]} | {64 / write_s:.1f} | {64 / read_s:.1f} | {300 / small_s:.0f} |")
+    fs, block, p9 = rows["/mnt/fs"], rows["/mnt/blk"], rows["/mnt/p9"]
+    print(f"\nvirtio-fs / virtio-blk: write {block[0] / fs[0]:.2f}x, read {block[1] / fs[1]:.2f}x, small files {block[2] / fs[2]:.2f}x; "
+          f"virtio-fs / 9p: write {p9[0] / fs[0]:.2f}x, read {p9[1] / fs[1]:.2f}x, small files {p9[2] / fs[2]:.2f}x (above 1: virtio-fs faster)\n")
+
+    # vireo exec against vireo ssh, each a whole CLI round trip, on a Vireo VM from the image.
+    port = free_port()
+    cli("create", "g", "--image", "debian-12", "--engine", "qemu", "--accel", "tcg", "--cpus", "2", "--nic", "user", "--forward", f"tcp:{port}:22")
+    cli("start", "g")
+    try:
+        wait_ssh(port)
+        for _ in range(60):
+            if cli("exec", "g", "--", "/bin/true", check=False, timeout=60).returncode == 0:
+                break
+            time.sleep(2)
+        exec_ms, ssh_ms = [], []
+        for _ in range(max(runs, 5) * 2):
+            begin = time.perf_counter()
+            cli("exec", "g", "--", "/bin/true", timeout=120)
+            exec_ms.append((time.perf_counter() - begin) * 1000)
+            begin = time.perf_counter()
+            try:
+                cli("ssh", "g", "--", "true", timeout=120)
+            except subprocess.TimeoutExpired as timeout:
+                raise RuntimeError(f"vireo ssh did not return: {timeout.stderr}") from None
+            ssh_ms.append((time.perf_counter() - begin) * 1000)
+    finally:
+        cli("stop", "g", "--force", check=False)
+        cli("delete", "g", check=False)
+        shutil.rmtree(work, ignore_errors=True)
+    e, s = statistics.median(exec_ms), statistics.median(ssh_ms)
+    print(f"| a command in the guest, CLI round trip (TCG guest, median of {len(exec_ms)}) | ms |")
+    print("|---|---|")
+    print(f"| vireo exec g -- /bin/true (qemu-guest-agent over virtio-serial) | {e:.0f} |")
+    print(f"| vireo ssh g -- true (OpenSSH over user-mode networking) | {s:.0f} |")
+    print(f"\nvireo exec / vireo ssh: {e / s:.2f}x")
+
+
 def json_manifest(home):
     import json
     with open(os.path.join(home, "images", "debian-12", "manifest.json")) as handle:
@@ -1463,7 +1606,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=15)
     parser.add_argument("--port-writes", type=int, default=100000)
-    parser.add_argument("--only", choices=["vmm", "blk", "lifecycle", "acpi", "qemu-engine", "net", "images", "saved-state", "migration", "isolation", "memory-backing", "api", "nat-start", "network-disks", "disk-stall", "containerd"], help="run one part only")
+    parser.add_argument("--only", choices=["vmm", "blk", "lifecycle", "acpi", "qemu-engine", "net", "images", "saved-state", "migration", "isolation", "memory-backing", "api", "nat-start", "network-disks", "disk-stall", "containerd", "guest"], help="run one part only")
     parser.add_argument("--vm-count", type=int, default=20, help="VMs created and started in the lifecycle benchmark")
     parser.add_argument("--random-requests", type=int, default=5000)
     parser.add_argument("--cold", action="store_true", help="images: start the first build with an empty package cache")
@@ -1513,6 +1656,9 @@ def main():
         return
     if args.only == "containerd":
         containerd_benchmark(min(args.runs, 7))
+        return
+    if args.only == "guest":
+        guest_benchmark(min(args.runs, 3))
         return
     names = list(commands("").keys())
     results = {name: {} for name in names}
