@@ -188,7 +188,8 @@ struct ImageTests {
         let details = try served.api.request("GET", "/api/vms/deb")
         let agent = details.object["guest_agent"] as? [String: Any] ?? [:]
         #expect(agent["answers"] as? Bool == true && (agent["version"] as? String ?? "").hasPrefix("7."), "\(details.text.prefix(600))")
-        #expect(lab.vireo("info", "deb").stdout.contains("Guest agent:     qemu-guest-agent 7."), "\(lab.vireo("info", "deb").stdout)")
+        let agentLine = lab.vireo("info", "deb").stdout.split(separator: "\n").first { $0.hasPrefix("Guest agent:") } ?? ""
+        #expect(agentLine.contains(" qemu-guest-agent 7.") && agentLine.hasSuffix("answers on its virtio-serial port org.qemu.guest_agent.0"), "\(agentLine)")
         let transfers = ((try? FileManager.default.contentsOfDirectory(atPath: lab.library.root.path)) ?? []).filter { $0.hasPrefix(".transfer-") }
         #expect(transfers.isEmpty, "the transfers' files stay behind: \(transfers)")
         served.kill()
