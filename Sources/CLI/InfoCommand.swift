@@ -158,7 +158,7 @@ struct Info: ParsableCommand {
             lines.append(["Guest agent:", "none (the \(report.engine) engine has no agent channel yet; docs/guest-agent.md)"])
         }
         for share in report.shares {
-            lines.append(["Shared folder:", "\(share.path) as '\(share.tag)'\(share.readOnly ? ", read-only" : "") (virtio-fs; the guest mounts it at /mnt/\(share.tag))"])
+            lines.append(["Shared folder:", "\(share.path) as '\(share.tag)'\(share.readOnly ? ", read-only" : "") (virtio-fs; the guest mounts it at \(share.guestMountPoint))"])
         }
         for (index, card) in report.networks.enumerated() {
             var text = "\(report.nicModel.map { $0 == "virtio-net-pci" ? "virtio-net" : $0 } ?? "virtio-net") \(card.mac) on \(card.attachment)"

@@ -10,7 +10,7 @@ struct ShareCommand: ParsableCommand {
             Each share is served by Debian's virtiofsd while the VM runs, in a user namespace where \
             the guest's root is an unprivileged host uid and the guest's first user (uid 1000) is \
             the directory's owner. A VM made from a cloud-init image mounts every share at \
-            /mnt/TAG at each boot; elsewhere, `mount -t virtiofs TAG DIR` in the guest. Shares are \
+            /mnt/TAG (or its --mount-point) at each boot; elsewhere, `mount -t virtiofs TAG DIR` in the guest. Shares are \
             changed on a stopped VM. See docs/shared-folders.md.
             """,
         subcommands: [ShareAdd.self, ShareList.self, ShareRemove.self])
@@ -31,16 +31,19 @@ struct ShareAdd: ParsableCommand {
     @Flag(help: "The guest may read but not change the directory.")
     var readonly = false
 
+    @Option(help: ArgumentHelp("Where a cloud-init guest mounts it (an absolute guest path); default: /mnt/TAG.", valueName: "path"))
+    var mountPoint: String?
+
     func run() throws {
         let definition: VMDefinition
-        let share = SharedFolder(tag: tag ?? SharedFolder.defaultTag(for: directory), path: directory, readOnly: readonly)
+        let share = SharedFolder(tag: tag ?? SharedFolder.defaultTag(for: directory), path: directory, readOnly: readonly, mountPoint: mountPoint)
         do throws(LibraryError) { definition = try openLibrary().addShare(name, share) } catch { throw fail(error) }
         guard let added = definition.shares.last else { return }
         printLine("VM '\(name)' shares \(added.path) as '\(added.tag)'\(added.readOnly ? ", read-only" : "")")
         if definition.cloudInit == nil {
-            printLine("In the guest: mount -t virtiofs \(added.tag) /mnt/\(added.tag)")
+            printLine("In the guest: mount -t virtiofs \(added.tag) \(added.guestMountPoint)")
         } else {
-            printLine("The guest mounts it at /mnt/\(added.tag) when it next boots")
+            printLine("The guest mounts it at \(added.guestMountPoint) when it next boots")
         }
     }
 }
@@ -58,8 +61,8 @@ struct ShareList: ParsableCommand {
         let definition: VMDefinition
         do throws(LibraryError) { definition = try openLibrary().bundle(named: name).load() } catch { throw fail(error) }
         if json { try printJSON(definition.shares); return }
-        var rows = [["TAG", "HOST DIRECTORY", "ACCESS"]]
-        for share in definition.shares { rows.append([share.tag, share.path, share.readOnly ? "read-only" : "read-write"]) }
+        var rows = [["TAG", "HOST DIRECTORY", "ACCESS", "GUEST MOUNT POINT"]]
+        for share in definition.shares { rows.append([share.tag, share.path, share.readOnly ? "read-only" : "read-write", share.guestMountPoint]) }
         printTable(rows)
     }
 }

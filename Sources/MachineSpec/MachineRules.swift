@@ -175,6 +175,18 @@ public enum MachineRules {
         }
     }
 
+    /// Where a cloud-init guest mounts a share (`--mount-point`): an absolute guest path of at
+    /// most 200 bytes of letters, digits, '.', '_', '-' and '/', no empty, '.' or '..' part, not
+    /// `/` itself — a safe word on the kernel command line, in SMBIOS and in the mount script.
+    public static func shareMountPoint(_ path: String) throws(MachineSpecError) {
+        let parts = path.split(separator: "/", omittingEmptySubsequences: false).dropFirst()
+        guard path.hasPrefix("/"), path.utf8.count >= 2, path.utf8.count <= 200,
+              path.utf8.allSatisfy({ ($0 >= 0x30 && $0 <= 0x39) || ($0 >= 0x41 && $0 <= 0x5a) || ($0 >= 0x61 && $0 <= 0x7a) || $0 == 0x2e || $0 == 0x5f || $0 == 0x2d || $0 == 0x2f }),
+              !parts.contains(where: { $0.isEmpty || $0 == "." || $0 == ".." }) else {
+            throw MachineSpecError(.shares, "mount point '\(path.prefix(80))' must be an absolute guest path (not /) of at most 200 letters, digits, '.', '_', '-' and '/', without '.' or '..' parts")
+        }
+    }
+
     /// Tags are unique in a VM (the guest mounts by tag) and a VM has at most 8 shares.
     public static func shares(tags: [String]) throws(MachineSpecError) {
         guard tags.count <= MachineLimits.maximumShares else {

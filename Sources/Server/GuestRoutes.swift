@@ -20,12 +20,13 @@ extension APIServer {
             var path: String
             var tag: String?
             var readOnly: Bool?
+            var mountPoint: String?
         }
         api.post("vms/:name/shares") { request, context in
             let name = try context.parameters.require("name")
-            let body = try await APIJSON.decode(ShareBody.self, from: request, allowed: ["path", "tag", "read_only"])
+            let body = try await APIJSON.decode(ShareBody.self, from: request, allowed: ["path", "tag", "read_only", "mount_point"])
             let path = try self.paths.check(body.path, field: "path")
-            let share = SharedFolder(tag: body.tag ?? SharedFolder.defaultTag(for: path), path: path, readOnly: body.readOnly ?? false)
+            let share = SharedFolder(tag: body.tag ?? SharedFolder.defaultTag(for: path), path: path, readOnly: body.readOnly ?? false, mountPoint: body.mountPoint)
             let definition = try await blocking { () throws -> VMDefinition in
                 do throws(LibraryError) { return try self.manager.library.addShare(name, share) } catch {
                     // This route's field for the directory is `path`; the library calls it `shares`.

@@ -79,7 +79,7 @@ struct ImageTests {
         #expect(info.status == 0 && info.stdout.contains("every file matches the manifest") && info.stdout.contains("linux-image-amd64"), "\(info.stdout)\(info.stderr)")
     }
 
-    @Test("a Debian VM from the image on the qemu engine (TCG) in a NAT network and on user-mode networking: boots to multi-user, cloud-init makes the user with both keys and the host name, `vireo ssh` runs commands and passes their status, `vireo exec` runs one through qemu-guest-agent without SSH (and the API), files go in and out through the API, `vireo list` shows the address the agent reports on the card Vireo leased nothing, `vireo cp` copies 20 MiB both ways, a TPM 2.0 the guest finds, whose PCRs a save and resume keep, a save and resume sets the guest's clock, `vireo stop` powers it off through ACPI, the overlay passes qemu-img check, and a second boot keeps the first one's files and mounts the shared folders added while stopped (ownership as documented, the read-only one refusing writes; save refused, a live snapshot disk-only with the guest's file systems frozen through the agent), and a guest ignoring the power button is stopped through its agent",
+    @Test("a Debian VM from the image on the qemu engine (TCG) in a NAT network and on user-mode networking: boots to multi-user, cloud-init makes the user with both keys and the host name, `vireo ssh` runs commands and passes their status, `vireo exec` runs one through qemu-guest-agent without SSH (and the API), files go in and out through the API, `vireo list` shows the address the agent reports on the card Vireo leased nothing, `vireo cp` copies 20 MiB both ways, a TPM 2.0 the guest finds, whose PCRs a save and resume keep, a save and resume sets the guest's clock, `vireo stop` powers it off through ACPI, the overlay passes qemu-img check, and a second boot keeps the first one's files and mounts the shared folders added while stopped (ownership as documented, the read-only one at its own mount point refusing writes; save refused, a live snapshot disk-only with the guest's file systems frozen through the agent), and a guest ignoring the power button is stopped through its agent",
           .timeLimit(.minutes(40)))
     func debianOnQEMUEngine() throws {
         let lab = try NetworkLab()
@@ -242,11 +242,14 @@ struct ImageTests {
         let checked = Harness.run(["qemu-img", "check", overlay])
         #expect(checked.status == 0, "\(checked.stdout) \(checked.stderr)")
         // Shares added while stopped (docs/shared-folders.md) are mounted at the next boot at
-        // /mnt/TAG by the seed's bootcmd, which reads them from SMBIOS at every boot.
+        // /mnt/TAG or their own mount point by the seed's bootcmd, which reads them from SMBIOS at
+        // every boot.
         let addedProject = lab.vireo("share", "add", "deb", project, "--tag", "proj")
         #expect(addedProject.status == 0 && addedProject.stdout.contains("mounts it at /mnt/proj when it next boots"), "\(addedProject.stdout) \(addedProject.stderr)")
-        let added = lab.vireo("share", "add", "deb", docs, "--readonly")
-        #expect(added.status == 0 && added.stdout.contains("shares \(docs) as 'docs', read-only"), "\(added.stdout) \(added.stderr)")
+        // The read-only one at a mount point of its own (--mount-point).
+        let added = lab.vireo("share", "add", "deb", docs, "--readonly", "--mount-point", "/srv/docs")
+        #expect(added.status == 0 && added.stdout.contains("shares \(docs) as 'docs', read-only") && added.stdout.contains("mounts it at /srv/docs when it next boots"),
+                "\(added.stdout) \(added.stderr)")
 
         lab.start("deb")
         Self.deprioritise(lab.library.root.appendingPathComponent("deb/vmm.pid"))
@@ -255,7 +258,7 @@ struct ImageTests {
         // Read-only in the server's mount, not only in the guest's: a guest that mounts it again
         // read-write still cannot write.
         let readOnly = lab.vireo(arguments: ["exec", "deb", "--", "/bin/sh", "-c",
-                                             "cat /mnt/docs/readme.txt; umount /mnt/docs && mount -t virtiofs docs /mnt/docs && touch /mnt/docs/new"], timeout: 300)
+                                             "cat /srv/docs/readme.txt; umount /srv/docs && mount -t virtiofs docs /srv/docs && touch /srv/docs/new"], timeout: 300)
         #expect(readOnly.status != 0 && readOnly.stdout == "readme\n" && readOnly.stderr.contains("Read-only file system"), "\(readOnly.status) \(readOnly.stdout) \(readOnly.stderr)")
         #expect((try? FileManager.default.contentsOfDirectory(atPath: docs)) == ["readme.txt"])
         // The shared folder (virtio-fs): mounted at /mnt/proj. The guest

@@ -40,7 +40,7 @@ import Testing
             (["share", "add", "q", project, "--tag", String(repeating: "t", count: 37)], "must be 1 to 36"),
             (["share", "remove", "q", "nope"], "TAG: VM 'q' has no shared folder 'nope' (shares: proj (\(project)))"),
             (["share", "add", "absent-vm", project], "no VM named 'absent-vm'"),
-            (["create", "bad", "--engine", "qemu", "--accel", "tcg", "--kernel", probe, "--no-disk", "--no-nic", "--share", project + ",uid=5"], "the only option is ro"),
+            (["create", "bad", "--engine", "qemu", "--accel", "tcg", "--kernel", probe, "--no-disk", "--no-nic", "--share", project + ",uid=5"], "the options are ro and mount="),
             (["create", "k", "--engine", "kvm", "--kernel", probe, "--no-disk", "--no-nic", "--memory-backing", "hugepages=2M", "--share", project], "the kvm engine's huge pages"),
             (["create", "k", "--engine", "kvm", "--kernel", probe, "--no-disk", "--no-nic", "--ksm", "--share", project], "KSM (--ksm) merges private pages only"),
         ]
@@ -143,8 +143,9 @@ import Testing
         #expect(library.vireo("create", "q", "--engine", "qemu", "--accel", "tcg", "--kernel", probe, "--memory", "128M", "--no-disk", "--no-nic").status == 0)
         let served = try Served(library)
         let api = served.api
-        let added = try api.request("POST", "/api/vms/q/shares", json: ["path": project, "read_only": true])
-        #expect(added.status == 201 && added.text.contains("\"tag\":\"proj\"") && added.text.contains("\"read_only\":true"), "\(added.status) \(added.text)")
+        let added = try api.request("POST", "/api/vms/q/shares", json: ["path": project, "read_only": true, "mount_point": "/srv/proj"])
+        #expect(added.status == 201 && added.text.contains("\"tag\":\"proj\"") && added.text.contains("\"read_only\":true")
+                && added.text.contains("\"mount_point\":\"/srv/proj\""), "\(added.status) \(added.text)")
         let config = library.root.appendingPathComponent("q/config.json")
         let before = try Data(contentsOf: config)
         let refusals: [([String: Any], String)] = [
@@ -152,6 +153,8 @@ import Testing
             (["path": project + "/../proj", "tag": "proj"], "already shares"),
             (["path": project, "tag": "bad tag"], "must be 1 to 36"),
             (["path": project, "uid": 5], "uid"),
+            (["path": project, "tag": "other", "mount_point": "srv/relative"], "mount_point"),
+            (["path": project, "tag": "other", "mount_point": "/srv/proj"], "already mounts 'proj' at /srv/proj"),
         ]
         for (body, reason) in refusals {
             let refused = try api.request("POST", "/api/vms/q/shares", json: body)

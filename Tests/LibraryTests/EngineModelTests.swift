@@ -306,7 +306,7 @@ struct QEMUCommandLineTests {
         #expect(try SharedFolder.parse("/srv/no-such-dir:data,ro") == SharedFolder(tag: "data", path: "/srv/no-such-dir", readOnly: true))
         #expect(try SharedFolder.parse("/srv/My Project") == SharedFolder(tag: "My-Project", path: "/srv/My Project"))
         #expect(SharedFolder.defaultTag(for: "/") == "share")
-        #expect { try SharedFolder.parse("/srv/x,rw,ro,uid=3") } throws: { "\($0)".contains("the only option is ro") }
+        #expect { try SharedFolder.parse("/srv/x,rw,ro,uid=3") } throws: { "\($0)".contains("the options are ro and mount=") }
         // The server's user namespace.
         let maps = ShareServers.maps(owner: (uid: 1001, gid: 1002), server: 2_130_706_500)
         #expect(maps.uid == "0 2130706500 1\n1000 1001 1\n" && maps.gid == "0 2130706500 1\n1000 1002 1\n")

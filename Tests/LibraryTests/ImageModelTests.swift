@@ -124,3 +124,56 @@ struct ImageModelTests {
         #expect(HostMounts.unescapeMountField("/plain") == "/plain")
     }
 }
+
+/// The guest's mount script (cloud-init's bootcmd) run on the host against made-up SMBIOS entries
+/// and a kernel command line, with `mount`, `mountpoint` and `mkdir` standing in as scripts that
+/// say what they were asked.
+struct MountScriptTests {
+    @Test("the mount script mounts each listed share at /mnt/TAG or its own mount point, read-only where marked, from SMBIOS (qemu engine) and the command line (kvm engine), and ignores anything else")
+    func mountScriptReadsBothListings() throws {
+        let directory = FileManager.default.temporaryDirectory.appendingPathComponent("vireo-mount-\(UUID().uuidString.prefix(8))")
+        let bin = directory.appendingPathComponent("bin")
+        try FileManager.default.createDirectory(at: directory.appendingPathComponent("11-0"), withIntermediateDirectories: true)
+        try FileManager.default.createDirectory(at: bin, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(at: directory) }
+        // A type 11 structure: a header, then NUL-separated strings (as /sys/firmware/dmi shows it).
+        let strings = ["vireo.share=abc", "vireo.share=docs:ro", "vireo.share=web:ro@/srv/web-docs", "vireo.share=bad;rm@/x", "other=1"]
+        try Data([0x0b, 0x05, 0x10, 0x00, 0x05] + strings.flatMap { Array($0.utf8) + [0] } + [0]).write(to: directory.appendingPathComponent("11-0/raw"))
+        try Data("console=ttyS0 vireo.share=kvm1 vireo.share=kvm2@/data/in-guest root=x vireo.share=../x\n".utf8).write(to: directory.appendingPathComponent("cmdline"))
+        for (tool, body) in [("mount", "echo \"MOUNT $*\""), ("mkdir", "echo \"MKDIR $*\""), ("mountpoint", "exit 1")] {
+            let path = bin.appendingPathComponent(tool).path
+            try Data("#!/bin/sh\n\(body)\n".utf8).write(to: URL(fileURLWithPath: path))
+            chmod(path, 0o755)
+        }
+        let script = CloudInitSeed.mountSharesScript
+            .replacingOccurrences(of: "/sys/firmware/dmi/entries", with: directory.path)
+            .replacingOccurrences(of: "/proc/cmdline", with: directory.appendingPathComponent("cmdline").path)
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: "/bin/sh")
+        process.arguments = ["-c", script]
+        process.environment = ["PATH": bin.path + ":/usr/bin:/bin"]
+        let output = Pipe()
+        process.standardOutput = output
+        try process.run()
+        process.waitUntilExit()
+        let lines = String(decoding: output.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self).split(separator: "\n").filter { $0.hasPrefix("MOUNT") }
+        #expect(lines == ["MOUNT -t virtiofs abc /mnt/abc", "MOUNT -t virtiofs -o ro docs /mnt/docs", "MOUNT -t virtiofs -o ro web /srv/web-docs",
+                          "MOUNT -t virtiofs kvm1 /mnt/kvm1", "MOUNT -t virtiofs kvm2 /data/in-guest"], "\(lines)")
+    }
+
+    @Test("--share's mount= option and the mount point's rule: absolute, plain characters, no '..', not /; one mount point per share")
+    func mountPoints() throws {
+        #expect(try SharedFolder.parse("/srv/no-such:web,ro,mount=/srv/www") == SharedFolder(tag: "web", path: "/srv/no-such", readOnly: true, mountPoint: "/srv/www"))
+        #expect(try SharedFolder.parse("/srv/no-such,mount=/data,ro").mountPoint == "/data")
+        #expect(SharedFolder(tag: "web", path: "/x", readOnly: true, mountPoint: "/srv/www").guestListing == "web:ro@/srv/www")
+        #expect(SharedFolder(tag: "web", path: "/x").guestListing == "web")
+        for bad in ["relative", "/", "/a/../etc", "/a b", "/a;b", "/a//b", "/" + String(repeating: "x", count: 200)] {
+            #expect(throws: LibraryError.self, "\(bad)") { _ = try SharedFolder.parse("/srv/no-such,mount=\(bad)") }
+        }
+        var definition = VMDefinition(uuid: "6c1d2f4e-0000-4000-8000-000000000009", name: "mp", osType: try OSType.named("linux-64"), createdAt: 0)
+        definition.engine = .qemu
+        definition.firmware = .bios
+        definition.shares = [SharedFolder(tag: "a", path: "/srv/a", mountPoint: "/mnt/b"), SharedFolder(tag: "b", path: "/srv/b")]
+        #expect { try VMLibrary.validate(definition) } throws: { "\($0)".contains("two shared folders would be mounted at /mnt/b") }
+    }
+}

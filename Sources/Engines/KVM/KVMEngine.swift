@@ -76,7 +76,7 @@ public struct KVMEngine: MigratingEngine {
             // command line, as this engine has no SMBIOS. virtiofsd maps guest RAM to reach the
             // guest's buffers: RAM is a memfd both map shared (QEMU's memory-backend-memfd,share=on).
             spec.fileSystems = definition.shares.map { MachineSpec.FileSystem(tag: $0.tag, socketPath: ShareServers.socketPath(bundle, tag: $0.tag)) }
-            spec.commandLine += definition.shares.map { " vireo.share=\($0.tag)" + ($0.readOnly ? ":ro" : "") }.joined()
+            spec.commandLine += definition.shares.map { " vireo.share=" + $0.guestListing }.joined()
             if spec.memory.file == nil { spec.memory.file = .memfd }
             spec.memory.shared = true
         }

@@ -104,7 +104,7 @@ public struct QEMUEngine: DisplayEngine, RemovableMediaEngine, StateTransferEngi
         for (index, share) in definition.shares.enumerated() {
             arguments += ["-chardev", "socket,id=fs\(index),path=\(quoted(ShareServers.socketPath(bundle, tag: share.tag)))",
                           "-device", "vhost-user-fs-pci,chardev=fs\(index),tag=\(share.tag),id=share\(index)",
-                          "-smbios", "type=11,value=vireo.share=\(share.tag)\(share.readOnly ? ":ro" : "")"]
+                          "-smbios", "type=11,value=vireo.share=\(share.guestListing)"]
         }
         // The TPM 2.0: QEMU's tpm-emulator on swtpm's control socket (QEMUTPM), a CRB interface
         // as Windows 11 and Linux expect.

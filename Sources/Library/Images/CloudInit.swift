@@ -163,17 +163,20 @@ public enum CloudInitSeed {
         var bootcmd: [[String]]
     }
 
-    /// Run by cloud-init at every boot (`bootcmd`): mounts each shared folder the VM lists at
-    /// /mnt/TAG — `vireo.share=TAG` or `vireo.share=TAG:ro`, which the qemu engine puts in the
-    /// SMBIOS OEM strings (type 11) and the kvm engine (which has no SMBIOS) on the kernel command
-    /// line, from the definition at each start. So a share added later with `vireo share add` is
-    /// mounted at the next boot too, without a new seed. Tags are letters, digits, '.', '_' and
-    /// '-' (MachineRules.shareTag); the sed keeps nothing else.
+    /// Run by cloud-init at every boot (`bootcmd`): mounts each shared folder the VM lists —
+    /// `vireo.share=TAG[:ro][@/MOUNT/POINT]` (SharedFolder.guestListing), which the qemu engine
+    /// puts in the SMBIOS OEM strings (type 11) and the kvm engine (which has no SMBIOS) on the
+    /// kernel command line, from the definition at each start — at its mount point, /mnt/TAG by
+    /// default. So a share added later with `vireo share add` is mounted at the next boot too,
+    /// without a new seed. Tags and mount points are letters, digits, '.', '_', '-' (and '/')
+    /// (MachineRules); the sed keeps nothing else, and each field is marked with an `x` so an
+    /// absent one still holds its place for `read`.
     public static let mountSharesScript = """
         { for raw in /sys/firmware/dmi/entries/11-*/raw; do [ -r "$raw" ] && tr '\\000' '\\n' < "$raw"; done; \
-        tr ' ' '\\n' < /proc/cmdline; } | sed -n 's/.*vireo\\.share=\\([A-Za-z0-9._-]*\\)\\(:ro\\)\\{0,1\\}$/\\1 \\2/p' | \
-        while read -r tag ro; do mountpoint -q "/mnt/$tag" && continue; mkdir -p "/mnt/$tag"; \
-        mount -t virtiofs ${ro:+-o ro} "$tag" "/mnt/$tag" || echo "vireo: cannot mount shared folder $tag" >&2; done
+        tr ' ' '\\n' < /proc/cmdline; } | \
+        sed -n 's/.*vireo\\.share=\\([A-Za-z0-9._-]*\\)\\(:ro\\)\\{0,1\\}\\(@\\/[A-Za-z0-9._\\/-]*\\)\\{0,1\\}$/\\1 x\\2 x\\3/p' | \
+        while read -r tag ro at; do mp=${at#x@}; [ "$mp" = x ] && mp="/mnt/$tag"; mountpoint -q "$mp" && continue; mkdir -p "$mp"; \
+        mount -t virtiofs $([ "$ro" = x:ro ] && echo -o ro) "$tag" "$mp" || echo "vireo: cannot mount shared folder $tag at $mp" >&2; done
         """
 
     /// `#cloud-config` in JSON form (JSON is YAML), so nothing the user typed needs YAML escaping.

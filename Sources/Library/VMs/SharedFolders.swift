@@ -11,29 +11,51 @@ public struct SharedFolder: Codable, Sendable, Equatable {
     /// its place is not followed: the server is handed the directory it was given).
     public var path: String
     public var readOnly: Bool
+    /// Where a cloud-init guest mounts it; nil: /mnt/TAG.
+    public var mountPoint: String?
 
-    public init(tag: String, path: String, readOnly: Bool = false) {
+    public init(tag: String, path: String, readOnly: Bool = false, mountPoint: String? = nil) {
         self.tag = tag
         self.path = path
         self.readOnly = readOnly
+        self.mountPoint = mountPoint
     }
 
-    /// `--share HOSTDIR[:TAG][,ro]`. A directory whose own name holds a ':' is taken whole when
-    /// it exists; otherwise the part after the last ':' is the tag.
+    /// Where the guest's mount script puts it.
+    public var guestMountPoint: String { mountPoint ?? "/mnt/" + tag }
+
+    /// The share as the guest's mount script reads it, from SMBIOS (qemu engine) or the kernel
+    /// command line (kvm engine): `TAG`, then `:ro`, then `@/MOUNT/POINT` when not the default.
+    public var guestListing: String { tag + (readOnly ? ":ro" : "") + (mountPoint.map { "@" + $0 } ?? "") }
+
+    /// `--share HOSTDIR[:TAG][,ro][,mount=/GUEST/PATH]`. A directory whose own name holds a ':'
+    /// is taken whole when it exists; otherwise the part after the last ':' is the tag.
     public static func parse(_ text: String) throws(LibraryError) -> SharedFolder {
         var body = Substring(text)
         var readOnly = false
-        if body.hasSuffix(",ro") { body = body.dropLast(3); readOnly = true } else if body.hasSuffix(",rw") { body = body.dropLast(3) }
+        var mountPoint: String?
+        while true {
+            if body.hasSuffix(",ro") { body = body.dropLast(3); readOnly = true; continue }
+            if body.hasSuffix(",rw") { body = body.dropLast(3); continue }
+            // A mount point has no comma (MachineRules.shareMountPoint): the last one starts it.
+            if mountPoint == nil, let comma = body.lastIndex(of: ","), body[comma...].hasPrefix(",mount=") {
+                mountPoint = String(body[body.index(comma, offsetBy: 7)...])
+                body = body[..<comma]
+                continue
+            }
+            break
+        }
         if body.contains(","), !HostFiles.isDirectory(String(body)) {
-            throw .invalidValue(field: "shares", reason: "'\(text.prefix(200))': give HOSTDIR[:TAG][,ro] (the only option is ro)")
+            throw .invalidValue(field: "shares", reason: "'\(text.prefix(200))': give HOSTDIR[:TAG][,ro][,mount=/GUEST/PATH] (the options are ro and mount=)")
         }
         var path = String(body), tag: String?
         if !HostFiles.isDirectory(path), let colon = body.lastIndex(of: ":") {
             path = String(body[..<colon])
             tag = String(body[body.index(after: colon)...])
         }
-        guard !path.isEmpty else { throw .invalidValue(field: "shares", reason: "'\(text.prefix(200))' names no host directory; give HOSTDIR[:TAG][,ro]") }
-        return SharedFolder(tag: tag ?? defaultTag(for: path), path: path, readOnly: readOnly)
+        guard !path.isEmpty else { throw .invalidValue(field: "shares", reason: "'\(text.prefix(200))' names no host directory; give HOSTDIR[:TAG][,ro][,mount=/GUEST/PATH]") }
+        if let mountPoint { do { try MachineRules.shareMountPoint(mountPoint) } catch { throw LibraryError(error) } }
+        return SharedFolder(tag: tag ?? defaultTag(for: path), path: path, readOnly: readOnly, mountPoint: mountPoint)
     }
 
     /// The directory's own name, made a valid tag ("my project" → "my-project").
@@ -77,9 +99,16 @@ extension VMLibrary {
     static func validate(shares: [SharedFolder], engine: EngineKind, memoryBacking: MemoryBackingOptions) throws(LibraryError) {
         do { try MachineRules.shares(tags: shares.map(\.tag)) } catch { throw LibraryError(error) }
         guard !shares.isEmpty else { return }
+        var mountPoints = Set<String>()
         for share in shares {
             try validate(path: share.path, field: "shares")
             guard share.path.hasPrefix("/") else { throw .invalidValue(field: "shares", reason: "'\(share.path.prefix(200))' is not an absolute path") }
+            if let point = share.mountPoint {
+                do { try MachineRules.shareMountPoint(point) } catch { throw .invalidValue(field: "mount_point", reason: error.reason) }
+            }
+            guard mountPoints.insert(share.guestMountPoint).inserted else {
+                throw .invalidValue(field: "shares", reason: "two shared folders would be mounted at \(share.guestMountPoint) in the guest; give one another mount point")
+            }
         }
         if engine == .kvm {
             // The kvm engine maps RAM from a shared memfd for virtiofsd (KVMEngine.machineSpec):
@@ -102,6 +131,9 @@ extension VMLibrary {
         return try update(name, action: "add a shared folder to") { (definition, _) throws(LibraryError) in
             if let other = definition.shares.first(where: { $0.tag == checked.tag }) {
                 throw .invalidValue(field: "tag", reason: "VM '\(name)' already shares \(other.path) as '\(checked.tag)'; give another --tag")
+            }
+            if let other = definition.shares.first(where: { $0.guestMountPoint == checked.guestMountPoint }) {
+                throw .invalidValue(field: "mount_point", reason: "VM '\(name)' already mounts '\(other.tag)' at \(checked.guestMountPoint); give another --mount-point")
             }
             definition.shares.append(checked)
         }
