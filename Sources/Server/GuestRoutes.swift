@@ -119,7 +119,8 @@ extension APIServer {
             let fd: Int32
             do {
                 let size = try await blocking { () throws -> UInt64 in
-                    do throws(LibraryError) { return try self.manager.copy(name, hostPath: download, guestPath: guestPath, toGuest: false) } catch {
+                    // Staged on the host's disk as root: a guest whose file never ends must not fill it.
+                    do throws(LibraryError) { return try self.manager.copy(name, hostPath: download, guestPath: guestPath, toGuest: false, limit: Self.maximumUpload) } catch {
                         throw Self.fileProblem(error)
                     }
                 }
@@ -157,7 +158,8 @@ extension APIServer {
         return true
     }
 
-    /// One file upload's limit: it is staged on the host's disk before it enters the guest.
+    /// One file's limit either way: it is staged on the host's disk (before it enters the guest,
+    /// or before it is sent).
     static let maximumUpload: UInt64 = 4 << 30
 
     /// The `path` query parameter: an absolute path in the guest.

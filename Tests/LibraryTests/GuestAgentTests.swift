@@ -8,7 +8,7 @@ import Testing
 /// socket (`qemu-ga -m unix-listen`): the same JSON the agent speaks inside a guest on its
 /// virtio-serial port. The guest side is covered by the Debian image's boot (ImageTests).
 @Suite(.serialized) struct GuestAgentTests {
-    @Test("the guest agent client: a command's stdout, stderr and exit status come back; a missing program and a command that outlasts its time are errors naming why; an agent that does not answer is said to be missing")
+    @Test("the guest agent client: a command's stdout, stderr and exit status come back; a missing program and a command that outlasts its time are errors naming why; a copy out of the guest past its limit is refused and keeps nothing; an agent that does not answer is said to be missing")
     func execThroughQemuGuestAgent() throws {
         let directory = FileManager.default.temporaryDirectory.appendingPathComponent("vireo-qga-\(UUID().uuidString.prefix(8))")
         try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
@@ -41,6 +41,21 @@ import Testing
         } catch {
             #expect("\(error)".contains("still runs after 1 s"), "\(error)")
         }
+        // A copy out of the guest stops at its limit (the API's downloads are staged on the host's
+        // disk, and the guest says how long its file is): refused, nothing kept; whole without one.
+        let source = directory.appendingPathComponent("big.bin")
+        let bytes = Data((0..<(3 << 20)).map { UInt8(truncatingIfNeeded: $0 &* 31) })
+        try bytes.write(to: source)
+        let target = directory.appendingPathComponent("copied.bin").path
+        do {
+            _ = try QEMUEngine.copyFromGuest(agentPath: socket, vmName: "vm", from: source.path, to: target, limit: 1 << 20) { _ in }
+            Issue.record("a file past the limit was copied")
+        } catch {
+            #expect("\(error)".contains("is larger than the 1048576 bytes this copy takes"), "\(error)")
+        }
+        #expect(!FileManager.default.fileExists(atPath: target) && !FileManager.default.fileExists(atPath: target + ".vireo-partial"))
+        #expect(try QEMUEngine.copyFromGuest(agentPath: socket, vmName: "vm", from: source.path, to: target) { _ in } == UInt64(bytes.count))
+        #expect(FileManager.default.contents(atPath: target) == bytes)
         do {
             _ = try QEMUEngine.guestExec(agentPath: directory.appendingPathComponent("absent.sock").path, vmName: "vm", command: ["/bin/true"], timeoutSeconds: 5)
             Issue.record("no agent must be an error")

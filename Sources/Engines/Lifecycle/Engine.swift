@@ -118,8 +118,9 @@ public protocol GuestAgentEngine: Engine {
 public protocol GuestFileEngine: GuestAgentEngine {
     /// Copies a host file to `guestPath` (absolute); `progress(done, total)` after each block.
     func copyToGuest(_ vm: EngineVM, from hostPath: String, to guestPath: String, progress: (UInt64, UInt64) -> Void) throws(LibraryError) -> UInt64
-    /// Copies the guest's `guestPath` to a host file; `progress(done)` after each block.
-    func copyFromGuest(_ vm: EngineVM, from guestPath: String, to hostPath: String, progress: (UInt64) -> Void) throws(LibraryError) -> UInt64
+    /// Copies the guest's `guestPath` to a host file; `progress(done)` after each block. The
+    /// guest decides how long its file is: past `limit` bytes the copy is refused (nothing kept).
+    func copyFromGuest(_ vm: EngineVM, from guestPath: String, to hostPath: String, limit: UInt64?, progress: (UInt64) -> Void) throws(LibraryError) -> UInt64
 }
 
 /// A CD-ROM drive whose medium can be taken out while the VM runs.

@@ -343,13 +343,14 @@ public struct VMManager: Sendable {
     }
 
     /// `vireo cp`: a file into (`toGuest`) or out of a running guest through its agent.
-    public func copy(_ name: String, hostPath: String, guestPath: String, toGuest: Bool,
+    /// `limit`: the most bytes taken from the guest (its file's length is the guest's to say).
+    public func copy(_ name: String, hostPath: String, guestPath: String, toGuest: Bool, limit: UInt64? = nil,
                      progress: (UInt64, UInt64?) -> Void = { _, _ in }) throws(LibraryError) -> UInt64 {
         let (vm, engine) = try defined(name)
         guard let agent = engine as? any GuestFileEngine else { throw EngineRefusal.noGuestAgent(vm) }
         _ = try running(name, action: "copy files to or from")
         if toGuest { return try agent.copyToGuest(vm, from: hostPath, to: guestPath) { progress($0, $1) } }
-        return try agent.copyFromGuest(vm, from: guestPath, to: hostPath) { progress($0, nil) }
+        return try agent.copyFromGuest(vm, from: guestPath, to: hostPath, limit: limit) { progress($0, nil) }
     }
 
     public func screenshot(_ name: String, to path: String) throws(LibraryError) {

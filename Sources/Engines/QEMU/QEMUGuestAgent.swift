@@ -215,8 +215,8 @@ extension QEMUEngine: GuestFileEngine {
         try Self.copyToGuest(agentPath: vm.bundle.guestAgentPath, vmName: vm.name, from: hostPath, to: guestPath, progress: progress)
     }
 
-    public func copyFromGuest(_ vm: EngineVM, from guestPath: String, to hostPath: String, progress: (UInt64) -> Void) throws(LibraryError) -> UInt64 {
-        try Self.copyFromGuest(agentPath: vm.bundle.guestAgentPath, vmName: vm.name, from: guestPath, to: hostPath, progress: progress)
+    public func copyFromGuest(_ vm: EngineVM, from guestPath: String, to hostPath: String, limit: UInt64?, progress: (UInt64) -> Void) throws(LibraryError) -> UInt64 {
+        try Self.copyFromGuest(agentPath: vm.bundle.guestAgentPath, vmName: vm.name, from: guestPath, to: hostPath, limit: limit, progress: progress)
     }
 
     struct FileOpen: Encodable { var path: String; var mode: String }
@@ -301,7 +301,7 @@ extension QEMUEngine: GuestFileEngine {
         return written
     }
 
-    static func copyFromGuest(agentPath: String, vmName: String, from guestPath: String, to hostPath: String,
+    static func copyFromGuest(agentPath: String, vmName: String, from guestPath: String, to hostPath: String, limit: UInt64? = nil,
                               progress: (UInt64) -> Void) throws(LibraryError) -> UInt64 {
         try guestPathChecked(guestPath)
         let directory = HostFiles.parent(of: HostFiles.absolute(hostPath))
@@ -333,6 +333,10 @@ extension QEMUEngine: GuestFileEngine {
             }
             guard let bytes = Data(base64Encoded: chunk.buffer), bytes.count == chunk.count, chunk.count <= chunkBytes else {
                 copyError = .engine(name: vmName, reason: "the guest agent sent a malformed block of \(guestPath)", exitStatus: 1)
+                break
+            }
+            if let limit, copied + UInt64(bytes.count) > limit {
+                copyError = .invalidValue(field: "GUEST_PATH", reason: "\(guestPath) in the guest is larger than the \(limit) bytes this copy takes; nothing was kept")
                 break
             }
             let wrote = bytes.withUnsafeBytes { write(target, $0.baseAddress, $0.count) }
