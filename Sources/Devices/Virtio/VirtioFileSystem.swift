@@ -35,6 +35,9 @@ public final class VirtioFileSystem: VirtioDevice, VirtioExternalQueues {
     public let kickDescriptors: [Int32]
     public let callDescriptors: [Int32]
     private let memory: GuestMemory
+    /// `struct virtio_fs_config`: the tag (36 bytes, NUL-padded) and the number of request
+    /// queues, fixed for the device's life.
+    private let configuration: [UInt8]
 
     private struct Session {
         var accepted: UInt64 = 0
@@ -77,6 +80,10 @@ public final class VirtioFileSystem: VirtioDevice, VirtioExternalQueues {
         self.tag = tag
         self.frontend = frontend
         self.memory = memory
+        var configuration = [UInt8](repeating: 0, count: MachineLimits.shareTagLength + 4)
+        for (index, byte) in tag.utf8.prefix(MachineLimits.shareTagLength).enumerated() { configuration[index] = byte }
+        withUnsafeBytes(of: UInt32(Self.queueCount - 1).littleEndian) { for (index, byte) in $0.enumerated() { configuration[MachineLimits.shareTagLength + index] = byte } }
+        self.configuration = configuration
         kickDescriptors = kicks
         callDescriptors = calls
     }
@@ -96,11 +103,7 @@ public final class VirtioFileSystem: VirtioDevice, VirtioExternalQueues {
 
     public var queueMaximumSizes: [UInt16] { Array(repeating: Self.maximumQueueSize, count: Self.queueCount) }
 
-    /// `struct virtio_fs_config`: the tag (36 bytes, NUL-padded) and the number of request queues.
     public func readConfiguration(offset: Int, into data: UnsafeMutableRawBufferPointer) {
-        var configuration = [UInt8](repeating: 0, count: MachineLimits.shareTagLength + 4)
-        for (index, byte) in tag.utf8.prefix(MachineLimits.shareTagLength).enumerated() { configuration[index] = byte }
-        withUnsafeBytes(of: UInt32(Self.queueCount - 1).littleEndian) { for (index, byte) in $0.enumerated() { configuration[MachineLimits.shareTagLength + index] = byte } }
         for index in data.indices {
             let position = offset + index
             data[index] = position >= 0 && position < configuration.count ? configuration[position] : 0
