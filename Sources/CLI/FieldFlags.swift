@@ -17,7 +17,7 @@ enum FieldFlags {
     static let sameName: Swift.Set<String> = [
         "attach_disk", "cpu_weight", "pids_limit", "disk_format", "no_disk", "description", "dhcp", "engine", "firmware", "format",
         "full", "hostname", "image", "iso", "linked", "mirror", "name", "packages", "password", "size", "subnet", "text",
-        "timeout", "user", "pool", "type", "chap",
+        "timeout", "user", "pool", "type", "chap", "secure_boot", "tpm", "hyperv", "unattended",
     ]
 
     static func flag(for field: String) -> String {

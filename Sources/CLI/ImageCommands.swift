@@ -151,6 +151,9 @@ struct ImageInfo: ParsableCommand {
             lines.append(["Kernel:", "\(directory)/\(manifest.kernel ?? "")"])
             if let initrd = manifest.initrd { lines.append(["Initramfs:", "\(directory)/\(initrd)"]) }
             lines.append(["Command line:", manifest.commandLine ?? ""])
+            if manifest.efiBootable == true {
+                lines.append(["UEFI:", "an EFI system partition with its boot loader: `--firmware uefi` boots through it (and `--secure-boot` has each step checked)"])
+            }
         } else {
             lines.append(["Boot:", "through \(manifest.firmware?.rawValue ?? "bios") firmware on the qemu engine (no kernel could be taken out of it)"])
         }

@@ -5,7 +5,7 @@ import Glibc
 #endif
 
 /// The one way Vireo runs a host tool to completion (qemu-img, tar, ip, nft, dnsmasq,
-/// debootstrap...): stdin from /dev/null, stdout and stderr together into one pipe, every
+/// debootstrap...): stdin from /dev/null (or a file the caller names), stdout and stderr together into one pipe, every
 /// descriptor above 2 closed in the child, signals reset.
 ///
 /// It reads until the tool exits, not until the pipe closes: a daemon's detached child (dnsmasq)
@@ -18,15 +18,21 @@ public enum HostCommand {
     ///     status is -1 with the output saying so.
     ///   - capacity: how much output is kept (the first bytes); `onLine` still sees every line.
     ///   - environment: nil inherits Vireo's.
+    ///   - input: a file to read as standard input (sfdisk's script); nil is /dev/null.
     ///   - onLine: each line of output as it comes.
     /// - Returns: the exit status (128+N for signal N; negative when the tool could not be
     ///   started, with the reason as the output) and the output.
     public static func run(_ path: String, _ arguments: [String], timeoutSeconds: Int? = nil, capacity: Int = 1 << 20,
-                           environment: [String]? = nil, onLine: ((String) -> Void)? = nil) -> (status: Int32, output: String) {
+                           environment: [String]? = nil, input inputPath: String? = nil,
+                           onLine: ((String) -> Void)? = nil) -> (status: Int32, output: String) {
+        let input = open(inputPath ?? "/dev/null", O_RDONLY | O_CLOEXEC)
+        if let inputPath, input < 0 { return (-1, "cannot open \(inputPath): \(String(cString: strerror(errno)))") }
         var ends: [Int32] = [-1, -1]
-        guard pipe(&ends) == 0 else { return (-1, "pipe: \(String(cString: strerror(errno)))") }
+        guard pipe(&ends) == 0 else {
+            if input >= 0 { close(input) }
+            return (-1, "pipe: \(String(cString: strerror(errno)))")
+        }
         for end in ends { _ = fcntl(end, F_SETFD, FD_CLOEXEC) }
-        let input = open("/dev/null", O_RDONLY | O_CLOEXEC)
         var pid: pid_t = 0
         let spawned: Int32 = withCStrings([path] + arguments) { argv in
             guard let environment else { return vireo_spawn_piped(path, argv, nil, max(input, 0), ends[1], ends[1], &pid) }

@@ -11,7 +11,7 @@ import Glibc
 /// invalidates old cached builds.
 public struct ImageRecipe: Sendable, Equatable {
     /// Bumped whenever the image's configuration below changes.
-    public static let builderVersion = 1
+    public static let builderVersion = 2
 
     public struct Distribution: Sendable, Equatable {
         public var identifier: String
@@ -26,12 +26,15 @@ public struct ImageRecipe: Sendable, Equatable {
 
     /// What every image has: its kernel and initramfs tools, systemd, SSH, cloud-init and
     /// ifupdown with a DHCP client (cloud-init renders its network configuration for them), and
-    /// qemu-guest-agent for `vireo exec` (its udev rule starts it when the VM has the port).
+    /// qemu-guest-agent for `vireo exec` (its udev rule starts it when the VM has the port);
+    /// Debian's signed shim and GRUB for the EFI system partition (UEFI and Secure Boot), and
+    /// cloud-guest-utils, whose growpart cloud-init needs to grow the root partition.
     /// python3-cffi-backend is named because debootstrap does not resolve the virtual packages
     /// python3-cryptography depends on.
     public static let basePackages = [
         "linux-image-amd64", "initramfs-tools", "systemd-sysv", "udev", "dbus", "openssh-server", "cloud-init",
         "python3-cffi-backend", "ifupdown", "isc-dhcp-client", "iproute2", "netbase", "sudo", "ca-certificates", "qemu-guest-agent",
+        "shim-signed", "grub-efi-amd64-signed", "cloud-guest-utils",
     ]
 
     public static let defaultMirror = "http://deb.debian.org/debian"
@@ -123,7 +126,8 @@ public struct ImageBuilder: Sendable {
             throw .invalidValue(field: "vireo image build", reason: "building an image needs root (debootstrap installs packages as root in a chroot); run it with sudo")
         }
         var tools: [String: String] = [:]
-        for (tool, package) in [("debootstrap", "debootstrap"), ("chroot", "coreutils"), ("mkfs.ext4", "e2fsprogs"), ("qemu-img", "qemu-utils")] {
+        for (tool, package) in [("debootstrap", "debootstrap"), ("chroot", "coreutils"), ("mkfs.ext4", "e2fsprogs"), ("qemu-img", "qemu-utils"),
+                                ("sfdisk", "fdisk"), ("mformat", "mtools"), ("mmd", "mtools"), ("mcopy", "mtools"), ("dd", "coreutils")] {
             guard let path = HostTools.find(tool) else {
                 throw .invalidValue(field: "vireo image build", reason: "\(tool) is not installed; install Debian's `\(package)` package")
             }
@@ -204,19 +208,44 @@ public struct ImageBuilder: Sendable {
         }
         try HostFiles.copySparse(root + "/boot/" + kernel, staging + "/vmlinuz")
         try HostFiles.copySparse(root + "/boot/initrd.img-" + version, staging + "/initrd.img")
+        // The boot loader for UEFI machines: Debian's shim (signed by Microsoft's UEFI CA, which
+        // OVMF's Secure Boot store trusts) and GRUB (signed by Debian, whose key shim carries).
+        // GRUB loads /vmlinuz and /initrd.img, the links Debian keeps pointing at the newest
+        // kernel, so a kernel update in the guest is what the next UEFI boot runs.
+        var efiFiles: [(source: String, name: String)] = []
+        for (path, name) in BuiltDisk.efiLoaders {
+            guard HostFiles.exists(root + path) else {
+                throw .invalidValue(field: "vireo image build", reason: "the new system has no \(path) for the EFI system partition (shim-signed and grub-efi-amd64-signed install it)")
+            }
+            try HostFiles.copySparse(root + path, staging + "/" + name)
+            efiFiles.append((staging + "/" + name, name))
+        }
+        for (link, target) in [("/vmlinuz", "boot/" + kernel), ("/initrd.img", "boot/initrd.img-" + version)] {
+            var status = stat()
+            if lstat(root + link, &status) != 0 { guard symlink(target, root + link) == 0 else { throw .io(operation: "symlink", path: root + link, errno: errno) } }
+        }
         try cleanUp(root)
+        let commandLine = "root=UUID=\(uuid) ro console=tty0 console=ttyS0 net.ifnames=0"
 
-        // 3. The file system, sized as asked, checked to fit first.
+        // 3. The disk: a GPT with the EFI system partition and the root file system, sized as
+        // asked, checked to fit first.
         let used = Self.usedBytes(root)
         let needed = used + used / 6 + (160 << 20)
-        guard recipe.sizeBytes >= needed else {
-            throw .invalidValue(field: "size", reason: "\(Size.describe(recipe.sizeBytes)) is smaller than the \(Size.describe(needed)) this image needs (its files take \(Size.describe(used)), plus room for the file system); give --size \((needed >> 30) + 1)G or more")
+        let rootBytes = BuiltDisk.rootBytes(disk: recipe.sizeBytes)
+        guard rootBytes >= needed else {
+            throw .invalidValue(field: "size", reason: "\(Size.describe(recipe.sizeBytes)) is smaller than the \(Size.describe(needed + BuiltDisk.overhead)) this image needs (its files take \(Size.describe(used)), plus room for the file system and the \(Size.describe(BuiltDisk.overhead)) of partition table and EFI system partition); give --size \(((needed + BuiltDisk.overhead) >> 30) + 1)G or more")
         }
-        progress("[3/5] making an ext4 file system of \(Size.describe(recipe.sizeBytes)) from \(Size.describe(used)) of files")
-        let raw = staging + "/root.raw"
-        let made = HostCommand.run(tools["mkfs.ext4"] ?? "mkfs.ext4", ["-q", "-F", "-t", "ext4", "-L", "vireo-root", "-U", uuid, "-d", root, raw, "\(recipe.sizeBytes / 1024)k"])
+        progress("[3/5] making the disk: an EFI system partition with shim and GRUB, and an ext4 file system of \(Size.describe(rootBytes)) from \(Size.describe(used)) of files")
+        let rootRaw = staging + "/root.raw"
+        let made = HostCommand.run(tools["mkfs.ext4"] ?? "mkfs.ext4", ["-q", "-F", "-t", "ext4", "-L", "vireo-root", "-U", uuid, "-d", root, rootRaw, "\(rootBytes / 1024)k"])
         guard made.status == 0 else { throw .invalidValue(field: "vireo image build", reason: "mkfs.ext4 failed (status \(made.status)): \(made.output.suffix(600))") }
         try HostFiles.removeTree(root)
+        let grubConfig = BuiltDisk.grubConfig(rootUUID: uuid, commandLine: commandLine)
+        try HostFiles.writeAtomically(Array(grubConfig.utf8), to: staging + "/grub.cfg", mode: 0o644)
+        efiFiles.append((staging + "/grub.cfg", "grub.cfg"))
+        let raw = staging + "/disk.raw"
+        try BuiltDisk.assemble(raw, size: recipe.sizeBytes, rootFileSystem: rootRaw, efiFiles: efiFiles, staging: staging, tools: tools)
+        for file in [rootRaw, staging + "/grub.cfg"] + BuiltDisk.efiLoaders.map({ staging + "/" + $0.name }) { unlink(file) }
 
         // 4. Compressed qcow2: what the store keeps and VMs' overlays rest on.
         progress("[4/5] compressing into qcow2")
@@ -231,9 +260,10 @@ public struct ImageBuilder: Sendable {
         manifest.release = recipe.distribution.release
         manifest.kernel = "vmlinuz"
         manifest.initrd = "initrd.img"
-        manifest.commandLine = "root=UUID=\(uuid) ro console=tty0 console=ttyS0 net.ifnames=0"
+        manifest.commandLine = commandLine
         manifest.cloudInit = true
         manifest.kvmEngineBootable = true
+        manifest.efiBootable = true
         manifest.packages = packages.sorted { $0.name < $1.name }
         manifest.recipe = recipe.canonical
         let installed = try store.install(staging: staging, manifest: manifest, fileNames: ["disk.qcow2", "vmlinuz", "initrd.img"])
@@ -379,5 +409,93 @@ enum StreamingCommand {
             }
         }
         return (status, status < 0 && tail.isEmpty ? [output] : tail)
+    }
+}
+
+/// A built image's disk: a GPT with an EFI system partition holding Debian's signed shim and
+/// GRUB (so UEFI machines, Secure Boot on or off, boot it through its own boot loader, as an
+/// installed Debian boots) and the root file system after it. Made without a loop device or a
+/// mount: mtools writes the FAT file system, sfdisk the partition table, dd puts both in place.
+enum BuiltDisk {
+    static let alignment: UInt64 = 1 << 20
+    static let efiStart: UInt64 = 1 << 20
+    static let efiBytes: UInt64 = 63 << 20
+    static let rootStart: UInt64 = efiStart + efiBytes
+    /// The partition table at the front, the EFI system partition, and the last MiB, where
+    /// GPT's backup header and table go.
+    static let overhead: UInt64 = rootStart + alignment
+    /// The signed loaders: shim is what firmware runs from the removable-media path
+    /// (EFI/BOOT/BOOTX64.EFI, found with no boot entry in the variable store); it runs
+    /// grubx64.efi from its own directory.
+    static let efiLoaders: [(path: String, name: String)] = [("/usr/lib/shim/shimx64.efi.signed", "BOOTX64.EFI"), ("/usr/lib/grub/x86_64-efi-signed/grubx64.efi.signed", "grubx64.efi")]
+    static let efiSystemPartitionType = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B"
+    static let linuxFileSystemType = "0FC63DAF-8483-4772-8E79-3D69D8477DE4"
+
+    static func rootBytes(disk: UInt64) -> UInt64 {
+        disk > overhead ? (disk - overhead) / alignment * alignment : 0
+    }
+
+    /// Debian's signed GRUB, finding no configuration under its built-in prefix (EFI/debian) or
+    /// /boot/grub, reads grub.cfg beside itself ($cmdpath). The kernel and initramfs are the root
+    /// file system's /vmlinuz and /initrd.img links; Secure Boot has shim check the kernel's
+    /// signature (Debian's) before GRUB starts it.
+    static func grubConfig(rootUUID: String, commandLine: String) -> String {
+        """
+        # Written by vireo image build.
+        set default=0
+        set timeout=0
+        menuentry "Debian GNU/Linux" {
+        \tsearch --no-floppy --fs-uuid --set=root \(rootUUID)
+        \tlinux /vmlinuz \(commandLine)
+        \tinitrd /initrd.img
+        }
+
+        """
+    }
+
+    static func assemble(_ path: String, size: UInt64, rootFileSystem: String, efiFiles: [(source: String, name: String)],
+                         staging: String, tools: [String: String]) throws(LibraryError) {
+        func fail(_ what: String, _ result: (status: Int32, output: String)) -> LibraryError {
+            .invalidValue(field: "vireo image build", reason: "\(what) failed (status \(result.status)): \(result.output.suffix(600))")
+        }
+        func makeFile(_ file: String, bytes: UInt64) throws(LibraryError) {
+            unlink(file)
+            let fd = open(file, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o600)
+            guard fd >= 0 else { throw .io(operation: "create", path: file, errno: errno) }
+            defer { close(fd) }
+            guard ftruncate(fd, off_t(bytes)) == 0 else { throw .io(operation: "truncate", path: file, errno: errno) }
+        }
+        // The EFI system partition: FAT32 (what UEFI requires of it), its files in EFI/BOOT.
+        let efi = staging + "/efi.fat"
+        try makeFile(efi, bytes: efiBytes)
+        defer { unlink(efi) }
+        let mtoolsEnvironment = ImageBuilder.environment + ["MTOOLS_SKIP_CHECK=1"]
+        let formatted = HostCommand.run(tools["mformat"] ?? "mformat", ["-i", efi, "-F", "-H", "\(efiStart / 512)", "-v", "VIREO-EFI", "::"], environment: mtoolsEnvironment)
+        guard formatted.status == 0 else { throw fail("mformat (the EFI system partition)", formatted) }
+        let directories = HostCommand.run(tools["mmd"] ?? "mmd", ["-i", efi, "::/EFI", "::/EFI/BOOT"], environment: mtoolsEnvironment)
+        guard directories.status == 0 else { throw fail("mmd (the EFI system partition)", directories) }
+        for file in efiFiles {
+            let copied = HostCommand.run(tools["mcopy"] ?? "mcopy", ["-i", efi, file.source, "::/EFI/BOOT/" + file.name], environment: mtoolsEnvironment)
+            guard copied.status == 0 else { throw fail("mcopy \(file.name) (the EFI system partition)", copied) }
+        }
+        // The partition table, then both file systems at their partitions' offsets.
+        try makeFile(path, bytes: size)
+        let script = staging + "/partitions.sfdisk"
+        let rootBytes = rootBytes(disk: size)
+        let layout = """
+            label: gpt
+            unit: sectors
+            start=\(efiStart / 512), size=\(efiBytes / 512), type=\(efiSystemPartitionType), name="EFI system partition"
+            start=\(rootStart / 512), size=\(rootBytes / 512), type=\(linuxFileSystemType), name="root"
+
+            """
+        try HostFiles.writeAtomically(Array(layout.utf8), to: script)
+        defer { unlink(script) }
+        let partitioned = HostCommand.run(tools["sfdisk"] ?? "sfdisk", ["--quiet", "--no-reread", "--no-tell-kernel", path], input: script)
+        guard partitioned.status == 0 else { throw fail("sfdisk (the partition table)", partitioned) }
+        for (file, offset) in [(efi, efiStart), (rootFileSystem, rootStart)] {
+            let placed = HostCommand.run(tools["dd"] ?? "dd", ["if=\(file)", "of=\(path)", "bs=1M", "seek=\(offset / alignment)", "conv=notrunc,sparse", "status=none"])
+            guard placed.status == 0 else { throw fail("dd (placing \(HostFiles.lastComponent(of: file)) in the disk)", placed) }
+        }
     }
 }

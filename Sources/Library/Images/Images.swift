@@ -56,6 +56,11 @@ public struct ImageManifest: Codable, Sendable, Equatable {
     public var commandLine: String?
     /// Firmware a firmware-booted image needs.
     public var firmware: Firmware?
+    /// Whether the disk has an EFI system partition with a boot loader: a VM made with
+    /// `--firmware uefi` then boots through it (Debian's signed shim and GRUB, so Secure Boot
+    /// checks every step) instead of being handed the kernel directly. Set by `vireo image
+    /// build`, which put the loader there; never inferred from an imported disk's contents.
+    public var efiBootable: Bool?
     /// Whether the kvm engine can boot the kernel: virtio-mmio (how its disks reach the guest)
     /// is built in or in the initramfs. Otherwise new VMs get the qemu engine.
     public var kvmEngineBootable: Bool?

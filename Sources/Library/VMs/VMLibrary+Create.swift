@@ -110,7 +110,14 @@ extension VMLibrary {
                 throw .invalidValue(field: "disk_bytes", reason: "\(Size.describe(imageDiskBytes)) is smaller than image '\(image.name)''s disk (\(Size.describe(image.virtualSize))); give --disk \(Size.describe(image.virtualSize)) or more")
             }
             definition.image = image.name
-            if image.bootsDirectly {
+            if image.bootsDirectly, request.firmware == .uefi, request.kernel == nil, image.efiBootable == true {
+                // UEFI boots the disk's own boot loader, as on an installed system: with Secure
+                // Boot, shim, GRUB and the kernel are each checked before they run.
+                definition.firmware = .uefi
+            } else if image.bootsDirectly {
+                if request.secureBoot == true, request.firmware == .uefi, request.kernel == nil {
+                    throw .invalidValue(field: "secure_boot", reason: "image '\(image.name)' boots by handing its kernel to the machine directly (it has no EFI system partition with a boot loader Vireo knows of), and Secure Boot refuses a kernel handed over that way; use an image from `vireo image build`, whose disk boots through Debian's signed shim and GRUB, or leave out --secure-boot")
+                }
                 // The image's kernel boots directly on either engine; no firmware unless asked for.
                 if request.firmware == nil { definition.firmware = nil }
                 if request.kernel == nil, let kernel = image.kernel {
@@ -283,7 +290,8 @@ extension VMLibrary {
         }
         if let image, request.engine == nil, request.kernel == nil {
             // Shared folders are served on the qemu engine only (so far).
-            return image.kvmEngineBootable == true && request.shares.isEmpty && request.tpm != true ? .kvm : .qemu
+            return image.kvmEngineBootable == true && request.shares.isEmpty && request.tpm != true && request.firmware == nil
+                && request.secureBoot != true ? .kvm : .qemu
         }
         let windows = request.osType.map(OSType.isWindows) == true
         if request.engine == .kvm {
