@@ -42,7 +42,7 @@ struct ImageTests {
         let manifest = try DebianImage.manifest(in: library)
         let directory = library.root.appendingPathComponent("images/debian-12").path
         #expect(manifest["release"] as? String == "bookworm")
-        #expect(manifest["cloudInit"] as? Bool == true && manifest["kvmEngineBootable"] as? Bool == true)
+        #expect(manifest["cloudInit"] as? Bool == true && manifest["kvmEngineBootable"] as? Bool == true && manifest["efiBootable"] as? Bool == true)
         let packages = Dictionary((manifest["packages"] as? [[String: String]] ?? []).map { ($0["name"] ?? "", $0["version"] ?? "") }, uniquingKeysWith: { a, _ in a })
         for wanted in ["linux-image-amd64", "systemd-sysv", "openssh-server", "cloud-init", "initramfs-tools", "sudo", "qemu-guest-agent"] {
             #expect(!(packages[wanted] ?? "").isEmpty, "\(wanted) missing from the manifest's \(packages.count) packages")
@@ -62,24 +62,42 @@ struct ImageTests {
         let raw = try Harness.temporaryDirectory().appendingPathComponent("root.raw").path
         defer { try? FileManager.default.removeItem(atPath: raw) }
         #expect(Harness.run(["qemu-img", "convert", "-O", "raw", directory + "/disk.qcow2", raw], timeout: 300).status == 0)
-        let boot = Harness.run(["debugfs", "-R", "ls -p /boot", raw]).stdout
+        // A GPT: the EFI system partition (1 MiB to 64 MiB) and the root file system after it.
+        let table = Harness.run(["sfdisk", "--dump", raw]).stdout
+        #expect(table.contains("label: gpt") && table.contains("start=        2048, size=      129024, type=C12A7328-F81F-11D2-BA4B-00A0C93EC93B")
+                && table.contains("start=      131072,"), "\(table)")
+        // Debian's signed shim on the removable-media path, GRUB beside it, and its grub.cfg
+        // finding the root file system by UUID.
+        let efi = raw + "@@1M"
+        let shim = raw + ".shim"
+        #expect(Harness.run(["mcopy", "-n", "-i", efi, "::/EFI/BOOT/BOOTX64.EFI", shim]).status == 0)
+        #expect(packages["shim-signed"] != nil && packages["grub-efi-amd64-signed"] != nil && packages["cloud-guest-utils"] != nil)
+        let grubConfig = Harness.run(["mtype", "-i", efi, "::/EFI/BOOT/grub.cfg"]).stdout
+        #expect(grubConfig.contains("search --no-floppy --fs-uuid --set=root ") && grubConfig.contains("linux /vmlinuz root=UUID="), "\(grubConfig)")
+        #expect(Harness.run(["mdir", "-i", efi, "::/EFI/BOOT/grubx64.efi"]).status == 0)
+        let shimSize = (try? FileManager.default.attributesOfItem(atPath: shim)[.size] as? Int) ?? 0
+        #expect(shimSize > 500_000, "shim is \(shimSize) bytes")
+        try? FileManager.default.removeItem(atPath: shim)
+        let rootFileSystem = raw + "?offset=\(64 << 20)"
+        let boot = Harness.run(["debugfs", "-R", "ls -p /boot", rootFileSystem]).stdout
         let version = boot.split(separator: "/").first { $0.hasPrefix("vmlinuz-") }.map { String($0.dropFirst("vmlinuz-".count)) } ?? "?"
         #expect(packages["linux-image-\(version)"] != nil, "kernel \(version); /boot: \(boot)")
         let extracted = raw + ".vmlinuz"
         let initrd = raw + ".initrd"
-        Harness.run(["debugfs", "-R", "dump /boot/vmlinuz-\(version) \(extracted)", raw])
-        Harness.run(["debugfs", "-R", "dump /boot/initrd.img-\(version) \(initrd)", raw])
+        Harness.run(["debugfs", "-R", "dump /boot/vmlinuz-\(version) \(extracted)", rootFileSystem])
+        Harness.run(["debugfs", "-R", "dump /boot/initrd.img-\(version) \(initrd)", rootFileSystem])
         #expect(DebianImage.sha256(extracted) == sums["vmlinuz"])
         #expect(DebianImage.sha256(initrd) == sums["initrd.img"])
-        let fstab = Harness.run(["debugfs", "-R", "cat /etc/fstab", raw]).stdout
+        let fstab = Harness.run(["debugfs", "-R", "cat /etc/fstab", rootFileSystem]).stdout
         #expect(fstab.contains("UUID=") && fstab.contains(" / ext4"), "\(fstab)")
         let listed = library.vireo("image", "list")
         #expect(listed.stdout.contains("debian-12") && listed.stdout.contains("kernel (kvm, qemu)"), "\(listed.stdout)")
         let info = library.vireo("image", "info", "debian-12", "--verify")
         #expect(info.status == 0 && info.stdout.contains("every file matches the manifest") && info.stdout.contains("linux-image-amd64"), "\(info.stdout)\(info.stderr)")
+        #expect(info.stdout.contains("an EFI system partition with its boot loader: `--firmware uefi` boots through it"), "\(info.stdout)")
     }
 
-    @Test("a Debian VM from the image on the qemu engine (TCG) in a NAT network and on user-mode networking: boots to multi-user, cloud-init makes the user with both keys and the host name, `vireo ssh` runs commands and passes their status, `vireo exec` runs one through qemu-guest-agent without SSH (and the API), files go in and out through the API, `vireo list` shows the address the agent reports on the card Vireo leased nothing, `vireo cp` copies 20 MiB both ways, a TPM 2.0 the guest finds, whose PCRs a save and resume keep, a save and resume sets the guest's clock, `vireo stop` powers it off through ACPI, the overlay passes qemu-img check, and a second boot keeps the first one's files and mounts the shared folders added while stopped (ownership as documented, the read-only one at its own mount point refusing writes; save refused, a live snapshot disk-only with the guest's file systems frozen through the agent), and a guest ignoring the power button is stopped through its agent",
+    @Test("a Debian VM from the image on the qemu engine (TCG) in a NAT network and on user-mode networking: boots through UEFI with Secure Boot (Debian's signed shim, GRUB and kernel) to multi-user, cloud-init makes the user with both keys and the host name, `vireo ssh` runs commands and passes their status, `vireo exec` runs one through qemu-guest-agent without SSH (and the API), files go in and out through the API, `vireo list` shows the address the agent reports on the card Vireo leased nothing, `vireo cp` copies 20 MiB both ways, a TPM 2.0 the guest finds, whose PCRs a save and resume keep, a save and resume sets the guest's clock, `vireo stop` powers it off through ACPI, the overlay passes qemu-img check, and a second boot keeps the first one's files and mounts the shared folders added while stopped (ownership as documented, the read-only one at its own mount point refusing writes; save refused, a live snapshot disk-only with the guest's file systems frozen through the agent), and a guest ignoring the power button is stopped through its agent",
           .timeLimit(.minutes(40)))
     func debianOnQEMUEngine() throws {
         let lab = try NetworkLab()
@@ -98,12 +116,15 @@ struct ImageTests {
         // --password reads one line from stdin when it is not a terminal.
         let created = Harness.run(["ip", "netns", "exec", lab.host, Harness.vireo, "create", "deb", "--image", "debian-12", "--engine", "qemu",
                                    "--accel", "tcg", "--cpus", "1", "--disk", "6G", "--user", "alice", "--ssh-key", key + ".pub",
-                                   "--hostname", "bookworm-vm", "--password", "--nic", "nat", "--nic", "user", "--tpm"],
+                                   "--hostname", "bookworm-vm", "--password", "--nic", "nat", "--nic", "user", "--tpm",
+                                   "--firmware", "uefi", "--secure-boot"],
                                   stdin: Data("s3cret pass\n".utf8), environment: ["VIREO_HOME": lab.library.root.path])
         #expect(created.status == 0, "\(created.stderr)")
         #expect(created.stdout.contains("cloud-init: user alice (2 SSH keys, a password)"), "\(created.stdout)")
         let config = try String(contentsOf: lab.library.root.appendingPathComponent("deb/config.json"), encoding: .utf8)
         #expect(!config.contains("s3cret"), "only the hash is stored")
+        // UEFI boots the image's own boot loader: no kernel is handed to the machine.
+        #expect(!config.contains("\"kernel\"") && config.contains("\"secureBoot\" : true"), "\(config)")
         let storedHash = ((try JSONSerialization.jsonObject(with: Data(config.utf8)) as? [String: Any])?["cloudInit"] as? [String: Any])?["passwordHash"] as? String ?? ""
         #expect(storedHash.hasPrefix("$y$"), "\(storedHash)")
         let overlay = lab.library.root.appendingPathComponent("deb/disk0.qcow2").path
@@ -123,6 +144,16 @@ struct ImageTests {
         let release = ssh(["cat", "/etc/os-release"])
         #expect(release.status == 0 && release.stdout.contains("VERSION_CODENAME=bookworm"),
                 "status \(release.status): \(release.stdout) \(release.stderr); console: \(lab.library.consoleLog("deb").suffix(3000))")
+        // Secure Boot, end to end: OVMF (Microsoft's keys enrolled) ran Debian's shim, shim ran
+        // GRUB, and GRUB started the kernel (BOOT_IMAGE is GRUB's), which finds Secure Boot on in
+        // the firmware's variable and locked itself down.
+        let secureBoot = ssh(["od", "-An", "-tu1", "/sys/firmware/efi/efivars/SecureBoot-8be4df61-93ca-11d2-aa0d-00e098032b8c", ";",
+                              "cat", "/sys/kernel/security/lockdown", "/proc/cmdline", ";", "sudo", "dmesg", "|", "grep", "-i", "secure.boot"])
+        let sbLines = secureBoot.stdout.split(separator: "\n").map { $0.trimmingCharacters(in: .whitespaces) }
+        #expect(sbLines.first?.split(separator: " ").last == "1", "SecureBoot variable: \(secureBoot.stdout) \(secureBoot.stderr)")
+        #expect(secureBoot.stdout.contains("[integrity]") && secureBoot.stdout.contains("BOOT_IMAGE=/vmlinuz root=UUID=")
+                && secureBoot.stdout.contains("Secure boot enabled"), "\(secureBoot.stdout) \(secureBoot.stderr)")
+        #expect(lab.vireo("info", "deb").stdout.contains("on (OVMF's Secure Boot build, Microsoft's keys enrolled)"))
         let failed = ssh(["false"])
         #expect(failed.status == 1, "\(failed.status) \(failed.stderr)")
         let seven = ssh(["exit", "7"])
@@ -221,6 +252,19 @@ struct ImageTests {
         let pcr16 = tpmLines.last ?? ""
         #expect(pcr16.count == 64 && pcr16 != String(repeating: "0", count: 64), "\(pcr16)")
         #expect(lab.vireo("info", "deb").stdout.contains("2.0 (swtpm; state in"), "\(lab.vireo("info", "deb").stdout)")
+        // The TPM was manufactured with endorsement key certificates (swtpm_setup, signed by the
+        // library's CA): TPM2_NV_ReadPublic of the RSA EK certificate's NV index 0x01c00002
+        // succeeds (a TPM without one answers TPM_RC_HANDLE, 0x18b), and the index is the
+        // certificate's size in the public area.
+        let nvReadPublic: [UInt8] = [0x80, 0x01, 0, 0, 0, 0x0e, 0, 0, 0x01, 0x69, 0x01, 0xc0, 0, 0x02]
+        let nvOctal = nvReadPublic.map { "\\" + String(repeating: "0", count: 3 - String($0, radix: 8).count) + String($0, radix: 8) }.joined()
+        let ekCertificate = lab.vireo(arguments: ["exec", "deb", "--", "/bin/sh", "-c",
+                                                  "exec 3<>/dev/tpm0 && printf '\(nvOctal)' >&3 && dd bs=4096 count=1 <&3 2>/dev/null | od -An -tx1 | tr -d ' \\n'"],
+                                      timeout: 300)
+        let nvAnswer = ekCertificate.stdout
+        #expect(ekCertificate.status == 0 && nvAnswer.hasPrefix("8001") && nvAnswer.dropFirst(12).hasPrefix("00000000") && nvAnswer.contains("01c00002"),
+                "TPM2_NV_ReadPublic(0x01c00002): \(nvAnswer) \(ekCertificate.stderr)")
+        #expect(FileManager.default.fileExists(atPath: lab.library.root.appendingPathComponent("tpm-ca/swtpm-localca-rootca-cert.pem").path))
         // A save and a resume 10 s later: the agent sets the guest's clock from the host's at
         // once (without it the guest's clock stands 10 s behind, where it was saved).
         let saved = lab.vireo("save", "deb", timeout: 600)
@@ -356,6 +400,13 @@ struct ImageTests {
         #expect(gptImport.status == 0 && gptImport.stdout.contains("kernel (kvm, qemu)"), "\(gptImport.stdout) \(gptImport.stderr)")
         #expect(gptImport.stderr.contains("GPT with 2 partition(s)") && gptImport.stderr.contains("found kernel 6.1.0-99-amd64"), "\(gptImport.stderr)")
         #expect(DebianImage.fileSums(try DebianImage.manifest(in: library, name: "gpt"))["vmlinuz"] == sums["vmlinuz"])
+        // Its EFI system partition holds no boot loader, and an imported disk's contents are not
+        // taken for one: Secure Boot would refuse the kernel handed over directly, so it is
+        // refused at create, naming why.
+        #expect(try DebianImage.manifest(in: library, name: "gpt")["efiBootable"] == nil)
+        let secureBoot = library.vireo("create", "sb", "--image", "gpt", "--firmware", "uefi", "--secure-boot")
+        #expect(secureBoot.status == 2 && secureBoot.stderr.contains("--secure-boot: image 'gpt' boots by handing its kernel to the machine directly"), "\(secureBoot.stderr)")
+        #expect(!FileManager.default.fileExists(atPath: library.root.appendingPathComponent("sb").path))
         try FileManager.default.removeItem(at: tree.appendingPathComponent("boot"))
         try FileManager.default.createDirectory(at: tree.appendingPathComponent("etc"), withIntermediateDirectories: true)
         let firmwareDisk = work.appendingPathComponent("firmware.raw").path
@@ -517,7 +568,7 @@ extension LinuxKernelTests {
         // test kernel stands in, with the image's root file system from the VM's overlay.
         let kernel = try LinuxKernelTests.acpiKernelDirectory.get().appendingPathComponent("vmlinux").path
         let set = library.vireo("set", "k", "--kernel", kernel, "--no-initrd", "--on-reboot", "exit",
-                                "--cmdline", "console=ttyS0 \(try LinuxKernelTests.acpiEmulatorSafeOptions()) root=/dev/vda ro rootfstype=ext4 panic=1 reboot=acpi")
+                                "--cmdline", "console=ttyS0 \(try LinuxKernelTests.acpiEmulatorSafeOptions()) root=/dev/vda2 ro rootfstype=ext4 panic=1 reboot=acpi")
         #expect(set.status == 0, "\(set.stderr)")
         #expect(library.vireo("start", "k").status == 0)
         // Off means stopped (the panic's reboot with --on-reboot exit) or crashed: a crash fails at
@@ -528,8 +579,10 @@ extension LinuxKernelTests {
         #expect(!console.contains("virtio_mmio.device="), "the disk must be found through ACPI")
         // The overlay's 20 GiB (the OS type's default disk), not the image's 4 GiB.
         #expect(console.contains("virtio_blk virtio0: [vda] 41943040 512-byte logical blocks"), "\(console.suffix(3000))")
-        #expect(console.contains("EXT4-fs (vda): mounted filesystem"), "\(console.suffix(3000))")
-        #expect(console.contains("VFS: Mounted root (ext4 filesystem) readonly on device 254:0."), "\(console.suffix(3000))")
+        // The image's GPT: the root file system is its second partition.
+        #expect(console.contains(" vda: vda1 vda2"), "\(console.suffix(3000))")
+        #expect(console.contains("EXT4-fs (vda2): mounted filesystem"), "\(console.suffix(3000))")
+        #expect(console.contains("VFS: Mounted root (ext4 filesystem) readonly on device 254:2."), "\(console.suffix(3000))")
         #expect(console.contains("Run /sbin/init as init process"), "\(console.suffix(3000))")
         let checked = Harness.run(["qemu-img", "check", library.root.appendingPathComponent("k/disk0.qcow2").path])
         #expect(checked.status == 0, "\(checked.stdout)")

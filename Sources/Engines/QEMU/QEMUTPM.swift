@@ -32,6 +32,9 @@ struct QEMUTPM {
         do throws(LibraryError) {
             try bundle.prepareVMMDirectory()
             if mkdir(state, 0o700) != 0 && errno != EEXIST { throw .io(operation: "mkdir", path: state, errno: errno) }
+            if !HostFiles.exists(state + "/" + stateFile) {
+                try manufacture(state, authority: HostFiles.parent(of: bundle.directory) + "/" + authorityDirectory, vmName: vm.name)
+            }
             let arguments = [binary, "socket", "--tpm2", "--tpmstate", "dir=\(state),mode=0600", "--ctrl", "type=unixio,fd=5",
                              "--terminate", "--log", "fd=6,level=1"]
             // QEMU's own uid, in a jail of its own (QEMUJail): the uid may pass through the VM's
@@ -66,6 +69,41 @@ struct QEMUTPM {
             throw error
         }
         return tpm
+    }
+
+    /// swtpm's TPM 2.0 state file: present once the TPM was manufactured (or first ran).
+    static let stateFile = "tpm2-00.permall"
+    /// The library's TPM certificate authority (`$VIREO_HOME/tpm-ca`).
+    static let authorityDirectory = "tpm-ca"
+
+    /// Manufactures a new TPM as its maker would, with swtpm_setup (libvirt does the same): RSA
+    /// and ECC endorsement keys with their certificates and a platform certificate in NV memory,
+    /// locked there (`--lock-nvram`), signed by the library's own CA, which swtpm_localca makes
+    /// at its first use. Windows, tpm2-tools and attestation services read the EK certificate;
+    /// a verifier trusts `tpm-ca/swtpm-localca-rootca-cert.pem`. Done once, before any guest
+    /// has touched the state (so root reads nothing a guest wrote); a state swtpm already holds
+    /// (a TPM made before, or copied with its VM) is never made again.
+    static func manufacture(_ state: String, authority: String, vmName: String) throws(LibraryError) {
+        guard let setup = HostTools.find("swtpm_setup"), let localCA = HostTools.find("swtpm_localca") else {
+            throw .engine(name: vmName, reason: "its new TPM is manufactured (endorsement key and certificates) with swtpm_setup and swtpm_localca, which are not installed; install Debian's `swtpm-tools` package", exitStatus: 2)
+        }
+        if mkdir(authority, 0o700) != 0 && errno != EEXIST { throw .io(operation: "mkdir", path: authority, errno: errno) }
+        let files = [
+            ("swtpm_setup.conf", "create_certs_tool = \(localCA)\ncreate_certs_tool_config = \(authority)/swtpm-localca.conf\ncreate_certs_tool_options = \(authority)/swtpm-localca.options\nactive_pcr_banks = sha256\n"),
+            ("swtpm-localca.conf", "statedir = \(authority)\nsigningkey = \(authority)/signkey.pem\nissuercert = \(authority)/issuercert.pem\ncertserial = \(authority)/certserial\n"),
+            ("swtpm-localca.options", "--platform-manufacturer Vireo\n--platform-version 1.0\n--platform-model Vireo\n"),
+        ]
+        for (name, text) in files where (try? HostFiles.readAll(authority + "/" + name)).map({ String(decoding: $0, as: UTF8.self) }) != text {
+            try HostFiles.writeAtomically(Array(text.utf8), to: authority + "/" + name)
+        }
+        let (status, output) = HostCommand.run(setup, ["--tpm2", "--tpmstate", state, "--create-ek-cert", "--create-platform-cert", "--lock-nvram",
+                                                       "--not-overwrite", "--config", authority + "/swtpm_setup.conf", "--vmid", vmName],
+                                               timeoutSeconds: 120)
+        guard status == 0, HostFiles.exists(state + "/" + stateFile) else {
+            // Half a TPM is no TPM: the next start manufactures it again from nothing.
+            unlink(state + "/" + stateFile)
+            throw .engine(name: vmName, reason: "swtpm_setup could not manufacture its TPM (status \(status)): \(output.split(separator: "\n").suffix(4).joined(separator: " | "))", exitStatus: 1)
+        }
     }
 
     /// The state directory and its files become swtpm's uid's. Names in it are not followed: a
