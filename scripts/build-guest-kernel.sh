@@ -4,7 +4,8 @@
 # (scripts/build-tiny-kernel.sh, whose cache key this script leaves alone) plus what a container's
 # processes need: user ids, futexes, epoll, ptys, tmpfs, PID/UTS/IPC/mount namespaces, scripts,
 # and the agent's channels on both engines (virtio-serial on PCI for the qemu engine, virtio-vsock
-# on virtio-mmio for the kvm engine).
+# on virtio-mmio for the kvm engine), and IP_PNP: the kernel configures a pod's address and
+# gateway from `ip=` on its command line (the shim passes what CNI gave the pod).
 #
 # Usage: scripts/build-guest-kernel.sh        prints the cache directory holding bzImage
 # Env:   VIREO_CACHE (default ~/.cache/vireo)
@@ -43,7 +44,7 @@ enable=(64BIT PRINTK EARLY_PRINTK TTY SERIAL_8250 SERIAL_8250_CONSOLE BLK_DEV_IN
         SMP X86_MPPARSE ACPI PCI PCI_MSI INPUT ACPI_BUTTON
         BLOCK BLK_DEV VIRTIO_MENU VIRTIO_MMIO VIRTIO_PCI VIRTIO_BLK VIRTIO_CONSOLE EXT4_FS
         HW_RANDOM HW_RANDOM_VIRTIO
-        NET UNIX INET NETDEVICES NET_CORE VIRTIO_NET VSOCKETS VIRTIO_VSOCKETS
+        NET UNIX INET IP_PNP NETDEVICES NET_CORE VIRTIO_NET VSOCKETS VIRTIO_VSOCKETS
         MULTIUSER FUTEX EPOLL SIGNALFD TIMERFD EVENTFD SHMEM TMPFS POSIX_TIMERS FILE_LOCKING
         UNIX98_PTYS INOTIFY_USER PROC_SYSCTL SYSVIPC
         NAMESPACES UTS_NS IPC_NS PID_NS)

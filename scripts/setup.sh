@@ -45,6 +45,7 @@ packages=(
   chromium chromium-driver python3-selenium python3-venv curl wrk   # the manager's browser test, schemathesis's venv, the API load test
   stunnel4 openssl procps                                      # `vireo serve --tls-cert`: TLS in front of the API (docs/api.md); test certificates; pgrep in its test
   containerd runc busybox-static                               # the containerd shim's tests: a private containerd and ctr, runc beside it in bench, the test image's busybox (docs/containerd.md)
+  containernetworking-plugins                                  # CNI's bridge and host-local plugins: the shim test's pod network, wired as CRI does it
 )
 if [[ "$profile" == demo ]]; then packages=("${demo_packages[@]}"); fi
 missing=()

@@ -176,6 +176,33 @@ int vireo_tap_open(const char *name) {
     return fd;
 }
 
+#include <linux/nsfs.h>
+#include <pthread.h>
+#include <sched.h>
+
+struct vireo_netns_tap { const char *netns; const char *name; int result; };
+
+static void *vireo_netns_tap_thread(void *raw) {
+    struct vireo_netns_tap *job = raw;
+    int ns = open(job->netns, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+    if (ns < 0) { job->result = -errno; return NULL; }
+    if (ioctl(ns, NS_GET_NSTYPE) != CLONE_NEWNET) { close(ns); job->result = -EINVAL; return NULL; }
+    /* Only this thread joins; it ends once the tap exists. */
+    if (setns(ns, CLONE_NEWNET) != 0) { job->result = -errno; close(ns); return NULL; }
+    close(ns);
+    job->result = vireo_tap_open(job->name);
+    return NULL;
+}
+
+int vireo_tap_open_in_netns(const char *netns, const char *name) {
+    struct vireo_netns_tap job = { netns, name, -EINVAL };
+    pthread_t thread;
+    int made = pthread_create(&thread, NULL, vireo_netns_tap_thread, &job);
+    if (made != 0) return -made;
+    pthread_join(thread, NULL);
+    return job.result;
+}
+
 int vireo_tap_name(int fd, char *name, int capacity) {
     struct ifreq request;
     memset(&request, 0, sizeof request);

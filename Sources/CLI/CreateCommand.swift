@@ -237,6 +237,7 @@ func describeAttachment(_ card: NetworkAttachment) -> String {
     case let .bridge(name): text = "host bridge \(name)"
     case .user: text = "user-mode networking (passt)"
     case let .tap(name): text = "tap \(name)"
+    case let .netns(path): text = "network namespace \(path) (its interface, redirected)"
     }
     if !card.forwards.isEmpty { text += ", forwarding " + card.forwards.map(\.description).joined(separator: " ") }
     return text

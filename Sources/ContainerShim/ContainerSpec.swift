@@ -45,6 +45,10 @@ public struct ContainerSpec: Sendable {
     /// The spec's annotations (CRI names a pod's sandbox in them).
     public var annotations: [String: String]
     public var cpuQuota: (quota: Int64, period: UInt64)?
+    /// The network namespace the spec joins (`linux.namespaces[type=network].path`): where CNI
+    /// wired the pod (CRI, `ctr run --cni` or `--with-ns`). Nil: a namespace of its own, which
+    /// has only loopback, as with runc.
+    public var networkNamespacePath: String?
 
     public init(data: Data) throws(RPCError) {
         let json: Any
@@ -56,7 +60,11 @@ public struct ContainerSpec: Sendable {
         annotations = spec["annotations"] as? [String: String] ?? [:]
         rootPath = (spec["root"] as? [String: Any])?["path"] as? String ?? "rootfs"
         let linux = spec["linux"] as? [String: Any] ?? [:]
-        let namespaces = (linux["namespaces"] as? [[String: Any]] ?? []).compactMap { $0["type"] as? String }
+        let namespaceEntries = linux["namespaces"] as? [[String: Any]] ?? []
+        let namespaces = namespaceEntries.compactMap { $0["type"] as? String }
+        if let path = namespaceEntries.first(where: { $0["type"] as? String == "network" })?["path"] as? String, !path.isEmpty {
+            networkNamespacePath = path
+        }
         guard namespaces.contains("pid") else {
             throw RPCError(.invalidArgument, "linux.namespaces: no pid namespace, so the container asks for the host's PID namespace; a Vireo container runs in its own VM and cannot see the host's processes")
         }

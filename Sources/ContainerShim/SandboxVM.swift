@@ -1,5 +1,6 @@
 import ContainerWire
 import Foundation
+import Library
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -81,11 +82,26 @@ public struct SandboxVM: Sendable {
         return text
     }
 
-    /// Makes and starts the VM with the container's root file system as its disk.
-    public func create(rootImage: String, cpus: Int, memory: String, cpuCapPercent: Int?, spareDisks: [String] = []) throws(RPCError) {
+    /// Makes and starts the VM with the container's root file system as its disk. With the
+    /// pod's network namespace (CNI's), the VM's one card takes over the namespace's interface
+    /// (`--nic netns:PATH` with its MAC) and the guest kernel configures the address and
+    /// gateway the plugin gave it (`ip=`), before the agent starts.
+    public func create(rootImage: String, cpus: Int, memory: String, cpuCapPercent: Int?, spareDisks: [String] = [],
+                       networkNamespace: String? = nil) throws(RPCError) {
+        var commandLine = "console=ttyS0 quiet panic=-1 rdinit=/init"
+        var cards = ["--no-nic"]
+        if let networkNamespace {
+            let pod: HostNetworks.NamespaceNetwork
+            do throws(LibraryError) { pod = try HostNetworks.namespaceNetwork(networkNamespace) } catch {
+                throw RPCError(.invalidArgument, "linux.namespaces: the pod's network namespace: \(error)")
+            }
+            cards = ["--nic", "netns:\(networkNamespace),mac=\(pod.mac)"]
+            if let configuration = pod.kernelArgument { commandLine += " " + configuration }
+        }
+        commandLine += " " + configuration.kernelArguments
         var arguments = ["create", name, "--engine", configuration.engine, "--kernel", configuration.kernel, "--initrd", configuration.initrd,
-                         "--cmdline", "console=ttyS0 quiet panic=-1 rdinit=/init \(configuration.kernelArguments)".trimmingCharacters(in: .whitespaces),
-                         "--cpus", String(cpus), "--memory", memory, "--attach-disk", rootImage, "--disk-format", "raw", "--no-nic", "--no-balloon", "--managed-by", "containerd"]
+                         "--cmdline", commandLine.trimmingCharacters(in: .whitespaces),
+                         "--cpus", String(cpus), "--memory", memory, "--attach-disk", rootImage, "--disk-format", "raw", "--no-balloon", "--managed-by", "containerd"] + cards
         if let cpuCapPercent { arguments += ["--cpu-cap", "\(cpuCapPercent)%"] }
         if configuration.engine == "qemu" { arguments += ["--accel", configuration.accel] } else { arguments += ["--vsock-cid", "3"] }
         try vireo(arguments)

@@ -238,7 +238,8 @@ public final class TaskService: AgentEvents, @unchecked Sendable {
                     spares.append(path)
                 }
             }
-            try vm.create(rootImage: container.rootImage, cpus: size.cpus, memory: size.memory, cpuCapPercent: size.cpuCapPercent, spareDisks: spares)
+            try vm.create(rootImage: container.rootImage, cpus: size.cpus, memory: size.memory, cpuCapPercent: size.cpuCapPercent, spareDisks: spares,
+                          networkNamespace: spec.networkNamespacePath)
             try vm.start()
             let agent = try vm.connectAgent(events: self)
             try mountRoot(of: container.id, uuid: uuid, agent: agent)

@@ -304,13 +304,62 @@ import Glibc
         #expect(images.stdout.isEmpty, "disks left: \(images.stdout)")
     }
 
-    @Test("refused at create, with the reason containerd shows, and nothing left behind: a privileged container, the host's network namespace, a settings file that names an engine Vireo lacks")
+    @Test("a pod's network from a real CNI plugin (Debian's bridge and host-local, run as CRI runs them, in namespaces of the test's own): the VM's card takes over the pod's interface with its MAC, the guest has the address the plugin gave, and the container fetches a file from a server on the plugin's bridge")
+    func cniNetwork() throws {
+        let lab = try Lab()
+        let suffix = String(getpid())
+        let outside = "vireo-cni-\(suffix)", pod = "vireo-pod-\(suffix)"
+        for name in [outside, pod] { #expect(Harness.run(["ip", "netns", "add", name]).status == 0) }
+        defer { for name in [pod, outside] { Harness.run(["ip", "netns", "del", name]) } }
+        Harness.run(["ip", "-n", outside, "link", "set", "lo", "up"])
+        let ipam = lab.directory.appendingPathComponent("ipam").path
+        let configuration = Data("""
+            {"cniVersion": "1.0.0", "name": "vireo-test", "type": "bridge", "bridge": "cni-vireo0", "isGateway": true,
+             "ipam": {"type": "host-local", "ranges": [[{"subnet": "10.89.0.0/24"}]], "routes": [{"dst": "0.0.0.0/0"}], "dataDir": "\(ipam)"}}
+            """.utf8)
+        let cni = { (command: String) -> Harness.Completed in
+            Harness.run(["ip", "netns", "exec", outside, "/usr/lib/cni/bridge"], stdin: configuration,
+                        environment: ["CNI_COMMAND": command, "CNI_CONTAINERID": "vireo-test-\(suffix)", "CNI_NETNS": "/run/netns/\(pod)",
+                                      "CNI_IFNAME": "eth0", "CNI_PATH": "/usr/lib/cni"])
+        }
+        let added = cni("ADD")
+        #expect(added.status == 0, "\(added.stdout) \(added.stderr)")
+        defer { _ = cni("DEL") }
+        let result = (try? JSONSerialization.jsonObject(with: Data(added.stdout.utf8)) as? [String: Any]) ?? [:]
+        let given = ((result["ips"] as? [[String: Any]])?.first?["address"] as? String) ?? ""
+        #expect(given.hasPrefix("10.89.0.") && given.hasSuffix("/24"), "\(added.stdout)")
+        let links = Harness.run(["ip", "-n", pod, "-j", "link", "show", "eth0"]).stdout
+        let podMAC = ((try? JSONSerialization.jsonObject(with: Data(links.utf8)) as? [[String: Any]])?.first?["address"] as? String) ?? "?"
+
+        // A server on the plugin's bridge (its gateway address), outside the pod.
+        let site = lab.directory.appendingPathComponent("www")
+        try FileManager.default.createDirectory(at: site, withIntermediateDirectories: true)
+        try Data("from-the-cni-bridge\n".utf8).write(to: site.appendingPathComponent("hello.txt"))
+        let server = RunningProcess(["ip", "netns", "exec", outside, "python3", "-m", "http.server", "--bind", "10.89.0.1", "--directory", site.path, "8080"])
+        defer { kill(server.processIdentifier, SIGKILL); _ = server.wait(timeout: 5) }
+        #expect(lab.eventually(20) { Harness.run(["ip", "netns", "exec", outside, "python3", "-c", "import socket; socket.create_connection(('10.89.0.1', 8080), 1)"]).status == 0 })
+
+        let run = lab.ctr(["run", "--runtime", Self.runtime, "--rm", "--with-ns", "network:/run/netns/\(pod)", Self.image, "net",
+                           "sh", "-c", "ip link show dev eth0; ip -4 addr show dev eth0; ip route; wget -qO- http://10.89.0.1:8080/hello.txt"])
+        #expect(run.status == 0, "\(run.stdout) \(run.stderr)")
+        #expect(run.stdout.contains("link/ether \(podMAC) "), "the guest's card has the pod interface's MAC \(podMAC): \(run.stdout)")
+        #expect(run.stdout.contains("inet \(given)") && run.stdout.contains("default via 10.89.0.1"), "\(run.stdout)")
+        #expect(run.stdout.hasSuffix("from-the-cni-bridge\n"), "\(run.stdout) \(run.stderr)")
+        #expect(lab.eventually(10) { lab.vmNames.isEmpty && lab.shimProcesses.isEmpty }, "VMs \(lab.vmNames), shims \(lab.shimProcesses)")
+        // The pod's namespace keeps its interface and the plugin's address (its record of the pod).
+        #expect(Harness.run(["ip", "-n", pod, "-4", "addr", "show", "eth0"]).stdout.contains("inet \(given)"))
+    }
+
+    @Test("refused at create, with the reason containerd shows, and nothing left behind: a privileged container, the host's network namespace, a network namespace outside /run/netns, a settings file that names an engine Vireo lacks")
     func refusals() throws {
         let lab = try Lab()
         let privileged = lab.ctr(["run", "--privileged", "--runtime", Self.runtime, "--rm", Self.image, "priv", "true"])
         #expect(privileged.status != 0 && privileged.stderr.contains("privileged container"), "\(privileged.stderr)")
         let hostNetwork = lab.ctr(["run", "--net-host", "--runtime", Self.runtime, "--rm", Self.image, "hostnet", "true"])
         #expect(hostNetwork.status != 0 && hostNetwork.stderr.contains("host's network"), "\(hostNetwork.stderr)")
+        // A network namespace that is not one pinned in /run/netns: refused before root opens it.
+        let strayNamespace = lab.ctr(["run", "--with-ns", "network:/proc/1/ns/net", "--runtime", Self.runtime, "--rm", Self.image, "strayns", "true"])
+        #expect(strayNamespace.status != 0 && strayNamespace.stderr.contains("network namespace '/proc/1/ns/net' must be a file in /run/netns"), "\(strayNamespace.stderr)")
         let bad = lab.directory.appendingPathComponent("bad.json")
         try Data(#"{"engine": "xen"}"#.utf8).write(to: bad)
         let badSettings = lab.ctr(["run", "--runtime", Self.runtime, "--runtime-config-path", bad.path, "--rm", Self.image, "badcfg", "true"])
@@ -318,7 +367,7 @@ import Glibc
         // A program the image lacks: the agent's failed step and its errno reach ctr.
         let missing = lab.ctr(["run", "--runtime", Self.runtime, "--rm", Self.image, "nosuch", "/bin/nosuch"])
         #expect(missing.status != 0 && missing.stderr.contains("cannot execute /bin/nosuch: No such file or directory"), "\(missing.stderr)")
-        for name in ["priv", "hostnet", "badcfg", "nosuch"] { lab.ctr(["container", "rm", name]) }
+        for name in ["priv", "hostnet", "strayns", "badcfg", "nosuch"] { lab.ctr(["container", "rm", name]) }
         #expect(lab.eventually(10) { lab.vmNames.isEmpty && lab.shimProcesses.isEmpty }, "VMs \(lab.vmNames), shims \(lab.shimProcesses)")
     }
 }

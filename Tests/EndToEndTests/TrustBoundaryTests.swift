@@ -306,7 +306,7 @@ struct TrustBoundaryTests {
         s.close()
         """
 
-    @Test("a migration offer is held to the receiver's policy: a file memory backing, a shared disk outside the library and --allow-disks or in another VM of the library, a host tap or bridge, a real-time priority without --allow-rt, a shared host directory are refused with the reason and nothing is created; an acceptable one is decoded by a VMM that is already confined")
+    @Test("a migration offer is held to the receiver's policy: a file memory backing, a shared disk outside the library and --allow-disks or in another VM of the library, a host tap or bridge or network namespace, a real-time priority without --allow-rt, a shared host directory are refused with the reason and nothing is created; an acceptable one is decoded by a VMM that is already confined")
     func migrationOfferPolicy() throws {
         let library = try TestLibrary()
         let work = library.root.deletingLastPathComponent()
@@ -329,6 +329,7 @@ struct TrustBoundaryTests {
             ("disk outside", outsideDisk, "{}", "--allow-disks"),
             ("another VM's disk", neighbourDisk, "{}", "VM 'neighbour'"),
             ("host tap", "[]", "{\"networks\": [{\"attachment\": \"tap:vt0000000a0\", \"mac\": \"52:54:00:aa:bb:01\"}]}", "tap:vt0000000a0"),
+            ("host namespace", "[]", "{\"networks\": [{\"attachment\": \"netns:/run/netns/theirs\", \"mac\": \"52:54:00:aa:bb:02\"}]}", "netns:/run/netns/theirs, a host interface or namespace"),
             ("real-time", "[]", "{\"resources\": {\"rtPriority\": 50}}", "--allow-rt"),
             ("shared folder", "[]", "{\"shares\": [{\"tag\": \"etc\", \"path\": \"/etc\", \"readOnly\": false}]}", "a migrated VM brings no shared folders"),
         ]

@@ -32,6 +32,10 @@ struct ContainerShimModelTests {
                 #expect(error.code == .invalidArgument)
             }
         }
+        // The pod's network namespace (CNI's) is the network entry's path; without one, none.
+        #expect(spec.networkNamespacePath == nil)
+        let joined = Data(#"{"process": {"args": ["sh"]}, "linux": {"namespaces": [{"type": "pid"}, {"type": "network", "path": "/var/run/netns/cni-42"}]}}"#.utf8)
+        #expect(try ContainerSpec(data: joined).networkNamespacePath == "/var/run/netns/cni-42")
         // A device rule that allows one device is not a privileged container.
         _ = try ContainerSpec(data: Self.spec(devices: #"[{"allow": false, "access": "rwm"}, {"allow": true, "type": "c", "major": 1, "minor": 3, "access": "rwm"}]"#))
     }

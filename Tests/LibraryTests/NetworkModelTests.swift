@@ -31,6 +31,24 @@ struct NetworkModelTests {
         #expect { try NICAttachment.parse("network:", field: "--nic") } throws: { "\($0)".contains("network name") || "\($0)".contains("must be") }
     }
 
+    @Test("a pod's namespace as a card: only a file pinned in /run/netns (containerd's /var/run spelling too), named plainly; what the guest kernel is told of the pod's address")
+    func namespaceCards() throws {
+        #expect(try NICAttachment.parse("netns:/run/netns/cni-1234", field: "--nic") == .netns("/run/netns/cni-1234"))
+        #expect(try NICAttachment.parse("netns:/var/run/netns/cni-ab_c.1", field: "--nic") == .netns("/run/netns/cni-ab_c.1"))
+        #expect(NICAttachment.netns("/run/netns/p").description == "netns:/run/netns/p" && !NICAttachment.netns("/run/netns/p").acceptsForwards)
+        for (text, words) in [("netns:/proc/1/ns/net", "must be a file in /run/netns"), ("netns:/run/netns/../x", "must be 1 to 64 letters"),
+                              ("netns:/run/netns/a/b", "must be 1 to 64 letters"), ("netns:/run/netns/", "must be 1 to 64 letters"),
+                              ("netns:/tmp/run/netns/x", "must be a file in /run/netns"), ("netns:relative", "must be a file in /run/netns")] {
+            #expect { try NICAttachment.parse(text, field: "--nic") } throws: { "\($0)".contains(words) }
+        }
+        var pod = HostNetworks.NamespaceNetwork(interface: "eth0", mac: "0a:58:0a:59:00:02", mtu: 1500)
+        #expect(pod.kernelArgument == nil, "no address, no configuration")
+        pod.address = IPv4Address("10.89.0.2"); pod.prefixLength = 24; pod.gateway = IPv4Address("10.89.0.1")
+        #expect(pod.kernelArgument == "ip=10.89.0.2::10.89.0.1:255.255.255.0::eth0:off")
+        pod.gateway = nil; pod.prefixLength = 32
+        #expect(pod.kernelArgument == "ip=10.89.0.2:::255.255.255.255::eth0:off")
+    }
+
     @Test func reservationsAreStableAndSkipOthersLeases() throws {
         let root = FileManager.default.temporaryDirectory.appendingPathComponent("vireo-net-\(UUID().uuidString)").path
         defer { try? FileManager.default.removeItem(atPath: root) }

@@ -49,6 +49,11 @@ int vireo_copy_sparse_reporting(const char *from, const char *to,
 // headers, with the 12-byte virtio-net header on every frame, non-blocking and close-on-exec.
 // Returns the descriptor, or -errno.
 int vireo_tap_open(const char *name);
+// The same, made inside the network namespace the nsfs file `netns` names (a CNI pod's), from
+// a thread that joins it and ends: the caller's own namespace never changes, and the tap stays
+// in that namespace while its descriptor works from anywhere. -EINVAL when `netns` is not a
+// network namespace; else the descriptor or -errno.
+int vireo_tap_open_in_netns(const char *netns, const char *name);
 // 1 if the tap open on `fd` carries virtio-net headers (then sized to 12 bytes), 0 if not, -errno.
 int vireo_tap_has_vnet_header(int fd);
 // What the kernel may hand the tap's reader: partial checksums and TCP segments up to 64 KiB

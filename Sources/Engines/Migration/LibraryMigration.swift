@@ -450,8 +450,8 @@ public struct ReceivePolicy: Sendable {
         for (index, card) in definition.networks.enumerated() {
             switch card.attachment {
             case .nat, .network, .user: continue
-            case .bridge, .tap:
-                throw .invalidValue(field: "nic", reason: "card \(index) is on \(String(card.attachment.description.prefix(64))), a host interface the source named; a migrated VM's cards go on this library's networks (nat, network:NAME) or user")
+            case .bridge, .tap, .netns:
+                throw .invalidValue(field: "nic", reason: "card \(index) is on \(String(card.attachment.description.prefix(64))), a host interface or namespace the source named; a migrated VM's cards go on this library's networks (nat, network:NAME) or user")
             }
         }
         for (index, disk) in (disks ?? []).enumerated() {

@@ -1,4 +1,5 @@
 import CHostSupport
+import FoundationEssentials
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -478,7 +479,8 @@ public struct HostNetworks: Sendable {
         guard definition.networks.indices.contains(index) else { return nil }
         switch definition.networks[index].attachment {
         case let .tap(name): return name
-        case .user: return nil
+        // Its tap is in the pod's namespace, not this one's.
+        case .user, .netns: return nil
         case .nat, .network, .bridge: return tapName(uuid: definition.uuid, index: index, libraryRoot: libraryRoot)
         }
     }
@@ -495,7 +497,7 @@ public struct HostNetworks: Sendable {
         for forward in definition.networks.flatMap(\.forwards) { try PortForward.checkFree(forward) }
         if let card = definition.networks.first(where: { $0.attachment.isVireoTap }), !Self.mayAdministerNetworks() {
             throw .network(name: card.attachment.networkName ?? card.attachment.description,
-                           reason: "VM '\(definition.name)' has a card on \(card.attachment), which needs a tap and a bridge, and only root (or CAP_NET_ADMIN) may make them; without them use --nic user (`vireo set \(definition.name) --nic user`)", exitStatus: 2)
+                           reason: "VM '\(definition.name)' has a card on \(card.attachment), which needs a tap Vireo makes (and for a network or bridge, plugs into it), and only root (or CAP_NET_ADMIN) may make taps; without them use --nic user (`vireo set \(definition.name) --nic user`)", exitStatus: 2)
         }
         var usesLibraryNetworks = false
         for (index, card) in definition.networks.enumerated() {
@@ -530,6 +532,10 @@ public struct HostNetworks: Sendable {
                 let tap = Self.tapName(uuid: definition.uuid, index: index, libraryRoot: library.root)
                 let slot = prepared.adopt(try makeTap(tap, bridge: bridge, network: bridge, vm: definition.name))
                 prepared.append(PreparedCard(mac: card.mac, backend: .tapDescriptor(slot: slot, tap: tap)))
+            case let .netns(path):
+                let tap = Self.tapName(uuid: definition.uuid, index: index, libraryRoot: library.root)
+                let slot = prepared.adopt(try makeTap(tap, namespace: path, vm: definition.name))
+                prepared.append(PreparedCard(mac: card.mac, backend: .tapDescriptor(slot: slot, tap: tap)))
             case .user:
                 let slot = prepared.adopt(try startPasst(bundle, card: card, index: index))
                 prepared.append(PreparedCard(mac: card.mac, backend: .streamDescriptor(slot: slot)))
@@ -558,6 +564,104 @@ public struct HostNetworks: Sendable {
             throw error
         }
         return fd
+    }
+
+    /// A tap inside the network namespace at `path` (a CNI pod's), joined to the namespace's own
+    /// interface by tc: what arrives on the interface leaves through the tap to the guest, what
+    /// the guest sends leaves through the interface, as Kata's tc-redirect does. The interface
+    /// keeps its addresses and routes (the plugin's record of the pod); the guest takes them
+    /// over (its card has the interface's MAC, and the shim gives it the address). The tap goes
+    /// with its last descriptor, as every Vireo tap; the redirects are made again at each start.
+    func makeTap(_ name: String, namespace path: String, vm: String) throws(LibraryError) -> Int32 {
+        let namespace = HostFiles.lastComponent(of: path)
+        guard HostFiles.exists(path) else {
+            throw .network(name: path, reason: "VM '\(vm)' has a card in the network namespace \(path), which does not exist (`ip netns list` shows the namespaces there)", exitStatus: 2)
+        }
+        let fd = vireo_tap_open_in_netns(path, name)
+        guard fd >= 0 else {
+            let code = -fd
+            var reason = "cannot make tap \(name) in network namespace \(path) for VM '\(vm)': " + (code == EINVAL ? "it is not a network namespace" : String(cString: strerror(code)))
+            if code == EPERM || code == EACCES { reason += " (joining a namespace and making a tap need root)" }
+            throw .network(name: path, reason: reason, exitStatus: code == EPERM || code == EACCES || code == EINVAL ? 2 : 1)
+        }
+        do throws(LibraryError) {
+            let pod = try Self.namespaceNetwork(path, besides: name)
+            try Self.ip(["-n", namespace, "link", "set", "dev", name, "mtu", String(pod.mtu), "up"], network: path)
+            let tc = try Self.requireTool("tc", package: "iproute2", network: path)
+            for (from, to) in [(pod.interface, name), (name, pod.interface)] {
+                // A start after a stop finds the old redirect (to a tap that went): replaced.
+                _ = HostCommand.run(tc, ["-n", namespace, "qdisc", "del", "dev", from, "ingress"], timeoutSeconds: 10)
+                for arguments in [["qdisc", "add", "dev", from, "ingress"],
+                                  ["filter", "add", "dev", from, "parent", "ffff:", "protocol", "all", "u32", "match", "u8", "0", "0",
+                                   "action", "mirred", "egress", "redirect", "dev", to]] {
+                    let (status, output) = HostCommand.run(tc, ["-n", namespace] + arguments, timeoutSeconds: 10)
+                    guard status == 0 else {
+                        throw .network(name: path, reason: "`tc -n \(namespace) \(arguments.joined(separator: " "))` failed: \(output.trimmingWhitespace())", exitStatus: 1)
+                    }
+                }
+            }
+        } catch {
+            close(fd)
+            throw error
+        }
+        return fd
+    }
+
+    /// What a CNI plugin gave a pod in its namespace, which the guest takes over: the interface,
+    /// its MAC and MTU, its IPv4 address and prefix, and the default gateway (nil when the plugin
+    /// gave none).
+    public struct NamespaceNetwork: Sendable, Equatable {
+        public var interface: String
+        public var mac: String
+        public var mtu: Int
+        public var address: IPv4Address?
+        public var prefixLength: Int?
+        public var gateway: IPv4Address?
+
+        /// The guest kernel's static configuration of its first card (`ip=` on its command line,
+        /// Documentation/admin-guide/nfs/nfsroot.rst), or nil without an address.
+        public var kernelArgument: String? {
+            guard let address, let prefixLength, (1...32).contains(prefixLength) else { return nil }
+            let mask = IPv4Address(prefixLength == 32 ? UInt32.max : ~(UInt32.max >> UInt32(prefixLength)))
+            return "ip=\(address)::\(gateway.map(\.description) ?? ""):\(mask)::eth0:off"
+        }
+    }
+
+    /// The interface a CNI plugin put in the namespace at `path` for the pod: the one that is not
+    /// loopback (nor `besides`, the VM's own tap); `eth0`, CNI's usual name, when there are
+    /// several. Read with iproute2's JSON, each value checked for what it must be.
+    public static func namespaceNetwork(_ path: String, besides tap: String? = nil) throws(LibraryError) -> NamespaceNetwork {
+        struct AddressInfo: Decodable { var family: String?; var local: String?; var prefixlen: Int? }
+        struct Link: Decodable { var ifname: String; var mtu: Int?; var link_type: String?; var address: String?; var addr_info: [AddressInfo]? }
+        struct Route: Decodable { var dst: String?; var gateway: String? }
+        let validated = try NICAttachment.namespacePath(path, field: "netns")
+        let namespace = HostFiles.lastComponent(of: validated)
+        let binary = try requireTool("ip", package: "iproute2", network: validated)
+        let (status, output) = HostCommand.run(binary, ["-n", namespace, "-j", "address", "show"], timeoutSeconds: 10)
+        guard status == 0, let links = try? JSONDecoder().decode([Link].self, from: Data(output.utf8)) else {
+            throw .network(name: validated, reason: "cannot list the interfaces of network namespace \(validated): \(output.trimmingWhitespace().prefix(300))", exitStatus: 1)
+        }
+        let candidates = links.filter { $0.ifname != "lo" && $0.ifname != tap && $0.link_type != "loopback" }
+        guard let chosen = candidates.count == 1 ? candidates.first : candidates.first(where: { $0.ifname == "eth0" }) else {
+            throw .network(name: validated, reason: candidates.isEmpty
+                ? "network namespace \(validated) has no interface besides loopback for the VM's card to take over (a CNI plugin puts one there, usually eth0)"
+                : "network namespace \(validated) has several interfaces (\(candidates.map(\.ifname).joined(separator: ", "))) and none is eth0; the VM's card takes over one", exitStatus: 2)
+        }
+        let mac = (chosen.address ?? "").lowercased()
+        guard mac.utf8.count == 17, mac.split(separator: ":").count == 6, mac.split(separator: ":").allSatisfy({ $0.count == 2 && UInt8($0, radix: 16) != nil }) else {
+            throw .network(name: validated, reason: "interface \(chosen.ifname) in network namespace \(validated) has no Ethernet address (\(chosen.address ?? "none")) for the VM's card", exitStatus: 2)
+        }
+        var network = NamespaceNetwork(interface: chosen.ifname, mac: mac, mtu: min(max(chosen.mtu ?? 1500, 68), 65535))
+        if let info = chosen.addr_info?.first(where: { $0.family == "inet" }), let local = info.local.flatMap({ IPv4Address($0) }),
+           let prefix = info.prefixlen, (1...32).contains(prefix) {
+            network.address = local
+            network.prefixLength = prefix
+            let routes = HostCommand.run(binary, ["-n", namespace, "-j", "-4", "route", "show", "default"], timeoutSeconds: 10)
+            if routes.status == 0, let decoded = try? JSONDecoder().decode([Route].self, from: Data(routes.output.utf8)) {
+                network.gateway = decoded.compactMap { $0.gateway.flatMap { IPv4Address($0) } }.first
+            }
+        }
+        return network
     }
 
     /// passt on one end of a socket pair (its log in the VM's directory); the VM gets the other

@@ -169,8 +169,16 @@ public enum NICAttachment: Equatable, Hashable, Sendable, CustomStringConvertibl
     case user
     /// A host tap device the user manages.
     case tap(String)
+    /// A network namespace someone else wired (a CNI plugin, for a containerd pod), named by its
+    /// file under /run/netns: Vireo makes the card's tap inside it and joins it to the
+    /// namespace's interface with tc redirects both ways, as Kata Containers does, so the guest
+    /// is where the plugin's interface was.
+    case netns(String)
 
-    public static let syntax = "nat, network:NAME, bridge:BRIDGE, user or tap:NAME"
+    public static let syntax = "nat, network:NAME, bridge:BRIDGE, user, tap:NAME or netns:/run/netns/NAME"
+    /// Where network namespaces are pinned (`ip netns`, containerd's CRI, CNI's tools).
+    public static let namespaceDirectory = "/run/netns"
+
 
     public static func parse(_ text: String, field: String) throws(LibraryError) -> NICAttachment {
         switch text {
@@ -192,9 +200,30 @@ public enum NICAttachment: Equatable, Hashable, Sendable, CustomStringConvertibl
                 throw .invalidValue(field: field, reason: "\(kind) name '\(value)' must be 1 to 15 printable characters without '/', ',' or spaces (a Linux interface name)")
             }
             return kind == "tap" ? .tap(value) : .bridge(value)
+        case "netns":
+            return .netns(try namespacePath(value, field: field))
         default:
             throw .invalidValue(field: field, reason: "'\(text)' is not one of \(syntax)")
         }
+    }
+
+    /// A namespace's file, as the rule allows it: /run/netns/NAME (or /var/run/netns/NAME,
+    /// containerd's spelling; /var/run is /run), NAME plain characters. Root opens it and joins
+    /// it to make a tap, so nothing else is taken: not a path through links, not /proc's files.
+    static func namespacePath(_ text: String, field: String) throws(LibraryError) -> String {
+        let name: Substring
+        if text.hasPrefix(namespaceDirectory + "/") {
+            name = text.dropFirst(namespaceDirectory.count + 1)
+        } else if text.hasPrefix("/var" + namespaceDirectory + "/") {
+            name = text.dropFirst(namespaceDirectory.count + 5)
+        } else {
+            throw .invalidValue(field: field, reason: "network namespace '\(text.prefix(200))' must be a file in \(namespaceDirectory) (where `ip netns` and containerd pin them), like \(namespaceDirectory)/cni-1234")
+        }
+        guard (1...64).contains(name.utf8.count), name != ".", name != "..",
+              name.utf8.allSatisfy({ ($0 >= 0x30 && $0 <= 0x39) || ($0 >= 0x41 && $0 <= 0x5a) || ($0 >= 0x61 && $0 <= 0x7a) || $0 == UInt8(ascii: "-") || $0 == UInt8(ascii: "_") || $0 == UInt8(ascii: ".") }) else {
+            throw .invalidValue(field: field, reason: "network namespace name '\(name.prefix(100))' must be 1 to 64 letters, digits, '-', '_' or '.'")
+        }
+        return namespaceDirectory + "/" + name
     }
 
     public var description: String {
@@ -204,6 +233,7 @@ public enum NICAttachment: Equatable, Hashable, Sendable, CustomStringConvertibl
         case let .network(name): return "network:" + name
         case let .bridge(name): return "bridge:" + name
         case let .tap(name): return "tap:" + name
+        case let .netns(path): return "netns:" + path
         }
     }
 
@@ -216,10 +246,10 @@ public enum NICAttachment: Equatable, Hashable, Sendable, CustomStringConvertibl
         }
     }
 
-    /// Cards on a tap Vireo makes and plugs into a bridge (a library network or a host bridge).
+    /// Cards on a tap Vireo makes (plugged into a bridge, or into a namespace's interface).
     public var isVireoTap: Bool {
         switch self {
-        case .nat, .network, .bridge: return true
+        case .nat, .network, .bridge, .netns: return true
         case .user, .tap: return false
         }
     }
@@ -228,7 +258,7 @@ public enum NICAttachment: Equatable, Hashable, Sendable, CustomStringConvertibl
     public var acceptsForwards: Bool {
         switch self {
         case .nat, .network, .user: return true
-        case .bridge, .tap: return false
+        case .bridge, .tap, .netns: return false
         }
     }
 }
