@@ -64,7 +64,7 @@ struct WebManagerTests {
         #expect(Harness.run(["ip", "netns", "exec", namespace, "curl", "-sf", "-H", "Authorization: Bearer \(token)", base + "/api/host"]).status == 0)
     }
 
-    @Test("the manager in headless Chromium: the New wizard, start, serial output in xterm.js, pause, resume, charts, stop, a shared folder added and removed on the Guest tab, delete; a qemu VM's screen in noVNC")
+    @Test("the manager in headless Chromium: the New wizard, start, serial output in xterm.js, pause, resume, charts, stop, a shared folder added (with its mount point) and removed on the Guest tab, a storage pool and a volume made and the pool deleted, delete; the wizard.s TPM choice; a qemu VM.s screen in noVNC")
     func managerInBrowser() throws {
         let python = try Self.tool("/usr/bin/python3", "install python3")
         _ = try Self.tool("/usr/bin/chromedriver", "scripts/setup.sh installs chromium and chromium-driver")

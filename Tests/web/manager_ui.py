@@ -140,17 +140,48 @@ try:
         assert not driver.find_element(By.ID, "exec-run").is_enabled(), "Run is enabled on a stopped VM"
         driver.find_element(By.ID, "share-path").send_keys(share_dir)
         driver.find_element(By.ID, "share-tag").send_keys("webshare")
+        driver.find_element(By.ID, "share-mount").send_keys("/srv/webshare")
         driver.find_element(By.ID, "share-readonly").click()
         click("share-add")
         wait("share listed", lambda: len(driver.find_elements(By.CSS_SELECTOR, "#share-list tr[data-tag='webshare']")) == 1)
         row = driver.find_element(By.CSS_SELECTOR, "#share-list tr[data-tag='webshare']").text
-        assert share_dir in row and "read-only" in row, row
+        assert share_dir in row and "read-only" in row and "at /srv/webshare" in row, row
         details = driver.find_element(By.ID, "tab-details").get_attribute("textContent")
         assert f"{share_dir} as webshare (read-only)" in details, details
         shot("share-added")
         driver.find_element(By.CSS_SELECTOR, "#share-list tr[data-tag='webshare'] button").click()
         wait("share removed", lambda: len(driver.find_elements(By.CSS_SELECTOR, "#share-list tr[data-tag='webshare']")) == 0)
         shot("share-removed")
+
+        # Storage: a dir pool over the same directory, a thin volume made in it, a bad name
+        # refused in the dialog, the pool deleted (its volume stays on disk).
+        click("btn-storage")
+        wait("storage open", lambda: driver.find_element(By.ID, "storage").get_attribute("open") is not None)
+        driver.find_element(By.ID, "pool-name").send_keys("bad pool")
+        driver.find_element(By.ID, "pool-source").send_keys(share_dir)
+        click("pool-create")
+        wait("bad pool name refused", lambda: "'bad pool' must be 1 to 32 characters" in driver.find_element(By.ID, "storage-error").text)
+        driver.find_element(By.ID, "pool-name").clear()
+        driver.find_element(By.ID, "pool-name").send_keys("uipool")
+        driver.find_element(By.CSS_SELECTOR, "#pool-type option[value='dir']").click()
+        click("pool-create")
+        wait("pool listed", lambda: len(driver.find_elements(By.CSS_SELECTOR, "#pool-list tr[data-name='uipool']")) == 1)
+        wait("pool selected", lambda: driver.find_element(By.ID, "pool-title").text == "Volumes of uipool")
+        driver.find_element(By.ID, "volume-name").send_keys("ui.qcow2")
+        size = driver.find_element(By.ID, "volume-size")
+        size.clear()
+        size.send_keys("1")
+        click("volume-create")
+        wait("volume listed", lambda: len(driver.find_elements(By.CSS_SELECTOR, "#volume-list tr[data-name='ui.qcow2']")) == 1)
+        volume = driver.find_element(By.CSS_SELECTOR, "#volume-list tr[data-name='ui.qcow2']").text
+        assert "qcow2" in volume and "1 GiB" in volume and "free" in volume, volume
+        assert os.path.exists(os.path.join(share_dir, "ui.qcow2")), "the volume's file"
+        shot("storage")
+        driver.find_element(By.CSS_SELECTOR, "#pool-list tr[data-name='uipool'] button").click()
+        wait("pool deleted", lambda: len(driver.find_elements(By.CSS_SELECTOR, "#pool-list tr[data-name='uipool']")) == 0)
+        assert os.path.exists(os.path.join(share_dir, "ui.qcow2")), "deleting a pool leaves its volumes"
+        click("storage-close")
+        wait("storage closed", lambda: driver.find_element(By.ID, "storage").get_attribute("open") is None)
         driver.find_element(By.CSS_SELECTOR, "#tabs button[data-tab='details']").click()
 
     click("btn-delete")
@@ -175,12 +206,17 @@ try:
         driver.find_element(By.ID, "wz-password").send_keys("typed in the browser")
         driver.find_element(By.ID, "wz-locale").send_keys("de_DE")
         driver.find_element(By.ID, "wz-packages").send_keys("curl, htop")
+        driver.find_element(By.CSS_SELECTOR, "#wz-tpm option[value='on']").click()
         driver.execute_script("document.getElementById('wizard-form').dispatchEvent(new Event('input'))")
         preview = driver.find_element(By.ID, "wz-preview").text
-        assert "unattended install as alice" in preview and "typed in the browser" not in preview, preview
+        assert "unattended install as alice" in preview and "typed in the browser" not in preview and "a TPM 2.0 (swtpm)" in preview, preview
         shot("wizard-unattended")
         click("wz-create")
         wait("installer VM listed", lambda: row_state("ui-install") == "stopped")
+        # The wizard's TPM choice reached the VM: its details say so.
+        driver.execute_script("Array.from(document.querySelectorAll('#vm-list tbody tr')).find(r => r.dataset.name === 'ui-install').click()")
+        driver.find_element(By.CSS_SELECTOR, "#tabs button[data-tab='details']").click()
+        wait("installer VM's TPM", lambda: "TPM 2.0 (swtpm)" in driver.find_element(By.ID, "tab-details").text)
         shot("created-unattended")
 
     if qemu_vm:

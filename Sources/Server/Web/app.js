@@ -27,7 +27,7 @@ function loadStyle(url) {
 }
 const state = { token: null, vms: [], selected: null, host: null, tasks: new Map(),
                 terminal: null, consoleSocket: null, rfb: null, charts: null, statsTimer: null,
-                lastStats: null, selectedSnapshot: null };
+                lastStats: null, selectedSnapshot: null, pool: null };
 
 // ---- the token: from the address `vireo serve` prints (#token=...), kept for this tab only
 
@@ -279,6 +279,9 @@ function wizardRequest() {
   const network = $('wz-network').value;
   request.nics = network === 'none' ? [] : [network];
   if ($('wz-firmware').value) request.firmware = $('wz-firmware').value;
+  // Windows 11's needs, as VirtualBox's System settings give them; the OS type's when unset.
+  if ($('wz-secure-boot').value) request.secure_boot = $('wz-secure-boot').value === 'on';
+  if ($('wz-tpm').value) request.tpm = $('wz-tpm').value === 'on';
   return request;
 }
 
@@ -290,6 +293,9 @@ function updatePreview() {
     request.disk_bytes ? `a thin ${size(request.disk_bytes)} qcow2 disk` : 'no disk',
     request.image ? `from image ${request.image}` : request.kernel ? `booting ${request.kernel}` : request.iso ? `installer ${request.iso} (qemu engine)` : 'no boot source yet',
     request.nics.length ? `network card on ${request.nics[0]}` : 'no network card'];
+  if (request.firmware) lines.push(`${request.firmware.toUpperCase()} firmware${request.secure_boot ? ' with Secure Boot' : ''}`);
+  else if (request.secure_boot) lines.push('Secure Boot (needs UEFI firmware)');
+  if (request.tpm !== undefined) lines.push(request.tpm ? 'a TPM 2.0 (swtpm)' : 'no TPM');
   if (request.unattended) lines.push(`unattended install as ${request.unattended.user || 'the installer\'s usual user'} (sudo); it powers off when done, the next start boots the system`);
   $('wz-preview').textContent = `Will create:\n  ${lines.join('\n  ')}`;
 }
@@ -306,6 +312,85 @@ async function submitWizard(event) {
   } catch (error) {
     $('wz-error').textContent = error.message;
   }
+}
+
+// ---- storage pools (VirtualBox's media manager, libvirt's pools): GET/POST/DELETE /api/pools
+
+async function openStorage() {
+  $('storage-error').textContent = '';
+  await renderPools();
+  if (!$('storage').open) $('storage').showModal();
+}
+
+async function renderPools() {
+  const pools = await api('GET', '/api/pools');
+  const body = $('pool-list').tBodies[0];
+  body.replaceChildren();
+  if (!pools.length) body.insertRow().insertCell().textContent = 'No pools.';
+  for (const pool of pools) {
+    const row = body.insertRow();
+    row.dataset.name = pool.name;
+    row.className = pool.name === state.pool ? 'selected' : '';
+    for (const text of [pool.name, pool.type, pool.source + (pool.target ? ` ${pool.target}` : ''), pool.shared ? 'yes' : 'no']) row.insertCell().textContent = text;
+    const remove = document.createElement('button');
+    remove.type = 'button';
+    remove.textContent = 'Delete';
+    remove.addEventListener('click', (event) => { event.stopPropagation(); storageAction(async () => {
+      await api('DELETE', `/api/pools/${encodeURIComponent(pool.name)}`);
+      if (state.pool === pool.name) state.pool = null;
+      say(`Pool ${pool.name} deleted (its volumes stay where they are)`);
+    }); });
+    row.insertCell().append(remove);
+    row.addEventListener('click', () => storageAction(async () => { state.pool = pool.name; }));
+  }
+  await renderVolumes();
+}
+
+async function renderVolumes() {
+  const table = $('volume-list');
+  table.replaceChildren();
+  $('volume-error').textContent = '';
+  $('volume-set').disabled = !state.pool;
+  if (!state.pool) { $('pool-title').textContent = 'Select a pool.'; return; }
+  const report = await api('GET', `/api/pools/${encodeURIComponent(state.pool)}`);
+  $('pool-title').textContent = `Volumes of ${state.pool}`;
+  // A server that does not answer: the listing says why instead of failing the view.
+  if (report.volumes_error) $('volume-error').textContent = report.volumes_error;
+  const users = new Map((report.users || []).map((user) => [user.disk, user.vm]));
+  if (!report.volumes.length && !report.volumes_error) table.insertRow().insertCell().textContent = 'No volumes.';
+  for (const volume of report.volumes) {
+    const row = table.insertRow();
+    row.dataset.name = volume.name;
+    for (const text of [volume.name, volume.format, size(volume.virtual_size), volume.allocated_bytes === undefined ? '' : `${size(volume.allocated_bytes)} used`,
+                        users.has(volume.path) ? `in use by ${users.get(volume.path)}` : 'free']) row.insertCell().textContent = text;
+  }
+}
+
+// Runs `body`, then shows the pools again, or the error in the dialog.
+async function storageAction(body) {
+  $('storage-error').textContent = '';
+  try { await body(); } catch (error) { $('storage-error').textContent = error.message; }
+  try { await renderPools(); } catch (error) { $('storage-error').textContent = error.message; }
+}
+
+function createPool() {
+  return storageAction(async () => {
+    const request = { name: $('pool-name').value.trim(), type: $('pool-type').value, source: $('pool-source').value.trim(), shared: $('pool-shared').checked };
+    if ($('pool-target').value.trim()) request.target = $('pool-target').value.trim();
+    const pool = await api('POST', '/api/pools', request);
+    state.pool = pool.name;
+    say(`Pool ${pool.name} created`);
+    for (const id of ['pool-name', 'pool-source', 'pool-target']) $(id).value = '';
+  });
+}
+
+function createVolume() {
+  return storageAction(async () => {
+    const request = { name: $('volume-name').value.trim(), size_bytes: Number($('volume-size').value) * gib, format: $('volume-format').value };
+    await api('POST', `/api/pools/${encodeURIComponent(state.pool)}/volumes`, request);
+    say(`Volume ${request.name} created in ${state.pool}`);
+    $('volume-name').value = '';
+  });
 }
 
 // ---- the serial console (xterm.js over a WebSocket)
@@ -511,6 +596,7 @@ function renderGuest(details) {
     row.dataset.tag = share.tag;
     row.insertCell().textContent = share.tag;
     row.insertCell().textContent = share.path + (share.read_only ? ' (read-only)' : '');
+    row.insertCell().textContent = `at ${share.mount_point || '/mnt/' + share.tag}`;
     const remove = document.createElement('button');
     remove.textContent = 'Remove';
     remove.disabled = !stopped;
@@ -536,9 +622,10 @@ async function addShare() {
   await guestAction(async (vm) => {
     const body = { path: $('share-path').value.trim(), read_only: $('share-readonly').checked };
     if ($('share-tag').value.trim()) body.tag = $('share-tag').value.trim();
+    if ($('share-mount').value.trim()) body.mount_point = $('share-mount').value.trim();
     await api('POST', `${vm}/shares`, body);
     say(`${state.selected} shares ${body.path}; the guest mounts it at its next boot`);
-    $('share-path').value = $('share-tag').value = '';
+    $('share-path').value = $('share-tag').value = $('share-mount').value = '';
   });
 }
 
@@ -656,6 +743,9 @@ async function main() {
   takeToken();
   if (!state.token) await askToken();
   $('btn-new').addEventListener('click', () => openWizard().catch((error) => say(error.message, true)));
+  $('btn-storage').addEventListener('click', () => openStorage().catch((error) => say(error.message, true)));
+  $('pool-create').addEventListener('click', createPool);
+  $('volume-create').addEventListener('click', createVolume);
   for (const button of document.querySelectorAll('#toolbar button[data-action]')) button.addEventListener('click', () => act(button.dataset.action));
   document.querySelectorAll('#tabs button').forEach((button) => button.addEventListener('click', () => showTab(button.dataset.tab)));
   $('wz-ostype').addEventListener('change', applyOSDefaults);
