@@ -71,7 +71,7 @@ let package = Package(
         .testTarget(name: "DiskImageTests", dependencies: ["MachineSpec", "DiskImage", "CHostSupport"]),
         .testTarget(name: "MachineSpecTests", dependencies: ["MachineSpec", "Devices", "DiskImage", "GuestMemory", "VMM", "Library", "Engines", "Server", "CLI"]),
         .testTarget(name: "LibraryTests", dependencies: ["MachineSpec", "Library", "Engines", "Server", "ContainerWire", "ContainerShim"]),
-        .testTarget(name: "EndToEndTests", dependencies: ["X86Boot", "GuestMemory", "CHostSupport", "MigrationWire"]),
+        .testTarget(name: "EndToEndTests", dependencies: ["X86Boot", "GuestMemory", "CHostSupport", "MigrationWire", "ContainerShim", "ContainerWire"]),
     ],
     swiftLanguageModes: [.v6]
 )

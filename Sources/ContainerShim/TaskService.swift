@@ -46,6 +46,8 @@ public final class TaskService: AgentEvents, @unchecked Sendable {
         var rootImage = ""
         /// A spare slot of the sandbox VM this container's root is written to (not the first container).
         var slot: Int?
+        /// The memory limit its VM was sized for (the sandbox's own container).
+        var memoryLimitBytes: Int64?
         init(id: String, bundle: String) { self.id = id; self.bundle = bundle }
     }
 
@@ -97,8 +99,7 @@ public final class TaskService: AgentEvents, @unchecked Sendable {
             case "Stats": return try stats(request)
             case "Connect": return connect()
             case "Shutdown": return shutdown(request)
-            case "Update":
-                throw RPCError(.unimplemented, "a running Vireo container's resources cannot change yet: its VM's size is set when the container is created")
+            case "Update": return try update(request)
             case "Checkpoint":
                 throw RPCError(.unimplemented, "checkpointing a Vireo container is not implemented (vireo save works on the sandbox VM itself)")
             default: throw RPCError(.unimplemented, "\(method) is not a method of \(Self.serviceName)")
@@ -221,6 +222,7 @@ public final class TaskService: AgentEvents, @unchecked Sendable {
         try Self.makeRootImage(container.rootImage, bundle: container.bundle, mounts: mounts, spec: spec, uuid: uuid, fixedSize: nil)
         let isPod = spec.annotations[Self.containerTypeAnnotation] == "sandbox"
         let size = spec.machineSize(defaults: configuration)
+        container.memoryLimitBytes = spec.memoryLimitBytes
         let vm = SandboxVM(name: SandboxVM.name(namespace: namespace, id: container.id), configuration: configuration)
         // Where the VM lives, for `shim delete` after this process died: the settings that chose
         // the library may have come from the runtime options, which that command is not given.
@@ -727,6 +729,57 @@ public final class TaskService: AgentEvents, @unchecked Sendable {
         var event = ProtoWriter()
         event.string(1, container.id)
         events.publish(topic: pausing ? "/tasks/paused" : "/tasks/resumed", type: pausing ? "containerd.events.TaskPaused" : "containerd.events.TaskResumed", event: event)
+        return []
+    }
+
+    /// Update (`UpdateTaskRequest`: the container's new `LinuxResources` as JSON in an Any, as
+    /// containerd's typeurl encodes runtime-spec types): what runc does to the container's cgroup
+    /// happens to its VM's, at once, through `vireo set` — a CPU quota becomes the VM's CPU cap
+    /// (`--cpu-cap`, 100·quota/period %, none for no quota), CPU shares its weight (`--cpu-weight`,
+    /// runc's mapping of cgroup v1 shares onto 1...10000). The vCPUs and the guest's RAM are fixed
+    /// while it runs (no hot-plug): a memory limit other than the one the VM was sized for is
+    /// refused, as is an update of one container of a pod of several (the VM is the pod's).
+    func update(_ request: ProtoMessage) throws(RPCError) -> [UInt8] {
+        lock.lock()
+        let container: Container
+        let vm = self.vm
+        let containerCount = containers.count
+        do throws(RPCError) { container = try self.container(request.string(1)) } catch { lock.unlock(); throw error }
+        lock.unlock()
+        guard let vm else { throw RPCError(.failedPrecondition, "the sandbox VM is not running") }
+        guard containerCount == 1, container.id == sandboxID else {
+            throw RPCError(.unimplemented, "updating one container of a pod is not implemented: its containers share one VM, whose limits are the pod's")
+        }
+        let any: ProtoMessage?
+        do throws(ProtoError) { any = try request.message(2) } catch { throw RPCError(.invalidArgument, "resources: \(error)") }
+        guard let any else { throw RPCError(.invalidArgument, "resources: missing; Update carries the container's new LinuxResources") }
+        let typeURL = any.string(1)
+        guard typeURL.hasSuffix("/LinuxResources") || typeURL == "LinuxResources" else {
+            throw RPCError(.invalidArgument, "resources: '\(typeURL.prefix(120))' is not runtime-spec LinuxResources")
+        }
+        let value = any.bytes(2)
+        guard value.count <= 1 << 20, let resources = (try? JSONSerialization.jsonObject(with: Data(value))) as? [String: Any] else {
+            throw RPCError(.invalidArgument, "resources: not a LinuxResources JSON object (at most 1 MiB)")
+        }
+        var arguments: [String] = []
+        if let memory = resources["memory"] as? [String: Any], let limit = (memory["limit"] as? NSNumber)?.int64Value, limit > 0,
+           limit != container.memoryLimitBytes {
+            throw RPCError(.unimplemented, "resources.memory.limit: a Vireo container's memory is its VM's RAM, sized at create (\(container.memoryLimitBytes.map { "\($0 >> 20) MiB" } ?? "the settings' default")) and fixed while it runs; create the container again to change it")
+        }
+        if let cpu = resources["cpu"] as? [String: Any] {
+            if let quota = (cpu["quota"] as? NSNumber)?.int64Value {
+                let period = (cpu["period"] as? NSNumber)?.uint64Value ?? 100_000
+                guard period > 0 else { throw RPCError(.invalidArgument, "resources.cpu.period: 0") }
+                arguments += ["--cpu-cap", quota > 0 ? "\(max(1, UInt64(quota) * 100 / period))%" : "none"]
+            }
+            if let shares = (cpu["shares"] as? NSNumber)?.uint64Value, shares > 0 {
+                // runc's conversion of cgroup v1 shares (2...262144) to a v2 weight (1...10000).
+                let clamped = min(max(shares, 2), 262_144)
+                arguments += ["--cpu-weight", String(1 + ((clamped - 2) * 9999) / 262_142)]
+            }
+        }
+        guard !arguments.isEmpty else { return [] }
+        try vm.vireo(["set", vm.name] + arguments)
         return []
     }
 

@@ -1,3 +1,5 @@
+import ContainerShim
+import ContainerWire
 import Foundation
 import Testing
 #if canImport(Glibc)
@@ -190,7 +192,7 @@ import Glibc
         #expect(images.stdout.isEmpty, "root images left: \(images.stdout)")
     }
 
-    @Test("a running task in its VM: exec passes its exit status through, ps and metrics describe the container's processes, pause and resume stop and restart the VM, SIGTERM reaches a trapping init, SIGKILL ends it with 137, and delete leaves no VM, shim, mount or root image")
+    @Test("a running task in its VM: exec passes its exit status through, ps and metrics describe the container's processes, Update caps the VM's CPU at the new quota (a new memory limit refused), pause and resume stop and restart the VM, SIGTERM reaches a trapping init, SIGKILL ends it with 137, and delete leaves no VM, shim, mount or root image")
     func runningTask() throws {
         let lab = try Lab()
         let started = lab.ctr(["run", "-d", "--runtime", Self.runtime, Self.image, "web",
@@ -209,6 +211,30 @@ import Glibc
         #expect(ps.status == 0 && ps.stdout.split(separator: "\n").count >= 2, "\(ps.stdout) \(ps.stderr)")
         let metrics = lab.ctr(["task", "metrics", "web"])
         #expect(metrics.status == 0 && metrics.stdout.contains("pids.current") && metrics.stdout.contains("cpuacct.usage"), "\(metrics.stdout) \(metrics.stderr)")
+
+        // Update, as CRI's UpdateContainerResources reaches the shim (ctr 1.6 has no command for
+        // it): through the shim's own ttrpc socket, the address containerd keeps in the bundle.
+        // Half a CPU of quota caps the VM at 50 % at once; a new memory limit is refused.
+        let address = (try? String(contentsOfFile: lab.directory.appendingPathComponent("state/io.containerd.runtime.v2.task/vt/web/address").path, encoding: .utf8)) ?? ""
+        let shim = try TTRPCClient(path: String(address.trimmingCharacters(in: .whitespacesAndNewlines).dropFirst("unix://".count)))
+        func update(_ json: String) throws(RPCError) {
+            var resources = ProtoWriter()
+            resources.string(1, "types.containerd.io/opencontainers/runtime-spec/1/LinuxResources")
+            resources.bytes(2, Array(json.utf8))
+            var request = ProtoWriter()
+            request.string(1, "web")
+            request.message(2, resources)
+            _ = try shim.call(service: "containerd.task.v2.Task", method: "Update", payload: request.bytes)
+        }
+        try update(#"{"cpu": {"quota": 50000, "period": 100000, "shares": 512}}"#)
+        let capped = lab.vireo(["info", "ctr-vt-web"]).stdout
+        #expect(capped.contains("50%"), "\(capped)")
+        do throws(RPCError) {
+            try update(#"{"memory": {"limit": 1073741824}}"#)
+            Issue.record("a new memory limit must be refused")
+        } catch {
+            #expect(error.code == .unimplemented && error.message.contains("resources.memory.limit: a Vireo container's memory is its VM's RAM"), "\(error)")
+        }
 
         #expect(lab.ctr(["task", "pause", "web"]).status == 0)
         #expect(lab.ctr(["task", "ls"]).stdout.contains("PAUSED"))
