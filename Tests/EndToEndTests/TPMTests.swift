@@ -1,5 +1,8 @@
 import Foundation
 import Testing
+#if canImport(Glibc)
+import Glibc
+#endif
 
 @Suite(.serialized) struct TPMTests {
     @Test("a TPM without a boot: `vireo create --tpm` picks the qemu engine and `vireo info` shows the state directory; `vireo set --no-tpm` keeps the state; a clone gets no copy of it (its own TPM at its first start); a kvm-engine VM refuses one by name, changing nothing")
@@ -53,6 +56,41 @@ import Testing
         let kvm = library.vireo("set", "k", "--secure-boot")
         #expect(kvm.status != 0 && kvm.stderr.contains("without firmware to enforce Secure Boot"), "\(kvm.stderr)")
         #expect(try Data(contentsOf: library.root.appendingPathComponent("k/config.json")) == before)
+    }
+
+    @Test("a new TPM is manufactured by root with its EK certificates (the library's CA made), a state already there is left alone, and a link planted in the state directory (by the jailed uid that owns it) is never written through by root")
+    func manufacturing() throws {
+        let library = try TestLibrary()
+        let probe = try Harness.probe("pvh")
+        let work = try Harness.temporaryDirectory()
+        defer { try? FileManager.default.removeItem(at: work) }
+        for name in ["fresh", "planted"] {
+            let created = library.vireo("create", name, "--accel", "tcg", "--kernel", probe, "--memory", "64M", "--no-disk", "--no-nic", "--tpm",
+                                        "--cmdline", "console=ttyS0 probe=ticker")
+            #expect(created.status == 0, "\(created.stderr)")
+        }
+        // What swtpm's uid (which owns the state directory once a TPM ran) could leave there after
+        // deleting the state: a link where swtpm keeps its lock file, to where root must not write.
+        let target = work.appendingPathComponent("written-by-root").path
+        let plantedState = library.root.appendingPathComponent("planted/tpm")
+        try FileManager.default.createDirectory(at: plantedState, withIntermediateDirectories: true)
+        #expect(symlink(target, plantedState.appendingPathComponent(".lock").path) == 0)
+        _ = library.vireo("start", "planted")
+        _ = library.vireo("stop", "planted", "--force")
+        #expect(!FileManager.default.fileExists(atPath: target), "root wrote a TPM state through the planted link")
+
+        let started = library.vireo("start", "fresh")
+        #expect(started.status == 0, "\(started.stderr)")
+        let state = library.root.appendingPathComponent("fresh/tpm/tpm2-00.permall").path
+        let made = (try? FileManager.default.attributesOfItem(atPath: state)[.size] as? Int) ?? 0
+        #expect(made > 4000, "the manufactured state is \(made) bytes")
+        #expect(FileManager.default.fileExists(atPath: library.root.appendingPathComponent("tpm-ca/swtpm-localca-rootca-cert.pem").path))
+        #expect(!FileManager.default.fileExists(atPath: library.root.appendingPathComponent("fresh/.tpm-manufacture").path))
+        _ = library.vireo("stop", "fresh", "--force")
+        let before = try Data(contentsOf: URL(fileURLWithPath: state))
+        #expect(library.vireo("start", "fresh").status == 0)
+        _ = library.vireo("stop", "fresh", "--force")
+        #expect(try Data(contentsOf: URL(fileURLWithPath: state)).count == before.count, "a second start keeps the TPM it has")
     }
 
     /// QMP's answers to `commands` (each `[name, arguments-or-null]`), from the running VM's socket.

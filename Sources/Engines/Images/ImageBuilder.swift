@@ -214,8 +214,11 @@ public struct ImageBuilder: Sendable {
         // kernel, so a kernel update in the guest is what the next UEFI boot runs.
         var efiFiles: [(source: String, name: String)] = []
         for (path, name) in BuiltDisk.efiLoaders {
-            guard HostFiles.exists(root + path) else {
-                throw .invalidValue(field: "vireo image build", reason: "the new system has no \(path) for the EFI system partition (shim-signed and grub-efi-amd64-signed install it)")
+            // A regular file of the tree, never a link (which would resolve against the host's
+            // files, not the tree's).
+            var status = stat()
+            guard lstat(root + path, &status) == 0, status.st_mode & S_IFMT == S_IFREG else {
+                throw .invalidValue(field: "vireo image build", reason: "the new system has no file \(path) for the EFI system partition (shim-signed and grub-efi-amd64-signed install it)")
             }
             try HostFiles.copySparse(root + path, staging + "/" + name)
             efiFiles.append((staging + "/" + name, name))

@@ -32,8 +32,12 @@ struct QEMUTPM {
         do throws(LibraryError) {
             try bundle.prepareVMMDirectory()
             if mkdir(state, 0o700) != 0 && errno != EEXIST { throw .io(operation: "mkdir", path: state, errno: errno) }
-            if !HostFiles.exists(state + "/" + stateFile) {
-                try manufacture(state, authority: HostFiles.parent(of: bundle.directory) + "/" + authorityDirectory, vmName: vm.name)
+            // The state directory is swtpm's jailed uid's (a guest that broke swtpm holds it), so
+            // only a name that is not there at all (lstat: not even a link) means a new TPM.
+            var entry = stat()
+            if lstat(state + "/" + stateFile, &entry) != 0 && errno == ENOENT {
+                try manufacture(into: state, work: bundle.directory + "/.tpm-manufacture",
+                                authority: HostFiles.parent(of: bundle.directory) + "/" + authorityDirectory, vmName: vm.name)
             }
             let arguments = [binary, "socket", "--tpm2", "--tpmstate", "dir=\(state),mode=0600", "--ctrl", "type=unixio,fd=5",
                              "--terminate", "--log", "fd=6,level=1"]
@@ -80,10 +84,12 @@ struct QEMUTPM {
     /// and ECC endorsement keys with their certificates and a platform certificate in NV memory,
     /// locked there (`--lock-nvram`), signed by the library's own CA, which swtpm_localca makes
     /// at its first use. Windows, tpm2-tools and attestation services read the EK certificate;
-    /// a verifier trusts `tpm-ca/swtpm-localca-rootca-cert.pem`. Done once, before any guest
-    /// has touched the state (so root reads nothing a guest wrote); a state swtpm already holds
-    /// (a TPM made before, or copied with its VM) is never made again.
-    static func manufacture(_ state: String, authority: String, vmName: String) throws(LibraryError) {
+    /// a verifier trusts `tpm-ca/swtpm-localca-rootca-cert.pem`. Done once; a state swtpm
+    /// already holds (a TPM made before, or copied with its VM) is never made again. swtpm_setup
+    /// runs as root in `work`, a directory of root's in the VM's root-owned directory, never in
+    /// the state directory (whose owner could plant links for root to write through); the state
+    /// file is then renamed in, which replaces whatever name is there instead of following it.
+    static func manufacture(into state: String, work: String, authority: String, vmName: String) throws(LibraryError) {
         guard let setup = HostTools.find("swtpm_setup"), let localCA = HostTools.find("swtpm_localca") else {
             throw .engine(name: vmName, reason: "its new TPM is manufactured (endorsement key and certificates) with swtpm_setup and swtpm_localca, which are not installed; install Debian's `swtpm-tools` package", exitStatus: 2)
         }
@@ -96,13 +102,19 @@ struct QEMUTPM {
         for (name, text) in files where (try? HostFiles.readAll(authority + "/" + name)).map({ String(decoding: $0, as: UTF8.self) }) != text {
             try HostFiles.writeAtomically(Array(text.utf8), to: authority + "/" + name)
         }
-        let (status, output) = HostCommand.run(setup, ["--tpm2", "--tpmstate", state, "--create-ek-cert", "--create-platform-cert", "--lock-nvram",
+        try? HostFiles.removeTree(work)
+        try HostFiles.makeDirectory(work, mode: 0o700)
+        defer { try? HostFiles.removeTree(work) }
+        let (status, output) = HostCommand.run(setup, ["--tpm2", "--tpmstate", work, "--create-ek-cert", "--create-platform-cert", "--lock-nvram",
                                                        "--not-overwrite", "--config", authority + "/swtpm_setup.conf", "--vmid", vmName],
                                                timeoutSeconds: 120)
-        guard status == 0, HostFiles.exists(state + "/" + stateFile) else {
-            // Half a TPM is no TPM: the next start manufactures it again from nothing.
-            unlink(state + "/" + stateFile)
+        // Half a TPM is no TPM: on failure nothing reaches the state, and the next start
+        // manufactures it again from nothing.
+        guard status == 0, HostFiles.exists(work + "/" + stateFile) else {
             throw .engine(name: vmName, reason: "swtpm_setup could not manufacture its TPM (status \(status)): \(output.split(separator: "\n").suffix(4).joined(separator: " | "))", exitStatus: 1)
+        }
+        guard rename(work + "/" + stateFile, state + "/" + stateFile) == 0 else {
+            throw .io(operation: "rename the new TPM's state into place", path: state + "/" + stateFile, errno: errno)
         }
     }
 
