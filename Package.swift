@@ -6,6 +6,7 @@ let package = Package(
     platforms: [.macOS(.v15)],
     products: [
         .executable(name: "vireo", targets: ["vireo"]),
+        .executable(name: "vireo-server", targets: ["vireo-server"]),
         .executable(name: "vireo-vmm", targets: ["vireo-vmm"]),
         .executable(name: "containerd-shim-vireo-v2", targets: ["containerd-shim-vireo-v2"]),
         .executable(name: "vireo-container-agent", targets: ["vireo-container-agent"]),
@@ -53,10 +54,14 @@ let package = Package(
             .product(name: "NIOPosix", package: "swift-nio"),
         ], resources: [.embedInCode("Web/index.html"), .embedInCode("Web/app.js"), .embedInCode("Web/app.css"), .embedInCode("Web/openapi.json")]),
         .target(name: "CLI", dependencies: [
-            "MachineSpec", "VMM", "X86Boot", "DiskImage", "API", "Library", "Engines", "MigrationWire", "Server",
+            "MachineSpec", "VMM", "X86Boot", "DiskImage", "API", "Library", "Engines", "MigrationWire",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
         .executableTarget(name: "vireo", dependencies: ["CLI"]),
+        // `vireo serve` execs this: the REST API and the web manager (Hummingbird, SwiftNIO) are
+        // linked here alone, so every other `vireo` command starts without loading them.
+        .executableTarget(name: "vireo-server", dependencies: ["CLI", "Server", "Library", "Engines",
+                                                               .product(name: "ArgumentParser", package: "swift-argument-parser")]),
         .target(name: "FuzzTargets", dependencies: ["Devices", "DiskImage", "GuestMemory", "VMM", "Library", "Engines", "Server", "ContainerWire"]),
         .target(name: "CFuzzDriver"),
         .executableTarget(name: "vireo-fuzz", dependencies: ["FuzzTargets", "CFuzzDriver"]),

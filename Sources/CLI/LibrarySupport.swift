@@ -10,18 +10,18 @@ import Glibc
 #endif
 
 /// Every VM verb goes through the manager (the library and the engines behind it).
-func openManager() -> VMManager { VMManager(environment: ProcessInfo.processInfo.environment) }
+package func openManager() -> VMManager { VMManager(environment: ProcessInfo.processInfo.environment) }
 
 /// The library every management command works on (`$VIREO_HOME` or the default root).
 func openLibrary() -> VMLibrary { openManager().library }
 
 /// Reports a library failure on stderr: status 2 for what the user can fix, 1 for the host's.
-func fail(_ error: LibraryError) -> ExitCode {
+package func fail(_ error: LibraryError) -> ExitCode {
     printError(text: FieldFlags.describe(error))
     return ExitCode(error.exitStatus)
 }
 
-func printLine(_ text: String) {
+package func printLine(_ text: String) {
     var bytes = Array((text + "\n").utf8)
     _ = bytes.withUnsafeMutableBytes { writeAll(STDOUT_FILENO, $0) }
 }
@@ -39,7 +39,7 @@ func writeAll(_ fd: Int32, _ buffer: UnsafeMutableRawBufferPointer) -> Bool {
 }
 
 /// A "vireo: ..." line on stderr that is advice, not the error itself.
-func printNote(_ text: String) {
+package func printNote(_ text: String) {
     var bytes = Array("vireo: \(text)\n".utf8)
     _ = bytes.withUnsafeMutableBytes { writeAll(STDERR_FILENO, $0) }
 }
