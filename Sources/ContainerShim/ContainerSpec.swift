@@ -88,15 +88,32 @@ public struct ContainerSpec: Sendable {
     /// quota rounded up to whole vCPUs; the settings' defaults otherwise.
     public func machineSize(defaults: ShimConfiguration) -> (cpus: Int, memory: String, cpuCapPercent: Int?) {
         var cpus = defaults.cpus
-        if let quota = cpuQuota, quota.period > 0 { cpus = max(1, min(64, Int((UInt64(quota.quota) + quota.period - 1) / quota.period))) }
+        // Whole vCPUs, rounded up, without the rounding's addition (quota may be Int64's limit).
+        if let quota = cpuQuota, quota.period > 0 {
+            let whole = UInt64(quota.quota) / quota.period + (UInt64(quota.quota) % quota.period == 0 ? 0 : 1)
+            cpus = Int(max(1, min(64, whole)))
+        }
         var memory = defaults.memory
         if let limit = memoryLimitBytes {
-            let mebibytes = (limit + (1 << 20) - 1) >> 20
+            let mebibytes = (limit >> 20) + (limit & ((1 << 20) - 1) == 0 ? 0 : 1)
             memory = "\(mebibytes + ShimConfiguration.guestOverheadMiB)M"
         }
         // The quota also caps the VM's engine process (its cgroup), as it would the container's.
-        let cap = cpuQuota.flatMap { $0.period > 0 ? max(1, Int(UInt64($0.quota) * 100 / $0.period)) : nil }
+        let cap = cpuQuota.flatMap { $0.period > 0 ? Self.capPercent(quota: $0.quota, period: $0.period) : nil }
         return (cpus, memory, cap)
+    }
+
+    /// The most `vireo --cpu-cap` takes (ResourceLimits: 1024 CPUs' worth): a larger quota is as
+    /// good as none on any host Vireo runs on.
+    public static let maximumCapPercent = 100 * 1024
+
+    /// A CPU quota over its period as the VM's CPU cap in percent of one CPU, at least 1, at most
+    /// `maximumCapPercent` (the spec's numbers reach Int64's limit; they saturate, never overflow).
+    public static func capPercent(quota: Int64, period: UInt64) -> Int {
+        guard quota > 0, period > 0 else { return 1 }
+        let (scaled, overflow) = UInt64(quota).multipliedReportingOverflow(by: 100)
+        let percent = overflow ? UInt64.max : scaled / period
+        return Int(max(1, min(UInt64(maximumCapPercent), percent)))
     }
 }
 

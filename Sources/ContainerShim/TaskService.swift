@@ -770,7 +770,7 @@ public final class TaskService: AgentEvents, @unchecked Sendable {
             if let quota = (cpu["quota"] as? NSNumber)?.int64Value {
                 let period = (cpu["period"] as? NSNumber)?.uint64Value ?? 100_000
                 guard period > 0 else { throw RPCError(.invalidArgument, "resources.cpu.period: 0") }
-                arguments += ["--cpu-cap", quota > 0 ? "\(max(1, UInt64(quota) * 100 / period))%" : "none"]
+                arguments += ["--cpu-cap", quota > 0 ? "\(ContainerSpec.capPercent(quota: quota, period: period))%" : "none"]
             }
             if let shares = (cpu["shares"] as? NSNumber)?.uint64Value, shares > 0 {
                 // runc's conversion of cgroup v1 shares (2...262144) to a v2 weight (1...10000).

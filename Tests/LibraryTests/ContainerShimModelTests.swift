@@ -47,6 +47,13 @@ struct ContainerShimModelTests {
         #expect(size.cpus == 2 && size.cpuCapPercent == 150 && size.memory == "192M")
         let plain = try ContainerSpec(data: Self.spec()).machineSize(defaults: ShimConfiguration())
         #expect(plain.cpus == 1 && plain.memory == "256M" && plain.cpuCapPercent == nil)
+        // The spec's numbers are containerd's to choose, up to Int64's limit: sizes saturate
+        // (at the most the library takes) instead of overflowing the shim.
+        let huge = try ContainerSpec(data: Self.spec(resources: #", "cpu": {"quota": 9223372036854775807, "period": 1}, "memory": {"limit": 9223372036854775807}"#))
+        let saturated = huge.machineSize(defaults: ShimConfiguration())
+        #expect(saturated.cpus == 64 && saturated.cpuCapPercent == ContainerSpec.maximumCapPercent && saturated.memory == "\((Int64.max >> 20) + 1 + ShimConfiguration.guestOverheadMiB)M",
+                "\(saturated)")
+        #expect(ContainerSpec.capPercent(quota: 50_000, period: 100_000) == 50 && ContainerSpec.capPercent(quota: 1, period: 100_000) == 1)
     }
 
     @Test("VM names: readable when they fit the library's rule, else a hash; always a valid name")
