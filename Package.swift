@@ -1,6 +1,14 @@
 // swift-tools-version: 6.1
 import PackageDescription
 
+/// A program run once per command (`vireo list` in a script's loop) links the Swift runtime and
+/// FoundationEssentials in: the dynamic loader's work on the shared Swift libraries was a third of
+/// `vireo list`'s time (bench/README.md). SwiftPM's -static-stdlib leaves out two archives
+/// FoundationEssentials needs; lld, unlike GNU ld, does not warn about glibc's mktemp in them.
+let staticSwiftRuntimeWithFoundation: [LinkerSetting] = [
+    .unsafeFlags(["-static-stdlib", "-use-ld=lld", "-Xlinker", "-l_FoundationCShims", "-Xlinker", "-l_FoundationCollections"]),
+]
+
 let package = Package(
     name: "Vireo",
     platforms: [.macOS(.v15)],
@@ -57,7 +65,7 @@ let package = Package(
             "MachineSpec", "VMM", "X86Boot", "DiskImage", "API", "Library", "Engines", "MigrationWire",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
-        .executableTarget(name: "vireo", dependencies: ["CLI"]),
+        .executableTarget(name: "vireo", dependencies: ["CLI"], linkerSettings: staticSwiftRuntimeWithFoundation),
         // `vireo serve` execs this: the REST API and the web manager (Hummingbird, SwiftNIO) are
         // linked here alone, so every other `vireo` command starts without loading them.
         .executableTarget(name: "vireo-server", dependencies: ["CLI", "Server", "Library", "Engines",

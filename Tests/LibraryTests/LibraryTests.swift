@@ -161,5 +161,13 @@ struct VMDefinitionTests {
     ])
     func names(_ name: String, _ expected: String) {
         #expect(JSONStyle.snakeCase(name) == expected)
+        // The byte path (ASCII names) and the Character path agree.
+        #expect(JSONStyle.snakeCase(characters: Array(name)) == expected)
+    }
+
+    @Test("A name outside ASCII takes the same rule on Characters")
+    func unicodeNames() {
+        #expect(JSONStyle.snakeCase("größeBytes") == "größe_bytes")
+        #expect(JSONStyle.snakeCase("ÄrgerID") == "ärger_id")
     }
 }
