@@ -219,12 +219,15 @@ class DiskServers:
             with sockets.socket() as s:
                 s.bind(("127.0.0.1", 0))
                 return s.getsockname()[1]
-        self.nbd_port, self.iscsi_port = free_port(), free_port()
+        self.nbd_port, self.iscsi_port, self.tls_port = free_port(), free_port(), free_port()
         self.control = 4000 + os.getpid() % 20000
+        self.certificates = make_tls_certificates(os.path.join(OUT, "bench-tls"))
         opts = ["--image-opts", f"driver=raw,file.driver=file,file.filename={image},file.locking=off"]
+        tls = ["--object", f"tls-creds-x509,id=tls0,endpoint=server,dir={self.certificates}/server,verify-peer=yes", "--tls-creds", "tls0"]
         self.processes = [
             subprocess.Popen(["qemu-nbd", "-k", self.socket, "-x", "exp", "--persistent", "-e", "4", "--cache=writeback"] + opts),
             subprocess.Popen(["qemu-nbd", "-b", "127.0.0.1", "-p", str(self.nbd_port), "-x", "exp", "--persistent", "-e", "4", "--cache=writeback"] + opts),
+            subprocess.Popen(["qemu-nbd", "-b", "127.0.0.1", "-p", str(self.tls_port), "-x", "exp", "--persistent", "-e", "4", "--cache=writeback"] + tls + opts),
         ]
         os.makedirs("/var/run/tgtd", exist_ok=True)
         self.processes.append(subprocess.Popen(["tgtd", "-f", "-C", str(self.control), "--iscsi", f"portal=127.0.0.1:{self.iscsi_port}"],
@@ -241,10 +244,18 @@ class DiskServers:
             subprocess.run(["tgtadm", "-C", str(self.control), "--lld", "iscsi"] + command, check=True)
 
     def addresses(self):
+        """Each disk: Vireo's address, and QEMU's arguments for the same (a drive with id d0)."""
+        def drive(uri):
+            return ["-drive", f"id=d0,file={uri},format=raw,if=none,cache=writeback"]
         return {
-            "NBD, Unix socket": (f"nbd+unix:///exp?socket={self.socket}", f"nbd+unix:///exp?socket={self.socket}"),
-            "NBD, TCP loopback": (f"nbd://127.0.0.1:{self.nbd_port}/exp", f"nbd://127.0.0.1:{self.nbd_port}/exp"),
-            "iSCSI, TCP loopback": (f"iscsi://127.0.0.1:{self.iscsi_port}/{self.TARGET}/1", f"iscsi://127.0.0.1:{self.iscsi_port}/{self.TARGET}/1"),
+            "NBD, Unix socket": (f"nbd+unix:///exp?socket={self.socket}", drive(f"nbd+unix:///exp?socket={self.socket}")),
+            "NBD, TCP loopback": (f"nbd://127.0.0.1:{self.nbd_port}/exp", drive(f"nbd://127.0.0.1:{self.nbd_port}/exp")),
+            "NBD over TLS, TCP loopback": (
+                f"nbds://127.0.0.1:{self.tls_port}/exp?tls-certificates={self.certificates}/client",
+                ["-object", f"tls-creds-x509,id=tls0,endpoint=client,dir={self.certificates}/client",
+                 "-drive", "id=d0,driver=raw,if=none,cache=writeback,file.driver=nbd,file.server.type=inet,file.server.host=127.0.0.1,"
+                 f"file.server.port={self.tls_port},file.export=exp,file.tls-creds=tls0"]),
+            "iSCSI, TCP loopback": (f"iscsi://127.0.0.1:{self.iscsi_port}/{self.TARGET}/1", drive(f"iscsi://127.0.0.1:{self.iscsi_port}/{self.TARGET}/1")),
         }
 
     def close(self):
@@ -256,6 +267,26 @@ class DiskServers:
                 os.remove(f"/var/run/tgtd/socket.{self.control}{suffix}")
             except FileNotFoundError:
                 pass
+
+
+def make_tls_certificates(directory):
+    """A CA, a server certificate for 127.0.0.1 and a client certificate (EC keys), in the
+    directories qemu-nbd and Vireo read: `server` and `client`, each with the CA's certificate."""
+    for sub in ("server", "client"):
+        os.makedirs(os.path.join(directory, sub), exist_ok=True)
+    key = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    quiet = dict(check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(["openssl", "req", "-x509", *key, "-keyout", f"{directory}/ca-key.pem", "-out", f"{directory}/ca-cert.pem",
+                    "-days", "2", "-subj", "/CN=Vireo bench CA"], **quiet)
+    for name, subject, extensions in (("server", "/CN=localhost", "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n"),
+                                      ("client", "/CN=vireo-bench", "extendedKeyUsage=clientAuth\n")):
+        with open(f"{directory}/{name}.ext", "w") as f:
+            f.write(extensions)
+        subprocess.run(["openssl", "req", *key, "-keyout", f"{directory}/{name}/{name}-key.pem", "-out", f"{directory}/{name}.csr", "-subj", subject], **quiet)
+        subprocess.run(["openssl", "x509", "-req", "-in", f"{directory}/{name}.csr", "-CA", f"{directory}/ca-cert.pem", "-CAkey", f"{directory}/ca-key.pem",
+                        "-CAcreateserial", "-out", f"{directory}/{name}/{name}-cert.pem", "-days", "2", "-extfile", f"{directory}/{name}.ext"], **quiet)
+        shutil.copy(f"{directory}/ca-cert.pem", f"{directory}/{name}/ca-cert.pem")
+    return directory
 
 
 def network_disk_benchmark(runs, count):
@@ -278,7 +309,7 @@ def network_disk_benchmark(runs, count):
         for label, (ours, qemus) in servers.addresses().items():
             argvs = {
                 "vireo-vmm": [vmm, "--kernel", probe, "--memory", f"{MEMORY_MIB}M", "--cmdline", cmdline, "--disk", ours],
-                "qemu-microvm": microvm_with_disk(cmdline, "-drive", f"id=d0,file={qemus},format=raw,if=none,cache=writeback"),
+                "qemu-microvm": microvm_with_disk(cmdline, *qemus),
             }
             samples = {name: [] for name in argvs}
             for _ in range(runs):

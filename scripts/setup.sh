@@ -20,6 +20,7 @@ demo_packages=(
   zlib1g-dev                                                   # qcow2 compressed clusters
   libseccomp-dev                                               # the VMM's seccomp filters (docs/isolation.md)
   libiscsi-dev                                                 # iSCSI disks: libiscsi's headers (the VMM loads the library when a disk needs it)
+  libgnutls28-dev                                              # NBD over TLS (nbds://): GnuTLS's headers (loaded the same way)
 )
 # The tests use all of the demo's and these.
 packages=(

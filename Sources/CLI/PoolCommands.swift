@@ -25,7 +25,7 @@ struct PoolCreate: ParsableCommand {
     @Option(help: ArgumentHelp("dir, block, nbd or iscsi.", valueName: "type"))
     var type: String
 
-    @Argument(help: ArgumentHelp("dir: a directory; block: a device; nbd: nbd://HOST[:PORT] or nbd+unix:///?socket=PATH; iscsi: the portal HOST[:PORT].", valueName: "source"))
+    @Argument(help: ArgumentHelp("dir: a directory; block: a device; nbd: nbd://HOST[:PORT] or nbd+unix:///?socket=PATH (nbds:// for TLS); iscsi: the portal HOST[:PORT].", valueName: "source"))
     var source: String
 
     @Argument(help: ArgumentHelp("iscsi: the target's IQN.", valueName: "target"))

@@ -133,7 +133,7 @@ public final class ISCSIImage: DiskImage, MultipathDisk, @unchecked Sendable {
     /// The initiator's name: one per host, as open-iscsi's InitiatorName.
     static var initiatorName: String {
         var buffer = [CChar](repeating: 0, count: 256)
-        let host = gethostname(&buffer, buffer.count - 1) == 0 ? text(buffer).lowercased() : "host"
+        let host = gethostname(&buffer, buffer.count - 1) == 0 ? NetworkDisk.text(buffer).lowercased() : "host"
         let cleaned = String(host.unicodeScalars.map { ($0 >= "a" && $0 <= "z") || ($0 >= "0" && $0 <= "9") || $0 == "-" || $0 == "." ? Character($0) : "-" })
         return "iqn.2026-12.dev.vireo:" + cleaned.prefix(150)
     }
@@ -144,13 +144,13 @@ public final class ISCSIImage: DiskImage, MultipathDisk, @unchecked Sendable {
         var sessions: [Session?] = []
         var problems: [String] = []
         var error = [CChar](repeating: 0, count: 512)
-        if vireo_iscsi_load(&error, error.count) != 0 { throw .network(path: path, reason: Self.text(error)) }
+        if vireo_iscsi_load(&error, error.count) != 0 { throw .network(path: path, reason: NetworkDisk.text(error)) }
         for address in addresses {
             let credentials = try address.chapFile.map { (file) throws(DiskImageError) in try ISCSICredentials.read(file, disk: path) }
             let session = vireo_iscsi_connect(initiatorName, address.target, address.portal, credentials?.user, credentials?.secret,
                                               10, &error, error.count)
             sessions.append(session.map(Session.init))
-            if session == nil { problems.append(addresses.count > 1 ? "\(address): \(Self.text(error))" : Self.text(error)) }
+            if session == nil { problems.append(addresses.count > 1 ? "\(address): \(NetworkDisk.text(error))" : NetworkDisk.text(error)) }
         }
         guard sessions.contains(where: { $0 != nil }) else {
             throw .network(path: path, reason: problems.joined(separator: "; "))
@@ -172,7 +172,7 @@ public final class ISCSIImage: DiskImage, MultipathDisk, @unchecked Sendable {
             var size: UInt32 = 0
             var thin: Int32 = 0
             let result = vireo_iscsi_login(session.context, lun, &blocks, &size, &thin, &error, error.count)
-            let why = Self.text(error)
+            let why = NetworkDisk.text(error)
             if result == 0, let known = geometry, known.blocks != blocks || known.blockSize != size {
                 ISCSIImage.closeAll(sessions)
                 throw .network(path: connecting.path, reason: "\(connecting.addresses[index]) has \(blocks) blocks of \(size) bytes, another path \(known.blocks) of \(known.blockSize): not the same LUN")
@@ -207,10 +207,6 @@ public final class ISCSIImage: DiskImage, MultipathDisk, @unchecked Sendable {
     }
 
     /// A C error buffer's text.
-    static func text(_ buffer: [CChar]) -> String {
-        String(decoding: buffer.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
-    }
-
     private static func closeAll(_ sessions: [Session?]) {
         for case let session? in sessions { vireo_iscsi_close(session.context, 1) }
     }
@@ -232,7 +228,7 @@ public final class ISCSIImage: DiskImage, MultipathDisk, @unchecked Sendable {
                         return body(session.context, base, buffer.count)
                     }
                     if result == 0 { return }
-                    let why = Self.text(error)
+                    let why = NetworkDisk.text(error)
                     if result != 1 { throw .io(operation: "\(what): \(why)", path: path, errno: EIO) }
                     lastProblem = why
                     vireo_iscsi_close(session.context, 0)

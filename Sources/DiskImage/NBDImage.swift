@@ -1,3 +1,4 @@
+import CDiskHost
 import MachineSpec
 import Synchronization
 #if canImport(Glibc)
@@ -5,63 +6,165 @@ import Glibc
 #endif
 
 /// Where one NBD export is: `nbd://HOST[:PORT][/EXPORT]` or `nbd+unix:///EXPORT?socket=PATH`
-/// (the URI forms QEMU and libnbd take). A disk names one or more of them joined by `|`: paths to
-/// the same export, used one at a time (docs/disk-images.md, "Network disks").
+/// (the URI forms QEMU and libnbd take), and over TLS `nbds://…` or `nbds+unix://…` with
+/// `tls-certificates=DIR` and `tls-hostname=NAME` in the query (the NBD URI specification's
+/// names). A disk names one or more of them joined by `|`: paths to the same export, used one at
+/// a time (docs/disk-images.md, "Network disks").
 public struct NBDAddress: Sendable, Equatable, CustomStringConvertible {
     public enum Endpoint: Sendable, Equatable {
         case unix(path: String)
         case tcp(host: String, port: UInt16)
     }
 
+    /// TLS settings of an `nbds` address.
+    public struct TLS: Sendable, Equatable {
+        /// A directory with `ca-cert.pem` and, optionally, `client-cert.pem` and
+        /// `client-key.pem` (the names QEMU and libnbd use); nil: the system's trust store.
+        public var certificates: String?
+        /// The name the server's certificate must carry; nil: a TCP path's host, and for a Unix
+        /// socket none (the chain alone is checked).
+        public var hostname: String?
+    }
+
     public var endpoint: Endpoint
     public var export: String
+    /// nil: plain NBD.
+    public var tls: TLS?
     public static let defaultPort: UInt16 = 10809
 
     public var description: String {
+        var query: [String] = []
+        if case let .unix(path) = endpoint { query.append("socket=\(path)") }
+        if let certificates = tls?.certificates { query.append("tls-certificates=\(certificates)") }
+        if let hostname = tls?.hostname { query.append("tls-hostname=\(hostname)") }
+        let suffix = query.isEmpty ? "" : "?" + query.joined(separator: "&")
+        let scheme = tls == nil ? "nbd" : "nbds"
         switch endpoint {
-        case let .unix(path): return "nbd+unix:///\(export)?socket=\(path)"
-        case let .tcp(host, port): return "nbd://\(host.contains(":") ? "[\(host)]" : host):\(port)/\(export)"
+        case .unix: return "\(scheme)+unix:///\(export)\(suffix)"
+        case let .tcp(host, port): return "\(scheme)://\(host.contains(":") ? "[\(host)]" : host):\(port)/\(export)\(suffix)"
         }
     }
 
-    /// Every path of a disk's `A|B|...` text, each parsed; refused naming what is wrong.
-    /// The same server's export `name` (a storage pool's volume).
-    public func naming(export name: String) -> NBDAddress { NBDAddress(endpoint: endpoint, export: name) }
+    /// The name the server's certificate is checked against, if any.
+    var certificateName: String? {
+        if let hostname = tls?.hostname { return hostname }
+        if case let .tcp(host, _) = endpoint { return host }
+        return nil
+    }
 
+    /// The same server's export `name` (a storage pool's volume).
+    public func naming(export name: String) -> NBDAddress { NBDAddress(endpoint: endpoint, export: name, tls: tls) }
+
+    /// Every path of a disk's `A|B|...` text, each parsed; refused naming what is wrong.
     public static func paths(_ text: String) throws(DiskImageError) -> [NBDAddress] {
         try NetworkDisk.paths(text, parse, leadingTo: \.export, naming: "export")
     }
 
     public static func parse(_ text: String) throws(DiskImageError) -> NBDAddress {
         func refuse(_ why: String) -> DiskImageError {
-            .invalidArgument(field: "disk", reason: "'\(text.prefix(300))' \(why); expected nbd://HOST[:PORT][/EXPORT] or nbd+unix:///EXPORT?socket=/PATH")
+            .invalidArgument(field: "disk", reason: "'\(text.prefix(300))' \(why); expected nbd://HOST[:PORT][/EXPORT] or nbd+unix:///EXPORT?socket=/PATH (nbds:// and nbds+unix:// for TLS, with tls-certificates=/DIR)")
         }
         guard text.utf8.count <= 4096, !text.utf8.contains(0), !text.contains(",") else { throw refuse("is not a usable address") }
-        if text.hasPrefix("nbd+unix://") {
-            var rest = Substring(text.dropFirst("nbd+unix://".count))
-            guard let question = rest.firstIndex(of: "?") else { throw refuse("has no ?socket=") }
-            let query = rest[rest.index(after: question)...]
+        let schemes: [(prefix: String, unix: Bool, tls: Bool)] = [("nbd+unix://", true, false), ("nbds+unix://", true, true), ("nbd://", false, false), ("nbds://", false, true)]
+        guard let scheme = schemes.first(where: { text.hasPrefix($0.prefix) }) else { throw refuse("is not an NBD address") }
+        var rest = Substring(text.dropFirst(scheme.prefix.count))
+        var settings: [String: String] = [:]
+        if let question = rest.firstIndex(of: "?") {
+            for item in rest[rest.index(after: question)...].split(separator: "&", omittingEmptySubsequences: false) {
+                guard let equals = item.firstIndex(of: "=") else { throw refuse("has a query item '\(item.prefix(100))' without a value") }
+                let key = String(item[..<equals])
+                let allowed = (scheme.unix ? ["socket"] : []) + (scheme.tls ? ["tls-certificates", "tls-hostname"] : [])
+                guard allowed.contains(key) else {
+                    throw refuse(key.hasPrefix("tls-") && !scheme.tls ? "sets \(key) on a plain NBD address; TLS needs nbds:// or nbds+unix://"
+                                 : "has a query item '\(key.prefix(100))' (allowed here: \(allowed.isEmpty ? "none" : allowed.joined(separator: ", ")))")
+                }
+                guard settings[key] == nil else { throw refuse("sets \(key) twice") }
+                settings[key] = String(item[item.index(after: equals)...])
+            }
             rest = rest[..<question]
-            guard rest.isEmpty || rest.hasPrefix("/") else { throw refuse("names a host; a Unix socket has none") }
-            guard query.hasPrefix("socket="), !query.contains("&") else { throw refuse("has a query other than socket=PATH") }
-            let socket = String(query.dropFirst("socket=".count))
-            guard socket.hasPrefix("/"), socket.utf8.count < 108 else { throw refuse("needs an absolute socket path shorter than 108 bytes") }
-            return NBDAddress(endpoint: .unix(path: socket), export: try exportName(rest.dropFirst(), refuse))
         }
-        guard text.hasPrefix("nbd://") else { throw refuse("is not an NBD address") }
-        let rest = text.dropFirst("nbd://".count)
+        var tls: TLS?
+        if scheme.tls {
+            var made = TLS()
+            if let certificates = settings["tls-certificates"] {
+                guard certificates.hasPrefix("/"), !certificates.contains("|") else { throw refuse("needs an absolute tls-certificates directory") }
+                made.certificates = certificates
+            }
+            if let hostname = settings["tls-hostname"] {
+                guard !hostname.isEmpty, hostname.utf8.count <= 253,
+                      hostname.utf8.allSatisfy({ ($0 >= 0x30 && $0 <= 0x39) || ($0 | 0x20 >= 0x61 && $0 | 0x20 <= 0x7a) || $0 == 0x2e || $0 == 0x2d || $0 == 0x3a }) else {
+                    throw refuse("has a tls-hostname that is not a host name")
+                }
+                made.hostname = hostname
+            }
+            tls = made
+        }
+        if scheme.unix {
+            guard rest.isEmpty || rest.hasPrefix("/") else { throw refuse("names a host; a Unix socket has none") }
+            guard let socket = settings["socket"] else { throw refuse("has no ?socket=") }
+            guard socket.hasPrefix("/"), socket.utf8.count < 108 else { throw refuse("needs an absolute socket path shorter than 108 bytes") }
+            return NBDAddress(endpoint: .unix(path: socket), export: try exportName(rest.dropFirst(), refuse), tls: tls)
+        }
         let slash = rest.firstIndex(of: "/") ?? rest.endIndex
         let authority = rest[..<slash]
         let export = slash == rest.endIndex ? "" : try exportName(rest[rest.index(after: slash)...], refuse)
         let (host, port) = try NetworkDisk.hostAndPort(authority, defaultPort: defaultPort, refuse)
         guard !host.contains("?"), !host.contains("@") else { throw refuse("has no usable host") }
-        return NBDAddress(endpoint: .tcp(host: host, port: port), export: export)
+        return NBDAddress(endpoint: .tcp(host: host, port: port), export: export, tls: tls)
     }
 
     private static func exportName(_ text: Substring, _ refuse: (String) -> DiskImageError) throws(DiskImageError) -> String {
         // NBD limits names to 4096 bytes; a query after the export is not ours to guess.
         guard text.utf8.count <= 4096, !text.contains("?") else { throw refuse("has an unusable export name") }
         return String(text)
+    }
+}
+
+/// An `nbds` path's TLS credentials, read from their files before the VMM is confined and kept
+/// for every handshake of that path, reconnections from inside the jail included.
+final class NBDTLSCredentials: @unchecked Sendable {
+    let handle: UnsafeMutableRawPointer
+    /// The name the server's certificate must carry (nil: the chain alone is checked).
+    let hostname: String?
+    /// Whether a client certificate is presented.
+    let hasClientCertificate: Bool
+
+    static let caFile = "ca-cert.pem", clientCertificate = "client-cert.pem", clientKey = "client-key.pem"
+
+    init(_ address: NBDAddress) throws(DiskImageError) {
+        let directory = address.tls?.certificates
+        var caFile: String?, certificate: String?, key: String?
+        if let directory {
+            caFile = directory + "/" + Self.caFile
+            guard access(directory, F_OK) == 0 else {
+                throw .network(path: address.description, reason: "the TLS certificates directory \(directory) does not exist")
+            }
+            guard access(caFile!, R_OK) == 0 else {
+                throw .network(path: address.description, reason: "the TLS certificates directory \(directory) has no readable \(Self.caFile)")
+            }
+            let hasCertificate = access(directory + "/" + Self.clientCertificate, F_OK) == 0
+            let hasKey = access(directory + "/" + Self.clientKey, F_OK) == 0
+            guard hasCertificate == hasKey else {
+                throw .network(path: address.description, reason: "the TLS certificates directory \(directory) has \(hasCertificate ? Self.clientCertificate : Self.clientKey) without \(hasCertificate ? Self.clientKey : Self.clientCertificate); a client certificate needs both")
+            }
+            if hasCertificate { certificate = directory + "/" + Self.clientCertificate; key = directory + "/" + Self.clientKey }
+        }
+        var error = [CChar](repeating: 0, count: 512)
+        guard let made = vireo_tls_credentials(caFile, certificate, key, &error, error.count) else {
+            throw .network(path: address.description, reason: NetworkDisk.text(error))
+        }
+        handle = made
+        hostname = address.certificateName
+        hasClientCertificate = certificate != nil
+    }
+
+    deinit { vireo_tls_credentials_free(handle) }
+
+    /// Whether the name is sent as SNI: host names only, never an IP address (RFC 6066).
+    var sendsServerName: Bool {
+        guard let hostname else { return false }
+        var v4 = in_addr(), v6 = in6_addr()
+        return inet_pton(AF_INET, hostname, &v4) != 1 && inet_pton(AF_INET6, hostname, &v6) != 1
     }
 }
 
@@ -73,6 +176,8 @@ struct NBDSocket: @unchecked Sendable {
     /// Whether the connection closes the descriptor when it ends: not a TCP path's, which
     /// `NBDTCPSocket` keeps to connect again.
     var ownsDescriptor = true
+    /// An `nbds` path's credentials: the connection starts TLS before anything else.
+    var tls: NBDTLSCredentials?
 
     /// Connects a Unix-socket path, with `timeout` seconds for the connection and for each later
     /// read or write. (A TCP path connects through its `NBDTCPSocket`.)
@@ -196,9 +301,8 @@ enum NBDFailure: Error {
 /// negotiation"): the export's size and transmission flags, and whether replies are structured.
 /// One request at a time; every length and offset the server sends is checked.
 final class NBDConnection: @unchecked Sendable {
-    let fd: Int32
+    let wire: NBDWire
     let address: NBDAddress
-    private let ownsDescriptor: Bool
     let size: UInt64
     let flags: UInt16
     let structured: Bool
@@ -226,16 +330,19 @@ final class NBDConnection: @unchecked Sendable {
 
     /// Negotiates `export` on a connected socket. Takes the socket's descriptor (closed on failure).
     init(_ socket: NBDSocket) throws(NBDFailure) {
-        fd = socket.fd
+        let fd = NBDWire(socket)
+        wire = fd
         address = socket.address
-        ownsDescriptor = socket.ownsDescriptor
         do throws(NBDFailure) {
             try Self.greet(fd)
+            if let credentials = socket.tls { try Self.startTLS(fd, credentials) }
             // Structured replies: reads may come back in pieces and holes (NBD_OPT_STRUCTURED_REPLY).
             try Self.sendOption(fd, 8, [])
             var structured = false
             let (kind, _) = try Self.readOptionReply(fd, option: 8)
-            if kind == 1 { structured = true } else if kind & 0x8000_0000 == 0 {
+            if kind == 1 { structured = true } else if kind == Self.tlsRequired {
+                throw Self.needsTLS
+            } else if kind & 0x8000_0000 == 0 {
                 throw NBDFailure.connection("unexpected reply \(kind) to NBD_OPT_STRUCTURED_REPLY")
             }
             self.structured = structured
@@ -249,6 +356,7 @@ final class NBDConnection: @unchecked Sendable {
                 if kind == 1 { break }
                 if kind & 0x8000_0000 != 0 {
                     let message = String(decoding: data.prefix(512), as: UTF8.self)
+                    if kind == Self.tlsRequired { throw Self.needsTLS }
                     let why = kind == 0x8000_0006 ? "has no export named '\(address.export)'" : "refused the export (error \(kind & 0x7fff_ffff))"
                     throw NBDFailure.server("the server \(why)" + (message.isEmpty ? "" : ": \(message)"))
                 }
@@ -263,22 +371,47 @@ final class NBDConnection: @unchecked Sendable {
             size = exportSize
             flags = exportFlags
         } catch {
-            if socket.ownsDescriptor { close(socket.fd) }
+            let afterHandshake = fd.session != nil
+            fd.end(disconnecting: false)
+            // A server that checks clients' certificates (qemu-nbd's verify-peer) ends the
+            // connection without a word when none came.
+            if afterHandshake, let credentials = socket.tls, !credentials.hasClientCertificate, case .connection = error {
+                throw NBDFailure.connection("the server closed the connection after the TLS handshake; if it checks clients' certificates, put \(NBDTLSCredentials.clientCertificate) and \(NBDTLSCredentials.clientKey) (from a CA it trusts) in the tls-certificates directory")
+            }
             throw error
         }
     }
 
-    deinit {
-        // NBD_CMD_DISC, best effort: the server then closes its side cleanly.
-        var header = Self.be(Magic.request) + Self.be(UInt16(0)) + Self.be(Command.disconnect) + Self.be(UInt64(0)) + Self.be(UInt64(0)) + Self.be(UInt32(0))
-        _ = header.withUnsafeMutableBytes { send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
-        if ownsDescriptor { close(fd) }
+    deinit { wire.end(disconnecting: true) }
+
+    /// NBD_REP_ERR_TLS_REQD: the server talks only to clients that started TLS.
+    static let tlsRequired: UInt32 = 0x8000_0005
+    static let needsTLS = NBDFailure.server("the server requires TLS; name it with nbds:// (or nbds+unix://) and tls-certificates=DIR")
+
+    /// NBD_OPT_STARTTLS, then the TLS handshake on the same socket: everything after goes through
+    /// the session (NBD protocol, "TLS support").
+    private static func startTLS(_ wire: NBDWire, _ credentials: NBDTLSCredentials) throws(NBDFailure) {
+        try sendOption(wire, 5, [])
+        let (kind, data) = try readOptionReply(wire, option: 5)
+        guard kind == 1 else {
+            let message = String(decoding: data.prefix(512), as: UTF8.self)
+            throw NBDFailure.server("the server does not offer TLS (it answered NBD_OPT_STARTTLS with error \(kind & 0x7fff_ffff))"
+                                    + (message.isEmpty ? "" : ": \(message)"))
+        }
+        var error = [CChar](repeating: 0, count: 512)
+        guard let session = vireo_tls_session(credentials.handle, wire.fd, credentials.hostname, credentials.sendsServerName ? 1 : 0, &error, error.count) else {
+            // A certificate the client refuses is the server's answer, not a broken connection:
+            // retrying the path would only meet it again.
+            throw NBDFailure.server(NetworkDisk.text(error))
+        }
+        wire.session = session
     }
 
     /// One request: `payload` goes with writes, `into` receives reads (zeroed first: holes).
     func request(_ command: UInt16, offset: UInt64, length: UInt32, payload: UnsafeRawBufferPointer? = nil,
                  into buffer: UnsafeMutableRawBufferPointer? = nil) throws(NBDFailure) {
         cookie &+= 1
+        let fd = wire
         let header = Self.be(Magic.request) + Self.be(UInt16(0)) + Self.be(command) + Self.be(cookie) + Self.be(offset) + Self.be(length)
         try Self.write(fd, header)
         if let payload, let base = payload.baseAddress { try Self.write(fd, base, payload.count) }
@@ -332,7 +465,7 @@ final class NBDConnection: @unchecked Sendable {
     }
 
     /// The fixed-newstyle greeting: the server's magic and flags, the client's flags.
-    private static func greet(_ fd: Int32) throws(NBDFailure) {
+    private static func greet(_ fd: NBDWire) throws(NBDFailure) {
         guard try readU64(fd) == Magic.negotiation, try readU64(fd) == Magic.options else {
             throw NBDFailure.connection("not an NBD server speaking the newstyle protocol")
         }
@@ -349,14 +482,16 @@ final class NBDConnection: @unchecked Sendable {
     /// (NBD_OPT_INFO), then NBD_OPT_ABORT. The server's answers are read as a peer's: names of
     /// at most 4096 bytes of UTF-8 without control characters, at most 256 of them.
     static func listExports(_ socket: NBDSocket) throws(NBDFailure) -> [(name: String, size: UInt64?)] {
-        let fd = socket.fd
-        defer { if socket.ownsDescriptor { close(fd) } }
+        let fd = NBDWire(socket)
+        defer { fd.end(disconnecting: false) }
         try greet(fd)
+        if let credentials = socket.tls { try startTLS(fd, credentials) }
         try sendOption(fd, 3, [])
         var names: [String] = []
         while true {
             let (kind, data) = try readOptionReply(fd, option: 3)
             if kind == 1 { break }
+            if kind == tlsRequired { throw needsTLS }
             if kind & 0x8000_0000 != 0 {
                 throw NBDFailure.server("the server does not list its exports (error \(kind & 0x7fff_ffff))")
             }
@@ -388,12 +523,12 @@ final class NBDConnection: @unchecked Sendable {
 
     // MARK: the wire
 
-    private static func sendOption(_ fd: Int32, _ option: UInt32, _ data: [UInt8]) throws(NBDFailure) {
+    private static func sendOption(_ fd: NBDWire, _ option: UInt32, _ data: [UInt8]) throws(NBDFailure) {
         try write(fd, be(Magic.options) + be(option) + be(UInt32(data.count)) + data)
     }
 
     /// One option reply: its type and data (at most 64 KiB).
-    private static func readOptionReply(_ fd: Int32, option: UInt32) throws(NBDFailure) -> (UInt32, [UInt8]) {
+    private static func readOptionReply(_ fd: NBDWire, option: UInt32) throws(NBDFailure) -> (UInt32, [UInt8]) {
         guard try readU64(fd) == Magic.optionReply, try readU32(fd) == option else {
             throw NBDFailure.connection("a malformed reply to option \(option)")
         }
@@ -410,29 +545,27 @@ final class NBDConnection: @unchecked Sendable {
     static func u32(_ data: [UInt8], _ at: Int) -> UInt32 { data[at..<at + 4].reduce(0) { $0 << 8 | UInt32($1) } }
     static func u64(_ data: [UInt8], _ at: Int) -> UInt64 { data[at..<at + 8].reduce(0) { $0 << 8 | UInt64($1) } }
 
-    private static func readU16(_ fd: Int32) throws(NBDFailure) -> UInt16 { u16(try readBytes(fd, 2), 0) }
-    private static func readU32(_ fd: Int32) throws(NBDFailure) -> UInt32 { u32(try readBytes(fd, 4), 0) }
-    private static func readU64(_ fd: Int32) throws(NBDFailure) -> UInt64 { u64(try readBytes(fd, 8), 0) }
+    private static func readU16(_ fd: NBDWire) throws(NBDFailure) -> UInt16 { u16(try readBytes(fd, 2), 0) }
+    private static func readU32(_ fd: NBDWire) throws(NBDFailure) -> UInt32 { u32(try readBytes(fd, 4), 0) }
+    private static func readU64(_ fd: NBDWire) throws(NBDFailure) -> UInt64 { u64(try readBytes(fd, 8), 0) }
 
-    private static func readBytes(_ fd: Int32, _ count: Int) throws(NBDFailure) -> [UInt8] {
+    private static func readBytes(_ fd: NBDWire, _ count: Int) throws(NBDFailure) -> [UInt8] {
         let raw = UnsafeMutableRawPointer.allocate(byteCount: max(count, 1), alignment: 8)
         defer { raw.deallocate() }
         try read(fd, raw, count)
         return Array(UnsafeRawBufferPointer(start: raw, count: count))
     }
 
-    private static func read(_ fd: Int32, _ base: UnsafeMutableRawPointer, _ count: Int) throws(NBDFailure) {
+    private static func read(_ fd: NBDWire, _ base: UnsafeMutableRawPointer, _ count: Int) throws(NBDFailure) {
         var done = 0
         while done < count {
-            let got = recv(fd, base + done, count - done, 0)
-            if got < 0 && errno == EINTR { continue }
-            if got < 0 { throw NBDFailure.connection("receive: \(String(cString: strerror(errno)))") }
+            let got = try fd.receive(base + done, count - done)
             if got == 0 { throw NBDFailure.connection("the server closed the connection") }
             done += got
         }
     }
 
-    private static func write(_ fd: Int32, _ bytes: [UInt8]) throws(NBDFailure) {
+    private static func write(_ fd: NBDWire, _ bytes: [UInt8]) throws(NBDFailure) {
         // Result rather than a typed-throws closure: the generic wrapper rethrows `any Error`.
         let outcome: Result<Void, NBDFailure> = bytes.withUnsafeBytes { raw in
             do throws(NBDFailure) { try write(fd, raw.baseAddress!, raw.count); return .success(()) } catch { return .failure(error) }
@@ -440,14 +573,74 @@ final class NBDConnection: @unchecked Sendable {
         try outcome.get()
     }
 
-    private static func write(_ fd: Int32, _ base: UnsafeRawPointer, _ count: Int) throws(NBDFailure) {
+    private static func write(_ fd: NBDWire, _ base: UnsafeRawPointer, _ count: Int) throws(NBDFailure) {
         var done = 0
-        while done < count {
-            let put = send(fd, base + done, count - done, Int32(MSG_NOSIGNAL))
+        while done < count { done += try fd.send(base + done, count - done) }
+    }
+}
+
+/// One connection's byte stream: the socket itself, or a TLS session over it once STARTTLS is done.
+final class NBDWire: @unchecked Sendable {
+    let fd: Int32
+    private let ownsDescriptor: Bool
+    var session: UnsafeMutableRawPointer?
+
+    init(_ socket: NBDSocket) {
+        fd = socket.fd
+        ownsDescriptor = socket.ownsDescriptor
+    }
+
+    /// Some bytes (> 0), or 0 when the server closed the connection.
+    func receive(_ base: UnsafeMutableRawPointer, _ count: Int) throws(NBDFailure) -> Int {
+        if let session {
+            var error = [CChar](repeating: 0, count: 256)
+            let got = vireo_tls_recv(session, base, count, &error, error.count)
+            guard got >= 0 else { throw NBDFailure.connection(NetworkDisk.text(error)) }
+            return got
+        }
+        while true {
+            let got = recv(fd, base, count, 0)
+            if got < 0 && errno == EINTR { continue }
+            if got < 0 { throw NBDFailure.connection("receive: \(String(cString: strerror(errno)))") }
+            return got
+        }
+    }
+
+    /// Some bytes (> 0) sent.
+    func send(_ base: UnsafeRawPointer, _ count: Int) throws(NBDFailure) -> Int {
+        if let session {
+            var error = [CChar](repeating: 0, count: 256)
+            let put = vireo_tls_send(session, base, count, &error, error.count)
+            guard put > 0 else { throw NBDFailure.connection(put < 0 ? NetworkDisk.text(error) : "TLS send: nothing sent") }
+            return put
+        }
+        while true {
+            let put = Glibc.send(fd, base, count, Int32(MSG_NOSIGNAL))
             if put < 0 && errno == EINTR { continue }
             if put < 0 { throw NBDFailure.connection("send: \(String(cString: strerror(errno)))") }
-            done += put
+            return put
         }
+    }
+
+    /// The connection's end: NBD_CMD_DISC first (`disconnecting`, best effort: the server then
+    /// closes its side cleanly), the TLS session, then the descriptor if it is the connection's.
+    func end(disconnecting: Bool) {
+        if disconnecting {
+            let header = NBDConnection.be(NBDConnection.Magic.request) + NBDConnection.be(UInt16(0)) + NBDConnection.be(NBDConnection.Command.disconnect)
+                + NBDConnection.be(UInt64(0)) + NBDConnection.be(UInt64(0)) + NBDConnection.be(UInt32(0))
+            // One try, without waiting: a server that is gone must not hold a failover up.
+            header.withUnsafeBytes { raw in
+                if let session {
+                    var error = [CChar](repeating: 0, count: 64)
+                    _ = vireo_tls_send(session, raw.baseAddress, raw.count, &error, error.count)
+                } else {
+                    _ = Glibc.send(fd, raw.baseAddress, raw.count, Int32(MSG_NOSIGNAL | MSG_DONTWAIT))
+                }
+            }
+        }
+        if let session { vireo_tls_close(session, disconnecting ? 1 : 0) }
+        session = nil
+        if ownsDescriptor { close(fd) }
     }
 }
 
@@ -466,6 +659,7 @@ public final class NBDImage: DiskImage, MultipathDisk, @unchecked Sendable {
     private let paths: Mutex<PathTable<NBDConnection>>
     private let flags: UInt16
     private let tcpSockets: [NBDTCPSocket?]
+    private let credentials: [NBDTLSCredentials?]
 
     static func say(_ line: String) { NetworkDisk.say(line) }
 
@@ -477,6 +671,8 @@ public final class NBDImage: DiskImage, MultipathDisk, @unchecked Sendable {
         let sockets: [NBDSocket?]
         /// Each TCP path's own socket, kept to connect again from inside the jail.
         let tcpSockets: [NBDTCPSocket?]
+        /// Each `nbds` path's TLS credentials, read before the jail and kept for reconnections.
+        let credentials: [NBDTLSCredentials?]
         let readOnly: Bool
         let reconnectSeconds: Int
 
@@ -489,7 +685,8 @@ public final class NBDImage: DiskImage, MultipathDisk, @unchecked Sendable {
     /// no export): a storage pool's volumes (`vireo pool info`), each with its size.
     public static func listExports(server text: String) throws(DiskImageError) -> [(name: String, size: UInt64?)] {
         let address = try NBDAddress.parse(text)
-        let socket: NBDSocket
+        let credentials = try address.tls.map { (_) throws(DiskImageError) in try NBDTLSCredentials(address) }
+        var socket: NBDSocket
         var tcp: NBDTCPSocket?
         switch address.endpoint {
         case let .unix(path): socket = try NBDSocket.connect(unix: path, address, timeout: 10)
@@ -500,6 +697,7 @@ public final class NBDImage: DiskImage, MultipathDisk, @unchecked Sendable {
             socket = try made.connection(reconnect: false)
         }
         defer { withExtendedLifetime(tcp) {} }
+        socket.tls = credentials
         do throws(NBDFailure) {
             return try NBDConnection.listExports(socket)
         } catch {
@@ -512,21 +710,30 @@ public final class NBDImage: DiskImage, MultipathDisk, @unchecked Sendable {
     /// Connects every path it can now; at least one must answer.
     public static func connect(path: String, readOnly: Bool, reconnectSeconds: Int = 30) throws(DiskImageError) -> Connecting {
         let addresses = try NBDAddress.paths(path)
+        // Credentials first: a certificates directory that cannot be used is the disk's error,
+        // not a path that happens to be down.
+        var credentials: [NBDTLSCredentials?] = []
+        for address in addresses {
+            credentials.append(try address.tls.map { (_) throws(DiskImageError) in try NBDTLSCredentials(address) })
+        }
         var sockets: [NBDSocket?] = []
         var tcpSockets: [NBDTCPSocket?] = []
         var firstError: DiskImageError?
-        for address in addresses {
+        for (index, address) in addresses.enumerated() {
             do throws(DiskImageError) {
+                var socket: NBDSocket
                 switch address.endpoint {
                 case let .unix(socketPath):
                     tcpSockets.append(nil)
-                    sockets.append(try NBDSocket.connect(unix: socketPath, address, timeout: 10))
+                    socket = try NBDSocket.connect(unix: socketPath, address, timeout: 10)
                 case let .tcp(host, port):
                     let tcp = try NBDTCPSocket(address, host: host, port: port, timeout: 10)
                     tcpSockets.append(tcp)
                     if let error = tcp.startError() { throw error }
-                    sockets.append(try tcp.connection(reconnect: false))
+                    socket = try tcp.connection(reconnect: false)
                 }
+                socket.tls = credentials[index]
+                sockets.append(socket)
             } catch {
                 if tcpSockets.count == sockets.count { tcpSockets.append(nil) }
                 sockets.append(nil)
@@ -534,7 +741,8 @@ public final class NBDImage: DiskImage, MultipathDisk, @unchecked Sendable {
             }
         }
         if sockets.allSatisfy({ $0 == nil }), let firstError { throw firstError }
-        return Connecting(path: path, addresses: addresses, sockets: sockets, tcpSockets: tcpSockets, readOnly: readOnly, reconnectSeconds: reconnectSeconds)
+        return Connecting(path: path, addresses: addresses, sockets: sockets, tcpSockets: tcpSockets, credentials: credentials,
+                          readOnly: readOnly, reconnectSeconds: reconnectSeconds)
     }
 
     init(_ connecting: Connecting) throws(DiskImageError) {
@@ -569,6 +777,7 @@ public final class NBDImage: DiskImage, MultipathDisk, @unchecked Sendable {
         flags = connection.flags
         paths = Mutex(PathTable(sessions: connections, active: first))
         tcpSockets = connecting.tcpSockets
+        credentials = connecting.credentials
         for problem in problems { Self.say("nbd: \(path): path down at start: \(problem)") }
     }
 
@@ -633,10 +842,13 @@ public final class NBDImage: DiskImage, MultipathDisk, @unchecked Sendable {
     /// A new connection's socket for path `index` (nil: a TCP path that never had a socket, its
     /// name unresolvable at start). Called with the paths' lock held.
     private func dial(_ index: Int) throws(DiskImageError) -> NBDSocket? {
+        var socket: NBDSocket?
         switch addresses[index].endpoint {
-        case let .unix(socketPath): return try NBDSocket.connect(unix: socketPath, addresses[index], timeout: 10)
-        case .tcp: return try tcpSockets[index]?.connection(reconnect: true)
+        case let .unix(socketPath): socket = try NBDSocket.connect(unix: socketPath, addresses[index], timeout: 10)
+        case .tcp: socket = try tcpSockets[index]?.connection(reconnect: true)
         }
+        socket?.tls = credentials[index]
+        return socket
     }
 
     /// Each path, whether it is connected and which one requests go to (`vireo info`).

@@ -42,12 +42,14 @@ public enum NetworkDisk {
     /// One path's server, as a receiver's policy and the jail see it.
     public enum Endpoint: Sendable, Equatable {
         case unix(socket: String)
-        /// `secretFile`: a file root reads before the jail (iSCSI's CHAP credentials).
-        case tcp(host: String, port: UInt16, secretFile: String?)
+        /// `credentials`: a file or directory root reads before the jail and whose secrets go
+        /// to the server (iSCSI's CHAP file, an `nbds` path's TLS certificates directory).
+        case unix(socket: String, credentials: String?)
+        case tcp(host: String, port: UInt16, credentials: String?)
     }
 
     public static func kind(of path: String) -> Kind? {
-        if path.hasPrefix("nbd://") || path.hasPrefix("nbd+unix://") { return .nbd }
+        if DiskFormat.nbdSchemes.contains(where: { path.hasPrefix($0) }) { return .nbd }
         if path.hasPrefix("iscsi://") { return .iscsi }
         return nil
     }
@@ -58,12 +60,12 @@ public enum NetworkDisk {
         case .nbd:
             return try NBDAddress.paths(path).map { address in
                 switch address.endpoint {
-                case let .unix(socket): return .unix(socket: socket)
-                case let .tcp(host, port): return .tcp(host: host, port: port, secretFile: nil)
+                case let .unix(socket): return .unix(socket: socket, credentials: address.tls?.certificates)
+                case let .tcp(host, port): return .tcp(host: host, port: port, credentials: address.tls?.certificates)
                 }
             }
         case .iscsi:
-            return try ISCSIAddress.paths(path).map { .tcp(host: $0.host, port: $0.port, secretFile: $0.chapFile) }
+            return try ISCSIAddress.paths(path).map { .tcp(host: $0.host, port: $0.port, credentials: $0.chapFile) }
         case nil:
             throw .invalidArgument(field: "disk", reason: "'\(path.prefix(300))' is not a network disk's address")
         }
@@ -119,7 +121,7 @@ public enum NetworkDisk {
     /// pool's check when it is defined).
     public static func reach(_ endpoint: Endpoint) throws(DiskImageError) {
         switch endpoint {
-        case let .unix(socket):
+        case let .unix(socket, _):
             let connected = try NBDSocket.connect(unix: socket, NBDAddress(endpoint: .unix(path: socket), export: ""), timeout: 10)
             close(connected.fd)
         case let .tcp(host, port, _):
@@ -132,6 +134,11 @@ public enum NetworkDisk {
                 throw .io(operation: operation, path: "\(host.contains(":") ? "[\(host)]" : host):\(port)", errno: code)
             }
         }
+    }
+
+    /// A C library's message from its NUL-terminated buffer (libiscsi's, GnuTLS's).
+    static func text(_ buffer: [CChar]) -> String {
+        String(decoding: buffer.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
     }
 
     /// Where network disks tell their failures, reconnections and failovers (the VMM's log).

@@ -4,16 +4,19 @@ public enum DiskFormat: String, Sendable, CaseIterable, Codable {
     case raw
     case qcow2
 
+    /// The schemes of an NBD export's address: TCP or a Unix socket, plain or over TLS.
+    public static let nbdSchemes = ["nbd://", "nbd+unix://", "nbds://", "nbds+unix://"]
+
+    /// Whether a disk's path names a network disk — NBD exports (`nbdSchemes`) or iSCSI LUNs
+    /// (`iscsi://`), joined by `|` — rather than a file or device.
+    public static func isNetworkAddress(_ path: String) -> Bool {
+        nbdSchemes.contains { path.hasPrefix($0) } || path.hasPrefix("iscsi://")
+    }
+
     /// The format a file's name declares (`.qcow2`, `.raw`); nil when the name does not say
     /// (`.img` is either). A device under `/dev` (`/dev/sdb`, `/dev/loop0`, `/dev/mapper/vg-lv`)
     /// and a network disk (an NBD export, an iSCSI LUN) are raw disks: none can grow, so none holds
     /// qcow2.
-    /// Whether a disk's path names a network disk — NBD exports (`nbd://`, `nbd+unix://`) or
-    /// iSCSI LUNs (`iscsi://`), joined by `|` — rather than a file or device.
-    public static func isNetworkAddress(_ path: String) -> Bool {
-        path.hasPrefix("nbd://") || path.hasPrefix("nbd+unix://") || path.hasPrefix("iscsi://")
-    }
-
     public static func declared(byName path: String) -> DiskFormat? {
         if path.hasPrefix("/dev/") { return .raw }
         // A network disk is the disk itself, as a device is.

@@ -54,21 +54,23 @@ struct APIPathPolicy: Sendable {
     }
 
     /// A disk's path: a host path as `check` has it, or a network disk's address whose Unix
-    /// sockets and CHAP files lie where a client may name files and whose TCP servers `vireo
-    /// serve --allow-disk-server` named (root connects there and, for iSCSI, sends the secret).
+    /// sockets and credentials (CHAP files, TLS certificates directories) lie where a client may
+    /// name files and whose TCP servers `vireo serve --allow-disk-server` named (root connects
+    /// there and presents the credentials).
     func checkDisk(_ path: String, field: String) throws {
         guard DiskFormat.isNetworkAddress(path) else { try check(path, field: field); return }
         let endpoints: [NetworkDisk.Endpoint]
         do { endpoints = try NetworkDisk.endpoints(path) } catch { throw APIProblem.invalid(field, error.description) }
         for endpoint in endpoints {
             switch endpoint {
-            case let .unix(socket):
+            case let .unix(socket, credentials):
                 try check(socket, field: field)
-            case let .tcp(host, port, secretFile):
+                if let credentials { try check(credentials, field: field) }
+            case let .tcp(host, port, credentials):
                 guard TCPEndpoint.allows(diskServers, host: host, port: port) else {
                     throw APIProblem.invalid(field, "the network disk's server \(host.prefix(200)):\(port) is not one this server lets API clients name; start `vireo serve` with --allow-disk-server \(host.prefix(200)):\(port)")
                 }
-                if let secretFile { try check(secretFile, field: field) }
+                if let credentials { try check(credentials, field: field) }
             }
         }
     }

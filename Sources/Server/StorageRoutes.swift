@@ -15,7 +15,7 @@ extension APIServer {
     }
 
     /// A pool's source as a client may name it: a directory or device inside the allowed paths,
-    /// a server `--allow-disk-server` named (with its socket or CHAP file inside the paths).
+    /// a server `--allow-disk-server` named (with its socket or credentials inside the paths).
     func checkPoolSource(_ pool: PoolDefinition, field: String) throws {
         let address: String
         do throws(LibraryError) {

@@ -243,7 +243,7 @@ extension Machine {
             if disk.isNetwork {
                 for endpoint in (try? NetworkDisk.endpoints(disk.path)) ?? [] {
                     // Never the host's root: a socket directly under / is not reconnected jailed.
-                    if case let .unix(socket) = endpoint, directory(socket) != "/" { candidates.append((directory(socket), false)) }
+                    if case let .unix(socket, _) = endpoint, directory(socket) != "/" { candidates.append((directory(socket), false)) }
                 }
                 continue
             }

@@ -41,7 +41,7 @@ struct Serve: ParsableCommand {
     @Option(name: .customLong("allow-path"), help: ArgumentHelp("A directory whose files API clients may name (kernels, ISOs, disks, exports) besides the library's (repeatable).", valueName: "dir"))
     var allowPath: [String] = []
 
-    @Option(name: .customLong("allow-disk-server"), help: ArgumentHelp("A server (NBD, iSCSI) API clients' network disks may be on, HOST[:PORT]; without a port, 10809 and 3260 (repeatable). A Unix socket or CHAP file must lie under --allow-path.", valueName: "host:port"))
+    @Option(name: .customLong("allow-disk-server"), help: ArgumentHelp("A server (NBD, iSCSI) API clients' network disks may be on, HOST[:PORT]; without a port, 10809 and 3260 (repeatable). A Unix socket, CHAP file or TLS certificates directory must lie under --allow-path.", valueName: "host:port"))
     var allowDiskServer: [String] = []
 
     @Flag(name: .customLong("allow-unconfined"), help: "Let API clients start VMs without the jail or seccomp (no_jail, no_seccomp).")

@@ -10,12 +10,14 @@ final class NBDServer: @unchecked Sendable {
 
     /// `shared`: the image is opened without QEMU's lock, so a second server can serve it too
     /// (two paths to one export).
-    init(image: String, socket: String, export: String = "exp", shared: Bool = false) throws {
+    /// `tls`: a directory with ca-cert.pem, server-cert.pem and server-key.pem; the server then
+    /// talks only TLS and wants a client certificate from that CA.
+    init(image: String, socket: String, export: String = "exp", shared: Bool = false, tls: String? = nil) throws {
         self.socket = socket
         port = nil
         host = ""
         unlink(socket)
-        process = RunningProcess(["qemu-nbd", "-k", socket] + Self.arguments(image: image, export: export, shared: shared))
+        process = RunningProcess(["qemu-nbd", "-k", socket] + Self.arguments(image: image, export: export, shared: shared, tls: tls))
         let deadline = Date().addingTimeInterval(10)
         while !FileManager.default.fileExists(atPath: socket) {
             guard Date() < deadline, !process.hasExited else { throw HarnessError("qemu-nbd did not start: \(process.stderr)") }
@@ -27,11 +29,12 @@ final class NBDServer: @unchecked Sendable {
 
     /// On `host`:`port`: 127.0.0.1 (loopback only), or an address in a network namespace the
     /// test made (`namespace`).
-    init(image: String, port: UInt16, host: String = "127.0.0.1", namespace: String? = nil, export: String = "exp", shared: Bool = false) throws {
+    init(image: String, port: UInt16, host: String = "127.0.0.1", namespace: String? = nil, export: String = "exp", shared: Bool = false,
+         tls: String? = nil) throws {
         socket = ""
         self.port = port
         self.host = host
-        let command = ["qemu-nbd", "-b", host, "-p", String(port)] + Self.arguments(image: image, export: export, shared: shared)
+        let command = ["qemu-nbd", "-b", host, "-p", String(port)] + Self.arguments(image: image, export: export, shared: shared, tls: tls)
         process = RunningProcess(namespace.map { ["ip", "netns", "exec", $0] } .map { $0 + command } ?? command)
         let deadline = Date().addingTimeInterval(10)
         func listening() -> Bool {
@@ -44,10 +47,11 @@ final class NBDServer: @unchecked Sendable {
         }
     }
 
-    private static func arguments(image: String, export: String, shared: Bool) -> [String] {
+    private static func arguments(image: String, export: String, shared: Bool, tls: String?) -> [String] {
         let source = shared ? ["--image-opts", "driver=raw,file.driver=file,file.filename=\(image),file.locking=off"] : ["-f", "raw", image]
+        let encrypted = tls.map { ["--object", "tls-creds-x509,id=tls0,endpoint=server,dir=\($0),verify-peer=yes", "--tls-creds", "tls0"] } ?? []
         // -e 4: a few clients at once (qemu-nbd's default is one; a second then waits unanswered).
-        return ["-x", export, "--persistent", "-e", "4"] + source
+        return ["-x", export, "--persistent", "-e", "4"] + encrypted + source
     }
 
     /// Whether something listens on 127.0.0.1:`port`.
@@ -257,7 +261,112 @@ final class NBDServer: @unchecked Sendable {
         }
     }
 
-    @Test("the REST API takes network disks where the server allows them: an NBD server `vireo serve --allow-disk-server` names is attached; another server, a Unix socket outside --allow-path and a CHAP file outside it are refused naming the flag, and the VM is unchanged")
+    /// A CA, a server certificate for localhost and 127.0.0.1, a client certificate, and a second
+    /// CA that signed neither; in the directories qemu-nbd and Vireo read (`server`, `client`,
+    /// `client-without-certificate`, `other-ca`).
+    static func makeCertificates(in directory: URL) throws {
+        let base = directory.path
+        func openssl(_ arguments: [String]) throws {
+            let made = Harness.run(["openssl"] + arguments)
+            guard made.status == 0 else { throw HarnessError("openssl \(arguments.prefix(2)): \(made.stderr)") }
+        }
+        for sub in ["server", "client", "client-without-certificate", "other-ca"] {
+            try FileManager.default.createDirectory(atPath: "\(base)/\(sub)", withIntermediateDirectories: true)
+        }
+        let key = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+        try openssl(["req", "-x509"] + key + ["-keyout", "\(base)/ca-key.pem", "-out", "\(base)/ca-cert.pem", "-days", "2", "-subj", "/CN=Vireo test CA"])
+        try openssl(["req", "-x509"] + key + ["-keyout", "\(base)/other-ca/ca-key.pem", "-out", "\(base)/other-ca/ca-cert.pem", "-days", "2", "-subj", "/CN=Another CA"])
+        for (name, subject, extensions) in [("server", "/CN=localhost", "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n"),
+                                            ("client", "/CN=vireo-client", "extendedKeyUsage=clientAuth\n")] {
+            try openssl(["req"] + key + ["-keyout", "\(base)/\(name)/\(name)-key.pem", "-out", "\(base)/\(name).csr", "-subj", subject])
+            try extensions.write(toFile: "\(base)/\(name).ext", atomically: true, encoding: .utf8)
+            try openssl(["x509", "-req", "-in", "\(base)/\(name).csr", "-CA", "\(base)/ca-cert.pem", "-CAkey", "\(base)/ca-key.pem", "-CAcreateserial",
+                         "-out", "\(base)/\(name)/\(name)-cert.pem", "-days", "2", "-extfile", "\(base)/\(name).ext"])
+        }
+        for sub in ["server", "client", "client-without-certificate"] {
+            try FileManager.default.copyItem(atPath: "\(base)/ca-cert.pem", toPath: "\(base)/\(sub)/ca-cert.pem")
+        }
+    }
+
+    @Test("NBD over TLS (nbds://, GnuTLS against qemu-nbd's TLS with client certificates): a probe's writes land on the export over TCP and over a Unix socket; a jailed library VM keeps writing across the server's restart, the handshake done again inside the jail; a pool lists the exports over TLS; a server certificate from another CA or for another name, a missing client certificate, TLS asked of a plain server or refused by a TLS one, and a missing certificates directory are refused naming why")
+    func nbdOverTLS() throws {
+        try Harness.requireKVM()
+        let directory = try Harness.temporaryDirectory()
+        try Self.makeCertificates(in: directory)
+        let certificates = directory.path
+        let image = directory.appendingPathComponent("export.raw").path
+        #expect(Harness.run(["truncate", "-s", "32M", image]).status == 0)
+        let probe = try Harness.probe("pvh")
+        let port = NBDServer.freePort()
+        var server: NBDServer? = try NBDServer(image: image, port: port, shared: true, tls: "\(certificates)/server")
+        let uri = "nbds://127.0.0.1:\(port)/exp?tls-certificates=\(certificates)/client"
+
+        // Over TCP, the server's name checked against its certificate (127.0.0.1 and localhost).
+        for (address, seed) in [(uri, 81), ("nbds://localhost:\(port)/exp?tls-certificates=\(certificates)/client", 82)] {
+            let written = Harness.vireoRun(["--kernel", probe, "--memory", "64M", "--cmdline", "probe=blk sector=1000 seed=\(seed) split=1", "--disk", address])
+            #expect(written.stdout.contains("write_status=0 flush_status=0 read_status=0 match=1 beyond_end_status=1"), "\(address): \(written.stdout) \(written.stderr)")
+            #expect(Array(try Data(contentsOf: URL(fileURLWithPath: image))[512_000..<516_096]) == BlockDeviceTests.written(seed: seed), "\(address): the write is not on the export")
+        }
+        // Over a Unix socket: the chain is checked (a socket has no host name to match).
+        let socket = directory.appendingPathComponent("tls.sock").path
+        let unixServer = try NBDServer(image: image, socket: socket, shared: true, tls: "\(certificates)/server")
+        let unixURI = "nbds+unix:///exp?socket=\(socket)&tls-certificates=\(certificates)/client"
+        let overUnix = Harness.vireoRun(["--kernel", probe, "--memory", "64M", "--cmdline", "probe=blk sector=1000 seed=83 split=1", "--disk", unixURI])
+        #expect(overUnix.stdout.contains("read_status=0 match=1"), "\(overUnix.stdout) \(overUnix.stderr)")
+        #expect(Array(try Data(contentsOf: URL(fileURLWithPath: image))[512_000..<516_096]) == BlockDeviceTests.written(seed: 83), "the write over the socket is not on the export")
+
+        // Refusals, each before the guest runs.
+        let plainSocket = directory.appendingPathComponent("plain.sock").path
+        let plain = try NBDServer(image: image, socket: plainSocket, shared: true)
+        let refusals: [(String, String)] = [
+            ("nbds://127.0.0.1:\(port)/exp?tls-certificates=\(certificates)/other-ca", "the server's certificate was refused: The certificate is NOT trusted. The certificate issuer is unknown."),
+            ("\(uri)&tls-hostname=elsewhere.example", "The name in the certificate does not match the expected."),
+            ("nbds://127.0.0.1:\(port)/exp?tls-certificates=\(certificates)/client-without-certificate",
+             "the server closed the connection after the TLS handshake; if it checks clients' certificates, put client-cert.pem and client-key.pem"),
+            ("nbd://127.0.0.1:\(port)/exp", "the server requires TLS; name it with nbds://"),
+            ("nbds+unix:///exp?socket=\(plainSocket)&tls-certificates=\(certificates)/client", "the server does not offer TLS"),
+            ("nbds://127.0.0.1:\(port)/exp?tls-certificates=\(certificates)/absent", "the TLS certificates directory \(certificates)/absent does not exist"),
+            ("nbd://127.0.0.1:\(port)/exp?tls-certificates=\(certificates)/client", "sets tls-certificates on a plain NBD address; TLS needs nbds://"),
+            ("nbds://127.0.0.1:\(port)/exp?tls-certificates=relative", "needs an absolute tls-certificates directory"),
+        ]
+        for (disk, reason) in refusals {
+            let refused = Harness.vireoRun(["--kernel", probe, "--memory", "64M", "--cmdline", "probe=blk", "--disk", disk])
+            #expect(refused.status != 0 && refused.stderr.contains(reason), "\(disk): \(refused.stderr)")
+            #expect(!refused.stdout.contains("blk: dev=0 capacity"), "\(disk): the guest ran")
+        }
+        plain.kill()
+        unixServer.kill()
+
+        // A jailed library VM: the credentials are read before the jail, every handshake (the
+        // first, and the one after the server comes back) happens inside it.
+        let library = try TestLibrary()
+        #expect(library.vireo("create", "tls", "--kernel", probe, "--memory", "64M", "--no-disk", "--no-nic",
+                              "--cmdline", "console=ttyS0 probe=blkloop count=100000000").status == 0)
+        let attached = library.vireo("disk", "attach", "tls", uri)
+        #expect(attached.status == 0, "\(attached.stderr)")
+        #expect(library.vireo("start", "tls").status == 0)
+        #expect(library.waitFor(30) { library.consoleLog("tls").contains("blkloop: flushed 80") }, "\(library.consoleLog("tls").suffix(500)) \(library.vmmLog("tls"))")
+        #expect(library.vmmLog("tls").contains("seccomp=on"), "\(library.vmmLog("tls"))")
+        server?.kill()
+        #expect(library.waitFor(30) { library.vmmLog("tls").contains("failed during") }, "\(library.vmmLog("tls"))")
+        server = try NBDServer(image: image, port: port, shared: true, tls: "\(certificates)/server")
+        #expect(library.waitFor(30) { library.vmmLog("tls").contains("connected again through \(uri)") }, "\(library.vmmLog("tls"))")
+        let flushed = library.consoleLog("tls").components(separatedBy: "blkloop: flushed").count
+        #expect(library.waitFor(30) { library.consoleLog("tls").components(separatedBy: "blkloop: flushed").count > flushed + 10 },
+                "the guest's writes stopped after the reconnection: \(library.consoleLog("tls").suffix(300))")
+        #expect(!library.consoleLog("tls").contains("failed"), "\(library.consoleLog("tls").suffix(300))")
+        #expect(library.vireo("stop", "tls", "--force").status == 0)
+        #expect(try Self.missingBlocks(image, count: 80).isEmpty, "the library VM's first 80 blocks are not on the export")
+
+        // A pool on the TLS server lists its exports through the same handshake.
+        let pool = library.vireo("pool", "create", "secure", "--type", "nbd", "nbds://127.0.0.1:\(port)?tls-certificates=\(certificates)/client")
+        #expect(pool.status == 0, "\(pool.stderr)")
+        let listed = library.vireo("pool", "info", "secure").stdout
+        #expect(listed.contains("Volume:   exp (raw, 32 MiB)"), "\(listed)")
+        withExtendedLifetime(server) {}
+    }
+
+    @Test("the REST API takes network disks where the server allows them: an NBD server `vireo serve --allow-disk-server` names is attached; another server, a Unix socket outside --allow-path and a CHAP file or TLS certificates directory outside it are refused naming the flag, and the VM is unchanged")
     func networkDisksThroughTheAPI() throws {
         let directory = try Harness.temporaryDirectory()
         let image = directory.appendingPathComponent("export.raw").path
@@ -276,6 +385,7 @@ final class NBDServer: @unchecked Sendable {
             ("nbd://127.0.0.1:\(other)/exp", "start `vireo serve` with --allow-disk-server 127.0.0.1:\(other)"),
             (hidden.uri(), "is outside what this server lets API clients name"),
             ("iscsi://127.0.0.1:\(port)/iqn.2026-12.dev.vireo.test:disk/1?chap=/etc/shadow", "/etc/shadow is outside what this server lets API clients name"),
+            ("nbds://127.0.0.1:\(port)/exp?tls-certificates=/etc/ssl/private", "/etc/ssl/private is outside what this server lets API clients name"),
             ("nbd://127.0.0.1:\(port)/exp|", "is not an NBD address"),
         ]
         for (path, reason) in refusals {

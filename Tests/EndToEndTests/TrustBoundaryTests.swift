@@ -306,7 +306,7 @@ struct TrustBoundaryTests {
         s.close()
         """
 
-    @Test("a migration offer is held to the receiver's policy: a file memory backing, a shared disk outside the library and --allow-disks or in another VM of the library, a host tap or bridge or network namespace, a real-time priority without --allow-rt, a shared host directory are refused with the reason and nothing is created; an acceptable one is decoded by a VMM that is already confined")
+    @Test("a migration offer is held to the receiver's policy: a file memory backing, a shared disk outside the library and --allow-disks or in another VM of the library, a shared NBD disk whose TLS certificates lie outside them, a host tap or bridge or network namespace, a real-time priority without --allow-rt, a shared host directory are refused with the reason and nothing is created; an acceptable one is decoded by a VMM that is already confined")
     func migrationOfferPolicy() throws {
         let library = try TestLibrary()
         let work = library.root.deletingLastPathComponent()
@@ -324,17 +324,21 @@ struct TrustBoundaryTests {
         #expect(neighbour.status == 0, "\(neighbour.stderr)")
         let neighbourPath = library.root.appendingPathComponent("neighbour/disk0.qcow2").path
         let neighbourDisk = "[{\"path\": \"\(neighbourPath)\", \"format\": \"qcow2\", \"virtualSize\": \(16 << 20), \"readOnly\": false}]"
-        let cases: [(name: String, disks: String, change: String, reason: String)] = [
-            ("memory file", "[]", "{\"memoryBacking\": {\"file\": \"\(planted)\", \"shared\": true}}", "memory"),
-            ("disk outside", outsideDisk, "{}", "--allow-disks"),
-            ("another VM's disk", neighbourDisk, "{}", "VM 'neighbour'"),
-            ("host tap", "[]", "{\"networks\": [{\"attachment\": \"tap:vt0000000a0\", \"mac\": \"52:54:00:aa:bb:01\"}]}", "tap:vt0000000a0"),
-            ("host namespace", "[]", "{\"networks\": [{\"attachment\": \"netns:/run/netns/theirs\", \"mac\": \"52:54:00:aa:bb:02\"}]}", "netns:/run/netns/theirs, a host interface or namespace"),
-            ("real-time", "[]", "{\"resources\": {\"rtPriority\": 50}}", "--allow-rt"),
-            ("shared folder", "[]", "{\"shares\": [{\"tag\": \"etc\", \"path\": \"/etc\", \"readOnly\": false}]}", "a migrated VM brings no shared folders"),
+        // A shared NBD disk on a server the receiver allows, whose TLS client certificates
+        // directory it does not: root would present that key to the server.
+        let tlsDisk = "[{\"path\": \"nbds://127.0.0.1:10809/exp?tls-certificates=/etc/ssl/private\", \"format\": \"raw\", \"virtualSize\": \(16 << 20), \"readOnly\": false}]"
+        let cases: [(name: String, disks: String, change: String, reason: String, receiving: [String])] = [
+            ("memory file", "[]", "{\"memoryBacking\": {\"file\": \"\(planted)\", \"shared\": true}}", "memory", []),
+            ("disk outside", outsideDisk, "{}", "--allow-disks", []),
+            ("another VM's disk", neighbourDisk, "{}", "VM 'neighbour'", []),
+            ("TLS certificates outside", tlsDisk, "{}", "the shared network disk's credentials /etc/ssl/private are outside", ["--allow-disk-server", "127.0.0.1:10809"]),
+            ("host tap", "[]", "{\"networks\": [{\"attachment\": \"tap:vt0000000a0\", \"mac\": \"52:54:00:aa:bb:01\"}]}", "tap:vt0000000a0", []),
+            ("host namespace", "[]", "{\"networks\": [{\"attachment\": \"netns:/run/netns/theirs\", \"mac\": \"52:54:00:aa:bb:02\"}]}", "netns:/run/netns/theirs, a host interface or namespace", []),
+            ("real-time", "[]", "{\"resources\": {\"rtPriority\": 50}}", "--allow-rt", []),
+            ("shared folder", "[]", "{\"shares\": [{\"tag\": \"etc\", \"path\": \"/etc\", \"readOnly\": false}]}", "a migrated VM brings no shared folders", []),
         ]
         for entry in cases {
-            let receiver = RunningProcess([Harness.vireo, "receive", "--listen", "127.0.0.1:0"], environment: ["VIREO_HOME": library.root.path])
+            let receiver = RunningProcess([Harness.vireo, "receive", "--listen", "127.0.0.1:0"] + entry.receiving, environment: ["VIREO_HOME": library.root.path])
             defer { receiver.signal(SIGKILL); _ = receiver.wait(timeout: 5) }
             #expect(receiver.waitForOutput("On the source", timeout: 20), "\(receiver.stderr)")
             let lines = receiver.stdout.split(separator: "\n")

@@ -38,4 +38,18 @@ int vireo_iscsi_flush(void *path, int lun, char *error, size_t size);
 int vireo_iscsi_unmap(void *path, int lun, unsigned long long lba, unsigned int blocks, char *error, size_t size);
 void vireo_iscsi_close(void *path, int logout);
 
+// TLS client sessions through GnuTLS, loaded on first use (tls.c), for NBD disks (`nbds://`).
+// Credentials: the CA certificates from `ca_file` (NULL: the system's trust store) and, when both
+// are given, a client certificate and key; NULL on failure, with `error` filled.
+void *vireo_tls_credentials(const char *ca_file, const char *cert_file, const char *key_file, char *error, size_t size);
+void vireo_tls_credentials_free(void *credentials);
+// A client session over the connected socket `fd`, its handshake done and the server's
+// certificate checked (against `hostname` too unless NULL; sent as SNI if `send_server_name`).
+void *vireo_tls_session(void *credentials, int fd, const char *hostname, int send_server_name, char *error, size_t size);
+// Bytes moved (> 0), 0 when the server closed the connection, -1 on failure (`error` filled).
+long vireo_tls_send(void *session, const void *data, size_t length, char *error, size_t size);
+long vireo_tls_recv(void *session, void *data, size_t length, char *error, size_t size);
+// Ends the session (`notify`: sends close_notify first) and frees it; the socket stays open.
+void vireo_tls_close(void *session, int notify);
+
 #endif

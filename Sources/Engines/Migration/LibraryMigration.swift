@@ -389,7 +389,8 @@ public struct ReceivePolicy: Sendable {
     /// Whether an offered real-time vCPU priority is taken.
     public var allowRealTime = false
     /// Servers a shared network disk may be on (`--allow-disk-server HOST[:PORT]`). A Unix
-    /// socket's path, and an iSCSI path's CHAP file, must lie in `allowedDiskDirectories` instead.
+    /// socket's path, and a path's credentials (an iSCSI CHAP file, an `nbds` certificates
+    /// directory), must lie in `allowedDiskDirectories` instead.
     public private(set) var allowedDiskServers: [TCPEndpoint] = []
     /// The receiving library's shared pools: a disk one of them holds is allowed as if its place
     /// were named with --allow-disks or --allow-disk-server (docs/storage-pools.md).
@@ -409,25 +410,33 @@ public struct ReceivePolicy: Sendable {
     /// Refuses a shared network disk whose path the receiver did not allow: the peer names the
     /// address, and root connects to it and speaks NBD or iSCSI there (a Unix socket of some
     /// other service, or a host inside this network, would otherwise be the peer's to pick), and
-    /// reads an iSCSI path's CHAP file and sends its secret there.
+    /// reads a path's credentials (an iSCSI CHAP file, TLS client certificates) and presents them
+    /// there.
     private func checkNetworkDisk(_ path: String, disk index: Int) throws(LibraryError) {
         let endpoints: [NetworkDisk.Endpoint]
         do { endpoints = try NetworkDisk.endpoints(path) } catch { throw .invalidValue(field: "disk \(index)", reason: error.description) }
         for endpoint in endpoints {
             switch endpoint {
-            case let .unix(socket):
+            case let .unix(socket, credentials):
                 guard HostPath.isInside(socket, anyOf: allowedDiskDirectories) else {
                     throw .invalidValue(field: "disk \(index)", reason: "the shared NBD disk's socket \(socket.prefix(200)) is outside \(allowedDiskDirectories.isEmpty ? "any allowed directory" : allowedDiskDirectories.joined(separator: ", ")); start `vireo receive` with --allow-disks DIR for the socket's directory, or migrate with --copy-disks")
                 }
-            case let .tcp(host, port, secretFile):
+                try checkCredentials(credentials, disk: index)
+            case let .tcp(host, port, credentials):
                 guard TCPEndpoint.allows(allowedDiskServers, host: host, port: port) else {
                     throw .invalidValue(field: "disk \(index)", reason: "the shared network disk is on \(host.prefix(200)):\(port), a server this host was not told to use; start `vireo receive` with --allow-disk-server \(host.prefix(200)):\(port), or migrate with --copy-disks")
                 }
-                if let secretFile, !HostPath.isInside(secretFile, anyOf: allowedDiskDirectories) {
-                    throw .invalidValue(field: "disk \(index)", reason: "the shared iSCSI disk's CHAP file \(secretFile.prefix(200)) is outside \(allowedDiskDirectories.isEmpty ? "any allowed directory" : allowedDiskDirectories.joined(separator: ", ")); start `vireo receive` with --allow-disks DIR for its directory")
-                }
+                try checkCredentials(credentials, disk: index)
             }
         }
+    }
+
+    /// A network disk's credentials (an iSCSI CHAP file, an `nbds` path's TLS certificates
+    /// directory): root reads them and presents them to the server, so they too must lie where
+    /// this host allows disks.
+    private func checkCredentials(_ credentials: String?, disk index: Int) throws(LibraryError) {
+        guard let credentials, !HostPath.isInside(credentials, anyOf: allowedDiskDirectories) else { return }
+        throw .invalidValue(field: "disk \(index)", reason: "the shared network disk's credentials \(credentials.prefix(200)) are outside \(allowedDiskDirectories.isEmpty ? "any allowed directory" : allowedDiskDirectories.joined(separator: ", ")); start `vireo receive` with --allow-disks DIR for their directory")
     }
 
     /// How long a connection has to send its hello, and the source its offer.
