@@ -26,6 +26,9 @@ public protocol DiskImage: AnyObject, Sendable {
     func info() throws(DiskImageError) -> DiskInfo
     /// Grows the image to `size` bytes; shrinking is refused (it would destroy data).
     func resize(to size: UInt64) throws(DiskImageError)
+    /// Whether the range is known to read as zeros without reading it (an NBD server's
+    /// BLOCK_STATUS), so a copy may skip it; false when not known.
+    func readsAsZeroes(at offset: UInt64, length: UInt64) -> Bool
 }
 
 public struct DiskInfo: Sendable, Equatable, Codable {
@@ -56,6 +59,8 @@ public struct SnapshotInfo: Sendable, Equatable, Codable {
 }
 
 extension DiskImage {
+    public func readsAsZeroes(at offset: UInt64, length: UInt64) -> Bool { false }
+
     public func discard(at offset: UInt64, length: UInt64) throws(DiskImageError) {
         try writeZeroes(at: offset, length: length)
     }

@@ -306,6 +306,9 @@ final class NBDConnection: @unchecked Sendable {
     let size: UInt64
     let flags: UInt16
     let structured: Bool
+    /// The server's id for the `base:allocation` metadata context: NBD_CMD_BLOCK_STATUS works
+    /// (nil: the server does not offer it).
+    let allocationContext: UInt32?
     private var cookie: UInt64 = 0
 
     enum Magic {
@@ -324,7 +327,14 @@ final class NBDConnection: @unchecked Sendable {
     }
     enum Command {
         static let read: UInt16 = 0, write: UInt16 = 1, disconnect: UInt16 = 2, flush: UInt16 = 3, trim: UInt16 = 4, writeZeroes: UInt16 = 6
+        static let blockStatus: UInt16 = 7
     }
+    /// `base:allocation`'s flags for an extent.
+    enum Allocation {
+        static let hole: UInt32 = 1, zero: UInt32 = 2
+    }
+    /// The most extents one BLOCK_STATUS reply may carry.
+    static let maximumExtents = 1 << 16
     /// The most a request carries: servers commonly refuse more than 32 MiB.
     static let maximumRequest = 1 << 20
 
@@ -346,8 +356,23 @@ final class NBDConnection: @unchecked Sendable {
                 throw NBDFailure.connection("unexpected reply \(kind) to NBD_OPT_STRUCTURED_REPLY")
             }
             self.structured = structured
-            // NBD_OPT_GO: the export, no extra information asked for (its size and flags always come).
             let name = Array(address.export.utf8)
+            // NBD_OPT_SET_META_CONTEXT for `base:allocation` (NBD protocol, "Metadata querying"):
+            // which ranges are holes or read as zeros, so a copy need not read them. Only with
+            // structured replies, which carry the answers; a server that declines is still used.
+            var allocationContext: UInt32?
+            if structured {
+                let query = Array("base:allocation".utf8)
+                try Self.sendOption(fd, 10, Self.be(UInt32(name.count)) + name + Self.be(UInt32(1)) + Self.be(UInt32(query.count)) + query)
+                while true {
+                    let (kind, data) = try Self.readOptionReply(fd, option: 10)
+                    if kind == 1 || kind & 0x8000_0000 != 0 { break }
+                    // NBD_REP_META_CONTEXT: the id, then the name it answers for.
+                    if kind == 4, data.count >= 4, Array(data[4...]) == query { allocationContext = Self.u32(data, 0) }
+                }
+            }
+            self.allocationContext = allocationContext
+            // NBD_OPT_GO: the export, no extra information asked for (its size and flags always come).
             try Self.sendOption(fd, 7, Self.be(UInt32(name.count)) + name + Self.be(UInt16(0)))
             var exportSize: UInt64?
             var exportFlags: UInt16 = 0
@@ -409,7 +434,7 @@ final class NBDConnection: @unchecked Sendable {
 
     /// One request: `payload` goes with writes, `into` receives reads (zeroed first: holes).
     func request(_ command: UInt16, offset: UInt64, length: UInt32, payload: UnsafeRawBufferPointer? = nil,
-                 into buffer: UnsafeMutableRawBufferPointer? = nil) throws(NBDFailure) {
+                 into buffer: UnsafeMutableRawBufferPointer? = nil, extents: UnsafeMutablePointer<[(length: UInt32, flags: UInt32)]>? = nil) throws(NBDFailure) {
         cookie &+= 1
         let fd = wire
         let header = Self.be(Magic.request) + Self.be(UInt16(0)) + Self.be(command) + Self.be(cookie) + Self.be(offset) + Self.be(length)
@@ -421,6 +446,7 @@ final class NBDConnection: @unchecked Sendable {
             guard try Self.readU64(fd) == cookie else { throw NBDFailure.connection("a reply to a request never sent") }
             // NBD's error numbers are errno values; a server may send any 32 bits.
             if error != 0 { throw NBDFailure.server("the server answered error \(error)" + (error < 256 ? " (\(String(cString: strerror(Int32(error)))))" : "")) }
+            guard command != Command.blockStatus else { throw NBDFailure.connection("block status answered without extents") }
             if command == Command.read, let buffer, let base = buffer.baseAddress { try Self.read(fd, base, Int(length)) }
             return
         }
@@ -450,6 +476,26 @@ final class NBDConnection: @unchecked Sendable {
                     throw NBDFailure.connection("a chunk for bytes \(at)+\(count), outside the request \(offset)+\(length)")
                 }
                 if type == 1 { try Self.read(fd, base + Int(at - offset), count) }
+            case 5:   // NBD_REPLY_TYPE_BLOCK_STATUS: the context's id, then (length, flags) pairs
+                guard command == Command.blockStatus, let extents, let context = allocationContext else {
+                    throw NBDFailure.connection("block status in the reply to a request that asked none")
+                }
+                guard chunkLength >= 12, (chunkLength - 4) % 8 == 0, (chunkLength - 4) / 8 <= Self.maximumExtents else {
+                    throw NBDFailure.connection("a block status chunk of \(chunkLength) bytes")
+                }
+                let data = try Self.readBytes(fd, chunkLength)
+                guard Self.u32(data, 0) == context, extents.pointee.isEmpty else {
+                    throw NBDFailure.connection("block status for a context never asked, or twice")
+                }
+                var covered: UInt64 = 0
+                for at in stride(from: 4, to: chunkLength, by: 8) {
+                    let extentLength = Self.u32(data, at)
+                    // Each extent has a length; only the last may reach past the request.
+                    guard extentLength > 0, covered < UInt64(length) else { throw NBDFailure.connection("a block status extent that is empty or past the request") }
+                    let kept = UInt32(min(UInt64(extentLength), UInt64(length) - covered))
+                    extents.pointee.append((kept, Self.u32(data, at + 4)))
+                    covered += UInt64(kept)
+                }
             default:
                 guard type & 0x8000 != 0, chunkLength >= 6, chunkLength <= 4096 + 14 else {
                     throw NBDFailure.connection("an unknown reply chunk type \(type)")
@@ -462,6 +508,7 @@ final class NBDConnection: @unchecked Sendable {
             if chunkFlags & 1 != 0 { break }
         }
         if let serverError { throw NBDFailure.server(serverError) }
+        if command == Command.blockStatus, extents?.pointee.isEmpty ?? true { throw NBDFailure.connection("block status answered without extents") }
     }
 
     /// The fixed-newstyle greeting: the server's magic and flags, the client's flags.
@@ -660,6 +707,10 @@ public final class NBDImage: DiskImage, MultipathDisk, @unchecked Sendable {
     private let flags: UInt16
     private let tcpSockets: [NBDTCPSocket?]
     private let credentials: [NBDTLSCredentials?]
+    /// What the server last said of a stretch of the export (BLOCK_STATUS, `base:allocation`):
+    /// from `start`, extents in order. Forgotten before every write, so it never outlives the
+    /// contents it describes.
+    private let knownExtents = Mutex<(start: UInt64, extents: [(length: UInt32, flags: UInt32)])>((0, []))
 
     static func say(_ line: String) { NetworkDisk.say(line) }
 
@@ -887,6 +938,46 @@ public final class NBDImage: DiskImage, MultipathDisk, @unchecked Sendable {
         }
     }
 
+    /// Whether the server says every byte of the range reads as zero (BLOCK_STATUS's
+    /// NBD_STATE_ZERO), asked once per stretch of up to 1 GiB and remembered until the next
+    /// write. False when it does not say (no `base:allocation`, an error): the range is read.
+    public func readsAsZeroes(at offset: UInt64, length: UInt64) -> Bool {
+        guard length > 0, offset < virtualSize, length <= virtualSize - offset else { return false }
+        if let known = knownExtents.withLock({ Self.zeroes(in: $0, offset, length) }) { return known }
+        let span = UInt32(min(virtualSize - offset, 1 << 30))
+        var extents: [(length: UInt32, flags: UInt32)] = []
+        do throws(DiskImageError) {
+            try perform("block status") { (connection) throws(NBDFailure) in
+                extents = []
+                guard connection.allocationContext != nil else { return }
+                try connection.request(NBDConnection.Command.blockStatus, offset: offset, length: span, extents: &extents)
+                // Stored under the paths' lock: no write can come between the answer and this.
+                knownExtents.withLock { $0 = (offset, extents) }
+            }
+        } catch {
+            return false
+        }
+        return knownExtents.withLock { Self.zeroes(in: $0, offset, length) } ?? false
+    }
+
+    /// What `known` says of [offset, offset+length): all zeros, not all zeros, or nil when it
+    /// does not cover the range.
+    static func zeroes(in known: (start: UInt64, extents: [(length: UInt32, flags: UInt32)]), _ offset: UInt64, _ length: UInt64) -> Bool? {
+        guard offset >= known.start else { return nil }
+        var position = known.start
+        for extent in known.extents {
+            let end = position + UInt64(extent.length)
+            if end > offset {
+                if extent.flags & NBDConnection.Allocation.zero == 0 { return false }
+                if end >= offset + length { return true }
+            }
+            position = end
+        }
+        return nil
+    }
+
+    private func forgetExtents() { knownExtents.withLock { $0 = (0, []) } }
+
     public func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws(DiskImageError) {
         guard !isReadOnly else { throw .readOnly(path: path) }
         try checkRange(offset, buffer.count)
@@ -894,6 +985,7 @@ public final class NBDImage: DiskImage, MultipathDisk, @unchecked Sendable {
         try inPieces(UInt64(buffer.count)) { (done, count) throws(DiskImageError) in
             let piece = UnsafeRawBufferPointer(start: base + Int(done), count: count)
             try perform("write") { (connection) throws(NBDFailure) in
+                forgetExtents()
                 try connection.request(NBDConnection.Command.write, offset: offset + done, length: UInt32(count), payload: piece)
             }
         }
@@ -912,6 +1004,7 @@ public final class NBDImage: DiskImage, MultipathDisk, @unchecked Sendable {
         try inPieces(length) { (done, count) throws(DiskImageError) in
             guard command else { return try write([UInt8](repeating: 0, count: count), at: offset + done) }
             try perform("write zeroes") { (connection) throws(NBDFailure) in
+                forgetExtents()
                 try connection.request(NBDConnection.Command.writeZeroes, offset: offset + done, length: UInt32(count))
             }
         }
@@ -923,13 +1016,43 @@ public final class NBDImage: DiskImage, MultipathDisk, @unchecked Sendable {
         guard flags & NBDConnection.Flag.sendTrim != 0 else { return }
         try inPieces(length) { (done, count) throws(DiskImageError) in
             try perform("trim") { (connection) throws(NBDFailure) in
+                forgetExtents()
                 try connection.request(NBDConnection.Command.trim, offset: offset + done, length: UInt32(count))
             }
         }
     }
 
+    /// The export's allocated bytes are what the server's BLOCK_STATUS does not call holes; a
+    /// server that does not say counts as fully allocated.
     public func info() throws(DiskImageError) -> DiskInfo {
-        DiskInfo(path: path, format: .raw, virtualSize: virtualSize, allocatedBytes: virtualSize, clusterSize: nil, backingChain: [])
+        DiskInfo(path: path, format: .raw, virtualSize: virtualSize, allocatedBytes: allocatedBytes() ?? virtualSize, clusterSize: nil, backingChain: [])
+    }
+
+    /// The bytes outside holes, asked in stretches of up to 1 GiB (at most 4096 questions); nil
+    /// when the server does not say.
+    private func allocatedBytes() -> UInt64? {
+        var offset: UInt64 = 0
+        var allocated: UInt64 = 0
+        for _ in 0..<4096 {
+            guard offset < virtualSize else { return allocated }
+            var extents: [(length: UInt32, flags: UInt32)] = []
+            let span = UInt32(min(virtualSize - offset, 1 << 30))
+            do throws(DiskImageError) {
+                try perform("block status") { (connection) throws(NBDFailure) in
+                    extents = []
+                    guard connection.allocationContext != nil else { return }
+                    try connection.request(NBDConnection.Command.blockStatus, offset: offset, length: span, extents: &extents)
+                }
+            } catch {
+                return nil
+            }
+            guard !extents.isEmpty else { return nil }
+            for extent in extents {
+                if extent.flags & NBDConnection.Allocation.hole == 0 { allocated += UInt64(extent.length) }
+                offset += UInt64(extent.length)
+            }
+        }
+        return nil
     }
 }
 
@@ -958,12 +1081,17 @@ public enum NBDInspection {
         let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 4096, alignment: 8)
         defer { buffer.deallocate() }
         let requests: [(UInt16, UInt32)] = [(NBDConnection.Command.read, 4096), (NBDConnection.Command.write, 512), (NBDConnection.Command.flush, 0),
-                                            (NBDConnection.Command.writeZeroes, 4096), (NBDConnection.Command.trim, 4096)]
+                                            (NBDConnection.Command.writeZeroes, 4096), (NBDConnection.Command.trim, 4096),
+                                            (NBDConnection.Command.blockStatus, 1 << 20)]
         for (command, length) in requests {
+            let extents = UnsafeMutablePointer<[(length: UInt32, flags: UInt32)]>.allocate(capacity: 1)
+            extents.initialize(to: [])
+            defer { extents.deinitialize(count: 1); extents.deallocate() }
             do throws(NBDFailure) {
                 try connection.request(command, offset: 0, length: length,
                                        payload: command == NBDConnection.Command.write ? UnsafeRawBufferPointer(start: buffer.baseAddress, count: 512) : nil,
-                                       into: command == NBDConnection.Command.read ? buffer : nil)
+                                       into: command == NBDConnection.Command.read ? buffer : nil,
+                                       extents: command == NBDConnection.Command.blockStatus ? extents : nil)
                 operations += 1
             } catch {
                 if case .connection = error { break }
@@ -982,6 +1110,8 @@ public enum NBDInspection {
             C.be(C.Magic.optionReply) + C.be(option) + C.be(kind) + C.be(UInt32(data.count)) + data
         }
         bytes += optionReply(8, 1, [])
+        bytes += optionReply(10, 4, C.be(UInt32(1)) + Array("base:allocation".utf8))
+        bytes += optionReply(10, 1, [])
         bytes += optionReply(7, 3, C.be(UInt16(0)) + C.be(UInt64(1 << 20)) + C.be(UInt16(1 | 4 | 32 | 64)))
         bytes += optionReply(7, 1, [])
         // The read: one data chunk, then a hole, the last chunk done.
@@ -989,6 +1119,9 @@ public enum NBDInspection {
             + [UInt8](repeating: 0x5a, count: 2048)
         bytes += C.be(C.Magic.structuredReply) + C.be(UInt16(1)) + C.be(UInt16(2)) + C.be(UInt64(1)) + C.be(UInt32(12)) + C.be(UInt64(2048)) + C.be(UInt32(2048))
         for cookie in 2...5 { bytes += C.be(C.Magic.simpleReply) + C.be(UInt32(0)) + C.be(UInt64(cookie)) }
+        // The block status: data for 64 KiB, then a hole reading as zeros to the end.
+        bytes += C.be(C.Magic.structuredReply) + C.be(UInt16(1)) + C.be(UInt16(5)) + C.be(UInt64(6)) + C.be(UInt32(4 + 16)) + C.be(UInt32(1))
+            + C.be(UInt32(65536)) + C.be(UInt32(0)) + C.be(UInt32((1 << 20) - 65536)) + C.be(UInt32(3))
         return bytes
     }
 }

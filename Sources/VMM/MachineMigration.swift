@@ -395,6 +395,8 @@ final class OutgoingMigration {
     var logging = false
     var pagesSent: UInt64 = 0
     var diskBytesSent: UInt64 = 0
+    /// Disk bytes not read because the disk's server said they read as zeros.
+    var diskBytesKnownZero: UInt64 = 0
     var throttleThread: HostThread?
     let throttleRunning = Atomic<Bool>(false)
     var maximumThrottle = 0
@@ -623,17 +625,23 @@ final class OutgoingMigration {
         try bitmap.drain(below: chunkCount) { (index) throws(MigrationError) in
             let offset = UInt64(index) * UInt64(chunk)
             let length = Int(min(UInt64(chunk), image.virtualSize - offset))
-            do throws(DiskImageError) {
-                try buffer.withUnsafeMutableBytes { raw in Result { () throws(DiskImageError) in
-                    try image.read(into: UnsafeMutableRawBufferPointer(rebasing: raw[0..<length]), at: offset)
-                } }.get()
-            } catch {
-                throw .refused("reading disk \(image.path) to copy it: \(error)")
+            // A range the disk's server says reads as zeros (NBD's BLOCK_STATUS) is not read.
+            let knownZero = image.readsAsZeroes(at: offset, length: UInt64(length))
+            if knownZero {
+                diskBytesKnownZero += UInt64(length)
+            } else {
+                do throws(DiskImageError) {
+                    try buffer.withUnsafeMutableBytes { raw in Result { () throws(DiskImageError) in
+                        try image.read(into: UnsafeMutableRawBufferPointer(rebasing: raw[0..<length]), at: offset)
+                    } }.get()
+                } catch {
+                    throw .refused("reading disk \(image.path) to copy it: \(error)")
+                }
             }
             var head: [UInt8] = []
             MigrationWire.appendLittleEndian(UInt32(disk), to: &head)
             MigrationWire.appendLittleEndian(offset, to: &head)
-            if buffer.withUnsafeBytes({ vireo_is_zero($0.baseAddress, length) != 0 }) {
+            if knownZero || buffer.withUnsafeBytes({ vireo_is_zero($0.baseAddress, length) != 0 }) {
                 if skipZeroes { return }
                 MigrationWire.appendLittleEndian(UInt64(length), to: &head)
                 try channel.send(.diskZeroes, head)
@@ -787,6 +795,9 @@ final class OutgoingMigration {
                 let outcome = MigrationOutcome(downtimeNanoseconds: downtime, totalNanoseconds: VMMClock.now() - started,
                                                transferredBytes: channel.bytesSent, iterations: iterations,
                                                finalPages: pagesSent - pagesBefore, maximumThrottlePercent: maximumThrottle)
+                if diskBytesKnownZero > 0 {
+                    vmmLog("migration: \(diskBytesKnownZero >> 20) MiB of disk the server reported as zeros were not read")
+                }
                 vmmLog("migrated to \(options.destination): \(iterations) rounds, \(channel.bytesSent >> 20) MiB sent, "
                        + "\(pagesSent - pagesBefore) pages at the switch-over, downtime \(downtime / 1000) us "
                        + "(\((sentAt - stoppedAt) / 1000) us here: last pages sent after \((pagesSentAt - stoppedAt) / 1000) us, state captured in "

@@ -278,6 +278,41 @@ struct MigrationTests {
         #expect(Harness.run(["qemu-img", "check", lab.from.root.appendingPathComponent("writer/disk0.qcow2").path]).status == 0)
     }
 
+    @Test("--copy-disks of a VM on an NBD export: the ranges qemu-nbd's BLOCK_STATUS calls zeros are not read (the source's log says how many MiB), the blocks the guest wrote and the export's own data arrive in the destination's copy; `vireo disk info` gives the export's allocated bytes from the same answers")
+    func copyNetworkDisk() throws {
+        let lab = try MigrationLab()
+        let directory = try Harness.temporaryDirectory()
+        let image = directory.appendingPathComponent("sparse.raw").path
+        #expect(Harness.run(["truncate", "-s", "256M", image]).status == 0)
+        // 3 MiB of data at 100 MiB, the rest of the 256 MiB a hole in the server's file.
+        #expect(Harness.run(["dd", "if=/dev/urandom", "of=\(image)", "bs=1M", "count=3", "seek=100", "conv=notrunc"]).status == 0)
+        let server = try NBDServer(image: image, port: 10809, host: MigrationLab.sourceAddress, namespace: lab.source)
+        let uri = server.uri()
+        let described = lab.atSource("disk", "info", uri)
+        #expect(described.stdout.contains("allocated:     3 MiB (3145728 bytes)"), "\(described.stdout) \(described.stderr)")
+        #expect(lab.atSource("create", "sparse", "--kernel", try Harness.probe("pvh"), "--memory", "64M", "--no-disk",
+                             "--cmdline", "console=ttyS0 probe=blkloop count=100000000").status == 0)
+        #expect(lab.atSource("disk", "attach", "sparse", uri).status == 0)
+        #expect(lab.atSource("start", "sparse").status == 0)
+        #expect(lab.from.waitFor(60) { lab.from.consoleLog("sparse").contains("blkloop: flushed 64") }, "\(lab.from.consoleLog("sparse").suffix(300))")
+
+        let (receiver, endpoint, token) = try lab.receive(["--name", "copied"])
+        let moved = lab.atSource("migrate", "sparse", endpoint, "--token", token, "--copy-disks", timeout: 300)
+        #expect(moved.status == 0, "\(moved.stdout)\(moved.stderr)")
+        #expect(receiver.wait(timeout: 60) == 0, "\(receiver.stderr)")
+        let skippedLine = lab.from.vmmLog("sparse").split(separator: "\n").first { $0.contains("MiB of disk the server reported as zeros were not read") }
+        let skipped = skippedLine.flatMap { Int($0.components(separatedBy: "migration: ").last?.prefix { $0.isNumber } ?? "") } ?? 0
+        #expect(skipped >= 250, "the source read what the server called zeros: \(lab.from.vmmLog("sparse").suffix(600))")
+        #expect(lab.atDestination("stop", "copied", "--force").status == 0)
+        let copy = lab.to.root.appendingPathComponent("copied/disk0.qcow2").path
+        let raw = directory.appendingPathComponent("copied.raw").path
+        #expect(Harness.run(["qemu-img", "convert", "-O", "raw", copy, raw]).status == 0)
+        #expect(try NetworkDiskTests.missingBlocks(raw, count: 64).isEmpty, "the copy lacks blocks the guest wrote")
+        let data = 100 << 20 ..< 103 << 20
+        #expect(try Data(contentsOf: URL(fileURLWithPath: raw))[data] == Data(contentsOf: URL(fileURLWithPath: image))[data], "the copy lacks the export's data")
+        withExtendedLifetime(server) {}
+    }
+
     @Test("the receiver takes hostile input: garbage, another magic and a wrong token are refused and it waits on; a VMM fed a stream with a bad checksum, an unknown message, an oversized one, pages outside guest RAM, a false page count, a damaged state or a sync with a payload fails with the reason (a sync alone is answered), tells the source, and exits")
     func hostileStreams() throws {
         let library = try TestLibrary()
