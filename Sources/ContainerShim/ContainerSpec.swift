@@ -49,6 +49,17 @@ public struct ContainerSpec: Sendable {
     /// wired the pod (CRI, `ctr run --cni` or `--with-ns`). Nil: a namespace of its own, which
     /// has only loopback, as with runc.
     public var networkNamespacePath: String?
+    /// The spec's bind mounts of host files and directories (CRI's /etc/hosts, /etc/hostname,
+    /// /etc/resolv.conf, Kubernetes' volumes, `ctr run --mount`), in the spec's order.
+    public var bindMounts: [BindMount] = []
+
+    /// A host file or directory the container sees at `destination`. The host path cannot reach
+    /// into a VM: its contents are copied into the container's root image at Create.
+    public struct BindMount: Sendable, Equatable {
+        public var source: String
+        public var destination: String
+        public var readOnly: Bool
+    }
 
     public init(data: Data) throws(RPCError) {
         let json: Any
@@ -78,10 +89,27 @@ public struct ContainerSpec: Sendable {
                 throw RPCError(.invalidArgument, "linux.resources.devices allows every device (a privileged container); a Vireo container runs in its own VM and cannot be given the host's devices")
             }
         }
+        for (index, mount) in (spec["mounts"] as? [[String: Any]] ?? []).enumerated() {
+            let options = mount["options"] as? [String] ?? []
+            guard mount["type"] as? String == "bind" || options.contains("bind") || options.contains("rbind") else { continue }
+            let source = mount["source"] as? String ?? "", destination = mount["destination"] as? String ?? ""
+            guard source.hasPrefix("/") else { throw RPCError(.invalidArgument, "mounts[\(index)]: a bind mount's source '\(source.prefix(200))' must be an absolute host path") }
+            guard Self.isPlainPath(destination) else {
+                throw RPCError(.invalidArgument, "mounts[\(index)]: the destination '\(destination.prefix(200))' must be an absolute path without '..', quotes or control characters")
+            }
+            bindMounts.append(BindMount(source: source, destination: destination, readOnly: options.contains("ro")))
+        }
         if let memory = resources["memory"] as? [String: Any], let limit = (memory["limit"] as? NSNumber)?.int64Value, limit > 0 { memoryLimitBytes = limit }
         if let cpu = resources["cpu"] as? [String: Any], let quota = (cpu["quota"] as? NSNumber)?.int64Value, quota > 0 {
             cpuQuota = (quota, (cpu["period"] as? NSNumber)?.uint64Value ?? 100_000)
         }
+    }
+
+    /// A path debugfs can be told in a script line: absolute, at most 1024 bytes, no `..`, no
+    /// quotes, backslashes or control characters.
+    static func isPlainPath(_ path: String) -> Bool {
+        path.hasPrefix("/") && path.utf8.count <= 1024 && !path.split(separator: "/").contains("..")
+            && !path.unicodeScalars.contains { $0.value < 0x20 || $0.value == 0x7f || $0 == "\"" || $0 == "\\" }
     }
 
     /// The VM's size for this container: its memory limit plus the guest's own overhead, its CPU

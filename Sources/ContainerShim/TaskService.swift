@@ -340,15 +340,17 @@ public final class TaskService: AgentEvents, @unchecked Sendable {
             }
         }
         defer { if let mounted { umount2(mounted, Int32(MNT_DETACH)) } }
+        // The spec's bind mounts are copied in after the root's files (BindMountCopy).
+        let binds = try BindMountCopy.plan(spec.bindMounts)
         let sizeArgument: [String]
         if let fixedSize {
-            let used = UInt64(diskUsage(root))
+            let used = UInt64(diskUsage(root) + binds.bytes)
             guard used + 64 << 20 <= fixedSize else {
                 throw RPCError(.failedPrecondition, "the container's files take \(used >> 20) MiB; a pod's spare disk holds \(fixedSize >> 20) MiB (\"podDiskSize\" in the shim's settings)")
             }
             sizeArgument = []
         } else {
-            sizeArgument = ["\(max(64, (diskUsage(root) * 3 / 2) >> 20 + 64))M"]
+            sizeArgument = ["\(max(64, ((diskUsage(root) + binds.bytes) * 3 / 2) >> 20 + 64))M"]
         }
         let mke2fs = Foundation.Process()
         mke2fs.executableURL = URL(fileURLWithPath: "/sbin/mke2fs")
@@ -360,6 +362,7 @@ public final class TaskService: AgentEvents, @unchecked Sendable {
         let text = String(decoding: errors.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
         mke2fs.waitUntilExit()
         guard mke2fs.terminationStatus == 0 else { throw RPCError(.internal, "mke2fs could not make the root file system image: \(text)") }
+        try BindMountCopy.copy(binds.entries, into: image)
     }
 
     /// Writes `source`'s data ranges over `target` (same size) after punching all of `target`

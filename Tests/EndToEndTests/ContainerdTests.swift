@@ -330,7 +330,7 @@ import Glibc
         #expect(images.stdout.isEmpty, "disks left: \(images.stdout)")
     }
 
-    @Test("a pod's network from a real CNI plugin (Debian's bridge and host-local, run as CRI runs them, in namespaces of the test's own): the VM's card takes over the pod's interface with its MAC, the guest has the address the plugin gave, and the container fetches a file from a server on the plugin's bridge")
+    @Test("a pod's network from a real CNI plugin (Debian's bridge and host-local, run as CRI runs them, in namespaces of the test's own): the VM's card takes over the pod's interface with its MAC, the guest has the address the plugin gave, and the container fetches a file from a server on the plugin's bridge, by a name from the /etc/hosts bound into it as CRI binds it (with /etc/resolv.conf and a directory volume, copied into its root)")
     func cniNetwork() throws {
         let lab = try Lab()
         let suffix = String(getpid())
@@ -365,11 +365,27 @@ import Glibc
         defer { kill(server.processIdentifier, SIGKILL); _ = server.wait(timeout: 5) }
         #expect(lab.eventually(20) { Harness.run(["ip", "netns", "exec", outside, "python3", "-c", "import socket; socket.create_connection(('10.89.0.1', 8080), 1)"]).status == 0 })
 
-        let run = lab.ctr(["run", "--runtime", Self.runtime, "--rm", "--with-ns", "network:/run/netns/\(pod)", Self.image, "net",
-                           "sh", "-c", "ip link show dev eth0; ip -4 addr show dev eth0; ip route; wget -qO- http://10.89.0.1:8080/hello.txt"])
+        // The files CRI binds into every container (/etc/hosts, /etc/resolv.conf), read-only,
+        // and a directory volume with a nested file and a link: copied into the container's root.
+        let files = lab.directory.appendingPathComponent("pod-files")
+        try FileManager.default.createDirectory(at: files.appendingPathComponent("volume/nested"), withIntermediateDirectories: true)
+        try Data("127.0.0.1 localhost\n10.89.0.1 web.pod.test\n".utf8).write(to: files.appendingPathComponent("hosts"))
+        try Data("nameserver 10.89.0.1\nsearch pod.test\n".utf8).write(to: files.appendingPathComponent("resolv.conf"))
+        try Data("from-a-volume\n".utf8).write(to: files.appendingPathComponent("volume/nested/data.txt"))
+        #expect(symlink("nested/data.txt", files.appendingPathComponent("volume/link").path) == 0)
+        let run = lab.ctr(["run", "--runtime", Self.runtime, "--rm", "--with-ns", "network:/run/netns/\(pod)",
+                           "--mount", "type=bind,src=\(files.path)/hosts,dst=/etc/hosts,options=rbind:ro",
+                           "--mount", "type=bind,src=\(files.path)/resolv.conf,dst=/etc/resolv.conf,options=rbind:ro",
+                           "--mount", "type=bind,src=\(files.path)/volume,dst=/srv/volume,options=rbind:rw",
+                           Self.image, "net",
+                           "sh", "-c", "ip link show dev eth0; ip -4 addr show dev eth0; ip route; cat /etc/resolv.conf /srv/volume/link; "
+                               + "ls -l /etc/hosts; wget -qO- http://web.pod.test:8080/hello.txt"])
         #expect(run.status == 0, "\(run.stdout) \(run.stderr)")
         #expect(run.stdout.contains("link/ether \(podMAC) "), "the guest's card has the pod interface's MAC \(podMAC): \(run.stdout)")
         #expect(run.stdout.contains("inet \(given)") && run.stdout.contains("default via 10.89.0.1"), "\(run.stdout)")
+        #expect(run.stdout.contains("nameserver 10.89.0.1\nsearch pod.test\nfrom-a-volume\n"), "the bound files are not in the container: \(run.stdout)")
+        #expect(run.stdout.contains("-r--r--r--"), "a read-only bind keeps its write bits: \(run.stdout)")
+        // The name comes from the bound /etc/hosts.
         #expect(run.stdout.hasSuffix("from-the-cni-bridge\n"), "\(run.stdout) \(run.stderr)")
         #expect(lab.eventually(10) { lab.vmNames.isEmpty && lab.shimProcesses.isEmpty }, "VMs \(lab.vmNames), shims \(lab.shimProcesses)")
         // The pod's namespace keeps its interface and the plugin's address (its record of the pod).

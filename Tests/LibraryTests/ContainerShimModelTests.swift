@@ -40,6 +40,68 @@ struct ContainerShimModelTests {
         _ = try ContainerSpec(data: Self.spec(devices: #"[{"allow": false, "access": "rwm"}, {"allow": true, "type": "c", "major": 1, "minor": 3, "access": "rwm"}]"#))
     }
 
+    @Test("bind mounts: a spec's binds are taken in order (proc and tmpfs mounts are the agent's), a relative source or a destination with '..' or quotes is refused naming the mount; the copy puts files, a tree with a link and read-only bits into an ext4 image, replacing a link the image had, and a source that does not exist is refused")
+    func bindMounts() throws {
+        func withMounts(_ mounts: String) -> Data {
+            Data(#"{"process": {"args": ["sh"]}, "mounts": \#(mounts), "linux": {"namespaces": [{"type": "pid"}, {"type": "network"}]}}"#.utf8)
+        }
+        let directory = FileManager.default.temporaryDirectory.appendingPathComponent("binds-\(UUID().uuidString)")
+        defer { try? FileManager.default.removeItem(at: directory) }
+        try FileManager.default.createDirectory(at: directory.appendingPathComponent("volume/inner"), withIntermediateDirectories: true)
+        try FileManager.default.createDirectory(at: directory.appendingPathComponent("root/etc"), withIntermediateDirectories: true)
+        try Data("nameserver 192.0.2.53\n".utf8).write(to: directory.appendingPathComponent("resolv.conf"))
+        try Data("deep\n".utf8).write(to: directory.appendingPathComponent("volume/inner/file"))
+        #expect(symlink("inner/file", directory.appendingPathComponent("volume/shortcut").path) == 0)
+        // The image's own /etc/resolv.conf is a link out of it (as systemd-resolved's is).
+        #expect(symlink("/run/systemd/resolve/stub-resolv.conf", directory.appendingPathComponent("root/etc/resolv.conf").path) == 0)
+        let base = directory.path
+        let spec = try ContainerSpec(data: withMounts(#"""
+            [{"destination": "/proc", "type": "proc", "source": "proc"},
+             {"destination": "/etc/resolv.conf", "type": "bind", "source": "\#(base)/resolv.conf", "options": ["rbind", "ro"]},
+             {"destination": "/data/volume", "source": "\#(base)/volume", "options": ["rbind", "rw"]}]
+            """#))
+        #expect(spec.bindMounts == [.init(source: "\(base)/resolv.conf", destination: "/etc/resolv.conf", readOnly: true),
+                                    .init(source: "\(base)/volume", destination: "/data/volume", readOnly: false)])
+        for (mounts, words) in [(#"[{"destination": "/x", "type": "bind", "source": "relative"}]"#, "mounts[0]: a bind mount's source 'relative' must be an absolute host path"),
+                                (#"[{"destination": "/etc/../x", "type": "bind", "source": "/tmp"}]"#, "mounts[0]: the destination '/etc/../x' must be an absolute path"),
+                                (#"[{"destination": "/proc", "type": "proc"}, {"destination": "/a\"b", "options": ["bind"], "source": "/tmp"}]"#, "mounts[1]: the destination")] {
+            do throws(RPCError) {
+                _ = try ContainerSpec(data: withMounts(mounts))
+                Issue.record("\(mounts) must be refused")
+            } catch {
+                #expect(error.message.contains(words) && error.code == .invalidArgument, "\(error.message)")
+            }
+        }
+        func run(_ arguments: [String]) -> (status: Int32, stdout: String) {
+            let process = Process()
+            process.executableURL = URL(fileURLWithPath: arguments[0])
+            process.arguments = Array(arguments.dropFirst())
+            let output = Pipe()
+            process.standardOutput = output
+            process.standardError = FileHandle.nullDevice
+            guard (try? process.run()) != nil else { return (-1, "") }
+            let text = String(decoding: output.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+            process.waitUntilExit()
+            return (process.terminationStatus, text)
+        }
+        let image = directory.appendingPathComponent("root.img").path
+        #expect(run(["/sbin/mke2fs", "-q", "-F", "-t", "ext4", "-d", "\(base)/root", image, "16M"]).status == 0)
+        let plan = try BindMountCopy.plan(spec.bindMounts)
+        try BindMountCopy.copy(plan.entries, into: image)
+        func read(_ path: String) -> String { run(["/sbin/debugfs", "-R", "cat \(path)", image]).stdout }
+        #expect(read("/etc/resolv.conf") == "nameserver 192.0.2.53\n")
+        #expect(read("/data/volume/inner/file") == "deep\n")
+        let listing = run(["/sbin/debugfs", "-R", "ls -l /data/volume", image]).stdout + run(["/sbin/debugfs", "-R", "stat /etc/resolv.conf", image]).stdout
+        #expect(listing.contains("120777") && listing.contains("shortcut"), "the link is not a link: \(listing)")
+        #expect(listing.contains("Mode:  0444"), "the read-only file kept its write bits: \(listing)")
+        do throws(RPCError) {
+            _ = try BindMountCopy.plan([.init(source: "\(base)/absent", destination: "/x", readOnly: false)])
+            Issue.record("a missing source must be refused")
+        } catch {
+            #expect(error.message.contains("\(base)/absent on /x: No such file or directory"), "\(error.message)")
+        }
+    }
+
     @Test("the VM a spec asks for: the quota rounded up to vCPUs and a cap on the engine, the memory limit plus the guest's 64 MiB; the settings' size without limits")
     func machineSize() throws {
         let limited = try ContainerSpec(data: Self.spec(resources: #", "cpu": {"quota": 150000, "period": 100000}, "memory": {"limit": 134217728}"#))
