@@ -25,7 +25,7 @@
     X(iscsi_set_header_digest) X(iscsi_set_initiator_username_pwd) X(iscsi_set_noautoreconnect) \
     X(iscsi_set_timeout) X(iscsi_connect_sync) X(iscsi_login_sync) X(iscsi_logout_sync) X(iscsi_get_error) \
     X(iscsi_testunitready_sync) X(iscsi_readcapacity16_sync) X(iscsi_read16_iov_sync) X(iscsi_write16_iov_sync) \
-    X(iscsi_synchronizecache16_sync) X(iscsi_unmap_sync) X(scsi_datain_unmarshall) X(scsi_free_scsi_task) \
+    X(iscsi_synchronizecache16_sync) X(iscsi_unmap_sync) X(iscsi_reportluns_sync) X(scsi_datain_unmarshall) X(scsi_free_scsi_task) \
     X(scsi_sense_key_str) X(scsi_sense_ascq_str)
 
 static struct {
@@ -176,6 +176,52 @@ int vireo_iscsi_unmap(void *path, int lun, unsigned long long lba, unsigned int 
     struct iscsi_context *iscsi = path;
     struct unmap_list range = { lba, blocks };
     WITH_RETRIES("UNMAP", lib.iscsi_unmap_sync(iscsi, lun, 0, 0, &range, 1), { lib.scsi_free_scsi_task(task); return 0; })
+}
+
+int vireo_iscsi_list_luns(void *path, int *luns, unsigned long long *sizes, int max, char *error, size_t size) {
+    struct iscsi_context *iscsi = path;
+    if (lib.iscsi_login_sync(iscsi) != 0) {
+        const char *why = lib.iscsi_get_error(iscsi);
+        say(error, size, "login refused: %s%s", why, strstr(why, "Authentication") ? " (check the USER:SECRET in the pool's CHAP file)" : "");
+        return -1;
+    }
+    // REPORT LUNS is answered by LUN 0, which every target has (SPC-4); the list is the target's
+    // bytes, read by libiscsi and bounded here.
+    int count = -1;
+    for (int attempt = 0; attempt < 5 && count < 0; attempt++) {
+        struct scsi_task *task = lib.iscsi_reportluns_sync(iscsi, 0, 16384);
+        int result = outcome(iscsi, task, "REPORT LUNS", error, size);
+        if (result == 0) {
+            struct scsi_reportluns_list *list = lib.scsi_datain_unmarshall(task);
+            if (!list) {
+                say(error, size, "REPORT LUNS: the target's answer is malformed");
+                lib.scsi_free_scsi_task(task);
+                return -1;
+            }
+            count = 0;
+            for (uint32_t index = 0; index < list->num && count < max; index++) luns[count++] = list->luns[index];
+        }
+        if (task) lib.scsi_free_scsi_task(task);
+        if (result != 0 && result != 3) return -1;
+    }
+    if (count < 0) return -1;
+    // Each LUN's size; 0 for one that is not a disk (a target's controller LUN has no capacity).
+    for (int index = 0; index < count; index++) {
+        sizes[index] = 0;
+        for (int attempt = 0; attempt < 5; attempt++) {
+            struct scsi_task *task = lib.iscsi_readcapacity16_sync(iscsi, luns[index]);
+            int result = outcome(iscsi, task, "READ CAPACITY(16)", error, size);
+            if (result == 0) {
+                struct scsi_readcapacity16 *capacity = lib.scsi_datain_unmarshall(task);
+                unsigned long long blocks = capacity ? capacity->returned_lba + 1 : 0;
+                if (capacity && blocks <= (~0ULL) / capacity->block_length) sizes[index] = blocks * capacity->block_length;
+            }
+            if (task) lib.scsi_free_scsi_task(task);
+            if (result != 3) break;
+        }
+    }
+    error[0] = 0;
+    return count;
 }
 
 void vireo_iscsi_close(void *path, int logout) {

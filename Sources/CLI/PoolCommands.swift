@@ -102,18 +102,13 @@ struct PoolInfo: ParsableCommand {
         if let target = pool.target { rows.append(["Target:", target]) }
         if let chap = pool.chapFile { rows.append(["CHAP file:", chap]) }
         rows.append(["Shared:", pool.shared ? "yes (migrations may bring disks that lie in it)" : "no"])
-        switch pool.type {
-        case .dir, .block, .nbd:
-            if let error = report.volumesError { rows.append(["Volumes:", "cannot be listed: \(error)"]) } else if report.volumes.isEmpty { rows.append(["Volumes:", "none"]) }
-            for volume in report.volumes {
-                let size = volume.virtualSize.map(Size.describe) ?? "unreadable"
-                rows.append(["Volume:", "\(volume.name.isEmpty ? "(the default export, \"\")" : volume.name) (\(volume.format.rawValue), \(size)" + (volume.allocatedBytes.map { ", \(Size.describe($0)) used" } ?? "") + ")"])
-            }
-            if pool.type == .nbd, !report.volumes.isEmpty {
-                rows.append(["", "attach one by name: `vireo disk attach VM EXPORT --pool \(pool.name)`"])
-            }
-        case .iscsi:
-            rows.append(["Volumes:", "the target's LUNs, by number (`vireo disk attach VM LUN --pool \(pool.name)`)"])
+        if let error = report.volumesError { rows.append(["Volumes:", "cannot be listed: \(error)"]) } else if report.volumes.isEmpty { rows.append(["Volumes:", "none"]) }
+        for volume in report.volumes {
+            let size = volume.virtualSize.map(Size.describe) ?? "unreadable"
+            rows.append(["Volume:", "\(volume.name.isEmpty ? "(the default export, \"\")" : volume.name) (\(volume.format.rawValue), \(size)" + (volume.allocatedBytes.map { ", \(Size.describe($0)) used" } ?? "") + ")"])
+        }
+        if pool.type == .nbd || pool.type == .iscsi, !report.volumes.isEmpty {
+            rows.append(["", "attach one by \(pool.type == .nbd ? "name" : "number"): `vireo disk attach VM \(pool.type == .nbd ? "EXPORT" : "LUN") --pool \(pool.name)`"])
         }
         for user in report.users { rows.append(["Used by:", "\(user["vm"] ?? "") (\(user["disk"] ?? ""))"]) }
         printTable(rows)

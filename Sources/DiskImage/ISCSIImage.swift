@@ -138,6 +138,30 @@ public final class ISCSIImage: DiskImage, MultipathDisk, @unchecked Sendable {
         return "iqn.2026-12.dev.vireo:" + cleaned.prefix(150)
     }
 
+    /// The most LUNs a listing takes from a target.
+    static let maximumListedLUNs = 256
+
+    /// The disks among the LUNs of the target `address` names (its LUN is ignored): each LUN
+    /// REPORT LUNS gives whose READ CAPACITY answers, with its size — an iscsi pool's volumes.
+    /// Logs in with the address's CHAP file, as a disk does, and out again.
+    public static func listLUNs(_ address: ISCSIAddress) throws(DiskImageError) -> [(lun: Int, size: UInt64)] {
+        var error = [CChar](repeating: 0, count: 512)
+        if vireo_iscsi_load(&error, error.count) != 0 { throw .network(path: address.description, reason: NetworkDisk.text(error)) }
+        let credentials = try address.chapFile.map { (file) throws(DiskImageError) in try ISCSICredentials.read(file, disk: address.description) }
+        guard let session = vireo_iscsi_connect(initiatorName, address.target, address.portal, credentials?.user, credentials?.secret,
+                                                10, &error, error.count) else {
+            throw .network(path: address.description, reason: NetworkDisk.text(error))
+        }
+        var luns = [Int32](repeating: 0, count: maximumListedLUNs)
+        var sizes = [UInt64](repeating: 0, count: maximumListedLUNs)
+        let count = vireo_iscsi_list_luns(session, &luns, &sizes, Int32(maximumListedLUNs), &error, error.count)
+        vireo_iscsi_close(session, count >= 0 ? 1 : 0)
+        guard count >= 0 else { throw .network(path: address.description, reason: NetworkDisk.text(error)) }
+        return (0..<Int(count)).compactMap { index in
+            sizes[index] > 0 && luns[index] >= 0 && luns[index] < 16384 ? (Int(luns[index]), sizes[index]) : nil
+        }
+    }
+
     /// Connects every portal it can now; at least one must answer.
     public static func connect(path: String, readOnly: Bool) throws(DiskImageError) -> Connecting {
         let addresses = try ISCSIAddress.paths(path)

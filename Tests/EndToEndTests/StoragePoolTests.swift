@@ -2,7 +2,7 @@ import Foundation
 import Testing
 
 @Suite(.serialized) struct StoragePoolTests {
-    @Test("storage pools: a dir pool makes thin qcow2 volumes (vireo disk create --pool, vireo create --disk --pool) a VM writes to; block, nbd and iscsi pools attach a device, an export and a LUN by name; pool info lists volumes (an NBD server's exports with their sizes, or why they cannot be listed) and users; a pool in use is not deleted and deleting one leaves its volumes; a missing directory, a directory in the library, a non-device, a server that does not answer, an export in an nbd pool's URI, a volume name with a path and a volume of a pool Vireo cannot make are refused naming the field, and nothing is made")
+    @Test("storage pools: a dir pool makes thin qcow2 volumes (vireo disk create --pool, vireo create --disk --pool) a VM writes to; block, nbd and iscsi pools attach a device, an export and a LUN by name; pool info lists volumes (an NBD server's exports and an iSCSI target's disk LUNs with their sizes, or why they cannot be listed) and users; a pool in use is not deleted and deleting one leaves its volumes; a missing directory, a directory in the library, a non-device, a server that does not answer, an export in an nbd pool's URI, a volume name with a path and a volume of a pool Vireo cannot make are refused naming the field, and nothing is made")
     func pools() throws {
         try Harness.requireKVM()
         let directory = try Harness.temporaryDirectory()
@@ -88,6 +88,10 @@ import Testing
         let list = library.vireo("pool", "list").stdout
         #expect(list.contains("san") && list.contains("127.0.0.1:\(target.port) \(ISCSITarget.targetName)") && list.contains("yes"), "\(list)")
         #expect(library.vireo("pool", "info", "exports").stdout.contains("Used by:  many (nbd+unix:///exp?socket=\(server.socket))"), "\(library.vireo("pool", "info", "exports").stdout)")
+        // The target's LUNs that are disks (REPORT LUNS, READ CAPACITY): LUN 1, not the
+        // controller LUN 0 tgtd adds.
+        let san = library.vireo("pool", "info", "san").stdout
+        #expect(san.contains("Volume:   1 (raw, 4 MiB)") && !san.contains("Volume:   0 "), "\(san)")
         // The server's exports, as it lists them (NBD_OPT_LIST), with their sizes (NBD_OPT_INFO).
         #expect(library.vireo("pool", "info", "exports").stdout.contains("Volume:   exp (raw, 8 MiB)"), "\(library.vireo("pool", "info", "exports").stdout)")
         let listed = (try? JSONSerialization.jsonObject(with: Data(library.vireo("pool", "info", "exports", "--json").stdout.utf8))) as? [String: Any]

@@ -36,6 +36,9 @@ int vireo_iscsi_transfer(void *path, int lun, int write, unsigned long long lba,
                          void *buffer, char *error, size_t size);
 int vireo_iscsi_flush(void *path, int lun, char *error, size_t size);
 int vireo_iscsi_unmap(void *path, int lun, unsigned long long lba, unsigned int blocks, char *error, size_t size);
+// Logs in (a path connected for no LUN in particular) and lists the target's LUNs (REPORT LUNS,
+// at most `max`) with each one's size in bytes, 0 for a LUN that is not a disk; -1 on failure.
+int vireo_iscsi_list_luns(void *path, int *luns, unsigned long long *sizes, int max, char *error, size_t size);
 void vireo_iscsi_close(void *path, int logout);
 
 // TLS client sessions through GnuTLS, loaded on first use (tls.c), for NBD disks (`nbds://`).

@@ -274,7 +274,17 @@ public struct StoragePools: Sendable {
                 throw .disk(error)
             }
         case .iscsi:
-            return []
+            // The target's LUNs that are disks (REPORT LUNS, READ CAPACITY), by number.
+            let text = try pool.path(ofVolume: "0")
+            let address: ISCSIAddress
+            do { address = try ISCSIAddress.parse(text) } catch { throw .disk(error) }
+            let luns: [(lun: Int, size: UInt64)]
+            do { luns = try ISCSIImage.listLUNs(address) } catch { throw .disk(error) }
+            var volumes: [Volume] = []
+            for entry in luns {
+                volumes.append(Volume(name: String(entry.lun), path: try pool.path(ofVolume: String(entry.lun)), format: .raw, virtualSize: entry.size, allocatedBytes: nil))
+            }
+            return volumes
         }
     }
 
