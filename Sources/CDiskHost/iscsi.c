@@ -12,7 +12,11 @@
 
 #include <dlfcn.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <pthread.h>
+#include <sys/socket.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
@@ -63,6 +67,30 @@ int vireo_iscsi_load(char *error, size_t size) {
     pthread_once(&load_once, load);
     if (load_error[0]) { say(error, size, "%s", load_error); return -1; }
     return 0;
+}
+
+// A jailed VMM has no network of its own, and its seccomp filters allow socket(2) for AF_UNIX
+// alone, yet libiscsi makes a new TCP socket for every connection. Sockets belong to the network
+// namespace they were made in, so each path keeps one made before the jail (its "template"), and
+// while a path reconnects this thread's socket(2) hands libiscsi a duplicate of it, the old
+// connection on it dissolved first (connect to AF_UNSPEC), instead of making one. The executable
+// exports this definition, so libiscsi, loaded later, binds to it; every other call passes
+// straight to the system call.
+static __thread int adopted_template = -1;
+
+void vireo_iscsi_adopt_socket(int template) { adopted_template = template; }
+
+int socket(int domain, int type, int protocol) {
+    int template = adopted_template;
+    if (template >= 0 && (domain == AF_INET || domain == AF_INET6)) {
+        adopted_template = -1;
+        struct sockaddr unspecified = { .sa_family = AF_UNSPEC };
+        (void)connect(template, &unspecified, sizeof unspecified);
+        int flags = fcntl(template, F_GETFL);
+        if (flags >= 0) (void)fcntl(template, F_SETFL, (type & SOCK_NONBLOCK) ? flags | O_NONBLOCK : flags & ~O_NONBLOCK);
+        return fcntl(template, F_DUPFD_CLOEXEC, 0);
+    }
+    return (int)syscall(SYS_socket, domain, type, protocol);
 }
 
 void *vireo_iscsi_connect(const char *initiator, const char *target, const char *portal, const char *user,

@@ -99,6 +99,10 @@ static scmp_filter_ctx build_filter(const char *const *names, int count, unsigne
     if (rules & VIREO_SECCOMP_SOCKET_UNIX) {
         RULE(seccomp_rule_add(filter, SCMP_ACT_ALLOW, SCMP_SYS(socket), 1, SCMP_A0(SCMP_CMP_EQ, AF_UNIX)), "socket rule");
         RULE(seccomp_rule_add(filter, SCMP_ACT_ALLOW, SCMP_SYS(socketpair), 1, SCMP_A0(SCMP_CMP_EQ, AF_UNIX)), "socketpair rule");
+        // glibc's getaddrinfo (libiscsi's, on a numeric portal, when an iSCSI path reconnects)
+        // asks the routing netlink which address families are configured; refused, it assumes
+        // both. A jailed VMM has no network of its own to learn about.
+        RULE(seccomp_rule_add(filter, SCMP_ACT_ERRNO(EAFNOSUPPORT), SCMP_SYS(socket), 1, SCMP_A0(SCMP_CMP_EQ, AF_NETLINK)), "netlink socket refusal");
     }
     if (rules & VIREO_SECCOMP_CLONE_THREAD) {
         // clone3 takes its flags in memory, out of a filter's reach: glibc falls back to clone.

@@ -90,12 +90,44 @@ struct ISCSICredentials {
     }
 }
 
+/// What a path needs to connect and log in again from inside the jail, gathered before it: a
+/// TCP socket made in the host's network namespace (libiscsi is handed duplicates of it, see
+/// `vireo_iscsi_adopt_socket`), the portal's numeric address (the jail has no resolver), the
+/// initiator's name (the jail has a host name of its own) and the CHAP credentials.
+final class ISCSIRedial: @unchecked Sendable {
+    let template: Int32
+    let portal: String
+    let initiator: String
+    let credentials: ISCSICredentials?
+
+    /// nil when the portal's name does not resolve or no socket can be made: the path then stays
+    /// down once it fails.
+    init?(_ address: ISCSIAddress, initiator: String, credentials: ISCSICredentials?) {
+        var hints = addrinfo()
+        hints.ai_socktype = Int32(SOCK_STREAM.rawValue)
+        var found: UnsafeMutablePointer<addrinfo>?
+        guard getaddrinfo(address.host, String(address.port), &hints, &found) == 0, let first = found else { return nil }
+        defer { freeaddrinfo(first) }
+        var text = [CChar](repeating: 0, count: Int(NI_MAXHOST))
+        guard getnameinfo(first.pointee.ai_addr, first.pointee.ai_addrlen, &text, socklen_t(text.count), nil, 0, NI_NUMERICHOST) == 0 else { return nil }
+        let made = Glibc.socket(first.pointee.ai_family, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        guard made >= 0 else { return nil }
+        let host = NetworkDisk.text(text)
+        template = made
+        portal = host.contains(":") ? "[\(host)]:\(address.port)" : "\(host):\(address.port)"
+        self.initiator = initiator
+        self.credentials = credentials
+    }
+
+    deinit { close(template) }
+}
+
 /// A disk that is an iSCSI LUN, through libiscsi, over one or more portals. Requests go to the
-/// active path; when its connection fails they move to the next path that is logged in, and are
-/// sent again (whole-range reads and writes are idempotent). A path that failed stays down: its
-/// connection could be made again only with a new socket, which a confined VMM cannot make
-/// (docs/disk-images.md). The guest sees an I/O error only when no path is left, or when the
-/// target refuses a command.
+/// active path; when its connection fails the path is connected and logged in again, or the next
+/// path takes over, for up to `reconnectSeconds`, and the request is sent again (whole-range
+/// reads and writes are idempotent), as for NBD. A jailed VMM reconnects through each path's
+/// socket made before the jail (`ISCSIRedial`). The guest sees an I/O error only when no path
+/// answers in that time, or when the target refuses a command.
 public final class ISCSIImage: DiskImage, MultipathDisk, @unchecked Sendable {
     public let path: String
     public var format: DiskFormat { .raw }
@@ -111,6 +143,10 @@ public final class ISCSIImage: DiskImage, MultipathDisk, @unchecked Sendable {
         let context: UnsafeMutableRawPointer
     }
     private let paths: Mutex<PathTable<Session>>
+    /// Each path's means to connect again (nil: it cannot).
+    private let redials: [ISCSIRedial?]
+    /// How long a request waits for a path (QEMU's `reconnect-delay`, the NBD client's figure).
+    static let reconnectSeconds = 30.0
     /// The most one command carries.
     static let maximumTransfer = 1 << 20
     /// The block size Vireo serves: its guests' 512-byte sectors. (A 4096-byte LUN would need
@@ -122,6 +158,7 @@ public final class ISCSIImage: DiskImage, MultipathDisk, @unchecked Sendable {
         let path: String
         let addresses: [ISCSIAddress]
         let sessions: [Session?]
+        let redials: [ISCSIRedial?]
         let problems: [String]
         let readOnly: Bool
 
@@ -166,20 +203,23 @@ public final class ISCSIImage: DiskImage, MultipathDisk, @unchecked Sendable {
     public static func connect(path: String, readOnly: Bool) throws(DiskImageError) -> Connecting {
         let addresses = try ISCSIAddress.paths(path)
         var sessions: [Session?] = []
+        var redials: [ISCSIRedial?] = []
         var problems: [String] = []
         var error = [CChar](repeating: 0, count: 512)
         if vireo_iscsi_load(&error, error.count) != 0 { throw .network(path: path, reason: NetworkDisk.text(error)) }
+        let initiator = initiatorName
         for address in addresses {
             let credentials = try address.chapFile.map { (file) throws(DiskImageError) in try ISCSICredentials.read(file, disk: path) }
-            let session = vireo_iscsi_connect(initiatorName, address.target, address.portal, credentials?.user, credentials?.secret,
+            let session = vireo_iscsi_connect(initiator, address.target, address.portal, credentials?.user, credentials?.secret,
                                               10, &error, error.count)
             sessions.append(session.map(Session.init))
+            redials.append(ISCSIRedial(address, initiator: initiator, credentials: credentials))
             if session == nil { problems.append(addresses.count > 1 ? "\(address): \(NetworkDisk.text(error))" : NetworkDisk.text(error)) }
         }
         guard sessions.contains(where: { $0 != nil }) else {
             throw .network(path: path, reason: problems.joined(separator: "; "))
         }
-        return Connecting(path: path, addresses: addresses, sessions: sessions, problems: problems, readOnly: readOnly)
+        return Connecting(path: path, addresses: addresses, sessions: sessions, redials: redials, problems: problems, readOnly: readOnly)
     }
 
     init(_ connecting: Connecting) throws(DiskImageError) {
@@ -227,6 +267,7 @@ public final class ISCSIImage: DiskImage, MultipathDisk, @unchecked Sendable {
         thin = geometry.thin
         isReadOnly = connecting.readOnly
         paths = Mutex(PathTable(sessions: sessions, active: first))
+        redials = connecting.redials
         for problem in problems { NetworkDisk.say("iscsi: \(path): path down at start: \(problem)") }
     }
 
@@ -239,13 +280,24 @@ public final class ISCSIImage: DiskImage, MultipathDisk, @unchecked Sendable {
         paths.withLock { Self.closeAll($0.sessions) }
     }
 
-    /// Runs `body` on the active path; on a failed connection moves to the next path that is
-    /// logged in and runs it again there. `body` returns vireo_iscsi_*'s result.
+    /// Runs `body` on the active path; on a failed connection connects that path again or moves
+    /// to the next, until one answers or `reconnectSeconds` pass. `body` returns vireo_iscsi_*'s
+    /// result.
     private func perform(_ what: String, _ body: (UnsafeMutableRawPointer, UnsafeMutablePointer<CChar>, Int) -> Int32) throws(DiskImageError) {
         try paths.withLock { (state) throws(DiskImageError) in
             var error = [CChar](repeating: 0, count: 512)
+            let deadline = Self.monotonicSeconds() + Self.reconnectSeconds
             var lastProblem = ""
-            for _ in 0..<addresses.count {
+            var attempt = 0
+            while true {
+                if state.sessions[state.active] == nil, let redial = redials[state.active] {
+                    do throws(DiskImageError) {
+                        state.sessions[state.active] = try reconnect(state.active, redial)
+                        NetworkDisk.say("iscsi: \(path): connected again through \(addresses[state.active])")
+                    } catch {
+                        lastProblem = error.description
+                    }
+                }
                 if let session = state.sessions[state.active] {
                     let result = error.withUnsafeMutableBufferPointer { buffer -> Int32 in
                         guard let base = buffer.baseAddress else { return 2 }
@@ -259,15 +311,50 @@ public final class ISCSIImage: DiskImage, MultipathDisk, @unchecked Sendable {
                     state.sessions[state.active] = nil
                     NetworkDisk.say("iscsi: \(path): " + (addresses.count > 1 ? "\(addresses[state.active]) " : "") + "failed during \(what): \(why)")
                 }
-                guard let next = (1...addresses.count).map({ (state.active + $0) % addresses.count }).first(where: { state.sessions[$0] != nil }) else { break }
-                if next != state.active {
-                    state.active = next
-                    state.failovers += 1
-                    NetworkDisk.say("iscsi: \(path): now on \(addresses[next])")
+                guard Self.monotonicSeconds() < deadline else {
+                    throw .io(operation: "\(what): no path to the LUN answered for \(Int(Self.reconnectSeconds)) s (last: \(lastProblem))", path: path, errno: EIO)
                 }
+                // The next path; a path that is down is tried again in its turn.
+                let previous = state.active
+                state.active = (state.active + 1) % addresses.count
+                if state.active != previous {
+                    state.failovers += 1
+                    NetworkDisk.say("iscsi: \(path): now on \(addresses[state.active])")
+                }
+                attempt += 1
+                if attempt >= addresses.count { usleep(useconds_t(min(100_000 * attempt / addresses.count, 500_000))) }
             }
-            throw .io(operation: "\(what): no path to the LUN is left (last: \(lastProblem))", path: path, errno: EIO)
         }
+    }
+
+    /// Path `index` connected and logged in again, through its socket made before the jail; it
+    /// must still show the same LUN. Called with the paths' lock held.
+    private func reconnect(_ index: Int, _ redial: ISCSIRedial) throws(DiskImageError) -> Session {
+        var error = [CChar](repeating: 0, count: 512)
+        vireo_iscsi_adopt_socket(redial.template)
+        let context = vireo_iscsi_connect(redial.initiator, addresses[index].target, redial.portal, redial.credentials?.user, redial.credentials?.secret,
+                                          10, &error, error.count)
+        vireo_iscsi_adopt_socket(-1)
+        guard let context else { throw .network(path: addresses[index].description, reason: NetworkDisk.text(error)) }
+        var blocks: UInt64 = 0
+        var size: UInt32 = 0
+        var thin: Int32 = 0
+        let result = vireo_iscsi_login(context, lun, &blocks, &size, &thin, &error, error.count)
+        guard result == 0 else {
+            vireo_iscsi_close(context, 0)
+            throw .network(path: addresses[index].description, reason: NetworkDisk.text(error))
+        }
+        guard size == blockSize, blocks.multipliedReportingOverflow(by: UInt64(size)) == (virtualSize, false) else {
+            vireo_iscsi_close(context, 1)
+            throw .network(path: addresses[index].description, reason: "the LUN is now \(blocks) blocks of \(size) bytes; it was \(virtualSize) bytes")
+        }
+        return Session(context: context)
+    }
+
+    private static func monotonicSeconds() -> Double {
+        var now = timespec()
+        clock_gettime(CLOCK_MONOTONIC, &now)
+        return Double(now.tv_sec) + Double(now.tv_nsec) / 1e9
     }
 
     public var pathStates: [(address: String, connected: Bool, active: Bool)] {

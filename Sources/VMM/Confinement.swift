@@ -90,8 +90,10 @@ enum SyscallPolicy {
                                 // --rt-priority: each vCPU makes itself SCHED_FIFO as it starts.
                                 "sched_setscheduler", "sched_setparam",
                                 // An NBD disk's request may run here (a queue without an ioeventfd) and
-                                // reconnect a lost Unix-socket path (socket: AF_UNIX only, below).
-                                "connect", "setsockopt"]
+                                // reconnect a lost Unix-socket path (socket: AF_UNIX only, below); an
+                                // iSCSI path reconnects through libiscsi, which checks its connection's
+                                // outcome and its own address on a socket made before the jail.
+                                "connect", "setsockopt", "getsockopt", "getsockname"]
     /// `ioctl` is allowed whatever its request on vCPU threads (and in the process-wide filter
     /// they inherit): a syscall every filter allows unconditionally skips BPF altogether (the
     /// kernel's seccomp action cache), and checking KVM_RUN's request on every exit cost 1.5–2 %
@@ -103,7 +105,7 @@ enum SyscallPolicy {
     static let vcpuRules: UInt32 = UInt32(VIREO_SECCOMP_SIGNAL_SELF | VIREO_SECCOMP_OPEN_REFUSED | VIREO_SECCOMP_SOCKET_UNIX)
     /// Device threads: network receive, throttled queues, the balloon, vsock streams, virtio
     /// notifications (ioeventfds).
-    static let device = vcpu.filter { $0 != "ioctl" } + ["accept4", "accept", "connect", "shutdown", "getsockopt", "setsockopt", "timerfd_create", "timerfd_settime",
+    static let device = vcpu.filter { $0 != "ioctl" } + ["accept4", "accept", "shutdown", "timerfd_create", "timerfd_settime",
                                 "epoll_create1", "eventfd2", "pipe2", "dup", "unlink", "openat", "open"]
     /// Device threads' ioctls are checked: KVM's (interrupts), and tty/tun ones — the first log
     /// line a thread writes has stdio ask whether stderr is a terminal (TCGETS).

@@ -56,7 +56,7 @@ final class ISCSITarget: @unchecked Sendable {
 }
 
 @Suite(.serialized) struct ISCSIDiskTests {
-    @Test("iSCSI disks (libiscsi loaded by the VMM, tgtd the target): a probe's writes in odd pieces land on the LUN and a discard frees them on a thin LUN; CHAP from a file (right, wrong, readable by others, absent); two portals, the active one killed mid-write, move I/O to the other with no guest error and no block lost; a jailed library VM on two portals shows each path's state before and after; unreachable portals, wrong targets and LUNs, malformed addresses are refused naming why")
+    @Test("iSCSI disks (libiscsi loaded by the VMM, tgtd the target): a probe's writes in odd pieces land on the LUN and a discard frees them on a thin LUN; CHAP from a file (right, wrong, readable by others, absent); two portals, the active one killed mid-write, move I/O to the other with no guest error and no block lost; a jailed library VM on two portals shows each path's state before and after, and when the dead portal comes back and the other dies it connects and logs in to it again from inside the jail; unreachable portals, wrong targets and LUNs, malformed addresses are refused naming why")
     func iscsiDisks() throws {
         try Harness.requireKVM()
         let directory = try Harness.temporaryDirectory()
@@ -136,6 +136,19 @@ final class ISCSITarget: @unchecked Sendable {
         #expect(library.vireo("start", "lun").status == 0)
         NetworkDiskTests.checkFailover(library, "lun", kind: "iSCSI LUN", active: third.uri(chap: chap), standby: second.uri(chap: chap)) { third.kill() }
         #expect(library.vmmLog("lun").contains("seccomp=on"), "\(library.vmmLog("lun"))")
+        // The first portal comes back and the second dies: the jailed VMM (no network of its
+        // own, socket(2) for AF_UNIX only) connects and logs in to the first again through the
+        // socket it made for that path before the jail, and the writes go on.
+        let revived = try ISCSITarget(image: image, port: third.port, chap: ("vireo", "s3cret-passw0rd"))
+        second.kill()
+        #expect(library.waitFor(40) { library.vmmLog("lun").contains("connected again through \(third.uri(chap: chap))") }, "\(library.vmmLog("lun"))")
+        let flushedBefore = library.consoleLog("lun").components(separatedBy: "blkloop: flushed").count
+        #expect(library.waitFor(30) { library.consoleLog("lun").components(separatedBy: "blkloop: flushed").count > flushedBefore + 10 },
+                "the guest's writes stopped after the reconnection: \(library.consoleLog("lun").suffix(300)) \(library.vmmLog("lun"))")
+        #expect(!library.consoleLog("lun").contains("failed"), "\(library.consoleLog("lun").suffix(300))")
+        let reconnected = library.vireo("info", "lun").stdout
+        #expect(reconnected.contains("\(third.uri(chap: chap)): active, 2 failover(s)") && reconnected.contains("\(second.uri(chap: chap)): down"), "\(reconnected)")
+        withExtendedLifetime(revived) {}
         #expect(library.vireo("stop", "lun", "--force").status == 0)
         #expect(library.vireo("delete", "lun").status == 0)
         #expect(try NetworkDiskTests.missingBlocks(image, count: 80).isEmpty, "the library VM's first 80 blocks are not on the LUN")

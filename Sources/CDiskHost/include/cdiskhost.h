@@ -26,6 +26,9 @@ int vireo_open_direct_flag(void);
 // (another path may take over), 2 the target refused (an I/O error for the guest).
 #include <stddef.h>
 int vireo_iscsi_load(char *error, size_t size);
+// The next TCP socket this thread makes (libiscsi's, while it connects) is a duplicate of
+// `template`, a socket made before the VMM was confined; -1 disarms (iscsi.c).
+void vireo_iscsi_adopt_socket(int template);
 // A TCP connection to `portal` (HOST[:PORT]) for `target`, not yet logged in; NULL on failure.
 void *vireo_iscsi_connect(const char *initiator, const char *target, const char *portal, const char *user,
                           const char *password, int timeout, char *error, size_t size);
