@@ -84,7 +84,7 @@ import Testing
         #expect(library.state("q") == "stopped")
     }
 
-    @Test("the kvm engine's virtio-fs: a library VM boots the ACPI test kernel with its root file system on a shared folder (root=TAG rootfstype=virtiofs) served by virtiofsd in its user namespace, and runs the /init the host put there; a save while it runs is refused naming virtio-fs and changes nothing",
+    @Test("the kvm engine's virtio-fs: a library VM boots the ACPI test kernel with its root file system on a shared folder (root=TAG rootfstype=virtiofs) served by virtiofsd in its user namespace, and runs the /init the host put there; a save while it runs is refused naming virtio-fs and changes nothing; deleting the VM removes the share's mount point",
           .timeLimit(.minutes(20)))
     func kvmEngineRootOnSharedFolder() throws {
         try Harness.requireKVM()
@@ -113,6 +113,14 @@ import Testing
         #expect(console.contains("Run /init as init process"), "\(console.suffix(3000))")
         #expect(console.contains("Kernel panic - not syncing: Attempted to kill init!"), "\(console.suffix(3000))")
         #expect(!library.vmmLog("fs").contains("NEEDS_RESET") && !library.vmmLog("fs").contains("back end"), "\(library.vmmLog("fs"))")
+        // The share's mount point (virtiofsd's bind lives in its own mount namespace; the host's
+        // is an empty directory) goes with the VM.
+        let info = (try? JSONSerialization.jsonObject(with: Data(library.vireo("info", "fs", "--json").stdout.utf8))) as? [String: Any]
+        let uuid = info?["uuid"] as? String ?? ""
+        let mountPoints = "/run/vireo-shares/\(uuid)"
+        #expect(uuid.count == 36 && FileManager.default.fileExists(atPath: mountPoints + "/rootfs"), "\(uuid) \(mountPoints)")
+        #expect(library.vireo("delete", "fs").status == 0)
+        #expect(!FileManager.default.fileExists(atPath: mountPoints), "\(mountPoints) outlived the VM")
     }
 
     @Test("bad --fs values are refused with the reason: no socket, an unknown option, a bad or repeated tag, RAM virtiofsd cannot map, a socket nobody serves")

@@ -15,8 +15,7 @@ import Glibc
 /// seccomp) runs inside that.
 public struct ShareServers {
     static let binary = "/usr/lib/qemu/virtiofsd"
-    /// Outside /run/vireo (0700): virtiofsd, as an unprivileged uid, must pass through to its directory.
-    static let mountRoot = "/run/vireo-shares"
+    static let mountRoot = VMBundle.shareMountRoot
     /// The guest's first user: cloud-init's user on Debian, Ubuntu and Fedora images.
     static let guestUser: UInt32 = 1000
 
@@ -53,6 +52,8 @@ public struct ShareServers {
             try vm.bundle.prepareVMMDirectory()
             let mounts = mountRoot + "/" + vm.definition.uuid
             try HostFiles.makeDirectories(mounts)
+            // Mount points of shares removed since the last start.
+            VMBundle.removeShareMountPoints(uuid: vm.definition.uuid, keeping: Set(shares.map(\.tag)))
             // virtiofsd, as its namespace's root, is "other" to these root-owned directories.
             for directory in [mountRoot, mounts] { chmod(directory, 0o711) }
             for share in shares {

@@ -150,6 +150,20 @@ public struct VMBundle: Sendable {
         }
     }
 
+    /// Where virtiofsd binds a VM's shared folders, one directory per tag (its mount namespace's
+    /// view; the host's are empty mount points). Outside /run/vireo (0700): virtiofsd, as an
+    /// unprivileged uid, must pass through to its directory.
+    public static let shareMountRoot = "/run/vireo-shares"
+
+    /// Removes the empty mount points of VM `uuid`'s shared folders but those in `keeping`: all of
+    /// them (and their directory) for `vireo delete`; before a start, those of shares removed since.
+    /// Only empty directories go (rmdir): a server's bind lives in its own mount namespace.
+    public static func removeShareMountPoints(uuid: String, keeping: Set<String> = []) {
+        let directory = shareMountRoot + "/" + uuid
+        for tag in (try? HostFiles.entries(of: directory)) ?? [] where !keeping.contains(tag) { rmdir(directory + "/" + tag) }
+        if keeping.isEmpty { rmdir(directory) }
+    }
+
     /// Whether the VM process (or a command changing the VM) holds the lock.
     public var isLocked: Bool { VMLock.isHeld(path: lockPath) }
 

@@ -64,6 +64,7 @@ extension VMLibrary {
             // Renamed away first: the name is free at once and a crash mid-delete leaves a hidden
             // directory that the next `vireo list` sweeps.
             bundle.removeControlGroups()
+            VMBundle.removeShareMountPoints(uuid: uuid)
             let doomed = root + "/.deleting-" + uuid
             try HostFiles.renameNoReplace(bundle.directory, doomed)
             if keepDisks {
