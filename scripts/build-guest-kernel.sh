@@ -4,8 +4,9 @@
 # (scripts/build-tiny-kernel.sh, whose cache key this script leaves alone) plus what a container's
 # processes need: user ids, futexes, epoll, ptys, tmpfs, PID/UTS/IPC/mount namespaces, scripts,
 # and the agent's channels on both engines (virtio-serial on PCI for the qemu engine, virtio-vsock
-# on virtio-mmio for the kvm engine), and IP_PNP: the kernel configures a pod's address and
-# gateway from `ip=` on its command line (the shim passes what CNI gave the pod).
+# on virtio-mmio for the kvm engine), IP_PNP: the kernel configures a pod's address and
+# gateway from `ip=` on its command line (the shim passes what CNI gave the pod), and
+# VIRTIO_BALLOON: a lower memory limit from Update is the balloon's share of the VM's RAM.
 #
 # Usage: scripts/build-guest-kernel.sh        prints the cache directory holding bzImage
 # Env:   VIREO_CACHE (default ~/.cache/vireo)
@@ -43,7 +44,7 @@ enable=(64BIT PRINTK EARLY_PRINTK TTY SERIAL_8250 SERIAL_8250_CONSOLE BLK_DEV_IN
         BINFMT_ELF BINFMT_SCRIPT PROC_FS SYSFS DEVTMPFS HYPERVISOR_GUEST PARAVIRT KVM_GUEST KERNEL_LZ4
         SMP X86_MPPARSE ACPI PCI PCI_MSI INPUT ACPI_BUTTON
         BLOCK BLK_DEV VIRTIO_MENU VIRTIO_MMIO VIRTIO_PCI VIRTIO_BLK VIRTIO_CONSOLE EXT4_FS
-        HW_RANDOM HW_RANDOM_VIRTIO
+        HW_RANDOM HW_RANDOM_VIRTIO VIRTIO_BALLOON
         NET UNIX INET IP_PNP NETDEVICES NET_CORE VIRTIO_NET VSOCKETS VIRTIO_VSOCKETS
         MULTIUSER FUTEX EPOLL SIGNALFD TIMERFD EVENTFD SHMEM TMPFS POSIX_TIMERS FILE_LOCKING
         UNIX98_PTYS INOTIFY_USER PROC_SYSCTL SYSVIPC

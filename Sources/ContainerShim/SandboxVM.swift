@@ -101,7 +101,7 @@ public struct SandboxVM: Sendable {
         commandLine += " " + configuration.kernelArguments
         var arguments = ["create", name, "--engine", configuration.engine, "--kernel", configuration.kernel, "--initrd", configuration.initrd,
                          "--cmdline", commandLine.trimmingCharacters(in: .whitespaces),
-                         "--cpus", String(cpus), "--memory", memory, "--attach-disk", rootImage, "--disk-format", "raw", "--no-balloon", "--managed-by", "containerd"] + cards
+                         "--cpus", String(cpus), "--memory", memory, "--attach-disk", rootImage, "--disk-format", "raw", "--managed-by", "containerd"] + cards
         if let cpuCapPercent { arguments += ["--cpu-cap", "\(cpuCapPercent)%"] }
         if configuration.engine == "qemu" { arguments += ["--accel", configuration.accel] } else { arguments += ["--vsock-cid", "3"] }
         try vireo(arguments)

@@ -1,5 +1,6 @@
 import CHostSupport
 import ContainerWire
+import MachineSpec
 import Foundation
 #if canImport(Glibc)
 import Glibc
@@ -48,6 +49,8 @@ public final class TaskService: AgentEvents, @unchecked Sendable {
         var slot: Int?
         /// The memory limit its VM was sized for (the sandbox's own container).
         var memoryLimitBytes: Int64?
+        /// The VM's RAM (the limit plus the guest's overhead, or the settings' size).
+        var vmMemoryBytes: UInt64?
         init(id: String, bundle: String) { self.id = id; self.bundle = bundle }
     }
 
@@ -223,6 +226,7 @@ public final class TaskService: AgentEvents, @unchecked Sendable {
         let isPod = spec.annotations[Self.containerTypeAnnotation] == "sandbox"
         let size = spec.machineSize(defaults: configuration)
         container.memoryLimitBytes = spec.memoryLimitBytes
+        container.vmMemoryBytes = try? Size.parse(size.memory)
         let vm = SandboxVM(name: SandboxVM.name(namespace: namespace, id: container.id), configuration: configuration)
         // Where the VM lives, for `shim delete` after this process died: the settings that chose
         // the library may have come from the runtime options, which that command is not given.
@@ -740,8 +744,9 @@ public final class TaskService: AgentEvents, @unchecked Sendable {
     /// happens to its VM's, at once, through `vireo set` — a CPU quota becomes the VM's CPU cap
     /// (`--cpu-cap`, 100·quota/period %, none for no quota), CPU shares its weight (`--cpu-weight`,
     /// runc's mapping of cgroup v1 shares onto 1...10000). The vCPUs and the guest's RAM are fixed
-    /// while it runs (no hot-plug): a memory limit other than the one the VM was sized for is
-    /// refused, as is an update of one container of a pod of several (the VM is the pod's).
+    /// while it runs (no hot-plug): a memory limit is the VM's RAM less its balloon (the guest
+    /// gives the rest back), a limit beyond the RAM it was made with is refused, as is an update of
+    /// one container of a pod of several (the VM is the pod's).
     func update(_ request: ProtoMessage) throws(RPCError) -> [UInt8] {
         lock.lock()
         let container: Container
@@ -765,9 +770,17 @@ public final class TaskService: AgentEvents, @unchecked Sendable {
             throw RPCError(.invalidArgument, "resources: not a LinuxResources JSON object (at most 1 MiB)")
         }
         var arguments: [String] = []
-        if let memory = resources["memory"] as? [String: Any], let limit = (memory["limit"] as? NSNumber)?.int64Value, limit > 0,
-           limit != container.memoryLimitBytes {
-            throw RPCError(.unimplemented, "resources.memory.limit: a Vireo container's memory is its VM's RAM, sized at create (\(container.memoryLimitBytes.map { "\($0 >> 20) MiB" } ?? "the settings' default")) and fixed while it runs; create the container again to change it")
+        // A memory limit is the VM's RAM less the balloon: the guest hands the difference back
+        // to the host (`vireo balloon`). More than the RAM the VM was made with needs hot-plug.
+        var balloonBytes: UInt64?
+        if let memory = resources["memory"] as? [String: Any], let limit = (memory["limit"] as? NSNumber)?.int64Value, limit > 0 {
+            let ram = container.vmMemoryBytes ?? 0
+            let mebibytes = UInt64(limit >> 20) + (limit & ((1 << 20) - 1) == 0 ? 0 : 1)
+            let (wanted, overflow) = (mebibytes + UInt64(ShimConfiguration.guestOverheadMiB)).multipliedReportingOverflow(by: 1 << 20)
+            guard !overflow, wanted <= ram else {
+                throw RPCError(.unimplemented, "resources.memory.limit: \(limit >> 20) MiB and the guest's \(ShimConfiguration.guestOverheadMiB) MiB exceed the \(ram >> 20) MiB of RAM the container's VM was made with; a VM's RAM cannot grow while it runs (no memory hot-plug), so create the container again to raise it")
+            }
+            balloonBytes = ram - wanted
         }
         if let cpu = resources["cpu"] as? [String: Any] {
             if let quota = (cpu["quota"] as? NSNumber)?.int64Value {
@@ -781,8 +794,8 @@ public final class TaskService: AgentEvents, @unchecked Sendable {
                 arguments += ["--cpu-weight", String(1 + ((clamped - 2) * 9999) / 262_142)]
             }
         }
-        guard !arguments.isEmpty else { return [] }
-        try vm.vireo(["set", vm.name] + arguments)
+        if !arguments.isEmpty { try vm.vireo(["set", vm.name] + arguments) }
+        if let balloonBytes { try vm.vireo(["balloon", vm.name, "\(balloonBytes >> 20)M"]) }
         return []
     }
 
