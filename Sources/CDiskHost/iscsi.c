@@ -9,6 +9,7 @@
 // AF_UNIX only) cannot; a failed path is the caller's to fail over from.
 #define _GNU_SOURCE
 #include "cdiskhost.h"
+#include "loading.h"
 
 #include <dlfcn.h>
 #include <errno.h>
@@ -41,31 +42,13 @@ static pthread_once_t load_once = PTHREAD_ONCE_INIT;
 static char load_error[256];
 
 static void load(void) {
-    void *handle = dlopen("libiscsi.so.7", RTLD_NOW | RTLD_LOCAL);
-    if (!handle) {
-        snprintf(load_error, sizeof load_error, "libiscsi is not installed (%s); install Debian's libiscsi7 package", dlerror());
-        return;
-    }
-#define RESOLVE(name) \
-    if (!(lib.name = (__typeof__(name) *)dlsym(handle, #name))) { \
-        snprintf(load_error, sizeof load_error, "libiscsi.so.7 lacks %s", #name); \
-        return; \
-    }
-    SYMBOLS(RESOLVE)
-#undef RESOLVE
+    VIREO_LOAD_LIBRARY("libiscsi.so.7", "libiscsi7", SYMBOLS)
 }
 
-static void say(char *error, size_t size, const char *format, ...) {
-    if (!error || size == 0) return;
-    va_list arguments;
-    va_start(arguments, format);
-    vsnprintf(error, size, format, arguments);
-    va_end(arguments);
-}
 
 int vireo_iscsi_load(char *error, size_t size) {
     pthread_once(&load_once, load);
-    if (load_error[0]) { say(error, size, "%s", load_error); return -1; }
+    if (load_error[0]) { vireo_say(error, size, "%s", load_error); return -1; }
     return 0;
 }
 
@@ -97,11 +80,11 @@ void *vireo_iscsi_connect(const char *initiator, const char *target, const char 
                           const char *password, int timeout, char *error, size_t size) {
     if (vireo_iscsi_load(error, size) != 0) return NULL;
     struct iscsi_context *iscsi = lib.iscsi_create_context(initiator);
-    if (!iscsi) { say(error, size, "cannot make an iSCSI context"); return NULL; }
+    if (!iscsi) { vireo_say(error, size, "cannot make an iSCSI context"); return NULL; }
     if (lib.iscsi_set_targetname(iscsi, target) != 0 || lib.iscsi_set_session_type(iscsi, ISCSI_SESSION_NORMAL) != 0
         || lib.iscsi_set_header_digest(iscsi, ISCSI_HEADER_DIGEST_NONE_CRC32C) != 0
         || (user && lib.iscsi_set_initiator_username_pwd(iscsi, user, password) != 0)) {
-        say(error, size, "%s", lib.iscsi_get_error(iscsi));
+        vireo_say(error, size, "%s", lib.iscsi_get_error(iscsi));
         lib.iscsi_destroy_context(iscsi);
         return NULL;
     }
@@ -109,7 +92,7 @@ void *vireo_iscsi_connect(const char *initiator, const char *target, const char 
     lib.iscsi_set_timeout(iscsi, timeout);
     if (lib.iscsi_connect_sync(iscsi, portal) != 0) {
         // libiscsi's own text here speaks of its reconnection machinery, not of the cause.
-        say(error, size, "cannot connect to %s: refused, or no answer within %d s", portal, timeout);
+        vireo_say(error, size, "cannot connect to %s: refused, or no answer within %d s", portal, timeout);
         lib.iscsi_destroy_context(iscsi);
         return NULL;
     }
@@ -119,23 +102,23 @@ void *vireo_iscsi_connect(const char *initiator, const char *target, const char 
 // What a finished task means: 0 good, 1 the connection failed (fail over), 2 the target refused
 // the command (the guest's I/O error), 3 a unit attention (the caller asks again).
 static int outcome(struct iscsi_context *iscsi, struct scsi_task *task, const char *what, char *error, size_t size) {
-    if (!task) { say(error, size, "%s: %s", what, lib.iscsi_get_error(iscsi)); return 1; }
+    if (!task) { vireo_say(error, size, "%s: %s", what, lib.iscsi_get_error(iscsi)); return 1; }
     int status = task->status;
     if (status == SCSI_STATUS_GOOD) return 0;
     if (status == SCSI_STATUS_CHECK_CONDITION) {
         int key = task->sense.key, ascq = task->sense.ascq;
-        say(error, size, "%s: %s (%s)", what, lib.scsi_sense_key_str(key), lib.scsi_sense_ascq_str(ascq));
+        vireo_say(error, size, "%s: %s (%s)", what, lib.scsi_sense_key_str(key), lib.scsi_sense_ascq_str(ascq));
         return key == SCSI_SENSE_UNIT_ATTENTION ? 3 : 2;
     }
     if (status == SCSI_STATUS_BUSY || status == SCSI_STATUS_TASK_SET_FULL) {
-        say(error, size, "%s: the target is busy", what);
+        vireo_say(error, size, "%s: the target is busy", what);
         return 3;
     }
     if (status == SCSI_STATUS_CANCELLED || status == SCSI_STATUS_ERROR || status == SCSI_STATUS_TIMEOUT) {
-        say(error, size, "%s: %s", what, lib.iscsi_get_error(iscsi));
+        vireo_say(error, size, "%s: %s", what, lib.iscsi_get_error(iscsi));
         return 1;
     }
-    say(error, size, "%s: SCSI status 0x%x", what, status);
+    vireo_say(error, size, "%s: SCSI status 0x%x", what, status);
     return 2;
 }
 
@@ -155,7 +138,7 @@ int vireo_iscsi_login(void *path, int lun, unsigned long long *blocks, unsigned 
     struct iscsi_context *iscsi = path;
     if (lib.iscsi_login_sync(iscsi) != 0) {
         const char *why = lib.iscsi_get_error(iscsi);
-        say(error, size, "login refused: %s%s", why,
+        vireo_say(error, size, "login refused: %s%s", why,
             strstr(why, "Authentication") ? " (check the USER:SECRET in the disk's ?chap=FILE)" : "");
         return 2;
     }
@@ -170,7 +153,7 @@ int vireo_iscsi_login(void *path, int lun, unsigned long long *blocks, unsigned 
     WITH_RETRIES("READ CAPACITY(16)", lib.iscsi_readcapacity16_sync(iscsi, lun), {
         struct scsi_readcapacity16 *capacity = lib.scsi_datain_unmarshall(task);
         if (!capacity) {
-            say(error, size, "READ CAPACITY(16): the target's answer is malformed");
+            vireo_say(error, size, "READ CAPACITY(16): the target's answer is malformed");
             lib.scsi_free_scsi_task(task);
             return 2;
         }
@@ -210,7 +193,7 @@ int vireo_iscsi_list_luns(void *path, int *luns, unsigned long long *sizes, int 
     struct iscsi_context *iscsi = path;
     if (lib.iscsi_login_sync(iscsi) != 0) {
         const char *why = lib.iscsi_get_error(iscsi);
-        say(error, size, "login refused: %s%s", why, strstr(why, "Authentication") ? " (check the USER:SECRET in the pool's CHAP file)" : "");
+        vireo_say(error, size, "login refused: %s%s", why, strstr(why, "Authentication") ? " (check the USER:SECRET in the pool's CHAP file)" : "");
         return -1;
     }
     // REPORT LUNS is answered by LUN 0, which every target has (SPC-4); the list is the target's
@@ -222,7 +205,7 @@ int vireo_iscsi_list_luns(void *path, int *luns, unsigned long long *sizes, int 
         if (result == 0) {
             struct scsi_reportluns_list *list = lib.scsi_datain_unmarshall(task);
             if (!list) {
-                say(error, size, "REPORT LUNS: the target's answer is malformed");
+                vireo_say(error, size, "REPORT LUNS: the target's answer is malformed");
                 lib.scsi_free_scsi_task(task);
                 return -1;
             }

@@ -9,6 +9,7 @@
 // is given, name it.
 #define _GNU_SOURCE
 #include "cdiskhost.h"
+#include "loading.h"
 
 #include <dlfcn.h>
 #include <errno.h>
@@ -42,53 +43,35 @@ static pthread_once_t load_once = PTHREAD_ONCE_INIT;
 static char load_error[256];
 
 static void load(void) {
-    void *handle = dlopen("libgnutls.so.30", RTLD_NOW | RTLD_LOCAL);
-    if (!handle) {
-        snprintf(load_error, sizeof load_error, "GnuTLS is not installed (%s); install Debian's libgnutls30 package", dlerror());
-        return;
-    }
-#define RESOLVE(name) \
-    if (!(lib.name = (__typeof__(name) *)dlsym(handle, #name))) { \
-        snprintf(load_error, sizeof load_error, "libgnutls.so.30 lacks %s", #name); \
-        return; \
-    }
-    SYMBOLS(RESOLVE)
-#undef RESOLVE
+    VIREO_LOAD_LIBRARY("libgnutls.so.30", "libgnutls30", SYMBOLS)
     if (!(lib.free = (gnutls_free_function *)dlsym(handle, "gnutls_free"))) {
-        snprintf(load_error, sizeof load_error, "libgnutls.so.30 lacks gnutls_free");
+        snprintf(load_error, sizeof load_error, "%s lacks gnutls_free", library);
         return;
     }
     int result = lib.gnutls_global_init();
     if (result < 0) snprintf(load_error, sizeof load_error, "GnuTLS did not start: %s", lib.gnutls_strerror(result));
 }
 
-static void say(char *error, size_t size, const char *format, ...) {
-    if (!error || size == 0) return;
-    va_list arguments;
-    va_start(arguments, format);
-    vsnprintf(error, size, format, arguments);
-    va_end(arguments);
-}
 
 void *vireo_tls_credentials(const char *ca_file, const char *cert_file, const char *key_file, char *error, size_t size) {
     pthread_once(&load_once, load);
-    if (load_error[0]) { say(error, size, "%s", load_error); return NULL; }
+    if (load_error[0]) { vireo_say(error, size, "%s", load_error); return NULL; }
     gnutls_certificate_credentials_t credentials;
     int result = lib.gnutls_certificate_allocate_credentials(&credentials);
-    if (result < 0) { say(error, size, "cannot make TLS credentials: %s", lib.gnutls_strerror(result)); return NULL; }
+    if (result < 0) { vireo_say(error, size, "cannot make TLS credentials: %s", lib.gnutls_strerror(result)); return NULL; }
     // The number of certificates read; none is as much an error as a failure.
     result = ca_file ? lib.gnutls_certificate_set_x509_trust_file(credentials, ca_file, GNUTLS_X509_FMT_PEM)
                      : lib.gnutls_certificate_set_x509_system_trust(credentials);
     if (result <= 0) {
-        if (ca_file) say(error, size, "no CA certificate read from %s: %s", ca_file, result < 0 ? lib.gnutls_strerror(result) : "the file holds none");
-        else say(error, size, "no CA certificate in the system's trust store: %s", result < 0 ? lib.gnutls_strerror(result) : "it is empty");
+        if (ca_file) vireo_say(error, size, "no CA certificate read from %s: %s", ca_file, result < 0 ? lib.gnutls_strerror(result) : "the file holds none");
+        else vireo_say(error, size, "no CA certificate in the system's trust store: %s", result < 0 ? lib.gnutls_strerror(result) : "it is empty");
         lib.gnutls_certificate_free_credentials(credentials);
         return NULL;
     }
     if (cert_file && key_file) {
         result = lib.gnutls_certificate_set_x509_key_file(credentials, cert_file, key_file, GNUTLS_X509_FMT_PEM);
         if (result < 0) {
-            say(error, size, "cannot use the client certificate %s with the key %s: %s", cert_file, key_file, lib.gnutls_strerror(result));
+            vireo_say(error, size, "cannot use the client certificate %s with the key %s: %s", cert_file, key_file, lib.gnutls_strerror(result));
             lib.gnutls_certificate_free_credentials(credentials);
             return NULL;
         }
@@ -107,34 +90,34 @@ static void explain(gnutls_session_t session, int result, char *error, size_t si
         unsigned int status = lib.gnutls_session_get_verify_cert_status(session);
         gnutls_datum_t text = { NULL, 0 };
         if (lib.gnutls_certificate_verification_status_print(status, lib.gnutls_certificate_type_get(session), &text, 0) == 0 && text.data) {
-            say(error, size, "the server's certificate was refused: %s", (const char *)text.data);
+            vireo_say(error, size, "the server's certificate was refused: %s", (const char *)text.data);
             (*lib.free)(text.data);
             // GnuTLS ends its sentences with a space.
             size_t length = strlen(error);
             while (length > 0 && error[length - 1] == ' ') error[--length] = 0;
             return;
         }
-        say(error, size, "the server's certificate was refused (status 0x%x)", status);
+        vireo_say(error, size, "the server's certificate was refused (status 0x%x)", status);
         return;
     }
     if (result == GNUTLS_E_FATAL_ALERT_RECEIVED) {
         const char *alert = lib.gnutls_alert_get_name(lib.gnutls_alert_get(session));
-        say(error, size, "the server ended the TLS handshake: %s", alert ? alert : "an unknown alert");
+        vireo_say(error, size, "the server ended the TLS handshake: %s", alert ? alert : "an unknown alert");
         return;
     }
-    if (result == GNUTLS_E_AGAIN) { say(error, size, "the TLS handshake timed out"); return; }
-    say(error, size, "the TLS handshake failed: %s", lib.gnutls_strerror(result));
+    if (result == GNUTLS_E_AGAIN) { vireo_say(error, size, "the TLS handshake timed out"); return; }
+    vireo_say(error, size, "the TLS handshake failed: %s", lib.gnutls_strerror(result));
 }
 
 void *vireo_tls_session(void *credentials, int fd, const char *hostname, int send_server_name, char *error, size_t size) {
-    if (!credentials) { say(error, size, "no TLS credentials"); return NULL; }
+    if (!credentials) { vireo_say(error, size, "no TLS credentials"); return NULL; }
     gnutls_session_t session;
     int result = lib.gnutls_init(&session, GNUTLS_CLIENT | GNUTLS_NO_SIGNAL);
-    if (result < 0) { say(error, size, "cannot make a TLS session: %s", lib.gnutls_strerror(result)); return NULL; }
+    if (result < 0) { vireo_say(error, size, "cannot make a TLS session: %s", lib.gnutls_strerror(result)); return NULL; }
     if ((result = lib.gnutls_set_default_priority(session)) < 0
         || (result = lib.gnutls_credentials_set(session, GNUTLS_CRD_CERTIFICATE, credentials)) < 0
         || (hostname && send_server_name && (result = lib.gnutls_server_name_set(session, GNUTLS_NAME_DNS, hostname, strlen(hostname))) < 0)) {
-        say(error, size, "cannot set up the TLS session: %s", lib.gnutls_strerror(result));
+        vireo_say(error, size, "cannot set up the TLS session: %s", lib.gnutls_strerror(result));
         lib.gnutls_deinit(session);
         return NULL;
     }
@@ -156,7 +139,7 @@ long vireo_tls_send(void *session, const void *data, size_t length, char *error,
     ssize_t result;
     do { result = lib.gnutls_record_send((gnutls_session_t)session, data, length); } while (result == GNUTLS_E_INTERRUPTED);
     if (result < 0) {
-        say(error, size, "TLS send: %s", result == GNUTLS_E_AGAIN ? "timed out" : lib.gnutls_strerror((int)result));
+        vireo_say(error, size, "TLS send: %s", result == GNUTLS_E_AGAIN ? "timed out" : lib.gnutls_strerror((int)result));
         return -1;
     }
     return (long)result;
@@ -168,7 +151,7 @@ long vireo_tls_recv(void *session, void *data, size_t length, char *error, size_
     if (result < 0) {
         // A peer that closes without close_notify is a closed connection, as for plain sockets.
         if (result == GNUTLS_E_PREMATURE_TERMINATION) return 0;
-        say(error, size, "TLS receive: %s", result == GNUTLS_E_AGAIN ? "timed out" : lib.gnutls_strerror((int)result));
+        vireo_say(error, size, "TLS receive: %s", result == GNUTLS_E_AGAIN ? "timed out" : lib.gnutls_strerror((int)result));
         return -1;
     }
     return (long)result;
