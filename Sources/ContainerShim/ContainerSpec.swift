@@ -93,7 +93,9 @@ public struct ContainerSpec: Sendable {
             let options = mount["options"] as? [String] ?? []
             guard mount["type"] as? String == "bind" || options.contains("bind") || options.contains("rbind") else { continue }
             let source = mount["source"] as? String ?? "", destination = mount["destination"] as? String ?? ""
-            guard source.hasPrefix("/") else { throw RPCError(.invalidArgument, "mounts[\(index)]: a bind mount's source '\(source.prefix(200))' must be an absolute host path") }
+            guard Self.isPlainPath(source) else {
+                throw RPCError(.invalidArgument, "mounts[\(index)]: a bind mount's source '\(source.prefix(200))' must be an absolute host path without '..', quotes or control characters")
+            }
             guard Self.isPlainPath(destination) else {
                 throw RPCError(.invalidArgument, "mounts[\(index)]: the destination '\(destination.prefix(200))' must be an absolute path without '..', quotes or control characters")
             }

@@ -135,11 +135,12 @@ final class NBDTLSCredentials: @unchecked Sendable {
         let directory = address.tls?.certificates
         var caFile: String?, certificate: String?, key: String?
         if let directory {
-            caFile = directory + "/" + Self.caFile
+            let ca = directory + "/" + Self.caFile
+            caFile = ca
             guard access(directory, F_OK) == 0 else {
                 throw .network(path: address.description, reason: "the TLS certificates directory \(directory) does not exist")
             }
-            guard access(caFile!, R_OK) == 0 else {
+            guard access(ca, R_OK) == 0 else {
                 throw .network(path: address.description, reason: "the TLS certificates directory \(directory) has no readable \(Self.caFile)")
             }
             let hasCertificate = access(directory + "/" + Self.clientCertificate, F_OK) == 0

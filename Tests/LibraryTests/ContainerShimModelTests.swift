@@ -40,7 +40,7 @@ struct ContainerShimModelTests {
         _ = try ContainerSpec(data: Self.spec(devices: #"[{"allow": false, "access": "rwm"}, {"allow": true, "type": "c", "major": 1, "minor": 3, "access": "rwm"}]"#))
     }
 
-    @Test("bind mounts: a spec's binds are taken in order (proc and tmpfs mounts are the agent's), a relative source or a destination with '..' or quotes is refused naming the mount; the copy puts files, a tree with a link and read-only bits into an ext4 image, replacing a link the image had, and a source that does not exist is refused")
+    @Test("bind mounts: a spec's binds are taken in order (proc and tmpfs mounts are the agent's), a relative source, or a source or destination with '..' or quotes, is refused naming the mount; the copy puts files, a tree with a link and read-only bits into an ext4 image, replacing a link the image had, and a source that does not exist is refused")
     func bindMounts() throws {
         func withMounts(_ mounts: String) -> Data {
             Data(#"{"process": {"args": ["sh"]}, "mounts": \#(mounts), "linux": {"namespaces": [{"type": "pid"}, {"type": "network"}]}}"#.utf8)
@@ -63,6 +63,7 @@ struct ContainerShimModelTests {
         #expect(spec.bindMounts == [.init(source: "\(base)/resolv.conf", destination: "/etc/resolv.conf", readOnly: true),
                                     .init(source: "\(base)/volume", destination: "/data/volume", readOnly: false)])
         for (mounts, words) in [(#"[{"destination": "/x", "type": "bind", "source": "relative"}]"#, "mounts[0]: a bind mount's source 'relative' must be an absolute host path"),
+                                (#"[{"destination": "/x", "type": "bind", "source": "/tmp/a\"b"}]"#, "mounts[0]: a bind mount's source '/tmp/a\"b' must be an absolute host path without '..', quotes"),
                                 (#"[{"destination": "/etc/../x", "type": "bind", "source": "/tmp"}]"#, "mounts[0]: the destination '/etc/../x' must be an absolute path"),
                                 (#"[{"destination": "/proc", "type": "proc"}, {"destination": "/a\"b", "options": ["bind"], "source": "/tmp"}]"#, "mounts[1]: the destination")] {
             do throws(RPCError) {
