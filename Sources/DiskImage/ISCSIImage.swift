@@ -271,7 +271,7 @@ public final class ISCSIImage: DiskImage, MultipathDisk, @unchecked Sendable {
         for problem in problems { NetworkDisk.say("iscsi: \(path): path down at start: \(problem)") }
     }
 
-    /// A C error buffer's text.
+    /// Logs every open path out and frees its libiscsi context.
     private static func closeAll(_ sessions: [Session?]) {
         for case let session? in sessions { vireo_iscsi_close(session.context, 1) }
     }
