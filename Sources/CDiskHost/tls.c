@@ -31,7 +31,7 @@
     X(gnutls_session_set_verify_cert) X(gnutls_transport_set_int2) X(gnutls_handshake) X(gnutls_bye) \
     X(gnutls_record_send) X(gnutls_record_recv) X(gnutls_session_get_verify_cert_status) \
     X(gnutls_certificate_type_get) X(gnutls_certificate_verification_status_print) X(gnutls_alert_get) \
-    X(gnutls_alert_get_name)
+    X(gnutls_alert_get_name) X(gnutls_record_check_pending)
 
 static struct {
 #define FIELD(name) __typeof__(name) *name;
@@ -155,6 +155,10 @@ long vireo_tls_recv(void *session, void *data, size_t length, char *error, size_
         return -1;
     }
     return (long)result;
+}
+
+size_t vireo_tls_pending(void *session) {
+    return lib.gnutls_record_check_pending((gnutls_session_t)session);
 }
 
 void vireo_tls_close(void *session, int notify) {

@@ -644,10 +644,13 @@ final class NBDWire: @unchecked Sendable {
             // A TLS server sends a reply's header and data as separate records, and with Nagle's
             // algorithm on its side the second waits for our ACK, which Linux delays up to 40 ms:
             // qemu-nbd's 4 KiB reads over TLS ran at 23 a second. Quick ACKs end the wait (Linux
-            // clears the flag by itself, so it is set before every read; on a Unix socket it
-            // fails harmlessly).
-            var one: Int32 = 1
-            _ = setsockopt(fd, Int32(IPPROTO_TCP), TCP_QUICKACK, &one, socklen_t(MemoryLayout<Int32>.size))
+            // clears the flag by itself, so it is set before every read that will reach the
+            // socket; one the session's buffered record serves needs no system call at all; on a
+            // Unix socket it fails harmlessly).
+            if vireo_tls_pending(session) < count {
+                var one: Int32 = 1
+                _ = setsockopt(fd, Int32(IPPROTO_TCP), TCP_QUICKACK, &one, socklen_t(MemoryLayout<Int32>.size))
+            }
             var error = [CChar](repeating: 0, count: 256)
             let got = vireo_tls_recv(session, base, count, &error, error.count)
             guard got >= 0 else { throw NBDFailure.connection(NetworkDisk.text(error)) }

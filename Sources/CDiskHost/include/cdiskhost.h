@@ -55,6 +55,8 @@ void *vireo_tls_session(void *credentials, int fd, const char *hostname, int sen
 // Bytes moved (> 0), 0 when the server closed the connection, -1 on failure (`error` filled).
 long vireo_tls_send(void *session, const void *data, size_t length, char *error, size_t size);
 long vireo_tls_recv(void *session, void *data, size_t length, char *error, size_t size);
+// Bytes of a received record not yet read: a read of at most that many needs no system call.
+size_t vireo_tls_pending(void *session);
 // Ends the session (`notify`: sends close_notify first) and frees it; the socket stays open.
 void vireo_tls_close(void *session, int notify);
 
