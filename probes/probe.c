@@ -537,15 +537,20 @@ static uint64_t parse_hex(const char *s) {
     }
 }
 
-/* Makes the chain starting at descriptor 0 available, notifies queue 0 and polls until the device
- * has used it; returns the length the device reported. */
+/* The queue the vq_* rings are set up as: 0, or with queue=N on the command line (virtio-blk with
+ * VIRTIO_BLK_F_MQ) queue N, the others left unused, as a driver may. */
+static uint32_t vq_index;
+static uint32_t blk_queue_count = 1;
+
+/* Makes the chain starting at descriptor 0 available, notifies the queue and polls until the
+ * device has used it; returns the length the device reported. */
 static uint32_t vq_submit_and_wait(uintptr_t base) {
     uint16_t seen = vq_used.idx;
     vq_avail.ring[vq_avail.idx % VQ_SIZE] = 0;
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
     vq_avail.idx++;
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
-    mmio_write32(base + 0x50, 0);
+    mmio_write32(base + 0x50, vq_index);
     while (*(volatile uint16_t *)&vq_used.idx == seen) {}
     mmio_write32(base + 0x64, mmio_read32(base + 0x60));     /* acknowledge the interrupt */
     return vq_used.ring[seen % VQ_SIZE].len;
@@ -612,11 +617,24 @@ static int virtio_init(uintptr_t base, uint32_t device_id, int *read_only) {
     /* DISCARD (13) only when the command line asks (probe=blk discard=1). */
     char wants[4];
     uint32_t discard = cmdline_value("discard", wants, sizeof wants) && wants[0] == '1' ? (1u << 13) : 0;
-    mmio_write32(base + 0x24, 0); mmio_write32(base + 0x20, f0 & ((1u << 5) | (1u << 9) | discard));
+    /* MQ (12) for a disk when the command line names a queue other than 0 (probe=blk queue=1). */
+    vq_index = 0;
+    blk_queue_count = 1;
+    char queue_arg[8];
+    uint32_t queue = device_id == 2 && cmdline_value("queue", queue_arg, sizeof queue_arg) ? (uint32_t)parse_dec(queue_arg) : 0;
+    uint32_t multiqueue = 0;
+    if (queue) {
+        if (!(f0 & (1u << 12))) { puts_raw(" no multiqueue offered"); return 0; }
+        blk_queue_count = mmio_read32(base + 0x100 + 32) >> 16;    /* num_queues, config offset 34 */
+        if (queue >= blk_queue_count) { puts_raw(" queue beyond num_queues"); return 0; }
+        multiqueue = 1u << 12;
+        vq_index = queue;
+    }
+    mmio_write32(base + 0x24, 0); mmio_write32(base + 0x20, f0 & ((1u << 5) | (1u << 9) | discard | multiqueue));
     mmio_write32(base + 0x24, 1); mmio_write32(base + 0x20, f1 & 1);   /* VERSION_1 */
     mmio_write32(base + 0x70, 1 | 2 | 8);
     if (!(mmio_read32(base + 0x70) & 8)) { puts_raw(" features refused"); return 0; }
-    mmio_write32(base + 0x30, 0);
+    mmio_write32(base + 0x30, vq_index);
     mmio_write32(base + 0x38, VQ_SIZE);
     vq_avail.idx = 0; vq_used.idx = 0;
     mmio_write32(base + 0x80, (uint32_t)(uintptr_t)vq_descs); mmio_write32(base + 0x84, 0);
@@ -694,6 +712,7 @@ static void probe_blk_device(int index, uintptr_t base) {
     uint64_t capacity = blk_init(base, &read_only);
     if (!capacity) { unlock(); return; }
     puts_raw(" capacity="); put_dec(capacity); puts_raw(" ro="); put_dec((uint64_t)read_only);
+    if (vq_index) { puts_raw(" queue="); put_dec(vq_index); puts_raw(" of "); put_dec(blk_queue_count); }
 
     for (int i = 0; i < 21; i++) blk_data[i] = 0;
     uint8_t st = blk_request(base, 8, 0, 20, 1);

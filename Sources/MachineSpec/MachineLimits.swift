@@ -10,6 +10,10 @@ public enum MachineLimits {
     public static let virtioSlots = 17
     /// A virtio-blk serial is 20 bytes (VIRTIO_BLK_ID_BYTES); QEMU's IDE and SCSI take the same.
     public static let diskSerialLength = 20
+    /// Request queues one virtio-blk disk may have (VIRTIO_BLK_F_MQ). virtio-mmio gives a device
+    /// one interrupt line whatever its queues, and each queue of a multiqueue disk has an I/O
+    /// thread in the VMM, so more queues than this only add threads.
+    public static let diskQueues: ClosedRange<Int> = 1...16
     /// Backing layers under one disk: deeper chains are refused, not followed.
     public static let backingLayers = 16
     /// Guest vsock CIDs: 0-2 are reserved (hypervisor, local, host), 0xffffffff is VMADDR_CID_ANY.

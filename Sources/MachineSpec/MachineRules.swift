@@ -30,6 +30,7 @@ public enum MachineRules {
             }
             try disk.rateLimit.validate(field: .disks, operations: "iops")
             if let serial = disk.serial { try diskSerial(serial, disk: index) }
+            if let queues = disk.queues { try diskQueues(queues, disk: index) }
             try diskChain(path: disk.path, format: disk.format, backing: disk.backing, disk: index)
             try networkDisk(path: disk.path, format: disk.format, backing: disk.backing, cache: disk.cache, followsHeader: disk.followsHeader, disk: index)
         }
@@ -196,6 +197,13 @@ public enum MachineRules {
         for tag in tags {
             try shareTag(tag)
             guard seen.insert(tag).inserted else { throw MachineSpecError(.shares, "tag '\(tag)' is used twice; each shared folder needs its own tag") }
+        }
+    }
+
+    /// A disk's request queues: at least one, at most `MachineLimits.diskQueues`.
+    public static func diskQueues(_ count: Int, disk index: Int) throws(MachineSpecError) {
+        guard MachineLimits.diskQueues.contains(count) else {
+            throw MachineSpecError(.disks, "disk \(index): \(count) queues is not allowed; use \(MachineLimits.diskQueues.lowerBound) to \(MachineLimits.diskQueues.upperBound)")
         }
     }
 

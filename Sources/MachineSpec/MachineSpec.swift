@@ -56,6 +56,15 @@ public struct MachineSpec: Sendable, Equatable, Codable {
         public var followsHeader = false
         /// nil: `writeback`. Optional so that specs in saved states from before it still read.
         public var cache: DiskCache?
+        /// Request queues (virtio-blk multiqueue); nil: one per vCPU, up to
+        /// `MachineLimits.diskQueues`, as QEMU's `num-queues=auto`. Optional so that specs in
+        /// saved states from before it still read.
+        public var queues: Int?
+
+        /// The queues the disk's device has on a machine of `cpus` vCPUs.
+        public func queueCount(cpus: Int) -> Int {
+            queues ?? min(max(cpus, MachineLimits.diskQueues.lowerBound), MachineLimits.diskQueues.upperBound)
+        }
 
         /// Opened with O_DIRECT, the whole chain.
         public var bypassesHostCache: Bool { cache == DiskCache.none }

@@ -169,7 +169,7 @@ extension MachineSpec {
 }
 
 extension MachineSpec.Disk {
-    static let syntax = "PATH[,readonly][,format=raw|qcow2][,backing=FORMAT:PATH]...[,backing=header][,serial=ID][,cache=writeback|none][,bps=N][,iops=N]"
+    static let syntax = "PATH[,readonly][,format=raw|qcow2][,backing=FORMAT:PATH]...[,backing=header][,serial=ID][,cache=writeback|none][,queues=N][,bps=N][,iops=N]"
 
     /// `PATH,format=F[,backing=F:PATH]...[,readonly][,serial=ID][,bps=...][,iops=...]`.
     public var argument: String {
@@ -179,6 +179,7 @@ extension MachineSpec.Disk {
         if readOnly { text += ",readonly" }
         if let serial { text += ",serial=" + serial }
         if let cache { text += ",cache=" + cache.rawValue }
+        if let queues { text += ",queues=\(queues)" }
         return text + rateLimit.options(operations: "iops")
     }
 
@@ -224,8 +225,17 @@ extension MachineSpec.Disk {
                 disk.cache = cache == .writeback ? nil : cache
                 continue
             }
+            if option.hasPrefix("queues=") {
+                let text = String(option.dropFirst(7))
+                guard let count = Int(text) else {
+                    throw MachineSpecError(.disks, "disk \(index): queues '\(text.prefix(40))' is not a number; allowed: \(MachineLimits.diskQueues.lowerBound) to \(MachineLimits.diskQueues.upperBound)")
+                }
+                try MachineRules.diskQueues(count, disk: index)
+                disk.queues = count
+                continue
+            }
             if try disk.rateLimit.parse(option, field: .disks, operations: "iops") { continue }
-            throw MachineSpecError(.disks, "unknown option '\(option)' in '\(text)'; allowed: readonly, format=raw|qcow2, backing=FORMAT:PATH, backing=header, serial=ID, cache=writeback|none, bps=, bps-burst=, iops=, iops-burst=")
+            throw MachineSpecError(.disks, "unknown option '\(option)' in '\(text)'; allowed: readonly, format=raw|qcow2, backing=FORMAT:PATH, backing=header, serial=ID, cache=writeback|none, queues=N, bps=, bps-burst=, iops=, iops-burst=")
         }
         try disk.rateLimit.validate(field: .disks, operations: "iops")
         guard let format = format ?? DiskFormat.declared(byName: path) else {

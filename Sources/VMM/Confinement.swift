@@ -59,7 +59,7 @@ enum ThreadKind: String {
 
     init(threadName name: String) {
         if name.hasPrefix("vcpu") { self = .vcpu }
-        else if name.hasPrefix("device") || name == "virtio-notify" { self = .device }
+        else if name.hasPrefix("device") || name.hasPrefix("virtio-") { self = .device }
         else { self = .control }
     }
 }

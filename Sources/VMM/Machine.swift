@@ -336,11 +336,15 @@ public final class Machine: @unchecked Sendable {
         try console.startInput(to: serial, stop: stop)
         defer { control?.finish() }
         try control?.start()
-        var dispatcherThread: HostThread?
-        if dispatcher.isActive { dispatcherThread = try HostThread.spawn(name: "virtio-notify") { [dispatcher] in dispatcher.run() } }
+        var dispatcherThreads: [HostThread] = []
         defer {
             dispatcher.stop()
-            dispatcherThread?.join()
+            for thread in dispatcherThreads { thread.join() }
+        }
+        for loop in dispatcher.activeLoops {
+            dispatcherThreads.append(try HostThread.spawn(name: loop == 0 ? "virtio-notify" : "virtio-io\(loop)") { [dispatcher] in
+                dispatcher.run(loop: loop)
+            })
         }
         // Network receive and throttled queues work on threads of their own, never on a vCPU's.
         let background: [any BackgroundDevice] = (blockDevices.map(\.device) as [any BackgroundDevice] + networkCards
@@ -415,8 +419,14 @@ public final class Machine: @unchecked Sendable {
     /// its metrics on exit).
     private func logDeviceTotals() {
         for disk in blockDevices {
-            vmmLog("virtio-blk \(disk.path): \(disk.device.completed.load(ordering: .relaxed)) requests, "
-                   + "\(disk.device.bytesRead.load(ordering: .relaxed)) bytes read, \(disk.device.bytesWritten.load(ordering: .relaxed)) bytes written")
+            let device = disk.device
+            var queues = ""
+            if device.completedByQueue.count > 1 {
+                let counts = device.completedByQueue.map { String($0.count.load(ordering: .relaxed)) }.joined(separator: ", ")
+                queues = " (by queue: \(counts); multiqueue taken in \(device.multiqueueSessions.load(ordering: .relaxed)) driver sessions)"
+            }
+            vmmLog("virtio-blk \(disk.path): \(device.completed.load(ordering: .relaxed)) requests\(queues), "
+                   + "\(device.bytesRead.load(ordering: .relaxed)) bytes read, \(device.bytesWritten.load(ordering: .relaxed)) bytes written")
         }
         for card in networkCards {
             vmmLog("virtio-net \(card.backend.name): \(card.receivedFrames.load(ordering: .relaxed)) frames in, "

@@ -169,7 +169,7 @@ struct DeviceBuses {
                 // Each disk stands in detached until its files are read (`decodeDisks`).
                 let image = DetachedImage(path: disk.path, format: disk.format, virtualSize: 0, readOnly: disk.readOnly)
                 let block = VirtioBlock(disk: image, readOnly: disk.readOnly, serial: disk.serial, rateLimit: disk.rateLimit,
-                                        bypassesHostCache: disk.bypassesHostCache)
+                                        bypassesHostCache: disk.bypassesHostCache, queues: disk.queueCount(cpus: spec.cpus))
                 blockDevices.append((disk.path, block))
                 virtio.append((block, "virtio-blk \(disk.path)"))
             }

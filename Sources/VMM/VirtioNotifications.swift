@@ -29,8 +29,11 @@ struct IRQFDInterruptLine: InterruptLine {
 }
 
 /// Receives virtio queue notifications that KVM signals on ioeventfds (one per queue, matched
-/// on the queue index written to QueueNotify) and runs the device's queue work on its own thread,
-/// so a vCPU's notification costs no exit to this process and the vCPU runs on meanwhile.
+/// on the queue index written to QueueNotify) and runs the device's queue work on threads of its
+/// own, so a vCPU's notification costs no exit to this process and the vCPU runs on meanwhile.
+/// One thread (loop 0) serves every single-queue device; each queue of a device whose queues work
+/// independently (a multiqueue disk) gets a loop and thread of its own, so one vCPU's request
+/// never waits behind another's.
 /// A queue whose ioeventfd cannot be registered keeps the ordinary MMIO path. For a device whose
 /// queues another process serves (vhost-user), KVM signals that process's kick eventfds itself,
 /// and this thread only turns its call eventfds into the used-buffer interrupt.
@@ -42,20 +45,25 @@ final class NotificationDispatcher: @unchecked Sendable {
         let queue: Int
         var kind = Kind.notify
     }
-    private var entries: [Entry] = []
+    /// Each loop's descriptors; loop 0 is the shared one.
+    private var loops: [[Entry]] = [[]]
+    /// Never read: once written it stays readable, so every loop's poll sees it and ends.
     private let wake = vireo_eventfd_cloexec(0)
     private let stopping = Atomic<Bool>(false)
 
-    var isActive: Bool { !entries.isEmpty }
+    /// The loops with something to wait for, each to be run on a thread of its own.
+    var activeLoops: [Int] { loops.indices.filter { !loops[$0].isEmpty } }
 
-    /// Called while the machine is built, before `run()`.
+    /// Called while the machine is built, before `run(loop:)`.
     func attach(_ transport: VirtioMMIOTransport, notifyAddress: UInt64, vm: VirtualMachine) {
+        let ownLoops = transport.device.processesQueuesConcurrently && transport.queueCount > 1
         for queue in 0..<transport.queueCount {
             let fd = vireo_eventfd_cloexec(0)
             guard fd >= 0 else { return }
             do {
                 try vm.registerIOEventFD(address: notifyAddress, length: 4, eventFD: fd, value: UInt64(queue))
-                entries.append(Entry(fd: fd, transport: transport, queue: queue))
+                let entry = Entry(fd: fd, transport: transport, queue: queue)
+                if ownLoops { loops.append([entry]) } else { loops[0].append(entry) }
             } catch {
                 close(fd)
                 vmmLog("ioeventfd for queue \(queue) at 0x\(String(notifyAddress, radix: 16)) unavailable (\(error)); using MMIO exits")
@@ -77,7 +85,7 @@ final class NotificationDispatcher: @unchecked Sendable {
             }
         }
         for (queue, fd) in device.callDescriptors.enumerated() {
-            entries.append(Entry(fd: fd, transport: transport, queue: queue, kind: .backendUsedBuffers))
+            loops[0].append(Entry(fd: fd, transport: transport, queue: queue, kind: .backendUsedBuffers))
         }
     }
 
@@ -87,7 +95,8 @@ final class NotificationDispatcher: @unchecked Sendable {
         _ = write(wake, &one, 8)
     }
 
-    func run() {
+    func run(loop: Int) {
+        let entries = loops[loop]
         var descriptors = [pollfd(fd: wake, events: Int16(POLLIN), revents: 0)]
             + entries.map { pollfd(fd: $0.fd, events: Int16(POLLIN), revents: 0) }
         while !stopping.load(ordering: .acquiring) {

@@ -47,6 +47,55 @@ import Testing
         #expect(try disk.readBytes(count: 512, at: 3 * 512) == first)
     }
 
+    @Test("a multiqueue disk's queue 1 comes back from a saved state and goes on from its indices in a new device; a state saved with one queue (before multiqueue) restores into a two-queue device, the second queue unused; a state with more queues than the device has is refused")
+    func multiqueueState() throws {
+        var (driver, _, disk) = try makeBlockDevice(queues: 2)
+        driver.queueIndex = 1
+        driver.initialise(features: VirtioFeature.version1 | VirtioBlockMultiqueueTests.multiqueue)
+        let first = [UInt8](repeating: 0x31, count: 512)
+        try driver.memory.write(first, at: driver.dataAddress)
+        try driver.submit(try driver.blockRequest(type: 1, sector: 1, dataLength: 512, dataWritable: false))
+        #expect(driver.usedIndex == 1)
+        let state = try Self.saved(driver.transport)
+
+        let restored = VirtioMMIOTransport(device: VirtioBlock(disk: disk, readOnly: false, serial: "vireo-serial-1", queues: 2),
+                                           memory: driver.memory, interrupt: PulseCounter())
+        try restored.restore(record: state)
+        var next = TestDriver(memory: driver.memory, transport: restored, queueSize: 16, queueIndex: 1)
+        next.availableIndex = 1
+        let second = [UInt8](repeating: 0x32, count: 512)
+        try driver.memory.write(second, at: driver.dataAddress)
+        try next.submit(try next.blockRequest(type: 1, sector: 2, dataLength: 512, dataWritable: false))
+        #expect(driver.usedIndex == 2, "queue 1 did not go on after the restore")
+        #expect(try disk.readBytes(count: 512, at: 2 * 512) == second)
+
+        // A one-queue state (a VM saved before its disk had more queues).
+        var (old, _, oldDisk) = try makeBlockDevice()
+        old.initialise()
+        try old.submit(try old.blockRequest(type: 1, sector: 1, dataLength: 512, dataWritable: false))
+        let oldState = try Self.saved(old.transport)
+        let upgraded = VirtioMMIOTransport(device: VirtioBlock(disk: oldDisk, readOnly: false, serial: "vireo-serial-1", queues: 2),
+                                           memory: old.memory, interrupt: PulseCounter())
+        try upgraded.restore(record: oldState)
+        #expect(upgraded.captureState().queues.map(\.ready) == [true, false])
+        var resumed = TestDriver(memory: old.memory, transport: upgraded, queueSize: 16)
+        resumed.availableIndex = 1
+        try resumed.submit(try resumed.blockRequest(type: 1, sector: 2, dataLength: 512, dataWritable: false))
+        #expect(old.usedIndex == 2)
+
+        // Two queues into a device with one: refused (the MQ feature, then the queue count).
+        var twoQueues = try BinaryRecord.decode(VirtioMMIOTransport.Saved.self, from: state)
+        let smaller = VirtioMMIOTransport(device: VirtioBlock(disk: disk, readOnly: false, serial: nil), memory: driver.memory, interrupt: PulseCounter())
+        #expect(throws: StateError.self) { try smaller.restore(record: state) }
+        twoQueues.driverFeatures &= ~VirtioBlockMultiqueueTests.multiqueue
+        do {
+            try smaller.restore(record: try BinaryRecord.encode(twoQueues))
+            Issue.record("a two-queue state was restored into a one-queue device")
+        } catch {
+            #expect(error.description.contains("2 queues where this device has 1"), "\(error)")
+        }
+    }
+
     @Test("every truncation of a transport's state, another device type's state, and features the device never offered are refused with the field named")
     func damagedTransportStateIsRefused() throws {
         let (driver, _, disk) = try makeBlockDevice()

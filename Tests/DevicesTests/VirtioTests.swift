@@ -12,11 +12,16 @@ final class PulseCounter: InterruptLine, Sendable {
 }
 
 /// A minimal virtio driver, as a guest would be, poking the transport's registers and laying out
-/// a split queue in guest memory: descriptors at 0x1000, available ring at 0x2000, used at 0x3000.
-struct TestDriver {
+/// a split queue in guest memory: descriptors at 0x1000, available ring at 0x2000, used at 0x3000,
+/// each `base` further on (a second driver of another queue of the same device uses another base).
+struct TestDriver: Sendable {
     let memory: GuestMemory
     let transport: VirtioMMIOTransport
     let queueSize: UInt16
+    /// The queue this driver sets up and notifies.
+    var queueIndex: UInt32 = 0
+    /// Added to every address the driver lays out (rings and request buffers).
+    var base: UInt64 = 0
     var nextDescriptor: UInt16 = 0
     var availableIndex: UInt16 = 0
     static let descriptors: UInt64 = 0x1000, available: UInt64 = 0x2000, used: UInt64 = 0x3000
@@ -38,19 +43,24 @@ struct TestDriver {
         set(0x24, 0); set(0x20, UInt32(truncatingIfNeeded: features))
         set(0x24, 1); set(0x20, UInt32(truncatingIfNeeded: features >> 32))
         set(0x70, 0xb)
-        set(0x30, 0)
-        set(0x38, UInt32(size ?? queueSize))
-        set(0x80, UInt32(Self.descriptors)); set(0x84, 0)
-        set(0x90, UInt32(Self.available)); set(0x94, 0)
-        set(0xa0, UInt32(Self.used)); set(0xa4, 0)
-        set(0x44, 1)
+        setUpQueue(size: size)
         set(0x70, 0xf)
+    }
+
+    /// QueueSel, size, ring addresses and QueueReady for this driver's queue.
+    func setUpQueue(size: UInt16? = nil) {
+        set(0x30, queueIndex)
+        set(0x38, UInt32(size ?? queueSize))
+        set(0x80, UInt32(base + Self.descriptors)); set(0x84, 0)
+        set(0x90, UInt32(base + Self.available)); set(0x94, 0)
+        set(0xa0, UInt32(base + Self.used)); set(0xa4, 0)
+        set(0x44, 1)
     }
 
     mutating func descriptor(_ address: UInt64, _ length: UInt32, writable: Bool, next: UInt16?) throws -> UInt16 {
         let index = nextDescriptor
         nextDescriptor += 1
-        let entry = GuestPhysicalAddress(Self.descriptors + 16 * UInt64(index))
+        let entry = GuestPhysicalAddress(base + Self.descriptors + 16 * UInt64(index))
         try memory.write(address, at: entry)
         try memory.write(length, at: entry + 8)
         try memory.write(UInt16((writable ? 2 : 0) | (next != nil ? 1 : 0)), at: entry + 12)
@@ -59,28 +69,30 @@ struct TestDriver {
     }
 
     mutating func submit(_ head: UInt16) throws {
-        try memory.write(head, at: GuestPhysicalAddress(Self.available + 4 + 2 * UInt64(availableIndex % queueSize)))
+        try memory.write(head, at: GuestPhysicalAddress(base + Self.available + 4 + 2 * UInt64(availableIndex % queueSize)))
         availableIndex &+= 1
-        try memory.write(availableIndex, at: GuestPhysicalAddress(Self.available + 2))
-        set(0x50, 0)
+        try memory.write(availableIndex, at: GuestPhysicalAddress(base + Self.available + 2))
+        set(0x50, queueIndex)
     }
 
-    /// A block request: header at 0x10000, data at 0x20000, status at 0x30000.
+    /// A block request: header at 0x10000, data at 0x20000, status at 0x30000 (plus `base`).
     mutating func blockRequest(type: UInt32, sector: UInt64, dataLength: UInt32, dataWritable: Bool) throws -> UInt16 {
-        try memory.write(type, at: GuestPhysicalAddress(0x10000))
-        try memory.write(UInt32(0), at: GuestPhysicalAddress(0x10004))
-        try memory.write(sector, at: GuestPhysicalAddress(0x10008))
-        try memory.write(UInt8(0xff), at: GuestPhysicalAddress(0x30000))
-        let status = try descriptor(0x30000, 1, writable: true, next: nil)
-        let data = dataLength > 0 ? try descriptor(0x20000, dataLength, writable: dataWritable, next: status) : status
-        return try descriptor(0x10000, 16, writable: false, next: data)
+        try memory.write(type, at: GuestPhysicalAddress(base + 0x10000))
+        try memory.write(UInt32(0), at: GuestPhysicalAddress(base + 0x10004))
+        try memory.write(sector, at: GuestPhysicalAddress(base + 0x10008))
+        try memory.write(UInt8(0xff), at: GuestPhysicalAddress(base + 0x30000))
+        let status = try descriptor(base + 0x30000, 1, writable: true, next: nil)
+        let data = dataLength > 0 ? try descriptor(base + 0x20000, dataLength, writable: dataWritable, next: status) : status
+        return try descriptor(base + 0x10000, 16, writable: false, next: data)
     }
 
-    var usedIndex: UInt16 { (try? memory.read(UInt16.self, at: GuestPhysicalAddress(Self.used + 2))) ?? 0 }
-    var status: UInt8 { (try? memory.read(UInt8.self, at: GuestPhysicalAddress(0x30000))) ?? 0xee }
+    /// Where a block request's data goes (`blockRequest`).
+    var dataAddress: GuestPhysicalAddress { GuestPhysicalAddress(base + 0x20000) }
+    var usedIndex: UInt16 { (try? memory.read(UInt16.self, at: GuestPhysicalAddress(base + Self.used + 2))) ?? 0 }
+    var status: UInt8 { (try? memory.read(UInt8.self, at: GuestPhysicalAddress(base + 0x30000))) ?? 0xee }
 }
 
-func makeBlockDevice(size: UInt64 = 1 << 20, readOnly: Bool = false) throws -> (TestDriver, PulseCounter, any DiskImage) {
+func makeBlockDevice(size: UInt64 = 1 << 20, readOnly: Bool = false, queues: Int = 1) throws -> (TestDriver, PulseCounter, any DiskImage) {
     let directory = FileManager.default.temporaryDirectory.appendingPathComponent("vireo-blk-\(UUID().uuidString)")
     try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
     let path = directory.appendingPathComponent("disk.qcow2").path
@@ -88,7 +100,7 @@ func makeBlockDevice(size: UInt64 = 1 << 20, readOnly: Bool = false) throws -> (
     let disk = try DiskImages.open(path: path, format: .qcow2)
     let memory = try GuestMemory(anonymousRegions: [(GuestPhysicalAddress(0), 1 << 20)])
     let line = PulseCounter()
-    let transport = VirtioMMIOTransport(device: VirtioBlock(disk: disk, readOnly: readOnly, serial: "vireo-serial-1"),
+    let transport = VirtioMMIOTransport(device: VirtioBlock(disk: disk, readOnly: readOnly, serial: "vireo-serial-1", queues: queues),
                                         memory: memory, interrupt: line)
     return (TestDriver(memory: memory, transport: transport, queueSize: 16), line, disk)
 }
@@ -294,6 +306,100 @@ func makeBlockDevice(size: UInt64 = 1 << 20, readOnly: Bool = false) throws -> (
             }
             for _ in 0..<4 { try driver.submit(UInt16.random(in: 0...20, using: &generator)) }
             #expect(driver.usedIndex <= 4)
+        }
+    }
+}
+
+/// Multiqueue virtio-blk (VIRTIO_BLK_F_MQ, virtio 1.x §5.2.3, §5.2.4): what the device offers,
+/// queues the driver picks, and queues worked from several threads at once.
+@Suite struct VirtioBlockMultiqueueTests {
+    static let multiqueue: UInt64 = 1 << 12
+
+    func counts(_ transport: VirtioMMIOTransport) throws -> [UInt64] {
+        try #require(transport.device as? VirtioBlock).completedByQueue.map { $0.count.load(ordering: .relaxed) }
+    }
+
+    @Test("a disk with 4 queues offers MQ and says num_queues = 4; a driver that takes it works on queue 2, counted there; a driver that does not take it works on queue 0; a one-queue disk offers no MQ")
+    func offersAndServesQueues() throws {
+        var (driver, _, disk) = try makeBlockDevice(queues: 4)
+        driver.set(0x14, 0)
+        #expect(driver.register(0x010) & UInt32(Self.multiqueue) != 0)
+        #expect(driver.register(0x100 + 32) >> 16 == 4, "num_queues")
+        driver.set(0x30, 3)
+        #expect(driver.register(0x034) == UInt32(VirtioBlock.queueSize))
+        driver.set(0x30, 4)
+        #expect(driver.register(0x034) == 0, "a fifth queue")
+
+        driver.queueIndex = 2
+        driver.initialise(features: VirtioFeature.version1 | Self.multiqueue)
+        #expect(driver.register(0x70) == 0xf)
+        let pattern = (0..<1024).map { UInt8(truncatingIfNeeded: $0 * 11) }
+        try driver.memory.write(pattern, at: driver.dataAddress)
+        try driver.submit(try driver.blockRequest(type: 1, sector: 5, dataLength: 1024, dataWritable: false))
+        #expect(driver.usedIndex == 1 && driver.status == 0)
+        #expect(try disk.readBytes(count: 1024, at: 5 * 512) == pattern)
+        driver.nextDescriptor = 0
+        try driver.memory.fill(0, count: 1024, at: driver.dataAddress)
+        try driver.submit(try driver.blockRequest(type: 0, sector: 5, dataLength: 1024, dataWritable: true))
+        #expect(driver.status == 0)
+        #expect(try driver.memory.readBytes(count: 1024, at: driver.dataAddress) == pattern)
+        #expect(try counts(driver.transport) == [0, 0, 2, 0])
+        #expect(try #require(driver.transport.device as? VirtioBlock).multiqueueSessions.load(ordering: .relaxed) == 1)
+        // A notification for a queue the driver never readied does nothing.
+        driver.set(0x50, 1)
+        #expect(try counts(driver.transport) == [0, 0, 2, 0])
+        #expect(driver.transport.lastError == nil)
+
+        // A driver without MQ (the probe, old kernels) uses queue 0 of the same kind of disk.
+        var plain = try makeBlockDevice(queues: 4).0
+        plain.initialise()
+        try plain.submit(try plain.blockRequest(type: 1, sector: 0, dataLength: 512, dataWritable: false))
+        #expect(plain.usedIndex == 1 && plain.status == 0)
+        #expect(try counts(plain.transport) == [1, 0, 0, 0])
+
+        let single = try makeBlockDevice().0
+        single.set(0x14, 0)
+        #expect(single.register(0x010) & UInt32(Self.multiqueue) == 0)
+        #expect(single.register(0x100 + 32) >> 16 == 1)
+    }
+
+    @Test("two queues of one disk driven from two threads at once, 300 writes each on its own ring: every request completes with the right bytes on the disk and the device never fails")
+    func queuesWorkConcurrently() throws {
+        var (first, _, disk) = try makeBlockDevice(size: 1 << 20, queues: 2)
+        first.initialise(features: VirtioFeature.version1 | Self.multiqueue)
+        var second = TestDriver(memory: first.memory, transport: first.transport, queueSize: 16, queueIndex: 1, base: 0x80000)
+        second.setUpQueue()
+        let drivers = [first, second]
+        let requests = 300
+        let failures = Mutex<[String]>([])
+        DispatchQueue.concurrentPerform(iterations: 2) { which in
+            var driver = drivers[which]
+            for request in 0..<requests {
+                let sector = UInt64(which * 1000 + request)
+                do {
+                    try driver.memory.write([UInt8](repeating: UInt8(truncatingIfNeeded: request * 3 + which), count: 512), at: driver.dataAddress)
+                    driver.nextDescriptor = 0
+                    try driver.submit(try driver.blockRequest(type: 1, sector: sector, dataLength: 512, dataWritable: false))
+                } catch {
+                    failures.withLock { $0.append("queue \(which) request \(request): \(error)") }
+                    return
+                }
+                // The queue's work ran in `submit`, on this thread.
+                guard driver.usedIndex == UInt16(request + 1), driver.status == 0 else {
+                    failures.withLock { $0.append("queue \(which) request \(request): used \(driver.usedIndex), status \(driver.status)") }
+                    return
+                }
+            }
+        }
+        #expect(failures.withLock { $0 }.isEmpty, "\(failures.withLock { $0 })")
+        #expect(first.transport.lastError == nil)
+        #expect(first.register(0x70) & 0x40 == 0, "NEEDS_RESET")
+        #expect(try counts(first.transport) == [UInt64(requests), UInt64(requests)])
+        for which in 0..<2 {
+            for request in [0, 149, requests - 1] {
+                let expected = [UInt8](repeating: UInt8(truncatingIfNeeded: request * 3 + which), count: 512)
+                #expect(try disk.readBytes(count: 512, at: UInt64(which * 1000 + request) * 512) == expected, "queue \(which) request \(request)")
+            }
         }
     }
 }

@@ -98,7 +98,7 @@ struct LinuxKernelTests {
 
     // About 15 minutes here alone (the guest kernel runs in this host's instruction emulator);
     // a busy 2-core machine stretched it past 20, so the limits leave room for that.
-    @Test("ACPI only (the acpi kernel, no virtio_mmio.device=): 2 vCPUs from the MADT, virtio-blk and virtio-net from the DSDT, DHCP through the tap, the ext4 root mounted from an NBD export (the VMM's own client, qemu-nbd serving it) and a second disk probed on an iSCSI LUN (libiscsi, tgtd serving it), the power button bound, no ACPI complaint, and a reboot through the ACPI reset register",
+    @Test("ACPI only (the acpi kernel, no virtio_mmio.device=): 2 vCPUs from the MADT, virtio-blk (two queues each, multiqueue) and virtio-net from the DSDT, DHCP through the tap, the ext4 root mounted from an NBD export (the VMM's own client, qemu-nbd serving it) and a second disk probed on an iSCSI LUN (libiscsi, tgtd serving it), the power button bound, no ACPI complaint, and a reboot through the ACPI reset register",
           .timeLimit(.minutes(30)))
     func ext4RootOnVirtioBlock() throws {
         try Harness.requireKVM()
@@ -140,6 +140,9 @@ struct LinuxKernelTests {
         #expect(console.contains("device=eth0, hwaddr=02:00:00:0a:00:0f, ipaddr=10.0.2.15, mask=255.255.255.0"), "console tail: \(console.suffix(3000))")
         #expect(console.contains("virtio_blk virtio0: [vda] 65536 512-byte logical blocks (33.6 MB/32.0 MiB)"), "console tail: \(console.suffix(3000))")
         #expect(console.contains("EXT4-fs (vda): mounted filesystem"))
+        // Two vCPUs, two queues per disk: Linux's blk-mq takes VIRTIO_BLK_F_MQ and uses both.
+        #expect(console.contains("virtio_blk virtio0: 2/0/0 default/read/poll queues"), "console: \(console.prefix(12000))")
+        #expect(result.stderr.contains("multiqueue taken in 1 driver sessions"), "\(result.stderr)")
         #expect(console.contains("virtio_blk virtio1: [vdb] 8192 512-byte logical blocks (4.19 MB/4.00 MiB)"), "console tail: \(console.suffix(3000))")
         #expect(result.stderr.contains("virtio-blk \(target.uri()):"), "\(result.stderr)")
         #expect(console.contains("VFS: Mounted root (ext4 filesystem) readonly on device 254:0."))

@@ -128,7 +128,7 @@ struct MigrationTests {
         #expect(checked.status == 0, "\(checked.stdout)\(checked.stderr)")
     }
 
-    @Test("live migration with the disk on an NBD export both hosts reach (TCP, served in the source's namespace), no copy: a receiver not told the server refuses it by name and the VM runs on; with --allow-disk-server it moves, its writes go on at the destination, blocks the source wrote read back there, and every block is on the export")
+    @Test("live migration with the disk on an NBD export both hosts reach (TCP, served in the source's namespace), no copy: a receiver not told the server refuses it by name and the VM runs on; with --allow-disk-server it moves, its writes (on queue 1 of the multiqueue disk) go on at the destination, blocks the source wrote read back there, and every block is on the export")
     func migrateOnNetworkDisk() throws {
         let lab = try MigrationLab()
         let directory = try Harness.temporaryDirectory()
@@ -136,8 +136,10 @@ struct MigrationTests {
         #expect(Harness.run(["truncate", "-s", "64M", image]).status == 0)
         let server = try NBDServer(image: image, port: 10809, host: MigrationLab.sourceAddress, namespace: lab.source)
         let uri = server.uri()
-        #expect(lab.atSource("create", "onnbd", "--kernel", try Harness.probe("pvh"), "--memory", "64M", "--no-disk",
-                             "--cmdline", "console=ttyS0 probe=blkloop count=100000000 readback=1").status == 0)
+        // Two vCPUs, so the disk has two queues, and the guest writes on queue 1: the queue's
+        // indices move with the VM, or its writes stop at the destination.
+        #expect(lab.atSource("create", "onnbd", "--kernel", try Harness.probe("pvh"), "--memory", "64M", "--no-disk", "--cpus", "2",
+                             "--cmdline", "console=ttyS0 probe=blkloop count=100000000 readback=1 queue=1").status == 0)
         let attached = lab.atSource("disk", "attach", "onnbd", uri)
         #expect(attached.status == 0, "\(attached.stderr)")
         #expect(lab.atSource("start", "onnbd").status == 0)

@@ -133,6 +133,7 @@ import Glibc
             ("18 devices", { $0.disks = Array(repeating: MachineSpec.Disk(path: "/d.raw", format: .raw), count: MachineLimits.virtioSlots + 1) }),
             ("a NUL in a disk path", { $0.disks[0].path = "/vm/disk\u{0}.raw" }),
             ("a relative backing image", { $0.disks[0].backing = [BackingLayer(path: "base.qcow2", format: .qcow2)] }),
+            ("17 queues on a disk", { $0.disks[0].queues = 17 }), ("no queue on a disk", { $0.disks[0].queues = 0 }),
             ("a multicast MAC", { $0.nics[0].mac = "01:00:5e:00:00:01" }),
             ("stdin as a tap", { $0.nics[0].backend = .tapDescriptor(0) }),
             ("vsock CID 2", { $0.vsock = MachineSpec.Vsock(socketPath: "/vm/v.sock", guestCID: 2) }),

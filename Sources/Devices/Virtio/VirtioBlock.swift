@@ -5,7 +5,10 @@ import Synchronization
 
 /// virtio-blk (virtio 1.x §5.2) over a `DiskImage`: read, write, flush and get-id. Guest buffers
 /// are read and written in place (no bounce copies); disk errors become VIRTIO_BLK_S_IOERR for
-/// that request, never a VMM failure.
+/// that request, never a VMM failure. With more than one queue it offers VIRTIO_BLK_F_MQ: a
+/// driver that takes it (Linux's blk-mq maps one queue to each vCPU) submits on each, and the
+/// queues are worked on at the same time (each has its own I/O thread in the VMM); the image is
+/// the only thing they share, and every `DiskImage` takes concurrent requests.
 public final class VirtioBlock: VirtioDevice, BackgroundDevice, @unchecked Sendable {
     public static let sectorSize: UInt64 = 512
     public static let queueSize: UInt16 = 256
@@ -27,6 +30,7 @@ public final class VirtioBlock: VirtioDevice, BackgroundDevice, @unchecked Senda
         static let segmentMaximum: UInt64 = 1 << 2
         static let readOnly: UInt64 = 1 << 5
         static let flush: UInt64 = 1 << 9
+        static let multiqueue: UInt64 = 1 << 12
         static let discard: UInt64 = 1 << 13
         static let writeZeroes: UInt64 = 1 << 14
     }
@@ -45,6 +49,13 @@ public final class VirtioBlock: VirtioDevice, BackgroundDevice, @unchecked Senda
     public let serial: [UInt8]
     /// Completed requests, for counters and tests.
     public let completed = Atomic<UInt64>(0)
+    /// Completed requests by queue, for the VMM log (which queues a multiqueue driver used).
+    public let completedByQueue: [RequestCounter]
+    /// Driver sessions (FEATURES_OK) that took VIRTIO_BLK_F_MQ.
+    public let multiqueueSessions = Atomic<UInt64>(0)
+    public final class RequestCounter: Sendable {
+        public let count = Atomic<UInt64>(0)
+    }
     /// Guest data moved, for `vireo info`.
     public let bytesRead = Atomic<UInt64>(0)
     public let bytesWritten = Atomic<UInt64>(0)
@@ -54,8 +65,13 @@ public final class VirtioBlock: VirtioDevice, BackgroundDevice, @unchecked Senda
     private let deferred = DeferredWork()
     private let access = VirtioQueueAccessLink()
 
-    public init(disk: any DiskImage, readOnly: Bool, serial: String?, rateLimit: RateLimit = RateLimit(), bypassesHostCache: Bool = false) {
+    /// `queues`: request queues, 1 to `MachineLimits.diskQueues.upperBound` (the spec's rule;
+    /// clamped here so that a device never has none).
+    public init(disk: any DiskImage, readOnly: Bool, serial: String?, rateLimit: RateLimit = RateLimit(), bypassesHostCache: Bool = false,
+                queues: Int = 1) {
         image = Mutex(disk)
+        let queueCount = min(max(queues, MachineLimits.diskQueues.lowerBound), MachineLimits.diskQueues.upperBound)
+        completedByQueue = (0..<queueCount).map { _ in RequestCounter() }
         self.readOnly = readOnly || disk.isReadOnly
         self.bypassesHostCache = bypassesHostCache
         self.serial = Array((serial ?? "").utf8.prefix(20))
@@ -87,8 +103,10 @@ public final class VirtioBlock: VirtioDevice, BackgroundDevice, @unchecked Senda
     public func stopBackground() { deferred.stop() }
     public func runBackground() {
         deferred.run {
-            _ = access.current?.withQueue(0) { (queue, memory) throws(VirtioError) -> Bool in
-                try self.process(queue: 0, queue, memory: memory)
+            for index in completedByQueue.indices {
+                _ = access.current?.withQueue(index) { (queue, memory) throws(VirtioError) -> Bool in
+                    try self.process(queue: index, queue, memory: memory)
+                }
             }
         }
     }
@@ -97,8 +115,14 @@ public final class VirtioBlock: VirtioDevice, BackgroundDevice, @unchecked Senda
     public var deviceFeatures: UInt64 {
         VirtioFeature.version1 | Feature.segmentMaximum | Feature.flush
             | (readOnly ? Feature.readOnly : Feature.discard | Feature.writeZeroes)
+            | (completedByQueue.count > 1 ? Feature.multiqueue : 0)
     }
-    public var queueMaximumSizes: [UInt16] { [Self.queueSize] }
+    public var queueMaximumSizes: [UInt16] { Array(repeating: Self.queueSize, count: completedByQueue.count) }
+    public var processesQueuesConcurrently: Bool { true }
+
+    public func acceptFeatures(_ features: UInt64) {
+        if features & Feature.multiqueue != 0 { multiqueueSessions.add(1, ordering: .relaxed) }
+    }
 
     public func readConfiguration(offset: Int, into data: UnsafeMutableRawBufferPointer) {
         // struct virtio_blk_config up to write_zeroes_may_unmap (virtio 1.x §5.2.4).
@@ -108,6 +132,7 @@ public final class VirtioBlock: VirtioDevice, BackgroundDevice, @unchecked Senda
         }
         put(disk.virtualSize / Self.sectorSize, at: 0, size: 8)          // capacity
         put(UInt64(Self.queueSize - 2), at: 12, size: 4)                 // seg_max
+        put(UInt64(completedByQueue.count), at: 34, size: 2)             // num_queues
         put(UInt64(Self.maximumSegmentSectors), at: 36, size: 4)         // max_discard_sectors
         put(UInt64(Self.maximumSegments), at: 40, size: 4)               // max_discard_seg
         put(1, at: 44, size: 4)                                          // discard_sector_alignment
@@ -132,21 +157,21 @@ public final class VirtioBlock: VirtioDevice, BackgroundDevice, @unchecked Senda
                 }
             }
             guard let chain = try queue.popChain() else { break }
-            let moved = (bytesRead.load(ordering: .relaxed), bytesWritten.load(ordering: .relaxed))
-            let written = try handle(chain, memory: memory)
+            var moved: UInt64 = 0
+            let written = try handle(chain, memory: memory, moved: &moved)
             try queue.pushUsed(head: chain.head, written: written)
             completed.add(1, ordering: .relaxed)
-            if let limiter {
-                let bytes = bytesRead.load(ordering: .relaxed) &- moved.0 &+ bytesWritten.load(ordering: .relaxed) &- moved.1
-                limiter.consume(bytes: bytes)
-            }
+            completedByQueue[index].count.add(1, ordering: .relaxed)
+            limiter?.consume(bytes: moved)
             used = true
         }
         return used
     }
 
-    /// Executes one request; returns the bytes written into guest buffers (status byte included).
-    private func handle(_ chain: DescriptorChain, memory: GuestMemory) throws(VirtioError) -> UInt32 {
+    /// Executes one request; returns the bytes written into guest buffers (status byte included)
+    /// and adds the disk data it moved to `moved` (the rate limit's measure; this queue's own,
+    /// which the shared counters are not while other queues work).
+    private func handle(_ chain: DescriptorChain, memory: GuestMemory, moved: inout UInt64) throws(VirtioError) -> UInt32 {
         // The image once per request, not a lock per access (a live snapshot swaps it only while
         // the queue is quiesced, so it cannot change under a request).
         let disk = self.disk
@@ -186,9 +211,11 @@ public final class VirtioBlock: VirtioDevice, BackgroundDevice, @unchecked Senda
                             try disk.read(into: UnsafeMutableRawBufferPointer(start: host, count: Int(buffer.length)), at: offset)
                             written += buffer.length
                             bytesRead.add(UInt64(buffer.length), ordering: .relaxed)
+                            moved += UInt64(buffer.length)
                         } else {
                             try disk.write(UnsafeRawBufferPointer(start: host, count: Int(buffer.length)), at: offset)
                             bytesWritten.add(UInt64(buffer.length), ordering: .relaxed)
+                            moved += UInt64(buffer.length)
                         }
                         offset += UInt64(buffer.length)
                     }

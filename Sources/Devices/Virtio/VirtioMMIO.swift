@@ -35,6 +35,10 @@ public protocol VirtioDevice: AnyObject, Sendable {
     /// The driver set DRIVER_OK with these queues ready (after FEATURES_OK): a device whose queues
     /// another process serves hands them over now. An error fails the device (NEEDS_RESET).
     func driverReady(_ queues: [VirtioQueueLayout]) throws(VirtioError)
+    /// Whether `process` may run for different queues at the same time (a multiqueue disk, whose
+    /// queues share nothing but the image). False for devices whose queues share state (a card's
+    /// receive and transmit, vsock's connections): their queue work runs one queue at a time.
+    var processesQueuesConcurrently: Bool { get }
 }
 
 /// A ready queue as the driver laid it out, in guest-physical addresses.
@@ -53,6 +57,7 @@ extension VirtioDevice {
     public func reset() {}
     public func savedDeviceRecord() throws(StateError) -> [UInt8] { [] }
     public var offersEventIndex: Bool { true }
+    public var processesQueuesConcurrently: Bool { false }
     public func driverReady(_ queues: [VirtioQueueLayout]) throws(VirtioError) {}
     public func restoreDevice(record: [UInt8]) throws(StateError) {
         guard record.isEmpty else { throw .invalid(field: "device", reason: "\(record.count) bytes of state for a device that keeps none") }
@@ -138,6 +143,16 @@ public final class VirtioMMIOTransport: MMIODevice, VirtioQueueAccess, Snapshott
         var quiesced = false
     }
 
+    /// Held while a queue's work runs (the device's `process`, a device thread's `withQueue`):
+    /// one per queue for a device whose queues work independently, one shared otherwise. Taken
+    /// before `state`, which queue work holds only to look up its queue and to interrupt; whatever
+    /// replaces or resets queues (QueueReady, Status, quiesce, reset) takes all of them first, in
+    /// order, so it never runs beside queue work.
+    private final class QueueWorkLock: Sendable {
+        let mutex = Mutex(())
+    }
+    private let workLocks: [QueueWorkLock]
+
     public let device: any VirtioDevice
     let memory: GuestMemory
     let interrupt: any InterruptLine
@@ -158,7 +173,24 @@ public final class VirtioMMIOTransport: MMIODevice, VirtioQueueAccess, Snapshott
         self.memory = memory
         self.interrupt = interrupt
         state = Mutex(State(queues: device.queueMaximumSizes.map { QueueRegisters(size: $0) }))
+        let lockCount = device.processesQueuesConcurrently ? max(1, device.queueMaximumSizes.count) : 1
+        workLocks = (0..<lockCount).map { _ in QueueWorkLock() }
         device.attach(self)
+    }
+
+    /// Runs `body` holding queue `index`'s work lock.
+    private func withWork<Result>(of index: Int, _ body: () -> Result) -> Result {
+        let lock = workLocks[workLocks.count == 1 ? 0 : index]
+        return lock.mutex.withLock { _ in body() }
+    }
+
+    /// Runs `body` holding every queue's work lock: no queue work runs meanwhile.
+    private func withAllWork(_ body: () -> Void) {
+        func hold(from index: Int) {
+            guard index < workLocks.count else { return body() }
+            workLocks[index].mutex.withLock { _ in hold(from: index + 1) }
+        }
+        hold(from: 0)
     }
 
     public var lastError: VirtioError? { state.withLock { $0.lastError } }
@@ -200,7 +232,17 @@ public final class VirtioMMIOTransport: MMIODevice, VirtioQueueAccess, Snapshott
         }
         guard data.count == 4 else { return }
         let value = data.loadUnaligned(as: UInt32.self).littleEndian
-        var notify: Int?
+        // A notification runs the queue's work under its own lock, not the registers'.
+        if offset == Self.queueNotifyOffset { return notify(queue: Int(value)) }
+        // QueueReady and Status make or drop queues and call the device: never beside queue work.
+        if offset == 0x044 || offset == 0x070 {
+            withAllWork { writeRegister(offset: offset, value: value) }
+        } else {
+            writeRegister(offset: offset, value: value)
+        }
+    }
+
+    private func writeRegister(offset: UInt64, value: UInt32) {
         state.withLock { state in
             let selected = Int(state.queueSelect)
             let valid = selected < state.queues.count
@@ -215,7 +257,6 @@ public final class VirtioMMIOTransport: MMIODevice, VirtioQueueAccess, Snapshott
             case 0x030: state.queueSelect = value
             case 0x038: if valid, !state.queues[selected].ready { state.queues[selected].size = UInt16(truncatingIfNeeded: value) }
             case 0x044: if valid { setQueueReady(value == 1, index: selected, state: &state) }
-            case 0x050: notify = Int(value)
             case 0x064: state.interruptStatus &= ~value
             case 0x070: setStatus(value, state: &state)
             case 0x080: if valid { state.queues[selected].descriptor.setLow(value) }
@@ -226,7 +267,6 @@ public final class VirtioMMIOTransport: MMIODevice, VirtioQueueAccess, Snapshott
             case 0x0a4: if valid { state.queues[selected].device.setHigh(value) }
             default: break
             }
-            if let index = notify { process(queue: index, state: &state) }
         }
     }
 
@@ -292,18 +332,28 @@ public final class VirtioMMIOTransport: MMIODevice, VirtioQueueAccess, Snapshott
     }
 
     /// Resets the device as a machine reset does: the guest's next boot finds it fresh.
-    public func resetDevice() { state.withLock { resetLocked(&$0, always: true) } }
+    public func resetDevice() { withAllWork { state.withLock { resetLocked(&$0, always: true) } } }
 
-    public func withQueue(_ index: Int, _ body: (VirtQueue, GuestMemory) throws(VirtioError) -> Bool) -> Bool {
+    /// Queue `index` if queue work may use it now: the driver is running, nothing failed, no
+    /// snapshot is being taken. Called with the queue's work lock held.
+    private func workingQueue(_ index: Int) -> VirtQueue? {
         state.withLock { state in
             guard !state.quiesced, state.status & Status.driverOK != 0, state.status & Status.needsReset == 0,
-                  index >= 0, index < state.queues.count, let queue = state.queues[index].queue else { return false }
+                  index >= 0, index < state.queues.count else { return nil }
+            return state.queues[index].queue
+        }
+    }
+
+    public func withQueue(_ index: Int, _ body: (VirtQueue, GuestMemory) throws(VirtioError) -> Bool) -> Bool {
+        guard index >= 0, index < queueCount else { return false }
+        return withWork(of: index) {
+            guard let queue = workingQueue(index) else { return false }
             do throws(VirtioError) {
                 guard try body(queue, memory) else { return false }
-                interruptIfAsked(queue, state: &state)
+                state.withLock { interruptIfAsked(queue, state: &$0) }
                 return true
             } catch {
-                fail(error, state: &state)
+                state.withLock { fail(error, state: &$0) }
                 return false
             }
         }
@@ -329,10 +379,13 @@ public final class VirtioMMIOTransport: MMIODevice, VirtioQueueAccess, Snapshott
         }
     }
 
-    /// The driver's QueueNotify for `index`, when it arrives through an ioeventfd instead of an
-    /// MMIO write.
+    /// The driver's QueueNotify for `index`, through an ioeventfd or an MMIO write. Notifications
+    /// before DRIVER_OK, for unknown queues or after a failure are ignored.
     public func notify(queue index: Int) {
-        state.withLock { state in process(queue: index, state: &state) }
+        guard index >= 0, index < queueCount else { return }
+        _ = withQueue(index) { (queue, memory) throws(VirtioError) -> Bool in
+            try device.process(queue: index, queue, memory: memory)
+        }
     }
 
     public var queueCount: Int { device.queueMaximumSizes.count }
@@ -342,17 +395,6 @@ public final class VirtioMMIOTransport: MMIODevice, VirtioQueueAccess, Snapshott
             state.configurationGeneration &+= 1
             guard state.status & Status.driverOK != 0, !state.quiesced else { return }
             raise(0x2, state: &state)
-        }
-    }
-
-    private func process(queue index: Int, state: inout State) {
-        // Notifications before DRIVER_OK, for unknown queues or after a failure are ignored.
-        guard !state.quiesced, state.status & Status.driverOK != 0, state.status & Status.needsReset == 0,
-              index >= 0, index < state.queues.count, let queue = state.queues[index].queue else { return }
-        do {
-            if try device.process(queue: index, queue, memory: memory) { interruptIfAsked(queue, state: &state) }
-        } catch {
-            fail(error, state: &state)
         }
     }
 
@@ -367,16 +409,17 @@ public final class VirtioMMIOTransport: MMIODevice, VirtioQueueAccess, Snapshott
 
     /// Stops queue work: once this returns no thread is inside the device's queue work (it runs
     /// under the same lock) and none starts until `resumeWork()`.
-    public func quiesce() { state.withLock { $0.quiesced = true } }
+    public func quiesce() { withAllWork { state.withLock { $0.quiesced = true } } }
 
     /// Ends `quiesce()`: every ready queue is processed once, as if notified, so work that arrived
     /// meanwhile (a notification, a received frame) is not left waiting. Spurious notifications
     /// are harmless to virtio devices.
     public func resumeWork() {
-        state.withLock { state in
+        let ready = state.withLock { state in
             state.quiesced = false
-            for index in state.queues.indices where state.queues[index].ready { process(queue: index, state: &state) }
+            return state.queues.indices.filter { state.queues[$0].ready }
         }
+        for index in ready { notify(queue: index) }
     }
 
     /// The transport's registers, each queue's addresses and indices, then the device's own state.
@@ -435,7 +478,9 @@ public final class VirtioMMIOTransport: MMIODevice, VirtioQueueAccess, Snapshott
             throw .invalid(field: "driverFeatures", reason: "0x\(String(saved.driverFeatures, radix: 16)) includes features this device does not offer (0x\(String(offeredFeatures, radix: 16)))")
         }
         let maximums = device.queueMaximumSizes
-        guard saved.queues.count == maximums.count else {
+        // A state saved before the device had its present queues (a disk saved before multiqueue)
+        // has fewer: the others stay as a driver leaves queues it never set up. More is refused.
+        guard saved.queues.count <= maximums.count else {
             throw .invalid(field: "queues", reason: "\(saved.queues.count) queues where this device has \(maximums.count)")
         }
         var restored = State(queues: [])
@@ -466,6 +511,7 @@ public final class VirtioMMIOTransport: MMIODevice, VirtioQueueAccess, Snapshott
             }
             restored.queues.append(queue)
         }
+        for index in restored.queues.count..<maximums.count { restored.queues.append(QueueRegisters(size: maximums[index])) }
         let pendingInterrupt = restored.interruptStatus != 0 && restored.status & Status.driverOK != 0
         try state.withLock { (state) throws(StateError) in
             if featuresAccepted { device.acceptFeatures(restored.driverFeatures) }
