@@ -161,19 +161,30 @@ done:
 #include <sys/eventfd.h>
 #include <sys/ioctl.h>
 
-int vireo_tap_open(const char *name) {
+static int tap_open(const char *name, int extra_flags) {
     if (strlen(name) >= IFNAMSIZ) return -ENAMETOOLONG;
     int fd = open("/dev/net/tun", O_RDWR | O_NONBLOCK | O_CLOEXEC);
     if (fd < 0) return -errno;
     struct ifreq request;
     memset(&request, 0, sizeof request);
     strncpy(request.ifr_name, name, IFNAMSIZ - 1);
-    request.ifr_flags = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR;
+    request.ifr_flags = (short)(IFF_TAP | IFF_NO_PI | IFF_VNET_HDR | extra_flags);
     if (ioctl(fd, TUNSETIFF, &request) != 0) { int e = errno; close(fd); return -e; }
     /* The virtio 1.x header: virtio_net_hdr_v1, 12 bytes with num_buffers. */
     int size = 12;
     if (ioctl(fd, TUNSETVNETHDRSZ, &size) != 0) { int e = errno; close(fd); return -e; }
     return fd;
+}
+
+int vireo_tap_open(const char *name) { return tap_open(name, 0); }
+
+int vireo_tap_open_queue(const char *name) { return tap_open(name, IFF_MULTI_QUEUE); }
+
+int vireo_tap_set_queue_enabled(int fd, int enabled) {
+    struct ifreq request;
+    memset(&request, 0, sizeof request);
+    request.ifr_flags = enabled ? IFF_ATTACH_QUEUE : IFF_DETACH_QUEUE;
+    return ioctl(fd, TUNSETQUEUE, &request) == 0 ? 0 : -errno;
 }
 
 #include <linux/nsfs.h>

@@ -14,6 +14,8 @@ public enum MachineLimits {
     /// one interrupt line whatever its queues, and each queue of a multiqueue disk has an I/O
     /// thread in the VMM, so more queues than this only add threads.
     public static let diskQueues: ClosedRange<Int> = 1...16
+    /// Queue pairs one virtio-net card may have (VIRTIO_NET_F_MQ): one tap queue each.
+    public static let nicQueuePairs: ClosedRange<Int> = 1...8
     /// Backing layers under one disk: deeper chains are refused, not followed.
     public static let backingLayers = 16
     /// Guest vsock CIDs: 0-2 are reserved (hypervisor, local, host), 0xffffffff is VMADDR_CID_ANY.

@@ -38,6 +38,7 @@ public enum MachineRules {
             try nicBackend(nic.backend)
             try nic.rateLimit.validate(field: .nics, operations: "pps")
             if let text = nic.mac { _ = try Self.mac(text, card: index) }
+            if let queues = nic.queues { try nicQueues(queues, backend: nic.backend, card: index) }
         }
         if let vsock = spec.vsock { try vsockCID(vsock.guestCID) }
         if let interval = spec.balloon?.statisticsInterval { try balloonStatisticsInterval(interval) }
@@ -197,6 +198,19 @@ public enum MachineRules {
         for tag in tags {
             try shareTag(tag)
             guard seen.insert(tag).inserted else { throw MachineSpecError(.shares, "tag '\(tag)' is used twice; each shared folder needs its own tag") }
+        }
+    }
+
+    /// A card's queue pairs: 1 to `MachineLimits.nicQueuePairs`, more than one only on a tap
+    /// the VMM opens by name (it opens one queue of the multiqueue tap per pair).
+    public static func nicQueues(_ count: Int, backend: MachineSpec.NIC.Backend, card index: Int) throws(MachineSpecError) {
+        guard MachineLimits.nicQueuePairs.contains(count) else {
+            throw MachineSpecError(.nics, "card \(index): \(count) queue pairs is not allowed; use \(MachineLimits.nicQueuePairs.lowerBound) to \(MachineLimits.nicQueuePairs.upperBound)")
+        }
+        var opensByName = false
+        if case .tap = backend { opensByName = true }
+        guard count == 1 || opensByName else {
+            throw MachineSpecError(.nics, "card \(index): \(count) queue pairs need a tap opened by name (tap:NAME); \(backend) is one queue")
         }
     }
 

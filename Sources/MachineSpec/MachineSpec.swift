@@ -102,6 +102,11 @@ public struct MachineSpec: Sendable, Equatable, Codable {
         public var rateLimit = RateLimit()
         /// Checksum and segmentation offloads offered to the guest (where the backend carries them).
         public var offloads = true
+        /// Queue pairs (virtio-net multiqueue, a multiqueue tap's queues); nil: one. Only a tap
+        /// the VMM opens by name can have more (an inherited tap or a stream is one queue).
+        public var queues: Int?
+
+        public var queuePairs: Int { queues ?? 1 }
 
         public init(backend: Backend, mac: String? = nil) { self.backend = backend; self.mac = mac }
     }

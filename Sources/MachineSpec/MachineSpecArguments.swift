@@ -254,13 +254,14 @@ extension MachineSpec.Disk {
 }
 
 extension MachineSpec.NIC {
-    static let syntax = "tap:NAME, tap-fd:N or stream-fd:N, then [,mac=XX:XX:XX:XX:XX:XX]"
+    static let syntax = "tap:NAME, tap-fd:N or stream-fd:N, then [,mac=XX:XX:XX:XX:XX:XX][,queues=N]"
 
     /// `BACKEND[,mac=MAC][,offload=off][,bps=...][,pps=...]`.
     public var argument: String {
         var text = backend.description
         if let mac { text += ",mac=" + mac }
         if !offloads { text += ",offload=off" }
+        if let queues { text += ",queues=\(queues)" }
         return text + rateLimit.options(operations: "pps")
     }
 
@@ -293,10 +294,19 @@ extension MachineSpec.NIC {
                 nic.offloads = option == "offload=on"
                 continue
             }
+            if option.hasPrefix("queues=") {
+                let value = String(option.dropFirst(7))
+                guard let count = Int(value) else {
+                    throw MachineSpecError(.nics, "card \(index): queues '\(value.prefix(40))' is not a number; allowed: \(MachineLimits.nicQueuePairs.lowerBound) to \(MachineLimits.nicQueuePairs.upperBound)")
+                }
+                nic.queues = count
+                continue
+            }
             if try nic.rateLimit.parse(option, field: .nics, operations: "pps") { continue }
-            throw MachineSpecError(.nics, "unknown option '\(option)' in '\(text)'; allowed: mac=XX:XX:XX:XX:XX:XX, offload=on|off, bps=, bps-burst=, pps=, pps-burst=")
+            throw MachineSpecError(.nics, "unknown option '\(option)' in '\(text)'; allowed: mac=XX:XX:XX:XX:XX:XX, offload=on|off, queues=N, bps=, bps-burst=, pps=, pps-burst=")
         }
         try nic.rateLimit.validate(field: .nics, operations: "pps")
+        if let queues = nic.queues { try MachineRules.nicQueues(queues, backend: nic.backend, card: index) }
         self = nic
     }
 }

@@ -33,7 +33,8 @@ struct HostResources {
     /// One per disk, in the spec's order: opened, not read.
     let diskFiles: [DiskFiles]
     /// One per card, in the spec's order.
-    let frameBackends: [any FrameBackend]
+    /// Each card's backends: one per queue pair (a multiqueue tap's queues), else one.
+    let frameBackends: [[any FrameBackend]]
     let vsockListener: Int32?
     /// One per shared folder, in the spec's order: connected to its virtiofsd, not yet greeted.
     let fileSystemSockets: [Int32]
@@ -98,13 +99,17 @@ struct HostResources {
                 throw .invalidConfiguration(field: "--disk", reason: "\(error)")
             }
         }
-        var frameBackends: [any FrameBackend] = []
+        var frameBackends: [[any FrameBackend]] = []
         for card in spec.nics {
             do {
                 switch card.backend {
-                case let .tap(name): frameBackends.append(try TapDevice(name: name))
-                case let .tapDescriptor(fd): frameBackends.append(try TapDevice(descriptor: fd))
-                case let .streamDescriptor(fd): frameBackends.append(try StreamFrameBackend(descriptor: fd, name: "stream"))
+                case let .tap(name):
+                    let pairs = card.queuePairs
+                    var queues: [any FrameBackend] = []
+                    for _ in 0..<pairs { queues.append(try TapDevice(name: name, queue: pairs > 1)) }
+                    frameBackends.append(queues)
+                case let .tapDescriptor(fd): frameBackends.append([try TapDevice(descriptor: fd)])
+                case let .streamDescriptor(fd): frameBackends.append([try StreamFrameBackend(descriptor: fd, name: "stream")])
                 }
             } catch {
                 throw .invalidConfiguration(field: "--net", reason: error.description)

@@ -429,8 +429,14 @@ public final class Machine: @unchecked Sendable {
                    + "\(device.bytesRead.load(ordering: .relaxed)) bytes read, \(device.bytesWritten.load(ordering: .relaxed)) bytes written")
         }
         for card in networkCards {
+            var pairs = card.queuePairs > 1
+                ? " (\(card.queuePairs) queue pairs; the driver asked for \(card.largestPairsSet.load(ordering: .relaxed)) at most, uses \(card.queuePairsInUse))" : ""
+            let failures = card.queueSwitchFailures.load(ordering: .relaxed)
+            if failures > 0 {
+                pairs += "; \(failures) tap queue attach/detach refused (last: \(String(cString: strerror(card.lastQueueSwitchError.load(ordering: .relaxed)))))"
+            }
             vmmLog("virtio-net \(card.backend.name): \(card.receivedFrames.load(ordering: .relaxed)) frames in, "
-                   + "\(card.transmittedFrames.load(ordering: .relaxed)) frames out, \(card.droppedFrames.load(ordering: .relaxed)) dropped")
+                   + "\(card.transmittedFrames.load(ordering: .relaxed)) frames out, \(card.droppedFrames.load(ordering: .relaxed)) dropped\(pairs)")
         }
         if let vsock {
             vmmLog("virtio-vsock: \(vsock.packetsFromGuest.load(ordering: .relaxed)) packets from the guest, \(vsock.packetsToGuest.load(ordering: .relaxed)) to it")

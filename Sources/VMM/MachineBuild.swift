@@ -25,10 +25,10 @@ struct VirtioDevices {
 
     static func create(_ spec: MachineSpec, resources: HostResources) throws(VMMError) -> VirtioDevices {
         var networkCards: [VirtioNet] = []
-        for (card, backend) in zip(spec.nics, resources.frameBackends) {
+        for (card, backends) in zip(spec.nics, resources.frameBackends) {
             let mac = card.mac.flatMap(MACAddress.init) ?? MACAddress.random()
             do {
-                networkCards.append(try VirtioNet(backend: backend, mac: mac, rateLimit: card.rateLimit, offloads: card.offloads))
+                networkCards.append(try VirtioNet(backends: backends, mac: mac, rateLimit: card.rateLimit, offloads: card.offloads))
             } catch {
                 throw .invalidConfiguration(field: "--net", reason: error.description)
             }

@@ -365,9 +365,9 @@ func makeBlockDevice(size: UInt64 = 1 << 20, readOnly: Bool = false, queues: Int
 
     @Test("two queues of one disk driven from two threads at once, 300 writes each on its own ring: every request completes with the right bytes on the disk and the device never fails")
     func queuesWorkConcurrently() throws {
-        var (first, _, disk) = try makeBlockDevice(size: 1 << 20, queues: 2)
+        let (first, _, disk) = try makeBlockDevice(size: 1 << 20, queues: 2)
         first.initialise(features: VirtioFeature.version1 | Self.multiqueue)
-        var second = TestDriver(memory: first.memory, transport: first.transport, queueSize: 16, queueIndex: 1, base: 0x80000)
+        let second = TestDriver(memory: first.memory, transport: first.transport, queueSize: 16, queueIndex: 1, base: 0x80000)
         second.setUpQueue()
         let drivers = [first, second]
         let requests = 300

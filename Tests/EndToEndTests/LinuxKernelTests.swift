@@ -98,7 +98,7 @@ struct LinuxKernelTests {
 
     // About 15 minutes here alone (the guest kernel runs in this host's instruction emulator);
     // a busy 2-core machine stretched it past 20, so the limits leave room for that.
-    @Test("ACPI only (the acpi kernel, no virtio_mmio.device=): 2 vCPUs from the MADT, virtio-blk (two queues each, multiqueue) and virtio-net from the DSDT, DHCP through the tap, the ext4 root mounted from an NBD export (the VMM's own client, qemu-nbd serving it) and a second disk probed on an iSCSI LUN (libiscsi, tgtd serving it), the power button bound, no ACPI complaint, and a reboot through the ACPI reset register",
+    @Test("ACPI only (the acpi kernel, no virtio_mmio.device=): 2 vCPUs from the MADT, virtio-blk (two queues each, multiqueue) and virtio-net (two queue pairs on a multiqueue tap) from the DSDT, DHCP through the tap, the ext4 root mounted from an NBD export (the VMM's own client, qemu-nbd serving it) and a second disk probed on an iSCSI LUN (libiscsi, tgtd serving it), the power button bound, no ACPI complaint, and a reboot through the ACPI reset register",
           .timeLimit(.minutes(30)))
     func ext4RootOnVirtioBlock() throws {
         try Harness.requireKVM()
@@ -109,7 +109,7 @@ struct LinuxKernelTests {
         let made = Harness.run(["mkfs.ext4", "-q", "-F", "-d", directory.appendingPathComponent("root").path, image, "32M"])
         #expect(made.status == 0, "\(made.stderr)")
         // The network: a tap in a namespace of its own, with dnsmasq answering DHCP on it.
-        let namespace = try NetworkNamespace(address: "10.0.2.1/24")
+        let namespace = try NetworkNamespace(address: "10.0.2.1/24", multiqueue: true)
         let dhcp = RunningProcess(namespace.inside([
             "dnsmasq", "--no-daemon", "--conf-file=/dev/null", "--interface=\(namespace.tap)", "--bind-interfaces", "--port=0",
             "--dhcp-range=10.0.2.15,10.0.2.15,255.255.255.0,1h", "--dhcp-leasefile=\(directory.path)/leases", "--log-dhcp"]))
@@ -125,7 +125,7 @@ struct LinuxKernelTests {
         let result = Harness.run(namespace.inside([
             Harness.vireo, "run", "--kernel", kernel.path, "--cpus", "2", "--memory", "256M", "--disk", "\(server.uri("root")),serial=rootdisk",
             "--disk", target.uri(),
-            "--net", "tap:\(namespace.tap),mac=02:00:00:0a:00:0f",
+            "--net", "tap:\(namespace.tap),mac=02:00:00:0a:00:0f,queues=2",
             "--cmdline", "console=ttyS0 \(try Self.acpiEmulatorSafeOptions()) root=/dev/vda rootfstype=ext4 ro init=/init ip=dhcp panic=1 reboot=acpi"]),
             timeout: 1740)
         let console = result.stdout
@@ -143,6 +143,9 @@ struct LinuxKernelTests {
         // Two vCPUs, two queues per disk: Linux's blk-mq takes VIRTIO_BLK_F_MQ and uses both.
         #expect(console.contains("virtio_blk virtio0: 2/0/0 default/read/poll queues"), "console: \(console.prefix(12000))")
         #expect(result.stderr.contains("multiqueue taken in 1 driver sessions"), "\(result.stderr)")
+        // The card's two queue pairs on a multiqueue tap: Linux asks for both (one per vCPU).
+        #expect(result.stderr.contains("(2 queue pairs; the driver asked for 2 at most, uses 2)"), "\(result.stderr)")
+        #expect(!result.stderr.contains("tap queue attach/detach refused"), "\(result.stderr)")
         #expect(console.contains("virtio_blk virtio1: [vdb] 8192 512-byte logical blocks (4.19 MB/4.00 MiB)"), "console tail: \(console.suffix(3000))")
         #expect(result.stderr.contains("virtio-blk \(target.uri()):"), "\(result.stderr)")
         #expect(console.contains("VFS: Mounted root (ext4 filesystem) readonly on device 254:0."))

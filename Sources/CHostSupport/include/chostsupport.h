@@ -49,6 +49,12 @@ int vireo_copy_sparse_reporting(const char *from, const char *to,
 // headers, with the 12-byte virtio-net header on every frame, non-blocking and close-on-exec.
 // Returns the descriptor, or -errno.
 int vireo_tap_open(const char *name);
+/* One queue of a multiqueue tap (IFF_MULTI_QUEUE): each call attaches another; made if missing.
+ * A tap made without IFF_MULTI_QUEUE refuses it (EINVAL). Returns the descriptor or -errno. */
+int vireo_tap_open_queue(const char *name);
+/* Attaches or detaches a multiqueue tap's queue (TUNSETQUEUE): the kernel steers no frames to a
+ * detached one. 0 or -errno. */
+int vireo_tap_set_queue_enabled(int fd, int enabled);
 // The same, made inside the network namespace the nsfs file `netns` names (a CNI pod's), from
 // a thread that joins it and ends: the caller's own namespace never changes, and the tap stays
 // in that namespace while its descriptor works from anywhere. -EINVAL when `netns` is not a

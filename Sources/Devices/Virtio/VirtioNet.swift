@@ -26,6 +26,8 @@ public struct MACAddress: Equatable, Sendable, CustomStringConvertible {
 
 public enum NetworkBackendError: Error, CustomStringConvertible, Sendable {
     case tap(name: String, errno: Int32)
+    /// A queue of a multiqueue tap (a card with `queues=N`) could not be opened.
+    case tapQueue(name: String, errno: Int32)
     case descriptor(Int32, reason: String)
 
     public var description: String {
@@ -38,6 +40,14 @@ public enum NetworkBackendError: Error, CustomStringConvertible, Sendable {
                 text += " (another process has it open)"
             } else if code == ENAMETOOLONG || code == EINVAL {
                 text += " (interface names are at most 15 characters)"
+            }
+            return text
+        case let .tapQueue(name, code):
+            var text = "cannot open a queue of tap device '\(name)': \(String(cString: strerror(code)))"
+            if code == EINVAL {
+                text += " (queues=N needs a multiqueue tap: one that does not exist yet, or one made with `ip tuntap add \(name) mode tap multi_queue`)"
+            } else if code == EPERM || code == EACCES {
+                text += " (creating a tap needs CAP_NET_ADMIN)"
             }
             return text
         case let .descriptor(fd, reason):
@@ -65,11 +75,15 @@ public protocol FrameBackend: AnyObject, Sendable {
     var carriesVirtioHeader: Bool { get }
     /// What the host may hand the guest (the guest's GUEST_* features); only with the header.
     func setOffloads(checksum: Bool, tso4: Bool, tso6: Bool, ecn: Bool)
+    /// A queue of a multiqueue tap: whether the kernel may steer frames to it (the driver's
+    /// active queue pairs). Other backends have one queue, always on. Returns 0 or the errno.
+    func setQueueEnabled(_ enabled: Bool) -> Int32
 }
 
 extension FrameBackend {
     public var carriesVirtioHeader: Bool { false }
     public func setOffloads(checksum: Bool, tso4: Bool, tso6: Bool, ecn: Bool) {}
+    public func setQueueEnabled(_ enabled: Bool) -> Int32 { 0 }
 }
 
 /// A host tap device: Ethernet frames in and out, without packet-information headers.
@@ -78,12 +92,18 @@ public final class TapDevice: FrameBackend {
     public let fd: Int32
     public let carriesVirtioHeader: Bool
 
-    public init(name: String) throws(NetworkBackendError) {
-        let result = vireo_tap_open(name)
-        guard result >= 0 else { throw .tap(name: name, errno: -result) }
+    /// Whether this is one queue of a multiqueue tap (IFF_MULTI_QUEUE).
+    public let isQueue: Bool
+
+    /// `queue`: open one queue of a multiqueue tap (a card with several queue pairs opens the
+    /// tap once per pair); the tap must have been made multiqueue, or not exist yet.
+    public init(name: String, queue: Bool = false) throws(NetworkBackendError) {
+        let result = queue ? vireo_tap_open_queue(name) : vireo_tap_open(name)
+        guard result >= 0 else { throw queue ? .tapQueue(name: name, errno: -result) : .tap(name: name, errno: -result) }
         self.name = name
         fd = result
         carriesVirtioHeader = true
+        isQueue = queue
     }
 
     /// A tap another process opened and handed over (Vireo's manager makes a VM's taps, plugs
@@ -102,6 +122,7 @@ public final class TapDevice: FrameBackend {
         _ = fcntl(descriptor, F_SETFL, fcntl(descriptor, F_GETFL) | O_NONBLOCK)
         _ = fcntl(descriptor, F_SETFD, FD_CLOEXEC)
         fd = descriptor
+        isQueue = false
     }
 
     deinit { close(fd) }
@@ -114,6 +135,10 @@ public final class TapDevice: FrameBackend {
         _ = vireo_tap_set_offloads(fd, checksum ? 1 : 0, tso4 ? 1 : 0, tso6 ? 1 : 0, ecn ? 1 : 0)
     }
     public func receive(into buffer: UnsafeMutableRawBufferPointer) -> Int { max(0, read(fd, buffer.baseAddress, buffer.count)) }
+    public func setQueueEnabled(_ enabled: Bool) -> Int32 {
+        guard isQueue else { return 0 }
+        return -vireo_tap_set_queue_enabled(fd, enabled ? 1 : 0)
+    }
 }
 
 /// Frames on a stream socket, each preceded by its length as 4 big-endian bytes: what passt
@@ -239,8 +264,13 @@ public final class StreamFrameBackend: FrameBackend, @unchecked Sendable {
 /// kernel wrote it), so a TCP stream moves in frames of up to 64 KiB; mergeable receive buffers
 /// spread such a frame over as many of the guest's buffers as it needs.
 /// Transmit runs on the notifying vCPU; receive runs on a thread of its own (`runBackground`).
+/// With several backends (the queues of a multiqueue tap) it offers VIRTIO_NET_F_MQ and a control
+/// queue: queue pair k (receive 2k, transmit 2k+1) carries tap queue k's frames; the driver says
+/// how many pairs it uses (VQ_PAIRS_SET, first pair only until then) and the tap's other queues
+/// are detached, so the kernel steers no frame to a queue nobody reads.
 public final class VirtioNet: VirtioDevice, BackgroundDevice, @unchecked Sendable {
     public static let queueSize: UInt16 = 256
+    static let controlQueueSize: UInt16 = 64
     static let headerLength = 12
     /// Largest frame either way: a 64 KiB TCP segment with its Ethernet, IP and TCP headers.
     static let maximumFrame = 65536 + 14 + 60 + 60
@@ -259,10 +289,50 @@ public final class VirtioNet: VirtioDevice, BackgroundDevice, @unchecked Sendabl
         static let hostECN: UInt64 = 1 << 13
         static let mergeableReceiveBuffers: UInt64 = 1 << 15
         static let status: UInt64 = 1 << 16
+        static let controlQueue: UInt64 = 1 << 17
+        static let multiqueue: UInt64 = 1 << 22
         static let offloads: UInt64 = checksum | guestChecksum | guestTSO4 | guestTSO6 | guestECN | hostTSO4 | hostTSO6 | hostECN
     }
+    /// Control queue commands (virtio 1.x §5.1.6.5): class MQ, command VQ_PAIRS_SET; acks.
+    enum Control {
+        static let multiqueueClass: UInt8 = 4
+        static let setQueuePairs: UInt8 = 0
+        static let ok: UInt8 = 0
+        static let error: UInt8 = 1
+    }
 
-    public let backend: any FrameBackend
+    /// One queue pair's host side: its backend and the frame held for its receive queue.
+    final class QueuePair: @unchecked Sendable {
+        let backend: any FrameBackend
+        let slot = ReceiveSlot()
+        let receiving = Atomic<Bool>(false)
+        /// Whether a frame is held (slot.pending > 0), readable without the turn: the receive
+        /// thread decides what to wait for even while a vCPU has the turn.
+        let holding = Atomic<Bool>(false)
+        /// Whether the backend's tap queue is attached (every queue is, once opened): the kernel
+        /// refuses to attach an attached queue or detach a detached one.
+        let enabled = Atomic<Bool>(true)
+        init(backend: any FrameBackend) { self.backend = backend }
+
+        /// Sets the held frame's length (holding the turn).
+        func setPending(_ length: Int) {
+            slot.pending = length
+            holding.store(length > 0, ordering: .releasing)
+        }
+
+        /// A try-lock, never a wait: the vCPU side holds the queue's work lock when it asks, and
+        /// the receive thread takes that lock while it holds the turn.
+        func takeReceiveTurn() -> Bool {
+            receiving.compareExchange(expected: false, desired: true, ordering: .acquiring).exchanged
+        }
+        func endReceiveTurn() { receiving.store(false, ordering: .releasing) }
+    }
+
+    /// The first pair's backend: the card's tap or stream, for names and counters.
+    public var backend: any FrameBackend { pairs[0].backend }
+    let pairs: [QueuePair]
+    /// Queue pairs the card offers (its backends).
+    public var queuePairs: Int { pairs.count }
     public let mac: MACAddress
     /// Offloads offered (only where the backend carries headers, and unless turned off).
     public let offloadsOffered: Bool
@@ -271,6 +341,13 @@ public final class VirtioNet: VirtioDevice, BackgroundDevice, @unchecked Sendabl
     private let access = VirtioQueueAccessLink()
     /// What the driver accepted; 0 until FEATURES_OK and after a reset.
     private let negotiated = Atomic<UInt64>(0)
+    /// Queue pairs in use: 1 until the driver's VQ_PAIRS_SET.
+    private let activePairs = Atomic<Int>(1)
+    /// The most pairs a driver has asked for (VQ_PAIRS_SET), for the VMM log.
+    public let largestPairsSet = Atomic<Int>(0)
+    /// Tap queues the kernel refused to attach or detach, and the last errno, for the VMM log.
+    public let queueSwitchFailures = Atomic<UInt64>(0)
+    public let lastQueueSwitchError = Atomic<Int32>(0)
 
     public let receivedFrames = Atomic<UInt64>(0)
     public let receivedBytes = Atomic<UInt64>(0)
@@ -279,20 +356,27 @@ public final class VirtioNet: VirtioDevice, BackgroundDevice, @unchecked Sendabl
     /// Frames that could not be delivered (guest buffers too small, host tap refused them).
     public let droppedFrames = Atomic<UInt64>(0)
 
-    /// Each direction has its own buckets with the same limits.
+    /// Each direction has its own buckets with the same limits (shared by every queue pair).
     public let receiveLimiter: RateLimiter?
     public let transmitLimiter: RateLimiter?
     /// When throttled transmission may go on; the receive thread does it.
     private let transmitRetry = Mutex<UInt64?>(nil)
 
-    public init(backend: any FrameBackend, mac: MACAddress, rateLimit: RateLimit = RateLimit(), offloads: Bool = true) throws(NetworkBackendError) {
-        self.backend = backend
+    public convenience init(backend: any FrameBackend, mac: MACAddress, rateLimit: RateLimit = RateLimit(), offloads: Bool = true) throws(NetworkBackendError) {
+        try self.init(backends: [backend], mac: mac, rateLimit: rateLimit, offloads: offloads)
+    }
+
+    /// `backends`: one per queue pair (the queues of one multiqueue tap), at least one.
+    public init(backends: [any FrameBackend], mac: MACAddress, rateLimit: RateLimit = RateLimit(), offloads: Bool = true) throws(NetworkBackendError) {
+        guard let first = backends.first else { throw .descriptor(-1, reason: "a card needs a backend") }
+        pairs = backends.map { QueuePair(backend: $0) }
         self.mac = mac
-        offloadsOffered = offloads && backend.carriesVirtioHeader
+        offloadsOffered = offloads && backends.allSatisfy(\.carriesVirtioHeader)
         receiveLimiter = rateLimit.isUnlimited ? nil : RateLimiter(rateLimit)
         transmitLimiter = rateLimit.isUnlimited ? nil : RateLimiter(rateLimit)
         wake = vireo_eventfd_nonblocking()
-        guard wake >= 0 else { throw .tap(name: backend.name, errno: errno) }
+        guard wake >= 0 else { throw .tap(name: first.name, errno: errno) }
+        enablePairs(1)
     }
 
     deinit { close(wake) }
@@ -300,29 +384,71 @@ public final class VirtioNet: VirtioDevice, BackgroundDevice, @unchecked Sendabl
     public var deviceType: UInt32 { 1 }
     public var deviceFeatures: UInt64 {
         VirtioFeature.version1 | Feature.mac | Feature.status | Feature.mergeableReceiveBuffers | (offloadsOffered ? Feature.offloads : 0)
+            | (pairs.count > 1 ? Feature.multiqueue | Feature.controlQueue : 0)
     }
-    public var queueMaximumSizes: [UInt16] { [Self.queueSize, Self.queueSize] }
+    public var queueMaximumSizes: [UInt16] {
+        Array(repeating: Self.queueSize, count: 2 * pairs.count) + (pairs.count > 1 ? [Self.controlQueueSize] : [])
+    }
+    /// The control queue's index: after every pair's two.
+    var controlQueueIndex: Int { 2 * pairs.count }
 
     public func attach(_ access: any VirtioQueueAccess) { self.access.attach(access) }
 
     public func acceptFeatures(_ features: UInt64) {
         negotiated.store(features, ordering: .releasing)
         // What the host may now send the guest: partial checksums, big TCP segments.
-        backend.setOffloads(checksum: features & Feature.guestChecksum != 0, tso4: features & Feature.guestTSO4 != 0,
-                            tso6: features & Feature.guestTSO6 != 0, ecn: features & Feature.guestECN != 0)
+        for pair in pairs {
+            pair.backend.setOffloads(checksum: features & Feature.guestChecksum != 0, tso4: features & Feature.guestTSO4 != 0,
+                                     tso6: features & Feature.guestTSO6 != 0, ecn: features & Feature.guestECN != 0)
+        }
     }
 
     public func reset() {
         negotiated.store(0, ordering: .releasing)
-        backend.setOffloads(checksum: false, tso4: false, tso6: false, ecn: false)
+        for pair in pairs { pair.backend.setOffloads(checksum: false, tso4: false, tso6: false, ecn: false) }
+        enablePairs(1)
     }
 
     /// The features the driver accepted (for tests and `vireo info`).
     public var negotiatedFeatures: UInt64 { negotiated.load(ordering: .acquiring) }
+    /// Queue pairs the driver uses now.
+    public var queuePairsInUse: Int { activePairs.load(ordering: .acquiring) }
+
+    /// A multiqueue card's state is the pairs its driver uses (2 bytes, little-endian); a card
+    /// with one pair keeps none, as before multiqueue.
+    public func savedDeviceRecord() throws(StateError) -> [UInt8] {
+        guard pairs.count > 1 else { return [] }
+        let count = activePairs.load(ordering: .acquiring)
+        return [UInt8(truncatingIfNeeded: count), UInt8(truncatingIfNeeded: count >> 8)]
+    }
+
+    public func restoreDevice(record: [UInt8]) throws(StateError) {
+        guard !record.isEmpty else { return enablePairs(1) }
+        guard record.count == 2 else { throw .invalid(field: "queuePairs", reason: "\(record.count) bytes where 2 are expected") }
+        let count = Int(record[0]) | Int(record[1]) << 8
+        guard count >= 1, count <= pairs.count else {
+            throw .invalid(field: "queuePairs", reason: "\(count) pairs in use on a card with \(pairs.count)")
+        }
+        enablePairs(count)
+    }
+
+    /// Uses the first `count` pairs: their tap queues attached, the others detached.
+    private func enablePairs(_ count: Int) {
+        activePairs.store(count, ordering: .releasing)
+        for (index, pair) in pairs.enumerated() where pair.enabled.load(ordering: .acquiring) != (index < count) {
+            pair.enabled.store(index < count, ordering: .releasing)
+            let error = pair.backend.setQueueEnabled(index < count)
+            if error != 0 {
+                queueSwitchFailures.add(1, ordering: .relaxed)
+                lastQueueSwitchError.store(error, ordering: .relaxed)
+            }
+        }
+        signalWake()
+    }
 
     public func readConfiguration(offset: Int, into data: UnsafeMutableRawBufferPointer) {
         // mac[6], status u16 (link up), max_virtqueue_pairs u16.
-        let space = mac.bytes + [1, 0, 1, 0]
+        let space = mac.bytes + [1, 0, UInt8(truncatingIfNeeded: pairs.count), UInt8(truncatingIfNeeded: pairs.count >> 8)]
         for index in data.indices {
             let position = offset + index
             data[index] = position >= 0 && position < space.count ? space[position] : 0
@@ -330,18 +456,39 @@ public final class VirtioNet: VirtioDevice, BackgroundDevice, @unchecked Sendabl
     }
 
     public func process(queue index: Int, _ queue: VirtQueue, memory: GuestMemory) throws(VirtioError) -> Bool {
-        switch index {
-        case 0:
-            return try receiveOnNotify(queue, memory: memory)
-        case 1:
-            return try transmit(queue, memory: memory)
-        default:
-            return false
-        }
+        if pairs.count > 1, index == controlQueueIndex { return try control(queue, memory: memory) }
+        guard index >= 0, index < 2 * pairs.count else { return false }
+        let pair = pairs[index / 2]
+        return index % 2 == 0 ? try receiveOnNotify(pair, queue, memory: memory) : try transmit(pair, queue, memory: memory)
     }
 
-    private func transmit(_ queue: VirtQueue, memory: GuestMemory) throws(VirtioError) -> Bool {
+    /// The control queue: VQ_PAIRS_SET is the one command a driver may send with the features
+    /// offered; anything else is answered VIRTIO_NET_ERR.
+    private func control(_ queue: VirtQueue, memory: GuestMemory) throws(VirtioError) -> Bool {
         var used = false
+        while let chain = try queue.popChain() {
+            // class u8, command u8, then the command's data (VQ_PAIRS_SET: u16 pairs).
+            let request = try memory.gather(chain.readable, limit: 64)
+            guard let ack = chain.writable.first, ack.length >= 1 else { throw .malformedRequest("a control request needs a device-writable ack byte") }
+            var answer = Control.error
+            if request.count == 4, request[0] == Control.multiqueueClass, request[1] == Control.setQueuePairs {
+                let count = Int(request[2]) | Int(request[3]) << 8
+                if count >= 1, count <= pairs.count {
+                    enablePairs(count)
+                    largestPairsSet.store(max(largestPairsSet.load(ordering: .relaxed), count), ordering: .relaxed)
+                    answer = Control.ok
+                }
+            }
+            _ = try memory.scatter([answer][...], into: [ack])
+            try queue.pushUsed(head: chain.head, written: 1)
+            used = true
+        }
+        return used
+    }
+
+    private func transmit(_ pair: QueuePair, _ queue: VirtQueue, memory: GuestMemory) throws(VirtioError) -> Bool {
+        var used = false
+        let backend = pair.backend
         let withHeader = backend.carriesVirtioHeader
         while true {
             if let transmitLimiter {
@@ -391,9 +538,10 @@ public final class VirtioNet: VirtioDevice, BackgroundDevice, @unchecked Sendabl
         signalWake()
     }
 
-    /// Reads the next frame from the backend into `frame` (its header first: the tap's own, or a
-    /// zeroed one) and returns the whole length, or 0 if none is there.
-    private func readFrame(into frame: inout [UInt8]) -> Int {
+    /// Reads the next frame from the pair's backend into `frame` (its header first: the tap's
+    /// own, or a zeroed one) and returns the whole length, or 0 if none is there.
+    private func readFrame(_ pair: QueuePair, into frame: inout [UInt8]) -> Int {
+        let backend = pair.backend
         let withHeader = backend.carriesVirtioHeader
         let count = frame.withUnsafeMutableBytes { buffer in
             backend.receive(into: withHeader ? buffer : UnsafeMutableRawBufferPointer(rebasing: buffer[Self.headerLength...]))
@@ -404,56 +552,39 @@ public final class VirtioNet: VirtioDevice, BackgroundDevice, @unchecked Sendabl
         return Self.headerLength + count
     }
 
-    /// The frame held for the guest and how long it is. Whoever holds the receive turn owns it:
-    /// the receive thread, or a vCPU whose notification brought new receive buffers.
-    private final class ReceiveSlot: @unchecked Sendable {
+    /// The frame held for the guest and how long it is. Whoever holds the pair's receive turn
+    /// owns it: the receive thread, or a vCPU whose notification brought new receive buffers.
+    final class ReceiveSlot: @unchecked Sendable {
         var frame = [UInt8](repeating: 0, count: VirtioNet.headerLength + VirtioNet.maximumFrame)
         var pending = 0
     }
-    private let slot = ReceiveSlot()
-    private let receiving = Atomic<Bool>(false)
-    /// Whether a frame is held (slot.pending > 0), readable without the turn: the receive thread
-    /// decides what to wait for even while a vCPU has the turn.
-    private let holding = Atomic<Bool>(false)
 
-    /// Sets the held frame's length (holding the turn).
-    private func setPending(_ length: Int) {
-        slot.pending = length
-        holding.store(length > 0, ordering: .releasing)
-    }
-
-    /// A try-lock, never a wait: the vCPU side holds the transport's lock when it asks, and the
-    /// receive thread takes the transport's lock while it holds the turn.
-    private func takeReceiveTurn() -> Bool {
-        receiving.compareExchange(expected: false, desired: true, ordering: .acquiring).exchanged
-    }
-    private func endReceiveTurn() { receiving.store(false, ordering: .releasing) }
-
-    /// New receive buffers from the driver (on the notifying vCPU, the transport's lock held):
+    /// New receive buffers from the driver (on the notifying vCPU, the queue's work lock held):
     /// the frame the receive thread holds goes in now, with whatever else the backend has,
     /// instead of waiting for that thread to wake (QEMU flushes its queue the same way).
-    private func receiveOnNotify(_ queue: VirtQueue, memory: GuestMemory) throws(VirtioError) -> Bool {
-        guard receiveLimiter == nil, takeReceiveTurn() else {
+    private func receiveOnNotify(_ pair: QueuePair, _ queue: VirtQueue, memory: GuestMemory) throws(VirtioError) -> Bool {
+        guard receiveLimiter == nil, pair.takeReceiveTurn() else {
             signalWake()
             return false
         }
-        defer { endReceiveTurn() }
-        guard slot.pending > 0 else {
+        defer { pair.endReceiveTurn() }
+        guard pair.slot.pending > 0 else {
             // The receive thread may have looked while this turn was taken and missed frames a
             // stream already holds.
-            if backend.hasBufferedFrame { signalWake() }
+            if pair.backend.hasBufferedFrame { signalWake() }
             return false
         }
-        let delivered = try deliverBatch(queue, memory: memory)
+        let delivered = try deliverBatch(pair, queue, memory: memory)
         // The receive thread sleeps without watching the backend while it holds a frame.
-        if slot.pending == 0 { signalWake() }
+        if pair.slot.pending == 0 { signalWake() }
         return delivered
     }
 
     /// Delivers the held frame and then, while the guest has room and the backend has frames,
-    /// up to `receiveBatch` more; true if any buffer was used. Called holding the receive turn.
-    private func deliverBatch(_ queue: VirtQueue, memory: GuestMemory) throws(VirtioError) -> Bool {
+    /// up to `receiveBatch` more; true if any buffer was used. Called holding the pair's turn.
+    private func deliverBatch(_ pair: QueuePair, _ queue: VirtQueue, memory: GuestMemory) throws(VirtioError) -> Bool {
         var progressed = false
+        let slot = pair.slot
         for _ in 0..<Self.receiveBatch {
             let length = slot.pending
             switch try deliver(&slot.frame, length: length, queue: queue, memory: memory) {
@@ -467,67 +598,74 @@ public final class VirtioNet: VirtioDevice, BackgroundDevice, @unchecked Sendabl
                 return progressed
             }
             progressed = true
-            setPending(0)
+            pair.setPending(0)
             // Throttled cards take one frame per turn, so the limiter sees each.
             guard receiveLimiter == nil else { break }
-            setPending(readFrame(into: &slot.frame))
+            pair.setPending(readFrame(pair, into: &slot.frame))
             if slot.pending == 0 { break }
         }
         return progressed
     }
 
-    /// Moves frames from the backend into the guest's receive buffers until `stopBackground()`.
-    /// Holds one frame while the guest has no buffer for it and reads no more meanwhile, so the
-    /// tap's own queue absorbs bursts (and drops, as a full NIC would). Frames already waiting
-    /// are delivered together, with one interrupt.
+    /// Moves frames from the backends into the guest's receive buffers until `stopBackground()`.
+    /// Holds one frame per pair while the guest has no buffer for it and reads no more from that
+    /// backend meanwhile, so the tap's own queue absorbs bursts (and drops, as a full NIC would).
+    /// Frames already waiting are delivered together, with one interrupt. One thread serves every
+    /// pair in use (frames of a pair not in use stay on its backend).
     /// Also resumes throttled transmission when its time comes.
     public func runBackground() {
         var receiveDue: UInt64?
         while !stopping.load(ordering: .acquiring) {
             let now = RateLimiter.now()
+            let inUse = Array(pairs.prefix(activePairs.load(ordering: .acquiring)).enumerated())
             if let due = transmitRetry.withLock({ $0 }), due <= now {
                 transmitRetry.withLock { $0 = nil }
-                _ = access.current?.withQueue(1) { (queue, memory) throws(VirtioError) -> Bool in
-                    try self.transmit(queue, memory: memory)
+                for (index, pair) in inUse {
+                    _ = access.current?.withQueue(2 * index + 1) { (queue, memory) throws(VirtioError) -> Bool in
+                        try self.transmit(pair, queue, memory: memory)
+                    }
                 }
                 continue
             }
             let deadlines = [transmitRetry.withLock { $0 }, receiveDue].compactMap { $0 }
             let timeout = deadlines.min().map { Int32(min(($0 > now ? $0 - now : 0) / 1_000_000 + 1, 60_000)) } ?? -1
-            var buffered = false
-            if takeReceiveTurn() {
-                buffered = slot.pending == 0 && backend.hasBufferedFrame
-                endReceiveTurn()
+            var buffered = [Bool](repeating: false, count: inUse.count)
+            var descriptors = [pollfd(fd: wake, events: Int16(POLLIN), revents: 0)]
+            for (index, pair) in inUse {
+                if pair.takeReceiveTurn() {
+                    buffered[index] = pair.slot.pending == 0 && pair.backend.hasBufferedFrame
+                    pair.endReceiveTurn()
+                }
+                // A vCPU may hold the turn for a moment: the backend is watched all the same
+                // whenever no frame is held, so a frame arriving meanwhile is not left waiting.
+                let watch = !pair.holding.load(ordering: .acquiring) && !buffered[index] && pair.backend.isConnected
+                descriptors.append(pollfd(fd: watch ? pair.backend.fd : -1, events: Int16(POLLIN), revents: 0))
             }
-            // A vCPU may hold the turn for a moment: the backend is watched all the same
-            // whenever no frame is held, so a frame arriving meanwhile is not left waiting.
-            let watchBackend = !holding.load(ordering: .acquiring) && !buffered && backend.isConnected
-            var descriptors = [pollfd(fd: wake, events: Int16(POLLIN), revents: 0),
-                               pollfd(fd: watchBackend ? backend.fd : -1, events: Int16(POLLIN), revents: 0)]
-            if poll(&descriptors, 2, buffered ? 0 : timeout) < 0 { if errno == EINTR { continue }; return }
+            if poll(&descriptors, nfds_t(descriptors.count), buffered.contains(true) ? 0 : timeout) < 0 { if errno == EINTR { continue }; return }
             if descriptors[0].revents != 0 {
                 var value: UInt64 = 0
                 _ = read(wake, &value, 8)
             }
-            guard takeReceiveTurn() else { continue }
-            if slot.pending == 0 && (buffered || descriptors[1].revents & Int16(POLLIN | POLLHUP | POLLERR) != 0) {
-                setPending(readFrame(into: &slot.frame))
-            }
-            if slot.pending > 0, let receiveLimiter {
-                let wait = receiveLimiter.delay()
-                if wait > 0 {
-                    receiveDue = RateLimiter.now() + wait
-                    endReceiveTurn()
-                    continue
+            for (index, pair) in inUse {
+                guard pair.takeReceiveTurn() else { continue }
+                defer { pair.endReceiveTurn() }
+                if pair.slot.pending == 0 && (buffered[index] || descriptors[index + 1].revents & Int16(POLLIN | POLLHUP | POLLERR) != 0) {
+                    pair.setPending(readFrame(pair, into: &pair.slot.frame))
                 }
-                receiveDue = nil
-            }
-            if slot.pending > 0 {
-                _ = access.current?.withQueue(0) { (queue, memory) throws(VirtioError) -> Bool in
-                    try self.deliverBatch(queue, memory: memory)
+                if pair.slot.pending > 0, let receiveLimiter {
+                    let wait = receiveLimiter.delay()
+                    if wait > 0 {
+                        receiveDue = RateLimiter.now() + wait
+                        continue
+                    }
+                    receiveDue = nil
+                }
+                if pair.slot.pending > 0 {
+                    _ = access.current?.withQueue(2 * index) { (queue, memory) throws(VirtioError) -> Bool in
+                        try self.deliverBatch(pair, queue, memory: memory)
+                    }
                 }
             }
-            endReceiveTurn()
         }
     }
 
