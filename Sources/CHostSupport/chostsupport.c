@@ -214,6 +214,13 @@ int vireo_tap_open_in_netns(const char *netns, const char *name) {
     return job.result;
 }
 
+int vireo_tap_is_multiqueue(int fd) {
+    struct ifreq request;
+    memset(&request, 0, sizeof request);
+    if (ioctl(fd, TUNGETIFF, &request) != 0) return -errno;
+    return (request.ifr_flags & IFF_MULTI_QUEUE) ? 1 : 0;
+}
+
 int vireo_tap_name(int fd, char *name, int capacity) {
     struct ifreq request;
     memset(&request, 0, sizeof request);

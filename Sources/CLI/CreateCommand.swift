@@ -246,7 +246,7 @@ func describeAttachment(_ card: NetworkAttachment) -> String {
 /// The network card options `create` and `set` share.
 struct NICOptions: ParsableArguments {
     @Option(name: [.customLong("nic"), .customLong("net")],
-            help: ArgumentHelp("A network card: \(NICAttachment.syntax), then [,mac=XX:XX:XX:XX:XX:XX]. Repeatable. New VMs get one `nat` card unless told otherwise.", valueName: "nic"))
+            help: ArgumentHelp("A network card: \(NICAttachment.syntax), then [,mac=XX:XX:XX:XX:XX:XX][,queues=N]. Repeatable. New VMs get one `nat` card unless told otherwise.", valueName: "nic"))
     var nic: [String] = []
 
     @Flag(name: [.customLong("no-nic"), .customLong("no-net")], help: "No network card at all.")

@@ -162,6 +162,7 @@ struct Info: ParsableCommand {
         }
         for (index, card) in report.networks.enumerated() {
             var text = "\(report.nicModel.map { $0 == "virtio-net-pci" ? "virtio-net" : $0 } ?? "virtio-net") \(card.mac) on \(card.attachment)"
+            if let pairs = card.queuePairs { text += ", \(pairs) queue pairs" }
             if let interface = card.hostInterface { text += " (host interface \(interface))" }
             if let address = card.address { text += ", address \(address)" }
             if let reported = card.guestAddresses, !reported.isEmpty { text += ", the guest reports \(reported.joined(separator: " "))" }

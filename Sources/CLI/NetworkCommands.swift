@@ -201,7 +201,7 @@ struct NICCommand: ParsableCommand {
 struct NICAdd: ParsableCommand {
     static let configuration = CommandConfiguration(commandName: "add", abstract: "Add a network card to a stopped VM.")
     @Argument(help: "VM name.") var name: String
-    @Argument(help: ArgumentHelp("\(NICAttachment.syntax), then [,mac=XX:XX:XX:XX:XX:XX].", valueName: "nic")) var nic: String
+    @Argument(help: ArgumentHelp("\(NICAttachment.syntax), then [,mac=XX:XX:XX:XX:XX:XX][,queues=N].", valueName: "nic")) var nic: String
     @Option(help: ArgumentHelp("Forward a host port to this card: tcp|udp:HOSTPORT:GUESTPORT. Repeatable.", valueName: "forward"))
     var forward: [String] = []
 

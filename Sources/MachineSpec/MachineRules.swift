@@ -39,6 +39,7 @@ public enum MachineRules {
             try nic.rateLimit.validate(field: .nics, operations: "pps")
             if let text = nic.mac { _ = try Self.mac(text, card: index) }
             if let queues = nic.queues { try nicQueues(queues, backend: nic.backend, card: index) }
+            if let descriptors = nic.queueDescriptors { try nicQueueDescriptors(descriptors, backend: nic.backend, card: index) }
         }
         if let vsock = spec.vsock { try vsockCID(vsock.guestCID) }
         if let interval = spec.balloon?.statisticsInterval { try balloonStatisticsInterval(interval) }
@@ -204,13 +205,33 @@ public enum MachineRules {
     /// A card's queue pairs: 1 to `MachineLimits.nicQueuePairs`, more than one only on a tap
     /// the VMM opens by name (it opens one queue of the multiqueue tap per pair).
     public static func nicQueues(_ count: Int, backend: MachineSpec.NIC.Backend, card index: Int) throws(MachineSpecError) {
-        guard MachineLimits.nicQueuePairs.contains(count) else {
-            throw MachineSpecError(.nics, "card \(index): \(count) queue pairs is not allowed; use \(MachineLimits.nicQueuePairs.lowerBound) to \(MachineLimits.nicQueuePairs.upperBound)")
-        }
+        try nicQueuePairs(count, card: index)
         var opensByName = false
         if case .tap = backend { opensByName = true }
         guard count == 1 || opensByName else {
             throw MachineSpecError(.nics, "card \(index): \(count) queue pairs need a tap opened by name (tap:NAME); \(backend) is one queue")
+        }
+    }
+
+    /// How many queue pairs a card may have, whoever opens its tap.
+    public static func nicQueuePairs(_ count: Int, card index: Int) throws(MachineSpecError) {
+        guard MachineLimits.nicQueuePairs.contains(count) else {
+            throw MachineSpecError(.nics, "card \(index): \(count) queue pairs is not allowed; use \(MachineLimits.nicQueuePairs.lowerBound) to \(MachineLimits.nicQueuePairs.upperBound)")
+        }
+    }
+
+    /// A handed-over multiqueue tap's other queues: only beside `tap-fd:`, inherited numbers,
+    /// each once, and no more pairs than a card may have.
+    public static func nicQueueDescriptors(_ descriptors: [Int32], backend: MachineSpec.NIC.Backend, card index: Int) throws(MachineSpecError) {
+        guard case let .tapDescriptor(first) = backend else {
+            throw MachineSpecError(.nics, "card \(index): queue-fds are the other queues of an inherited tap (tap-fd:N); \(backend) has none")
+        }
+        try nicQueuePairs(1 + descriptors.count, card: index)
+        for fd in descriptors where !MachineLimits.inheritedDescriptors.contains(fd) {
+            throw MachineSpecError(.nics, "card \(index): queue descriptor \(fd) is not an inherited descriptor (\(MachineLimits.inheritedDescriptors.lowerBound) to \(MachineLimits.inheritedDescriptors.upperBound))")
+        }
+        guard Set(descriptors + [first]).count == descriptors.count + 1 else {
+            throw MachineSpecError(.nics, "card \(index): a tap queue descriptor is named twice")
         }
     }
 

@@ -105,8 +105,11 @@ public struct MachineSpec: Sendable, Equatable, Codable {
         /// Queue pairs (virtio-net multiqueue, a multiqueue tap's queues); nil: one. Only a tap
         /// the VMM opens by name can have more (an inherited tap or a stream is one queue).
         public var queues: Int?
+        /// With `tapDescriptor`: the multiqueue tap's other queues, inherited as these
+        /// descriptors (one more pair each), the way Vireo's manager hands over a card's tap.
+        public var queueDescriptors: [Int32]?
 
-        public var queuePairs: Int { queues ?? 1 }
+        public var queuePairs: Int { queues ?? 1 + (queueDescriptors?.count ?? 0) }
 
         public init(backend: Backend, mac: String? = nil) { self.backend = backend; self.mac = mac }
     }

@@ -262,6 +262,7 @@ extension MachineSpec.NIC {
         if let mac { text += ",mac=" + mac }
         if !offloads { text += ",offload=off" }
         if let queues { text += ",queues=\(queues)" }
+        if let queueDescriptors { text += ",queue-fds=" + queueDescriptors.map(String.init).joined(separator: "+") }
         return text + rateLimit.options(operations: "pps")
     }
 
@@ -302,11 +303,21 @@ extension MachineSpec.NIC {
                 nic.queues = count
                 continue
             }
+            if option.hasPrefix("queue-fds=") {
+                let list = option.dropFirst(10).split(separator: "+", omittingEmptySubsequences: false)
+                let descriptors = list.compactMap { Int32($0) }
+                guard !list.isEmpty, descriptors.count == list.count else {
+                    throw MachineSpecError(.nics, "card \(index): queue-fds '\(option.dropFirst(10).prefix(60))' is not descriptor numbers joined by +")
+                }
+                nic.queueDescriptors = descriptors
+                continue
+            }
             if try nic.rateLimit.parse(option, field: .nics, operations: "pps") { continue }
-            throw MachineSpecError(.nics, "unknown option '\(option)' in '\(text)'; allowed: mac=XX:XX:XX:XX:XX:XX, offload=on|off, queues=N, bps=, bps-burst=, pps=, pps-burst=")
+            throw MachineSpecError(.nics, "unknown option '\(option)' in '\(text)'; allowed: mac=XX:XX:XX:XX:XX:XX, offload=on|off, queues=N, queue-fds=N+N, bps=, bps-burst=, pps=, pps-burst=")
         }
         try nic.rateLimit.validate(field: .nics, operations: "pps")
         if let queues = nic.queues { try MachineRules.nicQueues(queues, backend: nic.backend, card: index) }
+        if let descriptors = nic.queueDescriptors { try MachineRules.nicQueueDescriptors(descriptors, backend: nic.backend, card: index) }
         self = nic
     }
 }

@@ -101,14 +101,20 @@ struct HostResources {
         }
         var frameBackends: [[any FrameBackend]] = []
         for card in spec.nics {
-            do {
+            do throws(NetworkBackendError) {
                 switch card.backend {
                 case let .tap(name):
                     let pairs = card.queuePairs
                     var queues: [any FrameBackend] = []
                     for _ in 0..<pairs { queues.append(try TapDevice(name: name, queue: pairs > 1)) }
                     frameBackends.append(queues)
-                case let .tapDescriptor(fd): frameBackends.append([try TapDevice(descriptor: fd)])
+                case let .tapDescriptor(fd):
+                    var queues: [TapDevice] = []
+                    for descriptor in [fd] + (card.queueDescriptors ?? []) { queues.append(try TapDevice(descriptor: descriptor)) }
+                    if queues.count > 1, let stray = queues.first(where: { !$0.isQueue || $0.name != queues[0].name }) {
+                        throw .descriptor(stray.fd, reason: "not a queue of the multiqueue tap \(queues[0].name)")
+                    }
+                    frameBackends.append(queues as [any FrameBackend])
                 case let .streamDescriptor(fd): frameBackends.append([try StreamFrameBackend(descriptor: fd, name: "stream")])
                 }
             } catch {

@@ -123,14 +123,16 @@ final class NetworkLab: @unchecked Sendable {
 
 @Suite(.serialized)
 struct NetworkTests {
-    @Test("NAT (the default network): two probes get distinct DHCP leases from its dnsmasq (the second VM's reservation without restarting it), `vireo list` shows them, guests reach 'the internet' masqueraded; after a simulated host reboot the network is rebuilt and the lease holds; after deleting everything the links and ruleset are as before",
+    @Test("NAT (the default network): two probes get distinct DHCP leases (the second on a card with two queue pairs, a multiqueue tap) from its dnsmasq (the second VM's reservation without restarting it), `vireo list` shows them, guests reach 'the internet' masqueraded; after a simulated host reboot the network is rebuilt and the lease holds; after deleting everything the links and ruleset are as before",
           .timeLimit(.minutes(10)))
     func natNetwork() throws {
         let lab = try NetworkLab()
         let before = lab.hostState()
         lab.udpEcho(in: lab.internet, address: NetworkLab.internetAddress, port: 7777)
         lab.createProbe("n1", command: "send=\(NetworkLab.internetAddress):7777", extra: [])
-        lab.createProbe("n2", command: "send=\(NetworkLab.internetAddress):7777", extra: ["--nic", "nat"])
+        // n2's card has two queue pairs: Vireo makes its tap a multiqueue tap and hands the VMM
+        // both queues; the probe (no multiqueue) uses the first, the second stays detached.
+        lab.createProbe("n2", command: "send=\(NetworkLab.internetAddress):7777", extra: ["--nic", "nat,queues=2"])
         let pidFile = lab.library.root.appendingPathComponent("networks/default/dnsmasq.pid")
         func dnsmasqPID() -> Int32? {
             (try? String(contentsOf: pidFile, encoding: .utf8)).flatMap { Int32($0.trimmingCharacters(in: .whitespacesAndNewlines)) }
@@ -158,6 +160,9 @@ struct NetworkTests {
         #expect(lab.vireo("network", "list").stdout.contains("default  nat   192.168.122.0/24"))
         // The probes power off when done; their network stays up until a vireo command looks.
         #expect(lab.library.waitFor(20) { lab.library.state("n1") == "stopped" && lab.library.state("n2") == "stopped" })
+        #expect(lab.library.vmmLog("n2").contains("(2 queue pairs; the driver asked for 0 at most, uses 1)"), "\(lab.library.vmmLog("n2"))")
+        #expect(!lab.library.vmmLog("n2").contains("tap queue attach/detach refused"), "\(lab.library.vmmLog("n2"))")
+        #expect(lab.vireo("info", "n2").stdout.contains(", 2 queue pairs"), "\(lab.vireo("info", "n2").stdout)")
 
         // As after a host reboot: only the definitions are left, no bridge, dnsmasq or table.
         if let pid = dnsmasqPID() { kill(pid, SIGKILL) }
@@ -597,6 +602,10 @@ struct NetworkTests {
             (["create", "v", "--no-disk", "--nic", "tap:t0", "--forward", "tcp:8022:22"], "--forward: the VM has no nat, network or user card to forward ports to"),
             (["create", "v", "--no-disk", "--forward", "tcp:8022:22", "--forward", "tcp:8022:23"], "--forward: host port tcp 8022 is forwarded twice"),
             (["create", "v", "--no-disk", "--no-nic", "--nic", "nat"], "--no-nic: contradicts --nic"),
+            (["create", "v", "--no-disk", "--nic", "user,queues=2"], "--nic: card 0 is on user, which has one queue; queues= takes nat, network:NAME, bridge:NAME and tap:NAME cards"),
+            (["create", "v", "--no-disk", "--nic", "nat,queues=9"], "--nic: card 0: 9 queue pairs is not allowed; use 1 to 8"),
+            (["create", "v", "--no-disk", "--nic", "nat,queues=two"], "--nic: queues 'two' is not a number; allowed: 1 to 8"),
+            (["create", "v", "--no-disk", "--engine", "qemu", "--nic", "nat,queues=2"], "--nic: card 0: several queue pairs are the kvm engine's so far"),
         ]
         for (arguments, message) in cases {
             let result = lab.vireo(arguments: arguments)

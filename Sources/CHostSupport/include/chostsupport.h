@@ -55,6 +55,8 @@ int vireo_tap_open_queue(const char *name);
 /* Attaches or detaches a multiqueue tap's queue (TUNSETQUEUE): the kernel steers no frames to a
  * detached one. 0 or -errno. */
 int vireo_tap_set_queue_enabled(int fd, int enabled);
+/* 1 if the open tap is a queue of a multiqueue tap, 0 if not, -errno. */
+int vireo_tap_is_multiqueue(int fd);
 // The same, made inside the network namespace the nsfs file `netns` names (a CNI pod's), from
 // a thread that joins it and ends: the caller's own namespace never changes, and the tap stays
 // in that namespace while its descriptor works from anywhere. -EINVAL when `netns` is not a

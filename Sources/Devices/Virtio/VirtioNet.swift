@@ -122,7 +122,8 @@ public final class TapDevice: FrameBackend {
         _ = fcntl(descriptor, F_SETFL, fcntl(descriptor, F_GETFL) | O_NONBLOCK)
         _ = fcntl(descriptor, F_SETFD, FD_CLOEXEC)
         fd = descriptor
-        isQueue = false
+        // A library card with several pairs inherits each queue of its multiqueue tap.
+        isQueue = vireo_tap_is_multiqueue(descriptor) == 1
     }
 
     deinit { close(fd) }

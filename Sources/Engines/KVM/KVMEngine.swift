@@ -58,8 +58,14 @@ public struct KVMEngine: MigratingEngine {
         }
         spec.nics = cards.map { card in
             switch card.backend {
-            case let .tapName(name): return MachineSpec.NIC(backend: .tap(name), mac: card.mac)
-            case let .tapDescriptor(slot, _): return MachineSpec.NIC(backend: .tapDescriptor(PreparedNetworking.inherited(slot)), mac: card.mac)
+            case let .tapName(name):
+                var nic = MachineSpec.NIC(backend: .tap(name), mac: card.mac)
+                nic.queues = card.queues.flatMap { $0 > 1 ? $0 : nil }
+                return nic
+            case let .tapDescriptor(slot, _, queueSlots):
+                var nic = MachineSpec.NIC(backend: .tapDescriptor(PreparedNetworking.inherited(slot)), mac: card.mac)
+                if !queueSlots.isEmpty { nic.queueDescriptors = queueSlots.map(PreparedNetworking.inherited) }
+                return nic
             case let .streamDescriptor(slot): return MachineSpec.NIC(backend: .streamDescriptor(PreparedNetworking.inherited(slot)), mac: card.mac)
             }
         }

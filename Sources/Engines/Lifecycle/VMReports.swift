@@ -64,6 +64,8 @@ public struct VMReport: Encodable, Sendable {
         public var attachment: String, mac: String, forwards: [String], hostInterface: String?, address: String?
         /// What the guest's agent reports on this card (IPv4 and global IPv6); nil without an agent.
         public var guestAddresses: [String]?
+        /// Queue pairs (virtio-net multiqueue); nil for one.
+        public var queuePairs: Int?
     }
     public struct Resources: Encodable, Sendable {
         public var cpuCapPercent: Int?, cpuWeight: Int?, memoryLimitBytes: UInt64?, pidsLimit: Int?
@@ -241,7 +243,7 @@ extension VMManager {
                 let card = definition.networks[index]
                 return VMReport.Card(attachment: card.attachment.description, mac: card.mac, forwards: card.forwards.map(\.description),
                                      hostInterface: HostNetworks.hostInterface(of: definition, card: index, libraryRoot: library.root), address: address?.description,
-                                     guestAddresses: reported[card.mac.lowercased()])
+                                     guestAddresses: reported[card.mac.lowercased()], queuePairs: card.queues.flatMap { $0 > 1 ? $0 : nil })
             },
             vsockCid: definition.vsockCID,
             vsockSocket: definition.vsockCID == nil ? nil : bundle.vsockPath,

@@ -155,7 +155,7 @@ public struct QEMUEngine: DisplayEngine, RemovableMediaEngine, StateTransferEngi
             let netdev: String
             switch card.backend {
             case let .tapName(name): netdev = "tap,id=net\(index),ifname=\(quoted(name)),script=no,downscript=no"
-            case let .tapDescriptor(slot, _): netdev = "tap,id=net\(index),fd=\(PreparedNetworking.inherited(slot))"
+            case let .tapDescriptor(slot, _, _): netdev = "tap,id=net\(index),fd=\(PreparedNetworking.inherited(slot))"
             case let .streamDescriptor(slot): netdev = "stream,id=net\(index),server=off,addr.type=fd,addr.str=\(PreparedNetworking.inherited(slot))"
             }
             arguments += ["-netdev", netdev, "-device", "\(model),netdev=net\(index),mac=\(card.mac)"]

@@ -10,14 +10,17 @@ public struct PreparedCard: Sendable {
         /// A tap the user manages, opened by name.
         case tapName(String)
         /// A tap Vireo made and plugged in; `slot` indexes `PreparedNetworking.descriptors`.
-        case tapDescriptor(slot: Int, tap: String)
+        /// A multiqueue tap's other queues (one per further pair) are in `queueSlots`.
+        case tapDescriptor(slot: Int, tap: String, queueSlots: [Int] = [])
         /// One end of a stream socket whose other end passt holds.
         case streamDescriptor(slot: Int)
     }
     public var mac: String
     public var backend: Backend
+    /// Queue pairs for a tap the engine opens by name (`tapName`); nil: one.
+    public var queues: Int?
 
-    public init(mac: String, backend: Backend) { self.mac = mac; self.backend = backend }
+    public init(mac: String, backend: Backend, queues: Int? = nil) { self.mac = mac; self.backend = backend; self.queues = queues }
 }
 
 /// The host side of a starting VM's cards: descriptors the engine's process inherits (as 5, 6,
@@ -503,7 +506,7 @@ public struct HostNetworks: Sendable {
         for (index, card) in definition.networks.enumerated() {
             switch card.attachment {
             case let .tap(name):
-                prepared.append(PreparedCard(mac: card.mac, backend: .tapName(name)))
+                prepared.append(PreparedCard(mac: card.mac, backend: .tapName(name), queues: card.queues))
             case .nat, .network:
                 usesLibraryNetworks = true
                 let network: NetworkDefinition
@@ -521,8 +524,8 @@ public struct HostNetworks: Sendable {
                     try bringUp(network)
                 }
                 let tap = Self.tapName(uuid: definition.uuid, index: index, libraryRoot: library.root)
-                let slot = prepared.adopt(try makeTap(tap, bridge: network.bridge, network: network.name, vm: definition.name))
-                prepared.append(PreparedCard(mac: card.mac, backend: .tapDescriptor(slot: slot, tap: tap)))
+                let slots = try makeTap(tap, bridge: network.bridge, network: network.name, vm: definition.name, queues: card.queues ?? 1).map(prepared.adopt)
+                prepared.append(PreparedCard(mac: card.mac, backend: .tapDescriptor(slot: slots[0], tap: tap, queueSlots: Array(slots.dropFirst()))))
             case let .bridge(bridge):
                 guard Self.isBridge(bridge) else {
                     throw .network(name: bridge, reason: Self.linkExists(bridge)
@@ -530,8 +533,8 @@ public struct HostNetworks: Sendable {
                         : "no bridge named \(bridge) on this host; make one (`ip link add \(bridge) type bridge`) or use --nic nat", exitStatus: 2)
                 }
                 let tap = Self.tapName(uuid: definition.uuid, index: index, libraryRoot: library.root)
-                let slot = prepared.adopt(try makeTap(tap, bridge: bridge, network: bridge, vm: definition.name))
-                prepared.append(PreparedCard(mac: card.mac, backend: .tapDescriptor(slot: slot, tap: tap)))
+                let slots = try makeTap(tap, bridge: bridge, network: bridge, vm: definition.name, queues: card.queues ?? 1).map(prepared.adopt)
+                prepared.append(PreparedCard(mac: card.mac, backend: .tapDescriptor(slot: slots[0], tap: tap, queueSlots: Array(slots.dropFirst()))))
             case let .netns(path):
                 let tap = Self.tapName(uuid: definition.uuid, index: index, libraryRoot: library.root)
                 let slot = prepared.adopt(try makeTap(tap, namespace: path, vm: definition.name))
@@ -546,24 +549,33 @@ public struct HostNetworks: Sendable {
     }
 
     /// Makes a tap that lives only as long as its descriptors (not persistent) and plugs it into
-    /// `bridge`.
-    func makeTap(_ name: String, bridge: String, network: String, vm: String) throws(LibraryError) -> Int32 {
-        let fd = vireo_tap_open(name)
-        guard fd >= 0 else {
-            let code = -fd
-            var reason = "cannot make tap \(name) for VM '\(vm)': \(String(cString: strerror(code)))"
-            if code == EPERM || code == EACCES { reason += " (taps and bridges need root or CAP_NET_ADMIN; without them use --nic user)" }
-            if code == EBUSY { reason += " (another process holds a tap of that name)" }
-            throw .network(name: network, reason: reason, exitStatus: code == EPERM || code == EACCES ? 2 : 1)
+    /// `bridge`. With `queues` above one it is a multiqueue tap and each descriptor one of its
+    /// queues (the first makes the tap, the others attach).
+    func makeTap(_ name: String, bridge: String, network: String, vm: String, queues: Int = 1) throws(LibraryError) -> [Int32] {
+        var descriptors: [Int32] = []
+        for _ in 0..<max(1, queues) {
+            let fd = queues > 1 ? vireo_tap_open_queue(name) : vireo_tap_open(name)
+            guard fd >= 0 else {
+                for opened in descriptors { close(opened) }
+                throw Self.tapRefusal(name, vm: vm, network: network, code: -fd)
+            }
+            descriptors.append(fd)
         }
         do {
             try Self.ip(["link", "set", "dev", name, "master", bridge], network: network)
             try Self.ip(["link", "set", "dev", name, "up"], network: network)
         } catch {
-            close(fd)
+            for fd in descriptors { close(fd) }
             throw error
         }
-        return fd
+        return descriptors
+    }
+
+    static func tapRefusal(_ name: String, vm: String, network: String, code: Int32) -> LibraryError {
+        var reason = "cannot make tap \(name) for VM '\(vm)': \(String(cString: strerror(code)))"
+        if code == EPERM || code == EACCES { reason += " (taps and bridges need root or CAP_NET_ADMIN; without them use --nic user)" }
+        if code == EBUSY { reason += " (another process holds a tap of that name)" }
+        return .network(name: network, reason: reason, exitStatus: code == EPERM || code == EACCES ? 2 : 1)
     }
 
     /// A tap inside the network namespace at `path` (a CNI pod's), joined to the namespace's own

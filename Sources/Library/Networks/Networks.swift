@@ -254,6 +254,16 @@ public enum NICAttachment: Equatable, Hashable, Sendable, CustomStringConvertibl
         }
     }
 
+    /// Whether the card's tap can be a multiqueue tap (one queue per pair): a tap Vireo makes
+    /// on the host or one the user names. passt's stream is one queue; a pod's tap is made in its
+    /// namespace, one queue for now.
+    public var takesQueuePairs: Bool {
+        switch self {
+        case .nat, .network, .bridge, .tap: return true
+        case .user, .netns: return false
+        }
+    }
+
     /// Whether host ports can be forwarded to the card.
     public var acceptsForwards: Bool {
         switch self {
@@ -630,12 +640,20 @@ extension NetworkAttachment {
         let parts = text.split(separator: ",", omittingEmptySubsequences: false).map(String.init)
         let attachment = try NICAttachment.parse(parts[0], field: field)
         var mac: String?
+        var queues: Int?
         for option in parts.dropFirst() {
+            if option.hasPrefix("queues=") {
+                guard let count = Int(option.dropFirst(7)) else {
+                    throw .invalidValue(field: field, reason: "queues '\(option.dropFirst(7).prefix(40))' is not a number; allowed: \(MachineLimits.nicQueuePairs.lowerBound) to \(MachineLimits.nicQueuePairs.upperBound)")
+                }
+                queues = count
+                continue
+            }
             guard option.hasPrefix("mac=") else {
-                throw .invalidValue(field: field, reason: "unknown option '\(option)' in '\(text)'; allowed: mac=XX:XX:XX:XX:XX:XX")
+                throw .invalidValue(field: field, reason: "unknown option '\(option)' in '\(text)'; allowed: mac=XX:XX:XX:XX:XX:XX, queues=N")
             }
             mac = String(option.dropFirst(4)).lowercased()
         }
-        return (NetworkAttachment(attachment, mac: mac ?? NetworkAttachment.randomMAC()), mac != nil)
+        return (NetworkAttachment(attachment, mac: mac ?? NetworkAttachment.randomMAC(), queues: queues), mac != nil)
     }
 }

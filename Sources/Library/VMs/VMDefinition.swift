@@ -561,17 +561,20 @@ public struct NetworkAttachment: Codable, Sendable, Equatable {
     public var attachment: NICAttachment
     public var mac: String
     public var forwards: [PortForward]
+    /// Queue pairs (virtio-net multiqueue, kvm engine); nil: one.
+    public var queues: Int?
 
-    public init(_ attachment: NICAttachment, mac: String, forwards: [PortForward] = []) {
-        self.attachment = attachment; self.mac = mac; self.forwards = forwards
+    public init(_ attachment: NICAttachment, mac: String, forwards: [PortForward] = [], queues: Int? = nil) {
+        self.attachment = attachment; self.mac = mac; self.forwards = forwards; self.queues = queues
     }
 
-    enum CodingKeys: String, CodingKey { case attachment, mac, forwards, tap }
+    enum CodingKeys: String, CodingKey { case attachment, mac, forwards, tap, queues }
 
     public init(from decoder: any Decoder) throws {
         let container = try decoder.container(keyedBy: CodingKeys.self)
         mac = try container.decode(String.self, forKey: .mac)
         forwards = try container.decodeIfPresent([PortForward].self, forKey: .forwards) ?? []
+        queues = try container.decodeIfPresent(Int.self, forKey: .queues)
         if let text = try container.decodeIfPresent(String.self, forKey: .attachment) {
             do { attachment = try NICAttachment.parse(text, field: "attachment") } catch {
                 throw DecodingError.dataCorruptedError(forKey: .attachment, in: container, debugDescription: error.description)
@@ -587,6 +590,7 @@ public struct NetworkAttachment: Codable, Sendable, Equatable {
         try container.encode(attachment.description, forKey: .attachment)
         try container.encode(mac, forKey: .mac)
         if !forwards.isEmpty { try container.encode(forwards, forKey: .forwards) }
+        if let queues { try container.encode(queues, forKey: .queues) }
     }
 }
 

@@ -36,6 +36,9 @@ extension VMLibrary {
             }
         }
         try validate(networks: definition.networks)
+        if definition.engine == .qemu, let index = definition.networks.firstIndex(where: { ($0.queues ?? 1) > 1 }) {
+            throw .invalidValue(field: "nics", reason: "card \(index): several queue pairs are the kvm engine's so far; the qemu engine's cards have one (drop queues=, or use --engine kvm)")
+        }
         try validate(disks: definition.disks)
         try validate(shares: definition.shares, engine: definition.engine, memoryBacking: definition.memoryBacking)
         for (field, path) in [("kernel", definition.kernel), ("initrd", definition.initrd), ("nvram", definition.nvram)] {
@@ -120,6 +123,12 @@ extension VMLibrary {
             do { _ = try MachineRules.mac(card.mac, card: index) } catch { throw LibraryError(error) }
             guard macs.insert(card.mac.lowercased()).inserted else {
                 throw .invalidValue(field: "nics", reason: "card \(index): MAC \(card.mac) is already another card's")
+            }
+            if let queues = card.queues {
+                do { try MachineRules.nicQueuePairs(queues, card: index) } catch { throw LibraryError(error) }
+                if queues > 1, !card.attachment.takesQueuePairs {
+                    throw .invalidValue(field: "nics", reason: "card \(index) is on \(card.attachment), which has one queue; queues= takes nat, network:NAME, bridge:NAME and tap:NAME cards")
+                }
             }
             if !card.forwards.isEmpty, !card.attachment.acceptsForwards {
                 throw .invalidValue(field: "forwards", reason: "card \(index) is on \(card.attachment); ports can be forwarded only to nat, network:NAME and user cards (a bridged or tap card is reached directly)")
