@@ -76,6 +76,11 @@ struct VirtioNetGuestTests {
             ("tap:x,queues=9", "--net: card 0: 9 queue pairs is not allowed; use 1 to 8"),
             ("tap:x,queues=many", "--net: card 0: queues 'many' is not a number; allowed: 1 to 8"),
             ("tap-fd:5,queues=2", "--net: card 0: 2 queue pairs need a tap opened by name (tap:NAME); tap-fd:5 is one queue"),
+            ("tap:x,queue-fds=6", "--net: card 0: queue-fds are the other queues of an inherited tap (tap-fd:N); tap:x has none"),
+            ("tap-fd:5,queue-fds=5", "--net: card 0: a tap queue descriptor is named twice"),
+            ("tap-fd:5,queue-fds=6+7+8+9+10+11+12+13", "--net: card 0: 9 queue pairs is not allowed; use 1 to 8"),
+            ("tap-fd:5,queue-fds=1", "--net: card 0: queue descriptor 1 is not an inherited descriptor (3 to 65535)"),
+            ("tap-fd:5,queue-fds=6+x", "--net: card 0: queue-fds '6+x' is not descriptor numbers joined by +"),
         ]
         for (value, message) in cases {
             let result = Harness.vireoRun(["--kernel", probe, "--net", value])
