@@ -408,7 +408,7 @@ public final class VirtioMMIOTransport: MMIODevice, VirtioQueueAccess, Snapshott
     // MARK: saved state
 
     /// Stops queue work: once this returns no thread is inside the device's queue work (it runs
-    /// under the same lock) and none starts until `resumeWork()`.
+    /// under the work locks this takes) and none starts until `resumeWork()`.
     public func quiesce() { withAllWork { state.withLock { $0.quiesced = true } } }
 
     /// Ends `quiesce()`: every ready queue is processed once, as if notified, so work that arrived
