@@ -138,6 +138,35 @@ struct VMDefinitionTests {
     }
 }
 
+@Suite struct NICQueueDefinitionTests {
+    @Test("a card's queue pairs (nat,queues=2) are kept in the definition, by `set --nic` that keeps the card's MAC, and by a clone, which gives the card a new MAC; a user card with queues is refused")
+    func queuePairsStay() throws {
+        let library = try VMDefinitionTests().temporaryLibrary()
+        defer { try? FileManager.default.removeItem(atPath: library.root) }
+        var request = CreateRequest(name: "mq")
+        request.withoutDisk = true
+        request.networks = [try NetworkAttachment.parseCard("nat,queues=2", field: "--nic").card]
+        let created = try library.create(request)
+        #expect(created.networks.map(\.queues) == [2])
+        #expect(try library.bundle(named: "mq").load().networks.map(\.queues) == [2], "not kept on disk")
+
+        var change = ChangeRequest()
+        change.networks = [try NetworkAttachment.parseCard("nat,queues=4", field: "--nic").card]
+        let changed = try library.change("mq", change)
+        #expect(changed.networks.map(\.queues) == [4])
+        #expect(changed.networks.map(\.mac) == created.networks.map(\.mac), "the card's MAC was not kept")
+
+        let clone = try library.clone("mq", to: "mq2", linked: false)
+        #expect(clone.networks.map(\.queues) == [4])
+        #expect(clone.networks.map(\.mac) != created.networks.map(\.mac))
+
+        var refused = CreateRequest(name: "bad")
+        refused.withoutDisk = true
+        refused.networks = [try NetworkAttachment.parseCard("user,queues=2", field: "--nic").card]
+        #expect(throws: LibraryError.self) { _ = try library.create(refused) }
+    }
+}
+
 @Suite struct VMNameSocketRoomTests {
     @Test("a new VM's name leaves room for its sockets' paths (107 bytes), saying how long it may be")
     func socketPathsFit() throws {

@@ -61,7 +61,8 @@ extension VMLibrary {
                 changed.networks = networks.enumerated().map { index, card in
                     let explicit = index < request.explicitMACs.count && request.explicitMACs[index]
                     guard !explicit, let kept = previous.first(where: { $0.attachment == card.attachment }) else { return card }
-                    return NetworkAttachment(card.attachment, mac: kept.mac, forwards: card.forwards.isEmpty ? kept.forwards : card.forwards)
+                    return NetworkAttachment(card.attachment, mac: kept.mac, forwards: card.forwards.isEmpty ? kept.forwards : card.forwards,
+                                             queues: card.queues)
                 }
             }
             if let engine = request.engine {

@@ -115,8 +115,8 @@ extension VMLibrary {
             definition.generationID = VMDefinition.newGenerationID()
             // ... and new network cards on the same networks, as VirtualBox's clone gives by
             // default: two VMs with one MAC confuse every switch and DHCP server. Host ports stay
-            // the original's (one port cannot be forwarded to two VMs).
-            definition.networks = original.networks.map { NetworkAttachment($0.attachment, mac: NetworkAttachment.randomMAC()) }
+            // the original's (one port cannot be forwarded to two VMs); queue pairs are the card's.
+            definition.networks = original.networks.map { NetworkAttachment($0.attachment, mac: NetworkAttachment.randomMAC(), queues: $0.queues) }
             if !linked, let network = original.disks.first(where: { $0.isNetwork && !$0.readOnly }) {
                 throw .invalidValue(field: "source", reason: "VM '\(source)' has the writable network disk \(network.path), which a clone cannot copy (two VMs writing one export would corrupt it); detach it first, or attach it read-only")
             }
