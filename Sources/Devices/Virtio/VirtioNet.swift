@@ -616,23 +616,30 @@ public final class VirtioNet: VirtioDevice, BackgroundDevice, @unchecked Sendabl
     /// Also resumes throttled transmission when its time comes.
     public func runBackground() {
         var receiveDue: UInt64?
+        // Kept across wake-ups: the receive path allocates nothing per frame batch.
+        var buffered = [Bool](repeating: false, count: pairs.count)
+        var descriptors = [pollfd](repeating: pollfd(fd: -1, events: Int16(POLLIN), revents: 0), count: pairs.count + 1)
         while !stopping.load(ordering: .acquiring) {
             let now = RateLimiter.now()
-            let inUse = Array(pairs.prefix(activePairs.load(ordering: .acquiring)).enumerated())
+            let inUse = min(max(activePairs.load(ordering: .acquiring), 1), pairs.count)
             if let due = transmitRetry.withLock({ $0 }), due <= now {
                 transmitRetry.withLock { $0 = nil }
-                for (index, pair) in inUse {
+                for index in 0..<inUse {
+                    let pair = pairs[index]
                     _ = access.current?.withQueue(2 * index + 1) { (queue, memory) throws(VirtioError) -> Bool in
                         try self.transmit(pair, queue, memory: memory)
                     }
                 }
                 continue
             }
-            let deadlines = [transmitRetry.withLock { $0 }, receiveDue].compactMap { $0 }
-            let timeout = deadlines.min().map { Int32(min(($0 > now ? $0 - now : 0) / 1_000_000 + 1, 60_000)) } ?? -1
-            var buffered = [Bool](repeating: false, count: inUse.count)
-            var descriptors = [pollfd(fd: wake, events: Int16(POLLIN), revents: 0)]
-            for (index, pair) in inUse {
+            let retry = transmitRetry.withLock { $0 }
+            let deadline = retry.map { due in receiveDue.map { min($0, due) } ?? due } ?? receiveDue
+            let timeout = deadline.map { Int32(min(($0 > now ? $0 - now : 0) / 1_000_000 + 1, 60_000)) } ?? -1
+            descriptors[0] = pollfd(fd: wake, events: Int16(POLLIN), revents: 0)
+            var anyBuffered = false
+            for index in 0..<inUse {
+                let pair = pairs[index]
+                buffered[index] = false
                 if pair.takeReceiveTurn() {
                     buffered[index] = pair.slot.pending == 0 && pair.backend.hasBufferedFrame
                     pair.endReceiveTurn()
@@ -640,14 +647,16 @@ public final class VirtioNet: VirtioDevice, BackgroundDevice, @unchecked Sendabl
                 // A vCPU may hold the turn for a moment: the backend is watched all the same
                 // whenever no frame is held, so a frame arriving meanwhile is not left waiting.
                 let watch = !pair.holding.load(ordering: .acquiring) && !buffered[index] && pair.backend.isConnected
-                descriptors.append(pollfd(fd: watch ? pair.backend.fd : -1, events: Int16(POLLIN), revents: 0))
+                descriptors[index + 1] = pollfd(fd: watch ? pair.backend.fd : -1, events: Int16(POLLIN), revents: 0)
+                anyBuffered = anyBuffered || buffered[index]
             }
-            if poll(&descriptors, nfds_t(descriptors.count), buffered.contains(true) ? 0 : timeout) < 0 { if errno == EINTR { continue }; return }
+            if poll(&descriptors, nfds_t(inUse + 1), anyBuffered ? 0 : timeout) < 0 { if errno == EINTR { continue }; return }
             if descriptors[0].revents != 0 {
                 var value: UInt64 = 0
                 _ = read(wake, &value, 8)
             }
-            for (index, pair) in inUse {
+            for index in 0..<inUse {
+                let pair = pairs[index]
                 guard pair.takeReceiveTurn() else { continue }
                 defer { pair.endReceiveTurn() }
                 if pair.slot.pending == 0 && (buffered[index] || descriptors[index + 1].revents & Int16(POLLIN | POLLHUP | POLLERR) != 0) {
