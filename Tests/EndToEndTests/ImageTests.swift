@@ -97,7 +97,7 @@ struct ImageTests {
         #expect(info.stdout.contains("an EFI system partition with its boot loader: `--firmware uefi` boots through it"), "\(info.stdout)")
     }
 
-    @Test("a Debian VM from the image on the qemu engine (TCG) in a NAT network and on user-mode networking: boots through UEFI with Secure Boot (Debian's signed shim, GRUB and kernel) to multi-user, cloud-init makes the user with both keys and the host name, `vireo ssh` runs commands and passes their status, `vireo exec` runs one through qemu-guest-agent without SSH (and the API), files go in and out through the API, `vireo list` shows the address the agent reports on the card Vireo leased nothing, `vireo cp` copies 20 MiB both ways, a TPM 2.0 the guest finds, whose PCRs a save and resume keep, a save and resume sets the guest's clock, `vireo stop` powers it off through ACPI, the overlay passes qemu-img check, and a second boot keeps the first one's files and mounts the shared folders added while stopped (ownership as documented, the read-only one at its own mount point refusing writes; save refused, a live snapshot disk-only with the guest's file systems frozen through the agent), and a guest ignoring the power button is stopped through its agent",
+    @Test("a Debian VM from the image on the qemu engine (TCG) in a NAT network (a card with two queue pairs the guest takes) and on user-mode networking: boots through UEFI with Secure Boot (Debian's signed shim, GRUB and kernel) to multi-user, cloud-init makes the user with both keys and the host name, `vireo ssh` runs commands and passes their status, `vireo exec` runs one through qemu-guest-agent without SSH (and the API), files go in and out through the API, `vireo list` shows the address the agent reports on the card Vireo leased nothing, `vireo cp` copies 20 MiB both ways, a TPM 2.0 the guest finds, whose PCRs a save and resume keep, a save and resume sets the guest's clock, `vireo stop` powers it off through ACPI, the overlay passes qemu-img check, and a second boot keeps the first one's files and mounts the shared folders added while stopped (ownership as documented, the read-only one at its own mount point refusing writes; save refused, a live snapshot disk-only with the guest's file systems frozen through the agent), and a guest ignoring the power button is stopped through its agent",
           .timeLimit(.minutes(40)))
     func debianOnQEMUEngine() throws {
         let lab = try NetworkLab()
@@ -116,7 +116,7 @@ struct ImageTests {
         // --password reads one line from stdin when it is not a terminal.
         let created = Harness.run(["ip", "netns", "exec", lab.host, Harness.vireo, "create", "deb", "--image", "debian-12", "--engine", "qemu",
                                    "--accel", "tcg", "--cpus", "1", "--disk", "6G", "--user", "alice", "--ssh-key", key + ".pub",
-                                   "--hostname", "bookworm-vm", "--password", "--nic", "nat", "--nic", "user", "--tpm",
+                                   "--hostname", "bookworm-vm", "--password", "--nic", "nat,queues=2", "--nic", "user", "--tpm",
                                    "--firmware", "uefi", "--secure-boot"],
                                   stdin: Data("s3cret pass\n".utf8), environment: ["VIREO_HOME": lab.library.root.path])
         #expect(created.status == 0, "\(created.stderr)")
@@ -199,6 +199,21 @@ struct ImageTests {
         #expect(listedAddresses.count == 2 && listedAddresses.last == NetworkLab.hostAddress, "\(listedAddresses)")
         let described = lab.vireo("info", "deb").stdout
         #expect(described.contains("the guest reports \(NetworkLab.hostAddress)"), "\(described)")
+        // The NAT card has two queue pairs: QEMU got the library's multiqueue tap as one
+        // descriptor per queue, and the guest's virtio-net driver took VIRTIO_NET_F_MQ (bit 22
+        // of the features it negotiated); the user card has one pair and no MQ.
+        #expect(described.contains("2 queue pairs"), "\(described)")
+        let cards = (((try JSONSerialization.jsonObject(with: Data(config.utf8)) as? [String: Any])?["networks"] as? [[String: Any]]) ?? []).compactMap { $0["mac"] as? String }
+        let negotiated = lab.vireo(arguments: ["exec", "deb", "--", "/bin/sh", "-c",
+                                               "for d in /sys/class/net/*; do [ -e $d/device/features ] && echo $(cat $d/address) $(cat $d/device/features); done; true"], timeout: 300)
+        let featuresByMAC = Dictionary(negotiated.stdout.split(separator: "\n").compactMap { line -> (String, [Character])? in
+            let words = line.split(separator: " ")
+            return words.count == 2 ? (words[0].lowercased(), Array(words[1])) : nil
+        }, uniquingKeysWith: { first, _ in first })
+        #expect(cards.count == 2 && featuresByMAC.count == 2, "\(cards) \(negotiated.stdout) \(negotiated.stderr)")
+        if cards.count == 2, let nat = featuresByMAC[cards[0].lowercased()], let user = featuresByMAC[cards[1].lowercased()], nat.count > 22, user.count > 22 {
+            #expect(nat[22] == "1" && user[22] == "0", "NAT card \(String(nat)), user card \(String(user))")
+        }
         // The same through the REST API (POST /api/vms/{name}/exec).
         let served = try Served(lab.library)
         let viaAPI = try served.api.request("POST", "/api/vms/deb/exec", json: ["command": ["/bin/sh", "-c", "echo api-out; echo api-err >&2; exit 4"]])

@@ -605,7 +605,8 @@ struct NetworkTests {
             (["create", "v", "--no-disk", "--nic", "user,queues=2"], "--nic: card 0 is on user, which has one queue; queues= takes nat, network:NAME, bridge:NAME and tap:NAME cards"),
             (["create", "v", "--no-disk", "--nic", "nat,queues=9"], "--nic: card 0: 9 queue pairs is not allowed; use 1 to 8"),
             (["create", "v", "--no-disk", "--nic", "nat,queues=two"], "--nic: queues 'two' is not a number; allowed: 1 to 8"),
-            (["create", "v", "--no-disk", "--engine", "qemu", "--nic", "nat,queues=2"], "--nic: card 0: several queue pairs are the kvm engine's so far"),
+            (["create", "v", "--no-disk", "--engine", "qemu", "--ostype", "other", "--nic", "nat,queues=2"],
+             "--nic: card 0: queue pairs need a virtio card, and this VM's cards are e1000 (its disk bus is sata, for OS type other); drop queues="),
         ]
         for (arguments, message) in cases {
             let result = lab.vireo(arguments: arguments)

@@ -153,12 +153,22 @@ public struct QEMUEngine: DisplayEngine, RemovableMediaEngine, StateTransferEngi
         for (index, card) in cards.enumerated() {
             let model = definition.qemuNICModel
             let netdev: String
+            var pairs = 1
             switch card.backend {
-            case let .tapName(name): netdev = "tap,id=net\(index),ifname=\(quoted(name)),script=no,downscript=no"
+            case let .tapName(name):
+                pairs = max(1, card.queues ?? 1)
+                netdev = "tap,id=net\(index),ifname=\(quoted(name)),script=no,downscript=no" + (pairs > 1 ? ",queues=\(pairs)" : "")
+            case let .tapDescriptor(slot, _, queueSlots) where !queueSlots.isEmpty:
+                // A multiqueue tap Vireo made: one descriptor per queue, QEMU's `fds=`.
+                pairs = 1 + queueSlots.count
+                netdev = "tap,id=net\(index),fds=" + ([slot] + queueSlots).map { String(PreparedNetworking.inherited($0)) }.joined(separator: ":")
             case let .tapDescriptor(slot, _, _): netdev = "tap,id=net\(index),fd=\(PreparedNetworking.inherited(slot))"
             case let .streamDescriptor(slot): netdev = "stream,id=net\(index),server=off,addr.type=fd,addr.str=\(PreparedNetworking.inherited(slot))"
             }
-            arguments += ["-netdev", netdev, "-device", "\(model),netdev=net\(index),mac=\(card.mac)"]
+            // Multiqueue virtio-net: a control queue, and an MSI-X vector for each queue of each
+            // pair plus the configuration's and the control queue's (QEMU's and libvirt's 2N+2).
+            let multiqueue = pairs > 1 ? ",mq=on,vectors=\(2 * pairs + 2)" : ""
+            arguments += ["-netdev", netdev, "-device", "\(model),netdev=net\(index),mac=\(card.mac)" + multiqueue]
         }
         if definition.balloon { arguments += ["-device", "virtio-balloon-pci,id=balloon0,deflate-on-oom=on"] }
         if definition.entropyDevice { arguments += ["-device", "virtio-rng-pci"] }

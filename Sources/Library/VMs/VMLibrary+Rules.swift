@@ -36,8 +36,10 @@ extension VMLibrary {
             }
         }
         try validate(networks: definition.networks)
-        if definition.engine == .qemu, let index = definition.networks.firstIndex(where: { ($0.queues ?? 1) > 1 }) {
-            throw .invalidValue(field: "nics", reason: "card \(index): several queue pairs are the kvm engine's so far; the qemu engine's cards have one (drop queues=, or use --engine kvm)")
+        // QEMU's multiqueue card is virtio-net's; the Intel cards a SATA machine gets have one queue.
+        if definition.engine == .qemu, definition.qemuNICModel != "virtio-net-pci",
+           let index = definition.networks.firstIndex(where: { ($0.queues ?? 1) > 1 }) {
+            throw .invalidValue(field: "nics", reason: "card \(index): queue pairs need a virtio card, and this VM's cards are \(definition.qemuNICModel) (its disk bus is \(definition.diskBus.rawValue), for OS type \(definition.osType)); drop queues=")
         }
         try validate(disks: definition.disks)
         try validate(shares: definition.shares, engine: definition.engine, memoryBacking: definition.memoryBacking)
