@@ -1620,6 +1620,50 @@ def nat_start_benchmark(runs):
     print(f"| library VM, 32 MiB probe | {nat_ms:.0f} | {plain_ms:.0f} | {nat_ms / plain_ms:.2f}x |")
 
 
+def cli_benchmark(runs, vm_count=100):
+    """`vireo list` on an empty library and on 100 VMs (table and --json), a new process each as a
+    script's loop runs it, interleaved with the issue's yardstick `qemu-img --version`. Every tenth
+    VM has a thin disk and a NAT card, as the API benchmark's library; the VMs are made inside a
+    private network namespace so the host's networking is untouched (nothing runs)."""
+    vireo = os.path.join(ROOT, ".build", "release", "vireo")
+    probe = os.path.join(OUT, "probe-pvh.elf")
+    home, _ = bench_library()
+    empty, _ = bench_library()
+    namespace = f"vireo-bench-cli-{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", namespace], check=True)
+    env = dict(os.environ, VIREO_HOME=home)
+    try:
+        for index in range(vm_count):
+            extra = ["--disk", "1G", "--nic", "nat"] if index % 10 == 0 else ["--no-disk", "--no-nic"]
+            subprocess.run(["ip", "netns", "exec", namespace, vireo, "create", f"vm-{index:03d}", "--kernel", probe, "--memory", "64M", *extra],
+                           env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        cases = [("`qemu-img --version` (the yardstick)", ["qemu-img", "--version"], home),
+                 ("`vireo list`, empty library", [vireo, "list"], empty),
+                 (f"`vireo list`, {vm_count} VMs (table)", [vireo, "list"], home),
+                 (f"`vireo list --json`, {vm_count} VMs", [vireo, "list", "--json"], home)]
+        samples = {label: [] for label, _, _ in cases}
+        for _ in range(runs):
+            for label, command, library in cases:
+                begin = time.perf_counter()
+                subprocess.run(command, env=dict(os.environ, VIREO_HOME=library), check=True, stdout=subprocess.DEVNULL)
+                samples[label].append((time.perf_counter() - begin) * 1000)
+    finally:
+        for name in sorted(os.listdir(home)):
+            if os.path.exists(os.path.join(home, name, "config.json")):
+                subprocess.run(["ip", "netns", "exec", namespace, vireo, "delete", name, "--force"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        subprocess.run(["ip", "netns", "exec", namespace, vireo, "network", "delete", "default"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        subprocess.run(["ip", "netns", "delete", namespace])
+        shutil.rmtree(home, ignore_errors=True)
+        shutil.rmtree(empty, ignore_errors=True)
+    yardstick = statistics.median(samples[cases[0][0]])
+    print(f"| command ({runs} runs each, interleaved; wall time per process) | median (ms) | p90 (ms) | / `qemu-img --version` |")
+    print("|---|---|---|---|")
+    for label, _, _ in cases:
+        ordered = sorted(samples[label])
+        median = statistics.median(ordered)
+        print(f"| {label} | {median:.2f} | {ordered[int(len(ordered) * 0.9)]:.2f} | {median / yardstick:.2f}x |")
+
+
 def containerd_benchmark(runs):
     """`ctr run --rm IMAGE NAME true` end to end under a private containerd (its own root, state and
     socket; CRI off), with Debian's runc shim and with containerd-shim-vireo-v2 (a new VM per
@@ -1709,7 +1753,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=15)
     parser.add_argument("--port-writes", type=int, default=100000)
-    parser.add_argument("--only", choices=["vmm", "blk", "lifecycle", "acpi", "qemu-engine", "net", "images", "saved-state", "migration", "isolation", "memory-backing", "api", "nat-start", "network-disks", "disk-stall", "containerd", "guest", "multiqueue"], help="run one part only")
+    parser.add_argument("--only", choices=["vmm", "blk", "lifecycle", "acpi", "qemu-engine", "net", "images", "saved-state", "migration", "isolation", "memory-backing", "api", "nat-start", "network-disks", "disk-stall", "containerd", "guest", "multiqueue", "cli"], help="run one part only")
     parser.add_argument("--vm-count", type=int, default=20, help="VMs created and started in the lifecycle benchmark")
     parser.add_argument("--random-requests", type=int, default=5000)
     parser.add_argument("--cold", action="store_true", help="images: start the first build with an empty package cache")
@@ -1762,6 +1806,9 @@ def main():
         return
     if args.only == "containerd":
         containerd_benchmark(min(args.runs, 7))
+        return
+    if args.only == "cli":
+        cli_benchmark(args.runs)
         return
     if args.only == "guest":
         guest_benchmark(min(args.runs, 3))

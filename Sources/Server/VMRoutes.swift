@@ -9,26 +9,6 @@ import MachineSpec
 import Glibc
 #endif
 
-extension VMOverview {
-    /// The same JSON `APIJSON.encode` writes (snake_case keys, absent optionals left out).
-    var jsonText: String {
-        var fields: [String] = ["\"name\":" + APIJSON.quote(name)]
-        if let uuid { fields.append("\"uuid\":" + APIJSON.quote(uuid)) }
-        fields.append("\"state\":" + APIJSON.quote(state))
-        if let isolationOff { fields.append("\"isolation_off\":" + APIJSON.quote(isolationOff)) }
-        if let engine { fields.append("\"engine\":" + APIJSON.quote(engine)) }
-        if let osType { fields.append("\"os_type\":" + APIJSON.quote(osType)) }
-        if let cpus { fields.append("\"cpus\":\(cpus)") }
-        if let memoryBytes { fields.append("\"memory_bytes\":\(memoryBytes)") }
-        fields.append("\"addresses\":[" + addresses.map(APIJSON.quote).joined(separator: ",") + "]")
-        fields.append("\"disk_allocated_bytes\":\(diskAllocatedBytes)")
-        fields.append("\"disk_virtual_bytes\":\(diskVirtualBytes)")
-        fields.append("\"actions\":[" + actions.map(APIJSON.quote).joined(separator: ",") + "]")
-        if let error { fields.append("\"error\":" + APIJSON.quote(error)) }
-        return "{" + fields.joined(separator: ",") + "}"
-    }
-}
-
 extension APIServer {
     func summary(_ name: String, networks: HostNetworks) -> VMOverview {
         manager.overview(of: name, networks: networks, load: { bundle throws(LibraryError) in try definitions.load(bundle) })
@@ -39,7 +19,7 @@ extension APIServer {
         let networks = HostNetworks(library: manager.library)
         let names = try manager.library.names()
         definitions.keep(only: Set(names.map { manager.library.root + "/" + $0 + "/config.json" }))
-        return names.map { summary($0, networks: networks) }
+        return manager.overviews(of: names, networks: networks, load: { bundle throws(LibraryError) in try definitions.load(bundle) })
     }
 
     /// A VM as the web UI's details pane reads it: its row, its definition (the edit forms'
@@ -330,7 +310,7 @@ extension APIServer {
     func addVMRoutes(to api: RouterGroup<APIContext>) {
         api.get("vms") { _, _ in
             // Written by hand: Foundation's encoder was a quarter of the time of a list of 100.
-            let text = try await blocking { () throws -> String in "[" + (try self.summaries()).map(\.jsonText).joined(separator: ",") + "]" }
+            let text = try await blocking { () throws -> String in VMOverview.json(try self.summaries(), .compact) }
             return Response(status: .ok, headers: [.contentType: "application/json"], body: .init(byteBuffer: ByteBuffer(string: text)))
         }
         api.post("vms") { request, _ in

@@ -86,17 +86,23 @@ import Testing
         try? FileManager.default.removeItem(atPath: root)
     }
 
-    @Test("the list's hand-written JSON is the JSON the encoder writes, for awkward text too")
+    @Test("the list's hand-written JSON is byte for byte what the encoder writes, in the CLI's and the API's layout, for every field and awkward text")
     func summaryJSONMatchesEncoder() throws {
         var summary = VMOverview(name: "web-1", state: "running")
-        summary.uuid = "0a"; summary.isolationOff = "--no-jail"; summary.engine = "kvm"; summary.osType = "debian-64"
-        summary.cpus = 2; summary.memoryBytes = 1 << 30; summary.addresses = ["192.168.122.10"]; summary.diskAllocatedBytes = 12
+        summary.uuid = "0a"; summary.isolationOff = "--no-jail"; summary.engine = "kvm"; summary.osType = "debian-64"; summary.managedBy = "containerd"
+        summary.cpus = 2; summary.memoryBytes = 1 << 30; summary.addresses = ["192.168.122.10", "fd00::1"]; summary.diskAllocatedBytes = 12
         summary.diskVirtualBytes = 1 << 34; summary.actions = ["stop", "pause"]
-        summary.error = "quote \" backslash \\ newline \n tab \t bell \u{07} é 🦉"
-        for value in [summary, VMOverview(name: "bare", state: "stopped")] {
-            let manual = try JSONSerialization.jsonObject(with: Data(value.jsonText.utf8)) as? NSDictionary
-            let encoded = try JSONSerialization.jsonObject(with: Data(APIJSON.encode(value))) as? NSDictionary
-            #expect(manual != nil && manual == encoded, "\(value.jsonText)")
+        summary.error = "/var/lib/x: quote \" backslash \\ newline \n tab \t bell \u{07} bs \u{08} ff \u{0c} us \u{1f} del \u{7f} é 🦉 \u{2028}"
+        // Every field of the row is set above: a field added to VMOverview without a value here
+        // (and so perhaps without a line in jsonObject) fails this count.
+        let encodedKeys = try JSONSerialization.jsonObject(with: Data(APIJSON.encode(summary))) as? [String: Any]
+        #expect(encodedKeys?.count == Mirror(reflecting: summary).children.count, "\(encodedKeys?.keys.sorted() ?? [])")
+        let pretty = JSONEncoder()
+        pretty.outputFormatting = [.prettyPrinted, .sortedKeys]
+        pretty.keyEncodingStrategy = JSONStyle.keyEncoding()
+        for rows in [[summary, VMOverview(name: "bare", state: "stopped")], [VMOverview(name: "one/slash", state: "saved")], []] {
+            #expect(VMOverview.json(rows, .compact) == String(decoding: APIJSON.encode(rows), as: UTF8.self), "\(VMOverview.json(rows, .compact))")
+            #expect(VMOverview.json(rows, .pretty) == String(decoding: try pretty.encode(rows), as: UTF8.self), "\(VMOverview.json(rows, .pretty))")
         }
     }
 }

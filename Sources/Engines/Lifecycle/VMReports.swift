@@ -1,5 +1,6 @@
 import API
 import DiskImage
+import JSONQuoting
 import Library
 import MachineSpec
 #if canImport(Glibc)
@@ -33,6 +34,36 @@ public struct VMOverview: Encodable, Sendable {
     public var error: String?
 
     public init(name: String, state: String) { self.name = name; self.state = state }
+}
+
+extension VMOverview {
+    /// The row as JSON, the same bytes JSONEncoder writes for it with the CLI's and the API's
+    /// settings (snake_case keys, sorted, absent optionals left out; a test holds the two equal).
+    /// Written by hand because the encoder's generic walk cost more than reading the VMs did
+    /// (bench/README.md); a field added to the row is added here, in key order.
+    public var jsonObject: JSONObjectText {
+        var object = JSONObjectText()
+        object.add("actions", actions)
+        object.add("addresses", addresses)
+        if let cpus { object.add("cpus", cpus) }
+        object.add("disk_allocated_bytes", diskAllocatedBytes)
+        object.add("disk_virtual_bytes", diskVirtualBytes)
+        if let engine { object.add("engine", engine) }
+        if let error { object.add("error", error) }
+        if let isolationOff { object.add("isolation_off", isolationOff) }
+        if let managedBy { object.add("managed_by", managedBy) }
+        if let memoryBytes { object.add("memory_bytes", memoryBytes) }
+        object.add("name", name)
+        if let osType { object.add("os_type", osType) }
+        object.add("state", state)
+        if let uuid { object.add("uuid", uuid) }
+        return object
+    }
+
+    /// A list of rows, as `vireo list --json` (`.pretty`) and `GET /api/vms` (`.compact`) write it.
+    public static func json(_ rows: [VMOverview], _ layout: JSONObjectText.Layout) -> String {
+        JSONObjectText.array(rows.map(\.jsonObject), layout)
+    }
 }
 
 /// The actions a VM in `state` takes, as the API names them.
@@ -161,6 +192,13 @@ extension VMManager {
     /// What a running guest's agent says its cards' addresses are (by MAC); empty without one.
     func guestAddresses(_ vm: EngineVM, timeoutSeconds: Int) -> [String: [String]] {
         (engine(vm.definition.engine) as? any GuestAgentEngine)?.interfaceAddresses(vm, timeoutSeconds: timeoutSeconds) ?? [:]
+    }
+
+    /// The rows of the named VMs, in their order: `vireo list` and `GET /api/vms`. (Reading them on
+    /// both cores of the bench machine saved nothing measurable, so they are read in turn.)
+    public func overviews(of names: [String], networks: HostNetworks,
+                          load: (VMBundle) throws(LibraryError) -> VMDefinition = { bundle throws(LibraryError) in try bundle.load() }) -> [VMOverview] {
+        names.map { overview(of: $0, networks: networks, load: load) }
     }
 
     /// A VM's row in a list. `load` reads its definition (the API passes its cache); a VM whose
