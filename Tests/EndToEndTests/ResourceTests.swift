@@ -42,7 +42,7 @@ struct ResourceTests {
         return Double(after - before) / (Date().timeIntervalSince(start) * 1e9)
     }
 
-    @Test("--cpu-cap: a probe spinning at ring 3 gets about half a CPU at 50%, a quarter once `vireo set` changes the running VM to 25%, and a whole CPU with the cap removed; `vireo info` shows the limit and the VM's control groups")
+    @Test("--cpu-cap: a probe spinning at ring 3 gets about half a CPU at 50%, a quarter once `vireo set` changes the running VM to 25%, and a whole CPU with the cap removed; `vireo info` shows the limit and the VM's control groups, every thread of the VMM in each of them")
     func cpuCap() throws {
         let library = try TestLibrary()
         let created = library.vireo("create", "spin", "--kernel", try Harness.probe("pvh"), "--memory", "64M", "--no-disk",
@@ -56,6 +56,14 @@ struct ResourceTests {
         let pid = try #require(Self.pid(library, "spin"))
         let procs = (try? String(contentsOfFile: (groups["cpu"] ?? groups["unified"] ?? "") + "/cgroup.procs", encoding: .utf8)) ?? ""
         #expect(procs.split(separator: "\n").contains(Substring(String(pid))), "\(procs)")
+        // The VMM joined every group before it exec'd, by moving its one thread (v1's `tasks`):
+        // each thread it made since (vCPUs, I/O, control) is in every group with it.
+        let threads = Set(((try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/task")) ?? []).map { Substring($0) })
+        #expect(threads.count > 1, "\(threads)")
+        for (controller, directory) in groups {
+            let members = Set(((try? String(contentsOfFile: directory + (controller == "unified" ? "/cgroup.threads" : "/tasks"), encoding: .utf8)) ?? "").split(separator: "\n"))
+            #expect(threads.isSubset(of: members), "\(controller): threads \(threads.sorted()), group \(members.sorted())")
+        }
 
         let half = Self.share(groups)
         #expect(half > 0.35 && half < 0.6, "at 50%: \(half)")

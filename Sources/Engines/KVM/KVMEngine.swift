@@ -163,12 +163,9 @@ public struct KVMEngine: MigratingEngine {
 
         let groups = try VMControlGroups.prepare(definition, bundle: bundle)
         var pid: pid_t = 0
-        // A memory limit must cover every page the VMM touches, so such a VMM joins its groups
-        // before it execs. That costs a start one RCU grace period on v1 (~12 ms here: the
-        // first migration into a group waits for it), which VMs without a memory limit skip:
-        // they are moved in right after the spawn, in parallel with the VMM's start, and the
-        // few MiB it allocates first stay charged where it started.
-        let processFiles = definition.resources.memoryLimitBytes == nil ? [] : groups?.processFiles ?? []
+        // The jailed VMM joins its groups before it execs (a memory limit covers every page it
+        // touches); one started without a jail is moved in right after the spawn.
+        let processFiles = groups?.processFiles ?? []
         let spawned = withCStrings(arguments) { argv in
             inherit.withUnsafeBufferPointer { inherited in
                 guard identity != nil else {
@@ -186,7 +183,7 @@ public struct KVMEngine: MigratingEngine {
         guard spawned == 0 else {
             throw .engine(name: name, reason: "cannot run \(vmmPath): \(String(cString: strerror(spawned)))", exitStatus: 1)
         }
-        try groups?.enter(pid, name: name)
+        if identity == nil { try groups?.enter(pid, name: name) }
         try? HostFiles.writeAtomically(Array("\(pid)\n".utf8), to: bundle.pidPath)
 
         // An arriving VM is ready when the migration is done, however long that takes; a VMM that

@@ -331,8 +331,8 @@ public struct QEMUEngine: DisplayEngine, RemovableMediaEngine, StateTransferEngi
         var pid: pid_t = 0
         let inherit = networking.descriptors + extraDescriptors
         if let jail {
-            // A memory limit must cover everything QEMU touches: it joins its groups before it execs.
-            let processFiles = vm.definition.resources.memoryLimitBytes == nil ? [] : groups?.processFiles ?? []
+            // QEMU joins its groups before it execs: a memory limit covers everything it touches.
+            let processFiles = groups?.processFiles ?? []
             do throws(LibraryError) {
                 pid = try jail.spawn(binary, arguments, log: log, lock: lock.fd, inherit: inherit, cgroupFiles: processFiles)
             } catch let .engine(_, reason, status) {
@@ -348,7 +348,8 @@ public struct QEMUEngine: DisplayEngine, RemovableMediaEngine, StateTransferEngi
                 throw .engine(name: name, reason: "cannot run \(binary): \(String(cString: strerror(spawned)))", exitStatus: 1)
             }
         }
-        try groups?.enter(pid, name: name)
+        // A jailed QEMU joined its groups before it exec'd; an unjailed one is moved in now.
+        if jail == nil { try groups?.enter(pid, name: name) }
         try? HostFiles.writeAtomically(Array("\(pid)\n".utf8), to: bundle.pidPath)
 
         // Ready once QMP answers and the machine runs; a QEMU that exits first explains why in

@@ -6,9 +6,9 @@ import Glibc
 
 /// A VM's control groups (docs/resources.md): one per controller under the `vireo/<uuid>` group
 /// beside the starting process's own, cgroup v2 where the host has a unified hierarchy with the
-/// controllers and v1 where it mounts them separately (these machines). The engine's process is
-/// moved in right after it is spawned, before it maps guest RAM (what it allocated before stays
-/// charged where it started: v1's charge moving is deprecated); the directories are listed in the VM's bundle
+/// controllers and v1 where it mounts them separately (these machines). The engine's process
+/// joins them before it execs (`processFiles`), so every page it touches is charged to the VM;
+/// the directories are listed in the VM's bundle
 /// (`cgroups`), so later commands find them whatever cgroup they run in.
 public struct VMControlGroups: Sendable {
     /// Controller name → the VM's directory for it (v1), or "unified" → its one directory (v2).
@@ -225,8 +225,15 @@ public struct VMControlGroups: Sendable {
         }
     }
 
-    /// Each group's `cgroup.procs`, for a spawn that joins them before exec.
-    public var processFiles: [String] { Set(directories.values).sorted().map { $0 + "/cgroup.procs" } }
+    /// The file of each group a spawned child writes "0" (itself) to before it execs. On v1 that
+    /// is the group's `tasks`: the child has one thread, so moving it moves the process, and a
+    /// thread moving itself is the one migration the kernel makes without write-locking every
+    /// thread group (`cgroup_threadgroup_rwsem`). Through `cgroup.procs` that lock waited for an
+    /// RCU grace period at every start, 7–16 ms here (bench/README.md). v2 has `cgroup.procs`
+    /// only (its `cgroup.threads` takes threaded groups).
+    public var processFiles: [String] {
+        directories.map { controller, directory in directory + (controller == "unified" ? "/cgroup.procs" : "/tasks") }.sorted()
+    }
 
     /// Moves `pid` (with all its threads) into every group.
     public func adopt(_ pid: pid_t) throws(LibraryError) {
