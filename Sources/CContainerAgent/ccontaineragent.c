@@ -21,6 +21,39 @@
 #include <termios.h>
 #include <unistd.h>
 
+/* The terminal's master goes from the child (which made it in the container's devpts) to the
+ * agent over a socket pair. */
+static int send_descriptor(int socket, int fd) {
+    char byte = 0;
+    struct iovec data = {.iov_base = &byte, .iov_len = 1};
+    union { struct cmsghdr header; char space[CMSG_SPACE(sizeof(int))]; } control;
+    memset(&control, 0, sizeof control);
+    struct msghdr message = {.msg_iov = &data, .msg_iovlen = 1, .msg_control = control.space, .msg_controllen = sizeof control.space};
+    struct cmsghdr *header = CMSG_FIRSTHDR(&message);
+    header->cmsg_level = SOL_SOCKET;
+    header->cmsg_type = SCM_RIGHTS;
+    header->cmsg_len = CMSG_LEN(sizeof(int));
+    memcpy(CMSG_DATA(header), &fd, sizeof fd);
+    return sendmsg(socket, &message, MSG_NOSIGNAL) == 1 ? 0 : -1;
+}
+
+static int receive_descriptor(int socket) {
+    char byte;
+    struct iovec data = {.iov_base = &byte, .iov_len = 1};
+    union { struct cmsghdr header; char space[CMSG_SPACE(sizeof(int))]; } control;
+    struct msghdr message = {.msg_iov = &data, .msg_iovlen = 1, .msg_control = control.space, .msg_controllen = sizeof control.space};
+    ssize_t got;
+    do got = recvmsg(socket, &message, MSG_CMSG_CLOEXEC); while (got < 0 && errno == EINTR);
+    struct cmsghdr *header = got == 1 ? CMSG_FIRSTHDR(&message) : NULL;
+    if (!header || header->cmsg_level != SOL_SOCKET || header->cmsg_type != SCM_RIGHTS || header->cmsg_len != CMSG_LEN(sizeof(int))) {
+        if (got >= 0) errno = EPROTO;
+        return -1;
+    }
+    int fd;
+    memcpy(&fd, CMSG_DATA(header), sizeof fd);
+    return fd;
+}
+
 static void child_fail(int report, int step) {
     int message[2] = {step, errno};
     (void)!write(report, message, sizeof message);
@@ -33,9 +66,9 @@ static int open_namespace(int pid, const char *kind) {
     return open(path, O_RDONLY | O_CLOEXEC);
 }
 
-/* The container's /dev: a tmpfs with the OCI default devices bound from the VM's, its ptys
- * (the VM's devpts: the agent allocates a container's terminals there) and /dev/shm. Not the
- * VM's whole /dev: the disks of a pod's other containers are in it. */
+/* The container's /dev: a tmpfs with the OCI default devices bound from the VM's, a devpts of
+ * its own and /dev/shm. Not the VM's whole /dev: the disks of a pod's other containers are in
+ * it; and not the VM's devpts, where one container's root could open another's terminal. */
 static int setup_dev(const char *dev) {
     char path[4200];
     if (mount("tmpfs", dev, "tmpfs", MS_NOSUID | MS_NOEXEC, "mode=0755,size=65536k")) return -1;
@@ -51,7 +84,7 @@ static int setup_dev(const char *dev) {
     }
     snprintf(path, sizeof path, "%s/pts", dev);
     mkdir(path, 0755);
-    if (mount("/dev/pts", path, NULL, MS_BIND, NULL)) return -1;
+    if (mount("devpts", path, "devpts", MS_NOSUID | MS_NOEXEC, "newinstance,ptmxmode=0666,mode=0620")) return -1;
     snprintf(path, sizeof path, "%s/ptmx", dev);
     if (symlink("pts/ptmx", path)) return -1;
     snprintf(path, sizeof path, "%s/shm", dev);
@@ -66,10 +99,9 @@ static int setup_dev(const char *dev) {
 }
 
 int agent_spawn(struct agent_spawn *s) {
-    int in[2] = {-1, -1}, out[2] = {-1, -1}, err[2] = {-1, -1}, report[2] = {-1, -1};
+    int in[2] = {-1, -1}, out[2] = {-1, -1}, err[2] = {-1, -1}, report[2] = {-1, -1}, handoff[2] = {-1, -1};
     int master = -1, null_fd = -1, own_pid_ns = -1;
     int joined[4] = {-1, -1, -1, -1};
-    char slave_name[64] = "";
     s->pid = -1; s->stdin_fd = s->stdout_fd = s->stderr_fd = s->pty_fd = -1;
     s->failed_step = 0; s->failed_errno = 0;
 #define FAIL(step) do { s->failed_step = (step); s->failed_errno = errno; goto cleanup; } while (0)
@@ -78,9 +110,8 @@ int agent_spawn(struct agent_spawn *s) {
         for (int i = 0; i < 4; i++) if ((joined[i] = open_namespace(s->join_pid, kinds[i])) < 0) FAIL(2);
     }
     if (s->terminal) {
-        master = posix_openpt(O_RDWR | O_NOCTTY | O_CLOEXEC);
-        if (master < 0 || grantpt(master) != 0 || unlockpt(master) != 0 || ptsname_r(master, slave_name, sizeof slave_name) != 0) FAIL(1);
-        if (s->width && s->height) agent_resize(master, s->width, s->height);
+        /* The terminal is made by the child, in the container's own devpts. */
+        if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, handoff)) FAIL(13);
     } else {
         if (pipe2(in, O_CLOEXEC) || pipe2(out, O_CLOEXEC) || pipe2(err, O_CLOEXEC)) FAIL(13);
     }
@@ -93,12 +124,7 @@ int agent_spawn(struct agent_spawn *s) {
     if (pid == 0) {
         int r = report[1];
         setsid();
-        if (s->terminal) {
-            int slave = open(slave_name, O_RDWR);
-            if (slave < 0) child_fail(r, 1);
-            ioctl(slave, TIOCSCTTY, 0);
-            dup2(slave, 0); dup2(slave, 1); dup2(slave, 2);
-        } else {
+        if (!s->terminal) {
             dup2(s->want_stdin ? in[0] : null_fd, 0);
             dup2(out[1], 1);
             dup2(err[1], 2);
@@ -118,6 +144,20 @@ int agent_spawn(struct agent_spawn *s) {
             if (s->hostname[0] && sethostname(s->hostname, strlen(s->hostname))) child_fail(r, 6);
         }
         if (chroot(s->root)) child_fail(r, 7);
+        if (s->terminal) {
+            /* The container's devpts (made with its /dev, or joined with its mounts): the slave
+             * is opened from the master itself, whatever path the devpts has, and becomes this
+             * session's controlling terminal. */
+            int pty = open("/dev/pts/ptmx", O_RDWR | O_NOCTTY | O_CLOEXEC);
+            if (pty < 0 || unlockpt(pty) != 0) child_fail(r, 1);
+            if (s->width && s->height) agent_resize(pty, s->width, s->height);
+            int slave = ioctl(pty, TIOCGPTPEER, O_RDWR);
+            if (slave < 0 || ioctl(slave, TIOCSCTTY, 0) != 0) child_fail(r, 1);
+            dup2(slave, 0); dup2(slave, 1); dup2(slave, 2);
+            if (slave > 2) close(slave);
+            if (send_descriptor(handoff[1], pty)) child_fail(r, 1);
+            close(pty);
+        }
         if (chdir(s->cwd)) child_fail(r, 8);
         if (setgroups((size_t)s->group_count, (const gid_t *)s->groups)) child_fail(r, 9);
         if (setgid(s->gid)) child_fail(r, 10);
@@ -138,6 +178,7 @@ int agent_spawn(struct agent_spawn *s) {
     if (own_pid_ns >= 0) (void)!setns(own_pid_ns, CLONE_NEWPID);
     if (pid < 0) { errno = fork_errno; FAIL(14); }
     close(report[1]); report[1] = -1;
+    if (handoff[1] >= 0) { close(handoff[1]); handoff[1] = -1; }
     int message[2];
     ssize_t got;
     do got = read(report[0], message, sizeof message); while (got < 0 && errno == EINTR);
@@ -147,11 +188,19 @@ int agent_spawn(struct agent_spawn *s) {
         s->failed_errno = message[1];
         goto cleanup;
     }
-    s->pid = pid;
     if (s->terminal) {
+        /* Sent before the exec the report pipe's closing announced. */
+        master = receive_descriptor(handoff[0]);
+        if (master < 0) {
+            kill(pid, SIGKILL);
+            waitpid(pid, NULL, 0);
+            FAIL(1);
+        }
         fcntl(master, F_SETFL, fcntl(master, F_GETFL) | O_NONBLOCK);
+        s->pid = pid;
         s->pty_fd = master; master = -1;
     } else {
+        s->pid = pid;
         close(in[0]); close(out[1]); close(err[1]);
         in[0] = out[1] = err[1] = -1;
         fcntl(out[0], F_SETFL, fcntl(out[0], F_GETFL) | O_NONBLOCK);
@@ -165,6 +214,7 @@ cleanup:
         if (out[i] >= 0) close(out[i]);
         if (err[i] >= 0) close(err[i]);
         if (report[i] >= 0) close(report[i]);
+        if (handoff[i] >= 0) close(handoff[i]);
     }
     for (int i = 0; i < 4; i++) if (joined[i] >= 0) close(joined[i]);
     if (master >= 0) close(master);

@@ -297,7 +297,7 @@ import Glibc
         for name in ["lasting", "crashing"] { lab.ctr(["container", "rm", name]) }
     }
 
-    @Test("a pod: containers that name a sandbox (CRI's annotations) join its shim and VM, each with its own root, PID namespace and host name; its exit status and output pass through; the sandbox cannot go before them; deleting all leaves nothing")
+    @Test("a pod: containers that name a sandbox (CRI's annotations) join its shim and VM, each with its own root, PID namespace, host name and terminals (devpts); its exit status and output pass through; the sandbox cannot go before them; deleting all leaves nothing")
     func podSharesOneVM() throws {
         let lab = try Lab()
         let sandbox = ["--annotation", "io.kubernetes.cri.container-type=sandbox", "--annotation", "io.kubernetes.cri.sandbox-id=pod1"]
@@ -309,7 +309,7 @@ import Glibc
         #expect(app.status == 0, "\(app.stderr)")
         // app1 writes all the while app2 joins (its output frames interleave with the agent's replies).
         let second = lab.ctr(["run", "--rm", "--runtime", Self.runtime] + member + [Self.image, "app2",
-                              "sh", "-c", "hostname; cat /proc/1/cmdline | tr '\\0' ' '; echo; ps -o args > /tmp/ps; grep -c '^sleep' /tmp/ps; cat /root/owner 2>&1; ls /dev; exit 2"])
+                              "sh", "-c", "hostname; cat /proc/1/cmdline | tr '\\0' ' '; echo; ps -o args > /tmp/ps; grep -c '^sleep' /tmp/ps; cat /root/owner 2>&1; ls /dev; echo pts-dev $(stat -c %d /dev/pts); echo pts-list $(ls /dev/pts); exit 2"])
         #expect(second.status == 2, "\(second.stderr)")
         let lines = second.stdout.split(separator: "\n").map(String.init)
         #expect(lines.first == "app2", "its own host name: \(second.stdout)")
@@ -320,6 +320,13 @@ import Glibc
         #expect(lab.shimProcesses.count == 1, "one shim for the pod: \(lab.shimProcesses)")
         let exec = lab.ctr(["task", "exec", "--exec-id", "look", "app1", "cat", "/root/owner"])
         #expect(exec.status == 0 && exec.stdout == "mine\n", "\(exec.stdout) \(exec.stderr)")
+        // Each container has a devpts of its own (not the VM's, where one container's root could
+        // open another's terminal): app2's held nothing but its ptmx, and app1's is another.
+        #expect(lines.contains("pts-list ptmx"), "app2's /dev/pts: \(second.stdout)")
+        let ownDevice = lines.first { $0.hasPrefix("pts-dev ") }.map { String($0.dropFirst(8)) }
+        let other = lab.ctr(["task", "exec", "--exec-id", "pts", "app1", "stat", "-c", "%d", "/dev/pts"])
+        #expect(other.status == 0 && ownDevice != nil && other.stdout.trimmingCharacters(in: .whitespacesAndNewlines) != ownDevice,
+                "app1's /dev/pts \(other.stdout) \(other.stderr), app2's \(ownDevice ?? "-")")
 
         // The sandbox goes last.
         #expect(lab.ctr(["task", "kill", "-s", "SIGKILL", "pod1"]).status == 0)
