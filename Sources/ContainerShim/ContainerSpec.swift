@@ -11,6 +11,10 @@ public struct OCIProcess: Sendable, Equatable {
     public var gid: UInt32
     public var additionalGids: [UInt32]
     public var terminal: Bool
+    /// The terminal's size before the process starts (`process.consoleSize`), as runc applies it;
+    /// nil without one (the first ResizePty sets it).
+    public var consoleWidth: UInt16?
+    public var consoleHeight: UInt16?
 
     public init(json: Any) throws(RPCError) {
         guard let object = json as? [String: Any] else { throw RPCError(.invalidArgument, "process: not an object") }
@@ -33,6 +37,17 @@ public struct OCIProcess: Sendable, Equatable {
         for value in user["additionalGids"] as? [Any] ?? [] { groups.append(try id(value, "additionalGids")) }
         additionalGids = groups
         terminal = object["terminal"] as? Bool ?? false
+        if let size = object["consoleSize"] {
+            guard let fields = size as? [String: Any] else { throw RPCError(.invalidArgument, "process.consoleSize: not an object") }
+            func dimension(_ name: String) throws(RPCError) -> UInt16 {
+                guard let number = fields[name] as? NSNumber, let value = UInt16(exactly: number.doubleValue) else {
+                    throw RPCError(.invalidArgument, "process.consoleSize.\(name): not a size from 0 to 65535")
+                }
+                return value
+            }
+            consoleWidth = try dimension("width")
+            consoleHeight = try dimension("height")
+        }
     }
 }
 

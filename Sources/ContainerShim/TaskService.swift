@@ -451,6 +451,8 @@ public final class TaskService: AgentEvents, @unchecked Sendable {
             start.gid = process.spec.gid
             start.additionalGids = process.spec.additionalGids
             start.terminal = process.terminal
+            start.width = UInt32(process.spec.consoleWidth ?? 0)
+            start.height = UInt32(process.spec.consoleHeight ?? 0)
             start.hostname = process.execID.isEmpty ? container.hostname : ""
             start.join = process.execID.isEmpty ? 0 : container.processes[""]?.handle ?? 0
             start.stdin = !process.stdin.isEmpty

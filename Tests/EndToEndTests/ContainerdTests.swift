@@ -155,9 +155,12 @@ import Glibc
         #expect(piped.stdout.split(separator: "\n") == ["100000", "0"], "\(piped.stdout)")
 
         // A terminal: `script` gives ctr one; its size is the guest's, and a resize (once the task
-        // runs) follows.
+        // runs) follows. ctr sends the size with its first ResizePty, after Start: the process
+        // may look before it arrives (a spec's consoleSize would be there at once), so it waits
+        // up to 5 s for one (the test once failed on that race: `stty: standard input`, 0 rows).
         let ctr = "/usr/bin/ctr -a \(lab.socket) -n vt"
-        let command = "\(ctr) run -t --runtime \(Self.runtime) --rm \(Self.image) tty sh -c 'stty size; tty; sleep 6; stty size; exit 4'"
+        let firstSize = "for i in $(seq 50); do s=$(stty size 2>/dev/null); [ -n \"$s\" ] && break; sleep 0.1; done; echo \"$s\""
+        let command = "\(ctr) run -t --runtime \(Self.runtime) --rm \(Self.image) tty sh -c '\(firstSize); tty; sleep 6; stty size; exit 4'"
         let resize = "until \(ctr) task ls | grep -q 'tty.*RUNNING'; do sleep 0.2; done; sleep 1.5; stty cols 77 rows 22; kill -WINCH $!"
         // script's own input stays open (at its end, script types into ctr's terminal).
         let script = RunningProcess(["/usr/bin/script", "-qec", "stty cols 123 rows 45; \(command) & \(resize); wait $!", "/dev/null"])

@@ -18,11 +18,16 @@ struct ContainerShimModelTests {
         let spec = try ContainerSpec(data: Self.spec())
         #expect(spec.process.args == ["sh"] && spec.process.uid == 1000 && spec.process.gid == 100 && spec.process.additionalGids == [10])
         #expect(spec.hostname == "h" && spec.rootPath == "rootfs")
+        // A terminal's size before the process starts, as runc takes it.
+        let sized = try ContainerSpec(data: Self.spec(process: #"{"args": ["sh"], "terminal": true, "consoleSize": {"width": 123, "height": 45}}"#))
+        #expect(sized.process.consoleWidth == 123 && sized.process.consoleHeight == 45 && spec.process.consoleWidth == nil)
         for (data, words) in [(Self.spec(namespaces: ["network"]), "host's PID namespace"),
                               (Self.spec(namespaces: ["pid"]), "host's network"),
                               (Self.spec(devices: #"[{"allow": true, "access": "rwm"}]"#), "privileged container"),
                               (Self.spec(process: #"{"args": ["sh"], "cwd": "tmp"}"#), "process.cwd"),
                               (Self.spec(process: #"{"args": [], "cwd": "/"}"#), "process.args"),
+                              (Self.spec(process: #"{"args": ["sh"], "terminal": true, "consoleSize": {"width": 80, "height": -1}}"#), "process.consoleSize.height"),
+                              (Self.spec(process: #"{"args": ["sh"], "terminal": true, "consoleSize": {"width": 70000, "height": 24}}"#), "process.consoleSize.width"),
                               (Data("{".utf8), "not JSON")] {
             do throws(RPCError) {
                 _ = try ContainerSpec(data: data)
