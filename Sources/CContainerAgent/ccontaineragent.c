@@ -4,7 +4,10 @@
 #include <fcntl.h>
 #include <grp.h>
 #include <dirent.h>
+#include <arpa/inet.h>
 #include <linux/fs.h>
+#include <linux/netlink.h>
+#include <linux/rtnetlink.h>
 #include <linux/vm_sockets.h>
 #include <net/if.h>
 #include <sched.h>
@@ -297,4 +300,92 @@ int agent_find_ext4(const uint8_t uuid[16], char *path, size_t size) {
     closedir(block);
     if (found != 0) errno = ENOENT;
     return found;
+}
+
+/* One rtnetlink request with its attributes; 0 on the kernel's ack, else -1 with errno. */
+static int netlink_request(struct nlmsghdr *request) {
+    int sock = socket(AF_NETLINK, SOCK_RAW | SOCK_CLOEXEC, NETLINK_ROUTE);
+    if (sock < 0) return -1;
+    struct sockaddr_nl kernel = {.nl_family = AF_NETLINK};
+    int result = -1;
+    if (sendto(sock, request, request->nlmsg_len, 0, (struct sockaddr *)&kernel, sizeof kernel) == (ssize_t)request->nlmsg_len) {
+        char reply[4096];
+        ssize_t got = recv(sock, reply, sizeof reply, 0);
+        struct nlmsghdr *header = (struct nlmsghdr *)reply;
+        if (got >= (ssize_t)sizeof *header && NLMSG_OK(header, (size_t)got) && header->nlmsg_type == NLMSG_ERROR
+            && header->nlmsg_len >= NLMSG_LENGTH(sizeof(struct nlmsgerr))) {
+            int error = ((struct nlmsgerr *)NLMSG_DATA(header))->error;
+            if (error == 0) result = 0; else errno = -error;
+        } else if (got >= 0) {
+            errno = EPROTO;
+        }
+    }
+    int saved = errno;
+    close(sock);
+    errno = saved;
+    return result;
+}
+
+static void add_attribute(struct nlmsghdr *header, unsigned short type, const void *data, size_t length) {
+    struct rtattr *attribute = (struct rtattr *)((char *)header + NLMSG_ALIGN(header->nlmsg_len));
+    attribute->rta_type = type;
+    attribute->rta_len = RTA_LENGTH(length);
+    memcpy(RTA_DATA(attribute), data, length);
+    header->nlmsg_len = NLMSG_ALIGN(header->nlmsg_len) + RTA_ALIGN(attribute->rta_len);
+}
+
+int agent_configure_ipv6(const char *interface, const char *address, int prefix, const char *gateway, int *failed_step) {
+    struct in6_addr local, via;
+    *failed_step = 0;
+    if (prefix < 1 || prefix > 128 || inet_pton(AF_INET6, address, &local) != 1 || (gateway && inet_pton(AF_INET6, gateway, &via) != 1)) {
+        errno = EINVAL;
+        return -1;
+    }
+    /* The card appears as the kernel probes virtio; with no IPv4 the kernel's ip= did not wait for it. */
+    unsigned index = 0;
+    for (int tries = 0; tries < 100 && (index = if_nametoindex(interface)) == 0; tries++) usleep(20000);
+    if (index == 0) { *failed_step = 1; return -1; }
+    int sock = socket(AF_INET6, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    if (sock >= 0) {
+        struct ifreq request;
+        memset(&request, 0, sizeof request);
+        snprintf(request.ifr_name, sizeof request.ifr_name, "%s", interface);
+        if (ioctl(sock, SIOCGIFFLAGS, &request) == 0 && !(request.ifr_flags & IFF_UP)) {
+            request.ifr_flags |= IFF_UP;
+            ioctl(sock, SIOCSIFFLAGS, &request);
+        }
+        close(sock);
+    }
+    union { struct nlmsghdr header; char space[512]; } message;
+    /* The address, without duplicate detection: the plugin assigned it, and it is usable at once. */
+    memset(&message, 0, sizeof message);
+    message.header.nlmsg_len = NLMSG_LENGTH(sizeof(struct ifaddrmsg));
+    message.header.nlmsg_type = RTM_NEWADDR;
+    message.header.nlmsg_flags = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE;
+    struct ifaddrmsg *addressMessage = NLMSG_DATA(&message.header);
+    addressMessage->ifa_family = AF_INET6;
+    addressMessage->ifa_prefixlen = (unsigned char)prefix;
+    addressMessage->ifa_flags = IFA_F_NODAD;
+    addressMessage->ifa_scope = RT_SCOPE_UNIVERSE;
+    addressMessage->ifa_index = index;
+    add_attribute(&message.header, IFA_LOCAL, &local, sizeof local);
+    add_attribute(&message.header, IFA_ADDRESS, &local, sizeof local);
+    if (netlink_request(&message.header)) { *failed_step = 2; return -1; }
+    if (!gateway) return 0;
+    memset(&message, 0, sizeof message);
+    message.header.nlmsg_len = NLMSG_LENGTH(sizeof(struct rtmsg));
+    message.header.nlmsg_type = RTM_NEWROUTE;
+    message.header.nlmsg_flags = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE;
+    struct rtmsg *route = NLMSG_DATA(&message.header);
+    route->rtm_family = AF_INET6;
+    route->rtm_dst_len = 0;
+    route->rtm_table = RT_TABLE_MAIN;
+    route->rtm_protocol = RTPROT_BOOT;
+    route->rtm_scope = RT_SCOPE_UNIVERSE;
+    route->rtm_type = RTN_UNICAST;
+    add_attribute(&message.header, RTA_GATEWAY, &via, sizeof via);
+    uint32_t outgoing = index;
+    add_attribute(&message.header, RTA_OIF, &outgoing, sizeof outgoing);
+    if (netlink_request(&message.header)) { *failed_step = 3; return -1; }
+    return 0;
 }

@@ -98,6 +98,30 @@ func mountEarly() {
     agent_loopback_up()
 }
 
+/// The pod's IPv6, which the kernel's `ip=` cannot configure: `vireo.ipv6=ADDRESS/PREFIX[,GATEWAY]`
+/// on the command line (the shim puts what the CNI plugin gave the pod there). A failure is
+/// logged on the console and the container runs with IPv4 only.
+func configureIPv6() {
+    guard let bytes = readWhole("/proc/cmdline") else { return }
+    let words = String(decoding: bytes, as: UTF8.self).split(whereSeparator: { $0 == " " || $0 == "\n" })
+    guard let word = words.last(where: { $0.hasPrefix("vireo.ipv6=") }) else { return }
+    let value = word.dropFirst("vireo.ipv6=".count)
+    let parts = value.split(separator: ",", maxSplits: 1)
+    let network = parts.first?.split(separator: "/", maxSplits: 1) ?? []
+    guard network.count == 2, let prefix = Int32(network[1]) else {
+        log("vireo.ipv6=\(value): not ADDRESS/PREFIX[,GATEWAY]")
+        return
+    }
+    var step: Int32 = 0
+    let gateway = parts.count == 2 ? String(parts[1]) : nil
+    let result = gateway.map { agent_configure_ipv6("eth0", String(network[0]), prefix, $0, &step) }
+        ?? agent_configure_ipv6("eth0", String(network[0]), prefix, nil, &step)
+    if result != 0 {
+        let what = [0: "take \(value)", 1: "find eth0", 2: "add \(network[0])/\(prefix) to eth0", 3: "add the default route via \(gateway ?? "")"][step] ?? "configure IPv6"
+        log("IPv6: cannot \(what): \(errnoText())")
+    }
+}
+
 func hasVirtioDevice(id: Int) -> Bool {
     guard let directory = opendir("/sys/bus/virtio/devices") else { return false }
     defer { closedir(directory) }
@@ -527,7 +551,10 @@ final class Agent {
     }
 }
 
-if getpid() == 1 { mountEarly() }
+if getpid() == 1 {
+    mountEarly()
+    configureIPv6()
+}
 let channel = openChannel()
 if channel < 0 {
     sleep(5)

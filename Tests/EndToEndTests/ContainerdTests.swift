@@ -346,7 +346,7 @@ import Glibc
         #expect(images.stdout.isEmpty, "disks left: \(images.stdout)")
     }
 
-    @Test("a pod's network from a real CNI plugin (Debian's bridge and host-local, run as CRI runs them, in namespaces of the test's own): the VM's card takes over the pod's interface with its MAC, the guest has the address the plugin gave, and the container fetches a file from a server on the plugin's bridge, by a name from the /etc/hosts bound into it as CRI binds it (with /etc/resolv.conf and a directory volume, copied into its root)")
+    @Test("a pod's network from a real CNI plugin (Debian's bridge and host-local, run as CRI runs them, in namespaces of the test's own): the VM's card takes over the pod's interface with its MAC, the guest has the IPv4 and IPv6 addresses and routes the plugin gave (dual stack), and the container fetches a file from a server on the plugin's bridge over both, by a name from the /etc/hosts bound into it as CRI binds it (with /etc/resolv.conf and a directory volume, copied into its root)")
     func cniNetwork() throws {
         let lab = try Lab()
         let suffix = String(getpid())
@@ -357,7 +357,8 @@ import Glibc
         let ipam = lab.directory.appendingPathComponent("ipam").path
         let configuration = Data("""
             {"cniVersion": "1.0.0", "name": "vireo-test", "type": "bridge", "bridge": "cni-vireo0", "isGateway": true,
-             "ipam": {"type": "host-local", "ranges": [[{"subnet": "10.89.0.0/24"}]], "routes": [{"dst": "0.0.0.0/0"}], "dataDir": "\(ipam)"}}
+             "ipam": {"type": "host-local", "ranges": [[{"subnet": "10.89.0.0/24"}], [{"subnet": "fd89::/64"}]],
+                      "routes": [{"dst": "0.0.0.0/0"}, {"dst": "::/0"}], "dataDir": "\(ipam)"}}
             """.utf8)
         let cni = { (command: String) -> Harness.Completed in
             Harness.run(["ip", "netns", "exec", outside, "/usr/lib/cni/bridge"], stdin: configuration,
@@ -368,8 +369,11 @@ import Glibc
         #expect(added.status == 0, "\(added.stdout) \(added.stderr)")
         defer { _ = cni("DEL") }
         let result = (try? JSONSerialization.jsonObject(with: Data(added.stdout.utf8)) as? [String: Any]) ?? [:]
-        let given = ((result["ips"] as? [[String: Any]])?.first?["address"] as? String) ?? ""
+        let addresses = ((result["ips"] as? [[String: Any]]) ?? []).compactMap { $0["address"] as? String }
+        let given = addresses.first { !$0.contains(":") } ?? ""
+        let given6 = addresses.first { $0.contains(":") } ?? ""
         #expect(given.hasPrefix("10.89.0.") && given.hasSuffix("/24"), "\(added.stdout)")
+        #expect(given6.hasPrefix("fd89::") && given6.hasSuffix("/64"), "dual stack: \(added.stdout)")
         let links = Harness.run(["ip", "-n", pod, "-j", "link", "show", "eth0"]).stdout
         let podMAC = ((try? JSONSerialization.jsonObject(with: Data(links.utf8)) as? [[String: Any]])?.first?["address"] as? String) ?? "?"
 
@@ -380,6 +384,14 @@ import Glibc
         let server = RunningProcess(["ip", "netns", "exec", outside, "python3", "-m", "http.server", "--bind", "10.89.0.1", "--directory", site.path, "8080"])
         defer { kill(server.processIdentifier, SIGKILL); _ = server.wait(timeout: 5) }
         #expect(lab.eventually(20) { Harness.run(["ip", "netns", "exec", outside, "python3", "-c", "import socket; socket.create_connection(('10.89.0.1', 8080), 1)"]).status == 0 })
+        // The same over IPv6, once the bridge's address has passed duplicate detection.
+        #expect(lab.eventually(20) {
+            let shown = Harness.run(["ip", "-n", outside, "-6", "addr", "show", "dev", "cni-vireo0"]).stdout
+            return shown.contains("fd89::1/64") && !shown.contains("tentative")
+        }, "\(Harness.run(["ip", "-n", outside, "-6", "addr"]).stdout)")
+        let server6 = RunningProcess(["ip", "netns", "exec", outside, "python3", "-m", "http.server", "--bind", "fd89::1", "--directory", site.path, "8081"])
+        defer { kill(server6.processIdentifier, SIGKILL); _ = server6.wait(timeout: 5) }
+        #expect(lab.eventually(20) { Harness.run(["ip", "netns", "exec", outside, "python3", "-c", "import socket; socket.create_connection(('fd89::1', 8081), 1)"]).status == 0 })
 
         // The files CRI binds into every container (/etc/hosts, /etc/resolv.conf), read-only,
         // and a directory volume with a nested file and a link: copied into the container's root.
@@ -394,11 +406,16 @@ import Glibc
                            "--mount", "type=bind,src=\(files.path)/resolv.conf,dst=/etc/resolv.conf,options=rbind:ro",
                            "--mount", "type=bind,src=\(files.path)/volume,dst=/srv/volume,options=rbind:rw",
                            Self.image, "net",
-                           "sh", "-c", "ip link show dev eth0; ip -4 addr show dev eth0; ip route; cat /etc/resolv.conf /srv/volume/link; "
-                               + "ls -l /etc/hosts; wget -qO- http://web.pod.test:8080/hello.txt"])
+                           "sh", "-c", "ip link show dev eth0; ip -4 addr show dev eth0; ip route; ip -6 addr show dev eth0; ip -6 route; "
+                               + "cat /etc/resolv.conf /srv/volume/link; ls -l /etc/hosts; echo v6 $(wget -qO- 'http://[fd89::1]:8081/hello.txt'); "
+                               + "wget -qO- http://web.pod.test:8080/hello.txt"])
         #expect(run.status == 0, "\(run.stdout) \(run.stderr)")
         #expect(run.stdout.contains("link/ether \(podMAC) "), "the guest's card has the pod interface's MAC \(podMAC): \(run.stdout)")
         #expect(run.stdout.contains("inet \(given)") && run.stdout.contains("default via 10.89.0.1"), "\(run.stdout)")
+        // IPv6, which the kernel's ip= lacks: the agent gave the card the plugin's address and
+        // route (vireo.ipv6=), and the container fetched the file over it.
+        #expect(run.stdout.contains("inet6 \(given6) scope global") && run.stdout.contains("default via fd89::1 dev eth0"), "\(run.stdout)")
+        #expect(run.stdout.contains("v6 from-the-cni-bridge\n"), "\(run.stdout) \(run.stderr)")
         #expect(run.stdout.contains("nameserver 10.89.0.1\nsearch pod.test\nfrom-a-volume\n"), "the bound files are not in the container: \(run.stdout)")
         #expect(run.stdout.contains("-r--r--r--"), "a read-only bind keeps its write bits: \(run.stdout)")
         // The name comes from the bound /etc/hosts.

@@ -47,6 +47,14 @@ struct NetworkModelTests {
         #expect(pod.kernelArgument == "ip=10.89.0.2::10.89.0.1:255.255.255.0::eth0:off")
         pod.gateway = nil; pod.prefixLength = 32
         #expect(pod.kernelArgument == "ip=10.89.0.2:::255.255.255.255::eth0:off")
+        // Dual stack: IPv6 for the agent, beside the kernel's IPv4; IPv6 alone works too.
+        pod.ipv6Address = "fd89::2"; pod.ipv6PrefixLength = 64; pod.ipv6Gateway = "fd89::1"
+        #expect(pod.kernelArgument == "ip=10.89.0.2:::255.255.255.255::eth0:off vireo.ipv6=fd89::2/64,fd89::1")
+        pod.address = nil; pod.ipv6Gateway = nil
+        #expect(pod.kernelArgument == "vireo.ipv6=fd89::2/64")
+        pod.ipv6PrefixLength = 129
+        #expect(pod.kernelArgument == nil)
+        #expect(IPAddressText.canonicalIPv6("FD89:0:0::2") == "fd89::2" && IPAddressText.canonicalIPv6("fd89::2 x") == nil && IPAddressText.canonicalIPv6("10.0.0.1") == nil)
     }
 
     @Test func reservationsAreStableAndSkipOthersLeases() throws {

@@ -40,6 +40,11 @@ void agent_loopback_up(void);
 
 int agent_resize(int pty, uint16_t width, uint16_t height);
 
+/// Gives `interface` the IPv6 `address`/`prefix` (no duplicate detection) and, with a gateway,
+/// the default IPv6 route through it: what the kernel's `ip=` does for IPv4. 0, or -1 with errno
+/// and `failed_step` 1 (no such interface), 2 (the address), 3 (the route); 0 for bad input (EINVAL).
+int agent_configure_ipv6(const char *interface, const char *address, int prefix, const char *gateway, int *failed_step);
+
 /// Finds the virtio disk (/dev/vd*) holding the ext4 file system with this UUID, dropping each
 /// disk's cached blocks first (a disk the host filled after the guest's boot-time scan would
 /// otherwise read as the zeros it had then). Writes its path into `path`; 0, or -1 with errno.

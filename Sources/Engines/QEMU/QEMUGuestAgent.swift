@@ -357,30 +357,6 @@ extension QEMUEngine: GuestFileEngine {
     }
 }
 
-/// Addresses a guest reports, parsed rather than believed: only what parses as an address is
-/// kept, in the form the host's own library prints it.
-enum IPAddressText {
-    static func canonicalIPv4(_ text: String) -> String? {
-        guard text.utf8.count <= 15 else { return nil }
-        var address = in_addr()
-        guard inet_pton(AF_INET, text, &address) == 1 else { return nil }
-        return withUnsafeBytes(of: &address) { format(AF_INET, $0.baseAddress, length: Int(INET_ADDRSTRLEN)) }
-    }
-
-    static func canonicalIPv6(_ text: String) -> String? {
-        guard text.utf8.count <= 45 else { return nil }
-        var address = in6_addr()
-        guard inet_pton(AF_INET6, text, &address) == 1 else { return nil }
-        return withUnsafeBytes(of: &address) { format(AF_INET6, $0.baseAddress, length: Int(INET6_ADDRSTRLEN)) }
-    }
-
-    private static func format(_ family: Int32, _ address: UnsafeRawPointer?, length: Int) -> String? {
-        var buffer = [CChar](repeating: 0, count: length)
-        guard let address, inet_ntop(family, address, &buffer, socklen_t(length)) != nil else { return nil }
-        return String(decoding: buffer.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
-    }
-}
-
 enum MACAddressText {
     /// `52:54:00:AB:cd:ef` → `52:54:00:ab:cd:ef`; anything else is nil.
     static func canonical(_ text: String) -> String? {

@@ -629,13 +629,25 @@ public struct HostNetworks: Sendable {
         public var address: IPv4Address?
         public var prefixLength: Int?
         public var gateway: IPv4Address?
+        /// The interface's global IPv6 address (canonical text) and prefix, and the default IPv6
+        /// route's gateway: a dual-stack plugin's second family.
+        public var ipv6Address: String?
+        public var ipv6PrefixLength: Int?
+        public var ipv6Gateway: String?
 
-        /// The guest kernel's static configuration of its first card (`ip=` on its command line,
-        /// Documentation/admin-guide/nfs/nfsroot.rst), or nil without an address.
+        /// How the guest configures its first card, on its command line: the kernel's static
+        /// IPv4 (`ip=`, Documentation/admin-guide/nfs/nfsroot.rst), and IPv6, which `ip=` lacks,
+        /// as `vireo.ipv6=ADDRESS/PREFIX[,GATEWAY]` for the container agent. Nil without either.
         public var kernelArgument: String? {
-            guard let address, let prefixLength, (1...32).contains(prefixLength) else { return nil }
-            let mask = IPv4Address(prefixLength == 32 ? UInt32.max : ~(UInt32.max >> UInt32(prefixLength)))
-            return "ip=\(address)::\(gateway.map(\.description) ?? ""):\(mask)::eth0:off"
+            var arguments: [String] = []
+            if let address, let prefixLength, (1...32).contains(prefixLength) {
+                let mask = IPv4Address(prefixLength == 32 ? UInt32.max : ~(UInt32.max >> UInt32(prefixLength)))
+                arguments.append("ip=\(address)::\(gateway.map(\.description) ?? ""):\(mask)::eth0:off")
+            }
+            if let ipv6Address, let ipv6PrefixLength, (1...128).contains(ipv6PrefixLength) {
+                arguments.append("vireo.ipv6=\(ipv6Address)/\(ipv6PrefixLength)" + (ipv6Gateway.map { "," + $0 } ?? ""))
+            }
+            return arguments.isEmpty ? nil : arguments.joined(separator: " ")
         }
     }
 
@@ -643,7 +655,7 @@ public struct HostNetworks: Sendable {
     /// loopback (nor `besides`, the VM's own tap); `eth0`, CNI's usual name, when there are
     /// several. Read with iproute2's JSON, each value checked for what it must be.
     public static func namespaceNetwork(_ path: String, besides tap: String? = nil) throws(LibraryError) -> NamespaceNetwork {
-        struct AddressInfo: Decodable { var family: String?; var local: String?; var prefixlen: Int? }
+        struct AddressInfo: Decodable { var family: String?; var local: String?; var prefixlen: Int?; var scope: String? }
         struct Link: Decodable { var ifname: String; var mtu: Int?; var link_type: String?; var address: String?; var addr_info: [AddressInfo]? }
         struct Route: Decodable { var dst: String?; var gateway: String? }
         let validated = try NICAttachment.namespacePath(path, field: "netns")
@@ -671,6 +683,16 @@ public struct HostNetworks: Sendable {
             let routes = HostCommand.run(binary, ["-n", namespace, "-j", "-4", "route", "show", "default"], timeoutSeconds: 10)
             if routes.status == 0, let decoded = try? JSONDecoder().decode([Route].self, from: Data(routes.output.utf8)) {
                 network.gateway = decoded.compactMap { $0.gateway.flatMap { IPv4Address($0) } }.first
+            }
+        }
+        // Each value parsed, not believed: it goes onto the guest's command line.
+        if let info = chosen.addr_info?.first(where: { $0.family == "inet6" && $0.scope == "global" }),
+           let local = info.local.flatMap(IPAddressText.canonicalIPv6), let prefix = info.prefixlen, (1...128).contains(prefix) {
+            network.ipv6Address = local
+            network.ipv6PrefixLength = prefix
+            let routes = HostCommand.run(binary, ["-n", namespace, "-j", "-6", "route", "show", "default"], timeoutSeconds: 10)
+            if routes.status == 0, let decoded = try? JSONDecoder().decode([Route].self, from: Data(routes.output.utf8)) {
+                network.ipv6Gateway = decoded.compactMap { $0.gateway.flatMap(IPAddressText.canonicalIPv6) }.first
             }
         }
         return network
