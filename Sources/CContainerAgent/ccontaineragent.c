@@ -326,6 +326,15 @@ static int netlink_request(struct nlmsghdr *request) {
     return result;
 }
 
+/* A fresh request of `type` that creates or replaces, its fixed part zeroed and returned. */
+static void *netlink_begin(struct nlmsghdr *header, size_t buffer_size, unsigned short type, size_t payload) {
+    memset(header, 0, buffer_size);
+    header->nlmsg_len = NLMSG_LENGTH(payload);
+    header->nlmsg_type = type;
+    header->nlmsg_flags = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE;
+    return NLMSG_DATA(header);
+}
+
 static void add_attribute(struct nlmsghdr *header, unsigned short type, const void *data, size_t length) {
     struct rtattr *attribute = (struct rtattr *)((char *)header + NLMSG_ALIGN(header->nlmsg_len));
     attribute->rta_type = type;
@@ -358,11 +367,7 @@ int agent_configure_ipv6(const char *interface, const char *address, int prefix,
     }
     union { struct nlmsghdr header; char space[512]; } message;
     /* The address, without duplicate detection: the plugin assigned it, and it is usable at once. */
-    memset(&message, 0, sizeof message);
-    message.header.nlmsg_len = NLMSG_LENGTH(sizeof(struct ifaddrmsg));
-    message.header.nlmsg_type = RTM_NEWADDR;
-    message.header.nlmsg_flags = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE;
-    struct ifaddrmsg *addressMessage = NLMSG_DATA(&message.header);
+    struct ifaddrmsg *addressMessage = netlink_begin(&message.header, sizeof message, RTM_NEWADDR, sizeof(struct ifaddrmsg));
     addressMessage->ifa_family = AF_INET6;
     addressMessage->ifa_prefixlen = (unsigned char)prefix;
     addressMessage->ifa_flags = IFA_F_NODAD;
@@ -372,11 +377,7 @@ int agent_configure_ipv6(const char *interface, const char *address, int prefix,
     add_attribute(&message.header, IFA_ADDRESS, &local, sizeof local);
     if (netlink_request(&message.header)) { *failed_step = 2; return -1; }
     if (!gateway) return 0;
-    memset(&message, 0, sizeof message);
-    message.header.nlmsg_len = NLMSG_LENGTH(sizeof(struct rtmsg));
-    message.header.nlmsg_type = RTM_NEWROUTE;
-    message.header.nlmsg_flags = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE;
-    struct rtmsg *route = NLMSG_DATA(&message.header);
+    struct rtmsg *route = netlink_begin(&message.header, sizeof message, RTM_NEWROUTE, sizeof(struct rtmsg));
     route->rtm_family = AF_INET6;
     route->rtm_dst_len = 0;
     route->rtm_table = RT_TABLE_MAIN;
