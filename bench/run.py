@@ -487,7 +487,10 @@ def bench_library():
     env = dict(os.environ, VIREO_HOME=home)
 
     def cli(*arguments):
-        subprocess.run([vireo, *arguments], env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # A failing step says why (a lifecycle run once lost one VM's create to a reason nobody saw).
+        result = subprocess.run([vireo, *arguments], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(f"vireo {' '.join(arguments)}: exit {result.returncode}: {result.stderr.strip()}")
     return home, cli
 
 
@@ -518,11 +521,15 @@ def lifecycle_benchmark(runs, vm_count):
 
     workers = os.cpu_count() or 1
     begin = time.perf_counter()
-    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        list(pool.map(create_and_start, range(vm_count)))
-    managed_rate = vm_count / (time.perf_counter() - begin)
-    for index in range(vm_count):
-        cli("delete", f"vm{index}", "--force")
+    try:
+        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+            list(pool.map(create_and_start, range(vm_count)))
+        managed_rate = vm_count / (time.perf_counter() - begin)
+    finally:
+        # Every VM made, also when a step failed: none may outlive the run.
+        for index in range(vm_count):
+            if os.path.exists(os.path.join(home, f"vm{index}", "config.json")):
+                cli("delete", f"vm{index}", "--force")
 
     # The same number of throwaway VMs through `vireo run`, each counted once its guest printed.
     def run_one(_):
