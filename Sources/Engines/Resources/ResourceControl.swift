@@ -229,10 +229,11 @@ public struct VMControlGroups: Sendable {
     /// is the group's `tasks`: the child has one thread, so moving it moves the process, and a
     /// thread moving itself is the one migration the kernel makes without write-locking every
     /// thread group (`cgroup_threadgroup_rwsem`). Through `cgroup.procs` that lock waited for an
-    /// RCU grace period at every start, 7–16 ms here (bench/README.md). v2 has `cgroup.procs`
-    /// only (its `cgroup.threads` takes threaded groups).
+    /// RCU grace period at every start, 7–16 ms on this host's kernel (bench/README.md; a kernel
+    /// that locks for `tasks` too is no slower than before). v2 has `cgroup.procs` only (its
+    /// `cgroup.threads` takes threaded groups).
     public var processFiles: [String] {
-        directories.map { controller, directory in directory + (controller == "unified" ? "/cgroup.procs" : "/tasks") }.sorted()
+        Set(directories.map { controller, directory in directory + (controller == "unified" ? "/cgroup.procs" : "/tasks") }).sorted()
     }
 
     /// Moves `pid` (with all its threads) into every group.
