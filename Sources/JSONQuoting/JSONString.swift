@@ -68,13 +68,6 @@ public struct JSONObjectText: Sendable {
     public mutating func add<Number: BinaryInteger>(_ key: String, _ value: Number) { members.append((key, .number(String(value)))) }
     public mutating func add(_ key: String, _ values: [String]) { members.append((key, .strings(values))) }
 
-    /// The object as text; `depth`: how many containers it is nested in (its indent when pretty).
-    public func text(_ layout: Layout, depth: Int = 0) -> String {
-        var out = ""
-        write(to: &out, layout, depth: depth)
-        return out
-    }
-
     /// A top-level array of objects, as the encoder writes `[T]`.
     public static func array(_ objects: [JSONObjectText], _ layout: Layout) -> String {
         var out = ""
@@ -83,6 +76,7 @@ public struct JSONObjectText: Sendable {
         return out
     }
 
+    /// `depth`: how many containers the object is nested in (its indent when pretty).
     private func write(to out: inout String, _ layout: Layout, depth: Int) {
         out += layout == .pretty ? "{\n" : "{"
         for (index, member) in members.enumerated() {
