@@ -1,12 +1,23 @@
 // swift-tools-version: 6.1
 import PackageDescription
 
+/// The C and C++ libraries the per-command programs use besides glibc (libstdc++ and libgcc's
+/// unwinder for the Swift runtime, zlib, libseccomp, libxcrypt) are linked in from their archives
+/// too: each shared library the loader maps and relocates at start cost vireo-vmm's first byte and
+/// every `vireo` command time (bench/README.md, "Loading fewer shared libraries"). The linker
+/// scripts in Linking/static-archives, first on the library path, turn -lstdc++ (which the Swift
+/// driver adds itself), -lz and the rest into their archives; lld reads them wherever they appear
+/// on the command line. glibc stays shared: the network-disk libraries vireo-vmm loads with
+/// dlopen need the process's own libc.
+let staticArchives = Context.packageDirectory + "/Linking/static-archives"
+
 /// A program run once per command (`vireo list` in a script's loop) links the Swift runtime and
 /// FoundationEssentials in: the dynamic loader's work on the shared Swift libraries was a third of
 /// `vireo list`'s time (bench/README.md). SwiftPM's -static-stdlib leaves out two archives
 /// FoundationEssentials needs; lld, unlike GNU ld, does not warn about glibc's mktemp in them.
 let staticSwiftRuntimeWithFoundation: [LinkerSetting] = [
-    .unsafeFlags(["-static-stdlib", "-use-ld=lld", "-Xlinker", "-l_FoundationCShims", "-Xlinker", "-l_FoundationCollections"]),
+    .unsafeFlags(["-static-stdlib", "-use-ld=lld", "-Xlinker", "-l_FoundationCShims", "-Xlinker", "-l_FoundationCollections",
+                  "-Xclang-linker", "-L\(staticArchives)"]),
 ]
 
 let package = Package(
@@ -73,12 +84,13 @@ let package = Package(
         .target(name: "FuzzTargets", dependencies: ["Devices", "DiskImage", "GuestMemory", "VMM", "Library", "Engines", "Server", "ContainerWire"]),
         .target(name: "CFuzzDriver"),
         .executableTarget(name: "vireo-fuzz", dependencies: ["FuzzTargets", "CFuzzDriver"]),
-        // The per-VM process: its start-up time and memory are headline numbers, so the Swift
-        // runtime is linked in statically (2.7 ms vs 5.8 ms to start a trivial program here).
         .target(name: "ContainerShim", dependencies: ["API", "ContainerWire", "Library", "Engines", "MachineSpec", "CHostSupport"]),
         .executableTarget(name: "containerd-shim-vireo-v2", dependencies: ["ContainerShim"]),
+        // The per-VM process: its start-up time and memory are headline numbers, so the Swift
+        // runtime is linked in statically (2.7 ms vs 5.8 ms to start a trivial program here), and
+        // the C and C++ libraries with it (staticArchives above).
         .executableTarget(name: "vireo-vmm", dependencies: ["VMM", "MigrationWire"],
-                          linkerSettings: [.unsafeFlags(["-static-stdlib"])]),
+                          linkerSettings: [.unsafeFlags(["-static-stdlib", "-use-ld=lld", "-Xclang-linker", "-L\(staticArchives)"])]),
         .testTarget(name: "X86BootTests", dependencies: ["MachineSpec", "X86Boot", "GuestMemory", "CHostSupport"]),
         .testTarget(name: "DevicesTests", dependencies: ["MachineSpec", "Devices", "GuestMemory", "DiskImage", "FuzzTargets", "Engines", "Server"]),
         .testTarget(name: "DiskImageTests", dependencies: ["MachineSpec", "DiskImage", "CHostSupport"]),
