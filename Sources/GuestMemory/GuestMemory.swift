@@ -165,8 +165,8 @@ public final class GuestMemory: @unchecked Sendable {
                 if let page = backing.hugePageSize { throw .hugePagesUnavailable(size: size, pageSize: page, errno: code) }
                 throw .mappingFailed(size: size, errno: code)
             }
-            Self.advise(host, size: Int(size), mergeable: backing.mergeable,
-                        hugePages: backing.transparentHugePages && !backing.mergeable && backing.hugePageSize == nil && backing.file == nil)
+            // Huge pages are offered later (`offerHugePages`), once the boot image is written.
+            Self.advise(host, size: Int(size), mergeable: backing.mergeable, hugePages: false)
             if let node = backing.numaNode, vireo_bind_to_numa_node(host, UInt(size), node) != 0 {
                 let code = errno
                 munmap(host, Int(size))
@@ -215,6 +215,17 @@ public final class GuestMemory: @unchecked Sendable {
         if let sharedFile { close(sharedFile.descriptor) }
         if privateFileDescriptor >= 0 { close(privateFileDescriptor) }
         for log in writeLogs { log.deallocate() }
+    }
+
+    /// Offers RAM to transparent huge pages (`MemoryBacking.transparentHugePages`). The machine
+    /// calls it after writing the boot image: a huge page is zeroed whole at its first touch, and
+    /// the loader's scattered writes (boot parameters, page tables, the command line, the kernel)
+    /// would each zero 2 MiB before the guest's first instruction (0.7 ms of a probe's 5 ms start
+    /// here, bench/README.md). Those pages stay small until khugepaged merges them; what the guest
+    /// touches itself comes in huge pages, as before.
+    public func offerHugePages() {
+        guard advisesHugePages else { return }
+        for region in regions { Self.advise(region.host, size: Int(region.size), mergeable: false, hugePages: true) }
     }
 
     private static func advise(_ host: UnsafeMutableRawPointer, size: Int, mergeable: Bool, hugePages: Bool) {

@@ -56,9 +56,12 @@ public final class KVMSystem: @unchecked Sendable {
         }
     }
 
-    /// `KVM_GET_SUPPORTED_CPUID`, growing the buffer until KVM stops answering E2BIG.
+    /// `KVM_GET_SUPPORTED_CPUID`, growing the buffer until KVM stops answering E2BIG. It starts
+    /// at KVM's own limit (KVM_MAX_CPUID_ENTRIES, 256): KVM runs every CPUID leaf before it can
+    /// answer E2BIG, and a second round cost each VM start ~0.4 ms on a nested host, where each
+    /// CPUID instruction exits to the outer hypervisor (bench/README.md).
     public func supportedCPUID() throws(KVMError) -> [CPUIDEntry] {
-        var capacity: UInt32 = 64
+        var capacity: UInt32 = 256
         while true {
             let size = vireo_cpuid2_size(capacity)
             let buffer = UnsafeMutableRawPointer.allocate(byteCount: size, alignment: 8)

@@ -192,6 +192,7 @@ public final class Machine: @unchecked Sendable {
         // A restored or arriving guest's RAM comes from the state file or the stream: nothing to load.
         let prepared: PreparedBoot?
         do { prepared = start == .boot ? try boot.load(into: memory) : nil } catch { throw .boot(error) }
+        memory.offerHugePages()
         processors = try BuiltVCPUs.create(spec, kvm: kvm, vm: platform.vm, cpus: boot.cpus, entry: prepared)
         cpuidBasis = processors.cpuidBasis
         exitCounts = (0..<boot.cpus).map { _ in ExitCounter() }
