@@ -191,7 +191,7 @@ int vireo_tap_set_queue_enabled(int fd, int enabled) {
 #include <pthread.h>
 #include <sched.h>
 
-struct vireo_netns_tap { const char *netns; const char *name; int result; };
+struct vireo_netns_tap { const char *netns; const char *name; int queues; int *descriptors; int result; };
 
 static void *vireo_netns_tap_thread(void *raw) {
     struct vireo_netns_tap *job = raw;
@@ -201,12 +201,23 @@ static void *vireo_netns_tap_thread(void *raw) {
     /* Only this thread joins; it ends once the tap exists. */
     if (setns(ns, CLONE_NEWNET) != 0) { job->result = -errno; close(ns); return NULL; }
     close(ns);
-    job->result = vireo_tap_open(job->name);
+    /* More than one queue: a multiqueue tap, the first descriptor making it, the others attaching. */
+    for (int index = 0; index < job->queues; index++) {
+        int fd = job->queues > 1 ? vireo_tap_open_queue(job->name) : vireo_tap_open(job->name);
+        if (fd < 0) {
+            for (int opened = 0; opened < index; opened++) close(job->descriptors[opened]);
+            job->result = fd;
+            return NULL;
+        }
+        job->descriptors[index] = fd;
+    }
+    job->result = 0;
     return NULL;
 }
 
-int vireo_tap_open_in_netns(const char *netns, const char *name) {
-    struct vireo_netns_tap job = { netns, name, -EINVAL };
+int vireo_tap_open_in_netns(const char *netns, const char *name, int queues, int *descriptors) {
+    if (queues < 1) return -EINVAL;
+    struct vireo_netns_tap job = { netns, name, queues, descriptors, -EINVAL };
     pthread_t thread;
     int made = pthread_create(&thread, NULL, vireo_netns_tap_thread, &job);
     if (made != 0) return -made;

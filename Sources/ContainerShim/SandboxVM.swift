@@ -1,6 +1,7 @@
 import ContainerWire
 import Foundation
 import Library
+import MachineSpec
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -84,7 +85,7 @@ public struct SandboxVM: Sendable {
 
     /// Makes and starts the VM with the container's root file system as its disk. With the
     /// pod's network namespace (CNI's), the VM's one card takes over the namespace's interface
-    /// (`--nic netns:PATH` with its MAC) and the guest kernel configures the address and
+    /// (`--nic netns:PATH` with its MAC, a queue pair per vCPU) and the guest kernel configures the address and
     /// gateway the plugin gave it (`ip=`), before the agent starts.
     public func create(rootImage: String, cpus: Int, memory: String, cpuCapPercent: Int?, spareDisks: [String] = [],
                        networkNamespace: String? = nil) throws(RPCError) {
@@ -95,7 +96,9 @@ public struct SandboxVM: Sendable {
             do throws(LibraryError) { pod = try HostNetworks.namespaceNetwork(networkNamespace) } catch {
                 throw RPCError(.invalidArgument, "linux.namespaces: the pod's network namespace: \(error)")
             }
-            cards = ["--nic", "netns:\(networkNamespace),mac=\(pod.mac)"]
+            // A queue pair per vCPU, as Kata gives a pod's card and Linux uses them.
+            let queues = min(cpus, MachineLimits.nicQueuePairs.upperBound)
+            cards = ["--nic", "netns:\(networkNamespace),mac=\(pod.mac)" + (queues > 1 ? ",queues=\(queues)" : "")]
             if let configuration = pod.kernelArgument { commandLine += " " + configuration }
         }
         commandLine += " " + configuration.kernelArguments

@@ -346,7 +346,7 @@ import Glibc
         #expect(images.stdout.isEmpty, "disks left: \(images.stdout)")
     }
 
-    @Test("a pod's network from a real CNI plugin (Debian's bridge and host-local, run as CRI runs them, in namespaces of the test's own): the VM's card takes over the pod's interface with its MAC, the guest has the IPv4 and IPv6 addresses and routes the plugin gave (dual stack), and the container fetches a file from a server on the plugin's bridge over both, by a name from the /etc/hosts bound into it as CRI binds it (with /etc/resolv.conf and a directory volume, copied into its root)")
+    @Test("a pod's network from a real CNI plugin (Debian's bridge and host-local, run as CRI runs them, in namespaces of the test's own): the 2-vCPU VM's card takes over the pod's interface with its MAC and a queue pair per vCPU, the guest has the IPv4 and IPv6 addresses and routes the plugin gave (dual stack), and the container fetches a file from a server on the plugin's bridge over both, by a name from the /etc/hosts bound into it as CRI binds it (with /etc/resolv.conf and a directory volume, copied into its root)")
     func cniNetwork() throws {
         let lab = try Lab()
         let suffix = String(getpid())
@@ -401,7 +401,9 @@ import Glibc
         try Data("nameserver 10.89.0.1\nsearch pod.test\n".utf8).write(to: files.appendingPathComponent("resolv.conf"))
         try Data("from-a-volume\n".utf8).write(to: files.appendingPathComponent("volume/nested/data.txt"))
         #expect(symlink("nested/data.txt", files.appendingPathComponent("volume/link").path) == 0)
-        let run = lab.ctr(["run", "--runtime", Self.runtime, "--rm", "--with-ns", "network:/run/netns/\(pod)",
+        // Two CPUs: a 2-vCPU pod VM, whose card gets a queue pair per vCPU (a multiqueue tap
+        // made inside the pod's namespace), which the guest's virtio-net driver takes.
+        let run = lab.ctr(["run", "--runtime", Self.runtime, "--rm", "--cpus", "2", "--with-ns", "network:/run/netns/\(pod)",
                            "--mount", "type=bind,src=\(files.path)/hosts,dst=/etc/hosts,options=rbind:ro",
                            "--mount", "type=bind,src=\(files.path)/resolv.conf,dst=/etc/resolv.conf,options=rbind:ro",
                            "--mount", "type=bind,src=\(files.path)/volume,dst=/srv/volume,options=rbind:rw",
@@ -411,6 +413,9 @@ import Glibc
                                + "wget -qO- http://web.pod.test:8080/hello.txt"])
         #expect(run.status == 0, "\(run.stdout) \(run.stderr)")
         #expect(run.stdout.contains("link/ether \(podMAC) "), "the guest's card has the pod interface's MAC \(podMAC): \(run.stdout)")
+        // The kernel gives a device the mq qdisc only when it has several transmit queues: the
+        // guest's virtio-net driver negotiated VIRTIO_NET_F_MQ (one queue, and it is pfifo_fast).
+        #expect(run.stdout.contains(": eth0: <BROADCAST,MULTICAST,UP,LOWER_UP> mtu 1500 qdisc mq "), "two queue pairs in the guest: \(run.stdout)")
         #expect(run.stdout.contains("inet \(given)") && run.stdout.contains("default via 10.89.0.1"), "\(run.stdout)")
         // IPv6, which the kernel's ip= lacks: the agent gave the card the plugin's address and
         // route (vireo.ipv6=), and the container fetched the file over it.

@@ -59,9 +59,10 @@ int vireo_tap_set_queue_enabled(int fd, int enabled);
 int vireo_tap_is_multiqueue(int fd);
 // The same, made inside the network namespace the nsfs file `netns` names (a CNI pod's), from
 // a thread that joins it and ends: the caller's own namespace never changes, and the tap stays
-// in that namespace while its descriptor works from anywhere. -EINVAL when `netns` is not a
-// network namespace; else the descriptor or -errno.
-int vireo_tap_open_in_netns(const char *netns, const char *name);
+// in that namespace while its descriptors work from anywhere. `queues` descriptors go into
+// `descriptors` (more than one: a multiqueue tap, one descriptor per queue). 0, -EINVAL when
+// `netns` is not a network namespace, or -errno (and nothing left open).
+int vireo_tap_open_in_netns(const char *netns, const char *name, int queues, int *descriptors);
 // 1 if the tap open on `fd` carries virtio-net headers (then sized to 12 bytes), 0 if not, -errno.
 int vireo_tap_has_vnet_header(int fd);
 // What the kernel may hand the tap's reader: partial checksums and TCP segments up to 64 KiB

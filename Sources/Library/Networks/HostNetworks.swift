@@ -537,8 +537,8 @@ public struct HostNetworks: Sendable {
                 prepared.append(PreparedCard(mac: card.mac, backend: .tapDescriptor(slot: slots[0], tap: tap, queueSlots: Array(slots.dropFirst()))))
             case let .netns(path):
                 let tap = Self.tapName(uuid: definition.uuid, index: index, libraryRoot: library.root)
-                let slot = prepared.adopt(try makeTap(tap, namespace: path, vm: definition.name))
-                prepared.append(PreparedCard(mac: card.mac, backend: .tapDescriptor(slot: slot, tap: tap)))
+                let slots = try makeTap(tap, namespace: path, vm: definition.name, queues: card.queues ?? 1).map(prepared.adopt)
+                prepared.append(PreparedCard(mac: card.mac, backend: .tapDescriptor(slot: slots[0], tap: tap, queueSlots: Array(slots.dropFirst()))))
             case .user:
                 let slot = prepared.adopt(try startPasst(bundle, card: card, index: index))
                 prepared.append(PreparedCard(mac: card.mac, backend: .streamDescriptor(slot: slot)))
@@ -584,14 +584,17 @@ public struct HostNetworks: Sendable {
     /// keeps its addresses and routes (the plugin's record of the pod); the guest takes them
     /// over (its card has the interface's MAC, and the shim gives it the address). The tap goes
     /// with its last descriptor, as every Vireo tap; the redirects are made again at each start.
-    func makeTap(_ name: String, namespace path: String, vm: String) throws(LibraryError) -> Int32 {
+    /// With `queues` above one it is a multiqueue tap, a descriptor per queue: the redirects act
+    /// on the device, whichever queue a frame goes through.
+    func makeTap(_ name: String, namespace path: String, vm: String, queues: Int = 1) throws(LibraryError) -> [Int32] {
         let namespace = HostFiles.lastComponent(of: path)
         guard HostFiles.exists(path) else {
             throw .network(name: path, reason: "VM '\(vm)' has a card in the network namespace \(path), which does not exist (`ip netns list` shows the namespaces there)", exitStatus: 2)
         }
-        let fd = vireo_tap_open_in_netns(path, name)
-        guard fd >= 0 else {
-            let code = -fd
+        var descriptors = [Int32](repeating: -1, count: max(1, queues))
+        let opened = descriptors.withUnsafeMutableBufferPointer { vireo_tap_open_in_netns(path, name, Int32($0.count), $0.baseAddress) }
+        guard opened == 0 else {
+            let code = -opened
             var reason = "cannot make tap \(name) in network namespace \(path) for VM '\(vm)': " + (code == EINVAL ? "it is not a network namespace" : String(cString: strerror(code)))
             if code == EPERM || code == EACCES { reason += " (joining a namespace and making a tap need root)" }
             throw .network(name: path, reason: reason, exitStatus: code == EPERM || code == EACCES || code == EINVAL ? 2 : 1)
@@ -613,10 +616,10 @@ public struct HostNetworks: Sendable {
                 }
             }
         } catch {
-            close(fd)
+            for fd in descriptors { close(fd) }
             throw error
         }
-        return fd
+        return descriptors
     }
 
     /// What a CNI plugin gave a pod in its namespace, which the guest takes over: the interface,

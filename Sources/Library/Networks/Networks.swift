@@ -255,12 +255,11 @@ public enum NICAttachment: Equatable, Hashable, Sendable, CustomStringConvertibl
     }
 
     /// Whether the card's tap can be a multiqueue tap (one queue per pair): a tap Vireo makes
-    /// on the host or one the user names. passt's stream is one queue; a pod's tap is made in its
-    /// namespace, one queue for now.
+    /// on the host or in a pod's namespace, or one the user names. passt's stream is one queue.
     public var takesQueuePairs: Bool {
         switch self {
-        case .nat, .network, .bridge, .tap: return true
-        case .user, .netns: return false
+        case .nat, .network, .bridge, .tap, .netns: return true
+        case .user: return false
         }
     }
 

@@ -129,7 +129,7 @@ extension VMLibrary {
             if let queues = card.queues {
                 do { try MachineRules.nicQueuePairs(queues, card: index) } catch { throw LibraryError(error) }
                 if queues > 1, !card.attachment.takesQueuePairs {
-                    throw .invalidValue(field: "nics", reason: "card \(index) is on \(card.attachment), which has one queue; queues= takes nat, network:NAME, bridge:NAME and tap:NAME cards")
+                    throw .invalidValue(field: "nics", reason: "card \(index) is on \(card.attachment), which has one queue; queues= takes nat, network:NAME, bridge:NAME, tap:NAME and netns:PATH cards")
                 }
             }
             if !card.forwards.isEmpty, !card.attachment.acceptsForwards {
