@@ -12,7 +12,8 @@ case "$profile" in
   *) echo "setup: '$profile' is not one of tests, demo" >&2; exit 2 ;;
 esac
 
-# What the demo needs: the Swift build's C libraries and the tiny kernel's build.
+# What the demo needs: the Swift build's C libraries (vireo and vireo-vmm link libstdc++, zlib,
+# libseccomp and libxcrypt from their archives: Linking/static-archives) and the tiny kernel's build.
 demo_packages=(
   build-essential          # gcc/make: the tiny kernel and its initramfs
   linux-source-6.1         # the tiny kernel's source
